@@ -1,0 +1,36 @@
+//! UN/EDIFACT (ISO 9735) as Dutch care-chain partners send it.
+//!
+//! A sans-IO reader and writer: [`tokenize`] splits bytes into segments, elements and
+//! components that borrow from the input; [`parse`] adds the UNB/UNG/UNH/UNT/UNE/UNZ
+//! envelopes and checks their control counts; [`write_document`] and [`Writer`] put
+//! segments back into bytes; [`inspect`] shows a parsed file as JSON.
+//!
+//! The tokenizer is a hand-written byte loop over a 256-entry class table rather than a
+//! nom grammar: EDIFACT's lexical syntax is four separators and one escape, the loop keeps
+//! the release-character handling in one place, and it is what makes the throughput goal
+//! (hundreds of MB/s) reachable.
+
+mod document;
+mod error;
+mod fuzz;
+mod inspect;
+mod syntax;
+mod synthetic;
+mod tokenize;
+mod write;
+
+pub use document::{Document, Interchange, Message, parse, parse_strict};
+pub use error::{EdifactError, Position};
+#[doc(hidden)]
+pub use fuzz::fuzz_one;
+pub use inspect::{document_json, inspect, segment_json};
+pub use syntax::{Charset, Delimiters, decode};
+#[doc(hidden)]
+pub use synthetic::{synthetic_bsn, synthetic_medlab};
+pub use tokenize::{Element, Segment, Tokens, Value, tokenize};
+pub use write::{OwnedElement, OwnedSegment, Writer, write_document};
+
+#[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
+mod proptests;
