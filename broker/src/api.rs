@@ -1,0 +1,135 @@
+//! The HTTP API: message ingest, lineage, health.
+//!
+//! `POST /api/v1/messages` answers `202` only after the envelope is durable on the raw topic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ketenbus_schemas::{topics, AvroRecord, Format, RawEnvelope};
+use serde_json::json;
+
+use crate::bus::{Bus, BusError, OutRecord};
+use crate::health::Health;
+use crate::lineage::{Lineage, Received};
+use crate::now_ms;
+
+/// Shared state of the handlers.
+pub struct ApiState<B: Bus> {
+    /// The log.
+    pub bus: Arc<B>,
+    /// Lineage index.
+    pub lineage: Lineage,
+    /// Component health.
+    pub health: Arc<Health>,
+    /// Largest accepted body.
+    pub max_body: usize,
+    /// Longest wait for durability.
+    pub ingest_timeout: Duration,
+}
+
+/// The API router.
+pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
+    let limit = state.max_body;
+    Router::new()
+        .route("/api/v1/messages", post(post_message::<B>))
+        .route("/api/v1/messages/{id}", get(get_message::<B>))
+        .route("/healthz", get(healthz::<B>))
+        .route("/readyz", get(readyz::<B>))
+        // One byte over the limit is enough to know it is too large.
+        .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
+        .with_state(state)
+}
+
+fn problem(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({ "error": code, "message": message }))).into_response()
+}
+
+async fn post_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(format) = Format::from_media_type(content_type) else {
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/EDIFACT, application/fhir+json, application/fhir+xml or message/rfc822",
+        );
+    };
+    if body.is_empty() {
+        return problem(StatusCode::BAD_REQUEST, "empty_body", "the message body is empty");
+    }
+    if body.len() > st.max_body {
+        return problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the message is larger than {} bytes", st.max_body));
+    }
+    let envelope = RawEnvelope {
+        id: uuid::Uuid::now_v7().to_string(),
+        received_at_ms: now_ms(),
+        connector: "http".into(),
+        format,
+        content_type: content_type.to_owned(),
+        sender: None,
+        receiver: None,
+        body: body.to_vec(),
+        attributes: Default::default(),
+    };
+    let value = match envelope.to_avro() {
+        Ok(v) => v,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "encode", &e.to_string()),
+    };
+    let record = OutRecord { topic: topics::RAW.to_owned(), key: envelope.id.clone().into_bytes(), value };
+    let positions = match tokio::time::timeout(st.ingest_timeout, st.bus.publish(vec![record])).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return unavailable(&e),
+        Err(_) => return unavailable(&BusError::Unavailable("timed out waiting for the log".into())),
+    };
+    let pos = positions[0];
+    st.lineage
+        .received(Received {
+            id: envelope.id.clone(),
+            received_at_ms: envelope.received_at_ms,
+            connector: envelope.connector.clone(),
+            format: format.as_str().to_owned(),
+            content_type: envelope.content_type.clone(),
+            size: body.len() as u64,
+            sender: None,
+            receiver: None,
+            raw_partition: pos.partition,
+            raw_offset: pos.offset,
+        })
+        .await;
+    let location = format!("/api/v1/messages/{}", envelope.id);
+    let mut resp = (StatusCode::ACCEPTED, Json(json!({ "id": envelope.id, "location": location }))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn unavailable(e: &BusError) -> Response {
+    tracing::warn!(error = %e, "ingest refused: log unavailable");
+    let mut resp = problem(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", "the log cannot take the message now; retry later");
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+async fn get_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, Path(id): Path<String>) -> Response {
+    match st.lineage.get(&id).await {
+        Ok(Some(l)) => Json(l).into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, "not_found", "no message with that id"),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "lineage", &e.to_string()),
+    }
+}
+
+async fn healthz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
+    let status = if st.health.is_healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "healthy": status == StatusCode::OK, "components": st.health.snapshot() }))).into_response()
+}
+
+async fn readyz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
+    let status = if st.health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": status == StatusCode::OK, "components": st.health.snapshot() }))).into_response()
+}

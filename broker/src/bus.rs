@@ -1,0 +1,148 @@
+//! The `Bus` contract: topics of keyed records, published durably and read by consumer
+//! groups that commit the contiguous prefix of finished records per partition.
+//! Two engines: [`embedded`] (SQLite in the data directory) and [`kafka`] (rdkafka).
+
+pub mod embedded;
+pub mod kafka;
+mod offsets;
+#[cfg(test)]
+mod contract;
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+pub use offsets::OffsetTracker;
+
+/// A topic to create at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    /// Topic name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: u32,
+}
+
+/// A record to publish.
+#[derive(Clone)]
+pub struct OutRecord {
+    /// Target topic.
+    pub topic: String,
+    /// Key: records with one key land in one partition, in order.
+    pub key: Vec<u8>,
+    /// Value (Avro single-object encoded).
+    pub value: Vec<u8>,
+}
+
+/// A record read from a topic. Finish it with [`Consumer::ack`] on its token.
+#[derive(Clone)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset within the partition.
+    pub offset: i64,
+    /// Key.
+    pub key: Vec<u8>,
+    /// Value.
+    pub value: Vec<u8>,
+    /// When it was appended, ms since the epoch.
+    pub timestamp_ms: i64,
+}
+
+impl Record {
+    /// The token that acknowledges this record.
+    #[must_use]
+    pub fn ack_token(&self) -> AckToken {
+        AckToken { topic: self.topic.clone(), partition: self.partition, offset: self.offset }
+    }
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Record({}/{}@{}, {} bytes)", self.topic, self.partition, self.offset, self.value.len())
+    }
+}
+
+/// Identifies one read record for acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[must_use = "a record that is never acknowledged is delivered again after a restart"]
+pub struct AckToken {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// Where a published record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// Bus errors, classified.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The log cannot take writes right now (full, busy, broker down): try again later.
+    #[error("log unavailable: {0}")]
+    Unavailable(String),
+    /// The topic does not exist.
+    #[error("unknown topic {0}")]
+    UnknownTopic(String),
+    /// The engine failed in a way a retry will not fix.
+    #[error("log failure: {0}")]
+    Fatal(String),
+}
+
+impl BusError {
+    /// How to handle it.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        match self {
+            BusError::Unavailable(_) => ketenbus_connectors::ErrorKind::Retryable,
+            BusError::UnknownTopic(_) | BusError::Fatal(_) => ketenbus_connectors::ErrorKind::Fatal,
+        }
+    }
+}
+
+/// A log engine.
+pub trait Bus: Send + Sync + 'static {
+    /// The consumer type of this engine.
+    type Consumer: Consumer;
+
+    /// Create topics that do not exist yet (never relies on auto-creation).
+    fn ensure_topics(&self, topics: &[TopicSpec]) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Append records; resolves only when all are durable, with their positions in order.
+    fn publish(&self, records: Vec<OutRecord>) -> impl Future<Output = Result<Vec<Position>, BusError>> + Send;
+
+    /// Join consumer group `group` on `topics`, starting after the group's committed offsets
+    /// (or at the beginning for a new group).
+    fn subscribe(&self, group: &str, topics: &[String]) -> impl Future<Output = Result<Self::Consumer, BusError>> + Send;
+
+    /// Read a whole topic from the beginning without a consumer group (dlq list, tests),
+    /// up to the end as it is when called.
+    fn read_all(&self, topic: &str) -> impl Future<Output = Result<Vec<Record>, BusError>> + Send;
+
+    /// Committed offset and end offset per partition for a group: (partition, committed, end).
+    fn lag(&self, group: &str, topic: &str) -> impl Future<Output = Result<Vec<(u32, i64, i64)>, BusError>> + Send;
+}
+
+/// A consumer group member.
+pub trait Consumer: Send + 'static {
+    /// The next record, waiting up to `timeout`; `None` when nothing came.
+    fn poll(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Record>, BusError>> + Send;
+
+    /// Mark a record finished. Offsets are committed as the contiguous finished prefix per
+    /// partition (the engine may batch the commit).
+    fn ack(&mut self, token: AckToken) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Commit whatever finished prefix is pending now.
+    fn commit(&mut self) -> impl Future<Output = Result<(), BusError>> + Send;
+}

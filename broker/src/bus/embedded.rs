@@ -1,0 +1,669 @@
+//! The embedded engine: topics in one SQLite database (WAL) in the data directory.
+//!
+//! One writer thread owns the write connection and commits whatever requests are waiting
+//! in one transaction (group commit), so many concurrent publishers share one fsync.
+//! Consumers read through their own connections and wake on a notification from the
+//! writer (or after a short poll, which also sees writes from other processes such as
+//! `ketenbus dlq replay`). Retention deletes by age and size and gives the pages back to the
+//! file system (`auto_vacuum = INCREMENTAL`, WAL truncated).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{AckToken, Bus, BusError, Consumer, OffsetTracker, OutRecord, Position, Record, TopicSpec};
+
+/// Settings of the embedded engine (`[bus.embedded]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// Database file, relative to the data directory.
+    pub file: PathBuf,
+    /// `full` fsyncs every commit (durable against power loss); `normal` only against a process crash.
+    pub synchronous: Synchronous,
+    /// Most write requests committed together in one transaction.
+    pub max_batch: usize,
+    /// Records older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention_max_age: Duration,
+    /// Most bytes (keys plus values) kept per topic; the oldest records go first.
+    pub retention_max_bytes: bytesize::ByteSize,
+    /// How often retention runs.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            file: PathBuf::from("log.db"),
+            synchronous: Synchronous::Full,
+            max_batch: 512,
+            retention_max_age: Duration::from_secs(7 * 24 * 3600),
+            retention_max_bytes: bytesize::ByteSize::gib(10),
+            retention_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// SQLite `synchronous` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// fsync on every commit.
+    Full,
+    /// fsync at checkpoints only.
+    Normal,
+}
+
+enum WriteOp {
+    Append(Vec<OutRecord>, oneshot::Sender<Result<Vec<Position>, BusError>>),
+    Commit(String, Vec<(String, u32, i64)>, oneshot::Sender<Result<(), BusError>>),
+    CreateTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), BusError>>),
+    Retention(Duration, u64, oneshot::Sender<Result<RetentionReport, BusError>>),
+}
+
+/// What one retention pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Records deleted.
+    pub deleted: u64,
+}
+
+/// The embedded engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: mpsc::Sender<WriteOp>,
+    appended: watch::Receiver<u64>,
+    partitions: Mutex<HashMap<String, u32>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn sql_err(e: &rusqlite::Error) -> BusError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ) =>
+        {
+            BusError::Unavailable(e.to_string())
+        }
+        _ => BusError::Fatal(e.to_string()),
+    }
+}
+
+/// Stable partitioner: FNV-1a of the key, modulo the partition count.
+#[must_use]
+pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    u32::try_from(h % u64::from(partitions.max(1))).unwrap_or(0)
+}
+
+fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // auto_vacuum must be set before the first table exists.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if sync == Synchronous::Full { "FULL" } else { "NORMAL" })?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS records (
+             topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+             key BLOB NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL);
+         CREATE UNIQUE INDEX IF NOT EXISTS records_pos ON records (topic, partition, offset);
+         CREATE INDEX IF NOT EXISTS records_ts ON records (topic, ts);
+         CREATE TABLE IF NOT EXISTS group_offsets (
+             grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+             PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;",
+    )?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl EmbeddedBus {
+    /// Open (or create) the log in `data_dir`.
+    ///
+    /// # Errors
+    /// When the directory or database cannot be opened.
+    pub fn open(data_dir: &Path, config: &EmbeddedConfig) -> Result<EmbeddedBus, BusError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| BusError::Fatal(format!("data directory {}: {e}", data_dir.display())))?;
+        let path = data_dir.join(&config.file);
+        let conn = open(&path, config.synchronous).map_err(|e| sql_err(&e))?;
+        let partitions = load_partitions(&conn).map_err(|e| sql_err(&e))?;
+        let (tx, rx) = mpsc::channel(4096);
+        let (appended_tx, appended) = watch::channel(0u64);
+        let max_batch = config.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("ketenbus-log-writer".into())
+            .spawn(move || writer_loop(conn, rx, &appended_tx, max_batch))
+            .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
+        Ok(EmbeddedBus { inner: Arc::new(Inner { path, writer: tx, appended, partitions: Mutex::new(partitions) }) })
+    }
+
+    /// The database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Bytes the log takes on disk (database plus WAL).
+    #[must_use]
+    pub fn disk_bytes(&self) -> u64 {
+        let wal = self.inner.path.with_extension("db-wal");
+        [self.inner.path.as_path(), wal.as_path()].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
+    }
+
+    /// Delete records older than `max_age` and the oldest past `max_bytes` per topic, then
+    /// give the space back to the file system.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn enforce_retention(&self, max_age: Duration, max_bytes: u64) -> Result<RetentionReport, BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Retention(max_age, max_bytes, tx)).await?;
+        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))?
+    }
+
+    async fn send(&self, op: WriteOp) -> Result<(), BusError> {
+        self.inner.writer.send(op).await.map_err(|_| BusError::Fatal("log writer stopped".into()))
+    }
+
+    fn partitions_of(&self, topic: &str) -> Option<u32> {
+        self.inner.partitions.lock().expect("partitions lock").get(topic).copied()
+    }
+
+    async fn refresh_partitions(&self) -> Result<(), BusError> {
+        let path = self.inner.path.clone();
+        let map = tokio::task::spawn_blocking(move || {
+            let conn = open_reader(&path)?;
+            load_partitions(&conn)
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))?;
+        *self.inner.partitions.lock().expect("partitions lock") = map;
+        Ok(())
+    }
+}
+
+fn load_partitions(conn: &Connection) -> rusqlite::Result<HashMap<String, u32>> {
+    let mut stmt = conn.prepare("SELECT name, partitions FROM topics")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+    rows.collect()
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, appended: &watch::Sender<u64>, max_batch: usize) {
+    let mut seq = 0u64;
+    while let Some(first) = rx.blocking_recv() {
+        let mut appends = Vec::new();
+        let mut others = Vec::new();
+        let mut op = Some(first);
+        while let Some(next) = op.take() {
+            match next {
+                WriteOp::Append(records, reply) => appends.push((records, reply)),
+                other => others.push(other),
+            }
+            if appends.len() + others.len() < max_batch {
+                op = rx.try_recv().ok();
+            }
+        }
+        if !appends.is_empty() {
+            let result = append_batch(&mut conn, &appends);
+            match result {
+                Ok(positions) => {
+                    for ((_, reply), pos) in appends.into_iter().zip(positions) {
+                        let _ = reply.send(pos);
+                    }
+                    seq += 1;
+                    appended.send_replace(seq);
+                }
+                Err(e) => {
+                    let err = sql_err(&e);
+                    for (_, reply) in appends {
+                        let _ = reply.send(Err(match &err {
+                            BusError::Unavailable(s) => BusError::Unavailable(s.clone()),
+                            other => BusError::Fatal(other.to_string()),
+                        }));
+                    }
+                }
+            }
+        }
+        for op in others {
+            match op {
+                WriteOp::Append(..) => unreachable!("appends were taken above"),
+                WriteOp::Commit(group, points, reply) => {
+                    let _ = reply.send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
+                }
+                WriteOp::CreateTopics(specs, reply) => {
+                    let _ = reply.send(create_topics(&mut conn, &specs).map_err(|e| sql_err(&e)));
+                }
+                WriteOp::Retention(age, bytes, reply) => {
+                    let _ = reply.send(retention(&mut conn, age, bytes).map_err(|e| sql_err(&e)));
+                }
+            }
+        }
+    }
+}
+
+type AppendReply = oneshot::Sender<Result<Vec<Position>, BusError>>;
+
+/// One transaction for every waiting append. A request naming an unknown topic fails alone.
+fn append_batch(
+    conn: &mut Connection,
+    appends: &[(Vec<OutRecord>, AppendReply)],
+) -> rusqlite::Result<Vec<Result<Vec<Position>, BusError>>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut out = Vec::with_capacity(appends.len());
+    {
+        let partitions = load_partitions(&tx)?;
+        let mut next: HashMap<(String, u32), i64> = HashMap::new();
+        let mut max_stmt = tx.prepare_cached("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2")?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let ts = now_ms();
+        for (records, _) in appends {
+            if let Some(missing) = records.iter().find(|r| !partitions.contains_key(&r.topic)) {
+                out.push(Err(BusError::UnknownTopic(missing.topic.clone())));
+                continue;
+            }
+            let mut positions = Vec::with_capacity(records.len());
+            for r in records {
+                let partition = partition_for(&r.key, partitions[&r.topic]);
+                let slot = (r.topic.clone(), partition);
+                let offset = match next.get(&slot) {
+                    Some(o) => *o,
+                    None => max_stmt
+                        .query_row(params![r.topic, partition], |row| row.get::<_, Option<i64>>(0))
+                        .optional()?
+                        .flatten()
+                        .map_or(0, |m| m + 1),
+                };
+                insert.execute(params![r.topic, partition, offset, r.key, r.value, ts])?;
+                next.insert(slot, offset + 1);
+                positions.push(Position { partition, offset });
+            }
+            out.push(Ok(positions));
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn commit_offsets(conn: &mut Connection, group: &str, points: &[(String, u32, i64)]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )?;
+        for (topic, partition, offset) in points {
+            stmt.execute(params![group, topic, partition, offset])?;
+        }
+    }
+    tx.commit()
+}
+
+fn create_topics(conn: &mut Connection, specs: &[TopicSpec]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for s in specs {
+        tx.execute("INSERT OR IGNORE INTO topics (name, partitions) VALUES (?1, ?2)", params![s.name, s.partitions.max(1)])?;
+    }
+    tx.commit()
+}
+
+fn retention(conn: &mut Connection, max_age: Duration, max_bytes: u64) -> rusqlite::Result<RetentionReport> {
+    let cutoff = now_ms() - i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
+    let mut deleted = 0u64;
+    let topics: Vec<String> = load_partitions(conn)?.into_keys().collect();
+    for topic in topics {
+        deleted += conn.execute("DELETE FROM records WHERE topic = ?1 AND ts < ?2", params![topic, cutoff])? as u64;
+        let size: i64 = conn.query_row(
+            "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM records WHERE topic = ?1",
+            params![topic],
+            |r| r.get(0),
+        )?;
+        let mut excess = size - i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        while excess > 0 {
+            // Oldest first: rowid order is append order.
+            let mut stmt = conn.prepare_cached(
+                "SELECT rowid, length(key) + length(value) FROM records WHERE topic = ?1 ORDER BY rowid LIMIT 1000",
+            )?;
+            let rows: Vec<(i64, i64)> =
+                stmt.query_map(params![topic], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            if rows.is_empty() {
+                break;
+            }
+            let mut upto = rows[0].0;
+            for (rowid, len) in rows {
+                upto = rowid;
+                excess -= len;
+                if excess <= 0 {
+                    break;
+                }
+            }
+            deleted += conn.execute("DELETE FROM records WHERE topic = ?1 AND rowid <= ?2", params![topic, upto])? as u64;
+        }
+    }
+    if deleted > 0 {
+        // Each step of this pragma frees pages; run it to the end.
+        let mut vacuum = conn.prepare("PRAGMA incremental_vacuum")?;
+        let mut rows = vacuum.query([])?;
+        while rows.next()?.is_some() {}
+        drop(rows);
+        drop(vacuum);
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(RetentionReport { deleted })
+}
+
+impl Bus for EmbeddedBus {
+    type Consumer = EmbeddedConsumer;
+
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::CreateTopics(topics.to_vec(), tx)).await?;
+        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))??;
+        self.refresh_partitions().await
+    }
+
+    async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Position>, BusError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Append(records, tx)).await?;
+        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))?
+    }
+
+    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<EmbeddedConsumer, BusError> {
+        self.refresh_partitions().await?;
+        let mut parts = Vec::new();
+        for t in topics {
+            let n = self.partitions_of(t).ok_or_else(|| BusError::UnknownTopic(t.clone()))?;
+            parts.extend((0..n).map(|p| (t.clone(), p)));
+        }
+        let path = self.inner.path.clone();
+        let group_owned = group.to_owned();
+        let (conn, next) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
+            let conn = open_reader(&path)?;
+            let mut next = HashMap::new();
+            for (topic, p) in parts {
+                let committed: Option<i64> = conn
+                    .query_row(
+                        "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
+                        params![group_owned, topic, p],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                next.insert((topic, p), committed.unwrap_or(0));
+            }
+            Ok((conn, next))
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))?;
+        Ok(EmbeddedConsumer {
+            bus: self.clone(),
+            group: group.to_owned(),
+            conn: Arc::new(Mutex::new(conn)),
+            next,
+            buffer: VecDeque::new(),
+            tracker: OffsetTracker::default(),
+            appended: self.inner.appended.clone(),
+            last_commit: tokio::time::Instant::now(),
+        })
+    }
+
+    async fn read_all(&self, topic: &str) -> Result<Vec<Record>, BusError> {
+        let path = self.inner.path.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Record>> {
+            let conn = open_reader(&path)?;
+            let mut stmt = conn.prepare(
+                "SELECT partition, offset, key, value, ts FROM records WHERE topic = ?1 ORDER BY rowid",
+            )?;
+            let rows = stmt.query_map(params![topic], |r| {
+                Ok(Record {
+                    topic: topic.clone(),
+                    partition: r.get(0)?,
+                    offset: r.get(1)?,
+                    key: r.get(2)?,
+                    value: r.get(3)?,
+                    timestamp_ms: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))
+    }
+
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<(u32, i64, i64)>, BusError> {
+        self.refresh_partitions().await?;
+        let n = self.partitions_of(topic).ok_or_else(|| BusError::UnknownTopic(topic.to_owned()))?;
+        let path = self.inner.path.clone();
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<(u32, i64, i64)>> {
+            let conn = open_reader(&path)?;
+            let mut out = Vec::new();
+            for p in 0..n {
+                let end: i64 = conn.query_row(
+                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM records WHERE topic = ?1 AND partition = ?2",
+                    params![topic, p],
+                    |r| r.get(0),
+                )?;
+                let committed: i64 = conn
+                    .query_row(
+                        "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
+                        params![group, topic, p],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0);
+                out.push((p, committed, end));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))
+    }
+}
+
+/// A consumer group member on the embedded log. In one process a group has one member,
+/// which reads every partition.
+pub struct EmbeddedConsumer {
+    bus: EmbeddedBus,
+    group: String,
+    conn: Arc<Mutex<Connection>>,
+    next: HashMap<(String, u32), i64>,
+    buffer: VecDeque<Record>,
+    tracker: OffsetTracker,
+    appended: watch::Receiver<u64>,
+    last_commit: tokio::time::Instant,
+}
+
+const FETCH: i64 = 256;
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+/// Longest wait before looking again without a notification (sees other processes' writes).
+const IDLE_RECHECK: Duration = Duration::from_millis(250);
+
+impl EmbeddedConsumer {
+    async fn fetch(&mut self) -> Result<(), BusError> {
+        let conn = Arc::clone(&self.conn);
+        let wants: Vec<((String, u32), i64)> = self.next.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Record>> {
+            let conn = conn.lock().expect("reader lock");
+            let mut stmt = conn.prepare_cached(
+                "SELECT offset, key, value, ts FROM records
+                 WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
+            )?;
+            let mut out = Vec::new();
+            for ((topic, partition), from) in wants {
+                let rows = stmt.query_map(params![topic, partition, from, FETCH], |r| {
+                    Ok(Record {
+                        topic: topic.clone(),
+                        partition,
+                        offset: r.get(0)?,
+                        key: r.get(1)?,
+                        value: r.get(2)?,
+                        timestamp_ms: r.get(3)?,
+                    })
+                })?;
+                for row in rows {
+                    out.push(row?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))?;
+        for r in rows {
+            let slot = (r.topic.clone(), r.partition);
+            self.next.insert(slot, r.offset + 1);
+            self.buffer.push_back(r);
+        }
+        Ok(())
+    }
+}
+
+impl Consumer for EmbeddedConsumer {
+    async fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, BusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(r) = self.buffer.pop_front() {
+                self.tracker.started(&r.topic, r.partition, r.offset);
+                return Ok(Some(r));
+            }
+            self.appended.borrow_and_update();
+            self.fetch().await?;
+            if !self.buffer.is_empty() {
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let wait = (deadline - now).min(IDLE_RECHECK);
+            let _ = tokio::time::timeout(wait, self.appended.changed()).await;
+        }
+    }
+
+    async fn ack(&mut self, token: AckToken) -> Result<(), BusError> {
+        self.tracker.finished(&token.topic, token.partition, token.offset);
+        if self.last_commit.elapsed() >= COMMIT_EVERY {
+            self.commit().await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), BusError> {
+        self.last_commit = tokio::time::Instant::now();
+        let points = self.tracker.take_dirty();
+        if points.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.bus.send(WriteOp::Commit(self.group.clone(), points, tx)).await?;
+        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keeps_the_bus_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        super::super::contract::run_contract(&bus, "t").await;
+    }
+
+    #[tokio::test]
+    async fn committed_offsets_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+            bus.ensure_topics(&[TopicSpec { name: "a".into(), partitions: 1 }]).await.unwrap();
+            let recs = (0..3).map(|i| OutRecord { topic: "a".into(), key: vec![1], value: vec![i] }).collect();
+            bus.publish(recs).await.unwrap();
+            let mut c = bus.subscribe("g", &["a".into()]).await.unwrap();
+            let r = c.poll(Duration::from_secs(1)).await.unwrap().unwrap();
+            c.ack(r.ack_token()).await.unwrap();
+            c.commit().await.unwrap();
+        }
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        let mut c = bus.subscribe("g", &["a".into()]).await.unwrap();
+        let r = c.poll(Duration::from_secs(1)).await.unwrap().unwrap();
+        assert_eq!(r.value, vec![1], "resumes after the committed record");
+        let next = bus.publish(vec![OutRecord { topic: "a".into(), key: vec![1], value: vec![9] }]).await.unwrap();
+        assert_eq!(next[0].offset, 3, "offsets continue after reopening");
+    }
+
+    #[tokio::test]
+    async fn retention_frees_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        bus.ensure_topics(&[TopicSpec { name: "big".into(), partitions: 2 }]).await.unwrap();
+        for chunk in 0..20u32 {
+            let recs = (0..50u32)
+                .map(|i| OutRecord { topic: "big".into(), key: (chunk * 50 + i).to_be_bytes().to_vec(), value: vec![7; 4096] })
+                .collect();
+            bus.publish(recs).await.unwrap();
+        }
+        let before = bus.disk_bytes();
+        assert!(before > 4_000_000, "wrote about 4 MB, disk shows {before}");
+        let report = bus.enforce_retention(Duration::from_secs(3600), 512 * 1024).await.unwrap();
+        assert!(report.deleted >= 800, "deleted {}", report.deleted);
+        let after = bus.disk_bytes();
+        assert!(after < before / 3, "disk went from {before} to {after} bytes");
+        let left = bus.read_all("big").await.unwrap();
+        let kept: usize = left.iter().map(|r| r.value.len() + r.key.len()).sum();
+        assert!(kept <= 512 * 1024, "kept {kept} bytes");
+        // The newest records are the ones kept.
+        assert_eq!(left.last().unwrap().key, 999u32.to_be_bytes().to_vec());
+        // Age: everything is younger than an hour; a zero age removes all.
+        bus.enforce_retention(Duration::ZERO, u64::MAX).await.unwrap();
+        assert!(bus.read_all("big").await.unwrap().is_empty());
+    }
+
+    #[test]
+    fn partitioner_is_stable() {
+        assert_eq!(partition_for(b"abc", 8), partition_for(b"abc", 8));
+        assert_eq!(partition_for(b"", 1), 0);
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
+        assert_eq!(partition_for(b"a", 1000), u32::try_from(0xaf63_dc4c_8601_ec8c_u64 % 1000).unwrap());
+    }
+}

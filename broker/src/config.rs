@@ -1,0 +1,499 @@
+//! Configuration: documented serde structs (the operator's reference, mirrored in
+//! `ops/ketenbus.example.toml`), validated once into [`Settings`]. `ketenbus check-config`
+//! runs the same validation and prints every problem with its key path.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ketenbus_schemas::EventKind;
+use serde::Deserialize;
+
+use crate::bus::embedded::EmbeddedConfig;
+use crate::bus::kafka::KafkaConfig;
+
+/// The whole configuration file. Every key has a default: no file at all is a valid setup.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the embedded log, the lineage index and the patient-key secret.
+    pub data_dir: PathBuf,
+    /// HTTP listener (API, health).
+    pub http: HttpConfig,
+    /// The log engine.
+    pub bus: BusConfig,
+    /// How patient keys are made.
+    pub keys: KeysConfig,
+    /// Who gets what.
+    pub subscriptions: Vec<SubscriptionConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            http: HttpConfig::default(),
+            bus: BusConfig::default(),
+            keys: KeysConfig::default(),
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest message body accepted; larger ones get 413.
+    pub max_body: bytesize::ByteSize,
+    /// Longest wait for the log to make a message durable before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub ingest_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body: bytesize::ByteSize::mib(25),
+            ingest_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which engine holds the topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// SQLite in the data directory; no extra process.
+    Embedded,
+    /// A Kafka-protocol cluster.
+    Kafka,
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// `embedded` (default) or `kafka`.
+    pub engine: Engine,
+    /// Partitions of topics ketenbus creates.
+    pub partitions: u32,
+    /// Settings of the embedded engine.
+    pub embedded: EmbeddedConfig,
+    /// Settings of the Kafka engine; required when `engine = "kafka"`.
+    pub kafka: Option<KafkaConfig>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig { engine: Engine::Embedded, partitions: 8, embedded: EmbeddedConfig::default(), kafka: None }
+    }
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Environment variable holding the secret for patient keys (keyed hash of the BSN).
+    /// Every process sharing a Kafka cluster needs the same one. Without it, a random secret
+    /// is generated once into `<data_dir>/patient-key.secret`.
+    pub patient_key_secret_env: Option<String>,
+}
+
+/// `[[subscriptions]]`: one receiver and what it gets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConfig {
+    /// Unique name: letters, digits, `-` and `_`. Used in topic and group names and metrics.
+    pub name: String,
+    /// Event kinds to deliver: lab_result, letter, acute_handover, handover_notification, or
+    /// `raw` for envelopes exactly as received.
+    pub kinds: Vec<String>,
+    /// Only records whose sender/receiver party ids match.
+    #[serde(default)]
+    pub filter: FilterConfig,
+    /// Where to deliver.
+    pub sink: SinkConfig,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Deliveries in flight at once; records with one patient key stay in order.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_concurrency() -> usize {
+    16
+}
+
+/// `[subscriptions.filter]`: empty lists let everything through.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// Sender party ids (`scheme:value`, e.g. `agb:01234567`, `mailbox:500001234`).
+    pub senders: Vec<String>,
+    /// Receiver party ids.
+    pub receivers: Vec<String>,
+}
+
+/// `[subscriptions.sink]`, tagged by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON POST of each event (original bytes for `raw`).
+    Webhook {
+        /// Endpoint URL.
+        url: String,
+        /// Environment variable with the HMAC-SHA256 signing secret.
+        secret_env: Option<String>,
+        /// Per-request timeout.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[subscriptions.retry]`: exponential backoff with jitter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First wait.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Longest wait between tries.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// After this long since the first try, the record goes to the dead letters.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(300),
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// A configuration problem at a key path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path, e.g. `subscriptions[1].sink.url`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// What a subscription takes from the log.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// Raw envelopes.
+    Raw,
+    /// Events of one kind.
+    Events(EventKind),
+}
+
+/// A validated sink.
+#[derive(Debug, Clone)]
+pub enum Sink {
+    /// Webhook with its secret resolved.
+    Webhook {
+        /// Endpoint.
+        url: reqwest::Url,
+        /// Signing secret (never printed).
+        secret: Option<Secret>,
+        /// Request timeout.
+        timeout: Duration,
+    },
+}
+
+/// A secret value: prints as `***`.
+#[derive(Clone)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A validated subscription.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Name.
+    pub name: String,
+    /// What it reads.
+    pub sources: BTreeSet<Source>,
+    /// Filter.
+    pub filter: FilterConfig,
+    /// Sink.
+    pub sink: Sink,
+    /// Retry policy.
+    pub retry: RetryConfig,
+    /// Lanes.
+    pub concurrency: usize,
+}
+
+/// The validated configuration the runtime uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file as read.
+    pub config: Config,
+    /// Validated subscriptions.
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl Config {
+    /// Read a TOML file.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not valid TOML for these structs (the message names the key).
+    pub fn from_file(path: &Path) -> Result<Config, Problem> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Problem { path: path.display().to_string(), message: e.to_string() })?;
+        Config::from_toml(&text)
+    }
+
+    /// Parse TOML text.
+    ///
+    /// # Errors
+    /// When the text is not valid TOML for these structs.
+    pub fn from_toml(text: &str) -> Result<Config, Problem> {
+        toml::from_str(text).map_err(|e| {
+            let path = e.span().map_or_else(|| "(file)".to_owned(), |s| key_path_at(text, s.start));
+            Problem { path, message: e.message().to_owned() }
+        })
+    }
+
+    /// Check everything serde cannot, collecting every problem; environment variables are
+    /// read through `env` so tests need not touch the process environment.
+    ///
+    /// # Errors
+    /// Every problem found, each with its key path.
+    pub fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut p = |path: String, message: String| problems.push(Problem { path, message });
+        if self.bus.partitions == 0 || self.bus.partitions > 1024 {
+            p("bus.partitions".into(), "must be between 1 and 1024".into());
+        }
+        if self.http.max_body.as_u64() == 0 {
+            p("http.max_body".into(), "must be more than 0 bytes".into());
+        }
+        match (&self.bus.engine, &self.bus.kafka) {
+            (Engine::Kafka, None) => p("bus.kafka".into(), "required when bus.engine = \"kafka\"".into()),
+            (Engine::Kafka, Some(k)) if k.bootstrap_servers.trim().is_empty() => {
+                p("bus.kafka.bootstrap_servers".into(), "must name at least one host:port".into());
+            }
+            _ => {}
+        }
+        if let Some(var) = &self.keys.patient_key_secret_env {
+            match env(var) {
+                None => p("keys.patient_key_secret_env".into(), format!("environment variable {var} is not set")),
+                Some(v) if v.len() < 16 => {
+                    p("keys.patient_key_secret_env".into(), format!("environment variable {var} holds fewer than 16 bytes"));
+                }
+                Some(_) => {}
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut subscriptions = Vec::new();
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            let at = |k: &str| format!("subscriptions[{i}].{k}");
+            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                p(at("name"), "must be letters, digits, '-' or '_'".into());
+            } else if !names.insert(s.name.clone()) {
+                p(at("name"), format!("duplicate subscription name {}", s.name));
+            }
+            let mut sources = BTreeSet::new();
+            if s.kinds.is_empty() {
+                p(at("kinds"), "name at least one kind".into());
+            }
+            for (j, k) in s.kinds.iter().enumerate() {
+                if k == "raw" {
+                    sources.insert(Source::Raw);
+                } else if let Some(kind) = EventKind::parse(k) {
+                    sources.insert(Source::Events(kind));
+                } else {
+                    p(
+                        format!("subscriptions[{i}].kinds[{j}]"),
+                        format!("unknown kind {k:?}; use raw, lab_result, letter, acute_handover or handover_notification"),
+                    );
+                }
+            }
+            if s.concurrency == 0 || s.concurrency > 1024 {
+                p(at("concurrency"), "must be between 1 and 1024".into());
+            }
+            if s.retry.initial.is_zero() {
+                p(at("retry.initial"), "must be more than 0".into());
+            }
+            if s.retry.max < s.retry.initial {
+                p(at("retry.max"), "must not be less than retry.initial".into());
+            }
+            let sink = match &s.sink {
+                SinkConfig::Webhook { url, secret_env, timeout } => {
+                    let parsed = match reqwest::Url::parse(url) {
+                        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(u),
+                        Ok(_) => {
+                            p(at("sink.url"), "must be an http or https URL".into());
+                            None
+                        }
+                        Err(e) => {
+                            p(at("sink.url"), format!("not a URL: {e}"));
+                            None
+                        }
+                    };
+                    let secret = match secret_env {
+                        None => None,
+                        Some(var) => match env(var) {
+                            Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
+                            _ => {
+                                p(at("sink.secret_env"), format!("environment variable {var} is not set"));
+                                None
+                            }
+                        },
+                    };
+                    if timeout.is_zero() {
+                        p(at("sink.timeout"), "must be more than 0".into());
+                    }
+                    parsed.map(|url| Sink::Webhook { url, secret, timeout: *timeout })
+                }
+            };
+            if let Some(sink) = sink {
+                subscriptions.push(Subscription {
+                    name: s.name.clone(),
+                    sources,
+                    filter: s.filter.clone(),
+                    sink,
+                    retry: s.retry.clone(),
+                    concurrency: s.concurrency,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(Settings { config: self, subscriptions })
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// The dotted key path of the table and key at byte `offset` of a TOML text, best effort:
+/// the last `[table]` or `[[array]]` header before it and the key on its line.
+fn key_path_at(text: &str, offset: usize) -> String {
+    let upto = &text[..offset.min(text.len())];
+    let mut table = String::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for line in upto.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("[[").and_then(|s| s.strip_suffix("]]")) {
+            let n = counts.entry(name.trim().to_owned()).or_insert(0);
+            table = format!("{}[{}]", name.trim(), *n);
+            *n += 1;
+        } else if let Some(name) = t.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            // A sub-table of an array element keeps the element index.
+            let name = name.trim();
+            table = match counts.iter().find(|(a, _)| name.starts_with(&format!("{a}."))) {
+                Some((a, n)) => format!("{a}[{}]{}", n - 1, &name[a.len()..]),
+                None => name.to_owned(),
+            };
+        }
+    }
+    let line_start = upto.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
+        (true, true) => "(file)".to_owned(),
+        (true, false) => key.to_owned(),
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn no_file_is_a_valid_setup() {
+        let s = Config::default().validate(&no_env).unwrap();
+        assert_eq!(s.config.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.config.bus.engine, Engine::Embedded);
+        assert_eq!(s.config.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../ops/ketenbus.example.toml");
+        let config = Config::from_toml(text).expect("example parses");
+        let env = |k: &str| (k == "KETENBUS_GP_WEBHOOK_SECRET" || k == "KETENBUS_PATIENT_KEY").then(|| "0123456789abcdef0123".to_owned());
+        let s = config.validate(&env).expect("example validates");
+        assert!(!s.subscriptions.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            [bus]
+            partitions = 0
+            [[subscriptions]]
+            name = "a b"
+            kinds = ["lab_result", "pizza"]
+            sink = { type = "webhook", url = "ftp://x", secret_env = "NOPE" }
+            [[subscriptions]]
+            name = "ok"
+            kinds = []
+            sink = { type = "webhook", url = "http://127.0.0.1:1/" }
+            [subscriptions.retry]
+            initial = "2s"
+            max = "1s"
+        "#;
+        let problems = Config::from_toml(text).unwrap().validate(&no_env).unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "bus.partitions",
+                "subscriptions[0].name",
+                "subscriptions[0].kinds[1]",
+                "subscriptions[0].sink.url",
+                "subscriptions[0].sink.secret_env",
+                "subscriptions[1].kinds",
+                "subscriptions[1].retry.max",
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlsten = 3\n").unwrap_err();
+        assert_eq!(err.path, "http.lsten");
+        assert!(err.message.contains("unknown field"), "{}", err.message);
+        let err = Config::from_toml("[[subscriptions]]\nname='a'\nkinds=['raw']\nsink={type='webhook',url='http://x/'}\n[subscriptions.retry]\ninitial = 'soon'\n").unwrap_err();
+        assert_eq!(err.path, "subscriptions[0].retry.initial");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        assert_eq!(format!("{:?}", Secret(b"hunter2".to_vec())), "Secret(***)");
+    }
+}

@@ -1,0 +1,409 @@
+//! Dispatch: one task per subscription, with its own consumer group, retries and dead
+//! letters, so one subscriber never slows another. Records are spread over lanes by key
+//! (the patient key), each lane delivering in order, so one patient's events arrive in
+//! order while other patients' go ahead. A finished record's outcome (and its dead letter)
+//! is published before its offset may be committed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
+use ketenbus_schemas::{topics, AvroRecord, DeadLetter, DeliveryOutcome, Event, EventKind, Outcome, RawEnvelope};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{embedded::partition_for, AckToken, Bus, BusError, Consumer, OutRecord, Record};
+use crate::config::{FilterConfig, RetryConfig, Source, Subscription};
+use crate::health::{Health, State};
+use crate::lineage::{Lineage, Step};
+use crate::{now_ms, publish_retrying};
+
+/// Consumer group of a subscription.
+#[must_use]
+pub fn group(subscription: &str) -> String {
+    format!("ketenbus.sub.{subscription}")
+}
+
+/// The topics a subscription reads.
+#[must_use]
+pub fn source_topics(sub: &Subscription) -> Vec<String> {
+    let mut t: Vec<String> = sub
+        .sources
+        .iter()
+        .map(|s| match s {
+            Source::Raw => topics::RAW.to_owned(),
+            Source::Events(kind) => topics::events(*kind),
+        })
+        .collect();
+    t.push(topics::replay(&sub.name));
+    t
+}
+
+/// A record decoded for delivery.
+struct Job {
+    token: AckToken,
+    record_id: String,
+    envelope_id: String,
+    kind: &'static str,
+    payload: Payload,
+    /// Where the original record lives, kept for a dead letter.
+    source_topic: String,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// A finished record.
+struct Done {
+    token: AckToken,
+    record_id: String,
+    envelope_id: String,
+    kind: &'static str,
+    attempt: u32,
+    outcome: Outcome,
+    error: Option<DeliveryError>,
+    dead_letter: Option<(String, Vec<u8>, Vec<u8>)>,
+}
+
+/// Why a record could not even be turned into a delivery.
+struct Undeliverable {
+    record_id: String,
+    envelope_id: String,
+    reason: &'static str,
+    detail: String,
+}
+
+fn decode(record: &Record, subscription: &str) -> Result<(Job, bool), Undeliverable> {
+    // Replayed dead letters carry the original record and its topic.
+    let (topic, key, value) = if record.topic == topics::replay(subscription) {
+        let dl = DeadLetter::from_avro(&record.value).map_err(|e| Undeliverable {
+            record_id: String::from_utf8_lossy(&record.key).into_owned(),
+            envelope_id: String::from_utf8_lossy(&record.key).into_owned(),
+            reason: "undecodable_replay",
+            detail: e.to_string(),
+        })?;
+        (dl.source_topic, dl.key, dl.value)
+    } else {
+        (record.topic.clone(), record.key.clone(), record.value.clone())
+    };
+    let undecodable = |e: &dyn std::fmt::Display| Undeliverable {
+        record_id: String::from_utf8_lossy(&key).into_owned(),
+        envelope_id: String::from_utf8_lossy(&key).into_owned(),
+        reason: "undecodable_record",
+        detail: e.to_string(),
+    };
+    let (record_id, envelope_id, kind, payload) = if topic == topics::RAW {
+        let env = RawEnvelope::from_avro(&value).map_err(|e| undecodable(&e))?;
+        (env.id.clone(), env.id.clone(), "raw", Payload::Raw(Arc::new(env)))
+    } else {
+        let kind = topic
+            .strip_prefix("ketenbus.events.")
+            .and_then(EventKind::parse)
+            .ok_or_else(|| undecodable(&format!("no event kind for topic {topic}")))?;
+        let event = Event::from_avro(kind, &value).map_err(|e| undecodable(&e))?;
+        let h = event.header();
+        (h.id.clone(), h.envelope_id.clone(), kind.as_str(), Payload::Event(Arc::new(event)))
+    };
+    let replayed = record.topic != topic;
+    Ok((Job { token: record.ack_token(), record_id, envelope_id, kind, payload, source_topic: topic, key, value }, replayed))
+}
+
+fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
+    let (sender, receiver) = match payload {
+        Payload::Event(e) => (e.header().sender.as_deref(), e.header().receiver.as_deref()),
+        Payload::Raw(env) => (env.sender.as_deref(), env.receiver.as_deref()),
+    };
+    let ok = |list: &[String], v: Option<&str>| list.is_empty() || v.is_some_and(|v| list.iter().any(|x| x == v));
+    ok(&filter.senders, sender) && ok(&filter.receivers, receiver)
+}
+
+/// The wait before try number `attempt + 1`: exponential from `initial`, capped at `max`,
+/// with jitter in [50%, 100%] so retries of many records spread out.
+#[must_use]
+pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
+    let exp = retry.initial.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(30)).unwrap_or(u32::MAX));
+    let capped = exp.min(retry.max);
+    capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+/// Run one subscription until `cancel`.
+pub async fn run<B: Bus>(
+    bus: Arc<B>,
+    sub: Subscription,
+    sink: Arc<dyn Sink>,
+    lineage: Lineage,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+) {
+    let component = format!("subscription {}", sub.name);
+    health.set(&component, State::Starting);
+    let mut consumer = match bus.subscribe(&group(&sub.name), &source_topics(&sub)).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(subscription = %sub.name, error = %e, "cannot subscribe");
+            health.set(&component, State::Failed(e.to_string()));
+            return;
+        }
+    };
+    health.set(&component, State::Ready);
+    let name: Arc<str> = Arc::from(sub.name.as_str());
+    let lanes = sub.concurrency;
+    let cap = lanes * 32;
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(cap + lanes);
+    let mut lane_txs = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        let (tx, rx) = mpsc::channel::<Job>(cap);
+        lane_txs.push(tx);
+        tokio::spawn(lane(
+            rx,
+            Arc::clone(&sink),
+            Arc::clone(&name),
+            sub.retry.clone(),
+            done_tx.clone(),
+            lineage.clone(),
+            cancel.clone(),
+        ));
+    }
+    let mut in_flight = 0usize;
+    let mut finished = Vec::new();
+    while !cancel.is_cancelled() {
+        while let Ok(d) = done_rx.try_recv() {
+            finished.push(d);
+        }
+        if !finished.is_empty() {
+            in_flight -= finished.len();
+            let batch = std::mem::take(&mut finished);
+            if let Err(e) = finish(bus.as_ref(), &mut consumer, &name, batch, &lineage, &cancel).await {
+                tracing::error!(subscription = %name, error = %e, "subscription stopped");
+                health.set(&component, State::Failed(e.to_string()));
+                return;
+            }
+        }
+        if in_flight >= cap {
+            if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(100), done_rx.recv()).await {
+                finished.push(d);
+            }
+            continue;
+        }
+        let wait = if in_flight == 0 { Duration::from_millis(200) } else { Duration::from_millis(5) };
+        let record = match consumer.poll(wait).await {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) if e.kind() == ketenbus_connectors::ErrorKind::Retryable => {
+                tracing::warn!(subscription = %name, error = %e, "waiting for the log");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(subscription = %name, error = %e, "subscription stopped");
+                health.set(&component, State::Failed(e.to_string()));
+                return;
+            }
+        };
+        in_flight += 1;
+        match decode(&record, &name) {
+            Err(u) => {
+                finished.push(Done {
+                    token: record.ack_token(),
+                    record_id: u.record_id,
+                    envelope_id: u.envelope_id,
+                    kind: "unknown",
+                    attempt: 0,
+                    outcome: Outcome::DeadLettered,
+                    error: Some(DeliveryError::Rejected { reason: u.reason.into(), detail: u.detail }),
+                    dead_letter: Some((record.topic.clone(), record.key.clone(), record.value.clone())),
+                });
+            }
+            Ok((job, _replayed)) if !passes(&sub.filter, &job.payload) => {
+                finished.push(Done {
+                    token: job.token,
+                    record_id: job.record_id,
+                    envelope_id: job.envelope_id,
+                    kind: job.kind,
+                    attempt: 0,
+                    outcome: Outcome::Filtered,
+                    error: None,
+                    dead_letter: None,
+                });
+            }
+            Ok((job, _)) => {
+                let lane = partition_for(&job.key, u32::try_from(lanes).unwrap_or(1)) as usize;
+                if lane_txs[lane].send(job).await.is_err() {
+                    return; // lanes stop only on cancel
+                }
+            }
+        }
+    }
+    let _ = consumer.commit().await;
+}
+
+/// Publish outcomes and dead letters of finished records, record lineage, then ack.
+async fn finish<B: Bus>(
+    bus: &B,
+    consumer: &mut B::Consumer,
+    subscription: &str,
+    batch: Vec<Done>,
+    lineage: &Lineage,
+    cancel: &CancellationToken,
+) -> Result<(), BusError> {
+    let at = now_ms();
+    let mut out = Vec::with_capacity(batch.len() * 2);
+    for d in &batch {
+        let (reason, detail) = match &d.error {
+            Some(e) => (Some(e.reason().to_owned()), Some(e.detail().to_owned())),
+            None => (None, None),
+        };
+        if let Some((source_topic, key, value)) = &d.dead_letter {
+            let dl = DeadLetter {
+                id: format!("{}@{at}", d.record_id),
+                stage: subscription.to_owned(),
+                record_id: d.record_id.clone(),
+                envelope_id: d.envelope_id.clone(),
+                at_ms: at,
+                reason: reason.clone().unwrap_or_else(|| "unknown".into()),
+                detail: detail.clone(),
+                source_topic: source_topic.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            };
+            out.push(OutRecord {
+                topic: topics::dead_letters(subscription),
+                key: key.clone(),
+                value: dl.to_avro().expect("dead letters fit their schema"),
+            });
+        }
+        if d.outcome != Outcome::Filtered {
+            let o = DeliveryOutcome {
+                subscription: subscription.to_owned(),
+                record_id: d.record_id.clone(),
+                envelope_id: d.envelope_id.clone(),
+                at_ms: at,
+                attempt: i32::try_from(d.attempt).unwrap_or(i32::MAX),
+                outcome: d.outcome,
+                reason: reason.clone(),
+                detail: detail.clone(),
+            };
+            out.push(OutRecord {
+                topic: topics::DELIVERY_OUTCOMES.to_owned(),
+                key: d.envelope_id.clone().into_bytes(),
+                value: o.to_avro().expect("outcomes fit their schema"),
+            });
+        }
+    }
+    publish_retrying(bus, out, cancel).await?;
+    for d in batch {
+        let mut step = Step::new(at, "delivery", d.outcome.as_str());
+        if d.outcome == Outcome::DeadLettered {
+            step.stage = "dead_lettered".into();
+        }
+        step.subscription = Some(subscription.to_owned());
+        step.record_id = Some(d.record_id.clone());
+        step.kind = Some(d.kind.to_owned());
+        step.attempt = (d.attempt > 0).then_some(d.attempt);
+        if let Some(e) = &d.error {
+            step.reason = Some(e.reason().to_owned());
+            step.detail = Some(e.detail().to_owned());
+        }
+        lineage.step(&d.envelope_id, step).await;
+        consumer.ack(d.token).await?;
+    }
+    Ok(())
+}
+
+async fn lane(
+    mut rx: mpsc::Receiver<Job>,
+    sink: Arc<dyn Sink>,
+    subscription: Arc<str>,
+    retry: RetryConfig,
+    done: mpsc::Sender<Done>,
+    lineage: Lineage,
+    cancel: CancellationToken,
+) {
+    while let Some(job) = rx.recv().await {
+        let started = Instant::now();
+        let mut delivery =
+            Delivery { subscription: Arc::clone(&subscription), record_id: job.record_id.clone(), payload: job.payload, attempt: 1 };
+        let (outcome, error) = loop {
+            match sink.deliver(&delivery).await {
+                Ok(_receipt) => break (Outcome::Delivered, None),
+                Err(e @ DeliveryError::Rejected { .. }) => break (Outcome::DeadLettered, Some(e)),
+                Err(e) => {
+                    if started.elapsed() >= retry.give_up_after {
+                        let exhausted = DeliveryError::Rejected {
+                            reason: "exhausted".into(),
+                            detail: format!("gave up after {} attempts; last: {e}", delivery.attempt),
+                        };
+                        break (Outcome::DeadLettered, Some(exhausted));
+                    }
+                    tracing::debug!(subscription = %subscription, attempt = delivery.attempt, error = %e, "delivery failed, retrying");
+                    let mut step = Step::new(now_ms(), "delivery", "retrying");
+                    step.subscription = Some(subscription.to_string());
+                    step.record_id = Some(job.record_id.clone());
+                    step.kind = Some(job.kind.to_owned());
+                    step.attempt = Some(delivery.attempt);
+                    step.reason = Some(e.reason().to_owned());
+                    step.detail = Some(e.detail().to_owned());
+                    lineage.step(&job.envelope_id, step).await;
+                    let wait = backoff(&retry, delivery.attempt).min(retry.give_up_after.saturating_sub(started.elapsed()));
+                    tokio::select! {
+                        () = cancel.cancelled() => return, // not acked: delivered again after restart
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    delivery.attempt += 1;
+                }
+            }
+        };
+        let dead_letter = (outcome == Outcome::DeadLettered).then(|| (job.source_topic.clone(), job.key.clone(), job.value.clone()));
+        let d = Done {
+            token: job.token,
+            record_id: job.record_id,
+            envelope_id: job.envelope_id,
+            kind: job.kind,
+            attempt: delivery.attempt,
+            outcome,
+            error,
+            dead_letter,
+        };
+        if done.send(d).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let r = RetryConfig { initial: Duration::from_millis(100), max: Duration::from_secs(1), give_up_after: Duration::from_secs(60) };
+        for _ in 0..50 {
+            let b1 = backoff(&r, 1);
+            assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100), "{b1:?}");
+            let b3 = backoff(&r, 3);
+            assert!(b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400), "{b3:?}");
+            let b40 = backoff(&r, 40);
+            assert!(b40 >= Duration::from_millis(500) && b40 <= Duration::from_secs(1), "{b40:?}");
+        }
+    }
+
+    #[test]
+    fn filters_match_party_ids() {
+        let env = RawEnvelope {
+            id: "m".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: ketenbus_schemas::Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: Some("mailbox:500001234".into()),
+            receiver: None,
+            body: vec![],
+            attributes: Default::default(),
+        };
+        let p = Payload::Raw(Arc::new(env));
+        assert!(passes(&FilterConfig::default(), &p));
+        assert!(passes(&FilterConfig { senders: vec!["mailbox:500001234".into()], receivers: vec![] }, &p));
+        assert!(!passes(&FilterConfig { senders: vec!["agb:1".into()], receivers: vec![] }, &p));
+        assert!(!passes(&FilterConfig { senders: vec![], receivers: vec!["agb:1".into()] }, &p), "unknown receiver fails a receiver filter");
+    }
+}

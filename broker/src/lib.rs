@@ -1,0 +1,50 @@
+//! The ketenbus broker: configuration, the log engines, the router that normalises raw
+//! envelopes into events, dispatch to subscriptions, the HTTP API and dead-letter tools.
+//! `main.rs` is the command line around [`runtime::run`].
+
+pub mod api;
+pub mod bus;
+pub mod config;
+pub mod dispatch;
+pub mod dlq;
+pub mod health;
+pub mod keys;
+pub mod lineage;
+pub mod router;
+pub mod runtime;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use bus::{Bus, BusError, OutRecord, Position};
+
+/// Milliseconds since the Unix epoch.
+#[must_use]
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Publish, waiting and trying again while the log is unavailable, until `cancel`.
+///
+/// # Errors
+/// A fatal bus error, or `Unavailable` when cancelled while waiting.
+pub async fn publish_retrying<B: Bus>(bus: &B, records: Vec<OutRecord>, cancel: &CancellationToken) -> Result<Vec<Position>, BusError> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match bus.publish(records.clone()).await {
+            Err(e @ BusError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "log unavailable, retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(e),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}

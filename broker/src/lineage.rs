@@ -1,0 +1,324 @@
+//! The lineage index: for every message, what happened to it — received, normalised into
+//! which events, delivered to which subscriptions with what outcome, dead-lettered and why.
+//! A SQLite file next to the log, written in batches by one thread; stages record steps
+//! without waiting for the disk. It is an index of this process's work: the topics
+//! (raw, events, delivery outcomes, dead letters) remain the record.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+/// A step in a message's life.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Step {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// received, normalised, normalise_failed, delivery, dead_lettered, replayed.
+    pub stage: String,
+    /// Subscription, for delivery steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription: Option<String>,
+    /// Event id (or envelope id for raw deliveries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_id: Option<String>,
+    /// Event kind, or raw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Attempt number of a delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Outcome: accepted, normalised, unsupported_format, rejected, delivered, retrying, dead_lettered, filtered.
+    pub outcome: String,
+    /// Reason code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Detail without payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl Step {
+    /// A step with only stage and outcome set.
+    #[must_use]
+    pub fn new(at_ms: i64, stage: &str, outcome: &str) -> Step {
+        Step {
+            at_ms,
+            stage: stage.to_owned(),
+            subscription: None,
+            record_id: None,
+            kind: None,
+            attempt: None,
+            outcome: outcome.to_owned(),
+            reason: None,
+            detail: None,
+        }
+    }
+}
+
+/// What ketenbus knows of a message when it was received.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Received {
+    /// Message (envelope) id.
+    pub id: String,
+    /// When, ms since the epoch.
+    pub received_at_ms: i64,
+    /// Connector.
+    pub connector: String,
+    /// Format.
+    pub format: String,
+    /// Declared media type.
+    pub content_type: String,
+    /// Body size in bytes.
+    pub size: u64,
+    /// Sender party id.
+    pub sender: Option<String>,
+    /// Receiver party id.
+    pub receiver: Option<String>,
+    /// Position on the raw topic.
+    pub raw_partition: u32,
+    /// Offset on the raw topic.
+    pub raw_offset: i64,
+}
+
+enum Op {
+    Received(Received),
+    Step(String, Step),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the lineage index. Cheap to clone.
+#[derive(Clone)]
+pub struct Lineage {
+    tx: mpsc::Sender<Op>,
+    path: std::path::PathBuf,
+}
+
+/// The lineage of one message as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageLineage {
+    /// What was received.
+    #[serde(flatten)]
+    pub received: Received,
+    /// Events it was normalised into: (event id, kind).
+    pub events: Vec<EventRef>,
+    /// Latest outcome per subscription and record.
+    pub deliveries: Vec<DeliverySummary>,
+    /// Every step, in order.
+    pub steps: Vec<Step>,
+}
+
+/// An event made from the message.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRef {
+    /// Event id.
+    pub id: String,
+    /// Kind.
+    pub kind: String,
+}
+
+/// Where a record stands with a subscription.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliverySummary {
+    /// Subscription.
+    pub subscription: String,
+    /// Event id or envelope id.
+    pub record_id: String,
+    /// Latest outcome.
+    pub outcome: String,
+    /// Reason of the latest outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS messages (
+             id TEXT PRIMARY KEY, received_at INTEGER NOT NULL, connector TEXT NOT NULL, format TEXT NOT NULL,
+             content_type TEXT NOT NULL, size INTEGER NOT NULL, sender TEXT, receiver TEXT,
+             raw_partition INTEGER NOT NULL, raw_offset INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS steps (
+             message_id TEXT NOT NULL, at INTEGER NOT NULL, stage TEXT NOT NULL, subscription TEXT,
+             record_id TEXT, kind TEXT, attempt INTEGER, outcome TEXT NOT NULL, reason TEXT, detail TEXT);
+         CREATE INDEX IF NOT EXISTS steps_message ON steps (message_id);
+         CREATE INDEX IF NOT EXISTS steps_outcome ON steps (outcome, subscription, at);",
+    )?;
+    Ok(conn)
+}
+
+impl Lineage {
+    /// Open (or create) `lineage.db` in `data_dir` and start its writer.
+    ///
+    /// # Errors
+    /// When the database cannot be opened.
+    pub fn open(data_dir: &Path) -> rusqlite::Result<Lineage> {
+        let path = data_dir.join("lineage.db");
+        let conn = open(&path)?;
+        let (tx, rx) = mpsc::channel(16_384);
+        std::thread::Builder::new()
+            .name("ketenbus-lineage".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        Ok(Lineage { tx, path })
+    }
+
+    /// Record a received message.
+    pub async fn received(&self, r: Received) {
+        let _ = self.tx.send(Op::Received(r)).await;
+    }
+
+    /// Record a step of message `message_id`.
+    pub async fn step(&self, message_id: &str, step: Step) {
+        let _ = self.tx.send(Op::Step(message_id.to_owned(), step)).await;
+    }
+
+    /// Wait until everything recorded so far is written.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Op::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The lineage of one message, if it is known.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn get(&self, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
+        let path = self.path.clone();
+        let id = id.to_owned();
+        tokio::task::spawn_blocking(move || read(&path, &id))
+            .await
+            .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
+    }
+}
+
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut ops = vec![first];
+        while ops.len() < 4096 {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut flushes = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut msg = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO messages VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?;
+                let mut step = tx.prepare_cached("INSERT INTO steps VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?;
+                for op in ops {
+                    match op {
+                        Op::Received(r) => {
+                            msg.execute(params![
+                                r.id,
+                                r.received_at_ms,
+                                r.connector,
+                                r.format,
+                                r.content_type,
+                                r.size,
+                                r.sender,
+                                r.receiver,
+                                r.raw_partition,
+                                r.raw_offset
+                            ])?;
+                            step.execute(params![r.id, r.received_at_ms, "received", None::<String>, None::<String>, None::<String>, None::<u32>, "accepted", None::<String>, None::<String>])?;
+                        }
+                        Op::Step(id, s) => {
+                            step.execute(params![
+                                id, s.at_ms, s.stage, s.subscription, s.record_id, s.kind, s.attempt, s.outcome, s.reason, s.detail
+                            ])?;
+                        }
+                        Op::Flush(done) => flushes.push(done),
+                    }
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "lineage index write failed; lineage of these messages is incomplete");
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+}
+
+fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let received = conn
+        .query_row("SELECT * FROM messages WHERE id = ?1", params![id], |r| {
+            Ok(Received {
+                id: r.get(0)?,
+                received_at_ms: r.get(1)?,
+                connector: r.get(2)?,
+                format: r.get(3)?,
+                content_type: r.get(4)?,
+                size: r.get(5)?,
+                sender: r.get(6)?,
+                receiver: r.get(7)?,
+                raw_partition: r.get(8)?,
+                raw_offset: r.get(9)?,
+            })
+        })
+        .optional()?;
+    let Some(received) = received else { return Ok(None) };
+    let mut stmt = conn.prepare(
+        "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail
+         FROM steps WHERE message_id = ?1 ORDER BY at, rowid",
+    )?;
+    let steps: Vec<Step> = stmt
+        .query_map(params![id], |r| {
+            Ok(Step {
+                at_ms: r.get(0)?,
+                stage: r.get(1)?,
+                subscription: r.get(2)?,
+                record_id: r.get(3)?,
+                kind: r.get(4)?,
+                attempt: r.get(5)?,
+                outcome: r.get(6)?,
+                reason: r.get(7)?,
+                detail: r.get(8)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut events = Vec::new();
+    let mut deliveries: BTreeMap<(String, String), DeliverySummary> = BTreeMap::new();
+    for s in &steps {
+        if s.stage == "normalised" {
+            if let (Some(id), Some(kind)) = (&s.record_id, &s.kind) {
+                if !events.iter().any(|e: &EventRef| &e.id == id) {
+                    events.push(EventRef { id: id.clone(), kind: kind.clone() });
+                }
+            }
+        }
+        if let (Some(sub), Some(rec)) = (&s.subscription, &s.record_id) {
+            let d = deliveries.entry((sub.clone(), rec.clone())).or_insert_with(|| DeliverySummary {
+                subscription: sub.clone(),
+                record_id: rec.clone(),
+                outcome: String::new(),
+                reason: None,
+                attempts: 0,
+            });
+            d.outcome.clone_from(&s.outcome);
+            d.reason.clone_from(&s.reason);
+            if s.stage == "delivery" {
+                d.attempts = d.attempts.max(s.attempt.unwrap_or(0));
+            }
+        }
+    }
+    Ok(Some(MessageLineage { received, events, deliveries: deliveries.into_values().collect(), steps }))
+}

@@ -1,0 +1,284 @@
+//! The `ketenbus` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ketenbus::bus::embedded::EmbeddedBus;
+use ketenbus::bus::kafka::KafkaBus;
+use ketenbus::bus::Bus;
+use ketenbus::config::{Config, Engine, Settings};
+use ketenbus::dlq::{self, Selection};
+use tokio_util::sync::CancellationToken;
+
+/// ketenbus: a message broker for Dutch care-chain exchanges.
+///
+/// Takes in EDIFACT, secure mail and FHIR, normalises every message into zib-based events on
+/// topics (an embedded durable log, or Kafka), and delivers them to subscribers with retries,
+/// dead letters and proof of delivery. Without a config file it runs on the embedded log in
+/// ./data with HTTP on 127.0.0.1:8080.
+#[derive(Parser)]
+#[command(name = "ketenbus", version, about, long_about)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker until SIGINT or SIGTERM.
+    Run {
+        /// Configuration file (TOML); see ops/ketenbus.example.toml. Without it, defaults apply.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print every problem with its key path.
+    CheckConfig {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Dead letters: list and replay.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters of a subscription (or `router`) as JSON lines.
+    List {
+        /// Configuration file (TOML) naming the log.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Subscription name, or `router` for messages that could not be normalised.
+        #[arg(long)]
+        subscription: String,
+        /// Only these dead-letter, record or message ids.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Only dead letters since this time (RFC 3339, e.g. 2026-11-24T08:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// Deliver dead letters of a subscription again (to that subscription only).
+    Replay {
+        /// Configuration file (TOML) naming the log.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Subscription name.
+        #[arg(long)]
+        subscription: String,
+        /// Only these dead-letter, record or message ids.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Only dead letters since this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Replay every dead letter of the subscription (required when no --id or --since is given).
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KETENBUS_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Load and validate, printing every problem.
+fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
+    let config = match path {
+        Some(p) => Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
+        None => Config::default(),
+    };
+    config.validate(&env_var).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
+    })
+}
+
+fn parse_since(since: Option<&str>) -> anyhow::Result<Option<i64>> {
+    since
+        .map(|s| {
+            let t = humantime::parse_rfc3339_weak(s).with_context(|| format!("--since {s:?} is not an RFC 3339 time"))?;
+            let ms = t.duration_since(std::time::UNIX_EPOCH).context("--since before 1970")?.as_millis();
+            Ok(i64::try_from(ms)?)
+        })
+        .transpose()
+}
+
+async fn with_bus<T>(
+    settings: &Settings,
+    f: impl AsyncFnOnce(&dyn DlqOps) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match settings.config.bus.engine {
+        Engine::Embedded => {
+            let bus = EmbeddedBus::open(&settings.config.data_dir, &settings.config.bus.embedded)?;
+            f(&bus).await
+        }
+        Engine::Kafka => {
+            let bus = KafkaBus::new(settings.config.bus.kafka.as_ref().context("bus.kafka is required")?)?;
+            f(&bus).await
+        }
+    }
+}
+
+/// The dead-letter operations, object-safe over both engines.
+trait DlqOps {
+    fn list<'a>(&'a self, stage: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>;
+    fn replay<'a>(&'a self, subscription: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>>;
+}
+
+impl<B: Bus> DlqOps for B {
+    fn list<'a>(&'a self, stage: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>> {
+        Box::pin(async move { Ok(dlq::list(self, stage, sel).await?) })
+    }
+    fn replay<'a>(&'a self, subscription: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>> {
+        Box::pin(async move { Ok(dlq::replay(self, subscription, sel).await?) })
+    }
+}
+
+async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = load(config.as_deref())?;
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    match settings.config.bus.engine {
+        Engine::Embedded => {
+            let bus = EmbeddedBus::open(&settings.config.data_dir, &settings.config.bus.embedded)?;
+            let retention = bus.clone();
+            let (age, bytes, every) = (
+                settings.config.bus.embedded.retention_max_age,
+                settings.config.bus.embedded.retention_max_bytes.as_u64(),
+                settings.config.bus.embedded.retention_interval,
+            );
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(every) => {}
+                    }
+                    match retention.enforce_retention(age, bytes).await {
+                        Ok(r) if r.deleted > 0 => tracing::info!(deleted = r.deleted, "retention removed old records"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "retention failed"),
+                    }
+                }
+            });
+            ketenbus::runtime::run(settings, bus, cancel).await
+        }
+        Engine::Kafka => {
+            let bus = KafkaBus::new(settings.config.bus.kafka.as_ref().context("bus.kafka is required")?)?;
+            ketenbus::runtime::run(settings, bus, cancel).await
+        }
+    }
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => run(config).await.map(|()| ExitCode::SUCCESS),
+        Command::CheckConfig { config } => {
+            let parsed = match Config::from_file(&config) {
+                Ok(c) => c,
+                Err(p) => {
+                    eprintln!("{}: {p}", config.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            match parsed.validate(&env_var) {
+                Ok(s) => {
+                    println!("{}: ok ({} subscriptions, engine {:?})", config.display(), s.subscriptions.len(), s.config.bus.engine);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("{}: {p}", config.display());
+                    }
+                    eprintln!("{} problem(s)", problems.len());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Dlq { command: DlqCommand::List { config, subscription, ids, since } } => {
+            let settings = load(config.as_deref())?;
+            let sel = Selection { ids, since_ms: parse_since(since.as_deref())? };
+            let letters = with_bus(&settings, async |bus| bus.list(&subscription, &sel).await).await?;
+            for dl in &letters {
+                let line = serde_json::json!({
+                    "id": dl.id, "stage": dl.stage, "record_id": dl.record_id, "envelope_id": dl.envelope_id,
+                    "at_ms": dl.at_ms, "reason": dl.reason, "detail": dl.detail, "source_topic": dl.source_topic,
+                    "value_bytes": dl.value.len(),
+                });
+                println!("{line}");
+            }
+            eprintln!("{} dead letter(s)", letters.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { command: DlqCommand::Replay { config, subscription, ids, since, all } } => {
+            let settings = load(config.as_deref())?;
+            if subscription == "router" {
+                anyhow::bail!("router dead letters cannot be replayed to a subscription; resend the message instead");
+            }
+            if !settings.subscriptions.iter().any(|s| s.name == subscription) {
+                anyhow::bail!("no subscription named {subscription:?} in the configuration");
+            }
+            if ids.is_empty() && since.is_none() && !all {
+                anyhow::bail!("say which dead letters: --id, --since, or --all");
+            }
+            let sel = Selection { ids, since_ms: parse_since(since.as_deref())? };
+            let n = with_bus(&settings, async |bus| bus.replay(&subscription, &sel).await).await?;
+            eprintln!("replayed {n} dead letter(s) to subscription {subscription}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(main_async(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The connectors of ketenbus: one module per protocol with its sans-IO parsers, the
+//! normalisers that turn raw envelopes into zib-based events, and the delivery sinks.
+//! Nothing here owns a socket for long or a log: the broker wires them to both.
+
+pub mod edifact;
+pub mod normalize;
+pub mod sink;
+pub mod webhook;
+
+pub use normalize::{Normalize, NormalizeError};
+pub use sink::{Delivery, DeliveryError, Payload, Receipt, Sink};
+
+/// How an error is to be handled (ARCHITECTURE.md, principle 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Wait, retry, do not acknowledge.
+    Retryable,
+    /// Dead-letter with the original bytes and a reason code, then acknowledge.
+    Rejected,
+    /// The component stops and health turns red.
+    Fatal,
+}

@@ -1,0 +1,73 @@
+//! The normaliser contract: raw envelope in, events out, as a pure function.
+
+use ketenbus_schemas::{Event, RawEnvelope};
+
+use crate::ErrorKind;
+
+/// Turns one raw envelope into events. Must be pure: no I/O, clock or randomness, so a
+/// replay yields the same events with the same ids (`EventHeader::new` derives them).
+pub trait Normalize: Send + Sync {
+    /// The events this envelope carries, in order.
+    ///
+    /// # Errors
+    /// [`NormalizeError`] says why the envelope cannot become events; its
+    /// [`reason`](NormalizeError::reason) is the dead-letter reason code.
+    fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError>;
+}
+
+/// Why an envelope did not become events. Texts name positions and fields, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NormalizeError {
+    /// No normaliser exists for this format yet; raw subscribers still get the envelope.
+    #[error("no normaliser for format {format}")]
+    UnsupportedFormat {
+        /// The envelope's format.
+        format: &'static str,
+    },
+    /// The message parsed, but ketenbus does not map its type.
+    #[error("message type {message_type} is not mapped to events")]
+    UnsupportedMessageType {
+        /// e.g. `ORDERS:D:96A:UN`.
+        message_type: String,
+    },
+    /// The bytes do not follow the format's syntax.
+    #[error("{format} syntax error at {position}: {what}")]
+    Syntax {
+        /// Reason code: `edifact_syntax`, `fhir_syntax`, `mime_syntax`.
+        reason: &'static str,
+        /// edifact, fhir_json, ...
+        format: &'static str,
+        /// Where: segment index and tag, byte offset, element path.
+        position: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// It parsed, but content the mapping needs is missing or invalid.
+    #[error("invalid content at {path}: {what}")]
+    Invalid {
+        /// Reason code, e.g. `invalid_bsn`, `missing_element`.
+        reason: &'static str,
+        /// Element path (`Bundle.entry[3].resource.subject`, `segment PID #3 element 4`).
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl NormalizeError {
+    /// The dead-letter and lineage reason code.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            NormalizeError::UnsupportedFormat { .. } => "unsupported_format",
+            NormalizeError::UnsupportedMessageType { .. } => "unsupported_message_type",
+            NormalizeError::Syntax { reason, .. } | NormalizeError::Invalid { reason, .. } => reason,
+        }
+    }
+
+    /// Normalising errors are about the input: never worth a retry.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Rejected
+    }
+}

@@ -1,0 +1,152 @@
+//! Avro single-object encoding: `C3 01`, the 8-byte little-endian CRC-64-AVRO (Rabin)
+//! fingerprint of the schema's parsing canonical form, then the binary datum.
+
+use apache_avro::rabin::Rabin;
+use apache_avro::Schema;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The two marker bytes of single-object encoding.
+pub const MAGIC: [u8; 2] = [0xC3, 0x01];
+const HEADER_LEN: usize = 10;
+
+/// Why a value could not be encoded or decoded. Texts name the schema, never the value.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The value does not start with the single-object marker.
+    #[error("not an avro single-object value (missing C3 01 marker)")]
+    NoMarker,
+    /// The fingerprint is not the one of the expected schema.
+    #[error("schema fingerprint {found} does not match {expected}")]
+    WrongSchema {
+        /// Fingerprint in the value, hex.
+        found: String,
+        /// Name of the schema the reader expected.
+        expected: &'static str,
+    },
+    /// Avro could not encode or decode the datum.
+    #[error("avro {op} of {schema} failed: {source}")]
+    Avro {
+        /// encode or decode.
+        op: &'static str,
+        /// Name of the schema.
+        schema: &'static str,
+        /// The library's error.
+        #[source]
+        source: Box<apache_avro::Error>,
+    },
+}
+
+/// A compiled schema with its fingerprint.
+pub struct CompiledSchema {
+    /// The parsed schema.
+    pub schema: Schema,
+    /// Rabin fingerprint bytes (little-endian).
+    pub fingerprint: [u8; 8],
+    /// Full name of the record, for errors.
+    pub name: &'static str,
+}
+
+impl CompiledSchema {
+    /// Parse a schema text that ships with this crate.
+    ///
+    /// # Panics
+    /// When the text is not a valid schema: the schema files are part of the crate and
+    /// a test parses each of them.
+    #[must_use]
+    pub fn parse(json: &'static str) -> CompiledSchema {
+        let schema = Schema::parse_str(json).expect("shipped schema parses");
+        let bytes = schema.fingerprint::<Rabin>().bytes;
+        let mut fingerprint = [0u8; 8];
+        fingerprint.copy_from_slice(&bytes[..8]);
+        let name = match &schema {
+            Schema::Record(r) => Box::leak(r.name.fullname(None).into_boxed_str()),
+            _ => "schema",
+        };
+        CompiledSchema { schema, fingerprint, name }
+    }
+}
+
+/// A Rust type that mirrors one `.avsc` file.
+pub trait AvroRecord: Serialize + DeserializeOwned {
+    /// The schema text (the `.avsc` file).
+    const SCHEMA_JSON: &'static str;
+
+    /// The compiled schema, parsed once per type.
+    fn compiled() -> &'static CompiledSchema;
+
+    /// Encode in single-object encoding.
+    ///
+    /// # Errors
+    /// When the value does not fit the schema (a bug: the types mirror the schemas).
+    fn to_avro(&self) -> Result<Vec<u8>, CodecError> {
+        encode(Self::compiled(), self)
+    }
+
+    /// Decode from single-object encoding, checking the fingerprint.
+    ///
+    /// # Errors
+    /// When the marker or fingerprint is wrong or the datum does not decode.
+    fn from_avro(bytes: &[u8]) -> Result<Self, CodecError> {
+        decode(Self::compiled(), bytes)
+    }
+}
+
+/// Implement [`AvroRecord::compiled`] with a per-type cache.
+#[macro_export]
+macro_rules! compiled_schema {
+    () => {
+        fn compiled() -> &'static $crate::codec::CompiledSchema {
+            static SCHEMA: ::std::sync::OnceLock<$crate::codec::CompiledSchema> =
+                ::std::sync::OnceLock::new();
+            SCHEMA.get_or_init(|| $crate::codec::CompiledSchema::parse(Self::SCHEMA_JSON))
+        }
+    };
+}
+
+fn avro_err(op: &'static str, schema: &'static str, e: apache_avro::Error) -> CodecError {
+    CodecError::Avro { op, schema, source: Box::new(e) }
+}
+
+fn encode<T: Serialize>(c: &CompiledSchema, value: &T) -> Result<Vec<u8>, CodecError> {
+    let v = apache_avro::to_value(value).map_err(|e| avro_err("encode", c.name, e))?;
+    let v = v.resolve(&c.schema).map_err(|e| avro_err("encode", c.name, e))?;
+    let datum = apache_avro::to_avro_datum(&c.schema, v).map_err(|e| avro_err("encode", c.name, e))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&c.fingerprint);
+    out.extend_from_slice(&datum);
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        return Err(CodecError::NoMarker);
+    }
+    if bytes[2..HEADER_LEN] != c.fingerprint {
+        return Err(CodecError::WrongSchema { found: hex8(&bytes[2..HEADER_LEN]), expected: c.name });
+    }
+    let mut rest = &bytes[HEADER_LEN..];
+    let v = apache_avro::from_avro_datum(&c.schema, &mut rest, None).map_err(|e| avro_err("decode", c.name, e))?;
+    apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e))
+}
+
+/// The fingerprint of a single-object value, if it has the marker.
+#[must_use]
+pub fn fingerprint_of(bytes: &[u8]) -> Option<[u8; 8]> {
+    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        return None;
+    }
+    let mut f = [0u8; 8];
+    f.copy_from_slice(&bytes[2..HEADER_LEN]);
+    Some(f)
+}
+
+fn hex8(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+

@@ -1,0 +1,14 @@
+//! Everything that crosses a ketenbus topic: the Avro schemas (the `.avsc` files in
+//! `schemas/avro` are the source of truth), the Rust types that mirror them and the codec.
+//! Values are written in Avro single-object encoding so any Avro library can read them.
+
+pub mod codec;
+pub mod envelope;
+pub mod event;
+pub mod outcome;
+pub mod topics;
+
+pub use codec::{AvroRecord, CodecError};
+pub use envelope::{Format, RawEnvelope};
+pub use event::{Event, EventHeader, EventKind};
+pub use outcome::{DeadLetter, DeliveryOutcome, Outcome};

@@ -1,0 +1,104 @@
+//! Records the broker writes about its own work: delivery outcomes and dead letters.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::AvroRecord;
+
+/// What a delivery attempt came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The receiver accepted it.
+    Delivered,
+    /// It failed and will be tried again.
+    Retrying,
+    /// It failed for good and went to the subscription's dead letters.
+    DeadLettered,
+    /// The subscription's filter (or consent) did not let it through.
+    Filtered,
+}
+
+impl Outcome {
+    /// The schema symbol, also a metric label.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Retrying => "retrying",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Filtered => "filtered",
+        }
+    }
+}
+
+/// One delivery attempt's result. Schema: `avro/delivery_outcome.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliveryOutcome {
+    /// Subscription name.
+    pub subscription: String,
+    /// Event id, or envelope id for raw subscriptions.
+    pub record_id: String,
+    /// The envelope the record came from.
+    pub envelope_id: String,
+    /// When the attempt ended, ms since the epoch.
+    pub at_ms: i64,
+    /// 1 for the first try.
+    pub attempt: i32,
+    /// What it came to.
+    pub outcome: Outcome,
+    /// Reason code when not delivered.
+    pub reason: Option<String>,
+    /// Receiver's status line or error text; never payload.
+    pub detail: Option<String>,
+}
+
+impl AvroRecord for DeliveryOutcome {
+    const SCHEMA_JSON: &'static str = include_str!("../avro/delivery_outcome.avsc");
+    crate::compiled_schema!();
+}
+
+/// A record that could not be processed, kept whole for replay. Schema: `avro/dead_letter.avsc`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// Dead letter id.
+    pub id: String,
+    /// `router`, or the subscription name.
+    pub stage: String,
+    /// Event id, or envelope id for raw records.
+    pub record_id: String,
+    /// The envelope the record came from.
+    pub envelope_id: String,
+    /// When it was dead-lettered, ms since the epoch.
+    pub at_ms: i64,
+    /// Reason code from a closed set.
+    pub reason: String,
+    /// Human detail without payload.
+    pub detail: Option<String>,
+    /// Topic the record came from.
+    pub source_topic: String,
+    /// The record key.
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub key: Vec<u8>,
+    /// The record value exactly as it was on the source topic.
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl fmt::Debug for DeadLetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetter")
+            .field("id", &self.id)
+            .field("stage", &self.stage)
+            .field("record_id", &self.record_id)
+            .field("reason", &self.reason)
+            .field("value_len", &self.value.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AvroRecord for DeadLetter {
+    const SCHEMA_JSON: &'static str = include_str!("../avro/dead_letter.avsc");
+    crate::compiled_schema!();
+}

@@ -1,0 +1,200 @@
+//! The `.avsc` files are the source of truth: every Rust type must encode with its schema
+//! (field names, types and order checked by Avro's resolution), decode back to an equal
+//! value, and name exactly the schema's fields.
+
+use std::collections::BTreeSet;
+
+use ketenbus_schemas::codec::{fingerprint_of, AvroRecord};
+use ketenbus_schemas::event::*;
+use ketenbus_schemas::{DeadLetter, DeliveryOutcome, Format, Outcome, RawEnvelope};
+
+fn roundtrip<T: AvroRecord + PartialEq + std::fmt::Debug>(v: &T) {
+    let bytes = v.to_avro().expect("encodes with its schema");
+    assert_eq!(&bytes[..2], &[0xC3, 0x01], "single-object marker");
+    assert_eq!(fingerprint_of(&bytes).unwrap(), T::compiled().fingerprint);
+    let back = T::from_avro(&bytes).expect("decodes");
+    assert_eq!(&back, v);
+    // Fields of the JSON form are exactly the schema's fields.
+    let schema: serde_json::Value = serde_json::from_str(T::SCHEMA_JSON).unwrap();
+    let want: BTreeSet<String> =
+        schema["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect();
+    let json = serde_json::to_value(v).unwrap();
+    let got: BTreeSet<String> = json.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(got, want, "fields of {}", T::compiled().name);
+}
+
+fn header(kind: EventKind) -> EventHeader {
+    let mut h = EventHeader::new(kind, "0192d3a4-0000-7000-8000-000000000001", 0, "edifact");
+    h.occurred_at = Some("2026-11-01T07:40".into());
+    h.sender = Some("mailbox:500001234".into());
+    h.patient_key = Some("k".repeat(32));
+    h.source_message_type = Some("MEDLAB:1".into());
+    h
+}
+
+fn patient() -> Patient {
+    Patient {
+        identifiers: vec![Identifier { system: systems::BSN.into(), value: "999911120".into() }],
+        name: Some(HumanName { given: Some("Pieter".into()), initials: Some("P.".into()), family: Some("Jansen".into()), ..Default::default() }),
+        birth_date: Some("1961-04-09".into()),
+        gender: Some("male".into()),
+        address: Some(Address { city: Some("Groningen".into()), ..Default::default() }),
+    }
+}
+
+fn professional() -> HealthProfessional {
+    HealthProfessional {
+        identifiers: vec![Identifier { system: systems::AGB.into(), value: "01000001".into() }],
+        name: Some(HumanName { text: Some("Dr. A. de Boer".into()), ..Default::default() }),
+        role: Some("requester".into()),
+        specialty: Some(Coding { system: "urn:oid:2.16.840.1.113883.2.4.6.7".into(), code: "0100".into(), display: None }),
+        organization_name: None,
+    }
+}
+
+fn attachment() -> Attachment {
+    Attachment { content_type: "application/pdf".into(), title: Some("ecg.pdf".into()), sha256: "ab".repeat(32), size: 1234 }
+}
+
+#[test]
+fn envelope_matches_its_schema() {
+    for format in Format::ALL {
+        roundtrip(&RawEnvelope {
+            id: "m1".into(),
+            received_at_ms: 1_764_000_000_000,
+            connector: "http".into(),
+            format,
+            content_type: "application/EDIFACT".into(),
+            sender: None,
+            receiver: Some("mailbox:500005678".into()),
+            body: b"UNB+UNOA:1'".to_vec(),
+            attributes: [("file".to_owned(), "a.edi".to_owned())].into(),
+        });
+    }
+}
+
+#[test]
+fn outcome_and_dead_letter_match_their_schemas() {
+    for outcome in [Outcome::Delivered, Outcome::Retrying, Outcome::DeadLettered, Outcome::Filtered] {
+        roundtrip(&DeliveryOutcome {
+            subscription: "s".into(),
+            record_id: "m1.0".into(),
+            envelope_id: "m1".into(),
+            at_ms: 1,
+            attempt: 2,
+            outcome,
+            reason: Some("http_503".into()),
+            detail: None,
+        });
+    }
+    roundtrip(&DeadLetter {
+        id: "m1.0@1".into(),
+        stage: "s".into(),
+        record_id: "m1.0".into(),
+        envelope_id: "m1".into(),
+        at_ms: 1,
+        reason: "http_404".into(),
+        detail: Some("404 Not Found".into()),
+        source_topic: "ketenbus.events.lab_result".into(),
+        key: vec![1, 2],
+        value: vec![0xC3, 0x01, 9],
+    });
+}
+
+#[test]
+fn lab_result_matches_its_schema() {
+    roundtrip(&LabResultEvent {
+        header: header(EventKind::LabResult),
+        patient: Some(patient()),
+        performer: Some(HealthcareProvider { name: Some("Regiolab Noord".into()), phone: Some("0501234567".into()), ..Default::default() }),
+        requester: Some(professional()),
+        professionals: vec![professional()],
+        specimens: vec![Specimen {
+            id: "s1".into(),
+            identifiers: vec![Identifier { system: "urn:ketenbus:edifact-reference".into(), value: "L2611017".into() }],
+            material: Some(Coding { system: "urn:ketenbus:local".into(), code: "bloed".into(), display: None }),
+            collected_at: Some("2026-11-01T07:40".into()),
+            ..Default::default()
+        }],
+        results: vec![LabTestResult {
+            id: "r1".into(),
+            test: Coding { system: "urn:ketenbus:local".into(), code: "K".into(), display: Some("Kalium".into()) },
+            other_codes: vec![],
+            local_code: Some("K".into()),
+            local_name: Some("Kalium".into()),
+            status: "final".into(),
+            value_text: Some("5.9".into()),
+            value_decimal: Some("5.9".into()),
+            comparator: None,
+            unit: Some("mmol/l".into()),
+            unit_system: None,
+            reference_low: Some("3.5".into()),
+            reference_high: Some("5.0".into()),
+            reference_text: None,
+            interpretation: Some("H".into()),
+            interpretation_raw: Some(">".into()),
+            specimen_id: Some("s1".into()),
+            section: Some("CHEMIE".into()),
+            effective_at: None,
+            comments: vec!["Hemolytisch monster: herhalen aanbevolen".into()],
+        }],
+        comments: vec![],
+    });
+}
+
+#[test]
+fn letter_handover_and_notification_match_their_schemas() {
+    roundtrip(&LetterEvent {
+        header: header(EventKind::Letter),
+        patient: Some(patient()),
+        author: Some(professional()),
+        author_organization: None,
+        recipient: None,
+        date: Some("2026-11-01".into()),
+        title: None,
+        text: Some("Geachte collega,".into()),
+        attachments: vec![attachment()],
+    });
+    roundtrip(&AcuteHandoverEvent {
+        header: header(EventKind::AcuteHandover),
+        patient: Some(patient()),
+        referral: Referral {
+            id: Some("sr-1".into()),
+            code: Coding { system: systems::SNOMED.into(), code: "11131000146102".into(), display: None },
+            status: Some("active".into()),
+            priority: Some("urgent".into()),
+            authored_on: None,
+            reason: None,
+        },
+        requester: None,
+        requester_organization: None,
+        receiver_organization: None,
+        sections: vec![Section { code: None, title: Some("Reden van verwijzing".into()), text: Some("...".into()) }],
+        attachments: vec![attachment()],
+    });
+    roundtrip(&HandoverNotificationEvent {
+        header: header(EventKind::HandoverNotification),
+        task_reference: "https://vvt.example.test/fhir/Task/1".into(),
+        task_status: "requested".into(),
+        sender_endpoint: None,
+        requester: Some("ura:00000001".into()),
+        owner: None,
+    });
+}
+
+#[test]
+fn a_value_of_another_schema_is_refused() {
+    let o = DeliveryOutcome {
+        subscription: "s".into(),
+        record_id: "r".into(),
+        envelope_id: "e".into(),
+        at_ms: 0,
+        attempt: 1,
+        outcome: Outcome::Delivered,
+        reason: None,
+        detail: None,
+    };
+    let bytes = o.to_avro().unwrap();
+    assert!(RawEnvelope::from_avro(&bytes).is_err());
+    assert!(RawEnvelope::from_avro(b"plain").is_err());
+}
