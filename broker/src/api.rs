@@ -2,8 +2,8 @@
 //!
 //! `POST /api/v1/messages` answers `202` only after the envelope is durable on the raw topic.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -11,26 +11,26 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ketenbus_schemas::{topics, AvroRecord, Format, RawEnvelope};
+use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
-use crate::bus::{Bus, BusError, OutRecord};
+use crate::bus::Bus;
 use crate::health::Health;
-use crate::lineage::{Lineage, Received};
+use crate::ingest::{new_message_id, BusIngest};
+use crate::lineage::Lineage;
 use crate::now_ms;
 
 /// Shared state of the handlers.
 pub struct ApiState<B: Bus> {
-    /// The log.
-    pub bus: Arc<B>,
+    /// Where messages go.
+    pub ingest: BusIngest<B>,
     /// Lineage index.
     pub lineage: Lineage,
     /// Component health.
     pub health: Arc<Health>,
     /// Largest accepted body.
     pub max_body: usize,
-    /// Longest wait for durability.
-    pub ingest_timeout: Duration,
 }
 
 /// The API router.
@@ -66,7 +66,7 @@ async fn post_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, headers: Heade
         return problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the message is larger than {} bytes", st.max_body));
     }
     let envelope = RawEnvelope {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: new_message_id(),
         received_at_ms: now_ms(),
         connector: "http".into(),
         format,
@@ -74,42 +74,22 @@ async fn post_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, headers: Heade
         sender: None,
         receiver: None,
         body: body.to_vec(),
-        attributes: Default::default(),
+        attributes: BTreeMap::new(),
     };
-    let value = match envelope.to_avro() {
-        Ok(v) => v,
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "encode", &e.to_string()),
+    let accepted = match st.ingest.accept(envelope).await {
+        Ok(a) => a,
+        Err(IngestError::Unavailable(e)) => return unavailable(&e),
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "ingest_failed", &e.to_string()),
     };
-    let record = OutRecord { topic: topics::RAW.to_owned(), key: envelope.id.clone().into_bytes(), value };
-    let positions = match tokio::time::timeout(st.ingest_timeout, st.bus.publish(vec![record])).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return unavailable(&e),
-        Err(_) => return unavailable(&BusError::Unavailable("timed out waiting for the log".into())),
-    };
-    let pos = positions[0];
-    st.lineage
-        .received(Received {
-            id: envelope.id.clone(),
-            received_at_ms: envelope.received_at_ms,
-            connector: envelope.connector.clone(),
-            format: format.as_str().to_owned(),
-            content_type: envelope.content_type.clone(),
-            size: body.len() as u64,
-            sender: None,
-            receiver: None,
-            raw_partition: pos.partition,
-            raw_offset: pos.offset,
-        })
-        .await;
-    let location = format!("/api/v1/messages/{}", envelope.id);
-    let mut resp = (StatusCode::ACCEPTED, Json(json!({ "id": envelope.id, "location": location }))).into_response();
+    let location = format!("/api/v1/messages/{}", accepted.id);
+    let mut resp = (StatusCode::ACCEPTED, Json(json!({ "id": accepted.id, "location": location }))).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
 }
 
-fn unavailable(e: &BusError) -> Response {
+fn unavailable(e: &str) -> Response {
     tracing::warn!(error = %e, "ingest refused: log unavailable");
     let mut resp = problem(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", "the log cannot take the message now; retry later");
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dispatch;
 pub mod dlq;
 pub mod health;
+pub mod ingest;
 pub mod keys;
 pub mod lineage;
 pub mod router;

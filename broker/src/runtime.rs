@@ -11,6 +11,7 @@ use crate::api::{self, ApiState};
 use crate::bus::{Bus, TopicSpec};
 use crate::config::{Settings, Sink};
 use crate::health::{Health, State};
+use crate::ingest::BusIngest;
 use crate::keys::PatientKeyer;
 use crate::lineage::Lineage;
 use crate::{dispatch, router};
@@ -66,11 +67,10 @@ pub async fn run<B: Bus>(settings: Settings, bus: B, cancel: CancellationToken) 
     }
 
     let state = Arc::new(ApiState {
-        bus: Arc::clone(&bus),
+        ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
         lineage: lineage.clone(),
         health: Arc::clone(&health),
         max_body: usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX),
-        ingest_timeout: cfg.http.ingest_timeout,
     });
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await

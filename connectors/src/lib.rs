@@ -3,10 +3,12 @@
 //! Nothing here owns a socket for long or a log: the broker wires them to both.
 
 pub mod edifact;
+pub mod ingest;
 pub mod normalize;
 pub mod sink;
 pub mod webhook;
 
+pub use ingest::{Accepted, Ingest, IngestError};
 pub use normalize::{Normalize, NormalizeError};
 pub use sink::{Delivery, DeliveryError, Payload, Receipt, Sink};
 

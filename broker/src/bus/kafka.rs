@@ -1185,6 +1185,75 @@ mod tests {
         assert_eq!(redelivered, 0, "finished records were delivered again");
     }
 
+    /// Without a broker, publishing and creating topics fail as "try again", not silently.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreachable_cluster_is_unavailable() {
+        let mut config = KafkaConfig::new("127.0.0.1:9");
+        config.request_timeout = Duration::from_millis(500);
+        config.delivery_timeout = Duration::from_secs(1);
+        let bus = KafkaBus::new(&config).expect("clients build without connecting");
+        let err = bus
+            .publish(vec![rec("t", "k".into(), b"v".to_vec())])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BusError::Unavailable(_)), "{err:?}");
+        assert_eq!(err.kind(), ketenbus_connectors::ErrorKind::Retryable);
+        let err = bus
+            .ensure_topics(&[TopicSpec {
+                name: "t".into(),
+                partitions: 1,
+            }])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BusError::Unavailable(_)), "{err:?}");
+    }
+
+    /// Acknowledged records are committed by the batching alone, within the commit interval,
+    /// while the consumer keeps polling.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_are_committed_within_the_commit_interval() {
+        let Some((mut bus, prefix)) = test_bus("batched") else {
+            return;
+        };
+        bus.config.commit_interval = Duration::from_millis(200);
+        let topic = format!("{prefix}.t");
+        bus.ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+        bus.publish(
+            (0..10)
+                .map(|i| rec(&topic, format!("k{i}"), b"v".to_vec()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+        let group = format!("{prefix}.g");
+        let mut c = bus
+            .subscribe(&group, std::slice::from_ref(&topic))
+            .await
+            .unwrap();
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < 10 && Instant::now() < deadline {
+            if let Some(r) = c.poll(Duration::from_millis(200)).await.unwrap() {
+                c.ack(r.ack_token()).await.unwrap();
+                got += 1;
+            }
+        }
+        assert_eq!(got, 10);
+        // One idle poll longer than the interval carries the last acknowledgements out.
+        assert!(c.poll(Duration::from_millis(600)).await.unwrap().is_none());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let lag = bus.lag(&group, &topic).await.unwrap();
+        assert!(
+            lag.iter().all(|(_, committed, end)| committed == end),
+            "{lag:?}"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn read_all_and_lag_see_every_partition() {
         let Some((bus, prefix)) = test_bus("readall") else {

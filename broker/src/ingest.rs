@@ -1,0 +1,63 @@
+//! Ingest onto the log: every source hands its envelopes to [`BusIngest`], which answers
+//! only when the envelope is durable on the raw topic, then indexes it in the lineage.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ketenbus_connectors::ingest::{Accepted, Ingest, IngestError};
+use ketenbus_connectors::sink::BoxFuture;
+use ketenbus_schemas::{topics, AvroRecord, RawEnvelope};
+
+use crate::bus::{Bus, BusError, OutRecord};
+use crate::lineage::{Lineage, Received};
+
+/// Publishes envelopes on the raw topic with a deadline.
+pub struct BusIngest<B: Bus> {
+    bus: Arc<B>,
+    lineage: Lineage,
+    timeout: Duration,
+}
+
+impl<B: Bus> BusIngest<B> {
+    /// Ingest onto `bus`, giving up after `timeout` (the sender then hears "try again").
+    pub fn new(bus: Arc<B>, lineage: Lineage, timeout: Duration) -> BusIngest<B> {
+        BusIngest { bus, lineage, timeout }
+    }
+}
+
+impl<B: Bus> Ingest for BusIngest<B> {
+    fn accept(&self, envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
+        Box::pin(async move {
+            let value = envelope.to_avro().map_err(|e| IngestError::Fatal(e.to_string()))?;
+            let record = OutRecord { topic: topics::RAW.to_owned(), key: envelope.id.clone().into_bytes(), value };
+            let positions = match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(BusError::Unavailable(e))) => return Err(IngestError::Unavailable(e)),
+                Ok(Err(e)) => return Err(IngestError::Fatal(e.to_string())),
+                Err(_) => return Err(IngestError::Unavailable("timed out waiting for the log".into())),
+            };
+            let pos = positions[0];
+            self.lineage
+                .received(Received {
+                    id: envelope.id.clone(),
+                    received_at_ms: envelope.received_at_ms,
+                    connector: envelope.connector.clone(),
+                    format: envelope.format.as_str().to_owned(),
+                    content_type: envelope.content_type.clone(),
+                    size: envelope.body.len() as u64,
+                    sender: envelope.sender.clone(),
+                    receiver: envelope.receiver.clone(),
+                    raw_partition: pos.partition,
+                    raw_offset: pos.offset,
+                })
+                .await;
+            Ok(Accepted { id: envelope.id })
+        })
+    }
+}
+
+/// A new message id: UUIDv7, time-ordered.
+#[must_use]
+pub fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
