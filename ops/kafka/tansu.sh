@@ -93,6 +93,8 @@ start() {
         sleep 0.1
     done
     say "started on 127.0.0.1:$port (pid $pid, log $log)"
+    say "ketenbus [bus.kafka] for it: bootstrap_servers = \"127.0.0.1:$port\", replication_factor = 1,"
+    say "  properties = { \"batch.num.messages\" = \"1\" }  (tansu 0.6 cannot fetch from inside a record batch)"
     echo "127.0.0.1:$port"
 }
 

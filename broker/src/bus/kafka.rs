@@ -285,7 +285,11 @@ fn log_line(level: RDKafkaLogLevel, fac: &str, msg: &str) {
 /// topic is `UnknownTopic`, misconfiguration and refused access are `Fatal`.
 fn classify(err: &KafkaError, topic: Option<&str>) -> BusError {
     use RDKafkaErrorCode as C;
-    let Some(code) = err.rdkafka_error_code() else {
+    let code = match err {
+        KafkaError::AdminOp(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    };
+    let Some(code) = code else {
         return match err {
             KafkaError::Canceled => BusError::Unavailable("kafka client shut down".to_owned()),
             other => BusError::Fatal(other.to_string()),
