@@ -26,15 +26,13 @@ use super::{
     AckToken, Bus, BusError, Consumer, OffsetTracker, OutRecord, Position, Record, TopicSpec,
 };
 
-/// librdkafka properties an operator may not set through `properties`: they are set from
-/// their own keys, carry secrets, or would weaken the delivery guarantees.
+/// librdkafka properties an operator may not set through `properties` or
+/// `secret_properties`: they have their own keys or would weaken the delivery guarantees.
 const REFUSED_PROPERTIES: &[&str] = &[
     "bootstrap.servers",
     "metadata.broker.list",
     "client.id",
     "group.id",
-    "sasl.password",
-    "ssl.key.password",
     "enable.idempotence",
     "acks",
     "request.required.acks",
@@ -45,6 +43,14 @@ const REFUSED_PROPERTIES: &[&str] = &[
     "message.timeout.ms",
     "delivery.timeout.ms",
 ];
+
+/// Whether a librdkafka property carries a secret (and so belongs in `secret_properties`).
+fn is_secret_property(key: &str) -> bool {
+    key.contains("password")
+        || key.contains("secret")
+        || key.ends_with(".pem")
+        || key == "sasl.oauthbearer.config"
+}
 
 /// Settings of the `kafka` engine (`[bus.kafka]`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -82,16 +88,17 @@ pub struct KafkaConfig {
     /// comes first.
     #[serde(default = "default_commit_every")]
     pub commit_every: u32,
-    /// Name of the environment variable that holds the SASL password (`sasl.password`), when
-    /// the cluster wants SASL; the password itself never goes in the config file.
-    #[serde(default)]
-    pub sasl_password_env: Option<String>,
     /// Extra librdkafka properties for every client, e.g. `"security.protocol" = "sasl_ssl"`,
     /// `"sasl.mechanism" = "SCRAM-SHA-512"`, `"sasl.username" = "ketenbus"`, `"linger.ms" = "5"`.
-    /// Properties that have their own key above, carry secrets or would weaken the delivery
-    /// guarantees are refused.
+    /// Refused: properties with their own key above, secrets (use `secret_properties`), and
+    /// those that would weaken the delivery guarantees.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values come from environment variables, property name to
+    /// variable name, e.g. `{ "sasl.password" = "KETENBUS_KAFKA_PASSWORD" }`: secrets never go
+    /// in the config file.
+    #[serde(default)]
+    pub secret_properties: BTreeMap<String, String>,
 }
 
 fn default_client_id() -> String {
@@ -133,8 +140,8 @@ impl KafkaConfig {
             session_timeout: default_session_timeout(),
             commit_interval: default_commit_interval(),
             commit_every: default_commit_every(),
-            sasl_password_env: None,
             properties: BTreeMap::new(),
+            secret_properties: BTreeMap::new(),
         }
     }
 
@@ -199,22 +206,40 @@ impl KafkaConfig {
         if self.commit_every == 0 {
             out.push("commit_every: must be at least 1".to_owned());
         }
-        if let Some(var) = &self.sasl_password_env
-            && std::env::var_os(var).is_none()
-        {
-            out.push(format!(
-                "sasl_password_env: environment variable {var} is not set"
-            ));
-        }
         for key in self.properties.keys() {
             if REFUSED_PROPERTIES.contains(&key.as_str()) {
-                out.push(format!("properties.\"{key}\": not settable here (own key, secret, or weakens delivery guarantees)"));
+                out.push(format!(
+                    "properties.\"{key}\": not settable here (has its own key or weakens delivery guarantees)"
+                ));
+            } else if is_secret_property(key) {
+                out.push(format!(
+                    "properties.\"{key}\": a secret; name its environment variable in secret_properties"
+                ));
+            }
+        }
+        for (key, var) in &self.secret_properties {
+            if REFUSED_PROPERTIES.contains(&key.as_str()) {
+                out.push(format!(
+                    "secret_properties.\"{key}\": not settable here (has its own key or weakens delivery guarantees)"
+                ));
+            } else if std::env::var_os(var).is_none() {
+                out.push(format!(
+                    "secret_properties.\"{key}\": environment variable {var} is not set"
+                ));
             }
         }
         if out.is_empty() {
             // librdkafka itself judges the remaining property names and values.
             match self.client_config().create_native_config() {
                 Ok(_) => {}
+                Err(KafkaError::ClientConfig(_, _, key, _))
+                    if self.secret_properties.contains_key(&key) =>
+                {
+                    // librdkafka's description may quote the value.
+                    out.push(format!(
+                        "secret_properties.\"{key}\": refused by librdkafka"
+                    ));
+                }
                 Err(KafkaError::ClientConfig(_, description, key, _)) => {
                     out.push(format!(
                         "properties.\"{key}\": {}",
@@ -233,13 +258,13 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.bootstrap_servers)
             .set("client.id", &self.client_id)
             .set_log_level(RDKafkaLogLevel::Info);
-        if let Some(var) = &self.sasl_password_env
-            && let Ok(password) = std::env::var(var)
-        {
-            c.set("sasl.password", password);
-        }
         for (k, v) in &self.properties {
             c.set(k, v);
+        }
+        for (k, var) in &self.secret_properties {
+            if let Ok(value) = std::env::var(var) {
+                c.set(k, value);
+            }
         }
         c
     }
@@ -1035,6 +1060,10 @@ mod tests {
         let mut bad = KafkaConfig::new("k:9092, nohost");
         bad.properties.insert("acks".into(), "1".into());
         bad.properties.insert("sasl.password".into(), "x".into());
+        bad.secret_properties.insert(
+            "sasl.password".into(),
+            "KETENBUS_TEST_NO_SUCH_VARIABLE".into(),
+        );
         bad.commit_every = 0;
         let problems = bad.problems();
         assert!(
@@ -1052,7 +1081,12 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.starts_with("properties.\"sasl.password\"")),
+                .any(|p| p.starts_with("properties.\"sasl.password\": a secret")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p
+                == "secret_properties.\"sasl.password\": environment variable KETENBUS_TEST_NO_SUCH_VARIABLE is not set"),
             "{problems:?}"
         );
         assert!(
@@ -1060,6 +1094,18 @@ mod tests {
             "{problems:?}"
         );
         assert!(matches!(KafkaBus::new(&bad), Err(BusError::Fatal(_))));
+
+        // A secret comes from the named environment variable (PATH stands in for one here).
+        let mut with_secret = KafkaConfig::new("k:9092");
+        with_secret
+            .secret_properties
+            .insert("sasl.password".into(), "PATH".into());
+        assert_eq!(with_secret.problems(), Vec::<String>::new());
+        assert_eq!(
+            with_secret.client_config().get("sasl.password"),
+            std::env::var("PATH").ok().as_deref()
+        );
+        assert!(!format!("{with_secret:?}").contains(&std::env::var("PATH").unwrap()));
 
         let mut unknown_property = KafkaConfig::new("k:9092");
         unknown_property
