@@ -69,6 +69,12 @@ pub struct KafkaConfig {
     /// single test broker.
     #[serde(default = "default_replication_factor")]
     pub replication_factor: u16,
+    /// Topic-level settings of topics created at start-up, e.g.
+    /// `{ "min.insync.replicas" = "2", "retention.ms" = "604800000" }`. With
+    /// `replication_factor = 3`, `min.insync.replicas = 2` keeps every acknowledged record on
+    /// two brokers at least. Topics that exist already are left as they are.
+    #[serde(default)]
+    pub topic_config: BTreeMap<String, String>,
     /// How long a published record may take to be acknowledged by the cluster before
     /// `publish` gives up and the sender hears "try again", e.g. `"30s"`.
     #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
@@ -135,6 +141,7 @@ impl KafkaConfig {
             client_id: default_client_id(),
             default_partitions: default_partitions(),
             replication_factor: default_replication_factor(),
+            topic_config: BTreeMap::new(),
             delivery_timeout: default_delivery_timeout(),
             request_timeout: default_request_timeout(),
             session_timeout: default_session_timeout(),
@@ -545,11 +552,15 @@ impl Bus for KafkaBus {
             let partitions = i32::try_from(partitions).map_err(|_| {
                 BusError::Fatal(format!("topic {}: too many partitions", spec.name))
             })?;
-            new_topics.push(NewTopic::new(
+            let mut topic = NewTopic::new(
                 &spec.name,
                 partitions,
                 TopicReplication::Fixed(i32::from(self.config.replication_factor)),
-            ));
+            );
+            for (k, v) in &self.config.topic_config {
+                topic = topic.set(k, v);
+            }
+            new_topics.push(topic);
             wanted.push((spec.name.clone(), usize::try_from(partitions).unwrap_or(0)));
         }
         let opts = AdminOptions::new()
@@ -1306,10 +1317,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn read_all_and_lag_see_every_partition() {
-        let Some((bus, prefix)) = test_bus("readall") else {
+        let Some((mut bus, prefix)) = test_bus("readall") else {
             return;
         };
         let topic = format!("{prefix}.t");
+        bus.config
+            .topic_config
+            .insert("retention.ms".into(), "604800000".into());
         bus.ensure_topics(&[TopicSpec {
             name: topic.clone(),
             partitions: 3,
