@@ -12,6 +12,11 @@
 #   KETENBUS_TANSU_DIR  where pid and log files go (default /tmp/ketenbus-tansu)
 #
 # tansu does not auto-create topics: clients create them through the admin API.
+# tansu 0.6 quirks a client must work around (start prints the ketenbus settings for them):
+# - a fetch from offset N returns only record batches that start at N or later, and
+#   ListOffsets(latest) answers the last batch's base offset + 1: produce one record per
+#   batch (librdkafka batch.num.messages=1) or consumers skip records after a restart;
+# - a fetch waits the full fetch.wait.max.ms even when records arrive: keep it small.
 set -euo pipefail
 
 VERSION=0.6.0
@@ -94,7 +99,9 @@ start() {
     done
     say "started on 127.0.0.1:$port (pid $pid, log $log)"
     say "ketenbus [bus.kafka] for it: bootstrap_servers = \"127.0.0.1:$port\", replication_factor = 1,"
-    say "  properties = { \"batch.num.messages\" = \"1\" }  (tansu 0.6 cannot fetch from inside a record batch)"
+    say "  properties = { \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }"
+    say "  (tansu 0.6 cannot fetch from inside a record batch, and answers a fetch only when"
+    say "  fetch.wait.max.ms has passed, even when records arrived: it bounds consumer latency)"
     echo "127.0.0.1:$port"
 }
 
