@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -50,7 +51,11 @@ fn problem(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-async fn post_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn post_message<B: Bus>(
+    State(st): State<Arc<ApiState<B>>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let Some(format) = Format::from_media_type(content_type) else {
         return problem(
@@ -59,11 +64,16 @@ async fn post_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, headers: Heade
             "Content-Type must be application/EDIFACT, application/fhir+json, application/fhir+xml or message/rfc822",
         );
     };
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(st.max_body),
+        Err(e) => return problem(e.status(), "unreadable_body", &e.body_text()),
+    };
     if body.is_empty() {
         return problem(StatusCode::BAD_REQUEST, "empty_body", "the message body is empty");
     }
     if body.len() > st.max_body {
-        return problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the message is larger than {} bytes", st.max_body));
+        return too_large(st.max_body);
     }
     let envelope = RawEnvelope {
         id: new_message_id(),
@@ -87,6 +97,10 @@ async fn post_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, headers: Heade
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+fn too_large(max: usize) -> Response {
+    problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the message is larger than {max} bytes (http.max_body)"))
 }
 
 fn unavailable(e: &str) -> Response {

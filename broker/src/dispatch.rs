@@ -372,7 +372,106 @@ async fn lane(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::sync::Mutex;
+
+    use ketenbus_connectors::sink::{BoxFuture, Receipt};
+    use ketenbus_schemas::event::{EventHeader, LetterEvent};
+
     use super::*;
+    use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+    use crate::bus::TopicSpec;
+    use crate::config::Sink as SinkConfig;
+
+    /// A real sink that takes its time: records what arrives, in arrival order.
+    struct SlowRecorder {
+        got: Mutex<Vec<(String, i32)>>,
+    }
+
+    impl Sink for SlowRecorder {
+        fn deliver<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+            Box::pin(async move {
+                let Payload::Event(e) = &d.payload else { panic!("events only") };
+                let h = e.header();
+                // Uneven delays make lanes race each other.
+                let jitter = u64::from(h.id.bytes().map(u32::from).sum::<u32>() % 4);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                self.got.lock().unwrap().push((h.patient_key.clone().unwrap(), h.index));
+                Ok(Receipt { detail: "ok".into() })
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn one_patients_events_arrive_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        let sub = Subscription {
+            name: "ordered".into(),
+            sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
+            filter: FilterConfig::default(),
+            sink: SinkConfig::Webhook { url: "http://127.0.0.1:1/".parse().unwrap(), secret: None, timeout: Duration::from_secs(1) },
+            retry: RetryConfig::default(),
+            concurrency: 4,
+        };
+        let mut specs: Vec<TopicSpec> =
+            source_topics(&sub).into_iter().map(|name| TopicSpec { name, partitions: 3 }).collect();
+        specs.push(TopicSpec { name: topics::DELIVERY_OUTCOMES.into(), partitions: 3 });
+        specs.push(TopicSpec { name: topics::dead_letters("ordered"), partitions: 3 });
+        bus.ensure_topics(&specs).await.unwrap();
+        let mut records = Vec::new();
+        for i in 0..40 {
+            for p in 0..6 {
+                let mut header = EventHeader::new(EventKind::Letter, &format!("env-{p}-{i}"), i, "edifact");
+                header.patient_key = Some(format!("patient-{p}"));
+                let e = LetterEvent {
+                    header,
+                    patient: None,
+                    author: None,
+                    author_organization: None,
+                    recipient: None,
+                    date: None,
+                    title: None,
+                    text: None,
+                    attachments: vec![],
+                };
+                records.push(OutRecord {
+                    topic: topics::events(EventKind::Letter),
+                    key: format!("patient-{p}").into_bytes(),
+                    value: e.to_avro().unwrap(),
+                });
+            }
+        }
+        bus.publish(records).await.unwrap();
+        let sink = Arc::new(SlowRecorder { got: Mutex::new(Vec::new()) });
+        let lineage = Lineage::open(dir.path()).unwrap();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::clone(&bus),
+            sub,
+            Arc::clone(&sink) as Arc<dyn Sink>,
+            lineage,
+            Arc::new(Health::default()),
+            cancel.clone(),
+        ));
+        for _ in 0..200 {
+            if sink.got.lock().unwrap().len() >= 240 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        let got = sink.got.lock().unwrap().clone();
+        assert_eq!(got.len(), 240);
+        let mut per_key: HashMap<String, Vec<i32>> = HashMap::new();
+        for (k, i) in got {
+            per_key.entry(k).or_default().push(i);
+        }
+        for (k, seq) in per_key {
+            assert_eq!(seq, (0..40).collect::<Vec<_>>(), "order of {k}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

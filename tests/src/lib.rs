@@ -1,1 +1,332 @@
-//! Whole-system tests of ketenbus: they start the `ketenbus` binary and talk to it through real sockets.
+//! Whole-system tests of ketenbus: they start the `ketenbus` binary as a process and talk to
+//! it through real sockets, with a real webhook receiver on loopback. The same harness drives
+//! the end-to-end benchmark (`src/bin/bench.rs`).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use tokio::sync::Notify;
+
+/// A free loopback port.
+///
+/// # Panics
+/// When no port can be bound.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The `ketenbus` binary of this build: next to the test executable's `deps` folder, or
+/// `KETENBUS_BIN`. `ops/test.sh` builds it before the tests run.
+///
+/// # Panics
+/// When it is not built.
+#[must_use]
+pub fn ketenbus_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KETENBUS_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("ketenbus");
+    assert!(bin.exists(), "{} is not built: run `cargo build -p ketenbus` first (ops/test.sh does)", bin.display());
+    bin
+}
+
+/// A running `ketenbus run` process with its own data directory and port.
+pub struct Broker {
+    child: Option<Child>,
+    /// Its data directory (kept across restarts).
+    pub dir: PathBuf,
+    /// Base URL of its HTTP API.
+    pub url: String,
+    /// The config file it runs with.
+    pub config: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Broker {
+    /// Start a broker with `extra` appended to a config that sets data dir and port.
+    ///
+    /// # Panics
+    /// When it does not become ready in 30 s.
+    #[must_use]
+    pub fn start(extra: &str) -> Broker {
+        Broker::start_with_env(extra, &[])
+    }
+
+    /// Start a broker whose process also gets these environment variables (secrets).
+    ///
+    /// # Panics
+    /// When it does not become ready in 30 s.
+    #[must_use]
+    pub fn start_with_env(extra: &str, env: &[(&str, &str)]) -> Broker {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut b = Broker::prepare(&dir, extra);
+        b.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        b._tmp = Some(tmp);
+        b.spawn();
+        b
+    }
+
+    /// Write the config for a broker in `dir` without starting it.
+    #[must_use]
+    pub fn prepare(dir: &Path, extra: &str) -> Broker {
+        let port = free_port();
+        let config = dir.join("ketenbus.toml");
+        let text = format!("data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n", dir.join("data"));
+        std::fs::write(&config, text).expect("write config");
+        Broker { child: None, dir: dir.to_path_buf(), url: format!("http://127.0.0.1:{port}"), config, log: dir.join("ketenbus.log"), env: Vec::new(), _tmp: None }
+    }
+
+    /// Start (or restart) the process and wait until `/readyz` is green.
+    ///
+    /// # Panics
+    /// When it does not become ready in 30 s.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let child = Command::new(ketenbus_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("KETENBUS_LOG", "info,ketenbus=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ketenbus");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let probe = probe::Probe;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("ketenbus exited with {status} during start-up:\n{}", self.log_text());
+                }
+            }
+            if probe.ready(&format!("{}/readyz", self.url)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ketenbus did not become ready:\n{}", self.log_text());
+    }
+
+    /// SIGKILL the process (no shutdown of any kind).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// What the process logged so far.
+    #[must_use]
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Run a `ketenbus` subcommand against this broker's config; returns (success, stdout, stderr).
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(ketenbus_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run ketenbus");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A blocking readiness probe without pulling a blocking HTTP client into the build.
+mod probe {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    pub struct Probe;
+
+    impl Probe {
+        /// `GET url` answers 200.
+        pub fn ready(&self, url: &str) -> bool {
+            let rest = url.trim_start_matches("http://");
+            let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
+            let Ok(mut s) = TcpStream::connect(host) else { return false };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            if write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").is_err() {
+                return false;
+            }
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            buf.starts_with("HTTP/1.1 200")
+        }
+    }
+}
+
+/// One request a webhook receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Request headers (lower-case names).
+    pub headers: HashMap<String, String>,
+    /// Body.
+    pub body: Bytes,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+impl Received {
+    /// A header value.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// How a receiver answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Behaviour {
+    /// Status to answer.
+    pub status: u16,
+    /// Wait before answering.
+    pub delay: Duration,
+}
+
+/// A webhook receiver on loopback that records every request.
+#[derive(Clone)]
+pub struct Receiver {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+}
+
+struct ReceiverState {
+    got: Mutex<Vec<Received>>,
+    status: AtomicU16,
+    delay_ms: AtomicU16,
+    notify: Notify,
+}
+
+impl Receiver {
+    /// Start a receiver answering `status` after `delay`.
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub async fn start(b: Behaviour) -> Receiver {
+        let state = Arc::new(ReceiverState {
+            got: Mutex::new(Vec::new()),
+            status: AtomicU16::new(b.status),
+            delay_ms: AtomicU16::new(u16::try_from(b.delay.as_millis()).unwrap_or(u16::MAX)),
+            notify: Notify::new(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/{*path}", post(record)).route("/", post(record)).with_state(Arc::clone(&state));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, state }
+    }
+
+    /// Its URL.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Change the answer.
+    pub fn set_status(&self, status: u16) {
+        self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Everything received so far.
+    #[must_use]
+    pub fn received(&self) -> Vec<Received> {
+        self.state.got.lock().expect("lock").clone()
+    }
+
+    /// Wait until at least `n` requests arrived, or `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.state.notify.notified();
+            let got = self.received();
+            if got.len() >= n || tokio::time::Instant::now() >= deadline {
+                return got;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+}
+
+async fn record(State(st): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+    }
+    let status = st.status.load(Ordering::SeqCst);
+    if (200..300).contains(&status) {
+        let headers = headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())).collect();
+        st.got.lock().expect("lock").push(Received { headers, body, at: Instant::now() });
+        st.notify.notify_waiters();
+    }
+    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// A webhook subscription table for a config.
+#[must_use]
+pub fn webhook_subscription(name: &str, kinds: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[subscriptions]]\nname = \"{name}\"\nkinds = [{kinds}]\nsink = {{ type = \"webhook\", url = \"{url}\" {extra} }}\n"
+    )
+}
+
+/// POST a message; returns (status, JSON body).
+///
+/// # Errors
+/// On a transport error.
+pub async fn post_message(client: &reqwest::Client, base: &str, content_type: &str, body: Vec<u8>) -> reqwest::Result<(u16, serde_json::Value)> {
+    let resp = client.post(format!("{base}/api/v1/messages")).header("content-type", content_type).body(body).send().await?;
+    let status = resp.status().as_u16();
+    let json = resp.json().await.unwrap_or(serde_json::Value::Null);
+    Ok((status, json))
+}
+
+/// GET the lineage of a message.
+///
+/// # Errors
+/// On a transport error.
+pub async fn lineage(client: &reqwest::Client, base: &str, id: &str) -> reqwest::Result<serde_json::Value> {
+    client.get(format!("{base}/api/v1/messages/{id}")).send().await?.json().await
+}
+
+/// A synthetic EDIFACT interchange of about `size` bytes (MEDLAB-like, invented patient).
+#[must_use]
+pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
+    let mut s = format!("UNB+UNOA:1+500001234+500005678+261101:0815+IC{n:06}'UNH+M{n:06}+MEDLAB:1'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'");
+    while s.len() + 40 < size {
+        s.push_str("BEP+0+Kreatinine+88++umol/l++60+110+KREA'");
+    }
+    s.push_str(&format!("UNT+3+M{n:06}'UNZ+1+IC{n:06}'"));
+    s.into_bytes()
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every ketenbus test on a fresh machine: installs and starts the real peers the tests
+# talk to (tansu as the Kafka-protocol broker, Python's confluent-kafka + fastavro as an
+# independent reader), checks formatting and lints, builds, and runs the whole workspace's
+# tests. Slow installs are cached under ~/.cache/ketenbus.
+#
+#   bash ops/test.sh            everything (what CI runs)
+#   bash ops/test.sh -- FILTER  only tests whose name contains FILTER (peers still started)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+filter=()
+if [[ ${1:-} == "--" ]]; then shift; filter=("$@"); fi
+
+step() { echo "==> $*" >&2; }
+started=$SECONDS
+
+step "real peers"
+bash ops/kafka/tansu.sh install
+kafka_port=${KETENBUS_TEST_KAFKA_PORT:-19092}
+bash ops/kafka/tansu.sh stop "$kafka_port" >/dev/null 2>&1 || true
+export KETENBUS_TEST_KAFKA
+KETENBUS_TEST_KAFKA=$(bash ops/kafka/tansu.sh start "$kafka_port")
+trap 'bash ops/kafka/tansu.sh stop "$kafka_port" >/dev/null 2>&1 || true' EXIT
+export KETENBUS_TEST_PYTHON
+KETENBUS_TEST_PYTHON=$(bash tests/python/setup.sh)
+
+step "format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --locked -p ketenbus --bin ketenbus
+
+step "tests"
+cargo test --workspace --locked -- "${filter[@]}"
+step "all tests passed in $((SECONDS - started)) s"

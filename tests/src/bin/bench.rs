@@ -1,0 +1,124 @@
+//! End-to-end benchmark: HTTP ingest -> log -> webhook, on the embedded engine or Kafka.
+//!
+//! ```text
+//! cargo build --release -p ketenbus -p ketenbus-tests
+//! target/release/ketenbus-bench --engine embedded --count 50000 --size 2048
+//! target/release/ketenbus-bench --engine embedded --rate 1000 --count 20000
+//! target/release/ketenbus-bench --engine kafka --kafka 127.0.0.1:19092 --count 50000
+//! ```
+//! Prints sustained messages/s (first 202 to last delivery) and ingest-to-delivered latency
+//! percentiles (from sending the POST to the webhook receiving it).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ketenbus_tests::{edifact_message, webhook_subscription, Behaviour, Broker, Receiver};
+
+#[derive(Parser)]
+struct Args {
+    /// embedded or kafka.
+    #[arg(long, default_value = "embedded")]
+    engine: String,
+    /// Kafka bootstrap servers (engine kafka).
+    #[arg(long, default_value = "127.0.0.1:19092")]
+    kafka: String,
+    /// Messages to send.
+    #[arg(long, default_value_t = 20_000)]
+    count: usize,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 2048)]
+    size: usize,
+    /// Messages per second to offer; 0 sends as fast as the broker acknowledges.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Concurrent HTTP senders.
+    #[arg(long, default_value_t = 64)]
+    senders: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let receiver = Receiver::start(Behaviour { status: 204, delay: Duration::ZERO }).await;
+    let bus = match args.engine.as_str() {
+        "embedded" => String::new(),
+        "kafka" => format!("[bus]\nengine = \"kafka\"\n[bus.kafka]\nbootstrap_servers = \"{}\"\n", args.kafka),
+        other => anyhow::bail!("unknown engine {other}"),
+    };
+    let sub = webhook_subscription("bench", "\"raw\"", &receiver.url(), "");
+    let broker = Broker::start(&format!("{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n"));
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.senders).build()?;
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::with_capacity(args.count)));
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    eprintln!("sending {} messages of {} bytes with {} senders (rate {})", args.count, args.size, args.senders, if args.rate == 0 { "max".to_owned() } else { format!("{}/s", args.rate) });
+    for _ in 0..args.senders {
+        let (client, sent, next, url) = (client.clone(), Arc::clone(&sent), Arc::clone(&next), broker.url.clone());
+        let (count, size, rate) = (args.count, args.size, args.rate);
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                if rate > 0 {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let body = edifact_message(i, size);
+                let t0 = Instant::now();
+                let resp = client.post(format!("{url}/api/v1/messages")).header("content-type", "application/EDIFACT").body(body).send().await?;
+                anyhow::ensure!(resp.status().as_u16() == 202, "ingest answered {}", resp.status());
+                let v: serde_json::Value = resp.json().await?;
+                let id = v["id"].as_str().unwrap_or_default().to_owned();
+                sent.lock().expect("lock").insert(id, t0);
+            }
+        });
+    }
+    let mut last_report = Instant::now();
+    while !tasks.is_empty() {
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(1), tasks.join_next()).await {
+            r??;
+        }
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            eprintln!("progress: {} accepted, {} delivered", sent.lock().expect("lock").len(), receiver.received().len());
+            last_report = Instant::now();
+        }
+    }
+    let accepted_at = start.elapsed();
+    let got = receiver.wait_for(args.count, Duration::from_secs(300)).await;
+    let sent = sent.lock().expect("lock").clone();
+    let mut latencies: Vec<Duration> = Vec::with_capacity(got.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut last = start;
+    for r in &got {
+        let id = r.header("idempotency-key").unwrap_or_default();
+        if let Some(t0) = sent.get(id) {
+            if seen.insert(id.to_owned()) {
+                latencies.push(r.at.saturating_duration_since(*t0));
+                last = last.max(r.at);
+            }
+        }
+    }
+    latencies.sort();
+    let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
+    let total = last.duration_since(start);
+    println!(
+        "engine={} messages={} size={}B accepted_in={:.2}s delivered={} in {:.2}s => {:.0} msg/s; latency p50={:.1}ms p99={:.1}ms max={:.1}ms",
+        args.engine,
+        args.count,
+        args.size,
+        accepted_at.as_secs_f64(),
+        seen.len(),
+        total.as_secs_f64(),
+        seen.len() as f64 / total.as_secs_f64(),
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    anyhow::ensure!(seen.len() == args.count, "only {} of {} delivered:\n{}", seen.len(), args.count, broker.log_text());
+    Ok(())
+}
