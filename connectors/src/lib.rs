@@ -3,6 +3,7 @@
 //! Nothing here owns a socket for long or a log: the broker wires them to both.
 
 pub mod edifact;
+pub mod fhir;
 pub mod ingest;
 pub mod normalize;
 pub mod sink;

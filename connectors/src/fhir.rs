@@ -1,0 +1,90 @@
+//! HL7 FHIR R4, the way Dutch care exchanges it (zib 2020 / nl-core).
+//!
+//! Sans-IO layers, each usable alone:
+//! - [`value`]: a light generic resource tree in FHIR's JSON shape (decimals kept exact);
+//!   [`json`] and [`xml`] read and write it (XML through the R4 element [`model`]).
+//! - [`normalize`]: [`FhirNormalizer`], nl-core lab results, Acute Zorg referrals and
+//!   eOverdracht-style Task notifications into ketenbus events.
+//! - [`emit`]: the inverse, events into nl-core resources in a transaction or message Bundle.
+//! - [`outcome`]: OperationOutcome written for senders and read from receivers.
+//! - [`sink`]: [`FhirSink`], delivery of events to a subscriber's FHIR endpoint.
+
+pub mod json;
+pub mod model;
+pub mod value;
+pub mod xml;
+
+use ketenbus_schemas::Format;
+
+pub use value::{Object, Value};
+
+use crate::ErrorKind;
+
+/// `application/fhir+json`.
+pub const MEDIA_JSON: &str = "application/fhir+json";
+/// `application/fhir+xml`.
+pub const MEDIA_XML: &str = "application/fhir+xml";
+
+/// What went wrong reading or writing FHIR. Texts name positions, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FhirError {
+    /// Not well-formed JSON/XML, or XML elements R4 does not define.
+    #[error("fhir syntax error at {position}: {what}")]
+    Syntax {
+        /// Byte offset or element path.
+        position: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// A tree that cannot be written in the requested form.
+    #[error("cannot write fhir at {path}: {what}")]
+    Write {
+        /// Element path.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl FhirError {
+    /// Both are about the content: never worth a retry.
+    #[must_use]
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Rejected
+    }
+}
+
+/// Parse a FHIR resource in `format` (JSON or XML) into the JSON-shaped tree.
+///
+/// # Errors
+/// [`FhirError::Syntax`]; also for a format that is not FHIR.
+pub fn parse(format: Format, bytes: &[u8]) -> Result<Value, FhirError> {
+    let v = match format {
+        Format::FhirJson => json::parse(bytes)?,
+        Format::FhirXml => xml::parse(bytes)?,
+        other => {
+            return Err(FhirError::Syntax {
+                position: "document".into(),
+                what: format!("{} is not a FHIR format", other.as_str()),
+            });
+        }
+    };
+    match v.get("resourceType") {
+        Some(Value::String(_)) => Ok(v),
+        _ => Err(FhirError::Syntax {
+            position: "document".into(),
+            what: "not a FHIR resource (no resourceType)".into(),
+        }),
+    }
+}
+
+/// Write a resource in `format`.
+///
+/// # Errors
+/// [`FhirError::Write`] when the tree does not fit the R4 model (XML only).
+pub fn write(format: Format, resource: &Value) -> Result<Vec<u8>, FhirError> {
+    match format {
+        Format::FhirXml => xml::to_vec(resource),
+        _ => Ok(json::to_vec(resource)),
+    }
+}
