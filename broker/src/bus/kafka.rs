@@ -885,7 +885,9 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// A consumer group member on Kafka.
+/// A consumer group member on Kafka. Dropping it leaves the group: the partitions it loses
+/// get their finished prefix committed first. The drop blocks its thread while librdkafka
+/// closes the consumer (about 100 ms against tansu on loopback).
 pub struct KafkaConsumer {
     group: String,
     consumer: Arc<StreamConsumer<GroupContext>>,
