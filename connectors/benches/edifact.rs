@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ketenbus_connectors::edifact::{parse, synthetic_medlab, tokenize};
+use ketenbus_connectors::edifact::{normalize_bytes, parse, synthetic_medlab, tokenize};
 
 fn edifact(c: &mut Criterion) {
     // About 4 MB: 4,000 messages of about 1 kB.
@@ -25,6 +25,12 @@ fn edifact(c: &mut Criterion) {
         b.iter(|| {
             let d = parse(black_box(&input)).expect("parses");
             black_box(d.messages().len())
+        });
+    });
+    g.bench_function("medlab_to_events", |b| {
+        b.iter(|| {
+            let events = normalize_bytes("bench", black_box(&input)).expect("normalises");
+            black_box(events.len())
         });
     });
     g.finish();

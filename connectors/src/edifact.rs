@@ -1,9 +1,11 @@
-//! UN/EDIFACT (ISO 9735) as Dutch care-chain partners send it.
+//! UN/EDIFACT (ISO 9735) as Dutch care-chain partners send it, and the events it becomes.
 //!
 //! A sans-IO reader and writer: [`tokenize`] splits bytes into segments, elements and
 //! components that borrow from the input; [`parse`] adds the UNB/UNG/UNH/UNT/UNE/UNZ
 //! envelopes and checks their control counts; [`write_document`] and [`Writer`] put
-//! segments back into bytes; [`inspect`] shows a parsed file as JSON.
+//! segments back into bytes; [`inspect`] shows a parsed file as JSON. On top of that,
+//! [`EdifactNormalizer`] maps MEDLAB:1 and MEDRPT lab reports to lab-result events and
+//! MEDVRI:1 / MEDSPE:1 to letter events.
 //!
 //! The tokenizer is a hand-written byte loop over a 256-entry class table rather than a
 //! nom grammar: EDIFACT's lexical syntax is four separators and one escape, the loop keeps
@@ -14,6 +16,10 @@ mod document;
 mod error;
 mod fuzz;
 mod inspect;
+mod letter;
+mod medlab;
+mod medrpt;
+mod normalize;
 mod syntax;
 mod synthetic;
 mod tokenize;
@@ -24,6 +30,11 @@ pub use error::{EdifactError, Position};
 #[doc(hidden)]
 pub use fuzz::fuzz_one;
 pub use inspect::{document_json, inspect, segment_json};
+pub use medlab::EDIFACT_REFERENCE_NUMBER;
+pub use normalize::{
+    EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, bsn_is_valid,
+    normalize_bytes, normalize_document,
+};
 pub use syntax::{Charset, Delimiters, decode};
 #[doc(hidden)]
 pub use synthetic::{synthetic_bsn, synthetic_medlab};
@@ -32,5 +43,7 @@ pub use write::{OwnedElement, OwnedSegment, Writer, write_document};
 
 #[cfg(test)]
 mod golden_tests;
+#[cfg(test)]
+mod normalize_tests;
 #[cfg(test)]
 mod proptests;

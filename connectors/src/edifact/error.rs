@@ -207,6 +207,20 @@ impl EdifactError {
         }
     }
 
+    /// What went wrong, without the position prefix.
+    #[must_use]
+    pub fn what(&self) -> String {
+        let full = self.to_string();
+        match self.position() {
+            Some(p) => {
+                let prefix = format!("{p}: ");
+                full.strip_prefix(&prefix)
+                    .map_or(full.clone(), str::to_owned)
+            }
+            None => full,
+        }
+    }
+
     /// Byte offset of the error in the input, when known.
     #[must_use]
     pub fn offset(&self) -> Option<usize> {
@@ -246,6 +260,7 @@ mod tests {
             "interchange 1, message 2, segment BEP #4, element 3, byte 312: result is missing"
         );
         assert_eq!(e.kind(), ErrorKind::Rejected);
+        assert_eq!(e.what(), "result is missing");
         assert_eq!(e.offset(), Some(312));
     }
 }

@@ -3,10 +3,11 @@
 
 use super::document::parse;
 use super::inspect::document_json;
+use super::normalize::normalize_document;
 use super::tokenize::tokenize;
 use super::write::{OwnedSegment, write_document};
 
-/// Feeds `data` through tokenizer, parser, inspector and writer and checks what must hold:
+/// Feeds `data` through tokenizer, parser, inspector, normaliser and writer and checks what must hold:
 /// no panic, error offsets inside the input, and a written document that parses back to
 /// the same segments.
 ///
@@ -47,6 +48,10 @@ pub fn fuzz_one(data: &[u8]) {
         }
     };
     let _ = document_json(&doc);
+    // The mappings must not panic either, whatever they decide.
+    if let Err(e) = normalize_document("fuzz", &doc) {
+        let _ = (e.reason(), e.to_string());
+    }
     for m in doc.messages() {
         let _ = (m.reference(), m.message_type(), m.body().count());
     }

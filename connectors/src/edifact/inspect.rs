@@ -4,6 +4,7 @@ use serde_json::{Value as Json, json};
 
 use super::document::{Document, parse};
 use super::error::EdifactError;
+use super::normalize::normalize_document;
 use super::syntax::Delimiters;
 use super::tokenize::Segment;
 
@@ -101,12 +102,20 @@ pub fn document_json(doc: &Document<'_>) -> Json {
     })
 }
 
-/// Parses `bytes` and returns the interchange(s) as JSON (see [`document_json`]).
+/// Parses `bytes` and returns the interchange(s) as JSON (see [`document_json`]) with the
+/// events they normalise to (`"events"`, ids from envelope id `inspect`) or why they do not
+/// (`"rejected": {"reason", "error"}`). Nothing is stored or sent.
 ///
 /// # Errors
 /// The positioned parse error when the input is not EDIFACT.
 pub fn inspect(bytes: &[u8]) -> Result<Json, EdifactError> {
-    parse(bytes).map(|doc| document_json(&doc))
+    let doc = parse(bytes)?;
+    let mut j = document_json(&doc);
+    match normalize_document("inspect", &doc) {
+        Ok(events) => j["events"] = serde_json::to_value(events).unwrap_or(Json::Null),
+        Err(e) => j["rejected"] = json!({ "reason": e.reason(), "error": e.to_string() }),
+    }
+    Ok(j)
 }
 
 #[cfg(test)]
@@ -131,6 +140,7 @@ mod tests {
             json!([["0"], ["Kalium"], ["5.9"]])
         );
         assert_eq!(j["control_issues"], json!([]));
+        assert_eq!(j["rejected"]["reason"], "missing_element");
     }
 
     #[test]

@@ -52,7 +52,10 @@ fn value(d: Delimiters) -> impl Strategy<Value = Vec<u8>> {
 
 fn segment(d: Delimiters, v4: bool) -> impl Strategy<Value = OwnedSegment> {
     let tag = "[A-TV-Z0-9][A-Z0-9]{2}";
-    let counters = prop::collection::vec("[0-9]{1,3}", 0..4);
+    let counters = prop::collection::vec(
+        prop_oneof![3 => "[0-9]{1,3}".prop_map(String::into_bytes), 1 => value(d)],
+        0..4,
+    );
     let reps = if v4 { 1..3usize } else { 1..2usize };
     let element = prop::collection::vec(prop::collection::vec(value(d), 1..4), reps)
         .prop_map(|repetitions| OwnedElement { repetitions });

@@ -230,6 +230,11 @@ pub fn tokenize(input: &[u8]) -> Result<Tokens<'_>, EdifactError> {
                     i += 1;
                     comp_start = i;
                 }
+                REPETITION if t.elements.len() == first_element => {
+                    return Err(EdifactError::InvalidTag {
+                        position: t.locate_new(i),
+                    });
+                }
                 class => {
                     t.components.push(RawComponent::new(comp_start, i, escaped));
                     t.elements.push(RawElement::new(
@@ -837,6 +842,10 @@ mod tests {
         assert_eq!(reps.len(), 3);
         assert_eq!(reps[1].component(1).unwrap().text(), "c");
         assert_eq!(nad.text(2, 0).as_deref(), Some("x"));
+        // A tag cannot repeat (found by the fuzzer).
+        let err = tokenize(b"UNB+UNOC:4+A+B+1:1+R'UNH*1+X'").unwrap_err();
+        assert!(matches!(err, EdifactError::InvalidTag { .. }), "{err}");
+        assert_eq!(err.offset(), Some(24));
         // Version 3: the star is data.
         let t = tokenize(b"UNB+UNOC:3+A+B+260101:1200+R1'PNA+NVV:J*de'").unwrap();
         assert_eq!(t.segment(1).text(0, 1).as_deref(), Some("J*de"));

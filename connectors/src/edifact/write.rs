@@ -12,8 +12,8 @@ use super::tokenize::Segment;
 pub struct OwnedSegment {
     /// Three letters or digits.
     pub tag: String,
-    /// Repeat counters after the tag (`BEP:1:1:5`).
-    pub counters: Vec<String>,
+    /// Repeat counters after the tag (`BEP:1:1:5`), unescaped bytes.
+    pub counters: Vec<Vec<u8>>,
     /// Data elements after the tag.
     pub elements: Vec<OwnedElement>,
 }
@@ -101,7 +101,7 @@ impl OwnedSegment {
         }
         Self {
             tag: seg.tag().to_owned(),
-            counters: seg.counters().map(|v| v.text().into_owned()).collect(),
+            counters: seg.counters().map(|v| v.bytes().into_owned()).collect(),
             elements,
         }
     }
@@ -177,9 +177,16 @@ impl Writer {
             return Err(EdifactError::InvalidWriterTag);
         }
         out.extend_from_slice(tag);
-        for c in &seg.counters {
+        for (c, counter) in seg.counters.iter().enumerate() {
             out.push(d.component);
-            out.extend_from_slice(c.as_bytes());
+            self.write_value(out, counter)
+                .map_err(|_| EdifactError::Unrepresentable {
+                    position: Position {
+                        tag: Some(seg.tag.clone()),
+                        ..Position::at(out.len())
+                    }
+                    .with_element(0, Some(u32::try_from(c + 2).unwrap_or(u32::MAX))),
+                })?;
         }
         for (e, el) in seg.elements.iter().enumerate() {
             out.push(d.element);
@@ -278,7 +285,7 @@ mod tests {
         let mut out = Vec::new();
         let seg = OwnedSegment {
             tag: "BEP".into(),
-            counters: vec!["1".into(), "1".into(), "5".into()],
+            counters: vec![b"1".to_vec(), b"1".to_vec(), b"5".to_vec()],
             elements: vec![
                 OwnedElement::simple("0"),
                 OwnedElement::composite(["a:b", "c+d"]),
@@ -306,6 +313,16 @@ mod tests {
             w.write_segment(&mut out, &OwnedSegment::new("FTXX", ["a"])),
             Err(EdifactError::InvalidWriterTag)
         ));
+    }
+
+    #[test]
+    fn counters_are_bytes_and_get_released() {
+        // Found by the fuzzer: a Latin-1 byte and a released `+` in a counter.
+        let input: &[u8] = b"UNH+1+X'137:20:6?+\xd7+K'UNT+3+1'";
+        let doc = parse(input).unwrap();
+        let seg = OwnedSegment::from_segment(&doc.tokens().segment(1));
+        assert_eq!(seg.counters, [b"20".to_vec(), b"6+\xd7".to_vec()]);
+        assert_eq!(write_document(&doc).unwrap(), input);
     }
 
     #[test]

@@ -1,0 +1,351 @@
+//! MEDLAB:1 (the Dutch "Medeur" lab result message) -> lab-result event.
+//!
+//! Segment meanings follow `shared/STANDARDS.md` section 1. Where sources disagree the
+//! reading is tolerant and the raw value is kept: BEP type codes (`0`/`1`) are not used to
+//! drop anything, normality flags from both alphabets map to HL7 codes with the raw flag
+//! alongside, and doctor/lab codes are AGB only when they look like one.
+
+use ketenbus_schemas::event::{
+    Coding, EventHeader, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
+    LabResultEvent, LabTestResult, Patient, Specimen,
+};
+
+use super::document::Message;
+use super::normalize::{
+    Context, REASON_MISSING, bsn_identifier, ccyy_mm_dd, decimal_value, field, gender,
+    interpretation, local_system, medlab_address, message_identifier, path, provider_code,
+    text_name, two_digit_date, with_time,
+};
+use super::tokenize::Segment;
+use crate::NormalizeError;
+
+/// System of the EDIFACT reference number a specimen carries (IDE), as nl-core names the
+/// extension that holds it.
+pub const EDIFACT_REFERENCE_NUMBER: &str =
+    "http://nictiz.nl/fhir/StructureDefinition/ext-EdifactReferenceNumber";
+
+/// PID name element: `married name:prefix:own name:prefix:first name:initials`.
+fn pid_name(seg: &Segment<'_>) -> Option<HumanName> {
+    let married = field(seg, 2, 0);
+    let married_prefix = field(seg, 2, 1);
+    let own = field(seg, 2, 2);
+    let own_prefix = field(seg, 2, 3);
+    let mut name = HumanName {
+        given: field(seg, 2, 4),
+        initials: field(seg, 2, 5),
+        ..HumanName::default()
+    };
+    if own.is_some() {
+        name.family = own;
+        name.family_prefix = own_prefix;
+        // The name in use equal to the own name is not a partner's name.
+        if married != name.family || married_prefix != name.family_prefix {
+            name.partner_family = married;
+            name.partner_prefix = married_prefix;
+        }
+    } else {
+        // Only one name given: it is the family name.
+        name.family = married;
+        name.family_prefix = married_prefix;
+    }
+    (name != HumanName::default()).then_some(name)
+}
+
+/// PID: patient from a MEDLAB-family message (MEDLAB, MEDVRI, MEDSPE).
+pub(crate) fn pid_patient(
+    m: &Message<'_>,
+    seg: &Segment<'_>,
+    ctx: &Context<'_>,
+) -> Result<Patient, NormalizeError> {
+    let mut identifiers = Vec::new();
+    // Receiver's reference: in practice "BSN" + nine digits.
+    if let Some(r) = field(seg, 4, 0) {
+        match r.strip_prefix("BSN") {
+            Some(bsn) => identifiers.push(bsn_identifier(bsn.trim(), || path(m, seg, Some(5)))?),
+            None => identifiers.push(Identifier {
+                system: format!("{}:patient", local_system(ctx.receiver.as_deref())),
+                value: r,
+            }),
+        }
+    }
+    // Sender's own patient number.
+    if let Some(s) = field(seg, 3, 0) {
+        identifiers.push(Identifier {
+            system: format!("{}:patient", local_system(ctx.sender.as_deref())),
+            value: s,
+        });
+    }
+    Ok(Patient {
+        identifiers,
+        name: pid_name(seg),
+        birth_date: ccyy_mm_dd(seg, 0),
+        gender: field(seg, 1, 0).and_then(|g| gender(&g)),
+        address: None,
+    })
+}
+
+/// One request/specimen group being read (DET, IDE and what follows).
+struct Group {
+    specimen: usize,
+    complete: bool,
+}
+
+/// Maps one MEDLAB:1 message.
+#[allow(clippy::too_many_lines)]
+pub(crate) fn lab_event(
+    m: &Message<'_>,
+    ctx: &Context<'_>,
+    index: i32,
+) -> Result<LabResultEvent, NormalizeError> {
+    let mut header = EventHeader::new(EventKind::LabResult, ctx.envelope_id, index, "edifact");
+    header.sender.clone_from(&ctx.sender);
+    header.receiver.clone_from(&ctx.receiver);
+    header.source_message_type = Some(message_identifier(m));
+
+    let mut patient_: Option<Patient> = None;
+    let mut performer: Option<HealthcareProvider> = None;
+    let mut requester: Option<HealthProfessional> = None;
+    let mut professionals: Vec<HealthProfessional> = Vec::new();
+    let mut specimens: Vec<Specimen> = Vec::new();
+    let mut results: Vec<LabTestResult> = Vec::new();
+    let mut comments: Vec<String> = Vec::new();
+    let mut lab_system = local_system(ctx.sender_id.as_deref());
+    let mut section: Option<String> = None;
+    let mut group: Option<Group> = None;
+    // Which result OPB/OPU remarks attach to.
+    let mut last_result: Option<usize> = None;
+
+    for seg in m.body() {
+        match seg.tag() {
+            "ZKH" => {
+                let code = field(&seg, 3, 0);
+                if let Some(c) = &code {
+                    lab_system = local_system(Some(c));
+                }
+                performer = Some(HealthcareProvider {
+                    identifiers: code
+                        .iter()
+                        .map(|c| provider_code(c, ctx.sender_id.as_deref()))
+                        .collect(),
+                    name: field(&seg, 0, 0),
+                    department: None,
+                    address: medlab_address(&seg, 1),
+                    phone: field(&seg, 2, 0),
+                });
+            }
+            "PID" => patient_ = Some(pid_patient(m, &seg, ctx)?),
+            "PAD" => {
+                if let Some(p) = patient_.as_mut() {
+                    p.address = medlab_address(&seg, 0);
+                }
+            }
+            "ART" => {
+                let specialty = field(&seg, 0, 0).map(|t| Coding {
+                    display: (t == "H").then(|| "huisarts".to_owned()),
+                    system: "urn:ketenbus:medlab:art-type".to_owned(),
+                    code: t,
+                });
+                requester = Some(HealthProfessional {
+                    identifiers: field(&seg, 1, 0)
+                        .iter()
+                        .map(|c| provider_code(c, ctx.sender_id.as_deref()))
+                        .collect(),
+                    name: text_name(field(&seg, 2, 0)),
+                    role: Some("requester".to_owned()),
+                    specialty,
+                    organization_name: None,
+                });
+            }
+            "AFD" => {
+                let dept = field(&seg, 0, 0);
+                match performer.as_mut() {
+                    Some(p) => p.department = dept,
+                    None => {
+                        performer = Some(HealthcareProvider {
+                            department: dept,
+                            ..HealthcareProvider::default()
+                        });
+                    }
+                }
+            }
+            "ARA" | "KOP" => professionals.push(HealthProfessional {
+                identifiers: Vec::new(),
+                name: text_name(field(&seg, 0, 0)),
+                role: Some(
+                    if seg.tag() == "ARA" {
+                        "department"
+                    } else {
+                        "copy"
+                    }
+                    .to_owned(),
+                ),
+                specialty: None,
+                organization_name: performer.as_ref().and_then(|p| p.name.clone()),
+            }),
+            "DET" => {
+                let date = two_digit_date(
+                    &seg.text(0, 0).unwrap_or_default(),
+                    &seg.text(0, 1).unwrap_or_default(),
+                    &seg.text(0, 2).unwrap_or_default(),
+                    ctx.reference_year,
+                )
+                .map(|d| with_time(d, seg.text(1, 0).as_deref(), seg.text(1, 1).as_deref()));
+                specimens.push(Specimen {
+                    id: format!("specimen-{}", specimens.len() + 1),
+                    collected_at: date,
+                    ..Specimen::default()
+                });
+                group = Some(Group {
+                    specimen: specimens.len() - 1,
+                    complete: true,
+                });
+                section = None;
+            }
+            "IDE" => {
+                if group.is_none() {
+                    specimens.push(Specimen {
+                        id: format!("specimen-{}", specimens.len() + 1),
+                        ..Specimen::default()
+                    });
+                    group = Some(Group {
+                        specimen: specimens.len() - 1,
+                        complete: true,
+                    });
+                }
+                if let Some(g) = group.as_mut() {
+                    g.complete = field(&seg, 0, 0).as_deref() != Some("N");
+                    let s = &mut specimens[g.specimen];
+                    if let Some(reference) = field(&seg, 1, 0) {
+                        s.identifiers.push(Identifier {
+                            system: EDIFACT_REFERENCE_NUMBER.to_owned(),
+                            value: reference,
+                        });
+                    }
+                    s.material = field(&seg, 2, 0).map(|mat| Coding {
+                        system: lab_system.clone(),
+                        display: Some(mat.clone()),
+                        code: mat,
+                    });
+                    s.volume = field(&seg, 3, 0);
+                }
+            }
+            "OPM" | "COM" => comments.extend(field(&seg, 0, 0)),
+            "SEC" => section = field(&seg, 0, 0),
+            "BEP" => {
+                let local_code = field(&seg, 8, 0);
+                let local_name = field(&seg, 1, 0);
+                let value_text = field(&seg, 2, 0);
+                let (comparator, value_decimal) =
+                    value_text.as_deref().map_or((None, None), decimal_value);
+                let flag = field(&seg, 5, 0);
+                let changed = field(&seg, 3, 0).is_some();
+                let specimen = group.as_ref().map(|g| &specimens[g.specimen]);
+                let status = if changed {
+                    "corrected"
+                } else if group.as_ref().is_some_and(|g| !g.complete) {
+                    "preliminary"
+                } else {
+                    "final"
+                };
+                let Some(code) = local_code.clone().or_else(|| local_name.clone()) else {
+                    return Err(NormalizeError::Invalid {
+                        reason: REASON_MISSING,
+                        path: path(m, &seg, Some(2)),
+                        what: "determination has neither code nor name".to_owned(),
+                    });
+                };
+                results.push(LabTestResult {
+                    id: format!("result-{}", results.len() + 1),
+                    test: Coding {
+                        system: lab_system.clone(),
+                        code,
+                        display: local_name.clone(),
+                    },
+                    other_codes: Vec::new(),
+                    local_code,
+                    local_name,
+                    status: status.to_owned(),
+                    value_text,
+                    value_decimal,
+                    comparator,
+                    unit: field(&seg, 4, 0),
+                    unit_system: None,
+                    reference_low: field(&seg, 6, 0),
+                    reference_high: field(&seg, 7, 0),
+                    reference_text: None,
+                    interpretation: flag.as_deref().and_then(interpretation),
+                    interpretation_raw: flag,
+                    specimen_id: specimen.map(|s| s.id.clone()),
+                    section: section.clone(),
+                    effective_at: specimen.and_then(|s| s.collected_at.clone()),
+                    comments: Vec::new(),
+                });
+                last_result = Some(results.len() - 1);
+            }
+            "NUB" => {
+                let name = field(&seg, 0, 0);
+                let Some(code) = name.clone() else {
+                    return Err(NormalizeError::Invalid {
+                        reason: REASON_MISSING,
+                        path: path(m, &seg, Some(1)),
+                        what: "pending determination has no name".to_owned(),
+                    });
+                };
+                let specimen = group.as_ref().map(|g| &specimens[g.specimen]);
+                results.push(LabTestResult {
+                    id: format!("result-{}", results.len() + 1),
+                    test: Coding {
+                        system: lab_system.clone(),
+                        code,
+                        display: name.clone(),
+                    },
+                    other_codes: Vec::new(),
+                    local_code: None,
+                    local_name: name,
+                    status: "registered".to_owned(),
+                    value_text: None,
+                    value_decimal: None,
+                    comparator: None,
+                    unit: None,
+                    unit_system: None,
+                    reference_low: None,
+                    reference_high: None,
+                    reference_text: None,
+                    interpretation: None,
+                    interpretation_raw: None,
+                    specimen_id: specimen.map(|s| s.id.clone()),
+                    section: section.clone(),
+                    effective_at: specimen.and_then(|s| s.collected_at.clone()),
+                    comments: Vec::new(),
+                });
+                last_result = Some(results.len() - 1);
+            }
+            "OPB" | "OPU" => {
+                if let (Some(i), Some(text)) = (last_result, field(&seg, 0, 0)) {
+                    results[i].comments.push(text);
+                } else {
+                    comments.extend(field(&seg, 0, 0));
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(patient) = patient_ else {
+        return Err(NormalizeError::Invalid {
+            reason: REASON_MISSING,
+            path: path(m, &m.header(), None),
+            what: "message has no PID segment".to_owned(),
+        });
+    };
+    header.occurred_at = specimens.iter().find_map(|s| s.collected_at.clone());
+    Ok(LabResultEvent {
+        header,
+        patient: Some(patient),
+        performer,
+        requester,
+        professionals,
+        specimens,
+        results,
+        comments,
+    })
+}

@@ -1,0 +1,383 @@
+//! MEDRPT D93A lab reports (`BGM+LRP`) -> lab-result event: the Dutch "Edifact 3.2"
+//! subset (association code MRPN32) and MedCom's Danish reports, which share the D93A
+//! base and the explicit `Sxx` group marker segments.
+//!
+//! Layout as the public test vectors show it (developer-written, not an official guide):
+//! `NAD+SLA` the lab, `NAD+PO` the requester, `NAD+CCR` a copy, each optionally followed by
+//! `ADR` and `COM`; `PNA+PAT` the patient with `PDI` (sex) and `DTM+329` (birth date);
+//! `S04` groups with `RFF` and `DTM` describe a specimen; `INV` starts a result, `RSL`,
+//! `RND` and `FTX` after it belong to it. Segments not listed are skipped.
+
+use ketenbus_schemas::event::{
+    Address, Coding, EventHeader, EventKind, HealthProfessional, HealthcareProvider, HumanName,
+    Identifier, LabResultEvent, LabTestResult, Patient, Specimen, systems,
+};
+
+use super::document::Message;
+use super::normalize::{
+    Context, REASON_MISSING, bsn_identifier, code_list_system, decimal_value, edifact_datetime,
+    field, gender, interpretation, message_identifier, path,
+};
+use super::tokenize::Segment;
+use crate::NormalizeError;
+
+/// Danish civil registration number (CPR).
+const CPR: &str = "urn:oid:1.2.208.176.1.2";
+
+/// Party identification `id:code list:agency` (C082); Vektis (`VEK`) codes are AGB.
+fn party_identifier(seg: &Segment<'_>) -> Option<Identifier> {
+    let id = field(seg, 1, 0)?;
+    let list = field(seg, 1, 1).unwrap_or_default();
+    let agency = field(seg, 1, 2).unwrap_or_default();
+    let system = if agency == "VEK" {
+        systems::AGB.to_owned()
+    } else {
+        code_list_system(&agency, &list)
+    };
+    Some(Identifier { system, value: id })
+}
+
+/// Party name (C080), components 1 to 5 that are not empty (the sixth is a format code).
+fn party_name(seg: &Segment<'_>) -> Option<String> {
+    let parts: Vec<String> = (0..5).filter_map(|c| field(seg, 3, c)).collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Dutch NAD address: street, number[:addition], city, postcode after the name.
+fn nad_address(seg: &Segment<'_>) -> Option<Address> {
+    let number = match (field(seg, 5, 0), field(seg, 5, 1)) {
+        (Some(n), Some(a)) => Some(format!("{n} {a}")),
+        (n, _) => n,
+    };
+    let a = Address {
+        street: field(seg, 4, 0),
+        house_number: number,
+        postal_code: field(seg, 7, 0),
+        city: field(seg, 6, 0),
+        country: None,
+    };
+    (a != Address::default()).then_some(a)
+}
+
+/// `ADR++<qualifier>:street[:number]+city+postcode[+country]`.
+fn adr_address(seg: &Segment<'_>) -> Option<Address> {
+    let a = Address {
+        street: field(seg, 1, 1),
+        house_number: field(seg, 1, 2),
+        postal_code: field(seg, 3, 0),
+        city: field(seg, 2, 0),
+        country: field(seg, 4, 0),
+    };
+    (a != Address::default()).then_some(a)
+}
+
+/// Which party the last ADR/COM belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Party {
+    None,
+    Lab,
+    Requester,
+    Copy,
+    Patient,
+}
+
+/// PNA+PAT: identification and `qualifier:value` name parts.
+fn pna_patient(m: &Message<'_>, seg: &Segment<'_>) -> Result<Patient, NormalizeError> {
+    let mut identifiers = Vec::new();
+    let id = field(seg, 1, 0).or_else(|| field(seg, 1, 2));
+    let kinds: Vec<String> = (1..6).filter_map(|c| field(seg, 1, c)).collect();
+    if let Some(id) = id {
+        if kinds.iter().any(|k| k == "LZB" || k == "BSN") {
+            identifiers.push(bsn_identifier(&id, || path(m, seg, Some(2)))?);
+        } else if kinds.iter().any(|k| k == "CPR") {
+            identifiers.push(Identifier {
+                system: CPR.to_owned(),
+                value: id,
+            });
+        } else {
+            identifiers.push(Identifier {
+                system: code_list_system(kinds.last().map_or("", String::as_str), "patient"),
+                value: id,
+            });
+        }
+    }
+    let mut name = HumanName::default();
+    for e in 2..seg.element_count() {
+        let (Some(q), Some(v)) = (field(seg, e, 0), field(seg, e, 1)) else {
+            continue;
+        };
+        match q.as_str() {
+            "SU" | "NAN" => name.family = Some(v),
+            "FO" | "NVN" => name.given = Some(v),
+            "NVL" => name.initials = Some(v),
+            // Doubt: one vector writes `NVV:J*de`; read as initials `*` prefix.
+            "NVV" => match v.split_once('*') {
+                Some((i, p)) => {
+                    name.initials = Some(i.to_owned()).filter(|s| !s.is_empty());
+                    name.family_prefix = Some(p.to_owned()).filter(|s| !s.is_empty());
+                }
+                None => name.family_prefix = Some(v),
+            },
+            "NEA" => name.partner_family = Some(v),
+            "NEV" => name.partner_prefix = Some(v),
+            _ => {}
+        }
+    }
+    Ok(Patient {
+        identifiers,
+        name: (name != HumanName::default()).then_some(name),
+        birth_date: None,
+        gender: None,
+        address: None,
+    })
+}
+
+fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
+    let dutch = field(seg, 1, 2).as_deref() == Some("VEK");
+    let name = if dutch {
+        // Dutch NAD name: family:initials:prefix.
+        Some(HumanName {
+            family: field(seg, 3, 0),
+            initials: field(seg, 3, 1),
+            family_prefix: field(seg, 3, 2),
+            ..HumanName::default()
+        })
+    } else {
+        party_name(seg).map(|t| HumanName {
+            text: Some(t),
+            ..HumanName::default()
+        })
+    };
+    HealthProfessional {
+        identifiers: party_identifier(seg).into_iter().collect(),
+        name,
+        role: Some(role.to_owned()),
+        specialty: None,
+        organization_name: None,
+    }
+}
+
+/// Maps one MEDRPT lab report.
+#[allow(clippy::too_many_lines)]
+pub(crate) fn lab_event(
+    m: &Message<'_>,
+    ctx: &Context<'_>,
+    index: i32,
+) -> Result<LabResultEvent, NormalizeError> {
+    let mut header = EventHeader::new(EventKind::LabResult, ctx.envelope_id, index, "edifact");
+    header.sender.clone_from(&ctx.sender);
+    header.receiver.clone_from(&ctx.receiver);
+    header.source_message_type = Some(message_identifier(m));
+
+    let mut patient: Option<Patient> = None;
+    let mut performer: Option<HealthcareProvider> = None;
+    let mut requester: Option<HealthProfessional> = None;
+    let mut professionals: Vec<HealthProfessional> = Vec::new();
+    let mut specimens: Vec<Specimen> = Vec::new();
+    let mut results: Vec<LabTestResult> = Vec::new();
+    let mut comments: Vec<String> = Vec::new();
+    let mut document_date: Option<String> = None;
+    let mut party = Party::None;
+    let mut group = String::new();
+
+    for seg in m.body() {
+        let tag = seg.tag();
+        if tag.len() == 3 && tag.starts_with('S') && tag[1..].bytes().all(|b| b.is_ascii_digit()) {
+            group = tag.to_owned();
+            if tag == "S04" {
+                specimens.push(Specimen {
+                    id: format!("specimen-{}", specimens.len() + 1),
+                    ..Specimen::default()
+                });
+            }
+            continue;
+        }
+        match tag {
+            "DTM" => {
+                let q = field(&seg, 0, 0).unwrap_or_default();
+                let when = field(&seg, 0, 1)
+                    .and_then(|v| edifact_datetime(&v, field(&seg, 0, 2).as_deref()));
+                match q.as_str() {
+                    "137" if document_date.is_none() => document_date = when,
+                    "329" => {
+                        if let Some(p) = patient.as_mut() {
+                            p.birth_date = when;
+                        }
+                    }
+                    // Sampling date/time in the specimen group (`SCO` in the Dutch vectors).
+                    // Doubt: MedCom's `DTM+4` there may be the order date; not mapped.
+                    "SCO" if group == "S04" => {
+                        if let Some(s) = specimens.last_mut() {
+                            s.collected_at = when;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "RFF" if group == "S04" => {
+                if let (Some(s), Some(q), Some(v)) =
+                    (specimens.last_mut(), field(&seg, 0, 0), field(&seg, 0, 1))
+                {
+                    s.identifiers.push(Identifier {
+                        system: code_list_system("rff", &q),
+                        value: v,
+                    });
+                }
+            }
+            "NAD" => match field(&seg, 0, 0).as_deref() {
+                Some("SLA") => {
+                    performer = Some(HealthcareProvider {
+                        identifiers: party_identifier(&seg).into_iter().collect(),
+                        name: party_name(&seg),
+                        department: None,
+                        address: nad_address(&seg),
+                        phone: None,
+                    });
+                    party = Party::Lab;
+                }
+                Some("PO") => {
+                    let mut p = professional(&seg, "requester");
+                    p.organization_name = None;
+                    requester = Some(p);
+                    party = Party::Requester;
+                }
+                Some("CCR") => {
+                    professionals.push(professional(&seg, "copy"));
+                    party = Party::Copy;
+                }
+                _ => party = Party::None,
+            },
+            "ADR" => {
+                let a = adr_address(&seg);
+                match party {
+                    Party::Lab => {
+                        if let Some(p) = performer.as_mut() {
+                            p.address = a;
+                        }
+                    }
+                    Party::Patient => {
+                        if let Some(p) = patient.as_mut() {
+                            p.address = a;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "COM" if party == Party::Lab => {
+                if let Some(p) = performer.as_mut() {
+                    p.phone = field(&seg, 0, 0);
+                }
+            }
+            "CTA" if party == Party::Lab => {
+                if let Some(p) = performer.as_mut() {
+                    p.department = field(&seg, 1, 1).or_else(|| field(&seg, 1, 0));
+                }
+            }
+            "PNA" if field(&seg, 0, 0).as_deref() == Some("PAT") => {
+                patient = Some(pna_patient(m, &seg)?);
+                party = Party::Patient;
+            }
+            "PDI" => {
+                if let Some(p) = patient.as_mut() {
+                    p.gender = field(&seg, 0, 0).and_then(|g| gender(&g));
+                }
+            }
+            "INV" => {
+                let code = field(&seg, 1, 0);
+                let list = field(&seg, 1, 1).unwrap_or_default();
+                let agency = field(&seg, 1, 2).unwrap_or_default();
+                let name = field(&seg, 1, 3);
+                let Some(code) = code else {
+                    return Err(NormalizeError::Invalid {
+                        reason: REASON_MISSING,
+                        path: path(m, &seg, Some(2)),
+                        what: "investigation has no code".to_owned(),
+                    });
+                };
+                let system = if agency == "NHG" {
+                    systems::NHG_45.to_owned()
+                } else {
+                    code_list_system(&agency, &list)
+                };
+                let specimen = specimens.last();
+                results.push(LabTestResult {
+                    id: format!("result-{}", results.len() + 1),
+                    test: Coding {
+                        system,
+                        code,
+                        display: name.clone(),
+                    },
+                    other_codes: Vec::new(),
+                    local_code: None,
+                    local_name: name,
+                    status: "final".to_owned(),
+                    value_text: None,
+                    value_decimal: None,
+                    comparator: None,
+                    unit: None,
+                    unit_system: None,
+                    reference_low: None,
+                    reference_high: None,
+                    reference_text: None,
+                    interpretation: None,
+                    interpretation_raw: None,
+                    specimen_id: specimen.map(|s| s.id.clone()),
+                    section: None,
+                    effective_at: specimen.and_then(|s| s.collected_at.clone()),
+                    comments: Vec::new(),
+                });
+            }
+            "RSL" => {
+                if let Some(r) = results.last_mut() {
+                    r.value_text = field(&seg, 1, 0);
+                    let (comparator, decimal) =
+                        r.value_text.as_deref().map_or((None, None), decimal_value);
+                    r.comparator = comparator;
+                    r.value_decimal = decimal;
+                    r.reference_text = field(&seg, 2, 0);
+                    r.unit = (0..4).find_map(|c| field(&seg, 3, c));
+                    r.interpretation_raw = field(&seg, 4, 0);
+                    r.interpretation = r.interpretation_raw.as_deref().and_then(interpretation);
+                }
+            }
+            "RND" => {
+                if let Some(r) = results.last_mut() {
+                    r.reference_low = field(&seg, 1, 0);
+                    r.reference_high = field(&seg, 2, 0);
+                }
+            }
+            "FTX" => {
+                let text: Vec<String> = (0..5).filter_map(|c| field(&seg, 3, c)).collect();
+                if !text.is_empty() {
+                    let text = text.join(" ");
+                    match results.last_mut() {
+                        Some(r) => r.comments.push(text),
+                        None => comments.push(text),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(patient) = patient else {
+        return Err(NormalizeError::Invalid {
+            reason: REASON_MISSING,
+            path: path(m, &m.header(), None),
+            what: "message has no PNA+PAT segment".to_owned(),
+        });
+    };
+    header.occurred_at = specimens
+        .iter()
+        .find_map(|s| s.collected_at.clone())
+        .or(document_date);
+    Ok(LabResultEvent {
+        header,
+        patient: Some(patient),
+        performer,
+        requester,
+        professionals,
+        specimens,
+        results,
+        comments,
+    })
+}
