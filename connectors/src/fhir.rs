@@ -7,15 +7,24 @@
 //!   eOverdracht-style Task notifications into ketenbus events.
 //! - [`emit`]: the inverse, events into nl-core resources in a transaction or message Bundle.
 //! - [`outcome`]: OperationOutcome written for senders and read from receivers.
-//! - [`sink`]: [`FhirSink`], delivery of events to a subscriber's FHIR endpoint.
 
+pub mod emit;
 pub mod json;
 pub mod model;
+pub mod normalize;
+pub mod outcome;
 pub mod value;
 pub mod xml;
 
+#[cfg(test)]
+mod golden_tests;
+#[cfg(test)]
+pub(crate) mod validator;
+
 use ketenbus_schemas::Format;
 
+pub use emit::{BundleStyle, EmitOptions, to_bundle};
+pub use normalize::FhirNormalizer;
 pub use value::{Object, Value};
 
 use crate::ErrorKind;

@@ -1,0 +1,817 @@
+//! FHIR out: events into nl-core resources in a transaction or message Bundle, the inverse
+//! of [`super::normalize`]: what that mapping reads from a resource, this one writes back in
+//! the same place (codes, values, units, ranges, identifiers, dates, names).
+//!
+//! Pure and deterministic: resource ids and `urn:uuid` full URLs derive from the event id,
+//! so delivering the same event twice writes the same resources (transaction entries are
+//! `PUT Type/id`; the patient is a conditional update on the BSN when there is one).
+
+use ketenbus_schemas::Event;
+use ketenbus_schemas::event::{
+    AcuteHandoverEvent, Address, Attachment, Coding, HandoverNotificationEvent, HealthProfessional,
+    HealthcareProvider, HumanName, Identifier, LabResultEvent, LabTestResult, Patient, Specimen,
+    systems,
+};
+use sha2::{Digest, Sha256};
+
+use super::FhirError;
+use super::normalize::{
+    EXT_EDIFACT_REFERENCE, EXT_HOUSE_NUMBER, EXT_OWN_NAME, EXT_OWN_PREFIX, EXT_PARTNER_NAME,
+    EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
+    SCT_TRANSFER_FROM_AMBULANCE, SNOMED_FLAGS, V3_INTERPRETATION,
+};
+use super::value::{Object, Value};
+
+const NL_CORE: &str = "http://nictiz.nl/fhir/StructureDefinition/";
+/// Message event of Acute Zorg message 24 (ambulance -> GP post referral).
+const HG_MESSAGE_EVENT: &str = "http://nictiz.nl/fhir/CodeSystem/hg-message-event";
+/// Message events for what has no Nictiz event code: the ketenbus event kind.
+pub const KETENBUS_EVENT: &str = "urn:ketenbus:event-kind";
+/// Where ketenbus points at an attachment it keeps by content hash.
+pub const CONTENT_URN: &str = "urn:ketenbus:content:sha256:";
+
+/// Transaction (`PUT` per resource) or message (`MessageHeader` first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BundleStyle {
+    /// A `transaction` Bundle for a FHIR server.
+    #[default]
+    Transaction,
+    /// A `message` Bundle for `$process-message`.
+    Message,
+}
+
+/// How to write the Bundle.
+#[derive(Debug, Clone, Default)]
+pub struct EmitOptions {
+    /// Transaction or message.
+    pub style: BundleStyle,
+    /// `MessageHeader.source.endpoint`: ketenbus's own FHIR base.
+    pub source_endpoint: Option<String>,
+    /// `MessageHeader.destination.endpoint`: the subscriber's FHIR base.
+    pub destination_endpoint: Option<String>,
+}
+
+/// The Bundle an event is delivered as.
+///
+/// # Errors
+/// [`FhirError::Write`] for events without a FHIR form (letters, for now).
+pub fn to_bundle(event: &Event, opts: &EmitOptions) -> Result<Value, FhirError> {
+    let mut b = Builder::new(&event.header().id, opts);
+    let focus = match event {
+        Event::LabResult(e) => lab(&mut b, e),
+        Event::AcuteHandover(e) => handover(&mut b, e),
+        Event::HandoverNotification(e) => notification(&mut b, e),
+        Event::Letter(_) => {
+            return Err(FhirError::Write {
+                path: "event".into(),
+                what: "letter events have no FHIR mapping yet".into(),
+            });
+        }
+    };
+    Ok(b.finish(event, &focus))
+}
+
+struct Entry {
+    full_url: String,
+    resource: Object,
+    request: Option<Object>,
+}
+
+struct Builder<'a> {
+    event_id: String,
+    opts: &'a EmitOptions,
+    entries: Vec<Entry>,
+}
+
+/// A FHIR id from the event id and a local name; hashed when too long or not id-safe.
+fn resource_id(event_id: &str, local: &str) -> String {
+    let id = format!("{event_id}-{local}");
+    if id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.')
+    {
+        id
+    } else {
+        hex::encode(&Sha256::digest(id.as_bytes())[..16])
+    }
+}
+
+/// A UUID-shaped name from the resource id (version 4 / variant bits set, not random).
+fn uuid_for(id: &str) -> String {
+    let mut h = Sha256::digest(id.as_bytes())[..16].to_vec();
+    h[6] = (h[6] & 0x0f) | 0x40;
+    h[8] = (h[8] & 0x3f) | 0x80;
+    let x = hex::encode(h);
+    format!(
+        "urn:uuid:{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
+}
+
+fn reference(full_url: &str) -> Value {
+    Object::new().with("reference", full_url).into()
+}
+
+fn coding(c: &Coding) -> Value {
+    Object::new()
+        .with("system", &c.system)
+        .with("code", &c.code)
+        .with_opt("display", c.display.as_ref())
+        .into()
+}
+
+fn concept(c: &Coding) -> Value {
+    Object::new().with("coding", vec![coding(c)]).into()
+}
+
+fn ext_string(url: &str, v: &str) -> Value {
+    Object::new().with("url", url).with("valueString", v).into()
+}
+
+fn identifiers(ids: &[Identifier]) -> Vec<Value> {
+    ids.iter()
+        .map(|i| {
+            Object::new()
+                .with("system", &i.system)
+                .with("value", &i.value)
+                .into()
+        })
+        .collect()
+}
+
+/// A decimal literal, if the text is one (JSON number grammar).
+fn number(text: &str) -> Option<Value> {
+    match super::json::parse(text.trim().as_bytes()) {
+        Ok(v @ Value::Number(_)) => Some(v),
+        _ => None,
+    }
+}
+
+fn quantity(value: &str, unit: Option<&String>, unit_system: Option<&String>) -> Option<Object> {
+    let mut q = Object::new()
+        .with("value", number(value)?)
+        .with_opt("unit", unit);
+    if let (Some(sys), Some(u)) = (unit_system, unit) {
+        q = q.with("system", sys).with("code", u);
+    }
+    Some(q)
+}
+
+pub(crate) fn human_name(n: &HumanName) -> Value {
+    let join = |a: Option<&String>, b: Option<&String>| match (a, b) {
+        (Some(a), Some(b)) => Some(format!("{a} {b}")),
+        (None, Some(b)) => Some(b.clone()),
+        _ => None,
+    };
+    let own = join(n.family_prefix.as_ref(), n.family.as_ref());
+    let partner = join(n.partner_prefix.as_ref(), n.partner_family.as_ref());
+    let family = match (&own, &partner) {
+        (Some(o), Some(p)) => Some(format!("{o}-{p}")),
+        (o, p) => o.clone().or_else(|| p.clone()),
+    };
+    let parts =
+        n.family_prefix.is_some() || n.partner_family.is_some() || n.partner_prefix.is_some();
+    let mut fam_ext = Vec::new();
+    if parts {
+        if let Some(p) = &n.family_prefix {
+            fam_ext.push(ext_string(EXT_OWN_PREFIX, p));
+        }
+        if let Some(f) = &n.family {
+            fam_ext.push(ext_string(EXT_OWN_NAME, f));
+        }
+        if let Some(p) = &n.partner_prefix {
+            fam_ext.push(ext_string(EXT_PARTNER_PREFIX, p));
+        }
+        if let Some(f) = &n.partner_family {
+            fam_ext.push(ext_string(EXT_PARTNER_NAME, f));
+        }
+    }
+    let mut given = Vec::new();
+    let mut twins = Vec::new();
+    let qualifier = |q: &str| -> Value {
+        Object::new()
+            .with(
+                "extension",
+                vec![
+                    Object::new()
+                        .with("url", EXT_QUALIFIER)
+                        .with("valueCode", q)
+                        .into(),
+                ],
+            )
+            .into()
+    };
+    for g in n.given.iter().flat_map(|g| g.split_whitespace()) {
+        given.push(Value::from(g));
+        twins.push(qualifier("BR"));
+    }
+    for i in n
+        .initials
+        .iter()
+        .flat_map(|i| i.split_inclusive('.'))
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        given.push(Value::from(i));
+        twins.push(qualifier("IN"));
+    }
+    let mut o = Object::new()
+        .with("use", "official")
+        .with_opt("text", n.text.as_ref())
+        .with_opt("family", family);
+    if !fam_ext.is_empty() {
+        o = o.with("_family", Object::new().with("extension", fam_ext));
+    }
+    o.with_array("given", given)
+        .with_array("_given", twins)
+        .into()
+}
+
+pub(crate) fn address(a: &Address) -> Value {
+    let mut o = Object::new();
+    if let Some(street) = &a.street {
+        match &a.house_number {
+            Some(nr) => {
+                o = o
+                    .with("line", vec![Value::from(format!("{street} {nr}"))])
+                    .with(
+                        "_line",
+                        vec![
+                            Object::new()
+                                .with(
+                                    "extension",
+                                    vec![
+                                        ext_string(EXT_STREET, street),
+                                        ext_string(EXT_HOUSE_NUMBER, nr),
+                                    ],
+                                )
+                                .into(),
+                        ],
+                    );
+            }
+            None => o = o.with("line", vec![Value::from(street)]),
+        }
+    }
+    o.with_opt("city", a.city.as_ref())
+        .with_opt("postalCode", a.postal_code.as_ref())
+        .with_opt("country", a.country.as_ref())
+        .into()
+}
+
+fn meta(profile: &str) -> Value {
+    Object::new()
+        .with("profile", vec![Value::from(format!("{NL_CORE}{profile}"))])
+        .into()
+}
+
+impl<'a> Builder<'a> {
+    fn new(event_id: &str, opts: &'a EmitOptions) -> Builder<'a> {
+        Builder {
+            event_id: event_id.to_owned(),
+            opts,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Add a resource; returns its full URL for references.
+    fn add(&mut self, local: &str, resource: Object) -> String {
+        let ty = resource.str("resourceType").unwrap_or_default().to_owned();
+        let id = resource_id(&self.event_id, local);
+        let full_url = uuid_for(&id);
+        let mut r = Object::new()
+            .with("resourceType", ty.as_str())
+            .with("id", id.as_str());
+        for (k, v) in resource.iter().filter(|(k, _)| *k != "resourceType") {
+            r.insert(k, v.clone());
+        }
+        let request = Object::new()
+            .with("method", "PUT")
+            .with("url", format!("{ty}/{id}"));
+        self.entries.push(Entry {
+            full_url: full_url.clone(),
+            resource: r,
+            request: Some(request),
+        });
+        full_url
+    }
+
+    fn patient(&mut self, p: &Patient) -> String {
+        let r = Object::new()
+            .with("resourceType", "Patient")
+            .with("meta", meta("nl-core-Patient"))
+            .with_array("identifier", identifiers(&p.identifiers))
+            .with_array("name", p.name.iter().map(human_name).collect())
+            .with_opt("gender", p.gender.as_ref())
+            .with_opt("birthDate", p.birth_date.as_ref())
+            .with_array("address", p.address.iter().map(address).collect());
+        let url = self.add("patient", r);
+        let transaction = self.opts.style == BundleStyle::Transaction;
+        if let Some(bsn) = p
+            .identifiers
+            .iter()
+            .find(|i| i.system == systems::BSN)
+            .filter(|_| transaction)
+        {
+            // Conditional update: the receiver keeps one Patient per BSN.
+            let e = self.entries.last_mut().expect("just added");
+            e.resource.remove("id");
+            e.request = Some(Object::new().with("method", "PUT").with(
+                "url",
+                format!("Patient?identifier={}|{}", systems::BSN, bsn.value),
+            ));
+        }
+        url
+    }
+
+    fn organization(&mut self, local: &str, o: &HealthcareProvider) -> String {
+        let phone = o
+            .phone
+            .as_ref()
+            .map(|p| {
+                vec![
+                    Object::new()
+                        .with("system", "phone")
+                        .with("value", p)
+                        .into(),
+                ]
+            })
+            .unwrap_or_default();
+        let r = Object::new()
+            .with("resourceType", "Organization")
+            .with("meta", meta("nl-core-HealthcareProvider-Organization"))
+            .with_array("identifier", identifiers(&o.identifiers))
+            .with_opt("name", o.name.as_ref())
+            .with_array("telecom", phone)
+            .with_array("address", o.address.iter().map(address).collect());
+        self.add(local, r)
+    }
+
+    /// Practitioner + PractitionerRole; returns the role's full URL.
+    fn professional(
+        &mut self,
+        local: &str,
+        p: &HealthProfessional,
+        org: Option<&str>,
+        with_role_code: bool,
+    ) -> String {
+        let pr = Object::new()
+            .with("resourceType", "Practitioner")
+            .with("meta", meta("nl-core-HealthProfessional-Practitioner"))
+            .with_array("identifier", identifiers(&p.identifiers))
+            .with_array("name", p.name.iter().map(human_name).collect());
+        let pr_url = self.add(&format!("{local}-practitioner"), pr);
+        let org_ref = match (org, &p.organization_name) {
+            (Some(url), _) => Some(reference(url)),
+            (None, Some(name)) => Some(Object::new().with("display", name).into()),
+            (None, None) => None,
+        };
+        let code = if with_role_code {
+            p.role
+                .iter()
+                .map(|r| Object::new().with("text", r).into())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let role = Object::new()
+            .with("resourceType", "PractitionerRole")
+            .with("meta", meta("nl-core-HealthProfessional-PractitionerRole"))
+            .with("practitioner", reference(&pr_url))
+            .with_opt("organization", org_ref)
+            .with_array("code", code)
+            .with_array("specialty", p.specialty.iter().map(concept).collect());
+        self.add(&format!("{local}-role"), role)
+    }
+
+    fn finish(self, event: &Event, focus: &[String]) -> Value {
+        let mut entries = Vec::new();
+        let style = self.opts.style;
+        if style == BundleStyle::Message {
+            let (system, code) = match event {
+                Event::AcuteHandover(e) if e.referral.code.code == SCT_TRANSFER_FROM_AMBULANCE => {
+                    (HG_MESSAGE_EVENT, "145")
+                }
+                other => (KETENBUS_EVENT, other.kind().as_str()),
+            };
+            let source = match event {
+                Event::HandoverNotification(n) => n.sender_endpoint.clone(),
+                _ => None,
+            }
+            .or_else(|| self.opts.source_endpoint.clone())
+            .unwrap_or_else(|| "urn:ketenbus".to_owned());
+            let mut mh = Object::new()
+                .with("resourceType", "MessageHeader")
+                .with("id", resource_id(&self.event_id, "header"))
+                .with(
+                    "eventCoding",
+                    Object::new().with("system", system).with("code", code),
+                );
+            if let Some(dest) = &self.opts.destination_endpoint {
+                mh = mh.with(
+                    "destination",
+                    vec![Object::new().with("endpoint", dest).into()],
+                );
+            }
+            mh = mh
+                .with("source", Object::new().with("endpoint", source))
+                .with_array("focus", focus.iter().map(|f| reference(f)).collect());
+            let id = resource_id(&self.event_id, "header");
+            entries.push(
+                Object::new()
+                    .with("fullUrl", uuid_for(&id))
+                    .with("resource", mh)
+                    .into(),
+            );
+        }
+        for e in self.entries {
+            let mut entry = Object::new()
+                .with("fullUrl", e.full_url)
+                .with("resource", e.resource);
+            if style == BundleStyle::Transaction {
+                entry = entry.with_opt("request", e.request);
+            }
+            entries.push(entry.into());
+        }
+        let ty = match style {
+            BundleStyle::Transaction => "transaction",
+            BundleStyle::Message => "message",
+        };
+        Object::new()
+            .with("resourceType", "Bundle")
+            .with("id", resource_id(&self.event_id, "bundle"))
+            .with("type", ty)
+            .with_opt(
+                "timestamp",
+                event
+                    .header()
+                    .occurred_at
+                    .as_ref()
+                    .filter(|_| style == BundleStyle::Message)
+                    .filter(|t| t.contains('T')),
+            )
+            .with("entry", entries)
+            .into()
+    }
+}
+
+fn lab(b: &mut Builder<'_>, e: &LabResultEvent) -> Vec<String> {
+    let patient = e.patient.as_ref().map(|p| b.patient(p));
+    let performer = e.performer.as_ref().map(|o| b.organization("performer", o));
+    let request = e.requester.as_ref().map(|r| {
+        let role = b.professional("requester", r, None, false);
+        let sr = Object::new()
+            .with("resourceType", "ServiceRequest")
+            .with("status", "active")
+            .with("intent", "order")
+            .with_opt("subject", patient.as_deref().map(reference))
+            .with("requester", reference(&role));
+        b.add("request", sr)
+    });
+    for (i, p) in e.professionals.iter().enumerate() {
+        b.professional(&format!("professional-{}", i + 1), p, None, true);
+    }
+    let mut specimen_urls: Vec<(&str, String)> = Vec::new();
+    for (i, s) in e.specimens.iter().enumerate() {
+        let url = specimen(b, s, i, patient.as_deref());
+        specimen_urls.push((s.id.as_str(), url));
+    }
+    let mut focus = Vec::new();
+    for (i, r) in e.results.iter().enumerate() {
+        let sp = r
+            .specimen_id
+            .as_deref()
+            .and_then(|id| e.specimens.iter().find(|s| s.id == id));
+        let sp_url = r
+            .specimen_id
+            .as_deref()
+            .and_then(|id| specimen_urls.iter().find(|(s, _)| *s == id))
+            .map(|(_, u)| u.as_str());
+        let obs = observation(
+            r,
+            sp,
+            sp_url,
+            patient.as_deref(),
+            performer.as_deref(),
+            request.as_deref(),
+        );
+        focus.push(b.add(&format!("result-{}", i + 1), obs));
+    }
+    focus
+}
+
+fn specimen(b: &mut Builder<'_>, s: &Specimen, i: usize, patient: Option<&str>) -> String {
+    let ids: Vec<Identifier> = s
+        .identifiers
+        .iter()
+        .filter(|i| i.system != EXT_EDIFACT_REFERENCE)
+        .cloned()
+        .collect();
+    let volume = s.volume.as_ref().and_then(|v| {
+        let (num, unit) = v
+            .split_once(' ')
+            .map_or((v.as_str(), None), |(n, u)| (n, Some(u.to_owned())));
+        quantity(num, unit.as_ref(), None)
+    });
+    let collection = Object::new()
+        .with_opt("collectedDateTime", s.collected_at.as_ref())
+        .with_opt("quantity", volume);
+    let r = Object::new()
+        .with("resourceType", "Specimen")
+        .with("meta", meta("nl-core-LaboratoryTestResult.Specimen"))
+        .with_array("identifier", identifiers(&ids))
+        .with_opt("type", s.material.as_ref().map(concept))
+        .with_opt("subject", patient.map(reference))
+        .with_opt("receivedTime", s.received_at.as_ref())
+        .with_opt("collection", (!collection.is_empty()).then_some(collection));
+    b.add(&format!("specimen-{}", i + 1), r)
+}
+
+fn observation(
+    r: &LabTestResult,
+    sp: Option<&Specimen>,
+    sp_url: Option<&str>,
+    patient: Option<&str>,
+    performer: Option<&str>,
+    request: Option<&str>,
+) -> Object {
+    let edifact = sp.and_then(|s| {
+        s.identifiers
+            .iter()
+            .find(|i| i.system == EXT_EDIFACT_REFERENCE)
+    });
+    let lab = Object::new().with(
+        "coding",
+        vec![
+            Object::new()
+                .with("system", OBSERVATION_CATEGORY)
+                .with("code", "laboratory")
+                .with("display", "Laboratory")
+                .into(),
+        ],
+    );
+    let mut category = vec![Value::from(lab)];
+    if let Some(section) = &r.section {
+        category.push(Object::new().with("text", section).into());
+    }
+    let mut codes = vec![coding(&r.test)];
+    codes.extend(r.other_codes.iter().map(coding));
+    if let Some(local) = &r.local_code
+        && r.test.code != *local
+        && !r.other_codes.iter().any(|c| c.code == *local)
+    {
+        codes.push(
+            Object::new()
+                .with("system", "urn:ketenbus:local:unknown")
+                .with("code", local)
+                .into(),
+        );
+    }
+    let specimen_ref = match (sp_url, &r.specimen_id) {
+        (Some(u), _) => Some(reference(u)),
+        (None, Some(id)) => Some(reference(&format!("Specimen/{id}"))),
+        _ => None,
+    };
+    let mut o = Object::new()
+        .with("resourceType", "Observation")
+        .with("meta", meta("nl-core-LaboratoryTestResult"))
+        .with_array(
+            "extension",
+            edifact
+                .map(|i| ext_string(EXT_EDIFACT_REFERENCE, &i.value))
+                .into_iter()
+                .collect(),
+        )
+        .with_array("basedOn", request.map(reference).into_iter().collect())
+        .with("status", r.status.as_str())
+        .with("category", category)
+        .with(
+            "code",
+            Object::new()
+                .with("coding", codes)
+                .with_opt("text", r.local_name.as_ref()),
+        )
+        .with_opt("subject", patient.map(reference))
+        .with_opt("effectiveDateTime", r.effective_at.as_ref())
+        .with_array("performer", performer.map(reference).into_iter().collect());
+    let q = r.value_decimal.as_ref().and_then(|v| {
+        quantity(v, r.unit.as_ref(), r.unit_system.as_ref())
+            .map(|q| q.with_opt("comparator", r.comparator.as_ref()))
+    });
+    // `comparator` belongs between value and unit in definition order; JSON order is free.
+    if let Some(q) = q {
+        o = o.with("valueQuantity", q);
+    } else if let Some(t) = r.value_text.as_ref().or(r.value_decimal.as_ref()) {
+        o = o.with("valueString", t);
+    }
+    if let Some(code) = &r.interpretation {
+        let snomed = SNOMED_FLAGS.iter().find(|(_, v3, _)| v3 == code);
+        let v3: Value = Object::new()
+            .with("system", V3_INTERPRETATION)
+            .with("code", code)
+            .into();
+        let mut cs = Vec::new();
+        if let Some((sct, _, display)) = snomed {
+            let s: Value = Object::new()
+                .with("system", systems::SNOMED)
+                .with("code", *sct)
+                .with("display", *display)
+                .into();
+            if r.interpretation_raw.as_deref() == Some(*sct) {
+                cs = vec![s, v3];
+            } else {
+                cs = vec![v3, s];
+            }
+        } else {
+            cs.push(v3);
+        }
+        o = o.with(
+            "interpretation",
+            vec![Object::new().with("coding", cs).into()],
+        );
+    }
+    o = o
+        .with_array(
+            "note",
+            r.comments
+                .iter()
+                .map(|c| Object::new().with("text", c).into())
+                .collect(),
+        )
+        .with_opt("specimen", specimen_ref);
+    let bound = |v: &Option<String>| {
+        v.as_ref()
+            .and_then(|v| quantity(v, r.unit.as_ref(), r.unit_system.as_ref()))
+    };
+    let range = Object::new()
+        .with_opt("low", bound(&r.reference_low))
+        .with_opt("high", bound(&r.reference_high))
+        .with_opt("text", r.reference_text.as_ref());
+    if !range.is_empty() {
+        o = o.with("referenceRange", vec![range.into()]);
+    }
+    o
+}
+
+fn narrative(text: &str) -> Value {
+    let mut div = String::from("<div xmlns=\"http://www.w3.org/1999/xhtml\">");
+    for c in text.chars() {
+        match c {
+            '<' => div.push_str("&lt;"),
+            '>' => div.push_str("&gt;"),
+            '&' => div.push_str("&amp;"),
+            c => div.push(c),
+        }
+    }
+    div.push_str("</div>");
+    Object::new()
+        .with("status", "additional")
+        .with("div", div)
+        .into()
+}
+
+fn attachment(a: &Attachment) -> Value {
+    let att = Object::new()
+        .with("contentType", &a.content_type)
+        .with("url", format!("{CONTENT_URN}{}", a.sha256))
+        .with("size", Value::Number(a.size.to_string()))
+        .with_opt("title", a.title.as_ref());
+    Object::new().with("attachment", att).into()
+}
+
+fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
+    let patient = e.patient.as_ref().map(|p| b.patient(p));
+    let req_org = e
+        .requester_organization
+        .as_ref()
+        .map(|o| b.organization("requester-organization", o));
+    let rec_org = e
+        .receiver_organization
+        .as_ref()
+        .map(|o| b.organization("receiver-organization", o));
+    let requester = e
+        .requester
+        .as_ref()
+        .map(|p| b.professional("requester", p, req_org.as_deref(), false));
+    let author = requester
+        .as_ref()
+        .or(req_org.as_ref())
+        .map(|u| reference(u));
+    let mut supporting = Vec::new();
+    if !e.sections.is_empty() {
+        let sections: Vec<Value> = e
+            .sections
+            .iter()
+            .map(|s| {
+                Object::new()
+                    .with_opt("title", s.title.as_ref())
+                    .with_opt("code", s.code.as_ref().map(concept))
+                    .with_opt("text", s.text.as_deref().map(narrative))
+                    .into()
+            })
+            .collect();
+        let date = e
+            .referral
+            .authored_on
+            .as_ref()
+            .or(e.header.occurred_at.as_ref());
+        let comp = Object::new()
+            .with("resourceType", "Composition")
+            .with("status", "final")
+            .with(
+                "type",
+                concept(&Coding {
+                    system: systems::LOINC.into(),
+                    code: "18761-7".into(),
+                    display: Some("Transfer summary note".into()),
+                }),
+            )
+            .with_opt("subject", patient.as_deref().map(reference))
+            .with_opt("date", date)
+            .with_array("author", author.into_iter().collect())
+            .with("title", "Overdracht")
+            .with("section", sections);
+        supporting.push(reference(&b.add("composition", comp)));
+    }
+    for (i, a) in e.attachments.iter().enumerate() {
+        let dr = Object::new()
+            .with("resourceType", "DocumentReference")
+            .with("status", "current")
+            .with_opt("subject", patient.as_deref().map(reference))
+            .with("content", vec![attachment(a)]);
+        supporting.push(reference(&b.add(&format!("attachment-{}", i + 1), dr)));
+    }
+    let r = &e.referral;
+    let sr = Object::new()
+        .with("resourceType", "ServiceRequest")
+        .with("status", r.status.as_deref().unwrap_or("active"))
+        .with("intent", "order")
+        .with_opt("priority", r.priority.as_ref())
+        .with("code", concept(&r.code))
+        .with_opt("subject", patient.as_deref().map(reference))
+        .with_opt("authoredOn", r.authored_on.as_ref())
+        .with_opt(
+            "requester",
+            requester.as_deref().or(req_org.as_deref()).map(reference),
+        )
+        .with_array(
+            "performer",
+            rec_org.as_deref().map(reference).into_iter().collect(),
+        )
+        .with_array(
+            "reasonCode",
+            r.reason
+                .iter()
+                .map(|t| Object::new().with("text", t).into())
+                .collect(),
+        )
+        .with_array("supportingInfo", supporting);
+    vec![b.add("referral", sr)]
+}
+
+fn party_reference(party: &str) -> Value {
+    let (scheme, value) = party.split_once(':').unwrap_or(("", party));
+    let system = match scheme {
+        "ura" => systems::URA,
+        "agb" => systems::AGB,
+        "uzi" => systems::UZI_PERSON,
+        "uzi-sys" => systems::UZI_SYSTEM,
+        _ => "urn:ketenbus:party",
+    };
+    let value = if system == "urn:ketenbus:party" {
+        party
+    } else {
+        value
+    };
+    Object::new()
+        .with(
+            "identifier",
+            Object::new().with("system", system).with("value", value),
+        )
+        .into()
+}
+
+fn notification(b: &mut Builder<'_>, e: &HandoverNotificationEvent) -> Vec<String> {
+    let task = Object::new()
+        .with("resourceType", "Task")
+        .with("status", e.task_status.as_str())
+        .with("intent", "proposal")
+        .with_opt("requester", e.requester.as_deref().map(party_reference))
+        .with_opt("owner", e.owner.as_deref().map(party_reference));
+    let _ = b.add("task", task);
+    // The notification names the sender's Task: its absolute URL is the entry's full URL
+    // and its id the sender's id, so the receiver pulls from there.
+    let entry = b.entries.last_mut().expect("just added");
+    if e.task_reference.starts_with("http://") || e.task_reference.starts_with("https://") {
+        entry.full_url.clone_from(&e.task_reference);
+    }
+    if let Some(id) = e.task_reference.rsplit('/').next() {
+        entry.resource.insert("id", Value::from(id));
+    }
+    entry.request = Some(Object::new().with("method", "POST").with("url", "Task"));
+    vec![entry.full_url.clone()]
+}
