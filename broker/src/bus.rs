@@ -136,7 +136,8 @@ pub trait Bus: Send + Sync + 'static {
 
 /// A consumer group member.
 pub trait Consumer: Send + 'static {
-    /// The next record, waiting up to `timeout`; `None` when nothing came.
+    /// The next record, waiting up to `timeout`; `None` when nothing came. Cancel-safe: a
+    /// poll dropped before it resolves loses no record (dispatch polls inside `select!`).
     fn poll(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Record>, BusError>> + Send;
 
     /// Mark a record finished. Offsets are committed as the contiguous finished prefix per

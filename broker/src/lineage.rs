@@ -161,6 +161,7 @@ impl Lineage {
     /// # Errors
     /// When the database cannot be opened.
     pub fn open(data_dir: &Path) -> rusqlite::Result<Lineage> {
+        std::fs::create_dir_all(data_dir).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let path = data_dir.join("lineage.db");
         let conn = open(&path)?;
         let (tx, rx) = mpsc::channel(16_384);

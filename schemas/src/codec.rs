@@ -1,7 +1,6 @@
 //! Avro single-object encoding: `C3 01`, the 8-byte little-endian CRC-64-AVRO (Rabin)
 //! fingerprint of the schema's parsing canonical form, then the binary datum.
 
-use apache_avro::rabin::Rabin;
 use apache_avro::Schema;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -56,15 +55,39 @@ impl CompiledSchema {
     #[must_use]
     pub fn parse(json: &'static str) -> CompiledSchema {
         let schema = Schema::parse_str(json).expect("shipped schema parses");
-        let bytes = schema.fingerprint::<Rabin>().bytes;
-        let mut fingerprint = [0u8; 8];
-        fingerprint.copy_from_slice(&bytes[..8]);
+        let fingerprint = rabin_fingerprint(&parsing_canonical_form(&schema));
         let name = match &schema {
             Schema::Record(r) => Box::leak(r.name.fullname(None).into_boxed_str()),
             _ => "schema",
         };
         CompiledSchema { schema, fingerprint, name }
     }
+}
+
+/// The spec's Parsing Canonical Form. apache-avro 0.21 writes a primitive that carried a
+/// logical type as `{"type":"long"}` where the spec's [PRIMITIVES] rule wants `"long"`, which
+/// changes the fingerprint; this puts such primitives back in their simple form so the
+/// fingerprint matches other Avro libraries (fastavro, Java).
+#[must_use]
+pub fn parsing_canonical_form(schema: &Schema) -> String {
+    let mut pcf = schema.canonical_form();
+    for p in ["null", "boolean", "int", "long", "float", "double", "bytes", "string"] {
+        pcf = pcf.replace(&format!("{{\"type\":\"{p}\"}}"), &format!("\"{p}\""));
+    }
+    pcf
+}
+
+/// CRC-64-AVRO (Rabin) fingerprint of a canonical form, as the 8 little-endian bytes that
+/// single-object encoding writes.
+#[must_use]
+pub fn rabin_fingerprint(canonical: &str) -> [u8; 8] {
+    use apache_avro::rabin::Rabin;
+    use digest::Digest;
+    let mut d = Rabin::new();
+    d.update(canonical.as_bytes());
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d.finalize()[..8]);
+    out
 }
 
 /// A Rust type that mirrors one `.avsc` file.

@@ -198,3 +198,12 @@ fn a_value_of_another_schema_is_refused() {
     assert!(RawEnvelope::from_avro(&bytes).is_err());
     assert!(RawEnvelope::from_avro(b"plain").is_err());
 }
+
+#[test]
+fn fingerprints_match_an_independent_implementation() {
+    // Parsing Canonical Form fingerprints as Python's fastavro 1.x computes them
+    // (`fastavro.schema.fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO")`),
+    // as the hex of the 8 bytes single-object encoding writes.
+    let hex = |f: [u8; 8]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(hex(RawEnvelope::compiled().fingerprint), "027ee19725004e3d");
+}
