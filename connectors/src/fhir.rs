@@ -7,12 +7,14 @@
 //!   eOverdracht-style Task notifications into ketenbus events.
 //! - [`emit`]: the inverse, events into nl-core resources in a transaction or message Bundle.
 //! - [`outcome`]: OperationOutcome written for senders and read from receivers.
+//! - [`sink`]: [`FhirSink`], delivery of events to a subscriber's FHIR endpoint.
 
 pub mod emit;
 pub mod json;
 pub mod model;
 pub mod normalize;
 pub mod outcome;
+pub mod sink;
 pub mod value;
 pub mod xml;
 
@@ -25,6 +27,7 @@ use ketenbus_schemas::Format;
 
 pub use emit::{BundleStyle, EmitOptions, to_bundle};
 pub use normalize::FhirNormalizer;
+pub use sink::FhirSink;
 pub use value::{Object, Value};
 
 use crate::ErrorKind;

@@ -1,0 +1,360 @@
+//! FHIR sink: delivers events to a subscriber's FHIR endpoint as nl-core resources in a
+//! transaction Bundle (`POST [base]`) or a message Bundle (`POST [base]/$process-message`).
+//! Answers are classified like the webhook sink's; a returned OperationOutcome's issues
+//! become the failure detail.
+
+use std::time::Duration;
+
+use ketenbus_schemas::Format;
+
+use super::emit::{BundleStyle, EmitOptions, to_bundle};
+use super::outcome::issue_text;
+use super::value::Value;
+use super::{MEDIA_JSON, MEDIA_XML};
+use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
+use crate::webhook::{ATTEMPT_HEADER, IDEMPOTENCY_HEADER, KIND_HEADER, classify_status};
+
+/// A subscriber's FHIR endpoint.
+pub struct FhirSink {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    opts: EmitOptions,
+}
+
+impl std::fmt::Debug for FhirSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FhirSink")
+            .field("url", &self.url.as_str())
+            .field("style", &self.opts.style)
+            .finish()
+    }
+}
+
+impl FhirSink {
+    /// A sink posting to the FHIR server at `base` in `style`. `source_endpoint` is
+    /// ketenbus's own FHIR base, written into message headers.
+    ///
+    /// # Errors
+    /// When the HTTP client cannot be built (TLS backend), or `base` cannot take a path.
+    pub fn new(
+        base: &reqwest::Url,
+        style: BundleStyle,
+        source_endpoint: Option<String>,
+        timeout: Duration,
+    ) -> Result<FhirSink, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(64)
+            .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let base_str = base.as_str().trim_end_matches('/').to_owned();
+        let url = match style {
+            BundleStyle::Transaction => base.clone(),
+            BundleStyle::Message => reqwest::Url::parse(&format!("{base_str}/$process-message"))
+                .map_err(|e| e.to_string())?,
+        };
+        let opts = EmitOptions {
+            style,
+            source_endpoint,
+            destination_endpoint: Some(base_str),
+        };
+        Ok(FhirSink { client, url, opts })
+    }
+
+    /// Body and media type for a delivery.
+    fn body(&self, payload: &Payload) -> Result<(Vec<u8>, &'static str), DeliveryError> {
+        match payload {
+            Payload::Event(e) => {
+                let bundle = to_bundle(e, &self.opts).map_err(|e| DeliveryError::Rejected {
+                    reason: "no_fhir_form".into(),
+                    detail: e.to_string(),
+                })?;
+                Ok((super::json::to_vec(&bundle), MEDIA_JSON))
+            }
+            Payload::Raw(env) => match env.format {
+                Format::FhirJson => Ok((env.body.clone(), MEDIA_JSON)),
+                Format::FhirXml => Ok((env.body.clone(), MEDIA_XML)),
+                other => Err(DeliveryError::Rejected {
+                    reason: "not_fhir".into(),
+                    detail: format!(
+                        "raw {} envelopes cannot go to a FHIR endpoint",
+                        other.as_str()
+                    ),
+                }),
+            },
+        }
+    }
+}
+
+/// Classify a FHIR server's answer: the HTTP status first, then a message response's
+/// `MessageHeader.response.code` (`transient-error` retries, `fatal-error` rejects).
+///
+/// # Errors
+/// The classified failure, with the OperationOutcome's issues as detail when there are any.
+pub fn classify_answer(status: u16, body: &[u8]) -> Result<String, DeliveryError> {
+    let parsed = super::json::parse(body)
+        .ok()
+        .or_else(|| super::xml::parse(body).ok());
+    let line = format!(
+        "{status} {}",
+        reqwest::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("")
+    )
+    .trim_end()
+    .to_owned();
+    let issues = parsed.as_ref().and_then(|v| {
+        issue_text(v).or_else(|| {
+            // A response Bundle may carry the outcome in its entries.
+            v.get("entry")?
+                .as_array()?
+                .iter()
+                .filter_map(|e| e.get("resource"))
+                .find_map(issue_text)
+        })
+    });
+    let detail = issues
+        .as_ref()
+        .map_or_else(|| line.clone(), |i| format!("{line}: {i}"));
+    classify_status(status, detail.clone())?;
+    if let Some(v) = &parsed {
+        let code = v
+            .get("entry")
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+            .and_then(|e| e.get("resource"))
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some("MessageHeader"))
+            .and_then(|mh| mh.get("response"))
+            .and_then(|r| r.get("code"))
+            .and_then(Value::as_str);
+        match code {
+            Some("transient-error") => {
+                return Err(DeliveryError::Retryable {
+                    reason: "fhir_transient_error".into(),
+                    detail,
+                });
+            }
+            Some("fatal-error") => {
+                return Err(DeliveryError::Rejected {
+                    reason: "fhir_fatal_error".into(),
+                    detail,
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(line)
+}
+
+impl Sink for FhirSink {
+    fn deliver<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+        Box::pin(async move {
+            let (body, media) = self.body(&delivery.payload)?;
+            let kind = match &delivery.payload {
+                Payload::Event(e) => e.kind().as_str(),
+                Payload::Raw(_) => "raw",
+            };
+            let resp = self
+                .client
+                .post(self.url.clone())
+                .header(reqwest::header::CONTENT_TYPE, media)
+                .header(reqwest::header::ACCEPT, MEDIA_JSON)
+                .header(IDEMPOTENCY_HEADER, &delivery.record_id)
+                .header(KIND_HEADER, kind)
+                .header(ATTEMPT_HEADER, delivery.attempt.to_string())
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| transport_error(&e))?;
+            let status = resp.status().as_u16();
+            let answer = resp.bytes().await.unwrap_or_default();
+            let line = classify_answer(status, &answer)?;
+            Ok(Receipt { detail: line })
+        })
+    }
+}
+
+fn transport_error(e: &reqwest::Error) -> DeliveryError {
+    let reason = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "network"
+    };
+    let mut detail = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(inner) = cur {
+        detail.push_str(": ");
+        detail.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    DeliveryError::Retryable {
+        reason: reason.into(),
+        detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_with_the_outcome_as_detail() {
+        let oo = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"Observation.code is required"}]}"#;
+        let err = classify_answer(422, oo).unwrap_err();
+        assert_eq!(err.reason(), "http_422");
+        assert!(matches!(err, DeliveryError::Rejected { .. }));
+        assert_eq!(
+            err.detail(),
+            "422 Unprocessable Entity: error invalid: Observation.code is required"
+        );
+        assert!(matches!(
+            classify_answer(503, b""),
+            Err(DeliveryError::Retryable { .. })
+        ));
+        assert!(matches!(
+            classify_answer(429, oo),
+            Err(DeliveryError::Retryable { .. })
+        ));
+        assert_eq!(
+            classify_answer(
+                200,
+                br#"{"resourceType":"Bundle","type":"transaction-response"}"#
+            )
+            .unwrap(),
+            "200 OK"
+        );
+        let transient = br#"{"resourceType":"Bundle","type":"message","entry":[{"resource":{"resourceType":"MessageHeader","response":{"identifier":"x","code":"transient-error"}}}]}"#;
+        assert_eq!(
+            classify_answer(200, transient).unwrap_err().reason(),
+            "fhir_transient_error"
+        );
+    }
+
+    /// A one-shot HTTP server on loopback: answers `status` with `body`, hands back the request.
+    async fn serve_once(
+        status: u16,
+        body: &'static str,
+    ) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = sock.read(&mut buf).await.unwrap();
+                req.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&req);
+                if let Some(h) = text.find("\r\n\r\n") {
+                    let len = text[..h]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if req.len() >= h + 4 + len {
+                        break;
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            sock.write_all(resp.as_bytes()).await.unwrap();
+            req
+        });
+        (format!("http://{addr}/fhir"), task)
+    }
+
+    fn delivery() -> Delivery {
+        let env = crate::fhir::golden_tests::az_envelope();
+        let events = crate::Normalize::normalize(&crate::fhir::FhirNormalizer, &env).unwrap();
+        Delivery {
+            subscription: "hap".into(),
+            record_id: events[0].header().id.clone(),
+            payload: Payload::Event(Arc::new(events[0].clone())),
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn posts_a_message_bundle_to_process_message() {
+        let (base, server) = serve_once(200, r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational"}]}"#).await;
+        let sink = FhirSink::new(
+            &base.parse().unwrap(),
+            BundleStyle::Message,
+            Some("https://ketenbus.example/fhir".into()),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let receipt = sink.deliver(&delivery()).await.unwrap();
+        assert_eq!(receipt.detail, "200 OK");
+        let req = String::from_utf8(server.await.unwrap()).unwrap();
+        assert!(
+            req.starts_with("POST /fhir/$process-message HTTP/1.1"),
+            "{}",
+            &req[..60]
+        );
+        assert!(
+            req.to_ascii_lowercase()
+                .contains("content-type: application/fhir+json")
+        );
+        let body = &req[req.find("\r\n\r\n").unwrap() + 4..];
+        let bundle = crate::fhir::json::parse(body.as_bytes()).unwrap();
+        assert_eq!(bundle.get("type").and_then(Value::as_str), Some("message"));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_carries_the_receivers_issue_text() {
+        let (base, server) = serve_once(422, r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","diagnostics":"unknown patient"}]}"#).await;
+        let sink = FhirSink::new(
+            &base.parse().unwrap(),
+            BundleStyle::Transaction,
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let err = sink.deliver(&delivery()).await.unwrap_err();
+        assert!(matches!(err, DeliveryError::Rejected { .. }));
+        assert_eq!(
+            err.detail(),
+            "422 Unprocessable Entity: error processing: unknown patient"
+        );
+        let req = String::from_utf8(server.await.unwrap()).unwrap();
+        assert!(req.starts_with("POST /fhir HTTP/1.1"));
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_retryable() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let sink = FhirSink::new(
+            &format!("http://{addr}/fhir").parse().unwrap(),
+            BundleStyle::Transaction,
+            None,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let err = sink.deliver(&delivery()).await.unwrap_err();
+        assert_eq!(err.reason(), "connect");
+    }
+}
