@@ -195,6 +195,9 @@ impl Lineage {
     /// # Errors
     /// When the database fails.
     pub async fn get(&self, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
+        // A client may ask right after its 202, before the batch holding the message is
+        // written: flush, so what was acknowledged is always found.
+        self.flush().await;
         let path = self.path.clone();
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || read(&path, &id))

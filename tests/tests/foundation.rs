@@ -50,7 +50,6 @@ async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
     let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
     assert_eq!(r.header("ketenbus-signature"), Some(want.as_str()));
 
-    // No EDIFACT normaliser in this build path yet counts as unsupported_format, not a drop.
     let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"].as_array().is_some_and(|d| d.iter().any(|d| d["outcome"] == "delivered"))
     })
@@ -88,8 +87,16 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.received().len(), 1, "rejected messages left nothing behind");
     assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
-    let l = lineage(&c, &broker.url, j["id"].as_str().unwrap()).await.unwrap();
-    assert!(l["steps"].as_array().unwrap().iter().any(|s| s["outcome"] == "unsupported_format"), "{l:#}");
+    // `{}` is no FHIR resource: the router dead-letters it, and raw subscribers still got it.
+    let l = lineage_until(&broker.url, j["id"].as_str().unwrap(), |l| {
+        l["steps"].as_array().unwrap().iter().any(|s| s["stage"] == "normalise")
+    })
+    .await;
+    let step = l["steps"].as_array().unwrap().iter().find(|s| s["stage"] == "normalise").unwrap();
+    assert_eq!(step["outcome"], "rejected", "{l:#}");
+    let (ok, out, err) = broker.cli(&["dlq", "list", "--subscription", "router"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(j["id"].as_str().unwrap()), "router dead letter listed: {out}");
     // Unknown ids are a clear 404.
     let resp = c.get(format!("{}/api/v1/messages/nope", broker.url)).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 404);
@@ -295,4 +302,62 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
         assert!(tokio::time::Instant::now() < deadline, "{} of {} acknowledged messages never arrived:\n{}", missing.len(), want.len(), broker.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'
+UNH+M0042+MEDLAB:1'
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'
+DET+26:11:01+07:40'
+IDE+J+L2611017+bloed'
+SEC+CHEMIE'
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'
+OPB+Hemolytisch monster?: herhalen aanbevolen'
+UNT+9+M0042'
+UNZ+1+IC0042'
+";
+
+#[tokio::test]
+async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
+    let events = Receiver::start(OK).await;
+    let raw = Receiver::start(OK).await;
+    let subs = format!(
+        "{}\n{}",
+        webhook_subscription("gp", "\"lab_result\"", &events.url(), ""),
+        webhook_subscription("archive", "\"raw\"", &raw.url(), "")
+    );
+    let broker = Broker::start(&subs);
+    let (s, j) = post_message(&client(), &broker.url, "application/EDIFACT", MEDLAB.as_bytes().to_vec()).await.unwrap();
+    assert_eq!(s, 202);
+    let id = j["id"].as_str().unwrap();
+    let got = events.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let r = &got[0];
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("ketenbus-kind"), Some("lab_result"));
+    assert_eq!(r.header("idempotency-key"), Some(format!("{id}.0").as_str()));
+    let e: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(e["header"]["id"], format!("{id}.0"));
+    assert_eq!(e["header"]["envelope_id"], id);
+    assert_eq!(e["header"]["kind"], "lab_result");
+    let key = e["header"]["patient_key"].as_str().unwrap();
+    assert_eq!(key.len(), 32);
+    assert!(!r.body.windows(9).any(|w| w == key.as_bytes()) || !key.contains("999911120"));
+    let result = &e["results"][0];
+    assert_eq!(result["local_name"], "Kalium");
+    assert_eq!(result["value_decimal"], "5.9");
+    assert_eq!(result["unit"], "mmol/l");
+    assert_eq!(result["reference_low"], "3.5");
+    assert_eq!(result["reference_high"], "5.0");
+    assert_eq!(result["interpretation_raw"], ">");
+    assert_eq!(result["comments"][0], "Hemolytisch monster: herhalen aanbevolen");
+    assert_eq!(e["patient"]["identifiers"][0]["value"], "999911120");
+    // The raw subscriber got the original bytes; the lineage shows the event and both deliveries.
+    assert_eq!(raw.wait_for(1, Duration::from_secs(5)).await[0].body.as_ref(), MEDLAB.as_bytes());
+    let l = lineage_until(&broker.url, id, |l| {
+        l["deliveries"].as_array().unwrap().iter().filter(|d| d["outcome"] == "delivered").count() == 2
+    })
+    .await;
+    assert_eq!(l["events"][0]["id"], format!("{id}.0"));
+    assert_eq!(l["events"][0]["kind"], "lab_result");
 }
