@@ -1,0 +1,660 @@
+//! The FHIR R4 endpoints under `/fhir`: `POST /fhir/$process-message` and `POST /fhir`
+//! (message, transaction or batch Bundles) and `POST /fhir/{ResourceType}`, in
+//! `application/fhir+json` or `application/fhir+xml`; `GET /fhir/metadata`.
+//!
+//! A message is parsed and mapped with the FHIR normaliser *before* ingest, so the sender
+//! hears `400`/`422` with an OperationOutcome naming the element path for what it can fix.
+//! Only then is the original body handed to ingest, and the sender hears `202`/`200` only
+//! after the envelope is durable (`503` with `Retry-After` when the log cannot take it).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use ketenbus_connectors::fhir::{self, Object, Value, normalize, outcome};
+use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_schemas::{Format, RawEnvelope};
+
+use crate::api::ApiState;
+use crate::bus::Bus;
+use crate::ingest::new_message_id;
+use crate::now_ms;
+
+/// The `/fhir` routes, to merge into the API router (state: the API's).
+pub fn routes<B: Bus>() -> Router<Arc<ApiState<B>>> {
+    Router::new()
+        .route("/fhir", post(post_base::<B>))
+        .route("/fhir/$process-message", post(process_message::<B>))
+        .route("/fhir/metadata", get(metadata))
+        .route("/fhir/{resource_type}", post(post_resource::<B>))
+}
+
+/// Which interaction a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interaction {
+    ProcessMessage,
+    Base,
+    Create,
+}
+
+/// The FHIR format of a media type; `application/json` and `application/xml` count too.
+fn format_of(content_type: &str) -> Option<Format> {
+    if let Some(f) = Format::from_media_type(content_type)
+        .filter(|f| matches!(f, Format::FhirJson | Format::FhirXml))
+    {
+        return Some(f);
+    }
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" | "text/json" => Some(Format::FhirJson),
+        "application/xml" | "text/xml" => Some(Format::FhirXml),
+        _ => None,
+    }
+}
+
+/// The answer format: the `Accept` header's if it names one, else the request's.
+fn answer_format(headers: &HeaderMap, request: Format) -> Format {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let json = accept.contains("json");
+    let xml = accept.contains("xml");
+    match (json, xml) {
+        (true, false) => Format::FhirJson,
+        (false, true) => Format::FhirXml,
+        _ => request,
+    }
+}
+
+fn respond(status: StatusCode, format: Format, body: &Value) -> Response {
+    let (bytes, media) = match fhir::write(format, body) {
+        Ok(b) if format == Format::FhirXml => (b, fhir::MEDIA_XML),
+        Ok(b) => (b, fhir::MEDIA_JSON),
+        Err(_) => (fhir::json::to_vec(body), fhir::MEDIA_JSON),
+    };
+    let mut resp = (status, bytes).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&format!("{media}; charset=utf-8")).expect("static media type"),
+    );
+    resp
+}
+
+fn issue(
+    status: StatusCode,
+    format: Format,
+    severity: &str,
+    code: &str,
+    text: &str,
+    at: Option<&str>,
+) -> Response {
+    respond(status, format, &outcome::outcome(severity, code, text, at))
+}
+
+async fn process_message<B: Bus>(
+    State(st): State<Arc<ApiState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(&st, &headers, &body, Interaction::ProcessMessage, None).await
+}
+
+async fn post_base<B: Bus>(
+    State(st): State<Arc<ApiState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(&st, &headers, &body, Interaction::Base, None).await
+}
+
+async fn post_resource<B: Bus>(
+    State(st): State<Arc<ApiState<B>>>,
+    Path(resource_type): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(
+        &st,
+        &headers,
+        &body,
+        Interaction::Create,
+        Some(&resource_type),
+    )
+    .await
+}
+
+async fn handle<B: Bus>(
+    st: &ApiState<B>,
+    headers: &HeaderMap,
+    body: &[u8],
+    interaction: Interaction,
+    path_type: Option<&str>,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(format) = format_of(content_type) else {
+        return issue(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Format::FhirJson,
+            "error",
+            "not-supported",
+            "Content-Type must be application/fhir+json or application/fhir+xml",
+            None,
+        );
+    };
+    let out = answer_format(headers, format);
+    if let Some(t) = path_type {
+        if fhir::model::r4().resource(t).is_none() {
+            return issue(
+                StatusCode::NOT_FOUND,
+                out,
+                "error",
+                "not-supported",
+                &format!("{t} is not an R4 resource type"),
+                None,
+            );
+        }
+    }
+    if body.is_empty() {
+        return issue(
+            StatusCode::BAD_REQUEST,
+            out,
+            "error",
+            "required",
+            "the request body is empty",
+            None,
+        );
+    }
+    if body.len() > st.max_body {
+        return issue(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            out,
+            "error",
+            "too-costly",
+            &format!("the message is larger than {} bytes", st.max_body),
+            None,
+        );
+    }
+
+    // Validate: parse and map, so the sender hears now what it can fix.
+    let tree = match fhir::parse(format, body) {
+        Ok(t) => t,
+        Err(e) => {
+            let (position, what) = match &e {
+                fhir::FhirError::Syntax { position, what }
+                | fhir::FhirError::Write {
+                    path: position,
+                    what,
+                } => (position.as_str(), what.as_str()),
+            };
+            return issue(
+                StatusCode::BAD_REQUEST,
+                out,
+                "error",
+                "structure",
+                &format!("fhir_syntax: {what}"),
+                Some(position),
+            );
+        }
+    };
+    let resource_type = tree
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let bundle_type = tree
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|_| resource_type == "Bundle")
+        .map(str::to_owned);
+    match interaction {
+        Interaction::ProcessMessage if bundle_type.as_deref() != Some("message") => {
+            return issue(
+                StatusCode::BAD_REQUEST,
+                out,
+                "error",
+                "invalid",
+                "$process-message takes a Bundle of type message",
+                Some("Bundle.type"),
+            );
+        }
+        Interaction::Base
+            if !matches!(
+                bundle_type.as_deref(),
+                Some("message" | "transaction" | "batch")
+            ) =>
+        {
+            return issue(
+                StatusCode::BAD_REQUEST,
+                out,
+                "error",
+                "invalid",
+                "POST to the base takes a Bundle of type message, transaction or batch",
+                Some(if resource_type == "Bundle" {
+                    "Bundle.type"
+                } else {
+                    "resourceType"
+                }),
+            );
+        }
+        Interaction::Create if path_type != Some(resource_type.as_str()) => {
+            return issue(
+                StatusCode::BAD_REQUEST,
+                out,
+                "error",
+                "invalid",
+                "resourceType does not match the URL",
+                Some("resourceType"),
+            );
+        }
+        _ => {}
+    }
+    if let Err(e) = normalize::events_from(&tree, "validation", format.as_str()) {
+        let (status, oo) = outcome::for_normalize_error(&e);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+        return respond(status, out, &oo);
+    }
+
+    // Durable before acknowledged.
+    let kind = match (interaction, bundle_type.as_deref()) {
+        (Interaction::Create, _) => "create",
+        (_, Some("transaction")) => "transaction",
+        (_, Some("batch")) => "batch",
+        _ => "process-message",
+    };
+    let mut attributes = BTreeMap::new();
+    attributes.insert("fhir_interaction".to_owned(), kind.to_owned());
+    attributes.insert("fhir_resource_type".to_owned(), resource_type.clone());
+    let envelope = RawEnvelope {
+        id: new_message_id(),
+        received_at_ms: now_ms(),
+        connector: "fhir".into(),
+        format,
+        content_type: content_type.to_owned(),
+        sender: None,
+        receiver: None,
+        body: body.to_vec(),
+        attributes,
+    };
+    let accepted = match st.ingest.accept(envelope).await {
+        Ok(a) => a,
+        Err(IngestError::Unavailable(e)) => {
+            tracing::warn!(error = %e, "fhir ingest refused: log unavailable");
+            let mut resp = issue(
+                StatusCode::SERVICE_UNAVAILABLE,
+                out,
+                "error",
+                "transient",
+                "the log cannot take the message now; retry later",
+                None,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fhir ingest failed");
+            return issue(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                out,
+                "fatal",
+                "exception",
+                "ingest failed",
+                None,
+            );
+        }
+    };
+    let location = format!("/api/v1/messages/{}", accepted.id);
+    let text = format!("accepted as message {}", accepted.id);
+    let mut resp = match kind {
+        "transaction" | "batch" => {
+            respond(StatusCode::OK, out, &response_bundle(&tree, kind, &text))
+        }
+        _ => issue(
+            StatusCode::ACCEPTED,
+            out,
+            "information",
+            "informational",
+            &text,
+            None,
+        ),
+    };
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// A transaction-response / batch-response: every entry accepted for forwarding.
+fn response_bundle(request: &Value, kind: &str, text: &str) -> Value {
+    let n = request
+        .get("entry")
+        .and_then(Value::as_array)
+        .map_or(0, <[Value]>::len);
+    let ok = outcome::outcome("information", "informational", text, None);
+    let entries: Vec<Value> = (0..n)
+        .map(|_| {
+            Object::new()
+                .with(
+                    "response",
+                    Object::new()
+                        .with("status", "202 Accepted")
+                        .with("outcome", ok.clone()),
+                )
+                .into()
+        })
+        .collect();
+    Object::new()
+        .with("resourceType", "Bundle")
+        .with("type", format!("{kind}-response"))
+        .with_array("entry", entries)
+        .into()
+}
+
+/// `GET /fhir/metadata`: what this endpoint takes.
+async fn metadata(headers: HeaderMap) -> Response {
+    let create = |t: &str| -> Value {
+        Object::new()
+            .with("type", t)
+            .with(
+                "interaction",
+                vec![Object::new().with("code", "create").into()],
+            )
+            .into()
+    };
+    let rest = Object::new()
+        .with("mode", "server")
+        .with(
+            "resource",
+            vec![create("Observation"), create("Task"), create("Bundle")],
+        )
+        .with(
+            "interaction",
+            vec![
+                Object::new().with("code", "transaction").into(),
+                Object::new().with("code", "batch").into(),
+            ],
+        )
+        .with(
+            "operation",
+            vec![
+                Object::new()
+                    .with("name", "process-message")
+                    .with(
+                        "definition",
+                        "http://hl7.org/fhir/OperationDefinition/MessageHeader-process-message",
+                    )
+                    .into(),
+            ],
+        );
+    let cs = Object::new()
+        .with("resourceType", "CapabilityStatement")
+        .with("status", "active")
+        .with("date", "2026-11-24")
+        .with("kind", "instance")
+        .with(
+            "software",
+            Object::new()
+                .with("name", "ketenbus")
+                .with("version", env!("CARGO_PKG_VERSION")),
+        )
+        .with(
+            "implementation",
+            Object::new().with("description", "ketenbus FHIR intake"),
+        )
+        .with("fhirVersion", "4.0.1")
+        .with("format", vec![Value::from("json"), Value::from("xml")])
+        .with("rest", vec![rest.into()]);
+    respond(
+        StatusCode::OK,
+        answer_format(&headers, Format::FhirJson),
+        &cs.into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ketenbus_schemas::{AvroRecord, topics};
+
+    use super::*;
+    use crate::bus::TopicSpec;
+    use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+    use crate::health::Health;
+    use crate::ingest::BusIngest;
+    use crate::lineage::Lineage;
+
+    const AZ: &str = include_str!(
+        "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+    );
+    const OBS_XML: &str = include_str!(
+        "../../connectors/testdata/fhir/nictiz-r4-zib2020/nl-core-LaboratoryTestResult-LaboratoryTest-05.xml"
+    );
+
+    struct Server {
+        base: String,
+        bus: Arc<EmbeddedBus>,
+        client: reqwest::Client,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn server() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        bus.ensure_topics(&[TopicSpec {
+            name: topics::RAW.into(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+        let lineage = Lineage::open(dir.path()).unwrap();
+        let state = Arc::new(ApiState {
+            ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), Duration::from_secs(5)),
+            lineage,
+            health: Arc::new(Health::default()),
+            max_body: 1 << 20,
+        });
+        let app = Router::new()
+            .merge(routes::<EmbeddedBus>())
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Server {
+            base: format!("http://{addr}"),
+            bus,
+            client: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    impl Server {
+        async fn post(
+            &self,
+            path: &str,
+            content_type: &str,
+            body: impl Into<reqwest::Body>,
+        ) -> (u16, HeaderMap, Value) {
+            let resp = self
+                .client
+                .post(format!("{}{path}", self.base))
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let bytes = resp.bytes().await.unwrap();
+            let v = fhir::json::parse(&bytes)
+                .or_else(|_| fhir::xml::parse(&bytes))
+                .unwrap_or(Value::Null);
+            (status, headers, v)
+        }
+
+        async fn raw(&self) -> Vec<RawEnvelope> {
+            self.bus
+                .read_all(topics::RAW)
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| RawEnvelope::from_avro(&r.value).unwrap())
+                .collect()
+        }
+    }
+
+    fn issue_of(v: &Value) -> String {
+        outcome::issue_text(v).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn the_ambulance_referral_is_accepted_only_once_durable() {
+        let s = server().await;
+        let (status, headers, v) = s
+            .post("/fhir/$process-message", "application/fhir+json", AZ)
+            .await;
+        assert_eq!(status, 202, "{}", issue_of(&v));
+        assert!(issue_of(&v).starts_with("information informational: accepted as message "));
+        let raw = s.raw().await;
+        assert_eq!(raw.len(), 1);
+        assert_eq!(
+            (raw[0].connector.as_str(), raw[0].format),
+            ("fhir", Format::FhirJson)
+        );
+        assert_eq!(raw[0].body, AZ.as_bytes());
+        assert_eq!(
+            raw[0]
+                .attributes
+                .get("fhir_interaction")
+                .map(String::as_str),
+            Some("process-message")
+        );
+        assert_eq!(
+            headers.get("location").unwrap().to_str().unwrap(),
+            format!("/api/v1/messages/{}", raw[0].id)
+        );
+        // The same message to the base is a message too.
+        let (status, _, _) = s
+            .post("/fhir", "application/fhir+json; charset=utf-8", AZ)
+            .await;
+        assert_eq!(status, 202);
+    }
+
+    #[tokio::test]
+    async fn what_the_sender_can_fix_is_refused_with_the_element_path() {
+        let s = server().await;
+        let bad = AZ.replace("999999990", "999999991");
+        let (status, _, v) = s
+            .post("/fhir/$process-message", "application/fhir+json", bad)
+            .await;
+        assert_eq!(status, 422);
+        assert_eq!(
+            issue_of(&v),
+            "error value: invalid_bsn: BSN fails the eleven-test @ Bundle.entry[3].resource.identifier[0]"
+        );
+        let (status, _, v) = s
+            .post(
+                "/fhir/$process-message",
+                "application/fhir+json",
+                "{\"resourceType\":",
+            )
+            .await;
+        assert_eq!(status, 400);
+        assert!(
+            issue_of(&v).starts_with("error structure: fhir_syntax"),
+            "{}",
+            issue_of(&v)
+        );
+        let (status, _, _) = s.post("/fhir/$process-message", "text/plain", AZ).await;
+        assert_eq!(status, 415);
+        let (status, _, v) = s.post("/fhir/Task", "application/fhir+xml", OBS_XML).await;
+        assert_eq!(status, 400, "{}", issue_of(&v));
+        let (status, _, _) = s
+            .post("/fhir/Nonsense", "application/fhir+json", "{}")
+            .await;
+        assert_eq!(status, 404);
+        let patient = r#"{"resourceType":"Patient","id":"p"}"#;
+        let (status, _, v) = s
+            .post("/fhir/Patient", "application/fhir+json", patient)
+            .await;
+        assert_eq!(status, 422, "{}", issue_of(&v));
+        assert!(s.raw().await.is_empty(), "nothing refused reaches the log");
+    }
+
+    #[tokio::test]
+    async fn single_resources_and_transactions_are_taken_in_xml_and_json() {
+        let s = server().await;
+        let (status, headers, v) = s
+            .post("/fhir/Observation", "application/fhir+xml", OBS_XML)
+            .await;
+        assert_eq!(status, 202, "{}", issue_of(&v));
+        assert!(
+            headers
+                .get("content-type")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("application/fhir+xml")
+        );
+        let task = r#"{"resourceType":"Task","id":"t1","status":"requested","intent":"proposal"}"#;
+        assert_eq!(
+            s.post("/fhir/Task", "application/fhir+json", task).await.0,
+            202
+        );
+        let tx = format!(
+            r#"{{"resourceType":"Bundle","type":"transaction","entry":[{{"fullUrl":"urn:uuid:6f0c2a52-8c7e-4e8a-9d0f-2b1b8f3b2a11","resource":{task},"request":{{"method":"POST","url":"Task"}}}}]}}"#
+        );
+        let (status, _, v) = s.post("/fhir", "application/fhir+json", tx).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            v.get("type").and_then(Value::as_str),
+            Some("transaction-response")
+        );
+        let raw = s.raw().await;
+        assert_eq!(raw.len(), 3);
+        assert_eq!(raw[0].format, Format::FhirXml);
+        assert_eq!(
+            raw[2]
+                .attributes
+                .get("fhir_interaction")
+                .map(String::as_str),
+            Some("transaction")
+        );
+        let (status, _, _) = s
+            .post(
+                "/fhir",
+                "application/fhir+json",
+                r#"{"resourceType":"Bundle","type":"collection"}"#,
+            )
+            .await;
+        assert_eq!(status, 400);
+    }
+
+    #[tokio::test]
+    async fn metadata_tells_what_is_taken() {
+        let s = server().await;
+        let resp = s
+            .client
+            .get(format!("{}/fhir/metadata", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let v = fhir::json::parse(&resp.bytes().await.unwrap()).unwrap();
+        assert_eq!(v.get("fhirVersion").and_then(Value::as_str), Some("4.0.1"));
+    }
+}
