@@ -42,6 +42,7 @@ pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
         .route("/api/v1/messages/{id}", get(get_message::<B>))
         .route("/healthz", get(healthz::<B>))
         .route("/readyz", get(readyz::<B>))
+        .merge(crate::telemetry::routes::<B>())
         // One byte over the limit is enough to know it is too large.
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .with_state(state)
@@ -58,6 +59,7 @@ async fn post_message<B: Bus>(
 ) -> Response {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let Some(format) = Format::from_media_type(content_type) else {
+        crate::telemetry::rejected("http", "unsupported_media_type");
         return problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -70,6 +72,7 @@ async fn post_message<B: Bus>(
         Err(e) => return problem(e.status(), "unreadable_body", &e.body_text()),
     };
     if body.is_empty() {
+        crate::telemetry::rejected("http", "empty_body");
         return problem(StatusCode::BAD_REQUEST, "empty_body", "the message body is empty");
     }
     if body.len() > st.max_body {
@@ -100,6 +103,7 @@ async fn post_message<B: Bus>(
 }
 
 fn too_large(max: usize) -> Response {
+    crate::telemetry::rejected("http", "too_large");
     problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the message is larger than {max} bytes (http.max_body)"))
 }
 

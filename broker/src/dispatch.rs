@@ -17,6 +17,7 @@ use crate::bus::{embedded::partition_for, AckToken, Bus, BusError, Consumer, Out
 use crate::config::{FilterConfig, RetryConfig, Source, Subscription};
 use crate::health::{Health, State};
 use crate::lineage::{Lineage, Step};
+use crate::telemetry;
 use crate::{now_ms, publish_retrying};
 
 /// Consumer group of a subscription.
@@ -166,6 +167,7 @@ pub async fn run<B: Bus>(
     }
     let mut in_flight = 0usize;
     let mut finished = Vec::new();
+    let mut tracked = telemetry::InFlight::new(&sub.name);
     while !cancel.is_cancelled() {
         while let Ok(d) = done_rx.try_recv() {
             finished.push(d);
@@ -173,6 +175,7 @@ pub async fn run<B: Bus>(
         if !finished.is_empty() {
             in_flight -= finished.len();
             let batch = std::mem::take(&mut finished);
+            tracked.finished(batch.iter().map(|d| &d.token));
             if let Err(e) = finish(bus.as_ref(), &mut consumer, &name, batch, &lineage, &cancel).await {
                 tracing::error!(subscription = %name, error = %e, "subscription stopped");
                 health.set(&component, State::Failed(e.to_string()));
@@ -201,6 +204,7 @@ pub async fn run<B: Bus>(
             }
         };
         in_flight += 1;
+        tracked.started(&record);
         match decode(&record, &name) {
             Err(u) => {
                 finished.push(Done {
@@ -304,6 +308,11 @@ async fn finish<B: Bus>(
             step.reason = Some(e.reason().to_owned());
             step.detail = Some(e.detail().to_owned());
         }
+        match (d.outcome, &d.error) {
+            (Outcome::DeadLettered, e) => telemetry::dead_lettered(subscription, e.as_ref().map_or("unknown", DeliveryError::reason)),
+            (Outcome::Filtered, _) => telemetry::filtered(subscription),
+            _ => {} // delivered: counted by the lane, with its latency
+        }
         lineage.step(&d.envelope_id, step).await;
         consumer.ack(d.token).await?;
     }
@@ -325,7 +334,10 @@ async fn lane(
             Delivery { subscription: Arc::clone(&subscription), record_id: job.record_id.clone(), payload: job.payload, attempt: 1 };
         let (outcome, error) = loop {
             match sink.deliver(&delivery).await {
-                Ok(_receipt) => break (Outcome::Delivered, None),
+                Ok(_receipt) => {
+                    telemetry::delivered(&subscription, job.kind, telemetry::since_received(&delivery.payload));
+                    break (Outcome::Delivered, None);
+                }
                 Err(e @ DeliveryError::Rejected { .. }) => break (Outcome::DeadLettered, Some(e)),
                 Err(e) => {
                     if started.elapsed() >= retry.give_up_after {
@@ -335,7 +347,7 @@ async fn lane(
                         };
                         break (Outcome::DeadLettered, Some(exhausted));
                     }
-                    tracing::debug!(subscription = %subscription, attempt = delivery.attempt, error = %e, "delivery failed, retrying");
+                    telemetry::retrying(&subscription, delivery.attempt, &e);
                     let mut step = Step::new(now_ms(), "delivery", "retrying");
                     step.subscription = Some(subscription.to_string());
                     step.record_id = Some(job.record_id.clone());

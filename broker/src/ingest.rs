@@ -10,6 +10,7 @@ use ketenbus_schemas::{topics, AvroRecord, RawEnvelope};
 
 use crate::bus::{Bus, BusError, OutRecord};
 use crate::lineage::{Lineage, Received};
+use crate::telemetry;
 
 /// Publishes envelopes on the raw topic with a deadline.
 pub struct BusIngest<B: Bus> {
@@ -32,11 +33,14 @@ impl<B: Bus> Ingest for BusIngest<B> {
             let record = OutRecord { topic: topics::RAW.to_owned(), key: envelope.id.clone().into_bytes(), value };
             let positions = match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
                 Ok(Ok(p)) => p,
-                Ok(Err(BusError::Unavailable(e))) => return Err(IngestError::Unavailable(e)),
-                Ok(Err(e)) => return Err(IngestError::Fatal(e.to_string())),
-                Err(_) => return Err(IngestError::Unavailable("timed out waiting for the log".into())),
+                Ok(Err(BusError::Unavailable(e))) => return Err(telemetry::refused(&envelope.connector, IngestError::Unavailable(e))),
+                Ok(Err(e)) => return Err(telemetry::refused(&envelope.connector, IngestError::Fatal(e.to_string()))),
+                Err(_) => {
+                    return Err(telemetry::refused(&envelope.connector, IngestError::Unavailable("timed out waiting for the log".into())));
+                }
             };
             let pos = positions[0];
+            telemetry::received(&envelope.connector, envelope.format, envelope.body.len());
             self.lineage
                 .received(Received {
                     id: envelope.id.clone(),

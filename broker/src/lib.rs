@@ -13,6 +13,7 @@ pub mod keys;
 pub mod lineage;
 pub mod router;
 pub mod runtime;
+pub mod telemetry;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

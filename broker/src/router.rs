@@ -100,6 +100,7 @@ async fn route_batch<B: Bus>(
     }
     publish_retrying(bus, out, cancel).await?;
     for (id, step) in steps {
+        crate::telemetry::routed(&step);
         lineage.step(&id, step).await;
     }
     for record in &batch {

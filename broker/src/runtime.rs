@@ -14,7 +14,7 @@ use crate::health::{Health, State};
 use crate::ingest::BusIngest;
 use crate::keys::PatientKeyer;
 use crate::lineage::Lineage;
-use crate::{dispatch, router};
+use crate::{dispatch, router, telemetry};
 
 /// Every topic the configuration uses.
 #[must_use]
@@ -65,6 +65,8 @@ pub async fn run<B: Bus>(settings: Settings, bus: B, cancel: CancellationToken) 
         let sink = build_sink(&sub.sink)?;
         tasks.spawn(dispatch::run(Arc::clone(&bus), sub.clone(), sink, lineage.clone(), Arc::clone(&health), cancel.clone()));
     }
+    telemetry::init(&settings, &["http"]);
+    tasks.spawn(telemetry::watch(Arc::clone(&bus), &settings, cancel.clone()));
 
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),

@@ -1,0 +1,825 @@
+//! Telemetry: every metric ketenbus exports, and one function per thing that happens, which
+//! bumps the metric and writes the DEBUG trace line together. `GET /metrics` serves them in
+//! the Prometheus text format; a watcher task samples consumer lag, the age of the oldest
+//! undelivered record and the log's size on disk.
+//!
+//! Names follow `ketenbus_<stage>_<noun>_<unit>[_total]` in base units. Labels come from
+//! small closed sets only (connector, format, kind, subscription, outcome, reason code):
+//! never ids, addresses or anything from a payload.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use ketenbus_connectors::ingest::IngestError;
+use ketenbus_connectors::sink::{DeliveryError, Payload};
+use ketenbus_schemas::{EventKind, Format, Outcome, topics};
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::embedded::EmbeddedBus;
+use crate::bus::{AckToken, Bus, Record};
+use crate::config::Settings;
+use crate::lineage::Step;
+use crate::now_ms;
+
+/// Messages accepted onto the log, per connector and format.
+pub const INGEST_RECEIVED_MESSAGES: &str = "ketenbus_ingest_received_messages_total";
+/// Body bytes accepted onto the log, per connector and format.
+pub const INGEST_RECEIVED_BYTES: &str = "ketenbus_ingest_received_bytes_total";
+/// Messages refused at ingest (the sender heard an error or "try again"), per connector and reason.
+pub const INGEST_REJECTED_MESSAGES: &str = "ketenbus_ingest_rejected_messages_total";
+/// When a connector last accepted a message (start-up time until the first one), per connector.
+pub const INGEST_LAST_RECEIVED: &str = "ketenbus_ingest_last_received_timestamp_seconds";
+/// Events the router made, per kind.
+pub const ROUTER_NORMALISED_EVENTS: &str = "ketenbus_router_normalised_events_total";
+/// Messages the router dead-lettered, per reason.
+pub const ROUTER_DEAD_LETTERS: &str = "ketenbus_router_dead_letters_total";
+/// Messages the router passed by without events (no normaliser yet, nothing inside), per reason.
+pub const ROUTER_SKIPPED_MESSAGES: &str = "ketenbus_router_skipped_messages_total";
+/// Raw records the router has not committed yet.
+pub const ROUTER_CONSUMER_LAG: &str = "ketenbus_router_consumer_lag_records";
+/// Records finished by a subscription, per subscription and outcome (delivered, dead_lettered, filtered).
+pub const DISPATCH_DELIVERY_OUTCOMES: &str = "ketenbus_dispatch_delivery_outcomes_total";
+/// Seconds from the envelope's arrival to its successful delivery, per subscription.
+pub const DISPATCH_DELIVERY_LATENCY: &str = "ketenbus_dispatch_delivery_latency_seconds";
+/// Failed delivery attempts that will be tried again, per subscription.
+pub const DISPATCH_DELIVERY_RETRIES: &str = "ketenbus_dispatch_delivery_retries_total";
+/// Records a subscription dead-lettered, per subscription and reason.
+pub const DISPATCH_DEAD_LETTERS: &str = "ketenbus_dispatch_dead_letters_total";
+/// Records a subscription has not committed yet, per subscription and kind (source topic).
+pub const DISPATCH_CONSUMER_LAG: &str = "ketenbus_dispatch_consumer_lag_records";
+/// Age of the oldest record a subscription is still working on, per subscription and kind;
+/// 0 when it is caught up.
+pub const DISPATCH_OLDEST_UNDELIVERED_AGE: &str =
+    "ketenbus_dispatch_oldest_undelivered_age_seconds";
+/// Bytes the embedded log takes on disk (database plus write-ahead log).
+pub const LOG_DISK_USAGE: &str = "ketenbus_log_disk_usage_bytes";
+/// Always 1, with the version as a label.
+pub const BUILD_INFO: &str = "ketenbus_build_info";
+
+/// Every ketenbus metric name, for tests and tooling.
+pub const NAMES: [&str; 16] = [
+    INGEST_RECEIVED_MESSAGES,
+    INGEST_RECEIVED_BYTES,
+    INGEST_REJECTED_MESSAGES,
+    INGEST_LAST_RECEIVED,
+    ROUTER_NORMALISED_EVENTS,
+    ROUTER_DEAD_LETTERS,
+    ROUTER_SKIPPED_MESSAGES,
+    ROUTER_CONSUMER_LAG,
+    DISPATCH_DELIVERY_OUTCOMES,
+    DISPATCH_DELIVERY_LATENCY,
+    DISPATCH_DELIVERY_RETRIES,
+    DISPATCH_DEAD_LETTERS,
+    DISPATCH_CONSUMER_LAG,
+    DISPATCH_OLDEST_UNDELIVERED_AGE,
+    LOG_DISK_USAGE,
+    BUILD_INFO,
+];
+
+/// How often the watcher samples lag, oldest-undelivered age and disk usage.
+pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Latency buckets in seconds: sub-second webhooks up to a day of retries.
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
+    3600.0, 21600.0, 86400.0,
+];
+
+struct Metrics {
+    received_messages: IntCounterVec,
+    received_bytes: IntCounterVec,
+    rejected_messages: IntCounterVec,
+    last_received: GaugeVec,
+    normalised_events: IntCounterVec,
+    router_dead_letters: IntCounterVec,
+    router_skipped: IntCounterVec,
+    router_lag: IntGauge,
+    deliveries: IntCounterVec,
+    latency: HistogramVec,
+    retries: IntCounterVec,
+    dead_letters: IntCounterVec,
+    lag: IntGaugeVec,
+    oldest_age: GaugeVec,
+    log_disk: IntGauge,
+}
+
+fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn int_gauge(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    fn new(reg: &Registry) -> Metrics {
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                DISPATCH_DELIVERY_LATENCY,
+                "Seconds from the envelope's arrival to its successful delivery.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["subscription"],
+        )
+        .expect("valid metric");
+        reg.register(Box::new(latency.clone()))
+            .expect("metric registered once");
+        let router_lag = IntGauge::new(
+            ROUTER_CONSUMER_LAG,
+            "Raw records the router has not committed yet.",
+        )
+        .expect("valid metric");
+        reg.register(Box::new(router_lag.clone()))
+            .expect("metric registered once");
+        let log_disk = IntGauge::new(
+            LOG_DISK_USAGE,
+            "Bytes the embedded log takes on disk (database plus write-ahead log).",
+        )
+        .expect("valid metric");
+        reg.register(Box::new(log_disk.clone()))
+            .expect("metric registered once");
+        let build_info = int_gauge(
+            reg,
+            BUILD_INFO,
+            "Always 1; the version is a label.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Metrics {
+            received_messages: counter(
+                reg,
+                INGEST_RECEIVED_MESSAGES,
+                "Messages accepted onto the log.",
+                &["connector", "format"],
+            ),
+            received_bytes: counter(
+                reg,
+                INGEST_RECEIVED_BYTES,
+                "Body bytes accepted onto the log.",
+                &["connector", "format"],
+            ),
+            rejected_messages: counter(
+                reg,
+                INGEST_REJECTED_MESSAGES,
+                "Messages refused at ingest; the sender heard an error or try again.",
+                &["connector", "reason"],
+            ),
+            last_received: gauge(
+                reg,
+                INGEST_LAST_RECEIVED,
+                "Unix time a connector last accepted a message (start-up time until the first one).",
+                &["connector"],
+            ),
+            normalised_events: counter(
+                reg,
+                ROUTER_NORMALISED_EVENTS,
+                "Events the router made.",
+                &["kind"],
+            ),
+            router_dead_letters: counter(
+                reg,
+                ROUTER_DEAD_LETTERS,
+                "Messages the router dead-lettered.",
+                &["reason"],
+            ),
+            router_skipped: counter(
+                reg,
+                ROUTER_SKIPPED_MESSAGES,
+                "Messages the router passed by without events.",
+                &["reason"],
+            ),
+            router_lag,
+            deliveries: counter(
+                reg,
+                DISPATCH_DELIVERY_OUTCOMES,
+                "Records finished by a subscription.",
+                &["subscription", "outcome"],
+            ),
+            latency,
+            retries: counter(
+                reg,
+                DISPATCH_DELIVERY_RETRIES,
+                "Failed delivery attempts that will be tried again.",
+                &["subscription"],
+            ),
+            dead_letters: counter(
+                reg,
+                DISPATCH_DEAD_LETTERS,
+                "Records a subscription dead-lettered.",
+                &["subscription", "reason"],
+            ),
+            lag: int_gauge(
+                reg,
+                DISPATCH_CONSUMER_LAG,
+                "Records a subscription has not committed yet.",
+                &["subscription", "kind"],
+            ),
+            oldest_age: gauge(
+                reg,
+                DISPATCH_OLDEST_UNDELIVERED_AGE,
+                "Age in seconds of the oldest record a subscription is still working on; 0 when caught up.",
+                &["subscription", "kind"],
+            ),
+            log_disk,
+        }
+    }
+}
+
+/// The metrics, registered in the default registry (which also carries the process
+/// collector: RSS, CPU seconds, open file descriptors).
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new(prometheus::default_registry()));
+
+/// Oldest in-flight record time (ms since the epoch, 0 = none) per (subscription, topic).
+type Oldest = Arc<AtomicI64>;
+static OLDEST: LazyLock<Mutex<HashMap<(String, String), Oldest>>> = LazyLock::new(Mutex::default);
+
+fn oldest_slot(subscription: &str, topic: &str) -> Oldest {
+    let mut map = OLDEST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Arc::clone(
+        map.entry((subscription.to_owned(), topic.to_owned()))
+            .or_default(),
+    )
+}
+
+/// The `kind` label of a topic a subscription reads: the event kind, `raw` or `replay`.
+#[must_use]
+pub fn topic_kind(topic: &str) -> &'static str {
+    if topic == topics::RAW {
+        return "raw";
+    }
+    if topic.starts_with("ketenbus.replay.") {
+        return "replay";
+    }
+    topic
+        .strip_prefix("ketenbus.events.")
+        .and_then(EventKind::parse)
+        .map_or("other", EventKind::as_str)
+}
+
+fn unix_seconds(ms: i64) -> f64 {
+    #[allow(clippy::cast_precision_loss)] // ms since 1970 fit an f64 exactly until the year 287396
+    let s = ms as f64 / 1000.0;
+    s
+}
+
+/// Register everything and create the series operators expect to see at zero: each
+/// connector's counters and its last-received time (set to now), each subscription's
+/// outcomes, retries, lag and age. Call once at start-up; calling again is harmless.
+pub fn init(settings: &Settings, connectors: &[&str]) {
+    let m = &*METRICS;
+    let now = unix_seconds(now_ms());
+    for connector in connectors {
+        for format in Format::ALL {
+            m.received_messages
+                .with_label_values(&[*connector, format.as_str()]);
+            m.received_bytes
+                .with_label_values(&[*connector, format.as_str()]);
+        }
+        m.last_received.with_label_values(&[*connector]).set(now);
+    }
+    for sub in &settings.subscriptions {
+        let name = sub.name.as_str();
+        for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
+            m.deliveries.with_label_values(&[name, outcome.as_str()]);
+        }
+        m.retries.with_label_values(&[name]);
+        m.latency.with_label_values(&[name]);
+        for topic in crate::dispatch::source_topics(sub) {
+            let kind = topic_kind(&topic);
+            m.lag.with_label_values(&[name, kind]).set(0);
+            m.oldest_age.with_label_values(&[name, kind]).set(0.0);
+        }
+    }
+}
+
+/// A connector accepted a message: it is durable on the raw topic.
+pub fn received(connector: &str, format: Format, bytes: usize) {
+    let m = &*METRICS;
+    m.received_messages
+        .with_label_values(&[connector, format.as_str()])
+        .inc();
+    m.received_bytes
+        .with_label_values(&[connector, format.as_str()])
+        .inc_by(bytes as u64);
+    m.last_received
+        .with_label_values(&[connector])
+        .set(unix_seconds(now_ms()));
+    tracing::debug!(
+        connector,
+        format = format.as_str(),
+        bytes,
+        "message received"
+    );
+}
+
+/// A connector refused a message; `reason` is a code from a closed set.
+pub fn rejected(connector: &str, reason: &'static str) {
+    METRICS
+        .rejected_messages
+        .with_label_values(&[connector, reason])
+        .inc();
+    tracing::debug!(connector, reason, "message refused");
+}
+
+/// Count an ingest error (the log did not take the message) and hand it back.
+#[must_use]
+pub fn refused(connector: &str, error: IngestError) -> IngestError {
+    let reason = match &error {
+        IngestError::Unavailable(_) => "log_unavailable",
+        _ => "log_failure",
+    };
+    rejected(connector, reason);
+    error
+}
+
+/// The router recorded `step` for a message (normalised event, dead letter or pass-by).
+pub fn routed(step: &Step) {
+    let m = &*METRICS;
+    match step.outcome.as_str() {
+        "normalised" => {
+            let kind = step.kind.as_deref().unwrap_or("unknown");
+            m.normalised_events.with_label_values(&[kind]).inc();
+            tracing::debug!(kind, "event normalised");
+        }
+        "rejected" => {
+            let reason = step.reason.as_deref().unwrap_or("unknown");
+            m.router_dead_letters.with_label_values(&[reason]).inc();
+            tracing::debug!(reason, "message dead-lettered by the router");
+        }
+        other => {
+            let reason = step.reason.as_deref().unwrap_or(other);
+            m.router_skipped.with_label_values(&[reason]).inc();
+            tracing::debug!(reason, "message passed by without events");
+        }
+    }
+}
+
+/// How long ago the envelope behind `payload` arrived: the envelope's `received_at` for raw
+/// deliveries, the time in the envelope id (UUIDv7) for events. `None` when unknown.
+#[must_use]
+pub fn since_received(payload: &Payload) -> Option<Duration> {
+    let received_ms = match payload {
+        Payload::Raw(env) => env.received_at_ms,
+        Payload::Event(event) => {
+            let id = uuid::Uuid::parse_str(&event.header().envelope_id).ok()?;
+            let (secs, nanos) = id.get_timestamp()?.to_unix();
+            i64::try_from(secs).ok()?.checked_mul(1000)? + i64::from(nanos / 1_000_000)
+        }
+    };
+    u64::try_from(now_ms() - received_ms)
+        .ok()
+        .map(Duration::from_millis)
+}
+
+/// A subscription's sink accepted a record, `latency` after its envelope arrived.
+pub fn delivered(subscription: &str, kind: &str, latency: Option<Duration>) {
+    let m = &*METRICS;
+    m.deliveries
+        .with_label_values(&[subscription, Outcome::Delivered.as_str()])
+        .inc();
+    if let Some(l) = latency {
+        m.latency
+            .with_label_values(&[subscription])
+            .observe(l.as_secs_f64());
+    }
+    tracing::debug!(
+        subscription,
+        kind,
+        latency_ms = latency.map(|l| l.as_millis()),
+        "delivered"
+    );
+}
+
+/// A delivery attempt failed and will be tried again.
+pub fn retrying(subscription: &str, attempt: u32, error: &DeliveryError) {
+    METRICS.retries.with_label_values(&[subscription]).inc();
+    tracing::debug!(subscription, attempt, error = %error, "delivery failed, retrying");
+}
+
+/// A subscription dead-lettered a record for `reason`.
+pub fn dead_lettered(subscription: &str, reason: &str) {
+    let m = &*METRICS;
+    m.deliveries
+        .with_label_values(&[subscription, Outcome::DeadLettered.as_str()])
+        .inc();
+    m.dead_letters
+        .with_label_values(&[subscription, reason])
+        .inc();
+    tracing::debug!(subscription, reason, "dead-lettered");
+}
+
+/// A subscription's filter let a record pass by.
+pub fn filtered(subscription: &str) {
+    METRICS
+        .deliveries
+        .with_label_values(&[subscription, Outcome::Filtered.as_str()])
+        .inc();
+    tracing::debug!(subscription, "filtered out");
+}
+
+/// The records one subscription is working on (polled, not yet finished), so the watcher
+/// can tell the age of the oldest undelivered one per source topic.
+pub struct InFlight {
+    subscription: String,
+    records: HashMap<AckToken, i64>,
+    oldest: HashMap<String, Oldest>,
+}
+
+impl InFlight {
+    /// Tracking for `subscription`.
+    #[must_use]
+    pub fn new(subscription: &str) -> InFlight {
+        InFlight {
+            subscription: subscription.to_owned(),
+            records: HashMap::new(),
+            oldest: HashMap::new(),
+        }
+    }
+
+    fn slot(&mut self, topic: &str) -> &Oldest {
+        if !self.oldest.contains_key(topic) {
+            let slot = oldest_slot(&self.subscription, topic);
+            self.oldest.insert(topic.to_owned(), slot);
+        }
+        &self.oldest[topic]
+    }
+
+    /// A record was polled; its append time counts until it is finished.
+    pub fn started(&mut self, record: &Record) {
+        let ts = record.timestamp_ms.max(1);
+        self.records.insert(record.ack_token(), ts);
+        let slot = self.slot(&record.topic);
+        let current = slot.load(Ordering::Relaxed);
+        if current == 0 || ts < current {
+            slot.store(ts, Ordering::Relaxed);
+        }
+    }
+
+    /// Records were finished (delivered, dead-lettered or filtered).
+    pub fn finished<'a>(&mut self, tokens: impl IntoIterator<Item = &'a AckToken>) {
+        for t in tokens {
+            self.records.remove(t);
+        }
+        let mut mins: HashMap<&str, i64> = HashMap::new();
+        for (t, ts) in &self.records {
+            let e = mins.entry(t.topic.as_str()).or_insert(*ts);
+            *e = (*e).min(*ts);
+        }
+        for (topic, slot) in &self.oldest {
+            slot.store(
+                mins.get(topic.as_str()).copied().unwrap_or(0),
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// What the watcher samples for one subscription.
+struct Watched {
+    name: String,
+    group: String,
+    topics: Vec<(String, Oldest)>,
+}
+
+async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<i64> {
+    match bus.lag(group, topic).await {
+        Ok(parts) => Some(
+            parts
+                .iter()
+                .map(|(_, committed, end)| (end - committed).max(0))
+                .sum(),
+        ),
+        Err(e) => {
+            tracing::debug!(group, topic, error = %e, "lag not available");
+            None
+        }
+    }
+}
+
+async fn sample<B: Bus>(bus: &B, watched: &[Watched]) {
+    let m = &*METRICS;
+    if let Some(lag) = lag_of(bus, crate::router::GROUP, topics::RAW).await {
+        m.router_lag.set(lag);
+    }
+    let now = now_ms();
+    for w in watched {
+        for (topic, oldest) in &w.topics {
+            let Some(lag) = lag_of(bus, &w.group, topic).await else {
+                continue;
+            };
+            let kind = topic_kind(topic);
+            m.lag.with_label_values(&[w.name.as_str(), kind]).set(lag);
+            let since = oldest.load(Ordering::Relaxed);
+            let age = if lag == 0 || since == 0 {
+                0
+            } else {
+                (now - since).max(0)
+            };
+            m.oldest_age
+                .with_label_values(&[w.name.as_str(), kind])
+                .set(unix_seconds(age));
+        }
+    }
+    if let Some(embedded) = (bus as &dyn Any).downcast_ref::<EmbeddedBus>() {
+        m.log_disk
+            .set(i64::try_from(embedded.disk_bytes()).unwrap_or(i64::MAX));
+    }
+}
+
+/// The watcher: every [`WATCH_INTERVAL`] until `cancel`, sample consumer lag per subscription
+/// and source topic (and the router's), the age of the oldest record each subscription is
+/// still working on (0 when its lag is 0), and the embedded log's size on disk.
+pub fn watch<B: Bus>(
+    bus: Arc<B>,
+    settings: &Settings,
+    cancel: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let watched: Vec<Watched> = settings
+        .subscriptions
+        .iter()
+        .map(|sub| Watched {
+            name: sub.name.clone(),
+            group: crate::dispatch::group(&sub.name),
+            topics: crate::dispatch::source_topics(sub)
+                .into_iter()
+                .map(|t| {
+                    let slot = oldest_slot(&sub.name, &t);
+                    (t, slot)
+                })
+                .collect(),
+        })
+        .collect();
+    async move {
+        loop {
+            sample(bus.as_ref(), &watched).await;
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(WATCH_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+/// Everything in the default registry in the Prometheus text format (version 0.0.4).
+#[must_use]
+pub fn render() -> String {
+    LazyLock::force(&METRICS);
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&prometheus::gather(), &mut out)
+        .expect("the text encoder writes to memory");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+async fn metrics() -> Response {
+    let mut resp = render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// `GET /metrics`, to merge into the API router.
+pub fn routes<B: Bus>() -> axum::Router<Arc<crate::api::ApiState<B>>> {
+    axum::Router::new().route("/metrics", get(metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    const STAGES: [&str; 5] = ["ingest", "router", "dispatch", "log", "build"];
+    const UNITS: [&str; 8] = [
+        "messages", "bytes", "events", "letters", "records", "seconds", "outcomes", "retries",
+    ];
+
+    /// The family of every metric in `text`, with its TYPE, checking the line grammar of the
+    /// text exposition format on the way.
+    fn parse(text: &str) -> BTreeMap<String, String> {
+        let mut types = BTreeMap::new();
+        let mut samples = BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, ty) = rest.split_once(' ').expect("TYPE name type");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&ty),
+                    "{line}"
+                );
+                assert!(
+                    types.insert(name.to_owned(), ty.to_owned()).is_none(),
+                    "TYPE twice: {line}"
+                );
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            assert!(
+                !line.starts_with('#') && !line.is_empty(),
+                "stray line {line:?}"
+            );
+            let (series, value) = line.rsplit_once(' ').expect("series value");
+            assert!(
+                value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
+                "{line}"
+            );
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "{line}"
+            );
+            if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+                let inner = labels
+                    .strip_prefix('{')
+                    .and_then(|l| l.strip_suffix('}'))
+                    .expect("braces");
+                for pair in inner.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").expect("label=\"value\"");
+                    assert!(
+                        k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(!v.contains('\n'), "{line}");
+                }
+            }
+            samples.insert(name.to_owned());
+        }
+        for s in &samples {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suf| {
+                    s.strip_suffix(suf)
+                        .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+                })
+                .unwrap_or(s);
+            assert!(types.contains_key(family), "sample {s} without TYPE");
+        }
+        types
+    }
+
+    #[test]
+    fn names_follow_the_rule() {
+        for name in NAMES {
+            let rest = name.strip_prefix("ketenbus_").expect("prefix");
+            let stage = rest.split('_').next().unwrap();
+            assert!(STAGES.contains(&stage), "{name}: stage {stage}");
+            if name == BUILD_INFO {
+                continue; // the `_info` convention for a constant 1 with labels
+            }
+            let core = rest.strip_suffix("_total").unwrap_or(rest);
+            let unit = core.rsplit('_').next().unwrap();
+            assert!(UNITS.contains(&unit), "{name}: unit {unit}");
+            assert!(
+                core.matches('_').count() >= 2,
+                "{name}: stage, noun and unit"
+            );
+            assert!(
+                name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{name}"
+            );
+        }
+    }
+
+    /// Make every metric family show at least one series.
+    fn touch_all() {
+        received("http", Format::Edifact, 10);
+        rejected("http", "too_large");
+        for (outcome, reason) in [
+            ("normalised", None),
+            ("rejected", Some("edifact_syntax")),
+            ("unsupported_format", Some("unsupported_format")),
+        ] {
+            let mut step = Step::new(0, "normalise", outcome);
+            step.kind = Some("letter".into());
+            step.reason = reason.map(str::to_owned);
+            routed(&step);
+        }
+        filtered("t-sub");
+        let m = &*METRICS;
+        m.lag.with_label_values(&["t-sub", "raw"]).set(0);
+        m.oldest_age.with_label_values(&["t-sub", "raw"]).set(0.0);
+    }
+
+    #[test]
+    fn counters_end_in_total_and_nothing_else_does() {
+        touch_all();
+        retrying(
+            "t-sub",
+            1,
+            &DeliveryError::Retryable {
+                reason: "http_503".into(),
+                detail: String::new(),
+            },
+        );
+        delivered("t-sub", "lab_result", Some(Duration::from_millis(1500)));
+        dead_lettered("t-sub", "http_400");
+        let types = parse(&render());
+        for name in NAMES {
+            let ty = types
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} not exported"));
+            assert_eq!(
+                name.ends_with("_total"),
+                ty == "counter",
+                "{name} is a {ty}"
+            );
+        }
+        for process in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+        ] {
+            assert!(types.contains_key(process), "{process} missing");
+        }
+    }
+
+    #[test]
+    fn output_parses_and_carries_what_happened() {
+        received("http", Format::FhirJson, 1234);
+        rejected("http", "empty_body");
+        delivered("t-out", "letter", Some(Duration::from_secs(2)));
+        filtered("t-out");
+        let mut step = Step::new(0, "normalised", "normalised");
+        step.kind = Some("lab_result".into());
+        routed(&step);
+        let text = render();
+        parse(&text);
+        assert!(
+            text.contains(
+                r#"ketenbus_ingest_received_bytes_total{connector="http",format="fhir_json"}"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"ketenbus_dispatch_delivery_outcomes_total{outcome="filtered",subscription="t-out"} 1"#), "{text}");
+        assert!(text.contains(r#"ketenbus_dispatch_delivery_latency_seconds_bucket{subscription="t-out",le="2.5"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"ketenbus_router_normalised_events_total{kind="lab_result"}"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"ketenbus_build_info{version=""#), "{text}");
+    }
+
+    #[test]
+    fn oldest_in_flight_follows_what_is_unfinished() {
+        let mut t = InFlight::new("t-age");
+        let rec = |offset: i64, ts: i64| Record {
+            topic: "ketenbus.events.acute_handover".into(),
+            partition: 0,
+            offset,
+            key: vec![],
+            value: vec![],
+            timestamp_ms: ts,
+        };
+        let slot = oldest_slot("t-age", "ketenbus.events.acute_handover");
+        t.started(&rec(1, 2000));
+        t.started(&rec(2, 1000));
+        t.started(&rec(3, 3000));
+        assert_eq!(slot.load(Ordering::Relaxed), 1000);
+        t.finished([&rec(2, 1000).ack_token()]);
+        assert_eq!(slot.load(Ordering::Relaxed), 2000);
+        t.finished([&rec(1, 0).ack_token(), &rec(3, 0).ack_token()]);
+        assert_eq!(slot.load(Ordering::Relaxed), 0, "nothing in flight");
+    }
+
+    #[test]
+    fn kinds_of_topics() {
+        assert_eq!(topic_kind(topics::RAW), "raw");
+        assert_eq!(
+            topic_kind(&topics::events(EventKind::AcuteHandover)),
+            "acute_handover"
+        );
+        assert_eq!(topic_kind(&topics::replay("gp")), "replay");
+    }
+}
