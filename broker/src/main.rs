@@ -10,6 +10,7 @@ use ketenbus::bus::kafka::KafkaBus;
 use ketenbus::bus::Bus;
 use ketenbus::config::{Config, Engine, Settings};
 use ketenbus::dlq::{self, Selection};
+use ketenbus_schemas::Format;
 use tokio_util::sync::CancellationToken;
 
 /// ketenbus: a message broker for Dutch care-chain exchanges.
@@ -49,6 +50,15 @@ enum Command {
         /// Configuration file (TOML).
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Print a file as ketenbus reads it (parsed message and the events it makes) as JSON,
+    /// without touching the log. Exits non-zero with the error position when it does not parse.
+    Inspect {
+        /// The file (EDIFACT, FHIR JSON/XML, or an .eml mail message).
+        file: PathBuf,
+        /// Format, when detection from the first bytes is not enough.
+        #[arg(long, value_parser = ["edifact", "fhir_json", "fhir_xml", "rfc822"])]
+        format: Option<String>,
     },
     /// Dead letters: list and replay.
     Dlq {
@@ -226,6 +236,24 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("{}: {p}", config.display());
                     }
                     eprintln!("{} problem(s)", problems.len());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Inspect { file, format } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let format = match format.as_deref() {
+                Some(f) => Format::ALL.into_iter().find(|x| x.as_str() == f).context("unknown format")?,
+                None => ketenbus::inspect::sniff(&bytes)
+                    .with_context(|| format!("{}: format not recognised; give --format", file.display()))?,
+            };
+            match ketenbus::inspect::inspect(&bytes, format, &ketenbus::router::normalizers()) {
+                Ok(json) => {
+                    println!("{}", serde_json::to_string_pretty(&json)?);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", file.display());
                     Ok(ExitCode::FAILURE)
                 }
             }
