@@ -509,14 +509,9 @@ struct Watched {
     topics: Vec<(String, Oldest)>,
 }
 
-async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<i64> {
+async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<Vec<(u32, i64, i64)>> {
     match bus.lag(group, topic).await {
-        Ok(parts) => Some(
-            parts
-                .iter()
-                .map(|(_, committed, end)| (end - committed).max(0))
-                .sum(),
-        ),
+        Ok(parts) => Some(parts),
         Err(e) => {
             tracing::debug!(group, topic, error = %e, "lag not available");
             None
@@ -524,24 +519,61 @@ async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<i64> {
     }
 }
 
-async fn sample<B: Bus>(bus: &B, watched: &[Watched]) {
+fn total_lag(parts: &[(u32, i64, i64)]) -> i64 {
+    parts
+        .iter()
+        .map(|(_, committed, end)| (end - committed).max(0))
+        .sum()
+}
+
+/// Per partition, since when its committed offset has stood still with records behind it.
+/// That is a lower bound on the age of the record at the committed offset, and it also covers
+/// records a subscription never polled (a stopped or wedged dispatcher), which the in-flight
+/// tracking cannot see.
+#[derive(Default)]
+struct Stalls(HashMap<(String, String, u32), (i64, i64)>);
+
+impl Stalls {
+    /// Record `parts` of `group` on `topic` at `now`; the longest stall in ms.
+    fn observe(&mut self, group: &str, topic: &str, parts: &[(u32, i64, i64)], now: i64) -> i64 {
+        let mut longest = 0;
+        for &(partition, committed, end) in parts {
+            let key = (group.to_owned(), topic.to_owned(), partition);
+            if end <= committed {
+                self.0.remove(&key);
+                continue;
+            }
+            let entry = self.0.entry(key).or_insert((committed, now));
+            if entry.0 != committed {
+                *entry = (committed, now);
+            }
+            longest = longest.max(now - entry.1);
+        }
+        longest
+    }
+}
+
+async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
     let m = &*METRICS;
-    if let Some(lag) = lag_of(bus, crate::router::GROUP, topics::RAW).await {
-        m.router_lag.set(lag);
+    if let Some(parts) = lag_of(bus, crate::router::GROUP, topics::RAW).await {
+        m.router_lag.set(total_lag(&parts));
     }
     let now = now_ms();
     for w in watched {
         for (topic, oldest) in &w.topics {
-            let Some(lag) = lag_of(bus, &w.group, topic).await else {
+            let Some(parts) = lag_of(bus, &w.group, topic).await else {
                 continue;
             };
+            let lag = total_lag(&parts);
             let kind = topic_kind(topic);
             m.lag.with_label_values(&[w.name.as_str(), kind]).set(lag);
+            let stalled = stalls.observe(&w.group, topic, &parts, now);
             let since = oldest.load(Ordering::Relaxed);
-            let age = if lag == 0 || since == 0 {
+            let in_flight = if since == 0 { 0 } else { now - since };
+            let age = if lag == 0 {
                 0
             } else {
-                (now - since).max(0)
+                in_flight.max(stalled).max(0)
             };
             m.oldest_age
                 .with_label_values(&[w.name.as_str(), kind])
@@ -555,8 +587,9 @@ async fn sample<B: Bus>(bus: &B, watched: &[Watched]) {
 }
 
 /// The watcher: every [`WATCH_INTERVAL`] until `cancel`, sample consumer lag per subscription
-/// and source topic (and the router's), the age of the oldest record each subscription is
-/// still working on (0 when its lag is 0), and the embedded log's size on disk.
+/// and source topic (and the router's), the age of the oldest undelivered record (0 when the
+/// lag is 0; otherwise the oldest in-flight record's age, or how long the committed offset
+/// has stood still, whichever is larger), and the embedded log's size on disk.
 pub fn watch<B: Bus>(
     bus: Arc<B>,
     settings: &Settings,
@@ -578,8 +611,9 @@ pub fn watch<B: Bus>(
         })
         .collect();
     async move {
+        let mut stalls = Stalls::default();
         loop {
-            sample(bus.as_ref(), &watched).await;
+            sample(bus.as_ref(), &watched, &mut stalls).await;
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(WATCH_INTERVAL) => {}
@@ -811,6 +845,22 @@ mod tests {
         assert_eq!(slot.load(Ordering::Relaxed), 2000);
         t.finished([&rec(1, 0).ack_token(), &rec(3, 0).ack_token()]);
         assert_eq!(slot.load(Ordering::Relaxed), 0, "nothing in flight");
+    }
+
+    #[test]
+    fn a_committed_offset_standing_still_counts_as_age() {
+        let mut st = Stalls::default();
+        // Caught up: nothing stalls.
+        assert_eq!(st.observe("g", "t", &[(0, 5, 5)], 1_000), 0);
+        // Records behind, committed offset at 5 from t=2000 on.
+        assert_eq!(st.observe("g", "t", &[(0, 5, 7)], 2_000), 0);
+        assert_eq!(st.observe("g", "t", &[(0, 5, 9)], 7_000), 5_000);
+        // It moves: the clock restarts for the new head.
+        assert_eq!(st.observe("g", "t", &[(0, 6, 9)], 12_000), 0);
+        // The longest of several partitions; a caught-up one forgets its clock.
+        assert_eq!(st.observe("g", "t", &[(0, 6, 9), (1, 0, 3)], 17_000), 5_000);
+        assert_eq!(st.observe("g", "t", &[(0, 9, 9), (1, 0, 3)], 20_000), 3_000);
+        assert_eq!(st.observe("g", "t", &[(0, 9, 10), (1, 3, 3)], 21_000), 0);
     }
 
     #[test]
