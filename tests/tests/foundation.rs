@@ -361,3 +361,45 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
     assert_eq!(l["events"][0]["id"], format!("{id}.0"));
     assert_eq!(l["events"][0]["kind"], "lab_result");
 }
+
+#[tokio::test]
+async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
+    let rx = Receiver::start(OK).await;
+    let broker = Broker::start(&format!("ingest_timeout = \"1s\"\n{}", webhook_subscription("archive", "\"raw\"", &rx.url(), "")));
+    let db = broker.dir.join("data").join("log.db");
+    // Another process holds the database's write lock, as a stuck disk or a backup would.
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
+        ])
+        .arg(&db)
+        .arg("4")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let c = client();
+    let resp = c
+        .post(format!("{}/api/v1/messages", broker.url))
+        .header("content-type", "application/EDIFACT")
+        .body(edifact_message(1, 100))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    let j: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(j["error"], "log_unavailable");
+    holder.wait().unwrap();
+    // Once the lock is gone the same message is taken.
+    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", edifact_message(1, 100)).await.unwrap();
+    assert_eq!(s, 202, "{}", broker.log_text());
+    // Only the acknowledged one is delivered: the refused write was not kept.
+    let got = rx.wait_for(1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.received().len(), 1);
+    assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
+}

@@ -290,7 +290,13 @@ fn append_batch(
             "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let ts = now_ms();
-        for (records, _) in appends {
+        for (records, reply) in appends {
+            // A publisher that gave up (its sender heard 503) must not find its record stored
+            // after all: skip it now that the write lock is ours.
+            if reply.is_closed() {
+                out.push(Err(BusError::Unavailable("publisher gave up before the write".into())));
+                continue;
+            }
             if let Some(missing) = records.iter().find(|r| !partitions.contains_key(&r.topic)) {
                 out.push(Err(BusError::UnknownTopic(missing.topic.clone())));
                 continue;
