@@ -100,3 +100,25 @@ pub fn write(format: Format, resource: &Value) -> Result<Vec<u8>, FhirError> {
         _ => Ok(json::to_vec(resource)),
     }
 }
+
+/// The FHIR format of a document by its first character (`<` is XML), for files without a
+/// media type (`ketenbus inspect FILE`).
+#[must_use]
+pub fn sniff(bytes: &[u8]) -> Format {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'<') => Format::FhirXml,
+        _ => Format::FhirJson,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_tells_xml_from_json() {
+        assert_eq!(sniff(b"  <Patient/>"), Format::FhirXml);
+        assert_eq!(sniff(b"\xEF\xBB\xBF{}"), Format::FhirJson);
+    }
+}

@@ -113,6 +113,65 @@ fn uuid_for(id: &str) -> String {
     )
 }
 
+/// A FHIR dateTime from an ISO 8601 text as sources give it. FHIR requires seconds and a
+/// zone once a time is given; EDIFACT gives Dutch local time without either, so the
+/// seconds become `:00` and the zone the Dutch offset of that date (CET/CEST by the EU
+/// rule). Dates and complete date-times pass unchanged.
+#[must_use]
+pub fn fhir_date_time(t: &str) -> String {
+    let Some((date, time)) = t.split_once('T') else {
+        return t.to_owned();
+    };
+    let has_zone =
+        time.ends_with('Z') || time.get(5..).is_some_and(|rest| rest.contains(['+', '-']));
+    if has_zone {
+        return t.to_owned();
+    }
+    let time = if time.len() == 5 {
+        format!("{time}:00")
+    } else {
+        time.to_owned()
+    };
+    let num = |s: Option<&str>| s.and_then(|x| x.parse::<i64>().ok());
+    let mut d = date.split('-');
+    let (Some(y), Some(m), Some(day)) = (num(d.next()), num(d.next()), num(d.next())) else {
+        return t.to_owned();
+    };
+    let hour = num(time.get(..2)).unwrap_or(0);
+    let offset = if dutch_summer_time(y, m, day, hour) {
+        "+02:00"
+    } else {
+        "+01:00"
+    };
+    format!("{date}T{time}{offset}")
+}
+
+/// Day of week, 0 = Sunday (Sakamoto).
+fn weekday(y: i64, m: i64, d: i64) -> i64 {
+    const T: [i64; 12] = [0, 3, 2, 5, 0, 3, 5, 1, 4, 6, 2, 4];
+    let y = if m < 3 { y - 1 } else { y };
+    let m = usize::try_from(m - 1).unwrap_or(0).min(11);
+    (y + y / 4 - y / 100 + y / 400 + T[m] + d).rem_euclid(7)
+}
+
+fn last_sunday(y: i64, m: i64) -> i64 {
+    31 - weekday(y, m, 31)
+}
+
+/// CEST runs from the last Sunday of March 02:00 to the last Sunday of October 03:00 local.
+fn dutch_summer_time(y: i64, m: i64, d: i64, hour: i64) -> bool {
+    match m {
+        4..=9 => true,
+        3 => (d, hour) >= (last_sunday(y, 3), 2),
+        10 => (d, hour) < (last_sunday(y, 10), 3),
+        _ => false,
+    }
+}
+
+fn dt(t: Option<&String>) -> Option<String> {
+    t.map(|t| fhir_date_time(t))
+}
+
 fn reference(full_url: &str) -> Value {
     Object::new().with("reference", full_url).into()
 }
@@ -447,12 +506,8 @@ impl<'a> Builder<'a> {
             .with("type", ty)
             .with_opt(
                 "timestamp",
-                event
-                    .header()
-                    .occurred_at
-                    .as_ref()
-                    .filter(|_| style == BundleStyle::Message)
-                    .filter(|t| t.contains('T')),
+                dt(event.header().occurred_at.as_ref())
+                    .filter(|t| style == BundleStyle::Message && t.contains('T')),
             )
             .with("entry", entries)
             .into()
@@ -518,7 +573,7 @@ fn specimen(b: &mut Builder<'_>, s: &Specimen, i: usize, patient: Option<&str>) 
         quantity(num, unit.as_ref(), None)
     });
     let collection = Object::new()
-        .with_opt("collectedDateTime", s.collected_at.as_ref())
+        .with_opt("collectedDateTime", dt(s.collected_at.as_ref()))
         .with_opt("quantity", volume);
     let r = Object::new()
         .with("resourceType", "Specimen")
@@ -526,7 +581,7 @@ fn specimen(b: &mut Builder<'_>, s: &Specimen, i: usize, patient: Option<&str>) 
         .with_array("identifier", identifiers(&ids))
         .with_opt("type", s.material.as_ref().map(concept))
         .with_opt("subject", patient.map(reference))
-        .with_opt("receivedTime", s.received_at.as_ref())
+        .with_opt("receivedTime", dt(s.received_at.as_ref()))
         .with_opt("collection", (!collection.is_empty()).then_some(collection));
     b.add(&format!("specimen-{}", i + 1), r)
 }
@@ -596,7 +651,7 @@ fn observation(
                 .with_opt("text", r.local_name.as_ref()),
         )
         .with_opt("subject", patient.map(reference))
-        .with_opt("effectiveDateTime", r.effective_at.as_ref())
+        .with_opt("effectiveDateTime", dt(r.effective_at.as_ref()))
         .with_array("performer", performer.map(reference).into_iter().collect());
     let q = r.value_decimal.as_ref().and_then(|v| {
         quantity(v, r.unit.as_ref(), r.unit_system.as_ref())
@@ -731,7 +786,7 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
                 }),
             )
             .with_opt("subject", patient.as_deref().map(reference))
-            .with_opt("date", date)
+            .with_opt("date", dt(date))
             .with_array("author", author.into_iter().collect())
             .with("title", "Overdracht")
             .with("section", sections);
@@ -753,7 +808,7 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
         .with_opt("priority", r.priority.as_ref())
         .with("code", concept(&r.code))
         .with_opt("subject", patient.as_deref().map(reference))
-        .with_opt("authoredOn", r.authored_on.as_ref())
+        .with_opt("authoredOn", dt(r.authored_on.as_ref()))
         .with_opt(
             "requester",
             requester.as_deref().or(req_org.as_deref()).map(reference),
@@ -814,4 +869,47 @@ fn notification(b: &mut Builder<'_>, e: &HandoverNotificationEvent) -> Vec<Strin
     }
     entry.request = Some(Object::new().with("method", "POST").with("url", "Task"));
     vec![entry.full_url.clone()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_times_get_seconds_and_the_dutch_offset() {
+        assert_eq!(
+            fhir_date_time("2026-11-01T07:40"),
+            "2026-11-01T07:40:00+01:00"
+        );
+        assert_eq!(
+            fhir_date_time("2026-07-01T07:40"),
+            "2026-07-01T07:40:00+02:00"
+        );
+        // 2026: CEST from Sunday 29 March 02:00 to Sunday 25 October 03:00.
+        assert_eq!(
+            fhir_date_time("2026-03-29T01:59:00"),
+            "2026-03-29T01:59:00+01:00"
+        );
+        assert_eq!(
+            fhir_date_time("2026-03-29T03:00"),
+            "2026-03-29T03:00:00+02:00"
+        );
+        assert_eq!(
+            fhir_date_time("2026-10-25T02:30"),
+            "2026-10-25T02:30:00+02:00"
+        );
+        assert_eq!(
+            fhir_date_time("2026-10-25T03:00"),
+            "2026-10-25T03:00:00+01:00"
+        );
+        assert_eq!(
+            fhir_date_time("2021-06-12T13:15:00+02:00"),
+            "2021-06-12T13:15:00+02:00"
+        );
+        assert_eq!(
+            fhir_date_time("2012-01-16T10:12:00Z"),
+            "2012-01-16T10:12:00Z"
+        );
+        assert_eq!(fhir_date_time("1934-04-28"), "1934-04-28");
+    }
 }

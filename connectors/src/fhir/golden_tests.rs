@@ -868,3 +868,181 @@ fn dump_emitted() {
     )
     .unwrap();
 }
+
+/// A lab event shaped like the EDIFACT normaliser's (MEDLAB example of STANDARDS.md,
+/// synthetic): local codes, local times without zone, a comparator-free text flag, a
+/// remark, a pending determination. It must leave as valid nl-core too.
+#[test]
+fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
+    use ketenbus_schemas::event::{
+        HealthcareProvider, HumanName, LabResultEvent, LabTestResult, Patient, Specimen,
+    };
+    let local = "urn:ketenbus:local:mailbox:500001234";
+    let result = |id: &str,
+                  code: &str,
+                  name: &str,
+                  value: Option<&str>,
+                  unit: &str,
+                  low: &str,
+                  high: &str,
+                  flag: Option<&str>| LabTestResult {
+        id: id.into(),
+        test: Coding {
+            system: local.into(),
+            code: code.into(),
+            display: Some(name.into()),
+        },
+        other_codes: Vec::new(),
+        local_code: Some(code.into()),
+        local_name: Some(name.into()),
+        status: if value.is_some() {
+            "final"
+        } else {
+            "registered"
+        }
+        .into(),
+        value_text: value.map(str::to_owned),
+        value_decimal: value.map(str::to_owned),
+        comparator: None,
+        unit: Some(unit.into()),
+        unit_system: None,
+        reference_low: Some(low.into()),
+        reference_high: Some(high.into()),
+        reference_text: None,
+        interpretation: flag.map(|_| "H".to_owned()),
+        interpretation_raw: flag.map(str::to_owned),
+        specimen_id: Some("specimen-1".into()),
+        section: Some("CHEMIE".into()),
+        effective_at: Some("2026-11-01T07:40".into()),
+        comments: Vec::new(),
+    };
+    let mut kalium = result(
+        "result-2",
+        "K",
+        "Kalium",
+        Some("5.9"),
+        "mmol/l",
+        "3.5",
+        "5.0",
+        Some(">"),
+    );
+    kalium
+        .comments
+        .push("Hemolytisch monster: herhalen aanbevolen".into());
+    let mut header = ketenbus_schemas::EventHeader::new(
+        ketenbus_schemas::EventKind::LabResult,
+        "env-edi",
+        0,
+        "edifact",
+    );
+    header.occurred_at = Some("2026-11-01T07:40".into());
+    let event = Event::LabResult(LabResultEvent {
+        header,
+        patient: Some(Patient {
+            identifiers: vec![id(systems::BSN, "999911120")],
+            name: Some(HumanName {
+                given: Some("Pieter".into()),
+                initials: Some("P.".into()),
+                family: Some("Jansen".into()),
+                ..HumanName::default()
+            }),
+            birth_date: Some("1961-04-09".into()),
+            gender: Some("male".into()),
+            address: None,
+        }),
+        performer: Some(HealthcareProvider {
+            name: Some("Regiolab Noord".into()),
+            phone: Some("0501234567".into()),
+            ..HealthcareProvider::default()
+        }),
+        requester: None,
+        professionals: Vec::new(),
+        specimens: vec![Specimen {
+            id: "specimen-1".into(),
+            identifiers: vec![id(super::normalize::EXT_EDIFACT_REFERENCE, "L2611017")],
+            material: Some(Coding {
+                system: local.into(),
+                code: "bloed".into(),
+                display: Some("bloed".into()),
+            }),
+            collected_at: Some("2026-11-01T07:40".into()),
+            ..Specimen::default()
+        }],
+        results: vec![
+            result(
+                "result-1",
+                "KREA",
+                "Kreatinine",
+                Some("88"),
+                "umol/l",
+                "60",
+                "110",
+                None,
+            ),
+            kalium,
+            result("result-3", "CRP", "CRP", None, "mg/l", "0", "10", None),
+        ],
+        comments: Vec::new(),
+    });
+    let out = to_bundle(&event, &EmitOptions::default()).unwrap();
+    assert_valid_bundle(&out);
+    let back = FhirNormalizer
+        .normalize(&envelope(
+            "env-edi-out",
+            Format::FhirJson,
+            json::to_vec(&out),
+        ))
+        .unwrap();
+    let lab = only(&back, lab_of);
+    assert_eq!(lab.results.len(), 3);
+    let k = &lab.results[1];
+    assert_eq!(
+        (
+            k.test.code.as_str(),
+            k.local_code.as_deref(),
+            k.local_name.as_deref()
+        ),
+        ("K", Some("K"), Some("Kalium"))
+    );
+    assert_eq!(
+        (
+            k.value_decimal.as_deref(),
+            k.unit.as_deref(),
+            k.interpretation.as_deref()
+        ),
+        (Some("5.9"), Some("mmol/l"), Some("H"))
+    );
+    assert_eq!(
+        (k.reference_low.as_deref(), k.reference_high.as_deref()),
+        (Some("3.5"), Some("5.0"))
+    );
+    assert_eq!(
+        k.comments,
+        vec!["Hemolytisch monster: herhalen aanbevolen".to_owned()]
+    );
+    assert_eq!(
+        k.effective_at.as_deref(),
+        Some("2026-11-01T07:40:00+01:00"),
+        "FHIR needs a zone: the Dutch offset is stated"
+    );
+    assert_eq!(lab.results[2].status, "registered");
+    assert_eq!(
+        lab.specimens[0].identifiers,
+        vec![id(super::normalize::EXT_EDIFACT_REFERENCE, "L2611017")]
+    );
+    assert_eq!(
+        lab.patient
+            .as_ref()
+            .unwrap()
+            .name
+            .as_ref()
+            .unwrap()
+            .initials
+            .as_deref(),
+        Some("P.")
+    );
+    assert_eq!(
+        lab.performer.as_ref().unwrap().phone.as_deref(),
+        Some("0501234567")
+    );
+}

@@ -19,6 +19,7 @@ pub struct FhirSink {
     client: reqwest::Client,
     url: reqwest::Url,
     opts: EmitOptions,
+    bearer: Option<String>,
 }
 
 impl std::fmt::Debug for FhirSink {
@@ -60,7 +61,20 @@ impl FhirSink {
             source_endpoint,
             destination_endpoint: Some(base_str),
         };
-        Ok(FhirSink { client, url, opts })
+        Ok(FhirSink {
+            client,
+            url,
+            opts,
+            bearer: None,
+        })
+    }
+
+    /// Send `Authorization: Bearer <token>` (the token comes from the environment, never
+    /// from the config file).
+    #[must_use]
+    pub fn with_bearer(mut self, token: Option<String>) -> FhirSink {
+        self.bearer = token;
+        self
     }
 
     /// Body and media type for a delivery.
@@ -160,9 +174,11 @@ impl Sink for FhirSink {
                 Payload::Event(e) => e.kind().as_str(),
                 Payload::Raw(_) => "raw",
             };
-            let resp = self
-                .client
-                .post(self.url.clone())
+            let mut req = self.client.post(self.url.clone());
+            if let Some(token) = &self.bearer {
+                req = req.bearer_auth(token);
+            }
+            let resp = req
                 .header(reqwest::header::CONTENT_TYPE, media)
                 .header(reqwest::header::ACCEPT, MEDIA_JSON)
                 .header(IDEMPOTENCY_HEADER, &delivery.record_id)
@@ -331,7 +347,8 @@ mod tests {
             None,
             Duration::from_secs(5),
         )
-        .unwrap();
+        .unwrap()
+        .with_bearer(Some("t0ken".into()));
         let err = sink.deliver(&delivery()).await.unwrap_err();
         assert!(matches!(err, DeliveryError::Rejected { .. }));
         assert_eq!(
@@ -340,6 +357,10 @@ mod tests {
         );
         let req = String::from_utf8(server.await.unwrap()).unwrap();
         assert!(req.starts_with("POST /fhir HTTP/1.1"));
+        assert!(
+            req.to_ascii_lowercase()
+                .contains("authorization: bearer t0ken")
+        );
     }
 
     #[tokio::test]
