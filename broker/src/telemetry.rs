@@ -255,12 +255,27 @@ impl Metrics {
 /// collector: RSS, CPU seconds, open file descriptors).
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new(prometheus::default_registry()));
 
-/// Oldest in-flight record time (ms since the epoch, 0 = none) per (subscription, topic).
-type Oldest = Arc<AtomicI64>;
-static OLDEST: LazyLock<Mutex<HashMap<(String, String), Oldest>>> = LazyLock::new(Mutex::default);
+/// What a subscription's dispatcher tells the watcher about one source topic.
+#[derive(Default)]
+struct Slot {
+    /// Append time of the oldest record polled and not finished (ms since the epoch, 0 = none).
+    oldest: AtomicI64,
+    /// Per partition, the offset after the highest record polled.
+    read: Mutex<HashMap<u32, i64>>,
+}
 
-fn oldest_slot(subscription: &str, topic: &str) -> Oldest {
-    let mut map = OLDEST
+impl Slot {
+    fn read(&self) -> std::sync::MutexGuard<'_, HashMap<u32, i64>> {
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+static SLOTS: LazyLock<Mutex<HashMap<(String, String), Arc<Slot>>>> = LazyLock::new(Mutex::default);
+
+fn slot_of(subscription: &str, topic: &str) -> Arc<Slot> {
+    let mut map = SLOTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     Arc::clone(
@@ -450,7 +465,7 @@ pub fn filtered(subscription: &str) {
 pub struct InFlight {
     subscription: String,
     records: HashMap<AckToken, i64>,
-    oldest: HashMap<String, Oldest>,
+    slots: HashMap<String, Arc<Slot>>,
 }
 
 impl InFlight {
@@ -460,16 +475,16 @@ impl InFlight {
         InFlight {
             subscription: subscription.to_owned(),
             records: HashMap::new(),
-            oldest: HashMap::new(),
+            slots: HashMap::new(),
         }
     }
 
-    fn slot(&mut self, topic: &str) -> &Oldest {
-        if !self.oldest.contains_key(topic) {
-            let slot = oldest_slot(&self.subscription, topic);
-            self.oldest.insert(topic.to_owned(), slot);
+    fn slot(&mut self, topic: &str) -> &Slot {
+        if !self.slots.contains_key(topic) {
+            let slot = slot_of(&self.subscription, topic);
+            self.slots.insert(topic.to_owned(), slot);
         }
-        &self.oldest[topic]
+        &self.slots[topic]
     }
 
     /// A record was polled; its append time counts until it is finished.
@@ -477,10 +492,13 @@ impl InFlight {
         let ts = record.timestamp_ms.max(1);
         self.records.insert(record.ack_token(), ts);
         let slot = self.slot(&record.topic);
-        let current = slot.load(Ordering::Relaxed);
+        let current = slot.oldest.load(Ordering::Relaxed);
         if current == 0 || ts < current {
-            slot.store(ts, Ordering::Relaxed);
+            slot.oldest.store(ts, Ordering::Relaxed);
         }
+        let mut read = slot.read();
+        let next = read.entry(record.partition).or_insert(0);
+        *next = (*next).max(record.offset + 1);
     }
 
     /// Records were finished (delivered, dead-lettered or filtered).
@@ -493,8 +511,8 @@ impl InFlight {
             let e = mins.entry(t.topic.as_str()).or_insert(*ts);
             *e = (*e).min(*ts);
         }
-        for (topic, slot) in &self.oldest {
-            slot.store(
+        for (topic, slot) in &self.slots {
+            slot.oldest.store(
                 mins.get(topic.as_str()).copied().unwrap_or(0),
                 Ordering::Relaxed,
             );
@@ -506,7 +524,7 @@ impl InFlight {
 struct Watched {
     name: String,
     group: String,
-    topics: Vec<(String, Oldest)>,
+    topics: Vec<(String, Arc<Slot>)>,
 }
 
 async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<Vec<(u32, i64, i64)>> {
@@ -526,26 +544,40 @@ fn total_lag(parts: &[(u32, i64, i64)]) -> i64 {
         .sum()
 }
 
-/// Per partition, since when its committed offset has stood still with records behind it.
-/// That is a lower bound on the age of the record at the committed offset, and it also covers
-/// records a subscription never polled (a stopped or wedged dispatcher), which the in-flight
-/// tracking cannot see.
+/// Per partition, since when the subscription's read position (the offset after the last
+/// record it polled, or the committed offset when it polled none) has stood still with records
+/// behind it. That is a lower bound on the age of the first unread record, and covers what the
+/// in-flight tracking cannot see: records a stopped or wedged dispatcher never polled.
+/// Finished records whose commit is still pending do not count.
 #[derive(Default)]
 struct Stalls(HashMap<(String, String, u32), (i64, i64)>);
 
 impl Stalls {
-    /// Record `parts` of `group` on `topic` at `now`; the longest stall in ms.
-    fn observe(&mut self, group: &str, topic: &str, parts: &[(u32, i64, i64)], now: i64) -> i64 {
+    /// Record `parts` (partition, committed, end) of `group` on `topic` at `now`, with the
+    /// dispatcher's read positions; the longest stall in ms.
+    fn observe(
+        &mut self,
+        group: &str,
+        topic: &str,
+        parts: &[(u32, i64, i64)],
+        read: &HashMap<u32, i64>,
+        now: i64,
+    ) -> i64 {
         let mut longest = 0;
         for &(partition, committed, end) in parts {
             let key = (group.to_owned(), topic.to_owned(), partition);
-            if end <= committed {
+            let position = read
+                .get(&partition)
+                .copied()
+                .unwrap_or(committed)
+                .max(committed);
+            if end <= position {
                 self.0.remove(&key);
                 continue;
             }
-            let entry = self.0.entry(key).or_insert((committed, now));
-            if entry.0 != committed {
-                *entry = (committed, now);
+            let entry = self.0.entry(key).or_insert((position, now));
+            if entry.0 != position {
+                *entry = (position, now);
             }
             longest = longest.max(now - entry.1);
         }
@@ -560,15 +592,16 @@ async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
     }
     let now = now_ms();
     for w in watched {
-        for (topic, oldest) in &w.topics {
+        for (topic, slot) in &w.topics {
             let Some(parts) = lag_of(bus, &w.group, topic).await else {
                 continue;
             };
             let lag = total_lag(&parts);
             let kind = topic_kind(topic);
             m.lag.with_label_values(&[w.name.as_str(), kind]).set(lag);
-            let stalled = stalls.observe(&w.group, topic, &parts, now);
-            let since = oldest.load(Ordering::Relaxed);
+            let read = slot.read().clone();
+            let stalled = stalls.observe(&w.group, topic, &parts, &read, now);
+            let since = slot.oldest.load(Ordering::Relaxed);
             let in_flight = if since == 0 { 0 } else { now - since };
             let age = if lag == 0 {
                 0
@@ -604,7 +637,7 @@ pub fn watch<B: Bus>(
             topics: crate::dispatch::source_topics(sub)
                 .into_iter()
                 .map(|t| {
-                    let slot = oldest_slot(&sub.name, &t);
+                    let slot = slot_of(&sub.name, &t);
                     (t, slot)
                 })
                 .collect(),
@@ -836,7 +869,8 @@ mod tests {
             value: vec![],
             timestamp_ms: ts,
         };
-        let slot = oldest_slot("t-age", "ketenbus.events.acute_handover");
+        let slot = slot_of("t-age", "ketenbus.events.acute_handover");
+        let slot = &slot.oldest;
         t.started(&rec(1, 2000));
         t.started(&rec(2, 1000));
         t.started(&rec(3, 3000));
@@ -848,19 +882,41 @@ mod tests {
     }
 
     #[test]
-    fn a_committed_offset_standing_still_counts_as_age() {
+    fn a_read_position_standing_still_counts_as_age() {
         let mut st = Stalls::default();
+        let none = HashMap::new();
         // Caught up: nothing stalls.
-        assert_eq!(st.observe("g", "t", &[(0, 5, 5)], 1_000), 0);
-        // Records behind, committed offset at 5 from t=2000 on.
-        assert_eq!(st.observe("g", "t", &[(0, 5, 7)], 2_000), 0);
-        assert_eq!(st.observe("g", "t", &[(0, 5, 9)], 7_000), 5_000);
+        assert_eq!(st.observe("g", "t", &[(0, 5, 5)], &none, 1_000), 0);
+        // Records behind, nothing polled, committed offset at 5 from t=2000 on.
+        assert_eq!(st.observe("g", "t", &[(0, 5, 7)], &none, 2_000), 0);
+        assert_eq!(st.observe("g", "t", &[(0, 5, 9)], &none, 7_000), 5_000);
         // It moves: the clock restarts for the new head.
-        assert_eq!(st.observe("g", "t", &[(0, 6, 9)], 12_000), 0);
+        assert_eq!(st.observe("g", "t", &[(0, 6, 9)], &none, 12_000), 0);
         // The longest of several partitions; a caught-up one forgets its clock.
-        assert_eq!(st.observe("g", "t", &[(0, 6, 9), (1, 0, 3)], 17_000), 5_000);
-        assert_eq!(st.observe("g", "t", &[(0, 9, 9), (1, 0, 3)], 20_000), 3_000);
-        assert_eq!(st.observe("g", "t", &[(0, 9, 10), (1, 3, 3)], 21_000), 0);
+        assert_eq!(
+            st.observe("g", "t", &[(0, 6, 9), (1, 0, 3)], &none, 17_000),
+            5_000
+        );
+        assert_eq!(
+            st.observe("g", "t", &[(0, 9, 9), (1, 0, 3)], &none, 20_000),
+            3_000
+        );
+        assert_eq!(
+            st.observe("g", "t", &[(0, 9, 10), (1, 3, 3)], &none, 21_000),
+            0
+        );
+    }
+
+    #[test]
+    fn finished_records_waiting_for_their_commit_are_not_old() {
+        let mut st = Stalls::default();
+        // Everything up to offset 9 polled (and finished); the commit still says 7.
+        let read: HashMap<u32, i64> = [(0, 9)].into();
+        assert_eq!(st.observe("g", "t", &[(0, 7, 9)], &read, 1_000), 0);
+        assert_eq!(st.observe("g", "t", &[(0, 7, 9)], &read, 600_000), 0);
+        // A new record the dispatcher does not pick up: that one ages.
+        assert_eq!(st.observe("g", "t", &[(0, 7, 10)], &read, 601_000), 0);
+        assert_eq!(st.observe("g", "t", &[(0, 7, 10)], &read, 661_000), 60_000);
     }
 
     #[test]

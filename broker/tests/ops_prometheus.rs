@@ -587,6 +587,23 @@ fn metrics_pass_promtool_and_count_what_happens() {
         ),
         Some(0.0)
     );
+    // A delivered record whose commit is still pending is not "undelivered", however long the
+    // broker stays idle; the stuck one keeps ageing.
+    let later = eventually(&k, "the stuck record ageing past 6 s", |t| {
+        sample(
+            t,
+            r#"ketenbus_dispatch_oldest_undelivered_age_seconds{kind="raw",subscription="stuck"}"#,
+        )
+        .is_some_and(|a| a >= 6.0)
+    });
+    assert_eq!(
+        sample(
+            &later,
+            r#"ketenbus_dispatch_oldest_undelivered_age_seconds{kind="raw",subscription="archive"}"#
+        ),
+        Some(0.0),
+        "{later}"
+    );
     let (ok, out) = promtool(&["check", "metrics"], Some(&after));
     assert!(ok, "promtool check metrics after traffic:\n{out}\n{after}");
     assert!(
