@@ -272,7 +272,9 @@ impl Slot {
     }
 }
 
-static SLOTS: LazyLock<Mutex<HashMap<(String, String), Arc<Slot>>>> = LazyLock::new(Mutex::default);
+/// Slots by (subscription, topic).
+type Slots = HashMap<(String, String), Arc<Slot>>;
+static SLOTS: LazyLock<Mutex<Slots>> = LazyLock::new(Mutex::default);
 
 fn slot_of(subscription: &str, topic: &str) -> Arc<Slot> {
     let mut map = SLOTS
