@@ -5,13 +5,15 @@
 //! envelopes and checks their control counts; [`write_document`] and [`Writer`] put
 //! segments back into bytes; [`inspect`] shows a parsed file as JSON. On top of that,
 //! [`EdifactNormalizer`] maps MEDLAB:1 and MEDRPT lab reports to lab-result events and
-//! MEDVRI:1 / MEDSPE:1 to letter events.
+//! MEDVRI:1 / MEDSPE:1 to letter events, and [`acknowledge`] answers an interchange with
+//! a UN CONTRL message.
 //!
 //! The tokenizer is a hand-written byte loop over a 256-entry class table rather than a
 //! nom grammar: EDIFACT's lexical syntax is four separators and one escape, the loop keeps
 //! the release-character handling in one place, and it is what makes the throughput goal
 //! (hundreds of MB/s) reachable.
 
+mod contrl;
 mod document;
 mod error;
 mod fuzz;
@@ -25,6 +27,7 @@ mod synthetic;
 mod tokenize;
 mod write;
 
+pub use contrl::{ContrlParams, acknowledge, syntax_error_code};
 pub use document::{Document, Interchange, Message, parse, parse_strict};
 pub use error::{EdifactError, Position};
 #[doc(hidden)]

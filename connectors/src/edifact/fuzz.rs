@@ -1,13 +1,14 @@
 //! One fuzzing step, shared by the cargo-fuzz target (`connectors/fuzz`) and the
 //! proptest smoke tests, so the same invariants are checked either way.
 
-use super::document::parse;
+use super::contrl::{ContrlParams, acknowledge};
+use super::document::{parse, parse_strict};
 use super::inspect::document_json;
 use super::normalize::normalize_document;
 use super::tokenize::tokenize;
 use super::write::{OwnedSegment, write_document};
 
-/// Feeds `data` through tokenizer, parser, inspector, normaliser and writer and checks what must hold:
+/// Feeds `data` through tokenizer, parser, inspector, normaliser, CONTRL and writer and checks what must hold:
 /// no panic, error offsets inside the input, and a written document that parses back to
 /// the same segments.
 ///
@@ -37,6 +38,17 @@ pub fn fuzz_one(data: &[u8]) {
             }
             let _ = e.to_string();
         }
+    }
+    // Whatever the input, an acknowledgement (when there is one) is well-formed EDIFACT.
+    let params = ContrlParams {
+        reference: "CTL1",
+        date: "261101",
+        time: "0900",
+    };
+    if let Some(ack) = acknowledge(data, params)
+        && let Err(e) = parse_strict(&ack)
+    {
+        panic!("CONTRL does not parse: {e}");
     }
     let doc = match parse(data) {
         Ok(doc) => doc,

@@ -102,6 +102,9 @@ impl<'e> Context<'e> {
     fn new(envelope_id: &'e str, ic: &Interchange<'_>) -> Self {
         let reference_year = ic.prepared().and_then(|(date, _)| {
             let d = date.trim();
+            if !d.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
             match d.len() {
                 8 => d[..4].parse().ok(),
                 6 => d[..2]
@@ -475,6 +478,18 @@ mod tests {
             with_time("2026-11-01".into(), Some("07"), Some("40")),
             "2026-11-01T07:40"
         );
+    }
+
+    #[test]
+    fn a_garbled_interchange_date_gives_no_reference_year() {
+        // Found by the fuzzer: slicing a non-ASCII date panicked.
+        let input = "UNB+UNOA:1+A+B+2\u{d3}\u{ce}101:0815+IC1'UNH+M1+MEDLAB:1'PID+1961:04:09+M'\
+DET+26:11:01'UNT+4+M1'UNZ+1+IC1'";
+        let events = normalize_bytes("e", input.as_bytes()).unwrap();
+        let Event::LabResult(lab) = &events[0] else {
+            panic!("lab result expected");
+        };
+        assert_eq!(lab.specimens[0].collected_at.as_deref(), Some("2026-11-01"));
     }
 
     #[test]
