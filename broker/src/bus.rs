@@ -53,7 +53,6 @@ pub struct Record {
 
 impl Record {
     /// The token that acknowledges this record.
-    #[must_use]
     pub fn ack_token(&self) -> AckToken {
         AckToken { topic: self.topic.clone(), partition: self.partition, offset: self.offset }
     }

@@ -25,6 +25,8 @@ pub struct Config {
     pub bus: BusConfig,
     /// How patient keys are made.
     pub keys: KeysConfig,
+    /// Secure mail: SMTP listener, IMAP pickups, content store, address book.
+    pub mail: ketenbus_connectors::mail::MailConfig,
     /// Who gets what.
     pub subscriptions: Vec<SubscriptionConfig>,
 }
@@ -36,6 +38,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             bus: BusConfig::default(),
             keys: KeysConfig::default(),
+            mail: ketenbus_connectors::mail::MailConfig::default(),
             subscriptions: Vec::new(),
         }
     }
@@ -90,7 +93,12 @@ pub struct BusConfig {
 
 impl Default for BusConfig {
     fn default() -> Self {
-        BusConfig { engine: Engine::Embedded, partitions: 8, embedded: EmbeddedConfig::default(), kafka: None }
+        BusConfig {
+            engine: Engine::Embedded,
+            partitions: 8,
+            embedded: EmbeddedConfig::default(),
+            kafka: None,
+        }
     }
 }
 
@@ -154,6 +162,8 @@ pub enum SinkConfig {
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
     },
+    /// Secure mail through an SMTP submission server (`ketenbus_connectors::mail::MailSinkConfig`).
+    Mail(ketenbus_connectors::mail::MailSinkConfig),
 }
 
 fn default_timeout() -> Duration {
@@ -221,6 +231,13 @@ pub enum Sink {
         /// Request timeout.
         timeout: Duration,
     },
+    /// Secure mail with its password resolved.
+    Mail {
+        /// The sink's settings.
+        config: ketenbus_connectors::mail::MailSinkConfig,
+        /// Submission password (never printed).
+        password: Option<Secret>,
+    },
 }
 
 /// A secret value: prints as `***`.
@@ -265,8 +282,10 @@ impl Config {
     /// # Errors
     /// The file cannot be read or is not valid TOML for these structs (the message names the key).
     pub fn from_file(path: &Path) -> Result<Config, Problem> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Problem { path: path.display().to_string(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Problem {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         Config::from_toml(&text)
     }
 
@@ -276,8 +295,13 @@ impl Config {
     /// When the text is not valid TOML for these structs.
     pub fn from_toml(text: &str) -> Result<Config, Problem> {
         toml::from_str(text).map_err(|e| {
-            let path = e.span().map_or_else(|| "(file)".to_owned(), |s| key_path_at(text, s.start));
-            Problem { path, message: e.message().to_owned() }
+            let path = e
+                .span()
+                .map_or_else(|| "(file)".to_owned(), |s| key_path_at(text, s.start));
+            Problem {
+                path,
+                message: e.message().to_owned(),
+            }
         })
     }
 
@@ -296,29 +320,52 @@ impl Config {
             p("http.max_body".into(), "must be more than 0 bytes".into());
         }
         match (&self.bus.engine, &self.bus.kafka) {
-            (Engine::Kafka, None) => p("bus.kafka".into(), "required when bus.engine = \"kafka\"".into()),
+            (Engine::Kafka, None) => p(
+                "bus.kafka".into(),
+                "required when bus.engine = \"kafka\"".into(),
+            ),
             (Engine::Kafka, Some(k)) if k.bootstrap_servers.trim().is_empty() => {
-                p("bus.kafka.bootstrap_servers".into(), "must name at least one host:port".into());
+                p(
+                    "bus.kafka.bootstrap_servers".into(),
+                    "must name at least one host:port".into(),
+                );
             }
             _ => {}
         }
         if let Some(var) = &self.keys.patient_key_secret_env {
             match env(var) {
-                None => p("keys.patient_key_secret_env".into(), format!("environment variable {var} is not set")),
+                None => p(
+                    "keys.patient_key_secret_env".into(),
+                    format!("environment variable {var} is not set"),
+                ),
                 Some(v) if v.len() < 16 => {
-                    p("keys.patient_key_secret_env".into(), format!("environment variable {var} holds fewer than 16 bytes"));
+                    p(
+                        "keys.patient_key_secret_env".into(),
+                        format!("environment variable {var} holds fewer than 16 bytes"),
+                    );
                 }
                 Some(_) => {}
             }
+        }
+        for (k, m) in self.mail.problems(env) {
+            p(format!("mail.{k}"), m);
         }
         let mut names = BTreeSet::new();
         let mut subscriptions = Vec::new();
         for (i, s) in self.subscriptions.iter().enumerate() {
             let at = |k: &str| format!("subscriptions[{i}].{k}");
-            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
                 p(at("name"), "must be letters, digits, '-' or '_'".into());
             } else if !names.insert(s.name.clone()) {
-                p(at("name"), format!("duplicate subscription name {}", s.name));
+                p(
+                    at("name"),
+                    format!("duplicate subscription name {}", s.name),
+                );
             }
             let mut sources = BTreeSet::new();
             if s.kinds.is_empty() {
@@ -332,7 +379,9 @@ impl Config {
                 } else {
                     p(
                         format!("subscriptions[{i}].kinds[{j}]"),
-                        format!("unknown kind {k:?}; use raw, lab_result, letter, acute_handover or handover_notification"),
+                        format!(
+                            "unknown kind {k:?}; use raw, lab_result, letter, acute_handover or handover_notification"
+                        ),
                     );
                 }
             }
@@ -343,10 +392,17 @@ impl Config {
                 p(at("retry.initial"), "must be more than 0".into());
             }
             if s.retry.max < s.retry.initial {
-                p(at("retry.max"), "must not be less than retry.initial".into());
+                p(
+                    at("retry.max"),
+                    "must not be less than retry.initial".into(),
+                );
             }
             let sink = match &s.sink {
-                SinkConfig::Webhook { url, secret_env, timeout } => {
+                SinkConfig::Webhook {
+                    url,
+                    secret_env,
+                    timeout,
+                } => {
                     let parsed = match reqwest::Url::parse(url) {
                         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(u),
                         Ok(_) => {
@@ -363,7 +419,10 @@ impl Config {
                         Some(var) => match env(var) {
                             Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
                             _ => {
-                                p(at("sink.secret_env"), format!("environment variable {var} is not set"));
+                                p(
+                                    at("sink.secret_env"),
+                                    format!("environment variable {var} is not set"),
+                                );
                                 None
                             }
                         },
@@ -371,7 +430,27 @@ impl Config {
                     if timeout.is_zero() {
                         p(at("sink.timeout"), "must be more than 0".into());
                     }
-                    parsed.map(|url| Sink::Webhook { url, secret, timeout: *timeout })
+                    parsed.map(|url| Sink::Webhook {
+                        url,
+                        secret,
+                        timeout: *timeout,
+                    })
+                }
+                SinkConfig::Mail(config) => {
+                    let found = config.problems(&self.mail.address_book, env);
+                    let ok = found.is_empty();
+                    for (k, m) in found {
+                        p(at(&format!("sink.{k}")), m);
+                    }
+                    let password = config
+                        .password_env
+                        .as_ref()
+                        .and_then(|v| env(v))
+                        .map(|v| Secret(v.into_bytes()));
+                    ok.then(|| Sink::Mail {
+                        config: config.clone(),
+                        password,
+                    })
                 }
             };
             if let Some(sink) = sink {
@@ -386,7 +465,10 @@ impl Config {
             }
         }
         if problems.is_empty() {
-            Ok(Settings { config: self, subscriptions })
+            Ok(Settings {
+                config: self,
+                subscriptions,
+            })
         } else {
             Err(problems)
         }
@@ -408,7 +490,10 @@ fn key_path_at(text: &str, offset: usize) -> String {
         } else if let Some(name) = t.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
             // A sub-table of an array element keeps the element index.
             let name = name.trim();
-            table = match counts.iter().find(|(a, _)| name.starts_with(&format!("{a}."))) {
+            table = match counts
+                .iter()
+                .find(|(a, _)| name.starts_with(&format!("{a}.")))
+            {
                 Some((a, n)) => format!("{a}[{}]{}", n - 1, &name[a.len()..]),
                 None => name.to_owned(),
             };
@@ -445,7 +530,10 @@ mod tests {
     fn the_example_config_is_valid() {
         let text = include_str!("../../ops/ketenbus.example.toml");
         let config = Config::from_toml(text).expect("example parses");
-        let env = |k: &str| (k == "KETENBUS_GP_WEBHOOK_SECRET" || k == "KETENBUS_PATIENT_KEY").then(|| "0123456789abcdef0123".to_owned());
+        let env = |k: &str| {
+            (k == "KETENBUS_GP_WEBHOOK_SECRET" || k == "KETENBUS_PATIENT_KEY")
+                .then(|| "0123456789abcdef0123".to_owned())
+        };
         let s = config.validate(&env).expect("example validates");
         assert!(!s.subscriptions.is_empty());
     }
@@ -467,7 +555,10 @@ mod tests {
             initial = "2s"
             max = "1s"
         "#;
-        let problems = Config::from_toml(text).unwrap().validate(&no_env).unwrap_err();
+        let problems = Config::from_toml(text)
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,

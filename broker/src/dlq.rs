@@ -2,7 +2,7 @@
 //! Replay publishes the dead letter onto `ketenbus.replay.<subscription>`, which only that
 //! subscription reads, so other subscriptions do not receive it twice.
 
-use ketenbus_schemas::{topics, AvroRecord, DeadLetter};
+use ketenbus_schemas::{AvroRecord, DeadLetter, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};
 
@@ -17,7 +17,11 @@ pub struct Selection {
 
 impl Selection {
     fn matches(&self, dl: &DeadLetter) -> bool {
-        (self.ids.is_empty() || self.ids.iter().any(|i| *i == dl.id || *i == dl.record_id || *i == dl.envelope_id))
+        (self.ids.is_empty()
+            || self
+                .ids
+                .iter()
+                .any(|i| *i == dl.id || *i == dl.record_id || *i == dl.envelope_id))
             && self.since_ms.is_none_or(|t| dl.at_ms >= t)
     }
 }
@@ -26,14 +30,24 @@ impl Selection {
 ///
 /// # Errors
 /// When the log cannot be read; undecodable records are skipped with a warning.
-pub async fn list<B: Bus>(bus: &B, stage: &str, sel: &Selection) -> Result<Vec<DeadLetter>, BusError> {
-    let topic = if stage == "router" { topics::ROUTER_DEAD_LETTERS.to_owned() } else { topics::dead_letters(stage) };
+pub async fn list<B: Bus>(
+    bus: &B,
+    stage: &str,
+    sel: &Selection,
+) -> Result<Vec<DeadLetter>, BusError> {
+    let topic = if stage == "router" {
+        topics::ROUTER_DEAD_LETTERS.to_owned()
+    } else {
+        topics::dead_letters(stage)
+    };
     let mut out = Vec::new();
     for r in bus.read_all(&topic).await? {
         match DeadLetter::from_avro(&r.value) {
             Ok(dl) if sel.matches(&dl) => out.push(dl),
             Ok(_) => {}
-            Err(e) => tracing::warn!(topic = %topic, offset = r.offset, error = %e, "skipping an undecodable dead letter"),
+            Err(e) => {
+                tracing::warn!(topic = %topic, offset = r.offset, error = %e, "skipping an undecodable dead letter")
+            }
         }
     }
     Ok(out)
@@ -43,7 +57,11 @@ pub async fn list<B: Bus>(bus: &B, stage: &str, sel: &Selection) -> Result<Vec<D
 ///
 /// # Errors
 /// When the log cannot be read or written.
-pub async fn replay<B: Bus>(bus: &B, subscription: &str, sel: &Selection) -> Result<usize, BusError> {
+pub async fn replay<B: Bus>(
+    bus: &B,
+    subscription: &str,
+    sel: &Selection,
+) -> Result<usize, BusError> {
     let letters = list(bus, subscription, sel).await?;
     let records: Vec<OutRecord> = letters
         .iter()

@@ -25,7 +25,10 @@ pub enum State {
 impl Health {
     /// Set a component's state.
     pub fn set(&self, component: &str, state: State) {
-        self.components.lock().expect("health lock").insert(component.to_owned(), state);
+        self.components
+            .lock()
+            .expect("health lock")
+            .insert(component.to_owned(), state);
     }
 
     /// All components.
@@ -37,7 +40,10 @@ impl Health {
     /// No component failed.
     #[must_use]
     pub fn is_healthy(&self) -> bool {
-        !self.snapshot().values().any(|s| matches!(s, State::Failed(_)))
+        !self
+            .snapshot()
+            .values()
+            .any(|s| matches!(s, State::Failed(_)))
     }
 
     /// Every component is ready.

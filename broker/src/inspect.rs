@@ -3,7 +3,7 @@
 
 use ketenbus_connectors::{edifact, fhir};
 use ketenbus_schemas::{Format, RawEnvelope};
-use serde_json::{json, Value as Json};
+use serde_json::{Value as Json, json};
 
 use crate::router::Normalizers;
 
@@ -12,7 +12,10 @@ use crate::router::Normalizers;
 #[must_use]
 pub fn sniff(bytes: &[u8]) -> Option<Format> {
     let text = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let start = text.iter().position(|b| !b.is_ascii_whitespace()).map_or(&[][..], |i| &text[i..]);
+    let start = text
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map_or(&[][..], |i| &text[i..]);
     if start.starts_with(b"UNA") || start.starts_with(b"UNB") {
         return Some(Format::Edifact);
     }
@@ -22,9 +25,15 @@ pub fn sniff(bytes: &[u8]) -> Option<Format> {
         _ => {}
     }
     let first_line = start.split(|b| *b == b'\n').next().unwrap_or(&[]);
-    let is_header = first_line.iter().position(|b| *b == b':').is_some_and(|colon| {
-        colon > 0 && first_line[..colon].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
-    });
+    let is_header = first_line
+        .iter()
+        .position(|b| *b == b':')
+        .is_some_and(|colon| {
+            colon > 0
+                && first_line[..colon]
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+        });
     is_header.then_some(Format::Rfc822)
 }
 
@@ -34,11 +43,15 @@ pub fn sniff(bytes: &[u8]) -> Option<Format> {
 /// A positioned parse error when the bytes are not valid in that format.
 pub fn inspect(bytes: &[u8], format: Format, normalizers: &Normalizers) -> Result<Json, String> {
     let parsed = match format {
-        Format::Edifact => edifact::document_json(&edifact::parse(bytes).map_err(|e| e.to_string())?),
+        Format::Edifact => {
+            edifact::document_json(&edifact::parse(bytes).map_err(|e| e.to_string())?)
+        }
         Format::FhirJson | Format::FhirXml => {
             let tree = fhir::parse(format, bytes).map_err(|e| e.to_string())?;
-            serde_json::from_slice(&fhir::write(Format::FhirJson, &tree).map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?
+            serde_json::from_slice(
+                &fhir::write(Format::FhirJson, &tree).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?
         }
         Format::Rfc822 => Json::Null,
     };
@@ -55,9 +68,14 @@ pub fn inspect(bytes: &[u8], format: Format, normalizers: &Normalizers) -> Resul
     };
     let mut out = json!({ "format": format.as_str(), "parsed": parsed });
     match normalizers.get(&format).map(|n| n.normalize(&envelope)) {
-        Some(Ok(events)) => out["events"] = serde_json::to_value(events).map_err(|e| e.to_string())?,
+        Some(Ok(events)) => {
+            out["events"] = serde_json::to_value(events).map_err(|e| e.to_string())?
+        }
         Some(Err(e)) => out["rejected"] = json!({ "reason": e.reason(), "error": e.to_string() }),
-        None => out["rejected"] = json!({ "reason": "unsupported_format", "error": "no normaliser for this format" }),
+        None => {
+            out["rejected"] =
+                json!({ "reason": "unsupported_format", "error": "no normaliser for this format" })
+        }
     }
     Ok(out)
 }
@@ -70,9 +88,18 @@ mod tests {
     fn formats_are_recognised() {
         assert_eq!(sniff(b"UNA:+.? 'UNB+UNOA:1"), Some(Format::Edifact));
         assert_eq!(sniff(b"\n UNB+UNOC:3"), Some(Format::Edifact));
-        assert_eq!(sniff(b"{\"resourceType\":\"Bundle\"}"), Some(Format::FhirJson));
-        assert_eq!(sniff(b"<?xml version=\"1.0\"?><Bundle/>"), Some(Format::FhirXml));
-        assert_eq!(sniff(b"From: a@b.test\r\nSubject: x\r\n\r\nhi"), Some(Format::Rfc822));
+        assert_eq!(
+            sniff(b"{\"resourceType\":\"Bundle\"}"),
+            Some(Format::FhirJson)
+        );
+        assert_eq!(
+            sniff(b"<?xml version=\"1.0\"?><Bundle/>"),
+            Some(Format::FhirXml)
+        );
+        assert_eq!(
+            sniff(b"From: a@b.test\r\nSubject: x\r\n\r\nhi"),
+            Some(Format::Rfc822)
+        );
         assert_eq!(sniff(b"hello world"), None);
     }
 
@@ -85,14 +112,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(j["format"], "edifact");
-        assert_eq!(j["parsed"]["interchanges"][0]["messages"][0]["type"], "MEDLAB");
+        assert_eq!(
+            j["parsed"]["interchanges"][0]["messages"][0]["type"],
+            "MEDLAB"
+        );
         assert_eq!(j["events"][0]["header"]["kind"], "lab_result");
         assert_eq!(j["events"][0]["results"][0]["value_decimal"], "5.9");
     }
 
     #[test]
     fn a_broken_file_names_the_position() {
-        let err = inspect(b"UNB+UNOA:1+A", Format::Edifact, &crate::router::normalizers()).unwrap_err();
+        let err = inspect(
+            b"UNB+UNOA:1+A",
+            Format::Edifact,
+            &crate::router::normalizers(),
+        )
+        .unwrap_err();
         assert!(err.contains("segment") || err.contains("byte"), "{err}");
     }
 }

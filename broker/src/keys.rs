@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
-use ketenbus_schemas::event::{systems, Identifier};
 use ketenbus_schemas::Event;
+use ketenbus_schemas::event::{Identifier, systems};
 use sha2::Sha256;
 
 /// Makes patient keys with one secret.
@@ -42,7 +42,10 @@ impl PatientKeyer {
         let path = data_dir.join(SECRET_FILE);
         match std::fs::read(&path) {
             Ok(secret) if secret.len() >= 16 => Ok(PatientKeyer::new(secret)),
-            Ok(_) => Err(std::io::Error::other(format!("{} holds fewer than 16 bytes", path.display()))),
+            Ok(_) => Err(std::io::Error::other(format!(
+                "{} holds fewer than 16 bytes",
+                path.display()
+            ))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir)?;
                 let secret: [u8; 32] = rand::random();
@@ -62,7 +65,8 @@ impl PatientKeyer {
     /// Key of one identifier: 32 hex characters.
     #[must_use]
     pub fn key_of(&self, id: &Identifier) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("hmac takes keys of any length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("hmac takes keys of any length");
         mac.update(id.system.as_bytes());
         mac.update(b"|");
         mac.update(id.value.as_bytes());
@@ -94,7 +98,10 @@ mod tests {
     #[test]
     fn keys_are_stable_and_hide_the_bsn() {
         let k = PatientKeyer::new(b"0123456789abcdef".to_vec());
-        let id = Identifier { system: systems::BSN.into(), value: "999911120".into() };
+        let id = Identifier {
+            system: systems::BSN.into(),
+            value: "999911120".into(),
+        };
         let a = k.key_of(&id);
         assert_eq!(a, k.key_of(&id));
         assert_eq!(a.len(), 32);
@@ -108,7 +115,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = PatientKeyer::load(dir.path(), None).unwrap();
         let b = PatientKeyer::load(dir.path(), None).unwrap();
-        let id = Identifier { system: systems::BSN.into(), value: "999911120".into() };
+        let id = Identifier {
+            system: systems::BSN.into(),
+            value: "999911120".into(),
+        };
         assert_eq!(a.key_of(&id), b.key_of(&id));
     }
 }

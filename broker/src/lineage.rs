@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -161,7 +161,8 @@ impl Lineage {
     /// # Errors
     /// When the database cannot be opened.
     pub fn open(data_dir: &Path) -> rusqlite::Result<Lineage> {
-        std::fs::create_dir_all(data_dir).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
         let path = data_dir.join("lineage.db");
         let conn = open(&path)?;
         let (tx, rx) = mpsc::channel(16_384);
@@ -222,7 +223,9 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 let mut msg = tx.prepare_cached(
                     "INSERT OR IGNORE INTO messages VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
-                let mut step = tx.prepare_cached("INSERT INTO steps VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?;
+                let mut step = tx.prepare_cached(
+                    "INSERT INTO steps VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?;
                 for op in ops {
                     match op {
                         Op::Received(r) => {
@@ -238,11 +241,31 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                                 r.raw_partition,
                                 r.raw_offset
                             ])?;
-                            step.execute(params![r.id, r.received_at_ms, "received", None::<String>, None::<String>, None::<String>, None::<u32>, "accepted", None::<String>, None::<String>])?;
+                            step.execute(params![
+                                r.id,
+                                r.received_at_ms,
+                                "received",
+                                None::<String>,
+                                None::<String>,
+                                None::<String>,
+                                None::<u32>,
+                                "accepted",
+                                None::<String>,
+                                None::<String>
+                            ])?;
                         }
                         Op::Step(id, s) => {
                             step.execute(params![
-                                id, s.at_ms, s.stage, s.subscription, s.record_id, s.kind, s.attempt, s.outcome, s.reason, s.detail
+                                id,
+                                s.at_ms,
+                                s.stage,
+                                s.subscription,
+                                s.record_id,
+                                s.kind,
+                                s.attempt,
+                                s.outcome,
+                                s.reason,
+                                s.detail
                             ])?;
                         }
                         Op::Flush(done) => flushes.push(done),
@@ -279,7 +302,9 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
             })
         })
         .optional()?;
-    let Some(received) = received else { return Ok(None) };
+    let Some(received) = received else {
+        return Ok(None);
+    };
     let mut stmt = conn.prepare(
         "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail
          FROM steps WHERE message_id = ?1 ORDER BY at, rowid",
@@ -302,21 +327,24 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     let mut events = Vec::new();
     let mut deliveries: BTreeMap<(String, String), DeliverySummary> = BTreeMap::new();
     for s in &steps {
-        if s.stage == "normalised" {
-            if let (Some(id), Some(kind)) = (&s.record_id, &s.kind) {
-                if !events.iter().any(|e: &EventRef| &e.id == id) {
-                    events.push(EventRef { id: id.clone(), kind: kind.clone() });
-                }
-            }
+        if let (true, Some(id), Some(kind)) = (s.stage == "normalised", &s.record_id, &s.kind)
+            && !events.iter().any(|e: &EventRef| &e.id == id)
+        {
+            events.push(EventRef {
+                id: id.clone(),
+                kind: kind.clone(),
+            });
         }
         if let (Some(sub), Some(rec)) = (&s.subscription, &s.record_id) {
-            let d = deliveries.entry((sub.clone(), rec.clone())).or_insert_with(|| DeliverySummary {
-                subscription: sub.clone(),
-                record_id: rec.clone(),
-                outcome: String::new(),
-                reason: None,
-                attempts: 0,
-            });
+            let d = deliveries
+                .entry((sub.clone(), rec.clone()))
+                .or_insert_with(|| DeliverySummary {
+                    subscription: sub.clone(),
+                    record_id: rec.clone(),
+                    outcome: String::new(),
+                    reason: None,
+                    attempts: 0,
+                });
             d.outcome.clone_from(&s.outcome);
             d.reason.clone_from(&s.reason);
             if s.stage == "delivery" {
@@ -324,5 +352,10 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
             }
         }
     }
-    Ok(Some(MessageLineage { received, events, deliveries: deliveries.into_values().collect(), steps }))
+    Ok(Some(MessageLineage {
+        received,
+        events,
+        deliveries: deliveries.into_values().collect(),
+        steps,
+    }))
 }

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use ketenbus::bus::Bus;
 use ketenbus::bus::embedded::EmbeddedBus;
 use ketenbus::bus::kafka::KafkaBus;
-use ketenbus::bus::Bus;
 use ketenbus::config::{Config, Engine, Settings};
 use ketenbus::dlq::{self, Selection};
 use ketenbus_schemas::Format;
@@ -105,8 +105,11 @@ enum DlqCommand {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KETENBUS_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KETENBUS_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -132,8 +135,12 @@ fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
 fn parse_since(since: Option<&str>) -> anyhow::Result<Option<i64>> {
     since
         .map(|s| {
-            let t = humantime::parse_rfc3339_weak(s).with_context(|| format!("--since {s:?} is not an RFC 3339 time"))?;
-            let ms = t.duration_since(std::time::UNIX_EPOCH).context("--since before 1970")?.as_millis();
+            let t = humantime::parse_rfc3339_weak(s)
+                .with_context(|| format!("--since {s:?} is not an RFC 3339 time"))?;
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("--since before 1970")?
+                .as_millis();
             Ok(i64::try_from(ms)?)
         })
         .transpose()
@@ -149,7 +156,14 @@ async fn with_bus<T>(
             f(&bus).await
         }
         Engine::Kafka => {
-            let bus = KafkaBus::new(settings.config.bus.kafka.as_ref().context("bus.kafka is required")?)?;
+            let bus = KafkaBus::new(
+                settings
+                    .config
+                    .bus
+                    .kafka
+                    .as_ref()
+                    .context("bus.kafka is required")?,
+            )?;
             f(&bus).await
         }
     }
@@ -157,15 +171,32 @@ async fn with_bus<T>(
 
 /// The dead-letter operations, object-safe over both engines.
 trait DlqOps {
-    fn list<'a>(&'a self, stage: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>;
-    fn replay<'a>(&'a self, subscription: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>>;
+    fn list<'a>(
+        &'a self,
+        stage: &'a str,
+        sel: &'a Selection,
+    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>;
+    fn replay<'a>(
+        &'a self,
+        subscription: &'a str,
+        sel: &'a Selection,
+    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>>;
 }
 
 impl<B: Bus> DlqOps for B {
-    fn list<'a>(&'a self, stage: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>> {
+    fn list<'a>(
+        &'a self,
+        stage: &'a str,
+        sel: &'a Selection,
+    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>
+    {
         Box::pin(async move { Ok(dlq::list(self, stage, sel).await?) })
     }
-    fn replay<'a>(&'a self, subscription: &'a str, sel: &'a Selection) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>> {
+    fn replay<'a>(
+        &'a self,
+        subscription: &'a str,
+        sel: &'a Selection,
+    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>> {
         Box::pin(async move { Ok(dlq::replay(self, subscription, sel).await?) })
     }
 }
@@ -175,7 +206,8 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let stop = cancel.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -200,7 +232,9 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
                         () = tokio::time::sleep(every) => {}
                     }
                     match retention.enforce_retention(age, bytes).await {
-                        Ok(r) if r.deleted > 0 => tracing::info!(deleted = r.deleted, "retention removed old records"),
+                        Ok(r) if r.deleted > 0 => {
+                            tracing::info!(deleted = r.deleted, "retention removed old records")
+                        }
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "retention failed"),
                     }
@@ -209,7 +243,14 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             ketenbus::runtime::run(settings, bus, cancel).await
         }
         Engine::Kafka => {
-            let bus = KafkaBus::new(settings.config.bus.kafka.as_ref().context("bus.kafka is required")?)?;
+            let bus = KafkaBus::new(
+                settings
+                    .config
+                    .bus
+                    .kafka
+                    .as_ref()
+                    .context("bus.kafka is required")?,
+            )?;
             ketenbus::runtime::run(settings, bus, cancel).await
         }
     }
@@ -228,7 +269,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             match parsed.validate(&env_var) {
                 Ok(s) => {
-                    println!("{}: ok ({} subscriptions, engine {:?})", config.display(), s.subscriptions.len(), s.config.bus.engine);
+                    println!(
+                        "{}: ok ({} subscriptions, engine {:?})",
+                        config.display(),
+                        s.subscriptions.len(),
+                        s.config.bus.engine
+                    );
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(problems) => {
@@ -241,11 +287,16 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Inspect { file, format } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let format = match format.as_deref() {
-                Some(f) => Format::ALL.into_iter().find(|x| x.as_str() == f).context("unknown format")?,
-                None => ketenbus::inspect::sniff(&bytes)
-                    .with_context(|| format!("{}: format not recognised; give --format", file.display()))?,
+                Some(f) => Format::ALL
+                    .into_iter()
+                    .find(|x| x.as_str() == f)
+                    .context("unknown format")?,
+                None => ketenbus::inspect::sniff(&bytes).with_context(|| {
+                    format!("{}: format not recognised; give --format", file.display())
+                })?,
             };
             match ketenbus::inspect::inspect(&bytes, format, &ketenbus::router::normalizers()) {
                 Ok(json) => {
@@ -258,10 +309,22 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Dlq { command: DlqCommand::List { config, subscription, ids, since } } => {
+        Command::Dlq {
+            command:
+                DlqCommand::List {
+                    config,
+                    subscription,
+                    ids,
+                    since,
+                },
+        } => {
             let settings = load(config.as_deref())?;
-            let sel = Selection { ids, since_ms: parse_since(since.as_deref())? };
-            let letters = with_bus(&settings, async |bus| bus.list(&subscription, &sel).await).await?;
+            let sel = Selection {
+                ids,
+                since_ms: parse_since(since.as_deref())?,
+            };
+            let letters =
+                with_bus(&settings, async |bus| bus.list(&subscription, &sel).await).await?;
             for dl in &letters {
                 let line = serde_json::json!({
                     "id": dl.id, "stage": dl.stage, "record_id": dl.record_id, "envelope_id": dl.envelope_id,
@@ -273,18 +336,36 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("{} dead letter(s)", letters.len());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dlq { command: DlqCommand::Replay { config, subscription, ids, since, all } } => {
+        Command::Dlq {
+            command:
+                DlqCommand::Replay {
+                    config,
+                    subscription,
+                    ids,
+                    since,
+                    all,
+                },
+        } => {
             let settings = load(config.as_deref())?;
             if subscription == "router" {
-                anyhow::bail!("router dead letters cannot be replayed to a subscription; resend the message instead");
+                anyhow::bail!(
+                    "router dead letters cannot be replayed to a subscription; resend the message instead"
+                );
             }
-            if !settings.subscriptions.iter().any(|s| s.name == subscription) {
+            if !settings
+                .subscriptions
+                .iter()
+                .any(|s| s.name == subscription)
+            {
                 anyhow::bail!("no subscription named {subscription:?} in the configuration");
             }
             if ids.is_empty() && since.is_none() && !all {
                 anyhow::bail!("say which dead letters: --id, --since, or --all");
             }
-            let sel = Selection { ids, since_ms: parse_since(since.as_deref())? };
+            let sel = Selection {
+                ids,
+                since_ms: parse_since(since.as_deref())?,
+            };
             let n = with_bus(&settings, async |bus| bus.replay(&subscription, &sel).await).await?;
             eprintln!("replayed {n} dead letter(s) to subscription {subscription}");
             Ok(ExitCode::SUCCESS)
@@ -295,7 +376,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

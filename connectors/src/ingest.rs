@@ -2,8 +2,8 @@
 
 use ketenbus_schemas::RawEnvelope;
 
-use crate::sink::BoxFuture;
 use crate::ErrorKind;
+use crate::sink::BoxFuture;
 
 /// Proof that a message is durable: only now may the sender hear "done".
 #[derive(Debug, Clone, PartialEq, Eq)]

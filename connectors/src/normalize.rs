@@ -61,7 +61,9 @@ impl NormalizeError {
         match self {
             NormalizeError::UnsupportedFormat { .. } => "unsupported_format",
             NormalizeError::UnsupportedMessageType { .. } => "unsupported_message_type",
-            NormalizeError::Syntax { reason, .. } | NormalizeError::Invalid { reason, .. } => reason,
+            NormalizeError::Syntax { reason, .. } | NormalizeError::Invalid { reason, .. } => {
+                reason
+            }
         }
     }
 

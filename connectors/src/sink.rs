@@ -87,7 +87,9 @@ impl DeliveryError {
     #[must_use]
     pub fn reason(&self) -> &str {
         match self {
-            DeliveryError::Retryable { reason, .. } | DeliveryError::Rejected { reason, .. } => reason,
+            DeliveryError::Retryable { reason, .. } | DeliveryError::Rejected { reason, .. } => {
+                reason
+            }
         }
     }
 
@@ -95,7 +97,9 @@ impl DeliveryError {
     #[must_use]
     pub fn detail(&self) -> &str {
         match self {
-            DeliveryError::Retryable { detail, .. } | DeliveryError::Rejected { detail, .. } => detail,
+            DeliveryError::Retryable { detail, .. } | DeliveryError::Rejected { detail, .. } => {
+                detail
+            }
         }
     }
 }
@@ -104,5 +108,8 @@ impl DeliveryError {
 /// the same id twice after a crash, never two ids for one event.
 pub trait Sink: Send + Sync {
     /// Deliver one record.
-    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>>;
+    fn deliver<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<Receipt, DeliveryError>>;
 }

@@ -31,14 +31,22 @@ impl WebhookSink {
     ///
     /// # Errors
     /// When the HTTP client cannot be built (TLS backend).
-    pub fn new(url: reqwest::Url, secret: Option<Vec<u8>>, timeout: Duration) -> Result<WebhookSink, reqwest::Error> {
+    pub fn new(
+        url: reqwest::Url,
+        secret: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<WebhookSink, reqwest::Error> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(64)
             .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(WebhookSink { client, url, secret })
+        Ok(WebhookSink {
+            client,
+            url,
+            secret,
+        })
     }
 }
 
@@ -58,7 +66,10 @@ pub fn body_of(payload: &Payload) -> Result<(Vec<u8>, String), DeliveryError> {
     match payload {
         Payload::Event(event) => serde_json::to_vec(event.as_ref())
             .map(|b| (b, "application/json".to_owned()))
-            .map_err(|e| DeliveryError::Rejected { reason: "encode".into(), detail: e.to_string() }),
+            .map_err(|e| DeliveryError::Rejected {
+                reason: "encode".into(),
+                detail: e.to_string(),
+            }),
         Payload::Raw(env) => Ok((env.body.clone(), env.content_type.clone())),
     }
 }
@@ -70,8 +81,14 @@ pub fn body_of(payload: &Payload) -> Result<(Vec<u8>, String), DeliveryError> {
 pub fn classify_status(status: u16, detail: String) -> Result<(), DeliveryError> {
     match status {
         200..=299 => Ok(()),
-        429 | 500..=599 | 408 => Err(DeliveryError::Retryable { reason: format!("http_{status}"), detail }),
-        _ => Err(DeliveryError::Rejected { reason: format!("http_{status}"), detail }),
+        429 | 500..=599 | 408 => Err(DeliveryError::Retryable {
+            reason: format!("http_{status}"),
+            detail,
+        }),
+        _ => Err(DeliveryError::Rejected {
+            reason: format!("http_{status}"),
+            detail,
+        }),
     }
 }
 
@@ -83,7 +100,10 @@ fn transport_error(e: &reqwest::Error) -> DeliveryError {
     } else {
         "network"
     };
-    DeliveryError::Retryable { reason: reason.into(), detail: error_chain(e) }
+    DeliveryError::Retryable {
+        reason: reason.into(),
+        detail: error_chain(e),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -98,7 +118,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Sink for WebhookSink {
-    fn deliver<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+    fn deliver<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
         Box::pin(async move {
             let (body, content_type) = body_of(&delivery.payload)?;
             let (kind, envelope_id) = match &delivery.payload {
@@ -116,13 +139,23 @@ impl Sink for WebhookSink {
             if let Some(secret) = &self.secret {
                 req = req.header(SIGNATURE_HEADER, signature(secret, &body));
             }
-            let resp = req.body(body).send().await.map_err(|e| transport_error(&e))?;
+            let resp = req
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| transport_error(&e))?;
             let status = resp.status();
-            let line = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+            let line = format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            );
             // Drain the body so the connection can be reused; its content is not kept.
             let _ = resp.bytes().await;
             classify_status(status.as_u16(), line.trim_end().to_owned())?;
-            Ok(Receipt { detail: line.trim_end().to_owned() })
+            Ok(Receipt {
+                detail: line.trim_end().to_owned(),
+            })
         })
     }
 }
@@ -135,14 +168,23 @@ mod tests {
     fn signature_matches_a_known_hmac() {
         // RFC 4231 test case 2.
         let sig = signature(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            sig,
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]
     fn statuses_are_classified() {
         assert!(classify_status(204, String::new()).is_ok());
-        assert!(matches!(classify_status(429, String::new()), Err(DeliveryError::Retryable { .. })));
-        assert!(matches!(classify_status(503, String::new()), Err(DeliveryError::Retryable { .. })));
+        assert!(matches!(
+            classify_status(429, String::new()),
+            Err(DeliveryError::Retryable { .. })
+        ));
+        assert!(matches!(
+            classify_status(503, String::new()),
+            Err(DeliveryError::Retryable { .. })
+        ));
         let err = classify_status(404, "404 Not Found".into()).unwrap_err();
         assert_eq!(err.reason(), "http_404");
         assert!(matches!(err, DeliveryError::Rejected { .. }));

@@ -2,8 +2,8 @@
 //! fingerprint of the schema's parsing canonical form, then the binary datum.
 
 use apache_avro::Schema;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// The two marker bytes of single-object encoding.
 pub const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -60,7 +60,11 @@ impl CompiledSchema {
             Schema::Record(r) => Box::leak(r.name.fullname(None).into_boxed_str()),
             _ => "schema",
         };
-        CompiledSchema { schema, fingerprint, name }
+        CompiledSchema {
+            schema,
+            fingerprint,
+            name,
+        }
     }
 }
 
@@ -71,7 +75,9 @@ impl CompiledSchema {
 #[must_use]
 pub fn parsing_canonical_form(schema: &Schema) -> String {
     let mut pcf = schema.canonical_form();
-    for p in ["null", "boolean", "int", "long", "float", "double", "bytes", "string"] {
+    for p in [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ] {
         pcf = pcf.replace(&format!("{{\"type\":\"{p}\"}}"), &format!("\"{p}\""));
     }
     pcf
@@ -128,13 +134,20 @@ macro_rules! compiled_schema {
 }
 
 fn avro_err(op: &'static str, schema: &'static str, e: apache_avro::Error) -> CodecError {
-    CodecError::Avro { op, schema, source: Box::new(e) }
+    CodecError::Avro {
+        op,
+        schema,
+        source: Box::new(e),
+    }
 }
 
 fn encode<T: Serialize>(c: &CompiledSchema, value: &T) -> Result<Vec<u8>, CodecError> {
     let v = apache_avro::to_value(value).map_err(|e| avro_err("encode", c.name, e))?;
-    let v = v.resolve(&c.schema).map_err(|e| avro_err("encode", c.name, e))?;
-    let datum = apache_avro::to_avro_datum(&c.schema, v).map_err(|e| avro_err("encode", c.name, e))?;
+    let v = v
+        .resolve(&c.schema)
+        .map_err(|e| avro_err("encode", c.name, e))?;
+    let datum =
+        apache_avro::to_avro_datum(&c.schema, v).map_err(|e| avro_err("encode", c.name, e))?;
     let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&c.fingerprint);
@@ -147,10 +160,14 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
         return Err(CodecError::NoMarker);
     }
     if bytes[2..HEADER_LEN] != c.fingerprint {
-        return Err(CodecError::WrongSchema { found: hex8(&bytes[2..HEADER_LEN]), expected: c.name });
+        return Err(CodecError::WrongSchema {
+            found: hex8(&bytes[2..HEADER_LEN]),
+            expected: c.name,
+        });
     }
     let mut rest = &bytes[HEADER_LEN..];
-    let v = apache_avro::from_avro_datum(&c.schema, &mut rest, None).map_err(|e| avro_err("decode", c.name, e))?;
+    let v = apache_avro::from_avro_datum(&c.schema, &mut rest, None)
+        .map_err(|e| avro_err("decode", c.name, e))?;
     apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e))
 }
 
@@ -172,4 +189,3 @@ fn hex8(b: &[u8]) -> String {
         s
     })
 }
-

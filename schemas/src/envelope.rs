@@ -23,7 +23,12 @@ pub enum Format {
 
 impl Format {
     /// All formats, in schema order.
-    pub const ALL: [Format; 4] = [Format::Edifact, Format::FhirJson, Format::FhirXml, Format::Rfc822];
+    pub const ALL: [Format; 4] = [
+        Format::Edifact,
+        Format::FhirJson,
+        Format::FhirXml,
+        Format::Rfc822,
+    ];
 
     /// The format for a `Content-Type` value (parameters and case ignored), if ketenbus takes it.
     #[must_use]

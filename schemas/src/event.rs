@@ -24,8 +24,12 @@ pub enum EventKind {
 
 impl EventKind {
     /// All kinds.
-    pub const ALL: [EventKind; 4] =
-        [EventKind::LabResult, EventKind::Letter, EventKind::AcuteHandover, EventKind::HandoverNotification];
+    pub const ALL: [EventKind; 4] = [
+        EventKind::LabResult,
+        EventKind::Letter,
+        EventKind::AcuteHandover,
+        EventKind::HandoverNotification,
+    ];
 
     /// The schema symbol; also the config name and a metric label.
     #[must_use]
@@ -117,7 +121,8 @@ pub mod systems {
     /// UZI system number.
     pub const UZI_SYSTEM: &str = "http://fhir.nl/fhir/NamingSystem/uzi-nr-sys";
     /// NHG table 45 diagnostic determinations.
-    pub const NHG_45: &str = "https://referentiemodel.nhg.org/tabellen/nhg-tabel-45-diagnostische-bepalingen";
+    pub const NHG_45: &str =
+        "https://referentiemodel.nhg.org/tabellen/nhg-tabel-45-diagnostische-bepalingen";
     /// LOINC.
     pub const LOINC: &str = "http://loinc.org";
     /// SNOMED CT.
@@ -412,7 +417,10 @@ macro_rules! event_record {
 event_record!(LabResultEvent, "../avro/event_lab_result.avsc");
 event_record!(LetterEvent, "../avro/event_letter.avsc");
 event_record!(AcuteHandoverEvent, "../avro/event_acute_handover.avsc");
-event_record!(HandoverNotificationEvent, "../avro/event_handover_notification.avsc");
+event_record!(
+    HandoverNotificationEvent,
+    "../avro/event_handover_notification.avsc"
+);
 
 /// Any event. JSON form (webhooks) is the record itself with `kind` in its header.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use ketenbus_schemas::codec::{fingerprint_of, AvroRecord};
+use ketenbus_schemas::codec::{AvroRecord, fingerprint_of};
 use ketenbus_schemas::event::*;
 use ketenbus_schemas::{DeadLetter, DeliveryOutcome, Format, Outcome, RawEnvelope};
 
@@ -16,8 +16,12 @@ fn roundtrip<T: AvroRecord + PartialEq + std::fmt::Debug>(v: &T) {
     assert_eq!(&back, v);
     // Fields of the JSON form are exactly the schema's fields.
     let schema: serde_json::Value = serde_json::from_str(T::SCHEMA_JSON).unwrap();
-    let want: BTreeSet<String> =
-        schema["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap().to_owned()).collect();
+    let want: BTreeSet<String> = schema["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_owned())
+        .collect();
     let json = serde_json::to_value(v).unwrap();
     let got: BTreeSet<String> = json.as_object().unwrap().keys().cloned().collect();
     assert_eq!(got, want, "fields of {}", T::compiled().name);
@@ -34,26 +38,52 @@ fn header(kind: EventKind) -> EventHeader {
 
 fn patient() -> Patient {
     Patient {
-        identifiers: vec![Identifier { system: systems::BSN.into(), value: "999911120".into() }],
-        name: Some(HumanName { given: Some("Pieter".into()), initials: Some("P.".into()), family: Some("Jansen".into()), ..Default::default() }),
+        identifiers: vec![Identifier {
+            system: systems::BSN.into(),
+            value: "999911120".into(),
+        }],
+        name: Some(HumanName {
+            given: Some("Pieter".into()),
+            initials: Some("P.".into()),
+            family: Some("Jansen".into()),
+            ..Default::default()
+        }),
         birth_date: Some("1961-04-09".into()),
         gender: Some("male".into()),
-        address: Some(Address { city: Some("Groningen".into()), ..Default::default() }),
+        address: Some(Address {
+            city: Some("Groningen".into()),
+            ..Default::default()
+        }),
     }
 }
 
 fn professional() -> HealthProfessional {
     HealthProfessional {
-        identifiers: vec![Identifier { system: systems::AGB.into(), value: "01000001".into() }],
-        name: Some(HumanName { text: Some("Dr. A. de Boer".into()), ..Default::default() }),
+        identifiers: vec![Identifier {
+            system: systems::AGB.into(),
+            value: "01000001".into(),
+        }],
+        name: Some(HumanName {
+            text: Some("Dr. A. de Boer".into()),
+            ..Default::default()
+        }),
         role: Some("requester".into()),
-        specialty: Some(Coding { system: "urn:oid:2.16.840.1.113883.2.4.6.7".into(), code: "0100".into(), display: None }),
+        specialty: Some(Coding {
+            system: "urn:oid:2.16.840.1.113883.2.4.6.7".into(),
+            code: "0100".into(),
+            display: None,
+        }),
         organization_name: None,
     }
 }
 
 fn attachment() -> Attachment {
-    Attachment { content_type: "application/pdf".into(), title: Some("ecg.pdf".into()), sha256: "ab".repeat(32), size: 1234 }
+    Attachment {
+        content_type: "application/pdf".into(),
+        title: Some("ecg.pdf".into()),
+        sha256: "ab".repeat(32),
+        size: 1234,
+    }
 }
 
 #[test]
@@ -75,7 +105,12 @@ fn envelope_matches_its_schema() {
 
 #[test]
 fn outcome_and_dead_letter_match_their_schemas() {
-    for outcome in [Outcome::Delivered, Outcome::Retrying, Outcome::DeadLettered, Outcome::Filtered] {
+    for outcome in [
+        Outcome::Delivered,
+        Outcome::Retrying,
+        Outcome::DeadLettered,
+        Outcome::Filtered,
+    ] {
         roundtrip(&DeliveryOutcome {
             subscription: "s".into(),
             record_id: "m1.0".into(),
@@ -106,19 +141,34 @@ fn lab_result_matches_its_schema() {
     roundtrip(&LabResultEvent {
         header: header(EventKind::LabResult),
         patient: Some(patient()),
-        performer: Some(HealthcareProvider { name: Some("Regiolab Noord".into()), phone: Some("0501234567".into()), ..Default::default() }),
+        performer: Some(HealthcareProvider {
+            name: Some("Regiolab Noord".into()),
+            phone: Some("0501234567".into()),
+            ..Default::default()
+        }),
         requester: Some(professional()),
         professionals: vec![professional()],
         specimens: vec![Specimen {
             id: "s1".into(),
-            identifiers: vec![Identifier { system: "urn:ketenbus:edifact-reference".into(), value: "L2611017".into() }],
-            material: Some(Coding { system: "urn:ketenbus:local".into(), code: "bloed".into(), display: None }),
+            identifiers: vec![Identifier {
+                system: "urn:ketenbus:edifact-reference".into(),
+                value: "L2611017".into(),
+            }],
+            material: Some(Coding {
+                system: "urn:ketenbus:local".into(),
+                code: "bloed".into(),
+                display: None,
+            }),
             collected_at: Some("2026-11-01T07:40".into()),
             ..Default::default()
         }],
         results: vec![LabTestResult {
             id: "r1".into(),
-            test: Coding { system: "urn:ketenbus:local".into(), code: "K".into(), display: Some("Kalium".into()) },
+            test: Coding {
+                system: "urn:ketenbus:local".into(),
+                code: "K".into(),
+                display: Some("Kalium".into()),
+            },
             other_codes: vec![],
             local_code: Some("K".into()),
             local_name: Some("Kalium".into()),
@@ -160,7 +210,11 @@ fn letter_handover_and_notification_match_their_schemas() {
         patient: Some(patient()),
         referral: Referral {
             id: Some("sr-1".into()),
-            code: Coding { system: systems::SNOMED.into(), code: "11131000146102".into(), display: None },
+            code: Coding {
+                system: systems::SNOMED.into(),
+                code: "11131000146102".into(),
+                display: None,
+            },
             status: Some("active".into()),
             priority: Some("urgent".into()),
             authored_on: None,
@@ -169,7 +223,11 @@ fn letter_handover_and_notification_match_their_schemas() {
         requester: None,
         requester_organization: None,
         receiver_organization: None,
-        sections: vec![Section { code: None, title: Some("Reden van verwijzing".into()), text: Some("...".into()) }],
+        sections: vec![Section {
+            code: None,
+            title: Some("Reden van verwijzing".into()),
+            text: Some("...".into()),
+        }],
         attachments: vec![attachment()],
     });
     roundtrip(&HandoverNotificationEvent {

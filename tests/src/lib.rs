@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use axum::Router;
 use tokio::sync::Notify;
 
 /// A free loopback port.
@@ -23,7 +23,11 @@ use tokio::sync::Notify;
 /// When no port can be bound.
 #[must_use]
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// The `ketenbus` binary of this build: next to the test executable's `deps` folder, or
@@ -42,7 +46,11 @@ pub fn ketenbus_bin() -> PathBuf {
         dir.pop();
     }
     let bin = dir.join("ketenbus");
-    assert!(bin.exists(), "{} is not built: run `cargo build -p ketenbus` first (ops/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build -p ketenbus` first (ops/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
@@ -79,7 +87,10 @@ impl Broker {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         let mut b = Broker::prepare(&dir, extra);
-        b.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        b.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         b._tmp = Some(tmp);
         b.spawn();
         b
@@ -90,9 +101,20 @@ impl Broker {
     pub fn prepare(dir: &Path, extra: &str) -> Broker {
         let port = free_port();
         let config = dir.join("ketenbus.toml");
-        let text = format!("data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n", dir.join("data"));
+        let text = format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n",
+            dir.join("data")
+        );
         std::fs::write(&config, text).expect("write config");
-        Broker { child: None, dir: dir.to_path_buf(), url: format!("http://127.0.0.1:{port}"), config, log: dir.join("ketenbus.log"), env: Vec::new(), _tmp: None }
+        Broker {
+            child: None,
+            dir: dir.to_path_buf(),
+            url: format!("http://127.0.0.1:{port}"),
+            config,
+            log: dir.join("ketenbus.log"),
+            env: Vec::new(),
+            _tmp: None,
+        }
     }
 
     /// Start (or restart) the process and wait until `/readyz` is green.
@@ -100,7 +122,11 @@ impl Broker {
     /// # Panics
     /// When it does not become ready in 30 s.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let child = Command::new(ketenbus_bin())
             .args(["run", "--config"])
             .arg(&self.config)
@@ -114,10 +140,11 @@ impl Broker {
         let deadline = Instant::now() + Duration::from_secs(30);
         let probe = probe::Probe;
         while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("ketenbus exited with {status} during start-up:\n{}", self.log_text());
-                }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "ketenbus exited with {status} during start-up:\n{}",
+                    self.log_text()
+                );
             }
             if probe.ready(&format!("{}/readyz", self.url)) {
                 return;
@@ -151,7 +178,11 @@ impl Broker {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run ketenbus");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
@@ -174,9 +205,16 @@ mod probe {
         pub fn ready(&self, url: &str) -> bool {
             let rest = url.trim_start_matches("http://");
             let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
-            let Ok(mut s) = TcpStream::connect(host) else { return false };
+            let Ok(mut s) = TcpStream::connect(host) else {
+                return false;
+            };
             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            if write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").is_err() {
+            if write!(
+                s,
+                "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            )
+            .is_err()
+            {
                 return false;
             }
             let mut buf = String::new();
@@ -241,9 +279,14 @@ impl Receiver {
             delay_ms: AtomicU16::new(u16::try_from(b.delay.as_millis()).unwrap_or(u16::MAX)),
             notify: Notify::new(),
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let addr = listener.local_addr().expect("addr");
-        let app = Router::new().route("/{*path}", post(record)).route("/", post(record)).with_state(Arc::clone(&state));
+        let app = Router::new()
+            .route("/{*path}", post(record))
+            .route("/", post(record))
+            .with_state(Arc::clone(&state));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { addr, state }
     }
@@ -279,15 +322,26 @@ impl Receiver {
     }
 }
 
-async fn record(State(st): State<Arc<ReceiverState>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+async fn record(
+    State(st): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
     let delay = st.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
     }
     let status = st.status.load(Ordering::SeqCst);
     if (200..300).contains(&status) {
-        let headers = headers.iter().map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())).collect();
-        st.got.lock().expect("lock").push(Received { headers, body, at: Instant::now() });
+        let headers = headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        st.got.lock().expect("lock").push(Received {
+            headers,
+            body,
+            at: Instant::now(),
+        });
         st.notify.notify_waiters();
     }
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
@@ -305,8 +359,18 @@ pub fn webhook_subscription(name: &str, kinds: &str, url: &str, extra: &str) -> 
 ///
 /// # Errors
 /// On a transport error.
-pub async fn post_message(client: &reqwest::Client, base: &str, content_type: &str, body: Vec<u8>) -> reqwest::Result<(u16, serde_json::Value)> {
-    let resp = client.post(format!("{base}/api/v1/messages")).header("content-type", content_type).body(body).send().await?;
+pub async fn post_message(
+    client: &reqwest::Client,
+    base: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> reqwest::Result<(u16, serde_json::Value)> {
+    let resp = client
+        .post(format!("{base}/api/v1/messages"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await?;
     let status = resp.status().as_u16();
     let json = resp.json().await.unwrap_or(serde_json::Value::Null);
     Ok((status, json))
@@ -316,14 +380,25 @@ pub async fn post_message(client: &reqwest::Client, base: &str, content_type: &s
 ///
 /// # Errors
 /// On a transport error.
-pub async fn lineage(client: &reqwest::Client, base: &str, id: &str) -> reqwest::Result<serde_json::Value> {
-    client.get(format!("{base}/api/v1/messages/{id}")).send().await?.json().await
+pub async fn lineage(
+    client: &reqwest::Client,
+    base: &str,
+    id: &str,
+) -> reqwest::Result<serde_json::Value> {
+    client
+        .get(format!("{base}/api/v1/messages/{id}"))
+        .send()
+        .await?
+        .json()
+        .await
 }
 
 /// A synthetic EDIFACT interchange of about `size` bytes (MEDLAB-like, invented patient).
 #[must_use]
 pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
-    let mut s = format!("UNB+UNOA:1+500001234+500005678+261101:0815+IC{n:06}'UNH+M{n:06}+MEDLAB:1'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'");
+    let mut s = format!(
+        "UNB+UNOA:1+500001234+500005678+261101:0815+IC{n:06}'UNH+M{n:06}+MEDLAB:1'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'"
+    );
     while s.len() + 40 < size {
         s.push_str("BEP+0+Kreatinine+88++umol/l++60+110+KREA'");
     }

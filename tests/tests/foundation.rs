@@ -4,17 +4,26 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use ketenbus_tests::{edifact_message, lineage, post_message, webhook_subscription, Behaviour, Broker, Receiver};
+use ketenbus_tests::{
+    Behaviour, Broker, Receiver, edifact_message, lineage, post_message, webhook_subscription,
+};
 use sha2::Sha256;
 
-const OK: Behaviour = Behaviour { status: 204, delay: Duration::ZERO };
+const OK: Behaviour = Behaviour {
+    status: 204,
+    delay: Duration::ZERO,
+};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
 /// Poll the lineage until `pred` holds.
-async fn lineage_until(base: &str, id: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+async fn lineage_until(
+    base: &str,
+    id: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let c = client();
     let mut last = serde_json::Value::Null;
     for _ in 0..100 {
@@ -30,10 +39,18 @@ async fn lineage_until(base: &str, id: &str, pred: impl Fn(&serde_json::Value) -
 #[tokio::test]
 async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
     let rx = Receiver::start(OK).await;
-    let sub = webhook_subscription("archive", "\"raw\"", &rx.url(), ", secret_env = \"TEST_ARCHIVE_SECRET\"");
-    let broker = Broker::start_with_env(&sub, &[("TEST_ARCHIVE_SECRET", "archive-secret-for-tests")]);
+    let sub = webhook_subscription(
+        "archive",
+        "\"raw\"",
+        &rx.url(),
+        ", secret_env = \"TEST_ARCHIVE_SECRET\"",
+    );
+    let broker =
+        Broker::start_with_env(&sub, &[("TEST_ARCHIVE_SECRET", "archive-secret-for-tests")]);
     let body = edifact_message(1, 600);
-    let (status, json) = post_message(&client(), &broker.url, "application/EDIFACT", body.clone()).await.unwrap();
+    let (status, json) = post_message(&client(), &broker.url, "application/EDIFACT", body.clone())
+        .await
+        .unwrap();
     assert_eq!(status, 202, "{json}");
     let id = json["id"].as_str().unwrap().to_owned();
     assert_eq!(json["location"], format!("/api/v1/messages/{id}"));
@@ -41,7 +58,11 @@ async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
     let r = &got[0];
-    assert_eq!(r.body.as_ref(), body.as_slice(), "raw subscribers get the original bytes");
+    assert_eq!(
+        r.body.as_ref(),
+        body.as_slice(),
+        "raw subscribers get the original bytes"
+    );
     assert_eq!(r.header("content-type"), Some("application/EDIFACT"));
     assert_eq!(r.header("idempotency-key"), Some(id.as_str()));
     assert_eq!(r.header("ketenbus-kind"), Some("raw"));
@@ -51,7 +72,9 @@ async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
     assert_eq!(r.header("ketenbus-signature"), Some(want.as_str()));
 
     let l = lineage_until(&broker.url, &id, |l| {
-        l["deliveries"].as_array().is_some_and(|d| d.iter().any(|d| d["outcome"] == "delivered"))
+        l["deliveries"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["outcome"] == "delivered"))
     })
     .await;
     assert_eq!(l["format"], "edifact");
@@ -60,7 +83,12 @@ async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
     assert_eq!(d["subscription"], "archive");
     assert_eq!(d["record_id"], id.as_str());
     assert_eq!(d["attempts"], 1);
-    let stages: Vec<&str> = l["steps"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+    let stages: Vec<&str> = l["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
     assert!(stages.contains(&"received"), "{stages:?}");
 }
 
@@ -71,34 +99,67 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
     // The first lines of the extra config land in [http].
     let broker = Broker::start(&format!("max_body = \"1 KiB\"\n{sub}"));
     let c = client();
-    let (s, j) = post_message(&c, &broker.url, "text/plain", b"hello".to_vec()).await.unwrap();
+    let (s, j) = post_message(&c, &broker.url, "text/plain", b"hello".to_vec())
+        .await
+        .unwrap();
     assert_eq!(s, 415);
     assert_eq!(j["error"], "unsupported_media_type");
-    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", Vec::new()).await.unwrap();
+    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", Vec::new())
+        .await
+        .unwrap();
     assert_eq!(s, 400);
     assert_eq!(j["error"], "empty_body");
-    let (s, j) = post_message(&c, &broker.url, "application/fhir+json", vec![b' '; 2048]).await.unwrap();
+    let (s, j) = post_message(&c, &broker.url, "application/fhir+json", vec![b' '; 2048])
+        .await
+        .unwrap();
     assert_eq!(s, 413, "{j}");
     assert_eq!(j["error"], "too_large");
     // A good one afterwards is the only thing delivered.
-    let (s, j) = post_message(&c, &broker.url, "application/fhir+json; charset=utf-8", b"{}".to_vec()).await.unwrap();
+    let (s, j) = post_message(
+        &c,
+        &broker.url,
+        "application/fhir+json; charset=utf-8",
+        b"{}".to_vec(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 202);
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(rx.received().len(), 1, "rejected messages left nothing behind");
+    assert_eq!(
+        rx.received().len(),
+        1,
+        "rejected messages left nothing behind"
+    );
     assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
     // `{}` is no FHIR resource: the router dead-letters it, and raw subscribers still got it.
     let l = lineage_until(&broker.url, j["id"].as_str().unwrap(), |l| {
-        l["steps"].as_array().unwrap().iter().any(|s| s["stage"] == "normalise")
+        l["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["stage"] == "normalise")
     })
     .await;
-    let step = l["steps"].as_array().unwrap().iter().find(|s| s["stage"] == "normalise").unwrap();
+    let step = l["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "normalise")
+        .unwrap();
     assert_eq!(step["outcome"], "rejected", "{l:#}");
     let (ok, out, err) = broker.cli(&["dlq", "list", "--subscription", "router"]);
     assert!(ok, "{err}");
-    assert!(out.contains(j["id"].as_str().unwrap()), "router dead letter listed: {out}");
+    assert!(
+        out.contains(j["id"].as_str().unwrap()),
+        "router dead letter listed: {out}"
+    );
     // Unknown ids are a clear 404.
-    let resp = c.get(format!("{}/api/v1/messages/nope", broker.url)).send().await.unwrap();
+    let resp = c
+        .get(format!("{}/api/v1/messages/nope", broker.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 404);
 }
 
@@ -106,9 +167,13 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
 async fn max_body_is_configurable() {
     let broker = Broker::start("max_body = \"1 KiB\"\n");
     let c = client();
-    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", vec![b'A'; 2000]).await.unwrap();
+    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", vec![b'A'; 2000])
+        .await
+        .unwrap();
     assert_eq!(s, 413, "{j}");
-    let (s, _) = post_message(&c, &broker.url, "application/EDIFACT", vec![b'A'; 1000]).await.unwrap();
+    let (s, _) = post_message(&c, &broker.url, "application/EDIFACT", vec![b'A'; 1000])
+        .await
+        .unwrap();
     assert_eq!(s, 202);
 }
 
@@ -121,10 +186,19 @@ fn check_config_names_every_problem_and_the_example_passes() {
         "[bus]\npartitions = 0\n[[subscriptions]]\nname = \"x y\"\nkinds = [\"pizza\"]\nsink = { type = \"webhook\", url = \"nope\" }\n",
     )
     .unwrap();
-    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin()).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for path in ["bus.partitions", "subscriptions[0].name", "subscriptions[0].kinds[0]", "subscriptions[0].sink.url"] {
+    for path in [
+        "bus.partitions",
+        "subscriptions[0].name",
+        "subscriptions[0].kinds[0]",
+        "subscriptions[0].sink.url",
+    ] {
         assert!(err.contains(path), "{path} missing from:\n{err}");
     }
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/ketenbus.example.toml");
@@ -134,9 +208,17 @@ fn check_config_names_every_problem_and_the_example_passes() {
         .env("KETENBUS_PATIENT_KEY", "0123456789abcdef0123456789")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A broken config does not start the broker.
-    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin()).args(["run", "--config"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("subscriptions[0].sink.url"));
 }
@@ -144,7 +226,11 @@ fn check_config_names_every_problem_and_the_example_passes() {
 #[tokio::test]
 async fn a_failing_subscriber_does_not_delay_another() {
     let good = Receiver::start(OK).await;
-    let bad = Receiver::start(Behaviour { status: 500, delay: Duration::from_millis(200) }).await;
+    let bad = Receiver::start(Behaviour {
+        status: 500,
+        delay: Duration::from_millis(200),
+    })
+    .await;
     let subs = format!(
         "{}\n{}\n[subscriptions.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n",
         webhook_subscription("healthy", "\"raw\"", &good.url(), ""),
@@ -154,13 +240,26 @@ async fn a_failing_subscriber_does_not_delay_another() {
     let c = client();
     let mut ids = HashSet::new();
     for i in 0..200 {
-        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", edifact_message(i, 300)).await.unwrap();
+        let (s, j) = post_message(
+            &c,
+            &broker.url,
+            "application/EDIFACT",
+            edifact_message(i, 300),
+        )
+        .await
+        .unwrap();
         assert_eq!(s, 202);
         ids.insert(j["id"].as_str().unwrap().to_owned());
     }
     let got = good.wait_for(200, Duration::from_secs(10)).await;
-    let delivered: HashSet<String> = got.iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
-    assert_eq!(delivered, ids, "the healthy subscriber got everything while the other failed");
+    let delivered: HashSet<String> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        delivered, ids,
+        "the healthy subscriber got everything while the other failed"
+    );
     assert!(bad.received().is_empty());
     // The failing one is retrying, visible in the lineage. A retrying record holds its lane
     // (one patient's records stay in order), so look for the ones being tried.
@@ -169,20 +268,30 @@ async fn a_failing_subscriber_does_not_delay_another() {
         for id in &ids {
             let l = lineage(&c, &broker.url, id).await.unwrap();
             let steps = l["steps"].as_array().unwrap();
-            if let Some(step) = steps.iter().find(|s| s["subscription"] == "failing" && s["outcome"] == "retrying") {
+            if let Some(step) = steps
+                .iter()
+                .find(|s| s["subscription"] == "failing" && s["outcome"] == "retrying")
+            {
                 assert_eq!(step["reason"], "http_500");
                 assert!(step["attempt"].as_u64().unwrap() >= 1);
                 break 'found;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "no retrying step for the failing subscription");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retrying step for the failing subscription"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test]
 async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_only() {
-    let rx = Receiver::start(Behaviour { status: 404, delay: Duration::ZERO }).await;
+    let rx = Receiver::start(Behaviour {
+        status: 404,
+        delay: Duration::ZERO,
+    })
+    .await;
     let other = Receiver::start(OK).await;
     let subs = format!(
         "{}\n{}",
@@ -191,25 +300,51 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
     );
     let broker = Broker::start(&subs);
     let c = client();
-    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", edifact_message(7, 200)).await.unwrap();
+    let (s, j) = post_message(
+        &c,
+        &broker.url,
+        "application/EDIFACT",
+        edifact_message(7, 200),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 202);
     let id = j["id"].as_str().unwrap().to_owned();
     let l = lineage_until(&broker.url, &id, |l| {
-        l["deliveries"].as_array().unwrap().iter().any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
+        l["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
     })
     .await;
-    let d = l["deliveries"].as_array().unwrap().iter().find(|d| d["subscription"] == "picky").unwrap();
+    let d = l["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["subscription"] == "picky")
+        .unwrap();
     assert_eq!(d["reason"], "http_404");
     assert_eq!(other.wait_for(1, Duration::from_secs(5)).await.len(), 1);
 
     let (ok, stdout, stderr) = broker.cli(&["dlq", "list", "--subscription", "picky"]);
     assert!(ok, "{stderr}");
-    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 1, "{stdout}");
     assert_eq!(lines[0]["reason"], "http_404");
     assert_eq!(lines[0]["envelope_id"], id.as_str());
     assert_eq!(lines[0]["source_topic"], "ketenbus.raw");
-    let (ok, stdout, _) = broker.cli(&["dlq", "list", "--subscription", "picky", "--since", "2999-01-01T00:00:00Z"]);
+    let (ok, stdout, _) = broker.cli(&[
+        "dlq",
+        "list",
+        "--subscription",
+        "picky",
+        "--since",
+        "2999-01-01T00:00:00Z",
+    ]);
     assert!(ok && stdout.trim().is_empty(), "nothing since the future");
 
     // Replay needs a selection; then goes to "picky" only.
@@ -221,26 +356,56 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
     assert!(stderr.contains("replayed 1"), "{stderr}");
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
-    assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()), "same id after replay");
+    assert_eq!(
+        got[0].header("idempotency-key"),
+        Some(id.as_str()),
+        "same id after replay"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(other.received().len(), 1, "the other subscription did not get it twice");
+    assert_eq!(
+        other.received().len(),
+        1,
+        "the other subscription did not get it twice"
+    );
     lineage_until(&broker.url, &id, |l| {
-        l["deliveries"].as_array().unwrap().iter().any(|d| d["subscription"] == "picky" && d["outcome"] == "delivered")
+        l["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["subscription"] == "picky" && d["outcome"] == "delivered")
     })
     .await;
 }
 
 #[tokio::test]
 async fn exhausted_retries_become_dead_letters() {
-    let rx = Receiver::start(Behaviour { status: 503, delay: Duration::ZERO }).await;
+    let rx = Receiver::start(Behaviour {
+        status: 503,
+        delay: Duration::ZERO,
+    })
+    .await;
     let sub = format!(
         "{}[subscriptions.retry]\ninitial = \"50ms\"\nmax = \"100ms\"\ngive_up_after = \"600ms\"\n",
         webhook_subscription("flaky", "\"raw\"", &rx.url(), "")
     );
     let broker = Broker::start(&sub);
-    let (_, j) = post_message(&client(), &broker.url, "application/EDIFACT", edifact_message(1, 200)).await.unwrap();
+    let (_, j) = post_message(
+        &client(),
+        &broker.url,
+        "application/EDIFACT",
+        edifact_message(1, 200),
+    )
+    .await
+    .unwrap();
     let id = j["id"].as_str().unwrap();
-    let l = lineage_until(&broker.url, id, |l| l["deliveries"].as_array().unwrap().iter().any(|d| d["outcome"] == "dead_lettered")).await;
+    let l = lineage_until(&broker.url, id, |l| {
+        l["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["outcome"] == "dead_lettered")
+    })
+    .await;
     let d = &l["deliveries"][0];
     assert_eq!(d["reason"], "exhausted");
     assert!(d["attempts"].as_u64().unwrap() >= 3, "{d}");
@@ -250,7 +415,10 @@ async fn exhausted_retries_become_dead_letters() {
 async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
     let rx = Receiver::start(OK).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::prepare(dir.path(), &webhook_subscription("archive", "\"raw\"", &rx.url(), ""));
+    let mut broker = Broker::prepare(
+        dir.path(),
+        &webhook_subscription("archive", "\"raw\"", &rx.url(), ""),
+    );
     broker.spawn();
     let url = broker.url.clone();
     let c = client();
@@ -264,7 +432,14 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 i += 1;
-                if let Ok((202, j)) = post_message(&c, &url, "application/EDIFACT", edifact_message(s * 100_000 + i, 400)).await {
+                if let Ok((202, j)) = post_message(
+                    &c,
+                    &url,
+                    "application/EDIFACT",
+                    edifact_message(s * 100_000 + i, 400),
+                )
+                .await
+                {
                     acked.push(j["id"].as_str().unwrap().to_owned());
                 } else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -283,23 +458,46 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
     for s in senders {
         acked.extend(s.await.unwrap());
     }
-    assert!(acked.len() > 50, "only {} messages were acknowledged", acked.len());
+    assert!(
+        acked.len() > 50,
+        "only {} messages were acknowledged",
+        acked.len()
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let want: HashSet<&String> = acked.iter().collect();
     loop {
         let got = rx.received();
-        let ids: HashSet<String> = got.iter().map(|r| r.header("idempotency-key").unwrap().to_owned()).collect();
-        let missing: Vec<_> = want.iter().filter(|id| !ids.contains(id.as_str())).collect();
+        let ids: HashSet<String> = got
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap().to_owned())
+            .collect();
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|id| !ids.contains(id.as_str()))
+            .collect();
         if missing.is_empty() {
             // Duplicates are allowed, but each carries the same id as its original.
             let mut per_id: HashMap<String, usize> = HashMap::new();
             for r in &got {
-                *per_id.entry(r.header("idempotency-key").unwrap().to_owned()).or_default() += 1;
+                *per_id
+                    .entry(r.header("idempotency-key").unwrap().to_owned())
+                    .or_default() += 1;
             }
-            eprintln!("{} acknowledged, {} deliveries, {} duplicates", acked.len(), got.len(), got.len() - per_id.len());
+            eprintln!(
+                "{} acknowledged, {} deliveries, {} duplicates",
+                acked.len(),
+                got.len(),
+                got.len() - per_id.len()
+            );
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{} of {} acknowledged messages never arrived:\n{}", missing.len(), want.len(), broker.log_text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} acknowledged messages never arrived:\n{}",
+            missing.len(),
+            want.len(),
+            broker.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -327,7 +525,14 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
         webhook_subscription("archive", "\"raw\"", &raw.url(), "")
     );
     let broker = Broker::start(&subs);
-    let (s, j) = post_message(&client(), &broker.url, "application/EDIFACT", MEDLAB.as_bytes().to_vec()).await.unwrap();
+    let (s, j) = post_message(
+        &client(),
+        &broker.url,
+        "application/EDIFACT",
+        MEDLAB.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 202);
     let id = j["id"].as_str().unwrap();
     let got = events.wait_for(1, Duration::from_secs(10)).await;
@@ -335,7 +540,10 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
     let r = &got[0];
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("ketenbus-kind"), Some("lab_result"));
-    assert_eq!(r.header("idempotency-key"), Some(format!("{id}.0").as_str()));
+    assert_eq!(
+        r.header("idempotency-key"),
+        Some(format!("{id}.0").as_str())
+    );
     let e: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(e["header"]["id"], format!("{id}.0"));
     assert_eq!(e["header"]["envelope_id"], id);
@@ -350,12 +558,26 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
     assert_eq!(result["reference_low"], "3.5");
     assert_eq!(result["reference_high"], "5.0");
     assert_eq!(result["interpretation_raw"], ">");
-    assert_eq!(result["comments"][0], "Hemolytisch monster: herhalen aanbevolen");
+    assert_eq!(
+        result["comments"][0],
+        "Hemolytisch monster: herhalen aanbevolen"
+    );
     assert_eq!(e["patient"]["identifiers"][0]["value"], "999911120");
     // The raw subscriber got the original bytes; the lineage shows the event and both deliveries.
-    assert_eq!(raw.wait_for(1, Duration::from_secs(5)).await[0].body.as_ref(), MEDLAB.as_bytes());
+    assert_eq!(
+        raw.wait_for(1, Duration::from_secs(5)).await[0]
+            .body
+            .as_ref(),
+        MEDLAB.as_bytes()
+    );
     let l = lineage_until(&broker.url, id, |l| {
-        l["deliveries"].as_array().unwrap().iter().filter(|d| d["outcome"] == "delivered").count() == 2
+        l["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["outcome"] == "delivered")
+            .count()
+            == 2
     })
     .await;
     assert_eq!(l["events"][0]["id"], format!("{id}.0"));
@@ -365,7 +587,10 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
 #[tokio::test]
 async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
     let rx = Receiver::start(OK).await;
-    let broker = Broker::start(&format!("ingest_timeout = \"1s\"\n{}", webhook_subscription("archive", "\"raw\"", &rx.url(), "")));
+    let broker = Broker::start(&format!(
+        "ingest_timeout = \"1s\"\n{}",
+        webhook_subscription("archive", "\"raw\"", &rx.url(), "")
+    ));
     let db = broker.dir.join("data").join("log.db");
     // Another process holds the database's write lock, as a stuck disk or a backup would.
     let mut holder = std::process::Command::new("python3")
@@ -379,7 +604,11 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
         .spawn()
         .expect("python3");
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "locked");
     let c = client();
     let resp = c
@@ -390,12 +619,24 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 503);
-    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
     let j: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(j["error"], "log_unavailable");
     holder.wait().unwrap();
     // Once the lock is gone the same message is taken.
-    let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", edifact_message(1, 100)).await.unwrap();
+    let (s, j) = post_message(
+        &c,
+        &broker.url,
+        "application/EDIFACT",
+        edifact_message(1, 100),
+    )
+    .await
+    .unwrap();
     assert_eq!(s, 202, "{}", broker.log_text());
     // Only the acknowledged one is delivered: the refused write was not kept.
     let got = rx.wait_for(1, Duration::from_secs(10)).await;

@@ -7,39 +7,74 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use ketenbus_tests::{edifact_message, lineage, post_message, webhook_subscription, Behaviour, Broker, Receiver};
+use ketenbus_tests::{
+    Behaviour, Broker, Receiver, edifact_message, lineage, post_message, webhook_subscription,
+};
 
 /// `KETENBUS_TEST_KAFKA` and `KETENBUS_TEST_PYTHON`, set by `ops/test.sh`. Missing under CI is a
 /// failure; missing on a developer's machine skips with a notice.
 fn peers() -> Option<(String, String)> {
-    match (std::env::var("KETENBUS_TEST_KAFKA"), std::env::var("KETENBUS_TEST_PYTHON")) {
+    match (
+        std::env::var("KETENBUS_TEST_KAFKA"),
+        std::env::var("KETENBUS_TEST_PYTHON"),
+    ) {
         (Ok(k), Ok(p)) => Some((k, p)),
         _ if std::env::var_os("CI").is_some() => {
-            panic!("CI must run the Kafka-engine tests: KETENBUS_TEST_KAFKA / KETENBUS_TEST_PYTHON not set (use ops/test.sh)")
+            panic!(
+                "CI must run the Kafka-engine tests: KETENBUS_TEST_KAFKA / KETENBUS_TEST_PYTHON not set (use ops/test.sh)"
+            )
         }
         _ => {
-            eprintln!("skipping: KETENBUS_TEST_KAFKA / KETENBUS_TEST_PYTHON not set; run through ops/test.sh");
+            eprintln!(
+                "skipping: KETENBUS_TEST_KAFKA / KETENBUS_TEST_PYTHON not set; run through ops/test.sh"
+            );
             None
         }
     }
 }
 
-fn avro_read(python: &str, bootstrap: &str, topic: &str, schema: &str, count: usize) -> Vec<serde_json::Value> {
+fn avro_read(
+    python: &str,
+    bootstrap: &str,
+    topic: &str,
+    schema: &str,
+    count: usize,
+) -> Vec<serde_json::Value> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let out = Command::new(python)
         .arg(format!("{root}/tests/python/avro_read.py"))
-        .args(["--bootstrap", bootstrap, "--topic", topic, "--schema", &format!("{root}/schemas/avro/{schema}")])
+        .args([
+            "--bootstrap",
+            bootstrap,
+            "--topic",
+            topic,
+            "--schema",
+            &format!("{root}/schemas/avro/{schema}"),
+        ])
         .args(["--count", &count.to_string(), "--timeout", "30"])
         .output()
         .expect("run avro_read.py");
-    assert!(out.status.success(), "avro_read.py {topic}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
+    assert!(
+        out.status.success(),
+        "avro_read.py {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
 }
 
 #[tokio::test]
 async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
-    let Some((bootstrap, python)) = peers() else { return };
-    let rx = Receiver::start(Behaviour { status: 204, delay: Duration::ZERO }).await;
+    let Some((bootstrap, python)) = peers() else {
+        return;
+    };
+    let rx = Receiver::start(Behaviour {
+        status: 204,
+        delay: Duration::ZERO,
+    })
+    .await;
     let config = format!(
         "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\n\
          properties = {{ \"batch.num.messages\" = \"1\" }}\n{}",
@@ -50,14 +85,23 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let mut sent = Vec::new();
     for i in 0..20 {
         let body = edifact_message(i, 500);
-        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", body.clone()).await.unwrap();
+        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", body.clone())
+            .await
+            .unwrap();
         assert_eq!(s, 202, "{j}\n{}", broker.log_text());
         sent.push((j["id"].as_str().unwrap().to_owned(), body));
     }
     let got = rx.wait_for(20, Duration::from_secs(30)).await;
-    let ids: HashSet<&str> = got.iter().filter_map(|r| r.header("idempotency-key")).collect();
+    let ids: HashSet<&str> = got
+        .iter()
+        .filter_map(|r| r.header("idempotency-key"))
+        .collect();
     for (id, _) in &sent {
-        assert!(ids.contains(id.as_str()), "{id} not delivered:\n{}", broker.log_text());
+        assert!(
+            ids.contains(id.as_str()),
+            "{id} not delivered:\n{}",
+            broker.log_text()
+        );
     }
     let l = lineage(&c, &broker.url, &sent[0].0).await.unwrap();
     assert_eq!(l["format"], "edifact", "{l:#}");
@@ -66,7 +110,10 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let raw = avro_read(&python, &bootstrap, "ketenbus.raw", "envelope.avsc", 0);
     assert!(raw.len() >= 20, "{} records on ketenbus.raw", raw.len());
     for (id, body) in &sent {
-        let rec = raw.iter().find(|r| r["value"]["id"] == id.as_str()).unwrap_or_else(|| panic!("{id} not on the raw topic"));
+        let rec = raw
+            .iter()
+            .find(|r| r["value"]["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} not on the raw topic"));
         assert_eq!(rec["key"], id.as_str());
         assert_eq!(rec["value"]["format"], "edifact");
         assert_eq!(rec["value"]["connector"], "http");
@@ -74,10 +121,19 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(decode_base64(b64), *body, "body of {id}");
     }
     // Proof of delivery on the outcomes topic.
-    let outcomes = avro_read(&python, &bootstrap, "ketenbus.delivery-outcomes", "delivery_outcome.avsc", 0);
+    let outcomes = avro_read(
+        &python,
+        &bootstrap,
+        "ketenbus.delivery-outcomes",
+        "delivery_outcome.avsc",
+        0,
+    );
     for (id, _) in &sent {
         assert!(
-            outcomes.iter().any(|o| o["value"]["record_id"] == id.as_str() && o["value"]["outcome"] == "delivered"),
+            outcomes
+                .iter()
+                .any(|o| o["value"]["record_id"] == id.as_str()
+                    && o["value"]["outcome"] == "delivered"),
             "no delivered outcome for {id}"
         );
     }

@@ -6,7 +6,11 @@ use std::time::Duration;
 use super::{Bus, Consumer, OutRecord, Record, TopicSpec};
 
 fn rec(topic: &str, key: &str, value: &str) -> OutRecord {
-    OutRecord { topic: topic.to_owned(), key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec() }
+    OutRecord {
+        topic: topic.to_owned(),
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
 }
 
 async fn drain<C: Consumer>(c: &mut C, want: usize) -> Vec<Record> {
@@ -24,9 +28,20 @@ async fn drain<C: Consumer>(c: &mut C, want: usize) -> Vec<Record> {
 pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
     let topic = format!("{prefix}.contract");
     let other = format!("{prefix}.other");
-    let specs = [TopicSpec { name: topic.clone(), partitions: 3 }, TopicSpec { name: other.clone(), partitions: 1 }];
+    let specs = [
+        TopicSpec {
+            name: topic.clone(),
+            partitions: 3,
+        },
+        TopicSpec {
+            name: other.clone(),
+            partitions: 1,
+        },
+    ];
     bus.ensure_topics(&specs).await.expect("create topics");
-    bus.ensure_topics(&specs).await.expect("creating existing topics is fine");
+    bus.ensure_topics(&specs)
+        .await
+        .expect("creating existing topics is fine");
 
     // Publish: positions come back in order; one key stays in one partition, offsets rise.
     let mut batch = Vec::new();
@@ -45,27 +60,42 @@ pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
             assert!(p.offset > prev, "offsets rise within a partition");
         }
     }
-    bus.publish(vec![rec(&other, "x", "only-other")]).await.expect("publish other");
+    bus.publish(vec![rec(&other, "x", "only-other")])
+        .await
+        .expect("publish other");
 
     // A group reads everything, per key in publish order.
     let group = format!("{prefix}.g1");
-    let mut c = bus.subscribe(&group, std::slice::from_ref(&topic)).await.expect("subscribe");
+    let mut c = bus
+        .subscribe(&group, std::slice::from_ref(&topic))
+        .await
+        .expect("subscribe");
     let got = drain(&mut c, 30).await;
     assert_eq!(got.len(), 30, "group reads every record");
     let mut per_key: BTreeMap<Vec<u8>, Vec<String>> = BTreeMap::new();
     for r in &got {
         assert_eq!(r.topic, topic);
-        per_key.entry(r.key.clone()).or_default().push(String::from_utf8(r.value.clone()).unwrap());
+        per_key
+            .entry(r.key.clone())
+            .or_default()
+            .push(String::from_utf8(r.value.clone()).unwrap());
     }
     for (key, values) in &per_key {
         let k: usize = String::from_utf8_lossy(&key[1..]).parse().unwrap();
-        let want: Vec<String> = (0..30).filter(|i| i % 4 == k).map(|i| format!("v{i}")).collect();
+        let want: Vec<String> = (0..30)
+            .filter(|i| i % 4 == k)
+            .map(|i| format!("v{i}"))
+            .collect();
         assert_eq!(values, &want, "per-key order");
     }
 
     // Ack all but one record; after a restart of the group only the unfinished suffix of
     // that partition comes back.
-    let held = got.iter().find(|r| r.key == b"k1").cloned().expect("a k1 record");
+    let held = got
+        .iter()
+        .find(|r| r.key == b"k1")
+        .cloned()
+        .expect("a k1 record");
     for r in &got {
         if r.offset != held.offset || r.partition != held.partition {
             c.ack(r.ack_token()).await.expect("ack");
@@ -73,12 +103,22 @@ pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
     }
     c.commit().await.expect("commit");
     drop(c);
-    let mut c = bus.subscribe(&group, std::slice::from_ref(&topic)).await.expect("resubscribe");
+    let mut c = bus
+        .subscribe(&group, std::slice::from_ref(&topic))
+        .await
+        .expect("resubscribe");
     let again = drain(&mut c, 1).await;
-    let again_offsets: HashSet<(u32, i64)> = again.iter().map(|r| (r.partition, r.offset)).collect();
-    assert!(again_offsets.contains(&(held.partition, held.offset)), "the unacked record comes back");
+    let again_offsets: HashSet<(u32, i64)> =
+        again.iter().map(|r| (r.partition, r.offset)).collect();
+    assert!(
+        again_offsets.contains(&(held.partition, held.offset)),
+        "the unacked record comes back"
+    );
     for r in &again {
-        assert_eq!(r.partition, held.partition, "other partitions were committed whole");
+        assert_eq!(
+            r.partition, held.partition,
+            "other partitions were committed whole"
+        );
         assert!(r.offset >= held.offset);
     }
     // Finish them; nothing more comes after a commit and another restart.
@@ -93,17 +133,31 @@ pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
         assert_eq!(committed, end, "no lag after everything was acked");
     }
     drop(c);
-    let mut c = bus.subscribe(&group, std::slice::from_ref(&topic)).await.expect("resubscribe");
-    assert!(c.poll(Duration::from_millis(1500)).await.expect("poll").is_none(), "nothing left");
+    let mut c = bus
+        .subscribe(&group, std::slice::from_ref(&topic))
+        .await
+        .expect("resubscribe");
+    assert!(
+        c.poll(Duration::from_millis(1500))
+            .await
+            .expect("poll")
+            .is_none(),
+        "nothing left"
+    );
 
     // New records reach a live consumer.
-    bus.publish(vec![rec(&topic, "k9", "late")]).await.expect("publish late");
+    bus.publish(vec![rec(&topic, "k9", "late")])
+        .await
+        .expect("publish late");
     let late = drain(&mut c, 1).await;
     assert_eq!(late.len(), 1);
     assert_eq!(late[0].value, b"late");
 
     // A second group is independent of the first.
-    let mut c2 = bus.subscribe(&format!("{prefix}.g2"), std::slice::from_ref(&topic)).await.expect("subscribe g2");
+    let mut c2 = bus
+        .subscribe(&format!("{prefix}.g2"), std::slice::from_ref(&topic))
+        .await
+        .expect("subscribe g2");
     assert_eq!(drain(&mut c2, 31).await.len(), 31);
 
     // read_all sees a whole topic without a group.
@@ -112,5 +166,9 @@ pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
     assert_eq!(all[0].value, b"only-other");
 
     // Publishing to an unknown topic fails clearly.
-    assert!(bus.publish(vec![rec(&format!("{prefix}.missing"), "k", "v")]).await.is_err());
+    assert!(
+        bus.publish(vec![rec(&format!("{prefix}.missing"), "k", "v")])
+            .await
+            .is_err()
+    );
 }

@@ -12,11 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{AckToken, Bus, BusError, Consumer, OffsetTracker, OutRecord, Position, Record, TopicSpec};
+use super::{
+    AckToken, Bus, BusError, Consumer, OffsetTracker, OutRecord, Position, Record, TopicSpec,
+};
 
 /// Settings of the embedded engine (`[bus.embedded]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -62,10 +64,21 @@ pub enum Synchronous {
 }
 
 enum WriteOp {
-    Append(Vec<OutRecord>, oneshot::Sender<Result<Vec<Position>, BusError>>),
-    Commit(String, Vec<(String, u32, i64)>, oneshot::Sender<Result<(), BusError>>),
+    Append(
+        Vec<OutRecord>,
+        oneshot::Sender<Result<Vec<Position>, BusError>>,
+    ),
+    Commit(
+        String,
+        Vec<(String, u32, i64)>,
+        oneshot::Sender<Result<(), BusError>>,
+    ),
     CreateTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), BusError>>),
-    Retention(Duration, u64, oneshot::Sender<Result<RetentionReport, BusError>>),
+    Retention(
+        Duration,
+        u64,
+        oneshot::Sender<Result<RetentionReport, BusError>>,
+    ),
 }
 
 /// What one retention pass removed.
@@ -89,7 +102,9 @@ struct Inner {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn sql_err(e: &rusqlite::Error) -> BusError {
@@ -126,7 +141,15 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
     // auto_vacuum must be set before the first table exists.
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", if sync == Synchronous::Full { "FULL" } else { "NORMAL" })?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if sync == Synchronous::Full {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS records (
@@ -142,7 +165,10 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
     conn.busy_timeout(Duration::from_secs(5))?;
     Ok(conn)
 }
@@ -165,7 +191,14 @@ impl EmbeddedBus {
             .name("ketenbus-log-writer".into())
             .spawn(move || writer_loop(conn, rx, &appended_tx, max_batch))
             .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
-        Ok(EmbeddedBus { inner: Arc::new(Inner { path, writer: tx, appended, partitions: Mutex::new(partitions) }) })
+        Ok(EmbeddedBus {
+            inner: Arc::new(Inner {
+                path,
+                writer: tx,
+                appended,
+                partitions: Mutex::new(partitions),
+            }),
+        })
     }
 
     /// The database file.
@@ -178,7 +211,11 @@ impl EmbeddedBus {
     #[must_use]
     pub fn disk_bytes(&self) -> u64 {
         let wal = self.inner.path.with_extension("db-wal");
-        [self.inner.path.as_path(), wal.as_path()].iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
+        [self.inner.path.as_path(), wal.as_path()]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
     }
 
     /// Delete records older than `max_age` and the oldest past `max_bytes` per topic, then
@@ -186,18 +223,33 @@ impl EmbeddedBus {
     ///
     /// # Errors
     /// When the database fails.
-    pub async fn enforce_retention(&self, max_age: Duration, max_bytes: u64) -> Result<RetentionReport, BusError> {
+    pub async fn enforce_retention(
+        &self,
+        max_age: Duration,
+        max_bytes: u64,
+    ) -> Result<RetentionReport, BusError> {
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::Retention(max_age, max_bytes, tx)).await?;
-        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))?
+        self.send(WriteOp::Retention(max_age, max_bytes, tx))
+            .await?;
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))?
     }
 
     async fn send(&self, op: WriteOp) -> Result<(), BusError> {
-        self.inner.writer.send(op).await.map_err(|_| BusError::Fatal("log writer stopped".into()))
+        self.inner
+            .writer
+            .send(op)
+            .await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))
     }
 
     fn partitions_of(&self, topic: &str) -> Option<u32> {
-        self.inner.partitions.lock().expect("partitions lock").get(topic).copied()
+        self.inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .get(topic)
+            .copied()
     }
 
     async fn refresh_partitions(&self) -> Result<(), BusError> {
@@ -220,7 +272,12 @@ fn load_partitions(conn: &Connection) -> rusqlite::Result<HashMap<String, u32>> 
     rows.collect()
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, appended: &watch::Sender<u64>, max_batch: usize) {
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<WriteOp>,
+    appended: &watch::Sender<u64>,
+    max_batch: usize,
+) {
     let mut seq = 0u64;
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
@@ -260,7 +317,8 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<WriteOp>, appended: 
             match op {
                 WriteOp::Append(..) => unreachable!("appends were taken above"),
                 WriteOp::Commit(group, points, reply) => {
-                    let _ = reply.send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
+                    let _ = reply
+                        .send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
                 }
                 WriteOp::CreateTopics(specs, reply) => {
                     let _ = reply.send(create_topics(&mut conn, &specs).map_err(|e| sql_err(&e)));
@@ -285,7 +343,9 @@ fn append_batch(
     {
         let partitions = load_partitions(&tx)?;
         let mut next: HashMap<(String, u32), i64> = HashMap::new();
-        let mut max_stmt = tx.prepare_cached("SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2")?;
+        let mut max_stmt = tx.prepare_cached(
+            "SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2",
+        )?;
         let mut insert = tx.prepare_cached(
             "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
@@ -294,7 +354,9 @@ fn append_batch(
             // A publisher that gave up (its sender heard 503) must not find its record stored
             // after all: skip it now that the write lock is ours.
             if reply.is_closed() {
-                out.push(Err(BusError::Unavailable("publisher gave up before the write".into())));
+                out.push(Err(BusError::Unavailable(
+                    "publisher gave up before the write".into(),
+                )));
                 continue;
             }
             if let Some(missing) = records.iter().find(|r| !partitions.contains_key(&r.topic)) {
@@ -308,7 +370,9 @@ fn append_batch(
                 let offset = match next.get(&slot) {
                     Some(o) => *o,
                     None => max_stmt
-                        .query_row(params![r.topic, partition], |row| row.get::<_, Option<i64>>(0))
+                        .query_row(params![r.topic, partition], |row| {
+                            row.get::<_, Option<i64>>(0)
+                        })
                         .optional()?
                         .flatten()
                         .map_or(0, |m| m + 1),
@@ -324,7 +388,11 @@ fn append_batch(
     Ok(out)
 }
 
-fn commit_offsets(conn: &mut Connection, group: &str, points: &[(String, u32, i64)]) -> rusqlite::Result<()> {
+fn commit_offsets(
+    conn: &mut Connection,
+    group: &str,
+    points: &[(String, u32, i64)],
+) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
         let mut stmt = tx.prepare_cached(
@@ -341,17 +409,27 @@ fn commit_offsets(conn: &mut Connection, group: &str, points: &[(String, u32, i6
 fn create_topics(conn: &mut Connection, specs: &[TopicSpec]) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for s in specs {
-        tx.execute("INSERT OR IGNORE INTO topics (name, partitions) VALUES (?1, ?2)", params![s.name, s.partitions.max(1)])?;
+        tx.execute(
+            "INSERT OR IGNORE INTO topics (name, partitions) VALUES (?1, ?2)",
+            params![s.name, s.partitions.max(1)],
+        )?;
     }
     tx.commit()
 }
 
-fn retention(conn: &mut Connection, max_age: Duration, max_bytes: u64) -> rusqlite::Result<RetentionReport> {
+fn retention(
+    conn: &mut Connection,
+    max_age: Duration,
+    max_bytes: u64,
+) -> rusqlite::Result<RetentionReport> {
     let cutoff = now_ms() - i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
     let mut deleted = 0u64;
     let topics: Vec<String> = load_partitions(conn)?.into_keys().collect();
     for topic in topics {
-        deleted += conn.execute("DELETE FROM records WHERE topic = ?1 AND ts < ?2", params![topic, cutoff])? as u64;
+        deleted += conn.execute(
+            "DELETE FROM records WHERE topic = ?1 AND ts < ?2",
+            params![topic, cutoff],
+        )? as u64;
         let size: i64 = conn.query_row(
             "SELECT COALESCE(SUM(length(key) + length(value)), 0) FROM records WHERE topic = ?1",
             params![topic],
@@ -363,8 +441,9 @@ fn retention(conn: &mut Connection, max_age: Duration, max_bytes: u64) -> rusqli
             let mut stmt = conn.prepare_cached(
                 "SELECT rowid, length(key) + length(value) FROM records WHERE topic = ?1 ORDER BY rowid LIMIT 1000",
             )?;
-            let rows: Vec<(i64, i64)> =
-                stmt.query_map(params![topic], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+            let rows: Vec<(i64, i64)> = stmt
+                .query_map(params![topic], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
             if rows.is_empty() {
                 break;
             }
@@ -376,7 +455,10 @@ fn retention(conn: &mut Connection, max_age: Duration, max_bytes: u64) -> rusqli
                     break;
                 }
             }
-            deleted += conn.execute("DELETE FROM records WHERE topic = ?1 AND rowid <= ?2", params![topic, upto])? as u64;
+            deleted += conn.execute(
+                "DELETE FROM records WHERE topic = ?1 AND rowid <= ?2",
+                params![topic, upto],
+            )? as u64;
         }
     }
     if deleted > 0 {
@@ -396,8 +478,10 @@ impl Bus for EmbeddedBus {
 
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::CreateTopics(topics.to_vec(), tx)).await?;
-        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))??;
+        self.send(WriteOp::CreateTopics(topics.to_vec(), tx))
+            .await?;
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))??;
         self.refresh_partitions().await
     }
 
@@ -407,14 +491,21 @@ impl Bus for EmbeddedBus {
         }
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Append(records, tx)).await?;
-        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))?
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))?
     }
 
-    async fn subscribe(&self, group: &str, topics: &[String]) -> Result<EmbeddedConsumer, BusError> {
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<EmbeddedConsumer, BusError> {
         self.refresh_partitions().await?;
         let mut parts = Vec::new();
         for t in topics {
-            let n = self.partitions_of(t).ok_or_else(|| BusError::UnknownTopic(t.clone()))?;
+            let n = self
+                .partitions_of(t)
+                .ok_or_else(|| BusError::UnknownTopic(t.clone()))?;
             parts.extend((0..n).map(|p| (t.clone(), p)));
         }
         let path = self.inner.path.clone();
@@ -476,7 +567,9 @@ impl Bus for EmbeddedBus {
 
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<(u32, i64, i64)>, BusError> {
         self.refresh_partitions().await?;
-        let n = self.partitions_of(topic).ok_or_else(|| BusError::UnknownTopic(topic.to_owned()))?;
+        let n = self
+            .partitions_of(topic)
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_owned()))?;
         let path = self.inner.path.clone();
         let (group, topic) = (group.to_owned(), topic.to_owned());
         tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<(u32, i64, i64)>> {
@@ -527,7 +620,8 @@ const IDLE_RECHECK: Duration = Duration::from_millis(250);
 impl EmbeddedConsumer {
     async fn fetch(&mut self) -> Result<(), BusError> {
         let conn = Arc::clone(&self.conn);
-        let wants: Vec<((String, u32), i64)> = self.next.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let wants: Vec<((String, u32), i64)> =
+            self.next.iter().map(|(k, v)| (k.clone(), *v)).collect();
         let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Record>> {
             let conn = conn.lock().expect("reader lock");
             let mut stmt = conn.prepare_cached(
@@ -577,6 +671,11 @@ impl Consumer for EmbeddedConsumer {
             if !self.buffer.is_empty() {
                 continue;
             }
+            // Nothing to hand out: a good moment to commit what finished, so an idle group
+            // shows no lag.
+            if self.tracker.has_dirty() {
+                self.commit().await?;
+            }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(None);
@@ -587,7 +686,8 @@ impl Consumer for EmbeddedConsumer {
     }
 
     async fn ack(&mut self, token: AckToken) -> Result<(), BusError> {
-        self.tracker.finished(&token.topic, token.partition, token.offset);
+        self.tracker
+            .finished(&token.topic, token.partition, token.offset);
         if self.last_commit.elapsed() >= COMMIT_EVERY {
             self.commit().await?;
         }
@@ -601,8 +701,11 @@ impl Consumer for EmbeddedConsumer {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        self.bus.send(WriteOp::Commit(self.group.clone(), points, tx)).await?;
-        rx.await.map_err(|_| BusError::Fatal("log writer stopped".into()))?
+        self.bus
+            .send(WriteOp::Commit(self.group.clone(), points, tx))
+            .await?;
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))?
     }
 }
 
@@ -622,8 +725,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-            bus.ensure_topics(&[TopicSpec { name: "a".into(), partitions: 1 }]).await.unwrap();
-            let recs = (0..3).map(|i| OutRecord { topic: "a".into(), key: vec![1], value: vec![i] }).collect();
+            bus.ensure_topics(&[TopicSpec {
+                name: "a".into(),
+                partitions: 1,
+            }])
+            .await
+            .unwrap();
+            let recs = (0..3)
+                .map(|i| OutRecord {
+                    topic: "a".into(),
+                    key: vec![1],
+                    value: vec![i],
+                })
+                .collect();
             bus.publish(recs).await.unwrap();
             let mut c = bus.subscribe("g", &["a".into()]).await.unwrap();
             let r = c.poll(Duration::from_secs(1)).await.unwrap().unwrap();
@@ -634,7 +748,14 @@ mod tests {
         let mut c = bus.subscribe("g", &["a".into()]).await.unwrap();
         let r = c.poll(Duration::from_secs(1)).await.unwrap().unwrap();
         assert_eq!(r.value, vec![1], "resumes after the committed record");
-        let next = bus.publish(vec![OutRecord { topic: "a".into(), key: vec![1], value: vec![9] }]).await.unwrap();
+        let next = bus
+            .publish(vec![OutRecord {
+                topic: "a".into(),
+                key: vec![1],
+                value: vec![9],
+            }])
+            .await
+            .unwrap();
         assert_eq!(next[0].offset, 3, "offsets continue after reopening");
     }
 
@@ -642,26 +763,43 @@ mod tests {
     async fn retention_frees_disk() {
         let dir = tempfile::tempdir().unwrap();
         let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        bus.ensure_topics(&[TopicSpec { name: "big".into(), partitions: 2 }]).await.unwrap();
+        bus.ensure_topics(&[TopicSpec {
+            name: "big".into(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
         for chunk in 0..20u32 {
             let recs = (0..50u32)
-                .map(|i| OutRecord { topic: "big".into(), key: (chunk * 50 + i).to_be_bytes().to_vec(), value: vec![7; 4096] })
+                .map(|i| OutRecord {
+                    topic: "big".into(),
+                    key: (chunk * 50 + i).to_be_bytes().to_vec(),
+                    value: vec![7; 4096],
+                })
                 .collect();
             bus.publish(recs).await.unwrap();
         }
         let before = bus.disk_bytes();
         assert!(before > 4_000_000, "wrote about 4 MB, disk shows {before}");
-        let report = bus.enforce_retention(Duration::from_secs(3600), 512 * 1024).await.unwrap();
+        let report = bus
+            .enforce_retention(Duration::from_secs(3600), 512 * 1024)
+            .await
+            .unwrap();
         assert!(report.deleted >= 800, "deleted {}", report.deleted);
         let after = bus.disk_bytes();
-        assert!(after < before / 3, "disk went from {before} to {after} bytes");
+        assert!(
+            after < before / 3,
+            "disk went from {before} to {after} bytes"
+        );
         let left = bus.read_all("big").await.unwrap();
         let kept: usize = left.iter().map(|r| r.value.len() + r.key.len()).sum();
         assert!(kept <= 512 * 1024, "kept {kept} bytes");
         // The newest records are the ones kept.
         assert_eq!(left.last().unwrap().key, 999u32.to_be_bytes().to_vec());
         // Age: everything is younger than an hour; a zero age removes all.
-        bus.enforce_retention(Duration::ZERO, u64::MAX).await.unwrap();
+        bus.enforce_retention(Duration::ZERO, u64::MAX)
+            .await
+            .unwrap();
         assert!(bus.read_all("big").await.unwrap().is_empty());
     }
 
@@ -670,6 +808,9 @@ mod tests {
         assert_eq!(partition_for(b"abc", 8), partition_for(b"abc", 8));
         assert_eq!(partition_for(b"", 1), 0);
         // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
-        assert_eq!(partition_for(b"a", 1000), u32::try_from(0xaf63_dc4c_8601_ec8c_u64 % 1000).unwrap());
+        assert_eq!(
+            partition_for(b"a", 1000),
+            u32::try_from(0xaf63_dc4c_8601_ec8c_u64 % 1000).unwrap()
+        );
     }
 }

@@ -62,6 +62,12 @@ impl OffsetTracker {
         out
     }
 
+    /// Whether a commit point moved since the last [`take_dirty`](Self::take_dirty).
+    #[must_use]
+    pub fn has_dirty(&self) -> bool {
+        self.parts.values().any(|p| p.dirty)
+    }
+
     /// Forget a partition (revoked in a rebalance).
     pub fn forget(&mut self, topic: &str, partition: u32) {
         self.parts.remove(&(topic.to_owned(), partition));

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ketenbus_tests::{edifact_message, webhook_subscription, Behaviour, Broker, Receiver};
+use ketenbus_tests::{Behaviour, Broker, Receiver, edifact_message, webhook_subscription};
 
 #[derive(Parser)]
 struct Args {
@@ -41,22 +41,49 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let receiver = Receiver::start(Behaviour { status: 204, delay: Duration::ZERO }).await;
+    let receiver = Receiver::start(Behaviour {
+        status: 204,
+        delay: Duration::ZERO,
+    })
+    .await;
     let bus = match args.engine.as_str() {
         "embedded" => String::new(),
-        "kafka" => format!("[bus]\nengine = \"kafka\"\n[bus.kafka]\nbootstrap_servers = \"{}\"\n", args.kafka),
+        "kafka" => format!(
+            "[bus]\nengine = \"kafka\"\n[bus.kafka]\nbootstrap_servers = \"{}\"\n",
+            args.kafka
+        ),
         other => anyhow::bail!("unknown engine {other}"),
     };
     let sub = webhook_subscription("bench", "\"raw\"", &receiver.url(), "");
-    let broker = Broker::start(&format!("{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n"));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(args.senders).build()?;
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::with_capacity(args.count)));
+    let broker = Broker::start(&format!(
+        "{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n"
+    ));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.senders)
+        .build()?;
+    let sent: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(args.count)));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    eprintln!("sending {} messages of {} bytes with {} senders (rate {})", args.count, args.size, args.senders, if args.rate == 0 { "max".to_owned() } else { format!("{}/s", args.rate) });
+    eprintln!(
+        "sending {} messages of {} bytes with {} senders (rate {})",
+        args.count,
+        args.size,
+        args.senders,
+        if args.rate == 0 {
+            "max".to_owned()
+        } else {
+            format!("{}/s", args.rate)
+        }
+    );
     for _ in 0..args.senders {
-        let (client, sent, next, url) = (client.clone(), Arc::clone(&sent), Arc::clone(&next), broker.url.clone());
+        let (client, sent, next, url) = (
+            client.clone(),
+            Arc::clone(&sent),
+            Arc::clone(&next),
+            broker.url.clone(),
+        );
         let (count, size, rate) = (args.count, args.size, args.rate);
         tasks.spawn(async move {
             loop {
@@ -70,8 +97,17 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let body = edifact_message(i, size);
                 let t0 = Instant::now();
-                let resp = client.post(format!("{url}/api/v1/messages")).header("content-type", "application/EDIFACT").body(body).send().await?;
-                anyhow::ensure!(resp.status().as_u16() == 202, "ingest answered {}", resp.status());
+                let resp = client
+                    .post(format!("{url}/api/v1/messages"))
+                    .header("content-type", "application/EDIFACT")
+                    .body(body)
+                    .send()
+                    .await?;
+                anyhow::ensure!(
+                    resp.status().as_u16() == 202,
+                    "ingest answered {}",
+                    resp.status()
+                );
                 let v: serde_json::Value = resp.json().await?;
                 let id = v["id"].as_str().unwrap_or_default().to_owned();
                 sent.lock().expect("lock").insert(id, t0);
@@ -84,27 +120,38 @@ async fn main() -> anyhow::Result<()> {
             r??;
         }
         if last_report.elapsed() >= Duration::from_secs(2) {
-            eprintln!("progress: {} accepted, {} delivered", sent.lock().expect("lock").len(), receiver.received().len());
+            eprintln!(
+                "progress: {} accepted, {} delivered",
+                sent.lock().expect("lock").len(),
+                receiver.received().len()
+            );
             last_report = Instant::now();
         }
     }
     let accepted_at = start.elapsed();
-    let got = receiver.wait_for(args.count, Duration::from_secs(300)).await;
+    let got = receiver
+        .wait_for(args.count, Duration::from_secs(300))
+        .await;
     let sent = sent.lock().expect("lock").clone();
     let mut latencies: Vec<Duration> = Vec::with_capacity(got.len());
     let mut seen = std::collections::HashSet::new();
     let mut last = start;
     for r in &got {
         let id = r.header("idempotency-key").unwrap_or_default();
-        if let Some(t0) = sent.get(id) {
-            if seen.insert(id.to_owned()) {
-                latencies.push(r.at.saturating_duration_since(*t0));
-                last = last.max(r.at);
-            }
+        if let Some(t0) = sent.get(id)
+            && seen.insert(id.to_owned())
+        {
+            latencies.push(r.at.saturating_duration_since(*t0));
+            last = last.max(r.at);
         }
     }
     latencies.sort();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
     let total = last.duration_since(start);
     println!(
         "engine={} messages={} size={}B accepted_in={:.2}s delivered={} in {:.2}s => {:.0} msg/s; latency p50={:.1}ms p99={:.1}ms max={:.1}ms",
@@ -119,6 +166,12 @@ async fn main() -> anyhow::Result<()> {
         pct(0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
-    anyhow::ensure!(seen.len() == args.count, "only {} of {} delivered:\n{}", seen.len(), args.count, broker.log_text());
+    anyhow::ensure!(
+        seen.len() == args.count,
+        "only {} of {} delivered:\n{}",
+        seen.len(),
+        args.count,
+        broker.log_text()
+    );
     Ok(())
 }
