@@ -297,17 +297,21 @@ impl ClientContext for LogContext {
 
 impl ConsumerContext for LogContext {}
 
+/// librdkafka's log levels on ketenbus's: it logs connection failures as errors and retries
+/// them itself, so those are warnings here (the error callback reports them too); property
+/// scope notes ("a producer property, ignored by this consumer") are debug, since one
+/// `properties` map feeds every client.
 fn log_line(level: RDKafkaLogLevel, fac: &str, msg: &str) {
     match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical => {
             tracing::error!(target: "librdkafka", facility = fac, "{msg}");
         }
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{msg}"),
+        _ if fac == "CONFWARN" => tracing::debug!(target: "librdkafka", facility = fac, "{msg}"),
+        RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning => {
+            tracing::warn!(target: "librdkafka", facility = fac, "{msg}");
+        }
         RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            tracing::info!(target: "librdkafka", facility = fac, "{msg}")
+            tracing::info!(target: "librdkafka", facility = fac, "{msg}");
         }
         RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{msg}"),
     }
@@ -957,7 +961,15 @@ impl Consumer for KafkaConsumer {
                         .insert((record.topic.clone(), record.partition));
                     return Ok(Some(record));
                 }
-                Ok(Err(e)) => return Err(classify(&e, None)),
+                // librdkafka reports broker trouble on the consumer queue and recovers by
+                // itself (reconnect, coordinator lookup, metadata refresh): log it and keep
+                // waiting. Only what a retry cannot fix reaches the caller.
+                Ok(Err(e)) => match classify(&e, None) {
+                    fatal @ BusError::Fatal(_) => return Err(fatal),
+                    other => {
+                        tracing::warn!(group = %self.group, error = %other, "kafka consumer error, recovering");
+                    }
+                },
                 Err(_) if tokio::time::Instant::now() >= deadline => return Ok(None),
                 Err(_) => {}
             }
@@ -1007,6 +1019,14 @@ mod tests {
     /// The broker under test, from `KETENBUS_TEST_KAFKA` (start one with
     /// `ops/kafka/tansu.sh start 19092`). Without it the test is skipped, except in CI.
     fn test_bus(name: &str) -> Option<(KafkaBus, String)> {
+        // librdkafka's and this engine's warnings show up in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
         let Some(bootstrap) = std::env::var("KETENBUS_TEST_KAFKA")
             .ok()
             .filter(|v| !v.is_empty())
