@@ -4,7 +4,7 @@
 //! knows which), nested resources are wrapped in an element of their type, and the
 //! narrative `div` travels as its XHTML text. Decimals keep their literal text.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
@@ -35,16 +35,32 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FhirError> {
     };
     loop {
         let before = r.pos();
-        match r.event("")? {
+        match r.event(&Path::ROOT)? {
             Event::Start(e) => {
                 let name = local(&e);
-                let v = r.resource(&name, false, &name, 0)?;
+                let v = r.resource(
+                    &name,
+                    false,
+                    &Path {
+                        parent: None,
+                        name: &name,
+                    },
+                    0,
+                )?;
                 r.expect_eof()?;
                 return Ok(v);
             }
             Event::Empty(e) => {
                 let name = local(&e);
-                let v = r.resource(&name, true, &name, 0)?;
+                let v = r.resource(
+                    &name,
+                    true,
+                    &Path {
+                        parent: None,
+                        name: &name,
+                    },
+                    0,
+                )?;
                 r.expect_eof()?;
                 return Ok(v);
             }
@@ -54,8 +70,10 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FhirError> {
                     what: "no root element".into(),
                 });
             }
-            Event::Text(t) if !is_ws(&t) => return Err(r.err("", "text outside the root element")),
-            Event::DocType(_) => return Err(r.err("", "DOCTYPE is not allowed")),
+            Event::Text(t) if !is_ws(&t) => {
+                return Err(r.err(&Path::ROOT, "text outside the root element"));
+            }
+            Event::DocType(_) => return Err(r.err(&Path::ROOT, "DOCTYPE is not allowed")),
             _ => {}
         }
     }
@@ -67,6 +85,29 @@ fn is_ws(t: &[u8]) -> bool {
 
 fn local(e: &BytesStart<'_>) -> String {
     String::from_utf8_lossy(e.local_name().as_ref()).into_owned()
+}
+
+/// An element path, built into text only when an error names it.
+#[derive(Clone, Copy)]
+struct Path<'p> {
+    parent: Option<&'p Path<'p>>,
+    name: &'p str,
+}
+
+impl Path<'_> {
+    const ROOT: Path<'static> = Path {
+        parent: None,
+        name: "",
+    };
+}
+
+impl fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = self.parent {
+            write!(f, "{p}.")?;
+        }
+        f.write_str(self.name)
+    }
 }
 
 struct XmlReader<'a> {
@@ -86,7 +127,8 @@ impl<'a> XmlReader<'a> {
         self.reader.buffer_position()
     }
 
-    fn err(&self, path: &str, what: &str) -> FhirError {
+    fn err(&self, path: &Path<'_>, what: &str) -> FhirError {
+        let path = path.to_string();
         let position = if path.is_empty() {
             format!("byte {}", self.pos())
         } else {
@@ -98,7 +140,7 @@ impl<'a> XmlReader<'a> {
         }
     }
 
-    fn event(&mut self, path: &str) -> Result<Event<'a>, FhirError> {
+    fn event(&mut self, path: &Path<'_>) -> Result<Event<'a>, FhirError> {
         self.reader
             .read_event()
             .map_err(|e| self.err(path, &format!("malformed XML: {e}")))
@@ -106,16 +148,20 @@ impl<'a> XmlReader<'a> {
 
     fn expect_eof(&mut self) -> Result<(), FhirError> {
         loop {
-            match self.event("")? {
+            match self.event(&Path::ROOT)? {
                 Event::Eof => return Ok(()),
                 Event::Text(t) if is_ws(&t) => {}
                 Event::Comment(_) | Event::PI(_) => {}
-                _ => return Err(self.err("", "content after the root element")),
+                _ => return Err(self.err(&Path::ROOT, "content after the root element")),
             }
         }
     }
 
-    fn attrs(&self, e: &BytesStart<'_>, path: &str) -> Result<Vec<(String, String)>, FhirError> {
+    fn attrs(
+        &self,
+        e: &BytesStart<'_>,
+        path: &Path<'_>,
+    ) -> Result<Vec<(String, String)>, FhirError> {
         let mut out = Vec::new();
         for a in e.attributes() {
             let a = a.map_err(|x| self.err(path, &format!("malformed attribute: {x}")))?;
@@ -138,7 +184,7 @@ impl<'a> XmlReader<'a> {
         &mut self,
         name: &str,
         empty: bool,
-        path: &str,
+        path: &Path<'_>,
         depth: usize,
     ) -> Result<Value, FhirError> {
         let Some(def) = self.model.resource(name) else {
@@ -157,7 +203,7 @@ impl<'a> XmlReader<'a> {
         &mut self,
         def: &'static TypeDef,
         o: &mut Object,
-        path: &str,
+        path: &Path<'_>,
         depth: usize,
     ) -> Result<(), FhirError> {
         if depth > MAX_DEPTH {
@@ -176,7 +222,10 @@ impl<'a> XmlReader<'a> {
                 _ => return Err(self.err(path, "text is not allowed here")),
             };
             let name = local(&e);
-            let child_path = format!("{path}.{name}");
+            let child_path = Path {
+                parent: Some(path),
+                name: &name,
+            };
             let Some(el) = def.element(&name) else {
                 return Err(self.err(&child_path, "unknown element"));
             };
@@ -222,7 +271,10 @@ impl<'a> XmlReader<'a> {
                             break self.resource(
                                 &n,
                                 false,
-                                &format!("{child_path}.{n}"),
+                                &Path {
+                                    parent: Some(&child_path),
+                                    name: &n,
+                                },
                                 depth + 1,
                             )?;
                         }
@@ -231,7 +283,10 @@ impl<'a> XmlReader<'a> {
                             break self.resource(
                                 &n,
                                 true,
-                                &format!("{child_path}.{n}"),
+                                &Path {
+                                    parent: Some(&child_path),
+                                    name: &n,
+                                },
                                 depth + 1,
                             )?;
                         }
@@ -322,7 +377,7 @@ impl<'a> XmlReader<'a> {
         e: &BytesStart<'_>,
         empty: bool,
         ty: &str,
-        path: &str,
+        path: &Path<'_>,
         depth: usize,
     ) -> Result<Prim, FhirError> {
         let mut value = None;
@@ -345,14 +400,14 @@ impl<'a> XmlReader<'a> {
     }
 }
 
-fn typed(ty: &str, v: String, path: &str) -> Result<Value, FhirError> {
+fn typed(ty: &str, v: String, path: &Path<'_>) -> Result<Value, FhirError> {
     match model::json_kind(ty) {
         JsonKind::String => Ok(Value::String(v)),
         JsonKind::Bool => match v.as_str() {
             "true" => Ok(Value::Bool(true)),
             "false" => Ok(Value::Bool(false)),
             _ => Err(FhirError::Syntax {
-                position: path.to_owned(),
+                position: path.to_string(),
                 what: "boolean must be true or false".into(),
             }),
         },
@@ -361,7 +416,7 @@ fn typed(ty: &str, v: String, path: &str) -> Result<Value, FhirError> {
             match super::json::parse(v.trim().as_bytes()) {
                 Ok(Value::Number(n)) => Ok(Value::Number(n)),
                 _ => Err(FhirError::Syntax {
-                    position: path.to_owned(),
+                    position: path.to_string(),
                     what: format!("{ty} is not a number"),
                 }),
             }
