@@ -644,6 +644,75 @@ mod tests {
         assert_eq!(status, 400);
     }
 
+    /// A log that cannot take anything now.
+    struct Down;
+
+    impl Bus for Down {
+        type Consumer = crate::bus::embedded::EmbeddedConsumer;
+
+        async fn ensure_topics(&self, _: &[TopicSpec]) -> Result<(), crate::bus::BusError> {
+            Ok(())
+        }
+        async fn publish(
+            &self,
+            _: Vec<crate::bus::OutRecord>,
+        ) -> Result<Vec<crate::bus::Position>, crate::bus::BusError> {
+            Err(crate::bus::BusError::Unavailable("disk full".into()))
+        }
+        async fn subscribe(
+            &self,
+            _: &str,
+            _: &[String],
+        ) -> Result<Self::Consumer, crate::bus::BusError> {
+            Err(crate::bus::BusError::Unavailable("down".into()))
+        }
+        async fn read_all(&self, _: &str) -> Result<Vec<crate::bus::Record>, crate::bus::BusError> {
+            Ok(Vec::new())
+        }
+        async fn lag(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<(u32, i64, i64)>, crate::bus::BusError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_take_it_means_503_and_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let lineage = Lineage::open(dir.path()).unwrap();
+        let state = Arc::new(ApiState {
+            ingest: BusIngest::new(Arc::new(Down), lineage.clone(), Duration::from_secs(5)),
+            lineage,
+            health: Arc::new(Health::default()),
+            max_body: 1 << 20,
+        });
+        let app = Router::new().merge(routes::<Down>()).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/fhir/$process-message"))
+            .header("content-type", "application/fhir+json")
+            .body(AZ)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 503);
+        assert_eq!(resp.headers().get("retry-after").unwrap(), "1");
+        let v = fhir::json::parse(&resp.bytes().await.unwrap()).unwrap();
+        assert!(
+            issue_of(&v).starts_with("error transient"),
+            "{}",
+            issue_of(&v)
+        );
+        assert!(
+            !issue_of(&v).contains("disk full"),
+            "the log's error stays in the log"
+        );
+    }
+
     #[tokio::test]
     async fn metadata_tells_what_is_taken() {
         let s = server().await;
