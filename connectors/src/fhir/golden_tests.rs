@@ -1046,3 +1046,42 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
         Some("0501234567")
     );
 }
+
+#[test]
+fn contained_resources_resolve_by_local_reference() {
+    // A single Observation carrying its Patient and Specimen as contained resources.
+    let mut obs = zib("nl-core-LaboratoryTestResult-01");
+    let mut patient = zib("nl-core-Patient-01");
+    set(&mut patient, "id", "p".into());
+    let mut specimen = zib("nl-core-LaboratoryTestResult.Specimen-01");
+    set(&mut specimen, "id", "s".into());
+    set(&mut obs, "contained", vec![patient, specimen].into());
+    set(
+        &mut obs,
+        "subject",
+        Object::new().with("reference", "#p").into(),
+    );
+    set(
+        &mut obs,
+        "specimen",
+        Object::new().with("reference", "#s").into(),
+    );
+    let events = FhirNormalizer
+        .normalize(&envelope("env-c", Format::FhirJson, json::to_vec(&obs)))
+        .unwrap();
+    let lab = only(&events, lab_of);
+    assert_eq!(
+        lab.patient.unwrap().identifiers,
+        vec![id(systems::BSN, "111222333")]
+    );
+    assert_eq!(lab.specimens[0].material.as_ref().unwrap().code, "87612001");
+    // The contained Patient is checked too.
+    let bad = json::to_string(&obs).replace("111222333", "111222334");
+    let err = FhirNormalizer
+        .normalize(&envelope("env-c", Format::FhirJson, bad.into_bytes()))
+        .unwrap_err();
+    assert!(
+        matches!(err, NormalizeError::Invalid { reason: "invalid_bsn", ref path, .. } if path == "Observation.contained[0].identifier[0]"),
+        "{err}"
+    );
+}

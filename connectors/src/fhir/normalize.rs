@@ -120,6 +120,37 @@ struct Entry<'a> {
     res: &'a Object,
     ty: &'a str,
     id: Option<&'a str>,
+    /// A contained resource, referenced as `#id`.
+    contained: bool,
+}
+
+/// The resources contained in `container`, as entries after it.
+fn push_with_contained<'a>(
+    entries: &mut Vec<Entry<'a>>,
+    container: Entry<'a>,
+) -> Result<(), NormalizeError> {
+    let res = container.res;
+    let path = container.path.clone();
+    entries.push(container);
+    for (k, c) in res.arr("contained").iter().enumerate() {
+        let Some(c) = c.as_object() else { continue };
+        let cpath = format!("{path}.contained[{k}]");
+        let ty = c.str("resourceType").ok_or_else(|| {
+            missing(
+                format!("{cpath}.resourceType"),
+                "resource without resourceType",
+            )
+        })?;
+        entries.push(Entry {
+            path: cpath,
+            full_url: None,
+            res: c,
+            ty,
+            id: c.str("id"),
+            contained: true,
+        });
+    }
+    Ok(())
 }
 
 /// The resources of one FHIR document.
@@ -142,9 +173,12 @@ impl<'a> Doc<'a> {
                 res: root,
                 ty,
                 id: root.str("id"),
+                contained: false,
             };
+            let mut entries = Vec::new();
+            push_with_contained(&mut entries, entry)?;
             return Ok(Doc {
-                entries: vec![entry],
+                entries,
                 message_type: ty.to_owned(),
                 header: None,
                 timestamp: None,
@@ -165,13 +199,15 @@ impl<'a> Doc<'a> {
                     "resource without resourceType",
                 )
             })?;
-            entries.push(Entry {
+            let entry = Entry {
                 path,
                 full_url: e.get("fullUrl").and_then(Value::as_str),
                 res,
                 ty,
                 id: res.str("id"),
-            });
+                contained: false,
+            };
+            push_with_contained(&mut entries, entry)?;
         }
         let header = if bundle_type == "message" {
             match entries.first() {
@@ -204,6 +240,12 @@ impl<'a> Doc<'a> {
     /// The entry a Reference points at.
     fn resolve(&self, reference: Option<&Value>) -> Option<&Entry<'a>> {
         let r = reference?.get("reference")?.as_str()?;
+        if let Some(local) = r.strip_prefix('#') {
+            return self
+                .entries
+                .iter()
+                .find(|e| e.contained && e.id == Some(local));
+        }
         if let Some(e) = self.entries.iter().find(|e| e.full_url == Some(r)) {
             return Some(e);
         }
@@ -211,7 +253,9 @@ impl<'a> Doc<'a> {
         let mut parts = r.rsplit('/');
         let id = parts.next()?;
         let ty = parts.next()?;
-        self.entries.iter().find(|e| e.ty == ty && e.id == Some(id))
+        self.entries
+            .iter()
+            .find(|e| !e.contained && e.ty == ty && e.id == Some(id))
     }
 
     fn of_type(&self, ty: &'a str) -> impl Iterator<Item = &Entry<'a>> + '_ {
@@ -237,6 +281,10 @@ pub fn events_from(
         .as_object()
         .ok_or_else(|| missing("document".into(), "not a FHIR resource"))?;
     let doc = Doc::new(root)?;
+    // Every BSN in the message passes the eleven-test, mapped or not.
+    for p in doc.of_type("Patient") {
+        identifiers(p.res, &p.path)?;
+    }
     let mut events = Vec::new();
     let next_header = |kind: EventKind, events: &Vec<Event>| {
         let mut h = EventHeader::new(
