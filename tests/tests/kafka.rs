@@ -120,6 +120,36 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         let b64 = rec["value"]["body"].as_str().unwrap();
         assert_eq!(decode_base64(b64), *body, "body of {id}");
     }
+    // A lab result becomes an event on its kind's topic, readable with the published schema.
+    let medlab = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L2611017+bloed'\
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+6+M0042'UNZ+1+IC0042'";
+    let (s, j) = post_message(
+        &c,
+        &broker.url,
+        "application/EDIFACT",
+        medlab.as_bytes().to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(s, 202);
+    let lab_id = j["id"].as_str().unwrap().to_owned();
+    let events = avro_read(
+        &python,
+        &bootstrap,
+        "ketenbus.events.lab_result",
+        "event_lab_result.avsc",
+        1,
+    );
+    let e = &events[0]["value"];
+    assert_eq!(e["header"]["envelope_id"], lab_id.as_str());
+    assert_eq!(e["header"]["id"], format!("{lab_id}.0"));
+    assert_eq!(e["results"][0]["local_name"], "Kalium");
+    assert_eq!(e["results"][0]["value_decimal"], "5.9");
+    let key = e["header"]["patient_key"].as_str().unwrap();
+    assert_eq!(events[0]["key"], key, "the topic key is the patient key");
+    assert!(!key.contains("999911120"), "no BSN in the key");
+
     // Proof of delivery on the outcomes topic.
     let outcomes = avro_read(
         &python,
