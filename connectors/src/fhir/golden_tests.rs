@@ -1085,3 +1085,39 @@ fn contained_resources_resolve_by_local_reference() {
         "{err}"
     );
 }
+
+mod robustness {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn az_xml() -> Vec<u8> {
+        xml::to_vec(&json::parse(&az_envelope().body).unwrap()).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Network input: no byte string makes the readers or the mapping panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            for format in [Format::FhirJson, Format::FhirXml] {
+                let _ = FhirNormalizer.normalize(&envelope("p", format, bytes.clone()));
+            }
+        }
+
+        /// Nor does a real message with a few bytes changed or cut.
+        #[test]
+        fn damaged_messages_never_panic(cuts in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8), truncate in any::<prop::sample::Index>()) {
+            for (format, mut body) in [(Format::FhirJson, az_envelope().body), (Format::FhirXml, az_xml())] {
+                for (at, b) in &cuts {
+                    let i = at.index(body.len());
+                    body[i] = *b;
+                }
+                let _ = FhirNormalizer.normalize(&envelope("p", format, body.clone()));
+                body.truncate(truncate.index(body.len()));
+                let _ = FhirNormalizer.normalize(&envelope("p", format, body));
+            }
+        }
+    }
+}
