@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::bus::Bus;
 use crate::health::Health;
-use crate::ingest::{new_message_id, BusIngest};
+use crate::ingest::{BusIngest, new_message_id};
 use crate::lineage::Lineage;
 use crate::now_ms;
 
@@ -43,6 +43,7 @@ pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
         .route("/healthz", get(healthz::<B>))
         .route("/readyz", get(readyz::<B>))
         .merge(crate::telemetry::routes::<B>())
+        .merge(crate::fhir_api::routes::<B>())
         // One byte over the limit is enough to know it is too large.
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .with_state(state)
@@ -57,7 +58,10 @@ async fn post_message<B: Bus>(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let Some(format) = Format::from_media_type(content_type) else {
         crate::telemetry::rejected("http", "unsupported_media_type");
         return problem(
@@ -73,7 +77,11 @@ async fn post_message<B: Bus>(
     };
     if body.is_empty() {
         crate::telemetry::rejected("http", "empty_body");
-        return problem(StatusCode::BAD_REQUEST, "empty_body", "the message body is empty");
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "empty_body",
+            "the message body is empty",
+        );
     }
     if body.len() > st.max_body {
         return too_large(st.max_body);
@@ -92,10 +100,20 @@ async fn post_message<B: Bus>(
     let accepted = match st.ingest.accept(envelope).await {
         Ok(a) => a,
         Err(IngestError::Unavailable(e)) => return unavailable(&e),
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "ingest_failed", &e.to_string()),
+        Err(e) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ingest_failed",
+                &e.to_string(),
+            );
+        }
     };
     let location = format!("/api/v1/messages/{}", accepted.id);
-    let mut resp = (StatusCode::ACCEPTED, Json(json!({ "id": accepted.id, "location": location }))).into_response();
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": accepted.id, "location": location })),
+    )
+        .into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -104,30 +122,62 @@ async fn post_message<B: Bus>(
 
 fn too_large(max: usize) -> Response {
     crate::telemetry::rejected("http", "too_large");
-    problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &format!("the message is larger than {max} bytes (http.max_body)"))
+    problem(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        &format!("the message is larger than {max} bytes (http.max_body)"),
+    )
 }
 
 fn unavailable(e: &str) -> Response {
     tracing::warn!(error = %e, "ingest refused: log unavailable");
-    let mut resp = problem(StatusCode::SERVICE_UNAVAILABLE, "log_unavailable", "the log cannot take the message now; retry later");
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let mut resp = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "log_unavailable",
+        "the log cannot take the message now; retry later",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
 }
 
-async fn get_message<B: Bus>(State(st): State<Arc<ApiState<B>>>, Path(id): Path<String>) -> Response {
+async fn get_message<B: Bus>(
+    State(st): State<Arc<ApiState<B>>>,
+    Path(id): Path<String>,
+) -> Response {
     match st.lineage.get(&id).await {
         Ok(Some(l)) => Json(l).into_response(),
-        Ok(None) => problem(StatusCode::NOT_FOUND, "not_found", "no message with that id"),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no message with that id",
+        ),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "lineage", &e.to_string()),
     }
 }
 
 async fn healthz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
-    let status = if st.health.is_healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "healthy": status == StatusCode::OK, "components": st.health.snapshot() }))).into_response()
+    let status = if st.health.is_healthy() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "healthy": status == StatusCode::OK, "components": st.health.snapshot() })),
+    )
+        .into_response()
 }
 
 async fn readyz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
-    let status = if st.health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": status == StatusCode::OK, "components": st.health.snapshot() }))).into_response()
+    let status = if st.health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "ready": status == StatusCode::OK, "components": st.health.snapshot() })),
+    )
+        .into_response()
 }
