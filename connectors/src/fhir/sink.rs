@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use ketenbus_schemas::Format;
 
-use super::emit::{BundleStyle, EmitOptions, to_bundle};
+use base64::Engine as _;
+
+use super::emit::{BundleStyle, CONTENT_URN, EmitOptions, to_bundle};
 use super::outcome::issue_text;
 use super::value::Value;
 use super::{MEDIA_JSON, MEDIA_XML};
@@ -20,7 +22,12 @@ pub struct FhirSink {
     url: reqwest::Url,
     opts: EmitOptions,
     bearer: Option<String>,
+    attachments: Option<AttachmentSource>,
 }
+
+/// Looks up attachment bytes by hex SHA-256 (the content store), so the Bundle can carry
+/// them inline instead of ketenbus's `urn:ketenbus:content:sha256:` pointer.
+pub type AttachmentSource = std::sync::Arc<dyn Fn(&str) -> Option<Vec<u8>> + Send + Sync>;
 
 impl std::fmt::Debug for FhirSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +73,7 @@ impl FhirSink {
             url,
             opts,
             bearer: None,
+            attachments: None,
         })
     }
 
@@ -77,14 +85,66 @@ impl FhirSink {
         self
     }
 
+    /// Inline attachments found through `source` (bytes by hex SHA-256).
+    #[must_use]
+    pub fn with_attachments(mut self, source: AttachmentSource) -> FhirSink {
+        self.attachments = Some(source);
+        self
+    }
+
+    /// Replace content pointers by the bytes, where the source has them.
+    fn inline_attachments(&self, bundle: &mut Value) {
+        let Some(source) = &self.attachments else {
+            return;
+        };
+        let Value::Object(b) = bundle else { return };
+        let Some(Value::Array(entries)) = b.get_mut("entry") else {
+            return;
+        };
+        for entry in entries {
+            let Some(Value::Object(res)) = (match entry {
+                Value::Object(e) => e.get_mut("resource"),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let Some(Value::Array(content)) = res.get_mut("content") else {
+                continue;
+            };
+            for c in content {
+                let Some(Value::Object(att)) = (match c {
+                    Value::Object(c) => c.get_mut("attachment"),
+                    _ => None,
+                }) else {
+                    continue;
+                };
+                let Some(hash) = att
+                    .str("url")
+                    .and_then(|u| u.strip_prefix(CONTENT_URN))
+                    .map(str::to_owned)
+                else {
+                    continue;
+                };
+                if let Some(bytes) = source(&hash) {
+                    att.remove("url");
+                    att.insert(
+                        "data",
+                        Value::from(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                    );
+                }
+            }
+        }
+    }
+
     /// Body and media type for a delivery.
     fn body(&self, payload: &Payload) -> Result<(Vec<u8>, &'static str), DeliveryError> {
         match payload {
             Payload::Event(e) => {
-                let bundle = to_bundle(e, &self.opts).map_err(|e| DeliveryError::Rejected {
+                let mut bundle = to_bundle(e, &self.opts).map_err(|e| DeliveryError::Rejected {
                     reason: "no_fhir_form".into(),
                     detail: e.to_string(),
                 })?;
+                self.inline_attachments(&mut bundle);
                 Ok((super::json::to_vec(&bundle), MEDIA_JSON))
             }
             Payload::Raw(env) => match env.format {
@@ -221,6 +281,7 @@ fn transport_error(e: &reqwest::Error) -> DeliveryError {
 mod tests {
     use std::sync::Arc;
 
+    use ketenbus_schemas::Event;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -336,6 +397,36 @@ mod tests {
         let body = &req[req.find("\r\n\r\n").unwrap() + 4..];
         let bundle = crate::fhir::json::parse(body.as_bytes()).unwrap();
         assert_eq!(bundle.get("type").and_then(Value::as_str), Some("message"));
+    }
+
+    #[test]
+    fn attachments_are_inlined_from_the_content_store() {
+        let sink = FhirSink::new(
+            &"http://127.0.0.1:9/fhir".parse().unwrap(),
+            BundleStyle::Message,
+            None,
+            Duration::from_secs(1),
+        )
+        .unwrap()
+        .with_attachments(Arc::new(|hash: &str| {
+            (hash == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"%PDF-1.4\n")))
+                .then(|| b"%PDF-1.4\n".to_vec())
+        }));
+        let (body, _) = sink.body(&delivery().payload).unwrap();
+        let text = String::from_utf8(body.clone()).unwrap();
+        assert!(text.contains(r#""data":"JVBERi0xLjQK""#), "{text}");
+        assert!(!text.contains("urn:ketenbus:content"));
+        // Read back, the attachment has the same hash and size as the original message's.
+        let events = crate::fhir::normalize::events_from(
+            &crate::fhir::json::parse(&body).unwrap(),
+            "x",
+            "fhir_json",
+        )
+        .unwrap();
+        let Event::AcuteHandover(h) = &events[0] else {
+            panic!("handover expected")
+        };
+        assert_eq!(h.attachments[0].size, 9);
     }
 
     #[tokio::test]
