@@ -30,8 +30,10 @@ pub const KETENBUS_EVENT: &str = "urn:ketenbus:event-kind";
 /// Where ketenbus points at an attachment it keeps by content hash.
 pub const CONTENT_URN: &str = "urn:ketenbus:content:sha256:";
 
-/// Transaction (`PUT` per resource) or message (`MessageHeader` first).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Transaction (`PUT` per resource) or message (`MessageHeader` first); in config
+/// `"transaction"` or `"message"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BundleStyle {
     /// A `transaction` Bundle for a FHIR server.
     #[default]
