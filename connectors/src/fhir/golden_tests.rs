@@ -832,43 +832,6 @@ fn normalising_is_pure() {
     assert_eq!(a, b);
 }
 
-#[test]
-#[ignore = "writes the emitted Bundles to /tmp for a look"]
-fn dump_emitted() {
-    let events = FhirNormalizer
-        .normalize(&envelope(
-            "env-lab",
-            Format::FhirJson,
-            json::to_vec(&lab_bundle()),
-        ))
-        .unwrap();
-    std::fs::write(
-        "/tmp/lab-out.json",
-        json::to_vec(&to_bundle(&events[0], &EmitOptions::default()).unwrap()),
-    )
-    .unwrap();
-    std::fs::write(
-        "/tmp/lab-out.xml",
-        xml::to_vec(&to_bundle(&events[0], &EmitOptions::default()).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let events = FhirNormalizer.normalize(&az_envelope()).unwrap();
-    std::fs::write(
-        "/tmp/az-out.json",
-        json::to_vec(
-            &to_bundle(
-                &events[0],
-                &EmitOptions {
-                    style: BundleStyle::Message,
-                    ..EmitOptions::default()
-                },
-            )
-            .unwrap(),
-        ),
-    )
-    .unwrap();
-}
-
 /// A lab event shaped like the EDIFACT normaliser's (MEDLAB example of STANDARDS.md,
 /// synthetic): local codes, local times without zone, a comparator-free text flag, a
 /// remark, a pending determination. It must leave as valid nl-core too.
