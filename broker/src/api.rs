@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::bus::Bus;
 use crate::health::Health;
 use crate::ingest::{BusIngest, new_message_id};
-use crate::lineage::Lineage;
+use crate::lineage::{Lineage, ListQuery};
 use crate::now_ms;
 
 /// Shared state of the handlers.
@@ -39,6 +39,7 @@ pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
     let limit = state.max_body;
     Router::new()
         .route("/api/v1/messages", post(post_message::<B>))
+        .route("/api/v1/messages", get(list_messages::<B>))
         .route("/api/v1/messages/{id}", get(get_message::<B>))
         .route("/healthz", get(healthz::<B>))
         .route("/readyz", get(readyz::<B>))
@@ -139,6 +140,20 @@ fn unavailable(e: &str) -> Response {
     resp.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
+}
+
+async fn list_messages<B: Bus>(
+    State(st): State<Arc<ApiState<B>>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Response {
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "bad_query", &e.body_text()),
+    };
+    match st.lineage.list(q).await {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => problem(StatusCode::BAD_REQUEST, "bad_query", &e),
+    }
 }
 
 async fn get_message<B: Bus>(

@@ -15,7 +15,9 @@ pub mod keys;
 pub mod lineage;
 pub mod router;
 pub mod runtime;
+pub mod status;
 pub mod telemetry;
+pub mod tls;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -150,7 +150,8 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
              message_id TEXT NOT NULL, at INTEGER NOT NULL, stage TEXT NOT NULL, subscription TEXT,
              record_id TEXT, kind TEXT, attempt INTEGER, outcome TEXT NOT NULL, reason TEXT, detail TEXT);
          CREATE INDEX IF NOT EXISTS steps_message ON steps (message_id);
-         CREATE INDEX IF NOT EXISTS steps_outcome ON steps (outcome, subscription, at);",
+         CREATE INDEX IF NOT EXISTS steps_outcome ON steps (outcome, subscription, at);
+         CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at, id);",
     )?;
     Ok(conn)
 }
@@ -204,6 +205,112 @@ impl Lineage {
         tokio::task::spawn_blocking(move || read(&path, &id))
             .await
             .unwrap_or_else(|e| Err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))
+    }
+}
+
+/// Which messages to list.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// A step outcome the message had: accepted, normalised, unsupported_format, rejected,
+    /// delivered, retrying, dead_lettered, filtered.
+    pub status: Option<String>,
+    /// Only steps of this subscription.
+    pub subscription: Option<String>,
+    /// Only steps at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Page size, at most 1000 (default 100).
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+}
+
+/// One page of messages, newest first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page {
+    /// The messages.
+    pub items: Vec<Received>,
+    /// Cursor for the next page, when there is one.
+    pub next: Option<String>,
+}
+
+impl Lineage {
+    /// Messages matching `q`, newest first, a page at a time.
+    ///
+    /// # Errors
+    /// A bad `since` or `after` (as text), or a database failure.
+    pub async fn list(&self, q: ListQuery) -> Result<Page, String> {
+        self.flush().await;
+        let since_ms = match q.since.as_deref() {
+            None => 0,
+            Some(t) => {
+                let t = humantime::parse_rfc3339_weak(t).map_err(|e| format!("since: {e}"))?;
+                let ms = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|e| format!("since: {e}"))?
+                    .as_millis();
+                i64::try_from(ms).map_err(|e| format!("since: {e}"))?
+            }
+        };
+        let (after_at, after_id) = match q.after.as_deref() {
+            None => (i64::MAX, String::new()),
+            Some(c) => {
+                let (at, id) = c
+                    .split_once('_')
+                    .ok_or("after: not a cursor from a previous page")?;
+                (
+                    at.parse()
+                        .map_err(|_| "after: not a cursor from a previous page")?,
+                    id.to_owned(),
+                )
+            }
+        };
+        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Page> {
+            let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            conn.busy_timeout(Duration::from_secs(5))?;
+            let mut stmt = conn.prepare(
+                "SELECT m.id, m.received_at, m.connector, m.format, m.content_type, m.size, m.sender, m.receiver,
+                        m.raw_partition, m.raw_offset
+                 FROM messages m
+                 WHERE (m.received_at, m.id) < (?1, ?2)
+                   AND (?3 IS NULL OR EXISTS (
+                        SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.outcome = ?3
+                          AND (?4 IS NULL OR s.subscription = ?4) AND s.at >= ?5))
+                   AND (?3 IS NOT NULL OR ?4 IS NULL OR EXISTS (
+                        SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.subscription = ?4 AND s.at >= ?5))
+                   AND m.received_at >= CASE WHEN ?3 IS NULL AND ?4 IS NULL THEN ?5 ELSE 0 END
+                 ORDER BY m.received_at DESC, m.id DESC LIMIT ?6",
+            )?;
+            let after_id = if after_at == i64::MAX { "\u{10FFFF}".to_owned() } else { after_id };
+            let mut items: Vec<Received> = stmt
+                .query_map(params![after_at, after_id, q.status, q.subscription, since_ms, limit + 1], |r| {
+                    Ok(Received {
+                        id: r.get(0)?,
+                        received_at_ms: r.get(1)?,
+                        connector: r.get(2)?,
+                        format: r.get(3)?,
+                        content_type: r.get(4)?,
+                        size: r.get(5)?,
+                        sender: r.get(6)?,
+                        receiver: r.get(7)?,
+                        raw_partition: r.get(8)?,
+                        raw_offset: r.get(9)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let next = if items.len() > limit as usize {
+                items.truncate(limit as usize);
+                items.last().map(|m| format!("{}_{}", m.received_at_ms, m.id))
+            } else {
+                None
+            };
+            Ok(Page { items, next })
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -51,6 +51,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// A terminal summary of a running broker: components, inflow, deliveries, failures,
+    /// lag and the oldest undelivered record per subscription.
+    Status {
+        /// Base URL of the broker's HTTP API.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
     /// Print a file as ketenbus reads it (parsed message and the events it makes) as JSON,
     /// without touching the log. Exits non-zero with the error position when it does not parse.
     Inspect {
@@ -285,6 +292,30 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Status { url } => {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(5))
+                .build()?;
+            let base = url.trim_end_matches('/');
+            let ready = client
+                .get(format!("{base}/readyz"))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach ketenbus at {base}"))?;
+            let ready: serde_json::Value = serde_json::from_slice(&ready.bytes().await?)?;
+            let metrics = client
+                .get(format!("{base}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            print!("{}", ketenbus::status::render(base, &ready, &metrics));
+            Ok(if ready["ready"].as_bool() == Some(true) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Inspect { file, format } => {
             let bytes =

@@ -644,3 +644,99 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
     assert_eq!(rx.received().len(), 1);
     assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
 }
+
+#[tokio::test]
+async fn operators_list_messages_by_status_and_see_a_status_summary() {
+    let bad = Receiver::start(Behaviour {
+        status: 404,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let good = Receiver::start(OK).await;
+    let subs = format!(
+        "{}\n{}",
+        webhook_subscription("picky", "\"raw\"", &bad.url(), ""),
+        webhook_subscription("archive", "\"raw\"", &good.url(), "")
+    );
+    let broker = Broker::start(&subs);
+    let c = client();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, j) = post_message(
+            &c,
+            &broker.url,
+            "application/EDIFACT",
+            edifact_message(i, 200),
+        )
+        .await
+        .unwrap();
+        ids.push(j["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        lineage_until(&broker.url, id, |l| {
+            l["deliveries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
+        })
+        .await;
+    }
+    let list = |q: String| {
+        let c = c.clone();
+        let url = format!("{}/api/v1/messages?{q}", broker.url);
+        async move {
+            let resp = c.get(url).send().await.unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (s, page) = list("status=dead_lettered&subscription=picky".into()).await;
+    assert_eq!(s, 200, "{page}");
+    let listed: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    let mut newest_first = ids.iter().map(String::as_str).collect::<Vec<_>>();
+    newest_first.reverse();
+    assert_eq!(listed, newest_first);
+    assert!(page["next"].is_null());
+    let (_, page) = list("status=dead_lettered&subscription=archive".into()).await;
+    assert!(
+        page["items"].as_array().unwrap().is_empty(),
+        "archive delivered everything"
+    );
+    // Paging: one at a time, following the cursor.
+    let (_, p1) = list("status=dead_lettered&limit=2".into()).await;
+    assert_eq!(p1["items"].as_array().unwrap().len(), 2);
+    let next = p1["next"].as_str().unwrap().to_owned();
+    let (_, p2) = list(format!("status=dead_lettered&limit=2&after={next}")).await;
+    assert_eq!(p2["items"].as_array().unwrap().len(), 1);
+    assert_eq!(p2["items"][0]["id"], ids[0].as_str());
+    let (s, err) = list("since=yesterday".into()).await;
+    assert_eq!(s, 400, "{err}");
+
+    // The terminal summary points at the failing subscription.
+    tokio::time::sleep(Duration::from_secs(6)).await; // one telemetry sampling round
+    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
+        .args(["status", "--url", &broker.url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(": ready"), "{text}");
+    assert!(text.contains("needs attention: picky"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("archive") && l.contains(" 3 ")),
+        "{text}"
+    );
+}
