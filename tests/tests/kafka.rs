@@ -77,7 +77,7 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     .await;
     let config = format!(
         "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\n\
-         properties = {{ \"batch.num.messages\" = \"1\" }}\n{}",
+         properties = {{ \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }}\n{}",
         webhook_subscription("archive", "\"raw\"", &rx.url(), "")
     );
     let broker = Broker::start(&config);

@@ -49,7 +49,9 @@ async fn main() -> anyhow::Result<()> {
     let bus = match args.engine.as_str() {
         "embedded" => String::new(),
         "kafka" => format!(
-            "[bus]\nengine = \"kafka\"\n[bus.kafka]\nbootstrap_servers = \"{}\"\n",
+            "[bus]\nengine = \"kafka\"\n[bus.kafka]\nbootstrap_servers = \"{}\"\nreplication_factor = 1\n\
+             # tansu 0.6: one record per batch, short fetch waits (ops/kafka/tansu.sh)\n\
+             properties = {{ \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }}\n",
             args.kafka
         ),
         other => anyhow::bail!("unknown engine {other}"),
