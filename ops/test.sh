@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every ketenbus test on a fresh machine: installs and starts the real peers the tests
 # talk to (tansu as the Kafka-protocol broker, Python's confluent-kafka + fastavro as an
-# independent reader), checks formatting and lints, builds, and runs the whole workspace's
-# tests. Slow installs are cached under ~/.cache/ketenbus.
+# independent reader, Prometheus/promtool, Postfix/swaks/Dovecot, the npm `fhir` validator),
+# checks formatting and lints, builds, and runs the whole workspace's tests. Slow installs are
+# cached under ~/.cache/ketenbus.
 #
 #   bash ops/test.sh            everything (what CI runs)
 #   bash ops/test.sh -- FILTER  only tests whose name contains FILTER (peers still started)
@@ -23,6 +24,10 @@ KETENBUS_TEST_KAFKA=$(bash ops/kafka/tansu.sh start "$kafka_port")
 trap 'bash ops/kafka/tansu.sh stop "$kafka_port" >/dev/null 2>&1 || true' EXIT
 export KETENBUS_TEST_PYTHON
 KETENBUS_TEST_PYTHON=$(bash tests/python/setup.sh)
+# Debian packages (one apt at a time, before tests run in parallel) and the npm validator.
+sh ops/prometheus/setup.sh
+bash ops/mail/setup.sh
+bash tests/node/setup.sh
 
 step "format and lints"
 cargo fmt --all --check
