@@ -27,6 +27,8 @@ pub struct Config {
     pub keys: KeysConfig,
     /// Secure mail: SMTP listener, IMAP pickups, content store, address book.
     pub mail: ketenbus_connectors::mail::MailConfig,
+    /// Watched inbox folders (`[[inbox]]`), e.g. where a file transfer drops EDIFACT.
+    pub inbox: Vec<ketenbus_connectors::inbox::InboxConfig>,
     /// Who gets what.
     pub subscriptions: Vec<SubscriptionConfig>,
 }
@@ -39,6 +41,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             keys: KeysConfig::default(),
             mail: ketenbus_connectors::mail::MailConfig::default(),
+            inbox: Vec::new(),
             subscriptions: Vec::new(),
         }
     }
@@ -55,6 +58,13 @@ pub struct HttpConfig {
     /// Longest wait for the log to make a message durable before answering 503.
     #[serde(with = "humantime_serde")]
     pub ingest_timeout: Duration,
+    /// TLS on the listener (`[http.tls]`); without it the listener speaks plain HTTP.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Plain HTTP on a non-loopback address. Off by default: such a listener needs
+    /// `[http.tls]` or this set to `true` (which logs a warning at start-up).
+    pub allow_plaintext: bool,
+    /// Connection, header and time limits (`[http.limits]`).
+    pub limits: crate::tls::Limits,
 }
 
 impl Default for HttpConfig {
@@ -63,6 +73,9 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body: bytesize::ByteSize::mib(25),
             ingest_timeout: Duration::from_secs(10),
+            tls: None,
+            allow_plaintext: false,
+            limits: crate::tls::Limits::default(),
         }
     }
 }
@@ -161,9 +174,36 @@ pub enum SinkConfig {
         /// Per-request timeout.
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
+        /// PEM file of the CA certificates to trust for this endpoint, instead of the
+        /// public roots (a private care-network CA).
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+        /// Allow an `http://` URL to a non-loopback host (unencrypted). Loopback needs no flag.
+        #[serde(default)]
+        allow_plain_http: bool,
     },
     /// Secure mail through an SMTP submission server (`ketenbus_connectors::mail::MailSinkConfig`).
     Mail(ketenbus_connectors::mail::MailSinkConfig),
+    /// A FHIR R4 endpoint: each event as nl-core resources in one Bundle.
+    Fhir {
+        /// The subscriber's FHIR base URL.
+        base_url: String,
+        /// `transaction` (POST to the base) or `message` (POST to `[base]/$process-message`).
+        #[serde(default)]
+        style: ketenbus_connectors::fhir::BundleStyle,
+        /// ketenbus's own FHIR base, written into `MessageHeader.source.endpoint`.
+        #[serde(default)]
+        source_endpoint: Option<String>,
+        /// Environment variable holding a bearer token for the endpoint.
+        #[serde(default)]
+        token_env: Option<String>,
+        /// Per-request timeout.
+        #[serde(default = "default_timeout", with = "humantime_serde")]
+        timeout: Duration,
+        /// Allow an `http://` base URL to a non-loopback host (unencrypted). Loopback needs no flag.
+        #[serde(default)]
+        allow_plain_http: bool,
+    },
 }
 
 fn default_timeout() -> Duration {
@@ -228,6 +268,21 @@ pub enum Sink {
         url: reqwest::Url,
         /// Signing secret (never printed).
         secret: Option<Secret>,
+        /// Request timeout.
+        timeout: Duration,
+        /// CA bundle to trust instead of the public roots.
+        ca_file: Option<PathBuf>,
+    },
+    /// FHIR endpoint with its token resolved.
+    Fhir {
+        /// Base URL.
+        base: reqwest::Url,
+        /// Transaction or message Bundle.
+        style: ketenbus_connectors::fhir::BundleStyle,
+        /// `MessageHeader.source.endpoint`.
+        source_endpoint: Option<String>,
+        /// Bearer token (never printed).
+        token: Option<Secret>,
         /// Request timeout.
         timeout: Duration,
     },
@@ -319,16 +374,31 @@ impl Config {
         if self.http.max_body.as_u64() == 0 {
             p("http.max_body".into(), "must be more than 0 bytes".into());
         }
+        for (k, m) in self.http.limits.problems() {
+            p(format!("http.limits.{k}"), m);
+        }
+        match &self.http.tls {
+            Some(tls) => {
+                if let Err(e) = crate::tls::server_config(tls) {
+                    p(format!("http.tls.{}", e.key()), e.to_string());
+                }
+            }
+            None if !self.http.listen.ip().is_loopback() && !self.http.allow_plaintext => p(
+                "http.listen".into(),
+                "a non-loopback address without [http.tls]: configure TLS, or set http.allow_plaintext = true".into(),
+            ),
+            None => {}
+        }
         match (&self.bus.engine, &self.bus.kafka) {
             (Engine::Kafka, None) => p(
                 "bus.kafka".into(),
                 "required when bus.engine = \"kafka\"".into(),
             ),
-            (Engine::Kafka, Some(k)) if k.bootstrap_servers.trim().is_empty() => {
-                p(
-                    "bus.kafka.bootstrap_servers".into(),
-                    "must name at least one host:port".into(),
-                );
+            (Engine::Kafka, Some(k)) => {
+                for problem in k.problems() {
+                    let (key, message) = problem.split_once(": ").unwrap_or(("", &problem));
+                    p(format!("bus.kafka.{key}"), message.to_owned());
+                }
             }
             _ => {}
         }
@@ -349,6 +419,11 @@ impl Config {
         }
         for (k, m) in self.mail.problems(env) {
             p(format!("mail.{k}"), m);
+        }
+        for (i, inbox) in self.inbox.iter().enumerate() {
+            for (k, m) in inbox.problems() {
+                p(format!("inbox[{i}].{k}"), m);
+            }
         }
         let mut names = BTreeSet::new();
         let mut subscriptions = Vec::new();
@@ -402,8 +477,17 @@ impl Config {
                     url,
                     secret_env,
                     timeout,
+                    ca_file,
+                    allow_plain_http,
                 } => {
                     let parsed = match reqwest::Url::parse(url) {
+                        Ok(u) if u.scheme() == "http" && !allow_plain_http && !is_loopback(&u) => {
+                            p(
+                                at("sink.url"),
+                                "plain http to a non-loopback host: use https, or set allow_plain_http = true".into(),
+                            );
+                            None
+                        }
                         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(u),
                         Ok(_) => {
                             p(at("sink.url"), "must be an http or https URL".into());
@@ -430,9 +514,35 @@ impl Config {
                     if timeout.is_zero() {
                         p(at("sink.timeout"), "must be more than 0".into());
                     }
+                    if let Some(ca) = ca_file
+                        && let Err(e) = crate::tls::read_certs("ca_file", ca)
+                    {
+                        p(at("sink.ca_file"), e.to_string());
+                    }
                     parsed.map(|url| Sink::Webhook {
                         url,
                         secret,
+                        timeout: *timeout,
+                        ca_file: ca_file.clone(),
+                    })
+                }
+                SinkConfig::Fhir { base_url, style, source_endpoint, token_env, timeout, allow_plain_http } => {
+                    let base = endpoint_url(base_url, *allow_plain_http).map_err(|m| p(at("sink.base_url"), m)).ok();
+                    let token = token_env.as_ref().and_then(|var| match env(var) {
+                        Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
+                        _ => {
+                            p(at("sink.token_env"), format!("environment variable {var} is not set"));
+                            None
+                        }
+                    });
+                    if timeout.is_zero() {
+                        p(at("sink.timeout"), "must be more than 0".into());
+                    }
+                    base.map(|base| Sink::Fhir {
+                        base,
+                        style: *style,
+                        source_endpoint: source_endpoint.clone(),
+                        token,
                         timeout: *timeout,
                     })
                 }
@@ -472,6 +582,30 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+}
+
+/// A URL whose host is this machine (`localhost`, 127.0.0.0/8, `::1`).
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An http(s) endpoint URL; plain http only to loopback unless explicitly allowed.
+fn endpoint_url(url: &str, allow_plain_http: bool) -> Result<reqwest::Url, String> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if u.scheme() == "http" && !allow_plain_http && !is_loopback(&u) => {
+            Err("plain http to a non-loopback host: use https, or set allow_plain_http = true".into())
+        }
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(u),
+        Ok(_) => Err("must be an http or https URL".into()),
+        Err(e) => Err(format!("not a URL: {e}")),
     }
 }
 

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
-use ketenbus_schemas::{topics, AvroRecord, DeadLetter, DeliveryOutcome, Event, EventKind, Outcome, RawEnvelope};
+use ketenbus_schemas::{
+    AvroRecord, DeadLetter, DeliveryOutcome, Event, EventKind, Outcome, RawEnvelope, topics,
+};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{embedded::partition_for, AckToken, Bus, BusError, Consumer, OutRecord, Record};
+use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, embedded::partition_for};
 use crate::config::{FilterConfig, RetryConfig, Source, Subscription};
 use crate::health::{Health, State};
 use crate::lineage::{Lineage, Step};
@@ -85,7 +87,11 @@ fn decode(record: &Record, subscription: &str) -> Result<(Job, bool), Undelivera
         })?;
         (dl.source_topic, dl.key, dl.value)
     } else {
-        (record.topic.clone(), record.key.clone(), record.value.clone())
+        (
+            record.topic.clone(),
+            record.key.clone(),
+            record.value.clone(),
+        )
     };
     let undecodable = |e: &dyn std::fmt::Display| Undeliverable {
         record_id: String::from_utf8_lossy(&key).into_owned(),
@@ -95,7 +101,12 @@ fn decode(record: &Record, subscription: &str) -> Result<(Job, bool), Undelivera
     };
     let (record_id, envelope_id, kind, payload) = if topic == topics::RAW {
         let env = RawEnvelope::from_avro(&value).map_err(|e| undecodable(&e))?;
-        (env.id.clone(), env.id.clone(), "raw", Payload::Raw(Arc::new(env)))
+        (
+            env.id.clone(),
+            env.id.clone(),
+            "raw",
+            Payload::Raw(Arc::new(env)),
+        )
     } else {
         let kind = topic
             .strip_prefix("ketenbus.events.")
@@ -103,10 +114,27 @@ fn decode(record: &Record, subscription: &str) -> Result<(Job, bool), Undelivera
             .ok_or_else(|| undecodable(&format!("no event kind for topic {topic}")))?;
         let event = Event::from_avro(kind, &value).map_err(|e| undecodable(&e))?;
         let h = event.header();
-        (h.id.clone(), h.envelope_id.clone(), kind.as_str(), Payload::Event(Arc::new(event)))
+        (
+            h.id.clone(),
+            h.envelope_id.clone(),
+            kind.as_str(),
+            Payload::Event(Arc::new(event)),
+        )
     };
     let replayed = record.topic != topic;
-    Ok((Job { token: record.ack_token(), record_id, envelope_id, kind, payload, source_topic: topic, key, value }, replayed))
+    Ok((
+        Job {
+            token: record.ack_token(),
+            record_id,
+            envelope_id,
+            kind,
+            payload,
+            source_topic: topic,
+            key,
+            value,
+        },
+        replayed,
+    ))
 }
 
 fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
@@ -114,7 +142,9 @@ fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
         Payload::Event(e) => (e.header().sender.as_deref(), e.header().receiver.as_deref()),
         Payload::Raw(env) => (env.sender.as_deref(), env.receiver.as_deref()),
     };
-    let ok = |list: &[String], v: Option<&str>| list.is_empty() || v.is_some_and(|v| list.iter().any(|x| x == v));
+    let ok = |list: &[String], v: Option<&str>| {
+        list.is_empty() || v.is_some_and(|v| list.iter().any(|x| x == v))
+    };
     ok(&filter.senders, sender) && ok(&filter.receivers, receiver)
 }
 
@@ -122,7 +152,10 @@ fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
 /// with jitter in [50%, 100%] so retries of many records spread out.
 #[must_use]
 pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
-    let exp = retry.initial.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1).min(30)).unwrap_or(u32::MAX));
+    let exp = retry.initial.saturating_mul(
+        1u32.checked_shl(attempt.saturating_sub(1).min(30))
+            .unwrap_or(u32::MAX),
+    );
     let capped = exp.min(retry.max);
     capped.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
@@ -176,20 +209,24 @@ pub async fn run<B: Bus>(
             in_flight -= finished.len();
             let batch = std::mem::take(&mut finished);
             tracked.finished(batch.iter().map(|d| &d.token));
-            if let Err(e) = finish(bus.as_ref(), &mut consumer, &name, batch, &lineage, &cancel).await {
+            if let Err(e) =
+                finish(bus.as_ref(), &mut consumer, &name, batch, &lineage, &cancel).await
+            {
                 tracing::error!(subscription = %name, error = %e, "subscription stopped");
                 health.set(&component, State::Failed(e.to_string()));
                 return;
             }
         }
-        if in_flight >= cap {
-            if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(100), done_rx.recv()).await {
-                finished.push(d);
+        // Wait for whichever comes first: a finished delivery, or (with room) a new record.
+        let polled = tokio::select! {
+            () = cancel.cancelled() => break,
+            d = done_rx.recv() => {
+                finished.extend(d);
+                continue;
             }
-            continue;
-        }
-        let wait = if in_flight == 0 { Duration::from_millis(200) } else { Duration::from_millis(5) };
-        let record = match consumer.poll(wait).await {
+            r = consumer.poll(Duration::from_millis(500)), if in_flight < cap => r,
+        };
+        let record = match polled {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) if e.kind() == ketenbus_connectors::ErrorKind::Retryable => {
@@ -214,8 +251,15 @@ pub async fn run<B: Bus>(
                     kind: "unknown",
                     attempt: 0,
                     outcome: Outcome::DeadLettered,
-                    error: Some(DeliveryError::Rejected { reason: u.reason.into(), detail: u.detail }),
-                    dead_letter: Some((record.topic.clone(), record.key.clone(), record.value.clone())),
+                    error: Some(DeliveryError::Rejected {
+                        reason: u.reason.into(),
+                        detail: u.detail,
+                    }),
+                    dead_letter: Some((
+                        record.topic.clone(),
+                        record.key.clone(),
+                        record.value.clone(),
+                    )),
                 });
             }
             Ok((job, _replayed)) if !passes(&sub.filter, &job.payload) => {
@@ -309,7 +353,10 @@ async fn finish<B: Bus>(
             step.detail = Some(e.detail().to_owned());
         }
         match (d.outcome, &d.error) {
-            (Outcome::DeadLettered, e) => telemetry::dead_lettered(subscription, e.as_ref().map_or("unknown", DeliveryError::reason)),
+            (Outcome::DeadLettered, e) => telemetry::dead_lettered(
+                subscription,
+                e.as_ref().map_or("unknown", DeliveryError::reason),
+            ),
             (Outcome::Filtered, _) => telemetry::filtered(subscription),
             _ => {} // delivered: counted by the lane, with its latency
         }
@@ -330,12 +377,20 @@ async fn lane(
 ) {
     while let Some(job) = rx.recv().await {
         let started = Instant::now();
-        let mut delivery =
-            Delivery { subscription: Arc::clone(&subscription), record_id: job.record_id.clone(), payload: job.payload, attempt: 1 };
+        let mut delivery = Delivery {
+            subscription: Arc::clone(&subscription),
+            record_id: job.record_id.clone(),
+            payload: job.payload,
+            attempt: 1,
+        };
         let (outcome, error) = loop {
             match sink.deliver(&delivery).await {
                 Ok(_receipt) => {
-                    telemetry::delivered(&subscription, job.kind, telemetry::since_received(&delivery.payload));
+                    telemetry::delivered(
+                        &subscription,
+                        job.kind,
+                        telemetry::since_received(&delivery.payload),
+                    );
                     break (Outcome::Delivered, None);
                 }
                 Err(e @ DeliveryError::Rejected { .. }) => break (Outcome::DeadLettered, Some(e)),
@@ -343,7 +398,10 @@ async fn lane(
                     if started.elapsed() >= retry.give_up_after {
                         let exhausted = DeliveryError::Rejected {
                             reason: "exhausted".into(),
-                            detail: format!("gave up after {} attempts; last: {e}", delivery.attempt),
+                            detail: format!(
+                                "gave up after {} attempts; last: {e}",
+                                delivery.attempt
+                            ),
                         };
                         break (Outcome::DeadLettered, Some(exhausted));
                     }
@@ -356,7 +414,8 @@ async fn lane(
                     step.reason = Some(e.reason().to_owned());
                     step.detail = Some(e.detail().to_owned());
                     lineage.step(&job.envelope_id, step).await;
-                    let wait = backoff(&retry, delivery.attempt).min(retry.give_up_after.saturating_sub(started.elapsed()));
+                    let wait = backoff(&retry, delivery.attempt)
+                        .min(retry.give_up_after.saturating_sub(started.elapsed()));
                     tokio::select! {
                         () = cancel.cancelled() => return, // not acked: delivered again after restart
                         () = tokio::time::sleep(wait) => {}
@@ -365,7 +424,8 @@ async fn lane(
                 }
             }
         };
-        let dead_letter = (outcome == Outcome::DeadLettered).then(|| (job.source_topic.clone(), job.key.clone(), job.value.clone()));
+        let dead_letter = (outcome == Outcome::DeadLettered)
+            .then(|| (job.source_topic.clone(), job.key.clone(), job.value.clone()));
         let d = Done {
             token: job.token,
             record_id: job.record_id,
@@ -391,8 +451,8 @@ mod tests {
     use ketenbus_schemas::event::{EventHeader, LetterEvent};
 
     use super::*;
-    use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
     use crate::bus::TopicSpec;
+    use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
     use crate::config::Sink as SinkConfig;
 
     /// A real sink that takes its time: records what arrives, in arrival order.
@@ -403,13 +463,20 @@ mod tests {
     impl Sink for SlowRecorder {
         fn deliver<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
             Box::pin(async move {
-                let Payload::Event(e) = &d.payload else { panic!("events only") };
+                let Payload::Event(e) = &d.payload else {
+                    panic!("events only")
+                };
                 let h = e.header();
                 // Uneven delays make lanes race each other.
                 let jitter = u64::from(h.id.bytes().map(u32::from).sum::<u32>() % 4);
                 tokio::time::sleep(Duration::from_millis(jitter)).await;
-                self.got.lock().unwrap().push((h.patient_key.clone().unwrap(), h.index));
-                Ok(Receipt { detail: "ok".into() })
+                self.got
+                    .lock()
+                    .unwrap()
+                    .push((h.patient_key.clone().unwrap(), h.index));
+                Ok(Receipt {
+                    detail: "ok".into(),
+                })
             })
         }
     }
@@ -422,19 +489,36 @@ mod tests {
             name: "ordered".into(),
             sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
             filter: FilterConfig::default(),
-            sink: SinkConfig::Webhook { url: "http://127.0.0.1:1/".parse().unwrap(), secret: None, timeout: Duration::from_secs(1) },
+            sink: SinkConfig::Webhook {
+                url: "http://127.0.0.1:1/".parse().unwrap(),
+                secret: None,
+                timeout: Duration::from_secs(1),
+                ca_file: None,
+            },
             retry: RetryConfig::default(),
             concurrency: 4,
         };
-        let mut specs: Vec<TopicSpec> =
-            source_topics(&sub).into_iter().map(|name| TopicSpec { name, partitions: 3 }).collect();
-        specs.push(TopicSpec { name: topics::DELIVERY_OUTCOMES.into(), partitions: 3 });
-        specs.push(TopicSpec { name: topics::dead_letters("ordered"), partitions: 3 });
+        let mut specs: Vec<TopicSpec> = source_topics(&sub)
+            .into_iter()
+            .map(|name| TopicSpec {
+                name,
+                partitions: 3,
+            })
+            .collect();
+        specs.push(TopicSpec {
+            name: topics::DELIVERY_OUTCOMES.into(),
+            partitions: 3,
+        });
+        specs.push(TopicSpec {
+            name: topics::dead_letters("ordered"),
+            partitions: 3,
+        });
         bus.ensure_topics(&specs).await.unwrap();
         let mut records = Vec::new();
         for i in 0..40 {
             for p in 0..6 {
-                let mut header = EventHeader::new(EventKind::Letter, &format!("env-{p}-{i}"), i, "edifact");
+                let mut header =
+                    EventHeader::new(EventKind::Letter, &format!("env-{p}-{i}"), i, "edifact");
                 header.patient_key = Some(format!("patient-{p}"));
                 let e = LetterEvent {
                     header,
@@ -455,7 +539,9 @@ mod tests {
             }
         }
         bus.publish(records).await.unwrap();
-        let sink = Arc::new(SlowRecorder { got: Mutex::new(Vec::new()) });
+        let sink = Arc::new(SlowRecorder {
+            got: Mutex::new(Vec::new()),
+        });
         let lineage = Lineage::open(dir.path()).unwrap();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run(
@@ -487,14 +573,27 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let r = RetryConfig { initial: Duration::from_millis(100), max: Duration::from_secs(1), give_up_after: Duration::from_secs(60) };
+        let r = RetryConfig {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            give_up_after: Duration::from_secs(60),
+        };
         for _ in 0..50 {
             let b1 = backoff(&r, 1);
-            assert!(b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100), "{b1:?}");
+            assert!(
+                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100),
+                "{b1:?}"
+            );
             let b3 = backoff(&r, 3);
-            assert!(b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400), "{b3:?}");
+            assert!(
+                b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400),
+                "{b3:?}"
+            );
             let b40 = backoff(&r, 40);
-            assert!(b40 >= Duration::from_millis(500) && b40 <= Duration::from_secs(1), "{b40:?}");
+            assert!(
+                b40 >= Duration::from_millis(500) && b40 <= Duration::from_secs(1),
+                "{b40:?}"
+            );
         }
     }
 
@@ -513,8 +612,29 @@ mod tests {
         };
         let p = Payload::Raw(Arc::new(env));
         assert!(passes(&FilterConfig::default(), &p));
-        assert!(passes(&FilterConfig { senders: vec!["mailbox:500001234".into()], receivers: vec![] }, &p));
-        assert!(!passes(&FilterConfig { senders: vec!["agb:1".into()], receivers: vec![] }, &p));
-        assert!(!passes(&FilterConfig { senders: vec![], receivers: vec!["agb:1".into()] }, &p), "unknown receiver fails a receiver filter");
+        assert!(passes(
+            &FilterConfig {
+                senders: vec!["mailbox:500001234".into()],
+                receivers: vec![]
+            },
+            &p
+        ));
+        assert!(!passes(
+            &FilterConfig {
+                senders: vec!["agb:1".into()],
+                receivers: vec![]
+            },
+            &p
+        ));
+        assert!(
+            !passes(
+                &FilterConfig {
+                    senders: vec![],
+                    receivers: vec!["agb:1".into()]
+                },
+                &p
+            ),
+            "unknown receiver fails a receiver filter"
+        );
     }
 }

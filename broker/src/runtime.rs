@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ketenbus_connectors::webhook::WebhookSink;
-use ketenbus_schemas::{topics, EventKind};
+use ketenbus_schemas::{EventKind, topics};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
@@ -20,20 +20,69 @@ use crate::{dispatch, router, telemetry};
 #[must_use]
 pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     let n = settings.config.bus.partitions;
-    let mut names = vec![topics::RAW.to_owned(), topics::DELIVERY_OUTCOMES.to_owned(), topics::ROUTER_DEAD_LETTERS.to_owned()];
+    let mut names = vec![
+        topics::RAW.to_owned(),
+        topics::DELIVERY_OUTCOMES.to_owned(),
+        topics::ROUTER_DEAD_LETTERS.to_owned(),
+    ];
     names.extend(EventKind::ALL.iter().map(|k| topics::events(*k)));
     for s in &settings.subscriptions {
         names.push(topics::dead_letters(&s.name));
         names.push(topics::replay(&s.name));
     }
-    names.into_iter().map(|name| TopicSpec { name, partitions: n }).collect()
+    names
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: n,
+        })
+        .collect()
 }
 
-fn build_sink(sink: &Sink) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
+fn build_sink(
+    sink: &Sink,
+    mail: &ketenbus_connectors::mail::MailConfig,
+    content: &Arc<dyn ketenbus_connectors::mail::ContentStore>,
+) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
     match sink {
-        Sink::Webhook { url, secret, timeout } => {
-            let s = WebhookSink::new(url.clone(), secret.as_ref().map(|s| s.0.clone()), *timeout)
-                .context("building the webhook client")?;
+        Sink::Mail { config, password } => {
+            let password = password
+                .as_ref()
+                .map(|p| String::from_utf8_lossy(&p.0).into_owned());
+            let s = ketenbus_connectors::mail::MailSink::new(
+                config.clone(),
+                password,
+                mail.address_book.clone(),
+                Some(Arc::clone(content)),
+            )
+            .context("building the mail sink")?;
+            Ok(Arc::new(s))
+        }
+        Sink::Fhir { base, style, source_endpoint, token, timeout } => {
+            let store = Arc::clone(content);
+            let s = ketenbus_connectors::fhir::FhirSink::new(base, *style, source_endpoint.clone(), *timeout)
+                .map_err(|e| anyhow::anyhow!("building the FHIR sink: {e}"))?
+                .with_bearer(token.as_ref().map(|t| String::from_utf8_lossy(&t.0).into_owned()))
+                .with_attachments(Arc::new(move |hash: &str| store.get(hash).ok().flatten()));
+            Ok(Arc::new(s))
+        }
+        Sink::Webhook {
+            url,
+            secret,
+            timeout,
+            ca_file,
+        } => {
+            let ca = ca_file
+                .as_ref()
+                .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+                .transpose()?;
+            let s = WebhookSink::with_roots(
+                url.clone(),
+                secret.as_ref().map(|s| s.0.clone()),
+                *timeout,
+                ca.as_deref(),
+            )
+            .context("building the webhook client")?;
             Ok(Arc::new(s))
         }
     }
@@ -43,30 +92,73 @@ fn build_sink(sink: &Sink) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>>
 ///
 /// # Errors
 /// When start-up fails (topics, data directory, listener).
-pub async fn run<B: Bus>(settings: Settings, bus: B, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run<B: Bus>(
+    settings: Settings,
+    bus: B,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let cfg = &settings.config;
     let bus = Arc::new(bus);
-    bus.ensure_topics(&topic_specs(&settings)).await.context("creating topics")?;
+    bus.ensure_topics(&topic_specs(&settings))
+        .await
+        .context("creating topics")?;
     let lineage = Lineage::open(&cfg.data_dir).context("opening the lineage index")?;
-    let secret = cfg.keys.patient_key_secret_env.as_ref().and_then(|v| std::env::var(v).ok());
-    let keyer = PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
+    let secret = cfg
+        .keys
+        .patient_key_secret_env
+        .as_ref()
+        .and_then(|v| std::env::var(v).ok());
+    let keyer =
+        PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
+    let content: Arc<dyn ketenbus_connectors::mail::ContentStore> = Arc::new(
+        ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
+            .context("opening the content store")?,
+    );
+    let mut normalizers = router::normalizers();
+    normalizers.insert(
+        ketenbus_schemas::Format::Rfc822,
+        Box::new(ketenbus_connectors::mail::MailNormalizer::new(Some(
+            Arc::clone(&content),
+        ))),
+    );
 
     tasks.spawn(router::run(
         Arc::clone(&bus),
-        Arc::new(router::normalizers()),
+        Arc::new(normalizers),
         keyer,
         lineage.clone(),
         Arc::clone(&health),
         cancel.clone(),
     ));
     for sub in &settings.subscriptions {
-        let sink = build_sink(&sub.sink)?;
-        tasks.spawn(dispatch::run(Arc::clone(&bus), sub.clone(), sink, lineage.clone(), Arc::clone(&health), cancel.clone()));
+        let sink = build_sink(&sub.sink, &cfg.mail, &content)?;
+        tasks.spawn(dispatch::run(
+            Arc::clone(&bus),
+            sub.clone(),
+            sink,
+            lineage.clone(),
+            Arc::clone(&health),
+            cancel.clone(),
+        ));
     }
-    telemetry::init(&settings, &["http"]);
-    tasks.spawn(telemetry::watch(Arc::clone(&bus), &settings, cancel.clone()));
+    for inbox in &cfg.inbox {
+        let ingest = Arc::new(BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout));
+        let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
+            .with_context(|| format!("preparing inbox {}", inbox.path.display()))?;
+        tasks.spawn(source.run(cancel.clone()));
+    }
+    let mut connectors = vec!["http", "fhir"];
+    if !cfg.inbox.is_empty() {
+        connectors.push("inbox");
+    }
+    telemetry::init(&settings, &connectors);
+    tasks.spawn(telemetry::watch(
+        Arc::clone(&bus),
+        &settings,
+        cancel.clone(),
+    ));
 
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
@@ -74,14 +166,44 @@ pub async fn run<B: Bus>(settings: Settings, bus: B, cancel: CancellationToken) 
         health: Arc::clone(&health),
         max_body: usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX),
     });
+    let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(BusIngest::new(
+        Arc::clone(&bus),
+        lineage.clone(),
+        cfg.http.ingest_timeout,
+    ));
+    ketenbus_connectors::mail::start(
+        &cfg.mail,
+        &cfg.data_dir,
+        &mail_ingest,
+        &|k| std::env::var(k).ok(),
+        &cancel,
+        &mut tasks,
+    )
+    .await
+    .context("starting the mail connectors")?;
+    let tls = cfg
+        .http
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()
+        .context("setting up TLS on the HTTP listener")?;
+    if tls.is_none() && !cfg.http.listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.http.listen, "plain HTTP on a non-loopback address (http.allow_plaintext): patient data crosses the network unencrypted");
+    }
     let listener = tokio::net::TcpListener::bind(cfg.http.listen)
         .await
         .with_context(|| format!("binding the HTTP listener to {}", cfg.http.listen))?;
     health.set("http", State::Ready);
-    tracing::info!(listen = %cfg.http.listen, engine = ?cfg.bus.engine, subscriptions = settings.subscriptions.len(), "ketenbus running");
-    let shutdown = cancel.clone();
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { shutdown.cancelled().await });
-    let result = server.await.context("HTTP server");
+    tracing::info!(listen = %cfg.http.listen, tls = tls.is_some(), engine = ?cfg.bus.engine, subscriptions = settings.subscriptions.len(), "ketenbus running");
+    crate::tls::serve(
+        listener,
+        api::router(state),
+        tls,
+        cfg.http.limits.clone(),
+        cancel.clone(),
+    )
+    .await;
     cancel.cancel();
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = joined {
@@ -90,5 +212,5 @@ pub async fn run<B: Bus>(settings: Settings, bus: B, cancel: CancellationToken) 
     }
     lineage.flush().await;
     tracing::info!("ketenbus stopped");
-    result
+    Ok(())
 }

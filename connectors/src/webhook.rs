@@ -36,12 +36,33 @@ impl WebhookSink {
         secret: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<WebhookSink, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        WebhookSink::with_roots(url, secret, timeout, None)
+    }
+
+    /// A sink posting to `url` that trusts only the CA certificates in `ca_pem` (a PEM
+    /// bundle) when given, the public roots otherwise. Server certificates are always
+    /// verified.
+    ///
+    /// # Errors
+    /// When the bundle holds no usable certificate or the client cannot be built.
+    pub fn with_roots(
+        url: reqwest::Url,
+        secret: Option<Vec<u8>>,
+        timeout: Duration,
+        ca_pem: Option<&[u8]>,
+    ) -> Result<WebhookSink, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(64)
-            .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = ca_pem {
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build()?;
         Ok(WebhookSink {
             client,
             url,

@@ -1,0 +1,298 @@
+//! Security and trust, through real sockets: TLS and mTLS on the listener, bearer tokens,
+//! senders bound to their party ids, filters, consent and the audit trail. Certificates
+//! are made here at run time with rcgen; no key material is committed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ketenbus_tests::{free_port, ketenbus_bin};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// A test PKI: a CA, a server certificate for 127.0.0.1 and client certificates.
+struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// PEM files of one certificate.
+struct Pair {
+    cert: PathBuf,
+    key: PathBuf,
+    der: Vec<u8>,
+}
+
+impl Pair {
+    /// cert + key in one PEM, as reqwest's `Identity::from_pem` wants.
+    fn identity(&self) -> reqwest::Identity {
+        let mut pem = std::fs::read(&self.cert).unwrap();
+        pem.extend(std::fs::read(&self.key).unwrap());
+        reqwest::Identity::from_pem(&pem).unwrap()
+    }
+
+    fn sha256(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&self.der))
+    }
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        std::fs::write(dir.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            ca,
+        }
+    }
+
+    fn ca_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-ca.pem"))
+    }
+
+    fn issue(&self, file: &str, sans: &[&str], client: bool) -> Pair {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        let pair = Pair {
+            cert: self.dir.join(format!("{file}.crt")),
+            key: self.dir.join(format!("{file}.key")),
+            der: cert.der().to_vec(),
+        };
+        std::fs::write(&pair.cert, cert.pem()).unwrap();
+        std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+        pair
+    }
+}
+
+/// A `ketenbus run` over TLS, probed with a client that trusts the test CA.
+struct TlsBroker {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    config: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl TlsBroker {
+    fn start(tmp: tempfile::TempDir, extra: &str, probe: &reqwest::Client) -> TlsBroker {
+        let port = free_port();
+        let dir = tmp.path();
+        let config = dir.join("ketenbus.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{extra}\n",
+                dir.join("data")
+            ),
+        )
+        .unwrap();
+        let log = dir.join("ketenbus.log");
+        let child = Command::new(ketenbus_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("KETENBUS_LOG", "info,ketenbus=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let b = TlsBroker {
+            child,
+            url: format!("https://127.0.0.1:{port}"),
+            log,
+            config,
+            _tmp: tmp,
+        };
+        b.wait_ready(probe);
+        b
+    }
+
+    fn wait_ready(&self, probe: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        while Instant::now() < deadline {
+            let ok = rt.block_on(async {
+                probe
+                    .get(format!("{}/readyz", self.url))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            });
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("ketenbus did not become ready:\n{}", self.log_text());
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(ca: &Path, identity: Option<reqwest::Identity>) -> reqwest::Client {
+    let root = reqwest::Certificate::from_pem(&std::fs::read(ca).unwrap()).unwrap();
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(root)
+        .timeout(Duration::from_secs(10));
+    if let Some(id) = identity {
+        b = b.identity(id);
+    }
+    b.build().unwrap()
+}
+
+fn tls_table(server: &Pair, client_ca: Option<&Path>) -> String {
+    let mut t = format!(
+        "[http.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        server.cert, server.key
+    );
+    if let Some(ca) = client_ca {
+        t.push_str(&format!("client_ca_file = {ca:?}\n"));
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_answers_over_tls_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "main");
+    let server = pki.issue("server", &["127.0.0.1", "localhost"], false);
+    let https = client(&pki.ca_file("main"), None);
+    let extra = tls_table(&server, None);
+    let probe = https.clone();
+    let broker = tokio::task::spawn_blocking(move || TlsBroker::start(tmp, &extra, &probe))
+        .await
+        .unwrap();
+    let r = https
+        .get(format!("{}/healthz", broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The same port in plain HTTP gets no answer.
+    let plain = reqwest::Client::new()
+        .get(broker.url.replace("https://", "http://") + "/healthz")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP must not be served on a TLS listener"
+    );
+    // A client that does not trust the CA refuses the server.
+    let other = Pki::new(broker._tmp.path(), "other");
+    let untrusting = client(&other.ca_file("other"), None);
+    assert!(
+        untrusting
+            .get(format!("{}/healthz", broker.url))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_takes_only_client_certificates_of_the_configured_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "main");
+    let server = pki.issue("server", &["127.0.0.1"], false);
+    let good = pki.issue("lab-client", &[], true);
+    let rogue_ca = Pki::new(tmp.path(), "rogue");
+    let rogue = rogue_ca.issue("rogue-client", &[], true);
+    let extra = tls_table(&server, Some(&pki.ca_file("main")));
+    let ca = pki.ca_file("main");
+    let with_good = client(&ca, Some(good.identity()));
+    let probe = with_good.clone();
+    let broker = tokio::task::spawn_blocking(move || TlsBroker::start(tmp, &extra, &probe))
+        .await
+        .unwrap();
+    let url = format!("{}/healthz", broker.url);
+    assert_eq!(with_good.get(&url).send().await.unwrap().status(), 200);
+    let without = client(&ca, None);
+    assert!(
+        without.get(&url).send().await.is_err(),
+        "no client certificate: handshake refused"
+    );
+    let with_rogue = client(&ca, Some(rogue.identity()));
+    assert!(
+        with_rogue.get(&url).send().await.is_err(),
+        "a client certificate from another CA: handshake refused"
+    );
+    assert!(broker.log_text().contains("TLS handshake failed"));
+    let _ = (good.sha256(), &broker.config);
+}
+
+#[test]
+fn a_public_listener_without_tls_is_a_config_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("k.toml");
+    std::fs::write(
+        &config,
+        "[http]\nlisten = \"0.0.0.0:8080\"\n[[subscriptions]]\nname = \"far\"\nkinds = [\"raw\"]\nsink = { type = \"webhook\", url = \"http://his.example.test/x\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(ketenbus_bin())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("http.listen: a non-loopback address without [http.tls]"),
+        "{err}"
+    );
+    assert!(
+        err.contains("subscriptions[0].sink.url: plain http"),
+        "{err}"
+    );
+    std::fs::write(
+        &config,
+        "[http]\nlisten = \"0.0.0.0:8080\"\nallow_plaintext = true\n[[subscriptions]]\nname = \"far\"\nkinds = [\"raw\"]\nsink = { type = \"webhook\", url = \"http://his.example.test/x\", allow_plain_http = true }\n",
+    )
+    .unwrap();
+    let out = Command::new(ketenbus_bin())
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
