@@ -1,0 +1,73 @@
+//! The inbox folder through the running broker: a MEDLAB file dropped into the folder reaches
+//! a lab-result subscriber, the file moves to `done/`; a broken file lands in `failed/` with
+//! its reason.
+
+use std::time::Duration;
+
+use ketenbus_tests::{Behaviour, Broker, Receiver, webhook_subscription};
+
+const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L2611017+bloed'\
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+6+M0042'UNZ+1+IC0042'";
+
+#[tokio::test]
+async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
+    let rx = Receiver::start(Behaviour {
+        status: 204,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let inbox = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[[inbox]]\npath = {:?}\npatterns = [\"*.edi\"]\npoll_interval = \"100ms\"\nsettle = \"200ms\"\n{}",
+        inbox.path(),
+        webhook_subscription("gp", "\"lab_result\"", &rx.url(), "")
+    );
+    // The first lines of the extra config land in [http]; start a new table first.
+    let broker = Broker::start(&format!("\n{config}"));
+    // Written in two steps, like a slow transfer: only the whole file is taken.
+    let path = inbox.path().join("lab-0042.edi");
+    std::fs::write(&path, &MEDLAB.as_bytes()[..40]).unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &MEDLAB.as_bytes()[40..]).unwrap();
+    drop(f);
+    std::fs::write(inbox.path().join("broken.edi"), b"UNB+UNOA:1+5000").unwrap();
+
+    let got = rx.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let e: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(e["header"]["kind"], "lab_result");
+    assert_eq!(e["results"][0]["local_name"], "Kalium");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !(inbox.path().join("done/lab-0042.edi").exists()
+        && inbox.path().join("failed/broken.edi.reason").exists())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "files not moved:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        std::fs::read(inbox.path().join("done/lab-0042.edi")).unwrap(),
+        MEDLAB.as_bytes()
+    );
+    let reason = std::fs::read_to_string(inbox.path().join("failed/broken.edi.reason")).unwrap();
+    assert!(reason.contains("not EDIFACT"), "{reason}");
+    // The lineage names the connector.
+    let c = reqwest::Client::new();
+    let page: serde_json::Value = c
+        .get(format!("{}/api/v1/messages", broker.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"][0]["connector"], "inbox");
+}
