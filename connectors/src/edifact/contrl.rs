@@ -219,7 +219,7 @@ fn write_contrl(
     params: ContrlParams<'_>,
 ) -> Option<Vec<u8>> {
     let mut syntax = rcv.syntax.clone();
-    if syntax.is_empty() {
+    if syntax.first().is_none_or(Vec::is_empty) {
         syntax = vec![b"UNOA".to_vec(), b"1".to_vec()];
     }
     // Version 4 has a repetition separator: name it in a UNA so both sides agree.
@@ -349,5 +349,9 @@ mod tests {
             "no UNB: nobody to answer"
         );
         assert_eq!(acknowledge(b"garbage", P), None);
+        // Found by the fuzzer: a UNB without syntax identifier still gets a valid answer.
+        let ack = acknowledge(b"UNB+++++IC9'", P).unwrap();
+        assert!(ack.starts_with(b"UNB+UNOA:1+"));
+        assert!(crate::edifact::parse_strict(&ack).is_ok());
     }
 }

@@ -387,28 +387,29 @@ pub(crate) fn decimal_value(raw: &str) -> (Option<String>, Option<String>) {
     let t = raw.trim();
     let (comparator, rest) = ["<=", ">=", "<", ">"]
         .iter()
-        .find_map(|c| {
-            t.strip_prefix(c)
-                .map(|r| (Some((*c).to_owned()), r.trim_start()))
-        })
+        .find_map(|c| t.strip_prefix(c).map(|r| (Some(*c), r.trim_start())))
         .unwrap_or((None, t));
-    let s = rest.replace(',', ".");
-    let digits = s
-        .strip_prefix('-')
-        .or_else(|| s.strip_prefix('+'))
-        .unwrap_or(&s);
-    let mut parts = digits.splitn(2, '.');
-    let int = parts.next().unwrap_or("");
-    let frac = parts.next();
-    let ok = !int.is_empty()
-        && int.bytes().all(|b| b.is_ascii_digit())
-        && frac.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()));
-    if ok {
-        let value = s.strip_prefix('+').map_or_else(|| s.clone(), str::to_owned);
-        (comparator, Some(value))
-    } else {
-        (None, None)
+    let (sign, digits) = match rest.as_bytes().first() {
+        Some(b'-') => ("-", &rest[1..]),
+        Some(b'+') => ("", &rest[1..]),
+        _ => ("", rest),
+    };
+    let (int, frac) = match digits.find(['.', ',']) {
+        Some(i) => (&digits[..i], Some(&digits[i + 1..])),
+        None => (digits, None),
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(int) || frac.is_some_and(|f| !all_digits(f)) {
+        return (None, None);
     }
+    let mut value = String::with_capacity(digits.len() + 1);
+    value.push_str(sign);
+    value.push_str(int);
+    if let Some(f) = frac {
+        value.push('.');
+        value.push_str(f);
+    }
+    (comparator.map(str::to_owned), Some(value))
 }
 
 /// Normality flags from either alphabet (`>`/`<`, `H`/`L`/`N`, `HI`/`LO`, `+`/`-`) as an
@@ -507,6 +508,8 @@ DET+26:11:01'UNT+4+M1'UNZ+1+IC1'";
         assert_eq!(decimal_value("-3"), (None, Some("-3".into())));
         assert_eq!(decimal_value("negatief"), (None, None));
         assert_eq!(decimal_value("1."), (None, None));
+        assert_eq!(decimal_value("+7"), (None, Some("7".into())));
+        assert_eq!(decimal_value("1.2.3"), (None, None));
         assert_eq!(interpretation(">").as_deref(), Some("H"));
         assert_eq!(interpretation("LO").as_deref(), Some("L"));
         assert_eq!(interpretation("?"), None);

@@ -740,15 +740,25 @@ impl<'d> Value<'d> {
     pub fn bytes(&self) -> Cow<'d, [u8]> {
         match (self.escaped, self.release) {
             (true, Some(rel)) => {
+                // Copy the runs between release characters; each release keeps the byte
+                // after it.
                 let mut out = Vec::with_capacity(self.raw.len());
-                let mut i = 0;
-                while i < self.raw.len() {
-                    if self.raw[i] == rel && i + 1 < self.raw.len() {
-                        i += 1;
+                let mut rest = self.raw;
+                while let Some(at) = rest.iter().position(|&b| b == rel) {
+                    out.extend_from_slice(&rest[..at]);
+                    match rest.get(at + 1) {
+                        Some(&b) => {
+                            out.push(b);
+                            rest = &rest[at + 2..];
+                        }
+                        None => {
+                            // Cannot happen after tokenize; keep the byte rather than lose it.
+                            out.push(rel);
+                            rest = &[];
+                        }
                     }
-                    out.push(self.raw[i]);
-                    i += 1;
                 }
+                out.extend_from_slice(rest);
                 Cow::Owned(out)
             }
             _ => Cow::Borrowed(self.raw),
