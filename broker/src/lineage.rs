@@ -285,20 +285,7 @@ impl Lineage {
             )?;
             let after_id = if after_at == i64::MAX { "\u{10FFFF}".to_owned() } else { after_id };
             let mut items: Vec<Received> = stmt
-                .query_map(params![after_at, after_id, q.status, q.subscription, since_ms, limit + 1], |r| {
-                    Ok(Received {
-                        id: r.get(0)?,
-                        received_at_ms: r.get(1)?,
-                        connector: r.get(2)?,
-                        format: r.get(3)?,
-                        content_type: r.get(4)?,
-                        size: r.get(5)?,
-                        sender: r.get(6)?,
-                        receiver: r.get(7)?,
-                        raw_partition: r.get(8)?,
-                        raw_offset: r.get(9)?,
-                    })
-                })?
+                .query_map(params![after_at, after_id, q.status, q.subscription, since_ms, limit + 1], received_row)?
                 .collect::<Result<_, _>>()?;
             let next = if items.len() > limit as usize {
                 items.truncate(limit as usize);
@@ -390,24 +377,31 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
+/// A `messages` row, columns in table order.
+fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
+    Ok(Received {
+        id: r.get(0)?,
+        received_at_ms: r.get(1)?,
+        connector: r.get(2)?,
+        format: r.get(3)?,
+        content_type: r.get(4)?,
+        size: r.get(5)?,
+        sender: r.get(6)?,
+        receiver: r.get(7)?,
+        raw_partition: r.get(8)?,
+        raw_offset: r.get(9)?,
+    })
+}
+
 fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let received = conn
-        .query_row("SELECT * FROM messages WHERE id = ?1", params![id], |r| {
-            Ok(Received {
-                id: r.get(0)?,
-                received_at_ms: r.get(1)?,
-                connector: r.get(2)?,
-                format: r.get(3)?,
-                content_type: r.get(4)?,
-                size: r.get(5)?,
-                sender: r.get(6)?,
-                receiver: r.get(7)?,
-                raw_partition: r.get(8)?,
-                raw_offset: r.get(9)?,
-            })
-        })
+        .query_row(
+            "SELECT * FROM messages WHERE id = ?1",
+            params![id],
+            received_row,
+        )
         .optional()?;
     let Some(received) = received else {
         return Ok(None);
