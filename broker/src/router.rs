@@ -3,18 +3,18 @@
 //! normalised, and records each step in the lineage. One consumer group, batch by batch:
 //! a batch's events are published in one durable write before its envelopes are acked.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::{Normalize, NormalizeError};
-use ketenbus_schemas::{topics, AvroRecord, DeadLetter, Format, RawEnvelope};
+use ketenbus_connectors::{Normalize, NormalizeError, edifact};
+use ketenbus_schemas::{AvroRecord, DeadLetter, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
 use crate::health::{Health, State};
 use crate::keys::PatientKeyer;
-use crate::lineage::{Lineage, Step};
+use crate::lineage::{Lineage, Received, Step};
 use crate::{now_ms, publish_retrying};
 
 /// Consumer group of the router.
@@ -27,20 +27,52 @@ pub type Normalizers = HashMap<Format, Box<dyn Normalize>>;
 /// The normalisers this build has.
 #[must_use]
 pub fn normalizers() -> Normalizers {
-    HashMap::new()
+    let mut n: Normalizers = HashMap::new();
+    n.insert(
+        Format::Edifact,
+        Box::new(ketenbus_connectors::edifact::EdifactNormalizer),
+    );
+    n.insert(
+        Format::FhirJson,
+        Box::new(ketenbus_connectors::fhir::FhirNormalizer),
+    );
+    n.insert(
+        Format::FhirXml,
+        Box::new(ketenbus_connectors::fhir::FhirNormalizer),
+    );
+    n.insert(
+        Format::Rfc822,
+        Box::new(ketenbus_connectors::mail::MailNormalizer::default()),
+    );
+    n
 }
+
+/// Everything the router decides with: normalisers, the patient keyer, and the EDIFACT
+/// partners that asked for a CONTRL acknowledgement of each interchange.
+pub struct Routing {
+    /// Normalisers by format.
+    pub normalizers: Normalizers,
+    /// Makes patient keys.
+    pub keyer: PatientKeyer,
+    /// UNB sender party ids (`mailbox:…`) that get a CONTRL back.
+    pub contrl_partners: HashSet<String>,
+}
+
+/// Connector name of the CONTRL envelopes the router makes.
+pub const CONTRL_CONNECTOR: &str = "contrl";
 
 /// What the router decided for one raw record.
 struct Routed {
     out: Vec<OutRecord>,
     steps: Vec<(String, Step)>,
+    /// Envelopes the router made (CONTRL), indexed in `out`, for the lineage.
+    made: Vec<(usize, Received)>,
 }
 
 /// Run the router until `cancel`.
 pub async fn run<B: Bus>(
     bus: Arc<B>,
-    normalizers: Arc<Normalizers>,
-    keyer: PatientKeyer,
+    routing: Arc<Routing>,
     lineage: Lineage,
     health: Arc<Health>,
     cancel: CancellationToken,
@@ -57,7 +89,7 @@ pub async fn run<B: Bus>(
     };
     health.set(NAME, State::Ready);
     while !cancel.is_cancelled() {
-        match route_batch(bus.as_ref(), &mut consumer, &normalizers, &keyer, &lineage, &cancel).await {
+        match route_batch(bus.as_ref(), &mut consumer, &routing, &lineage, &cancel).await {
             Ok(()) => {}
             Err(e) if e.kind() == ketenbus_connectors::ErrorKind::Retryable => {
                 tracing::warn!(error = %e, "router waits for the log");
@@ -76,8 +108,7 @@ pub async fn run<B: Bus>(
 async fn route_batch<B: Bus>(
     bus: &B,
     consumer: &mut B::Consumer,
-    normalizers: &Normalizers,
-    keyer: &PatientKeyer,
+    routing: &Routing,
     lineage: &Lineage,
     cancel: &CancellationToken,
 ) -> Result<(), BusError> {
@@ -93,12 +124,19 @@ async fn route_batch<B: Bus>(
     }
     let mut out = Vec::new();
     let mut steps = Vec::new();
+    let mut made = Vec::new();
     for record in &batch {
-        let routed = route_one(record, normalizers, keyer);
+        let routed = route_one(record, routing);
+        made.extend(routed.made.into_iter().map(|(i, r)| (out.len() + i, r)));
         out.extend(routed.out);
         steps.extend(routed.steps);
     }
-    publish_retrying(bus, out, cancel).await?;
+    let positions = publish_retrying(bus, out, cancel).await?;
+    for (i, mut received) in made {
+        received.raw_partition = positions[i].partition;
+        received.raw_offset = positions[i].offset;
+        lineage.received(received).await;
+    }
     for (id, step) in steps {
         crate::telemetry::routed(&step);
         lineage.step(&id, step).await;
@@ -109,29 +147,125 @@ async fn route_batch<B: Bus>(
     Ok(())
 }
 
-fn route_one(record: &Record, normalizers: &Normalizers, keyer: &PatientKeyer) -> Routed {
+fn route_one(record: &Record, routing: &Routing) -> Routed {
     let at = now_ms();
     let envelope = match RawEnvelope::from_avro(&record.value) {
         Ok(e) => e,
         Err(e) => {
             // Not ours to read: keep it whole, with where it came from.
             let id = String::from_utf8_lossy(&record.key).into_owned();
-            let dl = dead_letter(&id, &id, record, at, "undecodable_envelope", Some(e.to_string()));
+            let dl = dead_letter(
+                &id,
+                &id,
+                record,
+                at,
+                "undecodable_envelope",
+                Some(e.to_string()),
+            );
             let mut step = Step::new(at, "normalise", "rejected");
             step.reason = Some("undecodable_envelope".into());
-            return Routed { out: vec![dl], steps: vec![(id, step)] };
+            return Routed {
+                out: vec![dl],
+                steps: vec![(id, step)],
+                made: Vec::new(),
+            };
         }
     };
-    let result = match normalizers.get(&envelope.format) {
+    if envelope.connector == CONTRL_CONNECTOR {
+        // Our own acknowledgement on its way out: nothing clinical to normalise.
+        let step = Step::new(at, "normalise", "acknowledgement");
+        return Routed {
+            out: Vec::new(),
+            steps: vec![(envelope.id.clone(), step)],
+            made: Vec::new(),
+        };
+    }
+    let mut routed = normalise(record, &envelope, routing, at);
+    if let Some(contrl) = contrl_for(&envelope, routing) {
+        let mut step = Step::new(at, "acknowledge", "contrl");
+        step.record_id = Some(contrl.id.clone());
+        routed.steps.push((envelope.id.clone(), step));
+        routed.made.push((routed.out.len(), received_of(&contrl)));
+        routed.out.push(OutRecord {
+            topic: topics::RAW.to_owned(),
+            key: contrl.id.clone().into_bytes(),
+            value: contrl.to_avro().expect("envelopes fit their schema"),
+        });
+    }
+    routed
+}
+
+/// The CONTRL envelope answering `envelope`, when its UNB sender asked for one. Pure: its id,
+/// reference and date derive from the envelope.
+fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> {
+    if envelope.format != Format::Edifact || routing.contrl_partners.is_empty() {
+        return None;
+    }
+    let (sender, recipient) = edifact::parties(&envelope.body);
+    let partner = sender.filter(|s| routing.contrl_partners.contains(s))?;
+    let stamp = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(envelope.received_at_ms).unwrap_or(0)),
+    )
+    .to_string(); // 2026-11-24T09:30:00Z
+    let date = format!("{}{}{}", &stamp[2..4], &stamp[5..7], &stamp[8..10]);
+    let time = format!("{}{}", &stamp[11..13], &stamp[14..16]);
+    let reference: String = envelope
+        .id
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(14)
+        .collect();
+    let body = edifact::acknowledge(
+        &envelope.body,
+        edifact::ContrlParams {
+            reference: &reference,
+            date: &date,
+            time: &time,
+        },
+    )?;
+    Some(RawEnvelope {
+        id: format!("{}.contrl", envelope.id),
+        received_at_ms: envelope.received_at_ms,
+        connector: CONTRL_CONNECTOR.to_owned(),
+        format: Format::Edifact,
+        content_type: "application/EDIFACT".to_owned(),
+        sender: recipient,
+        receiver: Some(partner),
+        body,
+        attributes: BTreeMap::from([("in_reply_to".to_owned(), envelope.id.clone())]),
+    })
+}
+
+fn received_of(e: &RawEnvelope) -> Received {
+    Received {
+        id: e.id.clone(),
+        received_at_ms: e.received_at_ms,
+        connector: e.connector.clone(),
+        format: e.format.as_str().to_owned(),
+        content_type: e.content_type.clone(),
+        size: e.body.len() as u64,
+        sender: e.sender.clone(),
+        receiver: e.receiver.clone(),
+        raw_partition: 0,
+        raw_offset: 0,
+    }
+}
+
+/// Normalise one envelope into event records, or a dead letter.
+fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
+    let result = match routing.normalizers.get(&envelope.format) {
         Some(n) => n.normalize(&envelope),
-        None => Err(NormalizeError::UnsupportedFormat { format: envelope.format.as_str() }),
+        None => Err(NormalizeError::UnsupportedFormat {
+            format: envelope.format.as_str(),
+        }),
     };
     match result {
         Ok(events) => {
             let mut out = Vec::with_capacity(events.len());
             let mut steps = Vec::with_capacity(events.len());
             for mut event in events {
-                let key = keyer.key_for(&event);
+                let key = routing.keyer.key_for(&event);
                 let header = event.header_mut();
                 header.patient_key.clone_from(&key);
                 if header.sender.is_none() {
@@ -154,33 +288,71 @@ fn route_one(record: &Record, normalizers: &Normalizers, keyer: &PatientKeyer) -
                         tracing::error!(envelope = %envelope.id, error = %e, "event does not fit its schema");
                         step.outcome = "rejected".into();
                         step.reason = Some("schema_mismatch".into());
-                        out.push(dead_letter(&envelope.id, &envelope.id, record, at, "schema_mismatch", Some(e.to_string())));
+                        out.push(dead_letter(
+                            &envelope.id,
+                            &envelope.id,
+                            record,
+                            at,
+                            "schema_mismatch",
+                            Some(e.to_string()),
+                        ));
                     }
                 }
                 steps.push((envelope.id.clone(), step));
             }
             if steps.is_empty() {
-                steps.push((envelope.id.clone(), Step::new(at, "normalised", "no_events")));
+                steps.push((
+                    envelope.id.clone(),
+                    Step::new(at, "normalised", "no_events"),
+                ));
             }
-            Routed { out, steps }
+            Routed {
+                out,
+                steps,
+                made: Vec::new(),
+            }
         }
         Err(NormalizeError::UnsupportedFormat { format }) => {
             let mut step = Step::new(at, "normalise", "unsupported_format");
             step.reason = Some("unsupported_format".into());
-            step.detail = Some(format!("no normaliser for {format} yet; raw subscribers still receive it"));
-            Routed { out: Vec::new(), steps: vec![(envelope.id.clone(), step)] }
+            step.detail = Some(format!(
+                "no normaliser for {format} yet; raw subscribers still receive it"
+            ));
+            Routed {
+                out: Vec::new(),
+                steps: vec![(envelope.id.clone(), step)],
+                made: Vec::new(),
+            }
         }
         Err(e) => {
             let mut step = Step::new(at, "normalise", "rejected");
             step.reason = Some(e.reason().to_owned());
             step.detail = Some(e.to_string());
-            let dl = dead_letter(&envelope.id, &envelope.id, record, at, e.reason(), Some(e.to_string()));
-            Routed { out: vec![dl], steps: vec![(envelope.id.clone(), step)] }
+            let dl = dead_letter(
+                &envelope.id,
+                &envelope.id,
+                record,
+                at,
+                e.reason(),
+                Some(e.to_string()),
+            );
+            Routed {
+                out: vec![dl],
+                steps: vec![(envelope.id.clone(), step)],
+                made: Vec::new(),
+            }
         }
     }
 }
 
-fn dead_letter(record_id: &str, envelope_id: &str, record: &Record, at: i64, reason: &str, detail: Option<String>) -> OutRecord {
+fn dead_letter(
+    record_id: &str,
+    envelope_id: &str,
+    record: &Record,
+    at: i64,
+    reason: &str,
+    detail: Option<String>,
+) -> OutRecord {
     let dl = DeadLetter {
         id: format!("{record_id}@{at}"),
         stage: "router".into(),
@@ -197,5 +369,140 @@ fn dead_letter(record_id: &str, envelope_id: &str, record: &Record, at: i64, rea
         topic: topics::ROUTER_DEAD_LETTERS.to_owned(),
         key: record.key.clone(),
         value: dl.to_avro().expect("dead letters fit their schema"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ketenbus_schemas::event::EventKind;
+
+    use super::*;
+
+    fn raw_record(format: Format, body: &[u8]) -> Record {
+        let env = RawEnvelope {
+            id: "env-1".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format,
+            content_type: "application/EDIFACT".into(),
+            sender: Some("mailbox:500001234".into()),
+            receiver: None,
+            body: body.to_vec(),
+            attributes: std::collections::BTreeMap::new(),
+        };
+        Record {
+            topic: topics::RAW.into(),
+            partition: 0,
+            offset: 0,
+            key: b"env-1".to_vec(),
+            value: env.to_avro().unwrap(),
+            timestamp_ms: 0,
+        }
+    }
+
+    fn routing(normalizers: Normalizers, contrl_partners: &[&str]) -> Routing {
+        Routing {
+            normalizers,
+            keyer: PatientKeyer::new(b"0123456789abcdef".to_vec()),
+            contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
+        }
+    }
+
+    const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'\
+DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M0042'UNZ+1+IC0042'";
+
+    #[test]
+    fn a_format_without_normaliser_is_recorded_not_dropped() {
+        let routed = route_one(
+            &raw_record(Format::Rfc822, b"Subject: x\r\n\r\nhi"),
+            &routing(HashMap::new(), &[]),
+        );
+        assert!(
+            routed.out.is_empty(),
+            "raw subscribers read the raw topic; nothing else to publish"
+        );
+        assert_eq!(routed.steps.len(), 1);
+        assert_eq!(routed.steps[0].1.outcome, "unsupported_format");
+        assert_eq!(
+            routed.steps[0].1.reason.as_deref(),
+            Some("unsupported_format")
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_normalised_is_dead_lettered_whole() {
+        let record = raw_record(Format::Edifact, b"this is not edifact");
+        let routed = route_one(&record, &routing(normalizers(), &[]));
+        assert_eq!(routed.out.len(), 1);
+        assert_eq!(routed.out[0].topic, topics::ROUTER_DEAD_LETTERS);
+        let dl = DeadLetter::from_avro(&routed.out[0].value).unwrap();
+        assert_eq!(dl.value, record.value, "the original record is kept whole");
+        assert_eq!(dl.reason, routed.steps[0].1.reason.clone().unwrap());
+        assert_eq!(routed.steps[0].1.outcome, "rejected");
+    }
+
+    #[test]
+    fn events_get_a_patient_key_and_the_transport_parties() {
+        let routed = route_one(
+            &raw_record(Format::Edifact, MEDLAB.as_bytes()),
+            &routing(normalizers(), &[]),
+        );
+        assert!(
+            !routed.out.is_empty(),
+            "{:?}",
+            routed.steps.iter().map(|s| &s.1).collect::<Vec<_>>()
+        );
+        let rec = &routed.out[0];
+        assert_eq!(rec.topic, topics::events(EventKind::LabResult));
+        let event = ketenbus_schemas::Event::from_avro(EventKind::LabResult, &rec.value).unwrap();
+        let key = event.header().patient_key.clone().expect("patient key");
+        assert_eq!(rec.key, key.as_bytes());
+        assert!(!key.contains("999911120"));
+        assert!(event.header().sender.is_some());
+        assert_eq!(routed.steps[0].1.outcome, "normalised");
+    }
+
+    #[test]
+    fn a_partner_that_asked_gets_a_contrl_addressed_to_it() {
+        let r = routing(normalizers(), &["mailbox:500001234"]);
+        let routed = route_one(&raw_record(Format::Edifact, MEDLAB.as_bytes()), &r);
+        let (i, received) = routed.made.first().expect("a CONTRL was made");
+        let rec = &routed.out[*i];
+        assert_eq!(rec.topic, topics::RAW);
+        let contrl = RawEnvelope::from_avro(&rec.value).unwrap();
+        assert_eq!(
+            contrl.id, "env-1.contrl",
+            "derived from the envelope: a replay makes the same"
+        );
+        assert_eq!(received.id, contrl.id);
+        assert_eq!(contrl.connector, CONTRL_CONNECTOR);
+        assert_eq!(contrl.receiver.as_deref(), Some("mailbox:500001234"));
+        assert_eq!(contrl.sender.as_deref(), Some("mailbox:500005678"));
+        assert_eq!(contrl.attributes["in_reply_to"], "env-1");
+        let doc = edifact::parse(&contrl.body).expect("the CONTRL parses");
+        let text = String::from_utf8_lossy(&contrl.body);
+        assert!(text.contains("CONTRL"), "{text}");
+        assert!(
+            text.contains("UCI+IC0042+500001234"),
+            "answers the interchange: {text}"
+        );
+        assert_eq!(doc.messages().len(), 1);
+        // Routing the CONTRL itself makes nothing further.
+        let again = route_one(
+            &Record {
+                value: rec.value.clone(),
+                ..raw_record(Format::Edifact, b"")
+            },
+            &r,
+        );
+        assert!(again.out.is_empty() && again.made.is_empty());
+        assert_eq!(again.steps[0].1.outcome, "acknowledgement");
+        // Partners that did not ask get none.
+        let none = route_one(
+            &raw_record(Format::Edifact, MEDLAB.as_bytes()),
+            &routing(normalizers(), &["mailbox:1"]),
+        );
+        assert!(none.made.is_empty());
     }
 }

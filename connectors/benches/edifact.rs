@@ -9,6 +9,10 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ketenbus_connectors::edifact::{normalize_bytes, parse, synthetic_medlab, tokenize};
 
+// The allocator of the `ketenbus` binary, so the figures are the broker's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn edifact(c: &mut Criterion) {
     // About 4 MB: 4,000 messages of about 1 kB.
     let input = synthetic_medlab(4_000);

@@ -83,6 +83,19 @@ pub(crate) struct Context<'e> {
     pub sender_id: Option<String>,
 }
 
+/// Sender and recipient party ids (`mailbox:…`, `gln:…`) of the first interchange's UNB,
+/// the same ids the events carry in their header.
+#[must_use]
+pub fn parties(input: &[u8]) -> (Option<String>, Option<String>) {
+    match super::parse(input) {
+        Ok(doc) => doc
+            .interchanges()
+            .next()
+            .map_or((None, None), |ic| (party_id(&ic, 1), party_id(&ic, 2))),
+        Err(_) => (None, None),
+    }
+}
+
 fn party_id(ic: &Interchange<'_>, e: usize) -> Option<String> {
     let h = ic.header()?;
     let id = h.text(e, 0)?;
