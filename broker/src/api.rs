@@ -56,6 +56,7 @@ fn problem(status: StatusCode, code: &str, message: &str) -> Response {
 
 async fn post_message<B: Bus>(
     State(st): State<Arc<ApiState<B>>>,
+    authenticated: Option<axum::Extension<crate::auth::AuthenticatedSender>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -87,16 +88,29 @@ async fn post_message<B: Bus>(
     if body.len() > st.max_body {
         return too_large(st.max_body);
     }
+    // An authenticated sender posts only in the name of its own parties.
+    let mut attributes = BTreeMap::new();
+    let mut sender = None;
+    if let Some(axum::Extension(s)) = authenticated {
+        match s.party_for(format, &body) {
+            Ok(party) => sender = Some(party),
+            Err(e) => {
+                crate::telemetry::rejected("http", "sender_mismatch");
+                return problem(StatusCode::FORBIDDEN, "sender_mismatch", &e.to_string());
+            }
+        }
+        attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
+    }
     let envelope = RawEnvelope {
         id: new_message_id(),
         received_at_ms: now_ms(),
         connector: "http".into(),
         format,
         content_type: content_type.to_owned(),
-        sender: None,
+        sender,
         receiver: None,
         body: body.to_vec(),
-        attributes: BTreeMap::new(),
+        attributes,
     };
     let accepted = match st.ingest.accept(envelope).await {
         Ok(a) => a,

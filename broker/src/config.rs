@@ -27,10 +27,18 @@ pub struct Config {
     pub keys: KeysConfig,
     /// Secure mail: SMTP listener, IMAP pickups, content store, address book.
     pub mail: ketenbus_connectors::mail::MailConfig,
+    /// EDIFACT partner settings.
+    pub edifact: EdifactConfig,
     /// Watched inbox folders (`[[inbox]]`), e.g. where a file transfer drops EDIFACT.
     pub inbox: Vec<ketenbus_connectors::inbox::InboxConfig>,
     /// Who gets what.
     pub subscriptions: Vec<SubscriptionConfig>,
+    /// API clients that may post messages (`[[senders]]`). With none, anyone who can
+    /// reach the listener may post.
+    pub senders: Vec<crate::auth::SenderConfig>,
+    /// Operators who may read lineage and dead letters (`[[operators]]`). With none,
+    /// those are open to anyone who can reach the listener.
+    pub operators: Vec<crate::auth::OperatorConfig>,
 }
 
 impl Default for Config {
@@ -41,10 +49,23 @@ impl Default for Config {
             bus: BusConfig::default(),
             keys: KeysConfig::default(),
             mail: ketenbus_connectors::mail::MailConfig::default(),
+            edifact: EdifactConfig::default(),
             inbox: Vec::new(),
             subscriptions: Vec::new(),
+            senders: Vec::new(),
+            operators: Vec::new(),
         }
     }
+}
+
+/// `[edifact]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdifactConfig {
+    /// Partners (UNB sender party ids, e.g. `mailbox:500001234`) that get a UN CONTRL
+    /// acknowledgement of every interchange they send. The CONTRL goes on the raw topic
+    /// addressed to them (receiver = their party id) for a raw subscription to send back.
+    pub contrl_partners: Vec<String>,
 }
 
 /// `[http]`
@@ -419,6 +440,9 @@ impl Config {
         }
         for (k, m) in self.mail.problems(env) {
             p(format!("mail.{k}"), m);
+        }
+        for (k, m) in crate::auth::problems(&self.senders, &self.operators) {
+            p(k, m);
         }
         for (i, inbox) in self.inbox.iter().enumerate() {
             for (k, m) in inbox.problems() {

@@ -3,6 +3,7 @@
 //! `main.rs` is the command line around [`runtime::run`].
 
 pub mod api;
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod dispatch;

@@ -126,8 +126,11 @@ pub async fn run<B: Bus>(
 
     tasks.spawn(router::run(
         Arc::clone(&bus),
-        Arc::new(normalizers),
-        keyer,
+        Arc::new(router::Routing {
+            normalizers,
+            keyer,
+            contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
+        }),
         lineage.clone(),
         Arc::clone(&health),
         cancel.clone(),
@@ -196,9 +199,13 @@ pub async fn run<B: Bus>(
         .with_context(|| format!("binding the HTTP listener to {}", cfg.http.listen))?;
     health.set("http", State::Ready);
     tracing::info!(listen = %cfg.http.listen, tls = tls.is_some(), engine = ?cfg.bus.engine, subscriptions = settings.subscriptions.len(), "ketenbus running");
+    for w in crate::auth::warnings(cfg) {
+        tracing::warn!(warning = %w, "access is open");
+    }
+    let auth = Arc::new(crate::auth::Authenticator::new(&cfg.senders, &cfg.operators));
     crate::tls::serve(
         listener,
-        api::router(state),
+        crate::auth::protect(api::router(state), auth),
         tls,
         cfg.http.limits.clone(),
         cancel.clone(),

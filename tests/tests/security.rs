@@ -296,3 +296,243 @@ fn a_public_listener_without_tls_is_a_config_problem() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A sender `lab` for mailbox:500001234, a sender `other-lab` for mailbox:500007777 and an
+/// operator `ops`, with their tokens.
+const LAB_TOKEN: &str = "kb_lab_token_for_tests_0123456789abcdef";
+const OTHER_TOKEN: &str = "kb_other_lab_token_for_tests_0123456789";
+const OPS_TOKEN: &str = "kb_ops_token_for_tests_0123456789abcdef";
+
+fn sha(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+fn principals() -> String {
+    format!(
+        "[[senders]]\nname = \"lab\"\ntoken_sha256 = \"{}\"\nparty_ids = [\"mailbox:500001234\"]\n\
+         [[senders]]\nname = \"other-lab\"\ntoken_sha256 = \"{}\"\nparty_ids = [\"mailbox:500007777\"]\n\
+         [[operators]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n",
+        sha(LAB_TOKEN),
+        sha(OTHER_TOKEN),
+        sha(OPS_TOKEN)
+    )
+}
+
+/// A synthetic MEDLAB lab report (invented patient, test BSN) from `sender` (UNB mailbox
+/// number) about the patient with `bsn`.
+fn medlab(n: usize, sender: &str, bsn: &str) -> Vec<u8> {
+    format!(
+        "UNB+UNOA:1+{sender}+500005678+261101:0815+IC{n:04}'\
+UNH+M{n:04}+MEDLAB:1'\
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'\
+DET+26:11:01+07:40'\
+IDE+J+L{n:07}+bloed'\
+SEC+CHEMIE'\
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'\
+UNT+8+M{n:04}'\
+UNZ+1+IC{n:04}'"
+    )
+    .into_bytes()
+}
+
+/// A MEDLAB from `sender` about the default test patient.
+fn edifact_from(n: usize, sender: &str) -> Vec<u8> {
+    medlab(n, sender, "999911120")
+}
+
+async fn post_as(
+    c: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value, Option<String>) {
+    let mut req = c
+        .post(format!("{base}/api/v1/messages"))
+        .header("content-type", "application/EDIFACT")
+        .body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let www = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        status,
+        resp.json().await.unwrap_or(serde_json::Value::Null),
+        www,
+    )
+}
+
+async fn get_as(c: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = c.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_who_may_post_and_read() {
+    let broker = ketenbus_tests::Broker::start(&principals());
+    let c = reqwest::Client::new();
+    let base = &broker.url;
+
+    let (status, json, www) = post_as(&c, base, None, edifact_from(1, "500001234")).await;
+    assert_eq!(status, 401, "{json}");
+    assert_eq!(json["error"], "unauthenticated");
+    assert!(www.unwrap().starts_with("Bearer"));
+    let (status, _, _) = post_as(&c, base, Some("kb_guessed"), edifact_from(1, "500001234")).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = post_as(&c, base, Some(OPS_TOKEN), edifact_from(1, "500001234")).await;
+    assert_eq!(status, 401, "an operator is not a sender");
+
+    let (status, json, _) = post_as(&c, base, Some(LAB_TOKEN), edifact_from(1, "500001234")).await;
+    assert_eq!(status, 202, "{json}");
+    let id = json["id"].as_str().unwrap().to_owned();
+
+    // Lineage: operators only.
+    let url = format!("{base}/api/v1/messages/{id}");
+    assert_eq!(get_as(&c, &url, None).await.0, 401);
+    assert_eq!(get_as(&c, &url, Some(LAB_TOKEN)).await.0, 401);
+    let (status, l) = get_as(&c, &url, Some(OPS_TOKEN)).await;
+    assert_eq!(status, 200, "{l}");
+    assert_eq!(l["sender"], "mailbox:500001234", "the authenticated party");
+    // Health stays open.
+    assert_eq!(get_as(&c, &format!("{base}/healthz"), None).await.0, 200);
+
+    // The dead-letter command needs an operator token too.
+    let dlq = |token: Option<&str>| {
+        let mut cmd = Command::new(ketenbus_bin());
+        cmd.args(["dlq", "list", "--subscription", "router", "--config"])
+            .arg(&broker.config)
+            .env_remove("KETENBUS_OPERATOR_TOKEN");
+        if let Some(t) = token {
+            cmd.env("KETENBUS_OPERATOR_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = dlq(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KETENBUS_OPERATOR_TOKEN"));
+    assert!(!dlq(Some(LAB_TOKEN)).status.success());
+    let out = dlq(Some(OPS_TOKEN));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_cannot_post_in_another_partys_name() {
+    let broker = ketenbus_tests::Broker::start(&principals());
+    let c = reqwest::Client::new();
+    let (status, json, _) = post_as(
+        &c,
+        &broker.url,
+        Some(LAB_TOKEN),
+        edifact_from(2, "500007777"),
+    )
+    .await;
+    assert_eq!(status, 403, "{json}");
+    assert_eq!(json["error"], "sender_mismatch");
+    let msg = json["message"].as_str().unwrap();
+    assert!(
+        msg.contains("mailbox:500007777") && msg.contains("lab"),
+        "{msg}"
+    );
+    // The rightful sender of that party may.
+    let (status, _, _) = post_as(
+        &c,
+        &broker.url,
+        Some(OTHER_TOKEN),
+        edifact_from(2, "500007777"),
+    )
+    .await;
+    assert_eq!(status, 202);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_never_sees_an_event_outside_its_filter() {
+    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let sub = format!(
+        "{}filter = {{ senders = [\"mailbox:500001234\"] }}\n",
+        ketenbus_tests::webhook_subscription("lab-only", "\"raw\", \"lab_result\"", &rx.url(), "")
+    );
+    let broker = ketenbus_tests::Broker::start(&format!("{sub}{}", principals()));
+    let c = reqwest::Client::new();
+    let mut mine = Vec::new();
+    let mut theirs = Vec::new();
+    for n in 0..5 {
+        let (s, j, _) = post_as(
+            &c,
+            &broker.url,
+            Some(LAB_TOKEN),
+            edifact_from(n, "500001234"),
+        )
+        .await;
+        assert_eq!(s, 202, "{j}");
+        mine.push(j["id"].as_str().unwrap().to_owned());
+        let (s, j, _) = post_as(
+            &c,
+            &broker.url,
+            Some(OTHER_TOKEN),
+            edifact_from(100 + n, "500007777"),
+        )
+        .await;
+        assert_eq!(s, 202, "{j}");
+        theirs.push(j["id"].as_str().unwrap().to_owned());
+    }
+    // Wait until every one of theirs is known to be filtered.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in &theirs {
+        loop {
+            let (_, l) = get_as(
+                &c,
+                &format!("{}/api/v1/messages/{id}", broker.url),
+                Some(OPS_TOKEN),
+            )
+            .await;
+            let steps = l["steps"].as_array().cloned().unwrap_or_default();
+            let filtered = steps.iter().filter(|s| s["outcome"] == "filtered").count();
+            if filtered >= 2 {
+                break; // raw and lab_result
+            }
+            assert!(Instant::now() < deadline, "not filtered: {l:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let got = rx.wait_for(10, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = if got.len() < rx.received().len() {
+        rx.received()
+    } else {
+        got
+    };
+    assert_eq!(
+        got.len(),
+        10,
+        "5 raw + 5 lab results of mine: {}",
+        broker.log_text()
+    );
+    for r in &got {
+        let env = r.header("ketenbus-envelope-id").unwrap();
+        assert!(
+            mine.iter().any(|m| m == env),
+            "{env} is not from the filtered sender"
+        );
+    }
+}

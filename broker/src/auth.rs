@@ -1,0 +1,577 @@
+//! Who may do what: senders (may post messages in the name of their own party ids) and
+//! operators (may read lineage and work the dead letters), each identified by a bearer
+//! token kept only as its SHA-256 hash in the config, or by a client certificate (mTLS).
+//!
+//! With no `[[senders]]` the API takes messages from anyone who can reach it (the loopback
+//! quick start); with no `[[operators]]` lineage is open likewise. `check-config` warns when
+//! that is so on a non-loopback listener.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use ketenbus_schemas::{Format, RawEnvelope};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::tls::ClientCert;
+
+/// `[[senders]]`: a client that may post messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    /// Name in logs and audit records: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// Hex SHA-256 of the sender's bearer token (`ketenbus token new` makes a token and its
+    /// hash). The token itself is never in the config.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Hex SHA-256 of the sender's client certificate (DER), for mTLS.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+    /// Party ids (`mailbox:…`, `agb:…`, `ura:…`, `endpoint:…`) this sender may send as. A
+    /// message whose own sender (EDIFACT UNB, FHIR MessageHeader) is not among them is
+    /// refused with 403.
+    pub party_ids: Vec<String>,
+}
+
+/// `[[operators]]`: a person or tool that may read lineage and dead letters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    /// Name in logs and audit records.
+    pub name: String,
+    /// Hex SHA-256 of the operator's bearer token.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    /// Hex SHA-256 of the operator's client certificate (DER), for mTLS.
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
+}
+
+/// Someone the broker knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Configured name.
+    pub name: String,
+    /// Party ids it may act for (empty for operators).
+    pub party_ids: Vec<String>,
+    token: Option<[u8; 32]>,
+    cert: Option<[u8; 32]>,
+}
+
+/// The configured senders and operators.
+#[derive(Debug, Clone, Default)]
+pub struct Authenticator {
+    senders: Vec<Principal>,
+    operators: Vec<Principal>,
+}
+
+/// Why a request is not let in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No credentials, or credentials nobody configured has: 401.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// Known, but not allowed this: 403.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+fn hash32(hex_text: &str) -> Option<[u8; 32]> {
+    let v = hex::decode(hex_text.trim()).ok()?;
+    v.try_into().ok()
+}
+
+/// Hex SHA-256 of a bearer token: what `token_sha256` holds.
+#[must_use]
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh random token (32 bytes, hex) and its hash.
+#[must_use]
+pub fn new_token() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let token = format!("kb_{}", hex::encode(bytes));
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// The principal in `list` whose hash equals `hash`. Every entry is compared in constant
+/// time, so the answer's timing tells nothing about which bytes matched.
+fn find<'a>(
+    list: &'a [Principal],
+    hash: &[u8; 32],
+    field: fn(&Principal) -> Option<&[u8; 32]>,
+) -> Option<&'a Principal> {
+    let mut found = None;
+    for p in list {
+        if let Some(h) = field(p)
+            && bool::from(h.ct_eq(hash))
+        {
+            found = found.or(Some(p));
+        }
+    }
+    found
+}
+
+impl Authenticator {
+    /// From the config (assumed validated; entries with unusable hashes are left out).
+    #[must_use]
+    pub fn new(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Authenticator {
+        Authenticator {
+            senders: senders
+                .iter()
+                .map(|s| Principal {
+                    name: s.name.clone(),
+                    party_ids: s.party_ids.clone(),
+                    token: s.token_sha256.as_deref().and_then(hash32),
+                    cert: s.cert_sha256.as_deref().and_then(hash32),
+                })
+                .collect(),
+            operators: operators
+                .iter()
+                .map(|o| Principal {
+                    name: o.name.clone(),
+                    party_ids: Vec::new(),
+                    token: o.token_sha256.as_deref().and_then(hash32),
+                    cert: o.cert_sha256.as_deref().and_then(hash32),
+                })
+                .collect(),
+        }
+    }
+
+    /// Senders are configured: posting needs credentials.
+    #[must_use]
+    pub fn senders_required(&self) -> bool {
+        !self.senders.is_empty()
+    }
+
+    /// Operators are configured: lineage and dead letters need the operator role.
+    #[must_use]
+    pub fn operators_required(&self) -> bool {
+        !self.operators.is_empty()
+    }
+
+    fn identify<'a>(
+        list: &'a [Principal],
+        headers: &HeaderMap,
+        cert: Option<&ClientCert>,
+    ) -> Result<&'a Principal, AuthError> {
+        if let Some(token) = bearer(headers) {
+            let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            return find(list, &h, |p| p.token.as_ref())
+                .ok_or(AuthError::Unauthenticated("the bearer token is not valid"));
+        }
+        if let Some(c) = cert.and_then(|c| hash32(&c.sha256)) {
+            return find(list, &c, |p| p.cert.as_ref()).ok_or(AuthError::Unauthenticated(
+                "the client certificate is not one of a known sender or operator",
+            ));
+        }
+        Err(AuthError::Unauthenticated(
+            "credentials required: Authorization: Bearer <token> or a client certificate",
+        ))
+    }
+
+    /// The sender making this request; `Ok(None)` when no senders are configured.
+    ///
+    /// # Errors
+    /// [`AuthError::Unauthenticated`] without valid sender credentials.
+    pub fn sender(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&ClientCert>,
+    ) -> Result<Option<&Principal>, AuthError> {
+        if self.senders.is_empty() {
+            return Ok(None);
+        }
+        Self::identify(&self.senders, headers, cert).map(Some)
+    }
+
+    /// The operator making this request; `Ok(None)` when no operators are configured.
+    ///
+    /// # Errors
+    /// [`AuthError::Unauthenticated`] without valid operator credentials.
+    pub fn operator(
+        &self,
+        headers: &HeaderMap,
+        cert: Option<&ClientCert>,
+    ) -> Result<Option<&Principal>, AuthError> {
+        if self.operators.is_empty() {
+            return Ok(None);
+        }
+        Self::identify(&self.operators, headers, cert).map(Some)
+    }
+
+    /// The operator whose token this is, for the command line (`dlq`, `audit`);
+    /// `Ok(None)` when no operators are configured.
+    ///
+    /// # Errors
+    /// [`AuthError::Unauthenticated`] when operators are configured and the token is
+    /// missing or unknown.
+    pub fn operator_token(&self, token: Option<&str>) -> Result<Option<&Principal>, AuthError> {
+        if self.operators.is_empty() {
+            return Ok(None);
+        }
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(AuthError::Unauthenticated(
+                "operators are configured: put an operator token in KETENBUS_OPERATOR_TOKEN",
+            ));
+        };
+        let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        find(&self.operators, &h, |p| p.token.as_ref())
+            .map(Some)
+            .ok_or(AuthError::Unauthenticated(
+                "the operator token is not valid",
+            ))
+    }
+}
+
+impl Principal {
+    /// Check that every party a message declares as its sender is one of this principal's.
+    ///
+    /// # Errors
+    /// [`AuthError::Forbidden`] naming the first foreign party id (an id, not patient data).
+    pub fn may_send_as<'a>(
+        &self,
+        declared: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), AuthError> {
+        for d in declared {
+            if !self.party_ids.iter().any(|p| p == d) {
+                return Err(AuthError::Forbidden(format!(
+                    "the message's sender {d} is not a party of the authenticated sender {}",
+                    self.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Problems with `[[senders]]` and `[[operators]]` as (key path, message).
+#[must_use]
+pub fn problems(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
+    let mut check = |at: String,
+                     name: &str,
+                     token: Option<&String>,
+                     cert: Option<&String>,
+                     out: &mut Vec<(String, String)>| {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            out.push((
+                format!("{at}.name"),
+                "must be letters, digits, '-', '_' or '.'".into(),
+            ));
+        } else if !names.insert(name.to_owned()) {
+            out.push((format!("{at}.name"), format!("duplicate name {name}")));
+        }
+        if token.is_none() && cert.is_none() {
+            out.push((at.clone(), "give token_sha256, cert_sha256 or both".into()));
+        }
+        for (key, v) in [("token_sha256", token), ("cert_sha256", cert)] {
+            if let Some(v) = v
+                && hash32(v).is_none()
+            {
+                // A value that is not a hash may be the token itself: never echo it.
+                out.push((
+                    format!("{at}.{key}"),
+                    "must be 64 hex digits (a SHA-256), not the token itself".into(),
+                ));
+            }
+        }
+    };
+    for (i, s) in senders.iter().enumerate() {
+        let at = format!("senders[{i}]");
+        check(
+            at.clone(),
+            &s.name,
+            s.token_sha256.as_ref(),
+            s.cert_sha256.as_ref(),
+            &mut out,
+        );
+        if s.party_ids.is_empty() {
+            out.push((
+                format!("{at}.party_ids"),
+                "name at least one party id".into(),
+            ));
+        }
+        for (j, p) in s.party_ids.iter().enumerate() {
+            if !p
+                .split_once(':')
+                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+            {
+                out.push((
+                    format!("{at}.party_ids[{j}]"),
+                    "must be scheme:value, e.g. agb:01234567".into(),
+                ));
+            }
+        }
+    }
+    for (i, o) in operators.iter().enumerate() {
+        check(
+            format!("operators[{i}]"),
+            &o.name,
+            o.token_sha256.as_ref(),
+            o.cert_sha256.as_ref(),
+            &mut out,
+        );
+    }
+    out
+}
+
+/// What a config leaves open, for `check-config` and the start-up log.
+#[must_use]
+pub fn warnings(config: &crate::config::Config) -> Vec<String> {
+    let mut w = Vec::new();
+    if !config.http.listen.ip().is_loopback() {
+        if config.senders.is_empty() {
+            w.push(format!(
+                "http.listen {} is not loopback and no [[senders]] are configured: anyone who reaches it may post messages",
+                config.http.listen
+            ));
+        }
+        if config.operators.is_empty() {
+            w.push(format!(
+                "http.listen {} is not loopback and no [[operators]] are configured: anyone who reaches it may read lineage",
+                config.http.listen
+            ));
+        }
+    }
+    w
+}
+
+/// The authenticated sender of a request, put into its extensions by [`protect`].
+#[derive(Debug, Clone)]
+pub struct AuthenticatedSender(pub Principal);
+
+/// The authenticated operator of a request, put into its extensions by [`protect`].
+#[derive(Debug, Clone)]
+pub struct AuthenticatedOperator(pub Principal);
+
+/// The party ids a message names as its own sender: the UNB sender of every EDIFACT
+/// interchange, the sender of every event a FHIR message maps to (MessageHeader.sender
+/// or .source). Empty when the message does not parse: the router rejects it then, and
+/// raw subscribers see only the authenticated sender on the envelope.
+#[must_use]
+pub fn declared_senders(format: Format, body: &[u8]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    match format {
+        Format::Edifact => {
+            if let Ok(doc) = ketenbus_connectors::edifact::parse(body) {
+                for ic in doc.interchanges() {
+                    let Some(h) = ic.header() else { continue };
+                    let Some(id) = h.text(1, 0) else { continue };
+                    let id = id.trim();
+                    if id.is_empty() {
+                        continue;
+                    }
+                    // As the EDIFACT normaliser names it: qualifier 14 is a GLN.
+                    let scheme = match h.text(1, 1).as_deref().map(str::trim) {
+                        Some("14") => "gln",
+                        _ => "mailbox",
+                    };
+                    out.push(format!("{scheme}:{id}"));
+                }
+            }
+        }
+        Format::FhirJson | Format::FhirXml => {
+            let envelope = RawEnvelope {
+                id: "sender-check".into(),
+                received_at_ms: 0,
+                connector: "http".into(),
+                format,
+                content_type: String::new(),
+                sender: None,
+                receiver: None,
+                body: body.to_vec(),
+                attributes: std::collections::BTreeMap::new(),
+            };
+            let normalizer = ketenbus_connectors::fhir::FhirNormalizer;
+            if let Ok(events) = ketenbus_connectors::Normalize::normalize(&normalizer, &envelope) {
+                out.extend(events.iter().filter_map(|e| e.header().sender.clone()));
+            }
+        }
+        _ => {}
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+impl AuthenticatedSender {
+    /// The party id to put on the envelope: the one the message declares (which must be
+    /// this sender's), or the sender's first party id when it declares none.
+    ///
+    /// # Errors
+    /// [`AuthError::Forbidden`] when the message declares a party that is not this sender's.
+    pub fn party_for(&self, format: Format, body: &[u8]) -> Result<String, AuthError> {
+        let declared = declared_senders(format, body);
+        self.0.may_send_as(declared.iter().map(String::as_str))?;
+        Ok(declared
+            .into_iter()
+            .next()
+            .or_else(|| self.0.party_ids.first().cloned())
+            .unwrap_or_default())
+    }
+}
+
+/// What a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Nothing,
+    Sender,
+    Operator,
+}
+
+fn need(method: &Method, path: &str) -> Need {
+    let api = path == "/api/v1/messages" || path.starts_with("/api/v1/messages/");
+    let fhir = path == "/fhir" || path.starts_with("/fhir/");
+    if !(api || fhir) {
+        return Need::Nothing; // health, readiness, metrics: no patient data
+    }
+    if method == Method::GET || method == Method::HEAD {
+        Need::Operator
+    } else {
+        Need::Sender
+    }
+}
+
+/// Wrap the API so that, when senders or operators are configured, posting needs a sender
+/// and reading messages (lineage, FHIR reads) needs an operator. Health, readiness and
+/// metrics stay open: they carry no patient data.
+pub fn protect(app: Router, auth: Arc<Authenticator>) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(auth, gate))
+}
+
+fn refuse(e: &AuthError) -> Response {
+    let (status, code) = match e {
+        AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+    };
+    crate::telemetry::rejected("http", code);
+    let mut resp = (
+        status,
+        Json(serde_json::json!({ "error": code, "message": e.to_string() })),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ketenbus\""),
+        );
+    }
+    resp
+}
+
+async fn gate(State(auth): State<Arc<Authenticator>>, mut req: Request, next: Next) -> Response {
+    let cert = req.extensions().get::<ClientCert>().cloned();
+    match need(req.method(), req.uri().path()) {
+        Need::Nothing => {}
+        Need::Sender => match auth.sender(req.headers(), cert.as_ref()) {
+            Ok(Some(p)) => {
+                let p = p.clone();
+                req.extensions_mut().insert(AuthenticatedSender(p));
+            }
+            Ok(None) => {}
+            Err(e) => return refuse(&e),
+        },
+        Need::Operator => match auth.operator(req.headers(), cert.as_ref()) {
+            Ok(Some(p)) => {
+                let p = p.clone();
+                req.extensions_mut().insert(AuthenticatedOperator(p));
+            }
+            Ok(None) => {}
+            Err(e) => return refuse(&e),
+        },
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn tokens_match_by_hash_only() {
+        let (token, hash) = new_token();
+        let a = Authenticator::new(
+            &[SenderConfig {
+                name: "lab".into(),
+                token_sha256: Some(hash.clone()),
+                cert_sha256: None,
+                party_ids: vec!["mailbox:500001234".into()],
+            }],
+            &[],
+        );
+        assert_eq!(
+            a.sender(&headers(&token), None).unwrap().unwrap().name,
+            "lab"
+        );
+        assert!(matches!(
+            a.sender(&headers("kb_wrong"), None),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        assert!(a.sender(&HeaderMap::new(), None).is_err());
+        assert!(a.operator(&HeaderMap::new(), None).unwrap().is_none());
+        let p = a.sender(&headers(&token), None).unwrap().unwrap();
+        assert!(p.may_send_as(["mailbox:500001234"]).is_ok());
+        let e = p.may_send_as(["mailbox:500009999"]).unwrap_err();
+        assert!(e.to_string().contains("mailbox:500009999"), "{e}");
+    }
+
+    #[test]
+    fn bad_entries_are_problems_without_echoing_values() {
+        let p = problems(
+            &[SenderConfig {
+                name: "a b".into(),
+                token_sha256: Some("hunter2".into()),
+                cert_sha256: None,
+                party_ids: vec!["nocolon".into()],
+            }],
+            &[OperatorConfig {
+                name: "ops".into(),
+                token_sha256: None,
+                cert_sha256: None,
+            }],
+        );
+        let paths: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "senders[0].name",
+                "senders[0].token_sha256",
+                "senders[0].party_ids[0]",
+                "operators[0]"
+            ]
+        );
+        assert!(p.iter().all(|(_, m)| !m.contains("hunter2")));
+    }
+}
