@@ -5,6 +5,7 @@
 pub mod edifact;
 pub mod fhir;
 pub mod ingest;
+pub mod mail;
 pub mod normalize;
 pub mod sink;
 pub mod webhook;

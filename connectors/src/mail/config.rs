@@ -1,0 +1,399 @@
+//! Configuration of the mail connectors: `[mail]`, `[mail.smtp]`, `[[mail.imap]]` and the
+//! `mail` sink of a subscription. Documented serde structs; secrets only as `_env` names.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[mail]`: everything about mail in and out. Absent sections start nothing.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailConfig {
+    /// The SMTP listener (`[mail.smtp]`); not started when absent.
+    pub smtp: Option<SmtpConfig>,
+    /// IMAP mailboxes to pick up from (`[[mail.imap]]`), one consumer per mailbox.
+    pub imap: Vec<ImapConfig>,
+    /// Where attachment bytes are kept by SHA-256; default `<data_dir>/content`.
+    pub content_dir: Option<PathBuf>,
+    /// Address book: party id (`agb:…`, `ura:…`, `mailbox:…`) -> mail address. The mail
+    /// sink sends to the event's receiver through it when a subscription names no `to`.
+    pub address_book: BTreeMap<String, String>,
+}
+
+/// `[mail.smtp]`: the SMTP listener (RFC 5321).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Name in the greeting and the EHLO answer.
+    pub hostname: String,
+    /// Largest message accepted (announced as SIZE); larger ones get 552.
+    pub max_message_size: bytesize::ByteSize,
+    /// Most recipients per message; more get 452.
+    pub max_recipients: usize,
+    /// Longest command or message line in bytes, CRLF included; longer ones get 500 / 552.
+    pub max_line_length: usize,
+    /// Most connections at once; more get 421 and are closed.
+    pub max_connections: usize,
+    /// A connection silent this long gets 421 and is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Recipient domains accepted (`lms.example.test`); with `accept_addresses` both empty,
+    /// every recipient is accepted.
+    pub accept_domains: Vec<String>,
+    /// Recipient addresses accepted, besides those in `accept_domains`.
+    pub accept_addresses: Vec<String>,
+    /// STARTTLS with this certificate; not offered when absent.
+    pub tls: Option<TlsFiles>,
+    /// Refuse MAIL until the client has started TLS (needs `tls`).
+    pub require_tls: bool,
+    /// AUTH PLAIN/LOGIN, offered only after STARTTLS (needs `tls`).
+    pub auth: Option<SmtpAuthConfig>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 2525)),
+            hostname: "ketenbus.localhost".into(),
+            max_message_size: bytesize::ByteSize::mib(25),
+            max_recipients: 100,
+            max_line_length: 8192,
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(300),
+            accept_domains: Vec::new(),
+            accept_addresses: Vec::new(),
+            tls: None,
+            require_tls: false,
+            auth: None,
+        }
+    }
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM file with the certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// `[mail.smtp.auth]`: SMTP AUTH users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpAuthConfig {
+    /// Refuse MAIL from clients that did not authenticate.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Users allowed to authenticate.
+    pub users: Vec<SmtpUser>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One SMTP AUTH user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpUser {
+    /// User name.
+    pub username: String,
+    /// Environment variable holding the password.
+    pub password_env: String,
+}
+
+/// How a connection to a mail server is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// TLS from the first byte (IMAPS 993, SMTPS/submissions 465).
+    Implicit,
+    /// Plain connection upgraded with STARTTLS, which must succeed.
+    Starttls,
+    /// No TLS: only for loopback tests; refused for other hosts by validation.
+    None,
+}
+
+/// What the pickup does with a message once it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterPickup {
+    /// Move it to `processed_folder`.
+    Move,
+    /// Delete (flag `\Deleted` and expunge) it.
+    Delete,
+}
+
+/// `[[mail.imap]]`: one mailbox at a hub to pick up from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImapConfig {
+    /// Name of this pickup (letters, digits, `-`, `_`): in logs and the state file name.
+    pub name: String,
+    /// Server host name.
+    pub host: String,
+    /// Server port; default 993 for implicit TLS, else 143.
+    pub port: Option<u16>,
+    /// `implicit` (default), `starttls` or `none` (loopback only).
+    #[serde(default = "implicit")]
+    pub tls: TlsMode,
+    /// Extra PEM CA certificates to trust (a hub's private CA, test certificates).
+    pub ca_file: Option<PathBuf>,
+    /// Login user name.
+    pub username: String,
+    /// Environment variable holding the password.
+    pub password_env: String,
+    /// Mailbox to read.
+    #[serde(default = "inbox")]
+    pub mailbox: String,
+    /// `move` (default) to `processed_folder`, or `delete`.
+    #[serde(default = "move_after")]
+    pub after: AfterPickup,
+    /// Folder processed messages are moved to; it must exist.
+    #[serde(default = "processed")]
+    pub processed_folder: String,
+    /// Time between looks at the mailbox.
+    #[serde(default = "poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Party id of the mailbox owner, set as the envelope's receiver (e.g. `mailbox:500005678`).
+    pub receiver: Option<String>,
+}
+
+fn implicit() -> TlsMode {
+    TlsMode::Implicit
+}
+fn inbox() -> String {
+    "INBOX".into()
+}
+fn move_after() -> AfterPickup {
+    AfterPickup::Move
+}
+fn processed() -> String {
+    "Processed".into()
+}
+fn poll_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The `mail` sink of a subscription: secure mail through an SMTP submission server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MailSinkConfig {
+    /// Submission server host.
+    pub host: String,
+    /// Port; default 465 for implicit TLS, 587 for STARTTLS, 25 for none.
+    pub port: Option<u16>,
+    /// `implicit`, `starttls` (default) or `none` (loopback only).
+    #[serde(default = "starttls")]
+    pub tls: TlsMode,
+    /// Extra PEM CA certificates to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Login user name; no AUTH when absent.
+    pub username: Option<String>,
+    /// Environment variable holding the password (with `username`).
+    pub password_env: Option<String>,
+    /// Sender address (`From` and envelope sender, where DSNs come back to).
+    pub from: String,
+    /// Fixed recipient; when absent, the event's receiver party id is looked up in
+    /// `[mail.address_book]`.
+    pub to: Option<String>,
+    /// Ask the server for delivery status notifications (success, failure, delay).
+    #[serde(default = "yes")]
+    pub dsn: bool,
+    /// Per-delivery timeout (connect and every command).
+    #[serde(default = "sink_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn starttls() -> TlsMode {
+    TlsMode::Starttls
+}
+fn sink_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Whether `host` names the loopback interface (where plain connections are allowed).
+#[must_use]
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl MailConfig {
+    /// Every problem in this section, as (key path below `mail`, message); environment
+    /// variables are read through `env`.
+    #[must_use]
+    pub fn problems(&self, env: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if let Some(s) = &self.smtp {
+            if s.max_message_size.as_u64() == 0 {
+                p.push((
+                    "smtp.max_message_size".into(),
+                    "must be more than 0 bytes".into(),
+                ));
+            }
+            if s.max_recipients == 0 {
+                p.push(("smtp.max_recipients".into(), "must be at least 1".into()));
+            }
+            if s.max_line_length < 512 {
+                p.push((
+                    "smtp.max_line_length".into(),
+                    "must be at least 512 (RFC 5321)".into(),
+                ));
+            }
+            if s.max_connections == 0 {
+                p.push(("smtp.max_connections".into(), "must be at least 1".into()));
+            }
+            if s.idle_timeout.is_zero() {
+                p.push(("smtp.idle_timeout".into(), "must be more than 0".into()));
+            }
+            if let Some(t) = &s.tls {
+                for (k, f) in [
+                    ("smtp.tls.cert_file", &t.cert_file),
+                    ("smtp.tls.key_file", &t.key_file),
+                ] {
+                    if !f.is_file() {
+                        p.push((k.into(), format!("{} is not a readable file", f.display())));
+                    }
+                }
+            }
+            if s.require_tls && s.tls.is_none() {
+                p.push(("smtp.require_tls".into(), "needs smtp.tls".into()));
+            }
+            if let Some(a) = &s.auth {
+                if s.tls.is_none() {
+                    p.push((
+                        "smtp.auth".into(),
+                        "needs smtp.tls: AUTH is only offered after STARTTLS".into(),
+                    ));
+                }
+                if a.users.is_empty() {
+                    p.push(("smtp.auth.users".into(), "name at least one user".into()));
+                }
+                for (i, u) in a.users.iter().enumerate() {
+                    if env(&u.password_env).is_none_or(|v| v.is_empty()) {
+                        p.push((
+                            format!("smtp.auth.users[{i}].password_env"),
+                            format!("environment variable {} is not set", u.password_env),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, m) in self.imap.iter().enumerate() {
+            let at = |k: &str| format!("imap[{i}].{k}");
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                p.push((at("name"), "must be letters, digits, '-' or '_'".into()));
+            } else if !names.insert(m.name.clone()) {
+                p.push((at("name"), format!("duplicate pickup name {}", m.name)));
+            }
+            if m.tls == TlsMode::None && !is_loopback(&m.host) {
+                p.push((
+                    at("tls"),
+                    "\"none\" is only allowed for a loopback host".into(),
+                ));
+            }
+            if env(&m.password_env).is_none() {
+                p.push((
+                    at("password_env"),
+                    format!("environment variable {} is not set", m.password_env),
+                ));
+            }
+            if m.poll_interval.is_zero() {
+                p.push((at("poll_interval"), "must be more than 0".into()));
+            }
+            if let Some(f) = &m.ca_file
+                && !f.is_file()
+            {
+                p.push((
+                    at("ca_file"),
+                    format!("{} is not a readable file", f.display()),
+                ));
+            }
+        }
+        for (party, addr) in &self.address_book {
+            if !party.contains(':') {
+                p.push((
+                    format!("address_book.{party:?}"),
+                    "party ids are scheme:value (agb:…, mailbox:…)".into(),
+                ));
+            }
+            if !addr.contains('@') {
+                p.push((
+                    format!("address_book.{party:?}"),
+                    "not a mail address".into(),
+                ));
+            }
+        }
+        p
+    }
+}
+
+impl MailSinkConfig {
+    /// Every problem in this sink, as (key below `sink`, message).
+    #[must_use]
+    pub fn problems(
+        &self,
+        book: &BTreeMap<String, String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.tls == TlsMode::None && !is_loopback(&self.host) {
+            p.push((
+                "tls".into(),
+                "\"none\" is only allowed for a loopback host".into(),
+            ));
+        }
+        if !self.from.contains('@') || self.from.parse::<lettre::Address>().is_err() {
+            p.push(("from".into(), "not a mail address".into()));
+        }
+        if let Some(to) = &self.to {
+            if to.parse::<lettre::Address>().is_err() {
+                p.push(("to".into(), "not a mail address".into()));
+            }
+        } else if book.is_empty() {
+            p.push((
+                "to".into(),
+                "required unless [mail.address_book] has entries".into(),
+            ));
+        }
+        match (&self.username, &self.password_env) {
+            (Some(_), None) => p.push(("password_env".into(), "required with username".into())),
+            (None, Some(_)) => p.push(("username".into(), "required with password_env".into())),
+            (Some(_), Some(var)) if env(var).is_none() => {
+                p.push((
+                    "password_env".into(),
+                    format!("environment variable {var} is not set"),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(f) = &self.ca_file
+            && !f.is_file()
+        {
+            p.push((
+                "ca_file".into(),
+                format!("{} is not a readable file", f.display()),
+            ));
+        }
+        if self.timeout.is_zero() {
+            p.push(("timeout".into(), "must be more than 0".into()));
+        }
+        p
+    }
+}

@@ -1,0 +1,635 @@
+//! MIME (RFC 2045-2049) through Stalwart's `mail-parser`: every leaf part of a message is
+//! routed by its type. EDIFACT bodies and attachments go to the EDIFACT normaliser, FHIR
+//! JSON/XML to the FHIR normaliser, and plain text, HTML and documents (PDF, images) make a
+//! letter event whose attachments are referenced by SHA-256 and kept in a [`ContentStore`].
+//! Delivery status reports (`multipart/report`) make no event: [`crate::mail::dsn`] reads them.
+//!
+//! Normalising stays a function of the bytes: event ids are `<envelope id>.<n>` numbered over
+//! the whole message. The one effect is writing attachment bytes to the content store, which
+//! is idempotent (the same bytes land under the same name), so a replay changes nothing.
+
+use std::sync::Arc;
+
+use ketenbus_schemas::event::{Attachment, HealthProfessional, HumanName, LetterEvent};
+use ketenbus_schemas::{Event, EventHeader, EventKind, Format, RawEnvelope};
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use serde::Serialize;
+
+use crate::mail::content::{ContentStore, sha256_hex};
+use crate::normalize::{Normalize, NormalizeError};
+
+/// Reason code for a message that is not RFC 5322.
+pub const REASON_SYNTAX: &str = "mime_syntax";
+
+/// Where a part goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// To the EDIFACT normaliser.
+    Edifact,
+    /// To the FHIR normaliser as JSON.
+    FhirJson,
+    /// To the FHIR normaliser as XML.
+    FhirXml,
+    /// The text of a letter.
+    LetterText,
+    /// An HTML letter body (kept as attachment too).
+    LetterHtml,
+    /// A document attached to the letter.
+    Attachment,
+    /// A delivery status report: the whole message is a DSN.
+    DeliveryReport,
+}
+
+/// One leaf part of a message.
+#[derive(Clone, Serialize)]
+pub struct PartInfo {
+    /// Position among the leaf parts.
+    pub index: usize,
+    /// Media type, lower case, without parameters.
+    pub content_type: String,
+    /// File name, when the part has one.
+    pub filename: Option<String>,
+    /// Decoded size in bytes.
+    pub size: usize,
+    /// Hex SHA-256 of the decoded bytes.
+    pub sha256: String,
+    /// Where it goes.
+    pub route: Route,
+    #[serde(skip)]
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for PartInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartInfo")
+            .field("index", &self.index)
+            .field("content_type", &self.content_type)
+            .field("size", &self.size)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message taken apart: the headers a letter needs and its routed parts.
+#[derive(Clone, Serialize)]
+pub struct Analysis {
+    /// `Message-ID` without angle brackets.
+    pub message_id: Option<String>,
+    /// Whether the message is a delivery status report.
+    pub is_report: bool,
+    /// Leaf parts in order.
+    pub parts: Vec<PartInfo>,
+    #[serde(skip)]
+    subject: Option<String>,
+    #[serde(skip)]
+    date: Option<String>,
+    #[serde(skip)]
+    author: Option<String>,
+}
+
+impl std::fmt::Debug for Analysis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Analysis")
+            .field("is_report", &self.is_report)
+            .field("parts", &self.parts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_edifact(bytes: &[u8]) -> bool {
+    let start = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let start = &start[start
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(start.len())..];
+    start.starts_with(b"UNA") || start.starts_with(b"UNB+")
+}
+
+fn route_of(content_type: &str, filename: Option<&str>, attachment: bool, bytes: &[u8]) -> Route {
+    let name = filename.map(str::to_ascii_lowercase).unwrap_or_default();
+    match content_type {
+        "application/edifact" | "application/edi-consent" => Route::Edifact,
+        "application/fhir+json" => Route::FhirJson,
+        "application/fhir+xml" => Route::FhirXml,
+        "application/json" if contains(bytes, b"\"resourceType\"") => Route::FhirJson,
+        "application/xml" | "text/xml" if contains(bytes, b"http://hl7.org/fhir") => Route::FhirXml,
+        "message/delivery-status" | "message/global-delivery-status" => Route::DeliveryReport,
+        _ if is_edifact(bytes)
+            && (content_type.starts_with("text/")
+                || content_type == "application/octet-stream"
+                || name.ends_with(".edi")
+                || name.ends_with(".edifact")) =>
+        {
+            Route::Edifact
+        }
+        "text/plain" if !attachment => Route::LetterText,
+        "text/html" if !attachment => Route::LetterHtml,
+        _ => Route::Attachment,
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Take a message apart (pure).
+///
+/// # Errors
+/// [`NormalizeError::Syntax`] when the bytes are not a mail message.
+pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormalizeError> {
+    let syntax = |what: &str| NormalizeError::Syntax {
+        reason: REASON_SYNTAX,
+        format: "rfc822",
+        position: "message".into(),
+        what: what.into(),
+    };
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(syntax("empty message"));
+    }
+    let message = MessageParser::default()
+        .parse(bytes)
+        .ok_or_else(|| syntax("not an RFC 5322 message"))?;
+    if message.headers().is_empty() {
+        return Err(syntax("no header fields"));
+    }
+    let root_type = message
+        .content_type()
+        .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
+        .unwrap_or_default();
+    let mut parts = Vec::new();
+    for part in &message.parts {
+        let body: &[u8] = match &part.body {
+            PartType::Multipart(_) => continue,
+            PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
+            PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
+            PartType::Message(m) => m.raw_message(),
+        };
+        let content_type = part
+            .content_type()
+            .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
+            .unwrap_or_else(|| "text/plain".to_owned());
+        let filename = part.attachment_name().map(str::to_owned);
+        let attachment = part
+            .content_disposition()
+            .is_some_and(|d| d.is_attachment())
+            || filename.is_some();
+        let route = route_of(&content_type, filename.as_deref(), attachment, body);
+        if body.is_empty() && matches!(route, Route::LetterText | Route::LetterHtml) {
+            continue;
+        }
+        parts.push(PartInfo {
+            index: parts.len(),
+            size: body.len(),
+            sha256: sha256_hex(body),
+            content_type,
+            filename,
+            route,
+            bytes: body.to_vec(),
+        });
+    }
+    Ok(Analysis {
+        message_id: message.message_id().map(str::to_owned),
+        is_report: root_type == "multipart/report"
+            || parts.iter().any(|p| p.route == Route::DeliveryReport),
+        subject: message.subject().map(str::to_owned),
+        date: message.date().map(mail_parser::DateTime::to_rfc3339),
+        author: message
+            .from()
+            .and_then(|a| a.first())
+            .and_then(|a| a.name().or(a.address()))
+            .map(str::to_owned),
+        parts,
+    })
+}
+
+/// The normaliser for `message/rfc822`.
+pub struct MailNormalizer {
+    edifact: Box<dyn Normalize>,
+    fhir: Box<dyn Normalize>,
+    store: Option<Arc<dyn ContentStore>>,
+}
+
+impl Default for MailNormalizer {
+    fn default() -> Self {
+        MailNormalizer::new(None)
+    }
+}
+
+impl MailNormalizer {
+    /// With the crate's EDIFACT and FHIR normalisers; attachments go to `store` when given.
+    #[must_use]
+    pub fn new(store: Option<Arc<dyn ContentStore>>) -> MailNormalizer {
+        MailNormalizer {
+            edifact: Box::new(crate::edifact::EdifactNormalizer),
+            fhir: Box::new(crate::fhir::FhirNormalizer),
+            store,
+        }
+    }
+
+    /// With other normalisers for the structured parts (tests).
+    #[must_use]
+    pub fn with_normalizers(
+        edifact: Box<dyn Normalize>,
+        fhir: Box<dyn Normalize>,
+        store: Option<Arc<dyn ContentStore>>,
+    ) -> MailNormalizer {
+        MailNormalizer {
+            edifact,
+            fhir,
+            store,
+        }
+    }
+
+    fn structured(
+        &self,
+        envelope: &RawEnvelope,
+        part: &PartInfo,
+    ) -> Result<Vec<Event>, NormalizeError> {
+        let (normalizer, format, media) = match part.route {
+            Route::Edifact => (&self.edifact, Format::Edifact, "application/EDIFACT"),
+            Route::FhirJson => (&self.fhir, Format::FhirJson, "application/fhir+json"),
+            _ => (&self.fhir, Format::FhirXml, "application/fhir+xml"),
+        };
+        let mut attributes = envelope.attributes.clone();
+        attributes.insert("mime.part".into(), part.index.to_string());
+        let sub = RawEnvelope {
+            id: envelope.id.clone(),
+            received_at_ms: envelope.received_at_ms,
+            connector: envelope.connector.clone(),
+            format,
+            content_type: media.to_owned(),
+            sender: envelope.sender.clone(),
+            receiver: envelope.receiver.clone(),
+            body: part.bytes.clone(),
+            attributes,
+        };
+        normalizer.normalize(&sub).map_err(|e| match e {
+            NormalizeError::Syntax {
+                reason,
+                format,
+                position,
+                what,
+            } => NormalizeError::Syntax {
+                reason,
+                format,
+                position: format!("mime part {}: {position}", part.index),
+                what,
+            },
+            NormalizeError::Invalid { reason, path, what } => NormalizeError::Invalid {
+                reason,
+                path: format!("mime part {}: {path}", part.index),
+                what,
+            },
+            other => other,
+        })
+    }
+
+    fn keep(&self, part: &PartInfo) {
+        if let Some(store) = &self.store
+            && let Err(e) = store.put(&part.bytes)
+        {
+            tracing::error!(sha256 = %part.sha256, size = part.size, error = %e, "attachment not kept in the content store");
+        }
+    }
+}
+
+fn html_to_text(html: &str) -> String {
+    let mut out = String::with_capacity(html.len() / 2);
+    let mut in_tag = false;
+    let mut tag = String::new();
+    for c in html.chars() {
+        match (in_tag, c) {
+            (false, '<') => {
+                in_tag = true;
+                tag.clear();
+            }
+            (true, '>') => {
+                in_tag = false;
+                let t = tag
+                    .trim_start_matches('/')
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                if matches!(
+                    t.as_str(),
+                    "br" | "p" | "div" | "tr" | "li" | "h1" | "h2" | "h3"
+                ) {
+                    out.push('\n');
+                }
+            }
+            (true, c) => tag.push(c),
+            (false, c) => out.push(c),
+        }
+    }
+    out.replace("&nbsp;", " ")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&")
+}
+
+impl Normalize for MailNormalizer {
+    fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
+        let a = analyse(&envelope.body)?;
+        if a.is_report {
+            return Ok(Vec::new());
+        }
+        let mut events = Vec::new();
+        let mut structured = false;
+        let mut text = None;
+        let mut html = None;
+        let mut attachments = Vec::new();
+        for part in &a.parts {
+            match part.route {
+                Route::Edifact | Route::FhirJson | Route::FhirXml => {
+                    structured = true;
+                    events.extend(self.structured(envelope, part)?);
+                }
+                Route::LetterText if text.is_none() => {
+                    text = Some(String::from_utf8_lossy(&part.bytes).into_owned())
+                }
+                Route::LetterHtml | Route::LetterText | Route::Attachment => {
+                    if part.route == Route::LetterHtml && html.is_none() {
+                        html = Some(html_to_text(&String::from_utf8_lossy(&part.bytes)));
+                    }
+                    self.keep(part);
+                    attachments.push(Attachment {
+                        content_type: part.content_type.clone(),
+                        title: part.filename.clone(),
+                        sha256: part.sha256.clone(),
+                        size: i64::try_from(part.size).unwrap_or(i64::MAX),
+                    });
+                }
+                Route::DeliveryReport => {}
+            }
+        }
+        let text = text
+            .or(html)
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        // A covering note beside structured content ("see attachment") is not a letter.
+        if !attachments.is_empty() || (!structured && text.is_some()) {
+            let mut header =
+                EventHeader::new(EventKind::Letter, &envelope.id, 0, Format::Rfc822.as_str());
+            header.occurred_at.clone_from(&a.date);
+            header.source_message_type = Some("RFC5322".to_owned());
+            events.push(Event::Letter(LetterEvent {
+                header,
+                patient: None,
+                author: a.author.as_ref().map(|n| HealthProfessional {
+                    name: Some(HumanName {
+                        text: Some(n.clone()),
+                        ..HumanName::default()
+                    }),
+                    role: Some("author".to_owned()),
+                    ..HealthProfessional::default()
+                }),
+                author_organization: None,
+                recipient: None,
+                date: a.date.clone(),
+                title: a.subject.clone(),
+                text,
+                attachments,
+            }));
+        }
+        // One numbering over the whole message, so ids stay unique and stable.
+        for (i, e) in events.iter_mut().enumerate() {
+            let h = e.header_mut();
+            h.index = i32::try_from(i).unwrap_or(i32::MAX);
+            h.id = format!("{}.{i}", envelope.id);
+            h.envelope_id.clone_from(&envelope.id);
+        }
+        Ok(events)
+    }
+}
+
+/// A message's parts and the events they become, as JSON (`ketenbus inspect FILE.eml`).
+///
+/// # Errors
+/// When the bytes are not a mail message.
+pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
+    let a = analyse(bytes)?;
+    let envelope = RawEnvelope {
+        id: "inspect".into(),
+        received_at_ms: 0,
+        connector: "inspect".into(),
+        format: Format::Rfc822,
+        content_type: crate::mail::MEDIA_RFC822.into(),
+        sender: None,
+        receiver: None,
+        body: bytes.to_vec(),
+        attributes: std::collections::BTreeMap::new(),
+    };
+    let events = MailNormalizer::new(None).normalize(&envelope);
+    let report = if a.is_report {
+        crate::mail::dsn::parse(bytes)
+    } else {
+        None
+    };
+    Ok(serde_json::json!({
+        "message_id": a.message_id,
+        "is_report": a.is_report,
+        "parts": a.parts,
+        "events": events.as_ref().ok(),
+        "error": events.as_ref().err().map(ToString::to_string),
+        "delivery_report": report,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ketenbus_schemas::EventKind;
+
+    use super::*;
+    use crate::mail::content::MemoryContentStore;
+
+    fn envelope(body: &[u8]) -> RawEnvelope {
+        RawEnvelope {
+            id: "env1".into(),
+            received_at_ms: 1,
+            connector: "smtp".into(),
+            format: Format::Rfc822,
+            content_type: "message/rfc822".into(),
+            sender: Some("mailbox:500001234".into()),
+            receiver: Some("mailbox:500005678".into()),
+            body: body.to_vec(),
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/testdata/mail/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_edifact_attachment_becomes_a_lab_result_and_the_covering_note_no_letter() {
+        let events = MailNormalizer::default()
+            .normalize(&envelope(&fixture("lab-result-edifact-attachment.eml")))
+            .unwrap();
+        let kinds: Vec<EventKind> = events.iter().map(Event::kind).collect();
+        assert_eq!(kinds, [EventKind::LabResult], "{events:?}");
+        let h = events[0].header();
+        assert_eq!(h.id, "env1.0");
+        assert_eq!(h.envelope_id, "env1");
+        assert_eq!(h.source_format, "edifact");
+        let Event::LabResult(lab) = &events[0] else {
+            unreachable!()
+        };
+        assert!(!lab.results.is_empty());
+    }
+
+    #[test]
+    fn an_edifact_body_is_found_by_its_content() {
+        let events = MailNormalizer::default()
+            .normalize(&envelope(&fixture("lab-result-edifact-body.eml")))
+            .unwrap();
+        assert_eq!(
+            events.iter().map(Event::kind).collect::<Vec<_>>(),
+            [EventKind::LabResult]
+        );
+    }
+
+    #[test]
+    fn a_pdf_letter_keeps_its_text_and_the_pdf_by_hash() {
+        let store = Arc::new(MemoryContentStore::default());
+        let n = MailNormalizer::new(Some(store.clone()));
+        let events = n.normalize(&envelope(&fixture("letter-pdf.eml"))).unwrap();
+        assert_eq!(events.len(), 1);
+        let Event::Letter(l) = &events[0] else {
+            panic!("a letter")
+        };
+        assert_eq!(l.title.as_deref(), Some("Ontslagbrief (synthetisch)"));
+        assert!(l.text.as_deref().unwrap().starts_with("Geachte collega,"));
+        assert_eq!(l.date.as_deref(), Some("2026-11-02T14:30:00+01:00"));
+        assert_eq!(
+            l.header.occurred_at.as_deref(),
+            Some("2026-11-02T14:30:00+01:00")
+        );
+        assert_eq!(l.attachments.len(), 1);
+        let a = &l.attachments[0];
+        assert_eq!(a.content_type, "application/pdf");
+        assert_eq!(a.title.as_deref(), Some("ontslagbrief.pdf"));
+        let pdf = fixture("ontslagbrief.pdf");
+        assert_eq!(a.sha256, sha256_hex(&pdf));
+        assert_eq!(a.size, pdf.len() as i64);
+        assert_eq!(
+            store.get(&a.sha256).unwrap().as_deref(),
+            Some(pdf.as_slice()),
+            "the PDF is in the content store"
+        );
+        // Pure: the same envelope gives the same events.
+        assert_eq!(
+            n.normalize(&envelope(&fixture("letter-pdf.eml"))).unwrap(),
+            events
+        );
+    }
+
+    #[test]
+    fn an_html_letter_becomes_text_and_keeps_the_html() {
+        let events = MailNormalizer::default()
+            .normalize(&envelope(&fixture("letter-html.eml")))
+            .unwrap();
+        let Event::Letter(l) = &events[0] else {
+            panic!("a letter")
+        };
+        let text = l.text.as_deref().unwrap();
+        assert!(
+            text.contains("De afspraak is op 4 november & duurt 30 minuten."),
+            "{text}"
+        );
+        assert!(!text.contains('<'));
+        assert_eq!(l.attachments[0].content_type, "text/html");
+    }
+
+    #[test]
+    fn delivery_reports_make_no_event() {
+        let events = MailNormalizer::default()
+            .normalize(&envelope(&fixture("dsn-failed.eml")))
+            .unwrap();
+        assert!(events.is_empty());
+    }
+
+    struct Count(&'static str);
+    impl Normalize for Count {
+        fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
+            let mut h =
+                EventHeader::new(EventKind::Letter, &envelope.id, 0, envelope.format.as_str());
+            h.source_message_type = Some(self.0.to_owned());
+            Ok(vec![Event::Letter(LetterEvent {
+                header: h,
+                patient: None,
+                author: None,
+                author_organization: None,
+                recipient: None,
+                date: None,
+                title: None,
+                text: Some(String::from_utf8_lossy(&envelope.body).into_owned()),
+                attachments: Vec::new(),
+            })])
+        }
+    }
+
+    #[test]
+    fn fhir_parts_go_to_the_fhir_normaliser_and_ids_are_numbered_over_the_message() {
+        let mail = b"From: a@b.test\r\nSubject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/fhir+json\r\n\r\n{\"resourceType\":\"Bundle\"}\r\n--b\r\nContent-Type: application/xml\r\n\r\n<Bundle xmlns=\"http://hl7.org/fhir\"/>\r\n--b\r\nContent-Type: application/json\r\n\r\n{\"resourceType\":\"Task\"}\r\n--b--\r\n";
+        let n = MailNormalizer::with_normalizers(
+            Box::new(Count("edifact")),
+            Box::new(Count("fhir")),
+            None,
+        );
+        let events = n.normalize(&envelope(mail)).unwrap();
+        let seen: Vec<(String, String, String)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.header().id.clone(),
+                    e.header().source_format.clone(),
+                    e.header().source_message_type.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("env1.0".into(), "fhir_json".into(), "fhir".into()),
+                ("env1.1".into(), "fhir_xml".into(), "fhir".into()),
+                ("env1.2".into(), "fhir_json".into(), "fhir".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_broken_edifact_part_is_rejected_naming_the_part() {
+        let mail = b"From: a@b.test\r\nMIME-Version: 1.0\r\nContent-Type: application/EDIFACT\r\n\r\nUNB+UNOA:1+1+2+261101:0815+X'UNH+1+MEDLAB:1'PID+++'\r\n";
+        let err = MailNormalizer::default()
+            .normalize(&envelope(mail))
+            .unwrap_err();
+        assert!(err.to_string().contains("mime part 0"), "{err}");
+    }
+
+    #[test]
+    fn not_a_message_is_a_syntax_error() {
+        let err = MailNormalizer::default()
+            .normalize(&envelope(b"   \r\n"))
+            .unwrap_err();
+        assert_eq!(err.reason(), REASON_SYNTAX);
+    }
+
+    #[test]
+    fn inspect_lists_parts_and_events() {
+        let v = inspect(&fixture("letter-pdf.eml")).unwrap();
+        assert_eq!(v["parts"].as_array().unwrap().len(), 2);
+        assert_eq!(v["parts"][1]["route"], "attachment");
+        assert_eq!(v["events"][0]["header"]["kind"], "letter");
+        let v = inspect(&fixture("dsn-failed.eml")).unwrap();
+        assert_eq!(v["delivery_report"]["recipients"][0]["action"], "failed");
+    }
+}

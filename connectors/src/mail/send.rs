@@ -1,0 +1,679 @@
+//! The secure-mail sink: what replaced the fax. Each delivery becomes one mail through an
+//! SMTP submission server (lettre over rustls, implicit TLS or STARTTLS, AUTH from an
+//! environment variable) to the receiver's address from config or the address book. The
+//! mail carries a human-readable rendering of the event, the structured event as a JSON
+//! attachment and the event's documents from the content store. The subject names only the
+//! kind and the record id: never patient data (NTA 7516).
+//!
+//! Proof of delivery: the envelope asks for DSNs (`RET=HDRS ENVID=<record id>`,
+//! `NOTIFY=SUCCESS,FAILURE,DELAY`), and `Message-ID` is `<record id>@<sender domain>`, so
+//! [`crate::mail::dsn`] finds the delivery a report is about. The same record id always
+//! makes the same `Message-ID`: receivers can drop a duplicate after a retry.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use ketenbus_schemas::event::{
+    AcuteHandoverEvent, HandoverNotificationEvent, HealthProfessional, HumanName, LabResultEvent,
+    LetterEvent, Patient,
+};
+use ketenbus_schemas::{Event, RawEnvelope};
+use lettre::message::header::ContentType;
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, MailParameter, RcptParameter};
+use lettre::{Address, Message};
+
+use crate::mail::config::{MailSinkConfig, TlsMode};
+use crate::mail::content::ContentStore;
+use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
+
+/// Delivers events as secure mail.
+pub struct MailSink {
+    cfg: MailSinkConfig,
+    password: Option<String>,
+    book: BTreeMap<String, String>,
+    content: Option<Arc<dyn ContentStore>>,
+    from: Mailbox,
+    hello: ClientId,
+    ca_pem: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for MailSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailSink")
+            .field("host", &self.cfg.host)
+            .field("tls", &self.cfg.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+fn rejected(reason: &str, detail: impl Into<String>) -> DeliveryError {
+    DeliveryError::Rejected {
+        reason: reason.into(),
+        detail: detail.into(),
+    }
+}
+
+fn retryable(reason: &str, detail: impl Into<String>) -> DeliveryError {
+    DeliveryError::Retryable {
+        reason: reason.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Classify a lettre error: 4xx and network trouble are worth another try, 5xx is final.
+fn classify(step: &str, e: &lettre::transport::smtp::Error) -> DeliveryError {
+    let code = e.status().map(|c| c.to_string());
+    let detail = format!("{step}: {e}");
+    if e.is_permanent() {
+        rejected(
+            &format!("smtp_{}", code.as_deref().unwrap_or("5xx")),
+            detail,
+        )
+    } else if e.is_transient() {
+        retryable(
+            &format!("smtp_{}", code.as_deref().unwrap_or("4xx")),
+            detail,
+        )
+    } else if e.is_timeout() {
+        retryable("timeout", detail)
+    } else if e.is_tls() {
+        retryable("tls", detail)
+    } else {
+        retryable("connect", detail)
+    }
+}
+
+impl MailSink {
+    /// A sink for `cfg`; `password` is the resolved `password_env`, `book` the address book,
+    /// `content` where attachment bytes are read from.
+    ///
+    /// # Errors
+    /// [`crate::mail::MailError::Config`] when `from` or `ca_file` cannot be used.
+    pub fn new(
+        cfg: MailSinkConfig,
+        password: Option<String>,
+        book: BTreeMap<String, String>,
+        content: Option<Arc<dyn ContentStore>>,
+    ) -> Result<MailSink, crate::mail::MailError> {
+        use crate::mail::MailError;
+        let from: Mailbox = cfg
+            .from
+            .parse()
+            .map_err(|e| MailError::Config(format!("from: {e}")))?;
+        let hello = ClientId::Domain(from.email.domain().to_owned());
+        let ca_pem = match &cfg.ca_file {
+            Some(f) => vec![
+                std::fs::read(f).map_err(|e| MailError::Config(format!("{}: {e}", f.display())))?,
+            ],
+            None => Vec::new(),
+        };
+        Ok(MailSink {
+            cfg,
+            password,
+            book,
+            content,
+            from,
+            hello,
+            ca_pem,
+        })
+    }
+
+    fn tls_parameters(&self) -> Result<TlsParameters, DeliveryError> {
+        let mut b = TlsParameters::builder(self.cfg.host.clone());
+        for pem in &self.ca_pem {
+            let cert = Certificate::from_pem(pem)
+                .map_err(|e| rejected("tls_config", format!("ca_file: {e}")))?;
+            b = b.add_root_certificate(cert);
+        }
+        b.build_rustls()
+            .map_err(|e| rejected("tls_config", e.to_string()))
+    }
+
+    fn port(&self) -> u16 {
+        self.cfg.port.unwrap_or(match self.cfg.tls {
+            TlsMode::Implicit => 465,
+            TlsMode::Starttls => 587,
+            TlsMode::None => 25,
+        })
+    }
+
+    /// The recipient: the configured `to`, else the receiver's address-book entry.
+    fn recipient(&self, delivery: &Delivery) -> Result<Address, DeliveryError> {
+        let to = match &self.cfg.to {
+            Some(to) => to.clone(),
+            None => {
+                let party = match &delivery.payload {
+                    Payload::Event(e) => e.header().receiver.clone(),
+                    Payload::Raw(env) => env.receiver.clone(),
+                };
+                let Some(party) = party else {
+                    return Err(rejected("no_address", "the record names no receiver"));
+                };
+                match self.book.get(&party) {
+                    Some(a) => a.clone(),
+                    None => {
+                        return Err(rejected(
+                            "no_address",
+                            format!("receiver {party} is not in the address book"),
+                        ));
+                    }
+                }
+            }
+        };
+        to.parse()
+            .map_err(|_| rejected("no_address", "the receiver's mail address is not valid"))
+    }
+
+    /// The mail for a delivery, as bytes.
+    ///
+    /// # Errors
+    /// `Rejected` when the mail cannot be built; `Retryable` when a document cannot be read.
+    pub fn render(&self, delivery: &Delivery, to: &Address) -> Result<Vec<u8>, DeliveryError> {
+        let (label, text, json, documents) = match &delivery.payload {
+            Payload::Event(event) => {
+                let json = serde_json::to_vec_pretty(event.as_ref())
+                    .map_err(|e| rejected("encode", e.to_string()))?;
+                let docs = match event.as_ref() {
+                    Event::Letter(l) => l.attachments.clone(),
+                    Event::AcuteHandover(h) => h.attachments.clone(),
+                    _ => Vec::new(),
+                };
+                (
+                    kind_label(event),
+                    render_event(event, &delivery.record_id),
+                    Some(json),
+                    docs,
+                )
+            }
+            Payload::Raw(env) => (
+                "Bericht",
+                render_raw(env, &delivery.record_id),
+                None,
+                Vec::new(),
+            ),
+        };
+        let mut body = MultiPart::mixed().singlepart(SinglePart::plain(text));
+        if let Some(json) = json {
+            let ct = ContentType::parse("application/json")
+                .map_err(|e| rejected("encode", e.to_string()))?;
+            body = body.singlepart(Attachment::new("ketenbus-event.json".into()).body(json, ct));
+        }
+        if let Payload::Raw(env) = &delivery.payload {
+            let ct = ContentType::parse(&env.content_type)
+                .or_else(|_| ContentType::parse("application/octet-stream"))
+                .map_err(|e| rejected("encode", e.to_string()))?;
+            let name = match env.format.as_str() {
+                "edifact" => "bericht.edi",
+                "fhir_json" => "bericht.json",
+                "fhir_xml" => "bericht.xml",
+                _ => "bericht.eml",
+            };
+            body = body.singlepart(Attachment::new(name.into()).body(env.body.clone(), ct));
+        }
+        for (i, doc) in documents.iter().enumerate() {
+            let Some(store) = &self.content else {
+                return Err(rejected(
+                    "content_missing",
+                    "no content store for the documents",
+                ));
+            };
+            let bytes = store
+                .get(&doc.sha256)
+                .map_err(|e| retryable("content_store", e.to_string()))?
+                .ok_or_else(|| {
+                    rejected(
+                        "content_missing",
+                        format!("document {i} is not in the content store"),
+                    )
+                })?;
+            let ct = ContentType::parse(&doc.content_type)
+                .or_else(|_| ContentType::parse("application/octet-stream"))
+                .map_err(|e| rejected("encode", e.to_string()))?;
+            let name = doc
+                .title
+                .clone()
+                .unwrap_or_else(|| format!("document-{}", i + 1));
+            body = body.singlepart(Attachment::new(name).body(bytes, ct));
+        }
+        let message_id = format!("<{}@{}>", delivery.record_id, self.from.email.domain());
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(Mailbox::new(None, to.clone()))
+            .subject(format!("{label} via ketenbus [{}]", delivery.record_id))
+            .message_id(Some(message_id))
+            .multipart(body)
+            .map_err(|e| rejected("encode", e.to_string()))?;
+        Ok(message.formatted())
+    }
+
+    async fn send(&self, delivery: &Delivery) -> Result<Receipt, DeliveryError> {
+        let to = self.recipient(delivery)?;
+        let bytes = self.render(delivery, &to)?;
+        let timeout = Some(self.cfg.timeout);
+        let implicit = if self.cfg.tls == TlsMode::Implicit {
+            Some(self.tls_parameters()?)
+        } else {
+            None
+        };
+        let addr = (self.cfg.host.as_str(), self.port());
+        let mut conn =
+            AsyncSmtpConnection::connect_tokio1(addr, timeout, &self.hello, implicit, None)
+                .await
+                .map_err(|e| classify("connect", &e))?;
+        let result = self.transaction(&mut conn, delivery, &to, &bytes).await;
+        match &result {
+            Ok(_) => {
+                let _ = conn.command(Quit).await;
+            }
+            Err(_) => conn.abort().await,
+        }
+        result
+    }
+
+    async fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        delivery: &Delivery,
+        to: &Address,
+        bytes: &[u8],
+    ) -> Result<Receipt, DeliveryError> {
+        if self.cfg.tls == TlsMode::Starttls {
+            if !conn.can_starttls() {
+                return Err(retryable(
+                    "tls_unavailable",
+                    "the server does not offer STARTTLS",
+                ));
+            }
+            conn.starttls(self.tls_parameters()?, &self.hello)
+                .await
+                .map_err(|e| classify("starttls", &e))?;
+        }
+        if let (Some(user), Some(pass)) = (&self.cfg.username, &self.password) {
+            let creds = Credentials::new(user.clone(), pass.clone());
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds)
+                .await
+                .map_err(|e| classify("auth", &e))?;
+        }
+        let mut mail_params = Vec::new();
+        let mut rcpt_params = Vec::new();
+        if self.cfg.dsn {
+            mail_params.push(MailParameter::Other {
+                keyword: "RET".into(),
+                value: Some("HDRS".into()),
+            });
+            // `Display` of the parameter xtext-encodes the value.
+            mail_params.push(MailParameter::Other {
+                keyword: "ENVID".into(),
+                value: Some(delivery.record_id.clone()),
+            });
+            rcpt_params.push(RcptParameter::Other {
+                keyword: "NOTIFY".into(),
+                value: Some("SUCCESS,FAILURE,DELAY".into()),
+            });
+        }
+        conn.command(Mail::new(Some(self.from.email.clone()), mail_params))
+            .await
+            .map_err(|e| classify("mail", &e))?;
+        conn.command(Rcpt::new(to.clone(), rcpt_params))
+            .await
+            .map_err(|e| classify("rcpt", &e))?;
+        conn.command(Data).await.map_err(|e| classify("data", &e))?;
+        let response = conn
+            .message(bytes)
+            .await
+            .map_err(|e| classify("message", &e))?;
+        let line = format!(
+            "{} {}",
+            response.code(),
+            response.first_line().unwrap_or("")
+        );
+        Ok(Receipt {
+            detail: line.trim_end().to_owned(),
+        })
+    }
+}
+
+impl Sink for MailSink {
+    fn deliver<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+    ) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+        Box::pin(async move {
+            let timeout = self.cfg.timeout.saturating_mul(4);
+            match tokio::time::timeout(timeout, self.send(delivery)).await {
+                Ok(r) => r,
+                Err(_) => Err(retryable(
+                    "timeout",
+                    "the mail server did not finish in time",
+                )),
+            }
+        })
+    }
+}
+
+fn kind_label(event: &Event) -> &'static str {
+    match event {
+        Event::LabResult(_) => "Laboratoriumuitslag",
+        Event::Letter(_) => "Brief",
+        Event::AcuteHandover(_) => "Acute overdracht",
+        Event::HandoverNotification(_) => "Overdrachtsmelding",
+    }
+}
+
+fn name_text(n: &HumanName) -> String {
+    if let Some(t) = &n.text {
+        return t.clone();
+    }
+    let family = [n.family_prefix.as_deref(), n.family.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
+    [
+        n.initials.as_deref().or(n.given.as_deref()),
+        Some(family.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|s| !s.is_empty())
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
+fn patient_lines(out: &mut String, p: Option<&Patient>) {
+    let Some(p) = p else { return };
+    let name = p.name.as_ref().map(name_text).unwrap_or_default();
+    let _ = writeln!(out, "Patiënt:        {name}");
+    if let Some(b) = &p.birth_date {
+        let _ = writeln!(out, "Geboortedatum:  {b}");
+    }
+    for id in &p.identifiers {
+        let label = if id.system == ketenbus_schemas::event::systems::BSN {
+            "BSN"
+        } else {
+            "Identificatie"
+        };
+        let _ = writeln!(
+            out,
+            "{label}:{}{}",
+            " ".repeat(16usize.saturating_sub(label.len() + 1)),
+            id.value
+        );
+    }
+}
+
+fn professional(p: &HealthProfessional) -> String {
+    let mut s = p.name.as_ref().map(name_text).unwrap_or_default();
+    if let Some(o) = &p.organization_name {
+        let _ = write!(s, " ({o})");
+    }
+    s
+}
+
+fn render_event(event: &Event, record_id: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{}\n", kind_label(event));
+    match event {
+        Event::LabResult(e) => render_lab(&mut out, e),
+        Event::Letter(e) => render_letter(&mut out, e),
+        Event::AcuteHandover(e) => render_handover(&mut out, e),
+        Event::HandoverNotification(e) => render_notification(&mut out, e),
+    }
+    let h = event.header();
+    let _ = writeln!(
+        out,
+        "\n--\nVerstuurd door ketenbus. Referentie: {record_id}"
+    );
+    if let Some(s) = &h.sender {
+        let _ = writeln!(out, "Afzender: {s}");
+    }
+    if let Some(t) = &h.source_message_type {
+        let _ = writeln!(out, "Bron: {} ({t})", h.source_format);
+    }
+    out.push_str(
+        "Het gestructureerde bericht zit als bijlage (ketenbus-event.json) bij deze mail.\n",
+    );
+    out
+}
+
+fn render_lab(out: &mut String, e: &LabResultEvent) {
+    patient_lines(out, e.patient.as_ref());
+    if let Some(p) = &e.performer {
+        let _ = writeln!(
+            out,
+            "Laboratorium:   {}",
+            p.name.clone().unwrap_or_default()
+        );
+    }
+    if let Some(r) = &e.requester {
+        let _ = writeln!(out, "Aanvrager:      {}", professional(r));
+    }
+    out.push('\n');
+    for r in &e.results {
+        let name = r
+            .local_name
+            .clone()
+            .or_else(|| r.test.display.clone())
+            .unwrap_or_else(|| r.test.code.clone());
+        let value = r
+            .value_text
+            .clone()
+            .or_else(|| r.value_decimal.clone())
+            .unwrap_or_else(|| "(volgt)".into());
+        let unit = r.unit.clone().unwrap_or_default();
+        let range = match (&r.reference_low, &r.reference_high, &r.reference_text) {
+            (Some(l), Some(h), _) => format!("  [{l} - {h}]"),
+            (_, _, Some(t)) => format!("  [{t}]"),
+            _ => String::new(),
+        };
+        let flag = r
+            .interpretation
+            .clone()
+            .map(|f| format!("  {f}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {name:<24} {value} {unit}{range}{flag}");
+        for c in &r.comments {
+            let _ = writeln!(out, "      {c}");
+        }
+    }
+    for c in &e.comments {
+        let _ = writeln!(out, "\n{c}");
+    }
+}
+
+fn render_letter(out: &mut String, e: &LetterEvent) {
+    patient_lines(out, e.patient.as_ref());
+    if let Some(a) = &e.author {
+        let _ = writeln!(out, "Van:            {}", professional(a));
+    }
+    if let Some(d) = &e.date {
+        let _ = writeln!(out, "Datum:          {d}");
+    }
+    if let Some(t) = &e.title {
+        let _ = writeln!(out, "Onderwerp:      {t}");
+    }
+    if let Some(t) = &e.text {
+        let _ = writeln!(out, "\n{t}");
+    }
+    if !e.attachments.is_empty() {
+        out.push_str("\nBijlagen:\n");
+        for a in &e.attachments {
+            let _ = writeln!(
+                out,
+                "  - {} ({}, {} bytes)",
+                a.title.as_deref().unwrap_or("document"),
+                a.content_type,
+                a.size
+            );
+        }
+    }
+}
+
+fn render_handover(out: &mut String, e: &AcuteHandoverEvent) {
+    patient_lines(out, e.patient.as_ref());
+    if let Some(r) = &e.referral.reason {
+        let _ = writeln!(out, "Reden:          {r}");
+    }
+    for s in &e.sections {
+        let _ = writeln!(
+            out,
+            "\n{}\n{}",
+            s.title.as_deref().unwrap_or(""),
+            s.text.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn render_notification(out: &mut String, e: &HandoverNotificationEvent) {
+    let _ = writeln!(
+        out,
+        "Taak:   {}\nStatus: {}",
+        e.task_reference, e.task_status
+    );
+}
+
+fn render_raw(env: &RawEnvelope, record_id: &str) -> String {
+    format!(
+        "Bericht zoals ontvangen ({}, {} bytes), als bijlage.\n\n--\nVerstuurd door ketenbus. Referentie: {record_id}\n",
+        env.format.as_str(),
+        env.body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use ketenbus_schemas::event::Attachment as Doc;
+    use ketenbus_schemas::{EventHeader, EventKind, Format};
+
+    use super::*;
+    use crate::mail::content::MemoryContentStore;
+
+    fn sink(content: Option<Arc<dyn ContentStore>>) -> MailSink {
+        let cfg = MailSinkConfig {
+            host: "127.0.0.1".into(),
+            port: Some(1),
+            tls: TlsMode::None,
+            ca_file: None,
+            username: None,
+            password_env: None,
+            from: "ketenbus@ketenbus.example.test".into(),
+            to: None,
+            dsn: true,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        let book = BTreeMap::from([(
+            "mailbox:500005678".to_owned(),
+            "huisarts@gp.example.test".to_owned(),
+        )]);
+        MailSink::new(cfg, None, book, content).unwrap()
+    }
+
+    fn letter(pdf: &[u8]) -> Delivery {
+        let mut header = EventHeader::new(EventKind::Letter, "env9", 0, "rfc822");
+        header.receiver = Some("mailbox:500005678".into());
+        let event = Event::Letter(LetterEvent {
+            header,
+            patient: None,
+            author: None,
+            author_organization: None,
+            recipient: None,
+            date: Some("2026-11-02".into()),
+            title: Some("Ontslagbrief J. Jansen".into()),
+            text: Some("Geachte collega,".into()),
+            attachments: vec![Doc {
+                content_type: "application/pdf".into(),
+                title: Some("brief.pdf".into()),
+                sha256: crate::mail::content::sha256_hex(pdf),
+                size: pdf.len() as i64,
+            }],
+        });
+        Delivery {
+            subscription: "s".into(),
+            record_id: "env9.0".into(),
+            payload: Payload::Event(Arc::new(event)),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn a_letter_renders_readable_with_the_pdf_and_no_patient_data_in_the_subject() {
+        let store = Arc::new(MemoryContentStore::default());
+        let pdf = b"%PDF-1.4 synthetic".to_vec();
+        store.put(&pdf).unwrap();
+        let s = sink(Some(store));
+        let d = letter(&pdf);
+        let to = s.recipient(&d).unwrap();
+        assert_eq!(
+            to.to_string(),
+            "huisarts@gp.example.test",
+            "from the address book"
+        );
+        let mail = String::from_utf8(s.render(&d, &to).unwrap()).unwrap();
+        let subject = mail.lines().find(|l| l.starts_with("Subject:")).unwrap();
+        assert_eq!(subject, "Subject: Brief via ketenbus [env9.0]");
+        assert!(
+            mail.contains("Message-ID: <env9.0@ketenbus.example.test>"),
+            "{mail}"
+        );
+        assert!(mail.contains("filename=\"brief.pdf\""));
+        assert!(mail.contains("ketenbus-event.json"));
+        let parsed = mail_parser::MessageParser::default()
+            .parse(mail.as_bytes())
+            .unwrap();
+        assert!(
+            parsed
+                .body_text(0)
+                .unwrap()
+                .contains("Onderwerp:      Ontslagbrief J. Jansen")
+        );
+        let pdf_part = parsed
+            .attachments()
+            .find(|a| mail_parser::MimeHeaders::attachment_name(*a) == Some("brief.pdf"))
+            .unwrap();
+        assert_eq!(pdf_part.contents(), pdf.as_slice());
+    }
+
+    #[test]
+    fn a_missing_document_or_address_is_a_rejection() {
+        let s = sink(Some(Arc::new(MemoryContentStore::default())));
+        let d = letter(b"not stored");
+        let to = s.recipient(&d).unwrap();
+        assert_eq!(s.render(&d, &to).unwrap_err().reason(), "content_missing");
+        let mut d = letter(b"x");
+        if let Payload::Event(e) = &mut d.payload {
+            let mut e = (**e).clone();
+            e.header_mut().receiver = Some("agb:000".into());
+            d.payload = Payload::Event(Arc::new(e));
+        }
+        assert_eq!(s.recipient(&d).unwrap_err().reason(), "no_address");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_retryable() {
+        let s = sink(None);
+        let env = RawEnvelope {
+            id: "e".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: None,
+            receiver: Some("mailbox:500005678".into()),
+            body: b"UNB'".to_vec(),
+            attributes: BTreeMap::new(),
+        };
+        let d = Delivery {
+            subscription: "s".into(),
+            record_id: "e".into(),
+            payload: Payload::Raw(Arc::new(env)),
+            attempt: 1,
+        };
+        let err = s.deliver(&d).await.unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Retryable, "{err}");
+    }
+}

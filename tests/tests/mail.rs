@@ -1,0 +1,809 @@
+//! Secure mail through real peers on loopback: swaks as SMTP client (TLS, AUTH, pipelining,
+//! oversize, bad recipient), Postfix relaying into the SMTP listener and delivering the mail
+//! sink's messages to a maildir (and their DSNs back), Dovecot as the hub the IMAP pickup
+//! reads from, with a crash between store and move. The peers are Debian's packages,
+//! installed by `ops/mail/setup.sh` when missing; each test starts its own with a config in
+//! a temporary directory.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ketenbus_connectors::mail::dsn;
+use ketenbus_tests::{Behaviour, Broker, Receiver, free_port, lineage};
+use mail_parser::{MessageParser, MimeHeaders};
+
+const OK: Behaviour = Behaviour {
+    status: 204,
+    delay: Duration::ZERO,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("connectors/testdata/mail").join(name)
+}
+
+/// Install the mail peers once when they are missing.
+fn ensure_tools() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let have = |p: &str| Path::new(p).exists();
+        let ssl = Command::new("perl")
+            .args(["-MNet::SSLeay", "-e1"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !(have("/usr/sbin/postfix")
+            && have("/usr/bin/swaks")
+            && have("/usr/sbin/dovecot")
+            && have("/usr/sbin/smtp-sink")
+            && ssl)
+        {
+            let out = Command::new("bash")
+                .arg(root().join("ops/mail/setup.sh"))
+                .output()
+                .expect("run ops/mail/setup.sh");
+            assert!(
+                out.status.success(),
+                "ops/mail/setup.sh failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    });
+}
+
+/// A temporary directory other users (postfix, dovecot, nobody) can enter.
+fn open_tempdir() -> tempfile::TempDir {
+    let t = tempfile::tempdir().expect("tempdir");
+    chmod(t.path(), "755");
+    t
+}
+
+fn chmod(p: &Path, mode: &str) {
+    assert!(
+        Command::new("chmod")
+            .arg(mode)
+            .arg(p)
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+fn chown(p: &Path, owner: &str) {
+    assert!(
+        Command::new("chown")
+            .args(["-R", owner])
+            .arg(p)
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on port {port}");
+}
+
+/// A test CA and a certificate for localhost / 127.0.0.1 signed by it.
+struct Certs {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn certs(dir: &Path) -> Certs {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ketenbus test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "req.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    chmod(&dir.join("key.pem"), "644");
+    Certs {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    }
+}
+
+/// A private Postfix instance: relays everything to `relay_port` (the broker's SMTP
+/// listener), delivers `gp.example.test` to a maildir, offers STARTTLS.
+struct Postfix {
+    conf: PathBuf,
+    port: u16,
+    maildir: PathBuf,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Postfix {
+    fn start(relay_port: u16, certs: &Certs) -> Postfix {
+        ensure_tools();
+        let tmp = open_tempdir();
+        let dir = tmp.path().to_path_buf();
+        let port = free_port();
+        let conf = dir.join("conf");
+        for d in ["conf", "queue", "data", "vmail"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        chown(&dir.join("data"), "postfix");
+        chown(&dir.join("vmail"), "65534:65534");
+        let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("postfix master.cf");
+        let mut lines = Vec::new();
+        for l in master.lines() {
+            if l.starts_with("smtp ") && l.contains(" inet ") {
+                lines.push(format!("127.0.0.1:{port} inet n - n - - smtpd"));
+            } else if !l.is_empty() && !l.starts_with('#') && !l.starts_with(char::is_whitespace) {
+                // No chroot: the instance lives in a temporary directory.
+                let mut f: Vec<&str> = l.split_whitespace().collect();
+                if f.len() >= 8 {
+                    f[4] = "n";
+                }
+                lines.push(f.join(" "));
+            } else {
+                lines.push(l.to_owned());
+            }
+        }
+        std::fs::write(conf.join("master.cf"), lines.join("\n") + "\n").unwrap();
+        let d = dir.display();
+        let main = format!(
+            "compatibility_level = 3.6\nqueue_directory = {d}/queue\ndata_directory = {d}/data\nmail_owner = postfix\nsetgid_group = postdrop\n\
+             myhostname = relay.ketenbus.test\nmydomain = ketenbus.test\nmyorigin = $myhostname\ninet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
+             mydestination =\nmynetworks = 127.0.0.0/8\nrelayhost = [127.0.0.1]:{relay_port}\nsmtp_dns_support_level = disabled\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\nalias_maps =\nalias_database =\nbiff = no\n\
+             virtual_mailbox_domains = gp.example.test\nvirtual_mailbox_base = {d}/vmail\nvirtual_mailbox_maps = static:huisarts/\n\
+             virtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\n\
+             smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtp_tls_security_level = may\n\
+             maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n",
+            certs.cert.display(),
+            certs.key.display()
+        );
+        std::fs::write(conf.join("main.cf"), main).unwrap();
+        let out = Command::new("postfix")
+            .arg("-c")
+            .arg(&conf)
+            .arg("start")
+            .output()
+            .expect("postfix");
+        assert!(
+            out.status.success(),
+            "postfix did not start: {}",
+            std::fs::read_to_string(dir.join("maillog")).unwrap_or_default()
+        );
+        wait_port(port);
+        Postfix {
+            conf,
+            port,
+            maildir: dir.join("vmail/huisarts"),
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// Messages delivered to the maildir.
+    fn delivered(&self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(rd) = std::fs::read_dir(self.maildir.join(sub)) {
+                for e in rd.flatten() {
+                    out.push(std::fs::read(e.path()).unwrap());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("stop")
+            .output();
+    }
+}
+
+/// A private Dovecot with one user `hub` (password `hubpass`) and IMAPS on a loopback port.
+struct Dovecot {
+    imaps_port: u16,
+    maildir: PathBuf,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Dovecot {
+    fn start(certs: &Certs) -> Dovecot {
+        ensure_tools();
+        let tmp = open_tempdir();
+        let dir = tmp.path().to_path_buf();
+        let (imap_port, imaps_port) = (free_port(), free_port());
+        for d in [
+            "run",
+            "state",
+            "mail/hub/Maildir/new",
+            "mail/hub/Maildir/cur",
+            "mail/hub/Maildir/tmp",
+        ] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        chown(&dir.join("mail"), "65534:65534");
+        std::fs::write(dir.join("users"), "hub:{PLAIN}hubpass\n").unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "base_dir = {d}/run\nstate_dir = {d}/state\nlog_path = {d}/dovecot.log\nprotocols = imap\nlisten = 127.0.0.1\n\
+             ssl = yes\nssl_cert = <{}\nssl_key = <{}\ndisable_plaintext_auth = no\nauth_mechanisms = plain login\n\
+             default_internal_user = dovecot\ndefault_login_user = dovenull\n\
+             passdb {{\n  driver = passwd-file\n  args = scheme=PLAIN username_format=%u {d}/users\n}}\n\
+             userdb {{\n  driver = static\n  args = uid=65534 gid=65534 home={d}/mail/%u\n}}\n\
+             mail_location = maildir:{d}/mail/%u/Maildir\n\
+             service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {imap_port}\n  }}\n  inet_listener imaps {{\n    address = 127.0.0.1\n    port = {imaps_port}\n    ssl = yes\n  }}\n}}\n",
+            certs.cert.display(),
+            certs.key.display()
+        );
+        std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        // Not `output()`: the daemon keeps inherited pipes open.
+        let err = std::fs::File::create(dir.join("start.err")).unwrap();
+        let status = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            .stdout(Stdio::null())
+            .stderr(err)
+            .status()
+            .expect("dovecot");
+        assert!(
+            status.success(),
+            "dovecot did not start: {}",
+            std::fs::read_to_string(dir.join("start.err")).unwrap_or_default()
+        );
+        wait_port(imaps_port);
+        Dovecot {
+            imaps_port,
+            maildir: dir.join("mail/hub/Maildir"),
+            dir,
+            _tmp: tmp,
+        }
+    }
+
+    /// Put a message into the inbox, as the hub's delivery would.
+    fn deliver(&self, name: &str, bytes: &[u8]) {
+        let p = self.maildir.join("new").join(name);
+        std::fs::write(&p, bytes).unwrap();
+        chown(&p, "65534:65534");
+    }
+
+    fn create_folder(&self, name: &str) {
+        for sub in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(self.maildir.join(format!(".{name}")).join(sub)).unwrap();
+        }
+        chown(&self.maildir, "65534:65534");
+    }
+
+    fn count(&self, folder: &str) -> usize {
+        let base = if folder == "INBOX" {
+            self.maildir.clone()
+        } else {
+            self.maildir.join(format!(".{folder}"))
+        };
+        ["new", "cur"]
+            .iter()
+            .map(|s| {
+                std::fs::read_dir(base.join(s))
+                    .map(Iterator::count)
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("run/master.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// Run swaks; returns (success, everything it printed).
+fn swaks(args: &[&str]) -> (bool, String) {
+    ensure_tools();
+    let out = Command::new("swaks")
+        .args(args)
+        .args(["--timeout", "30"])
+        .output()
+        .expect("swaks");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The id in `250 2.0.0 Ok: queued as <id>`.
+fn queued_id(transcript: &str) -> String {
+    let at = transcript
+        .rfind("queued as ")
+        .unwrap_or_else(|| panic!("no queued-as in:\n{transcript}"));
+    transcript[at + 10..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn smtp_config(port: u16, certs: &Certs, extra: &str) -> String {
+    format!(
+        "[mail.smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"ketenbus.test\"\nmax_message_size = \"64 KiB\"\n\
+         accept_domains = [\"lms.example.test\", \"ketenbus.example.test\"]\n{extra}\n\
+         [mail.smtp.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+        certs.cert, certs.key
+    )
+}
+
+fn subscription(name: &str, kinds: &str, url: &str) -> String {
+    format!(
+        "[[subscriptions]]\nname = \"{name}\"\nkinds = [{kinds}]\nsink = {{ type = \"webhook\", url = \"{url}\" }}\n[subscriptions.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n"
+    )
+}
+
+async fn lineage_until(
+    base: &str,
+    id: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let c = reqwest::Client::new();
+    let mut last = serde_json::Value::Null;
+    for _ in 0..150 {
+        last = lineage(&c, base, id).await.expect("lineage");
+        if pred(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("lineage never matched: {last:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let rx = Receiver::start(OK).await;
+    let port = free_port();
+    let config = format!(
+        "{}[mail.smtp.auth]\nrequired = false\nusers = [{{ username = \"lab\", password_env = \"TEST_SMTP_LAB_PASSWORD\" }}]\n{}",
+        smtp_config(port, &certs, ""),
+        subscription("letters", "\"letter\"", &rx.url())
+    );
+    let broker = Broker::start_with_env(
+        &config,
+        &[("TEST_SMTP_LAB_PASSWORD", "lab-password-for-tests")],
+    );
+    let server = format!("127.0.0.1:{port}");
+    let letter = fixture("letter-pdf.eml");
+    let letter = letter.to_str().unwrap();
+    let base = [
+        "--server",
+        server.as_str(),
+        "--from",
+        "specialist@ziekenhuis.example.test",
+    ];
+
+    // STARTTLS, AUTH PLAIN, pipelined envelope: accepted only once durable.
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--to",
+                "500005678@lms.example.test",
+                "--tls",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "lab",
+                "--auth-password",
+                "lab-password-for-tests",
+                "--pipeline",
+                "--data",
+                letter,
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("250-STARTTLS")
+            && out.contains("250-PIPELINING")
+            && out.contains("250-8BITMIME")
+            && out.contains("250-SIZE 65536"),
+        "{out}"
+    );
+    assert!(out.contains("235 2.7.0 Authentication successful"), "{out}");
+    let id = queued_id(&out);
+    let l = lineage_until(&broker.url, &id, |l| {
+        l["events"].as_array().is_some_and(|e| !e.is_empty())
+    })
+    .await;
+    assert_eq!(l["connector"], "smtp");
+    assert_eq!(l["format"], "rfc822");
+    let got = rx.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let event: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(event["header"]["kind"], "letter");
+    assert_eq!(event["header"]["receiver"], "mailbox:500005678");
+    let pdf = std::fs::read(fixture("ontslagbrief.pdf")).unwrap();
+    let sha = ketenbus_connectors::mail::content::sha256_hex(&pdf);
+    assert_eq!(event["attachments"][0]["sha256"], sha.as_str());
+    let stored = std::fs::read(broker.dir.join("data/content").join(&sha))
+        .expect("the PDF is in the content store");
+    assert_eq!(stored, pdf);
+
+    // AUTH is not offered before STARTTLS: the client cannot authenticate in clear text.
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--to",
+                "500005678@lms.example.test",
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "lab",
+                "--auth-password",
+                "lab-password-for-tests",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok, "{out}");
+    assert!(!out.contains("250-AUTH"), "{out}");
+    // A wrong password is refused.
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--to",
+                "500005678@lms.example.test",
+                "--tls",
+                "--auth",
+                "LOGIN",
+                "--auth-user",
+                "lab",
+                "--auth-password",
+                "wrong",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok && out.contains("535 5.7.8"), "{out}");
+    // A recipient outside the accepted domains.
+    let (ok, out) = swaks(&[&base[..], &["--to", "someone@elsewhere.example.test"]].concat());
+    assert!(
+        !ok && out
+            .contains("550 5.1.1 <someone@elsewhere.example.test>: recipient address rejected"),
+        "{out}"
+    );
+    // Too big: announced limit 64 KiB, 100 KiB sent.
+    let big = tmp.path().join("big.eml");
+    let mut body = String::from("From: a@b.test\r\nSubject: big\r\n\r\n");
+    while body.len() < 100 * 1024 {
+        body.push_str("0123456789012345678901234567890123456789012345678901234567890123456789\r\n");
+    }
+    std::fs::write(&big, body).unwrap();
+    let (ok, out) = swaks(
+        &[
+            &base[..],
+            &[
+                "--to",
+                "500005678@lms.example.test",
+                "--data",
+                big.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!ok && out.contains("552 5.3.4"), "{out}");
+    // Nothing refused reached a subscriber.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let rx = Receiver::start(OK).await;
+    let port = free_port();
+    let broker = Broker::start(&format!(
+        "{}{}",
+        smtp_config(port, &certs, ""),
+        subscription("gp-lab", "\"lab_result\"", &rx.url())
+    ));
+    let postfix = Postfix::start(port, &certs);
+    let server = format!("127.0.0.1:{}", postfix.port);
+    let data = fixture("lab-result-edifact-attachment.eml");
+    let (ok, out) = swaks(&[
+        "--server",
+        &server,
+        "--from",
+        "500001234@lms.example.test",
+        "--to",
+        "500005678@lms.example.test",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let got = rx.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "postfix log:\n{}\nbroker log:\n{}",
+        postfix.log(),
+        broker.log_text()
+    );
+    assert_eq!(got[0].header("ketenbus-kind"), Some("lab_result"));
+    let event: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(event["header"]["source_format"], "edifact");
+    assert!(!event["results"].as_array().unwrap().is_empty());
+    let envelope = got[0].header("ketenbus-envelope-id").unwrap().to_owned();
+    let l = lineage_until(&broker.url, &envelope, |l| l["connector"] == "smtp").await;
+    assert_eq!(l["format"], "rfc822");
+    // Postfix handed it over with STARTTLS and heard 250 only after the broker stored it.
+    let log = postfix.log();
+    assert!(log.contains(&format!("queued as {envelope}")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let raw = Receiver::start(OK).await;
+    let port = free_port();
+    // Postfix needs the broker's port, the broker Postfix's: take both first.
+    let postfix = Postfix::start(port, &certs);
+    let sink = format!(
+        "[[subscriptions]]\nname = \"gp-by-mail\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n[subscriptions.retry]\ninitial = \"200ms\"\nmax = \"2s\"\n",
+        postfix.port, certs.ca
+    );
+    let config = format!(
+        "{}{}{}",
+        smtp_config(port, &certs, ""),
+        subscription("everything-raw", "\"raw\"", &raw.url()),
+        sink
+    );
+    let broker = Broker::start(&config);
+    let data = fixture("letter-pdf.eml");
+    let (ok, out) = swaks(&[
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--from",
+        "specialist@ziekenhuis.example.test",
+        "--to",
+        "500005678@lms.example.test",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let envelope = queued_id(&out);
+
+    // The mail arrives in the GP's maildir, readable, with the PDF.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while postfix.delivered().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered = postfix.delivered();
+    assert_eq!(
+        delivered.len(),
+        1,
+        "postfix log:\n{}\nbroker log:\n{}",
+        postfix.log(),
+        broker.log_text()
+    );
+    let mail = MessageParser::default().parse(&delivered[0]).unwrap();
+    let record = format!("{envelope}.0");
+    let subject = mail.subject().unwrap();
+    assert_eq!(subject, format!("Brief via ketenbus [{record}]"));
+    assert!(
+        !subject.contains("Ontslagbrief"),
+        "no patient data in the subject"
+    );
+    assert_eq!(
+        mail.message_id(),
+        Some(format!("{record}@ketenbus.example.test").as_str())
+    );
+    let text = mail.body_text(0).unwrap();
+    assert!(
+        text.contains("Geachte collega,") && text.contains("Ontslagbrief (synthetisch)"),
+        "{text}"
+    );
+    let pdf = std::fs::read(fixture("ontslagbrief.pdf")).unwrap();
+    let got_pdf = mail
+        .attachments()
+        .find(|a| a.attachment_name() == Some("ontslagbrief.pdf"))
+        .expect("the PDF is attached");
+    assert_eq!(got_pdf.contents(), pdf.as_slice());
+    let json = mail
+        .attachments()
+        .find(|a| a.attachment_name() == Some("ketenbus-event.json"))
+        .expect("the event as JSON");
+    let event: serde_json::Value = serde_json::from_slice(json.contents()).unwrap();
+    assert_eq!(event["header"]["id"], record.as_str());
+    assert!(
+        postfix.log().contains("starttls=1"),
+        "the sink used STARTTLS:\n{}",
+        postfix.log()
+    );
+    let l = lineage_until(&broker.url, &envelope, |l| {
+        l["deliveries"].as_array().is_some_and(|d| {
+            d.iter()
+                .any(|d| d["subscription"] == "gp-by-mail" && d["outcome"] == "delivered")
+        })
+    })
+    .await;
+    assert_eq!(l["connector"], "smtp");
+
+    // Postfix's success DSN comes back through the SMTP listener and names the delivery.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let found = raw.received().iter().find_map(|r| dsn::parse(&r.body));
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no DSN came back; postfix log:\n{}",
+            postfix.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report.record_id().as_deref(), Some(record.as_str()));
+    assert_eq!(report.action(), Some(dsn::Action::Delivered));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_pickup_survives_a_crash_between_store_and_move() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let dovecot = Dovecot::start(&certs);
+    dovecot.deliver(
+        "1764000000.M1.hub",
+        &std::fs::read(fixture("lab-result-edifact-attachment.eml")).unwrap(),
+    );
+    let rx = Receiver::start(OK).await;
+    let config = format!(
+        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+         processed_folder = \"Processed\"\npoll_interval = \"200ms\"\nreceiver = \"mailbox:500005678\"\n{}",
+        dovecot.imaps_port,
+        certs.ca,
+        subscription("gp-lab", "\"lab_result\"", &rx.url())
+    );
+    let mut broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
+    // Stored and delivered; the move fails (the folder does not exist yet), so the message
+    // stays in the inbox, remembered in the state file.
+    let got = rx.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let state = broker.dir.join("data/imap/hub.state");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&state)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        != 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "state never written:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Several more looks: recognised each time, never ingested again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(dovecot.count("INBOX"), 1);
+    assert_eq!(rx.received().len(), 1, "{}", broker.log_text());
+
+    // Crash between store and move, fix the folder, start again.
+    broker.kill();
+    dovecot.create_folder("Processed");
+    broker.spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dovecot.count("Processed") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "never moved:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dovecot.count("INBOX"), 0);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(rx.received().len(), 1, "exactly one event after the crash");
+    assert_eq!(
+        std::fs::read_to_string(&state).unwrap_or_default(),
+        "",
+        "forgotten once moved"
+    );
+    let envelope = got[0].header("ketenbus-envelope-id").unwrap().to_owned();
+    let l = lineage(&reqwest::Client::new(), &broker.url, &envelope)
+        .await
+        .unwrap();
+    assert_eq!(l["connector"], "imap");
+}
