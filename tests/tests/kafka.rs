@@ -76,7 +76,7 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     })
     .await;
     let config = format!(
-        "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\n\
+        "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\nsession_timeout = \"6s\"\n\
          properties = {{ \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }}\n{}",
         webhook_subscription("archive", "\"raw\"", &rx.url(), "")
     );
@@ -91,17 +91,28 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(s, 202, "{j}\n{}", broker.log_text());
         sent.push((j["id"].as_str().unwrap().to_owned(), body));
     }
-    let got = rx.wait_for(20, Duration::from_secs(30)).await;
-    let ids: HashSet<&str> = got
-        .iter()
-        .filter_map(|r| r.header("idempotency-key"))
-        .collect();
-    for (id, _) in &sent {
+    // Wait for every id sent here (a reused cluster may also hand over older records).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = rx.received();
+        let ids: HashSet<&str> = got
+            .iter()
+            .filter_map(|r| r.header("idempotency-key"))
+            .collect();
+        let missing: Vec<&String> = sent
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| !ids.contains(id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            ids.contains(id.as_str()),
-            "{id} not delivered:\n{}",
+            tokio::time::Instant::now() < deadline,
+            "{missing:?} not delivered:\n{}",
             broker.log_text()
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let l = lineage(&c, &broker.url, &sent[0].0).await.unwrap();
     assert_eq!(l["format"], "edifact", "{l:#}");
@@ -134,13 +145,25 @@ BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+6+M0042'UNZ+1+IC0042'";
     .unwrap();
     assert_eq!(s, 202);
     let lab_id = j["id"].as_str().unwrap().to_owned();
-    let events = avro_read(
-        &python,
-        &bootstrap,
-        "ketenbus.events.lab_result",
-        "event_lab_result.avsc",
-        1,
-    );
+    // The router publishes the event shortly after the 202; read until it is there.
+    let mut found = None;
+    for _ in 0..50 {
+        let events = avro_read(
+            &python,
+            &bootstrap,
+            "ketenbus.events.lab_result",
+            "event_lab_result.avsc",
+            0,
+        );
+        found = events
+            .into_iter()
+            .find(|r| r["value"]["header"]["envelope_id"] == lab_id.as_str());
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events = vec![found.expect("the lab_result event reaches its topic")];
     let e = &events[0]["value"];
     assert_eq!(e["header"]["envelope_id"], lab_id.as_str());
     assert_eq!(e["header"]["id"], format!("{lab_id}.0"));
