@@ -305,6 +305,18 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                     envelope.id.clone(),
                     Step::new(at, "normalised", "no_events"),
                 ));
+                // A delivery status notification about a mail the mail sink sent: the
+                // delivery's lineage shows delivered / delayed / failed.
+                if envelope.format == Format::Rfc822
+                    && let Some(r) = ketenbus_connectors::mail::dsn::lineage_of(&envelope.body)
+                {
+                    let mut step = Step::new(at, "delivery_report", r.outcome);
+                    step.subscription = r.subscription;
+                    step.record_id = Some(r.record_id);
+                    step.reason = r.reason;
+                    step.detail = r.detail;
+                    steps.push((r.envelope_id, step));
+                }
             }
             Routed {
                 out,

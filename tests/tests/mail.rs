@@ -734,7 +734,26 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(report.record_id().as_deref(), Some(record.as_str()));
+    assert_eq!(report.subscription().as_deref(), Some("gp-by-mail"));
     assert_eq!(report.action(), Some(dsn::Action::Delivered));
+    // ...and the router puts it in the delivery's lineage.
+    let l = lineage_until(&broker.url, &envelope, |l| {
+        l["steps"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["stage"] == "delivery_report"))
+    })
+    .await;
+    let step = l["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "delivery_report")
+        .unwrap()
+        .clone();
+    assert_eq!(step["outcome"], "delivered");
+    assert_eq!(step["subscription"], "gp-by-mail");
+    assert_eq!(step["record_id"], record.as_str());
+    assert_eq!(step["reason"], "dsn_2.0.0");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

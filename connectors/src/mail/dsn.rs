@@ -72,19 +72,32 @@ pub struct DeliveryReport {
 }
 
 impl DeliveryReport {
-    /// The record id of the delivery this report is about: the envelope id we set, else the
-    /// local part of the `Message-ID` we set (`<record id>@host`).
+    /// The record id of the delivery this report is about: from the envelope id we set
+    /// (`<subscription>/<record id>`), else the local part of the `Message-ID` we set
+    /// (`<record id>@host`).
     #[must_use]
     pub fn record_id(&self) -> Option<String> {
-        self.original_envelope_id
-            .clone()
+        match self
+            .original_envelope_id
+            .as_deref()
             .filter(|s| !s.is_empty())
-            .or_else(|| {
-                self.original_message_id
-                    .as_deref()
-                    .and_then(|m| m.rsplit_once('@'))
-                    .map(|(local, _)| local.to_owned())
-            })
+        {
+            Some(envid) => Some(envid.rsplit_once('/').map_or(envid, |(_, r)| r).to_owned()),
+            None => self
+                .original_message_id
+                .as_deref()
+                .and_then(|m| m.rsplit_once('@'))
+                .map(|(local, _)| local.to_owned()),
+        }
+    }
+
+    /// The subscription that made the delivery, when the envelope id names it.
+    #[must_use]
+    pub fn subscription(&self) -> Option<String> {
+        self.original_envelope_id
+            .as_deref()
+            .and_then(|e| e.split_once('/'))
+            .map(|(s, _)| s.to_owned())
     }
 
     /// The overall action: the worst over all recipients (failed before delayed before
@@ -92,6 +105,56 @@ impl DeliveryReport {
     #[must_use]
     pub fn action(&self) -> Option<Action> {
         self.recipients.iter().map(|r| r.action).max()
+    }
+
+    /// The status of the recipient that decided [`action`](Self::action).
+    #[must_use]
+    pub fn deciding(&self) -> Option<&RecipientStatus> {
+        let action = self.action()?;
+        self.recipients.iter().find(|r| r.action == action)
+    }
+}
+
+/// What a delivery status notification means for the lineage of the delivery it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineageReport {
+    /// Envelope whose lineage gets the step.
+    pub envelope_id: String,
+    /// Subscription that delivered, when the report names it.
+    pub subscription: Option<String>,
+    /// The delivered record.
+    pub record_id: String,
+    /// `delivered`, `delayed` or `failed`.
+    pub outcome: &'static str,
+    /// `dsn_<status>`, e.g. `dsn_5.1.1`.
+    pub reason: Option<String>,
+    /// The remote server's answer.
+    pub detail: Option<String>,
+}
+
+/// The lineage step a message makes when it is a delivery status notification about one of
+/// our deliveries; `None` for any other message.
+#[must_use]
+pub fn lineage_of(message: &[u8]) -> Option<LineageReport> {
+    let report = parse(message)?;
+    let record_id = report.record_id()?;
+    let deciding = report.deciding()?;
+    Some(LineageReport {
+        envelope_id: envelope_of(&record_id).to_owned(),
+        subscription: report.subscription(),
+        outcome: deciding.action.outcome(),
+        reason: deciding.status.as_ref().map(|s| format!("dsn_{s}")),
+        detail: deciding.diagnostic.clone(),
+        record_id,
+    })
+}
+
+/// The envelope id of a record id: `<envelope id>.<n>` for events, the id itself for raw.
+#[must_use]
+pub fn envelope_of(record_id: &str) -> &str {
+    match record_id.rsplit_once('.') {
+        Some((env, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => env,
+        _ => record_id,
     }
 }
 
@@ -289,6 +352,36 @@ mod tests {
             Some("0193a1b2-0000-7000-8000-000000000002.1")
         );
         assert_eq!(r.action().map(Action::outcome), Some("delivered"));
+    }
+
+    #[test]
+    fn the_envelope_id_may_name_the_subscription() {
+        let mut r = parse(FAILED).unwrap();
+        r.original_envelope_id = Some("gp-by-mail/0193a1b2-0000-7000-8000-000000000001.3".into());
+        assert_eq!(
+            r.record_id().as_deref(),
+            Some("0193a1b2-0000-7000-8000-000000000001.3")
+        );
+        assert_eq!(r.subscription().as_deref(), Some("gp-by-mail"));
+        assert_eq!(r.deciding().unwrap().status.as_deref(), Some("5.1.1"));
+        assert_eq!(
+            envelope_of("0193a1b2-0000-7000-8000-000000000001.3"),
+            "0193a1b2-0000-7000-8000-000000000001"
+        );
+        assert_eq!(
+            envelope_of("0193a1b2-0000-7000-8000-000000000001"),
+            "0193a1b2-0000-7000-8000-000000000001"
+        );
+    }
+
+    #[test]
+    fn a_report_becomes_a_lineage_step_for_the_original_envelope() {
+        let l = lineage_of(FAILED).unwrap();
+        assert_eq!(l.envelope_id, "0193a1b2-0000-7000-8000-000000000001");
+        assert_eq!(l.record_id, "0193a1b2-0000-7000-8000-000000000001.0");
+        assert_eq!(l.outcome, "failed");
+        assert_eq!(l.reason.as_deref(), Some("dsn_5.1.1"));
+        assert_eq!(lineage_of(b"Subject: x\r\n\r\nhi\r\n"), None);
     }
 
     #[test]

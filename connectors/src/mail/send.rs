@@ -5,7 +5,7 @@
 //! attachment and the event's documents from the content store. The subject names only the
 //! kind and the record id: never patient data (NTA 7516).
 //!
-//! Proof of delivery: the envelope asks for DSNs (`RET=HDRS ENVID=<record id>`,
+//! Proof of delivery: the envelope asks for DSNs (`RET=HDRS ENVID=<subscription>/<record id>`,
 //! `NOTIFY=SUCCESS,FAILURE,DELAY`), and `Message-ID` is `<record id>@<sender domain>`, so
 //! [`crate::mail::dsn`] finds the delivery a report is about. The same record id always
 //! makes the same `Message-ID`: receivers can drop a duplicate after a retry.
@@ -309,7 +309,7 @@ impl MailSink {
             // `Display` of the parameter xtext-encodes the value.
             mail_params.push(MailParameter::Other {
                 keyword: "ENVID".into(),
-                value: Some(delivery.record_id.clone()),
+                value: Some(format!("{}/{}", delivery.subscription, delivery.record_id)),
             });
             rcpt_params.push(RcptParameter::Other {
                 keyword: "NOTIFY".into(),
