@@ -156,17 +156,17 @@ async fn handle<B: Bus>(
         );
     };
     let out = answer_format(headers, format);
-    if let Some(t) = path_type {
-        if fhir::model::r4().resource(t).is_none() {
-            return issue(
-                StatusCode::NOT_FOUND,
-                out,
-                "error",
-                "not-supported",
-                &format!("{t} is not an R4 resource type"),
-                None,
-            );
-        }
+    if let Some(t) = path_type
+        && fhir::model::r4().resource(t).is_none()
+    {
+        return issue(
+            StatusCode::NOT_FOUND,
+            out,
+            "error",
+            "not-supported",
+            &format!("{t} is not an R4 resource type"),
+            None,
+        );
     }
     if body.is_empty() {
         return issue(

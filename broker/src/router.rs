@@ -255,7 +255,7 @@ fn received_of(e: &RawEnvelope) -> Received {
 /// Normalise one envelope into event records, or a dead letter.
 fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
     let result = match routing.normalizers.get(&envelope.format) {
-        Some(n) => n.normalize(&envelope),
+        Some(n) => n.normalize(envelope),
         None => Err(NormalizeError::UnsupportedFormat {
             format: envelope.format.as_str(),
         }),
