@@ -39,6 +39,10 @@ pub struct Config {
     /// Operators who may read lineage and dead letters (`[[operators]]`). With none,
     /// those are open to anyone who can reach the listener.
     pub operators: Vec<crate::auth::OperatorConfig>,
+    /// Where consent is looked up (`[consent]`).
+    pub consent: crate::consent::ConsentConfig,
+    /// The audit trail (`[audit]`).
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl Default for Config {
@@ -54,6 +58,8 @@ impl Default for Config {
             subscriptions: Vec::new(),
             senders: Vec::new(),
             operators: Vec::new(),
+            consent: crate::consent::ConsentConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -166,6 +172,9 @@ pub struct SubscriptionConfig {
     /// Deliveries in flight at once; records with one patient key stay in order.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Deliver only what the patient's consent allows (`[subscriptions.consent]`).
+    #[serde(default)]
+    pub consent: Option<crate::consent::SubscriptionConsent>,
 }
 
 fn default_concurrency() -> usize {
@@ -442,6 +451,15 @@ impl Config {
             p(format!("mail.{k}"), m);
         }
         for (k, m) in crate::auth::problems(&self.senders, &self.operators) {
+            p(k, m);
+        }
+        let with_consent: Vec<_> = self
+            .subscriptions
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.consent.as_ref().map(|c| (i, c)))
+            .collect();
+        for (k, m) in crate::consent::problems(&self.consent, &with_consent) {
             p(k, m);
         }
         for (i, inbox) in self.inbox.iter().enumerate() {

@@ -66,6 +66,36 @@ struct Done {
     outcome: Outcome,
     error: Option<DeliveryError>,
     dead_letter: Option<(String, Vec<u8>, Vec<u8>)>,
+    /// The audit record to append before the ack (deliveries and withheld deliveries).
+    audit: Option<crate::audit::Entry>,
+}
+
+/// What a subscription checks and records around each delivery: consent before, the
+/// audit trail after.
+#[derive(Default, Clone)]
+pub struct Hooks {
+    /// Deliver only what consent allows.
+    pub consent: Option<Arc<crate::consent::ConsentCheck>>,
+    /// Append an audit record per delivery; acked only once it is on disk.
+    pub audit: Option<crate::audit::Audit>,
+}
+
+impl Hooks {
+    fn audit_entry(&self, subscription: &str, action: &str, job: &Job) -> crate::audit::Entry {
+        let (patient, event_id) = match &job.payload {
+            Payload::Event(e) => (e.header().patient_key.clone(), Some(job.record_id.clone())),
+            Payload::Raw(_) => (None, None),
+        };
+        crate::audit::Entry {
+            action: action.to_owned(),
+            actor: format!("subscription:{subscription}"),
+            party: self.consent.as_ref().map(|c| c.policy.party.clone()),
+            patient,
+            event_id,
+            envelope_id: Some(job.envelope_id.clone()),
+            purpose: self.consent.as_ref().map(|c| c.policy.purpose.clone()),
+        }
+    }
 }
 
 /// Why a record could not even be turned into a delivery.
@@ -160,7 +190,7 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
     capped.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
-/// Run one subscription until `cancel`.
+/// Run one subscription until `cancel`, without consent checks or audit trail.
 pub async fn run<B: Bus>(
     bus: Arc<B>,
     sub: Subscription,
@@ -169,6 +199,20 @@ pub async fn run<B: Bus>(
     health: Arc<Health>,
     cancel: CancellationToken,
 ) {
+    run_with(bus, sub, sink, lineage, health, cancel, Hooks::default()).await;
+}
+
+/// Run one subscription until `cancel`, with consent checks and audit trail from `hooks`.
+pub async fn run_with<B: Bus>(
+    bus: Arc<B>,
+    sub: Subscription,
+    sink: Arc<dyn Sink>,
+    lineage: Lineage,
+    health: Arc<Health>,
+    cancel: CancellationToken,
+    hooks: Hooks,
+) {
+    let hooks = Arc::new(hooks);
     let component = format!("subscription {}", sub.name);
     health.set(&component, State::Starting);
     let mut consumer = match bus.subscribe(&group(&sub.name), &source_topics(&sub)).await {
@@ -196,6 +240,7 @@ pub async fn run<B: Bus>(
             done_tx.clone(),
             lineage.clone(),
             cancel.clone(),
+            Arc::clone(&hooks),
         ));
     }
     let mut in_flight = 0usize;
@@ -210,7 +255,16 @@ pub async fn run<B: Bus>(
             let batch = std::mem::take(&mut finished);
             tracked.finished(batch.iter().map(|d| &d.token));
             if let Err(e) =
-                finish(bus.as_ref(), &mut consumer, &name, batch, &lineage, &cancel).await
+                finish(
+                    bus.as_ref(),
+                    &mut consumer,
+                    &name,
+                    batch,
+                    &lineage,
+                    &cancel,
+                    hooks.audit.as_ref(),
+                )
+                .await
             {
                 tracing::error!(subscription = %name, error = %e, "subscription stopped");
                 health.set(&component, State::Failed(e.to_string()));
@@ -260,6 +314,7 @@ pub async fn run<B: Bus>(
                         record.key.clone(),
                         record.value.clone(),
                     )),
+                    audit: None,
                 });
             }
             Ok((job, _replayed)) if !passes(&sub.filter, &job.payload) => {
@@ -272,6 +327,7 @@ pub async fn run<B: Bus>(
                     outcome: Outcome::Filtered,
                     error: None,
                     dead_letter: None,
+                    audit: None,
                 });
             }
             Ok((job, _)) => {
@@ -293,6 +349,7 @@ async fn finish<B: Bus>(
     batch: Vec<Done>,
     lineage: &Lineage,
     cancel: &CancellationToken,
+    audit: Option<&crate::audit::Audit>,
 ) -> Result<(), BusError> {
     let at = now_ms();
     let mut out = Vec::with_capacity(batch.len() * 2);
@@ -320,7 +377,8 @@ async fn finish<B: Bus>(
                 value: dl.to_avro().expect("dead letters fit their schema"),
             });
         }
-        if d.outcome != Outcome::Filtered {
+        // A filter miss is not news; a delivery withheld for want of consent is.
+        if d.outcome != Outcome::Filtered || d.error.is_some() {
             let o = DeliveryOutcome {
                 subscription: subscription.to_owned(),
                 record_id: d.record_id.clone(),
@@ -339,6 +397,13 @@ async fn finish<B: Bus>(
         }
     }
     publish_retrying(bus, out, cancel).await?;
+    if let Some(audit) = audit {
+        let entries: Vec<_> = batch.iter().filter_map(|d| d.audit.clone()).collect();
+        audit
+            .append(entries)
+            .await
+            .map_err(|e| BusError::Fatal(e.to_string()))?;
+    }
     for d in batch {
         let mut step = Step::new(at, "delivery", d.outcome.as_str());
         if d.outcome == Outcome::DeadLettered {
@@ -366,6 +431,8 @@ async fn finish<B: Bus>(
     Ok(())
 }
 
+// One lane's whole context; a struct for it would only rename the list.
+#[allow(clippy::too_many_arguments)]
 async fn lane(
     mut rx: mpsc::Receiver<Job>,
     sink: Arc<dyn Sink>,
@@ -374,8 +441,43 @@ async fn lane(
     done: mpsc::Sender<Done>,
     lineage: Lineage,
     cancel: CancellationToken,
+    hooks: Arc<Hooks>,
 ) {
     while let Some(job) = rx.recv().await {
+        if let Some(consent) = &hooks.consent {
+            let Some(verdict) = consent_verdict(consent, &job.payload, &subscription, &cancel).await
+            else {
+                return; // cancelled: not acked, checked again after restart
+            };
+            if let crate::consent::Verdict::Withhold(detail) = verdict {
+                let audit = hooks
+                    .audit
+                    .is_some()
+                    .then(|| hooks.audit_entry(&subscription, "delivery_withheld", &job));
+                let d = Done {
+                    token: job.token,
+                    record_id: job.record_id,
+                    envelope_id: job.envelope_id,
+                    kind: job.kind,
+                    attempt: 0,
+                    outcome: Outcome::Filtered,
+                    error: Some(DeliveryError::Rejected {
+                        reason: "no_consent".into(),
+                        detail,
+                    }),
+                    dead_letter: None,
+                    audit,
+                };
+                if done.send(d).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        }
+        let audit = hooks
+            .audit
+            .is_some()
+            .then(|| hooks.audit_entry(&subscription, "delivery", &job));
         let started = Instant::now();
         let mut delivery = Delivery {
             subscription: Arc::clone(&subscription),
@@ -435,9 +537,35 @@ async fn lane(
             outcome,
             error,
             dead_letter,
+            audit: if outcome == Outcome::Delivered {
+                audit
+            } else {
+                None
+            },
         };
         if done.send(d).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Ask the consent registry, waiting while it cannot answer; `None` when cancelled.
+async fn consent_verdict(
+    consent: &crate::consent::ConsentCheck,
+    payload: &Payload,
+    subscription: &str,
+    cancel: &CancellationToken,
+) -> Option<crate::consent::Verdict> {
+    loop {
+        match consent.verdict(payload).await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(subscription = %subscription, error = %e, "waiting for the consent registry");
+                tokio::select! {
+                    () = cancel.cancelled() => return None,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
     }
 }

@@ -3,9 +3,11 @@
 //! `main.rs` is the command line around [`runtime::run`].
 
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod consent;
 pub mod dispatch;
 pub mod dlq;
 pub mod fhir_api;

@@ -83,6 +83,50 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Consent registry helpers.
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
+    },
+    /// The audit trail (data_dir/audit.jsonl): verify its hash chain, export records. With
+    /// `[[operators]]` configured, needs an operator token in KETENBUS_OPERATOR_TOKEN.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsentCommand {
+    /// Print the patient pseudonym (patient key) of a BSN, the value the consent file's
+    /// `patient` column holds. Reads the patient-key secret like `ketenbus run` does.
+    Pseudonym {
+        /// Configuration file (TOML) naming the data directory and key secret.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The BSN.
+        #[arg(long)]
+        bsn: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; names the first broken record and exits non-zero.
+    Verify {
+        /// Configuration file (TOML) naming the data directory.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Write records at or after --since as JSON lines to standard output.
+    Export {
+        /// Configuration file (TOML) naming the data directory.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// RFC 3339 time, e.g. 2026-11-24T08:00:00Z.
+        #[arg(long)]
+        since: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -351,6 +395,56 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                 ketenbus::auth::token_hash(token.trim())
             );
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Consent {
+            command: ConsentCommand::Pseudonym { config, bsn },
+        } => {
+            let settings = load(config.as_deref())?;
+            let cfg = &settings.config;
+            let secret = cfg
+                .keys
+                .patient_key_secret_env
+                .as_ref()
+                .and_then(|v| std::env::var(v).ok());
+            let keyer = ketenbus::keys::PatientKeyer::load(&cfg.data_dir, secret)
+                .context("loading the patient-key secret")?;
+            let id = ketenbus_schemas::event::Identifier {
+                system: ketenbus_schemas::event::systems::BSN.into(),
+                value: bsn.trim().to_owned(),
+            };
+            println!("{}", keyer.key_of(&id));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { command } => {
+            let (config, since) = match &command {
+                AuditCommand::Verify { config } => (config, None),
+                AuditCommand::Export { config, since } => (config, Some(since.as_str())),
+            };
+            let settings = load(config.as_deref())?;
+            let _operator = operator(&settings)?;
+            let path = ketenbus::audit::path_in(&settings.config.data_dir);
+            match since {
+                None => match ketenbus::audit::verify(&path)? {
+                    ketenbus::audit::Verified::Intact { records, last_hash } => {
+                        println!(
+                            "{}: intact, {records} record(s), last hash {last_hash}",
+                            path.display()
+                        );
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    ketenbus::audit::Verified::Broken { line, reason } => {
+                        eprintln!("{}: broken at record {line}: {reason}", path.display());
+                        Ok(ExitCode::FAILURE)
+                    }
+                },
+                Some(since) => {
+                    let since_ms = parse_since(Some(since))?.unwrap_or(0);
+                    let mut out = std::io::stdout().lock();
+                    let n = ketenbus::audit::export(&path, since_ms, &mut out)?;
+                    eprintln!("{n} audit record(s)");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
         }
         Command::Status { url } => {
             let client = reqwest::Client::builder()

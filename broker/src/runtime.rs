@@ -135,15 +135,38 @@ pub async fn run<B: Bus>(
         Arc::clone(&health),
         cancel.clone(),
     ));
+    let audit = if cfg.audit.enabled {
+        Some(crate::audit::Audit::open(&cfg.data_dir).context("opening the audit trail")?)
+    } else {
+        None
+    };
+    let consent_registry: Option<Arc<dyn crate::consent::ConsentRegistry>> = match &cfg.consent.file {
+        Some(f) => Some(Arc::new(
+            crate::consent::FileRegistry::open(f).context("reading the consent file")?,
+        )),
+        None => None,
+    };
     for sub in &settings.subscriptions {
         let sink = build_sink(&sub.sink, &cfg.mail, &content)?;
-        tasks.spawn(dispatch::run(
+        let policy = cfg
+            .subscriptions
+            .iter()
+            .find(|s| s.name == sub.name)
+            .and_then(|s| s.consent.clone());
+        let hooks = dispatch::Hooks {
+            consent: policy.zip(consent_registry.clone()).map(|(policy, registry)| {
+                Arc::new(crate::consent::ConsentCheck { registry, policy })
+            }),
+            audit: audit.clone(),
+        };
+        tasks.spawn(dispatch::run_with(
             Arc::clone(&bus),
             sub.clone(),
             sink,
             lineage.clone(),
             Arc::clone(&health),
             cancel.clone(),
+            hooks,
         ));
     }
     for inbox in &cfg.inbox {

@@ -536,3 +536,139 @@ async fn a_subscriber_never_sees_an_event_outside_its_filter() {
         );
     }
 }
+
+/// The patient pseudonym of `bsn` under the secret in TEST_PATIENT_KEY, from the CLI.
+fn pseudonym(dir: &Path, bsn: &str) -> String {
+    let config = dir.join("keys-only.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[keys]\npatient_key_secret_env = \"TEST_PATIENT_KEY\"\n",
+            dir.join("unused")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(ketenbus_bin())
+        .args(["consent", "pseudonym", "--bsn", bsn, "--config"])
+        .arg(&config)
+        .env("TEST_PATIENT_KEY", PATIENT_KEY_SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+const PATIENT_KEY_SECRET: &str = "patient-key-secret-for-tests-0123456789";
+
+async fn lineage_until(
+    c: &reqwest::Client,
+    base: &str,
+    id: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, l) = get_as(c, &format!("{base}/api/v1/messages/{id}"), Some(OPS_TOKEN)).await;
+        if pred(&l) {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "lineage never matched: {l:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn delivery_outcome(l: &serde_json::Value) -> Option<(String, Option<String>)> {
+    l["steps"].as_array()?.iter().rev().find_map(|s| {
+        (s["stage"] == "delivery" && s["outcome"] != "retrying").then(|| {
+            (
+                s["outcome"].as_str().unwrap_or("").to_owned(),
+                s["reason"].as_str().map(str::to_owned),
+            )
+        })
+    })
+}
+
+/// Patients: A denied consent, B allowed it, C has nothing recorded (default deny).
+const BSN_A: &str = "999990007";
+const BSN_B: &str = "999990019";
+const BSN_C: &str = "999990020";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
+    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let keys = tempfile::tempdir().unwrap();
+    let (a, b) = (pseudonym(keys.path(), BSN_A), pseudonym(keys.path(), BSN_B));
+    assert_ne!(a, b);
+    assert!(!a.contains(BSN_A));
+    let consent = keys.path().join("consent.csv");
+    std::fs::write(
+        &consent,
+        format!(
+            "patient,party,purpose,decision\n{a},agb:01234567,treatment,deny\n{b},agb:01234567,treatment,allow\n"
+        ),
+    )
+    .unwrap();
+    let sub = format!(
+        "{}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"deny\" }}\n",
+        ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), "")
+    );
+    let extra = format!(
+        "[keys]\npatient_key_secret_env = \"TEST_PATIENT_KEY\"\n[consent]\nfile = {consent:?}\n{sub}{}",
+        principals()
+    );
+    let broker =
+        ketenbus_tests::Broker::start_with_env(&extra, &[("TEST_PATIENT_KEY", PATIENT_KEY_SECRET)]);
+    let c = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
+        let (s, j, _) = post_as(
+            &c,
+            &broker.url,
+            Some(LAB_TOKEN),
+            medlab(n, "500001234", bsn),
+        )
+        .await;
+        assert_eq!(s, 202, "{j}");
+        ids.push(j["id"].as_str().unwrap().to_owned());
+    }
+    let outcome = |l: &serde_json::Value| delivery_outcome(l);
+    let la = lineage_until(&c, &broker.url, &ids[0], |l| outcome(l).is_some()).await;
+    assert_eq!(
+        outcome(&la),
+        Some(("filtered".into(), Some("no_consent".into()))),
+        "{la:#}"
+    );
+    let lb = lineage_until(&c, &broker.url, &ids[1], |l| outcome(l).is_some()).await;
+    assert_eq!(outcome(&lb), Some(("delivered".into(), None)), "{lb:#}");
+    let lc = lineage_until(&c, &broker.url, &ids[2], |l| outcome(l).is_some()).await;
+    assert_eq!(
+        outcome(&lc),
+        Some(("filtered".into(), Some("no_consent".into()))),
+        "no record and default deny: {lc:#}"
+    );
+    let got = rx.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].header("ketenbus-envelope-id"), Some(ids[1].as_str()));
+    // The refusal's detail names party and purpose, never the patient.
+    let detail = la["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["reason"] == "no_consent")
+        .unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        detail.contains("agb:01234567") && !detail.contains(&a),
+        "{detail}"
+    );
+}

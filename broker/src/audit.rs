@@ -1,0 +1,474 @@
+//! The audit trail (in the manner of NEN 7513): who got or read which patient's data,
+//! when, and for what purpose. Every delivery, every withheld delivery and every read of a
+//! message's lineage appends a record to `<data_dir>/audit.jsonl`, one JSON object per line.
+//!
+//! Records are tamper-evident: each carries `hash`, the SHA-256 of its own content, and
+//! `prev`, the `hash` of the record before it, so an edited, removed or inserted record
+//! breaks the chain; `ketenbus audit verify` names the first break. One writer thread
+//! appends whatever is waiting in one write and one fsync; a delivery is acknowledged on
+//! the log only after its audit record is on disk.
+
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+/// The file name in the data directory.
+pub const FILE: &str = "audit.jsonl";
+
+/// `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Keep the audit trail (`<data_dir>/audit.jsonl`). On by default; turn off only where
+    /// another component keeps the NEN 7513 log.
+    pub enabled: bool,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { enabled: true }
+    }
+}
+
+/// What happened, as a caller reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// `delivery`, `delivery_withheld`, `lineage_read`, `fhir_read`.
+    pub action: String,
+    /// Who: `subscription:<name>` for a delivery, `operator:<name>` or `anonymous` for a read.
+    pub actor: String,
+    /// Receiving party id, when known.
+    pub party: Option<String>,
+    /// Patient pseudonym (the patient key), never a BSN or name.
+    pub patient: Option<String>,
+    /// Event (record) id.
+    pub event_id: Option<String>,
+    /// Message (envelope) id.
+    pub envelope_id: Option<String>,
+    /// Purpose of the exchange, when configured.
+    pub purpose: Option<String>,
+}
+
+/// One line of the audit file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// 1-based sequence number.
+    pub seq: u64,
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// When, RFC 3339 (UTC).
+    pub at: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// `hash` of the record before (64 zeros for the first).
+    pub prev: String,
+    /// SHA-256 of this record's JSON without `hash`.
+    #[serde(skip_serializing, default)]
+    pub hash: String,
+}
+
+impl Record {
+    fn content_hash(&self) -> String {
+        let body = serde_json::to_vec(self).expect("audit records serialise");
+        hex::encode(Sha256::digest(&body))
+    }
+
+    /// The line as written: the content followed by its hash.
+    fn line(&self) -> String {
+        let mut body = serde_json::to_string(self).expect("audit records serialise");
+        body.pop(); // the closing brace
+        format!("{body},\"hash\":\"{}\"}}\n", self.hash)
+    }
+}
+
+/// Why the audit trail cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// File system.
+    #[error("audit file {path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The writer is gone (shutting down or failed before).
+    #[error("audit writer stopped: {0}")]
+    Stopped(String),
+}
+
+impl AuditError {
+    /// Without an audit trail, access to patient data must stop: an operator acts.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        ketenbus_connectors::ErrorKind::Fatal
+    }
+}
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+/// Handle to the audit writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<(Vec<Entry>, Reply)>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Audit")
+    }
+}
+
+/// Where the chain ends: the next sequence number and the last hash.
+fn tail(file: &mut std::fs::File, path: &Path) -> Result<(u64, String), AuditError> {
+    let io = |error| AuditError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    let len = file.metadata().map_err(io)?.len();
+    if len == 0 {
+        return Ok((1, GENESIS.to_owned()));
+    }
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start)).map_err(io)?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf).map_err(io)?;
+    // A record cut short by a crash was never acknowledged: drop it.
+    if buf.last() != Some(&b'\n') {
+        let keep = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let new_len = start + keep as u64;
+        tracing::warn!(
+            file = %path.display(),
+            bytes = len - new_len,
+            "dropping an incomplete last audit record (written during a crash, never acknowledged)"
+        );
+        file.set_len(new_len).map_err(io)?;
+        buf.truncate(keep);
+        if new_len == 0 {
+            return Ok((1, GENESIS.to_owned()));
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let r: Record = serde_json::from_str(last).map_err(|e| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the last record does not parse ({e}); run `ketenbus audit verify`"),
+        ))
+    })?;
+    Ok((r.seq + 1, r.hash))
+}
+
+fn rfc3339(at_ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(at_ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl Audit {
+    /// Open (or create) the audit file in `data_dir` and start its writer thread.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or its last record cannot be read.
+    pub fn open(data_dir: &Path) -> Result<Audit, AuditError> {
+        let path = data_dir.join(FILE);
+        let io = |error| AuditError::Io {
+            path: path.display().to_string(),
+            error,
+        };
+        std::fs::create_dir_all(data_dir).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(io)?;
+        let (seq, prev) = tail(&mut file, &path)?;
+        let (tx, rx) = mpsc::channel(8192);
+        std::thread::Builder::new()
+            .name("ketenbus-audit".into())
+            .spawn(move || writer(file, &path, seq, prev, rx))
+            .map_err(|e| AuditError::Stopped(e.to_string()))?;
+        Ok(Audit { tx })
+    }
+
+    /// Append `entries` and wait until they are on disk.
+    ///
+    /// # Errors
+    /// When the writer failed or stopped.
+    pub async fn append(&self, entries: Vec<Entry>) -> Result<(), AuditError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((entries, tx))
+            .await
+            .map_err(|_| AuditError::Stopped("channel closed".into()))?;
+        rx.await
+            .map_err(|_| AuditError::Stopped("no answer".into()))?
+            .map_err(AuditError::Stopped)
+    }
+}
+
+fn writer(
+    mut file: std::fs::File,
+    path: &Path,
+    mut seq: u64,
+    mut prev: String,
+    mut rx: mpsc::Receiver<(Vec<Entry>, Reply)>,
+) {
+    let mut failed: Option<String> = None;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Some(e) = &failed {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(e.clone()));
+            }
+            continue;
+        }
+        let at_ms = crate::now_ms();
+        let at = rfc3339(at_ms);
+        let mut out = String::new();
+        let (mut next_seq, mut next_prev) = (seq, prev.clone());
+        for (entries, _) in &batch {
+            for entry in entries {
+                let mut r = Record {
+                    seq: next_seq,
+                    at_ms,
+                    at: at.clone(),
+                    entry: entry.clone(),
+                    prev: next_prev.clone(),
+                    hash: String::new(),
+                };
+                r.hash = r.content_hash();
+                out.push_str(&r.line());
+                next_seq += 1;
+                next_prev = r.hash;
+            }
+        }
+        let result = file
+            .write_all(out.as_bytes())
+            .and_then(|()| file.sync_data());
+        let answer = match result {
+            Ok(()) => {
+                seq = next_seq;
+                prev = next_prev;
+                Ok(())
+            }
+            Err(e) => {
+                // A half-written batch would break the chain: stop writing; an operator acts.
+                tracing::error!(file = %path.display(), error = %e, "audit trail cannot be written; deliveries stop");
+                let e = format!("writing {}: {e}", path.display());
+                failed = Some(e.clone());
+                Err(e)
+            }
+        };
+        for (_, reply) in batch {
+            let _ = reply.send(answer.clone());
+        }
+    }
+}
+
+/// The result of checking a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    /// Every record is intact and chained.
+    Intact {
+        /// Records checked.
+        records: u64,
+        /// Hash of the last one (keep it elsewhere to detect a cut-off tail).
+        last_hash: String,
+    },
+    /// The first record that does not hold.
+    Broken {
+        /// 1-based line number in the file.
+        line: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Check the chain of the audit file at `path`.
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn verify(path: &Path) -> Result<Verified, AuditError> {
+    let io = |error| AuditError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut prev = GENESIS.to_owned();
+    let mut n = 0u64;
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io)?;
+        let line_no = i as u64 + 1;
+        let broken = |reason: String| {
+            Ok(Verified::Broken {
+                line: line_no,
+                reason,
+            })
+        };
+        let r: Record = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => return broken(format!("not an audit record: {e}")),
+        };
+        if r.hash != r.content_hash() {
+            return broken(format!(
+                "record seq {} does not match its hash: it was changed after it was written",
+                r.seq
+            ));
+        }
+        if r.prev != prev {
+            return broken(format!(
+                "record seq {} does not follow the record before it: a record was removed, inserted or rewritten",
+                r.seq
+            ));
+        }
+        if r.seq != n + 1 {
+            return broken(format!(
+                "sequence number {} where {} was expected",
+                r.seq,
+                n + 1
+            ));
+        }
+        prev = r.hash;
+        n += 1;
+    }
+    Ok(Verified::Intact {
+        records: n,
+        last_hash: prev,
+    })
+}
+
+/// Records at or after `since_ms`, as they are in the file.
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn export(path: &Path, since_ms: i64, out: &mut dyn Write) -> Result<u64, AuditError> {
+    let io = |error| AuditError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut n = 0;
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(io)?;
+        let Ok(r) = serde_json::from_str::<Record>(&line) else {
+            continue;
+        };
+        if r.at_ms >= since_ms {
+            writeln!(out, "{line}").map_err(io)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The audit file of a data directory.
+#[must_use]
+pub fn path_in(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: usize) -> Entry {
+        Entry {
+            action: "delivery".into(),
+            actor: "subscription:gp".into(),
+            party: Some("agb:01234567".into()),
+            patient: Some(format!("pk{i}")),
+            event_id: Some(format!("m{i}.0")),
+            envelope_id: Some(format!("m{i}")),
+            purpose: Some("treatment".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_chain_verifies_survives_reopening_and_shows_an_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Audit::open(dir.path()).unwrap();
+        let mut waits = Vec::new();
+        for i in 0..50 {
+            let a = audit.clone();
+            waits.push(tokio::spawn(async move { a.append(vec![entry(i)]).await }));
+        }
+        for w in waits {
+            w.await.unwrap().unwrap();
+        }
+        drop(audit);
+        let audit = Audit::open(dir.path()).unwrap();
+        audit.append(vec![entry(99), entry(100)]).await.unwrap();
+        let path = path_in(dir.path());
+        let Verified::Intact { records, .. } = verify(&path).unwrap() else {
+            panic!("intact expected")
+        };
+        assert_eq!(records, 52);
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("\"patient\":\"pk", "\"patient\":\"xx", 1);
+        let first_edit = edited.lines().position(|l| l.contains("\"xx")).unwrap() as u64 + 1;
+        std::fs::write(&path, edited).unwrap();
+        match verify(&path).unwrap() {
+            Verified::Broken { line, reason } => {
+                assert_eq!(line, first_edit);
+                assert!(reason.contains("does not match its hash"), "{reason}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // Removing a record breaks the chain at the one after it.
+        let lines: Vec<&str> = text.lines().collect();
+        let mut cut = lines.clone();
+        cut.remove(10);
+        std::fs::write(&path, cut.join("\n") + "\n").unwrap();
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verified::Broken { line: 11, .. }
+        ));
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let audit = Audit::open(dir.path()).unwrap();
+        rt.block_on(audit.append(vec![entry(1)])).unwrap();
+        drop(audit);
+        let path = path_in(dir.path());
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"{\"seq\":2,\"at_").unwrap();
+        let audit = Audit::open(dir.path()).unwrap();
+        rt.block_on(audit.append(vec![entry(2)])).unwrap();
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verified::Intact { records: 2, .. }
+        ));
+    }
+}

@@ -1,0 +1,400 @@
+//! Consent: before a subscription delivers an event, ask whether the patient allows the
+//! receiving party to have it for the subscription's purpose. A refused delivery is the
+//! outcome `filtered` with reason `no_consent` (lineage and the delivery-outcomes topic),
+//! never a silent drop.
+//!
+//! [`ConsentRegistry`] is the seam: [`FileRegistry`] reads a CSV file kept by the operator
+//! (re-read when it changes); an external service in the manner of Mitz fits behind the
+//! same trait later. The patient is known only by the pseudonym ketenbus already uses as
+//! the topic key (the patient key, a keyed hash of the BSN); `ketenbus consent pseudonym`
+//! computes it for a BSN.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use ketenbus_connectors::sink::{BoxFuture, Payload};
+use serde::Deserialize;
+
+/// `[consent]`: where consent is looked up.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsentConfig {
+    /// CSV file of consent decisions, one per line:
+    /// `patient,party,purpose,decision` with the patient pseudonym (patient key), the
+    /// receiving party id (or `*`), the purpose (or `*`) and `allow` or `deny`. Lines
+    /// starting with `#` and a header line starting with `patient` are skipped. Re-read
+    /// when the file changes (checked at most once a second).
+    pub file: Option<PathBuf>,
+}
+
+/// What a subscription does without a recorded decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultDecision {
+    /// Deliver.
+    Allow,
+    /// Do not deliver (outcome `filtered`, reason `no_consent`).
+    Deny,
+}
+
+/// `[subscriptions.consent]`: deliver only what consent allows.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriptionConsent {
+    /// Party id of the receiver, as consent is recorded for it (`agb:…`, `ura:…`).
+    pub party: String,
+    /// Purpose of the exchange, as consent is recorded (e.g. `treatment`).
+    #[serde(default = "treatment")]
+    pub purpose: String,
+    /// Without a recorded decision (also for raw messages, whose patient is not known):
+    /// `deny` (the default) or `allow`.
+    #[serde(default = "deny")]
+    pub default: DefaultDecision,
+}
+
+fn treatment() -> String {
+    "treatment".into()
+}
+
+fn deny() -> DefaultDecision {
+    DefaultDecision::Deny
+}
+
+/// A question to a consent registry.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsentQuery<'a> {
+    /// Patient pseudonym (the patient key).
+    pub patient: &'a str,
+    /// Receiving party id.
+    pub party: &'a str,
+    /// Purpose.
+    pub purpose: &'a str,
+}
+
+/// A registry's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The patient allows it.
+    Allowed,
+    /// The patient objects.
+    Denied,
+    /// Nothing recorded: the subscription's default applies.
+    Unknown,
+}
+
+/// The registry could not answer now.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("consent registry unavailable: {0}")]
+pub struct ConsentError(pub String);
+
+impl ConsentError {
+    /// Ask again later: a delivery waits rather than going out unchecked.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        ketenbus_connectors::ErrorKind::Retryable
+    }
+}
+
+/// Where consent is recorded. Object-safe; implementations may do I/O.
+pub trait ConsentRegistry: Send + Sync {
+    /// The recorded decision for `query`.
+    fn lookup<'a>(&'a self, query: ConsentQuery<'a>)
+    -> BoxFuture<'a, Result<Answer, ConsentError>>;
+}
+
+type Rules = HashMap<(String, String, String), bool>;
+
+/// Consent decisions from a CSV file, re-read when its modification time changes. When a
+/// changed file cannot be read, the last good rules stay in force and an error is logged.
+pub struct FileRegistry {
+    path: PathBuf,
+    rules: RwLock<(Option<SystemTime>, Arc<Rules>)>,
+    checked: Mutex<Instant>,
+}
+
+/// Why a consent file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsentFileError {
+    /// Unreadable.
+    #[error("cannot read {path}: {error}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        error: std::io::Error,
+    },
+    /// A line that is not `patient,party,purpose,allow|deny` (no values quoted).
+    #[error("{path} line {line}: {what}")]
+    Line {
+        /// The file.
+        path: String,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        what: &'static str,
+    },
+}
+
+/// Parse the CSV text of a consent file.
+///
+/// # Errors
+/// The first malformed line (by number; values are never quoted).
+pub fn parse_rules(path: &Path, text: &str) -> Result<Rules, ConsentFileError> {
+    let mut rules = Rules::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || (i == 0 && line.starts_with("patient")) {
+            continue;
+        }
+        let bad = |what| ConsentFileError::Line {
+            path: path.display().to_string(),
+            line: i + 1,
+            what,
+        };
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [patient, party, purpose, decision] = fields.as_slice() else {
+            return Err(bad("expected 4 fields: patient,party,purpose,decision"));
+        };
+        if patient.is_empty() || party.is_empty() || purpose.is_empty() {
+            return Err(bad("empty field"));
+        }
+        let allowed = match decision.to_ascii_lowercase().as_str() {
+            "allow" | "allowed" | "yes" => true,
+            "deny" | "denied" | "no" => false,
+            _ => return Err(bad("decision must be allow or deny")),
+        };
+        rules.insert(
+            (
+                (*patient).to_owned(),
+                (*party).to_owned(),
+                (*purpose).to_owned(),
+            ),
+            allowed,
+        );
+    }
+    Ok(rules)
+}
+
+fn read_rules(path: &Path) -> Result<(Option<SystemTime>, Rules), ConsentFileError> {
+    let read = |error| ConsentFileError::Read {
+        path: path.display().to_string(),
+        error,
+    };
+    let modified = std::fs::metadata(path).map_err(read)?.modified().ok();
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    Ok((modified, parse_rules(path, &text)?))
+}
+
+impl FileRegistry {
+    /// Read the file once; later changes are picked up on lookups.
+    ///
+    /// # Errors
+    /// When it cannot be read or parsed.
+    pub fn open(path: &Path) -> Result<FileRegistry, ConsentFileError> {
+        let (modified, rules) = read_rules(path)?;
+        Ok(FileRegistry {
+            path: path.to_path_buf(),
+            rules: RwLock::new((modified, Arc::new(rules))),
+            checked: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn current(&self) -> Arc<Rules> {
+        let due = {
+            let mut checked = self.checked.lock().expect("consent lock");
+            let due = checked.elapsed() >= Duration::from_secs(1);
+            if due {
+                *checked = Instant::now();
+            }
+            due
+        };
+        if due {
+            let modified = std::fs::metadata(&self.path)
+                .ok()
+                .and_then(|m| m.modified().ok());
+            let known = self.rules.read().expect("consent lock").0;
+            if modified != known {
+                match read_rules(&self.path) {
+                    Ok((m, r)) => {
+                        tracing::info!(file = %self.path.display(), rules = r.len(), "consent file re-read");
+                        *self.rules.write().expect("consent lock") = (m, Arc::new(r));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "consent file not re-read; the previous rules stay in force");
+                    }
+                }
+            }
+        }
+        Arc::clone(&self.rules.read().expect("consent lock").1)
+    }
+
+    /// The decision for `q`: the most specific rule wins (exact party and purpose, then
+    /// purpose `*`, then party `*`, then both).
+    #[must_use]
+    pub fn decide(&self, q: ConsentQuery<'_>) -> Answer {
+        let rules = self.current();
+        for (party, purpose) in [
+            (q.party, q.purpose),
+            (q.party, "*"),
+            ("*", q.purpose),
+            ("*", "*"),
+        ] {
+            let key = (q.patient.to_owned(), party.to_owned(), purpose.to_owned());
+            if let Some(allowed) = rules.get(&key) {
+                return if *allowed {
+                    Answer::Allowed
+                } else {
+                    Answer::Denied
+                };
+            }
+        }
+        Answer::Unknown
+    }
+}
+
+impl ConsentRegistry for FileRegistry {
+    fn lookup<'a>(
+        &'a self,
+        query: ConsentQuery<'a>,
+    ) -> BoxFuture<'a, Result<Answer, ConsentError>> {
+        Box::pin(async move { Ok(self.decide(query)) })
+    }
+}
+
+/// One subscription's consent check: a registry and the subscription's party, purpose and
+/// default.
+pub struct ConsentCheck {
+    /// Where to ask.
+    pub registry: Arc<dyn ConsentRegistry>,
+    /// Party, purpose, default.
+    pub policy: SubscriptionConsent,
+}
+
+/// What a consent check decided for one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Deliver.
+    Deliver,
+    /// Do not deliver; the detail says why without patient data.
+    Withhold(String),
+}
+
+impl ConsentCheck {
+    /// Decide for `payload`.
+    ///
+    /// # Errors
+    /// When the registry cannot answer now (retry later).
+    pub async fn verdict(&self, payload: &Payload) -> Result<Verdict, ConsentError> {
+        let patient = match payload {
+            Payload::Event(e) => e.header().patient_key.clone(),
+            Payload::Raw(_) => None,
+        };
+        let answer = match &patient {
+            Some(p) => {
+                self.registry
+                    .lookup(ConsentQuery {
+                        patient: p,
+                        party: &self.policy.party,
+                        purpose: &self.policy.purpose,
+                    })
+                    .await?
+            }
+            None => Answer::Unknown,
+        };
+        let p = &self.policy;
+        Ok(match (answer, p.default) {
+            (Answer::Allowed, _) | (Answer::Unknown, DefaultDecision::Allow) => Verdict::Deliver,
+            (Answer::Denied, _) => Verdict::Withhold(format!(
+                "the patient denied consent for {} / {}",
+                p.party, p.purpose
+            )),
+            (Answer::Unknown, DefaultDecision::Deny) => Verdict::Withhold(format!(
+                "no consent recorded for {} / {} and the subscription's default is deny",
+                p.party, p.purpose
+            )),
+        })
+    }
+}
+
+/// Problems with `[consent]` and the subscriptions' consent tables, as (key path, message).
+#[must_use]
+pub fn problems(
+    consent: &ConsentConfig,
+    subscriptions: &[(usize, &SubscriptionConsent)],
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(file) = &consent.file
+        && let Err(e) = read_rules(file)
+    {
+        out.push(("consent.file".into(), e.to_string()));
+    }
+    for (i, s) in subscriptions {
+        if consent.file.is_none() {
+            out.push((
+                format!("subscriptions[{i}].consent"),
+                "needs a consent registry: set [consent] file".into(),
+            ));
+        }
+        if !s
+            .party
+            .split_once(':')
+            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
+        {
+            out.push((
+                format!("subscriptions[{i}].consent.party"),
+                "must be a party id scheme:value, e.g. agb:01234567".into(),
+            ));
+        }
+        if s.purpose.trim().is_empty() || s.purpose.contains(',') {
+            out.push((
+                format!("subscriptions[{i}].consent.purpose"),
+                "must be a word without commas".into(),
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_most_specific_rule_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consent.csv");
+        std::fs::write(
+            &path,
+            "patient,party,purpose,decision\n# comment\np1,agb:1,treatment,allow\np1,*,*,deny\np2,*,treatment,deny\n",
+        )
+        .unwrap();
+        let r = FileRegistry::open(&path).unwrap();
+        let q = |patient, party, purpose| ConsentQuery {
+            patient,
+            party,
+            purpose,
+        };
+        assert_eq!(r.decide(q("p1", "agb:1", "treatment")), Answer::Allowed);
+        assert_eq!(r.decide(q("p1", "agb:2", "treatment")), Answer::Denied);
+        assert_eq!(r.decide(q("p2", "agb:1", "treatment")), Answer::Denied);
+        assert_eq!(r.decide(q("p2", "agb:1", "research")), Answer::Unknown);
+        assert_eq!(r.decide(q("p3", "agb:1", "treatment")), Answer::Unknown);
+    }
+
+    #[test]
+    fn bad_lines_are_named_by_number() {
+        let e = parse_rules(
+            Path::new("c.csv"),
+            "p1,agb:1,treatment,allow\np2,agb:1,maybe\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "c.csv line 2: expected 4 fields: patient,party,purpose,decision"
+        );
+        let e = parse_rules(Path::new("c.csv"), "p1,agb:1,treatment,perhaps\n").unwrap_err();
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+}
