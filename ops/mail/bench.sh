@@ -5,6 +5,7 @@
 # (a handler that only answers 250). The client for all three is Postfix's smtp-source.
 #
 #   bash ops/mail/bench.sh [SESSIONS] [MESSAGES] [SIZE]     defaults: 20 20000 2048
+#   KETENBUS_BIN=target/release/ketenbus bash ops/mail/bench.sh   (skip the build)
 #
 # Builds `ketenbus` in release mode, installs the peers (ops/mail/setup.sh --bench), starts
 # everything on loopback ports and stops it again.
@@ -15,8 +16,11 @@ messages=${2:-20000}
 size=${3:-2048}
 
 bash ops/mail/setup.sh --bench >&2
-cargo build --release -p ketenbus >&2
-bin=${CARGO_TARGET_DIR:-target}/release/ketenbus
+# KETENBUS_BIN=path uses an existing build instead.
+if [ -z "${KETENBUS_BIN:-}" ]; then
+  cargo build --release -p ketenbus >&2
+fi
+bin=${KETENBUS_BIN:-${CARGO_TARGET_DIR:-target}/release/ketenbus}
 
 work=$(mktemp -d)
 pids=()
@@ -31,7 +35,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 sink_port=$(free_port)
-smtp-sink -u nobody -c "127.0.0.1:$sink_port" 256 &
+smtp-sink -u nobody "127.0.0.1:$sink_port" 256 >/dev/null 2>&1 &
 pids+=($!)
 
 aio_port=$(free_port)
@@ -70,7 +74,7 @@ run() {
   local name=$1 port=$2
   local start end
   start=$(date +%s.%N)
-  smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@sender.test -t gp@lms.example.test "127.0.0.1:$port"
+  smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@sender.test -t gp@lms.example.test "127.0.0.1:$port" >/dev/null 2>&1
   end=$(date +%s.%N)
   python3 -c "d=$end-$start; print(f'{\"$name\":<34} {$messages} msgs x {$size} B, {$sessions} sessions: {d:6.2f} s  {$messages/d:8.0f} msgs/s')"
 }

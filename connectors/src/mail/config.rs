@@ -397,3 +397,85 @@ impl MailSinkConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mail_problem_is_named_by_its_key() {
+        let c = broken();
+        let paths: Vec<String> = c.problems(&|_| None).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            paths,
+            [
+                "smtp.max_line_length",
+                "smtp.require_tls",
+                "smtp.auth",
+                "smtp.auth.users[0].password_env",
+                "imap[0].name",
+                "imap[0].tls",
+                "imap[0].password_env",
+                "address_book.\"500005678\"",
+                "address_book.\"500005678\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_mail_sink_needs_an_address() {
+        let sink = MailSinkConfig {
+            host: "smtp.example.test".into(),
+            port: None,
+            tls: TlsMode::None,
+            ca_file: None,
+            username: Some("u".into()),
+            password_env: None,
+            from: "nope".into(),
+            to: None,
+            dsn: true,
+            timeout: Duration::from_secs(1),
+        };
+        let paths: Vec<String> = sink
+            .problems(&BTreeMap::new(), &|_| None)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(paths, ["tls", "from", "to", "password_env"]);
+        assert!(is_loopback("127.0.0.1") && is_loopback("localhost") && !is_loopback("10.0.0.1"));
+    }
+
+    /// `[mail]` with one mistake per check.
+    fn broken() -> MailConfig {
+        MailConfig {
+            smtp: Some(SmtpConfig {
+                max_line_length: 100,
+                require_tls: true,
+                auth: Some(SmtpAuthConfig {
+                    required: true,
+                    users: vec![SmtpUser {
+                        username: "lab".into(),
+                        password_env: "NOPE".into(),
+                    }],
+                }),
+                ..SmtpConfig::default()
+            }),
+            imap: vec![ImapConfig {
+                name: "hub 1".into(),
+                host: "imap.example.test".into(),
+                port: None,
+                tls: TlsMode::None,
+                ca_file: None,
+                username: "u".into(),
+                password_env: "NOPE".into(),
+                mailbox: inbox(),
+                after: AfterPickup::Move,
+                processed_folder: processed(),
+                poll_interval: poll_interval(),
+                receiver: None,
+            }],
+            content_dir: None,
+            address_book: BTreeMap::from([("500005678".to_owned(), "not-an-address".to_owned())]),
+        }
+    }
+}

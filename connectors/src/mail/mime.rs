@@ -405,12 +405,32 @@ impl Normalize for MailNormalizer {
     }
 }
 
-/// A message's parts and the events they become, as JSON (`ketenbus inspect FILE.eml`).
+/// A message's parts and where each goes, its Message-ID and, for a delivery status
+/// notification, the report: the `parsed` part of `ketenbus inspect FILE.eml`.
+///
+/// # Errors
+/// When the bytes are not a mail message.
+pub fn describe(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
+    let a = analyse(bytes)?;
+    let report = if a.is_report {
+        crate::mail::dsn::parse(bytes)
+    } else {
+        None
+    };
+    Ok(serde_json::json!({
+        "message_id": a.message_id,
+        "is_report": a.is_report,
+        "parts": a.parts,
+        "delivery_report": report,
+    }))
+}
+
+/// [`describe`] plus the events the message becomes.
 ///
 /// # Errors
 /// When the bytes are not a mail message.
 pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
-    let a = analyse(bytes)?;
+    let mut out = describe(bytes)?;
     let envelope = RawEnvelope {
         id: "inspect".into(),
         received_at_ms: 0,
@@ -422,20 +442,11 @@ pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
         body: bytes.to_vec(),
         attributes: std::collections::BTreeMap::new(),
     };
-    let events = MailNormalizer::new(None).normalize(&envelope);
-    let report = if a.is_report {
-        crate::mail::dsn::parse(bytes)
-    } else {
-        None
-    };
-    Ok(serde_json::json!({
-        "message_id": a.message_id,
-        "is_report": a.is_report,
-        "parts": a.parts,
-        "events": events.as_ref().ok(),
-        "error": events.as_ref().err().map(ToString::to_string),
-        "delivery_report": report,
-    }))
+    match MailNormalizer::new(None).normalize(&envelope) {
+        Ok(events) => out["events"] = serde_json::to_value(events).unwrap_or_default(),
+        Err(e) => out["error"] = e.to_string().into(),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
