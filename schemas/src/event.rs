@@ -268,6 +268,8 @@ pub struct LabTestResult {
     pub status: String,
     /// Result exactly as the source gave it.
     pub value_text: Option<String>,
+    /// Coded result (FHIR `valueCodeableConcept`), e.g. SNOMED CT.
+    pub value_coding: Option<Coding>,
     /// Numeric result as a decimal string.
     pub value_decimal: Option<String>,
     /// `<`, `<=`, `>=`, `>` before the value.

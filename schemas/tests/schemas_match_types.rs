@@ -174,6 +174,7 @@ fn lab_result_matches_its_schema() {
             local_name: Some("Kalium".into()),
             status: "final".into(),
             value_text: Some("5.9".into()),
+            value_coding: None,
             value_decimal: Some("5.9".into()),
             comparator: None,
             unit: Some("mmol/l".into()),

@@ -312,6 +312,7 @@ pub(crate) fn lab_event(
                     local_name: name,
                     status: "final".to_owned(),
                     value_text: None,
+                    value_coding: None,
                     value_decimal: None,
                     comparator: None,
                     unit: None,

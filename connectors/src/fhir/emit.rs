@@ -662,6 +662,13 @@ fn observation(
     // `comparator` belongs between value and unit in definition order; JSON order is free.
     if let Some(q) = q {
         o = o.with("valueQuantity", q);
+    } else if let Some(c) = &r.value_coding {
+        o = o.with(
+            "valueCodeableConcept",
+            Object::new()
+                .with("coding", vec![coding(c)])
+                .with_opt("text", r.value_text.as_ref()),
+        );
     } else if let Some(t) = r.value_text.as_ref().or(r.value_decimal.as_ref()) {
         o = o.with("valueString", t);
     }

@@ -363,7 +363,7 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
     }
     assert_eq!(na.specimen_id.as_deref(), Some(blood.id.as_str()));
     assert_eq!(cl.specimen_id.as_deref(), Some(e.specimens[1].id.as_str()));
-    // A coded result: the event keeps its display (the SNOMED code has no field yet).
+    // A coded result keeps its SNOMED code (and no text: the example has none).
     assert_eq!(
         hav.test,
         code(
@@ -372,7 +372,11 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
             "Hepatitis A virus IgM Ab [Presence] in Serum"
         )
     );
-    assert_eq!(hav.value_text.as_deref(), Some("hepatitis A-test negatief"));
+    assert_eq!(
+        hav.value_coding,
+        Some(code(systems::SNOMED, "165996008", "hepatitis A-test negatief"))
+    );
+    assert!(hav.value_text.is_none());
     assert_eq!(hav.section.as_deref(), Some("Virologisch onderzoek"));
     assert_eq!(
         hav.effective_at.as_deref(),
@@ -865,6 +869,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
         }
         .into(),
         value_text: value.map(str::to_owned),
+        value_coding: None,
         value_decimal: value.map(str::to_owned),
         comparator: None,
         unit: Some(unit.into()),

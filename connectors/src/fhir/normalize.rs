@@ -875,6 +875,7 @@ fn lab_result(
         local_name: code.and_then(|c| s(c, "text")),
         status: status.to_owned(),
         value_text: None,
+        value_coding: None,
         value_decimal: None,
         comparator: None,
         unit: None,
@@ -918,12 +919,8 @@ fn lab_result(
     } else if let Some(v) = o.get("valueInteger").and_then(Value::as_literal) {
         r.value_decimal = Some(v.to_owned());
     } else if let Some(cc) = o.obj("valueCodeableConcept") {
-        // The event has no coded value: keep its text (see the FHIR connector's notes).
-        r.value_text = s(cc, "text").or_else(|| {
-            codings(Some(cc))
-                .next()
-                .and_then(|c| c.display.or(Some(c.code)))
-        });
+        r.value_coding = codings(Some(cc)).next();
+        r.value_text = s(cc, "text");
     } else if let Some(b) = o.get("valueBoolean") {
         r.value_text = Some(
             if matches!(b, Value::Bool(true)) {
