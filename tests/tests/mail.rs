@@ -826,3 +826,47 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
         .unwrap();
     assert_eq!(l["connector"], "imap");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_pickup_in_delete_mode_takes_every_message_once() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let dovecot = Dovecot::start(&certs);
+    dovecot.deliver(
+        "1764000001.M1.hub",
+        &std::fs::read(fixture("lab-result-edifact-body.eml")).unwrap(),
+    );
+    dovecot.deliver(
+        "1764000002.M2.hub",
+        &std::fs::read(fixture("letter-pdf.eml")).unwrap(),
+    );
+    let rx = Receiver::start(OK).await;
+    let config = format!(
+        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+         after = \"delete\"\npoll_interval = \"200ms\"\n{}",
+        dovecot.imaps_port,
+        certs.ca,
+        subscription("gp", "\"lab_result\", \"letter\"", &rx.url())
+    );
+    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
+    let got = rx.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 2, "{}", broker.log_text());
+    let mut kinds: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("ketenbus-kind").unwrap())
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["lab_result", "letter"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dovecot.count("INBOX") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "never deleted:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(rx.received().len(), 2, "nothing taken twice");
+}

@@ -347,8 +347,10 @@ impl ImapPickup {
             .await
             .map_err(|e| MailError::Refused(format!("select: {e}")))?;
         let validity = mailbox.uid_validity.unwrap_or(0);
+        // ALL, not UNDELETED: a message we flagged \Deleted just before a crash must be
+        // found again to be expunged.
         let mut uids: Vec<u32> = s
-            .uid_search("UNDELETED")
+            .uid_search("ALL")
             .await
             .map_err(|e| conn_err("search", e))?
             .into_iter()
@@ -361,18 +363,17 @@ impl ImapPickup {
                 break;
             }
             let fetches: Vec<_> = s
-                .uid_fetch(uid.to_string(), "(UID BODY.PEEK[])")
+                .uid_fetch(uid.to_string(), "(UID FLAGS BODY.PEEK[])")
                 .await
                 .map_err(|e| conn_err("fetch", e))?
                 .try_collect()
                 .await
                 .map_err(|e| conn_err("fetch", e))?;
-            let Some(body) = fetches
-                .iter()
-                .find(|f| f.uid == Some(uid))
-                .and_then(|f| f.body())
-                .map(<[u8]>::to_vec)
-            else {
+            let Some(fetch) = fetches.iter().find(|f| f.uid == Some(uid)) else {
+                continue;
+            };
+            let deleted = fetch.flags().any(|f| f == async_imap::types::Flag::Deleted);
+            let Some(body) = fetch.body().map(<[u8]>::to_vec) else {
                 continue;
             };
             let message_id = mail_parser::MessageParser::default()
@@ -381,6 +382,9 @@ impl ImapPickup {
                 .unwrap_or_default();
             if state.seen(validity, uid, &message_id) {
                 cycle.recognised += 1;
+            } else if deleted {
+                // Deleted by someone else and not ours: leave it alone.
+                continue;
             } else {
                 let envelope = self.envelope(&body, validity, uid, &message_id);
                 match self.ingest.accept(envelope).await {
