@@ -153,7 +153,8 @@ pub struct ImapConfig {
     /// Mailbox to read.
     #[serde(default = "inbox")]
     pub mailbox: String,
-    /// `move` (default) to `processed_folder`, or `delete`.
+    /// `move` (default) to `processed_folder` (needs the server's MOVE, RFC 6851), or
+    /// `delete` (flag `\Deleted`, then UID EXPUNGE, RFC 4315).
     #[serde(default = "move_after")]
     pub after: AfterPickup,
     /// Folder processed messages are moved to; it must exist.
