@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::audit::{Audit, Entry};
 use crate::tls::ClientCert;
 
 /// `[[senders]]`: a client that may post messages.
@@ -455,11 +456,50 @@ fn need(method: &Method, path: &str) -> Need {
     }
 }
 
+/// What the gate in front of the API holds.
+struct Gate {
+    auth: Authenticator,
+    audit: Option<Audit>,
+}
+
 /// Wrap the API so that, when senders or operators are configured, posting needs a sender
 /// and reading messages (lineage, FHIR reads) needs an operator. Health, readiness and
-/// metrics stay open: they carry no patient data.
-pub fn protect(app: Router, auth: Arc<Authenticator>) -> Router {
-    app.layer(axum::middleware::from_fn_with_state(auth, gate))
+/// metrics stay open: they carry no patient data. With `audit`, every successful read of a
+/// message (lineage or FHIR) is appended to the audit trail before it is answered.
+pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(
+        Arc::new(Gate { auth, audit }),
+        gate,
+    ))
+}
+
+/// The audit record of a successful read, if the path reads message data.
+fn read_entry(path: &str, operator: Option<&Principal>) -> Option<Entry> {
+    let actor = operator.map_or_else(
+        || "anonymous".to_owned(),
+        |p| format!("operator:{}", p.name),
+    );
+    let entry = |action: &str| Entry {
+        action: action.to_owned(),
+        actor: actor.clone(),
+        ..Entry::default()
+    };
+    if let Some(id) = path.strip_prefix("/api/v1/messages/") {
+        return Some(Entry {
+            envelope_id: Some(id.to_owned()),
+            ..entry("lineage_read")
+        });
+    }
+    if path == "/api/v1/messages" {
+        return Some(entry("lineage_list"));
+    }
+    if path == "/fhir" || path.starts_with("/fhir/") {
+        return Some(Entry {
+            event_id: Some(path.to_owned()),
+            ..entry("fhir_read")
+        });
+    }
+    None
 }
 
 fn refuse(e: &AuthError) -> Response {
@@ -482,9 +522,12 @@ fn refuse(e: &AuthError) -> Response {
     resp
 }
 
-async fn gate(State(auth): State<Arc<Authenticator>>, mut req: Request, next: Next) -> Response {
+async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Response {
+    let auth = &gate.auth;
     let cert = req.extensions().get::<ClientCert>().cloned();
-    match need(req.method(), req.uri().path()) {
+    let need = need(req.method(), req.uri().path());
+    let mut read_by = None;
+    match need {
         Need::Nothing => {}
         Need::Sender => match auth.sender(req.headers(), cert.as_ref()) {
             Ok(Some(p)) => {
@@ -495,15 +538,36 @@ async fn gate(State(auth): State<Arc<Authenticator>>, mut req: Request, next: Ne
             Err(e) => return refuse(&e),
         },
         Need::Operator => match auth.operator(req.headers(), cert.as_ref()) {
-            Ok(Some(p)) => {
-                let p = p.clone();
-                req.extensions_mut().insert(AuthenticatedOperator(p));
+            Ok(p) => {
+                read_by = p.cloned();
+                if let Some(p) = p {
+                    req.extensions_mut()
+                        .insert(AuthenticatedOperator(p.clone()));
+                }
             }
-            Ok(None) => {}
             Err(e) => return refuse(&e),
         },
     }
-    next.run(req).await
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    if need == Need::Operator
+        && resp.status().is_success()
+        && let Some(audit) = &gate.audit
+        && let Some(entry) = read_entry(&path, read_by.as_ref())
+        && let Err(e) = audit.append(vec![entry]).await
+    {
+        // No read of patient data without its audit record.
+        tracing::error!(error = %e, "audit trail unavailable; read refused");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "error": "audit_unavailable",
+                "message": "the audit trail cannot be written; reads are refused until it can",
+            })),
+        )
+            .into_response();
+    }
+    resp
 }
 
 #[cfg(test)]

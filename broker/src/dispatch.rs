@@ -396,14 +396,16 @@ async fn finish<B: Bus>(
             });
         }
     }
-    publish_retrying(bus, out, cancel).await?;
-    if let Some(audit) = audit {
-        let entries: Vec<_> = batch.iter().filter_map(|d| d.audit.clone()).collect();
-        audit
-            .append(entries)
-            .await
-            .map_err(|e| BusError::Fatal(e.to_string()))?;
-    }
+    // Outcomes and audit records go to disk side by side; both before the ack.
+    let entries: Vec<_> = batch.iter().filter_map(|d| d.audit.clone()).collect();
+    let (published, audited) = tokio::join!(publish_retrying(bus, out, cancel), async {
+        match audit {
+            Some(a) => a.append(entries).await,
+            None => Ok(()),
+        }
+    });
+    published?;
+    audited.map_err(|e| BusError::Fatal(e.to_string()))?;
     for d in batch {
         let mut step = Step::new(at, "delivery", d.outcome.as_str());
         if d.outcome == Outcome::DeadLettered {

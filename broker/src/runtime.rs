@@ -225,10 +225,10 @@ pub async fn run<B: Bus>(
     for w in crate::auth::warnings(cfg) {
         tracing::warn!(warning = %w, "access is open");
     }
-    let auth = Arc::new(crate::auth::Authenticator::new(&cfg.senders, &cfg.operators));
+    let auth = crate::auth::Authenticator::new(&cfg.senders, &cfg.operators);
     crate::tls::serve(
         listener,
-        crate::auth::protect(api::router(state), auth),
+        crate::auth::protect(api::router(state), auth, audit),
         tls,
         cfg.http.limits.clone(),
         cancel.clone(),

@@ -672,3 +672,128 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
         "{detail}"
     );
 }
+
+fn audit_cli(broker: &ketenbus_tests::Broker, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(ketenbus_bin())
+        .args(args)
+        .arg("--config")
+        .arg(&broker.config)
+        .env("KETENBUS_OPERATOR_TOKEN", OPS_TOKEN)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
+    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let sub = ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), "");
+    let mut broker = ketenbus_tests::Broker::start(&format!("{sub}{}", principals()));
+    let c = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
+        let (s, j, _) = post_as(
+            &c,
+            &broker.url,
+            Some(LAB_TOKEN),
+            medlab(n, "500001234", bsn),
+        )
+        .await;
+        assert_eq!(s, 202, "{j}");
+        ids.push(j["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(rx.wait_for(3, Duration::from_secs(20)).await.len(), 3);
+    for id in &ids {
+        lineage_until(&c, &broker.url, id, |l| {
+            delivery_outcome(l).is_some_and(|(o, _)| o == "delivered")
+        })
+        .await;
+    }
+    let audit_file = broker.dir.join("data").join("audit.jsonl");
+    let records = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit_file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let rs = records();
+    let deliveries: Vec<_> = rs.iter().filter(|r| r["action"] == "delivery").collect();
+    assert_eq!(deliveries.len(), 3, "{rs:#?}");
+    for d in &deliveries {
+        assert_eq!(d["actor"], "subscription:gp");
+        let patient = d["patient"].as_str().unwrap();
+        assert_eq!(patient.len(), 32, "a pseudonym");
+        assert!(ids.iter().any(|id| d["envelope_id"] == id.as_str()));
+        assert!(
+            d["event_id"]
+                .as_str()
+                .unwrap()
+                .starts_with(d["envelope_id"].as_str().unwrap())
+        );
+    }
+    let text = std::fs::read_to_string(&audit_file).unwrap();
+    for bsn in [BSN_A, BSN_B, BSN_C] {
+        assert!(!text.contains(bsn), "no BSN in the audit trail");
+    }
+    let reads: Vec<_> = rs
+        .iter()
+        .filter(|r| r["action"] == "lineage_read")
+        .collect();
+    assert!(!reads.is_empty());
+    assert!(
+        reads.iter().all(|r| r["actor"] == "operator:ops"),
+        "{reads:#?}"
+    );
+    // A refused read is not a read.
+    let before = records().len();
+    assert_eq!(
+        get_as(
+            &c,
+            &format!("{}/api/v1/messages/{}", broker.url, ids[0]),
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(records().len(), before);
+
+    broker.kill();
+    let (ok, out, err) = audit_cli(&broker, &["audit", "verify"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("intact, {before} record(s)")),
+        "{out}"
+    );
+    let (ok, out, _) = audit_cli(
+        &broker,
+        &["audit", "export", "--since", "2000-01-01T00:00:00Z"],
+    );
+    assert!(ok);
+    assert_eq!(out.lines().count(), before);
+    let (ok, out, _) = audit_cli(
+        &broker,
+        &["audit", "export", "--since", "2100-01-01T00:00:00Z"],
+    );
+    assert!(ok);
+    assert_eq!(out.lines().count(), 0);
+
+    // Someone edits the second record: who read it.
+    let full = std::fs::read_to_string(&audit_file).unwrap();
+    let mut lines: Vec<String> = full.lines().map(str::to_owned).collect();
+    lines[1] = lines[1].replacen("\"actor\":\"", "\"actor\":\"x", 1);
+    std::fs::write(&audit_file, lines.join("\n") + "\n").unwrap();
+    let (ok, out, err) = audit_cli(&broker, &["audit", "verify"]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("broken at record 2"), "{err}");
+    assert!(err.contains("does not match its hash"), "{err}");
+}

@@ -36,6 +36,9 @@ struct Args {
     /// Concurrent HTTP senders.
     #[arg(long, default_value_t = 64)]
     senders: usize,
+    /// TOML appended to the broker's config, e.g. $'[audit]\nenabled = false'.
+    #[arg(long, default_value = "")]
+    extra: String,
 }
 
 #[tokio::main]
@@ -58,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let sub = webhook_subscription("bench", "\"raw\"", &receiver.url(), "");
     let broker = Broker::start(&format!(
-        "{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n"
+        "{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n{}\n",
+        args.extra
     ));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.senders)
