@@ -870,3 +870,67 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(rx.received().len(), 2, "nothing taken twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offered() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    // B: a submission server that requires TLS and AUTH and offers no DSN (ketenbus itself).
+    let raw = Receiver::start(OK).await;
+    let b_port = free_port();
+    let b_config = format!(
+        "{}[mail.smtp.auth]\nusers = [{{ username = \"ketenbus-a\", password_env = \"TEST_B_PASSWORD\" }}]\n{}",
+        smtp_config(
+            b_port,
+            &certs,
+            "require_tls = true\naccept_addresses = [\"huisarts@gp.example.test\"]"
+        ),
+        subscription("inbox", "\"raw\"", &raw.url())
+    );
+    let b = Broker::start_with_env(&b_config, &[("TEST_B_PASSWORD", "b-password-for-tests")]);
+    // A: takes the letter in and sends it on by secure mail to B.
+    let a_port = free_port();
+    let sink = format!(
+        "[[subscriptions]]\nname = \"to-b\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {b_port}\n\
+         tls = \"starttls\"\nca_file = {:?}\nusername = \"ketenbus-a\"\npassword_env = \"TEST_A_SMTP_PASSWORD\"\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n",
+        certs.ca
+    );
+    let a = Broker::start_with_env(
+        &format!("{}{}", smtp_config(a_port, &certs, ""), sink),
+        &[("TEST_A_SMTP_PASSWORD", "b-password-for-tests")],
+    );
+    let data = fixture("letter-pdf.eml");
+    let (ok, out) = swaks(&[
+        "--server",
+        &format!("127.0.0.1:{a_port}"),
+        "--from",
+        "specialist@ziekenhuis.example.test",
+        "--to",
+        "500005678@lms.example.test",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let envelope = queued_id(&out);
+    let got = raw.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
+    let mail = MessageParser::default().parse(&got[0].body).unwrap();
+    assert_eq!(
+        mail.subject(),
+        Some(format!("Brief via ketenbus [{envelope}.0]").as_str())
+    );
+    let b_id = got[0].header("ketenbus-envelope-id").unwrap().to_owned();
+    let l = lineage(&reqwest::Client::new(), &b.url, &b_id)
+        .await
+        .unwrap();
+    assert_eq!(l["connector"], "smtp");
+    let l = lineage_until(&a.url, &envelope, |l| {
+        l["deliveries"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["outcome"] == "delivered"))
+    })
+    .await;
+    assert_eq!(l["deliveries"][0]["subscription"], "to-b");
+}

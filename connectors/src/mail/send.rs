@@ -23,7 +23,7 @@ use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Quit, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Quit, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, MailParameter, RcptParameter};
 use lettre::{Address, Message};
 
@@ -301,7 +301,16 @@ impl MailSink {
         }
         let mut mail_params = Vec::new();
         let mut rcpt_params = Vec::new();
-        if self.cfg.dsn {
+        // RFC 3461: DSN parameters only to a server that announces DSN. lettre keeps no
+        // list of unknown extensions, so ask again (one round trip).
+        let dsn = self.cfg.dsn && {
+            let ehlo = conn
+                .command(Ehlo::new(self.hello.clone()))
+                .await
+                .map_err(|e| classify("ehlo", &e))?;
+            ehlo.message().any(|l| l.trim().eq_ignore_ascii_case("DSN"))
+        };
+        if dsn {
             mail_params.push(MailParameter::Other {
                 keyword: "RET".into(),
                 value: Some("HDRS".into()),
