@@ -797,3 +797,86 @@ async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
     assert!(err.contains("broken at record 2"), "{err}");
     assert!(err.contains("does not match its hash"), "{err}");
 }
+
+/// Send `head` (and maybe more) on a raw connection and read what comes back until the
+/// server closes or `wait` passes.
+fn raw_exchange(addr: &str, bytes: &[u8], wait: Duration) -> (String, Duration) {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    (
+        String::from_utf8_lossy(&buf).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn listener_limits_answer_hostile_clients_clearly() {
+    let broker = ketenbus_tests::Broker::start(
+        "[http.limits]\nmax_connections = 3\nmax_headers = 10\nmax_header_bytes = \"8 KiB\"\nheader_timeout = \"1s\"\nrequest_timeout = \"1s\"\n",
+    );
+    let addr = broker.url.trim_start_matches("http://").to_owned();
+
+    let mut many = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    for i in 0..20 {
+        many.push_str(&format!("X-Filler-{i}: y\r\n"));
+    }
+    many.push_str("Connection: close\r\n\r\n");
+    let (resp, _) = raw_exchange(&addr, many.as_bytes(), Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 431"), "too many headers: {resp}");
+
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let (resp, _) = raw_exchange(&addr, big.as_bytes(), Duration::from_secs(5));
+    assert!(
+        resp.starts_with("HTTP/1.1 431"),
+        "headers too large: {resp:.80}"
+    );
+
+    // A body that never finishes: 408 after request_timeout.
+    let slow = "POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/EDIFACT\r\nContent-Length: 1000\r\n\r\nUNB+UNOA:1";
+    let (resp, took) = raw_exchange(&addr, slow.as_bytes(), Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("request_timeout"), "{resp}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+
+    // Headers that never finish: the connection is closed after header_timeout.
+    let (resp, took) = raw_exchange(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(!resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        took < Duration::from_secs(4),
+        "closed after the header timeout: {took:?}"
+    );
+
+    // Past max_connections: 503 with a reason, while the others hold their slots.
+    let hold: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let (resp, _) = raw_exchange(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert!(resp.contains("too_many_connections"), "{resp}");
+    drop(hold);
+    // Slots come back once those connections go.
+    std::thread::sleep(Duration::from_millis(300));
+    let (resp, _) = raw_exchange(
+        &addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
