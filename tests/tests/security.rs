@@ -880,3 +880,109 @@ fn listener_limits_answer_hostile_clients_clearly() {
     );
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_identifies_a_sender() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "main");
+    let server = pki.issue("server", &["127.0.0.1"], false);
+    let lab = pki.issue("lab-client", &[], true);
+    let stranger = pki.issue("stranger-client", &[], true);
+    let ca = pki.ca_file("main");
+    let extra = format!(
+        "{}require_client_cert = false\n[[senders]]\nname = \"lab\"\ncert_sha256 = \"{}\"\nparty_ids = [\"mailbox:500001234\"]\n",
+        tls_table(&server, Some(&ca)),
+        lab.sha256()
+    );
+    let with_lab = client(&ca, Some(lab.identity()));
+    let probe = client(&ca, None);
+    let broker = tokio::task::spawn_blocking(move || TlsBroker::start(tmp, &extra, &probe))
+        .await
+        .unwrap();
+    let (s, j, _) = post_as(&with_lab, &broker.url, None, edifact_from(1, "500001234")).await;
+    assert_eq!(s, 202, "{j}");
+    let (s, j, _) = post_as(&with_lab, &broker.url, None, edifact_from(2, "500007777")).await;
+    assert_eq!(s, 403, "in another party's name: {j}");
+    let anonymous = client(&ca, None);
+    let (s, _, _) = post_as(&anonymous, &broker.url, None, edifact_from(3, "500001234")).await;
+    assert_eq!(s, 401, "no certificate, no token");
+    let with_stranger = client(&ca, Some(stranger.identity()));
+    let (s, j, _) = post_as(
+        &with_stranger,
+        &broker.url,
+        None,
+        edifact_from(4, "500001234"),
+    )
+    .await;
+    assert_eq!(s, 401, "a valid certificate nobody configured: {j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_verify_the_receiver_against_the_configured_ca() {
+    // The receiver is a second ketenbus over TLS: it takes the raw EDIFACT with 202.
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "care-network");
+    let server = pki.issue("receiver", &["127.0.0.1"], false);
+    let ca = pki.ca_file("care-network");
+    let extra = tls_table(&server, None);
+    let probe = client(&ca, None);
+    let receiver = tokio::task::spawn_blocking(move || TlsBroker::start(tmp, &extra, &probe))
+        .await
+        .unwrap();
+    let target = format!("{}/api/v1/messages", receiver.url);
+    let subs = format!(
+        "{}{}[subscriptions.retry]\ninitial = \"100ms\"\nmax = \"200ms\"\ngive_up_after = \"1s\"\n",
+        ketenbus_tests::webhook_subscription(
+            "trusting",
+            "\"raw\"",
+            &target,
+            &format!(", ca_file = {ca:?}")
+        ),
+        ketenbus_tests::webhook_subscription("public-roots", "\"raw\"", &target, ""),
+    );
+    let sender = ketenbus_tests::Broker::start(&subs);
+    let c = reqwest::Client::new();
+    let (s, j, _) = post_as(&c, &sender.url, None, edifact_from(1, "500001234")).await;
+    assert_eq!(s, 202, "{j}");
+    let id = j["id"].as_str().unwrap().to_owned();
+    let l = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, l) = get_as(&c, &format!("{}/api/v1/messages/{id}", sender.url), None).await;
+            let outcomes: Vec<(String, String)> = l["deliveries"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|d| {
+                    (
+                        d["subscription"].as_str().unwrap_or("").to_owned(),
+                        d["outcome"].as_str().unwrap_or("").to_owned(),
+                    )
+                })
+                .collect();
+            if outcomes.len() == 2 && outcomes.iter().all(|(_, o)| o != "retrying") {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "{l:#}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let outcome = |name: &str| {
+        l["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["subscription"] == name)
+            .unwrap()["outcome"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(outcome("trusting"), "delivered", "{l:#}");
+    assert_eq!(
+        outcome("public-roots"),
+        "dead_lettered",
+        "an unknown CA is never trusted: {l:#}"
+    );
+}
