@@ -934,3 +934,43 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
     .await;
     assert_eq!(l["deliveries"][0]["subscription"], "to-b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let dovecot = Dovecot::start(&certs);
+    dovecot.create_folder("Processed");
+    let rx = Receiver::start(OK).await;
+    let config = format!(
+        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+         poll_interval = \"10min\"\n{}",
+        dovecot.imaps_port,
+        certs.ca,
+        subscription("gp", "\"letter\"", &rx.url())
+    );
+    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
+    // Let the pickup log in, find the empty inbox and settle in IDLE.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    dovecot.deliver(
+        "1764000003.M3.hub",
+        &std::fs::read(fixture("letter-html.eml")).unwrap(),
+    );
+    let got = rx.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "IDLE did not announce the new mail:\n{}",
+        broker.log_text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dovecot.count("Processed") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "never moved:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -160,9 +160,13 @@ pub struct ImapConfig {
     /// Folder processed messages are moved to; it must exist.
     #[serde(default = "processed")]
     pub processed_folder: String,
-    /// Time between looks at the mailbox.
+    /// Time between looks at the mailbox; with IDLE, the longest wait for an announcement.
     #[serde(default = "poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Stay connected and wait in IDLE (RFC 2177) when the server offers it, so new mail
+    /// is taken at once; `false` logs out and polls.
+    #[serde(default = "yes")]
+    pub idle: bool,
     /// Party id of the mailbox owner, set as the envelope's receiver (e.g. `mailbox:500005678`).
     pub receiver: Option<String>,
 }
@@ -473,6 +477,7 @@ mod tests {
                 after: AfterPickup::Move,
                 processed_folder: processed(),
                 poll_interval: poll_interval(),
+                idle: true,
                 receiver: None,
             }],
             content_dir: None,

@@ -1,7 +1,8 @@
-//! IMAP pickup from a hub mailbox (ZorgMail style: one consumer per mailbox). Every
-//! `poll_interval` the pickup logs in, reads each message in the mailbox (`BODY.PEEK[]`, so
-//! nothing is marked seen), hands it to [`Ingest`] and, only once `accept` resolved, marks it
+//! IMAP pickup from a hub mailbox (ZorgMail style: one consumer per mailbox). The pickup
+//! logs in, reads each message in the mailbox (`BODY.PEEK[]`, so nothing is marked seen), hands it to [`Ingest`] and, only once `accept` resolved, marks it
 //! processed: moved to `processed_folder` (IMAP MOVE, RFC 6851) or deleted (UID EXPUNGE).
+//! Then it waits in IDLE (RFC 2177) for the server to announce new mail, at most
+//! `poll_interval`, or, without IDLE, logs out and looks again after `poll_interval`.
 //!
 //! Between "durable" and "moved" the pickup can crash. So before moving, it writes the
 //! message's `UIDVALIDITY`/`UID` and `Message-ID` to a small state file (synced): a message
@@ -237,9 +238,6 @@ impl ImapPickup {
         tracing::info!(pickup = %self.cfg.name, host = %self.cfg.host, mailbox = %self.cfg.mailbox, remembered = state.len(), "imap pickup running");
         loop {
             match self.cycle(&mut state, &cancel).await {
-                Ok(c) if c != Cycle::default() => {
-                    tracing::debug!(pickup = %self.cfg.name, ingested = c.ingested, recognised = c.recognised, marked = c.marked, "imap pickup looked");
-                }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(pickup = %self.cfg.name, error = %e, "imap pickup failed, trying again later")
@@ -253,7 +251,8 @@ impl ImapPickup {
         tracing::info!(pickup = %self.cfg.name, "imap pickup stopped");
     }
 
-    /// One look: connect, take every message, log out.
+    /// Connect and take every message; with IDLE, stay connected and take new ones as the
+    /// server announces them, until an error or `cancel`.
     ///
     /// # Errors
     /// When the server cannot be reached or refuses, or the state cannot be written.
@@ -328,9 +327,43 @@ impl ImapPickup {
             .login(&self.cfg.username, &self.password)
             .await
             .map_err(|(e, _)| MailError::Refused(format!("login: {e}")))?;
-        let result = self.take_all(&mut session, state, cancel).await;
-        let _ = session.logout().await;
-        result
+        let idle = self.cfg.idle
+            && session
+                .capabilities()
+                .await
+                .is_ok_and(|c| c.has_str("IDLE"));
+        let mut total = Cycle::default();
+        loop {
+            let cycle = match self.take_all(&mut session, state, cancel).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = session.logout().await;
+                    return Err(e);
+                }
+            };
+            if cycle != Cycle::default() {
+                tracing::debug!(pickup = %self.cfg.name, ingested = cycle.ingested, recognised = cycle.recognised, marked = cycle.marked, "imap pickup looked");
+            }
+            total.ingested += cycle.ingested;
+            total.recognised += cycle.recognised;
+            total.marked += cycle.marked;
+            if !idle || cancel.is_cancelled() {
+                let _ = session.logout().await;
+                return Ok(total);
+            }
+            // RFC 2177 IDLE: wait for the server to announce new mail, at most
+            // poll_interval, then look again on the same connection.
+            let mut handle = session.idle();
+            handle.init().await.map_err(|e| conn_err("idle", e))?;
+            {
+                let (wait, _stop) = handle.wait_with_timeout(self.cfg.poll_interval);
+                tokio::select! {
+                    r = wait => { r.map_err(|e| conn_err("idle", e))?; }
+                    () = cancel.cancelled() => {}
+                }
+            }
+            session = handle.done().await.map_err(|e| conn_err("idle done", e))?;
+        }
     }
 
     async fn take_all<T>(
