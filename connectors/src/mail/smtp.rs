@@ -663,7 +663,14 @@ impl Session {
             return;
         }
         if !self.cfg.accepts(&path) {
-            let text = format!("550 5.1.1 <{path}>: recipient address rejected: not accepted here");
+            // Echo the address as printable ASCII only: nothing the client sends can
+            // break the reply line.
+            let shown: String = path
+                .chars()
+                .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+                .collect();
+            let text =
+                format!("550 5.1.1 <{shown}>: recipient address rejected: not accepted here");
             self.error(&text);
             return;
         }
@@ -1166,5 +1173,55 @@ mod tests {
         );
         assert_eq!(parse_path("TO:<u@h", "TO:"), None);
         assert_eq!(parse_path("X", "TO:"), None);
+    }
+
+    /// Run a whole conversation fed in the given pieces; returns the output and messages.
+    fn feed_pieces(cfg: SessionConfig, pieces: &[&[u8]]) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut s = Session::new(Arc::new(cfg));
+        let mut out = Vec::new();
+        let mut mails = Vec::new();
+        for p in pieces {
+            s.push(p);
+            loop {
+                match s.step() {
+                    Step::Deliver(m) => {
+                        mails.push(m.data);
+                        s.delivered(Ok("id".into()));
+                    }
+                    Step::NeedInput | Step::Close | Step::StartTls => break,
+                }
+            }
+            out.extend(s.take_output());
+        }
+        (out, mails)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_split_of_a_conversation_gives_the_same_answers(cuts in proptest::collection::vec(0usize..400, 0..12)) {
+            let input: &[u8] = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@lms.test>\r\nDATA\r\nSubject: s\r\n\r\n..dot\r\nline\r\n.\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<y@lms.test>\r\nDATA\r\nsecond\r\n.\r\nQUIT\r\n";
+            let whole = feed_pieces(cfg(), &[input]);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % input.len()).collect();
+            cuts.sort_unstable();
+            let mut pieces = Vec::new();
+            let mut at = 0;
+            for c in cuts {
+                pieces.push(&input[at..c.max(at)]);
+                at = c.max(at);
+            }
+            pieces.push(&input[at..]);
+            let split = feed_pieces(cfg(), &pieces);
+            proptest::prop_assert_eq!(&split, &whole);
+            proptest::prop_assert_eq!(whole.1.len(), 2);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_every_reply_is_a_reply_line(input in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2000)) {
+            let (out, _) = feed_pieces(cfg(), &[&input]);
+            let text = String::from_utf8(out).expect("replies are ASCII");
+            for line in text.split_terminator("\r\n") {
+                proptest::prop_assert!(line.len() >= 4 && line.as_bytes()[..3].iter().all(u8::is_ascii_digit), "{}", line);
+            }
+        }
     }
 }
