@@ -1182,14 +1182,9 @@ mod tests {
         let mut mails = Vec::new();
         for p in pieces {
             s.push(p);
-            loop {
-                match s.step() {
-                    Step::Deliver(m) => {
-                        mails.push(m.data);
-                        s.delivered(Ok("id".into()));
-                    }
-                    Step::NeedInput | Step::Close | Step::StartTls => break,
-                }
+            while let Step::Deliver(m) = s.step() {
+                mails.push(m.data);
+                s.delivered(Ok("id".into()));
             }
             out.extend(s.take_output());
         }
