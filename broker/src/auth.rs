@@ -446,8 +446,8 @@ enum Need {
 fn need(method: &Method, path: &str) -> Need {
     let api = path == "/api/v1/messages" || path.starts_with("/api/v1/messages/");
     let fhir = path == "/fhir" || path.starts_with("/fhir/");
-    if !(api || fhir) {
-        return Need::Nothing; // health, readiness, metrics: no patient data
+    if !(api || fhir) || path == "/fhir/metadata" {
+        return Need::Nothing; // health, readiness, metrics, capabilities: no patient data
     }
     if method == Method::GET || method == Method::HEAD {
         Need::Operator
@@ -460,17 +460,64 @@ fn need(method: &Method, path: &str) -> Need {
 struct Gate {
     auth: Authenticator,
     audit: Option<Audit>,
+    max_body: usize,
 }
 
 /// Wrap the API so that, when senders or operators are configured, posting needs a sender
 /// and reading messages (lineage, FHIR reads) needs an operator. Health, readiness and
 /// metrics stay open: they carry no patient data. With `audit`, every successful read of a
 /// message (lineage or FHIR) is appended to the audit trail before it is answered.
-pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>) -> Router {
+///
+/// FHIR writes by an authenticated sender are read here (up to `max_body`) so that their
+/// MessageHeader sender is checked against the sender's parties before the FHIR handlers
+/// see them; `POST /api/v1/messages` checks its own body.
+pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>, max_body: usize) -> Router {
     app.layer(axum::middleware::from_fn_with_state(
-        Arc::new(Gate { auth, audit }),
+        Arc::new(Gate {
+            auth,
+            audit,
+            max_body,
+        }),
         gate,
     ))
+}
+
+/// Check a FHIR write's declared sender against the authenticated sender, handing the
+/// buffered body on.
+async fn check_fhir_write(
+    req: Request,
+    sender: &AuthenticatedSender,
+    max_body: usize,
+) -> Result<Request, Response> {
+    let format = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Format::from_media_type);
+    let Some(format @ (Format::FhirJson | Format::FhirXml)) = format else {
+        return Ok(req); // not FHIR: the handler answers 415
+    };
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, max_body.saturating_add(1)).await else {
+        crate::telemetry::rejected("http", "too_large");
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Json(serde_json::json!({
+                "error": "too_large",
+                "message": format!("the message is larger than {max_body} bytes (http.max_body)"),
+            })),
+        )
+            .into_response());
+    };
+    if let Err(e) = sender.party_for(format, &bytes) {
+        crate::telemetry::rejected("http", "sender_mismatch");
+        return Err((
+            StatusCode::FORBIDDEN,
+            Json(serde_json::json!({ "error": "sender_mismatch", "message": e.to_string() })),
+        )
+            .into_response());
+    }
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// The audit record of a successful read, if the path reads message data.
@@ -531,8 +578,14 @@ async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Re
         Need::Nothing => {}
         Need::Sender => match auth.sender(req.headers(), cert.as_ref()) {
             Ok(Some(p)) => {
-                let p = p.clone();
-                req.extensions_mut().insert(AuthenticatedSender(p));
+                let sender = AuthenticatedSender(p.clone());
+                if req.uri().path().starts_with("/fhir") {
+                    req = match check_fhir_write(req, &sender, gate.max_body).await {
+                        Ok(r) => r,
+                        Err(resp) => return resp,
+                    };
+                }
+                req.extensions_mut().insert(sender);
             }
             Ok(None) => {}
             Err(e) => return refuse(&e),

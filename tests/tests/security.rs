@@ -986,3 +986,47 @@ async fn webhooks_verify_the_receiver_against_the_configured_ca() {
         "an unknown CA is never trusted: {l:#}"
     );
 }
+
+/// Nictiz Acute Zorg example (CC0, synthetic patient): an ambulance referral whose
+/// MessageHeader names sender ura:00000001.
+const AZ_REFERRAL: &str = include_str!(
+    "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+);
+const AMBULANCE_TOKEN: &str = "kb_ambulance_token_for_tests_0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fhir_message_header_must_name_the_authenticated_sender() {
+    let extra = format!(
+        "{}[[senders]]\nname = \"ambulance\"\ntoken_sha256 = \"{}\"\nparty_ids = [\"ura:00000001\"]\n",
+        principals(),
+        sha(AMBULANCE_TOKEN)
+    );
+    let broker = ketenbus_tests::Broker::start(&extra);
+    let c = reqwest::Client::new();
+    let post = |path: &'static str, token: &'static str| {
+        c.post(format!("{}{path}", broker.url))
+            .header("content-type", "application/fhir+json")
+            .bearer_auth(token)
+            .body(AZ_REFERRAL)
+            .send()
+    };
+    for path in ["/api/v1/messages", "/fhir/$process-message"] {
+        let r = post(path, LAB_TOKEN).await.unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+        let j: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(j["error"], "sender_mismatch");
+        assert!(
+            j["message"].as_str().unwrap().contains("ura:00000001"),
+            "{j}"
+        );
+        let r = post(path, AMBULANCE_TOKEN).await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+    // The capability statement stays open; FHIR reads need an operator.
+    let meta = c
+        .get(format!("{}/fhir/metadata", broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(meta.status(), 200);
+}
