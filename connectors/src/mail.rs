@@ -86,10 +86,10 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The raw envelope for a message an SMTP session received: the bytes as sent, the
-/// envelope addresses as party ids and transport details as attributes.
+/// The raw envelope for a message an SMTP session received: the bytes as sent (moved, not
+/// copied), the envelope addresses as party ids and transport details as attributes.
 #[must_use]
-pub fn envelope_for(mail: &smtp::Mail, connector: &str, peer: Option<SocketAddr>) -> RawEnvelope {
+pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>) -> RawEnvelope {
     let mut attributes = BTreeMap::new();
     attributes.insert("mail.from".to_owned(), mail.from.clone());
     attributes.insert("mail.rcpt_to".to_owned(), mail.rcpts.join(","));
@@ -109,7 +109,7 @@ pub fn envelope_for(mail: &smtp::Mail, connector: &str, peer: Option<SocketAddr>
         content_type: MEDIA_RFC822.to_owned(),
         sender: party_of(&mail.from),
         receiver: mail.rcpts.first().and_then(|r| party_of(r)),
-        body: mail.data.clone(),
+        body: mail.data,
         attributes,
     }
 }
