@@ -618,6 +618,28 @@ mod tests {
     }
 
     #[test]
+    fn a_fhir_bundle_attachment_reaches_the_real_fhir_normaliser() {
+        let bundle = std::fs::read(format!(
+            "{}/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        let mut mail = b"From: ambulance@rav.example.test\r\nSubject: Overdracht\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nZie bijlage.\r\n--b\r\nContent-Type: application/fhir+json\r\nContent-Disposition: attachment; filename=overdracht.json\r\n\r\n".to_vec();
+        mail.extend_from_slice(&bundle);
+        mail.extend_from_slice(b"\r\n--b--\r\n");
+        let events = MailNormalizer::default()
+            .normalize(&envelope(&mail))
+            .unwrap();
+        assert_eq!(
+            events.iter().map(Event::kind).collect::<Vec<_>>(),
+            [EventKind::AcuteHandover],
+            "{events:?}"
+        );
+        assert_eq!(events[0].header().id, "env1.0");
+        assert_eq!(events[0].header().source_format, "fhir_json");
+    }
+
+    #[test]
     fn a_broken_edifact_part_is_rejected_naming_the_part() {
         let mail = b"From: a@b.test\r\nMIME-Version: 1.0\r\nContent-Type: application/EDIFACT\r\n\r\nUNB+UNOA:1+1+2+261101:0815+X'UNH+1+MEDLAB:1'PID+++'\r\n";
         let err = MailNormalizer::default()
