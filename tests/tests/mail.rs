@@ -974,3 +974,62 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let rx = Receiver::start(OK).await;
+    let port = free_port();
+    // The first lines land in [http]: a short wait for the log.
+    let broker = Broker::start(&format!(
+        "ingest_timeout = \"1s\"\n{}{}",
+        smtp_config(port, &certs, ""),
+        subscription("archive", "\"raw\"", &rx.url())
+    ));
+    // Another process holds the log's write lock, as a stuck disk or a backup would.
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
+        ])
+        .arg(broker.dir.join("data/log.db"))
+        .arg("4")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let data = fixture("letter-html.eml");
+    let args = [
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--from",
+        "poli@ziekenhuis.example.test",
+        "--to",
+        "500005678@lms.example.test",
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    let (ok, out) = swaks(&args);
+    assert!(!ok && out.contains("451 4.3.0"), "{out}");
+    let _ = holder.wait();
+    // The sender's retry is taken once the log can write again.
+    let (ok, out) = swaks(&args);
+    assert!(ok, "{out}");
+    let id = queued_id(&out);
+    let got = rx.wait_for(1, Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rx.received().len(),
+        1,
+        "only the acknowledged message exists"
+    );
+    assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()));
+}
