@@ -611,6 +611,115 @@ mod tests {
         }
     }
 
+    /// A registry where every patient denies everything.
+    struct DenyAll;
+
+    impl crate::consent::ConsentRegistry for DenyAll {
+        fn lookup<'a>(
+            &'a self,
+            _q: crate::consent::ConsentQuery<'a>,
+        ) -> BoxFuture<'a, Result<crate::consent::Answer, crate::consent::ConsentError>> {
+            Box::pin(async { Ok(crate::consent::Answer::Denied) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_without_consent_is_an_outcome_and_an_audit_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        let sub = Subscription {
+            name: "gp".into(),
+            sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
+            filter: FilterConfig::default(),
+            sink: SinkConfig::Webhook {
+                url: "http://127.0.0.1:1/".parse().unwrap(),
+                secret: None,
+                timeout: Duration::from_secs(1),
+                ca_file: None,
+            },
+            retry: RetryConfig::default(),
+            concurrency: 2,
+        };
+        let mut names = source_topics(&sub);
+        names.push(topics::DELIVERY_OUTCOMES.into());
+        names.push(topics::dead_letters("gp"));
+        let specs: Vec<TopicSpec> = names
+            .into_iter()
+            .map(|name| TopicSpec {
+                name,
+                partitions: 1,
+            })
+            .collect();
+        bus.ensure_topics(&specs).await.unwrap();
+        let mut header = EventHeader::new(EventKind::Letter, "env-1", 0, "edifact");
+        header.patient_key = Some("pk-1".into());
+        let e = LetterEvent {
+            header,
+            patient: None,
+            author: None,
+            author_organization: None,
+            recipient: None,
+            date: None,
+            title: None,
+            text: None,
+            attachments: vec![],
+        };
+        bus.publish(vec![OutRecord {
+            topic: topics::events(EventKind::Letter),
+            key: b"pk-1".to_vec(),
+            value: e.to_avro().unwrap(),
+        }])
+        .await
+        .unwrap();
+        // A sink that must never be called.
+        let sink = Arc::new(SlowRecorder {
+            got: Mutex::new(Vec::new()),
+        });
+        let audit = crate::audit::Audit::open(dir.path()).unwrap();
+        let hooks = Hooks {
+            consent: Some(Arc::new(crate::consent::ConsentCheck {
+                registry: Arc::new(DenyAll),
+                policy: crate::consent::SubscriptionConsent {
+                    party: "agb:01234567".into(),
+                    purpose: "treatment".into(),
+                    default: crate::consent::DefaultDecision::Allow,
+                },
+            })),
+            audit: Some(audit),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_with(
+            Arc::clone(&bus),
+            sub,
+            Arc::clone(&sink) as Arc<dyn Sink>,
+            Lineage::open(dir.path()).unwrap(),
+            Arc::new(Health::default()),
+            cancel.clone(),
+            hooks,
+        ));
+        let mut outcomes = bus
+            .subscribe("reader", &[topics::DELIVERY_OUTCOMES.to_owned()])
+            .await
+            .unwrap();
+        let mut found = None;
+        for _ in 0..40 {
+            if let Some(r) = outcomes.poll(Duration::from_millis(250)).await.unwrap() {
+                found = Some(DeliveryOutcome::from_avro(&r.value).unwrap());
+                break;
+            }
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        let o = found.expect("an outcome on the delivery-outcomes topic");
+        assert_eq!(o.outcome, Outcome::Filtered);
+        assert_eq!(o.reason.as_deref(), Some("no_consent"));
+        assert_eq!(o.envelope_id, "env-1");
+        assert!(sink.got.lock().unwrap().is_empty(), "never delivered");
+        let trail = std::fs::read_to_string(crate::audit::path_in(dir.path())).unwrap();
+        assert!(trail.contains("\"action\":\"delivery_withheld\""), "{trail}");
+        assert!(trail.contains("\"patient\":\"pk-1\""), "{trail}");
+    }
+
     #[tokio::test]
     async fn one_patients_events_arrive_in_order() {
         let dir = tempfile::tempdir().unwrap();
