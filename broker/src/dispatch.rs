@@ -254,17 +254,16 @@ pub async fn run_with<B: Bus>(
             in_flight -= finished.len();
             let batch = std::mem::take(&mut finished);
             tracked.finished(batch.iter().map(|d| &d.token));
-            if let Err(e) =
-                finish(
-                    bus.as_ref(),
-                    &mut consumer,
-                    &name,
-                    batch,
-                    &lineage,
-                    &cancel,
-                    hooks.audit.as_ref(),
-                )
-                .await
+            if let Err(e) = finish(
+                bus.as_ref(),
+                &mut consumer,
+                &name,
+                batch,
+                &lineage,
+                &cancel,
+                hooks.audit.as_ref(),
+            )
+            .await
             {
                 tracing::error!(subscription = %name, error = %e, "subscription stopped");
                 health.set(&component, State::Failed(e.to_string()));
@@ -447,7 +446,8 @@ async fn lane(
 ) {
     while let Some(job) = rx.recv().await {
         if let Some(consent) = &hooks.consent {
-            let Some(verdict) = consent_verdict(consent, &job.payload, &subscription, &cancel).await
+            let Some(verdict) =
+                consent_verdict(consent, &job.payload, &subscription, &cancel).await
             else {
                 return; // cancelled: not acked, checked again after restart
             };
@@ -716,7 +716,10 @@ mod tests {
         assert_eq!(o.envelope_id, "env-1");
         assert!(sink.got.lock().unwrap().is_empty(), "never delivered");
         let trail = std::fs::read_to_string(crate::audit::path_in(dir.path())).unwrap();
-        assert!(trail.contains("\"action\":\"delivery_withheld\""), "{trail}");
+        assert!(
+            trail.contains("\"action\":\"delivery_withheld\""),
+            "{trail}"
+        );
         assert!(trail.contains("\"patient\":\"pk-1\""), "{trail}");
     }
 

@@ -140,10 +140,10 @@ pub async fn run<B: Bus>(
     } else {
         None
     };
-    let consent_registry: Option<Arc<dyn crate::consent::ConsentRegistry>> = match &cfg.consent.file {
+    let consent_registry = match &cfg.consent.file {
         Some(f) => Some(Arc::new(
             crate::consent::FileRegistry::open(f).context("reading the consent file")?,
-        )),
+        ) as Arc<dyn crate::consent::ConsentRegistry>),
         None => None,
     };
     for sub in &settings.subscriptions {
@@ -154,9 +154,11 @@ pub async fn run<B: Bus>(
             .find(|s| s.name == sub.name)
             .and_then(|s| s.consent.clone());
         let hooks = dispatch::Hooks {
-            consent: policy.zip(consent_registry.clone()).map(|(policy, registry)| {
-                Arc::new(crate::consent::ConsentCheck { registry, policy })
-            }),
+            consent: policy
+                .zip(consent_registry.clone())
+                .map(|(policy, registry)| {
+                    Arc::new(crate::consent::ConsentCheck { registry, policy })
+                }),
             audit: audit.clone(),
         };
         tasks.spawn(dispatch::run_with(
