@@ -178,6 +178,8 @@ fn certs(dir: &Path) -> Certs {
 struct Postfix {
     conf: PathBuf,
     port: u16,
+    /// SMTPS (implicit TLS, RFC 8314) submission port.
+    smtps_port: u16,
     maildir: PathBuf,
     dir: PathBuf,
     _tmp: tempfile::TempDir,
@@ -188,6 +190,7 @@ impl Postfix {
         ensure_tools();
         let tmp = open_tempdir();
         let dir = tmp.path().to_path_buf();
+        let smtps_port = free_port();
         let port = free_port();
         let conf = dir.join("conf");
         for d in ["conf", "queue", "data", "vmail"] {
@@ -200,6 +203,9 @@ impl Postfix {
         for l in master.lines() {
             if l.starts_with("smtp ") && l.contains(" inet ") {
                 lines.push(format!("127.0.0.1:{port} inet n - n - - smtpd"));
+                lines.push(format!(
+                    "127.0.0.1:{smtps_port} inet n - n - - smtpd -o smtpd_tls_wrappermode=yes"
+                ));
             } else if !l.is_empty() && !l.starts_with('#') && !l.starts_with(char::is_whitespace) {
                 // No chroot: the instance lives in a temporary directory.
                 let mut f: Vec<&str> = l.split_whitespace().collect();
@@ -220,7 +226,7 @@ impl Postfix {
              smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\nalias_maps =\nalias_database =\nbiff = no\n\
              virtual_mailbox_domains = gp.example.test\nvirtual_mailbox_base = {d}/vmail\nvirtual_mailbox_maps = static:huisarts/\n\
              virtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\n\
-             smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtp_tls_security_level = may\n\
+             smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtp_tls_security_level = may\nsmtpd_tls_loglevel = 1\n\
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n",
             certs.cert.display(),
             certs.key.display()
@@ -238,9 +244,11 @@ impl Postfix {
             std::fs::read_to_string(dir.join("maillog")).unwrap_or_default()
         );
         wait_port(port);
+        wait_port(smtps_port);
         Postfix {
             conf,
             port,
+            smtps_port,
             maildir: dir.join("vmail/huisarts"),
             dir,
             _tmp: tmp,
@@ -1032,4 +1040,60 @@ async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry(
         "only the acknowledged message exists"
     );
     assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mail_sink_also_speaks_implicit_tls() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let port = free_port();
+    let postfix = Postfix::start(port, &certs);
+    let sink = format!(
+        "[[subscriptions]]\nname = \"gp-smtps\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\ndsn = false\n",
+        postfix.smtps_port, certs.ca
+    );
+    let broker = Broker::start(&format!("{}{}", smtp_config(port, &certs, ""), sink));
+    let data = fixture("letter-html.eml");
+    let (ok, out) = swaks(&[
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--from",
+        "poli@ziekenhuis.example.test",
+        "--to",
+        "500005678@lms.example.test",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let envelope = queued_id(&out);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while postfix.delivered().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "postfix log:\n{}\nbroker log:\n{}",
+            postfix.log(),
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered = postfix.delivered();
+    let mail = MessageParser::default().parse(&delivered[0]).unwrap();
+    assert_eq!(
+        mail.subject(),
+        Some(format!("Brief via ketenbus [{envelope}.0]").as_str())
+    );
+    assert!(
+        mail.body_text(0)
+            .unwrap()
+            .contains("De afspraak is op 4 november")
+    );
+    assert!(
+        postfix
+            .log()
+            .contains("TLS connection established from localhost"),
+        "{}",
+        postfix.log()
+    );
 }
