@@ -471,4 +471,25 @@ mod tests {
             Verified::Intact { records: 2, .. }
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any one changed byte (other than a line end) breaks the chain.
+        #[test]
+        fn any_changed_byte_is_noticed(at in 0usize..100_000, to in 0u8..=255) {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let audit = Audit::open(dir.path()).unwrap();
+            rt.block_on(audit.append((0..5).map(entry).collect())).unwrap();
+            drop(audit);
+            let path = path_in(dir.path());
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = at % bytes.len();
+            proptest::prop_assume!(bytes[at] != b'\n' && bytes[at] != to);
+            bytes[at] = to;
+            std::fs::write(&path, &bytes).unwrap();
+            let intact = matches!(verify(&path), Ok(Verified::Intact { .. }));
+            proptest::prop_assert!(!intact, "byte {} changed to {} went unnoticed", at, to);
+        }
+    }
 }

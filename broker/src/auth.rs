@@ -691,4 +691,24 @@ mod tests {
         );
         assert!(p.iter().all(|(_, m)| !m.contains("hunter2")));
     }
+
+    proptest::proptest! {
+        /// Whatever a client posts, finding its declared senders does not panic.
+        #[test]
+        fn declared_senders_take_any_bytes(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            f in 0usize..3,
+        ) {
+            let format = [Format::Edifact, Format::FhirJson, Format::FhirXml][f];
+            let _ = declared_senders(format, &body);
+        }
+
+        #[test]
+        fn unb_senders_are_read_as_the_normaliser_names_them(id in "[0-9]{6,13}", gln in proptest::prelude::any::<bool>()) {
+            let q = if gln { ":14" } else { "" };
+            let msg = format!("UNB+UNOA:1+{id}{q}+500005678+261101:0815+IC1'UNZ+0+IC1'");
+            let scheme = if gln { "gln" } else { "mailbox" };
+            proptest::prop_assert_eq!(declared_senders(Format::Edifact, msg.as_bytes()), vec![format!("{scheme}:{id}")]);
+        }
+    }
 }

@@ -397,4 +397,17 @@ mod tests {
         let e = parse_rules(Path::new("c.csv"), "p1,agb:1,treatment,perhaps\n").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_parses_or_names_a_line(text in "\\PC{0,400}") {
+            match parse_rules(Path::new("c.csv"), &text) {
+                Ok(rules) => proptest::prop_assert!(rules.len() <= text.lines().count()),
+                Err(ConsentFileError::Line { line, .. }) => {
+                    proptest::prop_assert!(line >= 1 && line <= text.lines().count());
+                }
+                Err(e) => proptest::prop_assert!(false, "{e}"),
+            }
+        }
+    }
 }
