@@ -165,7 +165,7 @@ pub struct ImapPickup {
     cfg: ImapConfig,
     password: String,
     ingest: Arc<dyn Ingest>,
-    state_path: PathBuf,
+    state: PickupState,
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
@@ -197,7 +197,9 @@ impl ImapPickup {
     /// A pickup for `cfg`; its state file lives in `<data_dir>/imap/<name>.state`.
     ///
     /// # Errors
-    /// [`MailError::Config`] when the password variable is unset or the CA file unusable.
+    /// [`MailError::Config`] when the password variable is unset or the CA file unusable;
+    /// [`MailError::State`] when the state file exists but cannot be read (start-up stops
+    /// rather than risk taking a message twice).
     pub fn new(
         cfg: ImapConfig,
         data_dir: &Path,
@@ -216,25 +218,25 @@ impl ImapPickup {
                 crate::mail::tls::client_config(cfg.ca_file.as_deref())?,
             )),
         };
-        let state_path = data_dir.join("imap").join(format!("{}.state", cfg.name));
+        let state = PickupState::load(&data_dir.join("imap").join(format!("{}.state", cfg.name)))?;
         Ok(ImapPickup {
             cfg,
             password,
             ingest,
-            state_path,
+            state,
             tls,
         })
     }
 
     /// Look at the mailbox every `poll_interval` until `cancel`.
-    pub async fn run(self, cancel: CancellationToken) {
-        let mut state = match PickupState::load(&self.state_path) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(pickup = %self.cfg.name, error = %e, "imap pickup cannot read its state; not started");
-                return;
-            }
-        };
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut state = std::mem::replace(
+            &mut self.state,
+            PickupState {
+                path: PathBuf::new(),
+                entries: Vec::new(),
+            },
+        );
         tracing::info!(pickup = %self.cfg.name, host = %self.cfg.host, mailbox = %self.cfg.mailbox, remembered = state.len(), "imap pickup running");
         loop {
             match self.cycle(&mut state, &cancel).await {
