@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ketenbus_connectors::ingest::{Accepted, Ingest, IngestError};
 use ketenbus_connectors::sink::BoxFuture;
-use ketenbus_schemas::{topics, AvroRecord, RawEnvelope};
+use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};
 use crate::lineage::{Lineage, Received};
@@ -22,23 +22,47 @@ pub struct BusIngest<B: Bus> {
 impl<B: Bus> BusIngest<B> {
     /// Ingest onto `bus`, giving up after `timeout` (the sender then hears "try again").
     pub fn new(bus: Arc<B>, lineage: Lineage, timeout: Duration) -> BusIngest<B> {
-        BusIngest { bus, lineage, timeout }
+        BusIngest {
+            bus,
+            lineage,
+            timeout,
+        }
     }
 }
 
 impl<B: Bus> Ingest for BusIngest<B> {
     fn accept(&self, envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
         Box::pin(async move {
-            let value = envelope.to_avro().map_err(|e| IngestError::Fatal(e.to_string()))?;
-            let record = OutRecord { topic: topics::RAW.to_owned(), key: envelope.id.clone().into_bytes(), value };
-            let positions = match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(BusError::Unavailable(e))) => return Err(telemetry::refused(&envelope.connector, IngestError::Unavailable(e))),
-                Ok(Err(e)) => return Err(telemetry::refused(&envelope.connector, IngestError::Fatal(e.to_string()))),
-                Err(_) => {
-                    return Err(telemetry::refused(&envelope.connector, IngestError::Unavailable("timed out waiting for the log".into())));
-                }
+            let value = envelope
+                .to_avro()
+                .map_err(|e| IngestError::Fatal(e.to_string()))?;
+            let record = OutRecord {
+                topic: topics::RAW.to_owned(),
+                key: envelope.id.clone().into_bytes(),
+                value,
             };
+            let positions =
+                match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(BusError::Unavailable(e))) => {
+                        return Err(telemetry::refused(
+                            &envelope.connector,
+                            IngestError::Unavailable(e),
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        return Err(telemetry::refused(
+                            &envelope.connector,
+                            IngestError::Fatal(e.to_string()),
+                        ));
+                    }
+                    Err(_) => {
+                        return Err(telemetry::refused(
+                            &envelope.connector,
+                            IngestError::Unavailable("timed out waiting for the log".into()),
+                        ));
+                    }
+                };
             let pos = positions[0];
             telemetry::received(&envelope.connector, envelope.format, envelope.body.len());
             self.lineage

@@ -4,6 +4,7 @@
 
 pub mod edifact;
 pub mod fhir;
+pub mod inbox;
 pub mod ingest;
 pub mod mail;
 pub mod normalize;
