@@ -2,11 +2,11 @@
 //! groups that commit the contiguous prefix of finished records per partition.
 //! Two engines: [`embedded`] (SQLite in the data directory) and [`kafka`] (rdkafka).
 
+#[cfg(test)]
+mod contract;
 pub mod embedded;
 pub mod kafka;
 mod offsets;
-#[cfg(test)]
-mod contract;
 
 use std::fmt;
 use std::future::Future;
@@ -54,13 +54,24 @@ pub struct Record {
 impl Record {
     /// The token that acknowledges this record.
     pub fn ack_token(&self) -> AckToken {
-        AckToken { topic: self.topic.clone(), partition: self.partition, offset: self.offset }
+        AckToken {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+        }
     }
 }
 
 impl fmt::Debug for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Record({}/{}@{}, {} bytes)", self.topic, self.partition, self.offset, self.value.len())
+        write!(
+            f,
+            "Record({}/{}@{}, {} bytes)",
+            self.topic,
+            self.partition,
+            self.offset,
+            self.value.len()
+        )
     }
 }
 
@@ -116,28 +127,45 @@ pub trait Bus: Send + Sync + 'static {
     type Consumer: Consumer;
 
     /// Create topics that do not exist yet (never relies on auto-creation).
-    fn ensure_topics(&self, topics: &[TopicSpec]) -> impl Future<Output = Result<(), BusError>> + Send;
+    fn ensure_topics(
+        &self,
+        topics: &[TopicSpec],
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
 
     /// Append records; resolves only when all are durable, with their positions in order.
-    fn publish(&self, records: Vec<OutRecord>) -> impl Future<Output = Result<Vec<Position>, BusError>> + Send;
+    fn publish(
+        &self,
+        records: Vec<OutRecord>,
+    ) -> impl Future<Output = Result<Vec<Position>, BusError>> + Send;
 
     /// Join consumer group `group` on `topics`, starting after the group's committed offsets
     /// (or at the beginning for a new group).
-    fn subscribe(&self, group: &str, topics: &[String]) -> impl Future<Output = Result<Self::Consumer, BusError>> + Send;
+    fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> impl Future<Output = Result<Self::Consumer, BusError>> + Send;
 
     /// Read a whole topic from the beginning without a consumer group (dlq list, tests),
     /// up to the end as it is when called.
     fn read_all(&self, topic: &str) -> impl Future<Output = Result<Vec<Record>, BusError>> + Send;
 
     /// Committed offset and end offset per partition for a group: (partition, committed, end).
-    fn lag(&self, group: &str, topic: &str) -> impl Future<Output = Result<Vec<(u32, i64, i64)>, BusError>> + Send;
+    fn lag(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> impl Future<Output = Result<Vec<(u32, i64, i64)>, BusError>> + Send;
 }
 
 /// A consumer group member.
 pub trait Consumer: Send + 'static {
     /// The next record, waiting up to `timeout`; `None` when nothing came. Cancel-safe: a
     /// poll dropped before it resolves loses no record (dispatch polls inside `select!`).
-    fn poll(&mut self, timeout: Duration) -> impl Future<Output = Result<Option<Record>, BusError>> + Send;
+    fn poll(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Option<Record>, BusError>> + Send;
 
     /// Mark a record finished. Offsets are committed as the contiguous finished prefix per
     /// partition (the engine may batch the commit).

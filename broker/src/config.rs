@@ -568,12 +568,24 @@ impl Config {
                         ca_file: ca_file.clone(),
                     })
                 }
-                SinkConfig::Fhir { base_url, style, source_endpoint, token_env, timeout, allow_plain_http } => {
-                    let base = endpoint_url(base_url, *allow_plain_http).map_err(|m| p(at("sink.base_url"), m)).ok();
+                SinkConfig::Fhir {
+                    base_url,
+                    style,
+                    source_endpoint,
+                    token_env,
+                    timeout,
+                    allow_plain_http,
+                } => {
+                    let base = endpoint_url(base_url, *allow_plain_http)
+                        .map_err(|m| p(at("sink.base_url"), m))
+                        .ok();
                     let token = token_env.as_ref().and_then(|var| match env(var) {
                         Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
                         _ => {
-                            p(at("sink.token_env"), format!("environment variable {var} is not set"));
+                            p(
+                                at("sink.token_env"),
+                                format!("environment variable {var} is not set"),
+                            );
                             None
                         }
                     });
@@ -642,9 +654,9 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 /// An http(s) endpoint URL; plain http only to loopback unless explicitly allowed.
 fn endpoint_url(url: &str, allow_plain_http: bool) -> Result<reqwest::Url, String> {
     match reqwest::Url::parse(url) {
-        Ok(u) if u.scheme() == "http" && !allow_plain_http && !is_loopback(&u) => {
-            Err("plain http to a non-loopback host: use https, or set allow_plain_http = true".into())
-        }
+        Ok(u) if u.scheme() == "http" && !allow_plain_http && !is_loopback(&u) => Err(
+            "plain http to a non-loopback host: use https, or set allow_plain_http = true".into(),
+        ),
         Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(u),
         Ok(_) => Err("must be an http or https URL".into()),
         Err(e) => Err(format!("not a URL: {e}")),

@@ -31,14 +31,20 @@ use bus::{Bus, BusError, OutRecord, Position};
 /// Milliseconds since the Unix epoch.
 #[must_use]
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Publish, waiting and trying again while the log is unavailable, until `cancel`.
 ///
 /// # Errors
 /// A fatal bus error, or `Unavailable` when cancelled while waiting.
-pub async fn publish_retrying<B: Bus>(bus: &B, records: Vec<OutRecord>, cancel: &CancellationToken) -> Result<Vec<Position>, BusError> {
+pub async fn publish_retrying<B: Bus>(
+    bus: &B,
+    records: Vec<OutRecord>,
+    cancel: &CancellationToken,
+) -> Result<Vec<Position>, BusError> {
     if records.is_empty() {
         return Ok(Vec::new());
     }

@@ -58,12 +58,27 @@ fn build_sink(
             .context("building the mail sink")?;
             Ok(Arc::new(s))
         }
-        Sink::Fhir { base, style, source_endpoint, token, timeout } => {
+        Sink::Fhir {
+            base,
+            style,
+            source_endpoint,
+            token,
+            timeout,
+        } => {
             let store = Arc::clone(content);
-            let s = ketenbus_connectors::fhir::FhirSink::new(base, *style, source_endpoint.clone(), *timeout)
-                .map_err(|e| anyhow::anyhow!("building the FHIR sink: {e}"))?
-                .with_bearer(token.as_ref().map(|t| String::from_utf8_lossy(&t.0).into_owned()))
-                .with_attachments(Arc::new(move |hash: &str| store.get(hash).ok().flatten()));
+            let s = ketenbus_connectors::fhir::FhirSink::new(
+                base,
+                *style,
+                source_endpoint.clone(),
+                *timeout,
+            )
+            .map_err(|e| anyhow::anyhow!("building the FHIR sink: {e}"))?
+            .with_bearer(
+                token
+                    .as_ref()
+                    .map(|t| String::from_utf8_lossy(&t.0).into_owned()),
+            )
+            .with_attachments(Arc::new(move |hash: &str| store.get(hash).ok().flatten()));
             Ok(Arc::new(s))
         }
         Sink::Webhook {
@@ -172,7 +187,11 @@ pub async fn run<B: Bus>(
         ));
     }
     for inbox in &cfg.inbox {
-        let ingest = Arc::new(BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout));
+        let ingest = Arc::new(BusIngest::new(
+            Arc::clone(&bus),
+            lineage.clone(),
+            cfg.http.ingest_timeout,
+        ));
         let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
             .with_context(|| format!("preparing inbox {}", inbox.path.display()))?;
         tasks.spawn(source.run(cancel.clone()));

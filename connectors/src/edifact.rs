@@ -36,7 +36,8 @@ pub use inspect::{document_json, inspect, segment_json};
 pub use medlab::EDIFACT_REFERENCE_NUMBER;
 pub use normalize::{
     EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, bsn_is_valid,
-    normalize_bytes, normalize_document, parties};
+    normalize_bytes, normalize_document, parties,
+};
 pub use syntax::{Charset, Delimiters, decode};
 #[doc(hidden)]
 pub use synthetic::{synthetic_bsn, synthetic_medlab};

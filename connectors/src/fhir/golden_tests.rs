@@ -374,7 +374,11 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
     );
     assert_eq!(
         hav.value_coding,
-        Some(code(systems::SNOMED, "165996008", "hepatitis A-test negatief"))
+        Some(code(
+            systems::SNOMED,
+            "165996008",
+            "hepatitis A-test negatief"
+        ))
     );
     assert!(hav.value_text.is_none());
     assert_eq!(hav.section.as_deref(), Some("Virologisch onderzoek"));
