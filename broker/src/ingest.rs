@@ -65,20 +65,7 @@ impl<B: Bus> Ingest for BusIngest<B> {
                 };
             let pos = positions[0];
             telemetry::received(&envelope.connector, envelope.format, envelope.body.len());
-            self.lineage
-                .received(Received {
-                    id: envelope.id.clone(),
-                    received_at_ms: envelope.received_at_ms,
-                    connector: envelope.connector.clone(),
-                    format: envelope.format.as_str().to_owned(),
-                    content_type: envelope.content_type.clone(),
-                    size: envelope.body.len() as u64,
-                    sender: envelope.sender.clone(),
-                    receiver: envelope.receiver.clone(),
-                    raw_partition: pos.partition,
-                    raw_offset: pos.offset,
-                })
-                .await;
+            self.lineage.received(Received::of(&envelope, pos)).await;
             Ok(Accepted { id: envelope.id })
         })
     }

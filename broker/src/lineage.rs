@@ -84,6 +84,28 @@ pub struct Received {
     pub raw_offset: i64,
 }
 
+impl Received {
+    /// What the lineage records of `envelope`, stored at `position` on the raw topic.
+    #[must_use]
+    pub fn of(
+        envelope: &ketenbus_schemas::RawEnvelope,
+        position: crate::bus::Position,
+    ) -> Received {
+        Received {
+            id: envelope.id.clone(),
+            received_at_ms: envelope.received_at_ms,
+            connector: envelope.connector.clone(),
+            format: envelope.format.as_str().to_owned(),
+            content_type: envelope.content_type.clone(),
+            size: envelope.body.len() as u64,
+            sender: envelope.sender.clone(),
+            receiver: envelope.receiver.clone(),
+            raw_partition: position.partition,
+            raw_offset: position.offset,
+        }
+    }
+}
+
 enum Op {
     Received(Received),
     Step(String, Step),

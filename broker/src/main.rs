@@ -244,17 +244,20 @@ async fn with_bus<T>(
             f(&bus).await
         }
         Engine::Kafka => {
-            let bus = KafkaBus::new(
-                settings
-                    .config
-                    .bus
-                    .kafka
-                    .as_ref()
-                    .context("bus.kafka is required")?,
-            )?;
+            let bus = kafka_bus(settings)?;
             f(&bus).await
         }
     }
+}
+
+fn kafka_bus(settings: &Settings) -> anyhow::Result<KafkaBus> {
+    let config = settings
+        .config
+        .bus
+        .kafka
+        .as_ref()
+        .context("bus.kafka is required")?;
+    Ok(KafkaBus::new(config)?)
 }
 
 /// The dead-letter operations, object-safe over both engines.
@@ -331,14 +334,7 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             ketenbus::runtime::run(settings, bus, cancel).await
         }
         Engine::Kafka => {
-            let bus = KafkaBus::new(
-                settings
-                    .config
-                    .bus
-                    .kafka
-                    .as_ref()
-                    .context("bus.kafka is required")?,
-            )?;
+            let bus = kafka_bus(&settings)?;
             ketenbus::runtime::run(settings, bus, cancel).await
         }
     }

@@ -66,7 +66,7 @@ struct Routed {
     out: Vec<OutRecord>,
     steps: Vec<(String, Step)>,
     /// Envelopes the router made (CONTRL), indexed in `out`, for the lineage.
-    made: Vec<(usize, Received)>,
+    made: Vec<(usize, RawEnvelope)>,
 }
 
 /// Run the router until `cancel`.
@@ -132,10 +132,10 @@ async fn route_batch<B: Bus>(
         steps.extend(routed.steps);
     }
     let positions = publish_retrying(bus, out, cancel).await?;
-    for (i, mut received) in made {
-        received.raw_partition = positions[i].partition;
-        received.raw_offset = positions[i].offset;
-        lineage.received(received).await;
+    for (i, envelope) in made {
+        lineage
+            .received(Received::of(&envelope, positions[i]))
+            .await;
     }
     for (id, step) in steps {
         crate::telemetry::routed(&step);
@@ -185,7 +185,7 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
         let mut step = Step::new(at, "acknowledge", "contrl");
         step.record_id = Some(contrl.id.clone());
         routed.steps.push((envelope.id.clone(), step));
-        routed.made.push((routed.out.len(), received_of(&contrl)));
+        routed.made.push((routed.out.len(), contrl.clone()));
         routed.out.push(OutRecord {
             topic: topics::RAW.to_owned(),
             key: contrl.id.clone().into_bytes(),
@@ -235,21 +235,6 @@ fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> 
         body,
         attributes: BTreeMap::from([("in_reply_to".to_owned(), envelope.id.clone())]),
     })
-}
-
-fn received_of(e: &RawEnvelope) -> Received {
-    Received {
-        id: e.id.clone(),
-        received_at_ms: e.received_at_ms,
-        connector: e.connector.clone(),
-        format: e.format.as_str().to_owned(),
-        content_type: e.content_type.clone(),
-        size: e.body.len() as u64,
-        sender: e.sender.clone(),
-        receiver: e.receiver.clone(),
-        raw_partition: 0,
-        raw_offset: 0,
-    }
 }
 
 /// Normalise one envelope into event records, or a dead letter.
@@ -479,7 +464,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
     fn a_partner_that_asked_gets_a_contrl_addressed_to_it() {
         let r = routing(normalizers(), &["mailbox:500001234"]);
         let routed = route_one(&raw_record(Format::Edifact, MEDLAB.as_bytes()), &r);
-        let (i, received) = routed.made.first().expect("a CONTRL was made");
+        let (i, made) = routed.made.first().expect("a CONTRL was made");
         let rec = &routed.out[*i];
         assert_eq!(rec.topic, topics::RAW);
         let contrl = RawEnvelope::from_avro(&rec.value).unwrap();
@@ -487,7 +472,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             contrl.id, "env-1.contrl",
             "derived from the envelope: a replay makes the same"
         );
-        assert_eq!(received.id, contrl.id);
+        assert_eq!(made.id, contrl.id);
         assert_eq!(contrl.connector, CONTRL_CONNECTOR);
         assert_eq!(contrl.receiver.as_deref(), Some("mailbox:500001234"));
         assert_eq!(contrl.sender.as_deref(), Some("mailbox:500005678"));
