@@ -53,7 +53,9 @@ pub fn inspect(bytes: &[u8], format: Format, normalizers: &Normalizers) -> Resul
             )
             .map_err(|e| e.to_string())?
         }
-        Format::Rfc822 => Json::Null,
+        Format::Rfc822 => {
+            ketenbus_connectors::mail::mime::describe(bytes).map_err(|e| e.to_string())?
+        }
     };
     let envelope = RawEnvelope {
         id: "inspect".into(),
@@ -129,5 +131,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("segment") || err.contains("byte"), "{err}");
+    }
+
+    #[test]
+    fn a_mail_shows_its_parts_and_events() {
+        let eml =
+            include_bytes!("../../connectors/testdata/mail/lab-result-edifact-attachment.eml");
+        assert_eq!(sniff(eml), Some(Format::Rfc822));
+        let j = inspect(eml, Format::Rfc822, &crate::router::normalizers()).unwrap();
+        assert_eq!(j["format"], "rfc822");
+        assert!(j["parsed"].is_object(), "{j}");
+        assert_eq!(j["events"][0]["header"]["kind"], "lab_result", "{j}");
     }
 }
