@@ -292,6 +292,8 @@ pub struct LabTestResult {
     pub specimen_id: Option<String>,
     /// Lab section (HEMATOLOGIE, CHEMIE).
     pub section: Option<String>,
+    /// Coded section or result type (FHIR category coding), e.g. SNOMED CT.
+    pub section_code: Option<Coding>,
     /// When it was measured or sampled.
     pub effective_at: Option<String>,
     /// Remarks on this determination.

@@ -186,6 +186,7 @@ fn lab_result_matches_its_schema() {
             interpretation_raw: Some(">".into()),
             specimen_id: Some("s1".into()),
             section: Some("CHEMIE".into()),
+            section_code: None,
             effective_at: None,
             comments: vec!["Hemolytisch monster: herhalen aanbevolen".into()],
         }],

@@ -278,6 +278,7 @@ pub(crate) fn lab_event(
                     interpretation_raw: flag,
                     specimen_id: specimen.map(|s| s.id.clone()),
                     section: section.clone(),
+                    section_code: None,
                     effective_at: specimen.and_then(|s| s.collected_at.clone()),
                     comments: Vec::new(),
                 });
@@ -317,6 +318,7 @@ pub(crate) fn lab_event(
                     interpretation_raw: None,
                     specimen_id: specimen.map(|s| s.id.clone()),
                     section: section.clone(),
+                    section_code: None,
                     effective_at: specimen.and_then(|s| s.collected_at.clone()),
                     comments: Vec::new(),
                 });

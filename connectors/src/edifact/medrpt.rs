@@ -324,6 +324,7 @@ pub(crate) fn lab_event(
                     interpretation_raw: None,
                     specimen_id: specimen.map(|s| s.id.clone()),
                     section: None,
+                    section_code: None,
                     effective_at: specimen.and_then(|s| s.collected_at.clone()),
                     comments: Vec::new(),
                 });

@@ -612,8 +612,14 @@ fn observation(
         ],
     );
     let mut category = vec![Value::from(lab)];
-    if let Some(section) = &r.section {
-        category.push(Object::new().with("text", section).into());
+    if r.section.is_some() || r.section_code.is_some() {
+        let codings: Vec<Value> = r.section_code.iter().map(coding).collect();
+        category.push(
+            Object::new()
+                .with_array("coding", codings)
+                .with_opt("text", r.section.as_ref())
+                .into(),
+        );
     }
     let mut codes = vec![coding(&r.test)];
     codes.extend(r.other_codes.iter().map(coding));

@@ -383,6 +383,10 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
     assert!(hav.value_text.is_none());
     assert_eq!(hav.section.as_deref(), Some("Virologisch onderzoek"));
     assert_eq!(
+        hav.section_code,
+        Some(code(systems::SNOMED, "395124008", "Virologisch onderzoek"))
+    );
+    assert_eq!(
         hav.effective_at.as_deref(),
         Some("2012-01-16T10:12:00+00:00")
     );
@@ -885,6 +889,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
         interpretation_raw: flag.map(str::to_owned),
         specimen_id: Some("specimen-1".into()),
         section: Some("CHEMIE".into()),
+        section_code: None,
         effective_at: Some("2026-11-01T07:40".into()),
         comments: Vec::new(),
     };

@@ -887,6 +887,7 @@ fn lab_result(
         interpretation_raw: None,
         specimen_id,
         section: None,
+        section_code: None,
         effective_at: s(o, "effectiveDateTime")
             .or_else(|| s(o, "effectiveInstant"))
             .or_else(|| o.obj("effectivePeriod").and_then(|p| s(p, "start"))),
@@ -960,16 +961,20 @@ fn lab_result(
                 })
             });
     }
-    r.section = o
+    // The section is the category that is not the generic `laboratory` one.
+    if let Some(c) = o
         .arr("category")
         .iter()
         .filter_map(Value::as_object)
-        .find_map(|c| {
-            if codings(Some(c)).any(|x| x.system == OBSERVATION_CATEGORY) {
-                return None;
-            }
-            s(c, "text").or_else(|| codings(Some(c)).next().map(|x| x.display.unwrap_or(x.code)))
+        .find(|c| !codings(Some(c)).any(|x| x.system == OBSERVATION_CATEGORY))
+    {
+        r.section_code = codings(Some(c)).next();
+        r.section = s(c, "text").or_else(|| {
+            r.section_code
+                .as_ref()
+                .map(|x| x.display.clone().unwrap_or_else(|| x.code.clone()))
         });
+    }
     Ok(r)
 }
 
