@@ -106,7 +106,7 @@ struct Undeliverable {
     detail: String,
 }
 
-fn decode(record: &Record, subscription: &str) -> Result<(Job, bool), Undeliverable> {
+fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliverable> {
     // Replayed dead letters carry the original record and its topic.
     let (topic, key, value) = if record.topic == topics::replay(subscription) {
         let dl = DeadLetter::from_avro(&record.value).map_err(|e| Undeliverable {
@@ -151,20 +151,16 @@ fn decode(record: &Record, subscription: &str) -> Result<(Job, bool), Undelivera
             Payload::Event(Arc::new(event)),
         )
     };
-    let replayed = record.topic != topic;
-    Ok((
-        Job {
-            token: record.ack_token(),
-            record_id,
-            envelope_id,
-            kind,
-            payload,
-            source_topic: topic,
-            key,
-            value,
-        },
-        replayed,
-    ))
+    Ok(Job {
+        token: record.ack_token(),
+        record_id,
+        envelope_id,
+        kind,
+        payload,
+        source_topic: topic,
+        key,
+        value,
+    })
 }
 
 fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
@@ -316,7 +312,7 @@ pub async fn run_with<B: Bus>(
                     audit: None,
                 });
             }
-            Ok((job, _replayed)) if !passes(&sub.filter, &job.payload) => {
+            Ok(job) if !passes(&sub.filter, &job.payload) => {
                 finished.push(Done {
                     token: job.token,
                     record_id: job.record_id,
@@ -329,7 +325,7 @@ pub async fn run_with<B: Bus>(
                     audit: None,
                 });
             }
-            Ok((job, _)) => {
+            Ok(job) => {
                 let lane = partition_for(&job.key, u32::try_from(lanes).unwrap_or(1)) as usize;
                 if lane_txs[lane].send(job).await.is_err() {
                     return; // lanes stop only on cancel
