@@ -26,3 +26,28 @@ pub fn dead_letters(subscription: &str) -> String {
 pub fn replay(subscription: &str) -> String {
     format!("ketenbus.replay.{subscription}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Topic names are a contract with every consumer outside ketenbus (README "Topics").
+    #[test]
+    fn topic_names_are_fixed() {
+        assert_eq!(RAW, "ketenbus.raw");
+        assert_eq!(DELIVERY_OUTCOMES, "ketenbus.delivery-outcomes");
+        assert_eq!(ROUTER_DEAD_LETTERS, "ketenbus.dlq.router");
+        let kinds: Vec<String> = EventKind::ALL.iter().map(|k| events(*k)).collect();
+        assert_eq!(
+            kinds,
+            [
+                "ketenbus.events.lab_result",
+                "ketenbus.events.letter",
+                "ketenbus.events.acute_handover",
+                "ketenbus.events.handover_notification"
+            ]
+        );
+        assert_eq!(dead_letters("gp"), "ketenbus.dlq.gp");
+        assert_eq!(replay("gp"), "ketenbus.replay.gp");
+    }
+}
