@@ -28,6 +28,14 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FhirError> {
         what: "XML is not UTF-8".into(),
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // quick-xml would skip a second byte order mark without counting it, and the narrative
+    // `div` (sliced from `text` by reader positions) would come out shifted.
+    if text.starts_with('\u{feff}') {
+        return Err(FhirError::Syntax {
+            position: "byte 3".into(),
+            what: "a second byte order mark".into(),
+        });
+    }
     let mut r = XmlReader {
         reader: Reader::from_str(text),
         text,
@@ -658,6 +666,28 @@ mod tests {
       <status value="final"/><code><coding><system value="http://loinc.org"/><code value="718-7"/></coding></code>
       <valueQuantity><value value="12.0"/><unit value="mmol/l"/></valueQuantity>
       <referenceRange><low><value value="7.50"/></low></referenceRange></Observation>"#;
+
+    /// Found by the `fhir_xml` fuzz target: behind a doubled byte order mark the narrative
+    /// was cut three bytes early (`...</d`) and written back as XML that did not parse.
+    #[test]
+    fn a_second_byte_order_mark_is_refused_not_misread() {
+        let doubled = format!("\u{feff}\u{feff}{OBS}");
+        assert!(matches!(
+            parse(doubled.as_bytes()),
+            Err(FhirError::Syntax { .. })
+        ));
+        let single = format!("\u{feff}{OBS}");
+        let v = parse(single.as_bytes()).unwrap();
+        let div = v
+            .get("text")
+            .and_then(|t| t.get("div"))
+            .and_then(Value::as_str);
+        assert_eq!(
+            div,
+            Some(r#"<div xmlns="http://www.w3.org/1999/xhtml"><p>a &amp; b</p></div>"#)
+        );
+        assert_eq!(parse(&to_vec(&v).unwrap()).unwrap(), v);
+    }
 
     #[test]
     fn xml_becomes_the_json_shape() {

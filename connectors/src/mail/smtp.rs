@@ -810,7 +810,11 @@ impl Session {
 /// `FROM:<path> params` (or `TO:`), tolerant of a space after the colon and of a path
 /// without angle brackets. Returns the address and the parameters.
 fn parse_path(arg: &str, keyword: &str) -> Option<(String, String)> {
-    if arg.len() < keyword.len() || !arg[..keyword.len()].eq_ignore_ascii_case(keyword) {
+    // `get`, not an index: a multi-byte character may straddle the keyword's length.
+    if !arg
+        .get(..keyword.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(keyword))
+    {
         return None;
     }
     let rest = arg[keyword.len()..].trim_start();
@@ -1189,6 +1193,22 @@ mod tests {
             out.extend(s.take_output());
         }
         (out, mails)
+    }
+
+    /// Found by the `smtp_session` fuzz target: a non-ASCII character across the end of
+    /// `TO:` (`RCPT TO\u{1bf}...`) panicked slicing the argument, and the session with it.
+    #[test]
+    fn a_multibyte_character_where_the_keyword_ends_is_a_syntax_error() {
+        assert_eq!(parse_path("TO\u{1bf}a@lms.test>", "TO:"), None);
+        assert_eq!(parse_path("\u{e9}", "FROM:"), None);
+        let (out, mails) = converse(
+            cfg(),
+            b"HELO c\r\nMAIL FROM:<a@b>\r\nRCPT TO\xc6\xbfa@lms.test>\r\nQUIT\r\n",
+            || Ok("x".into()),
+        );
+        assert!(mails.is_empty());
+        assert!(out.contains("\r\n501 5.5.4 Syntax: RCPT TO"), "{out}");
+        assert!(out.ends_with("221 2.0.0 Bye\r\n"), "{out}");
     }
 
     proptest::proptest! {
