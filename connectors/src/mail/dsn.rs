@@ -3,7 +3,7 @@
 //! deliveries it is about. The mail sink sets `ENVID` and `Message-ID` from the record id,
 //! so [`DeliveryReport::record_id`] finds the delivery again.
 
-use mail_parser::{MessageParser, MimeHeaders, PartType};
+use mail_parser::{MimeHeaders, PartType};
 use serde::Serialize;
 
 /// What a reporting MTA did for one recipient (RFC 3464 section 2.3.3).
@@ -238,7 +238,7 @@ fn strip_id(id: &str) -> String {
 /// Parse a delivery status notification; `None` when the message is not one.
 #[must_use]
 pub fn parse(bytes: &[u8]) -> Option<DeliveryReport> {
-    let message = MessageParser::default().parse(bytes)?;
+    let message = crate::mail::mime::parse_message(bytes)?;
     let mut status_text = None;
     let mut original_message_id = None;
     for part in &message.parts {
@@ -270,8 +270,7 @@ pub fn parse(bytes: &[u8]) -> Option<DeliveryReport> {
                 let mut with_body = raw.to_vec();
                 with_body.extend_from_slice(b"\r\n\r\n");
                 original_message_id = original_message_id.or_else(|| {
-                    MessageParser::default()
-                        .parse(&with_body)
+                    crate::mail::mime::parse_message(&with_body)
                         .and_then(|h| h.message_id().map(strip_id))
                 });
             }

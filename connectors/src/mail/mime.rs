@@ -133,6 +133,15 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// `MessageParser::parse`, with a panic inside the parser taken as "not a message":
+/// mail-parser 0.11 has a `debug_assert!` that malformed multipart input can reach (found by
+/// the `mime` fuzz target), so debug builds and tests would otherwise panic.
+pub(crate) fn parse_message(bytes: &[u8]) -> Option<mail_parser::Message<'_>> {
+    std::panic::catch_unwind(|| MessageParser::default().parse(bytes))
+        .ok()
+        .flatten()
+}
+
 /// Take a message apart (pure).
 ///
 /// # Errors
@@ -147,9 +156,7 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormalizeError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(syntax("empty message"));
     }
-    let message = MessageParser::default()
-        .parse(bytes)
-        .ok_or_else(|| syntax("not an RFC 5322 message"))?;
+    let message = parse_message(bytes).ok_or_else(|| syntax("not an RFC 5322 message"))?;
     if message.headers().is_empty() {
         return Err(syntax("no header fields"));
     }
@@ -457,6 +464,53 @@ mod tests {
 
     use super::*;
     use crate::mail::content::MemoryContentStore;
+
+    /// Found by the `mime` fuzz target: a malformed `multipart/report` reaches a
+    /// `debug_assert!` in mail-parser 0.11 ("Invalid part ID, could not find multipart."), so
+    /// debug builds panicked. Now it is a syntax error (release builds never asserted).
+    #[test]
+    fn a_multipart_that_trips_the_mail_parser_is_a_syntax_error_not_a_panic() {
+        const INPUT: &[u8] = b"Return-Path: <>\n\
+      Date: Tue, 24 Nov 2026 09:01:00 +0100 (CET)\n\
+      From: MAILER-DAEMON@relay.example.test (Mail Del4 Nov 2026 09:01:00 +0100 (CETrsion: 1.0\n\
+      Content-Type: multipart/report; report-type=delivery-status;\n\
+      \tboundary=\"5ABC.1764000060/relay.example.testb Nkv 026 0+\xc9\xdf+010\xb0 (-only lee.test\n\
+      Subjet\xa8n\x00\x00\x00\xbc\x9bcont\xff\xff\xff\xff\xff\xff\x01<>\n\
+      Received: b Nk\"\n\
+      Message-Id: <20261124080100.5ABC@r\n\
+      To: ketenbus@ketenbus.example.test\n\
+      MIME-Version: 1.0\n\
+      Content-Type: multipart/report; report-type=delivery-stasus;\n\
+      \tboundary=\"5ABC.1764000060/relay.example.test\"\n\
+      Message-Id: <20261124080100.5ABC@relay.example.test>\n\
+      \n\
+      --5ABC.1764000060/relay.example.test\n\
+      Content-Description: Notification\n\
+      Content-Type: text/plain; charset=us-ascii\n\
+      \n\
+      Your message was successfully delivered to the destination(s) listed below.\n\
+      \n\
+      --5ABC.1764000060/relay.example.test\n\
+      Content-Description: Delivery report\n\
+      Content-Type: messagE/global\n\
+      \n\
+      --5ABC.1764000600/relay.example.test\n\
+      Content-Description: Message Headers\n\
+      Content-Tt\n\
+      Content-Description: Delivery report\n\
+      Content-Type: messagE/global\n\
+      \n\
+      --5ABC.1764000600/relay.example.test\n\
+      Content-Description: Message Headers\n\
+      Content-Type: text/rfc822-head+rs\n\
+      \n\
+      Messageicht v\x95ia ketenbus\n\
+      \n\
+      --5ABC.1764000060/relay.example.test--\n";
+        assert!(matches!(analyse(INPUT), Err(NormalizeError::Syntax { .. })));
+        assert!(crate::mail::dsn::parse(INPUT).is_none());
+        assert!(inspect(INPUT).is_err());
+    }
 
     fn envelope(body: &[u8]) -> RawEnvelope {
         RawEnvelope {
