@@ -394,7 +394,9 @@ pub fn declared_senders(format: Format, body: &[u8]) -> Vec<String> {
                 }
             }
         }
-        Format::FhirJson | Format::FhirXml => {
+        Format::FhirJson | Format::FhirXml | Format::Rfc822 => {
+            // The events a FHIR message or a mail (its EDIFACT and FHIR parts) maps to carry
+            // the sender the message declares; letters from mail text declare none.
             let envelope = RawEnvelope {
                 id: "sender-check".into(),
                 received_at_ms: 0,
@@ -406,12 +408,16 @@ pub fn declared_senders(format: Format, body: &[u8]) -> Vec<String> {
                 body: body.to_vec(),
                 attributes: std::collections::BTreeMap::new(),
             };
-            let normalizer = ketenbus_connectors::fhir::FhirNormalizer;
-            if let Ok(events) = ketenbus_connectors::Normalize::normalize(&normalizer, &envelope) {
+            let normalizer: Box<dyn ketenbus_connectors::Normalize> = if format == Format::Rfc822 {
+                // No content store: checking a sender writes nothing.
+                Box::new(ketenbus_connectors::mail::MailNormalizer::default())
+            } else {
+                Box::new(ketenbus_connectors::fhir::FhirNormalizer)
+            };
+            if let Ok(events) = normalizer.normalize(&envelope) {
                 out.extend(events.iter().filter_map(|e| e.header().sender.clone()));
             }
         }
-        _ => {}
     }
     out.sort();
     out.dedup();

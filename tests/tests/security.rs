@@ -462,6 +462,44 @@ async fn a_sender_cannot_post_in_another_partys_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_posted_over_http_is_held_to_its_edifact_sender() {
+    let broker = ketenbus_tests::Broker::start(&principals());
+    let c = reqwest::Client::new();
+    let mail = |sender: &str| {
+        let mut m = b"From: lab@example.test\r\nTo: gp@example.test\r\nSubject: uitslag\r\n\
+MIME-Version: 1.0\r\nContent-Type: application/EDIFACT\r\n\r\n"
+            .to_vec();
+        m.extend(edifact_from(3, sender));
+        m.extend_from_slice(b"\r\n");
+        m
+    };
+    let post = |body: Vec<u8>, token: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/api/v1/messages", broker.url);
+        async move {
+            let resp = c
+                .post(url)
+                .header("content-type", "message/rfc822")
+                .bearer_auth(token)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (
+                status,
+                resp.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    let (status, json) = post(mail("500007777"), LAB_TOKEN).await;
+    assert_eq!(status, 403, "{json}");
+    assert_eq!(json["error"], "sender_mismatch");
+    let (status, json) = post(mail("500001234"), LAB_TOKEN).await;
+    assert_eq!(status, 202, "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_never_sees_an_event_outside_its_filter() {
     let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
         status: 200,
