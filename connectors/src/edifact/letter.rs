@@ -6,14 +6,14 @@
 //! sent: re-flowing them would guess at the author's layout.
 
 use ketenbus_schemas::event::{
-    Coding, EventHeader, EventKind, HealthProfessional, HealthcareProvider, LetterEvent, Patient,
+    Coding, EventKind, HealthProfessional, HealthcareProvider, LetterEvent, Patient,
 };
 
 use super::document::Message;
 use super::medlab::pid_patient;
 use super::normalize::{
-    Context, REASON_MISSING, field, medlab_address, message_identifier, path, provider_code,
-    text_name, two_digit_date, with_time,
+    Context, REASON_MISSING, field, medlab_address, path, provider_code, text_name, two_digit_date,
+    with_time,
 };
 use crate::NormalizeError;
 
@@ -23,10 +23,7 @@ pub(crate) fn letter_event(
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LetterEvent, NormalizeError> {
-    let mut header = EventHeader::new(EventKind::Letter, ctx.envelope_id, index, "edifact");
-    header.sender.clone_from(&ctx.sender);
-    header.receiver.clone_from(&ctx.receiver);
-    header.source_message_type = Some(message_identifier(m));
+    let mut header = ctx.header(EventKind::Letter, m, index);
 
     let mut patient: Option<Patient> = None;
     let mut organization: Option<HealthcareProvider> = None;

@@ -6,15 +6,15 @@
 //! alongside, and doctor/lab codes are AGB only when they look like one.
 
 use ketenbus_schemas::event::{
-    Coding, EventHeader, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
+    Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
     LabResultEvent, LabTestResult, Patient, Specimen,
 };
 
 use super::document::Message;
 use super::normalize::{
     Context, REASON_MISSING, bsn_identifier, ccyy_mm_dd, decimal_value, field, gender,
-    interpretation, local_system, medlab_address, message_identifier, path, provider_code,
-    text_name, two_digit_date, with_time,
+    interpretation, local_system, medlab_address, path, provider_code, text_name, two_digit_date,
+    with_time,
 };
 use super::tokenize::Segment;
 use crate::NormalizeError;
@@ -97,10 +97,7 @@ pub(crate) fn lab_event(
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LabResultEvent, NormalizeError> {
-    let mut header = EventHeader::new(EventKind::LabResult, ctx.envelope_id, index, "edifact");
-    header.sender.clone_from(&ctx.sender);
-    header.receiver.clone_from(&ctx.receiver);
-    header.source_message_type = Some(message_identifier(m));
+    let mut header = ctx.header(EventKind::LabResult, m, index);
 
     let mut patient_: Option<Patient> = None;
     let mut performer: Option<HealthcareProvider> = None;

@@ -9,14 +9,14 @@
 //! `RND` and `FTX` after it belong to it. Segments not listed are skipped.
 
 use ketenbus_schemas::event::{
-    Address, Coding, EventHeader, EventKind, HealthProfessional, HealthcareProvider, HumanName,
-    Identifier, LabResultEvent, LabTestResult, Patient, Specimen, systems,
+    Address, Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
+    LabResultEvent, LabTestResult, Patient, Specimen, systems,
 };
 
 use super::document::Message;
 use super::normalize::{
     Context, REASON_MISSING, bsn_identifier, code_list_system, decimal_value, edifact_datetime,
-    field, gender, interpretation, message_identifier, path,
+    field, gender, interpretation, path,
 };
 use super::tokenize::Segment;
 use crate::NormalizeError;
@@ -164,10 +164,7 @@ pub(crate) fn lab_event(
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LabResultEvent, NormalizeError> {
-    let mut header = EventHeader::new(EventKind::LabResult, ctx.envelope_id, index, "edifact");
-    header.sender.clone_from(&ctx.sender);
-    header.receiver.clone_from(&ctx.receiver);
-    header.source_message_type = Some(message_identifier(m));
+    let mut header = ctx.header(EventKind::LabResult, m, index);
 
     let mut patient: Option<Patient> = None;
     let mut performer: Option<HealthcareProvider> = None;

@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use ketenbus_schemas::event::{Address, HumanName, Identifier, systems};
+use ketenbus_schemas::event::{Address, EventHeader, EventKind, HumanName, Identifier, systems};
 use ketenbus_schemas::{Event, RawEnvelope};
 
 use super::document::{Document, Interchange, Message, parse};
@@ -109,6 +109,17 @@ fn party_id(ic: &Interchange<'_>, e: usize) -> Option<String> {
         _ => "mailbox",
     };
     Some(format!("{scheme}:{id}"))
+}
+
+impl Context<'_> {
+    /// The header of event number `index` of this interchange, made from message `m`.
+    pub(crate) fn header(&self, kind: EventKind, m: &Message<'_>, index: i32) -> EventHeader {
+        let mut header = EventHeader::new(kind, self.envelope_id, index, "edifact");
+        header.sender.clone_from(&self.sender);
+        header.receiver.clone_from(&self.receiver);
+        header.source_message_type = Some(message_identifier(m));
+        header
+    }
 }
 
 impl<'e> Context<'e> {
