@@ -393,6 +393,21 @@ pub async fn lineage(
         .await
 }
 
+/// A synthetic MEDLAB:1 lab result (invented patient, BSN passing the eleven-test) from
+/// mailbox 500001234 to 500005678, one Kalium result with a remark.
+pub const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'
+UNH+M0042+MEDLAB:1'
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'
+DET+26:11:01+07:40'
+IDE+J+L2611017+bloed'
+SEC+CHEMIE'
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'
+OPB+Hemolytisch monster?: herhalen aanbevolen'
+UNT+9+M0042'
+UNZ+1+IC0042'
+";
+
 /// A synthetic EDIFACT interchange of about `size` bytes (MEDLAB-like, invented patient).
 #[must_use]
 pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {

@@ -3,11 +3,9 @@
 
 use std::time::Duration;
 
-use ketenbus_tests::{Behaviour, Broker, Receiver, lineage, post_message, webhook_subscription};
-
-const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
-PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L2611017+bloed'\
-BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+6+M0042'UNZ+1+IC0042'";
+use ketenbus_tests::{
+    Behaviour, Broker, MEDLAB, Receiver, lineage, post_message, webhook_subscription,
+};
 
 #[tokio::test]
 async fn a_partner_that_asked_gets_a_contrl_and_the_gp_the_result() {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use ketenbus_tests::{
-    Behaviour, Broker, Receiver, edifact_message, lineage, post_message, webhook_subscription,
+    Behaviour, Broker, MEDLAB, Receiver, edifact_message, lineage, post_message,
+    webhook_subscription,
 };
 use sha2::Sha256;
 
@@ -501,19 +502,6 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-
-const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'
-UNH+M0042+MEDLAB:1'
-ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'
-PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'
-DET+26:11:01+07:40'
-IDE+J+L2611017+bloed'
-SEC+CHEMIE'
-BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'
-OPB+Hemolytisch monster?: herhalen aanbevolen'
-UNT+9+M0042'
-UNZ+1+IC0042'
-";
 
 #[tokio::test]
 async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {

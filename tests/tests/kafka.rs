@@ -132,14 +132,11 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(decode_base64(b64), *body, "body of {id}");
     }
     // A lab result becomes an event on its kind's topic, readable with the published schema.
-    let medlab = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
-PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L2611017+bloed'\
-BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+6+M0042'UNZ+1+IC0042'";
     let (s, j) = post_message(
         &c,
         &broker.url,
         "application/EDIFACT",
-        medlab.as_bytes().to_vec(),
+        ketenbus_tests::MEDLAB.as_bytes().to_vec(),
     )
     .await
     .unwrap();
