@@ -150,6 +150,15 @@ pub trait Bus: Send + Sync + 'static {
     /// up to the end as it is when called.
     fn read_all(&self, topic: &str) -> impl Future<Output = Result<Vec<Record>, BusError>> + Send;
 
+    /// The record at one position, without a consumer group; `None` when it is not (or no
+    /// longer, after retention) in the log.
+    fn read_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> impl Future<Output = Result<Option<Record>, BusError>> + Send;
+
     /// Committed offset and end offset per partition for a group: (partition, committed, end).
     fn lag(
         &self,

@@ -669,6 +669,14 @@ mod tests {
         async fn read_all(&self, _: &str) -> Result<Vec<crate::bus::Record>, crate::bus::BusError> {
             Ok(Vec::new())
         }
+        async fn read_at(
+            &self,
+            _: &str,
+            _: u32,
+            _: i64,
+        ) -> Result<Option<crate::bus::Record>, crate::bus::BusError> {
+            Ok(None)
+        }
         async fn lag(
             &self,
             _: &str,

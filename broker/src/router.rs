@@ -1,14 +1,22 @@
 //! The router: reads raw envelopes, normalises them into events (pure functions from the
 //! connectors), publishes the events on their kind's topic, dead-letters what cannot be
 //! normalised, and records each step in the lineage. One consumer group, batch by batch:
-//! a batch's events are published in one durable write before its envelopes are acked.
+//! the documents a batch's events refer to are kept in the content store, then its events
+//! are published in one durable write, and only then are its envelopes acked.
+//!
+//! A delivery status notification saying a mail subscription's delivery failed for good
+//! dead-letters that delivery: the router reads the delivered envelope again by its
+//! position on the raw topic (the lineage keeps it) and normalises it again, which, being
+//! pure, gives the very record the subscription delivered.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ketenbus_connectors::mail::ContentStore;
+use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{Normalize, NormalizeError, edifact};
-use ketenbus_schemas::{AvroRecord, DeadLetter, Format, RawEnvelope, topics};
+use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
@@ -47,8 +55,9 @@ pub fn normalizers() -> Normalizers {
     n
 }
 
-/// Everything the router decides with: normalisers, the patient keyer, and the EDIFACT
-/// partners that asked for a CONTRL acknowledgement of each interchange.
+/// Everything the router decides with: normalisers, the patient keyer, the EDIFACT
+/// partners that asked for a CONTRL acknowledgement of each interchange, where documents
+/// are kept, and the subscriptions a bounce can dead-letter into.
 pub struct Routing {
     /// Normalisers by format.
     pub normalizers: Normalizers,
@@ -56,7 +65,14 @@ pub struct Routing {
     pub keyer: PatientKeyer,
     /// UNB sender party ids (`mailbox:…`) that get a CONTRL back.
     pub contrl_partners: HashSet<String>,
+    /// Where attachment bytes are kept; `None` keeps only their hashes (tests, inspect).
+    pub content: Option<Arc<dyn ContentStore>>,
+    /// Configured subscriptions: a bounce naming another one is recorded, not dead-lettered.
+    pub subscriptions: HashSet<String>,
 }
+
+/// Dead-letter reason of a delivery whose mail bounced for good.
+pub const REASON_BOUNCED: &str = "bounced";
 
 /// Connector name of the CONTRL envelopes the router makes.
 pub const CONTRL_CONNECTOR: &str = "contrl";
@@ -67,6 +83,22 @@ struct Routed {
     steps: Vec<(String, Step)>,
     /// Envelopes the router made (CONTRL), indexed in `out`, for the lineage.
     made: Vec<(usize, RawEnvelope)>,
+    /// Documents the events refer to by hash, for the content store.
+    content: Vec<Vec<u8>>,
+    /// Deliveries a mail server reported failed for good.
+    bounced: Vec<LineageReport>,
+}
+
+impl Routed {
+    fn steps(steps: Vec<(String, Step)>) -> Routed {
+        Routed {
+            out: Vec::new(),
+            steps,
+            made: Vec::new(),
+            content: Vec::new(),
+            bounced: Vec::new(),
+        }
+    }
 }
 
 /// Run the router until `cancel`.
@@ -125,11 +157,31 @@ async fn route_batch<B: Bus>(
     let mut out = Vec::new();
     let mut steps = Vec::new();
     let mut made = Vec::new();
+    let mut content = Vec::new();
+    let mut bounced = Vec::new();
     for record in &batch {
         let routed = route_one(record, routing);
         made.extend(routed.made.into_iter().map(|(i, r)| (out.len() + i, r)));
         out.extend(routed.out);
         steps.extend(routed.steps);
+        content.extend(routed.content);
+        bounced.extend(routed.bounced);
+    }
+    if let Some(store) = &routing.content {
+        keep_content(store, content, cancel).await?;
+    }
+    for report in bounced {
+        let at = now_ms();
+        if let Some(dl) = bounce_dead_letter(bus, routing, lineage, &report, at).await? {
+            let sub = report.subscription.clone().unwrap_or_default();
+            crate::telemetry::dead_lettered(&sub, REASON_BOUNCED);
+            let mut step = Step::new(at, "delivery_report", "dead_lettered");
+            step.subscription = report.subscription.clone();
+            step.record_id = Some(report.record_id.clone());
+            step.reason = Some(REASON_BOUNCED.to_owned());
+            steps.push((report.envelope_id.clone(), step));
+            out.push(dl);
+        }
     }
     let positions = publish_retrying(bus, out, cancel).await?;
     for (i, envelope) in made {
@@ -145,6 +197,145 @@ async fn route_batch<B: Bus>(
         consumer.ack(record.ack_token()).await?;
     }
     Ok(())
+}
+
+/// Keep documents in the content store before the events that refer to them are published;
+/// a store that cannot write holds the batch back (nothing is acked) until it can.
+async fn keep_content(
+    store: &Arc<dyn ContentStore>,
+    content: Vec<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> Result<(), BusError> {
+    if content.is_empty() {
+        return Ok(());
+    }
+    let content = Arc::new(content);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let (store, docs) = (Arc::clone(store), Arc::clone(&content));
+        let kept = tokio::task::spawn_blocking(move || {
+            docs.iter().try_for_each(|d| store.put(d).map(drop))
+        })
+        .await
+        .map_err(|e| BusError::Fatal(format!("content store task: {e}")))?;
+        match kept {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "content store cannot write, retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return Err(BusError::Unavailable(format!("content store: {e}"))),
+                    () = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The dead letter for a delivery whose mail bounced for good: the record the subscription
+/// delivered, found again from its envelope's position on the raw topic. `None` (with a
+/// warning) when the subscription is not configured here or the envelope is gone.
+async fn bounce_dead_letter<B: Bus>(
+    bus: &B,
+    routing: &Routing,
+    lineage: &Lineage,
+    report: &LineageReport,
+    at: i64,
+) -> Result<Option<OutRecord>, BusError> {
+    let Some(sub) = report
+        .subscription
+        .as_deref()
+        .filter(|s| routing.subscriptions.contains(*s))
+    else {
+        tracing::warn!(record = %report.record_id, "a bounce names no subscription configured here; recorded in the lineage only");
+        return Ok(None);
+    };
+    let found = match lineage.get(&report.envelope_id).await {
+        Ok(Some(m)) => {
+            bus.read_at(topics::RAW, m.received.raw_partition, m.received.raw_offset)
+                .await?
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "lineage unreadable");
+            None
+        }
+    };
+    let Some(raw) = found else {
+        tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's envelope is not in this log (another process, or past retention); recorded in the lineage only");
+        return Ok(None);
+    };
+    let delivered = if report.record_id == report.envelope_id {
+        Some(OutRecord {
+            topic: raw.topic.clone(),
+            key: raw.key.clone(),
+            value: raw.value.clone(),
+        })
+    } else {
+        RawEnvelope::from_avro(&raw.value)
+            .ok()
+            .and_then(|envelope| {
+                let events = routing
+                    .normalizers
+                    .get(&envelope.format)?
+                    .normalize(&envelope)
+                    .ok()?;
+                let event = events
+                    .into_iter()
+                    .find(|e| e.header().id == report.record_id)?;
+                event_record(event, &envelope, routing).ok()
+            })
+    };
+    let Some(delivered) = delivered else {
+        tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's record cannot be made again; recorded in the lineage only");
+        return Ok(None);
+    };
+    let dl = DeadLetter {
+        id: format!("{}@{at}", report.record_id),
+        stage: sub.to_owned(),
+        record_id: report.record_id.clone(),
+        envelope_id: report.envelope_id.clone(),
+        at_ms: at,
+        reason: REASON_BOUNCED.to_owned(),
+        detail: Some(
+            [report.reason.as_deref(), report.detail.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(": "),
+        ),
+        source_topic: delivered.topic,
+        key: delivered.key.clone(),
+        value: delivered.value,
+    };
+    Ok(Some(OutRecord {
+        topic: topics::dead_letters(sub),
+        key: delivered.key,
+        value: dl.to_avro().expect("dead letters fit their schema"),
+    }))
+}
+
+/// An event as the router publishes it: patient key and transport parties filled in, on
+/// its kind's topic, keyed by patient (or by envelope without one).
+fn event_record(
+    mut event: Event,
+    envelope: &RawEnvelope,
+    routing: &Routing,
+) -> Result<OutRecord, ketenbus_schemas::codec::CodecError> {
+    let key = routing.keyer.key_for(&event);
+    let header = event.header_mut();
+    header.patient_key.clone_from(&key);
+    if header.sender.is_none() {
+        header.sender.clone_from(&envelope.sender);
+    }
+    if header.receiver.is_none() {
+        header.receiver.clone_from(&envelope.receiver);
+    }
+    Ok(OutRecord {
+        topic: topics::events(event.kind()),
+        key: key.unwrap_or_else(|| envelope.id.clone()).into_bytes(),
+        value: event.to_avro()?,
+    })
 }
 
 fn route_one(record: &Record, routing: &Routing) -> Routed {
@@ -166,19 +357,14 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
             step.reason = Some("undecodable_envelope".into());
             return Routed {
                 out: vec![dl],
-                steps: vec![(id, step)],
-                made: Vec::new(),
+                ..Routed::steps(vec![(id, step)])
             };
         }
     };
     if envelope.connector == CONTRL_CONNECTOR {
         // Our own acknowledgement on its way out: nothing clinical to normalise.
         let step = Step::new(at, "normalise", "acknowledgement");
-        return Routed {
-            out: Vec::new(),
-            steps: vec![(envelope.id.clone(), step)],
-            made: Vec::new(),
-        };
+        return Routed::steps(vec![(envelope.id.clone(), step)]);
     }
     let mut routed = normalise(record, &envelope, routing, at);
     if let Some(contrl) = contrl_for(&envelope, routing) {
@@ -239,7 +425,8 @@ fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> 
 
 /// Normalise one envelope into event records, or a dead letter.
 fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
-    let result = match routing.normalizers.get(&envelope.format) {
+    let normalizer = routing.normalizers.get(&envelope.format);
+    let result = match normalizer {
         Some(n) => n.normalize(envelope),
         None => Err(NormalizeError::UnsupportedFormat {
             format: envelope.format.as_str(),
@@ -247,27 +434,19 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
     };
     match result {
         Ok(events) => {
+            // Only letters keep documents by hash: ask for the bytes only then.
+            let content = match normalizer {
+                Some(n) if events.iter().any(refers_to_content) => n.content(envelope),
+                _ => Vec::new(),
+            };
             let mut out = Vec::with_capacity(events.len());
             let mut steps = Vec::with_capacity(events.len());
-            for mut event in events {
-                let key = routing.keyer.key_for(&event);
-                let header = event.header_mut();
-                header.patient_key.clone_from(&key);
-                if header.sender.is_none() {
-                    header.sender.clone_from(&envelope.sender);
-                }
-                if header.receiver.is_none() {
-                    header.receiver.clone_from(&envelope.receiver);
-                }
+            for event in events {
                 let mut step = Step::new(at, "normalised", "normalised");
                 step.record_id = Some(event.header().id.clone());
                 step.kind = Some(event.kind().as_str().to_owned());
-                match event.to_avro() {
-                    Ok(value) => out.push(OutRecord {
-                        topic: topics::events(event.kind()),
-                        key: key.unwrap_or_else(|| envelope.id.clone()).into_bytes(),
-                        value,
-                    }),
+                match event_record(event, envelope, routing) {
+                    Ok(r) => out.push(r),
                     Err(e) => {
                         // A mapping produced a value its schema refuses: a bug, kept for replay.
                         tracing::error!(envelope = %envelope.id, error = %e, "event does not fit its schema");
@@ -285,28 +464,35 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 }
                 steps.push((envelope.id.clone(), step));
             }
+            let mut bounced = Vec::new();
             if steps.is_empty() {
                 steps.push((
                     envelope.id.clone(),
                     Step::new(at, "normalised", "no_events"),
                 ));
                 // A delivery status notification about a mail the mail sink sent: the
-                // delivery's lineage shows delivered / delayed / failed.
+                // delivery's lineage shows delivered / delayed / failed, and a failure
+                // dead-letters it.
                 if envelope.format == Format::Rfc822
-                    && let Some(r) = ketenbus_connectors::mail::dsn::lineage_of(&envelope.body)
+                    && let Some(r) = dsn::lineage_of(&envelope.body)
                 {
                     let mut step = Step::new(at, "delivery_report", r.outcome);
-                    step.subscription = r.subscription;
-                    step.record_id = Some(r.record_id);
-                    step.reason = r.reason;
-                    step.detail = r.detail;
-                    steps.push((r.envelope_id, step));
+                    step.subscription.clone_from(&r.subscription);
+                    step.record_id = Some(r.record_id.clone());
+                    step.reason.clone_from(&r.reason);
+                    step.detail.clone_from(&r.detail);
+                    steps.push((r.envelope_id.clone(), step));
+                    if r.outcome == "failed" {
+                        bounced.push(r);
+                    }
                 }
             }
             Routed {
                 out,
                 steps,
                 made: Vec::new(),
+                content,
+                bounced,
             }
         }
         Err(NormalizeError::UnsupportedFormat { format }) => {
@@ -315,11 +501,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             step.detail = Some(format!(
                 "no normaliser for {format} yet; raw subscribers still receive it"
             ));
-            Routed {
-                out: Vec::new(),
-                steps: vec![(envelope.id.clone(), step)],
-                made: Vec::new(),
-            }
+            Routed::steps(vec![(envelope.id.clone(), step)])
         }
         Err(e) => {
             let mut step = Step::new(at, "normalise", "rejected");
@@ -335,11 +517,14 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             );
             Routed {
                 out: vec![dl],
-                steps: vec![(envelope.id.clone(), step)],
-                made: Vec::new(),
+                ..Routed::steps(vec![(envelope.id.clone(), step)])
             }
         }
     }
+}
+
+fn refers_to_content(event: &Event) -> bool {
+    matches!(event, Event::Letter(l) if !l.attachments.is_empty())
 }
 
 fn dead_letter(
@@ -371,6 +556,8 @@ fn dead_letter(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use ketenbus_schemas::event::EventKind;
 
     use super::*;
@@ -397,11 +584,124 @@ mod tests {
         }
     }
 
+    fn envelope_record(env: &RawEnvelope) -> Record {
+        Record {
+            topic: topics::RAW.into(),
+            partition: 0,
+            offset: 0,
+            key: env.id.clone().into_bytes(),
+            value: env.to_avro().unwrap(),
+            timestamp_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bounce_dead_letters_the_very_record_the_subscription_delivered() {
+        use crate::bus::TopicSpec;
+        use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        let specs: Vec<TopicSpec> = [
+            topics::RAW.to_owned(),
+            topics::events(EventKind::Letter),
+            topics::dead_letters("gp-by-mail"),
+        ]
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: 2,
+        })
+        .collect();
+        bus.ensure_topics(&specs).await.unwrap();
+        let lineage = Lineage::open(dir.path()).unwrap();
+        let mut r = routing(normalizers(), &[]);
+        r.subscriptions.insert("gp-by-mail".into());
+
+        // A PDF letter came in and was routed: its event refers to the PDF by hash, and
+        // the router is handed the PDF's bytes to keep.
+        let letter = RawEnvelope {
+            id: "env-9".into(),
+            received_at_ms: 1_764_000_000_000,
+            connector: "smtp".into(),
+            format: Format::Rfc822,
+            content_type: "message/rfc822".into(),
+            sender: None,
+            receiver: Some("mailbox:500005678".into()),
+            body: include_bytes!("../../connectors/testdata/mail/letter-pdf.eml").to_vec(),
+            attributes: BTreeMap::new(),
+        };
+        let position = bus
+            .publish(vec![OutRecord {
+                topic: topics::RAW.into(),
+                key: letter.id.clone().into_bytes(),
+                value: letter.to_avro().unwrap(),
+            }])
+            .await
+            .unwrap()[0];
+        lineage.received(Received::of(&letter, position)).await;
+        let first = route_one(&envelope_record(&letter), &r);
+        assert_eq!(first.out.len(), 1);
+        assert_eq!(first.content.len(), 1, "the PDF goes to the content store");
+
+        // The mail server bounces the delivery of event env-9.0 for good.
+        let dsn = String::from_utf8(
+            include_bytes!("../../connectors/testdata/mail/dsn-failed.eml").to_vec(),
+        )
+        .unwrap()
+        .replace(
+            "Original-Envelope-Id: 0193a1b2-0000-7000-8000-000000000001.0",
+            "Original-Envelope-Id: gp-by-mail/env-9.0",
+        );
+        let report = raw_record(Format::Rfc822, dsn.as_bytes());
+        let routed = route_one(&report, &r);
+        assert!(routed.out.is_empty());
+        assert_eq!(routed.bounced.len(), 1);
+        let step = &routed.steps.last().unwrap();
+        assert_eq!(
+            step.0, "env-9",
+            "the step lands in the delivered message's lineage"
+        );
+        assert_eq!(step.1.outcome, "failed");
+
+        let dl = bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 7)
+            .await
+            .unwrap()
+            .expect("a dead letter");
+        assert_eq!(dl.topic, topics::dead_letters("gp-by-mail"));
+        let letter_dl = DeadLetter::from_avro(&dl.value).unwrap();
+        assert_eq!(
+            letter_dl.value, first.out[0].value,
+            "the record as delivered"
+        );
+        assert_eq!(letter_dl.key, first.out[0].key);
+        assert_eq!(letter_dl.source_topic, topics::events(EventKind::Letter));
+        assert_eq!(letter_dl.record_id, "env-9.0");
+        assert_eq!(letter_dl.envelope_id, "env-9");
+        assert_eq!(letter_dl.reason, REASON_BOUNCED);
+        let detail = letter_dl.detail.unwrap();
+        assert!(
+            detail.starts_with("dsn_5.1.1: ") && detail.contains("user unknown"),
+            "{detail}"
+        );
+
+        // A bounce for a subscription not configured here is only recorded.
+        r.subscriptions.clear();
+        assert!(
+            bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 8)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
     fn routing(normalizers: Normalizers, contrl_partners: &[&str]) -> Routing {
         Routing {
             normalizers,
             keyer: PatientKeyer::new(b"0123456789abcdef".to_vec()),
             contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
+            content: None,
+            subscriptions: HashSet::new(),
         }
     }
 

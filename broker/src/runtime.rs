@@ -131,20 +131,18 @@ pub async fn run<B: Bus>(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );
-    let mut normalizers = router::normalizers();
-    normalizers.insert(
-        ketenbus_schemas::Format::Rfc822,
-        Box::new(ketenbus_connectors::mail::MailNormalizer::new(Some(
-            Arc::clone(&content),
-        ))),
-    );
-
     tasks.spawn(router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
-            normalizers,
+            normalizers: router::normalizers(),
             keyer,
             contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
+            content: Some(Arc::clone(&content)),
+            subscriptions: settings
+                .subscriptions
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
         }),
         lineage.clone(),
         Arc::clone(&health),

@@ -13,6 +13,13 @@ pub trait Normalize: Send + Sync {
     /// [`NormalizeError`] says why the envelope cannot become events; its
     /// [`reason`](NormalizeError::reason) is the dead-letter reason code.
     fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError>;
+
+    /// The document bytes the events of [`normalize`](Self::normalize) refer to by SHA-256
+    /// (letter attachments), for the caller to keep in the content store before it
+    /// publishes the events. Pure like `normalize`; most formats inline everything.
+    fn content(&self, _envelope: &RawEnvelope) -> Vec<Vec<u8>> {
+        Vec::new()
+    }
 }
 
 /// Why an envelope did not become events. Texts name positions and fields, never values.

@@ -226,6 +226,7 @@ impl Postfix {
              smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\nalias_maps =\nalias_database =\nbiff = no\n\
              virtual_mailbox_domains = gp.example.test\nvirtual_mailbox_base = {d}/vmail\nvirtual_mailbox_maps = static:huisarts/\n\
              virtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\n\
+             transport_maps = inline:{{ {{closed.example.test=error:5.1.1 mailbox closed}} }}\nsmtpd_reject_unlisted_recipient = no\n\
              smtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_security_level = may\nsmtp_tls_security_level = may\nsmtpd_tls_loglevel = 1\n\
              maillog_file = {d}/maillog\nmaillog_file_prefixes = {d}\n",
             certs.cert.display(),
@@ -762,6 +763,84 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
     assert_eq!(step["subscription"], "gp-by-mail");
     assert_eq!(step["record_id"], record.as_str());
     assert_eq!(step["reason"], "dsn_2.0.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let port = free_port();
+    let postfix = Postfix::start(port, &certs);
+    // Postfix takes the mail, then bounces it: the mailbox at closed.example.test is closed.
+    let sink = format!(
+        "[[subscriptions]]\nname = \"gp-by-mail\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@closed.example.test\"\n",
+        postfix.port, certs.ca
+    );
+    let broker = Broker::start(&format!("{}{sink}", smtp_config(port, &certs, "")));
+    let (ok, out) = swaks(&[
+        "--server",
+        &format!("127.0.0.1:{port}"),
+        "--from",
+        "specialist@ziekenhuis.example.test",
+        "--to",
+        "500005678@lms.example.test",
+        "--data",
+        fixture("letter-pdf.eml").to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let envelope = queued_id(&out);
+    let record = format!("{envelope}.0");
+
+    // The server accepted it (delivered as far as SMTP goes), its DSN says failed, and the
+    // delivery ends as a dead letter.
+    let l = lineage_until(&broker.url, &envelope, |l| {
+        l["deliveries"].as_array().is_some_and(|d| {
+            d.iter()
+                .any(|d| d["subscription"] == "gp-by-mail" && d["outcome"] == "dead_lettered")
+        })
+    })
+    .await;
+    let steps = l["steps"].as_array().unwrap();
+    let report = steps
+        .iter()
+        .find(|s| s["stage"] == "delivery_report" && s["outcome"] == "failed")
+        .unwrap_or_else(|| panic!("no failure report: {l:#}\npostfix:\n{}", postfix.log()));
+    assert_eq!(report["reason"], "dsn_5.1.1");
+    assert_eq!(report["record_id"], record.as_str());
+    let (ok, listed, err) = broker.cli(&["dlq", "list", "--subscription", "gp-by-mail"]);
+    assert!(ok, "{err}");
+    assert!(
+        listed.contains(&record) && listed.contains("bounced"),
+        "{listed}"
+    );
+
+    // Replayed, the very letter goes out again (and bounces again: the address is closed).
+    let (ok, _, err) = broker.cli(&[
+        "dlq",
+        "replay",
+        "--subscription",
+        "gp-by-mail",
+        "--id",
+        &record,
+    ]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = postfix.log();
+        let sent = log.matches("to=<huisarts@closed.example.test>").count();
+        if sent >= 2 {
+            assert!(log.contains("mailbox closed"), "{log}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay never reached the server:\n{log}\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -165,6 +165,23 @@ pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].value, b"only-other");
 
+    // read_at finds one record by its position, and nothing past the end.
+    let p = positions[7];
+    let one = bus
+        .read_at(&topic, p.partition, p.offset)
+        .await
+        .expect("read_at")
+        .expect("the record is there");
+    assert_eq!((one.partition, one.offset), (p.partition, p.offset));
+    assert_eq!(one.value, b"v7");
+    assert_eq!(one.key, b"k3");
+    assert!(
+        bus.read_at(&topic, p.partition, 1_000_000)
+            .await
+            .expect("read_at past the end")
+            .is_none()
+    );
+
     // Publishing to an unknown topic fails clearly.
     assert!(
         bus.publish(vec![rec(&format!("{prefix}.missing"), "k", "v")])

@@ -574,6 +574,37 @@ impl Bus for EmbeddedBus {
         .map_err(|e| sql_err(&e))
     }
 
+    async fn read_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Option<Record>, BusError> {
+        let path = self.inner.path.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Option<Record>> {
+            let conn = open_reader(&path)?;
+            conn.query_row(
+                "SELECT key, value, ts FROM records WHERE topic = ?1 AND partition = ?2 AND offset = ?3",
+                params![topic, partition, offset],
+                |r| {
+                    Ok(Record {
+                        topic: topic.clone(),
+                        partition,
+                        offset,
+                        key: r.get(0)?,
+                        value: r.get(1)?,
+                        timestamp_ms: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))
+    }
+
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<(u32, i64, i64)>, BusError> {
         self.refresh_partitions().await?;
         let n = self

@@ -729,6 +729,49 @@ impl Bus for KafkaBus {
         .await
     }
 
+    async fn read_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Option<Record>, BusError> {
+        self.check_topics([topic]).await?;
+        let consumer = self.plain_consumer(&format!("{}.read-at", self.config.client_id))?;
+        let topic = topic.to_owned();
+        let timeout = self.config.request_timeout;
+        blocking(move || {
+            let p = i32::try_from(partition)
+                .map_err(|_| BusError::Fatal(format!("partition {partition} out of range")))?;
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, p, timeout)
+                .map_err(|e| classify(&e, Some(&topic)))?;
+            if offset < low || offset >= high {
+                return Ok(None);
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, p, Offset::Offset(offset))
+                .map_err(|e| classify(&e, Some(&topic)))?;
+            consumer
+                .assign(&tpl)
+                .map_err(|e| classify(&e, Some(&topic)))?;
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                match consumer.poll(Duration::from_millis(100)) {
+                    // A compacted or transactional partition can skip the offset itself.
+                    Some(Ok(m)) if m.offset() == offset => return Ok(Some(to_record(&m))),
+                    Some(Ok(m)) if m.offset() > offset => return Ok(None),
+                    Some(Ok(_)) | None => {}
+                    Some(Err(e)) => return Err(classify(&e, Some(&topic))),
+                }
+            }
+            Err(BusError::Unavailable(format!(
+                "reading {topic}/{partition}@{offset}: nothing within {}",
+                humantime::format_duration(timeout)
+            )))
+        })
+        .await
+    }
+
     async fn lag(&self, group: &str, topic: &str) -> Result<Vec<(u32, i64, i64)>, BusError> {
         let consumer = self.plain_consumer(group)?;
         let topic = topic.to_owned();

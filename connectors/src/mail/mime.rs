@@ -1,21 +1,19 @@
 //! MIME (RFC 2045-2049) through Stalwart's `mail-parser`: every leaf part of a message is
 //! routed by its type. EDIFACT bodies and attachments go to the EDIFACT normaliser, FHIR
 //! JSON/XML to the FHIR normaliser, and plain text, HTML and documents (PDF, images) make a
-//! letter event whose attachments are referenced by SHA-256 and kept in a [`ContentStore`].
+//! letter event whose attachments are referenced by SHA-256; [`Normalize::content`] hands
+//! their bytes to the router, which keeps them in the content store.
 //! Delivery status reports (`multipart/report`) make no event: [`crate::mail::dsn`] reads them.
 //!
 //! Normalising stays a function of the bytes: event ids are `<envelope id>.<n>` numbered over
-//! the whole message. The one effect is writing attachment bytes to the content store, which
-//! is idempotent (the same bytes land under the same name), so a replay changes nothing.
-
-use std::sync::Arc;
+//! the whole message.
 
 use ketenbus_schemas::event::{Attachment, HealthProfessional, HumanName, LetterEvent};
 use ketenbus_schemas::{Event, EventHeader, EventKind, Format, RawEnvelope};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
-use crate::mail::content::{ContentStore, sha256_hex};
+use crate::mail::content::sha256_hex;
 use crate::normalize::{Normalize, NormalizeError};
 
 /// Reason code for a message that is not RFC 5322.
@@ -214,38 +212,26 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormalizeError> {
 pub struct MailNormalizer {
     edifact: Box<dyn Normalize>,
     fhir: Box<dyn Normalize>,
-    store: Option<Arc<dyn ContentStore>>,
 }
 
 impl Default for MailNormalizer {
+    /// With the crate's EDIFACT and FHIR normalisers.
     fn default() -> Self {
-        MailNormalizer::new(None)
+        MailNormalizer {
+            edifact: Box::new(crate::edifact::EdifactNormalizer),
+            fhir: Box::new(crate::fhir::FhirNormalizer),
+        }
     }
 }
 
 impl MailNormalizer {
-    /// With the crate's EDIFACT and FHIR normalisers; attachments go to `store` when given.
-    #[must_use]
-    pub fn new(store: Option<Arc<dyn ContentStore>>) -> MailNormalizer {
-        MailNormalizer {
-            edifact: Box::new(crate::edifact::EdifactNormalizer),
-            fhir: Box::new(crate::fhir::FhirNormalizer),
-            store,
-        }
-    }
-
     /// With other normalisers for the structured parts (tests).
     #[must_use]
     pub fn with_normalizers(
         edifact: Box<dyn Normalize>,
         fhir: Box<dyn Normalize>,
-        store: Option<Arc<dyn ContentStore>>,
     ) -> MailNormalizer {
-        MailNormalizer {
-            edifact,
-            fhir,
-            store,
-        }
+        MailNormalizer { edifact, fhir }
     }
 
     fn structured(
@@ -291,14 +277,20 @@ impl MailNormalizer {
             other => other,
         })
     }
+}
 
-    fn keep(&self, part: &PartInfo) {
-        if let Some(store) = &self.store
-            && let Err(e) = store.put(&part.bytes)
-        {
-            tracing::error!(sha256 = %part.sha256, size = part.size, error = %e, "attachment not kept in the content store");
-        }
-    }
+/// The parts a letter keeps as attachments: documents, HTML, and every text part but the
+/// first (which is the letter's own text).
+fn kept(parts: &[PartInfo]) -> impl Iterator<Item = &PartInfo> {
+    let letter_text = parts.iter().position(|p| p.route == Route::LetterText);
+    parts.iter().enumerate().filter_map(move |(i, p)| {
+        let keep = match p.route {
+            Route::LetterHtml | Route::Attachment => true,
+            Route::LetterText => Some(i) != letter_text,
+            _ => false,
+        };
+        keep.then_some(p)
+    })
 }
 
 fn html_to_text(html: &str) -> String {
@@ -338,6 +330,13 @@ fn html_to_text(html: &str) -> String {
 }
 
 impl Normalize for MailNormalizer {
+    fn content(&self, envelope: &RawEnvelope) -> Vec<Vec<u8>> {
+        match analyse(&envelope.body) {
+            Ok(a) if !a.is_report => kept(&a.parts).map(|p| p.bytes.clone()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
         let a = analyse(&envelope.body)?;
         if a.is_report {
@@ -347,7 +346,6 @@ impl Normalize for MailNormalizer {
         let mut structured = false;
         let mut text = None;
         let mut html = None;
-        let mut attachments = Vec::new();
         for part in &a.parts {
             match part.route {
                 Route::Edifact | Route::FhirJson | Route::FhirXml => {
@@ -355,23 +353,22 @@ impl Normalize for MailNormalizer {
                     events.extend(self.structured(envelope, part)?);
                 }
                 Route::LetterText if text.is_none() => {
-                    text = Some(String::from_utf8_lossy(&part.bytes).into_owned())
+                    text = Some(String::from_utf8_lossy(&part.bytes).into_owned());
                 }
-                Route::LetterHtml | Route::LetterText | Route::Attachment => {
-                    if part.route == Route::LetterHtml && html.is_none() {
-                        html = Some(html_to_text(&String::from_utf8_lossy(&part.bytes)));
-                    }
-                    self.keep(part);
-                    attachments.push(Attachment {
-                        content_type: part.content_type.clone(),
-                        title: part.filename.clone(),
-                        sha256: part.sha256.clone(),
-                        size: i64::try_from(part.size).unwrap_or(i64::MAX),
-                    });
+                Route::LetterHtml if html.is_none() => {
+                    html = Some(html_to_text(&String::from_utf8_lossy(&part.bytes)));
                 }
-                Route::DeliveryReport => {}
+                _ => {}
             }
         }
+        let attachments: Vec<Attachment> = kept(&a.parts)
+            .map(|part| Attachment {
+                content_type: part.content_type.clone(),
+                title: part.filename.clone(),
+                sha256: part.sha256.clone(),
+                size: i64::try_from(part.size).unwrap_or(i64::MAX),
+            })
+            .collect();
         let text = text
             .or(html)
             .map(|t| t.trim().to_owned())
@@ -449,7 +446,7 @@ pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
         body: bytes.to_vec(),
         attributes: std::collections::BTreeMap::new(),
     };
-    match MailNormalizer::new(None).normalize(&envelope) {
+    match MailNormalizer::default().normalize(&envelope) {
         Ok(events) => out["events"] = serde_json::to_value(events).unwrap_or_default(),
         Err(e) => out["error"] = e.to_string().into(),
     }
@@ -463,7 +460,6 @@ mod tests {
     use ketenbus_schemas::EventKind;
 
     use super::*;
-    use crate::mail::content::MemoryContentStore;
 
     /// Found by the `mime` fuzz target: a malformed `multipart/report` reaches a
     /// `debug_assert!` in mail-parser 0.11 ("Invalid part ID, could not find multipart."), so
@@ -564,8 +560,7 @@ mod tests {
 
     #[test]
     fn a_pdf_letter_keeps_its_text_and_the_pdf_by_hash() {
-        let store = Arc::new(MemoryContentStore::default());
-        let n = MailNormalizer::new(Some(store.clone()));
+        let n = MailNormalizer::default();
         let events = n.normalize(&envelope(&fixture("letter-pdf.eml"))).unwrap();
         assert_eq!(events.len(), 1);
         let Event::Letter(l) = &events[0] else {
@@ -586,9 +581,9 @@ mod tests {
         assert_eq!(a.sha256, sha256_hex(&pdf));
         assert_eq!(a.size, pdf.len() as i64);
         assert_eq!(
-            store.get(&a.sha256).unwrap().as_deref(),
-            Some(pdf.as_slice()),
-            "the PDF is in the content store"
+            n.content(&envelope(&fixture("letter-pdf.eml"))),
+            std::slice::from_ref(&pdf),
+            "the PDF's bytes go to the content store, the event keeps its hash"
         );
         // Pure: the same envelope gives the same events.
         assert_eq!(
@@ -645,11 +640,8 @@ mod tests {
     #[test]
     fn fhir_parts_go_to_the_fhir_normaliser_and_ids_are_numbered_over_the_message() {
         let mail = b"From: a@b.test\r\nSubject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/fhir+json\r\n\r\n{\"resourceType\":\"Bundle\"}\r\n--b\r\nContent-Type: application/xml\r\n\r\n<Bundle xmlns=\"http://hl7.org/fhir\"/>\r\n--b\r\nContent-Type: application/json\r\n\r\n{\"resourceType\":\"Task\"}\r\n--b--\r\n";
-        let n = MailNormalizer::with_normalizers(
-            Box::new(Count("edifact")),
-            Box::new(Count("fhir")),
-            None,
-        );
+        let n =
+            MailNormalizer::with_normalizers(Box::new(Count("edifact")), Box::new(Count("fhir")));
         let events = n.normalize(&envelope(mail)).unwrap();
         let seen: Vec<(String, String, String)> = events
             .iter()
