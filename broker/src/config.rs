@@ -5,8 +5,10 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use ketenbus_connectors::address_book::{Channel, Destination};
 use ketenbus_schemas::EventKind;
 use serde::Deserialize;
 
@@ -25,8 +27,11 @@ pub struct Config {
     pub bus: BusConfig,
     /// How patient keys are made.
     pub keys: KeysConfig,
-    /// Secure mail: SMTP listener, IMAP pickups, content store, address book.
+    /// Secure mail: SMTP listener, IMAP pickups, content store.
     pub mail: ketenbus_connectors::mail::MailConfig,
+    /// Party id -> mail, webhook and FHIR addresses (`[address_book."<party id>"]`): where
+    /// a sink without a fixed destination sends each record's receiver.
+    pub address_book: ketenbus_connectors::address_book::AddressBook,
     /// EDIFACT partner settings.
     pub edifact: EdifactConfig,
     /// Watched inbox folders (`[[inbox]]`), e.g. where a file transfer drops EDIFACT.
@@ -53,6 +58,7 @@ impl Default for Config {
             bus: BusConfig::default(),
             keys: KeysConfig::default(),
             mail: ketenbus_connectors::mail::MailConfig::default(),
+            address_book: ketenbus_connectors::address_book::AddressBook::default(),
             edifact: EdifactConfig::default(),
             inbox: Vec::new(),
             subscriptions: Vec::new(),
@@ -197,8 +203,10 @@ pub struct FilterConfig {
 pub enum SinkConfig {
     /// JSON POST of each event (original bytes for `raw`).
     Webhook {
-        /// Endpoint URL.
-        url: String,
+        /// Endpoint URL; when absent, each record's receiver's `webhook` address from
+        /// `[address_book]`.
+        #[serde(default)]
+        url: Option<String>,
         /// Environment variable with the HMAC-SHA256 signing secret.
         secret_env: Option<String>,
         /// Per-request timeout.
@@ -216,8 +224,10 @@ pub enum SinkConfig {
     Mail(ketenbus_connectors::mail::MailSinkConfig),
     /// A FHIR R4 endpoint: each event as nl-core resources in one Bundle.
     Fhir {
-        /// The subscriber's FHIR base URL.
-        base_url: String,
+        /// The subscriber's FHIR base URL; when absent, each record's receiver's `fhir`
+        /// address from `[address_book]`.
+        #[serde(default)]
+        base_url: Option<String>,
         /// `transaction` (POST to the base) or `message` (POST to `[base]/$process-message`).
         #[serde(default)]
         style: ketenbus_connectors::fhir::BundleStyle,
@@ -294,8 +304,8 @@ pub enum Source {
 pub enum Sink {
     /// Webhook with its secret resolved.
     Webhook {
-        /// Endpoint.
-        url: reqwest::Url,
+        /// Endpoint, fixed or from the address book.
+        url: Destination<reqwest::Url>,
         /// Signing secret (never printed).
         secret: Option<Secret>,
         /// Request timeout.
@@ -305,8 +315,8 @@ pub enum Sink {
     },
     /// FHIR endpoint with its token resolved.
     Fhir {
-        /// Base URL.
-        base: reqwest::Url,
+        /// Base URL, fixed or from the address book.
+        base: Destination<reqwest::Url>,
         /// Transaction or message Bundle.
         style: ketenbus_connectors::fhir::BundleStyle,
         /// `MessageHeader.source.endpoint`.
@@ -450,6 +460,28 @@ impl Config {
         for (k, m) in self.mail.problems(env) {
             p(format!("mail.{k}"), m);
         }
+        for (k, m) in self.address_book.problems() {
+            p(k, m);
+        }
+        for (party, entry) in &self.address_book.0 {
+            for (key, url) in [("webhook", &entry.webhook), ("fhir", &entry.fhir)] {
+                if let Some(Err(m)) = url.as_deref().map(|u| endpoint_url(u, false)) {
+                    p(format!("address_book.{party:?}.{key}"), m);
+                }
+            }
+        }
+        let book = Arc::new(self.address_book.clone());
+        // A sink without a fixed destination needs the address book to serve its channel.
+        let from_book = |channel: Channel| {
+            if book.serves(channel) {
+                Ok(Destination::Receiver(Arc::clone(&book)))
+            } else {
+                Err(format!(
+                    "required unless [address_book] has {} addresses",
+                    channel.key()
+                ))
+            }
+        };
         for (k, m) in crate::auth::problems(&self.senders, &self.operators) {
             p(k, m);
         }
@@ -522,24 +554,12 @@ impl Config {
                     ca_file,
                     allow_plain_http,
                 } => {
-                    let parsed = match reqwest::Url::parse(url) {
-                        Ok(u) if u.scheme() == "http" && !allow_plain_http && !is_loopback(&u) => {
-                            p(
-                                at("sink.url"),
-                                "plain http to a non-loopback host: use https, or set allow_plain_http = true".into(),
-                            );
-                            None
-                        }
-                        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Some(u),
-                        Ok(_) => {
-                            p(at("sink.url"), "must be an http or https URL".into());
-                            None
-                        }
-                        Err(e) => {
-                            p(at("sink.url"), format!("not a URL: {e}"));
-                            None
-                        }
-                    };
+                    let parsed = match url {
+                        Some(u) => endpoint_url(u, *allow_plain_http).map(Destination::Fixed),
+                        None => from_book(Channel::Webhook),
+                    }
+                    .map_err(|m| p(at("sink.url"), m))
+                    .ok();
                     let secret = match secret_env {
                         None => None,
                         Some(var) => match env(var) {
@@ -576,9 +596,12 @@ impl Config {
                     timeout,
                     allow_plain_http,
                 } => {
-                    let base = endpoint_url(base_url, *allow_plain_http)
-                        .map_err(|m| p(at("sink.base_url"), m))
-                        .ok();
+                    let base = match base_url {
+                        Some(u) => endpoint_url(u, *allow_plain_http).map(Destination::Fixed),
+                        None => from_book(Channel::Fhir),
+                    }
+                    .map_err(|m| p(at("sink.base_url"), m))
+                    .ok();
                     let token = token_env.as_ref().and_then(|var| match env(var) {
                         Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
                         _ => {
@@ -601,7 +624,7 @@ impl Config {
                     })
                 }
                 SinkConfig::Mail(config) => {
-                    let found = config.problems(&self.mail.address_book, env);
+                    let found = config.problems(&self.address_book, env);
                     let ok = found.is_empty();
                     for (k, m) in found {
                         p(at(&format!("sink.{k}")), m);
@@ -758,6 +781,83 @@ mod tests {
                 "subscriptions[0].sink.secret_env",
                 "subscriptions[1].kinds",
                 "subscriptions[1].retry.max",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_sink_without_a_destination_needs_the_address_book_for_its_channel() {
+        let subs = r#"
+            [[subscriptions]]
+            name = "hooks"
+            kinds = ["acute_handover"]
+            sink = { type = "webhook" }
+            [[subscriptions]]
+            name = "fhir"
+            kinds = ["lab_result"]
+            sink = { type = "fhir" }
+            [[subscriptions]]
+            name = "mail"
+            kinds = ["letter"]
+            sink = { type = "mail", host = "smtp.example.test", from = "kb@example.test" }
+        "#;
+        let problems = Config::from_toml(subs)
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "subscriptions[0].sink.url",
+                    "required unless [address_book] has webhook addresses"
+                ),
+                (
+                    "subscriptions[1].sink.base_url",
+                    "required unless [address_book] has fhir addresses"
+                ),
+                (
+                    "subscriptions[2].sink.to",
+                    "required unless [address_book] has mail addresses"
+                ),
+            ]
+        );
+        let book = r#"
+            [address_book."agb:01234567"]
+            mail = "hap@gp.example.test"
+            webhook = "https://hap.example.test/in"
+            fhir = "https://fhir.hap.example.test/r4"
+        "#;
+        let settings = Config::from_toml(&format!("{subs}{book}"))
+            .unwrap()
+            .validate(&no_env)
+            .expect("every channel has addresses");
+        assert!(matches!(
+            settings.subscriptions[0].sink,
+            Sink::Webhook {
+                url: Destination::Receiver(_),
+                ..
+            }
+        ));
+        let bad = r#"
+            [address_book."agb:1"]
+            webhook = "http://his.example.test/in"
+            fhir = "not a url"
+        "#;
+        let problems = Config::from_toml(bad)
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "address_book.\"agb:1\".webhook",
+                "address_book.\"agb:1\".fhir"
             ]
         );
     }

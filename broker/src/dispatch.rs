@@ -628,7 +628,9 @@ mod tests {
             sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
             filter: FilterConfig::default(),
             sink: SinkConfig::Webhook {
-                url: "http://127.0.0.1:1/".parse().unwrap(),
+                url: ketenbus_connectors::address_book::Destination::Fixed(
+                    "http://127.0.0.1:1/".parse().unwrap(),
+                ),
                 secret: None,
                 timeout: Duration::from_secs(1),
                 ca_file: None,
@@ -728,7 +730,9 @@ mod tests {
             sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
             filter: FilterConfig::default(),
             sink: SinkConfig::Webhook {
-                url: "http://127.0.0.1:1/".parse().unwrap(),
+                url: ketenbus_connectors::address_book::Destination::Fixed(
+                    "http://127.0.0.1:1/".parse().unwrap(),
+                ),
                 secret: None,
                 timeout: Duration::from_secs(1),
                 ca_file: None,

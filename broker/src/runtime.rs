@@ -41,7 +41,7 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
 
 fn build_sink(
     sink: &Sink,
-    mail: &ketenbus_connectors::mail::MailConfig,
+    book: &Arc<ketenbus_connectors::address_book::AddressBook>,
     content: &Arc<dyn ketenbus_connectors::mail::ContentStore>,
 ) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
     match sink {
@@ -52,7 +52,7 @@ fn build_sink(
             let s = ketenbus_connectors::mail::MailSink::new(
                 config.clone(),
                 password,
-                mail.address_book.clone(),
+                Arc::clone(book),
                 Some(Arc::clone(content)),
             )
             .context("building the mail sink")?;
@@ -67,7 +67,7 @@ fn build_sink(
         } => {
             let store = Arc::clone(content);
             let s = ketenbus_connectors::fhir::FhirSink::new(
-                base,
+                base.clone(),
                 *style,
                 source_endpoint.clone(),
                 *timeout,
@@ -159,8 +159,9 @@ pub async fn run<B: Bus>(
         ) as Arc<dyn crate::consent::ConsentRegistry>),
         None => None,
     };
+    let book = Arc::new(cfg.address_book.clone());
     for sub in &settings.subscriptions {
-        let sink = build_sink(&sub.sink, &cfg.mail, &content)?;
+        let sink = build_sink(&sub.sink, &book, &content)?;
         let policy = cfg
             .subscriptions
             .iter()

@@ -2,6 +2,7 @@
 //! normalisers that turn raw envelopes into zib-based events, and the delivery sinks.
 //! Nothing here owns a socket for long or a log: the broker wires them to both.
 
+pub mod address_book;
 pub mod edifact;
 pub mod fhir;
 pub mod inbox;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::address_book::{Channel, Destination};
 use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 
 /// Header carrying `sha256=<hex HMAC-SHA256 of the body>` keyed with the subscription secret.
@@ -22,17 +23,18 @@ pub const ATTEMPT_HEADER: &str = "Ketenbus-Attempt";
 /// A webhook endpoint.
 pub struct WebhookSink {
     client: reqwest::Client,
-    url: reqwest::Url,
+    url: Destination<reqwest::Url>,
     secret: Option<Vec<u8>>,
 }
 
 impl WebhookSink {
-    /// A sink posting to `url`, signing with `secret` when given.
+    /// A sink posting to `url` (fixed, or the receiver's `webhook` address), signing with
+    /// `secret` when given.
     ///
     /// # Errors
     /// When the HTTP client cannot be built (TLS backend).
     pub fn new(
-        url: reqwest::Url,
+        url: Destination<reqwest::Url>,
         secret: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<WebhookSink, reqwest::Error> {
@@ -46,7 +48,7 @@ impl WebhookSink {
     /// # Errors
     /// When the bundle holds no usable certificate or the client cannot be built.
     pub fn with_roots(
-        url: reqwest::Url,
+        url: Destination<reqwest::Url>,
         secret: Option<Vec<u8>>,
         timeout: Duration,
         ca_pem: Option<&[u8]>,
@@ -149,9 +151,12 @@ impl Sink for WebhookSink {
                 Payload::Event(e) => (e.kind().as_str(), e.header().envelope_id.as_str()),
                 Payload::Raw(env) => ("raw", env.id.as_str()),
             };
+            let url = self
+                .url
+                .resolve(delivery, Channel::Webhook, |s| reqwest::Url::parse(s).ok())?;
             let mut req = self
                 .client
-                .post(self.url.clone())
+                .post(url)
                 .header(reqwest::header::CONTENT_TYPE, content_type)
                 .header(IDEMPOTENCY_HEADER, &delivery.record_id)
                 .header(ENVELOPE_HEADER, envelope_id)

@@ -728,3 +728,56 @@ async fn operators_list_messages_by_status_and_see_a_status_summary() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
+    let linde = Receiver::start(OK).await;
+    let hap = Receiver::start(OK).await;
+    let config = format!(
+        "\n[[subscriptions]]\nname = \"by-receiver\"\nkinds = [\"lab_result\"]\nsink = {{ type = \"webhook\" }}\n\
+         [subscriptions.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n\
+         [address_book.\"mailbox:500005678\"]\nname = \"Huisartsenpraktijk De Linde (synthetisch)\"\nwebhook = \"{}\"\n\
+         [address_book.\"mailbox:500009999\"]\nwebhook = \"{}\"\n\
+         [address_book.\"mailbox:500000001\"]\nmail = \"alleen-mail@lms.example.test\"\n",
+        linde.url(),
+        hap.url()
+    );
+    let broker = Broker::start(&config);
+    let c = client();
+    let mut ids = Vec::new();
+    for receiver in ["500005678", "500009999", "500000001"] {
+        let body = MEDLAB.replace("+500005678+", &format!("+{receiver}+"));
+        let (status, j) = post_message(&c, &broker.url, "application/EDIFACT", body.into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(status, 202, "{j}");
+        ids.push(j["id"].as_str().unwrap().to_owned());
+    }
+    let to_linde = linde.wait_for(1, Duration::from_secs(10)).await;
+    let to_hap = hap.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(to_linde.len(), 1);
+    assert_eq!(to_hap.len(), 1);
+    assert_eq!(
+        to_linde[0].header("ketenbus-envelope-id"),
+        Some(ids[0].as_str())
+    );
+    assert_eq!(
+        to_hap[0].header("ketenbus-envelope-id"),
+        Some(ids[1].as_str())
+    );
+    // The third receiver takes only mail: its record is a dead letter saying so.
+    let l = lineage_until(&broker.url, &ids[2], |l| {
+        l["deliveries"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["outcome"] == "dead_lettered"))
+    })
+    .await;
+    assert_eq!(l["deliveries"][0]["reason"], "no_address", "{l:#}");
+    let (ok, out, err) = broker.cli(&["dlq", "list", "--subscription", "by-receiver"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("mailbox:500000001 has no webhook address"),
+        "{out}"
+    );
+    assert_eq!(linde.received().len() + hap.received().len(), 2);
+}

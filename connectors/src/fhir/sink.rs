@@ -13,14 +13,16 @@ use super::emit::{BundleStyle, CONTENT_URN, EmitOptions, to_bundle};
 use super::outcome::issue_text;
 use super::value::Value;
 use super::{MEDIA_JSON, MEDIA_XML};
+use crate::address_book::{Channel, Destination};
 use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 use crate::webhook::{ATTEMPT_HEADER, IDEMPOTENCY_HEADER, KIND_HEADER, classify_status};
 
 /// A subscriber's FHIR endpoint.
 pub struct FhirSink {
     client: reqwest::Client,
-    url: reqwest::Url,
-    opts: EmitOptions,
+    base: Destination<reqwest::Url>,
+    style: BundleStyle,
+    source_endpoint: Option<String>,
     bearer: Option<String>,
     attachments: Option<AttachmentSource>,
 }
@@ -31,21 +33,26 @@ pub type AttachmentSource = std::sync::Arc<dyn Fn(&str) -> Option<Vec<u8>> + Sen
 
 impl std::fmt::Debug for FhirSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let base = match &self.base {
+            Destination::Fixed(u) => u.as_str(),
+            Destination::Receiver(_) => "<receiver's address-book entry>",
+        };
         f.debug_struct("FhirSink")
-            .field("url", &self.url.as_str())
-            .field("style", &self.opts.style)
+            .field("base", &base)
+            .field("style", &self.style)
             .finish()
     }
 }
 
 impl FhirSink {
-    /// A sink posting to the FHIR server at `base` in `style`. `source_endpoint` is
-    /// ketenbus's own FHIR base, written into message headers.
+    /// A sink posting to the FHIR server at `base` (fixed, or the receiver's `fhir`
+    /// address) in `style`. `source_endpoint` is ketenbus's own FHIR base, written into
+    /// message headers.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built (TLS backend), or `base` cannot take a path.
+    /// When the HTTP client cannot be built (TLS backend).
     pub fn new(
-        base: &reqwest::Url,
+        base: Destination<reqwest::Url>,
         style: BundleStyle,
         source_endpoint: Option<String>,
         timeout: Duration,
@@ -57,21 +64,11 @@ impl FhirSink {
             .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| e.to_string())?;
-        let base_str = base.as_str().trim_end_matches('/').to_owned();
-        let url = match style {
-            BundleStyle::Transaction => base.clone(),
-            BundleStyle::Message => reqwest::Url::parse(&format!("{base_str}/$process-message"))
-                .map_err(|e| e.to_string())?,
-        };
-        let opts = EmitOptions {
-            style,
-            source_endpoint,
-            destination_endpoint: Some(base_str),
-        };
         Ok(FhirSink {
             client,
-            url,
-            opts,
+            base,
+            style,
+            source_endpoint,
             bearer: None,
             attachments: None,
         })
@@ -136,11 +133,39 @@ impl FhirSink {
         }
     }
 
+    /// Where a delivery goes, and how its Bundle names that endpoint.
+    fn target(&self, delivery: &Delivery) -> Result<(reqwest::Url, EmitOptions), DeliveryError> {
+        let base = self
+            .base
+            .resolve(delivery, Channel::Fhir, |s| reqwest::Url::parse(s).ok())?;
+        let base_str = base.as_str().trim_end_matches('/').to_owned();
+        let url = match self.style {
+            BundleStyle::Transaction => Some(base),
+            BundleStyle::Message => {
+                reqwest::Url::parse(&format!("{base_str}/$process-message")).ok()
+            }
+        }
+        .ok_or_else(|| DeliveryError::Rejected {
+            reason: "no_address".into(),
+            detail: "the FHIR base URL cannot take $process-message".into(),
+        })?;
+        let opts = EmitOptions {
+            style: self.style,
+            source_endpoint: self.source_endpoint.clone(),
+            destination_endpoint: Some(base_str),
+        };
+        Ok((url, opts))
+    }
+
     /// Body and media type for a delivery.
-    fn body(&self, payload: &Payload) -> Result<(Vec<u8>, &'static str), DeliveryError> {
+    fn body(
+        &self,
+        payload: &Payload,
+        opts: &EmitOptions,
+    ) -> Result<(Vec<u8>, &'static str), DeliveryError> {
         match payload {
             Payload::Event(e) => {
-                let mut bundle = to_bundle(e, &self.opts).map_err(|e| DeliveryError::Rejected {
+                let mut bundle = to_bundle(e, opts).map_err(|e| DeliveryError::Rejected {
                     reason: "no_fhir_form".into(),
                     detail: e.to_string(),
                 })?;
@@ -229,12 +254,13 @@ impl Sink for FhirSink {
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
         Box::pin(async move {
-            let (body, media) = self.body(&delivery.payload)?;
+            let (url, opts) = self.target(delivery)?;
+            let (body, media) = self.body(&delivery.payload, &opts)?;
             let kind = match &delivery.payload {
                 Payload::Event(e) => e.kind().as_str(),
                 Payload::Raw(_) => "raw",
             };
-            let mut req = self.client.post(self.url.clone());
+            let mut req = self.client.post(url);
             if let Some(token) = &self.bearer {
                 req = req.bearer_auth(token);
             }
@@ -376,7 +402,7 @@ mod tests {
     async fn posts_a_message_bundle_to_process_message() {
         let (base, server) = serve_once(200, r#"{"resourceType":"OperationOutcome","issue":[{"severity":"information","code":"informational"}]}"#).await;
         let sink = FhirSink::new(
-            &base.parse().unwrap(),
+            Destination::Fixed(base.parse().unwrap()),
             BundleStyle::Message,
             Some("https://ketenbus.example/fhir".into()),
             Duration::from_secs(5),
@@ -402,7 +428,7 @@ mod tests {
     #[test]
     fn attachments_are_inlined_from_the_content_store() {
         let sink = FhirSink::new(
-            &"http://127.0.0.1:9/fhir".parse().unwrap(),
+            Destination::Fixed("http://127.0.0.1:9/fhir".parse().unwrap()),
             BundleStyle::Message,
             None,
             Duration::from_secs(1),
@@ -412,7 +438,8 @@ mod tests {
             (hash == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"%PDF-1.4\n")))
                 .then(|| b"%PDF-1.4\n".to_vec())
         }));
-        let (body, _) = sink.body(&delivery().payload).unwrap();
+        let (_, opts) = sink.target(&delivery()).unwrap();
+        let (body, _) = sink.body(&delivery().payload, &opts).unwrap();
         let text = String::from_utf8(body.clone()).unwrap();
         assert!(text.contains(r#""data":"JVBERi0xLjQK""#), "{text}");
         assert!(!text.contains("urn:ketenbus:content"));
@@ -433,7 +460,7 @@ mod tests {
     async fn a_refusal_carries_the_receivers_issue_text() {
         let (base, server) = serve_once(422, r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing","diagnostics":"unknown patient"}]}"#).await;
         let sink = FhirSink::new(
-            &base.parse().unwrap(),
+            Destination::Fixed(base.parse().unwrap()),
             BundleStyle::Transaction,
             None,
             Duration::from_secs(5),
@@ -460,7 +487,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let sink = FhirSink::new(
-            &format!("http://{addr}/fhir").parse().unwrap(),
+            Destination::Fixed(format!("http://{addr}/fhir").parse().unwrap()),
             BundleStyle::Transaction,
             None,
             Duration::from_secs(2),

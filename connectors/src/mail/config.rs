@@ -1,7 +1,6 @@
 //! Configuration of the mail connectors: `[mail]`, `[mail.smtp]`, `[[mail.imap]]` and the
 //! `mail` sink of a subscription. Documented serde structs; secrets only as `_env` names.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,9 +17,6 @@ pub struct MailConfig {
     pub imap: Vec<ImapConfig>,
     /// Where attachment bytes are kept by SHA-256; default `<data_dir>/content`.
     pub content_dir: Option<PathBuf>,
-    /// Address book: party id (`agb:…`, `ura:…`, `mailbox:…`) -> mail address. The mail
-    /// sink sends to the event's receiver through it when a subscription names no `to`.
-    pub address_book: BTreeMap<String, String>,
 }
 
 /// `[mail.smtp]`: the SMTP listener (RFC 5321).
@@ -207,7 +203,7 @@ pub struct MailSinkConfig {
     /// Sender address (`From` and envelope sender, where DSNs come back to).
     pub from: String,
     /// Fixed recipient; when absent, the event's receiver party id is looked up in
-    /// `[mail.address_book]`.
+    /// `[address_book]` (its `mail` address).
     pub to: Option<String>,
     /// Ask the server for delivery status notifications (success, failure, delay).
     #[serde(default = "yes")]
@@ -331,20 +327,6 @@ impl MailConfig {
                 ));
             }
         }
-        for (party, addr) in &self.address_book {
-            if !party.contains(':') {
-                p.push((
-                    format!("address_book.{party:?}"),
-                    "party ids are scheme:value (agb:…, mailbox:…)".into(),
-                ));
-            }
-            if !addr.contains('@') {
-                p.push((
-                    format!("address_book.{party:?}"),
-                    "not a mail address".into(),
-                ));
-            }
-        }
         p
     }
 }
@@ -354,7 +336,7 @@ impl MailSinkConfig {
     #[must_use]
     pub fn problems(
         &self,
-        book: &BTreeMap<String, String>,
+        book: &crate::address_book::AddressBook,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Vec<(String, String)> {
         let mut p = Vec::new();
@@ -371,10 +353,10 @@ impl MailSinkConfig {
             if to.parse::<lettre::Address>().is_err() {
                 p.push(("to".into(), "not a mail address".into()));
             }
-        } else if book.is_empty() {
+        } else if !book.serves(crate::address_book::Channel::Mail) {
             p.push((
                 "to".into(),
-                "required unless [mail.address_book] has entries".into(),
+                "required unless [address_book] has mail addresses".into(),
             ));
         }
         match (&self.username, &self.password_env) {
@@ -421,8 +403,6 @@ mod tests {
                 "imap[0].name",
                 "imap[0].tls",
                 "imap[0].password_env",
-                "address_book.\"500005678\"",
-                "address_book.\"500005678\"",
             ]
         );
     }
@@ -442,7 +422,7 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         let paths: Vec<String> = sink
-            .problems(&BTreeMap::new(), &|_| None)
+            .problems(&crate::address_book::AddressBook::default(), &|_| None)
             .into_iter()
             .map(|(k, _)| k)
             .collect();
@@ -481,7 +461,6 @@ mod tests {
                 receiver: None,
             }],
             content_dir: None,
-            address_book: BTreeMap::from([("500005678".to_owned(), "not-an-address".to_owned())]),
         }
     }
 }

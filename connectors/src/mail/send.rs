@@ -10,7 +10,6 @@
 //! [`crate::mail::dsn`] finds the delivery a report is about. The same record id always
 //! makes the same `Message-ID`: receivers can drop a duplicate after a retry.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -27,6 +26,7 @@ use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Quit, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, MailParameter, RcptParameter};
 use lettre::{Address, Message};
 
+use crate::address_book::{AddressBook, Channel, Destination};
 use crate::mail::config::{MailSinkConfig, TlsMode};
 use crate::mail::content::ContentStore;
 use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
@@ -35,7 +35,7 @@ use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 pub struct MailSink {
     cfg: MailSinkConfig,
     password: Option<String>,
-    book: BTreeMap<String, String>,
+    to: Destination<Address>,
     content: Option<Arc<dyn ContentStore>>,
     from: Mailbox,
     hello: ClientId,
@@ -89,18 +89,25 @@ fn classify(step: &str, e: &lettre::transport::smtp::Error) -> DeliveryError {
 }
 
 impl MailSink {
-    /// A sink for `cfg`; `password` is the resolved `password_env`, `book` the address book,
-    /// `content` where attachment bytes are read from.
+    /// A sink for `cfg`; `password` is the resolved `password_env`, `book` the address book
+    /// (used when `cfg` names no fixed `to`), `content` where attachment bytes are read from.
     ///
     /// # Errors
-    /// [`crate::mail::MailError::Config`] when `from` or `ca_file` cannot be used.
+    /// [`crate::mail::MailError::Config`] when `from`, `to` or `ca_file` cannot be used.
     pub fn new(
         cfg: MailSinkConfig,
         password: Option<String>,
-        book: BTreeMap<String, String>,
+        book: Arc<AddressBook>,
         content: Option<Arc<dyn ContentStore>>,
     ) -> Result<MailSink, crate::mail::MailError> {
         use crate::mail::MailError;
+        let to = match &cfg.to {
+            Some(to) => Destination::Fixed(
+                to.parse()
+                    .map_err(|e| MailError::Config(format!("to: {e}")))?,
+            ),
+            None => Destination::Receiver(book),
+        };
         let from: Mailbox = cfg
             .from
             .parse()
@@ -115,7 +122,7 @@ impl MailSink {
         Ok(MailSink {
             cfg,
             password,
-            book,
+            to,
             content,
             from,
             hello,
@@ -144,29 +151,7 @@ impl MailSink {
 
     /// The recipient: the configured `to`, else the receiver's address-book entry.
     fn recipient(&self, delivery: &Delivery) -> Result<Address, DeliveryError> {
-        let to = match &self.cfg.to {
-            Some(to) => to.clone(),
-            None => {
-                let party = match &delivery.payload {
-                    Payload::Event(e) => e.header().receiver.clone(),
-                    Payload::Raw(env) => env.receiver.clone(),
-                };
-                let Some(party) = party else {
-                    return Err(rejected("no_address", "the record names no receiver"));
-                };
-                match self.book.get(&party) {
-                    Some(a) => a.clone(),
-                    None => {
-                        return Err(rejected(
-                            "no_address",
-                            format!("receiver {party} is not in the address book"),
-                        ));
-                    }
-                }
-            }
-        };
-        to.parse()
-            .map_err(|_| rejected("no_address", "the receiver's mail address is not valid"))
+        self.to.resolve(delivery, Channel::Mail, |s| s.parse().ok())
     }
 
     /// The mail for a delivery, as bytes.
@@ -556,6 +541,8 @@ fn render_raw(env: &RawEnvelope, record_id: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use ketenbus_schemas::event::Attachment as Doc;
     use ketenbus_schemas::{EventHeader, EventKind, Format};
 
@@ -575,11 +562,14 @@ mod tests {
             dsn: true,
             timeout: std::time::Duration::from_secs(1),
         };
-        let book = BTreeMap::from([(
+        let book = AddressBook(BTreeMap::from([(
             "mailbox:500005678".to_owned(),
-            "huisarts@gp.example.test".to_owned(),
-        )]);
-        MailSink::new(cfg, None, book, content).unwrap()
+            crate::address_book::Entry {
+                mail: Some("huisarts@gp.example.test".to_owned()),
+                ..crate::address_book::Entry::default()
+            },
+        )]));
+        MailSink::new(cfg, None, Arc::new(book), content).unwrap()
     }
 
     fn letter(pdf: &[u8]) -> Delivery {

@@ -1,0 +1,279 @@
+//! The address book: party id -> where that party takes deliveries, per channel (secure mail,
+//! webhook, FHIR endpoint). It is what the fax number list used to be. A sink configured
+//! without a fixed destination sends each record to its receiver's entry; the receiver is the
+//! party id the record carries (`header.receiver` of an event, `receiver` of a raw envelope),
+//! e.g. `mailbox:500005678`, `agb:01234567` or `ura:12345678`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::sink::{Delivery, DeliveryError, Payload};
+
+/// Reason code of a record whose receiver has no address for the sink's channel.
+pub const REASON_NO_ADDRESS: &str = "no_address";
+
+/// One party's addresses. At least one channel is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Who it is, for people reading the config (not sent anywhere).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Secure-mail address (ZorgMail-style `<number>@lms.lifeline.nl`).
+    #[serde(default)]
+    pub mail: Option<String>,
+    /// Webhook URL.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// FHIR base URL.
+    #[serde(default)]
+    pub fhir: Option<String>,
+}
+
+/// A delivery channel of the address book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// `mail`.
+    Mail,
+    /// `webhook`.
+    Webhook,
+    /// `fhir`.
+    Fhir,
+}
+
+impl Channel {
+    /// The entry's key for this channel.
+    #[must_use]
+    pub fn key(self) -> &'static str {
+        match self {
+            Channel::Mail => "mail",
+            Channel::Webhook => "webhook",
+            Channel::Fhir => "fhir",
+        }
+    }
+
+    fn of(self, entry: &Entry) -> Option<&str> {
+        match self {
+            Channel::Mail => entry.mail.as_deref(),
+            Channel::Webhook => entry.webhook.as_deref(),
+            Channel::Fhir => entry.fhir.as_deref(),
+        }
+    }
+}
+
+/// Party id -> addresses (`[address_book."<party id>"]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct AddressBook(pub BTreeMap<String, Entry>);
+
+impl AddressBook {
+    /// Whether any entry has an address for `channel`.
+    #[must_use]
+    pub fn serves(&self, channel: Channel) -> bool {
+        self.0.values().any(|e| channel.of(e).is_some())
+    }
+
+    /// The address of `party` for `channel`.
+    #[must_use]
+    pub fn address(&self, party: &str, channel: Channel) -> Option<&str> {
+        self.0.get(party).and_then(|e| channel.of(e))
+    }
+
+    /// The address of the delivery's receiver for `channel`.
+    ///
+    /// # Errors
+    /// `Rejected` with reason [`REASON_NO_ADDRESS`] when the record names no receiver or the
+    /// receiver has no address for the channel: a dead letter that replays once the address
+    /// book has the entry.
+    pub fn receiver_address(
+        &self,
+        delivery: &Delivery,
+        channel: Channel,
+    ) -> Result<&str, DeliveryError> {
+        let party = match &delivery.payload {
+            Payload::Event(e) => e.header().receiver.as_deref(),
+            Payload::Raw(env) => env.receiver.as_deref(),
+        };
+        let Some(party) = party else {
+            return Err(DeliveryError::Rejected {
+                reason: REASON_NO_ADDRESS.into(),
+                detail: "the record names no receiver".into(),
+            });
+        };
+        self.address(party, channel)
+            .ok_or_else(|| DeliveryError::Rejected {
+                reason: REASON_NO_ADDRESS.into(),
+                detail: format!(
+                    "receiver {party} has no {} address in the address book",
+                    channel.key()
+                ),
+            })
+    }
+
+    /// Problems with the entries, as (key path, message). URLs are checked by the caller,
+    /// which knows the transport rules.
+    #[must_use]
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        for (party, entry) in &self.0 {
+            let at = |k: &str| format!("address_book.{party:?}{k}");
+            if !party.contains(':') {
+                p.push((
+                    at(""),
+                    "party ids are scheme:value (agb:…, ura:…, mailbox:…)".into(),
+                ));
+            }
+            if entry.mail.is_none() && entry.webhook.is_none() && entry.fhir.is_none() {
+                p.push((at(""), "give at least one of mail, webhook, fhir".into()));
+            }
+            if let Some(m) = &entry.mail
+                && m.parse::<lettre::Address>().is_err()
+            {
+                p.push((at(".mail"), "not a mail address".into()));
+            }
+        }
+        p
+    }
+}
+
+/// Where a sink sends: one fixed address, or each record's receiver's entry.
+#[derive(Debug, Clone)]
+pub enum Destination<T> {
+    /// Always here.
+    Fixed(T),
+    /// The receiver's address for the sink's channel.
+    Receiver(Arc<AddressBook>),
+}
+
+impl<T: Clone> Destination<T> {
+    /// The address for `delivery`; a receiver's entry is read with `parse`.
+    ///
+    /// # Errors
+    /// `Rejected` ([`REASON_NO_ADDRESS`]) when the receiver has no usable address.
+    pub fn resolve(
+        &self,
+        delivery: &Delivery,
+        channel: Channel,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, DeliveryError> {
+        match self {
+            Destination::Fixed(t) => Ok(t.clone()),
+            Destination::Receiver(book) => {
+                let address = book.receiver_address(delivery, channel)?;
+                parse(address).ok_or_else(|| DeliveryError::Rejected {
+                    reason: REASON_NO_ADDRESS.into(),
+                    detail: format!("the receiver's {} address is not usable", channel.key()),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ketenbus_schemas::event::LetterEvent;
+    use ketenbus_schemas::{Event, EventHeader, EventKind};
+
+    use super::*;
+
+    fn book() -> AddressBook {
+        toml::from_str(
+            r#"
+["mailbox:500005678"]
+name = "Huisartsenpraktijk De Linde (synthetisch)"
+mail = "500005678@lms.example.test"
+webhook = "https://his.example.test/ketenbus"
+["agb:01234567"]
+fhir = "https://fhir.example.test/r4"
+"#,
+        )
+        .unwrap()
+    }
+
+    fn delivery(receiver: Option<&str>) -> Delivery {
+        let mut header = EventHeader::new(EventKind::Letter, "env-1", 0, "rfc822");
+        header.receiver = receiver.map(str::to_owned);
+        Delivery {
+            subscription: Arc::from("gp"),
+            record_id: "env-1.0".into(),
+            payload: Payload::Event(Arc::new(Event::Letter(LetterEvent {
+                header,
+                patient: None,
+                author: None,
+                author_organization: None,
+                recipient: None,
+                date: None,
+                title: None,
+                text: None,
+                attachments: Vec::new(),
+            }))),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn each_channel_finds_the_receivers_own_address() {
+        let b = book();
+        let d = delivery(Some("mailbox:500005678"));
+        assert_eq!(
+            b.receiver_address(&d, Channel::Mail).unwrap(),
+            "500005678@lms.example.test"
+        );
+        assert_eq!(
+            b.receiver_address(&d, Channel::Webhook).unwrap(),
+            "https://his.example.test/ketenbus"
+        );
+        let e = b.receiver_address(&d, Channel::Fhir).unwrap_err();
+        assert_eq!(e.reason(), REASON_NO_ADDRESS);
+        assert!(e.to_string().contains("no fhir address"), "{e}");
+        assert_eq!(
+            b.receiver_address(&delivery(Some("agb:01234567")), Channel::Fhir)
+                .unwrap(),
+            "https://fhir.example.test/r4"
+        );
+        assert!(b.serves(Channel::Fhir) && b.serves(Channel::Mail));
+        assert!(!AddressBook::default().serves(Channel::Webhook));
+    }
+
+    #[test]
+    fn a_record_without_a_known_receiver_is_rejected_not_retried() {
+        let b = book();
+        for d in [delivery(None), delivery(Some("agb:99999999"))] {
+            let e = b.receiver_address(&d, Channel::Mail).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Rejected);
+            assert_eq!(e.reason(), REASON_NO_ADDRESS);
+        }
+    }
+
+    #[test]
+    fn problems_name_the_entry_and_the_key() {
+        let b: AddressBook = toml::from_str(
+            r#"
+["500005678"]
+mail = "500005678@lms.example.test"
+["agb:1"]
+mail = "not-an-address"
+["agb:2"]
+name = "nothing to send to"
+"#,
+        )
+        .unwrap();
+        let p = b.problems();
+        assert!(p.contains(&(
+            "address_book.\"500005678\"".into(),
+            "party ids are scheme:value (agb:…, ura:…, mailbox:…)".into()
+        )));
+        assert!(p.contains(&(
+            "address_book.\"agb:1\".mail".into(),
+            "not a mail address".into()
+        )));
+        assert!(p.contains(&(
+            "address_book.\"agb:2\"".into(),
+            "give at least one of mail, webhook, fhir".into()
+        )));
+        assert!(book().problems().is_empty());
+        assert!(toml::from_str::<AddressBook>("[\"agb:1\"]\nfax = \"0501234567\"\n").is_err());
+    }
+}
