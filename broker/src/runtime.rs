@@ -223,6 +223,8 @@ pub async fn run<B: Bus>(
         &cfg.data_dir,
         &mail_ingest,
         &|k| std::env::var(k).ok(),
+        &(Arc::new(crate::health::SourceHealth(Arc::clone(&health)))
+            as Arc<dyn ketenbus_connectors::SourceStatus>),
         &cancel,
         &mut tasks,
     )

@@ -40,6 +40,8 @@ pub const INGEST_RECEIVED_BYTES: &str = "ketenbus_ingest_received_bytes_total";
 pub const INGEST_REJECTED_MESSAGES: &str = "ketenbus_ingest_rejected_messages_total";
 /// When a connector last accepted a message (start-up time until the first one), per connector.
 pub const INGEST_LAST_RECEIVED: &str = "ketenbus_ingest_last_received_timestamp_seconds";
+/// 1 while a source (`smtp`, `imap:<name>`) can do its work, 0 while its peer is down.
+pub const INGEST_SOURCE_UP: &str = "ketenbus_ingest_source_up";
 /// Events the router made, per kind.
 pub const ROUTER_NORMALISED_EVENTS: &str = "ketenbus_router_normalised_events_total";
 /// Messages the router dead-lettered, per reason.
@@ -68,11 +70,12 @@ pub const LOG_DISK_USAGE: &str = "ketenbus_log_disk_usage_bytes";
 pub const BUILD_INFO: &str = "ketenbus_build_info";
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 16] = [
+pub const NAMES: [&str; 17] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
     INGEST_LAST_RECEIVED,
+    INGEST_SOURCE_UP,
     ROUTER_NORMALISED_EVENTS,
     ROUTER_DEAD_LETTERS,
     ROUTER_SKIPPED_MESSAGES,
@@ -101,6 +104,7 @@ struct Metrics {
     received_bytes: IntCounterVec,
     rejected_messages: IntCounterVec,
     last_received: GaugeVec,
+    source_up: IntGaugeVec,
     normalised_events: IntCounterVec,
     router_dead_letters: IntCounterVec,
     router_skipped: IntCounterVec,
@@ -195,6 +199,12 @@ impl Metrics {
                 INGEST_LAST_RECEIVED,
                 "Unix time a connector last accepted a message (start-up time until the first one).",
                 &["connector"],
+            ),
+            source_up: int_gauge(
+                reg,
+                INGEST_SOURCE_UP,
+                "1 while a source (smtp, imap:<name>) can do its work, 0 while its peer is down.",
+                &["source"],
             ),
             normalised_events: counter(
                 reg,
@@ -355,6 +365,14 @@ pub fn received(connector: &str, format: Format, bytes: usize) {
         bytes,
         "message received"
     );
+}
+
+/// A source (`smtp`, `imap:<name>`: configured names only) can or cannot do its work.
+pub fn source_up(source: &str, up: bool) {
+    METRICS
+        .source_up
+        .with_label_values(&[source])
+        .set(i64::from(up));
 }
 
 /// A connector refused a message; `reason` is a code from a closed set.

@@ -12,7 +12,7 @@ pub mod normalize;
 pub mod sink;
 pub mod webhook;
 
-pub use ingest::{Accepted, Ingest, IngestError};
+pub use ingest::{Accepted, Ingest, IngestError, SourceStatus};
 pub use normalize::{Normalize, NormalizeError};
 pub use sink::{Delivery, DeliveryError, Payload, Receipt, Sink};
 

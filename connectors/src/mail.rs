@@ -115,8 +115,8 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
 }
 
 /// Start what `[mail]` configures: the SMTP listener (bound before this returns, so a busy
-/// port fails start-up) and one task per IMAP pickup, each handing messages to `ingest`
-/// and stopping at `cancel`.
+/// port fails start-up) and one task per IMAP pickup, each handing messages to `ingest`,
+/// reporting to `status` (sources `smtp` and `imap:<name>`) and stopping at `cancel`.
 ///
 /// # Errors
 /// [`MailError::Config`] when a listener cannot bind or a setting cannot be used.
@@ -125,6 +125,7 @@ pub async fn start(
     data_dir: &std::path::Path,
     ingest: &std::sync::Arc<dyn crate::Ingest>,
     env: &dyn Fn(&str) -> Option<String>,
+    status: &std::sync::Arc<dyn crate::SourceStatus>,
     cancel: &tokio_util::sync::CancellationToken,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), MailError> {
@@ -136,10 +137,12 @@ pub async fn start(
                 MailError::Config(format!("binding the SMTP listener to {}: {e}", smtp.listen))
             })?;
         tasks.spawn(listener.run(socket, cancel.clone()));
+        status.up("smtp");
     }
     for pickup in &config.imap {
         let p =
-            imap::ImapPickup::new(pickup.clone(), data_dir, std::sync::Arc::clone(ingest), env)?;
+            imap::ImapPickup::new(pickup.clone(), data_dir, std::sync::Arc::clone(ingest), env)?
+                .with_status(std::sync::Arc::clone(status));
         tasks.spawn(p.run(cancel.clone()));
     }
     Ok(())

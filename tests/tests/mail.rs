@@ -462,6 +462,13 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         &config,
         &[("TEST_SMTP_LAB_PASSWORD", "lab-password-for-tests")],
     );
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", broker.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["components"]["smtp"]["state"], "ready", "{ready}");
     let server = format!("127.0.0.1:{port}");
     let letter = fixture("letter-pdf.eml");
     let letter = letter.to_str().unwrap();
@@ -1060,6 +1067,69 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The operator sees the pickup working, then the hub gone: degraded, yet still ready.
+    let c = reqwest::Client::new();
+    let ready = |body: &serde_json::Value| body["components"]["imap:hub"]["state"].clone();
+    let resp = c
+        .get(format!("{}/readyz", broker.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(ready(&resp.json().await.unwrap()), "ready");
+    let metrics = c
+        .get(format!("{}/metrics", broker.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ketenbus_ingest_source_up{source=\"imap:hub\"} 1"),
+        "{metrics}"
+    );
+    drop(dovecot);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let resp = c
+            .get(format!("{}/readyz", broker.url))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        if ready(&body) == "degraded" {
+            assert_eq!(
+                status, 200,
+                "a degraded source keeps the broker ready: {body}"
+            );
+            assert!(
+                body["components"]["imap:hub"]["reason"].is_string(),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hub went away unnoticed: {body}\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = c
+        .get(format!("{}/metrics", broker.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ketenbus_ingest_source_up{source=\"imap:hub\"} 0"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -167,6 +167,7 @@ pub struct ImapPickup {
     ingest: Arc<dyn Ingest>,
     state: PickupState,
     tls: Option<tokio_rustls::TlsConnector>,
+    status: Option<Arc<dyn crate::SourceStatus>>,
 }
 
 impl fmt::Debug for ImapPickup {
@@ -225,7 +226,19 @@ impl ImapPickup {
             ingest,
             state,
             tls,
+            status: None,
         })
+    }
+
+    /// Report whether the hub answers to `status`, as source `imap:<name>`.
+    #[must_use]
+    pub fn with_status(mut self, status: Arc<dyn crate::SourceStatus>) -> ImapPickup {
+        self.status = Some(status);
+        self
+    }
+
+    fn source(&self) -> String {
+        format!("imap:{}", self.cfg.name)
     }
 
     /// Look at the mailbox every `poll_interval` until `cancel`.
@@ -242,6 +255,9 @@ impl ImapPickup {
             match self.cycle(&mut state, &cancel).await {
                 Ok(_) => {}
                 Err(e) => {
+                    if let Some(s) = &self.status {
+                        s.down(&self.source(), &e.to_string());
+                    }
                     tracing::warn!(pickup = %self.cfg.name, error = %e, "imap pickup failed, trying again later")
                 }
             }
@@ -343,6 +359,9 @@ impl ImapPickup {
                     return Err(e);
                 }
             };
+            if let Some(s) = &self.status {
+                s.up(&self.source());
+            }
             if cycle != Cycle::default() {
                 tracing::debug!(pickup = %self.cfg.name, ingested = cycle.ingested, recognised = cycle.recognised, marked = cycle.marked, "imap pickup looked");
             }
