@@ -434,9 +434,11 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
     };
     match result {
         Ok(events) => {
-            // Only letters keep documents by hash: ask for the bytes only then.
+            // Ask for document bytes only when an event refers to documents.
             let content = match normalizer {
-                Some(n) if events.iter().any(refers_to_content) => n.content(envelope),
+                Some(n) if events.iter().any(|e| !e.attachments().is_empty()) => {
+                    n.content(envelope)
+                }
                 _ => Vec::new(),
             };
             let mut out = Vec::with_capacity(events.len());
@@ -521,10 +523,6 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             }
         }
     }
-}
-
-fn refers_to_content(event: &Event) -> bool {
-    matches!(event, Event::Letter(l) if !l.attachments.is_empty())
 }
 
 fn dead_letter(

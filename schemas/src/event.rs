@@ -441,6 +441,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// Documents the event refers to by SHA-256 (their bytes live in the content store).
+    #[must_use]
+    pub fn attachments(&self) -> &[Attachment] {
+        match self {
+            Event::Letter(e) => &e.attachments,
+            Event::AcuteHandover(e) => &e.attachments,
+            Event::LabResult(_) | Event::HandoverNotification(_) => &[],
+        }
+    }
+
     /// The common header.
     #[must_use]
     pub fn header(&self) -> &EventHeader {

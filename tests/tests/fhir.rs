@@ -76,6 +76,15 @@ async fn an_ambulance_referral_reaches_webhook_and_fhir_subscribers_within_a_sec
         sr["resource"]["code"]["coding"][0]["code"],
         "11131000146102"
     );
+    // The ECG posted inline was kept in the content store and goes out inline again.
+    let ecg = entries
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "DocumentReference")
+        .expect("the ECG goes out as a DocumentReference");
+    assert_eq!(
+        ecg["resource"]["content"][0]["attachment"]["data"], "JVBERi0xLjQK",
+        "{ecg:#}"
+    );
 
     eprintln!("delivered: webhook after {hook_latency:?}, FHIR endpoint after {fhir_latency:?}");
     assert!(

@@ -595,6 +595,11 @@ fn assert_az_content(e: &ketenbus_schemas::event::AcuteHandoverEvent) {
         a.sha256,
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"%PDF-1.4\n"))
     );
+    // The bytes go to the content store, so a mail or FHIR subscriber gets the document.
+    assert_eq!(
+        FhirNormalizer.content(&az_envelope()),
+        [b"%PDF-1.4\n".to_vec()]
+    );
 }
 
 fn handover_clinical(e: &ketenbus_schemas::event::AcuteHandoverEvent) -> String {

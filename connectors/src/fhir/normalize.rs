@@ -75,6 +75,37 @@ impl Normalize for FhirNormalizer {
         let root = super::parse(envelope.format, &envelope.body).map_err(|e| syntax(&e, format))?;
         events_from(&root, &envelope.id, format)
     }
+
+    /// The decoded `data` of every attachment in the message (DocumentReference content),
+    /// which the events refer to by SHA-256. Undecodable data is left out: `normalize`
+    /// rejects that message anyway.
+    fn content(&self, envelope: &RawEnvelope) -> Vec<Vec<u8>> {
+        let Ok(root) = super::parse(envelope.format, &envelope.body) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        inline_attachment_data(&root, &mut out);
+        out
+    }
+}
+
+/// Every `attachment.data` below `v`, decoded.
+fn inline_attachment_data(v: &Value, out: &mut Vec<Vec<u8>>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(data) = o.obj("attachment").and_then(|a| a.str("data"))
+                && let Ok(bytes) = base64::engine::general_purpose::STANDARD
+                    .decode(data.split_whitespace().collect::<String>())
+            {
+                out.push(bytes);
+            }
+            for (_, child) in o.iter() {
+                inline_attachment_data(child, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| inline_attachment_data(i, out)),
+        _ => {}
+    }
 }
 
 fn syntax(e: &FhirError, format: &'static str) -> NormalizeError {
