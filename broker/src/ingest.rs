@@ -1,6 +1,7 @@
 //! Ingest onto the log: every source hands its envelopes to [`BusIngest`], which answers
 //! only when the envelope is durable on the raw topic, then indexes it in the lineage.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,66 @@ impl<B: Bus> Ingest for BusIngest<B> {
             telemetry::received(&envelope.connector, envelope.format, envelope.body.len());
             self.lineage.received(Received::of(&envelope, pos)).await;
             Ok(Accepted { id: envelope.id })
+        })
+    }
+}
+
+/// Holds authenticated SMTP users to the parties they may send as (`party_ids` of
+/// `[mail.smtp.auth] users`): a message whose EDIFACT or FHIR parts declare another sender
+/// is refused (`550 5.7.1`) before it is stored; otherwise its envelope names the declared
+/// party, or the user's first. Other envelopes pass unchanged.
+pub struct SmtpSenderCheck {
+    inner: Arc<dyn Ingest>,
+    parties: HashMap<String, Vec<String>>,
+}
+
+/// Reason code of a message declaring a sender its login may not send as.
+pub const REASON_SENDER_NOT_ALLOWED: &str = "sender_not_allowed";
+
+impl SmtpSenderCheck {
+    /// Check the users of `auth` (when configured) in front of `inner`.
+    #[must_use]
+    pub fn new(
+        inner: Arc<dyn Ingest>,
+        auth: Option<&ketenbus_connectors::mail::SmtpAuthConfig>,
+    ) -> SmtpSenderCheck {
+        let parties = auth
+            .map(|a| {
+                a.users
+                    .iter()
+                    .filter(|u| !u.party_ids.is_empty())
+                    .map(|u| (u.username.clone(), u.party_ids.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        SmtpSenderCheck { inner, parties }
+    }
+}
+
+impl Ingest for SmtpSenderCheck {
+    fn accept(&self, mut envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
+        Box::pin(async move {
+            let allowed = envelope
+                .attributes
+                .get("smtp.auth_user")
+                .and_then(|user| self.parties.get(user));
+            if let Some(allowed) = allowed {
+                let declared = crate::auth::declared_senders(envelope.format, &envelope.body);
+                if let Some(other) = declared.iter().find(|d| !allowed.contains(d)) {
+                    telemetry::rejected(&envelope.connector, REASON_SENDER_NOT_ALLOWED);
+                    return Err(IngestError::Refused {
+                        reason: REASON_SENDER_NOT_ALLOWED,
+                        detail: format!(
+                            "the message declares sender {other}, which this login may not send as"
+                        ),
+                    });
+                }
+                envelope.sender = declared
+                    .into_iter()
+                    .next()
+                    .or_else(|| allowed.first().cloned());
+            }
+            self.inner.accept(envelope).await
         })
     }
 }

@@ -22,6 +22,15 @@ pub enum IngestError {
     /// The broker cannot take messages at all.
     #[error("ingest failed: {0}")]
     Fatal(String),
+    /// This message will never be taken as it is (a sender posing as a party it may not
+    /// send as); the sender hears a permanent refusal (`550`, `403`).
+    #[error("refused ({reason}): {detail}")]
+    Refused {
+        /// Reason code, e.g. `sender_not_allowed`.
+        reason: &'static str,
+        /// What is wrong; names parties, never patient data.
+        detail: String,
+    },
 }
 
 impl IngestError {
@@ -31,6 +40,7 @@ impl IngestError {
         match self {
             IngestError::Unavailable(_) => ErrorKind::Retryable,
             IngestError::Fatal(_) => ErrorKind::Fatal,
+            IngestError::Refused { .. } => ErrorKind::Rejected,
         }
     }
 }

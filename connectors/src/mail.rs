@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 
 use ketenbus_schemas::{Format, RawEnvelope};
 
-pub use config::{MailConfig, MailSinkConfig};
+pub use config::{MailConfig, MailSinkConfig, SmtpAuthConfig};
 pub use content::{ContentStore, FsContentStore};
 pub use listener::SmtpListener;
 pub use mime::MailNormalizer;

@@ -454,7 +454,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     let rx = Receiver::start(OK).await;
     let port = free_port();
     let config = format!(
-        "{}[mail.smtp.auth]\nrequired = false\nusers = [{{ username = \"lab\", password_env = \"TEST_SMTP_LAB_PASSWORD\" }}]\n{}",
+        "{}[mail.smtp.auth]\nrequired = false\nusers = [{{ username = \"lab\", password_env = \"TEST_SMTP_LAB_PASSWORD\", party_ids = [\"mailbox:500001234\"] }}]\n{}",
         smtp_config(port, &certs, ""),
         subscription("letters", "\"letter\"", &rx.url())
     );
@@ -527,6 +527,48 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     let stored = std::fs::read(broker.dir.join("data/content").join(&sha))
         .expect("the PDF is in the content store");
     assert_eq!(stored, pdf);
+    assert_eq!(
+        l["sender"], "mailbox:500001234",
+        "a letter declares no sender: the login's party"
+    );
+
+    // The login may send as mailbox 500001234 only: a lab result whose UNB names another
+    // sender is refused for good, before anything is stored; its own goes through.
+    let own = std::fs::read_to_string(fixture("lab-result-edifact-body.eml")).unwrap();
+    let forged = tmp.path().join("forged.eml");
+    std::fs::write(&forged, own.replace("+500001234+", "+500009999+")).unwrap();
+    let as_lab = |data: &str| {
+        swaks(
+            &[
+                &base[..],
+                &[
+                    "--to",
+                    "500005678@lms.example.test",
+                    "--tls",
+                    "--auth",
+                    "PLAIN",
+                    "--auth-user",
+                    "lab",
+                    "--auth-password",
+                    "lab-password-for-tests",
+                    "--data",
+                    data,
+                ],
+            ]
+            .concat(),
+        )
+    };
+    let (ok, out) = as_lab(forged.to_str().unwrap());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("550 5.7.1") && out.contains("mailbox:500009999"),
+        "{out}"
+    );
+    let (ok, out) = as_lab(fixture("lab-result-edifact-body.eml").to_str().unwrap());
+    assert!(ok, "{out}");
+    let id = queued_id(&out);
+    let l = lineage_until(&broker.url, &id, |l| l["connector"] == "smtp").await;
+    assert_eq!(l["sender"], "mailbox:500001234");
 
     // AUTH is not offered before STARTTLS: the client cannot authenticate in clear text.
     let (ok, out) = swaks(

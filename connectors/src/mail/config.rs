@@ -103,6 +103,11 @@ pub struct SmtpUser {
     pub username: String,
     /// Environment variable holding the password.
     pub password_env: String,
+    /// Party ids (`mailbox:…`, `agb:…`) this user may send as. When given, a message whose
+    /// EDIFACT or FHIR parts declare another sender is refused with `550 5.7.1`, and the
+    /// envelope's sender is the declared party (else the first of these). Empty: no check.
+    #[serde(default)]
+    pub party_ids: Vec<String>,
 }
 
 /// How a connection to a mail server is secured.
@@ -441,6 +446,7 @@ mod tests {
                     users: vec![SmtpUser {
                         username: "lab".into(),
                         password_env: "NOPE".into(),
+                        party_ids: Vec::new(),
                     }],
                 }),
                 ..SmtpConfig::default()

@@ -449,7 +449,11 @@ impl ImapPickup {
                     Err(IngestError::Unavailable(e)) => {
                         return Err(MailError::Connection(format!("ingest: {e}")));
                     }
-                    Err(e @ IngestError::Fatal(_)) => return Err(MailError::State(e.to_string())),
+                    // Refusals are for authenticated SMTP senders; here the message stays
+                    // at the hub and the pickup reports the error until an operator acts.
+                    Err(e @ (IngestError::Fatal(_) | IngestError::Refused { .. })) => {
+                        return Err(MailError::State(e.to_string()));
+                    }
                 }
                 state.remember(validity, uid, &message_id)?;
             }

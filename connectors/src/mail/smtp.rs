@@ -321,6 +321,9 @@ impl Session {
             Err(IngestError::Fatal(_)) => {
                 self.reply("451 4.3.5 Error: the message store is not available, try again later")
             }
+            Err(IngestError::Refused { detail, .. }) => {
+                self.reply(&format!("550 5.7.1 Error: {detail}"));
+            }
         }
         self.reset_transaction();
         self.state = State::Command;
