@@ -6,11 +6,16 @@
 //! writer (or after a short poll, which also sees writes from other processes such as
 //! `ketenbus dlq replay`). Retention deletes by age and size and gives the pages back to the
 //! file system (`auto_vacuum = INCREMENTAL`, WAL truncated).
+//!
+//! The writer never checkpoints: copying the WAL into the database and fsyncing it would hold
+//! every waiting publisher behind it. A checkpointer thread with its own connection does
+//! that a few times a second while appends come in. A commit is durable once its WAL frames
+//! are fsynced, so this changes when the database file catches up, not what is acknowledged.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Deserialize;
@@ -172,6 +177,42 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -32 * 1024)
 }
 
+/// How often the checkpointer copies the WAL into the database while appends come in.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The checkpointer's connection: it writes the database file, fsyncing as `sync` says.
+fn open_checkpointer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if sync == Synchronous::Full {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    Ok(conn)
+}
+
+/// Checkpoint (PASSIVE: never waits for the writer or readers) at most every
+/// [`CHECKPOINT_EVERY`] while the writer rings `bell`; stops when the writer stops.
+fn checkpointer(conn: &Connection, bell: &std::sync::mpsc::Receiver<()>) {
+    let mut last = Instant::now();
+    while bell.recv().is_ok() {
+        if let Some(rest) = CHECKPOINT_EVERY.checked_sub(last.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        // Rings during the sleep are covered by the checkpoint that follows.
+        let _ = bell.try_recv();
+        last = Instant::now();
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "log checkpoint failed, retrying with the next append");
+        }
+    }
+}
+
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
@@ -192,13 +233,21 @@ impl EmbeddedBus {
             .map_err(|e| BusError::Fatal(format!("data directory {}: {e}", data_dir.display())))?;
         let path = data_dir.join(&config.file);
         let conn = open(&path, config.synchronous).map_err(|e| sql_err(&e))?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| sql_err(&e))?;
         let partitions = load_partitions(&conn).map_err(|e| sql_err(&e))?;
+        let ckpt = open_checkpointer(&path, config.synchronous).map_err(|e| sql_err(&e))?;
         let (tx, rx) = mpsc::channel(4096);
         let (appended_tx, appended) = watch::channel(0u64);
+        let (bell, rings) = std::sync::mpsc::sync_channel(1);
         let max_batch = config.max_batch.max(1);
         std::thread::Builder::new()
+            .name("ketenbus-log-ckpt".into())
+            .spawn(move || checkpointer(&ckpt, &rings))
+            .map_err(|e| BusError::Fatal(format!("spawn checkpointer: {e}")))?;
+        std::thread::Builder::new()
             .name("ketenbus-log-writer".into())
-            .spawn(move || writer_loop(conn, rx, &appended_tx, max_batch))
+            .spawn(move || writer_loop(conn, rx, &appended_tx, &bell, max_batch))
             .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
         Ok(EmbeddedBus {
             inner: Arc::new(Inner {
@@ -285,9 +334,11 @@ fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<WriteOp>,
     appended: &watch::Sender<u64>,
+    bell: &std::sync::mpsc::SyncSender<()>,
     max_batch: usize,
 ) {
     let mut seq = 0u64;
+    let mut ends = Ends::default();
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
         let mut others = Vec::new();
@@ -302,7 +353,7 @@ fn writer_loop(
             }
         }
         if !appends.is_empty() {
-            let result = append_batch(&mut conn, &appends);
+            let result = append_batch(&mut conn, &mut ends, &appends);
             match result {
                 Ok(positions) => {
                     for ((_, reply), pos) in appends.into_iter().zip(positions) {
@@ -310,8 +361,11 @@ fn writer_loop(
                     }
                     seq += 1;
                     appended.send_replace(seq);
+                    // Full means a ring is already waiting.
+                    let _ = bell.try_send(());
                 }
                 Err(e) => {
+                    ends.forget();
                     let err = sql_err(&e);
                     for (_, reply) in appends {
                         let _ = reply.send(Err(match &err {
@@ -330,9 +384,12 @@ fn writer_loop(
                         .send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
                 }
                 WriteOp::CreateTopics(specs, reply) => {
+                    ends.forget();
                     let _ = reply.send(create_topics(&mut conn, &specs).map_err(|e| sql_err(&e)));
                 }
                 WriteOp::Retention(age, bytes, reply) => {
+                    // Deleting a partition's last records restarts its offsets, as reopening would.
+                    ends.forget();
                     let _ = reply.send(retention(&mut conn, age, bytes).map_err(|e| sql_err(&e)));
                 }
             }
@@ -342,16 +399,51 @@ fn writer_loop(
 
 type AppendReply = oneshot::Sender<Result<Vec<Position>, BusError>>;
 
+/// What the writer remembers between batches: partition counts and the next offset of each
+/// partition it wrote. Valid while no other connection committed (`PRAGMA data_version`
+/// tells), so a batch costs no `MAX(offset)` lookups once the partitions are warm.
+#[derive(Default)]
+struct Ends {
+    data_version: Option<i64>,
+    partitions: HashMap<String, u32>,
+    next: HashMap<(String, u32), i64>,
+}
+
+impl Ends {
+    fn forget(&mut self) {
+        self.data_version = None;
+        self.partitions.clear();
+        self.next.clear();
+    }
+
+    /// Drop what another connection may have changed; load the partition counts if needed.
+    fn refresh(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let version: i64 = conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if self.data_version != Some(version) {
+            self.forget();
+            self.data_version = Some(version);
+        }
+        if self.partitions.is_empty() {
+            self.partitions = load_partitions(conn)?;
+        }
+        Ok(())
+    }
+}
+
 /// One transaction for every waiting append. A request naming an unknown topic fails alone.
+/// On error the caller forgets `ends`: the offsets handed out were rolled back.
 fn append_batch(
     conn: &mut Connection,
+    ends: &mut Ends,
     appends: &[(Vec<OutRecord>, AppendReply)],
 ) -> rusqlite::Result<Vec<Result<Vec<Position>, BusError>>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(appends.len());
     {
-        let partitions = load_partitions(&tx)?;
-        let mut next: HashMap<(String, u32), i64> = HashMap::new();
+        // Inside the write lock: nobody else can commit until this transaction ends.
+        ends.refresh(&tx)?;
         let mut max_stmt = tx.prepare_cached(
             "SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2",
         )?;
@@ -368,15 +460,18 @@ fn append_batch(
                 )));
                 continue;
             }
-            if let Some(missing) = records.iter().find(|r| !partitions.contains_key(&r.topic)) {
+            if let Some(missing) = records
+                .iter()
+                .find(|r| !ends.partitions.contains_key(&r.topic))
+            {
                 out.push(Err(BusError::UnknownTopic(missing.topic.clone())));
                 continue;
             }
             let mut positions = Vec::with_capacity(records.len());
             for r in records {
-                let partition = partition_for(&r.key, partitions[&r.topic]);
+                let partition = partition_for(&r.key, ends.partitions[&r.topic]);
                 let slot = (r.topic.clone(), partition);
-                let offset = match next.get(&slot) {
+                let offset = match ends.next.get(&slot) {
                     Some(o) => *o,
                     None => max_stmt
                         .query_row(params![r.topic, partition], |row| {
@@ -387,7 +482,7 @@ fn append_batch(
                         .map_or(0, |m| m + 1),
                 };
                 insert.execute(params![r.topic, partition, offset, r.key, r.value, ts])?;
-                next.insert(slot, offset + 1);
+                ends.next.insert(slot, offset + 1);
                 positions.push(Position { partition, offset });
             }
             out.push(Ok(positions));
@@ -546,6 +641,7 @@ impl Bus for EmbeddedBus {
             tracker: OffsetTracker::default(),
             appended: self.inner.appended.clone(),
             last_commit: tokio::time::Instant::now(),
+            more: true,
         })
     }
 
@@ -650,9 +746,15 @@ pub struct EmbeddedConsumer {
     tracker: OffsetTracker,
     appended: watch::Receiver<u64>,
     last_commit: tokio::time::Instant,
+    /// The last look may have left records behind (a full page, or never looked yet).
+    more: bool,
 }
 
-const FETCH: i64 = 256;
+/// Records per partition and look. The SQL below spells it as a literal: SQLite plans again
+/// on every run for a bound `LIMIT ?`, which cost as much as the read itself.
+const FETCH: usize = 256;
+const FETCH_SQL: &str = "SELECT offset, key, value, ts FROM records
+     WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT 256";
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// Longest wait before looking again without a notification (sees other processes' writes).
 const IDLE_RECHECK: Duration = Duration::from_millis(250);
@@ -662,15 +764,14 @@ impl EmbeddedConsumer {
         let conn = Arc::clone(&self.conn);
         let wants: Vec<((String, u32), i64)> =
             self.next.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Record>> {
+        let (rows, more) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let conn = conn.lock().expect("reader lock");
-            let mut stmt = conn.prepare_cached(
-                "SELECT offset, key, value, ts FROM records
-                 WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT ?4",
-            )?;
+            let mut stmt = conn.prepare_cached(FETCH_SQL)?;
             let mut out = Vec::new();
+            let mut more = false;
             for ((topic, partition), from) in wants {
-                let rows = stmt.query_map(params![topic, partition, from, FETCH], |r| {
+                let before = out.len();
+                let rows = stmt.query_map(params![topic, partition, from], |r| {
                     Ok(Record {
                         topic: topic.clone(),
                         partition,
@@ -683,12 +784,14 @@ impl EmbeddedConsumer {
                 for row in rows {
                     out.push(row?);
                 }
+                more |= out.len() - before >= FETCH;
             }
-            Ok(out)
+            Ok((out, more))
         })
         .await
         .map_err(|e| BusError::Fatal(e.to_string()))?
         .map_err(|e| sql_err(&e))?;
+        self.more = more;
         for r in rows {
             let slot = (r.topic.clone(), r.partition);
             self.next.insert(slot, r.offset + 1);
@@ -701,15 +804,22 @@ impl EmbeddedConsumer {
 impl Consumer for EmbeddedConsumer {
     async fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, BusError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut waited = false;
         loop {
             if let Some(r) = self.buffer.pop_front() {
                 self.tracker.started(&r.topic, r.partition, r.offset);
                 return Ok(Some(r));
             }
-            self.appended.borrow_and_update();
-            self.fetch().await?;
-            if !self.buffer.is_empty() {
-                continue;
+            // Look again only when this process appended since the last look, the last look
+            // left records behind, or after a wait (which also catches other processes'
+            // writes): an immediate poll after an empty look costs no read.
+            let appended = self.appended.has_changed().unwrap_or(true);
+            if appended || self.more || waited {
+                self.appended.borrow_and_update();
+                self.fetch().await?;
+                if !self.buffer.is_empty() {
+                    continue;
+                }
             }
             // Nothing to hand out: a good moment to commit what finished, so an idle group
             // shows no lag.
@@ -722,6 +832,7 @@ impl Consumer for EmbeddedConsumer {
             }
             let wait = (deadline - now).min(IDLE_RECHECK);
             let _ = tokio::time::timeout(wait, self.appended.changed()).await;
+            waited = true;
         }
     }
 
@@ -841,6 +952,59 @@ mod tests {
             .await
             .unwrap();
         assert!(bus.read_all("big").await.unwrap().is_empty());
+    }
+
+    fn rec(topic: &str, key: u8, value: u8) -> OutRecord {
+        OutRecord {
+            topic: topic.into(),
+            key: vec![key],
+            value: vec![value],
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_continue_after_another_writer_appended() {
+        // Two buses on one file are what `ketenbus dlq replay` beside a running broker is:
+        // the first must not hand out an offset the second already used.
+        let dir = tempfile::tempdir().unwrap();
+        let a = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        a.ensure_topics(&[TopicSpec {
+            name: "t".into(),
+            partitions: 1,
+        }])
+        .await
+        .unwrap();
+        assert_eq!(a.publish(vec![rec("t", 1, 0)]).await.unwrap()[0].offset, 0);
+        let b = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        assert_eq!(b.publish(vec![rec("t", 1, 1)]).await.unwrap()[0].offset, 1);
+        assert_eq!(a.publish(vec![rec("t", 1, 2)]).await.unwrap()[0].offset, 2);
+        let values: Vec<u8> = a
+            .read_all("t")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.value[0])
+            .collect();
+        assert_eq!(values, vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_consumer_sees_what_another_writer_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        a.ensure_topics(&[TopicSpec {
+            name: "t".into(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+        let mut c = a.subscribe("g", &["t".into()]).await.unwrap();
+        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        // No notification reaches `a` from this writer: only looking again finds it.
+        let b = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        b.publish(vec![rec("t", 7, 9)]).await.unwrap();
+        let got = c.poll(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(got.map(|r| r.value), Some(vec![9]));
     }
 
     #[test]
