@@ -1,7 +1,9 @@
 //! The lineage index: for every message, what happened to it — received, normalised into
 //! which events, delivered to which subscriptions with what outcome, dead-lettered and why.
 //! A SQLite file next to the log, written in batches by one thread; stages record steps
-//! without waiting for the disk. It is an index of this process's work: the topics
+//! without waiting for the disk. The thread lets steps gather for a few milliseconds
+//! before it writes, so a busy broker commits the index tens of times a second rather than
+//! once per message; [`Lineage::flush`] cuts the wait short. It is an index of this process's work: the topics
 //! (raw, events, delivery outcomes, dead letters) remain the record.
 
 use std::collections::BTreeMap;
@@ -323,15 +325,39 @@ impl Lineage {
     }
 }
 
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut ops = vec![first];
-        while ops.len() < 4096 {
+/// Most operations written in one transaction.
+const MAX_BATCH: usize = 8192;
+/// How long steps may gather before they are written.
+const GATHER: Duration = Duration::from_millis(20);
+/// How often a gathering writer looks for a flush request.
+const GATHER_STEP: Duration = Duration::from_millis(2);
+
+/// Take what is waiting, then keep taking for up to [`GATHER`] unless the batch is full or
+/// someone waits for a flush.
+fn gather(rx: &mut mpsc::Receiver<Op>, first: Op) -> Vec<Op> {
+    let until = std::time::Instant::now() + GATHER;
+    let mut flush = matches!(first, Op::Flush(_));
+    let mut ops = vec![first];
+    loop {
+        while ops.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(op) => ops.push(op),
+                Ok(op) => {
+                    flush |= matches!(op, Op::Flush(_));
+                    ops.push(op);
+                }
                 Err(_) => break,
             }
         }
+        if flush || ops.len() >= MAX_BATCH || std::time::Instant::now() >= until {
+            return ops;
+        }
+        std::thread::sleep(GATHER_STEP);
+    }
+}
+
+fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+    while let Some(first) = rx.blocking_recv() {
+        let ops = gather(&mut rx, first);
         let mut flushes = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
