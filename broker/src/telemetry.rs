@@ -782,8 +782,10 @@ mod tests {
             let rest = name.strip_prefix("ketenbus_").expect("prefix");
             let stage = rest.split('_').next().unwrap();
             assert!(STAGES.contains(&stage), "{name}: stage {stage}");
-            if name == BUILD_INFO {
-                continue; // the `_info` convention for a constant 1 with labels
+            if name == BUILD_INFO || name == INGEST_SOURCE_UP {
+                // Prometheus's own conventions: `_info` for a constant 1 with labels, `_up`
+                // for a 1/0 state (like the scrape's `up`).
+                continue;
             }
             let core = rest.strip_suffix("_total").unwrap_or(rest);
             let unit = core.rsplit('_').next().unwrap();
@@ -814,6 +816,7 @@ mod tests {
             routed(&step);
         }
         filtered("t-sub");
+        source_up("imap:t-hub", true);
         let m = &*METRICS;
         m.lag.with_label_values(&["t-sub", "raw"]).set(0);
         m.oldest_age.with_label_values(&["t-sub", "raw"]).set(0.0);
