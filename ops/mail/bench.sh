@@ -70,18 +70,25 @@ pids+=($!)
 
 wait_port "$sink_port"; wait_port "$aio_port"; wait_port "$kb_port"
 
+# Prints one line per server and leaves its messages/s in $rate.
 run() {
   local name=$1 port=$2
   local start end
   start=$(date +%s.%N)
   smtp-source -s "$sessions" -m "$messages" -l "$size" -f bench@sender.test -t gp@lms.example.test "127.0.0.1:$port" >/dev/null 2>&1
   end=$(date +%s.%N)
+  rate=$(python3 -c "print(round($messages/($end-$start)))")
   python3 -c "d=$end-$start; print(f'{\"$name\":<34} {$messages} msgs x {$size} B, {$sessions} sessions: {d:6.2f} s  {$messages/d:8.0f} msgs/s')"
 }
 
-echo "smtp-source -s $sessions -m $messages -l $size (loopback, $(nproc) cores)"
-run "postfix smtp-sink (nothing stored)" "$sink_port"
-run "ketenbus (durable ack, embedded)" "$kb_port"
+# The machine's other load moves every figure; the ratio to smtp-sink in the same run moves less.
+echo "smtp-source -s $sessions -m $messages -l $size (loopback, $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg))"
+run "postfix smtp-sink (nothing stored)" "$sink_port"; sink_rate=$rate
+run "ketenbus (durable ack, embedded)" "$kb_port"; kb_rate=$rate
+# Whether the router kept up: letter events made by the time the load ended.
+routed=$(curl -s "http://127.0.0.1:$http_port/metrics" | awk '/^ketenbus_router_normalised_events_total/ {s+=$2} END {print s+0}')
 run "python aiosmtpd (answer only)" "$aio_port"
+echo "ketenbus / smtp-sink in this run: $(python3 -c "print(f'{100*$kb_rate/$sink_rate:.1f}%')")"
 stored=$(curl -s "http://127.0.0.1:$http_port/metrics" | awk '/^ketenbus_ingest_received_messages_total/ && /smtp/ {s+=$2} END {print s+0}')
 echo "ketenbus messages on the log (metric ketenbus_ingest_received_messages_total{connector=smtp}): ${stored:-unknown}"
+echo "ketenbus events normalised when its load ended (ketenbus_router_normalised_events_total): ${routed:-unknown}"
