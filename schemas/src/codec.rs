@@ -1,7 +1,10 @@
 //! Avro single-object encoding: `C3 01`, the 8-byte little-endian CRC-64-AVRO (Rabin)
 //! fingerprint of the schema's parsing canonical form, then the binary datum.
 
-use apache_avro::Schema;
+use std::sync::Mutex;
+
+use apache_avro::headers::HeaderBuilder;
+use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -36,7 +39,8 @@ pub enum CodecError {
     },
 }
 
-/// A compiled schema with its fingerprint.
+/// A compiled schema with its fingerprint, and a writer and reader that keep the schema's
+/// named types resolved (apache-avro's one-shot functions resolve them on every call).
 pub struct CompiledSchema {
     /// The parsed schema.
     pub schema: Schema,
@@ -44,6 +48,19 @@ pub struct CompiledSchema {
     pub fingerprint: [u8; 8],
     /// Full name of the record, for errors.
     pub name: &'static str,
+    writer: Mutex<GenericSingleObjectWriter>,
+    reader: GenericSingleObjectReader,
+}
+
+/// The single-object header with the spec's fingerprint (see [`parsing_canonical_form`]).
+struct Header([u8; 8]);
+
+impl HeaderBuilder for Header {
+    fn build_header(&self) -> Vec<u8> {
+        let mut h = MAGIC.to_vec();
+        h.extend_from_slice(&self.0);
+        h
+    }
 }
 
 impl CompiledSchema {
@@ -60,10 +77,21 @@ impl CompiledSchema {
             Schema::Record(r) => Box::leak(r.name.fullname(None).into_boxed_str()),
             _ => "schema",
         };
+        let writer = GenericSingleObjectWriter::new_with_capacity_and_header_builder(
+            &schema,
+            1024,
+            Header(fingerprint),
+        )
+        .expect("shipped schema resolves");
+        let reader =
+            GenericSingleObjectReader::new_with_header_builder(schema.clone(), Header(fingerprint))
+                .expect("shipped schema resolves");
         CompiledSchema {
             schema,
             fingerprint,
             name,
+            writer: Mutex::new(writer),
+            reader,
         }
     }
 }
@@ -146,12 +174,12 @@ fn encode<T: Serialize>(c: &CompiledSchema, value: &T) -> Result<Vec<u8>, CodecE
     let v = v
         .resolve(&c.schema)
         .map_err(|e| avro_err("encode", c.name, e))?;
-    let datum =
-        apache_avro::to_avro_datum(&c.schema, v).map_err(|e| avro_err("encode", c.name, e))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&c.fingerprint);
-    out.extend_from_slice(&datum);
+    let mut out = Vec::with_capacity(256);
+    c.writer
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .write_value_ref(&v, &mut out)
+        .map_err(|e| avro_err("encode", c.name, e))?;
     Ok(out)
 }
 
@@ -165,8 +193,10 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
             expected: c.name,
         });
     }
-    let mut rest = &bytes[HEADER_LEN..];
-    let v = apache_avro::from_avro_datum(&c.schema, &mut rest, None)
+    let mut all = bytes;
+    let v = c
+        .reader
+        .read_value(&mut all)
         .map_err(|e| avro_err("decode", c.name, e))?;
     apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e))
 }
