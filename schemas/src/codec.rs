@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use apache_avro::headers::HeaderBuilder;
-use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
+use apache_avro::{GenericSingleObjectReader, Schema, Writer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -48,8 +48,67 @@ pub struct CompiledSchema {
     pub fingerprint: [u8; 8],
     /// Full name of the record, for errors.
     pub name: &'static str,
-    writer: Mutex<GenericSingleObjectWriter>,
+    writer: Mutex<DatumWriter>,
     reader: GenericSingleObjectReader,
+}
+
+/// Serialises values straight to Avro binary with apache-avro's schema-aware serde
+/// serializer, which it only offers with named types resolved through its container
+/// `Writer`. Each value is written as one block of an object container file (Avro spec,
+/// "Object Container Files"): after the header, a block is the object count (long), the
+/// byte length (long), the datum and the 16-byte sync marker; the datum is taken from there.
+struct DatumWriter {
+    writer: Writer<'static, Vec<u8>>,
+}
+
+impl DatumWriter {
+    fn new(schema: &Schema) -> Result<DatumWriter, apache_avro::Error> {
+        // One writer per schema for the life of the process: the schema it borrows lives as long.
+        let schema: &'static Schema = Box::leak(Box::new(schema.clone()));
+        let mut writer = Writer::new(schema, Vec::new());
+        writer.flush()?; // the file header, written once and dropped
+        writer.get_mut().clear();
+        Ok(DatumWriter { writer })
+    }
+
+    /// Append the datum of `value` to `out`.
+    fn write<T: Serialize>(
+        &mut self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), apache_avro::Error> {
+        let result = self
+            .writer
+            .append_ser(value)
+            .and_then(|_| self.writer.flush());
+        let block = std::mem::take(self.writer.get_mut());
+        result?;
+        let mut rest = block.as_slice();
+        let count = read_long(&mut rest);
+        let len = read_long(&mut rest).and_then(|l| usize::try_from(l).ok());
+        match (count, len) {
+            (Some(1), Some(len)) if rest.len() == len + 16 => {
+                out.extend_from_slice(&rest[..len]);
+                Ok(())
+            }
+            _ => Err(apache_avro::Error::new(
+                apache_avro::error::Details::SerializeValue("the container block of one datum".into()),
+            )),
+        }
+    }
+}
+
+/// Read one zig-zag varint long.
+fn read_long(bytes: &mut &[u8]) -> Option<i64> {
+    let mut n: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().take(10) {
+        n |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            *bytes = &bytes[i + 1..];
+            return Some(i64::try_from(n >> 1).ok()? ^ -i64::try_from(n & 1).ok()?);
+        }
+    }
+    None
 }
 
 /// The single-object header with the spec's fingerprint (see [`parsing_canonical_form`]).
@@ -77,12 +136,7 @@ impl CompiledSchema {
             Schema::Record(r) => Box::leak(r.name.fullname(None).into_boxed_str()),
             _ => "schema",
         };
-        let writer = GenericSingleObjectWriter::new_with_capacity_and_header_builder(
-            &schema,
-            1024,
-            Header(fingerprint),
-        )
-        .expect("shipped schema resolves");
+        let writer = DatumWriter::new(&schema).expect("shipped schema resolves");
         let reader =
             GenericSingleObjectReader::new_with_header_builder(schema.clone(), Header(fingerprint))
                 .expect("shipped schema resolves");
@@ -170,15 +224,13 @@ fn avro_err(op: &'static str, schema: &'static str, e: apache_avro::Error) -> Co
 }
 
 fn encode<T: Serialize>(c: &CompiledSchema, value: &T) -> Result<Vec<u8>, CodecError> {
-    let v = apache_avro::to_value(value).map_err(|e| avro_err("encode", c.name, e))?;
-    let v = v
-        .resolve(&c.schema)
-        .map_err(|e| avro_err("encode", c.name, e))?;
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&c.fingerprint);
     c.writer
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .write_value_ref(&v, &mut out)
+        .write(value, &mut out)
         .map_err(|e| avro_err("encode", c.name, e))?;
     Ok(out)
 }

@@ -14,6 +14,14 @@ fn roundtrip<T: AvroRecord + PartialEq + std::fmt::Debug>(v: &T) {
     assert_eq!(fingerprint_of(&bytes).unwrap(), T::compiled().fingerprint);
     let back = T::from_avro(&bytes).expect("decodes");
     assert_eq!(&back, v);
+    // The same bytes as apache-avro's generic path (value, resolution, validation).
+    let schema = &T::compiled().schema;
+    let generic = apache_avro::to_avro_datum(
+        schema,
+        apache_avro::to_value(v).unwrap().resolve(schema).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(&bytes[10..], generic.as_slice(), "{}", T::compiled().name);
     // Fields of the JSON form are exactly the schema's fields.
     let schema: serde_json::Value = serde_json::from_str(T::SCHEMA_JSON).unwrap();
     let want: BTreeSet<String> = schema["fields"]
