@@ -356,11 +356,13 @@ fn writer_loop(
             let result = append_batch(&mut conn, &mut ends, &appends);
             match result {
                 Ok(positions) => {
+                    // Consumers first: a publisher that polls right after its publish
+                    // returned must not find its consumer still unaware of the commit.
+                    seq += 1;
+                    appended.send_replace(seq);
                     for ((_, reply), pos) in appends.into_iter().zip(positions) {
                         let _ = reply.send(pos);
                     }
-                    seq += 1;
-                    appended.send_replace(seq);
                     // Full means a ring is already waiting.
                     let _ = bell.try_send(());
                 }
@@ -1005,6 +1007,25 @@ mod tests {
         b.publish(vec![rec("t", 7, 9)]).await.unwrap();
         let got = c.poll(Duration::from_secs(5)).await.unwrap();
         assert_eq!(got.map(|r| r.value), Some(vec![9]));
+    }
+
+    #[tokio::test]
+    async fn a_record_is_there_for_a_poll_right_after_its_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        bus.ensure_topics(&[TopicSpec {
+            name: "t".into(),
+            partitions: 4,
+        }])
+        .await
+        .unwrap();
+        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
+        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        for i in 0..50u8 {
+            bus.publish(vec![rec("t", i, i)]).await.unwrap();
+            let r = c.poll(Duration::ZERO).await.unwrap();
+            assert_eq!(r.map(|r| r.value), Some(vec![i]), "record {i}");
+        }
     }
 
     #[test]
