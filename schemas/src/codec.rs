@@ -92,7 +92,9 @@ impl DatumWriter {
                 Ok(())
             }
             _ => Err(apache_avro::Error::new(
-                apache_avro::error::Details::SerializeValue("the container block of one datum".into()),
+                apache_avro::error::Details::SerializeValue(
+                    "the container block of one datum".into(),
+                ),
             )),
         }
     }
