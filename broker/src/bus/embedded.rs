@@ -163,6 +163,9 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
              key BLOB NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL);
          CREATE UNIQUE INDEX IF NOT EXISTS records_pos ON records (topic, partition, offset);
          CREATE INDEX IF NOT EXISTS records_ts ON records (topic, ts);
+         CREATE TABLE IF NOT EXISTS partition_ends (
+             topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+             PRIMARY KEY (topic, partition)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS group_offsets (
              grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
              PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;",
@@ -401,6 +404,12 @@ fn writer_loop(
 
 type AppendReply = oneshot::Sender<Result<Vec<Position>, BusError>>;
 
+/// The next offset of partition (?1, ?2): after its newest record, or after the newest one
+/// retention removed (`partition_ends`), so offsets never restart under consumer groups.
+const PARTITION_END: &str = "SELECT MAX(
+     COALESCE((SELECT MAX(offset) + 1 FROM records WHERE topic = ?1 AND partition = ?2), 0),
+     COALESCE((SELECT next_offset FROM partition_ends WHERE topic = ?1 AND partition = ?2), 0))";
+
 /// What the writer remembers between batches: partition counts and the next offset of each
 /// partition it wrote. Valid while no other connection committed (`PRAGMA data_version`
 /// tells), so a batch costs no `MAX(offset)` lookups once the partitions are warm.
@@ -446,9 +455,7 @@ fn append_batch(
     {
         // Inside the write lock: nobody else can commit until this transaction ends.
         ends.refresh(&tx)?;
-        let mut max_stmt = tx.prepare_cached(
-            "SELECT MAX(offset) FROM records WHERE topic = ?1 AND partition = ?2",
-        )?;
+        let mut end_stmt = tx.prepare_cached(PARTITION_END)?;
         let mut insert = tx.prepare_cached(
             "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
@@ -475,13 +482,7 @@ fn append_batch(
                 let slot = (r.topic.clone(), partition);
                 let offset = match ends.next.get(&slot) {
                     Some(o) => *o,
-                    None => max_stmt
-                        .query_row(params![r.topic, partition], |row| {
-                            row.get::<_, Option<i64>>(0)
-                        })
-                        .optional()?
-                        .flatten()
-                        .map_or(0, |m| m + 1),
+                    None => end_stmt.query_row(params![r.topic, partition], |row| row.get(0))?,
                 };
                 insert.execute(params![r.topic, partition, offset, r.key, r.value, ts])?;
                 ends.next.insert(slot, offset + 1);
@@ -532,6 +533,13 @@ fn retention(
     let mut deleted = 0u64;
     let topics: Vec<String> = load_partitions(conn)?.into_keys().collect();
     for topic in topics {
+        // Offsets never go back: remember each partition's end before its records may go.
+        conn.execute(
+            "INSERT INTO partition_ends (topic, partition, next_offset)
+             SELECT topic, partition, MAX(offset) + 1 FROM records WHERE topic = ?1 GROUP BY partition
+             ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)",
+            params![topic],
+        )?;
         deleted += conn.execute(
             "DELETE FROM records WHERE topic = ?1 AND ts < ?2",
             params![topic, cutoff],
@@ -714,11 +722,7 @@ impl Bus for EmbeddedBus {
             let conn = open_reader(&path)?;
             let mut out = Vec::new();
             for p in 0..n {
-                let end: i64 = conn.query_row(
-                    "SELECT COALESCE(MAX(offset) + 1, 0) FROM records WHERE topic = ?1 AND partition = ?2",
-                    params![topic, p],
-                    |r| r.get(0),
-                )?;
+                let end: i64 = conn.query_row(PARTITION_END, params![topic, p], |r| r.get(0))?;
                 let committed: i64 = conn
                     .query_row(
                         "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
@@ -954,6 +958,27 @@ mod tests {
             .await
             .unwrap();
         assert!(bus.read_all("big").await.unwrap().is_empty());
+        // Offsets go on where they were, also after a reopen: a consumer group's committed
+        // offset must not skip what comes next.
+        let ends: Vec<i64> = bus
+            .lag("nobody", "big")
+            .await
+            .unwrap()
+            .iter()
+            .map(|(_, _, end)| *end)
+            .collect();
+        assert_eq!(ends.iter().sum::<i64>(), 1000, "{ends:?}");
+        drop(bus);
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        let p = bus
+            .publish(vec![OutRecord {
+                topic: "big".into(),
+                key: 0u32.to_be_bytes().to_vec(),
+                value: vec![1],
+            }])
+            .await
+            .unwrap()[0];
+        assert_eq!(p.offset, ends[p.partition as usize], "{ends:?}");
     }
 
     fn rec(topic: &str, key: u8, value: u8) -> OutRecord {
