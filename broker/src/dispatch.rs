@@ -78,18 +78,29 @@ pub struct Hooks {
     pub consent: Option<Arc<crate::consent::ConsentCheck>>,
     /// Append an audit record per delivery; acked only once it is on disk.
     pub audit: Option<crate::audit::Audit>,
+    /// The sink sends each record to its receiver (address book): the audit names the
+    /// record's receiver as the party that got it.
+    pub receiver_is_party: bool,
 }
 
 impl Hooks {
     fn audit_entry(&self, subscription: &str, action: &str, job: &Job) -> crate::audit::Entry {
-        let (patient, event_id) = match &job.payload {
-            Payload::Event(e) => (e.header().patient_key.clone(), Some(job.record_id.clone())),
-            Payload::Raw(_) => (None, None),
+        let (patient, event_id, receiver) = match &job.payload {
+            Payload::Event(e) => (
+                e.header().patient_key.clone(),
+                Some(job.record_id.clone()),
+                e.header().receiver.clone(),
+            ),
+            Payload::Raw(env) => (None, None, env.receiver.clone()),
+        };
+        let party = match &self.consent {
+            Some(c) => Some(c.policy.party.clone()),
+            None => receiver.filter(|_| self.receiver_is_party),
         };
         crate::audit::Entry {
             action: action.to_owned(),
             actor: format!("subscription:{subscription}"),
-            party: self.consent.as_ref().map(|c| c.policy.party.clone()),
+            party,
             patient,
             event_id,
             envelope_id: Some(job.envelope_id.clone()),
@@ -684,6 +695,7 @@ mod tests {
                 },
             })),
             audit: Some(audit),
+            receiver_is_party: false,
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_with(

@@ -174,6 +174,7 @@ pub async fn run<B: Bus>(
                     Arc::new(crate::consent::ConsentCheck { registry, policy })
                 }),
             audit: audit.clone(),
+            receiver_is_party: sub.sink.sends_to_receiver(),
         };
         tasks.spawn(dispatch::run_with(
             Arc::clone(&bus),

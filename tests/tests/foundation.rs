@@ -738,7 +738,8 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
          [subscriptions.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n\
          [address_book.\"mailbox:500005678\"]\nname = \"Huisartsenpraktijk De Linde (synthetisch)\"\nwebhook = \"{}\"\n\
          [address_book.\"mailbox:500009999\"]\nwebhook = \"{}\"\n\
-         [address_book.\"mailbox:500000001\"]\nmail = \"alleen-mail@lms.example.test\"\n",
+         [address_book.\"mailbox:500000001\"]\nmail = \"alleen-mail@lms.example.test\"\n\
+         [audit]\nenabled = true\n",
         linde.url(),
         hap.url()
     );
@@ -780,4 +781,27 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
         "{out}"
     );
     assert_eq!(linde.received().len() + hap.received().len(), 2);
+    // The audit trail names who got each one: the receiver the address book sent it to.
+    // (Appended just before each delivery is acknowledged: wait for both.)
+    let path = broker.dir.join("data/audit.jsonl");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut parties: Vec<String> = audit
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["action"] == "delivery")
+            .map(|r| r["party"].as_str().unwrap_or("none").to_owned())
+            .collect();
+        parties.sort();
+        if parties.len() >= 2 || std::time::Instant::now() > deadline {
+            assert_eq!(
+                parties,
+                ["mailbox:500005678", "mailbox:500009999"],
+                "{audit}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
