@@ -246,6 +246,18 @@ pub enum SinkConfig {
     },
 }
 
+impl SinkConfig {
+    /// Whether the sink names where it sends (else: each record's receiver, address book).
+    #[must_use]
+    pub fn has_fixed_destination(&self) -> bool {
+        match self {
+            SinkConfig::Webhook { url, .. } => url.is_some(),
+            SinkConfig::Fhir { base_url, .. } => base_url.is_some(),
+            SinkConfig::Mail(m) => m.to.is_some(),
+        }
+    }
+}
+
 fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
@@ -502,7 +514,11 @@ impl Config {
             .subscriptions
             .iter()
             .enumerate()
-            .filter_map(|(i, s)| s.consent.as_ref().map(|c| (i, c)))
+            .filter_map(|(i, s)| {
+                s.consent
+                    .as_ref()
+                    .map(|c| (i, c, !s.sink.has_fixed_destination()))
+            })
             .collect();
         for (k, m) in crate::consent::problems(&self.consent, &with_consent) {
             p(k, m);
@@ -856,6 +872,38 @@ mod tests {
                 ..
             }
         ));
+        // Consent without a party checks each record's receiver: only for such a sink.
+        let consent = r#"
+            [consent]
+            file = "/dev/null"
+            [[subscriptions]]
+            name = "by-receiver"
+            kinds = ["lab_result"]
+            sink = { type = "webhook" }
+            [subscriptions.consent]
+            purpose = "treatment"
+            [[subscriptions]]
+            name = "fixed"
+            kinds = ["lab_result"]
+            sink = { type = "webhook", url = "https://his.example.test/in" }
+            [subscriptions.consent]
+            purpose = "treatment"
+        "#;
+        let problems = Config::from_toml(&format!("{consent}{book}"))
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err();
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.path.as_str(), p.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [(
+                "subscriptions[1].consent.party",
+                "required unless the sink sends each record to its receiver (address book)"
+            )]
+        );
         let bad = r#"
             [address_book."agb:1"]
             webhook = "http://his.example.test/in"

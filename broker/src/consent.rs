@@ -43,8 +43,11 @@ pub enum DefaultDecision {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SubscriptionConsent {
-    /// Party id of the receiver, as consent is recorded for it (`agb:…`, `ura:…`).
-    pub party: String,
+    /// Party id of the receiver, as consent is recorded for it (`agb:…`, `ura:…`). Absent:
+    /// each record's own receiver, for a sink that sends every record to its receiver
+    /// through the address book.
+    #[serde(default)]
+    pub party: Option<String>,
     /// Purpose of the exchange, as consent is recorded (e.g. `treatment`).
     #[serde(default = "treatment")]
     pub purpose: String,
@@ -287,32 +290,34 @@ impl ConsentCheck {
     /// # Errors
     /// When the registry cannot answer now (retry later).
     pub async fn verdict(&self, payload: &Payload) -> Result<Verdict, ConsentError> {
-        let patient = match payload {
-            Payload::Event(e) => e.header().patient_key.clone(),
-            Payload::Raw(_) => None,
+        let (patient, receiver) = match payload {
+            Payload::Event(e) => (e.header().patient_key.clone(), e.header().receiver.clone()),
+            Payload::Raw(env) => (None, env.receiver.clone()),
         };
-        let answer = match &patient {
-            Some(p) => {
+        let p = &self.policy;
+        let party = p.party.clone().or(receiver);
+        let answer = match (&patient, &party) {
+            (Some(patient), Some(party)) => {
                 self.registry
                     .lookup(ConsentQuery {
-                        patient: p,
-                        party: &self.policy.party,
-                        purpose: &self.policy.purpose,
+                        patient,
+                        party,
+                        purpose: &p.purpose,
                     })
                     .await?
             }
-            None => Answer::Unknown,
+            _ => Answer::Unknown,
         };
-        let p = &self.policy;
+        let party = party.as_deref().unwrap_or("a record without receiver");
         Ok(match (answer, p.default) {
             (Answer::Allowed, _) | (Answer::Unknown, DefaultDecision::Allow) => Verdict::Deliver,
             (Answer::Denied, _) => Verdict::Withhold(format!(
-                "the patient denied consent for {} / {}",
-                p.party, p.purpose
+                "the patient denied consent for {party} / {}",
+                p.purpose
             )),
             (Answer::Unknown, DefaultDecision::Deny) => Verdict::Withhold(format!(
-                "no consent recorded for {} / {} and the subscription's default is deny",
-                p.party, p.purpose
+                "no consent recorded for {party} / {} and the subscription's default is deny",
+                p.purpose
             )),
         })
     }
@@ -322,7 +327,7 @@ impl ConsentCheck {
 #[must_use]
 pub fn problems(
     consent: &ConsentConfig,
-    subscriptions: &[(usize, &SubscriptionConsent)],
+    subscriptions: &[(usize, &SubscriptionConsent, bool)],
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Some(file) = &consent.file
@@ -330,22 +335,29 @@ pub fn problems(
     {
         out.push(("consent.file".into(), e.to_string()));
     }
-    for (i, s) in subscriptions {
+    for (i, s, sends_to_receiver) in subscriptions {
         if consent.file.is_none() {
             out.push((
                 format!("subscriptions[{i}].consent"),
                 "needs a consent registry: set [consent] file".into(),
             ));
         }
-        if !s
-            .party
-            .split_once(':')
-            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty())
-        {
-            out.push((
+        match &s.party {
+            Some(party)
+                if !party
+                    .split_once(':')
+                    .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty()) =>
+            {
+                out.push((
+                    format!("subscriptions[{i}].consent.party"),
+                    "must be a party id scheme:value, e.g. agb:01234567".into(),
+                ));
+            }
+            None if !sends_to_receiver => out.push((
                 format!("subscriptions[{i}].consent.party"),
-                "must be a party id scheme:value, e.g. agb:01234567".into(),
-            ));
+                "required unless the sink sends each record to its receiver (address book)".into(),
+            )),
+            _ => {}
         }
         if s.purpose.trim().is_empty() || s.purpose.contains(',') {
             out.push((
@@ -381,6 +393,56 @@ mod tests {
         assert_eq!(r.decide(q("p2", "agb:1", "treatment")), Answer::Denied);
         assert_eq!(r.decide(q("p2", "agb:1", "research")), Answer::Unknown);
         assert_eq!(r.decide(q("p3", "agb:1", "treatment")), Answer::Unknown);
+    }
+
+    #[tokio::test]
+    async fn without_a_party_each_record_is_checked_for_its_own_receiver() {
+        use ketenbus_schemas::event::HandoverNotificationEvent;
+        use ketenbus_schemas::{Event, EventHeader, EventKind};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consent.csv");
+        std::fs::write(
+            &path,
+            "patient,party,purpose,decision\np1,agb:1,treatment,allow\np1,agb:2,treatment,deny\n",
+        )
+        .unwrap();
+        let check = ConsentCheck {
+            registry: Arc::new(FileRegistry::open(&path).unwrap()),
+            policy: SubscriptionConsent {
+                party: None,
+                purpose: "treatment".into(),
+                default: DefaultDecision::Deny,
+            },
+        };
+        let to = |receiver: Option<&str>| {
+            let mut header =
+                EventHeader::new(EventKind::HandoverNotification, "env", 0, "fhir_json");
+            header.patient_key = Some("p1".into());
+            header.receiver = receiver.map(str::to_owned);
+            Payload::Event(Arc::new(Event::HandoverNotification(
+                HandoverNotificationEvent {
+                    header,
+                    task_reference: "https://hap.example.test/fhir/Task/1".into(),
+                    task_status: "requested".into(),
+                    sender_endpoint: None,
+                    requester: None,
+                    owner: None,
+                },
+            )))
+        };
+        assert_eq!(
+            check.verdict(&to(Some("agb:1"))).await.unwrap(),
+            Verdict::Deliver
+        );
+        assert!(matches!(
+            check.verdict(&to(Some("agb:2"))).await.unwrap(),
+            Verdict::Withhold(why) if why.contains("agb:2")
+        ));
+        assert!(matches!(
+            check.verdict(&to(None)).await.unwrap(),
+            Verdict::Withhold(why) if why.contains("without receiver")
+        ));
     }
 
     #[test]

@@ -93,10 +93,11 @@ impl Hooks {
             ),
             Payload::Raw(env) => (None, None, env.receiver.clone()),
         };
-        let party = match &self.consent {
-            Some(c) => Some(c.policy.party.clone()),
-            None => receiver.filter(|_| self.receiver_is_party),
-        };
+        let party = self
+            .consent
+            .as_ref()
+            .and_then(|c| c.policy.party.clone())
+            .or(receiver.filter(|_| self.receiver_is_party));
         crate::audit::Entry {
             action: action.to_owned(),
             actor: format!("subscription:{subscription}"),
@@ -689,7 +690,7 @@ mod tests {
             consent: Some(Arc::new(crate::consent::ConsentCheck {
                 registry: Arc::new(DenyAll),
                 policy: crate::consent::SubscriptionConsent {
-                    party: "agb:01234567".into(),
+                    party: Some("agb:01234567".into()),
                     purpose: "treatment".into(),
                     default: crate::consent::DefaultDecision::Allow,
                 },
