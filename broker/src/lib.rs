@@ -48,11 +48,27 @@ pub async fn publish_retrying<B: Bus>(
     if records.is_empty() {
         return Ok(Vec::new());
     }
+    while_unavailable(cancel, || bus.publish(records.clone())).await
+}
+
+/// Run `op` until it succeeds or fails for good, waiting (100 ms, doubling up to 5 s) and
+/// trying again while it answers `Unavailable`, until `cancel`.
+///
+/// # Errors
+/// What `op` failed with for good, or its last `Unavailable` when cancelled while waiting.
+pub async fn while_unavailable<T, F, Fut>(
+    cancel: &CancellationToken,
+    mut op: F,
+) -> Result<T, BusError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BusError>>,
+{
     let mut wait = Duration::from_millis(100);
     loop {
-        match bus.publish(records.clone()).await {
+        match op().await {
             Err(e @ BusError::Unavailable(_)) => {
-                tracing::warn!(error = %e, "log unavailable, retrying");
+                tracing::warn!(error = %e, "unavailable, retrying");
                 tokio::select! {
                     () = cancel.cancelled() => return Err(e),
                     () = tokio::time::sleep(wait) => {}

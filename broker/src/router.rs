@@ -23,7 +23,7 @@ use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
 use crate::health::{Health, State};
 use crate::keys::PatientKeyer;
 use crate::lineage::{Lineage, Received, Step};
-use crate::{now_ms, publish_retrying};
+use crate::{now_ms, publish_retrying, while_unavailable};
 
 /// Consumer group of the router.
 pub const GROUP: &str = "ketenbus.router";
@@ -210,26 +210,18 @@ async fn keep_content(
         return Ok(());
     }
     let content = Arc::new(content);
-    let mut wait = Duration::from_millis(100);
-    loop {
+    while_unavailable(cancel, || {
         let (store, docs) = (Arc::clone(store), Arc::clone(&content));
-        let kept = tokio::task::spawn_blocking(move || {
-            docs.iter().try_for_each(|d| store.put(d).map(drop))
-        })
-        .await
-        .map_err(|e| BusError::Fatal(format!("content store task: {e}")))?;
-        match kept {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "content store cannot write, retrying");
-                tokio::select! {
-                    () = cancel.cancelled() => return Err(BusError::Unavailable(format!("content store: {e}"))),
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
+        async move {
+            tokio::task::spawn_blocking(move || {
+                docs.iter().try_for_each(|d| store.put(d).map(drop))
+            })
+            .await
+            .map_err(|e| BusError::Fatal(format!("content store task: {e}")))?
+            .map_err(|e| BusError::Unavailable(format!("content store: {e}")))
         }
-    }
+    })
+    .await
 }
 
 /// The dead letter for a delivery whose mail bounced for good: the record the subscription
