@@ -347,19 +347,6 @@ pub enum Sink {
     },
 }
 
-impl Sink {
-    /// Whether each record goes to its receiver's address-book entry, so the receiver is
-    /// the party that gets it.
-    #[must_use]
-    pub fn sends_to_receiver(&self) -> bool {
-        match self {
-            Sink::Webhook { url, .. } => matches!(url, Destination::Receiver(_)),
-            Sink::Fhir { base, .. } => matches!(base, Destination::Receiver(_)),
-            Sink::Mail { config, .. } => config.to.is_none(),
-        }
-    }
-}
-
 /// A secret value: prints as `***`.
 #[derive(Clone)]
 pub struct Secret(pub Vec<u8>);

@@ -162,11 +162,8 @@ pub async fn run<B: Bus>(
     let book = Arc::new(cfg.address_book.clone());
     for sub in &settings.subscriptions {
         let sink = build_sink(&sub.sink, &book, &content)?;
-        let policy = cfg
-            .subscriptions
-            .iter()
-            .find(|s| s.name == sub.name)
-            .and_then(|s| s.consent.clone());
+        let configured = cfg.subscriptions.iter().find(|s| s.name == sub.name);
+        let policy = configured.and_then(|s| s.consent.clone());
         let hooks = dispatch::Hooks {
             consent: policy
                 .zip(consent_registry.clone())
@@ -174,7 +171,7 @@ pub async fn run<B: Bus>(
                     Arc::new(crate::consent::ConsentCheck { registry, policy })
                 }),
             audit: audit.clone(),
-            receiver_is_party: sub.sink.sends_to_receiver(),
+            receiver_is_party: configured.is_some_and(|s| !s.sink.has_fixed_destination()),
         };
         tasks.spawn(dispatch::run_with(
             Arc::clone(&bus),
