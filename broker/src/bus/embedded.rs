@@ -870,6 +870,18 @@ impl Consumer for EmbeddedConsumer {
 mod tests {
     use super::*;
 
+    /// A bus in `dir` with one topic.
+    async fn open_with(dir: &Path, topic: &str, partitions: u32) -> EmbeddedBus {
+        let bus = EmbeddedBus::open(dir, &EmbeddedConfig::default()).unwrap();
+        bus.ensure_topics(&[TopicSpec {
+            name: topic.into(),
+            partitions,
+        }])
+        .await
+        .unwrap();
+        bus
+    }
+
     #[tokio::test]
     async fn keeps_the_bus_contract() {
         let dir = tempfile::tempdir().unwrap();
@@ -881,13 +893,7 @@ mod tests {
     async fn committed_offsets_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-            bus.ensure_topics(&[TopicSpec {
-                name: "a".into(),
-                partitions: 1,
-            }])
-            .await
-            .unwrap();
+            let bus = open_with(dir.path(), "a", 1).await;
             let recs = (0..3)
                 .map(|i| OutRecord {
                     topic: "a".into(),
@@ -919,13 +925,7 @@ mod tests {
     #[tokio::test]
     async fn retention_frees_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        bus.ensure_topics(&[TopicSpec {
-            name: "big".into(),
-            partitions: 2,
-        }])
-        .await
-        .unwrap();
+        let bus = open_with(dir.path(), "big", 2).await;
         for chunk in 0..20u32 {
             let recs = (0..50u32)
                 .map(|i| OutRecord {
@@ -970,14 +970,7 @@ mod tests {
         assert_eq!(ends.iter().sum::<i64>(), 1000, "{ends:?}");
         drop(bus);
         let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        let p = bus
-            .publish(vec![OutRecord {
-                topic: "big".into(),
-                key: 0u32.to_be_bytes().to_vec(),
-                value: vec![1],
-            }])
-            .await
-            .unwrap()[0];
+        let p = bus.publish(vec![rec("big", 0, 1)]).await.unwrap()[0];
         assert_eq!(p.offset, ends[p.partition as usize], "{ends:?}");
     }
 
@@ -994,13 +987,7 @@ mod tests {
         // Two buses on one file are what `ketenbus dlq replay` beside a running broker is:
         // the first must not hand out an offset the second already used.
         let dir = tempfile::tempdir().unwrap();
-        let a = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        a.ensure_topics(&[TopicSpec {
-            name: "t".into(),
-            partitions: 1,
-        }])
-        .await
-        .unwrap();
+        let a = open_with(dir.path(), "t", 1).await;
         assert_eq!(a.publish(vec![rec("t", 1, 0)]).await.unwrap()[0].offset, 0);
         let b = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
         assert_eq!(b.publish(vec![rec("t", 1, 1)]).await.unwrap()[0].offset, 1);
@@ -1018,13 +1005,7 @@ mod tests {
     #[tokio::test]
     async fn a_consumer_sees_what_another_writer_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let a = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        a.ensure_topics(&[TopicSpec {
-            name: "t".into(),
-            partitions: 2,
-        }])
-        .await
-        .unwrap();
+        let a = open_with(dir.path(), "t", 2).await;
         let mut c = a.subscribe("g", &["t".into()]).await.unwrap();
         assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
         // No notification reaches `a` from this writer: only looking again finds it.
@@ -1037,13 +1018,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_is_there_for_a_poll_right_after_its_publish() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        bus.ensure_topics(&[TopicSpec {
-            name: "t".into(),
-            partitions: 4,
-        }])
-        .await
-        .unwrap();
+        let bus = open_with(dir.path(), "t", 4).await;
         let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
         assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
         for i in 0..50u8 {
