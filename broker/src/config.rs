@@ -745,6 +745,23 @@ mod tests {
         None
     }
 
+    /// Every problem in a config that must not validate.
+    fn problems_of(text: &str) -> Vec<Problem> {
+        Config::from_toml(text)
+            .unwrap()
+            .validate(&no_env)
+            .unwrap_err()
+    }
+
+    /// Their `path: message` lines.
+    fn found_in(text: &str) -> Vec<String> {
+        problems_of(text).iter().map(Problem::to_string).collect()
+    }
+
+    fn paths_of(text: &str) -> Vec<String> {
+        problems_of(text).into_iter().map(|p| p.path).collect()
+    }
+
     #[test]
     fn no_file_is_a_valid_setup() {
         let s = Config::default().validate(&no_env).unwrap();
@@ -782,13 +799,8 @@ mod tests {
             initial = "2s"
             max = "1s"
         "#;
-        let problems = Config::from_toml(text)
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
-            paths,
+            paths_of(text),
             vec![
                 "bus.partitions",
                 "subscriptions[0].name",
@@ -817,29 +829,12 @@ mod tests {
             kinds = ["letter"]
             sink = { type = "mail", host = "smtp.example.test", from = "kb@example.test" }
         "#;
-        let problems = Config::from_toml(subs)
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let found: Vec<(&str, &str)> = problems
-            .iter()
-            .map(|p| (p.path.as_str(), p.message.as_str()))
-            .collect();
         assert_eq!(
-            found,
+            found_in(subs),
             [
-                (
-                    "subscriptions[0].sink.url",
-                    "required unless [address_book] has webhook addresses"
-                ),
-                (
-                    "subscriptions[1].sink.base_url",
-                    "required unless [address_book] has fhir addresses"
-                ),
-                (
-                    "subscriptions[2].sink.to",
-                    "required unless [address_book] has mail addresses"
-                ),
+                "subscriptions[0].sink.url: required unless [address_book] has webhook addresses",
+                "subscriptions[1].sink.base_url: required unless [address_book] has fhir addresses",
+                "subscriptions[2].sink.to: required unless [address_book] has mail addresses",
             ]
         );
         let book = r#"
@@ -876,33 +871,19 @@ mod tests {
             [subscriptions.consent]
             purpose = "treatment"
         "#;
-        let problems = Config::from_toml(&format!("{consent}{book}"))
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let found: Vec<(&str, &str)> = problems
-            .iter()
-            .map(|p| (p.path.as_str(), p.message.as_str()))
-            .collect();
         assert_eq!(
-            found,
-            [(
-                "subscriptions[1].consent.party",
-                "required unless the sink sends each record to its receiver (address book)"
-            )]
+            found_in(&format!("{consent}{book}")),
+            [
+                "subscriptions[1].consent.party: required unless the sink sends each record to its receiver (address book)"
+            ]
         );
         let bad = r#"
             [address_book."agb:1"]
             webhook = "http://his.example.test/in"
             fhir = "not a url"
         "#;
-        let problems = Config::from_toml(bad)
-            .unwrap()
-            .validate(&no_env)
-            .unwrap_err();
-        let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
-            paths,
+            paths_of(bad),
             [
                 "address_book.\"agb:1\".webhook",
                 "address_book.\"agb:1\".fhir"

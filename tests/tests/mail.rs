@@ -479,27 +479,21 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         "specialist@ziekenhuis.example.test",
     ];
 
+    // To the GP's mailbox over STARTTLS, logged in as "lab".
+    let lab = [
+        "--to",
+        "500005678@lms.example.test",
+        "--tls",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "lab",
+        "--auth-password",
+        "lab-password-for-tests",
+    ];
+
     // STARTTLS, AUTH PLAIN, pipelined envelope: accepted only once durable.
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--tls",
-                "--auth",
-                "PLAIN",
-                "--auth-user",
-                "lab",
-                "--auth-password",
-                "lab-password-for-tests",
-                "--pipeline",
-                "--data",
-                letter,
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = swaks(&[&base[..], &lab, &["--pipeline", "--data", letter]].concat());
     assert!(ok, "{out}");
     assert!(
         out.contains("250-STARTTLS")
@@ -537,27 +531,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     let own = std::fs::read_to_string(fixture("lab-result-edifact-body.eml")).unwrap();
     let forged = tmp.path().join("forged.eml");
     std::fs::write(&forged, own.replace("+500001234+", "+500009999+")).unwrap();
-    let as_lab = |data: &str| {
-        swaks(
-            &[
-                &base[..],
-                &[
-                    "--to",
-                    "500005678@lms.example.test",
-                    "--tls",
-                    "--auth",
-                    "PLAIN",
-                    "--auth-user",
-                    "lab",
-                    "--auth-password",
-                    "lab-password-for-tests",
-                    "--data",
-                    data,
-                ],
-            ]
-            .concat(),
-        )
-    };
+    let as_lab = |data: &str| swaks(&[&base[..], &lab, &["--data", data]].concat());
     let (ok, out) = as_lab(forged.to_str().unwrap());
     assert!(!ok, "{out}");
     assert!(
