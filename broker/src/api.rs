@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_connectors::party;
 use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
@@ -88,19 +89,34 @@ async fn post_message<B: Bus>(
     if body.len() > st.max_body {
         return too_large(st.max_body);
     }
-    // An authenticated sender posts only in the name of its own parties.
-    let mut attributes = BTreeMap::new();
-    let mut sender = None;
-    if let Some(axum::Extension(s)) = authenticated {
-        match s.party_for(format, &body) {
-            Ok(party) => sender = Some(party),
+    // One read of what the message declares (off the async workers: it may be large) gives
+    // the parties for the envelope and, for an authenticated sender, the check that it posts
+    // only in the name of its own parties.
+    let declared = {
+        let body = body.clone();
+        match tokio::task::spawn_blocking(move || party::declared(format, &body)).await {
+            Ok(d) => d,
             Err(e) => {
-                crate::telemetry::rejected("http", "sender_mismatch");
-                return problem(StatusCode::FORBIDDEN, "sender_mismatch", &e.to_string());
+                tracing::error!(error = %e, "reading the message's parties failed");
+                return problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "ingest_failed",
+                    "the message could not be read",
+                );
             }
         }
-        attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
-    }
+    };
+    let mut attributes = BTreeMap::new();
+    let sender = match authenticated {
+        Some(axum::Extension(s)) => {
+            attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
+            match s.check(&declared) {
+                Ok(party) => party,
+                Err(e) => return crate::auth::sender_mismatch(&e),
+            }
+        }
+        None => declared.sender().map(str::to_owned),
+    };
     let envelope = RawEnvelope {
         id: new_message_id(),
         received_at_ms: now_ms(),
@@ -108,7 +124,7 @@ async fn post_message<B: Bus>(
         format,
         content_type: content_type.to_owned(),
         sender,
-        receiver: None,
+        receiver: declared.receiver().map(str::to_owned),
         body: body.to_vec(),
         attributes,
     };

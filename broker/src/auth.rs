@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use ketenbus_schemas::{Format, RawEnvelope};
+use ketenbus_connectors::party::{self, Declared, SenderError};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -242,27 +242,6 @@ impl Authenticator {
     }
 }
 
-impl Principal {
-    /// Check that every party a message declares as its sender is one of this principal's.
-    ///
-    /// # Errors
-    /// [`AuthError::Forbidden`] naming the first foreign party id (an id, not patient data).
-    pub fn may_send_as<'a>(
-        &self,
-        declared: impl IntoIterator<Item = &'a str>,
-    ) -> Result<(), AuthError> {
-        for d in declared {
-            if !self.party_ids.iter().any(|p| p == d) {
-                return Err(AuthError::Forbidden(format!(
-                    "the message's sender {d} is not a party of the authenticated sender {}",
-                    self.name
-                )));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// Problems with `[[senders]]` and `[[operators]]` as (key path, message).
 #[must_use]
 pub fn problems(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Vec<(String, String)> {
@@ -368,77 +347,27 @@ pub struct AuthenticatedSender(pub Principal);
 #[derive(Debug, Clone)]
 pub struct AuthenticatedOperator(pub Principal);
 
-/// The party ids a message names as its own sender: the UNB sender of every EDIFACT
-/// interchange, the sender of every event a FHIR message maps to (MessageHeader.sender
-/// or .source). Empty when the message does not parse: the router rejects it then, and
-/// raw subscribers see only the authenticated sender on the envelope.
-#[must_use]
-pub fn declared_senders(format: Format, body: &[u8]) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    match format {
-        Format::Edifact => {
-            if let Ok(doc) = ketenbus_connectors::edifact::parse(body) {
-                for ic in doc.interchanges() {
-                    let Some(h) = ic.header() else { continue };
-                    let Some(id) = h.text(1, 0) else { continue };
-                    let id = id.trim();
-                    if id.is_empty() {
-                        continue;
-                    }
-                    // As the EDIFACT normaliser names it: qualifier 14 is a GLN.
-                    let scheme = match h.text(1, 1).as_deref().map(str::trim) {
-                        Some("14") => "gln",
-                        _ => "mailbox",
-                    };
-                    out.push(format!("{scheme}:{id}"));
-                }
-            }
-        }
-        Format::FhirJson | Format::FhirXml | Format::Rfc822 => {
-            // The events a FHIR message or a mail (its EDIFACT and FHIR parts) maps to carry
-            // the sender the message declares; letters from mail text declare none.
-            let envelope = RawEnvelope {
-                id: "sender-check".into(),
-                received_at_ms: 0,
-                connector: "http".into(),
-                format,
-                content_type: String::new(),
-                sender: None,
-                receiver: None,
-                body: body.to_vec(),
-                attributes: std::collections::BTreeMap::new(),
-            };
-            let normalizer: Box<dyn ketenbus_connectors::Normalize> = if format == Format::Rfc822 {
-                // No content store: checking a sender writes nothing.
-                Box::new(ketenbus_connectors::mail::MailNormalizer::default())
-            } else {
-                Box::new(ketenbus_connectors::fhir::FhirNormalizer)
-            };
-            if let Ok(events) = normalizer.normalize(&envelope) {
-                out.extend(events.iter().filter_map(|e| e.header().sender.clone()));
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
 impl AuthenticatedSender {
-    /// The party id to put on the envelope: the one the message declares (which must be
-    /// this sender's), or the sender's first party id when it declares none.
+    /// Check every sender a message declares against this sender's parties, and name the
+    /// envelope's sender: the declared one, else this sender's first party.
     ///
     /// # Errors
-    /// [`AuthError::Forbidden`] when the message declares a party that is not this sender's.
-    pub fn party_for(&self, format: Format, body: &[u8]) -> Result<String, AuthError> {
-        let declared = declared_senders(format, body);
-        self.0.may_send_as(declared.iter().map(String::as_str))?;
-        Ok(declared
-            .into_iter()
-            .next()
-            .or_else(|| self.0.party_ids.first().cloned())
-            .unwrap_or_default())
+    /// [`SenderError`] when the message names another party, or cannot be read far enough
+    /// to know whom it names.
+    pub fn check(&self, declared: &Declared) -> Result<Option<String>, SenderError> {
+        party::check_sender(declared, &self.0.name, &self.0.party_ids)
     }
+}
+
+/// The `403 sender_mismatch` answer (JSON; the FHIR endpoints answer an OperationOutcome).
+#[must_use]
+pub fn sender_mismatch(e: &SenderError) -> Response {
+    crate::telemetry::rejected("http", "sender_mismatch");
+    (
+        StatusCode::FORBIDDEN,
+        Json(serde_json::json!({ "error": "sender_mismatch", "message": e.to_string() })),
+    )
+        .into_response()
 }
 
 /// What a request needs.
@@ -466,7 +395,6 @@ fn need(method: &Method, path: &str) -> Need {
 struct Gate {
     auth: Authenticator,
     audit: Option<Audit>,
-    max_body: usize,
 }
 
 /// Wrap the API so that, when senders or operators are configured, posting needs a sender
@@ -474,56 +402,14 @@ struct Gate {
 /// metrics stay open: they carry no patient data. With `audit`, every successful read of a
 /// message (lineage or FHIR) is appended to the audit trail before it is answered.
 ///
-/// FHIR writes by an authenticated sender are read here (up to `max_body`) so that their
-/// MessageHeader sender is checked against the sender's parties before the FHIR handlers
-/// see them; `POST /api/v1/messages` checks its own body.
-pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>, max_body: usize) -> Router {
+/// The gate only says who is asking: each write handler checks the senders its message
+/// declares ([`AuthenticatedSender::check`]) on the one parse it makes of the message, for
+/// every media type it takes.
+pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>) -> Router {
     app.layer(axum::middleware::from_fn_with_state(
-        Arc::new(Gate {
-            auth,
-            audit,
-            max_body,
-        }),
+        Arc::new(Gate { auth, audit }),
         gate,
     ))
-}
-
-/// Check a FHIR write's declared sender against the authenticated sender, handing the
-/// buffered body on.
-async fn check_fhir_write(
-    req: Request,
-    sender: &AuthenticatedSender,
-    max_body: usize,
-) -> Result<Request, Response> {
-    let format = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(Format::from_media_type);
-    let Some(format @ (Format::FhirJson | Format::FhirXml)) = format else {
-        return Ok(req); // not FHIR: the handler answers 415
-    };
-    let (parts, body) = req.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, max_body.saturating_add(1)).await else {
-        crate::telemetry::rejected("http", "too_large");
-        return Err((
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Json(serde_json::json!({
-                "error": "too_large",
-                "message": format!("the message is larger than {max_body} bytes (http.max_body)"),
-            })),
-        )
-            .into_response());
-    };
-    if let Err(e) = sender.party_for(format, &bytes) {
-        crate::telemetry::rejected("http", "sender_mismatch");
-        return Err((
-            StatusCode::FORBIDDEN,
-            Json(serde_json::json!({ "error": "sender_mismatch", "message": e.to_string() })),
-        )
-            .into_response());
-    }
-    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// The audit record of a successful read, if the path reads message data.
@@ -584,14 +470,7 @@ async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Re
         Need::Nothing => {}
         Need::Sender => match auth.sender(req.headers(), cert.as_ref()) {
             Ok(Some(p)) => {
-                let sender = AuthenticatedSender(p.clone());
-                if req.uri().path().starts_with("/fhir") {
-                    req = match check_fhir_write(req, &sender, gate.max_body).await {
-                        Ok(r) => r,
-                        Err(resp) => return resp,
-                    };
-                }
-                req.extensions_mut().insert(sender);
+                req.extensions_mut().insert(AuthenticatedSender(p.clone()));
             }
             Ok(None) => {}
             Err(e) => return refuse(&e),
@@ -664,9 +543,13 @@ mod tests {
         ));
         assert!(a.sender(&HeaderMap::new(), None).is_err());
         assert!(a.operator(&HeaderMap::new(), None).unwrap().is_none());
-        let p = a.sender(&headers(&token), None).unwrap().unwrap();
-        assert!(p.may_send_as(["mailbox:500001234"]).is_ok());
-        let e = p.may_send_as(["mailbox:500009999"]).unwrap_err();
+        let p = AuthenticatedSender(a.sender(&headers(&token), None).unwrap().unwrap().clone());
+        let declared = |s: &str| Declared {
+            senders: [s.to_owned()].into(),
+            ..Declared::default()
+        };
+        assert!(p.check(&declared("mailbox:500001234")).is_ok());
+        let e = p.check(&declared("mailbox:500009999")).unwrap_err();
         assert!(e.to_string().contains("mailbox:500009999"), "{e}");
     }
 
@@ -696,25 +579,5 @@ mod tests {
             ]
         );
         assert!(p.iter().all(|(_, m)| !m.contains("hunter2")));
-    }
-
-    proptest::proptest! {
-        /// Whatever a client posts, finding its declared senders does not panic.
-        #[test]
-        fn declared_senders_take_any_bytes(
-            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
-            f in 0usize..3,
-        ) {
-            let format = [Format::Edifact, Format::FhirJson, Format::FhirXml][f];
-            let _ = declared_senders(format, &body);
-        }
-
-        #[test]
-        fn unb_senders_are_read_as_the_normaliser_names_them(id in "[0-9]{6,13}", gln in proptest::prelude::any::<bool>()) {
-            let q = if gln { ":14" } else { "" };
-            let msg = format!("UNB+UNOA:1+{id}{q}+500005678+261101:0815+IC1'UNZ+0+IC1'");
-            let scheme = if gln { "gln" } else { "mailbox" };
-            proptest::prop_assert_eq!(declared_senders(Format::Edifact, msg.as_bytes()), vec![format!("{scheme}:{id}")]);
-        }
     }
 }

@@ -18,9 +18,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ketenbus_connectors::fhir::{self, Object, Value, normalize, outcome};
 use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
 use crate::api::ApiState;
+use crate::auth::AuthenticatedSender;
 use crate::bus::Bus;
 use crate::ingest::new_message_id;
 use crate::now_ms;
@@ -102,32 +104,58 @@ fn issue(
     respond(status, format, &outcome::outcome(severity, code, text, at))
 }
 
+/// Who posts, as the gate authenticated them (none when no senders are configured).
+type Sender = Option<axum::Extension<AuthenticatedSender>>;
+
 async fn process_message<B: Bus>(
     State(st): State<Arc<ApiState<B>>>,
+    sender: Sender,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(&st, &headers, &body, Interaction::ProcessMessage, None).await
+    let sender = sender.map(|s| s.0);
+    handle(
+        &st,
+        sender.as_ref(),
+        &headers,
+        body,
+        Interaction::ProcessMessage,
+        None,
+    )
+    .await
 }
 
 async fn post_base<B: Bus>(
     State(st): State<Arc<ApiState<B>>>,
+    sender: Sender,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    handle(&st, &headers, &body, Interaction::Base, None).await
+    let sender = sender.map(|s| s.0);
+    handle(
+        &st,
+        sender.as_ref(),
+        &headers,
+        body,
+        Interaction::Base,
+        None,
+    )
+    .await
 }
 
 async fn post_resource<B: Bus>(
     State(st): State<Arc<ApiState<B>>>,
+    sender: Sender,
     Path(resource_type): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let sender = sender.map(|s| s.0);
     handle(
         &st,
+        sender.as_ref(),
         &headers,
-        &body,
+        body,
         Interaction::Create,
         Some(&resource_type),
     )
@@ -136,8 +164,9 @@ async fn post_resource<B: Bus>(
 
 async fn handle<B: Bus>(
     st: &ApiState<B>,
+    authenticated: Option<&AuthenticatedSender>,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Bytes,
     interaction: Interaction,
     path_type: Option<&str>,
 ) -> Response {
@@ -189,83 +218,48 @@ async fn handle<B: Bus>(
         );
     }
 
-    // Validate: parse and map, so the sender hears now what it can fix.
-    let tree = match fhir::parse(format, body) {
-        Ok(t) => t,
-        Err(e) => {
-            let (position, what) = match &e {
-                fhir::FhirError::Syntax { position, what }
-                | fhir::FhirError::Write {
-                    path: position,
-                    what,
-                } => (position.as_str(), what.as_str()),
-            };
-            return issue(
-                StatusCode::BAD_REQUEST,
+    // One parse, off the async workers: the sender check, the interaction's rules and the
+    // mapping (so the sender hears now what it can fix) all read the same tree.
+    let examined = {
+        let body = body.clone();
+        let path_type = path_type.map(str::to_owned);
+        let authenticated = authenticated.cloned();
+        tokio::task::spawn_blocking(move || {
+            examine(
+                format,
+                &body,
+                authenticated.as_ref(),
+                interaction,
+                path_type.as_deref(),
                 out,
-                "error",
-                "structure",
-                &format!("fhir_syntax: {what}"),
-                Some(position),
+            )
+        })
+        .await
+    };
+    let Examined {
+        tree,
+        resource_type,
+        bundle_type,
+        declared,
+        sender,
+    } = match examined {
+        Ok(Ok(e)) => e,
+        Ok(Err(resp)) => return *resp,
+        Err(e) => {
+            tracing::error!(error = %e, "examining a FHIR message failed");
+            return issue(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                out,
+                "fatal",
+                "exception",
+                "the message could not be read",
+                None,
             );
         }
     };
-    let resource_type = tree
-        .get("resourceType")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_owned();
-    let bundle_type = tree
-        .get("type")
-        .and_then(Value::as_str)
-        .filter(|_| resource_type == "Bundle")
-        .map(str::to_owned);
-    match interaction {
-        Interaction::ProcessMessage if bundle_type.as_deref() != Some("message") => {
-            return issue(
-                StatusCode::BAD_REQUEST,
-                out,
-                "error",
-                "invalid",
-                "$process-message takes a Bundle of type message",
-                Some("Bundle.type"),
-            );
-        }
-        Interaction::Base
-            if !matches!(
-                bundle_type.as_deref(),
-                Some("message" | "transaction" | "batch")
-            ) =>
-        {
-            return issue(
-                StatusCode::BAD_REQUEST,
-                out,
-                "error",
-                "invalid",
-                "POST to the base takes a Bundle of type message, transaction or batch",
-                Some(if resource_type == "Bundle" {
-                    "Bundle.type"
-                } else {
-                    "resourceType"
-                }),
-            );
-        }
-        Interaction::Create if path_type != Some(resource_type.as_str()) => {
-            return issue(
-                StatusCode::BAD_REQUEST,
-                out,
-                "error",
-                "invalid",
-                "resourceType does not match the URL",
-                Some("resourceType"),
-            );
-        }
-        _ => {}
-    }
-    if let Err(e) = normalize::events_from(&tree, "validation", format.as_str()) {
-        let (status, oo) = outcome::for_normalize_error(&e);
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
-        return respond(status, out, &oo);
+    let mut attributes = BTreeMap::new();
+    if let Some(s) = authenticated {
+        attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
     }
 
     // Durable before acknowledged.
@@ -275,7 +269,6 @@ async fn handle<B: Bus>(
         (_, Some("batch")) => "batch",
         _ => "process-message",
     };
-    let mut attributes = BTreeMap::new();
     attributes.insert("fhir_interaction".to_owned(), kind.to_owned());
     attributes.insert("fhir_resource_type".to_owned(), resource_type.clone());
     let envelope = RawEnvelope {
@@ -284,8 +277,8 @@ async fn handle<B: Bus>(
         connector: "fhir".into(),
         format,
         content_type: content_type.to_owned(),
-        sender: None,
-        receiver: None,
+        sender,
+        receiver: declared.receiver().map(str::to_owned),
         body: body.to_vec(),
         attributes,
     };
@@ -336,6 +329,124 @@ async fn handle<B: Bus>(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+/// What one parse of a FHIR request gives the handler.
+struct Examined {
+    tree: Value,
+    resource_type: String,
+    bundle_type: Option<String>,
+    declared: Declared,
+    /// The envelope's sender: the declared party, checked against the authenticated one.
+    sender: Option<String>,
+}
+
+/// Parse a request's body, check the senders it declares against `authenticated` (first, so
+/// a message in another's name hears 403 whatever else is wrong with it), then the
+/// interaction's rules and the mapping: what the sender can fix is the `Err` answer, in
+/// format `out`.
+fn examine(
+    format: Format,
+    body: &[u8],
+    authenticated: Option<&AuthenticatedSender>,
+    interaction: Interaction,
+    path_type: Option<&str>,
+    out: Format,
+) -> Result<Examined, Box<Response>> {
+    let tree = match fhir::parse(format, body) {
+        Ok(t) => t,
+        Err(e) => {
+            let (position, what) = match &e {
+                fhir::FhirError::Syntax { position, what }
+                | fhir::FhirError::Write {
+                    path: position,
+                    what,
+                } => (position.as_str(), what.as_str()),
+            };
+            return Err(Box::new(issue(
+                StatusCode::BAD_REQUEST,
+                out,
+                "error",
+                "structure",
+                &format!("fhir_syntax: {what}"),
+                Some(position),
+            )));
+        }
+    };
+    let declared = party::fhir_tree(&tree);
+    let sender = match authenticated {
+        Some(s) => s.check(&declared).map_err(|e| {
+            crate::telemetry::rejected("fhir", "sender_mismatch");
+            Box::new(issue(
+                StatusCode::FORBIDDEN,
+                out,
+                "error",
+                "forbidden",
+                &format!("sender_mismatch: {e}"),
+                Some("MessageHeader.sender"),
+            ))
+        })?,
+        None => declared.sender().map(str::to_owned),
+    };
+    let resource_type = tree
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let bundle_type = tree
+        .get("type")
+        .and_then(Value::as_str)
+        .filter(|_| resource_type == "Bundle")
+        .map(str::to_owned);
+    let refuse = |text: &str, at: &str| {
+        Err(Box::new(issue(
+            StatusCode::BAD_REQUEST,
+            out,
+            "error",
+            "invalid",
+            text,
+            Some(at),
+        )))
+    };
+    match interaction {
+        Interaction::ProcessMessage if bundle_type.as_deref() != Some("message") => {
+            return refuse(
+                "$process-message takes a Bundle of type message",
+                "Bundle.type",
+            );
+        }
+        Interaction::Base
+            if !matches!(
+                bundle_type.as_deref(),
+                Some("message" | "transaction" | "batch")
+            ) =>
+        {
+            return refuse(
+                "POST to the base takes a Bundle of type message, transaction or batch",
+                if resource_type == "Bundle" {
+                    "Bundle.type"
+                } else {
+                    "resourceType"
+                },
+            );
+        }
+        Interaction::Create if path_type != Some(resource_type.as_str()) => {
+            return refuse("resourceType does not match the URL", "resourceType");
+        }
+        _ => {}
+    }
+    if let Err(e) = normalize::events_from(&tree, "validation", format.as_str()) {
+        let (status, oo) = outcome::for_normalize_error(&e);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+        return Err(Box::new(respond(status, out, &oo)));
+    }
+    Ok(Examined {
+        tree,
+        resource_type,
+        bundle_type,
+        declared,
+        sender,
+    })
 }
 
 /// A transaction-response / batch-response: every entry accepted for forwarding.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ketenbus_connectors::ingest::{Accepted, Ingest, IngestError};
+use ketenbus_connectors::party;
 use ketenbus_connectors::sink::BoxFuture;
 use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
@@ -112,20 +113,22 @@ impl Ingest for SmtpSenderCheck {
                 .get("smtp.auth_user")
                 .and_then(|user| self.parties.get(user));
             if let Some(allowed) = allowed {
-                let declared = crate::auth::declared_senders(envelope.format, &envelope.body);
-                if let Some(other) = declared.iter().find(|d| !allowed.contains(d)) {
-                    telemetry::rejected(&envelope.connector, REASON_SENDER_NOT_ALLOWED);
-                    return Err(IngestError::Refused {
-                        reason: REASON_SENDER_NOT_ALLOWED,
-                        detail: format!(
-                            "the message declares sender {other}, which this login may not send as"
-                        ),
-                    });
+                let user = envelope
+                    .attributes
+                    .get("smtp.auth_user")
+                    .cloned()
+                    .unwrap_or_default();
+                let declared = party::declared(envelope.format, &envelope.body);
+                match party::check_sender(&declared, &user, allowed) {
+                    Ok(sender) => envelope.sender = sender,
+                    Err(e) => {
+                        telemetry::rejected(&envelope.connector, REASON_SENDER_NOT_ALLOWED);
+                        return Err(IngestError::Refused {
+                            reason: REASON_SENDER_NOT_ALLOWED,
+                            detail: e.to_string(),
+                        });
+                    }
                 }
-                envelope.sender = declared
-                    .into_iter()
-                    .next()
-                    .or_else(|| allowed.first().cloned());
             }
             self.inner.accept(envelope).await
         })

@@ -204,7 +204,6 @@ pub async fn run<B: Bus>(
         cancel.clone(),
     ));
 
-    let max_body = usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX);
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
         lineage: lineage.clone(),
@@ -253,7 +252,7 @@ pub async fn run<B: Bus>(
     let auth = crate::auth::Authenticator::new(&cfg.senders, &cfg.operators);
     crate::tls::serve(
         listener,
-        crate::auth::protect(api::router(state), auth, audit, max_body),
+        crate::auth::protect(api::router(state), auth, audit),
         tls,
         cfg.http.limits.clone(),
         cancel.clone(),

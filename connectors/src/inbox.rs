@@ -234,14 +234,16 @@ impl Inbox {
         let received_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+        // The file names its own parties (UNB, MessageHeader); no one else vouches for them.
+        let declared = crate::party::declared(self.config.format, &bytes);
         let envelope = RawEnvelope {
             id: uuid::Uuid::now_v7().to_string(),
             received_at_ms,
             connector: "inbox".into(),
             format: self.config.format,
             content_type: content_type(self.config.format).into(),
-            sender: None,
-            receiver: None,
+            sender: declared.sender().map(str::to_owned),
+            receiver: declared.receiver().map(str::to_owned),
             body: bytes,
             attributes: BTreeMap::from([("file".to_owned(), name.to_owned())]),
         };

@@ -9,6 +9,7 @@ pub mod inbox;
 pub mod ingest;
 pub mod mail;
 pub mod normalize;
+pub mod party;
 pub mod sink;
 pub mod webhook;
 

@@ -97,18 +97,7 @@ pub fn parties(input: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 fn party_id(ic: &Interchange<'_>, e: usize) -> Option<String> {
-    let h = ic.header()?;
-    let id = h.text(e, 0)?;
-    let id = id.trim();
-    if id.is_empty() {
-        return None;
-    }
-    // Qualifier 14 is a GS1 location number; otherwise a mailbox (ZorgMail and the like).
-    let scheme = match h.text(e, 1).as_deref().map(str::trim) {
-        Some("14") => "gln",
-        _ => "mailbox",
-    };
-    Some(format!("{scheme}:{id}"))
+    crate::party::unb(&ic.header()?, e)
 }
 
 impl Context<'_> {

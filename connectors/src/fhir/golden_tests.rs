@@ -657,8 +657,25 @@ fn acute_handover_goes_out_as_a_valid_message_and_comes_back_the_same() {
             source_endpoint: Some("https://ketenbus.example/fhir".into()),
             destination_endpoint: Some("https://hap.example.nl/fhir".into()),
         };
-        let out = to_bundle(&events[0], &opts).unwrap();
+        let mut out = to_bundle(&events[0], &opts).unwrap();
         assert_valid_bundle(&out);
+        // A pointer into the content store is refused on the way in: the sink sends the
+        // document's bytes, as here.
+        let pointer = FhirNormalizer
+            .normalize(&envelope("env-out", Format::FhirJson, json::to_vec(&out)))
+            .unwrap_err();
+        assert!(
+            matches!(&pointer, NormalizeError::Invalid { path, .. } if path.ends_with(".content[0].attachment.url")),
+            "{pointer:?}"
+        );
+        let documents = FhirNormalizer.content(&az_envelope());
+        let source: super::sink::AttachmentSource = std::sync::Arc::new(move |hash: &str| {
+            documents
+                .iter()
+                .find(|d| crate::mail::content::sha256_hex(d) == hash)
+                .cloned()
+        });
+        super::sink::inline_attachments(&mut out, &source);
         for format in [Format::FhirJson, Format::FhirXml] {
             let again = FhirNormalizer
                 .normalize(&envelope(

@@ -326,21 +326,8 @@ pub fn events_from(
         );
         h.source_message_type = Some(doc.message_type.clone());
         if let Some(mh) = doc.message_header() {
-            h.sender = mh
-                .res
-                .get("sender")
-                .and_then(|r| party(&doc, r))
-                .or_else(|| endpoint_party(mh.res.obj("source")));
-            h.receiver = mh
-                .res
-                .arr("destination")
-                .first()
-                .and_then(Value::as_object)
-                .and_then(|d| {
-                    d.get("receiver")
-                        .and_then(|r| party(&doc, r))
-                        .or_else(|| endpoint_party(Some(d)))
-                });
+            h.sender = header_sender(&doc, mh.res);
+            h.receiver = header_receivers(&doc, mh.res).next();
         }
         h
     };
@@ -501,6 +488,80 @@ fn party(doc: &Doc<'_>, reference: &Value) -> Option<String> {
         let org = doc.resolve(e.res.get("organization"))?;
         from_ids(org.res.arr("identifier"))
     })
+}
+
+/// The party a MessageHeader names as its sender: `sender`, else the `source` endpoint.
+fn header_sender(doc: &Doc<'_>, mh: &Object) -> Option<String> {
+    mh.get("sender")
+        .and_then(|r| party(doc, r))
+        .or_else(|| endpoint_party(mh.obj("source")))
+}
+
+/// The parties a MessageHeader names as its receivers: each destination's `receiver`, else
+/// its endpoint.
+fn header_receivers<'d>(doc: &'d Doc<'_>, mh: &'d Object) -> impl Iterator<Item = String> + 'd {
+    mh.arr("destination")
+        .iter()
+        .filter_map(Value::as_object)
+        .filter_map(move |d| {
+            d.get("receiver")
+                .and_then(|r| party(doc, r))
+                .or_else(|| endpoint_party(Some(d)))
+        })
+}
+
+/// The senders and receivers a FHIR resource or Bundle declares: those of every
+/// MessageHeader in it, also in Bundles nested in its entries. A document that does not hold
+/// together as a Bundle (and so maps to nothing) still declares what its MessageHeaders name
+/// by identifier or endpoint, wherever they are in the tree.
+#[must_use]
+pub fn declared(root: &Value) -> crate::party::Declared {
+    let mut out = crate::party::Declared::default();
+    if let Some(obj) = root.as_object() {
+        declared_into(obj, &mut out);
+    }
+    out
+}
+
+fn declared_into(obj: &Object, out: &mut crate::party::Declared) {
+    let Ok(doc) = Doc::new(obj) else {
+        declared_anywhere(obj, out);
+        return;
+    };
+    for e in &doc.entries {
+        match e.ty {
+            "MessageHeader" => {
+                out.senders.extend(header_sender(&doc, e.res));
+                out.receivers.extend(header_receivers(&doc, e.res));
+            }
+            "Bundle" => declared_into(e.res, out),
+            _ => {}
+        }
+    }
+}
+
+/// Every MessageHeader in a tree, read without resolving references.
+fn declared_anywhere(o: &Object, out: &mut crate::party::Declared) {
+    if o.str("resourceType") == Some("MessageHeader") {
+        let unresolved = Doc {
+            entries: Vec::new(),
+            message_type: String::new(),
+            header: None,
+            timestamp: None,
+        };
+        out.senders.extend(header_sender(&unresolved, o));
+        out.receivers.extend(header_receivers(&unresolved, o));
+    }
+    for (_, child) in o.iter() {
+        match child {
+            Value::Object(c) => declared_anywhere(c, out),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(Value::as_object)
+                .for_each(|c| declared_anywhere(c, out)),
+            _ => {}
+        }
+    }
 }
 
 fn endpoint_party(o: Option<&Object>) -> Option<String> {
@@ -1143,21 +1204,15 @@ fn handover(
                 continue;
             };
             let Some(data) = a.str("data") else {
-                // An attachment ketenbus wrote itself: kept by hash, not inlined.
-                if let Some(hash) = a
-                    .str("url")
-                    .and_then(|u| u.strip_prefix(super::emit::CONTENT_URN))
+                // A pointer into ketenbus's content store names a document that did not come
+                // with this message: whoever knows a hash would get another party's document.
+                if a.str("url")
+                    .is_some_and(|u| u.starts_with(super::emit::CONTENT_URN))
                 {
-                    attachments.push(Attachment {
-                        content_type: s(a, "contentType")
-                            .unwrap_or_else(|| "application/octet-stream".into()),
-                        title: s(a, "title"),
-                        sha256: hash.to_owned(),
-                        size: a
-                            .get("size")
-                            .and_then(Value::as_literal)
-                            .and_then(|n| n.parse().ok())
-                            .unwrap_or(0),
+                    return Err(NormalizeError::Invalid {
+                        reason: REASON_INVALID,
+                        path: format!("{}.content[{k}].attachment.url", dr.path),
+                        what: "a content reference to a document that did not come with this message; send the document as attachment.data".into(),
                     });
                 }
                 continue;

@@ -91,48 +91,56 @@ impl FhirSink {
 
     /// Replace content pointers by the bytes, where the source has them.
     fn inline_attachments(&self, bundle: &mut Value) {
-        let Some(source) = &self.attachments else {
-            return;
+        if let Some(source) = &self.attachments {
+            inline_attachments(bundle, source);
+        }
+    }
+}
+
+/// Replace the content pointers of a Bundle's DocumentReferences by the bytes, where
+/// `source` has them: a pointer means nothing outside this broker (and a receiving ketenbus
+/// refuses one).
+pub(crate) fn inline_attachments(bundle: &mut Value, source: &AttachmentSource) {
+    let Value::Object(b) = bundle else { return };
+    let Some(Value::Array(entries)) = b.get_mut("entry") else {
+        return;
+    };
+    for entry in entries {
+        let Some(Value::Object(res)) = (match entry {
+            Value::Object(e) => e.get_mut("resource"),
+            _ => None,
+        }) else {
+            continue;
         };
-        let Value::Object(b) = bundle else { return };
-        let Some(Value::Array(entries)) = b.get_mut("entry") else {
-            return;
+        let Some(Value::Array(content)) = res.get_mut("content") else {
+            continue;
         };
-        for entry in entries {
-            let Some(Value::Object(res)) = (match entry {
-                Value::Object(e) => e.get_mut("resource"),
+        for c in content {
+            let Some(Value::Object(att)) = (match c {
+                Value::Object(c) => c.get_mut("attachment"),
                 _ => None,
             }) else {
                 continue;
             };
-            let Some(Value::Array(content)) = res.get_mut("content") else {
+            let Some(hash) = att
+                .str("url")
+                .and_then(|u| u.strip_prefix(CONTENT_URN))
+                .map(str::to_owned)
+            else {
                 continue;
             };
-            for c in content {
-                let Some(Value::Object(att)) = (match c {
-                    Value::Object(c) => c.get_mut("attachment"),
-                    _ => None,
-                }) else {
-                    continue;
-                };
-                let Some(hash) = att
-                    .str("url")
-                    .and_then(|u| u.strip_prefix(CONTENT_URN))
-                    .map(str::to_owned)
-                else {
-                    continue;
-                };
-                if let Some(bytes) = source(&hash) {
-                    att.remove("url");
-                    att.insert(
-                        "data",
-                        Value::from(base64::engine::general_purpose::STANDARD.encode(bytes)),
-                    );
-                }
+            if let Some(bytes) = source(&hash) {
+                att.remove("url");
+                att.insert(
+                    "data",
+                    Value::from(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                );
             }
         }
     }
+}
 
+impl FhirSink {
     /// Where a delivery goes, and how its Bundle names that endpoint.
     fn target(&self, delivery: &Delivery) -> Result<(reqwest::Url, EmitOptions), DeliveryError> {
         let base = self

@@ -275,6 +275,18 @@ impl MailConfig {
             if s.require_tls && s.tls.is_none() {
                 p.push(("smtp.require_tls".into(), "needs smtp.tls".into()));
             }
+            // As for HTTP: off loopback, every client proves who it is over TLS.
+            let authenticated_over_tls =
+                s.tls.is_some() && s.auth.as_ref().is_some_and(|a| a.required);
+            if !s.listen.ip().is_loopback() && !authenticated_over_tls {
+                p.push((
+                    "smtp.listen".into(),
+                    format!(
+                        "{} is not loopback: needs smtp.tls and smtp.auth with required = true, so no one posts unauthenticated or in plain text",
+                        s.listen
+                    ),
+                ));
+            }
             if let Some(a) = &s.auth {
                 if s.tls.is_none() {
                     p.push((

@@ -140,6 +140,43 @@ pub(crate) fn parse_message(bytes: &[u8]) -> Option<mail_parser::Message<'_>> {
         .flatten()
 }
 
+/// One leaf part of a parsed message, borrowed: a nested `message/rfc822` is one leaf whose
+/// bytes are the whole nested message.
+pub(crate) struct Leaf<'m> {
+    pub(crate) content_type: String,
+    pub(crate) filename: Option<String>,
+    pub(crate) route: Route,
+    pub(crate) bytes: &'m [u8],
+}
+
+/// The leaf parts of a parsed message in order, each with where it goes.
+pub(crate) fn leaves<'m>(message: &'m mail_parser::Message<'m>) -> impl Iterator<Item = Leaf<'m>> {
+    message.parts.iter().filter_map(|part| {
+        let bytes: &[u8] = match &part.body {
+            PartType::Multipart(_) => return None,
+            PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
+            PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
+            PartType::Message(m) => m.raw_message(),
+        };
+        let content_type = part
+            .content_type()
+            .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
+            .unwrap_or_else(|| "text/plain".to_owned());
+        let filename = part.attachment_name().map(str::to_owned);
+        let attachment = part
+            .content_disposition()
+            .is_some_and(|d| d.is_attachment())
+            || filename.is_some();
+        let route = route_of(&content_type, filename.as_deref(), attachment, bytes);
+        Some(Leaf {
+            content_type,
+            filename,
+            route,
+            bytes,
+        })
+    })
+}
+
 /// Take a message apart (pure).
 ///
 /// # Errors
@@ -163,34 +200,18 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormalizeError> {
         .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
         .unwrap_or_default();
     let mut parts = Vec::new();
-    for part in &message.parts {
-        let body: &[u8] = match &part.body {
-            PartType::Multipart(_) => continue,
-            PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
-            PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
-            PartType::Message(m) => m.raw_message(),
-        };
-        let content_type = part
-            .content_type()
-            .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
-            .unwrap_or_else(|| "text/plain".to_owned());
-        let filename = part.attachment_name().map(str::to_owned);
-        let attachment = part
-            .content_disposition()
-            .is_some_and(|d| d.is_attachment())
-            || filename.is_some();
-        let route = route_of(&content_type, filename.as_deref(), attachment, body);
-        if body.is_empty() && matches!(route, Route::LetterText | Route::LetterHtml) {
+    for leaf in leaves(&message) {
+        if leaf.bytes.is_empty() && matches!(leaf.route, Route::LetterText | Route::LetterHtml) {
             continue;
         }
         parts.push(PartInfo {
             index: parts.len(),
-            size: body.len(),
-            sha256: sha256_hex(body),
-            content_type,
-            filename,
-            route,
-            bytes: body.to_vec(),
+            size: leaf.bytes.len(),
+            sha256: sha256_hex(leaf.bytes),
+            content_type: leaf.content_type,
+            filename: leaf.filename,
+            route: leaf.route,
+            bytes: leaf.bytes.to_vec(),
         });
     }
     Ok(Analysis {

@@ -1,0 +1,279 @@
+//! Party ids (`mailbox:…`, `gln:…`, `ura:…`, `agb:…`, `endpoint:…`) and the senders and
+//! receivers a message declares for itself: the UNB of every EDIFACT interchange, every FHIR
+//! MessageHeader (also in nested Bundles), and every part of a mail, also of a mail nested in
+//! a mail. One place, used by the sender check on every way in and by the normalisers, so
+//! what is checked is what the events will say.
+//!
+//! Reading what a message declares is lenient on purpose: an EDIFACT part is only
+//! tokenized (a wrong control count does not hide its UNB), and a mail part that fails to
+//! map still declares what its envelope segments or MessageHeaders name.
+
+use std::collections::BTreeSet;
+
+use ketenbus_schemas::Format;
+
+use crate::edifact::{Segment, tokenize};
+use crate::fhir;
+use crate::mail::mime;
+
+/// How deep mails nested in mails are read; deeper parts are refused (see [`Declared::opaque`]).
+pub const MAX_NESTING: usize = 8;
+
+/// The parties a message names, each set sorted and without duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Who the message says it is from.
+    pub senders: BTreeSet<String>,
+    /// Who the message says it is for.
+    pub receivers: BTreeSet<String>,
+    /// A structured part could not be read far enough to know what it declares (mails nested
+    /// deeper than [`MAX_NESTING`]). A checked sender may not post such a message.
+    pub opaque: bool,
+}
+
+impl Declared {
+    fn merge(&mut self, other: Declared) {
+        self.senders.extend(other.senders);
+        self.receivers.extend(other.receivers);
+        self.opaque |= other.opaque;
+    }
+
+    /// The one sender the message names, if it names exactly one.
+    #[must_use]
+    pub fn sender(&self) -> Option<&str> {
+        only(&self.senders)
+    }
+
+    /// The one receiver the message names, if it names exactly one.
+    #[must_use]
+    pub fn receiver(&self) -> Option<&str> {
+        only(&self.receivers)
+    }
+}
+
+fn only(set: &BTreeSet<String>) -> Option<&str> {
+    match set.len() {
+        1 => set.first().map(String::as_str),
+        _ => None,
+    }
+}
+
+/// The party id of UNB element `e` (1 = sender S002, 2 = recipient S003): qualifier 14 is a
+/// GS1 location number (`gln:`), anything else a mailbox (ZorgMail and the like).
+#[must_use]
+pub fn unb(header: &Segment<'_>, e: usize) -> Option<String> {
+    let id = header.text(e, 0)?;
+    let id = id.trim();
+    if id.is_empty() {
+        return None;
+    }
+    let scheme = match header.text(e, 1).as_deref().map(str::trim) {
+        Some("14") => "gln",
+        _ => "mailbox",
+    };
+    Some(format!("{scheme}:{id}"))
+}
+
+/// What the UNB segments of an EDIFACT body declare. Bytes that do not tokenize declare
+/// nothing: no reader can find a party in them, and the router dead-letters them.
+#[must_use]
+pub fn edifact(body: &[u8]) -> Declared {
+    let mut out = Declared::default();
+    if let Ok(tokens) = tokenize(body) {
+        for seg in tokens.segments().filter(|s| s.tag() == "UNB") {
+            out.senders.extend(unb(&seg, 1));
+            out.receivers.extend(unb(&seg, 2));
+        }
+    }
+    out
+}
+
+/// What the MessageHeaders of a parsed FHIR resource or Bundle declare.
+#[must_use]
+pub fn fhir_tree(root: &fhir::Value) -> Declared {
+    fhir::normalize::declared(root)
+}
+
+/// What a mail declares: every EDIFACT and FHIR part, in mails nested to [`MAX_NESTING`].
+#[must_use]
+pub fn mail(body: &[u8]) -> Declared {
+    mail_at(body, 0)
+}
+
+fn mail_at(body: &[u8], depth: usize) -> Declared {
+    let mut out = Declared::default();
+    let Some(message) = mime::parse_message(body) else {
+        return out;
+    };
+    for part in mime::leaves(&message) {
+        match part.route {
+            mime::Route::Edifact => out.merge(edifact(part.bytes)),
+            mime::Route::FhirJson => out.merge(fhir_bytes(Format::FhirJson, part.bytes)),
+            mime::Route::FhirXml => out.merge(fhir_bytes(Format::FhirXml, part.bytes)),
+            _ if part.content_type == "message/rfc822" || part.content_type == "message/global" => {
+                if depth + 1 >= MAX_NESTING {
+                    out.opaque = true;
+                } else {
+                    out.merge(mail_at(part.bytes, depth + 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn fhir_bytes(format: Format, body: &[u8]) -> Declared {
+    fhir::parse(format, body)
+        .map(|tree| fhir_tree(&tree))
+        .unwrap_or_default()
+}
+
+/// What a message in `format` declares.
+#[must_use]
+pub fn declared(format: Format, body: &[u8]) -> Declared {
+    match format {
+        Format::Edifact => edifact(body),
+        Format::FhirJson | Format::FhirXml => fhir_bytes(format, body),
+        Format::Rfc822 => mail(body),
+    }
+}
+
+/// Why a message may not be taken from a sender.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SenderError {
+    /// The message names a sender that is not one of the authenticated party's.
+    #[error("the message's sender {party} is not a party of the authenticated sender {who}")]
+    Foreign {
+        /// The foreign party id (an id, never patient data).
+        party: String,
+        /// Name of the authenticated sender or login.
+        who: String,
+    },
+    /// The message nests mails deeper than ketenbus reads, so its senders are unknown.
+    #[error(
+        "the message nests mails deeper than {MAX_NESTING} levels; its senders cannot be checked"
+    )]
+    Opaque,
+}
+
+/// Check what a message declares against the parties `who` may send as, and name the
+/// envelope's sender: the declared one (there is then exactly one set, all `who`'s own),
+/// else `who`'s first party.
+///
+/// # Errors
+/// [`SenderError::Foreign`] naming the first declared party that is not in `allowed`;
+/// [`SenderError::Opaque`] when the message cannot be read far enough to know.
+pub fn check_sender(
+    declared: &Declared,
+    who: &str,
+    allowed: &[String],
+) -> Result<Option<String>, SenderError> {
+    if declared.opaque {
+        return Err(SenderError::Opaque);
+    }
+    if let Some(other) = declared.senders.iter().find(|d| !allowed.contains(d)) {
+        return Err(SenderError::Foreign {
+            party: other.clone(),
+            who: who.to_owned(),
+        });
+    }
+    Ok(declared
+        .senders
+        .first()
+        .cloned()
+        .or_else(|| allowed.first().cloned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: &[&str]) -> BTreeSet<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn every_unb_counts_also_with_a_wrong_control_count() {
+        let two = b"UNB+UNOA:1+500001234+500005678+261101:0815+IC1'UNZ+7+IC1'\
+                    UNB+UNOA:1+8712345678906:14+500009999+261101:0815+IC2'UNZ+0+IC2'";
+        let d = edifact(two);
+        assert_eq!(d.senders, set(&["gln:8712345678906", "mailbox:500001234"]));
+        assert_eq!(
+            d.receivers,
+            set(&["mailbox:500005678", "mailbox:500009999"])
+        );
+    }
+
+    fn mail_with(part_type: &str, part: &str) -> String {
+        format!(
+            "From: a@example.test\r\nTo: b@example.test\r\nSubject: x\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\n\
+             Content-Type: text/plain\r\n\r\nsee attachment\r\n--b1\r\n\
+             Content-Type: {part_type}\r\n\r\n{part}\r\n--b1--\r\n"
+        )
+    }
+
+    #[test]
+    fn a_mail_declares_what_its_parts_and_nested_mails_declare() {
+        let edi = "UNB+UNOA:1+500009999+500005678+261101:0815+IC1'UNZ+0+IC1'";
+        let flat = mail_with("application/EDIFACT", edi);
+        assert_eq!(mail(flat.as_bytes()).senders, set(&["mailbox:500009999"]));
+        let nested = mail_with("message/rfc822", &flat);
+        assert_eq!(mail(nested.as_bytes()).senders, set(&["mailbox:500009999"]));
+        let mut deep = flat;
+        for _ in 0..MAX_NESTING {
+            deep = mail_with("message/rfc822", &deep);
+        }
+        let d = mail(deep.as_bytes());
+        assert!(d.opaque);
+        assert_eq!(check_sender(&d, "lab", &[]), Err(SenderError::Opaque));
+    }
+
+    #[test]
+    fn the_envelope_sender_is_the_declared_one_or_the_first_allowed() {
+        let allowed = vec!["mailbox:1".to_owned(), "mailbox:2".to_owned()];
+        let none = Declared::default();
+        assert_eq!(
+            check_sender(&none, "lab", &allowed).unwrap().as_deref(),
+            Some("mailbox:1")
+        );
+        let own = Declared {
+            senders: set(&["mailbox:2"]),
+            ..Declared::default()
+        };
+        assert_eq!(
+            check_sender(&own, "lab", &allowed).unwrap().as_deref(),
+            Some("mailbox:2")
+        );
+        let foreign = Declared {
+            senders: set(&["mailbox:2", "mailbox:3"]),
+            ..Declared::default()
+        };
+        let e = check_sender(&foreign, "lab", &allowed).unwrap_err();
+        assert!(e.to_string().contains("mailbox:3"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Whatever a client posts, in whatever format, reading what it declares does not panic.
+        #[test]
+        fn any_bytes_declare_without_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            f in 0usize..4,
+        ) {
+            let format = [Format::Edifact, Format::FhirJson, Format::FhirXml, Format::Rfc822][f];
+            let _ = declared(format, &body);
+        }
+
+        #[test]
+        fn unb_parties_are_read_as_the_normaliser_names_them(
+            id in "[0-9]{6,13}",
+            gln in proptest::prelude::any::<bool>(),
+        ) {
+            let q = if gln { ":14" } else { "" };
+            let msg = format!("UNB+UNOA:1+{id}{q}+500005678+261101:0815+IC1'UNZ+0+IC1'");
+            let scheme = if gln { "gln" } else { "mailbox" };
+            proptest::prop_assert_eq!(edifact(msg.as_bytes()).senders, set(&[&format!("{scheme}:{id}")]));
+        }
+    }
+}
