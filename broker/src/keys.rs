@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
-use ketenbus_schemas::Event;
 use ketenbus_schemas::event::{Identifier, systems};
+use ketenbus_schemas::{Event, RawEnvelope};
 use sha2::Sha256;
 
 /// Makes patient keys with one secret.
@@ -88,6 +88,63 @@ impl PatientKeyer {
             .find(|i| i.system == systems::BSN)
             .or_else(|| patient.identifiers.first())?;
         Some(self.key_of(id))
+    }
+}
+
+/// What a raw message itself declares about whom it concerns, for the audit record of its
+/// delivery: found with the router's normalisers, which are pure, so this is the reading the
+/// router made of the same bytes.
+pub struct RawPatients {
+    normalizers: crate::router::Normalizers,
+    keyer: PatientKeyer,
+}
+
+impl std::fmt::Debug for RawPatients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawPatients")
+    }
+}
+
+/// The patients and receiver a raw message declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Patient keys (pseudonyms), each once, in the message's order.
+    pub patients: Vec<String>,
+    /// The first receiver party id its events name.
+    pub receiver: Option<String>,
+}
+
+impl RawPatients {
+    /// With this build's normalisers and `keyer`.
+    #[must_use]
+    pub fn new(keyer: PatientKeyer) -> RawPatients {
+        RawPatients {
+            normalizers: crate::router::normalizers(),
+            keyer,
+        }
+    }
+
+    /// Normalise `envelope` once and take its patients and receiver; nothing for a message
+    /// that does not normalise.
+    #[must_use]
+    pub fn declared(&self, envelope: &RawEnvelope) -> Declared {
+        let Some(Ok(events)) = self
+            .normalizers
+            .get(&envelope.format)
+            .map(|n| n.normalize(envelope))
+        else {
+            return Declared::default();
+        };
+        let mut patients: Vec<String> = Vec::new();
+        for key in events.iter().filter_map(|e| self.keyer.key_for(e)) {
+            if !patients.contains(&key) {
+                patients.push(key);
+            }
+        }
+        Declared {
+            patients,
+            receiver: events.iter().find_map(|e| e.header().receiver.clone()),
+        }
     }
 }
 

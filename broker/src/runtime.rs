@@ -131,6 +131,7 @@ pub async fn run<B: Bus>(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );
+    let raw_patients = Arc::new(crate::keys::RawPatients::new(keyer.clone()));
     tasks.spawn(router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
@@ -149,7 +150,11 @@ pub async fn run<B: Bus>(
         cancel.clone(),
     ));
     let audit = if cfg.audit.enabled {
-        Some(crate::audit::Audit::open(&cfg.data_dir).context("opening the audit trail")?)
+        let key = cfg
+            .audit
+            .key(&cfg.data_dir, &|v| std::env::var(v).ok())
+            .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))?;
+        Some(crate::audit::Audit::open(&cfg.data_dir, key).context("opening the audit trail")?)
     } else {
         None
     };
@@ -171,7 +176,12 @@ pub async fn run<B: Bus>(
                     Arc::new(crate::consent::ConsentCheck { registry, policy })
                 }),
             audit: audit.clone(),
-            receiver_is_party: configured.is_some_and(|s| !s.sink.has_fixed_destination()),
+            receiver_is_party: configured.is_some_and(|s| !s.sink.has_fixed_destination())
+                || !sub.filter.receivers.is_empty(),
+            raw_patients: sub
+                .sources
+                .contains(&crate::config::Source::Raw)
+                .then(|| Arc::clone(&raw_patients)),
         };
         tasks.spawn(dispatch::run_with(
             Arc::clone(&bus),

@@ -54,6 +54,10 @@ pub fn ketenbus_bin() -> PathBuf {
     bin
 }
 
+/// The audit key every broker and command started here gets in `KETENBUS_AUDIT_KEY`
+/// (the default `[audit] key_env`), unless a test gives its own.
+pub const AUDIT_KEY: &str = "audit-key-for-the-whole-system-tests-0123456789";
+
 /// A running `ketenbus run` process with its own data directory and port.
 pub struct Broker {
     child: Option<Child>,
@@ -131,6 +135,7 @@ impl Broker {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("KETENBUS_LOG", "info,ketenbus=debug")
+            .env("KETENBUS_AUDIT_KEY", AUDIT_KEY)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -175,6 +180,7 @@ impl Broker {
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .env("KETENBUS_AUDIT_KEY", AUDIT_KEY)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run ketenbus");
