@@ -272,10 +272,11 @@ pub async fn run_with<B: Bus>(
     let cap = lanes * 32;
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(cap + lanes);
     let mut lane_txs = Vec::with_capacity(lanes);
+    let mut lane_tasks = tokio::task::JoinSet::new();
     for _ in 0..lanes {
         let (tx, rx) = mpsc::channel::<Job>(cap);
         lane_txs.push(tx);
-        tokio::spawn(lane(
+        lane_tasks.spawn(lane(
             rx,
             Arc::clone(&sink),
             Arc::clone(&name),
@@ -319,6 +320,15 @@ pub async fn run_with<B: Bus>(
             d = done_rx.recv() => {
                 finished.extend(d);
                 continue;
+            }
+            Some(ended) = lane_tasks.join_next(), if !cancel.is_cancelled() => {
+                // A lane ends before cancel only by a panic: this subscription ends with it.
+                tracing::error!(subscription = %name, "a delivery lane stopped; the subscription stops");
+                health.set(&component, State::Failed("a delivery lane stopped".into()));
+                match ended {
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    _ => return,
+                }
             }
             r = consumer.poll(Duration::from_millis(500)), if in_flight < cap => r,
         };
@@ -380,6 +390,7 @@ pub async fn run_with<B: Bus>(
             }
         }
     }
+    lane_tasks.detach_all(); // each ends on cancel, after its delivery in flight
     let _ = consumer.commit().await;
 }
 
@@ -488,6 +499,8 @@ async fn lane(
     hooks: Arc<Hooks>,
 ) {
     while let Some(job) = rx.recv().await {
+        #[cfg(debug_assertions)] // KETENBUS_FAULT=lane_panic_after:N (tests only)
+        crate::fault::hit("lane_panic_after");
         if let Some(consent) = &hooks.consent {
             let Some(verdict) =
                 consent_verdict(consent, &job.payload, &subscription, &cancel).await

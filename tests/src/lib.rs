@@ -159,6 +159,30 @@ impl Broker {
         panic!("ketenbus did not become ready:\n{}", self.log_text());
     }
 
+    /// Replace the extra environment variables for the next [`spawn`](Self::spawn).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+    }
+
+    /// Wait up to `timeout` for the process to exit on its own; its exit status, or `None`
+    /// while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL the process (no shutdown of any kind).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
