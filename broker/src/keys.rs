@@ -167,6 +167,53 @@ mod tests {
         assert_ne!(a, other.key_of(&id), "the key depends on the secret");
     }
 
+    fn medlab(n: usize, bsn: &str) -> String {
+        format!(
+            "UNH+M{n:04}+MEDLAB:1'ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'DET+26:11:01+07:40'IDE+J+L{n:07}+bloed'\
+SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M{n:04}'"
+        )
+    }
+
+    #[test]
+    fn a_raw_message_declares_each_of_its_patients_once_and_its_receiver() {
+        let body = format!(
+            "UNB+UNOA:1+500001234+500005678+261101:0815+IC0001'{}{}{}UNZ+3+IC0001'",
+            medlab(1, "999990007"),
+            medlab(2, "999990019"),
+            medlab(3, "999990007"),
+        );
+        let envelope = RawEnvelope {
+            id: "m".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: ketenbus_schemas::Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: None,
+            receiver: None,
+            body: body.into_bytes(),
+            attributes: Default::default(),
+        };
+        let k = PatientKeyer::new(b"0123456789abcdef".to_vec());
+        let declared = RawPatients::new(k.clone()).declared(&envelope);
+        let key = |bsn: &str| {
+            k.key_of(&Identifier {
+                system: systems::BSN.into(),
+                value: bsn.into(),
+            })
+        };
+        assert_eq!(declared.patients, vec![key("999990007"), key("999990019")]);
+        assert_eq!(declared.receiver.as_deref(), Some("mailbox:500005678"));
+        let unreadable = RawEnvelope {
+            body: b"not edifact".to_vec(),
+            ..envelope
+        };
+        assert_eq!(
+            RawPatients::new(k).declared(&unreadable),
+            Declared::default()
+        );
+    }
+
     #[test]
     fn the_generated_secret_is_kept() {
         let dir = tempfile::tempdir().unwrap();
