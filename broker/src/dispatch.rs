@@ -322,6 +322,9 @@ pub async fn run_with<B: Bus>(
                 continue;
             }
             Some(ended) = lane_tasks.join_next(), if !cancel.is_cancelled() => {
+                if cancel.is_cancelled() {
+                    break; // lanes stop on cancel
+                }
                 // A lane ends before cancel only by a panic: this subscription ends with it.
                 tracing::error!(subscription = %name, "a delivery lane stopped; the subscription stops");
                 health.set(&component, State::Failed("a delivery lane stopped".into()));
