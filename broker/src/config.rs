@@ -469,6 +469,11 @@ impl Config {
                 Some(_) => {}
             }
         }
+        if self.audit.enabled
+            && let Err((key, m)) = self.audit.key(&self.data_dir, env)
+        {
+            p(format!("audit.{key}"), m);
+        }
         for (k, m) in self.mail.problems(env) {
             p(format!("mail.{k}"), m);
         }
@@ -745,11 +750,16 @@ mod tests {
         None
     }
 
+    /// The environment of a deployment: the audit key and nothing else.
+    fn audit_key_only(k: &str) -> Option<String> {
+        (k == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32))
+    }
+
     /// Every problem in a config that must not validate.
     fn problems_of(text: &str) -> Vec<Problem> {
         Config::from_toml(text)
             .unwrap()
-            .validate(&no_env)
+            .validate(&audit_key_only)
             .unwrap_err()
     }
 
@@ -764,7 +774,10 @@ mod tests {
 
     #[test]
     fn no_file_is_a_valid_setup() {
-        let s = Config::default().validate(&no_env).unwrap();
+        let s = Config::default().validate(&audit_key_only).unwrap();
+        let missing = Config::default().validate(&no_env).unwrap_err();
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert_eq!(missing[0].path, "audit.key_env", "the audit key is named");
         assert_eq!(s.config.http.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.config.bus.engine, Engine::Embedded);
         assert_eq!(s.config.data_dir, PathBuf::from("data"));
@@ -777,6 +790,7 @@ mod tests {
         let env = |k: &str| {
             (k == "KETENBUS_GP_WEBHOOK_SECRET" || k == "KETENBUS_PATIENT_KEY")
                 .then(|| "0123456789abcdef0123".to_owned())
+                .or_else(|| (k == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32)))
         };
         let s = config.validate(&env).expect("example validates");
         assert!(!s.subscriptions.is_empty());
@@ -845,7 +859,7 @@ mod tests {
         "#;
         let settings = Config::from_toml(&format!("{subs}{book}"))
             .unwrap()
-            .validate(&no_env)
+            .validate(&audit_key_only)
             .expect("every channel has addresses");
         assert!(matches!(
             settings.subscriptions[0].sink,

@@ -66,8 +66,8 @@ struct Done {
     outcome: Outcome,
     error: Option<DeliveryError>,
     dead_letter: Option<(String, Vec<u8>, Vec<u8>)>,
-    /// The audit record to append before the ack (deliveries and withheld deliveries).
-    audit: Option<crate::audit::Entry>,
+    /// The audit records to append before the ack (deliveries and withheld deliveries).
+    audit: Vec<crate::audit::Entry>,
 }
 
 /// What a subscription checks and records around each delivery: consent before, the
@@ -78,34 +78,69 @@ pub struct Hooks {
     pub consent: Option<Arc<crate::consent::ConsentCheck>>,
     /// Append an audit record per delivery; acked only once it is on disk.
     pub audit: Option<crate::audit::Audit>,
-    /// The sink sends each record to its receiver (address book): the audit names the
-    /// record's receiver as the party that got it.
+    /// The sink sends each record to its receiver (address book), or the subscription takes
+    /// only records for the receivers it names: the audit names the record's receiver as
+    /// the party that got it.
     pub receiver_is_party: bool,
+    /// For a subscription of raw messages: finds the patients (and receiver) a message
+    /// declares, so its audit records name them.
+    pub raw_patients: Option<Arc<crate::keys::RawPatients>>,
 }
 
 impl Hooks {
-    fn audit_entry(&self, subscription: &str, action: &str, job: &Job) -> crate::audit::Entry {
-        let (patient, event_id, receiver) = match &job.payload {
+    /// The audit records of one delivery (or withheld delivery): one per patient the record
+    /// concerns (a raw message may declare several), none without an audit trail.
+    async fn audit_entries(
+        &self,
+        subscription: &str,
+        action: &str,
+        job: &Job,
+    ) -> Vec<crate::audit::Entry> {
+        if self.audit.is_none() {
+            return Vec::new();
+        }
+        let (patients, event_id, receiver) = match &job.payload {
             Payload::Event(e) => (
-                e.header().patient_key.clone(),
+                e.header().patient_key.clone().into_iter().collect(),
                 Some(job.record_id.clone()),
                 e.header().receiver.clone(),
             ),
-            Payload::Raw(env) => (None, None, env.receiver.clone()),
+            Payload::Raw(env) => {
+                let declared = match &self.raw_patients {
+                    // Normalising is parsing: off the async workers.
+                    Some(raw) => {
+                        let (raw, env) = (Arc::clone(raw), Arc::clone(env));
+                        tokio::task::spawn_blocking(move || raw.declared(&env))
+                            .await
+                            .unwrap_or_default()
+                    }
+                    None => crate::keys::Declared::default(),
+                };
+                (
+                    declared.patients,
+                    None,
+                    env.receiver.clone().or(declared.receiver),
+                )
+            }
         };
         let party = self
             .consent
             .as_ref()
             .and_then(|c| c.policy.party.clone())
             .or(receiver.filter(|_| self.receiver_is_party));
-        crate::audit::Entry {
+        let entry = |patient: Option<String>| crate::audit::Entry {
             action: action.to_owned(),
             actor: format!("subscription:{subscription}"),
-            party,
+            party: party.clone(),
             patient,
-            event_id,
+            event_id: event_id.clone(),
             envelope_id: Some(job.envelope_id.clone()),
             purpose: self.consent.as_ref().map(|c| c.policy.purpose.clone()),
+        };
+        if patients.is_empty() {
+            vec![entry(None)]
+        } else {
+            patients.into_iter().map(|p| entry(Some(p))).collect()
         }
     }
 }
@@ -237,10 +272,11 @@ pub async fn run_with<B: Bus>(
     let cap = lanes * 32;
     let (done_tx, mut done_rx) = mpsc::channel::<Done>(cap + lanes);
     let mut lane_txs = Vec::with_capacity(lanes);
+    let mut lane_tasks = tokio::task::JoinSet::new();
     for _ in 0..lanes {
         let (tx, rx) = mpsc::channel::<Job>(cap);
         lane_txs.push(tx);
-        tokio::spawn(lane(
+        lane_tasks.spawn(lane(
             rx,
             Arc::clone(&sink),
             Arc::clone(&name),
@@ -285,6 +321,18 @@ pub async fn run_with<B: Bus>(
                 finished.extend(d);
                 continue;
             }
+            Some(ended) = lane_tasks.join_next(), if !cancel.is_cancelled() => {
+                if cancel.is_cancelled() {
+                    break; // lanes stop on cancel
+                }
+                // A lane ends before cancel only by a panic: this subscription ends with it.
+                tracing::error!(subscription = %name, "a delivery lane stopped; the subscription stops");
+                health.set(&component, State::Failed("a delivery lane stopped".into()));
+                match ended {
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    _ => return,
+                }
+            }
             r = consumer.poll(Duration::from_millis(500)), if in_flight < cap => r,
         };
         let record = match polled {
@@ -321,7 +369,7 @@ pub async fn run_with<B: Bus>(
                         record.key.clone(),
                         record.value.clone(),
                     )),
-                    audit: None,
+                    audit: Vec::new(),
                 });
             }
             Ok(job) if !passes(&sub.filter, &job.payload) => {
@@ -334,7 +382,7 @@ pub async fn run_with<B: Bus>(
                     outcome: Outcome::Filtered,
                     error: None,
                     dead_letter: None,
-                    audit: None,
+                    audit: Vec::new(),
                 });
             }
             Ok(job) => {
@@ -345,6 +393,7 @@ pub async fn run_with<B: Bus>(
             }
         }
     }
+    lane_tasks.detach_all(); // each ends on cancel, after its delivery in flight
     let _ = consumer.commit().await;
 }
 
@@ -404,7 +453,7 @@ async fn finish<B: Bus>(
         }
     }
     // Outcomes and audit records go to disk side by side; both before the ack.
-    let entries: Vec<_> = batch.iter().filter_map(|d| d.audit.clone()).collect();
+    let entries: Vec<_> = batch.iter().flat_map(|d| d.audit.iter().cloned()).collect();
     let (published, audited) = tokio::join!(publish_retrying(bus, out, cancel), async {
         match audit {
             Some(a) => a.append(entries).await,
@@ -453,6 +502,8 @@ async fn lane(
     hooks: Arc<Hooks>,
 ) {
     while let Some(job) = rx.recv().await {
+        #[cfg(debug_assertions)] // KETENBUS_FAULT=lane_panic_after:N (tests only)
+        crate::fault::hit("lane_panic_after");
         if let Some(consent) = &hooks.consent {
             let Some(verdict) =
                 consent_verdict(consent, &job.payload, &subscription, &cancel).await
@@ -461,9 +512,8 @@ async fn lane(
             };
             if let crate::consent::Verdict::Withhold(detail) = verdict {
                 let audit = hooks
-                    .audit
-                    .is_some()
-                    .then(|| hooks.audit_entry(&subscription, "delivery_withheld", &job));
+                    .audit_entries(&subscription, "delivery_withheld", &job)
+                    .await;
                 let d = Done {
                     token: job.token,
                     record_id: job.record_id,
@@ -484,10 +534,7 @@ async fn lane(
                 continue;
             }
         }
-        let audit = hooks
-            .audit
-            .is_some()
-            .then(|| hooks.audit_entry(&subscription, "delivery", &job));
+        let audit = hooks.audit_entries(&subscription, "delivery", &job).await;
         let started = Instant::now();
         let mut delivery = Delivery {
             subscription: Arc::clone(&subscription),
@@ -550,7 +597,7 @@ async fn lane(
             audit: if outcome == Outcome::Delivered {
                 audit
             } else {
-                None
+                Vec::new()
             },
         };
         if done.send(d).await.is_err() {
@@ -685,7 +732,8 @@ mod tests {
         let sink = Arc::new(SlowRecorder {
             got: Mutex::new(Vec::new()),
         });
-        let audit = crate::audit::Audit::open(dir.path()).unwrap();
+        let key = crate::audit::AuditKey::new(b"audit-key-for-unit-tests-0123456789".to_vec());
+        let audit = crate::audit::Audit::open(dir.path(), key.unwrap()).unwrap();
         let hooks = Hooks {
             consent: Some(Arc::new(crate::consent::ConsentCheck {
                 registry: Arc::new(DenyAll),
@@ -697,6 +745,7 @@ mod tests {
             })),
             audit: Some(audit),
             receiver_is_party: false,
+            raw_patients: None,
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_with(

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
-use ketenbus_schemas::Event;
 use ketenbus_schemas::event::{Identifier, systems};
+use ketenbus_schemas::{Event, RawEnvelope};
 use sha2::Sha256;
 
 /// Makes patient keys with one secret.
@@ -91,6 +91,63 @@ impl PatientKeyer {
     }
 }
 
+/// What a raw message itself declares about whom it concerns, for the audit record of its
+/// delivery: found with the router's normalisers, which are pure, so this is the reading the
+/// router made of the same bytes.
+pub struct RawPatients {
+    normalizers: crate::router::Normalizers,
+    keyer: PatientKeyer,
+}
+
+impl std::fmt::Debug for RawPatients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawPatients")
+    }
+}
+
+/// The patients and receiver a raw message declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Declared {
+    /// Patient keys (pseudonyms), each once, in the message's order.
+    pub patients: Vec<String>,
+    /// The first receiver party id its events name.
+    pub receiver: Option<String>,
+}
+
+impl RawPatients {
+    /// With this build's normalisers and `keyer`.
+    #[must_use]
+    pub fn new(keyer: PatientKeyer) -> RawPatients {
+        RawPatients {
+            normalizers: crate::router::normalizers(),
+            keyer,
+        }
+    }
+
+    /// Normalise `envelope` once and take its patients and receiver; nothing for a message
+    /// that does not normalise.
+    #[must_use]
+    pub fn declared(&self, envelope: &RawEnvelope) -> Declared {
+        let Some(Ok(events)) = self
+            .normalizers
+            .get(&envelope.format)
+            .map(|n| n.normalize(envelope))
+        else {
+            return Declared::default();
+        };
+        let mut patients: Vec<String> = Vec::new();
+        for key in events.iter().filter_map(|e| self.keyer.key_for(e)) {
+            if !patients.contains(&key) {
+                patients.push(key);
+            }
+        }
+        Declared {
+            patients,
+            receiver: events.iter().find_map(|e| e.header().receiver.clone()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +165,53 @@ mod tests {
         assert!(!a.contains("999911120"));
         let other = PatientKeyer::new(b"another secret!!".to_vec());
         assert_ne!(a, other.key_of(&id), "the key depends on the secret");
+    }
+
+    fn medlab(n: usize, bsn: &str) -> String {
+        format!(
+            "UNH+M{n:04}+MEDLAB:1'ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'DET+26:11:01+07:40'IDE+J+L{n:07}+bloed'\
+SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M{n:04}'"
+        )
+    }
+
+    #[test]
+    fn a_raw_message_declares_each_of_its_patients_once_and_its_receiver() {
+        let body = format!(
+            "UNB+UNOA:1+500001234+500005678+261101:0815+IC0001'{}{}{}UNZ+3+IC0001'",
+            medlab(1, "999990007"),
+            medlab(2, "999990019"),
+            medlab(3, "999990007"),
+        );
+        let envelope = RawEnvelope {
+            id: "m".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: ketenbus_schemas::Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: None,
+            receiver: None,
+            body: body.into_bytes(),
+            attributes: Default::default(),
+        };
+        let k = PatientKeyer::new(b"0123456789abcdef".to_vec());
+        let declared = RawPatients::new(k.clone()).declared(&envelope);
+        let key = |bsn: &str| {
+            k.key_of(&Identifier {
+                system: systems::BSN.into(),
+                value: bsn.into(),
+            })
+        };
+        assert_eq!(declared.patients, vec![key("999990007"), key("999990019")]);
+        assert_eq!(declared.receiver.as_deref(), Some("mailbox:500005678"));
+        let unreadable = RawEnvelope {
+            body: b"not edifact".to_vec(),
+            ..envelope
+        };
+        assert_eq!(
+            RawPatients::new(k).declared(&unreadable),
+            Declared::default()
+        );
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod config;
 pub mod consent;
 pub mod dispatch;
 pub mod dlq;
+#[cfg(debug_assertions)]
+pub mod fault;
 pub mod fhir_api;
 pub mod health;
 pub mod ingest;

@@ -112,7 +112,8 @@ enum ConsentCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain; names the first broken record and exits non-zero.
+    /// Check the keyed hash chain with the audit key (`[audit] key_env` / `key_file`, as
+    /// `run` reads it); names the first broken record and exits non-zero.
     Verify {
         /// Configuration file (TOML) naming the data directory.
         #[arg(long, short)]
@@ -147,6 +148,15 @@ fn operator(settings: &Settings) -> anyhow::Result<Option<String>> {
     auth.operator_token(token.as_deref())
         .map(|p| p.map(|p| p.name.clone()))
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The audit key as the configuration names it (also when `[audit] enabled = false`, to
+/// check an older trail).
+fn audit_key(settings: &Settings) -> anyhow::Result<ketenbus::audit::AuditKey> {
+    let cfg = &settings.config;
+    cfg.audit
+        .key(&cfg.data_dir, &env_var)
+        .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))
 }
 
 /// Which dead letters a `dlq` command works on.
@@ -420,7 +430,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             let _operator = operator(&settings)?;
             let path = ketenbus::audit::path_in(&settings.config.data_dir);
             match since {
-                None => match ketenbus::audit::verify(&path)? {
+                None => match ketenbus::audit::verify(&path, &audit_key(&settings)?)? {
                     ketenbus::audit::Verified::Intact { records, last_hash } => {
                         println!(
                             "{}: intact, {records} record(s), last hash {last_hash}",

@@ -160,6 +160,8 @@ async fn route_batch<B: Bus>(
     let mut content = Vec::new();
     let mut bounced = Vec::new();
     for record in &batch {
+        #[cfg(debug_assertions)] // KETENBUS_FAULT=router_panic_after:N (tests only)
+        crate::fault::hit("router_panic_after");
         let routed = route_one(record, routing);
         made.extend(routed.made.into_iter().map(|(i, r)| (out.len() + i, r)));
         out.extend(routed.out);

@@ -1,5 +1,6 @@
 //! Starting and stopping the broker on a chosen engine.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -127,11 +128,14 @@ pub async fn run<B: Bus>(
         PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
+    // Task names by id, for the log line when one ends unexpectedly (and its health entry).
+    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
     let content: Arc<dyn ketenbus_connectors::mail::ContentStore> = Arc::new(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );
-    tasks.spawn(router::run(
+    let raw_patients = Arc::new(crate::keys::RawPatients::new(keyer.clone()));
+    let router_task = tasks.spawn(router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
             normalizers: router::normalizers(),
@@ -148,8 +152,13 @@ pub async fn run<B: Bus>(
         Arc::clone(&health),
         cancel.clone(),
     ));
+    names.insert(router_task.id(), "router".to_owned());
     let audit = if cfg.audit.enabled {
-        Some(crate::audit::Audit::open(&cfg.data_dir).context("opening the audit trail")?)
+        let key = cfg
+            .audit
+            .key(&cfg.data_dir, &|v| std::env::var(v).ok())
+            .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))?;
+        Some(crate::audit::Audit::open(&cfg.data_dir, key).context("opening the audit trail")?)
     } else {
         None
     };
@@ -171,9 +180,14 @@ pub async fn run<B: Bus>(
                     Arc::new(crate::consent::ConsentCheck { registry, policy })
                 }),
             audit: audit.clone(),
-            receiver_is_party: configured.is_some_and(|s| !s.sink.has_fixed_destination()),
+            receiver_is_party: configured.is_some_and(|s| !s.sink.has_fixed_destination())
+                || !sub.filter.receivers.is_empty(),
+            raw_patients: sub
+                .sources
+                .contains(&crate::config::Source::Raw)
+                .then(|| Arc::clone(&raw_patients)),
         };
-        tasks.spawn(dispatch::run_with(
+        let task = tasks.spawn(dispatch::run_with(
             Arc::clone(&bus),
             sub.clone(),
             sink,
@@ -182,6 +196,7 @@ pub async fn run<B: Bus>(
             cancel.clone(),
             hooks,
         ));
+        names.insert(task.id(), format!("subscription {}", sub.name));
     }
     for inbox in &cfg.inbox {
         let ingest = Arc::new(BusIngest::new(
@@ -191,18 +206,20 @@ pub async fn run<B: Bus>(
         ));
         let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
             .with_context(|| format!("preparing inbox {}", inbox.path.display()))?;
-        tasks.spawn(source.run(cancel.clone()));
+        let task = tasks.spawn(source.run(cancel.clone()));
+        names.insert(task.id(), format!("inbox {}", inbox.path.display()));
     }
     let mut connectors = vec!["http", "fhir"];
     if !cfg.inbox.is_empty() {
         connectors.push("inbox");
     }
     telemetry::init(&settings, &connectors);
-    tasks.spawn(telemetry::watch(
+    let task = tasks.spawn(telemetry::watch(
         Arc::clone(&bus),
         &settings,
         cancel.clone(),
     ));
+    names.insert(task.id(), "telemetry".to_owned());
 
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
@@ -250,21 +267,76 @@ pub async fn run<B: Bus>(
         tracing::warn!(warning = %w, "access is open");
     }
     let auth = crate::auth::Authenticator::new(&cfg.senders, &cfg.operators);
-    crate::tls::serve(
+    let serve = crate::tls::serve(
         listener,
         crate::auth::protect(api::router(state), auth, audit),
         tls,
         cfg.http.limits.clone(),
         cancel.clone(),
-    )
-    .await;
-    cancel.cancel();
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(e) = joined {
-            tracing::error!(error = %e, "a task panicked");
+    );
+    let failure = supervise(serve, &mut tasks, &names, &health, &cancel).await;
+    lineage.flush().await;
+    match failure {
+        Some(failure) => {
+            tracing::error!(cause = %failure, "ketenbus stopped after a failure; exiting non-zero");
+            Err(anyhow::anyhow!(failure))
+        }
+        None => {
+            tracing::info!("ketenbus stopped");
+            Ok(())
         }
     }
-    lineage.flush().await;
-    tracing::info!("ketenbus stopped");
-    Ok(())
+}
+
+/// Serve until `cancel`; when a task ends before that (it returned after a fatal error, or
+/// panicked), log why at ERROR, mark it failed, and stop the others cleanly. The broker then
+/// exits non-zero for its supervisor to restart it: nothing acknowledged is lost, since
+/// every record is acknowledged only once its next durable store holds it. Returns what
+/// ended unexpectedly, if anything did.
+async fn supervise(
+    serve: impl Future<Output = ()>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    names: &HashMap<tokio::task::Id, String>,
+    health: &Health,
+    cancel: &CancellationToken,
+) -> Option<String> {
+    let mut failure = None;
+    let mut serving = true;
+    tokio::pin!(serve);
+    loop {
+        tokio::select! {
+            () = &mut serve, if serving => {
+                serving = false;
+                cancel.cancel();
+            }
+            Some(joined) = tasks.join_next_with_id() => {
+                let (id, cause) = match joined {
+                    Ok(_) if cancel.is_cancelled() => continue, // stopped as asked
+                    Ok((id, ())) => (id, "it returned (see the error before)".to_owned()),
+                    Err(e) => (e.id(), panic_text(e)),
+                };
+                let task = names.get(&id).map_or("a mail connector", String::as_str);
+                tracing::error!(task, cause = %cause, "a task ended unexpectedly; stopping the broker");
+                health.set(task, State::Failed(cause.clone()));
+                failure.get_or_insert_with(|| format!("{task} ended unexpectedly: {cause}"));
+                cancel.cancel();
+            }
+            else => return failure,
+        }
+    }
+}
+
+/// Why a task ended: its panic message.
+fn panic_text(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => {
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            format!("panicked: {text}")
+        }
+        Err(e) => e.to_string(),
+    }
 }

@@ -65,7 +65,9 @@ listen = "127.0.0.1:$http_port"
 listen = "127.0.0.1:$kb_port"
 max_connections = 1024
 EOF
-KETENBUS_LOG=warn "$bin" run --config "$work/ketenbus.toml" 2>"$work/ketenbus.log" &
+# A throwaway audit key for this run (the audit trail needs one; see README, Audit trail).
+KETENBUS_AUDIT_KEY=${KETENBUS_AUDIT_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')} \
+  KETENBUS_LOG=warn "$bin" run --config "$work/ketenbus.toml" 2>"$work/ketenbus.log" &
 pids+=($!)
 
 wait_port "$sink_port"; wait_port "$aio_port"; wait_port "$kb_port"

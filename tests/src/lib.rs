@@ -54,6 +54,10 @@ pub fn ketenbus_bin() -> PathBuf {
     bin
 }
 
+/// The audit key every broker and command started here gets in `KETENBUS_AUDIT_KEY`
+/// (the default `[audit] key_env`), unless a test gives its own.
+pub const AUDIT_KEY: &str = "audit-key-for-the-whole-system-tests-0123456789";
+
 /// A running `ketenbus run` process with its own data directory and port.
 pub struct Broker {
     child: Option<Child>,
@@ -131,6 +135,7 @@ impl Broker {
             .args(["run", "--config"])
             .arg(&self.config)
             .env("KETENBUS_LOG", "info,ketenbus=debug")
+            .env("KETENBUS_AUDIT_KEY", AUDIT_KEY)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
@@ -154,6 +159,30 @@ impl Broker {
         panic!("ketenbus did not become ready:\n{}", self.log_text());
     }
 
+    /// Replace the extra environment variables for the next [`spawn`](Self::spawn).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+    }
+
+    /// Wait up to `timeout` for the process to exit on its own; its exit status, or `None`
+    /// while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL the process (no shutdown of any kind).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -175,6 +204,7 @@ impl Broker {
             .args(args)
             .arg("--config")
             .arg(&self.config)
+            .env("KETENBUS_AUDIT_KEY", AUDIT_KEY)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run ketenbus");

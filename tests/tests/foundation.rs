@@ -207,6 +207,7 @@ fn check_config_names_every_problem_and_the_example_passes() {
         .args(["check-config", "--config", example])
         .env("KETENBUS_GP_WEBHOOK_SECRET", "s3cret-for-the-example")
         .env("KETENBUS_PATIENT_KEY", "0123456789abcdef0123456789")
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
         .output()
         .unwrap();
     assert!(

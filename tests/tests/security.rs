@@ -113,6 +113,7 @@ impl TlsBroker {
             .args(["run", "--config"])
             .arg(&config)
             .env("KETENBUS_LOG", "info,ketenbus=debug")
+            .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -268,6 +269,7 @@ fn a_public_listener_without_tls_is_a_config_problem() {
     let out = Command::new(ketenbus_bin())
         .args(["check-config", "--config"])
         .arg(&config)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -288,6 +290,7 @@ fn a_public_listener_without_tls_is_a_config_problem() {
     let out = Command::new(ketenbus_bin())
         .args(["check-config", "--config"])
         .arg(&config)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
         .output()
         .unwrap();
     assert!(
@@ -414,6 +417,7 @@ async fn tokens_decide_who_may_post_and_read() {
         let mut cmd = Command::new(ketenbus_bin());
         cmd.args(["dlq", "list", "--subscription", "router", "--config"])
             .arg(&broker.config)
+            .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
             .env_remove("KETENBUS_OPERATOR_TOKEN");
         if let Some(t) = token {
             cmd.env("KETENBUS_OPERATOR_TOKEN", t);
@@ -590,6 +594,7 @@ fn pseudonym(dir: &Path, bsn: &str) -> String {
         .args(["consent", "pseudonym", "--bsn", bsn, "--config"])
         .arg(&config)
         .env("TEST_PATIENT_KEY", PATIENT_KEY_SECRET)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
         .output()
         .unwrap();
     assert!(
@@ -717,6 +722,7 @@ fn audit_cli(broker: &ketenbus_tests::Broker, args: &[&str]) -> (bool, String, S
         .arg("--config")
         .arg(&broker.config)
         .env("KETENBUS_OPERATOR_TOKEN", OPS_TOKEN)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
         .output()
         .unwrap();
     (
@@ -834,6 +840,180 @@ async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
     assert!(!ok, "{out}");
     assert!(err.contains("broken at record 2"), "{err}");
     assert!(err.contains("does not match its hash"), "{err}");
+}
+
+/// What someone who can write the data directory but has no audit key does: remove the
+/// record at `remove` (0-based) and recompute the chain after it the way `audit verify`
+/// checked it before it was keyed: renumber, point `prev` at the record before, and put
+/// the plain SHA-256 of the record's content (the line without `hash`) in `hash`.
+fn remove_and_rechain_plainly(text: &str, remove: usize) -> String {
+    use sha2::Digest;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.remove(remove);
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for (i, line) in lines.into_iter().enumerate() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        let cut = line.rfind(",\"hash\":\"").unwrap();
+        let content = format!("{}}}", &line[..cut])
+            .replacen(
+                &format!("{{\"seq\":{},", r["seq"]),
+                &format!("{{\"seq\":{},", i + 1),
+                1,
+            )
+            .replacen(
+                &format!("\"prev\":\"{}\"", r["prev"].as_str().unwrap()),
+                &format!("\"prev\":\"{prev}\""),
+                1,
+            );
+        let hash = hex::encode(sha2::Sha256::digest(content.as_bytes()));
+        out.push_str(&format!(
+            "{},\"hash\":\"{hash}\"}}\n",
+            &content[..content.len() - 1]
+        ));
+        prev = hash;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
+    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let keys = tempfile::tempdir().unwrap();
+    let consent = keys.path().join("consent.csv");
+    std::fs::write(&consent, "patient,party,purpose,decision\n").unwrap();
+    // A raw subscription that delivers for one party; a raw one that names no party.
+    let sub = format!(
+        "{}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"allow\" }}\n{}",
+        ketenbus_tests::webhook_subscription("raw-gp", "\"raw\"", &rx.url(), ""),
+        ketenbus_tests::webhook_subscription("raw-archive", "\"raw\"", &rx.url(), ""),
+    );
+    let extra = format!("[consent]\nfile = {consent:?}\n{sub}{}", principals());
+    let mut broker = ketenbus_tests::Broker::start(&extra);
+    // The pseudonyms under this broker's own patient-key secret.
+    let pseudonym = |bsn: &str| {
+        let (ok, out, err) = broker.cli(&["consent", "pseudonym", "--bsn", bsn]);
+        assert!(ok, "{err}");
+        out.trim().to_owned()
+    };
+    let (a, b) = (pseudonym(BSN_A), pseudonym(BSN_B));
+    let c = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (n, bsn) in [(1, BSN_A), (2, BSN_B)] {
+        let (s, j, _) = post_as(
+            &c,
+            &broker.url,
+            Some(LAB_TOKEN),
+            medlab(n, "500001234", bsn),
+        )
+        .await;
+        assert_eq!(s, 202, "{j}");
+        ids.push(j["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(rx.wait_for(4, Duration::from_secs(20)).await.len(), 4);
+    for id in &ids {
+        lineage_until(&c, &broker.url, id, |l| {
+            l["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().filter(|s| s["outcome"] == "delivered").count() == 2)
+        })
+        .await;
+    }
+    broker.kill();
+    let audit_file = broker.dir.join("data").join("audit.jsonl");
+    let text = std::fs::read_to_string(&audit_file).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let raw = |actor: &str| -> Vec<&serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| r["action"] == "delivery" && r["actor"] == actor)
+            .collect()
+    };
+    let (gp, archive) = (raw("subscription:raw-gp"), raw("subscription:raw-archive"));
+    assert_eq!((gp.len(), archive.len()), (2, 2), "{text}");
+    for (i, id) in ids.iter().enumerate() {
+        let patient = [&a, &b][i];
+        for r in [&gp, &archive] {
+            let r = r.iter().find(|r| r["envelope_id"] == id.as_str()).unwrap();
+            assert_eq!(r["patient"], patient.as_str(), "the pseudonym: {r}");
+        }
+        let r = gp.iter().find(|r| r["envelope_id"] == id.as_str()).unwrap();
+        assert_eq!(r["party"], "agb:01234567", "the consent party: {r}");
+    }
+    assert!(!text.contains(BSN_A) && !text.contains(BSN_B));
+
+    // The untouched trail verifies.
+    let (ok, out, err) = audit_cli(&broker, &["audit", "verify"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("intact, {} record(s)", records.len())),
+        "{out}"
+    );
+    // Without the key it cannot be checked at all.
+    let out = Command::new(ketenbus_bin())
+        .args(["audit", "verify", "--config"])
+        .arg(&broker.config)
+        .env("KETENBUS_OPERATOR_TOKEN", OPS_TOKEN)
+        .env_remove("KETENBUS_AUDIT_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("audit.key_env"));
+
+    // Someone removes the first delivery and recomputes the chain without the key.
+    let first = text
+        .lines()
+        .position(|l| l.contains("\"action\":\"delivery\""))
+        .unwrap();
+    std::fs::write(&audit_file, remove_and_rechain_plainly(&text, first)).unwrap();
+    let (ok, out, err) = audit_cli(&broker, &["audit", "verify"]);
+    assert!(!ok, "a recomputed chain passed: {out}");
+    assert!(err.contains("broken at record 1"), "{err}");
+    // Nor does the broker write on after it: it refuses to start.
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| broker.spawn()));
+    assert!(started.is_err(), "the broker continued a rewritten trail");
+    assert!(
+        broker
+            .log_text()
+            .contains("does not hold under the configured audit key"),
+        "{}",
+        broker.log_text()
+    );
+
+    // An edit, an insertion and a removal of the untouched trail are each found.
+    let lines: Vec<&str> = text.lines().collect();
+    let edited = {
+        let mut l: Vec<String> = lines.iter().map(|s| (*s).to_owned()).collect();
+        l[first] = l[first].replacen("\"actor\":\"", "\"actor\":\"x", 1);
+        l.join("\n") + "\n"
+    };
+    let inserted = {
+        let mut l = lines.clone();
+        l.insert(1, lines[0]);
+        l.join("\n") + "\n"
+    };
+    let removed = {
+        let mut l = lines.clone();
+        l.remove(first);
+        l.join("\n") + "\n"
+    };
+    for (what, changed) in [
+        ("edit", edited),
+        ("insertion", inserted),
+        ("removal", removed),
+    ] {
+        assert_ne!(changed, text, "{what}");
+        std::fs::write(&audit_file, changed).unwrap();
+        let (ok, out, _) = audit_cli(&broker, &["audit", "verify"]);
+        assert!(!ok, "{what} went unnoticed: {out}");
+    }
 }
 
 /// Send `head` (and maybe more) on a raw connection and read what comes back until the
