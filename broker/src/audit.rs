@@ -122,6 +122,14 @@ impl AuditConfig {
                 .map_err(|m| ("key_file", format!("{}: {m}", file.display())));
         }
         let var = &self.key_env;
+        if env(var).is_none()
+            && let Some(local) = local_key_file(env).filter(|f| f.is_file())
+        {
+            let bytes = std::fs::read(&local)
+                .map_err(|e| ("key_env", format!("{}: {e}", local.display())))?;
+            return AuditKey::new(bytes)
+                .map_err(|m| ("key_env", format!("{}: {m}", local.display())));
+        }
         let value = env(var).ok_or_else(|| {
             (
                 "key_env",
@@ -133,6 +141,47 @@ impl AuditConfig {
         AuditKey::new(value.into_bytes())
             .map_err(|m| ("key_env", format!("environment variable {var} {m}")))
     }
+}
+
+/// Where a broker that listens on loopback only (the quick start) keeps the audit key it
+/// makes itself when none is configured: `$XDG_CONFIG_HOME/ketenbus/audit.key`, else
+/// `$HOME/.config/ketenbus/audit.key`. Outside any data directory, readable by its owner only.
+#[must_use]
+pub fn local_key_file(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let config = env("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            env("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| Path::new(&h).join(".config"))
+        })?;
+    Some(config.join("ketenbus").join("audit.key"))
+}
+
+/// Make the loopback broker's own audit key (32 random bytes, hex, mode 0600) unless it
+/// exists, and say where it is.
+///
+/// # Errors
+/// When there is no home or config directory, or the file cannot be written.
+pub fn ensure_local_key(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, String> {
+    let file = local_key_file(env).ok_or("neither XDG_CONFIG_HOME nor HOME is set")?;
+    if file.is_file() {
+        return Ok(file);
+    }
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let key = hex::encode(rand::random::<[u8; 32]>());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(&file)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    Ok(file)
 }
 
 /// What happened, as a caller reports it.

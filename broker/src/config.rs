@@ -469,7 +469,12 @@ impl Config {
                 Some(_) => {}
             }
         }
+        // On loopback only, `ketenbus run` makes its own key when none is configured.
+        let own_key = self.http.listen.ip().is_loopback()
+            && self.audit.key_file.is_none()
+            && env(&self.audit.key_env).is_none();
         if self.audit.enabled
+            && !own_key
             && let Err((key, m)) = self.audit.key(&self.data_dir, env)
         {
             p(format!("audit.{key}"), m);

@@ -154,9 +154,20 @@ pub async fn run<B: Bus>(
     ));
     names.insert(router_task.id(), "router".to_owned());
     let audit = if cfg.audit.enabled {
+        let env = |v: &str| std::env::var(v).ok();
+        if cfg.http.listen.ip().is_loopback()
+            && cfg.audit.key_file.is_none()
+            && env(&cfg.audit.key_env).is_none()
+        {
+            // The quick start: a loopback broker makes its own key, outside data_dir.
+            let file = crate::audit::ensure_local_key(&env).map_err(|m| {
+                anyhow::anyhow!("audit.key_env is not set and no local key can be made: {m}")
+            })?;
+            tracing::warn!(key_file = %file.display(), "audit.key_env is not set: the audit trail is keyed with this machine's own key; set audit.key_env or audit.key_file from a secret store before leaving loopback");
+        }
         let key = cfg
             .audit
-            .key(&cfg.data_dir, &|v| std::env::var(v).ok())
+            .key(&cfg.data_dir, &env)
             .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))?;
         Some(crate::audit::Audit::open(&cfg.data_dir, key).context("opening the audit trail")?)
     } else {
