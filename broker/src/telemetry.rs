@@ -560,8 +560,12 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
         }
         m.last_received.with_label_values(&[connector]).set(now);
     }
-    for kind in EventKind::ALL {
-        m.normalised_events.with_label_values(&[kind.as_str()]);
+    for kind in EventKind::ALL
+        .map(EventKind::as_str)
+        .into_iter()
+        .chain([OTHER])
+    {
+        m.normalised_events.with_label_values(&[kind]);
     }
     for reason in ROUTER_REASONS.into_iter().chain([OTHER]) {
         m.router_dead_letters.with_label_values(&[reason]);
