@@ -62,6 +62,18 @@ impl PatientKeyer {
         }
     }
 
+    /// A key for another purpose, derived from the same secret (HMAC-SHA256 of `purpose`):
+    /// every process sharing the patient-key secret derives the same one, and it reveals
+    /// nothing about the secret or the patient keys.
+    #[must_use]
+    pub fn derive(&self, purpose: &str) -> Vec<u8> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("hmac takes keys of any length");
+        mac.update(b"ketenbus derived key\0");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// Key of one identifier: 32 hex characters.
     #[must_use]
     pub fn key_of(&self, id: &Identifier) -> String {

@@ -455,6 +455,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { url } => {
             let client = reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()?;
             let base = url.trim_end_matches('/');
             let ready = client

@@ -7,7 +7,10 @@
 //! A delivery status notification saying a mail subscription's delivery failed for good
 //! dead-letters that delivery: the router reads the delivered envelope again by its
 //! position on the raw topic (the lineage keeps it) and normalises it again, which, being
-//! pure, gives the very record the subscription delivered.
+//! pure, gives the very record the subscription delivered. A report counts only when it
+//! came through a source in `mail.bounce_sources` and its envelope id carries the token the
+//! mail sink made for that delivery ([`dsn::lineage_of`]); any other report changes
+//! nothing but its own lineage (`delivery_report` / `ignored`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -57,7 +60,7 @@ pub fn normalizers() -> Normalizers {
 
 /// Everything the router decides with: normalisers, the patient keyer, the EDIFACT
 /// partners that asked for a CONTRL acknowledgement of each interchange, where documents
-/// are kept, and the subscriptions a bounce can dead-letter into.
+/// are kept, and how delivery reports are checked.
 pub struct Routing {
     /// Normalisers by format.
     pub normalizers: Normalizers,
@@ -67,9 +70,13 @@ pub struct Routing {
     pub contrl_partners: HashSet<String>,
     /// Where attachment bytes are kept; `None` keeps only their hashes (tests, inspect).
     pub content: Option<Arc<dyn ContentStore>>,
-    /// Configured subscriptions: a bounce naming another one is recorded, not dead-lettered.
-    pub subscriptions: HashSet<String>,
+    /// Which delivery reports count: their sources, the token key and the mail
+    /// subscriptions a report can be about (and a bounce dead-letter into).
+    pub reports: dsn::ReportCheck,
 }
+
+/// Purpose the delivery-report token key is derived for from the patient-key secret.
+pub const REPORT_KEY_PURPOSE: &str = "delivery report token";
 
 /// Dead-letter reason of a delivery whose mail bounced for good.
 pub const REASON_BOUNCED: &str = "bounced";
@@ -175,10 +182,9 @@ async fn route_batch<B: Bus>(
     for report in bounced {
         let at = now_ms();
         if let Some(dl) = bounce_dead_letter(bus, routing, lineage, &report, at).await? {
-            let sub = report.subscription.clone().unwrap_or_default();
-            crate::telemetry::dead_lettered(&sub, REASON_BOUNCED);
+            crate::telemetry::dead_lettered(&report.subscription, REASON_BOUNCED);
             let mut step = Step::new(at, "delivery_report", "dead_lettered");
-            step.subscription = report.subscription.clone();
+            step.subscription = Some(report.subscription.clone());
             step.record_id = Some(report.record_id.clone());
             step.reason = Some(REASON_BOUNCED.to_owned());
             steps.push((report.envelope_id.clone(), step));
@@ -228,7 +234,7 @@ async fn keep_content(
 
 /// The dead letter for a delivery whose mail bounced for good: the record the subscription
 /// delivered, found again from its envelope's position on the raw topic. `None` (with a
-/// warning) when the subscription is not configured here or the envelope is gone.
+/// warning) when the subscription is no mail subscription here or the envelope is gone.
 async fn bounce_dead_letter<B: Bus>(
     bus: &B,
     routing: &Routing,
@@ -236,14 +242,11 @@ async fn bounce_dead_letter<B: Bus>(
     report: &LineageReport,
     at: i64,
 ) -> Result<Option<OutRecord>, BusError> {
-    let Some(sub) = report
-        .subscription
-        .as_deref()
-        .filter(|s| routing.subscriptions.contains(*s))
-    else {
-        tracing::warn!(record = %report.record_id, "a bounce names no subscription configured here; recorded in the lineage only");
+    let sub = report.subscription.as_str();
+    if !routing.reports.subscriptions.iter().any(|s| s == sub) {
+        tracing::warn!(record = %report.record_id, "a bounce names no mail subscription configured here; recorded in the lineage only");
         return Ok(None);
-    };
+    }
     let found = match lineage.get(&report.envelope_id).await {
         Ok(Some(m)) => {
             bus.read_at(topics::RAW, m.received.raw_partition, m.received.raw_offset)
@@ -292,7 +295,7 @@ async fn bounce_dead_letter<B: Bus>(
         at_ms: at,
         reason: REASON_BOUNCED.to_owned(),
         detail: Some(
-            [report.reason.as_deref(), report.detail.as_deref()]
+            [Some(report.reason.as_str()), report.detail.as_deref()]
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>()
@@ -468,18 +471,28 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 ));
                 // A delivery status notification about a mail the mail sink sent: the
                 // delivery's lineage shows delivered / delayed / failed, and a failure
-                // dead-letters it.
-                if envelope.format == Format::Rfc822
-                    && let Some(r) = dsn::lineage_of(&envelope.body)
-                {
-                    let mut step = Step::new(at, "delivery_report", r.outcome);
-                    step.subscription.clone_from(&r.subscription);
-                    step.record_id = Some(r.record_id.clone());
-                    step.reason.clone_from(&r.reason);
-                    step.detail.clone_from(&r.detail);
-                    steps.push((r.envelope_id.clone(), step));
-                    if r.outcome == "failed" {
-                        bounced.push(r);
+                // dead-letters it. A report from elsewhere, or without our token, changes
+                // nothing but its own lineage.
+                if envelope.format == Format::Rfc822 {
+                    match dsn::lineage_of(envelope, &routing.reports) {
+                        Ok(Some(r)) => {
+                            let mut step = Step::new(at, "delivery_report", r.outcome);
+                            step.subscription = Some(r.subscription.clone());
+                            step.record_id = Some(r.record_id.clone());
+                            step.reason = Some(r.reason.clone());
+                            step.detail.clone_from(&r.detail);
+                            steps.push((r.envelope_id.clone(), step));
+                            if r.outcome == "failed" {
+                                bounced.push(r);
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(ignored) => {
+                            tracing::debug!(envelope = %envelope.id, reason = ignored.reason(), "a delivery report was ignored");
+                            let mut step = Step::new(at, "delivery_report", "ignored");
+                            step.reason = Some(ignored.reason().to_owned());
+                            steps.push((envelope.id.clone(), step));
+                        }
                     }
                 }
             }
@@ -608,7 +621,7 @@ mod tests {
         bus.ensure_topics(&specs).await.unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
         let mut r = routing(normalizers(), &[]);
-        r.subscriptions.insert("gp-by-mail".into());
+        r.reports.subscriptions.push("gp-by-mail".into());
 
         // A PDF letter came in and was routed: its event refers to the PDF by hash, and
         // the router is handed the PDF's bytes to keep.
@@ -636,16 +649,46 @@ mod tests {
         assert_eq!(first.out.len(), 1);
         assert_eq!(first.content.len(), 1, "the PDF goes to the content store");
 
-        // The mail server bounces the delivery of event env-9.0 for good.
-        let dsn = String::from_utf8(
+        // Reports that must change nothing: the fixture as it is (no token), one naming the
+        // delivery as the sink did before tokens, and a genuine one posted over HTTP.
+        let fixture = String::from_utf8(
             include_bytes!("../../connectors/testdata/mail/dsn-failed.eml").to_vec(),
         )
-        .unwrap()
-        .replace(
-            "Original-Envelope-Id: 0193a1b2-0000-7000-8000-000000000001.0",
-            "Original-Envelope-Id: gp-by-mail/env-9.0",
-        );
-        let report = raw_record(Format::Rfc822, dsn.as_bytes());
+        .unwrap();
+        let with_envid = |envid: &str| {
+            fixture.replace(
+                "Original-Envelope-Id: 0193a1b2-0000-7000-8000-000000000001.0",
+                &format!("Original-Envelope-Id: {envid}"),
+            )
+        };
+        let genuine = with_envid(&dsn::envelope_id(&r.reports.key, "gp-by-mail", "env-9.0"));
+        for (connector, body) in [
+            ("smtp", fixture.clone()),
+            ("smtp", with_envid("gp-by-mail/env-9.0")),
+            ("http", genuine.clone()),
+        ] {
+            let mut record = raw_record(Format::Rfc822, body.as_bytes());
+            let mut env = RawEnvelope::from_avro(&record.value).unwrap();
+            env.connector = connector.into();
+            record.value = env.to_avro().unwrap();
+            let routed = route_one(&record, &r);
+            assert!(routed.out.is_empty() && routed.bounced.is_empty());
+            assert!(
+                routed.steps.iter().all(|(id, _)| id == "env-1"),
+                "only the report's own lineage"
+            );
+            let (_, step) = routed.steps.last().unwrap();
+            assert_eq!(
+                (step.stage.as_str(), step.outcome.as_str()),
+                ("delivery_report", "ignored")
+            );
+        }
+
+        // The mail server bounces the delivery of event env-9.0 for good.
+        let mut report = raw_record(Format::Rfc822, genuine.as_bytes());
+        let mut env = RawEnvelope::from_avro(&report.value).unwrap();
+        env.connector = "smtp".into();
+        report.value = env.to_avro().unwrap();
         let routed = route_one(&report, &r);
         assert!(routed.out.is_empty());
         assert_eq!(routed.bounced.len(), 1);
@@ -678,7 +721,7 @@ mod tests {
         );
 
         // A bounce for a subscription not configured here is only recorded.
-        r.subscriptions.clear();
+        r.reports.subscriptions.clear();
         assert!(
             bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 8)
                 .await
@@ -693,7 +736,14 @@ mod tests {
             keyer: PatientKeyer::new(b"0123456789abcdef".to_vec()),
             contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
             content: None,
-            subscriptions: HashSet::new(),
+            reports: dsn::ReportCheck {
+                key: b"report key for the router tests".to_vec(),
+                subscriptions: Vec::new(),
+                sources: dsn::ReportSources {
+                    smtp: true,
+                    imap: std::collections::BTreeSet::new(),
+                },
+            },
         }
     }
 

@@ -44,6 +44,7 @@ fn build_sink(
     sink: &Sink,
     book: &Arc<ketenbus_connectors::address_book::AddressBook>,
     content: &Arc<dyn ketenbus_connectors::mail::ContentStore>,
+    report_key: &[u8],
 ) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
     match sink {
         Sink::Mail { config, password } => {
@@ -56,7 +57,8 @@ fn build_sink(
                 Arc::clone(book),
                 Some(Arc::clone(content)),
             )
-            .context("building the mail sink")?;
+            .context("building the mail sink")?
+            .with_report_key(report_key.to_vec());
             Ok(Arc::new(s))
         }
         Sink::Fhir {
@@ -126,6 +128,7 @@ pub async fn run<B: Bus>(
         .and_then(|v| std::env::var(v).ok());
     let keyer =
         PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
+    let report_key = keyer.derive(router::REPORT_KEY_PURPOSE);
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
     // Task names by id, for the log line when one ends unexpectedly (and its health entry).
@@ -142,11 +145,16 @@ pub async fn run<B: Bus>(
             keyer,
             contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
             content: Some(Arc::clone(&content)),
-            subscriptions: settings
-                .subscriptions
-                .iter()
-                .map(|s| s.name.clone())
-                .collect(),
+            reports: ketenbus_connectors::mail::dsn::ReportCheck {
+                key: report_key.clone(),
+                subscriptions: settings
+                    .subscriptions
+                    .iter()
+                    .filter(|s| matches!(s.sink, Sink::Mail { .. }))
+                    .map(|s| s.name.clone())
+                    .collect(),
+                sources: ketenbus_connectors::mail::dsn::ReportSources::of(&cfg.mail),
+            },
         }),
         lineage.clone(),
         Arc::clone(&health),
@@ -181,7 +189,7 @@ pub async fn run<B: Bus>(
     };
     let book = Arc::new(cfg.address_book.clone());
     for sub in &settings.subscriptions {
-        let sink = build_sink(&sub.sink, &book, &content)?;
+        let sink = build_sink(&sub.sink, &book, &content, &report_key)?;
         let configured = cfg.subscriptions.iter().find(|s| s.name == sub.name);
         let policy = configured.and_then(|s| s.consent.clone());
         let hooks = dispatch::Hooks {
@@ -223,6 +231,12 @@ pub async fn run<B: Bus>(
     let mut connectors = vec!["http", "fhir"];
     if !cfg.inbox.is_empty() {
         connectors.push("inbox");
+    }
+    if cfg.mail.smtp.is_some() {
+        connectors.push("smtp");
+    }
+    if !cfg.mail.imap.is_empty() {
+        connectors.push("imap");
     }
     telemetry::init(&settings, &connectors);
     let task = tasks.spawn(telemetry::watch(

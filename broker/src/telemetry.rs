@@ -5,10 +5,16 @@
 //!
 //! Names follow `ketenbus_<stage>_<noun>_<unit>[_total]` in base units. Labels come from
 //! small closed sets only (connector, format, kind, subscription, outcome, reason code):
-//! never ids, addresses or anything from a payload.
+//! never ids, addresses or anything from a payload. The sets are below ([`CONNECTORS`],
+//! [`INGEST_REASONS`], [`ROUTER_REASONS`], [`SKIP_REASONS`], [`DELIVERY_REASONS`]; formats,
+//! kinds and outcomes from the schemas; subscriptions and sources from the config), and
+//! [`closed_label_values`] lists every label of every metric with the values it may take.
+//! A value outside its set is counted as [`OTHER`]: a new reason code shows as `other`
+//! until it is added to its list. Every series the dashboard and the alerts use is created
+//! at zero by [`init`], so `increase()` sees the first dead letter.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -89,6 +95,222 @@ pub const NAMES: [&str; 17] = [
     LOG_DISK_USAGE,
     BUILD_INFO,
 ];
+
+/// What a label value outside its closed set is counted as.
+pub const OTHER: &str = "other";
+
+/// Connectors that take messages in (`connector` label).
+pub const CONNECTORS: [&str; 5] = ["http", "fhir", "inbox", "smtp", "imap"];
+
+/// Why a connector refused a message (`reason` of [`INGEST_REJECTED_MESSAGES`]).
+pub const INGEST_REASONS: [&str; 13] = [
+    "empty_body",
+    "unsupported_media_type",
+    "too_large",
+    "sender_mismatch",
+    "sender_not_allowed",
+    "unauthenticated",
+    "forbidden",
+    "too_many_connections",
+    "tls_handshake",
+    "tls_handshake_timeout",
+    "request_timeout",
+    "log_unavailable",
+    "log_failure",
+];
+
+/// Why the router dead-lettered a message (`reason` of [`ROUTER_DEAD_LETTERS`]): the
+/// normalisers' reason codes and the router's own.
+pub const ROUTER_REASONS: [&str; 9] = [
+    "undecodable_envelope",
+    "schema_mismatch",
+    "unsupported_message_type",
+    "edifact_syntax",
+    "fhir_syntax",
+    "mime_syntax",
+    "invalid_bsn",
+    "missing_element",
+    "invalid_element",
+];
+
+/// Why the router passed a message by without events (`reason` of
+/// [`ROUTER_SKIPPED_MESSAGES`]).
+pub const SKIP_REASONS: [&str; 3] = ["unsupported_format", "no_events", "acknowledgement"];
+
+/// Why a subscription dead-lettered a record (`reason` of [`DISPATCH_DEAD_LETTERS`]). HTTP
+/// and SMTP answers not named here count as `http_4xx` and `smtp_5xx`.
+pub const DELIVERY_REASONS: [&str; 29] = [
+    "exhausted",
+    "bounced",
+    "redirect",
+    "no_address",
+    "encode",
+    "content_missing",
+    "tls_config",
+    "no_fhir_form",
+    "not_fhir",
+    "fhir_fatal_error",
+    "undecodable_record",
+    "undecodable_replay",
+    "http_400",
+    "http_401",
+    "http_403",
+    "http_404",
+    "http_405",
+    "http_409",
+    "http_410",
+    "http_413",
+    "http_415",
+    "http_422",
+    "http_4xx",
+    "smtp_550",
+    "smtp_551",
+    "smtp_552",
+    "smtp_553",
+    "smtp_554",
+    "smtp_5xx",
+];
+
+/// `value` when `set` holds it, else [`OTHER`].
+fn closed(value: &str, set: &[&'static str]) -> &'static str {
+    set.iter().find(|v| **v == value).copied().unwrap_or(OTHER)
+}
+
+/// The `reason` label of a subscription's dead letter.
+#[must_use]
+pub fn delivery_reason(reason: &str) -> &'static str {
+    let known = closed(reason, &DELIVERY_REASONS);
+    if known != OTHER {
+        return known;
+    }
+    let class = |prefix: &str, first: u8| {
+        reason.strip_prefix(prefix).is_some_and(|code| {
+            code.len() == 3
+                && code.as_bytes()[0] == first
+                && code.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    if class("http_", b'4') {
+        "http_4xx"
+    } else if class("smtp_", b'5') {
+        "smtp_5xx"
+    } else {
+        OTHER
+    }
+}
+
+/// The `kind` labels of the topics subscriptions read: event kinds, `raw`, `replay`.
+fn topic_kinds() -> impl Iterator<Item = &'static str> {
+    EventKind::ALL
+        .into_iter()
+        .map(EventKind::as_str)
+        .chain(["raw", "replay", OTHER])
+}
+
+fn owned<'a>(values: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    values.into_iter().map(str::to_owned).collect()
+}
+
+/// Label -> values, for one metric.
+type LabelSets = BTreeMap<&'static str, BTreeSet<String>>;
+
+fn label_sets(pairs: &[(&'static str, &BTreeSet<String>)]) -> LabelSets {
+    pairs.iter().map(|(k, v)| (*k, (*v).clone())).collect()
+}
+
+/// Every label of every ketenbus metric, with the values it may take under `settings`:
+/// metric name -> label -> values. Subscriptions and sources are the configured ones; every
+/// other set is fixed in code. A metric without labels is not listed.
+#[must_use]
+pub fn closed_label_values(settings: &Settings) -> BTreeMap<&'static str, LabelSets> {
+    let with_other = |values: &[&'static str]| owned(values.iter().copied().chain([OTHER]));
+    let connector = with_other(&CONNECTORS);
+    let format = owned(Format::ALL.into_iter().map(Format::as_str));
+    let subscription = owned(settings.subscriptions.iter().map(|s| s.name.as_str()));
+    let mut source: BTreeSet<String> = settings
+        .config
+        .mail
+        .imap
+        .iter()
+        .map(|m| format!("imap:{}", m.name))
+        .collect();
+    if settings.config.mail.smtp.is_some() {
+        source.insert("smtp".to_owned());
+    }
+    let kind = owned(topic_kinds());
+    let outcome =
+        owned([Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered].map(Outcome::as_str));
+    let le: BTreeSet<String> = LATENCY_BUCKETS
+        .iter()
+        .map(|b| format!("{b}"))
+        .chain(["+Inf".to_owned()])
+        .collect();
+    let ingest_reason = with_other(&INGEST_REASONS);
+    let router_reason = with_other(&ROUTER_REASONS);
+    let skip_reason = with_other(&SKIP_REASONS);
+    let delivery_reason = with_other(&DELIVERY_REASONS);
+    let event_kind = with_other(&EventKind::ALL.map(EventKind::as_str));
+    let version = owned([env!("CARGO_PKG_VERSION")]);
+    BTreeMap::from([
+        (
+            INGEST_RECEIVED_MESSAGES,
+            label_sets(&[("connector", &connector), ("format", &format)]),
+        ),
+        (
+            INGEST_RECEIVED_BYTES,
+            label_sets(&[("connector", &connector), ("format", &format)]),
+        ),
+        (
+            INGEST_REJECTED_MESSAGES,
+            label_sets(&[("connector", &connector), ("reason", &ingest_reason)]),
+        ),
+        (
+            INGEST_LAST_RECEIVED,
+            label_sets(&[("connector", &connector)]),
+        ),
+        (INGEST_SOURCE_UP, label_sets(&[("source", &source)])),
+        (
+            ROUTER_NORMALISED_EVENTS,
+            label_sets(&[("kind", &event_kind)]),
+        ),
+        (
+            ROUTER_DEAD_LETTERS,
+            label_sets(&[("reason", &router_reason)]),
+        ),
+        (
+            ROUTER_SKIPPED_MESSAGES,
+            label_sets(&[("reason", &skip_reason)]),
+        ),
+        (
+            DISPATCH_DELIVERY_OUTCOMES,
+            label_sets(&[("subscription", &subscription), ("outcome", &outcome)]),
+        ),
+        (
+            DISPATCH_DELIVERY_LATENCY,
+            label_sets(&[("subscription", &subscription), ("le", &le)]),
+        ),
+        (
+            DISPATCH_DELIVERY_RETRIES,
+            label_sets(&[("subscription", &subscription)]),
+        ),
+        (
+            DISPATCH_DEAD_LETTERS,
+            label_sets(&[
+                ("subscription", &subscription),
+                ("reason", &delivery_reason),
+            ]),
+        ),
+        (
+            DISPATCH_CONSUMER_LAG,
+            label_sets(&[("subscription", &subscription), ("kind", &kind)]),
+        ),
+        (
+            DISPATCH_OLDEST_UNDELIVERED_AGE,
+            label_sets(&[("subscription", &subscription), ("kind", &kind)]),
+        ),
+        (BUILD_INFO, label_sets(&[("version", &version)])),
+    ])
+}
 
 /// How often the watcher samples lag, oldest-undelivered age and disk usage.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
@@ -317,25 +539,47 @@ fn unix_seconds(ms: i64) -> f64 {
     s
 }
 
-/// Register everything and create the series operators expect to see at zero: each
-/// connector's counters and its last-received time (set to now), each subscription's
-/// outcomes, retries, lag and age. Call once at start-up; calling again is harmless.
+/// Register everything and create the series operators expect to see at zero, so that
+/// `increase()` and `rate()` see the first event: each connector's counters (every format,
+/// every refusal reason) and its last-received time (set to now), the router's counters for
+/// every kind and reason, each subscription's outcomes, retries, dead letters for every
+/// reason, lag and age. Call once at start-up; calling again is harmless.
 pub fn init(settings: &Settings, connectors: &[&str]) {
     let m = &*METRICS;
     let now = unix_seconds(now_ms());
     for connector in connectors {
+        let connector = closed(connector, &CONNECTORS);
         for format in Format::ALL {
             m.received_messages
-                .with_label_values(&[*connector, format.as_str()]);
+                .with_label_values(&[connector, format.as_str()]);
             m.received_bytes
-                .with_label_values(&[*connector, format.as_str()]);
+                .with_label_values(&[connector, format.as_str()]);
         }
-        m.last_received.with_label_values(&[*connector]).set(now);
+        for reason in INGEST_REASONS.into_iter().chain([OTHER]) {
+            m.rejected_messages.with_label_values(&[connector, reason]);
+        }
+        m.last_received.with_label_values(&[connector]).set(now);
+    }
+    for kind in EventKind::ALL
+        .map(EventKind::as_str)
+        .into_iter()
+        .chain([OTHER])
+    {
+        m.normalised_events.with_label_values(&[kind]);
+    }
+    for reason in ROUTER_REASONS.into_iter().chain([OTHER]) {
+        m.router_dead_letters.with_label_values(&[reason]);
+    }
+    for reason in SKIP_REASONS.into_iter().chain([OTHER]) {
+        m.router_skipped.with_label_values(&[reason]);
     }
     for sub in &settings.subscriptions {
         let name = sub.name.as_str();
         for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
             m.deliveries.with_label_values(&[name, outcome.as_str()]);
+        }
+        for reason in DELIVERY_REASONS.into_iter().chain([OTHER]) {
+            m.dead_letters.with_label_values(&[name, reason]);
         }
         m.retries.with_label_values(&[name]);
         m.latency.with_label_values(&[name]);
@@ -350,6 +594,7 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
 /// A connector accepted a message: it is durable on the raw topic.
 pub fn received(connector: &str, format: Format, bytes: usize) {
     let m = &*METRICS;
+    let connector = closed(connector, &CONNECTORS);
     m.received_messages
         .with_label_values(&[connector, format.as_str()])
         .inc();
@@ -375,8 +620,12 @@ pub fn source_up(source: &str, up: bool) {
         .set(i64::from(up));
 }
 
-/// A connector refused a message; `reason` is a code from a closed set.
+/// A connector refused a message; `reason` is a code from [`INGEST_REASONS`].
 pub fn rejected(connector: &str, reason: &'static str) {
+    let (connector, reason) = (
+        closed(connector, &CONNECTORS),
+        closed(reason, &INGEST_REASONS),
+    );
     METRICS
         .rejected_messages
         .with_label_values(&[connector, reason])
@@ -396,21 +645,29 @@ pub fn refused(connector: &str, error: IngestError) -> IngestError {
 }
 
 /// The router recorded `step` for a message (normalised event, dead letter or pass-by).
+/// Steps of other stages (CONTRL sent, delivery reports) are lineage only.
 pub fn routed(step: &Step) {
     let m = &*METRICS;
+    if !matches!(step.stage.as_str(), "normalise" | "normalised") {
+        return;
+    }
     match step.outcome.as_str() {
         "normalised" => {
-            let kind = step.kind.as_deref().unwrap_or("unknown");
+            let kind = step
+                .kind
+                .as_deref()
+                .and_then(EventKind::parse)
+                .map_or(OTHER, EventKind::as_str);
             m.normalised_events.with_label_values(&[kind]).inc();
             tracing::debug!(kind, "event normalised");
         }
         "rejected" => {
-            let reason = step.reason.as_deref().unwrap_or("unknown");
+            let reason = closed(step.reason.as_deref().unwrap_or(OTHER), &ROUTER_REASONS);
             m.router_dead_letters.with_label_values(&[reason]).inc();
             tracing::debug!(reason, "message dead-lettered by the router");
         }
-        other => {
-            let reason = step.reason.as_deref().unwrap_or(other);
+        outcome => {
+            let reason = closed(step.reason.as_deref().unwrap_or(outcome), &SKIP_REASONS);
             m.router_skipped.with_label_values(&[reason]).inc();
             tracing::debug!(reason, "message passed by without events");
         }
@@ -459,9 +716,10 @@ pub fn retrying(subscription: &str, attempt: u32, error: &DeliveryError) {
     tracing::debug!(subscription, attempt, error = %error, "delivery failed, retrying");
 }
 
-/// A subscription dead-lettered a record for `reason`.
+/// A subscription dead-lettered a record for `reason` (counted as [`delivery_reason`]).
 pub fn dead_lettered(subscription: &str, reason: &str) {
     let m = &*METRICS;
+    let reason = delivery_reason(reason);
     m.deliveries
         .with_label_values(&[subscription, Outcome::DeadLettered.as_str()])
         .inc();
@@ -940,6 +1198,60 @@ mod tests {
         // A new record the dispatcher does not pick up: that one ages.
         assert_eq!(st.observe("g", "t", &[(0, 7, 10)], &read, 601_000), 0);
         assert_eq!(st.observe("g", "t", &[(0, 7, 10)], &read, 661_000), 60_000);
+    }
+
+    #[test]
+    fn open_values_are_counted_as_a_fixed_code() {
+        assert_eq!(delivery_reason("http_404"), "http_404");
+        assert_eq!(delivery_reason("http_418"), "http_4xx");
+        assert_eq!(delivery_reason("smtp_550"), "smtp_550");
+        assert_eq!(delivery_reason("smtp_535"), "smtp_5xx");
+        for open in [
+            "dsn_5.1.1-INJECTED-Jansen-999911120",
+            "http_4044",
+            "http_5xx",
+            "smtp_4xx",
+            "",
+        ] {
+            assert_eq!(delivery_reason(open), OTHER, "{open}");
+        }
+        dead_lettered("t-open", "dsn_5.1.1-INJECTED-Jansen-999911120");
+        rejected("t-open-connector", "not-a-reason");
+        let mut report = Step::new(0, "delivery_report", "failed");
+        report.reason = Some("dsn_5.1.1-INJECTED-Jansen-999911120".into());
+        routed(&report);
+        let mut odd = Step::new(0, "normalise", "rejected");
+        odd.reason = Some("Jansen".into());
+        routed(&odd);
+        let text = render();
+        assert!(
+            !text.contains("INJECTED") && !text.contains("Jansen"),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"ketenbus_dispatch_dead_letters_total{reason="other",subscription="t-open"} 1"#
+        ));
+        assert!(text.contains(
+            r#"ketenbus_ingest_rejected_messages_total{connector="other",reason="other"}"#
+        ));
+    }
+
+    #[test]
+    fn every_labelled_metric_has_its_closed_sets() {
+        let settings = crate::config::Config::default()
+            .validate(&|_| None)
+            .unwrap();
+        let sets = closed_label_values(&settings);
+        for name in NAMES {
+            if [ROUTER_CONSUMER_LAG, LOG_DISK_USAGE].contains(&name) {
+                assert!(!sets.contains_key(name), "{name} has no labels");
+            } else {
+                assert!(sets.contains_key(name), "{name} has no closed label sets");
+            }
+        }
+        assert!(sets[DISPATCH_DEAD_LETTERS]["reason"].contains("redirect"));
+        assert!(sets[DISPATCH_DELIVERY_LATENCY]["le"].contains("0.01"));
+        assert!(sets[DISPATCH_DELIVERY_LATENCY]["le"].contains("86400"));
     }
 
     #[test]

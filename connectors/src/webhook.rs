@@ -57,6 +57,7 @@ impl WebhookSink {
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(64)
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = ca_pem {
             builder = builder.tls_built_in_root_certs(false);
@@ -97,13 +98,26 @@ pub fn body_of(payload: &Payload) -> Result<(Vec<u8>, String), DeliveryError> {
     }
 }
 
-/// Classify an HTTP status: 2xx ok, 429 and 5xx retry, other 4xx reject.
+/// Dead-letter reason of a delivery the receiver answered with a redirect (3xx). Sinks
+/// never follow one: it would send the signed body, and patient data, to an address nobody
+/// configured, past `allow_plain_http` and `ca_file`. A redirect is the receiver's
+/// configuration to fix, so the record is dead-lettered (replay it once the address is right).
+pub const REASON_REDIRECT: &str = "redirect";
+
+/// Classify an HTTP status: 2xx ok, 408, 429 and 5xx retry, 3xx (`redirect`) and other 4xx
+/// reject.
 ///
 /// # Errors
 /// The classified failure for anything but 2xx.
 pub fn classify_status(status: u16, detail: String) -> Result<(), DeliveryError> {
     match status {
         200..=299 => Ok(()),
+        300..=399 => Err(DeliveryError::Rejected {
+            reason: REASON_REDIRECT.into(),
+            detail: format!(
+                "{detail}: the receiver redirects, and ketenbus does not follow redirects"
+            ),
+        }),
         429 | 500..=599 | 408 => Err(DeliveryError::Retryable {
             reason: format!("http_{status}"),
             detail,
@@ -214,5 +228,10 @@ mod tests {
         let err = classify_status(404, "404 Not Found".into()).unwrap_err();
         assert_eq!(err.reason(), "http_404");
         assert!(matches!(err, DeliveryError::Rejected { .. }));
+        for status in [301, 302, 303, 307, 308] {
+            let err = classify_status(status, format!("{status}")).unwrap_err();
+            assert_eq!(err.reason(), REASON_REDIRECT);
+            assert!(matches!(err, DeliveryError::Rejected { .. }));
+        }
     }
 }

@@ -766,7 +766,15 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(report.record_id().as_deref(), Some(record.as_str()));
-    assert_eq!(report.subscription().as_deref(), Some("gp-by-mail"));
+    // The envelope id carries the sink's token: `<record id>/<32 hex>`.
+    let envid = report.original_envelope_id.clone().unwrap_or_default();
+    let token = envid
+        .strip_prefix(&format!("{record}/"))
+        .unwrap_or_else(|| panic!("envelope id {envid}"));
+    assert!(
+        token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{envid}"
+    );
     assert_eq!(report.action(), Some(dsn::Action::Delivered));
     // ...and the router puts it in the delivery's lineage.
     let l = lineage_until(&broker.url, &envelope, |l| {

@@ -61,6 +61,8 @@ impl FhirSink {
             .timeout(timeout)
             .connect_timeout(timeout)
             .pool_max_idle_per_host(64)
+            // A 3xx is a failed delivery (`redirect`), never followed: see the webhook sink.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| e.to_string())?;

@@ -17,6 +17,11 @@ pub struct MailConfig {
     pub imap: Vec<ImapConfig>,
     /// Where attachment bytes are kept by SHA-256; default `<data_dir>/content`.
     pub content_dir: Option<PathBuf>,
+    /// Sources whose delivery status notifications (bounces) may update the deliveries of
+    /// mail subscriptions: `"smtp"` (the listener) and `"imap:<name>"` (a pickup). Absent:
+    /// the SMTP listener and every IMAP pickup; `[]`: none. A report also needs the token
+    /// the mail sink set in its envelope id; mail posted over HTTP never counts.
+    pub bounce_sources: Option<Vec<String>>,
 }
 
 /// `[mail.smtp]`: the SMTP listener (RFC 5321).
@@ -307,6 +312,20 @@ impl MailConfig {
                 }
             }
         }
+        for (i, source) in self.bounce_sources.iter().flatten().enumerate() {
+            let known = match source.strip_prefix("imap:") {
+                Some(name) => self.imap.iter().any(|m| m.name == name),
+                None => source == "smtp" && self.smtp.is_some(),
+            };
+            if !known {
+                p.push((
+                    format!("bounce_sources[{i}]"),
+                    format!(
+                        "{source} is not a configured source: name \"smtp\" (with [mail.smtp]) or \"imap:<name>\" of a [[mail.imap]] pickup"
+                    ),
+                ));
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, m) in self.imap.iter().enumerate() {
             let at = |k: &str| format!("imap[{i}].{k}");
@@ -417,6 +436,8 @@ mod tests {
                 "smtp.require_tls",
                 "smtp.auth",
                 "smtp.auth.users[0].password_env",
+                "bounce_sources[0]",
+                "bounce_sources[2]",
                 "imap[0].name",
                 "imap[0].tls",
                 "imap[0].password_env",
@@ -479,6 +500,7 @@ mod tests {
                 receiver: None,
             }],
             content_dir: None,
+            bounce_sources: Some(vec!["imap:nope".into(), "smtp".into(), "http".into()]),
         }
     }
 }

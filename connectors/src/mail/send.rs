@@ -5,10 +5,12 @@
 //! attachment and the event's documents from the content store. The subject names only the
 //! kind and the record id: never patient data (NTA 7516).
 //!
-//! Proof of delivery: the envelope asks for DSNs (`RET=HDRS ENVID=<subscription>/<record id>`,
-//! `NOTIFY=SUCCESS,FAILURE,DELAY`), and `Message-ID` is `<record id>@<sender domain>`, so
-//! [`crate::mail::dsn`] finds the delivery a report is about. The same record id always
-//! makes the same `Message-ID`: receivers can drop a duplicate after a retry.
+//! Proof of delivery: the envelope asks for DSNs (`RET=HDRS ENVID=<record id>/<token>`,
+//! `NOTIFY=SUCCESS,FAILURE,DELAY`), where the token is an HMAC over the subscription and
+//! the record id keyed with the broker's report key ([`crate::mail::dsn::envelope_id`]), so
+//! [`crate::mail::dsn`] finds the delivery a report is about and nobody else can make a
+//! report about it. `Message-ID` is `<record id>@<sender domain>`: the same record id always
+//! makes the same `Message-ID`, so receivers can drop a duplicate after a retry.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -40,6 +42,7 @@ pub struct MailSink {
     from: Mailbox,
     hello: ClientId,
     ca_pem: Vec<Vec<u8>>,
+    report_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for MailSink {
@@ -127,7 +130,16 @@ impl MailSink {
             from,
             hello,
             ca_pem,
+            report_key: None,
         })
+    }
+
+    /// Key the token in each delivery's envelope id with `key` (a broker secret). Without
+    /// one the sink asks for no DSNs: a report it could not tie to its delivery is no proof.
+    #[must_use]
+    pub fn with_report_key(mut self, key: Vec<u8>) -> MailSink {
+        self.report_key = Some(key);
+        self
     }
 
     fn tls_parameters(&self) -> Result<TlsParameters, DeliveryError> {
@@ -288,14 +300,15 @@ impl MailSink {
         let mut rcpt_params = Vec::new();
         // RFC 3461: DSN parameters only to a server that announces DSN. lettre keeps no
         // list of unknown extensions, so ask again (one round trip).
-        let dsn = self.cfg.dsn && {
+        let report_key = self.report_key.as_deref().filter(|_| self.cfg.dsn);
+        let dsn = report_key.is_some() && {
             let ehlo = conn
                 .command(Ehlo::new(self.hello.clone()))
                 .await
                 .map_err(|e| classify("ehlo", &e))?;
             ehlo.message().any(|l| l.trim().eq_ignore_ascii_case("DSN"))
         };
-        if dsn {
+        if let Some(key) = report_key.filter(|_| dsn) {
             mail_params.push(MailParameter::Other {
                 keyword: "RET".into(),
                 value: Some("HDRS".into()),
@@ -303,7 +316,11 @@ impl MailSink {
             // `Display` of the parameter xtext-encodes the value.
             mail_params.push(MailParameter::Other {
                 keyword: "ENVID".into(),
-                value: Some(format!("{}/{}", delivery.subscription, delivery.record_id)),
+                value: Some(crate::mail::dsn::envelope_id(
+                    key,
+                    &delivery.subscription,
+                    &delivery.record_id,
+                )),
             });
             rcpt_params.push(RcptParameter::Other {
                 keyword: "NOTIFY".into(),
