@@ -309,28 +309,6 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     match settings.config.bus.engine {
         Engine::Embedded => {
             let bus = EmbeddedBus::open(&settings.config.data_dir, &settings.config.bus.embedded)?;
-            let retention = bus.clone();
-            let (age, bytes, every) = (
-                settings.config.bus.embedded.retention_max_age,
-                settings.config.bus.embedded.retention_max_bytes.as_u64(),
-                settings.config.bus.embedded.retention_interval,
-            );
-            let stop = cancel.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(every) => {}
-                    }
-                    match retention.enforce_retention(age, bytes).await {
-                        Ok(r) if r.deleted > 0 => {
-                            tracing::info!(deleted = r.deleted, "retention removed old records")
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "retention failed"),
-                    }
-                }
-            });
             ketenbus::runtime::run(settings, bus, cancel).await
         }
         Engine::Kafka => {

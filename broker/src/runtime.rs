@@ -203,6 +203,12 @@ pub async fn run<B: Bus>(
         &settings,
         cancel.clone(),
     ));
+    tasks.spawn(crate::retention::run(
+        Arc::clone(&bus),
+        &settings,
+        Arc::clone(&health),
+        cancel.clone(),
+    ));
 
     let max_body = usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX);
     let state = Arc::new(ApiState {
