@@ -557,6 +557,19 @@ const KEEP_ENDS: &str = "INSERT INTO partition_ends (topic, partition, next_offs
      SELECT topic, partition, MAX(offset) + 1 FROM records WHERE topic = ?1 GROUP BY partition
      ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, excluded.next_offset)";
 
+/// The next records of topic ?1 in append order after (ts ?2, rowid ?3).
+const OLDEST_AFTER: &str = "SELECT ts, rowid, partition, offset, length(key) + length(value)
+     FROM records WHERE topic = ?1 AND (ts, rowid) > (?2, ?3) ORDER BY ts, rowid LIMIT 1000";
+
+/// A record as the size walk sees it.
+struct Oldest {
+    ts: i64,
+    rowid: i64,
+    partition: u32,
+    offset: i64,
+    len: i64,
+}
+
 /// Per partition of `topic`, the first offset retention must keep: the lowest committed offset
 /// of `groups` (0 for a group that has committed nothing there). `i64::MAX` for every
 /// partition when no group reads the topic.
@@ -618,33 +631,35 @@ fn retention(
         )?;
         let mut excess = size - limit;
         if excess > 0 {
-            // Oldest first (rowid order is append order), among the records below the floor
-            // of their partition. The floors are numbers this function made.
-            let values: Vec<String> = floors
-                .iter()
-                .enumerate()
-                .map(|(p, f)| format!("({p}, {f})"))
-                .collect();
-            let sql = format!(
-                "WITH floor(p, o) AS (VALUES {}) SELECT r.rowid, length(r.key) + length(r.value)
-                 FROM floor JOIN records r ON r.topic = ?1 AND r.partition = floor.p AND r.offset < floor.o
-                 ORDER BY r.rowid LIMIT 1000",
-                values.join(", ")
-            );
-            let mut oldest = tx.prepare(&sql)?;
+            // Oldest first, among the records below the floor of their partition: one walk
+            // along the (topic, ts) index, whose order (ts, then rowid) is append order.
+            let mut walk = tx.prepare_cached(OLDEST_AFTER)?;
             let mut delete = tx.prepare_cached("DELETE FROM records WHERE rowid = ?1")?;
-            while excess > 0 {
-                let rows: Vec<(i64, i64)> = oldest
-                    .query_map(params![topic], |r| Ok((r.get(0)?, r.get(1)?)))?
+            let mut after = (i64::MIN, i64::MIN);
+            'walk: while excess > 0 {
+                let rows: Vec<Oldest> = walk
+                    .query_map(params![topic, after.0, after.1], |r| {
+                        Ok(Oldest {
+                            ts: r.get(0)?,
+                            rowid: r.get(1)?,
+                            partition: r.get(2)?,
+                            offset: r.get(3)?,
+                            len: r.get(4)?,
+                        })
+                    })?
                     .collect::<Result<_, _>>()?;
                 if rows.is_empty() {
                     break;
                 }
-                for (rowid, len) in rows {
-                    report.deleted += delete.execute(params![rowid])? as u64;
-                    excess -= len;
+                for row in rows {
+                    after = (row.ts, row.rowid);
+                    if row.offset >= floors[row.partition as usize] {
+                        continue;
+                    }
+                    report.deleted += delete.execute(params![row.rowid])? as u64;
+                    excess -= row.len;
                     if excess <= 0 {
-                        break;
+                        break 'walk;
                     }
                 }
             }
