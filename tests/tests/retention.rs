@@ -1,5 +1,6 @@
 //! Retention never loses an unfinished record, through real sockets against the `ketenbus`
-//! binary: subscribers down for many retention periods get every record once they are back;
+//! binary: subscribers down for many retention periods (and a broker restart in the middle)
+//! get every record once they are back;
 //! dead letters outlive retention until `ketenbus dlq purge` removes them (audited); a log
 //! full of unfinished records refuses new messages (HTTP 503, SMTP 451) instead of losing one.
 
@@ -89,7 +90,7 @@ async fn subscribers_down_past_retention_lose_nothing_and_dead_letters_stay() {
         webhook_subscription("picky", "\"raw\"", &picky.url(), ""),
         short_retention(""),
     );
-    let broker = Broker::start(&config);
+    let mut broker = Broker::start(&config);
     let c = reqwest::Client::new();
     let n = 120;
     let mut accepted = HashSet::new();
@@ -100,8 +101,13 @@ async fn subscribers_down_past_retention_lose_nothing_and_dead_letters_stay() {
         assert_eq!(status, 202, "{j}");
         accepted.insert(j["id"].as_str().unwrap().to_owned());
     }
-    // Both subscribers stay down for many retention periods (1 s, a pass every 200 ms).
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Both subscribers stay down for many retention periods (1 s, a pass every 200 ms), and
+    // the broker is killed and restarted in the middle: what was in flight in memory is
+    // gone, so everything must come from the log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.kill();
+    broker.spawn();
+    tokio::time::sleep(Duration::from_secs(3)).await;
     gp.set_status(204);
     archive.set_status(204);
     let got_gp = gp.wait_for(n, Duration::from_secs(60)).await;
