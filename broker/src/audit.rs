@@ -9,7 +9,9 @@
 //! first break. The key comes from an environment variable or a key file the configuration
 //! names, never from the data directory the trail is in. One writer thread
 //! appends whatever is waiting in one write and one fsync; a delivery is acknowledged on
-//! the log only after its audit record is on disk.
+//! the log only after its audit record is on disk. Other processes (`ketenbus dlq purge`)
+//! append to the same file: every writer holds the file lock while it appends and goes on
+//! from the chain's end as it is in the file.
 
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -187,7 +189,7 @@ pub fn ensure_local_key(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf,
 /// What happened, as a caller reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// `delivery`, `delivery_withheld`, `lineage_read`, `fhir_read`.
+    /// `delivery`, `delivery_withheld`, `lineage_read`, `fhir_read`, `dlq_purge`.
     pub action: String,
     /// Who: `subscription:<name>` for a delivery, `operator:<name>` or `anonymous` for a read.
     pub actor: String,
@@ -355,11 +357,15 @@ impl Audit {
             .create(true)
             .open(&path)
             .map_err(io)?;
-        let (seq, prev) = tail(&mut file, &path, &key)?;
+        file.lock().map_err(io)?;
+        let chain_end = tail(&mut file, &path, &key)
+            .and_then(|(seq, prev)| Ok((seq, prev, file.metadata().map_err(io)?.len())));
+        file.unlock().map_err(io)?;
+        let (seq, prev, end) = chain_end?;
         let (tx, rx) = mpsc::channel(8192);
         std::thread::Builder::new()
             .name("ketenbus-audit".into())
-            .spawn(move || writer(file, &path, &key, seq, prev, rx))
+            .spawn(move || writer(file, &path, &key, (seq, prev, end), rx))
             .map_err(|e| AuditError::Stopped(e.to_string()))?;
         Ok(Audit { tx })
     }
@@ -383,14 +389,17 @@ impl Audit {
     }
 }
 
+/// `chain`: the next sequence number, the last hash and where the file ended when they were
+/// read; a file that is longer than where this writer left it was appended to by another
+/// process, and the chain goes on from its end.
 fn writer(
     mut file: std::fs::File,
     path: &Path,
     key: &AuditKey,
-    mut seq: u64,
-    mut prev: String,
+    chain: (u64, String, u64),
     mut rx: mpsc::Receiver<(Vec<Entry>, Reply)>,
 ) {
+    let (mut seq, mut prev, mut end) = chain;
     let mut failed: Option<String> = None;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -405,6 +414,27 @@ fn writer(
                 let _ = reply.send(Err(e.clone()));
             }
             continue;
+        }
+        if let Err(e) = file.lock() {
+            let e = format!("locking {}: {e}", path.display());
+            for (_, reply) in batch {
+                let _ = reply.send(Err(e.clone()));
+            }
+            continue;
+        }
+        if !file.metadata().is_ok_and(|m| m.len() == end) {
+            match tail(&mut file, path, key) {
+                Ok((s, p)) => (seq, prev) = (s, p),
+                Err(e) => {
+                    tracing::error!(error = %e, "audit trail cannot be read; deliveries stop");
+                    failed = Some(e.to_string());
+                    let _ = file.unlock();
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                    continue;
+                }
+            }
         }
         let at_ms = crate::now_ms();
         let at = rfc3339(at_ms);
@@ -428,11 +458,14 @@ fn writer(
         }
         let result = file
             .write_all(out.as_bytes())
-            .and_then(|()| file.sync_data());
+            .and_then(|()| file.sync_data())
+            .and_then(|()| file.metadata());
+        let _ = file.unlock();
         let answer = match result {
-            Ok(()) => {
+            Ok(m) => {
                 seq = next_seq;
                 prev = next_prev;
+                end = m.len();
                 Ok(())
             }
             Err(e) => {
@@ -704,6 +737,24 @@ mod tests {
             ..AuditConfig::default()
         };
         assert!(from_file.key(&data, &|_| None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn two_writers_on_one_file_keep_one_chain() {
+        // The broker and `ketenbus dlq purge` beside it.
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Audit::open(dir.path(), key()).unwrap();
+        let cli = Audit::open(dir.path(), key()).unwrap();
+        for i in 0..20 {
+            broker.append(vec![entry(i)]).await.unwrap();
+            if i % 3 == 0 {
+                cli.append(vec![entry(100 + i), entry(200 + i)])
+                    .await
+                    .unwrap();
+            }
+        }
+        let v = verify(&path_in(dir.path()), &key()).unwrap();
+        assert!(matches!(v, Verified::Intact { records: 34, .. }), "{v:?}");
     }
 
     #[test]

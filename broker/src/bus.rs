@@ -8,6 +8,7 @@ pub mod embedded;
 pub mod kafka;
 mod offsets;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -96,6 +97,40 @@ pub struct Position {
     pub offset: i64,
 }
 
+/// The consumer groups that must finish each topic before retention may remove a record
+/// from it, by topic: the router's group for the raw topic, each subscription's group for
+/// the topics it reads. Known from the configuration, so a group that never started (or
+/// never committed) holds its topics from offset 0.
+pub type Readers = HashMap<String, Vec<String>>;
+
+/// Dead-letter topics (`ketenbus.dlq.*`): never removed by retention, only by an operator
+/// (`ketenbus dlq purge`).
+#[must_use]
+pub fn is_dead_letter_topic(topic: &str) -> bool {
+    topic.starts_with("ketenbus.dlq.")
+}
+
+/// What one retention pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Records deleted.
+    pub deleted: u64,
+    /// Topics still past the size limit because their oldest records are not finished by
+    /// every reader: (topic, bytes past the limit).
+    pub held: Vec<(String, u64)>,
+    /// Why new messages are refused after this pass (a topic past the size limit by more
+    /// than the margin), or `None`.
+    pub refusing: Option<String>,
+}
+
+impl RetentionReport {
+    /// Bytes past the size limit of the fullest held topic (0 when every topic is within).
+    #[must_use]
+    pub fn excess_bytes(&self) -> u64 {
+        self.held.iter().map(|(_, b)| *b).max().unwrap_or(0)
+    }
+}
+
 /// Bus errors, classified.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -165,6 +200,38 @@ pub trait Bus: Send + Sync + 'static {
         group: &str,
         topic: &str,
     ) -> impl Future<Output = Result<Vec<(u32, i64, i64)>, BusError>> + Send;
+
+    /// Remove the records at `positions` (partition, offset) of `topic`: `ketenbus dlq purge`.
+    /// Returns how many were removed; an engine that can remove only from the start of a
+    /// partition (Kafka) removes the selected records up to the first one not selected.
+    fn remove(
+        &self,
+        topic: &str,
+        positions: &[(u32, i64)],
+    ) -> impl Future<Output = Result<u64, BusError>> + Send {
+        let _ = positions;
+        std::future::ready(Err(BusError::Fatal(format!(
+            "topic {topic}: this engine cannot remove records"
+        ))))
+    }
+
+    /// Run the engine's own retention once, never removing a record that a group in
+    /// `readers` has not finished, nor a dead letter. Engines whose cluster keeps its own
+    /// retention (Kafka) do nothing here.
+    fn enforce_retention(
+        &self,
+        readers: &Readers,
+    ) -> impl Future<Output = Result<RetentionReport, BusError>> + Send {
+        let _ = readers;
+        std::future::ready(Ok(RetentionReport::default()))
+    }
+
+    /// Why the log takes no new messages from senders now (a topic held past its size limit
+    /// by more than the margin, see [`RetentionReport::refusing`]), or `None`. Ingest answers
+    /// "try again" (HTTP 503, SMTP 451) while it says so; the router and subscriptions go on.
+    fn refuses_ingest(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A consumer group member.

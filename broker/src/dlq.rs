@@ -1,9 +1,11 @@
-//! Dead letters: list them and replay them into one subscription (`ketenbus dlq`).
+//! Dead letters: list them, replay them into one subscription and purge them (`ketenbus dlq`).
 //! Replay publishes the dead letter onto `ketenbus.replay.<subscription>`, which only that
-//! subscription reads, so other subscriptions do not receive it twice.
+//! subscription reads, so other subscriptions do not receive it twice. Dead letters are never
+//! removed by retention: only [`purge`] removes them, after writing an audit record for each.
 
 use ketenbus_schemas::{AvroRecord, DeadLetter, topics};
 
+use crate::audit::{Audit, AuditError, Entry};
 use crate::bus::{Bus, BusError, OutRecord};
 
 /// Which dead letters.
@@ -13,6 +15,8 @@ pub struct Selection {
     pub ids: Vec<String>,
     /// Only those dead-lettered at or after this time, ms since the epoch.
     pub since_ms: Option<i64>,
+    /// Only those dead-lettered before this time, ms since the epoch.
+    pub before_ms: Option<i64>,
 }
 
 impl Selection {
@@ -23,6 +27,7 @@ impl Selection {
                 .iter()
                 .any(|i| *i == dl.id || *i == dl.record_id || *i == dl.envelope_id))
             && self.since_ms.is_none_or(|t| dl.at_ms >= t)
+            && self.before_ms.is_none_or(|t| dl.at_ms < t)
     }
 }
 
@@ -35,15 +40,32 @@ pub async fn list<B: Bus>(
     stage: &str,
     sel: &Selection,
 ) -> Result<Vec<DeadLetter>, BusError> {
-    let topic = if stage == "router" {
+    Ok(select(bus, stage, sel)
+        .await?
+        .into_iter()
+        .map(|(dl, _)| dl)
+        .collect())
+}
+
+fn topic_of(stage: &str) -> String {
+    if stage == "router" {
         topics::ROUTER_DEAD_LETTERS.to_owned()
     } else {
         topics::dead_letters(stage)
-    };
+    }
+}
+
+/// Matching dead letters of `stage` with their positions (partition, offset).
+async fn select<B: Bus>(
+    bus: &B,
+    stage: &str,
+    sel: &Selection,
+) -> Result<Vec<(DeadLetter, (u32, i64))>, BusError> {
+    let topic = topic_of(stage);
     let mut out = Vec::new();
     for r in bus.read_all(&topic).await? {
         match DeadLetter::from_avro(&r.value) {
-            Ok(dl) if sel.matches(&dl) => out.push(dl),
+            Ok(dl) if sel.matches(&dl) => out.push((dl, (r.partition, r.offset))),
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(topic = %topic, offset = r.offset, error = %e, "skipping an undecodable dead letter")
@@ -74,4 +96,73 @@ pub async fn replay<B: Bus>(
     let n = records.len();
     bus.publish(records).await?;
     Ok(n)
+}
+
+/// Why a purge stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// The log could not be read or the records not removed.
+    #[error("dead letters: {0}")]
+    Bus(#[from] BusError),
+    /// The audit record could not be written: nothing was removed.
+    #[error("dead letters: {0}")]
+    Audit(#[from] AuditError),
+}
+
+/// What a purge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// Dead letters that matched (each has an audit record).
+    pub selected: usize,
+    /// Dead letters removed from the log (fewer than `selected` only on Kafka, which removes
+    /// a partition's oldest records only).
+    pub removed: u64,
+}
+
+/// Remove matching dead letters of `stage` (a subscription, or `router`) from the log. First
+/// an audit record per dead letter (action `dlq_purge`, the operator as actor, the record and
+/// message ids, the patient pseudonym for events) is on disk, then they are removed.
+///
+/// # Errors
+/// When the log cannot be read or written, or the audit record cannot be written (then
+/// nothing is removed).
+pub async fn purge<B: Bus>(
+    bus: &B,
+    stage: &str,
+    sel: &Selection,
+    audit: Option<&Audit>,
+    actor: &str,
+) -> Result<Purged, PurgeError> {
+    let letters = select(bus, stage, sel).await?;
+    if letters.is_empty() {
+        return Ok(Purged {
+            selected: 0,
+            removed: 0,
+        });
+    }
+    if let Some(audit) = audit {
+        let entries = letters
+            .iter()
+            .map(|(dl, _)| Entry {
+                action: "dlq_purge".into(),
+                actor: actor.to_owned(),
+                party: None,
+                patient: dl
+                    .source_topic
+                    .starts_with("ketenbus.events.")
+                    .then(|| String::from_utf8(dl.key.clone()).ok())
+                    .flatten(),
+                event_id: Some(dl.record_id.clone()),
+                envelope_id: Some(dl.envelope_id.clone()),
+                purpose: None,
+            })
+            .collect();
+        audit.append(entries).await?;
+    }
+    let positions: Vec<(u32, i64)> = letters.iter().map(|(_, p)| *p).collect();
+    let removed = bus.remove(&topic_of(stage), &positions).await?;
+    Ok(Purged {
+        selected: letters.len(),
+        removed,
+    })
 }

@@ -35,6 +35,12 @@ impl<B: Bus> BusIngest<B> {
 impl<B: Bus> Ingest for BusIngest<B> {
     fn accept(&self, envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
         Box::pin(async move {
+            // A topic held past its size limit by unfinished records: "try again" rather
+            // than a record retention would have to delete unfinished.
+            if let Some(why) = self.bus.refuses_ingest() {
+                telemetry::rejected(&envelope.connector, REASON_LOG_FULL);
+                return Err(IngestError::Unavailable(why));
+            }
             let value = envelope
                 .to_avro()
                 .map_err(|e| IngestError::Fatal(e.to_string()))?;
@@ -72,6 +78,9 @@ impl<B: Bus> Ingest for BusIngest<B> {
         })
     }
 }
+
+/// Reason code of a message refused because the log is full of unfinished records.
+pub const REASON_LOG_FULL: &str = "log_full";
 
 /// Holds authenticated SMTP users to the parties they may send as (`party_ids` of
 /// `[mail.smtp.auth] users`): a message whose EDIFACT or FHIR parts declare another sender

@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod keys;
 pub mod lineage;
+pub mod retention;
 pub mod router;
 pub mod runtime;
 pub mod status;

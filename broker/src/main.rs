@@ -72,8 +72,9 @@ enum Command {
         #[arg(long, value_parser = ["edifact", "fhir_json", "fhir_xml", "rfc822"])]
         format: Option<String>,
     },
-    /// Dead letters: list and replay. With `[[operators]]` configured, needs an operator
-    /// token in KETENBUS_OPERATOR_TOKEN.
+    /// Dead letters: list, replay and purge. Dead letters are kept until purged (retention
+    /// never removes them). With `[[operators]]` configured, needs an operator token in
+    /// KETENBUS_OPERATOR_TOKEN.
     Dlq {
         #[command(subcommand)]
         command: DlqCommand,
@@ -183,6 +184,7 @@ impl DlqSelection {
         let sel = Selection {
             ids: self.ids,
             since_ms: parse_since(self.since.as_deref())?,
+            before_ms: None,
         };
         Ok((settings, self.subscription, sel))
     }
@@ -197,6 +199,18 @@ enum DlqCommand {
         #[command(flatten)]
         selection: DlqSelection,
         /// Replay every dead letter of the subscription (required when no --id or --since is given).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove dead letters of a subscription (or `router`) from the log for good, writing an
+    /// audit record (`dlq_purge`) for each first.
+    Purge {
+        #[command(flatten)]
+        selection: DlqSelection,
+        /// Only dead letters from before this time (RFC 3339, e.g. 2026-11-24T08:00:00Z).
+        #[arg(long)]
+        before: Option<String>,
+        /// Purge every dead letter of the subscription (required when no --id or --before is given).
         #[arg(long)]
         all: bool,
     },
@@ -282,6 +296,13 @@ trait DlqOps {
         subscription: &'a str,
         sel: &'a Selection,
     ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>>;
+    fn purge<'a>(
+        &'a self,
+        stage: &'a str,
+        sel: &'a Selection,
+        audit: Option<&'a ketenbus::audit::Audit>,
+        actor: &'a str,
+    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<dlq::Purged>>;
 }
 
 impl<B: Bus> DlqOps for B {
@@ -299,6 +320,15 @@ impl<B: Bus> DlqOps for B {
         sel: &'a Selection,
     ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>> {
         Box::pin(async move { Ok(dlq::replay(self, subscription, sel).await?) })
+    }
+    fn purge<'a>(
+        &'a self,
+        stage: &'a str,
+        sel: &'a Selection,
+        audit: Option<&'a ketenbus::audit::Audit>,
+        actor: &'a str,
+    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<dlq::Purged>> {
+        Box::pin(async move { Ok(dlq::purge(self, stage, sel, audit, actor).await?) })
     }
 }
 
@@ -319,28 +349,6 @@ async fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     match settings.config.bus.engine {
         Engine::Embedded => {
             let bus = EmbeddedBus::open(&settings.config.data_dir, &settings.config.bus.embedded)?;
-            let retention = bus.clone();
-            let (age, bytes, every) = (
-                settings.config.bus.embedded.retention_max_age,
-                settings.config.bus.embedded.retention_max_bytes.as_u64(),
-                settings.config.bus.embedded.retention_interval,
-            );
-            let stop = cancel.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(every) => {}
-                    }
-                    match retention.enforce_retention(age, bytes).await {
-                        Ok(r) if r.deleted > 0 => {
-                            tracing::info!(deleted = r.deleted, "retention removed old records")
-                        }
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "retention failed"),
-                    }
-                }
-            });
             ketenbus::runtime::run(settings, bus, cancel).await
         }
         Engine::Kafka => {
@@ -540,6 +548,49 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let n = with_bus(&settings, async |bus| bus.replay(&subscription, &sel).await).await?;
             eprintln!("replayed {n} dead letter(s) to subscription {subscription}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq {
+            command:
+                DlqCommand::Purge {
+                    selection,
+                    before,
+                    all,
+                },
+        } => {
+            let (settings, stage, mut sel) = selection.resolve()?;
+            sel.before_ms = parse_since(before.as_deref())?;
+            let operator = operator(&settings)?;
+            if stage != "router" && !settings.subscriptions.iter().any(|s| s.name == stage) {
+                anyhow::bail!("no subscription named {stage:?} in the configuration");
+            }
+            if sel.ids.is_empty() && sel.before_ms.is_none() && !all {
+                anyhow::bail!("say which dead letters: --id, --before, or --all");
+            }
+            let audit = if settings.config.audit.enabled {
+                Some(
+                    ketenbus::audit::Audit::open(&settings.config.data_dir, audit_key(&settings)?)
+                        .context("opening the audit trail")?,
+                )
+            } else {
+                None
+            };
+            let actor =
+                operator.map_or_else(|| "anonymous".to_owned(), |o| format!("operator:{o}"));
+            let purged = with_bus(&settings, async |bus| {
+                bus.purge(&stage, &sel, audit.as_ref(), &actor).await
+            })
+            .await?;
+            eprintln!(
+                "purged {} dead letter(s) of {stage} (audited {})",
+                purged.removed, purged.selected
+            );
+            if purged.removed < purged.selected as u64 {
+                eprintln!(
+                    "{} kept: the kafka engine removes only a partition's oldest records",
+                    purged.selected as u64 - purged.removed
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

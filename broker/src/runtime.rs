@@ -245,6 +245,13 @@ pub async fn run<B: Bus>(
         cancel.clone(),
     ));
     names.insert(task.id(), "telemetry".to_owned());
+    let task = tasks.spawn(crate::retention::run(
+        Arc::clone(&bus),
+        &settings,
+        Arc::clone(&health),
+        cancel.clone(),
+    ));
+    names.insert(task.id(), "retention".to_owned());
 
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),

@@ -72,11 +72,14 @@ pub const DISPATCH_OLDEST_UNDELIVERED_AGE: &str =
     "ketenbus_dispatch_oldest_undelivered_age_seconds";
 /// Bytes the embedded log takes on disk (database plus write-ahead log).
 pub const LOG_DISK_USAGE: &str = "ketenbus_log_disk_usage_bytes";
+/// Bytes past `retention_max_bytes` that retention keeps in the fullest topic because not
+/// every reader has finished them; 0 when every topic is within its limit.
+pub const LOG_RETENTION_EXCESS: &str = "ketenbus_log_retention_excess_bytes";
 /// Always 1, with the version as a label.
 pub const BUILD_INFO: &str = "ketenbus_build_info";
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 18] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -93,6 +96,7 @@ pub const NAMES: [&str; 17] = [
     DISPATCH_CONSUMER_LAG,
     DISPATCH_OLDEST_UNDELIVERED_AGE,
     LOG_DISK_USAGE,
+    LOG_RETENTION_EXCESS,
     BUILD_INFO,
 ];
 
@@ -338,6 +342,7 @@ struct Metrics {
     lag: IntGaugeVec,
     oldest_age: GaugeVec,
     log_disk: IntGauge,
+    log_excess: IntGauge,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -387,6 +392,13 @@ impl Metrics {
         )
         .expect("valid metric");
         reg.register(Box::new(log_disk.clone()))
+            .expect("metric registered once");
+        let log_excess = IntGauge::new(
+            LOG_RETENTION_EXCESS,
+            "Bytes past retention_max_bytes kept in the fullest topic because not every reader has finished them.",
+        )
+        .expect("valid metric");
+        reg.register(Box::new(log_excess.clone()))
             .expect("metric registered once");
         let build_info = int_gauge(
             reg,
@@ -479,6 +491,7 @@ impl Metrics {
                 &["subscription", "kind"],
             ),
             log_disk,
+            log_excess,
         }
     }
 }
@@ -642,6 +655,19 @@ pub fn refused(connector: &str, error: IngestError) -> IngestError {
     };
     rejected(connector, reason);
     error
+}
+
+/// A retention pass ran: how far the fullest topic stays past its size limit with records not
+/// every reader has finished.
+pub fn retention(report: &crate::bus::RetentionReport) {
+    METRICS
+        .log_excess
+        .set(i64::try_from(report.excess_bytes()).unwrap_or(i64::MAX));
+    tracing::debug!(
+        deleted = report.deleted,
+        excess_bytes = report.excess_bytes(),
+        "retention pass"
+    );
 }
 
 /// The router recorded `step` for a message (normalised event, dead letter or pass-by).

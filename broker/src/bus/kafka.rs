@@ -2,13 +2,19 @@
 //! librdkafka). An idempotent producer with `acks=all` whose `publish` resolves once the
 //! cluster acknowledged every record; consumer groups that commit the contiguous finished
 //! prefix per partition; topics created through the admin API, never auto-created.
+//!
+//! Retention is the cluster's: ketenbus cannot stop Kafka from deleting a record a consumer
+//! group has not finished, so `retention.ms` of the raw and event topics must be longer than
+//! the longest outage a subscriber may have (README, "Engines"). Dead-letter topics are
+//! created with `retention.ms = -1` and `retention.bytes = -1` (kept until `ketenbus dlq
+//! purge`), and an existing one with time or size retention is reported at start-up.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, FromClientConfigAndContext, RDKafkaLogLevel};
 use rdkafka::consumer::{
@@ -24,6 +30,7 @@ use serde::Deserialize;
 
 use super::{
     AckToken, Bus, BusError, Consumer, OffsetTracker, OutRecord, Position, Record, TopicSpec,
+    is_dead_letter_topic,
 };
 
 /// librdkafka properties an operator may not set through `properties` or
@@ -72,7 +79,10 @@ pub struct KafkaConfig {
     /// Topic-level settings of topics created at start-up, e.g.
     /// `{ "min.insync.replicas" = "2", "retention.ms" = "604800000" }`. With
     /// `replication_factor = 3`, `min.insync.replicas = 2` keeps every acknowledged record on
-    /// two brokers at least. Topics that exist already are left as they are.
+    /// two brokers at least. Topics that exist already are left as they are. Set
+    /// `retention.ms` longer than the longest outage a subscriber may have: Kafka deletes
+    /// by age whether or not a group has read the record. Dead-letter topics
+    /// (`ketenbus.dlq.*`) always get `retention.ms = -1` and `retention.bytes = -1`.
     #[serde(default)]
     pub topic_config: BTreeMap<String, String>,
     /// How long a published record may take to be acknowledged by the cluster before
@@ -421,7 +431,45 @@ impl fmt::Debug for KafkaBus {
     }
 }
 
+/// Topic settings of dead-letter topics: no time or size retention.
+const DEAD_LETTER_RETENTION: [(&str, &str); 2] =
+    [("retention.ms", "-1"), ("retention.bytes", "-1")];
+
 impl KafkaBus {
+    /// Report dead-letter topics (made before ketenbus set their retention, or changed since)
+    /// that the cluster would expire: their dead letters are lost when it does.
+    async fn check_dead_letter_retention(&self, topics: &[TopicSpec]) {
+        let specs: Vec<ResourceSpecifier<'_>> = topics
+            .iter()
+            .filter(|t| is_dead_letter_topic(&t.name))
+            .map(|t| ResourceSpecifier::Topic(&t.name))
+            .collect();
+        if specs.is_empty() {
+            return;
+        }
+        let opts = AdminOptions::new().request_timeout(Some(self.config.request_timeout));
+        let results = match self.admin.describe_configs(&specs, &opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the retention of the dead-letter topics");
+                return;
+            }
+        };
+        for resource in results.into_iter().flatten() {
+            for (key, keep) in DEAD_LETTER_RETENTION {
+                let value = resource.get(key).and_then(|e| e.value.as_deref());
+                if value.is_some_and(|v| v != keep) {
+                    tracing::error!(
+                        topic = ?resource.specifier,
+                        setting = key,
+                        value = value.unwrap_or(""),
+                        "a dead-letter topic expires its records; set it to -1 (kafka-configs --alter) or dead letters are lost"
+                    );
+                }
+            }
+        }
+    }
+
     /// Builds the producer and admin clients. Nothing connects yet: the first request does.
     ///
     /// # Errors
@@ -561,8 +609,21 @@ impl Bus for KafkaBus {
                 partitions,
                 TopicReplication::Fixed(i32::from(self.config.replication_factor)),
             );
+            let dead_letters = is_dead_letter_topic(&spec.name);
             for (k, v) in &self.config.topic_config {
+                if dead_letters
+                    && DEAD_LETTER_RETENTION
+                        .iter()
+                        .any(|(key, _)| *key == k.as_str())
+                {
+                    continue;
+                }
                 topic = topic.set(k, v);
+            }
+            if dead_letters {
+                for (k, v) in DEAD_LETTER_RETENTION {
+                    topic = topic.set(k, v);
+                }
             }
             new_topics.push(topic);
             wanted.push((spec.name.clone(), usize::try_from(partitions).unwrap_or(0)));
@@ -593,8 +654,50 @@ impl Bus for KafkaBus {
             }
         }
         self.await_topics(wanted.clone()).await?;
+        self.check_dead_letter_retention(topics).await;
         lock(&self.known_topics).extend(wanted.into_iter().map(|(t, _)| t));
         Ok(())
+    }
+
+    async fn remove(&self, topic: &str, positions: &[(u32, i64)]) -> Result<u64, BusError> {
+        // DeleteRecords removes a partition's oldest records only: remove the selected
+        // records up to the first one that is not selected.
+        let selected: HashSet<(u32, i64)> = positions.iter().copied().collect();
+        let mut upto: BTreeMap<u32, (i64, u64)> = BTreeMap::new();
+        let mut blocked = HashSet::new();
+        for r in self.read_all(topic).await? {
+            if blocked.contains(&r.partition) {
+                continue;
+            }
+            if selected.contains(&(r.partition, r.offset)) {
+                let e = upto.entry(r.partition).or_insert((0, 0));
+                *e = (r.offset + 1, e.1 + 1);
+            } else {
+                blocked.insert(r.partition);
+            }
+        }
+        if upto.is_empty() {
+            return Ok(0);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, (offset, _)) in &upto {
+            let p = i32::try_from(*p)
+                .map_err(|_| BusError::Fatal(format!("partition {p} out of range")))?;
+            tpl.add_partition_offset(topic, p, Offset::Offset(*offset))
+                .map_err(|e| classify(&e, Some(topic)))?;
+        }
+        let opts = AdminOptions::new()
+            .request_timeout(Some(self.config.request_timeout))
+            .operation_timeout(Some(self.config.request_timeout));
+        let result = self
+            .admin
+            .delete_records(&tpl, &opts)
+            .await
+            .map_err(|e| classify(&e, Some(topic)))?;
+        for elem in result.elements() {
+            elem.error().map_err(|e| classify(&e, Some(topic)))?;
+        }
+        Ok(upto.values().map(|(_, n)| n).sum())
     }
 
     async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Position>, BusError> {
