@@ -1269,7 +1269,7 @@ mod tests {
             .unwrap();
         let sets = closed_label_values(&settings);
         for name in NAMES {
-            if [ROUTER_CONSUMER_LAG, LOG_DISK_USAGE].contains(&name) {
+            if [ROUTER_CONSUMER_LAG, LOG_DISK_USAGE, LOG_RETENTION_EXCESS].contains(&name) {
                 assert!(!sets.contains_key(name), "{name} has no labels");
             } else {
                 assert!(sets.contains_key(name), "{name} has no closed label sets");
