@@ -296,7 +296,8 @@ fn slot_of(subscription: &str, topic: &str) -> Arc<Slot> {
     )
 }
 
-/// The `kind` label of a topic a subscription reads: the event kind, `raw` or `replay`.
+/// The `kind` label of a topic a subscription reads: the event kind, `raw`, `replay` or
+/// `retry` (records parked after a failed attempt).
 #[must_use]
 pub fn topic_kind(topic: &str) -> &'static str {
     if topic == topics::RAW {
@@ -304,6 +305,9 @@ pub fn topic_kind(topic: &str) -> &'static str {
     }
     if topic.starts_with("ketenbus.replay.") {
         return "replay";
+    }
+    if topic.starts_with("ketenbus.retry.") {
+        return "retry";
     }
     topic
         .strip_prefix("ketenbus.events.")
@@ -339,8 +343,12 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
         }
         m.retries.with_label_values(&[name]);
         m.latency.with_label_values(&[name]);
-        for topic in crate::dispatch::source_topics(sub) {
-            let kind = topic_kind(&topic);
+        let parked = topics::retry(name);
+        for topic in crate::dispatch::source_topics(sub)
+            .iter()
+            .chain(std::iter::once(&parked))
+        {
+            let kind = topic_kind(topic);
             m.lag.with_label_values(&[name, kind]).set(0);
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
         }
@@ -651,16 +659,27 @@ pub fn watch<B: Bus>(
     let watched: Vec<Watched> = settings
         .subscriptions
         .iter()
-        .map(|sub| Watched {
-            name: sub.name.clone(),
-            group: crate::dispatch::group(&sub.name),
-            topics: crate::dispatch::source_topics(sub)
-                .into_iter()
-                .map(|t| {
-                    let slot = slot_of(&sub.name, &t);
-                    (t, slot)
-                })
-                .collect(),
+        .flat_map(|sub| {
+            let parked = topics::retry(&sub.name);
+            [
+                Watched {
+                    name: sub.name.clone(),
+                    group: crate::dispatch::group(&sub.name),
+                    topics: crate::dispatch::source_topics(sub)
+                        .into_iter()
+                        .map(|t| {
+                            let slot = slot_of(&sub.name, &t);
+                            (t, slot)
+                        })
+                        .collect(),
+                },
+                // Parked records: read by their own group.
+                Watched {
+                    name: sub.name.clone(),
+                    group: crate::dispatch::retry_group(&sub.name),
+                    topics: vec![(parked.clone(), slot_of(&sub.name, &parked))],
+                },
+            ]
         })
         .collect();
     async move {
@@ -950,5 +969,6 @@ mod tests {
             "acute_handover"
         );
         assert_eq!(topic_kind(&topics::replay("gp")), "replay");
+        assert_eq!(topic_kind(&topics::retry("gp")), "retry");
     }
 }
