@@ -51,7 +51,7 @@ async fn post_round(
     failing_bsn: &str,
     posted: &mut Posted,
 ) {
-    let mut post = |body: Vec<u8>| {
+    let post = |body: Vec<u8>| {
         let c = c.clone();
         let url = url.to_owned();
         async move {
@@ -164,6 +164,7 @@ async fn one_patients_failing_record_holds_up_only_that_patients_later_records()
     let in_flight_at_kill = posted.failing.len();
     broker.kill();
     broker.spawn();
+    let c = reqwest::Client::new(); // the old one pools connections to the killed process
 
     // Round 2: 40 more after the restart, with more of the failing patient's records.
     let before: HashSet<String> = posted.at.keys().cloned().collect();
