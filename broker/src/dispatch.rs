@@ -1240,6 +1240,8 @@ mod tests {
     struct FailsForOnePatient {
         patient: String,
         failing: std::sync::atomic::AtomicBool,
+        /// Patients whose next attempt fails once.
+        fail_once: Mutex<BTreeSet<String>>,
         got: Mutex<Vec<(String, i32)>>,
     }
 
@@ -1251,7 +1253,10 @@ mod tests {
                 };
                 let h = e.header();
                 let key = h.patient_key.clone().unwrap();
-                if key == self.patient && self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                let once = self.fail_once.lock().unwrap().remove(&key);
+                if once
+                    || key == self.patient && self.failing.load(std::sync::atomic::Ordering::SeqCst)
+                {
                     return Err(DeliveryError::Retryable {
                         reason: "http_503".into(),
                         detail: "503 Service Unavailable".into(),
@@ -1304,6 +1309,7 @@ mod tests {
         let sink = Arc::new(FailsForOnePatient {
             patient: "patient-x".into(),
             failing: std::sync::atomic::AtomicBool::new(true),
+            fail_once: Mutex::new(BTreeSet::new()),
             got: Mutex::new(Vec::new()),
         });
         let start = |cancel: CancellationToken| {
@@ -1357,6 +1363,83 @@ mod tests {
             "the failing patient's records, in order"
         );
         assert_eq!(got.len(), 45, "nothing delivered twice: {got:?}");
+    }
+
+    /// A record held on the retry topic does not keep the commit point behind records that
+    /// were retried and delivered after it: after a restart none of them comes again.
+    #[tokio::test]
+    async fn a_held_record_is_parked_again_so_finished_retries_are_not_delivered_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        let sub = Subscription {
+            name: "lab".into(),
+            sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
+            filter: FilterConfig::default(),
+            sink: SinkConfig::Webhook {
+                url: ketenbus_connectors::address_book::Destination::Fixed(
+                    "http://127.0.0.1:1/".parse().unwrap(),
+                ),
+                secret: None,
+                timeout: Duration::from_secs(1),
+                ca_file: None,
+            },
+            retry: RetryConfig {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(100),
+                give_up_after: Duration::from_secs(24 * 3600),
+            },
+            concurrency: 2,
+        };
+        // One partition: every parked record shares one retry partition.
+        bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
+        let sink = Arc::new(FailsForOnePatient {
+            patient: "patient-x".into(),
+            failing: std::sync::atomic::AtomicBool::new(true),
+            fail_once: Mutex::new((0..10).map(|i| format!("patient-{i}")).collect()),
+            got: Mutex::new(Vec::new()),
+        });
+        let start = |cancel: CancellationToken| {
+            tokio::spawn(run(
+                Arc::clone(&bus),
+                sub.clone(),
+                Arc::clone(&sink) as Arc<dyn Sink>,
+                Lineage::open(dir.path()).unwrap(),
+                Arc::new(Health::default()),
+                cancel,
+            ))
+        };
+        let mut records = vec![letter("patient-x", 0)];
+        records.extend((0..10).map(|i| letter(&format!("patient-{i}"), 0)));
+        bus.publish(records).await.unwrap();
+        let cancel = CancellationToken::new();
+        let task = start(cancel.clone());
+        let began = std::time::Instant::now();
+        while sink.got.lock().unwrap().len() < 10 && began.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sink.got.lock().unwrap().len(), 10, "each retried once");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let cancel = CancellationToken::new();
+        let task = start(cancel.clone());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        sink.failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let began = std::time::Instant::now();
+        while sink.got.lock().unwrap().len() < 11 && began.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let got = sink.got.lock().unwrap().clone();
+        assert_eq!(
+            got.len(),
+            11,
+            "nothing finished was delivered again: {got:?}"
+        );
+        assert_eq!(got.last().unwrap().0, "patient-x");
     }
 
     /// A registry where every patient denies everything.
