@@ -37,7 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
 use ketenbus_schemas::{
@@ -141,6 +141,8 @@ enum Report {
 struct Held {
     token: AckToken,
     parked: RetryRecord,
+    /// Undelivered since (first failure, else when it was parked), for the oldest-age metric.
+    since_ms: i64,
 }
 
 /// Parked records of one key.
@@ -409,7 +411,11 @@ pub async fn run<B: Bus>(
 
 /// The state of one subscription's loop besides its consumers.
 struct Loop {
+    name: String,
+    source_topics: Vec<String>,
     retry_topic: String,
+    /// When parked records' age was last told to the watcher.
+    parked_reported: Instant,
     parking: Arc<Mutex<Parking>>,
     lane_txs: Vec<mpsc::Sender<Job>>,
     /// Records read from the source topics and not finished.
@@ -478,7 +484,11 @@ impl Loop {
         let ks = parking.keys.entry(record.key.clone()).or_default();
         ks.pending = ks.pending.saturating_sub(1);
         match RetryRecord::from_avro(&record.value) {
-            Ok(parked) => ks.queue.push_back(Held { token, parked }),
+            Ok(parked) => ks.queue.push_back(Held {
+                token,
+                since_ms: parked.first_failure_ms.unwrap_or(record.timestamp_ms),
+                parked,
+            }),
             Err(e) => {
                 parking.tidy(&record.key);
                 drop(parking);
@@ -583,6 +593,27 @@ impl Loop {
         }
     }
 
+    /// Tell the watcher (at most once a second) since when the oldest parked record of each
+    /// source topic is undelivered: it counts in that topic's oldest undelivered age.
+    fn report_parked(&mut self) {
+        if self.parked_reported.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.parked_reported = Instant::now();
+        let parking = lock(&self.parking);
+        let mut oldest: HashMap<&str, i64> = HashMap::new();
+        for h in parking.keys.values().flat_map(|ks| ks.queue.iter()) {
+            let e = oldest
+                .entry(h.parked.source_topic.as_str())
+                .or_insert(h.since_ms);
+            *e = (*e).min(h.since_ms);
+        }
+        for t in &self.source_topics {
+            let since = oldest.get(t.as_str()).copied().unwrap_or(0);
+            telemetry::parked_since(&self.name, t, since);
+        }
+    }
+
     /// After a batch is on disk and acknowledged: retry records it finished are no longer held.
     fn finished_retry(&mut self, tokens: &[AckToken]) {
         for t in tokens {
@@ -659,6 +690,9 @@ pub async fn run_with<B: Bus>(
         ));
     }
     let mut st = Loop {
+        name: sub.name.clone(),
+        source_topics: source_topics(&sub),
+        parked_reported: Instant::now(),
         retry_topic: topics::retry(&name),
         parking,
         lane_txs,
@@ -676,6 +710,7 @@ pub async fn run_with<B: Bus>(
         }
         let wake = st.schedule();
         st.repark_blocking();
+        st.report_parked();
         if !st.finished.is_empty() {
             let batch = std::mem::take(&mut st.finished);
             let retried: Vec<AckToken> = batch

@@ -272,6 +272,9 @@ struct Slot {
     oldest: AtomicI64,
     /// Per partition, the offset after the highest record polled.
     read: Mutex<HashMap<u32, i64>>,
+    /// First failure of the oldest record of this topic parked on the retry topic (ms since
+    /// the epoch, 0 = none): undelivered, though its source offset is committed.
+    parked: AtomicI64,
 }
 
 impl Slot {
@@ -296,8 +299,7 @@ fn slot_of(subscription: &str, topic: &str) -> Arc<Slot> {
     )
 }
 
-/// The `kind` label of a topic a subscription reads: the event kind, `raw`, `replay` or
-/// `retry` (records parked after a failed attempt).
+/// The `kind` label of a topic a subscription reads: the event kind, `raw` or `replay`.
 #[must_use]
 pub fn topic_kind(topic: &str) -> &'static str {
     if topic == topics::RAW {
@@ -305,9 +307,6 @@ pub fn topic_kind(topic: &str) -> &'static str {
     }
     if topic.starts_with("ketenbus.replay.") {
         return "replay";
-    }
-    if topic.starts_with("ketenbus.retry.") {
-        return "retry";
     }
     topic
         .strip_prefix("ketenbus.events.")
@@ -343,16 +342,20 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
         }
         m.retries.with_label_values(&[name]);
         m.latency.with_label_values(&[name]);
-        let parked = topics::retry(name);
-        for topic in crate::dispatch::source_topics(sub)
-            .iter()
-            .chain(std::iter::once(&parked))
-        {
-            let kind = topic_kind(topic);
+        for topic in crate::dispatch::source_topics(sub) {
+            let kind = topic_kind(&topic);
             m.lag.with_label_values(&[name, kind]).set(0);
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
         }
     }
+}
+
+/// The oldest record from `topic` that `subscription` holds parked failed first at
+/// `since_ms` (0: none); it counts in that topic's oldest undelivered age.
+pub fn parked_since(subscription: &str, topic: &str, since_ms: i64) {
+    slot_of(subscription, topic)
+        .parked
+        .store(since_ms, Ordering::Relaxed);
 }
 
 /// A connector accepted a message: it is durable on the raw topic.
@@ -636,6 +639,12 @@ async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
             } else {
                 in_flight.max(stalled).max(0)
             };
+            let parked = slot.parked.load(Ordering::Relaxed);
+            let age = if parked == 0 {
+                age
+            } else {
+                age.max(now - parked)
+            };
             m.oldest_age
                 .with_label_values(&[w.name.as_str(), kind])
                 .set(unix_seconds(age));
@@ -659,27 +668,16 @@ pub fn watch<B: Bus>(
     let watched: Vec<Watched> = settings
         .subscriptions
         .iter()
-        .flat_map(|sub| {
-            let parked = topics::retry(&sub.name);
-            [
-                Watched {
-                    name: sub.name.clone(),
-                    group: crate::dispatch::group(&sub.name),
-                    topics: crate::dispatch::source_topics(sub)
-                        .into_iter()
-                        .map(|t| {
-                            let slot = slot_of(&sub.name, &t);
-                            (t, slot)
-                        })
-                        .collect(),
-                },
-                // Parked records: read by their own group.
-                Watched {
-                    name: sub.name.clone(),
-                    group: crate::dispatch::retry_group(&sub.name),
-                    topics: vec![(parked.clone(), slot_of(&sub.name, &parked))],
-                },
-            ]
+        .map(|sub| Watched {
+            name: sub.name.clone(),
+            group: crate::dispatch::group(&sub.name),
+            topics: crate::dispatch::source_topics(sub)
+                .into_iter()
+                .map(|t| {
+                    let slot = slot_of(&sub.name, &t);
+                    (t, slot)
+                })
+                .collect(),
         })
         .collect();
     async move {
@@ -969,6 +967,5 @@ mod tests {
             "acute_handover"
         );
         assert_eq!(topic_kind(&topics::replay("gp")), "replay");
-        assert_eq!(topic_kind(&topics::retry("gp")), "retry");
     }
 }

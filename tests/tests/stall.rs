@@ -163,6 +163,37 @@ async fn one_patients_failing_record_holds_up_only_that_patients_later_records()
         }),
         "nothing of the failing patient arrived while its receiver refused"
     );
+    // The parked records are undelivered: their age shows in the lab results' oldest age,
+    // though their source offsets are committed.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        let text = c
+            .get(format!("{}/metrics", broker.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let age = text
+            .lines()
+            .find(|l| {
+                l.starts_with("ketenbus_dispatch_oldest_undelivered_age_seconds{")
+                    && l.contains("subscription=\"gp\"")
+                    && l.contains("kind=\"lab_result\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if age >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "parked records do not show in the oldest undelivered age ({age})"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let in_flight_at_kill = posted.failing.len();
     broker.kill();
     broker.spawn();
