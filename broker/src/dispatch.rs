@@ -666,9 +666,9 @@ pub async fn run_with<B: Bus>(
     let name: Arc<str> = Arc::from(sub.name.as_str());
     let lanes = sub.concurrency;
     let cap = lanes * 32;
-    // Held retry records are small in number and each is handed to a lane at most once at
-    // a time, so lanes and the report channel have room for all of them: nobody waits on a
-    // full channel.
+    // At most `cap` source records and `retry_cap` held retry records are in the lanes or
+    // their reports at any time, so lanes and the report channel have room for all of them:
+    // nobody waits on a full channel.
     let retry_cap = cap * 8;
     let (done_tx, mut done_rx) = mpsc::channel::<Report>(cap + retry_cap + lanes);
     let mut lane_txs = Vec::with_capacity(lanes);
