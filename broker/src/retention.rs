@@ -30,6 +30,11 @@ pub fn readers(settings: &Settings) -> Readers {
                 .or_default()
                 .push(dispatch::group(&sub.name));
         }
+        // Parked records wait on the retry topic until its own group has finished them.
+        readers
+            .entry(topics::retry(&sub.name))
+            .or_default()
+            .push(dispatch::retry_group(&sub.name));
     }
     readers
 }
@@ -121,6 +126,7 @@ mod tests {
         assert_eq!(groups("ketenbus.events.letter"), ["ketenbus.sub.gp"]);
         assert_eq!(groups("ketenbus.replay.gp"), ["ketenbus.sub.gp"]);
         assert_eq!(groups("ketenbus.replay.archive"), ["ketenbus.sub.archive"]);
+        assert_eq!(groups("ketenbus.retry.gp"), ["ketenbus.sub.gp.retry"]);
         assert!(!r.contains_key("ketenbus.events.acute_handover"));
         assert!(!r.keys().any(|t| t.starts_with("ketenbus.dlq.")));
     }

@@ -30,6 +30,7 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
     for s in &settings.subscriptions {
         names.push(topics::dead_letters(&s.name));
         names.push(topics::replay(&s.name));
+        names.push(topics::retry(&s.name));
     }
     names
         .into_iter()

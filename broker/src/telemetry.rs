@@ -507,6 +507,9 @@ struct Slot {
     oldest: AtomicI64,
     /// Per partition, the offset after the highest record polled.
     read: Mutex<HashMap<u32, i64>>,
+    /// First failure of the oldest record of this topic parked on the retry topic (ms since
+    /// the epoch, 0 = none): undelivered, though its source offset is committed.
+    parked: AtomicI64,
 }
 
 impl Slot {
@@ -602,6 +605,14 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
         }
     }
+}
+
+/// The oldest record from `topic` that `subscription` holds parked failed first at
+/// `since_ms` (0: none); it counts in that topic's oldest undelivered age.
+pub fn parked_since(subscription: &str, topic: &str, since_ms: i64) {
+    slot_of(subscription, topic)
+        .parked
+        .store(since_ms, Ordering::Relaxed);
 }
 
 /// A connector accepted a message: it is durable on the raw topic.
@@ -911,6 +922,12 @@ async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
                 0
             } else {
                 in_flight.max(stalled).max(0)
+            };
+            let parked = slot.parked.load(Ordering::Relaxed);
+            let age = if parked == 0 {
+                age
+            } else {
+                age.max(now - parked)
             };
             m.oldest_age
                 .with_label_values(&[w.name.as_str(), kind])

@@ -11,4 +11,4 @@ pub mod topics;
 pub use codec::{AvroRecord, CodecError};
 pub use envelope::{Format, RawEnvelope};
 pub use event::{Event, EventHeader, EventKind};
-pub use outcome::{DeadLetter, DeliveryOutcome, Outcome};
+pub use outcome::{DeadLetter, DeliveryOutcome, Outcome, RetryRecord};

@@ -1,4 +1,5 @@
-//! Records the broker writes about its own work: delivery outcomes and dead letters.
+//! Records the broker writes about its own work: delivery outcomes, dead letters and records
+//! parked for a later attempt.
 
 use std::fmt;
 
@@ -100,5 +101,49 @@ impl fmt::Debug for DeadLetter {
 
 impl AvroRecord for DeadLetter {
     const SCHEMA_JSON: &'static str = include_str!("../avro/dead_letter.avsc");
+    crate::compiled_schema!();
+}
+
+/// A record one subscription parked for a later attempt, kept whole. Schema:
+/// `avro/retry_record.avsc`; topic `ketenbus.retry.<subscription>`, key = the original key.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryRecord {
+    /// Event id, or envelope id for raw records.
+    pub record_id: String,
+    /// The envelope the record came from.
+    pub envelope_id: String,
+    /// Delivery attempts made so far; 0 when parked behind an earlier record of its key.
+    pub attempt: i32,
+    /// When its first attempt failed, ms since the epoch; `None` until it was tried.
+    pub first_failure_ms: Option<i64>,
+    /// Not tried again before this time, ms since the epoch.
+    pub next_attempt_ms: i64,
+    /// Reason code of the last failed attempt.
+    pub reason: Option<String>,
+    /// Human detail of the last failed attempt, without payload.
+    pub detail: Option<String>,
+    /// Topic the record came from.
+    pub source_topic: String,
+    /// The record key.
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub key: Vec<u8>,
+    /// The record value exactly as it was on the source topic.
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl fmt::Debug for RetryRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryRecord")
+            .field("record_id", &self.record_id)
+            .field("attempt", &self.attempt)
+            .field("next_attempt_ms", &self.next_attempt_ms)
+            .field("value_len", &self.value.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AvroRecord for RetryRecord {
+    const SCHEMA_JSON: &'static str = include_str!("../avro/retry_record.avsc");
     crate::compiled_schema!();
 }

@@ -27,6 +27,13 @@ pub fn replay(subscription: &str) -> String {
     format!("ketenbus.replay.{subscription}")
 }
 
+/// Records one subscription parked for a later attempt, read by that subscription only:
+/// `ketenbus.retry.<subscription>`; key = the original record key.
+#[must_use]
+pub fn retry(subscription: &str) -> String {
+    format!("ketenbus.retry.{subscription}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,5 +56,6 @@ mod tests {
         );
         assert_eq!(dead_letters("gp"), "ketenbus.dlq.gp");
         assert_eq!(replay("gp"), "ketenbus.replay.gp");
+        assert_eq!(retry("gp"), "ketenbus.retry.gp");
     }
 }

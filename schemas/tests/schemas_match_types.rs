@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use ketenbus_schemas::codec::{AvroRecord, fingerprint_of};
 use ketenbus_schemas::event::*;
-use ketenbus_schemas::{DeadLetter, DeliveryOutcome, Format, Outcome, RawEnvelope};
+use ketenbus_schemas::{DeadLetter, DeliveryOutcome, Format, Outcome, RawEnvelope, RetryRecord};
 
 fn roundtrip<T: AvroRecord + PartialEq + std::fmt::Debug>(v: &T) {
     let bytes = v.to_avro().expect("encodes with its schema");
@@ -142,6 +142,20 @@ fn outcome_and_dead_letter_match_their_schemas() {
         key: vec![1, 2],
         value: vec![0xC3, 0x01, 9],
     });
+    for first_failure_ms in [None, Some(1_764_000_000_000)] {
+        roundtrip(&RetryRecord {
+            record_id: "m1.0".into(),
+            envelope_id: "m1".into(),
+            attempt: 3,
+            first_failure_ms,
+            next_attempt_ms: 1_764_000_000_500,
+            reason: first_failure_ms.map(|_| "http_503".into()),
+            detail: None,
+            source_topic: "ketenbus.events.lab_result".into(),
+            key: vec![1, 2],
+            value: vec![0xC3, 0x01, 9],
+        });
+    }
 }
 
 #[test]

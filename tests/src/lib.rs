@@ -292,6 +292,8 @@ pub struct Receiver {
 
 struct ReceiverState {
     got: Mutex<Vec<Received>>,
+    /// Requests whose body contains these bytes get this status instead (one patient down).
+    fail_matching: Mutex<Option<(Vec<u8>, u16)>>,
     status: AtomicU16,
     delay_ms: AtomicU16,
     notify: Notify,
@@ -305,6 +307,7 @@ impl Receiver {
     pub async fn start(b: Behaviour) -> Receiver {
         let state = Arc::new(ReceiverState {
             got: Mutex::new(Vec::new()),
+            fail_matching: Mutex::new(None),
             status: AtomicU16::new(b.status),
             delay_ms: AtomicU16::new(u16::try_from(b.delay.as_millis()).unwrap_or(u16::MAX)),
             notify: Notify::new(),
@@ -330,6 +333,12 @@ impl Receiver {
     /// Change the answer.
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answer `status` (without recording the request) to every request whose body contains
+    /// `needle`, e.g. one patient's BSN; `None` answers every request as before again.
+    pub fn fail_matching(&self, rule: Option<(&[u8], u16)>) {
+        *self.state.fail_matching.lock().expect("lock") = rule.map(|(n, s)| (n.to_vec(), s));
     }
 
     /// Everything received so far.
@@ -361,7 +370,16 @@ async fn record(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
     }
-    let status = st.status.load(Ordering::SeqCst);
+    let matched = st
+        .fail_matching
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .filter(|(needle, _)| {
+            !needle.is_empty() && body.windows(needle.len()).any(|w| w == needle.as_slice())
+        })
+        .map(|(_, s)| *s);
+    let status = matched.unwrap_or_else(|| st.status.load(Ordering::SeqCst));
     if (200..300).contains(&status) {
         let headers = headers
             .iter()
