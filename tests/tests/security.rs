@@ -962,6 +962,8 @@ async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
         .arg(&broker.config)
         .env("KETENBUS_OPERATOR_TOKEN", OPS_TOKEN)
         .env_remove("KETENBUS_AUDIT_KEY")
+        // Nor with a loopback broker's own key, which is another.
+        .env("XDG_CONFIG_HOME", broker.dir.join("no-config"))
         .output()
         .unwrap();
     assert!(!out.status.success());
