@@ -19,7 +19,8 @@ use serde_json::json;
 
 use crate::bus::Bus;
 use crate::health::Health;
-use crate::ingest::{BusIngest, new_message_id};
+use crate::idempotency::{Claim, IdempotencyError};
+use crate::ingest::BusIngest;
 use crate::lineage::{Lineage, ListQuery};
 use crate::now_ms;
 
@@ -29,6 +30,8 @@ pub struct ApiState<B: Bus> {
     pub ingest: BusIngest<B>,
     /// Lineage index.
     pub lineage: Lineage,
+    /// Which `Idempotency-Key` gave which message id.
+    pub idempotency: crate::idempotency::Idempotency,
     /// Component health.
     pub health: Arc<Health>,
     /// Largest accepted body.
@@ -107,9 +110,11 @@ async fn post_message<B: Bus>(
         }
     };
     let mut attributes = BTreeMap::new();
+    let mut scope = "anonymous".to_owned();
     let sender = match authenticated {
         Some(axum::Extension(s)) => {
             attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
+            scope.clone_from(&s.0.name);
             match s.check(&declared) {
                 Ok(party) => party,
                 Err(e) => return crate::auth::sender_mismatch(&e),
@@ -117,8 +122,21 @@ async fn post_message<B: Bus>(
         }
         None => declared.sender().map(str::to_owned),
     };
+    // A retry with the same Idempotency-Key gets the first answer's id.
+    let (id, held) = match st
+        .idempotency
+        .for_request(idempotency_key(&headers), &scope, &body)
+        .await
+    {
+        Ok((Claim::Stored(id), _)) => return accepted(&id),
+        Ok((Claim::Publish(id), held)) => (id, held),
+        Err(e) => {
+            let (status, code) = idempotency_refusal(&e);
+            return problem(status, code, &e.to_string());
+        }
+    };
     let envelope = RawEnvelope {
-        id: new_message_id(),
+        id,
         received_at_ms: now_ms(),
         connector: "http".into(),
         format,
@@ -128,8 +146,8 @@ async fn post_message<B: Bus>(
         body: body.to_vec(),
         attributes,
     };
-    let accepted = match st.ingest.accept(envelope).await {
-        Ok(a) => a,
+    let accepted_id = match st.ingest.accept(envelope).await {
+        Ok(a) => a.id,
         Err(IngestError::Unavailable(e)) => return unavailable(&e),
         Err(e) => {
             return problem(
@@ -139,10 +157,39 @@ async fn post_message<B: Bus>(
             );
         }
     };
-    let location = format!("/api/v1/messages/{}", accepted.id);
+    if let Some(held) = held
+        && let Err(e) = held.stored().await
+    {
+        // Stored all the same; a retry with this key publishes it again under the same id.
+        tracing::warn!(error = %e, "idempotency index not updated");
+    }
+    accepted(&accepted_id)
+}
+
+/// The `Idempotency-Key` request header, when it is text.
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or("\u{0}"))
+}
+
+/// Status and code for a key that cannot be used.
+pub(crate) fn idempotency_refusal(e: &IdempotencyError) -> (StatusCode, &'static str) {
+    match e {
+        IdempotencyError::Malformed => (StatusCode::BAD_REQUEST, "bad_idempotency_key"),
+        IdempotencyError::Reused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+        IdempotencyError::Unavailable(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "idempotency_unavailable")
+        }
+    }
+}
+
+/// `202 {"id","location"}` with `Location`.
+fn accepted(id: &str) -> Response {
+    let location = format!("/api/v1/messages/{id}");
     let mut resp = (
         StatusCode::ACCEPTED,
-        Json(json!({ "id": accepted.id, "location": location })),
+        Json(json!({ "id": id, "location": location })),
     )
         .into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {

@@ -88,7 +88,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Largest message body accepted; larger ones get 413.
     pub max_body: bytesize::ByteSize,
-    /// Longest wait for the log to make a message durable before answering 503.
+    /// Longest wait for the log to make a message durable before answering 503. On Kafka it
+    /// must be longer than `bus.kafka.delivery_timeout`, so a 503 means "not stored".
     #[serde(with = "humantime_serde")]
     pub ingest_timeout: Duration,
     /// TLS on the listener (`[http.tls]`); without it the listener speaks plain HTTP.
@@ -450,6 +451,16 @@ impl Config {
                 for problem in k.problems() {
                     let (key, message) = problem.split_once(": ").unwrap_or(("", &problem));
                     p(format!("bus.kafka.{key}"), message.to_owned());
+                }
+                // A 503 must mean "not stored": the producer's verdict comes before the answer.
+                if k.delivery_timeout >= self.http.ingest_timeout {
+                    p(
+                        "http.ingest_timeout".into(),
+                        format!(
+                            "must be longer than bus.kafka.delivery_timeout ({}), or a sender may hear 503 for a record that is stored after all",
+                            humantime::format_duration(k.delivery_timeout)
+                        ),
+                    );
                 }
             }
             _ => {}

@@ -24,7 +24,7 @@ use ketenbus_schemas::{Format, RawEnvelope};
 use crate::api::ApiState;
 use crate::auth::AuthenticatedSender;
 use crate::bus::Bus;
-use crate::ingest::new_message_id;
+use crate::idempotency::Claim;
 use crate::now_ms;
 
 /// The `/fhir` routes, to merge into the API router (state: the API's).
@@ -271,47 +271,72 @@ async fn handle<B: Bus>(
     };
     attributes.insert("fhir_interaction".to_owned(), kind.to_owned());
     attributes.insert("fhir_resource_type".to_owned(), resource_type.clone());
-    let envelope = RawEnvelope {
-        id: new_message_id(),
-        received_at_ms: now_ms(),
-        connector: "fhir".into(),
-        format,
-        content_type: content_type.to_owned(),
-        sender,
-        receiver: declared.receiver().map(str::to_owned),
-        body: body.to_vec(),
-        attributes,
-    };
-    let accepted = match st.ingest.accept(envelope).await {
-        Ok(a) => a,
-        Err(IngestError::Unavailable(e)) => {
-            tracing::warn!(error = %e, "fhir ingest refused: log unavailable");
-            let mut resp = issue(
-                StatusCode::SERVICE_UNAVAILABLE,
-                out,
-                "error",
-                "transient",
-                "the log cannot take the message now; retry later",
-                None,
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return resp;
-        }
+    // A retry with the same Idempotency-Key gets the first answer's id.
+    let scope = authenticated.map_or("anonymous", |s| s.0.name.as_str());
+    let (claim, held) = match st
+        .idempotency
+        .for_request(crate::api::idempotency_key(headers), scope, &body)
+        .await
+    {
+        Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "fhir ingest failed");
-            return issue(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                out,
-                "fatal",
-                "exception",
-                "ingest failed",
-                None,
-            );
+            let (status, _) = crate::api::idempotency_refusal(&e);
+            return issue(status, out, "error", "invalid", &e.to_string(), None);
         }
     };
-    let location = format!("/api/v1/messages/{}", accepted.id);
-    let text = format!("accepted as message {}", accepted.id);
+    let id = match claim {
+        Claim::Stored(id) => id,
+        Claim::Publish(id) => {
+            let envelope = RawEnvelope {
+                id,
+                received_at_ms: now_ms(),
+                connector: "fhir".into(),
+                format,
+                content_type: content_type.to_owned(),
+                sender,
+                receiver: declared.receiver().map(str::to_owned),
+                body: body.to_vec(),
+                attributes,
+            };
+            match st.ingest.accept(envelope).await {
+                Ok(a) => {
+                    if let Some(held) = held
+                        && let Err(e) = held.stored().await
+                    {
+                        tracing::warn!(error = %e, "idempotency index not updated");
+                    }
+                    a.id
+                }
+                Err(IngestError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, "fhir ingest refused: log unavailable");
+                    let mut resp = issue(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        out,
+                        "error",
+                        "transient",
+                        "the log cannot take the message now; retry later",
+                        None,
+                    );
+                    resp.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return resp;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "fhir ingest failed");
+                    return issue(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        out,
+                        "fatal",
+                        "exception",
+                        "ingest failed",
+                        None,
+                    );
+                }
+            }
+        }
+    };
+    let location = format!("/api/v1/messages/{id}");
+    let text = format!("accepted as message {id}");
     let mut resp = match kind {
         "transaction" | "batch" => {
             respond(StatusCode::OK, out, &response_bundle(&tree, kind, &text))
@@ -576,6 +601,7 @@ mod tests {
         let state = Arc::new(ApiState {
             ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), Duration::from_secs(5)),
             lineage,
+            idempotency: crate::idempotency::Idempotency::open(dir.path()).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
         });
@@ -804,6 +830,7 @@ mod tests {
         let state = Arc::new(ApiState {
             ingest: BusIngest::new(Arc::new(Down), lineage.clone(), Duration::from_secs(5)),
             lineage,
+            idempotency: crate::idempotency::Idempotency::open(dir.path()).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
         });

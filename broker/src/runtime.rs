@@ -257,6 +257,8 @@ pub async fn run<B: Bus>(
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
         lineage: lineage.clone(),
+        idempotency: crate::idempotency::Idempotency::open(&cfg.data_dir)
+            .context("opening the idempotency index")?,
         health: Arc::clone(&health),
         max_body: usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX),
     });

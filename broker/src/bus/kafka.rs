@@ -127,7 +127,8 @@ fn default_replication_factor() -> u16 {
     3
 }
 fn default_delivery_timeout() -> Duration {
-    Duration::from_secs(30)
+    // Below http.ingest_timeout's default (10 s): the sender hears the producer's verdict.
+    Duration::from_secs(8)
 }
 fn default_request_timeout() -> Duration {
     Duration::from_secs(10)

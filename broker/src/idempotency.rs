@@ -1,0 +1,285 @@
+//! `Idempotency-Key` on the write routes: a sender that did not hear the answer (a timeout, a
+//! `503`, a dropped connection) sends the same message again with the same key and gets the
+//! first answer's message id, never a second message.
+//!
+//! The key is bound to the message id *before* the envelope is published, in
+//! `<data_dir>/idempotency.db` (SQLite, synchronous = FULL): when a first attempt ended
+//! without an answer but its envelope was stored after all (a Kafka producer that timed out
+//! with the record possibly persisted), the retry publishes the envelope again under the same
+//! id, and a duplicate carries the same id as every other duplicate ketenbus can make (event
+//! ids, webhook `Idempotency-Key`). Keys are scoped by the authenticated sender, so one
+//! sender cannot learn or reuse another's; the same key with another body is refused (`422
+//! idempotency_key_reused`). Keys are kept for [`KEEP`].
+//!
+//! This index is per process: on a Kafka cluster with several nodes, a retry that reaches
+//! another node is a new message.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+/// How long a key is remembered.
+pub const KEEP: Duration = Duration::from_secs(24 * 3600);
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// What a key says about a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The message is stored under this id: answer it again.
+    Stored(String),
+    /// Publish the envelope under this id (a new key, or a retry of an attempt that was not
+    /// answered), then call [`Claimed::stored`].
+    Publish(String),
+}
+
+/// Why a key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdempotencyError {
+    /// Empty, too long or not visible ASCII: `400`.
+    #[error("Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters")]
+    Malformed,
+    /// The key came before with another message: `422`.
+    #[error("this Idempotency-Key was used for another message")]
+    Reused,
+    /// The index cannot be read or written: `503`, try again.
+    #[error("idempotency index: {0}")]
+    Unavailable(String),
+}
+
+/// One key's turn: requests with the same key take it one after the other.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
+/// The idempotency index of one broker.
+#[derive(Clone)]
+pub struct Idempotency {
+    db: Arc<Mutex<Connection>>,
+    /// Keys being worked on now: a second request with the same key waits for the first.
+    busy: Arc<Mutex<HashMap<(String, String), Turn>>>,
+}
+
+impl std::fmt::Debug for Idempotency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency").finish_non_exhaustive()
+    }
+}
+
+/// A key held by one request until it is dropped.
+#[must_use]
+pub struct Claimed {
+    index: Idempotency,
+    scope: String,
+    key: String,
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Idempotency {
+    /// Open (or create) `<data_dir>/idempotency.db`, forgetting keys older than [`KEEP`].
+    ///
+    /// # Errors
+    /// When the file cannot be opened or created.
+    pub fn open(data_dir: &Path) -> rusqlite::Result<Idempotency> {
+        let conn = Connection::open(data_dir.join("idempotency.db"))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS keys (
+                 scope TEXT NOT NULL,
+                 key TEXT NOT NULL,
+                 id TEXT NOT NULL,
+                 body_sha256 TEXT NOT NULL,
+                 stored INTEGER NOT NULL,
+                 at_ms INTEGER NOT NULL,
+                 PRIMARY KEY (scope, key)
+             );",
+        )?;
+        let index = Idempotency {
+            db: Arc::new(Mutex::new(conn)),
+            busy: Arc::default(),
+        };
+        index.forget_old()?;
+        Ok(index)
+    }
+
+    fn forget_old(&self) -> rusqlite::Result<usize> {
+        let cutoff = crate::now_ms() - i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
+        lock(&self.db).execute("DELETE FROM keys WHERE at_ms < ?1", params![cutoff])
+    }
+
+    /// Claim `key` for `scope` (the authenticated sender, or `anonymous`) and a message
+    /// `body`: what to answer or publish, and the key held until the answer is given.
+    ///
+    /// # Errors
+    /// [`IdempotencyError`]: malformed, reused for another body, or the index unavailable.
+    pub async fn claim(
+        &self,
+        scope: &str,
+        key: &str,
+        body: &[u8],
+        new_id: impl FnOnce() -> String,
+    ) -> Result<(Claim, Claimed), IdempotencyError> {
+        if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(IdempotencyError::Malformed);
+        }
+        let slot = (scope.to_owned(), key.to_owned());
+        let turn = Arc::clone(lock(&self.busy).entry(slot.clone()).or_default());
+        let turn = turn.lock_owned().await;
+        let claimed = Claimed {
+            index: self.clone(),
+            scope: slot.0,
+            key: slot.1,
+            _turn: turn,
+        };
+        let sha = hex::encode(Sha256::digest(body));
+        let (scope, key) = (claimed.scope.clone(), claimed.key.clone());
+        let index = self.clone();
+        let id = new_id();
+        let claim = tokio::task::spawn_blocking(move || {
+            let db = lock(&index.db);
+            let found: Option<(String, String, bool)> = db
+                .query_row(
+                    "SELECT id, body_sha256, stored FROM keys WHERE scope = ?1 AND key = ?2",
+                    params![scope, key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(|e| IdempotencyError::Unavailable(e.to_string()))?;
+            match found {
+                Some((_, other, _)) if other != sha => Err(IdempotencyError::Reused),
+                Some((id, _, true)) => Ok(Claim::Stored(id)),
+                Some((id, _, false)) => Ok(Claim::Publish(id)),
+                None => {
+                    db.execute(
+                        "INSERT INTO keys (scope, key, id, body_sha256, stored, at_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
+                        params![scope, key, id, sha, crate::now_ms()],
+                    )
+                    .map_err(|e| IdempotencyError::Unavailable(e.to_string()))?;
+                    Ok(Claim::Publish(id))
+                }
+            }
+        })
+        .await
+        .map_err(|e| IdempotencyError::Unavailable(e.to_string()))??;
+        Ok((claim, claimed))
+    }
+}
+
+impl Idempotency {
+    /// [`Idempotency::claim`] when the request has a key; a fresh id and nothing held when
+    /// it has none.
+    ///
+    /// # Errors
+    /// As [`Idempotency::claim`].
+    pub async fn for_request(
+        &self,
+        key: Option<&str>,
+        scope: &str,
+        body: &[u8],
+    ) -> Result<(Claim, Option<Claimed>), IdempotencyError> {
+        match key {
+            None => Ok((Claim::Publish(crate::ingest::new_message_id()), None)),
+            Some(k) => {
+                let (claim, held) = self
+                    .claim(scope, k, body, crate::ingest::new_message_id)
+                    .await?;
+                Ok((claim, Some(held)))
+            }
+        }
+    }
+}
+
+impl Claimed {
+    /// The message is durable: later requests with this key get its id.
+    ///
+    /// # Errors
+    /// When the index cannot be written (the message is stored; a retry publishes it again
+    /// under the same id).
+    pub async fn stored(self) -> Result<(), IdempotencyError> {
+        let (db, scope, key) = (
+            Arc::clone(&self.index.db),
+            self.scope.clone(),
+            self.key.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            lock(&db)
+                .execute(
+                    "UPDATE keys SET stored = 1 WHERE scope = ?1 AND key = ?2",
+                    params![scope, key],
+                )
+                .map(|_| ())
+                .map_err(|e| IdempotencyError::Unavailable(e.to_string()))
+        })
+        .await
+        .map_err(|e| IdempotencyError::Unavailable(e.to_string()))?
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        let mut busy = lock(&self.index.busy);
+        let slot = (
+            std::mem::take(&mut self.scope),
+            std::mem::take(&mut self.key),
+        );
+        // Only this request's turn refers to the lock besides the map: nobody waits.
+        if busy.get(&slot).is_some_and(|m| Arc::strong_count(m) <= 2) {
+            busy.remove(&slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_key_gives_one_id_per_body_and_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Idempotency::open(dir.path()).unwrap();
+        let ids = std::sync::atomic::AtomicU32::new(0);
+        let new = || {
+            format!(
+                "id-{}",
+                ids.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            )
+        };
+        let (c, held) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        assert_eq!(c, Claim::Publish("id-0".into()));
+        drop(held); // not stored: a retry publishes the same id again
+        let (c, held) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        assert_eq!(c, Claim::Publish("id-0".into()));
+        held.stored().await.unwrap();
+        let (c, held) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        assert_eq!(c, Claim::Stored("id-0".into()));
+        drop(held);
+        // Another scope has its own keys; another body under the same key is refused.
+        let (c, _h) = index.claim("other", "k1", b"m", new).await.unwrap();
+        assert!(matches!(c, Claim::Publish(id) if id != "id-0"));
+        assert!(matches!(
+            index.claim("lab", "k1", b"other", new).await,
+            Err(IdempotencyError::Reused)
+        ));
+        assert!(matches!(
+            index.claim("lab", "", b"m", new).await,
+            Err(IdempotencyError::Malformed)
+        ));
+        assert!(matches!(
+            index.claim("lab", "a b", b"m", new).await,
+            Err(IdempotencyError::Malformed)
+        ));
+        // Remembered across a restart.
+        drop(index);
+        let index = Idempotency::open(dir.path()).unwrap();
+        let (c, _h) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        assert_eq!(c, Claim::Stored("id-0".into()));
+    }
+}
