@@ -149,6 +149,10 @@ async fn post_message<B: Bus>(
     let accepted_id = match st.ingest.accept(envelope).await {
         Ok(a) => a.id,
         Err(IngestError::Unavailable(e)) => return unavailable(&e),
+        Err(IngestError::Refused {
+            reason: "too_large",
+            ..
+        }) => return too_large(st.max_body),
         Err(e) => {
             return problem(
                 StatusCode::INTERNAL_SERVER_ERROR,

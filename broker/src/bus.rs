@@ -143,6 +143,9 @@ pub enum BusError {
     /// The engine failed in a way a retry will not fix.
     #[error("log failure: {0}")]
     Fatal(String),
+    /// This record is larger than the log takes; other records are not affected.
+    #[error("record too large for the log: {0}")]
+    TooLarge(String),
 }
 
 impl BusError {
@@ -152,6 +155,7 @@ impl BusError {
         match self {
             BusError::Unavailable(_) => ketenbus_connectors::ErrorKind::Retryable,
             BusError::UnknownTopic(_) | BusError::Fatal(_) => ketenbus_connectors::ErrorKind::Fatal,
+            BusError::TooLarge(_) => ketenbus_connectors::ErrorKind::Rejected,
         }
     }
 }

@@ -52,6 +52,15 @@ impl<B: Bus> Ingest for BusIngest<B> {
             let positions =
                 match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
                     Ok(Ok(p)) => p,
+                    Ok(Err(BusError::TooLarge(e))) => {
+                        return Err(telemetry::refused(
+                            &envelope.connector,
+                            IngestError::Refused {
+                                reason: "too_large",
+                                detail: e,
+                            },
+                        ));
+                    }
                     Ok(Err(BusError::Unavailable(e))) => {
                         return Err(telemetry::refused(
                             &envelope.connector,

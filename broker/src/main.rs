@@ -275,13 +275,16 @@ async fn with_bus<T>(
 }
 
 fn kafka_bus(settings: &Settings) -> anyhow::Result<KafkaBus> {
-    let config = settings
+    let mut config = settings
         .config
         .bus
         .kafka
-        .as_ref()
+        .clone()
         .context("bus.kafka is required")?;
-    Ok(KafkaBus::new(config)?)
+    // Every message the listener takes fits a record.
+    config.max_record_bytes =
+        settings.config.http.max_body.as_u64() + ketenbus::bus::kafka::RECORD_OVERHEAD;
+    Ok(KafkaBus::new(&config)?)
 }
 
 /// The dead-letter operations, object-safe over both engines.

@@ -662,6 +662,10 @@ pub fn rejected(connector: &str, reason: &'static str) {
 pub fn refused(connector: &str, error: IngestError) -> IngestError {
     let reason = match &error {
         IngestError::Unavailable(_) => "log_unavailable",
+        IngestError::Refused {
+            reason: "too_large",
+            ..
+        } => "too_large",
         _ => "log_failure",
     };
     rejected(connector, reason);

@@ -319,6 +319,8 @@ impl Receiver {
         let app = Router::new()
             .route("/{*path}", post(record))
             .route("/", post(record))
+            // Takes what the broker takes (a 25 MiB message delivered raw).
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(Arc::clone(&state));
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { addr, state }

@@ -187,6 +187,37 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
             "no delivered outcome for {id}"
         );
     }
+
+    // Every size the listener takes fits the log: topics, producer and consumers are sized
+    // from http.max_body (25 MiB by default; librdkafka's own default is about 1 MB).
+    let mut big = Vec::new();
+    for mib in [1, 10, 25] {
+        let body = edifact_message(900 + mib, mib * 1024 * 1024 - 4096);
+        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", body.clone())
+            .await
+            .unwrap();
+        assert_eq!(s, 202, "{mib} MiB: {j}\n{}", broker.log_text());
+        big.push((j["id"].as_str().unwrap().to_owned(), body.len()));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    for (id, len) in &big {
+        loop {
+            let got = rx.received();
+            if let Some(r) = got
+                .iter()
+                .find(|r| r.header("idempotency-key") == Some(id.as_str()))
+            {
+                assert_eq!(r.body.len(), *len, "{id} arrives whole");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} ({len} bytes) not delivered:\n{}",
+                broker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 fn decode_base64(s: &str) -> Vec<u8> {

@@ -115,7 +115,24 @@ pub struct KafkaConfig {
     /// in the config file.
     #[serde(default)]
     pub secret_properties: BTreeMap<String, String>,
+    /// Largest record ketenbus writes: `http.max_body` plus room for the envelope around it,
+    /// set from the rest of the config (not a key of its own). The producer's
+    /// `message.max.bytes`, the consumers' fetch sizes and the `max.message.bytes` of topics
+    /// ketenbus creates follow it, so every message the listener takes fits the log.
+    #[serde(skip, default = "default_max_record_bytes")]
+    pub max_record_bytes: u64,
 }
+
+/// Room for what a record adds around a message body (envelope fields, a dead letter's
+/// reason): generous, so a body of `http.max_body` always fits.
+pub const RECORD_OVERHEAD: u64 = 1024 * 1024;
+
+fn default_max_record_bytes() -> u64 {
+    25 * 1024 * 1024 + RECORD_OVERHEAD
+}
+
+/// librdkafka's default `fetch.max.bytes`.
+const DEFAULT_FETCH_MAX_BYTES: u64 = 52_428_800;
 
 fn default_client_id() -> String {
     "ketenbus".to_owned()
@@ -160,6 +177,7 @@ impl KafkaConfig {
             commit_every: default_commit_every(),
             properties: BTreeMap::new(),
             secret_properties: BTreeMap::new(),
+            max_record_bytes: default_max_record_bytes(),
         }
     }
 
@@ -346,6 +364,9 @@ fn classify(err: &KafkaError, topic: Option<&str>) -> BusError {
         C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition | C::UnknownTopicId => {
             BusError::UnknownTopic(topic.unwrap_or("?").to_owned())
         }
+        // This record, not the log: the others go on (a topic made elsewhere with a smaller
+        // max.message.bytes than ketenbus's records).
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge => BusError::TooLarge(err.to_string()),
         C::Fatal
         | C::InvalidArgument
         | C::Authentication
@@ -363,7 +384,6 @@ fn classify(err: &KafkaError, topic: Option<&str>) -> BusError {
         | C::InvalidTopic
         | C::InvalidRequiredAcks
         | C::PolicyViolation
-        | C::MessageSizeTooLarge
         | C::InvalidRecord
         | C::UnsupportedVersion
         | C::UnsupportedFeature
@@ -489,6 +509,7 @@ impl KafkaBus {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", millis(config.delivery_timeout))
+            .set("message.max.bytes", config.max_record_bytes.to_string())
             .set("allow.auto.create.topics", "false")
             // Java's partitioner: a key lands in the same partition as with Java clients.
             .set("partitioner", "murmur2_random");
@@ -513,6 +534,18 @@ impl KafkaBus {
             .set("auto.offset.reset", "earliest")
             .set("allow.auto.create.topics", "false")
             .set("enable.partition.eof", "false");
+        // Every record ketenbus may write can be fetched, whatever the broker does with
+        // batches larger than a fetch.
+        let fetch = self.config.max_record_bytes.max(DEFAULT_FETCH_MAX_BYTES);
+        c.set(
+            "max.partition.fetch.bytes",
+            self.config.max_record_bytes.to_string(),
+        )
+        .set("fetch.max.bytes", fetch.to_string())
+        .set(
+            "receive.message.max.bytes",
+            (fetch + RECORD_OVERHEAD).to_string(),
+        );
         c
     }
 
@@ -595,6 +628,7 @@ impl Bus for KafkaBus {
             return Ok(());
         }
         let mut new_topics = Vec::with_capacity(topics.len());
+        let max_message_bytes = self.config.max_record_bytes.to_string();
         let mut wanted = Vec::with_capacity(topics.len());
         for spec in topics {
             let partitions = if spec.partitions == 0 {
@@ -611,6 +645,9 @@ impl Bus for KafkaBus {
                 TopicReplication::Fixed(i32::from(self.config.replication_factor)),
             );
             let dead_letters = is_dead_letter_topic(&spec.name);
+            if !self.config.topic_config.contains_key("max.message.bytes") {
+                topic = topic.set("max.message.bytes", &max_message_bytes);
+            }
             for (k, v) in &self.config.topic_config {
                 if dead_letters
                     && DEAD_LETTER_RETENTION
@@ -646,7 +683,7 @@ impl Bus for KafkaBus {
                         BusError::Unavailable(m) => {
                             BusError::Unavailable(format!("creating topic {topic}: {m}"))
                         }
-                        BusError::Fatal(_) => {
+                        BusError::Fatal(_) | BusError::TooLarge(_) => {
                             BusError::Fatal(format!("creating topic {topic}: {code}"))
                         }
                         e @ BusError::UnknownTopic(_) => e,
