@@ -121,6 +121,19 @@ impl Broker {
         }
     }
 
+    /// Its `/metrics` text.
+    ///
+    /// # Panics
+    /// When the broker does not answer.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Start (or restart) the process and wait until `/readyz` is green.
     ///
     /// # Panics

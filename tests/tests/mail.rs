@@ -1100,14 +1100,7 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(ready(&resp.json().await.unwrap()), "ready");
-    let metrics = c
-        .get(format!("{}/metrics", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = broker.metrics().await;
     assert!(
         metrics.contains("ketenbus_ingest_source_up{source=\"imap:hub\"} 1"),
         "{metrics}"
@@ -1140,14 +1133,7 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = c
-        .get(format!("{}/metrics", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = broker.metrics().await;
     assert!(
         metrics.contains("ketenbus_ingest_source_up{source=\"imap:hub\"} 0"),
         "{metrics}"

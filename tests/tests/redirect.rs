@@ -153,14 +153,7 @@ async fn a_redirecting_receiver_gets_a_dead_letter_and_the_target_gets_nothing()
     assert!(ok, "{err}");
     assert!(listed.contains("redirect"), "{listed}");
     // ...and the metric says why, from its closed set.
-    let metrics = c
-        .get(format!("{}/metrics", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = broker.metrics().await;
     assert!(
         metrics.contains(
             r#"ketenbus_dispatch_dead_letters_total{reason="redirect",subscription="hook-308"} 1"#

@@ -344,14 +344,7 @@ async fn a_log_full_of_unfinished_records_refuses_new_messages_instead_of_losing
                 .any(|t| log["reason"].as_str().unwrap().contains(t)),
         "{ready}"
     );
-    let metrics = c
-        .get(format!("{}/metrics", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = broker.metrics().await;
     let excess: f64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("ketenbus_log_retention_excess_bytes "))

@@ -167,14 +167,7 @@ async fn one_patients_failing_record_holds_up_only_that_patients_later_records()
     // though their source offsets are committed.
     let deadline = Instant::now() + Duration::from_secs(12);
     loop {
-        let text = c
-            .get(format!("{}/metrics", broker.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = broker.metrics().await;
         let age = text
             .lines()
             .find(|l| {
