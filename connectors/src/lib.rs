@@ -12,6 +12,9 @@ pub mod normalize;
 pub mod sink;
 pub mod webhook;
 
+#[cfg(test)]
+mod linear_cost_tests;
+
 pub use ingest::{Accepted, Ingest, IngestError, SourceStatus};
 pub use normalize::{Normalize, NormalizeError};
 pub use sink::{Delivery, DeliveryError, Payload, Receipt, Sink};

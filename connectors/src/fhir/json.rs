@@ -2,6 +2,7 @@
 //! it keeps number literals exactly (FHIR decimals are not floats: `12.0` must stay
 //! `12.0`) without turning on `arbitrary_precision` for the whole workspace.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use super::FhirError;
@@ -9,6 +10,8 @@ use super::value::{Object, Value};
 
 /// Deepest nesting accepted; real resources stay far below it.
 const MAX_DEPTH: usize = 128;
+/// Objects up to this many members check duplicate names by a scan.
+const SMALL_OBJECT: usize = 16;
 
 /// Parse a JSON document.
 ///
@@ -78,6 +81,9 @@ impl Parser<'_> {
     fn object(&mut self, depth: usize) -> Result<Value, FhirError> {
         self.i += 1;
         let mut o = Object::new();
+        // Member names seen, once the object is large enough that a scan of its members for
+        // each new name would cost the square of its size.
+        let mut names: Option<HashSet<String>> = None;
         self.ws();
         if self.b.get(self.i) == Some(&b'}') {
             self.i += 1;
@@ -90,7 +96,17 @@ impl Parser<'_> {
             }
             let at = self.i;
             let key = self.string()?;
-            if o.contains(&key) {
+            let twice = match &mut names {
+                Some(set) => !set.insert(key.clone()),
+                None if o.len() >= SMALL_OBJECT => {
+                    let mut set: HashSet<String> = o.iter().map(|(k, _)| k.to_owned()).collect();
+                    let twice = !set.insert(key.clone());
+                    names = Some(set);
+                    twice
+                }
+                None => o.contains(&key),
+            };
+            if twice {
                 self.i = at;
                 return Err(self.err(&format!("member {key} appears twice")));
             }
