@@ -12,6 +12,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod fhir_api;
 pub mod health;
+pub mod http_budget;
 pub mod ingest;
 pub mod inspect;
 pub mod keys;

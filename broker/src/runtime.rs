@@ -183,6 +183,8 @@ pub async fn run<B: Bus>(
             hooks,
         ));
     }
+    // One memory budget for every way in.
+    let budget = cfg.limits.budget();
     for inbox in &cfg.inbox {
         let ingest = Arc::new(BusIngest::new(
             Arc::clone(&bus),
@@ -190,7 +192,8 @@ pub async fn run<B: Bus>(
             cfg.http.ingest_timeout,
         ));
         let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
-            .with_context(|| format!("preparing inbox {}", inbox.path.display()))?;
+            .with_context(|| format!("preparing inbox {}", inbox.path.display()))?
+            .with_budget(budget.clone());
         tasks.spawn(source.run(cancel.clone()));
     }
     let mut connectors = vec!["http", "fhir"];
@@ -227,6 +230,7 @@ pub async fn run<B: Bus>(
         &|k| std::env::var(k).ok(),
         &(Arc::new(crate::health::SourceHealth(Arc::clone(&health)))
             as Arc<dyn ketenbus_connectors::SourceStatus>),
+        &budget,
         &cancel,
         &mut tasks,
     )
@@ -253,7 +257,11 @@ pub async fn run<B: Bus>(
     let auth = crate::auth::Authenticator::new(&cfg.senders, &cfg.operators);
     crate::tls::serve(
         listener,
-        crate::auth::protect(api::router(state), auth, audit, max_body),
+        crate::http_budget::protect(
+            crate::auth::protect(api::router(state), auth, audit, max_body),
+            budget,
+            max_body,
+        ),
         tls,
         cfg.http.limits.clone(),
         cancel.clone(),

@@ -3,12 +3,14 @@
 //! Nothing here owns a socket for long or a log: the broker wires them to both.
 
 pub mod address_book;
+pub mod budget;
 pub mod edifact;
 pub mod fhir;
 pub mod inbox;
 pub mod ingest;
 pub mod mail;
 pub mod normalize;
+pub mod poison;
 pub mod sink;
 pub mod webhook;
 
