@@ -805,6 +805,19 @@ mod tests {
     }
 
     /// Every problem in a config that must not validate.
+    #[test]
+    fn a_memory_budget_smaller_than_the_largest_message_is_a_problem() {
+        let found = found_in("[limits]\ningest_memory = \"1 MiB\"\n");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("limits.ingest_memory") && p.contains("http.max_body")),
+            "{found:?}"
+        );
+        let ok = Config::from_toml("[limits]\ningest_memory = \"25 MiB\"\n").unwrap();
+        assert!(ok.validate(&no_env).is_ok());
+    }
+
     fn problems_of(text: &str) -> Vec<Problem> {
         Config::from_toml(text)
             .unwrap()
