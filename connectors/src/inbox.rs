@@ -335,7 +335,15 @@ impl Inbox {
         if held.grow_to(bytes.len()).is_err() {
             return Ok(Taken::NoRoom);
         }
-        if let Some(reason) = unreadable(self.config.format, &bytes) {
+        // Parsing a large file is CPU work: off the async workers.
+        let format = self.config.format;
+        let (bytes, unreadable) = tokio::task::spawn_blocking(move || {
+            let why = unreadable(format, &bytes);
+            (bytes, why)
+        })
+        .await
+        .map_err(|e| IngestError::Fatal(format!("inbox parse task: {e}")))?;
+        if let Some(reason) = unreadable {
             self.fail(path, name, &reason).await;
             return Ok(Taken::Failed);
         }
