@@ -53,6 +53,11 @@ fn assert_linear<T>(what: &str, n: usize, make: &dyn Fn(usize) -> T, run: &dyn F
     let _one = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // `KETENBUS_COST_SCALE=4 cargo test --release ...` measures larger inputs (for figures).
+    let n = n * std::env::var("KETENBUS_COST_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let small = make(n);
     let large = make(4 * n);
     // Warm up (allocator, lazily built tables such as the FHIR model).

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::hash::{BuildHasher as _, RandomState};
 
 use super::FhirError;
 use super::value::{Object, Value};
@@ -83,7 +84,9 @@ impl Parser<'_> {
         let mut o = Object::new();
         // Member names seen, once the object is large enough that a scan of its members for
         // each new name would cost the square of its size.
-        let mut names: Option<HashSet<String>> = None;
+        // Only hashes are kept (small, no copies); a hash seen before is confirmed by a scan,
+        // which only a real duplicate (an error) or a 64-bit collision ever needs.
+        let mut names: Option<(RandomState, HashSet<u64>)> = None;
         self.ws();
         if self.b.get(self.i) == Some(&b'}') {
             self.i += 1;
@@ -97,11 +100,12 @@ impl Parser<'_> {
             let at = self.i;
             let key = self.string()?;
             let twice = match &mut names {
-                Some(set) => !set.insert(key.clone()),
+                Some((state, set)) => !set.insert(state.hash_one(&key)) && o.contains(&key),
                 None if o.len() >= SMALL_OBJECT => {
-                    let mut set: HashSet<String> = o.iter().map(|(k, _)| k.to_owned()).collect();
-                    let twice = !set.insert(key.clone());
-                    names = Some(set);
+                    let state = RandomState::new();
+                    let mut set: HashSet<u64> = o.iter().map(|(k, _)| state.hash_one(k)).collect();
+                    let twice = !set.insert(state.hash_one(&key)) && o.contains(&key);
+                    names = Some((state, set));
                     twice
                 }
                 None => o.contains(&key),
@@ -343,6 +347,17 @@ mod tests {
         let again = parse(to_string(&v).as_bytes()).unwrap();
         assert_eq!(v, again);
         assert!(to_string(&v).contains("-0.50"));
+    }
+
+    #[test]
+    fn a_name_twice_in_a_large_object_is_found() {
+        let mut s = String::from("{");
+        for i in 0..100 {
+            s.push_str(&format!("\"m{i}\":{i},"));
+        }
+        assert!(parse(format!("{s}\"m100\":0}}").as_bytes()).is_ok());
+        let err = parse(format!("{s}\"m7\":0}}").as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("m7 appears twice"), "{err}");
     }
 
     #[test]
