@@ -48,6 +48,37 @@ pub struct Config {
     pub consent: crate::consent::ConsentConfig,
     /// The audit trail (`[audit]`).
     pub audit: crate::audit::AuditConfig,
+    /// Limits across every way in (`[limits]`).
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Most bytes of incoming messages held in memory at once, by all ways in together
+    /// (HTTP bodies, SMTP DATA, inbox files, IMAP messages) until each is durable. Past it
+    /// HTTP answers 503, SMTP `451 4.3.1`, and the inbox and IMAP pickup try again later.
+    /// At least the largest message any way in accepts.
+    pub ingest_memory: bytesize::ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            ingest_memory: bytesize::ByteSize::mib(256),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The budget every way in holds its message bytes against.
+    #[must_use]
+    pub fn budget(&self) -> ketenbus_connectors::budget::Budget {
+        ketenbus_connectors::budget::Budget::new(
+            usize::try_from(self.ingest_memory.as_u64()).unwrap_or(usize::MAX),
+        )
+    }
 }
 
 impl Default for Config {
@@ -66,6 +97,7 @@ impl Default for Config {
             operators: Vec::new(),
             consent: crate::consent::ConsentConfig::default(),
             audit: crate::audit::AuditConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -427,6 +459,33 @@ impl Config {
         if self.http.max_body.as_u64() == 0 {
             p("http.max_body".into(), "must be more than 0 bytes".into());
         }
+        let largest = [
+            ("http.max_body", self.http.max_body),
+            (
+                "mail.smtp.max_message_size",
+                self.mail
+                    .smtp
+                    .as_ref()
+                    .map_or(bytesize::ByteSize::b(0), |s| s.max_message_size),
+            ),
+        ]
+        .into_iter()
+        .chain(self.inbox.iter().map(|i| ("inbox.max_size", i.max_size)))
+        .chain(
+            self.mail
+                .imap
+                .iter()
+                .map(|i| ("mail.imap.max_message_size", i.max_message_size)),
+        )
+        .max_by_key(|(_, size)| *size);
+        if let Some((key, size)) = largest
+            && self.limits.ingest_memory < size
+        {
+            p(
+                "limits.ingest_memory".into(),
+                format!("must be at least {key} ({size}), or such a message is never taken"),
+            );
+        }
         for (k, m) in self.http.limits.problems() {
             p(format!("http.limits.{k}"), m);
         }
@@ -772,6 +831,19 @@ mod tests {
     }
 
     /// Every problem in a config that must not validate.
+    #[test]
+    fn a_memory_budget_smaller_than_the_largest_message_is_a_problem() {
+        let found = found_in("[limits]\ningest_memory = \"1 MiB\"\n");
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("limits.ingest_memory") && p.contains("http.max_body")),
+            "{found:?}"
+        );
+        let ok = Config::from_toml("[limits]\ningest_memory = \"25 MiB\"\n").unwrap();
+        assert!(ok.validate(&no_env).is_ok());
+    }
+
     fn problems_of(text: &str) -> Vec<Problem> {
         Config::from_toml(text)
             .unwrap()

@@ -136,7 +136,13 @@ impl Ingest for SmtpSenderCheck {
                     .get("smtp.auth_user")
                     .cloned()
                     .unwrap_or_default();
-                let declared = party::declared(envelope.format, &envelope.body);
+                // Off the async workers: a mail may be large.
+                let (declared, back) = tokio::task::spawn_blocking(move || {
+                    (party::declared(envelope.format, &envelope.body), envelope)
+                })
+                .await
+                .map_err(|e| IngestError::Fatal(format!("reading the message's parties: {e}")))?;
+                envelope = back;
                 match party::check_sender(&declared, &user, allowed) {
                     Ok(sender) => envelope.sender = sender,
                     Err(e) => {

@@ -14,6 +14,7 @@ pub mod dlq;
 pub mod fault;
 pub mod fhir_api;
 pub mod health;
+pub mod http_budget;
 pub mod idempotency;
 pub mod ingest;
 pub mod inspect;

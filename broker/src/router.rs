@@ -31,6 +31,9 @@ use crate::{now_ms, publish_retrying, while_unavailable};
 /// Consumer group of the router.
 pub const GROUP: &str = "ketenbus.router";
 const BATCH: usize = 256;
+/// Most raw bytes in one batch (besides its first record): a batch of large messages is
+/// cut short rather than hold hundreds of them in memory at once.
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Normalisers by format; a format without one is recorded as `unsupported_format`.
 pub type Normalizers = HashMap<Format, Box<dyn Normalize>>;
@@ -147,29 +150,43 @@ pub async fn run<B: Bus>(
 async fn route_batch<B: Bus>(
     bus: &B,
     consumer: &mut B::Consumer,
-    routing: &Routing,
+    routing: &Arc<Routing>,
     lineage: &Lineage,
     cancel: &CancellationToken,
 ) -> Result<(), BusError> {
     let Some(first) = consumer.poll(Duration::from_millis(200)).await? else {
         return Ok(());
     };
+    let mut bytes = first.value.len();
     let mut batch = vec![first];
-    while batch.len() < BATCH {
+    while batch.len() < BATCH && bytes < BATCH_BYTES {
         match consumer.poll(Duration::ZERO).await? {
-            Some(r) => batch.push(r),
+            Some(r) => {
+                bytes += r.value.len();
+                batch.push(r);
+            }
             None => break,
         }
     }
+    // Parsing and mapping is CPU work that grows with the messages: it runs on the blocking
+    // pool, so the async workers (HTTP health, ingest, delivery) are never held up by it.
+    let (batch, routed) = {
+        let routing = Arc::clone(routing);
+        tokio::task::spawn_blocking(move || {
+            let routed: Vec<Routed> = batch.iter().map(|r| route_one(r, &routing)).collect();
+            (batch, routed)
+        })
+        .await
+        .map_err(|e| BusError::Fatal(format!("router task: {e}")))?
+    };
     let mut out = Vec::new();
     let mut steps = Vec::new();
     let mut made = Vec::new();
     let mut content = Vec::new();
     let mut bounced = Vec::new();
-    for record in &batch {
+    for routed in routed {
         #[cfg(debug_assertions)] // KETENBUS_FAULT=router_panic_after:N (tests only)
         crate::fault::hit("router_panic_after");
-        let routed = route_one(record, routing);
         made.extend(routed.made.into_iter().map(|(i, r)| (out.len() + i, r)));
         out.extend(routed.out);
         steps.extend(routed.steps);

@@ -218,6 +218,8 @@ pub async fn run<B: Bus>(
         ));
         names.insert(task.id(), format!("subscription {}", sub.name));
     }
+    // One memory budget for every way in.
+    let budget = cfg.limits.budget();
     for inbox in &cfg.inbox {
         let ingest = Arc::new(BusIngest::new(
             Arc::clone(&bus),
@@ -225,7 +227,8 @@ pub async fn run<B: Bus>(
             cfg.http.ingest_timeout,
         ));
         let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
-            .with_context(|| format!("preparing inbox {}", inbox.path.display()))?;
+            .with_context(|| format!("preparing inbox {}", inbox.path.display()))?
+            .with_budget(budget.clone());
         let task = tasks.spawn(source.run(cancel.clone()));
         names.insert(task.id(), format!("inbox {}", inbox.path.display()));
     }
@@ -278,6 +281,7 @@ pub async fn run<B: Bus>(
         &|k| std::env::var(k).ok(),
         &(Arc::new(crate::health::SourceHealth(Arc::clone(&health)))
             as Arc<dyn ketenbus_connectors::SourceStatus>),
+        &budget,
         &cancel,
         &mut tasks,
     )
@@ -302,9 +306,14 @@ pub async fn run<B: Bus>(
         tracing::warn!(warning = %w, "access is open");
     }
     let auth = crate::auth::Authenticator::new(&cfg.senders, &cfg.operators);
+    let max_body = usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX);
     let serve = crate::tls::serve(
         listener,
-        crate::auth::protect(api::router(state), auth, audit),
+        crate::http_budget::protect(
+            crate::auth::protect(api::router(state), auth, audit),
+            budget,
+            max_body,
+        ),
         tls,
         cfg.http.limits.clone(),
         cancel.clone(),

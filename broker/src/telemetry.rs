@@ -107,7 +107,7 @@ pub const OTHER: &str = "other";
 pub const CONNECTORS: [&str; 5] = ["http", "fhir", "inbox", "smtp", "imap"];
 
 /// Why a connector refused a message (`reason` of [`INGEST_REJECTED_MESSAGES`]).
-pub const INGEST_REASONS: [&str; 13] = [
+pub const INGEST_REASONS: [&str; 14] = [
     "empty_body",
     "unsupported_media_type",
     "too_large",
@@ -121,6 +121,7 @@ pub const INGEST_REASONS: [&str; 13] = [
     "request_timeout",
     "log_unavailable",
     "log_failure",
+    "memory_budget",
 ];
 
 /// Why the router dead-lettered a message (`reason` of [`ROUTER_DEAD_LETTERS`]): the

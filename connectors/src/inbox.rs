@@ -3,6 +3,11 @@
 //! is durable; a file that cannot be read or does not parse goes to `failed/` with a
 //! `<name>.reason` file saying why and where. A crash between ingest and the move leaves the
 //! file in place, so it is ingested again after a restart (a duplicate, never a loss).
+//!
+//! A file larger than `max_size` goes to `failed/` at once. A file the log keeps refusing
+//! while others are taken (a poison file) goes to `failed/` after `max_attempts` tries, so
+//! it cannot hold up the rest. A file is read only once the ingest memory budget
+//! ([`crate::budget`]) has room for it; otherwise it waits for the next scan.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -13,7 +18,9 @@ use ketenbus_schemas::{Format, RawEnvelope};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::ingest::{Ingest, IngestError};
+use crate::poison::{Failure, Tries, Verdict};
 
 /// `[[inbox]]`: one watched directory.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +41,13 @@ pub struct InboxConfig {
     /// (a half-written file is still growing).
     #[serde(default = "default_settle", with = "humantime_serde")]
     pub settle: Duration,
+    /// Largest file taken; a larger one goes to `failed/` with its `.reason`.
+    #[serde(default = "default_max_size")]
+    pub max_size: bytesize::ByteSize,
+    /// Tries before a file the log keeps refusing (while it takes others) goes to
+    /// `failed/` with its `.reason`.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
 }
 
 fn default_patterns() -> Vec<String> {
@@ -47,6 +61,12 @@ fn default_poll() -> Duration {
 }
 fn default_settle() -> Duration {
     Duration::from_secs(1)
+}
+fn default_max_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(25)
+}
+fn default_max_attempts() -> u32 {
+    5
 }
 
 impl InboxConfig {
@@ -65,6 +85,12 @@ impl InboxConfig {
         }
         if self.poll_interval.is_zero() {
             p.push(("poll_interval".into(), "must be more than 0".into()));
+        }
+        if self.max_size.as_u64() == 0 {
+            p.push(("max_size".into(), "must be more than 0".into()));
+        }
+        if self.max_attempts == 0 {
+            p.push(("max_attempts".into(), "must be at least 1".into()));
         }
         p
     }
@@ -111,6 +137,8 @@ pub struct Inbox {
     config: InboxConfig,
     ingest: Arc<dyn Ingest>,
     seen: HashMap<PathBuf, Seen>,
+    budget: Budget,
+    tries: Tries<PathBuf>,
 }
 
 /// What one scan did.
@@ -120,8 +148,18 @@ pub struct ScanReport {
     pub taken: usize,
     /// Files moved to `failed/`.
     pub failed: usize,
-    /// Files still settling.
+    /// Files still settling, or waiting for room in the memory budget or for the log.
     pub waiting: usize,
+}
+
+/// What became of one settled file.
+enum Taken {
+    /// Durable, moved to `done/`.
+    Done,
+    /// Moved to `failed/`.
+    Failed,
+    /// No room in the memory budget: left for the next scan.
+    NoRoom,
 }
 
 impl Inbox {
@@ -132,11 +170,21 @@ impl Inbox {
     pub fn new(config: InboxConfig, ingest: Arc<dyn Ingest>) -> std::io::Result<Inbox> {
         std::fs::create_dir_all(config.path.join("done"))?;
         std::fs::create_dir_all(config.path.join("failed"))?;
+        let tries = Tries::new(config.max_attempts);
         Ok(Inbox {
             config,
             ingest,
             seen: HashMap::new(),
+            budget: Budget::unlimited(),
+            tries,
         })
+    }
+
+    /// Hold each file's bytes against `budget` while it is read and ingested.
+    #[must_use]
+    pub fn with_budget(mut self, budget: Budget) -> Inbox {
+        self.budget = budget;
+        self
     }
 
     /// Scan until `cancel`.
@@ -172,6 +220,7 @@ impl Inbox {
     pub async fn scan(&mut self) -> std::io::Result<ScanReport> {
         let mut report = ScanReport::default();
         let mut present = Vec::new();
+        let mut settled = Vec::new();
         let mut entries = tokio::fs::read_dir(&self.config.path).await?;
         while let Some(entry) = entries.next_entry().await? {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -202,34 +251,101 @@ impl Inbox {
                 report.waiting += 1;
                 continue;
             }
-            match self.take(&path, &name).await {
-                Ok(true) => report.taken += 1,
-                Ok(false) => report.failed += 1,
-                Err(IngestError::Unavailable(e)) => {
-                    tracing::warn!(file = %name, error = %e, "log unavailable; the file stays for the next scan");
+            settled.push((path, name, meta.len()));
+        }
+        // Files that failed before go last: a poison file cannot hold up the others.
+        settled.sort_by_key(|(path, _, _)| self.tries.count(path));
+        let mut unavailable_in_a_row = 0;
+        for (path, name, size) in settled {
+            match self.take(&path, &name, size).await {
+                Ok(Taken::Done) => {
+                    report.taken += 1;
+                    self.tries.succeeded(&path);
+                    unavailable_in_a_row = 0;
+                }
+                Ok(Taken::Failed) => report.failed += 1,
+                Ok(Taken::NoRoom) => {
+                    tracing::debug!(file = %name, "ingest memory budget in use; the file waits for the next scan");
+                    report.waiting += 1;
                     break;
                 }
-                Err(e) => return Err(std::io::Error::other(e)),
+                Err(e @ IngestError::Refused { .. }) => {
+                    // Refused for good as it is: trying again cannot help.
+                    self.fail(&path, &name, &e.to_string()).await;
+                    report.failed += 1;
+                }
+                Err(e) => {
+                    let failure = match e {
+                        IngestError::Unavailable(_) => Failure::Retryable,
+                        _ => Failure::Item,
+                    };
+                    match self.tries.failed(&path, failure, &e.to_string()) {
+                        Verdict::SetAside(reason) => {
+                            self.fail(&path, &name, &reason).await;
+                            report.failed += 1;
+                        }
+                        Verdict::Retry => {
+                            tracing::warn!(file = %name, error = %e, "the log did not take the file; it stays for the next scan");
+                            report.waiting += 1;
+                        }
+                    }
+                    if failure == Failure::Retryable {
+                        unavailable_in_a_row += 1;
+                        // Two in a row: the log is down, not the file.
+                        if unavailable_in_a_row >= 2 {
+                            break;
+                        }
+                    }
+                    continue;
+                }
             }
             self.seen.remove(&path);
         }
         self.seen.retain(|p, _| present.contains(p));
+        self.tries.retain(|p| present.contains(p));
         Ok(report)
     }
 
-    /// Ingest one settled file: `Ok(true)` taken, `Ok(false)` moved to `failed/`.
-    async fn take(&self, path: &Path, name: &str) -> Result<bool, IngestError> {
-        let bytes = match tokio::fs::read(path).await {
+    /// Ingest one settled file of `size` bytes.
+    async fn take(&self, path: &Path, name: &str, size: u64) -> Result<Taken, IngestError> {
+        let max = self.config.max_size.as_u64();
+        let too_large = || format!("the file is larger than {max} bytes (inbox max_size)");
+        if size > max {
+            self.fail(path, name, &too_large()).await;
+            return Ok(Taken::Failed);
+        }
+        let Ok(mut held) = self
+            .budget
+            .reserve(usize::try_from(size).unwrap_or(usize::MAX))
+        else {
+            return Ok(Taken::NoRoom);
+        };
+        let bytes = match read_at_most(path, max).await {
             Ok(b) => b,
             Err(e) => {
                 self.fail(path, name, &format!("cannot read the file: {e}"))
                     .await;
-                return Ok(false);
+                return Ok(Taken::Failed);
             }
         };
-        if let Some(reason) = unreadable(self.config.format, &bytes) {
+        if bytes.len() as u64 > max {
+            self.fail(path, name, &too_large()).await;
+            return Ok(Taken::Failed);
+        }
+        if held.grow_to(bytes.len()).is_err() {
+            return Ok(Taken::NoRoom);
+        }
+        // Parsing a large file is CPU work: off the async workers.
+        let format = self.config.format;
+        let (bytes, unreadable) = tokio::task::spawn_blocking(move || {
+            let why = unreadable(format, &bytes);
+            (bytes, why)
+        })
+        .await
+        .map_err(|e| IngestError::Fatal(format!("inbox parse task: {e}")))?;
+        if let Some(reason) = unreadable {
             self.fail(path, name, &reason).await;
-            return Ok(false);
+            return Ok(Taken::Failed);
         }
         let received_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -248,12 +364,13 @@ impl Inbox {
             attributes: BTreeMap::from([("file".to_owned(), name.to_owned())]),
         };
         let accepted = self.ingest.accept(envelope).await?;
+        drop(held);
         let target = free_name(&self.config.path.join("done"), name, &accepted.id);
         if let Err(e) = tokio::fs::rename(path, &target).await {
             // Durable already: a failed move only means the file may be taken again.
             tracing::error!(file = %name, error = %e, "ingested but not moved to done/; it will be ingested again");
         }
-        Ok(true)
+        Ok(Taken::Done)
     }
 
     async fn fail(&self, path: &Path, name: &str, reason: &str) {
@@ -274,6 +391,17 @@ impl Inbox {
             tracing::error!(file = %name, error = %e, "cannot move a failed inbox file");
         }
     }
+}
+
+/// The file's bytes, at most `max + 1` of them (it may have grown since it was measured).
+async fn read_at_most(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .await?;
+    Ok(bytes)
 }
 
 fn content_type(format: Format) -> &'static str {
@@ -316,6 +444,12 @@ mod tests {
                 if self.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
                     return Err(IngestError::Unavailable("full".into()));
                 }
+                // What a log with a record size limit says of a record past it.
+                if envelope.body.windows(6).any(|w| w == b"POISON") {
+                    return Err(IngestError::Unavailable(
+                        "record larger than the log takes".into(),
+                    ));
+                }
                 let id = envelope.id.clone();
                 self.got.lock().unwrap().push(envelope);
                 Ok(Accepted { id })
@@ -333,6 +467,8 @@ mod tests {
             format: Format::Edifact,
             poll_interval: Duration::from_millis(10),
             settle: Duration::from_millis(200),
+            max_size: default_max_size(),
+            max_attempts: default_max_attempts(),
         };
         Inbox::new(config, keep).unwrap()
     }
@@ -440,5 +576,74 @@ mod tests {
             .store(false, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(inbox.scan().await.unwrap().taken, 1);
         assert!(dir.path().join("done/lab.edi").exists());
+    }
+
+    #[tokio::test]
+    async fn a_file_past_max_size_goes_to_failed_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Arc::new(Keep::default());
+        let mut inbox = inbox(dir.path(), Arc::clone(&keep));
+        inbox.config.max_size = bytesize::ByteSize::b(MEDLAB.len() as u64 - 1);
+        std::fs::write(dir.path().join("big.edi"), MEDLAB).unwrap();
+        inbox.scan().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(inbox.scan().await.unwrap().failed, 1);
+        assert!(keep.got.lock().unwrap().is_empty());
+        let reason = std::fs::read_to_string(dir.path().join("failed/big.edi.reason")).unwrap();
+        assert!(reason.contains("max_size"), "{reason}");
+        assert!(dir.path().join("failed/big.edi").exists());
+    }
+
+    #[tokio::test]
+    async fn a_poison_file_is_set_aside_and_the_others_keep_flowing() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Arc::new(Keep::default());
+        let mut inbox = inbox(dir.path(), Arc::clone(&keep));
+        inbox.config.settle = Duration::ZERO;
+        let poison = b"UNB+UNOA:1+500001234+500005678+261101:0815+POISON'UNH+M1+MEDLAB:1'UNT+2+M1'UNZ+1+POISON'";
+        // The poison file sorts first, as a scan would often meet it.
+        std::fs::write(dir.path().join("a-poison.edi"), poison).unwrap();
+        let mut good = 0;
+        for round in 0..8 {
+            for i in 0..3 {
+                std::fs::write(dir.path().join(format!("b-{round}-{i}.edi")), MEDLAB).unwrap();
+                good += 1;
+            }
+            inbox.scan().await.unwrap();
+            inbox.scan().await.unwrap();
+        }
+        assert_eq!(
+            keep.got.lock().unwrap().len(),
+            good,
+            "every good file taken"
+        );
+        assert!(!dir.path().join("a-poison.edi").exists());
+        let reason =
+            std::fs::read_to_string(dir.path().join("failed/a-poison.edi.reason")).unwrap();
+        assert!(
+            reason.contains("set aside after 5 failed tries"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("record larger than the log takes"),
+            "{reason}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_waits_for_room_in_the_memory_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = Arc::new(Keep::default());
+        let budget = Budget::new(MEDLAB.len() + 10);
+        let mut inbox = inbox(dir.path(), Arc::clone(&keep)).with_budget(budget.clone());
+        inbox.config.settle = Duration::ZERO;
+        let held = budget.reserve(20).unwrap();
+        std::fs::write(dir.path().join("lab.edi"), MEDLAB).unwrap();
+        let r = inbox.scan().await.unwrap();
+        assert_eq!((r.taken, r.waiting), (0, 1));
+        assert!(dir.path().join("lab.edi").exists(), "left in place");
+        drop(held);
+        assert_eq!(inbox.scan().await.unwrap().taken, 1);
+        assert_eq!(budget.in_use(), 0, "given back once durable");
     }
 }

@@ -3,6 +3,7 @@
 //! Nothing here owns a socket for long or a log: the broker wires them to both.
 
 pub mod address_book;
+pub mod budget;
 pub mod edifact;
 pub mod fhir;
 pub mod inbox;
@@ -10,8 +11,12 @@ pub mod ingest;
 pub mod mail;
 pub mod normalize;
 pub mod party;
+pub mod poison;
 pub mod sink;
 pub mod webhook;
+
+#[cfg(test)]
+mod linear_cost_tests;
 
 pub use ingest::{Accepted, Ingest, IngestError, SourceStatus};
 pub use normalize::{Normalize, NormalizeError};

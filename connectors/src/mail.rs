@@ -116,21 +116,28 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
 
 /// Start what `[mail]` configures: the SMTP listener (bound before this returns, so a busy
 /// port fails start-up) and one task per IMAP pickup, each handing messages to `ingest`,
-/// reporting to `status` (sources `smtp` and `imap:<name>`) and stopping at `cancel`.
+/// reporting to `status` (sources `smtp` and `imap:<name>`), holding message bytes against
+/// `budget` and stopping at `cancel`.
 ///
 /// # Errors
 /// [`MailError::Config`] when a listener cannot bind or a setting cannot be used.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the runtime's wiring, each a different thing the sources share"
+)]
 pub async fn start(
     config: &MailConfig,
     data_dir: &std::path::Path,
     ingest: &std::sync::Arc<dyn crate::Ingest>,
     env: &dyn Fn(&str) -> Option<String>,
     status: &std::sync::Arc<dyn crate::SourceStatus>,
+    budget: &crate::budget::Budget,
     cancel: &tokio_util::sync::CancellationToken,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), MailError> {
     if let Some(smtp) = &config.smtp {
-        let listener = SmtpListener::new(smtp, std::sync::Arc::clone(ingest), env)?;
+        let listener = SmtpListener::new(smtp, std::sync::Arc::clone(ingest), env)?
+            .with_budget(budget.clone());
         let socket = tokio::net::TcpListener::bind(smtp.listen)
             .await
             .map_err(|e| {
@@ -142,7 +149,8 @@ pub async fn start(
     for pickup in &config.imap {
         let p =
             imap::ImapPickup::new(pickup.clone(), data_dir, std::sync::Arc::clone(ingest), env)?
-                .with_status(std::sync::Arc::clone(status));
+                .with_status(std::sync::Arc::clone(status))
+                .with_budget(budget.clone());
         tasks.spawn(p.run(cancel.clone()));
     }
     Ok(())

@@ -204,6 +204,12 @@ impl Broker {
         }
     }
 
+    /// The process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// What the process logged so far.
     #[must_use]
     pub fn log_text(&self) -> String {

@@ -922,7 +922,8 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
     dovecot.create_folder("Processed");
     broker.spawn();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while dovecot.count("Processed") != 1 {
+    // MOVE copies, then expunges: wait for both.
+    while dovecot.count("Processed") != 1 || dovecot.count("INBOX") != 0 {
         assert!(
             Instant::now() < deadline,
             "never moved:\n{}",
@@ -1253,4 +1254,142 @@ async fn the_mail_sink_also_speaks_implicit_tls() {
         "{}",
         postfix.log()
     );
+}
+
+/// A plain mail of about `size` bytes with `marker` in its body (invented content).
+fn plain_mail(n: usize, size: usize, marker: &str) -> Vec<u8> {
+    let mut s = format!(
+        "From: lab@example.test\r\nTo: 500005678@lms.example.test\r\nSubject: brief {n}\r\nMessage-ID: <m{n}@example.test>\r\n\r\n{marker}\r\n"
+    );
+    while s.len() < size {
+        s.push_str("Een regel tekst van de brief.\r\n");
+    }
+    s.into_bytes()
+}
+
+/// The keywords Dovecot keeps for a maildir folder.
+fn keywords(dovecot: &Dovecot, folder: &str) -> String {
+    std::fs::read_to_string(dovecot.maildir.join(format!(".{folder}/dovecot-keywords")))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_sets_aside_a_message_past_max_message_size_and_takes_the_others() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let dovecot = Dovecot::start(&certs);
+    dovecot.create_folder("Processed");
+    dovecot.deliver("1764000001.M1.hub", &plain_mail(1, 64 * 1024, "groot"));
+    dovecot.deliver("1764000002.M2.hub", &plain_mail(2, 1024, "klein"));
+    let rx = Receiver::start(OK).await;
+    let config = format!(
+        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+         poll_interval = \"200ms\"\nmax_message_size = \"16 KiB\"\nfailed_folder = \"Failed\"\n{}",
+        dovecot.imaps_port,
+        certs.ca,
+        subscription("gp", "\"letter\"", &rx.url())
+    );
+    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
+    let got = rx.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dovecot.count("Failed") != 1 || dovecot.count("Processed") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "not sorted:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dovecot.count("INBOX"), 0);
+    assert!(
+        keywords(&dovecot, "Failed").contains("$KetenbusTooLarge"),
+        "flagged with its reason"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(rx.received().len(), 1, "the large one was never taken");
+}
+
+/// Takes every message but the one marked `POISON`, which it refuses as a log with a record
+/// size limit would: "try again".
+#[derive(Default)]
+struct RefusesPoison {
+    taken: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl ketenbus_connectors::Ingest for RefusesPoison {
+    fn accept(
+        &self,
+        envelope: ketenbus_schemas::RawEnvelope,
+    ) -> ketenbus_connectors::sink::BoxFuture<
+        '_,
+        Result<ketenbus_connectors::Accepted, ketenbus_connectors::IngestError>,
+    > {
+        Box::pin(async move {
+            if envelope.body.windows(6).any(|w| w == b"POISON") {
+                return Err(ketenbus_connectors::IngestError::Unavailable(
+                    "record larger than the log takes".into(),
+                ));
+            }
+            self.taken.lock().unwrap().push(envelope.body);
+            Ok(ketenbus_connectors::Accepted { id: envelope.id })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imap_message_the_log_keeps_refusing_is_set_aside_and_the_others_flow() {
+    use ketenbus_connectors::mail::config::{AfterPickup, ImapConfig, TlsMode};
+    use ketenbus_connectors::mail::imap::{ImapPickup, PickupState};
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let dovecot = Dovecot::start(&certs);
+    dovecot.create_folder("Processed");
+    // The poison message has the lowest UID: it is met first.
+    dovecot.deliver("1764000000.M0.hub", &plain_mail(0, 1024, "POISON"));
+    let cfg = ImapConfig {
+        name: "hub".into(),
+        host: "127.0.0.1".into(),
+        port: Some(dovecot.imaps_port),
+        tls: TlsMode::Implicit,
+        ca_file: Some(certs.ca.clone()),
+        username: "hub".into(),
+        password_env: "PW".into(),
+        mailbox: "INBOX".into(),
+        after: AfterPickup::Move,
+        processed_folder: "Processed".into(),
+        poll_interval: Duration::from_millis(100),
+        idle: false,
+        receiver: None,
+        max_message_size: bytesize::ByteSize::mib(1),
+        max_attempts: 3,
+        failed_folder: "Failed".into(),
+    };
+    let ingest = std::sync::Arc::new(RefusesPoison::default());
+    let pickup =
+        ImapPickup::new(cfg, tmp.path(), ingest.clone(), &|_| Some("hubpass".into())).unwrap();
+    let mut state = PickupState::load(&tmp.path().join("hub.state")).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut good = 0;
+    for round in 1..=6 {
+        for i in 0..2 {
+            good += 1;
+            dovecot.deliver(
+                &format!("17640000{round:02}.M{i}.hub"),
+                &plain_mail(round * 10 + i, 1024, "goed"),
+            );
+        }
+        let _ = pickup.cycle(&mut state, &cancel).await;
+    }
+    assert_eq!(
+        ingest.taken.lock().unwrap().len(),
+        good,
+        "every good one taken"
+    );
+    assert_eq!(dovecot.count("Processed"), good);
+    assert_eq!(dovecot.count("Failed"), 1, "the poison message set aside");
+    assert_eq!(dovecot.count("INBOX"), 0);
+    assert!(keywords(&dovecot, "Failed").contains("$KetenbusFailed"));
 }

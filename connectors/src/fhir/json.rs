@@ -2,13 +2,17 @@
 //! it keeps number literals exactly (FHIR decimals are not floats: `12.0` must stay
 //! `12.0`) without turning on `arbitrary_precision` for the whole workspace.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
+use std::hash::{BuildHasher as _, RandomState};
 
 use super::FhirError;
 use super::value::{Object, Value};
 
 /// Deepest nesting accepted; real resources stay far below it.
 const MAX_DEPTH: usize = 128;
+/// Objects up to this many members check duplicate names by a scan.
+const SMALL_OBJECT: usize = 16;
 
 /// Parse a JSON document.
 ///
@@ -78,6 +82,11 @@ impl Parser<'_> {
     fn object(&mut self, depth: usize) -> Result<Value, FhirError> {
         self.i += 1;
         let mut o = Object::new();
+        // Member names seen, once the object is large enough that a scan of its members for
+        // each new name would cost the square of its size.
+        // Only hashes are kept (small, no copies); a hash seen before is confirmed by a scan,
+        // which only a real duplicate (an error) or a 64-bit collision ever needs.
+        let mut names: Option<(RandomState, HashSet<u64>)> = None;
         self.ws();
         if self.b.get(self.i) == Some(&b'}') {
             self.i += 1;
@@ -90,7 +99,18 @@ impl Parser<'_> {
             }
             let at = self.i;
             let key = self.string()?;
-            if o.contains(&key) {
+            let twice = match &mut names {
+                Some((state, set)) => !set.insert(state.hash_one(&key)) && o.contains(&key),
+                None if o.len() >= SMALL_OBJECT => {
+                    let state = RandomState::new();
+                    let mut set: HashSet<u64> = o.iter().map(|(k, _)| state.hash_one(k)).collect();
+                    let twice = !set.insert(state.hash_one(&key)) && o.contains(&key);
+                    names = Some((state, set));
+                    twice
+                }
+                None => o.contains(&key),
+            };
+            if twice {
                 self.i = at;
                 return Err(self.err(&format!("member {key} appears twice")));
             }
@@ -327,6 +347,17 @@ mod tests {
         let again = parse(to_string(&v).as_bytes()).unwrap();
         assert_eq!(v, again);
         assert!(to_string(&v).contains("-0.50"));
+    }
+
+    #[test]
+    fn a_name_twice_in_a_large_object_is_found() {
+        let mut s = String::from("{");
+        for i in 0..100 {
+            s.push_str(&format!("\"m{i}\":{i},"));
+        }
+        assert!(parse(format!("{s}\"m100\":0}}").as_bytes()).is_ok());
+        let err = parse(format!("{s}\"m7\":0}}").as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("m7 appears twice"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! A single resource, or a Bundle of type message, transaction, batch, collection or
 //! document. References resolve by `fullUrl` or by `Type/id` within the Bundle.
 
+use std::collections::{HashMap, HashSet};
+
 use base64::Engine as _;
 use ketenbus_schemas::event::{
     AcuteHandoverEvent, Address, Attachment, Coding, HandoverNotificationEvent, HealthProfessional,
@@ -184,9 +186,19 @@ fn push_with_contained<'a>(
     Ok(())
 }
 
-/// The resources of one FHIR document.
+/// The resources of one FHIR document, indexed so that resolving a reference or listing
+/// a type costs the same however large the document (parse cost stays linear).
+#[derive(Default)]
 struct Doc<'a> {
     entries: Vec<Entry<'a>>,
+    /// Contained resources by id (the first one wins, as a scan would find it).
+    by_local_id: HashMap<&'a str, usize>,
+    /// Entries by `fullUrl`.
+    by_full_url: HashMap<&'a str, usize>,
+    /// Entries (not contained) by type and id.
+    by_type_id: HashMap<(&'a str, &'a str), usize>,
+    /// Entries by type, in document order.
+    by_type: HashMap<&'a str, Vec<usize>>,
     /// `Bundle.message`, `Bundle.transaction`, `Observation`, ...
     message_type: String,
     /// Index of the MessageHeader of a message Bundle.
@@ -208,12 +220,7 @@ impl<'a> Doc<'a> {
             };
             let mut entries = Vec::new();
             push_with_contained(&mut entries, entry)?;
-            return Ok(Doc {
-                entries,
-                message_type: ty.to_owned(),
-                header: None,
-                timestamp: None,
-            });
+            return Ok(Doc::indexed(entries, ty.to_owned(), None, None));
         }
         let bundle_type = root
             .str("type")
@@ -260,37 +267,71 @@ impl<'a> Doc<'a> {
         {
             message_type = format!("{message_type}:{code}");
         }
-        Ok(Doc {
+        Ok(Doc::indexed(
             entries,
             message_type,
             header,
-            timestamp: root.str("timestamp"),
-        })
+            root.str("timestamp"),
+        ))
+    }
+
+    fn indexed(
+        entries: Vec<Entry<'a>>,
+        message_type: String,
+        header: Option<usize>,
+        timestamp: Option<&'a str>,
+    ) -> Doc<'a> {
+        let mut doc = Doc {
+            by_local_id: HashMap::new(),
+            by_full_url: HashMap::new(),
+            by_type_id: HashMap::new(),
+            by_type: HashMap::new(),
+            entries: Vec::new(),
+            message_type,
+            header,
+            timestamp,
+        };
+        for (i, e) in entries.iter().enumerate() {
+            doc.by_type.entry(e.ty).or_default().push(i);
+            if let Some(u) = e.full_url {
+                doc.by_full_url.entry(u).or_insert(i);
+            }
+            match (e.contained, e.id) {
+                (true, Some(id)) => {
+                    doc.by_local_id.entry(id).or_insert(i);
+                }
+                (false, Some(id)) => {
+                    doc.by_type_id.entry((e.ty, id)).or_insert(i);
+                }
+                _ => {}
+            }
+        }
+        doc.entries = entries;
+        doc
     }
 
     /// The entry a Reference points at.
     fn resolve(&self, reference: Option<&Value>) -> Option<&Entry<'a>> {
         let r = reference?.get("reference")?.as_str()?;
         if let Some(local) = r.strip_prefix('#') {
-            return self
-                .entries
-                .iter()
-                .find(|e| e.contained && e.id == Some(local));
+            return self.by_local_id.get(local).map(|&i| &self.entries[i]);
         }
-        if let Some(e) = self.entries.iter().find(|e| e.full_url == Some(r)) {
-            return Some(e);
+        if let Some(&i) = self.by_full_url.get(r) {
+            return Some(&self.entries[i]);
         }
         let r = r.split("/_history/").next().unwrap_or(r);
         let mut parts = r.rsplit('/');
         let id = parts.next()?;
         let ty = parts.next()?;
-        self.entries
-            .iter()
-            .find(|e| !e.contained && e.ty == ty && e.id == Some(id))
+        self.by_type_id.get(&(ty, id)).map(|&i| &self.entries[i])
     }
 
-    fn of_type(&self, ty: &'a str) -> impl Iterator<Item = &Entry<'a>> + '_ {
-        self.entries.iter().filter(move |e| e.ty == ty)
+    fn of_type(&self, ty: &str) -> impl Iterator<Item = &Entry<'a>> + '_ {
+        self.by_type
+            .get(ty)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .map(|&i| &self.entries[i])
     }
 
     fn message_header(&self) -> Option<&Entry<'a>> {
@@ -333,7 +374,7 @@ pub fn events_from(
     };
 
     // Acute handovers: the referral ServiceRequests.
-    let focus: Vec<&str> = doc
+    let focus: HashSet<&str> = doc
         .message_header()
         .map(|mh| {
             mh.res
@@ -345,32 +386,47 @@ pub fn events_from(
         })
         .unwrap_or_default();
     let has_composition = doc.of_type("Composition").next().is_some();
-    for sr in doc.of_type("ServiceRequest") {
-        let transfer = codings(sr.res.obj("code"))
-            .any(|c| c.system == systems::SNOMED && c.code == SCT_TRANSFER_FROM_AMBULANCE);
-        if transfer || (has_composition && focus.contains(&sr.path.as_str())) {
-            let mut header = next_header(EventKind::AcuteHandover, &events);
-            let e = handover(&doc, sr, &mut header)?;
-            events.push(Event::AcuteHandover(e));
-        }
+    let referrals: Vec<&Entry<'_>> = doc
+        .of_type("ServiceRequest")
+        .filter(|sr| {
+            let transfer = codings(sr.res.obj("code"))
+                .any(|c| c.system == systems::SNOMED && c.code == SCT_TRANSFER_FROM_AMBULANCE);
+            transfer || (has_composition && focus.contains(sr.path.as_str()))
+        })
+        .collect();
+    // With one referral, the document's Compositions and attachments are its own; with
+    // several, each takes only those it points at (else the events grow with the square of
+    // the document).
+    let only_referral = referrals.len() == 1;
+    for sr in referrals {
+        let mut header = next_header(EventKind::AcuteHandover, &events);
+        let e = handover(&doc, sr, only_referral, &mut header)?;
+        events.push(Event::AcuteHandover(e));
     }
 
     // Lab results, one event per patient.
-    let mut groups: Vec<(Option<String>, Vec<&Entry<'_>>)> = Vec::new();
+    let mut groups: Vec<Vec<&Entry<'_>>> = Vec::new();
+    let mut group_of: HashMap<Option<String>, usize> = HashMap::new();
     for obs in doc.of_type("Observation").filter(|e| is_lab(e.res)) {
-        let key = obs.res.obj("subject").and_then(|s| {
-            doc.resolve(Some(&Value::Object(s.clone())))
-                .map(|e| e.path.clone())
-                .or_else(|| s.str("reference").map(str::to_owned))
+        let key = obs.res.get("subject").and_then(|s| {
+            doc.resolve(Some(s)).map(|e| e.path.clone()).or_else(|| {
+                s.get("reference")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
         });
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, list)) => list.push(obs),
-            None => groups.push((key, vec![obs])),
+        match group_of.get(&key) {
+            Some(&g) => groups[g].push(obs),
+            None => {
+                group_of.insert(key, groups.len());
+                groups.push(vec![obs]);
+            }
         }
     }
-    for (_, observations) in groups {
+    let only_group = groups.len() == 1;
+    for observations in groups {
         let mut header = next_header(EventKind::LabResult, &events);
-        let e = lab_event(&doc, &observations, &mut header)?;
+        let e = lab_event(&doc, &observations, only_group, &mut header)?;
         events.push(Event::LabResult(e));
     }
 
@@ -543,12 +599,7 @@ fn declared_into(obj: &Object, out: &mut crate::party::Declared) {
 /// Every MessageHeader in a tree, read without resolving references.
 fn declared_anywhere(o: &Object, out: &mut crate::party::Declared) {
     if o.str("resourceType") == Some("MessageHeader") {
-        let unresolved = Doc {
-            entries: Vec::new(),
-            message_type: String::new(),
-            header: None,
-            timestamp: None,
-        };
+        let unresolved = Doc::default();
         out.senders.extend(header_sender(&unresolved, o));
         out.receivers.extend(header_receivers(&unresolved, o));
     }
@@ -813,9 +864,14 @@ fn specimen(e: &Entry<'_>, fallback_id: String) -> Result<Specimen, NormalizeErr
     })
 }
 
+/// One patient's lab results. `only_group`: the document has no other patient's results, so
+/// every PractitionerRole in it (department, copy-to) belongs to this event; with several
+/// patients, only those the observations point at (else events grow with the square of the
+/// document).
 fn lab_event(
     doc: &Doc<'_>,
     observations: &[&Entry<'_>],
+    only_group: bool,
     header: &mut EventHeader,
 ) -> Result<LabResultEvent, NormalizeError> {
     let first = observations[0];
@@ -827,15 +883,34 @@ fn lab_event(
     let mut performer = None;
     let mut requester = None;
     let mut specimens: Vec<Specimen> = Vec::new();
+    let mut specimen_at: HashMap<String, usize> = HashMap::new();
     let mut results = Vec::new();
+    // PractitionerRoles acting as requester, and those the observations point at.
+    let mut requesters: HashSet<&str> = HashSet::new();
+    let mut referenced: Vec<&Entry<'_>> = Vec::new();
+    let mut referenced_paths: HashSet<&str> = HashSet::new();
     for (n, obs) in observations.iter().enumerate() {
         let o = obs.res;
         for p in o.arr("performer") {
-            match doc.resolve(Some(p)).map(|e| e.ty) {
+            let target = doc.resolve(Some(p));
+            if let Some(e) = target.filter(|e| e.ty == "PractitionerRole")
+                && referenced_paths.insert(e.path.as_str())
+            {
+                referenced.push(e);
+            }
+            match target.map(|e| e.ty) {
                 Some("Organization") if performer.is_none() => {
                     performer = provider_of(doc, Some(p))?
                 }
                 _ => {}
+            }
+        }
+        for b in o.arr("basedOn") {
+            if let Some(r) = doc
+                .resolve(Some(b))
+                .and_then(|sr| doc.resolve(sr.res.get("requester")))
+            {
+                requesters.insert(r.path.as_str());
             }
         }
         if requester.is_none() {
@@ -851,7 +926,8 @@ fn lab_event(
             if let Some(e) = doc.resolve(Some(r)).filter(|e| e.ty == "Specimen") {
                 let sp = specimen(e, format!("specimen-{}", specimens.len() + 1))?;
                 specimen_id = Some(sp.id.clone());
-                if !specimens.iter().any(|x| x.id == sp.id) {
+                if !specimen_at.contains_key(&sp.id) {
+                    specimen_at.insert(sp.id.clone(), specimens.len());
                     specimens.push(sp);
                 }
             } else {
@@ -865,16 +941,14 @@ fn lab_event(
             let id = specimen_id
                 .clone()
                 .unwrap_or_else(|| format!("specimen-{}", specimens.len() + 1));
-            if !specimens.iter().any(|x| x.id == id) {
+            let at = *specimen_at.entry(id.clone()).or_insert_with(|| {
                 specimens.push(Specimen {
                     id: id.clone(),
                     ..Specimen::default()
                 });
-            }
-            let sp = specimens
-                .iter_mut()
-                .find(|x| x.id == id)
-                .expect("just ensured");
+                specimens.len() - 1
+            });
+            let sp = &mut specimens[at];
             if !sp
                 .identifiers
                 .iter()
@@ -891,26 +965,22 @@ fn lab_event(
     }
     // PractitionerRoles not acting as requester: department, copy-to (role in code.text).
     let mut professionals = Vec::new();
-    for pr in doc.of_type("PractitionerRole") {
+    let roles: Vec<&Entry<'_>> = if only_group {
+        doc.of_type("PractitionerRole").collect()
+    } else {
+        referenced
+    };
+    for pr in roles {
+        if requesters.contains(pr.path.as_str()) {
+            continue;
+        }
         let role = pr
             .res
             .arr("code")
             .first()
             .and_then(|c| c.get("text"))
             .and_then(Value::as_str);
-        let is_requester = observations.iter().any(|o| {
-            o.res
-                .arr("basedOn")
-                .iter()
-                .filter_map(|b| doc.resolve(Some(b)))
-                .any(|sr| {
-                    doc.resolve(sr.res.get("requester"))
-                        .is_some_and(|r| r.path == pr.path)
-                })
-        });
-        if !is_requester {
-            professionals.push(professional(doc, pr, role.unwrap_or("professional"))?);
-        }
+        professionals.push(professional(doc, pr, role.unwrap_or("professional"))?);
     }
     header.occurred_at = results
         .iter()
@@ -1084,7 +1154,9 @@ pub fn narrative_text(div: &str) -> String {
             out.push(' ');
             rest = &rest[end..];
         } else {
-            let end = rest.find(';').filter(|&e| e <= 10);
+            // Entities are short: look no further than 10 bytes (a scan to the next `;` for
+            // every `&` would cost the square of a text full of them).
+            let end = rest.bytes().take(11).position(|b| b == b';');
             let Some(end) = end else {
                 out.push('&');
                 rest = &rest[1..];
@@ -1115,9 +1187,12 @@ pub fn narrative_text(div: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// One referral. `only_referral`: the document holds no other, so its Compositions and
+/// attachments belong to this one even when the referral does not point at them.
 fn handover(
     doc: &Doc<'_>,
     sr: &Entry<'_>,
+    only_referral: bool,
     header: &mut EventHeader,
 ) -> Result<AcuteHandoverEvent, NormalizeError> {
     let o = sr.res;
@@ -1178,7 +1253,7 @@ fn handover(
         .collect();
     let pick = |ty: &'static str| -> Vec<&Entry<'_>> {
         let linked: Vec<&Entry<'_>> = supporting.iter().copied().filter(|e| e.ty == ty).collect();
-        if linked.is_empty() {
+        if linked.is_empty() && only_referral {
             doc.of_type(ty).collect()
         } else {
             linked

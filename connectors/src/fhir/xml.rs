@@ -87,6 +87,30 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FhirError> {
     }
 }
 
+/// Attribute names seen on one element: a scan while few, a set once many.
+#[derive(Default)]
+struct Names<'k> {
+    few: Vec<&'k [u8]>,
+    many: Option<std::collections::HashSet<&'k [u8]>>,
+}
+
+impl<'k> Names<'k> {
+    /// `false` when `name` was seen before.
+    fn insert(&mut self, name: &'k [u8]) -> bool {
+        if let Some(set) = &mut self.many {
+            return set.insert(name);
+        }
+        if self.few.contains(&name) {
+            return false;
+        }
+        self.few.push(name);
+        if self.few.len() > 8 {
+            self.many = Some(self.few.drain(..).collect());
+        }
+        true
+    }
+}
+
 fn is_ws(t: &[u8]) -> bool {
     t.iter().all(u8::is_ascii_whitespace)
 }
@@ -171,9 +195,21 @@ impl<'a> XmlReader<'a> {
         path: &Path<'_>,
     ) -> Result<Vec<(String, String)>, FhirError> {
         let mut out = Vec::new();
-        for a in e.attributes() {
+        // quick-xml's own duplicate check compares each attribute with every earlier one:
+        // the square of a hostile element's attribute count. Names are checked here instead.
+        let mut names = Names::default();
+        for a in e.attributes().with_checks(false) {
             let a = a.map_err(|x| self.err(path, &format!("malformed attribute: {x}")))?;
-            let key = a.key.as_ref();
+            let key: &[u8] = a.key.into_inner();
+            if !names.insert(key) {
+                return Err(self.err(
+                    path,
+                    &format!(
+                        "malformed attribute: {} appears twice",
+                        String::from_utf8_lossy(key)
+                    ),
+                ));
+            }
             if key == b"xmlns" || key.starts_with(b"xmlns:") {
                 continue;
             }

@@ -175,6 +175,17 @@ pub struct ImapConfig {
     pub idle: bool,
     /// Party id of the mailbox owner, set as the envelope's receiver (e.g. `mailbox:500005678`).
     pub receiver: Option<String>,
+    /// Largest message taken (by its `RFC822.SIZE`); a larger one is set aside unread.
+    #[serde(default = "max_message_size")]
+    pub max_message_size: bytesize::ByteSize,
+    /// Tries before a message the log keeps refusing (while it takes others) is set aside.
+    #[serde(default = "max_attempts")]
+    pub max_attempts: u32,
+    /// Folder messages are set aside in (too large, refused, poison), flagged with a keyword
+    /// naming the reason (`$KetenbusTooLarge`, `$KetenbusRefused`, `$KetenbusFailed`);
+    /// made when missing.
+    #[serde(default = "failed_folder")]
+    pub failed_folder: String,
 }
 
 fn implicit() -> TlsMode {
@@ -191,6 +202,15 @@ fn processed() -> String {
 }
 fn poll_interval() -> Duration {
     Duration::from_secs(30)
+}
+fn max_message_size() -> bytesize::ByteSize {
+    bytesize::ByteSize::mib(25)
+}
+fn max_attempts() -> u32 {
+    5
+}
+fn failed_folder() -> String {
+    "Failed".into()
 }
 
 /// The `mail` sink of a subscription: secure mail through an SMTP submission server.
@@ -354,6 +374,18 @@ impl MailConfig {
             if m.poll_interval.is_zero() {
                 p.push((at("poll_interval"), "must be more than 0".into()));
             }
+            if m.max_message_size.as_u64() == 0 {
+                p.push((at("max_message_size"), "must be more than 0".into()));
+            }
+            if m.max_attempts == 0 {
+                p.push((at("max_attempts"), "must be at least 1".into()));
+            }
+            if m.failed_folder.is_empty() || m.failed_folder == m.mailbox {
+                p.push((
+                    at("failed_folder"),
+                    "must name a folder other than the mailbox read".into(),
+                ));
+            }
             if let Some(f) = &m.ca_file
                 && !f.is_file()
             {
@@ -498,6 +530,9 @@ mod tests {
                 poll_interval: poll_interval(),
                 idle: true,
                 receiver: None,
+                max_message_size: max_message_size(),
+                max_attempts: max_attempts(),
+                failed_folder: failed_folder(),
             }],
             content_dir: None,
             bounce_sources: Some(vec!["imap:nope".into(), "smtp".into(), "http".into()]),

@@ -9,6 +9,13 @@
 //! found again is recognised and only moved, never ingested twice. The entry is dropped once
 //! the move succeeded.
 //!
+//! A message larger than `max_message_size` (by its `RFC822.SIZE`, before the body is
+//! read), one the log refuses for good, and a poison message (the log keeps refusing it while
+//! it takes others, `max_attempts` times) are set aside: flagged with a keyword naming the
+//! reason and moved to `failed_folder`, so the others keep flowing. A body is read only once
+//! the ingest memory budget ([`crate::budget`]) has room for it; else the pickup looks again
+//! later.
+//!
 //! Client crate: `async-imap` (the async-email project, used by Delta Chat) rather than
 //! `imap`: it is async on tokio like the rest of ketenbus, is released regularly, and has
 //! MOVE, UID EXPUNGE and IDLE; `imap` 2.x is blocking and its 3.0 has stayed in alpha.
@@ -26,9 +33,11 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::ingest::{Ingest, IngestError};
 use crate::mail::config::{AfterPickup, ImapConfig, TlsMode};
 use crate::mail::{MEDIA_RFC822, MailError, now_ms, party_of};
+use crate::poison::{Failure, Tries, Verdict};
 
 /// Connector name in envelopes, logs and metrics.
 pub const CONNECTOR: &str = "imap";
@@ -168,6 +177,32 @@ pub struct ImapPickup {
     state: PickupState,
     tls: Option<tokio_rustls::TlsConnector>,
     status: Option<Arc<dyn crate::SourceStatus>>,
+    budget: Budget,
+    /// Failed tries per (UIDVALIDITY, UID).
+    tries: std::sync::Mutex<Tries<(u32, u32)>>,
+}
+
+/// Why a message was set aside: the keyword it is flagged with (a closed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aside {
+    /// Larger than `max_message_size`.
+    TooLarge,
+    /// Refused for good by the ingest.
+    Refused,
+    /// Failed `max_attempts` times while others were taken.
+    Failed,
+}
+
+impl Aside {
+    /// The IMAP keyword (RFC 3501 flag) set on the message.
+    #[must_use]
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Aside::TooLarge => "$KetenbusTooLarge",
+            Aside::Refused => "$KetenbusRefused",
+            Aside::Failed => "$KetenbusFailed",
+        }
+    }
 }
 
 impl fmt::Debug for ImapPickup {
@@ -188,6 +223,8 @@ pub struct Cycle {
     pub recognised: usize,
     /// Messages moved or deleted.
     pub marked: usize,
+    /// Messages set aside in `failed_folder`.
+    pub set_aside: usize,
 }
 
 fn conn_err(step: &str, e: impl fmt::Display) -> MailError {
@@ -220,6 +257,7 @@ impl ImapPickup {
             )),
         };
         let state = PickupState::load(&data_dir.join("imap").join(format!("{}.state", cfg.name)))?;
+        let tries = std::sync::Mutex::new(Tries::new(cfg.max_attempts));
         Ok(ImapPickup {
             cfg,
             password,
@@ -227,7 +265,16 @@ impl ImapPickup {
             state,
             tls,
             status: None,
+            budget: Budget::unlimited(),
+            tries,
         })
+    }
+
+    /// Hold each message's bytes against `budget` while it is read and ingested.
+    #[must_use]
+    pub fn with_budget(mut self, budget: Budget) -> ImapPickup {
+        self.budget = budget;
+        self
     }
 
     /// Report whether the hub answers to `status`, as source `imap:<name>`.
@@ -363,11 +410,12 @@ impl ImapPickup {
                 s.up(&self.source());
             }
             if cycle != Cycle::default() {
-                tracing::debug!(pickup = %self.cfg.name, ingested = cycle.ingested, recognised = cycle.recognised, marked = cycle.marked, "imap pickup looked");
+                tracing::debug!(pickup = %self.cfg.name, ingested = cycle.ingested, recognised = cycle.recognised, marked = cycle.marked, set_aside = cycle.set_aside, "imap pickup looked");
             }
             total.ingested += cycle.ingested;
             total.recognised += cycle.recognised;
             total.marked += cycle.marked;
+            total.set_aside += cycle.set_aside;
             if !idle || cancel.is_cancelled() {
                 let _ = session.logout().await;
                 return Ok(total);
@@ -410,12 +458,50 @@ impl ImapPickup {
             .into_iter()
             .collect();
         uids.sort_unstable();
+        // Messages that failed before go last: a poison message cannot hold up the others.
+        {
+            let mut tries = self.tries.lock().expect("tries lock");
+            let present: std::collections::HashSet<u32> = uids.iter().copied().collect();
+            tries.retain(|(v, u)| *v == validity && present.contains(u));
+            uids.sort_by_key(|uid| tries.count(&(validity, *uid)));
+        }
         uids.truncate(BATCH);
+        let max_size = self.cfg.max_message_size.as_u64();
         let mut cycle = Cycle::default();
+        let mut unavailable_in_a_row = 0;
         for uid in uids {
             if cancel.is_cancelled() {
                 break;
             }
+            // The size first: a message past the limit or the budget is not read at all.
+            let sizes: Vec<_> = s
+                .uid_fetch(uid.to_string(), "(UID RFC822.SIZE)")
+                .await
+                .map_err(|e| conn_err("fetch size", e))?
+                .try_collect()
+                .await
+                .map_err(|e| conn_err("fetch size", e))?;
+            let Some(size) = sizes
+                .iter()
+                .find(|f| f.uid == Some(uid))
+                .and_then(|f| f.size)
+            else {
+                continue;
+            };
+            if u64::from(size) > max_size {
+                let reason =
+                    format!("the message is larger than {max_size} bytes (imap max_message_size)");
+                self.set_aside(s, uid, Aside::TooLarge, &reason).await?;
+                cycle.set_aside += 1;
+                continue;
+            }
+            let Ok(held) = self
+                .budget
+                .reserve(usize::try_from(size).unwrap_or(usize::MAX))
+            else {
+                tracing::debug!(pickup = %self.cfg.name, uid, "ingest memory budget in use; looking again later");
+                break;
+            };
             let fetches: Vec<_> = s
                 .uid_fetch(uid.to_string(), "(UID FLAGS BODY.PEEK[])")
                 .await
@@ -430,6 +516,7 @@ impl ImapPickup {
             let Some(body) = fetch.body().map(<[u8]>::to_vec) else {
                 continue;
             };
+            drop(fetches);
             let message_id = mail_parser::MessageParser::default()
                 .parse_headers(&body)
                 .and_then(|m| m.message_id().map(str::to_owned))
@@ -441,27 +528,86 @@ impl ImapPickup {
                 continue;
             } else {
                 let envelope = self.envelope(&body, validity, uid, &message_id);
+                drop(body);
+                let key = (validity, uid);
                 match self.ingest.accept(envelope).await {
                     Ok(a) => {
                         tracing::debug!(pickup = %self.cfg.name, id = %a.id, uid, "imap message stored");
                         cycle.ingested += 1;
+                        unavailable_in_a_row = 0;
+                        self.tries.lock().expect("tries lock").succeeded(&key);
                     }
-                    Err(IngestError::Unavailable(e)) => {
-                        return Err(MailError::Connection(format!("ingest: {e}")));
+                    // Refused for good as it is: set aside, trying again cannot help.
+                    Err(e @ IngestError::Refused { .. }) => {
+                        self.set_aside(s, uid, Aside::Refused, &e.to_string())
+                            .await?;
+                        cycle.set_aside += 1;
+                        continue;
                     }
-                    // Refusals are for authenticated SMTP senders; here the message stays
-                    // at the hub and the pickup reports the error until an operator acts.
-                    Err(e @ (IngestError::Fatal(_) | IngestError::Refused { .. })) => {
-                        return Err(MailError::State(e.to_string()));
+                    Err(e) => {
+                        let failure = match e {
+                            IngestError::Unavailable(_) => Failure::Retryable,
+                            _ => Failure::Item,
+                        };
+                        let verdict = self.tries.lock().expect("tries lock").failed(
+                            &key,
+                            failure,
+                            &e.to_string(),
+                        );
+                        if let Verdict::SetAside(reason) = verdict {
+                            self.set_aside(s, uid, Aside::Failed, &reason).await?;
+                            cycle.set_aside += 1;
+                            continue;
+                        }
+                        tracing::warn!(pickup = %self.cfg.name, uid, error = %e, "the log did not take the message; it stays for the next look");
+                        if failure == Failure::Retryable {
+                            unavailable_in_a_row += 1;
+                            // Two in a row: the log is down, not the message.
+                            if unavailable_in_a_row >= 2 {
+                                return Err(MailError::Connection(format!("ingest: {e}")));
+                            }
+                        }
+                        continue;
                     }
                 }
                 state.remember(validity, uid, &message_id)?;
             }
+            drop(held);
             self.mark(s, uid).await?;
             state.forget(validity, uid)?;
             cycle.marked += 1;
         }
         Ok(cycle)
+    }
+
+    /// Set a message aside: flag it with the reason's keyword and move it to
+    /// `failed_folder` (made when missing).
+    async fn set_aside<T>(
+        &self,
+        s: &mut async_imap::Session<T>,
+        uid: u32,
+        why: Aside,
+        reason: &str,
+    ) -> Result<(), MailError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send,
+    {
+        tracing::warn!(pickup = %self.cfg.name, uid, keyword = why.keyword(), folder = %self.cfg.failed_folder, reason = %reason, "imap message set aside");
+        let _: Vec<_> = s
+            .uid_store(
+                uid.to_string(),
+                format!("+FLAGS.SILENT ({})", why.keyword()),
+            )
+            .await
+            .map_err(|e| MailError::Refused(format!("flag {}: {e}", why.keyword())))?
+            .try_collect()
+            .await
+            .map_err(|e| conn_err("flag", e))?;
+        // Already there is fine; a folder that cannot be made shows in the move.
+        let _ = s.create(&self.cfg.failed_folder).await;
+        s.uid_mv(uid.to_string(), &self.cfg.failed_folder)
+            .await
+            .map_err(|e| MailError::Refused(format!("move to failed_folder: {e}")))
     }
 
     async fn mark<T>(&self, s: &mut async_imap::Session<T>, uid: u32) -> Result<(), MailError>

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Budget;
 use crate::ingest::Ingest;
 use crate::mail::config::SmtpConfig;
 use crate::mail::smtp::{Mail, Session, SessionConfig, Step};
@@ -28,6 +29,7 @@ pub struct SmtpListener {
     ingest: Arc<dyn Ingest>,
     max_connections: usize,
     idle_timeout: Duration,
+    budget: Budget,
 }
 
 impl SmtpListener {
@@ -53,7 +55,16 @@ impl SmtpListener {
             ingest,
             max_connections: config.max_connections,
             idle_timeout: config.idle_timeout,
+            budget: Budget::unlimited(),
         })
+    }
+
+    /// Hold message data against `budget` while it is received and stored; past it the
+    /// client hears `451 4.3.1` at the end of DATA.
+    #[must_use]
+    pub fn with_budget(mut self, budget: Budget) -> SmtpListener {
+        self.budget = budget;
+        self
     }
 
     /// Accept connections on `listener` until `cancel`.
@@ -133,6 +144,8 @@ impl SmtpListener {
     ) -> Ended {
         // Not zeroed: read_buf fills spare capacity, so a connection costs no 64 KiB memset.
         let mut buf = Vec::with_capacity(16 * 1024);
+        // The message data this connection holds, from its first byte until it is stored.
+        let mut held = self.budget.reserve(0).expect("nothing always fits");
         loop {
             loop {
                 match session.step() {
@@ -143,6 +156,7 @@ impl SmtpListener {
                         }
                         let result = self.store(mail, peer).await;
                         session.delivered(result);
+                        held.release_to(session.data_len());
                     }
                     Step::StartTls => {
                         return if self.flush(session, io).await.is_ok() {
@@ -158,6 +172,7 @@ impl SmtpListener {
                     }
                 }
             }
+            held.release_to(session.data_len());
             if self.flush(session, io).await.is_err() {
                 return Ended::Closed;
             }
@@ -171,6 +186,10 @@ impl SmtpListener {
             match read {
                 Ok(Ok(0) | Err(_)) => return Ended::Closed,
                 Ok(Ok(_)) => {
+                    if held.grow_to(session.data_len() + buf.len()).is_err() {
+                        session.over_budget();
+                    }
+                    held.release_to(session.data_len() + buf.len());
                     session.push(&buf);
                     buf.clear();
                 }
@@ -355,6 +374,41 @@ mod tests {
             last = read_reply(&mut r).await;
         }
         assert!(last.starts_with("451 4.3.0"), "{last}");
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn past_the_memory_budget_the_sender_hears_451_4_3_1_and_nothing_is_held() {
+        let ingest = Arc::new(Memory::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let budget = Budget::new(64 * 1024);
+        let l = SmtpListener::new(&SmtpConfig::default(), Arc::clone(&ingest) as _, &|_| None)
+            .unwrap()
+            .with_budget(budget.clone());
+        let cancel = CancellationToken::new();
+        tokio::spawn(l.run(listener, cancel.clone()));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let _ = read_reply(&mut r).await;
+        let line = format!("{}\r\n", "x".repeat(998));
+        for (lines, want) in [(200, "451 4.3.1"), (20, "250 2.0.0")] {
+            w.write_all(b"HELO t\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+                .await
+                .unwrap();
+            for _ in 0..4 {
+                let _ = read_reply(&mut r).await;
+            }
+            for _ in 0..lines {
+                w.write_all(line.as_bytes()).await.unwrap();
+            }
+            w.write_all(b".\r\n").await.unwrap();
+            let reply = read_reply(&mut r).await;
+            assert!(reply.starts_with(want), "{lines} lines: {reply}");
+            assert_eq!(budget.in_use(), 0, "nothing held once answered");
+        }
+        assert_eq!(ingest.got.lock().unwrap().len(), 1);
         cancel.cancel();
     }
 }

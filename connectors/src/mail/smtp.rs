@@ -183,6 +183,8 @@ pub enum Step {
 enum Discard {
     TooBig,
     LineTooLong,
+    /// The ingest memory budget had no room for more.
+    NoRoom,
 }
 
 #[derive(Debug)]
@@ -309,6 +311,25 @@ impl Session {
         );
         self.reply(&text);
         self.state = State::Closed;
+    }
+
+    /// Bytes of message data held now, for the ingest memory budget.
+    #[must_use]
+    pub fn data_len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The ingest memory budget has no room for more of the message being received: the
+    /// rest is read and dropped, and the client hears `451 4.3.1` at its end.
+    pub fn over_budget(&mut self) {
+        if let State::Data {
+            discard: discard @ None,
+            ..
+        } = &mut self.state
+        {
+            *discard = Some(Discard::NoRoom);
+            self.data = Vec::new();
+        }
     }
 
     /// What became of the message handed out by [`Step::Deliver`]: its id when durable.
@@ -459,6 +480,12 @@ impl Session {
                     self.cfg.max_message_size
                 );
                 self.reply(&text);
+                self.reset_transaction();
+                self.state = State::Command;
+                None
+            }
+            Some(Some(Discard::NoRoom)) => {
+                self.reply("451 4.3.1 Error: insufficient system storage, try again later");
                 self.reset_transaction();
                 self.state = State::Command;
                 None
