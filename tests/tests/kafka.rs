@@ -76,11 +76,11 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     })
     .await;
     let config = format!(
-        "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\nsession_timeout = \"6s\"\n\
+        "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\nsession_timeout = \"20s\"\ninstance_id = \"kafka-test-node\"\n\
          properties = {{ \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }}\n{}",
         webhook_subscription("archive", "\"raw\"", &rx.url(), "")
     );
-    let broker = Broker::start(&config);
+    let mut broker = Broker::start(&config);
     let c = reqwest::Client::new();
     let mut sent = Vec::new();
     for i in 0..20 {
@@ -218,6 +218,44 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+
+    // Killed and started again under the same instance_id (static membership), the node
+    // takes its partitions back at once: no wait for the 20 s session timeout of the
+    // members the kill left behind.
+    broker.kill();
+    broker.spawn();
+    let started = tokio::time::Instant::now();
+    // A new client: the old one's pooled connections died with the process.
+    let c = reqwest::Client::new();
+    let (s, j) = post_message(
+        &c,
+        &broker.url,
+        "application/EDIFACT",
+        edifact_message(990, 500),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", broker.log_text()));
+    assert_eq!(s, 202, "{j}");
+    let id = j["id"].as_str().unwrap().to_owned();
+    loop {
+        if rx
+            .received()
+            .iter()
+            .any(|r| r.header("idempotency-key") == Some(id.as_str()))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "not delivered within 12 s of the restart:\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "after a SIGKILL and restart, delivered {} ms after the restart was ready",
+        started.elapsed().as_millis()
+    );
 }
 
 fn decode_base64(s: &str) -> Vec<u8> {

@@ -49,6 +49,8 @@ const REFUSED_PROPERTIES: &[&str] = &[
     "allow.auto.create.topics",
     "message.timeout.ms",
     "delivery.timeout.ms",
+    "group.instance.id",
+    "message.max.bytes",
 ];
 
 /// Whether a librdkafka property carries a secret (and so belongs in `secret_properties`).
@@ -115,6 +117,12 @@ pub struct KafkaConfig {
     /// in the config file.
     #[serde(default)]
     pub secret_properties: BTreeMap<String, String>,
+    /// This node's stable name in its consumer groups (Kafka static membership,
+    /// `group.instance.id`): a node restarted under the same name, also after a crash, takes
+    /// its partitions back at once instead of after `session_timeout`. Give each node its own
+    /// (letters, digits, `-`, `_`, `.`); unset, membership is dynamic.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Largest record ketenbus writes: `http.max_body` plus room for the envelope around it,
     /// set from the rest of the config (not a key of its own). The producer's
     /// `message.max.bytes`, the consumers' fetch sizes and the `max.message.bytes` of topics
@@ -177,6 +185,7 @@ impl KafkaConfig {
             commit_every: default_commit_every(),
             properties: BTreeMap::new(),
             secret_properties: BTreeMap::new(),
+            instance_id: None,
             max_record_bytes: default_max_record_bytes(),
         }
     }
@@ -186,6 +195,14 @@ impl KafkaConfig {
     #[must_use]
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(id) = &self.instance_id
+            && (id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            out.push("instance_id: must be letters, digits, '-', '_' or '.'".to_owned());
+        }
         let servers: Vec<&str> = self.bootstrap_servers.split(',').map(str::trim).collect();
         if servers.iter().any(|s| s.is_empty()) {
             out.push("bootstrap_servers: expected host:port pairs separated by commas".to_owned());
@@ -789,8 +806,13 @@ impl Bus for KafkaBus {
             group: group.to_owned(),
             state: Arc::clone(&state),
         };
+        let mut config = self.consumer_config(group);
+        if let Some(id) = &self.config.instance_id {
+            // Static membership: one member per node and group.
+            config.set("group.instance.id", id);
+        }
         let consumer: StreamConsumer<GroupContext> =
-            StreamConsumer::from_config_and_context(&self.consumer_config(group), context)
+            StreamConsumer::from_config_and_context(&config, context)
                 .map_err(|e| BusError::Fatal(format!("kafka consumer: {e}")))?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
