@@ -384,14 +384,22 @@ fn job_of(held: &Held) -> Result<Job, Undeliverable> {
 }
 
 fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
-    let (sender, receiver) = match payload {
-        Payload::Event(e) => (e.header().sender.as_deref(), e.header().receiver.as_deref()),
-        Payload::Raw(env) => (env.sender.as_deref(), env.receiver.as_deref()),
+    // A raw message is for every receiver its transport names (each mail recipient).
+    let (sender, receivers) = match payload {
+        Payload::Event(e) => (
+            e.header().sender.as_deref(),
+            e.header().receiver.iter().cloned().collect(),
+        ),
+        Payload::Raw(env) => (
+            env.sender.as_deref(),
+            ketenbus_connectors::party::transport_receivers(env),
+        ),
     };
-    let ok = |list: &[String], v: Option<&str>| {
-        list.is_empty() || v.is_some_and(|v| list.iter().any(|x| x == v))
-    };
-    ok(&filter.senders, sender) && ok(&filter.receivers, receiver)
+    let sender_ok =
+        filter.senders.is_empty() || sender.is_some_and(|v| filter.senders.iter().any(|x| x == v));
+    let receiver_ok =
+        filter.receivers.is_empty() || receivers.iter().any(|r| filter.receivers.contains(r));
+    sender_ok && receiver_ok
 }
 
 /// The wait before try number `attempt + 1`: exponential from `initial`, capped at `max`,

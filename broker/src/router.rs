@@ -294,7 +294,7 @@ async fn bounce_dead_letter<B: Bus>(
                     .get(&envelope.format)?
                     .normalize(&envelope)
                     .ok()?;
-                let event = events
+                let event = per_receiver(events, &envelope)
                     .into_iter()
                     .find(|e| e.header().id == report.record_id)?;
                 event_record(event, &envelope, routing).ok()
@@ -327,6 +327,35 @@ async fn bounce_dead_letter<B: Bus>(
         key: delivered.key,
         value: dl.to_avro().expect("dead letters fit their schema"),
     }))
+}
+
+/// One event per receiver for an event that names no receiver of its own (a letter), when
+/// the transport names several (a mail to two recipients): a subscription filtered on any
+/// one of them gets its copy. Pure, numbered over the whole message (`<envelope>.<n>`), so
+/// normalising again (a replay, a bounce) gives the same ids.
+fn per_receiver(events: Vec<Event>, envelope: &RawEnvelope) -> Vec<Event> {
+    let receivers = ketenbus_connectors::party::transport_receivers(envelope);
+    if receivers.len() < 2 || events.iter().all(|e| e.header().receiver.is_some()) {
+        return events;
+    }
+    let mut out = Vec::with_capacity(events.len() * receivers.len());
+    for event in events {
+        if event.header().receiver.is_some() {
+            out.push(event);
+            continue;
+        }
+        for r in &receivers {
+            let mut copy = event.clone();
+            copy.header_mut().receiver = Some(r.clone());
+            out.push(copy);
+        }
+    }
+    for (i, e) in out.iter_mut().enumerate() {
+        let h = e.header_mut();
+        h.index = i32::try_from(i).unwrap_or(i32::MAX);
+        h.id = format!("{}.{i}", envelope.id);
+    }
+    out
 }
 
 /// An event as the router publishes it: patient key and transport parties filled in, on
@@ -446,7 +475,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             format: envelope.format.as_str(),
         }),
     };
-    match result {
+    match result.map(|events| per_receiver(events, envelope)) {
         Ok(events) => {
             // Ask for document bytes only when an event refers to documents.
             let content = match normalizer {
@@ -817,6 +846,55 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         assert!(!key.contains("999911120"));
         assert!(event.header().sender.is_some());
         assert_eq!(routed.steps[0].1.outcome, "normalised");
+    }
+
+    #[test]
+    fn a_letter_to_two_recipients_is_one_event_per_recipient_with_stable_ids() {
+        let mut header =
+            ketenbus_schemas::EventHeader::new(EventKind::Letter, "env-9", 0, "rfc822");
+        header.id = "env-9.0".into();
+        let letter = Event::Letter(ketenbus_schemas::event::LetterEvent {
+            header,
+            patient: None,
+            author: None,
+            author_organization: None,
+            recipient: None,
+            date: None,
+            title: None,
+            text: Some("zie bijlage".into()),
+            attachments: Vec::new(),
+        });
+        let envelope = RawEnvelope {
+            id: "env-9".into(),
+            received_at_ms: 0,
+            connector: "smtp".into(),
+            format: Format::Rfc822,
+            content_type: "message/rfc822".into(),
+            sender: None,
+            receiver: Some("mailbox:500005678".into()),
+            body: Vec::new(),
+            attributes: BTreeMap::from([(
+                "mail.rcpt_to".to_owned(),
+                "500005678@lms.example.test,500009876@lms.example.test".to_owned(),
+            )]),
+        };
+        let out = per_receiver(vec![letter.clone()], &envelope);
+        let got: Vec<(String, Option<String>)> = out
+            .iter()
+            .map(|e| (e.header().id.clone(), e.header().receiver.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("env-9.0".to_owned(), Some("mailbox:500005678".to_owned())),
+                ("env-9.1".to_owned(), Some("mailbox:500009876".to_owned())),
+            ]
+        );
+        assert_eq!(
+            per_receiver(vec![letter], &envelope).len(),
+            2,
+            "normalising again gives the same"
+        );
     }
 
     #[test]

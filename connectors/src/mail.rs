@@ -92,7 +92,10 @@ pub(crate) fn now_ms() -> i64 {
 pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>) -> RawEnvelope {
     let mut attributes = BTreeMap::new();
     attributes.insert("mail.from".to_owned(), mail.from.clone());
-    attributes.insert("mail.rcpt_to".to_owned(), mail.rcpts.join(","));
+    attributes.insert(
+        crate::party::RCPT_ATTRIBUTE.to_owned(),
+        mail.rcpts.join(","),
+    );
     attributes.insert("smtp.helo".to_owned(), mail.helo.clone());
     attributes.insert("smtp.tls".to_owned(), mail.tls.to_string());
     if let Some(u) = &mail.auth_user {

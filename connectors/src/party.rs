@@ -129,6 +129,29 @@ fn fhir_bytes(format: Format, body: &[u8]) -> Declared {
         .unwrap_or_default()
 }
 
+/// Envelope attribute listing every accepted recipient of a mail, comma-separated (SMTP
+/// `RCPT TO`, the `To`/`Cc` of a picked-up mail).
+pub const RCPT_ATTRIBUTE: &str = "mail.rcpt_to";
+
+/// Every receiver the transport names for an envelope, in order, each once: its `receiver`
+/// and the party of every accepted mail recipient. A subscription filtered on any one of them
+/// gets the message.
+#[must_use]
+pub fn transport_receivers(envelope: &ketenbus_schemas::RawEnvelope) -> Vec<String> {
+    let mut out: Vec<String> = envelope.receiver.iter().cloned().collect();
+    let listed = envelope
+        .attributes
+        .get(RCPT_ATTRIBUTE)
+        .map(String::as_str)
+        .unwrap_or_default();
+    for party in listed.split(',').filter_map(crate::mail::party_of) {
+        if !out.contains(&party) {
+            out.push(party);
+        }
+    }
+    out
+}
+
 /// What a message in `format` declares.
 #[must_use]
 pub fn declared(format: Format, body: &[u8]) -> Declared {

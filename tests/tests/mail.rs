@@ -661,6 +661,82 @@ async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscriptions() {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let certs = certs(tmp.path());
+    let (a_letters, b_letters, b_raw) = (
+        Receiver::start(OK).await,
+        Receiver::start(OK).await,
+        Receiver::start(OK).await,
+    );
+    let port = free_port();
+    let filtered = |name: &str, kinds: &str, receiver: &str, url: &str| {
+        format!(
+            "[[subscriptions]]\nname = \"{name}\"\nkinds = [{kinds}]\nfilter = {{ receivers = [\"{receiver}\"] }}\n\
+             sink = {{ type = \"webhook\", url = \"{url}\" }}\n"
+        )
+    };
+    let broker = Broker::start(&format!(
+        "{}{}{}{}",
+        smtp_config(port, &certs, ""),
+        filtered(
+            "a-letters",
+            "\"letter\"",
+            "mailbox:500005678",
+            &a_letters.url()
+        ),
+        filtered(
+            "b-letters",
+            "\"letter\"",
+            "mailbox:500009876",
+            &b_letters.url()
+        ),
+        filtered("b-raw", "\"raw\"", "mailbox:500009876", &b_raw.url()),
+    ));
+    let postfix = Postfix::start(port, &certs);
+    let server = format!("127.0.0.1:{}", postfix.port);
+    let letter = fixture("letter-pdf.eml");
+    let (ok, out) = swaks(&[
+        "--server",
+        &server,
+        "--from",
+        "specialist@ziekenhuis.example.test",
+        "--to",
+        "500005678@lms.example.test,500009876@lms.example.test",
+        "--data",
+        letter.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    for (rx, what) in [
+        (&a_letters, "a-letters"),
+        (&b_letters, "b-letters"),
+        (&b_raw, "b-raw"),
+    ] {
+        let got = rx.wait_for(1, Duration::from_secs(30)).await;
+        assert_eq!(
+            got.len(),
+            1,
+            "{what}\npostfix log:\n{}\nbroker log:\n{}",
+            postfix.log(),
+            broker.log_text()
+        );
+    }
+    let event = |rx: &Receiver| -> serde_json::Value {
+        serde_json::from_slice(&rx.received()[0].body).unwrap()
+    };
+    assert_eq!(event(&a_letters)["header"]["receiver"], "mailbox:500005678");
+    assert_eq!(event(&b_letters)["header"]["receiver"], "mailbox:500009876");
+    // One message, one copy of the letter per recipient.
+    assert_eq!(
+        b_raw.received()[0].header("ketenbus-envelope-id"),
+        a_letters.received()[0].header("ketenbus-envelope-id")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a_letters.received().len() + b_letters.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() {
     ensure_tools();
     let tmp = open_tempdir();

@@ -647,12 +647,20 @@ impl ImapPickup {
             .and_then(|a| a.first())
             .and_then(|a| a.address())
             .map(str::to_owned);
-        let to = headers
+        // Every `To` and `Cc` address is a recipient (unless the pickup names its receiver).
+        let recipients: Vec<String> = headers
             .as_ref()
-            .and_then(|m| m.to())
-            .and_then(|a| a.first())
-            .and_then(|a| a.address())
-            .map(str::to_owned);
+            .map(|m| {
+                [m.to(), m.cc()]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|a| a.iter())
+                    .filter_map(|a| a.address())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let to = recipients.first().cloned();
         let mut attributes = BTreeMap::new();
         attributes.insert("imap.pickup".to_owned(), self.cfg.name.clone());
         attributes.insert("imap.mailbox".to_owned(), self.cfg.mailbox.clone());
@@ -660,6 +668,12 @@ impl ImapPickup {
         attributes.insert("imap.uid".to_owned(), uid.to_string());
         if !message_id.is_empty() {
             attributes.insert("mail.message_id".to_owned(), message_id.to_owned());
+        }
+        if self.cfg.receiver.is_none() && !recipients.is_empty() {
+            attributes.insert(
+                crate::party::RCPT_ATTRIBUTE.to_owned(),
+                recipients.join(","),
+            );
         }
         RawEnvelope {
             id: uuid::Uuid::now_v7().to_string(),
