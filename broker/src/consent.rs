@@ -285,29 +285,57 @@ pub enum Verdict {
 }
 
 impl ConsentCheck {
-    /// Decide for `payload`.
+    /// Decide for `payload`. An event concerns its own patient; a raw message every patient
+    /// it declares (`raw_patients`, found by the router's normalisers): it is delivered only
+    /// when each of them allows it (or, with nothing recorded, the default does).
     ///
     /// # Errors
     /// When the registry cannot answer now (retry later).
-    pub async fn verdict(&self, payload: &Payload) -> Result<Verdict, ConsentError> {
-        let (patient, receiver) = match payload {
-            Payload::Event(e) => (e.header().patient_key.clone(), e.header().receiver.clone()),
-            Payload::Raw(env) => (None, env.receiver.clone()),
+    pub async fn verdict(
+        &self,
+        payload: &Payload,
+        raw_patients: &[String],
+    ) -> Result<Verdict, ConsentError> {
+        let (patients, receiver): (Vec<&str>, Option<String>) = match payload {
+            Payload::Event(e) => (
+                e.header().patient_key.as_deref().into_iter().collect(),
+                e.header().receiver.clone(),
+            ),
+            Payload::Raw(env) => (
+                raw_patients.iter().map(String::as_str).collect(),
+                env.receiver.clone(),
+            ),
         };
         let p = &self.policy;
         let party = p.party.clone().or(receiver);
-        let answer = match (&patient, &party) {
-            (Some(patient), Some(party)) => {
-                self.registry
+        // The strictest answer of all the patients: one refusal withholds the message.
+        let mut answer = if patients.is_empty() {
+            Answer::Unknown
+        } else {
+            Answer::Allowed
+        };
+        if let Some(party) = &party {
+            for patient in patients {
+                match self
+                    .registry
                     .lookup(ConsentQuery {
                         patient,
                         party,
                         purpose: &p.purpose,
                     })
                     .await?
+                {
+                    Answer::Denied => {
+                        answer = Answer::Denied;
+                        break;
+                    }
+                    Answer::Unknown => answer = Answer::Unknown,
+                    Answer::Allowed => {}
+                }
             }
-            _ => Answer::Unknown,
-        };
+        } else {
+            answer = Answer::Unknown;
+        }
         let party = party.as_deref().unwrap_or("a record without receiver");
         Ok(match (answer, p.default) {
             (Answer::Allowed, _) | (Answer::Unknown, DefaultDecision::Allow) => Verdict::Deliver,
@@ -432,15 +460,15 @@ mod tests {
             )))
         };
         assert_eq!(
-            check.verdict(&to(Some("agb:1"))).await.unwrap(),
+            check.verdict(&to(Some("agb:1")), &[]).await.unwrap(),
             Verdict::Deliver
         );
         assert!(matches!(
-            check.verdict(&to(Some("agb:2"))).await.unwrap(),
+            check.verdict(&to(Some("agb:2")), &[]).await.unwrap(),
             Verdict::Withhold(why) if why.contains("agb:2")
         ));
         assert!(matches!(
-            check.verdict(&to(None)).await.unwrap(),
+            check.verdict(&to(None), &[]).await.unwrap(),
             Verdict::Withhold(why) if why.contains("without receiver")
         ));
     }

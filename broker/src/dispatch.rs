@@ -215,6 +215,21 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    /// The patients (and receiver) a raw message declares, read once for its consent check
+    /// and its audit records; nothing for an event or without a reader.
+    async fn raw_declared(&self, payload: &Payload) -> crate::keys::Declared {
+        match (payload, &self.raw_patients) {
+            (Payload::Raw(env), Some(raw)) if self.consent.is_some() || self.audit.is_some() => {
+                // Normalising is parsing: off the async workers.
+                let (raw, env) = (Arc::clone(raw), Arc::clone(env));
+                tokio::task::spawn_blocking(move || raw.declared(&env))
+                    .await
+                    .unwrap_or_default()
+            }
+            _ => crate::keys::Declared::default(),
+        }
+    }
+
     /// The audit records of one delivery (or withheld delivery): one per patient the record
     /// concerns (a raw message may declare several), none without an audit trail.
     async fn audit_entries(
@@ -222,6 +237,7 @@ impl Hooks {
         subscription: &str,
         action: &str,
         job: &Job,
+        raw: &crate::keys::Declared,
     ) -> Vec<crate::audit::Entry> {
         if self.audit.is_none() {
             return Vec::new();
@@ -232,23 +248,11 @@ impl Hooks {
                 Some(job.record_id.clone()),
                 e.header().receiver.clone(),
             ),
-            Payload::Raw(env) => {
-                let declared = match &self.raw_patients {
-                    // Normalising is parsing: off the async workers.
-                    Some(raw) => {
-                        let (raw, env) = (Arc::clone(raw), Arc::clone(env));
-                        tokio::task::spawn_blocking(move || raw.declared(&env))
-                            .await
-                            .unwrap_or_default()
-                    }
-                    None => crate::keys::Declared::default(),
-                };
-                (
-                    declared.patients,
-                    None,
-                    env.receiver.clone().or(declared.receiver),
-                )
-            }
+            Payload::Raw(env) => (
+                raw.patients.clone(),
+                None,
+                env.receiver.clone().or(raw.receiver.clone()),
+            ),
         };
         let party = self
             .consent
@@ -1084,15 +1088,16 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
             }
             continue;
         }
+        let raw = hooks.raw_declared(&job.payload).await;
         if let Some(consent) = &hooks.consent {
             let Some(verdict) =
-                consent_verdict(consent, &job.payload, &subscription, &cancel).await
+                consent_verdict(consent, &job.payload, &raw.patients, &subscription, &cancel).await
             else {
                 return; // cancelled: not acked, checked again after restart
             };
             if let crate::consent::Verdict::Withhold(detail) = verdict {
                 let audit = hooks
-                    .audit_entries(&subscription, "delivery_withheld", &job)
+                    .audit_entries(&subscription, "delivery_withheld", &job, &raw)
                     .await;
                 let d = Done {
                     token: job.token,
@@ -1115,7 +1120,9 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 continue;
             }
         }
-        let audit = hooks.audit_entries(&subscription, "delivery", &job).await;
+        let audit = hooks
+            .audit_entries(&subscription, "delivery", &job, &raw)
+            .await;
         let attempt_started = now_ms();
         let prior = job.prior;
         let delivery = Delivery {
@@ -1231,11 +1238,12 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
 async fn consent_verdict(
     consent: &crate::consent::ConsentCheck,
     payload: &Payload,
+    raw_patients: &[String],
     subscription: &str,
     cancel: &CancellationToken,
 ) -> Option<crate::consent::Verdict> {
     loop {
-        match consent.verdict(payload).await {
+        match consent.verdict(payload, raw_patients).await {
             Ok(v) => return Some(v),
             Err(e) => {
                 tracing::warn!(subscription = %subscription, error = %e, "waiting for the consent registry");

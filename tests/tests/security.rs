@@ -659,9 +659,17 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
         ),
     )
     .unwrap();
+    // The raw messages too, with default allow: only the patient who said no is withheld.
+    let raw_rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
     let sub = format!(
-        "{}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"deny\" }}\n",
-        ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), "")
+        "{}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"deny\" }}\n\
+         {}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"allow\" }}\n",
+        ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), ""),
+        ketenbus_tests::webhook_subscription("archive", "\"raw\"", &raw_rx.url(), "")
     );
     let extra = format!(
         "[keys]\npatient_key_secret_env = \"TEST_PATIENT_KEY\"\n[consent]\nfile = {consent:?}\n{sub}{}",
@@ -714,6 +722,25 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
         detail.contains("agb:01234567") && !detail.contains(&a),
         "{detail}"
     );
+    // A raw message is held to the consent of the patient it declares.
+    let got = raw_rx.wait_for(2, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut envelopes: Vec<&str> = raw_rx
+        .received()
+        .iter()
+        .filter_map(|r| r.header("ketenbus-envelope-id").map(str::to_owned))
+        .map(|e| {
+            if e == ids[1] {
+                "b"
+            } else if e == ids[2] {
+                "c"
+            } else {
+                "a"
+            }
+        })
+        .collect();
+    envelopes.sort_unstable();
+    assert_eq!(envelopes, ["b", "c"], "{} raw deliveries", got.len());
 }
 
 fn audit_cli(broker: &ketenbus_tests::Broker, args: &[&str]) -> (bool, String, String) {
