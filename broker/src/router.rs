@@ -254,7 +254,7 @@ async fn keep_content(
 /// warning) when the subscription is no mail subscription here or the envelope is gone.
 async fn bounce_dead_letter<B: Bus>(
     bus: &B,
-    routing: &Routing,
+    routing: &Arc<Routing>,
     lineage: &Lineage,
     report: &LineageReport,
     at: i64,
@@ -286,19 +286,26 @@ async fn bounce_dead_letter<B: Bus>(
             value: raw.value.clone(),
         })
     } else {
-        RawEnvelope::from_avro(&raw.value)
-            .ok()
-            .and_then(|envelope| {
-                let events = routing
-                    .normalizers
-                    .get(&envelope.format)?
-                    .normalize(&envelope)
-                    .ok()?;
-                let event = per_receiver(events, &envelope)
-                    .into_iter()
-                    .find(|e| e.header().id == report.record_id)?;
-                event_record(event, &envelope, routing).ok()
-            })
+        // Normalising again is parsing: off the async workers.
+        let (routing, value, record_id) = (
+            Arc::clone(routing),
+            raw.value.clone(),
+            report.record_id.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let envelope = RawEnvelope::from_avro(&value).ok()?;
+            let events = routing
+                .normalizers
+                .get(&envelope.format)?
+                .normalize(&envelope)
+                .ok()?;
+            let event = per_receiver(events, &envelope)
+                .into_iter()
+                .find(|e| e.header().id == record_id)?;
+            event_record(event, &envelope, &routing).ok()
+        })
+        .await
+        .map_err(|e| BusError::Fatal(format!("router task: {e}")))?
     };
     let Some(delivered) = delivered else {
         tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's record cannot be made again; recorded in the lineage only");
@@ -668,6 +675,7 @@ mod tests {
         let lineage = Lineage::open(dir.path()).unwrap();
         let mut r = routing(normalizers(), &[]);
         r.reports.subscriptions.push("gp-by-mail".into());
+        let r = Arc::new(r);
 
         // A PDF letter came in and was routed: its event refers to the PDF by hash, and
         // the router is handed the PDF's bytes to keep.
@@ -767,7 +775,7 @@ mod tests {
         );
 
         // A bounce for a subscription not configured here is only recorded.
-        r.reports.subscriptions.clear();
+        let r = Arc::new(routing(normalizers(), &[]));
         assert!(
             bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 8)
                 .await
