@@ -1,5 +1,6 @@
 //! The HTTP side of the ingest memory budget ([`ketenbus_connectors::budget`]), as one layer
-//! around the whole app (put on where the app is assembled, outside authentication):
+//! around the whole app (put on where the app is assembled, inside authentication, which reads
+//! headers only: a client without credentials hears 401 before a byte of its body is held):
 //!
 //! - request bodies are read here, frame by frame, and every byte is reserved against the
 //!   budget as it arrives (chunked bodies have no `Content-Length` to trust); past the

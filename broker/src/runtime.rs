@@ -309,10 +309,12 @@ pub async fn run<B: Bus>(
     let max_body = usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX);
     let serve = crate::tls::serve(
         listener,
-        crate::http_budget::protect(
-            crate::auth::protect(api::router(state), auth, audit),
-            budget,
-            max_body,
+        // Authentication reads headers only; the budget holds bodies of those let in, so a
+        // client without credentials cannot fill it.
+        crate::auth::protect(
+            crate::http_budget::protect(api::router(state), budget, max_body),
+            auth,
+            audit,
         ),
         tls,
         cfg.http.limits.clone(),

@@ -625,8 +625,19 @@ async fn lineage_until(
 }
 
 fn delivery_outcome(l: &serde_json::Value) -> Option<(String, Option<String>)> {
+    delivery_outcome_of(l, None)
+}
+
+/// The last final delivery outcome in a lineage, of one subscription when named.
+fn delivery_outcome_of(
+    l: &serde_json::Value,
+    subscription: Option<&str>,
+) -> Option<(String, Option<String>)> {
     l["steps"].as_array()?.iter().rev().find_map(|s| {
-        (s["stage"] == "delivery" && s["outcome"] != "retrying").then(|| {
+        (s["stage"] == "delivery"
+            && s["outcome"] != "retrying"
+            && subscription.is_none_or(|n| s["subscription"] == n))
+        .then(|| {
             (
                 s["outcome"].as_str().unwrap_or("").to_owned(),
                 s["reason"].as_str().map(str::to_owned),
@@ -690,7 +701,7 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
         assert_eq!(s, 202, "{j}");
         ids.push(j["id"].as_str().unwrap().to_owned());
     }
-    let outcome = |l: &serde_json::Value| delivery_outcome(l);
+    let outcome = |l: &serde_json::Value| delivery_outcome_of(l, Some("gp"));
     let la = lineage_until(&c, &broker.url, &ids[0], |l| outcome(l).is_some()).await;
     assert_eq!(
         outcome(&la),
