@@ -258,6 +258,52 @@ async fn past_the_memory_budget_posts_hear_503_none_is_lost_and_memory_stays_bou
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_credentials_cannot_fill_the_memory_budget() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    const CLIENTS: usize = 16;
+    const TOKEN: &str = "kb_budget_test_sender_token_0123456789";
+    let hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(TOKEN.as_bytes()))
+    };
+    let broker = Broker::start(&format!(
+        "max_body = \"2 MiB\"\n[limits]\ningest_memory = \"8 MiB\"\n\
+         [[senders]]\nname = \"lab\"\ntoken_sha256 = \"{hash}\"\nparty_ids = [\"mailbox:500001234\"]\n"
+    ));
+    let addr = broker.url.trim_start_matches("http://").to_owned();
+    // Sixteen clients without a token each send half of a 2 MiB body (16 MiB, twice the
+    // budget) and hold on; meanwhile the lab posts with its token.
+    let halfway = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+    let mut strangers = tokio::task::JoinSet::new();
+    for n in 0..CLIENTS {
+        strangers.spawn(post_chunked(
+            addr.clone(),
+            edifact_message(n, 2 * MIB - 1024),
+            std::sync::Arc::clone(&halfway),
+        ));
+    }
+    halfway.wait().await;
+    let lab = reqwest::Client::new()
+        .post(format!("{}/api/v1/messages", broker.url))
+        .header("content-type", "application/EDIFACT")
+        .bearer_auth(TOKEN)
+        .body(edifact_message(99, MIB))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        lab.status().as_u16(),
+        202,
+        "the lab is not kept out by strangers: {}",
+        broker.log_text()
+    );
+    while let Some(a) = strangers.join_next().await {
+        let (status, _) = a.unwrap();
+        assert!([0, 401].contains(&status), "a stranger heard {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbox_file_past_max_size_goes_to_failed_with_its_reason() {
     let inbox = tempfile::tempdir().unwrap();
     let broker = Broker::start(&format!(
