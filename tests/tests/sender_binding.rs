@@ -526,3 +526,85 @@ async fn the_envelope_names_the_parties_the_message_declares() {
     assert_eq!(l["sender"], "mailbox:500001234", "{l}");
     assert_eq!(l["receiver"], "mailbox:500005678", "{l}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_reference_to_a_document_of_another_message_is_refused_on_every_route() {
+    // The ambulance's own referral, but its ECG points into ketenbus's content store (the
+    // hash of a document someone else sent) instead of carrying the document.
+    let mut pointer = az();
+    let attachment = &mut pointer["entry"][8]["resource"]["content"][0]["attachment"];
+    attachment.as_object_mut().unwrap().remove("data");
+    attachment["url"] = json!(format!("urn:ketenbus:content:sha256:{}", "ab".repeat(32)));
+    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::ZERO,
+    })
+    .await;
+    let mut setup = start();
+    setup.broker.kill();
+    std::fs::write(
+        &setup.broker.config,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&setup.broker.config).unwrap(),
+            ketenbus_tests::webhook_subscription("hap", "\"acute_handover\"", &rx.url(), "")
+        ),
+    )
+    .unwrap();
+    setup.broker.spawn();
+    let c = reqwest::Client::new();
+    let mut stored = Vec::new();
+    for (route, types) in ROUTES {
+        let Route::Http(path) = route else { continue };
+        for (media, kind) in *types {
+            let format = match kind {
+                Kind::FhirJson => Format::FhirJson,
+                Kind::FhirXml => Format::FhirXml,
+                _ => continue,
+            };
+            let body = fhir_bytes(&pointer, format);
+            let a = post(&c, &setup.broker.url, path, media, HUB_TOKEN, &body).await;
+            if path.starts_with("/fhir") {
+                // The FHIR endpoints map before they answer: 422 with the element path.
+                assert_eq!(a.status, "422", "{path} {media}: {}", a.text);
+                assert!(
+                    a.text.contains(".attachment.url"),
+                    "{path} {media}: {}",
+                    a.text
+                );
+            } else {
+                // The API stores first; the router refuses it with the path.
+                assert_eq!(a.status, "202", "{path} {media}: {}", a.text);
+                let j: Value = serde_json::from_str(&a.text).unwrap();
+                stored.push(j["id"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    for id in &stored {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let l = ketenbus_tests::lineage(&c, &setup.broker.url, id)
+                .await
+                .unwrap();
+            let steps = l["steps"].as_array().cloned().unwrap_or_default();
+            if let Some(s) = steps.iter().find(|s| s["outcome"] == "rejected") {
+                assert_eq!(s["reason"], "invalid_element", "{l}");
+                assert!(
+                    s["detail"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains(".attachment.url"),
+                    "{l}"
+                );
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "not refused: {l}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        rx.received().is_empty(),
+        "a handover with a borrowed document went out"
+    );
+}
