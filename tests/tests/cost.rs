@@ -230,11 +230,13 @@ async fn past_the_memory_budget_posts_hear_503_none_is_lost_and_memory_stays_bou
         let l = lineage(&client, &broker.url, id).await.unwrap();
         assert_eq!(l["connector"], "http", "{id}: {l}");
     }
-    // Bounded memory: what all those clients sent at once (64 MiB) was never all held. Each
-    // held body is copied a few times on its way to the log (envelope, Avro), and the
-    // router's work on an accepted message comes on top.
+    // A guard against gross growth, not a measure of the budget: the peak is mostly the
+    // transient work on the few accepted messages (envelope, Avro, the router's parse) and
+    // the allocator's arenas, measured between 110 and 169 MiB in a debug build; an
+    // effectively unlimited budget measured 154 MiB with these 32 clients. What the budget
+    // itself holds is counted byte by byte (connectors/src/budget.rs).
     let peak = vm_hwm(pid);
-    let bound = baseline + 8 * BUDGET as u64 + 64 * MIB as u64;
+    let bound = baseline + 8 * BUDGET as u64 + 192 * MIB as u64;
     eprintln!(
         "VmHWM {} MiB at start, {} MiB after, bound {} MiB",
         baseline / MIB as u64,
