@@ -345,6 +345,18 @@ impl Receiver {
         Receiver { addr, state }
     }
 
+    /// Start a receiver that answers 200 at once.
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub async fn ok() -> Receiver {
+        Receiver::start(Behaviour {
+            status: 200,
+            delay: Duration::ZERO,
+        })
+        .await
+    }
+
     /// Its URL.
     #[must_use]
     pub fn url(&self) -> String {

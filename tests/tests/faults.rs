@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ketenbus_tests::{Behaviour, Broker, Receiver, post_message, webhook_subscription};
+use ketenbus_tests::{Broker, Receiver, post_message, webhook_subscription};
 
 /// A MEDLAB interchange with one lab result of a synthetic patient.
 fn medlab(n: usize) -> Vec<u8> {
@@ -28,11 +28,7 @@ UNZ+1+IC{n:04}'"
 /// Start a broker with `fault`, post until the fault stops it, check how it stopped, restart
 /// it without the fault and check that every accepted message reached the subscriber.
 async fn a_dead_task_stops_the_broker_and_nothing_is_lost(fault: &str, task: &str) {
-    let rx = Receiver::start(Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::ok().await;
     let sub = webhook_subscription("gp", "\"raw\", \"lab_result\"", &rx.url(), "");
     let mut broker = Broker::start_with_env(
         &format!("{sub}concurrency = 4\n"),

@@ -18,11 +18,7 @@ async fn an_ambulance_referral_reaches_webhook_and_fhir_subscribers_within_a_sec
         delay: Duration::ZERO,
     })
     .await;
-    let hap = Receiver::start(Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let hap = Receiver::ok().await;
     let subs = format!(
         "{}\n[[subscriptions]]\nname = \"hap\"\nkinds = [\"acute_handover\"]\n\
          sink = {{ type = \"fhir\", base_url = \"http://{}/fhir\", style = \"message\" }}\n",

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, webhook_subscription};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, webhook_subscription};
 
 const AZ: &str = include_str!(
     "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
@@ -36,11 +36,7 @@ async fn post(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_sent_again_with_its_idempotency_key_is_one_message() {
-    let rx = Receiver::start(Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::ok().await;
     let mut broker = Broker::start(&webhook_subscription("gp", "\"raw\"", &rx.url(), ""));
     let c = reqwest::Client::new();
     let api = format!("{}/api/v1/messages", broker.url);

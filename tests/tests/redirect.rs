@@ -10,7 +10,7 @@ use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, lineage, post_message};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage, post_message};
 
 /// A receiver that answers every POST with `status` and `Location: to`, counting them.
 struct Redirector {
@@ -48,11 +48,7 @@ impl Redirector {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirecting_receiver_gets_a_dead_letter_and_the_target_gets_nothing() {
     // The address a redirect points at: it would answer 200 to anything.
-    let target = Receiver::start(Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let target = Receiver::ok().await;
     let r307 = Redirector::start(307, &target.url()).await;
     let r308 = Redirector::start(308, &target.url()).await;
     let fhir307 = Redirector::start(307, &target.url()).await;

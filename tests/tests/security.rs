@@ -505,11 +505,7 @@ MIME-Version: 1.0\r\nContent-Type: application/EDIFACT\r\n\r\n"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_never_sees_an_event_outside_its_filter() {
-    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = ketenbus_tests::Receiver::ok().await;
     let sub = format!(
         "{}filter = {{ senders = [\"mailbox:500001234\"] }}\n",
         ketenbus_tests::webhook_subscription("lab-only", "\"raw\", \"lab_result\"", &rx.url(), "")
@@ -653,11 +649,7 @@ const BSN_C: &str = "999990020";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
-    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = ketenbus_tests::Receiver::ok().await;
     let keys = tempfile::tempdir().unwrap();
     let (a, b) = (pseudonym(keys.path(), BSN_A), pseudonym(keys.path(), BSN_B));
     assert_ne!(a, b);
@@ -671,11 +663,7 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
     )
     .unwrap();
     // The raw messages too, with default allow: only the patient who said no is withheld.
-    let raw_rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let raw_rx = ketenbus_tests::Receiver::ok().await;
     let sub = format!(
         "{}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"deny\" }}\n\
          {}consent = {{ party = \"agb:01234567\", purpose = \"treatment\", default = \"allow\" }}\n",
@@ -772,11 +760,7 @@ fn audit_cli(broker: &ketenbus_tests::Broker, args: &[&str]) -> (bool, String, S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
-    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = ketenbus_tests::Receiver::ok().await;
     let sub = ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), "");
     let mut broker = ketenbus_tests::Broker::start(&format!("{sub}{}", principals()));
     let c = reqwest::Client::new();
@@ -916,11 +900,7 @@ fn remove_and_rechain_plainly(text: &str, remove: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
-    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = ketenbus_tests::Receiver::ok().await;
     let keys = tempfile::tempdir().unwrap();
     let consent = keys.path().join("consent.csv");
     std::fs::write(&consent, "patient,party,purpose,decision\n").unwrap();

@@ -498,11 +498,7 @@ async fn every_media_type_a_route_takes_has_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_envelope_names_the_parties_the_message_declares() {
     // Raw subscribers filtered on a receiver get an EDIFACT interchange posted over HTTP.
-    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = ketenbus_tests::Receiver::ok().await;
     let extra = format!(
         "[[subscriptions]]\nname = \"gp-raw\"\nkinds = [\"raw\"]\nfilter = {{ receivers = [\"mailbox:500005678\"] }}\n\
          sink = {{ type = \"webhook\", url = \"{}\" }}\n",
@@ -535,11 +531,7 @@ async fn a_content_reference_to_a_document_of_another_message_is_refused_on_ever
     let attachment = &mut pointer["entry"][8]["resource"]["content"][0]["attachment"];
     attachment.as_object_mut().unwrap().remove("data");
     attachment["url"] = json!(format!("urn:ketenbus:content:sha256:{}", "ab".repeat(32)));
-    let rx = ketenbus_tests::Receiver::start(ketenbus_tests::Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = ketenbus_tests::Receiver::ok().await;
     let mut setup = start();
     setup.broker.kill();
     std::fs::write(
