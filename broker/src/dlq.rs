@@ -75,16 +75,25 @@ async fn select<B: Bus>(
     Ok(out)
 }
 
-/// Replay matching dead letters of `subscription` to it; returns how many.
+/// Replay matching dead letters of `subscription` to it; returns how many. With `audit`, an
+/// audit record per dead letter (action `dlq_replay`) is on disk first.
 ///
 /// # Errors
-/// When the log cannot be read or written.
+/// When the log cannot be read or written, or the audit record cannot be written (then
+/// nothing is replayed).
 pub async fn replay<B: Bus>(
     bus: &B,
     subscription: &str,
     sel: &Selection,
-) -> Result<usize, BusError> {
+    audit: Option<&Audit>,
+    actor: &str,
+) -> Result<usize, PurgeError> {
     let letters = list(bus, subscription, sel).await?;
+    if let Some(audit) = audit {
+        audit
+            .append(audit_entries("dlq_replay", actor, letters.iter()))
+            .await?;
+    }
     let records: Vec<OutRecord> = letters
         .iter()
         .map(|dl| OutRecord {
@@ -98,7 +107,31 @@ pub async fn replay<B: Bus>(
     Ok(n)
 }
 
-/// Why a purge stopped.
+/// One audit record per dead letter an operator worked on: the operator as actor, the record
+/// and message ids, the patient pseudonym for events (their key).
+pub fn audit_entries<'a>(
+    action: &str,
+    actor: &str,
+    letters: impl Iterator<Item = &'a DeadLetter>,
+) -> Vec<Entry> {
+    letters
+        .map(|dl| Entry {
+            action: action.to_owned(),
+            actor: actor.to_owned(),
+            party: None,
+            patient: dl
+                .source_topic
+                .starts_with("ketenbus.events.")
+                .then(|| String::from_utf8(dl.key.clone()).ok())
+                .flatten(),
+            event_id: Some(dl.record_id.clone()),
+            envelope_id: Some(dl.envelope_id.clone()),
+            purpose: None,
+        })
+        .collect()
+}
+
+/// Why a replay or a purge stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum PurgeError {
     /// The log could not be read or the records not removed.
@@ -141,23 +174,13 @@ pub async fn purge<B: Bus>(
         });
     }
     if let Some(audit) = audit {
-        let entries = letters
-            .iter()
-            .map(|(dl, _)| Entry {
-                action: "dlq_purge".into(),
-                actor: actor.to_owned(),
-                party: None,
-                patient: dl
-                    .source_topic
-                    .starts_with("ketenbus.events.")
-                    .then(|| String::from_utf8(dl.key.clone()).ok())
-                    .flatten(),
-                event_id: Some(dl.record_id.clone()),
-                envelope_id: Some(dl.envelope_id.clone()),
-                purpose: None,
-            })
-            .collect();
-        audit.append(entries).await?;
+        audit
+            .append(audit_entries(
+                "dlq_purge",
+                actor,
+                letters.iter().map(|(dl, _)| dl),
+            ))
+            .await?;
     }
     let positions: Vec<(u32, i64)> = letters.iter().map(|(_, p)| *p).collect();
     let removed = bus.remove(&topic_of(stage), &positions).await?;

@@ -160,6 +160,22 @@ fn audit_key(settings: &Settings) -> anyhow::Result<ketenbus::audit::AuditKey> {
         .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))
 }
 
+/// The operator running a `dlq` command (checked against the configured operators) as the
+/// audit trail names it, and the trail its records go to (none when the audit is off).
+fn operator_audit(settings: &Settings) -> anyhow::Result<(Option<ketenbus::audit::Audit>, String)> {
+    let operator = operator(settings)?;
+    let audit = if settings.config.audit.enabled {
+        Some(
+            ketenbus::audit::Audit::open(&settings.config.data_dir, audit_key(settings)?)
+                .context("opening the audit trail")?,
+        )
+    } else {
+        None
+    };
+    let actor = operator.map_or_else(|| "anonymous".to_owned(), |o| format!("operator:{o}"));
+    Ok((audit, actor))
+}
+
 /// Which dead letters a `dlq` command works on.
 #[derive(clap::Args)]
 struct DlqSelection {
@@ -298,6 +314,8 @@ trait DlqOps {
         &'a self,
         subscription: &'a str,
         sel: &'a Selection,
+        audit: Option<&'a ketenbus::audit::Audit>,
+        actor: &'a str,
     ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>>;
     fn purge<'a>(
         &'a self,
@@ -321,8 +339,10 @@ impl<B: Bus> DlqOps for B {
         &'a self,
         subscription: &'a str,
         sel: &'a Selection,
+        audit: Option<&'a ketenbus::audit::Audit>,
+        actor: &'a str,
     ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>> {
-        Box::pin(async move { Ok(dlq::replay(self, subscription, sel).await?) })
+        Box::pin(async move { Ok(dlq::replay(self, subscription, sel, audit, actor).await?) })
     }
     fn purge<'a>(
         &'a self,
@@ -515,9 +535,16 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             command: DlqCommand::List(selection),
         } => {
             let (settings, subscription, sel) = selection.resolve()?;
-            let _operator = operator(&settings)?;
+            let (audit, actor) = operator_audit(&settings)?;
             let letters =
                 with_bus(&settings, async |bus| bus.list(&subscription, &sel).await).await?;
+            // No read without its audit record.
+            if let Some(audit) = &audit {
+                audit
+                    .append(dlq::audit_entries("dlq_list", &actor, letters.iter()))
+                    .await
+                    .context("writing the audit trail")?;
+            }
             for dl in &letters {
                 let line = serde_json::json!({
                     "id": dl.id, "stage": dl.stage, "record_id": dl.record_id, "envelope_id": dl.envelope_id,
@@ -533,7 +560,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             command: DlqCommand::Replay { selection, all },
         } => {
             let (settings, subscription, sel) = selection.resolve()?;
-            let _operator = operator(&settings)?;
+            let (audit, actor) = operator_audit(&settings)?;
             if subscription == "router" {
                 anyhow::bail!(
                     "router dead letters cannot be replayed to a subscription; resend the message instead"
@@ -549,7 +576,11 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             if sel.ids.is_empty() && sel.since_ms.is_none() && !all {
                 anyhow::bail!("say which dead letters: --id, --since, or --all");
             }
-            let n = with_bus(&settings, async |bus| bus.replay(&subscription, &sel).await).await?;
+            let n = with_bus(&settings, async |bus| {
+                bus.replay(&subscription, &sel, audit.as_ref(), &actor)
+                    .await
+            })
+            .await?;
             eprintln!("replayed {n} dead letter(s) to subscription {subscription}");
             Ok(ExitCode::SUCCESS)
         }
@@ -563,23 +594,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (settings, stage, mut sel) = selection.resolve()?;
             sel.before_ms = parse_since(before.as_deref())?;
-            let operator = operator(&settings)?;
             if stage != "router" && !settings.subscriptions.iter().any(|s| s.name == stage) {
                 anyhow::bail!("no subscription named {stage:?} in the configuration");
             }
             if sel.ids.is_empty() && sel.before_ms.is_none() && !all {
                 anyhow::bail!("say which dead letters: --id, --before, or --all");
             }
-            let audit = if settings.config.audit.enabled {
-                Some(
-                    ketenbus::audit::Audit::open(&settings.config.data_dir, audit_key(&settings)?)
-                        .context("opening the audit trail")?,
-                )
-            } else {
-                None
-            };
-            let actor =
-                operator.map_or_else(|| "anonymous".to_owned(), |o| format!("operator:{o}"));
+            let (audit, actor) = operator_audit(&settings)?;
             let purged = with_bus(&settings, async |bus| {
                 bus.purge(&stage, &sel, audit.as_ref(), &actor).await
             })

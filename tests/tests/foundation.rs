@@ -377,6 +377,21 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
             .any(|d| d["subscription"] == "picky" && d["outcome"] == "delivered")
     })
     .await;
+    // Listing and replaying dead letters are in the audit trail, by whom and which.
+    let (ok, stdout, stderr) = broker.cli(&["audit", "export", "--since", "2000-01-01T00:00:00Z"]);
+    assert!(ok, "{stderr}");
+    let records: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for action in ["dlq_list", "dlq_replay"] {
+        assert!(
+            records.iter().any(|r| r["action"] == action
+                && r["envelope_id"] == id.as_str()
+                && r["actor"] == "anonymous"),
+            "no {action} record for {id}:\n{stdout}"
+        );
+    }
 }
 
 #[tokio::test]
