@@ -12,14 +12,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_connectors::ingest::IngestError;
 use ketenbus_connectors::party;
 use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
 use crate::bus::Bus;
 use crate::health::Health;
-use crate::idempotency::{Claim, IdempotencyError};
+use crate::idempotency::{IdempotencyError, NotTaken};
 use crate::ingest::BusIngest;
 use crate::lineage::{Lineage, ListQuery};
 use crate::now_ms;
@@ -123,51 +123,40 @@ async fn post_message<B: Bus>(
         None => declared.sender().map(str::to_owned),
     };
     // A retry with the same Idempotency-Key gets the first answer's id.
-    let (id, held) = match st
+    let receiver = declared.receiver().map(str::to_owned);
+    let taken = st
         .idempotency
-        .for_request(idempotency_key(&headers), &scope, &body)
-        .await
-    {
-        Ok((Claim::Stored(id), _)) => return accepted(&id),
-        Ok((Claim::Publish(id), held)) => (id, held),
-        Err(e) => {
+        .accept_once(&st.ingest, idempotency_key(&headers), &scope, &body, |id| {
+            RawEnvelope {
+                id,
+                received_at_ms: now_ms(),
+                connector: "http".into(),
+                format,
+                content_type: content_type.to_owned(),
+                sender,
+                receiver,
+                body: body.to_vec(),
+                attributes,
+            }
+        })
+        .await;
+    match taken {
+        Ok(id) => accepted(&id),
+        Err(NotTaken::Key(e)) => {
             let (status, code) = idempotency_refusal(&e);
-            return problem(status, code, &e.to_string());
+            problem(status, code, &e.to_string())
         }
-    };
-    let envelope = RawEnvelope {
-        id,
-        received_at_ms: now_ms(),
-        connector: "http".into(),
-        format,
-        content_type: content_type.to_owned(),
-        sender,
-        receiver: declared.receiver().map(str::to_owned),
-        body: body.to_vec(),
-        attributes,
-    };
-    let accepted_id = match st.ingest.accept(envelope).await {
-        Ok(a) => a.id,
-        Err(IngestError::Unavailable(e)) => return unavailable(&e),
-        Err(IngestError::Refused {
+        Err(NotTaken::Ingest(IngestError::Unavailable(e))) => unavailable(&e),
+        Err(NotTaken::Ingest(IngestError::Refused {
             reason: "too_large",
             ..
-        }) => return too_large(st.max_body),
-        Err(e) => {
-            return problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ingest_failed",
-                &e.to_string(),
-            );
-        }
-    };
-    if let Some(held) = held
-        && let Err(e) = held.stored().await
-    {
-        // Stored all the same; a retry with this key publishes it again under the same id.
-        tracing::warn!(error = %e, "idempotency index not updated");
+        })) => too_large(st.max_body),
+        Err(NotTaken::Ingest(e)) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ingest_failed",
+            &e.to_string(),
+        ),
     }
-    accepted(&accepted_id)
 }
 
 /// The `Idempotency-Key` request header, when it is text.

@@ -1368,15 +1368,10 @@ mod tests {
         }
     }
 
-    /// One patient's records fail for a long time: every other patient's arrive at once, the
-    /// failing patient's arrive in order after it recovers, also across a stop and start of
-    /// the subscription, and nothing finished is delivered twice.
-    #[tokio::test]
-    async fn one_failing_patient_holds_up_only_its_own_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = Subscription {
-            name: "lab".into(),
+    /// A subscription of letter events to a webhook nobody answers (the tests give it a sink).
+    fn letter_subscription(name: &str, retry: RetryConfig, concurrency: usize) -> Subscription {
+        Subscription {
+            name: name.into(),
             sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
             filter: FilterConfig::default(),
             sink: SinkConfig::Webhook {
@@ -1387,13 +1382,27 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 ca_file: None,
             },
-            retry: RetryConfig {
+            retry,
+            concurrency,
+        }
+    }
+
+    /// One patient's records fail for a long time: every other patient's arrive at once, the
+    /// failing patient's arrive in order after it recovers, also across a stop and start of
+    /// the subscription, and nothing finished is delivered twice.
+    #[tokio::test]
+    async fn one_failing_patient_holds_up_only_its_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        let sub = letter_subscription(
+            "lab",
+            RetryConfig {
                 initial: Duration::from_millis(50),
                 max: Duration::from_millis(200),
                 give_up_after: Duration::from_secs(24 * 3600),
             },
-            concurrency: 2,
-        };
+            2,
+        );
         bus.ensure_topics(&specs_for(&sub, 2)).await.unwrap();
         // The failing patient's records come first and among everyone else's.
         let mut records = Vec::new();
@@ -1469,25 +1478,15 @@ mod tests {
     async fn a_held_record_is_parked_again_so_finished_retries_are_not_delivered_twice() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = Subscription {
-            name: "lab".into(),
-            sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
-            filter: FilterConfig::default(),
-            sink: SinkConfig::Webhook {
-                url: ketenbus_connectors::address_book::Destination::Fixed(
-                    "http://127.0.0.1:1/".parse().unwrap(),
-                ),
-                secret: None,
-                timeout: Duration::from_secs(1),
-                ca_file: None,
-            },
-            retry: RetryConfig {
+        let sub = letter_subscription(
+            "lab",
+            RetryConfig {
                 initial: Duration::from_millis(50),
                 max: Duration::from_millis(100),
                 give_up_after: Duration::from_secs(24 * 3600),
             },
-            concurrency: 2,
-        };
+            2,
+        );
         // One partition: every parked record shares one retry partition.
         bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
         let sink = Arc::new(FailsForOnePatient {
@@ -1556,21 +1555,7 @@ mod tests {
     async fn a_delivery_without_consent_is_an_outcome_and_an_audit_record() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = Subscription {
-            name: "gp".into(),
-            sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
-            filter: FilterConfig::default(),
-            sink: SinkConfig::Webhook {
-                url: ketenbus_connectors::address_book::Destination::Fixed(
-                    "http://127.0.0.1:1/".parse().unwrap(),
-                ),
-                secret: None,
-                timeout: Duration::from_secs(1),
-                ca_file: None,
-            },
-            retry: RetryConfig::default(),
-            concurrency: 2,
-        };
+        let sub = letter_subscription("gp", RetryConfig::default(), 2);
         bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
         let mut header = EventHeader::new(EventKind::Letter, "env-1", 0, "edifact");
         header.patient_key = Some("pk-1".into());
@@ -1651,21 +1636,7 @@ mod tests {
     async fn one_patients_events_arrive_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = Subscription {
-            name: "ordered".into(),
-            sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
-            filter: FilterConfig::default(),
-            sink: SinkConfig::Webhook {
-                url: ketenbus_connectors::address_book::Destination::Fixed(
-                    "http://127.0.0.1:1/".parse().unwrap(),
-                ),
-                secret: None,
-                timeout: Duration::from_secs(1),
-                ca_file: None,
-            },
-            retry: RetryConfig::default(),
-            concurrency: 4,
-        };
+        let sub = letter_subscription("ordered", RetryConfig::default(), 4);
         bus.ensure_topics(&specs_for(&sub, 3)).await.unwrap();
         let mut records = Vec::new();
         for i in 0..40 {

@@ -17,14 +17,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use ketenbus_connectors::fhir::{self, Object, Value, normalize, outcome};
-use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_connectors::ingest::IngestError;
 use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
 use crate::api::ApiState;
 use crate::auth::AuthenticatedSender;
 use crate::bus::Bus;
-use crate::idempotency::Claim;
+use crate::idempotency::NotTaken;
 use crate::now_ms;
 
 /// The `/fhir` routes, to merge into the API router (state: the API's).
@@ -273,66 +273,57 @@ async fn handle<B: Bus>(
     attributes.insert("fhir_resource_type".to_owned(), resource_type.clone());
     // A retry with the same Idempotency-Key gets the first answer's id.
     let scope = authenticated.map_or("anonymous", |s| s.0.name.as_str());
-    let (claim, held) = match st
+    let receiver = declared.receiver().map(str::to_owned);
+    let taken = st
         .idempotency
-        .for_request(crate::api::idempotency_key(headers), scope, &body)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let (status, _) = crate::api::idempotency_refusal(&e);
-            return issue(status, out, "error", "invalid", &e.to_string(), None);
-        }
-    };
-    let id = match claim {
-        Claim::Stored(id) => id,
-        Claim::Publish(id) => {
-            let envelope = RawEnvelope {
+        .accept_once(
+            &st.ingest,
+            crate::api::idempotency_key(headers),
+            scope,
+            &body,
+            |id| RawEnvelope {
                 id,
                 received_at_ms: now_ms(),
                 connector: "fhir".into(),
                 format,
                 content_type: content_type.to_owned(),
                 sender,
-                receiver: declared.receiver().map(str::to_owned),
+                receiver,
                 body: body.to_vec(),
                 attributes,
-            };
-            match st.ingest.accept(envelope).await {
-                Ok(a) => {
-                    if let Some(held) = held
-                        && let Err(e) = held.stored().await
-                    {
-                        tracing::warn!(error = %e, "idempotency index not updated");
-                    }
-                    a.id
-                }
-                Err(IngestError::Unavailable(e)) => {
-                    tracing::warn!(error = %e, "fhir ingest refused: log unavailable");
-                    let mut resp = issue(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        out,
-                        "error",
-                        "transient",
-                        "the log cannot take the message now; retry later",
-                        None,
-                    );
-                    resp.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return resp;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "fhir ingest failed");
-                    return issue(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        out,
-                        "fatal",
-                        "exception",
-                        "ingest failed",
-                        None,
-                    );
-                }
-            }
+            },
+        )
+        .await;
+    let id = match taken {
+        Ok(id) => id,
+        Err(NotTaken::Key(e)) => {
+            let (status, _) = crate::api::idempotency_refusal(&e);
+            return issue(status, out, "error", "invalid", &e.to_string(), None);
+        }
+        Err(NotTaken::Ingest(IngestError::Unavailable(e))) => {
+            tracing::warn!(error = %e, "fhir ingest refused: log unavailable");
+            let mut resp = issue(
+                StatusCode::SERVICE_UNAVAILABLE,
+                out,
+                "error",
+                "transient",
+                "the log cannot take the message now; retry later",
+                None,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return resp;
+        }
+        Err(NotTaken::Ingest(e)) => {
+            tracing::error!(error = %e, "fhir ingest failed");
+            return issue(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                out,
+                "fatal",
+                "exception",
+                "ingest failed",
+                None,
+            );
         }
     };
     let location = format!("/api/v1/messages/{id}");

@@ -19,6 +19,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_schemas::RawEnvelope;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
@@ -173,27 +175,52 @@ impl Idempotency {
     }
 }
 
+/// Why a write route's message was not taken.
+#[derive(Debug)]
+pub enum NotTaken {
+    /// The `Idempotency-Key` cannot be used.
+    Key(IdempotencyError),
+    /// The log did not take it.
+    Ingest(IngestError),
+}
+
 impl Idempotency {
-    /// [`Idempotency::claim`] when the request has a key; a fresh id and nothing held when
-    /// it has none.
+    /// Take a message in once per `Idempotency-Key` (`key`, scoped by `scope`): the id stored
+    /// under the key, else the id of the envelope `envelope(id)` makes, once it is durable.
+    /// Without a key every call is a message of its own.
     ///
     /// # Errors
-    /// As [`Idempotency::claim`].
-    pub async fn for_request(
+    /// [`NotTaken`]: the key cannot be used, or the log did not take the envelope.
+    pub async fn accept_once(
         &self,
+        ingest: &dyn Ingest,
         key: Option<&str>,
         scope: &str,
         body: &[u8],
-    ) -> Result<(Claim, Option<Claimed>), IdempotencyError> {
-        match key {
-            None => Ok((Claim::Publish(crate::ingest::new_message_id()), None)),
-            Some(k) => {
-                let (claim, held) = self
-                    .claim(scope, k, body, crate::ingest::new_message_id)
-                    .await?;
-                Ok((claim, Some(held)))
-            }
+        envelope: impl FnOnce(String) -> RawEnvelope,
+    ) -> Result<String, NotTaken> {
+        let (id, held) = match key {
+            None => (crate::ingest::new_message_id(), None),
+            Some(k) => match self
+                .claim(scope, k, body, crate::ingest::new_message_id)
+                .await
+                .map_err(NotTaken::Key)?
+            {
+                (Claim::Stored(id), _) => return Ok(id),
+                (Claim::Publish(id), held) => (id, Some(held)),
+            },
+        };
+        let accepted = ingest
+            .accept(envelope(id))
+            .await
+            .map_err(NotTaken::Ingest)?;
+        if let Some(held) = held
+            && let Err(e) = held.stored().await
+        {
+            // Stored all the same; a retry with this key publishes it again under the same id.
+            tracing::warn!(error = %e, "idempotency index not updated");
         }
+        Ok(accepted.id)
     }
 }
 
