@@ -140,11 +140,7 @@ impl RawPatients {
     /// that does not normalise.
     #[must_use]
     pub fn declared(&self, envelope: &RawEnvelope) -> Declared {
-        let Some(Ok(events)) = self
-            .normalizers
-            .get(&envelope.format)
-            .map(|n| n.normalize(envelope))
-        else {
+        let Ok(events) = crate::router::events_of(&self.normalizers, envelope) else {
             return Declared::default();
         };
         let mut patients: Vec<String> = Vec::new();

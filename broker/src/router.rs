@@ -61,6 +61,27 @@ pub fn normalizers() -> Normalizers {
     n
 }
 
+/// The events of an envelope as the router publishes them: its format's normaliser, then one
+/// event per transport receiver for events that name none ([`per_receiver`]). Pure, so
+/// whoever reads an envelope again (a bounce, a raw delivery's audit) gets the same events.
+///
+/// # Errors
+/// The normaliser's error, or `unsupported_format` for a format without one.
+pub fn events_of(
+    normalizers: &Normalizers,
+    envelope: &RawEnvelope,
+) -> Result<Vec<Event>, NormalizeError> {
+    let normalizer =
+        normalizers
+            .get(&envelope.format)
+            .ok_or(NormalizeError::UnsupportedFormat {
+                format: envelope.format.as_str(),
+            })?;
+    normalizer
+        .normalize(envelope)
+        .map(|events| per_receiver(events, envelope))
+}
+
 /// Everything the router decides with: normalisers, the patient keyer, the EDIFACT
 /// partners that asked for a CONTRL acknowledgement of each interchange, where documents
 /// are kept, and how delivery reports are checked.
@@ -294,12 +315,8 @@ async fn bounce_dead_letter<B: Bus>(
         );
         tokio::task::spawn_blocking(move || {
             let envelope = RawEnvelope::from_avro(&value).ok()?;
-            let events = routing
-                .normalizers
-                .get(&envelope.format)?
-                .normalize(&envelope)
-                .ok()?;
-            let event = per_receiver(events, &envelope)
+            let event = events_of(&routing.normalizers, &envelope)
+                .ok()?
                 .into_iter()
                 .find(|e| e.header().id == record_id)?;
             event_record(event, &envelope, &routing).ok()
@@ -476,13 +493,7 @@ fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> 
 /// Normalise one envelope into event records, or a dead letter.
 fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
     let normalizer = routing.normalizers.get(&envelope.format);
-    let result = match normalizer {
-        Some(n) => n.normalize(envelope),
-        None => Err(NormalizeError::UnsupportedFormat {
-            format: envelope.format.as_str(),
-        }),
-    };
-    match result.map(|events| per_receiver(events, envelope)) {
+    match events_of(&routing.normalizers, envelope) {
         Ok(events) => {
             // Ask for document bytes only when an event refers to documents.
             let content = match normalizer {
