@@ -126,16 +126,11 @@ impl SmtpSenderCheck {
 impl Ingest for SmtpSenderCheck {
     fn accept(&self, mut envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
         Box::pin(async move {
-            let allowed = envelope
+            let login = envelope
                 .attributes
                 .get("smtp.auth_user")
-                .and_then(|user| self.parties.get(user));
-            if let Some(allowed) = allowed {
-                let user = envelope
-                    .attributes
-                    .get("smtp.auth_user")
-                    .cloned()
-                    .unwrap_or_default();
+                .and_then(|user| Some((user.clone(), self.parties.get(user)?)));
+            if let Some((user, allowed)) = login {
                 // Off the async workers: a mail may be large.
                 let (declared, back) = tokio::task::spawn_blocking(move || {
                     (party::declared(envelope.format, &envelope.body), envelope)
