@@ -40,14 +40,14 @@ pub struct Config {
     pub subscriptions: Vec<SubscriptionConfig>,
     /// API clients that may post messages (`[[senders]]`). With none, anyone who can
     /// reach the listener may post.
-    pub senders: Vec<crate::auth::SenderConfig>,
+    pub senders: Vec<crate::http::auth::SenderConfig>,
     /// Operators who may read lineage and dead letters (`[[operators]]`). With none,
     /// those are open to anyone who can reach the listener.
-    pub operators: Vec<crate::auth::OperatorConfig>,
+    pub operators: Vec<crate::http::auth::OperatorConfig>,
     /// Where consent is looked up (`[consent]`).
-    pub consent: crate::consent::ConsentConfig,
+    pub consent: crate::deliver::consent::ConsentConfig,
     /// The audit trail (`[audit]`).
-    pub audit: crate::audit::AuditConfig,
+    pub audit: crate::observe::audit::AuditConfig,
     /// Limits across every way in (`[limits]`).
     pub limits: LimitsConfig,
 }
@@ -95,8 +95,8 @@ impl Default for Config {
             subscriptions: Vec::new(),
             senders: Vec::new(),
             operators: Vec::new(),
-            consent: crate::consent::ConsentConfig::default(),
-            audit: crate::audit::AuditConfig::default(),
+            consent: crate::deliver::consent::ConsentConfig::default(),
+            audit: crate::observe::audit::AuditConfig::default(),
             limits: LimitsConfig::default(),
         }
     }
@@ -125,12 +125,12 @@ pub struct HttpConfig {
     #[serde(with = "humantime_serde")]
     pub ingest_timeout: Duration,
     /// TLS on the listener (`[http.tls]`); without it the listener speaks plain HTTP.
-    pub tls: Option<crate::tls::TlsConfig>,
+    pub tls: Option<crate::http::server::TlsConfig>,
     /// Plain HTTP on a non-loopback address. Off by default: such a listener needs
     /// `[http.tls]` or this set to `true` (which logs a warning at start-up).
     pub allow_plaintext: bool,
     /// Connection, header and time limits (`[http.limits]`).
-    pub limits: crate::tls::Limits,
+    pub limits: crate::http::server::Limits,
 }
 
 impl Default for HttpConfig {
@@ -141,7 +141,7 @@ impl Default for HttpConfig {
             ingest_timeout: Duration::from_secs(10),
             tls: None,
             allow_plaintext: false,
-            limits: crate::tls::Limits::default(),
+            limits: crate::http::server::Limits::default(),
         }
     }
 }
@@ -213,7 +213,7 @@ pub struct SubscriptionConfig {
     pub concurrency: usize,
     /// Deliver only what the patient's consent allows (`[subscriptions.consent]`).
     #[serde(default)]
-    pub consent: Option<crate::consent::SubscriptionConsent>,
+    pub consent: Option<crate::deliver::consent::SubscriptionConsent>,
 }
 
 fn default_concurrency() -> usize {
@@ -491,7 +491,7 @@ impl Config {
         }
         match &self.http.tls {
             Some(tls) => {
-                if let Err(e) = crate::tls::server_config(tls) {
+                if let Err(e) = crate::http::server::server_config(tls) {
                     p(format!("http.tls.{}", e.key()), e.to_string());
                 }
             }
@@ -574,7 +574,7 @@ impl Config {
                 ))
             }
         };
-        for (k, m) in crate::auth::problems(&self.senders, &self.operators) {
+        for (k, m) in crate::http::auth::problems(&self.senders, &self.operators) {
             p(k, m);
         }
         let with_consent: Vec<_> = self
@@ -587,7 +587,7 @@ impl Config {
                     .map(|c| (i, c, !s.sink.has_fixed_destination()))
             })
             .collect();
-        for (k, m) in crate::consent::problems(&self.consent, &with_consent) {
+        for (k, m) in crate::deliver::consent::problems(&self.consent, &with_consent) {
             p(k, m);
         }
         for (i, inbox) in self.inbox.iter().enumerate() {
@@ -673,7 +673,7 @@ impl Config {
                         p(at("sink.timeout"), "must be more than 0".into());
                     }
                     if let Some(ca) = ca_file
-                        && let Err(e) = crate::tls::read_certs("ca_file", ca)
+                        && let Err(e) = crate::http::server::read_certs("ca_file", ca)
                     {
                         p(at("sink.ca_file"), e.to_string());
                     }

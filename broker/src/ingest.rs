@@ -11,8 +11,8 @@ use ketenbus_connectors::sink::BoxFuture;
 use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};
-use crate::lineage::{Lineage, Received};
-use crate::telemetry;
+use crate::observe::lineage::{Lineage, Received};
+use crate::observe::metrics;
 
 /// Publishes envelopes on the raw topic with a deadline.
 pub struct BusIngest<B: Bus> {
@@ -38,7 +38,7 @@ impl<B: Bus> Ingest for BusIngest<B> {
             // A topic held past its size limit by unfinished records: "try again" rather
             // than a record retention would have to delete unfinished.
             if let Some(why) = self.bus.refuses_ingest() {
-                telemetry::rejected(&envelope.connector, REASON_LOG_FULL);
+                metrics::rejected(&envelope.connector, REASON_LOG_FULL);
                 return Err(IngestError::Unavailable(why));
             }
             let value = envelope
@@ -53,7 +53,7 @@ impl<B: Bus> Ingest for BusIngest<B> {
                 match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
                     Ok(Ok(p)) => p,
                     Ok(Err(BusError::TooLarge(e))) => {
-                        return Err(telemetry::refused(
+                        return Err(metrics::refused(
                             &envelope.connector,
                             IngestError::Refused {
                                 reason: "too_large",
@@ -62,26 +62,26 @@ impl<B: Bus> Ingest for BusIngest<B> {
                         ));
                     }
                     Ok(Err(BusError::Unavailable(e))) => {
-                        return Err(telemetry::refused(
+                        return Err(metrics::refused(
                             &envelope.connector,
                             IngestError::Unavailable(e),
                         ));
                     }
                     Ok(Err(e)) => {
-                        return Err(telemetry::refused(
+                        return Err(metrics::refused(
                             &envelope.connector,
                             IngestError::Fatal(e.to_string()),
                         ));
                     }
                     Err(_) => {
-                        return Err(telemetry::refused(
+                        return Err(metrics::refused(
                             &envelope.connector,
                             IngestError::Unavailable("timed out waiting for the log".into()),
                         ));
                     }
                 };
             let pos = positions[0];
-            telemetry::received(&envelope.connector, envelope.format, envelope.body.len());
+            metrics::received(&envelope.connector, envelope.format, envelope.body.len());
             self.lineage.received(Received::of(&envelope, pos)).await;
             Ok(Accepted { id: envelope.id })
         })
@@ -141,7 +141,7 @@ impl Ingest for SmtpSenderCheck {
                 match party::check_sender(&declared, &user, allowed) {
                     Ok(sender) => envelope.sender = sender,
                     Err(e) => {
-                        telemetry::rejected(&envelope.connector, REASON_SENDER_NOT_ALLOWED);
+                        metrics::rejected(&envelope.connector, REASON_SENDER_NOT_ALLOWED);
                         return Err(IngestError::Refused {
                             reason: REASON_SENDER_NOT_ALLOWED,
                             detail: e.to_string(),

@@ -2,36 +2,19 @@
 //! envelopes into events, dispatch to subscriptions, the HTTP API and dead-letter tools.
 //! `main.rs` is the command line around [`runtime::run`].
 
-pub mod api;
-pub mod audit;
-pub mod auth;
 pub mod bus;
+pub mod cli;
 pub mod config;
-pub mod consent;
-pub mod dispatch;
-pub mod dlq;
+pub mod deliver;
 #[cfg(debug_assertions)]
 pub mod fault;
-pub mod fhir_api;
-pub mod health;
-pub mod http_budget;
-pub mod idempotency;
+pub mod http;
 pub mod ingest;
-pub mod inspect;
-pub mod keys;
-pub mod lineage;
-pub mod retention;
-pub mod router;
+pub mod observe;
+pub mod route;
 pub mod runtime;
-pub mod status;
-pub mod telemetry;
-pub mod tls;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use tokio_util::sync::CancellationToken;
-
-use bus::{Bus, BusError, OutRecord, Position};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch.
 #[must_use]
@@ -39,48 +22,4 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// Publish, waiting and trying again while the log is unavailable, until `cancel`.
-///
-/// # Errors
-/// A fatal bus error, or `Unavailable` when cancelled while waiting.
-pub async fn publish_retrying<B: Bus>(
-    bus: &B,
-    records: Vec<OutRecord>,
-    cancel: &CancellationToken,
-) -> Result<Vec<Position>, BusError> {
-    if records.is_empty() {
-        return Ok(Vec::new());
-    }
-    while_unavailable(cancel, || bus.publish(records.clone())).await
-}
-
-/// Run `op` until it succeeds or fails for good, waiting (100 ms, doubling up to 5 s) and
-/// trying again while it answers `Unavailable`, until `cancel`.
-///
-/// # Errors
-/// What `op` failed with for good, or its last `Unavailable` when cancelled while waiting.
-pub async fn while_unavailable<T, F, Fut>(
-    cancel: &CancellationToken,
-    mut op: F,
-) -> Result<T, BusError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, BusError>>,
-{
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match op().await {
-            Err(e @ BusError::Unavailable(_)) => {
-                tracing::warn!(error = %e, "unavailable, retrying");
-                tokio::select! {
-                    () = cancel.cancelled() => return Err(e),
-                    () = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-            other => return other,
-        }
-    }
 }

@@ -421,21 +421,21 @@ fn exported(text: &str) -> BTreeSet<String> {
 /// Names the broker defines but that only show once their first labelled event happened
 /// (e.g. router dead letters per reason).
 fn defined() -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = ketenbus::telemetry::NAMES
+    let mut names: BTreeSet<String> = ketenbus::observe::metrics::NAMES
         .iter()
         .map(|n| (*n).to_owned())
         .collect();
     names.insert(format!(
         "{}_bucket",
-        ketenbus::telemetry::DISPATCH_DELIVERY_LATENCY
+        ketenbus::observe::metrics::DISPATCH_DELIVERY_LATENCY
     ));
     names.insert(format!(
         "{}_sum",
-        ketenbus::telemetry::DISPATCH_DELIVERY_LATENCY
+        ketenbus::observe::metrics::DISPATCH_DELIVERY_LATENCY
     ));
     names.insert(format!(
         "{}_count",
-        ketenbus::telemetry::DISPATCH_DELIVERY_LATENCY
+        ketenbus::observe::metrics::DISPATCH_DELIVERY_LATENCY
     ));
     names
 }

@@ -7,7 +7,7 @@
 //!   that would deliver it twice.
 //! - After hostile input (forged DSNs with patient-like text in `Status:` and
 //!   `Diagnostic-Code:`, odd content types, bad EDIFACT and FHIR) every label value of every
-//!   series on `/metrics` is in its closed set, as `ketenbus::telemetry::closed_label_values`
+//!   series on `/metrics` is in its closed set, as `ketenbus::observe::metrics::closed_label_values`
 //!   defines them; a label without a closed set fails the test.
 //! - A fresh broker already exports every series the dashboard and the alert rules use, at
 //!   zero, for every subscription and connector of its config.
@@ -173,7 +173,7 @@ fn closed_sets(
         .expect("config")
         .validate(&|k| std::env::var(k).ok())
         .expect("valid config");
-    ketenbus::telemetry::closed_label_values(&settings)
+    ketenbus::observe::metrics::closed_label_values(&settings)
 }
 
 /// The family a sample belongs to: histogram samples carry a suffix.

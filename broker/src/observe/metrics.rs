@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::{AckToken, Bus, Record};
 use crate::config::Settings;
-use crate::lineage::Step;
 use crate::now_ms;
+use crate::observe::lineage::Step;
 
 /// Messages accepted onto the log, per connector and format.
 pub const INGEST_RECEIVED_MESSAGES: &str = "ketenbus_ingest_received_messages_total";
@@ -600,7 +600,7 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
         }
         m.retries.with_label_values(&[name]);
         m.latency.with_label_values(&[name]);
-        for topic in crate::dispatch::source_topics(sub) {
+        for topic in crate::deliver::source_topics(sub) {
             let kind = topic_kind(&topic);
             m.lag.with_label_values(&[name, kind]).set(0);
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
@@ -907,7 +907,7 @@ impl Stalls {
 
 async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
     let m = &*METRICS;
-    if let Some(parts) = lag_of(bus, crate::router::GROUP, topics::RAW).await {
+    if let Some(parts) = lag_of(bus, crate::route::router::GROUP, topics::RAW).await {
         m.router_lag.set(total_lag(&parts));
     }
     let now = now_ms();
@@ -959,8 +959,8 @@ pub fn watch<B: Bus>(
         .iter()
         .map(|sub| Watched {
             name: sub.name.clone(),
-            group: crate::dispatch::group(&sub.name),
-            topics: crate::dispatch::source_topics(sub)
+            group: crate::deliver::group(&sub.name),
+            topics: crate::deliver::source_topics(sub)
                 .into_iter()
                 .map(|t| {
                     let slot = slot_of(&sub.name, &t);
@@ -1002,7 +1002,7 @@ async fn metrics() -> Response {
 }
 
 /// `GET /metrics`, to merge into the API router.
-pub fn routes<B: Bus>() -> axum::Router<Arc<crate::api::ApiState<B>>> {
+pub fn routes<B: Bus>() -> axum::Router<Arc<crate::http::api::ApiState<B>>> {
     axum::Router::new().route("/metrics", get(metrics))
 }
 

@@ -1,5 +1,7 @@
 //! Starting and stopping the broker on a chosen engine.
 
+pub mod retention;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -8,14 +10,16 @@ use ketenbus_connectors::webhook::WebhookSink;
 use ketenbus_schemas::{EventKind, topics};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiState};
 use crate::bus::{Bus, TopicSpec};
 use crate::config::{Settings, Sink};
-use crate::health::{Health, State};
+use crate::deliver;
+use crate::http::api::{self, ApiState};
 use crate::ingest::BusIngest;
-use crate::keys::PatientKeyer;
-use crate::lineage::Lineage;
-use crate::{dispatch, router, telemetry};
+use crate::observe::health::{Health, State};
+use crate::observe::lineage::Lineage;
+use crate::observe::metrics;
+use crate::route::keys::PatientKeyer;
+use crate::route::router;
 
 /// Every topic the configuration uses.
 #[must_use]
@@ -138,7 +142,7 @@ pub async fn run<B: Bus>(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );
-    let raw_patients = Arc::new(crate::keys::RawPatients::new(keyer.clone()));
+    let raw_patients = Arc::new(crate::route::keys::RawPatients::new(keyer.clone()));
     let router_task = tasks.spawn(router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
@@ -169,7 +173,7 @@ pub async fn run<B: Bus>(
             && env(&cfg.audit.key_env).is_none()
         {
             // The quick start: a loopback broker makes its own key, outside data_dir.
-            let file = crate::audit::ensure_local_key(&env).map_err(|m| {
+            let file = crate::observe::audit::ensure_local_key(&env).map_err(|m| {
                 anyhow::anyhow!("audit.key_env is not set and no local key can be made: {m}")
             })?;
             tracing::warn!(key_file = %file.display(), "audit.key_env is not set: the audit trail is keyed with this machine's own key; set audit.key_env or audit.key_file from a secret store before leaving loopback");
@@ -178,14 +182,18 @@ pub async fn run<B: Bus>(
             .audit
             .key(&cfg.data_dir, &env)
             .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))?;
-        Some(crate::audit::Audit::open(&cfg.data_dir, key).context("opening the audit trail")?)
+        Some(
+            crate::observe::audit::Audit::open(&cfg.data_dir, key)
+                .context("opening the audit trail")?,
+        )
     } else {
         None
     };
     let consent_registry = match &cfg.consent.file {
         Some(f) => Some(Arc::new(
-            crate::consent::FileRegistry::open(f).context("reading the consent file")?,
-        ) as Arc<dyn crate::consent::ConsentRegistry>),
+            crate::deliver::consent::FileRegistry::open(f).context("reading the consent file")?,
+        )
+            as Arc<dyn crate::deliver::consent::ConsentRegistry>),
         None => None,
     };
     let book = Arc::new(cfg.address_book.clone());
@@ -193,11 +201,11 @@ pub async fn run<B: Bus>(
         let sink = build_sink(&sub.sink, &book, &content, &report_key)?;
         let configured = cfg.subscriptions.iter().find(|s| s.name == sub.name);
         let policy = configured.and_then(|s| s.consent.clone());
-        let hooks = dispatch::Hooks {
+        let hooks = deliver::Hooks {
             consent: policy
                 .zip(consent_registry.clone())
                 .map(|(policy, registry)| {
-                    Arc::new(crate::consent::ConsentCheck { registry, policy })
+                    Arc::new(crate::deliver::consent::ConsentCheck { registry, policy })
                 }),
             audit: audit.clone(),
             receiver_is_party: configured.is_some_and(|s| !s.sink.has_fixed_destination())
@@ -207,7 +215,7 @@ pub async fn run<B: Bus>(
                 .contains(&crate::config::Source::Raw)
                 .then(|| Arc::clone(&raw_patients)),
         };
-        let task = tasks.spawn(dispatch::run_with(
+        let task = tasks.spawn(deliver::run_with(
             Arc::clone(&bus),
             sub.clone(),
             sink,
@@ -242,14 +250,10 @@ pub async fn run<B: Bus>(
     if !cfg.mail.imap.is_empty() {
         connectors.push("imap");
     }
-    telemetry::init(&settings, &connectors);
-    let task = tasks.spawn(telemetry::watch(
-        Arc::clone(&bus),
-        &settings,
-        cancel.clone(),
-    ));
+    metrics::init(&settings, &connectors);
+    let task = tasks.spawn(metrics::watch(Arc::clone(&bus), &settings, cancel.clone()));
     names.insert(task.id(), "telemetry".to_owned());
-    let task = tasks.spawn(crate::retention::run(
+    let task = tasks.spawn(crate::runtime::retention::run(
         Arc::clone(&bus),
         &settings,
         Arc::clone(&health),
@@ -260,7 +264,7 @@ pub async fn run<B: Bus>(
     let state = Arc::new(ApiState {
         ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
         lineage: lineage.clone(),
-        idempotency: crate::idempotency::Idempotency::open(&cfg.data_dir)
+        idempotency: crate::http::idempotency::Idempotency::open(&cfg.data_dir)
             .context("opening the idempotency index")?,
         health: Arc::clone(&health),
         max_body: usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX),
@@ -279,7 +283,7 @@ pub async fn run<B: Bus>(
         &cfg.data_dir,
         &mail_ingest,
         &|k| std::env::var(k).ok(),
-        &(Arc::new(crate::health::SourceHealth(Arc::clone(&health)))
+        &(Arc::new(crate::observe::health::SourceHealth(Arc::clone(&health)))
             as Arc<dyn ketenbus_connectors::SourceStatus>),
         &budget,
         &cancel,
@@ -291,7 +295,7 @@ pub async fn run<B: Bus>(
         .http
         .tls
         .as_ref()
-        .map(crate::tls::server_config)
+        .map(crate::http::server::server_config)
         .transpose()
         .context("setting up TLS on the HTTP listener")?;
     if tls.is_none() && !cfg.http.listen.ip().is_loopback() {
@@ -302,17 +306,17 @@ pub async fn run<B: Bus>(
         .with_context(|| format!("binding the HTTP listener to {}", cfg.http.listen))?;
     health.set("http", State::Ready);
     tracing::info!(listen = %cfg.http.listen, tls = tls.is_some(), engine = ?cfg.bus.engine, subscriptions = settings.subscriptions.len(), "ketenbus running");
-    for w in crate::auth::warnings(cfg) {
+    for w in crate::http::auth::warnings(cfg) {
         tracing::warn!(warning = %w, "access is open");
     }
-    let auth = crate::auth::Authenticator::new(&cfg.senders, &cfg.operators);
+    let auth = crate::http::auth::Authenticator::new(&cfg.senders, &cfg.operators);
     let max_body = usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX);
-    let serve = crate::tls::serve(
+    let serve = crate::http::server::serve(
         listener,
         // Authentication reads headers only; the budget holds bodies of those let in, so a
         // client without credentials cannot fill it.
-        crate::auth::protect(
-            crate::http_budget::protect(api::router(state), budget, max_body),
+        crate::http::auth::protect(
+            crate::http::budget::protect(api::router(state), budget, max_body),
             auth,
             audit,
         ),

@@ -55,7 +55,7 @@ fn ingest_runtime() -> &'static tokio::runtime::Runtime {
 }
 
 fn over_budget(budget: &Budget) -> Response {
-    crate::telemetry::rejected("http", "memory_budget");
+    crate::observe::metrics::rejected("http", "memory_budget");
     tracing::debug!(
         limit = budget.limit(),
         "request refused: ingest memory budget in use"

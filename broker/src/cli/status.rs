@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::telemetry;
+use crate::observe::metrics;
 
 /// One sample of the text exposition: name, labels, value.
 type Sample = (String, BTreeMap<String, String>, f64);
@@ -78,13 +78,13 @@ pub fn render(url: &str, ready: &serde_json::Value, metrics: &str) -> String {
         }
     }
     let _ = writeln!(s, "\ninflow (messages since start)");
-    for (connector, n) in sum_by(&samples, telemetry::INGEST_RECEIVED_MESSAGES, "connector") {
+    for (connector, n) in sum_by(&samples, metrics::INGEST_RECEIVED_MESSAGES, "connector") {
         let _ = writeln!(s, "  {connector:<32} {n:>10.0}");
     }
     let outcomes = {
         let mut m: BTreeMap<(String, String), f64> = BTreeMap::new();
         for (n, l, v) in &samples {
-            if n == telemetry::DISPATCH_DELIVERY_OUTCOMES {
+            if n == metrics::DISPATCH_DELIVERY_OUTCOMES {
                 let key = (
                     l.get("subscription").cloned().unwrap_or_default(),
                     l.get("outcome").cloned().unwrap_or_default(),
@@ -94,11 +94,11 @@ pub fn render(url: &str, ready: &serde_json::Value, metrics: &str) -> String {
         }
         m
     };
-    let lag = sum_by(&samples, telemetry::DISPATCH_CONSUMER_LAG, "subscription");
+    let lag = sum_by(&samples, metrics::DISPATCH_CONSUMER_LAG, "subscription");
     let age = {
         let mut m: BTreeMap<String, f64> = BTreeMap::new();
         for (n, l, v) in &samples {
-            if n == telemetry::DISPATCH_OLDEST_UNDELIVERED_AGE {
+            if n == metrics::DISPATCH_OLDEST_UNDELIVERED_AGE {
                 let e = m
                     .entry(l.get("subscription").cloned().unwrap_or_default())
                     .or_insert(0.0);
@@ -153,6 +153,38 @@ pub fn render(url: &str, ready: &serde_json::Value, metrics: &str) -> String {
     s
 }
 
+/// Fetch `/readyz` and `/metrics` from the broker at `url` and print the summary; fails
+/// when the broker is not ready.
+///
+/// # Errors
+/// The broker cannot be reached or answers with something that is not its JSON.
+pub async fn run(url: &str) -> anyhow::Result<std::process::ExitCode> {
+    use anyhow::Context;
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let base = url.trim_end_matches('/');
+    let ready = client
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach ketenbus at {base}"))?;
+    let ready: serde_json::Value = serde_json::from_slice(&ready.bytes().await?)?;
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    print!("{}", render(base, &ready, &metrics));
+    Ok(if ready["ready"].as_bool() == Some(true) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,9 +194,9 @@ mod tests {
         let metrics = format!(
             "# HELP x\n{r}{{connector=\"http\",format=\"edifact\"}} 12\n{o}{{subscription=\"gp\",outcome=\"delivered\",kind=\"raw\"}} 10\n\
              {o}{{subscription=\"seh\",outcome=\"dead_lettered\",kind=\"raw\"}} 2\n{l}{{subscription=\"seh\"}} 3\n",
-            r = telemetry::INGEST_RECEIVED_MESSAGES,
-            o = telemetry::DISPATCH_DELIVERY_OUTCOMES,
-            l = telemetry::DISPATCH_CONSUMER_LAG,
+            r = metrics::INGEST_RECEIVED_MESSAGES,
+            o = metrics::DISPATCH_DELIVERY_OUTCOMES,
+            l = metrics::DISPATCH_CONSUMER_LAG,
         );
         let ready =
             serde_json::json!({"ready": true, "components": {"router": {"state": "ready"}}});

@@ -23,10 +23,11 @@ use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topic
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
-use crate::health::{Health, State};
-use crate::keys::PatientKeyer;
-use crate::lineage::{Lineage, Received, Step};
-use crate::{now_ms, publish_retrying, while_unavailable};
+use crate::bus::{publish_retrying, while_unavailable};
+use crate::now_ms;
+use crate::observe::health::{Health, State};
+use crate::observe::lineage::{Lineage, Received, Step};
+use crate::route::keys::PatientKeyer;
 
 /// Consumer group of the router.
 pub const GROUP: &str = "ketenbus.router";
@@ -220,7 +221,7 @@ async fn route_batch<B: Bus>(
     for report in bounced {
         let at = now_ms();
         if let Some(dl) = bounce_dead_letter(bus, routing, lineage, &report, at).await? {
-            crate::telemetry::dead_lettered(&report.subscription, REASON_BOUNCED);
+            crate::observe::metrics::dead_lettered(&report.subscription, REASON_BOUNCED);
             let mut step = Step::new(at, "delivery_report", "dead_lettered");
             step.subscription = Some(report.subscription.clone());
             step.record_id = Some(report.record_id.clone());
@@ -236,7 +237,7 @@ async fn route_batch<B: Bus>(
             .await;
     }
     for (id, step) in steps {
-        crate::telemetry::routed(&step);
+        crate::observe::metrics::routed(&step);
         lineage.step(&id, step).await;
     }
     for record in &batch {
@@ -698,7 +699,7 @@ mod tests {
             content_type: "message/rfc822".into(),
             sender: None,
             receiver: Some("mailbox:500005678".into()),
-            body: include_bytes!("../../connectors/testdata/mail/letter-pdf.eml").to_vec(),
+            body: include_bytes!("../../../connectors/testdata/mail/letter-pdf.eml").to_vec(),
             attributes: BTreeMap::new(),
         };
         let position = bus
@@ -717,7 +718,7 @@ mod tests {
         // Reports that must change nothing: the fixture as it is (no token), one naming the
         // delivery as the sink did before tokens, and a genuine one posted over HTTP.
         let fixture = String::from_utf8(
-            include_bytes!("../../connectors/testdata/mail/dsn-failed.eml").to_vec(),
+            include_bytes!("../../../connectors/testdata/mail/dsn-failed.eml").to_vec(),
         )
         .unwrap();
         let with_envid = |envid: &str| {

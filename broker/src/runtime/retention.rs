@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Readers};
 use crate::config::Settings;
-use crate::health::{Health, State};
-use crate::{dispatch, router, telemetry};
+use crate::deliver;
+use crate::observe::health::{Health, State};
+use crate::observe::metrics;
+use crate::route::router;
 
 /// The groups that must finish each topic: the router for the raw topic; every subscription
 /// for the topics it reads (its event kinds or raw, and its replay topic).
@@ -24,17 +26,17 @@ pub fn readers(settings: &Settings) -> Readers {
         .or_default()
         .push(router::GROUP.to_owned());
     for sub in &settings.subscriptions {
-        for topic in dispatch::source_topics(sub) {
+        for topic in deliver::source_topics(sub) {
             readers
                 .entry(topic)
                 .or_default()
-                .push(dispatch::group(&sub.name));
+                .push(deliver::group(&sub.name));
         }
         // Parked records wait on the retry topic until its own group has finished them.
         readers
             .entry(topics::retry(&sub.name))
             .or_default()
-            .push(dispatch::retry_group(&sub.name));
+            .push(deliver::retry_group(&sub.name));
     }
     readers
 }
@@ -59,7 +61,7 @@ pub fn run<B: Bus>(
         loop {
             match bus.enforce_retention(&readers).await {
                 Ok(report) => {
-                    telemetry::retention(&report);
+                    metrics::retention(&report);
                     if report.deleted > 0 {
                         tracing::info!(
                             deleted = report.deleted,

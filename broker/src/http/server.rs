@@ -265,7 +265,7 @@ pub async fn serve(
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            crate::telemetry::rejected("http", "too_many_connections");
+            crate::observe::metrics::rejected("http", "too_many_connections");
             tracing::debug!(
                 max = limits.max_connections,
                 "connection refused: too many open"
@@ -301,11 +301,11 @@ pub async fn serve(
                             connection(stream, cert, app, &limits, &cancel).await;
                         }
                         Ok(Err(e)) => {
-                            crate::telemetry::rejected("http", "tls_handshake");
+                            crate::observe::metrics::rejected("http", "tls_handshake");
                             tracing::debug!(error = %e, "TLS handshake failed");
                         }
                         Err(_) => {
-                            crate::telemetry::rejected("http", "tls_handshake_timeout");
+                            crate::observe::metrics::rejected("http", "tls_handshake_timeout");
                             tracing::debug!("TLS handshake timed out");
                         }
                     }
@@ -339,7 +339,7 @@ async fn connection<I>(
             match tokio::time::timeout(request_timeout, app.call(req)).await {
                 Ok(r) => r,
                 Err(_) => {
-                    crate::telemetry::rejected("http", "request_timeout");
+                    crate::observe::metrics::rejected("http", "request_timeout");
                     Ok(request_timed_out(request_timeout))
                 }
             }

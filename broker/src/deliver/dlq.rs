@@ -5,8 +5,8 @@
 
 use ketenbus_schemas::{AvroRecord, DeadLetter, topics};
 
-use crate::audit::{Audit, AuditError, Entry};
 use crate::bus::{Bus, BusError, OutRecord};
+use crate::observe::audit::{Audit, AuditError, Entry};
 
 /// Which dead letters.
 #[derive(Debug, Clone, Default)]

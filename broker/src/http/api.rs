@@ -18,11 +18,11 @@ use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
 use crate::bus::Bus;
-use crate::health::Health;
-use crate::idempotency::{IdempotencyError, NotTaken};
+use crate::http::idempotency::{IdempotencyError, NotTaken};
 use crate::ingest::BusIngest;
-use crate::lineage::{Lineage, ListQuery};
 use crate::now_ms;
+use crate::observe::health::Health;
+use crate::observe::lineage::{Lineage, ListQuery};
 
 /// Shared state of the handlers.
 pub struct ApiState<B: Bus> {
@@ -31,7 +31,7 @@ pub struct ApiState<B: Bus> {
     /// Lineage index.
     pub lineage: Lineage,
     /// Which `Idempotency-Key` gave which message id.
-    pub idempotency: crate::idempotency::Idempotency,
+    pub idempotency: crate::http::idempotency::Idempotency,
     /// Component health.
     pub health: Arc<Health>,
     /// Largest accepted body.
@@ -47,8 +47,8 @@ pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
         .route("/api/v1/messages/{id}", get(get_message::<B>))
         .route("/healthz", get(healthz::<B>))
         .route("/readyz", get(readyz::<B>))
-        .merge(crate::telemetry::routes::<B>())
-        .merge(crate::fhir_api::routes::<B>())
+        .merge(crate::observe::metrics::routes::<B>())
+        .merge(crate::http::fhir::routes::<B>())
         // One byte over the limit is enough to know it is too large.
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
         .with_state(state)
@@ -60,7 +60,7 @@ fn problem(status: StatusCode, code: &str, message: &str) -> Response {
 
 async fn post_message<B: Bus>(
     State(st): State<Arc<ApiState<B>>>,
-    authenticated: Option<axum::Extension<crate::auth::AuthenticatedSender>>,
+    authenticated: Option<axum::Extension<crate::http::auth::AuthenticatedSender>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -69,7 +69,7 @@ async fn post_message<B: Bus>(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let Some(format) = Format::from_media_type(content_type) else {
-        crate::telemetry::rejected("http", "unsupported_media_type");
+        crate::observe::metrics::rejected("http", "unsupported_media_type");
         return problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
@@ -82,7 +82,7 @@ async fn post_message<B: Bus>(
         Err(e) => return problem(e.status(), "unreadable_body", &e.body_text()),
     };
     if body.is_empty() {
-        crate::telemetry::rejected("http", "empty_body");
+        crate::observe::metrics::rejected("http", "empty_body");
         return problem(
             StatusCode::BAD_REQUEST,
             "empty_body",
@@ -117,7 +117,7 @@ async fn post_message<B: Bus>(
             scope.clone_from(&s.0.name);
             match s.check(&declared) {
                 Ok(party) => party,
-                Err(e) => return crate::auth::sender_mismatch(&e),
+                Err(e) => return crate::http::auth::sender_mismatch(&e),
             }
         }
         None => declared.sender().map(str::to_owned),
@@ -192,7 +192,7 @@ fn accepted(id: &str) -> Response {
 }
 
 fn too_large(max: usize) -> Response {
-    crate::telemetry::rejected("http", "too_large");
+    crate::observe::metrics::rejected("http", "too_large");
     problem(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too_large",

@@ -18,8 +18,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::audit::{Audit, Entry};
-use crate::tls::ClientCert;
+use crate::http::server::ClientCert;
+use crate::observe::audit::{Audit, Entry};
 
 /// `[[senders]]`: a client that may post messages.
 #[derive(Debug, Clone, Deserialize)]
@@ -362,7 +362,7 @@ impl AuthenticatedSender {
 /// The `403 sender_mismatch` answer (JSON; the FHIR endpoints answer an OperationOutcome).
 #[must_use]
 pub fn sender_mismatch(e: &SenderError) -> Response {
-    crate::telemetry::rejected("http", "sender_mismatch");
+    crate::observe::metrics::rejected("http", "sender_mismatch");
     (
         StatusCode::FORBIDDEN,
         Json(serde_json::json!({ "error": "sender_mismatch", "message": e.to_string() })),
@@ -446,7 +446,7 @@ fn refuse(e: &AuthError) -> Response {
         AuthError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
         AuthError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
     };
-    crate::telemetry::rejected("http", code);
+    crate::observe::metrics::rejected("http", code);
     let mut resp = (
         status,
         Json(serde_json::json!({ "error": code, "message": e.to_string() })),

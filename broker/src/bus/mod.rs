@@ -7,6 +7,9 @@ mod contract;
 pub mod embedded;
 pub mod kafka;
 mod offsets;
+mod retry;
+
+pub use retry::{publish_retrying, while_unavailable};
 
 use std::collections::HashMap;
 use std::fmt;

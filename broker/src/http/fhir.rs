@@ -21,10 +21,10 @@ use ketenbus_connectors::ingest::IngestError;
 use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
-use crate::api::ApiState;
-use crate::auth::AuthenticatedSender;
 use crate::bus::Bus;
-use crate::idempotency::NotTaken;
+use crate::http::api::ApiState;
+use crate::http::auth::AuthenticatedSender;
+use crate::http::idempotency::NotTaken;
 use crate::now_ms;
 
 /// The `/fhir` routes, to merge into the API router (state: the API's).
@@ -278,7 +278,7 @@ async fn handle<B: Bus>(
         .idempotency
         .accept_once(
             &st.ingest,
-            crate::api::idempotency_key(headers),
+            crate::http::api::idempotency_key(headers),
             scope,
             &body,
             |id| RawEnvelope {
@@ -297,7 +297,7 @@ async fn handle<B: Bus>(
     let id = match taken {
         Ok(id) => id,
         Err(NotTaken::Key(e)) => {
-            let (status, _) = crate::api::idempotency_refusal(&e);
+            let (status, _) = crate::http::api::idempotency_refusal(&e);
             return issue(status, out, "error", "invalid", &e.to_string(), None);
         }
         Err(NotTaken::Ingest(IngestError::Unavailable(e))) => {
@@ -392,7 +392,7 @@ fn examine(
     let declared = party::fhir_tree(&tree);
     let sender = match authenticated {
         Some(s) => s.check(&declared).map_err(|e| {
-            crate::telemetry::rejected("fhir", "sender_mismatch");
+            crate::observe::metrics::rejected("fhir", "sender_mismatch");
             Box::new(issue(
                 StatusCode::FORBIDDEN,
                 out,
@@ -561,15 +561,15 @@ mod tests {
     use super::*;
     use crate::bus::TopicSpec;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
-    use crate::health::Health;
     use crate::ingest::BusIngest;
-    use crate::lineage::Lineage;
+    use crate::observe::health::Health;
+    use crate::observe::lineage::Lineage;
 
     const AZ: &str = include_str!(
-        "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+        "../../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
     );
     const OBS_XML: &str = include_str!(
-        "../../connectors/testdata/fhir/nictiz-r4-zib2020/nl-core-LaboratoryTestResult-LaboratoryTest-05.xml"
+        "../../../connectors/testdata/fhir/nictiz-r4-zib2020/nl-core-LaboratoryTestResult-LaboratoryTest-05.xml"
     );
 
     struct Server {
@@ -592,7 +592,7 @@ mod tests {
         let state = Arc::new(ApiState {
             ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), Duration::from_secs(5)),
             lineage,
-            idempotency: crate::idempotency::Idempotency::open(dir.path()).unwrap(),
+            idempotency: crate::http::idempotency::Idempotency::open(dir.path()).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
         });
@@ -821,7 +821,7 @@ mod tests {
         let state = Arc::new(ApiState {
             ingest: BusIngest::new(Arc::new(Down), lineage.clone(), Duration::from_secs(5)),
             lineage,
-            idempotency: crate::idempotency::Idempotency::open(dir.path()).unwrap(),
+            idempotency: crate::http::idempotency::Idempotency::open(dir.path()).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
         });

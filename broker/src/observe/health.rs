@@ -66,12 +66,12 @@ pub struct SourceHealth(pub Arc<Health>);
 impl ketenbus_connectors::SourceStatus for SourceHealth {
     fn up(&self, source: &str) {
         self.0.set(source, State::Ready);
-        crate::telemetry::source_up(source, true);
+        crate::observe::metrics::source_up(source, true);
     }
 
     fn down(&self, source: &str, reason: &str) {
         self.0.set(source, State::Degraded(reason.to_owned()));
-        crate::telemetry::source_up(source, false);
+        crate::observe::metrics::source_up(source, false);
     }
 }
 

@@ -35,6 +35,9 @@
 //!
 //! All of this uses the `Bus` contract only, so both engines behave alike.
 
+pub mod consent;
+pub mod dlq;
+
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -49,11 +52,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, embedded::partition_for};
+use crate::bus::{publish_retrying, while_unavailable};
 use crate::config::{FilterConfig, RetryConfig, Source, Subscription};
-use crate::health::{Health, State};
-use crate::lineage::{Lineage, Step};
-use crate::telemetry;
-use crate::{now_ms, publish_retrying, while_unavailable};
+use crate::now_ms;
+use crate::observe::health::{Health, State};
+use crate::observe::lineage::{Lineage, Step};
+use crate::observe::metrics;
 
 /// Consumer group of a subscription.
 #[must_use]
@@ -115,7 +119,7 @@ struct Done {
     error: Option<DeliveryError>,
     dead_letter: Option<(String, Vec<u8>, Vec<u8>)>,
     /// The audit records to append before the ack (deliveries and withheld deliveries).
-    audit: Vec<crate::audit::Entry>,
+    audit: Vec<crate::observe::audit::Entry>,
     /// Not finished but parked: published to the retry topic before the ack, no outcome.
     park: Option<RetryRecord>,
 }
@@ -202,22 +206,22 @@ struct RetryPart {
 #[derive(Default, Clone)]
 pub struct Hooks {
     /// Deliver only what consent allows.
-    pub consent: Option<Arc<crate::consent::ConsentCheck>>,
+    pub consent: Option<Arc<crate::deliver::consent::ConsentCheck>>,
     /// Append an audit record per delivery; acked only once it is on disk.
-    pub audit: Option<crate::audit::Audit>,
+    pub audit: Option<crate::observe::audit::Audit>,
     /// The sink sends each record to its receiver (address book), or the subscription takes
     /// only records for the receivers it names: the audit names the record's receiver as
     /// the party that got it.
     pub receiver_is_party: bool,
     /// For a subscription of raw messages: finds the patients (and receiver) a message
     /// declares, so its audit records name them.
-    pub raw_patients: Option<Arc<crate::keys::RawPatients>>,
+    pub raw_patients: Option<Arc<crate::route::keys::RawPatients>>,
 }
 
 impl Hooks {
     /// The patients (and receiver) a raw message declares, read once for its consent check
     /// and its audit records; nothing for an event or without a reader.
-    async fn raw_declared(&self, payload: &Payload) -> crate::keys::Declared {
+    async fn raw_declared(&self, payload: &Payload) -> crate::route::keys::Declared {
         match (payload, &self.raw_patients) {
             (Payload::Raw(env), Some(raw)) if self.consent.is_some() || self.audit.is_some() => {
                 // Normalising is parsing: off the async workers.
@@ -226,7 +230,7 @@ impl Hooks {
                     .await
                     .unwrap_or_default()
             }
-            _ => crate::keys::Declared::default(),
+            _ => crate::route::keys::Declared::default(),
         }
     }
 
@@ -237,8 +241,8 @@ impl Hooks {
         subscription: &str,
         action: &str,
         job: &Job,
-        raw: &crate::keys::Declared,
-    ) -> Vec<crate::audit::Entry> {
+        raw: &crate::route::keys::Declared,
+    ) -> Vec<crate::observe::audit::Entry> {
         if self.audit.is_none() {
             return Vec::new();
         }
@@ -259,7 +263,7 @@ impl Hooks {
             .as_ref()
             .and_then(|c| c.policy.party.clone())
             .or(receiver.filter(|_| self.receiver_is_party));
-        let entry = |patient: Option<String>| crate::audit::Entry {
+        let entry = |patient: Option<String>| crate::observe::audit::Entry {
             action: action.to_owned(),
             actor: format!("subscription:{subscription}"),
             party: party.clone(),
@@ -657,7 +661,7 @@ impl Loop {
         }
         for t in &self.source_topics {
             let since = oldest.get(t.as_str()).copied().unwrap_or(0);
-            telemetry::parked_since(&self.name, t, since);
+            metrics::parked_since(&self.name, t, since);
         }
     }
 
@@ -749,7 +753,7 @@ pub async fn run_with<B: Bus>(
         retry_parts: HashMap::new(),
         finished: Vec::new(),
     };
-    let mut tracked = telemetry::InFlight::new(&sub.name);
+    let mut tracked = metrics::InFlight::new(&sub.name);
     // Acknowledged since the last commit: committed when the subscription is idle.
     let mut uncommitted = false;
     while !cancel.is_cancelled() {
@@ -908,7 +912,7 @@ async fn finish<B: Bus>(
     batch: Vec<Done>,
     lineage: &Lineage,
     cancel: &CancellationToken,
-    audit: Option<&crate::audit::Audit>,
+    audit: Option<&crate::observe::audit::Audit>,
 ) -> Result<(), BusError> {
     let at = now_ms();
     let mut out = Vec::with_capacity(batch.len() * 2);
@@ -997,11 +1001,11 @@ async fn finish<B: Bus>(
             step.detail = Some(e.detail().to_owned());
         }
         match (d.outcome, &d.error) {
-            (Outcome::DeadLettered, e) => telemetry::dead_lettered(
+            (Outcome::DeadLettered, e) => metrics::dead_lettered(
                 subscription,
                 e.as_ref().map_or("unknown", DeliveryError::reason),
             ),
-            (Outcome::Filtered, _) => telemetry::filtered(subscription),
+            (Outcome::Filtered, _) => metrics::filtered(subscription),
             _ => {} // delivered: counted by the lane, with its latency
         }
         lineage.step(&d.envelope_id, step).await;
@@ -1095,7 +1099,7 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
             else {
                 return; // cancelled: not acked, checked again after restart
             };
-            if let crate::consent::Verdict::Withhold(detail) = verdict {
+            if let crate::deliver::consent::Verdict::Withhold(detail) = verdict {
                 let audit = hooks
                     .audit_entries(&subscription, "delivery_withheld", &job, &raw)
                     .await;
@@ -1133,10 +1137,10 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
         };
         let (outcome, error) = match sink.deliver(&delivery).await {
             Ok(_receipt) => {
-                telemetry::delivered(
+                metrics::delivered(
                     &subscription,
                     job.kind,
-                    telemetry::since_received(&delivery.payload),
+                    metrics::since_received(&delivery.payload),
                 );
                 (Outcome::Delivered, None)
             }
@@ -1155,7 +1159,7 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                     };
                     (Outcome::DeadLettered, Some(exhausted))
                 } else {
-                    telemetry::retrying(&subscription, delivery.attempt, &e);
+                    metrics::retrying(&subscription, delivery.attempt, &e);
                     let mut step = Step::new(now, "delivery", "retrying");
                     step.subscription = Some(subscription.to_string());
                     step.record_id = Some(job.record_id.clone());
@@ -1236,12 +1240,12 @@ async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
 
 /// Ask the consent registry, waiting while it cannot answer; `None` when cancelled.
 async fn consent_verdict(
-    consent: &crate::consent::ConsentCheck,
+    consent: &crate::deliver::consent::ConsentCheck,
     payload: &Payload,
     raw_patients: &[String],
     subscription: &str,
     cancel: &CancellationToken,
-) -> Option<crate::consent::Verdict> {
+) -> Option<crate::deliver::consent::Verdict> {
     loop {
         match consent.verdict(payload, raw_patients).await {
             Ok(v) => return Some(v),
@@ -1542,12 +1546,15 @@ mod tests {
     /// A registry where every patient denies everything.
     struct DenyAll;
 
-    impl crate::consent::ConsentRegistry for DenyAll {
+    impl crate::deliver::consent::ConsentRegistry for DenyAll {
         fn lookup<'a>(
             &'a self,
-            _q: crate::consent::ConsentQuery<'a>,
-        ) -> BoxFuture<'a, Result<crate::consent::Answer, crate::consent::ConsentError>> {
-            Box::pin(async { Ok(crate::consent::Answer::Denied) })
+            _q: crate::deliver::consent::ConsentQuery<'a>,
+        ) -> BoxFuture<
+            'a,
+            Result<crate::deliver::consent::Answer, crate::deliver::consent::ConsentError>,
+        > {
+            Box::pin(async { Ok(crate::deliver::consent::Answer::Denied) })
         }
     }
 
@@ -1581,15 +1588,16 @@ mod tests {
         let sink = Arc::new(SlowRecorder {
             got: Mutex::new(Vec::new()),
         });
-        let key = crate::audit::AuditKey::new(b"audit-key-for-unit-tests-0123456789".to_vec());
-        let audit = crate::audit::Audit::open(dir.path(), key.unwrap()).unwrap();
+        let key =
+            crate::observe::audit::AuditKey::new(b"audit-key-for-unit-tests-0123456789".to_vec());
+        let audit = crate::observe::audit::Audit::open(dir.path(), key.unwrap()).unwrap();
         let hooks = Hooks {
-            consent: Some(Arc::new(crate::consent::ConsentCheck {
+            consent: Some(Arc::new(crate::deliver::consent::ConsentCheck {
                 registry: Arc::new(DenyAll),
-                policy: crate::consent::SubscriptionConsent {
+                policy: crate::deliver::consent::SubscriptionConsent {
                     party: Some("agb:01234567".into()),
                     purpose: "treatment".into(),
-                    default: crate::consent::DefaultDecision::Allow,
+                    default: crate::deliver::consent::DefaultDecision::Allow,
                 },
             })),
             audit: Some(audit),
@@ -1624,7 +1632,7 @@ mod tests {
         assert_eq!(o.reason.as_deref(), Some("no_consent"));
         assert_eq!(o.envelope_id, "env-1");
         assert!(sink.got.lock().unwrap().is_empty(), "never delivered");
-        let trail = std::fs::read_to_string(crate::audit::path_in(dir.path())).unwrap();
+        let trail = std::fs::read_to_string(crate::observe::audit::path_in(dir.path())).unwrap();
         assert!(
             trail.contains("\"action\":\"delivery_withheld\""),
             "{trail}"

@@ -1,0 +1,31 @@
+//! `ketenbus consent`: consent registry helpers.
+
+use std::path::Path;
+
+use anyhow::Context;
+use ketenbus_schemas::event::{Identifier, systems};
+
+use crate::route::keys::PatientKeyer;
+
+/// Print the patient pseudonym (patient key) of a BSN, the value the consent file's
+/// `patient` column holds, reading the patient-key secret as `ketenbus run` does.
+///
+/// # Errors
+/// The configuration is invalid or the secret cannot be read.
+pub fn pseudonym(config: Option<&Path>, bsn: &str) -> anyhow::Result<()> {
+    let settings = super::load(config)?;
+    let cfg = &settings.config;
+    let secret = cfg
+        .keys
+        .patient_key_secret_env
+        .as_ref()
+        .and_then(|v| std::env::var(v).ok());
+    let keyer =
+        PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
+    let id = Identifier {
+        system: systems::BSN.into(),
+        value: bsn.trim().to_owned(),
+    };
+    println!("{}", keyer.key_of(&id));
+    Ok(())
+}

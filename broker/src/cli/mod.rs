@@ -1,0 +1,120 @@
+//! The subcommands of the `ketenbus` command line, one file each, with what they share:
+//! loading the configuration, the operator check and the audit trail of operator actions.
+//! `main.rs` only parses arguments and calls them.
+
+pub mod audit;
+pub mod check_config;
+pub mod consent;
+pub mod dlq;
+pub mod inspect;
+pub mod run;
+pub mod status;
+pub mod token;
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::config::{Config, Settings};
+use crate::observe::audit::{Audit, AuditKey};
+
+/// The process environment, as configuration validation reads it.
+#[must_use]
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Load and validate, printing every problem.
+///
+/// # Errors
+/// The file cannot be read or parsed, or the configuration has problems (all listed).
+pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
+    let config = match path {
+        Some(p) => Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
+        None => Config::default(),
+    };
+    config.validate(&env_var).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
+    })
+}
+
+/// An RFC 3339 time given on the command line, as milliseconds since the epoch.
+///
+/// # Errors
+/// Not an RFC 3339 time, or before 1970.
+pub fn parse_since(since: Option<&str>) -> anyhow::Result<Option<i64>> {
+    since
+        .map(|s| {
+            let t = humantime::parse_rfc3339_weak(s)
+                .with_context(|| format!("--since {s:?} is not an RFC 3339 time"))?;
+            let ms = t
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("--since before 1970")?
+                .as_millis();
+            Ok(i64::try_from(ms)?)
+        })
+        .transpose()
+}
+
+/// When `[[operators]]` are configured, the operator whose token is in
+/// KETENBUS_OPERATOR_TOKEN, or an error; `None` when none are configured.
+///
+/// # Errors
+/// Operators are configured and the token is missing or names none of them.
+pub fn operator(settings: &Settings) -> anyhow::Result<Option<String>> {
+    let auth =
+        crate::http::auth::Authenticator::new(&settings.config.senders, &settings.config.operators);
+    let token = std::env::var("KETENBUS_OPERATOR_TOKEN").ok();
+    auth.operator_token(token.as_deref())
+        .map(|p| p.map(|p| p.name.clone()))
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The audit key as the configuration names it (also when `[audit] enabled = false`, to
+/// check an older trail).
+///
+/// # Errors
+/// The key cannot be read.
+pub fn audit_key(settings: &Settings) -> anyhow::Result<AuditKey> {
+    let cfg = &settings.config;
+    cfg.audit
+        .key(&cfg.data_dir, &env_var)
+        .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))
+}
+
+/// The operator running a command (checked against the configured operators) as the audit
+/// trail names it, and the trail its records go to (none when the audit is off).
+///
+/// # Errors
+/// The operator check fails, or the trail cannot be opened.
+pub fn operator_audit(settings: &Settings) -> anyhow::Result<(Option<Audit>, String)> {
+    let operator = operator(settings)?;
+    let audit = if settings.config.audit.enabled {
+        Some(
+            Audit::open(&settings.config.data_dir, audit_key(settings)?)
+                .context("opening the audit trail")?,
+        )
+    } else {
+        None
+    };
+    let actor = operator.map_or_else(|| "anonymous".to_owned(), |o| format!("operator:{o}"));
+    Ok((audit, actor))
+}
+
+/// The Kafka engine as the configuration names it, sized so every message the listener
+/// takes fits a record.
+///
+/// # Errors
+/// `bus.kafka` is missing, or the client cannot be made.
+pub fn kafka_bus(settings: &Settings) -> anyhow::Result<crate::bus::kafka::KafkaBus> {
+    let mut config = settings
+        .config
+        .bus
+        .kafka
+        .clone()
+        .context("bus.kafka is required")?;
+    config.max_record_bytes =
+        settings.config.http.max_body.as_u64() + crate::bus::kafka::RECORD_OVERHEAD;
+    Ok(crate::bus::kafka::KafkaBus::new(&config)?)
+}

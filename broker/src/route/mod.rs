@@ -1,0 +1,6 @@
+//! The router: raw envelopes normalised into events, CONTRL replies, bounces; and the
+//! patient keys that partition events.
+
+pub mod inspect;
+pub mod keys;
+pub mod router;
