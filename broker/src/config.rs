@@ -407,6 +407,23 @@ pub struct Subscription {
     pub concurrency: usize,
 }
 
+impl Subscription {
+    /// The topics it reads: its event kinds or raw, and its replay topic.
+    #[must_use]
+    pub fn source_topics(&self) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .sources
+            .iter()
+            .map(|s| match s {
+                Source::Raw => ketenbus_schemas::topics::RAW.to_owned(),
+                Source::Events(kind) => ketenbus_schemas::topics::events(*kind),
+            })
+            .collect();
+        t.push(ketenbus_schemas::topics::replay(&self.name));
+        t
+    }
+}
+
 /// The validated configuration the runtime uses.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -416,7 +433,55 @@ pub struct Settings {
     pub subscriptions: Vec<Subscription>,
 }
 
+impl Settings {
+    /// What metric labels may carry under this configuration: each subscription with the
+    /// topics it reads, and the mail sources.
+    #[must_use]
+    pub fn metric_labels(&self) -> crate::observe::metrics::Configured {
+        let mut sources: BTreeSet<String> = self
+            .config
+            .mail
+            .imap
+            .iter()
+            .map(|m| format!("imap:{}", m.name))
+            .collect();
+        if self.config.mail.smtp.is_some() {
+            sources.insert("smtp".to_owned());
+        }
+        crate::observe::metrics::Configured {
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|s| (s.name.clone(), s.source_topics()))
+                .collect(),
+            sources,
+        }
+    }
+}
+
 impl Config {
+    /// What a config leaves open, for `check-config` and the start-up log.
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        let config = self;
+        let mut w = Vec::new();
+        if !config.http.listen.ip().is_loopback() {
+            if config.senders.is_empty() {
+                w.push(format!(
+                    "http.listen {} is not loopback and no [[senders]] are configured: anyone who reaches it may post messages",
+                    config.http.listen
+                ));
+            }
+            if config.operators.is_empty() {
+                w.push(format!(
+                    "http.listen {} is not loopback and no [[operators]] are configured: anyone who reaches it may read lineage",
+                    config.http.listen
+                ));
+            }
+        }
+        w
+    }
+
     /// Read a TOML file.
     ///
     /// # Errors

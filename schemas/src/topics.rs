@@ -1,4 +1,4 @@
-//! Topic names. They are part of the public contract (README "Topics") and fixed by tests.
+//! Topic and consumer-group names. They are part of the public contract (README "Topics") and fixed by tests.
 
 use crate::event::EventKind;
 
@@ -32,6 +32,22 @@ pub fn replay(subscription: &str) -> String {
 #[must_use]
 pub fn retry(subscription: &str) -> String {
     format!("ketenbus.retry.{subscription}")
+}
+
+/// Consumer group of the router, which reads [`RAW`].
+pub const ROUTER_GROUP: &str = "ketenbus.router";
+
+/// Consumer group of one subscription on the topics it reads: `ketenbus.sub.<subscription>`.
+#[must_use]
+pub fn subscription_group(subscription: &str) -> String {
+    format!("ketenbus.sub.{subscription}")
+}
+
+/// Consumer group that reads one subscription's [`retry`] topic:
+/// `ketenbus.sub.<subscription>.retry`.
+#[must_use]
+pub fn retry_group(subscription: &str) -> String {
+    format!("ketenbus.sub.{subscription}.retry")
 }
 
 #[cfg(test)]

@@ -173,7 +173,7 @@ fn closed_sets(
         .expect("config")
         .validate(&|k| std::env::var(k).ok())
         .expect("valid config");
-    ketenbus::observe::metrics::closed_label_values(&settings)
+    ketenbus::observe::metrics::closed_label_values(&settings.metric_labels())
 }
 
 /// The family a sample belongs to: histogram samples carry a suffix.

@@ -290,8 +290,7 @@ impl EmbeddedBus {
     }
 
     /// Bytes the log takes on disk (database plus WAL).
-    #[must_use]
-    pub fn disk_bytes(&self) -> u64 {
+    fn bytes_on_disk(&self) -> u64 {
         let wal = self.inner.path.with_extension("db-wal");
         [self.inner.path.as_path(), wal.as_path()]
             .iter()
@@ -711,6 +710,10 @@ fn remove(conn: &mut Connection, topic: &str, positions: &[(u32, i64)]) -> rusql
 impl Bus for EmbeddedBus {
     type Consumer = EmbeddedConsumer;
 
+    fn disk_bytes(&self) -> Option<u64> {
+        Some(self.bytes_on_disk())
+    }
+
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::CreateTopics(topics.to_vec(), tx))
@@ -1087,7 +1090,7 @@ mod tests {
                 .collect();
             bus.publish(recs).await.unwrap();
         }
-        let before = bus.disk_bytes();
+        let before = bus.bytes_on_disk();
         assert!(before > 4_000_000, "wrote about 4 MB, disk shows {before}");
         let report = bus
             .retention_pass(Duration::from_secs(3600), 512 * 1024, &Readers::new())
@@ -1097,13 +1100,13 @@ mod tests {
         // The write-ahead log is truncated once no reader holds it (a checkpoint running on
         // its own thread may for a moment): the next pass gives the space back then.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut after = bus.disk_bytes();
+        let mut after = bus.bytes_on_disk();
         while after >= before / 3 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
             bus.retention_pass(Duration::from_secs(3600), 512 * 1024, &Readers::new())
                 .await
                 .unwrap();
-            after = bus.disk_bytes();
+            after = bus.bytes_on_disk();
         }
         assert!(
             after < before / 3,

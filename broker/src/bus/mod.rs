@@ -239,6 +239,11 @@ pub trait Bus: Send + Sync + 'static {
     fn refuses_ingest(&self) -> Option<String> {
         None
     }
+
+    /// Bytes the log takes on this machine's disk, for an engine that keeps it here.
+    fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A consumer group member.

@@ -16,7 +16,7 @@ pub fn run(config: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for w in crate::http::auth::warnings(&parsed) {
+    for w in parsed.warnings() {
         eprintln!("{}: warning: {w}", config.display());
     }
     match parsed.validate(&super::env_var) {

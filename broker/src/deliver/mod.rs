@@ -53,38 +53,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, embedded::partition_for};
 use crate::bus::{publish_retrying, while_unavailable};
-use crate::config::{FilterConfig, RetryConfig, Source, Subscription};
+use crate::config::{FilterConfig, RetryConfig, Subscription};
 use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Step};
 use crate::observe::metrics;
-
-/// Consumer group of a subscription.
-#[must_use]
-pub fn group(subscription: &str) -> String {
-    format!("ketenbus.sub.{subscription}")
-}
-
-/// Consumer group that reads a subscription's retry topic.
-#[must_use]
-pub fn retry_group(subscription: &str) -> String {
-    format!("ketenbus.sub.{subscription}.retry")
-}
-
-/// The topics a subscription reads.
-#[must_use]
-pub fn source_topics(sub: &Subscription) -> Vec<String> {
-    let mut t: Vec<String> = sub
-        .sources
-        .iter()
-        .map(|s| match s {
-            Source::Raw => topics::RAW.to_owned(),
-            Source::Events(kind) => topics::events(*kind),
-        })
-        .collect();
-    t.push(topics::replay(&sub.name));
-    t
-}
 
 /// What earlier attempts of a record left (records read from the retry topic).
 #[derive(Clone, Copy)]
@@ -432,7 +405,7 @@ async fn scan_parked<B: Bus>(
     cancel: &CancellationToken,
 ) -> Result<usize, BusError> {
     let topic = topics::retry(subscription);
-    let group = retry_group(subscription);
+    let group = topics::retry_group(subscription);
     let parts = while_unavailable(cancel, || bus.lag(&group, &topic)).await?;
     let mut found = 0;
     for (partition, committed, end) in parts {
@@ -661,7 +634,7 @@ impl Loop {
         }
         for t in &self.source_topics {
             let since = oldest.get(t.as_str()).copied().unwrap_or(0);
-            metrics::parked_since(&self.name, t, since);
+            crate::observe::watch::parked_since(&self.name, t, since);
         }
     }
 
@@ -698,10 +671,10 @@ pub async fn run_with<B: Bus>(
             tracing::info!(subscription = %sub.name, parked = found, "records waiting on the retry topic");
         }
         let consumer = bus
-            .subscribe(&group(&sub.name), &source_topics(&sub))
+            .subscribe(&topics::subscription_group(&sub.name), &sub.source_topics())
             .await?;
         let retry = bus
-            .subscribe(&retry_group(&sub.name), &[topics::retry(&sub.name)])
+            .subscribe(&topics::retry_group(&sub.name), &[topics::retry(&sub.name)])
             .await?;
         Ok::<_, BusError>((consumer, retry))
     };
@@ -743,7 +716,7 @@ pub async fn run_with<B: Bus>(
     }
     let mut st = Loop {
         name: sub.name.clone(),
-        source_topics: source_topics(&sub),
+        source_topics: sub.source_topics(),
         parked_reported: Instant::now(),
         retry_topic: topics::retry(&name),
         parking,
@@ -753,7 +726,7 @@ pub async fn run_with<B: Bus>(
         retry_parts: HashMap::new(),
         finished: Vec::new(),
     };
-    let mut tracked = metrics::InFlight::new(&sub.name);
+    let mut tracked = crate::observe::watch::InFlight::new(&sub.name);
     // Acknowledged since the last commit: committed when the subscription is idle.
     let mut uncommitted = false;
     while !cancel.is_cancelled() {
@@ -1272,6 +1245,7 @@ mod tests {
     use crate::bus::TopicSpec;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
     use crate::config::Sink as SinkConfig;
+    use crate::config::Source;
 
     /// A real sink that takes its time: records what arrives, in arrival order.
     struct SlowRecorder {
@@ -1301,7 +1275,7 @@ mod tests {
 
     /// Every topic a subscription reads and writes.
     fn specs_for(sub: &Subscription, partitions: u32) -> Vec<TopicSpec> {
-        let mut names = source_topics(sub);
+        let mut names = sub.source_topics();
         names.push(topics::DELIVERY_OUTCOMES.into());
         names.push(topics::dead_letters(&sub.name));
         names.push(topics::retry(&sub.name));

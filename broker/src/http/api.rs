@@ -1,4 +1,4 @@
-//! The HTTP API: message ingest, lineage, health.
+//! The REST API: message ingest, lineage, health.
 //!
 //! `POST /api/v1/messages` answers `202` only after the envelope is durable on the raw topic.
 
@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,40 +18,19 @@ use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
 use crate::bus::Bus;
-use crate::http::idempotency::{IdempotencyError, NotTaken};
-use crate::ingest::BusIngest;
+use crate::http::idempotency::{NotTaken, idempotency_key, idempotency_refusal};
+use crate::http::state::ApiState;
 use crate::now_ms;
-use crate::observe::health::Health;
-use crate::observe::lineage::{Lineage, ListQuery};
+use crate::observe::lineage::ListQuery;
 
-/// Shared state of the handlers.
-pub struct ApiState<B: Bus> {
-    /// Where messages go.
-    pub ingest: BusIngest<B>,
-    /// Lineage index.
-    pub lineage: Lineage,
-    /// Which `Idempotency-Key` gave which message id.
-    pub idempotency: crate::http::idempotency::Idempotency,
-    /// Component health.
-    pub health: Arc<Health>,
-    /// Largest accepted body.
-    pub max_body: usize,
-}
-
-/// The API router.
-pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
-    let limit = state.max_body;
+/// The REST routes: messages, lineage, health.
+pub fn routes<B: Bus>() -> Router<Arc<ApiState<B>>> {
     Router::new()
         .route("/api/v1/messages", post(post_message::<B>))
         .route("/api/v1/messages", get(list_messages::<B>))
         .route("/api/v1/messages/{id}", get(get_message::<B>))
         .route("/healthz", get(healthz::<B>))
         .route("/readyz", get(readyz::<B>))
-        .merge(crate::observe::metrics::routes::<B>())
-        .merge(crate::http::fhir::routes::<B>())
-        // One byte over the limit is enough to know it is too large.
-        .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
-        .with_state(state)
 }
 
 fn problem(status: StatusCode, code: &str, message: &str) -> Response {
@@ -156,24 +135,6 @@ async fn post_message<B: Bus>(
             "ingest_failed",
             &e.to_string(),
         ),
-    }
-}
-
-/// The `Idempotency-Key` request header, when it is text.
-pub(crate) fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().unwrap_or("\u{0}"))
-}
-
-/// Status and code for a key that cannot be used.
-pub(crate) fn idempotency_refusal(e: &IdempotencyError) -> (StatusCode, &'static str) {
-    match e {
-        IdempotencyError::Malformed => (StatusCode::BAD_REQUEST, "bad_idempotency_key"),
-        IdempotencyError::Reused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
-        IdempotencyError::Unavailable(_) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "idempotency_unavailable")
-        }
     }
 }
 

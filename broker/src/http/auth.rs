@@ -318,27 +318,6 @@ pub fn problems(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Vec<(
     out
 }
 
-/// What a config leaves open, for `check-config` and the start-up log.
-#[must_use]
-pub fn warnings(config: &crate::config::Config) -> Vec<String> {
-    let mut w = Vec::new();
-    if !config.http.listen.ip().is_loopback() {
-        if config.senders.is_empty() {
-            w.push(format!(
-                "http.listen {} is not loopback and no [[senders]] are configured: anyone who reaches it may post messages",
-                config.http.listen
-            ));
-        }
-        if config.operators.is_empty() {
-            w.push(format!(
-                "http.listen {} is not loopback and no [[operators]] are configured: anyone who reaches it may read lineage",
-                config.http.listen
-            ));
-        }
-    }
-    w
-}
-
 /// The authenticated sender of a request, put into its extensions by [`protect`].
 #[derive(Debug, Clone)]
 pub struct AuthenticatedSender(pub Principal);

@@ -22,9 +22,9 @@ use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
 use crate::bus::Bus;
-use crate::http::api::ApiState;
 use crate::http::auth::AuthenticatedSender;
 use crate::http::idempotency::NotTaken;
+use crate::http::state::ApiState;
 use crate::now_ms;
 
 /// The `/fhir` routes, to merge into the API router (state: the API's).
@@ -278,7 +278,7 @@ async fn handle<B: Bus>(
         .idempotency
         .accept_once(
             &st.ingest,
-            crate::http::api::idempotency_key(headers),
+            crate::http::idempotency::idempotency_key(headers),
             scope,
             &body,
             |id| RawEnvelope {
@@ -297,7 +297,7 @@ async fn handle<B: Bus>(
     let id = match taken {
         Ok(id) => id,
         Err(NotTaken::Key(e)) => {
-            let (status, _) = crate::http::api::idempotency_refusal(&e);
+            let (status, _) = crate::http::idempotency::idempotency_refusal(&e);
             return issue(status, out, "error", "invalid", &e.to_string(), None);
         }
         Err(NotTaken::Ingest(IngestError::Unavailable(e))) => {

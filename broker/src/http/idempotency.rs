@@ -19,6 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::http::{HeaderMap, StatusCode};
 use ketenbus_connectors::ingest::{Ingest, IngestError};
 use ketenbus_schemas::RawEnvelope;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -260,6 +261,24 @@ impl Drop for Claimed {
         // Only this request's turn refers to the lock besides the map: nobody waits.
         if busy.get(&slot).is_some_and(|m| Arc::strong_count(m) <= 2) {
             busy.remove(&slot);
+        }
+    }
+}
+
+/// The `Idempotency-Key` request header, when it is text.
+pub fn idempotency_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or("\u{0}"))
+}
+
+/// Status and code for a key that cannot be used.
+pub fn idempotency_refusal(e: &IdempotencyError) -> (StatusCode, &'static str) {
+    match e {
+        IdempotencyError::Malformed => (StatusCode::BAD_REQUEST, "bad_idempotency_key"),
+        IdempotencyError::Reused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+        IdempotencyError::Unavailable(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "idempotency_unavailable")
         }
     }
 }

@@ -7,3 +7,38 @@ pub mod budget;
 pub mod fhir;
 pub mod idempotency;
 pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::bus::Bus;
+use crate::observe::metrics;
+use state::ApiState;
+
+/// Every route the broker serves: the REST API, the FHIR endpoints and `GET /metrics`.
+pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
+    let limit = state.max_body;
+    Router::new()
+        .merge(api::routes::<B>())
+        .merge(fhir::routes::<B>())
+        .route("/metrics", get(metrics_text))
+        // One byte over the limit is enough to know it is too large.
+        .layer(DefaultBodyLimit::max(limit.saturating_add(1)))
+        .with_state(state)
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format (version 0.0.4).
+async fn metrics_text() -> Response {
+    let mut resp = metrics::render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}

@@ -1,7 +1,8 @@
-//! Telemetry: every metric ketenbus exports, and one function per thing that happens, which
+//! Metrics: every metric ketenbus exports, and one function per thing that happens, which
 //! bumps the metric and writes the DEBUG trace line together. `GET /metrics` serves them in
-//! the Prometheus text format; a watcher task samples consumer lag, the age of the oldest
-//! undelivered record and the log's size on disk.
+//! the Prometheus text format ([`render`]); the watcher (`observe::watch`) samples consumer
+//! lag, the age of the oldest undelivered record and the log's size on disk. A leaf: it
+//! imports nothing of the broker, so every stage may report here.
 //!
 //! Names follow `ketenbus_<stage>_<noun>_<unit>[_total]` in base units. Labels come from
 //! small closed sets only (connector, format, kind, subscription, outcome, reason code):
@@ -13,16 +14,10 @@
 //! until it is added to its list. Every series the dashboard and the alerts use is created
 //! at zero by [`init`], so `increase()` sees the first dead letter.
 
-use std::any::Any;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use ketenbus_connectors::ingest::IngestError;
 use ketenbus_connectors::sink::{DeliveryError, Payload};
 use ketenbus_schemas::{EventKind, Format, Outcome, topics};
@@ -30,13 +25,8 @@ use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-use tokio_util::sync::CancellationToken;
 
-use crate::bus::embedded::EmbeddedBus;
-use crate::bus::{AckToken, Bus, Record};
-use crate::config::Settings;
 use crate::now_ms;
-use crate::observe::lineage::Step;
 
 /// Messages accepted onto the log, per connector and format.
 pub const INGEST_RECEIVED_MESSAGES: &str = "ketenbus_ingest_received_messages_total";
@@ -223,25 +213,26 @@ fn label_sets(pairs: &[(&'static str, &BTreeSet<String>)]) -> LabelSets {
     pairs.iter().map(|(k, v)| (*k, (*v).clone())).collect()
 }
 
-/// Every label of every ketenbus metric, with the values it may take under `settings`:
+/// What the configuration names that labels may carry: each subscription with the topics it
+/// reads, and the mail sources (`smtp`, `imap:<name>`).
+#[derive(Debug, Clone, Default)]
+pub struct Configured {
+    /// Subscription name and the topics it reads.
+    pub subscriptions: Vec<(String, Vec<String>)>,
+    /// Mail sources, as `ketenbus_ingest_source_up` names them.
+    pub sources: BTreeSet<String>,
+}
+
+/// Every label of every ketenbus metric, with the values it may take under `configured`:
 /// metric name -> label -> values. Subscriptions and sources are the configured ones; every
 /// other set is fixed in code. A metric without labels is not listed.
 #[must_use]
-pub fn closed_label_values(settings: &Settings) -> BTreeMap<&'static str, LabelSets> {
+pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, LabelSets> {
     let with_other = |values: &[&'static str]| owned(values.iter().copied().chain([OTHER]));
     let connector = with_other(&CONNECTORS);
     let format = owned(Format::ALL.into_iter().map(Format::as_str));
-    let subscription = owned(settings.subscriptions.iter().map(|s| s.name.as_str()));
-    let mut source: BTreeSet<String> = settings
-        .config
-        .mail
-        .imap
-        .iter()
-        .map(|m| format!("imap:{}", m.name))
-        .collect();
-    if settings.config.mail.smtp.is_some() {
-        source.insert("smtp".to_owned());
-    }
+    let subscription = owned(configured.subscriptions.iter().map(|(s, _)| s.as_str()));
+    let source = configured.sources.clone();
     let kind = owned(topic_kinds());
     let outcome =
         owned([Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered].map(Outcome::as_str));
@@ -316,9 +307,6 @@ pub fn closed_label_values(settings: &Settings) -> BTreeMap<&'static str, LabelS
         (BUILD_INFO, label_sets(&[("version", &version)])),
     ])
 }
-
-/// How often the watcher samples lag, oldest-undelivered age and disk usage.
-pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Latency buckets in seconds: sub-second webhooks up to a day of retries.
 const LATENCY_BUCKETS: [f64; 18] = [
@@ -501,40 +489,6 @@ impl Metrics {
 /// collector: RSS, CPU seconds, open file descriptors).
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics::new(prometheus::default_registry()));
 
-/// What a subscription's dispatcher tells the watcher about one source topic.
-#[derive(Default)]
-struct Slot {
-    /// Append time of the oldest record polled and not finished (ms since the epoch, 0 = none).
-    oldest: AtomicI64,
-    /// Per partition, the offset after the highest record polled.
-    read: Mutex<HashMap<u32, i64>>,
-    /// First failure of the oldest record of this topic parked on the retry topic (ms since
-    /// the epoch, 0 = none): undelivered, though its source offset is committed.
-    parked: AtomicI64,
-}
-
-impl Slot {
-    fn read(&self) -> std::sync::MutexGuard<'_, HashMap<u32, i64>> {
-        self.read
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Slots by (subscription, topic).
-type Slots = HashMap<(String, String), Arc<Slot>>;
-static SLOTS: LazyLock<Mutex<Slots>> = LazyLock::new(Mutex::default);
-
-fn slot_of(subscription: &str, topic: &str) -> Arc<Slot> {
-    let mut map = SLOTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    Arc::clone(
-        map.entry((subscription.to_owned(), topic.to_owned()))
-            .or_default(),
-    )
-}
-
 /// The `kind` label of a topic a subscription reads: the event kind, `raw` or `replay`.
 #[must_use]
 pub fn topic_kind(topic: &str) -> &'static str {
@@ -561,7 +515,7 @@ fn unix_seconds(ms: i64) -> f64 {
 /// every refusal reason) and its last-received time (set to now), the router's counters for
 /// every kind and reason, each subscription's outcomes, retries, dead letters for every
 /// reason, lag and age. Call once at start-up; calling again is harmless.
-pub fn init(settings: &Settings, connectors: &[&str]) {
+pub fn init(configured: &Configured, connectors: &[&str]) {
     let m = &*METRICS;
     let now = unix_seconds(now_ms());
     for connector in connectors {
@@ -590,8 +544,8 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
     for reason in SKIP_REASONS.into_iter().chain([OTHER]) {
         m.router_skipped.with_label_values(&[reason]);
     }
-    for sub in &settings.subscriptions {
-        let name = sub.name.as_str();
+    for (name, topics) in &configured.subscriptions {
+        let name = name.as_str();
         for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
             m.deliveries.with_label_values(&[name, outcome.as_str()]);
         }
@@ -600,20 +554,12 @@ pub fn init(settings: &Settings, connectors: &[&str]) {
         }
         m.retries.with_label_values(&[name]);
         m.latency.with_label_values(&[name]);
-        for topic in crate::deliver::source_topics(sub) {
-            let kind = topic_kind(&topic);
+        for topic in topics {
+            let kind = topic_kind(topic);
             m.lag.with_label_values(&[name, kind]).set(0);
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
         }
     }
-}
-
-/// The oldest record from `topic` that `subscription` holds parked failed first at
-/// `since_ms` (0: none); it counts in that topic's oldest undelivered age.
-pub fn parked_since(subscription: &str, topic: &str, since_ms: i64) {
-    slot_of(subscription, topic)
-        .parked
-        .store(since_ms, Ordering::Relaxed);
 }
 
 /// A connector accepted a message: it is durable on the raw topic.
@@ -675,41 +621,35 @@ pub fn refused(connector: &str, error: IngestError) -> IngestError {
 
 /// A retention pass ran: how far the fullest topic stays past its size limit with records not
 /// every reader has finished.
-pub fn retention(report: &crate::bus::RetentionReport) {
+pub fn retention(deleted: u64, excess_bytes: u64) {
     METRICS
         .log_excess
-        .set(i64::try_from(report.excess_bytes()).unwrap_or(i64::MAX));
-    tracing::debug!(
-        deleted = report.deleted,
-        excess_bytes = report.excess_bytes(),
-        "retention pass"
-    );
+        .set(i64::try_from(excess_bytes).unwrap_or(i64::MAX));
+    tracing::debug!(deleted, excess_bytes, "retention pass");
 }
 
-/// The router recorded `step` for a message (normalised event, dead letter or pass-by).
-/// Steps of other stages (CONTRL sent, delivery reports) are lineage only.
-pub fn routed(step: &Step) {
+/// The router recorded a lineage step for a message (normalised event, dead letter or
+/// pass-by). Steps of other stages (CONTRL sent, delivery reports) are lineage only.
+pub fn routed(stage: &str, outcome: &str, kind: Option<&str>, reason: Option<&str>) {
     let m = &*METRICS;
-    if !matches!(step.stage.as_str(), "normalise" | "normalised") {
+    if !matches!(stage, "normalise" | "normalised") {
         return;
     }
-    match step.outcome.as_str() {
+    match outcome {
         "normalised" => {
-            let kind = step
-                .kind
-                .as_deref()
+            let kind = kind
                 .and_then(EventKind::parse)
                 .map_or(OTHER, EventKind::as_str);
             m.normalised_events.with_label_values(&[kind]).inc();
             tracing::debug!(kind, "event normalised");
         }
         "rejected" => {
-            let reason = closed(step.reason.as_deref().unwrap_or(OTHER), &ROUTER_REASONS);
+            let reason = closed(reason.unwrap_or(OTHER), &ROUTER_REASONS);
             m.router_dead_letters.with_label_values(&[reason]).inc();
             tracing::debug!(reason, "message dead-lettered by the router");
         }
         outcome => {
-            let reason = closed(step.reason.as_deref().unwrap_or(outcome), &SKIP_REASONS);
+            let reason = closed(reason.unwrap_or(outcome), &SKIP_REASONS);
             m.router_skipped.with_label_values(&[reason]).inc();
             tracing::debug!(reason, "message passed by without events");
         }
@@ -780,205 +720,32 @@ pub fn filtered(subscription: &str) {
     tracing::debug!(subscription, "filtered out");
 }
 
-/// The records one subscription is working on (polled, not yet finished), so the watcher
-/// can tell the age of the oldest undelivered one per source topic.
-pub struct InFlight {
-    subscription: String,
-    records: HashMap<AckToken, i64>,
-    slots: HashMap<String, Arc<Slot>>,
+/// The router's consumer lag on the raw topic.
+pub fn router_lag(records: i64) {
+    METRICS.router_lag.set(records);
 }
 
-impl InFlight {
-    /// Tracking for `subscription`.
-    #[must_use]
-    pub fn new(subscription: &str) -> InFlight {
-        InFlight {
-            subscription: subscription.to_owned(),
-            records: HashMap::new(),
-            slots: HashMap::new(),
-        }
-    }
-
-    fn slot(&mut self, topic: &str) -> &Slot {
-        if !self.slots.contains_key(topic) {
-            let slot = slot_of(&self.subscription, topic);
-            self.slots.insert(topic.to_owned(), slot);
-        }
-        &self.slots[topic]
-    }
-
-    /// A record was polled; its append time counts until it is finished.
-    pub fn started(&mut self, record: &Record) {
-        let ts = record.timestamp_ms.max(1);
-        self.records.insert(record.ack_token(), ts);
-        let slot = self.slot(&record.topic);
-        let current = slot.oldest.load(Ordering::Relaxed);
-        if current == 0 || ts < current {
-            slot.oldest.store(ts, Ordering::Relaxed);
-        }
-        let mut read = slot.read();
-        let next = read.entry(record.partition).or_insert(0);
-        *next = (*next).max(record.offset + 1);
-    }
-
-    /// Records were finished (delivered, dead-lettered or filtered).
-    pub fn finished<'a>(&mut self, tokens: impl IntoIterator<Item = &'a AckToken>) {
-        for t in tokens {
-            self.records.remove(t);
-        }
-        let mut mins: HashMap<&str, i64> = HashMap::new();
-        for (t, ts) in &self.records {
-            let e = mins.entry(t.topic.as_str()).or_insert(*ts);
-            *e = (*e).min(*ts);
-        }
-        for (topic, slot) in &self.slots {
-            slot.oldest.store(
-                mins.get(topic.as_str()).copied().unwrap_or(0),
-                Ordering::Relaxed,
-            );
-        }
-    }
+/// A subscription's consumer lag on the topics of one `kind` label.
+pub fn consumer_lag(subscription: &str, kind: &str, records: i64) {
+    METRICS
+        .lag
+        .with_label_values(&[subscription, kind])
+        .set(records);
 }
 
-/// What the watcher samples for one subscription.
-struct Watched {
-    name: String,
-    group: String,
-    topics: Vec<(String, Arc<Slot>)>,
+/// The age of a subscription's oldest undelivered record of one `kind` label.
+pub fn oldest_undelivered(subscription: &str, kind: &str, age_ms: i64) {
+    METRICS
+        .oldest_age
+        .with_label_values(&[subscription, kind])
+        .set(unix_seconds(age_ms));
 }
 
-async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<Vec<(u32, i64, i64)>> {
-    match bus.lag(group, topic).await {
-        Ok(parts) => Some(parts),
-        Err(e) => {
-            tracing::debug!(group, topic, error = %e, "lag not available");
-            None
-        }
-    }
-}
-
-fn total_lag(parts: &[(u32, i64, i64)]) -> i64 {
-    parts
-        .iter()
-        .map(|(_, committed, end)| (end - committed).max(0))
-        .sum()
-}
-
-/// Per partition, since when the subscription's read position (the offset after the last
-/// record it polled, or the committed offset when it polled none) has stood still with records
-/// behind it. That is a lower bound on the age of the first unread record, and covers what the
-/// in-flight tracking cannot see: records a stopped or wedged dispatcher never polled.
-/// Finished records whose commit is still pending do not count.
-#[derive(Default)]
-struct Stalls(HashMap<(String, String, u32), (i64, i64)>);
-
-impl Stalls {
-    /// Record `parts` (partition, committed, end) of `group` on `topic` at `now`, with the
-    /// dispatcher's read positions; the longest stall in ms.
-    fn observe(
-        &mut self,
-        group: &str,
-        topic: &str,
-        parts: &[(u32, i64, i64)],
-        read: &HashMap<u32, i64>,
-        now: i64,
-    ) -> i64 {
-        let mut longest = 0;
-        for &(partition, committed, end) in parts {
-            let key = (group.to_owned(), topic.to_owned(), partition);
-            let position = read
-                .get(&partition)
-                .copied()
-                .unwrap_or(committed)
-                .max(committed);
-            if end <= position {
-                self.0.remove(&key);
-                continue;
-            }
-            let entry = self.0.entry(key).or_insert((position, now));
-            if entry.0 != position {
-                *entry = (position, now);
-            }
-            longest = longest.max(now - entry.1);
-        }
-        longest
-    }
-}
-
-async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
-    let m = &*METRICS;
-    if let Some(parts) = lag_of(bus, crate::route::router::GROUP, topics::RAW).await {
-        m.router_lag.set(total_lag(&parts));
-    }
-    let now = now_ms();
-    for w in watched {
-        for (topic, slot) in &w.topics {
-            let Some(parts) = lag_of(bus, &w.group, topic).await else {
-                continue;
-            };
-            let lag = total_lag(&parts);
-            let kind = topic_kind(topic);
-            m.lag.with_label_values(&[w.name.as_str(), kind]).set(lag);
-            let read = slot.read().clone();
-            let stalled = stalls.observe(&w.group, topic, &parts, &read, now);
-            let since = slot.oldest.load(Ordering::Relaxed);
-            let in_flight = if since == 0 { 0 } else { now - since };
-            let age = if lag == 0 {
-                0
-            } else {
-                in_flight.max(stalled).max(0)
-            };
-            let parked = slot.parked.load(Ordering::Relaxed);
-            let age = if parked == 0 {
-                age
-            } else {
-                age.max(now - parked)
-            };
-            m.oldest_age
-                .with_label_values(&[w.name.as_str(), kind])
-                .set(unix_seconds(age));
-        }
-    }
-    if let Some(embedded) = (bus as &dyn Any).downcast_ref::<EmbeddedBus>() {
-        m.log_disk
-            .set(i64::try_from(embedded.disk_bytes()).unwrap_or(i64::MAX));
-    }
-}
-
-/// The watcher: every [`WATCH_INTERVAL`] until `cancel`, sample consumer lag per subscription
-/// and source topic (and the router's), the age of the oldest undelivered record (0 when the
-/// lag is 0; otherwise the oldest in-flight record's age, or how long the committed offset
-/// has stood still, whichever is larger), and the embedded log's size on disk.
-pub fn watch<B: Bus>(
-    bus: Arc<B>,
-    settings: &Settings,
-    cancel: CancellationToken,
-) -> impl Future<Output = ()> + Send + 'static {
-    let watched: Vec<Watched> = settings
-        .subscriptions
-        .iter()
-        .map(|sub| Watched {
-            name: sub.name.clone(),
-            group: crate::deliver::group(&sub.name),
-            topics: crate::deliver::source_topics(sub)
-                .into_iter()
-                .map(|t| {
-                    let slot = slot_of(&sub.name, &t);
-                    (t, slot)
-                })
-                .collect(),
-        })
-        .collect();
-    async move {
-        let mut stalls = Stalls::default();
-        loop {
-            sample(bus.as_ref(), &watched, &mut stalls).await;
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(WATCH_INTERVAL) => {}
-            }
-        }
-    }
+/// The log's size on disk.
+pub fn log_disk(bytes: u64) {
+    METRICS
+        .log_disk
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
 }
 
 /// Everything in the default registry in the Prometheus text format (version 0.0.4).
@@ -990,20 +757,6 @@ pub fn render() -> String {
         .encode(&prometheus::gather(), &mut out)
         .expect("the text encoder writes to memory");
     String::from_utf8(out).expect("the text format is UTF-8")
-}
-
-async fn metrics() -> Response {
-    let mut resp = render().into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    resp
-}
-
-/// `GET /metrics`, to merge into the API router.
-pub fn routes<B: Bus>() -> axum::Router<Arc<crate::http::api::ApiState<B>>> {
-    axum::Router::new().route("/metrics", get(metrics))
 }
 
 #[cfg(test)]
@@ -1116,10 +869,7 @@ mod tests {
             ("rejected", Some("edifact_syntax")),
             ("unsupported_format", Some("unsupported_format")),
         ] {
-            let mut step = Step::new(0, "normalise", outcome);
-            step.kind = Some("letter".into());
-            step.reason = reason.map(str::to_owned);
-            routed(&step);
+            routed("normalise", outcome, Some("letter"), reason);
         }
         filtered("t-sub");
         source_up("imap:t-hub", true);
@@ -1167,9 +917,7 @@ mod tests {
         rejected("http", "empty_body");
         delivered("t-out", "letter", Some(Duration::from_secs(2)));
         filtered("t-out");
-        let mut step = Step::new(0, "normalised", "normalised");
-        step.kind = Some("lab_result".into());
-        routed(&step);
+        routed("normalised", "normalised", Some("lab_result"), None);
         let text = render();
         parse(&text);
         assert!(
@@ -1185,67 +933,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"ketenbus_build_info{version=""#), "{text}");
-    }
-
-    #[test]
-    fn oldest_in_flight_follows_what_is_unfinished() {
-        let mut t = InFlight::new("t-age");
-        let rec = |offset: i64, ts: i64| Record {
-            topic: "ketenbus.events.acute_handover".into(),
-            partition: 0,
-            offset,
-            key: vec![],
-            value: vec![],
-            timestamp_ms: ts,
-        };
-        let slot = slot_of("t-age", "ketenbus.events.acute_handover");
-        let slot = &slot.oldest;
-        t.started(&rec(1, 2000));
-        t.started(&rec(2, 1000));
-        t.started(&rec(3, 3000));
-        assert_eq!(slot.load(Ordering::Relaxed), 1000);
-        t.finished([&rec(2, 1000).ack_token()]);
-        assert_eq!(slot.load(Ordering::Relaxed), 2000);
-        t.finished([&rec(1, 0).ack_token(), &rec(3, 0).ack_token()]);
-        assert_eq!(slot.load(Ordering::Relaxed), 0, "nothing in flight");
-    }
-
-    #[test]
-    fn a_read_position_standing_still_counts_as_age() {
-        let mut st = Stalls::default();
-        let none = HashMap::new();
-        // Caught up: nothing stalls.
-        assert_eq!(st.observe("g", "t", &[(0, 5, 5)], &none, 1_000), 0);
-        // Records behind, nothing polled, committed offset at 5 from t=2000 on.
-        assert_eq!(st.observe("g", "t", &[(0, 5, 7)], &none, 2_000), 0);
-        assert_eq!(st.observe("g", "t", &[(0, 5, 9)], &none, 7_000), 5_000);
-        // It moves: the clock restarts for the new head.
-        assert_eq!(st.observe("g", "t", &[(0, 6, 9)], &none, 12_000), 0);
-        // The longest of several partitions; a caught-up one forgets its clock.
-        assert_eq!(
-            st.observe("g", "t", &[(0, 6, 9), (1, 0, 3)], &none, 17_000),
-            5_000
-        );
-        assert_eq!(
-            st.observe("g", "t", &[(0, 9, 9), (1, 0, 3)], &none, 20_000),
-            3_000
-        );
-        assert_eq!(
-            st.observe("g", "t", &[(0, 9, 10), (1, 3, 3)], &none, 21_000),
-            0
-        );
-    }
-
-    #[test]
-    fn finished_records_waiting_for_their_commit_are_not_old() {
-        let mut st = Stalls::default();
-        // Everything up to offset 9 polled (and finished); the commit still says 7.
-        let read: HashMap<u32, i64> = [(0, 9)].into();
-        assert_eq!(st.observe("g", "t", &[(0, 7, 9)], &read, 1_000), 0);
-        assert_eq!(st.observe("g", "t", &[(0, 7, 9)], &read, 600_000), 0);
-        // A new record the dispatcher does not pick up: that one ages.
-        assert_eq!(st.observe("g", "t", &[(0, 7, 10)], &read, 601_000), 0);
-        assert_eq!(st.observe("g", "t", &[(0, 7, 10)], &read, 661_000), 60_000);
     }
 
     #[test]
@@ -1265,12 +952,13 @@ mod tests {
         }
         dead_lettered("t-open", "dsn_5.1.1-INJECTED-Jansen-999911120");
         rejected("t-open-connector", "not-a-reason");
-        let mut report = Step::new(0, "delivery_report", "failed");
-        report.reason = Some("dsn_5.1.1-INJECTED-Jansen-999911120".into());
-        routed(&report);
-        let mut odd = Step::new(0, "normalise", "rejected");
-        odd.reason = Some("Jansen".into());
-        routed(&odd);
+        routed(
+            "delivery_report",
+            "failed",
+            None,
+            Some("dsn_5.1.1-INJECTED-Jansen-999911120"),
+        );
+        routed("normalise", "rejected", None, Some("Jansen"));
         let text = render();
         assert!(
             !text.contains("INJECTED") && !text.contains("Jansen"),
@@ -1286,10 +974,7 @@ mod tests {
 
     #[test]
     fn every_labelled_metric_has_its_closed_sets() {
-        let settings = crate::config::Config::default()
-            .validate(&|_| None)
-            .unwrap();
-        let sets = closed_label_values(&settings);
+        let sets = closed_label_values(&Configured::default());
         for name in NAMES {
             if [ROUTER_CONSUMER_LAG, LOG_DISK_USAGE, LOG_RETENTION_EXCESS].contains(&name) {
                 assert!(!sets.contains_key(name), "{name} has no labels");

@@ -5,3 +5,4 @@ pub mod audit;
 pub mod health;
 pub mod lineage;
 pub mod metrics;
+pub mod watch;

@@ -12,13 +12,13 @@
 //! mail sink made for that delivery ([`dsn::lineage_of`]); any other report changes
 //! nothing but its own lineage (`delivery_report` / `ignored`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ketenbus_connectors::mail::ContentStore;
 use ketenbus_connectors::mail::dsn::{self, LineageReport};
-use ketenbus_connectors::{Normalize, NormalizeError, edifact};
+use ketenbus_connectors::{NormalizeError, edifact};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -28,60 +28,13 @@ use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Received, Step};
 use crate::route::keys::PatientKeyer;
+use crate::route::normalize::{Normalizers, events_of};
 
 /// Consumer group of the router.
-pub const GROUP: &str = "ketenbus.router";
 const BATCH: usize = 256;
 /// Most raw bytes in one batch (besides its first record): a batch of large messages is
 /// cut short rather than hold hundreds of them in memory at once.
 const BATCH_BYTES: usize = 16 * 1024 * 1024;
-
-/// Normalisers by format; a format without one is recorded as `unsupported_format`.
-pub type Normalizers = HashMap<Format, Box<dyn Normalize>>;
-
-/// The normalisers this build has.
-#[must_use]
-pub fn normalizers() -> Normalizers {
-    let mut n: Normalizers = HashMap::new();
-    n.insert(
-        Format::Edifact,
-        Box::new(ketenbus_connectors::edifact::EdifactNormalizer),
-    );
-    n.insert(
-        Format::FhirJson,
-        Box::new(ketenbus_connectors::fhir::FhirNormalizer),
-    );
-    n.insert(
-        Format::FhirXml,
-        Box::new(ketenbus_connectors::fhir::FhirNormalizer),
-    );
-    n.insert(
-        Format::Rfc822,
-        Box::new(ketenbus_connectors::mail::MailNormalizer::default()),
-    );
-    n
-}
-
-/// The events of an envelope as the router publishes them: its format's normaliser, then one
-/// event per transport receiver for events that name none ([`per_receiver`]). Pure, so
-/// whoever reads an envelope again (a bounce, a raw delivery's audit) gets the same events.
-///
-/// # Errors
-/// The normaliser's error, or `unsupported_format` for a format without one.
-pub fn events_of(
-    normalizers: &Normalizers,
-    envelope: &RawEnvelope,
-) -> Result<Vec<Event>, NormalizeError> {
-    let normalizer =
-        normalizers
-            .get(&envelope.format)
-            .ok_or(NormalizeError::UnsupportedFormat {
-                format: envelope.format.as_str(),
-            })?;
-    normalizer
-        .normalize(envelope)
-        .map(|events| per_receiver(events, envelope))
-}
 
 /// Everything the router decides with: normalisers, the patient keyer, the EDIFACT
 /// partners that asked for a CONTRL acknowledgement of each interchange, where documents
@@ -143,7 +96,10 @@ pub async fn run<B: Bus>(
 ) {
     const NAME: &str = "router";
     health.set(NAME, State::Starting);
-    let mut consumer = match bus.subscribe(GROUP, &[topics::RAW.to_owned()]).await {
+    let mut consumer = match bus
+        .subscribe(topics::ROUTER_GROUP, &[topics::RAW.to_owned()])
+        .await
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "router cannot subscribe to the raw topic");
@@ -237,7 +193,12 @@ async fn route_batch<B: Bus>(
             .await;
     }
     for (id, step) in steps {
-        crate::observe::metrics::routed(&step);
+        crate::observe::metrics::routed(
+            &step.stage,
+            &step.outcome,
+            step.kind.as_deref(),
+            step.reason.as_deref(),
+        );
         lineage.step(&id, step).await;
     }
     for record in &batch {
@@ -352,35 +313,6 @@ async fn bounce_dead_letter<B: Bus>(
         key: delivered.key,
         value: dl.to_avro().expect("dead letters fit their schema"),
     }))
-}
-
-/// One event per receiver for an event that names no receiver of its own (a letter), when
-/// the transport names several (a mail to two recipients): a subscription filtered on any
-/// one of them gets its copy. Pure, numbered over the whole message (`<envelope>.<n>`), so
-/// normalising again (a replay, a bounce) gives the same ids.
-fn per_receiver(events: Vec<Event>, envelope: &RawEnvelope) -> Vec<Event> {
-    let receivers = ketenbus_connectors::party::transport_receivers(envelope);
-    if receivers.len() < 2 || events.iter().all(|e| e.header().receiver.is_some()) {
-        return events;
-    }
-    let mut out = Vec::with_capacity(events.len() * receivers.len());
-    for event in events {
-        if event.header().receiver.is_some() {
-            out.push(event);
-            continue;
-        }
-        for r in &receivers {
-            let mut copy = event.clone();
-            copy.header_mut().receiver = Some(r.clone());
-            out.push(copy);
-        }
-    }
-    for (i, e) in out.iter_mut().enumerate() {
-        let h = e.header_mut();
-        h.index = i32::try_from(i).unwrap_or(i32::MAX);
-        h.id = format!("{}.{i}", envelope.id);
-    }
-    out
 }
 
 /// An event as the router publishes it: patient key and transport parties filled in, on
@@ -626,6 +558,9 @@ fn dead_letter(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use crate::route::normalize::{normalizers, per_receiver};
     use std::collections::BTreeMap;
 
     use ketenbus_schemas::event::EventKind;

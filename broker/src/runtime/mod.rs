@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, TopicSpec};
 use crate::config::{Settings, Sink};
 use crate::deliver;
-use crate::http::api::{self, ApiState};
+use crate::http::state::ApiState;
 use crate::ingest::BusIngest;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::Lineage;
@@ -146,7 +146,7 @@ pub async fn run<B: Bus>(
     let router_task = tasks.spawn(router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
-            normalizers: router::normalizers(),
+            normalizers: crate::route::normalize::normalizers(),
             keyer,
             contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
             content: Some(Arc::clone(&content)),
@@ -250,8 +250,13 @@ pub async fn run<B: Bus>(
     if !cfg.mail.imap.is_empty() {
         connectors.push("imap");
     }
-    metrics::init(&settings, &connectors);
-    let task = tasks.spawn(metrics::watch(Arc::clone(&bus), &settings, cancel.clone()));
+    let labels = settings.metric_labels();
+    metrics::init(&labels, &connectors);
+    let task = tasks.spawn(crate::observe::watch::watch(
+        Arc::clone(&bus),
+        &labels,
+        cancel.clone(),
+    ));
     names.insert(task.id(), "telemetry".to_owned());
     let task = tasks.spawn(crate::runtime::retention::run(
         Arc::clone(&bus),
@@ -306,7 +311,7 @@ pub async fn run<B: Bus>(
         .with_context(|| format!("binding the HTTP listener to {}", cfg.http.listen))?;
     health.set("http", State::Ready);
     tracing::info!(listen = %cfg.http.listen, tls = tls.is_some(), engine = ?cfg.bus.engine, subscriptions = settings.subscriptions.len(), "ketenbus running");
-    for w in crate::http::auth::warnings(cfg) {
+    for w in cfg.warnings() {
         tracing::warn!(warning = %w, "access is open");
     }
     let auth = crate::http::auth::Authenticator::new(&cfg.senders, &cfg.operators);
@@ -316,7 +321,7 @@ pub async fn run<B: Bus>(
         // Authentication reads headers only; the budget holds bodies of those let in, so a
         // client without credentials cannot fill it.
         crate::http::auth::protect(
-            crate::http::budget::protect(api::router(state), budget, max_body),
+            crate::http::budget::protect(crate::http::router(state), budget, max_body),
             auth,
             audit,
         ),

@@ -11,10 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, Readers};
 use crate::config::Settings;
-use crate::deliver;
 use crate::observe::health::{Health, State};
 use crate::observe::metrics;
-use crate::route::router;
 
 /// The groups that must finish each topic: the router for the raw topic; every subscription
 /// for the topics it reads (its event kinds or raw, and its replay topic).
@@ -24,19 +22,19 @@ pub fn readers(settings: &Settings) -> Readers {
     readers
         .entry(topics::RAW.to_owned())
         .or_default()
-        .push(router::GROUP.to_owned());
+        .push(topics::ROUTER_GROUP.to_owned());
     for sub in &settings.subscriptions {
-        for topic in deliver::source_topics(sub) {
+        for topic in sub.source_topics() {
             readers
                 .entry(topic)
                 .or_default()
-                .push(deliver::group(&sub.name));
+                .push(topics::subscription_group(&sub.name));
         }
         // Parked records wait on the retry topic until its own group has finished them.
         readers
             .entry(topics::retry(&sub.name))
             .or_default()
-            .push(deliver::retry_group(&sub.name));
+            .push(topics::retry_group(&sub.name));
     }
     readers
 }
@@ -61,7 +59,7 @@ pub fn run<B: Bus>(
         loop {
             match bus.enforce_retention(&readers).await {
                 Ok(report) => {
-                    metrics::retention(&report);
+                    metrics::retention(report.deleted, report.excess_bytes());
                     if report.deleted > 0 {
                         tracing::info!(
                             deleted = report.deleted,
