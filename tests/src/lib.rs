@@ -17,6 +17,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use tokio::sync::Notify;
 
+mod swaks;
+pub use swaks::Swaks;
+
 /// A free loopback port.
 ///
 /// # Panics
@@ -28,6 +31,124 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// How often a wait looks again.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What a wait's check answers: done, with what the wait gives back, or not yet, with what
+/// it saw (for the message when the time is up; may be empty).
+pub trait Check {
+    /// What the wait gives back once done.
+    type Value;
+    /// `Ok` when done, else what was seen.
+    ///
+    /// # Errors
+    /// When not done yet: what was seen.
+    fn done(self) -> Result<Self::Value, String>;
+}
+
+impl Check for bool {
+    type Value = ();
+    fn done(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err(String::new()) }
+    }
+}
+
+impl<T> Check for Option<T> {
+    type Value = T;
+    fn done(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T, E: std::fmt::Display> Check for Result<T, E> {
+    type Value = T;
+    fn done(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Ask `check` every 100 ms until it is done, for at most `timeout`.
+///
+/// # Errors
+/// When the time is up: what the check saw last.
+pub async fn within<C: Check>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> C,
+) -> Result<C::Value, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let seen = match check().await.done() {
+            Ok(value) => return Ok(value),
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(seen);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Wait until `check` is done, asking every 100 ms; what it gives back.
+///
+/// # Panics
+/// When it is not done within `timeout`, naming `what` was awaited and what the check saw
+/// last.
+pub async fn eventually<C: Check>(
+    timeout: Duration,
+    what: &str,
+    check: impl AsyncFnMut() -> C,
+) -> C::Value {
+    within(timeout, check)
+        .await
+        .unwrap_or_else(|seen| panic!("{}", timed_out(timeout, what, &seen)))
+}
+
+/// [`within`] for code that blocks (no runtime).
+///
+/// # Errors
+/// When the time is up: what the check saw last.
+pub fn within_blocking<C: Check>(
+    timeout: Duration,
+    mut check: impl FnMut() -> C,
+) -> Result<C::Value, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = match check().done() {
+            Ok(value) => return Ok(value),
+            Err(seen) => seen,
+        };
+        if Instant::now() >= deadline {
+            return Err(seen);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// [`eventually`] for code that blocks (no runtime).
+///
+/// # Panics
+/// When `check` is not done within `timeout`.
+pub fn eventually_blocking<C: Check>(
+    timeout: Duration,
+    what: &str,
+    check: impl FnMut() -> C,
+) -> C::Value {
+    within_blocking(timeout, check)
+        .unwrap_or_else(|seen| panic!("{}", timed_out(timeout, what, &seen)))
+}
+
+fn timed_out(timeout: Duration, what: &str, seen: &str) -> String {
+    if seen.is_empty() {
+        format!("waited {timeout:?} for {what}")
+    } else {
+        format!("waited {timeout:?} for {what}; last seen:\n{seen}")
+    }
 }
 
 /// The `ketenbus` binary of this build: next to the test executable's `deps` folder, or
@@ -155,21 +276,21 @@ impl Broker {
             .spawn()
             .expect("start ketenbus");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
         let probe = probe::Probe;
-        while Instant::now() < deadline {
+        let ready = within_blocking(Duration::from_secs(30), || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
                     "ketenbus exited with {status} during start-up:\n{}",
-                    self.log_text()
+                    read_log(&self.log)
                 );
             }
-            if probe.ready(&format!("{}/readyz", self.url)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ketenbus did not become ready:\n{}", self.log_text());
+            probe.ready(&format!("{}/readyz", self.url))
+        });
+        assert!(
+            ready.is_ok(),
+            "ketenbus did not become ready:\n{}",
+            self.log_text()
+        );
     }
 
     /// Replace the extra environment variables for the next [`spawn`](Self::spawn).
@@ -183,17 +304,14 @@ impl Broker {
     /// Wait up to `timeout` for the process to exit on its own; its exit status, or `None`
     /// while it still runs.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = within_blocking(timeout, || {
+            self.child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+        })
+        .ok()?;
+        self.child = None;
+        Some(status)
     }
 
     /// SIGKILL the process (no shutdown of any kind).
@@ -213,7 +331,54 @@ impl Broker {
     /// What the process logged so far.
     #[must_use]
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
+    }
+
+    /// As [`eventually`], with this broker's log in the message when the time is up.
+    ///
+    /// # Panics
+    /// When `check` is not done within `timeout`.
+    pub async fn eventually<C: Check>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl AsyncFnMut() -> C,
+    ) -> C::Value {
+        within(timeout, check).await.unwrap_or_else(|seen| {
+            panic!(
+                "{}\nbroker log:\n{}",
+                timed_out(timeout, what, &seen),
+                self.log_text()
+            )
+        })
+    }
+
+    /// Hold the write lock of the embedded log's database for `seconds`, as a stuck disk or
+    /// a backup would: another process (python3's sqlite3) that has the lock when this
+    /// returns. Wait on it to know the lock is gone.
+    ///
+    /// # Panics
+    /// When python3 cannot start or does not take the lock.
+    #[must_use]
+    pub fn lock_log(&self, seconds: u32) -> Child {
+        let mut holder = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
+            ])
+            .arg(self.dir.join("data/log.db"))
+            .arg(seconds.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
+            &mut line,
+        )
+        .expect("read python3");
+        assert_eq!(line.trim(), "locked");
+        holder
     }
 
     /// Run a `ketenbus` subcommand against this broker's config; returns (success, stdout, stderr).
@@ -474,6 +639,51 @@ pub async fn lineage(
         .await
 }
 
+/// Poll the lineage of message `id` until `pred` holds, for up to 30 s; that lineage.
+///
+/// # Panics
+/// When it never holds (with the last lineage seen), or the broker does not answer.
+pub async fn lineage_until(
+    base: &str,
+    id: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    lineage_until_as(base, id, None, pred).await
+}
+
+/// [`lineage_until`], reading with a bearer `token` (an operator's) where the API asks for one.
+///
+/// # Panics
+/// When it never holds (with the last lineage seen), or the broker does not answer.
+pub async fn lineage_until_as(
+    base: &str,
+    id: &str,
+    token: Option<&str>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let c = reqwest::Client::new();
+    let what = format!("the lineage of {id} to match");
+    eventually(Duration::from_secs(30), &what, async || {
+        let mut req = c.get(format!("{base}/api/v1/messages/{id}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let l: serde_json::Value = req
+            .send()
+            .await
+            .expect("lineage")
+            .json()
+            .await
+            .expect("lineage");
+        if pred(&l) {
+            Ok(l)
+        } else {
+            Err(format!("{l:#}"))
+        }
+    })
+    .await
+}
+
 /// A synthetic MEDLAB:1 lab result (invented patient, BSN passing the eleven-test) from
 /// mailbox 500001234 to 500005678, one Kalium result with a remark.
 pub const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'
@@ -500,4 +710,37 @@ pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
     }
     s.push_str(&format!("UNT+3+M{n:06}'UNZ+1+IC{n:06}'"));
     s.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn eventually_gives_back_what_the_check_found() {
+        let mut looks = 0;
+        let found = eventually(Duration::from_secs(5), "the third look", async || {
+            looks += 1;
+            (looks == 3).then_some(looks)
+        })
+        .await;
+        assert_eq!(found, 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "waited 300ms for the impossible; last seen:\n2 + 2 = 4")]
+    async fn eventually_names_what_it_waited_for_and_what_it_saw_last() {
+        eventually(Duration::from_millis(300), "the impossible", async || {
+            Err::<(), _>("2 + 2 = 4")
+        })
+        .await;
+    }
+
+    #[test]
+    fn within_blocking_gives_up_after_the_timeout_with_what_it_saw() {
+        let started = Instant::now();
+        let seen = within_blocking(Duration::from_millis(250), || Err::<(), _>("not yet"));
+        assert_eq!(seen, Err("not yet".to_owned()));
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
 }

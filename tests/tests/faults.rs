@@ -4,7 +4,7 @@
 //! `KETENBUS_FAULT`, which only debug builds (the ones these tests run) honour.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ketenbus_tests::{Broker, Receiver, post_message, webhook_subscription};
 
@@ -70,29 +70,32 @@ async fn a_dead_task_stops_the_broker_and_nothing_is_lost(fault: &str, task: &st
     // A supervisor starts it again, without the fault.
     broker.set_env(&[]);
     broker.spawn();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = rx.received();
-        let of_kind = |kind: &str| -> BTreeSet<String> {
-            got.iter()
-                .filter(|r| r.header("ketenbus-kind") == Some(kind))
-                .filter_map(|r| r.header("ketenbus-envelope-id").map(str::to_owned))
-                .collect()
-        };
-        let (raw, lab) = (of_kind("raw"), of_kind("lab_result"));
-        if accepted.is_subset(&raw) && accepted.is_subset(&lab) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "after {fault} and a restart, {} of {} raw and {} lab results arrived:\n{}",
-            raw.intersection(&accepted).count(),
-            accepted.len(),
-            lab.intersection(&accepted).count(),
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(
+            Duration::from_secs(30),
+            "every accepted message to arrive after the restart",
+            async || {
+                let got = rx.received();
+                let of_kind = |kind: &str| -> BTreeSet<String> {
+                    got.iter()
+                        .filter(|r| r.header("ketenbus-kind") == Some(kind))
+                        .filter_map(|r| r.header("ketenbus-envelope-id").map(str::to_owned))
+                        .collect()
+                };
+                let (raw, lab) = (of_kind("raw"), of_kind("lab_result"));
+                if accepted.is_subset(&raw) && accepted.is_subset(&lab) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "after {fault} and a restart, {} of {} raw and {} lab results arrived",
+                        raw.intersection(&accepted).count(),
+                        accepted.len(),
+                        lab.intersection(&accepted).count(),
+                    ))
+                }
+            },
+        )
+        .await;
 }
 
 /// The log without terminal colour codes.

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, edifact_message, lineage, post_message,
-    webhook_subscription,
+    Behaviour, Broker, MEDLAB, Receiver, edifact_message, eventually, lineage, lineage_until,
+    post_message, webhook_subscription, within,
 };
 use sha2::Sha256;
 
@@ -17,24 +17,6 @@ const OK: Behaviour = Behaviour {
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
-}
-
-/// Poll the lineage until `pred` holds.
-async fn lineage_until(
-    base: &str,
-    id: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let c = client();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..100 {
-        last = lineage(&c, base, id).await.expect("lineage");
-        if pred(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("lineage never matched: {last:#}");
 }
 
 #[tokio::test]
@@ -265,26 +247,26 @@ async fn a_failing_subscriber_does_not_delay_another() {
     assert!(bad.received().is_empty());
     // The failing one is retrying, visible in the lineage. A retrying record holds its lane
     // (one patient's records stay in order), so look for the ones being tried.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    'found: loop {
-        for id in &ids {
-            let l = lineage(&c, &broker.url, id).await.unwrap();
-            let steps = l["steps"].as_array().unwrap();
-            if let Some(step) = steps
-                .iter()
-                .find(|s| s["subscription"] == "failing" && s["outcome"] == "retrying")
-            {
-                assert_eq!(step["reason"], "http_500");
-                assert!(step["attempt"].as_u64().unwrap() >= 1);
-                break 'found;
+    let step = eventually(
+        Duration::from_secs(10),
+        "a retrying step for the failing subscription",
+        async || {
+            for id in &ids {
+                let l = lineage(&c, &broker.url, id).await.unwrap();
+                let steps = l["steps"].as_array().unwrap();
+                if let Some(step) = steps
+                    .iter()
+                    .find(|s| s["subscription"] == "failing" && s["outcome"] == "retrying")
+                {
+                    return Some(step.clone());
+                }
             }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no retrying step for the failing subscription"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            None
+        },
+    )
+    .await;
+    assert_eq!(step["reason"], "http_500");
+    assert!(step["attempt"].as_u64().unwrap() >= 1);
 }
 
 #[tokio::test]
@@ -480,43 +462,42 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
         "only {} messages were acknowledged",
         acked.len()
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let want: HashSet<&String> = acked.iter().collect();
-    loop {
-        let got = rx.received();
-        let ids: HashSet<String> = got
-            .iter()
-            .map(|r| r.header("idempotency-key").unwrap().to_owned())
-            .collect();
-        let missing: Vec<_> = want
-            .iter()
-            .filter(|id| !ids.contains(id.as_str()))
-            .collect();
-        if missing.is_empty() {
-            // Duplicates are allowed, but each carries the same id as its original.
-            let mut per_id: HashMap<String, usize> = HashMap::new();
-            for r in &got {
-                *per_id
-                    .entry(r.header("idempotency-key").unwrap().to_owned())
-                    .or_default() += 1;
-            }
-            eprintln!(
-                "{} acknowledged, {} deliveries, {} duplicates",
-                acked.len(),
-                got.len(),
-                got.len() - per_id.len()
-            );
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} acknowledged messages never arrived:\n{}",
-            missing.len(),
-            want.len(),
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = broker
+        .eventually(
+            Duration::from_secs(30),
+            "every acknowledged message to arrive",
+            async || {
+                let got = rx.received();
+                let ids: HashSet<String> = got
+                    .iter()
+                    .map(|r| r.header("idempotency-key").unwrap().to_owned())
+                    .collect();
+                let missing = want.iter().filter(|id| !ids.contains(id.as_str())).count();
+                if missing == 0 {
+                    Ok(got)
+                } else {
+                    Err(format!(
+                        "{missing} of {} acknowledged messages never arrived",
+                        want.len()
+                    ))
+                }
+            },
+        )
+        .await;
+    // Duplicates are allowed, but each carries the same id as its original.
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for r in &got {
+        *per_id
+            .entry(r.header("idempotency-key").unwrap().to_owned())
+            .or_default() += 1;
     }
+    eprintln!(
+        "{} acknowledged, {} deliveries, {} duplicates",
+        acked.len(),
+        got.len(),
+        got.len() - per_id.len()
+    );
 }
 
 #[tokio::test]
@@ -595,25 +576,8 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
         "ingest_timeout = \"1s\"\n{}",
         webhook_subscription("archive", "\"raw\"", &rx.url(), "")
     ));
-    let db = broker.dir.join("data").join("log.db");
     // Another process holds the database's write lock, as a stuck disk or a backup would.
-    let mut holder = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
-        ])
-        .arg(&db)
-        .arg("4")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut holder = broker.lock_log(4);
     let c = client();
     let resp = c
         .post(format!("{}/api/v1/messages", broker.url))
@@ -800,8 +764,7 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
     // The audit trail names who got each one: the receiver the address book sent it to.
     // (Appended just before each delivery is acknowledged: wait for both.)
     let path = broker.dir.join("data/audit.jsonl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let read = || {
         let audit = std::fs::read_to_string(&path).unwrap_or_default();
         let mut parties: Vec<String> = audit
             .lines()
@@ -810,14 +773,13 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
             .map(|r| r["party"].as_str().unwrap_or("none").to_owned())
             .collect();
         parties.sort();
-        if parties.len() >= 2 || std::time::Instant::now() > deadline {
-            assert_eq!(
-                parties,
-                ["mailbox:500005678", "mailbox:500009999"],
-                "{audit}"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (parties, audit)
+    };
+    let _ = within(Duration::from_secs(10), async || read().0.len() >= 2).await;
+    let (parties, audit) = read();
+    assert_eq!(
+        parties,
+        ["mailbox:500005678", "mailbox:500009999"],
+        "{audit}"
+    );
 }

@@ -38,17 +38,16 @@ async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
     let e: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(e["header"]["kind"], "lab_result");
     assert_eq!(e["results"][0]["local_name"], "Kalium");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !(inbox.path().join("done/lab-0042.edi").exists()
-        && inbox.path().join("failed/broken.edi.reason").exists())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "files not moved:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    broker
+        .eventually(
+            Duration::from_secs(5),
+            "the files to be moved",
+            async || {
+                inbox.path().join("done/lab-0042.edi").exists()
+                    && inbox.path().join("failed/broken.edi.reason").exists()
+            },
+        )
+        .await;
     assert_eq!(
         std::fs::read(inbox.path().join("done/lab-0042.edi")).unwrap(),
         MEDLAB.as_bytes()

@@ -9,10 +9,13 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ketenbus_connectors::mail::dsn;
-use ketenbus_tests::{Behaviour, Broker, Receiver, free_port, lineage};
+use ketenbus_tests::{
+    Behaviour, Broker, Receiver, Swaks, eventually_blocking, free_port, lineage, lineage_until,
+    within,
+};
 use mail_parser::{MessageParser, MimeHeaders};
 
 const OK: Behaviour = Behaviour {
@@ -86,14 +89,11 @@ fn chown(p: &Path, owner: &str) {
 }
 
 fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on port {port}");
+    eventually_blocking(
+        Duration::from_secs(15),
+        &format!("a listener on port {port}"),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
 }
 
 /// A test CA and a certificate for localhost / 127.0.0.1 signed by it.
@@ -384,22 +384,13 @@ impl Drop for Dovecot {
     }
 }
 
-/// Run swaks; returns (success, everything it printed).
-fn swaks(args: &[&str]) -> (bool, String) {
-    ensure_tools();
-    let out = Command::new("swaks")
-        .args(args)
-        .args(["--timeout", "30"])
-        .output()
-        .expect("swaks");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+/// A mail from `from` to the GP's mailbox (500005678) through the SMTP server on loopback
+/// `port`, with the fixture `file` as message.
+fn to_the_gp(port: u16, from: &str, file: &str) -> Swaks {
+    Swaks::port(port)
+        .from(from)
+        .to("500005678@lms.example.test")
+        .data(&fixture(file))
 }
 
 /// The id in `250 2.0.0 Ok: queued as <id>`.
@@ -429,23 +420,6 @@ fn subscription(name: &str, kinds: &str, url: &str) -> String {
     )
 }
 
-async fn lineage_until(
-    base: &str,
-    id: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let c = reqwest::Client::new();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..150 {
-        last = lineage(&c, base, id).await.expect("lineage");
-        if pred(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("lineage never matched: {last:#}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     ensure_tools();
@@ -469,31 +443,18 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         .await
         .unwrap();
     assert_eq!(ready["components"]["smtp"]["state"], "ready", "{ready}");
-    let server = format!("127.0.0.1:{port}");
     let letter = fixture("letter-pdf.eml");
-    let letter = letter.to_str().unwrap();
-    let base = [
-        "--server",
-        server.as_str(),
-        "--from",
-        "specialist@ziekenhuis.example.test",
-    ];
+    let base = Swaks::port(port).from("specialist@ziekenhuis.example.test");
 
     // To the GP's mailbox over STARTTLS, logged in as "lab".
-    let lab = [
-        "--to",
-        "500005678@lms.example.test",
-        "--tls",
-        "--auth",
+    let lab = base.clone().to("500005678@lms.example.test").tls().auth(
         "PLAIN",
-        "--auth-user",
         "lab",
-        "--auth-password",
         "lab-password-for-tests",
-    ];
+    );
 
     // STARTTLS, AUTH PLAIN, pipelined envelope: accepted only once durable.
-    let (ok, out) = swaks(&[&base[..], &lab, &["--pipeline", "--data", letter]].concat());
+    let (ok, out) = lab.clone().pipeline().data(&letter).run();
     assert!(ok, "{out}");
     assert!(
         out.contains("250-STARTTLS")
@@ -531,59 +492,37 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     let own = std::fs::read_to_string(fixture("lab-result-edifact-body.eml")).unwrap();
     let forged = tmp.path().join("forged.eml");
     std::fs::write(&forged, own.replace("+500001234+", "+500009999+")).unwrap();
-    let as_lab = |data: &str| swaks(&[&base[..], &lab, &["--data", data]].concat());
-    let (ok, out) = as_lab(forged.to_str().unwrap());
+    let as_lab = |data: &Path| lab.clone().data(data).run();
+    let (ok, out) = as_lab(&forged);
     assert!(!ok, "{out}");
     assert!(
         out.contains("550 5.7.1") && out.contains("mailbox:500009999"),
         "{out}"
     );
-    let (ok, out) = as_lab(fixture("lab-result-edifact-body.eml").to_str().unwrap());
+    let (ok, out) = as_lab(&fixture("lab-result-edifact-body.eml"));
     assert!(ok, "{out}");
     let id = queued_id(&out);
     let l = lineage_until(&broker.url, &id, |l| l["connector"] == "smtp").await;
     assert_eq!(l["sender"], "mailbox:500001234");
 
     // AUTH is not offered before STARTTLS: the client cannot authenticate in clear text.
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--auth",
-                "PLAIN",
-                "--auth-user",
-                "lab",
-                "--auth-password",
-                "lab-password-for-tests",
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = base
+        .clone()
+        .to("500005678@lms.example.test")
+        .auth("PLAIN", "lab", "lab-password-for-tests")
+        .run();
     assert!(!ok, "{out}");
     assert!(!out.contains("250-AUTH"), "{out}");
     // A wrong password is refused.
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--tls",
-                "--auth",
-                "LOGIN",
-                "--auth-user",
-                "lab",
-                "--auth-password",
-                "wrong",
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = base
+        .clone()
+        .to("500005678@lms.example.test")
+        .tls()
+        .auth("LOGIN", "lab", "wrong")
+        .run();
     assert!(!ok && out.contains("535 5.7.8"), "{out}");
     // A recipient outside the accepted domains.
-    let (ok, out) = swaks(&[&base[..], &["--to", "someone@elsewhere.example.test"]].concat());
+    let (ok, out) = base.clone().to("someone@elsewhere.example.test").run();
     assert!(
         !ok && out
             .contains("550 5.1.1 <someone@elsewhere.example.test>: recipient address rejected"),
@@ -596,18 +535,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         body.push_str("0123456789012345678901234567890123456789012345678901234567890123456789\r\n");
     }
     std::fs::write(&big, body).unwrap();
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--data",
-                big.to_str().unwrap(),
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = base.to("500005678@lms.example.test").data(&big).run();
     assert!(!ok && out.contains("552 5.3.4"), "{out}");
     // Nothing refused reached a subscriber.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -627,18 +555,11 @@ async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
         subscription("gp-lab", "\"lab_result\"", &rx.url())
     ));
     let postfix = Postfix::start(port, &certs);
-    let server = format!("127.0.0.1:{}", postfix.port);
-    let data = fixture("lab-result-edifact-attachment.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &server,
-        "--from",
-        "500001234@lms.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let (ok, out) = Swaks::port(postfix.port)
+        .from("500001234@lms.example.test")
+        .to("500005678@lms.example.test")
+        .data(&fixture("lab-result-edifact-attachment.eml"))
+        .run();
     assert!(ok, "{out}");
     let got = rx.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(
@@ -695,18 +616,11 @@ async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscr
         filtered("b-raw", "\"raw\"", "mailbox:500009876", &b_raw.url()),
     ));
     let postfix = Postfix::start(port, &certs);
-    let server = format!("127.0.0.1:{}", postfix.port);
-    let letter = fixture("letter-pdf.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &server,
-        "--from",
-        "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test,500009876@lms.example.test",
-        "--data",
-        letter.to_str().unwrap(),
-    ]);
+    let (ok, out) = Swaks::port(postfix.port)
+        .from("specialist@ziekenhuis.example.test")
+        .to("500005678@lms.example.test,500009876@lms.example.test")
+        .data(&fixture("letter-pdf.eml"))
+        .run();
     assert!(ok, "{out}");
     for (rx, what) in [
         (&a_letters, "a-letters"),
@@ -757,26 +671,16 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
         sink
     );
     let broker = Broker::start(&config);
-    let data = fixture("letter-pdf.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let (ok, out) = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").run();
     assert!(ok, "{out}");
     let envelope = queued_id(&out);
 
     // The mail arrives in the GP's maildir, readable, with the PDF.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while postfix.delivered().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let delivered = postfix.delivered();
+    let delivered = within(Duration::from_secs(30), async || {
+        Some(postfix.delivered()).filter(|d| !d.is_empty())
+    })
+    .await
+    .unwrap_or_default();
     assert_eq!(
         delivered.len(),
         1,
@@ -828,19 +732,11 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
     assert_eq!(l["connector"], "smtp");
 
     // Postfix's success DSN comes back through the SMTP listener and names the delivery.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let report = loop {
-        let found = raw.received().iter().find_map(|r| dsn::parse(&r.body));
-        if let Some(r) = found {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no DSN came back; postfix log:\n{}",
-            postfix.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let report = within(Duration::from_secs(30), async || {
+        raw.received().iter().find_map(|r| dsn::parse(&r.body))
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no DSN came back; postfix log:\n{}", postfix.log()));
     assert_eq!(report.record_id().as_deref(), Some(record.as_str()));
     // The envelope id carries the sink's token: `<record id>/<32 hex>`.
     let envid = report.original_envelope_id.clone().unwrap_or_default();
@@ -886,16 +782,7 @@ async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
         postfix.port, certs.ca
     );
     let broker = Broker::start(&format!("{}{sink}", smtp_config(port, &certs, "")));
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        fixture("letter-pdf.eml").to_str().unwrap(),
-    ]);
+    let (ok, out) = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").run();
     assert!(ok, "{out}");
     let envelope = queued_id(&out);
     let record = format!("{envelope}.0");
@@ -933,21 +820,18 @@ async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
         &record,
     ]);
     assert!(ok, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = postfix.log();
-        let sent = log.matches("to=<huisarts@closed.example.test>").count();
-        if sent >= 2 {
-            assert!(log.contains("mailbox closed"), "{log}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replay never reached the server:\n{log}\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let log = broker
+        .eventually(
+            Duration::from_secs(30),
+            "the replay to reach the server",
+            async || {
+                let log = postfix.log();
+                let sent = log.matches("to=<huisarts@closed.example.test>").count();
+                if sent >= 2 { Ok(log) } else { Err(log) }
+            },
+        )
+        .await;
+    assert!(log.contains("mailbox closed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -974,20 +858,19 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
     let state = broker.dir.join("data/imap/hub.state");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&state)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        != 1
-    {
-        assert!(
-            Instant::now() < deadline,
-            "state never written:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    broker
+        .eventually(
+            Duration::from_secs(10),
+            "the state to be written",
+            async || {
+                std::fs::read_to_string(&state)
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+                    == 1
+            },
+        )
+        .await;
     // Several more looks: recognised each time, never ingested again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(dovecot.count("INBOX"), 1);
@@ -997,16 +880,12 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
     broker.kill();
     dovecot.create_folder("Processed");
     broker.spawn();
-    let deadline = Instant::now() + Duration::from_secs(20);
     // MOVE copies, then expunges: wait for both.
-    while dovecot.count("Processed") != 1 || dovecot.count("INBOX") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "never moved:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(20), "the move", async || {
+            dovecot.count("Processed") == 1 && dovecot.count("INBOX") == 0
+        })
+        .await;
     assert_eq!(dovecot.count("INBOX"), 0);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(rx.received().len(), 1, "exactly one event after the crash");
@@ -1053,15 +932,11 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
         .collect();
     kinds.sort_unstable();
     assert_eq!(kinds, ["lab_result", "letter"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dovecot.count("INBOX") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "never deleted:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(10), "the deletion", async || {
+            dovecot.count("INBOX") == 0
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(rx.received().len(), 2, "nothing taken twice");
 }
@@ -1096,17 +971,12 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
         &format!("{}{}", smtp_config(a_port, &certs, ""), sink),
         &[("TEST_A_SMTP_PASSWORD", "b-password-for-tests")],
     );
-    let data = fixture("letter-pdf.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{a_port}"),
-        "--from",
+    let (ok, out) = to_the_gp(
+        a_port,
         "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+        "letter-pdf.eml",
+    )
+    .run();
     assert!(ok, "{out}");
     let envelope = queued_id(&out);
     let got = raw.wait_for(1, Duration::from_secs(30)).await;
@@ -1157,15 +1027,11 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         "IDLE did not announce the new mail:\n{}",
         broker.log_text()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dovecot.count("Processed") != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "never moved:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(10), "the move", async || {
+            dovecot.count("Processed") == 1
+        })
+        .await;
 
     // The operator sees the pickup working, then the hub gone: degraded, yet still ready.
     let c = reqwest::Client::new();
@@ -1183,33 +1049,34 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         "{metrics}"
     );
     drop(dovecot);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let resp = c
-            .get(format!("{}/readyz", broker.url))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let body: serde_json::Value = resp.json().await.unwrap();
-        if ready(&body) == "degraded" {
-            assert_eq!(
-                status, 200,
-                "a degraded source keeps the broker ready: {body}"
-            );
-            assert!(
-                body["components"]["imap:hub"]["reason"].is_string(),
-                "{body}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the hub went away unnoticed: {body}\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (status, body) = broker
+        .eventually(
+            Duration::from_secs(20),
+            "the hub's going away to be noticed",
+            async || {
+                let resp = c
+                    .get(format!("{}/readyz", broker.url))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let body: serde_json::Value = resp.json().await.unwrap();
+                if ready(&body) == "degraded" {
+                    Ok((status, body))
+                } else {
+                    Err(body)
+                }
+            },
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "a degraded source keeps the broker ready: {body}"
+    );
+    assert!(
+        body["components"]["imap:hub"]["reason"].is_string(),
+        "{body}"
+    );
     let metrics = broker.metrics().await;
     assert!(
         metrics.contains("ketenbus_ingest_source_up{source=\"imap:hub\"} 0"),
@@ -1231,39 +1098,13 @@ async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry(
         subscription("archive", "\"raw\"", &rx.url())
     ));
     // Another process holds the log's write lock, as a stuck disk or a backup would.
-    let mut holder = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
-        ])
-        .arg(broker.dir.join("data/log.db"))
-        .arg("4")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
-    let data = fixture("letter-html.eml");
-    let args = [
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "poli@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ];
-    let (ok, out) = swaks(&args);
+    let mut holder = broker.lock_log(4);
+    let letter = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml");
+    let (ok, out) = letter.run();
     assert!(!ok && out.contains("451 4.3.0"), "{out}");
     let _ = holder.wait();
     // The sender's retry is taken once the log can write again.
-    let (ok, out) = swaks(&args);
+    let (ok, out) = letter.run();
     assert!(ok, "{out}");
     let id = queued_id(&out);
     let got = rx.wait_for(1, Duration::from_secs(15)).await;
@@ -1289,29 +1130,18 @@ async fn the_mail_sink_also_speaks_implicit_tls() {
         postfix.smtps_port, certs.ca
     );
     let broker = Broker::start(&format!("{}{}", smtp_config(port, &certs, ""), sink));
-    let data = fixture("letter-html.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "poli@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let (ok, out) = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml").run();
     assert!(ok, "{out}");
     let envelope = queued_id(&out);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while postfix.delivered().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "postfix log:\n{}\nbroker log:\n{}",
-            postfix.log(),
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(30), "postfix to deliver", async || {
+            if postfix.delivered().is_empty() {
+                Err(format!("postfix log:\n{}", postfix.log()))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
     let delivered = postfix.delivered();
     let mail = MessageParser::default().parse(&delivered[0]).unwrap();
     assert_eq!(
@@ -1369,20 +1199,19 @@ async fn imap_sets_aside_a_message_past_max_message_size_and_takes_the_others() 
     let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
-    let deadline = Instant::now() + Duration::from_secs(10);
     // A move links the message into its new folder before it unlinks it from INBOX, so the
     // three counts settle together, not in a fixed order.
-    while dovecot.count("Failed") != 1
-        || dovecot.count("Processed") != 1
-        || dovecot.count("INBOX") != 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not sorted:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(
+            Duration::from_secs(10),
+            "the messages to be sorted",
+            async || {
+                dovecot.count("Failed") == 1
+                    && dovecot.count("Processed") == 1
+                    && dovecot.count("INBOX") == 0
+            },
+        )
+        .await;
     assert!(
         keywords(&dovecot, "Failed").contains("$KetenbusTooLarge"),
         "flagged with its reason"

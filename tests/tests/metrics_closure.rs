@@ -18,7 +18,9 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, free_port, lineage, post_message};
+use ketenbus_tests::{
+    Behaviour, Broker, MEDLAB, Receiver, free_port, lineage, lineage_until, post_message,
+};
 
 /// Patient-like text the hostile input carries; none of it may reach `/metrics`.
 const PATIENT_TEXT: [&str; 3] = ["Jansen", "999911120", "INJECTED"];
@@ -212,23 +214,6 @@ fn assert_closed(
     );
 }
 
-async fn lineage_when(
-    base: &str,
-    id: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let c = reqwest::Client::new();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..200 {
-        last = lineage(&c, base, id).await.expect("lineage");
-        if pred(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("lineage of {id} never matched: {last:#}");
-}
-
 fn steps(l: &serde_json::Value) -> Vec<serde_json::Value> {
     l["steps"].as_array().cloned().unwrap_or_default()
 }
@@ -254,7 +239,7 @@ async fn forged_delivery_reports_change_nothing_and_metrics_stay_closed() {
     let envelope = body["id"].as_str().unwrap().to_owned();
     let record = format!("{envelope}.0");
     assert_eq!(hook.wait_for(1, Duration::from_secs(20)).await.len(), 1);
-    lineage_when(&broker.url, &envelope, |l| {
+    lineage_until(&broker.url, &envelope, |l| {
         l["deliveries"].as_array().is_some_and(|d| {
             d.iter()
                 .any(|d| d["subscription"] == "gp-webhook" && d["outcome"] == "delivered")
@@ -341,7 +326,7 @@ async fn forged_delivery_reports_change_nothing_and_metrics_stay_closed() {
         (&http_reports, "report_source_not_allowed"),
     ] {
         for id in ids {
-            let l = lineage_when(&broker.url, id, |l| {
+            let l = lineage_until(&broker.url, id, |l| {
                 steps(l)
                     .iter()
                     .any(|s| s["stage"] == "delivery_report" || s["stage"] == "normalised")

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, edifact_message, free_port, post_message,
+    Behaviour, Broker, MEDLAB, Receiver, edifact_message, eventually, free_port, post_message,
     webhook_subscription,
 };
 
@@ -176,14 +176,16 @@ async fn dlq_purge_removes_dead_letters_and_audits_each() {
         .unwrap();
         assert_eq!(status, 202);
     }
-    let mut dead = Vec::new();
-    for _ in 0..100 {
-        dead = dead_letters(&broker, "picky");
+    // (A hundred looks 100 ms apart before, each running the CLI.)
+    let dead = eventually(Duration::from_secs(30), "five dead letters", async || {
+        let dead = dead_letters(&broker, "picky");
         if dead.len() == 5 {
-            break;
+            Ok(dead)
+        } else {
+            Err(format!("{} dead letters", dead.len()))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(dead.len(), 5);
     let (ok, _, stderr) = broker.cli(&["dlq", "purge", "--subscription", "picky"]);
     assert!(
@@ -360,23 +362,28 @@ async fn a_log_full_of_unfinished_records_refuses_new_messages_instead_of_losing
         accepted,
         "every accepted message arrived"
     );
-    let mut again = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (status, _) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(9999, 2000),
-        )
-        .await
-        .unwrap();
-        if status == 202 {
-            again += 1;
-            break;
-        }
-    }
-    assert_eq!(again, 1, "still refusing after the subscriber caught up");
+    // (A hundred tries 100 ms apart before.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(
+        Duration::from_secs(15),
+        "a message to be taken again after the subscriber caught up",
+        async || {
+            let (status, _) = post_message(
+                &c,
+                &broker.url,
+                "application/EDIFACT",
+                edifact_message(9999, 2000),
+            )
+            .await
+            .unwrap();
+            if status == 202 {
+                Ok(())
+            } else {
+                Err(format!("still refusing: {status}"))
+            }
+        },
+    )
+    .await;
     eprintln!(
         "accepted {n} (2 KB each) before 503; all {n} delivered after the subscriber came back"
     );

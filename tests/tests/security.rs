@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ketenbus_tests::{free_port, ketenbus_bin};
+use ketenbus_tests::{eventually, free_port, ketenbus_bin, lineage_until_as, within_blocking};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -130,25 +130,24 @@ impl TlsBroker {
     }
 
     fn wait_ready(&self, probe: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        while Instant::now() < deadline {
-            let ok = rt.block_on(async {
+        let ready = within_blocking(Duration::from_secs(30), || {
+            rt.block_on(async {
                 probe
                     .get(format!("{}/readyz", self.url))
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success())
-            });
-            if ok {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("ketenbus did not become ready:\n{}", self.log_text());
+            })
+        });
+        assert!(
+            ready.is_ok(),
+            "ketenbus did not become ready:\n{}",
+            self.log_text()
+        );
     }
 
     fn log_text(&self) -> String {
@@ -535,24 +534,27 @@ async fn a_subscriber_never_sees_an_event_outside_its_filter() {
         theirs.push(j["id"].as_str().unwrap().to_owned());
     }
     // Wait until every one of theirs is known to be filtered.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for id in &theirs {
-        loop {
-            let (_, l) = get_as(
-                &c,
-                &format!("{}/api/v1/messages/{id}", broker.url),
-                Some(OPS_TOKEN),
-            )
-            .await;
-            let steps = l["steps"].as_array().cloned().unwrap_or_default();
-            let filtered = steps.iter().filter(|s| s["outcome"] == "filtered").count();
-            if filtered >= 2 {
-                break; // raw and lab_result
+    eventually(
+        Duration::from_secs(20),
+        "every one of theirs to be filtered",
+        async || {
+            for id in &theirs {
+                let (_, l) = get_as(
+                    &c,
+                    &format!("{}/api/v1/messages/{id}", broker.url),
+                    Some(OPS_TOKEN),
+                )
+                .await;
+                let steps = l["steps"].as_array().cloned().unwrap_or_default();
+                let filtered = steps.iter().filter(|s| s["outcome"] == "filtered").count();
+                if filtered < 2 {
+                    return Err(format!("not filtered: {l:#}")); // raw and lab_result
+                }
             }
-            assert!(Instant::now() < deadline, "not filtered: {l:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+            Ok(())
+        },
+    )
+    .await;
     let got = rx.wait_for(10, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = if got.len() < rx.received().len() {
@@ -603,21 +605,13 @@ fn pseudonym(dir: &Path, bsn: &str) -> String {
 
 const PATIENT_KEY_SECRET: &str = "patient-key-secret-for-tests-0123456789";
 
+/// Poll the lineage, read as the operator, until `pred` holds.
 async fn lineage_until(
-    c: &reqwest::Client,
     base: &str,
     id: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, l) = get_as(c, &format!("{base}/api/v1/messages/{id}"), Some(OPS_TOKEN)).await;
-        if pred(&l) {
-            return l;
-        }
-        assert!(Instant::now() < deadline, "lineage never matched: {l:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    lineage_until_as(base, id, Some(OPS_TOKEN), pred).await
 }
 
 fn delivery_outcome(l: &serde_json::Value) -> Option<(String, Option<String>)> {
@@ -690,15 +684,15 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
         ids.push(j["id"].as_str().unwrap().to_owned());
     }
     let outcome = |l: &serde_json::Value| delivery_outcome_of(l, Some("gp"));
-    let la = lineage_until(&c, &broker.url, &ids[0], |l| outcome(l).is_some()).await;
+    let la = lineage_until(&broker.url, &ids[0], |l| outcome(l).is_some()).await;
     assert_eq!(
         outcome(&la),
         Some(("filtered".into(), Some("no_consent".into()))),
         "{la:#}"
     );
-    let lb = lineage_until(&c, &broker.url, &ids[1], |l| outcome(l).is_some()).await;
+    let lb = lineage_until(&broker.url, &ids[1], |l| outcome(l).is_some()).await;
     assert_eq!(outcome(&lb), Some(("delivered".into(), None)), "{lb:#}");
-    let lc = lineage_until(&c, &broker.url, &ids[2], |l| outcome(l).is_some()).await;
+    let lc = lineage_until(&broker.url, &ids[2], |l| outcome(l).is_some()).await;
     assert_eq!(
         outcome(&lc),
         Some(("filtered".into(), Some("no_consent".into()))),
@@ -778,7 +772,7 @@ async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
     }
     assert_eq!(rx.wait_for(3, Duration::from_secs(20)).await.len(), 3);
     for id in &ids {
-        lineage_until(&c, &broker.url, id, |l| {
+        lineage_until(&broker.url, id, |l| {
             delivery_outcome(l).is_some_and(|(o, _)| o == "delivered")
         })
         .await;
@@ -934,7 +928,7 @@ async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
     }
     assert_eq!(rx.wait_for(4, Duration::from_secs(20)).await.len(), 4);
     for id in &ids {
-        lineage_until(&c, &broker.url, id, |l| {
+        lineage_until(&broker.url, id, |l| {
             l["steps"]
                 .as_array()
                 .is_some_and(|s| s.iter().filter(|s| s["outcome"] == "delivered").count() == 2)
@@ -1183,29 +1177,22 @@ async fn webhooks_verify_the_receiver_against_the_configured_ca() {
     let (s, j, _) = post_as(&c, &sender.url, None, edifact_from(1, "500001234")).await;
     assert_eq!(s, 202, "{j}");
     let id = j["id"].as_str().unwrap().to_owned();
-    let l = {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (_, l) = get_as(&c, &format!("{}/api/v1/messages/{id}", sender.url), None).await;
-            let outcomes: Vec<(String, String)> = l["deliveries"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|d| {
-                    (
-                        d["subscription"].as_str().unwrap_or("").to_owned(),
-                        d["outcome"].as_str().unwrap_or("").to_owned(),
-                    )
-                })
-                .collect();
-            if outcomes.len() == 2 && outcomes.iter().all(|(_, o)| o != "retrying") {
-                break l;
-            }
-            assert!(Instant::now() < deadline, "{l:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let l = lineage_until_as(&sender.url, &id, None, |l| {
+        let outcomes: Vec<(String, String)> = l["deliveries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|d| {
+                (
+                    d["subscription"].as_str().unwrap_or("").to_owned(),
+                    d["outcome"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        outcomes.len() == 2 && outcomes.iter().all(|(_, o)| o != "retrying")
+    })
+    .await;
     let outcome = |name: &str| {
         l["deliveries"]
             .as_array()
