@@ -353,6 +353,18 @@ impl Broker {
         })
     }
 
+    /// POST a message this broker must take (202): its id.
+    ///
+    /// # Panics
+    /// When the broker does not answer 202 (with its answer and log).
+    pub async fn accept(&self, c: &reqwest::Client, content_type: &str, body: Vec<u8>) -> String {
+        let (status, j) = post_message(c, &self.url, content_type, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()));
+        assert_eq!(status, 202, "{j}\n{}", self.log_text());
+        j["id"].as_str().expect("an id").to_owned()
+    }
+
     /// Hold the write lock of the embedded log's database for `seconds`, as a stuck disk or
     /// a backup would: another process (python3's sqlite3) that has the lock when this
     /// returns. Wait on it to know the lock is gone.
@@ -510,16 +522,24 @@ impl Receiver {
         Receiver { addr, state }
     }
 
+    /// Start a receiver that answers `status` at once.
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub async fn answering(status: u16) -> Receiver {
+        Receiver::start(Behaviour {
+            status,
+            delay: Duration::ZERO,
+        })
+        .await
+    }
+
     /// Start a receiver that answers 200 at once.
     ///
     /// # Panics
     /// When it cannot bind.
     pub async fn ok() -> Receiver {
-        Receiver::start(Behaviour {
-            status: 200,
-            delay: Duration::ZERO,
-        })
-        .await
+        Receiver::answering(200).await
     }
 
     /// Its URL.

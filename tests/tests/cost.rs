@@ -55,15 +55,9 @@ async fn healthz_answers_within_100ms_while_the_largest_messages_are_parsed() {
     assert!(body.len() > MAX_BODY - 4096 && body.len() <= MAX_BODY);
     let client = reqwest::Client::new();
     // Sanity: one such message is taken, so the posts below make the broker parse.
-    let (status, _) = ketenbus_tests::post_message(
-        &client,
-        &broker.url,
-        "application/fhir+json",
-        lab_bundle(64 * 1024),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{}", broker.log_text());
+    broker
+        .accept(&client, "application/fhir+json", lab_bundle(64 * 1024))
+        .await;
 
     // Several max-size messages at once, on both write routes (the FHIR endpoint parses
     // and maps before it answers; the router parses and maps every accepted message).
@@ -248,15 +242,9 @@ async fn past_the_memory_budget_posts_hear_503_none_is_lost_and_memory_stays_bou
         "peak memory {peak} past {bound} (baseline {baseline})"
     );
     // Once the load is gone, a message is taken again.
-    let (status, _) = ketenbus_tests::post_message(
-        &client,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(999, 4096),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202);
+    broker
+        .accept(&client, "application/EDIFACT", edifact_message(999, 4096))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

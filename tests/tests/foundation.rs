@@ -10,18 +10,13 @@ use ketenbus_tests::{
 };
 use sha2::Sha256;
 
-const OK: Behaviour = Behaviour {
-    status: 204,
-    delay: Duration::ZERO,
-};
-
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
 #[tokio::test]
 async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let sub = webhook_subscription(
         "archive",
         "\"raw\"",
@@ -77,7 +72,7 @@ async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let sub = webhook_subscription("archive", "\"raw\"", &rx.url(), "");
     // The first lines of the extra config land in [http].
     let broker = Broker::start(&format!("max_body = \"1 KiB\"\n{sub}"));
@@ -98,15 +93,9 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
     assert_eq!(s, 413, "{j}");
     assert_eq!(j["error"], "too_large");
     // A good one afterwards is the only thing delivered.
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/fhir+json; charset=utf-8",
-        b"{}".to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
+    let id = broker
+        .accept(&c, "application/fhir+json; charset=utf-8", b"{}".to_vec())
+        .await;
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -114,9 +103,9 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
         1,
         "rejected messages left nothing behind"
     );
-    assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
+    assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()));
     // `{}` is no FHIR resource: the router dead-letters it, and raw subscribers still got it.
-    let l = lineage_until(&broker.url, j["id"].as_str().unwrap(), |l| {
+    let l = lineage_until(&broker.url, &id, |l| {
         l["steps"]
             .as_array()
             .unwrap()
@@ -154,10 +143,9 @@ async fn max_body_is_configurable() {
         .await
         .unwrap();
     assert_eq!(s, 413, "{j}");
-    let (s, _) = post_message(&c, &broker.url, "application/EDIFACT", vec![b'A'; 1000])
-        .await
-        .unwrap();
-    assert_eq!(s, 202);
+    broker
+        .accept(&c, "application/EDIFACT", vec![b'A'; 1000])
+        .await;
 }
 
 #[test]
@@ -209,7 +197,7 @@ fn check_config_names_every_problem_and_the_example_passes() {
 
 #[tokio::test]
 async fn a_failing_subscriber_does_not_delay_another() {
-    let good = Receiver::start(OK).await;
+    let good = Receiver::answering(204).await;
     let bad = Receiver::start(Behaviour {
         status: 500,
         delay: Duration::from_millis(200),
@@ -224,16 +212,11 @@ async fn a_failing_subscriber_does_not_delay_another() {
     let c = client();
     let mut ids = HashSet::new();
     for i in 0..200 {
-        let (s, j) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(i, 300),
-        )
-        .await
-        .unwrap();
-        assert_eq!(s, 202);
-        ids.insert(j["id"].as_str().unwrap().to_owned());
+        ids.insert(
+            broker
+                .accept(&c, "application/EDIFACT", edifact_message(i, 300))
+                .await,
+        );
     }
     let got = good.wait_for(200, Duration::from_secs(10)).await;
     let delivered: HashSet<String> = got
@@ -271,12 +254,8 @@ async fn a_failing_subscriber_does_not_delay_another() {
 
 #[tokio::test]
 async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_only() {
-    let rx = Receiver::start(Behaviour {
-        status: 404,
-        delay: Duration::ZERO,
-    })
-    .await;
-    let other = Receiver::start(OK).await;
+    let rx = Receiver::answering(404).await;
+    let other = Receiver::answering(204).await;
     let subs = format!(
         "{}\n{}",
         webhook_subscription("picky", "\"raw\"", &rx.url(), ""),
@@ -284,16 +263,9 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
     );
     let broker = Broker::start(&subs);
     let c = client();
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(7, 200),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let id = j["id"].as_str().unwrap().to_owned();
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(7, 200))
+        .await;
     let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"]
             .as_array()
@@ -378,26 +350,16 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
 
 #[tokio::test]
 async fn exhausted_retries_become_dead_letters() {
-    let rx = Receiver::start(Behaviour {
-        status: 503,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(503).await;
     let sub = format!(
         "{}[subscriptions.retry]\ninitial = \"50ms\"\nmax = \"100ms\"\ngive_up_after = \"600ms\"\n",
         webhook_subscription("flaky", "\"raw\"", &rx.url(), "")
     );
     let broker = Broker::start(&sub);
-    let (_, j) = post_message(
-        &client(),
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(1, 200),
-    )
-    .await
-    .unwrap();
-    let id = j["id"].as_str().unwrap();
-    let l = lineage_until(&broker.url, id, |l| {
+    let id = broker
+        .accept(&client(), "application/EDIFACT", edifact_message(1, 200))
+        .await;
+    let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"]
             .as_array()
             .unwrap()
@@ -412,7 +374,7 @@ async fn exhausted_retries_become_dead_letters() {
 
 #[tokio::test]
 async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::prepare(
         dir.path(),
@@ -502,24 +464,17 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
 
 #[tokio::test]
 async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
-    let events = Receiver::start(OK).await;
-    let raw = Receiver::start(OK).await;
+    let events = Receiver::answering(204).await;
+    let raw = Receiver::answering(204).await;
     let subs = format!(
         "{}\n{}",
         webhook_subscription("gp", "\"lab_result\"", &events.url(), ""),
         webhook_subscription("archive", "\"raw\"", &raw.url(), "")
     );
     let broker = Broker::start(&subs);
-    let (s, j) = post_message(
-        &client(),
-        &broker.url,
-        "application/EDIFACT",
-        MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let id = j["id"].as_str().unwrap();
+    let id = broker
+        .accept(&client(), "application/EDIFACT", MEDLAB.as_bytes().to_vec())
+        .await;
     let got = events.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
     let r = &got[0];
@@ -555,7 +510,7 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
             .as_ref(),
         MEDLAB.as_bytes()
     );
-    let l = lineage_until(&broker.url, id, |l| {
+    let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"]
             .as_array()
             .unwrap()
@@ -571,7 +526,7 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
 
 #[tokio::test]
 async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let broker = Broker::start(&format!(
         "ingest_timeout = \"1s\"\n{}",
         webhook_subscription("archive", "\"raw\"", &rx.url(), "")
@@ -597,30 +552,20 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
     assert_eq!(j["error"], "log_unavailable");
     holder.wait().unwrap();
     // Once the lock is gone the same message is taken.
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(1, 100),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202, "{}", broker.log_text());
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(1, 100))
+        .await;
     // Only the acknowledged one is delivered: the refused write was not kept.
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.received().len(), 1);
-    assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
+    assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()));
 }
 
 #[tokio::test]
 async fn operators_list_messages_by_status_and_see_a_status_summary() {
-    let bad = Receiver::start(Behaviour {
-        status: 404,
-        delay: Duration::ZERO,
-    })
-    .await;
-    let good = Receiver::start(OK).await;
+    let bad = Receiver::answering(404).await;
+    let good = Receiver::answering(204).await;
     let subs = format!(
         "{}\n{}",
         webhook_subscription("picky", "\"raw\"", &bad.url(), ""),
@@ -630,15 +575,11 @@ async fn operators_list_messages_by_status_and_see_a_status_summary() {
     let c = client();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let (_, j) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(i, 200),
-        )
-        .await
-        .unwrap();
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            broker
+                .accept(&c, "application/EDIFACT", edifact_message(i, 200))
+                .await,
+        );
     }
     for id in &ids {
         lineage_until(&broker.url, id, |l| {
@@ -711,8 +652,8 @@ async fn operators_list_messages_by_status_and_see_a_status_summary() {
 
 #[tokio::test]
 async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
-    let linde = Receiver::start(OK).await;
-    let hap = Receiver::start(OK).await;
+    let linde = Receiver::answering(204).await;
+    let hap = Receiver::answering(204).await;
     let config = format!(
         "\n[[subscriptions]]\nname = \"by-receiver\"\nkinds = [\"lab_result\"]\nsink = {{ type = \"webhook\" }}\n\
          [subscriptions.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n\
@@ -728,11 +669,11 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
     let mut ids = Vec::new();
     for receiver in ["500005678", "500009999", "500000001"] {
         let body = MEDLAB.replace("+500005678+", &format!("+{receiver}+"));
-        let (status, j) = post_message(&c, &broker.url, "application/EDIFACT", body.into_bytes())
-            .await
-            .unwrap();
-        assert_eq!(status, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            broker
+                .accept(&c, "application/EDIFACT", body.into_bytes())
+                .await,
+        );
     }
     let to_linde = linde.wait_for(1, Duration::from_secs(10)).await;
     let to_hap = hap.wait_for(1, Duration::from_secs(10)).await;

@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, webhook_subscription};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, webhook_subscription};
 
 #[tokio::test]
 async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
-    let rx = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(204).await;
     let inbox = tempfile::tempdir().unwrap();
     let config = format!(
         "[[inbox]]\npath = {:?}\npatterns = [\"*.edi\"]\npoll_interval = \"100ms\"\nsettle = \"200ms\"\n{}",

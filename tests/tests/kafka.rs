@@ -8,8 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ketenbus_tests::{
-    Behaviour, Broker, Receiver, edifact_message, eventually, lineage, post_message,
-    webhook_subscription,
+    Broker, Receiver, edifact_message, eventually, lineage, post_message, webhook_subscription,
 };
 
 /// `KETENBUS_TEST_KAFKA` and `KETENBUS_TEST_PYTHON`, set by `ops/test.sh`. Missing under CI is a
@@ -71,11 +70,7 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let Some((bootstrap, python)) = peers() else {
         return;
     };
-    let rx = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(204).await;
     let config = format!(
         "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\nsession_timeout = \"20s\"\ninstance_id = \"kafka-test-node\"\n\
          properties = {{ \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }}\n{}",
@@ -86,11 +81,8 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let mut sent = Vec::new();
     for i in 0..20 {
         let body = edifact_message(i, 500);
-        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", body.clone())
-            .await
-            .unwrap();
-        assert_eq!(s, 202, "{j}\n{}", broker.log_text());
-        sent.push((j["id"].as_str().unwrap().to_owned(), body));
+        let id = broker.accept(&c, "application/EDIFACT", body.clone()).await;
+        sent.push((id, body));
     }
     // Wait for every id sent here (a reused cluster may also hand over older records).
     broker
@@ -134,16 +126,13 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(decode_base64(b64), *body, "body of {id}");
     }
     // A lab result becomes an event on its kind's topic, readable with the published schema.
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        ketenbus_tests::MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let lab_id = j["id"].as_str().unwrap().to_owned();
+    let lab_id = broker
+        .accept(
+            &c,
+            "application/EDIFACT",
+            ketenbus_tests::MEDLAB.as_bytes().to_vec(),
+        )
+        .await;
     // The router publishes the event shortly after the 202; read until it is there.
     // (Fifty reads with 200 ms between them before: each read takes a second or more.)
     let record = eventually(
@@ -228,16 +217,9 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let started = tokio::time::Instant::now();
     // A new client: the old one's pooled connections died with the process.
     let c = reqwest::Client::new();
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(990, 500),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", broker.log_text()));
-    assert_eq!(s, 202, "{j}");
-    let id = j["id"].as_str().unwrap().to_owned();
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(990, 500))
+        .await;
     broker
         .eventually(
             Duration::from_secs(12).saturating_sub(started.elapsed()),

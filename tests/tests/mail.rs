@@ -13,15 +13,9 @@ use std::time::Duration;
 
 use ketenbus_connectors::mail::dsn;
 use ketenbus_tests::{
-    Behaviour, Broker, Receiver, Swaks, eventually_blocking, free_port, lineage, lineage_until,
-    within,
+    Broker, Receiver, Swaks, eventually_blocking, free_port, lineage, lineage_until, within,
 };
 use mail_parser::{MessageParser, MimeHeaders};
-
-const OK: Behaviour = Behaviour {
-    status: 204,
-    delay: Duration::ZERO,
-};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -96,14 +90,20 @@ fn wait_port(port: u16) {
     );
 }
 
-/// A test CA and a certificate for localhost / 127.0.0.1 signed by it.
+/// A test CA and a certificate for localhost / 127.0.0.1 signed by it, in a temporary
+/// directory the peers can read (a test may put its other files there too).
 struct Certs {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    dir: tempfile::TempDir,
 }
 
-fn certs(dir: &Path) -> Certs {
+/// The mail peers installed, and [`Certs`] made for a test.
+fn certs() -> Certs {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let dir = tmp.path();
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -170,6 +170,7 @@ fn certs(dir: &Path) -> Certs {
         ca: dir.join("ca.pem"),
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        dir: tmp,
     }
 }
 
@@ -384,6 +385,28 @@ impl Drop for Dovecot {
     }
 }
 
+/// A broker whose IMAP pickup `hub` reads the Dovecot's inbox as user hub over TLS
+/// trusting the test CA, with `extra` keys of the pickup, and `subscriptions`.
+fn imap_broker(dovecot: &Dovecot, certs: &Certs, extra: &str, subscriptions: &str) -> Broker {
+    let config = format!(
+        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+         {extra}\n{subscriptions}",
+        dovecot.imaps_port, certs.ca,
+    );
+    Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")])
+}
+
+/// A subscription `name` that sends letters by mail to `to` through the SMTP server on
+/// loopback `port` (`tls`: `starttls` or `implicit`, trusting the test CA); `extra`: more
+/// lines after the sink's.
+fn mail_sink(name: &str, port: u16, tls: &str, certs: &Certs, to: &str, extra: &str) -> String {
+    format!(
+        "[[subscriptions]]\nname = \"{name}\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"{tls}\"\nca_file = {:?}\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"{to}\"\n{extra}",
+        certs.ca
+    )
+}
+
 /// A mail from `from` to the GP's mailbox (500005678) through the SMTP server on loopback
 /// `port`, with the fixture `file` as message.
 fn to_the_gp(port: u16, from: &str, file: &str) -> Swaks {
@@ -422,10 +445,8 @@ fn subscription(name: &str, kinds: &str, url: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let rx = Receiver::start(OK).await;
+    let certs = certs();
+    let rx = Receiver::answering(204).await;
     let port = free_port();
     let config = format!(
         "{}[mail.smtp.auth]\nrequired = false\nusers = [{{ username = \"lab\", password_env = \"TEST_SMTP_LAB_PASSWORD\", party_ids = [\"mailbox:500001234\"] }}]\n{}",
@@ -490,7 +511,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     // The login may send as mailbox 500001234 only: a lab result whose UNB names another
     // sender is refused for good, before anything is stored; its own goes through.
     let own = std::fs::read_to_string(fixture("lab-result-edifact-body.eml")).unwrap();
-    let forged = tmp.path().join("forged.eml");
+    let forged = certs.dir.path().join("forged.eml");
     std::fs::write(&forged, own.replace("+500001234+", "+500009999+")).unwrap();
     let as_lab = |data: &Path| lab.clone().data(data).run();
     let (ok, out) = as_lab(&forged);
@@ -529,7 +550,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         "{out}"
     );
     // Too big: announced limit 64 KiB, 100 KiB sent.
-    let big = tmp.path().join("big.eml");
+    let big = certs.dir.path().join("big.eml");
     let mut body = String::from("From: a@b.test\r\nSubject: big\r\n\r\n");
     while body.len() < 100 * 1024 {
         body.push_str("0123456789012345678901234567890123456789012345678901234567890123456789\r\n");
@@ -544,10 +565,8 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let rx = Receiver::start(OK).await;
+    let certs = certs();
+    let rx = Receiver::answering(204).await;
     let port = free_port();
     let broker = Broker::start(&format!(
         "{}{}",
@@ -583,13 +602,11 @@ async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscriptions() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let (a_letters, b_letters, b_raw) = (
-        Receiver::start(OK).await,
-        Receiver::start(OK).await,
-        Receiver::start(OK).await,
+        Receiver::answering(204).await,
+        Receiver::answering(204).await,
+        Receiver::answering(204).await,
     );
     let port = free_port();
     let filtered = |name: &str, kinds: &str, receiver: &str, url: &str| {
@@ -652,17 +669,18 @@ async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let raw = Receiver::start(OK).await;
+    let certs = certs();
+    let raw = Receiver::answering(204).await;
     let port = free_port();
     // Postfix needs the broker's port, the broker Postfix's: take both first.
     let postfix = Postfix::start(port, &certs);
-    let sink = format!(
-        "[[subscriptions]]\nname = \"gp-by-mail\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n[subscriptions.retry]\ninitial = \"200ms\"\nmax = \"2s\"\n",
-        postfix.port, certs.ca
+    let sink = mail_sink(
+        "gp-by-mail",
+        postfix.port,
+        "starttls",
+        &certs,
+        "huisarts@gp.example.test",
+        "[subscriptions.retry]\ninitial = \"200ms\"\nmax = \"2s\"\n",
     );
     let config = format!(
         "{}{}{}",
@@ -770,16 +788,17 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let port = free_port();
     let postfix = Postfix::start(port, &certs);
     // Postfix takes the mail, then bounces it: the mailbox at closed.example.test is closed.
-    let sink = format!(
-        "[[subscriptions]]\nname = \"gp-by-mail\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@closed.example.test\"\n",
-        postfix.port, certs.ca
+    let sink = mail_sink(
+        "gp-by-mail",
+        postfix.port,
+        "starttls",
+        &certs,
+        "huisarts@closed.example.test",
+        "",
     );
     let broker = Broker::start(&format!("{}{sink}", smtp_config(port, &certs, "")));
     let (ok, out) = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").run();
@@ -836,23 +855,19 @@ async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_pickup_survives_a_crash_between_store_and_move() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.deliver(
         "1764000000.M1.hub",
         &std::fs::read(fixture("lab-result-edifact-attachment.eml")).unwrap(),
     );
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         processed_folder = \"Processed\"\npoll_interval = \"200ms\"\nreceiver = \"mailbox:500005678\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp-lab", "\"lab_result\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let mut broker = imap_broker(
+        &dovecot,
+        &certs,
+        "tls = \"implicit\"\nprocessed_folder = \"Processed\"\npoll_interval = \"200ms\"\nreceiver = \"mailbox:500005678\"",
+        &subscription("gp-lab", "\"lab_result\"", &rx.url()),
     );
-    let mut broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     // Stored and delivered; the move fails (the folder does not exist yet), so the message
     // stays in the inbox, remembered in the state file.
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
@@ -903,9 +918,7 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_pickup_in_delete_mode_takes_every_message_once() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.deliver(
         "1764000001.M1.hub",
@@ -915,15 +928,13 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
         "1764000002.M2.hub",
         &std::fs::read(fixture("letter-pdf.eml")).unwrap(),
     );
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         after = \"delete\"\npoll_interval = \"200ms\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp", "\"lab_result\", \"letter\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let broker = imap_broker(
+        &dovecot,
+        &certs,
+        "after = \"delete\"\npoll_interval = \"200ms\"",
+        &subscription("gp", "\"lab_result\", \"letter\"", &rx.url()),
     );
-    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     let got = rx.wait_for(2, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 2, "{}", broker.log_text());
     let mut kinds: Vec<&str> = got
@@ -943,11 +954,9 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offered() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     // B: a submission server that requires TLS and AUTH and offers no DSN (ketenbus itself).
-    let raw = Receiver::start(OK).await;
+    let raw = Receiver::answering(204).await;
     let b_port = free_port();
     let b_config = format!(
         "{}[mail.smtp.auth]\nusers = [{{ username = \"ketenbus-a\", password_env = \"TEST_B_PASSWORD\" }}]\n{}",
@@ -961,11 +970,13 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
     let b = Broker::start_with_env(&b_config, &[("TEST_B_PASSWORD", "b-password-for-tests")]);
     // A: takes the letter in and sends it on by secure mail to B.
     let a_port = free_port();
-    let sink = format!(
-        "[[subscriptions]]\nname = \"to-b\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {b_port}\n\
-         tls = \"starttls\"\nca_file = {:?}\nusername = \"ketenbus-a\"\npassword_env = \"TEST_A_SMTP_PASSWORD\"\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n",
-        certs.ca
+    let sink = mail_sink(
+        "to-b",
+        b_port,
+        "starttls",
+        &certs,
+        "huisarts@gp.example.test",
+        "username = \"ketenbus-a\"\npassword_env = \"TEST_A_SMTP_PASSWORD\"\n",
     );
     let a = Broker::start_with_env(
         &format!("{}{}", smtp_config(a_port, &certs, ""), sink),
@@ -1000,20 +1011,16 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         poll_interval = \"10min\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp", "\"letter\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let broker = imap_broker(
+        &dovecot,
+        &certs,
+        "poll_interval = \"10min\"",
+        &subscription("gp", "\"letter\"", &rx.url()),
     );
-    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     // Let the pickup log in, find the empty inbox and settle in IDLE.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     dovecot.deliver(
@@ -1086,10 +1093,8 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let rx = Receiver::start(OK).await;
+    let certs = certs();
+    let rx = Receiver::answering(204).await;
     let port = free_port();
     // The first lines land in [http]: a short wait for the log.
     let broker = Broker::start(&format!(
@@ -1119,15 +1124,16 @@ async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mail_sink_also_speaks_implicit_tls() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let port = free_port();
     let postfix = Postfix::start(port, &certs);
-    let sink = format!(
-        "[[subscriptions]]\nname = \"gp-smtps\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\ndsn = false\n",
-        postfix.smtps_port, certs.ca
+    let sink = mail_sink(
+        "gp-smtps",
+        postfix.smtps_port,
+        "implicit",
+        &certs,
+        "huisarts@gp.example.test",
+        "dsn = false\n",
     );
     let broker = Broker::start(&format!("{}{}", smtp_config(port, &certs, ""), sink));
     let (ok, out) = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml").run();
@@ -1181,22 +1187,18 @@ fn keywords(dovecot: &Dovecot, folder: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_sets_aside_a_message_past_max_message_size_and_takes_the_others() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
     dovecot.deliver("1764000001.M1.hub", &plain_mail(1, 64 * 1024, "groot"));
     dovecot.deliver("1764000002.M2.hub", &plain_mail(2, 1024, "klein"));
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         poll_interval = \"200ms\"\nmax_message_size = \"16 KiB\"\nfailed_folder = \"Failed\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp", "\"letter\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let broker = imap_broker(
+        &dovecot,
+        &certs,
+        "poll_interval = \"200ms\"\nmax_message_size = \"16 KiB\"\nfailed_folder = \"Failed\"",
+        &subscription("gp", "\"letter\"", &rx.url()),
     );
-    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
     // A move links the message into its new folder before it unlinks it from INBOX, so the
@@ -1251,9 +1253,7 @@ impl ketenbus_connectors::Ingest for RefusesPoison {
 async fn an_imap_message_the_log_keeps_refusing_is_set_aside_and_the_others_flow() {
     use ketenbus_connectors::mail::config::{AfterPickup, ImapConfig, TlsMode};
     use ketenbus_connectors::mail::imap::{ImapPickup, PickupState};
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
     // The poison message has the lowest UID: it is met first.
@@ -1277,9 +1277,11 @@ async fn an_imap_message_the_log_keeps_refusing_is_set_aside_and_the_others_flow
         failed_folder: "Failed".into(),
     };
     let ingest = std::sync::Arc::new(RefusesPoison::default());
-    let pickup =
-        ImapPickup::new(cfg, tmp.path(), ingest.clone(), &|_| Some("hubpass".into())).unwrap();
-    let mut state = PickupState::load(&tmp.path().join("hub.state")).unwrap();
+    let pickup = ImapPickup::new(cfg, certs.dir.path(), ingest.clone(), &|_| {
+        Some("hubpass".into())
+    })
+    .unwrap();
+    let mut state = PickupState::load(&certs.dir.path().join("hub.state")).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut good = 0;
     for round in 1..=6 {

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage_until, post_message};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage_until};
 
 /// A receiver that answers every POST with `status` and `Location: to`, counting them.
 struct Redirector {
@@ -80,16 +80,9 @@ async fn a_redirecting_receiver_gets_a_dead_letter_and_the_target_gets_nothing()
     .concat();
     let broker = Broker::start_with_env(&config, &[("REDIRECT_TEST_SECRET", "s3cret")]);
     let c = reqwest::Client::new();
-    let (status, body) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let id = body["id"].as_str().unwrap().to_owned();
+    let id = broker
+        .accept(&c, "application/EDIFACT", MEDLAB.as_bytes().to_vec())
+        .await;
 
     let subs = ["hook-307", "hook-308", "fhir-307"];
     let l = lineage_until(&broker.url, &id, |l| {

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, eventually, post_message, webhook_subscription, within,
+    Broker, MEDLAB, Receiver, eventually, post_message, webhook_subscription, within,
 };
 
 /// Far below the retry horizon (`give_up_after`, 24 h by default) and the backoff cap.
@@ -109,11 +109,7 @@ async fn wait_for_others(
 
 #[tokio::test]
 async fn one_patients_failing_record_holds_up_only_that_patients_later_records() {
-    let rx = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(204).await;
     let failing_bsn = bsn(7_777);
     // This patient's receiver is down (503) until told otherwise. Three lanes over eight
     // partitions: before parking, about a third of the other patients waited behind the
