@@ -18,7 +18,7 @@ use axum::routing::post;
 use tokio::sync::Notify;
 
 mod swaks;
-pub use swaks::Swaks;
+pub use swaks::{Swaks, queued_id};
 
 /// A free loopback port.
 ///
@@ -175,6 +175,26 @@ pub fn ketenbus_bin() -> PathBuf {
     bin
 }
 
+/// Run `ketenbus check-config` on the config file at `path`, with the test audit key and
+/// `env`; (success, what it wrote to stderr).
+///
+/// # Panics
+/// When the binary cannot run.
+#[must_use]
+pub fn check_config(path: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(ketenbus_bin())
+        .args(["check-config", "--config"])
+        .arg(path)
+        .env("KETENBUS_AUDIT_KEY", AUDIT_KEY)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run ketenbus check-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The audit key every broker and command started here gets in `KETENBUS_AUDIT_KEY`
 /// (the default `[audit] key_env`), unless a test gives its own.
 pub const AUDIT_KEY: &str = "audit-key-for-the-whole-system-tests-0123456789";
@@ -242,17 +262,30 @@ impl Broker {
         }
     }
 
+    async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("{}{path}", self.url))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// Its `/metrics` text.
     ///
     /// # Panics
     /// When the broker does not answer.
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url))
+        self.get("/metrics")
             .await
-            .expect("GET /metrics")
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// GET `path` (e.g. `/readyz`) of its HTTP API; the answer as JSON.
+    ///
+    /// # Panics
+    /// When the broker does not answer with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).await.json().await.expect("JSON")
     }
 
     /// Start (or restart) the process and wait until `/readyz` is green.
@@ -718,6 +751,25 @@ OPB+Hemolytisch monster?: herhalen aanbevolen'
 UNT+9+M0042'
 UNZ+1+IC0042'
 ";
+
+/// A synthetic MEDLAB lab report (invented patient, test BSN) from `sender` (UNB mailbox
+/// number) about the patient with `bsn`.
+#[must_use]
+pub fn medlab(n: usize, sender: &str, bsn: &str) -> Vec<u8> {
+    format!(
+        "UNB+UNOA:1+{sender}+500005678+261101:0815+IC{n:04}'\
+UNH+M{n:04}+MEDLAB:1'\
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'\
+DET+26:11:01+07:40'\
+IDE+J+L{n:07}+bloed'\
+SEC+CHEMIE'\
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'\
+UNT+8+M{n:04}'\
+UNZ+1+IC{n:04}'"
+    )
+    .into_bytes()
+}
 
 /// A synthetic EDIFACT interchange of about `size` bytes (MEDLAB-like, invented patient).
 #[must_use]

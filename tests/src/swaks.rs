@@ -81,6 +81,17 @@ impl Swaks {
         self
     }
 
+    /// Send; the server must take the mail: the id in its `250 ... queued as <id>`.
+    ///
+    /// # Panics
+    /// When swaks fails (with everything it printed), or the answer names no id.
+    #[must_use]
+    pub fn queued(&self) -> String {
+        let (ok, out) = self.run();
+        assert!(ok, "{out}");
+        queued_id(&out)
+    }
+
     /// Send, with a 30 s timeout per step; (success, everything swaks printed).
     ///
     /// # Panics
@@ -108,4 +119,20 @@ impl Swaks {
             ),
         )
     }
+}
+
+/// The id in a swaks transcript's `250 2.0.0 Ok: queued as <id>`.
+///
+/// # Panics
+/// When there is none.
+#[must_use]
+pub fn queued_id(transcript: &str) -> String {
+    let at = transcript
+        .rfind("queued as ")
+        .unwrap_or_else(|| panic!("no queued-as in:\n{transcript}"));
+    transcript[at + 10..]
+        .split_whitespace()
+        .next()
+        .expect("an id after queued as")
+        .to_owned()
 }

@@ -6,24 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ketenbus_tests::{Broker, Receiver, post_message, webhook_subscription};
-
-/// A MEDLAB interchange with one lab result of a synthetic patient.
-fn medlab(n: usize) -> Vec<u8> {
-    format!(
-        "UNB+UNOA:1+500001234+500005678+261101:0815+IC{n:04}'\
-UNH+M{n:04}+MEDLAB:1'\
-ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
-PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'\
-DET+26:11:01+07:40'\
-IDE+J+L{n:07}+bloed'\
-SEC+CHEMIE'\
-BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'\
-UNT+8+M{n:04}'\
-UNZ+1+IC{n:04}'"
-    )
-    .into_bytes()
-}
+use ketenbus_tests::{Broker, Receiver, medlab, post_message, webhook_subscription};
 
 /// Start a broker with `fault`, post until the fault stops it, check how it stopped, restart
 /// it without the fault and check that every accepted message reached the subscriber.
@@ -38,7 +21,14 @@ async fn a_dead_task_stops_the_broker_and_nothing_is_lost(fault: &str, task: &st
     let mut accepted = BTreeSet::new();
     for n in 0..40 {
         // Posts stop being answered once the broker stops; only 202s count as accepted.
-        match post_message(&c, &broker.url, "application/EDIFACT", medlab(n)).await {
+        match post_message(
+            &c,
+            &broker.url,
+            "application/EDIFACT",
+            medlab(n, "500001234", "999911120"),
+        )
+        .await
+        {
             Ok((202, j)) => {
                 accepted.insert(j["id"].as_str().unwrap().to_owned());
             }

@@ -1,12 +1,13 @@
 //! The foundation's guarantees, through real sockets against the `ketenbus` binary.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, edifact_message, eventually, lineage, lineage_until,
-    post_message, webhook_subscription, within,
+    Behaviour, Broker, MEDLAB, Receiver, check_config, edifact_message, eventually, lineage,
+    lineage_until, post_message, webhook_subscription, within,
 };
 use sha2::Sha256;
 
@@ -157,13 +158,8 @@ fn check_config_names_every_problem_and_the_example_passes() {
         "[bus]\npartitions = 0\n[[subscriptions]]\nname = \"x y\"\nkinds = [\"pizza\"]\nsink = { type = \"webhook\", url = \"nope\" }\n",
     )
     .unwrap();
-    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = check_config(&bad, &[]);
+    assert!(!ok);
     for path in [
         "bus.partitions",
         "subscriptions[0].name",
@@ -173,18 +169,14 @@ fn check_config_names_every_problem_and_the_example_passes() {
         assert!(err.contains(path), "{path} missing from:\n{err}");
     }
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/ketenbus.example.toml");
-    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["check-config", "--config", example])
-        .env("KETENBUS_GP_WEBHOOK_SECRET", "s3cret-for-the-example")
-        .env("KETENBUS_PATIENT_KEY", "0123456789abcdef0123456789")
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, err) = check_config(
+        Path::new(example),
+        &[
+            ("KETENBUS_GP_WEBHOOK_SECRET", "s3cret-for-the-example"),
+            ("KETENBUS_PATIENT_KEY", "0123456789abcdef0123456789"),
+        ],
     );
+    assert!(ok, "{err}");
     // A broken config does not start the broker.
     let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
         .args(["run", "--config"])
@@ -252,28 +244,39 @@ async fn a_failing_subscriber_does_not_delay_another() {
     assert!(step["attempt"].as_u64().unwrap() >= 1);
 }
 
-#[tokio::test]
-async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_only() {
-    let rx = Receiver::answering(404).await;
-    let other = Receiver::answering(204).await;
+/// A broker with two subscriptions to raw messages: "picky", whose receiver (the first)
+/// answers 404, and `other`, whose receiver (the second) takes everything.
+async fn picky_and(other: &str) -> (Receiver, Receiver, Broker) {
+    let picky = Receiver::answering(404).await;
+    let rx = Receiver::answering(204).await;
     let subs = format!(
         "{}\n{}",
-        webhook_subscription("picky", "\"raw\"", &rx.url(), ""),
-        webhook_subscription("other", "\"raw\"", &other.url(), "")
+        webhook_subscription("picky", "\"raw\"", &picky.url(), ""),
+        webhook_subscription(other, "\"raw\"", &rx.url(), "")
     );
     let broker = Broker::start(&subs);
-    let c = client();
-    let id = broker
-        .accept(&c, "application/EDIFACT", edifact_message(7, 200))
-        .await;
-    let l = lineage_until(&broker.url, &id, |l| {
+    (picky, rx, broker)
+}
+
+/// The lineage shows a delivery to "picky" that ended `outcome`.
+fn picky_is(outcome: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |l| {
         l["deliveries"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
-    })
-    .await;
+            .any(|d| d["subscription"] == "picky" && d["outcome"] == outcome)
+    }
+}
+
+#[tokio::test]
+async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_only() {
+    let (rx, other, broker) = picky_and("other").await;
+    let c = client();
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(7, 200))
+        .await;
+    let l = lineage_until(&broker.url, &id, picky_is("dead_lettered")).await;
     let d = l["deliveries"]
         .as_array()
         .unwrap()
@@ -323,14 +326,7 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
         1,
         "the other subscription did not get it twice"
     );
-    lineage_until(&broker.url, &id, |l| {
-        l["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["subscription"] == "picky" && d["outcome"] == "delivered")
-    })
-    .await;
+    lineage_until(&broker.url, &id, picky_is("delivered")).await;
     // Listing and replaying dead letters are in the audit trail, by whom and which.
     let (ok, stdout, stderr) = broker.cli(&["audit", "export", "--since", "2000-01-01T00:00:00Z"]);
     assert!(ok, "{stderr}");
@@ -564,14 +560,7 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
 
 #[tokio::test]
 async fn operators_list_messages_by_status_and_see_a_status_summary() {
-    let bad = Receiver::answering(404).await;
-    let good = Receiver::answering(204).await;
-    let subs = format!(
-        "{}\n{}",
-        webhook_subscription("picky", "\"raw\"", &bad.url(), ""),
-        webhook_subscription("archive", "\"raw\"", &good.url(), "")
-    );
-    let broker = Broker::start(&subs);
+    let (_bad, _good, broker) = picky_and("archive").await;
     let c = client();
     let mut ids = Vec::new();
     for i in 0..3 {
@@ -582,14 +571,7 @@ async fn operators_list_messages_by_status_and_see_a_status_summary() {
         );
     }
     for id in &ids {
-        lineage_until(&broker.url, id, |l| {
-            l["deliveries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
-        })
-        .await;
+        lineage_until(&broker.url, id, picky_is("dead_lettered")).await;
     }
     let list = |q: String| {
         let c = c.clone();

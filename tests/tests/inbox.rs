@@ -51,14 +51,6 @@ async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
     let reason = std::fs::read_to_string(inbox.path().join("failed/broken.edi.reason")).unwrap();
     assert!(reason.contains("not EDIFACT"), "{reason}");
     // The lineage names the connector.
-    let c = reqwest::Client::new();
-    let page: serde_json::Value = c
-        .get(format!("{}/api/v1/messages", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: serde_json::Value = broker.get_json("/api/v1/messages").await;
     assert_eq!(page["items"][0]["connector"], "inbox");
 }

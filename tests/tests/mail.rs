@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ketenbus_connectors::mail::dsn;
 use ketenbus_tests::{
-    Broker, Receiver, Swaks, eventually_blocking, free_port, lineage, lineage_until, within,
+    Broker, Receiver, Swaks, eventually_blocking, free_port, lineage, lineage_until, queued_id,
+    within,
 };
 use mail_parser::{MessageParser, MimeHeaders};
 
@@ -416,18 +417,6 @@ fn to_the_gp(port: u16, from: &str, file: &str) -> Swaks {
         .data(&fixture(file))
 }
 
-/// The id in `250 2.0.0 Ok: queued as <id>`.
-fn queued_id(transcript: &str) -> String {
-    let at = transcript
-        .rfind("queued as ")
-        .unwrap_or_else(|| panic!("no queued-as in:\n{transcript}"));
-    transcript[at + 10..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 fn smtp_config(port: u16, certs: &Certs, extra: &str) -> String {
     format!(
         "[mail.smtp]\nlisten = \"127.0.0.1:{port}\"\nhostname = \"ketenbus.test\"\nmax_message_size = \"64 KiB\"\n\
@@ -457,12 +446,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         &config,
         &[("TEST_SMTP_LAB_PASSWORD", "lab-password-for-tests")],
     );
-    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", broker.url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = broker.get_json("/readyz").await;
     assert_eq!(ready["components"]["smtp"]["state"], "ready", "{ready}");
     let letter = fixture("letter-pdf.eml");
     let base = Swaks::port(port).from("specialist@ziekenhuis.example.test");
@@ -513,16 +497,16 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     let own = std::fs::read_to_string(fixture("lab-result-edifact-body.eml")).unwrap();
     let forged = certs.dir.path().join("forged.eml");
     std::fs::write(&forged, own.replace("+500001234+", "+500009999+")).unwrap();
-    let as_lab = |data: &Path| lab.clone().data(data).run();
-    let (ok, out) = as_lab(&forged);
+    let (ok, out) = lab.clone().data(&forged).run();
     assert!(!ok, "{out}");
     assert!(
         out.contains("550 5.7.1") && out.contains("mailbox:500009999"),
         "{out}"
     );
-    let (ok, out) = as_lab(&fixture("lab-result-edifact-body.eml"));
-    assert!(ok, "{out}");
-    let id = queued_id(&out);
+    let id = lab
+        .clone()
+        .data(&fixture("lab-result-edifact-body.eml"))
+        .queued();
     let l = lineage_until(&broker.url, &id, |l| l["connector"] == "smtp").await;
     assert_eq!(l["sender"], "mailbox:500001234");
 
@@ -689,9 +673,7 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
         sink
     );
     let broker = Broker::start(&config);
-    let (ok, out) = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").run();
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+    let envelope = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").queued();
 
     // The mail arrives in the GP's maildir, readable, with the PDF.
     let delivered = within(Duration::from_secs(30), async || {
@@ -801,9 +783,7 @@ async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
         "",
     );
     let broker = Broker::start(&format!("{}{sink}", smtp_config(port, &certs, "")));
-    let (ok, out) = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").run();
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+    let envelope = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").queued();
     let record = format!("{envelope}.0");
 
     // The server accepted it (delivered as far as SMTP goes), its DSN says failed, and the
@@ -982,14 +962,12 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
         &format!("{}{}", smtp_config(a_port, &certs, ""), sink),
         &[("TEST_A_SMTP_PASSWORD", "b-password-for-tests")],
     );
-    let (ok, out) = to_the_gp(
+    let envelope = to_the_gp(
         a_port,
         "specialist@ziekenhuis.example.test",
         "letter-pdf.eml",
     )
-    .run();
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+    .queued();
     let got = raw.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
     let mail = MessageParser::default().parse(&got[0].body).unwrap();
@@ -1109,9 +1087,7 @@ async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry(
     assert!(!ok && out.contains("451 4.3.0"), "{out}");
     let _ = holder.wait();
     // The sender's retry is taken once the log can write again.
-    let (ok, out) = letter.run();
-    assert!(ok, "{out}");
-    let id = queued_id(&out);
+    let id = letter.queued();
     let got = rx.wait_for(1, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -1136,9 +1112,7 @@ async fn the_mail_sink_also_speaks_implicit_tls() {
         "dsn = false\n",
     );
     let broker = Broker::start(&format!("{}{}", smtp_config(port, &certs, ""), sink));
-    let (ok, out) = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml").run();
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+    let envelope = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml").queued();
     broker
         .eventually(Duration::from_secs(30), "postfix to deliver", async || {
             if postfix.delivered().is_empty() {

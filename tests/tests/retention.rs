@@ -131,14 +131,7 @@ async fn subscribers_down_past_retention_lose_nothing_and_dead_letters_stay() {
         "dead letters expired"
     );
     // What every reader finished goes: the log shrinks back (nothing holds it any more).
-    let ready: serde_json::Value = c
-        .get(format!("{}/readyz", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = broker.get_json("/readyz").await;
     assert_eq!(ready["components"]["log"]["state"], "ready", "{ready}");
 }
 
@@ -305,14 +298,7 @@ async fn a_log_full_of_unfinished_records_refuses_new_messages_instead_of_losing
         "refused after {n} messages of 2 KB (limit 20 KB + 20 KB)"
     );
     assert_eq!(smtp_send(smtp), 451, "SMTP hears try again too");
-    let ready: serde_json::Value = c
-        .get(format!("{}/readyz", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = broker.get_json("/readyz").await;
     let log = &ready["components"]["log"];
     assert_eq!(log["state"], "degraded", "{ready}");
     assert!(

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ketenbus_tests::{eventually, free_port, ketenbus_bin, lineage_until_as, within_blocking};
+use ketenbus_tests::{
+    check_config, eventually, free_port, ketenbus_bin, lineage_until_as, medlab, within_blocking,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -265,14 +267,8 @@ fn a_public_listener_without_tls_is_a_config_problem() {
         "[http]\nlisten = \"0.0.0.0:8080\"\n[[subscriptions]]\nname = \"far\"\nkinds = [\"raw\"]\nsink = { type = \"webhook\", url = \"http://his.example.test/x\" }\n",
     )
     .unwrap();
-    let out = Command::new(ketenbus_bin())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, err) = check_config(&config, &[]);
+    assert!(!ok);
     assert!(
         err.contains("http.listen: a non-loopback address without [http.tls]"),
         "{err}"
@@ -286,17 +282,8 @@ fn a_public_listener_without_tls_is_a_config_problem() {
         "[http]\nlisten = \"0.0.0.0:8080\"\nallow_plaintext = true\n[[subscriptions]]\nname = \"far\"\nkinds = [\"raw\"]\nsink = { type = \"webhook\", url = \"http://his.example.test/x\", allow_plain_http = true }\n",
     )
     .unwrap();
-    let out = Command::new(ketenbus_bin())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, err) = check_config(&config, &[]);
+    assert!(ok, "{err}");
 }
 
 /// A sender `lab` for mailbox:500001234, a sender `other-lab` for mailbox:500007777 and an
@@ -319,24 +306,6 @@ fn principals() -> String {
         sha(OTHER_TOKEN),
         sha(OPS_TOKEN)
     )
-}
-
-/// A synthetic MEDLAB lab report (invented patient, test BSN) from `sender` (UNB mailbox
-/// number) about the patient with `bsn`.
-fn medlab(n: usize, sender: &str, bsn: &str) -> Vec<u8> {
-    format!(
-        "UNB+UNOA:1+{sender}+500005678+261101:0815+IC{n:04}'\
-UNH+M{n:04}+MEDLAB:1'\
-ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
-PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'\
-DET+26:11:01+07:40'\
-IDE+J+L{n:07}+bloed'\
-SEC+CHEMIE'\
-BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'\
-UNT+8+M{n:04}'\
-UNZ+1+IC{n:04}'"
-    )
-    .into_bytes()
 }
 
 /// A MEDLAB from `sender` about the default test patient.
@@ -370,6 +339,18 @@ async fn post_as(
     )
 }
 
+/// POST as `token`'s sender a message that must be taken (202): its id.
+async fn accepted_as(
+    c: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> String {
+    let (s, j, _) = post_as(c, base, token, body).await;
+    assert_eq!(s, 202, "{j}");
+    j["id"].as_str().unwrap().to_owned()
+}
+
 async fn get_as(c: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = c.get(url);
     if let Some(t) = token {
@@ -397,9 +378,7 @@ async fn tokens_decide_who_may_post_and_read() {
     let (status, _, _) = post_as(&c, base, Some(OPS_TOKEN), edifact_from(1, "500001234")).await;
     assert_eq!(status, 401, "an operator is not a sender");
 
-    let (status, json, _) = post_as(&c, base, Some(LAB_TOKEN), edifact_from(1, "500001234")).await;
-    assert_eq!(status, 202, "{json}");
-    let id = json["id"].as_str().unwrap().to_owned();
+    let id = accepted_as(&c, base, Some(LAB_TOKEN), edifact_from(1, "500001234")).await;
 
     // Lineage: operators only.
     let url = format!("{base}/api/v1/messages/{id}");
@@ -514,24 +493,24 @@ async fn a_subscriber_never_sees_an_event_outside_its_filter() {
     let mut mine = Vec::new();
     let mut theirs = Vec::new();
     for n in 0..5 {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            edifact_from(n, "500001234"),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        mine.push(j["id"].as_str().unwrap().to_owned());
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(OTHER_TOKEN),
-            edifact_from(100 + n, "500007777"),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        theirs.push(j["id"].as_str().unwrap().to_owned());
+        mine.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(LAB_TOKEN),
+                edifact_from(n, "500001234"),
+            )
+            .await,
+        );
+        theirs.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(OTHER_TOKEN),
+                edifact_from(100 + n, "500007777"),
+            )
+            .await,
+        );
     }
     // Wait until every one of theirs is known to be filtered.
     eventually(
@@ -673,15 +652,15 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
     let c = reqwest::Client::new();
     let mut ids = Vec::new();
     for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            medlab(n, "500001234", bsn),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(LAB_TOKEN),
+                medlab(n, "500001234", bsn),
+            )
+            .await,
+        );
     }
     let outcome = |l: &serde_json::Value| delivery_outcome_of(l, Some("gp"));
     let la = lineage_until(&broker.url, &ids[0], |l| outcome(l).is_some()).await;
@@ -760,15 +739,15 @@ async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
     let c = reqwest::Client::new();
     let mut ids = Vec::new();
     for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            medlab(n, "500001234", bsn),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(LAB_TOKEN),
+                medlab(n, "500001234", bsn),
+            )
+            .await,
+        );
     }
     assert_eq!(rx.wait_for(3, Duration::from_secs(20)).await.len(), 3);
     for id in &ids {
@@ -916,15 +895,15 @@ async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
     let c = reqwest::Client::new();
     let mut ids = Vec::new();
     for (n, bsn) in [(1, BSN_A), (2, BSN_B)] {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            medlab(n, "500001234", bsn),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(LAB_TOKEN),
+                medlab(n, "500001234", bsn),
+            )
+            .await,
+        );
     }
     assert_eq!(rx.wait_for(4, Duration::from_secs(20)).await.len(), 4);
     for id in &ids {
@@ -1174,9 +1153,7 @@ async fn webhooks_verify_the_receiver_against_the_configured_ca() {
     );
     let sender = ketenbus_tests::Broker::start(&subs);
     let c = reqwest::Client::new();
-    let (s, j, _) = post_as(&c, &sender.url, None, edifact_from(1, "500001234")).await;
-    assert_eq!(s, 202, "{j}");
-    let id = j["id"].as_str().unwrap().to_owned();
+    let id = accepted_as(&c, &sender.url, None, edifact_from(1, "500001234")).await;
     let l = lineage_until_as(&sender.url, &id, None, |l| {
         let outcomes: Vec<(String, String)> = l["deliveries"]
             .as_array()
