@@ -184,6 +184,8 @@ struct Postfix {
     smtps_port: u16,
     maildir: PathBuf,
     dir: PathBuf,
+    /// The test CA that signed its certificate.
+    ca: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -254,12 +256,24 @@ impl Postfix {
             smtps_port,
             maildir: dir.join("vmail/huisarts"),
             dir,
+            ca: certs.ca.clone(),
             _tmp: tmp,
         }
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// A [`mail_sink`] through this Postfix: STARTTLS on its port, or `implicit` TLS on its
+    /// SMTPS port.
+    fn sink(&self, name: &str, tls: &str, to: &str, extra: &str) -> String {
+        let port = if tls == "implicit" {
+            self.smtps_port
+        } else {
+            self.port
+        };
+        mail_sink(name, port, tls, &self.ca, to, extra)
     }
 
     /// Messages delivered to the maildir.
@@ -400,11 +414,10 @@ fn imap_broker(dovecot: &Dovecot, certs: &Certs, extra: &str, subscriptions: &st
 /// A subscription `name` that sends letters by mail to `to` through the SMTP server on
 /// loopback `port` (`tls`: `starttls` or `implicit`, trusting the test CA); `extra`: more
 /// lines after the sink's.
-fn mail_sink(name: &str, port: u16, tls: &str, certs: &Certs, to: &str, extra: &str) -> String {
+fn mail_sink(name: &str, port: u16, tls: &str, ca: &Path, to: &str, extra: &str) -> String {
     format!(
-        "[[subscriptions]]\nname = \"{name}\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"{tls}\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"{to}\"\n{extra}",
-        certs.ca
+        "[[subscriptions]]\nname = \"{name}\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"{tls}\"\nca_file = {ca:?}\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"{to}\"\n{extra}"
     )
 }
 
@@ -658,11 +671,9 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
     let port = free_port();
     // Postfix needs the broker's port, the broker Postfix's: take both first.
     let postfix = Postfix::start(port, &certs);
-    let sink = mail_sink(
+    let sink = postfix.sink(
         "gp-by-mail",
-        postfix.port,
         "starttls",
-        &certs,
         "huisarts@gp.example.test",
         "[subscriptions.retry]\ninitial = \"200ms\"\nmax = \"2s\"\n",
     );
@@ -774,14 +785,7 @@ async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
     let port = free_port();
     let postfix = Postfix::start(port, &certs);
     // Postfix takes the mail, then bounces it: the mailbox at closed.example.test is closed.
-    let sink = mail_sink(
-        "gp-by-mail",
-        postfix.port,
-        "starttls",
-        &certs,
-        "huisarts@closed.example.test",
-        "",
-    );
+    let sink = postfix.sink("gp-by-mail", "starttls", "huisarts@closed.example.test", "");
     let broker = Broker::start(&format!("{}{sink}", smtp_config(port, &certs, "")));
     let envelope = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").queued();
     let record = format!("{envelope}.0");
@@ -954,7 +958,7 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
         "to-b",
         b_port,
         "starttls",
-        &certs,
+        &certs.ca,
         "huisarts@gp.example.test",
         "username = \"ketenbus-a\"\npassword_env = \"TEST_A_SMTP_PASSWORD\"\n",
     );
@@ -1103,11 +1107,9 @@ async fn the_mail_sink_also_speaks_implicit_tls() {
     let certs = certs();
     let port = free_port();
     let postfix = Postfix::start(port, &certs);
-    let sink = mail_sink(
+    let sink = postfix.sink(
         "gp-smtps",
-        postfix.smtps_port,
         "implicit",
-        &certs,
         "huisarts@gp.example.test",
         "dsn = false\n",
     );

@@ -351,6 +351,15 @@ async fn accepted_as(
     j["id"].as_str().unwrap().to_owned()
 }
 
+/// The lab posts a MEDLAB about each patient of `bsns` in turn, numbered from 1: their ids.
+async fn lab_posts(c: &reqwest::Client, base: &str, bsns: &[&str]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (n, bsn) in (1..).zip(bsns) {
+        ids.push(accepted_as(c, base, Some(LAB_TOKEN), medlab(n, "500001234", bsn)).await);
+    }
+    ids
+}
+
 async fn get_as(c: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = c.get(url);
     if let Some(t) = token {
@@ -650,18 +659,7 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
     let broker =
         ketenbus_tests::Broker::start_with_env(&extra, &[("TEST_PATIENT_KEY", PATIENT_KEY_SECRET)]);
     let c = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
-        ids.push(
-            accepted_as(
-                &c,
-                &broker.url,
-                Some(LAB_TOKEN),
-                medlab(n, "500001234", bsn),
-            )
-            .await,
-        );
-    }
+    let ids = lab_posts(&c, &broker.url, &[BSN_A, BSN_B, BSN_C]).await;
     let outcome = |l: &serde_json::Value| delivery_outcome_of(l, Some("gp"));
     let la = lineage_until(&broker.url, &ids[0], |l| outcome(l).is_some()).await;
     assert_eq!(
@@ -737,18 +735,7 @@ async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
     let sub = ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), "");
     let mut broker = ketenbus_tests::Broker::start(&format!("{sub}{}", principals()));
     let c = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
-        ids.push(
-            accepted_as(
-                &c,
-                &broker.url,
-                Some(LAB_TOKEN),
-                medlab(n, "500001234", bsn),
-            )
-            .await,
-        );
-    }
+    let ids = lab_posts(&c, &broker.url, &[BSN_A, BSN_B, BSN_C]).await;
     assert_eq!(rx.wait_for(3, Duration::from_secs(20)).await.len(), 3);
     for id in &ids {
         lineage_until(&broker.url, id, |l| {
@@ -893,18 +880,7 @@ async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
     };
     let (a, b) = (pseudonym(BSN_A), pseudonym(BSN_B));
     let c = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (n, bsn) in [(1, BSN_A), (2, BSN_B)] {
-        ids.push(
-            accepted_as(
-                &c,
-                &broker.url,
-                Some(LAB_TOKEN),
-                medlab(n, "500001234", bsn),
-            )
-            .await,
-        );
-    }
+    let ids = lab_posts(&c, &broker.url, &[BSN_A, BSN_B]).await;
     assert_eq!(rx.wait_for(4, Duration::from_secs(20)).await.len(), 4);
     for id in &ids {
         lineage_until(&broker.url, id, |l| {
