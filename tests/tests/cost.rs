@@ -302,14 +302,13 @@ async fn an_inbox_file_past_max_size_goes_to_failed_with_its_reason() {
     ));
     std::fs::write(inbox.path().join("big.edi"), edifact_message(1, 8192)).unwrap();
     std::fs::write(inbox.path().join("small.edi"), edifact_message(2, 2048)).unwrap();
+    let sorted = ["done/small.edi", "failed/big.edi.reason"];
+    let sorted = async || sorted.iter().all(|f| inbox.path().join(f).exists());
     broker
         .eventually(
             Duration::from_secs(20),
             "the inbox to sort the files",
-            async || {
-                inbox.path().join("done/small.edi").exists()
-                    && inbox.path().join("failed/big.edi.reason").exists()
-            },
+            sorted,
         )
         .await;
     let reason = std::fs::read_to_string(inbox.path().join("failed/big.edi.reason")).unwrap();

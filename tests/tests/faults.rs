@@ -60,31 +60,29 @@ async fn a_dead_task_stops_the_broker_and_nothing_is_lost(fault: &str, task: &st
     // A supervisor starts it again, without the fault.
     broker.set_env(&[]);
     broker.spawn();
+    let all_arrived = async || {
+        let got = rx.received();
+        let of_kind = |kind: &str| -> BTreeSet<String> {
+            got.iter()
+                .filter(|r| r.header("ketenbus-kind") == Some(kind))
+                .filter_map(|r| r.header("ketenbus-envelope-id").map(str::to_owned))
+                .collect()
+        };
+        let (raw, lab) = (of_kind("raw"), of_kind("lab_result"));
+        if accepted.is_subset(&raw) && accepted.is_subset(&lab) {
+            Ok(())
+        } else {
+            Err(format!(
+                "after {fault} and a restart, {} of {} raw and {} lab results arrived",
+                raw.intersection(&accepted).count(),
+                accepted.len(),
+                lab.intersection(&accepted).count(),
+            ))
+        }
+    };
+    let what = "every accepted message to arrive after the restart";
     broker
-        .eventually(
-            Duration::from_secs(30),
-            "every accepted message to arrive after the restart",
-            async || {
-                let got = rx.received();
-                let of_kind = |kind: &str| -> BTreeSet<String> {
-                    got.iter()
-                        .filter(|r| r.header("ketenbus-kind") == Some(kind))
-                        .filter_map(|r| r.header("ketenbus-envelope-id").map(str::to_owned))
-                        .collect()
-                };
-                let (raw, lab) = (of_kind("raw"), of_kind("lab_result"));
-                if accepted.is_subset(&raw) && accepted.is_subset(&lab) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "after {fault} and a restart, {} of {} raw and {} lab results arrived",
-                        raw.intersection(&accepted).count(),
-                        accepted.len(),
-                        lab.intersection(&accepted).count(),
-                    ))
-                }
-            },
-        )
+        .eventually(Duration::from_secs(30), what, all_arrived)
         .await;
 }
 

@@ -34,15 +34,10 @@ async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
     let e: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(e["header"]["kind"], "lab_result");
     assert_eq!(e["results"][0]["local_name"], "Kalium");
+    let moved = ["done/lab-0042.edi", "failed/broken.edi.reason"];
+    let moved = async || moved.iter().all(|f| inbox.path().join(f).exists());
     broker
-        .eventually(
-            Duration::from_secs(5),
-            "the files to be moved",
-            async || {
-                inbox.path().join("done/lab-0042.edi").exists()
-                    && inbox.path().join("failed/broken.edi.reason").exists()
-            },
-        )
+        .eventually(Duration::from_secs(5), "the files to be moved", moved)
         .await;
     assert_eq!(
         std::fs::read(inbox.path().join("done/lab-0042.edi")).unwrap(),

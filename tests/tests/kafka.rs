@@ -85,28 +85,26 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         sent.push((id, body));
     }
     // Wait for every id sent here (a reused cluster may also hand over older records).
+    let all_delivered = async || {
+        let got = rx.received();
+        let ids: HashSet<&str> = got
+            .iter()
+            .filter_map(|r| r.header("idempotency-key"))
+            .collect();
+        let missing: Vec<&String> = sent
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| !ids.contains(id.as_str()))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{missing:?} not delivered"))
+        }
+    };
+    let what = "every message sent to be delivered";
     broker
-        .eventually(
-            Duration::from_secs(30),
-            "every message sent to be delivered",
-            async || {
-                let got = rx.received();
-                let ids: HashSet<&str> = got
-                    .iter()
-                    .filter_map(|r| r.header("idempotency-key"))
-                    .collect();
-                let missing: Vec<&String> = sent
-                    .iter()
-                    .map(|(id, _)| id)
-                    .filter(|id| !ids.contains(id.as_str()))
-                    .collect();
-                if missing.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!("{missing:?} not delivered"))
-                }
-            },
-        )
+        .eventually(Duration::from_secs(30), what, all_delivered)
         .await;
     let l = lineage(&c, &broker.url, &sent[0].0).await.unwrap();
     assert_eq!(l["format"], "edifact", "{l:#}");
@@ -189,24 +187,22 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(s, 202, "{mib} MiB: {j}\n{}", broker.log_text());
         big.push((j["id"].as_str().unwrap().to_owned(), body.len()));
     }
+    let all_whole = async || {
+        let got = rx.received();
+        for (id, len) in &big {
+            let Some(r) = got
+                .iter()
+                .find(|r| r.header("idempotency-key") == Some(id.as_str()))
+            else {
+                return Err(format!("{id} ({len} bytes) not delivered"));
+            };
+            assert_eq!(r.body.len(), *len, "{id} arrives whole");
+        }
+        Ok(())
+    };
+    let what = "every large message to be delivered whole";
     broker
-        .eventually(
-            Duration::from_secs(60),
-            "every large message to be delivered",
-            async || {
-                let got = rx.received();
-                for (id, len) in &big {
-                    let Some(r) = got
-                        .iter()
-                        .find(|r| r.header("idempotency-key") == Some(id.as_str()))
-                    else {
-                        return Err(format!("{id} ({len} bytes) not delivered"));
-                    };
-                    assert_eq!(r.body.len(), *len, "{id} arrives whole");
-                }
-                Ok(())
-            },
-        )
+        .eventually(Duration::from_secs(60), what, all_whole)
         .await;
 
     // Killed and started again under the same instance_id (static membership), the node

@@ -305,6 +305,8 @@ struct Dovecot {
     imaps_port: u16,
     maildir: PathBuf,
     dir: PathBuf,
+    /// The test CA that signed its certificate.
+    ca: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -357,8 +359,20 @@ impl Dovecot {
             imaps_port,
             maildir: dir.join("mail/hub/Maildir"),
             dir,
+            ca: certs.ca.clone(),
             _tmp: tmp,
         }
+    }
+
+    /// A broker whose IMAP pickup `hub` reads this inbox as user hub over TLS trusting the
+    /// test CA, with `extra` keys of the pickup, and `subscriptions`.
+    fn broker(&self, extra: &str, subscriptions: &str) -> Broker {
+        let config = format!(
+            "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+             {extra}\n{subscriptions}",
+            self.imaps_port, self.ca,
+        );
+        Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")])
     }
 
     /// Put a message into the inbox, as the hub's delivery would.
@@ -398,17 +412,6 @@ impl Drop for Dovecot {
             let _ = Command::new("kill").arg(pid.trim()).status();
         }
     }
-}
-
-/// A broker whose IMAP pickup `hub` reads the Dovecot's inbox as user hub over TLS
-/// trusting the test CA, with `extra` keys of the pickup, and `subscriptions`.
-fn imap_broker(dovecot: &Dovecot, certs: &Certs, extra: &str, subscriptions: &str) -> Broker {
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         {extra}\n{subscriptions}",
-        dovecot.imaps_port, certs.ca,
-    );
-    Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")])
 }
 
 /// A subscription `name` that sends letters by mail to `to` through the SMTP server on
@@ -846,9 +849,7 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
         &std::fs::read(fixture("lab-result-edifact-attachment.eml")).unwrap(),
     );
     let rx = Receiver::answering(204).await;
-    let mut broker = imap_broker(
-        &dovecot,
-        &certs,
+    let mut broker = dovecot.broker(
         "tls = \"implicit\"\nprocessed_folder = \"Processed\"\npoll_interval = \"200ms\"\nreceiver = \"mailbox:500005678\"",
         &subscription("gp-lab", "\"lab_result\"", &rx.url()),
     );
@@ -913,9 +914,7 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
         &std::fs::read(fixture("letter-pdf.eml")).unwrap(),
     );
     let rx = Receiver::answering(204).await;
-    let broker = imap_broker(
-        &dovecot,
-        &certs,
+    let broker = dovecot.broker(
         "after = \"delete\"\npoll_interval = \"200ms\"",
         &subscription("gp", "\"lab_result\", \"letter\"", &rx.url()),
     );
@@ -997,9 +996,7 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
     let rx = Receiver::answering(204).await;
-    let broker = imap_broker(
-        &dovecot,
-        &certs,
+    let broker = dovecot.broker(
         "poll_interval = \"10min\"",
         &subscription("gp", "\"letter\"", &rx.url()),
     );
@@ -1169,9 +1166,7 @@ async fn imap_sets_aside_a_message_past_max_message_size_and_takes_the_others() 
     dovecot.deliver("1764000001.M1.hub", &plain_mail(1, 64 * 1024, "groot"));
     dovecot.deliver("1764000002.M2.hub", &plain_mail(2, 1024, "klein"));
     let rx = Receiver::answering(204).await;
-    let broker = imap_broker(
-        &dovecot,
-        &certs,
+    let broker = dovecot.broker(
         "poll_interval = \"200ms\"\nmax_message_size = \"16 KiB\"\nfailed_folder = \"Failed\"",
         &subscription("gp", "\"letter\"", &rx.url()),
     );
