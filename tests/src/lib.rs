@@ -17,6 +17,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use tokio::sync::Notify;
 
+mod swaks;
+pub use swaks::{Swaks, queued_id};
+
 /// A free loopback port.
 ///
 /// # Panics
@@ -28,6 +31,124 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// How often a wait looks again.
+const POLL: Duration = Duration::from_millis(100);
+
+/// What a wait's check answers: done, with what the wait gives back, or not yet, with what
+/// it saw (for the message when the time is up; may be empty).
+pub trait Check {
+    /// What the wait gives back once done.
+    type Value;
+    /// `Ok` when done, else what was seen.
+    ///
+    /// # Errors
+    /// When not done yet: what was seen.
+    fn done(self) -> Result<Self::Value, String>;
+}
+
+impl Check for bool {
+    type Value = ();
+    fn done(self) -> Result<(), String> {
+        if self { Ok(()) } else { Err(String::new()) }
+    }
+}
+
+impl<T> Check for Option<T> {
+    type Value = T;
+    fn done(self) -> Result<T, String> {
+        self.ok_or_else(String::new)
+    }
+}
+
+impl<T, E: std::fmt::Display> Check for Result<T, E> {
+    type Value = T;
+    fn done(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}
+
+/// Ask `check` every 100 ms until it is done, for at most `timeout`.
+///
+/// # Errors
+/// When the time is up: what the check saw last.
+pub async fn within<C: Check>(
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> C,
+) -> Result<C::Value, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let seen = match check().await.done() {
+            Ok(value) => return Ok(value),
+            Err(seen) => seen,
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(seen);
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Wait until `check` is done, asking every 100 ms; what it gives back.
+///
+/// # Panics
+/// When it is not done within `timeout`, naming `what` was awaited and what the check saw
+/// last.
+pub async fn eventually<C: Check>(
+    timeout: Duration,
+    what: &str,
+    check: impl AsyncFnMut() -> C,
+) -> C::Value {
+    within(timeout, check)
+        .await
+        .unwrap_or_else(|seen| panic!("{}", timed_out(timeout, what, &seen)))
+}
+
+/// [`within`] for code that blocks (no runtime).
+///
+/// # Errors
+/// When the time is up: what the check saw last.
+pub fn within_blocking<C: Check>(
+    timeout: Duration,
+    mut check: impl FnMut() -> C,
+) -> Result<C::Value, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let seen = match check().done() {
+            Ok(value) => return Ok(value),
+            Err(seen) => seen,
+        };
+        if Instant::now() >= deadline {
+            return Err(seen);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// [`eventually`] for code that blocks (no runtime).
+///
+/// # Panics
+/// When `check` is not done within `timeout`.
+pub fn eventually_blocking<C: Check>(
+    timeout: Duration,
+    what: &str,
+    check: impl FnMut() -> C,
+) -> C::Value {
+    within_blocking(timeout, check)
+        .unwrap_or_else(|seen| panic!("{}", timed_out(timeout, what, &seen)))
+}
+
+fn timed_out(timeout: Duration, what: &str, seen: &str) -> String {
+    if seen.is_empty() {
+        format!("waited {timeout:?} for {what}")
+    } else {
+        format!("waited {timeout:?} for {what}; last seen:\n{seen}")
+    }
 }
 
 /// The `ketenbus` binary of this build: next to the test executable's `deps` folder, or
@@ -52,6 +173,26 @@ pub fn ketenbus_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Run `ketenbus check-config` on the config file at `path`, with the test audit key and
+/// `env`; (success, what it wrote to stderr).
+///
+/// # Panics
+/// When the binary cannot run.
+#[must_use]
+pub fn check_config(path: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(ketenbus_bin())
+        .args(["check-config", "--config"])
+        .arg(path)
+        .env("KETENBUS_AUDIT_KEY", AUDIT_KEY)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run ketenbus check-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The audit key every broker and command started here gets in `KETENBUS_AUDIT_KEY`
@@ -121,17 +262,30 @@ impl Broker {
         }
     }
 
+    async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("{}{path}", self.url))
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// Its `/metrics` text.
     ///
     /// # Panics
     /// When the broker does not answer.
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url))
+        self.get("/metrics")
             .await
-            .expect("GET /metrics")
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// GET `path` (e.g. `/readyz`) of its HTTP API; the answer as JSON.
+    ///
+    /// # Panics
+    /// When the broker does not answer with JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path).await.json().await.expect("JSON")
     }
 
     /// Start (or restart) the process and wait until `/readyz` is green.
@@ -155,21 +309,21 @@ impl Broker {
             .spawn()
             .expect("start ketenbus");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
         let probe = probe::Probe;
-        while Instant::now() < deadline {
+        let ready = within_blocking(Duration::from_secs(30), || {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!(
                     "ketenbus exited with {status} during start-up:\n{}",
-                    self.log_text()
+                    read_log(&self.log)
                 );
             }
-            if probe.ready(&format!("{}/readyz", self.url)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ketenbus did not become ready:\n{}", self.log_text());
+            probe.ready(&format!("{}/readyz", self.url))
+        });
+        assert!(
+            ready.is_ok(),
+            "ketenbus did not become ready:\n{}",
+            self.log_text()
+        );
     }
 
     /// Replace the extra environment variables for the next [`spawn`](Self::spawn).
@@ -183,17 +337,14 @@ impl Broker {
     /// Wait up to `timeout` for the process to exit on its own; its exit status, or `None`
     /// while it still runs.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = within_blocking(timeout, || {
+            self.child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+        })
+        .ok()?;
+        self.child = None;
+        Some(status)
     }
 
     /// SIGKILL the process (no shutdown of any kind).
@@ -213,7 +364,66 @@ impl Broker {
     /// What the process logged so far.
     #[must_use]
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
+    }
+
+    /// As [`eventually`], with this broker's log in the message when the time is up.
+    ///
+    /// # Panics
+    /// When `check` is not done within `timeout`.
+    pub async fn eventually<C: Check>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        check: impl AsyncFnMut() -> C,
+    ) -> C::Value {
+        within(timeout, check).await.unwrap_or_else(|seen| {
+            panic!(
+                "{}\nbroker log:\n{}",
+                timed_out(timeout, what, &seen),
+                self.log_text()
+            )
+        })
+    }
+
+    /// POST a message this broker must take (202): its id.
+    ///
+    /// # Panics
+    /// When the broker does not answer 202 (with its answer and log).
+    pub async fn accept(&self, c: &reqwest::Client, content_type: &str, body: Vec<u8>) -> String {
+        let (status, j) = post_message(c, &self.url, content_type, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_text()));
+        assert_eq!(status, 202, "{j}\n{}", self.log_text());
+        j["id"].as_str().expect("an id").to_owned()
+    }
+
+    /// Hold the write lock of the embedded log's database for `seconds`, as a stuck disk or
+    /// a backup would: another process (python3's sqlite3) that has the lock when this
+    /// returns. Wait on it to know the lock is gone.
+    ///
+    /// # Panics
+    /// When python3 cannot start or does not take the lock.
+    #[must_use]
+    pub fn lock_log(&self, seconds: u32) -> Child {
+        let mut holder = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
+            ])
+            .arg(self.dir.join("data/log.db"))
+            .arg(seconds.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("stdout")),
+            &mut line,
+        )
+        .expect("read python3");
+        assert_eq!(line.trim(), "locked");
+        holder
     }
 
     /// Run a `ketenbus` subcommand against this broker's config; returns (success, stdout, stderr).
@@ -345,16 +555,24 @@ impl Receiver {
         Receiver { addr, state }
     }
 
+    /// Start a receiver that answers `status` at once.
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub async fn answering(status: u16) -> Receiver {
+        Receiver::start(Behaviour {
+            status,
+            delay: Duration::ZERO,
+        })
+        .await
+    }
+
     /// Start a receiver that answers 200 at once.
     ///
     /// # Panics
     /// When it cannot bind.
     pub async fn ok() -> Receiver {
-        Receiver::start(Behaviour {
-            status: 200,
-            delay: Duration::ZERO,
-        })
-        .await
+        Receiver::answering(200).await
     }
 
     /// Its URL.
@@ -474,6 +692,51 @@ pub async fn lineage(
         .await
 }
 
+/// Poll the lineage of message `id` until `pred` holds, for up to 30 s; that lineage.
+///
+/// # Panics
+/// When it never holds (with the last lineage seen), or the broker does not answer.
+pub async fn lineage_until(
+    base: &str,
+    id: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    lineage_until_as(base, id, None, pred).await
+}
+
+/// [`lineage_until`], reading with a bearer `token` (an operator's) where the API asks for one.
+///
+/// # Panics
+/// When it never holds (with the last lineage seen), or the broker does not answer.
+pub async fn lineage_until_as(
+    base: &str,
+    id: &str,
+    token: Option<&str>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let c = reqwest::Client::new();
+    let what = format!("the lineage of {id} to match");
+    eventually(Duration::from_secs(30), &what, async || {
+        let mut req = c.get(format!("{base}/api/v1/messages/{id}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let l: serde_json::Value = req
+            .send()
+            .await
+            .expect("lineage")
+            .json()
+            .await
+            .expect("lineage");
+        if pred(&l) {
+            Ok(l)
+        } else {
+            Err(format!("{l:#}"))
+        }
+    })
+    .await
+}
+
 /// A synthetic MEDLAB:1 lab result (invented patient, BSN passing the eleven-test) from
 /// mailbox 500001234 to 500005678, one Kalium result with a remark.
 pub const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'
@@ -489,6 +752,25 @@ UNT+9+M0042'
 UNZ+1+IC0042'
 ";
 
+/// A synthetic MEDLAB lab report (invented patient, test BSN) from `sender` (UNB mailbox
+/// number) about the patient with `bsn`.
+#[must_use]
+pub fn medlab(n: usize, sender: &str, bsn: &str) -> Vec<u8> {
+    format!(
+        "UNB+UNOA:1+{sender}+500005678+261101:0815+IC{n:04}'\
+UNH+M{n:04}+MEDLAB:1'\
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'\
+DET+26:11:01+07:40'\
+IDE+J+L{n:07}+bloed'\
+SEC+CHEMIE'\
+BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'\
+UNT+8+M{n:04}'\
+UNZ+1+IC{n:04}'"
+    )
+    .into_bytes()
+}
+
 /// A synthetic EDIFACT interchange of about `size` bytes (MEDLAB-like, invented patient).
 #[must_use]
 pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
@@ -500,4 +782,37 @@ pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
     }
     s.push_str(&format!("UNT+3+M{n:06}'UNZ+1+IC{n:06}'"));
     s.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn eventually_gives_back_what_the_check_found() {
+        let mut looks = 0;
+        let found = eventually(Duration::from_secs(5), "the third look", async || {
+            looks += 1;
+            (looks == 3).then_some(looks)
+        })
+        .await;
+        assert_eq!(found, 3);
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "waited 300ms for the impossible; last seen:\n2 + 2 = 4")]
+    async fn eventually_names_what_it_waited_for_and_what_it_saw_last() {
+        eventually(Duration::from_millis(300), "the impossible", async || {
+            Err::<(), _>("2 + 2 = 4")
+        })
+        .await;
+    }
+
+    #[test]
+    fn within_blocking_gives_up_after_the_timeout_with_what_it_saw() {
+        let started = Instant::now();
+        let seen = within_blocking(Duration::from_millis(250), || Err::<(), _>("not yet"));
+        assert_eq!(seen, Err("not yet".to_owned()));
+        assert!(started.elapsed() >= Duration::from_millis(250));
+    }
 }

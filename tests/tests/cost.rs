@@ -55,15 +55,9 @@ async fn healthz_answers_within_100ms_while_the_largest_messages_are_parsed() {
     assert!(body.len() > MAX_BODY - 4096 && body.len() <= MAX_BODY);
     let client = reqwest::Client::new();
     // Sanity: one such message is taken, so the posts below make the broker parse.
-    let (status, _) = ketenbus_tests::post_message(
-        &client,
-        &broker.url,
-        "application/fhir+json",
-        lab_bundle(64 * 1024),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{}", broker.log_text());
+    broker
+        .accept(&client, "application/fhir+json", lab_bundle(64 * 1024))
+        .await;
 
     // Several max-size messages at once, on both write routes (the FHIR endpoint parses
     // and maps before it answers; the router parses and maps every accepted message).
@@ -248,15 +242,9 @@ async fn past_the_memory_budget_posts_hear_503_none_is_lost_and_memory_stays_bou
         "peak memory {peak} past {bound} (baseline {baseline})"
     );
     // Once the load is gone, a message is taken again.
-    let (status, _) = ketenbus_tests::post_message(
-        &client,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(999, 4096),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202);
+    broker
+        .accept(&client, "application/EDIFACT", edifact_message(999, 4096))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,17 +302,15 @@ async fn an_inbox_file_past_max_size_goes_to_failed_with_its_reason() {
     ));
     std::fs::write(inbox.path().join("big.edi"), edifact_message(1, 8192)).unwrap();
     std::fs::write(inbox.path().join("small.edi"), edifact_message(2, 2048)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !(inbox.path().join("done/small.edi").exists()
-        && inbox.path().join("failed/big.edi.reason").exists())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "inbox did not sort the files:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sorted = ["done/small.edi", "failed/big.edi.reason"];
+    let sorted = async || sorted.iter().all(|f| inbox.path().join(f).exists());
+    broker
+        .eventually(
+            Duration::from_secs(20),
+            "the inbox to sort the files",
+            sorted,
+        )
+        .await;
     let reason = std::fs::read_to_string(inbox.path().join("failed/big.edi.reason")).unwrap();
     assert!(reason.contains("larger than 4096 bytes"), "{reason}");
     assert!(inbox.path().join("failed/big.edi").exists());

@@ -3,22 +3,12 @@
 
 use std::time::Duration;
 
-use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, lineage, post_message, webhook_subscription,
-};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage, webhook_subscription};
 
 #[tokio::test]
 async fn a_partner_that_asked_gets_a_contrl_and_the_gp_the_result() {
-    let gp = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
-    let partner = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let gp = Receiver::answering(204).await;
+    let partner = Receiver::answering(204).await;
     let config = format!(
         "\n[edifact]\ncontrl_partners = [\"mailbox:500001234\"]\n{}\n{}[subscriptions.filter]\nreceivers = [\"mailbox:500001234\"]\n",
         webhook_subscription("gp", "\"lab_result\"", &gp.url(), ""),
@@ -26,16 +16,9 @@ async fn a_partner_that_asked_gets_a_contrl_and_the_gp_the_result() {
     );
     let broker = Broker::start(&config);
     let c = reqwest::Client::new();
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let id = j["id"].as_str().unwrap();
+    let id = broker
+        .accept(&c, "application/EDIFACT", MEDLAB.as_bytes().to_vec())
+        .await;
 
     let acks = partner.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(acks.len(), 1, "{}", broker.log_text());
@@ -65,7 +48,7 @@ async fn a_partner_that_asked_gets_a_contrl_and_the_gp_the_result() {
         "the partner's subscription got only the CONTRL"
     );
 
-    let l = lineage(&c, &broker.url, id).await.unwrap();
+    let l = lineage(&c, &broker.url, &id).await.unwrap();
     let step = l["steps"]
         .as_array()
         .unwrap()

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use ketenbus_tests::{Behaviour, Broker, Receiver, webhook_subscription};
+use ketenbus_tests::{Broker, Receiver, webhook_subscription};
 
 const REFERRAL: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -13,11 +13,7 @@ const REFERRAL: &str = include_str!(concat!(
 
 #[tokio::test]
 async fn an_ambulance_referral_reaches_webhook_and_fhir_subscribers_within_a_second() {
-    let hook = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let hook = Receiver::answering(204).await;
     let hap = Receiver::ok().await;
     let subs = format!(
         "{}\n[[subscriptions]]\nname = \"hap\"\nkinds = [\"acute_handover\"]\n\

@@ -1,45 +1,23 @@
 //! The foundation's guarantees, through real sockets against the `ketenbus` binary.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, edifact_message, lineage, post_message,
-    webhook_subscription,
+    Behaviour, Broker, MEDLAB, Receiver, check_config, edifact_message, eventually, lineage,
+    lineage_until, post_message, webhook_subscription, within,
 };
 use sha2::Sha256;
-
-const OK: Behaviour = Behaviour {
-    status: 204,
-    delay: Duration::ZERO,
-};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// Poll the lineage until `pred` holds.
-async fn lineage_until(
-    base: &str,
-    id: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let c = client();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..100 {
-        last = lineage(&c, base, id).await.expect("lineage");
-        if pred(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("lineage never matched: {last:#}");
-}
-
 #[tokio::test]
 async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let sub = webhook_subscription(
         "archive",
         "\"raw\"",
@@ -95,7 +73,7 @@ async fn a_raw_message_reaches_a_signed_webhook_with_its_lineage() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let sub = webhook_subscription("archive", "\"raw\"", &rx.url(), "");
     // The first lines of the extra config land in [http].
     let broker = Broker::start(&format!("max_body = \"1 KiB\"\n{sub}"));
@@ -116,15 +94,9 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
     assert_eq!(s, 413, "{j}");
     assert_eq!(j["error"], "too_large");
     // A good one afterwards is the only thing delivered.
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/fhir+json; charset=utf-8",
-        b"{}".to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
+    let id = broker
+        .accept(&c, "application/fhir+json; charset=utf-8", b"{}".to_vec())
+        .await;
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -132,9 +104,9 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
         1,
         "rejected messages left nothing behind"
     );
-    assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
+    assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()));
     // `{}` is no FHIR resource: the router dead-letters it, and raw subscribers still got it.
-    let l = lineage_until(&broker.url, j["id"].as_str().unwrap(), |l| {
+    let l = lineage_until(&broker.url, &id, |l| {
         l["steps"]
             .as_array()
             .unwrap()
@@ -151,10 +123,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_kept() {
     assert_eq!(step["outcome"], "rejected", "{l:#}");
     let (ok, out, err) = broker.cli(&["dlq", "list", "--subscription", "router"]);
     assert!(ok, "{err}");
-    assert!(
-        out.contains(j["id"].as_str().unwrap()),
-        "router dead letter listed: {out}"
-    );
+    assert!(out.contains(&id), "router dead letter listed: {out}");
     // Unknown ids are a clear 404.
     let resp = c
         .get(format!("{}/api/v1/messages/nope", broker.url))
@@ -172,10 +141,9 @@ async fn max_body_is_configurable() {
         .await
         .unwrap();
     assert_eq!(s, 413, "{j}");
-    let (s, _) = post_message(&c, &broker.url, "application/EDIFACT", vec![b'A'; 1000])
-        .await
-        .unwrap();
-    assert_eq!(s, 202);
+    broker
+        .accept(&c, "application/EDIFACT", vec![b'A'; 1000])
+        .await;
 }
 
 #[test]
@@ -187,13 +155,8 @@ fn check_config_names_every_problem_and_the_example_passes() {
         "[bus]\npartitions = 0\n[[subscriptions]]\nname = \"x y\"\nkinds = [\"pizza\"]\nsink = { type = \"webhook\", url = \"nope\" }\n",
     )
     .unwrap();
-    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, err) = check_config(&bad, &[]);
+    assert!(!ok);
     for path in [
         "bus.partitions",
         "subscriptions[0].name",
@@ -203,18 +166,14 @@ fn check_config_names_every_problem_and_the_example_passes() {
         assert!(err.contains(path), "{path} missing from:\n{err}");
     }
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../ops/ketenbus.example.toml");
-    let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["check-config", "--config", example])
-        .env("KETENBUS_GP_WEBHOOK_SECRET", "s3cret-for-the-example")
-        .env("KETENBUS_PATIENT_KEY", "0123456789abcdef0123456789")
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (ok, err) = check_config(
+        Path::new(example),
+        &[
+            ("KETENBUS_GP_WEBHOOK_SECRET", "s3cret-for-the-example"),
+            ("KETENBUS_PATIENT_KEY", "0123456789abcdef0123456789"),
+        ],
     );
+    assert!(ok, "{err}");
     // A broken config does not start the broker.
     let out = std::process::Command::new(ketenbus_tests::ketenbus_bin())
         .args(["run", "--config"])
@@ -227,7 +186,7 @@ fn check_config_names_every_problem_and_the_example_passes() {
 
 #[tokio::test]
 async fn a_failing_subscriber_does_not_delay_another() {
-    let good = Receiver::start(OK).await;
+    let good = Receiver::answering(204).await;
     let bad = Receiver::start(Behaviour {
         status: 500,
         delay: Duration::from_millis(200),
@@ -242,16 +201,11 @@ async fn a_failing_subscriber_does_not_delay_another() {
     let c = client();
     let mut ids = HashSet::new();
     for i in 0..200 {
-        let (s, j) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(i, 300),
-        )
-        .await
-        .unwrap();
-        assert_eq!(s, 202);
-        ids.insert(j["id"].as_str().unwrap().to_owned());
+        ids.insert(
+            broker
+                .accept(&c, "application/EDIFACT", edifact_message(i, 300))
+                .await,
+        );
     }
     let got = good.wait_for(200, Duration::from_secs(10)).await;
     let delivered: HashSet<String> = got
@@ -265,61 +219,61 @@ async fn a_failing_subscriber_does_not_delay_another() {
     assert!(bad.received().is_empty());
     // The failing one is retrying, visible in the lineage. A retrying record holds its lane
     // (one patient's records stay in order), so look for the ones being tried.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    'found: loop {
-        for id in &ids {
-            let l = lineage(&c, &broker.url, id).await.unwrap();
-            let steps = l["steps"].as_array().unwrap();
-            if let Some(step) = steps
-                .iter()
-                .find(|s| s["subscription"] == "failing" && s["outcome"] == "retrying")
-            {
-                assert_eq!(step["reason"], "http_500");
-                assert!(step["attempt"].as_u64().unwrap() >= 1);
-                break 'found;
+    let step = eventually(
+        Duration::from_secs(10),
+        "a retrying step for the failing subscription",
+        async || {
+            for id in &ids {
+                let l = lineage(&c, &broker.url, id).await.unwrap();
+                let steps = l["steps"].as_array().unwrap();
+                if let Some(step) = steps
+                    .iter()
+                    .find(|s| s["subscription"] == "failing" && s["outcome"] == "retrying")
+                {
+                    return Some(step.clone());
+                }
             }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no retrying step for the failing subscription"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            None
+        },
+    )
+    .await;
+    assert_eq!(step["reason"], "http_500");
+    assert!(step["attempt"].as_u64().unwrap() >= 1);
+}
+
+/// A broker with two subscriptions to raw messages: "picky", whose receiver (the first)
+/// answers 404, and `other`, whose receiver (the second) takes everything.
+async fn picky_and(other: &str) -> (Receiver, Receiver, Broker) {
+    let picky = Receiver::answering(404).await;
+    let rx = Receiver::answering(204).await;
+    let subs = format!(
+        "{}\n{}",
+        webhook_subscription("picky", "\"raw\"", &picky.url(), ""),
+        webhook_subscription(other, "\"raw\"", &rx.url(), "")
+    );
+    let broker = Broker::start(&subs);
+    (picky, rx, broker)
+}
+
+/// The lineage shows a delivery to "picky" that ended `outcome`.
+fn picky_is(outcome: &'static str) -> impl Fn(&serde_json::Value) -> bool {
+    move |l| {
+        l["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["subscription"] == "picky" && d["outcome"] == outcome)
     }
 }
 
 #[tokio::test]
 async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_only() {
-    let rx = Receiver::start(Behaviour {
-        status: 404,
-        delay: Duration::ZERO,
-    })
-    .await;
-    let other = Receiver::start(OK).await;
-    let subs = format!(
-        "{}\n{}",
-        webhook_subscription("picky", "\"raw\"", &rx.url(), ""),
-        webhook_subscription("other", "\"raw\"", &other.url(), "")
-    );
-    let broker = Broker::start(&subs);
+    let (rx, other, broker) = picky_and("other").await;
     let c = client();
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(7, 200),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let id = j["id"].as_str().unwrap().to_owned();
-    let l = lineage_until(&broker.url, &id, |l| {
-        l["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
-    })
-    .await;
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(7, 200))
+        .await;
+    let l = lineage_until(&broker.url, &id, picky_is("dead_lettered")).await;
     let d = l["deliveries"]
         .as_array()
         .unwrap()
@@ -369,14 +323,7 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
         1,
         "the other subscription did not get it twice"
     );
-    lineage_until(&broker.url, &id, |l| {
-        l["deliveries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|d| d["subscription"] == "picky" && d["outcome"] == "delivered")
-    })
-    .await;
+    lineage_until(&broker.url, &id, picky_is("delivered")).await;
     // Listing and replaying dead letters are in the audit trail, by whom and which.
     let (ok, stdout, stderr) = broker.cli(&["audit", "export", "--since", "2000-01-01T00:00:00Z"]);
     assert!(ok, "{stderr}");
@@ -396,26 +343,16 @@ async fn rejected_deliveries_go_to_dead_letters_and_replay_to_that_subscription_
 
 #[tokio::test]
 async fn exhausted_retries_become_dead_letters() {
-    let rx = Receiver::start(Behaviour {
-        status: 503,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(503).await;
     let sub = format!(
         "{}[subscriptions.retry]\ninitial = \"50ms\"\nmax = \"100ms\"\ngive_up_after = \"600ms\"\n",
         webhook_subscription("flaky", "\"raw\"", &rx.url(), "")
     );
     let broker = Broker::start(&sub);
-    let (_, j) = post_message(
-        &client(),
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(1, 200),
-    )
-    .await
-    .unwrap();
-    let id = j["id"].as_str().unwrap();
-    let l = lineage_until(&broker.url, id, |l| {
+    let id = broker
+        .accept(&client(), "application/EDIFACT", edifact_message(1, 200))
+        .await;
+    let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"]
             .as_array()
             .unwrap()
@@ -430,7 +367,7 @@ async fn exhausted_retries_become_dead_letters() {
 
 #[tokio::test]
 async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let dir = tempfile::tempdir().unwrap();
     let mut broker = Broker::prepare(
         dir.path(),
@@ -480,65 +417,55 @@ async fn nothing_acknowledged_is_lost_when_the_process_is_killed() {
         "only {} messages were acknowledged",
         acked.len()
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let want: HashSet<&String> = acked.iter().collect();
-    loop {
+    let all_arrived = async || {
         let got = rx.received();
         let ids: HashSet<String> = got
             .iter()
             .map(|r| r.header("idempotency-key").unwrap().to_owned())
             .collect();
-        let missing: Vec<_> = want
-            .iter()
-            .filter(|id| !ids.contains(id.as_str()))
-            .collect();
-        if missing.is_empty() {
-            // Duplicates are allowed, but each carries the same id as its original.
-            let mut per_id: HashMap<String, usize> = HashMap::new();
-            for r in &got {
-                *per_id
-                    .entry(r.header("idempotency-key").unwrap().to_owned())
-                    .or_default() += 1;
-            }
-            eprintln!(
-                "{} acknowledged, {} deliveries, {} duplicates",
-                acked.len(),
-                got.len(),
-                got.len() - per_id.len()
-            );
-            break;
+        let missing = want.iter().filter(|id| !ids.contains(id.as_str())).count();
+        if missing == 0 {
+            Ok(got)
+        } else {
+            Err(format!(
+                "{missing} of {} acknowledged messages never arrived",
+                want.len()
+            ))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {} acknowledged messages never arrived:\n{}",
-            missing.len(),
-            want.len(),
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let what = "every acknowledged message to arrive";
+    let got = broker
+        .eventually(Duration::from_secs(30), what, all_arrived)
+        .await;
+    // Duplicates are allowed, but each carries the same id as its original.
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for r in &got {
+        *per_id
+            .entry(r.header("idempotency-key").unwrap().to_owned())
+            .or_default() += 1;
     }
+    eprintln!(
+        "{} acknowledged, {} deliveries, {} duplicates",
+        acked.len(),
+        got.len(),
+        got.len() - per_id.len()
+    );
 }
 
 #[tokio::test]
 async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
-    let events = Receiver::start(OK).await;
-    let raw = Receiver::start(OK).await;
+    let events = Receiver::answering(204).await;
+    let raw = Receiver::answering(204).await;
     let subs = format!(
         "{}\n{}",
         webhook_subscription("gp", "\"lab_result\"", &events.url(), ""),
         webhook_subscription("archive", "\"raw\"", &raw.url(), "")
     );
     let broker = Broker::start(&subs);
-    let (s, j) = post_message(
-        &client(),
-        &broker.url,
-        "application/EDIFACT",
-        MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let id = j["id"].as_str().unwrap();
+    let id = broker
+        .accept(&client(), "application/EDIFACT", MEDLAB.as_bytes().to_vec())
+        .await;
     let got = events.wait_for(1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
     let r = &got[0];
@@ -574,7 +501,7 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
             .as_ref(),
         MEDLAB.as_bytes()
     );
-    let l = lineage_until(&broker.url, id, |l| {
+    let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"]
             .as_array()
             .unwrap()
@@ -590,30 +517,13 @@ async fn an_edifact_lab_result_reaches_an_event_subscriber_as_a_zib_event() {
 
 #[tokio::test]
 async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
-    let rx = Receiver::start(OK).await;
+    let rx = Receiver::answering(204).await;
     let broker = Broker::start(&format!(
         "ingest_timeout = \"1s\"\n{}",
         webhook_subscription("archive", "\"raw\"", &rx.url(), "")
     ));
-    let db = broker.dir.join("data").join("log.db");
     // Another process holds the database's write lock, as a stuck disk or a backup would.
-    let mut holder = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
-        ])
-        .arg(&db)
-        .arg("4")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut holder = broker.lock_log(4);
     let c = client();
     let resp = c
         .post(format!("{}/api/v1/messages", broker.url))
@@ -633,58 +543,30 @@ async fn a_log_that_cannot_take_writes_answers_503_with_retry_after() {
     assert_eq!(j["error"], "log_unavailable");
     holder.wait().unwrap();
     // Once the lock is gone the same message is taken.
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(1, 100),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202, "{}", broker.log_text());
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(1, 100))
+        .await;
     // Only the acknowledged one is delivered: the refused write was not kept.
     let got = rx.wait_for(1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rx.received().len(), 1);
-    assert_eq!(got[0].header("idempotency-key"), j["id"].as_str());
+    assert_eq!(got[0].header("idempotency-key"), Some(id.as_str()));
 }
 
 #[tokio::test]
 async fn operators_list_messages_by_status_and_see_a_status_summary() {
-    let bad = Receiver::start(Behaviour {
-        status: 404,
-        delay: Duration::ZERO,
-    })
-    .await;
-    let good = Receiver::start(OK).await;
-    let subs = format!(
-        "{}\n{}",
-        webhook_subscription("picky", "\"raw\"", &bad.url(), ""),
-        webhook_subscription("archive", "\"raw\"", &good.url(), "")
-    );
-    let broker = Broker::start(&subs);
+    let (_bad, _good, broker) = picky_and("archive").await;
     let c = client();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let (_, j) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(i, 200),
-        )
-        .await
-        .unwrap();
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            broker
+                .accept(&c, "application/EDIFACT", edifact_message(i, 200))
+                .await,
+        );
     }
     for id in &ids {
-        lineage_until(&broker.url, id, |l| {
-            l["deliveries"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|d| d["subscription"] == "picky" && d["outcome"] == "dead_lettered")
-        })
-        .await;
+        lineage_until(&broker.url, id, picky_is("dead_lettered")).await;
     }
     let list = |q: String| {
         let c = c.clone();
@@ -747,8 +629,8 @@ async fn operators_list_messages_by_status_and_see_a_status_summary() {
 
 #[tokio::test]
 async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
-    let linde = Receiver::start(OK).await;
-    let hap = Receiver::start(OK).await;
+    let linde = Receiver::answering(204).await;
+    let hap = Receiver::answering(204).await;
     let config = format!(
         "\n[[subscriptions]]\nname = \"by-receiver\"\nkinds = [\"lab_result\"]\nsink = {{ type = \"webhook\" }}\n\
          [subscriptions.retry]\ninitial = \"100ms\"\nmax = \"1s\"\n\
@@ -764,11 +646,11 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
     let mut ids = Vec::new();
     for receiver in ["500005678", "500009999", "500000001"] {
         let body = MEDLAB.replace("+500005678+", &format!("+{receiver}+"));
-        let (status, j) = post_message(&c, &broker.url, "application/EDIFACT", body.into_bytes())
-            .await
-            .unwrap();
-        assert_eq!(status, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
+        ids.push(
+            broker
+                .accept(&c, "application/EDIFACT", body.into_bytes())
+                .await,
+        );
     }
     let to_linde = linde.wait_for(1, Duration::from_secs(10)).await;
     let to_hap = hap.wait_for(1, Duration::from_secs(10)).await;
@@ -800,8 +682,7 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
     // The audit trail names who got each one: the receiver the address book sent it to.
     // (Appended just before each delivery is acknowledged: wait for both.)
     let path = broker.dir.join("data/audit.jsonl");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let read = || {
         let audit = std::fs::read_to_string(&path).unwrap_or_default();
         let mut parties: Vec<String> = audit
             .lines()
@@ -810,14 +691,13 @@ async fn the_address_book_sends_each_record_to_its_receivers_own_endpoint() {
             .map(|r| r["party"].as_str().unwrap_or("none").to_owned())
             .collect();
         parties.sort();
-        if parties.len() >= 2 || std::time::Instant::now() > deadline {
-            assert_eq!(
-                parties,
-                ["mailbox:500005678", "mailbox:500009999"],
-                "{audit}"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (parties, audit)
+    };
+    let _ = within(Duration::from_secs(10), async || read().0.len() >= 2).await;
+    let (parties, audit) = read();
+    assert_eq!(
+        parties,
+        ["mailbox:500005678", "mailbox:500009999"],
+        "{audit}"
+    );
 }

@@ -40,25 +40,20 @@ async fn a_message_sent_again_with_its_idempotency_key_is_one_message() {
     let mut broker = Broker::start(&webhook_subscription("gp", "\"raw\"", &rx.url(), ""));
     let c = reqwest::Client::new();
     let api = format!("{}/api/v1/messages", broker.url);
+    let lab_0042 = || {
+        post(
+            &c,
+            &api,
+            "application/EDIFACT",
+            Some("lab-2611-0042"),
+            MEDLAB,
+        )
+    };
 
     // Sequentially, then eight at once: one id, one delivery.
-    let (status, first) = post(
-        &c,
-        &api,
-        "application/EDIFACT",
-        Some("lab-2611-0042"),
-        MEDLAB,
-    )
-    .await;
+    let (status, first) = lab_0042().await;
     assert_eq!(status, 202);
-    let (status, again) = post(
-        &c,
-        &api,
-        "application/EDIFACT",
-        Some("lab-2611-0042"),
-        MEDLAB,
-    )
-    .await;
+    let (status, again) = lab_0042().await;
     assert_eq!((status, again.as_str()), (202, first.as_str()));
     let at_once: Vec<_> = (0..8)
         .map(|_| {
@@ -119,14 +114,7 @@ async fn a_message_sent_again_with_its_idempotency_key_is_one_message() {
     // A restart keeps the keys.
     broker.kill();
     broker.spawn();
-    let (status, after) = post(
-        &c,
-        &api,
-        "application/EDIFACT",
-        Some("lab-2611-0042"),
-        MEDLAB,
-    )
-    .await;
+    let (status, after) = lab_0042().await;
     assert_eq!((status, after.as_str()), (202, first.as_str()));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(rx.received().len(), 5, "{}", broker.log_text());

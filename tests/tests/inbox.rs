@@ -4,15 +4,11 @@
 
 use std::time::Duration;
 
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, webhook_subscription};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, webhook_subscription};
 
 #[tokio::test]
 async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
-    let rx = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(204).await;
     let inbox = tempfile::tempdir().unwrap();
     let config = format!(
         "[[inbox]]\npath = {:?}\npatterns = [\"*.edi\"]\npoll_interval = \"100ms\"\nsettle = \"200ms\"\n{}",
@@ -38,17 +34,11 @@ async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
     let e: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(e["header"]["kind"], "lab_result");
     assert_eq!(e["results"][0]["local_name"], "Kalium");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !(inbox.path().join("done/lab-0042.edi").exists()
-        && inbox.path().join("failed/broken.edi.reason").exists())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "files not moved:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let moved = ["done/lab-0042.edi", "failed/broken.edi.reason"];
+    let moved = async || moved.iter().all(|f| inbox.path().join(f).exists());
+    broker
+        .eventually(Duration::from_secs(5), "the files to be moved", moved)
+        .await;
     assert_eq!(
         std::fs::read(inbox.path().join("done/lab-0042.edi")).unwrap(),
         MEDLAB.as_bytes()
@@ -56,14 +46,6 @@ async fn a_file_dropped_in_the_inbox_is_delivered_and_moved_to_done() {
     let reason = std::fs::read_to_string(inbox.path().join("failed/broken.edi.reason")).unwrap();
     assert!(reason.contains("not EDIFACT"), "{reason}");
     // The lineage names the connector.
-    let c = reqwest::Client::new();
-    let page: serde_json::Value = c
-        .get(format!("{}/api/v1/messages", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: serde_json::Value = broker.get_json("/api/v1/messages").await;
     assert_eq!(page["items"][0]["connector"], "inbox");
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ketenbus_tests::{
-    Behaviour, Broker, Receiver, edifact_message, lineage, post_message, webhook_subscription,
+    Broker, Receiver, edifact_message, eventually, lineage, post_message, webhook_subscription,
 };
 
 /// `KETENBUS_TEST_KAFKA` and `KETENBUS_TEST_PYTHON`, set by `ops/test.sh`. Missing under CI is a
@@ -70,11 +70,7 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let Some((bootstrap, python)) = peers() else {
         return;
     };
-    let rx = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(204).await;
     let config = format!(
         "[bus]\nengine = \"kafka\"\npartitions = 3\n[bus.kafka]\nbootstrap_servers = \"{bootstrap}\"\nreplication_factor = 1\nsession_timeout = \"20s\"\ninstance_id = \"kafka-test-node\"\n\
          properties = {{ \"batch.num.messages\" = \"1\", \"fetch.wait.max.ms\" = \"10\" }}\n{}",
@@ -85,15 +81,11 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let mut sent = Vec::new();
     for i in 0..20 {
         let body = edifact_message(i, 500);
-        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", body.clone())
-            .await
-            .unwrap();
-        assert_eq!(s, 202, "{j}\n{}", broker.log_text());
-        sent.push((j["id"].as_str().unwrap().to_owned(), body));
+        let id = broker.accept(&c, "application/EDIFACT", body.clone()).await;
+        sent.push((id, body));
     }
     // Wait for every id sent here (a reused cluster may also hand over older records).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    let all_delivered = async || {
         let got = rx.received();
         let ids: HashSet<&str> = got
             .iter()
@@ -105,15 +97,15 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
             .filter(|id| !ids.contains(id.as_str()))
             .collect();
         if missing.is_empty() {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{missing:?} not delivered"))
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{missing:?} not delivered:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let what = "every message sent to be delivered";
+    broker
+        .eventually(Duration::from_secs(30), what, all_delivered)
+        .await;
     let l = lineage(&c, &broker.url, &sent[0].0).await.unwrap();
     assert_eq!(l["format"], "edifact", "{l:#}");
 
@@ -132,35 +124,31 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(decode_base64(b64), *body, "body of {id}");
     }
     // A lab result becomes an event on its kind's topic, readable with the published schema.
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        ketenbus_tests::MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(s, 202);
-    let lab_id = j["id"].as_str().unwrap().to_owned();
+    let lab_id = broker
+        .accept(
+            &c,
+            "application/EDIFACT",
+            ketenbus_tests::MEDLAB.as_bytes().to_vec(),
+        )
+        .await;
     // The router publishes the event shortly after the 202; read until it is there.
-    let mut found = None;
-    for _ in 0..50 {
-        let events = avro_read(
-            &python,
-            &bootstrap,
-            "ketenbus.events.lab_result",
-            "event_lab_result.avsc",
-            0,
-        );
-        found = events
+    // (Fifty reads with 200 ms between them before: each read takes a second or more.)
+    let record = eventually(
+        Duration::from_secs(180),
+        "the lab_result event to reach its topic",
+        async || {
+            avro_read(
+                &python,
+                &bootstrap,
+                "ketenbus.events.lab_result",
+                "event_lab_result.avsc",
+                0,
+            )
             .into_iter()
-            .find(|r| r["value"]["header"]["envelope_id"] == lab_id.as_str());
-        if found.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let record = found.expect("the lab_result event reaches its topic");
+            .find(|r| r["value"]["header"]["envelope_id"] == lab_id.as_str())
+        },
+    )
+    .await;
     let e = &record["value"];
     assert_eq!(e["header"]["envelope_id"], lab_id.as_str());
     assert_eq!(e["header"]["id"], format!("{lab_id}.0"));
@@ -199,25 +187,23 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         assert_eq!(s, 202, "{mib} MiB: {j}\n{}", broker.log_text());
         big.push((j["id"].as_str().unwrap().to_owned(), body.len()));
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for (id, len) in &big {
-        loop {
-            let got = rx.received();
-            if let Some(r) = got
+    let all_whole = async || {
+        let got = rx.received();
+        for (id, len) in &big {
+            let Some(r) = got
                 .iter()
                 .find(|r| r.header("idempotency-key") == Some(id.as_str()))
-            {
-                assert_eq!(r.body.len(), *len, "{id} arrives whole");
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} ({len} bytes) not delivered:\n{}",
-                broker.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            else {
+                return Err(format!("{id} ({len} bytes) not delivered"));
+            };
+            assert_eq!(r.body.len(), *len, "{id} arrives whole");
         }
-    }
+        Ok(())
+    };
+    let what = "every large message to be delivered whole";
+    broker
+        .eventually(Duration::from_secs(60), what, all_whole)
+        .await;
 
     // Killed and started again under the same instance_id (static membership), the node
     // takes its partitions back at once: no wait for the 20 s session timeout of the
@@ -227,31 +213,20 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
     let started = tokio::time::Instant::now();
     // A new client: the old one's pooled connections died with the process.
     let c = reqwest::Client::new();
-    let (s, j) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        edifact_message(990, 500),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", broker.log_text()));
-    assert_eq!(s, 202, "{j}");
-    let id = j["id"].as_str().unwrap().to_owned();
-    loop {
-        if rx
-            .received()
-            .iter()
-            .any(|r| r.header("idempotency-key") == Some(id.as_str()))
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(12),
-            "not delivered within 12 s of the restart:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = broker
+        .accept(&c, "application/EDIFACT", edifact_message(990, 500))
+        .await;
+    broker
+        .eventually(
+            Duration::from_secs(12).saturating_sub(started.elapsed()),
+            "delivery within 12 s of the restart",
+            async || {
+                rx.received()
+                    .iter()
+                    .any(|r| r.header("idempotency-key") == Some(id.as_str()))
+            },
+        )
+        .await;
     eprintln!(
         "after a SIGKILL and restart, delivered {} ms after the restart was ready",
         started.elapsed().as_millis()

@@ -9,16 +9,14 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ketenbus_connectors::mail::dsn;
-use ketenbus_tests::{Behaviour, Broker, Receiver, free_port, lineage};
-use mail_parser::{MessageParser, MimeHeaders};
-
-const OK: Behaviour = Behaviour {
-    status: 204,
-    delay: Duration::ZERO,
+use ketenbus_tests::{
+    Broker, Receiver, Swaks, eventually_blocking, free_port, lineage, lineage_until, queued_id,
+    within,
 };
+use mail_parser::{MessageParser, MimeHeaders};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -86,24 +84,27 @@ fn chown(p: &Path, owner: &str) {
 }
 
 fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on port {port}");
+    eventually_blocking(
+        Duration::from_secs(15),
+        &format!("a listener on port {port}"),
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
 }
 
-/// A test CA and a certificate for localhost / 127.0.0.1 signed by it.
+/// A test CA and a certificate for localhost / 127.0.0.1 signed by it, in a temporary
+/// directory the peers can read (a test may put its other files there too).
 struct Certs {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    dir: tempfile::TempDir,
 }
 
-fn certs(dir: &Path) -> Certs {
+/// The mail peers installed, and [`Certs`] made for a test.
+fn certs() -> Certs {
+    ensure_tools();
+    let tmp = open_tempdir();
+    let dir = tmp.path();
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
@@ -170,6 +171,7 @@ fn certs(dir: &Path) -> Certs {
         ca: dir.join("ca.pem"),
         cert: dir.join("cert.pem"),
         key: dir.join("key.pem"),
+        dir: tmp,
     }
 }
 
@@ -182,6 +184,8 @@ struct Postfix {
     smtps_port: u16,
     maildir: PathBuf,
     dir: PathBuf,
+    /// The test CA that signed its certificate.
+    ca: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -252,12 +256,24 @@ impl Postfix {
             smtps_port,
             maildir: dir.join("vmail/huisarts"),
             dir,
+            ca: certs.ca.clone(),
             _tmp: tmp,
         }
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
+
+    /// A [`mail_sink`] through this Postfix: STARTTLS on its port, or `implicit` TLS on its
+    /// SMTPS port.
+    fn sink(&self, name: &str, tls: &str, to: &str, extra: &str) -> String {
+        let port = if tls == "implicit" {
+            self.smtps_port
+        } else {
+            self.port
+        };
+        mail_sink(name, port, tls, &self.ca, to, extra)
     }
 
     /// Messages delivered to the maildir.
@@ -289,6 +305,8 @@ struct Dovecot {
     imaps_port: u16,
     maildir: PathBuf,
     dir: PathBuf,
+    /// The test CA that signed its certificate.
+    ca: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -341,8 +359,20 @@ impl Dovecot {
             imaps_port,
             maildir: dir.join("mail/hub/Maildir"),
             dir,
+            ca: certs.ca.clone(),
             _tmp: tmp,
         }
+    }
+
+    /// A broker whose IMAP pickup `hub` reads this inbox as user hub over TLS trusting the
+    /// test CA, with `extra` keys of the pickup, and `subscriptions`.
+    fn broker(&self, extra: &str, subscriptions: &str) -> Broker {
+        let config = format!(
+            "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
+             {extra}\n{subscriptions}",
+            self.imaps_port, self.ca,
+        );
+        Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")])
     }
 
     /// Put a message into the inbox, as the hub's delivery would.
@@ -384,34 +414,23 @@ impl Drop for Dovecot {
     }
 }
 
-/// Run swaks; returns (success, everything it printed).
-fn swaks(args: &[&str]) -> (bool, String) {
-    ensure_tools();
-    let out = Command::new("swaks")
-        .args(args)
-        .args(["--timeout", "30"])
-        .output()
-        .expect("swaks");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+/// A subscription `name` that sends letters by mail to `to` through the SMTP server on
+/// loopback `port` (`tls`: `starttls` or `implicit`, trusting the test CA); `extra`: more
+/// lines after the sink's.
+fn mail_sink(name: &str, port: u16, tls: &str, ca: &Path, to: &str, extra: &str) -> String {
+    format!(
+        "[[subscriptions]]\nname = \"{name}\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"{tls}\"\nca_file = {ca:?}\n\
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"{to}\"\n{extra}"
     )
 }
 
-/// The id in `250 2.0.0 Ok: queued as <id>`.
-fn queued_id(transcript: &str) -> String {
-    let at = transcript
-        .rfind("queued as ")
-        .unwrap_or_else(|| panic!("no queued-as in:\n{transcript}"));
-    transcript[at + 10..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+/// A mail from `from` to the GP's mailbox (500005678) through the SMTP server on loopback
+/// `port`, with the fixture `file` as message.
+fn to_the_gp(port: u16, from: &str, file: &str) -> Swaks {
+    Swaks::port(port)
+        .from(from)
+        .to("500005678@lms.example.test")
+        .data(&fixture(file))
 }
 
 fn smtp_config(port: u16, certs: &Certs, extra: &str) -> String {
@@ -429,29 +448,10 @@ fn subscription(name: &str, kinds: &str, url: &str) -> String {
     )
 }
 
-async fn lineage_until(
-    base: &str,
-    id: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let c = reqwest::Client::new();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..150 {
-        last = lineage(&c, base, id).await.expect("lineage");
-        if pred(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("lineage never matched: {last:#}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let rx = Receiver::start(OK).await;
+    let certs = certs();
+    let rx = Receiver::answering(204).await;
     let port = free_port();
     let config = format!(
         "{}[mail.smtp.auth]\nrequired = false\nusers = [{{ username = \"lab\", password_env = \"TEST_SMTP_LAB_PASSWORD\", party_ids = [\"mailbox:500001234\"] }}]\n{}",
@@ -462,38 +462,20 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
         &config,
         &[("TEST_SMTP_LAB_PASSWORD", "lab-password-for-tests")],
     );
-    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", broker.url))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = broker.get_json("/readyz").await;
     assert_eq!(ready["components"]["smtp"]["state"], "ready", "{ready}");
-    let server = format!("127.0.0.1:{port}");
     let letter = fixture("letter-pdf.eml");
-    let letter = letter.to_str().unwrap();
-    let base = [
-        "--server",
-        server.as_str(),
-        "--from",
-        "specialist@ziekenhuis.example.test",
-    ];
+    let base = Swaks::port(port).from("specialist@ziekenhuis.example.test");
 
     // To the GP's mailbox over STARTTLS, logged in as "lab".
-    let lab = [
-        "--to",
-        "500005678@lms.example.test",
-        "--tls",
-        "--auth",
+    let lab = base.clone().to("500005678@lms.example.test").tls().auth(
         "PLAIN",
-        "--auth-user",
         "lab",
-        "--auth-password",
         "lab-password-for-tests",
-    ];
+    );
 
     // STARTTLS, AUTH PLAIN, pipelined envelope: accepted only once durable.
-    let (ok, out) = swaks(&[&base[..], &lab, &["--pipeline", "--data", letter]].concat());
+    let (ok, out) = lab.clone().pipeline().data(&letter).run();
     assert!(ok, "{out}");
     assert!(
         out.contains("250-STARTTLS")
@@ -529,85 +511,52 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     // The login may send as mailbox 500001234 only: a lab result whose UNB names another
     // sender is refused for good, before anything is stored; its own goes through.
     let own = std::fs::read_to_string(fixture("lab-result-edifact-body.eml")).unwrap();
-    let forged = tmp.path().join("forged.eml");
+    let forged = certs.dir.path().join("forged.eml");
     std::fs::write(&forged, own.replace("+500001234+", "+500009999+")).unwrap();
-    let as_lab = |data: &str| swaks(&[&base[..], &lab, &["--data", data]].concat());
-    let (ok, out) = as_lab(forged.to_str().unwrap());
+    let (ok, out) = lab.clone().data(&forged).run();
     assert!(!ok, "{out}");
     assert!(
         out.contains("550 5.7.1") && out.contains("mailbox:500009999"),
         "{out}"
     );
-    let (ok, out) = as_lab(fixture("lab-result-edifact-body.eml").to_str().unwrap());
-    assert!(ok, "{out}");
-    let id = queued_id(&out);
+    let id = lab
+        .clone()
+        .data(&fixture("lab-result-edifact-body.eml"))
+        .queued();
     let l = lineage_until(&broker.url, &id, |l| l["connector"] == "smtp").await;
     assert_eq!(l["sender"], "mailbox:500001234");
 
     // AUTH is not offered before STARTTLS: the client cannot authenticate in clear text.
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--auth",
-                "PLAIN",
-                "--auth-user",
-                "lab",
-                "--auth-password",
-                "lab-password-for-tests",
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = base
+        .clone()
+        .to("500005678@lms.example.test")
+        .auth("PLAIN", "lab", "lab-password-for-tests")
+        .run();
     assert!(!ok, "{out}");
     assert!(!out.contains("250-AUTH"), "{out}");
     // A wrong password is refused.
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--tls",
-                "--auth",
-                "LOGIN",
-                "--auth-user",
-                "lab",
-                "--auth-password",
-                "wrong",
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = base
+        .clone()
+        .to("500005678@lms.example.test")
+        .tls()
+        .auth("LOGIN", "lab", "wrong")
+        .run();
     assert!(!ok && out.contains("535 5.7.8"), "{out}");
     // A recipient outside the accepted domains.
-    let (ok, out) = swaks(&[&base[..], &["--to", "someone@elsewhere.example.test"]].concat());
+    let (ok, out) = base.clone().to("someone@elsewhere.example.test").run();
     assert!(
         !ok && out
             .contains("550 5.1.1 <someone@elsewhere.example.test>: recipient address rejected"),
         "{out}"
     );
     // Too big: announced limit 64 KiB, 100 KiB sent.
-    let big = tmp.path().join("big.eml");
+    let big = certs.dir.path().join("big.eml");
     let mut body = String::from("From: a@b.test\r\nSubject: big\r\n\r\n");
     while body.len() < 100 * 1024 {
         body.push_str("0123456789012345678901234567890123456789012345678901234567890123456789\r\n");
     }
     std::fs::write(&big, body).unwrap();
-    let (ok, out) = swaks(
-        &[
-            &base[..],
-            &[
-                "--to",
-                "500005678@lms.example.test",
-                "--data",
-                big.to_str().unwrap(),
-            ],
-        ]
-        .concat(),
-    );
+    let (ok, out) = base.to("500005678@lms.example.test").data(&big).run();
     assert!(!ok && out.contains("552 5.3.4"), "{out}");
     // Nothing refused reached a subscriber.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -616,10 +565,8 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let rx = Receiver::start(OK).await;
+    let certs = certs();
+    let rx = Receiver::answering(204).await;
     let port = free_port();
     let broker = Broker::start(&format!(
         "{}{}",
@@ -627,18 +574,11 @@ async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
         subscription("gp-lab", "\"lab_result\"", &rx.url())
     ));
     let postfix = Postfix::start(port, &certs);
-    let server = format!("127.0.0.1:{}", postfix.port);
-    let data = fixture("lab-result-edifact-attachment.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &server,
-        "--from",
-        "500001234@lms.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    let (ok, out) = Swaks::port(postfix.port)
+        .from("500001234@lms.example.test")
+        .to("500005678@lms.example.test")
+        .data(&fixture("lab-result-edifact-attachment.eml"))
+        .run();
     assert!(ok, "{out}");
     let got = rx.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(
@@ -662,13 +602,11 @@ async fn postfix_relays_an_edifact_lab_result_that_reaches_a_webhook() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscriptions() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let (a_letters, b_letters, b_raw) = (
-        Receiver::start(OK).await,
-        Receiver::start(OK).await,
-        Receiver::start(OK).await,
+        Receiver::answering(204).await,
+        Receiver::answering(204).await,
+        Receiver::answering(204).await,
     );
     let port = free_port();
     let filtered = |name: &str, kinds: &str, receiver: &str, url: &str| {
@@ -695,18 +633,11 @@ async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscr
         filtered("b-raw", "\"raw\"", "mailbox:500009876", &b_raw.url()),
     ));
     let postfix = Postfix::start(port, &certs);
-    let server = format!("127.0.0.1:{}", postfix.port);
-    let letter = fixture("letter-pdf.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &server,
-        "--from",
-        "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test,500009876@lms.example.test",
-        "--data",
-        letter.to_str().unwrap(),
-    ]);
+    let (ok, out) = Swaks::port(postfix.port)
+        .from("specialist@ziekenhuis.example.test")
+        .to("500005678@lms.example.test,500009876@lms.example.test")
+        .data(&fixture("letter-pdf.eml"))
+        .run();
     assert!(ok, "{out}");
     for (rx, what) in [
         (&a_letters, "a-letters"),
@@ -738,17 +669,16 @@ async fn a_mail_to_two_recipients_through_postfix_reaches_each_recipients_subscr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let raw = Receiver::start(OK).await;
+    let certs = certs();
+    let raw = Receiver::answering(204).await;
     let port = free_port();
     // Postfix needs the broker's port, the broker Postfix's: take both first.
     let postfix = Postfix::start(port, &certs);
-    let sink = format!(
-        "[[subscriptions]]\nname = \"gp-by-mail\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n[subscriptions.retry]\ninitial = \"200ms\"\nmax = \"2s\"\n",
-        postfix.port, certs.ca
+    let sink = postfix.sink(
+        "gp-by-mail",
+        "starttls",
+        "huisarts@gp.example.test",
+        "[subscriptions.retry]\ninitial = \"200ms\"\nmax = \"2s\"\n",
     );
     let config = format!(
         "{}{}{}",
@@ -757,26 +687,14 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
         sink
     );
     let broker = Broker::start(&config);
-    let data = fixture("letter-pdf.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+    let envelope = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").queued();
 
     // The mail arrives in the GP's maildir, readable, with the PDF.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while postfix.delivered().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let delivered = postfix.delivered();
+    let delivered = within(Duration::from_secs(30), async || {
+        Some(postfix.delivered()).filter(|d| !d.is_empty())
+    })
+    .await
+    .unwrap_or_default();
     assert_eq!(
         delivered.len(),
         1,
@@ -828,19 +746,11 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
     assert_eq!(l["connector"], "smtp");
 
     // Postfix's success DSN comes back through the SMTP listener and names the delivery.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let report = loop {
-        let found = raw.received().iter().find_map(|r| dsn::parse(&r.body));
-        if let Some(r) = found {
-            break r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no DSN came back; postfix log:\n{}",
-            postfix.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let report = within(Duration::from_secs(30), async || {
+        raw.received().iter().find_map(|r| dsn::parse(&r.body))
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no DSN came back; postfix log:\n{}", postfix.log()));
     assert_eq!(report.record_id().as_deref(), Some(record.as_str()));
     // The envelope id carries the sink's token: `<record id>/<32 hex>`.
     let envid = report.original_envelope_id.clone().unwrap_or_default();
@@ -874,30 +784,13 @@ async fn a_pdf_letter_reaches_a_secure_mail_subscriber_and_its_dsn_comes_back() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let port = free_port();
     let postfix = Postfix::start(port, &certs);
     // Postfix takes the mail, then bounces it: the mailbox at closed.example.test is closed.
-    let sink = format!(
-        "[[subscriptions]]\nname = \"gp-by-mail\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@closed.example.test\"\n",
-        postfix.port, certs.ca
-    );
+    let sink = postfix.sink("gp-by-mail", "starttls", "huisarts@closed.example.test", "");
     let broker = Broker::start(&format!("{}{sink}", smtp_config(port, &certs, "")));
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        fixture("letter-pdf.eml").to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+    let envelope = to_the_gp(port, "specialist@ziekenhuis.example.test", "letter-pdf.eml").queued();
     let record = format!("{envelope}.0");
 
     // The server accepted it (delivered as far as SMTP goes), its DSN says failed, and the
@@ -933,61 +826,51 @@ async fn a_bounced_letter_becomes_a_dead_letter_that_replays() {
         &record,
     ]);
     assert!(ok, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = postfix.log();
-        let sent = log.matches("to=<huisarts@closed.example.test>").count();
-        if sent >= 2 {
-            assert!(log.contains("mailbox closed"), "{log}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the replay never reached the server:\n{log}\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let log = broker
+        .eventually(
+            Duration::from_secs(30),
+            "the replay to reach the server",
+            async || {
+                let log = postfix.log();
+                let sent = log.matches("to=<huisarts@closed.example.test>").count();
+                if sent >= 2 { Ok(log) } else { Err(log) }
+            },
+        )
+        .await;
+    assert!(log.contains("mailbox closed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_pickup_survives_a_crash_between_store_and_move() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.deliver(
         "1764000000.M1.hub",
         &std::fs::read(fixture("lab-result-edifact-attachment.eml")).unwrap(),
     );
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         processed_folder = \"Processed\"\npoll_interval = \"200ms\"\nreceiver = \"mailbox:500005678\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp-lab", "\"lab_result\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let mut broker = dovecot.broker(
+        "tls = \"implicit\"\nprocessed_folder = \"Processed\"\npoll_interval = \"200ms\"\nreceiver = \"mailbox:500005678\"",
+        &subscription("gp-lab", "\"lab_result\"", &rx.url()),
     );
-    let mut broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     // Stored and delivered; the move fails (the folder does not exist yet), so the message
     // stays in the inbox, remembered in the state file.
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
     let state = broker.dir.join("data/imap/hub.state");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&state)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        != 1
-    {
-        assert!(
-            Instant::now() < deadline,
-            "state never written:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    broker
+        .eventually(
+            Duration::from_secs(10),
+            "the state to be written",
+            async || {
+                std::fs::read_to_string(&state)
+                    .unwrap_or_default()
+                    .lines()
+                    .count()
+                    == 1
+            },
+        )
+        .await;
     // Several more looks: recognised each time, never ingested again.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(dovecot.count("INBOX"), 1);
@@ -997,16 +880,12 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
     broker.kill();
     dovecot.create_folder("Processed");
     broker.spawn();
-    let deadline = Instant::now() + Duration::from_secs(20);
     // MOVE copies, then expunges: wait for both.
-    while dovecot.count("Processed") != 1 || dovecot.count("INBOX") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "never moved:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(20), "the move", async || {
+            dovecot.count("Processed") == 1 && dovecot.count("INBOX") == 0
+        })
+        .await;
     assert_eq!(dovecot.count("INBOX"), 0);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(rx.received().len(), 1, "exactly one event after the crash");
@@ -1024,9 +903,7 @@ async fn imap_pickup_survives_a_crash_between_store_and_move() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_pickup_in_delete_mode_takes_every_message_once() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.deliver(
         "1764000001.M1.hub",
@@ -1036,15 +913,11 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
         "1764000002.M2.hub",
         &std::fs::read(fixture("letter-pdf.eml")).unwrap(),
     );
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         after = \"delete\"\npoll_interval = \"200ms\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp", "\"lab_result\", \"letter\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let broker = dovecot.broker(
+        "after = \"delete\"\npoll_interval = \"200ms\"",
+        &subscription("gp", "\"lab_result\", \"letter\"", &rx.url()),
     );
-    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     let got = rx.wait_for(2, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 2, "{}", broker.log_text());
     let mut kinds: Vec<&str> = got
@@ -1053,26 +926,20 @@ async fn imap_pickup_in_delete_mode_takes_every_message_once() {
         .collect();
     kinds.sort_unstable();
     assert_eq!(kinds, ["lab_result", "letter"]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dovecot.count("INBOX") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "never deleted:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(10), "the deletion", async || {
+            dovecot.count("INBOX") == 0
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(rx.received().len(), 2, "nothing taken twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offered() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     // B: a submission server that requires TLS and AUTH and offers no DSN (ketenbus itself).
-    let raw = Receiver::start(OK).await;
+    let raw = Receiver::answering(204).await;
     let b_port = free_port();
     let b_config = format!(
         "{}[mail.smtp.auth]\nusers = [{{ username = \"ketenbus-a\", password_env = \"TEST_B_PASSWORD\" }}]\n{}",
@@ -1086,29 +953,24 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
     let b = Broker::start_with_env(&b_config, &[("TEST_B_PASSWORD", "b-password-for-tests")]);
     // A: takes the letter in and sends it on by secure mail to B.
     let a_port = free_port();
-    let sink = format!(
-        "[[subscriptions]]\nname = \"to-b\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {b_port}\n\
-         tls = \"starttls\"\nca_file = {:?}\nusername = \"ketenbus-a\"\npassword_env = \"TEST_A_SMTP_PASSWORD\"\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n",
-        certs.ca
+    let sink = mail_sink(
+        "to-b",
+        b_port,
+        "starttls",
+        &certs.ca,
+        "huisarts@gp.example.test",
+        "username = \"ketenbus-a\"\npassword_env = \"TEST_A_SMTP_PASSWORD\"\n",
     );
     let a = Broker::start_with_env(
         &format!("{}{}", smtp_config(a_port, &certs, ""), sink),
         &[("TEST_A_SMTP_PASSWORD", "b-password-for-tests")],
     );
-    let data = fixture("letter-pdf.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{a_port}"),
-        "--from",
+    let envelope = to_the_gp(
+        a_port,
         "specialist@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
+        "letter-pdf.eml",
+    )
+    .queued();
     let got = raw.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "A:\n{}\nB:\n{}", a.log_text(), b.log_text());
     let mail = MessageParser::default().parse(&got[0].body).unwrap();
@@ -1130,20 +992,14 @@ async fn the_mail_sink_authenticates_after_starttls_and_asks_dsn_only_where_offe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         poll_interval = \"10min\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp", "\"letter\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let broker = dovecot.broker(
+        "poll_interval = \"10min\"",
+        &subscription("gp", "\"letter\"", &rx.url()),
     );
-    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     // Let the pickup log in, find the empty inbox and settle in IDLE.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     dovecot.deliver(
@@ -1157,15 +1013,11 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         "IDLE did not announce the new mail:\n{}",
         broker.log_text()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while dovecot.count("Processed") != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "never moved:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(Duration::from_secs(10), "the move", async || {
+            dovecot.count("Processed") == 1
+        })
+        .await;
 
     // The operator sees the pickup working, then the hub gone: degraded, yet still ready.
     let c = reqwest::Client::new();
@@ -1183,33 +1035,34 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
         "{metrics}"
     );
     drop(dovecot);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let resp = c
-            .get(format!("{}/readyz", broker.url))
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        let body: serde_json::Value = resp.json().await.unwrap();
-        if ready(&body) == "degraded" {
-            assert_eq!(
-                status, 200,
-                "a degraded source keeps the broker ready: {body}"
-            );
-            assert!(
-                body["components"]["imap:hub"]["reason"].is_string(),
-                "{body}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the hub went away unnoticed: {body}\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (status, body) = broker
+        .eventually(
+            Duration::from_secs(20),
+            "the hub's going away to be noticed",
+            async || {
+                let resp = c
+                    .get(format!("{}/readyz", broker.url))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = resp.status().as_u16();
+                let body: serde_json::Value = resp.json().await.unwrap();
+                if ready(&body) == "degraded" {
+                    Ok((status, body))
+                } else {
+                    Err(body)
+                }
+            },
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "a degraded source keeps the broker ready: {body}"
+    );
+    assert!(
+        body["components"]["imap:hub"]["reason"].is_string(),
+        "{body}"
+    );
     let metrics = broker.metrics().await;
     assert!(
         metrics.contains("ketenbus_ingest_source_up{source=\"imap:hub\"} 0"),
@@ -1219,10 +1072,8 @@ async fn imap_idle_takes_new_mail_without_waiting_for_the_poll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
-    let rx = Receiver::start(OK).await;
+    let certs = certs();
+    let rx = Receiver::answering(204).await;
     let port = free_port();
     // The first lines land in [http]: a short wait for the log.
     let broker = Broker::start(&format!(
@@ -1231,41 +1082,13 @@ async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry(
         subscription("archive", "\"raw\"", &rx.url())
     ));
     // Another process holds the log's write lock, as a stuck disk or a backup would.
-    let mut holder = Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3,sys,time\nc=sqlite3.connect(sys.argv[1],isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked',flush=True)\ntime.sleep(float(sys.argv[2]))\nc.execute('COMMIT')",
-        ])
-        .arg(broker.dir.join("data/log.db"))
-        .arg("4")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
-    let data = fixture("letter-html.eml");
-    let args = [
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "poli@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ];
-    let (ok, out) = swaks(&args);
+    let mut holder = broker.lock_log(4);
+    let letter = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml");
+    let (ok, out) = letter.run();
     assert!(!ok && out.contains("451 4.3.0"), "{out}");
     let _ = holder.wait();
     // The sender's retry is taken once the log can write again.
-    let (ok, out) = swaks(&args);
-    assert!(ok, "{out}");
-    let id = queued_id(&out);
+    let id = letter.queued();
     let got = rx.wait_for(1, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -1278,40 +1101,26 @@ async fn a_log_that_cannot_take_the_message_makes_the_sender_hear_451_and_retry(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mail_sink_also_speaks_implicit_tls() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let port = free_port();
     let postfix = Postfix::start(port, &certs);
-    let sink = format!(
-        "[[subscriptions]]\nname = \"gp-smtps\"\nkinds = [\"letter\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"implicit\"\nca_file = {:?}\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\ndsn = false\n",
-        postfix.smtps_port, certs.ca
+    let sink = postfix.sink(
+        "gp-smtps",
+        "implicit",
+        "huisarts@gp.example.test",
+        "dsn = false\n",
     );
     let broker = Broker::start(&format!("{}{}", smtp_config(port, &certs, ""), sink));
-    let data = fixture("letter-html.eml");
-    let (ok, out) = swaks(&[
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--from",
-        "poli@ziekenhuis.example.test",
-        "--to",
-        "500005678@lms.example.test",
-        "--data",
-        data.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
-    let envelope = queued_id(&out);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while postfix.delivered().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "postfix log:\n{}\nbroker log:\n{}",
-            postfix.log(),
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let envelope = to_the_gp(port, "poli@ziekenhuis.example.test", "letter-html.eml").queued();
+    broker
+        .eventually(Duration::from_secs(30), "postfix to deliver", async || {
+            if postfix.delivered().is_empty() {
+                Err(format!("postfix log:\n{}", postfix.log()))
+            } else {
+                Ok(())
+            }
+        })
+        .await;
     let delivered = postfix.delivered();
     let mail = MessageParser::default().parse(&delivered[0]).unwrap();
     assert_eq!(
@@ -1351,38 +1160,31 @@ fn keywords(dovecot: &Dovecot, folder: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn imap_sets_aside_a_message_past_max_message_size_and_takes_the_others() {
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
     dovecot.deliver("1764000001.M1.hub", &plain_mail(1, 64 * 1024, "groot"));
     dovecot.deliver("1764000002.M2.hub", &plain_mail(2, 1024, "klein"));
-    let rx = Receiver::start(OK).await;
-    let config = format!(
-        "[[mail.imap]]\nname = \"hub\"\nhost = \"127.0.0.1\"\nport = {}\nca_file = {:?}\nusername = \"hub\"\npassword_env = \"TEST_IMAP_PASSWORD\"\n\
-         poll_interval = \"200ms\"\nmax_message_size = \"16 KiB\"\nfailed_folder = \"Failed\"\n{}",
-        dovecot.imaps_port,
-        certs.ca,
-        subscription("gp", "\"letter\"", &rx.url())
+    let rx = Receiver::answering(204).await;
+    let broker = dovecot.broker(
+        "poll_interval = \"200ms\"\nmax_message_size = \"16 KiB\"\nfailed_folder = \"Failed\"",
+        &subscription("gp", "\"letter\"", &rx.url()),
     );
-    let broker = Broker::start_with_env(&config, &[("TEST_IMAP_PASSWORD", "hubpass")]);
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
-    let deadline = Instant::now() + Duration::from_secs(10);
     // A move links the message into its new folder before it unlinks it from INBOX, so the
     // three counts settle together, not in a fixed order.
-    while dovecot.count("Failed") != 1
-        || dovecot.count("Processed") != 1
-        || dovecot.count("INBOX") != 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not sorted:\n{}",
-            broker.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker
+        .eventually(
+            Duration::from_secs(10),
+            "the messages to be sorted",
+            async || {
+                dovecot.count("Failed") == 1
+                    && dovecot.count("Processed") == 1
+                    && dovecot.count("INBOX") == 0
+            },
+        )
+        .await;
     assert!(
         keywords(&dovecot, "Failed").contains("$KetenbusTooLarge"),
         "flagged with its reason"
@@ -1422,9 +1224,7 @@ impl ketenbus_connectors::Ingest for RefusesPoison {
 async fn an_imap_message_the_log_keeps_refusing_is_set_aside_and_the_others_flow() {
     use ketenbus_connectors::mail::config::{AfterPickup, ImapConfig, TlsMode};
     use ketenbus_connectors::mail::imap::{ImapPickup, PickupState};
-    ensure_tools();
-    let tmp = open_tempdir();
-    let certs = certs(tmp.path());
+    let certs = certs();
     let dovecot = Dovecot::start(&certs);
     dovecot.create_folder("Processed");
     // The poison message has the lowest UID: it is met first.
@@ -1448,9 +1248,11 @@ async fn an_imap_message_the_log_keeps_refusing_is_set_aside_and_the_others_flow
         failed_folder: "Failed".into(),
     };
     let ingest = std::sync::Arc::new(RefusesPoison::default());
-    let pickup =
-        ImapPickup::new(cfg, tmp.path(), ingest.clone(), &|_| Some("hubpass".into())).unwrap();
-    let mut state = PickupState::load(&tmp.path().join("hub.state")).unwrap();
+    let pickup = ImapPickup::new(cfg, certs.dir.path(), ingest.clone(), &|_| {
+        Some("hubpass".into())
+    })
+    .unwrap();
+    let mut state = PickupState::load(&certs.dir.path().join("hub.state")).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut good = 0;
     for round in 1..=6 {

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, free_port, lineage, post_message};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, free_port, lineage, lineage_until, post_message};
 
 /// Patient-like text the hostile input carries; none of it may reach `/metrics`.
 const PATIENT_TEXT: [&str; 3] = ["Jansen", "999911120", "INJECTED"];
@@ -36,13 +36,6 @@ fn config(smtp_port: u16, hook: &str, archive: &str) -> String {
 
 /// The connectors the config above has.
 const CONNECTORS: [&str; 3] = ["http", "fhir", "smtp"];
-
-fn ok() -> Behaviour {
-    Behaviour {
-        status: 200,
-        delay: Duration::ZERO,
-    }
-}
 
 /// A DSN as Postfix writes one, with the given envelope id (or none), status and answer.
 fn dsn(envid: Option<&str>, message_id: &str, status: &str, diagnostic: &str) -> String {
@@ -212,49 +205,25 @@ fn assert_closed(
     );
 }
 
-async fn lineage_when(
-    base: &str,
-    id: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let c = reqwest::Client::new();
-    let mut last = serde_json::Value::Null;
-    for _ in 0..200 {
-        last = lineage(&c, base, id).await.expect("lineage");
-        if pred(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("lineage of {id} never matched: {last:#}");
-}
-
 fn steps(l: &serde_json::Value) -> Vec<serde_json::Value> {
     l["steps"].as_array().cloned().unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_delivery_reports_change_nothing_and_metrics_stay_closed() {
-    let hook = Receiver::start(ok()).await;
-    let archive = Receiver::start(ok()).await;
+    let hook = Receiver::ok().await;
+    let archive = Receiver::ok().await;
     let smtp = free_port();
     let broker = Broker::start(&config(smtp, &hook.url(), &archive.url()));
     let c = reqwest::Client::new();
 
     // A lab result, delivered to the webhook subscription.
-    let (status, body) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let envelope = body["id"].as_str().unwrap().to_owned();
+    let envelope = broker
+        .accept(&c, "application/EDIFACT", MEDLAB.as_bytes().to_vec())
+        .await;
     let record = format!("{envelope}.0");
     assert_eq!(hook.wait_for(1, Duration::from_secs(20)).await.len(), 1);
-    lineage_when(&broker.url, &envelope, |l| {
+    lineage_until(&broker.url, &envelope, |l| {
         l["deliveries"].as_array().is_some_and(|d| {
             d.iter()
                 .any(|d| d["subscription"] == "gp-webhook" && d["outcome"] == "delivered")
@@ -297,11 +266,11 @@ async fn forged_delivery_reports_change_nothing_and_metrics_stay_closed() {
     // ...and the same posted over HTTP.
     let mut http_reports = Vec::new();
     for f in &forged {
-        let (s, b) = post_message(&c, &broker.url, "message/rfc822", f.clone().into_bytes())
-            .await
-            .unwrap();
-        assert_eq!(s, 202, "{b}");
-        http_reports.push(b["id"].as_str().unwrap().to_owned());
+        http_reports.push(
+            broker
+                .accept(&c, "message/rfc822", f.clone().into_bytes())
+                .await,
+        );
     }
     // Other hostile input: odd content types, bad EDIFACT and FHIR, odd mail.
     for (ct, body) in [
@@ -341,7 +310,7 @@ async fn forged_delivery_reports_change_nothing_and_metrics_stay_closed() {
         (&http_reports, "report_source_not_allowed"),
     ] {
         for id in ids {
-            let l = lineage_when(&broker.url, id, |l| {
+            let l = lineage_until(&broker.url, id, |l| {
                 steps(l)
                     .iter()
                     .any(|s| s["stage"] == "delivery_report" || s["stage"] == "normalised")
@@ -429,7 +398,7 @@ fn repo() -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_broker_exports_every_series_the_dashboard_and_alerts_use_at_zero() {
-    let hook = Receiver::start(ok()).await;
+    let hook = Receiver::ok().await;
     let smtp = free_port();
     let broker = Broker::start(&config(smtp, &hook.url(), &hook.url()));
     let text = scrape(&broker.url).await;

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage, post_message};
+use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage_until};
 
 /// A receiver that answers every POST with `status` and `Location: to`, counting them.
 struct Redirector {
@@ -80,32 +80,20 @@ async fn a_redirecting_receiver_gets_a_dead_letter_and_the_target_gets_nothing()
     .concat();
     let broker = Broker::start_with_env(&config, &[("REDIRECT_TEST_SECRET", "s3cret")]);
     let c = reqwest::Client::new();
-    let (status, body) = post_message(
-        &c,
-        &broker.url,
-        "application/EDIFACT",
-        MEDLAB.as_bytes().to_vec(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{body}");
-    let id = body["id"].as_str().unwrap().to_owned();
+    let id = broker
+        .accept(&c, "application/EDIFACT", MEDLAB.as_bytes().to_vec())
+        .await;
 
     let subs = ["hook-307", "hook-308", "fhir-307"];
-    let mut l = serde_json::Value::Null;
-    for _ in 0..150 {
-        l = lineage(&c, &broker.url, &id).await.unwrap();
-        let done = l["deliveries"].as_array().is_some_and(|d| {
+    let l = lineage_until(&broker.url, &id, |l| {
+        l["deliveries"].as_array().is_some_and(|d| {
             subs.iter().all(|s| {
                 d.iter()
                     .any(|d| d["subscription"] == *s && d["outcome"] == "dead_lettered")
             })
-        });
-        if done {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        })
+    })
+    .await;
     let deliveries = l["deliveries"]
         .as_array()
         .unwrap_or_else(|| panic!("{l:#}"));

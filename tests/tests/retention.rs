@@ -10,13 +10,8 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use ketenbus_tests::{
-    Behaviour, Broker, MEDLAB, Receiver, edifact_message, free_port, post_message,
+    Broker, MEDLAB, Receiver, edifact_message, eventually, free_port, post_message,
     webhook_subscription,
-};
-
-const DOWN: Behaviour = Behaviour {
-    status: 503,
-    delay: Duration::ZERO,
 };
 
 const FAST_RETRY: &str = "[subscriptions.retry]\ninitial = \"50ms\"\nmax = \"200ms\"\n";
@@ -74,13 +69,9 @@ fn dead_letters(broker: &Broker, subscription: &str) -> Vec<serde_json::Value> {
 
 #[tokio::test]
 async fn subscribers_down_past_retention_lose_nothing_and_dead_letters_stay() {
-    let gp = Receiver::start(DOWN).await;
-    let archive = Receiver::start(DOWN).await;
-    let picky = Receiver::start(Behaviour {
-        status: 404,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let gp = Receiver::answering(503).await;
+    let archive = Receiver::answering(503).await;
+    let picky = Receiver::answering(404).await;
     // One lane each: at most 32 records in flight, the rest wait on the log (where the
     // issue's reproduction lost them).
     let config = format!(
@@ -95,11 +86,11 @@ async fn subscribers_down_past_retention_lose_nothing_and_dead_letters_stay() {
     let n = 120;
     let mut accepted = HashSet::new();
     for i in 0..n {
-        let (status, j) = post_message(&c, &broker.url, "application/EDIFACT", lab_result(i))
-            .await
-            .unwrap();
-        assert_eq!(status, 202, "{j}");
-        accepted.insert(j["id"].as_str().unwrap().to_owned());
+        accepted.insert(
+            broker
+                .accept(&c, "application/EDIFACT", lab_result(i))
+                .await,
+        );
     }
     // Both subscribers stay down for many retention periods (1 s, a pass every 200 ms), and
     // the broker is killed and restarted in the middle: what was in flight in memory is
@@ -140,24 +131,13 @@ async fn subscribers_down_past_retention_lose_nothing_and_dead_letters_stay() {
         "dead letters expired"
     );
     // What every reader finished goes: the log shrinks back (nothing holds it any more).
-    let ready: serde_json::Value = c
-        .get(format!("{}/readyz", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = broker.get_json("/readyz").await;
     assert_eq!(ready["components"]["log"]["state"], "ready", "{ready}");
 }
 
 #[tokio::test]
 async fn dlq_purge_removes_dead_letters_and_audits_each() {
-    let picky = Receiver::start(Behaviour {
-        status: 404,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let picky = Receiver::answering(404).await;
     let config = format!(
         "{}{}",
         webhook_subscription("picky", "\"raw\"", &picky.url(), ""),
@@ -166,24 +146,20 @@ async fn dlq_purge_removes_dead_letters_and_audits_each() {
     let broker = Broker::start(&config);
     let c = reqwest::Client::new();
     for i in 0..5 {
-        let (status, _) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(i, 200),
-        )
-        .await
-        .unwrap();
-        assert_eq!(status, 202);
+        broker
+            .accept(&c, "application/EDIFACT", edifact_message(i, 200))
+            .await;
     }
-    let mut dead = Vec::new();
-    for _ in 0..100 {
-        dead = dead_letters(&broker, "picky");
+    // (A hundred looks 100 ms apart before, each running the CLI.)
+    let dead = eventually(Duration::from_secs(30), "five dead letters", async || {
+        let dead = dead_letters(&broker, "picky");
         if dead.len() == 5 {
-            break;
+            Ok(dead)
+        } else {
+            Err(format!("{} dead letters", dead.len()))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(dead.len(), 5);
     let (ok, _, stderr) = broker.cli(&["dlq", "purge", "--subscription", "picky"]);
     assert!(
@@ -282,7 +258,7 @@ fn smtp_send(port: u16) -> u16 {
 
 #[tokio::test]
 async fn a_log_full_of_unfinished_records_refuses_new_messages_instead_of_losing_one() {
-    let gp = Receiver::start(DOWN).await;
+    let gp = Receiver::answering(503).await;
     let smtp = free_port();
     let config = format!(
         "{}{FAST_RETRY}{}[mail.smtp]\nlisten = \"127.0.0.1:{smtp}\"\nhostname = \"ketenbus.test\"\n",
@@ -322,14 +298,7 @@ async fn a_log_full_of_unfinished_records_refuses_new_messages_instead_of_losing
         "refused after {n} messages of 2 KB (limit 20 KB + 20 KB)"
     );
     assert_eq!(smtp_send(smtp), 451, "SMTP hears try again too");
-    let ready: serde_json::Value = c
-        .get(format!("{}/readyz", broker.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: serde_json::Value = broker.get_json("/readyz").await;
     let log = &ready["components"]["log"];
     assert_eq!(log["state"], "degraded", "{ready}");
     assert!(
@@ -360,23 +329,28 @@ async fn a_log_full_of_unfinished_records_refuses_new_messages_instead_of_losing
         accepted,
         "every accepted message arrived"
     );
-    let mut again = 0;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (status, _) = post_message(
-            &c,
-            &broker.url,
-            "application/EDIFACT",
-            edifact_message(9999, 2000),
-        )
-        .await
-        .unwrap();
-        if status == 202 {
-            again += 1;
-            break;
-        }
-    }
-    assert_eq!(again, 1, "still refusing after the subscriber caught up");
+    // (A hundred tries 100 ms apart before.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(
+        Duration::from_secs(15),
+        "a message to be taken again after the subscriber caught up",
+        async || {
+            let (status, _) = post_message(
+                &c,
+                &broker.url,
+                "application/EDIFACT",
+                edifact_message(9999, 2000),
+            )
+            .await
+            .unwrap();
+            if status == 202 {
+                Ok(())
+            } else {
+                Err(format!("still refusing: {status}"))
+            }
+        },
+    )
+    .await;
     eprintln!(
         "accepted {n} (2 KB each) before 503; all {n} delivered after the subscriber came back"
     );

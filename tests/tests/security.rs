@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ketenbus_tests::{free_port, ketenbus_bin};
+use ketenbus_tests::{
+    check_config, eventually, free_port, ketenbus_bin, lineage_until_as, medlab, within_blocking,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -130,25 +132,24 @@ impl TlsBroker {
     }
 
     fn wait_ready(&self, probe: &reqwest::Client) {
-        let deadline = Instant::now() + Duration::from_secs(30);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        while Instant::now() < deadline {
-            let ok = rt.block_on(async {
+        let ready = within_blocking(Duration::from_secs(30), || {
+            rt.block_on(async {
                 probe
                     .get(format!("{}/readyz", self.url))
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success())
-            });
-            if ok {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("ketenbus did not become ready:\n{}", self.log_text());
+            })
+        });
+        assert!(
+            ready.is_ok(),
+            "ketenbus did not become ready:\n{}",
+            self.log_text()
+        );
     }
 
     fn log_text(&self) -> String {
@@ -266,14 +267,8 @@ fn a_public_listener_without_tls_is_a_config_problem() {
         "[http]\nlisten = \"0.0.0.0:8080\"\n[[subscriptions]]\nname = \"far\"\nkinds = [\"raw\"]\nsink = { type = \"webhook\", url = \"http://his.example.test/x\" }\n",
     )
     .unwrap();
-    let out = Command::new(ketenbus_bin())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let (ok, err) = check_config(&config, &[]);
+    assert!(!ok);
     assert!(
         err.contains("http.listen: a non-loopback address without [http.tls]"),
         "{err}"
@@ -287,17 +282,8 @@ fn a_public_listener_without_tls_is_a_config_problem() {
         "[http]\nlisten = \"0.0.0.0:8080\"\nallow_plaintext = true\n[[subscriptions]]\nname = \"far\"\nkinds = [\"raw\"]\nsink = { type = \"webhook\", url = \"http://his.example.test/x\", allow_plain_http = true }\n",
     )
     .unwrap();
-    let out = Command::new(ketenbus_bin())
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, err) = check_config(&config, &[]);
+    assert!(ok, "{err}");
 }
 
 /// A sender `lab` for mailbox:500001234, a sender `other-lab` for mailbox:500007777 and an
@@ -320,24 +306,6 @@ fn principals() -> String {
         sha(OTHER_TOKEN),
         sha(OPS_TOKEN)
     )
-}
-
-/// A synthetic MEDLAB lab report (invented patient, test BSN) from `sender` (UNB mailbox
-/// number) about the patient with `bsn`.
-fn medlab(n: usize, sender: &str, bsn: &str) -> Vec<u8> {
-    format!(
-        "UNB+UNOA:1+{sender}+500005678+261101:0815+IC{n:04}'\
-UNH+M{n:04}+MEDLAB:1'\
-ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
-PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN{bsn}'\
-DET+26:11:01+07:40'\
-IDE+J+L{n:07}+bloed'\
-SEC+CHEMIE'\
-BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'\
-UNT+8+M{n:04}'\
-UNZ+1+IC{n:04}'"
-    )
-    .into_bytes()
 }
 
 /// A MEDLAB from `sender` about the default test patient.
@@ -371,6 +339,27 @@ async fn post_as(
     )
 }
 
+/// POST as `token`'s sender a message that must be taken (202): its id.
+async fn accepted_as(
+    c: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> String {
+    let (s, j, _) = post_as(c, base, token, body).await;
+    assert_eq!(s, 202, "{j}");
+    j["id"].as_str().unwrap().to_owned()
+}
+
+/// The lab posts a MEDLAB about each patient of `bsns` in turn, numbered from 1: their ids.
+async fn lab_posts(c: &reqwest::Client, base: &str, bsns: &[&str]) -> Vec<String> {
+    let mut ids = Vec::new();
+    for (n, bsn) in (1..).zip(bsns) {
+        ids.push(accepted_as(c, base, Some(LAB_TOKEN), medlab(n, "500001234", bsn)).await);
+    }
+    ids
+}
+
 async fn get_as(c: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = c.get(url);
     if let Some(t) = token {
@@ -398,9 +387,7 @@ async fn tokens_decide_who_may_post_and_read() {
     let (status, _, _) = post_as(&c, base, Some(OPS_TOKEN), edifact_from(1, "500001234")).await;
     assert_eq!(status, 401, "an operator is not a sender");
 
-    let (status, json, _) = post_as(&c, base, Some(LAB_TOKEN), edifact_from(1, "500001234")).await;
-    assert_eq!(status, 202, "{json}");
-    let id = json["id"].as_str().unwrap().to_owned();
+    let id = accepted_as(&c, base, Some(LAB_TOKEN), edifact_from(1, "500001234")).await;
 
     // Lineage: operators only.
     let url = format!("{base}/api/v1/messages/{id}");
@@ -515,44 +502,47 @@ async fn a_subscriber_never_sees_an_event_outside_its_filter() {
     let mut mine = Vec::new();
     let mut theirs = Vec::new();
     for n in 0..5 {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            edifact_from(n, "500001234"),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        mine.push(j["id"].as_str().unwrap().to_owned());
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(OTHER_TOKEN),
-            edifact_from(100 + n, "500007777"),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        theirs.push(j["id"].as_str().unwrap().to_owned());
+        mine.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(LAB_TOKEN),
+                edifact_from(n, "500001234"),
+            )
+            .await,
+        );
+        theirs.push(
+            accepted_as(
+                &c,
+                &broker.url,
+                Some(OTHER_TOKEN),
+                edifact_from(100 + n, "500007777"),
+            )
+            .await,
+        );
     }
     // Wait until every one of theirs is known to be filtered.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for id in &theirs {
-        loop {
-            let (_, l) = get_as(
-                &c,
-                &format!("{}/api/v1/messages/{id}", broker.url),
-                Some(OPS_TOKEN),
-            )
-            .await;
-            let steps = l["steps"].as_array().cloned().unwrap_or_default();
-            let filtered = steps.iter().filter(|s| s["outcome"] == "filtered").count();
-            if filtered >= 2 {
-                break; // raw and lab_result
+    eventually(
+        Duration::from_secs(20),
+        "every one of theirs to be filtered",
+        async || {
+            for id in &theirs {
+                let (_, l) = get_as(
+                    &c,
+                    &format!("{}/api/v1/messages/{id}", broker.url),
+                    Some(OPS_TOKEN),
+                )
+                .await;
+                let steps = l["steps"].as_array().cloned().unwrap_or_default();
+                let filtered = steps.iter().filter(|s| s["outcome"] == "filtered").count();
+                if filtered < 2 {
+                    return Err(format!("not filtered: {l:#}")); // raw and lab_result
+                }
             }
-            assert!(Instant::now() < deadline, "not filtered: {l:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+            Ok(())
+        },
+    )
+    .await;
     let got = rx.wait_for(10, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = if got.len() < rx.received().len() {
@@ -603,21 +593,13 @@ fn pseudonym(dir: &Path, bsn: &str) -> String {
 
 const PATIENT_KEY_SECRET: &str = "patient-key-secret-for-tests-0123456789";
 
+/// Poll the lineage, read as the operator, until `pred` holds.
 async fn lineage_until(
-    c: &reqwest::Client,
     base: &str,
     id: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, l) = get_as(c, &format!("{base}/api/v1/messages/{id}"), Some(OPS_TOKEN)).await;
-        if pred(&l) {
-            return l;
-        }
-        assert!(Instant::now() < deadline, "lineage never matched: {l:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    lineage_until_as(base, id, Some(OPS_TOKEN), pred).await
 }
 
 fn delivery_outcome(l: &serde_json::Value) -> Option<(String, Option<String>)> {
@@ -677,28 +659,17 @@ async fn consent_decides_delivery_and_a_refusal_is_an_outcome() {
     let broker =
         ketenbus_tests::Broker::start_with_env(&extra, &[("TEST_PATIENT_KEY", PATIENT_KEY_SECRET)]);
     let c = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            medlab(n, "500001234", bsn),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
-    }
+    let ids = lab_posts(&c, &broker.url, &[BSN_A, BSN_B, BSN_C]).await;
     let outcome = |l: &serde_json::Value| delivery_outcome_of(l, Some("gp"));
-    let la = lineage_until(&c, &broker.url, &ids[0], |l| outcome(l).is_some()).await;
+    let la = lineage_until(&broker.url, &ids[0], |l| outcome(l).is_some()).await;
     assert_eq!(
         outcome(&la),
         Some(("filtered".into(), Some("no_consent".into()))),
         "{la:#}"
     );
-    let lb = lineage_until(&c, &broker.url, &ids[1], |l| outcome(l).is_some()).await;
+    let lb = lineage_until(&broker.url, &ids[1], |l| outcome(l).is_some()).await;
     assert_eq!(outcome(&lb), Some(("delivered".into(), None)), "{lb:#}");
-    let lc = lineage_until(&c, &broker.url, &ids[2], |l| outcome(l).is_some()).await;
+    let lc = lineage_until(&broker.url, &ids[2], |l| outcome(l).is_some()).await;
     assert_eq!(
         outcome(&lc),
         Some(("filtered".into(), Some("no_consent".into()))),
@@ -764,21 +735,10 @@ async fn the_audit_trail_records_deliveries_and_reads_and_shows_an_edit() {
     let sub = ketenbus_tests::webhook_subscription("gp", "\"lab_result\"", &rx.url(), "");
     let mut broker = ketenbus_tests::Broker::start(&format!("{sub}{}", principals()));
     let c = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (n, bsn) in [(1, BSN_A), (2, BSN_B), (3, BSN_C)] {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            medlab(n, "500001234", bsn),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
-    }
+    let ids = lab_posts(&c, &broker.url, &[BSN_A, BSN_B, BSN_C]).await;
     assert_eq!(rx.wait_for(3, Duration::from_secs(20)).await.len(), 3);
     for id in &ids {
-        lineage_until(&c, &broker.url, id, |l| {
+        lineage_until(&broker.url, id, |l| {
             delivery_outcome(l).is_some_and(|(o, _)| o == "delivered")
         })
         .await;
@@ -920,21 +880,10 @@ async fn the_audit_chain_is_keyed_and_raw_deliveries_name_party_and_patient() {
     };
     let (a, b) = (pseudonym(BSN_A), pseudonym(BSN_B));
     let c = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for (n, bsn) in [(1, BSN_A), (2, BSN_B)] {
-        let (s, j, _) = post_as(
-            &c,
-            &broker.url,
-            Some(LAB_TOKEN),
-            medlab(n, "500001234", bsn),
-        )
-        .await;
-        assert_eq!(s, 202, "{j}");
-        ids.push(j["id"].as_str().unwrap().to_owned());
-    }
+    let ids = lab_posts(&c, &broker.url, &[BSN_A, BSN_B]).await;
     assert_eq!(rx.wait_for(4, Duration::from_secs(20)).await.len(), 4);
     for id in &ids {
-        lineage_until(&c, &broker.url, id, |l| {
+        lineage_until(&broker.url, id, |l| {
             l["steps"]
                 .as_array()
                 .is_some_and(|s| s.iter().filter(|s| s["outcome"] == "delivered").count() == 2)
@@ -1180,32 +1129,23 @@ async fn webhooks_verify_the_receiver_against_the_configured_ca() {
     );
     let sender = ketenbus_tests::Broker::start(&subs);
     let c = reqwest::Client::new();
-    let (s, j, _) = post_as(&c, &sender.url, None, edifact_from(1, "500001234")).await;
-    assert_eq!(s, 202, "{j}");
-    let id = j["id"].as_str().unwrap().to_owned();
-    let l = {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (_, l) = get_as(&c, &format!("{}/api/v1/messages/{id}", sender.url), None).await;
-            let outcomes: Vec<(String, String)> = l["deliveries"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .map(|d| {
-                    (
-                        d["subscription"].as_str().unwrap_or("").to_owned(),
-                        d["outcome"].as_str().unwrap_or("").to_owned(),
-                    )
-                })
-                .collect();
-            if outcomes.len() == 2 && outcomes.iter().all(|(_, o)| o != "retrying") {
-                break l;
-            }
-            assert!(Instant::now() < deadline, "{l:#}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let id = accepted_as(&c, &sender.url, None, edifact_from(1, "500001234")).await;
+    let l = lineage_until_as(&sender.url, &id, None, |l| {
+        let outcomes: Vec<(String, String)> = l["deliveries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|d| {
+                (
+                    d["subscription"].as_str().unwrap_or("").to_owned(),
+                    d["outcome"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        outcomes.len() == 2 && outcomes.iter().all(|(_, o)| o != "retrying")
+    })
+    .await;
     let outcome = |name: &str| {
         l["deliveries"]
             .as_array()

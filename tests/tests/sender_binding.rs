@@ -4,12 +4,11 @@
 //! that does own every declared sender is let through. Table-driven: a route that takes a
 //! media type without a row here fails [`every_media_type_a_route_takes_has_rows`].
 
-use std::process::Command;
 use std::time::Duration;
 
 use ketenbus_connectors::fhir;
 use ketenbus_schemas::Format;
-use ketenbus_tests::{Broker, MEDLAB, free_port};
+use ketenbus_tests::{Broker, MEDLAB, Swaks, free_port, lineage_until};
 use serde_json::{Value, json};
 
 const LAB_TOKEN: &str = "kb_matrix_lab_token_0123456789abcdef";
@@ -356,35 +355,13 @@ async fn post(
 }
 
 fn swaks(port: u16, user: &str, password: &str, body: &[u8]) -> Answer {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("message.eml");
-    std::fs::write(&data, body).unwrap();
-    let out = Command::new("swaks")
-        .args(["--server", &format!("127.0.0.1:{port}")])
-        .args([
-            "--from",
-            "lab@example.test",
-            "--to",
-            "500005678@lms.example.test",
-        ])
-        .args([
-            "--tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            user,
-            "--auth-password",
-            password,
-        ])
-        .args(["--timeout", "30", "--data"])
-        .arg(&data)
-        .output()
-        .expect("swaks (installed by ops/mail/setup.sh)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (accepted, text) = Swaks::port(port)
+        .from("lab@example.test")
+        .to("500005678@lms.example.test")
+        .tls()
+        .auth("PLAIN", user, password)
+        .data_bytes(body)
+        .run();
     let status = if text.contains("550 5.7.1") {
         "550 5.7.1".to_owned()
     } else if text.contains(" 250 2.0.0") || text.contains("queued as") {
@@ -393,7 +370,7 @@ fn swaks(port: u16, user: &str, password: &str, body: &[u8]) -> Answer {
         "other".to_owned()
     };
     Answer {
-        accepted: out.status.success(),
+        accepted,
         status,
         text,
     }
@@ -573,26 +550,22 @@ async fn a_content_reference_to_a_document_of_another_message_is_refused_on_ever
         }
     }
     for id in &stored {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let l = ketenbus_tests::lineage(&c, &setup.broker.url, id)
-                .await
-                .unwrap();
-            let steps = l["steps"].as_array().cloned().unwrap_or_default();
-            if let Some(s) = steps.iter().find(|s| s["outcome"] == "rejected") {
-                assert_eq!(s["reason"], "invalid_element", "{l}");
-                assert!(
-                    s["detail"]
-                        .as_str()
-                        .unwrap_or("")
-                        .contains(".attachment.url"),
-                    "{l}"
-                );
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "not refused: {l}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let l = lineage_until(&setup.broker.url, id, |l| {
+            l["steps"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["outcome"] == "rejected"))
+        })
+        .await;
+        let steps = l["steps"].as_array().unwrap();
+        let s = steps.iter().find(|s| s["outcome"] == "rejected").unwrap();
+        assert_eq!(s["reason"], "invalid_element", "{l}");
+        assert!(
+            s["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains(".attachment.url"),
+            "{l}"
+        );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(

@@ -4,7 +4,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use ketenbus_tests::{Behaviour, Broker, MEDLAB, Receiver, post_message, webhook_subscription};
+use ketenbus_tests::{
+    Broker, MEDLAB, Receiver, eventually, post_message, webhook_subscription, within,
+};
 
 /// Far below the retry horizon (`give_up_after`, 24 h by default) and the backoff cap.
 const PROMPT: Duration = Duration::from_secs(10);
@@ -93,27 +95,21 @@ async fn wait_for_others(
     others: &HashSet<String>,
     round: &str,
 ) -> (usize, Duration) {
-    let deadline = Instant::now() + PROMPT;
-    loop {
-        let (n, slowest) = arrivals(rx, posted, others);
-        if n == others.len() || Instant::now() >= deadline {
-            eprintln!(
-                "stall figures, {round}: {n} of {} other patients' lab results arrived, slowest {slowest:?} after its 202",
-                others.len()
-            );
-            return (n, slowest);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _ = within(PROMPT, async || {
+        arrivals(rx, posted, others).0 == others.len()
+    })
+    .await;
+    let (n, slowest) = arrivals(rx, posted, others);
+    eprintln!(
+        "stall figures, {round}: {n} of {} other patients' lab results arrived, slowest {slowest:?} after its 202",
+        others.len()
+    );
+    (n, slowest)
 }
 
 #[tokio::test]
 async fn one_patients_failing_record_holds_up_only_that_patients_later_records() {
-    let rx = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let rx = Receiver::answering(204).await;
     let failing_bsn = bsn(7_777);
     // This patient's receiver is down (503) until told otherwise. Three lanes over eight
     // partitions: before parking, about a third of the other patients waited behind the
@@ -165,28 +161,29 @@ async fn one_patients_failing_record_holds_up_only_that_patients_later_records()
     );
     // The parked records are undelivered: their age shows in the lab results' oldest age,
     // though their source offsets are committed.
-    let deadline = Instant::now() + Duration::from_secs(12);
-    loop {
-        let text = broker.metrics().await;
-        let age = text
-            .lines()
-            .find(|l| {
-                l.starts_with("ketenbus_dispatch_oldest_undelivered_age_seconds{")
-                    && l.contains("subscription=\"gp\"")
-                    && l.contains("kind=\"lab_result\"")
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        if age >= 1.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "parked records do not show in the oldest undelivered age ({age})"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    eventually(
+        Duration::from_secs(12),
+        "the parked records to show in the oldest undelivered age",
+        async || {
+            let text = broker.metrics().await;
+            let age = text
+                .lines()
+                .find(|l| {
+                    l.starts_with("ketenbus_dispatch_oldest_undelivered_age_seconds{")
+                        && l.contains("subscription=\"gp\"")
+                        && l.contains("kind=\"lab_result\"")
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if age >= 1.0 {
+                Ok(())
+            } else {
+                Err(format!("age {age}"))
+            }
+        },
+    )
+    .await;
     let in_flight_at_kill = posted.failing.len();
     broker.kill();
     broker.spawn();
@@ -207,20 +204,19 @@ async fn one_patients_failing_record_holds_up_only_that_patients_later_records()
 
     // The receiver recovers: the failing patient's records arrive, all of them, in order.
     rx.fail_matching(None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let failing: Vec<String> = loop {
-        let got: Vec<String> = rx
-            .received()
+    let failing_received = || -> Vec<String> {
+        rx.received()
             .iter()
             .filter_map(|r| r.header("ketenbus-envelope-id").map(str::to_owned))
             .filter(|e| posted.failing.contains(e))
-            .collect();
-        let distinct: HashSet<&String> = got.iter().collect();
-        if distinct.len() == posted.failing.len() || Instant::now() >= deadline {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .collect()
     };
+    let _ = within(Duration::from_secs(20), async || {
+        let got = failing_received();
+        got.iter().collect::<HashSet<_>>().len() == posted.failing.len()
+    })
+    .await;
+    let failing = failing_received();
     let mut firsts = Vec::new();
     for e in &failing {
         if !firsts.contains(e) {

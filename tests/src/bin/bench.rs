@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ketenbus_tests::{Behaviour, Broker, Receiver, edifact_message, webhook_subscription};
+use ketenbus_tests::{Broker, Receiver, edifact_message, webhook_subscription};
 
 #[derive(Parser)]
 struct Args {
@@ -44,11 +44,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let receiver = Receiver::start(Behaviour {
-        status: 204,
-        delay: Duration::ZERO,
-    })
-    .await;
+    let receiver = Receiver::answering(204).await;
     let bus = match args.engine.as_str() {
         "embedded" => String::new(),
         "kafka" => format!(
