@@ -75,17 +75,6 @@ fn sql_err(e: &rusqlite::Error) -> BusError {
     }
 }
 
-/// Stable partitioner: FNV-1a of the key, modulo the partition count.
-#[must_use]
-pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    u32::try_from(h % u64::from(partitions.max(1))).unwrap_or(0)
-}
-
 fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -386,16 +375,5 @@ mod tests {
             key: vec![key],
             value: vec![value],
         }
-    }
-
-    #[test]
-    fn partitioner_is_stable() {
-        assert_eq!(partition_for(b"abc", 8), partition_for(b"abc", 8));
-        assert_eq!(partition_for(b"", 1), 0);
-        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
-        assert_eq!(
-            partition_for(b"a", 1000),
-            u32::try_from(0xaf63_dc4c_8601_ec8c_u64 % 1000).unwrap()
-        );
     }
 }

@@ -226,9 +226,9 @@ pub(super) fn remove(
 mod tests {
     use std::time::Duration;
 
-    use super::super::partition_for;
     use super::super::tests::{open_with, rec};
     use super::super::{EmbeddedBus, EmbeddedConfig};
+    use crate::bus::partition_for;
     use crate::bus::{Bus, Consumer, OutRecord, Readers, RetentionReport, TopicSpec};
 
     #[tokio::test]

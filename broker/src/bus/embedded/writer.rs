@@ -9,9 +9,9 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::Synchronous;
-use super::partition_for;
 use super::retention::{remove, retention};
 use super::{load_partitions, now_ms, sql_err};
+use crate::bus::partition_for;
 use crate::bus::{BusError, OutRecord, Position, Readers, RetentionReport, TopicSpec};
 
 pub(super) enum WriteOp {
