@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{oneshot, watch};
 
-use super::writer::WriteOp;
+use super::WriteOp;
 use super::{EmbeddedBus, open_reader, sql_err};
 use crate::bus::{AckToken, BusError, Consumer, OffsetTracker, Record};
 

@@ -33,7 +33,32 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Bus, BusError, OutRecord, Position, Readers, Record, RetentionReport, TopicSpec};
-use writer::{PARTITION_END, WriteOp, checkpointer, open_checkpointer, writer_loop};
+use writer::{PARTITION_END, checkpointer, open_checkpointer, writer_loop};
+
+/// A request to the writer thread, with where its answer goes.
+enum WriteOp {
+    Append(
+        Vec<OutRecord>,
+        oneshot::Sender<Result<Vec<Position>, BusError>>,
+    ),
+    Commit(
+        String,
+        Vec<(String, u32, i64)>,
+        oneshot::Sender<Result<(), BusError>>,
+    ),
+    CreateTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), BusError>>),
+    Retention(
+        Duration,
+        u64,
+        Readers,
+        oneshot::Sender<Result<RetentionReport, BusError>>,
+    ),
+    Remove(
+        String,
+        Vec<(u32, i64)>,
+        oneshot::Sender<Result<u64, BusError>>,
+    ),
+}
 
 /// The embedded engine. Cheap to clone.
 #[derive(Clone)]

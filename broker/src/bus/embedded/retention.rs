@@ -7,7 +7,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use super::writer::WriteOp;
+use super::WriteOp;
 use super::{EmbeddedBus, load_partitions, now_ms};
 use crate::bus::{BusError, Readers, RetentionReport, is_dead_letter_topic};
 
@@ -228,8 +228,9 @@ mod tests {
 
     use super::super::tests::{open_with, rec};
     use super::super::{EmbeddedBus, EmbeddedConfig};
-    use crate::bus::partition_for;
-    use crate::bus::{Bus, Consumer, OutRecord, Readers, RetentionReport, TopicSpec};
+    use crate::bus::{
+        Bus, Consumer, OutRecord, Readers, RetentionReport, TopicSpec, partition_for,
+    };
 
     #[tokio::test]
     async fn retention_frees_disk() {

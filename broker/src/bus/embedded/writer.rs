@@ -10,33 +10,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::Synchronous;
 use super::retention::{remove, retention};
-use super::{load_partitions, now_ms, sql_err};
-use crate::bus::partition_for;
-use crate::bus::{BusError, OutRecord, Position, Readers, RetentionReport, TopicSpec};
-
-pub(super) enum WriteOp {
-    Append(
-        Vec<OutRecord>,
-        oneshot::Sender<Result<Vec<Position>, BusError>>,
-    ),
-    Commit(
-        String,
-        Vec<(String, u32, i64)>,
-        oneshot::Sender<Result<(), BusError>>,
-    ),
-    CreateTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), BusError>>),
-    Retention(
-        Duration,
-        u64,
-        Readers,
-        oneshot::Sender<Result<RetentionReport, BusError>>,
-    ),
-    Remove(
-        String,
-        Vec<(u32, i64)>,
-        oneshot::Sender<Result<u64, BusError>>,
-    ),
-}
+use super::{WriteOp, load_partitions, now_ms, sql_err};
+use crate::bus::{BusError, OutRecord, Position, TopicSpec, partition_for};
 
 /// How often the checkpointer copies the WAL into the database while appends come in.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
