@@ -12,8 +12,7 @@ use ketenbus_connectors::address_book::{Channel, Destination};
 use ketenbus_schemas::EventKind;
 use serde::Deserialize;
 
-use crate::bus::embedded::EmbeddedConfig;
-use crate::bus::kafka::KafkaConfig;
+use crate::bus::{BusConfig, Engine};
 
 /// The whole configuration file. Every key has a default: no file at all is a valid setup.
 #[derive(Debug, Clone, Deserialize)]
@@ -142,41 +141,6 @@ impl Default for HttpConfig {
             tls: None,
             allow_plaintext: false,
             limits: crate::http::server::Limits::default(),
-        }
-    }
-}
-
-/// Which engine holds the topics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Engine {
-    /// SQLite in the data directory; no extra process.
-    Embedded,
-    /// A Kafka-protocol cluster.
-    Kafka,
-}
-
-/// `[bus]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BusConfig {
-    /// `embedded` (default) or `kafka`.
-    pub engine: Engine,
-    /// Partitions of topics ketenbus creates.
-    pub partitions: u32,
-    /// Settings of the embedded engine.
-    pub embedded: EmbeddedConfig,
-    /// Settings of the Kafka engine; required when `engine = "kafka"`.
-    pub kafka: Option<KafkaConfig>,
-}
-
-impl Default for BusConfig {
-    fn default() -> Self {
-        BusConfig {
-            engine: Engine::Embedded,
-            partitions: 8,
-            embedded: EmbeddedConfig::default(),
-            kafka: None,
         }
     }
 }

@@ -233,6 +233,63 @@ fn no_stage_imports_a_stage_above_it() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// Where a module names the engine module `engine` (`embedded`, `kafka`) as a path: next to
+/// `::`, or anywhere in a `use` item (`use crate::bus::{Bus, kafka};`). Returns the lines.
+fn names_engine(text: &str, engine: &str) -> Vec<String> {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices(engine) {
+        let (before, after) = (&text[..i], &text[i + engine.len()..]);
+        if before.ends_with(is_ident) || after.starts_with(is_ident) {
+            continue; // part of a longer name, e.g. `rdkafka`
+        }
+        let line_start = before.rfind('\n').map_or(0, |n| n + 1);
+        // The `use` item this occurrence is in, if any: from a line starting with `use` or
+        // `pub use` up to its `;`.
+        let in_use = before[..line_start]
+            .rsplit_once(';')
+            .map_or(before, |(_, tail)| tail)
+            .lines()
+            .chain(std::iter::once(&before[line_start..]))
+            .any(|l| {
+                let l = l.trim_start();
+                l.starts_with("use ")
+                    || l.starts_with("pub use ")
+                    || l.starts_with("pub(crate) use ")
+            });
+        if before.ends_with("::") || after.starts_with("::") || in_use {
+            let line_end = after
+                .find('\n')
+                .map_or(text.len(), |n| i + engine.len() + n);
+            out.push(text[line_start..line_end].trim().to_owned());
+        }
+    }
+    out
+}
+
+/// Nothing outside `bus` knows which engine runs: no module but `bus` and its engines names
+/// `bus::embedded` or `bus::kafka` (tests may, to build a real log).
+#[test]
+fn only_the_bus_names_an_engine() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut list = Vec::new();
+    files(&src, &mut list);
+    let mut wrong = Vec::new();
+    for file in &list {
+        let module = module_of(&src, file);
+        if module == "bus" || module.starts_with("bus::") {
+            continue;
+        }
+        let text = std::fs::read_to_string(file).expect("source is readable");
+        for engine in ["embedded", "kafka"] {
+            for line in names_engine(without_tests(&text), engine) {
+                wrong.push(format!("{module}: {line}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "outside bus:\n{}", wrong.join("\n"));
+}
+
 /// The checker itself: a cycle, a leaf import and an upward import are seen.
 #[test]
 fn the_checker_sees_what_it_looks_for() {
@@ -256,4 +313,22 @@ fn the_checker_sees_what_it_looks_for() {
     assert!(rank("deliver::consent") > rank("route::router"));
     assert!(rank("observe::metrics") < rank("bus::embedded"));
     assert!(rank("observe::lineage") > rank("bus"));
+    for (text, engine) in [
+        ("use crate::bus::embedded::EmbeddedBus;", "embedded"),
+        ("use crate::bus::{Bus,\n    kafka};", "kafka"),
+        ("let b = crate::bus::kafka::KafkaBus::new(&c);", "kafka"),
+        (
+            "use crate::bus::{AckToken, embedded::partition_for};",
+            "embedded",
+        ),
+    ] {
+        assert_eq!(names_engine(text, engine).len(), 1, "{text}");
+    }
+    for (text, engine) in [
+        ("p(\"bus.kafka\".into(), m); // the embedded log", "kafka"),
+        ("use rdkafka::config::ClientConfig;", "kafka"),
+        ("/// Directory for the embedded log.", "embedded"),
+    ] {
+        assert!(names_engine(text, engine).is_empty(), "{text}");
+    }
 }

@@ -1,7 +1,9 @@
 //! The `Bus` contract: topics of keyed records, published durably and read by consumer
 //! groups that commit the contiguous prefix of finished records per partition.
-//! Two engines: [`embedded`] (SQLite in the data directory) and [`kafka`] (rdkafka).
+//! Two engines: [`embedded`] (SQLite in the data directory) and [`kafka`] (rdkafka), chosen
+//! in one place ([`open`], from the `[bus]` section): nothing outside `bus` names either.
 
+mod config;
 #[cfg(test)]
 mod contract;
 pub mod embedded;
@@ -9,6 +11,7 @@ pub mod kafka;
 mod offsets;
 mod retry;
 
+pub use config::{BusConfig, Engine, WithBus, open};
 pub use retry::{publish_retrying, while_unavailable};
 
 use std::collections::HashMap;
@@ -105,6 +108,18 @@ pub struct Position {
 /// the topics it reads. Known from the configuration, so a group that never started (or
 /// never committed) holds its topics from offset 0.
 pub type Readers = HashMap<String, Vec<String>>;
+
+/// Stable partitioner: FNV-1a of the key, modulo the partition count. The embedded engine's
+/// partitions and a subscription's lanes both follow it, so one key keeps one order.
+#[must_use]
+pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    u32::try_from(h % u64::from(partitions.max(1))).unwrap_or(0)
+}
 
 /// Dead-letter topics (`ketenbus.dlq.*`): never removed by retention, only by an operator
 /// (`ketenbus dlq purge`).
@@ -261,4 +276,20 @@ pub trait Consumer: Send + 'static {
 
     /// Commit whatever finished prefix is pending now.
     fn commit(&mut self) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_for;
+
+    #[test]
+    fn partitioner_is_stable() {
+        assert_eq!(partition_for(b"abc", 8), partition_for(b"abc", 8));
+        assert_eq!(partition_for(b"", 1), 0);
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
+        assert_eq!(
+            partition_for(b"a", 1000),
+            u32::try_from(0xaf63_dc4c_8601_ec8c_u64 % 1000).unwrap()
+        );
+    }
 }

@@ -7,9 +7,8 @@ use anyhow::Context;
 use ketenbus_connectors::sink::BoxFuture;
 use ketenbus_schemas::DeadLetter;
 
-use crate::bus::Bus;
-use crate::bus::embedded::EmbeddedBus;
-use crate::config::{Engine, Settings};
+use crate::bus::{Bus, WithBus};
+use crate::config::Settings;
 use crate::deliver::dlq::{self, Purged, Selection};
 use crate::observe::audit::Audit;
 
@@ -167,15 +166,18 @@ async fn with_bus<T>(
     settings: &Settings,
     f: impl AsyncFnOnce(&dyn DlqOps) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    match settings.config.bus.engine {
-        Engine::Embedded => {
-            let bus = EmbeddedBus::open(&settings.config.data_dir, &settings.config.bus.embedded)?;
-            f(&bus).await
-        }
-        Engine::Kafka => {
-            let bus = super::kafka_bus(settings)?;
-            f(&bus).await
-        }
+    let cfg = &settings.config;
+    crate::bus::open(&cfg.bus, &cfg.data_dir, cfg.http.max_body.as_u64(), Ops(f)).await?
+}
+
+/// A dead-letter command, waiting for its engine.
+struct Ops<F>(F);
+
+impl<T, F: AsyncFnOnce(&dyn DlqOps) -> anyhow::Result<T>> WithBus for Ops<F> {
+    type Output = anyhow::Result<T>;
+
+    async fn with<B: Bus>(self, bus: B) -> anyhow::Result<T> {
+        (self.0)(&bus).await
     }
 }
 

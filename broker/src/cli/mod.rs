@@ -101,20 +101,3 @@ pub fn operator_audit(settings: &Settings) -> anyhow::Result<(Option<Audit>, Str
     let actor = operator.map_or_else(|| "anonymous".to_owned(), |o| format!("operator:{o}"));
     Ok((audit, actor))
 }
-
-/// The Kafka engine as the configuration names it, sized so every message the listener
-/// takes fits a record.
-///
-/// # Errors
-/// `bus.kafka` is missing, or the client cannot be made.
-pub fn kafka_bus(settings: &Settings) -> anyhow::Result<crate::bus::kafka::KafkaBus> {
-    let mut config = settings
-        .config
-        .bus
-        .kafka
-        .clone()
-        .context("bus.kafka is required")?;
-    config.max_record_bytes =
-        settings.config.http.max_body.as_u64() + crate::bus::kafka::RECORD_OVERHEAD;
-    Ok(crate::bus::kafka::KafkaBus::new(&config)?)
-}

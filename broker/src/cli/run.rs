@@ -4,8 +4,8 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::embedded::EmbeddedBus;
-use crate::config::Engine;
+use crate::bus::{Bus, WithBus};
+use crate::config::Settings;
 
 /// Run the broker with the configuration at `config` (defaults without one) until SIGINT or
 /// SIGTERM.
@@ -26,14 +26,24 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    match settings.config.bus.engine {
-        Engine::Embedded => {
-            let bus = EmbeddedBus::open(&settings.config.data_dir, &settings.config.bus.embedded)?;
-            crate::runtime::run(settings, bus, cancel).await
-        }
-        Engine::Kafka => {
-            let bus = super::kafka_bus(&settings)?;
-            crate::runtime::run(settings, bus, cancel).await
-        }
+    let (bus, data_dir) = (
+        settings.config.bus.clone(),
+        settings.config.data_dir.clone(),
+    );
+    let max_body = settings.config.http.max_body.as_u64();
+    crate::bus::open(&bus, &data_dir, max_body, Broker { settings, cancel }).await?
+}
+
+/// The broker, waiting for its engine.
+struct Broker {
+    settings: Settings,
+    cancel: CancellationToken,
+}
+
+impl WithBus for Broker {
+    type Output = anyhow::Result<()>;
+
+    async fn with<B: Bus>(self, bus: B) -> anyhow::Result<()> {
+        crate::runtime::run(self.settings, bus, self.cancel).await
     }
 }

@@ -51,7 +51,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, embedded::partition_for};
+use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, partition_for};
 use crate::bus::{publish_retrying, while_unavailable};
 use crate::config::{FilterConfig, RetryConfig, Subscription};
 use crate::now_ms;

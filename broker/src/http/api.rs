@@ -17,28 +17,27 @@ use ketenbus_connectors::party;
 use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
-use crate::bus::Bus;
 use crate::http::idempotency::{NotTaken, idempotency_key, idempotency_refusal};
 use crate::http::state::ApiState;
 use crate::now_ms;
 use crate::observe::lineage::ListQuery;
 
 /// The REST routes: messages, lineage, health.
-pub fn routes<B: Bus>() -> Router<Arc<ApiState<B>>> {
+pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
-        .route("/api/v1/messages", post(post_message::<B>))
-        .route("/api/v1/messages", get(list_messages::<B>))
-        .route("/api/v1/messages/{id}", get(get_message::<B>))
-        .route("/healthz", get(healthz::<B>))
-        .route("/readyz", get(readyz::<B>))
+        .route("/api/v1/messages", post(post_message))
+        .route("/api/v1/messages", get(list_messages))
+        .route("/api/v1/messages/{id}", get(get_message))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 fn problem(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
 
-async fn post_message<B: Bus>(
-    State(st): State<Arc<ApiState<B>>>,
+async fn post_message(
+    State(st): State<Arc<ApiState>>,
     authenticated: Option<axum::Extension<crate::http::auth::AuthenticatedSender>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -105,8 +104,12 @@ async fn post_message<B: Bus>(
     let receiver = declared.receiver().map(str::to_owned);
     let taken = st
         .idempotency
-        .accept_once(&st.ingest, idempotency_key(&headers), &scope, &body, |id| {
-            RawEnvelope {
+        .accept_once(
+            st.ingest.as_ref(),
+            idempotency_key(&headers),
+            &scope,
+            &body,
+            |id| RawEnvelope {
                 id,
                 received_at_ms: now_ms(),
                 connector: "http".into(),
@@ -116,8 +119,8 @@ async fn post_message<B: Bus>(
                 receiver,
                 body: body.to_vec(),
                 attributes,
-            }
-        })
+            },
+        )
         .await;
     match taken {
         Ok(id) => accepted(&id),
@@ -173,8 +176,8 @@ fn unavailable(e: &str) -> Response {
     resp
 }
 
-async fn list_messages<B: Bus>(
-    State(st): State<Arc<ApiState<B>>>,
+async fn list_messages(
+    State(st): State<Arc<ApiState>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     let Query(q) = match query {
@@ -187,10 +190,7 @@ async fn list_messages<B: Bus>(
     }
 }
 
-async fn get_message<B: Bus>(
-    State(st): State<Arc<ApiState<B>>>,
-    Path(id): Path<String>,
-) -> Response {
+async fn get_message(State(st): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     match st.lineage.get(&id).await {
         Ok(Some(l)) => Json(l).into_response(),
         Ok(None) => problem(
@@ -202,7 +202,7 @@ async fn get_message<B: Bus>(
     }
 }
 
-async fn healthz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
+async fn healthz(State(st): State<Arc<ApiState>>) -> Response {
     let status = if st.health.is_healthy() {
         StatusCode::OK
     } else {
@@ -215,7 +215,7 @@ async fn healthz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
         .into_response()
 }
 
-async fn readyz<B: Bus>(State(st): State<Arc<ApiState<B>>>) -> Response {
+async fn readyz(State(st): State<Arc<ApiState>>) -> Response {
     let status = if st.health.is_ready() {
         StatusCode::OK
     } else {

@@ -21,19 +21,18 @@ use ketenbus_connectors::ingest::IngestError;
 use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
-use crate::bus::Bus;
 use crate::http::auth::AuthenticatedSender;
 use crate::http::idempotency::NotTaken;
 use crate::http::state::ApiState;
 use crate::now_ms;
 
 /// The `/fhir` routes, to merge into the API router (state: the API's).
-pub fn routes<B: Bus>() -> Router<Arc<ApiState<B>>> {
+pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
-        .route("/fhir", post(post_base::<B>))
-        .route("/fhir/$process-message", post(process_message::<B>))
+        .route("/fhir", post(post_base))
+        .route("/fhir/$process-message", post(process_message))
         .route("/fhir/metadata", get(metadata))
-        .route("/fhir/{resource_type}", post(post_resource::<B>))
+        .route("/fhir/{resource_type}", post(post_resource))
 }
 
 /// Which interaction a request is.
@@ -107,8 +106,8 @@ fn issue(
 /// Who posts, as the gate authenticated them (none when no senders are configured).
 type Sender = Option<axum::Extension<AuthenticatedSender>>;
 
-async fn process_message<B: Bus>(
-    State(st): State<Arc<ApiState<B>>>,
+async fn process_message(
+    State(st): State<Arc<ApiState>>,
     sender: Sender,
     headers: HeaderMap,
     body: Bytes,
@@ -125,8 +124,8 @@ async fn process_message<B: Bus>(
     .await
 }
 
-async fn post_base<B: Bus>(
-    State(st): State<Arc<ApiState<B>>>,
+async fn post_base(
+    State(st): State<Arc<ApiState>>,
     sender: Sender,
     headers: HeaderMap,
     body: Bytes,
@@ -143,8 +142,8 @@ async fn post_base<B: Bus>(
     .await
 }
 
-async fn post_resource<B: Bus>(
-    State(st): State<Arc<ApiState<B>>>,
+async fn post_resource(
+    State(st): State<Arc<ApiState>>,
     sender: Sender,
     Path(resource_type): Path<String>,
     headers: HeaderMap,
@@ -162,8 +161,8 @@ async fn post_resource<B: Bus>(
     .await
 }
 
-async fn handle<B: Bus>(
-    st: &ApiState<B>,
+async fn handle(
+    st: &ApiState,
     authenticated: Option<&AuthenticatedSender>,
     headers: &HeaderMap,
     body: Bytes,
@@ -277,7 +276,7 @@ async fn handle<B: Bus>(
     let taken = st
         .idempotency
         .accept_once(
-            &st.ingest,
+            st.ingest.as_ref(),
             crate::http::idempotency::idempotency_key(headers),
             scope,
             &body,
@@ -558,9 +557,12 @@ mod tests {
 
     use ketenbus_schemas::{AvroRecord, topics};
 
+    use ketenbus_connectors::ingest::{Accepted, Ingest};
+    use ketenbus_connectors::sink::BoxFuture;
+
     use super::*;
-    use crate::bus::TopicSpec;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+    use crate::bus::{Bus, TopicSpec};
     use crate::ingest::BusIngest;
     use crate::observe::health::Health;
     use crate::observe::lineage::Lineage;
@@ -590,15 +592,17 @@ mod tests {
         .unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
         let state = Arc::new(ApiState {
-            ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), Duration::from_secs(5)),
+            ingest: Arc::new(BusIngest::new(
+                Arc::clone(&bus),
+                lineage.clone(),
+                Duration::from_secs(5),
+            )),
             lineage,
             idempotency: crate::http::idempotency::Idempotency::open(dir.path()).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
         });
-        let app = Router::new()
-            .merge(routes::<EmbeddedBus>())
-            .with_state(state);
+        let app = Router::new().merge(routes()).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -772,45 +776,12 @@ mod tests {
         assert_eq!(status, 400);
     }
 
-    /// A log that cannot take anything now.
+    /// Ingest onto a log that cannot take anything now.
     struct Down;
 
-    impl Bus for Down {
-        type Consumer = crate::bus::embedded::EmbeddedConsumer;
-
-        async fn ensure_topics(&self, _: &[TopicSpec]) -> Result<(), crate::bus::BusError> {
-            Ok(())
-        }
-        async fn publish(
-            &self,
-            _: Vec<crate::bus::OutRecord>,
-        ) -> Result<Vec<crate::bus::Position>, crate::bus::BusError> {
-            Err(crate::bus::BusError::Unavailable("disk full".into()))
-        }
-        async fn subscribe(
-            &self,
-            _: &str,
-            _: &[String],
-        ) -> Result<Self::Consumer, crate::bus::BusError> {
-            Err(crate::bus::BusError::Unavailable("down".into()))
-        }
-        async fn read_all(&self, _: &str) -> Result<Vec<crate::bus::Record>, crate::bus::BusError> {
-            Ok(Vec::new())
-        }
-        async fn read_at(
-            &self,
-            _: &str,
-            _: u32,
-            _: i64,
-        ) -> Result<Option<crate::bus::Record>, crate::bus::BusError> {
-            Ok(None)
-        }
-        async fn lag(
-            &self,
-            _: &str,
-            _: &str,
-        ) -> Result<Vec<(u32, i64, i64)>, crate::bus::BusError> {
-            Ok(Vec::new())
+    impl Ingest for Down {
+        fn accept(&self, _: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
+            Box::pin(async { Err(IngestError::Unavailable("disk full".into())) })
         }
     }
 
@@ -819,13 +790,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
         let state = Arc::new(ApiState {
-            ingest: BusIngest::new(Arc::new(Down), lineage.clone(), Duration::from_secs(5)),
+            ingest: Arc::new(Down),
             lineage,
             idempotency: crate::http::idempotency::Idempotency::open(dir.path()).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
         });
-        let app = Router::new().merge(routes::<Down>()).with_state(state);
+        let app = Router::new().merge(routes()).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -17,16 +17,15 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::bus::Bus;
 use crate::observe::metrics;
 use state::ApiState;
 
 /// Every route the broker serves: the REST API, the FHIR endpoints and `GET /metrics`.
-pub fn router<B: Bus>(state: Arc<ApiState<B>>) -> Router {
+pub fn router(state: Arc<ApiState>) -> Router {
     let limit = state.max_body;
     Router::new()
-        .merge(api::routes::<B>())
-        .merge(fhir::routes::<B>())
+        .merge(api::routes())
+        .merge(fhir::routes())
         .route("/metrics", get(metrics_text))
         // One byte over the limit is enough to know it is too large.
         .layer(DefaultBodyLimit::max(limit.saturating_add(1)))

@@ -2,16 +2,16 @@
 
 use std::sync::Arc;
 
-use crate::bus::Bus;
+use ketenbus_connectors::Ingest;
+
 use crate::http::idempotency::Idempotency;
-use crate::ingest::BusIngest;
 use crate::observe::health::Health;
 use crate::observe::lineage::Lineage;
 
-/// Shared state of the handlers.
-pub struct ApiState<B: Bus> {
-    /// Where messages go.
-    pub ingest: BusIngest<B>,
+/// Shared state of the handlers: no log engine, only what takes messages.
+pub struct ApiState {
+    /// Where messages go: resolves once they are durable.
+    pub ingest: Arc<dyn Ingest>,
     /// Lineage index.
     pub lineage: Lineage,
     /// Which `Idempotency-Key` gave which message id.

@@ -267,7 +267,11 @@ pub async fn run<B: Bus>(
     names.insert(task.id(), "retention".to_owned());
 
     let state = Arc::new(ApiState {
-        ingest: BusIngest::new(Arc::clone(&bus), lineage.clone(), cfg.http.ingest_timeout),
+        ingest: Arc::new(BusIngest::new(
+            Arc::clone(&bus),
+            lineage.clone(),
+            cfg.http.ingest_timeout,
+        )),
         lineage: lineage.clone(),
         idempotency: crate::http::idempotency::Idempotency::open(&cfg.data_dir)
             .context("opening the idempotency index")?,

@@ -53,7 +53,7 @@ pub fn run<B: Bus>(
     cancel: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let readers = readers(settings);
-    let every = settings.config.bus.embedded.retention_interval;
+    let every = settings.config.bus.retention_interval();
     async move {
         health.set(COMPONENT, State::Ready);
         loop {

@@ -1,0 +1,95 @@
+//! The `[bus]` section, and the one place that chooses the engine it names: [`open`].
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::embedded::{EmbeddedBus, EmbeddedConfig};
+use super::kafka::{KafkaBus, KafkaConfig, RECORD_OVERHEAD};
+use super::{Bus, BusError};
+
+/// Which engine holds the topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// SQLite in the data directory; no extra process.
+    Embedded,
+    /// A Kafka-protocol cluster.
+    Kafka,
+}
+
+/// `[bus]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// `embedded` (default) or `kafka`.
+    pub engine: Engine,
+    /// Partitions of topics ketenbus creates.
+    pub partitions: u32,
+    /// Settings of the embedded engine.
+    pub embedded: EmbeddedConfig,
+    /// Settings of the Kafka engine; required when `engine = "kafka"`.
+    pub kafka: Option<KafkaConfig>,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            engine: Engine::Embedded,
+            partitions: 8,
+            embedded: EmbeddedConfig::default(),
+            kafka: None,
+        }
+    }
+}
+
+impl BusConfig {
+    /// How often the retention task runs the engine's retention
+    /// (`bus.embedded.retention_interval`).
+    #[must_use]
+    pub fn retention_interval(&self) -> Duration {
+        self.embedded.retention_interval
+    }
+}
+
+/// What runs on the engine the configuration names: [`open`] hands it the engine, whichever
+/// it is (`Bus` has generic methods, so it cannot be a trait object).
+pub trait WithBus {
+    /// What running on the engine gives.
+    type Output;
+
+    /// Run on `bus`.
+    fn with<B: Bus>(self, bus: B) -> impl Future<Output = Self::Output>;
+}
+
+/// Open the engine `config` names and hand it to `user`: the one place that chooses the
+/// engine. The embedded log lives in `data_dir`; `max_message_bytes` is the largest message
+/// a listener takes (`http.max_body`), which every record of the engine must fit with the
+/// envelope around it.
+///
+/// # Errors
+/// The engine cannot be opened, or `bus.kafka` is missing for the Kafka engine.
+pub async fn open<U: WithBus>(
+    config: &BusConfig,
+    data_dir: &Path,
+    max_message_bytes: u64,
+    user: U,
+) -> Result<U::Output, BusError> {
+    match config.engine {
+        Engine::Embedded => {
+            let bus = EmbeddedBus::open(data_dir, &config.embedded)?;
+            Ok(user.with(bus).await)
+        }
+        Engine::Kafka => {
+            let mut kafka = config
+                .kafka
+                .clone()
+                .ok_or_else(|| BusError::Fatal("bus.kafka is required".to_owned()))?;
+            kafka.max_record_bytes = max_message_bytes + RECORD_OVERHEAD;
+            let bus = KafkaBus::new(&kafka)?;
+            Ok(user.with(bus).await)
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! The embedded engine: topics in one SQLite database (WAL) in the data directory.
+//!
+//! One writer thread owns the write connection and commits whatever requests are waiting
+//! in one transaction (group commit), so many concurrent publishers share one fsync.
+//! Consumers read through their own connections and wake on a notification from the
+//! writer (or after a short poll, which also sees writes from other processes such as
+//! `ketenbus dlq replay`). Retention deletes by age and size, but never a record that a
+//! consumer group reading its topic (the [`Readers`] from the configuration) has not
+//! committed, nor a dead letter, and gives the pages back to the file system
+//! (`auto_vacuum = INCREMENTAL`, WAL truncated). A topic that stays past its size limit by
+//! more than a margin because of unfinished records makes the log refuse new messages from
+//! senders ([`Bus::refuses_ingest`]) rather than lose one.
+//!
+//! The writer never checkpoints: copying the WAL into the database and fsyncing it would hold
+//! every waiting publisher behind it. A checkpointer thread with its own connection does
+//! that a few times a second while appends come in. A commit is durable once its WAL frames
+//! are fsynced, so this changes when the database file catches up, not what is acknowledged.
+
+mod config;
+mod consumer;
+mod retention;
+mod writer;
+
+pub use config::{EmbeddedConfig, Synchronous};
+pub use consumer::EmbeddedConsumer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Bus, BusError, OutRecord, Position, Readers, Record, RetentionReport, TopicSpec};
+use writer::{PARTITION_END, checkpointer, open_checkpointer, writer_loop};
+
+/// A request to the writer thread, with where its answer goes.
+enum WriteOp {
+    Append(
+        Vec<OutRecord>,
+        oneshot::Sender<Result<Vec<Position>, BusError>>,
+    ),
+    Commit(
+        String,
+        Vec<(String, u32, i64)>,
+        oneshot::Sender<Result<(), BusError>>,
+    ),
+    CreateTopics(Vec<TopicSpec>, oneshot::Sender<Result<(), BusError>>),
+    Retention(
+        Duration,
+        u64,
+        Readers,
+        oneshot::Sender<Result<RetentionReport, BusError>>,
+    ),
+    Remove(
+        String,
+        Vec<(u32, i64)>,
+        oneshot::Sender<Result<u64, BusError>>,
+    ),
+}
+
+/// The embedded engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: mpsc::Sender<WriteOp>,
+    appended: watch::Receiver<u64>,
+    partitions: Mutex<HashMap<String, u32>>,
+    /// Retention limits: age, bytes per topic, margin past the bytes before refusing.
+    limits: (Duration, u64, u64),
+    /// Why new messages are refused, set by each retention pass.
+    refusing: Mutex<Option<String>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn sql_err(e: &rusqlite::Error) -> BusError {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::DatabaseBusy
+                    | rusqlite::ErrorCode::DatabaseLocked
+                    | rusqlite::ErrorCode::DiskFull
+                    | rusqlite::ErrorCode::SystemIoFailure
+            ) =>
+        {
+            BusError::Unavailable(e.to_string())
+        }
+        _ => BusError::Fatal(e.to_string()),
+    }
+}
+
+fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // auto_vacuum must be set before the first table exists.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    tune(&conn)?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if sync == Synchronous::Full {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS records (
+             topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+             key BLOB NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL);
+         CREATE UNIQUE INDEX IF NOT EXISTS records_pos ON records (topic, partition, offset);
+         CREATE INDEX IF NOT EXISTS records_ts ON records (topic, ts);
+         CREATE TABLE IF NOT EXISTS partition_ends (
+             topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+             PRIMARY KEY (topic, partition)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS group_offsets (
+             grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+             PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;",
+    )?;
+    Ok(conn)
+}
+
+/// Page cache and memory-mapped reads: consumers read what was just written, so serving
+/// pages from the mapping instead of copying them through `pread` saves a copy per record.
+fn tune(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
+    conn.pragma_update(None, "cache_size", -32 * 1024)
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    tune(&conn)?;
+    Ok(conn)
+}
+
+impl EmbeddedBus {
+    /// Open (or create) the log in `data_dir`.
+    ///
+    /// # Errors
+    /// When the directory or database cannot be opened.
+    pub fn open(data_dir: &Path, config: &EmbeddedConfig) -> Result<EmbeddedBus, BusError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| BusError::Fatal(format!("data directory {}: {e}", data_dir.display())))?;
+        let path = data_dir.join(&config.file);
+        let conn = open(&path, config.synchronous).map_err(|e| sql_err(&e))?;
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(|e| sql_err(&e))?;
+        let partitions = load_partitions(&conn).map_err(|e| sql_err(&e))?;
+        let ckpt = open_checkpointer(&path, config.synchronous).map_err(|e| sql_err(&e))?;
+        let (tx, rx) = mpsc::channel(4096);
+        let (appended_tx, appended) = watch::channel(0u64);
+        let (bell, rings) = std::sync::mpsc::sync_channel(1);
+        let max_batch = config.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("ketenbus-log-ckpt".into())
+            .spawn(move || checkpointer(&ckpt, &rings))
+            .map_err(|e| BusError::Fatal(format!("spawn checkpointer: {e}")))?;
+        std::thread::Builder::new()
+            .name("ketenbus-log-writer".into())
+            .spawn(move || writer_loop(conn, rx, &appended_tx, &bell, max_batch))
+            .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
+        Ok(EmbeddedBus {
+            inner: Arc::new(Inner {
+                path,
+                writer: tx,
+                appended,
+                partitions: Mutex::new(partitions),
+                limits: (
+                    config.retention_max_age,
+                    config.retention_max_bytes.as_u64(),
+                    config.retention_refuse_margin.as_u64(),
+                ),
+                refusing: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn send(&self, op: WriteOp) -> Result<(), BusError> {
+        self.inner
+            .writer
+            .send(op)
+            .await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))
+    }
+
+    fn partitions_of(&self, topic: &str) -> Option<u32> {
+        self.inner
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .get(topic)
+            .copied()
+    }
+
+    async fn refresh_partitions(&self) -> Result<(), BusError> {
+        let path = self.inner.path.clone();
+        let map = tokio::task::spawn_blocking(move || {
+            let conn = open_reader(&path)?;
+            load_partitions(&conn)
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))?;
+        *self.inner.partitions.lock().expect("partitions lock") = map;
+        Ok(())
+    }
+}
+
+fn load_partitions(conn: &Connection) -> rusqlite::Result<HashMap<String, u32>> {
+    let mut stmt = conn.prepare("SELECT name, partitions FROM topics")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+    rows.collect()
+}
+
+impl Bus for EmbeddedBus {
+    type Consumer = EmbeddedConsumer;
+
+    fn disk_bytes(&self) -> Option<u64> {
+        Some(self.bytes_on_disk())
+    }
+
+    async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::CreateTopics(topics.to_vec(), tx))
+            .await?;
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))??;
+        self.refresh_partitions().await
+    }
+
+    async fn publish(&self, records: Vec<OutRecord>) -> Result<Vec<Position>, BusError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Append(records, tx)).await?;
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))?
+    }
+
+    async fn subscribe(
+        &self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<EmbeddedConsumer, BusError> {
+        EmbeddedConsumer::join(self, group, topics).await
+    }
+
+    async fn read_all(&self, topic: &str) -> Result<Vec<Record>, BusError> {
+        let path = self.inner.path.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Record>> {
+            let conn = open_reader(&path)?;
+            let mut stmt = conn.prepare(
+                "SELECT partition, offset, key, value, ts FROM records WHERE topic = ?1 ORDER BY rowid",
+            )?;
+            let rows = stmt.query_map(params![topic], |r| {
+                Ok(Record {
+                    topic: topic.clone(),
+                    partition: r.get(0)?,
+                    offset: r.get(1)?,
+                    key: r.get(2)?,
+                    value: r.get(3)?,
+                    timestamp_ms: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))
+    }
+
+    async fn read_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Option<Record>, BusError> {
+        let path = self.inner.path.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Option<Record>> {
+            let conn = open_reader(&path)?;
+            conn.query_row(
+                "SELECT key, value, ts FROM records WHERE topic = ?1 AND partition = ?2 AND offset = ?3",
+                params![topic, partition, offset],
+                |r| {
+                    Ok(Record {
+                        topic: topic.clone(),
+                        partition,
+                        offset,
+                        key: r.get(0)?,
+                        value: r.get(1)?,
+                        timestamp_ms: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))
+    }
+
+    async fn lag(&self, group: &str, topic: &str) -> Result<Vec<(u32, i64, i64)>, BusError> {
+        self.refresh_partitions().await?;
+        let n = self
+            .partitions_of(topic)
+            .ok_or_else(|| BusError::UnknownTopic(topic.to_owned()))?;
+        let path = self.inner.path.clone();
+        let (group, topic) = (group.to_owned(), topic.to_owned());
+        tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<(u32, i64, i64)>> {
+            let conn = open_reader(&path)?;
+            let mut out = Vec::new();
+            for p in 0..n {
+                let end: i64 = conn.query_row(PARTITION_END, params![topic, p], |r| r.get(0))?;
+                let committed: i64 = conn
+                    .query_row(
+                        "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",
+                        params![group, topic, p],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .unwrap_or(0);
+                out.push((p, committed, end));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| BusError::Fatal(e.to_string()))?
+        .map_err(|e| sql_err(&e))
+    }
+
+    async fn remove(&self, topic: &str, positions: &[(u32, i64)]) -> Result<u64, BusError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriteOp::Remove(topic.to_owned(), positions.to_vec(), tx))
+            .await?;
+        rx.await
+            .map_err(|_| BusError::Fatal("log writer stopped".into()))?
+    }
+
+    async fn enforce_retention(&self, readers: &Readers) -> Result<RetentionReport, BusError> {
+        self.enforce(readers).await
+    }
+
+    fn refuses_ingest(&self) -> Option<String> {
+        self.inner.refusing.lock().expect("refusing lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bus in `dir` with one topic.
+    pub(super) async fn open_with(dir: &Path, topic: &str, partitions: u32) -> EmbeddedBus {
+        let bus = EmbeddedBus::open(dir, &EmbeddedConfig::default()).unwrap();
+        bus.ensure_topics(&[TopicSpec {
+            name: topic.into(),
+            partitions,
+        }])
+        .await
+        .unwrap();
+        bus
+    }
+
+    #[tokio::test]
+    async fn keeps_the_bus_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        super::super::contract::run_contract(&bus, "t").await;
+    }
+
+    pub(super) fn rec(topic: &str, key: u8, value: u8) -> OutRecord {
+        OutRecord {
+            topic: topic.into(),
+            key: vec![key],
+            value: vec![value],
+        }
+    }
+}

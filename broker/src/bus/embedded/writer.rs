@@ -1,0 +1,273 @@
+//! The writer thread: one connection that commits every waiting request in one transaction
+//! (group commit), and the checkpointer beside it that copies the WAL into the database.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::config::Synchronous;
+use super::retention::{remove, retention};
+use super::{WriteOp, load_partitions, now_ms, sql_err};
+use crate::bus::{BusError, OutRecord, Position, TopicSpec, partition_for};
+
+/// How often the checkpointer copies the WAL into the database while appends come in.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The checkpointer's connection: it writes the database file, fsyncing as `sync` says.
+pub(super) fn open_checkpointer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if sync == Synchronous::Full {
+            "FULL"
+        } else {
+            "NORMAL"
+        },
+    )?;
+    Ok(conn)
+}
+
+/// Checkpoint (PASSIVE: never waits for the writer or readers) at most every
+/// [`CHECKPOINT_EVERY`] while the writer rings `bell`; stops when the writer stops.
+pub(super) fn checkpointer(conn: &Connection, bell: &std::sync::mpsc::Receiver<()>) {
+    let mut last = Instant::now();
+    while bell.recv().is_ok() {
+        if let Some(rest) = CHECKPOINT_EVERY.checked_sub(last.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        // Rings during the sleep are covered by the checkpoint that follows.
+        let _ = bell.try_recv();
+        last = Instant::now();
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "log checkpoint failed, retrying with the next append");
+        }
+    }
+}
+
+pub(super) fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<WriteOp>,
+    appended: &watch::Sender<u64>,
+    bell: &std::sync::mpsc::SyncSender<()>,
+    max_batch: usize,
+) {
+    let mut seq = 0u64;
+    let mut ends = Ends::default();
+    while let Some(first) = rx.blocking_recv() {
+        let mut appends = Vec::new();
+        let mut others = Vec::new();
+        let mut op = Some(first);
+        while let Some(next) = op.take() {
+            match next {
+                WriteOp::Append(records, reply) => appends.push((records, reply)),
+                other => others.push(other),
+            }
+            if appends.len() + others.len() < max_batch {
+                op = rx.try_recv().ok();
+            }
+        }
+        if !appends.is_empty() {
+            let result = append_batch(&mut conn, &mut ends, &appends);
+            match result {
+                Ok(positions) => {
+                    // Consumers first: a publisher that polls right after its publish
+                    // returned must not find its consumer still unaware of the commit.
+                    seq += 1;
+                    appended.send_replace(seq);
+                    for ((_, reply), pos) in appends.into_iter().zip(positions) {
+                        let _ = reply.send(pos);
+                    }
+                    // Full means a ring is already waiting.
+                    let _ = bell.try_send(());
+                }
+                Err(e) => {
+                    ends.forget();
+                    let err = sql_err(&e);
+                    for (_, reply) in appends {
+                        let _ = reply.send(Err(match &err {
+                            BusError::Unavailable(s) => BusError::Unavailable(s.clone()),
+                            other => BusError::Fatal(other.to_string()),
+                        }));
+                    }
+                }
+            }
+        }
+        for op in others {
+            match op {
+                WriteOp::Append(..) => unreachable!("appends were taken above"),
+                WriteOp::Commit(group, points, reply) => {
+                    let _ = reply
+                        .send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
+                }
+                WriteOp::CreateTopics(specs, reply) => {
+                    ends.forget();
+                    let _ = reply.send(create_topics(&mut conn, &specs).map_err(|e| sql_err(&e)));
+                }
+                WriteOp::Retention(age, bytes, readers, reply) => {
+                    ends.forget();
+                    let _ = reply
+                        .send(retention(&mut conn, age, bytes, &readers).map_err(|e| sql_err(&e)));
+                }
+                WriteOp::Remove(topic, positions, reply) => {
+                    ends.forget();
+                    let _ =
+                        reply.send(remove(&mut conn, &topic, &positions).map_err(|e| sql_err(&e)));
+                }
+            }
+        }
+    }
+}
+
+type AppendReply = oneshot::Sender<Result<Vec<Position>, BusError>>;
+
+/// The next offset of partition (?1, ?2): after its newest record, or after the newest one
+/// retention removed (`partition_ends`), so offsets never restart under consumer groups.
+pub(super) const PARTITION_END: &str = "SELECT MAX(
+     COALESCE((SELECT MAX(offset) + 1 FROM records WHERE topic = ?1 AND partition = ?2), 0),
+     COALESCE((SELECT next_offset FROM partition_ends WHERE topic = ?1 AND partition = ?2), 0))";
+
+/// What the writer remembers between batches: partition counts and the next offset of each
+/// partition it wrote. Valid while no other connection committed (`PRAGMA data_version`
+/// tells), so a batch costs no `MAX(offset)` lookups once the partitions are warm.
+#[derive(Default)]
+struct Ends {
+    data_version: Option<i64>,
+    partitions: HashMap<String, u32>,
+    next: HashMap<(String, u32), i64>,
+}
+
+impl Ends {
+    fn forget(&mut self) {
+        self.data_version = None;
+        self.partitions.clear();
+        self.next.clear();
+    }
+
+    /// Drop what another connection may have changed; load the partition counts if needed.
+    fn refresh(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let version: i64 = conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if self.data_version != Some(version) {
+            self.forget();
+            self.data_version = Some(version);
+        }
+        if self.partitions.is_empty() {
+            self.partitions = load_partitions(conn)?;
+        }
+        Ok(())
+    }
+}
+
+/// One transaction for every waiting append. A request naming an unknown topic fails alone.
+/// On error the caller forgets `ends`: the offsets handed out were rolled back.
+fn append_batch(
+    conn: &mut Connection,
+    ends: &mut Ends,
+    appends: &[(Vec<OutRecord>, AppendReply)],
+) -> rusqlite::Result<Vec<Result<Vec<Position>, BusError>>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut out = Vec::with_capacity(appends.len());
+    {
+        // Inside the write lock: nobody else can commit until this transaction ends.
+        ends.refresh(&tx)?;
+        let mut end_stmt = tx.prepare_cached(PARTITION_END)?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?;
+        let ts = now_ms();
+        for (records, reply) in appends {
+            // A publisher that gave up (its sender heard 503) must not find its record stored
+            // after all: skip it now that the write lock is ours.
+            if reply.is_closed() {
+                out.push(Err(BusError::Unavailable(
+                    "publisher gave up before the write".into(),
+                )));
+                continue;
+            }
+            if let Some(missing) = records
+                .iter()
+                .find(|r| !ends.partitions.contains_key(&r.topic))
+            {
+                out.push(Err(BusError::UnknownTopic(missing.topic.clone())));
+                continue;
+            }
+            let mut positions = Vec::with_capacity(records.len());
+            for r in records {
+                let partition = partition_for(&r.key, ends.partitions[&r.topic]);
+                let slot = (r.topic.clone(), partition);
+                let offset = match ends.next.get(&slot) {
+                    Some(o) => *o,
+                    None => end_stmt.query_row(params![r.topic, partition], |row| row.get(0))?,
+                };
+                insert.execute(params![r.topic, partition, offset, r.key, r.value, ts])?;
+                ends.next.insert(slot, offset + 1);
+                positions.push(Position { partition, offset });
+            }
+            out.push(Ok(positions));
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn commit_offsets(
+    conn: &mut Connection,
+    group: &str,
+    points: &[(String, u32, i64)],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )?;
+        for (topic, partition, offset) in points {
+            stmt.execute(params![group, topic, partition, offset])?;
+        }
+    }
+    tx.commit()
+}
+
+fn create_topics(conn: &mut Connection, specs: &[TopicSpec]) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for s in specs {
+        tx.execute(
+            "INSERT OR IGNORE INTO topics (name, partitions) VALUES (?1, ?2)",
+            params![s.name, s.partitions.max(1)],
+        )?;
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{open_with, rec};
+    use super::super::{EmbeddedBus, EmbeddedConfig};
+    use crate::bus::Bus;
+
+    #[tokio::test]
+    async fn offsets_continue_after_another_writer_appended() {
+        // Two buses on one file are what `ketenbus dlq replay` beside a running broker is:
+        // the first must not hand out an offset the second already used.
+        let dir = tempfile::tempdir().unwrap();
+        let a = open_with(dir.path(), "t", 1).await;
+        assert_eq!(a.publish(vec![rec("t", 1, 0)]).await.unwrap()[0].offset, 0);
+        let b = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
+        assert_eq!(b.publish(vec![rec("t", 1, 1)]).await.unwrap()[0].offset, 1);
+        assert_eq!(a.publish(vec![rec("t", 1, 2)]).await.unwrap()[0].offset, 2);
+        let values: Vec<u8> = a
+            .read_all("t")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.value[0])
+            .collect();
+        assert_eq!(values, vec![0, 1, 2]);
+    }
+}
