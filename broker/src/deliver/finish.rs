@@ -45,18 +45,14 @@ pub(super) async fn finish<B: Bus>(
             None => (None, None),
         };
         if let Some((source_topic, key, value)) = &d.dead_letter {
-            let dl = DeadLetter {
-                id: format!("{}@{at}", d.record_id),
-                stage: subscription.to_owned(),
-                record_id: d.record_id.clone(),
-                envelope_id: d.envelope_id.clone(),
-                at_ms: at,
-                reason: reason.clone().unwrap_or_else(|| "unknown".into()),
-                detail: detail.clone(),
-                source_topic: source_topic.clone(),
-                key: key.clone(),
-                value: value.clone(),
-            };
+            let dl = DeadLetter::new(
+                subscription,
+                (&d.record_id, &d.envelope_id),
+                at,
+                reason.as_deref().unwrap_or("unknown"),
+                detail.clone(),
+                (source_topic.clone(), key.clone(), value.clone()),
+            );
             out.push(OutRecord {
                 topic: topics::dead_letters(subscription),
                 key: key.clone(),

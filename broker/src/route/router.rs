@@ -290,24 +290,19 @@ async fn bounce_dead_letter<B: Bus>(
         tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's record cannot be made again; recorded in the lineage only");
         return Ok(None);
     };
-    let dl = DeadLetter {
-        id: format!("{}@{at}", report.record_id),
-        stage: sub.to_owned(),
-        record_id: report.record_id.clone(),
-        envelope_id: report.envelope_id.clone(),
-        at_ms: at,
-        reason: REASON_BOUNCED.to_owned(),
-        detail: Some(
-            [Some(report.reason.as_str()), report.detail.as_deref()]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(": "),
-        ),
-        source_topic: delivered.topic,
-        key: delivered.key.clone(),
-        value: delivered.value,
-    };
+    let detail = [Some(report.reason.as_str()), report.detail.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(": ");
+    let dl = DeadLetter::new(
+        sub,
+        (&report.record_id, &report.envelope_id),
+        at,
+        REASON_BOUNCED,
+        Some(detail),
+        (delivered.topic, delivered.key.clone(), delivered.value),
+    );
     Ok(Some(OutRecord {
         topic: topics::dead_letters(sub),
         key: delivered.key,
@@ -537,18 +532,19 @@ fn dead_letter(
     reason: &str,
     detail: Option<String>,
 ) -> OutRecord {
-    let dl = DeadLetter {
-        id: format!("{record_id}@{at}"),
-        stage: "router".into(),
-        record_id: record_id.to_owned(),
-        envelope_id: envelope_id.to_owned(),
-        at_ms: at,
-        reason: reason.to_owned(),
+    let source = (
+        record.topic.clone(),
+        record.key.clone(),
+        record.value.clone(),
+    );
+    let dl = DeadLetter::new(
+        "router",
+        (record_id, envelope_id),
+        at,
+        reason,
         detail,
-        source_topic: record.topic.clone(),
-        key: record.key.clone(),
-        value: record.value.clone(),
-    };
+        source,
+    );
     OutRecord {
         topic: topics::ROUTER_DEAD_LETTERS.to_owned(),
         key: record.key.clone(),
