@@ -2,6 +2,7 @@
 //! appended, lineage recorded, and only then the records acknowledged.
 
 use ketenbus_connectors::sink::DeliveryError;
+use ketenbus_schemas::lineage::Stage;
 use ketenbus_schemas::{AvroRecord, DeadLetter, DeliveryOutcome, Outcome, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -99,10 +100,12 @@ pub(super) async fn finish<B: Bus>(
             consumer.ack(d.token).await?;
             continue;
         }
-        let mut step = Step::new(at, "delivery", d.outcome.as_str());
-        if d.outcome == Outcome::DeadLettered {
-            step.stage = "dead_lettered".into();
-        }
+        let stage = if d.outcome == Outcome::DeadLettered {
+            Stage::DeadLettered
+        } else {
+            Stage::Delivery
+        };
+        let mut step = Step::new(at, stage, d.outcome.into());
         step.subscription = Some(subscription.to_owned());
         step.record_id = Some(d.record_id.clone());
         step.kind = Some(d.kind.to_owned());

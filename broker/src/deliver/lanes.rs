@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
+use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{Outcome, RetryRecord};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -242,7 +243,7 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                     (Outcome::DeadLettered, Some(exhausted))
                 } else {
                     metrics::retrying(&subscription, delivery.attempt, &e);
-                    let mut step = Step::new(now, "delivery", "retrying");
+                    let mut step = Step::new(now, Stage::Delivery, StepOutcome::Retrying);
                     step.subscription = Some(subscription.to_string());
                     step.record_id = Some(job.record_id.clone());
                     step.kind = Some(job.kind.to_owned());

@@ -19,6 +19,7 @@ use std::time::Duration;
 use ketenbus_connectors::mail::ContentStore;
 use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{NormalizeError, edifact};
+use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -178,7 +179,7 @@ async fn route_batch<B: Bus>(
         let at = now_ms();
         if let Some(dl) = bounce_dead_letter(bus, routing, lineage, &report, at).await? {
             crate::observe::metrics::dead_lettered(&report.subscription, REASON_BOUNCED);
-            let mut step = Step::new(at, "delivery_report", "dead_lettered");
+            let mut step = Step::new(at, Stage::DeliveryReport, StepOutcome::DeadLettered);
             step.subscription = Some(report.subscription.clone());
             step.record_id = Some(report.record_id.clone());
             step.reason = Some(REASON_BOUNCED.to_owned());
@@ -194,8 +195,8 @@ async fn route_batch<B: Bus>(
     }
     for (id, step) in steps {
         crate::observe::metrics::routed(
-            &step.stage,
-            &step.outcome,
+            step.stage,
+            step.outcome,
             step.kind.as_deref(),
             step.reason.as_deref(),
         );
@@ -348,7 +349,7 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
                 "undecodable_envelope",
                 Some(e.to_string()),
             );
-            let mut step = Step::new(at, "normalise", "rejected");
+            let mut step = Step::new(at, Stage::Normalise, StepOutcome::Rejected);
             step.reason = Some("undecodable_envelope".into());
             return Routed {
                 out: vec![dl],
@@ -358,12 +359,12 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
     };
     if envelope.connector == CONTRL_CONNECTOR {
         // Our own acknowledgement on its way out: nothing clinical to normalise.
-        let step = Step::new(at, "normalise", "acknowledgement");
+        let step = Step::new(at, Stage::Normalise, StepOutcome::Acknowledgement);
         return Routed::steps(vec![(envelope.id.clone(), step)]);
     }
     let mut routed = normalise(record, &envelope, routing, at);
     if let Some(contrl) = contrl_for(&envelope, routing) {
-        let mut step = Step::new(at, "acknowledge", "contrl");
+        let mut step = Step::new(at, Stage::Acknowledge, StepOutcome::Contrl);
         step.record_id = Some(contrl.id.clone());
         routed.steps.push((envelope.id.clone(), step));
         routed.made.push((routed.out.len(), contrl.clone()));
@@ -433,7 +434,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             let mut out = Vec::with_capacity(events.len());
             let mut steps = Vec::with_capacity(events.len());
             for event in events {
-                let mut step = Step::new(at, "normalised", "normalised");
+                let mut step = Step::new(at, Stage::Normalised, StepOutcome::Normalised);
                 step.record_id = Some(event.header().id.clone());
                 step.kind = Some(event.kind().as_str().to_owned());
                 match event_record(event, envelope, routing) {
@@ -441,7 +442,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                     Err(e) => {
                         // A mapping produced a value its schema refuses: a bug, kept for replay.
                         tracing::error!(envelope = %envelope.id, error = %e, "event does not fit its schema");
-                        step.outcome = "rejected".into();
+                        step.outcome = StepOutcome::Rejected;
                         step.reason = Some("schema_mismatch".into());
                         out.push(dead_letter(
                             &envelope.id,
@@ -459,7 +460,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             if steps.is_empty() {
                 steps.push((
                     envelope.id.clone(),
-                    Step::new(at, "normalised", "no_events"),
+                    Step::new(at, Stage::Normalised, StepOutcome::NoEvents),
                 ));
                 // A delivery status notification about a mail the mail sink sent: the
                 // delivery's lineage shows delivered / delayed / failed, and a failure
@@ -468,20 +469,22 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 if envelope.format == Format::Rfc822 {
                     match dsn::lineage_of(envelope, &routing.reports) {
                         Ok(Some(r)) => {
-                            let mut step = Step::new(at, "delivery_report", r.outcome);
+                            let outcome = report_outcome(r.outcome);
+                            let mut step = Step::new(at, Stage::DeliveryReport, outcome);
                             step.subscription = Some(r.subscription.clone());
                             step.record_id = Some(r.record_id.clone());
                             step.reason = Some(r.reason.clone());
                             step.detail.clone_from(&r.detail);
                             steps.push((r.envelope_id.clone(), step));
-                            if r.outcome == "failed" {
+                            if outcome == StepOutcome::Failed {
                                 bounced.push(r);
                             }
                         }
                         Ok(None) => {}
                         Err(ignored) => {
                             tracing::debug!(envelope = %envelope.id, reason = ignored.reason(), "a delivery report was ignored");
-                            let mut step = Step::new(at, "delivery_report", "ignored");
+                            let mut step =
+                                Step::new(at, Stage::DeliveryReport, StepOutcome::Ignored);
                             step.reason = Some(ignored.reason().to_owned());
                             steps.push((envelope.id.clone(), step));
                         }
@@ -497,7 +500,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             }
         }
         Err(NormalizeError::UnsupportedFormat { format }) => {
-            let mut step = Step::new(at, "normalise", "unsupported_format");
+            let mut step = Step::new(at, Stage::Normalise, StepOutcome::UnsupportedFormat);
             step.reason = Some("unsupported_format".into());
             step.detail = Some(format!(
                 "no normaliser for {format} yet; raw subscribers still receive it"
@@ -505,7 +508,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             Routed::steps(vec![(envelope.id.clone(), step)])
         }
         Err(e) => {
-            let mut step = Step::new(at, "normalise", "rejected");
+            let mut step = Step::new(at, Stage::Normalise, StepOutcome::Rejected);
             step.reason = Some(e.reason().to_owned());
             step.detail = Some(e.to_string());
             let dl = dead_letter(
@@ -521,6 +524,16 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 ..Routed::steps(vec![(envelope.id.clone(), step)])
             }
         }
+    }
+}
+
+/// A delivery report's outcome in the lineage: the connectors hand over the DSN action's
+/// outcome by its name, `delivered`, `delayed` or `failed`.
+fn report_outcome(name: &str) -> StepOutcome {
+    match name {
+        "delivered" => StepOutcome::Delivered,
+        "delayed" => StepOutcome::Delayed,
+        _ => StepOutcome::Failed,
     }
 }
 
@@ -694,7 +707,7 @@ mod tests {
             step.0, "env-9",
             "the step lands in the delivered message's lineage"
         );
-        assert_eq!(step.1.outcome, "failed");
+        assert_eq!(step.1.outcome.as_str(), "failed");
 
         let dl = bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 7)
             .await
@@ -759,7 +772,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             "raw subscribers read the raw topic; nothing else to publish"
         );
         assert_eq!(routed.steps.len(), 1);
-        assert_eq!(routed.steps[0].1.outcome, "unsupported_format");
+        assert_eq!(routed.steps[0].1.outcome.as_str(), "unsupported_format");
         assert_eq!(
             routed.steps[0].1.reason.as_deref(),
             Some("unsupported_format")
@@ -775,7 +788,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         let dl = DeadLetter::from_avro(&routed.out[0].value).unwrap();
         assert_eq!(dl.value, record.value, "the original record is kept whole");
         assert_eq!(dl.reason, routed.steps[0].1.reason.clone().unwrap());
-        assert_eq!(routed.steps[0].1.outcome, "rejected");
+        assert_eq!(routed.steps[0].1.outcome.as_str(), "rejected");
     }
 
     #[test]
@@ -796,7 +809,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         assert_eq!(rec.key, key.as_bytes());
         assert!(!key.contains("999911120"));
         assert!(event.header().sender.is_some());
-        assert_eq!(routed.steps[0].1.outcome, "normalised");
+        assert_eq!(routed.steps[0].1.outcome.as_str(), "normalised");
     }
 
     #[test]
@@ -882,7 +895,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             &r,
         );
         assert!(again.out.is_empty() && again.made.is_empty());
-        assert_eq!(again.steps[0].1.outcome, "acknowledgement");
+        assert_eq!(again.steps[0].1.outcome.as_str(), "acknowledgement");
         // Partners that did not ask get none.
         let none = route_one(
             &raw_record(Format::Edifact, MEDLAB.as_bytes()),
