@@ -8,7 +8,7 @@ use anyhow::Context;
 use ketenbus_schemas::Format;
 
 use crate::route::inspect::{inspect, sniff};
-use crate::route::normalize::normalizers;
+use crate::route::normalise::normalizers;
 
 /// Print `file` as JSON; fails with the error position when it does not parse.
 ///

@@ -29,7 +29,7 @@ use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Received, Step};
 use crate::route::keys::PatientKeyer;
-use crate::route::normalize::{Normalizers, events_of};
+use crate::route::normalise::{Normalizers, events_of};
 
 /// Consumer group of the router.
 const BATCH: usize = 256;
@@ -569,7 +569,7 @@ fn dead_letter(
 mod tests {
     use std::collections::HashMap;
 
-    use crate::route::normalize::{normalizers, per_receiver};
+    use crate::route::normalise::{normalizers, per_receiver};
     use std::collections::BTreeMap;
 
     use ketenbus_schemas::event::EventKind;
