@@ -29,7 +29,7 @@ use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Received, Step};
 use crate::route::keys::PatientKeyer;
-use crate::route::normalise::{Normalizers, events_of};
+use crate::route::normalise::{Normalisers, events_of};
 
 /// Consumer group of the router.
 const BATCH: usize = 256;
@@ -42,7 +42,7 @@ const BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// are kept, and how delivery reports are checked.
 pub struct Routing {
     /// Normalisers by format.
-    pub normalizers: Normalizers,
+    pub normalisers: Normalisers,
     /// Makes patient keys.
     pub keyer: PatientKeyer,
     /// UNB sender party ids (`mailbox:…`) that get a CONTRL back.
@@ -278,7 +278,7 @@ async fn bounce_dead_letter<B: Bus>(
         );
         tokio::task::spawn_blocking(move || {
             let envelope = RawEnvelope::from_avro(&value).ok()?;
-            let event = events_of(&routing.normalizers, &envelope)
+            let event = events_of(&routing.normalisers, &envelope)
                 .ok()?
                 .into_iter()
                 .find(|e| e.header().id == record_id)?;
@@ -421,11 +421,11 @@ fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> 
 
 /// Normalise one envelope into event records, or a dead letter.
 fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
-    let normalizer = routing.normalizers.get(&envelope.format);
-    match events_of(&routing.normalizers, envelope) {
+    let normaliser = routing.normalisers.get(&envelope.format);
+    match events_of(&routing.normalisers, envelope) {
         Ok(events) => {
             // Ask for document bytes only when an event refers to documents.
-            let content = match normalizer {
+            let content = match normaliser {
                 Some(n) if events.iter().any(|e| !e.attachments().is_empty()) => {
                     n.content(envelope)
                 }
@@ -569,7 +569,7 @@ fn dead_letter(
 mod tests {
     use std::collections::HashMap;
 
-    use crate::route::normalise::{normalizers, per_receiver};
+    use crate::route::normalise::{normalisers, per_receiver};
     use std::collections::BTreeMap;
 
     use ketenbus_schemas::event::EventKind;
@@ -629,7 +629,7 @@ mod tests {
         .collect();
         bus.ensure_topics(&specs).await.unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
-        let mut r = routing(normalizers(), &[]);
+        let mut r = routing(normalisers(), &[]);
         r.reports.subscriptions.push("gp-by-mail".into());
         let r = Arc::new(r);
 
@@ -731,7 +731,7 @@ mod tests {
         );
 
         // A bounce for a subscription not configured here is only recorded.
-        let r = Arc::new(routing(normalizers(), &[]));
+        let r = Arc::new(routing(normalisers(), &[]));
         assert!(
             bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 8)
                 .await
@@ -740,9 +740,9 @@ mod tests {
         );
     }
 
-    fn routing(normalizers: Normalizers, contrl_partners: &[&str]) -> Routing {
+    fn routing(normalisers: Normalisers, contrl_partners: &[&str]) -> Routing {
         Routing {
-            normalizers,
+            normalisers,
             keyer: PatientKeyer::new(b"0123456789abcdef".to_vec()),
             contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
             content: None,
@@ -782,7 +782,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
     #[test]
     fn what_cannot_be_normalised_is_dead_lettered_whole() {
         let record = raw_record(Format::Edifact, b"this is not edifact");
-        let routed = route_one(&record, &routing(normalizers(), &[]));
+        let routed = route_one(&record, &routing(normalisers(), &[]));
         assert_eq!(routed.out.len(), 1);
         assert_eq!(routed.out[0].topic, topics::ROUTER_DEAD_LETTERS);
         let dl = DeadLetter::from_avro(&routed.out[0].value).unwrap();
@@ -795,7 +795,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
     fn events_get_a_patient_key_and_the_transport_parties() {
         let routed = route_one(
             &raw_record(Format::Edifact, MEDLAB.as_bytes()),
-            &routing(normalizers(), &[]),
+            &routing(normalisers(), &[]),
         );
         assert!(
             !routed.out.is_empty(),
@@ -863,7 +863,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
 
     #[test]
     fn a_partner_that_asked_gets_a_contrl_addressed_to_it() {
-        let r = routing(normalizers(), &["mailbox:500001234"]);
+        let r = routing(normalisers(), &["mailbox:500001234"]);
         let routed = route_one(&raw_record(Format::Edifact, MEDLAB.as_bytes()), &r);
         let (i, made) = routed.made.first().expect("a CONTRL was made");
         let rec = &routed.out[*i];
@@ -899,7 +899,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         // Partners that did not ask get none.
         let none = route_one(
             &raw_record(Format::Edifact, MEDLAB.as_bytes()),
-            &routing(normalizers(), &["mailbox:1"]),
+            &routing(normalisers(), &["mailbox:1"]),
         );
         assert!(none.made.is_empty());
     }

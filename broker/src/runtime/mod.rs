@@ -146,7 +146,7 @@ pub async fn run<B: Bus>(
     let router_task = router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
-            normalizers: crate::route::normalise::normalizers(),
+            normalisers: crate::route::normalise::normalisers(),
             keyer,
             contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
             content: Some(Arc::clone(&content)),
