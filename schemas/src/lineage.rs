@@ -153,17 +153,27 @@ pub struct UnknownName {
     pub name: String,
 }
 
+/// The one of `all` named `name`.
+fn named<T: Copy>(
+    all: &[T],
+    name: &str,
+    as_str: fn(T) -> &'static str,
+    what: &'static str,
+) -> Result<T, UnknownName> {
+    all.iter()
+        .copied()
+        .find(|v| as_str(*v) == name)
+        .ok_or_else(|| UnknownName {
+            what,
+            name: name.to_owned(),
+        })
+}
+
 impl FromStr for Stage {
     type Err = UnknownName;
 
     fn from_str(s: &str) -> Result<Stage, UnknownName> {
-        Stage::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownName {
-                what: "stage",
-                name: s.to_owned(),
-            })
+        named(&Stage::ALL, s, Stage::as_str, "stage")
     }
 }
 
@@ -171,13 +181,7 @@ impl FromStr for StepOutcome {
     type Err = UnknownName;
 
     fn from_str(s: &str) -> Result<StepOutcome, UnknownName> {
-        StepOutcome::ALL
-            .into_iter()
-            .find(|v| v.as_str() == s)
-            .ok_or_else(|| UnknownName {
-                what: "outcome",
-                name: s.to_owned(),
-            })
+        named(&StepOutcome::ALL, s, StepOutcome::as_str, "outcome")
     }
 }
 

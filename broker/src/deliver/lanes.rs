@@ -186,21 +186,11 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 let audit = hooks
                     .audit_entries(&subscription, "delivery_withheld", &job, &raw)
                     .await;
-                let d = Done {
-                    token: job.token,
-                    record_id: job.record_id,
-                    envelope_id: job.envelope_id,
-                    kind: job.kind,
-                    attempt: 0,
-                    outcome: Outcome::Filtered,
-                    error: Some(DeliveryError::Rejected {
-                        reason: "no_consent".into(),
-                        detail,
-                    }),
-                    dead_letter: None,
-                    audit,
-                    park: None,
+                let withheld = DeliveryError::Rejected {
+                    reason: "no_consent".into(),
+                    detail,
                 };
+                let d = Done::filtered(job, Some(withheld), audit);
                 if done.send(Report::Done(Box::new(d))).await.is_err() {
                     return;
                 }

@@ -102,6 +102,29 @@ struct Done {
     park: Option<RetryRecord>,
 }
 
+impl Done {
+    /// A record let through untried: a filter miss (no `error`), or withheld for want of
+    /// consent (`error` and `audit` say so).
+    fn filtered(
+        job: Job,
+        error: Option<DeliveryError>,
+        audit: Vec<crate::observe::audit::Entry>,
+    ) -> Done {
+        Done {
+            token: job.token,
+            record_id: job.record_id,
+            envelope_id: job.envelope_id,
+            kind: job.kind,
+            attempt: 0,
+            outcome: Outcome::Filtered,
+            error,
+            dead_letter: None,
+            audit,
+            park: None,
+        }
+    }
+}
+
 /// A held retry record that failed again: it stays held until `next_attempt_ms`.
 struct Again {
     token: AckToken,
@@ -374,18 +397,7 @@ pub async fn run_with<B: Bus>(
                 st.finished.push(u.done(record.ack_token(), source));
             }
             Ok(job) if !passes(&sub.filter, &job.payload) => {
-                st.finished.push(Done {
-                    token: job.token,
-                    record_id: job.record_id,
-                    envelope_id: job.envelope_id,
-                    kind: job.kind,
-                    attempt: 0,
-                    outcome: Outcome::Filtered,
-                    error: None,
-                    dead_letter: None,
-                    audit: Vec::new(),
-                    park: None,
-                });
+                st.finished.push(Done::filtered(job, None, Vec::new()));
             }
             Ok(job) => {
                 // Also a record of a parked key goes to its lane: the lane parks it behind,
