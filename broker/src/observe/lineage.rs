@@ -237,8 +237,9 @@ impl Lineage {
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// A step outcome the message had: accepted, normalised, unsupported_format, rejected,
-    /// delivered, retrying, dead_lettered, filtered.
+    /// A step outcome the message had, by its name ([`StepOutcome::as_str`]): accepted,
+    /// normalised, unsupported_format, rejected, delivered, retrying, dead_lettered,
+    /// filtered, ... A name that is no outcome matches nothing.
     pub status: Option<String>,
     /// Only steps of this subscription.
     pub subscription: Option<String>,
