@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod event;
+pub mod lineage;
 pub mod outcome;
 pub mod topics;
 

@@ -87,6 +87,35 @@ pub struct DeadLetter {
     pub value: Vec<u8>,
 }
 
+impl DeadLetter {
+    /// What `stage` (`router`, or a subscription name) gives up on at `at_ms`: record
+    /// `record_id` of envelope `envelope_id`, kept whole as it was on its source topic (topic,
+    /// key, value), for `reason` (a reason code) and `detail` (no payload).
+    /// Its id is `<record id>@<at_ms>`.
+    #[must_use]
+    pub fn new(
+        stage: &str,
+        (record_id, envelope_id): (&str, &str),
+        at_ms: i64,
+        reason: &str,
+        detail: Option<String>,
+        (source_topic, key, value): (String, Vec<u8>, Vec<u8>),
+    ) -> DeadLetter {
+        DeadLetter {
+            id: format!("{record_id}@{at_ms}"),
+            stage: stage.to_owned(),
+            record_id: record_id.to_owned(),
+            envelope_id: envelope_id.to_owned(),
+            at_ms,
+            reason: reason.to_owned(),
+            detail,
+            source_topic,
+            key,
+            value,
+        }
+    }
+}
+
 impl fmt::Debug for DeadLetter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadLetter")

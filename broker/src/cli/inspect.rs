@@ -8,7 +8,7 @@ use anyhow::Context;
 use ketenbus_schemas::Format;
 
 use crate::route::inspect::{inspect, sniff};
-use crate::route::normalize::normalizers;
+use crate::route::normalise::normalisers;
 
 /// Print `file` as JSON; fails with the error position when it does not parse.
 ///
@@ -24,7 +24,7 @@ pub fn run(file: &Path, format: Option<&str>) -> anyhow::Result<ExitCode> {
         None => sniff(&bytes)
             .with_context(|| format!("{}: format not recognised; give --format", file.display()))?,
     };
-    match inspect(&bytes, format, &normalizers()) {
+    match inspect(&bytes, format, &normalisers()) {
         Ok(json) => {
             println!("{}", serde_json::to_string_pretty(&json)?);
             Ok(ExitCode::SUCCESS)

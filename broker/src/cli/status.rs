@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use ketenbus_schemas::Outcome;
+
 use crate::observe::metrics;
 
 /// One sample of the text exposition: name, labels, value.
@@ -121,9 +123,10 @@ pub fn render(url: &str, ready: &serde_json::Value, metrics: &str) -> String {
     );
     let mut failing = Vec::new();
     for sub in subs {
-        let get = |o: &str| {
+        // The outcome label of `ketenbus_dispatch_delivery_outcomes_total`.
+        let get = |o: Outcome| {
             outcomes
-                .get(&(sub.clone(), o.to_owned()))
+                .get(&(sub.clone(), o.as_str().to_owned()))
                 .copied()
                 .unwrap_or(0.0)
         };
@@ -131,13 +134,13 @@ pub fn render(url: &str, ready: &serde_json::Value, metrics: &str) -> String {
         let _ = writeln!(
             s,
             "  {sub:<32}{:>11.0}{:>11.0}{:>11.0}{:>8.0}{:>15.0}s",
-            get("delivered"),
-            get("dead_lettered"),
-            get("filtered"),
+            get(Outcome::Delivered),
+            get(Outcome::DeadLettered),
+            get(Outcome::Filtered),
             lag.get(sub).copied().unwrap_or(0.0),
             oldest
         );
-        if get("dead_lettered") > 0.0 || oldest > 60.0 {
+        if get(Outcome::DeadLettered) > 0.0 || oldest > 60.0 {
             failing.push(sub.clone());
         }
     }

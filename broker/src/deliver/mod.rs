@@ -36,28 +36,33 @@
 //! All of this uses the `Bus` contract only, so both engines behave alike.
 
 pub mod consent;
+mod decode;
 pub mod dlq;
+mod finish;
+mod lanes;
+mod retry;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
-use ketenbus_schemas::{
-    AvroRecord, DeadLetter, DeliveryOutcome, Event, EventKind, Outcome, RawEnvelope, RetryRecord,
-    topics,
-};
-use rand::Rng;
+use ketenbus_connectors::sink::{DeliveryError, Payload, Sink};
+use ketenbus_schemas::{Outcome, RetryRecord, topics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, partition_for};
-use crate::bus::{publish_retrying, while_unavailable};
-use crate::config::{FilterConfig, RetryConfig, Subscription};
+use crate::bus::{AckToken, Bus, BusError, Consumer, partition_for};
+use crate::config::Subscription;
 use crate::now_ms;
 use crate::observe::health::{Health, State};
-use crate::observe::lineage::{Lineage, Step};
-use crate::observe::metrics;
+use crate::observe::lineage::Lineage;
+
+use decode::{decode, passes};
+use finish::{Consumers, finish};
+pub use lanes::Hooks;
+use lanes::{Lane, lane};
+pub use retry::backoff;
+use retry::{Parking, RetryPart, scan_parked};
 
 /// What earlier attempts of a record left (records read from the retry topic).
 #[derive(Clone, Copy)]
@@ -97,6 +102,29 @@ struct Done {
     park: Option<RetryRecord>,
 }
 
+impl Done {
+    /// A record let through untried: a filter miss (no `error`), or withheld for want of
+    /// consent (`error` and `audit` say so).
+    fn filtered(
+        job: Job,
+        error: Option<DeliveryError>,
+        audit: Vec<crate::observe::audit::Entry>,
+    ) -> Done {
+        Done {
+            token: job.token,
+            record_id: job.record_id,
+            envelope_id: job.envelope_id,
+            kind: job.kind,
+            attempt: 0,
+            outcome: Outcome::Filtered,
+            error,
+            dead_letter: None,
+            audit,
+            park: None,
+        }
+    }
+}
+
 /// A held retry record that failed again: it stays held until `next_attempt_ms`.
 struct Again {
     token: AckToken,
@@ -112,145 +140,6 @@ struct Again {
 enum Report {
     Done(Box<Done>),
     Again(Again),
-}
-
-/// A record read from the retry topic and not finished.
-struct Held {
-    token: AckToken,
-    parked: RetryRecord,
-    /// Undelivered since (first failure, else when it was parked), for the oldest-age metric.
-    since_ms: i64,
-}
-
-/// Parked records of one key.
-#[derive(Default)]
-struct KeyState {
-    /// Published (or being published) to the retry topic and not read back yet.
-    pending: usize,
-    /// Read back from the retry topic and not finished, in offset order.
-    queue: VecDeque<Held>,
-    /// The head of `queue` is with a lane.
-    busy: bool,
-}
-
-impl KeyState {
-    fn idle(&self) -> bool {
-        self.pending == 0 && self.queue.is_empty() && !self.busy
-    }
-}
-
-/// Which keys have parked records; shared by the subscription's loop and its lanes.
-#[derive(Default)]
-struct Parking {
-    keys: HashMap<Vec<u8>, KeyState>,
-}
-
-impl Parking {
-    fn is_parked(&self, key: &[u8]) -> bool {
-        self.keys.contains_key(key)
-    }
-
-    /// One more record of `key` is on its way to the retry topic.
-    fn park(&mut self, key: &[u8]) {
-        self.keys.entry(key.to_vec()).or_default().pending += 1;
-    }
-
-    fn tidy(&mut self, key: &[u8]) {
-        if self.keys.get(key).is_some_and(KeyState::idle) {
-            self.keys.remove(key);
-        }
-    }
-}
-
-fn lock(p: &Mutex<Parking>) -> MutexGuard<'_, Parking> {
-    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Per retry partition: offsets read and not finished (with their key), and the highest
-/// finished offset, to tell which held records keep the commit point behind.
-#[derive(Default)]
-struct RetryPart {
-    held: BTreeMap<i64, Vec<u8>>,
-    highest_finished: Option<i64>,
-}
-
-/// What a subscription checks and records around each delivery: consent before, the
-/// audit trail after.
-#[derive(Default, Clone)]
-pub struct Hooks {
-    /// Deliver only what consent allows.
-    pub consent: Option<Arc<crate::deliver::consent::ConsentCheck>>,
-    /// Append an audit record per delivery; acked only once it is on disk.
-    pub audit: Option<crate::observe::audit::Audit>,
-    /// The sink sends each record to its receiver (address book), or the subscription takes
-    /// only records for the receivers it names: the audit names the record's receiver as
-    /// the party that got it.
-    pub receiver_is_party: bool,
-    /// For a subscription of raw messages: finds the patients (and receiver) a message
-    /// declares, so its audit records name them.
-    pub raw_patients: Option<Arc<crate::route::keys::RawPatients>>,
-}
-
-impl Hooks {
-    /// The patients (and receiver) a raw message declares, read once for its consent check
-    /// and its audit records; nothing for an event or without a reader.
-    async fn raw_declared(&self, payload: &Payload) -> crate::route::keys::Declared {
-        match (payload, &self.raw_patients) {
-            (Payload::Raw(env), Some(raw)) if self.consent.is_some() || self.audit.is_some() => {
-                // Normalising is parsing: off the async workers.
-                let (raw, env) = (Arc::clone(raw), Arc::clone(env));
-                tokio::task::spawn_blocking(move || raw.declared(&env))
-                    .await
-                    .unwrap_or_default()
-            }
-            _ => crate::route::keys::Declared::default(),
-        }
-    }
-
-    /// The audit records of one delivery (or withheld delivery): one per patient the record
-    /// concerns (a raw message may declare several), none without an audit trail.
-    async fn audit_entries(
-        &self,
-        subscription: &str,
-        action: &str,
-        job: &Job,
-        raw: &crate::route::keys::Declared,
-    ) -> Vec<crate::observe::audit::Entry> {
-        if self.audit.is_none() {
-            return Vec::new();
-        }
-        let (patients, event_id, receiver) = match &job.payload {
-            Payload::Event(e) => (
-                e.header().patient_key.clone().into_iter().collect(),
-                Some(job.record_id.clone()),
-                e.header().receiver.clone(),
-            ),
-            Payload::Raw(env) => (
-                raw.patients.clone(),
-                None,
-                env.receiver.clone().or(raw.receiver.clone()),
-            ),
-        };
-        let party = self
-            .consent
-            .as_ref()
-            .and_then(|c| c.policy.party.clone())
-            .or(receiver.filter(|_| self.receiver_is_party));
-        let entry = |patient: Option<String>| crate::observe::audit::Entry {
-            action: action.to_owned(),
-            actor: format!("subscription:{subscription}"),
-            party: party.clone(),
-            patient,
-            event_id: event_id.clone(),
-            envelope_id: Some(job.envelope_id.clone()),
-            purpose: self.consent.as_ref().map(|c| c.policy.purpose.clone()),
-        };
-        if patients.is_empty() {
-            vec![entry(None)]
-        } else {
-            patients.into_iter().map(|p| entry(Some(p))).collect()
-        }
-    }
 }
 
 /// Why a record could not even be turned into a delivery.
@@ -280,145 +169,6 @@ impl Undeliverable {
             park: None,
         }
     }
-}
-
-fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliverable> {
-    // Replayed dead letters carry the original record and its topic.
-    if record.topic == topics::replay(subscription) {
-        let dl = DeadLetter::from_avro(&record.value).map_err(|e| Undeliverable {
-            record_id: String::from_utf8_lossy(&record.key).into_owned(),
-            envelope_id: String::from_utf8_lossy(&record.key).into_owned(),
-            reason: "undecodable_replay",
-            detail: e.to_string(),
-        })?;
-        return decode_value(record.ack_token(), dl.source_topic, dl.key, dl.value);
-    }
-    decode_value(
-        record.ack_token(),
-        record.topic.clone(),
-        record.key.clone(),
-        record.value.clone(),
-    )
-}
-
-fn decode_value(
-    token: AckToken,
-    topic: String,
-    key: Vec<u8>,
-    value: Vec<u8>,
-) -> Result<Job, Undeliverable> {
-    let undecodable = |e: &dyn std::fmt::Display| Undeliverable {
-        record_id: String::from_utf8_lossy(&key).into_owned(),
-        envelope_id: String::from_utf8_lossy(&key).into_owned(),
-        reason: "undecodable_record",
-        detail: e.to_string(),
-    };
-    let (record_id, envelope_id, kind, payload) = if topic == topics::RAW {
-        let env = RawEnvelope::from_avro(&value).map_err(|e| undecodable(&e))?;
-        (
-            env.id.clone(),
-            env.id.clone(),
-            "raw",
-            Payload::Raw(Arc::new(env)),
-        )
-    } else {
-        let kind = topic
-            .strip_prefix("ketenbus.events.")
-            .and_then(EventKind::parse)
-            .ok_or_else(|| undecodable(&format!("no event kind for topic {topic}")))?;
-        let event = Event::from_avro(kind, &value).map_err(|e| undecodable(&e))?;
-        let h = event.header();
-        (
-            h.id.clone(),
-            h.envelope_id.clone(),
-            kind.as_str(),
-            Payload::Event(Arc::new(event)),
-        )
-    };
-    Ok(Job {
-        token,
-        record_id,
-        envelope_id,
-        kind,
-        payload,
-        source_topic: topic,
-        key,
-        value,
-        prior: None,
-    })
-}
-
-/// The job for a held retry record.
-fn job_of(held: &Held) -> Result<Job, Undeliverable> {
-    let p = &held.parked;
-    let mut job = decode_value(
-        held.token.clone(),
-        p.source_topic.clone(),
-        p.key.clone(),
-        p.value.clone(),
-    )?;
-    job.prior = Some(Prior {
-        attempt: u32::try_from(p.attempt).unwrap_or(0),
-        first_failure_ms: p.first_failure_ms,
-    });
-    Ok(job)
-}
-
-fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
-    // A raw message is for every receiver its transport names (each mail recipient).
-    let (sender, receivers) = match payload {
-        Payload::Event(e) => (
-            e.header().sender.as_deref(),
-            e.header().receiver.iter().cloned().collect(),
-        ),
-        Payload::Raw(env) => (
-            env.sender.as_deref(),
-            ketenbus_connectors::party::transport_receivers(env),
-        ),
-    };
-    let sender_ok =
-        filter.senders.is_empty() || sender.is_some_and(|v| filter.senders.iter().any(|x| x == v));
-    let receiver_ok =
-        filter.receivers.is_empty() || receivers.iter().any(|r| filter.receivers.contains(r));
-    sender_ok && receiver_ok
-}
-
-/// The wait before try number `attempt + 1`: exponential from `initial`, capped at `max`,
-/// with jitter in [50%, 100%] so retries of many records spread out.
-#[must_use]
-pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
-    let exp = retry.initial.saturating_mul(
-        1u32.checked_shl(attempt.saturating_sub(1).min(30))
-            .unwrap_or(u32::MAX),
-    );
-    let capped = exp.min(retry.max);
-    capped.mul_f64(rand::rng().random_range(0.5..=1.0))
-}
-
-/// Learn which keys have unfinished records on the retry topic (its tail past the retry
-/// group's commit point), before any record of the source topics is read: a key parked
-/// before a crash stays parked, so its later records keep their place behind.
-async fn scan_parked<B: Bus>(
-    bus: &B,
-    subscription: &str,
-    parking: &Mutex<Parking>,
-    cancel: &CancellationToken,
-) -> Result<usize, BusError> {
-    let topic = topics::retry(subscription);
-    let group = topics::retry_group(subscription);
-    let parts = while_unavailable(cancel, || bus.lag(&group, &topic)).await?;
-    let mut found = 0;
-    for (partition, committed, end) in parts {
-        for offset in committed..end {
-            if let Some(r) =
-                while_unavailable(cancel, || bus.read_at(&topic, partition, offset)).await?
-            {
-                lock(parking).park(&r.key);
-                found += 1;
-            }
-        }
-    }
-    Ok(found)
 }
 
 /// Run one subscription until `cancel`, without consent checks or audit trail.
@@ -453,200 +203,6 @@ struct Loop {
 impl Loop {
     fn lane_of(&self, key: &[u8]) -> usize {
         partition_for(key, u32::try_from(self.lane_txs.len()).unwrap_or(1)) as usize
-    }
-
-    /// A lane's report: finished records wait for [`finish`]; a retry head that failed
-    /// again stays held with its next attempt time.
-    fn report(&mut self, r: Report) {
-        match r {
-            Report::Done(d) => {
-                if d.token.topic == self.retry_topic && d.park.is_none() {
-                    let key = self
-                        .retry_parts
-                        .get(&d.token.partition)
-                        .and_then(|p| p.held.get(&d.token.offset))
-                        .cloned();
-                    if let Some(key) = key {
-                        let mut parking = lock(&self.parking);
-                        if let Some(ks) = parking.keys.get_mut(&key)
-                            && ks.queue.front().is_some_and(|h| h.token == d.token)
-                        {
-                            ks.queue.pop_front();
-                            ks.busy = false;
-                        }
-                        parking.tidy(&key);
-                    }
-                }
-                self.finished.push(*d);
-            }
-            Report::Again(a) => {
-                let mut parking = lock(&self.parking);
-                if let Some(ks) = parking.keys.get_mut(&a.key) {
-                    if let Some(h) = ks.queue.front_mut().filter(|h| h.token == a.token) {
-                        h.parked.attempt = i32::try_from(a.attempt).unwrap_or(i32::MAX);
-                        h.parked.first_failure_ms = Some(a.first_failure_ms);
-                        h.parked.next_attempt_ms = a.next_attempt_ms;
-                        h.parked.reason = Some(a.reason);
-                        h.parked.detail = Some(a.detail);
-                    }
-                    ks.busy = false;
-                }
-            }
-        }
-    }
-
-    /// A record read from the retry topic joins its key's queue.
-    fn read_back(&mut self, record: &Record) {
-        self.held += 1;
-        let token = record.ack_token();
-        self.retry_parts
-            .entry(record.partition)
-            .or_default()
-            .held
-            .insert(record.offset, record.key.clone());
-        let mut parking = lock(&self.parking);
-        let ks = parking.keys.entry(record.key.clone()).or_default();
-        ks.pending = ks.pending.saturating_sub(1);
-        match RetryRecord::from_avro(&record.value) {
-            Ok(parked) => ks.queue.push_back(Held {
-                token,
-                since_ms: parked.first_failure_ms.unwrap_or(record.timestamp_ms),
-                parked,
-            }),
-            Err(e) => {
-                parking.tidy(&record.key);
-                drop(parking);
-                let key = String::from_utf8_lossy(&record.key).into_owned();
-                let u = Undeliverable {
-                    record_id: key.clone(),
-                    envelope_id: key,
-                    reason: "undecodable_record",
-                    detail: e.to_string(),
-                };
-                self.finished.push(u.done(
-                    token,
-                    (
-                        record.topic.clone(),
-                        record.key.clone(),
-                        record.value.clone(),
-                    ),
-                ));
-            }
-        }
-    }
-
-    /// Hand every key's head whose time has come to its lane; the earliest time a waiting
-    /// head comes due.
-    fn schedule(&mut self) -> Option<i64> {
-        let now = now_ms();
-        let mut next: Option<i64> = None;
-        let mut undecodable = Vec::new();
-        let mut parking = lock(&self.parking);
-        for (key, ks) in &mut parking.keys {
-            if ks.busy {
-                continue;
-            }
-            let Some(head) = ks.queue.front() else {
-                continue;
-            };
-            let due = head.parked.next_attempt_ms;
-            if due > now {
-                next = Some(next.map_or(due, |n| n.min(due)));
-                continue;
-            }
-            match job_of(head) {
-                Ok(job) => {
-                    let lane = partition_for(key, u32::try_from(self.lane_txs.len()).unwrap_or(1))
-                        as usize;
-                    // Lanes have room for every held record; a full one is tried next round.
-                    if self.lane_txs[lane].try_send(job).is_ok() {
-                        ks.busy = true;
-                    } else {
-                        next = Some(now + 50);
-                    }
-                }
-                Err(u) => {
-                    let h = ks.queue.pop_front().expect("a head");
-                    let p = h.parked;
-                    undecodable.push(u.done(h.token, (p.source_topic, p.key, p.value)));
-                    next = Some(now);
-                }
-            }
-        }
-        parking.keys.retain(|_, ks| !ks.idle());
-        drop(parking);
-        self.finished.extend(undecodable);
-        next
-    }
-
-    /// Re-park every key whose held records keep a retry partition's commit point behind a
-    /// finished record, when none of its records is between publish and read-back.
-    fn repark_blocking(&mut self) {
-        let mut keys = HashSet::new();
-        for part in self.retry_parts.values() {
-            if let Some(high) = part.highest_finished {
-                keys.extend(part.held.range(..high).map(|(_, k)| k.clone()));
-            }
-        }
-        if keys.is_empty() {
-            return;
-        }
-        let mut parking = lock(&self.parking);
-        for key in keys {
-            let Some(ks) = parking.keys.get_mut(&key) else {
-                continue;
-            };
-            if ks.busy || ks.pending > 0 || ks.queue.is_empty() {
-                continue;
-            }
-            ks.pending += ks.queue.len();
-            for h in ks.queue.drain(..) {
-                self.finished.push(Done {
-                    token: h.token,
-                    record_id: h.parked.record_id.clone(),
-                    envelope_id: h.parked.envelope_id.clone(),
-                    kind: "unknown",
-                    attempt: 0,
-                    outcome: Outcome::Retrying,
-                    error: None,
-                    dead_letter: None,
-                    audit: Vec::new(),
-                    park: Some(h.parked),
-                });
-            }
-        }
-    }
-
-    /// Tell the watcher (at most once a second) since when the oldest parked record of each
-    /// source topic is undelivered: it counts in that topic's oldest undelivered age.
-    fn report_parked(&mut self) {
-        if self.parked_reported.elapsed() < Duration::from_secs(1) {
-            return;
-        }
-        self.parked_reported = Instant::now();
-        let parking = lock(&self.parking);
-        let mut oldest: HashMap<&str, i64> = HashMap::new();
-        for h in parking.keys.values().flat_map(|ks| ks.queue.iter()) {
-            let e = oldest
-                .entry(h.parked.source_topic.as_str())
-                .or_insert(h.since_ms);
-            *e = (*e).min(h.since_ms);
-        }
-        for t in &self.source_topics {
-            let since = oldest.get(t.as_str()).copied().unwrap_or(0);
-            crate::observe::watch::parked_since(&self.name, t, since);
-        }
-    }
-
-    /// After a batch is on disk and acknowledged: retry records it finished are no longer held.
-    fn finished_retry(&mut self, tokens: &[AckToken]) {
-        for t in tokens {
-            self.held = self.held.saturating_sub(1);
-            let part = self.retry_parts.entry(t.partition).or_default();
-            part.held.remove(&t.offset);
-            part.highest_finished =
-                Some(part.highest_finished.map_or(t.offset, |h| h.max(t.offset)));
-        }
     }
 }
 
@@ -841,18 +397,7 @@ pub async fn run_with<B: Bus>(
                 st.finished.push(u.done(record.ack_token(), source));
             }
             Ok(job) if !passes(&sub.filter, &job.payload) => {
-                st.finished.push(Done {
-                    token: job.token,
-                    record_id: job.record_id,
-                    envelope_id: job.envelope_id,
-                    kind: job.kind,
-                    attempt: 0,
-                    outcome: Outcome::Filtered,
-                    error: None,
-                    dead_letter: None,
-                    audit: Vec::new(),
-                    park: None,
-                });
+                st.finished.push(Done::filtered(job, None, Vec::new()));
             }
             Ok(job) => {
                 // Also a record of a parked key goes to its lane: the lane parks it behind,
@@ -869,383 +414,21 @@ pub async fn run_with<B: Bus>(
     let _ = retry_consumer.commit().await;
 }
 
-/// The two consumers of a subscription, and which topic the second reads.
-struct Consumers<'a, C> {
-    main: &'a mut C,
-    retry: &'a mut C,
-    retry_topic: &'a str,
-}
-
-/// Publish outcomes, dead letters and parked records of finished records, record lineage,
-/// then ack.
-async fn finish<B: Bus>(
-    bus: &B,
-    consumers: Consumers<'_, B::Consumer>,
-    subscription: &str,
-    batch: Vec<Done>,
-    lineage: &Lineage,
-    cancel: &CancellationToken,
-    audit: Option<&crate::observe::audit::Audit>,
-) -> Result<(), BusError> {
-    let at = now_ms();
-    let mut out = Vec::with_capacity(batch.len() * 2);
-    for d in &batch {
-        if let Some(parked) = &d.park {
-            out.push(OutRecord {
-                topic: topics::retry(subscription),
-                key: parked.key.clone(),
-                value: parked.to_avro().expect("retry records fit their schema"),
-            });
-            continue;
-        }
-        let (reason, detail) = match &d.error {
-            Some(e) => (Some(e.reason().to_owned()), Some(e.detail().to_owned())),
-            None => (None, None),
-        };
-        if let Some((source_topic, key, value)) = &d.dead_letter {
-            let dl = DeadLetter {
-                id: format!("{}@{at}", d.record_id),
-                stage: subscription.to_owned(),
-                record_id: d.record_id.clone(),
-                envelope_id: d.envelope_id.clone(),
-                at_ms: at,
-                reason: reason.clone().unwrap_or_else(|| "unknown".into()),
-                detail: detail.clone(),
-                source_topic: source_topic.clone(),
-                key: key.clone(),
-                value: value.clone(),
-            };
-            out.push(OutRecord {
-                topic: topics::dead_letters(subscription),
-                key: key.clone(),
-                value: dl.to_avro().expect("dead letters fit their schema"),
-            });
-        }
-        // A filter miss is not news; a delivery withheld for want of consent is.
-        if d.outcome != Outcome::Filtered || d.error.is_some() {
-            let o = DeliveryOutcome {
-                subscription: subscription.to_owned(),
-                record_id: d.record_id.clone(),
-                envelope_id: d.envelope_id.clone(),
-                at_ms: at,
-                attempt: i32::try_from(d.attempt).unwrap_or(i32::MAX),
-                outcome: d.outcome,
-                reason: reason.clone(),
-                detail: detail.clone(),
-            };
-            out.push(OutRecord {
-                topic: topics::DELIVERY_OUTCOMES.to_owned(),
-                key: d.envelope_id.clone().into_bytes(),
-                value: o.to_avro().expect("outcomes fit their schema"),
-            });
-        }
-    }
-    // Outcomes, parked records and audit records go to disk side by side; all before the ack.
-    let entries: Vec<_> = batch.iter().flat_map(|d| d.audit.iter().cloned()).collect();
-    let (published, audited) = tokio::join!(publish_retrying(bus, out, cancel), async {
-        match audit {
-            Some(a) => a.append(entries).await,
-            None => Ok(()),
-        }
-    });
-    published?;
-    audited.map_err(|e| BusError::Fatal(e.to_string()))?;
-    for d in batch {
-        let consumer = if d.token.topic == consumers.retry_topic {
-            &mut *consumers.retry
-        } else {
-            &mut *consumers.main
-        };
-        if d.park.is_some() {
-            // Parked, not finished: its lineage step ("retrying") came from its lane.
-            consumer.ack(d.token).await?;
-            continue;
-        }
-        let mut step = Step::new(at, "delivery", d.outcome.as_str());
-        if d.outcome == Outcome::DeadLettered {
-            step.stage = "dead_lettered".into();
-        }
-        step.subscription = Some(subscription.to_owned());
-        step.record_id = Some(d.record_id.clone());
-        step.kind = Some(d.kind.to_owned());
-        step.attempt = (d.attempt > 0).then_some(d.attempt);
-        if let Some(e) = &d.error {
-            step.reason = Some(e.reason().to_owned());
-            step.detail = Some(e.detail().to_owned());
-        }
-        match (d.outcome, &d.error) {
-            (Outcome::DeadLettered, e) => metrics::dead_lettered(
-                subscription,
-                e.as_ref().map_or("unknown", DeliveryError::reason),
-            ),
-            (Outcome::Filtered, _) => metrics::filtered(subscription),
-            _ => {} // delivered: counted by the lane, with its latency
-        }
-        lineage.step(&d.envelope_id, step).await;
-        consumer.ack(d.token).await?;
-    }
-    Ok(())
-}
-
-/// One lane's whole context.
-struct Lane {
-    sink: Arc<dyn Sink>,
-    subscription: Arc<str>,
-    retry: RetryConfig,
-    done: mpsc::Sender<Report>,
-    lineage: Lineage,
-    cancel: CancellationToken,
-    hooks: Arc<Hooks>,
-    parking: Arc<Mutex<Parking>>,
-}
-
-/// A record parked on the retry topic, not (yet) tried again.
-fn parked_done(
-    token: AckToken,
-    record_id: String,
-    envelope_id: String,
-    kind: &'static str,
-    parked: RetryRecord,
-) -> Done {
-    Done {
-        token,
-        record_id,
-        envelope_id,
-        kind,
-        attempt: u32::try_from(parked.attempt).unwrap_or(0),
-        outcome: Outcome::Retrying,
-        error: None,
-        dead_letter: None,
-        audit: Vec::new(),
-        park: Some(parked),
-    }
-}
-
-/// Deliver the jobs of this lane's keys in order, one attempt each: a record that fails for
-/// now is parked (or, from the retry topic, stays held), never waited for here.
-async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
-    let Lane {
-        sink,
-        subscription,
-        retry,
-        done,
-        lineage,
-        cancel,
-        hooks,
-        parking,
-    } = l;
-    while let Some(job) = rx.recv().await {
-        #[cfg(debug_assertions)] // KETENBUS_FAULT=lane_panic_after:N (tests only)
-        crate::fault::hit("lane_panic_after");
-        let behind = job.prior.is_none() && {
-            let mut p = lock(&parking);
-            let parked = p.is_parked(&job.key);
-            if parked {
-                p.park(&job.key);
-            }
-            parked
-        };
-        if behind {
-            // Behind an earlier record of its key: parked untried, in order.
-            let parked = RetryRecord {
-                record_id: job.record_id.clone(),
-                envelope_id: job.envelope_id.clone(),
-                attempt: 0,
-                first_failure_ms: None,
-                next_attempt_ms: now_ms(),
-                reason: None,
-                detail: None,
-                source_topic: job.source_topic,
-                key: job.key,
-                value: job.value,
-            };
-            let d = parked_done(job.token, job.record_id, job.envelope_id, job.kind, parked);
-            if done.send(Report::Done(Box::new(d))).await.is_err() {
-                return;
-            }
-            continue;
-        }
-        let raw = hooks.raw_declared(&job.payload).await;
-        if let Some(consent) = &hooks.consent {
-            let Some(verdict) =
-                consent_verdict(consent, &job.payload, &raw.patients, &subscription, &cancel).await
-            else {
-                return; // cancelled: not acked, checked again after restart
-            };
-            if let crate::deliver::consent::Verdict::Withhold(detail) = verdict {
-                let audit = hooks
-                    .audit_entries(&subscription, "delivery_withheld", &job, &raw)
-                    .await;
-                let d = Done {
-                    token: job.token,
-                    record_id: job.record_id,
-                    envelope_id: job.envelope_id,
-                    kind: job.kind,
-                    attempt: 0,
-                    outcome: Outcome::Filtered,
-                    error: Some(DeliveryError::Rejected {
-                        reason: "no_consent".into(),
-                        detail,
-                    }),
-                    dead_letter: None,
-                    audit,
-                    park: None,
-                };
-                if done.send(Report::Done(Box::new(d))).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        }
-        let audit = hooks
-            .audit_entries(&subscription, "delivery", &job, &raw)
-            .await;
-        let attempt_started = now_ms();
-        let prior = job.prior;
-        let delivery = Delivery {
-            subscription: Arc::clone(&subscription),
-            record_id: job.record_id.clone(),
-            payload: job.payload,
-            attempt: prior.map_or(1, |p| p.attempt + 1),
-        };
-        let (outcome, error) = match sink.deliver(&delivery).await {
-            Ok(_receipt) => {
-                metrics::delivered(
-                    &subscription,
-                    job.kind,
-                    metrics::since_received(&delivery.payload),
-                );
-                (Outcome::Delivered, None)
-            }
-            Err(e @ DeliveryError::Rejected { .. }) => (Outcome::DeadLettered, Some(e)),
-            Err(e) => {
-                let first_failure = prior
-                    .and_then(|p| p.first_failure_ms)
-                    .unwrap_or(attempt_started);
-                let now = now_ms();
-                let give_up_ms = i64::try_from(retry.give_up_after.as_millis()).unwrap_or(i64::MAX);
-                let elapsed = now.saturating_sub(first_failure);
-                if elapsed >= give_up_ms {
-                    let exhausted = DeliveryError::Rejected {
-                        reason: "exhausted".into(),
-                        detail: format!("gave up after {} attempts; last: {e}", delivery.attempt),
-                    };
-                    (Outcome::DeadLettered, Some(exhausted))
-                } else {
-                    metrics::retrying(&subscription, delivery.attempt, &e);
-                    let mut step = Step::new(now, "delivery", "retrying");
-                    step.subscription = Some(subscription.to_string());
-                    step.record_id = Some(job.record_id.clone());
-                    step.kind = Some(job.kind.to_owned());
-                    step.attempt = Some(delivery.attempt);
-                    step.reason = Some(e.reason().to_owned());
-                    step.detail = Some(e.detail().to_owned());
-                    lineage.step(&job.envelope_id, step).await;
-                    let wait = backoff(&retry, delivery.attempt);
-                    let wait_ms = i64::try_from(wait.as_millis())
-                        .unwrap_or(i64::MAX)
-                        .min(give_up_ms - elapsed);
-                    let next_attempt_ms = now.saturating_add(wait_ms);
-                    let report = if prior.is_some() {
-                        Report::Again(Again {
-                            token: job.token,
-                            key: job.key,
-                            attempt: delivery.attempt,
-                            first_failure_ms: first_failure,
-                            next_attempt_ms,
-                            reason: e.reason().to_owned(),
-                            detail: e.detail().to_owned(),
-                        })
-                    } else {
-                        // Parked before this lane takes its next job, so that job (maybe
-                        // the same patient's next record) sees it.
-                        lock(&parking).park(&job.key);
-                        let parked = RetryRecord {
-                            record_id: job.record_id.clone(),
-                            envelope_id: job.envelope_id.clone(),
-                            attempt: i32::try_from(delivery.attempt).unwrap_or(i32::MAX),
-                            first_failure_ms: Some(first_failure),
-                            next_attempt_ms,
-                            reason: Some(e.reason().to_owned()),
-                            detail: Some(e.detail().to_owned()),
-                            source_topic: job.source_topic.clone(),
-                            key: job.key.clone(),
-                            value: job.value.clone(),
-                        };
-                        Report::Done(Box::new(parked_done(
-                            job.token,
-                            job.record_id,
-                            job.envelope_id,
-                            job.kind,
-                            parked,
-                        )))
-                    };
-                    if done.send(report).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            }
-        };
-        let dead_letter = (outcome == Outcome::DeadLettered)
-            .then(|| (job.source_topic.clone(), job.key.clone(), job.value.clone()));
-        let d = Done {
-            token: job.token,
-            record_id: job.record_id,
-            envelope_id: job.envelope_id,
-            kind: job.kind,
-            attempt: delivery.attempt,
-            outcome,
-            error,
-            dead_letter,
-            audit: if outcome == Outcome::Delivered {
-                audit
-            } else {
-                Vec::new()
-            },
-            park: None,
-        };
-        if done.send(Report::Done(Box::new(d))).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Ask the consent registry, waiting while it cannot answer; `None` when cancelled.
-async fn consent_verdict(
-    consent: &crate::deliver::consent::ConsentCheck,
-    payload: &Payload,
-    raw_patients: &[String],
-    subscription: &str,
-    cancel: &CancellationToken,
-) -> Option<crate::deliver::consent::Verdict> {
-    loop {
-        match consent.verdict(payload, raw_patients).await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                tracing::warn!(subscription = %subscription, error = %e, "waiting for the consent registry");
-                tokio::select! {
-                    () = cancel.cancelled() => return None,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeSet, HashMap};
     use std::sync::Mutex;
 
-    use ketenbus_connectors::sink::{BoxFuture, Receipt};
+    use ketenbus_connectors::sink::{BoxFuture, Delivery, Receipt};
     use ketenbus_schemas::event::{EventHeader, LetterEvent};
+    use ketenbus_schemas::{AvroRecord, DeliveryOutcome, EventKind};
 
     use super::*;
-    use crate::bus::TopicSpec;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+    use crate::bus::{OutRecord, TopicSpec};
     use crate::config::Sink as SinkConfig;
     use crate::config::Source;
+    use crate::config::{FilterConfig, RetryConfig};
 
     /// A real sink that takes its time: records what arrives, in arrival order.
     struct SlowRecorder {
@@ -1675,72 +858,5 @@ mod tests {
         for (k, seq) in per_key {
             assert_eq!(seq, (0..40).collect::<Vec<_>>(), "order of {k}");
         }
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let r = RetryConfig {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-            give_up_after: Duration::from_secs(60),
-        };
-        for _ in 0..50 {
-            let b1 = backoff(&r, 1);
-            assert!(
-                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100),
-                "{b1:?}"
-            );
-            let b3 = backoff(&r, 3);
-            assert!(
-                b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400),
-                "{b3:?}"
-            );
-            let b40 = backoff(&r, 40);
-            assert!(
-                b40 >= Duration::from_millis(500) && b40 <= Duration::from_secs(1),
-                "{b40:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn filters_match_party_ids() {
-        let env = RawEnvelope {
-            id: "m".into(),
-            received_at_ms: 0,
-            connector: "http".into(),
-            format: ketenbus_schemas::Format::Edifact,
-            content_type: "application/EDIFACT".into(),
-            sender: Some("mailbox:500001234".into()),
-            receiver: None,
-            body: vec![],
-            attributes: Default::default(),
-        };
-        let p = Payload::Raw(Arc::new(env));
-        assert!(passes(&FilterConfig::default(), &p));
-        assert!(passes(
-            &FilterConfig {
-                senders: vec!["mailbox:500001234".into()],
-                receivers: vec![]
-            },
-            &p
-        ));
-        assert!(!passes(
-            &FilterConfig {
-                senders: vec!["agb:1".into()],
-                receivers: vec![]
-            },
-            &p
-        ));
-        assert!(
-            !passes(
-                &FilterConfig {
-                    senders: vec![],
-                    receivers: vec!["agb:1".into()]
-                },
-                &p
-            ),
-            "unknown receiver fails a receiver filter"
-        );
     }
 }

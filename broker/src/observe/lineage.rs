@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -19,8 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 pub struct Step {
     /// When, ms since the epoch.
     pub at_ms: i64,
-    /// received, normalised, normalise_failed, delivery, dead_lettered, replayed.
-    pub stage: String,
+    /// Where the message was.
+    pub stage: Stage,
     /// Subscription, for delivery steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscription: Option<String>,
@@ -33,8 +34,8 @@ pub struct Step {
     /// Attempt number of a delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
-    /// Outcome: accepted, normalised, unsupported_format, rejected, delivered, retrying, dead_lettered, filtered.
-    pub outcome: String,
+    /// What it came to.
+    pub outcome: StepOutcome,
     /// Reason code.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -46,15 +47,15 @@ pub struct Step {
 impl Step {
     /// A step with only stage and outcome set.
     #[must_use]
-    pub fn new(at_ms: i64, stage: &str, outcome: &str) -> Step {
+    pub fn new(at_ms: i64, stage: Stage, outcome: StepOutcome) -> Step {
         Step {
             at_ms,
-            stage: stage.to_owned(),
+            stage,
             subscription: None,
             record_id: None,
             kind: None,
             attempt: None,
-            outcome: outcome.to_owned(),
+            outcome,
             reason: None,
             detail: None,
         }
@@ -152,7 +153,7 @@ pub struct DeliverySummary {
     /// Event id or envelope id.
     pub record_id: String,
     /// Latest outcome.
-    pub outcome: String,
+    pub outcome: StepOutcome,
     /// Reason of the latest outcome.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -236,8 +237,9 @@ impl Lineage {
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// A step outcome the message had: accepted, normalised, unsupported_format, rejected,
-    /// delivered, retrying, dead_lettered, filtered.
+    /// A step outcome the message had, by its name ([`StepOutcome::as_str`]): accepted,
+    /// normalised, unsupported_format, rejected, delivered, retrying, dead_lettered,
+    /// filtered, ... A name that is no outcome matches nothing.
     pub status: Option<String>,
     /// Only steps of this subscription.
     pub subscription: Option<String>,
@@ -386,12 +388,12 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                             step.execute(params![
                                 r.id,
                                 r.received_at_ms,
-                                "received",
+                                Stage::Received.as_str(),
                                 None::<String>,
                                 None::<String>,
                                 None::<String>,
                                 None::<u32>,
-                                "accepted",
+                                StepOutcome::Accepted.as_str(),
                                 None::<String>,
                                 None::<String>
                             ])?;
@@ -400,12 +402,12 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                             step.execute(params![
                                 id,
                                 s.at_ms,
-                                s.stage,
+                                s.stage.as_str(),
                                 s.subscription,
                                 s.record_id,
                                 s.kind,
                                 s.attempt,
-                                s.outcome,
+                                s.outcome.as_str(),
                                 s.reason,
                                 s.detail
                             ])?;
@@ -441,6 +443,17 @@ fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
     })
 }
 
+/// A stage or outcome column, read back as its name.
+fn name<T: std::str::FromStr<Err = ketenbus_schemas::lineage::UnknownName>>(
+    r: &rusqlite::Row<'_>,
+    column: usize,
+) -> rusqlite::Result<T> {
+    let text: String = r.get(column)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(Duration::from_secs(5))?;
@@ -462,12 +475,12 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
         .query_map(params![id], |r| {
             Ok(Step {
                 at_ms: r.get(0)?,
-                stage: r.get(1)?,
+                stage: name(r, 1)?,
                 subscription: r.get(2)?,
                 record_id: r.get(3)?,
                 kind: r.get(4)?,
                 attempt: r.get(5)?,
-                outcome: r.get(6)?,
+                outcome: name(r, 6)?,
                 reason: r.get(7)?,
                 detail: r.get(8)?,
             })
@@ -476,7 +489,7 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     let mut events = Vec::new();
     let mut deliveries: BTreeMap<(String, String), DeliverySummary> = BTreeMap::new();
     for s in &steps {
-        if let (true, Some(id), Some(kind)) = (s.stage == "normalised", &s.record_id, &s.kind)
+        if let (true, Some(id), Some(kind)) = (s.stage == Stage::Normalised, &s.record_id, &s.kind)
             && !events.iter().any(|e: &EventRef| &e.id == id)
         {
             events.push(EventRef {
@@ -490,13 +503,13 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
                 .or_insert_with(|| DeliverySummary {
                     subscription: sub.clone(),
                     record_id: rec.clone(),
-                    outcome: String::new(),
+                    outcome: s.outcome,
                     reason: None,
                     attempts: 0,
                 });
-            d.outcome.clone_from(&s.outcome);
+            d.outcome = s.outcome;
             d.reason.clone_from(&s.reason);
-            if s.stage == "delivery" {
+            if s.stage == Stage::Delivery {
                 d.attempts = d.attempts.max(s.attempt.unwrap_or(0));
             }
         }

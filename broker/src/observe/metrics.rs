@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use ketenbus_connectors::ingest::IngestError;
 use ketenbus_connectors::sink::{DeliveryError, Payload};
+use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{EventKind, Format, Outcome, topics};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -130,7 +131,11 @@ pub const ROUTER_REASONS: [&str; 9] = [
 
 /// Why the router passed a message by without events (`reason` of
 /// [`ROUTER_SKIPPED_MESSAGES`]).
-pub const SKIP_REASONS: [&str; 3] = ["unsupported_format", "no_events", "acknowledgement"];
+pub const SKIP_REASONS: [&str; 3] = [
+    StepOutcome::UnsupportedFormat.as_str(),
+    StepOutcome::NoEvents.as_str(),
+    StepOutcome::Acknowledgement.as_str(),
+];
 
 /// Why a subscription dead-lettered a record (`reason` of [`DISPATCH_DEAD_LETTERS`]). HTTP
 /// and SMTP answers not named here count as `http_4xx` and `smtp_5xx`.
@@ -630,26 +635,26 @@ pub fn retention(deleted: u64, excess_bytes: u64) {
 
 /// The router recorded a lineage step for a message (normalised event, dead letter or
 /// pass-by). Steps of other stages (CONTRL sent, delivery reports) are lineage only.
-pub fn routed(stage: &str, outcome: &str, kind: Option<&str>, reason: Option<&str>) {
+pub fn routed(stage: Stage, outcome: StepOutcome, kind: Option<&str>, reason: Option<&str>) {
     let m = &*METRICS;
-    if !matches!(stage, "normalise" | "normalised") {
+    if !matches!(stage, Stage::Normalise | Stage::Normalised) {
         return;
     }
     match outcome {
-        "normalised" => {
+        StepOutcome::Normalised => {
             let kind = kind
                 .and_then(EventKind::parse)
                 .map_or(OTHER, EventKind::as_str);
             m.normalised_events.with_label_values(&[kind]).inc();
             tracing::debug!(kind, "event normalised");
         }
-        "rejected" => {
+        StepOutcome::Rejected => {
             let reason = closed(reason.unwrap_or(OTHER), &ROUTER_REASONS);
             m.router_dead_letters.with_label_values(&[reason]).inc();
             tracing::debug!(reason, "message dead-lettered by the router");
         }
         outcome => {
-            let reason = closed(reason.unwrap_or(outcome), &SKIP_REASONS);
+            let reason = closed(reason.unwrap_or(outcome.as_str()), &SKIP_REASONS);
             m.router_skipped.with_label_values(&[reason]).inc();
             tracing::debug!(reason, "message passed by without events");
         }
@@ -865,11 +870,11 @@ mod tests {
         received("http", Format::Edifact, 10);
         rejected("http", "too_large");
         for (outcome, reason) in [
-            ("normalised", None),
-            ("rejected", Some("edifact_syntax")),
-            ("unsupported_format", Some("unsupported_format")),
+            (StepOutcome::Normalised, None),
+            (StepOutcome::Rejected, Some("edifact_syntax")),
+            (StepOutcome::UnsupportedFormat, Some("unsupported_format")),
         ] {
-            routed("normalise", outcome, Some("letter"), reason);
+            routed(Stage::Normalise, outcome, Some("letter"), reason);
         }
         filtered("t-sub");
         source_up("imap:t-hub", true);
@@ -917,7 +922,12 @@ mod tests {
         rejected("http", "empty_body");
         delivered("t-out", "letter", Some(Duration::from_secs(2)));
         filtered("t-out");
-        routed("normalised", "normalised", Some("lab_result"), None);
+        routed(
+            Stage::Normalised,
+            StepOutcome::Normalised,
+            Some("lab_result"),
+            None,
+        );
         let text = render();
         parse(&text);
         assert!(
@@ -953,12 +963,17 @@ mod tests {
         dead_lettered("t-open", "dsn_5.1.1-INJECTED-Jansen-999911120");
         rejected("t-open-connector", "not-a-reason");
         routed(
-            "delivery_report",
-            "failed",
+            Stage::DeliveryReport,
+            StepOutcome::Failed,
             None,
             Some("dsn_5.1.1-INJECTED-Jansen-999911120"),
         );
-        routed("normalise", "rejected", None, Some("Jansen"));
+        routed(
+            Stage::Normalise,
+            StepOutcome::Rejected,
+            None,
+            Some("Jansen"),
+        );
         let text = render();
         assert!(
             !text.contains("INJECTED") && !text.contains("Jansen"),

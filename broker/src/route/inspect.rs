@@ -5,7 +5,7 @@ use ketenbus_connectors::{edifact, fhir};
 use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::{Value as Json, json};
 
-use crate::route::normalize::Normalizers;
+use crate::route::normalise::Normalisers;
 
 /// Guess the format from the first bytes: `UNA`/`UNB` EDIFACT, `{` FHIR JSON, `<` FHIR XML,
 /// header lines RFC 5322.
@@ -41,7 +41,7 @@ pub fn sniff(bytes: &[u8]) -> Option<Format> {
 ///
 /// # Errors
 /// A positioned parse error when the bytes are not valid in that format.
-pub fn inspect(bytes: &[u8], format: Format, normalizers: &Normalizers) -> Result<Json, String> {
+pub fn inspect(bytes: &[u8], format: Format, normalisers: &Normalisers) -> Result<Json, String> {
     let parsed = match format {
         Format::Edifact => {
             edifact::document_json(&edifact::parse(bytes).map_err(|e| e.to_string())?)
@@ -69,7 +69,7 @@ pub fn inspect(bytes: &[u8], format: Format, normalizers: &Normalizers) -> Resul
         attributes: std::collections::BTreeMap::new(),
     };
     let mut out = json!({ "format": format.as_str(), "parsed": parsed });
-    match normalizers.get(&format).map(|n| n.normalize(&envelope)) {
+    match normalisers.get(&format).map(|n| n.normalize(&envelope)) {
         Some(Ok(events)) => {
             out["events"] = serde_json::to_value(events).map_err(|e| e.to_string())?
         }
@@ -110,7 +110,7 @@ mod tests {
         let j = inspect(
             b"UNB+UNOA:1+500001234+500005678+261101:0815+IC1'UNH+M1+MEDLAB:1'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L1+bloed'BEP+0+Kalium+5?.9++mmol/l+>+3.5+5.0+K'UNT+6+M1'UNZ+1+IC1'",
             Format::Edifact,
-            &crate::route::normalize::normalizers(),
+            &crate::route::normalise::normalisers(),
         )
         .unwrap();
         assert_eq!(j["format"], "edifact");
@@ -127,7 +127,7 @@ mod tests {
         let err = inspect(
             b"UNB+UNOA:1+A",
             Format::Edifact,
-            &crate::route::normalize::normalizers(),
+            &crate::route::normalise::normalisers(),
         )
         .unwrap_err();
         assert!(err.contains("segment") || err.contains("byte"), "{err}");
@@ -138,7 +138,7 @@ mod tests {
         let eml =
             include_bytes!("../../../connectors/testdata/mail/lab-result-edifact-attachment.eml");
         assert_eq!(sniff(eml), Some(Format::Rfc822));
-        let j = inspect(eml, Format::Rfc822, &crate::route::normalize::normalizers()).unwrap();
+        let j = inspect(eml, Format::Rfc822, &crate::route::normalise::normalisers()).unwrap();
         assert_eq!(j["format"], "rfc822");
         assert!(j["parsed"].is_object(), "{j}");
         assert_eq!(j["events"][0]["header"]["kind"], "lab_result", "{j}");

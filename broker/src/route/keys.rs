@@ -107,7 +107,7 @@ impl PatientKeyer {
 /// delivery: found with the router's normalisers, which are pure, so this is the reading the
 /// router made of the same bytes.
 pub struct RawPatients {
-    normalizers: crate::route::normalize::Normalizers,
+    normalisers: crate::route::normalise::Normalisers,
     keyer: PatientKeyer,
 }
 
@@ -131,7 +131,7 @@ impl RawPatients {
     #[must_use]
     pub fn new(keyer: PatientKeyer) -> RawPatients {
         RawPatients {
-            normalizers: crate::route::normalize::normalizers(),
+            normalisers: crate::route::normalise::normalisers(),
             keyer,
         }
     }
@@ -140,7 +140,7 @@ impl RawPatients {
     /// that does not normalise.
     #[must_use]
     pub fn declared(&self, envelope: &RawEnvelope) -> Declared {
-        let Ok(events) = crate::route::normalize::events_of(&self.normalizers, envelope) else {
+        let Ok(events) = crate::route::normalise::events_of(&self.normalisers, envelope) else {
             return Declared::default();
         };
         let mut patients: Vec<String> = Vec::new();

@@ -3,5 +3,5 @@
 
 pub mod inspect;
 pub mod keys;
-pub mod normalize;
+pub mod normalise;
 pub mod router;

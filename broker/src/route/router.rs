@@ -19,6 +19,7 @@ use std::time::Duration;
 use ketenbus_connectors::mail::ContentStore;
 use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{NormalizeError, edifact};
+use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +29,7 @@ use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Received, Step};
 use crate::route::keys::PatientKeyer;
-use crate::route::normalize::{Normalizers, events_of};
+use crate::route::normalise::{Normalisers, events_of};
 
 /// Consumer group of the router.
 const BATCH: usize = 256;
@@ -41,7 +42,7 @@ const BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// are kept, and how delivery reports are checked.
 pub struct Routing {
     /// Normalisers by format.
-    pub normalizers: Normalizers,
+    pub normalisers: Normalisers,
     /// Makes patient keys.
     pub keyer: PatientKeyer,
     /// UNB sender party ids (`mailbox:…`) that get a CONTRL back.
@@ -178,7 +179,7 @@ async fn route_batch<B: Bus>(
         let at = now_ms();
         if let Some(dl) = bounce_dead_letter(bus, routing, lineage, &report, at).await? {
             crate::observe::metrics::dead_lettered(&report.subscription, REASON_BOUNCED);
-            let mut step = Step::new(at, "delivery_report", "dead_lettered");
+            let mut step = Step::new(at, Stage::DeliveryReport, StepOutcome::DeadLettered);
             step.subscription = Some(report.subscription.clone());
             step.record_id = Some(report.record_id.clone());
             step.reason = Some(REASON_BOUNCED.to_owned());
@@ -194,8 +195,8 @@ async fn route_batch<B: Bus>(
     }
     for (id, step) in steps {
         crate::observe::metrics::routed(
-            &step.stage,
-            &step.outcome,
+            step.stage,
+            step.outcome,
             step.kind.as_deref(),
             step.reason.as_deref(),
         );
@@ -277,7 +278,7 @@ async fn bounce_dead_letter<B: Bus>(
         );
         tokio::task::spawn_blocking(move || {
             let envelope = RawEnvelope::from_avro(&value).ok()?;
-            let event = events_of(&routing.normalizers, &envelope)
+            let event = events_of(&routing.normalisers, &envelope)
                 .ok()?
                 .into_iter()
                 .find(|e| e.header().id == record_id)?;
@@ -290,24 +291,19 @@ async fn bounce_dead_letter<B: Bus>(
         tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's record cannot be made again; recorded in the lineage only");
         return Ok(None);
     };
-    let dl = DeadLetter {
-        id: format!("{}@{at}", report.record_id),
-        stage: sub.to_owned(),
-        record_id: report.record_id.clone(),
-        envelope_id: report.envelope_id.clone(),
-        at_ms: at,
-        reason: REASON_BOUNCED.to_owned(),
-        detail: Some(
-            [Some(report.reason.as_str()), report.detail.as_deref()]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(": "),
-        ),
-        source_topic: delivered.topic,
-        key: delivered.key.clone(),
-        value: delivered.value,
-    };
+    let detail = [Some(report.reason.as_str()), report.detail.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(": ");
+    let dl = DeadLetter::new(
+        sub,
+        (&report.record_id, &report.envelope_id),
+        at,
+        REASON_BOUNCED,
+        Some(detail),
+        (delivered.topic, delivered.key.clone(), delivered.value),
+    );
     Ok(Some(OutRecord {
         topic: topics::dead_letters(sub),
         key: delivered.key,
@@ -353,7 +349,7 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
                 "undecodable_envelope",
                 Some(e.to_string()),
             );
-            let mut step = Step::new(at, "normalise", "rejected");
+            let mut step = Step::new(at, Stage::Normalise, StepOutcome::Rejected);
             step.reason = Some("undecodable_envelope".into());
             return Routed {
                 out: vec![dl],
@@ -363,12 +359,12 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
     };
     if envelope.connector == CONTRL_CONNECTOR {
         // Our own acknowledgement on its way out: nothing clinical to normalise.
-        let step = Step::new(at, "normalise", "acknowledgement");
+        let step = Step::new(at, Stage::Normalise, StepOutcome::Acknowledgement);
         return Routed::steps(vec![(envelope.id.clone(), step)]);
     }
     let mut routed = normalise(record, &envelope, routing, at);
     if let Some(contrl) = contrl_for(&envelope, routing) {
-        let mut step = Step::new(at, "acknowledge", "contrl");
+        let mut step = Step::new(at, Stage::Acknowledge, StepOutcome::Contrl);
         step.record_id = Some(contrl.id.clone());
         routed.steps.push((envelope.id.clone(), step));
         routed.made.push((routed.out.len(), contrl.clone()));
@@ -425,11 +421,11 @@ fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> 
 
 /// Normalise one envelope into event records, or a dead letter.
 fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
-    let normalizer = routing.normalizers.get(&envelope.format);
-    match events_of(&routing.normalizers, envelope) {
+    let normaliser = routing.normalisers.get(&envelope.format);
+    match events_of(&routing.normalisers, envelope) {
         Ok(events) => {
             // Ask for document bytes only when an event refers to documents.
-            let content = match normalizer {
+            let content = match normaliser {
                 Some(n) if events.iter().any(|e| !e.attachments().is_empty()) => {
                     n.content(envelope)
                 }
@@ -438,7 +434,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             let mut out = Vec::with_capacity(events.len());
             let mut steps = Vec::with_capacity(events.len());
             for event in events {
-                let mut step = Step::new(at, "normalised", "normalised");
+                let mut step = Step::new(at, Stage::Normalised, StepOutcome::Normalised);
                 step.record_id = Some(event.header().id.clone());
                 step.kind = Some(event.kind().as_str().to_owned());
                 match event_record(event, envelope, routing) {
@@ -446,7 +442,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                     Err(e) => {
                         // A mapping produced a value its schema refuses: a bug, kept for replay.
                         tracing::error!(envelope = %envelope.id, error = %e, "event does not fit its schema");
-                        step.outcome = "rejected".into();
+                        step.outcome = StepOutcome::Rejected;
                         step.reason = Some("schema_mismatch".into());
                         out.push(dead_letter(
                             &envelope.id,
@@ -464,7 +460,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             if steps.is_empty() {
                 steps.push((
                     envelope.id.clone(),
-                    Step::new(at, "normalised", "no_events"),
+                    Step::new(at, Stage::Normalised, StepOutcome::NoEvents),
                 ));
                 // A delivery status notification about a mail the mail sink sent: the
                 // delivery's lineage shows delivered / delayed / failed, and a failure
@@ -473,20 +469,22 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 if envelope.format == Format::Rfc822 {
                     match dsn::lineage_of(envelope, &routing.reports) {
                         Ok(Some(r)) => {
-                            let mut step = Step::new(at, "delivery_report", r.outcome);
+                            let outcome = report_outcome(r.outcome);
+                            let mut step = Step::new(at, Stage::DeliveryReport, outcome);
                             step.subscription = Some(r.subscription.clone());
                             step.record_id = Some(r.record_id.clone());
                             step.reason = Some(r.reason.clone());
                             step.detail.clone_from(&r.detail);
                             steps.push((r.envelope_id.clone(), step));
-                            if r.outcome == "failed" {
+                            if outcome == StepOutcome::Failed {
                                 bounced.push(r);
                             }
                         }
                         Ok(None) => {}
                         Err(ignored) => {
                             tracing::debug!(envelope = %envelope.id, reason = ignored.reason(), "a delivery report was ignored");
-                            let mut step = Step::new(at, "delivery_report", "ignored");
+                            let mut step =
+                                Step::new(at, Stage::DeliveryReport, StepOutcome::Ignored);
                             step.reason = Some(ignored.reason().to_owned());
                             steps.push((envelope.id.clone(), step));
                         }
@@ -502,7 +500,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             }
         }
         Err(NormalizeError::UnsupportedFormat { format }) => {
-            let mut step = Step::new(at, "normalise", "unsupported_format");
+            let mut step = Step::new(at, Stage::Normalise, StepOutcome::UnsupportedFormat);
             step.reason = Some("unsupported_format".into());
             step.detail = Some(format!(
                 "no normaliser for {format} yet; raw subscribers still receive it"
@@ -510,7 +508,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
             Routed::steps(vec![(envelope.id.clone(), step)])
         }
         Err(e) => {
-            let mut step = Step::new(at, "normalise", "rejected");
+            let mut step = Step::new(at, Stage::Normalise, StepOutcome::Rejected);
             step.reason = Some(e.reason().to_owned());
             step.detail = Some(e.to_string());
             let dl = dead_letter(
@@ -529,6 +527,16 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
     }
 }
 
+/// A delivery report's outcome in the lineage: the connectors hand over the DSN action's
+/// outcome by its name, `delivered`, `delayed` or `failed`.
+fn report_outcome(name: &str) -> StepOutcome {
+    match name {
+        "delivered" => StepOutcome::Delivered,
+        "delayed" => StepOutcome::Delayed,
+        _ => StepOutcome::Failed,
+    }
+}
+
 fn dead_letter(
     record_id: &str,
     envelope_id: &str,
@@ -537,18 +545,19 @@ fn dead_letter(
     reason: &str,
     detail: Option<String>,
 ) -> OutRecord {
-    let dl = DeadLetter {
-        id: format!("{record_id}@{at}"),
-        stage: "router".into(),
-        record_id: record_id.to_owned(),
-        envelope_id: envelope_id.to_owned(),
-        at_ms: at,
-        reason: reason.to_owned(),
+    let source = (
+        record.topic.clone(),
+        record.key.clone(),
+        record.value.clone(),
+    );
+    let dl = DeadLetter::new(
+        "router",
+        (record_id, envelope_id),
+        at,
+        reason,
         detail,
-        source_topic: record.topic.clone(),
-        key: record.key.clone(),
-        value: record.value.clone(),
-    };
+        source,
+    );
     OutRecord {
         topic: topics::ROUTER_DEAD_LETTERS.to_owned(),
         key: record.key.clone(),
@@ -560,7 +569,7 @@ fn dead_letter(
 mod tests {
     use std::collections::HashMap;
 
-    use crate::route::normalize::{normalizers, per_receiver};
+    use crate::route::normalise::{normalisers, per_receiver};
     use std::collections::BTreeMap;
 
     use ketenbus_schemas::event::EventKind;
@@ -620,7 +629,7 @@ mod tests {
         .collect();
         bus.ensure_topics(&specs).await.unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
-        let mut r = routing(normalizers(), &[]);
+        let mut r = routing(normalisers(), &[]);
         r.reports.subscriptions.push("gp-by-mail".into());
         let r = Arc::new(r);
 
@@ -698,7 +707,7 @@ mod tests {
             step.0, "env-9",
             "the step lands in the delivered message's lineage"
         );
-        assert_eq!(step.1.outcome, "failed");
+        assert_eq!(step.1.outcome.as_str(), "failed");
 
         let dl = bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 7)
             .await
@@ -722,7 +731,7 @@ mod tests {
         );
 
         // A bounce for a subscription not configured here is only recorded.
-        let r = Arc::new(routing(normalizers(), &[]));
+        let r = Arc::new(routing(normalisers(), &[]));
         assert!(
             bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 8)
                 .await
@@ -731,9 +740,9 @@ mod tests {
         );
     }
 
-    fn routing(normalizers: Normalizers, contrl_partners: &[&str]) -> Routing {
+    fn routing(normalisers: Normalisers, contrl_partners: &[&str]) -> Routing {
         Routing {
-            normalizers,
+            normalisers,
             keyer: PatientKeyer::new(b"0123456789abcdef".to_vec()),
             contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
             content: None,
@@ -763,7 +772,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             "raw subscribers read the raw topic; nothing else to publish"
         );
         assert_eq!(routed.steps.len(), 1);
-        assert_eq!(routed.steps[0].1.outcome, "unsupported_format");
+        assert_eq!(routed.steps[0].1.outcome.as_str(), "unsupported_format");
         assert_eq!(
             routed.steps[0].1.reason.as_deref(),
             Some("unsupported_format")
@@ -773,20 +782,20 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
     #[test]
     fn what_cannot_be_normalised_is_dead_lettered_whole() {
         let record = raw_record(Format::Edifact, b"this is not edifact");
-        let routed = route_one(&record, &routing(normalizers(), &[]));
+        let routed = route_one(&record, &routing(normalisers(), &[]));
         assert_eq!(routed.out.len(), 1);
         assert_eq!(routed.out[0].topic, topics::ROUTER_DEAD_LETTERS);
         let dl = DeadLetter::from_avro(&routed.out[0].value).unwrap();
         assert_eq!(dl.value, record.value, "the original record is kept whole");
         assert_eq!(dl.reason, routed.steps[0].1.reason.clone().unwrap());
-        assert_eq!(routed.steps[0].1.outcome, "rejected");
+        assert_eq!(routed.steps[0].1.outcome.as_str(), "rejected");
     }
 
     #[test]
     fn events_get_a_patient_key_and_the_transport_parties() {
         let routed = route_one(
             &raw_record(Format::Edifact, MEDLAB.as_bytes()),
-            &routing(normalizers(), &[]),
+            &routing(normalisers(), &[]),
         );
         assert!(
             !routed.out.is_empty(),
@@ -800,7 +809,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         assert_eq!(rec.key, key.as_bytes());
         assert!(!key.contains("999911120"));
         assert!(event.header().sender.is_some());
-        assert_eq!(routed.steps[0].1.outcome, "normalised");
+        assert_eq!(routed.steps[0].1.outcome.as_str(), "normalised");
     }
 
     #[test]
@@ -854,7 +863,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
 
     #[test]
     fn a_partner_that_asked_gets_a_contrl_addressed_to_it() {
-        let r = routing(normalizers(), &["mailbox:500001234"]);
+        let r = routing(normalisers(), &["mailbox:500001234"]);
         let routed = route_one(&raw_record(Format::Edifact, MEDLAB.as_bytes()), &r);
         let (i, made) = routed.made.first().expect("a CONTRL was made");
         let rec = &routed.out[*i];
@@ -886,11 +895,11 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             &r,
         );
         assert!(again.out.is_empty() && again.made.is_empty());
-        assert_eq!(again.steps[0].1.outcome, "acknowledgement");
+        assert_eq!(again.steps[0].1.outcome.as_str(), "acknowledgement");
         // Partners that did not ask get none.
         let none = route_one(
             &raw_record(Format::Edifact, MEDLAB.as_bytes()),
-            &routing(normalizers(), &["mailbox:1"]),
+            &routing(normalisers(), &["mailbox:1"]),
         );
         assert!(none.made.is_empty());
     }

@@ -1,8 +1,8 @@
 //! Starting and stopping the broker on a chosen engine.
 
 pub mod retention;
+mod supervise;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -20,6 +20,7 @@ use crate::observe::lineage::Lineage;
 use crate::observe::metrics;
 use crate::route::keys::PatientKeyer;
 use crate::route::router;
+use crate::runtime::supervise::Tasks;
 
 /// Every topic the configuration uses.
 #[must_use]
@@ -135,18 +136,17 @@ pub async fn run<B: Bus>(
         PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
     let report_key = keyer.derive(router::REPORT_KEY_PURPOSE);
     let health = Arc::new(Health::default());
-    let mut tasks = tokio::task::JoinSet::new();
-    // Task names by id, for the log line when one ends unexpectedly (and its health entry).
-    let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
+    // Every task, by name, in one set: see `supervise`.
+    let mut tasks = Tasks::default();
     let content: Arc<dyn ketenbus_connectors::mail::ContentStore> = Arc::new(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );
     let raw_patients = Arc::new(crate::route::keys::RawPatients::new(keyer.clone()));
-    let router_task = tasks.spawn(router::run(
+    let router_task = router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
-            normalizers: crate::route::normalize::normalizers(),
+            normalisers: crate::route::normalise::normalisers(),
             keyer,
             contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
             content: Some(Arc::clone(&content)),
@@ -164,8 +164,8 @@ pub async fn run<B: Bus>(
         lineage.clone(),
         Arc::clone(&health),
         cancel.clone(),
-    ));
-    names.insert(router_task.id(), "router".to_owned());
+    );
+    tasks.spawn("router", router_task);
     let audit = if cfg.audit.enabled {
         let env = |v: &str| std::env::var(v).ok();
         if cfg.http.listen.ip().is_loopback()
@@ -215,7 +215,7 @@ pub async fn run<B: Bus>(
                 .contains(&crate::config::Source::Raw)
                 .then(|| Arc::clone(&raw_patients)),
         };
-        let task = tasks.spawn(deliver::run_with(
+        let task = deliver::run_with(
             Arc::clone(&bus),
             sub.clone(),
             sink,
@@ -223,8 +223,8 @@ pub async fn run<B: Bus>(
             Arc::clone(&health),
             cancel.clone(),
             hooks,
-        ));
-        names.insert(task.id(), format!("subscription {}", sub.name));
+        );
+        tasks.spawn(format!("subscription {}", sub.name), task);
     }
     // One memory budget for every way in.
     let budget = cfg.limits.budget();
@@ -237,8 +237,8 @@ pub async fn run<B: Bus>(
         let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
             .with_context(|| format!("preparing inbox {}", inbox.path.display()))?
             .with_budget(budget.clone());
-        let task = tasks.spawn(source.run(cancel.clone()));
-        names.insert(task.id(), format!("inbox {}", inbox.path.display()));
+        let task = source.run(cancel.clone());
+        tasks.spawn(format!("inbox {}", inbox.path.display()), task);
     }
     let mut connectors = vec!["http", "fhir"];
     if !cfg.inbox.is_empty() {
@@ -252,19 +252,15 @@ pub async fn run<B: Bus>(
     }
     let labels = settings.metric_labels();
     metrics::init(&labels, &connectors);
-    let task = tasks.spawn(crate::observe::watch::watch(
-        Arc::clone(&bus),
-        &labels,
-        cancel.clone(),
-    ));
-    names.insert(task.id(), "telemetry".to_owned());
-    let task = tasks.spawn(crate::runtime::retention::run(
+    let task = crate::observe::watch::watch(Arc::clone(&bus), &labels, cancel.clone());
+    tasks.spawn("telemetry", task);
+    let task = crate::runtime::retention::run(
         Arc::clone(&bus),
         &settings,
         Arc::clone(&health),
         cancel.clone(),
-    ));
-    names.insert(task.id(), "retention".to_owned());
+    );
+    tasks.spawn("retention", task);
 
     let state = Arc::new(ApiState {
         ingest: Arc::new(BusIngest::new(
@@ -296,7 +292,7 @@ pub async fn run<B: Bus>(
             as Arc<dyn ketenbus_connectors::SourceStatus>),
         &budget,
         &cancel,
-        &mut tasks,
+        tasks.set(),
     )
     .await
     .context("starting the mail connectors")?;
@@ -333,7 +329,8 @@ pub async fn run<B: Bus>(
         cfg.http.limits.clone(),
         cancel.clone(),
     );
-    let failure = supervise(serve, &mut tasks, &names, &health, &cancel).await;
+    tasks.spawn("http", serve);
+    let failure = tasks.supervise(&health, &cancel).await;
     lineage.flush().await;
     match failure {
         Some(failure) => {
@@ -344,58 +341,5 @@ pub async fn run<B: Bus>(
             tracing::info!("ketenbus stopped");
             Ok(())
         }
-    }
-}
-
-/// Serve until `cancel`; when a task ends before that (it returned after a fatal error, or
-/// panicked), log why at ERROR, mark it failed, and stop the others cleanly. The broker then
-/// exits non-zero for its supervisor to restart it: nothing acknowledged is lost, since
-/// every record is acknowledged only once its next durable store holds it. Returns what
-/// ended unexpectedly, if anything did.
-async fn supervise(
-    serve: impl Future<Output = ()>,
-    tasks: &mut tokio::task::JoinSet<()>,
-    names: &HashMap<tokio::task::Id, String>,
-    health: &Health,
-    cancel: &CancellationToken,
-) -> Option<String> {
-    let mut failure = None;
-    let mut serving = true;
-    tokio::pin!(serve);
-    loop {
-        tokio::select! {
-            () = &mut serve, if serving => {
-                serving = false;
-                cancel.cancel();
-            }
-            Some(joined) = tasks.join_next_with_id() => {
-                let (id, cause) = match joined {
-                    Ok(_) if cancel.is_cancelled() => continue, // stopped as asked
-                    Ok((id, ())) => (id, "it returned (see the error before)".to_owned()),
-                    Err(e) => (e.id(), panic_text(e)),
-                };
-                let task = names.get(&id).map_or("a mail connector", String::as_str);
-                tracing::error!(task, cause = %cause, "a task ended unexpectedly; stopping the broker");
-                health.set(task, State::Failed(cause.clone()));
-                failure.get_or_insert_with(|| format!("{task} ended unexpectedly: {cause}"));
-                cancel.cancel();
-            }
-            else => return failure,
-        }
-    }
-}
-
-/// Why a task ended: its panic message.
-fn panic_text(e: tokio::task::JoinError) -> String {
-    match e.try_into_panic() {
-        Ok(payload) => {
-            let text = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".to_owned());
-            format!("panicked: {text}")
-        }
-        Err(e) => e.to_string(),
     }
 }

@@ -7,12 +7,12 @@ use ketenbus_connectors::{Normalize, NormalizeError};
 use ketenbus_schemas::{Event, Format, RawEnvelope};
 
 /// Normalisers by format; a format without one is recorded as `unsupported_format`.
-pub type Normalizers = HashMap<Format, Box<dyn Normalize>>;
+pub type Normalisers = HashMap<Format, Box<dyn Normalize>>;
 
 /// The normalisers this build has.
 #[must_use]
-pub fn normalizers() -> Normalizers {
-    let mut n: Normalizers = HashMap::new();
+pub fn normalisers() -> Normalisers {
+    let mut n: Normalisers = HashMap::new();
     n.insert(
         Format::Edifact,
         Box::new(ketenbus_connectors::edifact::EdifactNormalizer),
@@ -39,16 +39,16 @@ pub fn normalizers() -> Normalizers {
 /// # Errors
 /// The normaliser's error, or `unsupported_format` for a format without one.
 pub fn events_of(
-    normalizers: &Normalizers,
+    normalisers: &Normalisers,
     envelope: &RawEnvelope,
 ) -> Result<Vec<Event>, NormalizeError> {
-    let normalizer =
-        normalizers
+    let normaliser =
+        normalisers
             .get(&envelope.format)
             .ok_or(NormalizeError::UnsupportedFormat {
                 format: envelope.format.as_str(),
             })?;
-    normalizer
+    normaliser
         .normalize(envelope)
         .map(|events| per_receiver(events, envelope))
 }

@@ -1,0 +1,143 @@
+//! From a record to a job: records of the source topics, and dead letters replayed onto
+//! `ketenbus.replay.<subscription>` (which carry the original record and its topic); and the
+//! subscription's filter.
+
+use std::sync::Arc;
+
+use ketenbus_connectors::sink::Payload;
+use ketenbus_schemas::{AvroRecord, DeadLetter, Event, EventKind, RawEnvelope, topics};
+
+use super::{Job, Undeliverable};
+use crate::bus::{AckToken, Record};
+use crate::config::FilterConfig;
+
+pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliverable> {
+    // Replayed dead letters carry the original record and its topic.
+    if record.topic == topics::replay(subscription) {
+        let dl = DeadLetter::from_avro(&record.value).map_err(|e| Undeliverable {
+            record_id: String::from_utf8_lossy(&record.key).into_owned(),
+            envelope_id: String::from_utf8_lossy(&record.key).into_owned(),
+            reason: "undecodable_replay",
+            detail: e.to_string(),
+        })?;
+        return decode_value(record.ack_token(), dl.source_topic, dl.key, dl.value);
+    }
+    decode_value(
+        record.ack_token(),
+        record.topic.clone(),
+        record.key.clone(),
+        record.value.clone(),
+    )
+}
+
+pub(super) fn decode_value(
+    token: AckToken,
+    topic: String,
+    key: Vec<u8>,
+    value: Vec<u8>,
+) -> Result<Job, Undeliverable> {
+    let undecodable = |e: &dyn std::fmt::Display| Undeliverable {
+        record_id: String::from_utf8_lossy(&key).into_owned(),
+        envelope_id: String::from_utf8_lossy(&key).into_owned(),
+        reason: "undecodable_record",
+        detail: e.to_string(),
+    };
+    let (record_id, envelope_id, kind, payload) = if topic == topics::RAW {
+        let env = RawEnvelope::from_avro(&value).map_err(|e| undecodable(&e))?;
+        (
+            env.id.clone(),
+            env.id.clone(),
+            "raw",
+            Payload::Raw(Arc::new(env)),
+        )
+    } else {
+        let kind = topic
+            .strip_prefix("ketenbus.events.")
+            .and_then(EventKind::parse)
+            .ok_or_else(|| undecodable(&format!("no event kind for topic {topic}")))?;
+        let event = Event::from_avro(kind, &value).map_err(|e| undecodable(&e))?;
+        let h = event.header();
+        (
+            h.id.clone(),
+            h.envelope_id.clone(),
+            kind.as_str(),
+            Payload::Event(Arc::new(event)),
+        )
+    };
+    Ok(Job {
+        token,
+        record_id,
+        envelope_id,
+        kind,
+        payload,
+        source_topic: topic,
+        key,
+        value,
+        prior: None,
+    })
+}
+
+pub(super) fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
+    // A raw message is for every receiver its transport names (each mail recipient).
+    let (sender, receivers) = match payload {
+        Payload::Event(e) => (
+            e.header().sender.as_deref(),
+            e.header().receiver.iter().cloned().collect(),
+        ),
+        Payload::Raw(env) => (
+            env.sender.as_deref(),
+            ketenbus_connectors::party::transport_receivers(env),
+        ),
+    };
+    let sender_ok =
+        filter.senders.is_empty() || sender.is_some_and(|v| filter.senders.iter().any(|x| x == v));
+    let receiver_ok =
+        filter.receivers.is_empty() || receivers.iter().any(|r| filter.receivers.contains(r));
+    sender_ok && receiver_ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_party_ids() {
+        let env = RawEnvelope {
+            id: "m".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: ketenbus_schemas::Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: Some("mailbox:500001234".into()),
+            receiver: None,
+            body: vec![],
+            attributes: Default::default(),
+        };
+        let p = Payload::Raw(Arc::new(env));
+        assert!(passes(&FilterConfig::default(), &p));
+        assert!(passes(
+            &FilterConfig {
+                senders: vec!["mailbox:500001234".into()],
+                receivers: vec![]
+            },
+            &p
+        ));
+        assert!(!passes(
+            &FilterConfig {
+                senders: vec!["agb:1".into()],
+                receivers: vec![]
+            },
+            &p
+        ));
+        assert!(
+            !passes(
+                &FilterConfig {
+                    senders: vec![],
+                    receivers: vec!["agb:1".into()]
+                },
+                &p
+            ),
+            "unknown receiver fails a receiver filter"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Finishing a batch: outcomes, dead letters and parked records published, audit records
+//! appended, lineage recorded, and only then the records acknowledged.
+
+use ketenbus_connectors::sink::DeliveryError;
+use ketenbus_schemas::lineage::Stage;
+use ketenbus_schemas::{AvroRecord, DeadLetter, DeliveryOutcome, Outcome, topics};
+use tokio_util::sync::CancellationToken;
+
+use super::Done;
+use crate::bus::{Bus, BusError, Consumer, OutRecord, publish_retrying};
+use crate::now_ms;
+use crate::observe::lineage::{Lineage, Step};
+use crate::observe::metrics;
+
+/// The two consumers of a subscription, and which topic the second reads.
+pub(super) struct Consumers<'a, C> {
+    pub(super) main: &'a mut C,
+    pub(super) retry: &'a mut C,
+    pub(super) retry_topic: &'a str,
+}
+
+/// Publish outcomes, dead letters and parked records of finished records, record lineage,
+/// then ack.
+pub(super) async fn finish<B: Bus>(
+    bus: &B,
+    consumers: Consumers<'_, B::Consumer>,
+    subscription: &str,
+    batch: Vec<Done>,
+    lineage: &Lineage,
+    cancel: &CancellationToken,
+    audit: Option<&crate::observe::audit::Audit>,
+) -> Result<(), BusError> {
+    let at = now_ms();
+    let mut out = Vec::with_capacity(batch.len() * 2);
+    for d in &batch {
+        if let Some(parked) = &d.park {
+            out.push(OutRecord {
+                topic: topics::retry(subscription),
+                key: parked.key.clone(),
+                value: parked.to_avro().expect("retry records fit their schema"),
+            });
+            continue;
+        }
+        let (reason, detail) = match &d.error {
+            Some(e) => (Some(e.reason().to_owned()), Some(e.detail().to_owned())),
+            None => (None, None),
+        };
+        if let Some((source_topic, key, value)) = &d.dead_letter {
+            let dl = DeadLetter::new(
+                subscription,
+                (&d.record_id, &d.envelope_id),
+                at,
+                reason.as_deref().unwrap_or("unknown"),
+                detail.clone(),
+                (source_topic.clone(), key.clone(), value.clone()),
+            );
+            out.push(OutRecord {
+                topic: topics::dead_letters(subscription),
+                key: key.clone(),
+                value: dl.to_avro().expect("dead letters fit their schema"),
+            });
+        }
+        // A filter miss is not news; a delivery withheld for want of consent is.
+        if d.outcome != Outcome::Filtered || d.error.is_some() {
+            let o = DeliveryOutcome {
+                subscription: subscription.to_owned(),
+                record_id: d.record_id.clone(),
+                envelope_id: d.envelope_id.clone(),
+                at_ms: at,
+                attempt: i32::try_from(d.attempt).unwrap_or(i32::MAX),
+                outcome: d.outcome,
+                reason: reason.clone(),
+                detail: detail.clone(),
+            };
+            out.push(OutRecord {
+                topic: topics::DELIVERY_OUTCOMES.to_owned(),
+                key: d.envelope_id.clone().into_bytes(),
+                value: o.to_avro().expect("outcomes fit their schema"),
+            });
+        }
+    }
+    // Outcomes, parked records and audit records go to disk side by side; all before the ack.
+    let entries: Vec<_> = batch.iter().flat_map(|d| d.audit.iter().cloned()).collect();
+    let (published, audited) = tokio::join!(publish_retrying(bus, out, cancel), async {
+        match audit {
+            Some(a) => a.append(entries).await,
+            None => Ok(()),
+        }
+    });
+    published?;
+    audited.map_err(|e| BusError::Fatal(e.to_string()))?;
+    for d in batch {
+        let consumer = if d.token.topic == consumers.retry_topic {
+            &mut *consumers.retry
+        } else {
+            &mut *consumers.main
+        };
+        if d.park.is_some() {
+            // Parked, not finished: its lineage step ("retrying") came from its lane.
+            consumer.ack(d.token).await?;
+            continue;
+        }
+        let stage = if d.outcome == Outcome::DeadLettered {
+            Stage::DeadLettered
+        } else {
+            Stage::Delivery
+        };
+        let mut step = Step::new(at, stage, d.outcome.into());
+        step.subscription = Some(subscription.to_owned());
+        step.record_id = Some(d.record_id.clone());
+        step.kind = Some(d.kind.to_owned());
+        step.attempt = (d.attempt > 0).then_some(d.attempt);
+        if let Some(e) = &d.error {
+            step.reason = Some(e.reason().to_owned());
+            step.detail = Some(e.detail().to_owned());
+        }
+        match (d.outcome, &d.error) {
+            (Outcome::DeadLettered, e) => metrics::dead_lettered(
+                subscription,
+                e.as_ref().map_or("unknown", DeliveryError::reason),
+            ),
+            (Outcome::Filtered, _) => metrics::filtered(subscription),
+            _ => {} // delivered: counted by the lane, with its latency
+        }
+        lineage.step(&d.envelope_id, step).await;
+        consumer.ack(d.token).await?;
+    }
+    Ok(())
+}
