@@ -35,6 +35,7 @@
 //!
 //! All of this uses the `Bus` contract only, so both engines behave alike.
 
+pub mod config;
 pub mod consent;
 pub mod dlq;
 
@@ -53,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, Record, embedded::partition_for};
 use crate::bus::{publish_retrying, while_unavailable};
-use crate::config::{FilterConfig, RetryConfig, Subscription};
+use crate::deliver::config::{FilterConfig, RetryConfig, Subscription};
 use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Step};
@@ -1244,8 +1245,8 @@ mod tests {
     use super::*;
     use crate::bus::TopicSpec;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
-    use crate::config::Sink as SinkConfig;
-    use crate::config::Source;
+    use crate::deliver::config::Sink as SinkConfig;
+    use crate::deliver::config::Source;
 
     /// A real sink that takes its time: records what arrives, in arrival order.
     struct SlowRecorder {
