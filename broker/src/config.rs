@@ -330,7 +330,8 @@ mod tests {
     use ketenbus_connectors::address_book::Destination;
 
     use super::*;
-    use crate::deliver::config::{Secret, Sink};
+    use crate::deliver::config::Secret;
+    use crate::deliver::sink::webhook::Webhook;
 
     fn no_env() -> Env {
         Env::empty()
@@ -468,11 +469,11 @@ mod tests {
             .validate(&audit_key_only())
             .expect("every channel has addresses");
         assert!(matches!(
-            settings.subscriptions[0].sink,
-            Sink::Webhook {
+            settings.subscriptions[0].sink.get::<Webhook>(),
+            Some(Webhook {
                 url: Destination::Receiver(_),
                 ..
-            }
+            })
         ));
         // Consent without a party checks each record's receiver: only for such a sink.
         let consent = r#"

@@ -38,6 +38,7 @@
 pub mod config;
 pub mod consent;
 pub mod dlq;
+pub mod sink;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1247,6 +1248,7 @@ mod tests {
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
     use crate::deliver::config::Sink as SinkConfig;
     use crate::deliver::config::Source;
+    use crate::deliver::sink::webhook::Webhook;
 
     /// A real sink that takes its time: records what arrives, in arrival order.
     struct SlowRecorder {
@@ -1353,14 +1355,14 @@ mod tests {
             name: name.into(),
             sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
             filter: FilterConfig::default(),
-            sink: SinkConfig::Webhook {
+            sink: SinkConfig::new(Webhook {
                 url: ketenbus_connectors::address_book::Destination::Fixed(
                     "http://127.0.0.1:1/".parse().unwrap(),
                 ),
                 secret: None,
                 timeout: Duration::from_secs(1),
                 ca_file: None,
-            },
+            }),
             retry,
             concurrency,
         }

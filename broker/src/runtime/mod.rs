@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, TopicSpec};
 use crate::config::Settings;
 use crate::deliver;
-use crate::deliver::config::{Sink, SinkContext, Source};
+use crate::deliver::config::{SinkContext, Source};
 use crate::http::state::ApiState;
 use crate::ingest::BusIngest;
 use crate::observe::health::{Health, State};
@@ -86,7 +86,7 @@ pub async fn run<B: Bus>(
                 subscriptions: settings
                     .subscriptions
                     .iter()
-                    .filter(|s| matches!(s.sink, Sink::Mail { .. }))
+                    .filter(|s| s.sink.gets_delivery_reports())
                     .map(|s| s.name.clone())
                     .collect(),
                 sources: ketenbus_connectors::mail::dsn::ReportSources::of(&cfg.mail),
