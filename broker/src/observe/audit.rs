@@ -166,6 +166,57 @@ impl AuditConfig {
     }
 }
 
+impl AuditConfig {
+    /// The audit trail `ketenbus run` writes, if enabled. A broker listening on loopback
+    /// only (`loopback`) without a configured key makes its own first (the quick start).
+    ///
+    /// # Errors
+    /// No key can be made or read, or the trail cannot be opened.
+    pub fn start(
+        &self,
+        data_dir: &Path,
+        loopback: bool,
+        env: &Env,
+    ) -> Result<Option<Audit>, StartError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if self.makes_own_key(loopback, env) {
+            // The quick start: a loopback broker makes its own key, outside data_dir.
+            let file = ensure_local_key(env).map_err(StartError::NoLocalKey)?;
+            tracing::warn!(key_file = %file.display(), "audit.key_env is not set: the audit trail is keyed with this machine's own key; set audit.key_env or audit.key_file from a secret store before leaving loopback");
+        }
+        let key = self
+            .key(data_dir, env)
+            .map_err(|(k, m)| StartError::Key(k, m))?;
+        Audit::open(data_dir, key)
+            .map(Some)
+            .map_err(StartError::Open)
+    }
+}
+
+/// Why the audit trail could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No key is configured and none can be made on this machine.
+    #[error("audit.key_env is not set and no local key can be made: {0}")]
+    NoLocalKey(String),
+    /// The configured key is missing, too short or misplaced: (key under `audit`, message).
+    #[error("audit.{0}: {1}")]
+    Key(&'static str, String),
+    /// The trail's file cannot be opened.
+    #[error("opening the audit trail")]
+    Open(#[source] AuditError),
+}
+
+impl StartError {
+    /// Without an audit trail the broker does not start: an operator acts.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        ketenbus_connectors::ErrorKind::Fatal
+    }
+}
+
 /// Where a broker that listens on loopback only (the quick start) keeps the audit key it
 /// makes itself when none is configured: `$XDG_CONFIG_HOME/ketenbus/audit.key`, else
 /// `$HOME/.config/ketenbus/audit.key`. Outside any data directory, readable by its owner only.

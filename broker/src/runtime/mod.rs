@@ -97,28 +97,9 @@ pub async fn run<B: Bus>(
         cancel.clone(),
     ));
     names.insert(router_task.id(), "router".to_owned());
-    let audit = if cfg.audit.enabled {
-        if cfg
-            .audit
-            .makes_own_key(cfg.http.listen.ip().is_loopback(), env)
-        {
-            // The quick start: a loopback broker makes its own key, outside data_dir.
-            let file = crate::observe::audit::ensure_local_key(env).map_err(|m| {
-                anyhow::anyhow!("audit.key_env is not set and no local key can be made: {m}")
-            })?;
-            tracing::warn!(key_file = %file.display(), "audit.key_env is not set: the audit trail is keyed with this machine's own key; set audit.key_env or audit.key_file from a secret store before leaving loopback");
-        }
-        let key = cfg
-            .audit
-            .key(&cfg.data_dir, env)
-            .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))?;
-        Some(
-            crate::observe::audit::Audit::open(&cfg.data_dir, key)
-                .context("opening the audit trail")?,
-        )
-    } else {
-        None
-    };
+    let audit = cfg
+        .audit
+        .start(&cfg.data_dir, cfg.http.listen.ip().is_loopback(), env)?;
     let consent_registry = cfg.consent.registry().context("reading the consent file")?;
     let sinks = SinkContext {
         book: Arc::new(cfg.address_book.clone()),
