@@ -207,9 +207,11 @@ impl Config {
     pub fn validate(self, env: &Env) -> Result<Settings, Vec<Problem>> {
         let loopback = self.http.listen.ip().is_loopback();
         let book = Arc::new(self.address_book.clone());
-        let mut problems = self.bus_problems();
+        // Sections in the order `check-config` has always listed their problems.
+        let mut problems = self.partitions_problems();
         problems.extend(self.http.problems());
         problems.extend(self.limits.problems(self.largest_message()));
+        problems.extend(self.engine_problems());
         problems.extend(self.keys.problems(env));
         problems.extend(self.audit.problems(&self.data_dir, loopback, env));
         problems.extend(Problem::under("mail", self.mail.problems(env.lookup())));
@@ -236,13 +238,20 @@ impl Config {
         }
     }
 
-    /// Problems with `[bus]`, and the HTTP ingest timeout the Kafka engine's needs.
-    fn bus_problems(&self) -> Vec<Problem> {
+    /// The problem with `bus.partitions`, if any.
+    fn partitions_problems(&self) -> Vec<Problem> {
+        if self.bus.partitions == 0 || self.bus.partitions > 1024 {
+            vec![Problem::new("bus.partitions", "must be between 1 and 1024")]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Problems with the engine's settings, and the HTTP ingest timeout the Kafka engine's
+    /// needs.
+    fn engine_problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut p = |path: &str, message: String| problems.push(Problem::new(path, message));
-        if self.bus.partitions == 0 || self.bus.partitions > 1024 {
-            p("bus.partitions", "must be between 1 and 1024".into());
-        }
         match (&self.bus.engine, &self.bus.kafka) {
             (Engine::Kafka, None) => p("bus.kafka", "required when bus.engine = \"kafka\"".into()),
             (Engine::Kafka, Some(k)) => {
