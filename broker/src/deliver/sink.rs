@@ -30,7 +30,7 @@ pub trait BuildSink: std::fmt::Debug + Send + Sync + Any {
     ///
     /// # Errors
     /// The client cannot be made (a CA file unreadable, a TLS or mail setting refused).
-    fn build(&self, ctx: &SinkContext) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>>;
+    fn build(&self, ctx: &SinkContext) -> Result<Arc<dyn ketenbus_connectors::Sink>, BuildError>;
 
     /// Whether delivery reports (DSNs) may come back for what it sends.
     fn gets_delivery_reports(&self) -> bool {
@@ -52,7 +52,10 @@ impl Sink {
     ///
     /// # Errors
     /// The client cannot be made (a CA file unreadable, a TLS or mail setting refused).
-    pub fn build(&self, ctx: &SinkContext) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
+    pub fn build(
+        &self,
+        ctx: &SinkContext,
+    ) -> Result<Arc<dyn ketenbus_connectors::Sink>, BuildError> {
         self.0.build(ctx)
     }
 
@@ -67,6 +70,37 @@ impl Sink {
     pub fn get<T: BuildSink>(&self) -> Option<&T> {
         let any: &dyn Any = &*self.0;
         any.downcast_ref()
+    }
+}
+
+/// Why a sink's client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A file the sink names cannot be read.
+    #[error("reading {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// The webhook's HTTP client (its TLS roots) was refused.
+    #[error("building the webhook client")]
+    Webhook(#[source] reqwest::Error),
+    /// The FHIR sink's client was refused.
+    #[error("building the FHIR sink: {0}")]
+    Fhir(String),
+    /// The mail sink's settings were refused.
+    #[error("building the mail sink")]
+    Mail(#[source] ketenbus_connectors::mail::MailError),
+}
+
+impl BuildError {
+    /// A sink that cannot be made stops the start: an operator acts.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        ketenbus_connectors::ErrorKind::Fatal
     }
 }
 

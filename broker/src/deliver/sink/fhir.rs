@@ -7,7 +7,7 @@ use ketenbus_connectors::address_book::{Channel, Destination};
 use ketenbus_connectors::fhir::{BundleStyle, FhirSink};
 use serde::Deserialize;
 
-use super::{BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
+use super::{BuildError, BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
 
 /// `[subscriptions.sink]` with `type = "fhir"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,7 +76,7 @@ impl SinkConfigure for FhirConfig {
 }
 
 impl BuildSink for Fhir {
-    fn build(&self, ctx: &SinkContext) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
+    fn build(&self, ctx: &SinkContext) -> Result<Arc<dyn ketenbus_connectors::Sink>, BuildError> {
         let store = Arc::clone(&ctx.content);
         let s = FhirSink::new(
             self.base.clone(),
@@ -84,7 +84,7 @@ impl BuildSink for Fhir {
             self.source_endpoint.clone(),
             self.timeout,
         )
-        .map_err(|e| anyhow::anyhow!("building the FHIR sink: {e}"))?
+        .map_err(BuildError::Fhir)?
         .with_bearer(self.token.as_ref().map(Secret::text))
         .with_attachments(Arc::new(move |hash: &str| store.get(hash).ok().flatten()));
         Ok(Arc::new(s))

@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use ketenbus_connectors::mail::{MailSink, MailSinkConfig};
 
-use super::{BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
+use super::{BuildError, BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
 
 /// A validated mail sink: its password read.
 #[derive(Debug, Clone)]
@@ -37,14 +36,14 @@ impl SinkConfigure for MailSinkConfig {
 }
 
 impl BuildSink for Mail {
-    fn build(&self, ctx: &SinkContext) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
+    fn build(&self, ctx: &SinkContext) -> Result<Arc<dyn ketenbus_connectors::Sink>, BuildError> {
         let s = MailSink::new(
             self.config.clone(),
             self.password.as_ref().map(Secret::text),
             Arc::clone(&ctx.book),
             Some(Arc::clone(&ctx.content)),
         )
-        .context("building the mail sink")?
+        .map_err(BuildError::Mail)?
         .with_report_key(ctx.report_key.clone());
         Ok(Arc::new(s))
     }

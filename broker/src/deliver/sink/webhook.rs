@@ -4,12 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use ketenbus_connectors::address_book::{Channel, Destination};
 use ketenbus_connectors::webhook::WebhookSink;
 use serde::Deserialize;
 
-use super::{BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
+use super::{BuildError, BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
 
 /// `[subscriptions.sink]` with `type = "webhook"`.
 #[derive(Debug, Clone, Deserialize)]
@@ -72,11 +71,16 @@ impl SinkConfigure for WebhookConfig {
 }
 
 impl BuildSink for Webhook {
-    fn build(&self, _: &SinkContext) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
+    fn build(&self, _: &SinkContext) -> Result<Arc<dyn ketenbus_connectors::Sink>, BuildError> {
         let ca = self
             .ca_file
             .as_ref()
-            .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
+            .map(|f| {
+                std::fs::read(f).map_err(|error| BuildError::Read {
+                    path: f.display().to_string(),
+                    error,
+                })
+            })
             .transpose()?;
         let s = WebhookSink::with_roots(
             self.url.clone(),
@@ -84,7 +88,7 @@ impl BuildSink for Webhook {
             self.timeout,
             ca.as_deref(),
         )
-        .context("building the webhook client")?;
+        .map_err(BuildError::Webhook)?;
         Ok(Arc::new(s))
     }
 }
