@@ -3,16 +3,18 @@
 //! runs the same validation and prints every problem with its key path.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use ketenbus_connectors::address_book::{Channel, Destination};
-use ketenbus_schemas::EventKind;
 use serde::Deserialize;
 
 use crate::bus::{BusConfig, Engine};
+use crate::deliver::config::{Subscription, SubscriptionConfig};
+pub use crate::env::{Env, Problem};
+use crate::http::config::HttpConfig;
+use crate::ingest::limits::LimitsConfig;
+use crate::route::edifact::EdifactConfig;
+use crate::route::keys::KeysConfig;
 
 /// The whole configuration file. Every key has a default: no file at all is a valid setup.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,35 +53,6 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Most bytes of incoming messages held in memory at once, by all ways in together
-    /// (HTTP bodies, SMTP DATA, inbox files, IMAP messages) until each is durable. Past it
-    /// HTTP answers 503, SMTP `451 4.3.1`, and the inbox and IMAP pickup try again later.
-    /// At least the largest message any way in accepts.
-    pub ingest_memory: bytesize::ByteSize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            ingest_memory: bytesize::ByteSize::mib(256),
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// The budget every way in holds its message bytes against.
-    #[must_use]
-    pub fn budget(&self) -> ketenbus_connectors::budget::Budget {
-        ketenbus_connectors::budget::Budget::new(
-            usize::try_from(self.ingest_memory.as_u64()).unwrap_or(usize::MAX),
-        )
-    }
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -101,293 +74,6 @@ impl Default for Config {
     }
 }
 
-/// `[edifact]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EdifactConfig {
-    /// Partners (UNB sender party ids, e.g. `mailbox:500001234`) that get a UN CONTRL
-    /// acknowledgement of every interchange they send. The CONTRL goes on the raw topic
-    /// addressed to them (receiver = their party id) for a raw subscription to send back.
-    pub contrl_partners: Vec<String>,
-}
-
-/// `[http]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HttpConfig {
-    /// Address to listen on.
-    pub listen: SocketAddr,
-    /// Largest message body accepted; larger ones get 413.
-    pub max_body: bytesize::ByteSize,
-    /// Longest wait for the log to make a message durable before answering 503. On Kafka it
-    /// must be longer than `bus.kafka.delivery_timeout`, so a 503 means "not stored".
-    #[serde(with = "humantime_serde")]
-    pub ingest_timeout: Duration,
-    /// TLS on the listener (`[http.tls]`); without it the listener speaks plain HTTP.
-    pub tls: Option<crate::http::server::TlsConfig>,
-    /// Plain HTTP on a non-loopback address. Off by default: such a listener needs
-    /// `[http.tls]` or this set to `true` (which logs a warning at start-up).
-    pub allow_plaintext: bool,
-    /// Connection, header and time limits (`[http.limits]`).
-    pub limits: crate::http::server::Limits,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        HttpConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body: bytesize::ByteSize::mib(25),
-            ingest_timeout: Duration::from_secs(10),
-            tls: None,
-            allow_plaintext: false,
-            limits: crate::http::server::Limits::default(),
-        }
-    }
-}
-
-/// `[keys]`
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KeysConfig {
-    /// Environment variable holding the secret for patient keys (keyed hash of the BSN).
-    /// Every process sharing a Kafka cluster needs the same one. Without it, a random secret
-    /// is generated once into `<data_dir>/patient-key.secret`.
-    pub patient_key_secret_env: Option<String>,
-}
-
-/// `[[subscriptions]]`: one receiver and what it gets.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubscriptionConfig {
-    /// Unique name: letters, digits, `-` and `_`. Used in topic and group names and metrics.
-    pub name: String,
-    /// Event kinds to deliver: lab_result, letter, acute_handover, handover_notification, or
-    /// `raw` for envelopes exactly as received.
-    pub kinds: Vec<String>,
-    /// Only records whose sender/receiver party ids match.
-    #[serde(default)]
-    pub filter: FilterConfig,
-    /// Where to deliver.
-    pub sink: SinkConfig,
-    /// Retry policy.
-    #[serde(default)]
-    pub retry: RetryConfig,
-    /// Deliveries in flight at once; records with one patient key stay in order.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
-    /// Deliver only what the patient's consent allows (`[subscriptions.consent]`).
-    #[serde(default)]
-    pub consent: Option<crate::deliver::consent::SubscriptionConsent>,
-}
-
-fn default_concurrency() -> usize {
-    16
-}
-
-/// `[subscriptions.filter]`: empty lists let everything through.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilterConfig {
-    /// Sender party ids (`scheme:value`, e.g. `agb:01234567`, `mailbox:500001234`).
-    pub senders: Vec<String>,
-    /// Receiver party ids.
-    pub receivers: Vec<String>,
-}
-
-/// `[subscriptions.sink]`, tagged by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// JSON POST of each event (original bytes for `raw`).
-    Webhook {
-        /// Endpoint URL; when absent, each record's receiver's `webhook` address from
-        /// `[address_book]`.
-        #[serde(default)]
-        url: Option<String>,
-        /// Environment variable with the HMAC-SHA256 signing secret.
-        secret_env: Option<String>,
-        /// Per-request timeout.
-        #[serde(default = "default_timeout", with = "humantime_serde")]
-        timeout: Duration,
-        /// PEM file of the CA certificates to trust for this endpoint, instead of the
-        /// public roots (a private care-network CA).
-        #[serde(default)]
-        ca_file: Option<PathBuf>,
-        /// Allow an `http://` URL to a non-loopback host (unencrypted). Loopback needs no flag.
-        #[serde(default)]
-        allow_plain_http: bool,
-    },
-    /// Secure mail through an SMTP submission server (`ketenbus_connectors::mail::MailSinkConfig`).
-    Mail(ketenbus_connectors::mail::MailSinkConfig),
-    /// A FHIR R4 endpoint: each event as nl-core resources in one Bundle.
-    Fhir {
-        /// The subscriber's FHIR base URL; when absent, each record's receiver's `fhir`
-        /// address from `[address_book]`.
-        #[serde(default)]
-        base_url: Option<String>,
-        /// `transaction` (POST to the base) or `message` (POST to `[base]/$process-message`).
-        #[serde(default)]
-        style: ketenbus_connectors::fhir::BundleStyle,
-        /// ketenbus's own FHIR base, written into `MessageHeader.source.endpoint`.
-        #[serde(default)]
-        source_endpoint: Option<String>,
-        /// Environment variable holding a bearer token for the endpoint.
-        #[serde(default)]
-        token_env: Option<String>,
-        /// Per-request timeout.
-        #[serde(default = "default_timeout", with = "humantime_serde")]
-        timeout: Duration,
-        /// Allow an `http://` base URL to a non-loopback host (unencrypted). Loopback needs no flag.
-        #[serde(default)]
-        allow_plain_http: bool,
-    },
-}
-
-impl SinkConfig {
-    /// Whether the sink names where it sends (else: each record's receiver, address book).
-    #[must_use]
-    pub fn has_fixed_destination(&self) -> bool {
-        match self {
-            SinkConfig::Webhook { url, .. } => url.is_some(),
-            SinkConfig::Fhir { base_url, .. } => base_url.is_some(),
-            SinkConfig::Mail(m) => m.to.is_some(),
-        }
-    }
-}
-
-fn default_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-
-/// `[subscriptions.retry]`: exponential backoff with jitter.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// First wait.
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    /// Longest wait between tries.
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-    /// After this long since the first try, the record goes to the dead letters.
-    #[serde(with = "humantime_serde")]
-    pub give_up_after: Duration,
-}
-
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(300),
-            give_up_after: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-/// A configuration problem at a key path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Key path, e.g. `subscriptions[1].sink.url`.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// What a subscription takes from the log.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Source {
-    /// Raw envelopes.
-    Raw,
-    /// Events of one kind.
-    Events(EventKind),
-}
-
-/// A validated sink.
-#[derive(Debug, Clone)]
-pub enum Sink {
-    /// Webhook with its secret resolved.
-    Webhook {
-        /// Endpoint, fixed or from the address book.
-        url: Destination<reqwest::Url>,
-        /// Signing secret (never printed).
-        secret: Option<Secret>,
-        /// Request timeout.
-        timeout: Duration,
-        /// CA bundle to trust instead of the public roots.
-        ca_file: Option<PathBuf>,
-    },
-    /// FHIR endpoint with its token resolved.
-    Fhir {
-        /// Base URL, fixed or from the address book.
-        base: Destination<reqwest::Url>,
-        /// Transaction or message Bundle.
-        style: ketenbus_connectors::fhir::BundleStyle,
-        /// `MessageHeader.source.endpoint`.
-        source_endpoint: Option<String>,
-        /// Bearer token (never printed).
-        token: Option<Secret>,
-        /// Request timeout.
-        timeout: Duration,
-    },
-    /// Secure mail with its password resolved.
-    Mail {
-        /// The sink's settings.
-        config: ketenbus_connectors::mail::MailSinkConfig,
-        /// Submission password (never printed).
-        password: Option<Secret>,
-    },
-}
-
-/// A secret value: prints as `***`.
-#[derive(Clone)]
-pub struct Secret(pub Vec<u8>);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-/// A validated subscription.
-#[derive(Debug, Clone)]
-pub struct Subscription {
-    /// Name.
-    pub name: String,
-    /// What it reads.
-    pub sources: BTreeSet<Source>,
-    /// Filter.
-    pub filter: FilterConfig,
-    /// Sink.
-    pub sink: Sink,
-    /// Retry policy.
-    pub retry: RetryConfig,
-    /// Lanes.
-    pub concurrency: usize,
-}
-
-impl Subscription {
-    /// The topics it reads: its event kinds or raw, and its replay topic.
-    #[must_use]
-    pub fn source_topics(&self) -> Vec<String> {
-        let mut t: Vec<String> = self
-            .sources
-            .iter()
-            .map(|s| match s {
-                Source::Raw => ketenbus_schemas::topics::RAW.to_owned(),
-                Source::Events(kind) => ketenbus_schemas::topics::events(*kind),
-            })
-            .collect();
-        t.push(ketenbus_schemas::topics::replay(&self.name));
-        t
-    }
-}
-
 /// The validated configuration the runtime uses.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -395,6 +81,8 @@ pub struct Settings {
     pub config: Config,
     /// Validated subscriptions.
     pub subscriptions: Vec<Subscription>,
+    /// The environment it was validated with, for what is read at start-up.
+    pub env: Env,
 }
 
 impl Settings {
@@ -474,21 +162,86 @@ impl Config {
         })
     }
 
-    /// Check everything serde cannot, collecting every problem; environment variables are
-    /// read through `env` so tests need not touch the process environment.
+    /// Check everything serde cannot, collecting every problem: the sum of each section's
+    /// problems. Environment variables are read through `env`, so tests need not touch the
+    /// process environment.
     ///
     /// # Errors
     /// Every problem found, each with its key path.
-    pub fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, Vec<Problem>> {
-        let mut problems = Vec::new();
-        let mut p = |path: String, message: String| problems.push(Problem { path, message });
+    pub fn validate(self, env: &Env) -> Result<Settings, Vec<Problem>> {
+        let loopback = self.http.listen.ip().is_loopback();
+        let book = Arc::new(self.address_book.clone());
+        // Sections in the order `check-config` has always listed their problems.
+        let mut problems = self.partitions_problems();
+        problems.extend(self.http.problems());
+        problems.extend(self.limits.problems(self.largest_message()));
+        problems.extend(self.engine_problems());
+        problems.extend(self.keys.problems(env));
+        problems.extend(self.audit.problems(&self.data_dir, loopback, env));
+        problems.extend(Problem::under("mail", self.mail.problems(env.lookup())));
+        problems.extend(crate::deliver::config::address_book_problems(&book));
+        problems.extend(crate::http::auth::problems(&self.senders, &self.operators));
+        problems.extend(crate::deliver::config::consent_problems(
+            &self.consent,
+            &self.subscriptions,
+        ));
+        for (i, inbox) in self.inbox.iter().enumerate() {
+            problems.extend(Problem::under(&format!("inbox[{i}]"), inbox.problems()));
+        }
+        let subscriptions = crate::deliver::config::check_all(&self.subscriptions, &book, env)
+            .map_err(|found| problems.extend(found))
+            .unwrap_or_default();
+        if problems.is_empty() {
+            Ok(Settings {
+                config: self,
+                subscriptions,
+                env: env.clone(),
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The problem with `bus.partitions`, if any.
+    fn partitions_problems(&self) -> Vec<Problem> {
         if self.bus.partitions == 0 || self.bus.partitions > 1024 {
-            p("bus.partitions".into(), "must be between 1 and 1024".into());
+            vec![Problem::new("bus.partitions", "must be between 1 and 1024")]
+        } else {
+            Vec::new()
         }
-        if self.http.max_body.as_u64() == 0 {
-            p("http.max_body".into(), "must be more than 0 bytes".into());
+    }
+
+    /// Problems with the engine's settings, and the HTTP ingest timeout the Kafka engine's
+    /// needs.
+    fn engine_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut p = |path: &str, message: String| problems.push(Problem::new(path, message));
+        match (&self.bus.engine, &self.bus.kafka) {
+            (Engine::Kafka, None) => p("bus.kafka", "required when bus.engine = \"kafka\"".into()),
+            (Engine::Kafka, Some(k)) => {
+                for problem in k.problems() {
+                    let (key, message) = problem.split_once(": ").unwrap_or(("", &problem));
+                    p(&format!("bus.kafka.{key}"), message.to_owned());
+                }
+                // A 503 must mean "not stored": the producer's verdict comes before the answer.
+                if k.delivery_timeout >= self.http.ingest_timeout {
+                    p(
+                        "http.ingest_timeout",
+                        format!(
+                            "must be longer than bus.kafka.delivery_timeout ({}), or a sender may hear 503 for a record that is stored after all",
+                            humantime::format_duration(k.delivery_timeout)
+                        ),
+                    );
+                }
+            }
+            _ => {}
         }
-        let largest = [
+        problems
+    }
+
+    /// The largest message any way in accepts, with the key that sets it.
+    fn largest_message(&self) -> Option<(&'static str, bytesize::ByteSize)> {
+        [
             ("http.max_body", self.http.max_body),
             (
                 "mail.smtp.max_message_size",
@@ -506,308 +259,7 @@ impl Config {
                 .iter()
                 .map(|i| ("mail.imap.max_message_size", i.max_message_size)),
         )
-        .max_by_key(|(_, size)| *size);
-        if let Some((key, size)) = largest
-            && self.limits.ingest_memory < size
-        {
-            p(
-                "limits.ingest_memory".into(),
-                format!("must be at least {key} ({size}), or such a message is never taken"),
-            );
-        }
-        for (k, m) in self.http.limits.problems() {
-            p(format!("http.limits.{k}"), m);
-        }
-        match &self.http.tls {
-            Some(tls) => {
-                if let Err(e) = crate::http::server::server_config(tls) {
-                    p(format!("http.tls.{}", e.key()), e.to_string());
-                }
-            }
-            None if !self.http.listen.ip().is_loopback() && !self.http.allow_plaintext => p(
-                "http.listen".into(),
-                "a non-loopback address without [http.tls]: configure TLS, or set http.allow_plaintext = true".into(),
-            ),
-            None => {}
-        }
-        match (&self.bus.engine, &self.bus.kafka) {
-            (Engine::Kafka, None) => p(
-                "bus.kafka".into(),
-                "required when bus.engine = \"kafka\"".into(),
-            ),
-            (Engine::Kafka, Some(k)) => {
-                for problem in k.problems() {
-                    let (key, message) = problem.split_once(": ").unwrap_or(("", &problem));
-                    p(format!("bus.kafka.{key}"), message.to_owned());
-                }
-                // A 503 must mean "not stored": the producer's verdict comes before the answer.
-                if k.delivery_timeout >= self.http.ingest_timeout {
-                    p(
-                        "http.ingest_timeout".into(),
-                        format!(
-                            "must be longer than bus.kafka.delivery_timeout ({}), or a sender may hear 503 for a record that is stored after all",
-                            humantime::format_duration(k.delivery_timeout)
-                        ),
-                    );
-                }
-            }
-            _ => {}
-        }
-        if let Some(var) = &self.keys.patient_key_secret_env {
-            match env(var) {
-                None => p(
-                    "keys.patient_key_secret_env".into(),
-                    format!("environment variable {var} is not set"),
-                ),
-                Some(v) if v.len() < 16 => {
-                    p(
-                        "keys.patient_key_secret_env".into(),
-                        format!("environment variable {var} holds fewer than 16 bytes"),
-                    );
-                }
-                Some(_) => {}
-            }
-        }
-        // On loopback only, `ketenbus run` makes its own key when none is configured.
-        let own_key = self.http.listen.ip().is_loopback()
-            && self.audit.key_file.is_none()
-            && env(&self.audit.key_env).is_none();
-        if self.audit.enabled
-            && !own_key
-            && let Err((key, m)) = self.audit.key(&self.data_dir, env)
-        {
-            p(format!("audit.{key}"), m);
-        }
-        for (k, m) in self.mail.problems(env) {
-            p(format!("mail.{k}"), m);
-        }
-        for (k, m) in self.address_book.problems() {
-            p(k, m);
-        }
-        for (party, entry) in &self.address_book.0 {
-            for (key, url) in [("webhook", &entry.webhook), ("fhir", &entry.fhir)] {
-                if let Some(Err(m)) = url.as_deref().map(|u| endpoint_url(u, false)) {
-                    p(format!("address_book.{party:?}.{key}"), m);
-                }
-            }
-        }
-        let book = Arc::new(self.address_book.clone());
-        // A sink without a fixed destination needs the address book to serve its channel.
-        let from_book = |channel: Channel| {
-            if book.serves(channel) {
-                Ok(Destination::Receiver(Arc::clone(&book)))
-            } else {
-                Err(format!(
-                    "required unless [address_book] has {} addresses",
-                    channel.key()
-                ))
-            }
-        };
-        for (k, m) in crate::http::auth::problems(&self.senders, &self.operators) {
-            p(k, m);
-        }
-        let with_consent: Vec<_> = self
-            .subscriptions
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| {
-                s.consent
-                    .as_ref()
-                    .map(|c| (i, c, !s.sink.has_fixed_destination()))
-            })
-            .collect();
-        for (k, m) in crate::deliver::consent::problems(&self.consent, &with_consent) {
-            p(k, m);
-        }
-        for (i, inbox) in self.inbox.iter().enumerate() {
-            for (k, m) in inbox.problems() {
-                p(format!("inbox[{i}].{k}"), m);
-            }
-        }
-        let mut names = BTreeSet::new();
-        let mut subscriptions = Vec::new();
-        for (i, s) in self.subscriptions.iter().enumerate() {
-            let at = |k: &str| format!("subscriptions[{i}].{k}");
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                p(at("name"), "must be letters, digits, '-' or '_'".into());
-            } else if !names.insert(s.name.clone()) {
-                p(
-                    at("name"),
-                    format!("duplicate subscription name {}", s.name),
-                );
-            }
-            let mut sources = BTreeSet::new();
-            if s.kinds.is_empty() {
-                p(at("kinds"), "name at least one kind".into());
-            }
-            for (j, k) in s.kinds.iter().enumerate() {
-                if k == "raw" {
-                    sources.insert(Source::Raw);
-                } else if let Some(kind) = EventKind::parse(k) {
-                    sources.insert(Source::Events(kind));
-                } else {
-                    p(
-                        format!("subscriptions[{i}].kinds[{j}]"),
-                        format!(
-                            "unknown kind {k:?}; use raw, lab_result, letter, acute_handover or handover_notification"
-                        ),
-                    );
-                }
-            }
-            if s.concurrency == 0 || s.concurrency > 1024 {
-                p(at("concurrency"), "must be between 1 and 1024".into());
-            }
-            if s.retry.initial.is_zero() {
-                p(at("retry.initial"), "must be more than 0".into());
-            }
-            if s.retry.max < s.retry.initial {
-                p(
-                    at("retry.max"),
-                    "must not be less than retry.initial".into(),
-                );
-            }
-            let sink = match &s.sink {
-                SinkConfig::Webhook {
-                    url,
-                    secret_env,
-                    timeout,
-                    ca_file,
-                    allow_plain_http,
-                } => {
-                    let parsed = match url {
-                        Some(u) => endpoint_url(u, *allow_plain_http).map(Destination::Fixed),
-                        None => from_book(Channel::Webhook),
-                    }
-                    .map_err(|m| p(at("sink.url"), m))
-                    .ok();
-                    let secret = match secret_env {
-                        None => None,
-                        Some(var) => match env(var) {
-                            Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
-                            _ => {
-                                p(
-                                    at("sink.secret_env"),
-                                    format!("environment variable {var} is not set"),
-                                );
-                                None
-                            }
-                        },
-                    };
-                    if timeout.is_zero() {
-                        p(at("sink.timeout"), "must be more than 0".into());
-                    }
-                    if let Some(ca) = ca_file
-                        && let Err(e) = crate::http::server::read_certs("ca_file", ca)
-                    {
-                        p(at("sink.ca_file"), e.to_string());
-                    }
-                    parsed.map(|url| Sink::Webhook {
-                        url,
-                        secret,
-                        timeout: *timeout,
-                        ca_file: ca_file.clone(),
-                    })
-                }
-                SinkConfig::Fhir {
-                    base_url,
-                    style,
-                    source_endpoint,
-                    token_env,
-                    timeout,
-                    allow_plain_http,
-                } => {
-                    let base = match base_url {
-                        Some(u) => endpoint_url(u, *allow_plain_http).map(Destination::Fixed),
-                        None => from_book(Channel::Fhir),
-                    }
-                    .map_err(|m| p(at("sink.base_url"), m))
-                    .ok();
-                    let token = token_env.as_ref().and_then(|var| match env(var) {
-                        Some(v) if !v.is_empty() => Some(Secret(v.into_bytes())),
-                        _ => {
-                            p(
-                                at("sink.token_env"),
-                                format!("environment variable {var} is not set"),
-                            );
-                            None
-                        }
-                    });
-                    if timeout.is_zero() {
-                        p(at("sink.timeout"), "must be more than 0".into());
-                    }
-                    base.map(|base| Sink::Fhir {
-                        base,
-                        style: *style,
-                        source_endpoint: source_endpoint.clone(),
-                        token,
-                        timeout: *timeout,
-                    })
-                }
-                SinkConfig::Mail(config) => {
-                    let found = config.problems(&self.address_book, env);
-                    let ok = found.is_empty();
-                    for (k, m) in found {
-                        p(at(&format!("sink.{k}")), m);
-                    }
-                    let password = config
-                        .password_env
-                        .as_ref()
-                        .and_then(|v| env(v))
-                        .map(|v| Secret(v.into_bytes()));
-                    ok.then(|| Sink::Mail {
-                        config: config.clone(),
-                        password,
-                    })
-                }
-            };
-            if let Some(sink) = sink {
-                subscriptions.push(Subscription {
-                    name: s.name.clone(),
-                    sources,
-                    filter: s.filter.clone(),
-                    sink,
-                    retry: s.retry.clone(),
-                    concurrency: s.concurrency,
-                });
-            }
-        }
-        if problems.is_empty() {
-            Ok(Settings {
-                config: self,
-                subscriptions,
-            })
-        } else {
-            Err(problems)
-        }
-    }
-}
-
-/// A URL whose host is this machine (`localhost`, 127.0.0.0/8, `::1`).
-fn is_loopback(url: &reqwest::Url) -> bool {
-    let Some(host) = url.host_str() else {
-        return false;
-    };
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// An http(s) endpoint URL; plain http only to loopback unless explicitly allowed.
-fn endpoint_url(url: &str, allow_plain_http: bool) -> Result<reqwest::Url, String> {
-    match reqwest::Url::parse(url) {
-        Ok(u) if u.scheme() == "http" && !allow_plain_http && !is_loopback(&u) => Err(
-            "plain http to a non-loopback host: use https, or set allow_plain_http = true".into(),
-        ),
-        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => Ok(u),
-        Ok(_) => Err("must be an http or https URL".into()),
-        Err(e) => Err(format!("not a URL: {e}")),
+        .max_by_key(|(_, size)| *size)
     }
 }
 
@@ -848,15 +300,19 @@ fn key_path_at(text: &str, offset: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use ketenbus_connectors::address_book::Destination;
 
-    fn no_env(_: &str) -> Option<String> {
-        None
+    use super::*;
+    use crate::deliver::config::Secret;
+    use crate::deliver::sink::webhook::Webhook;
+
+    fn no_env() -> Env {
+        Env::empty()
     }
 
     /// The environment of a deployment: the audit key and nothing else.
-    fn audit_key_only(k: &str) -> Option<String> {
-        (k == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32))
+    fn audit_key_only() -> Env {
+        Env::from_fn(|k| (k == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32)))
     }
 
     /// Every problem in a config that must not validate.
@@ -870,13 +326,13 @@ mod tests {
             "{found:?}"
         );
         let ok = Config::from_toml("[limits]\ningest_memory = \"25 MiB\"\n").unwrap();
-        assert!(ok.validate(&no_env).is_ok());
+        assert!(ok.validate(&no_env()).is_ok());
     }
 
     fn problems_of(text: &str) -> Vec<Problem> {
         Config::from_toml(text)
             .unwrap()
-            .validate(&audit_key_only)
+            .validate(&audit_key_only())
             .unwrap_err()
     }
 
@@ -891,13 +347,13 @@ mod tests {
 
     #[test]
     fn no_file_is_a_valid_setup() {
-        let s = Config::default().validate(&audit_key_only).unwrap();
+        let s = Config::default().validate(&audit_key_only()).unwrap();
         // On loopback the broker makes its own audit key; anywhere else it must be given.
-        Config::default().validate(&no_env).unwrap();
+        Config::default().validate(&no_env()).unwrap();
         let mut public = Config::default();
         public.http.listen = "0.0.0.0:8080".parse().unwrap();
         public.http.allow_plaintext = true;
-        let missing = public.validate(&no_env).unwrap_err();
+        let missing = public.validate(&no_env()).unwrap_err();
         assert!(
             missing.iter().any(|p| p.path == "audit.key_env"),
             "the audit key is named: {missing:?}"
@@ -911,11 +367,11 @@ mod tests {
     fn the_example_config_is_valid() {
         let text = include_str!("../../ops/ketenbus.example.toml");
         let config = Config::from_toml(text).expect("example parses");
-        let env = |k: &str| {
+        let env = Env::from_fn(|k| {
             (k == "KETENBUS_GP_WEBHOOK_SECRET" || k == "KETENBUS_PATIENT_KEY")
                 .then(|| "0123456789abcdef0123".to_owned())
                 .or_else(|| (k == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32)))
-        };
+        });
         let s = config.validate(&env).expect("example validates");
         assert!(!s.subscriptions.is_empty());
     }
@@ -983,14 +439,14 @@ mod tests {
         "#;
         let settings = Config::from_toml(&format!("{subs}{book}"))
             .unwrap()
-            .validate(&audit_key_only)
+            .validate(&audit_key_only())
             .expect("every channel has addresses");
         assert!(matches!(
-            settings.subscriptions[0].sink,
-            Sink::Webhook {
+            settings.subscriptions[0].sink.get::<Webhook>(),
+            Some(Webhook {
                 url: Destination::Receiver(_),
                 ..
-            }
+            })
         ));
         // Consent without a party checks each record's receiver: only for such a sink.
         let consent = r#"

@@ -1,6 +1,8 @@
 //! Ingest onto the log: every source hands its envelopes to [`BusIngest`], which answers
 //! only when the envelope is durable on the raw topic, then indexes it in the lineage.
 
+pub mod limits;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,6 +6,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod deliver;
+pub mod env;
 #[cfg(debug_assertions)]
 pub mod fault;
 pub mod http;
@@ -13,6 +14,7 @@ pub mod ingest;
 pub mod observe;
 pub mod route;
 pub mod runtime;
+pub mod tls;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

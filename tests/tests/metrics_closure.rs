@@ -164,7 +164,7 @@ fn closed_sets(
 ) -> BTreeMap<&'static str, BTreeMap<&'static str, BTreeSet<String>>> {
     let settings = ketenbus::config::Config::from_file(&broker.config)
         .expect("config")
-        .validate(&|k| std::env::var(k).ok())
+        .validate(&ketenbus::config::Env::process())
         .expect("valid config");
     ketenbus::observe::metrics::closed_label_values(&settings.metric_labels())
 }

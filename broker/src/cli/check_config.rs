@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::Config;
+use crate::config::{Config, Env};
 
 /// Check the file at `config`: warnings and problems on stderr, a summary on stdout.
 #[must_use]
@@ -19,7 +19,7 @@ pub fn run(config: &Path) -> ExitCode {
     for w in parsed.warnings() {
         eprintln!("{}: warning: {w}", config.display());
     }
-    match parsed.validate(&super::env_var) {
+    match parsed.validate(&Env::process()) {
         Ok(s) => {
             println!(
                 "{}: ok ({} subscriptions, engine {:?})",

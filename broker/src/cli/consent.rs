@@ -5,8 +5,6 @@ use std::path::Path;
 use anyhow::Context;
 use ketenbus_schemas::event::{Identifier, systems};
 
-use crate::route::keys::PatientKeyer;
-
 /// Print the patient pseudonym (patient key) of a BSN, the value the consent file's
 /// `patient` column holds, reading the patient-key secret as `ketenbus run` does.
 ///
@@ -15,13 +13,10 @@ use crate::route::keys::PatientKeyer;
 pub fn pseudonym(config: Option<&Path>, bsn: &str) -> anyhow::Result<()> {
     let settings = super::load(config)?;
     let cfg = &settings.config;
-    let secret = cfg
+    let keyer = cfg
         .keys
-        .patient_key_secret_env
-        .as_ref()
-        .and_then(|v| std::env::var(v).ok());
-    let keyer =
-        PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
+        .keyer(&cfg.data_dir, &settings.env)
+        .context("loading the patient-key secret")?;
     let id = Identifier {
         system: systems::BSN.into(),
         value: bsn.trim().to_owned(),

@@ -15,14 +15,8 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::config::{Config, Settings};
+use crate::config::{Config, Env, Settings};
 use crate::observe::audit::{Audit, AuditKey};
-
-/// The process environment, as configuration validation reads it.
-#[must_use]
-pub fn env_var(name: &str) -> Option<String> {
-    std::env::var(name).ok()
-}
 
 /// Load and validate, printing every problem.
 ///
@@ -33,7 +27,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
         Some(p) => Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
         None => Config::default(),
     };
-    config.validate(&env_var).map_err(|problems| {
+    config.validate(&Env::process()).map_err(|problems| {
         let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
         anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
     })
@@ -65,7 +59,7 @@ pub fn parse_since(since: Option<&str>) -> anyhow::Result<Option<i64>> {
 pub fn operator(settings: &Settings) -> anyhow::Result<Option<String>> {
     let auth =
         crate::http::auth::Authenticator::new(&settings.config.senders, &settings.config.operators);
-    let token = std::env::var("KETENBUS_OPERATOR_TOKEN").ok();
+    let token = settings.env.var("KETENBUS_OPERATOR_TOKEN");
     auth.operator_token(token.as_deref())
         .map(|p| p.map(|p| p.name.clone()))
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -79,7 +73,7 @@ pub fn operator(settings: &Settings) -> anyhow::Result<Option<String>> {
 pub fn audit_key(settings: &Settings) -> anyhow::Result<AuditKey> {
     let cfg = &settings.config;
     cfg.audit
-        .key(&cfg.data_dir, &env_var)
+        .key(&cfg.data_dir, &settings.env)
         .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))
 }
 

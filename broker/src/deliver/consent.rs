@@ -17,6 +17,8 @@ use std::time::{Duration, Instant, SystemTime};
 use ketenbus_connectors::sink::{BoxFuture, Payload};
 use serde::Deserialize;
 
+use crate::env::Problem;
+
 /// `[consent]`: where consent is looked up.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -351,9 +353,28 @@ impl ConsentCheck {
     }
 }
 
+impl ConsentConfig {
+    /// Problems with `[consent]` and the subscriptions' consent tables: for the `i`th
+    /// subscription, its table and whether its sink sends each record to its receiver.
+    #[must_use]
+    pub fn problems(&self, subscriptions: &[(usize, &SubscriptionConsent, bool)]) -> Vec<Problem> {
+        Problem::all(problems(self, subscriptions))
+    }
+
+    /// The registry `[consent]` names, if any.
+    ///
+    /// # Errors
+    /// The consent file cannot be read.
+    pub fn registry(&self) -> Result<Option<Arc<dyn ConsentRegistry>>, ConsentFileError> {
+        Ok(match &self.file {
+            Some(f) => Some(Arc::new(FileRegistry::open(f)?) as Arc<dyn ConsentRegistry>),
+            None => None,
+        })
+    }
+}
+
 /// Problems with `[consent]` and the subscriptions' consent tables, as (key path, message).
-#[must_use]
-pub fn problems(
+fn problems(
     consent: &ConsentConfig,
     subscriptions: &[(usize, &SubscriptionConsent, bool)],
 ) -> Vec<(String, String)> {

@@ -9,7 +9,7 @@ use ketenbus_schemas::{AvroRecord, DeadLetter, Event, EventKind, RawEnvelope, to
 
 use super::{Job, Undeliverable};
 use crate::bus::{AckToken, Record};
-use crate::config::FilterConfig;
+use crate::deliver::config::FilterConfig;
 
 pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliverable> {
     // Replayed dead letters carry the original record and its topic.

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::retry::{Parking, backoff, lock};
 use super::{Again, Done, Job, Report};
 use crate::bus::AckToken;
-use crate::config::RetryConfig;
+use crate::deliver::config::RetryConfig;
 use crate::now_ms;
 use crate::observe::lineage::{Lineage, Step};
 use crate::observe::metrics;

@@ -35,12 +35,14 @@
 //!
 //! All of this uses the `Bus` contract only, so both engines behave alike.
 
+pub mod config;
 pub mod consent;
 mod decode;
 pub mod dlq;
 mod finish;
 mod lanes;
 mod retry;
+pub mod sink;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,7 +54,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{AckToken, Bus, BusError, Consumer, partition_for};
-use crate::config::Subscription;
+use crate::deliver::config::Subscription;
 use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::Lineage;
@@ -426,9 +428,10 @@ mod tests {
     use super::*;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
     use crate::bus::{OutRecord, TopicSpec};
-    use crate::config::Sink as SinkConfig;
-    use crate::config::Source;
-    use crate::config::{FilterConfig, RetryConfig};
+    use crate::deliver::config::Sink as SinkConfig;
+    use crate::deliver::config::Source;
+    use crate::deliver::config::{FilterConfig, RetryConfig};
+    use crate::deliver::sink::webhook::Webhook;
 
     /// A real sink that takes its time: records what arrives, in arrival order.
     struct SlowRecorder {
@@ -535,14 +538,14 @@ mod tests {
             name: name.into(),
             sources: BTreeSet::from([Source::Events(EventKind::Letter)]),
             filter: FilterConfig::default(),
-            sink: SinkConfig::Webhook {
+            sink: SinkConfig::new(Webhook {
                 url: ketenbus_connectors::address_book::Destination::Fixed(
                     "http://127.0.0.1:1/".parse().unwrap(),
                 ),
                 secret: None,
                 timeout: Duration::from_secs(1),
                 ca_file: None,
-            },
+            }),
             retry,
             concurrency,
         }

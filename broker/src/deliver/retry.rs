@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Done, Job, Loop, Prior, Report, Undeliverable};
 use crate::bus::while_unavailable;
 use crate::bus::{AckToken, Bus, BusError, Record, partition_for};
-use crate::config::RetryConfig;
+use crate::deliver::config::RetryConfig;
 use crate::deliver::decode::decode_value;
 use crate::now_ms;
 

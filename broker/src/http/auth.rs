@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::env::Problem;
 use crate::http::server::ClientCert;
 use crate::observe::audit::{Audit, Entry};
 
@@ -242,9 +243,9 @@ impl Authenticator {
     }
 }
 
-/// Problems with `[[senders]]` and `[[operators]]` as (key path, message).
+/// Problems with `[[senders]]` and `[[operators]]`.
 #[must_use]
-pub fn problems(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Vec<(String, String)> {
+pub fn problems(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Vec<Problem> {
     let mut out = Vec::new();
     let mut names = std::collections::BTreeSet::new();
     let mut check = |at: String,
@@ -315,7 +316,7 @@ pub fn problems(senders: &[SenderConfig], operators: &[OperatorConfig]) -> Vec<(
             &mut out,
         );
     }
-    out
+    Problem::all(out)
 }
 
 /// The authenticated sender of a request, put into its extensions by [`protect`].
@@ -547,7 +548,7 @@ mod tests {
                 cert_sha256: None,
             }],
         );
-        let paths: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        let paths: Vec<&str> = p.iter().map(|p| p.path.as_str()).collect();
         assert_eq!(
             paths,
             vec![
@@ -557,6 +558,6 @@ mod tests {
                 "operators[0]"
             ]
         );
-        assert!(p.iter().all(|(_, m)| !m.contains("hunter2")));
+        assert!(p.iter().all(|p| !p.message.contains("hunter2")));
     }
 }

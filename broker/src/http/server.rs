@@ -6,7 +6,6 @@
 //! hands the client certificate's fingerprint to the handlers as a request extension, and
 //! it sets hyper's header limits and timeouts, which `axum::serve` does not expose.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +13,6 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -24,204 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
-/// `[http.tls]`: TLS on the HTTP listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the server certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-    /// PEM file with the CA certificates that sign client certificates. With it, clients
-    /// are asked for a certificate (mTLS); senders and operators can then be identified by
-    /// `cert_sha256`.
-    #[serde(default)]
-    pub client_ca_file: Option<PathBuf>,
-    /// With `client_ca_file`: refuse connections without a valid client certificate
-    /// (`true`, the default) or let them through to bearer-token authentication (`false`).
-    #[serde(default = "yes")]
-    pub require_client_cert: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `[http.limits]`: what one client may take from the listener.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    /// Open connections at once; a connection past it gets `503` (plain HTTP) or is closed.
-    pub max_connections: usize,
-    /// Header fields in one request; more get `431`.
-    pub max_headers: usize,
-    /// Bytes of the request line and headers together (at least 8 KiB); more get `431`.
-    pub max_header_bytes: bytesize::ByteSize,
-    /// Time for the TLS handshake and for a request's headers to arrive; the connection is
-    /// closed after it.
-    #[serde(with = "humantime_serde")]
-    pub header_timeout: Duration,
-    /// Time for a whole request, body included, to be read and answered; past it `408`.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 1024,
-            max_headers: 64,
-            max_header_bytes: bytesize::ByteSize::kib(16),
-            header_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-impl Limits {
-    /// Problems with these limits as (key under `http.limits`, message).
-    #[must_use]
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut p = Vec::new();
-        if self.max_connections == 0 || self.max_connections > 1_000_000 {
-            p.push((
-                "max_connections".into(),
-                "must be between 1 and 1000000".into(),
-            ));
-        }
-        if self.max_headers == 0 || self.max_headers > 10_000 {
-            p.push(("max_headers".into(), "must be between 1 and 10000".into()));
-        }
-        if self.max_header_bytes.as_u64() < 8192 {
-            p.push(("max_header_bytes".into(), "must be at least 8 KiB".into()));
-        }
-        if self.header_timeout.is_zero() {
-            p.push(("header_timeout".into(), "must be more than 0".into()));
-        }
-        if self.request_timeout.is_zero() {
-            p.push(("request_timeout".into(), "must be more than 0".into()));
-        }
-        p
-    }
-}
-
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// A file could not be read or holds no usable PEM item.
-    #[error("{key}: {message}")]
-    File {
-        /// Config key naming the file (`cert_file`, `key_file`, `client_ca_file`).
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-    /// rustls refused the combination.
-    #[error("{key}: {message}")]
-    Rustls {
-        /// Config key most likely at fault.
-        key: &'static str,
-        /// rustls's message.
-        message: String,
-    },
-}
-
-impl TlsError {
-    /// The config key under `http.tls` this is about.
-    #[must_use]
-    pub fn key(&self) -> &'static str {
-        match self {
-            TlsError::File { key, .. } | TlsError::Rustls { key, .. } => key,
-        }
-    }
-
-    /// Without working TLS the listener cannot start.
-    #[must_use]
-    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
-        ketenbus_connectors::ErrorKind::Fatal
-    }
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Read every certificate of a PEM file.
-///
-/// # Errors
-/// When it cannot be read or holds no certificate.
-pub fn read_certs(
-    key: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file_error = |message: String| TlsError::File { key, message };
-    let bytes = std::fs::read(path)
-        .map_err(|e| file_error(format!("cannot read {}: {e}", path.display())))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(format!("{}: not PEM certificates: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(file_error(format!(
-            "{} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(certs)
-}
-
-/// The rustls server configuration for `cfg`.
-///
-/// # Errors
-/// When a file is unreadable or rustls refuses the certificate, key or CA.
-pub fn server_config(cfg: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = read_certs("cert_file", &cfg.cert_file)?;
-    let key_bytes = std::fs::read(&cfg.key_file).map_err(|e| TlsError::File {
-        key: "key_file",
-        message: format!("cannot read {}: {e}", cfg.key_file.display()),
-    })?;
-    // The key's own error text could quote key material: name the file only.
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|_| TlsError::File {
-        key: "key_file",
-        message: format!("{} holds no PEM private key", cfg.key_file.display()),
-    })?;
-    let rustls_error = |key: &'static str| {
-        move |e: rustls::Error| TlsError::Rustls {
-            key,
-            message: e.to_string(),
-        }
-    };
-    let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(rustls_error("cert_file"))?;
-    let builder = match &cfg.client_ca_file {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in read_certs("client_ca_file", ca)? {
-                roots.add(c).map_err(rustls_error("client_ca_file"))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider(),
-            );
-            let verifier = if cfg.require_client_cert {
-                verifier
-            } else {
-                verifier.allow_unauthenticated()
-            };
-            let verifier = verifier.build().map_err(|e| TlsError::Rustls {
-                key: "client_ca_file",
-                message: e.to_string(),
-            })?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(rustls_error("key_file"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
-}
+use crate::http::config::Limits;
 
 /// The client certificate a request came with: hex SHA-256 of its DER bytes, the
 /// identity `[[senders]]` and `[[operators]]` name as `cert_sha256`. Present as a request
@@ -400,46 +199,5 @@ async fn refuse(mut tcp: tokio::net::TcpStream, plain: bool) {
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(resp.as_bytes())).await;
         let _ = tcp.shutdown().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_limits_are_valid() {
-        assert!(Limits::default().problems().is_empty());
-        let bad = Limits {
-            max_header_bytes: bytesize::ByteSize::kib(1),
-            max_connections: 0,
-            ..Limits::default()
-        };
-        let keys: Vec<String> = bad.problems().into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, vec!["max_connections", "max_header_bytes"]);
-    }
-
-    #[test]
-    fn tls_files_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let (c, k) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
-        std::fs::write(&c, cert.cert.pem()).unwrap();
-        std::fs::write(&k, cert.signing_key.serialize_pem()).unwrap();
-        let mut cfg = TlsConfig {
-            cert_file: c.clone(),
-            key_file: k.clone(),
-            client_ca_file: None,
-            require_client_cert: true,
-        };
-        server_config(&cfg).expect("a self-signed pair works");
-        cfg.client_ca_file = Some(c.clone());
-        server_config(&cfg).expect("with a client CA");
-        cfg.key_file = c.clone();
-        let e = server_config(&cfg).unwrap_err();
-        assert_eq!(e.key(), "key_file");
-        assert!(!e.to_string().contains("BEGIN"), "{e}");
-        cfg.cert_file = dir.path().join("missing.pem");
-        assert_eq!(server_config(&cfg).unwrap_err().key(), "cert_file");
     }
 }

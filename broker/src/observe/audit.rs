@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::env::{Env, Problem};
+
 /// The file name in the data directory.
 pub const FILE: &str = "audit.jsonl";
 
@@ -95,11 +97,7 @@ impl AuditConfig {
     ///
     /// # Errors
     /// When the key is missing, too short, or its file is unreadable or inside `data_dir`.
-    pub fn key(
-        &self,
-        data_dir: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<AuditKey, (&'static str, String)> {
+    pub fn key(&self, data_dir: &Path, env: &Env) -> Result<AuditKey, (&'static str, String)> {
         if let Some(file) = &self.key_file {
             let abs = |p: &Path| {
                 std::fs::canonicalize(p)
@@ -124,7 +122,7 @@ impl AuditConfig {
                 .map_err(|m| ("key_file", format!("{}: {m}", file.display())));
         }
         let var = &self.key_env;
-        if env(var).is_none()
+        if env.var(var).is_none()
             && let Some(local) = local_key_file(env).filter(|f| f.is_file())
         {
             let bytes = std::fs::read(&local)
@@ -132,7 +130,7 @@ impl AuditConfig {
             return AuditKey::new(bytes)
                 .map_err(|m| ("key_env", format!("{}: {m}", local.display())));
         }
-        let value = env(var).ok_or_else(|| {
+        let value = env.var(var).ok_or_else(|| {
             (
                 "key_env",
                 format!(
@@ -145,16 +143,91 @@ impl AuditConfig {
     }
 }
 
+impl AuditConfig {
+    /// Whether `ketenbus run` makes its own key: on a loopback listener only, when no key is
+    /// configured (neither `key_file` nor a set `key_env`).
+    #[must_use]
+    pub fn makes_own_key(&self, loopback: bool, env: &Env) -> bool {
+        loopback && self.key_file.is_none() && env.var(&self.key_env).is_none()
+    }
+
+    /// Every problem in `[audit]`: a missing, short or misplaced key, unless the trail is
+    /// off or the broker makes its own key (`loopback`: the listener is on loopback only).
+    #[must_use]
+    pub fn problems(&self, data_dir: &Path, loopback: bool, env: &Env) -> Vec<Problem> {
+        if !self.enabled || self.makes_own_key(loopback, env) {
+            return Vec::new();
+        }
+        self.key(data_dir, env)
+            .err()
+            .map(|(key, m)| Problem::new(format!("audit.{key}"), m))
+            .into_iter()
+            .collect()
+    }
+}
+
+impl AuditConfig {
+    /// The audit trail `ketenbus run` writes, if enabled. A broker listening on loopback
+    /// only (`loopback`) without a configured key makes its own first (the quick start).
+    ///
+    /// # Errors
+    /// No key can be made or read, or the trail cannot be opened.
+    pub fn start(
+        &self,
+        data_dir: &Path,
+        loopback: bool,
+        env: &Env,
+    ) -> Result<Option<Audit>, StartError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if self.makes_own_key(loopback, env) {
+            // The quick start: a loopback broker makes its own key, outside data_dir.
+            let file = ensure_local_key(env).map_err(StartError::NoLocalKey)?;
+            tracing::warn!(key_file = %file.display(), "audit.key_env is not set: the audit trail is keyed with this machine's own key; set audit.key_env or audit.key_file from a secret store before leaving loopback");
+        }
+        let key = self
+            .key(data_dir, env)
+            .map_err(|(k, m)| StartError::Key(k, m))?;
+        Audit::open(data_dir, key)
+            .map(Some)
+            .map_err(StartError::Open)
+    }
+}
+
+/// Why the audit trail could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No key is configured and none can be made on this machine.
+    #[error("audit.key_env is not set and no local key can be made: {0}")]
+    NoLocalKey(String),
+    /// The configured key is missing, too short or misplaced: (key under `audit`, message).
+    #[error("audit.{0}: {1}")]
+    Key(&'static str, String),
+    /// The trail's file cannot be opened.
+    #[error("opening the audit trail")]
+    Open(#[source] AuditError),
+}
+
+impl StartError {
+    /// Without an audit trail the broker does not start: an operator acts.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        ketenbus_connectors::ErrorKind::Fatal
+    }
+}
+
 /// Where a broker that listens on loopback only (the quick start) keeps the audit key it
 /// makes itself when none is configured: `$XDG_CONFIG_HOME/ketenbus/audit.key`, else
 /// `$HOME/.config/ketenbus/audit.key`. Outside any data directory, readable by its owner only.
 #[must_use]
-pub fn local_key_file(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
-    let config = env("XDG_CONFIG_HOME")
+pub fn local_key_file(env: &Env) -> Option<PathBuf> {
+    let config = env
+        .var("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| {
-            env("HOME")
+            env.var("HOME")
                 .filter(|v| !v.is_empty())
                 .map(|h| Path::new(&h).join(".config"))
         })?;
@@ -166,7 +239,7 @@ pub fn local_key_file(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
 ///
 /// # Errors
 /// When there is no home or config directory, or the file cannot be written.
-pub fn ensure_local_key(env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, String> {
+pub fn ensure_local_key(env: &Env) -> Result<PathBuf, String> {
     let file = local_key_file(env).ok_or("neither XDG_CONFIG_HOME nor HOME is set")?;
     if file.is_file() {
         return Ok(file);
@@ -707,17 +780,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let cfg = AuditConfig::default();
-        let (k, m) = cfg.key(&data, &|_| None).unwrap_err();
+        let (k, m) = cfg.key(&data, &Env::empty()).unwrap_err();
         assert_eq!(k, "key_env");
         assert!(m.contains("KETENBUS_AUDIT_KEY is not set"), "{m}");
-        let short = |_: &str| Some("too short".to_owned());
+        let short = Env::from_fn(|_| Some("too short".to_owned()));
         assert!(
             cfg.key(&data, &short)
                 .unwrap_err()
                 .1
                 .contains("fewer than 32")
         );
-        let good = |v: &str| (v == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32));
+        let good = Env::from_fn(|v| (v == "KETENBUS_AUDIT_KEY").then(|| "k".repeat(32)));
         assert!(cfg.key(&data, &good).is_ok());
 
         std::fs::create_dir_all(&data).unwrap();
@@ -736,7 +809,7 @@ mod tests {
             key_file: Some(away),
             ..AuditConfig::default()
         };
-        assert!(from_file.key(&data, &|_| None).is_ok());
+        assert!(from_file.key(&data, &Env::empty()).is_ok());
     }
 
     #[tokio::test]

@@ -7,7 +7,50 @@ use std::path::Path;
 use hmac::{Hmac, Mac};
 use ketenbus_schemas::event::{Identifier, systems};
 use ketenbus_schemas::{Event, RawEnvelope};
+use serde::Deserialize;
 use sha2::Sha256;
+
+use crate::env::{Env, Problem};
+
+/// `[keys]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Environment variable holding the secret for patient keys (keyed hash of the BSN).
+    /// Every process sharing a Kafka cluster needs the same one. Without it, a random secret
+    /// is generated once into `<data_dir>/patient-key.secret`.
+    pub patient_key_secret_env: Option<String>,
+}
+
+impl KeysConfig {
+    /// Every problem in `[keys]`: a named variable that is unset or too short.
+    #[must_use]
+    pub fn problems(&self, env: &Env) -> Vec<Problem> {
+        let Some(var) = &self.patient_key_secret_env else {
+            return Vec::new();
+        };
+        let message = match env.var(var) {
+            None => format!("environment variable {var} is not set"),
+            Some(v) if v.len() < 16 => {
+                format!("environment variable {var} holds fewer than 16 bytes")
+            }
+            Some(_) => return Vec::new(),
+        };
+        vec![Problem::new("keys.patient_key_secret_env", message)]
+    }
+
+    /// The patient keyer: the secret from the named variable, else the data directory's.
+    ///
+    /// # Errors
+    /// When the secret file cannot be read or written.
+    pub fn keyer(&self, data_dir: &Path, env: &Env) -> std::io::Result<PatientKeyer> {
+        let secret = self
+            .patient_key_secret_env
+            .as_ref()
+            .and_then(|v| env.var(v));
+        PatientKeyer::load(data_dir, secret)
+    }
+}
 
 /// Makes patient keys with one secret.
 #[derive(Clone)]

@@ -6,19 +6,18 @@ mod supervise;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ketenbus_connectors::webhook::WebhookSink;
 use ketenbus_schemas::{EventKind, topics};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, TopicSpec};
-use crate::config::{Settings, Sink};
+use crate::config::Settings;
 use crate::deliver;
+use crate::deliver::config::{SinkContext, Source};
 use crate::http::state::ApiState;
 use crate::ingest::BusIngest;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::Lineage;
 use crate::observe::metrics;
-use crate::route::keys::PatientKeyer;
 use crate::route::router;
 use crate::runtime::supervise::Tasks;
 
@@ -46,72 +45,6 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         .collect()
 }
 
-fn build_sink(
-    sink: &Sink,
-    book: &Arc<ketenbus_connectors::address_book::AddressBook>,
-    content: &Arc<dyn ketenbus_connectors::mail::ContentStore>,
-    report_key: &[u8],
-) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
-    match sink {
-        Sink::Mail { config, password } => {
-            let password = password
-                .as_ref()
-                .map(|p| String::from_utf8_lossy(&p.0).into_owned());
-            let s = ketenbus_connectors::mail::MailSink::new(
-                config.clone(),
-                password,
-                Arc::clone(book),
-                Some(Arc::clone(content)),
-            )
-            .context("building the mail sink")?
-            .with_report_key(report_key.to_vec());
-            Ok(Arc::new(s))
-        }
-        Sink::Fhir {
-            base,
-            style,
-            source_endpoint,
-            token,
-            timeout,
-        } => {
-            let store = Arc::clone(content);
-            let s = ketenbus_connectors::fhir::FhirSink::new(
-                base.clone(),
-                *style,
-                source_endpoint.clone(),
-                *timeout,
-            )
-            .map_err(|e| anyhow::anyhow!("building the FHIR sink: {e}"))?
-            .with_bearer(
-                token
-                    .as_ref()
-                    .map(|t| String::from_utf8_lossy(&t.0).into_owned()),
-            )
-            .with_attachments(Arc::new(move |hash: &str| store.get(hash).ok().flatten()));
-            Ok(Arc::new(s))
-        }
-        Sink::Webhook {
-            url,
-            secret,
-            timeout,
-            ca_file,
-        } => {
-            let ca = ca_file
-                .as_ref()
-                .map(|f| std::fs::read(f).with_context(|| format!("reading {}", f.display())))
-                .transpose()?;
-            let s = WebhookSink::with_roots(
-                url.clone(),
-                secret.as_ref().map(|s| s.0.clone()),
-                *timeout,
-                ca.as_deref(),
-            )
-            .context("building the webhook client")?;
-            Ok(Arc::new(s))
-        }
-    }
-}
-
 /// Run the broker on `bus` until `cancel`: HTTP API, router and one dispatcher per subscription.
 ///
 /// # Errors
@@ -127,13 +60,11 @@ pub async fn run<B: Bus>(
         .await
         .context("creating topics")?;
     let lineage = Lineage::open(&cfg.data_dir).context("opening the lineage index")?;
-    let secret = cfg
+    let env = &settings.env;
+    let keyer = cfg
         .keys
-        .patient_key_secret_env
-        .as_ref()
-        .and_then(|v| std::env::var(v).ok());
-    let keyer =
-        PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
+        .keyer(&cfg.data_dir, env)
+        .context("loading the patient-key secret")?;
     let report_key = keyer.derive(router::REPORT_KEY_PURPOSE);
     let health = Arc::new(Health::default());
     // Every task, by name, in one set: see `supervise`.
@@ -148,14 +79,14 @@ pub async fn run<B: Bus>(
         Arc::new(router::Routing {
             normalisers: crate::route::normalise::normalisers(),
             keyer,
-            contrl_partners: cfg.edifact.contrl_partners.iter().cloned().collect(),
+            contrl_partners: cfg.edifact.contrl_partners(),
             content: Some(Arc::clone(&content)),
             reports: ketenbus_connectors::mail::dsn::ReportCheck {
                 key: report_key.clone(),
                 subscriptions: settings
                     .subscriptions
                     .iter()
-                    .filter(|s| matches!(s.sink, Sink::Mail { .. }))
+                    .filter(|s| s.sink.gets_delivery_reports())
                     .map(|s| s.name.clone())
                     .collect(),
                 sources: ketenbus_connectors::mail::dsn::ReportSources::of(&cfg.mail),
@@ -166,39 +97,17 @@ pub async fn run<B: Bus>(
         cancel.clone(),
     );
     tasks.spawn("router", router_task);
-    let audit = if cfg.audit.enabled {
-        let env = |v: &str| std::env::var(v).ok();
-        if cfg.http.listen.ip().is_loopback()
-            && cfg.audit.key_file.is_none()
-            && env(&cfg.audit.key_env).is_none()
-        {
-            // The quick start: a loopback broker makes its own key, outside data_dir.
-            let file = crate::observe::audit::ensure_local_key(&env).map_err(|m| {
-                anyhow::anyhow!("audit.key_env is not set and no local key can be made: {m}")
-            })?;
-            tracing::warn!(key_file = %file.display(), "audit.key_env is not set: the audit trail is keyed with this machine's own key; set audit.key_env or audit.key_file from a secret store before leaving loopback");
-        }
-        let key = cfg
-            .audit
-            .key(&cfg.data_dir, &env)
-            .map_err(|(k, m)| anyhow::anyhow!("audit.{k}: {m}"))?;
-        Some(
-            crate::observe::audit::Audit::open(&cfg.data_dir, key)
-                .context("opening the audit trail")?,
-        )
-    } else {
-        None
+    let audit = cfg
+        .audit
+        .start(&cfg.data_dir, cfg.http.listen.ip().is_loopback(), env)?;
+    let consent_registry = cfg.consent.registry().context("reading the consent file")?;
+    let sinks = SinkContext {
+        book: Arc::new(cfg.address_book.clone()),
+        content: Arc::clone(&content),
+        report_key,
     };
-    let consent_registry = match &cfg.consent.file {
-        Some(f) => Some(Arc::new(
-            crate::deliver::consent::FileRegistry::open(f).context("reading the consent file")?,
-        )
-            as Arc<dyn crate::deliver::consent::ConsentRegistry>),
-        None => None,
-    };
-    let book = Arc::new(cfg.address_book.clone());
     for sub in &settings.subscriptions {
-        let sink = build_sink(&sub.sink, &book, &content, &report_key)?;
+        let sink = sub.sink.build(&sinks)?;
         let configured = cfg.subscriptions.iter().find(|s| s.name == sub.name);
         let policy = configured.and_then(|s| s.consent.clone());
         let hooks = deliver::Hooks {
@@ -212,7 +121,7 @@ pub async fn run<B: Bus>(
                 || !sub.filter.receivers.is_empty(),
             raw_patients: sub
                 .sources
-                .contains(&crate::config::Source::Raw)
+                .contains(&Source::Raw)
                 .then(|| Arc::clone(&raw_patients)),
         };
         let task = deliver::run_with(
@@ -272,7 +181,7 @@ pub async fn run<B: Bus>(
         idempotency: crate::http::idempotency::Idempotency::open(&cfg.data_dir)
             .context("opening the idempotency index")?,
         health: Arc::clone(&health),
-        max_body: usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX),
+        max_body: cfg.http.max_body_bytes(),
     });
     let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> =
         Arc::new(crate::ingest::SmtpSenderCheck::new(
@@ -287,7 +196,7 @@ pub async fn run<B: Bus>(
         &cfg.mail,
         &cfg.data_dir,
         &mail_ingest,
-        &|k| std::env::var(k).ok(),
+        env.lookup(),
         &(Arc::new(crate::observe::health::SourceHealth(Arc::clone(&health)))
             as Arc<dyn ketenbus_connectors::SourceStatus>),
         &budget,
@@ -300,7 +209,7 @@ pub async fn run<B: Bus>(
         .http
         .tls
         .as_ref()
-        .map(crate::http::server::server_config)
+        .map(crate::http::config::TlsConfig::build)
         .transpose()
         .context("setting up TLS on the HTTP listener")?;
     if tls.is_none() && !cfg.http.listen.ip().is_loopback() {
@@ -315,7 +224,7 @@ pub async fn run<B: Bus>(
         tracing::warn!(warning = %w, "access is open");
     }
     let auth = crate::http::auth::Authenticator::new(&cfg.senders, &cfg.operators);
-    let max_body = usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX);
+    let max_body = cfg.http.max_body_bytes();
     let serve = crate::http::server::serve(
         listener,
         // Authentication reads headers only; the budget holds bodies of those let in, so a

@@ -111,7 +111,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let settings = config.validate(&|_| None).unwrap();
+        let settings = config.validate(&crate::config::Env::empty()).unwrap();
         let r = readers(&settings);
         let groups = |t: &str| {
             let mut g = r[t].clone();

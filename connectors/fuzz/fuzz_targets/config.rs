@@ -5,7 +5,7 @@
 //! path. Run from `connectors/`, see `fuzz/README.md`.
 #![no_main]
 
-use ketenbus::config::Config;
+use ketenbus::config::{Config, Env};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    if let Err(problems) = config.validate(&|_| None) {
+    if let Err(problems) = config.validate(&Env::empty()) {
         assert!(!problems.is_empty(), "a refusal names at least one problem");
         for problem in problems {
             let _ = problem.to_string();
