@@ -175,7 +175,7 @@ impl Config {
         let mut problems = self.partitions_problems();
         problems.extend(self.http.problems());
         problems.extend(self.limits.problems(self.largest_message()));
-        problems.extend(self.engine_problems());
+        problems.extend(self.engine_problems(env));
         problems.extend(self.keys.problems(env));
         problems.extend(self.audit.problems(&self.data_dir, loopback, env));
         problems.extend(Problem::under("mail", self.mail.problems(env.lookup())));
@@ -213,13 +213,13 @@ impl Config {
 
     /// Problems with the engine's settings, and the HTTP ingest timeout the Kafka engine's
     /// needs.
-    fn engine_problems(&self) -> Vec<Problem> {
+    fn engine_problems(&self, env: &Env) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut p = |path: &str, message: String| problems.push(Problem::new(path, message));
         match (&self.bus.engine, &self.bus.kafka) {
             (Engine::Kafka, None) => p("bus.kafka", "required when bus.engine = \"kafka\"".into()),
             (Engine::Kafka, Some(k)) => {
-                for problem in k.problems() {
+                for problem in k.problems(env) {
                     let (key, message) = problem.split_once(": ").unwrap_or(("", &problem));
                     p(&format!("bus.kafka.{key}"), message.to_owned());
                 }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::embedded::{EmbeddedBus, EmbeddedConfig};
 use super::kafka::{KafkaBus, KafkaConfig, RECORD_OVERHEAD};
 use super::{Bus, BusError};
+use crate::env::Env;
 
 /// Which engine holds the topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -75,6 +76,7 @@ pub async fn open<U: WithBus>(
     config: &BusConfig,
     data_dir: &Path,
     max_message_bytes: u64,
+    env: &Env,
     user: U,
 ) -> Result<U::Output, BusError> {
     match config.engine {
@@ -88,6 +90,7 @@ pub async fn open<U: WithBus>(
                 .clone()
                 .ok_or_else(|| BusError::Fatal("bus.kafka is required".to_owned()))?;
             kafka.max_record_bytes = max_message_bytes + RECORD_OVERHEAD;
+            kafka.resolve(env);
             let bus = KafkaBus::new(&kafka)?;
             Ok(user.with(bus).await)
         }

@@ -167,7 +167,14 @@ async fn with_bus<T>(
     f: impl AsyncFnOnce(&dyn DlqOps) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let cfg = &settings.config;
-    crate::bus::open(&cfg.bus, &cfg.data_dir, cfg.http.max_body.as_u64(), Ops(f)).await?
+    crate::bus::open(
+        &cfg.bus,
+        &cfg.data_dir,
+        cfg.http.max_body.as_u64(),
+        &settings.env,
+        Ops(f),
+    )
+    .await?
 }
 
 /// A dead-letter command, waiting for its engine.

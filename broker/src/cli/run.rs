@@ -31,7 +31,8 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<()> {
         settings.config.data_dir.clone(),
     );
     let max_body = settings.config.http.max_body.as_u64();
-    crate::bus::open(&bus, &data_dir, max_body, Broker { settings, cancel }).await?
+    let env = settings.env.clone();
+    crate::bus::open(&bus, &data_dir, max_body, &env, Broker { settings, cancel }).await?
 }
 
 /// The broker, waiting for its engine.

@@ -8,6 +8,8 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use serde::Deserialize;
 
+use crate::env::Env;
+
 /// librdkafka properties an operator may not set through `properties` or
 /// `secret_properties`: they have their own keys or would weaken the delivery guarantees.
 const REFUSED_PROPERTIES: &[&str] = &[
@@ -104,6 +106,20 @@ pub struct KafkaConfig {
     /// ketenbus creates follow it, so every message the listener takes fits the log.
     #[serde(skip, default = "default_max_record_bytes")]
     pub max_record_bytes: u64,
+    /// The values of `secret_properties`, read from the environment by [`Self::resolve`]
+    /// (not a key of its own; never printed).
+    #[serde(skip)]
+    secrets: Secrets,
+}
+
+/// Secret property values by property name; `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+struct Secrets(BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 /// Room for what a record adds around a message body (envelope fields, a dead letter's
@@ -162,13 +178,31 @@ impl KafkaConfig {
             secret_properties: BTreeMap::new(),
             instance_id: None,
             max_record_bytes: default_max_record_bytes(),
+            secrets: Secrets::default(),
         }
     }
 
-    /// Every problem with these settings, each as `key: what is wrong` (keys relative to the
-    /// `kafka` section). Empty when the settings are usable.
+    /// Read the value of every `secret_properties` variable from `env`, for the clients.
+    pub fn resolve(&mut self, env: &Env) {
+        self.secrets = Secrets(
+            self.secret_properties
+                .iter()
+                .filter_map(|(key, var)| env.var(var).map(|v| (key.clone(), v)))
+                .collect(),
+        );
+    }
+
+    /// Every problem with these settings under `env`, each as `key: what is wrong` (keys
+    /// relative to the `kafka` section). Empty when the settings are usable.
     #[must_use]
-    pub fn problems(&self) -> Vec<String> {
+    pub fn problems(&self, env: &Env) -> Vec<String> {
+        let mut resolved = self.clone();
+        resolved.resolve(env);
+        resolved.resolved_problems()
+    }
+
+    /// Every problem with these settings and the secrets [`Self::resolve`] read.
+    pub(super) fn resolved_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Some(id) = &self.instance_id
             && (id.is_empty()
@@ -250,7 +284,7 @@ impl KafkaConfig {
                 out.push(format!(
                     "secret_properties.\"{key}\": not settable here (has its own key or weakens delivery guarantees)"
                 ));
-            } else if std::env::var_os(var).is_none() {
+            } else if !self.secrets.0.contains_key(key) {
                 out.push(format!(
                     "secret_properties.\"{key}\": environment variable {var} is not set"
                 ));
@@ -289,10 +323,8 @@ impl KafkaConfig {
         for (k, v) in &self.properties {
             c.set(k, v);
         }
-        for (k, var) in &self.secret_properties {
-            if let Ok(value) = std::env::var(var) {
-                c.set(k, value);
-            }
+        for (k, value) in &self.secrets.0 {
+            c.set(k, value);
         }
         c
     }
@@ -305,6 +337,7 @@ mod tests {
     use super::KafkaConfig;
     use crate::bus::BusError;
     use crate::bus::kafka::KafkaBus;
+    use crate::env::Env;
 
     #[test]
     fn config_reads_human_durations_and_refuses_unknown_keys() {
@@ -320,7 +353,7 @@ mod tests {
         assert_eq!(config.delivery_timeout, Duration::from_secs(45));
         assert_eq!(config.commit_interval, Duration::from_millis(250));
         assert_eq!(config.replication_factor, 3);
-        assert_eq!(config.problems(), Vec::<String>::new());
+        assert_eq!(config.problems(&Env::empty()), Vec::<String>::new());
 
         let err = toml::from_str::<KafkaConfig>("bootstrap_servers = \"k:9092\"\npartitions = 3\n")
             .unwrap_err();
@@ -337,7 +370,7 @@ mod tests {
             "KETENBUS_TEST_NO_SUCH_VARIABLE".into(),
         );
         bad.commit_every = 0;
-        let problems = bad.problems();
+        let problems = bad.problems(&Env::empty());
         assert!(
             problems
                 .iter()
@@ -367,23 +400,26 @@ mod tests {
         );
         assert!(matches!(KafkaBus::new(&bad), Err(BusError::Fatal(_))));
 
-        // A secret comes from the named environment variable (PATH stands in for one here).
+        // A secret comes from the named environment variable, read through the Env.
         let mut with_secret = KafkaConfig::new("k:9092");
+        let env =
+            Env::from_fn(|v| (v == "KETENBUS_TEST_SECRET").then(|| "s3cr3t-value".to_owned()));
         with_secret
             .secret_properties
-            .insert("sasl.password".into(), "PATH".into());
-        assert_eq!(with_secret.problems(), Vec::<String>::new());
+            .insert("sasl.password".into(), "KETENBUS_TEST_SECRET".into());
+        assert_eq!(with_secret.problems(&env), Vec::<String>::new());
+        with_secret.resolve(&env);
         assert_eq!(
             with_secret.client_config().get("sasl.password"),
-            std::env::var("PATH").ok().as_deref()
+            Some("s3cr3t-value")
         );
-        assert!(!format!("{with_secret:?}").contains(&std::env::var("PATH").unwrap()));
+        assert!(!format!("{with_secret:?}").contains("s3cr3t-value"));
 
         let mut unknown_property = KafkaConfig::new("k:9092");
         unknown_property
             .properties
             .insert("no.such.property".into(), "1".into());
-        let problems = unknown_property.problems();
+        let problems = unknown_property.problems(&Env::empty());
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].starts_with("properties.\"no.such.property\""),

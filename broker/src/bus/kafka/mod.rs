@@ -176,7 +176,7 @@ impl KafkaBus {
     ///
     /// `BusError::Fatal` listing every problem of the config, or when librdkafka refuses it.
     pub fn new(config: &KafkaConfig) -> Result<Self, BusError> {
-        let problems = config.problems();
+        let problems = config.resolved_problems();
         if !problems.is_empty() {
             return Err(BusError::Fatal(format!(
                 "invalid kafka config: {}",
