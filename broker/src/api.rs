@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ketenbus_connectors::ingest::IngestError;
+use ketenbus_connectors::IngestError;
 use ketenbus_connectors::party;
 use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;

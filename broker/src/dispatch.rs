@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
+use ketenbus_connectors::{Delivery, DeliveryError, Payload, Sink};
 use ketenbus_schemas::{
     AvroRecord, DeadLetter, DeliveryOutcome, Event, EventKind, Outcome, RawEnvelope, RetryRecord,
     topics,
@@ -1261,7 +1261,7 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
     use std::sync::Mutex;
 
-    use ketenbus_connectors::sink::{BoxFuture, Receipt};
+    use ketenbus_connectors::{BoxFuture, Receipt};
     use ketenbus_schemas::event::{EventHeader, LetterEvent};
 
     use super::*;

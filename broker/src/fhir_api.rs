@@ -16,8 +16,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use ketenbus_connectors::fhir::{self, Object, Value, normalize, outcome};
-use ketenbus_connectors::ingest::IngestError;
+use ketenbus_connectors::IngestError;
+use ketenbus_connectors::fhir::{self, Object, Value, inbound, outcome};
 use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
@@ -186,7 +186,7 @@ async fn handle<B: Bus>(
     };
     let out = answer_format(headers, format);
     if let Some(t) = path_type
-        && fhir::model::r4().resource(t).is_none()
+        && fhir::parse::model::r4().resource(t).is_none()
     {
         return issue(
             StatusCode::NOT_FOUND,
@@ -451,7 +451,7 @@ fn examine(
         }
         _ => {}
     }
-    if let Err(e) = normalize::events_from(&tree, "validation", format.as_str()) {
+    if let Err(e) = inbound::events_from(&tree, "validation", format.as_str()) {
         let (status, oo) = outcome::for_normalize_error(&e);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
         return Err(Box::new(respond(status, out, &oo)));

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_connectors::{Ingest, IngestError};
 use ketenbus_schemas::RawEnvelope;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::ingest::{Accepted, Ingest, IngestError};
+use ketenbus_connectors::BoxFuture;
 use ketenbus_connectors::party;
-use ketenbus_connectors::sink::BoxFuture;
+use ketenbus_connectors::{Accepted, Ingest, IngestError};
 use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};

@@ -309,21 +309,21 @@ trait DlqOps {
         &'a self,
         stage: &'a str,
         sel: &'a Selection,
-    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>;
+    ) -> ketenbus_connectors::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>;
     fn replay<'a>(
         &'a self,
         subscription: &'a str,
         sel: &'a Selection,
         audit: Option<&'a ketenbus::audit::Audit>,
         actor: &'a str,
-    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>>;
+    ) -> ketenbus_connectors::BoxFuture<'a, anyhow::Result<usize>>;
     fn purge<'a>(
         &'a self,
         stage: &'a str,
         sel: &'a Selection,
         audit: Option<&'a ketenbus::audit::Audit>,
         actor: &'a str,
-    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<dlq::Purged>>;
+    ) -> ketenbus_connectors::BoxFuture<'a, anyhow::Result<dlq::Purged>>;
 }
 
 impl<B: Bus> DlqOps for B {
@@ -331,8 +331,7 @@ impl<B: Bus> DlqOps for B {
         &'a self,
         stage: &'a str,
         sel: &'a Selection,
-    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>>
-    {
+    ) -> ketenbus_connectors::BoxFuture<'a, anyhow::Result<Vec<ketenbus_schemas::DeadLetter>>> {
         Box::pin(async move { Ok(dlq::list(self, stage, sel).await?) })
     }
     fn replay<'a>(
@@ -341,7 +340,7 @@ impl<B: Bus> DlqOps for B {
         sel: &'a Selection,
         audit: Option<&'a ketenbus::audit::Audit>,
         actor: &'a str,
-    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<usize>> {
+    ) -> ketenbus_connectors::BoxFuture<'a, anyhow::Result<usize>> {
         Box::pin(async move { Ok(dlq::replay(self, subscription, sel, audit, actor).await?) })
     }
     fn purge<'a>(
@@ -350,7 +349,7 @@ impl<B: Bus> DlqOps for B {
         sel: &'a Selection,
         audit: Option<&'a ketenbus::audit::Audit>,
         actor: &'a str,
-    ) -> ketenbus_connectors::sink::BoxFuture<'a, anyhow::Result<dlq::Purged>> {
+    ) -> ketenbus_connectors::BoxFuture<'a, anyhow::Result<dlq::Purged>> {
         Box::pin(async move { Ok(dlq::purge(self, stage, sel, audit, actor).await?) })
     }
 }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::mail::ContentStore;
+use ketenbus_connectors::ContentStore;
 use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{Normalize, NormalizeError, edifact};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};

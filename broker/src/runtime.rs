@@ -44,7 +44,7 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
 fn build_sink(
     sink: &Sink,
     book: &Arc<ketenbus_connectors::address_book::AddressBook>,
-    content: &Arc<dyn ketenbus_connectors::mail::ContentStore>,
+    content: &Arc<dyn ketenbus_connectors::ContentStore>,
     report_key: &[u8],
 ) -> anyhow::Result<Arc<dyn ketenbus_connectors::Sink>> {
     match sink {
@@ -134,7 +134,7 @@ pub async fn run<B: Bus>(
     let mut tasks = tokio::task::JoinSet::new();
     // Task names by id, for the log line when one ends unexpectedly (and its health entry).
     let mut names: HashMap<tokio::task::Id, String> = HashMap::new();
-    let content: Arc<dyn ketenbus_connectors::mail::ContentStore> = Arc::new(
+    let content: Arc<dyn ketenbus_connectors::ContentStore> = Arc::new(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );

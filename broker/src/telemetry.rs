@@ -23,8 +23,8 @@ use std::time::Duration;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use ketenbus_connectors::ingest::IngestError;
-use ketenbus_connectors::sink::{DeliveryError, Payload};
+use ketenbus_connectors::IngestError;
+use ketenbus_connectors::{DeliveryError, Payload};
 use ketenbus_schemas::{EventKind, Format, Outcome, topics};
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,

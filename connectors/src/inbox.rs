@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
-use crate::ingest::{Ingest, IngestError};
+use crate::contract::ingest::{Ingest, IngestError};
 use crate::poison::{Failure, Tries, Verdict};
 
 /// `[[inbox]]`: one watched directory.
@@ -428,8 +428,8 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::ingest::Accepted;
-    use crate::sink::BoxFuture;
+    use crate::contract::ingest::Accepted;
+    use crate::contract::sink::BoxFuture;
 
     /// Keeps what it is given, like the log would; can be made unavailable.
     #[derive(Default)]

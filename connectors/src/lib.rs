@@ -4,23 +4,22 @@
 
 pub mod address_book;
 pub mod budget;
+pub mod contract;
 pub mod edifact;
 pub mod fhir;
 pub mod inbox;
-pub mod ingest;
 pub mod mail;
-pub mod normalize;
 pub mod party;
 pub mod poison;
-pub mod sink;
 pub mod webhook;
 
 #[cfg(test)]
 mod linear_cost_tests;
 
-pub use ingest::{Accepted, Ingest, IngestError, SourceStatus};
-pub use normalize::{Normalize, NormalizeError};
-pub use sink::{Delivery, DeliveryError, Payload, Receipt, Sink};
+pub use contract::content::{ContentStore, FsContentStore, MemoryContentStore};
+pub use contract::ingest::{Accepted, Ingest, IngestError, SourceStatus};
+pub use contract::normalize::{Normalize, NormalizeError};
+pub use contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 
 /// How an error is to be handled (ARCHITECTURE.md, principle 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,12 +4,12 @@
 //! (STARTTLS, AUTH, limits) and hands each message to the ingest; [`imap`] picks messages up
 //! from a hub mailbox and marks them processed only once they are durable. [`mime`] is the
 //! normaliser for `message/rfc822`: EDIFACT and FHIR parts go to those normalisers, letters
-//! (text, HTML, PDF) become letter events whose attachments live in the [`content`] store.
+//! (text, HTML, PDF) become letter events whose attachments live in the
+//! [`content`](crate::contract::content) store.
 //! Out: [`send`] is the secure-mail sink (lettre); [`dsn`] reads the delivery status
 //! notifications that come back and finds the delivery they are about.
 
 pub mod config;
-pub mod content;
 pub mod dsn;
 pub mod imap;
 pub mod listener;
@@ -24,7 +24,6 @@ use std::net::SocketAddr;
 use ketenbus_schemas::{Format, RawEnvelope};
 
 pub use config::{MailConfig, MailSinkConfig, SmtpAuthConfig};
-pub use content::{ContentStore, FsContentStore};
 pub use listener::SmtpListener;
 pub use mime::MailNormalizer;
 pub use send::MailSink;
@@ -166,8 +165,8 @@ pub async fn start(
 pub fn content_store(
     config: &MailConfig,
     data_dir: &std::path::Path,
-) -> std::io::Result<FsContentStore> {
-    FsContentStore::open(
+) -> std::io::Result<crate::FsContentStore> {
+    crate::FsContentStore::open(
         &config
             .content_dir
             .clone()

@@ -91,7 +91,7 @@ pub fn edifact(body: &[u8]) -> Declared {
 /// What the MessageHeaders of a parsed FHIR resource or Bundle declare.
 #[must_use]
 pub fn fhir_tree(root: &fhir::Value) -> Declared {
-    fhir::normalize::declared(root)
+    fhir::inbound::declared(root)
 }
 
 /// What a mail declares: every EDIFACT and FHIR part, in mails nested to [`MAX_NESTING`].

@@ -6,11 +6,11 @@
 //! 22 invalid service character, 28 references do not match, 29 control count does not
 //! match.
 
-use super::document::{Document, parse};
-use super::error::{EdifactError, Position};
-use super::syntax::Delimiters;
-use super::tokenize::{Tokens, tokenize};
-use super::write::{OwnedElement, OwnedSegment, Writer};
+use super::parse::document::{Document, parse};
+use super::parse::error::{EdifactError, Position};
+use super::parse::syntax::Delimiters;
+use super::parse::tokenize::{Tokens, tokenize};
+use super::parse::write::{OwnedElement, OwnedSegment, Writer};
 
 /// What the acknowledgement needs from its caller.
 #[derive(Debug, Clone, Copy)]

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
-use crate::ingest::{Ingest, IngestError};
+use crate::contract::ingest::{Ingest, IngestError};
 use crate::mail::config::{AfterPickup, ImapConfig, TlsMode};
 use crate::mail::{MEDIA_RFC822, MailError, now_ms, party_of};
 use crate::poison::{Failure, Tries, Verdict};

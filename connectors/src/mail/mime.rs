@@ -13,8 +13,8 @@ use ketenbus_schemas::{Event, EventHeader, EventKind, Format, RawEnvelope};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
-use crate::mail::content::sha256_hex;
-use crate::normalize::{Normalize, NormalizeError};
+use crate::contract::content::sha256_hex;
+use crate::contract::normalize::{Normalize, NormalizeError};
 
 /// Reason code for a message that is not RFC 5322.
 pub const REASON_SYNTAX: &str = "mime_syntax";

@@ -29,9 +29,9 @@ use lettre::transport::smtp::extension::{ClientId, MailParameter, RcptParameter}
 use lettre::{Address, Message};
 
 use crate::address_book::{AddressBook, Channel, Destination};
+use crate::contract::content::ContentStore;
+use crate::contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 use crate::mail::config::{MailSinkConfig, TlsMode};
-use crate::mail::content::ContentStore;
-use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 
 /// Delivers events as secure mail.
 pub struct MailSink {
@@ -564,7 +564,7 @@ mod tests {
     use ketenbus_schemas::{EventHeader, EventKind, Format};
 
     use super::*;
-    use crate::mail::content::MemoryContentStore;
+    use crate::contract::content::MemoryContentStore;
 
     fn sink(content: Option<Arc<dyn ContentStore>>) -> MailSink {
         let cfg = MailSinkConfig {
@@ -604,7 +604,7 @@ mod tests {
             attachments: vec![Doc {
                 content_type: "application/pdf".into(),
                 title: Some("brief.pdf".into()),
-                sha256: crate::mail::content::sha256_hex(pdf),
+                sha256: crate::contract::content::sha256_hex(pdf),
                 size: pdf.len() as i64,
             }],
         });

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use crate::ingest::IngestError;
+use crate::contract::ingest::IngestError;
 use crate::mail::config::SmtpConfig;
 
 /// Replies past which a session is closed (a client that only sends errors is not a client).

@@ -3,7 +3,7 @@
 use ketenbus_schemas::RawEnvelope;
 
 use crate::ErrorKind;
-use crate::sink::BoxFuture;
+use crate::contract::sink::BoxFuture;
 
 /// Proof that a message is durable: only now may the sender hear "done".
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,11 +10,17 @@ use std::borrow::Cow;
 use ketenbus_schemas::event::{Address, EventHeader, EventKind, HumanName, Identifier, systems};
 use ketenbus_schemas::{Event, RawEnvelope};
 
-use super::document::{Document, Interchange, Message, parse};
-use super::error::{EdifactError, Position};
-use super::tokenize::Segment;
-use super::{letter, medlab, medrpt};
+use super::parse::document::{Document, Interchange, Message, parse};
+use super::parse::error::{EdifactError, Position};
+use super::parse::tokenize::Segment;
 use crate::{Normalize, NormalizeError};
+
+pub(crate) mod letter;
+pub(crate) mod medlab;
+pub(crate) mod medrpt;
+
+#[cfg(test)]
+mod golden_tests;
 
 /// Reason code for input that is not EDIFACT or breaks its envelope rules.
 pub const REASON_SYNTAX: &str = "edifact_syntax";

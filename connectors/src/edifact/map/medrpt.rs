@@ -13,13 +13,13 @@ use ketenbus_schemas::event::{
     LabResultEvent, LabTestResult, Patient, Specimen, systems,
 };
 
-use super::document::Message;
-use super::normalize::{
+use super::{
     Context, REASON_MISSING, bsn_identifier, code_list_system, decimal_value, edifact_datetime,
     field, gender, interpretation, path,
 };
-use super::tokenize::Segment;
 use crate::NormalizeError;
+use crate::edifact::parse::document::Message;
+use crate::edifact::parse::tokenize::Segment;
 
 /// Danish civil registration number (CPR).
 const CPR: &str = "urn:oid:1.2.208.176.1.2";

@@ -10,14 +10,14 @@ use ketenbus_schemas::event::{
     LabResultEvent, LabTestResult, Patient, Specimen,
 };
 
-use super::document::Message;
-use super::normalize::{
+use super::{
     Context, REASON_MISSING, bsn_identifier, ccyy_mm_dd, decimal_value, field, gender,
     interpretation, local_system, medlab_address, path, provider_code, text_name, two_digit_date,
     with_time,
 };
-use super::tokenize::Segment;
 use crate::NormalizeError;
+use crate::edifact::parse::document::Message;
+use crate::edifact::parse::tokenize::Segment;
 
 /// System of the EDIFACT reference number a specimen carries (IDE), as nl-core names the
 /// extension that holds it.

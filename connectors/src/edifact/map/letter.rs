@@ -9,13 +9,13 @@ use ketenbus_schemas::event::{
     Coding, EventKind, HealthProfessional, HealthcareProvider, LetterEvent, Patient,
 };
 
-use super::document::Message;
 use super::medlab::pid_patient;
-use super::normalize::{
+use super::{
     Context, REASON_MISSING, field, medlab_address, path, provider_code, text_name, two_digit_date,
     with_time,
 };
 use crate::NormalizeError;
+use crate::edifact::parse::document::Message;
 
 /// Maps one MEDVRI:1 or MEDSPE:1 message.
 pub(crate) fn letter_event(
