@@ -200,9 +200,9 @@ impl Idempotency {
         envelope: impl FnOnce(String) -> RawEnvelope,
     ) -> Result<String, NotTaken> {
         let (id, held) = match key {
-            None => (crate::ingest::new_message_id(), None),
+            None => (ketenbus_schemas::new_envelope_id(), None),
             Some(k) => match self
-                .claim(scope, k, body, crate::ingest::new_message_id)
+                .claim(scope, k, body, ketenbus_schemas::new_envelope_id)
                 .await
                 .map_err(NotTaken::Key)?
             {

@@ -153,9 +153,3 @@ impl Ingest for SmtpSenderCheck {
         })
     }
 }
-
-/// A new message id: UUIDv7, time-ordered.
-#[must_use]
-pub fn new_message_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}

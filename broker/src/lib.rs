@@ -27,19 +27,13 @@ pub mod status;
 pub mod telemetry;
 pub mod tls;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use bus::{Bus, BusError, OutRecord, Position};
 
-/// Milliseconds since the Unix epoch.
-#[must_use]
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub use ketenbus_schemas::now_ms;
 
 /// Publish, waiting and trying again while the log is unavailable, until `cancel`.
 ///

@@ -347,13 +347,11 @@ impl Inbox {
             self.fail(path, name, &reason).await;
             return Ok(Taken::Failed);
         }
-        let received_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+        let received_at_ms = ketenbus_schemas::now_ms();
         // The file names its own parties (UNB, MessageHeader); no one else vouches for them.
         let declared = crate::party::declared(self.config.format, &bytes);
         let envelope = RawEnvelope {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: ketenbus_schemas::new_envelope_id(),
             received_at_ms,
             connector: "inbox".into(),
             format: self.config.format,
@@ -376,9 +374,7 @@ impl Inbox {
     async fn fail(&self, path: &Path, name: &str, reason: &str) {
         tracing::warn!(file = %name, reason = %reason, "inbox file moved to failed/");
         let failed = self.config.path.join("failed");
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let stamp = ketenbus_schemas::now_ms();
         let target = free_name(&failed, name, &stamp.to_string());
         let reason_file = target.with_file_name(format!(
             "{}.reason",

@@ -78,13 +78,6 @@ pub fn party_of(address: &str) -> Option<String> {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The raw envelope for a message an SMTP session received: the bytes as sent (moved, not
 /// copied), the envelope addresses as party ids and transport details as attributes.
 #[must_use]
@@ -104,8 +97,8 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
         attributes.insert("smtp.peer".to_owned(), p.ip().to_string());
     }
     RawEnvelope {
-        id: uuid::Uuid::now_v7().to_string(),
-        received_at_ms: now_ms(),
+        id: ketenbus_schemas::new_envelope_id(),
+        received_at_ms: ketenbus_schemas::now_ms(),
         connector: connector.to_owned(),
         format: Format::Rfc822,
         content_type: MEDIA_RFC822.to_owned(),

@@ -79,7 +79,7 @@ impl EventHeader {
     #[must_use]
     pub fn new(kind: EventKind, envelope_id: &str, index: i32, source_format: &str) -> EventHeader {
         EventHeader {
-            id: format!("{envelope_id}.{index}"),
+            id: crate::id::event_id(envelope_id, index),
             kind,
             envelope_id: envelope_id.to_owned(),
             index,

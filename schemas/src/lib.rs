@@ -5,10 +5,12 @@
 pub mod codec;
 pub mod envelope;
 pub mod event;
+pub mod id;
 pub mod outcome;
 pub mod topics;
 
 pub use codec::{AvroRecord, CodecError};
 pub use envelope::{Format, RawEnvelope};
 pub use event::{Event, EventHeader, EventKind};
+pub use id::{envelope_of, event_id, new_envelope_id, now_ms};
 pub use outcome::{DeadLetter, DeliveryOutcome, Outcome, RetryRecord};

@@ -19,8 +19,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use ketenbus_schemas::now_ms;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -119,12 +120,6 @@ struct Inner {
     limits: (Duration, u64, u64),
     /// Why new messages are refused, set by each retention pass.
     refusing: Mutex<Option<String>>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 fn sql_err(e: &rusqlite::Error) -> BusError {

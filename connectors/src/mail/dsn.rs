@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 
 use hmac::{Hmac, Mac};
-use ketenbus_schemas::RawEnvelope;
+use ketenbus_schemas::{RawEnvelope, envelope_of};
 use mail_parser::{MimeHeaders, PartType};
 use serde::Serialize;
 use sha2::Sha256;
@@ -329,15 +329,6 @@ fn is_status_code(s: &str) -> bool {
         && parts.next().is_none()
 }
 
-/// The envelope id of a record id: `<envelope id>.<n>` for events, the id itself for raw.
-#[must_use]
-pub fn envelope_of(record_id: &str) -> &str {
-    match record_id.rsplit_once('.') {
-        Some((env, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => env,
-        _ => record_id,
-    }
-}
-
 /// Decode RFC 3461 xtext (`+XX` hex escapes).
 #[must_use]
 pub fn xtext_decode(s: &str) -> String {
@@ -627,14 +618,6 @@ mod tests {
         }
         let r = parse(&failed_with(&envid)).unwrap();
         assert_eq!(r.record_id().as_deref(), Some(record));
-        assert_eq!(
-            envelope_of("0193a1b2-0000-7000-8000-000000000001.3"),
-            "0193a1b2-0000-7000-8000-000000000001"
-        );
-        assert_eq!(
-            envelope_of("0193a1b2-0000-7000-8000-000000000001"),
-            "0193a1b2-0000-7000-8000-000000000001"
-        );
     }
 
     #[test]
