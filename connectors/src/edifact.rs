@@ -24,10 +24,9 @@ pub use contrl::{ContrlParams, acknowledge, syntax_error_code};
 #[doc(hidden)]
 pub use fuzz::fuzz_one;
 pub use inspect::{document_json, inspect, segment_json};
-pub use map::medlab::EDIFACT_REFERENCE_NUMBER;
 pub use map::{
-    EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, bsn_is_valid,
-    normalize_bytes, normalize_document, parties,
+    EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, normalize_bytes,
+    normalize_document, parties,
 };
 pub use parse::document::{Document, Interchange, Message, parse, parse_strict};
 pub use parse::error::{EdifactError, Position};

@@ -12,6 +12,7 @@ pub mod mail;
 pub mod party;
 pub mod poison;
 pub mod webhook;
+pub mod zib;
 
 #[cfg(test)]
 mod linear_cost_tests;

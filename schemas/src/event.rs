@@ -300,6 +300,38 @@ pub struct LabTestResult {
     pub comments: Vec<String>,
 }
 
+impl LabTestResult {
+    /// A determination of `test` with status `status` and nothing else known yet: every
+    /// other field empty, for the mapping to fill in.
+    #[must_use]
+    pub fn new(id: String, test: Coding, status: &str) -> LabTestResult {
+        LabTestResult {
+            id,
+            test,
+            other_codes: Vec::new(),
+            local_code: None,
+            local_name: None,
+            status: status.to_owned(),
+            value_text: None,
+            value_coding: None,
+            value_decimal: None,
+            comparator: None,
+            unit: None,
+            unit_system: None,
+            reference_low: None,
+            reference_high: None,
+            reference_text: None,
+            interpretation: None,
+            interpretation_raw: None,
+            specimen_id: None,
+            section: None,
+            section_code: None,
+            effective_at: None,
+            comments: Vec::new(),
+        }
+    }
+}
+
 /// Lab results of one patient from one report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabResultEvent {

@@ -883,37 +883,31 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
                   low: &str,
                   high: &str,
                   flag: Option<&str>| LabTestResult {
-        id: id.into(),
-        test: Coding {
-            system: local.into(),
-            code: code.into(),
-            display: Some(name.into()),
-        },
-        other_codes: Vec::new(),
         local_code: Some(code.into()),
         local_name: Some(name.into()),
-        status: if value.is_some() {
-            "final"
-        } else {
-            "registered"
-        }
-        .into(),
         value_text: value.map(str::to_owned),
-        value_coding: None,
         value_decimal: value.map(str::to_owned),
-        comparator: None,
         unit: Some(unit.into()),
-        unit_system: None,
         reference_low: Some(low.into()),
         reference_high: Some(high.into()),
-        reference_text: None,
         interpretation: flag.map(|_| "H".to_owned()),
         interpretation_raw: flag.map(str::to_owned),
         specimen_id: Some("specimen-1".into()),
         section: Some("CHEMIE".into()),
-        section_code: None,
         effective_at: Some("2026-11-01T07:40".into()),
-        comments: Vec::new(),
+        ..LabTestResult::new(
+            id.into(),
+            Coding {
+                system: local.into(),
+                code: code.into(),
+                display: Some(name.into()),
+            },
+            if value.is_some() {
+                "final"
+            } else {
+                "registered"
+            },
+        )
     };
     let mut kalium = result(
         "result-2",

@@ -23,14 +23,11 @@ use sha2::{Digest, Sha256};
 
 use super::FhirError;
 use super::value::{Object, Value};
-use crate::{Normalize, NormalizeError};
+use crate::{Normalize, NormalizeError, zib};
 
 /// Reason code: not well-formed FHIR.
 pub const REASON_SYNTAX: &str = "fhir_syntax";
-/// Reason code: a BSN failing the eleven-test.
-pub const REASON_INVALID_BSN: &str = "invalid_bsn";
-/// Reason code: an element the mapping needs is absent.
-pub const REASON_MISSING: &str = "missing_element";
+pub use crate::contract::normalize::{REASON_INVALID_BSN, REASON_MISSING};
 /// Reason code: an element is present but unusable (bad base64, wrong JSON type).
 pub const REASON_INVALID: &str = "invalid_element";
 
@@ -38,8 +35,7 @@ pub const REASON_INVALID: &str = "invalid_element";
 pub const SCT_TRANSFER_FROM_AMBULANCE: &str = "11131000146102";
 /// Extension holding MEDLAB's IDE reference number; also the identifier system ketenbus
 /// uses for it on a specimen (as the EDIFACT normaliser does).
-pub const EXT_EDIFACT_REFERENCE: &str =
-    "http://nictiz.nl/fhir/StructureDefinition/ext-EdifactReferenceNumber";
+pub const EXT_EDIFACT_REFERENCE: &str = crate::zib::EDIFACT_REFERENCE_NUMBER;
 /// Observation category code system.
 pub const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
 /// HL7 v3 ObservationInterpretation.
@@ -129,20 +125,6 @@ fn missing(path: String, what: &str) -> NormalizeError {
         path,
         what: what.to_owned(),
     }
-}
-
-/// Whether a nine-digit number passes the BSN eleven-test.
-#[must_use]
-pub fn bsn_is_valid(bsn: &str) -> bool {
-    let b = bsn.as_bytes();
-    if b.len() != 9 || !b.iter().all(u8::is_ascii_digit) {
-        return false;
-    }
-    let d = |i: usize| u32::from(b[i] - b'0');
-    let sum: u32 = (0..8)
-        .map(|i| d(i) * (9 - u32::try_from(i).unwrap_or(0)))
-        .sum();
-    (sum + 110 - d(8)).is_multiple_of(11)
 }
 
 /// One resource of the document, with where it sits.
@@ -498,12 +480,8 @@ fn identifiers(o: &Object, path: &str) -> Result<Vec<Identifier>, NormalizeError
         let (Some(system), Some(value)) = (id.str("system"), id.str("value")) else {
             continue;
         };
-        if system == systems::BSN && !bsn_is_valid(value) {
-            return Err(NormalizeError::Invalid {
-                reason: REASON_INVALID_BSN,
-                path: format!("{path}.identifier[{k}]"),
-                what: "BSN fails the eleven-test".into(),
-            });
+        if system == systems::BSN && !zib::bsn_is_valid(value) {
+            return Err(zib::invalid_bsn(format!("{path}.identifier[{k}]")));
         }
         out.push(Identifier {
             system: system.to_owned(),
@@ -779,10 +757,7 @@ fn professional_of(
             .and_then(|r| r.get("display"))
             .and_then(Value::as_str);
         return Ok(display.map(|d| HealthProfessional {
-            name: Some(HumanName {
-                text: Some(d.to_owned()),
-                ..HumanName::default()
-            }),
+            name: Some(zib::text_name(d)),
             role: Some(role.to_owned()),
             ..HealthProfessional::default()
         }));
@@ -806,10 +781,7 @@ fn professional(
                 p.identifiers.extend(identifiers(pr.res, &pr.path)?);
                 p.name = pick_name(pr.res);
             } else if let Some(d) = e.res.obj("practitioner").and_then(|r| r.str("display")) {
-                p.name = Some(HumanName {
-                    text: Some(d.to_owned()),
-                    ..HumanName::default()
-                });
+                p.name = Some(zib::text_name(d));
             }
             p.specialty = e
                 .res
@@ -1027,29 +999,13 @@ fn lab_result(
         .str("status")
         .ok_or_else(|| missing(format!("{}.status", e.path), "lab result without status"))?;
 
+    let id =
+        e.id.map_or_else(|| format!("result-{}", n + 1), str::to_owned);
     let mut r = LabTestResult {
-        id: e
-            .id
-            .map_or_else(|| format!("result-{}", n + 1), str::to_owned),
-        test,
         other_codes: codes,
         local_code,
         local_name: code.and_then(|c| s(c, "text")),
-        status: status.to_owned(),
-        value_text: None,
-        value_coding: None,
-        value_decimal: None,
-        comparator: None,
-        unit: None,
-        unit_system: None,
-        reference_low: None,
-        reference_high: None,
-        reference_text: None,
-        interpretation: None,
-        interpretation_raw: None,
         specimen_id,
-        section: None,
-        section_code: None,
         effective_at: s(o, "effectiveDateTime")
             .or_else(|| s(o, "effectiveInstant"))
             .or_else(|| o.obj("effectivePeriod").and_then(|p| s(p, "start"))),
@@ -1060,6 +1016,7 @@ fn lab_result(
             .filter_map(Value::as_str)
             .map(str::to_owned)
             .collect(),
+        ..LabTestResult::new(id, test, status)
     };
     if let Some(q) = o.obj("valueQuantity") {
         let v = q.get("value").ok_or_else(|| {
@@ -1378,15 +1335,6 @@ fn notification(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn eleven_test() {
-        assert!(bsn_is_valid("111222333"));
-        assert!(bsn_is_valid("999999990"));
-        assert!(!bsn_is_valid("999999991"));
-        assert!(!bsn_is_valid("12345678"));
-        assert!(!bsn_is_valid("12345678a"));
-    }
 
     #[test]
     fn narrative_text_drops_markup() {

@@ -12,7 +12,8 @@ use ketenbus_schemas::{Event, Format, RawEnvelope};
 use serde_json::Value as Json;
 
 use super::*;
-use crate::edifact::{EDIFACT_REFERENCE_NUMBER, inspect, synthetic_medlab};
+use crate::edifact::{inspect, synthetic_medlab};
+use crate::zib::EDIFACT_REFERENCE_NUMBER;
 use crate::{ErrorKind, Normalize, NormalizeError};
 
 macro_rules! fixture {

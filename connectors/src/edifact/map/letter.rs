@@ -11,11 +11,11 @@ use ketenbus_schemas::event::{
 
 use super::medlab::pid_patient;
 use super::{
-    Context, REASON_MISSING, field, medlab_address, path, provider_code, text_name, two_digit_date,
-    with_time,
+    Context, REASON_MISSING, field, medlab_address, path, provider_code, two_digit_date, with_time,
 };
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
+use crate::zib::text_name;
 
 /// Maps one MEDVRI:1 or MEDSPE:1 message.
 pub(crate) fn letter_event(
@@ -62,7 +62,7 @@ pub(crate) fn letter_event(
             "ARA" if author.is_none() => {
                 author = Some(HealthProfessional {
                     identifiers: Vec::new(),
-                    name: text_name(field(&seg, 0, 0)),
+                    name: field(&seg, 0, 0).map(text_name),
                     role: Some("author".to_owned()),
                     specialty: None,
                     organization_name: organization.as_ref().and_then(|o| o.name.clone()),
@@ -74,7 +74,7 @@ pub(crate) fn letter_event(
                         .iter()
                         .map(|c| provider_code(c, ctx.sender_id.as_deref()))
                         .collect(),
-                    name: text_name(field(&seg, 2, 0)),
+                    name: field(&seg, 2, 0).map(text_name),
                     role: Some("recipient".to_owned()),
                     specialty: field(&seg, 0, 0).map(|t| Coding {
                         display: (t == "H").then(|| "huisarts".to_owned()),

@@ -11,18 +11,13 @@ use ketenbus_schemas::event::{
 };
 
 use super::{
-    Context, REASON_MISSING, bsn_identifier, ccyy_mm_dd, decimal_value, field, gender,
-    interpretation, local_system, medlab_address, path, provider_code, text_name, two_digit_date,
-    with_time,
+    Context, REASON_MISSING, ccyy_mm_dd, decimal_value, field, gender, interpretation,
+    local_system, medlab_address, path, provider_code, two_digit_date, with_time,
 };
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
 use crate::edifact::parse::tokenize::Segment;
-
-/// System of the EDIFACT reference number a specimen carries (IDE), as nl-core names the
-/// extension that holds it.
-pub const EDIFACT_REFERENCE_NUMBER: &str =
-    "http://nictiz.nl/fhir/StructureDefinition/ext-EdifactReferenceNumber";
+use crate::zib::{self, bsn_identifier, text_name};
 
 /// PID name element: `married name:prefix:own name:prefix:first name:initials`.
 fn pid_name(seg: &Segment<'_>) -> Option<HumanName> {
@@ -147,7 +142,7 @@ pub(crate) fn lab_event(
                         .iter()
                         .map(|c| provider_code(c, ctx.sender_id.as_deref()))
                         .collect(),
-                    name: text_name(field(&seg, 2, 0)),
+                    name: field(&seg, 2, 0).map(text_name),
                     role: Some("requester".to_owned()),
                     specialty,
                     organization_name: None,
@@ -167,7 +162,7 @@ pub(crate) fn lab_event(
             }
             "ARA" | "KOP" => professionals.push(HealthProfessional {
                 identifiers: Vec::new(),
-                name: text_name(field(&seg, 0, 0)),
+                name: field(&seg, 0, 0).map(text_name),
                 role: Some(
                     if seg.tag() == "ARA" {
                         "department"
@@ -214,7 +209,7 @@ pub(crate) fn lab_event(
                     let s = &mut specimens[g.specimen];
                     if let Some(reference) = field(&seg, 1, 0) {
                         s.identifiers.push(Identifier {
-                            system: EDIFACT_REFERENCE_NUMBER.to_owned(),
+                            system: zib::EDIFACT_REFERENCE_NUMBER.to_owned(),
                             value: reference,
                         });
                     }
@@ -251,33 +246,26 @@ pub(crate) fn lab_event(
                         what: "determination has neither code nor name".to_owned(),
                     });
                 };
+                let test = Coding {
+                    system: lab_system.clone(),
+                    code,
+                    display: local_name.clone(),
+                };
                 results.push(LabTestResult {
-                    id: format!("result-{}", results.len() + 1),
-                    test: Coding {
-                        system: lab_system.clone(),
-                        code,
-                        display: local_name.clone(),
-                    },
-                    other_codes: Vec::new(),
                     local_code,
                     local_name,
-                    status: status.to_owned(),
                     value_text,
-                    value_coding: None,
                     value_decimal,
                     comparator,
                     unit: field(&seg, 4, 0),
-                    unit_system: None,
                     reference_low: field(&seg, 6, 0),
                     reference_high: field(&seg, 7, 0),
-                    reference_text: None,
                     interpretation: flag.as_deref().and_then(interpretation),
                     interpretation_raw: flag,
                     specimen_id: specimen.map(|s| s.id.clone()),
                     section: section.clone(),
-                    section_code: None,
                     effective_at: specimen.and_then(|s| s.collected_at.clone()),
-                    comments: Vec::new(),
+                    ..LabTestResult::new(format!("result-{}", results.len() + 1), test, status)
                 });
                 last_result = Some(results.len() - 1);
             }
@@ -291,33 +279,21 @@ pub(crate) fn lab_event(
                     });
                 };
                 let specimen = group.as_ref().map(|g| &specimens[g.specimen]);
+                let test = Coding {
+                    system: lab_system.clone(),
+                    code,
+                    display: name.clone(),
+                };
                 results.push(LabTestResult {
-                    id: format!("result-{}", results.len() + 1),
-                    test: Coding {
-                        system: lab_system.clone(),
-                        code,
-                        display: name.clone(),
-                    },
-                    other_codes: Vec::new(),
-                    local_code: None,
                     local_name: name,
-                    status: "registered".to_owned(),
-                    value_text: None,
-                    value_coding: None,
-                    value_decimal: None,
-                    comparator: None,
-                    unit: None,
-                    unit_system: None,
-                    reference_low: None,
-                    reference_high: None,
-                    reference_text: None,
-                    interpretation: None,
-                    interpretation_raw: None,
                     specimen_id: specimen.map(|s| s.id.clone()),
                     section: section.clone(),
-                    section_code: None,
                     effective_at: specimen.and_then(|s| s.collected_at.clone()),
-                    comments: Vec::new(),
+                    ..LabTestResult::new(
+                        format!("result-{}", results.len() + 1),
+                        test,
+                        "registered",
+                    )
                 });
                 last_result = Some(results.len() - 1);
             }

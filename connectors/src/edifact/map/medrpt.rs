@@ -14,12 +14,13 @@ use ketenbus_schemas::event::{
 };
 
 use super::{
-    Context, REASON_MISSING, bsn_identifier, code_list_system, decimal_value, edifact_datetime,
-    field, gender, interpretation, path,
+    Context, REASON_MISSING, code_list_system, decimal_value, edifact_datetime, field, gender,
+    interpretation, path,
 };
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
 use crate::edifact::parse::tokenize::Segment;
+use crate::zib::{bsn_identifier, text_name};
 
 /// Danish civil registration number (CPR).
 const CPR: &str = "urn:oid:1.2.208.176.1.2";
@@ -143,10 +144,7 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
             ..HumanName::default()
         })
     } else {
-        party_name(seg).map(|t| HumanName {
-            text: Some(t),
-            ..HumanName::default()
-        })
+        party_name(seg).map(text_name)
     };
     HealthProfessional {
         identifiers: party_identifier(seg).into_iter().collect(),
@@ -297,33 +295,16 @@ pub(crate) fn lab_event(
                     code_list_system(&agency, &list)
                 };
                 let specimen = specimens.last();
+                let test = Coding {
+                    system,
+                    code,
+                    display: name.clone(),
+                };
                 results.push(LabTestResult {
-                    id: format!("result-{}", results.len() + 1),
-                    test: Coding {
-                        system,
-                        code,
-                        display: name.clone(),
-                    },
-                    other_codes: Vec::new(),
-                    local_code: None,
                     local_name: name,
-                    status: "final".to_owned(),
-                    value_text: None,
-                    value_coding: None,
-                    value_decimal: None,
-                    comparator: None,
-                    unit: None,
-                    unit_system: None,
-                    reference_low: None,
-                    reference_high: None,
-                    reference_text: None,
-                    interpretation: None,
-                    interpretation_raw: None,
                     specimen_id: specimen.map(|s| s.id.clone()),
-                    section: None,
-                    section_code: None,
                     effective_at: specimen.and_then(|s| s.collected_at.clone()),
-                    comments: Vec::new(),
+                    ..LabTestResult::new(format!("result-{}", results.len() + 1), test, "final")
                 });
             }
             "RSL" => {
