@@ -67,6 +67,16 @@ pub enum NormalizeError {
 }
 
 impl NormalizeError {
+    /// `missing_element` at `path`: content the mapping needs is absent.
+    #[must_use]
+    pub fn missing(path: String, what: &str) -> NormalizeError {
+        NormalizeError::Invalid {
+            reason: REASON_MISSING,
+            path,
+            what: what.to_owned(),
+        }
+    }
+
     /// The dead-letter and lineage reason code.
     #[must_use]
     pub fn reason(&self) -> &'static str {

@@ -15,6 +15,7 @@ use super::parse::error::{EdifactError, Position};
 use super::parse::tokenize::Segment;
 use crate::{Normalize, NormalizeError};
 
+mod lab;
 pub(crate) mod letter;
 pub(crate) mod medlab;
 pub(crate) mod medrpt;

@@ -119,14 +119,6 @@ fn syntax(e: &FhirError, format: &'static str) -> NormalizeError {
     }
 }
 
-fn missing(path: String, what: &str) -> NormalizeError {
-    NormalizeError::Invalid {
-        reason: REASON_MISSING,
-        path,
-        what: what.to_owned(),
-    }
-}
-
 /// One resource of the document, with where it sits.
 struct Entry<'a> {
     /// Element path of the resource (`Bundle.entry[3].resource`).
@@ -151,7 +143,7 @@ fn push_with_contained<'a>(
         let Some(c) = c.as_object() else { continue };
         let cpath = format!("{path}.contained[{k}]");
         let ty = c.str("resourceType").ok_or_else(|| {
-            missing(
+            NormalizeError::missing(
                 format!("{cpath}.resourceType"),
                 "resource without resourceType",
             )
@@ -206,7 +198,7 @@ impl<'a> Doc<'a> {
         }
         let bundle_type = root
             .str("type")
-            .ok_or_else(|| missing("Bundle.type".into(), "Bundle without type"))?;
+            .ok_or_else(|| NormalizeError::missing("Bundle.type".into(), "Bundle without type"))?;
         let mut entries = Vec::new();
         for (i, e) in root.arr("entry").iter().enumerate() {
             let Some(res) = e.get("resource").and_then(Value::as_object) else {
@@ -214,7 +206,7 @@ impl<'a> Doc<'a> {
             };
             let path = format!("Bundle.entry[{i}].resource");
             let ty = res.str("resourceType").ok_or_else(|| {
-                missing(
+                NormalizeError::missing(
                     format!("{path}.resourceType"),
                     "resource without resourceType",
                 )
@@ -233,7 +225,7 @@ impl<'a> Doc<'a> {
             match entries.first() {
                 Some(e) if e.ty == "MessageHeader" => Some(0),
                 _ => {
-                    return Err(missing(
+                    return Err(NormalizeError::missing(
                         "Bundle.entry[0].resource".into(),
                         "a message Bundle starts with a MessageHeader",
                     ));
@@ -333,7 +325,7 @@ pub fn events_from(
 ) -> Result<Vec<Event>, NormalizeError> {
     let root = root
         .as_object()
-        .ok_or_else(|| missing("document".into(), "not a FHIR resource"))?;
+        .ok_or_else(|| NormalizeError::missing("document".into(), "not a FHIR resource"))?;
     let doc = Doc::new(root)?;
     // Every BSN in the message passes the eleven-test, mapped or not.
     for p in doc.of_type("Patient") {
@@ -979,7 +971,7 @@ fn lab_result(
     let code = o.obj("code");
     let mut codes: Vec<Coding> = codings(code).collect();
     if codes.is_empty() {
-        return Err(missing(
+        return Err(NormalizeError::missing(
             format!("{}.code.coding", e.path),
             "lab result without a coded test",
         ));
@@ -995,9 +987,9 @@ fn lab_result(
         .chain(std::iter::once(&test))
         .find(|c| c.system.starts_with("urn:ketenbus:local:"))
         .map(|c| c.code.clone());
-    let status = o
-        .str("status")
-        .ok_or_else(|| missing(format!("{}.status", e.path), "lab result without status"))?;
+    let status = o.str("status").ok_or_else(|| {
+        NormalizeError::missing(format!("{}.status", e.path), "lab result without status")
+    })?;
 
     let id =
         e.id.map_or_else(|| format!("result-{}", n + 1), str::to_owned);
@@ -1020,7 +1012,7 @@ fn lab_result(
     };
     if let Some(q) = o.obj("valueQuantity") {
         let v = q.get("value").ok_or_else(|| {
-            missing(
+            NormalizeError::missing(
                 format!("{}.valueQuantity.value", e.path),
                 "quantity without value",
             )
@@ -1154,7 +1146,7 @@ fn handover(
 ) -> Result<AcuteHandoverEvent, NormalizeError> {
     let o = sr.res;
     let code = codings(o.obj("code")).next().ok_or_else(|| {
-        missing(
+        NormalizeError::missing(
             format!("{}.code.coding", sr.path),
             "referral without a coded request",
         )
@@ -1259,7 +1251,7 @@ fn handover(
                 })?;
             attachments.push(Attachment {
                 content_type: s(a, "contentType").ok_or_else(|| {
-                    missing(
+                    NormalizeError::missing(
                         format!("{}.content[{k}].attachment.contentType", dr.path),
                         "attachment without contentType",
                     )
@@ -1292,9 +1284,9 @@ fn notification(
     mut header: EventHeader,
 ) -> Result<HandoverNotificationEvent, NormalizeError> {
     let o = task.res;
-    let status = o
-        .str("status")
-        .ok_or_else(|| missing(format!("{}.status", task.path), "Task without status"))?;
+    let status = o.str("status").ok_or_else(|| {
+        NormalizeError::missing(format!("{}.status", task.path), "Task without status")
+    })?;
     let source = doc
         .message_header()
         .and_then(|mh| mh.res.obj("source"))
@@ -1307,7 +1299,7 @@ fn notification(
         (None, Some(base), Some(id)) => format!("{}/Task/{id}", base.trim_end_matches('/')),
         (None, None, Some(id)) => format!("Task/{id}"),
         _ => {
-            return Err(missing(
+            return Err(NormalizeError::missing(
                 format!("{}.id", task.path),
                 "Task without id or absolute fullUrl",
             ));

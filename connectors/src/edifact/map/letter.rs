@@ -6,16 +6,15 @@
 //! sent: re-flowing them would guess at the author's layout.
 
 use ketenbus_schemas::event::{
-    Coding, EventKind, HealthProfessional, HealthcareProvider, LetterEvent, Patient,
+    EventKind, HealthProfessional, HealthcareProvider, LetterEvent, Patient,
 };
 
-use super::medlab::pid_patient;
-use super::{
-    Context, REASON_MISSING, field, medlab_address, path, provider_code, two_digit_date, with_time,
+use super::medlab::{
+    afd_department, art_professional, det_date, named_professional, pid_patient, zkh_provider,
 };
+use super::{Context, medlab_address, path};
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
-use crate::zib::text_name;
 
 /// Maps one MEDVRI:1 or MEDSPE:1 message.
 pub(crate) fn letter_event(
@@ -35,70 +34,25 @@ pub(crate) fn letter_event(
     for seg in m.body() {
         match seg.tag() {
             "ZKH" => {
-                let code = field(&seg, 3, 0);
+                // An AFD before the ZKH keeps its department.
+                let department = organization.as_ref().and_then(|o| o.department.clone());
                 organization = Some(HealthcareProvider {
-                    identifiers: code
-                        .iter()
-                        .map(|c| provider_code(c, ctx.sender_id.as_deref()))
-                        .collect(),
-                    name: field(&seg, 0, 0),
-                    department: organization.as_ref().and_then(|o| o.department.clone()),
-                    address: medlab_address(&seg, 1),
-                    phone: field(&seg, 2, 0),
+                    department,
+                    ..zkh_provider(&seg, ctx)
                 });
             }
-            "AFD" => {
-                let dept = field(&seg, 0, 0);
-                match organization.as_mut() {
-                    Some(o) => o.department = dept,
-                    None => {
-                        organization = Some(HealthcareProvider {
-                            department: dept,
-                            ..HealthcareProvider::default()
-                        });
-                    }
-                }
-            }
+            "AFD" => afd_department(&seg, &mut organization),
             "ARA" if author.is_none() => {
-                author = Some(HealthProfessional {
-                    identifiers: Vec::new(),
-                    name: field(&seg, 0, 0).map(text_name),
-                    role: Some("author".to_owned()),
-                    specialty: None,
-                    organization_name: organization.as_ref().and_then(|o| o.name.clone()),
-                });
+                author = Some(named_professional(&seg, "author", organization.as_ref()));
             }
-            "ART" => {
-                recipient = Some(HealthProfessional {
-                    identifiers: field(&seg, 1, 0)
-                        .iter()
-                        .map(|c| provider_code(c, ctx.sender_id.as_deref()))
-                        .collect(),
-                    name: field(&seg, 2, 0).map(text_name),
-                    role: Some("recipient".to_owned()),
-                    specialty: field(&seg, 0, 0).map(|t| Coding {
-                        display: (t == "H").then(|| "huisarts".to_owned()),
-                        system: "urn:ketenbus:medlab:art-type".to_owned(),
-                        code: t,
-                    }),
-                    organization_name: None,
-                });
-            }
+            "ART" => recipient = Some(art_professional(&seg, ctx, "recipient")),
             "PID" => patient = Some(pid_patient(m, &seg, ctx)?),
             "PAD" => {
                 if let Some(p) = patient.as_mut() {
                     p.address = medlab_address(&seg, 0);
                 }
             }
-            "DET" if date.is_none() => {
-                date = two_digit_date(
-                    &seg.text(0, 0).unwrap_or_default(),
-                    &seg.text(0, 1).unwrap_or_default(),
-                    &seg.text(0, 2).unwrap_or_default(),
-                    ctx.reference_year,
-                )
-                .map(|d| with_time(d, seg.text(1, 0).as_deref(), seg.text(1, 1).as_deref()));
-            }
+            "DET" if date.is_none() => date = det_date(&seg, ctx),
             // Text lines keep their spaces: only the line break is ours. A component
             // separator the sender forgot to release is text: put it back.
             "TXT" => {
@@ -113,11 +67,10 @@ pub(crate) fn letter_event(
         }
     }
     let Some(patient) = patient else {
-        return Err(NormalizeError::Invalid {
-            reason: REASON_MISSING,
-            path: path(m, &m.header(), None),
-            what: "message has no PID segment".to_owned(),
-        });
+        return Err(NormalizeError::missing(
+            path(m, &m.header(), None),
+            "message has no PID segment",
+        ));
     };
     header.occurred_at.clone_from(&date);
     Ok(LetterEvent {

@@ -7,12 +7,13 @@
 
 use ketenbus_schemas::event::{
     Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
-    LabResultEvent, LabTestResult, Patient, Specimen,
+    LabResultEvent, LabTestResult, Patient,
 };
 
+use super::lab::LabReport;
 use super::{
-    Context, REASON_MISSING, ccyy_mm_dd, decimal_value, field, gender, interpretation,
-    local_system, medlab_address, path, provider_code, two_digit_date, with_time,
+    Context, ccyy_mm_dd, decimal_value, field, gender, interpretation, local_system,
+    medlab_address, path, provider_code, two_digit_date, with_time,
 };
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
@@ -79,6 +80,76 @@ pub(crate) fn pid_patient(
     })
 }
 
+/// ZKH: the sending institution (lab, hospital) with its code, address and phone.
+pub(crate) fn zkh_provider(seg: &Segment<'_>, ctx: &Context<'_>) -> HealthcareProvider {
+    HealthcareProvider {
+        identifiers: field(seg, 3, 0)
+            .iter()
+            .map(|c| provider_code(c, ctx.sender_id.as_deref()))
+            .collect(),
+        name: field(seg, 0, 0),
+        department: None,
+        address: medlab_address(seg, 1),
+        phone: field(seg, 2, 0),
+    }
+}
+
+/// AFD: the department of the sending institution, also when no ZKH came before it.
+pub(crate) fn afd_department(seg: &Segment<'_>, institution: &mut Option<HealthcareProvider>) {
+    institution
+        .get_or_insert_with(HealthcareProvider::default)
+        .department = field(seg, 0, 0);
+}
+
+/// ART: the doctor the message is for (the requester of a lab report, the addressee of a
+/// letter), with the kind of doctor as specialty (`H`: huisarts).
+pub(crate) fn art_professional(
+    seg: &Segment<'_>,
+    ctx: &Context<'_>,
+    role: &str,
+) -> HealthProfessional {
+    HealthProfessional {
+        identifiers: field(seg, 1, 0)
+            .iter()
+            .map(|c| provider_code(c, ctx.sender_id.as_deref()))
+            .collect(),
+        name: field(seg, 2, 0).map(text_name),
+        role: Some(role.to_owned()),
+        specialty: field(seg, 0, 0).map(|t| Coding {
+            display: (t == "H").then(|| "huisarts".to_owned()),
+            system: "urn:ketenbus:medlab:art-type".to_owned(),
+            code: t,
+        }),
+        organization_name: None,
+    }
+}
+
+/// ARA, KOP: a doctor named only by text (department, copy-to, author) at the institution.
+pub(crate) fn named_professional(
+    seg: &Segment<'_>,
+    role: &str,
+    institution: Option<&HealthcareProvider>,
+) -> HealthProfessional {
+    HealthProfessional {
+        identifiers: Vec::new(),
+        name: field(seg, 0, 0).map(text_name),
+        role: Some(role.to_owned()),
+        specialty: None,
+        organization_name: institution.and_then(|p| p.name.clone()),
+    }
+}
+
+/// DET: `YY:MM:DD+HH:MM`, the two-digit year placed by the interchange date.
+pub(crate) fn det_date(seg: &Segment<'_>, ctx: &Context<'_>) -> Option<String> {
+    two_digit_date(
+        &seg.text(0, 0).unwrap_or_default(),
+        &seg.text(0, 1).unwrap_or_default(),
+        &seg.text(0, 2).unwrap_or_default(),
+        ctx.reference_year,
+    )
+    .map(|d| with_time(d, seg.text(1, 0).as_deref(), seg.text(1, 1).as_deref()))
+}
+
 /// One request/specimen group being read (DET, IDE and what follows).
 struct Group {
     specimen: usize,
@@ -86,21 +157,12 @@ struct Group {
 }
 
 /// Maps one MEDLAB:1 message.
-#[allow(clippy::too_many_lines)]
 pub(crate) fn lab_event(
     m: &Message<'_>,
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LabResultEvent, NormalizeError> {
-    let mut header = ctx.header(EventKind::LabResult, m, index);
-
-    let mut patient_: Option<Patient> = None;
-    let mut performer: Option<HealthcareProvider> = None;
-    let mut requester: Option<HealthProfessional> = None;
-    let mut professionals: Vec<HealthProfessional> = Vec::new();
-    let mut specimens: Vec<Specimen> = Vec::new();
-    let mut results: Vec<LabTestResult> = Vec::new();
-    let mut comments: Vec<String> = Vec::new();
+    let mut report = LabReport::default();
     let mut lab_system = local_system(ctx.sender_id.as_deref());
     let mut section: Option<String> = None;
     let mut group: Option<Group> = None;
@@ -110,118 +172,57 @@ pub(crate) fn lab_event(
     for seg in m.body() {
         match seg.tag() {
             "ZKH" => {
-                let code = field(&seg, 3, 0);
-                if let Some(c) = &code {
-                    lab_system = local_system(Some(c));
+                if let Some(c) = field(&seg, 3, 0) {
+                    lab_system = local_system(Some(&c));
                 }
-                performer = Some(HealthcareProvider {
-                    identifiers: code
-                        .iter()
-                        .map(|c| provider_code(c, ctx.sender_id.as_deref()))
-                        .collect(),
-                    name: field(&seg, 0, 0),
-                    department: None,
-                    address: medlab_address(&seg, 1),
-                    phone: field(&seg, 2, 0),
-                });
+                report.performer = Some(zkh_provider(&seg, ctx));
             }
-            "PID" => patient_ = Some(pid_patient(m, &seg, ctx)?),
+            "PID" => report.patient = Some(pid_patient(m, &seg, ctx)?),
             "PAD" => {
-                if let Some(p) = patient_.as_mut() {
+                if let Some(p) = report.patient.as_mut() {
                     p.address = medlab_address(&seg, 0);
                 }
             }
-            "ART" => {
-                let specialty = field(&seg, 0, 0).map(|t| Coding {
-                    display: (t == "H").then(|| "huisarts".to_owned()),
-                    system: "urn:ketenbus:medlab:art-type".to_owned(),
-                    code: t,
-                });
-                requester = Some(HealthProfessional {
-                    identifiers: field(&seg, 1, 0)
-                        .iter()
-                        .map(|c| provider_code(c, ctx.sender_id.as_deref()))
-                        .collect(),
-                    name: field(&seg, 2, 0).map(text_name),
-                    role: Some("requester".to_owned()),
-                    specialty,
-                    organization_name: None,
-                });
+            "ART" => report.requester = Some(art_professional(&seg, ctx, "requester")),
+            "AFD" => afd_department(&seg, &mut report.performer),
+            "ARA" | "KOP" => {
+                let role = if seg.tag() == "ARA" {
+                    "department"
+                } else {
+                    "copy"
+                };
+                let p = named_professional(&seg, role, report.performer.as_ref());
+                report.professionals.push(p);
             }
-            "AFD" => {
-                let dept = field(&seg, 0, 0);
-                match performer.as_mut() {
-                    Some(p) => p.department = dept,
-                    None => {
-                        performer = Some(HealthcareProvider {
-                            department: dept,
-                            ..HealthcareProvider::default()
-                        });
-                    }
-                }
-            }
-            "ARA" | "KOP" => professionals.push(HealthProfessional {
-                identifiers: Vec::new(),
-                name: field(&seg, 0, 0).map(text_name),
-                role: Some(
-                    if seg.tag() == "ARA" {
-                        "department"
-                    } else {
-                        "copy"
-                    }
-                    .to_owned(),
-                ),
-                specialty: None,
-                organization_name: performer.as_ref().and_then(|p| p.name.clone()),
-            }),
             "DET" => {
-                let date = two_digit_date(
-                    &seg.text(0, 0).unwrap_or_default(),
-                    &seg.text(0, 1).unwrap_or_default(),
-                    &seg.text(0, 2).unwrap_or_default(),
-                    ctx.reference_year,
-                )
-                .map(|d| with_time(d, seg.text(1, 0).as_deref(), seg.text(1, 1).as_deref()));
-                specimens.push(Specimen {
-                    id: format!("specimen-{}", specimens.len() + 1),
-                    collected_at: date,
-                    ..Specimen::default()
-                });
+                let specimen = report.add_specimen(det_date(&seg, ctx));
                 group = Some(Group {
-                    specimen: specimens.len() - 1,
+                    specimen,
                     complete: true,
                 });
                 section = None;
             }
             "IDE" => {
-                if group.is_none() {
-                    specimens.push(Specimen {
-                        id: format!("specimen-{}", specimens.len() + 1),
-                        ..Specimen::default()
-                    });
-                    group = Some(Group {
-                        specimen: specimens.len() - 1,
-                        complete: true,
+                let g = group.get_or_insert_with(|| Group {
+                    specimen: report.add_specimen(None),
+                    complete: true,
+                });
+                g.complete = field(&seg, 0, 0).as_deref() != Some("N");
+                let s = &mut report.specimens[g.specimen];
+                if let Some(reference) = field(&seg, 1, 0) {
+                    s.identifiers.push(Identifier {
+                        system: zib::EDIFACT_REFERENCE_NUMBER.to_owned(),
+                        value: reference,
                     });
                 }
-                if let Some(g) = group.as_mut() {
-                    g.complete = field(&seg, 0, 0).as_deref() != Some("N");
-                    let s = &mut specimens[g.specimen];
-                    if let Some(reference) = field(&seg, 1, 0) {
-                        s.identifiers.push(Identifier {
-                            system: zib::EDIFACT_REFERENCE_NUMBER.to_owned(),
-                            value: reference,
-                        });
-                    }
-                    s.material = field(&seg, 2, 0).map(|mat| Coding {
-                        system: lab_system.clone(),
-                        display: Some(mat.clone()),
-                        code: mat,
-                    });
-                    s.volume = field(&seg, 3, 0);
-                }
+                s.material = field(&seg, 2, 0).map(|mat| Coding {
+                    system: lab_system.clone(),
+                    display: Some(mat.clone()),
+                    code: mat,
+                });
+                s.volume = field(&seg, 3, 0);
             }
-            "OPM" | "COM" => comments.extend(field(&seg, 0, 0)),
+            "OPM" | "COM" => report.comments.extend(field(&seg, 0, 0)),
             "SEC" => section = field(&seg, 0, 0),
             "BEP" => {
                 let local_code = field(&seg, 8, 0);
@@ -231,7 +232,6 @@ pub(crate) fn lab_event(
                     value_text.as_deref().map_or((None, None), decimal_value);
                 let flag = field(&seg, 5, 0);
                 let changed = field(&seg, 3, 0).is_some();
-                let specimen = group.as_ref().map(|g| &specimens[g.specimen]);
                 let status = if changed {
                     "corrected"
                 } else if group.as_ref().is_some_and(|g| !g.complete) {
@@ -240,18 +240,17 @@ pub(crate) fn lab_event(
                     "final"
                 };
                 let Some(code) = local_code.clone().or_else(|| local_name.clone()) else {
-                    return Err(NormalizeError::Invalid {
-                        reason: REASON_MISSING,
-                        path: path(m, &seg, Some(2)),
-                        what: "determination has neither code nor name".to_owned(),
-                    });
+                    return Err(NormalizeError::missing(
+                        path(m, &seg, Some(2)),
+                        "determination has neither code nor name",
+                    ));
                 };
                 let test = Coding {
                     system: lab_system.clone(),
                     code,
                     display: local_name.clone(),
                 };
-                results.push(LabTestResult {
+                let result = LabTestResult {
                     local_code,
                     local_name,
                     value_text,
@@ -262,67 +261,43 @@ pub(crate) fn lab_event(
                     reference_high: field(&seg, 7, 0),
                     interpretation: flag.as_deref().and_then(interpretation),
                     interpretation_raw: flag,
-                    specimen_id: specimen.map(|s| s.id.clone()),
                     section: section.clone(),
-                    effective_at: specimen.and_then(|s| s.collected_at.clone()),
-                    ..LabTestResult::new(format!("result-{}", results.len() + 1), test, status)
-                });
-                last_result = Some(results.len() - 1);
+                    ..report.next_result(test, status, group.as_ref().map(|g| g.specimen))
+                };
+                report.results.push(result);
+                last_result = Some(report.results.len() - 1);
             }
             "NUB" => {
                 let name = field(&seg, 0, 0);
                 let Some(code) = name.clone() else {
-                    return Err(NormalizeError::Invalid {
-                        reason: REASON_MISSING,
-                        path: path(m, &seg, Some(1)),
-                        what: "pending determination has no name".to_owned(),
-                    });
+                    return Err(NormalizeError::missing(
+                        path(m, &seg, Some(1)),
+                        "pending determination has no name",
+                    ));
                 };
-                let specimen = group.as_ref().map(|g| &specimens[g.specimen]);
                 let test = Coding {
                     system: lab_system.clone(),
                     code,
                     display: name.clone(),
                 };
-                results.push(LabTestResult {
+                let result = LabTestResult {
                     local_name: name,
-                    specimen_id: specimen.map(|s| s.id.clone()),
                     section: section.clone(),
-                    effective_at: specimen.and_then(|s| s.collected_at.clone()),
-                    ..LabTestResult::new(
-                        format!("result-{}", results.len() + 1),
-                        test,
-                        "registered",
-                    )
-                });
-                last_result = Some(results.len() - 1);
+                    ..report.next_result(test, "registered", group.as_ref().map(|g| g.specimen))
+                };
+                report.results.push(result);
+                last_result = Some(report.results.len() - 1);
             }
             "OPB" | "OPU" => {
                 if let (Some(i), Some(text)) = (last_result, field(&seg, 0, 0)) {
-                    results[i].comments.push(text);
+                    report.results[i].comments.push(text);
                 } else {
-                    comments.extend(field(&seg, 0, 0));
+                    report.comments.extend(field(&seg, 0, 0));
                 }
             }
             _ => {}
         }
     }
-    let Some(patient) = patient_ else {
-        return Err(NormalizeError::Invalid {
-            reason: REASON_MISSING,
-            path: path(m, &m.header(), None),
-            what: "message has no PID segment".to_owned(),
-        });
-    };
-    header.occurred_at = specimens.iter().find_map(|s| s.collected_at.clone());
-    Ok(LabResultEvent {
-        header,
-        patient: Some(patient),
-        performer,
-        requester,
-        professionals,
-        specimens,
-        results,
-        comments,
-    })
+    let header = ctx.header(EventKind::LabResult, m, index);
+    report.finish(header, m, "message has no PID segment", None)
 }
