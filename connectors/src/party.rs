@@ -12,8 +12,11 @@ use std::collections::BTreeSet;
 
 use ketenbus_schemas::Format;
 
+use ketenbus_schemas::event::systems;
+
 use crate::edifact::{Segment, tokenize};
-use crate::fhir;
+use crate::fhir::inbound::Doc;
+use crate::fhir::{self, Object, Value};
 use crate::mail::mime;
 
 /// How deep mails nested in mails are read; deeper parts are refused (see [`Declared::opaque`]).
@@ -88,10 +91,115 @@ pub fn edifact(body: &[u8]) -> Declared {
     out
 }
 
-/// What the MessageHeaders of a parsed FHIR resource or Bundle declare.
+/// The senders and receivers a FHIR resource or Bundle declares: those of every
+/// MessageHeader in it, also in Bundles nested in its entries. A document that does not hold
+/// together as a Bundle (and so maps to nothing) still declares what its MessageHeaders name
+/// by identifier or endpoint, wherever they are in the tree.
 #[must_use]
-pub fn fhir_tree(root: &fhir::Value) -> Declared {
-    fhir::inbound::declared(root)
+pub fn fhir_tree(root: &Value) -> Declared {
+    let mut out = Declared::default();
+    if let Some(obj) = root.as_object() {
+        declared_into(obj, &mut out);
+    }
+    out
+}
+
+/// `ura:…`, `agb:…` or `uzi:…` for the party a Reference points at.
+pub(crate) fn fhir_reference(doc: &Doc<'_>, reference: &Value) -> Option<String> {
+    let from_ids = |ids: &[Value]| {
+        for (system, scheme) in [
+            (systems::URA, "ura"),
+            (systems::AGB, "agb"),
+            (systems::UZI_SYSTEM, "uzi-sys"),
+            (systems::UZI_PERSON, "uzi"),
+        ] {
+            if let Some(v) = ids
+                .iter()
+                .filter_map(Value::as_object)
+                .find(|i| i.str("system") == Some(system))
+                .and_then(|i| i.str("value"))
+            {
+                return Some(format!("{scheme}:{v}"));
+            }
+        }
+        None
+    };
+    if let Some(id) = reference.get("identifier").and_then(Value::as_object)
+        && let Some(p) = from_ids(std::slice::from_ref(&Value::Object(id.clone())))
+    {
+        return Some(p);
+    }
+    let e = doc.resolve(Some(reference))?;
+    from_ids(e.res.arr("identifier")).or_else(|| {
+        // A PractitionerRole speaks for its organisation.
+        let org = doc.resolve(e.res.get("organization"))?;
+        from_ids(org.res.arr("identifier"))
+    })
+}
+
+/// The party a MessageHeader names as its sender: `sender`, else the `source` endpoint.
+pub(crate) fn message_header_sender(doc: &Doc<'_>, mh: &Object) -> Option<String> {
+    mh.get("sender")
+        .and_then(|r| fhir_reference(doc, r))
+        .or_else(|| endpoint_party(mh.obj("source")))
+}
+
+/// The parties a MessageHeader names as its receivers: each destination's `receiver`, else
+/// its endpoint.
+pub(crate) fn message_header_receivers<'d>(
+    doc: &'d Doc<'_>,
+    mh: &'d Object,
+) -> impl Iterator<Item = String> + 'd {
+    mh.arr("destination")
+        .iter()
+        .filter_map(Value::as_object)
+        .filter_map(move |d| {
+            d.get("receiver")
+                .and_then(|r| fhir_reference(doc, r))
+                .or_else(|| endpoint_party(Some(d)))
+        })
+}
+
+fn declared_into(obj: &Object, out: &mut Declared) {
+    let Ok(doc) = Doc::new(obj) else {
+        declared_anywhere(obj, out);
+        return;
+    };
+    for e in &doc.entries {
+        match e.ty {
+            "MessageHeader" => {
+                out.senders.extend(message_header_sender(&doc, e.res));
+                out.receivers.extend(message_header_receivers(&doc, e.res));
+            }
+            "Bundle" => declared_into(e.res, out),
+            _ => {}
+        }
+    }
+}
+
+/// Every MessageHeader in a tree, read without resolving references.
+fn declared_anywhere(o: &Object, out: &mut Declared) {
+    if o.str("resourceType") == Some("MessageHeader") {
+        let unresolved = Doc::default();
+        out.senders.extend(message_header_sender(&unresolved, o));
+        out.receivers
+            .extend(message_header_receivers(&unresolved, o));
+    }
+    for (_, child) in o.iter() {
+        match child {
+            Value::Object(c) => declared_anywhere(c, out),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(Value::as_object)
+                .for_each(|c| declared_anywhere(c, out)),
+            _ => {}
+        }
+    }
+}
+
+fn endpoint_party(o: Option<&Object>) -> Option<String> {
+    o.and_then(|o| o.str("endpoint"))
+        .map(|e| format!("endpoint:{e}"))
 }
 
 /// What a mail declares: every EDIFACT and FHIR part, in mails nested to [`MAX_NESTING`].

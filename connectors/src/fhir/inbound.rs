@@ -1,29 +1,38 @@
-//! FHIR in: nl-core resources into ketenbus events, as a pure function.
+//! FHIR in: nl-core resources into ketenbus events, as a pure function, one module per
+//! kind of event:
 //!
-//! - Observations of category `laboratory` (nl-core-LaboratoryTestResult) with their
+//! - [`lab`]: Observations of category `laboratory` (nl-core-LaboratoryTestResult) with their
 //!   Specimen, Patient, Organization and PractitionerRole -> one lab-result event per patient;
-//! - an Acute Zorg referral (ServiceRequest SNOMED 11131000146102, or the focus of a message
-//!   with a Composition) with its Composition sections and DocumentReference attachments
-//!   -> an acute-handover event;
-//! - a `Task` (eOverdracht notify-then-pull) -> a handover notification without patient data.
+//! - [`handover`]: an Acute Zorg referral (ServiceRequest SNOMED 11131000146102, or the focus
+//!   of a message with a Composition) with its Composition sections and DocumentReference
+//!   attachments -> an acute-handover event;
+//! - [`task`]: a `Task` (eOverdracht notify-then-pull) -> a handover notification without
+//!   patient data.
 //!
 //! A single resource, or a Bundle of type message, transaction, batch, collection or
-//! document. References resolve by `fullUrl` or by `Type/id` within the Bundle.
+//! document. References resolve by `fullUrl` or by `Type/id` within the Bundle. This module
+//! holds the document index ([`Doc`]) and the readers of the resources every kind shares
+//! (Patient, Organization, Practitioner(Role), names, addresses, identifiers); the parties a
+//! MessageHeader names are read in [`crate::party`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use base64::Engine as _;
 use ketenbus_schemas::event::{
-    AcuteHandoverEvent, Address, Attachment, Coding, HandoverNotificationEvent, HealthProfessional,
-    HealthcareProvider, HumanName, Identifier, LabResultEvent, LabTestResult, Patient, Referral,
-    Section, Specimen, systems,
+    Address, Coding, HealthProfessional, HealthcareProvider, HumanName, Identifier, Patient,
+    systems,
 };
 use ketenbus_schemas::{Event, EventHeader, EventKind, RawEnvelope};
-use sha2::{Digest, Sha256};
 
 use super::FhirError;
 use super::value::{Object, Value};
-use crate::{Normalize, NormalizeError, zib};
+use crate::{Normalize, NormalizeError, party, zib};
+
+mod handover;
+mod lab;
+mod task;
+
+pub use handover::narrative_text;
 
 /// Reason code: not well-formed FHIR.
 pub const REASON_SYNTAX: &str = "fhir_syntax";
@@ -120,15 +129,15 @@ fn syntax(e: &FhirError, format: &'static str) -> NormalizeError {
 }
 
 /// One resource of the document, with where it sits.
-struct Entry<'a> {
+pub(crate) struct Entry<'a> {
     /// Element path of the resource (`Bundle.entry[3].resource`).
-    path: String,
-    full_url: Option<&'a str>,
-    res: &'a Object,
-    ty: &'a str,
-    id: Option<&'a str>,
+    pub(crate) path: String,
+    pub(crate) full_url: Option<&'a str>,
+    pub(crate) res: &'a Object,
+    pub(crate) ty: &'a str,
+    pub(crate) id: Option<&'a str>,
     /// A contained resource, referenced as `#id`.
-    contained: bool,
+    pub(crate) contained: bool,
 }
 
 /// The resources contained in `container`, as entries after it.
@@ -163,8 +172,8 @@ fn push_with_contained<'a>(
 /// The resources of one FHIR document, indexed so that resolving a reference or listing
 /// a type costs the same however large the document (parse cost stays linear).
 #[derive(Default)]
-struct Doc<'a> {
-    entries: Vec<Entry<'a>>,
+pub(crate) struct Doc<'a> {
+    pub(crate) entries: Vec<Entry<'a>>,
     /// Contained resources by id (the first one wins, as a scan would find it).
     by_local_id: HashMap<&'a str, usize>,
     /// Entries by `fullUrl`.
@@ -181,7 +190,7 @@ struct Doc<'a> {
 }
 
 impl<'a> Doc<'a> {
-    fn new(root: &'a Object) -> Result<Doc<'a>, NormalizeError> {
+    pub(crate) fn new(root: &'a Object) -> Result<Doc<'a>, NormalizeError> {
         let ty = root.str("resourceType").unwrap_or_default();
         if ty != "Bundle" {
             let entry = Entry {
@@ -285,7 +294,7 @@ impl<'a> Doc<'a> {
     }
 
     /// The entry a Reference points at.
-    fn resolve(&self, reference: Option<&Value>) -> Option<&Entry<'a>> {
+    pub(crate) fn resolve(&self, reference: Option<&Value>) -> Option<&Entry<'a>> {
         let r = reference?.get("reference")?.as_str()?;
         if let Some(local) = r.strip_prefix('#') {
             return self.by_local_id.get(local).map(|&i| &self.entries[i]);
@@ -341,75 +350,37 @@ pub fn events_from(
         );
         h.source_message_type = Some(doc.message_type.clone());
         if let Some(mh) = doc.message_header() {
-            h.sender = header_sender(&doc, mh.res);
-            h.receiver = header_receivers(&doc, mh.res).next();
+            h.sender = party::message_header_sender(&doc, mh.res);
+            h.receiver = party::message_header_receivers(&doc, mh.res).next();
         }
         h
     };
 
-    // Acute handovers: the referral ServiceRequests.
-    let focus: HashSet<&str> = doc
-        .message_header()
-        .map(|mh| {
-            mh.res
-                .arr("focus")
-                .iter()
-                .filter_map(|f| doc.resolve(Some(f)))
-                .map(|e| e.path.as_str())
-                .collect()
-        })
-        .unwrap_or_default();
-    let has_composition = doc.of_type("Composition").next().is_some();
-    let referrals: Vec<&Entry<'_>> = doc
-        .of_type("ServiceRequest")
-        .filter(|sr| {
-            let transfer = codings(sr.res.obj("code"))
-                .any(|c| c.system == systems::SNOMED && c.code == SCT_TRANSFER_FROM_AMBULANCE);
-            transfer || (has_composition && focus.contains(sr.path.as_str()))
-        })
-        .collect();
-    // With one referral, the document's Compositions and attachments are its own; with
-    // several, each takes only those it points at (else the events grow with the square of
-    // the document).
+    // Acute handovers: the referral ServiceRequests. With one referral, the document's
+    // Compositions and attachments are its own; with several, each takes only those it
+    // points at (else the events grow with the square of the document).
+    let referrals = handover::referrals(&doc);
     let only_referral = referrals.len() == 1;
     for sr in referrals {
         let mut header = next_header(EventKind::AcuteHandover, &events);
-        let e = handover(&doc, sr, only_referral, &mut header)?;
+        let e = handover::handover(&doc, sr, only_referral, &mut header)?;
         events.push(Event::AcuteHandover(e));
     }
 
     // Lab results, one event per patient.
-    let mut groups: Vec<Vec<&Entry<'_>>> = Vec::new();
-    let mut group_of: HashMap<Option<String>, usize> = HashMap::new();
-    for obs in doc.of_type("Observation").filter(|e| is_lab(e.res)) {
-        let key = obs.res.get("subject").and_then(|s| {
-            doc.resolve(Some(s)).map(|e| e.path.clone()).or_else(|| {
-                s.get("reference")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned)
-            })
-        });
-        match group_of.get(&key) {
-            Some(&g) => groups[g].push(obs),
-            None => {
-                group_of.insert(key, groups.len());
-                groups.push(vec![obs]);
-            }
-        }
-    }
+    let groups = lab::by_patient(&doc);
     let only_group = groups.len() == 1;
     for observations in groups {
         let mut header = next_header(EventKind::LabResult, &events);
-        let e = lab_event(&doc, &observations, only_group, &mut header)?;
+        let e = lab::lab_event(&doc, &observations, only_group, &mut header)?;
         events.push(Event::LabResult(e));
     }
 
     // Notify-then-pull Tasks.
     for task in doc.of_type("Task") {
         let header = next_header(EventKind::HandoverNotification, &events);
-        events.push(Event::HandoverNotification(notification(
-            &doc, task, header,
-        )?));
+        let e = task::notification(&doc, task, header)?;
+        events.push(Event::HandoverNotification(e));
     }
 
     if events.is_empty() {
@@ -418,20 +389,6 @@ pub fn events_from(
         });
     }
     Ok(events)
-}
-
-fn is_lab(o: &Object) -> bool {
-    let profiled = o.obj("meta").is_some_and(|m| {
-        m.arr("profile").iter().any(|p| {
-            p.as_str()
-                .is_some_and(|p| p.ends_with("/nl-core-LaboratoryTestResult"))
-        })
-    });
-    profiled
-        || o.arr("category").iter().any(|c| {
-            codings(c.as_object())
-                .any(|c| c.system == OBSERVATION_CATEGORY && c.code == "laboratory")
-        })
 }
 
 /// The codings of a CodeableConcept that have both system and code.
@@ -481,113 +438,6 @@ fn identifiers(o: &Object, path: &str) -> Result<Vec<Identifier>, NormalizeError
         });
     }
     Ok(out)
-}
-
-/// `ura:…`, `agb:…` or `uzi:…` for the party a Reference points at.
-fn party(doc: &Doc<'_>, reference: &Value) -> Option<String> {
-    let from_ids = |ids: &[Value]| {
-        for (system, scheme) in [
-            (systems::URA, "ura"),
-            (systems::AGB, "agb"),
-            (systems::UZI_SYSTEM, "uzi-sys"),
-            (systems::UZI_PERSON, "uzi"),
-        ] {
-            if let Some(v) = ids
-                .iter()
-                .filter_map(Value::as_object)
-                .find(|i| i.str("system") == Some(system))
-                .and_then(|i| i.str("value"))
-            {
-                return Some(format!("{scheme}:{v}"));
-            }
-        }
-        None
-    };
-    if let Some(id) = reference.get("identifier").and_then(Value::as_object)
-        && let Some(p) = from_ids(std::slice::from_ref(&Value::Object(id.clone())))
-    {
-        return Some(p);
-    }
-    let e = doc.resolve(Some(reference))?;
-    from_ids(e.res.arr("identifier")).or_else(|| {
-        // A PractitionerRole speaks for its organisation.
-        let org = doc.resolve(e.res.get("organization"))?;
-        from_ids(org.res.arr("identifier"))
-    })
-}
-
-/// The party a MessageHeader names as its sender: `sender`, else the `source` endpoint.
-fn header_sender(doc: &Doc<'_>, mh: &Object) -> Option<String> {
-    mh.get("sender")
-        .and_then(|r| party(doc, r))
-        .or_else(|| endpoint_party(mh.obj("source")))
-}
-
-/// The parties a MessageHeader names as its receivers: each destination's `receiver`, else
-/// its endpoint.
-fn header_receivers<'d>(doc: &'d Doc<'_>, mh: &'d Object) -> impl Iterator<Item = String> + 'd {
-    mh.arr("destination")
-        .iter()
-        .filter_map(Value::as_object)
-        .filter_map(move |d| {
-            d.get("receiver")
-                .and_then(|r| party(doc, r))
-                .or_else(|| endpoint_party(Some(d)))
-        })
-}
-
-/// The senders and receivers a FHIR resource or Bundle declares: those of every
-/// MessageHeader in it, also in Bundles nested in its entries. A document that does not hold
-/// together as a Bundle (and so maps to nothing) still declares what its MessageHeaders name
-/// by identifier or endpoint, wherever they are in the tree.
-#[must_use]
-pub fn declared(root: &Value) -> crate::party::Declared {
-    let mut out = crate::party::Declared::default();
-    if let Some(obj) = root.as_object() {
-        declared_into(obj, &mut out);
-    }
-    out
-}
-
-fn declared_into(obj: &Object, out: &mut crate::party::Declared) {
-    let Ok(doc) = Doc::new(obj) else {
-        declared_anywhere(obj, out);
-        return;
-    };
-    for e in &doc.entries {
-        match e.ty {
-            "MessageHeader" => {
-                out.senders.extend(header_sender(&doc, e.res));
-                out.receivers.extend(header_receivers(&doc, e.res));
-            }
-            "Bundle" => declared_into(e.res, out),
-            _ => {}
-        }
-    }
-}
-
-/// Every MessageHeader in a tree, read without resolving references.
-fn declared_anywhere(o: &Object, out: &mut crate::party::Declared) {
-    if o.str("resourceType") == Some("MessageHeader") {
-        let unresolved = Doc::default();
-        out.senders.extend(header_sender(&unresolved, o));
-        out.receivers.extend(header_receivers(&unresolved, o));
-    }
-    for (_, child) in o.iter() {
-        match child {
-            Value::Object(c) => declared_anywhere(c, out),
-            Value::Array(a) => a
-                .iter()
-                .filter_map(Value::as_object)
-                .for_each(|c| declared_anywhere(c, out)),
-            _ => {}
-        }
-    }
-}
-
-fn endpoint_party(o: Option<&Object>) -> Option<String> {
-    o.and_then(|o| o.str("endpoint"))
-        .map(|e| format!("endpoint:{e}"))
 }
 
 pub(crate) fn human_name(o: &Object) -> HumanName {
@@ -792,536 +642,6 @@ fn professional(
         _ => {}
     }
     Ok(p)
-}
-
-fn quantity_text(q: &Object) -> Option<String> {
-    let v = q.get("value")?.as_literal()?;
-    Some(match q.str("unit").or_else(|| q.str("code")) {
-        Some(u) => format!("{v} {u}"),
-        None => v.to_owned(),
-    })
-}
-
-fn specimen(e: &Entry<'_>, fallback_id: String) -> Result<Specimen, NormalizeError> {
-    let mut ids = identifiers(e.res, &e.path)?;
-    if let Some(acc) = e.res.obj("accessionIdentifier")
-        && let (Some(system), Some(value)) = (acc.str("system"), acc.str("value"))
-    {
-        ids.push(Identifier {
-            system: system.to_owned(),
-            value: value.to_owned(),
-        });
-    }
-    let collection = e.res.obj("collection");
-    Ok(Specimen {
-        id: e.id.map_or(fallback_id, str::to_owned),
-        identifiers: ids,
-        material: codings(e.res.obj("type")).next(),
-        volume: collection
-            .and_then(|c| c.obj("quantity"))
-            .and_then(quantity_text),
-        collected_at: collection.and_then(|c| {
-            s(c, "collectedDateTime")
-                .or_else(|| c.obj("collectedPeriod").and_then(|p| s(p, "start")))
-        }),
-        received_at: s(e.res, "receivedTime"),
-    })
-}
-
-/// One patient's lab results. `only_group`: the document has no other patient's results, so
-/// every PractitionerRole in it (department, copy-to) belongs to this event; with several
-/// patients, only those the observations point at (else events grow with the square of the
-/// document).
-fn lab_event(
-    doc: &Doc<'_>,
-    observations: &[&Entry<'_>],
-    only_group: bool,
-    header: &mut EventHeader,
-) -> Result<LabResultEvent, NormalizeError> {
-    let first = observations[0];
-    let patient = patient_of(
-        doc,
-        first.res.get("subject"),
-        &format!("{}.subject", first.path),
-    )?;
-    let mut performer = None;
-    let mut requester = None;
-    let mut specimens: Vec<Specimen> = Vec::new();
-    let mut specimen_at: HashMap<String, usize> = HashMap::new();
-    let mut results = Vec::new();
-    // PractitionerRoles acting as requester, and those the observations point at.
-    let mut requesters: HashSet<&str> = HashSet::new();
-    let mut referenced: Vec<&Entry<'_>> = Vec::new();
-    let mut referenced_paths: HashSet<&str> = HashSet::new();
-    for (n, obs) in observations.iter().enumerate() {
-        let o = obs.res;
-        for p in o.arr("performer") {
-            let target = doc.resolve(Some(p));
-            if let Some(e) = target.filter(|e| e.ty == "PractitionerRole")
-                && referenced_paths.insert(e.path.as_str())
-            {
-                referenced.push(e);
-            }
-            match target.map(|e| e.ty) {
-                Some("Organization") if performer.is_none() => {
-                    performer = provider_of(doc, Some(p))?
-                }
-                _ => {}
-            }
-        }
-        for b in o.arr("basedOn") {
-            if let Some(r) = doc
-                .resolve(Some(b))
-                .and_then(|sr| doc.resolve(sr.res.get("requester")))
-            {
-                requesters.insert(r.path.as_str());
-            }
-        }
-        if requester.is_none() {
-            for b in o.arr("basedOn") {
-                if let Some(sr) = doc.resolve(Some(b)).filter(|e| e.ty == "ServiceRequest") {
-                    requester = professional_of(doc, sr.res.get("requester"), "requester")?;
-                }
-            }
-        }
-        // Specimen: resolved when in the document, else known by the id it is referenced by.
-        let mut specimen_id = None;
-        if let Some(r) = o.get("specimen") {
-            if let Some(e) = doc.resolve(Some(r)).filter(|e| e.ty == "Specimen") {
-                let sp = specimen(e, format!("specimen-{}", specimens.len() + 1))?;
-                specimen_id = Some(sp.id.clone());
-                if !specimen_at.contains_key(&sp.id) {
-                    specimen_at.insert(sp.id.clone(), specimens.len());
-                    specimens.push(sp);
-                }
-            } else {
-                specimen_id = r
-                    .get("reference")
-                    .and_then(Value::as_str)
-                    .map(|r| r.rsplit('/').next().unwrap_or(r).to_owned());
-            }
-        }
-        if let Some(number) = ext_value(o.arr("extension"), EXT_EDIFACT_REFERENCE) {
-            let id = specimen_id
-                .clone()
-                .unwrap_or_else(|| format!("specimen-{}", specimens.len() + 1));
-            let at = *specimen_at.entry(id.clone()).or_insert_with(|| {
-                specimens.push(Specimen {
-                    id: id.clone(),
-                    ..Specimen::default()
-                });
-                specimens.len() - 1
-            });
-            let sp = &mut specimens[at];
-            if !sp
-                .identifiers
-                .iter()
-                .any(|i| i.system == EXT_EDIFACT_REFERENCE)
-            {
-                sp.identifiers.push(Identifier {
-                    system: EXT_EDIFACT_REFERENCE.to_owned(),
-                    value: number.to_owned(),
-                });
-            }
-            specimen_id = Some(id);
-        }
-        results.push(lab_result(obs, n, specimen_id)?);
-    }
-    // PractitionerRoles not acting as requester: department, copy-to (role in code.text).
-    let mut professionals = Vec::new();
-    let roles: Vec<&Entry<'_>> = if only_group {
-        doc.of_type("PractitionerRole").collect()
-    } else {
-        referenced
-    };
-    for pr in roles {
-        if requesters.contains(pr.path.as_str()) {
-            continue;
-        }
-        let role = pr
-            .res
-            .arr("code")
-            .first()
-            .and_then(|c| c.get("text"))
-            .and_then(Value::as_str);
-        professionals.push(professional(doc, pr, role.unwrap_or("professional"))?);
-    }
-    header.occurred_at = results
-        .iter()
-        .find_map(|r| r.effective_at.clone())
-        .or_else(|| doc.timestamp.map(str::to_owned));
-    Ok(LabResultEvent {
-        header: header.clone(),
-        patient,
-        performer,
-        requester,
-        professionals,
-        specimens,
-        results,
-        comments: Vec::new(),
-    })
-}
-
-fn lab_result(
-    e: &Entry<'_>,
-    n: usize,
-    specimen_id: Option<String>,
-) -> Result<LabTestResult, NormalizeError> {
-    let o = e.res;
-    let code = o.obj("code");
-    let mut codes: Vec<Coding> = codings(code).collect();
-    if codes.is_empty() {
-        return Err(NormalizeError::missing(
-            format!("{}.code.coding", e.path),
-            "lab result without a coded test",
-        ));
-    }
-    let primary = codes
-        .iter()
-        .position(|c| c.system == systems::NHG_45)
-        .or_else(|| codes.iter().position(|c| c.system == systems::LOINC))
-        .unwrap_or(0);
-    let test = codes.remove(primary);
-    let local_code = codes
-        .iter()
-        .chain(std::iter::once(&test))
-        .find(|c| c.system.starts_with("urn:ketenbus:local:"))
-        .map(|c| c.code.clone());
-    let status = o.str("status").ok_or_else(|| {
-        NormalizeError::missing(format!("{}.status", e.path), "lab result without status")
-    })?;
-
-    let id =
-        e.id.map_or_else(|| format!("result-{}", n + 1), str::to_owned);
-    let mut r = LabTestResult {
-        other_codes: codes,
-        local_code,
-        local_name: code.and_then(|c| s(c, "text")),
-        specimen_id,
-        effective_at: s(o, "effectiveDateTime")
-            .or_else(|| s(o, "effectiveInstant"))
-            .or_else(|| o.obj("effectivePeriod").and_then(|p| s(p, "start"))),
-        comments: o
-            .arr("note")
-            .iter()
-            .filter_map(|n| n.get("text"))
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect(),
-        ..LabTestResult::new(id, test, status)
-    };
-    if let Some(q) = o.obj("valueQuantity") {
-        let v = q.get("value").ok_or_else(|| {
-            NormalizeError::missing(
-                format!("{}.valueQuantity.value", e.path),
-                "quantity without value",
-            )
-        })?;
-        let v = v.as_literal().ok_or_else(|| NormalizeError::Invalid {
-            reason: REASON_INVALID,
-            path: format!("{}.valueQuantity.value", e.path),
-            what: "value is not a decimal".into(),
-        })?;
-        r.value_decimal = Some(v.to_owned());
-        r.comparator = s(q, "comparator");
-        r.unit = s(q, "unit").or_else(|| s(q, "code"));
-        r.unit_system = s(q, "system");
-    } else if let Some(v) = o.str("valueString") {
-        r.value_text = Some(v.to_owned());
-    } else if let Some(v) = o.get("valueInteger").and_then(Value::as_literal) {
-        r.value_decimal = Some(v.to_owned());
-    } else if let Some(cc) = o.obj("valueCodeableConcept") {
-        r.value_coding = codings(Some(cc)).next();
-        r.value_text = s(cc, "text");
-    } else if let Some(b) = o.get("valueBoolean") {
-        r.value_text = Some(
-            if matches!(b, Value::Bool(true)) {
-                "true"
-            } else {
-                "false"
-            }
-            .to_owned(),
-        );
-    }
-    if let Some(rr) = o.arr("referenceRange").first().and_then(Value::as_object) {
-        r.reference_low = rr
-            .obj("low")
-            .and_then(|q| q.get("value"))
-            .and_then(Value::as_literal)
-            .map(str::to_owned);
-        r.reference_high = rr
-            .obj("high")
-            .and_then(|q| q.get("value"))
-            .and_then(Value::as_literal)
-            .map(str::to_owned);
-        r.reference_text = s(rr, "text");
-    }
-    if let Some(interp) = o.arr("interpretation").first().and_then(Value::as_object) {
-        let cs: Vec<Coding> = codings(Some(interp)).collect();
-        r.interpretation_raw = cs.first().map(|c| c.code.clone());
-        r.interpretation = cs
-            .iter()
-            .find(|c| c.system == V3_INTERPRETATION)
-            .map(|c| c.code.clone())
-            .or_else(|| {
-                cs.iter().find_map(|c| {
-                    SNOMED_FLAGS
-                        .iter()
-                        .find(|(sct, _, _)| c.system == systems::SNOMED && c.code == *sct)
-                        .map(|(_, v3, _)| (*v3).to_owned())
-                })
-            });
-    }
-    // The section is the category that is not the generic `laboratory` one.
-    if let Some(c) = o
-        .arr("category")
-        .iter()
-        .filter_map(Value::as_object)
-        .find(|c| !codings(Some(c)).any(|x| x.system == OBSERVATION_CATEGORY))
-    {
-        r.section_code = codings(Some(c)).next();
-        r.section = s(c, "text").or_else(|| {
-            r.section_code
-                .as_ref()
-                .map(|x| x.display.clone().unwrap_or_else(|| x.code.clone()))
-        });
-    }
-    Ok(r)
-}
-
-/// Plain text of an XHTML narrative: tags dropped, entities decoded, spaces collapsed.
-#[must_use]
-pub fn narrative_text(div: &str) -> String {
-    let mut out = String::with_capacity(div.len());
-    let mut rest = div;
-    while let Some(i) = rest.find(['<', '&']) {
-        out.push_str(&rest[..i]);
-        rest = &rest[i..];
-        if rest.starts_with('<') {
-            let end = rest.find('>').map_or(rest.len(), |e| e + 1);
-            // Block ends read as a space.
-            out.push(' ');
-            rest = &rest[end..];
-        } else {
-            // Entities are short: look no further than 10 bytes (a scan to the next `;` for
-            // every `&` would cost the square of a text full of them).
-            let end = rest.bytes().take(11).position(|b| b == b';');
-            let Some(end) = end else {
-                out.push('&');
-                rest = &rest[1..];
-                continue;
-            };
-            let ent = &rest[1..end];
-            let ch = match ent {
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" => Some('\''),
-                "nbsp" => Some(' '),
-                _ if ent.starts_with("#x") => u32::from_str_radix(&ent[2..], 16)
-                    .ok()
-                    .and_then(char::from_u32),
-                _ if ent.starts_with('#') => ent[1..].parse().ok().and_then(char::from_u32),
-                _ => None,
-            };
-            match ch {
-                Some(c) => out.push(c),
-                None => out.push_str(&rest[..=end]),
-            }
-            rest = &rest[end + 1..];
-        }
-    }
-    out.push_str(rest);
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// One referral. `only_referral`: the document holds no other, so its Compositions and
-/// attachments belong to this one even when the referral does not point at them.
-fn handover(
-    doc: &Doc<'_>,
-    sr: &Entry<'_>,
-    only_referral: bool,
-    header: &mut EventHeader,
-) -> Result<AcuteHandoverEvent, NormalizeError> {
-    let o = sr.res;
-    let code = codings(o.obj("code")).next().ok_or_else(|| {
-        NormalizeError::missing(
-            format!("{}.code.coding", sr.path),
-            "referral without a coded request",
-        )
-    })?;
-    let referral = Referral {
-        id: sr.id.map(str::to_owned),
-        code,
-        status: s(o, "status"),
-        priority: s(o, "priority"),
-        authored_on: s(o, "authoredOn"),
-        reason: o
-            .arr("reasonCode")
-            .first()
-            .and_then(Value::as_object)
-            .and_then(|c| s(c, "text").or_else(|| codings(Some(c)).next().and_then(|x| x.display))),
-    };
-    let patient = patient_of(doc, o.get("subject"), &format!("{}.subject", sr.path))?;
-    let requester_ref = o.get("requester");
-    let (requester, mut requester_organization) = match doc.resolve(requester_ref).map(|e| e.ty) {
-        Some("Organization") => (None, provider_of(doc, requester_ref)?),
-        _ => (professional_of(doc, requester_ref, "requester")?, None),
-    };
-    if requester_organization.is_none()
-        && let Some(e) = doc
-            .resolve(requester_ref)
-            .filter(|e| e.ty == "PractitionerRole")
-    {
-        requester_organization = provider_of(doc, e.res.get("organization"))?;
-    }
-    if requester_organization.is_none() {
-        requester_organization = match doc.message_header() {
-            Some(mh) => provider_of(doc, mh.res.get("sender"))?,
-            None => None,
-        };
-    }
-    let mut receiver_organization = provider_of(doc, o.arr("performer").first())?;
-    if receiver_organization.is_none()
-        && let Some(mh) = doc.message_header()
-    {
-        let dest = mh
-            .res
-            .arr("destination")
-            .first()
-            .and_then(|d| d.get("receiver"));
-        receiver_organization = provider_of(doc, dest)?;
-    }
-
-    // Composition and attachments: those the referral points at, else all in the document.
-    let supporting: Vec<&Entry<'_>> = o
-        .arr("supportingInfo")
-        .iter()
-        .filter_map(|r| doc.resolve(Some(r)))
-        .collect();
-    let pick = |ty: &'static str| -> Vec<&Entry<'_>> {
-        let linked: Vec<&Entry<'_>> = supporting.iter().copied().filter(|e| e.ty == ty).collect();
-        if linked.is_empty() && only_referral {
-            doc.of_type(ty).collect()
-        } else {
-            linked
-        }
-    };
-    let mut sections = Vec::new();
-    for comp in pick("Composition") {
-        for sec in comp.res.arr("section").iter().filter_map(Value::as_object) {
-            sections.push(Section {
-                code: codings(sec.obj("code")).next(),
-                title: s(sec, "title"),
-                text: sec
-                    .obj("text")
-                    .and_then(|t| t.str("div"))
-                    .map(narrative_text),
-            });
-        }
-    }
-    let mut attachments = Vec::new();
-    for dr in pick("DocumentReference") {
-        for (k, c) in dr.res.arr("content").iter().enumerate() {
-            let Some(a) = c.get("attachment").and_then(Value::as_object) else {
-                continue;
-            };
-            let Some(data) = a.str("data") else {
-                // A pointer into ketenbus's content store names a document that did not come
-                // with this message: whoever knows a hash would get another party's document.
-                if a.str("url")
-                    .is_some_and(|u| u.starts_with(super::emit::CONTENT_URN))
-                {
-                    return Err(NormalizeError::Invalid {
-                        reason: REASON_INVALID,
-                        path: format!("{}.content[{k}].attachment.url", dr.path),
-                        what: "a content reference to a document that did not come with this message; send the document as attachment.data".into(),
-                    });
-                }
-                continue;
-            };
-            let path = format!("{}.content[{k}].attachment.data", dr.path);
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(data.split_whitespace().collect::<String>())
-                .map_err(|_| NormalizeError::Invalid {
-                    reason: REASON_INVALID,
-                    path: path.clone(),
-                    what: "attachment data is not base64".into(),
-                })?;
-            attachments.push(Attachment {
-                content_type: s(a, "contentType").ok_or_else(|| {
-                    NormalizeError::missing(
-                        format!("{}.content[{k}].attachment.contentType", dr.path),
-                        "attachment without contentType",
-                    )
-                })?,
-                title: s(a, "title"),
-                sha256: hex::encode(Sha256::digest(&bytes)),
-                size: i64::try_from(bytes.len()).unwrap_or(i64::MAX),
-            });
-        }
-    }
-    header.occurred_at = referral
-        .authored_on
-        .clone()
-        .or_else(|| doc.timestamp.map(str::to_owned));
-    Ok(AcuteHandoverEvent {
-        header: header.clone(),
-        patient,
-        referral,
-        requester,
-        requester_organization,
-        receiver_organization,
-        sections,
-        attachments,
-    })
-}
-
-fn notification(
-    doc: &Doc<'_>,
-    task: &Entry<'_>,
-    mut header: EventHeader,
-) -> Result<HandoverNotificationEvent, NormalizeError> {
-    let o = task.res;
-    let status = o.str("status").ok_or_else(|| {
-        NormalizeError::missing(format!("{}.status", task.path), "Task without status")
-    })?;
-    let source = doc
-        .message_header()
-        .and_then(|mh| mh.res.obj("source"))
-        .and_then(|s| s.str("endpoint"));
-    let absolute = task
-        .full_url
-        .filter(|u| u.starts_with("http://") || u.starts_with("https://"));
-    let task_reference = match (absolute, source, task.id) {
-        (Some(u), _, _) => u.to_owned(),
-        (None, Some(base), Some(id)) => format!("{}/Task/{id}", base.trim_end_matches('/')),
-        (None, None, Some(id)) => format!("Task/{id}"),
-        _ => {
-            return Err(NormalizeError::missing(
-                format!("{}.id", task.path),
-                "Task without id or absolute fullUrl",
-            ));
-        }
-    };
-    let sender_endpoint = source.map(str::to_owned).or_else(|| {
-        task_reference
-            .find("/Task/")
-            .filter(|_| absolute.is_some())
-            .map(|i| task_reference[..i].to_owned())
-    });
-    header.occurred_at = s(o, "lastModified")
-        .or_else(|| s(o, "authoredOn"))
-        .or_else(|| doc.timestamp.map(str::to_owned));
-    Ok(HandoverNotificationEvent {
-        header,
-        task_reference,
-        task_status: status.to_owned(),
-        sender_endpoint,
-        requester: o.get("requester").and_then(|r| party(doc, r)),
-        owner: o.get("owner").and_then(|r| party(doc, r)),
-    })
 }
 
 #[cfg(test)]
