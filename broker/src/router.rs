@@ -454,7 +454,7 @@ fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> 
     if envelope.format != Format::Edifact || routing.contrl_partners.is_empty() {
         return None;
     }
-    let (sender, recipient) = edifact::parties(&envelope.body);
+    let (sender, recipient) = ketenbus_connectors::party::first_interchange(&envelope.body);
     let partner = sender.filter(|s| routing.contrl_partners.contains(s))?;
     let stamp = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH

@@ -26,7 +26,7 @@ pub use fuzz::fuzz_one;
 pub use inspect::{document_json, inspect, segment_json};
 pub use map::{
     EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, normalize_bytes,
-    normalize_document, parties,
+    normalize_document,
 };
 pub use parse::document::{Document, Interchange, Message, parse, parse_strict};
 pub use parse::error::{EdifactError, Position};

@@ -62,22 +62,6 @@ impl MailError {
     }
 }
 
-/// The party id of a mail address: `mailbox:<number>` for a hub mailbox whose local part is
-/// a number (ZorgMail style `500005678@lms.example`), else `mail:<address>` in lower case.
-#[must_use]
-pub fn party_of(address: &str) -> Option<String> {
-    let address = address.trim().trim_start_matches('<').trim_end_matches('>');
-    let (local, domain) = address.rsplit_once('@')?;
-    if local.is_empty() || domain.is_empty() {
-        return None;
-    }
-    if local.bytes().all(|b| b.is_ascii_digit()) {
-        Some(format!("mailbox:{local}"))
-    } else {
-        Some(format!("mail:{}", address.to_ascii_lowercase()))
-    }
-}
-
 /// The raw envelope for a message an SMTP session received: the bytes as sent (moved, not
 /// copied), the envelope addresses as party ids and transport details as attributes.
 #[must_use]
@@ -102,8 +86,11 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
         connector: connector.to_owned(),
         format: Format::Rfc822,
         content_type: MEDIA_RFC822.to_owned(),
-        sender: party_of(&mail.from),
-        receiver: mail.rcpts.first().and_then(|r| party_of(r)),
+        sender: crate::party::of_mail_address(&mail.from),
+        receiver: mail
+            .rcpts
+            .first()
+            .and_then(|r| crate::party::of_mail_address(r)),
         body: mail.data,
         attributes,
     }
@@ -165,23 +152,4 @@ pub fn content_store(
             .clone()
             .unwrap_or_else(|| data_dir.join("content")),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn party_ids_of_mail_addresses() {
-        assert_eq!(
-            party_of("500005678@lms.example.test").as_deref(),
-            Some("mailbox:500005678")
-        );
-        assert_eq!(
-            party_of("<Lab@Example.test>").as_deref(),
-            Some("mail:lab@example.test")
-        );
-        assert_eq!(party_of(""), None);
-        assert_eq!(party_of("nodomain"), None);
-    }
 }

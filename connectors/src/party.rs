@@ -14,7 +14,7 @@ use ketenbus_schemas::Format;
 
 use ketenbus_schemas::event::systems;
 
-use crate::edifact::{Segment, tokenize};
+use crate::edifact::{Interchange, Segment, tokenize};
 use crate::fhir::inbound::Doc;
 use crate::fhir::{self, Object, Value};
 use crate::mail::mime;
@@ -75,6 +75,29 @@ pub fn unb(header: &Segment<'_>, e: usize) -> Option<String> {
         _ => "mailbox",
     };
     Some(format!("{scheme}:{id}"))
+}
+
+/// Sender and recipient of an interchange as its UNB names them, the same ids the events
+/// made from it carry in their header.
+#[must_use]
+pub fn interchange(ic: &Interchange<'_>) -> (Option<String>, Option<String>) {
+    match ic.header() {
+        Some(h) => (unb(&h, 1), unb(&h, 2)),
+        None => (None, None),
+    }
+}
+
+/// Sender and recipient of the first interchange of an EDIFACT body (see [`interchange`]);
+/// none when it does not parse.
+#[must_use]
+pub fn first_interchange(body: &[u8]) -> (Option<String>, Option<String>) {
+    match crate::edifact::parse(body) {
+        Ok(doc) => doc
+            .interchanges()
+            .next()
+            .map_or((None, None), |ic| interchange(&ic)),
+        Err(_) => (None, None),
+    }
 }
 
 /// What the UNB segments of an EDIFACT body declare. Bytes that do not tokenize declare
@@ -237,6 +260,22 @@ fn fhir_bytes(format: Format, body: &[u8]) -> Declared {
         .unwrap_or_default()
 }
 
+/// The party id of a mail address: `mailbox:<number>` for a hub mailbox whose local part is
+/// a number (ZorgMail style `500005678@lms.example`), else `mail:<address>` in lower case.
+#[must_use]
+pub fn of_mail_address(address: &str) -> Option<String> {
+    let address = address.trim().trim_start_matches('<').trim_end_matches('>');
+    let (local, domain) = address.rsplit_once('@')?;
+    if local.is_empty() || domain.is_empty() {
+        return None;
+    }
+    if local.bytes().all(|b| b.is_ascii_digit()) {
+        Some(format!("mailbox:{local}"))
+    } else {
+        Some(format!("mail:{}", address.to_ascii_lowercase()))
+    }
+}
+
 /// Envelope attribute listing every accepted recipient of a mail, comma-separated (SMTP
 /// `RCPT TO`, the `To`/`Cc` of a picked-up mail).
 pub const RCPT_ATTRIBUTE: &str = "mail.rcpt_to";
@@ -252,7 +291,7 @@ pub fn transport_receivers(envelope: &ketenbus_schemas::RawEnvelope) -> Vec<Stri
         .get(RCPT_ATTRIBUTE)
         .map(String::as_str)
         .unwrap_or_default();
-    for party in listed.split(',').filter_map(crate::mail::party_of) {
+    for party in listed.split(',').filter_map(of_mail_address) {
         if !out.contains(&party) {
             out.push(party);
         }
@@ -322,6 +361,20 @@ mod tests {
 
     fn set(v: &[&str]) -> BTreeSet<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn party_ids_of_mail_addresses() {
+        assert_eq!(
+            of_mail_address("500005678@lms.example.test").as_deref(),
+            Some("mailbox:500005678")
+        );
+        assert_eq!(
+            of_mail_address("<Lab@Example.test>").as_deref(),
+            Some("mail:lab@example.test")
+        );
+        assert_eq!(of_mail_address(""), None);
+        assert_eq!(of_mail_address("nodomain"), None);
     }
 
     #[test]

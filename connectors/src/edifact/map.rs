@@ -87,23 +87,6 @@ pub(crate) struct Context<'e> {
     pub sender_id: Option<String>,
 }
 
-/// Sender and recipient party ids (`mailbox:…`, `gln:…`) of the first interchange's UNB,
-/// the same ids the events carry in their header.
-#[must_use]
-pub fn parties(input: &[u8]) -> (Option<String>, Option<String>) {
-    match super::parse(input) {
-        Ok(doc) => doc
-            .interchanges()
-            .next()
-            .map_or((None, None), |ic| (party_id(&ic, 1), party_id(&ic, 2))),
-        Err(_) => (None, None),
-    }
-}
-
-fn party_id(ic: &Interchange<'_>, e: usize) -> Option<String> {
-    crate::party::unb(&ic.header()?, e)
-}
-
 impl Context<'_> {
     /// The header of event number `index` of this interchange, made from message `m`.
     pub(crate) fn header(&self, kind: EventKind, m: &Message<'_>, index: i32) -> EventHeader {
@@ -131,10 +114,11 @@ impl<'e> Context<'e> {
                 _ => None,
             }
         });
+        let (sender, receiver) = crate::party::interchange(ic);
         Self {
             envelope_id,
-            sender: party_id(ic, 1),
-            receiver: party_id(ic, 2),
+            sender,
+            receiver,
             reference_year,
             sender_id: ic.sender().map(|s| s.trim().to_owned()),
         }

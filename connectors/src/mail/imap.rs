@@ -36,7 +36,8 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::Budget;
 use crate::contract::ingest::{Ingest, IngestError};
 use crate::mail::config::{AfterPickup, ImapConfig, TlsMode};
-use crate::mail::{MEDIA_RFC822, MailError, party_of};
+use crate::mail::{MEDIA_RFC822, MailError};
+use crate::party::of_mail_address;
 use crate::poison::{Failure, Tries, Verdict};
 
 /// Connector name in envelopes, logs and metrics.
@@ -681,12 +682,12 @@ impl ImapPickup {
             connector: CONNECTOR.to_owned(),
             format: Format::Rfc822,
             content_type: MEDIA_RFC822.to_owned(),
-            sender: from.as_deref().and_then(party_of),
+            sender: from.as_deref().and_then(of_mail_address),
             receiver: self
                 .cfg
                 .receiver
                 .clone()
-                .or_else(|| to.as_deref().and_then(party_of)),
+                .or_else(|| to.as_deref().and_then(of_mail_address)),
             body: body.to_vec(),
             attributes,
         }
