@@ -20,7 +20,7 @@ mod map;
 mod parse;
 mod synthetic;
 
-pub use contrl::{ContrlParams, acknowledge, syntax_error_code};
+pub use contrl::{CONTRL_CONNECTOR, ContrlParams, acknowledge, reply, syntax_error_code};
 #[doc(hidden)]
 pub use fuzz::fuzz_one;
 pub use inspect::{document_json, inspect, segment_json};
