@@ -265,15 +265,17 @@ pub async fn run<B: Bus>(
         health: Arc::clone(&health),
         max_body: usize::try_from(cfg.http.max_body.as_u64()).unwrap_or(usize::MAX),
     });
-    let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> =
-        Arc::new(crate::ingest::SmtpSenderCheck::new(
+    let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(
+        ketenbus_connectors::mail::SmtpSenderCheck::new(
             Arc::new(BusIngest::new(
                 Arc::clone(&bus),
                 lineage.clone(),
                 cfg.http.ingest_timeout,
             )),
             cfg.mail.smtp.as_ref().and_then(|s| s.auth.as_ref()),
-        ));
+        )
+        .on_refused(telemetry::rejected),
+    );
     ketenbus_connectors::mail::start(
         &cfg.mail,
         &cfg.data_dir,

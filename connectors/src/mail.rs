@@ -15,6 +15,7 @@ pub mod imap;
 pub mod listener;
 pub mod mime;
 pub mod send;
+pub mod sender_check;
 pub mod smtp;
 pub mod tls;
 
@@ -27,11 +28,15 @@ pub use config::{MailConfig, MailSinkConfig, SmtpAuthConfig};
 pub use listener::SmtpListener;
 pub use mime::MailNormalizer;
 pub use send::MailSink;
+pub use sender_check::SmtpSenderCheck;
 
 use crate::ErrorKind;
 
 /// The media type of a mail message.
 pub const MEDIA_RFC822: &str = "message/rfc822";
+
+/// Envelope attribute naming the user an SMTP client authenticated as.
+pub const AUTH_USER_ATTRIBUTE: &str = "smtp.auth_user";
 
 /// What went wrong in a mail connector. Texts name the step, never message content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,7 +80,7 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
     attributes.insert("smtp.helo".to_owned(), mail.helo.clone());
     attributes.insert("smtp.tls".to_owned(), mail.tls.to_string());
     if let Some(u) = &mail.auth_user {
-        attributes.insert("smtp.auth_user".to_owned(), u.clone());
+        attributes.insert(AUTH_USER_ATTRIBUTE.to_owned(), u.clone());
     }
     if let Some(p) = peer {
         attributes.insert("smtp.peer".to_owned(), p.ip().to_string());
