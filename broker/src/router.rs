@@ -99,9 +99,6 @@ pub struct Routing {
     pub reports: dsn::ReportCheck,
 }
 
-/// Purpose the delivery-report token key is derived for from the patient-key secret.
-pub const REPORT_KEY_PURPOSE: &str = "delivery report token";
-
 /// Dead-letter reason of a delivery whose mail bounced for good.
 pub const REASON_BOUNCED: &str = "bounced";
 
@@ -501,7 +498,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                             step.reason = Some(r.reason.clone());
                             step.detail.clone_from(&r.detail);
                             steps.push((r.envelope_id.clone(), step));
-                            if r.outcome == "failed" {
+                            if r.bounced() {
                                 bounced.push(r);
                             }
                         }

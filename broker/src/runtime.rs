@@ -129,7 +129,7 @@ pub async fn run<B: Bus>(
         .and_then(|v| std::env::var(v).ok());
     let keyer =
         PatientKeyer::load(&cfg.data_dir, secret).context("loading the patient-key secret")?;
-    let report_key = keyer.derive(router::REPORT_KEY_PURPOSE);
+    let report_key = keyer.derive(ketenbus_connectors::mail::dsn::KEY_PURPOSE);
     let health = Arc::new(Health::default());
     let mut tasks = tokio::task::JoinSet::new();
     // Task names by id, for the log line when one ends unexpectedly (and its health entry).

@@ -20,6 +20,10 @@ use sha2::Sha256;
 
 use crate::mail::config::MailConfig;
 
+/// Purpose the token key is derived for from a broker secret (the same for the mail sink
+/// that sets tokens and the router that checks them).
+pub const KEY_PURPOSE: &str = "delivery report token";
+
 /// Bytes of the HMAC kept in the token (128 bits, 32 hex characters).
 const TOKEN_BYTES: usize = 16;
 
@@ -267,6 +271,14 @@ pub struct LineageReport {
     pub reason: String,
     /// The remote server's answer, at most [`MAX_DETAIL`] characters.
     pub detail: Option<String>,
+}
+
+impl LineageReport {
+    /// The mail failed for good: the delivery bounced and is to be dead-lettered.
+    #[must_use]
+    pub fn bounced(&self) -> bool {
+        self.outcome == Action::Failed.outcome()
+    }
 }
 
 /// Longest remote answer kept as a step's detail.
@@ -633,6 +645,7 @@ mod tests {
         assert_eq!(l.record_id, "0193a1b2-0000-7000-8000-000000000001.0");
         assert_eq!(l.subscription, "gp-by-mail");
         assert_eq!(l.outcome, "failed");
+        assert!(l.bounced());
         assert_eq!(l.reason, "dsn_5.1.1");
         assert_eq!(
             lineage_of(&envelope("smtp", b"Subject: x\r\n\r\nhi\r\n"), &check(&[])),
