@@ -24,10 +24,10 @@ use std::net::SocketAddr;
 
 use ketenbus_schemas::{Format, RawEnvelope};
 
-pub use config::{MailConfig, MailSinkConfig, SmtpAuthConfig};
+pub use config::{MailConfig, SmtpAuthConfig};
 pub use listener::SmtpListener;
 pub use mime::MailNormalizer;
-pub use send::MailSink;
+pub use send::{MailSink, MailSinkConfig};
 pub use sender_check::SmtpSenderCheck;
 
 use crate::ErrorKind;
