@@ -10,6 +10,7 @@
 //! - [`sink`]: [`FhirSink`], delivery of events to a subscriber's FHIR endpoint.
 
 pub mod emit;
+mod fuzz;
 pub mod inbound;
 pub mod outcome;
 pub mod parse;
@@ -24,6 +25,8 @@ pub(crate) mod validator;
 use ketenbus_schemas::Format;
 
 pub use emit::{BundleStyle, EmitOptions, to_bundle};
+#[doc(hidden)]
+pub use fuzz::fuzz_one;
 pub use inbound::FhirNormalizer;
 pub use parse::{json, xml};
 pub use sink::FhirSink;

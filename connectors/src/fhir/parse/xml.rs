@@ -858,7 +858,6 @@ mod example_tests {
 }
 
 /// The same value with object members sorted by name, to compare regardless of order.
-#[cfg(test)]
 pub(crate) fn sorted(v: &Value) -> Value {
     match v {
         Value::Object(o) => {
