@@ -3,13 +3,11 @@
 
 pub mod limits;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::ingest::{Accepted, Ingest, IngestError};
-use ketenbus_connectors::party;
-use ketenbus_connectors::sink::BoxFuture;
+use ketenbus_connectors::BoxFuture;
+use ketenbus_connectors::{Accepted, Ingest, IngestError};
 use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};
@@ -92,72 +90,3 @@ impl<B: Bus> Ingest for BusIngest<B> {
 
 /// Reason code of a message refused because the log is full of unfinished records.
 pub const REASON_LOG_FULL: &str = "log_full";
-
-/// Holds authenticated SMTP users to the parties they may send as (`party_ids` of
-/// `[mail.smtp.auth] users`): a message whose EDIFACT or FHIR parts declare another sender
-/// is refused (`550 5.7.1`) before it is stored; otherwise its envelope names the declared
-/// party, or the user's first. Other envelopes pass unchanged.
-pub struct SmtpSenderCheck {
-    inner: Arc<dyn Ingest>,
-    parties: HashMap<String, Vec<String>>,
-}
-
-/// Reason code of a message declaring a sender its login may not send as.
-pub const REASON_SENDER_NOT_ALLOWED: &str = "sender_not_allowed";
-
-impl SmtpSenderCheck {
-    /// Check the users of `auth` (when configured) in front of `inner`.
-    #[must_use]
-    pub fn new(
-        inner: Arc<dyn Ingest>,
-        auth: Option<&ketenbus_connectors::mail::SmtpAuthConfig>,
-    ) -> SmtpSenderCheck {
-        let parties = auth
-            .map(|a| {
-                a.users
-                    .iter()
-                    .filter(|u| !u.party_ids.is_empty())
-                    .map(|u| (u.username.clone(), u.party_ids.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        SmtpSenderCheck { inner, parties }
-    }
-}
-
-impl Ingest for SmtpSenderCheck {
-    fn accept(&self, mut envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>> {
-        Box::pin(async move {
-            let login = envelope
-                .attributes
-                .get("smtp.auth_user")
-                .and_then(|user| Some((user.clone(), self.parties.get(user)?)));
-            if let Some((user, allowed)) = login {
-                // Off the async workers: a mail may be large.
-                let (declared, back) = tokio::task::spawn_blocking(move || {
-                    (party::declared(envelope.format, &envelope.body), envelope)
-                })
-                .await
-                .map_err(|e| IngestError::Fatal(format!("reading the message's parties: {e}")))?;
-                envelope = back;
-                match party::check_sender(&declared, &user, allowed) {
-                    Ok(sender) => envelope.sender = sender,
-                    Err(e) => {
-                        metrics::rejected(&envelope.connector, REASON_SENDER_NOT_ALLOWED);
-                        return Err(IngestError::Refused {
-                            reason: REASON_SENDER_NOT_ALLOWED,
-                            detail: e.to_string(),
-                        });
-                    }
-                }
-            }
-            self.inner.accept(envelope).await
-        })
-    }
-}
-
-/// A new message id: UUIDv7, time-ordered.
-#[must_use]
-pub fn new_message_id() -> String {
-    uuid::Uuid::now_v7().to_string()
-}

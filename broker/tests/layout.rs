@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// Stages from the bottom up: a module may import its own stage and the ones below it.
 /// Module paths not listed take the rank of their longest listed prefix.
-const RANKS: [(&str, u8); 14] = [
+const RANKS: [(&str, u8); 16] = [
     ("observe::metrics", 0),
     ("fault", 0),
     // What every section's config check reads and reports: `Env` and `Problem`.
@@ -21,8 +21,11 @@ const RANKS: [(&str, u8); 14] = [
     ("config", 7),
     ("runtime", 8),
     ("cli", 9),
-    // The crate root: the module list and `now_ms`.
-    ("", 0),
+    // Leaves every section may use: the environment and problems, reading PEM files.
+    ("env", 0),
+    ("tls", 0),
+    // The crate root holds only the module list.
+    ("", 10),
     ("main", 10),
 ];
 

@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ketenbus_connectors::fhir::{self, Object, Value, json, normalize, xml};
+use ketenbus_connectors::fhir::{self, Object, Value, inbound, json, xml};
 use ketenbus_schemas::Format;
 
 fn lab_bundle() -> Value {
@@ -68,7 +68,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function("parse_and_map", |b| {
             b.iter(|| {
                 let tree = fhir::parse(format, black_box(&bytes)).expect("parses");
-                let events = normalize::events_from(&tree, "bench", format.as_str()).expect("maps");
+                let events = inbound::events_from(&tree, "bench", format.as_str()).expect("maps");
                 black_box(events.len())
             });
         });

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::sink::{Delivery, DeliveryError, Payload};
+use crate::contract::sink::{Delivery, DeliveryError, Payload};
 
 /// Reason code of a record whose receiver has no address for the sink's channel.
 pub const REASON_NO_ADDRESS: &str = "no_address";

@@ -14,39 +14,29 @@
 //! (hundreds of MB/s) reachable.
 
 mod contrl;
-mod document;
-mod error;
 mod fuzz;
 mod inspect;
-mod letter;
-mod medlab;
-mod medrpt;
-mod normalize;
-mod syntax;
+mod map;
+mod parse;
 mod synthetic;
-mod tokenize;
-mod write;
 
-pub use contrl::{ContrlParams, acknowledge, syntax_error_code};
-pub use document::{Document, Interchange, Message, parse, parse_strict};
-pub use error::{EdifactError, Position};
+pub use contrl::{CONTRL_CONNECTOR, ContrlParams, acknowledge, reply, syntax_error_code};
 #[doc(hidden)]
 pub use fuzz::fuzz_one;
 pub use inspect::{document_json, inspect, segment_json};
-pub use medlab::EDIFACT_REFERENCE_NUMBER;
-pub use normalize::{
-    EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, bsn_is_valid,
-    normalize_bytes, normalize_document, parties,
+pub use map::{
+    EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, normalize_bytes,
+    normalize_document,
 };
-pub use syntax::{Charset, Delimiters, decode};
+pub use parse::document::{Document, Interchange, Message, parse, parse_strict};
+pub use parse::error::{EdifactError, Position};
+pub use parse::syntax::{Charset, Delimiters, decode};
+pub use parse::tokenize::{Element, Segment, Tokens, Value, tokenize};
+pub use parse::write::{OwnedElement, OwnedSegment, Writer, write_document};
 #[doc(hidden)]
 pub use synthetic::{synthetic_bsn, synthetic_medlab};
-pub use tokenize::{Element, Segment, Tokens, Value, tokenize};
-pub use write::{OwnedElement, OwnedSegment, Writer, write_document};
 
 #[cfg(test)]
 mod golden_tests;
-#[cfg(test)]
-mod normalize_tests;
 #[cfg(test)]
 mod proptests;

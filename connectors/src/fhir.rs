@@ -2,21 +2,20 @@
 //!
 //! Sans-IO layers, each usable alone:
 //! - [`value`]: a light generic resource tree in FHIR's JSON shape (decimals kept exact);
-//!   [`json`] and [`xml`] read and write it (XML through the R4 element [`model`]).
-//! - [`normalize`]: [`FhirNormalizer`], nl-core lab results, Acute Zorg referrals and
+//!   [`parse`]'s [`json`] and [`xml`] read and write it (XML through the R4 element model).
+//! - [`inbound`]: [`FhirNormalizer`], nl-core lab results, Acute Zorg referrals and
 //!   eOverdracht-style Task notifications into ketenbus events.
 //! - [`emit`]: the inverse, events into nl-core resources in a transaction or message Bundle.
 //! - [`outcome`]: OperationOutcome written for senders and read from receivers.
 //! - [`sink`]: [`FhirSink`], delivery of events to a subscriber's FHIR endpoint.
 
 pub mod emit;
-pub mod json;
-pub mod model;
-pub mod normalize;
+mod fuzz;
+pub mod inbound;
 pub mod outcome;
+pub mod parse;
 pub mod sink;
 pub mod value;
-pub mod xml;
 
 #[cfg(test)]
 mod golden_tests;
@@ -26,7 +25,10 @@ pub(crate) mod validator;
 use ketenbus_schemas::Format;
 
 pub use emit::{BundleStyle, EmitOptions, to_bundle};
-pub use normalize::FhirNormalizer;
+#[doc(hidden)]
+pub use fuzz::fuzz_one;
+pub use inbound::FhirNormalizer;
+pub use parse::{json, xml};
 pub use sink::FhirSink;
 pub use value::{Object, Value};
 

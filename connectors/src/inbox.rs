@@ -12,104 +12,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ketenbus_schemas::{Format, RawEnvelope};
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
-use crate::ingest::{Ingest, IngestError};
+use crate::contract::ingest::{Ingest, IngestError};
 use crate::poison::{Failure, Tries, Verdict};
 
-/// `[[inbox]]`: one watched directory.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InboxConfig {
-    /// The directory to watch; `done/` and `failed/` are made inside it.
-    pub path: PathBuf,
-    /// File name patterns to take (`*` and `?` wildcards, case-insensitive).
-    #[serde(default = "default_patterns")]
-    pub patterns: Vec<String>,
-    /// Format of the files.
-    #[serde(default = "default_format")]
-    pub format: Format,
-    /// How often the directory is scanned.
-    #[serde(default = "default_poll", with = "humantime_serde")]
-    pub poll_interval: Duration,
-    /// A file is taken only when its size and modification time stayed the same this long
-    /// (a half-written file is still growing).
-    #[serde(default = "default_settle", with = "humantime_serde")]
-    pub settle: Duration,
-    /// Largest file taken; a larger one goes to `failed/` with its `.reason`.
-    #[serde(default = "default_max_size")]
-    pub max_size: bytesize::ByteSize,
-    /// Tries before a file the log keeps refusing (while it takes others) goes to
-    /// `failed/` with its `.reason`.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-}
+pub mod config;
 
-fn default_patterns() -> Vec<String> {
-    vec!["*.edi".into(), "*.edifact".into(), "*.txt".into()]
-}
-fn default_format() -> Format {
-    Format::Edifact
-}
-fn default_poll() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_settle() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_max_size() -> bytesize::ByteSize {
-    bytesize::ByteSize::mib(25)
-}
-fn default_max_attempts() -> u32 {
-    5
-}
-
-impl InboxConfig {
-    /// Problems as (key, message).
-    #[must_use]
-    pub fn problems(&self) -> Vec<(String, String)> {
-        let mut p = Vec::new();
-        if !self.path.is_dir() {
-            p.push((
-                "path".into(),
-                format!("{} is not a directory", self.path.display()),
-            ));
-        }
-        if self.patterns.is_empty() {
-            p.push(("patterns".into(), "name at least one pattern".into()));
-        }
-        if self.poll_interval.is_zero() {
-            p.push(("poll_interval".into(), "must be more than 0".into()));
-        }
-        if self.max_size.as_u64() == 0 {
-            p.push(("max_size".into(), "must be more than 0".into()));
-        }
-        if self.max_attempts == 0 {
-            p.push(("max_attempts".into(), "must be at least 1".into()));
-        }
-        p
-    }
-}
-
-/// `*` and `?` wildcard match, ASCII case-insensitive.
-#[must_use]
-pub fn matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
+pub use config::{InboxConfig, matches};
 
 /// What a scan saw of a file last time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,13 +261,11 @@ impl Inbox {
             self.fail(path, name, &reason).await;
             return Ok(Taken::Failed);
         }
-        let received_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+        let received_at_ms = ketenbus_schemas::now_ms();
         // The file names its own parties (UNB, MessageHeader); no one else vouches for them.
         let declared = crate::party::declared(self.config.format, &bytes);
         let envelope = RawEnvelope {
-            id: uuid::Uuid::now_v7().to_string(),
+            id: ketenbus_schemas::new_envelope_id(),
             received_at_ms,
             connector: "inbox".into(),
             format: self.config.format,
@@ -376,9 +288,7 @@ impl Inbox {
     async fn fail(&self, path: &Path, name: &str, reason: &str) {
         tracing::warn!(file = %name, reason = %reason, "inbox file moved to failed/");
         let failed = self.config.path.join("failed");
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let stamp = ketenbus_schemas::now_ms();
         let target = free_name(&failed, name, &stamp.to_string());
         let reason_file = target.with_file_name(format!(
             "{}.reason",
@@ -426,10 +336,12 @@ fn free_name(dir: &Path, name: &str, suffix: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::time::Duration;
 
+    use super::config::{default_max_attempts, default_max_size, default_patterns};
     use super::*;
-    use crate::ingest::Accepted;
-    use crate::sink::BoxFuture;
+    use crate::contract::ingest::Accepted;
+    use crate::contract::sink::BoxFuture;
 
     /// Keeps what it is given, like the log would; can be made unavailable.
     #[derive(Default)]

@@ -4,31 +4,22 @@
 
 pub mod address_book;
 pub mod budget;
+pub mod contract;
 pub mod edifact;
 pub mod fhir;
 pub mod inbox;
-pub mod ingest;
 pub mod mail;
-pub mod normalize;
 pub mod party;
 pub mod poison;
-pub mod sink;
 pub mod webhook;
+pub mod zib;
 
 #[cfg(test)]
 mod linear_cost_tests;
 
-pub use ingest::{Accepted, Ingest, IngestError, SourceStatus};
-pub use normalize::{Normalize, NormalizeError};
-pub use sink::{Delivery, DeliveryError, Payload, Receipt, Sink};
-
-/// How an error is to be handled (ARCHITECTURE.md, principle 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Wait, retry, do not acknowledge.
-    Retryable,
-    /// Dead-letter with the original bytes and a reason code, then acknowledge.
-    Rejected,
-    /// The component stops and health turns red.
-    Fatal,
-}
+pub use contract::ErrorKind;
+pub use contract::content::{ContentStore, FsContentStore, MemoryContentStore};
+pub use contract::ingest::{Accepted, Ingest, IngestError};
+pub use contract::normalize::{Normalize, NormalizeError};
+pub use contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
+pub use contract::source::SourceStatus;

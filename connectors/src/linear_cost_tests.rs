@@ -312,7 +312,7 @@ fn fhir_narrative_cost_is_linear() {
         40_000,
         &|n| format!("<div>{}</div>", "&".repeat(n)),
         &|d| {
-            std::hint::black_box(crate::fhir::normalize::narrative_text(d));
+            std::hint::black_box(crate::fhir::inbound::narrative_text(d));
         },
     );
 }

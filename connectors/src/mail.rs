@@ -4,17 +4,18 @@
 //! (STARTTLS, AUTH, limits) and hands each message to the ingest; [`imap`] picks messages up
 //! from a hub mailbox and marks them processed only once they are durable. [`mime`] is the
 //! normaliser for `message/rfc822`: EDIFACT and FHIR parts go to those normalisers, letters
-//! (text, HTML, PDF) become letter events whose attachments live in the [`content`] store.
+//! (text, HTML, PDF) become letter events whose attachments live in the
+//! [`content`](crate::contract::content) store.
 //! Out: [`send`] is the secure-mail sink (lettre); [`dsn`] reads the delivery status
 //! notifications that come back and finds the delivery they are about.
 
 pub mod config;
-pub mod content;
 pub mod dsn;
 pub mod imap;
 pub mod listener;
 pub mod mime;
 pub mod send;
+pub mod sender_check;
 pub mod smtp;
 pub mod tls;
 
@@ -23,16 +24,19 @@ use std::net::SocketAddr;
 
 use ketenbus_schemas::{Format, RawEnvelope};
 
-pub use config::{MailConfig, MailSinkConfig, SmtpAuthConfig};
-pub use content::{ContentStore, FsContentStore};
+pub use config::{MailConfig, SmtpAuthConfig};
 pub use listener::SmtpListener;
 pub use mime::MailNormalizer;
-pub use send::MailSink;
+pub use send::{MailSink, MailSinkConfig};
+pub use sender_check::SmtpSenderCheck;
 
 use crate::ErrorKind;
 
 /// The media type of a mail message.
 pub const MEDIA_RFC822: &str = "message/rfc822";
+
+/// Envelope attribute naming the user an SMTP client authenticated as.
+pub const AUTH_USER_ATTRIBUTE: &str = "smtp.auth_user";
 
 /// What went wrong in a mail connector. Texts name the step, never message content.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -63,29 +67,6 @@ impl MailError {
     }
 }
 
-/// The party id of a mail address: `mailbox:<number>` for a hub mailbox whose local part is
-/// a number (ZorgMail style `500005678@lms.example`), else `mail:<address>` in lower case.
-#[must_use]
-pub fn party_of(address: &str) -> Option<String> {
-    let address = address.trim().trim_start_matches('<').trim_end_matches('>');
-    let (local, domain) = address.rsplit_once('@')?;
-    if local.is_empty() || domain.is_empty() {
-        return None;
-    }
-    if local.bytes().all(|b| b.is_ascii_digit()) {
-        Some(format!("mailbox:{local}"))
-    } else {
-        Some(format!("mail:{}", address.to_ascii_lowercase()))
-    }
-}
-
-/// Milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// The raw envelope for a message an SMTP session received: the bytes as sent (moved, not
 /// copied), the envelope addresses as party ids and transport details as attributes.
 #[must_use]
@@ -99,19 +80,22 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
     attributes.insert("smtp.helo".to_owned(), mail.helo.clone());
     attributes.insert("smtp.tls".to_owned(), mail.tls.to_string());
     if let Some(u) = &mail.auth_user {
-        attributes.insert("smtp.auth_user".to_owned(), u.clone());
+        attributes.insert(AUTH_USER_ATTRIBUTE.to_owned(), u.clone());
     }
     if let Some(p) = peer {
         attributes.insert("smtp.peer".to_owned(), p.ip().to_string());
     }
     RawEnvelope {
-        id: uuid::Uuid::now_v7().to_string(),
-        received_at_ms: now_ms(),
+        id: ketenbus_schemas::new_envelope_id(),
+        received_at_ms: ketenbus_schemas::now_ms(),
         connector: connector.to_owned(),
         format: Format::Rfc822,
         content_type: MEDIA_RFC822.to_owned(),
-        sender: party_of(&mail.from),
-        receiver: mail.rcpts.first().and_then(|r| party_of(r)),
+        sender: crate::party::of_mail_address(&mail.from),
+        receiver: mail
+            .rcpts
+            .first()
+            .and_then(|r| crate::party::of_mail_address(r)),
         body: mail.data,
         attributes,
     }
@@ -166,30 +150,11 @@ pub async fn start(
 pub fn content_store(
     config: &MailConfig,
     data_dir: &std::path::Path,
-) -> std::io::Result<FsContentStore> {
-    FsContentStore::open(
+) -> std::io::Result<crate::FsContentStore> {
+    crate::FsContentStore::open(
         &config
             .content_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("content")),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn party_ids_of_mail_addresses() {
-        assert_eq!(
-            party_of("500005678@lms.example.test").as_deref(),
-            Some("mailbox:500005678")
-        );
-        assert_eq!(
-            party_of("<Lab@Example.test>").as_deref(),
-            Some("mail:lab@example.test")
-        );
-        assert_eq!(party_of(""), None);
-        assert_eq!(party_of("nodomain"), None);
-    }
 }

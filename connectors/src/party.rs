@@ -12,8 +12,11 @@ use std::collections::BTreeSet;
 
 use ketenbus_schemas::Format;
 
-use crate::edifact::{Segment, tokenize};
-use crate::fhir;
+use ketenbus_schemas::event::systems;
+
+use crate::edifact::{Interchange, Segment, tokenize};
+use crate::fhir::inbound::Doc;
+use crate::fhir::{self, Object, Value};
 use crate::mail::mime;
 
 /// How deep mails nested in mails are read; deeper parts are refused (see [`Declared::opaque`]).
@@ -74,6 +77,29 @@ pub fn unb(header: &Segment<'_>, e: usize) -> Option<String> {
     Some(format!("{scheme}:{id}"))
 }
 
+/// Sender and recipient of an interchange as its UNB names them, the same ids the events
+/// made from it carry in their header.
+#[must_use]
+pub fn interchange(ic: &Interchange<'_>) -> (Option<String>, Option<String>) {
+    match ic.header() {
+        Some(h) => (unb(&h, 1), unb(&h, 2)),
+        None => (None, None),
+    }
+}
+
+/// Sender and recipient of the first interchange of an EDIFACT body (see [`interchange`]);
+/// none when it does not parse.
+#[must_use]
+pub fn first_interchange(body: &[u8]) -> (Option<String>, Option<String>) {
+    match crate::edifact::parse(body) {
+        Ok(doc) => doc
+            .interchanges()
+            .next()
+            .map_or((None, None), |ic| interchange(&ic)),
+        Err(_) => (None, None),
+    }
+}
+
 /// What the UNB segments of an EDIFACT body declare. Bytes that do not tokenize declare
 /// nothing: no reader can find a party in them, and the router dead-letters them.
 #[must_use]
@@ -88,10 +114,115 @@ pub fn edifact(body: &[u8]) -> Declared {
     out
 }
 
-/// What the MessageHeaders of a parsed FHIR resource or Bundle declare.
+/// The senders and receivers a FHIR resource or Bundle declares: those of every
+/// MessageHeader in it, also in Bundles nested in its entries. A document that does not hold
+/// together as a Bundle (and so maps to nothing) still declares what its MessageHeaders name
+/// by identifier or endpoint, wherever they are in the tree.
 #[must_use]
-pub fn fhir_tree(root: &fhir::Value) -> Declared {
-    fhir::normalize::declared(root)
+pub fn fhir_tree(root: &Value) -> Declared {
+    let mut out = Declared::default();
+    if let Some(obj) = root.as_object() {
+        declared_into(obj, &mut out);
+    }
+    out
+}
+
+/// `ura:…`, `agb:…` or `uzi:…` for the party a Reference points at.
+pub(crate) fn fhir_reference(doc: &Doc<'_>, reference: &Value) -> Option<String> {
+    let from_ids = |ids: &[Value]| {
+        for (system, scheme) in [
+            (systems::URA, "ura"),
+            (systems::AGB, "agb"),
+            (systems::UZI_SYSTEM, "uzi-sys"),
+            (systems::UZI_PERSON, "uzi"),
+        ] {
+            if let Some(v) = ids
+                .iter()
+                .filter_map(Value::as_object)
+                .find(|i| i.str("system") == Some(system))
+                .and_then(|i| i.str("value"))
+            {
+                return Some(format!("{scheme}:{v}"));
+            }
+        }
+        None
+    };
+    if let Some(id) = reference.get("identifier").and_then(Value::as_object)
+        && let Some(p) = from_ids(std::slice::from_ref(&Value::Object(id.clone())))
+    {
+        return Some(p);
+    }
+    let e = doc.resolve(Some(reference))?;
+    from_ids(e.res.arr("identifier")).or_else(|| {
+        // A PractitionerRole speaks for its organisation.
+        let org = doc.resolve(e.res.get("organization"))?;
+        from_ids(org.res.arr("identifier"))
+    })
+}
+
+/// The party a MessageHeader names as its sender: `sender`, else the `source` endpoint.
+pub(crate) fn message_header_sender(doc: &Doc<'_>, mh: &Object) -> Option<String> {
+    mh.get("sender")
+        .and_then(|r| fhir_reference(doc, r))
+        .or_else(|| endpoint_party(mh.obj("source")))
+}
+
+/// The parties a MessageHeader names as its receivers: each destination's `receiver`, else
+/// its endpoint.
+pub(crate) fn message_header_receivers<'d>(
+    doc: &'d Doc<'_>,
+    mh: &'d Object,
+) -> impl Iterator<Item = String> + 'd {
+    mh.arr("destination")
+        .iter()
+        .filter_map(Value::as_object)
+        .filter_map(move |d| {
+            d.get("receiver")
+                .and_then(|r| fhir_reference(doc, r))
+                .or_else(|| endpoint_party(Some(d)))
+        })
+}
+
+fn declared_into(obj: &Object, out: &mut Declared) {
+    let Ok(doc) = Doc::new(obj) else {
+        declared_anywhere(obj, out);
+        return;
+    };
+    for e in &doc.entries {
+        match e.ty {
+            "MessageHeader" => {
+                out.senders.extend(message_header_sender(&doc, e.res));
+                out.receivers.extend(message_header_receivers(&doc, e.res));
+            }
+            "Bundle" => declared_into(e.res, out),
+            _ => {}
+        }
+    }
+}
+
+/// Every MessageHeader in a tree, read without resolving references.
+fn declared_anywhere(o: &Object, out: &mut Declared) {
+    if o.str("resourceType") == Some("MessageHeader") {
+        let unresolved = Doc::default();
+        out.senders.extend(message_header_sender(&unresolved, o));
+        out.receivers
+            .extend(message_header_receivers(&unresolved, o));
+    }
+    for (_, child) in o.iter() {
+        match child {
+            Value::Object(c) => declared_anywhere(c, out),
+            Value::Array(a) => a
+                .iter()
+                .filter_map(Value::as_object)
+                .for_each(|c| declared_anywhere(c, out)),
+            _ => {}
+        }
+    }
+}
+
+fn endpoint_party(o: Option<&Object>) -> Option<String> {
+    o.and_then(|o| o.str("endpoint"))
+        .map(|e| format!("endpoint:{e}"))
 }
 
 /// What a mail declares: every EDIFACT and FHIR part, in mails nested to [`MAX_NESTING`].
@@ -129,6 +260,22 @@ fn fhir_bytes(format: Format, body: &[u8]) -> Declared {
         .unwrap_or_default()
 }
 
+/// The party id of a mail address: `mailbox:<number>` for a hub mailbox whose local part is
+/// a number (ZorgMail style `500005678@lms.example`), else `mail:<address>` in lower case.
+#[must_use]
+pub fn of_mail_address(address: &str) -> Option<String> {
+    let address = address.trim().trim_start_matches('<').trim_end_matches('>');
+    let (local, domain) = address.rsplit_once('@')?;
+    if local.is_empty() || domain.is_empty() {
+        return None;
+    }
+    if local.bytes().all(|b| b.is_ascii_digit()) {
+        Some(format!("mailbox:{local}"))
+    } else {
+        Some(format!("mail:{}", address.to_ascii_lowercase()))
+    }
+}
+
 /// Envelope attribute listing every accepted recipient of a mail, comma-separated (SMTP
 /// `RCPT TO`, the `To`/`Cc` of a picked-up mail).
 pub const RCPT_ATTRIBUTE: &str = "mail.rcpt_to";
@@ -144,7 +291,7 @@ pub fn transport_receivers(envelope: &ketenbus_schemas::RawEnvelope) -> Vec<Stri
         .get(RCPT_ATTRIBUTE)
         .map(String::as_str)
         .unwrap_or_default();
-    for party in listed.split(',').filter_map(crate::mail::party_of) {
+    for party in listed.split(',').filter_map(of_mail_address) {
         if !out.contains(&party) {
             out.push(party);
         }
@@ -214,6 +361,20 @@ mod tests {
 
     fn set(v: &[&str]) -> BTreeSet<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn party_ids_of_mail_addresses() {
+        assert_eq!(
+            of_mail_address("500005678@lms.example.test").as_deref(),
+            Some("mailbox:500005678")
+        );
+        assert_eq!(
+            of_mail_address("<Lab@Example.test>").as_deref(),
+            Some("mail:lab@example.test")
+        );
+        assert_eq!(of_mail_address(""), None);
+        assert_eq!(of_mail_address("nodomain"), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::address_book::{Channel, Destination};
-use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
+use crate::contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 
 /// Header carrying `sha256=<hex HMAC-SHA256 of the body>` keyed with the subscription secret.
 pub const SIGNATURE_HEADER: &str = "Ketenbus-Signature";

@@ -79,7 +79,7 @@ impl EventHeader {
     #[must_use]
     pub fn new(kind: EventKind, envelope_id: &str, index: i32, source_format: &str) -> EventHeader {
         EventHeader {
-            id: format!("{envelope_id}.{index}"),
+            id: crate::id::event_id(envelope_id, index),
             kind,
             envelope_id: envelope_id.to_owned(),
             index,
@@ -298,6 +298,38 @@ pub struct LabTestResult {
     pub effective_at: Option<String>,
     /// Remarks on this determination.
     pub comments: Vec<String>,
+}
+
+impl LabTestResult {
+    /// A determination of `test` with status `status` and nothing else known yet: every
+    /// other field empty, for the mapping to fill in.
+    #[must_use]
+    pub fn new(id: String, test: Coding, status: &str) -> LabTestResult {
+        LabTestResult {
+            id,
+            test,
+            other_codes: Vec::new(),
+            local_code: None,
+            local_name: None,
+            status: status.to_owned(),
+            value_text: None,
+            value_coding: None,
+            value_decimal: None,
+            comparator: None,
+            unit: None,
+            unit_system: None,
+            reference_low: None,
+            reference_high: None,
+            reference_text: None,
+            interpretation: None,
+            interpretation_raw: None,
+            specimen_id: None,
+            section: None,
+            section_code: None,
+            effective_at: None,
+            comments: Vec::new(),
+        }
+    }
 }
 
 /// Lab results of one patient from one report.

@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod envelope;
 pub mod event;
+pub mod id;
 pub mod lineage;
 pub mod outcome;
 pub mod topics;
@@ -12,4 +13,5 @@ pub mod topics;
 pub use codec::{AvroRecord, CodecError};
 pub use envelope::{Format, RawEnvelope};
 pub use event::{Event, EventHeader, EventKind};
+pub use id::{envelope_of, event_id, new_envelope_id, now_ms};
 pub use outcome::{DeadLetter, DeliveryOutcome, Outcome, RetryRecord};

@@ -498,7 +498,7 @@ async fn swaks_covers_tls_auth_pipelining_and_every_refusal() {
     assert_eq!(event["header"]["kind"], "letter");
     assert_eq!(event["header"]["receiver"], "mailbox:500005678");
     let pdf = std::fs::read(fixture("ontslagbrief.pdf")).unwrap();
-    let sha = ketenbus_connectors::mail::content::sha256_hex(&pdf);
+    let sha = ketenbus_connectors::contract::content::sha256_hex(&pdf);
     assert_eq!(event["attachments"][0]["sha256"], sha.as_str());
     let stored = std::fs::read(broker.dir.join("data/content").join(&sha))
         .expect("the PDF is in the content store");
@@ -1204,7 +1204,7 @@ impl ketenbus_connectors::Ingest for RefusesPoison {
     fn accept(
         &self,
         envelope: ketenbus_schemas::RawEnvelope,
-    ) -> ketenbus_connectors::sink::BoxFuture<
+    ) -> ketenbus_connectors::BoxFuture<
         '_,
         Result<ketenbus_connectors::Accepted, ketenbus_connectors::IngestError>,
     > {

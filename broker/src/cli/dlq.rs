@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use ketenbus_connectors::sink::BoxFuture;
+use ketenbus_connectors::BoxFuture;
 use ketenbus_schemas::DeadLetter;
 
 use crate::bus::{Bus, WithBus};

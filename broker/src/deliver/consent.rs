@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use ketenbus_connectors::sink::{BoxFuture, Payload};
+use ketenbus_connectors::{BoxFuture, Payload};
 use serde::Deserialize;
 
 use crate::env::Problem;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ketenbus_connectors::sink::Payload;
+use ketenbus_connectors::Payload;
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, EventKind, RawEnvelope, topics};
 
 use super::{Job, Undeliverable};

@@ -1,16 +1,16 @@
 //! Finishing a batch: outcomes, dead letters and parked records published, audit records
 //! appended, lineage recorded, and only then the records acknowledged.
 
-use ketenbus_connectors::sink::DeliveryError;
+use ketenbus_connectors::DeliveryError;
 use ketenbus_schemas::lineage::Stage;
 use ketenbus_schemas::{AvroRecord, DeadLetter, DeliveryOutcome, Outcome, topics};
 use tokio_util::sync::CancellationToken;
 
 use super::Done;
 use crate::bus::{Bus, BusError, Consumer, OutRecord, publish_retrying};
-use crate::now_ms;
 use crate::observe::lineage::{Lineage, Step};
 use crate::observe::metrics;
+use ketenbus_schemas::now_ms;
 
 /// The two consumers of a subscription, and which topic the second reads.
 pub(super) struct Consumers<'a, C> {

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ketenbus_connectors::sink::{Delivery, DeliveryError, Payload, Sink};
+use ketenbus_connectors::{Delivery, DeliveryError, Payload, Sink};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{Outcome, RetryRecord};
 use tokio::sync::mpsc;
@@ -14,9 +14,9 @@ use super::retry::{Parking, backoff, lock};
 use super::{Again, Done, Job, Report};
 use crate::bus::AckToken;
 use crate::deliver::config::RetryConfig;
-use crate::now_ms;
 use crate::observe::lineage::{Lineage, Step};
 use crate::observe::metrics;
+use ketenbus_schemas::now_ms;
 
 /// What a subscription checks and records around each delivery: consent before, the
 /// audit trail after.

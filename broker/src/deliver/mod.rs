@@ -48,16 +48,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ketenbus_connectors::sink::{DeliveryError, Payload, Sink};
+use ketenbus_connectors::{DeliveryError, Payload, Sink};
 use ketenbus_schemas::{Outcome, RetryRecord, topics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{AckToken, Bus, BusError, Consumer, partition_for};
 use crate::deliver::config::Subscription;
-use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::Lineage;
+use ketenbus_schemas::now_ms;
 
 use decode::{decode, passes};
 use finish::{Consumers, finish};
@@ -421,7 +421,7 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
     use std::sync::Mutex;
 
-    use ketenbus_connectors::sink::{BoxFuture, Delivery, Receipt};
+    use ketenbus_connectors::{BoxFuture, Delivery, Receipt};
     use ketenbus_schemas::event::{EventHeader, LetterEvent};
     use ketenbus_schemas::{AvroRecord, DeliveryOutcome, EventKind};
 

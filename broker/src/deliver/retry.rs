@@ -15,7 +15,7 @@ use crate::bus::while_unavailable;
 use crate::bus::{AckToken, Bus, BusError, Record, partition_for};
 use crate::deliver::config::RetryConfig;
 use crate::deliver::decode::decode_value;
-use crate::now_ms;
+use ketenbus_schemas::now_ms;
 
 /// A record read from the retry topic and not finished.
 struct Held {

@@ -110,7 +110,7 @@ pub struct SinkContext {
     /// Where a sink without a fixed destination finds each record's receiver.
     pub book: Arc<AddressBook>,
     /// The documents events refer to (attachments).
-    pub content: Arc<dyn ketenbus_connectors::mail::ContentStore>,
+    pub content: Arc<dyn ketenbus_connectors::ContentStore>,
     /// The key delivery reports are tokened with (mail sinks).
     pub report_key: Vec<u8>,
 }

@@ -12,15 +12,15 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use ketenbus_connectors::ingest::IngestError;
+use ketenbus_connectors::IngestError;
 use ketenbus_connectors::party;
 use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
 use crate::http::idempotency::{NotTaken, idempotency_key, idempotency_refusal};
 use crate::http::state::ApiState;
-use crate::now_ms;
 use crate::observe::lineage::ListQuery;
+use ketenbus_schemas::now_ms;
 
 /// The REST routes: messages, lineage, health.
 pub fn routes() -> Router<Arc<ApiState>> {

@@ -16,15 +16,15 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use ketenbus_connectors::fhir::{self, Object, Value, normalize, outcome};
-use ketenbus_connectors::ingest::IngestError;
+use ketenbus_connectors::IngestError;
+use ketenbus_connectors::fhir::{self, Object, Value, inbound, outcome};
 use ketenbus_connectors::party::{self, Declared};
 use ketenbus_schemas::{Format, RawEnvelope};
 
 use crate::http::auth::AuthenticatedSender;
 use crate::http::idempotency::NotTaken;
 use crate::http::state::ApiState;
-use crate::now_ms;
+use ketenbus_schemas::now_ms;
 
 /// The `/fhir` routes, to merge into the API router (state: the API's).
 pub fn routes() -> Router<Arc<ApiState>> {
@@ -185,7 +185,7 @@ async fn handle(
     };
     let out = answer_format(headers, format);
     if let Some(t) = path_type
-        && fhir::model::r4().resource(t).is_none()
+        && fhir::parse::model::r4().resource(t).is_none()
     {
         return issue(
             StatusCode::NOT_FOUND,
@@ -450,7 +450,7 @@ fn examine(
         }
         _ => {}
     }
-    if let Err(e) = normalize::events_from(&tree, "validation", format.as_str()) {
+    if let Err(e) = inbound::events_from(&tree, "validation", format.as_str()) {
         let (status, oo) = outcome::for_normalize_error(&e);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
         return Err(Box::new(respond(status, out, &oo)));
@@ -557,8 +557,8 @@ mod tests {
 
     use ketenbus_schemas::{AvroRecord, topics};
 
-    use ketenbus_connectors::ingest::{Accepted, Ingest};
-    use ketenbus_connectors::sink::BoxFuture;
+    use ketenbus_connectors::BoxFuture;
+    use ketenbus_connectors::{Accepted, Ingest};
 
     use super::*;
     use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};

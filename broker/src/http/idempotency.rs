@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
-use ketenbus_connectors::ingest::{Ingest, IngestError};
+use ketenbus_connectors::{Ingest, IngestError};
 use ketenbus_schemas::RawEnvelope;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
@@ -114,7 +114,8 @@ impl Idempotency {
     }
 
     fn forget_old(&self) -> rusqlite::Result<usize> {
-        let cutoff = crate::now_ms() - i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
+        let cutoff =
+            ketenbus_schemas::now_ms() - i64::try_from(KEEP.as_millis()).unwrap_or(i64::MAX);
         lock(&self.db).execute("DELETE FROM keys WHERE at_ms < ?1", params![cutoff])
     }
 
@@ -163,7 +164,7 @@ impl Idempotency {
                 None => {
                     db.execute(
                         "INSERT INTO keys (scope, key, id, body_sha256, stored, at_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
-                        params![scope, key, id, sha, crate::now_ms()],
+                        params![scope, key, id, sha, ketenbus_schemas::now_ms()],
                     )
                     .map_err(|e| IdempotencyError::Unavailable(e.to_string()))?;
                     Ok(Claim::Publish(id))
@@ -201,9 +202,9 @@ impl Idempotency {
         envelope: impl FnOnce(String) -> RawEnvelope,
     ) -> Result<String, NotTaken> {
         let (id, held) = match key {
-            None => (crate::ingest::new_message_id(), None),
+            None => (ketenbus_schemas::new_envelope_id(), None),
             Some(k) => match self
-                .claim(scope, k, body, crate::ingest::new_message_id)
+                .claim(scope, k, body, ketenbus_schemas::new_envelope_id)
                 .await
                 .map_err(NotTaken::Key)?
             {

@@ -509,7 +509,7 @@ fn writer(
                 }
             }
         }
-        let at_ms = crate::now_ms();
+        let at_ms = ketenbus_schemas::now_ms();
         let at = rfc3339(at_ms);
         let mut out = String::new();
         let (mut next_seq, mut next_prev) = (seq, prev.clone());

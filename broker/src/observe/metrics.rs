@@ -18,8 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use ketenbus_connectors::ingest::IngestError;
-use ketenbus_connectors::sink::{DeliveryError, Payload};
+use ketenbus_connectors::{DeliveryError, IngestError, Payload};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{EventKind, Format, Outcome, topics};
 use prometheus::{
@@ -27,7 +26,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::now_ms;
+use ketenbus_schemas::now_ms;
 
 /// Messages accepted onto the log, per connector and format.
 pub const INGEST_RECEIVED_MESSAGES: &str = "ketenbus_ingest_received_messages_total";

@@ -12,8 +12,8 @@ use ketenbus_schemas::topics;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{AckToken, Bus, Record};
-use crate::now_ms;
 use crate::observe::metrics::{self, Configured};
+use ketenbus_schemas::now_ms;
 
 /// How often the watcher samples lag, oldest-undelivered age and disk usage.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5);

@@ -12,11 +12,11 @@
 //! mail sink made for that delivery ([`dsn::lineage_of`]); any other report changes
 //! nothing but its own lineage (`delivery_report` / `ignored`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::mail::ContentStore;
+use ketenbus_connectors::ContentStore;
 use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{NormalizeError, edifact};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
@@ -25,11 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
 use crate::bus::{publish_retrying, while_unavailable};
-use crate::now_ms;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Received, Step};
 use crate::route::keys::PatientKeyer;
 use crate::route::normalise::{Normalisers, events_of};
+use ketenbus_schemas::now_ms;
 
 /// Consumer group of the router.
 const BATCH: usize = 256;
@@ -54,14 +54,8 @@ pub struct Routing {
     pub reports: dsn::ReportCheck,
 }
 
-/// Purpose the delivery-report token key is derived for from the patient-key secret.
-pub const REPORT_KEY_PURPOSE: &str = "delivery report token";
-
 /// Dead-letter reason of a delivery whose mail bounced for good.
 pub const REASON_BOUNCED: &str = "bounced";
-
-/// Connector name of the CONTRL envelopes the router makes.
-pub const CONTRL_CONNECTOR: &str = "contrl";
 
 /// What the router decided for one raw record.
 struct Routed {
@@ -357,13 +351,13 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
             };
         }
     };
-    if envelope.connector == CONTRL_CONNECTOR {
+    if envelope.connector == edifact::CONTRL_CONNECTOR {
         // Our own acknowledgement on its way out: nothing clinical to normalise.
         let step = Step::new(at, Stage::Normalise, StepOutcome::Acknowledgement);
         return Routed::steps(vec![(envelope.id.clone(), step)]);
     }
     let mut routed = normalise(record, &envelope, routing, at);
-    if let Some(contrl) = contrl_for(&envelope, routing) {
+    if let Some(contrl) = edifact::reply(&envelope, &routing.contrl_partners) {
         let mut step = Step::new(at, Stage::Acknowledge, StepOutcome::Contrl);
         step.record_id = Some(contrl.id.clone());
         routed.steps.push((envelope.id.clone(), step));
@@ -375,48 +369,6 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
         });
     }
     routed
-}
-
-/// The CONTRL envelope answering `envelope`, when its UNB sender asked for one. Pure: its id,
-/// reference and date derive from the envelope.
-fn contrl_for(envelope: &RawEnvelope, routing: &Routing) -> Option<RawEnvelope> {
-    if envelope.format != Format::Edifact || routing.contrl_partners.is_empty() {
-        return None;
-    }
-    let (sender, recipient) = edifact::parties(&envelope.body);
-    let partner = sender.filter(|s| routing.contrl_partners.contains(s))?;
-    let stamp = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH
-            + Duration::from_millis(u64::try_from(envelope.received_at_ms).unwrap_or(0)),
-    )
-    .to_string(); // 2026-11-24T09:30:00Z
-    let date = format!("{}{}{}", &stamp[2..4], &stamp[5..7], &stamp[8..10]);
-    let time = format!("{}{}", &stamp[11..13], &stamp[14..16]);
-    let reference: String = envelope
-        .id
-        .chars()
-        .filter(char::is_ascii_hexdigit)
-        .take(14)
-        .collect();
-    let body = edifact::acknowledge(
-        &envelope.body,
-        edifact::ContrlParams {
-            reference: &reference,
-            date: &date,
-            time: &time,
-        },
-    )?;
-    Some(RawEnvelope {
-        id: format!("{}.contrl", envelope.id),
-        received_at_ms: envelope.received_at_ms,
-        connector: CONTRL_CONNECTOR.to_owned(),
-        format: Format::Edifact,
-        content_type: "application/EDIFACT".to_owned(),
-        sender: recipient,
-        receiver: Some(partner),
-        body,
-        attributes: BTreeMap::from([("in_reply_to".to_owned(), envelope.id.clone())]),
-    })
 }
 
 /// Normalise one envelope into event records, or a dead letter.
@@ -476,7 +428,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                             step.reason = Some(r.reason.clone());
                             step.detail.clone_from(&r.detail);
                             steps.push((r.envelope_id.clone(), step));
-                            if outcome == StepOutcome::Failed {
+                            if r.bounced() {
                                 bounced.push(r);
                             }
                         }
@@ -874,7 +826,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             "derived from the envelope: a replay makes the same"
         );
         assert_eq!(made.id, contrl.id);
-        assert_eq!(contrl.connector, CONTRL_CONNECTOR);
+        assert_eq!(contrl.connector, edifact::CONTRL_CONNECTOR);
         assert_eq!(contrl.receiver.as_deref(), Some("mailbox:500001234"));
         assert_eq!(contrl.sender.as_deref(), Some("mailbox:500005678"));
         assert_eq!(contrl.attributes["in_reply_to"], "env-1");

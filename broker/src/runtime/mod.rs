@@ -65,11 +65,11 @@ pub async fn run<B: Bus>(
         .keys
         .keyer(&cfg.data_dir, env)
         .context("loading the patient-key secret")?;
-    let report_key = keyer.derive(router::REPORT_KEY_PURPOSE);
+    let report_key = keyer.derive(ketenbus_connectors::mail::dsn::KEY_PURPOSE);
     let health = Arc::new(Health::default());
     // Every task, by name, in one set: see `supervise`.
     let mut tasks = Tasks::default();
-    let content: Arc<dyn ketenbus_connectors::mail::ContentStore> = Arc::new(
+    let content: Arc<dyn ketenbus_connectors::ContentStore> = Arc::new(
         ketenbus_connectors::mail::content_store(&cfg.mail, &cfg.data_dir)
             .context("opening the content store")?,
     );
@@ -183,15 +183,17 @@ pub async fn run<B: Bus>(
         health: Arc::clone(&health),
         max_body: cfg.http.max_body_bytes(),
     });
-    let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> =
-        Arc::new(crate::ingest::SmtpSenderCheck::new(
+    let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(
+        ketenbus_connectors::mail::SmtpSenderCheck::new(
             Arc::new(BusIngest::new(
                 Arc::clone(&bus),
                 lineage.clone(),
                 cfg.http.ingest_timeout,
             )),
             cfg.mail.smtp.as_ref().and_then(|s| s.auth.as_ref()),
-        ));
+        )
+        .on_refused(metrics::rejected),
+    );
     ketenbus_connectors::mail::start(
         &cfg.mail,
         &cfg.data_dir,

@@ -1,4 +1,5 @@
-//! UN CONTRL acknowledgements for a received interchange (syntax check result).
+//! UN CONTRL acknowledgements for a received interchange (syntax check result), and the
+//! envelope that carries one back to a partner that asked for it ([`reply`]).
 //!
 //! Pure: the caller gives the control reference and the preparation date and time, so the
 //! same input always yields the same acknowledgement. Error codes are from code list 0085:
@@ -6,11 +7,16 @@
 //! 22 invalid service character, 28 references do not match, 29 control count does not
 //! match.
 
-use super::document::{Document, parse};
-use super::error::{EdifactError, Position};
-use super::syntax::Delimiters;
-use super::tokenize::{Tokens, tokenize};
-use super::write::{OwnedElement, OwnedSegment, Writer};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use ketenbus_schemas::{Format, RawEnvelope};
+
+use super::parse::document::{Document, parse};
+use super::parse::error::{EdifactError, Position};
+use super::parse::syntax::Delimiters;
+use super::parse::tokenize::{Tokens, tokenize};
+use super::parse::write::{OwnedElement, OwnedSegment, Writer};
 
 /// What the acknowledgement needs from its caller.
 #[derive(Debug, Clone, Copy)]
@@ -21,6 +27,55 @@ pub struct ContrlParams<'p> {
     pub date: &'p str,
     /// Preparation time `HHMM`.
     pub time: &'p str,
+}
+
+/// Connector name of the CONTRL envelopes ketenbus makes: they are its own, on their way
+/// out, and nothing clinical to normalise.
+pub const CONTRL_CONNECTOR: &str = "contrl";
+
+/// The CONTRL envelope answering `envelope`, when its UNB sender is one of `partners` (the
+/// partners that asked for an acknowledgement of each interchange), addressed back to it.
+/// Pure: its id (`<envelope id>.contrl`), control reference and preparation date derive
+/// from the envelope.
+#[must_use]
+pub fn reply(envelope: &RawEnvelope, partners: &HashSet<String>) -> Option<RawEnvelope> {
+    if envelope.format != Format::Edifact || partners.is_empty() {
+        return None;
+    }
+    let (sender, recipient) = crate::party::first_interchange(&envelope.body);
+    let partner = sender.filter(|s| partners.contains(s))?;
+    let stamp = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH
+            + Duration::from_millis(u64::try_from(envelope.received_at_ms).unwrap_or(0)),
+    )
+    .to_string(); // 2026-11-24T09:30:00Z
+    let date = format!("{}{}{}", &stamp[2..4], &stamp[5..7], &stamp[8..10]);
+    let time = format!("{}{}", &stamp[11..13], &stamp[14..16]);
+    let reference: String = envelope
+        .id
+        .chars()
+        .filter(char::is_ascii_hexdigit)
+        .take(14)
+        .collect();
+    let body = acknowledge(
+        &envelope.body,
+        ContrlParams {
+            reference: &reference,
+            date: &date,
+            time: &time,
+        },
+    )?;
+    Some(RawEnvelope {
+        id: format!("{}.contrl", envelope.id),
+        received_at_ms: envelope.received_at_ms,
+        connector: CONTRL_CONNECTOR.to_owned(),
+        format: Format::Edifact,
+        content_type: "application/EDIFACT".to_owned(),
+        sender: recipient,
+        receiver: Some(partner),
+        body,
+        attributes: BTreeMap::from([("in_reply_to".to_owned(), envelope.id.clone())]),
+    })
 }
 
 /// Action codes (0083).
@@ -333,6 +388,36 @@ mod tests {
         let doc = crate::edifact::parse_strict(&ack).unwrap();
         let uci = doc.messages().next().unwrap().body().next().unwrap();
         assert_eq!(uci.text(1, 0).as_deref(), Some("A*B"));
+    }
+
+    #[test]
+    fn a_reply_goes_back_to_a_partner_that_asked_and_derives_from_the_envelope() {
+        let envelope = RawEnvelope {
+            id: "0193a1b2-0000-7000-8000-000000000001".into(),
+            received_at_ms: 1_795_512_600_000, // 2026-11-24T09:30:00Z
+            connector: "http".into(),
+            format: Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: None,
+            receiver: None,
+            body: b"UNB+UNOA:1+500001234+500005678+261124:0815+IC1'UNH+M1+MEDLAB:1'PID+1'UNT+3+M1'UNZ+1+IC1'".to_vec(),
+            attributes: BTreeMap::new(),
+        };
+        let partners = HashSet::from(["mailbox:500001234".to_owned()]);
+        let r = reply(&envelope, &partners).expect("the partner asked");
+        assert_eq!(r.id, "0193a1b2-0000-7000-8000-000000000001.contrl");
+        assert_eq!(r.connector, CONTRL_CONNECTOR);
+        assert_eq!(r.sender.as_deref(), Some("mailbox:500005678"));
+        assert_eq!(r.receiver.as_deref(), Some("mailbox:500001234"));
+        assert_eq!(r.attributes["in_reply_to"], envelope.id);
+        let text = String::from_utf8(r.body).unwrap();
+        assert!(
+            text.starts_with("UNB+UNOA:1+500005678+500001234+261124:0930+0193a1b2000070'"),
+            "{text}"
+        );
+        assert_eq!(reply(&envelope, &HashSet::new()), None, "nobody asked");
+        let other = HashSet::from(["mailbox:1".to_owned()]);
+        assert_eq!(reply(&envelope, &other), None, "another partner asked");
     }
 
     #[test]

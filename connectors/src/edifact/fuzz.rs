@@ -2,11 +2,11 @@
 //! proptest smoke tests, so the same invariants are checked either way.
 
 use super::contrl::{ContrlParams, acknowledge};
-use super::document::{parse, parse_strict};
 use super::inspect::document_json;
-use super::normalize::normalize_document;
-use super::tokenize::tokenize;
-use super::write::{OwnedSegment, write_document};
+use super::map::normalize_document;
+use super::parse::document::{parse, parse_strict};
+use super::parse::tokenize::tokenize;
+use super::parse::write::{OwnedSegment, write_document};
 
 /// Feeds `data` through tokenizer, parser, inspector, normaliser, CONTRL and writer and checks what must hold:
 /// no panic, error offsets inside the input, and a written document that parses back to

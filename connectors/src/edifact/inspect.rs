@@ -2,11 +2,11 @@
 
 use serde_json::{Value as Json, json};
 
-use super::document::{Document, parse};
-use super::error::EdifactError;
-use super::normalize::normalize_document;
-use super::syntax::Delimiters;
-use super::tokenize::Segment;
+use super::map::normalize_document;
+use super::parse::document::{Document, parse};
+use super::parse::error::EdifactError;
+use super::parse::syntax::Delimiters;
+use super::parse::tokenize::Segment;
 
 fn delimiters_json(d: &Delimiters) -> Json {
     let ch = |b: u8| Json::String(char::from(b).to_string());

@@ -9,13 +9,7 @@ pub fn synthetic_bsn(seed: u32) -> String {
     let mut n = seed;
     loop {
         let digits = format!("9999{:04}", n % 10_000);
-        let sum: u32 = digits
-            .bytes()
-            .zip((2..=9).rev())
-            .map(|(d, w)| u32::from(d - b'0') * w)
-            .sum();
-        let check = sum % 11;
-        if check < 10 {
+        if let Some(check) = crate::zib::bsn_check_digit(&digits) {
             return format!("{digits}{check}");
         }
         n = n.wrapping_add(1);
@@ -105,9 +99,8 @@ mod tests {
         for seed in 0..200 {
             let bsn = synthetic_bsn(seed);
             assert_eq!(bsn.len(), 9);
-            let d: Vec<u32> = bsn.bytes().map(|b| u32::from(b - b'0')).collect();
-            let sum: u32 = (0..8).map(|i| d[i] * (9 - u32::try_from(i).unwrap())).sum();
-            assert_eq!((sum + 11 * 10 - d[8]) % 11, 0, "{bsn}");
+            assert!(bsn.starts_with("9999"), "{bsn}");
+            assert!(crate::zib::bsn_is_valid(&bsn), "{bsn}");
         }
     }
 

@@ -1,5 +1,5 @@
 //! FHIR out: events into nl-core resources in a transaction or message Bundle, the inverse
-//! of [`super::normalize`]: what that mapping reads from a resource, this one writes back in
+//! of [`super::inbound`]: what that mapping reads from a resource, this one writes back in
 //! the same place (codes, values, units, ranges, identifiers, dates, names).
 //!
 //! Pure and deterministic: resource ids and `urn:uuid` full URLs derive from the event id,
@@ -15,7 +15,7 @@ use ketenbus_schemas::event::{
 use sha2::{Digest, Sha256};
 
 use super::FhirError;
-use super::normalize::{
+use super::inbound::{
     EXT_EDIFACT_REFERENCE, EXT_HOUSE_NUMBER, EXT_OWN_NAME, EXT_OWN_PREFIX, EXT_PARTNER_NAME,
     EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
     SCT_TRANSFER_FROM_AMBULANCE, SNOMED_FLAGS, V3_INTERPRETATION,

@@ -117,7 +117,7 @@ fn lab_bundle() -> Value {
         "extension",
         vec![
             Object::new()
-                .with("url", super::normalize::EXT_EDIFACT_REFERENCE)
+                .with("url", super::inbound::EXT_EDIFACT_REFERENCE)
                 .with("valueString", "L2611017")
                 .into(),
         ]
@@ -278,7 +278,7 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
     assert!(blood.identifiers.is_empty());
     assert_eq!(
         e.specimens[1].identifiers,
-        vec![id(super::normalize::EXT_EDIFACT_REFERENCE, "L2611017")]
+        vec![id(super::inbound::EXT_EDIFACT_REFERENCE, "L2611017")]
     );
 
     assert_eq!(e.results.len(), 5);
@@ -672,7 +672,7 @@ fn acute_handover_goes_out_as_a_valid_message_and_comes_back_the_same() {
         let source: super::sink::AttachmentSource = std::sync::Arc::new(move |hash: &str| {
             documents
                 .iter()
-                .find(|d| crate::mail::content::sha256_hex(d) == hash)
+                .find(|d| crate::contract::content::sha256_hex(d) == hash)
                 .cloned()
         });
         super::sink::inline_attachments(&mut out, &source);
@@ -883,37 +883,31 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
                   low: &str,
                   high: &str,
                   flag: Option<&str>| LabTestResult {
-        id: id.into(),
-        test: Coding {
-            system: local.into(),
-            code: code.into(),
-            display: Some(name.into()),
-        },
-        other_codes: Vec::new(),
         local_code: Some(code.into()),
         local_name: Some(name.into()),
-        status: if value.is_some() {
-            "final"
-        } else {
-            "registered"
-        }
-        .into(),
         value_text: value.map(str::to_owned),
-        value_coding: None,
         value_decimal: value.map(str::to_owned),
-        comparator: None,
         unit: Some(unit.into()),
-        unit_system: None,
         reference_low: Some(low.into()),
         reference_high: Some(high.into()),
-        reference_text: None,
         interpretation: flag.map(|_| "H".to_owned()),
         interpretation_raw: flag.map(str::to_owned),
         specimen_id: Some("specimen-1".into()),
         section: Some("CHEMIE".into()),
-        section_code: None,
         effective_at: Some("2026-11-01T07:40".into()),
-        comments: Vec::new(),
+        ..LabTestResult::new(
+            id.into(),
+            Coding {
+                system: local.into(),
+                code: code.into(),
+                display: Some(name.into()),
+            },
+            if value.is_some() {
+                "final"
+            } else {
+                "registered"
+            },
+        )
     };
     let mut kalium = result(
         "result-2",
@@ -958,7 +952,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
         professionals: Vec::new(),
         specimens: vec![Specimen {
             id: "specimen-1".into(),
-            identifiers: vec![id(super::normalize::EXT_EDIFACT_REFERENCE, "L2611017")],
+            identifiers: vec![id(super::inbound::EXT_EDIFACT_REFERENCE, "L2611017")],
             material: Some(Coding {
                 system: local.into(),
                 code: "bloed".into(),
@@ -1027,7 +1021,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
     assert_eq!(lab.results[2].status, "registered");
     assert_eq!(
         lab.specimens[0].identifiers,
-        vec![id(super::normalize::EXT_EDIFACT_REFERENCE, "L2611017")]
+        vec![id(super::inbound::EXT_EDIFACT_REFERENCE, "L2611017")]
     );
     assert_eq!(
         lab.patient

@@ -38,7 +38,7 @@ pub fn for_normalize_error(e: &NormalizeError) -> (u16, Value) {
             ),
         ),
         NormalizeError::Invalid { path, what, reason } => {
-            let code = if *reason == super::normalize::REASON_MISSING {
+            let code = if *reason == super::inbound::REASON_MISSING {
                 "required"
             } else {
                 "value"

@@ -14,7 +14,7 @@ use super::outcome::issue_text;
 use super::value::Value;
 use super::{MEDIA_JSON, MEDIA_XML};
 use crate::address_book::{Channel, Destination};
-use crate::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
+use crate::contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 use crate::webhook::{ATTEMPT_HEADER, IDEMPOTENCY_HEADER, KIND_HEADER, classify_status};
 
 /// A subscriber's FHIR endpoint.
@@ -454,7 +454,7 @@ mod tests {
         assert!(text.contains(r#""data":"JVBERi0xLjQK""#), "{text}");
         assert!(!text.contains("urn:ketenbus:content"));
         // Read back, the attachment has the same hash and size as the original message's.
-        let events = crate::fhir::normalize::events_from(
+        let events = crate::fhir::inbound::events_from(
             &crate::fhir::json::parse(&body).unwrap(),
             "x",
             "fhir_json",

@@ -13,12 +13,16 @@
 use std::collections::BTreeSet;
 
 use hmac::{Hmac, Mac};
-use ketenbus_schemas::RawEnvelope;
+use ketenbus_schemas::{RawEnvelope, envelope_of};
 use mail_parser::{MimeHeaders, PartType};
 use serde::Serialize;
 use sha2::Sha256;
 
 use crate::mail::config::MailConfig;
+
+/// Purpose the token key is derived for from a broker secret (the same for the mail sink
+/// that sets tokens and the router that checks them).
+pub const KEY_PURPOSE: &str = "delivery report token";
 
 /// Bytes of the HMAC kept in the token (128 bits, 32 hex characters).
 const TOKEN_BYTES: usize = 16;
@@ -269,6 +273,14 @@ pub struct LineageReport {
     pub detail: Option<String>,
 }
 
+impl LineageReport {
+    /// The mail failed for good: the delivery bounced and is to be dead-lettered.
+    #[must_use]
+    pub fn bounced(&self) -> bool {
+        self.outcome == Action::Failed.outcome()
+    }
+}
+
 /// Longest remote answer kept as a step's detail.
 pub const MAX_DETAIL: usize = 300;
 
@@ -327,15 +339,6 @@ fn is_status_code(s: &str) -> bool {
         && ok(parts.next(), 3)
         && ok(parts.next(), 3)
         && parts.next().is_none()
-}
-
-/// The envelope id of a record id: `<envelope id>.<n>` for events, the id itself for raw.
-#[must_use]
-pub fn envelope_of(record_id: &str) -> &str {
-    match record_id.rsplit_once('.') {
-        Some((env, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => env,
-        _ => record_id,
-    }
 }
 
 /// Decode RFC 3461 xtext (`+XX` hex escapes).
@@ -627,14 +630,6 @@ mod tests {
         }
         let r = parse(&failed_with(&envid)).unwrap();
         assert_eq!(r.record_id().as_deref(), Some(record));
-        assert_eq!(
-            envelope_of("0193a1b2-0000-7000-8000-000000000001.3"),
-            "0193a1b2-0000-7000-8000-000000000001"
-        );
-        assert_eq!(
-            envelope_of("0193a1b2-0000-7000-8000-000000000001"),
-            "0193a1b2-0000-7000-8000-000000000001"
-        );
     }
 
     #[test]
@@ -650,6 +645,7 @@ mod tests {
         assert_eq!(l.record_id, "0193a1b2-0000-7000-8000-000000000001.0");
         assert_eq!(l.subscription, "gp-by-mail");
         assert_eq!(l.outcome, "failed");
+        assert!(l.bounced());
         assert_eq!(l.reason, "dsn_5.1.1");
         assert_eq!(
             lineage_of(&envelope("smtp", b"Subject: x\r\n\r\nhi\r\n"), &check(&[])),

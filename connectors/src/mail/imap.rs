@@ -34,9 +34,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
-use crate::ingest::{Ingest, IngestError};
+use crate::contract::ingest::{Ingest, IngestError};
 use crate::mail::config::{AfterPickup, ImapConfig, TlsMode};
-use crate::mail::{MEDIA_RFC822, MailError, now_ms, party_of};
+use crate::mail::{MEDIA_RFC822, MailError};
+use crate::party::of_mail_address;
 use crate::poison::{Failure, Tries, Verdict};
 
 /// Connector name in envelopes, logs and metrics.
@@ -676,17 +677,17 @@ impl ImapPickup {
             );
         }
         RawEnvelope {
-            id: uuid::Uuid::now_v7().to_string(),
-            received_at_ms: now_ms(),
+            id: ketenbus_schemas::new_envelope_id(),
+            received_at_ms: ketenbus_schemas::now_ms(),
             connector: CONNECTOR.to_owned(),
             format: Format::Rfc822,
             content_type: MEDIA_RFC822.to_owned(),
-            sender: from.as_deref().and_then(party_of),
+            sender: from.as_deref().and_then(of_mail_address),
             receiver: self
                 .cfg
                 .receiver
                 .clone()
-                .or_else(|| to.as_deref().and_then(party_of)),
+                .or_else(|| to.as_deref().and_then(of_mail_address)),
             body: body.to_vec(),
             attributes,
         }

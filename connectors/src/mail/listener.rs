@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::Budget;
-use crate::ingest::Ingest;
+use crate::contract::ingest::Ingest;
 use crate::mail::config::SmtpConfig;
 use crate::mail::smtp::{Mail, Session, SessionConfig, Step};
 use crate::mail::{MailError, envelope_for};
@@ -247,8 +247,8 @@ mod tests {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     use super::*;
-    use crate::ingest::{Accepted, IngestError};
-    use crate::sink::BoxFuture;
+    use crate::contract::ingest::{Accepted, IngestError};
+    use crate::contract::sink::BoxFuture;
 
     #[derive(Default)]
     struct Memory {

@@ -8,13 +8,13 @@
 //! Normalising stays a function of the bytes: event ids are `<envelope id>.<n>` numbered over
 //! the whole message.
 
-use ketenbus_schemas::event::{Attachment, HealthProfessional, HumanName, LetterEvent};
+use ketenbus_schemas::event::{Attachment, HealthProfessional, LetterEvent};
 use ketenbus_schemas::{Event, EventHeader, EventKind, Format, RawEnvelope};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
-use crate::mail::content::sha256_hex;
-use crate::normalize::{Normalize, NormalizeError};
+use crate::contract::content::sha256_hex;
+use crate::contract::normalize::{Normalize, NormalizeError};
 
 /// Reason code for a message that is not RFC 5322.
 pub const REASON_SYNTAX: &str = "mime_syntax";
@@ -404,10 +404,7 @@ impl Normalize for MailNormalizer {
                 header,
                 patient: None,
                 author: a.author.as_ref().map(|n| HealthProfessional {
-                    name: Some(HumanName {
-                        text: Some(n.clone()),
-                        ..HumanName::default()
-                    }),
+                    name: Some(crate::zib::text_name(n.clone())),
                     role: Some("author".to_owned()),
                     ..HealthProfessional::default()
                 }),

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher as _, RandomState};
 
-use super::FhirError;
-use super::value::{Object, Value};
+use crate::fhir::FhirError;
+use crate::fhir::value::{Object, Value};
 
 /// Deepest nesting accepted; real resources stay far below it.
 const MAX_DEPTH: usize = 128;

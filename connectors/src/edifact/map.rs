@@ -7,21 +7,25 @@
 
 use std::borrow::Cow;
 
-use ketenbus_schemas::event::{Address, EventHeader, EventKind, HumanName, Identifier, systems};
+use ketenbus_schemas::event::{Address, EventHeader, EventKind, Identifier, systems};
 use ketenbus_schemas::{Event, RawEnvelope};
 
-use super::document::{Document, Interchange, Message, parse};
-use super::error::{EdifactError, Position};
-use super::tokenize::Segment;
-use super::{letter, medlab, medrpt};
+use super::parse::document::{Document, Interchange, Message, parse};
+use super::parse::error::{EdifactError, Position};
+use super::parse::tokenize::Segment;
 use crate::{Normalize, NormalizeError};
+
+mod lab;
+pub(crate) mod letter;
+pub(crate) mod medlab;
+pub(crate) mod medrpt;
+
+#[cfg(test)]
+mod golden_tests;
 
 /// Reason code for input that is not EDIFACT or breaks its envelope rules.
 pub const REASON_SYNTAX: &str = "edifact_syntax";
-/// Reason code for a BSN that fails the eleven-test.
-pub const REASON_INVALID_BSN: &str = "invalid_bsn";
-/// Reason code for a mandatory segment that is absent.
-pub const REASON_MISSING: &str = "missing_element";
+pub use crate::contract::normalize::{REASON_INVALID_BSN, REASON_MISSING};
 
 /// Normalises EDIFACT envelopes: MEDLAB:1 and MEDRPT lab reports (MRPN32, and MedCom's
 /// D93A reports built the same way) to lab-result events, MEDVRI:1 and MEDSPE:1 to letter
@@ -83,23 +87,6 @@ pub(crate) struct Context<'e> {
     pub sender_id: Option<String>,
 }
 
-/// Sender and recipient party ids (`mailbox:…`, `gln:…`) of the first interchange's UNB,
-/// the same ids the events carry in their header.
-#[must_use]
-pub fn parties(input: &[u8]) -> (Option<String>, Option<String>) {
-    match super::parse(input) {
-        Ok(doc) => doc
-            .interchanges()
-            .next()
-            .map_or((None, None), |ic| (party_id(&ic, 1), party_id(&ic, 2))),
-        Err(_) => (None, None),
-    }
-}
-
-fn party_id(ic: &Interchange<'_>, e: usize) -> Option<String> {
-    crate::party::unb(&ic.header()?, e)
-}
-
 impl Context<'_> {
     /// The header of event number `index` of this interchange, made from message `m`.
     pub(crate) fn header(&self, kind: EventKind, m: &Message<'_>, index: i32) -> EventHeader {
@@ -127,10 +114,11 @@ impl<'e> Context<'e> {
                 _ => None,
             }
         });
+        let (sender, receiver) = crate::party::interchange(ic);
         Self {
             envelope_id,
-            sender: party_id(ic, 1),
-            receiver: party_id(ic, 2),
+            sender,
+            receiver,
             reference_year,
             sender_id: ic.sender().map(|s| s.trim().to_owned()),
         }
@@ -220,42 +208,6 @@ pub(crate) fn field(seg: &Segment<'_>, e: usize, c: usize) -> Option<String> {
     (!t.is_empty()).then(|| t.to_owned())
 }
 
-/// Whether a nine-digit number passes the BSN eleven-test.
-#[must_use]
-pub fn bsn_is_valid(bsn: &str) -> bool {
-    let d: Vec<u32> = bsn
-        .bytes()
-        .map(|b| u32::from(b.wrapping_sub(b'0')))
-        .collect();
-    if d.len() != 9 || d.iter().any(|&x| x > 9) {
-        return false;
-    }
-    let sum: u32 = (0..8)
-        .map(|i| d[i] * (9 - u32::try_from(i).unwrap_or(0)))
-        .sum();
-    // sum - last digit must be divisible by 11 (sum + 10 * 11 keeps it unsigned).
-    (sum + 110 - d[8]).is_multiple_of(11)
-}
-
-/// A BSN identifier after the eleven-test, or an `invalid_bsn` rejection naming the place.
-pub(crate) fn bsn_identifier(
-    value: &str,
-    at: impl FnOnce() -> String,
-) -> Result<Identifier, NormalizeError> {
-    if bsn_is_valid(value) {
-        Ok(Identifier {
-            system: systems::BSN.to_owned(),
-            value: value.to_owned(),
-        })
-    } else {
-        Err(NormalizeError::Invalid {
-            reason: REASON_INVALID_BSN,
-            path: at(),
-            what: "BSN fails the eleven-test".to_owned(),
-        })
-    }
-}
-
 /// `urn:ketenbus:local:<party>`: code system for lab-local codes of one sender.
 pub(crate) fn local_system(party: Option<&str>) -> String {
     format!("urn:ketenbus:local:{}", party.unwrap_or("unknown"))
@@ -304,14 +256,6 @@ pub(crate) fn medlab_address(seg: &Segment<'_>, e: usize) -> Option<Address> {
         country: None,
     };
     (a != Address::default()).then_some(a)
-}
-
-/// A free-form name (`Dr. A. de Boer`) kept as text.
-pub(crate) fn text_name(text: Option<String>) -> Option<HumanName> {
-    text.map(|t| HumanName {
-        text: Some(t),
-        ..HumanName::default()
-    })
 }
 
 /// `YY`, `MM`, `DD` with a two-digit year placed in the century that puts it at most one
@@ -455,15 +399,6 @@ pub(crate) fn gender(code: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn eleven_test() {
-        assert!(bsn_is_valid("999911120"));
-        assert!(bsn_is_valid("123456782"));
-        assert!(!bsn_is_valid("999911121"));
-        assert!(!bsn_is_valid("12345678"));
-        assert!(!bsn_is_valid("12345678a"));
-    }
 
     #[test]
     fn two_digit_years_follow_the_interchange_date() {

@@ -10,16 +10,17 @@
 
 use ketenbus_schemas::event::{
     Address, Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
-    LabResultEvent, LabTestResult, Patient, Specimen, systems,
+    LabResultEvent, LabTestResult, Patient, systems,
 };
 
-use super::document::Message;
-use super::normalize::{
-    Context, REASON_MISSING, bsn_identifier, code_list_system, decimal_value, edifact_datetime,
-    field, gender, interpretation, path,
+use super::lab::LabReport;
+use super::{
+    Context, code_list_system, decimal_value, edifact_datetime, field, gender, interpretation, path,
 };
-use super::tokenize::Segment;
 use crate::NormalizeError;
+use crate::edifact::parse::document::Message;
+use crate::edifact::parse::tokenize::Segment;
+use crate::zib::{bsn_identifier, text_name};
 
 /// Danish civil registration number (CPR).
 const CPR: &str = "urn:oid:1.2.208.176.1.2";
@@ -143,10 +144,7 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
             ..HumanName::default()
         })
     } else {
-        party_name(seg).map(|t| HumanName {
-            text: Some(t),
-            ..HumanName::default()
-        })
+        party_name(seg).map(text_name)
     };
     HealthProfessional {
         identifiers: party_identifier(seg).into_iter().collect(),
@@ -158,21 +156,12 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
 }
 
 /// Maps one MEDRPT lab report.
-#[allow(clippy::too_many_lines)]
 pub(crate) fn lab_event(
     m: &Message<'_>,
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LabResultEvent, NormalizeError> {
-    let mut header = ctx.header(EventKind::LabResult, m, index);
-
-    let mut patient: Option<Patient> = None;
-    let mut performer: Option<HealthcareProvider> = None;
-    let mut requester: Option<HealthProfessional> = None;
-    let mut professionals: Vec<HealthProfessional> = Vec::new();
-    let mut specimens: Vec<Specimen> = Vec::new();
-    let mut results: Vec<LabTestResult> = Vec::new();
-    let mut comments: Vec<String> = Vec::new();
+    let mut report = LabReport::default();
     let mut document_date: Option<String> = None;
     let mut party = Party::None;
     let mut group = String::new();
@@ -182,10 +171,7 @@ pub(crate) fn lab_event(
         if tag.len() == 3 && tag.starts_with('S') && tag[1..].bytes().all(|b| b.is_ascii_digit()) {
             group = tag.to_owned();
             if tag == "S04" {
-                specimens.push(Specimen {
-                    id: format!("specimen-{}", specimens.len() + 1),
-                    ..Specimen::default()
-                });
+                report.add_specimen(None);
             }
             continue;
         }
@@ -197,14 +183,14 @@ pub(crate) fn lab_event(
                 match q.as_str() {
                     "137" if document_date.is_none() => document_date = when,
                     "329" => {
-                        if let Some(p) = patient.as_mut() {
+                        if let Some(p) = report.patient.as_mut() {
                             p.birth_date = when;
                         }
                     }
                     // Sampling date/time in the specimen group (`SCO` in the Dutch vectors).
                     // Doubt: MedCom's `DTM+4` there may be the order date; not mapped.
                     "SCO" if group == "S04" => {
-                        if let Some(s) = specimens.last_mut() {
+                        if let Some(s) = report.specimens.last_mut() {
                             s.collected_at = when;
                         }
                     }
@@ -212,9 +198,11 @@ pub(crate) fn lab_event(
                 }
             }
             "RFF" if group == "S04" => {
-                if let (Some(s), Some(q), Some(v)) =
-                    (specimens.last_mut(), field(&seg, 0, 0), field(&seg, 0, 1))
-                {
+                if let (Some(s), Some(q), Some(v)) = (
+                    report.specimens.last_mut(),
+                    field(&seg, 0, 0),
+                    field(&seg, 0, 1),
+                ) {
                     s.identifiers.push(Identifier {
                         system: code_list_system("rff", &q),
                         value: v,
@@ -223,7 +211,7 @@ pub(crate) fn lab_event(
             }
             "NAD" => match field(&seg, 0, 0).as_deref() {
                 Some("SLA") => {
-                    performer = Some(HealthcareProvider {
+                    report.performer = Some(HealthcareProvider {
                         identifiers: party_identifier(&seg).into_iter().collect(),
                         name: party_name(&seg),
                         department: None,
@@ -235,11 +223,11 @@ pub(crate) fn lab_event(
                 Some("PO") => {
                     let mut p = professional(&seg, "requester");
                     p.organization_name = None;
-                    requester = Some(p);
+                    report.requester = Some(p);
                     party = Party::Requester;
                 }
                 Some("CCR") => {
-                    professionals.push(professional(&seg, "copy"));
+                    report.professionals.push(professional(&seg, "copy"));
                     party = Party::Copy;
                 }
                 _ => party = Party::None,
@@ -248,12 +236,12 @@ pub(crate) fn lab_event(
                 let a = adr_address(&seg);
                 match party {
                     Party::Lab => {
-                        if let Some(p) = performer.as_mut() {
+                        if let Some(p) = report.performer.as_mut() {
                             p.address = a;
                         }
                     }
                     Party::Patient => {
-                        if let Some(p) = patient.as_mut() {
+                        if let Some(p) = report.patient.as_mut() {
                             p.address = a;
                         }
                     }
@@ -261,21 +249,21 @@ pub(crate) fn lab_event(
                 }
             }
             "COM" if party == Party::Lab => {
-                if let Some(p) = performer.as_mut() {
+                if let Some(p) = report.performer.as_mut() {
                     p.phone = field(&seg, 0, 0);
                 }
             }
             "CTA" if party == Party::Lab => {
-                if let Some(p) = performer.as_mut() {
+                if let Some(p) = report.performer.as_mut() {
                     p.department = field(&seg, 1, 1).or_else(|| field(&seg, 1, 0));
                 }
             }
             "PNA" if field(&seg, 0, 0).as_deref() == Some("PAT") => {
-                patient = Some(pna_patient(m, &seg)?);
+                report.patient = Some(pna_patient(m, &seg)?);
                 party = Party::Patient;
             }
             "PDI" => {
-                if let Some(p) = patient.as_mut() {
+                if let Some(p) = report.patient.as_mut() {
                     p.gender = field(&seg, 0, 0).and_then(|g| gender(&g));
                 }
             }
@@ -285,49 +273,30 @@ pub(crate) fn lab_event(
                 let agency = field(&seg, 1, 2).unwrap_or_default();
                 let name = field(&seg, 1, 3);
                 let Some(code) = code else {
-                    return Err(NormalizeError::Invalid {
-                        reason: REASON_MISSING,
-                        path: path(m, &seg, Some(2)),
-                        what: "investigation has no code".to_owned(),
-                    });
+                    return Err(NormalizeError::missing(
+                        path(m, &seg, Some(2)),
+                        "investigation has no code",
+                    ));
                 };
                 let system = if agency == "NHG" {
                     systems::NHG_45.to_owned()
                 } else {
                     code_list_system(&agency, &list)
                 };
-                let specimen = specimens.last();
-                results.push(LabTestResult {
-                    id: format!("result-{}", results.len() + 1),
-                    test: Coding {
-                        system,
-                        code,
-                        display: name.clone(),
-                    },
-                    other_codes: Vec::new(),
-                    local_code: None,
+                let test = Coding {
+                    system,
+                    code,
+                    display: name.clone(),
+                };
+                let specimen = report.specimens.len().checked_sub(1);
+                let result = LabTestResult {
                     local_name: name,
-                    status: "final".to_owned(),
-                    value_text: None,
-                    value_coding: None,
-                    value_decimal: None,
-                    comparator: None,
-                    unit: None,
-                    unit_system: None,
-                    reference_low: None,
-                    reference_high: None,
-                    reference_text: None,
-                    interpretation: None,
-                    interpretation_raw: None,
-                    specimen_id: specimen.map(|s| s.id.clone()),
-                    section: None,
-                    section_code: None,
-                    effective_at: specimen.and_then(|s| s.collected_at.clone()),
-                    comments: Vec::new(),
-                });
+                    ..report.next_result(test, "final", specimen)
+                };
+                report.results.push(result);
             }
             "RSL" => {
-                if let Some(r) = results.last_mut() {
+                if let Some(r) = report.results.last_mut() {
                     r.value_text = field(&seg, 1, 0);
                     let (comparator, decimal) =
                         r.value_text.as_deref().map_or((None, None), decimal_value);
@@ -340,7 +309,7 @@ pub(crate) fn lab_event(
                 }
             }
             "RND" => {
-                if let Some(r) = results.last_mut() {
+                if let Some(r) = report.results.last_mut() {
                     r.reference_low = field(&seg, 1, 0);
                     r.reference_high = field(&seg, 2, 0);
                 }
@@ -349,34 +318,15 @@ pub(crate) fn lab_event(
                 let text: Vec<String> = (0..5).filter_map(|c| field(&seg, 3, c)).collect();
                 if !text.is_empty() {
                     let text = text.join(" ");
-                    match results.last_mut() {
+                    match report.results.last_mut() {
                         Some(r) => r.comments.push(text),
-                        None => comments.push(text),
+                        None => report.comments.push(text),
                     }
                 }
             }
             _ => {}
         }
     }
-    let Some(patient) = patient else {
-        return Err(NormalizeError::Invalid {
-            reason: REASON_MISSING,
-            path: path(m, &m.header(), None),
-            what: "message has no PNA+PAT segment".to_owned(),
-        });
-    };
-    header.occurred_at = specimens
-        .iter()
-        .find_map(|s| s.collected_at.clone())
-        .or(document_date);
-    Ok(LabResultEvent {
-        header,
-        patient: Some(patient),
-        performer,
-        requester,
-        professionals,
-        specimens,
-        results,
-        comments,
-    })
+    let header = ctx.header(EventKind::LabResult, m, index);
+    report.finish(header, m, "message has no PNA+PAT segment", document_date)
 }

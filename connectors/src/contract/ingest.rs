@@ -3,7 +3,7 @@
 use ketenbus_schemas::RawEnvelope;
 
 use crate::ErrorKind;
-use crate::sink::BoxFuture;
+use crate::contract::sink::BoxFuture;
 
 /// Proof that a message is durable: only now may the sender hear "done".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,13 +49,4 @@ impl IngestError {
 pub trait Ingest: Send + Sync {
     /// Store the envelope durably.
     fn accept(&self, envelope: RawEnvelope) -> BoxFuture<'_, Result<Accepted, IngestError>>;
-}
-
-/// Where a long-running source (SMTP listener, IMAP pickup) says whether it can do its work,
-/// for the operator's health endpoint and metrics. A source that is down keeps trying.
-pub trait SourceStatus: Send + Sync {
-    /// `source` works: it is listening, or its peer answered.
-    fn up(&self, source: &str);
-    /// `source` cannot work now and keeps trying; `reason` names no patient data.
-    fn down(&self, source: &str, reason: &str);
 }

@@ -9,9 +9,9 @@ use std::fmt::{self, Write as _};
 use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
 
-use super::FhirError;
 use super::model::{self, JsonKind, Kind, Model, TypeDef};
-use super::value::{Object, Value};
+use crate::fhir::FhirError;
+use crate::fhir::value::{Object, Value};
 
 /// The FHIR namespace.
 pub const NAMESPACE: &str = "http://hl7.org/fhir";
@@ -858,7 +858,6 @@ mod example_tests {
 }
 
 /// The same value with object members sorted by name, to compare regardless of order.
-#[cfg(test)]
 pub(crate) fn sorted(v: &Value) -> Value {
     match v {
         Value::Object(o) => {

@@ -2,7 +2,7 @@
 //! field by field with a reviewed golden file (`*.events.json`), plus the rejections.
 //!
 //! After a deliberate mapping change, rewrite the golden files with
-//! `KETENBUS_BLESS=1 cargo test -p ketenbus-connectors edifact::normalize_tests`
+//! `KETENBUS_BLESS=1 cargo test -p ketenbus-connectors edifact::map::golden_tests`
 //! and review the diff.
 
 use std::collections::BTreeMap;
@@ -12,11 +12,13 @@ use ketenbus_schemas::{Event, Format, RawEnvelope};
 use serde_json::Value as Json;
 
 use super::*;
+use crate::edifact::{inspect, synthetic_medlab};
+use crate::zib::EDIFACT_REFERENCE_NUMBER;
 use crate::{ErrorKind, Normalize, NormalizeError};
 
 macro_rules! fixture {
     ($path:literal) => {
-        include_bytes!(concat!("../../testdata/edifact/", $path)).as_slice()
+        include_bytes!(concat!("../../../testdata/edifact/", $path)).as_slice()
     };
 }
 
@@ -24,7 +26,7 @@ macro_rules! golden {
     ($input:literal, $golden:literal) => {
         check_golden(
             fixture!($input),
-            include_str!(concat!("../../testdata/edifact/ketenbus/", $golden)),
+            include_str!(concat!("../../../testdata/edifact/ketenbus/", $golden)),
             $golden,
         )
     };

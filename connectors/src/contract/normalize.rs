@@ -4,6 +4,11 @@ use ketenbus_schemas::{Event, RawEnvelope};
 
 use crate::ErrorKind;
 
+/// Reason code for a BSN that fails the eleven-test, whatever the format.
+pub const REASON_INVALID_BSN: &str = "invalid_bsn";
+/// Reason code for a mandatory element (segment, field) that is absent, whatever the format.
+pub const REASON_MISSING: &str = "missing_element";
+
 /// Turns one raw envelope into events. Must be pure: no I/O, clock or randomness, so a
 /// replay yields the same events with the same ids (`EventHeader::new` derives them).
 pub trait Normalize: Send + Sync {
@@ -62,6 +67,16 @@ pub enum NormalizeError {
 }
 
 impl NormalizeError {
+    /// `missing_element` at `path`: content the mapping needs is absent.
+    #[must_use]
+    pub fn missing(path: String, what: &str) -> NormalizeError {
+        NormalizeError::Invalid {
+            reason: REASON_MISSING,
+            path,
+            what: what.to_owned(),
+        }
+    }
+
     /// The dead-letter and lineage reason code.
     #[must_use]
     pub fn reason(&self) -> &'static str {
