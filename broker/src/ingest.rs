@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::BoxFuture;
-use ketenbus_connectors::{Accepted, Ingest, IngestError};
+use ketenbus_connectors::{Accepted, BoxFuture, Ingest, IngestError};
 use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};
