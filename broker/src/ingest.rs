@@ -6,8 +6,7 @@ pub mod limits;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ketenbus_connectors::BoxFuture;
-use ketenbus_connectors::{Accepted, Ingest, IngestError};
+use ketenbus_connectors::{Accepted, BoxFuture, Ingest, IngestError};
 use ketenbus_schemas::{AvroRecord, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError, OutRecord};

@@ -2,7 +2,7 @@
 //!
 //! Sans-IO layers, each usable alone:
 //! - [`value`]: a light generic resource tree in FHIR's JSON shape (decimals kept exact);
-//!   [`parse`]'s [`json`] and [`xml`] read and write it (XML through the R4 element model).
+//!   [`parse`](mod@parse)'s [`json`] and [`xml`] read and write it (XML through the R4 element model).
 //! - [`inbound`]: [`FhirNormalizer`], nl-core lab results, Acute Zorg referrals and
 //!   eOverdracht-style Task notifications into ketenbus events.
 //! - [`emit`]: the inverse, events into nl-core resources in a transaction or message Bundle.

@@ -353,6 +353,23 @@ pub struct LabResultEvent {
     pub comments: Vec<String>,
 }
 
+impl LabResultEvent {
+    /// A lab result with `header` and nothing else known yet, for the mapping to fill in.
+    #[must_use]
+    pub fn new(header: EventHeader) -> LabResultEvent {
+        LabResultEvent {
+            header,
+            patient: None,
+            performer: None,
+            requester: None,
+            professionals: Vec::new(),
+            specimens: Vec::new(),
+            results: Vec::new(),
+            comments: Vec::new(),
+        }
+    }
+}
+
 /// A letter or document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LetterEvent {

@@ -1,17 +1,17 @@
 //! FHIR in: nl-core resources into ketenbus events, as a pure function, one module per
 //! kind of event:
 //!
-//! - [`lab`]: Observations of category `laboratory` (nl-core-LaboratoryTestResult) with their
+//! - `lab`: Observations of category `laboratory` (nl-core-LaboratoryTestResult) with their
 //!   Specimen, Patient, Organization and PractitionerRole -> one lab-result event per patient;
-//! - [`handover`]: an Acute Zorg referral (ServiceRequest SNOMED 11131000146102, or the focus
+//! - `handover`: an Acute Zorg referral (ServiceRequest SNOMED 11131000146102, or the focus
 //!   of a message with a Composition) with its Composition sections and DocumentReference
 //!   attachments -> an acute-handover event;
-//! - [`task`]: a `Task` (eOverdracht notify-then-pull) -> a handover notification without
+//! - `task`: a `Task` (eOverdracht notify-then-pull) -> a handover notification without
 //!   patient data.
 //!
 //! A single resource, or a Bundle of type message, transaction, batch, collection or
 //! document. References resolve by `fullUrl` or by `Type/id` within the Bundle. This module
-//! holds the document index ([`Doc`]) and the readers of the resources every kind shares
+//! holds the document index (`Doc`) and the readers of the resources every kind shares
 //! (Patient, Organization, Practitioner(Role), names, addresses, identifiers); the parties a
 //! MessageHeader names are read in [`crate::party`].
 

@@ -1,32 +1,39 @@
-//! What MEDLAB and MEDRPT share: a lab report is read segment by segment into a [`LabReport`]
-//! (the parties, the specimens, the determinations in order), which then becomes one
-//! lab-result event.
+//! What MEDLAB and MEDRPT share: a lab report is read segment by segment into its
+//! lab-result event (the parties, the specimens, the determinations in order), which is
+//! complete once a segment named the patient.
 
-use ketenbus_schemas::EventHeader;
-use ketenbus_schemas::event::{
-    Coding, HealthProfessional, HealthcareProvider, LabResultEvent, LabTestResult, Patient,
-    Specimen,
-};
+use ketenbus_schemas::event::{Coding, LabResultEvent, LabTestResult, Specimen};
 
 use super::path;
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
 
-/// A lab report being read.
-#[derive(Default)]
-pub(crate) struct LabReport {
-    pub patient: Option<Patient>,
-    pub performer: Option<HealthcareProvider>,
-    pub requester: Option<HealthProfessional>,
-    pub professionals: Vec<HealthProfessional>,
-    pub specimens: Vec<Specimen>,
-    pub results: Vec<LabTestResult>,
-    pub comments: Vec<String>,
+/// A lab-result event being read from a lab report.
+pub(crate) trait LabReport: Sized {
+    /// A new specimen, `specimen-<n>` in reading order; its index.
+    fn add_specimen(&mut self, collected_at: Option<String>) -> usize;
+
+    /// The next determination, `result-<n>` in reading order, of `test` with `status`,
+    /// measured on specimen number `specimen` (its id and collection time), for the mapping
+    /// to fill in and push onto `results`.
+    fn next_result(&self, test: Coding, status: &str, specimen: Option<usize>) -> LabTestResult;
+
+    /// The event, once every segment of `m` is read: it happened when the first specimen was
+    /// collected, else at `document_date`.
+    ///
+    /// # Errors
+    /// `missing_element` at the message header, saying `no_patient`, when no segment named
+    /// the patient.
+    fn finish(
+        self,
+        m: &Message<'_>,
+        no_patient: &str,
+        document_date: Option<String>,
+    ) -> Result<Self, NormalizeError>;
 }
 
-impl LabReport {
-    /// A new specimen, `specimen-<n>` in reading order; its index.
-    pub fn add_specimen(&mut self, collected_at: Option<String>) -> usize {
+impl LabReport for LabResultEvent {
+    fn add_specimen(&mut self, collected_at: Option<String>) -> usize {
         self.specimens.push(Specimen {
             id: format!("specimen-{}", self.specimens.len() + 1),
             collected_at,
@@ -35,15 +42,7 @@ impl LabReport {
         self.specimens.len() - 1
     }
 
-    /// The next determination, `result-<n>` in reading order, of `test` with `status`,
-    /// measured on specimen number `specimen` (its id and collection time), for the
-    /// mapping to fill in and [`push`](Vec::push) onto `results`.
-    pub fn next_result(
-        &self,
-        test: Coding,
-        status: &str,
-        specimen: Option<usize>,
-    ) -> LabTestResult {
+    fn next_result(&self, test: Coding, status: &str, specimen: Option<usize>) -> LabTestResult {
         let specimen = specimen.map(|i| &self.specimens[i]);
         LabTestResult {
             specimen_id: specimen.map(|s| s.id.clone()),
@@ -52,39 +51,23 @@ impl LabReport {
         }
     }
 
-    /// The event, once every segment of `m` is read: it happened when the first specimen was
-    /// collected, else at `document_date`.
-    ///
-    /// # Errors
-    /// `missing_element` at the message header, saying `no_patient`, when no segment named
-    /// the patient.
-    pub fn finish(
-        self,
-        mut header: EventHeader,
+    fn finish(
+        mut self,
         m: &Message<'_>,
         no_patient: &str,
         document_date: Option<String>,
-    ) -> Result<LabResultEvent, NormalizeError> {
-        let Some(patient) = self.patient else {
+    ) -> Result<Self, NormalizeError> {
+        if self.patient.is_none() {
             return Err(NormalizeError::missing(
                 path(m, &m.header(), None),
                 no_patient,
             ));
-        };
-        header.occurred_at = self
+        }
+        self.header.occurred_at = self
             .specimens
             .iter()
             .find_map(|s| s.collected_at.clone())
             .or(document_date);
-        Ok(LabResultEvent {
-            header,
-            patient: Some(patient),
-            performer: self.performer,
-            requester: self.requester,
-            professionals: self.professionals,
-            specimens: self.specimens,
-            results: self.results,
-            comments: self.comments,
-        })
+        Ok(self)
     }
 }

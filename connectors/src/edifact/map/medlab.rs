@@ -162,7 +162,7 @@ pub(crate) fn lab_event(
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LabResultEvent, NormalizeError> {
-    let mut report = LabReport::default();
+    let mut report = LabResultEvent::new(ctx.header(EventKind::LabResult, m, index));
     let mut lab_system = local_system(ctx.sender_id.as_deref());
     let mut section: Option<String> = None;
     let mut group: Option<Group> = None;
@@ -298,6 +298,5 @@ pub(crate) fn lab_event(
             _ => {}
         }
     }
-    let header = ctx.header(EventKind::LabResult, m, index);
-    report.finish(header, m, "message has no PID segment", None)
+    report.finish(m, "message has no PID segment", None)
 }

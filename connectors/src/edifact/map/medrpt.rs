@@ -161,7 +161,7 @@ pub(crate) fn lab_event(
     ctx: &Context<'_>,
     index: i32,
 ) -> Result<LabResultEvent, NormalizeError> {
-    let mut report = LabReport::default();
+    let mut report = LabResultEvent::new(ctx.header(EventKind::LabResult, m, index));
     let mut document_date: Option<String> = None;
     let mut party = Party::None;
     let mut group = String::new();
@@ -327,6 +327,5 @@ pub(crate) fn lab_event(
             _ => {}
         }
     }
-    let header = ctx.header(EventKind::LabResult, m, index);
-    report.finish(header, m, "message has no PNA+PAT segment", document_date)
+    report.finish(m, "message has no PNA+PAT segment", document_date)
 }
