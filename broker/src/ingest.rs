@@ -20,6 +20,14 @@ pub struct BusIngest<B: Bus> {
     timeout: Duration,
 }
 
+impl<B: Bus> std::fmt::Debug for BusIngest<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusIngest")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<B: Bus> BusIngest<B> {
     /// Ingest onto `bus`, giving up after `timeout` (the sender then hears "try again").
     pub fn new(bus: Arc<B>, lineage: Lineage, timeout: Duration) -> BusIngest<B> {

@@ -2,6 +2,8 @@
 //! no import cycle between modules, `observe::metrics` a leaf, and no stage importing a
 //! stage above it. Adding an import that breaks one of these fails here, naming the import.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

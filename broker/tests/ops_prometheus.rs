@@ -5,6 +5,8 @@
 //!
 //! Needs Debian's `prometheus` package; `ops/prometheus/setup.sh` installs it when missing.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

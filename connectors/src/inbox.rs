@@ -55,6 +55,14 @@ pub struct Inbox {
     tries: Tries<PathBuf>,
 }
 
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What one scan did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ScanReport {

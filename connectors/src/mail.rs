@@ -101,44 +101,61 @@ pub fn envelope_for(mail: smtp::Mail, connector: &str, peer: Option<SocketAddr>)
     }
 }
 
+/// What the mail sources share from the runtime that starts them.
+pub struct MailContext<'a> {
+    /// The data directory (the IMAP pickup keeps its state there).
+    pub data_dir: &'a std::path::Path,
+    /// Where accepted messages go.
+    pub ingest: &'a std::sync::Arc<dyn crate::Ingest>,
+    /// The environment (passwords named by `*_env` keys).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    /// Where the sources report up and down (sources `smtp` and `imap:<name>`).
+    pub status: &'a std::sync::Arc<dyn crate::SourceStatus>,
+    /// The memory budget message bytes are held against.
+    pub budget: &'a crate::budget::Budget,
+    /// Stops every source.
+    pub cancel: &'a tokio_util::sync::CancellationToken,
+}
+
+impl std::fmt::Debug for MailContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailContext")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Start what `[mail]` configures: the SMTP listener (bound before this returns, so a busy
-/// port fails start-up) and one task per IMAP pickup, each handing messages to `ingest`,
-/// reporting to `status` (sources `smtp` and `imap:<name>`), holding message bytes against
-/// `budget` and stopping at `cancel`.
+/// port fails start-up) and one task per IMAP pickup, in `tasks`, each sharing `ctx`.
 ///
 /// # Errors
 /// [`MailError::Config`] when a listener cannot bind or a setting cannot be used.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the runtime's wiring, each a different thing the sources share"
-)]
 pub async fn start(
     config: &MailConfig,
-    data_dir: &std::path::Path,
-    ingest: &std::sync::Arc<dyn crate::Ingest>,
-    env: &dyn Fn(&str) -> Option<String>,
-    status: &std::sync::Arc<dyn crate::SourceStatus>,
-    budget: &crate::budget::Budget,
-    cancel: &tokio_util::sync::CancellationToken,
+    ctx: &MailContext<'_>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> Result<(), MailError> {
     if let Some(smtp) = &config.smtp {
-        let listener = SmtpListener::new(smtp, std::sync::Arc::clone(ingest), env)?
-            .with_budget(budget.clone());
+        let listener = SmtpListener::new(smtp, std::sync::Arc::clone(ctx.ingest), ctx.env)?
+            .with_budget(ctx.budget.clone());
         let socket = tokio::net::TcpListener::bind(smtp.listen)
             .await
             .map_err(|e| {
                 MailError::Config(format!("binding the SMTP listener to {}: {e}", smtp.listen))
             })?;
-        tasks.spawn(listener.run(socket, cancel.clone()));
-        status.up("smtp");
+        tasks.spawn(listener.run(socket, ctx.cancel.clone()));
+        ctx.status.up("smtp");
     }
     for pickup in &config.imap {
-        let p =
-            imap::ImapPickup::new(pickup.clone(), data_dir, std::sync::Arc::clone(ingest), env)?
-                .with_status(std::sync::Arc::clone(status))
-                .with_budget(budget.clone());
-        tasks.spawn(p.run(cancel.clone()));
+        let p = imap::ImapPickup::new(
+            pickup.clone(),
+            ctx.data_dir,
+            std::sync::Arc::clone(ctx.ingest),
+            ctx.env,
+        )?
+        .with_status(std::sync::Arc::clone(ctx.status))
+        .with_budget(ctx.budget.clone());
+        tasks.spawn(p.run(ctx.cancel.clone()));
     }
     Ok(())
 }

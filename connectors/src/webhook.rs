@@ -27,6 +27,12 @@ pub struct WebhookSink {
     secret: Option<Vec<u8>>,
 }
 
+impl std::fmt::Debug for WebhookSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSink").finish_non_exhaustive()
+    }
+}
+
 impl WebhookSink {
     /// A sink posting to `url` (fixed, or the receiver's `webhook` address), signing with
     /// `secret` when given.

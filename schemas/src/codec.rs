@@ -52,6 +52,15 @@ pub struct CompiledSchema {
     reader: GenericSingleObjectReader,
 }
 
+impl std::fmt::Debug for CompiledSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledSchema")
+            .field("name", &self.name)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Serialises values straight to Avro binary with apache-avro's schema-aware serde
 /// serializer, which it only offers with named types resolved through its container
 /// `Writer`. Each value is written as one block of an object container file (Avro spec,

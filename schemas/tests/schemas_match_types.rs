@@ -2,6 +2,8 @@
 //! (field names, types and order checked by Avro's resolution), decode back to an equal
 //! value, and name exactly the schema's fields.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::BTreeSet;
 
 use ketenbus_schemas::codec::{AvroRecord, fingerprint_of};

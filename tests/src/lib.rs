@@ -213,6 +213,15 @@ pub struct Broker {
     _tmp: Option<tempfile::TempDir>,
 }
 
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &self.url)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Broker {
     /// Start a broker with `extra` appended to a config that sets data dir and port.
     ///
@@ -457,11 +466,11 @@ mod probe {
     use std::net::TcpStream;
     use std::time::Duration;
 
-    pub struct Probe;
+    pub(super) struct Probe;
 
     impl Probe {
         /// `GET url` answers 200.
-        pub fn ready(&self, url: &str) -> bool {
+        pub(super) fn ready(&self, url: &str) -> bool {
             let rest = url.trim_start_matches("http://");
             let (host, path) = rest.split_once('/').map_or((rest, "/"), |(h, p)| (h, p));
             let Ok(mut s) = TcpStream::connect(host) else {
@@ -517,6 +526,14 @@ pub struct Receiver {
     /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<ReceiverState>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
 }
 
 struct ReceiverState {

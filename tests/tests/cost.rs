@@ -3,6 +3,8 @@
 //! 503, and nothing acknowledged is lost), and the inbox sets aside what it must not take.
 //! (Linear parse cost per format is proven in `connectors/src/linear_cost_tests.rs`.)
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::time::{Duration, Instant};
 
 use ketenbus_tests::{Broker, edifact_message, lineage};

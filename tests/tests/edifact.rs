@@ -1,6 +1,8 @@
 //! EDIFACT partners who ask for it get a UN CONTRL back through a raw subscription filtered on
 //! their party id, while the lab result itself goes to the lab subscriber.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::time::Duration;
 
 use ketenbus_tests::{Broker, MEDLAB, Receiver, lineage, webhook_subscription};

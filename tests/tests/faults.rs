@@ -3,6 +3,8 @@
 //! restarts it every accepted message is delivered. The panics are injected with
 //! `KETENBUS_FAULT`, which only debug builds (the ones these tests run) honour.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 

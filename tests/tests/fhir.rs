@@ -2,6 +2,8 @@
 //! (Acute Zorg message 24) posted to `/fhir/$process-message` reaches an acute-handover
 //! webhook subscriber and a FHIR-endpoint subscriber within one second.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::time::{Duration, Instant};
 
 use ketenbus_tests::{Broker, Receiver, webhook_subscription};

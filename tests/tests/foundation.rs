@@ -1,5 +1,7 @@
 //! The foundation's guarantees, through real sockets against the `ketenbus` binary.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! key (sequentially, concurrently, after a restart of the broker) gets the first answer's id,
 //! and the subscriber gets the message once.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::time::Duration;
 
 use ketenbus_tests::{Broker, MEDLAB, Receiver, webhook_subscription};

@@ -2,6 +2,8 @@
 //! a lab-result subscriber, the file moves to `done/`; a broken file lands in `failed/` with
 //! its reason.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::time::Duration;
 
 use ketenbus_tests::{Broker, MEDLAB, Receiver, webhook_subscription};

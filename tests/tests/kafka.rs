@@ -3,6 +3,8 @@
 //! topics with the published `.avsc` files. One test: the topic names are the broker's own,
 //! so two brokers on one cluster at once would share them.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;

@@ -5,6 +5,8 @@
 //! installed by `ops/mail/setup.sh` when missing; each test starts its own with a config in
 //! a temporary directory.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

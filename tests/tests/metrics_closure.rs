@@ -12,6 +12,8 @@
 //! - A fresh broker already exports every series the dashboard and the alert rules use, at
 //!   zero, for every subscription and connector of its config.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;

@@ -2,6 +2,8 @@
 //! send the signed body (patient data) to the address it points at. The delivery fails
 //! with reason `redirect` and is dead-lettered; the address pointed at gets nothing.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

@@ -4,6 +4,8 @@
 //! dead letters outlive retention until `ketenbus dlq purge` removes them (audited); a log
 //! full of unfinished records refuses new messages (HTTP 503, SMTP 451) instead of losing one.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;

@@ -2,6 +2,8 @@
 //! senders bound to their party ids, filters, consent and the audit trail. Certificates
 //! are made here at run time with rcgen; no key material is committed.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

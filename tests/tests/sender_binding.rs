@@ -4,6 +4,8 @@
 //! that does own every declared sender is let through. Table-driven: a route that takes a
 //! media type without a row here fails [`every_media_type_a_route_takes_has_rows`].
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::time::Duration;
 
 use ketenbus_connectors::fhir;

@@ -1,6 +1,8 @@
 //! One record must not stall a subscription: through real sockets against the `ketenbus`
 //! binary, with a webhook receiver that refuses one patient's records for a long time.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 

@@ -25,7 +25,7 @@ async fn drain<C: Consumer>(c: &mut C, want: usize) -> Vec<Record> {
 }
 
 /// The contract every engine keeps. `prefix` makes topic and group names unique per run.
-pub async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
+pub(crate) async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
     let topic = format!("{prefix}.contract");
     let other = format!("{prefix}.other");
     let specs = [

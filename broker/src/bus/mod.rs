@@ -41,6 +41,14 @@ pub struct OutRecord {
     pub value: Vec<u8>,
 }
 
+impl std::fmt::Debug for OutRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutRecord")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A record read from a topic. Finish it with [`Consumer::ack`] on its token.
 #[derive(Clone)]
 pub struct Record {

@@ -119,6 +119,14 @@ pub struct FileRegistry {
     checked: Mutex<Instant>,
 }
 
+impl std::fmt::Debug for FileRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileRegistry")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a consent file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsentFileError {
@@ -275,6 +283,14 @@ pub struct ConsentCheck {
     pub registry: Arc<dyn ConsentRegistry>,
     /// Party, purpose, default.
     pub policy: SubscriptionConsent,
+}
+
+impl std::fmt::Debug for ConsentCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsentCheck")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a consent check decided for one delivery.

@@ -35,6 +35,14 @@ pub struct Hooks {
     pub raw_patients: Option<Arc<crate::route::keys::RawPatients>>,
 }
 
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("receiver_is_party", &self.receiver_is_party)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Hooks {
     /// The patients (and receiver) a raw message declares, read once for its consent check
     /// and its audit records; nothing for an event or without a reader.

@@ -21,3 +21,9 @@ pub struct ApiState {
     /// Largest accepted body.
     pub max_body: usize,
 }
+
+impl std::fmt::Debug for ApiState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiState").finish_non_exhaustive()
+    }
+}

@@ -63,6 +63,12 @@ impl Health {
 /// `ketenbus_ingest_source_up` gauge.
 pub struct SourceHealth(pub Arc<Health>);
 
+impl std::fmt::Debug for SourceHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceHealth").finish_non_exhaustive()
+    }
+}
+
 impl ketenbus_connectors::SourceStatus for SourceHealth {
     fn up(&self, source: &str) {
         self.0.set(source, State::Ready);

@@ -122,6 +122,14 @@ pub struct Lineage {
     path: std::path::PathBuf,
 }
 
+impl std::fmt::Debug for Lineage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lineage")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The lineage of one message as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct MessageLineage {

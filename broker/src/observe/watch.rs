@@ -68,6 +68,14 @@ pub struct InFlight {
     slots: HashMap<String, Arc<Slot>>,
 }
 
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("subscription", &self.subscription)
+            .finish_non_exhaustive()
+    }
+}
+
 impl InFlight {
     /// Tracking for `subscription`.
     #[must_use]

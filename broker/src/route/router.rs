@@ -54,6 +54,14 @@ pub struct Routing {
     pub reports: dsn::ReportCheck,
 }
 
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing")
+            .field("contrl_partners", &self.contrl_partners)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Dead-letter reason of a delivery whose mail bounced for good.
 pub const REASON_BOUNCED: &str = "bounced";
 

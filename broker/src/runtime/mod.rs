@@ -194,15 +194,18 @@ pub async fn run<B: Bus>(
         )
         .on_refused(metrics::rejected),
     );
+    let status: Arc<dyn ketenbus_connectors::SourceStatus> =
+        Arc::new(crate::observe::health::SourceHealth(Arc::clone(&health)));
     ketenbus_connectors::mail::start(
         &cfg.mail,
-        &cfg.data_dir,
-        &mail_ingest,
-        env.lookup(),
-        &(Arc::new(crate::observe::health::SourceHealth(Arc::clone(&health)))
-            as Arc<dyn ketenbus_connectors::SourceStatus>),
-        &budget,
-        &cancel,
+        &ketenbus_connectors::mail::MailContext {
+            data_dir: &cfg.data_dir,
+            ingest: &mail_ingest,
+            env: env.lookup(),
+            status: &status,
+            budget: &budget,
+            cancel: &cancel,
+        },
         tasks.set(),
     )
     .await

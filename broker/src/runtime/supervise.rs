@@ -25,7 +25,7 @@ const UNNAMED: &str = "a mail connector";
 
 /// The broker's tasks, by name.
 #[derive(Default)]
-pub struct Tasks {
+pub(crate) struct Tasks {
     set: JoinSet<()>,
     /// Task names by id, for the log line when one ends unexpectedly (and its health entry).
     names: HashMap<Id, String>,
@@ -33,7 +33,7 @@ pub struct Tasks {
 
 impl Tasks {
     /// Start `task` under `name`.
-    pub fn spawn<F>(&mut self, name: impl Into<String>, task: F)
+    pub(crate) fn spawn<F>(&mut self, name: impl Into<String>, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -42,14 +42,14 @@ impl Tasks {
     }
 
     /// The set itself, for a starter that spawns its own tasks into it.
-    pub fn set(&mut self) -> &mut JoinSet<()> {
+    pub(crate) fn set(&mut self) -> &mut JoinSet<()> {
         &mut self.set
     }
 
     /// Watch every task until all have ended. The first that ends before `cancel` (returned
     /// or panicked) is logged, marked failed in `health`, and cancels the rest. Returns what
     /// ended unexpectedly, if anything did.
-    pub async fn supervise(
+    pub(crate) async fn supervise(
         mut self,
         health: &Health,
         cancel: &CancellationToken,

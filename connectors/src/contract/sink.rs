@@ -13,7 +13,7 @@ use crate::ErrorKind;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a subscription delivers: a normalised event, or the envelope exactly as received.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub enum Payload {
     /// A zib-based event.
     Event(Arc<Event>),

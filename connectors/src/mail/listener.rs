@@ -32,6 +32,15 @@ pub struct SmtpListener {
     budget: Budget,
 }
 
+impl std::fmt::Debug for SmtpListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpListener")
+            .field("max_connections", &self.max_connections)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl SmtpListener {
     /// A listener for `[mail.smtp]`; passwords are read through `env`.
     ///

@@ -235,6 +235,12 @@ pub struct MailNormalizer {
     fhir: Box<dyn Normalize>,
 }
 
+impl std::fmt::Debug for MailNormalizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MailNormalizer").finish_non_exhaustive()
+    }
+}
+
 impl Default for MailNormalizer {
     /// With the crate's EDIFACT and FHIR normalisers.
     fn default() -> Self {

@@ -27,6 +27,14 @@ pub struct EmbeddedConsumer {
     more: bool,
 }
 
+impl std::fmt::Debug for EmbeddedConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedConsumer")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Records per partition and look. The SQL below spells it as a literal: SQLite plans again
 /// on every run for a bound `LIMIT ?`, which cost as much as the read itself.
 const FETCH: usize = 256;

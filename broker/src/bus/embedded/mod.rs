@@ -66,6 +66,12 @@ pub struct EmbeddedBus {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for EmbeddedBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBus").finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     path: PathBuf,
     writer: mpsc::Sender<WriteOp>,

@@ -329,7 +329,6 @@ fn check_count(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_reference(
     tokens: &Tokens<'_>,
     header: u32,

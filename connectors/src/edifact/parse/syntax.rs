@@ -179,7 +179,7 @@ pub fn decode(bytes: &[u8]) -> Cow<'_, str> {
 
 /// Same as [`decode`], for already owned bytes.
 #[must_use]
-pub fn decode_cow(bytes: Cow<'_, [u8]>) -> Cow<'_, str> {
+pub(crate) fn decode_cow(bytes: Cow<'_, [u8]>) -> Cow<'_, str> {
     match bytes {
         Cow::Borrowed(b) => decode(b),
         Cow::Owned(v) => match String::from_utf8(v) {
