@@ -29,8 +29,11 @@ use ketenbus_schemas::now_ms;
 /// The `/fhir` routes, to merge into the API router (state: the API's).
 pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
-        .route("/fhir", post(post_base))
-        .route("/fhir/$process-message", post(process_message))
+        .route("/fhir", post_whole(Interaction::Base))
+        .route(
+            "/fhir/$process-message",
+            post_whole(Interaction::ProcessMessage),
+        )
         .route("/fhir/metadata", get(metadata))
         .route("/fhir/{resource_type}", post(post_resource))
 }
@@ -106,40 +109,15 @@ fn issue(
 /// Who posts, as the gate authenticated them (none when no senders are configured).
 type Sender = Option<axum::Extension<AuthenticatedSender>>;
 
-async fn process_message(
-    State(st): State<Arc<ApiState>>,
-    sender: Sender,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let sender = sender.map(|s| s.0);
-    handle(
-        &st,
-        sender.as_ref(),
-        &headers,
-        body,
-        Interaction::ProcessMessage,
-        None,
+/// A write route without a resource type in its path: `POST /fhir` or
+/// `POST /fhir/$process-message`.
+fn post_whole(interaction: Interaction) -> axum::routing::MethodRouter<Arc<ApiState>> {
+    post(
+        move |State(st): State<Arc<ApiState>>, sender: Sender, headers: HeaderMap, body: Bytes| async move {
+            let sender = sender.map(|s| s.0);
+            handle(&st, sender.as_ref(), &headers, body, interaction, None).await
+        },
     )
-    .await
-}
-
-async fn post_base(
-    State(st): State<Arc<ApiState>>,
-    sender: Sender,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let sender = sender.map(|s| s.0);
-    handle(
-        &st,
-        sender.as_ref(),
-        &headers,
-        body,
-        Interaction::Base,
-        None,
-    )
-    .await
 }
 
 async fn post_resource(
