@@ -849,7 +849,7 @@ fn what_cannot_be_mapped_is_named() {
         ))
         .unwrap_err();
     assert_eq!(err.reason(), "fhir_syntax");
-    let no_code = br#"{"resourceType":"Observation","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{"text":"x"}}"#;
+    let no_code = br#"{"resourceType":"Observation","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{}}"#;
     let err = FhirNormalizer
         .normalize(&envelope("e", Format::FhirJson, no_code.to_vec()))
         .unwrap_err();
@@ -930,7 +930,6 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
     );
     header.occurred_at = Some("2026-11-01T07:40".into());
     let event = Event::LabResult(LabResultEvent {
-        header,
         patient: Some(Patient {
             identifiers: vec![id(systems::BSN, "999911120")],
             name: Some(HumanName {
@@ -975,7 +974,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
             kalium,
             result("result-3", "CRP", "CRP", None, "mg/l", "0", "10", None),
         ],
-        comments: Vec::new(),
+        ..LabResultEvent::new(header)
     });
     let out = to_bundle(&event, &EmitOptions::default()).unwrap();
     assert_valid_bundle(&out);

@@ -182,6 +182,8 @@ pub(crate) fn lab_event(
                     .and_then(|v| edifact_datetime(&v, field(&seg, 0, 2).as_deref()));
                 match q.as_str() {
                     "137" if document_date.is_none() => document_date = when,
+                    // Issue time of the report (`S02`).
+                    "ISR" if report.reported_at.is_none() => report.reported_at = when,
                     "329" => {
                         if let Some(p) = report.patient.as_mut() {
                             p.birth_date = when;
@@ -197,16 +199,25 @@ pub(crate) fn lab_event(
                     _ => {}
                 }
             }
-            "RFF" if group == "S04" => {
-                if let (Some(s), Some(q), Some(v)) = (
-                    report.specimens.last_mut(),
-                    field(&seg, 0, 0),
-                    field(&seg, 0, 1),
-                ) {
-                    s.identifiers.push(Identifier {
+            // References carried as what they are: the report id (`SRI`), the order ids of
+            // requester and lab (`ROI`, `SOI`); others in a specimen group are the
+            // specimen's.
+            "RFF" => {
+                if let (Some(q), Some(v)) = (field(&seg, 0, 0), field(&seg, 0, 1)) {
+                    let id = Identifier {
                         system: code_list_system("rff", &q),
                         value: v,
-                    });
+                    };
+                    match q.as_str() {
+                        "SRI" => report.report_identifiers.push(id),
+                        "ROI" | "SOI" => report.order_identifiers.push(id),
+                        _ if group == "S04" => {
+                            if let Some(s) = report.specimens.last_mut() {
+                                s.identifiers.push(id);
+                            }
+                        }
+                        _ => {}
+                    }
                 }
             }
             "NAD" => match field(&seg, 0, 0).as_deref() {
@@ -272,21 +283,35 @@ pub(crate) fn lab_event(
                 let list = field(&seg, 1, 1).unwrap_or_default();
                 let agency = field(&seg, 1, 2).unwrap_or_default();
                 let name = field(&seg, 1, 3);
-                let Some(code) = code else {
-                    return Err(NormalizeError::missing(
-                        path(m, &seg, Some(2)),
-                        "investigation has no code",
-                    ));
-                };
-                let system = if agency == "NHG" {
-                    systems::NHG_45.to_owned()
-                } else {
-                    code_list_system(&agency, &list)
-                };
-                let test = Coding {
-                    system,
-                    code,
-                    display: name.clone(),
+                // A line with a name and no code is a result whose local code is absent.
+                let test = match (code, &name) {
+                    (Some(code), _) => Coding {
+                        system: if agency == "NHG" {
+                            systems::NHG_45.to_owned()
+                        } else {
+                            code_list_system(&agency, &list)
+                        },
+                        code,
+                        display: name.clone(),
+                    },
+                    (None, Some(_)) => {
+                        report.warnings.push(format!(
+                            "result result-{}: investigation has no code, mapped by its name ({})",
+                            report.results.len() + 1,
+                            path(m, &seg, Some(2))
+                        ));
+                        Coding {
+                            system: String::new(),
+                            code: String::new(),
+                            display: None,
+                        }
+                    }
+                    (None, None) => {
+                        return Err(NormalizeError::missing(
+                            path(m, &seg, Some(2)),
+                            "investigation has neither code nor name",
+                        ));
+                    }
                 };
                 let specimen = report.specimens.len().checked_sub(1);
                 let result = LabTestResult {
