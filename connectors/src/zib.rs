@@ -78,11 +78,16 @@ pub fn text_name(text: impl Into<String>) -> HumanName {
     }
 }
 
+/// A reference limit as a number; a decimal comma counts (EDIFACT senders write both).
+fn decimal(v: &str) -> Option<f64> {
+    v.trim().replace(',', ".").parse().ok()
+}
+
 /// Warnings on what was kept as sent although doubtful: a reversed reference range.
 pub(crate) fn range_warnings(e: &mut LabResultEvent) {
     for r in &e.results {
         if let (Some(low), Some(high)) = (&r.reference_low, &r.reference_high)
-            && let (Ok(l), Ok(h)) = (low.trim().parse::<f64>(), high.trim().parse::<f64>())
+            && let (Some(l), Some(h)) = (decimal(low), decimal(high))
             && l > h
         {
             e.warnings.push(format!(

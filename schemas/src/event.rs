@@ -539,6 +539,15 @@ impl Event {
         }
     }
 
+    /// What the mapping found doubtful but kept (for the lineage); no patient data.
+    #[must_use]
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            Event::LabResult(e) => &e.warnings,
+            Event::Letter(_) | Event::AcuteHandover(_) | Event::HandoverNotification(_) => &[],
+        }
+    }
+
     /// The common header.
     #[must_use]
     pub fn header(&self) -> &EventHeader {

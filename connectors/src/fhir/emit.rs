@@ -781,9 +781,15 @@ fn observation(
                 .collect(),
         )
         .with_opt("specimen", specimen_ref);
+    // EDIFACT limits may carry a decimal comma; FHIR decimals have a point.
     let bound = |v: &Option<String>| {
-        v.as_ref()
-            .and_then(|v| quantity(v, r.unit.as_ref(), r.unit_system.as_ref()))
+        v.as_ref().and_then(|v| {
+            quantity(
+                &v.replace(',', "."),
+                r.unit.as_ref(),
+                r.unit_system.as_ref(),
+            )
+        })
     };
     let range = Object::new()
         .with_opt("low", bound(&r.reference_low))

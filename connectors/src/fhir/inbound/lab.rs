@@ -494,7 +494,7 @@ fn lab_result(
         let cs: Vec<Coding> = codings(Some(interp)).collect();
         r.interpretation_raw = cs.first().map(|c| c.code.clone());
         r.interpretation_text = s(interp, "text");
-        r.interpretation_display = cs.iter().find_map(|c| c.display.clone());
+        r.interpretation_display = cs.first().and_then(|c| c.display.clone());
         r.interpretation = cs
             .iter()
             .find(|c| is_interpretation_system(&c.system))
