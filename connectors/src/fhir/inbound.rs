@@ -383,9 +383,10 @@ pub fn events_from(
     // Lab results, one event per patient.
     let groups = lab::by_patient(&doc);
     let only_group = groups.len() == 1;
+    let reports = lab::reports(&doc);
     for observations in groups {
         let mut header = next_header(EventKind::LabResult, &events);
-        let e = lab::lab_event(&doc, &observations, only_group, &mut header)?;
+        let e = lab::lab_event(&doc, &observations, only_group, &reports, &mut header)?;
         events.push(Event::LabResult(e));
     }
 

@@ -138,6 +138,7 @@ pub(super) fn lab_event(
     doc: &Doc<'_>,
     observations: &[&Entry<'_>],
     only_group: bool,
+    reports: &Reports<'_, '_>,
     header: &mut EventHeader,
 ) -> Result<LabResultEvent, NormalizeError> {
     let first = observations[0];
@@ -155,6 +156,8 @@ pub(super) fn lab_event(
     let mut specimen_of_entry: HashMap<&str, String> = HashMap::new();
     let mut results = Vec::new();
     let mut order_identifiers: Vec<Identifier> = Vec::new();
+    let mut order_seen = HashSet::new();
+    let mut report_seen = HashSet::new();
     let mut warnings = Vec::new();
     // Result ids by entry path, for panels' members.
     let result_ids: HashMap<&str, String> = observations
@@ -201,9 +204,7 @@ pub(super) fn lab_event(
                     .collect(),
             };
             for i in ids {
-                if !order_identifiers.contains(&i) {
-                    order_identifiers.push(i);
-                }
+                push_new(&mut order_identifiers, &mut order_seen, i);
             }
         }
         if requester.is_none() {
@@ -272,28 +273,27 @@ pub(super) fn lab_event(
     // patient): the report's identifiers and issue time.
     let mut report_identifiers: Vec<Identifier> = Vec::new();
     let mut reported_at = None;
-    for dr in doc.of_type("DiagnosticReport") {
-        let holds = only_group
-            || dr.res.arr("result").iter().any(|r| {
-                doc.resolve(Some(r))
-                    .is_some_and(|e| result_ids.contains_key(e.path.as_str()))
-            });
-        if !holds {
-            continue;
-        }
+    let held: Vec<&Entry<'_>> = if only_group {
+        reports.all.clone()
+    } else {
+        let mut seen = HashSet::new();
+        observations
+            .iter()
+            .flat_map(|o| reports.by_result.get(o.path.as_str()).into_iter().flatten())
+            .filter(|dr| seen.insert(dr.path.as_str()))
+            .copied()
+            .collect()
+    };
+    for dr in held {
         for i in identifiers(dr.res, &dr.path)? {
-            if !report_identifiers.contains(&i) {
-                report_identifiers.push(i);
-            }
+            push_new(&mut report_identifiers, &mut report_seen, i);
         }
         if reported_at.is_none() {
             reported_at = s(dr.res, "issued");
         }
         for b in dr.res.arr("basedOn").iter().filter_map(Value::as_object) {
-            if let Some(i) = b.obj("identifier").and_then(|_| reference_identifier(b))
-                && !order_identifiers.contains(&i)
-            {
-                order_identifiers.push(i);
+            if let Some(i) = b.obj("identifier").and_then(|_| reference_identifier(b)) {
+                push_new(&mut order_identifiers, &mut order_seen, i);
             }
         }
     }
@@ -336,6 +336,35 @@ pub(super) fn lab_event(
     };
     crate::zib::range_warnings(&mut event);
     Ok(event)
+}
+
+/// `i` onto `ids` unless already there (a set keeps this linear).
+fn push_new(ids: &mut Vec<Identifier>, seen: &mut HashSet<(String, String)>, i: Identifier) {
+    if seen.insert((i.system.clone(), i.value.clone())) {
+        ids.push(i);
+    }
+}
+
+/// The DiagnosticReports of a document, indexed once by the results they hold.
+pub(super) struct Reports<'d, 'a> {
+    all: Vec<&'d Entry<'a>>,
+    by_result: HashMap<&'d str, Vec<&'d Entry<'a>>>,
+}
+
+pub(super) fn reports<'d, 'a>(doc: &'d Doc<'a>) -> Reports<'d, 'a> {
+    let mut r = Reports {
+        all: Vec::new(),
+        by_result: HashMap::new(),
+    };
+    for dr in doc.of_type("DiagnosticReport") {
+        r.all.push(dr);
+        for res in dr.res.arr("result") {
+            if let Some(e) = doc.resolve(Some(res)) {
+                r.by_result.entry(e.path.as_str()).or_default().push(dr);
+            }
+        }
+    }
+    r
 }
 
 fn result_id(e: &Entry<'_>, n: usize) -> String {
