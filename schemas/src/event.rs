@@ -386,6 +386,10 @@ pub struct LabResultEvent {
     /// range), for the lineage; no patient data.
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// The laboratory that performed the determinations when the source names it apart
+    /// from the reporting one (MEDRPT `REL+PRF`).
+    #[serde(default)]
+    pub performing_lab: Option<HealthcareProvider>,
 }
 
 impl LabResultEvent {
@@ -405,6 +409,7 @@ impl LabResultEvent {
             reported_at: None,
             order_identifiers: Vec::new(),
             warnings: Vec::new(),
+            performing_lab: None,
         }
     }
 }

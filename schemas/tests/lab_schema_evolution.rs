@@ -81,6 +81,7 @@ fn a_previous_reader_reads_new_records_and_the_other_way_round() {
             "reported_at",
             "order_identifiers",
             "warnings",
+            "performing_lab",
         ],
     );
     if let Some(Value::Array(rs)) = match &mut old_value {

@@ -234,6 +234,10 @@ fn lab_result_matches_its_schema() {
             value: "ORD-7".into(),
         }],
         warnings: vec!["result r1: reference range low above high, kept as sent".into()],
+        performing_lab: Some(HealthcareProvider {
+            name: Some("Pathologielab Oost".into()),
+            ..Default::default()
+        }),
     });
 }
 

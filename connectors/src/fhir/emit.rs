@@ -520,6 +520,10 @@ impl<'a> Builder<'a> {
 fn lab(b: &mut Builder<'_>, e: &LabResultEvent) -> Vec<String> {
     let patient = e.patient.as_ref().map(|p| b.patient(p));
     let performer = e.performer.as_ref().map(|o| b.organization("performer", o));
+    let performing_lab = e
+        .performing_lab
+        .as_ref()
+        .map(|o| b.organization("performing-lab", o));
     let role = e
         .requester
         .as_ref()
@@ -576,7 +580,7 @@ fn lab(b: &mut Builder<'_>, e: &LabResultEvent) -> Vec<String> {
             sp,
             sp_url,
             patient.as_deref(),
-            performer.as_deref(),
+            &[performer.as_deref(), performing_lab.as_deref()],
             request.as_deref(),
         )
         .with_array("hasMember", members);
@@ -642,7 +646,7 @@ fn observation(
     sp: Option<&Specimen>,
     sp_url: Option<&str>,
     patient: Option<&str>,
-    performer: Option<&str>,
+    performers: &[Option<&str>],
     request: Option<&str>,
 ) -> Object {
     let edifact = sp.and_then(|s| {
@@ -715,7 +719,10 @@ fn observation(
         )
         .with_opt("subject", patient.map(reference))
         .with_opt("effectiveDateTime", dt(r.effective_at.as_ref()))
-        .with_array("performer", performer.map(reference).into_iter().collect());
+        .with_array(
+            "performer",
+            performers.iter().flatten().map(|p| reference(p)).collect(),
+        );
     let q = r.value_decimal.as_ref().and_then(|v| {
         quantity(v, r.unit.as_ref(), r.unit_system.as_ref())
             .map(|q| q.with_opt("comparator", r.comparator.as_ref()))

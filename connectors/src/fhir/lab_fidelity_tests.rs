@@ -79,6 +79,19 @@ fn a_transaction_keeps_ids_corrections_interpretations_panels_and_one_specimen()
     assert_eq!(p.identifiers, vec![id(systems::BSN, "999911120")]);
     assert_eq!(p.birth_date.as_deref(), Some("1961-04-09"));
     assert_eq!(p.gender.as_deref(), Some("male"));
+    // The reporting and the performing laboratory.
+    assert_eq!(
+        e.performer.as_ref().unwrap().identifiers,
+        vec![id(systems::URA, "00000042")]
+    );
+    assert_eq!(
+        e.performing_lab.as_ref().unwrap().identifiers,
+        vec![id(systems::URA, "00000043")]
+    );
+    assert_eq!(
+        e.performing_lab.as_ref().unwrap().name.as_deref(),
+        Some("Pathologielab Oost")
+    );
     // Report and order identity.
     assert_eq!(
         e.report_identifiers,
@@ -384,9 +397,23 @@ fn a_medrpt_report_keeps_its_identity_uncoded_lines_remarks_and_ranges() {
         e.patient.as_ref().unwrap().identifiers,
         vec![id(systems::BSN, "999911120")]
     );
+    let lab_ = e.performer.as_ref().unwrap();
+    assert_eq!(lab_.identifiers, vec![id(systems::AGB, "01212121")]);
+    assert_eq!(lab_.name.as_deref(), Some("Streeklab Zuid"));
+    // The laboratory that performed the work, apart from the reporting one.
+    let prf = e.performing_lab.as_ref().unwrap();
+    assert_eq!(prf.identifiers, vec![id(systems::AGB, "01313131")]);
+    assert_eq!(prf.name.as_deref(), Some("Pathologielab Oost"));
+    assert_eq!(prf.phone.as_deref(), Some("053-7654321"));
+    let a = prf.address.as_ref().unwrap();
     assert_eq!(
-        e.performer.as_ref().unwrap().identifiers,
-        vec![id(systems::AGB, "01212121")]
+        (
+            a.street.as_deref(),
+            a.house_number.as_deref(),
+            a.city.as_deref(),
+            a.postal_code.as_deref()
+        ),
+        (Some("Oostweg"), Some("3"), Some("Enschede"), Some("7511AA"))
     );
     assert_eq!(e.results.len(), 2);
     let (histo, k) = (&e.results[0], &e.results[1]);
@@ -416,7 +443,7 @@ fn a_medrpt_report_keeps_its_identity_uncoded_lines_remarks_and_ranges() {
     assert_eq!(
         e.warnings,
         vec![
-            "result result-1: investigation has no code, mapped by its name (interchange 1, message 1, segment INV #23, element 2, byte 550)".to_owned(),
+            "result result-1: investigation has no code, mapped by its name (interchange 1, message 1, segment INV #27, element 2, byte 658)".to_owned(),
             "result result-2: reference range low 5,0 above high 3,5, kept as sent".to_owned(),
         ]
     );
@@ -430,6 +457,7 @@ fn a_medrpt_report_keeps_its_identity_uncoded_lines_remarks_and_ranges() {
         r#""value":"HA-77120""#,
         r#""value":"M2611040007""#,
         r#""text":"Excisie radicaal""#,
+        r#""name":"Pathologielab Oost""#,
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }
@@ -437,6 +465,8 @@ fn a_medrpt_report_keeps_its_identity_uncoded_lines_remarks_and_ranges() {
     let again = lab(json::to_vec(&out));
     assert_eq!(again.report_identifiers, e.report_identifiers);
     assert_eq!(again.order_identifiers, e.order_identifiers);
+    assert_eq!(again.performer, e.performer);
+    assert_eq!(again.performing_lab, e.performing_lab);
     assert_eq!(again.results.len(), 2);
     assert_eq!(again.results[0].local_name, histo.local_name);
     assert_eq!(again.warnings.len(), 2);

@@ -6,7 +6,10 @@
 //! `NAD+SLA` the lab, `NAD+PO` the requester, `NAD+CCR` a copy, each optionally followed by
 //! `ADR` and `COM`; `PNA+PAT` the patient with `PDI` (sex) and `DTM+329` (birth date);
 //! `S04` groups with `RFF` and `DTM` describe a specimen; `INV` starts a result, `RSL`,
-//! `RND` and `FTX` after it belong to it. Segments not listed are skipped.
+//! `RND` and `FTX` after it belong to it. `RFF+SRI` and `DTM+ISR` are the report's id and
+//! time, `RFF+ROI`/`SOI` the order ids of requester and lab; a NAD after `REL+PRF` is the
+//! laboratory that performed the work (doubt: no public vector shows that pair; read
+//! tolerantly, whatever the NAD's qualifier). Segments not listed are skipped.
 
 use ketenbus_schemas::event::{
     Address, Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
@@ -80,6 +83,7 @@ enum Party {
     Requester,
     Copy,
     Patient,
+    PerformingLab,
 }
 
 /// PNA+PAT: identification and `qualifier:value` name parts.
@@ -165,6 +169,8 @@ pub(crate) fn lab_event(
     let mut document_date: Option<String> = None;
     let mut party = Party::None;
     let mut group = String::new();
+    // `REL+PRF` announces that the next NAD is the laboratory that performed the work.
+    let mut performing_next = false;
 
     for seg in m.body() {
         let tag = seg.tag();
@@ -220,6 +226,18 @@ pub(crate) fn lab_event(
                     }
                 }
             }
+            "REL" => performing_next = field(&seg, 0, 0).as_deref() == Some("PRF"),
+            "NAD" if performing_next => {
+                performing_next = false;
+                report.performing_lab = Some(HealthcareProvider {
+                    identifiers: party_identifier(&seg).into_iter().collect(),
+                    name: party_name(&seg),
+                    department: None,
+                    address: nad_address(&seg),
+                    phone: None,
+                });
+                party = Party::PerformingLab;
+            }
             "NAD" => match field(&seg, 0, 0).as_deref() {
                 Some("SLA") => {
                     report.performer = Some(HealthcareProvider {
@@ -251,6 +269,11 @@ pub(crate) fn lab_event(
                             p.address = a;
                         }
                     }
+                    Party::PerformingLab => {
+                        if let Some(p) = report.performing_lab.as_mut() {
+                            p.address = a;
+                        }
+                    }
                     Party::Patient => {
                         if let Some(p) = report.patient.as_mut() {
                             p.address = a;
@@ -261,6 +284,11 @@ pub(crate) fn lab_event(
             }
             "COM" if party == Party::Lab => {
                 if let Some(p) = report.performer.as_mut() {
+                    p.phone = field(&seg, 0, 0);
+                }
+            }
+            "COM" if party == Party::PerformingLab => {
+                if let Some(p) = report.performing_lab.as_mut() {
                     p.phone = field(&seg, 0, 0);
                 }
             }

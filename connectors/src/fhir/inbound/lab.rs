@@ -148,6 +148,8 @@ pub(super) fn lab_event(
         &format!("{}.subject", first.path),
     )?;
     let mut performer = None;
+    let mut performer_path: Option<&str> = None;
+    let mut performing_lab = None;
     let mut requester = None;
     let mut specimens: Vec<Specimen> = Vec::new();
     let mut specimen_at: HashMap<String, usize> = HashMap::new();
@@ -178,9 +180,18 @@ pub(super) fn lab_event(
             {
                 referenced.push(e);
             }
-            match target.map(|e| e.ty) {
-                Some("Organization") if performer.is_none() => {
-                    performer = provider_of(doc, Some(p))?
+            // The first Organization reports; a second one performed the work.
+            match target {
+                Some(e) if e.ty == "Organization" && performer.is_none() => {
+                    performer = provider_of(doc, Some(p))?;
+                    performer_path = Some(e.path.as_str());
+                }
+                Some(e)
+                    if e.ty == "Organization"
+                        && performing_lab.is_none()
+                        && performer_path != Some(e.path.as_str()) =>
+                {
+                    performing_lab = provider_of(doc, Some(p))?;
                 }
                 _ => {}
             }
@@ -333,6 +344,7 @@ pub(super) fn lab_event(
         reported_at,
         order_identifiers,
         warnings,
+        performing_lab,
     };
     crate::zib::range_warnings(&mut event);
     Ok(event)
