@@ -159,6 +159,26 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
     }
 }
 
+/// A laboratory named in a NAD (`SLA`, or after `REL+PRF`).
+fn nad_lab(seg: &Segment<'_>) -> HealthcareProvider {
+    HealthcareProvider {
+        identifiers: party_identifier(seg).into_iter().collect(),
+        name: party_name(seg),
+        department: None,
+        address: nad_address(seg),
+        phone: None,
+    }
+}
+
+/// The laboratory the last NAD named, when it named one.
+fn lab_of(report: &mut LabResultEvent, party: Party) -> Option<&mut HealthcareProvider> {
+    match party {
+        Party::Lab => report.performer.as_mut(),
+        Party::PerformingLab => report.performing_lab.as_mut(),
+        _ => None,
+    }
+}
+
 /// Maps one MEDRPT lab report.
 pub(crate) fn lab_event(
     m: &Message<'_>,
@@ -229,24 +249,12 @@ pub(crate) fn lab_event(
             "REL" => performing_next = field(&seg, 0, 0).as_deref() == Some("PRF"),
             "NAD" if performing_next => {
                 performing_next = false;
-                report.performing_lab = Some(HealthcareProvider {
-                    identifiers: party_identifier(&seg).into_iter().collect(),
-                    name: party_name(&seg),
-                    department: None,
-                    address: nad_address(&seg),
-                    phone: None,
-                });
+                report.performing_lab = Some(nad_lab(&seg));
                 party = Party::PerformingLab;
             }
             "NAD" => match field(&seg, 0, 0).as_deref() {
                 Some("SLA") => {
-                    report.performer = Some(HealthcareProvider {
-                        identifiers: party_identifier(&seg).into_iter().collect(),
-                        name: party_name(&seg),
-                        department: None,
-                        address: nad_address(&seg),
-                        phone: None,
-                    });
+                    report.performer = Some(nad_lab(&seg));
                     party = Party::Lab;
                 }
                 Some("PO") => {
@@ -264,13 +272,8 @@ pub(crate) fn lab_event(
             "ADR" => {
                 let a = adr_address(&seg);
                 match party {
-                    Party::Lab => {
-                        if let Some(p) = report.performer.as_mut() {
-                            p.address = a;
-                        }
-                    }
-                    Party::PerformingLab => {
-                        if let Some(p) = report.performing_lab.as_mut() {
+                    Party::Lab | Party::PerformingLab => {
+                        if let Some(p) = lab_of(&mut report, party) {
                             p.address = a;
                         }
                     }
@@ -282,13 +285,8 @@ pub(crate) fn lab_event(
                     _ => {}
                 }
             }
-            "COM" if party == Party::Lab => {
-                if let Some(p) = report.performer.as_mut() {
-                    p.phone = field(&seg, 0, 0);
-                }
-            }
-            "COM" if party == Party::PerformingLab => {
-                if let Some(p) = report.performing_lab.as_mut() {
+            "COM" => {
+                if let Some(p) = lab_of(&mut report, party) {
                     p.phone = field(&seg, 0, 0);
                 }
             }
