@@ -471,3 +471,31 @@ fn a_medrpt_report_keeps_its_identity_uncoded_lines_remarks_and_ranges() {
     assert_eq!(again.results[0].local_name, histo.local_name);
     assert_eq!(again.warnings.len(), 2);
 }
+
+/// Class 9 from MEDLAB: a determination whose lower limit is above its upper limit keeps
+/// both as sent, with a warning; the FHIR out is valid and carries both limits.
+#[test]
+fn a_medlab_reversed_range_is_kept_with_a_warning() {
+    let medlab = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L2611017+bloed'\
+BEP+0+Kalium+4.1++mmol/l++5.0+3.5+K'UNT+6+M0042'UNZ+1+IC0042'";
+    let events = crate::edifact::normalize_bytes("env-ml", medlab.as_bytes()).unwrap();
+    let e = only(&events, lab_of);
+    let k = &e.results[0];
+    assert_eq!(
+        quantity_result(k),
+        (Some("4.1"), Some("mmol/l"), Some("5.0"), Some("3.5"))
+    );
+    assert_eq!(
+        e.warnings,
+        vec!["result result-1: reference range low 5.0 above high 3.5, kept as sent"]
+    );
+    let out = to_bundle(&events[0], &EmitOptions::default()).unwrap();
+    assert_valid_bundle(&out);
+    let text = json::to_string(&out);
+    assert!(
+        text.contains(r#""low":{"value":5.0,"unit":"mmol/l"},"high":{"value":3.5"#),
+        "{text}"
+    );
+    assert_eq!(lab(json::to_vec(&out)).warnings.len(), 1);
+}
