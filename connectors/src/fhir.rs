@@ -20,6 +20,8 @@ pub mod value;
 #[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
+mod lab_fidelity_tests;
+#[cfg(test)]
 pub(crate) mod validator;
 
 use ketenbus_schemas::Format;

@@ -97,8 +97,9 @@ fn reference(r: &str) -> Value {
 }
 
 /// A transaction Bundle of `units` patients, each with a Specimen, a PractitionerRole and a
-/// lab Observation pointing at all three (by `fullUrl`, by `Type/id` and by `#id`), plus one
-/// lab Organization they all share: about 4 entries per unit.
+/// lab Observation pointing at all three (by `fullUrl`, by `Type/id` and by `#id`) and a
+/// DiagnosticReport holding the Observation, plus one lab Organization they all share: about
+/// 5 entries per unit.
 fn lab_bundle(units: usize) -> Value {
     let mut entries = vec![
         Object::new()
@@ -226,6 +227,22 @@ fn lab_bundle(units: usize) -> Value {
                         .with("unit", "mmol/L"),
                 ),
         ));
+        entries.push(entry(
+            format!("https://lab.example.test/fhir/DiagnosticReport/d{i}"),
+            Object::new()
+                .with("resourceType", "DiagnosticReport")
+                .with("id", format!("d{i}"))
+                .with(
+                    "identifier",
+                    vec![Value::from(
+                        Object::new()
+                            .with("system", "urn:oid:2.16.840.1.113883.2.4.3.999.1.5")
+                            .with("value", format!("RPT-{i}")),
+                    )],
+                )
+                .with("issued", "2026-11-01T09:00:00+01:00")
+                .with("result", vec![reference(&format!("Observation/o{i}"))]),
+        ));
     }
     Object::new()
         .with("resourceType", "Bundle")
@@ -252,6 +269,12 @@ fn the_synthetic_lab_bundle_maps_to_one_event_per_patient() {
         .normalize(&envelope(Format::FhirJson, body))
         .expect("maps");
     assert_eq!(events.len(), 3);
+    // Each patient's event holds its own report only (indexed, not scanned per patient).
+    let ketenbus_schemas::Event::LabResult(second) = &events[1] else {
+        panic!("a lab event")
+    };
+    assert_eq!(second.report_identifiers.len(), 1);
+    assert_eq!(second.report_identifiers[0].value, "RPT-1");
     let xml_body = xml::to_vec(&lab_bundle(3)).expect("writes");
     let events = crate::fhir::FhirNormalizer
         .normalize(&envelope(Format::FhirXml, xml_body))

@@ -3,7 +3,7 @@
 //! carries, and names kept as text. The lab-result record itself is built with
 //! [`LabTestResult::new`](ketenbus_schemas::event::LabTestResult::new).
 
-use ketenbus_schemas::event::{HumanName, Identifier, systems};
+use ketenbus_schemas::event::{HumanName, Identifier, LabResultEvent, systems};
 
 use crate::NormalizeError;
 use crate::contract::normalize::REASON_INVALID_BSN;
@@ -75,6 +75,26 @@ pub fn text_name(text: impl Into<String>) -> HumanName {
     HumanName {
         text: Some(text.into()),
         ..HumanName::default()
+    }
+}
+
+/// A reference limit as a number; a decimal comma counts (EDIFACT senders write both).
+fn decimal(v: &str) -> Option<f64> {
+    v.trim().replace(',', ".").parse().ok()
+}
+
+/// Warnings on what was kept as sent although doubtful: a reversed reference range.
+pub(crate) fn range_warnings(e: &mut LabResultEvent) {
+    for r in &e.results {
+        if let (Some(low), Some(high)) = (&r.reference_low, &r.reference_high)
+            && let (Some(l), Some(h)) = (decimal(low), decimal(high))
+            && l > h
+        {
+            e.warnings.push(format!(
+                "result {}: reference range low {low} above high {high}, kept as sent",
+                r.id
+            ));
+        }
     }
 }
 

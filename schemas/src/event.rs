@@ -298,6 +298,23 @@ pub struct LabTestResult {
     pub effective_at: Option<String>,
     /// Remarks on this determination.
     pub comments: Vec<String>,
+    /// Identifiers of this result (`Observation.identifier`).
+    #[serde(default)]
+    pub identifiers: Vec<Identifier>,
+    /// The result this one corrects, where the source names it: its identifier, or its
+    /// reference with system `urn:ietf:rfc:3986`.
+    #[serde(default)]
+    pub corrects: Option<Identifier>,
+    /// Interpretation as text (`interpretation.text`).
+    #[serde(default)]
+    pub interpretation_text: Option<String>,
+    /// Display of the interpretation coding as the source gave it.
+    #[serde(default)]
+    pub interpretation_display: Option<String>,
+    /// A panel's members (`hasMember`): ids of results in this event, else the reference
+    /// as the source gave it.
+    #[serde(default)]
+    pub members: Vec<String>,
 }
 
 impl LabTestResult {
@@ -328,6 +345,11 @@ impl LabTestResult {
             section_code: None,
             effective_at: None,
             comments: Vec::new(),
+            identifiers: Vec::new(),
+            corrects: None,
+            interpretation_text: None,
+            interpretation_display: None,
+            members: Vec::new(),
         }
     }
 }
@@ -351,6 +373,23 @@ pub struct LabResultEvent {
     pub results: Vec<LabTestResult>,
     /// General lab comments.
     pub comments: Vec<String>,
+    /// Identifiers of the report (`DiagnosticReport.identifier`, MEDRPT `RFF+SRI`).
+    #[serde(default)]
+    pub report_identifiers: Vec<Identifier>,
+    /// When the report was issued (`DiagnosticReport.issued`, MEDRPT `DTM+ISR`).
+    #[serde(default)]
+    pub reported_at: Option<String>,
+    /// Identifiers of the order (`ServiceRequest.identifier`, MEDRPT `RFF+ROI`/`SOI`).
+    #[serde(default)]
+    pub order_identifiers: Vec<Identifier>,
+    /// Doubtful content that did not stop the mapping (uncoded test, reversed reference
+    /// range), for the lineage; no patient data.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The laboratory that performed the determinations when the source names it apart
+    /// from the reporting one (MEDRPT `REL+PRF`).
+    #[serde(default)]
+    pub performing_lab: Option<HealthcareProvider>,
 }
 
 impl LabResultEvent {
@@ -366,6 +405,11 @@ impl LabResultEvent {
             specimens: Vec::new(),
             results: Vec::new(),
             comments: Vec::new(),
+            report_identifiers: Vec::new(),
+            reported_at: None,
+            order_identifiers: Vec::new(),
+            warnings: Vec::new(),
+            performing_lab: None,
         }
     }
 }
@@ -497,6 +541,15 @@ impl Event {
             Event::Letter(e) => &e.attachments,
             Event::AcuteHandover(e) => &e.attachments,
             Event::LabResult(_) | Event::HandoverNotification(_) => &[],
+        }
+    }
+
+    /// What the mapping found doubtful but kept (for the lineage); no patient data.
+    #[must_use]
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            Event::LabResult(e) => &e.warnings,
+            Event::Letter(_) | Event::AcuteHandover(_) | Event::HandoverNotification(_) => &[],
         }
     }
 

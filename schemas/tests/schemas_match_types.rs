@@ -213,8 +213,33 @@ fn lab_result_matches_its_schema() {
             section_code: None,
             effective_at: None,
             comments: vec!["Hemolytisch monster: herhalen aanbevolen".into()],
+            identifiers: vec![Identifier {
+                system: "urn:oid:2.16.528.1.1007.3.3.1234.1".into(),
+                value: "R-1".into(),
+            }],
+            corrects: Some(Identifier {
+                system: "urn:oid:2.16.528.1.1007.3.3.1234.1".into(),
+                value: "R-0".into(),
+            }),
+            interpretation_text: Some("boven referentiebereik".into()),
+            interpretation_display: Some("High".into()),
+            members: vec!["r2".into()],
         }],
         comments: vec![],
+        report_identifiers: vec![Identifier {
+            system: "urn:ketenbus:edifact:rff:SRI".into(),
+            value: "RPT-7".into(),
+        }],
+        reported_at: Some("2026-11-01T09:00".into()),
+        order_identifiers: vec![Identifier {
+            system: "urn:ketenbus:edifact:rff:ROI".into(),
+            value: "ORD-7".into(),
+        }],
+        warnings: vec!["result r1: reference range low above high, kept as sent".into()],
+        performing_lab: Some(HealthcareProvider {
+            name: Some("Pathologielab Oost".into()),
+            ..Default::default()
+        }),
     });
 }
 

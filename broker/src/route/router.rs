@@ -397,6 +397,10 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 let mut step = Step::new(at, Stage::Normalised, StepOutcome::Normalised);
                 step.record_id = Some(event.header().id.clone());
                 step.kind = Some(event.kind().as_str().to_owned());
+                if !event.warnings().is_empty() {
+                    step.reason = Some("mapped_with_warnings".into());
+                    step.detail = Some(event.warnings().join("; "));
+                }
                 match event_record(event, envelope, routing) {
                     Ok(r) => out.push(r),
                     Err(e) => {
@@ -720,6 +724,27 @@ mod tests {
     const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
 ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'\
 DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M0042'UNZ+1+IC0042'";
+
+    #[test]
+    fn mapping_warnings_reach_the_lineage_step() {
+        let routed = route_one(
+            &raw_record(
+                Format::Edifact,
+                include_bytes!("../../../connectors/testdata/edifact/ketenbus/mrpn32-fidelity.edi"),
+            ),
+            &routing(normalisers(), &[]),
+        );
+        assert_eq!(routed.out.len(), 1);
+        let step = &routed.steps[0].1;
+        assert_eq!(step.outcome.as_str(), "normalised");
+        assert_eq!(step.reason.as_deref(), Some("mapped_with_warnings"));
+        let detail = step.detail.as_deref().unwrap();
+        assert!(detail.contains("investigation has no code"), "{detail}");
+        assert!(
+            detail.contains("reference range low 5,0 above high 3,5"),
+            "{detail}"
+        );
+    }
 
     #[test]
     fn a_format_without_normaliser_is_recorded_not_dropped() {

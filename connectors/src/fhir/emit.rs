@@ -20,6 +20,7 @@ use super::inbound::{
     EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
     SCT_TRANSFER_FROM_AMBULANCE, SNOMED_FLAGS, V3_INTERPRETATION,
 };
+use super::inbound::{EXT_REPLACES, URI};
 use super::value::{Object, Value};
 
 const NL_CORE: &str = "http://nictiz.nl/fhir/StructureDefinition/";
@@ -519,14 +520,22 @@ impl<'a> Builder<'a> {
 fn lab(b: &mut Builder<'_>, e: &LabResultEvent) -> Vec<String> {
     let patient = e.patient.as_ref().map(|p| b.patient(p));
     let performer = e.performer.as_ref().map(|o| b.organization("performer", o));
-    let request = e.requester.as_ref().map(|r| {
-        let role = b.professional("requester", r, None, false);
+    let performing_lab = e
+        .performing_lab
+        .as_ref()
+        .map(|o| b.organization("performing-lab", o));
+    let role = e
+        .requester
+        .as_ref()
+        .map(|r| b.professional("requester", r, None, false));
+    let request = (role.is_some() || !e.order_identifiers.is_empty()).then(|| {
         let sr = Object::new()
             .with("resourceType", "ServiceRequest")
+            .with_array("identifier", identifiers(&e.order_identifiers))
             .with("status", "active")
             .with("intent", "order")
             .with_opt("subject", patient.as_deref().map(reference))
-            .with("requester", reference(&role));
+            .with_opt("requester", role.as_deref().map(reference));
         b.add("request", sr)
     });
     for (i, p) in e.professionals.iter().enumerate() {
@@ -537,8 +546,26 @@ fn lab(b: &mut Builder<'_>, e: &LabResultEvent) -> Vec<String> {
         let url = specimen(b, s, i, patient.as_deref());
         specimen_urls.push((s.id.as_str(), url));
     }
+    let result_url = |i: usize| uuid_for(&resource_id(&b.event_id, &format!("result-{}", i + 1)));
+    let result_urls: Vec<(&str, String)> = e
+        .results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), result_url(i)))
+        .collect();
     let mut focus = Vec::new();
     for (i, r) in e.results.iter().enumerate() {
+        // Members in the event by their Bundle URL, others as the source referenced them.
+        let members: Vec<Value> = r
+            .members
+            .iter()
+            .map(|m| {
+                result_urls
+                    .iter()
+                    .find(|(id, _)| *id == m.as_str())
+                    .map_or_else(|| reference(m), |(_, u)| reference(u))
+            })
+            .collect();
         let sp = r
             .specimen_id
             .as_deref()
@@ -553,10 +580,36 @@ fn lab(b: &mut Builder<'_>, e: &LabResultEvent) -> Vec<String> {
             sp,
             sp_url,
             patient.as_deref(),
-            performer.as_deref(),
+            &[performer.as_deref(), performing_lab.as_deref()],
             request.as_deref(),
-        );
+        )
+        .with_array("hasMember", members);
         focus.push(b.add(&format!("result-{}", i + 1), obs));
+    }
+    if !e.report_identifiers.is_empty() || e.reported_at.is_some() {
+        let report = Object::new()
+            .with("resourceType", "DiagnosticReport")
+            .with_array("identifier", identifiers(&e.report_identifiers))
+            .with_array(
+                "basedOn",
+                request.as_deref().map(reference).into_iter().collect(),
+            )
+            .with("status", "final")
+            .with(
+                "code",
+                concept(&Coding {
+                    system: systems::LOINC.to_owned(),
+                    code: "11502-2".to_owned(),
+                    display: Some("Laboratory report".to_owned()),
+                }),
+            )
+            .with_opt("subject", patient.as_deref().map(reference))
+            .with_opt(
+                "issued",
+                dt(e.reported_at.as_ref()).filter(|t| t.contains('T')),
+            )
+            .with_array("result", focus.iter().map(|f| reference(f)).collect());
+        b.add("report", report);
     }
     focus
 }
@@ -593,7 +646,7 @@ fn observation(
     sp: Option<&Specimen>,
     sp_url: Option<&str>,
     patient: Option<&str>,
-    performer: Option<&str>,
+    performers: &[Option<&str>],
     request: Option<&str>,
 ) -> Object {
     let edifact = sp.and_then(|s| {
@@ -621,7 +674,11 @@ fn observation(
                 .into(),
         );
     }
-    let mut codes = vec![coding(&r.test)];
+    // A test named only by text (no code in the source) has an empty code.
+    let mut codes: Vec<Value> = (!r.test.code.is_empty())
+        .then(|| coding(&r.test))
+        .into_iter()
+        .collect();
     codes.extend(r.other_codes.iter().map(coding));
     if let Some(local) = &r.local_code
         && r.test.code != *local
@@ -647,20 +704,25 @@ fn observation(
             edifact
                 .map(|i| ext_string(EXT_EDIFACT_REFERENCE, &i.value))
                 .into_iter()
+                .chain(r.corrects.as_ref().map(replaces))
                 .collect(),
         )
+        .with_array("identifier", identifiers(&r.identifiers))
         .with_array("basedOn", request.map(reference).into_iter().collect())
         .with("status", r.status.as_str())
         .with("category", category)
         .with(
             "code",
             Object::new()
-                .with("coding", codes)
+                .with_array("coding", codes)
                 .with_opt("text", r.local_name.as_ref()),
         )
         .with_opt("subject", patient.map(reference))
         .with_opt("effectiveDateTime", dt(r.effective_at.as_ref()))
-        .with_array("performer", performer.map(reference).into_iter().collect());
+        .with_array(
+            "performer",
+            performers.iter().flatten().map(|p| reference(p)).collect(),
+        );
     let q = r.value_decimal.as_ref().and_then(|v| {
         quantity(v, r.unit.as_ref(), r.unit_system.as_ref())
             .map(|q| q.with_opt("comparator", r.comparator.as_ref()))
@@ -678,19 +740,17 @@ fn observation(
     } else if let Some(t) = r.value_text.as_ref().or(r.value_decimal.as_ref()) {
         o = o.with("valueString", t);
     }
+    let mut cs: Vec<Object> = Vec::new();
     if let Some(code) = &r.interpretation {
         let snomed = SNOMED_FLAGS.iter().find(|(_, v3, _)| v3 == code);
-        let v3: Value = Object::new()
+        let v3 = Object::new()
             .with("system", V3_INTERPRETATION)
-            .with("code", code)
-            .into();
-        let mut cs = Vec::new();
+            .with("code", code);
         if let Some((sct, _, display)) = snomed {
-            let s: Value = Object::new()
+            let s = Object::new()
                 .with("system", systems::SNOMED)
                 .with("code", *sct)
-                .with("display", *display)
-                .into();
+                .with("display", *display);
             if r.interpretation_raw.as_deref() == Some(*sct) {
                 cs = vec![s, v3];
             } else {
@@ -699,9 +759,24 @@ fn observation(
         } else {
             cs.push(v3);
         }
+    }
+    // The source's display stays on the first coding, where it is read back from.
+    if let Some(first) = cs.first_mut() {
+        first.remove("display");
+        if let Some(d) = &r.interpretation_display {
+            first.insert("display", d.as_str().into());
+        }
+    }
+    if !cs.is_empty() || r.interpretation_text.is_some() {
+        let cs: Vec<Value> = cs.into_iter().map(Value::from).collect();
         o = o.with(
             "interpretation",
-            vec![Object::new().with("coding", cs).into()],
+            vec![
+                Object::new()
+                    .with_array("coding", cs)
+                    .with_opt("text", r.interpretation_text.as_ref())
+                    .into(),
+            ],
         );
     }
     o = o
@@ -713,9 +788,15 @@ fn observation(
                 .collect(),
         )
         .with_opt("specimen", specimen_ref);
+    // EDIFACT limits may carry a decimal comma; FHIR decimals have a point.
     let bound = |v: &Option<String>| {
-        v.as_ref()
-            .and_then(|v| quantity(v, r.unit.as_ref(), r.unit_system.as_ref()))
+        v.as_ref().and_then(|v| {
+            quantity(
+                &v.replace(',', "."),
+                r.unit.as_ref(),
+                r.unit_system.as_ref(),
+            )
+        })
     };
     let range = Object::new()
         .with_opt("low", bound(&r.reference_low))
@@ -725,6 +806,24 @@ fn observation(
         o = o.with("referenceRange", vec![range.into()]);
     }
     o
+}
+
+/// The `replaces` extension naming the result a correction replaces.
+fn replaces(i: &Identifier) -> Value {
+    let target = if i.system == URI {
+        Object::new().with("reference", &i.value)
+    } else {
+        Object::new().with(
+            "identifier",
+            Object::new()
+                .with("system", &i.system)
+                .with("value", &i.value),
+        )
+    };
+    Object::new()
+        .with("url", EXT_REPLACES)
+        .with("valueReference", target)
+        .into()
 }
 
 fn narrative(text: &str) -> Value {

@@ -28,11 +28,13 @@ use super::FhirError;
 use super::value::{Object, Value};
 use crate::{Normalize, NormalizeError, party, zib};
 
+mod dates;
 mod handover;
 mod lab;
 mod task;
 
 pub use handover::narrative_text;
+pub(crate) use lab::{EXT_REPLACES, URI};
 
 /// Reason code: not well-formed FHIR.
 pub const REASON_SYNTAX: &str = "fhir_syntax";
@@ -50,6 +52,16 @@ pub const OBSERVATION_CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/ob
 /// HL7 v3 ObservationInterpretation.
 pub const V3_INTERPRETATION: &str =
     "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation";
+/// Older system URLs read as [`OBSERVATION_CATEGORY`] (STU3).
+pub const OBSERVATION_CATEGORY_OLDER: [&str; 1] = ["http://hl7.org/fhir/observation-category"];
+/// Older system URLs read as [`V3_INTERPRETATION`]: STU3's v3 URL and HL7 v2 table 0078
+/// (abnormal flags), whose codes H, L, N, A, HH, LL are the same.
+pub const V3_INTERPRETATION_OLDER: [&str; 4] = [
+    "http://hl7.org/fhir/v3/ObservationInterpretation",
+    "http://hl7.org/fhir/v2/0078",
+    "http://terminology.hl7.org/CodeSystem/v2-0078",
+    "http://terminology.hl7.org/ValueSet/v2-0078",
+];
 
 pub(crate) const EXT_OWN_PREFIX: &str =
     "http://hl7.org/fhir/StructureDefinition/humanname-own-prefix";
@@ -335,6 +347,7 @@ pub fn events_from(
     let root = root
         .as_object()
         .ok_or_else(|| NormalizeError::missing("document".into(), "not a FHIR resource"))?;
+    dates::check(root)?;
     let doc = Doc::new(root)?;
     // Every BSN in the message passes the eleven-test, mapped or not.
     for p in doc.of_type("Patient") {
@@ -370,9 +383,10 @@ pub fn events_from(
     // Lab results, one event per patient.
     let groups = lab::by_patient(&doc);
     let only_group = groups.len() == 1;
+    let reports = lab::reports(&doc);
     for observations in groups {
         let mut header = next_header(EventKind::LabResult, &events);
-        let e = lab::lab_event(&doc, &observations, only_group, &mut header)?;
+        let e = lab::lab_event(&doc, &observations, only_group, &reports, &mut header)?;
         events.push(Event::LabResult(e));
     }
 
@@ -384,6 +398,9 @@ pub fn events_from(
     }
 
     if events.is_empty() {
+        if let Some(obs) = doc.of_type("Observation").next() {
+            return Err(lab::not_lab(obs));
+        }
         return Err(NormalizeError::UnsupportedMessageType {
             message_type: doc.message_type,
         });

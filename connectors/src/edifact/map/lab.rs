@@ -68,6 +68,7 @@ impl LabReport for LabResultEvent {
             .iter()
             .find_map(|s| s.collected_at.clone())
             .or(document_date);
+        crate::zib::range_warnings(&mut self);
         Ok(self)
     }
 }

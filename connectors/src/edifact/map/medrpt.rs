@@ -6,7 +6,10 @@
 //! `NAD+SLA` the lab, `NAD+PO` the requester, `NAD+CCR` a copy, each optionally followed by
 //! `ADR` and `COM`; `PNA+PAT` the patient with `PDI` (sex) and `DTM+329` (birth date);
 //! `S04` groups with `RFF` and `DTM` describe a specimen; `INV` starts a result, `RSL`,
-//! `RND` and `FTX` after it belong to it. Segments not listed are skipped.
+//! `RND` and `FTX` after it belong to it. `RFF+SRI` and `DTM+ISR` are the report's id and
+//! time, `RFF+ROI`/`SOI` the order ids of requester and lab; a NAD after `REL+PRF` is the
+//! laboratory that performed the work (doubt: no public vector shows that pair; read
+//! tolerantly, whatever the NAD's qualifier). Segments not listed are skipped.
 
 use ketenbus_schemas::event::{
     Address, Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
@@ -80,6 +83,7 @@ enum Party {
     Requester,
     Copy,
     Patient,
+    PerformingLab,
 }
 
 /// PNA+PAT: identification and `qualifier:value` name parts.
@@ -155,6 +159,26 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
     }
 }
 
+/// A laboratory named in a NAD (`SLA`, or after `REL+PRF`).
+fn nad_lab(seg: &Segment<'_>) -> HealthcareProvider {
+    HealthcareProvider {
+        identifiers: party_identifier(seg).into_iter().collect(),
+        name: party_name(seg),
+        department: None,
+        address: nad_address(seg),
+        phone: None,
+    }
+}
+
+/// The laboratory the last NAD named, when it named one.
+fn lab_of(report: &mut LabResultEvent, party: Party) -> Option<&mut HealthcareProvider> {
+    match party {
+        Party::Lab => report.performer.as_mut(),
+        Party::PerformingLab => report.performing_lab.as_mut(),
+        _ => None,
+    }
+}
+
 /// Maps one MEDRPT lab report.
 pub(crate) fn lab_event(
     m: &Message<'_>,
@@ -165,6 +189,8 @@ pub(crate) fn lab_event(
     let mut document_date: Option<String> = None;
     let mut party = Party::None;
     let mut group = String::new();
+    // `REL+PRF` announces that the next NAD is the laboratory that performed the work.
+    let mut performing_next = false;
 
     for seg in m.body() {
         let tag = seg.tag();
@@ -182,6 +208,8 @@ pub(crate) fn lab_event(
                     .and_then(|v| edifact_datetime(&v, field(&seg, 0, 2).as_deref()));
                 match q.as_str() {
                     "137" if document_date.is_none() => document_date = when,
+                    // Issue time of the report (`S02`).
+                    "ISR" if report.reported_at.is_none() => report.reported_at = when,
                     "329" => {
                         if let Some(p) = report.patient.as_mut() {
                             p.birth_date = when;
@@ -197,27 +225,36 @@ pub(crate) fn lab_event(
                     _ => {}
                 }
             }
-            "RFF" if group == "S04" => {
-                if let (Some(s), Some(q), Some(v)) = (
-                    report.specimens.last_mut(),
-                    field(&seg, 0, 0),
-                    field(&seg, 0, 1),
-                ) {
-                    s.identifiers.push(Identifier {
+            // References carried as what they are: the report id (`SRI`), the order ids of
+            // requester and lab (`ROI`, `SOI`); others in a specimen group are the
+            // specimen's.
+            "RFF" => {
+                if let (Some(q), Some(v)) = (field(&seg, 0, 0), field(&seg, 0, 1)) {
+                    let id = Identifier {
                         system: code_list_system("rff", &q),
                         value: v,
-                    });
+                    };
+                    match q.as_str() {
+                        "SRI" => report.report_identifiers.push(id),
+                        "ROI" | "SOI" => report.order_identifiers.push(id),
+                        _ if group == "S04" => {
+                            if let Some(s) = report.specimens.last_mut() {
+                                s.identifiers.push(id);
+                            }
+                        }
+                        _ => {}
+                    }
                 }
+            }
+            "REL" => performing_next = field(&seg, 0, 0).as_deref() == Some("PRF"),
+            "NAD" if performing_next => {
+                performing_next = false;
+                report.performing_lab = Some(nad_lab(&seg));
+                party = Party::PerformingLab;
             }
             "NAD" => match field(&seg, 0, 0).as_deref() {
                 Some("SLA") => {
-                    report.performer = Some(HealthcareProvider {
-                        identifiers: party_identifier(&seg).into_iter().collect(),
-                        name: party_name(&seg),
-                        department: None,
-                        address: nad_address(&seg),
-                        phone: None,
-                    });
+                    report.performer = Some(nad_lab(&seg));
                     party = Party::Lab;
                 }
                 Some("PO") => {
@@ -235,8 +272,8 @@ pub(crate) fn lab_event(
             "ADR" => {
                 let a = adr_address(&seg);
                 match party {
-                    Party::Lab => {
-                        if let Some(p) = report.performer.as_mut() {
+                    Party::Lab | Party::PerformingLab => {
+                        if let Some(p) = lab_of(&mut report, party) {
                             p.address = a;
                         }
                     }
@@ -248,8 +285,8 @@ pub(crate) fn lab_event(
                     _ => {}
                 }
             }
-            "COM" if party == Party::Lab => {
-                if let Some(p) = report.performer.as_mut() {
+            "COM" => {
+                if let Some(p) = lab_of(&mut report, party) {
                     p.phone = field(&seg, 0, 0);
                 }
             }
@@ -272,21 +309,35 @@ pub(crate) fn lab_event(
                 let list = field(&seg, 1, 1).unwrap_or_default();
                 let agency = field(&seg, 1, 2).unwrap_or_default();
                 let name = field(&seg, 1, 3);
-                let Some(code) = code else {
-                    return Err(NormalizeError::missing(
-                        path(m, &seg, Some(2)),
-                        "investigation has no code",
-                    ));
-                };
-                let system = if agency == "NHG" {
-                    systems::NHG_45.to_owned()
-                } else {
-                    code_list_system(&agency, &list)
-                };
-                let test = Coding {
-                    system,
-                    code,
-                    display: name.clone(),
+                // A line with a name and no code is a result whose local code is absent.
+                let test = match (code, &name) {
+                    (Some(code), _) => Coding {
+                        system: if agency == "NHG" {
+                            systems::NHG_45.to_owned()
+                        } else {
+                            code_list_system(&agency, &list)
+                        },
+                        code,
+                        display: name.clone(),
+                    },
+                    (None, Some(_)) => {
+                        report.warnings.push(format!(
+                            "result result-{}: investigation has no code, mapped by its name ({})",
+                            report.results.len() + 1,
+                            path(m, &seg, Some(2))
+                        ));
+                        Coding {
+                            system: String::new(),
+                            code: String::new(),
+                            display: None,
+                        }
+                    }
+                    (None, None) => {
+                        return Err(NormalizeError::missing(
+                            path(m, &seg, Some(2)),
+                            "investigation has neither code nor name",
+                        ));
+                    }
                 };
                 let specimen = report.specimens.len().checked_sub(1);
                 let result = LabTestResult {

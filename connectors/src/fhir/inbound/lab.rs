@@ -10,9 +10,9 @@ use ketenbus_schemas::event::{
 };
 
 use super::{
-    Doc, EXT_EDIFACT_REFERENCE, Entry, OBSERVATION_CATEGORY, Object, REASON_INVALID, SNOMED_FLAGS,
-    V3_INTERPRETATION, Value, codings, ext_value, identifiers, patient_of, professional,
-    professional_of, provider_of, s,
+    Doc, EXT_EDIFACT_REFERENCE, Entry, OBSERVATION_CATEGORY, OBSERVATION_CATEGORY_OLDER, Object,
+    REASON_INVALID, SNOMED_FLAGS, V3_INTERPRETATION, V3_INTERPRETATION_OLDER, Value, codings,
+    ext_value, identifiers, patient_of, professional, professional_of, provider_of, s,
 };
 use crate::NormalizeError;
 
@@ -49,10 +49,52 @@ fn is_lab(o: &Object) -> bool {
     });
     profiled
         || o.arr("category").iter().any(|c| {
-            codings(c.as_object())
-                .any(|c| c.system == OBSERVATION_CATEGORY && c.code == "laboratory")
+            codings(c.as_object()).any(|c| is_category_system(&c.system) && c.code == "laboratory")
+        })
+        || o.obj("category").is_some_and(|c| {
+            codings(Some(c)).any(|c| is_category_system(&c.system) && c.code == "laboratory")
         })
 }
+
+fn is_category_system(system: &str) -> bool {
+    system == OBSERVATION_CATEGORY || OBSERVATION_CATEGORY_OLDER.contains(&system)
+}
+
+fn is_interpretation_system(system: &str) -> bool {
+    system == V3_INTERPRETATION || V3_INTERPRETATION_OLDER.contains(&system)
+}
+
+/// The refusal of a document whose only Observations are not lab results: it names the
+/// element and the reason.
+pub(super) fn not_lab(obs: &Entry<'_>) -> NormalizeError {
+    NormalizeError::Invalid {
+        reason: REASON_INVALID,
+        path: format!("{}.category", obs.path),
+        what: "observation is neither profiled nl-core-LaboratoryTestResult nor of category laboratory; no other observation is mapped".into(),
+    }
+}
+
+/// A Reference as an identifier: its `identifier`, else its `reference` with system
+/// `urn:ietf:rfc:3986`.
+fn reference_identifier(r: &Object) -> Option<Identifier> {
+    if let Some(i) = r.obj("identifier")
+        && let (Some(system), Some(value)) = (i.str("system"), i.str("value"))
+    {
+        return Some(Identifier {
+            system: system.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    r.str("reference").map(|v| Identifier {
+        system: URI.to_owned(),
+        value: v.to_owned(),
+    })
+}
+
+/// Identifier system of a reference kept as text.
+pub(crate) const URI: &str = "urn:ietf:rfc:3986";
+/// Extension naming the result a corrected result replaces.
+pub(crate) const EXT_REPLACES: &str = "http://hl7.org/fhir/StructureDefinition/replaces";
 
 fn quantity_text(q: &Object) -> Option<String> {
     let v = q.get("value")?.as_literal()?;
@@ -96,6 +138,7 @@ pub(super) fn lab_event(
     doc: &Doc<'_>,
     observations: &[&Entry<'_>],
     only_group: bool,
+    reports: &Reports<'_, '_>,
     header: &mut EventHeader,
 ) -> Result<LabResultEvent, NormalizeError> {
     let first = observations[0];
@@ -105,10 +148,25 @@ pub(super) fn lab_event(
         &format!("{}.subject", first.path),
     )?;
     let mut performer = None;
+    let mut performer_path: Option<&str> = None;
+    let mut performing_lab = None;
     let mut requester = None;
     let mut specimens: Vec<Specimen> = Vec::new();
     let mut specimen_at: HashMap<String, usize> = HashMap::new();
+    // Specimens by the entry they come from: one source specimen is one event specimen,
+    // however many results point at it (urn:uuid references carry no id).
+    let mut specimen_of_entry: HashMap<&str, String> = HashMap::new();
     let mut results = Vec::new();
+    let mut order_identifiers: Vec<Identifier> = Vec::new();
+    let mut order_seen = HashSet::new();
+    let mut report_seen = HashSet::new();
+    let mut warnings = Vec::new();
+    // Result ids by entry path, for panels' members.
+    let result_ids: HashMap<&str, String> = observations
+        .iter()
+        .enumerate()
+        .map(|(n, e)| (e.path.as_str(), result_id(e, n)))
+        .collect();
     // PractitionerRoles acting as requester, and those the observations point at.
     let mut requesters: HashSet<&str> = HashSet::new();
     let mut referenced: Vec<&Entry<'_>> = Vec::new();
@@ -122,9 +180,18 @@ pub(super) fn lab_event(
             {
                 referenced.push(e);
             }
-            match target.map(|e| e.ty) {
-                Some("Organization") if performer.is_none() => {
-                    performer = provider_of(doc, Some(p))?
+            // The first Organization reports; a second one performed the work.
+            match target {
+                Some(e) if e.ty == "Organization" && performer.is_none() => {
+                    performer = provider_of(doc, Some(p))?;
+                    performer_path = Some(e.path.as_str());
+                }
+                Some(e)
+                    if e.ty == "Organization"
+                        && performing_lab.is_none()
+                        && performer_path != Some(e.path.as_str()) =>
+                {
+                    performing_lab = provider_of(doc, Some(p))?;
                 }
                 _ => {}
             }
@@ -135,6 +202,20 @@ pub(super) fn lab_event(
                 .and_then(|sr| doc.resolve(sr.res.get("requester")))
             {
                 requesters.insert(r.path.as_str());
+            }
+        }
+        for b in o.arr("basedOn") {
+            let ids = match doc.resolve(Some(b)).filter(|e| e.ty == "ServiceRequest") {
+                Some(sr) => identifiers(sr.res, &sr.path)?,
+                None => b
+                    .as_object()
+                    .filter(|b| b.obj("identifier").is_some())
+                    .and_then(reference_identifier)
+                    .into_iter()
+                    .collect(),
+            };
+            for i in ids {
+                push_new(&mut order_identifiers, &mut order_seen, i);
             }
         }
         if requester.is_none() {
@@ -148,11 +229,16 @@ pub(super) fn lab_event(
         let mut specimen_id = None;
         if let Some(r) = o.get("specimen") {
             if let Some(e) = doc.resolve(Some(r)).filter(|e| e.ty == "Specimen") {
-                let sp = specimen(e, format!("specimen-{}", specimens.len() + 1))?;
-                specimen_id = Some(sp.id.clone());
-                if !specimen_at.contains_key(&sp.id) {
-                    specimen_at.insert(sp.id.clone(), specimens.len());
-                    specimens.push(sp);
+                if let Some(id) = specimen_of_entry.get(e.path.as_str()) {
+                    specimen_id = Some(id.clone());
+                } else {
+                    let sp = specimen(e, format!("specimen-{}", specimens.len() + 1))?;
+                    specimen_id = Some(sp.id.clone());
+                    specimen_of_entry.insert(e.path.as_str(), sp.id.clone());
+                    if !specimen_at.contains_key(&sp.id) {
+                        specimen_at.insert(sp.id.clone(), specimens.len());
+                        specimens.push(sp);
+                    }
                 }
             } else {
                 specimen_id = r
@@ -185,7 +271,42 @@ pub(super) fn lab_event(
             }
             specimen_id = Some(id);
         }
-        results.push(lab_result(obs, n, specimen_id)?);
+        results.push(lab_result(
+            doc,
+            obs,
+            n,
+            specimen_id,
+            &result_ids,
+            &mut warnings,
+        )?);
+    }
+    // The DiagnosticReports that hold these results (all of them when the document has one
+    // patient): the report's identifiers and issue time.
+    let mut report_identifiers: Vec<Identifier> = Vec::new();
+    let mut reported_at = None;
+    let held: Vec<&Entry<'_>> = if only_group {
+        reports.all.clone()
+    } else {
+        let mut seen = HashSet::new();
+        observations
+            .iter()
+            .flat_map(|o| reports.by_result.get(o.path.as_str()).into_iter().flatten())
+            .filter(|dr| seen.insert(dr.path.as_str()))
+            .copied()
+            .collect()
+    };
+    for dr in held {
+        for i in identifiers(dr.res, &dr.path)? {
+            push_new(&mut report_identifiers, &mut report_seen, i);
+        }
+        if reported_at.is_none() {
+            reported_at = s(dr.res, "issued");
+        }
+        for b in dr.res.arr("basedOn").iter().filter_map(Value::as_object) {
+            if let Some(i) = b.obj("identifier").and_then(|_| reference_identifier(b)) {
+                push_new(&mut order_identifiers, &mut order_seen, i);
+            }
+        }
     }
     // PractitionerRoles not acting as requester: department, copy-to (role in code.text).
     let mut professionals = Vec::new();
@@ -210,7 +331,7 @@ pub(super) fn lab_event(
         .iter()
         .find_map(|r| r.effective_at.clone())
         .or_else(|| doc.timestamp.map(str::to_owned));
-    Ok(LabResultEvent {
+    let mut event = LabResultEvent {
         header: header.clone(),
         patient,
         performer,
@@ -219,29 +340,86 @@ pub(super) fn lab_event(
         specimens,
         results,
         comments: Vec::new(),
-    })
+        report_identifiers,
+        reported_at,
+        order_identifiers,
+        warnings,
+        performing_lab,
+    };
+    crate::zib::range_warnings(&mut event);
+    Ok(event)
+}
+
+/// `i` onto `ids` unless already there (a set keeps this linear).
+fn push_new(ids: &mut Vec<Identifier>, seen: &mut HashSet<(String, String)>, i: Identifier) {
+    if seen.insert((i.system.clone(), i.value.clone())) {
+        ids.push(i);
+    }
+}
+
+/// The DiagnosticReports of a document, indexed once by the results they hold.
+pub(super) struct Reports<'d, 'a> {
+    all: Vec<&'d Entry<'a>>,
+    by_result: HashMap<&'d str, Vec<&'d Entry<'a>>>,
+}
+
+pub(super) fn reports<'d, 'a>(doc: &'d Doc<'a>) -> Reports<'d, 'a> {
+    let mut r = Reports {
+        all: Vec::new(),
+        by_result: HashMap::new(),
+    };
+    for dr in doc.of_type("DiagnosticReport") {
+        r.all.push(dr);
+        for res in dr.res.arr("result") {
+            if let Some(e) = doc.resolve(Some(res)) {
+                r.by_result.entry(e.path.as_str()).or_default().push(dr);
+            }
+        }
+    }
+    r
+}
+
+fn result_id(e: &Entry<'_>, n: usize) -> String {
+    e.id.map_or_else(|| format!("result-{}", n + 1), str::to_owned)
 }
 
 fn lab_result(
+    doc: &Doc<'_>,
     e: &Entry<'_>,
     n: usize,
     specimen_id: Option<String>,
+    result_ids: &HashMap<&str, String>,
+    warnings: &mut Vec<String>,
 ) -> Result<LabTestResult, NormalizeError> {
     let o = e.res;
     let code = o.obj("code");
     let mut codes: Vec<Coding> = codings(code).collect();
-    if codes.is_empty() {
-        return Err(NormalizeError::missing(
-            format!("{}.code.coding", e.path),
-            "lab result without a coded test",
+    let id = result_id(e, n);
+    let test = if codes.is_empty() {
+        // A test named only by text is a result with its local code absent.
+        if code.and_then(|c| c.str("text")).is_none() {
+            return Err(NormalizeError::missing(
+                format!("{}.code.coding", e.path),
+                "lab result names its test neither by code nor by text",
+            ));
+        }
+        warnings.push(format!(
+            "result {id}: test has no code, mapped by its name ({}.code.text)",
+            e.path
         ));
-    }
-    let primary = codes
-        .iter()
-        .position(|c| c.system == systems::NHG_45)
-        .or_else(|| codes.iter().position(|c| c.system == systems::LOINC))
-        .unwrap_or(0);
-    let test = codes.remove(primary);
+        Coding {
+            system: String::new(),
+            code: String::new(),
+            display: None,
+        }
+    } else {
+        let primary = codes
+            .iter()
+            .position(|c| c.system == systems::NHG_45)
+            .or_else(|| codes.iter().position(|c| c.system == systems::LOINC))
+            .unwrap_or(0);
+        codes.remove(primary)
+    };
     let local_code = codes
         .iter()
         .chain(std::iter::once(&test))
@@ -250,9 +428,6 @@ fn lab_result(
     let status = o.str("status").ok_or_else(|| {
         NormalizeError::missing(format!("{}.status", e.path), "lab result without status")
     })?;
-
-    let id =
-        e.id.map_or_else(|| format!("result-{}", n + 1), str::to_owned);
     let mut r = LabTestResult {
         other_codes: codes,
         local_code,
@@ -267,6 +442,40 @@ fn lab_result(
             .filter_map(|n| n.get("text"))
             .filter_map(Value::as_str)
             .map(str::to_owned)
+            .collect(),
+        identifiers: identifiers(o, &e.path)?,
+        corrects: o
+            .arr("extension")
+            .iter()
+            .filter_map(Value::as_object)
+            .find(|x| x.str("url") == Some(EXT_REPLACES))
+            .and_then(|x| {
+                x.obj("valueReference")
+                    .and_then(reference_identifier)
+                    .or_else(|| {
+                        x.obj("valueIdentifier").and_then(|i| {
+                            Some(Identifier {
+                                system: i.str("system")?.to_owned(),
+                                value: i.str("value")?.to_owned(),
+                            })
+                        })
+                    })
+            }),
+        members: o
+            .arr("hasMember")
+            .iter()
+            .filter_map(|m| {
+                match doc
+                    .resolve(Some(m))
+                    .and_then(|t| result_ids.get(t.path.as_str()))
+                {
+                    Some(id) => Some(id.clone()),
+                    None => m
+                        .get("reference")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                }
+            })
             .collect(),
         ..LabTestResult::new(id, test, status)
     };
@@ -316,12 +525,20 @@ fn lab_result(
             .map(str::to_owned);
         r.reference_text = s(rr, "text");
     }
-    if let Some(interp) = o.arr("interpretation").first().and_then(Value::as_object) {
+    // R4: a list; STU3: one CodeableConcept.
+    let interp = o
+        .arr("interpretation")
+        .first()
+        .and_then(Value::as_object)
+        .or_else(|| o.obj("interpretation"));
+    if let Some(interp) = interp {
         let cs: Vec<Coding> = codings(Some(interp)).collect();
         r.interpretation_raw = cs.first().map(|c| c.code.clone());
+        r.interpretation_text = s(interp, "text");
+        r.interpretation_display = cs.first().and_then(|c| c.display.clone());
         r.interpretation = cs
             .iter()
-            .find(|c| c.system == V3_INTERPRETATION)
+            .find(|c| is_interpretation_system(&c.system))
             .map(|c| c.code.clone())
             .or_else(|| {
                 cs.iter().find_map(|c| {
@@ -337,7 +554,7 @@ fn lab_result(
         .arr("category")
         .iter()
         .filter_map(Value::as_object)
-        .find(|c| !codings(Some(c)).any(|x| x.system == OBSERVATION_CATEGORY))
+        .find(|c| !codings(Some(c)).any(|x| is_category_system(&x.system)))
     {
         r.section_code = codings(Some(c)).next();
         r.section = s(c, "text").or_else(|| {
