@@ -6,7 +6,9 @@
 //! (`Bundle.entry[2].resource.valueQuantity.value`); for EDIFACT every component with a value,
 //! named by segment, occurrence, element and component (`m1/BEP[2]/3/1`: message 1, the
 //! second BEP, element 3, component 1; `UNB/2/1` for the interchange header; a composite of
-//! numbers only, a date or time, is one element: `m1/PID[1]/1`). An element is
+//! short numbers only, a date or time, is one element: `m1/PID[1]/1`). Matching by value
+//! can count a short code as carried when another field holds the same text; the path list
+//! shows what matched how. An element is
 //! carried when its value is found among the values of the events' fields (see [`Match`]):
 //! the report is generic, so it measures any field a mapping adds without knowing of it.
 //! Elements that only give the message its shape (FHIR `resourceType`, `id`, `meta`,
@@ -336,11 +338,12 @@ fn segment(seg: &Json, name: &str, out: &mut Vec<(String, String)>, structural: 
             .flatten()
             .filter_map(Json::as_str)
             .collect();
-        // A composite of numbers only (a date 1961:04:09, a time 07:40) is one value.
+        // A composite of short numbers only (a date 1961:04:09, a time 07:40, a UNB
+        // 261101:0815) is one value; a party id with its qualifier is not.
         if parts.len() > 1
             && parts
                 .iter()
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
         {
             if EDIFACT_STRUCTURAL.contains(&tag) || (tag == "UNB" && e == 0) {
                 *structural += 1;
@@ -499,5 +502,53 @@ mod tests {
             "{}",
             render(&c)
         );
+    }
+
+    /// Every message file of the project's testdata is measured: each element once, totals
+    /// that add up, and a message that makes events has elements they carry.
+    #[test]
+    fn every_testdata_message_is_measured() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../connectors/testdata");
+        let mut files = Vec::new();
+        let mut dirs = vec![root];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if ["edi", "xml", "json"]
+                    .contains(&p.extension().and_then(|x| x.to_str()).unwrap_or(""))
+                    && !p.to_string_lossy().ends_with(".events.json")
+                {
+                    files.push(p);
+                }
+            }
+        }
+        assert!(files.len() > 10);
+        let mut measured = 0;
+        for f in files {
+            let bytes = std::fs::read(&f).unwrap();
+            let Some(format) = crate::route::inspect::sniff(&bytes) else {
+                continue;
+            };
+            let Ok(inspected) = inspect(&bytes, format, &normalisers()) else {
+                continue; // does not parse: nothing to measure
+            };
+            let c = coverage(&inspected).unwrap();
+            let paths: std::collections::HashSet<&str> =
+                c.elements.iter().map(|e| e.path.as_str()).collect();
+            assert_eq!(paths.len(), c.total, "{}: each element once", f.display());
+            assert_eq!(
+                c.carried,
+                c.elements.iter().filter(|e| e.carried.is_some()).count()
+            );
+            if c.rejected.is_none() {
+                assert!(c.carried > 0, "{}\n{}", f.display(), render(&c));
+            } else {
+                assert_eq!(c.carried, 0, "{}: no events, nothing carried", f.display());
+            }
+            measured += 1;
+        }
+        assert!(measured > 10, "{measured}");
     }
 }
