@@ -376,6 +376,11 @@ mod tests {
         coverage(&inspect(bytes, format, &normalisers()).unwrap()).unwrap()
     }
 
+    /// Element `path` is carried as `how` (`None`: not carried).
+    fn carried(c: &Coverage, path: &str, how: Option<Match>) {
+        assert_eq!(element(c, path).carried, how, "{path} in\n{}", render(c));
+    }
+
     fn element<'a>(c: &'a Coverage, path: &str) -> &'a Element {
         c.elements
             .iter()
@@ -392,38 +397,15 @@ mod tests {
         let c = measure(MEDLAB, Format::Edifact);
         let text = render(&c);
         // Carried, in each way of finding it.
-        assert_eq!(
-            element(&c, "m1/PID[1]/3/1").carried,
-            Some(Match::Equal),
-            "{text}"
-        );
+        carried(&c, "m1/PID[1]/3/1", Some(Match::Equal));
         assert_eq!(element(&c, "m1/BEP[1]/3/1").value, "5.9");
-        assert_eq!(element(&c, "m1/BEP[1]/3/1").carried, Some(Match::Equal));
-        assert_eq!(
-            element(&c, "UNB/2/1").carried,
-            Some(Match::Within),
-            "mailbox:500001234"
-        );
+        carried(&c, "m1/BEP[1]/3/1", Some(Match::Equal));
+        carried(&c, "UNB/2/1", Some(Match::Within));
         assert_eq!(element(&c, "m1/PID[1]/1").value, "1961:04:09");
-        assert_eq!(
-            element(&c, "m1/PID[1]/1").carried,
-            Some(Match::Date),
-            "{text}"
-        );
-        assert_eq!(
-            element(&c, "m1/DET[1]/1").carried,
-            Some(Match::Date),
-            "{text}"
-        );
-        assert_eq!(
-            element(&c, "m1/PID[1]/5/1").carried,
-            Some(Match::Part),
-            "{text}"
-        );
-        assert_eq!(
-            element(&c, "m1/PID[1]/2/1").carried,
-            Some(Match::Translated)
-        );
+        carried(&c, "m1/PID[1]/1", Some(Match::Date));
+        carried(&c, "m1/DET[1]/1", Some(Match::Date));
+        carried(&c, "m1/PID[1]/5/1", Some(Match::Part));
+        carried(&c, "m1/PID[1]/2/1", Some(Match::Translated));
         // The element no mapping carries shows as lost, and counts.
         let lost = element(&c, "m1/ZKH[1]/5/1");
         assert_eq!(lost.value, "QQ-NOT-CARRIED");
@@ -455,14 +437,8 @@ mod tests {
         let c = measure(xml, Format::FhirXml);
         let text = render(&c);
         assert_eq!(element(&c, "Observation.valueQuantity.value").value, "138");
-        assert_eq!(
-            element(&c, "Observation.valueQuantity.value").carried,
-            Some(Match::Equal)
-        );
-        assert_eq!(
-            element(&c, "Observation.code.coding[0].code").carried,
-            Some(Match::Equal)
-        );
+        carried(&c, "Observation.valueQuantity.value", Some(Match::Equal));
+        carried(&c, "Observation.code.coding[0].code", Some(Match::Equal));
         // Narrative, meta, id and references are structure, not counted.
         assert!(
             !c.elements.iter().any(|e| e.path.contains(".text.div")
@@ -489,14 +465,8 @@ mod tests {
                 .iter()
                 .any(|e| e.path == "Observation.extension[0].url")
         );
-        assert_eq!(
-            element(&c, "Observation.effectiveDateTime").carried,
-            Some(Match::Equal)
-        );
-        assert_eq!(
-            element(&c, "Observation.valueQuantity.value").carried,
-            Some(Match::Equal)
-        );
+        carried(&c, "Observation.effectiveDateTime", Some(Match::Equal));
+        carried(&c, "Observation.valueQuantity.value", Some(Match::Equal));
         assert!(
             c.rejected.is_none() && c.carried < c.total,
             "{}",
