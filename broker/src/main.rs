@@ -65,6 +65,14 @@ enum Command {
         /// Format, when detection from the first bytes is not enough.
         #[arg(long, value_parser = ["edifact", "fhir_json", "fhir_xml", "rfc822"])]
         format: Option<String>,
+        /// Instead: the field-coverage report, each source element with a value (FHIR leaf
+        /// element paths, EDIFACT segment/element/component positions) and whether the
+        /// events carry it, with totals.
+        #[arg(long)]
+        coverage: bool,
+        /// With --coverage: the report as JSON.
+        #[arg(long, requires = "coverage")]
+        json: bool,
     },
     /// Dead letters: list, replay and purge. Dead letters are kept until purged (retention
     /// never removes them). With `[[operators]]` configured, needs an operator token in
@@ -170,7 +178,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             command: AuditCommand::Export { config, since },
         } => cli::audit::export_since(config.as_deref(), &since).map(ok),
         Command::Status { url } => cli::status::run(&url).await,
-        Command::Inspect { file, format } => cli::inspect::run(&file, format.as_deref()),
+        Command::Inspect {
+            file,
+            format,
+            coverage,
+            json,
+        } => cli::inspect::run(&file, format.as_deref(), coverage.then_some(json)),
         Command::Dlq { command } => cli::dlq::run(command).await.map(ok),
     }
 }

@@ -18,7 +18,7 @@ pub enum CodecError {
     /// The value does not start with the single-object marker.
     #[error("not an avro single-object value (missing C3 01 marker)")]
     NoMarker,
-    /// The fingerprint is not the one of the expected schema.
+    /// The fingerprint is neither the expected schema's nor a released version's of it.
     #[error("schema fingerprint {found} does not match {expected}")]
     WrongSchema {
         /// Fingerprint in the value, hex.
@@ -205,7 +205,8 @@ pub trait AvroRecord: Serialize + DeserializeOwned {
         encode(Self::compiled(), self)
     }
 
-    /// Decode from single-object encoding, checking the fingerprint.
+    /// Decode from single-object encoding, checking the fingerprint: the current schema's,
+    /// or a released version's of it (see [`crate::history`]), resolved to the current one.
     ///
     /// # Errors
     /// When the marker or fingerprint is wrong or the datum does not decode.
@@ -251,10 +252,16 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
         return Err(CodecError::NoMarker);
     }
     if bytes[2..HEADER_LEN] != c.fingerprint {
-        return Err(CodecError::WrongSchema {
-            found: hex8(&bytes[2..HEADER_LEN]),
-            expected: c.name,
-        });
+        // Written by an earlier release: resolve its schema to the current one.
+        let Some(writer) = crate::history::released_writer(c.name, &bytes[2..HEADER_LEN]) else {
+            return Err(CodecError::WrongSchema {
+                found: hex8(&bytes[2..HEADER_LEN]),
+                expected: c.name,
+            });
+        };
+        let v = apache_avro::from_avro_datum(writer, &mut &bytes[HEADER_LEN..], Some(&c.schema))
+            .map_err(|e| avro_err("decode", c.name, e))?;
+        return apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e));
     }
     let mut all = bytes;
     let v = c
