@@ -11,6 +11,7 @@ use apache_avro::Schema;
 use crate::codec::{parsing_canonical_form, rabin_fingerprint};
 
 /// The schemas of one release.
+#[derive(Debug)]
 pub struct Release {
     /// The release's version, also its folder name under `schemas/history`.
     pub version: &'static str,
@@ -40,6 +41,7 @@ pub const RELEASES: &[Release] = &[release!("0.1.0":
 )];
 
 /// A released schema, parsed.
+#[derive(Debug)]
 pub struct ReleasedSchema {
     /// Release version.
     pub version: &'static str,

@@ -5,6 +5,8 @@
 //! with the released reader (a consumer that has not upgraded). The values are made from the
 //! schemas themselves, so the test keeps holding, and keeps checking, as fields are added.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 

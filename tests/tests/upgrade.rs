@@ -3,6 +3,8 @@
 //! test, which delivers the records the release left undelivered and replays its dead letters
 //! as before; its lineage and audit trail go on.
 
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
