@@ -477,6 +477,7 @@ mod tests {
                     sender_endpoint: None,
                     requester: None,
                     owner: None,
+                    inputs: Vec::new(),
                 },
             )))
         };

@@ -941,7 +941,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
             }),
             birth_date: Some("1961-04-09".into()),
             gender: Some("male".into()),
-            address: None,
+            ..Patient::default()
         }),
         performer: Some(HealthcareProvider {
             name: Some("Regiolab Noord".into()),

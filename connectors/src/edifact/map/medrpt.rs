@@ -9,8 +9,8 @@
 //! `RND` and `FTX` after it belong to it. Segments not listed are skipped.
 
 use ketenbus_schemas::event::{
-    Address, Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
-    LabResultEvent, LabTestResult, Patient, systems,
+    Address, Coding, ContactPoint, EventKind, HealthProfessional, HealthcareProvider, HumanName,
+    Identifier, LabResultEvent, LabTestResult, Patient, systems,
 };
 
 use super::lab::LabReport;
@@ -72,6 +72,29 @@ fn adr_address(seg: &Segment<'_>) -> Option<Address> {
     (a != Address::default()).then_some(a)
 }
 
+/// COM: `number:qualifier` (C076), repeating. Qualifiers (UN/EDIFACT 3155): `TE`
+/// telephone, `AL` cellular phone, `FX` telefax, `EM` e-mail; others kept as `other`.
+fn com_numbers(seg: &Segment<'_>) -> Vec<ContactPoint> {
+    (0..seg.element_count())
+        .filter_map(|e| {
+            let value = field(seg, e, 0)?;
+            let q = field(seg, e, 1).unwrap_or_default();
+            let (system, use_code) = match q.as_str() {
+                "TE" => ("phone", None),
+                "AL" => ("phone", Some("mobile")),
+                "FX" => ("fax", None),
+                "EM" => ("email", None),
+                _ => ("other", None),
+            };
+            Some(ContactPoint {
+                system: Some(system.to_owned()),
+                value,
+                use_code: use_code.map(str::to_owned),
+            })
+        })
+        .collect()
+}
+
 /// Which party the last ADR/COM belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Party {
@@ -127,9 +150,7 @@ fn pna_patient(m: &Message<'_>, seg: &Segment<'_>) -> Result<Patient, NormalizeE
     Ok(Patient {
         identifiers,
         name: (name != HumanName::default()).then_some(name),
-        birth_date: None,
-        gender: None,
-        address: None,
+        ..Patient::default()
     })
 }
 
@@ -150,8 +171,7 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
         identifiers: party_identifier(seg).into_iter().collect(),
         name,
         role: Some(role.to_owned()),
-        specialty: None,
-        organization_name: None,
+        ..HealthProfessional::default()
     }
 }
 
@@ -216,7 +236,7 @@ pub(crate) fn lab_event(
                         name: party_name(&seg),
                         department: None,
                         address: nad_address(&seg),
-                        phone: None,
+                        ..HealthcareProvider::default()
                     });
                     party = Party::Lab;
                 }
@@ -248,9 +268,39 @@ pub(crate) fn lab_event(
                     _ => {}
                 }
             }
-            "COM" if party == Party::Lab => {
-                if let Some(p) = report.performer.as_mut() {
-                    p.phone = field(&seg, 0, 0);
+            // Every COM (C076, repeating) of the party it follows: lab, requester, copy-to,
+            // patient. The lab's first telephone number is also its `phone`.
+            "COM" => {
+                let numbers = com_numbers(&seg);
+                match party {
+                    Party::Lab => {
+                        if let Some(p) = report.performer.as_mut() {
+                            if p.phone.is_none() {
+                                p.phone = numbers
+                                    .iter()
+                                    .find(|c| c.system.as_deref() == Some("phone"))
+                                    .or_else(|| numbers.first())
+                                    .map(|c| c.value.clone());
+                            }
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::Requester => {
+                        if let Some(p) = report.requester.as_mut() {
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::Copy => {
+                        if let Some(p) = report.professionals.last_mut() {
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::Patient => {
+                        if let Some(p) = report.patient.as_mut() {
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::None => {}
                 }
             }
             "CTA" if party == Party::Lab => {
