@@ -262,6 +262,7 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
         ))
     );
     assert!(e.professionals.is_empty());
+    super::fields_tests::assert_zib_examples(e);
 
     // Specimen-01 is in the Bundle; the chloride result's specimen is not, but its EDIFACT
     // reference number is kept on it.

@@ -678,7 +678,16 @@ fn professional(
             if let Some(pr) = doc.resolve(e.res.get("practitioner")) {
                 p.identifiers.extend(identifiers(pr.res, &pr.path)?);
                 p.name = pick_name(pr.res);
-                p.telecom.extend(telecom(pr.res));
+                // Practitioner.telecom often repeats the role's: each number once (a set,
+                // so the cost stays linear however many numbers there are).
+                let key =
+                    |t: &ContactPoint| (t.system.clone(), t.value.clone(), t.use_code.clone());
+                let mut seen: std::collections::HashSet<_> = p.telecom.iter().map(key).collect();
+                for t in telecom(pr.res) {
+                    if seen.insert(key(&t)) {
+                        p.telecom.push(t);
+                    }
+                }
             } else if let Some(d) = e.res.obj("practitioner").and_then(|r| r.str("display")) {
                 p.name = Some(zib::text_name(d));
             }
