@@ -542,7 +542,7 @@ pub struct HandoverNotificationEvent {
 
 /// One `Task.input` that points at something (Twiin notified pull:
 /// `read-available-resource`, `query-available-resources`, `get-workflow-task`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskInput {
     /// `Task.input.type`, first coding.
     pub type_code: Option<Coding>,
@@ -667,6 +667,13 @@ impl fmt::Debug for ContactPoint {
             self.system,
             self.value.len()
         )
+    }
+}
+
+impl fmt::Debug for TaskInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ty = self.type_code.as_ref().map(|c| c.code.as_str());
+        write!(f, "TaskInput({ty:?}, {} chars)", self.reference.len())
     }
 }
 

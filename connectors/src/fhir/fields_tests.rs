@@ -3,8 +3,6 @@
 //! (`testdata/fhir/ketenbus`, `testdata/edifact/ketenbus/mrpn32-telecom.edi`) and the
 //! zib 2020 examples the lab golden test reads.
 
-use std::collections::BTreeMap;
-
 use ketenbus_schemas::event::{
     AcuteHandoverEvent, Coding, ContactPoint, HandoverNotificationEvent, LabResultEvent, systems,
 };
@@ -16,30 +14,13 @@ use super::value::Value;
 use super::{FhirNormalizer, json};
 use crate::Normalize;
 
-fn testdata(rel: &str) -> Vec<u8> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testdata")
-        .join(rel);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+/// A FHIR envelope of `body`.
+fn envelope(format: Format, body: Vec<u8>) -> RawEnvelope {
+    super::golden_tests::envelope("env-c10", format, body)
 }
 
-fn envelope(format: Format, body: Vec<u8>) -> RawEnvelope {
-    RawEnvelope {
-        id: "env-c10".to_owned(),
-        received_at_ms: 0,
-        connector: "fhir".into(),
-        format,
-        content_type: if format == Format::FhirXml {
-            super::MEDIA_XML
-        } else {
-            super::MEDIA_JSON
-        }
-        .into(),
-        sender: None,
-        receiver: None,
-        body,
-        attributes: BTreeMap::new(),
-    }
+fn fixture(file: &str) -> Vec<u8> {
+    super::golden_tests::testdata(&format!("ketenbus/{file}"))
 }
 
 fn cp(system: &str, value: &str, use_code: Option<&str>) -> ContactPoint {
@@ -239,10 +220,7 @@ fn without_header(e: &AcuteHandoverEvent) -> String {
 
 #[test]
 fn class_10_fields_of_a_referral_go_in_out_and_back() {
-    let source = envelope(
-        Format::FhirJson,
-        testdata("fhir/ketenbus/class10-referral.json"),
-    );
+    let source = envelope(Format::FhirJson, fixture("class10-referral.json"));
     let events = FhirNormalizer.normalize(&source).unwrap();
     let e = handover(&events);
     assert_referral_fields(&e);
@@ -297,10 +275,7 @@ fn notification(events: &[Event]) -> HandoverNotificationEvent {
 #[test]
 fn a_task_keeps_its_input_references_and_not_its_credential() {
     let events = FhirNormalizer
-        .normalize(&envelope(
-            Format::FhirJson,
-            testdata("fhir/ketenbus/class10-task.json"),
-        ))
+        .normalize(&envelope(Format::FhirJson, fixture("class10-task.json")))
         .unwrap();
     let n = notification(&events);
     let kinds: Vec<(&str, &str)> = n
@@ -430,7 +405,7 @@ fn lab(events: &[Event]) -> LabResultEvent {
 fn edifact_phone_numbers_and_control_references_leave_as_valid_fhir_and_come_back() {
     let events = crate::edifact::normalize_bytes(
         "env-c10",
-        &testdata("edifact/ketenbus/mrpn32-telecom.edi"),
+        include_bytes!("../../testdata/edifact/ketenbus/mrpn32-telecom.edi"),
     )
     .unwrap();
     let e = lab(&events);
@@ -469,7 +444,7 @@ fn edifact_phone_numbers_and_control_references_leave_as_valid_fhir_and_come_bac
     // MEDLAB's ZKH telephone number is the lab's telecom too.
     let medlab = crate::edifact::normalize_bytes(
         "env-c10",
-        &testdata("edifact/ketenbus/medlab-standards-example.edi"),
+        include_bytes!("../../testdata/edifact/ketenbus/medlab-standards-example.edi"),
     )
     .unwrap();
     let ml = lab(&medlab);

@@ -13,7 +13,7 @@ use super::value::{Object, Value};
 use super::{FhirNormalizer, json, xml};
 use crate::{Normalize, NormalizeError};
 
-fn testdata(rel: &str) -> Vec<u8> {
+pub(super) fn testdata(rel: &str) -> Vec<u8> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("testdata/fhir")
         .join(rel);
@@ -24,7 +24,7 @@ fn zib(name: &str) -> Value {
     xml::parse(&testdata(&format!("nictiz-r4-zib2020/{name}.xml"))).unwrap()
 }
 
-fn envelope(id: &str, format: Format, body: Vec<u8>) -> RawEnvelope {
+pub(super) fn envelope(id: &str, format: Format, body: Vec<u8>) -> RawEnvelope {
     RawEnvelope {
         id: id.to_owned(),
         received_at_ms: 0,
