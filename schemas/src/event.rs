@@ -198,6 +198,10 @@ pub struct ContactPoint {
     pub value: String,
     /// `ContactPoint.use`: home, work, temp, old, mobile.
     pub use_code: Option<String>,
+    /// zib TelecomType as nl-core codes it: `ext-CodeSpecification` on `ContactPoint.system`
+    /// (e.g. `MC` mobile phone).
+    #[serde(default)]
+    pub type_code: Option<Coding>,
 }
 
 /// zib ContactPerson: FHIR `Patient.contact`.

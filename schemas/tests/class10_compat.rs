@@ -34,6 +34,7 @@ fn phone() -> ContactPoint {
         system: Some("phone".into()),
         value: "0501234567".into(),
         use_code: None,
+        type_code: Some(coding("MC")),
     }
 }
 

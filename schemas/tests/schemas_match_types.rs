@@ -51,6 +51,11 @@ fn phone(value: &str) -> ContactPoint {
         system: Some("phone".into()),
         value: value.into(),
         use_code: Some("work".into()),
+        type_code: Some(Coding {
+            system: "http://terminology.hl7.org/CodeSystem/v3-AddressUse".into(),
+            code: "MC".into(),
+            display: Some("Mobile Phone".into()),
+        }),
     }
 }
 

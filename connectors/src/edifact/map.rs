@@ -224,6 +224,7 @@ pub(crate) fn phone(number: String) -> ContactPoint {
         system: Some("phone".to_owned()),
         value: number,
         use_code: None,
+        type_code: None,
     }
 }
 

@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::FhirError;
 use super::inbound::{
-    EXT_EDIFACT_REFERENCE, EXT_HOUSE_NUMBER, EXT_OWN_NAME, EXT_OWN_PREFIX, EXT_PARTNER_NAME,
-    EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
+    EXT_CODE_SPECIFICATION, EXT_EDIFACT_REFERENCE, EXT_HOUSE_NUMBER, EXT_OWN_NAME, EXT_OWN_PREFIX,
+    EXT_PARTNER_NAME, EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
     SCT_TRANSFER_FROM_AMBULANCE, SNOMED_FLAGS, V3_INTERPRETATION,
 };
 use super::value::{Object, Value};
@@ -246,9 +246,14 @@ fn telecom(points: &[ContactPoint]) -> Vec<Value> {
     points
         .iter()
         .map(|t| {
-            Object::new()
-                .with_opt("system", t.system.as_ref())
-                .with("value", &t.value)
+            let mut o = Object::new().with_opt("system", t.system.as_ref());
+            if let Some(c) = &t.type_code {
+                let ext = Object::new()
+                    .with("url", EXT_CODE_SPECIFICATION)
+                    .with("valueCodeableConcept", concept(c));
+                o = o.with("_system", Object::new().with("extension", vec![ext.into()]));
+            }
+            o.with("value", &t.value)
                 .with_opt("use", t.use_code.as_ref())
                 .into()
         })

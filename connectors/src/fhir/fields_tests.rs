@@ -28,6 +28,7 @@ fn cp(system: &str, value: &str, use_code: Option<&str>) -> ContactPoint {
         system: Some(system.into()),
         value: value.into(),
         use_code: use_code.map(str::to_owned),
+        type_code: None,
     }
 }
 
@@ -330,12 +331,21 @@ pub(super) fn assert_zib_examples(e: &LabResultEvent) {
         p.name.as_ref().and_then(|n| n.call_name.as_deref()),
         Some("Jo")
     );
-    // The mobile number's kind rides on an nl-core extension of `system`, not in `use`.
+    // The mobile number's kind (zib TelecomType) rides on nl-core's ext-CodeSpecification
+    // on `system`, not in `use`.
+    let mobile = ContactPoint {
+        type_code: Some(code(
+            "http://terminology.hl7.org/CodeSystem/v3-AddressUse",
+            "MC",
+            "Mobile Phone",
+        )),
+        ..cp("phone", "+31611234567", None)
+    };
     assert_eq!(
         p.telecom,
         vec![
-            cp("phone", "+31611234567", None),
-            cp("email", "giesput@myweb.nl", Some("home")),
+            mobile.clone(),
+            cp("email", "giesput@myweb.nl", Some("home"))
         ]
     );
     assert_eq!(
@@ -361,10 +371,7 @@ pub(super) fn assert_zib_examples(e: &LabResultEvent) {
     );
     assert_eq!(
         c.telecom,
-        vec![
-            cp("phone", "+31611234567", None),
-            cp("email", "giesput@myweb.nl", Some("work")),
-        ]
+        vec![mobile, cp("email", "giesput@myweb.nl", Some("work"))]
     );
     assert_eq!(
         c.address.as_ref().and_then(|a| a.city.as_deref()),

@@ -60,6 +60,9 @@ pub(crate) const EXT_PARTNER_NAME: &str =
     "http://hl7.org/fhir/StructureDefinition/humanname-partner-name";
 pub(crate) const EXT_QUALIFIER: &str =
     "http://hl7.org/fhir/StructureDefinition/iso21090-EN-qualifier";
+/// nl-core's extension giving a coded meaning to a primitive (here `ContactPoint.system`).
+pub(crate) const EXT_CODE_SPECIFICATION: &str =
+    "http://nictiz.nl/fhir/StructureDefinition/ext-CodeSpecification";
 pub(crate) const EXT_STREET: &str =
     "http://hl7.org/fhir/StructureDefinition/iso21090-ADXP-streetName";
 pub(crate) const EXT_HOUSE_NUMBER: &str =
@@ -412,6 +415,13 @@ fn s(o: &Object, key: &str) -> Option<String> {
     o.str(key).map(str::to_owned)
 }
 
+/// Extension `url` among `exts`.
+fn ext_object<'v>(exts: &'v [Value], url: &str) -> Option<&'v Object> {
+    exts.iter()
+        .filter_map(Value::as_object)
+        .find(|e| e.str("url") == Some(url))
+}
+
 /// The value of extension `url` among `exts`, as text.
 fn ext_value<'v>(exts: &'v [Value], url: &str) -> Option<&'v str> {
     exts.iter()
@@ -508,6 +518,11 @@ pub(crate) fn telecom(o: &Object) -> Vec<ContactPoint> {
                 system: s(t, "system"),
                 value: s(t, "value")?,
                 use_code: s(t, "use"),
+                type_code: t
+                    .obj("_system")
+                    .map(|x| x.arr("extension"))
+                    .and_then(|x| ext_object(x, EXT_CODE_SPECIFICATION))
+                    .and_then(|e| codings(e.obj("valueCodeableConcept")).next()),
             })
         })
         .collect()

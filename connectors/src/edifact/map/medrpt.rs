@@ -90,6 +90,7 @@ fn com_numbers(seg: &Segment<'_>) -> Vec<ContactPoint> {
                 system: Some(system.to_owned()),
                 value,
                 use_code: use_code.map(str::to_owned),
+                type_code: None,
             })
         })
         .collect()
