@@ -18,6 +18,8 @@ pub mod sink;
 pub mod value;
 
 #[cfg(test)]
+mod fields_tests;
+#[cfg(test)]
 mod golden_tests;
 #[cfg(test)]
 mod lab_fidelity_tests;

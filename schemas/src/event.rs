@@ -72,6 +72,13 @@ pub struct EventHeader {
     pub source_format: String,
     /// Message type in the source, e.g. `MEDLAB:1`.
     pub source_message_type: Option<String>,
+    /// Control reference of the interchange as the source numbered it: EDIFACT UNB 0020,
+    /// FHIR `Bundle.identifier.value`.
+    #[serde(default)]
+    pub interchange_reference: Option<String>,
+    /// Reference of the message within it: EDIFACT UNH 0062, FHIR `MessageHeader.id`.
+    #[serde(default)]
+    pub message_reference: Option<String>,
 }
 
 impl EventHeader {
@@ -89,6 +96,8 @@ impl EventHeader {
             patient_key: None,
             source_format: source_format.to_owned(),
             source_message_type: None,
+            interchange_reference: None,
+            message_reference: None,
         }
     }
 }
@@ -174,6 +183,40 @@ pub struct HumanName {
     pub partner_family: Option<String>,
     /// The name as one string, as the source wrote it.
     pub text: Option<String>,
+    /// Call name (roepnaam): nl-core-NameInformation.GivenName, a `HumanName` with
+    /// `use = usual`; STU3 senders give it with the `CL` qualifier.
+    #[serde(default)]
+    pub call_name: Option<String>,
+}
+
+/// zib ContactInformation (TelephoneNumbers, EmailAddresses): FHIR `ContactPoint`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactPoint {
+    /// `ContactPoint.system`: phone, fax, email, pager, url, sms, other.
+    pub system: Option<String>,
+    /// The number or address as written.
+    pub value: String,
+    /// `ContactPoint.use`: home, work, temp, old, mobile.
+    pub use_code: Option<String>,
+    /// zib TelecomType as nl-core codes it: `ext-CodeSpecification` on `ContactPoint.system`
+    /// (e.g. `MC` mobile phone).
+    #[serde(default)]
+    pub type_code: Option<Coding>,
+}
+
+/// zib ContactPerson: FHIR `Patient.contact`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// Role and relationship codes (`Patient.contact.relationship`).
+    #[serde(default)]
+    pub relationships: Vec<Coding>,
+    /// Name parts.
+    pub name: Option<HumanName>,
+    /// Telephone numbers and e-mail addresses.
+    #[serde(default)]
+    pub telecom: Vec<ContactPoint>,
+    /// Address.
+    pub address: Option<Address>,
 }
 
 /// zib Patient.
@@ -189,6 +232,15 @@ pub struct Patient {
     pub gender: Option<String>,
     /// Home address.
     pub address: Option<Address>,
+    /// Telephone numbers and e-mail addresses (zib ContactInformation).
+    #[serde(default)]
+    pub telecom: Vec<ContactPoint>,
+    /// zib MaritalStatus (`Patient.maritalStatus`, HL7 v3 MaritalStatus).
+    #[serde(default)]
+    pub marital_status: Option<Coding>,
+    /// Contact persons (zib ContactPerson).
+    #[serde(default)]
+    pub contacts: Vec<Contact>,
 }
 
 /// zib HealthcareProvider.
@@ -204,6 +256,12 @@ pub struct HealthcareProvider {
     pub address: Option<Address>,
     /// Telephone number.
     pub phone: Option<String>,
+    /// Organisation type and department specialty (`Organization.type`).
+    #[serde(default)]
+    pub organization_types: Vec<Coding>,
+    /// Every telephone number and e-mail address (`phone` is the first telephone).
+    #[serde(default)]
+    pub telecom: Vec<ContactPoint>,
 }
 
 /// zib HealthProfessional.
@@ -219,6 +277,15 @@ pub struct HealthProfessional {
     pub specialty: Option<Coding>,
     /// Organisation the professional works for.
     pub organization_name: Option<String>,
+    /// Telephone numbers and e-mail addresses (`PractitionerRole.telecom`).
+    #[serde(default)]
+    pub telecom: Vec<ContactPoint>,
+    /// zib HealthProfessionalRole, coded (`PractitionerRole.code.coding`).
+    #[serde(default)]
+    pub role_code: Option<Coding>,
+    /// zib HealthProfessionalRole as text (`PractitionerRole.code.text`).
+    #[serde(default)]
+    pub role_display: Option<String>,
 }
 
 /// A document stored by content hash in the content store, not inlined.
@@ -232,6 +299,9 @@ pub struct Attachment {
     pub sha256: String,
     /// Size in bytes.
     pub size: i64,
+    /// Kind of document (`DocumentReference.type`, e.g. LOINC).
+    #[serde(default)]
+    pub document_type: Option<Coding>,
 }
 
 /// zib LaboratoryTestResult.Specimen.
@@ -484,6 +554,18 @@ pub struct AcuteHandoverEvent {
     pub sections: Vec<Section>,
     /// Documents stored by hash (ECG, ...).
     pub attachments: Vec<Attachment>,
+    /// `Composition.type`.
+    #[serde(default)]
+    pub composition_type: Option<Coding>,
+    /// `Composition.title`.
+    #[serde(default)]
+    pub composition_title: Option<String>,
+    /// `Composition.date`, as the source gave it.
+    #[serde(default)]
+    pub composition_date: Option<String>,
+    /// `Composition.author` when it is a professional.
+    #[serde(default)]
+    pub composition_author: Option<Box<HealthProfessional>>,
 }
 
 /// A notify-then-pull notification; no patient data.
@@ -501,6 +583,19 @@ pub struct HandoverNotificationEvent {
     pub requester: Option<String>,
     /// Party id of the owner.
     pub owner: Option<String>,
+    /// `Task.input` references: what the receiver may pull (no patient data, no credentials).
+    #[serde(default)]
+    pub inputs: Vec<TaskInput>,
+}
+
+/// One `Task.input` that points at something (Twiin notified pull:
+/// `read-available-resource`, `query-available-resources`, `get-workflow-task`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInput {
+    /// `Task.input.type`, first coding.
+    pub type_code: Option<Coding>,
+    /// `valueReference.reference` (or `valueUrl`, `valueUri`).
+    pub reference: String,
 }
 
 macro_rules! event_record {
@@ -618,6 +713,30 @@ impl fmt::Debug for Patient {
 impl fmt::Debug for HumanName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("HumanName(..)")
+    }
+}
+
+impl fmt::Debug for ContactPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ContactPoint({:?}, {} chars)",
+            self.system,
+            self.value.len()
+        )
+    }
+}
+
+impl fmt::Debug for TaskInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ty = self.type_code.as_ref().map(|c| c.code.as_str());
+        write!(f, "TaskInput({ty:?}, {} chars)", self.reference.len())
+    }
+}
+
+impl fmt::Debug for Contact {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Contact({} relationships)", self.relationships.len())
     }
 }
 

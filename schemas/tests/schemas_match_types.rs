@@ -43,7 +43,22 @@ fn header(kind: EventKind) -> EventHeader {
     h.sender = Some("mailbox:500001234".into());
     h.patient_key = Some("k".repeat(32));
     h.source_message_type = Some("MEDLAB:1".into());
+    h.interchange_reference = Some("IC0042".into());
+    h.message_reference = Some("M0042".into());
     h
+}
+
+fn phone(value: &str) -> ContactPoint {
+    ContactPoint {
+        system: Some("phone".into()),
+        value: value.into(),
+        use_code: Some("work".into()),
+        type_code: Some(Coding {
+            system: "http://terminology.hl7.org/CodeSystem/v3-AddressUse".into(),
+            code: "MC".into(),
+            display: Some("Mobile Phone".into()),
+        }),
+    }
 }
 
 fn patient() -> Patient {
@@ -56,6 +71,7 @@ fn patient() -> Patient {
             given: Some("Pieter".into()),
             initials: Some("P.".into()),
             family: Some("Jansen".into()),
+            call_name: Some("Piet".into()),
             ..Default::default()
         }),
         birth_date: Some("1961-04-09".into()),
@@ -64,6 +80,25 @@ fn patient() -> Patient {
             city: Some("Groningen".into()),
             ..Default::default()
         }),
+        telecom: vec![phone("0501234567")],
+        marital_status: Some(Coding {
+            system: "http://terminology.hl7.org/CodeSystem/v3-MaritalStatus".into(),
+            code: "M".into(),
+            display: Some("Married".into()),
+        }),
+        contacts: vec![Contact {
+            relationships: vec![Coding {
+                system: "urn:oid:2.16.840.1.113883.2.4.3.11.22.472".into(),
+                code: "1".into(),
+                display: Some("Eerste relatie/contactpersoon".into()),
+            }],
+            name: Some(HumanName {
+                family: Some("Jansen".into()),
+                ..Default::default()
+            }),
+            telecom: vec![phone("0612345678")],
+            address: None,
+        }],
     }
 }
 
@@ -84,6 +119,13 @@ fn professional() -> HealthProfessional {
             display: None,
         }),
         organization_name: None,
+        telecom: vec![phone("0507654321")],
+        role_code: Some(Coding {
+            system: "urn:oid:2.16.840.1.113883.2.4.15.111".into(),
+            code: "01.015".into(),
+            display: Some("Huisarts".into()),
+        }),
+        role_display: Some("Huisarts".into()),
     }
 }
 
@@ -93,6 +135,11 @@ fn attachment() -> Attachment {
         title: Some("ecg.pdf".into()),
         sha256: "ab".repeat(32),
         size: 1234,
+        document_type: Some(Coding {
+            system: systems::LOINC.into(),
+            code: "11524-6".into(),
+            display: Some("EKG study".into()),
+        }),
     }
 }
 
@@ -168,6 +215,12 @@ fn lab_result_matches_its_schema() {
         performer: Some(HealthcareProvider {
             name: Some("Regiolab Noord".into()),
             phone: Some("0501234567".into()),
+            organization_types: vec![Coding {
+                system: "http://nictiz.nl/fhir/NamingSystem/organization-type".into(),
+                code: "L".into(),
+                display: None,
+            }],
+            telecom: vec![phone("0501234567")],
             ..Default::default()
         }),
         requester: Some(professional()),
@@ -280,6 +333,14 @@ fn letter_handover_and_notification_match_their_schemas() {
             text: Some("...".into()),
         }],
         attachments: vec![attachment()],
+        composition_type: Some(Coding {
+            system: systems::LOINC.into(),
+            code: "18761-7".into(),
+            display: None,
+        }),
+        composition_title: Some("Ambulanceverwijzing".into()),
+        composition_date: Some("2026-06-08T11:15:00+02:00".into()),
+        composition_author: Some(Box::new(professional())),
     });
     roundtrip(&HandoverNotificationEvent {
         header: header(EventKind::HandoverNotification),
@@ -288,6 +349,14 @@ fn letter_handover_and_notification_match_their_schemas() {
         sender_endpoint: None,
         requester: Some("ura:00000001".into()),
         owner: None,
+        inputs: vec![TaskInput {
+            type_code: Some(Coding {
+                system: "http://fhir.nl/fhir/NamingSystem/TaskParameterType".into(),
+                code: "get-workflow-task".into(),
+                display: None,
+            }),
+            reference: "https://vvt.example.test/fhir/Task/1".into(),
+        }],
     });
 }
 

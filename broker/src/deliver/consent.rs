@@ -493,6 +493,7 @@ mod tests {
                     sender_endpoint: None,
                     requester: None,
                     owner: None,
+                    inputs: Vec::new(),
                 },
             )))
         };

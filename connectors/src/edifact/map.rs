@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use ketenbus_schemas::event::{Address, EventHeader, EventKind, Identifier, systems};
+use ketenbus_schemas::event::{Address, ContactPoint, EventHeader, EventKind, Identifier, systems};
 use ketenbus_schemas::{Event, RawEnvelope};
 
 use super::parse::document::{Document, Interchange, Message, parse};
@@ -85,6 +85,8 @@ pub(crate) struct Context<'e> {
     pub reference_year: Option<i32>,
     /// UNB sender id, for lab-local code systems.
     pub sender_id: Option<String>,
+    /// UNB interchange control reference (0020).
+    pub control_reference: Option<String>,
 }
 
 impl Context<'_> {
@@ -94,6 +96,10 @@ impl Context<'_> {
         header.sender.clone_from(&self.sender);
         header.receiver.clone_from(&self.receiver);
         header.source_message_type = Some(message_identifier(m));
+        header
+            .interchange_reference
+            .clone_from(&self.control_reference);
+        header.message_reference = Some(m.reference().trim().to_owned()).filter(|r| !r.is_empty());
         header
     }
 }
@@ -121,6 +127,10 @@ impl<'e> Context<'e> {
             receiver,
             reference_year,
             sender_id: ic.sender().map(|s| s.trim().to_owned()),
+            control_reference: ic
+                .control_reference()
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty()),
         }
     }
 }
@@ -206,6 +216,16 @@ pub(crate) fn field(seg: &Segment<'_>, e: usize, c: usize) -> Option<String> {
     let t = seg.text(e, c)?;
     let t = t.trim();
     (!t.is_empty()).then(|| t.to_owned())
+}
+
+/// A telephone number as a zib ContactInformation entry (MEDLAB ZKH).
+pub(crate) fn phone(number: String) -> ContactPoint {
+    ContactPoint {
+        system: Some("phone".to_owned()),
+        value: number,
+        use_code: None,
+        type_code: None,
+    }
 }
 
 /// `urn:ketenbus:local:<party>`: code system for lab-local codes of one sender.

@@ -8,16 +8,16 @@
 
 use ketenbus_schemas::Event;
 use ketenbus_schemas::event::{
-    AcuteHandoverEvent, Address, Attachment, Coding, HandoverNotificationEvent, HealthProfessional,
-    HealthcareProvider, HumanName, Identifier, LabResultEvent, LabTestResult, Patient, Specimen,
-    systems,
+    AcuteHandoverEvent, Address, Attachment, Coding, Contact, ContactPoint,
+    HandoverNotificationEvent, HealthProfessional, HealthcareProvider, HumanName, Identifier,
+    LabResultEvent, LabTestResult, Patient, Specimen, systems,
 };
 use sha2::{Digest, Sha256};
 
 use super::FhirError;
 use super::inbound::{
-    EXT_EDIFACT_REFERENCE, EXT_HOUSE_NUMBER, EXT_OWN_NAME, EXT_OWN_PREFIX, EXT_PARTNER_NAME,
-    EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
+    EXT_CODE_SPECIFICATION, EXT_EDIFACT_REFERENCE, EXT_HOUSE_NUMBER, EXT_OWN_NAME, EXT_OWN_PREFIX,
+    EXT_PARTNER_NAME, EXT_PARTNER_PREFIX, EXT_QUALIFIER, EXT_STREET, OBSERVATION_CATEGORY,
     SCT_TRANSFER_FROM_AMBULANCE, SNOMED_FLAGS, V3_INTERPRETATION,
 };
 use super::inbound::{EXT_REPLACES, URI};
@@ -28,6 +28,9 @@ const NL_CORE: &str = "http://nictiz.nl/fhir/StructureDefinition/";
 const HG_MESSAGE_EVENT: &str = "http://nictiz.nl/fhir/CodeSystem/hg-message-event";
 /// Message events for what has no Nictiz event code: the ketenbus event kind.
 pub const KETENBUS_EVENT: &str = "urn:ketenbus:event-kind";
+/// `Bundle.identifier.system` for the control reference of the interchange the event
+/// came in (EDIFACT UNB 0020, or the source Bundle's identifier).
+pub const INTERCHANGE_REFERENCE: &str = "urn:ketenbus:interchange-reference";
 /// Where ketenbus points at an attachment it keeps by content hash.
 pub const CONTENT_URN: &str = "urn:ketenbus:content:sha256:";
 
@@ -224,7 +227,56 @@ fn quantity(value: &str, unit: Option<&String>, unit_system: Option<&String>) ->
     Some(q)
 }
 
-pub(crate) fn human_name(n: &HumanName) -> Value {
+/// The names of a person: the official one, and the call name as nl-core-NameInformation's
+/// GivenName (a `HumanName` with `use = usual`).
+fn names(n: &HumanName) -> Vec<Value> {
+    let mut out = vec![human_name(n, false)];
+    if let Some(c) = &n.call_name {
+        out.push(
+            Object::new()
+                .with("use", "usual")
+                .with("given", vec![Value::from(c.as_str())])
+                .into(),
+        );
+    }
+    out
+}
+
+/// zib ContactInformation as FHIR `ContactPoint`s.
+fn telecom(points: &[ContactPoint]) -> Vec<Value> {
+    points
+        .iter()
+        .map(|t| {
+            let mut o = Object::new().with_opt("system", t.system.as_ref());
+            if let Some(c) = &t.type_code {
+                let ext = Object::new()
+                    .with("url", EXT_CODE_SPECIFICATION)
+                    .with("valueCodeableConcept", concept(c));
+                o = o.with("_system", Object::new().with("extension", vec![ext.into()]));
+            }
+            o.with("value", &t.value)
+                .with_opt("use", t.use_code.as_ref())
+                .into()
+        })
+        .collect()
+}
+
+/// zib ContactPerson as `Patient.contact`; its one name carries the call name as a given
+/// name with the `CL` qualifier.
+fn contact(c: &Contact) -> Value {
+    Object::new()
+        .with_array(
+            "relationship",
+            c.relationships.iter().map(concept).collect(),
+        )
+        .with_opt("name", c.name.as_ref().map(|n| human_name(n, true)))
+        .with_array("telecom", telecom(&c.telecom))
+        .with_opt("address", c.address.as_ref().map(address))
+        .into()
+}
+
+/// One `HumanName`; `call_inline`: the call name as a given name with qualifier `CL`.
+pub(crate) fn human_name(n: &HumanName, call_inline: bool) -> Value {
     let join = |a: Option<&String>, b: Option<&String>| match (a, b) {
         (Some(a), Some(b)) => Some(format!("{a} {b}")),
         (None, Some(b)) => Some(b.clone()),
@@ -281,6 +333,10 @@ pub(crate) fn human_name(n: &HumanName) -> Value {
     {
         given.push(Value::from(i));
         twins.push(qualifier("IN"));
+    }
+    for c in n.call_name.iter().filter(|_| call_inline) {
+        given.push(Value::from(c.as_str()));
+        twins.push(qualifier("CL"));
     }
     let mut o = Object::new()
         .with("use", "official")
@@ -367,10 +423,13 @@ impl<'a> Builder<'a> {
             .with("resourceType", "Patient")
             .with("meta", meta("nl-core-Patient"))
             .with_array("identifier", identifiers(&p.identifiers))
-            .with_array("name", p.name.iter().map(human_name).collect())
+            .with_array("name", p.name.iter().flat_map(names).collect())
+            .with_array("telecom", telecom(&p.telecom))
             .with_opt("gender", p.gender.as_ref())
             .with_opt("birthDate", p.birth_date.as_ref())
-            .with_array("address", p.address.iter().map(address).collect());
+            .with_array("address", p.address.iter().map(address).collect())
+            .with_opt("maritalStatus", p.marital_status.as_ref().map(concept))
+            .with_array("contact", p.contacts.iter().map(contact).collect());
         let url = self.add("patient", r);
         let transaction = self.opts.style == BundleStyle::Transaction;
         if let Some(bsn) = p
@@ -391,22 +450,26 @@ impl<'a> Builder<'a> {
     }
 
     fn organization(&mut self, local: &str, o: &HealthcareProvider) -> String {
-        let phone = o
-            .phone
-            .as_ref()
-            .map(|p| {
-                vec![
-                    Object::new()
-                        .with("system", "phone")
-                        .with("value", p)
-                        .into(),
-                ]
-            })
-            .unwrap_or_default();
+        let phone = if o.telecom.is_empty() {
+            o.phone
+                .as_ref()
+                .map(|p| {
+                    vec![
+                        Object::new()
+                            .with("system", "phone")
+                            .with("value", p)
+                            .into(),
+                    ]
+                })
+                .unwrap_or_default()
+        } else {
+            telecom(&o.telecom)
+        };
         let r = Object::new()
             .with("resourceType", "Organization")
             .with("meta", meta("nl-core-HealthcareProvider-Organization"))
             .with_array("identifier", identifiers(&o.identifiers))
+            .with_array("type", o.organization_types.iter().map(concept).collect())
             .with_opt("name", o.name.as_ref())
             .with_array("telecom", phone)
             .with_array("address", o.address.iter().map(address).collect());
@@ -425,14 +488,16 @@ impl<'a> Builder<'a> {
             .with("resourceType", "Practitioner")
             .with("meta", meta("nl-core-HealthProfessional-Practitioner"))
             .with_array("identifier", identifiers(&p.identifiers))
-            .with_array("name", p.name.iter().map(human_name).collect());
+            .with_array("name", p.name.iter().flat_map(names).collect());
         let pr_url = self.add(&format!("{local}-practitioner"), pr);
         let org_ref = match (org, &p.organization_name) {
             (Some(url), _) => Some(reference(url)),
             (None, Some(name)) => Some(Object::new().with("display", name).into()),
             (None, None) => None,
         };
-        let code = if with_role_code {
+        // What the professional is to the event as the first code's text (ketenbus's
+        // marker, read back by `inbound`), then zib HealthProfessionalRole.
+        let mut code: Vec<Value> = if with_role_code {
             p.role
                 .iter()
                 .map(|r| Object::new().with("text", r).into())
@@ -440,13 +505,22 @@ impl<'a> Builder<'a> {
         } else {
             Vec::new()
         };
+        if p.role_code.is_some() || p.role_display.is_some() {
+            code.push(
+                Object::new()
+                    .with_array("coding", p.role_code.iter().map(coding).collect())
+                    .with_opt("text", p.role_display.as_ref())
+                    .into(),
+            );
+        }
         let role = Object::new()
             .with("resourceType", "PractitionerRole")
             .with("meta", meta("nl-core-HealthProfessional-PractitionerRole"))
             .with("practitioner", reference(&pr_url))
             .with_opt("organization", org_ref)
             .with_array("code", code)
-            .with_array("specialty", p.specialty.iter().map(concept).collect());
+            .with_array("specialty", p.specialty.iter().map(concept).collect())
+            .with_array("telecom", telecom(&p.telecom));
         self.add(&format!("{local}-role"), role)
     }
 
@@ -507,6 +581,14 @@ impl<'a> Builder<'a> {
             .with("resourceType", "Bundle")
             .with("id", resource_id(&self.event_id, "bundle"))
             .with("type", ty)
+            .with_opt(
+                "identifier",
+                event.header().interchange_reference.as_ref().map(|r| {
+                    Object::new()
+                        .with("system", INTERCHANGE_REFERENCE)
+                        .with("value", r)
+                }),
+            )
             .with_opt(
                 "timestamp",
                 dt(event.header().occurred_at.as_ref())
@@ -884,25 +966,46 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
             })
             .collect();
         let date = e
-            .referral
-            .authored_on
+            .composition_date
             .as_ref()
+            .or(e.referral.authored_on.as_ref())
             .or(e.header.occurred_at.as_ref());
+        // The author is written once: as the requester's resource when it is the same
+        // professional (as in Acute Zorg message 24), else as its own.
+        let same_as_requester = |a: &HealthProfessional| {
+            e.requester.as_ref().is_some_and(|r| {
+                HealthProfessional {
+                    role: a.role.clone(),
+                    ..r.clone()
+                } == *a
+            })
+        };
+        let author = match &e.composition_author {
+            Some(a) if same_as_requester(a) => author,
+            Some(a) => Some(reference(&b.professional(
+                "composition-author",
+                a,
+                None,
+                false,
+            ))),
+            None => author,
+        };
+        let ty = e.composition_type.clone().unwrap_or_else(|| Coding {
+            system: systems::LOINC.into(),
+            code: "18761-7".into(),
+            display: Some("Transfer summary note".into()),
+        });
         let comp = Object::new()
             .with("resourceType", "Composition")
             .with("status", "final")
-            .with(
-                "type",
-                concept(&Coding {
-                    system: systems::LOINC.into(),
-                    code: "18761-7".into(),
-                    display: Some("Transfer summary note".into()),
-                }),
-            )
+            .with("type", concept(&ty))
             .with_opt("subject", patient.as_deref().map(reference))
             .with_opt("date", dt(date))
             .with_array("author", author.into_iter().collect())
-            .with("title", "Overdracht")
+            .with(
+                "title",
+                e.composition_title.as_deref().unwrap_or("Overdracht"),
+            )
             .with("section", sections);
         supporting.push(reference(&b.add("composition", comp)));
     }
@@ -910,6 +1013,7 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
         let dr = Object::new()
             .with("resourceType", "DocumentReference")
             .with("status", "current")
+            .with_opt("type", a.document_type.as_ref().map(concept))
             .with_opt("subject", patient.as_deref().map(reference))
             .with("content", vec![attachment(a)]);
         supporting.push(reference(&b.add(&format!("attachment-{}", i + 1), dr)));
@@ -964,13 +1068,30 @@ fn party_reference(party: &str) -> Value {
         .into()
 }
 
+/// A `Task.input` pointing at what the receiver may pull (`type` is required: text when
+/// the source gave no coding).
+fn task_input(i: &ketenbus_schemas::event::TaskInput) -> Value {
+    let ty = match &i.type_code {
+        Some(c) => concept(c),
+        None => Object::new().with("text", "reference").into(),
+    };
+    Object::new()
+        .with("type", ty)
+        .with(
+            "valueReference",
+            Object::new().with("reference", i.reference.as_str()),
+        )
+        .into()
+}
+
 fn notification(b: &mut Builder<'_>, e: &HandoverNotificationEvent) -> Vec<String> {
     let task = Object::new()
         .with("resourceType", "Task")
         .with("status", e.task_status.as_str())
         .with("intent", "proposal")
         .with_opt("requester", e.requester.as_deref().map(party_reference))
-        .with_opt("owner", e.owner.as_deref().map(party_reference));
+        .with_opt("owner", e.owner.as_deref().map(party_reference))
+        .with_array("input", e.inputs.iter().map(task_input).collect());
     let _ = b.add("task", task);
     // The notification names the sender's Task: its absolute URL is the entry's full URL
     // and its id the sender's id, so the receiver pulls from there.

@@ -13,7 +13,7 @@ use super::value::{Object, Value};
 use super::{FhirNormalizer, json, xml};
 use crate::{Normalize, NormalizeError};
 
-fn testdata(rel: &str) -> Vec<u8> {
+pub(super) fn testdata(rel: &str) -> Vec<u8> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("testdata/fhir")
         .join(rel);
@@ -262,6 +262,7 @@ fn assert_lab_content(e: &ketenbus_schemas::event::LabResultEvent) {
         ))
     );
     assert!(e.professionals.is_empty());
+    super::fields_tests::assert_zib_examples(e);
 
     // Specimen-01 is in the Bundle; the chloride result's specimen is not, but its EDIFACT
     // reference number is kept on it.
@@ -948,7 +949,7 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
             }),
             birth_date: Some("1961-04-09".into()),
             gender: Some("male".into()),
-            address: None,
+            ..Patient::default()
         }),
         performer: Some(HealthcareProvider {
             name: Some("Regiolab Noord".into()),

@@ -19,8 +19,8 @@ use std::collections::HashMap;
 
 use base64::Engine as _;
 use ketenbus_schemas::event::{
-    Address, Coding, HealthProfessional, HealthcareProvider, HumanName, Identifier, Patient,
-    systems,
+    Address, Coding, Contact, ContactPoint, HealthProfessional, HealthcareProvider, HumanName,
+    Identifier, Patient, systems,
 };
 use ketenbus_schemas::{Event, EventHeader, EventKind, RawEnvelope};
 
@@ -72,6 +72,9 @@ pub(crate) const EXT_PARTNER_NAME: &str =
     "http://hl7.org/fhir/StructureDefinition/humanname-partner-name";
 pub(crate) const EXT_QUALIFIER: &str =
     "http://hl7.org/fhir/StructureDefinition/iso21090-EN-qualifier";
+/// nl-core's extension giving a coded meaning to a primitive (here `ContactPoint.system`).
+pub(crate) const EXT_CODE_SPECIFICATION: &str =
+    "http://nictiz.nl/fhir/StructureDefinition/ext-CodeSpecification";
 pub(crate) const EXT_STREET: &str =
     "http://hl7.org/fhir/StructureDefinition/iso21090-ADXP-streetName";
 pub(crate) const EXT_HOUSE_NUMBER: &str =
@@ -362,9 +365,11 @@ pub fn events_from(
             source_format,
         );
         h.source_message_type = Some(doc.message_type.clone());
+        h.interchange_reference = root.obj("identifier").and_then(|i| s(i, "value"));
         if let Some(mh) = doc.message_header() {
             h.sender = party::message_header_sender(&doc, mh.res);
             h.receiver = party::message_header_receivers(&doc, mh.res).next();
+            h.message_reference = mh.id.map(str::to_owned);
         }
         h
     };
@@ -427,6 +432,13 @@ fn s(o: &Object, key: &str) -> Option<String> {
     o.str(key).map(str::to_owned)
 }
 
+/// Extension `url` among `exts`.
+fn ext_object<'v>(exts: &'v [Value], url: &str) -> Option<&'v Object> {
+    exts.iter()
+        .filter_map(Value::as_object)
+        .find(|e| e.str("url") == Some(url))
+}
+
 /// The value of extension `url` among `exts`, as text.
 fn ext_value<'v>(exts: &'v [Value], url: &str) -> Option<&'v str> {
     exts.iter()
@@ -465,6 +477,7 @@ pub(crate) fn human_name(o: &Object) -> HumanName {
     let own = ext_value(fam_ext, EXT_OWN_NAME);
     let mut given = Vec::new();
     let mut initials = Vec::new();
+    let mut call = Vec::new();
     let twins = o.arr("_given");
     for (i, g) in o.arr("given").iter().enumerate() {
         let Some(g) = g.as_str() else { continue };
@@ -475,7 +488,7 @@ pub(crate) fn human_name(o: &Object) -> HumanName {
             .and_then(|x| ext_value(x, EXT_QUALIFIER));
         match q {
             Some("IN") => initials.push(g),
-            Some("CL") => {}
+            Some("CL") => call.push(g),
             _ => given.push(g),
         }
     }
@@ -488,18 +501,70 @@ pub(crate) fn human_name(o: &Object) -> HumanName {
         partner_prefix: ext_value(fam_ext, EXT_PARTNER_PREFIX).map(str::to_owned),
         partner_family: ext_value(fam_ext, EXT_PARTNER_NAME).map(str::to_owned),
         text: s(o, "text"),
+        call_name: join(call, " "),
     }
 }
 
-/// The official name, else the first that is not a call name.
+/// The official name, else the first that is not a call name; with the call name
+/// (nl-core-NameInformation.GivenName: a name with `use = usual`) when there is one.
 fn pick_name(o: &Object) -> Option<HumanName> {
     let names: Vec<&Object> = o.arr("name").iter().filter_map(Value::as_object).collect();
-    names
+    let usual = names.iter().find(|n| n.str("use") == Some("usual"));
+    let mut name = names
         .iter()
         .find(|n| n.str("use") == Some("official"))
         .or_else(|| names.iter().find(|n| n.str("use") != Some("usual")))
         .or_else(|| names.first())
-        .map(|n| human_name(n))
+        .map(|n| human_name(n))?;
+    if name.call_name.is_none()
+        && let Some(u) = usual
+    {
+        let given: Vec<&str> = u.arr("given").iter().filter_map(Value::as_str).collect();
+        name.call_name = (!given.is_empty()).then(|| given.join(" "));
+    }
+    Some(name)
+}
+
+/// `telecom` of a resource or element: zib ContactInformation.
+pub(crate) fn telecom(o: &Object) -> Vec<ContactPoint> {
+    o.arr("telecom")
+        .iter()
+        .filter_map(Value::as_object)
+        .filter_map(|t| {
+            Some(ContactPoint {
+                system: s(t, "system"),
+                value: s(t, "value")?,
+                use_code: s(t, "use"),
+                type_code: t
+                    .obj("_system")
+                    .map(|x| x.arr("extension"))
+                    .and_then(|x| ext_object(x, EXT_CODE_SPECIFICATION))
+                    .and_then(|e| codings(e.obj("valueCodeableConcept")).next()),
+            })
+        })
+        .collect()
+}
+
+/// Every coding of every CodeableConcept in array `key`.
+fn all_codings(o: &Object, key: &str) -> Vec<Coding> {
+    o.arr(key)
+        .iter()
+        .flat_map(|c| codings(c.as_object()).collect::<Vec<_>>())
+        .collect()
+}
+
+/// `Patient.contact`: zib ContactPerson.
+fn contacts(o: &Object) -> Vec<Contact> {
+    o.arr("contact")
+        .iter()
+        .filter_map(Value::as_object)
+        .map(|c| Contact {
+            relationships: all_codings(c, "relationship"),
+            name: c.obj("name").map(human_name),
+            telecom: telecom(c),
+            address: c.obj("address").map(address),
+        })
+        .collect()
 }
 
 pub(crate) fn address(o: &Object) -> Address {
@@ -539,6 +604,9 @@ fn patient(e: &Entry<'_>) -> Result<Patient, NormalizeError> {
         birth_date: s(e.res, "birthDate"),
         gender: s(e.res, "gender"),
         address: first_address(e.res),
+        telecom: telecom(e.res),
+        marital_status: codings(e.res.obj("maritalStatus")).next(),
+        contacts: contacts(e.res),
     })
 }
 
@@ -584,6 +652,8 @@ fn provider(e: &Entry<'_>) -> Result<HealthcareProvider, NormalizeError> {
             .and_then(Value::as_object)
             .map(address),
         phone,
+        organization_types: all_codings(e.res, "type"),
+        telecom: telecom(e.res),
     })
 }
 
@@ -636,12 +706,37 @@ fn professional(
     match e.ty {
         "PractitionerRole" => {
             p.identifiers = identifiers(e.res, &e.path)?;
+            p.telecom = telecom(e.res);
             if let Some(pr) = doc.resolve(e.res.get("practitioner")) {
                 p.identifiers.extend(identifiers(pr.res, &pr.path)?);
                 p.name = pick_name(pr.res);
+                // Practitioner.telecom often repeats the role's: each number once (a set,
+                // so the cost stays linear however many numbers there are).
+                let key =
+                    |t: &ContactPoint| (t.system.clone(), t.value.clone(), t.use_code.clone());
+                let mut seen: std::collections::HashSet<_> = p.telecom.iter().map(key).collect();
+                for t in telecom(pr.res) {
+                    if seen.insert(key(&t)) {
+                        p.telecom.push(t);
+                    }
+                }
             } else if let Some(d) = e.res.obj("practitioner").and_then(|r| r.str("display")) {
                 p.name = Some(zib::text_name(d));
             }
+            // zib HealthProfessionalRole; a text equal to `role` is ketenbus's own marker of
+            // what the professional is to the event (see `emit`), not the zib role.
+            let codes: Vec<&Object> = e
+                .res
+                .arr("code")
+                .iter()
+                .filter_map(Value::as_object)
+                .collect();
+            p.role_code = codes.iter().find_map(|c| codings(Some(c)).next());
+            p.role_display = codes
+                .iter()
+                .filter_map(|c| c.str("text"))
+                .find(|t| *t != role)
+                .map(str::to_owned);
             p.specialty = e
                 .res
                 .arr("specialty")
@@ -655,6 +750,7 @@ fn professional(
         "Practitioner" => {
             p.identifiers = identifiers(e.res, &e.path)?;
             p.name = pick_name(e.res);
+            p.telecom = telecom(e.res);
         }
         _ => {}
     }

@@ -394,6 +394,8 @@ impl Normalize for MailNormalizer {
                 title: part.filename.clone(),
                 sha256: part.sha256.clone(),
                 size: i64::try_from(part.size).unwrap_or(i64::MAX),
+                // MIME names the media type only; the kind of document has no source here.
+                document_type: None,
             })
             .collect();
         let text = text

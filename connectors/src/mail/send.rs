@@ -419,6 +419,7 @@ mod tests {
                 title: Some("brief.pdf".into()),
                 sha256: crate::contract::content::sha256_hex(pdf),
                 size: pdf.len() as i64,
+                document_type: None,
             }],
         });
         Delivery {

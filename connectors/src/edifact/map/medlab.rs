@@ -13,7 +13,7 @@ use ketenbus_schemas::event::{
 use super::lab::LabReport;
 use super::{
     Context, ccyy_mm_dd, decimal_value, field, gender, interpretation, local_system,
-    medlab_address, path, provider_code, two_digit_date, with_time,
+    medlab_address, path, phone, provider_code, two_digit_date, with_time,
 };
 use crate::NormalizeError;
 use crate::edifact::parse::document::Message;
@@ -76,7 +76,7 @@ pub(crate) fn pid_patient(
         name: pid_name(seg),
         birth_date: ccyy_mm_dd(seg, 0),
         gender: field(seg, 1, 0).and_then(|g| gender(&g)),
-        address: None,
+        ..Patient::default()
     })
 }
 
@@ -91,6 +91,8 @@ pub(crate) fn zkh_provider(seg: &Segment<'_>, ctx: &Context<'_>) -> HealthcarePr
         department: None,
         address: medlab_address(seg, 1),
         phone: field(seg, 2, 0),
+        telecom: field(seg, 2, 0).map(phone).into_iter().collect(),
+        ..HealthcareProvider::default()
     }
 }
 
@@ -120,7 +122,7 @@ pub(crate) fn art_professional(
             system: "urn:ketenbus:medlab:art-type".to_owned(),
             code: t,
         }),
-        organization_name: None,
+        ..HealthProfessional::default()
     }
 }
 
@@ -134,8 +136,8 @@ pub(crate) fn named_professional(
         identifiers: Vec::new(),
         name: field(seg, 0, 0).map(text_name),
         role: Some(role.to_owned()),
-        specialty: None,
         organization_name: institution.and_then(|p| p.name.clone()),
+        ..HealthProfessional::default()
     }
 }
 

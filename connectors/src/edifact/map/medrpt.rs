@@ -12,8 +12,8 @@
 //! tolerantly, whatever the NAD's qualifier). Segments not listed are skipped.
 
 use ketenbus_schemas::event::{
-    Address, Coding, EventKind, HealthProfessional, HealthcareProvider, HumanName, Identifier,
-    LabResultEvent, LabTestResult, Patient, systems,
+    Address, Coding, ContactPoint, EventKind, HealthProfessional, HealthcareProvider, HumanName,
+    Identifier, LabResultEvent, LabTestResult, Patient, systems,
 };
 
 use super::lab::LabReport;
@@ -75,6 +75,30 @@ fn adr_address(seg: &Segment<'_>) -> Option<Address> {
     (a != Address::default()).then_some(a)
 }
 
+/// COM: `number:qualifier` (C076), repeating. Qualifiers (UN/EDIFACT 3155): `TE`
+/// telephone, `AL` cellular phone, `FX` telefax, `EM` e-mail; others kept as `other`.
+fn com_numbers(seg: &Segment<'_>) -> Vec<ContactPoint> {
+    (0..seg.element_count())
+        .filter_map(|e| {
+            let value = field(seg, e, 0)?;
+            let q = field(seg, e, 1).unwrap_or_default();
+            let (system, use_code) = match q.as_str() {
+                "TE" => ("phone", None),
+                "AL" => ("phone", Some("mobile")),
+                "FX" => ("fax", None),
+                "EM" => ("email", None),
+                _ => ("other", None),
+            };
+            Some(ContactPoint {
+                system: Some(system.to_owned()),
+                value,
+                use_code: use_code.map(str::to_owned),
+                type_code: None,
+            })
+        })
+        .collect()
+}
+
 /// Which party the last ADR/COM belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Party {
@@ -131,9 +155,7 @@ fn pna_patient(m: &Message<'_>, seg: &Segment<'_>) -> Result<Patient, NormalizeE
     Ok(Patient {
         identifiers,
         name: (name != HumanName::default()).then_some(name),
-        birth_date: None,
-        gender: None,
-        address: None,
+        ..Patient::default()
     })
 }
 
@@ -154,8 +176,7 @@ fn professional(seg: &Segment<'_>, role: &str) -> HealthProfessional {
         identifiers: party_identifier(seg).into_iter().collect(),
         name,
         role: Some(role.to_owned()),
-        specialty: None,
-        organization_name: None,
+        ..HealthProfessional::default()
     }
 }
 
@@ -166,7 +187,7 @@ fn nad_lab(seg: &Segment<'_>) -> HealthcareProvider {
         name: party_name(seg),
         department: None,
         address: nad_address(seg),
-        phone: None,
+        ..HealthcareProvider::default()
     }
 }
 
@@ -285,9 +306,39 @@ pub(crate) fn lab_event(
                     _ => {}
                 }
             }
+            // Every COM (C076, repeating) of the party it follows: lab, performing lab,
+            // requester, copy-to, patient. A lab's first telephone number is also its `phone`.
             "COM" => {
-                if let Some(p) = lab_of(&mut report, party) {
-                    p.phone = field(&seg, 0, 0);
+                let numbers = com_numbers(&seg);
+                match party {
+                    Party::Lab | Party::PerformingLab => {
+                        if let Some(p) = lab_of(&mut report, party) {
+                            if p.phone.is_none() {
+                                p.phone = numbers
+                                    .iter()
+                                    .find(|c| c.system.as_deref() == Some("phone"))
+                                    .or_else(|| numbers.first())
+                                    .map(|c| c.value.clone());
+                            }
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::Requester => {
+                        if let Some(p) = report.requester.as_mut() {
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::Copy => {
+                        if let Some(p) = report.professionals.last_mut() {
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::Patient => {
+                        if let Some(p) = report.patient.as_mut() {
+                            p.telecom.extend(numbers);
+                        }
+                    }
+                    Party::None => {}
                 }
             }
             "CTA" if party == Party::Lab => {

@@ -159,7 +159,23 @@ pub(super) fn handover(
         }
     };
     let mut sections = Vec::new();
-    for comp in pick("Composition") {
+    let compositions = pick("Composition");
+    let (mut composition_type, mut composition_title, mut composition_date) = (None, None, None);
+    let mut composition_author = None;
+    if let Some(comp) = compositions.first() {
+        let c = comp.res;
+        composition_type = codings(c.obj("type")).next();
+        composition_title = s(c, "title");
+        composition_date = s(c, "date");
+        let author = c.arr("author").first();
+        if !matches!(
+            doc.resolve(author).map(|e| e.ty),
+            Some("Organization" | "Device" | "Patient" | "RelatedPerson")
+        ) {
+            composition_author = professional_of(doc, author, "author")?.map(Box::new);
+        }
+    }
+    for comp in compositions {
         for sec in comp.res.arr("section").iter().filter_map(Value::as_object) {
             sections.push(Section {
                 code: codings(sec.obj("code")).next(),
@@ -207,6 +223,7 @@ pub(super) fn handover(
                     )
                 })?,
                 title: s(a, "title"),
+                document_type: codings(dr.res.obj("type")).next(),
                 sha256: hex::encode(Sha256::digest(&bytes)),
                 size: i64::try_from(bytes.len()).unwrap_or(i64::MAX),
             });
@@ -225,5 +242,9 @@ pub(super) fn handover(
         receiver_organization,
         sections,
         attachments,
+        composition_type,
+        composition_title,
+        composition_date,
+        composition_author,
     })
 }

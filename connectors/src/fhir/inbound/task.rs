@@ -1,9 +1,10 @@
 //! eOverdracht notify-then-pull: a `Task` -> a handover notification without patient data.
 
 use ketenbus_schemas::EventHeader;
-use ketenbus_schemas::event::HandoverNotificationEvent;
+use ketenbus_schemas::event::{HandoverNotificationEvent, TaskInput};
 
-use super::{Doc, Entry, s};
+use super::{Doc, Entry, Value, codings, s};
+use crate::fhir::value::Object;
 use crate::{NormalizeError, party};
 
 pub(super) fn notification(
@@ -51,5 +52,26 @@ pub(super) fn notification(
             .get("requester")
             .and_then(|r| party::fhir_reference(doc, r)),
         owner: o.get("owner").and_then(|r| party::fhir_reference(doc, r)),
+        inputs: inputs(o),
     })
+}
+
+/// `Task.input` elements that point at something. Other values (the `authorization-base`
+/// string of Twiin's notified pull is a credential) stay out of the event.
+fn inputs(o: &Object) -> Vec<TaskInput> {
+    o.arr("input")
+        .iter()
+        .filter_map(Value::as_object)
+        .filter_map(|i| {
+            let reference = i
+                .obj("valueReference")
+                .and_then(|r| r.str("reference"))
+                .or_else(|| i.str("valueUrl"))
+                .or_else(|| i.str("valueUri"))?;
+            Some(TaskInput {
+                type_code: codings(i.obj("type")).next(),
+                reference: reference.to_owned(),
+            })
+        })
+        .collect()
 }

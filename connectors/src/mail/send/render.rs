@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use ketenbus_schemas::event::{
-    AcuteHandoverEvent, HandoverNotificationEvent, HealthProfessional, HumanName, LabResultEvent,
-    LetterEvent, Patient,
+    AcuteHandoverEvent, Attachment, ContactPoint, HandoverNotificationEvent, HealthProfessional,
+    HumanName, LabResultEvent, LetterEvent, Patient,
 };
 use ketenbus_schemas::{Event, RawEnvelope};
 
@@ -38,10 +38,32 @@ fn name_text(n: &HumanName) -> String {
     .join(" ")
 }
 
+/// One line per telephone number or e-mail address, labelled by kind.
+fn telecom_lines(out: &mut String, points: &[ContactPoint]) {
+    for t in points {
+        let label = match (t.system.as_deref(), t.use_code.as_deref()) {
+            (Some("email"), _) => "E-mail",
+            (Some("fax"), _) => "Fax",
+            (_, Some("mobile")) => "Mobiel",
+            _ => "Telefoon",
+        };
+        let _ = writeln!(
+            out,
+            "{label}:{}{}",
+            " ".repeat(16 - label.len() - 1),
+            t.value
+        );
+    }
+}
+
 fn patient_lines(out: &mut String, p: Option<&Patient>) {
     let Some(p) = p else { return };
     let name = p.name.as_ref().map(name_text).unwrap_or_default();
     let _ = writeln!(out, "Patiënt:        {name}");
+    if let Some(c) = p.name.as_ref().and_then(|n| n.call_name.as_ref()) {
+        let _ = writeln!(out, "Roepnaam:       {c}");
+    }
+    telecom_lines(out, &p.telecom);
     if let Some(b) = &p.birth_date {
         let _ = writeln!(out, "Geboortedatum:  {b}");
     }
@@ -62,6 +84,13 @@ fn patient_lines(out: &mut String, p: Option<&Patient>) {
 
 fn professional(p: &HealthProfessional) -> String {
     let mut s = p.name.as_ref().map(name_text).unwrap_or_default();
+    if let Some(r) = p
+        .role_display
+        .as_ref()
+        .or(p.role_code.as_ref().and_then(|c| c.display.as_ref()))
+    {
+        let _ = write!(s, ", {r}");
+    }
     if let Some(o) = &p.organization_name {
         let _ = write!(s, " ({o})");
     }
@@ -102,6 +131,9 @@ fn render_lab(out: &mut String, e: &LabResultEvent) {
             "Laboratorium:   {}",
             p.name.clone().unwrap_or_default()
         );
+    }
+    if let Some(p) = &e.performer {
+        telecom_lines(out, &p.telecom);
     }
     if let Some(r) = &e.requester {
         let _ = writeln!(out, "Aanvrager:      {}", professional(r));
@@ -153,12 +185,21 @@ fn render_letter(out: &mut String, e: &LetterEvent) {
     if let Some(t) = &e.text {
         let _ = writeln!(out, "\n{t}");
     }
-    if !e.attachments.is_empty() {
+    attachment_lines(out, &e.attachments);
+}
+
+fn attachment_lines(out: &mut String, attachments: &[Attachment]) {
+    if !attachments.is_empty() {
         out.push_str("\nBijlagen:\n");
-        for a in &e.attachments {
+        for a in attachments {
+            let kind = a
+                .document_type
+                .as_ref()
+                .map(|t| format!("{}, ", t.display.as_deref().unwrap_or(&t.code)))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  - {} ({}, {} bytes)",
+                "  - {} ({kind}{}, {} bytes)",
                 a.title.as_deref().unwrap_or("document"),
                 a.content_type,
                 a.size
@@ -169,6 +210,15 @@ fn render_letter(out: &mut String, e: &LetterEvent) {
 
 fn render_handover(out: &mut String, e: &AcuteHandoverEvent) {
     patient_lines(out, e.patient.as_ref());
+    if let Some(t) = &e.composition_title {
+        let _ = writeln!(out, "Titel:          {t}");
+    }
+    if let Some(d) = &e.composition_date {
+        let _ = writeln!(out, "Datum:          {d}");
+    }
+    if let Some(a) = &e.composition_author {
+        let _ = writeln!(out, "Auteur:         {}", professional(a));
+    }
     if let Some(r) = &e.referral.reason {
         let _ = writeln!(out, "Reden:          {r}");
     }
@@ -180,6 +230,7 @@ fn render_handover(out: &mut String, e: &AcuteHandoverEvent) {
             s.text.as_deref().unwrap_or("")
         );
     }
+    attachment_lines(out, &e.attachments);
 }
 
 fn render_notification(out: &mut String, e: &HandoverNotificationEvent) {
@@ -188,6 +239,10 @@ fn render_notification(out: &mut String, e: &HandoverNotificationEvent) {
         "Taak:   {}\nStatus: {}",
         e.task_reference, e.task_status
     );
+    for i in &e.inputs {
+        let kind = i.type_code.as_ref().map_or("input", |c| c.code.as_str());
+        let _ = writeln!(out, "  {kind}: {}", i.reference);
+    }
 }
 
 pub(super) fn render_raw(env: &RawEnvelope, record_id: &str) -> String {
@@ -196,4 +251,60 @@ pub(super) fn render_raw(env: &RawEnvelope, record_id: &str) -> String {
         env.format.as_str(),
         env.body.len()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ketenbus_schemas::{Format, RawEnvelope};
+
+    use super::render_event;
+    use crate::Normalize;
+    use crate::fhir::inbound::FhirNormalizer;
+
+    fn events(file: &str) -> Vec<ketenbus_schemas::Event> {
+        let path = format!(
+            "{}/testdata/fhir/ketenbus/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        FhirNormalizer
+            .normalize(&RawEnvelope {
+                id: "env-r".into(),
+                received_at_ms: 0,
+                connector: "fhir".into(),
+                format: Format::FhirJson,
+                content_type: "application/fhir+json".into(),
+                sender: None,
+                receiver: None,
+                body: std::fs::read(path).unwrap(),
+                attributes: BTreeMap::new(),
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn the_mail_body_lists_the_class_10_fields() {
+        let body = render_event(&events("class10-referral.json")[0], "env-r.0");
+        for line in [
+            "Roepnaam:       Piet",
+            "Mobiel:         0612345678",
+            "Telefoon:       0501234567",
+            "E-mail:         p.jansen@example.test",
+            "Titel:          Verwijzing ambulance naar huisarts",
+            "Datum:          2026-06-09T14:15:00+02:00",
+            "Auteur:         B. Verpleegkundige, Ambulanceverpleegkundige (RAV Utrecht)",
+            "  - 12-afleidingen ECG (EKG study, application/pdf, 37 bytes)",
+        ] {
+            assert!(body.contains(line), "{line:?} missing from:\n{body}");
+        }
+        let body = render_event(&events("class10-task.json")[0], "env-r.0");
+        assert!(
+            body.contains(
+                "  read-available-resource: https://vvt.example.test/fhir/Composition/overdracht-1"
+            ),
+            "{body}"
+        );
+        assert!(!body.contains("secret"), "{body}");
+    }
 }
