@@ -385,6 +385,9 @@ pub struct LabTestResult {
     /// as the source gave it.
     #[serde(default)]
     pub members: Vec<String>,
+    /// The determination's type code as the source gave it (MEDLAB `BEP` element 1).
+    #[serde(default)]
+    pub type_code: Option<String>,
 }
 
 impl LabTestResult {
@@ -420,6 +423,7 @@ impl LabTestResult {
             interpretation_text: None,
             interpretation_display: None,
             members: Vec::new(),
+            type_code: None,
         }
     }
 }

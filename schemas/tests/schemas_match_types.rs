@@ -277,6 +277,7 @@ fn lab_result_matches_its_schema() {
             interpretation_text: Some("boven referentiebereik".into()),
             interpretation_display: Some("High".into()),
             members: vec!["r2".into()],
+            type_code: Some("0".into()),
         }],
         comments: vec![],
         report_identifiers: vec![Identifier {

@@ -264,6 +264,7 @@ pub(crate) fn lab_event(
                     interpretation: flag.as_deref().and_then(interpretation),
                     interpretation_raw: flag,
                     section: section.clone(),
+                    type_code: field(&seg, 0, 0),
                     ..report.next_result(test, status, group.as_ref().map(|g| g.specimen))
                 };
                 report.results.push(result);
