@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ketenbus_connectors::Normalize;
+use ketenbus_connectors::Normalise;
 use ketenbus_schemas::{Event, Format, RawEnvelope};
 
 // The broker's allocator.
@@ -29,12 +29,12 @@ fn event(format: Format, fixture: &str) -> Event {
         body,
         attributes: BTreeMap::new(),
     };
-    let normalizer: Box<dyn Normalize> = match format {
-        Format::Edifact => Box::new(ketenbus_connectors::edifact::EdifactNormalizer),
-        _ => Box::new(ketenbus_connectors::mail::MailNormalizer::default()),
+    let normaliser: Box<dyn Normalise> = match format {
+        Format::Edifact => Box::new(ketenbus_connectors::edifact::EdifactNormaliser),
+        _ => Box::new(ketenbus_connectors::mail::MailNormaliser::default()),
     };
-    normalizer
-        .normalize(&envelope)
+    normaliser
+        .normalise(&envelope)
         .expect("normalises")
         .into_iter()
         .next()

@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ketenbus_connectors::edifact::{normalize_bytes, parse, synthetic_medlab, tokenize};
+use ketenbus_connectors::edifact::{normalise_bytes, parse, synthetic_medlab, tokenize};
 
 // The allocator of the `ketenbus` binary, so the figures are the broker's.
 #[global_allocator]
@@ -33,7 +33,7 @@ fn edifact(c: &mut Criterion) {
     });
     g.bench_function("medlab_to_events", |b| {
         b.iter(|| {
-            let events = normalize_bytes("bench", black_box(&input)).expect("normalises");
+            let events = normalise_bytes("bench", black_box(&input)).expect("normalises");
             black_box(events.len())
         });
     });

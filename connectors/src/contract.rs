@@ -1,11 +1,11 @@
 //! The contracts every connector meets, and what they share: [`ingest`] (sources hand
-//! messages to it), [`source`] (how a running source reports), [`normalize`] (raw envelope
+//! messages to it), [`source`] (how a running source reports), [`normalise`] (raw envelope
 //! in, events out), [`sink`] (delivery), the [`content`] store that keeps the documents events
 //! refer to, and [`ErrorKind`], how every error is handled.
 
 pub mod content;
 pub mod ingest;
-pub mod normalize;
+pub mod normalise;
 pub mod sink;
 pub mod source;
 

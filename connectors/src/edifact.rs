@@ -4,7 +4,7 @@
 //! components that borrow from the input; [`parse`] adds the UNB/UNG/UNH/UNT/UNE/UNZ
 //! envelopes and checks their control counts; [`write_document`] and [`Writer`] put
 //! segments back into bytes; [`inspect`] shows a parsed file as JSON. On top of that,
-//! [`EdifactNormalizer`] maps MEDLAB:1 and MEDRPT lab reports to lab-result events and
+//! [`EdifactNormaliser`] maps MEDLAB:1 and MEDRPT lab reports to lab-result events and
 //! MEDVRI:1 / MEDSPE:1 to letter events, and [`acknowledge`] answers an interchange with
 //! a UN CONTRL message.
 //!
@@ -25,8 +25,8 @@ pub use contrl::{CONTRL_CONNECTOR, ContrlParams, acknowledge, reply, syntax_erro
 pub use fuzz::fuzz_one;
 pub use inspect::{document_json, inspect, segment_json};
 pub use map::{
-    EdifactNormalizer, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, normalize_bytes,
-    normalize_document,
+    EdifactNormaliser, REASON_INVALID_BSN, REASON_MISSING, REASON_SYNTAX, normalise_bytes,
+    normalise_document,
 };
 pub use parse::document::{Document, Interchange, Message, parse, parse_strict};
 pub use parse::error::{EdifactError, Position};

@@ -3,7 +3,7 @@
 //! Sans-IO layers, each usable alone:
 //! - [`value`]: a light generic resource tree in FHIR's JSON shape (decimals kept exact);
 //!   [`parse`](mod@parse)'s [`json`] and [`xml`] read and write it (XML through the R4 element model).
-//! - [`inbound`]: [`FhirNormalizer`], nl-core lab results, Acute Zorg referrals and
+//! - [`inbound`]: [`FhirNormaliser`], nl-core lab results, Acute Zorg referrals and
 //!   eOverdracht-style Task notifications into ketenbus events.
 //! - [`emit`]: the inverse, events into nl-core resources in a transaction or message Bundle.
 //! - [`outcome`]: OperationOutcome written for senders and read from receivers.
@@ -31,7 +31,7 @@ use ketenbus_schemas::Format;
 pub use emit::{BundleStyle, EmitOptions, to_bundle};
 #[doc(hidden)]
 pub use fuzz::fuzz_one;
-pub use inbound::FhirNormalizer;
+pub use inbound::FhirNormaliser;
 pub use parse::{json, xml};
 pub use sink::FhirSink;
 pub use value::{Object, Value};

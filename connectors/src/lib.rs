@@ -20,6 +20,6 @@ mod linear_cost_tests;
 pub use contract::ErrorKind;
 pub use contract::content::{ContentStore, FsContentStore, MemoryContentStore};
 pub use contract::ingest::{Accepted, Ingest, IngestError};
-pub use contract::normalize::{Normalize, NormalizeError};
+pub use contract::normalise::{Normalise, NormaliseError};
 pub use contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 pub use contract::source::SourceStatus;

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use ketenbus_schemas::{Format, RawEnvelope};
 
-use crate::Normalize;
+use crate::Normalise;
 use crate::fhir::{Object, Value, json, xml};
 
 /// Most time four times the input may take, as a multiple of the time for one.
@@ -252,21 +252,21 @@ fn lab_bundle(units: usize) -> Value {
 }
 
 fn normalise(format: Format, body: &[u8]) {
-    let n: Box<dyn Normalize> = match format {
-        Format::Edifact => Box::new(crate::edifact::EdifactNormalizer),
-        Format::Rfc822 => Box::new(crate::mail::MailNormalizer::default()),
-        _ => Box::new(crate::fhir::FhirNormalizer),
+    let n: Box<dyn Normalise> = match format {
+        Format::Edifact => Box::new(crate::edifact::EdifactNormaliser),
+        Format::Rfc822 => Box::new(crate::mail::MailNormaliser::default()),
+        _ => Box::new(crate::fhir::FhirNormaliser),
     };
     let env = envelope(format, body.to_vec());
-    let _ = std::hint::black_box(n.normalize(&env));
+    let _ = std::hint::black_box(n.normalise(&env));
 }
 
 #[test]
 fn the_synthetic_lab_bundle_maps_to_one_event_per_patient() {
     // The inputs below measure the real mapping, not an early error.
     let body = json::to_vec(&lab_bundle(3));
-    let events = crate::fhir::FhirNormalizer
-        .normalize(&envelope(Format::FhirJson, body))
+    let events = crate::fhir::FhirNormaliser
+        .normalise(&envelope(Format::FhirJson, body))
         .expect("maps");
     assert_eq!(events.len(), 3);
     // Each patient's event holds its own report only (indexed, not scanned per patient).
@@ -276,8 +276,8 @@ fn the_synthetic_lab_bundle_maps_to_one_event_per_patient() {
     assert_eq!(second.report_identifiers.len(), 1);
     assert_eq!(second.report_identifiers[0].value, "RPT-1");
     let xml_body = xml::to_vec(&lab_bundle(3)).expect("writes");
-    let events = crate::fhir::FhirNormalizer
-        .normalize(&envelope(Format::FhirXml, xml_body))
+    let events = crate::fhir::FhirNormaliser
+        .normalise(&envelope(Format::FhirXml, xml_body))
         .expect("maps");
     assert_eq!(events.len(), 3);
 }
@@ -370,8 +370,8 @@ fn big_medlab_message(groups: usize) -> Vec<u8> {
 #[test]
 fn edifact_cost_is_linear() {
     assert!(
-        crate::edifact::EdifactNormalizer
-            .normalize(&envelope(Format::Edifact, big_medlab_message(3)))
+        crate::edifact::EdifactNormaliser
+            .normalise(&envelope(Format::Edifact, big_medlab_message(3)))
             .is_ok(),
         "the synthetic message maps"
     );

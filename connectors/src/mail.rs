@@ -26,7 +26,7 @@ use ketenbus_schemas::{Format, RawEnvelope};
 
 pub use config::{MailConfig, SmtpAuthConfig};
 pub use listener::SmtpListener;
-pub use mime::MailNormalizer;
+pub use mime::MailNormaliser;
 pub use send::{MailSink, MailSinkConfig};
 pub use sender_check::SmtpSenderCheck;
 

@@ -5,8 +5,8 @@
 
 use ketenbus_schemas::event::{HumanName, Identifier, LabResultEvent, systems};
 
-use crate::NormalizeError;
-use crate::contract::normalize::REASON_INVALID_BSN;
+use crate::NormaliseError;
+use crate::contract::normalise::REASON_INVALID_BSN;
 
 /// System of the EDIFACT reference number a specimen carries (MEDLAB IDE), as nl-core names
 /// the extension that holds it; also the extension's URL in FHIR.
@@ -43,8 +43,8 @@ pub fn bsn_is_valid(bsn: &str) -> bool {
 
 /// The `invalid_bsn` rejection of a BSN at `path` that fails the eleven-test.
 #[must_use]
-pub fn invalid_bsn(path: String) -> NormalizeError {
-    NormalizeError::Invalid {
+pub fn invalid_bsn(path: String) -> NormaliseError {
+    NormaliseError::Invalid {
         reason: REASON_INVALID_BSN,
         path,
         what: "BSN fails the eleven-test".to_owned(),
@@ -58,7 +58,7 @@ pub fn invalid_bsn(path: String) -> NormalizeError {
 pub fn bsn_identifier(
     value: &str,
     at: impl FnOnce() -> String,
-) -> Result<Identifier, NormalizeError> {
+) -> Result<Identifier, NormaliseError> {
     if bsn_is_valid(value) {
         Ok(Identifier {
             system: systems::BSN.to_owned(),

@@ -429,7 +429,7 @@ fn examine(
         _ => {}
     }
     if let Err(e) = inbound::events_from(&tree, "validation", format.as_str()) {
-        let (status, oo) = outcome::for_normalize_error(&e);
+        let (status, oo) = outcome::for_normalise_error(&e);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
         return Err(Box::new(respond(status, out, &oo)));
     }

@@ -69,7 +69,7 @@ pub fn inspect(bytes: &[u8], format: Format, normalisers: &Normalisers) -> Resul
         attributes: std::collections::BTreeMap::new(),
     };
     let mut out = json!({ "format": format.as_str(), "parsed": parsed });
-    match normalisers.get(&format).map(|n| n.normalize(&envelope)) {
+    match normalisers.get(&format).map(|n| n.normalise(&envelope)) {
         Some(Ok(events)) => {
             out["events"] = serde_json::to_value(events).map_err(|e| e.to_string())?
         }

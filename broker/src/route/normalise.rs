@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use ketenbus_connectors::{Normalize, NormalizeError};
+use ketenbus_connectors::{Normalise, NormaliseError};
 use ketenbus_schemas::{Event, Format, RawEnvelope};
 
 /// Normalisers by format; a format without one is recorded as `unsupported_format`.
-pub type Normalisers = HashMap<Format, Box<dyn Normalize>>;
+pub type Normalisers = HashMap<Format, Box<dyn Normalise>>;
 
 /// The normalisers this build has.
 #[must_use]
@@ -15,19 +15,19 @@ pub fn normalisers() -> Normalisers {
     let mut n: Normalisers = HashMap::new();
     n.insert(
         Format::Edifact,
-        Box::new(ketenbus_connectors::edifact::EdifactNormalizer),
+        Box::new(ketenbus_connectors::edifact::EdifactNormaliser),
     );
     n.insert(
         Format::FhirJson,
-        Box::new(ketenbus_connectors::fhir::FhirNormalizer),
+        Box::new(ketenbus_connectors::fhir::FhirNormaliser),
     );
     n.insert(
         Format::FhirXml,
-        Box::new(ketenbus_connectors::fhir::FhirNormalizer),
+        Box::new(ketenbus_connectors::fhir::FhirNormaliser),
     );
     n.insert(
         Format::Rfc822,
-        Box::new(ketenbus_connectors::mail::MailNormalizer::default()),
+        Box::new(ketenbus_connectors::mail::MailNormaliser::default()),
     );
     n
 }
@@ -41,15 +41,15 @@ pub fn normalisers() -> Normalisers {
 pub fn events_of(
     normalisers: &Normalisers,
     envelope: &RawEnvelope,
-) -> Result<Vec<Event>, NormalizeError> {
+) -> Result<Vec<Event>, NormaliseError> {
     let normaliser =
         normalisers
             .get(&envelope.format)
-            .ok_or(NormalizeError::UnsupportedFormat {
+            .ok_or(NormaliseError::UnsupportedFormat {
                 format: envelope.format.as_str(),
             })?;
     normaliser
-        .normalize(envelope)
+        .normalise(envelope)
         .map(|events| per_receiver(events, envelope))
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ketenbus_connectors::ContentStore;
 use ketenbus_connectors::mail::dsn::{self, LineageReport};
-use ketenbus_connectors::{NormalizeError, edifact};
+use ketenbus_connectors::{NormaliseError, edifact};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
@@ -463,7 +463,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 bounced,
             }
         }
-        Err(NormalizeError::UnsupportedFormat { format }) => {
+        Err(NormaliseError::UnsupportedFormat { format }) => {
             let mut step = Step::new(at, Stage::Normalise, StepOutcome::UnsupportedFormat);
             step.reason = Some("unsupported_format".into());
             step.detail = Some(format!(

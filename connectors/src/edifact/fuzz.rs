@@ -3,7 +3,7 @@
 
 use super::contrl::{ContrlParams, acknowledge};
 use super::inspect::document_json;
-use super::map::normalize_document;
+use super::map::normalise_document;
 use super::parse::document::{parse, parse_strict};
 use super::parse::tokenize::tokenize;
 use super::parse::write::{OwnedSegment, write_document};
@@ -61,7 +61,7 @@ pub fn fuzz_one(data: &[u8]) {
     };
     let _ = document_json(&doc);
     // The mappings must not panic either, whatever they decide.
-    if let Err(e) = normalize_document("fuzz", &doc) {
+    if let Err(e) = normalise_document("fuzz", &doc) {
         let _ = (e.reason(), e.to_string());
     }
     for m in doc.messages() {

@@ -2,7 +2,7 @@
 
 use serde_json::{Value as Json, json};
 
-use super::map::normalize_document;
+use super::map::normalise_document;
 use super::parse::document::{Document, parse};
 use super::parse::error::EdifactError;
 use super::parse::syntax::Delimiters;
@@ -111,7 +111,7 @@ pub fn document_json(doc: &Document<'_>) -> Json {
 pub fn inspect(bytes: &[u8]) -> Result<Json, EdifactError> {
     let doc = parse(bytes)?;
     let mut j = document_json(&doc);
-    match normalize_document("inspect", &doc) {
+    match normalise_document("inspect", &doc) {
         Ok(events) => j["events"] = serde_json::to_value(events).unwrap_or(Json::Null),
         Err(e) => j["rejected"] = json!({ "reason": e.reason(), "error": e.to_string() }),
     }

@@ -13,7 +13,7 @@ use ketenbus_schemas::{Event, RawEnvelope};
 use super::parse::document::{Document, Interchange, Message, parse};
 use super::parse::error::{EdifactError, Position};
 use super::parse::tokenize::Segment;
-use crate::{Normalize, NormalizeError};
+use crate::{Normalise, NormaliseError};
 
 mod lab;
 pub(crate) mod letter;
@@ -25,13 +25,13 @@ mod golden_tests;
 
 /// Reason code for input that is not EDIFACT or breaks its envelope rules.
 pub const REASON_SYNTAX: &str = "edifact_syntax";
-pub use crate::contract::normalize::{REASON_INVALID_BSN, REASON_MISSING};
+pub use crate::contract::normalise::{REASON_INVALID_BSN, REASON_MISSING};
 
 /// Normalises EDIFACT envelopes: MEDLAB:1 and MEDRPT lab reports (MRPN32, and MedCom's
 /// D93A reports built the same way) to lab-result events, MEDVRI:1 and MEDSPE:1 to letter
 /// events.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct EdifactNormalizer;
+pub struct EdifactNormaliser;
 
 /// What kind of mapping a message gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,8 +135,8 @@ impl<'e> Context<'e> {
     }
 }
 
-fn syntax_error(e: &EdifactError) -> NormalizeError {
-    NormalizeError::Syntax {
+fn syntax_error(e: &EdifactError) -> NormaliseError {
+    NormaliseError::Syntax {
         reason: REASON_SYNTAX,
         format: "edifact",
         position: e.position().map_or_else(
@@ -147,30 +147,30 @@ fn syntax_error(e: &EdifactError) -> NormalizeError {
     }
 }
 
-/// Normalises an EDIFACT body that is already in memory (what [`EdifactNormalizer`] does
+/// Normalises an EDIFACT body that is already in memory (what [`EdifactNormaliser`] does
 /// with an envelope's body).
 ///
 /// # Errors
 /// `edifact_syntax` with the position when the bytes do not parse or a control count is
 /// wrong; `unsupported_message_type` for a message ketenbus does not map; `invalid_bsn` and
 /// `missing_element` when a mapped message lacks what its event needs.
-pub fn normalize_bytes(envelope_id: &str, body: &[u8]) -> Result<Vec<Event>, NormalizeError> {
+pub fn normalise_bytes(envelope_id: &str, body: &[u8]) -> Result<Vec<Event>, NormaliseError> {
     let doc = parse(body).map_err(|e| syntax_error(&e))?;
-    normalize_document(envelope_id, &doc)
+    normalise_document(envelope_id, &doc)
 }
 
-/// [`normalize_bytes`] for a parsed document.
+/// [`normalise_bytes`] for a parsed document.
 ///
 /// # Errors
-/// As [`normalize_bytes`].
-pub fn normalize_document(
+/// As [`normalise_bytes`].
+pub fn normalise_document(
     envelope_id: &str,
     doc: &Document<'_>,
-) -> Result<Vec<Event>, NormalizeError> {
+) -> Result<Vec<Event>, NormaliseError> {
     // Unsupported types first: a partner's APERAK with a wrong count is still an APERAK.
     for m in doc.messages() {
         if mapping_for(&m).is_none() {
-            return Err(NormalizeError::UnsupportedMessageType {
+            return Err(NormaliseError::UnsupportedMessageType {
                 message_type: message_identifier(&m),
             });
         }
@@ -195,9 +195,9 @@ pub fn normalize_document(
     Ok(events)
 }
 
-impl Normalize for EdifactNormalizer {
-    fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
-        normalize_bytes(&envelope.id, &envelope.body)
+impl Normalise for EdifactNormaliser {
+    fn normalise(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormaliseError> {
+        normalise_bytes(&envelope.id, &envelope.body)
     }
 }
 
@@ -454,7 +454,7 @@ mod tests {
         // Found by the fuzzer: slicing a non-ASCII date panicked.
         let input = "UNB+UNOA:1+A+B+2\u{d3}\u{ce}101:0815+IC1'UNH+M1+MEDLAB:1'PID+1961:04:09+M'\
 DET+26:11:01'UNT+4+M1'UNZ+1+IC1'";
-        let events = normalize_bytes("e", input.as_bytes()).unwrap();
+        let events = normalise_bytes("e", input.as_bytes()).unwrap();
         let Event::LabResult(lab) = &events[0] else {
             panic!("lab result expected");
         };

@@ -11,8 +11,8 @@ use ketenbus_schemas::{Event, EventHeader, Format, RawEnvelope};
 use super::emit::{BundleStyle, EmitOptions, INTERCHANGE_REFERENCE, to_bundle};
 use super::validator::assert_valid_bundle;
 use super::value::Value;
-use super::{FhirNormalizer, json};
-use crate::Normalize;
+use super::{FhirNormaliser, json};
+use crate::Normalise;
 
 /// A FHIR envelope of `body`.
 fn envelope(format: Format, body: Vec<u8>) -> RawEnvelope {
@@ -222,12 +222,12 @@ fn without_header(e: &AcuteHandoverEvent) -> String {
 #[test]
 fn class_10_fields_of_a_referral_go_in_out_and_back() {
     let source = envelope(Format::FhirJson, fixture("class10-referral.json"));
-    let events = FhirNormalizer.normalize(&source).unwrap();
+    let events = FhirNormaliser.normalise(&source).unwrap();
     let e = handover(&events);
     assert_referral_fields(&e);
     assert_eq!(e.header.message_reference.as_deref(), Some("mh-class10"));
 
-    let documents = FhirNormalizer.content(&source);
+    let documents = FhirNormaliser.content(&source);
     let store: super::sink::AttachmentSource = std::sync::Arc::new(move |hash: &str| {
         documents
             .iter()
@@ -252,8 +252,8 @@ fn class_10_fields_of_a_referral_go_in_out_and_back() {
         );
         super::sink::inline_attachments(&mut out, &store);
         for format in [Format::FhirJson, Format::FhirXml] {
-            let again = FhirNormalizer
-                .normalize(&envelope(format, super::write(format, &out).unwrap()))
+            let again = FhirNormaliser
+                .normalise(&envelope(format, super::write(format, &out).unwrap()))
                 .unwrap();
             let e2 = handover(&again);
             assert_referral_fields(&e2);
@@ -275,8 +275,8 @@ fn notification(events: &[Event]) -> HandoverNotificationEvent {
 
 #[test]
 fn a_task_keeps_its_input_references_and_not_its_credential() {
-    let events = FhirNormalizer
-        .normalize(&envelope(Format::FhirJson, fixture("class10-task.json")))
+    let events = FhirNormaliser
+        .normalise(&envelope(Format::FhirJson, fixture("class10-task.json")))
         .unwrap();
     let n = notification(&events);
     let kinds: Vec<(&str, &str)> = n
@@ -315,8 +315,8 @@ fn a_task_keeps_its_input_references_and_not_its_credential() {
         )
         .unwrap();
         assert_valid_bundle(&out);
-        let again = FhirNormalizer
-            .normalize(&envelope(Format::FhirJson, json::to_vec(&out)))
+        let again = FhirNormaliser
+            .normalise(&envelope(Format::FhirJson, json::to_vec(&out)))
             .unwrap();
         assert_eq!(notification(&again).inputs, n.inputs, "{style:?}");
     }
@@ -410,7 +410,7 @@ fn lab(events: &[Event]) -> LabResultEvent {
 
 #[test]
 fn edifact_phone_numbers_and_control_references_leave_as_valid_fhir_and_come_back() {
-    let events = crate::edifact::normalize_bytes(
+    let events = crate::edifact::normalise_bytes(
         "env-c10",
         include_bytes!("../../testdata/edifact/ketenbus/mrpn32-telecom.edi"),
     )
@@ -449,7 +449,7 @@ fn edifact_phone_numbers_and_control_references_leave_as_valid_fhir_and_come_bac
     assert_eq!(e.header.message_reference.as_deref(), Some("R0411"));
 
     // MEDLAB's ZKH telephone number is the lab's telecom too.
-    let medlab = crate::edifact::normalize_bytes(
+    let medlab = crate::edifact::normalise_bytes(
         "env-c10",
         include_bytes!("../../testdata/edifact/ketenbus/medlab-standards-example.edi"),
     )
@@ -473,8 +473,8 @@ fn edifact_phone_numbers_and_control_references_leave_as_valid_fhir_and_come_bac
         };
         let out = to_bundle(event, &EmitOptions::default()).unwrap();
         assert_valid_bundle(&out);
-        let again = lab(&FhirNormalizer
-            .normalize(&envelope(Format::FhirJson, json::to_vec(&out)))
+        let again = lab(&FhirNormaliser
+            .normalise(&envelope(Format::FhirJson, json::to_vec(&out)))
             .unwrap());
         assert_eq!(
             again.header.interchange_reference,

@@ -4,8 +4,8 @@
 use ketenbus_schemas::{Format, RawEnvelope};
 
 use super::parse::xml::sorted;
-use super::{FhirNormalizer, parse, sniff, write};
-use crate::Normalize as _;
+use super::{FhirNormaliser, parse, sniff, write};
+use crate::Normalise as _;
 
 /// Feeds `data` in `format` (JSON or XML) through the reader, the writer and the normaliser:
 /// a parsed resource must write back, parse again to the same tree (for XML up to member
@@ -58,7 +58,7 @@ pub fn fuzz_one(format: Format, data: &[u8]) {
         body: data.to_vec(),
         attributes: std::collections::BTreeMap::new(),
     };
-    let _ = FhirNormalizer.normalize(&envelope);
+    let _ = FhirNormaliser.normalise(&envelope);
 }
 
 #[cfg(test)]

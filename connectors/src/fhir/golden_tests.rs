@@ -10,8 +10,8 @@ use ketenbus_schemas::{Event, Format, RawEnvelope};
 use super::emit::{BundleStyle, EmitOptions, to_bundle};
 use super::validator::assert_valid_bundle;
 use super::value::{Object, Value};
-use super::{FhirNormalizer, json, xml};
-use crate::{Normalize, NormalizeError};
+use super::{FhirNormaliser, json, xml};
+use crate::{Normalise, NormaliseError};
 
 pub(super) fn testdata(rel: &str) -> Vec<u8> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -428,15 +428,15 @@ pub(crate) fn clinical(e: &ketenbus_schemas::event::LabResultEvent) -> String {
 #[test]
 fn nictiz_lab_results_in_json_and_xml_map_to_one_lab_event() {
     let bundle = lab_bundle();
-    let from_json = FhirNormalizer
-        .normalize(&envelope(
+    let from_json = FhirNormaliser
+        .normalise(&envelope(
             "env-lab",
             Format::FhirJson,
             json::to_vec(&bundle),
         ))
         .unwrap();
-    let from_xml = FhirNormalizer
-        .normalize(&envelope(
+    let from_xml = FhirNormaliser
+        .normalise(&envelope(
             "env-lab",
             Format::FhirXml,
             xml::to_vec(&bundle).unwrap(),
@@ -457,8 +457,8 @@ fn nictiz_lab_results_in_json_and_xml_map_to_one_lab_event() {
 
 #[test]
 fn lab_event_goes_out_as_valid_nl_core_and_comes_back_the_same() {
-    let events = FhirNormalizer
-        .normalize(&envelope(
+    let events = FhirNormaliser
+        .normalise(&envelope(
             "env-lab",
             Format::FhirJson,
             json::to_vec(&lab_bundle()),
@@ -480,8 +480,8 @@ fn lab_event_goes_out_as_valid_nl_core_and_comes_back_the_same() {
         );
         for format in [Format::FhirJson, Format::FhirXml] {
             let body = super::write(format, &out).unwrap();
-            let again = FhirNormalizer
-                .normalize(&envelope("env-out", format, body))
+            let again = FhirNormaliser
+                .normalise(&envelope("env-out", format, body))
                 .unwrap();
             let lab2 = only(&again, lab_of);
             assert_lab_content(&lab2);
@@ -606,7 +606,7 @@ fn assert_az_content(e: &ketenbus_schemas::event::AcuteHandoverEvent) {
     );
     // The bytes go to the content store, so a mail or FHIR subscriber gets the document.
     assert_eq!(
-        FhirNormalizer.content(&az_envelope()),
+        FhirNormaliser.content(&az_envelope()),
         [b"%PDF-1.4\n".to_vec()]
     );
 }
@@ -620,7 +620,7 @@ fn handover_clinical(e: &ketenbus_schemas::event::AcuteHandoverEvent) -> String 
 
 #[test]
 fn acute_zorg_referral_maps_to_an_acute_handover() {
-    let events = FhirNormalizer.normalize(&az_envelope()).unwrap();
+    let events = FhirNormaliser.normalise(&az_envelope()).unwrap();
     let e = only(&events, handover_of);
     assert_az_content(&e);
     assert_eq!(
@@ -643,8 +643,8 @@ fn acute_zorg_referral_maps_to_an_acute_handover() {
     );
     // The same message as XML maps to the same handover.
     let tree = json::parse(&az_envelope().body).unwrap();
-    let from_xml = FhirNormalizer
-        .normalize(&envelope(
+    let from_xml = FhirNormaliser
+        .normalise(&envelope(
             "env-az",
             Format::FhirXml,
             xml::to_vec(&tree).unwrap(),
@@ -658,7 +658,7 @@ fn acute_zorg_referral_maps_to_an_acute_handover() {
 
 #[test]
 fn acute_handover_goes_out_as_a_valid_message_and_comes_back_the_same() {
-    let events = FhirNormalizer.normalize(&az_envelope()).unwrap();
+    let events = FhirNormaliser.normalise(&az_envelope()).unwrap();
     let e = only(&events, handover_of);
     for style in [BundleStyle::Message, BundleStyle::Transaction] {
         let opts = EmitOptions {
@@ -670,14 +670,14 @@ fn acute_handover_goes_out_as_a_valid_message_and_comes_back_the_same() {
         assert_valid_bundle(&out);
         // A pointer into the content store is refused on the way in: the sink sends the
         // document's bytes, as here.
-        let pointer = FhirNormalizer
-            .normalize(&envelope("env-out", Format::FhirJson, json::to_vec(&out)))
+        let pointer = FhirNormaliser
+            .normalise(&envelope("env-out", Format::FhirJson, json::to_vec(&out)))
             .unwrap_err();
         assert!(
-            matches!(&pointer, NormalizeError::Invalid { path, .. } if path.ends_with(".content[0].attachment.url")),
+            matches!(&pointer, NormaliseError::Invalid { path, .. } if path.ends_with(".content[0].attachment.url")),
             "{pointer:?}"
         );
-        let documents = FhirNormalizer.content(&az_envelope());
+        let documents = FhirNormaliser.content(&az_envelope());
         let source: super::sink::AttachmentSource = std::sync::Arc::new(move |hash: &str| {
             documents
                 .iter()
@@ -686,8 +686,8 @@ fn acute_handover_goes_out_as_a_valid_message_and_comes_back_the_same() {
         });
         super::sink::inline_attachments(&mut out, &source);
         for format in [Format::FhirJson, Format::FhirXml] {
-            let again = FhirNormalizer
-                .normalize(&envelope(
+            let again = FhirNormaliser
+                .normalise(&envelope(
                     "env-out",
                     format,
                     super::write(format, &out).unwrap(),
@@ -720,12 +720,12 @@ fn a_bsn_failing_the_eleven_test_is_rejected_with_its_path() {
     let text = String::from_utf8(az_envelope().body)
         .unwrap()
         .replace("999999990", "999999991");
-    let err = FhirNormalizer
-        .normalize(&envelope("env-bad", Format::FhirJson, text.into_bytes()))
+    let err = FhirNormaliser
+        .normalise(&envelope("env-bad", Format::FhirJson, text.into_bytes()))
         .unwrap_err();
     assert_eq!(
         err,
-        NormalizeError::Invalid {
+        NormaliseError::Invalid {
             reason: "invalid_bsn",
             path: "Bundle.entry[3].resource.identifier[0]".into(),
             what: "BSN fails the eleven-test".into()
@@ -748,8 +748,8 @@ const TASK_MESSAGE: &str = r#"{"resourceType":"Bundle","type":"message","entry":
 
 #[test]
 fn a_task_notification_maps_to_a_thin_event_and_back() {
-    let events = FhirNormalizer
-        .normalize(&envelope(
+    let events = FhirNormaliser
+        .normalise(&envelope(
             "env-task",
             Format::FhirJson,
             TASK_MESSAGE.as_bytes().to_vec(),
@@ -786,8 +786,8 @@ fn a_task_notification_maps_to_a_thin_event_and_back() {
     )
     .unwrap();
     assert_valid_bundle(&out);
-    let again = FhirNormalizer
-        .normalize(&envelope(
+    let again = FhirNormaliser
+        .normalise(&envelope(
             "env-task-out",
             Format::FhirJson,
             json::to_vec(&out),
@@ -817,8 +817,8 @@ fn a_task_notification_maps_to_a_thin_event_and_back() {
 #[test]
 fn single_observation_and_task_resources_map_too() {
     let obs = testdata("nictiz-r4-zib2020/nl-core-LaboratoryTestResult-LaboratoryTest-05.xml");
-    let events = FhirNormalizer
-        .normalize(&envelope("env-obs", Format::FhirXml, obs))
+    let events = FhirNormaliser
+        .normalise(&envelope("env-obs", Format::FhirXml, obs))
         .unwrap();
     let lab = only(&events, lab_of);
     assert!(
@@ -835,8 +835,8 @@ fn single_observation_and_task_resources_map_too() {
         Some("Observation")
     );
     let task = br#"{"resourceType":"Task","id":"t1","status":"ready","intent":"order"}"#;
-    let events = FhirNormalizer
-        .normalize(&envelope("env-t", Format::FhirJson, task.to_vec()))
+    let events = FhirNormaliser
+        .normalise(&envelope("env-t", Format::FhirJson, task.to_vec()))
         .unwrap();
     assert!(
         matches!(&events[0], Event::HandoverNotification(n) if n.task_reference == "Task/t1" && n.task_status == "ready")
@@ -846,12 +846,12 @@ fn single_observation_and_task_resources_map_too() {
 #[test]
 fn what_cannot_be_mapped_is_named() {
     let patient = testdata("nictiz-r4-zib2020/nl-core-Patient-01.xml");
-    let err = FhirNormalizer
-        .normalize(&envelope("e", Format::FhirXml, patient))
+    let err = FhirNormaliser
+        .normalise(&envelope("e", Format::FhirXml, patient))
         .unwrap_err();
     assert_eq!(err.reason(), "unsupported_message_type");
-    let err = FhirNormalizer
-        .normalize(&envelope(
+    let err = FhirNormaliser
+        .normalise(&envelope(
             "e",
             Format::FhirJson,
             b"{\"resourceType\":".to_vec(),
@@ -859,19 +859,19 @@ fn what_cannot_be_mapped_is_named() {
         .unwrap_err();
     assert_eq!(err.reason(), "fhir_syntax");
     let no_code = br#"{"resourceType":"Observation","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{}}"#;
-    let err = FhirNormalizer
-        .normalize(&envelope("e", Format::FhirJson, no_code.to_vec()))
+    let err = FhirNormaliser
+        .normalise(&envelope("e", Format::FhirJson, no_code.to_vec()))
         .unwrap_err();
     assert!(
-        matches!(err, NormalizeError::Invalid { reason: "missing_element", ref path, .. } if path == "Observation.code.coding"),
+        matches!(err, NormaliseError::Invalid { reason: "missing_element", ref path, .. } if path == "Observation.code.coding"),
         "{err}"
     );
 }
 
 #[test]
 fn normalising_is_pure() {
-    let a = FhirNormalizer.normalize(&az_envelope()).unwrap();
-    let b = FhirNormalizer.normalize(&az_envelope()).unwrap();
+    let a = FhirNormaliser.normalise(&az_envelope()).unwrap();
+    let b = FhirNormaliser.normalise(&az_envelope()).unwrap();
     assert_eq!(a, b);
 }
 
@@ -987,8 +987,8 @@ fn an_edifact_shaped_lab_event_leaves_as_valid_nl_core() {
     });
     let out = to_bundle(&event, &EmitOptions::default()).unwrap();
     assert_valid_bundle(&out);
-    let back = FhirNormalizer
-        .normalize(&envelope(
+    let back = FhirNormaliser
+        .normalise(&envelope(
             "env-edi-out",
             Format::FhirJson,
             json::to_vec(&out),
@@ -1067,8 +1067,8 @@ fn contained_resources_resolve_by_local_reference() {
         "specimen",
         Object::new().with("reference", "#s").into(),
     );
-    let events = FhirNormalizer
-        .normalize(&envelope("env-c", Format::FhirJson, json::to_vec(&obs)))
+    let events = FhirNormaliser
+        .normalise(&envelope("env-c", Format::FhirJson, json::to_vec(&obs)))
         .unwrap();
     let lab = only(&events, lab_of);
     assert_eq!(
@@ -1078,11 +1078,11 @@ fn contained_resources_resolve_by_local_reference() {
     assert_eq!(lab.specimens[0].material.as_ref().unwrap().code, "87612001");
     // The contained Patient is checked too.
     let bad = json::to_string(&obs).replace("111222333", "111222334");
-    let err = FhirNormalizer
-        .normalize(&envelope("env-c", Format::FhirJson, bad.into_bytes()))
+    let err = FhirNormaliser
+        .normalise(&envelope("env-c", Format::FhirJson, bad.into_bytes()))
         .unwrap_err();
     assert!(
-        matches!(err, NormalizeError::Invalid { reason: "invalid_bsn", ref path, .. } if path == "Observation.contained[0].identifier[0]"),
+        matches!(err, NormaliseError::Invalid { reason: "invalid_bsn", ref path, .. } if path == "Observation.contained[0].identifier[0]"),
         "{err}"
     );
 }
@@ -1103,7 +1103,7 @@ mod robustness {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             for format in [Format::FhirJson, Format::FhirXml] {
-                let _ = FhirNormalizer.normalize(&envelope("p", format, bytes.clone()));
+                let _ = FhirNormaliser.normalise(&envelope("p", format, bytes.clone()));
             }
         }
 
@@ -1115,9 +1115,9 @@ mod robustness {
                     let i = at.index(body.len());
                     body[i] = *b;
                 }
-                let _ = FhirNormalizer.normalize(&envelope("p", format, body.clone()));
+                let _ = FhirNormaliser.normalise(&envelope("p", format, body.clone()));
                 body.truncate(truncate.index(body.len()));
-                let _ = FhirNormalizer.normalize(&envelope("p", format, body));
+                let _ = FhirNormaliser.normalise(&envelope("p", format, body));
             }
         }
     }

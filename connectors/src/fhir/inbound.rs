@@ -26,7 +26,7 @@ use ketenbus_schemas::{Event, EventHeader, EventKind, RawEnvelope};
 
 use super::FhirError;
 use super::value::{Object, Value};
-use crate::{Normalize, NormalizeError, party, zib};
+use crate::{Normalise, NormaliseError, party, zib};
 
 mod dates;
 mod handover;
@@ -38,7 +38,7 @@ pub(crate) use lab::{EXT_REPLACES, URI};
 
 /// Reason code: not well-formed FHIR.
 pub const REASON_SYNTAX: &str = "fhir_syntax";
-pub use crate::contract::normalize::{REASON_INVALID_BSN, REASON_MISSING};
+pub use crate::contract::normalise::{REASON_INVALID_BSN, REASON_MISSING};
 /// Reason code: an element is present but unusable (bad base64, wrong JSON type).
 pub const REASON_INVALID: &str = "invalid_element";
 
@@ -89,17 +89,17 @@ pub(crate) const SNOMED_FLAGS: [(&str, &str, &str); 3] = [
 
 /// The FHIR normaliser for `fhir_json` and `fhir_xml` envelopes.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct FhirNormalizer;
+pub struct FhirNormaliser;
 
-impl Normalize for FhirNormalizer {
-    fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
+impl Normalise for FhirNormaliser {
+    fn normalise(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormaliseError> {
         let format = envelope.format.as_str();
         let root = super::parse(envelope.format, &envelope.body).map_err(|e| syntax(&e, format))?;
         events_from(&root, &envelope.id, format)
     }
 
     /// The decoded `data` of every attachment in the message (DocumentReference content),
-    /// which the events refer to by SHA-256. Undecodable data is left out: `normalize`
+    /// which the events refer to by SHA-256. Undecodable data is left out: `normalise`
     /// rejects that message anyway.
     fn content(&self, envelope: &RawEnvelope) -> Vec<Vec<u8>> {
         let Ok(root) = super::parse(envelope.format, &envelope.body) else {
@@ -130,12 +130,12 @@ fn inline_attachment_data(v: &Value, out: &mut Vec<Vec<u8>>) {
     }
 }
 
-fn syntax(e: &FhirError, format: &'static str) -> NormalizeError {
+fn syntax(e: &FhirError, format: &'static str) -> NormaliseError {
     let (position, what) = match e {
         FhirError::Syntax { position, what } => (position.clone(), what.clone()),
         FhirError::Write { path, what } => (path.clone(), what.clone()),
     };
-    NormalizeError::Syntax {
+    NormaliseError::Syntax {
         reason: REASON_SYNTAX,
         format,
         position,
@@ -159,7 +159,7 @@ pub(crate) struct Entry<'a> {
 fn push_with_contained<'a>(
     entries: &mut Vec<Entry<'a>>,
     container: Entry<'a>,
-) -> Result<(), NormalizeError> {
+) -> Result<(), NormaliseError> {
     let res = container.res;
     let path = container.path.clone();
     entries.push(container);
@@ -167,7 +167,7 @@ fn push_with_contained<'a>(
         let Some(c) = c.as_object() else { continue };
         let cpath = format!("{path}.contained[{k}]");
         let ty = c.str("resourceType").ok_or_else(|| {
-            NormalizeError::missing(
+            NormaliseError::missing(
                 format!("{cpath}.resourceType"),
                 "resource without resourceType",
             )
@@ -205,7 +205,7 @@ pub(crate) struct Doc<'a> {
 }
 
 impl<'a> Doc<'a> {
-    pub(crate) fn new(root: &'a Object) -> Result<Doc<'a>, NormalizeError> {
+    pub(crate) fn new(root: &'a Object) -> Result<Doc<'a>, NormaliseError> {
         let ty = root.str("resourceType").unwrap_or_default();
         if ty != "Bundle" {
             let entry = Entry {
@@ -222,7 +222,7 @@ impl<'a> Doc<'a> {
         }
         let bundle_type = root
             .str("type")
-            .ok_or_else(|| NormalizeError::missing("Bundle.type".into(), "Bundle without type"))?;
+            .ok_or_else(|| NormaliseError::missing("Bundle.type".into(), "Bundle without type"))?;
         let mut entries = Vec::new();
         for (i, e) in root.arr("entry").iter().enumerate() {
             let Some(res) = e.get("resource").and_then(Value::as_object) else {
@@ -230,7 +230,7 @@ impl<'a> Doc<'a> {
             };
             let path = format!("Bundle.entry[{i}].resource");
             let ty = res.str("resourceType").ok_or_else(|| {
-                NormalizeError::missing(
+                NormaliseError::missing(
                     format!("{path}.resourceType"),
                     "resource without resourceType",
                 )
@@ -249,7 +249,7 @@ impl<'a> Doc<'a> {
             match entries.first() {
                 Some(e) if e.ty == "MessageHeader" => Some(0),
                 _ => {
-                    return Err(NormalizeError::missing(
+                    return Err(NormaliseError::missing(
                         "Bundle.entry[0].resource".into(),
                         "a message Bundle starts with a MessageHeader",
                     ));
@@ -340,16 +340,16 @@ impl<'a> Doc<'a> {
 /// The events a parsed FHIR resource or Bundle maps to.
 ///
 /// # Errors
-/// [`NormalizeError::Invalid`] naming the element path (`invalid_bsn`, `missing_element`,
-/// `invalid_element`); [`NormalizeError::UnsupportedMessageType`] when nothing in it maps.
+/// [`NormaliseError::Invalid`] naming the element path (`invalid_bsn`, `missing_element`,
+/// `invalid_element`); [`NormaliseError::UnsupportedMessageType`] when nothing in it maps.
 pub fn events_from(
     root: &Value,
     envelope_id: &str,
     source_format: &str,
-) -> Result<Vec<Event>, NormalizeError> {
+) -> Result<Vec<Event>, NormaliseError> {
     let root = root
         .as_object()
-        .ok_or_else(|| NormalizeError::missing("document".into(), "not a FHIR resource"))?;
+        .ok_or_else(|| NormaliseError::missing("document".into(), "not a FHIR resource"))?;
     dates::check(root)?;
     let doc = Doc::new(root)?;
     // Every BSN in the message passes the eleven-test, mapped or not.
@@ -406,7 +406,7 @@ pub fn events_from(
         if let Some(obs) = doc.of_type("Observation").next() {
             return Err(lab::not_lab(obs));
         }
-        return Err(NormalizeError::UnsupportedMessageType {
+        return Err(NormaliseError::UnsupportedMessageType {
             message_type: doc.message_type,
         });
     }
@@ -451,7 +451,7 @@ fn ext_value<'v>(exts: &'v [Value], url: &str) -> Option<&'v str> {
         })
 }
 
-fn identifiers(o: &Object, path: &str) -> Result<Vec<Identifier>, NormalizeError> {
+fn identifiers(o: &Object, path: &str) -> Result<Vec<Identifier>, NormaliseError> {
     let mut out = Vec::new();
     for (k, id) in o.arr("identifier").iter().enumerate() {
         let Some(id) = id.as_object() else { continue };
@@ -597,7 +597,7 @@ fn first_address(o: &Object) -> Option<Address> {
         .map(|a| address(a))
 }
 
-fn patient(e: &Entry<'_>) -> Result<Patient, NormalizeError> {
+fn patient(e: &Entry<'_>) -> Result<Patient, NormaliseError> {
     Ok(Patient {
         identifiers: identifiers(e.res, &e.path)?,
         name: pick_name(e.res),
@@ -615,7 +615,7 @@ fn patient_of(
     doc: &Doc<'_>,
     reference: Option<&Value>,
     path: &str,
-) -> Result<Option<Patient>, NormalizeError> {
+) -> Result<Option<Patient>, NormaliseError> {
     if let Some(e) = doc.resolve(reference).filter(|e| e.ty == "Patient") {
         return patient(e).map(Some);
     }
@@ -633,7 +633,7 @@ fn patient_of(
     }))
 }
 
-fn provider(e: &Entry<'_>) -> Result<HealthcareProvider, NormalizeError> {
+fn provider(e: &Entry<'_>) -> Result<HealthcareProvider, NormaliseError> {
     let phone = e
         .res
         .arr("telecom")
@@ -660,7 +660,7 @@ fn provider(e: &Entry<'_>) -> Result<HealthcareProvider, NormalizeError> {
 fn provider_of(
     doc: &Doc<'_>,
     reference: Option<&Value>,
-) -> Result<Option<HealthcareProvider>, NormalizeError> {
+) -> Result<Option<HealthcareProvider>, NormaliseError> {
     match doc.resolve(reference) {
         Some(e) if e.ty == "Organization" => provider(e).map(Some),
         Some(e) if e.ty == "PractitionerRole" => provider_of(doc, e.res.get("organization")),
@@ -680,7 +680,7 @@ fn professional_of(
     doc: &Doc<'_>,
     reference: Option<&Value>,
     role: &str,
-) -> Result<Option<HealthProfessional>, NormalizeError> {
+) -> Result<Option<HealthProfessional>, NormaliseError> {
     let Some(e) = doc.resolve(reference) else {
         let display = reference
             .and_then(|r| r.get("display"))
@@ -698,7 +698,7 @@ fn professional(
     doc: &Doc<'_>,
     e: &Entry<'_>,
     role: &str,
-) -> Result<HealthProfessional, NormalizeError> {
+) -> Result<HealthProfessional, NormaliseError> {
     let mut p = HealthProfessional {
         role: Some(role.to_owned()),
         ..HealthProfessional::default()

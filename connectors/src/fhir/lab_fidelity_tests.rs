@@ -9,8 +9,8 @@ use ketenbus_schemas::{Event, Format};
 use super::emit::{BundleStyle, EmitOptions, to_bundle};
 use super::golden_tests::{clinical, code, envelope, id, lab_of, only};
 use super::validator::assert_valid_bundle;
-use super::{FhirNormalizer, json};
-use crate::{Normalize, NormalizeError};
+use super::{FhirNormaliser, json};
+use crate::{Normalise, NormaliseError};
 
 const RES: &str = "urn:oid:2.16.840.1.113883.2.4.3.999.1.1";
 const UCUM: &str = "http://unitsofmeasure.org";
@@ -23,8 +23,8 @@ fn fixture(name: &str) -> Vec<u8> {
 }
 
 fn lab(body: Vec<u8>) -> LabResultEvent {
-    let events = FhirNormalizer
-        .normalize(&envelope("env-fid", Format::FhirJson, body))
+    let events = FhirNormaliser
+        .normalise(&envelope("env-fid", Format::FhirJson, body))
         .unwrap();
     only(&events, lab_of)
 }
@@ -43,8 +43,8 @@ fn out_and_back(e: &LabResultEvent) -> String {
         for format in [Format::FhirJson, Format::FhirXml] {
             let body = super::write(format, &out).unwrap();
             let again = only(
-                &FhirNormalizer
-                    .normalize(&envelope("env-out", format, body))
+                &FhirNormaliser
+                    .normalise(&envelope("env-out", format, body))
                     .unwrap(),
                 lab_of,
             );
@@ -234,8 +234,8 @@ fn a_transaction_keeps_ids_corrections_interpretations_panels_and_one_specimen()
 #[test]
 fn older_category_and_interpretation_systems_are_read() {
     let body = fixture("lab-stu3-searchset.json");
-    let events = FhirNormalizer
-        .normalize(&envelope("env-s", Format::FhirJson, body))
+    let events = FhirNormaliser
+        .normalise(&envelope("env-s", Format::FhirJson, body))
         .unwrap();
     let e = only(&events, lab_of);
     assert_eq!(
@@ -298,11 +298,11 @@ fn older_category_and_interpretation_systems_are_read() {
 
     // Observations that are no lab results: refused at their category, saying why.
     let vital = br#"{"resourceType":"Bundle","type":"searchset","entry":[{"resource":{"resourceType":"Observation","status":"final","category":[{"coding":[{"system":"http://hl7.org/fhir/observation-category","code":"vital-signs"}]}],"code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]}}}]}"#;
-    let err = FhirNormalizer
-        .normalize(&envelope("e", Format::FhirJson, vital.to_vec()))
+    let err = FhirNormaliser
+        .normalise(&envelope("e", Format::FhirJson, vital.to_vec()))
         .unwrap_err();
     assert!(
-        matches!(err, NormalizeError::Invalid { reason: "invalid_element", ref path, ref what }
+        matches!(err, NormaliseError::Invalid { reason: "invalid_element", ref path, ref what }
             if path == "Bundle.entry[0].resource.category" && what.contains("laboratory")),
         "{err}"
     );
@@ -337,11 +337,11 @@ fn dates_that_are_no_fhir_dates_are_refused_with_their_path() {
     ] {
         assert!(good.contains(from), "{from}");
         let bad = good.replacen(from, to, 1);
-        let err = FhirNormalizer
-            .normalize(&envelope("e", Format::FhirJson, bad.into_bytes()))
+        let err = FhirNormaliser
+            .normalise(&envelope("e", Format::FhirJson, bad.into_bytes()))
             .unwrap_err();
         assert!(
-            matches!(err, NormalizeError::Invalid { reason: "invalid_element", path: ref p, .. } if p == path),
+            matches!(err, NormaliseError::Invalid { reason: "invalid_element", path: ref p, .. } if p == path),
             "{to}: {err}"
         );
     }
@@ -374,7 +374,7 @@ fn a_test_named_only_by_text_is_a_result() {
 /// warning; the FHIR out is valid and carries all of it.
 #[test]
 fn a_medrpt_report_keeps_its_identity_uncoded_lines_remarks_and_ranges() {
-    let events = crate::edifact::normalize_bytes(
+    let events = crate::edifact::normalise_bytes(
         "env-rpt",
         include_bytes!("../../testdata/edifact/ketenbus/mrpn32-fidelity.edi"),
     )
@@ -479,7 +479,7 @@ fn a_medlab_reversed_range_is_kept_with_a_warning() {
     let medlab = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
 PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'IDE+J+L2611017+bloed'\
 BEP+0+Kalium+4.1++mmol/l++5.0+3.5+K'UNT+6+M0042'UNZ+1+IC0042'";
-    let events = crate::edifact::normalize_bytes("env-ml", medlab.as_bytes()).unwrap();
+    let events = crate::edifact::normalise_bytes("env-ml", medlab.as_bytes()).unwrap();
     let e = only(&events, lab_of);
     let k = &e.results[0];
     assert_eq!(

@@ -1,7 +1,7 @@
 //! OperationOutcome: what ketenbus answers senders, and how it reads receivers' answers.
 
 use super::value::{Object, Value};
-use crate::NormalizeError;
+use crate::NormaliseError;
 
 /// Longest issue text kept from a receiver's answer.
 const MAX_DETAIL: usize = 500;
@@ -26,9 +26,9 @@ pub fn outcome(severity: &str, code: &str, text: &str, expression: Option<&str>)
 /// The HTTP status and OperationOutcome for a message that did not map: `400` for
 /// syntax, `422` for content the sender can fix; the issue names the element path.
 #[must_use]
-pub fn for_normalize_error(e: &NormalizeError) -> (u16, Value) {
+pub fn for_normalise_error(e: &NormaliseError) -> (u16, Value) {
     match e {
-        NormalizeError::Syntax { position, what, .. } => (
+        NormaliseError::Syntax { position, what, .. } => (
             400,
             outcome(
                 "error",
@@ -37,7 +37,7 @@ pub fn for_normalize_error(e: &NormalizeError) -> (u16, Value) {
                 Some(position),
             ),
         ),
-        NormalizeError::Invalid { path, what, reason } => {
+        NormaliseError::Invalid { path, what, reason } => {
             let code = if *reason == super::inbound::REASON_MISSING {
                 "required"
             } else {
@@ -48,7 +48,7 @@ pub fn for_normalize_error(e: &NormalizeError) -> (u16, Value) {
                 outcome("error", code, &format!("{reason}: {what}"), Some(path)),
             )
         }
-        NormalizeError::UnsupportedMessageType { message_type } => (
+        NormaliseError::UnsupportedMessageType { message_type } => (
             422,
             outcome(
                 "error",
@@ -57,7 +57,7 @@ pub fn for_normalize_error(e: &NormalizeError) -> (u16, Value) {
                 None,
             ),
         ),
-        NormalizeError::UnsupportedFormat { .. } => {
+        NormaliseError::UnsupportedFormat { .. } => {
             (415, outcome("error", "not-supported", &e.to_string(), None))
         }
     }
@@ -122,12 +122,12 @@ mod tests {
 
     #[test]
     fn invalid_content_is_422_with_the_path() {
-        let e = NormalizeError::Invalid {
+        let e = NormaliseError::Invalid {
             reason: "invalid_bsn",
             path: "Bundle.entry[3].resource.identifier[0]".into(),
             what: "BSN fails the eleven-test".into(),
         };
-        let (status, oo) = for_normalize_error(&e);
+        let (status, oo) = for_normalise_error(&e);
         assert_eq!(status, 422);
         assert_eq!(
             issue_text(&oo).unwrap(),

@@ -399,7 +399,7 @@ mod tests {
 
     fn delivery() -> Delivery {
         let env = crate::fhir::golden_tests::az_envelope();
-        let events = crate::Normalize::normalize(&crate::fhir::FhirNormalizer, &env).unwrap();
+        let events = crate::Normalise::normalise(&crate::fhir::FhirNormaliser, &env).unwrap();
         Delivery {
             subscription: "hap".into(),
             record_id: events[0].header().id.clone(),

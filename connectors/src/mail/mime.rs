@@ -1,7 +1,7 @@
 //! MIME (RFC 2045-2049) through Stalwart's `mail-parser`: every leaf part of a message is
 //! routed by its type. EDIFACT bodies and attachments go to the EDIFACT normaliser, FHIR
 //! JSON/XML to the FHIR normaliser, and plain text, HTML and documents (PDF, images) make a
-//! letter event whose attachments are referenced by SHA-256; [`Normalize::content`] hands
+//! letter event whose attachments are referenced by SHA-256; [`Normalise::content`] hands
 //! their bytes to the router, which keeps them in the content store.
 //! Delivery status reports (`multipart/report`) make no event: [`crate::mail::dsn`] reads them.
 //!
@@ -14,7 +14,7 @@ use mail_parser::{MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
 
 use crate::contract::content::sha256_hex;
-use crate::contract::normalize::{Normalize, NormalizeError};
+use crate::contract::normalise::{Normalise, NormaliseError};
 
 /// Reason code for a message that is not RFC 5322.
 pub const REASON_SYNTAX: &str = "mime_syntax";
@@ -180,9 +180,9 @@ pub(crate) fn leaves<'m>(message: &'m mail_parser::Message<'m>) -> impl Iterator
 /// Take a message apart (pure).
 ///
 /// # Errors
-/// [`NormalizeError::Syntax`] when the bytes are not a mail message.
-pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormalizeError> {
-    let syntax = |what: &str| NormalizeError::Syntax {
+/// [`NormaliseError::Syntax`] when the bytes are not a mail message.
+pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormaliseError> {
+    let syntax = |what: &str| NormaliseError::Syntax {
         reason: REASON_SYNTAX,
         format: "rfc822",
         position: "message".into(),
@@ -230,43 +230,43 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormalizeError> {
 }
 
 /// The normaliser for `message/rfc822`.
-pub struct MailNormalizer {
-    edifact: Box<dyn Normalize>,
-    fhir: Box<dyn Normalize>,
+pub struct MailNormaliser {
+    edifact: Box<dyn Normalise>,
+    fhir: Box<dyn Normalise>,
 }
 
-impl std::fmt::Debug for MailNormalizer {
+impl std::fmt::Debug for MailNormaliser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MailNormalizer").finish_non_exhaustive()
+        f.debug_struct("MailNormaliser").finish_non_exhaustive()
     }
 }
 
-impl Default for MailNormalizer {
+impl Default for MailNormaliser {
     /// With the crate's EDIFACT and FHIR normalisers.
     fn default() -> Self {
-        MailNormalizer {
-            edifact: Box::new(crate::edifact::EdifactNormalizer),
-            fhir: Box::new(crate::fhir::FhirNormalizer),
+        MailNormaliser {
+            edifact: Box::new(crate::edifact::EdifactNormaliser),
+            fhir: Box::new(crate::fhir::FhirNormaliser),
         }
     }
 }
 
-impl MailNormalizer {
+impl MailNormaliser {
     /// With other normalisers for the structured parts (tests).
     #[must_use]
-    pub fn with_normalizers(
-        edifact: Box<dyn Normalize>,
-        fhir: Box<dyn Normalize>,
-    ) -> MailNormalizer {
-        MailNormalizer { edifact, fhir }
+    pub fn with_normalisers(
+        edifact: Box<dyn Normalise>,
+        fhir: Box<dyn Normalise>,
+    ) -> MailNormaliser {
+        MailNormaliser { edifact, fhir }
     }
 
     fn structured(
         &self,
         envelope: &RawEnvelope,
         part: &PartInfo,
-    ) -> Result<Vec<Event>, NormalizeError> {
-        let (normalizer, format, media) = match part.route {
+    ) -> Result<Vec<Event>, NormaliseError> {
+        let (normaliser, format, media) = match part.route {
             Route::Edifact => (&self.edifact, Format::Edifact, "application/EDIFACT"),
             Route::FhirJson => (&self.fhir, Format::FhirJson, "application/fhir+json"),
             _ => (&self.fhir, Format::FhirXml, "application/fhir+xml"),
@@ -284,19 +284,19 @@ impl MailNormalizer {
             body: part.bytes.clone(),
             attributes,
         };
-        normalizer.normalize(&sub).map_err(|e| match e {
-            NormalizeError::Syntax {
+        normaliser.normalise(&sub).map_err(|e| match e {
+            NormaliseError::Syntax {
                 reason,
                 format,
                 position,
                 what,
-            } => NormalizeError::Syntax {
+            } => NormaliseError::Syntax {
                 reason,
                 format,
                 position: format!("mime part {}: {position}", part.index),
                 what,
             },
-            NormalizeError::Invalid { reason, path, what } => NormalizeError::Invalid {
+            NormaliseError::Invalid { reason, path, what } => NormaliseError::Invalid {
                 reason,
                 path: format!("mime part {}: {path}", part.index),
                 what,
@@ -356,7 +356,7 @@ fn html_to_text(html: &str) -> String {
         .replace("&amp;", "&")
 }
 
-impl Normalize for MailNormalizer {
+impl Normalise for MailNormaliser {
     fn content(&self, envelope: &RawEnvelope) -> Vec<Vec<u8>> {
         match analyse(&envelope.body) {
             Ok(a) if !a.is_report => kept(&a.parts).map(|p| p.bytes.clone()).collect(),
@@ -364,7 +364,7 @@ impl Normalize for MailNormalizer {
         }
     }
 
-    fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
+    fn normalise(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormaliseError> {
         let a = analyse(&envelope.body)?;
         if a.is_report {
             return Ok(Vec::new());
@@ -440,7 +440,7 @@ impl Normalize for MailNormalizer {
 ///
 /// # Errors
 /// When the bytes are not a mail message.
-pub fn describe(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
+pub fn describe(bytes: &[u8]) -> Result<serde_json::Value, NormaliseError> {
     let a = analyse(bytes)?;
     let report = if a.is_report {
         crate::mail::dsn::parse(bytes)
@@ -459,7 +459,7 @@ pub fn describe(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
 ///
 /// # Errors
 /// When the bytes are not a mail message.
-pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
+pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormaliseError> {
     let mut out = describe(bytes)?;
     let envelope = RawEnvelope {
         id: "inspect".into(),
@@ -472,7 +472,7 @@ pub fn inspect(bytes: &[u8]) -> Result<serde_json::Value, NormalizeError> {
         body: bytes.to_vec(),
         attributes: std::collections::BTreeMap::new(),
     };
-    match MailNormalizer::default().normalize(&envelope) {
+    match MailNormaliser::default().normalise(&envelope) {
         Ok(events) => out["events"] = serde_json::to_value(events).unwrap_or_default(),
         Err(e) => out["error"] = e.to_string().into(),
     }
@@ -529,7 +529,7 @@ mod tests {
       Messageicht v\x95ia ketenbus\n\
       \n\
       --5ABC.1764000060/relay.example.test--\n";
-        assert!(matches!(analyse(INPUT), Err(NormalizeError::Syntax { .. })));
+        assert!(matches!(analyse(INPUT), Err(NormaliseError::Syntax { .. })));
         assert!(crate::mail::dsn::parse(INPUT).is_none());
         assert!(inspect(INPUT).is_err());
     }
@@ -558,8 +558,8 @@ mod tests {
 
     #[test]
     fn an_edifact_attachment_becomes_a_lab_result_and_the_covering_note_no_letter() {
-        let events = MailNormalizer::default()
-            .normalize(&envelope(&fixture("lab-result-edifact-attachment.eml")))
+        let events = MailNormaliser::default()
+            .normalise(&envelope(&fixture("lab-result-edifact-attachment.eml")))
             .unwrap();
         let kinds: Vec<EventKind> = events.iter().map(Event::kind).collect();
         assert_eq!(kinds, [EventKind::LabResult], "{events:?}");
@@ -575,8 +575,8 @@ mod tests {
 
     #[test]
     fn an_edifact_body_is_found_by_its_content() {
-        let events = MailNormalizer::default()
-            .normalize(&envelope(&fixture("lab-result-edifact-body.eml")))
+        let events = MailNormaliser::default()
+            .normalise(&envelope(&fixture("lab-result-edifact-body.eml")))
             .unwrap();
         assert_eq!(
             events.iter().map(Event::kind).collect::<Vec<_>>(),
@@ -586,8 +586,8 @@ mod tests {
 
     #[test]
     fn a_pdf_letter_keeps_its_text_and_the_pdf_by_hash() {
-        let n = MailNormalizer::default();
-        let events = n.normalize(&envelope(&fixture("letter-pdf.eml"))).unwrap();
+        let n = MailNormaliser::default();
+        let events = n.normalise(&envelope(&fixture("letter-pdf.eml"))).unwrap();
         assert_eq!(events.len(), 1);
         let Event::Letter(l) = &events[0] else {
             panic!("a letter")
@@ -613,15 +613,15 @@ mod tests {
         );
         // Pure: the same envelope gives the same events.
         assert_eq!(
-            n.normalize(&envelope(&fixture("letter-pdf.eml"))).unwrap(),
+            n.normalise(&envelope(&fixture("letter-pdf.eml"))).unwrap(),
             events
         );
     }
 
     #[test]
     fn an_html_letter_becomes_text_and_keeps_the_html() {
-        let events = MailNormalizer::default()
-            .normalize(&envelope(&fixture("letter-html.eml")))
+        let events = MailNormaliser::default()
+            .normalise(&envelope(&fixture("letter-html.eml")))
             .unwrap();
         let Event::Letter(l) = &events[0] else {
             panic!("a letter")
@@ -637,15 +637,15 @@ mod tests {
 
     #[test]
     fn delivery_reports_make_no_event() {
-        let events = MailNormalizer::default()
-            .normalize(&envelope(&fixture("dsn-failed.eml")))
+        let events = MailNormaliser::default()
+            .normalise(&envelope(&fixture("dsn-failed.eml")))
             .unwrap();
         assert!(events.is_empty());
     }
 
     struct Count(&'static str);
-    impl Normalize for Count {
-        fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError> {
+    impl Normalise for Count {
+        fn normalise(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormaliseError> {
             let mut h =
                 EventHeader::new(EventKind::Letter, &envelope.id, 0, envelope.format.as_str());
             h.source_message_type = Some(self.0.to_owned());
@@ -667,8 +667,8 @@ mod tests {
     fn fhir_parts_go_to_the_fhir_normaliser_and_ids_are_numbered_over_the_message() {
         let mail = b"From: a@b.test\r\nSubject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/fhir+json\r\n\r\n{\"resourceType\":\"Bundle\"}\r\n--b\r\nContent-Type: application/xml\r\n\r\n<Bundle xmlns=\"http://hl7.org/fhir\"/>\r\n--b\r\nContent-Type: application/json\r\n\r\n{\"resourceType\":\"Task\"}\r\n--b--\r\n";
         let n =
-            MailNormalizer::with_normalizers(Box::new(Count("edifact")), Box::new(Count("fhir")));
-        let events = n.normalize(&envelope(mail)).unwrap();
+            MailNormaliser::with_normalisers(Box::new(Count("edifact")), Box::new(Count("fhir")));
+        let events = n.normalise(&envelope(mail)).unwrap();
         let seen: Vec<(String, String, String)> = events
             .iter()
             .map(|e| {
@@ -699,8 +699,8 @@ mod tests {
         let mut mail = b"From: ambulance@rav.example.test\r\nSubject: Overdracht\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nZie bijlage.\r\n--b\r\nContent-Type: application/fhir+json\r\nContent-Disposition: attachment; filename=overdracht.json\r\n\r\n".to_vec();
         mail.extend_from_slice(&bundle);
         mail.extend_from_slice(b"\r\n--b--\r\n");
-        let events = MailNormalizer::default()
-            .normalize(&envelope(&mail))
+        let events = MailNormaliser::default()
+            .normalise(&envelope(&mail))
             .unwrap();
         assert_eq!(
             events.iter().map(Event::kind).collect::<Vec<_>>(),
@@ -714,16 +714,16 @@ mod tests {
     #[test]
     fn a_broken_edifact_part_is_rejected_naming_the_part() {
         let mail = b"From: a@b.test\r\nMIME-Version: 1.0\r\nContent-Type: application/EDIFACT\r\n\r\nUNB+UNOA:1+1+2+261101:0815+X'UNH+1+MEDLAB:1'PID+++'\r\n";
-        let err = MailNormalizer::default()
-            .normalize(&envelope(mail))
+        let err = MailNormaliser::default()
+            .normalise(&envelope(mail))
             .unwrap_err();
         assert!(err.to_string().contains("mime part 0"), "{err}");
     }
 
     #[test]
     fn not_a_message_is_a_syntax_error() {
-        let err = MailNormalizer::default()
-            .normalize(&envelope(b"   \r\n"))
+        let err = MailNormaliser::default()
+            .normalise(&envelope(b"   \r\n"))
             .unwrap_err();
         assert_eq!(err.reason(), REASON_SYNTAX);
     }

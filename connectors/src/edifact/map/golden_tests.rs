@@ -14,7 +14,7 @@ use serde_json::Value as Json;
 use super::*;
 use crate::edifact::{inspect, synthetic_medlab};
 use crate::zib::EDIFACT_REFERENCE_NUMBER;
-use crate::{ErrorKind, Normalize, NormalizeError};
+use crate::{ErrorKind, Normalise, NormaliseError};
 
 macro_rules! fixture {
     ($path:literal) => {
@@ -33,7 +33,7 @@ macro_rules! golden {
 }
 
 fn check_golden(input: &[u8], golden: &str, name: &str) -> Vec<Event> {
-    let events = normalize_bytes("env-1", input).expect("normalises");
+    let events = normalise_bytes("env-1", input).expect("normalises");
     let actual = serde_json::to_value(&events).unwrap();
     if std::env::var_os("KETENBUS_BLESS").is_some() {
         let path = format!(
@@ -211,16 +211,16 @@ fn medcom_lab_report_maps_too() {
 }
 
 #[test]
-fn through_the_normalize_trait_and_pure() {
+fn through_the_normalise_trait_and_pure() {
     let env = envelope(fixture!("ketenbus/medlab-two-messages.edi"));
-    let a = EdifactNormalizer.normalize(&env).unwrap();
-    let b = EdifactNormalizer.normalize(&env).unwrap();
+    let a = EdifactNormaliser.normalise(&env).unwrap();
+    let b = EdifactNormaliser.normalise(&env).unwrap();
     assert_eq!(a, b, "same envelope, same events");
     assert_eq!(a.len(), 2);
 }
 
-fn reject(body: &[u8]) -> NormalizeError {
-    let e = EdifactNormalizer.normalize(&envelope(body)).unwrap_err();
+fn reject(body: &[u8]) -> NormaliseError {
+    let e = EdifactNormaliser.normalise(&envelope(body)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Rejected);
     e
 }
@@ -257,7 +257,7 @@ fn other_message_types_are_unsupported() {
         assert_eq!(e.reason(), "unsupported_message_type");
         assert_eq!(
             e,
-            NormalizeError::UnsupportedMessageType {
+            NormaliseError::UnsupportedMessageType {
                 message_type: ty.into()
             }
         );
@@ -321,7 +321,7 @@ fn a_medlab_without_patient_is_rejected() {
 #[test]
 fn synthetic_load_normalises() {
     let bytes = synthetic_medlab(20);
-    let events = normalize_bytes("load", &bytes).unwrap();
+    let events = normalise_bytes("load", &bytes).unwrap();
     assert_eq!(events.len(), 20);
     assert!(events.iter().all(|e| lab(e).results.len() == 8));
 }

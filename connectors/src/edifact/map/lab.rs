@@ -5,7 +5,7 @@
 use ketenbus_schemas::event::{Coding, LabResultEvent, LabTestResult, Specimen};
 
 use super::path;
-use crate::NormalizeError;
+use crate::NormaliseError;
 use crate::edifact::parse::document::Message;
 
 /// A lab-result event being read from a lab report.
@@ -29,7 +29,7 @@ pub(crate) trait LabReport: Sized {
         m: &Message<'_>,
         no_patient: &str,
         document_date: Option<String>,
-    ) -> Result<Self, NormalizeError>;
+    ) -> Result<Self, NormaliseError>;
 }
 
 impl LabReport for LabResultEvent {
@@ -56,9 +56,9 @@ impl LabReport for LabResultEvent {
         m: &Message<'_>,
         no_patient: &str,
         document_date: Option<String>,
-    ) -> Result<Self, NormalizeError> {
+    ) -> Result<Self, NormaliseError> {
         if self.patient.is_none() {
-            return Err(NormalizeError::missing(
+            return Err(NormaliseError::missing(
                 path(m, &m.header(), None),
                 no_patient,
             ));

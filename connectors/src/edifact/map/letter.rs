@@ -13,7 +13,7 @@ use super::medlab::{
     afd_department, art_professional, det_date, named_professional, pid_patient, zkh_provider,
 };
 use super::{Context, medlab_address, path};
-use crate::NormalizeError;
+use crate::NormaliseError;
 use crate::edifact::parse::document::Message;
 
 /// Maps one MEDVRI:1 or MEDSPE:1 message.
@@ -21,7 +21,7 @@ pub(crate) fn letter_event(
     m: &Message<'_>,
     ctx: &Context<'_>,
     index: i32,
-) -> Result<LetterEvent, NormalizeError> {
+) -> Result<LetterEvent, NormaliseError> {
     let mut header = ctx.header(EventKind::Letter, m, index);
 
     let mut patient: Option<Patient> = None;
@@ -67,7 +67,7 @@ pub(crate) fn letter_event(
         }
     }
     let Some(patient) = patient else {
-        return Err(NormalizeError::missing(
+        return Err(NormaliseError::missing(
             path(m, &m.header(), None),
             "message has no PID segment",
         ));

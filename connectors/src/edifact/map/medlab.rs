@@ -15,7 +15,7 @@ use super::{
     Context, ccyy_mm_dd, decimal_value, field, gender, interpretation, local_system,
     medlab_address, path, phone, provider_code, two_digit_date, with_time,
 };
-use crate::NormalizeError;
+use crate::NormaliseError;
 use crate::edifact::parse::document::Message;
 use crate::edifact::parse::tokenize::Segment;
 use crate::zib::{self, bsn_identifier, text_name};
@@ -52,7 +52,7 @@ pub(crate) fn pid_patient(
     m: &Message<'_>,
     seg: &Segment<'_>,
     ctx: &Context<'_>,
-) -> Result<Patient, NormalizeError> {
+) -> Result<Patient, NormaliseError> {
     let mut identifiers = Vec::new();
     // Receiver's reference: in practice "BSN" + nine digits.
     if let Some(r) = field(seg, 4, 0) {
@@ -163,7 +163,7 @@ pub(crate) fn lab_event(
     m: &Message<'_>,
     ctx: &Context<'_>,
     index: i32,
-) -> Result<LabResultEvent, NormalizeError> {
+) -> Result<LabResultEvent, NormaliseError> {
     let mut report = LabResultEvent::new(ctx.header(EventKind::LabResult, m, index));
     let mut lab_system = local_system(ctx.sender_id.as_deref());
     let mut section: Option<String> = None;
@@ -242,7 +242,7 @@ pub(crate) fn lab_event(
                     "final"
                 };
                 let Some(code) = local_code.clone().or_else(|| local_name.clone()) else {
-                    return Err(NormalizeError::missing(
+                    return Err(NormaliseError::missing(
                         path(m, &seg, Some(2)),
                         "determination has neither code nor name",
                     ));
@@ -273,7 +273,7 @@ pub(crate) fn lab_event(
             "NUB" => {
                 let name = field(&seg, 0, 0);
                 let Some(code) = name.clone() else {
-                    return Err(NormalizeError::missing(
+                    return Err(NormaliseError::missing(
                         path(m, &seg, Some(1)),
                         "pending determination has no name",
                     ));

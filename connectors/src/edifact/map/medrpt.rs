@@ -20,7 +20,7 @@ use super::lab::LabReport;
 use super::{
     Context, code_list_system, decimal_value, edifact_datetime, field, gender, interpretation, path,
 };
-use crate::NormalizeError;
+use crate::NormaliseError;
 use crate::edifact::parse::document::Message;
 use crate::edifact::parse::tokenize::Segment;
 use crate::zib::{bsn_identifier, text_name};
@@ -111,7 +111,7 @@ enum Party {
 }
 
 /// PNA+PAT: identification and `qualifier:value` name parts.
-fn pna_patient(m: &Message<'_>, seg: &Segment<'_>) -> Result<Patient, NormalizeError> {
+fn pna_patient(m: &Message<'_>, seg: &Segment<'_>) -> Result<Patient, NormaliseError> {
     let mut identifiers = Vec::new();
     let id = field(seg, 1, 0).or_else(|| field(seg, 1, 2));
     let kinds: Vec<String> = (1..6).filter_map(|c| field(seg, 1, c)).collect();
@@ -205,7 +205,7 @@ pub(crate) fn lab_event(
     m: &Message<'_>,
     ctx: &Context<'_>,
     index: i32,
-) -> Result<LabResultEvent, NormalizeError> {
+) -> Result<LabResultEvent, NormaliseError> {
     let mut report = LabResultEvent::new(ctx.header(EventKind::LabResult, m, index));
     let mut document_date: Option<String> = None;
     let mut party = Party::None;
@@ -384,7 +384,7 @@ pub(crate) fn lab_event(
                         }
                     }
                     (None, None) => {
-                        return Err(NormalizeError::missing(
+                        return Err(NormaliseError::missing(
                             path(m, &seg, Some(2)),
                             "investigation has neither code nor name",
                         ));

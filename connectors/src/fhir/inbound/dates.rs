@@ -7,7 +7,7 @@
 //! document; the element path is written only for a refusal.
 
 use super::{Object, REASON_INVALID, Value};
-use crate::NormalizeError;
+use crate::NormaliseError;
 
 /// Which grammar an element follows.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -97,17 +97,17 @@ fn valid(kind: Kind, s: &str) -> bool {
 ///
 /// # Errors
 /// `invalid_element` naming the first element that is not what FHIR allows.
-pub(super) fn check(root: &Object) -> Result<(), NormalizeError> {
+pub(super) fn check(root: &Object) -> Result<(), NormaliseError> {
     let mut path: Vec<String> = vec![root.str("resourceType").unwrap_or("document").to_owned()];
     walk_object(root, &mut path)
 }
 
-fn walk_object(o: &Object, path: &mut Vec<String>) -> Result<(), NormalizeError> {
+fn walk_object(o: &Object, path: &mut Vec<String>) -> Result<(), NormaliseError> {
     for (k, child) in o.iter() {
         if let (Some(kind), Some(s)) = (kind_of(k), child.as_str())
             && !valid(kind, s)
         {
-            return Err(NormalizeError::Invalid {
+            return Err(NormaliseError::Invalid {
                         reason: REASON_INVALID,
                         path: format!("{}.{k}", path.join("")),
                         what: match kind {
@@ -127,7 +127,7 @@ fn walk_object(o: &Object, path: &mut Vec<String>) -> Result<(), NormalizeError>
     Ok(())
 }
 
-fn walk(v: &Value, path: &mut Vec<String>) -> Result<(), NormalizeError> {
+fn walk(v: &Value, path: &mut Vec<String>) -> Result<(), NormaliseError> {
     match v {
         Value::Object(o) => walk_object(o, path)?,
         Value::Array(items) => {

@@ -13,7 +13,7 @@ use super::{
     Doc, Entry, REASON_INVALID, SCT_TRANSFER_FROM_AMBULANCE, Value, codings, patient_of,
     professional_of, provider_of, s,
 };
-use crate::NormalizeError;
+use crate::NormaliseError;
 
 /// The referrals of a document: ServiceRequests for a transfer from the ambulance, and
 /// those a message with a Composition is about.
@@ -93,10 +93,10 @@ pub(super) fn handover(
     sr: &Entry<'_>,
     only_referral: bool,
     header: &mut EventHeader,
-) -> Result<AcuteHandoverEvent, NormalizeError> {
+) -> Result<AcuteHandoverEvent, NormaliseError> {
     let o = sr.res;
     let code = codings(o.obj("code")).next().ok_or_else(|| {
-        NormalizeError::missing(
+        NormaliseError::missing(
             format!("{}.code.coding", sr.path),
             "referral without a coded request",
         )
@@ -199,7 +199,7 @@ pub(super) fn handover(
                 if a.str("url")
                     .is_some_and(|u| u.starts_with(crate::fhir::emit::CONTENT_URN))
                 {
-                    return Err(NormalizeError::Invalid {
+                    return Err(NormaliseError::Invalid {
                         reason: REASON_INVALID,
                         path: format!("{}.content[{k}].attachment.url", dr.path),
                         what: "a content reference to a document that did not come with this message; send the document as attachment.data".into(),
@@ -210,14 +210,14 @@ pub(super) fn handover(
             let path = format!("{}.content[{k}].attachment.data", dr.path);
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data.split_whitespace().collect::<String>())
-                .map_err(|_| NormalizeError::Invalid {
+                .map_err(|_| NormaliseError::Invalid {
                     reason: REASON_INVALID,
                     path: path.clone(),
                     what: "attachment data is not base64".into(),
                 })?;
             attachments.push(Attachment {
                 content_type: s(a, "contentType").ok_or_else(|| {
-                    NormalizeError::missing(
+                    NormaliseError::missing(
                         format!("{}.content[{k}].attachment.contentType", dr.path),
                         "attachment without contentType",
                     )

@@ -14,7 +14,7 @@ use super::{
     REASON_INVALID, SNOMED_FLAGS, V3_INTERPRETATION, V3_INTERPRETATION_OLDER, Value, codings,
     ext_value, identifiers, patient_of, professional, professional_of, provider_of, s,
 };
-use crate::NormalizeError;
+use crate::NormaliseError;
 
 /// The lab Observations of a document, grouped by the patient they are about (one event
 /// each), in document order.
@@ -66,8 +66,8 @@ fn is_interpretation_system(system: &str) -> bool {
 
 /// The refusal of a document whose only Observations are not lab results: it names the
 /// element and the reason.
-pub(super) fn not_lab(obs: &Entry<'_>) -> NormalizeError {
-    NormalizeError::Invalid {
+pub(super) fn not_lab(obs: &Entry<'_>) -> NormaliseError {
+    NormaliseError::Invalid {
         reason: REASON_INVALID,
         path: format!("{}.category", obs.path),
         what: "observation is neither profiled nl-core-LaboratoryTestResult nor of category laboratory; no other observation is mapped".into(),
@@ -104,7 +104,7 @@ fn quantity_text(q: &Object) -> Option<String> {
     })
 }
 
-fn specimen(e: &Entry<'_>, fallback_id: String) -> Result<Specimen, NormalizeError> {
+fn specimen(e: &Entry<'_>, fallback_id: String) -> Result<Specimen, NormaliseError> {
     let mut ids = identifiers(e.res, &e.path)?;
     if let Some(acc) = e.res.obj("accessionIdentifier")
         && let (Some(system), Some(value)) = (acc.str("system"), acc.str("value"))
@@ -140,7 +140,7 @@ pub(super) fn lab_event(
     only_group: bool,
     reports: &Reports<'_, '_>,
     header: &mut EventHeader,
-) -> Result<LabResultEvent, NormalizeError> {
+) -> Result<LabResultEvent, NormaliseError> {
     let first = observations[0];
     let patient = patient_of(
         doc,
@@ -390,7 +390,7 @@ fn lab_result(
     specimen_id: Option<String>,
     result_ids: &HashMap<&str, String>,
     warnings: &mut Vec<String>,
-) -> Result<LabTestResult, NormalizeError> {
+) -> Result<LabTestResult, NormaliseError> {
     let o = e.res;
     let code = o.obj("code");
     let mut codes: Vec<Coding> = codings(code).collect();
@@ -398,7 +398,7 @@ fn lab_result(
     let test = if codes.is_empty() {
         // A test named only by text is a result with its local code absent.
         if code.and_then(|c| c.str("text")).is_none() {
-            return Err(NormalizeError::missing(
+            return Err(NormaliseError::missing(
                 format!("{}.code.coding", e.path),
                 "lab result names its test neither by code nor by text",
             ));
@@ -426,7 +426,7 @@ fn lab_result(
         .find(|c| c.system.starts_with("urn:ketenbus:local:"))
         .map(|c| c.code.clone());
     let status = o.str("status").ok_or_else(|| {
-        NormalizeError::missing(format!("{}.status", e.path), "lab result without status")
+        NormaliseError::missing(format!("{}.status", e.path), "lab result without status")
     })?;
     let mut r = LabTestResult {
         other_codes: codes,
@@ -481,12 +481,12 @@ fn lab_result(
     };
     if let Some(q) = o.obj("valueQuantity") {
         let v = q.get("value").ok_or_else(|| {
-            NormalizeError::missing(
+            NormaliseError::missing(
                 format!("{}.valueQuantity.value", e.path),
                 "quantity without value",
             )
         })?;
-        let v = v.as_literal().ok_or_else(|| NormalizeError::Invalid {
+        let v = v.as_literal().ok_or_else(|| NormaliseError::Invalid {
             reason: REASON_INVALID,
             path: format!("{}.valueQuantity.value", e.path),
             what: "value is not a decimal".into(),

@@ -5,16 +5,16 @@ use ketenbus_schemas::event::{HandoverNotificationEvent, TaskInput};
 
 use super::{Doc, Entry, Value, codings, s};
 use crate::fhir::value::Object;
-use crate::{NormalizeError, party};
+use crate::{NormaliseError, party};
 
 pub(super) fn notification(
     doc: &Doc<'_>,
     task: &Entry<'_>,
     mut header: EventHeader,
-) -> Result<HandoverNotificationEvent, NormalizeError> {
+) -> Result<HandoverNotificationEvent, NormaliseError> {
     let o = task.res;
     let status = o.str("status").ok_or_else(|| {
-        NormalizeError::missing(format!("{}.status", task.path), "Task without status")
+        NormaliseError::missing(format!("{}.status", task.path), "Task without status")
     })?;
     let source = doc
         .message_header()
@@ -28,7 +28,7 @@ pub(super) fn notification(
         (None, Some(base), Some(id)) => format!("{}/Task/{id}", base.trim_end_matches('/')),
         (None, None, Some(id)) => format!("Task/{id}"),
         _ => {
-            return Err(NormalizeError::missing(
+            return Err(NormaliseError::missing(
                 format!("{}.id", task.path),
                 "Task without id or absolute fullUrl",
             ));

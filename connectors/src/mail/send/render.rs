@@ -260,16 +260,16 @@ mod tests {
     use ketenbus_schemas::{Format, RawEnvelope};
 
     use super::render_event;
-    use crate::Normalize;
-    use crate::fhir::inbound::FhirNormalizer;
+    use crate::Normalise;
+    use crate::fhir::inbound::FhirNormaliser;
 
     fn events(file: &str) -> Vec<ketenbus_schemas::Event> {
         let path = format!(
             "{}/testdata/fhir/ketenbus/{file}",
             env!("CARGO_MANIFEST_DIR")
         );
-        FhirNormalizer
-            .normalize(&RawEnvelope {
+        FhirNormaliser
+            .normalise(&RawEnvelope {
                 id: "env-r".into(),
                 received_at_ms: 0,
                 connector: "fhir".into(),

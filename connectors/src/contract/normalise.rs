@@ -11,17 +11,17 @@ pub const REASON_MISSING: &str = "missing_element";
 
 /// Turns one raw envelope into events. Must be pure: no I/O, clock or randomness, so a
 /// replay yields the same events with the same ids (`EventHeader::new` derives them).
-pub trait Normalize: Send + Sync {
+pub trait Normalise: Send + Sync {
     /// The events this envelope carries, in order.
     ///
     /// # Errors
-    /// [`NormalizeError`] says why the envelope cannot become events; its
-    /// [`reason`](NormalizeError::reason) is the dead-letter reason code.
-    fn normalize(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormalizeError>;
+    /// [`NormaliseError`] says why the envelope cannot become events; its
+    /// [`reason`](NormaliseError::reason) is the dead-letter reason code.
+    fn normalise(&self, envelope: &RawEnvelope) -> Result<Vec<Event>, NormaliseError>;
 
-    /// The document bytes the events of [`normalize`](Self::normalize) refer to by SHA-256
+    /// The document bytes the events of [`normalise`](Self::normalise) refer to by SHA-256
     /// (letter attachments), for the caller to keep in the content store before it
-    /// publishes the events. Pure like `normalize`; most formats inline everything.
+    /// publishes the events. Pure like `normalise`; most formats inline everything.
     fn content(&self, _envelope: &RawEnvelope) -> Vec<Vec<u8>> {
         Vec::new()
     }
@@ -29,7 +29,7 @@ pub trait Normalize: Send + Sync {
 
 /// Why an envelope did not become events. Texts name positions and fields, never values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NormalizeError {
+pub enum NormaliseError {
     /// No normaliser exists for this format yet; raw subscribers still get the envelope.
     #[error("no normaliser for format {format}")]
     UnsupportedFormat {
@@ -66,11 +66,11 @@ pub enum NormalizeError {
     },
 }
 
-impl NormalizeError {
+impl NormaliseError {
     /// `missing_element` at `path`: content the mapping needs is absent.
     #[must_use]
-    pub fn missing(path: String, what: &str) -> NormalizeError {
-        NormalizeError::Invalid {
+    pub fn missing(path: String, what: &str) -> NormaliseError {
+        NormaliseError::Invalid {
             reason: REASON_MISSING,
             path,
             what: what.to_owned(),
@@ -81,9 +81,9 @@ impl NormalizeError {
     #[must_use]
     pub fn reason(&self) -> &'static str {
         match self {
-            NormalizeError::UnsupportedFormat { .. } => "unsupported_format",
-            NormalizeError::UnsupportedMessageType { .. } => "unsupported_message_type",
-            NormalizeError::Syntax { reason, .. } | NormalizeError::Invalid { reason, .. } => {
+            NormaliseError::UnsupportedFormat { .. } => "unsupported_format",
+            NormaliseError::UnsupportedMessageType { .. } => "unsupported_message_type",
+            NormaliseError::Syntax { reason, .. } | NormaliseError::Invalid { reason, .. } => {
                 reason
             }
         }
