@@ -140,8 +140,8 @@ pub mod systems {
     pub const UCUM: &str = "http://unitsofmeasure.org";
 }
 
-/// A code from a code system.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A code from a code system (empty system and code: a test named only by text).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Coding {
     /// Code system URI (or `urn:ketenbus:local:<lab>` for lab-local codes).
     pub system: String,
@@ -322,7 +322,7 @@ pub struct Specimen {
 }
 
 /// zib LaboratoryTestResult: one determination.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LabTestResult {
     /// Local id within the event.
     pub id: String,
@@ -398,32 +398,8 @@ impl LabTestResult {
         LabTestResult {
             id,
             test,
-            other_codes: Vec::new(),
-            local_code: None,
-            local_name: None,
             status: status.to_owned(),
-            value_text: None,
-            value_coding: None,
-            value_decimal: None,
-            comparator: None,
-            unit: None,
-            unit_system: None,
-            reference_low: None,
-            reference_high: None,
-            reference_text: None,
-            interpretation: None,
-            interpretation_raw: None,
-            specimen_id: None,
-            section: None,
-            section_code: None,
-            effective_at: None,
-            comments: Vec::new(),
-            identifiers: Vec::new(),
-            corrects: None,
-            interpretation_text: None,
-            interpretation_display: None,
-            members: Vec::new(),
-            type_code: None,
+            ..LabTestResult::default()
         }
     }
 }
