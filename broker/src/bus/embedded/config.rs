@@ -54,3 +54,13 @@ pub enum Synchronous {
     /// fsync at checkpoints only.
     Normal,
 }
+
+impl Synchronous {
+    /// The value of SQLite's `synchronous` pragma.
+    pub(super) fn pragma(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}

@@ -113,15 +113,7 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     tune(&conn)?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        if sync == Synchronous::Full {
-            "FULL"
-        } else {
-            "NORMAL"
-        },
-    )?;
+    conn.pragma_update(None, "synchronous", sync.pragma())?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS records (

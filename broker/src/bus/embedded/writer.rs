@@ -20,15 +20,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 pub(super) fn open_checkpointer(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        if sync == Synchronous::Full {
-            "FULL"
-        } else {
-            "NORMAL"
-        },
-    )?;
+    conn.pragma_update(None, "synchronous", sync.pragma())?;
     Ok(conn)
 }
 
