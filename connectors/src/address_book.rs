@@ -198,17 +198,7 @@ fhir = "https://fhir.example.test/r4"
         Delivery {
             subscription: Arc::from("gp"),
             record_id: "env-1.0".into(),
-            payload: Payload::Event(Arc::new(Event::Letter(LetterEvent {
-                header,
-                patient: None,
-                author: None,
-                author_organization: None,
-                recipient: None,
-                date: None,
-                title: None,
-                text: None,
-                attachments: Vec::new(),
-            }))),
+            payload: Payload::Event(Arc::new(Event::Letter(LetterEvent::new(header)))),
             attempt: 1,
         }
     }

@@ -487,6 +487,24 @@ pub struct LetterEvent {
     pub attachments: Vec<Attachment>,
 }
 
+impl LetterEvent {
+    /// A letter with `header` and nothing else known yet, for the mapping to fill in.
+    #[must_use]
+    pub fn new(header: EventHeader) -> LetterEvent {
+        LetterEvent {
+            header,
+            patient: None,
+            author: None,
+            author_organization: None,
+            recipient: None,
+            date: None,
+            title: None,
+            text: None,
+            attachments: Vec::new(),
+        }
+    }
+}
+
 /// A Composition section of a handover.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Section {

@@ -479,17 +479,7 @@ mod tests {
             "edifact",
         );
         header.patient_key = Some(patient.to_owned());
-        let e = LetterEvent {
-            header,
-            patient: None,
-            author: None,
-            author_organization: None,
-            recipient: None,
-            date: None,
-            title: None,
-            text: None,
-            attachments: vec![],
-        };
+        let e = LetterEvent::new(header);
         OutRecord {
             topic: topics::events(EventKind::Letter),
             key: patient.as_bytes().to_vec(),
@@ -726,17 +716,7 @@ mod tests {
         bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
         let mut header = EventHeader::new(EventKind::Letter, "env-1", 0, "edifact");
         header.patient_key = Some("pk-1".into());
-        let e = LetterEvent {
-            header,
-            patient: None,
-            author: None,
-            author_organization: None,
-            recipient: None,
-            date: None,
-            title: None,
-            text: None,
-            attachments: vec![],
-        };
+        let e = LetterEvent::new(header);
         bus.publish(vec![OutRecord {
             topic: topics::events(EventKind::Letter),
             key: b"pk-1".to_vec(),
@@ -812,17 +792,7 @@ mod tests {
                 let mut header =
                     EventHeader::new(EventKind::Letter, &format!("env-{p}-{i}"), i, "edifact");
                 header.patient_key = Some(format!("patient-{p}"));
-                let e = LetterEvent {
-                    header,
-                    patient: None,
-                    author: None,
-                    author_organization: None,
-                    recipient: None,
-                    date: None,
-                    title: None,
-                    text: None,
-                    attachments: vec![],
-                };
+                let e = LetterEvent::new(header);
                 records.push(OutRecord {
                     topic: topics::events(EventKind::Letter),
                     key: format!("patient-{p}").into_bytes(),

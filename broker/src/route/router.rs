@@ -803,15 +803,8 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             ketenbus_schemas::EventHeader::new(EventKind::Letter, "env-9", 0, "rfc822");
         header.id = "env-9.0".into();
         let letter = Event::Letter(ketenbus_schemas::event::LetterEvent {
-            header,
-            patient: None,
-            author: None,
-            author_organization: None,
-            recipient: None,
-            date: None,
-            title: None,
             text: Some("zie bijlage".into()),
-            attachments: Vec::new(),
+            ..ketenbus_schemas::event::LetterEvent::new(header)
         });
         let envelope = RawEnvelope {
             id: "env-9".into(),

@@ -650,15 +650,8 @@ mod tests {
                 EventHeader::new(EventKind::Letter, &envelope.id, 0, envelope.format.as_str());
             h.source_message_type = Some(self.0.to_owned());
             Ok(vec![Event::Letter(LetterEvent {
-                header: h,
-                patient: None,
-                author: None,
-                author_organization: None,
-                recipient: None,
-                date: None,
-                title: None,
                 text: Some(String::from_utf8_lossy(&envelope.body).into_owned()),
-                attachments: Vec::new(),
+                ..LetterEvent::new(h)
             })])
         }
     }
