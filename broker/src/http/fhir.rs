@@ -559,6 +559,22 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    /// The FHIR routes on a loopback port, taking messages into `ingest`; the base URL.
+    async fn serve(ingest: Arc<dyn Ingest>, lineage: Lineage, dir: &std::path::Path) -> String {
+        let state = Arc::new(ApiState {
+            ingest,
+            lineage,
+            idempotency: crate::http::idempotency::Idempotency::open(dir).unwrap(),
+            health: Arc::new(Health::default()),
+            max_body: 1 << 20,
+        });
+        let app = Router::new().merge(routes()).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
     async fn server() -> Server {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
@@ -569,23 +585,13 @@ mod tests {
         .await
         .unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
-        let state = Arc::new(ApiState {
-            ingest: Arc::new(BusIngest::new(
-                Arc::clone(&bus),
-                lineage.clone(),
-                Duration::from_secs(5),
-            )),
-            lineage,
-            idempotency: crate::http::idempotency::Idempotency::open(dir.path()).unwrap(),
-            health: Arc::new(Health::default()),
-            max_body: 1 << 20,
-        });
-        let app = Router::new().merge(routes()).with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let ingest = Arc::new(BusIngest::new(
+            Arc::clone(&bus),
+            lineage.clone(),
+            Duration::from_secs(5),
+        ));
         Server {
-            base: format!("http://{addr}"),
+            base: serve(ingest, lineage, dir.path()).await,
             bus,
             client: reqwest::Client::new(),
             _dir: dir,
@@ -767,19 +773,9 @@ mod tests {
     async fn a_log_that_cannot_take_it_means_503_and_retry_after() {
         let dir = tempfile::tempdir().unwrap();
         let lineage = Lineage::open(dir.path()).unwrap();
-        let state = Arc::new(ApiState {
-            ingest: Arc::new(Down),
-            lineage,
-            idempotency: crate::http::idempotency::Idempotency::open(dir.path()).unwrap(),
-            health: Arc::new(Health::default()),
-            max_body: 1 << 20,
-        });
-        let app = Router::new().merge(routes()).with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let base = serve(Arc::new(Down), lineage, dir.path()).await;
         let resp = reqwest::Client::new()
-            .post(format!("http://{addr}/fhir/$process-message"))
+            .post(format!("{base}/fhir/$process-message"))
             .header("content-type", "application/fhir+json")
             .body(AZ)
             .send()
