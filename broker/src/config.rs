@@ -16,6 +16,8 @@ use crate::ingest::limits::LimitsConfig;
 use crate::route::edifact::EdifactConfig;
 use crate::route::keys::KeysConfig;
 
+mod read;
+
 /// The whole configuration file. Every key has a default: no file at all is a valid setup.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,29 +139,22 @@ impl Config {
     /// Read a TOML file.
     ///
     /// # Errors
-    /// The file cannot be read or is not valid TOML for these structs (the message names the key).
-    pub fn from_file(path: &Path) -> Result<Config, Problem> {
-        let text = std::fs::read_to_string(path).map_err(|e| Problem {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+    /// The file cannot be read (one problem without a key path: the caller names the file),
+    /// or every syntax and type error found in it, each with its key path.
+    pub fn from_file(path: &Path) -> Result<Config, Vec<Problem>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![Problem::new("", format!("cannot read the file: {e}"))])?;
         Config::from_toml(&text)
     }
 
     /// Parse TOML text.
     ///
     /// # Errors
-    /// When the text is not valid TOML for these structs.
-    pub fn from_toml(text: &str) -> Result<Config, Problem> {
-        toml::from_str(text).map_err(|e| {
-            let path = e
-                .span()
-                .map_or_else(|| "(file)".to_owned(), |s| key_path_at(text, s.start));
-            Problem {
-                path,
-                message: e.message().to_owned(),
-            }
-        })
+    /// Every syntax error the TOML parser finds, or else every type error in it: each
+    /// section, array element and key is read on its own, so one error does not hide
+    /// another. Each names its key path and line; type errors an example of a good value.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<Problem>> {
+        read::read(text)
     }
 
     /// Check everything serde cannot, collecting every problem: the sum of each section's
@@ -488,10 +483,14 @@ mod tests {
     #[test]
     fn unknown_keys_are_named() {
         let err = Config::from_toml("[http]\nlisten = \"127.0.0.1:1\"\nlsten = 3\n").unwrap_err();
-        assert_eq!(err.path, "http.lsten");
-        assert!(err.message.contains("unknown field"), "{}", err.message);
+        assert_eq!(err[0].path, "http.lsten");
+        assert!(
+            err[0].message.contains("unknown field"),
+            "{}",
+            err[0].message
+        );
         let err = Config::from_toml("[[subscriptions]]\nname='a'\nkinds=['raw']\nsink={type='webhook',url='http://x/'}\n[subscriptions.retry]\ninitial = 'soon'\n").unwrap_err();
-        assert_eq!(err.path, "subscriptions[0].retry.initial");
+        assert_eq!(err[0].path, "subscriptions[0].retry.initial");
     }
 
     #[test]

@@ -4,37 +4,49 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config::{Config, Env};
+use crate::config::{Config, Env, Problem};
 
 /// Check the file at `config`: warnings and problems on stderr, a summary on stdout.
 #[must_use]
 pub fn run(config: &Path) -> ExitCode {
-    let parsed = match Config::from_file(config) {
-        Ok(c) => c,
-        Err(p) => {
-            eprintln!("{}: {p}", config.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    for w in parsed.warnings() {
-        eprintln!("{}: warning: {w}", config.display());
-    }
-    match parsed.validate(&Env::process()) {
-        Ok(s) => {
-            println!(
-                "{}: ok ({} subscriptions, engine {:?})",
-                config.display(),
-                s.subscriptions.len(),
-                s.config.bus.engine
-            );
-            ExitCode::SUCCESS
-        }
-        Err(problems) => {
-            for p in &problems {
-                eprintln!("{}: {p}", config.display());
+    let problems = match Config::from_file(config) {
+        Ok(parsed) => {
+            for w in parsed.warnings() {
+                eprintln!("{}: warning: {w}", config.display());
             }
-            eprintln!("{} problem(s)", problems.len());
-            ExitCode::FAILURE
+            match parsed.validate(&Env::process()) {
+                Ok(s) => {
+                    println!(
+                        "{}: ok ({}, engine {:?})",
+                        config.display(),
+                        counted(s.subscriptions.len(), "subscription"),
+                        s.config.bus.engine
+                    );
+                    return ExitCode::SUCCESS;
+                }
+                Err(problems) => problems,
+            }
         }
+        Err(problems) => problems,
+    };
+    report(config, &problems);
+    ExitCode::FAILURE
+}
+
+/// Each problem on its own line after the file's name, then how many.
+fn report(config: &Path, problems: &[Problem]) {
+    for p in problems {
+        eprintln!("{}: {p}", config.display());
+    }
+    eprintln!("{}", counted(problems.len(), "problem"));
+}
+
+/// `1 subscription`, `2 subscriptions`, `0 subscriptions`.
+#[must_use]
+pub fn counted(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
     }
 }

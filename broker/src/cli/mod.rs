@@ -23,14 +23,16 @@ use crate::observe::audit::{Audit, AuditKey};
 /// # Errors
 /// The file cannot be read or parsed, or the configuration has problems (all listed).
 pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
+    let invalid = |problems: Vec<crate::config::Problem>| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        let file = path.map_or_else(String::new, |p| format!(" {}", p.display()));
+        anyhow::anyhow!("invalid configuration{file}:\n{}", list.join("\n"))
+    };
     let config = match path {
-        Some(p) => Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
+        Some(p) => Config::from_file(p).map_err(invalid)?,
         None => Config::default(),
     };
-    config.validate(&Env::process()).map_err(|problems| {
-        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
-    })
+    config.validate(&Env::process()).map_err(invalid)
 }
 
 /// An RFC 3339 time given on the command line, as milliseconds since the epoch.

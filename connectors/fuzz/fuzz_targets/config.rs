@@ -14,8 +14,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let config = match Config::from_toml(text) {
         Ok(config) => config,
-        Err(problem) => {
-            let _ = problem.to_string();
+        Err(problems) => {
+            assert!(!problems.is_empty(), "a refusal names at least one problem");
+            for problem in problems {
+                let _ = problem.to_string();
+            }
             return;
         }
     };
