@@ -17,7 +17,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Takes in EDIFACT, secure mail and FHIR, normalises every message into zib-based events on
 /// topics (an embedded durable log, or Kafka), and delivers them to subscribers with retries,
 /// dead letters and proof of delivery. Without a config file it runs on the embedded log in
-/// ./data with HTTP on 127.0.0.1:8080.
+/// ./data with HTTP on 127.0.0.1:8080 and has no subscriptions: it takes messages in and
+/// normalises them, and delivers nothing. Quick start with one webhook subscription:
+/// README.md, "Quick start" (ops/quickstart/).
 #[derive(Parser)]
 #[command(name = "ketenbus", version, about, long_about)]
 struct Cli {
@@ -40,11 +42,15 @@ enum LogFormat {
 enum Command {
     /// Run the broker until SIGINT or SIGTERM.
     Run {
-        /// Configuration file (TOML); see ops/ketenbus.example.toml. Without it, defaults apply.
+        /// Configuration file (TOML); see ops/ketenbus.example.toml and, for a first run,
+        /// ops/quickstart/ketenbus.toml. Without it, defaults apply: no subscriptions, so
+        /// messages are taken in and normalised and nothing is delivered.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and print every problem with its key path.
+    /// Validate a configuration file and print every problem with its key path: every
+    /// syntax error, every type error (each section and key read on its own, with an example
+    /// of a good value) or else every value problem.
     CheckConfig {
         /// Configuration file (TOML).
         #[arg(long, short)]
@@ -58,7 +64,9 @@ enum Command {
         url: String,
     },
     /// Print a file as ketenbus reads it (parsed message and the events it makes) as JSON,
-    /// without touching the log. Exits non-zero with the error position when it does not parse.
+    /// without touching the log. Exits non-zero with the error position when it does not
+    /// parse, and non-zero after printing it when the router would reject it (the reason is
+    /// in `rejected` and on stderr).
     Inspect {
         /// The file (EDIFACT, FHIR JSON/XML, or an .eml mail message).
         file: PathBuf,

@@ -225,6 +225,11 @@ pub async fn run<B: Bus>(
         .with_context(|| format!("binding the HTTP listener to {}", cfg.http.listen))?;
     health.set("http", State::Ready);
     tracing::info!(listen = %cfg.http.listen, tls = tls.is_some(), engine = ?cfg.bus.engine, subscriptions = settings.subscriptions.len(), "ketenbus running");
+    if settings.subscriptions.is_empty() {
+        tracing::info!(
+            "no subscriptions configured: messages are taken in and normalised, nothing is delivered (see [[subscriptions]] in ops/ketenbus.example.toml)"
+        );
+    }
     for w in cfg.warnings() {
         tracing::warn!(warning = %w, "access is open");
     }
