@@ -25,6 +25,9 @@ pub mod config;
 
 pub use config::{InboxConfig, matches};
 
+/// The envelope attribute naming the file a message came from (its name, never its path).
+pub const FILE_ATTRIBUTE: &str = "file";
+
 /// What a scan saw of a file last time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Seen {
@@ -281,14 +284,22 @@ impl Inbox {
             sender: declared.sender().map(str::to_owned),
             receiver: declared.receiver().map(str::to_owned),
             body: bytes,
-            attributes: BTreeMap::from([("file".to_owned(), name.to_owned())]),
+            attributes: BTreeMap::from([(FILE_ATTRIBUTE.to_owned(), name.to_owned())]),
         };
         let accepted = self.ingest.accept(envelope).await?;
         drop(held);
         let target = free_name(&self.config.path.join("done"), name, &accepted.id);
-        if let Err(e) = tokio::fs::rename(path, &target).await {
+        match tokio::fs::rename(path, &target).await {
+            Ok(()) => tracing::info!(
+                file = %name,
+                message_id = %accepted.id,
+                done = %target.file_name().map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                "inbox file taken, moved to done/"
+            ),
             // Durable already: a failed move only means the file may be taken again.
-            tracing::error!(file = %name, error = %e, "ingested but not moved to done/; it will be ingested again");
+            Err(e) => {
+                tracing::error!(file = %name, message_id = %accepted.id, error = %e, "ingested but not moved to done/; it will be ingested again")
+            }
         }
         Ok(Taken::Done)
     }

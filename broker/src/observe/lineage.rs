@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 /// A step in a message's life.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Step {
-    /// When, ms since the epoch.
+    /// When, ms since the epoch; serialised with `at` beside it, the same time in RFC 3339.
+    #[serde(flatten, serialize_with = "at_and_ms")]
     pub at_ms: i64,
     /// Where the message was.
     pub stage: Stage,
@@ -67,7 +68,8 @@ impl Step {
 pub struct Received {
     /// Message (envelope) id.
     pub id: String,
-    /// When, ms since the epoch.
+    /// When, ms since the epoch; serialised with `received_at` beside it, in RFC 3339.
+    #[serde(flatten, serialize_with = "received_at_and_ms")]
     pub received_at_ms: i64,
     /// Connector.
     pub connector: String,
@@ -85,6 +87,30 @@ pub struct Received {
     pub raw_partition: u32,
     /// Offset on the raw topic.
     pub raw_offset: i64,
+    /// The inbox file it came from (its name, never a path): the detail of its `received`
+    /// step.
+    #[serde(skip)]
+    pub file: Option<String>,
+}
+
+/// `<name>_ms` as epoch milliseconds and `<name>` as RFC 3339 (UTC, milliseconds).
+fn time_pair<S: serde::Serializer>(name: &str, ms: i64, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    let mut map = s.serialize_map(Some(2))?;
+    map.serialize_entry(&format!("{name}_ms"), &ms)?;
+    map.serialize_entry(name, &humantime::format_rfc3339_millis(t).to_string())?;
+    map.end()
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's serialize_with takes a reference
+fn at_and_ms<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    time_pair("at", *ms, s)
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's serialize_with takes a reference
+fn received_at_and_ms<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    time_pair("received_at", *ms, s)
 }
 
 impl Received {
@@ -105,6 +131,14 @@ impl Received {
             receiver: envelope.receiver.clone(),
             raw_partition: position.partition,
             raw_offset: position.offset,
+            file: (envelope.connector == "inbox")
+                .then(|| {
+                    envelope
+                        .attributes
+                        .get(ketenbus_connectors::inbox::FILE_ATTRIBUTE)
+                })
+                .flatten()
+                .cloned(),
         }
     }
 }
@@ -403,7 +437,7 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                                 None::<u32>,
                                 StepOutcome::Accepted.as_str(),
                                 None::<String>,
-                                None::<String>
+                                r.file.map(|f| format!("file {f}"))
                             ])?;
                         }
                         Op::Step(id, s) => {
@@ -448,6 +482,7 @@ fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
         receiver: r.get(7)?,
         raw_partition: r.get(8)?,
         raw_offset: r.get(9)?,
+        file: None,
     })
 }
 
