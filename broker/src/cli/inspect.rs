@@ -2,6 +2,7 @@
 //! as JSON, without touching the log; with `--coverage`, which of its elements the events
 //! carry.
 
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -12,7 +13,9 @@ use crate::route::inspect::{inspect, sniff};
 use crate::route::normalise::normalisers;
 
 /// Print `file` as JSON, or with `coverage` (`Some(json)`) its field-coverage report as text
-/// or JSON; fails with the error position when it does not parse.
+/// or JSON. Fails with the error position when it does not parse, and with the reason when
+/// the router would reject it (after printing what it read). A reader that stops reading
+/// (`| head`) ends the output quietly.
 ///
 /// # Errors
 /// The file cannot be read, or its format is unknown, or has no coverage report (mail).
@@ -26,26 +29,47 @@ pub fn run(file: &Path, format: Option<&str>, coverage: Option<bool>) -> anyhow:
         None => sniff(&bytes)
             .with_context(|| format!("{}: format not recognised; give --format", file.display()))?,
     };
-    match inspect(&bytes, format, &normalisers()) {
-        Ok(json) => {
-            match coverage {
-                None => println!("{}", serde_json::to_string_pretty(&json)?),
-                Some(as_json) => {
-                    let report = crate::route::coverage::coverage(&json)
-                        .map_err(anyhow::Error::msg)
-                        .with_context(|| file.display().to_string())?;
-                    if as_json {
-                        println!("{}", serde_json::to_string_pretty(&report)?);
-                    } else {
-                        print!("{}", crate::route::coverage::render(&report));
-                    }
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+    let json = match inspect(&bytes, format, &normalisers()) {
+        Ok(json) => json,
         Err(e) => {
             eprintln!("{}: {e}", file.display());
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
         }
+    };
+    let text = match coverage {
+        None => format!("{}\n", serde_json::to_string_pretty(&json)?),
+        Some(as_json) => {
+            let report = crate::route::coverage::coverage(&json)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| file.display().to_string())?;
+            if as_json {
+                format!("{}\n", serde_json::to_string_pretty(&report)?)
+            } else {
+                crate::route::coverage::render(&report)
+            }
+        }
+    };
+    print_quietly(&text)?;
+    if let Some(rejected) = json.get("rejected") {
+        eprintln!(
+            "{}: the router would reject it: {} ({})",
+            file.display(),
+            rejected["reason"].as_str().unwrap_or("rejected"),
+            rejected["error"].as_str().unwrap_or("")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Write `text` to stdout; a closed pipe (the reader has what it wanted) is no error.
+///
+/// # Errors
+/// Any other write error.
+pub fn print_quietly(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
     }
 }

@@ -80,8 +80,10 @@ impl SmtpListener {
     pub async fn run(self, listener: TcpListener, cancel: CancellationToken) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.max_connections));
-        let local = listener.local_addr().ok();
-        tracing::info!(listen = ?local, tls = this.tls.is_some(), "smtp listener running");
+        let local = listener
+            .local_addr()
+            .map_or_else(|e| format!("unknown ({e})"), |a| a.to_string());
+        tracing::info!(listen = %local, tls = this.tls.is_some(), "smtp listener running");
         loop {
             let accepted = tokio::select! {
                 () = cancel.cancelled() => break,
