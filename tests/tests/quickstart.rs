@@ -225,6 +225,9 @@ fn the_quick_start_medlab_is_the_project_fixture() {
 fn no_config_means_no_subscriptions_and_every_place_says_so() {
     let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
     assert!(readme.contains("Without a config file ketenbus has **no subscriptions**"));
+    let guide = std::fs::read_to_string(repo().join("ops/OPERATING.md")).unwrap();
+    assert!(guide.contains("`ketenbus run` without `--config` has **no subscriptions**"));
+    assert!(guide.contains("ops/quickstart/ketenbus.toml"));
     let help = Command::new(ketenbus_bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("no subscriptions"), "{help}");
