@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every ketenbus test on a fresh machine: installs and starts the real peers the tests
 # talk to (tansu as the Kafka-protocol broker, Python's confluent-kafka + fastavro as an
-# independent reader, Prometheus/promtool, Postfix/swaks/Dovecot, the npm `fhir` validator),
+# independent reader, Prometheus/promtool, Postfix/swaks/Dovecot, the npm `fhir` validator,
+# curl and python3 for README's quick start),
 # checks formatting and lints, builds, and runs the whole workspace's tests. Slow installs are
 # cached under ~/.cache/ketenbus.
 #
@@ -27,6 +28,7 @@ KETENBUS_TEST_PYTHON=$(bash tests/python/setup.sh)
 # Debian packages (one apt at a time, before tests run in parallel) and the npm validator.
 sh ops/prometheus/setup.sh
 bash ops/mail/setup.sh
+bash ops/quickstart/setup.sh
 bash tests/node/setup.sh
 
 step "format and lints"

@@ -93,6 +93,7 @@ async fn the_readme_quick_start_delivers_a_signed_lab_result_to_the_example_rece
 
     let serve = block(&readme, "serve");
     assert_eq!(serve.len(), 2, "receiver and broker: {serve:?}");
+    assert!(serve[0].contains("receiver.py 8081"), "{serve:?}");
     let mut serving = Serving(Vec::new());
     let mut outputs = Vec::new();
     for (i, line) in serve.iter().enumerate() {
@@ -144,7 +145,9 @@ async fn the_readme_quick_start_delivers_a_signed_lab_result_to_the_example_rece
     }
 
     // The third terminal: one bash script, as a reader would paste it.
-    let send = ports(&block(&readme, "send").join("\n"));
+    let send = block(&readme, "send").join("\n");
+    assert!(send.contains("http://127.0.0.1:8080/"), "{send}");
+    let send = ports(&send);
     let sent = Command::new("bash")
         .arg("-c")
         .arg(&send)
