@@ -9,6 +9,14 @@ use toml::de::{DeArray, DeString, DeTable, DeValue};
 
 use super::{Config, Problem, key_path_at};
 
+/// How deep below the document errors are looked for one key at a time (a subscription's
+/// retry table is 4 deep: `subscriptions`, `[0]`, `retry`, `initial`).
+const MAX_DEPTH: usize = 8;
+
+/// How many partial documents are read at most: a hostile or huge file costs bounded work,
+/// and past this the errors found so far are reported.
+const MAX_TRIES: usize = 2000;
+
 /// One step of a key path into the document.
 #[derive(Clone)]
 enum Step<'i> {
@@ -31,7 +39,10 @@ pub(super) fn read(text: &str) -> Result<Config, Vec<Problem>> {
     let mut found = Vec::new();
     match try_at(&[], &root) {
         Ok(config) => return Ok(config),
-        Err(e) => errors_in(text, &mut Vec::new(), &root, e, &mut found),
+        Err(e) => {
+            let mut tries = MAX_TRIES;
+            errors_in(text, &mut Vec::new(), &root, e, &mut tries, &mut found);
+        }
     }
     Err(in_order(found))
 }
@@ -71,10 +82,11 @@ fn errors_in<'i>(
     path: &mut Vec<Step<'i>>,
     value: &Spanned<DeValue<'i>>,
     whole: toml::de::Error,
+    tries: &mut usize,
     found: &mut Vec<(usize, Problem)>,
 ) {
     let mut own = Vec::new();
-    if !is_missing_field(&whole) {
+    if !is_missing_field(&whole) && path.len() < MAX_DEPTH {
         let children: Vec<(Step<'i>, &Spanned<DeValue<'i>>)> = match value.get_ref() {
             DeValue::Table(t) => t.iter().map(|(k, v)| (Step::Key(k.clone()), v)).collect(),
             DeValue::Array(a) => a
@@ -85,11 +97,15 @@ fn errors_in<'i>(
             _ => Vec::new(),
         };
         for (step, child) in children {
+            if *tries == 0 {
+                break;
+            }
+            *tries -= 1;
             path.push(step);
             if let Err(e) = try_at(path, child)
                 && !is_missing_field(&e)
             {
-                errors_in(text, path, child, e, &mut own);
+                errors_in(text, path, child, e, tries, &mut own);
             }
             path.pop();
         }
@@ -225,6 +241,23 @@ mod tests {
         assert!(found.len() >= 2, "{found:?}");
         assert!(found.iter().any(|p| p.contains("(line 2)")), "{found:?}");
         assert!(found.iter().any(|p| p.contains("(line 5)")), "{found:?}");
+    }
+
+    #[test]
+    fn a_huge_file_full_of_errors_costs_bounded_work() {
+        let mut text = String::from("[[subscriptions]]\nname = 'a'\nkinds = [");
+        text.push_str(&"1, ".repeat(100_000));
+        text.push_str("]\nsink = { type = 'webhook', url = 'http://127.0.0.1:1/' }\n");
+        text.push_str("[http]\nlisten = 'x'\n");
+        let started = std::time::Instant::now();
+        let found = problems(&text);
+        assert!(found.len() <= MAX_TRIES, "{}", found.len());
+        assert!(found.len() > 1);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
