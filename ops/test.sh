@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every ketenbus test on a fresh machine: installs and starts the real peers the tests
 # talk to (tansu as the Kafka-protocol broker, Python's confluent-kafka + fastavro as an
-# independent reader, Prometheus/promtool, Postfix/swaks/Dovecot, the npm `fhir` validator),
+# independent reader, Prometheus/promtool, Postfix/swaks/Dovecot, the npm `fhir` validator,
+# Debian's chromium with Python's playwright for the console),
 # checks formatting and lints, builds, and runs the whole workspace's tests. Slow installs are
 # cached under ~/.cache/ketenbus.
 #
@@ -26,6 +27,7 @@ export KETENBUS_TEST_PYTHON
 KETENBUS_TEST_PYTHON=$(bash tests/python/setup.sh)
 # Debian packages (one apt at a time, before tests run in parallel) and the npm validator.
 sh ops/prometheus/setup.sh
+sh ops/browser/setup.sh
 bash ops/mail/setup.sh
 bash tests/node/setup.sh
 

@@ -177,7 +177,10 @@ mod tests {
             assert!(s.touch(&id).is_some(), "kept alive");
         }
         std::thread::sleep(Duration::from_millis(300));
-        assert!(s.touch(&id).is_none(), "absolute timeout reached while active");
+        assert!(
+            s.touch(&id).is_none(),
+            "absolute timeout reached while active"
+        );
         assert!(s.touch(&random_hex()).is_none(), "an unknown id");
     }
 

@@ -81,7 +81,7 @@ function svg(tag, attrs) {
 
 function bars(container, rows) {
   container.replaceChildren();
-  const width = 520, row = 22, labelW = 120;
+  const width = 560, row = 22, labelW = 160;
   const max = Math.max(1, ...rows.map((r) => r[1]));
   const s = svg("svg", { class: "chart", width: "100%", viewBox: `0 0 ${width} ${row * rows.length + 4}`, role: "img" });
   rows.forEach(([label, value], i) => {
