@@ -114,12 +114,8 @@ pub fn router(console: Arc<Console>) -> Router {
             get(dead_letters),
         )
         .route(
-            "/console/api/subscriptions/{name}/dead-letters/replay",
-            post(replay),
-        )
-        .route(
-            "/console/api/subscriptions/{name}/dead-letters/purge",
-            post(purge),
+            "/console/api/subscriptions/{name}/dead-letters/{action}",
+            post(dead_letter_action),
         )
         .route("/console/api/subscriptions/{name}/pause", post(pause))
         .route("/console/api/subscriptions/{name}/resume", post(resume))
@@ -541,10 +537,12 @@ impl Which {
     }
 }
 
-async fn replay(
+/// Replay or purge dead letters (`action`): through `deliver::dlq`, which audits each one
+/// with the operator as actor before it acts.
+async fn dead_letter_action(
     State(c): State<Arc<Console>>,
     Extension(s): Extension<Session>,
-    Path(name): Path<String>,
+    Path((name, action)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = c.subscription(&name) {
@@ -554,32 +552,16 @@ async fn replay(
         Ok(sel) => sel,
         Err(r) => return r.into_response(),
     };
-    match c.ops.replay(&name, &sel, &actor(&s)).await {
-        Ok(n) => {
-            tracing::info!(operator = %s.operator, subscription = %name, replayed = n, "dead letters replayed from the console");
-            Json(json!({ "replayed": n })).into_response()
-        }
-        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "dlq", &e.to_string()),
-    }
-}
-
-async fn purge(
-    State(c): State<Arc<Console>>,
-    Extension(s): Extension<Session>,
-    Path(name): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(r) = c.subscription(&name) {
-        return r.into_response();
-    }
-    let sel = match Which::selection(&body) {
-        Ok(sel) => sel,
-        Err(r) => return r.into_response(),
+    let work = match action.as_str() {
+        "replay" => ops::Work::Replay,
+        "purge" => ops::Work::Purge,
+        _ => return problem(StatusCode::NOT_FOUND, "not_found", "replay or purge"),
     };
-    match c.ops.purge(&name, &sel, &actor(&s)).await {
-        Ok(p) => {
-            tracing::info!(operator = %s.operator, subscription = %name, purged = p.removed, "dead letters purged from the console");
-            Json(json!({ "selected": p.selected, "removed": p.removed })).into_response()
+    let done = c.ops.work(work, &name, &sel, &actor(&s)).await;
+    match done {
+        Ok(answer) => {
+            tracing::info!(operator = %s.operator, subscription = %name, action = %action, "dead letters worked from the console");
+            Json(answer).into_response()
         }
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "dlq", &e.to_string()),
     }

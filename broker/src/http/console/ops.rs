@@ -8,8 +8,17 @@ use ketenbus_connectors::BoxFuture;
 use ketenbus_schemas::{AvroRecord, DeadLetter, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError};
-use crate::deliver::dlq::{self, PurgeError, Purged, Selection};
+use crate::deliver::dlq::{self, PurgeError, Selection};
 use crate::observe::audit::Audit;
+
+/// What to do with dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Publish them to the subscription's replay topic.
+    Replay,
+    /// Remove them from the log.
+    Purge,
+}
 
 /// The console's operations on the log.
 pub trait Operations: Send + Sync {
@@ -19,20 +28,14 @@ pub trait Operations: Send + Sync {
         subscription: &'a str,
         sel: &'a Selection,
     ) -> BoxFuture<'a, Result<Vec<DeadLetter>, BusError>>;
-    /// Replay matching dead letters (each audited with `actor`); how many.
-    fn replay<'a>(
+    /// Replay or purge matching dead letters (each audited with `actor`); what was done.
+    fn work<'a>(
         &'a self,
+        work: Work,
         subscription: &'a str,
         sel: &'a Selection,
         actor: &'a str,
-    ) -> BoxFuture<'a, Result<usize, PurgeError>>;
-    /// Purge matching dead letters (each audited with `actor`).
-    fn purge<'a>(
-        &'a self,
-        subscription: &'a str,
-        sel: &'a Selection,
-        actor: &'a str,
-    ) -> BoxFuture<'a, Result<Purged, PurgeError>>;
+    ) -> BoxFuture<'a, Result<serde_json::Value, PurgeError>>;
     /// The received message at this position of the raw topic; `None` when it is gone.
     fn raw(
         &self,
@@ -59,34 +62,26 @@ impl<B: Bus> Operations for BusOperations<B> {
         Box::pin(dlq::list(self.bus.as_ref(), subscription, sel))
     }
 
-    fn replay<'a>(
+    fn work<'a>(
         &'a self,
+        work: Work,
         subscription: &'a str,
         sel: &'a Selection,
         actor: &'a str,
-    ) -> BoxFuture<'a, Result<usize, PurgeError>> {
-        Box::pin(dlq::replay(
-            self.bus.as_ref(),
-            subscription,
-            sel,
-            self.audit.as_ref(),
-            actor,
-        ))
-    }
-
-    fn purge<'a>(
-        &'a self,
-        subscription: &'a str,
-        sel: &'a Selection,
-        actor: &'a str,
-    ) -> BoxFuture<'a, Result<Purged, PurgeError>> {
-        Box::pin(dlq::purge(
-            self.bus.as_ref(),
-            subscription,
-            sel,
-            self.audit.as_ref(),
-            actor,
-        ))
+    ) -> BoxFuture<'a, Result<serde_json::Value, PurgeError>> {
+        let (bus, audit) = (self.bus.as_ref(), self.audit.as_ref());
+        Box::pin(async move {
+            Ok(match work {
+                Work::Replay => {
+                    let n = dlq::replay(bus, subscription, sel, audit, actor).await?;
+                    serde_json::json!({ "replayed": n })
+                }
+                Work::Purge => {
+                    let p = dlq::purge(bus, subscription, sel, audit, actor).await?;
+                    serde_json::json!({ "selected": p.selected, "removed": p.removed })
+                }
+            })
+        })
     }
 
     fn raw(
