@@ -95,6 +95,8 @@ def main():
         expect(page.locator("#message-acks")).to_contain_text("acknowledge")
         page.click("#show-raw")
         expect(page.locator("#raw")).to_contain_text("UNB+UNOA:1")
+        expect(page.locator("#events")).to_contain_text('"kind": "lab_result"')
+        expect(page.locator("#events")).to_contain_text('"patient_key"')
         shot("04-message")
         for t in [page.title()]:
             if any(ch.isdigit() for ch in t):

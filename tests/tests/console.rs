@@ -175,6 +175,14 @@ async fn an_operator_works_the_console_in_a_real_browser() {
         assert!(!u.contains(BSN), "a URL with the BSN: {u}");
     }
     assert!(!b.log_text().contains(BSN), "the BSN is in the log");
+    // Showing the raw message and its events is a read of that patient, by name.
+    assert!(
+        trail
+            .iter()
+            .any(|r| r["action"] == "raw_read"
+                && r["patient"].as_str().is_some_and(|p| p.len() == 32)),
+        "the raw read names no patient pseudonym: {trail:?}"
+    );
 }
 
 /// The same in the browser, searching by the patient's BSN: the search finds the message, is

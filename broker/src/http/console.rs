@@ -33,6 +33,7 @@ use crate::http::auth::Authenticator;
 use crate::http::config::ConsoleConfig;
 use crate::http::state::ApiState;
 use crate::observe::audit::{Audit, Entry};
+use crate::route::keys::RawPatients;
 use ops::Operations;
 use session::{CSRF_HEADER, Session, Sessions};
 
@@ -57,6 +58,8 @@ pub struct Console {
     pub subscriptions: Vec<Subscription>,
     /// Paused subscriptions.
     pub pauses: Pauses,
+    /// Reads a raw message's events and patients again, as the router did.
+    pub raw_patients: Arc<RawPatients>,
     /// The session cookie's `Path`.
     pub cookie_path: String,
     /// The listener speaks TLS: the cookie is `Secure`.
@@ -74,7 +77,7 @@ impl Console {
         audit: Option<Audit>,
         ops: Arc<dyn Operations>,
         subscriptions: Vec<Subscription>,
-        pauses: Pauses,
+        (pauses, raw_patients): (Pauses, Arc<RawPatients>),
         tls: bool,
     ) -> Console {
         Console {
@@ -85,6 +88,7 @@ impl Console {
             ops,
             subscriptions,
             pauses,
+            raw_patients,
             cookie_path: cfg.cookie_path(),
             tls,
         }
@@ -395,7 +399,8 @@ async fn message(
 /// Largest raw message shown in the console.
 const RAW_SHOWN: usize = 1024 * 1024;
 
-/// The raw message, on request: an audited read (action `raw_read`) before it is answered.
+/// The raw message and its events, on request: an audited read (action `raw_read`, one
+/// record per patient the message concerns) before anything is answered.
 async fn raw(
     State(c): State<Arc<Console>>,
     Extension(s): Extension<Session>,
@@ -412,36 +417,57 @@ async fn raw(
         }
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "lineage", &e.to_string()),
     };
-    let read = Entry {
-        envelope_id: Some(id.clone()),
-        ..entry("raw_read", &s)
-    };
-    if let Err(r) = c.audit(vec![read]).await {
-        return r;
-    }
-    match c
+    let env = match c
         .ops
         .raw(l.received.raw_partition, l.received.raw_offset)
         .await
     {
-        Ok(Some(env)) if env.id == id => {
-            let shown = &env.body[..env.body.len().min(RAW_SHOWN)];
-            Json(json!({
-                "id": env.id,
-                "content_type": env.content_type,
-                "size": env.body.len(),
-                "truncated": env.body.len() > RAW_SHOWN,
-                "text": String::from_utf8_lossy(shown),
-            }))
-            .into_response()
+        Ok(Some(env)) if env.id == id => env,
+        Ok(_) => {
+            return problem(
+                StatusCode::GONE,
+                "gone",
+                "the message is no longer in the log (retention)",
+            );
         }
-        Ok(_) => problem(
-            StatusCode::GONE,
-            "gone",
-            "the message is no longer in the log (retention)",
-        ),
-        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "log", &e),
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "log", &e),
+    };
+    // Normalising is parsing: off the async workers.
+    let (raw_patients, env) = (Arc::clone(&c.raw_patients), Arc::new(env));
+    let read = Arc::clone(&env);
+    let events = tokio::task::spawn_blocking(move || raw_patients.events(&read))
+        .await
+        .unwrap_or_default();
+    let mut patients: Vec<Option<String>> = Vec::new();
+    for key in events.iter().map(|e| e.header().patient_key.clone()) {
+        if key.is_some() && !patients.contains(&key) {
+            patients.push(key);
+        }
     }
+    if patients.is_empty() {
+        patients.push(None);
+    }
+    let records = patients
+        .into_iter()
+        .map(|patient| Entry {
+            envelope_id: Some(id.clone()),
+            patient,
+            ..entry("raw_read", &s)
+        })
+        .collect();
+    if let Err(r) = c.audit(records).await {
+        return r;
+    }
+    let shown = &env.body[..env.body.len().min(RAW_SHOWN)];
+    Json(json!({
+        "id": env.id,
+        "content_type": env.content_type,
+        "size": env.body.len(),
+        "truncated": env.body.len() > RAW_SHOWN,
+        "text": String::from_utf8_lossy(shown),
+        "events": events,
+    }))
+    .into_response()
 }
 
 async fn subscriptions(State(c): State<Arc<Console>>) -> Response {

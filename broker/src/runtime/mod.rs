@@ -243,7 +243,7 @@ pub async fn run<B: Bus>(
             audit: audit.clone(),
         }),
         settings.subscriptions.clone(),
-        pauses,
+        (pauses, raw_patients),
         tls.is_some(),
     );
     let serve = crate::http::server::serve(

@@ -231,8 +231,10 @@ const WARN = ["retrying", "delayed", "filtered"];
 async function message(id) {
   $("message-id").textContent = id;
   $("message-error").textContent = "";
-  $("raw").hidden = true;
-  $("raw").textContent = "";
+  for (const p of ["raw", "events"]) {
+    $(p).hidden = true;
+    $(p).textContent = "";
+  }
   let l;
   try {
     l = await api("GET", "messages/" + encodeURIComponent(id));
@@ -284,6 +286,10 @@ async function showRaw() {
     const r = await api("POST", "messages/" + encodeURIComponent(id) + "/raw", {});
     $("raw").textContent = r.text + (r.truncated ? "\n… (truncated)" : "");
     $("raw").hidden = false;
+    $("events").textContent = r.events.length
+      ? JSON.stringify(r.events, null, 2)
+      : "(no events: the message does not normalise into any)";
+    $("events").hidden = false;
   } catch (e) {
     $("message-error").textContent = e.message;
   }
