@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use ketenbus_tests::{Broker, MEDLAB, Receiver, medlab, webhook_subscription};
 use sha2::{Digest, Sha256};
 
@@ -87,25 +88,78 @@ async fn dead_lettered_message(b: &Broker) -> String {
 }
 
 /// Two subscriptions, `gp` and `archive`, and a message `gp` dead-lettered (its receiver
-/// answered 400; now it answers 204).
+/// answered 400; now it answers 204); the console is configured for the `/ops` prefix.
 async fn scene() -> (Receiver, Receiver, Broker, String) {
     let gp = Receiver::answering(400).await;
     let archive = Receiver::ok().await;
-    let b = Broker::start_with_env(&config(&gp.url(), &archive.url(), ""), OPERATOR);
+    let prefix = "path_prefix = \"/ops\"";
+    let b = Broker::start_with_env(&config(&gp.url(), &archive.url(), prefix), OPERATOR);
     let id = dead_lettered_message(&b).await;
     gp.set_status(204);
     (gp, archive, b, id)
 }
 
+/// A reverse proxy that serves `upstream` under `/ops` on a port of its own, as nginx does with
+/// `location /ops/ { proxy_pass http://broker/; proxy_set_header X-Forwarded-Host $host; }`:
+/// its base URL.
+async fn prefix_proxy(upstream: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let upstream = upstream.to_owned();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let (client, upstream) = (client.clone(), upstream.clone());
+        async move { forward(&client, &upstream, req).await }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/ops")
+}
+
+async fn forward(
+    client: &reqwest::Client,
+    upstream: &str,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let Some(rest) = path.strip_prefix("/ops") else {
+        return axum::http::StatusCode::NOT_FOUND.into_response();
+    };
+    let mut out = client.request(req.method().clone(), format!("{upstream}{rest}"));
+    for (k, v) in req.headers() {
+        if k == "host" {
+            out = out.header("x-forwarded-host", v);
+        } else {
+            out = out.header(k, v);
+        }
+    }
+    let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let resp = out.body(body).send().await.unwrap();
+    let mut back = axum::http::Response::builder().status(resp.status());
+    for (k, v) in resp.headers() {
+        if !["connection", "transfer-encoding", "keep-alive"].contains(&k.as_str()) {
+            back = back.header(k, v);
+        }
+    }
+    back.body(axum::body::Body::from(resp.bytes().await.unwrap()))
+        .unwrap()
+}
+
 /// Run the browser script; `Err` with its output when it fails.
-fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (String, Vec<String>) {
+async fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (String, Vec<String>) {
     let shots = repo().join("target/console-screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let urls = b.dir.join("urls.txt");
     let next = String::from_utf8(medlab(7, "500001234", BSN)).unwrap();
+    // Behind a proxy that serves the broker under /ops (its config says so).
+    let console = prefix_proxy(&b.url).await;
     let mut cmd = Command::new(python);
     cmd.arg(repo().join("tests/python/console_browser.py"))
-        .args(["--url", &format!("{}/console/", b.url)])
+        .args(["--url", &format!("{console}/console/")])
         .args(["--api", &b.url, "--token", TOKEN, "--message", id])
         .args([
             "--sender",
@@ -123,7 +177,10 @@ fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (String, 
     if let Some(p) = patient {
         cmd.args(["--patient", p]);
     }
-    let out = cmd.output().expect("run the browser script");
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("run the browser script");
     assert!(
         out.status.success(),
         "the browser script failed:\n{}\n{}\nbroker log:\n{}",
@@ -139,7 +196,7 @@ fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (String, 
     (String::from_utf8_lossy(&out.stdout).into_owned(), visited)
 }
 
-/// An operator logs in, reads the overview, finds the dead-lettered message, opens it and its
+/// Through a reverse proxy that serves the broker under `/ops`, an operator logs in, reads the overview, finds the dead-lettered message, opens it and its
 /// raw form, replays its dead letter and sees it delivered, pauses a subscription (nothing is
 /// delivered) and resumes it (it is), and logs out; each action is in the audit trail under
 /// the operator's name, and neither the log nor any URL the browser asked for holds the BSN.
@@ -148,7 +205,7 @@ async fn an_operator_works_the_console_in_a_real_browser() {
     let Some(python) = browser() else { return };
     let (gp, archive, b, id) = scene().await;
 
-    let (_, visited) = drive(&python, &b, &id, None);
+    let (_, visited) = drive(&python, &b, &id, None).await;
 
     assert_eq!(
         gp.received().len(),
@@ -193,7 +250,7 @@ async fn an_operator_works_the_console_in_a_real_browser() {
 async fn an_operator_finds_a_message_by_the_patients_bsn_in_the_browser() {
     let Some(python) = browser() else { return };
     let (_gp, _archive, b, id) = scene().await;
-    let (_, visited) = drive(&python, &b, &id, Some(BSN));
+    let (_, visited) = drive(&python, &b, &id, Some(BSN)).await;
     for u in &visited {
         assert!(!u.contains(BSN), "a URL with the BSN: {u}");
     }
@@ -322,6 +379,17 @@ async fn the_console_refuses_what_has_no_session_or_comes_from_elsewhere() {
     assert!(attrs.contains(&"SameSite=Strict"), "{set}");
     assert!(attrs.contains(&"Path=/ops/console/"), "{set}");
     assert!(!attrs.contains(&"Secure"), "plain HTTP on loopback: {set}");
+    // Behind a proxy that took the request over HTTPS the cookie is Secure.
+    let behind_tls = c
+        .http
+        .post(format!("{}api/login", c.base))
+        .header("x-forwarded-proto", "https")
+        .json(&serde_json::json!({ "token": TOKEN }))
+        .send()
+        .await
+        .unwrap();
+    let set_tls = behind_tls.headers()["set-cookie"].to_str().unwrap();
+    assert!(set_tls.ends_with("; Secure"), "{set_tls}");
     assert_eq!(cookie.len(), "ketenbus_console=".len() + 64, "256-bit id");
     assert_eq!(c.get("", Some(&cookie)).await.status(), 200);
     let headers = c.get("api/overview", Some(&cookie)).await;

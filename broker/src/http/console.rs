@@ -62,7 +62,7 @@ pub struct Console {
     pub raw_patients: Arc<RawPatients>,
     /// The session cookie's `Path`.
     pub cookie_path: String,
-    /// The listener speaks TLS: the cookie is `Secure`.
+    /// The listener speaks TLS: the cookie is `Secure` (see [`Console::secure`]).
     pub tls: bool,
 }
 
@@ -254,6 +254,17 @@ impl Console {
         })
     }
 
+    /// Whether the session cookie is `Secure`: on a TLS listener, and behind a proxy that
+    /// took the request over HTTPS (`X-Forwarded-Proto: https`). The header can only add the
+    /// attribute, never take it away.
+    fn secure(&self, headers: &HeaderMap) -> bool {
+        self.tls
+            || headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|p| p.eq_ignore_ascii_case("https"))
+    }
+
     fn subscription(&self, name: &str) -> Result<&Subscription, Refusal> {
         self.subscriptions
             .iter()
@@ -326,7 +337,8 @@ async fn login(
     let (id, s) = c.sessions.create(&operator);
     tracing::info!(operator = %operator, "console login");
     let mut resp = Json(json!({ "operator": s.operator, "csrf": s.csrf })).into_response();
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&id, &c.cookie_path, c.tls)) {
+    let cookie = session::set_cookie(&id, &c.cookie_path, c.secure(&headers));
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
@@ -337,7 +349,8 @@ async fn logout(State(c): State<Arc<Console>>, headers: HeaderMap) -> Response {
         c.sessions.remove(&id);
     }
     let mut resp = StatusCode::NO_CONTENT.into_response();
-    if let Ok(v) = HeaderValue::from_str(&session::clear_cookie(&c.cookie_path, c.tls)) {
+    let cookie = session::clear_cookie(&c.cookie_path, c.secure(&headers));
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
