@@ -519,3 +519,72 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
         .collect();
     assert_eq!(pauses.len(), 2, "{trail:?}");
 }
+
+/// On a TLS listener the console answers over HTTPS and its session cookie is `Secure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_session_cookie_is_secure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+    let port = ketenbus_tests::free_port();
+    let config = tmp.path().join("ketenbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n[http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n\
+             [[operators]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\n",
+            tmp.path().join("data"),
+            hex::encode(Sha256::digest(TOKEN.as_bytes())),
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(tmp.path().join("ketenbus.log")).unwrap();
+    let mut child = Command::new(ketenbus_tests::ketenbus_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let https = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(pair.cert.pem().as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("https://127.0.0.1:{port}/console/");
+    let ready = ketenbus_tests::within(Duration::from_secs(30), async || {
+        https.get(format!("{base}login")).send().await
+    })
+    .await;
+    let logged = async {
+        let page = ready.map_err(|e| e.to_string())?;
+        assert_eq!(page.status(), 200);
+        let resp = https
+            .post(format!("{base}api/login"))
+            .json(&serde_json::json!({ "token": TOKEN }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(resp)
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let resp = logged.unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}",
+            std::fs::read_to_string(tmp.path().join("ketenbus.log")).unwrap_or_default()
+        )
+    });
+    assert_eq!(resp.status(), 200);
+    let set = resp.headers()["set-cookie"].to_str().unwrap();
+    assert_eq!(
+        set.split("; ").skip(1).collect::<Vec<_>>(),
+        ["Path=/console/", "HttpOnly", "SameSite=Strict", "Secure"],
+        "{set}"
+    );
+}
