@@ -51,11 +51,9 @@ fn browser() -> Option<String> {
     }
 }
 
+/// The repository, where the browser script is and the screenshots go.
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 fn audit_trail(b: &Broker) -> Vec<serde_json::Value> {

@@ -121,8 +121,10 @@ pub fn router(console: Arc<Console>) -> Router {
             "/console/api/subscriptions/{name}/dead-letters/{action}",
             post(dead_letter_action),
         )
-        .route("/console/api/subscriptions/{name}/pause", post(pause))
-        .route("/console/api/subscriptions/{name}/resume", post(resume))
+        .route(
+            "/console/api/subscriptions/{name}/{state}",
+            post(set_paused),
+        )
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&console),
             guard,
@@ -606,25 +608,19 @@ async fn dead_letter_action(
     }
 }
 
-async fn pause(
+/// `pause` or `resume` (`state`) a subscription: the audit record first, then the paused
+/// set on disk, then in effect.
+async fn set_paused(
     State(c): State<Arc<Console>>,
     Extension(s): Extension<Session>,
-    Path(name): Path<String>,
+    Path((name, state)): Path<(String, String)>,
 ) -> Response {
-    set_paused(&c, &s, &name, true).await
-}
-
-async fn resume(
-    State(c): State<Arc<Console>>,
-    Extension(s): Extension<Session>,
-    Path(name): Path<String>,
-) -> Response {
-    set_paused(&c, &s, &name, false).await
-}
-
-/// Pause or resume: the audit record first, then the paused set on disk, then in effect.
-async fn set_paused(c: &Console, s: &Session, name: &str, paused: bool) -> Response {
-    if let Err(r) = c.subscription(name) {
+    let paused = match state.as_str() {
+        "pause" => true,
+        "resume" => false,
+        _ => return problem(StatusCode::NOT_FOUND, "not_found", "pause or resume"),
+    };
+    if let Err(r) = c.subscription(&name) {
         return r.into_response();
     }
     let action = if paused {
@@ -634,12 +630,12 @@ async fn set_paused(c: &Console, s: &Session, name: &str, paused: bool) -> Respo
     };
     let record = Entry {
         party: Some(format!("subscription:{name}")),
-        ..entry(action, s)
+        ..entry(action, &s)
     };
     if let Err(r) = c.audit(vec![record]).await {
         return r;
     }
-    if let Err(e) = c.pauses.set(name, paused) {
+    if let Err(e) = c.pauses.set(&name, paused) {
         tracing::error!(error = %e, "pausing or resuming a subscription failed");
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "pause", &e.to_string());
     }
