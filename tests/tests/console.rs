@@ -1,7 +1,8 @@
 //! The operators' console at `/console/`: driven in a real browser (Debian's headless
 //! Chromium through Python's Playwright, `tests/python/console_browser.py`), and attacked
 //! directly: no session, a foreign page's POST, a stale session, a pause that must survive a
-//! restart. Screenshots of each page are kept in `target/console-screenshots/`.
+//! restart. Screenshots of each page are kept in `target/console-screenshots/operator/` and
+//! `.../patient-search/`.
 
 #![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
 
@@ -149,7 +150,13 @@ async fn forward(
 
 /// Run the browser script; `Err` with its output when it fails.
 async fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (String, Vec<String>) {
-    let shots = repo().join("target/console-screenshots");
+    let shots = repo()
+        .join("target/console-screenshots")
+        .join(if patient.is_some() {
+            "patient-search"
+        } else {
+            "operator"
+        });
     std::fs::create_dir_all(&shots).unwrap();
     let urls = b.dir.join("urls.txt");
     let next = String::from_utf8(medlab(7, "500001234", BSN)).unwrap();
