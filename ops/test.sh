@@ -2,7 +2,8 @@
 # Runs every ketenbus test on a fresh machine: installs and starts the real peers the tests
 # talk to (tansu as the Kafka-protocol broker, Python's confluent-kafka + fastavro as an
 # independent reader, Prometheus/promtool, Postfix/swaks/Dovecot, the npm `fhir` validator,
-# curl and python3 for README's quick start),
+# curl and python3 for README's quick start, Debian's chromium with Python's playwright for
+# the console),
 # checks formatting and lints, builds, and runs the whole workspace's tests. Slow installs are
 # cached under ~/.cache/ketenbus.
 #
@@ -27,6 +28,7 @@ export KETENBUS_TEST_PYTHON
 KETENBUS_TEST_PYTHON=$(bash tests/python/setup.sh)
 # Debian packages (one apt at a time, before tests run in parallel) and the npm validator.
 sh ops/prometheus/setup.sh
+sh ops/browser/setup.sh
 bash ops/mail/setup.sh
 bash ops/quickstart/setup.sh
 bash tests/node/setup.sh

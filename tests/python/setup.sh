@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the Python venv for tests/python (confluent-kafka, fastavro from PyPI) under
+# Creates the Python venv for tests/python (confluent-kafka, fastavro, playwright from PyPI) under
 # ~/.cache/ketenbus/venv, once; reinstalls when requirements.txt changes.
 # Prints the venv's python path on stdout.
 #
@@ -20,13 +20,13 @@ exec 9>"$CACHE/venv.lock"
 flock 9
 
 if [[ -x $VENV/bin/python && -f $STAMP && $(cat "$STAMP") == "$want" ]] \
-    && "$VENV/bin/python" -c 'import confluent_kafka, fastavro' 2>/dev/null; then
+    && "$VENV/bin/python" -c 'import confluent_kafka, fastavro, playwright' 2>/dev/null; then
     say "venv up to date at $VENV"
 else
     say "installing $(grep -v '^#' "$REQ" | xargs) into $VENV"
     [[ -x $VENV/bin/python ]] || "${PYTHON:-python3}" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ" >&2
-    "$VENV/bin/python" -c 'import confluent_kafka, fastavro' \
+    "$VENV/bin/python" -c 'import confluent_kafka, fastavro, playwright' \
         || { say "installed packages do not import"; exit 1; }
     echo "$want" >"$STAMP"
     say "installed into $VENV"

@@ -33,6 +33,9 @@ pub struct Hooks {
     /// For a subscription of raw messages: finds the patients (and receiver) a message
     /// declares, so its audit records name them.
     pub raw_patients: Option<Arc<crate::route::keys::RawPatients>>,
+    /// Paused subscriptions: while this one is paused its lanes deliver nothing and its
+    /// loop reads nothing, so it keeps its place in the log.
+    pub pauses: Option<crate::deliver::pause::Pauses>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -152,7 +155,13 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
         hooks,
         parking,
     } = l;
+    let mut paused = hooks.pauses.as_ref().map(|p| p.watch(&subscription));
     while let Some(job) = rx.recv().await {
+        if let Some(switch) = paused.as_mut()
+            && !crate::deliver::pause::wait_resumed(switch, &cancel).await
+        {
+            return; // cancelled while paused: not acked, delivered after a restart
+        }
         #[cfg(debug_assertions)] // KETENBUS_FAULT=lane_panic_after:N (tests only)
         crate::fault::hit("lane_panic_after");
         let behind = job.prior.is_none() && {

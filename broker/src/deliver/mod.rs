@@ -41,6 +41,7 @@ mod decode;
 pub mod dlq;
 mod finish;
 mod lanes;
+pub mod pause;
 mod retry;
 pub mod sink;
 
@@ -287,7 +288,17 @@ pub async fn run_with<B: Bus>(
     let mut tracked = crate::observe::watch::InFlight::new(&sub.name);
     // Acknowledged since the last commit: committed when the subscription is idle.
     let mut uncommitted = false;
+    // While paused, nothing new is read (the lanes finish nothing either): see `pause`.
+    let mut switch = hooks.pauses.as_ref().map_or_else(
+        || tokio::sync::watch::channel(false).1,
+        |p| p.watch(&sub.name),
+    );
     while !cancel.is_cancelled() {
+        let paused = *switch.borrow_and_update();
+        if paused && uncommitted && st.finished.is_empty() {
+            // What was finished before the pause is committed now, not after the resume.
+            uncommitted = consumer.commit().await.is_err() | retry_consumer.commit().await.is_err();
+        }
         while let Ok(r) = done_rx.try_recv() {
             st.report(r);
         }
@@ -353,8 +364,9 @@ pub async fn run_with<B: Bus>(
                 }
             }
             () = tokio::time::sleep(sleep) => continue,
-            r = consumer.poll(Duration::from_millis(500)), if st.in_flight < cap => (r, false),
-            r = retry_consumer.poll(Duration::from_millis(500)), if st.held < retry_cap => (r, true),
+            _ = switch.changed(), if paused => continue,
+            r = consumer.poll(Duration::from_millis(500)), if st.in_flight < cap && !paused => (r, false),
+            r = retry_consumer.poll(Duration::from_millis(500)), if st.held < retry_cap && !paused => (r, true),
         };
         let record = match polled {
             Ok(Some(r)) => r,
@@ -743,6 +755,7 @@ mod tests {
             audit: Some(audit),
             receiver_is_party: false,
             raw_patients: None,
+            pauses: None,
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_with(

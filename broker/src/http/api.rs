@@ -184,6 +184,12 @@ async fn list_messages(
         Ok(q) => q,
         Err(e) => return problem(StatusCode::BAD_REQUEST, "bad_query", &e.body_text()),
     };
+    search(&st, q).await
+}
+
+/// One page of the messages matching `q`: `GET /api/v1/messages` and the console's search
+/// (which takes the filters in a request body, so a patient's BSN is never in a URL).
+pub(crate) async fn search(st: &ApiState, q: ListQuery) -> Response {
     match st.lineage.list(q).await {
         Ok(page) => Json(page).into_response(),
         Err(e) => problem(StatusCode::BAD_REQUEST, "bad_query", &e),

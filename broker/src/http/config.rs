@@ -31,6 +31,74 @@ pub struct HttpConfig {
     pub allow_plaintext: bool,
     /// Connection, header and time limits (`[http.limits]`).
     pub limits: Limits,
+    /// The operators' web console at `/console/` (`[http.console]`).
+    pub console: ConsoleConfig,
+}
+
+/// `[http.console]`: the operators' web console, served at `/console/`. It needs
+/// `[[operators]]`: an operator logs in with an operator token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// The path a reverse proxy serves the broker under (e.g. `"/ketenbus"` when the
+    /// console is reached at `https://host/ketenbus/console/`); empty when served at the
+    /// root. Only the session cookie's `Path` uses it: every link in the console is relative.
+    pub path_prefix: String,
+    /// A session ends after this long without a request.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A session ends this long after login, however active.
+    #[serde(with = "humantime_serde")]
+    pub absolute_timeout: Duration,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            path_prefix: String::new(),
+            idle_timeout: Duration::from_secs(15 * 60),
+            absolute_timeout: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+impl ConsoleConfig {
+    /// Problems: a prefix that is not an absolute path without a trailing `/`, a zero timeout.
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let prefix = &self.path_prefix;
+        if !prefix.is_empty()
+            && (!prefix.starts_with('/')
+                || prefix.ends_with('/')
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/-_.~".contains(&b)))
+        {
+            p.push(Problem::new(
+                "http.console.path_prefix",
+                "must start with '/', not end with '/', and hold letters, digits, '-', '_', '.', '~'",
+            ));
+        }
+        for (key, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("absolute_timeout", self.absolute_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(Problem::new(
+                    format!("http.console.{key}"),
+                    "must be longer than 0s",
+                ));
+            }
+        }
+        p
+    }
+
+    /// The session cookie's `Path`: the console's path as the browser sees it.
+    #[must_use]
+    pub fn cookie_path(&self) -> String {
+        format!("{}/console/", self.path_prefix)
+    }
 }
 
 impl Default for HttpConfig {
@@ -42,6 +110,7 @@ impl Default for HttpConfig {
             tls: None,
             allow_plaintext: false,
             limits: Limits::default(),
+            console: ConsoleConfig::default(),
         }
     }
 }
@@ -56,6 +125,7 @@ impl HttpConfig {
             p.push(Problem::new("http.max_body", "must be more than 0 bytes"));
         }
         p.extend(Problem::under("http.limits", self.limits.problems()));
+        p.extend(self.console.problems());
         match &self.tls {
             Some(tls) => {
                 if let Err(e) = tls.build() {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod config;
+pub mod console;
 pub mod fhir;
 pub mod idempotency;
 pub mod server;

@@ -763,6 +763,50 @@ pub fn render() -> String {
     String::from_utf8(out).expect("the text format is UTF-8")
 }
 
+/// The ketenbus metrics as JSON, read from the same registry as [`render`] (the console's
+/// overview): `{"at_ms", "metrics": {name: [{"labels": {..}, "value": n}]}}`. A histogram's
+/// value is its count of observations, with `sum` beside it.
+#[must_use]
+pub fn snapshot() -> serde_json::Value {
+    use prometheus::proto::MetricType;
+    LazyLock::force(&METRICS);
+    let mut metrics = serde_json::Map::new();
+    for family in prometheus::gather() {
+        if !family.name().starts_with("ketenbus_") {
+            continue;
+        }
+        let series: Vec<serde_json::Value> = family
+            .get_metric()
+            .iter()
+            .map(|m| {
+                let labels: serde_json::Map<String, serde_json::Value> = m
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_owned(), l.value().into()))
+                    .collect();
+                let (value, sum) = match family.get_field_type() {
+                    MetricType::COUNTER => (m.get_counter().value(), None),
+                    MetricType::GAUGE => (m.get_gauge().value(), None),
+                    MetricType::HISTOGRAM => {
+                        let h = m.get_histogram();
+                        #[allow(clippy::cast_precision_loss)] // counts stay far below 2^52
+                        let count = h.get_sample_count() as f64;
+                        (count, Some(h.get_sample_sum()))
+                    }
+                    _ => (0.0, None),
+                };
+                let mut v = serde_json::json!({ "labels": labels, "value": value });
+                if let Some(sum) = sum {
+                    v["sum"] = sum.into();
+                }
+                v
+            })
+            .collect();
+        metrics.insert(family.name().to_owned(), series.into());
+    }
+    serde_json::json!({ "at_ms": now_ms(), "metrics": metrics })
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};

@@ -179,6 +179,19 @@ impl RawPatients {
         }
     }
 
+    /// The events `envelope` normalises into, each with its patient key as the router sets
+    /// it (the console's on-request read); none for a message that does not normalise.
+    #[must_use]
+    pub fn events(&self, envelope: &RawEnvelope) -> Vec<Event> {
+        let mut events =
+            crate::route::normalise::events_of(&self.normalisers, envelope).unwrap_or_default();
+        for e in &mut events {
+            let key = self.keyer.key_for(e);
+            e.header_mut().patient_key = key;
+        }
+        events
+    }
+
     /// Normalise `envelope` once and take its patients and receiver; nothing for a message
     /// that does not normalise.
     #[must_use]

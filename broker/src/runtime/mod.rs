@@ -101,6 +101,8 @@ pub async fn run<B: Bus>(
         .audit
         .start(&cfg.data_dir, cfg.http.listen.ip().is_loopback(), env)?;
     let consent_registry = cfg.consent.registry().context("reading the consent file")?;
+    let pauses =
+        deliver::pause::Pauses::open(&cfg.data_dir).context("reading the paused subscriptions")?;
     let sinks = SinkContext {
         book: Arc::new(cfg.address_book.clone()),
         content: Arc::clone(&content),
@@ -123,6 +125,7 @@ pub async fn run<B: Bus>(
                 .sources
                 .contains(&Source::Raw)
                 .then(|| Arc::clone(&raw_patients)),
+            pauses: Some(pauses.clone()),
         };
         let task = deliver::run_with(
             Arc::clone(&bus),
@@ -235,12 +238,29 @@ pub async fn run<B: Bus>(
     }
     let auth = crate::http::auth::Authenticator::new(&cfg.senders, &cfg.operators);
     let max_body = cfg.http.max_body_bytes();
+    let console = crate::http::console::Console::new(
+        &cfg.http.console,
+        Arc::clone(&state),
+        auth.clone(),
+        audit.clone(),
+        Arc::new(crate::http::console::ops::BusOperations {
+            bus: Arc::clone(&bus),
+            audit: audit.clone(),
+        }),
+        settings.subscriptions.clone(),
+        (pauses, raw_patients),
+        tls.is_some(),
+    );
     let serve = crate::http::server::serve(
         listener,
         // Authentication reads headers only; the budget holds bodies of those let in, so a
         // client without credentials cannot fill it.
         crate::http::auth::protect(
-            crate::http::budget::protect(crate::http::router(state), budget, max_body),
+            crate::http::budget::protect(
+                crate::http::router(state).merge(crate::http::console::router(Arc::new(console))),
+                budget,
+                max_body,
+            ),
             auth,
             audit,
         ),
