@@ -106,7 +106,8 @@ impl SinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// First wait.
+    /// First wait after a failure: the first retry never comes sooner. Each later wait
+    /// doubles, plus up to 25% jitter, never past `max`.
     #[serde(with = "humantime_serde")]
     pub initial: Duration,
     /// Longest wait between tries.

@@ -117,6 +117,8 @@ pub(super) async fn finish<B: Bus>(
         match (d.outcome, &d.error) {
             (Outcome::DeadLettered, e) => metrics::dead_lettered(
                 subscription,
+                &d.record_id,
+                d.attempt,
                 e.as_ref().map_or("unknown", DeliveryError::reason),
             ),
             (Outcome::Filtered, _) => metrics::filtered(subscription),

@@ -240,7 +240,6 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                     };
                     (Outcome::DeadLettered, Some(exhausted))
                 } else {
-                    metrics::retrying(&subscription, delivery.attempt, &e);
                     let mut step = Step::new(now, Stage::Delivery, StepOutcome::Retrying);
                     step.subscription = Some(subscription.to_string());
                     step.record_id = Some(job.record_id.clone());
@@ -254,6 +253,13 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                         .unwrap_or(i64::MAX)
                         .min(give_up_ms - elapsed);
                     let next_attempt_ms = now.saturating_add(wait_ms);
+                    metrics::retrying(
+                        &subscription,
+                        &job.record_id,
+                        delivery.attempt,
+                        &e,
+                        Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)),
+                    );
                     let report = if prior.is_some() {
                         Report::Again(Again {
                             token: job.token,
