@@ -75,7 +75,8 @@ enum Command {
         json: bool,
     },
     /// Dead letters: list, replay and purge. Dead letters are kept until purged (retention
-    /// never removes them). With `[[operators]]` configured, needs an operator token in
+    /// never removes them). Works on the log of --config (default ./data, which must exist);
+    /// needs no sink secrets. With `[[operators]]` configured, needs an operator token in
     /// KETENBUS_OPERATOR_TOKEN.
     Dlq {
         #[command(subcommand)]

@@ -190,6 +190,22 @@ fn outcome_and_dead_letter_match_their_schemas() {
         source_topic: "ketenbus.events.lab_result".into(),
         key: vec![1, 2],
         value: vec![0xC3, 0x01, 9],
+        attempt: Some(4),
+        resolved_at_ms: None,
+    });
+    roundtrip(&DeadLetter {
+        id: "m1.0@1".into(),
+        stage: "s".into(),
+        record_id: "m1.0".into(),
+        envelope_id: "m1".into(),
+        at_ms: 1,
+        reason: "http_404".into(),
+        detail: None,
+        source_topic: "ketenbus.events.lab_result".into(),
+        key: vec![1, 2],
+        value: Vec::new(),
+        attempt: None,
+        resolved_at_ms: Some(1_764_000_000_000),
     });
     for first_failure_ms in [None, Some(1_764_000_000_000)] {
         roundtrip(&RetryRecord {
@@ -203,6 +219,7 @@ fn outcome_and_dead_letter_match_their_schemas() {
             source_topic: "ketenbus.events.lab_result".into(),
             key: vec![1, 2],
             value: vec![0xC3, 0x01, 9],
+            replay_of: first_failure_ms.map(|_| "m1.0@1".into()),
         });
     }
 }

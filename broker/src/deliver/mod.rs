@@ -56,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{AckToken, Bus, BusError, Consumer, partition_for};
 use crate::deliver::config::Subscription;
 use crate::observe::health::{Health, State};
-use crate::observe::lineage::Lineage;
+use crate::observe::lineage::{self, Lineage};
 use ketenbus_schemas::now_ms;
 
 use decode::{decode, passes};
@@ -86,6 +86,18 @@ struct Job {
     value: Vec<u8>,
     /// Set when the job comes from the retry topic.
     prior: Option<Prior>,
+    /// A replayed dead letter: its id, and the attempts made before it was dead-lettered
+    /// (the attempt count goes on from there).
+    replay: Option<Replay>,
+}
+
+/// Where a replayed record comes from.
+#[derive(Clone)]
+struct Replay {
+    /// The dead letter's id.
+    dead_letter: String,
+    /// Attempts made before it was dead-lettered.
+    attempts: u32,
 }
 
 /// A finished record.
@@ -102,6 +114,8 @@ struct Done {
     audit: Vec<crate::observe::audit::Entry>,
     /// Not finished but parked: published to the retry topic before the ack, no outcome.
     park: Option<RetryRecord>,
+    /// Finished from a replay: the dead letter it resolves (id) and the record key.
+    resolves: Option<(String, Vec<u8>)>,
 }
 
 impl Done {
@@ -123,6 +137,7 @@ impl Done {
             dead_letter: None,
             audit,
             park: None,
+            resolves: None,
         }
     }
 }
@@ -169,6 +184,7 @@ impl Undeliverable {
             dead_letter: Some(source),
             audit: Vec::new(),
             park: None,
+            resolves: None,
         }
     }
 }
@@ -402,6 +418,19 @@ pub async fn run_with<B: Bus>(
                 st.finished.push(Done::filtered(job, None, Vec::new()));
             }
             Ok(job) => {
+                if let Some(r) = &job.replay {
+                    let mut step = lineage::Step::new(
+                        now_ms(),
+                        ketenbus_schemas::lineage::Stage::DeadLettered,
+                        ketenbus_schemas::lineage::StepOutcome::Replayed,
+                    );
+                    step.subscription = Some(name.to_string());
+                    step.record_id = Some(job.record_id.clone());
+                    step.kind = Some(job.kind.to_owned());
+                    step.attempt = Some(r.attempts);
+                    step.detail = Some(format!("dead letter {} replayed", r.dead_letter));
+                    lineage.step(&job.envelope_id, step).await;
+                }
                 // Also a record of a parked key goes to its lane: the lane parks it behind,
                 // after whatever of that key it has in hand.
                 let lane = st.lane_of(&job.key);

@@ -90,6 +90,10 @@ fn job_of(held: &Held) -> Result<Job, Undeliverable> {
         attempt: u32::try_from(p.attempt).unwrap_or(0),
         first_failure_ms: p.first_failure_ms,
     });
+    job.replay = p.replay_of.clone().map(|dead_letter| super::Replay {
+        dead_letter,
+        attempts: 0,
+    });
     Ok(job)
 }
 
@@ -294,6 +298,7 @@ impl Loop {
                     dead_letter: None,
                     audit: Vec::new(),
                     park: Some(h.parked),
+                    resolves: None,
                 });
             }
         }

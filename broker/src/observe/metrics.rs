@@ -724,8 +724,8 @@ pub fn routed(
             let label = closed(reason.unwrap_or(OTHER), &ROUTER_REASONS);
             m.router_dead_letters.with_label_values(&[label]).inc();
             tracing::warn!(
-                message_id,
-                reason = label,
+                message_id = %message_id,
+                reason = %label,
                 "message dead-lettered by the router"
             );
         }
@@ -789,10 +789,10 @@ pub fn retrying(
         .with_label_values(&[subscription, reason])
         .inc();
     tracing::warn!(
-        subscription,
-        record_id,
+        subscription = %subscription,
+        record_id = %record_id,
         attempt,
-        reason = error.reason(),
+        reason = %error.reason(),
         retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
         "delivery failed, retrying"
     );
@@ -829,10 +829,10 @@ pub fn dead_lettered(subscription: &str, record_id: &str, attempt: u32, reason: 
         .with_label_values(&[subscription, label])
         .inc();
     tracing::warn!(
-        subscription,
-        record_id,
+        subscription = %subscription,
+        record_id = %record_id,
         attempt,
-        reason,
+        reason = %reason,
         "delivery failed for good: dead-lettered"
     );
 }
