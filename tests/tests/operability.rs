@@ -292,3 +292,121 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
     );
     assert!(!log.contains("refused-by-receiver"), "{log}");
 }
+
+/// `ketenbus status --config FILE`, its output.
+fn status(broker: &Broker) -> String {
+    let (_, out, err) = broker.cli(&["status"]);
+    format!("{out}{err}")
+}
+
+#[tokio::test]
+async fn status_shows_retries_router_dead_letters_and_inbox_failures_across_a_restart() {
+    let rx = ketenbus_tests::Receiver::answering(503).await;
+    let inbox = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[[inbox]]\npath = {:?}\npatterns = [\"*.edi\"]\npoll_interval = \"100ms\"\nsettle = \"200ms\"\n{}\
+         [subscriptions.retry]\ninitial = \"300ms\"\nmax = \"1s\"\n",
+        inbox.path(),
+        ketenbus_tests::webhook_subscription("flaky", "\"raw\"", &rx.url(), ""),
+    );
+    let mut broker = Broker::start(&extra);
+    let c = reqwest::Client::new();
+    // One the receiver refuses for now, one the router cannot read, one file the inbox sets
+    // aside.
+    let id = broker
+        .accept(
+            &c,
+            "application/EDIFACT",
+            ketenbus_tests::MEDLAB.as_bytes().to_vec(),
+        )
+        .await;
+    broker
+        .accept(
+            &c,
+            "application/EDIFACT",
+            b"UNB+UNOA:1+500001234+500005678+261101:0815+IC1'".to_vec(),
+        )
+        .await;
+    std::fs::write(inbox.path().join("empty.edi"), b"").unwrap();
+    lineage_until(&broker.url, &id, |l| {
+        l["deliveries"][0]["outcome"] == "retrying"
+    })
+    .await;
+
+    // Each failed attempt is a WARN line with subscription, record id, attempt and reason.
+    broker
+        .eventually(
+            Duration::from_secs(10),
+            "a WARN line per failed attempt",
+            async || {
+                let log = plain(&broker.log_text());
+                log.lines()
+                    .find(|l| {
+                        l.contains("WARN")
+                            && l.contains("delivery failed, retrying")
+                            && l.contains("subscription=flaky")
+                            && l.contains(&format!("record_id={id}"))
+                            && l.contains("attempt=1")
+                            && l.contains("reason=http_503")
+                    })
+                    .map(str::to_owned)
+                    .ok_or_else(|| "no such line yet".to_owned())
+            },
+        )
+        .await;
+    // The inbox's and the FHIR endpoint's refusals are counted with the other refusals.
+    let refused = c
+        .post(format!("{}/fhir", broker.url))
+        .header("content-type", "application/fhir+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    broker
+        .eventually(Duration::from_secs(10), "the refusals counted", async || {
+            let m = broker.metrics().await;
+            if m.contains(
+                "ketenbus_ingest_rejected_messages_total{connector=\"inbox\",reason=\"empty_body\"} 1",
+            ) && m.contains(
+                "ketenbus_ingest_rejected_messages_total{connector=\"fhir\",reason=\"empty_body\"} 1",
+            ) {
+                Ok(())
+            } else {
+                Err(m)
+            }
+        })
+        .await;
+
+    for round in ["before", "after"] {
+        let out = broker
+            .eventually(
+                Duration::from_secs(15),
+                &format!("status {round} a restart"),
+                async || {
+                    let out = status(&broker);
+                    let whole = out.contains("flaky is retrying")
+                        && out.contains("last failure: http_503")
+                        && out.contains(
+                            "the router could not normalise 1 message(s), newest: edifact_syntax",
+                        )
+                        && out
+                            .contains("set aside 1 file(s) in failed/, newest: the file is empty");
+                    if whole { Ok(out) } else { Err(out) }
+                },
+            )
+            .await;
+        assert!(!out.contains("nothing is failing"), "{out}");
+        assert!(!out.contains("NAME"), "{out}");
+        assert!(
+            out.contains(&format!(
+                "ketenbus dlq list --subscription router --config {}",
+                broker.config.display()
+            )),
+            "{out}"
+        );
+        if round == "before" {
+            broker.kill();
+            broker.spawn();
+        }
+    }
+}

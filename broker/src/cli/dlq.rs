@@ -3,7 +3,7 @@
 //! (none of them sends: a replay is delivered by the running broker), and refuse a
 //! subscription the configuration does not name.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use ketenbus_connectors::BoxFuture;
@@ -36,7 +36,7 @@ impl DlqSelection {
     /// The validated settings, the subscription and the selection. `router` is a stage
     /// when `router_ok`.
     fn resolve(self, router_ok: bool) -> anyhow::Result<(Settings, String, Selection)> {
-        let settings = load(self.config.as_deref())?;
+        let settings = super::load_for_log(self.config.as_deref())?;
         known(&settings, &self.subscription, router_ok)?;
         let sel = Selection {
             ids: self.ids,
@@ -45,50 +45,6 @@ impl DlqSelection {
         };
         Ok((settings, self.subscription, sel))
     }
-}
-
-/// The configuration without the sinks' secrets, which no `dlq` command uses, on a data
-/// directory (and, on the embedded engine, a log) that exists.
-fn load(config: Option<&Path>) -> anyhow::Result<Settings> {
-    let cfg = match config {
-        Some(p) => crate::config::Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
-        None => crate::config::Config::default(),
-    };
-    let secrets: std::collections::BTreeSet<String> = cfg
-        .subscriptions
-        .iter()
-        .flat_map(|s| s.sink.secret_vars())
-        .map(str::to_owned)
-        .collect();
-    let process = crate::config::Env::process();
-    // A sink secret this command does not have stands in as unused: it never sends.
-    let env = crate::config::Env::from_fn(move |name| {
-        process
-            .var(name)
-            .or_else(|| secrets.contains(name).then(|| "unused-by-dlq".to_owned()))
-    });
-    let log = (cfg.bus.engine == crate::bus::Engine::Embedded)
-        .then(|| cfg.data_dir.join(&cfg.bus.embedded.file));
-    let given = config.map_or_else(
-        || "no --config given, so the default ./data".to_owned(),
-        |p| format!("as {} says", p.display()),
-    );
-    if !cfg.data_dir.is_dir() {
-        anyhow::bail!(
-            "no data directory at {} ({given}): give --config with the broker's configuration file",
-            cfg.data_dir.display()
-        );
-    }
-    if let Some(log) = log.filter(|l| !l.is_file()) {
-        anyhow::bail!(
-            "no log at {} ({given}): give --config with the broker's configuration file",
-            log.display()
-        );
-    }
-    cfg.validate(&env).map_err(|problems| {
-        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
-    })
 }
 
 /// `name` is a configured subscription (or, when `router_ok`, `router`); else an error that

@@ -33,6 +33,57 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
     })
 }
 
+/// The configuration without the sinks' secrets, for commands that read the log and send
+/// nothing (`dlq`, `status`): on a data directory (and, on the embedded engine, a log) that
+/// exists, never a new empty one.
+///
+/// # Errors
+/// The file cannot be read, the data directory or log is not there, or the configuration
+/// has problems (all listed).
+pub fn load_for_log(config: Option<&Path>) -> anyhow::Result<Settings> {
+    let cfg = match config {
+        Some(p) => crate::config::Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
+        None => crate::config::Config::default(),
+    };
+    let secrets: std::collections::BTreeSet<String> = cfg
+        .subscriptions
+        .iter()
+        .flat_map(|s| s.sink.secret_vars())
+        .map(str::to_owned)
+        .collect();
+    let process = crate::config::Env::process();
+    // A sink secret this command does not have stands in as unused: it never sends.
+    let env = crate::config::Env::from_fn(move |name| {
+        process.var(name).or_else(|| {
+            secrets
+                .contains(name)
+                .then(|| "unused-by-this-command".to_owned())
+        })
+    });
+    let log = (cfg.bus.engine == crate::bus::Engine::Embedded)
+        .then(|| cfg.data_dir.join(&cfg.bus.embedded.file));
+    let given = config.map_or_else(
+        || "no --config given, so the default ./data".to_owned(),
+        |p| format!("as {} says", p.display()),
+    );
+    if !cfg.data_dir.is_dir() {
+        anyhow::bail!(
+            "no data directory at {} ({given}): give --config with the broker's configuration file",
+            cfg.data_dir.display()
+        );
+    }
+    if let Some(log) = log.filter(|l| !l.is_file()) {
+        anyhow::bail!(
+            "no log at {} ({given}): give --config with the broker's configuration file",
+            log.display()
+        );
+    }
+    cfg.validate(&env).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
+    })
+}
+
 /// An RFC 3339 time given on the command line, as milliseconds since the epoch.
 ///
 /// # Errors

@@ -101,8 +101,9 @@ pub const OTHER: &str = "other";
 /// Connectors that take messages in (`connector` label).
 pub const CONNECTORS: [&str; 5] = ["http", "fhir", "inbox", "smtp", "imap"];
 
-/// Why a connector refused a message (`reason` of [`INGEST_REJECTED_MESSAGES`]).
-pub const INGEST_REASONS: [&str; 14] = [
+/// Why a way in refused a message or set it aside (`reason` of [`INGEST_REJECTED_MESSAGES`]):
+/// HTTP and FHIR answers, SMTP replies, inbox files moved to `failed/`, IMAP messages set aside.
+pub const INGEST_REASONS: [&str; 26] = [
     "empty_body",
     "unsupported_media_type",
     "too_large",
@@ -117,6 +118,18 @@ pub const INGEST_REASONS: [&str; 14] = [
     "log_unavailable",
     "log_failure",
     "memory_budget",
+    "not_parseable",
+    "unreadable",
+    "refused",
+    "max_attempts",
+    "auth_required",
+    "tls_required",
+    "recipient_refused",
+    "too_many_recipients",
+    "line_too_long",
+    "log_full",
+    "unknown_resource",
+    "invalid_message",
 ];
 
 /// Why the router dead-lettered a message (`reason` of [`ROUTER_DEAD_LETTERS`]): the
