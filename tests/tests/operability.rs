@@ -117,6 +117,13 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
     );
     let broker = Broker::start_with_env(&subs, &[("PICKY_SECRET", "picky-secret-for-tests")]);
     let cfg = broker.config.to_str().unwrap().to_owned();
+    // `ketenbus dlq ARGS --config FILE`, without the sink's secret.
+    let dlq = |args: &[&str]| {
+        let mut all = vec!["dlq"];
+        all.extend(args);
+        all.extend(["--config", cfg.as_str()]);
+        bare(&broker.dir, &all)
+    };
     let c = reqwest::Client::new();
     let id = broker
         .accept(&c, "application/EDIFACT", edifact_message(3, 200))
@@ -127,10 +134,7 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
     .await;
 
     // Listing needs no sink secret, and the receiver's answer is in the detail, bounded.
-    let (ok, out, err) = bare(
-        &broker.dir,
-        &["dlq", "list", "--subscription", "picky", "--config", &cfg],
-    );
+    let (ok, out, err) = dlq(&["list", "--subscription", "picky"]);
     assert!(ok, "{err}");
     let listed = lines(&out);
     assert_eq!(listed.len(), 1, "{out}");
@@ -150,13 +154,11 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
 
     // Unknown names are errors that name the known ones, for every command.
     for cmd in [
-        vec!["dlq", "list", "--subscription", "pciky"],
-        vec!["dlq", "purge", "--subscription", "pciky", "--all"],
-        vec!["dlq", "replay", "--subscription", "pciky", "--all"],
+        &["list", "--subscription", "pciky"][..],
+        &["purge", "--subscription", "pciky", "--all"],
+        &["replay", "--subscription", "pciky", "--all"],
     ] {
-        let mut args = cmd.clone();
-        args.extend(["--config", cfg.as_str()]);
-        let (ok, out, err) = bare(&broker.dir, &args);
+        let (ok, out, err) = dlq(cmd);
         assert!(!ok, "{cmd:?}: {out}");
         assert!(
             err.contains("no subscription named \"pciky\"") && err.contains("picky"),
@@ -180,19 +182,7 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
     // Replay (no secret needed either: the broker sends); delivered with the attempt count
     // going on, resolved, lineage and status say so.
     rx.status.store(200, Ordering::SeqCst);
-    let (ok, _, err) = bare(
-        &broker.dir,
-        &[
-            "dlq",
-            "replay",
-            "--subscription",
-            "picky",
-            "--id",
-            &id,
-            "--config",
-            &cfg,
-        ],
-    );
+    let (ok, _, err) = dlq(&["replay", "--subscription", "picky", "--id", &id]);
     assert!(ok, "{err}");
     let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"][0]["outcome"] == "delivered"
@@ -219,10 +209,7 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
             Duration::from_secs(10),
             "the dead letter resolved",
             async || {
-                let (ok, out, err) = bare(
-                    &broker.dir,
-                    &["dlq", "list", "--subscription", "picky", "--config", &cfg],
-                );
+                let (ok, out, err) = dlq(&["list", "--subscription", "picky"]);
                 assert!(ok, "{err}");
                 if out.trim().is_empty() {
                     Ok(())
@@ -233,36 +220,14 @@ async fn the_dead_letter_command_line_refuses_what_it_cannot_do_and_replays_reso
         )
         .await;
     let () = resolved;
-    let (ok, out, err) = bare(
-        &broker.dir,
-        &[
-            "dlq",
-            "list",
-            "--subscription",
-            "picky",
-            "--resolved",
-            "--config",
-            &cfg,
-        ],
-    );
+    let (ok, out, err) = dlq(&["list", "--subscription", "picky", "--resolved"]);
     assert!(ok, "{err}");
     let listed = lines(&out);
     assert_eq!(listed.len(), 1, "{out}");
     assert_eq!(listed[0]["id"], dead_letter.as_str());
     assert!(listed[0]["resolved_at_ms"].as_i64().unwrap() > 0, "{out}");
     // Nothing left to replay.
-    let (ok, _, err) = bare(
-        &broker.dir,
-        &[
-            "dlq",
-            "replay",
-            "--subscription",
-            "picky",
-            "--all",
-            "--config",
-            &cfg,
-        ],
-    );
+    let (ok, _, err) = dlq(&["replay", "--subscription", "picky", "--all"]);
     assert!(ok && err.contains("replayed 0"), "{err}");
 
     let in_status = async |status: &str| {

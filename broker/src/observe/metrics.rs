@@ -216,50 +216,44 @@ fn closed(value: &str, set: &[&'static str]) -> &'static str {
     set.iter().find(|v| **v == value).copied().unwrap_or(OTHER)
 }
 
-/// The `reason` label of a subscription's dead letter.
-#[must_use]
-pub fn delivery_reason(reason: &str) -> &'static str {
-    let known = closed(reason, &DELIVERY_REASONS);
+/// `reason` when `set` holds it; else the class label of the first of `classes` (prefix,
+/// first digit, label) whose three-digit code it is (`http_418` as `http_4xx`); else
+/// [`OTHER`].
+fn coded(reason: &str, set: &[&'static str], classes: &[(&str, u8, &'static str)]) -> &'static str {
+    let known = closed(reason, set);
     if known != OTHER {
         return known;
     }
-    let class = |prefix: &str, first: u8| {
-        reason.strip_prefix(prefix).is_some_and(|code| {
-            code.len() == 3
-                && code.as_bytes()[0] == first
-                && code.bytes().all(|b| b.is_ascii_digit())
+    classes
+        .iter()
+        .find(|(prefix, first, _)| {
+            reason.strip_prefix(prefix).is_some_and(|code| {
+                code.len() == 3
+                    && code.as_bytes()[0] == *first
+                    && code.bytes().all(|b| b.is_ascii_digit())
+            })
         })
-    };
-    if class("http_", b'4') {
-        "http_4xx"
-    } else if class("smtp_", b'5') {
-        "smtp_5xx"
-    } else {
-        OTHER
-    }
+        .map_or(OTHER, |(_, _, label)| label)
+}
+
+/// The `reason` label of a subscription's dead letter.
+#[must_use]
+pub fn delivery_reason(reason: &str) -> &'static str {
+    coded(
+        reason,
+        &DELIVERY_REASONS,
+        &[("http_", b'4', "http_4xx"), ("smtp_", b'5', "smtp_5xx")],
+    )
 }
 
 /// The `reason` label of a failed attempt that will be tried again.
 #[must_use]
 pub fn retry_reason(reason: &str) -> &'static str {
-    let known = closed(reason, &RETRY_REASONS);
-    if known != OTHER {
-        return known;
-    }
-    let class = |prefix: &str, first: u8| {
-        reason.strip_prefix(prefix).is_some_and(|code| {
-            code.len() == 3
-                && code.as_bytes()[0] == first
-                && code.bytes().all(|b| b.is_ascii_digit())
-        })
-    };
-    if class("http_", b'5') {
-        "http_5xx"
-    } else if class("smtp_", b'4') {
-        "smtp_4xx"
-    } else {
-        OTHER
-    }
+    coded(
+        reason,
+        &RETRY_REASONS,
+        &[("http_", b'5', "http_5xx"), ("smtp_", b'4', "smtp_4xx")],
+    )
 }
 
 /// The `kind` labels of the topics subscriptions read: event kinds, `raw`, `replay`.
