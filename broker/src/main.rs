@@ -83,7 +83,7 @@ enum Command {
     },
     /// Dead letters: list, replay and purge. Dead letters are kept until purged (retention
     /// never removes them). Works on the log of --config (default ./data, which must exist);
-    /// needs no sink secrets. With `[[operators]]` configured, needs an operator token in
+    /// needs no secrets of sinks or mail sources. With `[[operators]]` configured, needs an operator token in
     /// KETENBUS_OPERATOR_TOKEN.
     Dlq {
         #[command(subcommand)]

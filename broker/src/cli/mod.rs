@@ -33,8 +33,8 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
     })
 }
 
-/// The configuration without the sinks' secrets, for commands that read the log and send
-/// nothing (`dlq`, `status`): on a data directory (and, on the embedded engine, a log) that
+/// The configuration without the secrets of sinks and mail sources, for commands that read
+/// the log and send nothing (`dlq`, `status`): on a data directory (and, on the embedded engine, a log) that
 /// exists, never a new empty one.
 ///
 /// # Errors
@@ -45,20 +45,29 @@ pub fn load_for_log(config: Option<&Path>) -> anyhow::Result<Settings> {
         Some(p) => crate::config::Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
         None => crate::config::Config::default(),
     };
+    // What sinks send with and what mail sources log in with: none of it reads the log.
     let secrets: std::collections::BTreeSet<String> = cfg
         .subscriptions
         .iter()
         .flat_map(|s| s.sink.secret_vars())
+        .chain(cfg.mail.imap.iter().map(|i| i.password_env.as_str()))
+        .chain(
+            cfg.mail
+                .smtp
+                .iter()
+                .filter_map(|s| s.auth.as_ref())
+                .flat_map(|a| a.users.iter().map(|u| u.password_env.as_str())),
+        )
         .map(str::to_owned)
         .collect();
     let process = crate::config::Env::process();
-    // A sink secret this command does not have stands in as unused: it never sends.
+    // A secret this command does not have stands in as unused: it never sends.
     let env = crate::config::Env::from_fn(move |name| {
-        process.var(name).or_else(|| {
-            secrets
-                .contains(name)
-                .then(|| "unused-by-this-command".to_owned())
-        })
+        let value = process.var(name);
+        if secrets.contains(name) && value.as_deref().is_none_or(str::is_empty) {
+            return Some("unused-by-this-command".to_owned());
+        }
+        value
     });
     let log = (cfg.bus.engine == crate::bus::Engine::Embedded)
         .then(|| cfg.data_dir.join(&cfg.bus.embedded.file));
