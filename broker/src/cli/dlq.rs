@@ -21,7 +21,8 @@ pub struct DlqSelection {
     /// ./data, which must exist.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Subscription name (`router` for messages that could not be normalised: list only).
+    /// Subscription name (`router` for messages that could not be normalised: list and purge
+    /// only). A name the configuration does not have is an error that lists those it has.
     #[arg(long)]
     pub subscription: String,
     /// Only these dead-letter, record or message ids.
