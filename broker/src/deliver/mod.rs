@@ -809,6 +809,127 @@ mod tests {
         assert!(trail.contains("\"patient\":\"pk-1\""), "{trail}");
     }
 
+    /// A real sink that fails the first `fails` attempts for now, and records the attempt
+    /// number of every try.
+    struct FailsFirst {
+        fails: std::sync::atomic::AtomicU32,
+        attempts: Mutex<Vec<u32>>,
+    }
+
+    impl Sink for FailsFirst {
+        fn deliver<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+            Box::pin(async move {
+                self.attempts.lock().unwrap().push(d.attempt);
+                let left = self.fails.load(std::sync::atomic::Ordering::SeqCst);
+                if left > 0 {
+                    self.fails
+                        .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                    return Err(DeliveryError::Retryable {
+                        reason: "http_503".into(),
+                        detail: "503 Service Unavailable".into(),
+                    });
+                }
+                Ok(Receipt {
+                    detail: "ok".into(),
+                })
+            })
+        }
+    }
+
+    /// A replayed dead letter that fails again is retried from the retry topic, its attempts
+    /// counting on from the dead letter's; once delivered, the dead letter is resolved.
+    #[tokio::test]
+    async fn a_replay_counts_attempts_on_and_resolves_its_dead_letter_after_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        let sub = letter_subscription(
+            "gp",
+            RetryConfig {
+                initial: Duration::from_millis(50),
+                max: Duration::from_millis(100),
+                give_up_after: Duration::from_secs(60),
+            },
+            2,
+        );
+        bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
+        let original = letter("patient-r", 0);
+        let mut dl = ketenbus_schemas::DeadLetter::new(
+            "gp",
+            ("env-patient-r-0.0", "env-patient-r-0"),
+            1_764_000_000_000,
+            "exhausted",
+            None,
+            (
+                original.topic.clone(),
+                original.key.clone(),
+                original.value.clone(),
+            ),
+        );
+        dl.attempt = Some(3);
+        bus.publish(vec![OutRecord {
+            topic: topics::dead_letters("gp"),
+            key: dl.key.clone(),
+            value: dl.to_avro().unwrap(),
+        }])
+        .await
+        .unwrap();
+        let n = dlq::replay(
+            bus.as_ref(),
+            "gp",
+            &dlq::Selection::default(),
+            None,
+            "operator:t",
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+        let sink = Arc::new(FailsFirst {
+            fails: std::sync::atomic::AtomicU32::new(1),
+            attempts: Mutex::new(Vec::new()),
+        });
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(
+            Arc::clone(&bus),
+            sub,
+            Arc::clone(&sink) as Arc<dyn Sink>,
+            Lineage::open(dir.path()).unwrap(),
+            Arc::new(Health::default()),
+            cancel.clone(),
+        ));
+        let began = std::time::Instant::now();
+        let mut left = usize::MAX;
+        while began.elapsed() < Duration::from_secs(10) {
+            left = dlq::list(bus.as_ref(), "gp", &dlq::Selection::default())
+                .await
+                .unwrap()
+                .len();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(*sink.attempts.lock().unwrap(), vec![4, 5]);
+        assert_eq!(left, 0, "resolved, no longer listed");
+        let all = dlq::list_with_resolved(bus.as_ref(), "gp", &dlq::Selection::default())
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0.id, dl.id);
+        assert!(all[0].1.is_some(), "resolved at a time");
+        let again = dlq::replay(
+            bus.as_ref(),
+            "gp",
+            &dlq::Selection::default(),
+            None,
+            "operator:t",
+        )
+        .await
+        .unwrap();
+        assert_eq!(again, 0, "a resolved dead letter is not replayed again");
+    }
+
     #[tokio::test]
     async fn one_patients_events_arrive_in_order() {
         let dir = tempfile::tempdir().unwrap();
