@@ -570,6 +570,33 @@ mod tests {
         }
     }
 
+    /// Retries 50 ms apart at first, at most `max_ms` apart, for a day.
+    fn quick_retry(max_ms: u64) -> RetryConfig {
+        RetryConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(max_ms),
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    /// Run `sub` on `bus` into `sink`, with the lineage in `dir`, until `cancel`.
+    fn spawn_run(
+        bus: &Arc<EmbeddedBus>,
+        sub: &Subscription,
+        sink: Arc<dyn Sink>,
+        dir: &std::path::Path,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run(
+            Arc::clone(bus),
+            sub.clone(),
+            sink,
+            Lineage::open(dir).unwrap(),
+            Arc::new(Health::default()),
+            cancel,
+        ))
+    }
+
     /// One patient's records fail for a long time: every other patient's arrive at once, the
     /// failing patient's arrive in order after it recovers, also across a stop and start of
     /// the subscription, and nothing finished is delivered twice.
@@ -577,15 +604,7 @@ mod tests {
     async fn one_failing_patient_holds_up_only_its_own_records() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = letter_subscription(
-            "lab",
-            RetryConfig {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(200),
-                give_up_after: Duration::from_secs(24 * 3600),
-            },
-            2,
-        );
+        let sub = letter_subscription("lab", quick_retry(200), 2);
         bus.ensure_topics(&specs_for(&sub, 2)).await.unwrap();
         // The failing patient's records come first and among everyone else's.
         let mut records = Vec::new();
@@ -603,14 +622,13 @@ mod tests {
             got: Mutex::new(Vec::new()),
         });
         let start = |cancel: CancellationToken| {
-            tokio::spawn(run(
-                Arc::clone(&bus),
-                sub.clone(),
+            spawn_run(
+                &bus,
+                &sub,
                 Arc::clone(&sink) as Arc<dyn Sink>,
-                Lineage::open(dir.path()).unwrap(),
-                Arc::new(Health::default()),
+                dir.path(),
                 cancel,
-            ))
+            )
         };
         let cancel = CancellationToken::new();
         let task = start(cancel.clone());
@@ -661,15 +679,7 @@ mod tests {
     async fn a_held_record_is_parked_again_so_finished_retries_are_not_delivered_twice() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = letter_subscription(
-            "lab",
-            RetryConfig {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(100),
-                give_up_after: Duration::from_secs(24 * 3600),
-            },
-            2,
-        );
+        let sub = letter_subscription("lab", quick_retry(100), 2);
         // One partition: every parked record shares one retry partition.
         bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
         let sink = Arc::new(FailsForOnePatient {
@@ -679,14 +689,13 @@ mod tests {
             got: Mutex::new(Vec::new()),
         });
         let start = |cancel: CancellationToken| {
-            tokio::spawn(run(
-                Arc::clone(&bus),
-                sub.clone(),
+            spawn_run(
+                &bus,
+                &sub,
                 Arc::clone(&sink) as Arc<dyn Sink>,
-                Lineage::open(dir.path()).unwrap(),
-                Arc::new(Health::default()),
+                dir.path(),
                 cancel,
-            ))
+            )
         };
         let mut records = vec![letter("patient-x", 0)];
         records.extend((0..10).map(|i| letter(&format!("patient-{i}"), 0)));
@@ -842,15 +851,7 @@ mod tests {
     async fn a_replay_counts_attempts_on_and_resolves_its_dead_letter_after_a_retry() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = letter_subscription(
-            "gp",
-            RetryConfig {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(100),
-                give_up_after: Duration::from_secs(60),
-            },
-            2,
-        );
+        let sub = letter_subscription("gp", quick_retry(100), 2);
         bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
         let original = letter("patient-r", 0);
         let mut dl = ketenbus_schemas::DeadLetter::new(
@@ -873,29 +874,31 @@ mod tests {
         }])
         .await
         .unwrap();
-        let n = dlq::replay(
-            bus.as_ref(),
-            "gp",
-            &dlq::Selection::default(),
-            None,
-            "operator:t",
-        )
-        .await
-        .unwrap();
+        let replay_all = async || {
+            dlq::replay(
+                bus.as_ref(),
+                "gp",
+                &dlq::Selection::default(),
+                None,
+                "operator:t",
+            )
+            .await
+            .unwrap()
+        };
+        let n = replay_all().await;
         assert_eq!(n, 1);
         let sink = Arc::new(FailsFirst {
             fails: std::sync::atomic::AtomicU32::new(1),
             attempts: Mutex::new(Vec::new()),
         });
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(
-            Arc::clone(&bus),
-            sub,
+        let task = spawn_run(
+            &bus,
+            &sub,
             Arc::clone(&sink) as Arc<dyn Sink>,
-            Lineage::open(dir.path()).unwrap(),
-            Arc::new(Health::default()),
+            dir.path(),
             cancel.clone(),
-        ));
+        );
         let began = std::time::Instant::now();
         let mut left = usize::MAX;
         while began.elapsed() < Duration::from_secs(10) {
@@ -918,15 +921,7 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].0.id, dl.id);
         assert!(all[0].1.is_some(), "resolved at a time");
-        let again = dlq::replay(
-            bus.as_ref(),
-            "gp",
-            &dlq::Selection::default(),
-            None,
-            "operator:t",
-        )
-        .await
-        .unwrap();
+        let again = replay_all().await;
         assert_eq!(again, 0, "a resolved dead letter is not replayed again");
     }
 
