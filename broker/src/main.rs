@@ -56,12 +56,19 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// A terminal summary of a running broker: components, inflow, deliveries, failures,
-    /// lag and the oldest undelivered record per subscription.
+    /// A terminal summary of a running broker: components, inflow, refusals, deliveries,
+    /// retrying records with the reason of their last failure, dead letters (router ones too),
+    /// inbox failures, lag and the oldest undelivered record per subscription.
     Status {
-        /// Base URL of the broker's HTTP API.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
+        /// Base URL of the broker's HTTP API (default: from --config's `http.listen`, else
+        /// http://127.0.0.1:8080).
+        #[arg(long)]
+        url: Option<String>,
+        /// The broker's configuration file: its URL, and dead letters and inbox failures
+        /// read from its log and inboxes (whole also after a restart). Sends the operator
+        /// token in KETENBUS_OPERATOR_TOKEN, when set.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Print a file as ketenbus reads it (parsed message and the events it makes) as JSON,
     /// without touching the log. Exits non-zero with the error position when it does not
@@ -83,7 +90,8 @@ enum Command {
         json: bool,
     },
     /// Dead letters: list, replay and purge. Dead letters are kept until purged (retention
-    /// never removes them). With `[[operators]]` configured, needs an operator token in
+    /// never removes them). Works on the log of --config (default ./data, which must exist);
+    /// needs no secrets of sinks or mail sources. With `[[operators]]` configured, needs an operator token in
     /// KETENBUS_OPERATOR_TOKEN.
     Dlq {
         #[command(subcommand)]
@@ -187,7 +195,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Export { config, since },
         } => cli::audit::export_since(config.as_deref(), &since).map(ok),
-        Command::Status { url } => cli::status::run(&url).await,
+        Command::Status { url, config } => {
+            cli::status::run(url.as_deref(), config.as_deref()).await
+        }
         Command::Inspect {
             file,
             format,

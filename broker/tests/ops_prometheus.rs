@@ -529,7 +529,7 @@ fn metrics_pass_promtool_and_count_what_happens() {
 
     let after = eventually(&k, "delivery to archive, retries and age of stuck", |t| {
         sample(t, r#"ketenbus_dispatch_delivery_outcomes_total{outcome="delivered",subscription="archive"}"#) == Some(1.0)
-            && sample(t, r#"ketenbus_dispatch_delivery_retries_total{subscription="stuck"}"#).is_some_and(|n| n >= 1.0)
+            && sample(t, r#"ketenbus_dispatch_delivery_retries_total{reason="connect",subscription="stuck"}"#).is_some_and(|n| n >= 1.0)
             && sample(t, r#"ketenbus_dispatch_oldest_undelivered_age_seconds{kind="raw",subscription="stuck"}"#).is_some_and(|a| a > 0.0)
     });
     assert_eq!(

@@ -36,15 +36,15 @@ struct Seen {
     since: std::time::Instant,
 }
 
-/// Why a file went to `failed/`.
-fn unreadable(format: Format, bytes: &[u8]) -> Option<String> {
+/// Why a file went to `failed/`: a reason code and the text of its `.reason` file.
+fn unreadable(format: Format, bytes: &[u8]) -> Option<(&'static str, String)> {
     if bytes.is_empty() {
-        return Some("the file is empty".into());
+        return Some(("empty_body", "the file is empty".into()));
     }
     match format {
         Format::Edifact => crate::edifact::parse(bytes)
             .err()
-            .map(|e| format!("not EDIFACT: {e}")),
+            .map(|e| ("not_parseable", format!("not EDIFACT: {e}"))),
         _ => None,
     }
 }
@@ -56,6 +56,7 @@ pub struct Inbox {
     seen: HashMap<PathBuf, Seen>,
     budget: Budget,
     tries: Tries<PathBuf>,
+    status: Option<Arc<dyn crate::SourceStatus>>,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -102,7 +103,15 @@ impl Inbox {
             seen: HashMap::new(),
             budget: Budget::unlimited(),
             tries,
+            status: None,
         })
+    }
+
+    /// Tell `status` of every file moved to `failed/` (connector `inbox`, with its reason code).
+    #[must_use]
+    pub fn with_status(mut self, status: Arc<dyn crate::SourceStatus>) -> Inbox {
+        self.status = Some(status);
+        self
     }
 
     /// Hold each file's bytes against `budget` while it is read and ingested.
@@ -196,7 +205,7 @@ impl Inbox {
                 }
                 Err(e @ IngestError::Refused { .. }) => {
                     // Refused for good as it is: trying again cannot help.
-                    self.fail(&path, &name, &e.to_string()).await;
+                    self.fail(&path, &name, "refused", &e.to_string()).await;
                     report.failed += 1;
                 }
                 Err(e) => {
@@ -206,7 +215,7 @@ impl Inbox {
                     };
                     match self.tries.failed(&path, failure, &e.to_string()) {
                         Verdict::SetAside(reason) => {
-                            self.fail(&path, &name, &reason).await;
+                            self.fail(&path, &name, "max_attempts", &reason).await;
                             report.failed += 1;
                         }
                         Verdict::Retry => {
@@ -236,7 +245,7 @@ impl Inbox {
         let max = self.config.max_size.as_u64();
         let too_large = || format!("the file is larger than {max} bytes (inbox max_size)");
         if size > max {
-            self.fail(path, name, &too_large()).await;
+            self.fail(path, name, "too_large", &too_large()).await;
             return Ok(Taken::Failed);
         }
         let Ok(mut held) = self
@@ -248,13 +257,18 @@ impl Inbox {
         let bytes = match read_at_most(path, max).await {
             Ok(b) => b,
             Err(e) => {
-                self.fail(path, name, &format!("cannot read the file: {e}"))
-                    .await;
+                self.fail(
+                    path,
+                    name,
+                    "unreadable",
+                    &format!("cannot read the file: {e}"),
+                )
+                .await;
                 return Ok(Taken::Failed);
             }
         };
         if bytes.len() as u64 > max {
-            self.fail(path, name, &too_large()).await;
+            self.fail(path, name, "too_large", &too_large()).await;
             return Ok(Taken::Failed);
         }
         if held.grow_to(bytes.len()).is_err() {
@@ -268,8 +282,8 @@ impl Inbox {
         })
         .await
         .map_err(|e| IngestError::Fatal(format!("inbox parse task: {e}")))?;
-        if let Some(reason) = unreadable {
-            self.fail(path, name, &reason).await;
+        if let Some((code, reason)) = unreadable {
+            self.fail(path, name, code, &reason).await;
             return Ok(Taken::Failed);
         }
         let received_at_ms = ketenbus_schemas::now_ms();
@@ -304,8 +318,12 @@ impl Inbox {
         Ok(Taken::Done)
     }
 
-    async fn fail(&self, path: &Path, name: &str, reason: &str) {
+    /// Move a file to `failed/` with its `.reason` note; `code` is its refusal reason code.
+    async fn fail(&self, path: &Path, name: &str, code: &'static str, reason: &str) {
         tracing::warn!(file = %name, reason = %reason, "inbox file moved to failed/");
+        if let Some(status) = &self.status {
+            status.refused("inbox", code);
+        }
         let failed = self.config.path.join("failed");
         let stamp = ketenbus_schemas::now_ms();
         let target = free_name(&failed, name, &stamp.to_string());

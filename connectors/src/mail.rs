@@ -137,7 +137,8 @@ pub async fn start(
 ) -> Result<(), MailError> {
     if let Some(smtp) = &config.smtp {
         let listener = SmtpListener::new(smtp, std::sync::Arc::clone(ctx.ingest), ctx.env)?
-            .with_budget(ctx.budget.clone());
+            .with_budget(ctx.budget.clone())
+            .with_status(std::sync::Arc::clone(ctx.status));
         let socket = tokio::net::TcpListener::bind(smtp.listen)
             .await
             .map_err(|e| {

@@ -104,6 +104,38 @@ pub fn body_of(payload: &Payload) -> Result<(Vec<u8>, String), DeliveryError> {
     }
 }
 
+/// Most bytes of a receiver's answer a failed delivery's detail keeps.
+pub const ANSWER_EXCERPT_BYTES: usize = 1024;
+
+/// At most [`ANSWER_EXCERPT_BYTES`] of a receiver's answer `body` as one line of text: cut at
+/// a character boundary (never more bytes), invalid UTF-8 replaced, control characters as
+/// spaces, surrounding space trimmed.
+#[must_use]
+pub fn answer_excerpt(body: &[u8]) -> String {
+    let head = &body[..body.len().min(ANSWER_EXCERPT_BYTES + 4)];
+    let mut out = String::new();
+    for c in String::from_utf8_lossy(head).chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > ANSWER_EXCERPT_BYTES {
+            break;
+        }
+        out.push(c);
+    }
+    out.trim().to_owned()
+}
+
+/// The first bytes of `resp`'s body, enough for [`answer_excerpt`]; the rest is not read.
+async fn answer_head(mut resp: reqwest::Response) -> Vec<u8> {
+    let mut head = Vec::new();
+    while head.len() <= ANSWER_EXCERPT_BYTES + 4 {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => head.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    head
+}
+
 /// Dead-letter reason of a delivery the receiver answered with a redirect (3xx). Sinks
 /// never follow one: it would send the signed body, and patient data, to an address nobody
 /// configured, past `allow_plain_http` and `ca_file`. A redirect is the receiver's
@@ -196,12 +228,21 @@ impl Sink for WebhookSink {
                 status.as_u16(),
                 status.canonical_reason().unwrap_or("")
             );
-            // Drain the body so the connection can be reused; its content is not kept.
-            let _ = resp.bytes().await;
-            classify_status(status.as_u16(), line.trim_end().to_owned())?;
-            Ok(Receipt {
-                detail: line.trim_end().to_owned(),
-            })
+            let line = line.trim_end().to_owned();
+            if status.is_success() {
+                // Drain the body so the connection can be reused; its content is not kept.
+                let _ = resp.bytes().await;
+                return Ok(Receipt { detail: line });
+            }
+            // A refusal keeps what the receiver said, bounded, in its detail.
+            let excerpt = answer_excerpt(&answer_head(resp).await);
+            let detail = if excerpt.is_empty() {
+                line
+            } else {
+                format!("{line}: {excerpt}")
+            };
+            classify_status(status.as_u16(), detail.clone())?;
+            Ok(Receipt { detail })
         })
     }
 }
@@ -218,6 +259,27 @@ mod tests {
             sig,
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    /// A receiver's answer is kept as one line of at most 1 KiB, cut between characters.
+    #[test]
+    fn answer_excerpts_are_bounded_and_whole_characters() {
+        assert_eq!(
+            answer_excerpt(b"  {\"error\":\n\"busy\"}\r\n"),
+            "{\"error\": \"busy\"}"
+        );
+        assert_eq!(answer_excerpt(b""), "");
+        // 3-byte characters: 1024 is no multiple of 3, so the cut falls inside one.
+        let long = "\u{20ac}".repeat(2000);
+        let e = answer_excerpt(long.as_bytes());
+        assert!(e.len() <= ANSWER_EXCERPT_BYTES, "{}", e.len());
+        assert_eq!(e.len(), 1023);
+        assert!(e.chars().all(|c| c == '\u{20ac}'));
+        let ascii = vec![b'x'; 5000];
+        assert_eq!(answer_excerpt(&ascii).len(), ANSWER_EXCERPT_BYTES);
+        let mut bad = vec![b'a'; 10];
+        bad.extend_from_slice(&[0xff, 0xfe]);
+        assert_eq!(answer_excerpt(&bad), "aaaaaaaaaa\u{fffd}\u{fffd}");
     }
 
     #[test]

@@ -89,11 +89,13 @@ pub enum StepOutcome {
     DeadLettered,
     /// A subscription's filter (or consent) did not let it through.
     Filtered,
+    /// An operator replayed its dead letter to the subscription (stage `dead_lettered`).
+    Replayed,
 }
 
 impl StepOutcome {
     /// Every outcome.
-    pub const ALL: [StepOutcome; 14] = [
+    pub const ALL: [StepOutcome; 15] = [
         StepOutcome::Accepted,
         StepOutcome::Normalised,
         StepOutcome::NoEvents,
@@ -108,6 +110,7 @@ impl StepOutcome {
         StepOutcome::Retrying,
         StepOutcome::DeadLettered,
         StepOutcome::Filtered,
+        StepOutcome::Replayed,
     ];
 
     /// The name the API shows and the index stores.
@@ -128,6 +131,7 @@ impl StepOutcome {
             StepOutcome::Retrying => "retrying",
             StepOutcome::DeadLettered => "dead_lettered",
             StepOutcome::Filtered => "filtered",
+            StepOutcome::Replayed => "replayed",
         }
     }
 }
@@ -235,7 +239,8 @@ mod tests {
                 "ignored",
                 "retrying",
                 "dead_lettered",
-                "filtered"
+                "filtered",
+                "replayed"
             ]
         );
         for s in Stage::ALL {

@@ -85,6 +85,12 @@ pub struct DeadLetter {
     /// The record value exactly as it was on the source topic.
     #[serde(with = "apache_avro::serde_avro_bytes")]
     pub value: Vec<u8>,
+    /// Delivery attempts made before it was dead-lettered; a replay counts on from here.
+    /// `None` for the router and records never tried.
+    pub attempt: Option<i32>,
+    /// Set on a resolution record only: the dead letter with this id was replayed and then
+    /// delivered at this time, ms since the epoch. A resolution record carries no value.
+    pub resolved_at_ms: Option<i64>,
 }
 
 impl DeadLetter {
@@ -112,6 +118,28 @@ impl DeadLetter {
             source_topic,
             key,
             value,
+            attempt: None,
+            resolved_at_ms: None,
+        }
+    }
+
+    /// The resolution record of this dead letter: it was replayed and delivered at `at_ms`.
+    /// Same id, stage, record and time; no value.
+    #[must_use]
+    pub fn resolution(&self, at_ms: i64) -> DeadLetter {
+        DeadLetter {
+            id: self.id.clone(),
+            stage: self.stage.clone(),
+            record_id: self.record_id.clone(),
+            envelope_id: self.envelope_id.clone(),
+            at_ms: self.at_ms,
+            reason: self.reason.clone(),
+            detail: None,
+            source_topic: self.source_topic.clone(),
+            key: self.key.clone(),
+            value: Vec::new(),
+            attempt: self.attempt,
+            resolved_at_ms: Some(at_ms),
         }
     }
 }
@@ -159,6 +187,8 @@ pub struct RetryRecord {
     /// The record value exactly as it was on the source topic.
     #[serde(with = "apache_avro::serde_avro_bytes")]
     pub value: Vec<u8>,
+    /// Id of the dead letter this record was replayed from: its delivery resolves it.
+    pub replay_of: Option<String>,
 }
 
 impl fmt::Debug for RetryRecord {

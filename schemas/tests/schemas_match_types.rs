@@ -179,18 +179,31 @@ fn outcome_and_dead_letter_match_their_schemas() {
             detail: None,
         });
     }
-    roundtrip(&DeadLetter {
-        id: "m1.0@1".into(),
-        stage: "s".into(),
-        record_id: "m1.0".into(),
-        envelope_id: "m1".into(),
-        at_ms: 1,
-        reason: "http_404".into(),
-        detail: Some("404 Not Found".into()),
-        source_topic: "ketenbus.events.lab_result".into(),
-        key: vec![1, 2],
-        value: vec![0xC3, 0x01, 9],
-    });
+    // A dead letter, and a resolution record (no value, resolved_at_ms set).
+    for (detail, value, attempt, resolved_at_ms) in [
+        (
+            Some("404 Not Found".into()),
+            vec![0xC3, 0x01, 9],
+            Some(4),
+            None,
+        ),
+        (None, Vec::new(), None, Some(1_764_000_000_000)),
+    ] {
+        roundtrip(&DeadLetter {
+            id: "m1.0@1".into(),
+            stage: "s".into(),
+            record_id: "m1.0".into(),
+            envelope_id: "m1".into(),
+            at_ms: 1,
+            reason: "http_404".into(),
+            detail,
+            source_topic: "ketenbus.events.lab_result".into(),
+            key: vec![1, 2],
+            value,
+            attempt,
+            resolved_at_ms,
+        });
+    }
     for first_failure_ms in [None, Some(1_764_000_000_000)] {
         roundtrip(&RetryRecord {
             record_id: "m1.0".into(),
@@ -203,6 +216,7 @@ fn outcome_and_dead_letter_match_their_schemas() {
             source_topic: "ketenbus.events.lab_result".into(),
             key: vec![1, 2],
             value: vec![0xC3, 0x01, 9],
+            replay_of: first_failure_ms.map(|_| "m1.0@1".into()),
         });
     }
 }

@@ -1193,6 +1193,14 @@ async fn imap_sets_aside_a_message_past_max_message_size_and_takes_the_others() 
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rx.received().len(), 1, "the large one was never taken");
+    // Counted with every other refusal.
+    let metrics = broker.metrics().await;
+    assert!(
+        metrics.contains(
+            "ketenbus_ingest_rejected_messages_total{connector=\"imap\",reason=\"too_large\"} 1"
+        ),
+        "{metrics}"
+    );
 }
 
 /// Takes every message but the one marked `POISON`, which it refuses as a log with a record

@@ -1,5 +1,7 @@
 //! `ketenbus dlq`: list, replay and purge dead letters, each audited per dead letter before
-//! it acts.
+//! it acts. They work on an existing log only (never a new empty one), need no sink secrets
+//! (none of them sends: a replay is delivered by the running broker), and refuse a
+//! subscription the configuration does not name.
 
 use std::path::PathBuf;
 
@@ -15,10 +17,12 @@ use crate::observe::audit::Audit;
 /// Which dead letters a `dlq` command works on.
 #[derive(Debug, clap::Args)]
 pub struct DlqSelection {
-    /// Configuration file (TOML) naming the log.
+    /// Configuration file (TOML) naming the log. Without it: the defaults, so the log in
+    /// ./data, which must exist.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Subscription name (`router` for messages that could not be normalised: list only).
+    /// Subscription name (`router` for messages that could not be normalised: list and purge
+    /// only). A name the configuration does not have is an error that lists those it has.
     #[arg(long)]
     pub subscription: String,
     /// Only these dead-letter, record or message ids.
@@ -30,9 +34,11 @@ pub struct DlqSelection {
 }
 
 impl DlqSelection {
-    /// The validated settings, the subscription and the selection.
-    fn resolve(self) -> anyhow::Result<(Settings, String, Selection)> {
-        let settings = super::load(self.config.as_deref())?;
+    /// The validated settings, the subscription and the selection. `router` is a stage
+    /// when `router_ok`.
+    fn resolve(self, router_ok: bool) -> anyhow::Result<(Settings, String, Selection)> {
+        let settings = super::load_for_log(self.config.as_deref())?;
+        known(&settings, &self.subscription, router_ok)?;
         let sel = Selection {
             ids: self.ids,
             since_ms: super::parse_since(self.since.as_deref())?,
@@ -42,11 +48,47 @@ impl DlqSelection {
     }
 }
 
+/// `name` is a configured subscription (or, when `router_ok`, `router`); else an error that
+/// lists the names there are.
+fn known(settings: &Settings, name: &str, router_ok: bool) -> anyhow::Result<()> {
+    if (router_ok && name == "router") || settings.subscriptions.iter().any(|s| s.name == name) {
+        return Ok(());
+    }
+    if name == "router" {
+        anyhow::bail!(
+            "router dead letters cannot be replayed to a subscription; resend the message instead"
+        );
+    }
+    let mut names: Vec<&str> = settings
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    if router_ok {
+        names.push("router");
+    }
+    if names.is_empty() {
+        anyhow::bail!("no subscription named {name:?}: the configuration has no subscriptions");
+    }
+    anyhow::bail!(
+        "no subscription named {name:?}; known: {}",
+        names.join(", ")
+    )
+}
+
 /// The `dlq` subcommands.
 #[derive(Debug, clap::Subcommand)]
 pub enum DlqCommand {
-    /// List dead letters of a subscription (or `router`) as JSON lines.
-    List(#[command(flatten)] DlqSelection),
+    /// List dead letters of a subscription (or `router`) as JSON lines. A dead letter that was
+    /// replayed and then delivered (or dead-lettered again under a new id) is resolved: listed
+    /// only with --resolved, with its `resolved_at_ms`.
+    List {
+        #[command(flatten)]
+        selection: DlqSelection,
+        /// Also list resolved dead letters.
+        #[arg(long)]
+        resolved: bool,
+    },
     /// Deliver dead letters of a subscription again (to that subscription only).
     Replay {
         #[command(flatten)]
@@ -75,7 +117,10 @@ pub enum DlqCommand {
 /// The configuration, the operator check, the selection or the log fails.
 pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
     match command {
-        DlqCommand::List(selection) => list(selection).await,
+        DlqCommand::List {
+            selection,
+            resolved,
+        } => list(selection, resolved).await,
         DlqCommand::Replay { selection, all } => replay(selection, all).await,
         DlqCommand::Purge {
             selection,
@@ -85,44 +130,49 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
     }
 }
 
-async fn list(selection: DlqSelection) -> anyhow::Result<()> {
-    let (settings, subscription, sel) = selection.resolve()?;
+async fn list(selection: DlqSelection, resolved: bool) -> anyhow::Result<()> {
+    let (settings, subscription, sel) = selection.resolve(true)?;
     let (audit, actor) = super::operator_audit(&settings)?;
-    let letters = with_bus(&settings, async |bus| bus.list(&subscription, &sel).await).await?;
+    let mut letters = with_bus(&settings, async |bus| bus.list(&subscription, &sel).await).await?;
+    if !resolved {
+        letters.retain(|(_, at)| at.is_none());
+    }
     // No read without its audit record.
     if let Some(audit) = &audit {
         audit
-            .append(dlq::audit_entries("dlq_list", &actor, letters.iter()))
+            .append(dlq::audit_entries(
+                "dlq_list",
+                &actor,
+                letters.iter().map(|(dl, _)| dl),
+            ))
             .await
             .context("writing the audit trail")?;
     }
-    for dl in &letters {
+    for (dl, resolved_at) in &letters {
         let line = serde_json::json!({
             "id": dl.id, "stage": dl.stage, "record_id": dl.record_id, "envelope_id": dl.envelope_id,
-            "at_ms": dl.at_ms, "reason": dl.reason, "detail": dl.detail, "source_topic": dl.source_topic,
-            "value_bytes": dl.value.len(),
+            "at_ms": dl.at_ms, "attempt": dl.attempt, "reason": dl.reason, "detail": dl.detail,
+            "source_topic": dl.source_topic, "value_bytes": dl.value.len(),
+            "resolved_at_ms": resolved_at,
         });
         println!("{line}");
     }
-    eprintln!("{} dead letter(s)", letters.len());
+    let n = letters.len();
+    eprintln!(
+        "{n} dead letter{} of {subscription}{}",
+        if n == 1 { "" } else { "s" },
+        if resolved {
+            ", resolved ones included"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
 async fn replay(selection: DlqSelection, all: bool) -> anyhow::Result<()> {
-    let (settings, subscription, sel) = selection.resolve()?;
+    let (settings, subscription, sel) = selection.resolve(false)?;
     let (audit, actor) = super::operator_audit(&settings)?;
-    if subscription == "router" {
-        anyhow::bail!(
-            "router dead letters cannot be replayed to a subscription; resend the message instead"
-        );
-    }
-    if !settings
-        .subscriptions
-        .iter()
-        .any(|s| s.name == subscription)
-    {
-        anyhow::bail!("no subscription named {subscription:?} in the configuration");
-    }
     if sel.ids.is_empty() && sel.since_ms.is_none() && !all {
         anyhow::bail!("say which dead letters: --id, --since, or --all");
     }
@@ -131,16 +181,16 @@ async fn replay(selection: DlqSelection, all: bool) -> anyhow::Result<()> {
             .await
     })
     .await?;
-    eprintln!("replayed {n} dead letter(s) to subscription {subscription}");
+    eprintln!(
+        "replayed {n} dead letter{} to subscription {subscription}",
+        if n == 1 { "" } else { "s" }
+    );
     Ok(())
 }
 
 async fn purge(selection: DlqSelection, before: Option<String>, all: bool) -> anyhow::Result<()> {
-    let (settings, stage, mut sel) = selection.resolve()?;
+    let (settings, stage, mut sel) = selection.resolve(true)?;
     sel.before_ms = super::parse_since(before.as_deref())?;
-    if stage != "router" && !settings.subscriptions.iter().any(|s| s.name == stage) {
-        anyhow::bail!("no subscription named {stage:?} in the configuration");
-    }
     if sel.ids.is_empty() && sel.before_ms.is_none() && !all {
         anyhow::bail!("say which dead letters: --id, --before, or --all");
     }
@@ -188,13 +238,16 @@ impl<T, F: AsyncFnOnce(&dyn DlqOps) -> anyhow::Result<T>> WithBus for Ops<F> {
     }
 }
 
+/// A dead letter and when it was resolved, if it was.
+type Listed = (DeadLetter, Option<i64>);
+
 /// The dead-letter operations, object-safe over both engines.
 trait DlqOps {
     fn list<'a>(
         &'a self,
         stage: &'a str,
         sel: &'a Selection,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<DeadLetter>>>;
+    ) -> BoxFuture<'a, anyhow::Result<Vec<Listed>>>;
     fn replay<'a>(
         &'a self,
         subscription: &'a str,
@@ -216,8 +269,8 @@ impl<B: Bus> DlqOps for B {
         &'a self,
         stage: &'a str,
         sel: &'a Selection,
-    ) -> BoxFuture<'a, anyhow::Result<Vec<DeadLetter>>> {
-        Box::pin(async move { Ok(dlq::list(self, stage, sel).await?) })
+    ) -> BoxFuture<'a, anyhow::Result<Vec<Listed>>> {
+        Box::pin(async move { Ok(dlq::list_with_resolved(self, stage, sel).await?) })
     }
     fn replay<'a>(
         &'a self,

@@ -35,6 +35,66 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
     config.validate(&Env::process()).map_err(invalid)
 }
 
+/// The configuration without the secrets of sinks and mail sources, for commands that read
+/// the log and send nothing (`dlq`, `status`): on a data directory (and, on the embedded engine, a log) that
+/// exists, never a new empty one.
+///
+/// # Errors
+/// The file cannot be read, the data directory or log is not there, or the configuration
+/// has problems (all listed).
+pub fn load_for_log(config: Option<&Path>) -> anyhow::Result<Settings> {
+    let cfg = match config {
+        Some(p) => crate::config::Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
+        None => crate::config::Config::default(),
+    };
+    // What sinks send with and what mail sources log in with: none of it reads the log.
+    let secrets: std::collections::BTreeSet<String> = cfg
+        .subscriptions
+        .iter()
+        .flat_map(|s| s.sink.secret_vars())
+        .chain(cfg.mail.imap.iter().map(|i| i.password_env.as_str()))
+        .chain(
+            cfg.mail
+                .smtp
+                .iter()
+                .filter_map(|s| s.auth.as_ref())
+                .flat_map(|a| a.users.iter().map(|u| u.password_env.as_str())),
+        )
+        .map(str::to_owned)
+        .collect();
+    let process = crate::config::Env::process();
+    // A secret this command does not have stands in as unused: it never sends.
+    let env = crate::config::Env::from_fn(move |name| {
+        let value = process.var(name);
+        if secrets.contains(name) && value.as_deref().is_none_or(str::is_empty) {
+            return Some("unused-by-this-command".to_owned());
+        }
+        value
+    });
+    let log = (cfg.bus.engine == crate::bus::Engine::Embedded)
+        .then(|| cfg.data_dir.join(&cfg.bus.embedded.file));
+    let given = config.map_or_else(
+        || "no --config given, so the default ./data".to_owned(),
+        |p| format!("as {} says", p.display()),
+    );
+    if !cfg.data_dir.is_dir() {
+        anyhow::bail!(
+            "no data directory at {} ({given}): give --config with the broker's configuration file",
+            cfg.data_dir.display()
+        );
+    }
+    if let Some(log) = log.filter(|l| !l.is_file()) {
+        anyhow::bail!(
+            "no log at {} ({given}): give --config with the broker's configuration file",
+            log.display()
+        );
+    }
+    cfg.validate(&env).map_err(|problems| {
+        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
+    })
+}
+
 /// An RFC 3339 time given on the command line, as milliseconds since the epoch.
 ///
 /// # Errors

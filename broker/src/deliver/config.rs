@@ -77,6 +77,16 @@ impl SinkConfig {
         }
     }
 
+    /// The environment variables the sink reads its secrets from (what it sends with).
+    #[must_use]
+    pub fn secret_vars(&self) -> Vec<&str> {
+        match self {
+            SinkConfig::Webhook(c) => c.secret_env.as_deref().into_iter().collect(),
+            SinkConfig::Mail(c) => c.password_env.as_deref().into_iter().collect(),
+            SinkConfig::Fhir(c) => c.token_env.as_deref().into_iter().collect(),
+        }
+    }
+
     /// Whether the sink names where it sends (else: each record's receiver, address book).
     #[must_use]
     pub fn has_fixed_destination(&self) -> bool {
@@ -106,7 +116,8 @@ impl SinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    /// First wait.
+    /// First wait after a failure: the first retry never comes sooner. Each later wait
+    /// doubles, plus up to 25% jitter, never past `max`.
     #[serde(with = "humantime_serde")]
     pub initial: Duration,
     /// Longest wait between tries.

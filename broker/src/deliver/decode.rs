@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ketenbus_connectors::Payload;
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, EventKind, RawEnvelope, topics};
 
-use super::{Job, Undeliverable};
+use super::{Job, Replay, Undeliverable};
 use crate::bus::{AckToken, Record};
 use crate::deliver::config::FilterConfig;
 
@@ -20,7 +20,12 @@ pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliv
             reason: "undecodable_replay",
             detail: e.to_string(),
         })?;
-        return decode_value(record.ack_token(), dl.source_topic, dl.key, dl.value);
+        let mut job = decode_value(record.ack_token(), dl.source_topic, dl.key, dl.value)?;
+        job.replay = Some(Replay {
+            dead_letter: dl.id,
+            attempts: dl.attempt.and_then(|a| u32::try_from(a).ok()).unwrap_or(0),
+        });
+        return Ok(job);
     }
     decode_value(
         record.ack_token(),
@@ -74,6 +79,7 @@ pub(super) fn decode_value(
         key,
         value,
         prior: None,
+        replay: None,
     })
 }
 

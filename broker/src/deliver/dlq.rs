@@ -1,7 +1,14 @@
-//! Dead letters: list them, replay them into one subscription and purge them (`ketenbus dlq`).
+//! Dead letters: list them, replay them into one subscription and purge them (`ketenbus dlq`,
+//! and the console's operator endpoints: both call these functions).
 //! Replay publishes the dead letter onto `ketenbus.replay.<subscription>`, which only that
-//! subscription reads, so other subscriptions do not receive it twice. Dead letters are never
-//! removed by retention: only [`purge`] removes them, after writing an audit record for each.
+//! subscription reads, so other subscriptions do not receive it twice. The subscription
+//! records a `replayed` lineage step, counts attempts on from those the dead letter records,
+//! and once the replayed record is delivered (or dead-lettered again, under a new id) it
+//! publishes a *resolution record* onto the dead-letter topic: the same id with
+//! `resolved_at_ms` set and no value. A resolved dead letter is no longer listed or replayed
+//! ([`list_with_resolved`] shows it). Dead letters are never removed by retention: only
+//! [`purge`] removes them (with their resolution records), after writing an audit record for
+//! each.
 
 use ketenbus_schemas::{AvroRecord, DeadLetter, topics};
 
@@ -31,7 +38,8 @@ impl Selection {
     }
 }
 
-/// Dead letters of `stage` (a subscription name, or `router`) that match.
+/// Dead letters of `stage` (a subscription name, or `router`) that match and are not
+/// resolved.
 ///
 /// # Errors
 /// When the log cannot be read; undecodable records are skipped with a warning.
@@ -40,11 +48,74 @@ pub async fn list<B: Bus>(
     stage: &str,
     sel: &Selection,
 ) -> Result<Vec<DeadLetter>, BusError> {
-    Ok(select(bus, stage, sel)
+    Ok(list_with_resolved(bus, stage, sel)
+        .await?
+        .into_iter()
+        .filter(|(_, resolved)| resolved.is_none())
+        .map(|(dl, _)| dl)
+        .collect())
+}
+
+/// Dead letters of `stage` that match, resolved ones too, each with when it was resolved
+/// (replayed and finished), if it was.
+///
+/// # Errors
+/// When the log cannot be read; undecodable records are skipped with a warning.
+pub async fn list_with_resolved<B: Bus>(
+    bus: &B,
+    stage: &str,
+    sel: &Selection,
+) -> Result<Vec<(DeadLetter, Option<i64>)>, BusError> {
+    let (letters, resolutions): (Vec<_>, Vec<_>) = select(bus, stage, sel)
         .await?
         .into_iter()
         .map(|(dl, _)| dl)
+        .partition(|dl| dl.resolved_at_ms.is_none());
+    let resolved: std::collections::HashMap<String, i64> = resolutions
+        .into_iter()
+        .filter_map(|r| r.resolved_at_ms.map(|t| (r.id, t)))
+        .collect();
+    Ok(letters
+        .into_iter()
+        .map(|dl| {
+            let at = resolved.get(&dl.id).copied();
+            (dl, at)
+        })
         .collect())
+}
+
+/// The resolution record of dead letter `id` of `subscription` (record and envelope ids,
+/// record key), resolved at `at_ms`: published onto the dead-letter topic once a replay of it
+/// is delivered or dead-lettered again.
+#[must_use]
+pub fn resolution(
+    subscription: &str,
+    id: &str,
+    (record_id, envelope_id): (&str, &str),
+    key: &[u8],
+    at_ms: i64,
+) -> OutRecord {
+    // The id is `<record id>@<dead-lettered at>`: the record keeps that time, so --since and
+    // --before select a dead letter and its resolution together.
+    let dead_lettered_at = id
+        .rsplit_once('@')
+        .and_then(|(_, t)| t.parse().ok())
+        .unwrap_or(at_ms);
+    let mut r = DeadLetter::new(
+        subscription,
+        (record_id, envelope_id),
+        dead_lettered_at,
+        "resolved",
+        None,
+        (String::new(), key.to_vec(), Vec::new()),
+    );
+    id.clone_into(&mut r.id);
+    r.resolved_at_ms = Some(at_ms);
+    OutRecord {
+        topic: topics::dead_letters(subscription),
+        key: key.to_vec(),
+        value: r.to_avro().expect("dead letters fit their schema"),
+    }
 }
 
 fn topic_of(stage: &str) -> String {
@@ -166,8 +237,14 @@ pub async fn purge<B: Bus>(
     audit: Option<&Audit>,
     actor: &str,
 ) -> Result<Purged, PurgeError> {
-    let letters = select(bus, stage, sel).await?;
-    if letters.is_empty() {
+    let records = select(bus, stage, sel).await?;
+    // Resolution records go with their dead letters; the audit names the dead letters.
+    let letters: Vec<&DeadLetter> = records
+        .iter()
+        .map(|(dl, _)| dl)
+        .filter(|dl| dl.resolved_at_ms.is_none())
+        .collect();
+    if records.is_empty() {
         return Ok(Purged {
             selected: 0,
             removed: 0,
@@ -175,17 +252,13 @@ pub async fn purge<B: Bus>(
     }
     if let Some(audit) = audit {
         audit
-            .append(audit_entries(
-                "dlq_purge",
-                actor,
-                letters.iter().map(|(dl, _)| dl),
-            ))
+            .append(audit_entries("dlq_purge", actor, letters.iter().copied()))
             .await?;
     }
-    let positions: Vec<(u32, i64)> = letters.iter().map(|(_, p)| *p).collect();
+    let positions: Vec<(u32, i64)> = records.iter().map(|(_, p)| *p).collect();
     let removed = bus.remove(&topic_of(stage), &positions).await?;
     Ok(Purged {
         selected: letters.len(),
-        removed,
+        removed: removed.min(letters.len() as u64),
     })
 }

@@ -46,7 +46,7 @@ pub(super) async fn finish<B: Bus>(
             None => (None, None),
         };
         if let Some((source_topic, key, value)) = &d.dead_letter {
-            let dl = DeadLetter::new(
+            let mut dl = DeadLetter::new(
                 subscription,
                 (&d.record_id, &d.envelope_id),
                 at,
@@ -54,11 +54,23 @@ pub(super) async fn finish<B: Bus>(
                 detail.clone(),
                 (source_topic.clone(), key.clone(), value.clone()),
             );
+            dl.attempt = Some(i32::try_from(d.attempt).unwrap_or(i32::MAX));
             out.push(OutRecord {
                 topic: topics::dead_letters(subscription),
                 key: key.clone(),
                 value: dl.to_avro().expect("dead letters fit their schema"),
             });
+        }
+        if let Some((id, key)) = &d.resolves
+            && d.outcome != Outcome::Filtered
+        {
+            out.push(crate::deliver::dlq::resolution(
+                subscription,
+                id,
+                (&d.record_id, &d.envelope_id),
+                key,
+                at,
+            ));
         }
         // A filter miss is not news; a delivery withheld for want of consent is.
         if d.outcome != Outcome::Filtered || d.error.is_some() {
@@ -117,6 +129,8 @@ pub(super) async fn finish<B: Bus>(
         match (d.outcome, &d.error) {
             (Outcome::DeadLettered, e) => metrics::dead_lettered(
                 subscription,
+                &d.record_id,
+                d.attempt,
                 e.as_ref().map_or("unknown", DeliveryError::reason),
             ),
             (Outcome::Filtered, _) => metrics::filtered(subscription),

@@ -139,6 +139,7 @@ fn parked_done(
         dead_letter: None,
         audit: Vec::new(),
         park: Some(parked),
+        resolves: None,
     }
 }
 
@@ -174,10 +175,14 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
         };
         if behind {
             // Behind an earlier record of its key: parked untried, in order.
+            // A replayed record keeps its attempt count and the dead letter it resolves.
             let parked = RetryRecord {
                 record_id: job.record_id.clone(),
                 envelope_id: job.envelope_id.clone(),
-                attempt: 0,
+                attempt: job
+                    .replay
+                    .as_ref()
+                    .map_or(0, |r| i32::try_from(r.attempts).unwrap_or(i32::MAX)),
                 first_failure_ms: None,
                 next_attempt_ms: now_ms(),
                 reason: None,
@@ -185,6 +190,7 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 source_topic: job.source_topic,
                 key: job.key,
                 value: job.value,
+                replay_of: job.replay.map(|r| r.dead_letter),
             };
             let d = parked_done(job.token, job.record_id, job.envelope_id, job.kind, parked);
             if done.send(Report::Done(Box::new(d))).await.is_err() {
@@ -223,7 +229,11 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
             subscription: Arc::clone(&subscription),
             record_id: job.record_id.clone(),
             payload: job.payload,
-            attempt: prior.map_or(1, |p| p.attempt + 1),
+            // A replayed dead letter counts on from the attempts made before it.
+            attempt: prior.map_or_else(
+                || job.replay.as_ref().map_or(0, |r| r.attempts) + 1,
+                |p| p.attempt + 1,
+            ),
         };
         let (outcome, error) = match sink.deliver(&delivery).await {
             Ok(_receipt) => {
@@ -249,7 +259,6 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                     };
                     (Outcome::DeadLettered, Some(exhausted))
                 } else {
-                    metrics::retrying(&subscription, delivery.attempt, &e);
                     let mut step = Step::new(now, Stage::Delivery, StepOutcome::Retrying);
                     step.subscription = Some(subscription.to_string());
                     step.record_id = Some(job.record_id.clone());
@@ -263,6 +272,13 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                         .unwrap_or(i64::MAX)
                         .min(give_up_ms - elapsed);
                     let next_attempt_ms = now.saturating_add(wait_ms);
+                    metrics::retrying(
+                        &subscription,
+                        &job.record_id,
+                        delivery.attempt,
+                        &e,
+                        Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0)),
+                    );
                     let report = if prior.is_some() {
                         Report::Again(Again {
                             token: job.token,
@@ -288,6 +304,7 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                             source_topic: job.source_topic.clone(),
                             key: job.key.clone(),
                             value: job.value.clone(),
+                            replay_of: job.replay.as_ref().map(|r| r.dead_letter.clone()),
                         };
                         Report::Done(Box::new(parked_done(
                             job.token,
@@ -321,6 +338,8 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 Vec::new()
             },
             park: None,
+            // Delivered, or dead-lettered again under a new id: the replayed dead letter is done.
+            resolves: job.replay.map(|r| (r.dead_letter, job.key.clone())),
         };
         if done.send(Report::Done(Box::new(d))).await.is_err() {
             return;

@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{AckToken, Bus, BusError, Consumer, partition_for};
 use crate::deliver::config::Subscription;
 use crate::observe::health::{Health, State};
-use crate::observe::lineage::Lineage;
+use crate::observe::lineage::{self, Lineage};
 use ketenbus_schemas::now_ms;
 
 use decode::{decode, passes};
@@ -87,6 +87,18 @@ struct Job {
     value: Vec<u8>,
     /// Set when the job comes from the retry topic.
     prior: Option<Prior>,
+    /// A replayed dead letter: its id, and the attempts made before it was dead-lettered
+    /// (the attempt count goes on from there).
+    replay: Option<Replay>,
+}
+
+/// Where a replayed record comes from.
+#[derive(Clone)]
+struct Replay {
+    /// The dead letter's id.
+    dead_letter: String,
+    /// Attempts made before it was dead-lettered.
+    attempts: u32,
 }
 
 /// A finished record.
@@ -103,6 +115,8 @@ struct Done {
     audit: Vec<crate::observe::audit::Entry>,
     /// Not finished but parked: published to the retry topic before the ack, no outcome.
     park: Option<RetryRecord>,
+    /// Finished from a replay: the dead letter it resolves (id) and the record key.
+    resolves: Option<(String, Vec<u8>)>,
 }
 
 impl Done {
@@ -124,6 +138,7 @@ impl Done {
             dead_letter: None,
             audit,
             park: None,
+            resolves: None,
         }
     }
 }
@@ -170,6 +185,7 @@ impl Undeliverable {
             dead_letter: Some(source),
             audit: Vec::new(),
             park: None,
+            resolves: None,
         }
     }
 }
@@ -414,6 +430,19 @@ pub async fn run_with<B: Bus>(
                 st.finished.push(Done::filtered(job, None, Vec::new()));
             }
             Ok(job) => {
+                if let Some(r) = &job.replay {
+                    let mut step = lineage::Step::new(
+                        now_ms(),
+                        ketenbus_schemas::lineage::Stage::DeadLettered,
+                        ketenbus_schemas::lineage::StepOutcome::Replayed,
+                    );
+                    step.subscription = Some(name.to_string());
+                    step.record_id = Some(job.record_id.clone());
+                    step.kind = Some(job.kind.to_owned());
+                    step.attempt = Some(r.attempts);
+                    step.detail = Some(format!("dead letter {} replayed", r.dead_letter));
+                    lineage.step(&job.envelope_id, step).await;
+                }
                 // Also a record of a parked key goes to its lane: the lane parks it behind,
                 // after whatever of that key it has in hand.
                 let lane = st.lane_of(&job.key);
@@ -553,6 +582,33 @@ mod tests {
         }
     }
 
+    /// Retries 50 ms apart at first, at most `max_ms` apart, for a day.
+    fn quick_retry(max_ms: u64) -> RetryConfig {
+        RetryConfig {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(max_ms),
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    /// Run `sub` on `bus` into `sink`, with the lineage in `dir`, until `cancel`.
+    fn spawn_run(
+        bus: &Arc<EmbeddedBus>,
+        sub: &Subscription,
+        sink: Arc<dyn Sink>,
+        dir: &std::path::Path,
+        cancel: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run(
+            Arc::clone(bus),
+            sub.clone(),
+            sink,
+            Lineage::open(dir).unwrap(),
+            Arc::new(Health::default()),
+            cancel,
+        ))
+    }
+
     /// One patient's records fail for a long time: every other patient's arrive at once, the
     /// failing patient's arrive in order after it recovers, also across a stop and start of
     /// the subscription, and nothing finished is delivered twice.
@@ -560,15 +616,7 @@ mod tests {
     async fn one_failing_patient_holds_up_only_its_own_records() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = letter_subscription(
-            "lab",
-            RetryConfig {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(200),
-                give_up_after: Duration::from_secs(24 * 3600),
-            },
-            2,
-        );
+        let sub = letter_subscription("lab", quick_retry(200), 2);
         bus.ensure_topics(&specs_for(&sub, 2)).await.unwrap();
         // The failing patient's records come first and among everyone else's.
         let mut records = Vec::new();
@@ -586,14 +634,13 @@ mod tests {
             got: Mutex::new(Vec::new()),
         });
         let start = |cancel: CancellationToken| {
-            tokio::spawn(run(
-                Arc::clone(&bus),
-                sub.clone(),
+            spawn_run(
+                &bus,
+                &sub,
                 Arc::clone(&sink) as Arc<dyn Sink>,
-                Lineage::open(dir.path()).unwrap(),
-                Arc::new(Health::default()),
+                dir.path(),
                 cancel,
-            ))
+            )
         };
         let cancel = CancellationToken::new();
         let task = start(cancel.clone());
@@ -644,15 +691,7 @@ mod tests {
     async fn a_held_record_is_parked_again_so_finished_retries_are_not_delivered_twice() {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
-        let sub = letter_subscription(
-            "lab",
-            RetryConfig {
-                initial: Duration::from_millis(50),
-                max: Duration::from_millis(100),
-                give_up_after: Duration::from_secs(24 * 3600),
-            },
-            2,
-        );
+        let sub = letter_subscription("lab", quick_retry(100), 2);
         // One partition: every parked record shares one retry partition.
         bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
         let sink = Arc::new(FailsForOnePatient {
@@ -662,14 +701,13 @@ mod tests {
             got: Mutex::new(Vec::new()),
         });
         let start = |cancel: CancellationToken| {
-            tokio::spawn(run(
-                Arc::clone(&bus),
-                sub.clone(),
+            spawn_run(
+                &bus,
+                &sub,
                 Arc::clone(&sink) as Arc<dyn Sink>,
-                Lineage::open(dir.path()).unwrap(),
-                Arc::new(Health::default()),
+                dir.path(),
                 cancel,
-            ))
+            )
         };
         let mut records = vec![letter("patient-x", 0)];
         records.extend((0..10).map(|i| letter(&format!("patient-{i}"), 0)));
@@ -791,6 +829,113 @@ mod tests {
             "{trail}"
         );
         assert!(trail.contains("\"patient\":\"pk-1\""), "{trail}");
+    }
+
+    /// A real sink that fails the first `fails` attempts for now, and records the attempt
+    /// number of every try.
+    struct FailsFirst {
+        fails: std::sync::atomic::AtomicU32,
+        attempts: Mutex<Vec<u32>>,
+    }
+
+    impl Sink for FailsFirst {
+        fn deliver<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+            Box::pin(async move {
+                self.attempts.lock().unwrap().push(d.attempt);
+                let left = self.fails.load(std::sync::atomic::Ordering::SeqCst);
+                if left > 0 {
+                    self.fails
+                        .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                    return Err(DeliveryError::Retryable {
+                        reason: "http_503".into(),
+                        detail: "503 Service Unavailable".into(),
+                    });
+                }
+                Ok(Receipt {
+                    detail: "ok".into(),
+                })
+            })
+        }
+    }
+
+    /// A replayed dead letter that fails again is retried from the retry topic, its attempts
+    /// counting on from the dead letter's; once delivered, the dead letter is resolved.
+    #[tokio::test]
+    async fn a_replay_counts_attempts_on_and_resolves_its_dead_letter_after_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
+        let sub = letter_subscription("gp", quick_retry(100), 2);
+        bus.ensure_topics(&specs_for(&sub, 1)).await.unwrap();
+        let original = letter("patient-r", 0);
+        let mut dl = ketenbus_schemas::DeadLetter::new(
+            "gp",
+            ("env-patient-r-0.0", "env-patient-r-0"),
+            1_764_000_000_000,
+            "exhausted",
+            None,
+            (
+                original.topic.clone(),
+                original.key.clone(),
+                original.value.clone(),
+            ),
+        );
+        dl.attempt = Some(3);
+        bus.publish(vec![OutRecord {
+            topic: topics::dead_letters("gp"),
+            key: dl.key.clone(),
+            value: dl.to_avro().unwrap(),
+        }])
+        .await
+        .unwrap();
+        let replay_all = async || {
+            dlq::replay(
+                bus.as_ref(),
+                "gp",
+                &dlq::Selection::default(),
+                None,
+                "operator:t",
+            )
+            .await
+            .unwrap()
+        };
+        let n = replay_all().await;
+        assert_eq!(n, 1);
+        let sink = Arc::new(FailsFirst {
+            fails: std::sync::atomic::AtomicU32::new(1),
+            attempts: Mutex::new(Vec::new()),
+        });
+        let cancel = CancellationToken::new();
+        let task = spawn_run(
+            &bus,
+            &sub,
+            Arc::clone(&sink) as Arc<dyn Sink>,
+            dir.path(),
+            cancel.clone(),
+        );
+        let began = std::time::Instant::now();
+        let mut left = usize::MAX;
+        while began.elapsed() < Duration::from_secs(10) {
+            left = dlq::list(bus.as_ref(), "gp", &dlq::Selection::default())
+                .await
+                .unwrap()
+                .len();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(*sink.attempts.lock().unwrap(), vec![4, 5]);
+        assert_eq!(left, 0, "resolved, no longer listed");
+        let all = dlq::list_with_resolved(bus.as_ref(), "gp", &dlq::Selection::default())
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0.id, dl.id);
+        assert!(all[0].1.is_some(), "resolved at a time");
+        let again = replay_all().await;
+        assert_eq!(again, 0, "a resolved dead letter is not replayed again");
     }
 
     #[tokio::test]

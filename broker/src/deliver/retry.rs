@@ -90,11 +90,17 @@ fn job_of(held: &Held) -> Result<Job, Undeliverable> {
         attempt: u32::try_from(p.attempt).unwrap_or(0),
         first_failure_ms: p.first_failure_ms,
     });
+    job.replay = p.replay_of.clone().map(|dead_letter| super::Replay {
+        dead_letter,
+        attempts: 0,
+    });
     Ok(job)
 }
 
 /// The wait before try number `attempt + 1`: exponential from `initial`, capped at `max`,
-/// with jitter in [50%, 100%] so retries of many records spread out.
+/// with jitter upwards in [100%, 125%] (never past `max`) so retries of many records spread
+/// out. Never shorter than `initial`: the first retry never comes before the documented
+/// first wait.
 #[must_use]
 pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
     let exp = retry.initial.saturating_mul(
@@ -102,7 +108,10 @@ pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
             .unwrap_or(u32::MAX),
     );
     let capped = exp.min(retry.max);
-    capped.mul_f64(rand::rng().random_range(0.5..=1.0))
+    capped
+        .mul_f64(rand::rng().random_range(1.0..=1.25))
+        .min(retry.max)
+        .max(retry.initial)
 }
 
 /// Learn which keys have unfinished records on the retry topic (its tail past the retry
@@ -289,13 +298,16 @@ impl Loop {
                     dead_letter: None,
                     audit: Vec::new(),
                     park: Some(h.parked),
+                    resolves: None,
                 });
             }
         }
     }
 
     /// Tell the watcher (at most once a second) since when the oldest parked record of each
-    /// source topic is undelivered: it counts in that topic's oldest undelivered age.
+    /// source topic is undelivered: it counts in that topic's oldest undelivered age. And
+    /// count the held records that failed, by the reason of their last attempt (read back
+    /// from the retry topic, so the count is whole again after a restart).
     pub(super) fn report_parked(&mut self) {
         if self.parked_reported.elapsed() < Duration::from_secs(1) {
             return;
@@ -309,6 +321,14 @@ impl Loop {
                 .or_insert(h.since_ms);
             *e = (*e).min(h.since_ms);
         }
+        crate::observe::metrics::retrying_records(
+            &self.name,
+            parking
+                .keys
+                .values()
+                .flat_map(|ks| ks.queue.iter())
+                .filter_map(|h| h.parked.reason.as_deref()),
+        );
         for t in &self.source_topics {
             let since = oldest.get(t.as_str()).copied().unwrap_or(0);
             crate::observe::watch::parked_since(&self.name, t, since);
@@ -338,22 +358,39 @@ mod tests {
             max: Duration::from_secs(1),
             give_up_after: Duration::from_secs(60),
         };
-        for _ in 0..50 {
+        for _ in 0..200 {
             let b1 = backoff(&r, 1);
             assert!(
-                b1 >= Duration::from_millis(50) && b1 <= Duration::from_millis(100),
+                b1 >= Duration::from_millis(100) && b1 <= Duration::from_millis(125),
                 "{b1:?}"
             );
             let b3 = backoff(&r, 3);
             assert!(
-                b3 >= Duration::from_millis(200) && b3 <= Duration::from_millis(400),
+                b3 >= Duration::from_millis(400) && b3 <= Duration::from_millis(500),
                 "{b3:?}"
             );
             let b40 = backoff(&r, 40);
-            assert!(
-                b40 >= Duration::from_millis(500) && b40 <= Duration::from_secs(1),
-                "{b40:?}"
-            );
+            assert_eq!(b40, Duration::from_secs(1), "capped at max");
+        }
+    }
+
+    /// The first retry never comes before `initial`, whatever the jitter draws, also when
+    /// `max` equals `initial`.
+    #[test]
+    fn the_first_retry_never_comes_before_initial() {
+        for (initial, max) in [(500, 300_000), (500, 500), (1, 2), (7, 9)] {
+            let r = RetryConfig {
+                initial: Duration::from_millis(initial),
+                max: Duration::from_millis(max),
+                give_up_after: Duration::from_secs(60),
+            };
+            for attempt in 0..4 {
+                for _ in 0..500 {
+                    let b = backoff(&r, attempt);
+                    assert!(b >= r.initial, "attempt {attempt}: {b:?} < {:?}", r.initial);
+                    assert!(b <= r.max, "attempt {attempt}: {b:?} > {:?}", r.max);
+                }
+            }
         }
     }
 }

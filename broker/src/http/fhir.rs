@@ -152,6 +152,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let Some(format) = format_of(content_type) else {
+        crate::observe::metrics::rejected("fhir", "unsupported_media_type");
         return issue(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Format::FhirJson,
@@ -165,6 +166,7 @@ async fn handle(
     if let Some(t) = path_type
         && fhir::parse::model::r4().resource(t).is_none()
     {
+        crate::observe::metrics::rejected("fhir", "unknown_resource");
         return issue(
             StatusCode::NOT_FOUND,
             out,
@@ -175,6 +177,7 @@ async fn handle(
         );
     }
     if body.is_empty() {
+        crate::observe::metrics::rejected("fhir", "empty_body");
         return issue(
             StatusCode::BAD_REQUEST,
             out,
@@ -185,6 +188,7 @@ async fn handle(
         );
     }
     if body.len() > st.max_body {
+        crate::observe::metrics::rejected("fhir", "too_large");
         return issue(
             StatusCode::PAYLOAD_TOO_LARGE,
             out,
@@ -356,6 +360,7 @@ fn examine(
                     what,
                 } => (position.as_str(), what.as_str()),
             };
+            crate::observe::metrics::rejected("fhir", "not_parseable");
             return Err(Box::new(issue(
                 StatusCode::BAD_REQUEST,
                 out,
@@ -392,6 +397,7 @@ fn examine(
         .filter(|_| resource_type == "Bundle")
         .map(str::to_owned);
     let refuse = |text: &str, at: &str| {
+        crate::observe::metrics::rejected("fhir", "invalid_message");
         Err(Box::new(issue(
             StatusCode::BAD_REQUEST,
             out,
@@ -429,6 +435,7 @@ fn examine(
         _ => {}
     }
     if let Err(e) = inbound::events_from(&tree, "validation", format.as_str()) {
+        crate::observe::metrics::rejected("fhir", "invalid_message");
         let (status, oo) = outcome::for_normalise_error(&e);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
         return Err(Box::new(respond(status, out, &oo)));

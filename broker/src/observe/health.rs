@@ -79,6 +79,10 @@ impl ketenbus_connectors::SourceStatus for SourceHealth {
         self.0.set(source, State::Degraded(reason.to_owned()));
         crate::observe::metrics::source_up(source, false);
     }
+
+    fn refused(&self, connector: &str, reason: &'static str) {
+        crate::observe::metrics::rejected(connector, reason);
+    }
 }
 
 #[cfg(test)]

@@ -281,7 +281,9 @@ impl Lineage {
 pub struct ListQuery {
     /// A step outcome the message had, by its name ([`StepOutcome::as_str`]): accepted,
     /// normalised, unsupported_format, rejected, delivered, retrying, dead_lettered,
-    /// filtered, ... A name that is no outcome matches nothing.
+    /// filtered, ... A name that is no outcome matches nothing. For a subscription's record
+    /// only its latest outcome counts: a dead letter replayed and delivered is `delivered`,
+    /// no longer `dead_lettered`.
     pub status: Option<String>,
     /// Only steps of this subscription.
     pub subscription: Option<String>,
@@ -345,7 +347,11 @@ impl Lineage {
                  WHERE (m.received_at, m.id) < (?1, ?2)
                    AND (?3 IS NULL OR EXISTS (
                         SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.outcome = ?3
-                          AND (?4 IS NULL OR s.subscription = ?4) AND s.at >= ?5))
+                          AND (?4 IS NULL OR s.subscription = ?4) AND s.at >= ?5
+                          AND (s.subscription IS NULL OR NOT EXISTS (
+                               SELECT 1 FROM steps l WHERE l.message_id = s.message_id
+                                 AND l.subscription = s.subscription AND l.record_id IS s.record_id
+                                 AND (l.at, l.rowid) > (s.at, s.rowid)))))
                    AND (?3 IS NOT NULL OR ?4 IS NULL OR EXISTS (
                         SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.subscription = ?4 AND s.at >= ?5))
                    AND m.received_at >= CASE WHEN ?3 IS NULL AND ?4 IS NULL THEN ?5 ELSE 0 END

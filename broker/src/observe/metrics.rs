@@ -50,8 +50,12 @@ pub const ROUTER_CONSUMER_LAG: &str = "ketenbus_router_consumer_lag_records";
 pub const DISPATCH_DELIVERY_OUTCOMES: &str = "ketenbus_dispatch_delivery_outcomes_total";
 /// Seconds from the envelope's arrival to its successful delivery, per subscription.
 pub const DISPATCH_DELIVERY_LATENCY: &str = "ketenbus_dispatch_delivery_latency_seconds";
-/// Failed delivery attempts that will be tried again, per subscription.
+/// Failed delivery attempts that will be tried again, per subscription and reason.
 pub const DISPATCH_DELIVERY_RETRIES: &str = "ketenbus_dispatch_delivery_retries_total";
+/// Records a subscription holds on its retry topic waiting for another attempt, per
+/// subscription and the reason their last attempt failed. Rebuilt from the retry topic after
+/// a restart.
+pub const DISPATCH_RETRYING_RECORDS: &str = "ketenbus_dispatch_retrying_records";
 /// Records a subscription dead-lettered, per subscription and reason.
 pub const DISPATCH_DEAD_LETTERS: &str = "ketenbus_dispatch_dead_letters_total";
 /// Records a subscription has not committed yet, per subscription and kind (source topic).
@@ -69,7 +73,7 @@ pub const LOG_RETENTION_EXCESS: &str = "ketenbus_log_retention_excess_bytes";
 pub const BUILD_INFO: &str = "ketenbus_build_info";
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 18] = [
+pub const NAMES: [&str; 19] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -82,6 +86,7 @@ pub const NAMES: [&str; 18] = [
     DISPATCH_DELIVERY_OUTCOMES,
     DISPATCH_DELIVERY_LATENCY,
     DISPATCH_DELIVERY_RETRIES,
+    DISPATCH_RETRYING_RECORDS,
     DISPATCH_DEAD_LETTERS,
     DISPATCH_CONSUMER_LAG,
     DISPATCH_OLDEST_UNDELIVERED_AGE,
@@ -96,8 +101,9 @@ pub const OTHER: &str = "other";
 /// Connectors that take messages in (`connector` label).
 pub const CONNECTORS: [&str; 5] = ["http", "fhir", "inbox", "smtp", "imap"];
 
-/// Why a connector refused a message (`reason` of [`INGEST_REJECTED_MESSAGES`]).
-pub const INGEST_REASONS: [&str; 14] = [
+/// Why a way in refused a message or set it aside (`reason` of [`INGEST_REJECTED_MESSAGES`]):
+/// HTTP and FHIR answers, SMTP replies, inbox files moved to `failed/`, IMAP messages set aside.
+pub const INGEST_REASONS: [&str; 26] = [
     "empty_body",
     "unsupported_media_type",
     "too_large",
@@ -112,6 +118,18 @@ pub const INGEST_REASONS: [&str; 14] = [
     "log_unavailable",
     "log_failure",
     "memory_budget",
+    "not_parseable",
+    "unreadable",
+    "refused",
+    "max_attempts",
+    "auth_required",
+    "tls_required",
+    "recipient_refused",
+    "too_many_recipients",
+    "line_too_long",
+    "log_full",
+    "unknown_resource",
+    "invalid_message",
 ];
 
 /// Why the router dead-lettered a message (`reason` of [`ROUTER_DEAD_LETTERS`]): the
@@ -170,32 +188,72 @@ pub const DELIVERY_REASONS: [&str; 29] = [
     "smtp_5xx",
 ];
 
+/// Why a delivery attempt failed and will be tried again (`reason` of
+/// [`DISPATCH_DELIVERY_RETRIES`] and [`DISPATCH_RETRYING_RECORDS`]). HTTP and SMTP answers
+/// not named here count as `http_5xx` and `smtp_4xx`.
+pub const RETRY_REASONS: [&str; 17] = [
+    "timeout",
+    "connect",
+    "network",
+    "tls",
+    "content_store",
+    "fhir_transient_error",
+    "http_408",
+    "http_429",
+    "http_500",
+    "http_502",
+    "http_503",
+    "http_504",
+    "http_5xx",
+    "smtp_421",
+    "smtp_450",
+    "smtp_451",
+    "smtp_4xx",
+];
+
 /// `value` when `set` holds it, else [`OTHER`].
 fn closed(value: &str, set: &[&'static str]) -> &'static str {
     set.iter().find(|v| **v == value).copied().unwrap_or(OTHER)
 }
 
-/// The `reason` label of a subscription's dead letter.
-#[must_use]
-pub fn delivery_reason(reason: &str) -> &'static str {
-    let known = closed(reason, &DELIVERY_REASONS);
+/// `reason` when `set` holds it; else the class label of the first of `classes` (prefix,
+/// first digit, label) whose three-digit code it is (`http_418` as `http_4xx`); else
+/// [`OTHER`].
+fn coded(reason: &str, set: &[&'static str], classes: &[(&str, u8, &'static str)]) -> &'static str {
+    let known = closed(reason, set);
     if known != OTHER {
         return known;
     }
-    let class = |prefix: &str, first: u8| {
-        reason.strip_prefix(prefix).is_some_and(|code| {
-            code.len() == 3
-                && code.as_bytes()[0] == first
-                && code.bytes().all(|b| b.is_ascii_digit())
+    classes
+        .iter()
+        .find(|(prefix, first, _)| {
+            reason.strip_prefix(prefix).is_some_and(|code| {
+                code.len() == 3
+                    && code.as_bytes()[0] == *first
+                    && code.bytes().all(|b| b.is_ascii_digit())
+            })
         })
-    };
-    if class("http_", b'4') {
-        "http_4xx"
-    } else if class("smtp_", b'5') {
-        "smtp_5xx"
-    } else {
-        OTHER
-    }
+        .map_or(OTHER, |(_, _, label)| label)
+}
+
+/// The `reason` label of a subscription's dead letter.
+#[must_use]
+pub fn delivery_reason(reason: &str) -> &'static str {
+    coded(
+        reason,
+        &DELIVERY_REASONS,
+        &[("http_", b'4', "http_4xx"), ("smtp_", b'5', "smtp_5xx")],
+    )
+}
+
+/// The `reason` label of a failed attempt that will be tried again.
+#[must_use]
+pub fn retry_reason(reason: &str) -> &'static str {
+    coded(
+        reason,
+        &RETRY_REASONS,
+        &[("http_", b'5', "http_5xx"), ("smtp_", b'4', "smtp_4xx")],
+    )
 }
 
 /// The `kind` labels of the topics subscriptions read: event kinds, `raw`, `replay`.
@@ -249,6 +307,7 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
     let router_reason = with_other(&ROUTER_REASONS);
     let skip_reason = with_other(&SKIP_REASONS);
     let delivery_reason = with_other(&DELIVERY_REASONS);
+    let retry_reason = with_other(&RETRY_REASONS);
     let event_kind = with_other(&EventKind::ALL.map(EventKind::as_str));
     let version = owned([env!("CARGO_PKG_VERSION")]);
     BTreeMap::from([
@@ -291,7 +350,11 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
         ),
         (
             DISPATCH_DELIVERY_RETRIES,
-            label_sets(&[("subscription", &subscription)]),
+            label_sets(&[("subscription", &subscription), ("reason", &retry_reason)]),
+        ),
+        (
+            DISPATCH_RETRYING_RECORDS,
+            label_sets(&[("subscription", &subscription), ("reason", &retry_reason)]),
         ),
         (
             DISPATCH_DEAD_LETTERS,
@@ -331,6 +394,7 @@ struct Metrics {
     deliveries: IntCounterVec,
     latency: HistogramVec,
     retries: IntCounterVec,
+    retrying: IntGaugeVec,
     dead_letters: IntCounterVec,
     lag: IntGaugeVec,
     oldest_age: GaugeVec,
@@ -463,7 +527,13 @@ impl Metrics {
                 reg,
                 DISPATCH_DELIVERY_RETRIES,
                 "Failed delivery attempts that will be tried again.",
-                &["subscription"],
+                &["subscription", "reason"],
+            ),
+            retrying: int_gauge(
+                reg,
+                DISPATCH_RETRYING_RECORDS,
+                "Records held on the retry topic waiting for another attempt, by the reason their last attempt failed.",
+                &["subscription", "reason"],
             ),
             dead_letters: counter(
                 reg,
@@ -556,7 +626,10 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
         for reason in DELIVERY_REASONS.into_iter().chain([OTHER]) {
             m.dead_letters.with_label_values(&[name, reason]);
         }
-        m.retries.with_label_values(&[name]);
+        for reason in RETRY_REASONS.into_iter().chain([OTHER]) {
+            m.retries.with_label_values(&[name, reason]);
+            m.retrying.with_label_values(&[name, reason]).set(0);
+        }
         m.latency.with_label_values(&[name]);
         for topic in topics {
             let kind = topic_kind(topic);
@@ -632,9 +705,16 @@ pub fn retention(deleted: u64, excess_bytes: u64) {
     tracing::debug!(deleted, excess_bytes, "retention pass");
 }
 
-/// The router recorded a lineage step for a message (normalised event, dead letter or
-/// pass-by). Steps of other stages (CONTRL sent, delivery reports) are lineage only.
-pub fn routed(stage: Stage, outcome: StepOutcome, kind: Option<&str>, reason: Option<&str>) {
+/// The router recorded a lineage step for message `message_id` (normalised event, dead
+/// letter or pass-by); a dead letter is a WARN line with its reason code. Steps of other
+/// stages (CONTRL sent, delivery reports) are lineage only.
+pub fn routed(
+    message_id: &str,
+    stage: Stage,
+    outcome: StepOutcome,
+    kind: Option<&str>,
+    reason: Option<&str>,
+) {
     let m = &*METRICS;
     if !matches!(stage, Stage::Normalise | Stage::Normalised) {
         return;
@@ -648,9 +728,13 @@ pub fn routed(stage: Stage, outcome: StepOutcome, kind: Option<&str>, reason: Op
             tracing::debug!(kind, "event normalised");
         }
         StepOutcome::Rejected => {
-            let reason = closed(reason.unwrap_or(OTHER), &ROUTER_REASONS);
-            m.router_dead_letters.with_label_values(&[reason]).inc();
-            tracing::debug!(reason, "message dead-lettered by the router");
+            let label = closed(reason.unwrap_or(OTHER), &ROUTER_REASONS);
+            m.router_dead_letters.with_label_values(&[label]).inc();
+            tracing::warn!(
+                message_id = %message_id,
+                reason = %label,
+                "message dead-lettered by the router"
+            );
         }
         outcome => {
             let reason = closed(reason.unwrap_or(outcome.as_str()), &SKIP_REASONS);
@@ -696,23 +780,68 @@ pub fn delivered(subscription: &str, kind: &str, latency: Option<Duration>) {
     );
 }
 
-/// A delivery attempt failed and will be tried again.
-pub fn retrying(subscription: &str, attempt: u32, error: &DeliveryError) {
-    METRICS.retries.with_label_values(&[subscription]).inc();
-    tracing::debug!(subscription, attempt, error = %error, "delivery failed, retrying");
+/// Attempt `attempt` to deliver record `record_id` failed and will be tried again in
+/// `retry_in`: counted by reason, and a WARN line with the reason code (never the detail,
+/// which may quote the receiver).
+pub fn retrying(
+    subscription: &str,
+    record_id: &str,
+    attempt: u32,
+    error: &DeliveryError,
+    retry_in: Duration,
+) {
+    let reason = retry_reason(error.reason());
+    METRICS
+        .retries
+        .with_label_values(&[subscription, reason])
+        .inc();
+    tracing::warn!(
+        subscription = %subscription,
+        record_id = %record_id,
+        attempt,
+        reason = %error.reason(),
+        retry_in_ms = u64::try_from(retry_in.as_millis()).unwrap_or(u64::MAX),
+        "delivery failed, retrying"
+    );
 }
 
-/// A subscription dead-lettered a record for `reason` (counted as [`delivery_reason`]).
-pub fn dead_lettered(subscription: &str, reason: &str) {
+/// How many records `subscription` holds for another attempt, per reason code of their last
+/// failure (counted as [`retry_reason`]); reasons not given are 0.
+pub fn retrying_records<'a>(subscription: &str, reasons: impl IntoIterator<Item = &'a str>) {
+    let mut counts: BTreeMap<&'static str, i64> = RETRY_REASONS
+        .into_iter()
+        .chain([OTHER])
+        .map(|r| (r, 0))
+        .collect();
+    for r in reasons {
+        *counts.entry(retry_reason(r)).or_default() += 1;
+    }
+    for (reason, n) in counts {
+        METRICS
+            .retrying
+            .with_label_values(&[subscription, reason])
+            .set(n);
+    }
+}
+
+/// A subscription dead-lettered record `record_id` after `attempt` attempts (0: none) for
+/// `reason` (counted as [`delivery_reason`]): counted, and a WARN line with the reason code.
+pub fn dead_lettered(subscription: &str, record_id: &str, attempt: u32, reason: &str) {
     let m = &*METRICS;
-    let reason = delivery_reason(reason);
+    let label = delivery_reason(reason);
     m.deliveries
         .with_label_values(&[subscription, Outcome::DeadLettered.as_str()])
         .inc();
     m.dead_letters
-        .with_label_values(&[subscription, reason])
+        .with_label_values(&[subscription, label])
         .inc();
-    tracing::debug!(subscription, reason, "dead-lettered");
+    tracing::warn!(
+        subscription = %subscription,
+        record_id = %record_id,
+        attempt,
+        reason = %reason,
+        "delivery failed for good: dead-lettered"
+    );
 }
 
 /// A subscription's filter let a record pass by.
@@ -917,7 +1046,7 @@ mod tests {
             (StepOutcome::Rejected, Some("edifact_syntax")),
             (StepOutcome::UnsupportedFormat, Some("unsupported_format")),
         ] {
-            routed(Stage::Normalise, outcome, Some("letter"), reason);
+            routed("m-1", Stage::Normalise, outcome, Some("letter"), reason);
         }
         filtered("t-sub");
         source_up("imap:t-hub", true);
@@ -931,14 +1060,17 @@ mod tests {
         touch_all();
         retrying(
             "t-sub",
+            "r-1",
             1,
             &DeliveryError::Retryable {
                 reason: "http_503".into(),
                 detail: String::new(),
             },
+            Duration::from_millis(500),
         );
+        retrying_records("t-sub", ["http_503"]);
         delivered("t-sub", "lab_result", Some(Duration::from_millis(1500)));
-        dead_lettered("t-sub", "http_400");
+        dead_lettered("t-sub", "r-2", 3, "http_400");
         let types = parse(&render());
         for name in NAMES {
             let ty = types
@@ -966,6 +1098,7 @@ mod tests {
         delivered("t-out", "letter", Some(Duration::from_secs(2)));
         filtered("t-out");
         routed(
+            "m-2",
             Stage::Normalised,
             StepOutcome::Normalised,
             Some("lab_result"),
@@ -994,6 +1127,13 @@ mod tests {
         assert_eq!(delivery_reason("http_418"), "http_4xx");
         assert_eq!(delivery_reason("smtp_550"), "smtp_550");
         assert_eq!(delivery_reason("smtp_535"), "smtp_5xx");
+        assert_eq!(retry_reason("http_503"), "http_503");
+        assert_eq!(retry_reason("http_507"), "http_5xx");
+        assert_eq!(retry_reason("smtp_452"), "smtp_4xx");
+        assert_eq!(retry_reason("connect"), "connect");
+        for open in ["http_404", "http_5001", "Jansen", ""] {
+            assert_eq!(retry_reason(open), OTHER, "{open}");
+        }
         for open in [
             "dsn_5.1.1-INJECTED-Jansen-999911120",
             "http_4044",
@@ -1003,15 +1143,17 @@ mod tests {
         ] {
             assert_eq!(delivery_reason(open), OTHER, "{open}");
         }
-        dead_lettered("t-open", "dsn_5.1.1-INJECTED-Jansen-999911120");
+        dead_lettered("t-open", "r-3", 0, "dsn_5.1.1-INJECTED-Jansen-999911120");
         rejected("t-open-connector", "not-a-reason");
         routed(
+            "m-3",
             Stage::DeliveryReport,
             StepOutcome::Failed,
             None,
             Some("dsn_5.1.1-INJECTED-Jansen-999911120"),
         );
         routed(
+            "m-4",
             Stage::Normalise,
             StepOutcome::Rejected,
             None,

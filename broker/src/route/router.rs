@@ -180,7 +180,12 @@ async fn route_batch<B: Bus>(
     for report in bounced {
         let at = now_ms();
         if let Some(dl) = bounce_dead_letter(bus, routing, lineage, &report, at).await? {
-            crate::observe::metrics::dead_lettered(&report.subscription, REASON_BOUNCED);
+            crate::observe::metrics::dead_lettered(
+                &report.subscription,
+                &report.record_id,
+                0,
+                REASON_BOUNCED,
+            );
             let mut step = Step::new(at, Stage::DeliveryReport, StepOutcome::DeadLettered);
             step.subscription = Some(report.subscription.clone());
             step.record_id = Some(report.record_id.clone());
@@ -197,6 +202,7 @@ async fn route_batch<B: Bus>(
     }
     for (id, step) in steps {
         crate::observe::metrics::routed(
+            &id,
             step.stage,
             step.outcome,
             step.kind.as_deref(),

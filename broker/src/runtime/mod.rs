@@ -148,7 +148,10 @@ pub async fn run<B: Bus>(
         ));
         let source = ketenbus_connectors::inbox::Inbox::new(inbox.clone(), ingest)
             .with_context(|| format!("preparing inbox {}", inbox.path.display()))?
-            .with_budget(budget.clone());
+            .with_budget(budget.clone())
+            .with_status(Arc::new(crate::observe::health::SourceHealth(Arc::clone(
+                &health,
+            ))));
         let task = source.run(cancel.clone());
         tasks.spawn(format!("inbox {}", inbox.path.display()), task);
     }

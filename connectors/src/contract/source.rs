@@ -7,4 +7,10 @@ pub trait SourceStatus: Send + Sync {
     fn up(&self, source: &str);
     /// `source` cannot work now and keeps trying; `reason` names no patient data.
     fn down(&self, source: &str, reason: &str);
+    /// A way in (`connector`: `smtp`, `imap`, `inbox`) refused a message or set it aside,
+    /// for `reason`, a code from a closed set (e.g. `too_large`, `empty_body`). Nothing by
+    /// default.
+    fn refused(&self, connector: &str, reason: &'static str) {
+        let _ = (connector, reason);
+    }
 }

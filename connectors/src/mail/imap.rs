@@ -195,6 +195,16 @@ pub enum Aside {
 }
 
 impl Aside {
+    /// The refusal reason code (`ketenbus_ingest_rejected_messages_total`).
+    #[must_use]
+    pub fn code(self) -> &'static str {
+        match self {
+            Aside::TooLarge => "too_large",
+            Aside::Refused => "refused",
+            Aside::Failed => "max_attempts",
+        }
+    }
+
     /// The IMAP keyword (RFC 3501 flag) set on the message.
     #[must_use]
     pub fn keyword(self) -> &'static str {
@@ -594,6 +604,9 @@ impl ImapPickup {
         T: AsyncRead + AsyncWrite + Unpin + fmt::Debug + Send,
     {
         tracing::warn!(pickup = %self.cfg.name, uid, keyword = why.keyword(), folder = %self.cfg.failed_folder, reason = %reason, "imap message set aside");
+        if let Some(status) = &self.status {
+            status.refused("imap", why.code());
+        }
         let _: Vec<_> = s
             .uid_store(
                 uid.to_string(),

@@ -30,6 +30,8 @@ pub struct SmtpListener {
     max_connections: usize,
     idle_timeout: Duration,
     budget: Budget,
+    /// Where refusals are told.
+    status: Option<Arc<dyn crate::SourceStatus>>,
 }
 
 impl std::fmt::Debug for SmtpListener {
@@ -65,7 +67,22 @@ impl SmtpListener {
             max_connections: config.max_connections,
             idle_timeout: config.idle_timeout,
             budget: Budget::unlimited(),
+            status: None,
         })
+    }
+
+    /// Tell `status` of every message or recipient refused (connector `smtp`, with its
+    /// reason code), and of connections past `max_connections`.
+    #[must_use]
+    pub fn with_status(mut self, status: Arc<dyn crate::SourceStatus>) -> SmtpListener {
+        self.status = Some(status);
+        self
+    }
+
+    fn refused(&self, reason: &'static str) {
+        if let Some(status) = &self.status {
+            status.refused(CONNECTOR, reason);
+        }
     }
 
     /// Hold message data against `budget` while it is received and stored; past it the
@@ -103,6 +120,7 @@ impl SmtpListener {
                     limit = this.max_connections,
                     "smtp connection limit reached"
                 );
+                this.refused("too_many_connections");
                 let host = this.session.hostname.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;
@@ -214,6 +232,9 @@ impl SmtpListener {
         session: &mut Session,
         io: &mut S,
     ) -> Result<(), ()> {
+        for reason in session.take_refusals() {
+            self.refused(reason);
+        }
         if !session.has_output() {
             return Ok(());
         }
@@ -299,6 +320,53 @@ mod tests {
                 return all;
             }
         }
+    }
+
+    /// What a listener tells of its refusals.
+    #[derive(Default)]
+    struct Refusals(Mutex<Vec<(String, &'static str)>>);
+
+    impl crate::SourceStatus for Refusals {
+        fn up(&self, _: &str) {}
+        fn down(&self, _: &str, _: &str) {}
+        fn refused(&self, connector: &str, reason: &'static str) {
+            self.0.lock().unwrap().push((connector.to_owned(), reason));
+        }
+    }
+
+    /// Every refusal the client hears is told, with its reason code.
+    #[tokio::test]
+    async fn refusals_are_told_with_their_reason() {
+        let ingest = Arc::new(Memory::default());
+        let refusals = Arc::new(Refusals::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = SmtpConfig {
+            max_message_size: bytesize::ByteSize(1000),
+            ..SmtpConfig::default()
+        };
+        let l = SmtpListener::new(&config, ingest, &|_| None)
+            .unwrap()
+            .with_status(Arc::clone(&refusals) as Arc<dyn crate::SourceStatus>);
+        let cancel = CancellationToken::new();
+        tokio::spawn(l.run(listener, cancel.clone()));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        assert!(read_reply(&mut r).await.starts_with("220 "));
+        w.write_all(b"EHLO t\r\nMAIL FROM:<a@b.test> SIZE=5000\r\n")
+            .await
+            .unwrap();
+        read_reply(&mut r).await;
+        let reply = read_reply(&mut r).await;
+        assert!(reply.starts_with("552"), "{reply}");
+        w.write_all(b"QUIT\r\n").await.unwrap();
+        read_reply(&mut r).await;
+        cancel.cancel();
+        assert_eq!(
+            refusals.0.lock().unwrap().clone(),
+            vec![("smtp".to_owned(), "too_large")]
+        );
     }
 
     #[tokio::test]

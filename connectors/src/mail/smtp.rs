@@ -103,6 +103,8 @@ pub struct Session {
     rcpts: Vec<String>,
     data: Vec<u8>,
     errors: u32,
+    /// Reason codes of refusals answered since the last [`Session::take_refusals`].
+    refusals: Vec<&'static str>,
 }
 
 impl fmt::Debug for Session {
@@ -132,6 +134,7 @@ impl Session {
             rcpts: Vec::new(),
             data: Vec::new(),
             errors: 0,
+            refusals: Vec::new(),
             cfg,
         };
         let greeting = format!("220 {} ESMTP ketenbus", s.cfg.hostname);
@@ -154,6 +157,14 @@ impl Session {
     /// Replies to write to the client, in order.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)
+    }
+
+    /// The reason codes of the messages (or recipients) refused since the last call:
+    /// `too_large`, `memory_budget`, `line_too_long`, `tls_required`, `auth_required`,
+    /// `recipient_refused`, `too_many_recipients`. Refusals the ingest answers (the log, the
+    /// sender check) are counted there.
+    pub fn take_refusals(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.refusals)
     }
 
     /// Whether replies are waiting to be written.
@@ -363,12 +374,14 @@ impl Session {
                     "552 5.3.4 Error: message too big, the limit is {} bytes",
                     self.cfg.max_message_size
                 );
+                self.refusals.push("too_large");
                 self.reply(&text);
                 self.reset_transaction();
                 self.state = State::Command;
                 None
             }
             Some(Some(Discard::NoRoom)) => {
+                self.refusals.push("memory_budget");
                 self.reply("451 4.3.1 Error: insufficient system storage, try again later");
                 self.reset_transaction();
                 self.state = State::Command;
@@ -379,6 +392,7 @@ impl Session {
                     "554 5.6.0 Error: a message line is longer than {} bytes",
                     self.cfg.max_line_length
                 );
+                self.refusals.push("line_too_long");
                 self.reply(&text);
                 self.reset_transaction();
                 self.state = State::Command;
@@ -517,10 +531,12 @@ impl Session {
             return;
         }
         if self.cfg.require_tls && !self.tls {
+            self.refusals.push("tls_required");
             self.error("530 5.7.0 Must issue a STARTTLS command first");
             return;
         }
         if self.cfg.auth_required && self.auth_user.is_none() {
+            self.refusals.push("auth_required");
             self.error("530 5.7.0 Authentication required");
             return;
         }
@@ -541,6 +557,7 @@ impl Session {
                             "552 5.3.4 Error: message size exceeds the limit of {} bytes",
                             self.cfg.max_message_size
                         );
+                        self.refusals.push("too_large");
                         self.error(&text);
                         return;
                     }
@@ -585,10 +602,12 @@ impl Session {
                 .collect();
             let text =
                 format!("550 5.1.1 <{shown}>: recipient address rejected: not accepted here");
+            self.refusals.push("recipient_refused");
             self.error(&text);
             return;
         }
         if self.rcpts.len() >= self.cfg.max_recipients {
+            self.refusals.push("too_many_recipients");
             self.error("452 4.5.3 Error: too many recipients");
             return;
         }
