@@ -23,16 +23,20 @@ use crate::observe::audit::{Audit, AuditKey};
 /// # Errors
 /// The file cannot be read or parsed, or the configuration has problems (all listed).
 pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
-    let invalid = |problems: Vec<crate::config::Problem>| {
+    let config = match path {
+        Some(p) => Config::from_file(p).map_err(invalid(path))?,
+        None => Config::default(),
+    };
+    config.validate(&Env::process()).map_err(invalid(path))
+}
+
+/// Every problem of the configuration at `path`, one per line, as one error.
+fn invalid(path: Option<&Path>) -> impl Fn(Vec<crate::config::Problem>) -> anyhow::Error + '_ {
+    move |problems| {
         let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
         let file = path.map_or_else(String::new, |p| format!(" {}", p.display()));
         anyhow::anyhow!("invalid configuration{file}:\n{}", list.join("\n"))
-    };
-    let config = match path {
-        Some(p) => Config::from_file(p).map_err(invalid)?,
-        None => Config::default(),
-    };
-    config.validate(&Env::process()).map_err(invalid)
+    }
 }
 
 /// The configuration without the secrets of sinks and mail sources, for commands that read
@@ -44,7 +48,7 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Settings> {
 /// has problems (all listed).
 pub fn load_for_log(config: Option<&Path>) -> anyhow::Result<Settings> {
     let cfg = match config {
-        Some(p) => crate::config::Config::from_file(p).map_err(|p| anyhow::anyhow!("{p}"))?,
+        Some(p) => crate::config::Config::from_file(p).map_err(invalid(config))?,
         None => crate::config::Config::default(),
     };
     // What sinks send with and what mail sources log in with: none of it reads the log.
@@ -89,10 +93,7 @@ pub fn load_for_log(config: Option<&Path>) -> anyhow::Result<Settings> {
             log.display()
         );
     }
-    cfg.validate(&env).map_err(|problems| {
-        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-        anyhow::anyhow!("invalid configuration:\n{}", list.join("\n"))
-    })
+    cfg.validate(&env).map_err(invalid(config))
 }
 
 /// An RFC 3339 time given on the command line, as milliseconds since the epoch.
