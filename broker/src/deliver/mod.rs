@@ -41,6 +41,7 @@ mod decode;
 pub mod dlq;
 mod finish;
 mod lanes;
+pub mod mitz;
 mod retry;
 pub mod sink;
 

@@ -67,9 +67,24 @@ pub const LOG_DISK_USAGE: &str = "ketenbus_log_disk_usage_bytes";
 pub const LOG_RETENTION_EXCESS: &str = "ketenbus_log_retention_excess_bytes";
 /// Always 1, with the version as a label.
 pub const BUILD_INFO: &str = "ketenbus_build_info";
+/// Questions asked of the consent service (Mitz), by answer.
+pub const CONSENT_QUESTIONS: &str = "ketenbus_consent_questions_total";
+/// Deliveries that needed consent while the consent service could not answer, by what was
+/// done instead: `allow` (the subscription's default delivered) or `retry` (parked).
+pub const CONSENT_UNAVAILABLE: &str = "ketenbus_consent_unavailable_total";
+/// The `answer` label of [`CONSENT_QUESTIONS`].
+pub const CONSENT_ANSWERS: [&str; 5] = [
+    "permit",
+    "deny",
+    "not_applicable",
+    "indeterminate",
+    "unavailable",
+];
+/// The `fallback` label of [`CONSENT_UNAVAILABLE`].
+pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 18] = [
+pub const NAMES: [&str; 20] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -88,6 +103,8 @@ pub const NAMES: [&str; 18] = [
     LOG_DISK_USAGE,
     LOG_RETENTION_EXCESS,
     BUILD_INFO,
+    CONSENT_QUESTIONS,
+    CONSENT_UNAVAILABLE,
 ];
 
 /// What a label value outside its closed set is counted as.
@@ -309,6 +326,14 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
             label_sets(&[("subscription", &subscription), ("kind", &kind)]),
         ),
         (BUILD_INFO, label_sets(&[("version", &version)])),
+        (
+            CONSENT_QUESTIONS,
+            label_sets(&[("answer", &owned(CONSENT_ANSWERS))]),
+        ),
+        (
+            CONSENT_UNAVAILABLE,
+            label_sets(&[("fallback", &owned(CONSENT_FALLBACKS))]),
+        ),
     ])
 }
 
@@ -336,6 +361,8 @@ struct Metrics {
     oldest_age: GaugeVec,
     log_disk: IntGauge,
     log_excess: IntGauge,
+    consent_questions: IntCounterVec,
+    consent_unavailable: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -485,6 +512,18 @@ impl Metrics {
             ),
             log_disk,
             log_excess,
+            consent_questions: counter(
+                reg,
+                CONSENT_QUESTIONS,
+                "Closed questions asked of the consent service (Mitz), by answer.",
+                &["answer"],
+            ),
+            consent_unavailable: counter(
+                reg,
+                CONSENT_UNAVAILABLE,
+                "Deliveries needing consent while the consent service could not answer, by fallback (allow: delivered by the default; retry: parked).",
+                &["fallback"],
+            ),
         }
     }
 }
@@ -547,6 +586,12 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
     }
     for reason in SKIP_REASONS.into_iter().chain([OTHER]) {
         m.router_skipped.with_label_values(&[reason]);
+    }
+    for answer in CONSENT_ANSWERS {
+        m.consent_questions.with_label_values(&[answer]);
+    }
+    for fallback in CONSENT_FALLBACKS {
+        m.consent_unavailable.with_label_values(&[fallback]);
     }
     for (name, topics) in &configured.subscriptions {
         let name = name.as_str();
@@ -713,6 +758,24 @@ pub fn dead_lettered(subscription: &str, reason: &str) {
         .with_label_values(&[subscription, reason])
         .inc();
     tracing::debug!(subscription, reason, "dead-lettered");
+}
+
+/// The consent service answered a closed question with `answer` (one of
+/// [`CONSENT_ANSWERS`]).
+pub fn consent_question(answer: &str) {
+    METRICS
+        .consent_questions
+        .with_label_values(&[closed(answer, &CONSENT_ANSWERS)])
+        .inc();
+}
+
+/// A delivery needing consent met an unavailable consent service; `fallback` is one of
+/// [`CONSENT_FALLBACKS`].
+pub fn consent_unavailable(fallback: &str) {
+    METRICS
+        .consent_unavailable
+        .with_label_values(&[closed(fallback, &CONSENT_FALLBACKS)])
+        .inc();
 }
 
 /// A subscription's filter let a record pass by.
