@@ -430,9 +430,9 @@ async fn mitz_slow_or_down_with_default_deny_retries_and_delivers_once_it_answer
     assert!(gp.received().is_empty());
     let metrics = b.metrics().await;
     assert!(
-        metrics.lines().any(|m| m
-            .starts_with("ketenbus_consent_unavailable_total{fallback=\"retry\"}")
-            && !m.ends_with(" 0")),
+        metrics.lines().any(|m| m.starts_with(
+            "ketenbus_dispatch_consent_unavailable_records_total{fallback=\"retry\"}"
+        ) && !m.ends_with(" 0")),
         "{metrics}"
     );
 

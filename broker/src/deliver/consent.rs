@@ -308,6 +308,33 @@ impl ConsentRegistry for FileRegistry {
     }
 }
 
+impl ConsentRegistry for crate::deliver::mitz::MitzRegistry {
+    fn lookup<'a>(
+        &'a self,
+        query: ConsentQuery<'a>,
+    ) -> BoxFuture<'a, Result<Answer, ConsentError>> {
+        use crate::deliver::mitz::{Decision, Question};
+        Box::pin(async move {
+            // Without a BSN Mitz cannot be asked: nothing is known (the default applies).
+            let Some(Bsn(bsn)) = query.bsn else {
+                return Ok(Answer::Unknown);
+            };
+            let q = Question {
+                patient: query.patient,
+                bsn,
+                party: query.party,
+                purpose: query.purpose,
+            };
+            match self.decide(q).await {
+                Ok(Decision::Permit) => Ok(Answer::Allowed),
+                Ok(Decision::Deny) => Ok(Answer::Denied),
+                Ok(Decision::NotApplicable | Decision::Indeterminate) => Ok(Answer::Unknown),
+                Err(e) => Err(ConsentError(e.to_string())),
+            }
+        })
+    }
+}
+
 /// One subscription's consent check: a registry and the subscription's party, purpose and
 /// default.
 pub struct ConsentCheck {

@@ -10,7 +10,7 @@
 //!
 //! - Permit delivers, Deny withholds (`filtered` / `no_consent`), NotApplicable leaves it
 //!   to the subscription's `default`. Indeterminate, a timeout, a refused connection or an
-//!   HTTP error is "cannot answer now" ([`ConsentError`]): the lanes deliver on a default
+//!   HTTP error is "cannot answer now" ([`Unavailable`]): the lanes deliver on a default
 //!   of `allow` and park the record for a retry (`consent_unavailable`) on `deny`.
 //! - The patient is named to Mitz by BSN (the event's nl-core Patient identifier). The BSN
 //!   lives only in the request body: never in a log line, an error, a metric label or the
@@ -30,11 +30,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ketenbus_connectors::BoxFuture;
 use ketenbus_schemas::event::{Identifier, systems};
 use serde::Deserialize;
 
-use crate::deliver::consent::{Answer, ConsentError, ConsentQuery, ConsentRegistry};
 use crate::env::{Env, Problem};
 use crate::observe::audit::{Audit, Entry};
 use crate::observe::metrics;
@@ -488,7 +486,7 @@ type CacheKey = (String, String, String);
 /// Answers and subscriptions, both keyed by pseudonym, both bounded.
 #[derive(Default)]
 struct Cache {
-    answers: HashMap<CacheKey, (Answer, Instant)>,
+    answers: HashMap<CacheKey, (Decision, Instant)>,
     subscribed: HashMap<String, Instant>,
 }
 
@@ -535,9 +533,13 @@ impl std::fmt::Debug for MitzRegistry {
     }
 }
 
-/// "Cannot answer now", naming what went wrong without the request.
-fn unavailable(what: impl std::fmt::Display) -> ConsentError {
-    ConsentError(format!("mitz: {what}"))
+/// Mitz cannot answer now; the text names what went wrong, never the request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("mitz: {0}")]
+pub struct Unavailable(pub String);
+
+fn unavailable(what: impl std::fmt::Display) -> Unavailable {
+    Unavailable(what.to_string())
 }
 
 fn request_error(e: &reqwest::Error) -> &'static str {
@@ -606,7 +608,7 @@ impl MitzRegistry {
     }
 
     /// Ask Mitz the closed question.
-    async fn ask(&self, bsn: &str, party: &str, purpose: &str) -> Result<Decision, ConsentError> {
+    async fn ask(&self, bsn: &str, party: &str, purpose: &str) -> Result<Decision, Unavailable> {
         let body = question_xml(&self.cfg, bsn, party, purpose);
         let resp = self
             .client
@@ -630,7 +632,7 @@ impl MitzRegistry {
         parse_decision(&text).ok_or_else(|| unavailable("an answer without a known Decision"))
     }
 
-    async fn audit(&self, q: &ConsentQuery<'_>, answer: &str) -> Result<(), ConsentError> {
+    async fn audit(&self, q: &Question<'_>, answer: &str) -> Result<(), Unavailable> {
         let Some(audit) = &self.audit else {
             return Ok(());
         };
@@ -645,7 +647,7 @@ impl MitzRegistry {
                 purpose: Some(q.purpose.to_owned()),
             }])
             .await
-            .map_err(|e| ConsentError(format!("the audit trail cannot record the question: {e}")))
+            .map_err(|e| Unavailable(format!("the audit trail cannot record the question: {e}")))
     }
 
     /// Subscribe the patient to consent changes unless done within `subscription_renew`;
@@ -762,50 +764,68 @@ fn notified_bsns(body: &[u8]) -> Vec<String> {
     out
 }
 
-impl ConsentRegistry for MitzRegistry {
-    fn lookup<'a>(
-        &'a self,
-        query: ConsentQuery<'a>,
-    ) -> BoxFuture<'a, Result<Answer, ConsentError>> {
-        Box::pin(async move {
-            // Without a BSN Mitz cannot be asked: nothing is known (the default applies).
-            let Some(bsn) = query.bsn else {
-                return Ok(Answer::Unknown);
-            };
-            let key: CacheKey = (
-                query.patient.to_owned(),
-                query.party.to_owned(),
-                query.purpose.to_owned(),
+/// One closed question: the patient by pseudonym (the cache key) and by BSN (for Mitz only).
+#[derive(Clone, Copy)]
+pub struct Question<'a> {
+    /// Patient pseudonym (the patient key).
+    pub patient: &'a str,
+    /// The patient's BSN; never printed.
+    pub bsn: &'a str,
+    /// Requesting (receiving) party id.
+    pub party: &'a str,
+    /// Purpose of the exchange.
+    pub purpose: &'a str,
+}
+
+impl std::fmt::Debug for Question<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Question")
+            .field("patient", &self.patient)
+            .field("party", &self.party)
+            .field("purpose", &self.purpose)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MitzRegistry {
+    /// Mitz's decision for `q`: from the cache while fresh, else asked (and audited, and
+    /// the patient subscribed to). Permit, Deny or NotApplicable.
+    ///
+    /// # Errors
+    /// Mitz cannot answer now: unreachable, slow, an HTTP error, an answer without a known
+    /// decision, Indeterminate; or the audit trail cannot record the question.
+    pub async fn decide(&self, q: Question<'_>) -> Result<Decision, Unavailable> {
+        let key: CacheKey = (
+            q.patient.to_owned(),
+            q.party.to_owned(),
+            q.purpose.to_owned(),
+        );
+        let ttl = self.cfg.cache_time;
+        if let Some((decision, at)) = self.cache().answers.get(&key)
+            && at.elapsed() < ttl
+        {
+            return Ok(*decision);
+        }
+        let decision = self.ask(q.bsn, q.party, q.purpose).await;
+        let name = decision.as_ref().map_or("unavailable", |d| d.as_str());
+        metrics::consent_question(name);
+        self.audit(&q, name).await?;
+        let decision = decision?;
+        if decision == Decision::Indeterminate {
+            return Err(unavailable("indeterminate"));
+        }
+        {
+            let mut cache = self.cache();
+            bound(
+                &mut cache.answers,
+                self.cfg.cache_entries,
+                |(_, at)| *at,
+                |(_, at)| at.elapsed() < ttl,
             );
-            let ttl = self.cfg.cache_time;
-            if let Some((answer, at)) = self.cache().answers.get(&key)
-                && at.elapsed() < ttl
-            {
-                return Ok(*answer);
-            }
-            let decision = self.ask(bsn.0, query.party, query.purpose).await;
-            let name = decision.as_ref().map_or("unavailable", |d| d.as_str());
-            metrics::consent_question(name);
-            self.audit(&query, name).await?;
-            let answer = match decision? {
-                Decision::Permit => Answer::Allowed,
-                Decision::Deny => Answer::Denied,
-                Decision::NotApplicable => Answer::Unknown,
-                Decision::Indeterminate => return Err(unavailable("indeterminate")),
-            };
-            {
-                let mut cache = self.cache();
-                bound(
-                    &mut cache.answers,
-                    self.cfg.cache_entries,
-                    |(_, at)| *at,
-                    |(_, at)| at.elapsed() < ttl,
-                );
-                cache.answers.insert(key, (answer, Instant::now()));
-            }
-            self.subscribe(query.patient, bsn.0);
-            Ok(answer)
-        })
+            cache.answers.insert(key, (decision, Instant::now()));
+        }
+        self.subscribe(q.patient, q.bsn);
+        Ok(decision)
     }
 }
 

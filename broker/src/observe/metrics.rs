@@ -68,10 +68,10 @@ pub const LOG_RETENTION_EXCESS: &str = "ketenbus_log_retention_excess_bytes";
 /// Always 1, with the version as a label.
 pub const BUILD_INFO: &str = "ketenbus_build_info";
 /// Questions asked of the consent service (Mitz), by answer.
-pub const CONSENT_QUESTIONS: &str = "ketenbus_consent_questions_total";
+pub const CONSENT_QUESTIONS: &str = "ketenbus_dispatch_consent_question_outcomes_total";
 /// Deliveries that needed consent while the consent service could not answer, by what was
 /// done instead: `allow` (the subscription's default delivered) or `retry` (parked).
-pub const CONSENT_UNAVAILABLE: &str = "ketenbus_consent_unavailable_total";
+pub const CONSENT_UNAVAILABLE: &str = "ketenbus_dispatch_consent_unavailable_records_total";
 /// The `answer` label of [`CONSENT_QUESTIONS`].
 pub const CONSENT_ANSWERS: [&str; 5] = [
     "permit",
@@ -940,6 +940,8 @@ mod tests {
         }
         filtered("t-sub");
         source_up("imap:t-hub", true);
+        consent_question("permit");
+        consent_unavailable("retry");
         let m = &*METRICS;
         m.lag.with_label_values(&["t-sub", "raw"]).set(0);
         m.oldest_age.with_label_values(&["t-sub", "raw"]).set(0.0);
