@@ -515,3 +515,43 @@ async fn the_mitz_peer_refuses_a_client_without_the_right_certificate() {
         "the peer answered a rogue client"
     );
 }
+
+#[test]
+fn check_config_names_bad_mitz_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ketenbus.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[consent]\nfile = {:?}\n[consent.mitz]\n\
+             base_url = \"http://mitz.example.nl\"\ncert_file = \"/nonexistent/mitz-client.crt\"\n\
+             key_file = \"/nonexistent/mitz-client.key\"\nca_files = []\nprovider_id = \"ura:00000659\"\n\
+             provider_type = \"Z3\"\nnotify_url = \"https://kb.example.nl/consent/mitz/notify\"\n",
+            tmp.path().join("data"),
+            tmp.path().join("consent.csv"),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("consent.csv"),
+        "patient,party,purpose,decision\n",
+    )
+    .unwrap();
+    let (ok, err) = ketenbus_tests::check_config(&config, &[]);
+    assert!(!ok);
+    for (path, says) in [
+        ("consent.mitz.base_url", "plain http"),
+        ("consent.mitz.cert_file", "/nonexistent/mitz-client.crt"),
+        ("consent.mitz.ca_files", "trust anchor"),
+        (
+            "consent.mitz.notify_secret_env",
+            "KETENBUS_MITZ_NOTIFY_SECRET",
+        ),
+        ("consent.mitz", "not both"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(path) && l.contains(says)),
+            "{path} ({says}) missing from:\n{err}"
+        );
+    }
+}

@@ -173,8 +173,15 @@ pub enum NotifyError {
     Unauthorized,
 }
 
+/// An https URL, or plain http to loopback only.
 fn base_url(url: &str) -> Result<reqwest::Url, String> {
-    crate::deliver::sink::endpoint_url(url.trim_end_matches('/'), false)
+    crate::deliver::sink::endpoint_url(url.trim_end_matches('/'), false).map_err(|m| {
+        if m.starts_with("plain http") {
+            "plain http to a non-loopback host: use https (plain http only to loopback)".into()
+        } else {
+            m
+        }
+    })
 }
 
 impl MitzConfig {
