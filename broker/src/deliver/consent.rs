@@ -96,14 +96,7 @@ impl std::fmt::Debug for Bsn<'_> {
 /// The BSN of an event's patient (nl-core Patient identifier), if it names one.
 #[must_use]
 pub fn event_bsn(event: &ketenbus_schemas::Event) -> Option<&str> {
-    use ketenbus_schemas::Event;
-    let patient = match event {
-        Event::LabResult(e) => e.patient.as_ref(),
-        Event::Letter(e) => e.patient.as_ref(),
-        Event::AcuteHandover(e) => e.patient.as_ref(),
-        Event::HandoverNotification(_) => None,
-    }?;
-    patient
+    crate::route::keys::patient_of(event)?
         .identifiers
         .iter()
         .find(|i| i.system == ketenbus_schemas::event::systems::BSN)
