@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ketenbus_schemas::event::{Identifier, systems};
@@ -529,7 +529,7 @@ pub struct MitzRegistry {
     keyer: PatientKeyer,
     audit: Option<Audit>,
     notify: Option<(String, String)>,
-    cache: Mutex<Cache>,
+    cache: Arc<Mutex<Cache>>,
 }
 
 impl std::fmt::Debug for MitzRegistry {
@@ -604,7 +604,7 @@ impl MitzRegistry {
             keyer,
             audit,
             notify,
-            cache: Mutex::new(Cache::default()),
+            cache: Arc::new(Mutex::new(Cache::default())),
         })
     }
 
@@ -689,20 +689,29 @@ impl MitzRegistry {
             .post(self.subscription_url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
             .body(body);
+        let (cache, pseudonym) = (Arc::clone(&self.cache), pseudonym.to_owned());
         tokio::spawn(async move {
             match request.send().await {
                 Ok(r) if r.status().is_success() => {
                     tracing::debug!("subscribed to a patient's consent changes at mitz");
+                    return;
                 }
                 Ok(r) => tracing::warn!(
                     status = r.status().as_u16(),
-                    "mitz refused a consent subscription; answers are kept for cache_time only"
+                    "mitz refused a consent subscription; tried again at the next question"
                 ),
                 Err(e) => tracing::warn!(
                     error = request_error(&e),
-                    "a consent subscription did not reach mitz; answers are kept for cache_time only"
+                    "a consent subscription did not reach mitz; tried again at the next question"
                 ),
             }
+            // Not subscribed: the next question about the patient subscribes again, and
+            // until then answers live for cache_time only.
+            cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .subscribed
+                .remove(&pseudonym);
         });
     }
 
