@@ -18,6 +18,7 @@ the peer runs:
   {"decision": "permit" | "deny" | "not_applicable" | "indeterminate" | "error",
    "patients": {"<bsn>": "<decision>"},   # per patient, overrides "decision"
    "delay": 0.0,                          # seconds before answering ("slow")
+   "subscriptions": "refuse",             # answer 503 to subscriptions
    "notify": 0}                           # raise it to send a change notification
 
 "down" is the peer not running. When "notify" grows, the peer posts a consent change
@@ -255,6 +256,9 @@ def handler(peer):
             self.reply(200, response_xml(DECISIONS[decision]), "application/soap+xml")
 
         def subscribe(self, body):
+            if peer.state().get("subscriptions") == "refuse":
+                peer.log({"kind": "refused_subscription"})
+                return self.reply(503, b"unavailable", "text/plain")
             try:
                 sub = json.loads(body)
                 match = CRITERIA.match(sub.get("criteria", ""))

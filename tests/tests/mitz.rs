@@ -565,3 +565,58 @@ fn check_config_names_bad_mitz_settings() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscription_is_made_again_and_subscriptions_are_renewed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut peer = MitzPeer::prepare(
+        tmp.path(),
+        &serde_json::json!({"decision": "permit", "subscriptions": "refuse"}),
+    );
+    peer.start();
+    let gp = Receiver::ok().await;
+    let extra = peer
+        .config(&format!(
+            "subscription_renew = \"4s\"\n{}",
+            subscription("gp", &gp.url(), "deny")
+        ))
+        .replace("cache_time = \"1h\"", "cache_time = \"1s\"");
+    let bdir = tempfile::tempdir().unwrap();
+    let b = broker(bdir.path(), &extra);
+    let kinds = |kind: &str| peer.log().iter().filter(|r| r["kind"] == kind).count();
+    let delivered = async |n: usize| {
+        let id = post_lab(&b.url, n, BSN_B).await;
+        lineage_until(&b.url, &id, |l| is(l, "gp", "delivered", None)).await;
+    };
+    delivered(1).await;
+    eventually(
+        Duration::from_secs(5),
+        "the refused subscription",
+        async || kinds("refused_subscription") == 1,
+    )
+    .await;
+    // Mitz takes subscriptions again; the next question (the cached answer expired) makes
+    // the subscription that failed, well before subscription_renew.
+    peer.set(&serde_json::json!({"decision": "permit"}));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    delivered(2).await;
+    eventually(
+        Duration::from_secs(2),
+        "the subscription made again",
+        async || kinds("subscription") == 1,
+    )
+    .await;
+    // Within subscription_renew no second one; after it, the next question renews it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    delivered(3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(kinds("subscription"), 1, "renewed too early");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    delivered(4).await;
+    eventually(
+        Duration::from_secs(2),
+        "the renewed subscription",
+        async || kinds("subscription") == 2,
+    )
+    .await;
+}
