@@ -588,24 +588,17 @@ async fn a_failed_subscription_is_made_again_and_subscriptions_are_renewed() {
         let id = post_lab(&b.url, n, BSN_B).await;
         lineage_until(&b.url, &id, |l| is(l, "gp", "delivered", None)).await;
     };
+    let logged = async |kind: &str, n: usize, what: &str| {
+        eventually(Duration::from_secs(3), what, async || kinds(kind) == n).await;
+    };
     delivered(1).await;
-    eventually(
-        Duration::from_secs(5),
-        "the refused subscription",
-        async || kinds("refused_subscription") == 1,
-    )
-    .await;
+    logged("refused_subscription", 1, "the refused subscription").await;
     // Mitz takes subscriptions again; the next question (the cached answer expired) makes
     // the subscription that failed, well before subscription_renew.
     peer.set(&serde_json::json!({"decision": "permit"}));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     delivered(2).await;
-    eventually(
-        Duration::from_secs(2),
-        "the subscription made again",
-        async || kinds("subscription") == 1,
-    )
-    .await;
+    logged("subscription", 1, "the subscription made again").await;
     // Within subscription_renew no second one; after it, the next question renews it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     delivered(3).await;
@@ -613,10 +606,5 @@ async fn a_failed_subscription_is_made_again_and_subscriptions_are_renewed() {
     assert_eq!(kinds("subscription"), 1, "renewed too early");
     tokio::time::sleep(Duration::from_secs(3)).await;
     delivered(4).await;
-    eventually(
-        Duration::from_secs(2),
-        "the renewed subscription",
-        async || kinds("subscription") == 2,
-    )
-    .await;
+    logged("subscription", 2, "the renewed subscription").await;
 }
