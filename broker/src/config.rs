@@ -180,6 +180,9 @@ impl Config {
             &self.consent,
             &self.subscriptions,
         ));
+        if let Some(mitz) = &self.consent.mitz {
+            problems.extend(mitz.problems(env));
+        }
         for (i, inbox) in self.inbox.iter().enumerate() {
             problems.extend(Problem::under(&format!("inbox[{i}]"), inbox.problems()));
         }

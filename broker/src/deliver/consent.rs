@@ -4,8 +4,8 @@
 //! never a silent drop.
 //!
 //! [`ConsentRegistry`] is the seam: [`FileRegistry`] reads a CSV file kept by the operator
-//! (re-read when it changes); an external service in the manner of Mitz fits behind the
-//! same trait later. The patient is known only by the pseudonym ketenbus already uses as
+//! (re-read when it changes); [`crate::deliver::mitz::MitzRegistry`] asks Mitz, the national
+//! consent service, its closed question over mTLS (`[consent.mitz]`). The patient is known only by the pseudonym ketenbus already uses as
 //! the topic key (the patient key, a keyed hash of the BSN); `ketenbus consent pseudonym`
 //! computes it for a BSN.
 
@@ -29,6 +29,8 @@ pub struct ConsentConfig {
     /// starting with `#` and a header line starting with `patient` are skipped. Re-read
     /// when the file changes (checked at most once a second).
     pub file: Option<PathBuf>,
+    /// Ask Mitz instead (`[consent.mitz]`); set either `file` or this, not both.
+    pub mitz: Option<crate::deliver::mitz::MitzConfig>,
 }
 
 /// What a subscription does without a recorded decision.
@@ -76,6 +78,29 @@ pub struct ConsentQuery<'a> {
     pub party: &'a str,
     /// Purpose.
     pub purpose: &'a str,
+    /// The patient's BSN, for a registry that must name it to its service (Mitz); absent
+    /// for raw messages and events without one. Prints as `Bsn(***)`.
+    pub bsn: Option<Bsn<'a>>,
+}
+
+/// A BSN on its way to a consent service: never printed, never logged.
+#[derive(Clone, Copy)]
+pub struct Bsn<'a>(pub &'a str);
+
+impl std::fmt::Debug for Bsn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bsn(***)")
+    }
+}
+
+/// The BSN of an event's patient (nl-core Patient identifier), if it names one.
+#[must_use]
+pub fn event_bsn(event: &ketenbus_schemas::Event) -> Option<&str> {
+    crate::route::keys::patient_of(event)?
+        .identifiers
+        .iter()
+        .find(|i| i.system == ketenbus_schemas::event::systems::BSN)
+        .map(|i| i.value.as_str())
 }
 
 /// A registry's answer.
@@ -276,6 +301,33 @@ impl ConsentRegistry for FileRegistry {
     }
 }
 
+impl ConsentRegistry for crate::deliver::mitz::MitzRegistry {
+    fn lookup<'a>(
+        &'a self,
+        query: ConsentQuery<'a>,
+    ) -> BoxFuture<'a, Result<Answer, ConsentError>> {
+        use crate::deliver::mitz::{Decision, Question};
+        Box::pin(async move {
+            // Without a BSN Mitz cannot be asked: nothing is known (the default applies).
+            let Some(Bsn(bsn)) = query.bsn else {
+                return Ok(Answer::Unknown);
+            };
+            let q = Question {
+                patient: query.patient,
+                bsn,
+                party: query.party,
+                purpose: query.purpose,
+            };
+            match self.decide(q).await {
+                Ok(Decision::Permit) => Ok(Answer::Allowed),
+                Ok(Decision::Deny) => Ok(Answer::Denied),
+                Ok(Decision::NotApplicable | Decision::Indeterminate) => Ok(Answer::Unknown),
+                Err(e) => Err(ConsentError(e.to_string())),
+            }
+        })
+    }
+}
+
 /// One subscription's consent check: a registry and the subscription's party, purpose and
 /// default.
 pub struct ConsentCheck {
@@ -314,14 +366,16 @@ impl ConsentCheck {
         payload: &Payload,
         raw_patients: &[String],
     ) -> Result<Verdict, ConsentError> {
-        let (patients, receiver): (Vec<&str>, Option<String>) = match payload {
+        let (patients, receiver, bsn): (Vec<&str>, Option<String>, Option<&str>) = match payload {
             Payload::Event(e) => (
                 e.header().patient_key.as_deref().into_iter().collect(),
                 e.header().receiver.clone(),
+                event_bsn(e),
             ),
             Payload::Raw(env) => (
                 raw_patients.iter().map(String::as_str).collect(),
                 env.receiver.clone(),
+                None,
             ),
         };
         let p = &self.policy;
@@ -340,6 +394,7 @@ impl ConsentCheck {
                         patient,
                         party,
                         purpose: &p.purpose,
+                        bsn: bsn.map(Bsn),
                     })
                     .await?
                 {
@@ -400,11 +455,17 @@ fn problems(
     {
         out.push(("consent.file".into(), e.to_string()));
     }
+    if consent.file.is_some() && consent.mitz.is_some() {
+        out.push((
+            "consent.mitz".into(),
+            "set either [consent] file or [consent.mitz], not both".into(),
+        ));
+    }
     for (i, s, sends_to_receiver) in subscriptions {
-        if consent.file.is_none() {
+        if consent.file.is_none() && consent.mitz.is_none() {
             out.push((
                 format!("subscriptions[{i}].consent"),
-                "needs a consent registry: set [consent] file".into(),
+                "needs a consent registry: set [consent] file or [consent.mitz]".into(),
             ));
         }
         match &s.party {
@@ -452,6 +513,7 @@ mod tests {
             patient,
             party,
             purpose,
+            bsn: None,
         };
         assert_eq!(r.decide(q("p1", "agb:1", "treatment")), Answer::Allowed);
         assert_eq!(r.decide(q("p1", "agb:2", "treatment")), Answer::Denied);

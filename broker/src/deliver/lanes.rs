@@ -199,12 +199,20 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
             continue;
         }
         let raw = hooks.raw_declared(&job.payload).await;
+        // Consent could not be asked and the default is deny: tried again later.
+        let mut consent_later = None;
         if let Some(consent) = &hooks.consent {
-            let Some(verdict) =
-                consent_verdict(consent, &job.payload, &raw.patients, &subscription, &cancel).await
-            else {
-                return; // cancelled: not acked, checked again after restart
-            };
+            let verdict =
+                match consent_verdict(consent, &job.payload, &raw.patients, &subscription, &cancel)
+                    .await
+                {
+                    Some(Ok(v)) => v,
+                    Some(Err(e)) => {
+                        consent_later = Some(e);
+                        crate::deliver::consent::Verdict::Deliver
+                    }
+                    None => return, // cancelled: not acked, checked again after restart
+                };
             if let crate::deliver::consent::Verdict::Withhold(detail) = verdict {
                 let audit = hooks
                     .audit_entries(&subscription, "delivery_withheld", &job, &raw)
@@ -235,7 +243,11 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 |p| p.attempt + 1,
             ),
         };
-        let (outcome, error) = match sink.deliver(&delivery).await {
+        let result = match consent_later {
+            Some(e) => Err(e),
+            None => sink.deliver(&delivery).await,
+        };
+        let (outcome, error) = match result {
             Ok(_receipt) => {
                 metrics::delivered(
                     &subscription,
@@ -347,24 +359,35 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
     }
 }
 
-/// Ask the consent registry, waiting while it cannot answer; `None` when cancelled.
+/// Ask the consent registry. When it cannot answer now, the subscription's default decides:
+/// `allow` delivers, `deny` answers a retryable `consent_unavailable` error, so the record
+/// is parked and tried again rather than filtered for good. `None` when cancelled.
 async fn consent_verdict(
     consent: &crate::deliver::consent::ConsentCheck,
     payload: &Payload,
     raw_patients: &[String],
     subscription: &str,
     cancel: &CancellationToken,
-) -> Option<crate::deliver::consent::Verdict> {
-    loop {
-        match consent.verdict(payload, raw_patients).await {
-            Ok(v) => return Some(v),
-            Err(e) => {
-                tracing::warn!(subscription = %subscription, error = %e, "waiting for the consent registry");
-                tokio::select! {
-                    () = cancel.cancelled() => return None,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
+) -> Option<Result<crate::deliver::consent::Verdict, DeliveryError>> {
+    use crate::deliver::consent::{DefaultDecision, Verdict};
+    let verdict = tokio::select! {
+        () = cancel.cancelled() => return None,
+        v = consent.verdict(payload, raw_patients) => v,
+    };
+    Some(match verdict {
+        Ok(v) => Ok(v),
+        Err(e) if consent.policy.default == DefaultDecision::Allow => {
+            metrics::consent_unavailable("allow");
+            tracing::warn!(subscription = %subscription, error = %e, "consent registry unavailable: delivering by the subscription's default allow");
+            Ok(Verdict::Deliver)
         }
-    }
+        Err(e) => {
+            metrics::consent_unavailable("retry");
+            tracing::warn!(subscription = %subscription, error = %e, "consent registry unavailable: the delivery waits for a retry (default deny)");
+            Err(DeliveryError::Retryable {
+                reason: "consent_unavailable".into(),
+                detail: e.to_string(),
+            })
+        }
+    })
 }

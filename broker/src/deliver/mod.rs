@@ -41,6 +41,7 @@ mod decode;
 pub mod dlq;
 mod finish;
 mod lanes;
+pub mod mitz;
 pub mod pause;
 mod retry;
 pub mod sink;

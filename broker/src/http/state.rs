@@ -20,6 +20,8 @@ pub struct ApiState {
     pub health: Arc<Health>,
     /// Largest accepted body.
     pub max_body: usize,
+    /// Consent from Mitz: takes its change notifications (`POST /consent/mitz/notify`).
+    pub mitz: Option<Arc<crate::deliver::mitz::MitzRegistry>>,
 }
 
 impl std::fmt::Debug for ApiState {

@@ -71,9 +71,24 @@ pub const LOG_DISK_USAGE: &str = "ketenbus_log_disk_usage_bytes";
 pub const LOG_RETENTION_EXCESS: &str = "ketenbus_log_retention_excess_bytes";
 /// Always 1, with the version as a label.
 pub const BUILD_INFO: &str = "ketenbus_build_info";
+/// Questions asked of the consent service (Mitz), by answer.
+pub const CONSENT_QUESTIONS: &str = "ketenbus_dispatch_consent_question_outcomes_total";
+/// Deliveries that needed consent while the consent service could not answer, by what was
+/// done instead: `allow` (the subscription's default delivered) or `retry` (parked).
+pub const CONSENT_UNAVAILABLE: &str = "ketenbus_dispatch_consent_unavailable_records_total";
+/// The `answer` label of [`CONSENT_QUESTIONS`].
+pub const CONSENT_ANSWERS: [&str; 5] = [
+    "permit",
+    "deny",
+    "not_applicable",
+    "indeterminate",
+    "unavailable",
+];
+/// The `fallback` label of [`CONSENT_UNAVAILABLE`].
+pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 19] = [
+pub const NAMES: [&str; 21] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -93,6 +108,8 @@ pub const NAMES: [&str; 19] = [
     LOG_DISK_USAGE,
     LOG_RETENTION_EXCESS,
     BUILD_INFO,
+    CONSENT_QUESTIONS,
+    CONSENT_UNAVAILABLE,
 ];
 
 /// What a label value outside its closed set is counted as.
@@ -372,6 +389,14 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
             label_sets(&[("subscription", &subscription), ("kind", &kind)]),
         ),
         (BUILD_INFO, label_sets(&[("version", &version)])),
+        (
+            CONSENT_QUESTIONS,
+            label_sets(&[("answer", &owned(CONSENT_ANSWERS))]),
+        ),
+        (
+            CONSENT_UNAVAILABLE,
+            label_sets(&[("fallback", &owned(CONSENT_FALLBACKS))]),
+        ),
     ])
 }
 
@@ -400,6 +425,8 @@ struct Metrics {
     oldest_age: GaugeVec,
     log_disk: IntGauge,
     log_excess: IntGauge,
+    consent_questions: IntCounterVec,
+    consent_unavailable: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -555,6 +582,18 @@ impl Metrics {
             ),
             log_disk,
             log_excess,
+            consent_questions: counter(
+                reg,
+                CONSENT_QUESTIONS,
+                "Closed questions asked of the consent service (Mitz), by answer.",
+                &["answer"],
+            ),
+            consent_unavailable: counter(
+                reg,
+                CONSENT_UNAVAILABLE,
+                "Deliveries needing consent while the consent service could not answer, by fallback (allow: delivered by the default; retry: parked).",
+                &["fallback"],
+            ),
         }
     }
 }
@@ -617,6 +656,12 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
     }
     for reason in SKIP_REASONS.into_iter().chain([OTHER]) {
         m.router_skipped.with_label_values(&[reason]);
+    }
+    for answer in CONSENT_ANSWERS {
+        m.consent_questions.with_label_values(&[answer]);
+    }
+    for fallback in CONSENT_FALLBACKS {
+        m.consent_unavailable.with_label_values(&[fallback]);
     }
     for (name, topics) in &configured.subscriptions {
         let name = name.as_str();
@@ -844,6 +889,24 @@ pub fn dead_lettered(subscription: &str, record_id: &str, attempt: u32, reason: 
     );
 }
 
+/// The consent service answered a closed question with `answer` (one of
+/// [`CONSENT_ANSWERS`]).
+pub fn consent_question(answer: &str) {
+    METRICS
+        .consent_questions
+        .with_label_values(&[closed(answer, &CONSENT_ANSWERS)])
+        .inc();
+}
+
+/// A delivery needing consent met an unavailable consent service; `fallback` is one of
+/// [`CONSENT_FALLBACKS`].
+pub fn consent_unavailable(fallback: &str) {
+    METRICS
+        .consent_unavailable
+        .with_label_values(&[closed(fallback, &CONSENT_FALLBACKS)])
+        .inc();
+}
+
 /// A subscription's filter let a record pass by.
 pub fn filtered(subscription: &str) {
     METRICS
@@ -1050,6 +1113,8 @@ mod tests {
         }
         filtered("t-sub");
         source_up("imap:t-hub", true);
+        consent_question("permit");
+        consent_unavailable("retry");
         let m = &*METRICS;
         m.lag.with_label_values(&["t-sub", "raw"]).set(0);
         m.oldest_age.with_label_values(&["t-sub", "raw"]).set(0.0);

@@ -52,6 +52,17 @@ impl KeysConfig {
     }
 }
 
+/// The patient an event is about, if it names one.
+#[must_use]
+pub fn patient_of(event: &Event) -> Option<&ketenbus_schemas::event::Patient> {
+    match event {
+        Event::LabResult(e) => e.patient.as_ref(),
+        Event::Letter(e) => e.patient.as_ref(),
+        Event::AcuteHandover(e) => e.patient.as_ref(),
+        Event::HandoverNotification(_) => None,
+    }
+}
+
 /// Makes patient keys with one secret.
 #[derive(Clone)]
 pub struct PatientKeyer {
@@ -131,12 +142,7 @@ impl PatientKeyer {
     /// Key of the event's patient: the BSN when present, else the first identifier.
     #[must_use]
     pub fn key_for(&self, event: &Event) -> Option<String> {
-        let patient = match event {
-            Event::LabResult(e) => e.patient.as_ref(),
-            Event::Letter(e) => e.patient.as_ref(),
-            Event::AcuteHandover(e) => e.patient.as_ref(),
-            Event::HandoverNotification(_) => None,
-        }?;
+        let patient = patient_of(event)?;
         let id = patient
             .identifiers
             .iter()

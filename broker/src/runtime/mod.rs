@@ -74,6 +74,7 @@ pub async fn run<B: Bus>(
             .context("opening the content store")?,
     );
     let raw_patients = Arc::new(crate::route::keys::RawPatients::new(keyer.clone()));
+    let mitz_keyer = keyer.clone();
     let router_task = router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
@@ -100,7 +101,17 @@ pub async fn run<B: Bus>(
     let audit = cfg
         .audit
         .start(&cfg.data_dir, cfg.http.listen.ip().is_loopback(), env)?;
-    let consent_registry = cfg.consent.registry().context("reading the consent file")?;
+    let mut consent_registry = cfg.consent.registry().context("reading the consent file")?;
+    let mitz = match &cfg.consent.mitz {
+        Some(m) => Some(Arc::new(
+            crate::deliver::mitz::MitzRegistry::new(m, mitz_keyer, audit.clone(), env)
+                .context("setting up consent from mitz")?,
+        )),
+        None => None,
+    };
+    if let Some(m) = &mitz {
+        consent_registry = Some(Arc::clone(m) as Arc<dyn crate::deliver::consent::ConsentRegistry>);
+    }
     let pauses =
         deliver::pause::Pauses::open(&cfg.data_dir).context("reading the paused subscriptions")?;
     let sinks = SinkContext {
@@ -188,6 +199,7 @@ pub async fn run<B: Bus>(
             .context("opening the idempotency index")?,
         health: Arc::clone(&health),
         max_body: cfg.http.max_body_bytes(),
+        mitz,
     });
     let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(
         ketenbus_connectors::mail::SmtpSenderCheck::new(
