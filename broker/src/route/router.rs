@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
 use crate::bus::{publish_retrying, while_unavailable};
 use crate::observe::health::{Health, State};
-use crate::observe::lineage::{Lineage, Received, Step};
+use crate::observe::lineage::{Lineage, Received, SETTLE, Step};
 use crate::route::keys::PatientKeyer;
 use crate::route::normalise::{Normalisers, events_of};
 use ketenbus_schemas::now_ms;
@@ -250,7 +250,8 @@ async fn bounce_dead_letter<B: Bus>(
         tracing::warn!(record = %report.record_id, "a bounce names no mail subscription configured here; recorded in the lineage only");
         return Ok(None);
     }
-    let found = match lineage.get(&report.envelope_id).await {
+    // Another node may have taken the message in: its lineage comes through the topic.
+    let found = match lineage.find(&report.envelope_id, SETTLE).await {
         Ok(Some(m)) => {
             bus.read_at(topics::RAW, m.received.raw_partition, m.received.raw_offset)
                 .await?
@@ -262,7 +263,7 @@ async fn bounce_dead_letter<B: Bus>(
         }
     };
     let Some(raw) = found else {
-        tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's envelope is not in this log (another process, or past retention); recorded in the lineage only");
+        tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's envelope is not in the log (unknown to the lineage, or past retention); recorded in the lineage only");
         return Ok(None);
     };
     let delivered = if report.record_id == report.envelope_id {

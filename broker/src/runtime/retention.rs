@@ -43,16 +43,22 @@ pub fn readers(settings: &Settings) -> Readers {
 pub const COMPONENT: &str = "log";
 
 /// Every `bus.embedded.retention_interval` until `cancel` (the first pass at once): run the
-/// engine's retention with the configured readers, export how far a topic stays past its
+/// engine's retention with the configured readers (and the lineage index's `lineage_group`), export how far a topic stays past its
 /// size limit, and set the `log` component of `/readyz` (degraded while a topic is held
 /// past its limit, with the reason; new messages are refused past the margin).
 pub fn run<B: Bus>(
     bus: Arc<B>,
     settings: &Settings,
+    lineage_group: &str,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let readers = readers(settings);
+    let mut readers = readers(settings);
+    // The lineage topic goes only once this node's index applied it.
+    readers
+        .entry(topics::LINEAGE.to_owned())
+        .or_default()
+        .push(lineage_group.to_owned());
     let every = settings.config.bus.retention_interval();
     async move {
         health.set(COMPONENT, State::Ready);

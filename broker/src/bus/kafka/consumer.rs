@@ -371,6 +371,67 @@ impl KafkaConsumer {
         })
     }
 
+    /// Read every partition of `topic` alone (assigned, never joining `group`), from `from`
+    /// (partition, next offset; the beginning for a partition not named). Commits go to
+    /// `group` as a simple consumer's: nothing else joins that group.
+    pub(super) async fn alone(
+        bus: &KafkaBus,
+        group: &str,
+        topic: &str,
+        from: &[(u32, i64)],
+    ) -> Result<KafkaConsumer, BusError> {
+        bus.check_topics([topic]).await?;
+        let state = Arc::new(Mutex::new(GroupState::default()));
+        let context = GroupContext {
+            group: group.to_owned(),
+            state: Arc::clone(&state),
+        };
+        let consumer: StreamConsumer<GroupContext> =
+            StreamConsumer::from_config_and_context(&bus.consumer_config(group), context)
+                .map_err(|e| BusError::Fatal(format!("kafka consumer: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let (c, name, timeout) = (
+            Arc::clone(&consumer),
+            topic.to_owned(),
+            bus.config.request_timeout,
+        );
+        let from: HashMap<u32, i64> = from.iter().copied().collect();
+        let count = blocking(move || {
+            let metadata = c
+                .fetch_metadata(Some(&name), timeout)
+                .map_err(|e| classify(&e, Some(&name)))?;
+            let parts = topic_partitions(&metadata, &name)?;
+            let mut tpl = TopicPartitionList::new();
+            for p in &parts {
+                let offset = u32::try_from(*p)
+                    .ok()
+                    .and_then(|p| from.get(&p))
+                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                tpl.add_partition_offset(&name, *p, offset)
+                    .map_err(|e| classify(&e, Some(&name)))?;
+            }
+            c.assign(&tpl).map_err(|e| classify(&e, Some(&name)))?;
+            Ok(parts.len())
+        })
+        .await?;
+        tracing::info!(
+            group,
+            topic,
+            partitions = count,
+            "kafka reader assigned every partition"
+        );
+        Ok(KafkaConsumer {
+            group: group.to_owned(),
+            consumer,
+            state,
+            acks_since_commit: 0,
+            last_commit: Instant::now(),
+            commit_every: bus.config.commit_every,
+            commit_interval: bus.config.commit_interval,
+            request_timeout: bus.config.request_timeout,
+        })
+    }
+
     /// Starts an asynchronous commit of the commit points that moved. Failures are logged by
     /// the commit callback; the next commit carries the points again only if they move again,
     /// so [`Consumer::commit`] commits every point synchronously.

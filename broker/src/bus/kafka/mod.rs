@@ -7,7 +7,9 @@
 //! group has not finished, so `retention.ms` of the raw and event topics must be longer than
 //! the longest outage a subscriber may have (README, "Engines"). Dead-letter topics are
 //! created with `retention.ms = -1` and `retention.bytes = -1` (kept until `ketenbus dlq
-//! purge`), and an existing one with time or size retention is reported at start-up.
+//! purge`), and an existing one with time or size retention is reported at start-up. The
+//! lineage topic is created compacted (`cleanup.policy=compact`, see
+//! [`super::is_compacted_topic`]).
 
 mod classify;
 mod config;
@@ -31,7 +33,9 @@ use rdkafka::metadata::Metadata;
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{Bus, BusError, OutRecord, Position, Record, TopicSpec, is_dead_letter_topic};
+use super::{
+    Bus, BusError, OutRecord, Position, Record, TopicSpec, is_compacted_topic, is_dead_letter_topic,
+};
 use classify::classify;
 
 fn millis(d: Duration) -> String {
@@ -283,10 +287,14 @@ impl Bus for KafkaBus {
                 TopicReplication::Fixed(i32::from(self.config.replication_factor)),
             );
             let dead_letters = is_dead_letter_topic(&spec.name);
+            let compacted = is_compacted_topic(&spec.name);
             if !self.config.topic_config.contains_key("max.message.bytes") {
                 topic = topic.set("max.message.bytes", &max_message_bytes);
             }
             for (k, v) in &self.config.topic_config {
+                if compacted && k == "cleanup.policy" {
+                    continue;
+                }
                 if dead_letters
                     && DEAD_LETTER_RETENTION
                         .iter()
@@ -300,6 +308,9 @@ impl Bus for KafkaBus {
                 for (k, v) in DEAD_LETTER_RETENTION {
                     topic = topic.set(k, v);
                 }
+            }
+            if compacted {
+                topic = topic.set("cleanup.policy", "compact");
             }
             new_topics.push(topic);
             wanted.push((spec.name.clone(), usize::try_from(partitions).unwrap_or(0)));
@@ -382,6 +393,15 @@ impl Bus for KafkaBus {
 
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<KafkaConsumer, BusError> {
         KafkaConsumer::join(self, group, topics).await
+    }
+
+    async fn read_alone(
+        &self,
+        group: &str,
+        topic: &str,
+        from: &[(u32, i64)],
+    ) -> Result<KafkaConsumer, BusError> {
+        KafkaConsumer::alone(self, group, topic, from).await
     }
 
     async fn read_all(&self, topic: &str) -> Result<Vec<Record>, BusError> {
