@@ -1022,6 +1022,90 @@ mod tests {
         assert_eq!(m.deliveries[0].attempts, 3);
     }
 
+    /// Retention on the embedded engine removes a lineage record only once this node's index
+    /// applied it (its group committed past it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_keeps_what_the_index_has_not_applied() {
+        use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(
+            EmbeddedBus::open(
+                dir.path(),
+                &EmbeddedConfig {
+                    retention_max_age: Duration::ZERO,
+                    ..EmbeddedConfig::default()
+                },
+            )
+            .unwrap(),
+        );
+        bus.ensure_topics(&[TopicSpec {
+            name: topics::LINEAGE.to_owned(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+        // Written by another process (a node, `ketenbus dlq`) before this index started.
+        let rec = |id: &str| {
+            let r = LineageRecord {
+                message_id: id.to_owned(),
+                step_id: String::new(),
+                received: Some(ketenbus_schemas::lineage::LineageReceived {
+                    received_at_ms: 1,
+                    connector: "http".into(),
+                    format: "edifact".into(),
+                    content_type: "application/EDIFACT".into(),
+                    size: 1,
+                    sender: None,
+                    receiver: None,
+                    raw_partition: 0,
+                    raw_offset: 0,
+                }),
+                step: None,
+            };
+            OutRecord {
+                topic: topics::LINEAGE.to_owned(),
+                key: r.key(),
+                value: r.to_avro().unwrap(),
+            }
+        };
+        bus.publish(vec![rec("m3"), rec("m4")]).await.unwrap();
+        let index = tempfile::tempdir().unwrap();
+        let conn = super::open_in(index.path()).unwrap().0;
+        let group = topics::lineage_group(&super::node_of(&conn).unwrap());
+        drop(conn);
+        let readers = crate::bus::Readers::from([(topics::LINEAGE.to_owned(), vec![group])]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        bus.enforce_retention(&readers).await.unwrap();
+        assert_eq!(
+            bus.read_all(topics::LINEAGE).await.unwrap().len(),
+            2,
+            "nothing applied, nothing removed"
+        );
+
+        let l = Lineage::start(index.path(), Arc::clone(&bus))
+            .await
+            .unwrap();
+        assert!(
+            l.find("m4", Duration::from_secs(10))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            bus.enforce_retention(&readers).await.unwrap();
+            if bus.read_all(topics::LINEAGE).await.unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "applied records are removed once committed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(l.get("m3").await.unwrap().is_some(), "the index keeps them");
+    }
+
     /// Two nodes on one log: each index applies the other's writes, so either answers for a
     /// message the other took in, with the steps both made.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

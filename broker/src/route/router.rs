@@ -606,6 +606,7 @@ mod tests {
             topics::RAW.to_owned(),
             topics::events(EventKind::Letter),
             topics::dead_letters("gp-by-mail"),
+            topics::LINEAGE.to_owned(),
         ]
         .into_iter()
         .map(|name| TopicSpec {
@@ -614,7 +615,14 @@ mod tests {
         })
         .collect();
         bus.ensure_topics(&specs).await.unwrap();
-        let lineage = Lineage::open(dir.path()).unwrap();
+        // Node A takes the letter in; node B, on the same log, gets the bounce.
+        let (node_a, node_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let lineage = Lineage::start(node_a.path(), Arc::new(bus.clone()))
+            .await
+            .unwrap();
+        let on_b = Lineage::start(node_b.path(), Arc::new(bus.clone()))
+            .await
+            .unwrap();
         let mut r = routing(normalisers(), &[]);
         r.reports.subscriptions.push("gp-by-mail".into());
         let r = Arc::new(r);
@@ -695,7 +703,7 @@ mod tests {
         );
         assert_eq!(step.1.outcome.as_str(), "failed");
 
-        let dl = bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 7)
+        let dl = bounce_dead_letter(&bus, &r, &on_b, &routed.bounced[0], 7)
             .await
             .unwrap()
             .expect("a dead letter");
