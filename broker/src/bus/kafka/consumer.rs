@@ -171,10 +171,7 @@ impl KafkaBus {
         let topic = topic.to_owned();
         let timeout = self.config.request_timeout;
         blocking(move || {
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(|e| classify(&e, Some(&topic)))?;
-            let parts = topic_partitions(&metadata, &topic)?;
+            let parts = partitions_now(consumer.client(), &topic, timeout)?;
             let mut tpl = TopicPartitionList::new();
             for p in &parts {
                 tpl.add_partition(&topic, *p);
@@ -198,6 +195,18 @@ impl KafkaBus {
         })
         .await
     }
+}
+
+/// Partition ids of `topic` as the cluster's metadata has them now.
+fn partitions_now<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, BusError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| classify(&e, Some(topic)))?;
+    topic_partitions(&metadata, topic)
 }
 
 fn to_record<M: rdkafka::message::Message>(m: &M) -> Record {
@@ -359,16 +368,25 @@ impl KafkaConsumer {
             .subscribe(&names)
             .map_err(|e| classify(&e, topics.first().map(String::as_str)))?;
         tracing::info!(group, topics = ?topics, "kafka consumer subscribed");
-        Ok(KafkaConsumer {
+        Ok(KafkaConsumer::new(bus, group, Arc::new(consumer), state))
+    }
+
+    fn new(
+        bus: &KafkaBus,
+        group: &str,
+        consumer: Arc<StreamConsumer<GroupContext>>,
+        state: Arc<Mutex<GroupState>>,
+    ) -> KafkaConsumer {
+        KafkaConsumer {
             group: group.to_owned(),
-            consumer: Arc::new(consumer),
+            consumer,
             state,
             acks_since_commit: 0,
             last_commit: Instant::now(),
             commit_every: bus.config.commit_every,
             commit_interval: bus.config.commit_interval,
             request_timeout: bus.config.request_timeout,
-        })
+        }
     }
 
     /// Read every partition of `topic` alone (assigned, never joining `group`), from `from`
@@ -397,10 +415,7 @@ impl KafkaConsumer {
         );
         let from: HashMap<u32, i64> = from.iter().copied().collect();
         let count = blocking(move || {
-            let metadata = c
-                .fetch_metadata(Some(&name), timeout)
-                .map_err(|e| classify(&e, Some(&name)))?;
-            let parts = topic_partitions(&metadata, &name)?;
+            let parts = partitions_now(c.client(), &name, timeout)?;
             let mut tpl = TopicPartitionList::new();
             for p in &parts {
                 let offset = u32::try_from(*p)
@@ -420,16 +435,7 @@ impl KafkaConsumer {
             partitions = count,
             "kafka reader assigned every partition"
         );
-        Ok(KafkaConsumer {
-            group: group.to_owned(),
-            consumer,
-            state,
-            acks_since_commit: 0,
-            last_commit: Instant::now(),
-            commit_every: bus.config.commit_every,
-            commit_interval: bus.config.commit_interval,
-            request_timeout: bus.config.request_timeout,
-        })
+        Ok(KafkaConsumer::new(bus, group, consumer, state))
     }
 
     /// Starts an asynchronous commit of the commit points that moved. Failures are logged by
