@@ -40,6 +40,17 @@ fn node(bootstrap: &str, name: &str, rx: &Receiver) -> String {
     )
 }
 
+/// How often the subscription's group assigned partitions to this node, from its log.
+fn takeovers(log: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            l.contains("kafka partitions assigned")
+                && l.contains("ketenbus.sub.nodes-archive")
+                && !l.contains("ketenbus.sub.nodes-archive.retry")
+        })
+        .count()
+}
+
 fn delivered(l: &serde_json::Value) -> bool {
     l["deliveries"].as_array().is_some_and(|d| {
         d.iter()
@@ -123,6 +134,7 @@ node A's log:
     while by_a(&accepted) < 40 && started.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let before = takeovers(&b.log_text());
     a.kill();
     let killed = tokio::time::Instant::now();
     let killed_after = by_a(&accepted);
@@ -169,6 +181,11 @@ node A's log:
         "all delivered {} ms after node A was killed",
         killed.elapsed().as_millis()
     );
+    let what = "node B's subscription to take over node A's partitions";
+    b.eventually(Duration::from_secs(30), what, async || {
+        takeovers(&b.log_text()) > before
+    })
+    .await;
 
     // And node B answers for every one of them, also those only node A took in.
     let what = "node B to show every accepted message delivered";
