@@ -143,6 +143,17 @@ pub enum LineageError {
     Bus(#[from] BusError),
 }
 
+impl LineageError {
+    /// How to handle it.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        match self {
+            LineageError::Index(_) => ketenbus_connectors::ErrorKind::Fatal,
+            LineageError::Bus(e) => e.kind(),
+        }
+    }
+}
+
 /// Handle to the lineage index. Cheap to clone.
 #[derive(Clone)]
 pub struct Lineage {
