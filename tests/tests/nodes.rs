@@ -73,6 +73,21 @@ async fn two_nodes_share_one_lineage_and_one_takes_over_when_the_other_is_killed
     let lab = a
         .accept(&c, "application/EDIFACT", MEDLAB.as_bytes().to_vec())
         .await;
+    let accepted_at = tokio::time::Instant::now();
+    let what = "node B to know node A's message";
+    b.eventually(Duration::from_secs(30), what, async || {
+        let l = lineage(&c, &b.url, &lab).await.map_err(|e| e.to_string())?;
+        if l["id"] == lab.as_str() {
+            Ok(())
+        } else {
+            Err(format!("{l}"))
+        }
+    })
+    .await;
+    eprintln!(
+        "node B knew node A's message {} ms after A's 202",
+        accepted_at.elapsed().as_millis()
+    );
     let what = "node B to show node A's message normalised and delivered";
     let on_b = b
         .eventually(Duration::from_secs(60), what, async || {
