@@ -479,6 +479,37 @@ mod tests {
         }
     }
 
+    /// The lineage topic is created compacted, whatever `topic_config` says of the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lineage_topic_is_compacted() {
+        let Some((mut bus, _)) = test_bus("compacted") else {
+            return;
+        };
+        bus.config
+            .topic_config
+            .insert("cleanup.policy".into(), "delete".into());
+        let lineage = ketenbus_schemas::topics::LINEAGE;
+        bus.ensure_topics(&[TopicSpec {
+            name: lineage.to_owned(),
+            partitions: 3,
+        }])
+        .await
+        .unwrap();
+        let opts = AdminOptions::new().request_timeout(Some(bus.config.request_timeout));
+        let found = bus
+            .admin
+            .describe_configs(&[ResourceSpecifier::Topic(lineage)], &opts)
+            .await
+            .unwrap();
+        let resource = found.into_iter().next().unwrap().unwrap();
+        assert_eq!(
+            resource
+                .get("cleanup.policy")
+                .and_then(|e| e.value.as_deref()),
+            Some("compact")
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kafka_engine_keeps_the_bus_contract() {
         let Some((bus, prefix)) = test_bus("contract") else {
