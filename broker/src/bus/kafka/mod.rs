@@ -141,11 +141,12 @@ const DEAD_LETTER_RETENTION: [(&str, &str); 2] =
 
 impl KafkaBus {
     /// Report dead-letter topics (made before ketenbus set their retention, or changed since)
-    /// that the cluster would expire: their dead letters are lost when it does.
-    async fn check_dead_letter_retention(&self, topics: &[TopicSpec]) {
+    /// that the cluster would expire: their dead letters are lost when it does; and a lineage
+    /// topic that is not compacted.
+    async fn check_retention(&self, topics: &[TopicSpec]) {
         let specs: Vec<ResourceSpecifier<'_>> = topics
             .iter()
-            .filter(|t| is_dead_letter_topic(&t.name))
+            .filter(|t| is_dead_letter_topic(&t.name) || is_compacted_topic(&t.name))
             .map(|t| ResourceSpecifier::Topic(&t.name))
             .collect();
         if specs.is_empty() {
@@ -160,6 +161,21 @@ impl KafkaBus {
             }
         };
         for resource in results.into_iter().flatten() {
+            if matches!(&resource.specifier, rdkafka::admin::OwnedResourceSpecifier::Topic(t) if is_compacted_topic(t))
+            {
+                let policy = resource
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.as_deref());
+                // Not set is the cluster's default, `delete`.
+                if !policy.is_some_and(|p| p.contains("compact")) {
+                    tracing::error!(
+                        topic = ?resource.specifier,
+                        value = policy.unwrap_or("delete"),
+                        "the lineage topic is not compacted; set cleanup.policy=compact (kafka-configs --alter) or the lineage expires with the topic"
+                    );
+                }
+                continue;
+            }
             for (key, keep) in DEAD_LETTER_RETENTION {
                 let value = resource.get(key).and_then(|e| e.value.as_deref());
                 if value.is_some_and(|v| v != keep) {
@@ -341,7 +357,7 @@ impl Bus for KafkaBus {
             }
         }
         self.await_topics(wanted.clone()).await?;
-        self.check_dead_letter_retention(topics).await;
+        self.check_retention(topics).await;
         lock(&self.known_topics).extend(wanted.into_iter().map(|(t, _)| t));
         Ok(())
     }
