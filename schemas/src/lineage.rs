@@ -201,6 +201,91 @@ impl fmt::Display for StepOutcome {
     }
 }
 
+/// One lineage write as it crosses the topic [`crate::topics::LINEAGE`]. Schema:
+/// `avro/lineage_record.avsc`; key = [`LineageRecord::key`].
+///
+/// Why one record per step, keyed by step: the topic is compacted, and compaction keeps only
+/// the latest record of each key. Steps of one message are written by different nodes (node A
+/// takes it in and normalises it, node B delivers it), so no writer knows a message's whole
+/// lineage to publish it as one latest value; a key per step (`<message id>/<step id>`, the
+/// step id unique per writer process and sequence) means compaction never drops a step, only
+/// the same step published twice (a publish retried after a lost answer), which the index
+/// also applies once. [`LineageReceived`] and [`LineageStep`] are records of their own, so
+/// adding an optional field to either later is a compatible schema change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageRecord {
+    /// The message (envelope) id.
+    pub message_id: String,
+    /// Empty for the received write; `<writer instance>.<sequence>` for a step.
+    pub step_id: String,
+    /// Set on the write that records the message as received.
+    pub received: Option<LineageReceived>,
+    /// Set on every other write.
+    pub step: Option<LineageStep>,
+}
+
+impl LineageRecord {
+    /// The topic key: `<message id>/<step id>`, one per step (see the type's doc).
+    #[must_use]
+    pub fn key(&self) -> Vec<u8> {
+        format!("{}/{}", self.message_id, self.step_id).into_bytes()
+    }
+}
+
+/// What ketenbus knows of a message when it was received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageReceived {
+    /// When, ms since the epoch.
+    pub received_at_ms: i64,
+    /// Connector.
+    pub connector: String,
+    /// Format.
+    pub format: String,
+    /// Declared media type.
+    pub content_type: String,
+    /// Body size in bytes.
+    pub size: i64,
+    /// Sender party id.
+    pub sender: Option<String>,
+    /// Receiver party id.
+    pub receiver: Option<String>,
+    /// Partition of the envelope on the raw topic.
+    pub raw_partition: i32,
+    /// Offset of the envelope on the raw topic.
+    pub raw_offset: i64,
+    /// The inbox file it came from: its name, never a path.
+    pub file: Option<String>,
+}
+
+/// One step in a message's life; stage and outcome by name ([`Stage::as_str`],
+/// [`StepOutcome::as_str`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageStep {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// Stage name.
+    pub stage: String,
+    /// Subscription, for delivery steps.
+    pub subscription: Option<String>,
+    /// Event id (or envelope id for raw deliveries).
+    pub record_id: Option<String>,
+    /// Event kind, or raw.
+    pub kind: Option<String>,
+    /// Attempt number of a delivery.
+    pub attempt: Option<i32>,
+    /// Outcome name.
+    pub outcome: String,
+    /// Reason code.
+    pub reason: Option<String>,
+    /// Detail without payload.
+    pub detail: Option<String>,
+}
+
+impl crate::codec::AvroRecord for LineageRecord {
+    const SCHEMA_JSON: &'static str = include_str!("../avro/lineage_record.avsc");
+    crate::compiled_schema!();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,9 @@ use crate::event::EventKind;
 pub const RAW: &str = "ketenbus.raw";
 /// Delivery outcomes of every subscription; key = envelope id.
 pub const DELIVERY_OUTCOMES: &str = "ketenbus.delivery-outcomes";
+/// Every lineage write of every node ([`crate::lineage::LineageRecord`]), compacted;
+/// key = `<message id>/<step id>`. Each node reads all of it into its lineage index.
+pub const LINEAGE: &str = "ketenbus.lineage";
 /// Dead letters of the router (messages that cannot be normalised).
 pub const ROUTER_DEAD_LETTERS: &str = "ketenbus.dlq.router";
 
@@ -34,6 +37,14 @@ pub fn retry(subscription: &str) -> String {
     format!("ketenbus.retry.{subscription}")
 }
 
+/// The consumer group under which one node's lineage index commits how far it read
+/// [`LINEAGE`]: `ketenbus.lineage.<node>`. Each node reads every partition alone (no other
+/// member shares them); the group only tells retention and `lag` how far it is.
+#[must_use]
+pub fn lineage_group(node: &str) -> String {
+    format!("ketenbus.lineage.{node}")
+}
+
 /// Consumer group of the router, which reads [`RAW`].
 pub const ROUTER_GROUP: &str = "ketenbus.router";
 
@@ -60,6 +71,8 @@ mod tests {
         assert_eq!(RAW, "ketenbus.raw");
         assert_eq!(DELIVERY_OUTCOMES, "ketenbus.delivery-outcomes");
         assert_eq!(ROUTER_DEAD_LETTERS, "ketenbus.dlq.router");
+        assert_eq!(LINEAGE, "ketenbus.lineage");
+        assert_eq!(lineage_group("n1"), "ketenbus.lineage.n1");
         let kinds: Vec<String> = EventKind::ALL.iter().map(|k| events(*k)).collect();
         assert_eq!(
             kinds,

@@ -17,6 +17,7 @@ use ketenbus_schemas::event::{
     AcuteHandoverEvent, HandoverNotificationEvent, LabResultEvent, LetterEvent,
 };
 use ketenbus_schemas::history::{RELEASES, released};
+use ketenbus_schemas::lineage::LineageRecord;
 use ketenbus_schemas::{DeadLetter, DeliveryOutcome, RawEnvelope, RetryRecord};
 
 /// Decodes single-object bytes through the Rust type and encodes the value again with
@@ -34,6 +35,7 @@ const RECORDS: &[(&str, ThroughType)] = &[
     ("dead_letter.avsc", through::<DeadLetter>),
     ("delivery_outcome.avsc", through::<DeliveryOutcome>),
     ("retry_record.avsc", through::<RetryRecord>),
+    ("lineage_record.avsc", through::<LineageRecord>),
     ("event_lab_result.avsc", through::<LabResultEvent>),
     ("event_letter.avsc", through::<LetterEvent>),
     ("event_acute_handover.avsc", through::<AcuteHandoverEvent>),

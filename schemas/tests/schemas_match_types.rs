@@ -400,3 +400,48 @@ fn fingerprints_match_an_independent_implementation() {
     let hex = |f: [u8; 8]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
     assert_eq!(hex(RawEnvelope::compiled().fingerprint), "027ee19725004e3d");
 }
+
+#[test]
+fn lineage_record_matches_its_schema() {
+    use ketenbus_schemas::lineage::{LineageReceived, LineageRecord, LineageStep};
+    let received = LineageRecord {
+        message_id: "m1".into(),
+        step_id: String::new(),
+        received: Some(LineageReceived {
+            received_at_ms: 1_764_000_000_000,
+            connector: "http".into(),
+            format: "edifact".into(),
+            content_type: "application/EDIFACT".into(),
+            size: 42,
+            sender: Some("agb:01234567".into()),
+            receiver: None,
+            raw_partition: 2,
+            raw_offset: 7,
+            file: Some("lab-0042.edi".into()),
+        }),
+        step: None,
+    };
+    roundtrip(&received);
+    assert_eq!(received.key(), b"m1/");
+    let step = LineageRecord {
+        message_id: "m1".into(),
+        step_id: "0193a1b2-0000-7000-8000-000000000001.000000000003".into(),
+        received: None,
+        step: Some(LineageStep {
+            at_ms: 1_764_000_000_001,
+            stage: "delivery".into(),
+            subscription: Some("gp".into()),
+            record_id: Some("m1.0".into()),
+            kind: Some("lab_result".into()),
+            attempt: Some(2),
+            outcome: "retrying".into(),
+            reason: Some("http_503".into()),
+            detail: None,
+        }),
+    };
+    roundtrip(&step);
+    assert_eq!(
+        step.key(),
+        b"m1/0193a1b2-0000-7000-8000-000000000001.000000000003"
+    );
+}

@@ -178,6 +178,29 @@ async fn kafka_engine_end_to_end_with_an_independent_avro_reader() {
         );
     }
 
+    // The lineage, one record per write, as any Avro library reads it.
+    let writes = avro_read(
+        &python,
+        &bootstrap,
+        "ketenbus.lineage",
+        "lineage_record.avsc",
+        0,
+    );
+    let first = sent[0].0.as_str();
+    assert!(
+        writes
+            .iter()
+            .any(|w| w["key"] == format!("{first}/")
+                && w["value"]["received"]["connector"] == "http"),
+        "no received write for {first}"
+    );
+    assert!(
+        writes.iter().any(|w| w["value"]["message_id"] == first
+            && w["value"]["step"]["stage"] == "delivery"
+            && w["value"]["step"]["outcome"] == "delivered"),
+        "no delivery step for {first}"
+    );
+
     // Every size the listener takes fits the log: topics, producer and consumers are sized
     // from http.max_body (25 MiB by default; librdkafka's own default is about 1 MB).
     let mut big = Vec::new();

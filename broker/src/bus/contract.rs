@@ -160,6 +160,65 @@ pub(crate) async fn run_contract<B: Bus>(bus: &B, prefix: &str) {
         .expect("subscribe g2");
     assert_eq!(drain(&mut c2, 31).await.len(), 31);
 
+    // read_alone: every reader sees every partition, whatever group members read the topic
+    // too (c and c2 are still live); each starts where it is told and tails new records.
+    let mut a = bus
+        .read_alone(&format!("{prefix}.alone-a"), &topic, &[])
+        .await
+        .expect("read_alone a");
+    let mut b = bus
+        .read_alone(&format!("{prefix}.alone-b"), &topic, &[])
+        .await
+        .expect("read_alone b");
+    let seen_a = drain(&mut a, 31).await;
+    assert_eq!(seen_a.len(), 31, "a reader alone sees every record");
+    assert_eq!(drain(&mut b, 31).await.len(), 31, "so does another");
+    let mut ends: BTreeMap<u32, i64> = BTreeMap::new();
+    for r in &seen_a {
+        let e = ends.entry(r.partition).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    let (&busiest, &end) = ends.iter().max_by_key(|(_, e)| **e).expect("a partition");
+    let from: Vec<(u32, i64)> = ends
+        .iter()
+        .map(|(p, e)| (*p, if *p == busiest { e - 2 } else { *e }))
+        .collect();
+    let alone = format!("{prefix}.alone-c");
+    let mut tail = bus
+        .read_alone(&alone, &topic, &from)
+        .await
+        .expect("read_alone from");
+    let mut suffix = drain(&mut tail, 2).await;
+    while let Some(r) = tail.poll(Duration::from_millis(1000)).await.expect("poll") {
+        suffix.push(r);
+    }
+    assert_eq!(
+        suffix
+            .iter()
+            .map(|r| (r.partition, r.offset))
+            .collect::<Vec<_>>(),
+        vec![(busiest, end - 2), (busiest, end - 1)],
+        "a reader starts where it is told"
+    );
+    for r in &suffix {
+        tail.ack(r.ack_token()).await.expect("ack");
+    }
+    tail.commit().await.expect("commit alone");
+    let lag = bus.lag(&alone, &topic).await.expect("lag alone");
+    assert!(
+        lag.iter()
+            .any(|(p, committed, e)| *p == busiest && committed == e),
+        "a reader's acknowledgements are committed under its group: {lag:?}"
+    );
+    bus.publish(vec![rec(&topic, "k10", "tail")])
+        .await
+        .expect("publish tail");
+    for reader in [&mut a, &mut b, &mut tail] {
+        let got = drain(reader, 1).await;
+        assert_eq!(got.len(), 1, "every reader tails new records");
+        assert_eq!(got[0].value, b"tail");
+    }
+
     // read_all sees a whole topic without a group.
     let all = bus.read_all(&other).await.expect("read_all");
     assert_eq!(all.len(), 1);

@@ -136,6 +136,32 @@ pub fn is_dead_letter_topic(topic: &str) -> bool {
     topic.starts_with("ketenbus.dlq.")
 }
 
+/// A log of its own in `dir` (the database `file`), for the tests of the stages above the
+/// bus, which never name an engine.
+///
+/// # Panics
+/// When the log cannot be opened.
+#[cfg(test)]
+pub(crate) fn test_log(dir: &std::path::Path, file: &str) -> impl Bus {
+    embedded::EmbeddedBus::open(
+        dir,
+        &embedded::EmbeddedConfig {
+            file: file.into(),
+            synchronous: embedded::Synchronous::Normal,
+            ..embedded::EmbeddedConfig::default()
+        },
+    )
+    .expect("a test log")
+}
+
+/// Compacted topics (`ketenbus.lineage`): on Kafka created with `cleanup.policy=compact`, so
+/// the cluster keeps the latest record of every key for good rather than expiring by time or
+/// size.
+#[must_use]
+pub fn is_compacted_topic(topic: &str) -> bool {
+    topic == ketenbus_schemas::topics::LINEAGE
+}
+
 /// What one retention pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RetentionReport {
@@ -209,6 +235,21 @@ pub trait Bus: Send + Sync + 'static {
         &self,
         group: &str,
         topics: &[String],
+    ) -> impl Future<Output = Result<Self::Consumer, BusError>> + Send;
+
+    /// Read every partition of `topic` as one reader alone: no other member of any group
+    /// shares its partitions (no rebalance takes one away), so each node that calls this sees
+    /// every record, also those other nodes publish. Starts at `from` (partition, next
+    /// offset); a partition not named starts at its beginning. The caller keeps its own
+    /// position (the lineage index keeps it next to what it applied): `group`'s committed
+    /// offsets do not decide where it starts. Acknowledged records are committed under
+    /// `group` as a subscription's are, so retention (see [`Readers`]) and [`Bus::lag`] see
+    /// how far the reader is. Partitions added to the topic later are not read.
+    fn read_alone(
+        &self,
+        group: &str,
+        topic: &str,
+        from: &[(u32, i64)],
     ) -> impl Future<Output = Result<Self::Consumer, BusError>> + Send;
 
     /// Read a whole topic from the beginning without a consumer group (dlq list, tests),

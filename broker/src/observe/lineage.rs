@@ -1,19 +1,36 @@
 //! The lineage index: for every message, what happened to it — received, normalised into
 //! which events, delivered to which subscriptions with what outcome, dead-lettered and why.
-//! A SQLite file next to the log, written in batches by one thread; stages record steps
-//! without waiting for the disk. The thread lets steps gather for a few milliseconds
-//! before it writes, so a busy broker commits the index tens of times a second rather than
-//! once per message; [`Lineage::flush`] cuts the wait short. It is an index of this process's work: the topics
-//! (raw, events, delivery outcomes, dead letters) remain the record.
+//!
+//! One lineage for all nodes: stages record steps on a [`Lineage`] handle without waiting;
+//! a publisher task gathers them for a few milliseconds and publishes each as a
+//! [`LineageRecord`] on the topic `ketenbus.lineage` (compacted on Kafka; see
+//! [`LineageRecord`] for why one key per step). Every node reads the whole topic alone
+//! ([`Bus::read_alone`]: no group shares its partitions, so each node sees every node's
+//! writes) and applies it to its own SQLite index (`lineage.db`), in batches, with the
+//! position it read up to in the same transaction; so every node answers for every message.
+//! The embedded engine takes the same path with one node. Applying is idempotent (a step is
+//! stored once per key), so a record read twice (a publish retried after a lost answer, a
+//! lost position) changes nothing. It stays an index: the topics (raw, events, delivery
+//! outcomes, dead letters) remain the record.
+//!
+//! What a read sees: after [`Lineage::flush`], every write this node made before it
+//! (published and applied here); writes of other nodes once this node's reader has polled
+//! them, normally within milliseconds of their publication.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ketenbus_schemas::lineage::{Stage, StepOutcome};
+use ketenbus_schemas::AvroRecord;
+use ketenbus_schemas::lineage::{LineageReceived, LineageRecord, LineageStep, Stage, StepOutcome};
+use ketenbus_schemas::topics;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
 
 /// A step in a message's life.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -149,11 +166,34 @@ enum Op {
     Flush(oneshot::Sender<()>),
 }
 
+/// Why the lineage index cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum LineageError {
+    /// The index database failed.
+    #[error("lineage index: {0}")]
+    Index(#[from] rusqlite::Error),
+    /// The lineage topic cannot be read.
+    #[error("lineage topic: {0}")]
+    Bus(#[from] BusError),
+}
+
+impl LineageError {
+    /// How to handle it.
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        match self {
+            LineageError::Index(_) => ketenbus_connectors::ErrorKind::Fatal,
+            LineageError::Bus(e) => e.kind(),
+        }
+    }
+}
+
 /// Handle to the lineage index. Cheap to clone.
 #[derive(Clone)]
 pub struct Lineage {
     tx: mpsc::Sender<Op>,
-    path: std::path::PathBuf,
+    path: PathBuf,
+    group: String,
 }
 
 impl std::fmt::Debug for Lineage {
@@ -218,27 +258,118 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
              record_id TEXT, kind TEXT, attempt INTEGER, outcome TEXT NOT NULL, reason TEXT, detail TEXT);
          CREATE INDEX IF NOT EXISTS steps_message ON steps (message_id);
          CREATE INDEX IF NOT EXISTS steps_outcome ON steps (outcome, subscription, at);
-         CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at, id);",
+         CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at, id);
+         CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS applied (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL);",
+    )?;
+    // The step's key on the lineage topic: a step is applied once. An index from before the
+    // lineage topic has none on its rows (NULL, which the unique index lets repeat).
+    let has_key: bool = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('steps') WHERE name = 'step_key'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_key {
+        conn.execute_batch("ALTER TABLE steps ADD COLUMN step_key TEXT")?;
+    }
+    conn.execute_batch(
+        "CREATE UNIQUE INDEX IF NOT EXISTS steps_key ON steps (message_id, step_key)",
     )?;
     Ok(conn)
 }
 
+/// This index's node name (made once, kept in the index): its reader's consumer group is
+/// `ketenbus.lineage.<node>`. A new index (a new machine, a removed `lineage.db`) is a new
+/// node that reads the topic from its beginning.
+fn node_of(conn: &Connection) -> rusqlite::Result<String> {
+    let found: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'node'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(node) = found {
+        return Ok(node);
+    }
+    let node = ketenbus_schemas::new_envelope_id();
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('node', ?1)",
+        params![node],
+    )?;
+    Ok(node)
+}
+
+/// How far the index has applied the topic: (partition, next offset).
+fn applied_of(conn: &Connection) -> rusqlite::Result<Vec<(u32, i64)>> {
+    let mut stmt = conn.prepare("SELECT partition, next_offset FROM applied")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Longest a read waits for this node's own writes to reach the index.
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+/// Channel room for writes waiting to be published.
+const QUEUE: usize = 16_384;
+
 impl Lineage {
-    /// Open (or create) `lineage.db` in `data_dir` and start its writer.
+    /// Open (or create) `lineage.db` in `data_dir`, and start the tasks that publish this
+    /// node's writes to `ketenbus.lineage` on `bus` and apply the whole topic to the index.
+    /// The tasks run until every handle is dropped.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or the topic cannot be read.
+    pub async fn start<B: Bus>(data_dir: &Path, bus: Arc<B>) -> Result<Lineage, LineageError> {
+        let (conn, path) = open_in(data_dir)?;
+        let node = node_of(&conn)?;
+        let group = topics::lineage_group(&node);
+        let reader = bus
+            .read_alone(&group, topics::LINEAGE, &applied_of(&conn)?)
+            .await?;
+        let (lineage, rx) = Lineage::handle(path, group);
+        tokio::spawn(pipe(bus, reader, conn, rx));
+        Ok(lineage)
+    }
+
+    /// A handle whose writes wait in the returned queue.
+    fn handle(path: PathBuf, group: String) -> (Lineage, mpsc::Receiver<Op>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (Lineage { tx, path, group }, rx)
+    }
+
+    /// The consumer group under which this node's index commits its reading of the lineage
+    /// topic (retention on the embedded engine keeps what it has not applied).
+    #[must_use]
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// A lineage on its own embedded log in `data_dir` (`lineage-test-log.db`), for tests of
+    /// the stages. Needs a Tokio runtime.
     ///
     /// # Errors
     /// When the database cannot be opened.
-    pub fn open(data_dir: &Path) -> rusqlite::Result<Lineage> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        let path = data_dir.join("lineage.db");
-        let conn = open(&path)?;
-        let (tx, rx) = mpsc::channel(16_384);
-        std::thread::Builder::new()
-            .name("ketenbus-lineage".into())
-            .spawn(move || writer(conn, rx))
-            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-        Ok(Lineage { tx, path })
+    #[cfg(test)]
+    pub fn open(data_dir: &Path) -> Result<Lineage, LineageError> {
+        let bus = Arc::new(crate::bus::test_log(data_dir, "lineage-test-log.db"));
+        let (conn, path) = open_in(data_dir)?;
+        let node = node_of(&conn)?;
+        let group = topics::lineage_group(&node);
+        let applied = applied_of(&conn)?;
+        let (lineage, rx) = Lineage::handle(path, group.clone());
+        tokio::spawn(async move {
+            bus.ensure_topics(&[crate::bus::TopicSpec {
+                name: topics::LINEAGE.to_owned(),
+                partitions: 2,
+            }])
+            .await
+            .expect("lineage topic");
+            let reader = bus
+                .read_alone(&group, topics::LINEAGE, &applied)
+                .await
+                .expect("lineage reader");
+            pipe(bus, reader, conn, rx).await;
+        });
+        Ok(lineage)
     }
 
     /// Record a received message.
@@ -251,11 +382,41 @@ impl Lineage {
         let _ = self.tx.send(Op::Step(message_id.to_owned(), step)).await;
     }
 
-    /// Wait until everything recorded so far is written.
+    /// Wait until everything this node recorded so far is published and applied to its
+    /// index (writes of other nodes: see the module doc).
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Op::Flush(tx)).await.is_ok() {
             let _ = rx.await;
+        }
+    }
+
+    /// Before a read: [`Lineage::flush`], but no longer than [`SETTLE`] (a log that takes no
+    /// writes now must not hold up the API; the read then shows what the index has).
+    async fn settle(&self) {
+        if tokio::time::timeout(SETTLE, self.flush()).await.is_err() {
+            tracing::warn!("lineage writes not yet in the index; a read shows what it has");
+        }
+    }
+
+    /// The lineage of message `id`, waiting up to `within` for it to reach this node's index:
+    /// for work on a message another node took in (a bounce, a replay), whose lineage arrives
+    /// through the lineage topic.
+    ///
+    /// # Errors
+    /// When the database fails.
+    pub async fn find(
+        &self,
+        id: &str,
+        within: Duration,
+    ) -> rusqlite::Result<Option<MessageLineage>> {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            let found = self.get(id).await?;
+            if found.is_some() || tokio::time::Instant::now() >= until {
+                return Ok(found);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -266,7 +427,7 @@ impl Lineage {
     pub async fn get(&self, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
         // A client may ask right after its 202, before the batch holding the message is
         // written: flush, so what was acknowledged is always found.
-        self.flush().await;
+        self.settle().await;
         let path = self.path.clone();
         let id = id.to_owned();
         tokio::task::spawn_blocking(move || read(&path, &id))
@@ -310,7 +471,7 @@ impl Lineage {
     /// # Errors
     /// A bad `since` or `after` (as text), or a database failure.
     pub async fn list(&self, q: ListQuery) -> Result<Page, String> {
-        self.flush().await;
+        self.settle().await;
         let since_ms = match q.since.as_deref() {
             None => 0,
             Some(t) => {
@@ -375,104 +536,341 @@ impl Lineage {
     }
 }
 
-/// Most operations written in one transaction.
+/// Open (or create) `lineage.db` in `data_dir`.
+fn open_in(data_dir: &Path) -> rusqlite::Result<(Connection, PathBuf)> {
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    let path = data_dir.join("lineage.db");
+    Ok((open(&path)?, path))
+}
+
+/// Most writes published, or records applied, in one batch.
 const MAX_BATCH: usize = 8192;
-/// How long steps may gather before they are written.
+/// How long writes may gather before they are published.
 const GATHER: Duration = Duration::from_millis(20);
-/// How often a gathering writer looks for a flush request.
-const GATHER_STEP: Duration = Duration::from_millis(2);
+/// How long the reader waits for more records before it applies what it has.
+const READ_WAIT: Duration = Duration::from_millis(5);
 
 /// Take what is waiting, then keep taking for up to [`GATHER`] unless the batch is full or
 /// someone waits for a flush.
-fn gather(rx: &mut mpsc::Receiver<Op>, first: Op) -> Vec<Op> {
-    let until = std::time::Instant::now() + GATHER;
+async fn gather(rx: &mut mpsc::Receiver<Op>, first: Op) -> Vec<Op> {
+    let until = tokio::time::Instant::now() + GATHER;
     let mut flush = matches!(first, Op::Flush(_));
     let mut ops = vec![first];
-    loop {
-        while ops.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => {
-                    flush |= matches!(op, Op::Flush(_));
-                    ops.push(op);
-                }
-                Err(_) => break,
+    while !flush && ops.len() < MAX_BATCH {
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(op)) => {
+                flush |= matches!(op, Op::Flush(_));
+                ops.push(op);
             }
+            Ok(None) | Err(_) => break,
         }
-        if flush || ops.len() >= MAX_BATCH || std::time::Instant::now() >= until {
-            return ops;
+    }
+    ops
+}
+
+/// What the publisher and the reader share: how far this node published and the index
+/// applied (partition -> next offset), and the flushes waiting for the index to catch up.
+#[derive(Default)]
+struct Progress {
+    published: HashMap<u32, i64>,
+    applied: HashMap<u32, i64>,
+    waiting: Vec<(HashMap<u32, i64>, oneshot::Sender<()>)>,
+}
+
+impl Progress {
+    fn covers(applied: &HashMap<u32, i64>, target: &HashMap<u32, i64>) -> bool {
+        target
+            .iter()
+            .all(|(p, o)| applied.get(p).is_some_and(|a| a >= o))
+    }
+
+    /// Answer the flushes whose target the index has reached.
+    fn wake(&mut self) {
+        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(target, _)| Self::covers(&self.applied, target));
+        self.waiting = rest;
+        for (_, answer) in done {
+            let _ = answer.send(());
         }
-        std::thread::sleep(GATHER_STEP);
     }
 }
 
-fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
-    while let Some(first) = rx.blocking_recv() {
-        let ops = gather(&mut rx, first);
+fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
+    p.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Publish this node's writes and apply the whole topic, until every handle is dropped.
+async fn pipe<B: Bus>(bus: Arc<B>, reader: B::Consumer, conn: Connection, rx: mpsc::Receiver<Op>) {
+    let progress = Arc::new(Mutex::new(Progress::default()));
+    let stop = CancellationToken::new();
+    let apply = tokio::spawn(read_topic(
+        reader,
+        conn,
+        Arc::clone(&progress),
+        stop.clone(),
+    ));
+    publish(&*bus, rx, &progress).await;
+    stop.cancel();
+    let _ = apply.await;
+}
+
+/// The writer instance and sequence of this process's steps: `<instance>.<sequence>`.
+struct StepIds {
+    instance: String,
+    next: u64,
+}
+
+impl StepIds {
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{}.{:012}", self.instance, self.next)
+    }
+}
+
+/// The record of one write.
+fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
+    match op {
+        Op::Received(r) => Some(LineageRecord {
+            message_id: r.id,
+            step_id: String::new(),
+            received: Some(LineageReceived {
+                received_at_ms: r.received_at_ms,
+                connector: r.connector,
+                format: r.format,
+                content_type: r.content_type,
+                size: i64::try_from(r.size).unwrap_or(i64::MAX),
+                sender: r.sender,
+                receiver: r.receiver,
+                raw_partition: i32::try_from(r.raw_partition).unwrap_or(i32::MAX),
+                raw_offset: r.raw_offset,
+                file: r.file,
+            }),
+            step: None,
+        }),
+        Op::Step(id, s) => Some(LineageRecord {
+            message_id: id,
+            step_id: ids.next(),
+            received: None,
+            step: Some(LineageStep {
+                at_ms: s.at_ms,
+                stage: s.stage.as_str().to_owned(),
+                subscription: s.subscription,
+                record_id: s.record_id,
+                kind: s.kind,
+                attempt: s.attempt.map(|a| i32::try_from(a).unwrap_or(i32::MAX)),
+                outcome: s.outcome.as_str().to_owned(),
+                reason: s.reason,
+                detail: s.detail,
+            }),
+        }),
+        Op::Flush(_) => None,
+    }
+}
+
+/// Gather this node's writes and publish them in batches; register each flush to be answered
+/// once the index applied everything published before it.
+async fn publish<B: Bus>(bus: &B, mut rx: mpsc::Receiver<Op>, progress: &Mutex<Progress>) {
+    let mut ids = StepIds {
+        instance: ketenbus_schemas::new_envelope_id(),
+        next: 0,
+    };
+    // Not cancelled: writes made while the broker stops are still published.
+    let never = CancellationToken::new();
+    while let Some(first) = rx.recv().await {
         let mut flushes = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            {
-                let mut msg = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO messages VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )?;
-                let mut step = tx.prepare_cached(
-                    "INSERT INTO steps VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                )?;
-                for op in ops {
-                    match op {
-                        Op::Received(r) => {
-                            msg.execute(params![
-                                r.id,
-                                r.received_at_ms,
-                                r.connector,
-                                r.format,
-                                r.content_type,
-                                r.size,
-                                r.sender,
-                                r.receiver,
-                                r.raw_partition,
-                                r.raw_offset
-                            ])?;
-                            step.execute(params![
-                                r.id,
-                                r.received_at_ms,
-                                Stage::Received.as_str(),
-                                None::<String>,
-                                None::<String>,
-                                None::<String>,
-                                None::<u32>,
-                                StepOutcome::Accepted.as_str(),
-                                None::<String>,
-                                r.file.map(|f| format!("file {f}"))
-                            ])?;
+        let mut records = Vec::new();
+        for op in gather(&mut rx, first).await {
+            match op {
+                Op::Flush(done) => flushes.push(done),
+                op => {
+                    let Some(record) = record_of(op, &mut ids) else {
+                        continue;
+                    };
+                    match record.to_avro() {
+                        Ok(value) => records.push(OutRecord {
+                            topic: topics::LINEAGE.to_owned(),
+                            key: record.key(),
+                            value,
+                        }),
+                        Err(e) => {
+                            tracing::error!(error = %e, "lineage write not encodable; the lineage of its message is incomplete");
                         }
-                        Op::Step(id, s) => {
-                            step.execute(params![
-                                id,
-                                s.at_ms,
-                                s.stage.as_str(),
-                                s.subscription,
-                                s.record_id,
-                                s.kind,
-                                s.attempt,
-                                s.outcome.as_str(),
-                                s.reason,
-                                s.detail
-                            ])?;
-                        }
-                        Op::Flush(done) => flushes.push(done),
                     }
                 }
             }
-            tx.commit()
-        })();
-        if let Err(e) = result {
-            tracing::error!(error = %e, "lineage index write failed; lineage of these messages is incomplete");
         }
-        for f in flushes {
-            let _ = f.send(());
+        match crate::bus::publish_retrying(bus, records, &never).await {
+            Ok(positions) => {
+                let mut p = lock(progress);
+                for pos in positions {
+                    let next = p.published.entry(pos.partition).or_insert(0);
+                    *next = (*next).max(pos.offset + 1);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "lineage writes not published; the lineage of these messages is incomplete");
+            }
+        }
+        let mut p = lock(progress);
+        for done in flushes {
+            let target = p.published.clone();
+            p.waiting.push((target, done));
+        }
+        p.wake();
+    }
+}
+
+/// Read the whole lineage topic and apply it to the index in batches, each with the position
+/// it reached, until `stop`.
+async fn read_topic<C: Consumer>(
+    mut reader: C,
+    conn: Connection,
+    progress: Arc<Mutex<Progress>>,
+    stop: CancellationToken,
+) {
+    let conn = Arc::new(Mutex::new(conn));
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let mut batch: Vec<Record> = Vec::new();
+        let polled = tokio::select! {
+            () = stop.cancelled() => return,
+            r = reader.poll(Duration::from_millis(250)) => r,
+        };
+        match polled {
+            Ok(Some(r)) => batch.push(r),
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "lineage topic unreadable, retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        wait = Duration::from_millis(100);
+        while batch.len() < MAX_BATCH {
+            match reader.poll(READ_WAIT).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let tokens: Vec<_> = batch.iter().map(Record::ack_token).collect();
+        let db = Arc::clone(&conn);
+        let applied = tokio::task::spawn_blocking(move || {
+            let mut conn = db.lock().unwrap_or_else(PoisonError::into_inner);
+            apply(&mut conn, &batch)
+        })
+        .await;
+        match applied {
+            Ok(Ok(reached)) => {
+                let mut p = lock(&progress);
+                for (partition, next) in reached {
+                    let a = p.applied.entry(partition).or_insert(0);
+                    *a = (*a).max(next);
+                }
+                p.wake();
+            }
+            Ok(Err(e)) => {
+                // The position was not stored either: the batch is read again after a restart.
+                tracing::error!(error = %e, "lineage index write failed; the lineage of these messages is incomplete");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "lineage index task failed");
+                continue;
+            }
+        }
+        // Retention (embedded) and lag see the index's progress through the group.
+        for t in tokens {
+            let _ = reader.ack(t).await;
         }
     }
+}
+
+/// Apply records to the index in one transaction with the position they reach; returns
+/// (partition, next offset) per partition. A record applied before changes nothing.
+fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, i64)>> {
+    let mut reached: BTreeMap<u32, i64> = BTreeMap::new();
+    let tx = conn.transaction()?;
+    {
+        let mut msg = tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages (id, received_at, connector, format, content_type, size,
+                 sender, receiver, raw_partition, raw_offset)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        let mut step = tx.prepare_cached(
+            "INSERT OR IGNORE INTO steps (message_id, at, stage, subscription, record_id, kind,
+                 attempt, outcome, reason, detail, step_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        let mut pos = tx.prepare_cached(
+            "INSERT INTO applied (partition, next_offset) VALUES (?1, ?2)
+             ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+        )?;
+        for r in batch {
+            let next = reached.entry(r.partition).or_insert(0);
+            *next = (*next).max(r.offset + 1);
+            let rec = match LineageRecord::from_avro(&r.value) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    tracing::warn!(partition = r.partition, offset = r.offset, error = %e, "a lineage record does not decode; skipped");
+                    continue;
+                }
+            };
+            if let Some(m) = &rec.received {
+                msg.execute(params![
+                    rec.message_id,
+                    m.received_at_ms,
+                    m.connector,
+                    m.format,
+                    m.content_type,
+                    m.size,
+                    m.sender,
+                    m.receiver,
+                    m.raw_partition,
+                    m.raw_offset
+                ])?;
+                step.execute(params![
+                    rec.message_id,
+                    m.received_at_ms,
+                    Stage::Received.as_str(),
+                    None::<String>,
+                    None::<String>,
+                    None::<String>,
+                    None::<u32>,
+                    StepOutcome::Accepted.as_str(),
+                    None::<String>,
+                    m.file.as_ref().map(|f| format!("file {f}")),
+                    rec.step_id
+                ])?;
+            }
+            if let Some(s) = &rec.step {
+                if s.stage.parse::<Stage>().is_err() || s.outcome.parse::<StepOutcome>().is_err() {
+                    tracing::warn!(partition = r.partition, offset = r.offset, stage = %s.stage, outcome = %s.outcome, "a lineage step names a stage or outcome this release does not know; skipped");
+                    continue;
+                }
+                step.execute(params![
+                    rec.message_id,
+                    s.at_ms,
+                    s.stage,
+                    s.subscription,
+                    s.record_id,
+                    s.kind,
+                    s.attempt,
+                    s.outcome,
+                    s.reason,
+                    s.detail,
+                    rec.step_id
+                ])?;
+            }
+        }
+        for (partition, next) in &reached {
+            pos.execute(params![partition, next])?;
+        }
+    }
+    tx.commit()?;
+    Ok(reached.into_iter().collect())
 }
 
 /// A `messages` row, columns in table order.
@@ -518,7 +916,7 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     };
     let mut stmt = conn.prepare(
         "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail
-         FROM steps WHERE message_id = ?1 ORDER BY at, rowid",
+         FROM steps WHERE message_id = ?1 ORDER BY at, step_key, rowid",
     )?;
     let steps: Vec<Step> = stmt
         .query_map(params![id], |r| {
@@ -569,4 +967,262 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
         deliveries: deliveries.into_values().collect(),
         steps,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use ketenbus_schemas::AvroRecord;
+    use ketenbus_schemas::lineage::{LineageRecord, Stage, StepOutcome};
+    use ketenbus_schemas::topics;
+
+    use super::{Lineage, Received, Step};
+    use crate::bus::{Bus, OutRecord, TopicSpec, test_log};
+
+    async fn log(dir: &std::path::Path) -> Arc<impl Bus> {
+        let bus = Arc::new(test_log(dir, "log.db"));
+        bus.ensure_topics(&[TopicSpec {
+            name: topics::LINEAGE.to_owned(),
+            partitions: 3,
+        }])
+        .await
+        .unwrap();
+        bus
+    }
+
+    fn received(id: &str) -> Received {
+        Received {
+            id: id.to_owned(),
+            received_at_ms: 1_764_000_000_000,
+            connector: "http".into(),
+            format: "edifact".into(),
+            content_type: "application/EDIFACT".into(),
+            size: 10,
+            sender: None,
+            receiver: None,
+            raw_partition: 0,
+            raw_offset: 4,
+            file: None,
+        }
+    }
+
+    fn delivery(attempt: u32, outcome: StepOutcome) -> Step {
+        let mut s = Step::new(1_764_000_000_100, Stage::Delivery, outcome);
+        s.subscription = Some("gp".into());
+        s.record_id = Some("m1".into());
+        s.attempt = Some(attempt);
+        s
+    }
+
+    async fn steps(l: &Lineage, id: &str) -> Vec<StepOutcome> {
+        let m = l.get(id).await.unwrap().expect("the message is known");
+        m.steps.iter().map(|s| s.outcome).collect()
+    }
+
+    /// A restart reads on from where the index was; a record read again (its position lost,
+    /// or the same step published twice) is applied once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_applies_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = log(dir.path()).await;
+        let l = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
+        l.received(received("m1")).await;
+        l.step("m1", delivery(1, StepOutcome::Retrying)).await;
+        l.step("m1", delivery(2, StepOutcome::Delivered)).await;
+        l.flush().await;
+        let want = vec![
+            StepOutcome::Accepted,
+            StepOutcome::Retrying,
+            StepOutcome::Delivered,
+        ];
+        assert_eq!(steps(&l, "m1").await, want);
+        drop(l);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let l = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
+        l.flush().await;
+        assert_eq!(steps(&l, "m1").await, want, "after a restart");
+        drop(l);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // The position lost: the whole topic is read again, and every step of it published
+        // twice over (a publish retried after its answer was lost).
+        let conn = rusqlite::Connection::open(dir.path().join("lineage.db")).unwrap();
+        conn.execute("DELETE FROM applied", []).unwrap();
+        drop(conn);
+        let again: Vec<OutRecord> = bus
+            .read_all(topics::LINEAGE)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| OutRecord {
+                topic: r.topic,
+                key: r.key,
+                value: r.value,
+            })
+            .collect();
+        assert_eq!(again.len(), 3, "one record per write");
+        bus.publish(again).await.unwrap();
+        let l = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
+        l.step("m1", delivery(3, StepOutcome::Delivered)).await;
+        l.flush().await;
+        let mut more = want.clone();
+        more.push(StepOutcome::Delivered);
+        assert_eq!(steps(&l, "m1").await, more, "every step once");
+        let m = l.get("m1").await.unwrap().unwrap();
+        assert_eq!(m.deliveries.len(), 1);
+        assert_eq!(m.deliveries[0].attempts, 3);
+    }
+
+    /// Retention on the embedded engine removes a lineage record only once this node's index
+    /// applied it (its group committed past it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retention_keeps_what_the_index_has_not_applied() {
+        use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(
+            EmbeddedBus::open(
+                dir.path(),
+                &EmbeddedConfig {
+                    retention_max_age: Duration::ZERO,
+                    ..EmbeddedConfig::default()
+                },
+            )
+            .unwrap(),
+        );
+        bus.ensure_topics(&[TopicSpec {
+            name: topics::LINEAGE.to_owned(),
+            partitions: 2,
+        }])
+        .await
+        .unwrap();
+        // Written by another process (a node, `ketenbus dlq`) before this index started.
+        let rec = |id: &str| {
+            let r = LineageRecord {
+                message_id: id.to_owned(),
+                step_id: String::new(),
+                received: Some(ketenbus_schemas::lineage::LineageReceived {
+                    received_at_ms: 1,
+                    connector: "http".into(),
+                    format: "edifact".into(),
+                    content_type: "application/EDIFACT".into(),
+                    size: 1,
+                    sender: None,
+                    receiver: None,
+                    raw_partition: 0,
+                    raw_offset: 0,
+                    file: None,
+                }),
+                step: None,
+            };
+            OutRecord {
+                topic: topics::LINEAGE.to_owned(),
+                key: r.key(),
+                value: r.to_avro().unwrap(),
+            }
+        };
+        bus.publish(vec![rec("m3"), rec("m4")]).await.unwrap();
+        let index = tempfile::tempdir().unwrap();
+        let conn = super::open_in(index.path()).unwrap().0;
+        let group = topics::lineage_group(&super::node_of(&conn).unwrap());
+        drop(conn);
+        let readers = crate::bus::Readers::from([(topics::LINEAGE.to_owned(), vec![group])]);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        bus.enforce_retention(&readers).await.unwrap();
+        assert_eq!(
+            bus.read_all(topics::LINEAGE).await.unwrap().len(),
+            2,
+            "nothing applied, nothing removed"
+        );
+
+        let l = Lineage::start(index.path(), Arc::clone(&bus))
+            .await
+            .unwrap();
+        assert!(
+            l.find("m4", Duration::from_secs(10))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            bus.enforce_retention(&readers).await.unwrap();
+            if bus.read_all(topics::LINEAGE).await.unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "applied records are removed once committed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(l.get("m3").await.unwrap().is_some(), "the index keeps them");
+    }
+
+    /// Two nodes on one log: each index applies the other's writes, so either answers for a
+    /// message the other took in, with the steps both made.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_node_answers_for_what_another_took_in() {
+        let shared = tempfile::tempdir().unwrap();
+        let bus = log(shared.path()).await;
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Lineage::start(da.path(), Arc::clone(&bus)).await.unwrap();
+        let b = Lineage::start(db.path(), Arc::clone(&bus)).await.unwrap();
+        assert_ne!(a.group(), b.group(), "each node reads under its own group");
+        a.received(received("m2")).await;
+        a.flush().await;
+        let on_b = b
+            .find("m2", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .expect("node B knows what node A took in");
+        assert_eq!(on_b.received.raw_offset, 4);
+        // B delivers it; A sees the delivery.
+        b.step("m2", delivery(1, StepOutcome::Delivered)).await;
+        b.flush().await;
+        assert_eq!(
+            steps(&b, "m2").await,
+            vec![StepOutcome::Accepted, StepOutcome::Delivered]
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let on_a = steps(&a, "m2").await;
+            if on_a.len() == 2 {
+                assert_eq!(on_a, vec![StepOutcome::Accepted, StepOutcome::Delivered]);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "A saw {on_a:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A record of a later release's stage is skipped, not a failure of the index.
+        let mut odd = LineageRecord {
+            message_id: "m2".into(),
+            step_id: "later.1".into(),
+            received: None,
+            step: None,
+        };
+        odd.step = Some(ketenbus_schemas::lineage::LineageStep {
+            at_ms: 1,
+            stage: "teleported".into(),
+            subscription: None,
+            record_id: None,
+            kind: None,
+            attempt: None,
+            outcome: "delivered".into(),
+            reason: None,
+            detail: None,
+        });
+        bus.publish(vec![OutRecord {
+            topic: topics::LINEAGE.to_owned(),
+            key: odd.key(),
+            value: odd.to_avro().unwrap(),
+        }])
+        .await
+        .unwrap();
+        a.step("m2", delivery(2, StepOutcome::Delivered)).await;
+        a.flush().await;
+        assert_eq!(steps(&a, "m2").await.len(), 3);
+    }
 }

@@ -23,10 +23,10 @@ use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
+use crate::bus::{Bus, BusError, Consumer, OutRecord, Position, Record};
 use crate::bus::{publish_retrying, while_unavailable};
 use crate::observe::health::{Health, State};
-use crate::observe::lineage::{Lineage, Received, Step};
+use crate::observe::lineage::{Lineage, Received, SETTLE, Step};
 use crate::route::keys::PatientKeyer;
 use crate::route::normalise::{Normalisers, events_of};
 use ketenbus_schemas::now_ms;
@@ -75,6 +75,9 @@ struct Routed {
     content: Vec<Vec<u8>>,
     /// Deliveries a mail server reported failed for good.
     bounced: Vec<LineageReport>,
+    /// The envelope as received, recorded again: the node that took it in may have died
+    /// before its own lineage write was published (the index applies it once).
+    seen: Option<Received>,
 }
 
 impl Routed {
@@ -85,6 +88,7 @@ impl Routed {
             made: Vec::new(),
             content: Vec::new(),
             bounced: Vec::new(),
+            seen: None,
         }
     }
 }
@@ -165,6 +169,7 @@ async fn route_batch<B: Bus>(
     let mut made = Vec::new();
     let mut content = Vec::new();
     let mut bounced = Vec::new();
+    let mut seen = Vec::new();
     for routed in routed {
         #[cfg(debug_assertions)] // KETENBUS_FAULT=router_panic_after:N (tests only)
         crate::fault::hit("router_panic_after");
@@ -173,6 +178,7 @@ async fn route_batch<B: Bus>(
         steps.extend(routed.steps);
         content.extend(routed.content);
         bounced.extend(routed.bounced);
+        seen.extend(routed.seen);
     }
     if let Some(store) = &routing.content {
         keep_content(store, content, cancel).await?;
@@ -199,6 +205,9 @@ async fn route_batch<B: Bus>(
         lineage
             .received(Received::of(&envelope, positions[i]))
             .await;
+    }
+    for received in seen {
+        lineage.received(received).await;
     }
     for (id, step) in steps {
         crate::observe::metrics::routed(
@@ -256,7 +265,8 @@ async fn bounce_dead_letter<B: Bus>(
         tracing::warn!(record = %report.record_id, "a bounce names no mail subscription configured here; recorded in the lineage only");
         return Ok(None);
     }
-    let found = match lineage.get(&report.envelope_id).await {
+    // Another node may have taken the message in: its lineage comes through the topic.
+    let found = match lineage.find(&report.envelope_id, SETTLE).await {
         Ok(Some(m)) => {
             bus.read_at(topics::RAW, m.received.raw_partition, m.received.raw_offset)
                 .await?
@@ -268,7 +278,7 @@ async fn bounce_dead_letter<B: Bus>(
         }
     };
     let Some(raw) = found else {
-        tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's envelope is not in this log (another process, or past retention); recorded in the lineage only");
+        tracing::warn!(record = %report.record_id, subscription = sub, "a bounced delivery's envelope is not in the log (unknown to the lineage, or past retention); recorded in the lineage only");
         return Ok(None);
     };
     let delivered = if report.record_id == report.envelope_id {
@@ -365,12 +375,23 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
             };
         }
     };
+    let seen = Some(Received::of(
+        &envelope,
+        Position {
+            partition: record.partition,
+            offset: record.offset,
+        },
+    ));
     if envelope.connector == edifact::CONTRL_CONNECTOR {
         // Our own acknowledgement on its way out: nothing clinical to normalise.
         let step = Step::new(at, Stage::Normalise, StepOutcome::Acknowledgement);
-        return Routed::steps(vec![(envelope.id.clone(), step)]);
+        return Routed {
+            seen,
+            ..Routed::steps(vec![(envelope.id.clone(), step)])
+        };
     }
     let mut routed = normalise(record, &envelope, routing, at);
+    routed.seen = seen;
     if let Some(contrl) = edifact::reply(&envelope, &routing.contrl_partners) {
         let mut step = Step::new(at, Stage::Acknowledge, StepOutcome::Contrl);
         step.record_id = Some(contrl.id.clone());
@@ -467,6 +488,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 made: Vec::new(),
                 content,
                 bounced,
+                seen: None,
             }
         }
         Err(NormaliseError::UnsupportedFormat { format }) => {
@@ -590,6 +612,7 @@ mod tests {
             topics::RAW.to_owned(),
             topics::events(EventKind::Letter),
             topics::dead_letters("gp-by-mail"),
+            topics::LINEAGE.to_owned(),
         ]
         .into_iter()
         .map(|name| TopicSpec {
@@ -598,7 +621,14 @@ mod tests {
         })
         .collect();
         bus.ensure_topics(&specs).await.unwrap();
-        let lineage = Lineage::open(dir.path()).unwrap();
+        // Node A takes the letter in; node B, on the same log, gets the bounce.
+        let (node_a, node_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let lineage = Lineage::start(node_a.path(), Arc::new(bus.clone()))
+            .await
+            .unwrap();
+        let on_b = Lineage::start(node_b.path(), Arc::new(bus.clone()))
+            .await
+            .unwrap();
         let mut r = routing(normalisers(), &[]);
         r.reports.subscriptions.push("gp-by-mail".into());
         let r = Arc::new(r);
@@ -679,7 +709,7 @@ mod tests {
         );
         assert_eq!(step.1.outcome.as_str(), "failed");
 
-        let dl = bounce_dead_letter(&bus, &r, &lineage, &routed.bounced[0], 7)
+        let dl = bounce_dead_letter(&bus, &r, &on_b, &routed.bounced[0], 7)
             .await
             .unwrap()
             .expect("a dead letter");
@@ -768,6 +798,21 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             routed.steps[0].1.reason.as_deref(),
             Some("unsupported_format")
         );
+    }
+
+    /// The router records each envelope as received again, from where it read it: the node
+    /// that took it in may have died before its own lineage write was published.
+    #[test]
+    fn every_routed_envelope_is_recorded_as_received_where_it_was_read() {
+        let mut record = raw_record(Format::Rfc822, b"Subject: x\r\n\r\nhi");
+        (record.partition, record.offset) = (2, 41);
+        let routed = route_one(&record, &routing(normalisers(), &[]));
+        let seen = routed.seen.expect("recorded as received");
+        assert_eq!(
+            (seen.id.as_str(), seen.raw_partition, seen.raw_offset),
+            ("env-1", 2, 41)
+        );
+        assert_eq!(seen.connector, "http");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         topics::RAW.to_owned(),
         topics::DELIVERY_OUTCOMES.to_owned(),
         topics::ROUTER_DEAD_LETTERS.to_owned(),
+        topics::LINEAGE.to_owned(),
     ];
     names.extend(EventKind::ALL.iter().map(|k| topics::events(*k)));
     for s in &settings.subscriptions {
@@ -59,7 +60,11 @@ pub async fn run<B: Bus>(
     bus.ensure_topics(&topic_specs(&settings))
         .await
         .context("creating topics")?;
-    let lineage = Lineage::open(&cfg.data_dir).context("opening the lineage index")?;
+    // Outside the supervised set: it publishes and applies until the last handle is gone,
+    // so the writes of stopping stages still reach the topic.
+    let lineage = Lineage::start(&cfg.data_dir, Arc::clone(&bus))
+        .await
+        .context("starting the lineage index")?;
     let env = &settings.env;
     let keyer = cfg
         .keys
@@ -183,6 +188,7 @@ pub async fn run<B: Bus>(
     let task = crate::runtime::retention::run(
         Arc::clone(&bus),
         &settings,
+        lineage.group(),
         Arc::clone(&health),
         cancel.clone(),
     );
@@ -285,7 +291,12 @@ pub async fn run<B: Bus>(
     );
     tasks.spawn("http", serve);
     let failure = tasks.supervise(&health, &cancel).await;
-    lineage.flush().await;
+    if tokio::time::timeout(std::time::Duration::from_secs(10), lineage.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("lineage writes not all published at shutdown; the topics keep the record");
+    }
     match failure {
         Some(failure) => {
             tracing::error!(cause = %failure, "ketenbus stopped after a failure; exiting non-zero");

@@ -15,10 +15,15 @@ use crate::observe::health::{Health, State};
 use crate::observe::metrics;
 
 /// The groups that must finish each topic: the router for the raw topic; every subscription
-/// for the topics it reads (its event kinds or raw, and its replay topic).
+/// for the topics it reads (its event kinds or raw, and its replay topic); this node's
+/// lineage index (`lineage_group`) for the lineage topic.
 #[must_use]
-pub fn readers(settings: &Settings) -> Readers {
+pub fn readers(settings: &Settings, lineage_group: &str) -> Readers {
     let mut readers = Readers::new();
+    readers
+        .entry(topics::LINEAGE.to_owned())
+        .or_default()
+        .push(lineage_group.to_owned());
     readers
         .entry(topics::RAW.to_owned())
         .or_default()
@@ -43,16 +48,17 @@ pub fn readers(settings: &Settings) -> Readers {
 pub const COMPONENT: &str = "log";
 
 /// Every `bus.embedded.retention_interval` until `cancel` (the first pass at once): run the
-/// engine's retention with the configured readers, export how far a topic stays past its
+/// engine's retention with the configured readers and the lineage index's `lineage_group`, export how far a topic stays past its
 /// size limit, and set the `log` component of `/readyz` (degraded while a topic is held
 /// past its limit, with the reason; new messages are refused past the margin).
 pub fn run<B: Bus>(
     bus: Arc<B>,
     settings: &Settings,
+    lineage_group: &str,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let readers = readers(settings);
+    let readers = readers(settings, lineage_group);
     let every = settings.config.bus.retention_interval();
     async move {
         health.set(COMPONENT, State::Ready);
@@ -112,7 +118,7 @@ mod tests {
         )
         .unwrap();
         let settings = config.validate(&crate::config::Env::empty()).unwrap();
-        let r = readers(&settings);
+        let r = readers(&settings, "ketenbus.lineage.n1");
         let groups = |t: &str| {
             let mut g = r[t].clone();
             g.sort();
@@ -127,6 +133,7 @@ mod tests {
         assert_eq!(groups("ketenbus.replay.gp"), ["ketenbus.sub.gp"]);
         assert_eq!(groups("ketenbus.replay.archive"), ["ketenbus.sub.archive"]);
         assert_eq!(groups("ketenbus.retry.gp"), ["ketenbus.sub.gp.retry"]);
+        assert_eq!(groups("ketenbus.lineage"), ["ketenbus.lineage.n1"]);
         assert!(!r.contains_key("ketenbus.events.acute_handover"));
         assert!(!r.keys().any(|t| t.starts_with("ketenbus.dlq.")));
     }

@@ -45,11 +45,13 @@ const COMMIT_EVERY: Duration = Duration::from_millis(200);
 const IDLE_RECHECK: Duration = Duration::from_millis(250);
 
 impl EmbeddedConsumer {
-    /// Join `group` on `topics`, after the group's committed offsets.
+    /// Join `group` on `topics`, after the group's committed offsets, or at `from`
+    /// (partition, next offset; 0 for a partition not named) when given.
     pub(super) async fn join(
         bus: &EmbeddedBus,
         group: &str,
         topics: &[String],
+        from: Option<&[(u32, i64)]>,
     ) -> Result<EmbeddedConsumer, BusError> {
         bus.refresh_partitions().await?;
         let mut parts = Vec::new();
@@ -61,10 +63,15 @@ impl EmbeddedConsumer {
         }
         let path = bus.inner.path.clone();
         let group_owned = group.to_owned();
+        let from: Option<HashMap<u32, i64>> = from.map(|f| f.iter().copied().collect());
         let (conn, next) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let conn = open_reader(&path)?;
             let mut next = HashMap::new();
             for (topic, p) in parts {
+                if let Some(from) = &from {
+                    next.insert((topic, p), from.get(&p).copied().unwrap_or(0));
+                    continue;
+                }
                 let committed: Option<i64> = conn
                     .query_row(
                         "SELECT next_offset FROM group_offsets WHERE grp = ?1 AND topic = ?2 AND partition = ?3",

@@ -264,7 +264,17 @@ impl Bus for EmbeddedBus {
         group: &str,
         topics: &[String],
     ) -> Result<EmbeddedConsumer, BusError> {
-        EmbeddedConsumer::join(self, group, topics).await
+        EmbeddedConsumer::join(self, group, topics, None).await
+    }
+
+    async fn read_alone(
+        &self,
+        group: &str,
+        topic: &str,
+        from: &[(u32, i64)],
+    ) -> Result<EmbeddedConsumer, BusError> {
+        // One process reads the embedded log: a group's one member reads every partition.
+        EmbeddedConsumer::join(self, group, &[topic.to_owned()], Some(from)).await
     }
 
     async fn read_all(&self, topic: &str) -> Result<Vec<Record>, BusError> {

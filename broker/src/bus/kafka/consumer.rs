@@ -171,10 +171,7 @@ impl KafkaBus {
         let topic = topic.to_owned();
         let timeout = self.config.request_timeout;
         blocking(move || {
-            let metadata = consumer
-                .fetch_metadata(Some(&topic), timeout)
-                .map_err(|e| classify(&e, Some(&topic)))?;
-            let parts = topic_partitions(&metadata, &topic)?;
+            let parts = partitions_now(consumer.client(), &topic, timeout)?;
             let mut tpl = TopicPartitionList::new();
             for p in &parts {
                 tpl.add_partition(&topic, *p);
@@ -198,6 +195,18 @@ impl KafkaBus {
         })
         .await
     }
+}
+
+/// Partition ids of `topic` as the cluster's metadata has them now.
+fn partitions_now<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, BusError> {
+    let metadata = client
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| classify(&e, Some(topic)))?;
+    topic_partitions(&metadata, topic)
 }
 
 fn to_record<M: rdkafka::message::Message>(m: &M) -> Record {
@@ -359,16 +368,74 @@ impl KafkaConsumer {
             .subscribe(&names)
             .map_err(|e| classify(&e, topics.first().map(String::as_str)))?;
         tracing::info!(group, topics = ?topics, "kafka consumer subscribed");
-        Ok(KafkaConsumer {
+        Ok(KafkaConsumer::new(bus, group, Arc::new(consumer), state))
+    }
+
+    fn new(
+        bus: &KafkaBus,
+        group: &str,
+        consumer: Arc<StreamConsumer<GroupContext>>,
+        state: Arc<Mutex<GroupState>>,
+    ) -> KafkaConsumer {
+        KafkaConsumer {
             group: group.to_owned(),
-            consumer: Arc::new(consumer),
+            consumer,
             state,
             acks_since_commit: 0,
             last_commit: Instant::now(),
             commit_every: bus.config.commit_every,
             commit_interval: bus.config.commit_interval,
             request_timeout: bus.config.request_timeout,
+        }
+    }
+
+    /// Read every partition of `topic` alone (assigned, never joining `group`), from `from`
+    /// (partition, next offset; the beginning for a partition not named). Commits go to
+    /// `group` as a simple consumer's: nothing else joins that group.
+    pub(super) async fn alone(
+        bus: &KafkaBus,
+        group: &str,
+        topic: &str,
+        from: &[(u32, i64)],
+    ) -> Result<KafkaConsumer, BusError> {
+        bus.check_topics([topic]).await?;
+        let state = Arc::new(Mutex::new(GroupState::default()));
+        let context = GroupContext {
+            group: group.to_owned(),
+            state: Arc::clone(&state),
+        };
+        let consumer: StreamConsumer<GroupContext> =
+            StreamConsumer::from_config_and_context(&bus.consumer_config(group), context)
+                .map_err(|e| BusError::Fatal(format!("kafka consumer: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let (c, name, timeout) = (
+            Arc::clone(&consumer),
+            topic.to_owned(),
+            bus.config.request_timeout,
+        );
+        let from: HashMap<u32, i64> = from.iter().copied().collect();
+        let count = blocking(move || {
+            let parts = partitions_now(c.client(), &name, timeout)?;
+            let mut tpl = TopicPartitionList::new();
+            for p in &parts {
+                let offset = u32::try_from(*p)
+                    .ok()
+                    .and_then(|p| from.get(&p))
+                    .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                tpl.add_partition_offset(&name, *p, offset)
+                    .map_err(|e| classify(&e, Some(&name)))?;
+            }
+            c.assign(&tpl).map_err(|e| classify(&e, Some(&name)))?;
+            Ok(parts.len())
         })
+        .await?;
+        tracing::info!(
+            group,
+            topic,
+            partitions = count,
+            "kafka reader assigned every partition"
+        );
+        Ok(KafkaConsumer::new(bus, group, consumer, state))
     }
 
     /// Starts an asynchronous commit of the commit points that moved. Failures are logged by

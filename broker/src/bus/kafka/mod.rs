@@ -7,7 +7,9 @@
 //! group has not finished, so `retention.ms` of the raw and event topics must be longer than
 //! the longest outage a subscriber may have (README, "Engines"). Dead-letter topics are
 //! created with `retention.ms = -1` and `retention.bytes = -1` (kept until `ketenbus dlq
-//! purge`), and an existing one with time or size retention is reported at start-up.
+//! purge`), and an existing one with time or size retention is reported at start-up. The
+//! lineage topic is created compacted (`cleanup.policy=compact`, see
+//! [`super::is_compacted_topic`]).
 
 mod classify;
 mod config;
@@ -31,7 +33,9 @@ use rdkafka::metadata::Metadata;
 use rdkafka::producer::{FutureProducer, Producer as _};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{Bus, BusError, OutRecord, Position, Record, TopicSpec, is_dead_letter_topic};
+use super::{
+    Bus, BusError, OutRecord, Position, Record, TopicSpec, is_compacted_topic, is_dead_letter_topic,
+};
 use classify::classify;
 
 fn millis(d: Duration) -> String {
@@ -137,11 +141,12 @@ const DEAD_LETTER_RETENTION: [(&str, &str); 2] =
 
 impl KafkaBus {
     /// Report dead-letter topics (made before ketenbus set their retention, or changed since)
-    /// that the cluster would expire: their dead letters are lost when it does.
-    async fn check_dead_letter_retention(&self, topics: &[TopicSpec]) {
+    /// that the cluster would expire: their dead letters are lost when it does; and a lineage
+    /// topic that is not compacted.
+    async fn check_retention(&self, topics: &[TopicSpec]) {
         let specs: Vec<ResourceSpecifier<'_>> = topics
             .iter()
-            .filter(|t| is_dead_letter_topic(&t.name))
+            .filter(|t| is_dead_letter_topic(&t.name) || is_compacted_topic(&t.name))
             .map(|t| ResourceSpecifier::Topic(&t.name))
             .collect();
         if specs.is_empty() {
@@ -156,6 +161,21 @@ impl KafkaBus {
             }
         };
         for resource in results.into_iter().flatten() {
+            if matches!(&resource.specifier, rdkafka::admin::OwnedResourceSpecifier::Topic(t) if is_compacted_topic(t))
+            {
+                let policy = resource
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.as_deref());
+                // Not set is the cluster's default, `delete`.
+                if !policy.is_some_and(|p| p.contains("compact")) {
+                    tracing::error!(
+                        topic = ?resource.specifier,
+                        value = policy.unwrap_or("delete"),
+                        "the lineage topic is not compacted; set cleanup.policy=compact (kafka-configs --alter) or the lineage expires with the topic"
+                    );
+                }
+                continue;
+            }
             for (key, keep) in DEAD_LETTER_RETENTION {
                 let value = resource.get(key).and_then(|e| e.value.as_deref());
                 if value.is_some_and(|v| v != keep) {
@@ -283,10 +303,14 @@ impl Bus for KafkaBus {
                 TopicReplication::Fixed(i32::from(self.config.replication_factor)),
             );
             let dead_letters = is_dead_letter_topic(&spec.name);
+            let compacted = is_compacted_topic(&spec.name);
             if !self.config.topic_config.contains_key("max.message.bytes") {
                 topic = topic.set("max.message.bytes", &max_message_bytes);
             }
             for (k, v) in &self.config.topic_config {
+                if compacted && k == "cleanup.policy" {
+                    continue;
+                }
                 if dead_letters
                     && DEAD_LETTER_RETENTION
                         .iter()
@@ -300,6 +324,9 @@ impl Bus for KafkaBus {
                 for (k, v) in DEAD_LETTER_RETENTION {
                     topic = topic.set(k, v);
                 }
+            }
+            if compacted {
+                topic = topic.set("cleanup.policy", "compact");
             }
             new_topics.push(topic);
             wanted.push((spec.name.clone(), usize::try_from(partitions).unwrap_or(0)));
@@ -330,7 +357,7 @@ impl Bus for KafkaBus {
             }
         }
         self.await_topics(wanted.clone()).await?;
-        self.check_dead_letter_retention(topics).await;
+        self.check_retention(topics).await;
         lock(&self.known_topics).extend(wanted.into_iter().map(|(t, _)| t));
         Ok(())
     }
@@ -382,6 +409,15 @@ impl Bus for KafkaBus {
 
     async fn subscribe(&self, group: &str, topics: &[String]) -> Result<KafkaConsumer, BusError> {
         KafkaConsumer::join(self, group, topics).await
+    }
+
+    async fn read_alone(
+        &self,
+        group: &str,
+        topic: &str,
+        from: &[(u32, i64)],
+    ) -> Result<KafkaConsumer, BusError> {
+        KafkaConsumer::alone(self, group, topic, from).await
     }
 
     async fn read_all(&self, topic: &str) -> Result<Vec<Record>, BusError> {
@@ -457,6 +493,37 @@ mod tests {
             key: key.into_bytes(),
             value,
         }
+    }
+
+    /// The lineage topic is created compacted, whatever `topic_config` says of the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_lineage_topic_is_compacted() {
+        let Some((mut bus, _)) = test_bus("compacted") else {
+            return;
+        };
+        bus.config
+            .topic_config
+            .insert("cleanup.policy".into(), "delete".into());
+        let lineage = ketenbus_schemas::topics::LINEAGE;
+        bus.ensure_topics(&[TopicSpec {
+            name: lineage.to_owned(),
+            partitions: 3,
+        }])
+        .await
+        .unwrap();
+        let opts = AdminOptions::new().request_timeout(Some(bus.config.request_timeout));
+        let found = bus
+            .admin
+            .describe_configs(&[ResourceSpecifier::Topic(lineage)], &opts)
+            .await
+            .unwrap();
+        let resource = found.into_iter().next().unwrap().unwrap();
+        assert_eq!(
+            resource
+                .get("cleanup.policy")
+                .and_then(|e| e.value.as_deref()),
+            Some("compact")
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
