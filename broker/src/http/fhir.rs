@@ -567,6 +567,7 @@ mod tests {
             idempotency: crate::http::idempotency::Idempotency::open(dir).unwrap(),
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
+            keyer: crate::route::keys::PatientKeyer::new(b"0123456789abcdef".to_vec()),
         });
         let app = Router::new().merge(routes()).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -20,6 +20,8 @@ pub struct ApiState {
     pub health: Arc<Health>,
     /// Largest accepted body.
     pub max_body: usize,
+    /// Turns the BSN of a search by patient into the pseudonym the index holds.
+    pub keyer: crate::route::keys::PatientKeyer,
 }
 
 impl std::fmt::Debug for ApiState {

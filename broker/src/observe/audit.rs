@@ -262,7 +262,8 @@ pub fn ensure_local_key(env: &Env) -> Result<PathBuf, String> {
 /// What happened, as a caller reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// `delivery`, `delivery_withheld`, `lineage_read`, `fhir_read`, `dlq_purge`.
+    /// `delivery`, `delivery_withheld`, `lineage_read`, `lineage_list`, `patient_search` (a
+    /// message search by patient, `patient` naming whom), `fhir_read`, `dlq_purge`.
     pub action: String,
     /// Who: `subscription:<name>` for a delivery, `operator:<name>` or `anonymous` for a read.
     pub actor: String,

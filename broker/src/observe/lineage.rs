@@ -15,6 +15,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+pub mod search;
+pub use search::{BadParameter, ListQuery, Search, Status};
+
 /// A step in a message's life.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Step {
@@ -42,6 +45,10 @@ pub struct Step {
     /// Detail without payload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Patient pseudonym (the patient key) of the event, on normalised steps: what a search
+    /// by patient finds the message by. Never a BSN.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub patient: Option<String>,
 }
 
 impl Step {
@@ -58,6 +65,7 @@ impl Step {
             outcome,
             reason: None,
             detail: None,
+            patient: None,
         }
     }
 }
@@ -85,6 +93,10 @@ pub struct Received {
     pub raw_partition: u32,
     /// Offset on the raw topic.
     pub raw_offset: i64,
+    /// The id the message gives itself: the UNB interchange control reference, the FHIR
+    /// MessageHeader id (else the Bundle id), the mail's Message-ID.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source_id: Option<String>,
 }
 
 impl Received {
@@ -105,6 +117,7 @@ impl Received {
             receiver: envelope.receiver.clone(),
             raw_partition: position.partition,
             raw_offset: position.offset,
+            source_id: ketenbus_connectors::party::source_id(envelope.format, &envelope.body),
         }
     }
 }
@@ -170,7 +183,7 @@ pub struct DeliverySummary {
 }
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -186,6 +199,7 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
          CREATE INDEX IF NOT EXISTS steps_outcome ON steps (outcome, subscription, at);
          CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at, id);",
     )?;
+    search::migrate(&mut conn)?;
     Ok(conn)
 }
 
@@ -241,24 +255,6 @@ impl Lineage {
     }
 }
 
-/// Which messages to list.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// A step outcome the message had, by its name ([`StepOutcome::as_str`]): accepted,
-    /// normalised, unsupported_format, rejected, delivered, retrying, dead_lettered,
-    /// filtered, ... A name that is no outcome matches nothing.
-    pub status: Option<String>,
-    /// Only steps of this subscription.
-    pub subscription: Option<String>,
-    /// Only steps at or after this time (RFC 3339).
-    pub since: Option<String>,
-    /// Page size, at most 1000 (default 100).
-    pub limit: Option<u32>,
-    /// The `next` cursor of the previous page.
-    pub after: Option<String>,
-}
-
 /// One page of messages, newest first.
 #[derive(Debug, Clone, Serialize)]
 pub struct Page {
@@ -269,65 +265,18 @@ pub struct Page {
 }
 
 impl Lineage {
-    /// Messages matching `q`, newest first, a page at a time.
+    /// Messages matching `q`, newest first, a page at a time (see [`search`]).
     ///
     /// # Errors
-    /// A bad `since` or `after` (as text), or a database failure.
-    pub async fn list(&self, q: ListQuery) -> Result<Page, String> {
+    /// A database failure, as text.
+    pub async fn list(&self, q: Search) -> Result<Page, String> {
         self.flush().await;
-        let since_ms = match q.since.as_deref() {
-            None => 0,
-            Some(t) => {
-                let t = humantime::parse_rfc3339_weak(t).map_err(|e| format!("since: {e}"))?;
-                let ms = t
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_err(|e| format!("since: {e}"))?
-                    .as_millis();
-                i64::try_from(ms).map_err(|e| format!("since: {e}"))?
-            }
-        };
-        let (after_at, after_id) = match q.after.as_deref() {
-            None => (i64::MAX, String::new()),
-            Some(c) => {
-                let (at, id) = c
-                    .split_once('_')
-                    .ok_or("after: not a cursor from a previous page")?;
-                (
-                    at.parse()
-                        .map_err(|_| "after: not a cursor from a previous page")?,
-                    id.to_owned(),
-                )
-            }
-        };
-        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || -> rusqlite::Result<Page> {
-            let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let conn =
+                Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
             conn.busy_timeout(Duration::from_secs(5))?;
-            let mut stmt = conn.prepare(
-                "SELECT m.id, m.received_at, m.connector, m.format, m.content_type, m.size, m.sender, m.receiver,
-                        m.raw_partition, m.raw_offset
-                 FROM messages m
-                 WHERE (m.received_at, m.id) < (?1, ?2)
-                   AND (?3 IS NULL OR EXISTS (
-                        SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.outcome = ?3
-                          AND (?4 IS NULL OR s.subscription = ?4) AND s.at >= ?5))
-                   AND (?3 IS NOT NULL OR ?4 IS NULL OR EXISTS (
-                        SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.subscription = ?4 AND s.at >= ?5))
-                   AND m.received_at >= CASE WHEN ?3 IS NULL AND ?4 IS NULL THEN ?5 ELSE 0 END
-                 ORDER BY m.received_at DESC, m.id DESC LIMIT ?6",
-            )?;
-            let after_id = if after_at == i64::MAX { "\u{10FFFF}".to_owned() } else { after_id };
-            let mut items: Vec<Received> = stmt
-                .query_map(params![after_at, after_id, q.status, q.subscription, since_ms, limit + 1], received_row)?
-                .collect::<Result<_, _>>()?;
-            let next = if items.len() > limit as usize {
-                items.truncate(limit as usize);
-                items.last().map(|m| format!("{}_{}", m.received_at_ms, m.id))
-            } else {
-                None
-            };
-            Ok(Page { items, next })
+            search::page(&conn, &q)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -369,14 +318,19 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     while let Some(first) = rx.blocking_recv() {
         let ops = gather(&mut rx, first);
         let mut flushes = Vec::new();
+        let mut touched = std::collections::BTreeSet::new();
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
             {
                 let mut msg = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO messages VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT OR IGNORE INTO messages (id, received_at, connector, format, content_type,
+                         size, sender, receiver, raw_partition, raw_offset, source_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?;
                 let mut step = tx.prepare_cached(
-                    "INSERT INTO steps VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    "INSERT INTO steps (message_id, at, stage, subscription, record_id, kind,
+                         attempt, outcome, reason, detail, patient)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?;
                 for op in ops {
                     match op {
@@ -391,7 +345,8 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                                 r.sender,
                                 r.receiver,
                                 r.raw_partition,
-                                r.raw_offset
+                                r.raw_offset,
+                                r.source_id
                             ])?;
                             step.execute(params![
                                 r.id,
@@ -403,8 +358,10 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                                 None::<u32>,
                                 StepOutcome::Accepted.as_str(),
                                 None::<String>,
+                                None::<String>,
                                 None::<String>
                             ])?;
+                            touched.insert(r.id);
                         }
                         Op::Step(id, s) => {
                             step.execute(params![
@@ -417,12 +374,17 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                                 s.attempt,
                                 s.outcome.as_str(),
                                 s.reason,
-                                s.detail
+                                s.detail,
+                                s.patient
                             ])?;
+                            touched.insert(id);
                         }
                         Op::Flush(done) => flushes.push(done),
                     }
                 }
+            }
+            for id in &touched {
+                search::refresh(&tx, id)?;
             }
             tx.commit()
         })();
@@ -435,7 +397,8 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
-/// A `messages` row, columns in table order.
+/// A `messages` row: id, received_at, connector, format, content_type, size, sender,
+/// receiver, raw_partition, raw_offset, source_id.
 fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
     Ok(Received {
         id: r.get(0)?,
@@ -448,6 +411,7 @@ fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
         receiver: r.get(7)?,
         raw_partition: r.get(8)?,
         raw_offset: r.get(9)?,
+        source_id: r.get(10)?,
     })
 }
 
@@ -467,7 +431,8 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     conn.busy_timeout(Duration::from_secs(5))?;
     let received = conn
         .query_row(
-            "SELECT * FROM messages WHERE id = ?1",
+            "SELECT id, received_at, connector, format, content_type, size, sender, receiver,
+                    raw_partition, raw_offset, source_id FROM messages WHERE id = ?1",
             params![id],
             received_row,
         )
@@ -476,7 +441,7 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
         return Ok(None);
     };
     let mut stmt = conn.prepare(
-        "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail
+        "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail, patient
          FROM steps WHERE message_id = ?1 ORDER BY at, rowid",
     )?;
     let steps: Vec<Step> = stmt
@@ -491,6 +456,7 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
                 outcome: name(r, 6)?,
                 reason: r.get(7)?,
                 detail: r.get(8)?,
+                patient: r.get(9)?,
             })
         })?
         .collect::<Result<_, _>>()?;

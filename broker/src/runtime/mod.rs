@@ -74,6 +74,7 @@ pub async fn run<B: Bus>(
             .context("opening the content store")?,
     );
     let raw_patients = Arc::new(crate::route::keys::RawPatients::new(keyer.clone()));
+    let patient_keyer = keyer.clone();
     let router_task = router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
@@ -182,6 +183,7 @@ pub async fn run<B: Bus>(
             .context("opening the idempotency index")?,
         health: Arc::clone(&health),
         max_body: cfg.http.max_body_bytes(),
+        keyer: patient_keyer,
     });
     let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(
         ketenbus_connectors::mail::SmtpSenderCheck::new(
