@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ketenbus::observe::lineage::{Lineage, ListQuery, Received, Step};
+use ketenbus::observe::lineage::{Lineage, ListQuery, Received, Status, Step};
 use ketenbus::route::keys::PatientKeyer;
 use ketenbus_schemas::event::{Identifier, systems};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
@@ -278,16 +278,10 @@ async fn main() -> anyhow::Result<()> {
         (
             "status",
             Box::new(|r| {
+                let all = Status::ALL;
                 format!(
                     "status={}",
-                    [
-                        "received",
-                        "normalised",
-                        "pending",
-                        "delivered",
-                        "failed",
-                        "dead_lettered"
-                    ][r.below(6) as usize]
+                    all[r.below(all.len() as u64) as usize].as_str()
                 )
             }),
         ),
