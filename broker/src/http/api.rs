@@ -636,6 +636,24 @@ mod tests {
         assert_eq!(api.ids("status=delivered", 10).await, ["m1"]);
     }
 
+    /// Steps may reach the index before their message does (lineage carried on a topic).
+    #[tokio::test]
+    async fn steps_that_arrive_before_their_message_are_found_with_it() {
+        let api = api().await;
+        let mut step = Step::new(
+            1_764_000_001_500,
+            Stage::Normalised,
+            StepOutcome::Normalised,
+        );
+        step.record_id = Some("late-ev0".into());
+        step.kind = Some("letter".into());
+        api.lineage.step("late", step).await;
+        assert!(api.ids("kind=letter", 10).await.is_empty());
+        record(&api.lineage, &msg("late", 1_764_000_001_000)).await;
+        assert_eq!(api.ids("kind=letter", 10).await, ["late"]);
+        assert_eq!(api.ids("status=normalised", 10).await, ["late"]);
+    }
+
     #[tokio::test]
     async fn paging_with_filters_walks_every_match_once() {
         let api = api().await;
