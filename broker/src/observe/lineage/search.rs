@@ -474,24 +474,24 @@ const COLUMNS: &str = "m.id, m.received_at, m.connector, m.format, m.content_typ
 /// When the database fails.
 pub fn page(conn: &Connection, q: &Search) -> rusqlite::Result<Page> {
     use rusqlite::types::Value;
-    let (after_at, after_id) = q
-        .after
-        .clone()
-        .unwrap_or((i64::MAX, "\u{10FFFF}".to_owned()));
-    let upper = after_at.min(q.until_ms);
+    // One upper bound on the time, so the index range starts there: the cursor when it lies
+    // within `until` (ties broken by id), else `until` itself (every id at that time).
+    let (upper, id_below) = match &q.after {
+        Some((at, id)) if *at <= q.until_ms => (*at, id.clone()),
+        _ => (q.until_ms, "\u{10FFFF}".to_owned()),
+    };
     let mut args: Vec<Value> = vec![
         Value::Integer(q.since_ms),
         Value::Integer(upper),
-        Value::Integer(after_at),
-        Value::Text(after_id),
+        Value::Text(id_below),
         Value::Integer(i64::from(q.limit) + 1),
     ];
     let sql = if q.facets.is_empty() {
         format!(
             "SELECT {COLUMNS} FROM messages m
              WHERE m.received_at >= ?1 AND m.received_at <= ?2
-               AND (m.received_at < ?3 OR (m.received_at = ?3 AND m.id < ?4))
-             ORDER BY m.received_at DESC, m.id DESC LIMIT ?5"
+               AND (m.received_at < ?2 OR m.id < ?3)
+             ORDER BY m.received_at DESC, m.id DESC LIMIT ?4"
         )
     } else {
         // The rarest value drives; the others are probed by primary key.
@@ -514,7 +514,7 @@ pub fn page(conn: &Connection, q: &Search) -> rusqlite::Result<Page> {
         for (i, (_, f, v)) in ranked.iter().enumerate() {
             args.push(Value::Text((*f).to_owned()));
             args.push(Value::Text(v.clone()));
-            let (fp, vp) = (6 + 2 * i, 7 + 2 * i);
+            let (fp, vp) = (5 + 2 * i, 6 + 2 * i);
             if i > 0 {
                 probes.push_str(&format!(
                     " AND EXISTS (SELECT 1 FROM message_facets p WHERE p.facet = ?{fp} AND p.value = ?{vp}
@@ -524,10 +524,10 @@ pub fn page(conn: &Connection, q: &Search) -> rusqlite::Result<Page> {
         }
         format!(
             "SELECT {COLUMNS} FROM message_facets d JOIN messages m ON m.id = d.message_id
-             WHERE d.facet = ?6 AND d.value = ?7
+             WHERE d.facet = ?5 AND d.value = ?6
                AND d.received_at >= ?1 AND d.received_at <= ?2
-               AND (d.received_at < ?3 OR (d.received_at = ?3 AND d.message_id < ?4)){probes}
-             ORDER BY d.received_at DESC, d.message_id DESC LIMIT ?5"
+               AND (d.received_at < ?2 OR d.message_id < ?3){probes}
+             ORDER BY d.received_at DESC, d.message_id DESC LIMIT ?4"
         )
     };
     let mut stmt = conn.prepare_cached(&sql)?;
