@@ -347,6 +347,11 @@ async fn main() -> anyhow::Result<()> {
                 )
             }),
         ),
+        // Worst case: two common values that never meet, so the rarer is read to its end.
+        (
+            "connector=smtp+format=edifact (none)",
+            Box::new(|_| "connector=smtp&format=edifact".into()),
+        ),
     ];
     println!(
         "{:<38} {:>9} {:>9} {:>9} {:>9} {:>7}",
