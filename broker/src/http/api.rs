@@ -330,6 +330,10 @@ mod tests {
     }
 
     async fn api() -> Api {
+        api_with(&[]).await
+    }
+
+    async fn api_with(operators: &[crate::http::auth::OperatorConfig]) -> Api {
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap());
         bus.ensure_topics(&[TopicSpec {
@@ -354,7 +358,7 @@ mod tests {
         let audit = Audit::open(dir.path(), AuditKey::new(vec![7; 32]).unwrap()).unwrap();
         let app = crate::http::auth::protect(
             crate::http::router(state),
-            crate::http::auth::Authenticator::new(&[], &[]),
+            crate::http::auth::Authenticator::new(&[], operators),
             Some(audit),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -682,6 +686,51 @@ mod tests {
             all.windows(2).all(|w| w[0] > w[1]),
             "newest first, each once"
         );
+    }
+
+    #[tokio::test]
+    async fn only_operators_search_and_each_search_by_patient_names_the_operator() {
+        let (token, hash) = crate::http::auth::new_token();
+        let api = api_with(&[crate::http::auth::OperatorConfig {
+            name: "alice".into(),
+            token_sha256: Some(hash),
+            cert_sha256: None,
+        }])
+        .await;
+        record(
+            &api.lineage,
+            &Msg {
+                events: vec![("lab_result", Some(bsn(3)))],
+                ..msg("m1", 1_764_000_001_000)
+            },
+        )
+        .await;
+        let url = format!("{}/api/v1/messages?patient={}", api.base, bsn(3));
+        let anonymous = api.client.get(&url).send().await.unwrap();
+        assert_eq!(anonymous.status().as_u16(), 401);
+        let resp = api
+            .client
+            .get(&url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let page: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        assert_eq!(page["items"][0]["id"], "m1");
+        let audit = std::fs::read_to_string(api.dir.path().join("audit.jsonl")).unwrap();
+        let searches: Vec<Value> = audit
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|r| r["action"] == "patient_search")
+            .collect();
+        assert_eq!(
+            searches.len(),
+            1,
+            "only the operator's search read: {audit}"
+        );
+        assert_eq!(searches[0]["actor"], "operator:alice");
+        assert_eq!(searches[0]["patient"], pseudonym(&bsn(3)).as_str());
     }
 
     #[tokio::test]
