@@ -387,6 +387,17 @@ mod tests {
             )
         }
 
+        /// The audit trail, and its records of searches by patient.
+        fn patient_searches(&self) -> (String, Vec<Value>) {
+            let audit = std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap();
+            let searches = audit
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|r| r["action"] == "patient_search")
+                .collect();
+            (audit, searches)
+        }
+
         /// Ids of every page of `query`, walking the cursor with pages of `limit`.
         async fn ids(&self, query: &str, limit: u32) -> Vec<String> {
             let mut out = Vec::new();
@@ -588,12 +599,7 @@ mod tests {
         assert_eq!(page["items"][0]["id"], "m2", "{page}");
         assert_eq!(page["items"][0]["source_id"], "abc@example.org");
         // Each search by patient is a read of that patient in the audit trail, by pseudonym.
-        let audit = std::fs::read_to_string(api.dir.path().join("audit.jsonl")).unwrap();
-        let searches: Vec<Value> = audit
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|r| r["action"] == "patient_search")
-            .collect();
+        let (audit, searches) = api.patient_searches();
         assert!(
             searches
                 .iter()
@@ -718,12 +724,7 @@ mod tests {
         assert_eq!(resp.status().as_u16(), 200);
         let page: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
         assert_eq!(page["items"][0]["id"], "m1");
-        let audit = std::fs::read_to_string(api.dir.path().join("audit.jsonl")).unwrap();
-        let searches: Vec<Value> = audit
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .filter(|r| r["action"] == "patient_search")
-            .collect();
+        let (audit, searches) = api.patient_searches();
         assert_eq!(
             searches.len(),
             1,
