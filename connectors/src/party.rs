@@ -309,6 +309,43 @@ pub fn declared(format: Format, body: &[u8]) -> Declared {
     }
 }
 
+/// Longest id [`source_id`] gives; a longer one is not an id a person would search by.
+pub const MAX_SOURCE_ID: usize = 256;
+
+/// The id a message gives itself, the one its sender would quote when asking after it: the
+/// interchange control reference of its first UNB (EDIFACT), the id of the MessageHeader of a
+/// FHIR message Bundle, else the Bundle's (or resource's) id, a mail's `Message-ID` (without
+/// angle brackets). None when the message does not parse that far, or the id is empty or
+/// longer than [`MAX_SOURCE_ID`].
+#[must_use]
+pub fn source_id(format: Format, body: &[u8]) -> Option<String> {
+    let id = match format {
+        Format::Edifact => {
+            let tokens = tokenize(body).ok()?;
+            let unb = tokens.segments().find(|s| s.tag() == "UNB")?;
+            unb.text(4, 0)?.trim().to_owned()
+        }
+        Format::FhirJson | Format::FhirXml => {
+            let tree = fhir::parse(format, body).ok()?;
+            fhir_source_id(tree.as_object()?)?
+        }
+        Format::Rfc822 => mime::parse_message(body)?.message_id()?.trim().to_owned(),
+    };
+    (!id.is_empty() && id.len() <= MAX_SOURCE_ID).then_some(id)
+}
+
+/// The first entry's MessageHeader id of a message Bundle, else the root's id.
+fn fhir_source_id(root: &Object) -> Option<String> {
+    let header = root
+        .arr("entry")
+        .first()
+        .and_then(Value::as_object)
+        .and_then(|e| e.obj("resource"))
+        .filter(|r| r.str("resourceType") == Some("MessageHeader"))
+        .and_then(|r| r.str("id"));
+    header.or_else(|| root.str("id")).map(str::to_owned)
+}
+
 /// Why a message may not be taken from a sender.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SenderError {
@@ -361,6 +398,38 @@ mod tests {
 
     fn set(v: &[&str]) -> BTreeSet<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn source_ids_are_what_each_message_calls_itself() {
+        let edi = include_bytes!("../testdata/edifact/ketenbus/medlab-invalid-bsn.edi");
+        assert_eq!(source_id(Format::Edifact, edi).as_deref(), Some("IC0400"));
+        let bundle = include_bytes!("../testdata/fhir/ketenbus/class10-referral.json");
+        assert_eq!(
+            source_id(Format::FhirJson, bundle).as_deref(),
+            Some("mh-class10"),
+            "a message Bundle goes by its MessageHeader"
+        );
+        assert_eq!(
+            source_id(
+                Format::FhirJson,
+                br#"{"resourceType":"Bundle","id":"b1","type":"collection"}"#
+            )
+            .as_deref(),
+            Some("b1")
+        );
+        let mail = include_bytes!("../testdata/mail/lab-result-edifact-attachment.eml");
+        assert_eq!(
+            source_id(Format::Rfc822, mail).as_deref(),
+            Some("lab-IC0042@lms.example.test")
+        );
+        assert_eq!(source_id(Format::Edifact, b"not edifact"), None);
+        assert_eq!(source_id(Format::FhirJson, b"{"), None);
+        let long = format!(
+            "UNB+UNOA:1+1+2+261101:0815+{}'",
+            "X".repeat(MAX_SOURCE_ID + 1)
+        );
+        assert_eq!(source_id(Format::Edifact, long.as_bytes()), None);
     }
 
     #[test]

@@ -255,6 +255,9 @@ pub struct LineageReceived {
     pub raw_offset: i64,
     /// The inbox file it came from: its name, never a path.
     pub file: Option<String>,
+    /// The id the message gives itself (UNB control reference, MessageHeader or Bundle id,
+    /// mail Message-ID).
+    pub source_id: Option<String>,
 }
 
 /// One step in a message's life; stage and outcome by name ([`Stage::as_str`],
@@ -279,6 +282,8 @@ pub struct LineageStep {
     pub reason: Option<String>,
     /// Detail without payload.
     pub detail: Option<String>,
+    /// The patient pseudonym (patient key) of a normalised event; never a BSN.
+    pub patient: Option<String>,
 }
 
 impl crate::codec::AvroRecord for LineageRecord {

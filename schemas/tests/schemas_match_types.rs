@@ -418,6 +418,7 @@ fn lineage_record_matches_its_schema() {
             raw_partition: 2,
             raw_offset: 7,
             file: Some("lab-0042.edi".into()),
+            source_id: Some("IC0042".into()),
         }),
         step: None,
     };
@@ -437,6 +438,7 @@ fn lineage_record_matches_its_schema() {
             outcome: "retrying".into(),
             reason: Some("http_503".into()),
             detail: None,
+            patient: Some("4a489bac718020756c333b6feec3c609".into()),
         }),
     };
     roundtrip(&step);

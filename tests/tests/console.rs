@@ -251,7 +251,6 @@ async fn an_operator_works_the_console_in_a_real_browser() {
 /// audited as a read of that patient, and the BSN is in no URL and not in the log. Needs the
 /// `patient` filter of issue 13 item 2 (GET /api/v1/messages?patient=, branch h13s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the patient filter of issue 13 item 2 (h13s): run after that is merged"]
 async fn an_operator_finds_a_message_by_the_patients_bsn_in_the_browser() {
     let Some(python) = browser() else { return };
     let (_gp, _archive, b, id) = scene().await;
@@ -262,9 +261,9 @@ async fn an_operator_finds_a_message_by_the_patients_bsn_in_the_browser() {
     assert!(!b.log_text().contains(BSN), "the BSN is in the log");
     let trail = audit_trail(&b);
     assert!(
-        trail
-            .iter()
-            .any(|r| r["actor"] == "operator:alice" && r["patient"].is_string()),
+        trail.iter().any(|r| r["action"] == "patient_search"
+            && r["actor"] == "operator:alice"
+            && r["patient"].is_string()),
         "no audited read of the patient: {trail:?}"
     );
 }

@@ -157,6 +157,44 @@ async fn opens_and_goes_on(fixture: &Path) {
         })
         .await;
     }
+    // What the release indexed can be searched: by kind from its old steps, by current status
+    // once the replays are delivered.
+    let c = reqwest::Client::new();
+    let search = async |query: &str| -> BTreeSet<String> {
+        let page: serde_json::Value = c
+            .get(format!("{}/api/v1/messages?limit=1000&{query}", broker.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    broker
+        .eventually(
+            Duration::from_secs(30),
+            "every message delivered",
+            async || {
+                let delivered = search("status=delivered").await;
+                if delivered == envelopes {
+                    Ok(())
+                } else {
+                    Err(format!("{delivered:?}"))
+                }
+            },
+        )
+        .await;
+    let labs = search("kind=lab_result").await;
+    assert!(
+        !labs.is_empty() && labs.is_subset(&envelopes),
+        "{version}: lab results by kind: {labs:?}"
+    );
     // The audit trail the release began goes on in one chain under its key.
     let (ok, stdout, stderr) = broker.cli(&["audit", "verify"]);
     assert!(ok, "{version}: audit verify: {stdout}{stderr}");

@@ -392,8 +392,17 @@ pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>) -> Router
     ))
 }
 
+/// Set by a search by patient on its answer: the pseudonym of the patient searched for, so
+/// the audit record of the read names the patient (never the BSN).
+#[derive(Debug, Clone)]
+pub struct PatientSearched(pub String);
+
 /// The audit record of a successful read, if the path reads message data.
-fn read_entry(path: &str, operator: Option<&Principal>) -> Option<Entry> {
+fn read_entry(
+    path: &str,
+    operator: Option<&Principal>,
+    patient: Option<&PatientSearched>,
+) -> Option<Entry> {
     let actor = operator.map_or_else(
         || "anonymous".to_owned(),
         |p| format!("operator:{}", p.name),
@@ -410,7 +419,13 @@ fn read_entry(path: &str, operator: Option<&Principal>) -> Option<Entry> {
         });
     }
     if path == "/api/v1/messages" {
-        return Some(entry("lineage_list"));
+        return Some(match patient {
+            Some(PatientSearched(p)) => Entry {
+                patient: Some(p.clone()),
+                ..entry("patient_search")
+            },
+            None => entry("lineage_list"),
+        });
     }
     if path == "/fhir" || path.starts_with("/fhir/") {
         return Some(Entry {
@@ -471,7 +486,7 @@ async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Re
     if need == Need::Operator
         && resp.status().is_success()
         && let Some(audit) = &gate.audit
-        && let Some(entry) = read_entry(&path, read_by.as_ref())
+        && let Some(entry) = read_entry(&path, read_by.as_ref(), resp.extensions().get())
         && let Err(e) = audit.append(vec![entry]).await
     {
         // No read of patient data without its audit record.

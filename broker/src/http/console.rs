@@ -378,8 +378,18 @@ async fn search(
         Err(e) => return problem(StatusCode::BAD_REQUEST, "bad_query", &e.to_string()),
     };
     let resp = crate::http::api::search(&c.api, q).await;
+    let record = match resp
+        .extensions()
+        .get::<crate::http::auth::PatientSearched>()
+    {
+        Some(p) => Entry {
+            patient: Some(p.0.clone()),
+            ..entry("patient_search", &s)
+        },
+        None => entry("lineage_list", &s),
+    };
     if resp.status().is_success()
-        && let Err(r) = c.audit(vec![entry("lineage_list", &s)]).await
+        && let Err(r) = c.audit(vec![record]).await
     {
         return r;
     }

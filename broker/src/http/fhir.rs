@@ -575,6 +575,7 @@ mod tests {
             health: Arc::new(Health::default()),
             max_body: 1 << 20,
             mitz: None,
+            keyer: crate::route::keys::PatientKeyer::new(b"0123456789abcdef".to_vec()),
         });
         let app = Router::new().merge(routes()).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -22,6 +22,8 @@ pub struct ApiState {
     pub max_body: usize,
     /// Consent from Mitz: takes its change notifications (`POST /consent/mitz/notify`).
     pub mitz: Option<Arc<crate::deliver::mitz::MitzRegistry>>,
+    /// Turns the BSN of a search by patient into the pseudonym the index holds.
+    pub keyer: crate::route::keys::PatientKeyer,
 }
 
 impl std::fmt::Debug for ApiState {

@@ -262,9 +262,10 @@ pub fn ensure_local_key(env: &Env) -> Result<PathBuf, String> {
 /// What happened, as a caller reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// `delivery`, `delivery_withheld`, `lineage_read`, `lineage_list`, `fhir_read`,
-    /// `raw_read`, `dlq_replay`, `dlq_purge`, `subscription_pause`, `subscription_resume`
-    /// (the last two name the subscription as party `subscription:<name>`).
+    /// `delivery`, `delivery_withheld`, `lineage_read`, `lineage_list`, `patient_search` (a
+    /// message search by patient, `patient` naming whom), `fhir_read`, `raw_read`,
+    /// `dlq_replay`, `dlq_purge`, `subscription_pause`, `subscription_resume` (the last two
+    /// name the subscription as party `subscription:<name>`).
     pub action: String,
     /// Who: `subscription:<name>` for a delivery, `operator:<name>` or `anonymous` for a read.
     pub actor: String,

@@ -32,6 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Record};
 
+pub mod search;
+pub use search::{BadParameter, ListQuery, Search, Status};
+
 /// A step in a message's life.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Step {
@@ -60,6 +63,10 @@ pub struct Step {
     /// Detail without payload.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Patient pseudonym (the patient key) of the event, on normalised steps: what a search
+    /// by patient finds the message by. Never a BSN.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub patient: Option<String>,
 }
 
 impl Step {
@@ -76,6 +83,7 @@ impl Step {
             outcome,
             reason: None,
             detail: None,
+            patient: None,
         }
     }
 }
@@ -104,6 +112,10 @@ pub struct Received {
     pub raw_partition: u32,
     /// Offset on the raw topic.
     pub raw_offset: i64,
+    /// The id the message gives itself: the UNB interchange control reference, the FHIR
+    /// MessageHeader id (else the Bundle id), the mail's Message-ID.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub source_id: Option<String>,
     /// The inbox file it came from (its name, never a path): the detail of its `received`
     /// step.
     #[serde(skip)]
@@ -156,6 +168,7 @@ impl Received {
                 })
                 .flatten()
                 .cloned(),
+            source_id: ketenbus_connectors::party::source_id(envelope.format, &envelope.body),
         }
     }
 }
@@ -244,7 +257,7 @@ pub struct DeliverySummary {
 }
 
 fn open(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -275,6 +288,7 @@ fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.execute_batch(
         "CREATE UNIQUE INDEX IF NOT EXISTS steps_key ON steps (message_id, step_key)",
     )?;
+    search::migrate(&mut conn)?;
     Ok(conn)
 }
 
@@ -436,26 +450,6 @@ impl Lineage {
     }
 }
 
-/// Which messages to list.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// A step outcome the message had, by its name ([`StepOutcome::as_str`]): accepted,
-    /// normalised, unsupported_format, rejected, delivered, retrying, dead_lettered,
-    /// filtered, ... A name that is no outcome matches nothing. For a subscription's record
-    /// only its latest outcome counts: a dead letter replayed and delivered is `delivered`,
-    /// no longer `dead_lettered`.
-    pub status: Option<String>,
-    /// Only steps of this subscription.
-    pub subscription: Option<String>,
-    /// Only steps at or after this time (RFC 3339).
-    pub since: Option<String>,
-    /// Page size, at most 1000 (default 100).
-    pub limit: Option<u32>,
-    /// The `next` cursor of the previous page.
-    pub after: Option<String>,
-}
-
 /// One page of messages, newest first.
 #[derive(Debug, Clone, Serialize)]
 pub struct Page {
@@ -466,69 +460,18 @@ pub struct Page {
 }
 
 impl Lineage {
-    /// Messages matching `q`, newest first, a page at a time.
+    /// Messages matching `q`, newest first, a page at a time (see [`search`]).
     ///
     /// # Errors
-    /// A bad `since` or `after` (as text), or a database failure.
-    pub async fn list(&self, q: ListQuery) -> Result<Page, String> {
+    /// A database failure, as text.
+    pub async fn list(&self, q: Search) -> Result<Page, String> {
         self.settle().await;
-        let since_ms = match q.since.as_deref() {
-            None => 0,
-            Some(t) => {
-                let t = humantime::parse_rfc3339_weak(t).map_err(|e| format!("since: {e}"))?;
-                let ms = t
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_err(|e| format!("since: {e}"))?
-                    .as_millis();
-                i64::try_from(ms).map_err(|e| format!("since: {e}"))?
-            }
-        };
-        let (after_at, after_id) = match q.after.as_deref() {
-            None => (i64::MAX, String::new()),
-            Some(c) => {
-                let (at, id) = c
-                    .split_once('_')
-                    .ok_or("after: not a cursor from a previous page")?;
-                (
-                    at.parse()
-                        .map_err(|_| "after: not a cursor from a previous page")?,
-                    id.to_owned(),
-                )
-            }
-        };
-        let limit = q.limit.unwrap_or(100).clamp(1, 1000);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || -> rusqlite::Result<Page> {
-            let conn = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let conn =
+                Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
             conn.busy_timeout(Duration::from_secs(5))?;
-            let mut stmt = conn.prepare(
-                "SELECT m.id, m.received_at, m.connector, m.format, m.content_type, m.size, m.sender, m.receiver,
-                        m.raw_partition, m.raw_offset
-                 FROM messages m
-                 WHERE (m.received_at, m.id) < (?1, ?2)
-                   AND (?3 IS NULL OR EXISTS (
-                        SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.outcome = ?3
-                          AND (?4 IS NULL OR s.subscription = ?4) AND s.at >= ?5
-                          AND (s.subscription IS NULL OR NOT EXISTS (
-                               SELECT 1 FROM steps l WHERE l.message_id = s.message_id
-                                 AND l.subscription = s.subscription AND l.record_id IS s.record_id
-                                 AND (l.at, l.rowid) > (s.at, s.rowid)))))
-                   AND (?3 IS NOT NULL OR ?4 IS NULL OR EXISTS (
-                        SELECT 1 FROM steps s WHERE s.message_id = m.id AND s.subscription = ?4 AND s.at >= ?5))
-                   AND m.received_at >= CASE WHEN ?3 IS NULL AND ?4 IS NULL THEN ?5 ELSE 0 END
-                 ORDER BY m.received_at DESC, m.id DESC LIMIT ?6",
-            )?;
-            let after_id = if after_at == i64::MAX { "\u{10FFFF}".to_owned() } else { after_id };
-            let mut items: Vec<Received> = stmt
-                .query_map(params![after_at, after_id, q.status, q.subscription, since_ms, limit + 1], received_row)?
-                .collect::<Result<_, _>>()?;
-            let next = if items.len() > limit as usize {
-                items.truncate(limit as usize);
-                items.last().map(|m| format!("{}_{}", m.received_at_ms, m.id))
-            } else {
-                None
-            };
-            Ok(Page { items, next })
+            search::page(&conn, &q)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -646,6 +589,7 @@ fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
                 raw_partition: i32::try_from(r.raw_partition).unwrap_or(i32::MAX),
                 raw_offset: r.raw_offset,
                 file: r.file,
+                source_id: r.source_id,
             }),
             step: None,
         }),
@@ -663,6 +607,7 @@ fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
                 outcome: s.outcome.as_str().to_owned(),
                 reason: s.reason,
                 detail: s.detail,
+                patient: s.patient,
             }),
         }),
         Op::Flush(_) => None,
@@ -792,32 +737,37 @@ async fn read_topic<C: Consumer>(
 /// (partition, next offset) per partition. A record applied before changes nothing.
 fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, i64)>> {
     let mut reached: BTreeMap<u32, i64> = BTreeMap::new();
+    let decoded: Vec<(&Record, Option<LineageRecord>)> = batch
+        .iter()
+        .map(|r| {
+            let rec = LineageRecord::from_avro(&r.value)
+                .map_err(|e| tracing::warn!(partition = r.partition, offset = r.offset, error = %e, "a lineage record does not decode; skipped"))
+                .ok();
+            (r, rec)
+        })
+        .collect();
+    // The messages whose search facets this batch changes.
+    let mut touched = std::collections::BTreeSet::new();
     let tx = conn.transaction()?;
     {
         let mut msg = tx.prepare_cached(
             "INSERT OR IGNORE INTO messages (id, received_at, connector, format, content_type, size,
-                 sender, receiver, raw_partition, raw_offset)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 sender, receiver, raw_partition, raw_offset, source_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         let mut step = tx.prepare_cached(
             "INSERT OR IGNORE INTO steps (message_id, at, stage, subscription, record_id, kind,
-                 attempt, outcome, reason, detail, step_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 attempt, outcome, reason, detail, step_key, patient)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
         let mut pos = tx.prepare_cached(
             "INSERT INTO applied (partition, next_offset) VALUES (?1, ?2)
              ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
         )?;
-        for r in batch {
+        for (r, rec) in &decoded {
             let next = reached.entry(r.partition).or_insert(0);
             *next = (*next).max(r.offset + 1);
-            let rec = match LineageRecord::from_avro(&r.value) {
-                Ok(rec) => rec,
-                Err(e) => {
-                    tracing::warn!(partition = r.partition, offset = r.offset, error = %e, "a lineage record does not decode; skipped");
-                    continue;
-                }
-            };
+            let Some(rec) = rec else { continue };
             if let Some(m) = &rec.received {
                 msg.execute(params![
                     rec.message_id,
@@ -829,7 +779,8 @@ fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, 
                     m.sender,
                     m.receiver,
                     m.raw_partition,
-                    m.raw_offset
+                    m.raw_offset,
+                    m.source_id
                 ])?;
                 step.execute(params![
                     rec.message_id,
@@ -842,8 +793,10 @@ fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, 
                     StepOutcome::Accepted.as_str(),
                     None::<String>,
                     m.file.as_ref().map(|f| format!("file {f}")),
-                    rec.step_id
+                    rec.step_id,
+                    None::<String>
                 ])?;
+                touched.insert(rec.message_id.as_str());
             }
             if let Some(s) = &rec.step {
                 if s.stage.parse::<Stage>().is_err() || s.outcome.parse::<StepOutcome>().is_err() {
@@ -861,19 +814,25 @@ fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, 
                     s.outcome,
                     s.reason,
                     s.detail,
-                    rec.step_id
+                    rec.step_id,
+                    s.patient
                 ])?;
+                touched.insert(rec.message_id.as_str());
             }
         }
         for (partition, next) in &reached {
             pos.execute(params![partition, next])?;
         }
     }
+    for id in &touched {
+        search::refresh(&tx, id)?;
+    }
     tx.commit()?;
     Ok(reached.into_iter().collect())
 }
 
-/// A `messages` row, columns in table order.
+/// A `messages` row: id, received_at, connector, format, content_type, size, sender,
+/// receiver, raw_partition, raw_offset, source_id.
 fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
     Ok(Received {
         id: r.get(0)?,
@@ -886,6 +845,7 @@ fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
         receiver: r.get(7)?,
         raw_partition: r.get(8)?,
         raw_offset: r.get(9)?,
+        source_id: r.get(10)?,
         file: None,
     })
 }
@@ -906,7 +866,8 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
     conn.busy_timeout(Duration::from_secs(5))?;
     let received = conn
         .query_row(
-            "SELECT * FROM messages WHERE id = ?1",
+            "SELECT id, received_at, connector, format, content_type, size, sender, receiver,
+                    raw_partition, raw_offset, source_id FROM messages WHERE id = ?1",
             params![id],
             received_row,
         )
@@ -915,7 +876,7 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
         return Ok(None);
     };
     let mut stmt = conn.prepare(
-        "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail
+        "SELECT at, stage, subscription, record_id, kind, attempt, outcome, reason, detail, patient
          FROM steps WHERE message_id = ?1 ORDER BY at, step_key, rowid",
     )?;
     let steps: Vec<Step> = stmt
@@ -930,6 +891,7 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
                 outcome: name(r, 6)?,
                 reason: r.get(7)?,
                 detail: r.get(8)?,
+                patient: r.get(9)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -956,9 +918,8 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
                 });
             d.outcome = s.outcome;
             d.reason.clone_from(&s.reason);
-            if s.stage == Stage::Delivery {
-                d.attempts = d.attempts.max(s.attempt.unwrap_or(0));
-            }
+            // A dead letter on the first attempt has no delivery step, only its own.
+            d.attempts = d.attempts.max(s.attempt.unwrap_or(0));
         }
     }
     Ok(Some(MessageLineage {
@@ -1005,6 +966,7 @@ mod tests {
             raw_partition: 0,
             raw_offset: 4,
             file: None,
+            source_id: None,
         }
     }
 
@@ -1114,6 +1076,7 @@ mod tests {
                     raw_partition: 0,
                     raw_offset: 0,
                     file: None,
+                    source_id: None,
                 }),
                 step: None,
             };
@@ -1213,6 +1176,7 @@ mod tests {
             outcome: "delivered".into(),
             reason: None,
             detail: None,
+            patient: None,
         });
         bus.publish(vec![OutRecord {
             topic: topics::LINEAGE.to_owned(),

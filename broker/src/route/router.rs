@@ -424,6 +424,7 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 let mut step = Step::new(at, Stage::Normalised, StepOutcome::Normalised);
                 step.record_id = Some(event.header().id.clone());
                 step.kind = Some(event.kind().as_str().to_owned());
+                step.patient = routing.keyer.key_for(&event);
                 if !event.warnings().is_empty() {
                     step.reason = Some("mapped_with_warnings".into());
                     step.detail = Some(event.warnings().join("; "));

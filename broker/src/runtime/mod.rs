@@ -80,6 +80,7 @@ pub async fn run<B: Bus>(
     );
     let raw_patients = Arc::new(crate::route::keys::RawPatients::new(keyer.clone()));
     let mitz_keyer = keyer.clone();
+    let patient_keyer = keyer.clone();
     let router_task = router::run(
         Arc::clone(&bus),
         Arc::new(router::Routing {
@@ -206,6 +207,7 @@ pub async fn run<B: Bus>(
         health: Arc::clone(&health),
         max_body: cfg.http.max_body_bytes(),
         mitz,
+        keyer: patient_keyer,
     });
     let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(
         ketenbus_connectors::mail::SmtpSenderCheck::new(
