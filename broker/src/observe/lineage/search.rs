@@ -235,7 +235,7 @@ pub fn refresh(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<()> {
     let steps: Vec<StepFacts> = tx
         .prepare_cached(
             "SELECT stage, subscription, record_id, kind, outcome, patient
-             FROM steps WHERE message_id = ?1 ORDER BY at, rowid",
+             FROM steps WHERE message_id = ?1 ORDER BY at, step_key, rowid",
         )?
         .query_map(params![id], |r| {
             Ok(StepFacts {
