@@ -6,16 +6,16 @@
 # 1. installs RabbitMQ from the Debian packages (rabbitmq-server, 3.10 on bookworm) without
 #    letting the package's own service start, and builds rabbitmq-bench (bench/rabbitmq, lapin),
 #    ketenbus-bench and ketenbus with --release under nice;
-# 2. starts rabbitmq-server on loopback with a temporary data directory, HOME, cookie and epmd
-#    port (no plugins), and runs rabbitmq-bench against a fresh durable quorum queue with
-#    persistent messages and publisher confirms: publish only (durable accept rate), publish
-#    and consume (accepted to consumed, per message latency), and the latency run at RATE
-#    msg/s offered; then stops RabbitMQ;
+# 2. for each of three runs starts a fresh rabbitmq-server on loopback with a temporary data
+#    directory, HOME, cookie and epmd port (no plugins), runs rabbitmq-bench against a durable
+#    quorum queue with persistent messages and publisher confirms, and stops it: publish only
+#    (durable accept rate), publish and consume (accepted to consumed, per message latency),
+#    and the latency run at RATE msg/s offered;
 # 3. runs ketenbus-bench (embedded engine: HTTP ingest -> log -> webhook) with the same count,
 #    size and senders, and the latency run at RATE msg/s;
 # 4. prints a table of both with the ratios ketenbus/RabbitMQ, and the peak RSS (VmHWM) of each
-#    broker process: RabbitMQ's beam.smp (its peak reset through /proc/PID/clear_refs before
-#    each phase) and the ketenbus process ketenbus-bench starts (sampled every 0.2 s).
+#    broker process over its life: RabbitMQ's beam.smp (read at the end of each run) and the
+#    ketenbus process each ketenbus-bench run starts (sampled every 0.2 s).
 #
 # Environment: COUNT (30000), SIZE (2048 bytes), SENDERS (64 publishers: AMQP channels on one
 # connection / concurrent HTTP senders), PREFETCH (256, RabbitMQ's consumer), RATE (1000),
@@ -106,57 +106,67 @@ log "building rabbitmq-bench, ketenbus-bench and ketenbus (release, nice)"
     -p ketenbus -p ketenbus-tests -p ketenbus-bench-rabbitmq)
 
 # --- 2. RabbitMQ ------------------------------------------------------------------------------
-if (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null; then
-    log "port $AMQP_PORT is taken: set AMQP_PORT"
-    exit 1
-fi
-rmq=$work/rabbitmq
-mkdir -p "$rmq/home" "$rmq/mnesia" "$rmq/log"
-head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$rmq/home/.erlang.cookie"
-chmod 400 "$rmq/home/.erlang.cookie"
-echo '[].' >"$rmq/enabled_plugins"
-echo '# ops/bench/peers.sh: RabbitMQ defaults' >"$rmq/rabbitmq.conf"
-log "starting RabbitMQ $rmq_version on 127.0.0.1:$AMQP_PORT (data in $rmq)"
-env HOME="$rmq/home" \
-    RABBITMQ_NODENAME="ketenbus-peers@localhost" \
-    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
-    RABBITMQ_NODE_PORT="$AMQP_PORT" \
-    RABBITMQ_DIST_PORT="$((AMQP_PORT + 20000))" \
-    ERL_EPMD_PORT="$EPMD_PORT" \
-    RABBITMQ_MNESIA_BASE="$rmq/mnesia" \
-    RABBITMQ_LOG_BASE="$rmq/log" \
-    RABBITMQ_PID_FILE="$rmq/pid" \
-    RABBITMQ_ENABLED_PLUGINS_FILE="$rmq/enabled_plugins" \
-    RABBITMQ_CONFIG_FILE="$rmq/rabbitmq.conf" \
-    "$rmq_bin" >"$rmq/stdout.log" 2>&1 &
-rmq_pid=$!
-for ((i = 0; ; i++)); do
-    if ! kill -0 "$rmq_pid" 2>/dev/null; then
-        log "rabbitmq-server exited:"; tail -30 "$rmq/stdout.log" >&2; exit 1
-    fi
-    [[ -z $beam_pid && -s $rmq/pid ]] && beam_pid=$(cat "$rmq/pid")
-    (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null && break
-    ((i < 600)) || { log "RabbitMQ did not listen within 120 s"; tail -30 "$rmq/stdout.log" >&2; exit 1; }
-    sleep 0.2
-done
-# rabbitmq-server (the script) runs beam.smp in a child shell; RabbitMQ writes beam's pid.
-for ((i = 0; i < 50; i++)); do [[ -s $rmq/pid ]] && break; sleep 0.2; done
-beam_pid=$(cat "$rmq/pid")
-[[ $(cat "/proc/$beam_pid/comm") == beam.smp ]] || { log "no beam.smp at pid $beam_pid"; exit 1; }
+hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
 amqp="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
 
-hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
-reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || log "cannot reset VmHWM: peak since start"; }
+start_rabbit() { # a fresh node with an empty data directory $work/rabbitmq-NAME
+    local rmq=$work/rabbitmq-$1 i
+    if (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null; then
+        log "port $AMQP_PORT is taken: set AMQP_PORT"
+        exit 1
+    fi
+    mkdir -p "$rmq/home" "$rmq/mnesia" "$rmq/log"
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$rmq/home/.erlang.cookie"
+    chmod 400 "$rmq/home/.erlang.cookie"
+    echo '[].' >"$rmq/enabled_plugins"
+    echo '# ops/bench/peers.sh: RabbitMQ defaults' >"$rmq/rabbitmq.conf"
+    log "starting RabbitMQ $rmq_version on 127.0.0.1:$AMQP_PORT (data in $rmq)"
+    env HOME="$rmq/home" \
+        RABBITMQ_NODENAME="ketenbus-peers@localhost" \
+        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+        RABBITMQ_NODE_PORT="$AMQP_PORT" \
+        RABBITMQ_DIST_PORT="$((AMQP_PORT + 20000))" \
+        ERL_EPMD_PORT="$EPMD_PORT" \
+        RABBITMQ_MNESIA_BASE="$rmq/mnesia" \
+        RABBITMQ_LOG_BASE="$rmq/log" \
+        RABBITMQ_PID_FILE="$rmq/pid" \
+        RABBITMQ_ENABLED_PLUGINS_FILE="$rmq/enabled_plugins" \
+        RABBITMQ_CONFIG_FILE="$rmq/rabbitmq.conf" \
+        "$rmq_bin" >"$rmq/stdout.log" 2>&1 &
+    rmq_pid=$!
+    for ((i = 0; ; i++)); do
+        if ! kill -0 "$rmq_pid" 2>/dev/null; then
+            log "rabbitmq-server exited:"; tail -30 "$rmq/stdout.log" >&2; exit 1
+        fi
+        [[ -z $beam_pid && -s $rmq/pid ]] && beam_pid=$(cat "$rmq/pid")
+        (exec 3<>"/dev/tcp/127.0.0.1/$AMQP_PORT") 2>/dev/null && break
+        ((i < 600)) || { log "RabbitMQ did not listen within 120 s"; tail -30 "$rmq/stdout.log" >&2; exit 1; }
+        sleep 0.2
+    done
+    # rabbitmq-server (the script) runs beam.smp in a child shell; RabbitMQ writes beam's pid.
+    for ((i = 0; i < 50; i++)); do [[ -s $rmq/pid ]] && break; sleep 0.2; done
+    beam_pid=$(cat "$rmq/pid")
+    [[ $(cat "/proc/$beam_pid/comm") == beam.smp ]] || { log "no beam.smp at pid $beam_pid"; exit 1; }
+}
 
-rabbit() { # name, args...: run rabbitmq-bench, result line in $work/NAME.out, peak RSS in NAME.rss
+stop_rabbit() {
+    stop_pid "$rmq_pid"
+    stop_pid "$beam_pid"
+    ERL_EPMD_PORT=$EPMD_PORT epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+    rmq_pid="" beam_pid=""
+}
+
+rabbit() { # name, args...: rabbitmq-bench against a fresh node; its result line in
+    # $work/NAME.out, the node's peak RSS (since it started) in NAME.rss
     local name=$1; shift
-    reset_hwm "$beam_pid"
+    start_rabbit "$name"
     "$target/release/rabbitmq-bench" --amqp "$amqp" --size "$SIZE" --senders "$SENDERS" \
         --prefetch "$PREFETCH" "$@" >"$work/$name.out" 2>"$work/$name.err" &
     bench_pid=$!
     wait "$bench_pid" || { log "rabbitmq-bench $name failed:"; cat "$work/$name.err" >&2; exit 1; }
     bench_pid=""
     hwm_kb "$beam_pid" >"$work/$name.rss"
+    stop_rabbit
     cat "$work/$name.out" >&2
 }
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -164,11 +174,6 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 rabbit r_pub --mode publish --count "$COUNT"
 rabbit r_e2e --mode e2e --count "$COUNT"
 rabbit r_lat --mode e2e --count "$LAT_COUNT" --rate "$RATE"
-log "stopping RabbitMQ"
-stop_pid "$rmq_pid"
-stop_pid "$beam_pid"
-ERL_EPMD_PORT=$EPMD_PORT epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
-rmq_pid="" beam_pid=""
 
 # --- 3. ketenbus ------------------------------------------------------------------------------
 sample() { # parent pid, file: the largest VmHWM of its ketenbus children, every 0.2 s
