@@ -134,16 +134,13 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
+    let offered = match args.rate {
+        0 => "max".to_owned(),
+        r => format!("{r}/s"),
+    };
     eprintln!(
-        "rabbitmq-bench: {:?} messages of {} bytes, {} publishers on one connection, rate {}",
-        args.count,
-        args.size,
-        args.senders,
-        if args.rate == 0 {
-            "max".to_owned()
-        } else {
-            format!("{}/s", args.rate)
-        }
+        "rabbitmq-bench: {} messages of {} bytes, {} publishers on one connection, rate {offered}",
+        args.count, args.size, args.senders
     );
     let next = Arc::new(AtomicUsize::new(0));
     let mut publishers = tokio::task::JoinSet::new();
