@@ -6,8 +6,9 @@
 //! target/release/ketenbus-bench --engine embedded --rate 1000 --count 20000
 //! target/release/ketenbus-bench --engine kafka --kafka 127.0.0.1:19092 --count 50000
 //! ```
-//! Prints sustained messages/s (first 202 to last delivery) and ingest-to-delivered latency
-//! percentiles (from sending the POST to the webhook receiving it).
+//! Prints sustained messages/s (first 202 to last delivery), ingest-to-delivered latency
+//! percentiles (from sending the POST to the webhook receiving it) and accept latency
+//! percentiles (from sending the POST to its 202).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,6 +66,8 @@ async fn main() -> anyhow::Result<()> {
         .build()?;
     let sent: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(args.count)));
+    // Send to 202 of each message: the durable accept latency.
+    let acks: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -80,9 +83,10 @@ async fn main() -> anyhow::Result<()> {
         }
     );
     for _ in 0..args.senders {
-        let (client, sent, next, url) = (
+        let (client, sent, acks, next, url) = (
             client.clone(),
             Arc::clone(&sent),
+            Arc::clone(&acks),
             Arc::clone(&next),
             broker.url.clone(),
         );
@@ -112,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
                 );
                 let v: serde_json::Value = resp.json().await?;
                 let id = v["id"].as_str().unwrap_or_default().to_owned();
+                acks.lock().expect("lock").push(t0.elapsed());
                 sent.lock().expect("lock").insert(id, t0);
             }
         });
@@ -148,15 +153,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+    let mut acks = acks.lock().expect("lock").clone();
+    acks.sort();
+    let pct_of = |v: &[Duration], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
             .copied()
             .unwrap_or_default()
     };
+    let pct = |p: f64| pct_of(&latencies, p);
     let total = last.duration_since(start);
     println!(
-        "engine={} messages={} size={}B accepted_in={:.2}s delivered={} in {:.2}s => {:.0} msg/s; latency p50={:.1}ms p99={:.1}ms max={:.1}ms",
+        "engine={} messages={} size={}B accepted_in={:.2}s delivered={} in {:.2}s => {:.0} msg/s; latency p50={:.1}ms p99={:.1}ms max={:.1}ms accept_p50={:.1}ms accept_p99={:.1}ms",
         args.engine,
         args.count,
         args.size,
@@ -167,6 +174,8 @@ async fn main() -> anyhow::Result<()> {
         pct(0.5).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        pct_of(&acks, 0.5).as_secs_f64() * 1e3,
+        pct_of(&acks, 0.99).as_secs_f64() * 1e3,
     );
     anyhow::ensure!(
         seen.len() == args.count,
