@@ -53,6 +53,9 @@ pub struct Config {
     pub audit: crate::observe::audit::AuditConfig,
     /// Limits across every way in (`[limits]`).
     pub limits: LimitsConfig,
+    /// mCSD directories replicated as the address book behind `[address_book]`
+    /// (`[[mcsd]]`).
+    pub mcsd: Vec<crate::deliver::mcsd::McsdConfig>,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             consent: crate::deliver::consent::ConsentConfig::default(),
             audit: crate::observe::audit::AuditConfig::default(),
             limits: LimitsConfig::default(),
+            mcsd: Vec::new(),
         }
     }
 }
@@ -109,6 +113,7 @@ impl Settings {
                 .map(|s| (s.name.clone(), s.source_topics()))
                 .collect(),
             sources,
+            directories: self.config.mcsd.iter().map(|d| d.name.clone()).collect(),
         }
     }
 }
@@ -165,7 +170,17 @@ impl Config {
     /// Every problem found, each with its key path.
     pub fn validate(self, env: &Env) -> Result<Settings, Vec<Problem>> {
         let loopback = self.http.listen.ip().is_loopback();
-        let book = Arc::new(self.address_book.clone());
+        let book = Arc::new(
+            self.address_book.clone().with_directories(
+                self.mcsd
+                    .iter()
+                    .map(|d| {
+                        Arc::new(crate::deliver::mcsd::Replica::empty(&d.name))
+                            as Arc<dyn ketenbus_connectors::address_book::Directory>
+                    })
+                    .collect(),
+            ),
+        );
         // Sections in the order `check-config` has always listed their problems.
         let mut problems = self.partitions_problems();
         problems.extend(self.http.problems());
@@ -175,6 +190,7 @@ impl Config {
         problems.extend(self.audit.problems(&self.data_dir, loopback, env));
         problems.extend(Problem::under("mail", self.mail.problems(env.lookup())));
         problems.extend(crate::deliver::config::address_book_problems(&book));
+        problems.extend(crate::deliver::mcsd::problems(&self.mcsd));
         problems.extend(crate::http::auth::problems(&self.senders, &self.operators));
         problems.extend(crate::deliver::config::consent_problems(
             &self.consent,

@@ -84,6 +84,11 @@ pub const CONSENT_ANSWERS: [&str; 5] = [
     "indeterminate",
     "unavailable",
 ];
+/// When each mCSD directory (`[[mcsd]]`, by name) last synced without error (unix
+/// seconds; 0 before its first success).
+pub const MCSD_LAST_SYNC: &str = "ketenbus_mcsd_last_sync_timestamp_seconds";
+/// Sync runs of each mCSD directory that failed (the replica kept serving).
+pub const MCSD_SYNC_FAILURES: &str = "ketenbus_mcsd_sync_failures_total";
 /// The `fallback` label of [`CONSENT_UNAVAILABLE`].
 pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
@@ -300,6 +305,8 @@ pub struct Configured {
     pub subscriptions: Vec<(String, Vec<String>)>,
     /// Mail sources, as `ketenbus_ingest_source_up` names them.
     pub sources: BTreeSet<String>,
+    /// mCSD directories (`[[mcsd]]` names).
+    pub directories: BTreeSet<String>,
 }
 
 /// Every label of every ketenbus metric, with the values it may take under `configured`:
@@ -397,6 +404,14 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
             CONSENT_UNAVAILABLE,
             label_sets(&[("fallback", &owned(CONSENT_FALLBACKS))]),
         ),
+        (
+            MCSD_LAST_SYNC,
+            label_sets(&[("directory", &configured.directories)]),
+        ),
+        (
+            MCSD_SYNC_FAILURES,
+            label_sets(&[("directory", &configured.directories)]),
+        ),
     ])
 }
 
@@ -427,6 +442,8 @@ struct Metrics {
     log_excess: IntGauge,
     consent_questions: IntCounterVec,
     consent_unavailable: IntCounterVec,
+    mcsd_last_sync: GaugeVec,
+    mcsd_failures: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -594,6 +611,18 @@ impl Metrics {
                 "Deliveries needing consent while the consent service could not answer, by fallback (allow: delivered by the default; retry: parked).",
                 &["fallback"],
             ),
+            mcsd_last_sync: gauge(
+                reg,
+                MCSD_LAST_SYNC,
+                "When each mCSD directory last synced without error (unix seconds; 0 before the first).",
+                &["directory"],
+            ),
+            mcsd_failures: counter(
+                reg,
+                MCSD_SYNC_FAILURES,
+                "Sync runs of each mCSD directory that failed; the replica kept serving.",
+                &["directory"],
+            ),
         }
     }
 }
@@ -663,6 +692,10 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
     for fallback in CONSENT_FALLBACKS {
         m.consent_unavailable.with_label_values(&[fallback]);
     }
+    for d in &configured.directories {
+        m.mcsd_last_sync.with_label_values(&[d.as_str()]);
+        m.mcsd_failures.with_label_values(&[d.as_str()]);
+    }
     for (name, topics) in &configured.subscriptions {
         let name = name.as_str();
         for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
@@ -682,6 +715,20 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
         }
     }
+}
+
+/// An mCSD directory (a configured name) synced at `unix_seconds`.
+pub fn mcsd_synced(directory: &str, unix_seconds: i64) {
+    #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
+    METRICS
+        .mcsd_last_sync
+        .with_label_values(&[directory])
+        .set(unix_seconds as f64);
+}
+
+/// A sync run of an mCSD directory (a configured name) failed.
+pub fn mcsd_failed(directory: &str) {
+    METRICS.mcsd_failures.with_label_values(&[directory]).inc();
 }
 
 /// A connector accepted a message: it is durable on the raw topic.
