@@ -87,6 +87,9 @@ pub struct Settings {
     pub config: Config,
     /// Validated subscriptions.
     pub subscriptions: Vec<Subscription>,
+    /// The replica of each `[[mcsd]]` directory (in its order), behind the address book
+    /// the subscriptions' sinks resolve receivers in; loaded and synced by the runtime.
+    pub replicas: Vec<Arc<crate::deliver::mcsd::Replica>>,
     /// The environment it was validated with, for what is read at start-up.
     pub env: Env,
 }
@@ -170,14 +173,12 @@ impl Config {
     /// Every problem found, each with its key path.
     pub fn validate(self, env: &Env) -> Result<Settings, Vec<Problem>> {
         let loopback = self.http.listen.ip().is_loopback();
+        let replicas = crate::deliver::mcsd::replicas(&self.data_dir, &self.mcsd);
         let book = Arc::new(
             self.address_book.clone().with_directories(
-                self.mcsd
+                replicas
                     .iter()
-                    .map(|d| {
-                        Arc::new(crate::deliver::mcsd::Replica::empty(&d.name))
-                            as Arc<dyn ketenbus_connectors::address_book::Directory>
-                    })
+                    .map(|r| Arc::clone(r) as Arc<dyn ketenbus_connectors::address_book::Directory>)
                     .collect(),
             ),
         );
@@ -209,6 +210,7 @@ impl Config {
             Ok(Settings {
                 config: self,
                 subscriptions,
+                replicas,
                 env: env.clone(),
             })
         } else {

@@ -202,28 +202,40 @@ impl Replica {
     /// # Errors
     /// The file exists but cannot be read or is not a replica.
     pub fn open(data_dir: &Path, name: &str) -> std::io::Result<Replica> {
-        let path = data_dir.join("mcsd").join(format!("{name}.json"));
-        let state = match std::fs::read(&path) {
+        let r = Replica::at(data_dir, name);
+        r.load()?;
+        Ok(r)
+    }
+
+    /// The replica of `name` under `data_dir`, empty until [`Replica::load`].
+    #[must_use]
+    pub fn at(data_dir: &Path, name: &str) -> Replica {
+        Replica {
+            name: name.to_owned(),
+            path: data_dir.join("mcsd").join(format!("{name}.json")),
+            state: RwLock::new(Stored::default()),
+        }
+    }
+
+    /// Read the replica's file, when there is one.
+    ///
+    /// # Errors
+    /// The file exists but cannot be read or is not a replica.
+    pub fn load(&self) -> std::io::Result<()> {
+        let state = match std::fs::read(&self.path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored::default(),
             Err(e) => return Err(e),
         };
-        Ok(Replica {
-            name: name.to_owned(),
-            path,
-            state: RwLock::new(state),
-        })
+        *self.write() = state;
+        Ok(())
     }
 
-    /// An empty replica that is never written (for checking a config).
-    #[must_use]
-    pub fn empty(name: &str) -> Replica {
-        Replica {
-            name: name.to_owned(),
-            path: PathBuf::new(),
-            state: RwLock::new(Stored::default()),
-        }
+    /// An empty replica that is never read (for tests).
+    #[cfg(test)]
+    fn empty(name: &str) -> Replica {
+        Replica::at(Path::new(""), name)
     }
 
     /// The directory's name.
@@ -722,14 +734,13 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<Value, SyncError> 
     Ok(v)
 }
 
-/// The replicas of `sources`, read from the data dir.
-///
-/// # Errors
-/// A replica file that cannot be read.
-pub fn open_all(data_dir: &Path, sources: &[McsdConfig]) -> std::io::Result<Vec<Arc<Replica>>> {
+/// The replicas of `sources` under `data_dir`, not read yet: the address book the sinks are
+/// built with holds these, and the runtime loads and syncs them.
+#[must_use]
+pub fn replicas(data_dir: &Path, sources: &[McsdConfig]) -> Vec<Arc<Replica>> {
     sources
         .iter()
-        .map(|s| Replica::open(data_dir, &s.name).map(Arc::new))
+        .map(|s| Arc::new(Replica::at(data_dir, &s.name)))
         .collect()
 }
 
@@ -751,7 +762,11 @@ pub async fn run(
         match replica.sync(&client, &cfg.base_url, cfg.page_size).await {
             Ok(n) => {
                 crate::observe::metrics::mcsd_synced(&cfg.name, unix_now());
-                tracing::info!(directory = %cfg.name, resources = n, total = replica.len(), "mcsd directory synced");
+                if n > 0 {
+                    tracing::info!(directory = %cfg.name, resources = n, total = replica.len(), "mcsd directory synced");
+                } else {
+                    tracing::debug!(directory = %cfg.name, total = replica.len(), "mcsd directory synced, no changes");
+                }
             }
             Err(e) => {
                 crate::observe::metrics::mcsd_failed(&cfg.name);

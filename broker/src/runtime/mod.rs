@@ -119,9 +119,8 @@ pub async fn run<B: Bus>(
     }
     let pauses =
         deliver::pause::Pauses::open(&cfg.data_dir).context("reading the paused subscriptions")?;
-    let replicas = crate::deliver::mcsd::open_all(&cfg.data_dir, &cfg.mcsd)
-        .context("reading the mcsd replicas")?;
-    for (source, replica) in cfg.mcsd.iter().zip(&replicas) {
+    for (source, replica) in cfg.mcsd.iter().zip(&settings.replicas) {
+        replica.load().context("reading the mcsd replicas")?;
         tasks.spawn(
             "mcsd",
             crate::deliver::mcsd::run(source.clone(), Arc::clone(replica), cancel.clone()),
@@ -130,7 +129,8 @@ pub async fn run<B: Bus>(
     let sinks = SinkContext {
         book: Arc::new(
             cfg.address_book.clone().with_directories(
-                replicas
+                settings
+                    .replicas
                     .iter()
                     .map(|r| Arc::clone(r) as Arc<dyn ketenbus_connectors::address_book::Directory>)
                     .collect(),
