@@ -93,7 +93,7 @@ pub const MCSD_SYNC_FAILURES: &str = "ketenbus_mcsd_sync_failures_total";
 pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 21] = [
+pub const NAMES: [&str; 23] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -115,6 +115,8 @@ pub const NAMES: [&str; 21] = [
     BUILD_INFO,
     CONSENT_QUESTIONS,
     CONSENT_UNAVAILABLE,
+    MCSD_LAST_SYNC,
+    MCSD_SYNC_FAILURES,
 ];
 
 /// What a label value outside its closed set is counted as.
