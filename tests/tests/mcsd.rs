@@ -147,11 +147,11 @@ fn config(peer: &Peer) -> String {
     )
 }
 
-/// The value of `metric{directory="test"}`.
-async fn metric(broker: &Broker, name: &str) -> f64 {
+/// The value of `metric{directory="test"<more>}`.
+async fn metric(broker: &Broker, name: &str, more: &str) -> f64 {
     let text = broker.metrics().await;
     text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{directory=\"test\"}}")))
+        .find(|l| l.starts_with(&format!("{name}{{directory=\"test\"{more}}}")))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(-1.0)
@@ -177,7 +177,13 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
     // Initial load: paged searches, then the first delivery to the listed endpoint.
     broker
         .eventually(Duration::from_secs(20), "the first sync", async || {
-            metric(&broker, "ketenbus_mcsd_last_sync_timestamp_seconds").await > 0.0
+            metric(
+                &broker,
+                "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
+                "",
+            )
+            .await
+                > 0.0
         })
         .await;
     let searched = peer.requests().await;
@@ -267,7 +273,15 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         .eventually(
             Duration::from_secs(20),
             "a sync after the restart",
-            async || metric(&broker, "ketenbus_mcsd_last_sync_timestamp_seconds").await > 0.0,
+            async || {
+                metric(
+                    &broker,
+                    "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
+                    "",
+                )
+                .await
+                    > 0.0
+            },
         )
         .await;
     let after: Vec<String> = peer.requests().await[before..].to_vec();
@@ -283,7 +297,15 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         .eventually(
             Duration::from_secs(20),
             "a counted sync failure",
-            async || metric(&broker, "ketenbus_mcsd_sync_failures_total").await >= 1.0,
+            async || {
+                metric(
+                    &broker,
+                    "ketenbus_dispatch_mcsd_sync_outcomes_total",
+                    ",outcome=\"failed\"",
+                )
+                .await
+                    >= 1.0
+            },
         )
         .await;
     // (A record delivered just before the kill may come again after the restart.)

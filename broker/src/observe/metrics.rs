@@ -86,9 +86,11 @@ pub const CONSENT_ANSWERS: [&str; 5] = [
 ];
 /// When each mCSD directory (`[[mcsd]]`, by name) last synced without error (unix
 /// seconds; 0 before its first success).
-pub const MCSD_LAST_SYNC: &str = "ketenbus_mcsd_last_sync_timestamp_seconds";
-/// Sync runs of each mCSD directory that failed (the replica kept serving).
-pub const MCSD_SYNC_FAILURES: &str = "ketenbus_mcsd_sync_failures_total";
+pub const MCSD_LAST_SYNC: &str = "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds";
+/// Sync runs of each mCSD directory, by outcome (`ok`, `failed`: the replica kept serving).
+pub const MCSD_SYNCS: &str = "ketenbus_dispatch_mcsd_sync_outcomes_total";
+/// The `outcome` label of [`MCSD_SYNCS`].
+pub const MCSD_OUTCOMES: [&str; 2] = ["ok", "failed"];
 /// The `fallback` label of [`CONSENT_UNAVAILABLE`].
 pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
@@ -116,7 +118,7 @@ pub const NAMES: [&str; 23] = [
     CONSENT_QUESTIONS,
     CONSENT_UNAVAILABLE,
     MCSD_LAST_SYNC,
-    MCSD_SYNC_FAILURES,
+    MCSD_SYNCS,
 ];
 
 /// What a label value outside its closed set is counted as.
@@ -411,8 +413,11 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
             label_sets(&[("directory", &configured.directories)]),
         ),
         (
-            MCSD_SYNC_FAILURES,
-            label_sets(&[("directory", &configured.directories)]),
+            MCSD_SYNCS,
+            label_sets(&[
+                ("directory", &configured.directories),
+                ("outcome", &owned(MCSD_OUTCOMES)),
+            ]),
         ),
     ])
 }
@@ -445,7 +450,7 @@ struct Metrics {
     consent_questions: IntCounterVec,
     consent_unavailable: IntCounterVec,
     mcsd_last_sync: GaugeVec,
-    mcsd_failures: IntCounterVec,
+    mcsd_syncs: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -619,11 +624,11 @@ impl Metrics {
                 "When each mCSD directory last synced without error (unix seconds; 0 before the first).",
                 &["directory"],
             ),
-            mcsd_failures: counter(
+            mcsd_syncs: counter(
                 reg,
-                MCSD_SYNC_FAILURES,
-                "Sync runs of each mCSD directory that failed; the replica kept serving.",
-                &["directory"],
+                MCSD_SYNCS,
+                "Sync runs of each mCSD directory by outcome (ok, failed: the replica kept serving).",
+                &["directory", "outcome"],
             ),
         }
     }
@@ -696,7 +701,9 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
     }
     for d in &configured.directories {
         m.mcsd_last_sync.with_label_values(&[d.as_str()]);
-        m.mcsd_failures.with_label_values(&[d.as_str()]);
+        for outcome in MCSD_OUTCOMES {
+            m.mcsd_syncs.with_label_values(&[d.as_str(), outcome]);
+        }
     }
     for (name, topics) in &configured.subscriptions {
         let name = name.as_str();
@@ -726,11 +733,18 @@ pub fn mcsd_synced(directory: &str, unix_seconds: i64) {
         .mcsd_last_sync
         .with_label_values(&[directory])
         .set(unix_seconds as f64);
+    METRICS
+        .mcsd_syncs
+        .with_label_values(&[directory, "ok"])
+        .inc();
 }
 
 /// A sync run of an mCSD directory (a configured name) failed.
 pub fn mcsd_failed(directory: &str) {
-    METRICS.mcsd_failures.with_label_values(&[directory]).inc();
+    METRICS
+        .mcsd_syncs
+        .with_label_values(&[directory, "failed"])
+        .inc();
 }
 
 /// A connector accepted a message: it is durable on the raw topic.
@@ -1164,6 +1178,8 @@ mod tests {
         source_up("imap:t-hub", true);
         consent_question("permit");
         consent_unavailable("retry");
+        mcsd_synced("lrza", 1);
+        mcsd_failed("lrza");
         let m = &*METRICS;
         m.lag.with_label_values(&["t-sub", "raw"]).set(0);
         m.oldest_age.with_label_values(&["t-sub", "raw"]).set(0.0);
