@@ -265,6 +265,48 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         "the ended endpoint got nothing more"
     );
 
+    // `address resolve` says where a record goes and why the others were passed over.
+    let (ok, out, err) =
+        broker.cli(&["address", "resolve", "ura:90000001", "--channel", "webhook"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("webhook: {}", third.url()))
+            && out.contains("from: mcsd test: Organization/org-linde -> Endpoint/ep-linde-hook-2")
+            && out
+                .contains("skipped in mcsd test: Endpoint/ep-linde-hook: period ended 2026-01-01"),
+        "{out}"
+    );
+    let (ok, out, _) = broker.cli(&["address", "resolve", "ura:90000001", "--channel", "fhir"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("fhir: https://fhir.linde.example.test/r4")
+            && out.contains("Endpoint/ep-linde-fhir-stu3: payloadMimeType"),
+        "{out}"
+    );
+    // A switch of FHIR version: the R4 endpoint now states STU3 only; nothing fits.
+    let mut stu3 = endpoint(&all, "ep-linde-fhir");
+    stu3["payloadMimeType"] = json!(["application/fhir+json; fhirVersion=3.0"]);
+    peer.put(&stu3).await;
+    broker
+        .eventually(
+            Duration::from_secs(20),
+            "the version switch in the replica",
+            async || !replica_holds(tmp.path(), "fhirVersion=4.0"),
+        )
+        .await;
+    let (ok, out, _) = broker.cli(&["address", "resolve", "ura:90000001", "--channel", "fhir"]);
+    assert!(!ok, "nothing fits: {out}");
+    assert!(
+        out.contains("fhir: nothing fits")
+            && out.contains("Endpoint/ep-linde-fhir: payloadMimeType"),
+        "{out}"
+    );
+    let (ok, out, _) = broker.cli(&["address", "resolve", "ura:12345678"]);
+    assert!(
+        !ok && out.contains("no active Organization or HealthcareService"),
+        "{out}"
+    );
+
     // A restart continues with _since: no search without it.
     broker.kill();
     let before = peer.requests().await.len();
