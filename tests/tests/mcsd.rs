@@ -157,6 +157,21 @@ async fn metric(broker: &Broker, name: &str, more: &str) -> f64 {
         .unwrap_or(-1.0)
 }
 
+/// Wait until the broker reports a successful sync.
+async fn synced(broker: &Broker, what: &str) {
+    broker
+        .eventually(Duration::from_secs(20), what, async || {
+            metric(
+                broker,
+                "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
+                "",
+            )
+            .await
+                > 0.0
+        })
+        .await;
+}
+
 fn replica_holds(broker_dir: &Path, text: &str) -> bool {
     std::fs::read_to_string(broker_dir.join("data/mcsd/test.json")).is_ok_and(|t| t.contains(text))
 }
@@ -175,17 +190,7 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
     broker.spawn();
 
     // Initial load: paged searches, then the first delivery to the listed endpoint.
-    broker
-        .eventually(Duration::from_secs(20), "the first sync", async || {
-            metric(
-                &broker,
-                "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
-                "",
-            )
-            .await
-                > 0.0
-        })
-        .await;
+    synced(&broker, "the first sync").await;
     let searched = peer.requests().await;
     for t in ["Organization", "Endpoint", "HealthcareService", "Location"] {
         assert!(
@@ -311,21 +316,7 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
     broker.kill();
     let before = peer.requests().await.len();
     broker.spawn();
-    broker
-        .eventually(
-            Duration::from_secs(20),
-            "a sync after the restart",
-            async || {
-                metric(
-                    &broker,
-                    "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
-                    "",
-                )
-                .await
-                    > 0.0
-            },
-        )
-        .await;
+    synced(&broker, "a sync after the restart").await;
     let after: Vec<String> = peer.requests().await[before..].to_vec();
     assert!(!after.is_empty());
     assert!(
