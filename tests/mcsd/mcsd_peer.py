@@ -17,11 +17,14 @@ in-memory repository) installs here, but its router has no type-level history in
   GET  /_admin/requests                     the FHIR requests served, as a JSON list
 
 Resources of the types Organization, Endpoint, HealthcareService, Location; no deletes.
+With --cert/--key/--client-ca it speaks TLS and takes only clients whose certificate that
+CA issued (mTLS, as a directory that admits parties by their certificate).
 """
 
 import argparse
 import datetime
 import json
+import ssl
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,6 +34,7 @@ LOCK = threading.Lock()
 VERSIONS = []  # every version, in order: (instant, resource)
 REQUESTS = []
 DOWN = [False]
+SCHEME = ["http"]
 
 
 def now():
@@ -114,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             entries = [{"fullUrl": "%s/%s" % (rtype, r["id"]), "resource": r,
                         "search": {"mode": "match"}} for r in current.values()]
         page = entries[offset:offset + count]
-        base = "http://%s" % self.headers.get("Host")
+        base = "%s://%s" % (SCHEME[0], self.headers.get("Host"))
         links = [{"relation": "self", "url": base + self.path}]
         if offset + count < len(entries):
             nq = dict(q)
@@ -129,11 +133,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--load", help="a JSON list of resources to start with")
+    ap.add_argument("--cert", help="server certificate (PEM): speak TLS")
+    ap.add_argument("--key", help="server key (PEM)")
+    ap.add_argument("--client-ca", help="CA whose client certificates are admitted")
     args = ap.parse_args()
     if args.load:
         for r in json.load(open(args.load)):
             put(r)
-    ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    if args.cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(args.cert, args.key)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(args.client_ca)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        SCHEME[0] = "https"
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ketenbus_tests::ca::Ca;
 use ketenbus_tests::{Broker, Receiver, free_port};
 use serde_json::{Value, json};
 
@@ -29,6 +30,11 @@ struct Peer {
 
 impl Peer {
     fn start(dir: &Path, resources: &Value) -> Peer {
+        Peer::start_with(dir, resources, &[])
+    }
+
+    /// With `tls` = [--cert, FILE, --key, FILE, --client-ca, FILE]: mTLS only.
+    fn start_with(dir: &Path, resources: &Value, tls: &[&Path]) -> Peer {
         let load = dir.join("directory.json");
         std::fs::write(&load, resources.to_string()).unwrap();
         let port = free_port();
@@ -38,6 +44,11 @@ impl Peer {
             .args(["--port", &port.to_string()])
             .arg("--load")
             .arg(&load)
+            .args(
+                tls.iter()
+                    .zip(["--cert", "--key", "--client-ca"])
+                    .flat_map(|(f, a)| [std::ffi::OsStr::new(a), f.as_os_str()]),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("peer.stderr")).unwrap())
             .spawn()
@@ -348,4 +359,69 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
     assert_eq!(got.len(), seen + 1, "third: {}", broker.log_text());
     assert!(broker.log_text().contains("mcsd sync failed"));
     peer.down(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_is_read_over_mtls_and_a_client_without_its_certificate_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new(tmp.path(), "directory-server");
+    let client_ca = Ca::new(tmp.path(), "directory-clients");
+    let rogue_ca = Ca::new(tmp.path(), "rogue");
+    let (cert, key) = server_ca.issue("directory", true);
+    let client = client_ca.issue("ketenbus-party", false);
+    let rogue = rogue_ca.issue("ketenbus-rogue", false);
+    let hook = Receiver::ok().await;
+    let peer = Peer::start_with(
+        tmp.path(),
+        &directory(&hook.url()),
+        &[&cert, &key, &client_ca.file()],
+    );
+    let https = peer.url().replace("http://", "https://");
+    let source = |name: &str, (c, k): &(PathBuf, PathBuf)| {
+        format!(
+            "[[mcsd]]\nname = \"{name}\"\nbase_url = \"{https}\"\ncert_file = {c:?}\nkey_file = {k:?}\n\
+             ca_files = [{:?}]\npoll_interval = \"300ms\"\n",
+            server_ca.file()
+        )
+    };
+    let party = tmp.path().join("party");
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&party).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let mut good = Broker::prepare(
+        &party,
+        &format!(
+            "{}[[subscriptions]]\nname = \"by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"webhook\" }}\n",
+            source("test", &client)
+        ),
+    );
+    good.spawn();
+    synced(&good, "a sync over mTLS").await;
+    post(&good, "90000001").await;
+    let got = hook.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{}", good.log_text());
+
+    let mut refused = Broker::prepare(&other, &source("test", &rogue));
+    refused.spawn();
+    refused
+        .eventually(Duration::from_secs(20), "a refused sync", async || {
+            metric(
+                &refused,
+                "ketenbus_dispatch_mcsd_sync_outcomes_total",
+                ",outcome=\"failed\"",
+            )
+            .await
+                >= 1.0
+        })
+        .await;
+    assert!(
+        metric(
+            &refused,
+            "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
+            ""
+        )
+        .await
+            == 0.0
+    );
+    assert!(!other.join("data/mcsd/test.json").exists());
 }
