@@ -697,7 +697,11 @@ fn path_of(url: &str) -> String {
 
 fn same_origin(next: &str, base: &str) -> bool {
     match (reqwest::Url::parse(next), reqwest::Url::parse(base)) {
-        (Ok(n), Ok(b)) => n.origin() == b.origin() && n.path().starts_with(b.path()),
+        (Ok(n), Ok(b)) => {
+            let root = b.path().trim_end_matches('/');
+            n.origin() == b.origin()
+                && (n.path() == b.path() || n.path().starts_with(&format!("{root}/")))
+        }
         _ => false,
     }
 }
@@ -898,6 +902,29 @@ mod tests {
         assert!(
             e.skipped
                 .contains(&"Endpoint/ep-linde-hook: status off".into())
+        );
+    }
+
+    #[test]
+    fn next_links_stay_within_the_base_url() {
+        let base = "https://lrza.example.test/fhir";
+        assert!(same_origin(
+            "https://lrza.example.test/fhir/Endpoint?_offset=2",
+            base
+        ));
+        for hostile in [
+            "https://evil.example.test/fhir/Endpoint",
+            "http://lrza.example.test/fhir/Endpoint",
+            "https://lrza.example.test:8443/fhir/Endpoint",
+            "https://lrza.example.test/other/Endpoint",
+            "https://lrza.example.test/fhirx/Endpoint",
+            "not a url",
+        ] {
+            assert!(!same_origin(hostile, base), "{hostile}");
+        }
+        assert_eq!(
+            query_escape("2026-11-30T10:00:00.123+01:00"),
+            "2026-11-30T10:00:00.123%2B01:00"
         );
     }
 
