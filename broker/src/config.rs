@@ -53,6 +53,9 @@ pub struct Config {
     pub audit: crate::observe::audit::AuditConfig,
     /// Limits across every way in (`[limits]`).
     pub limits: LimitsConfig,
+    /// mCSD directories replicated as the address book behind `[address_book]`
+    /// (`[[mcsd]]`).
+    pub mcsd: Vec<crate::deliver::mcsd::McsdConfig>,
 }
 
 impl Default for Config {
@@ -72,6 +75,7 @@ impl Default for Config {
             consent: crate::deliver::consent::ConsentConfig::default(),
             audit: crate::observe::audit::AuditConfig::default(),
             limits: LimitsConfig::default(),
+            mcsd: Vec::new(),
         }
     }
 }
@@ -83,6 +87,9 @@ pub struct Settings {
     pub config: Config,
     /// Validated subscriptions.
     pub subscriptions: Vec<Subscription>,
+    /// The replica of each `[[mcsd]]` directory (in its order), behind the address book
+    /// the subscriptions' sinks resolve receivers in; loaded and synced by the runtime.
+    pub replicas: Vec<Arc<crate::deliver::mcsd::Replica>>,
     /// The environment it was validated with, for what is read at start-up.
     pub env: Env,
 }
@@ -109,6 +116,7 @@ impl Settings {
                 .map(|s| (s.name.clone(), s.source_topics()))
                 .collect(),
             sources,
+            directories: self.config.mcsd.iter().map(|d| d.name.clone()).collect(),
         }
     }
 }
@@ -165,7 +173,15 @@ impl Config {
     /// Every problem found, each with its key path.
     pub fn validate(self, env: &Env) -> Result<Settings, Vec<Problem>> {
         let loopback = self.http.listen.ip().is_loopback();
-        let book = Arc::new(self.address_book.clone());
+        let replicas = crate::deliver::mcsd::replicas(&self.data_dir, &self.mcsd);
+        let book = Arc::new(
+            self.address_book.clone().with_directories(
+                replicas
+                    .iter()
+                    .map(|r| Arc::clone(r) as Arc<dyn ketenbus_connectors::address_book::Directory>)
+                    .collect(),
+            ),
+        );
         // Sections in the order `check-config` has always listed their problems.
         let mut problems = self.partitions_problems();
         problems.extend(self.http.problems());
@@ -175,6 +191,7 @@ impl Config {
         problems.extend(self.audit.problems(&self.data_dir, loopback, env));
         problems.extend(Problem::under("mail", self.mail.problems(env.lookup())));
         problems.extend(crate::deliver::config::address_book_problems(&book));
+        problems.extend(crate::deliver::mcsd::problems(&self.mcsd));
         problems.extend(crate::http::auth::problems(&self.senders, &self.operators));
         problems.extend(crate::deliver::config::consent_problems(
             &self.consent,
@@ -193,6 +210,7 @@ impl Config {
             Ok(Settings {
                 config: self,
                 subscriptions,
+                replicas,
                 env: env.clone(),
             })
         } else {

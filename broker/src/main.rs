@@ -102,6 +102,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The address book: what a record for a party would be sent to.
+    Address {
+        #[command(subcommand)]
+        command: AddressCommand,
+    },
     /// Consent registry helpers.
     Consent {
         #[command(subcommand)]
@@ -113,6 +118,36 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum AddressCommand {
+    /// Print what a record whose receiver is PARTY would be sent to and why: the
+    /// `[address_book]` override, or which `[[mcsd]]` directory and which Organization /
+    /// HealthcareService / Endpoint, and every endpoint passed over (status, period, FHIR
+    /// version, kind). Reads the replicas `ketenbus run` keeps in the data dir. Exits
+    /// non-zero when nothing fits.
+    Resolve {
+        /// The party id: `ura:…`, `agb:…`, `mailbox:…`, or `<system>|<value>`.
+        party: String,
+        /// Only this channel (default: all three).
+        #[arg(long, value_enum)]
+        channel: Option<ChannelArg>,
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// A sink's channel.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ChannelArg {
+    /// The FHIR sink.
+    Fhir,
+    /// The webhook sink.
+    Webhook,
+    /// The secure-mail sink.
+    Mail,
 }
 
 #[derive(Subcommand)]
@@ -186,6 +221,22 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token {
             command: TokenCommand::Hash,
         } => Ok(cli::token::hash().map(ok)?),
+        Command::Address {
+            command:
+                AddressCommand::Resolve {
+                    party,
+                    channel,
+                    config,
+                },
+        } => cli::address::resolve(
+            config.as_deref(),
+            &party,
+            channel.map(|c| match c {
+                ChannelArg::Fhir => ketenbus_connectors::address_book::Channel::Fhir,
+                ChannelArg::Webhook => ketenbus_connectors::address_book::Channel::Webhook,
+                ChannelArg::Mail => ketenbus_connectors::address_book::Channel::Mail,
+            }),
+        ),
         Command::Consent {
             command: ConsentCommand::Pseudonym { config, bsn },
         } => cli::consent::pseudonym(config.as_deref(), &bsn).map(ok),

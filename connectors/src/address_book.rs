@@ -63,22 +63,106 @@ impl Channel {
     }
 }
 
-/// Party id -> addresses (`[address_book."<party id>"]`).
+/// Where an address came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The `[address_book]` entry of the party (a local override: it wins).
+    Override,
+    /// A replicated directory (`[[mcsd]]`), with what in it led there.
+    Directory {
+        /// The directory's name.
+        name: String,
+        /// The resources that led there (`Organization/…`, `HealthcareService/…`,
+        /// `Endpoint/…`).
+        via: Vec<String>,
+    },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Override => f.write_str("address_book override"),
+            Source::Directory { name, via } => write!(f, "mcsd {name}: {}", via.join(" -> ")),
+        }
+    }
+}
+
+/// An address and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The address (URL or mail address).
+    pub address: String,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// A directory that knows parties' addresses beyond `[address_book]` (the mCSD replica).
+pub trait Directory: Send + Sync {
+    /// The address of `party` for `channel`, if the directory has one that fits.
+    fn address(&self, party: &str, channel: Channel) -> Option<Resolved>;
+}
+
+/// The directories behind the address book (none unless `[[mcsd]]` sources are set).
+#[derive(Clone, Default)]
+pub struct Directories(pub Vec<Arc<dyn Directory>>);
+
+impl std::fmt::Debug for Directories {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Directories({})", self.0.len())
+    }
+}
+
+impl PartialEq for Directories {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+    }
+}
+
+impl Eq for Directories {}
+
+/// Party id -> addresses (`[address_book."<party id>"]`), and behind them the replicated
+/// directories.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct AddressBook(pub BTreeMap<String, Entry>);
+pub struct AddressBook(pub BTreeMap<String, Entry>, #[serde(skip)] pub Directories);
 
 impl AddressBook {
-    /// Whether any entry has an address for `channel`.
+    /// The book of `entries` alone.
     #[must_use]
-    pub fn serves(&self, channel: Channel) -> bool {
-        self.0.values().any(|e| channel.of(e).is_some())
+    pub fn of(entries: BTreeMap<String, Entry>) -> AddressBook {
+        AddressBook(entries, Directories::default())
     }
 
-    /// The address of `party` for `channel`.
+    /// This book with `directories` behind its entries.
+    #[must_use]
+    pub fn with_directories(mut self, directories: Vec<Arc<dyn Directory>>) -> AddressBook {
+        self.1 = Directories(directories);
+        self
+    }
+
+    /// Whether any entry has an address for `channel`, or a directory may have one.
+    #[must_use]
+    pub fn serves(&self, channel: Channel) -> bool {
+        !self.1.0.is_empty() || self.0.values().any(|e| channel.of(e).is_some())
+    }
+
+    /// The address of `party` for `channel` in `[address_book]` alone.
     #[must_use]
     pub fn address(&self, party: &str, channel: Channel) -> Option<&str> {
         self.0.get(party).and_then(|e| channel.of(e))
+    }
+
+    /// The address of `party` for `channel` and where it came from: the `[address_book]`
+    /// entry (an override) wins, then each directory in turn. The one lookup sinks use.
+    #[must_use]
+    pub fn lookup(&self, party: &str, channel: Channel) -> Option<Resolved> {
+        if let Some(a) = self.address(party, channel) {
+            return Some(Resolved {
+                address: a.to_owned(),
+                source: Source::Override,
+            });
+        }
+        self.1.0.iter().find_map(|d| d.address(party, channel))
     }
 
     /// The address of the delivery's receiver for `channel`.
@@ -91,7 +175,7 @@ impl AddressBook {
         &self,
         delivery: &Delivery,
         channel: Channel,
-    ) -> Result<&str, DeliveryError> {
+    ) -> Result<Resolved, DeliveryError> {
         let party = match &delivery.payload {
             Payload::Event(e) => e.header().receiver.as_deref(),
             Payload::Raw(env) => env.receiver.as_deref(),
@@ -102,11 +186,11 @@ impl AddressBook {
                 detail: "the record names no receiver".into(),
             });
         };
-        self.address(party, channel)
+        self.lookup(party, channel)
             .ok_or_else(|| DeliveryError::Rejected {
                 reason: REASON_NO_ADDRESS.into(),
                 detail: format!(
-                    "receiver {party} has no {} address in the address book",
+                    "receiver {party} has no {} address in the address book or a directory",
                     channel.key()
                 ),
             })
@@ -161,8 +245,8 @@ impl<T: Clone> Destination<T> {
         match self {
             Destination::Fixed(t) => Ok(t.clone()),
             Destination::Receiver(book) => {
-                let address = book.receiver_address(delivery, channel)?;
-                parse(address).ok_or_else(|| DeliveryError::Rejected {
+                let found = book.receiver_address(delivery, channel)?;
+                parse(&found.address).ok_or_else(|| DeliveryError::Rejected {
                     reason: REASON_NO_ADDRESS.into(),
                     detail: format!("the receiver's {} address is not usable", channel.key()),
                 })
@@ -208,11 +292,11 @@ fhir = "https://fhir.example.test/r4"
         let b = book();
         let d = delivery(Some("mailbox:500005678"));
         assert_eq!(
-            b.receiver_address(&d, Channel::Mail).unwrap(),
+            b.receiver_address(&d, Channel::Mail).unwrap().address,
             "500005678@lms.example.test"
         );
         assert_eq!(
-            b.receiver_address(&d, Channel::Webhook).unwrap(),
+            b.receiver_address(&d, Channel::Webhook).unwrap().address,
             "https://his.example.test/ketenbus"
         );
         let e = b.receiver_address(&d, Channel::Fhir).unwrap_err();
@@ -220,11 +304,50 @@ fhir = "https://fhir.example.test/r4"
         assert!(e.to_string().contains("no fhir address"), "{e}");
         assert_eq!(
             b.receiver_address(&delivery(Some("agb:01234567")), Channel::Fhir)
-                .unwrap(),
+                .unwrap()
+                .address,
             "https://fhir.example.test/r4"
         );
         assert!(b.serves(Channel::Fhir) && b.serves(Channel::Mail));
         assert!(!AddressBook::default().serves(Channel::Webhook));
+    }
+
+    struct OneParty;
+    impl Directory for OneParty {
+        fn address(&self, party: &str, channel: Channel) -> Option<Resolved> {
+            (party == "ura:00000001" && channel == Channel::Webhook).then(|| Resolved {
+                address: "https://dir.example.test/hook".into(),
+                source: Source::Directory {
+                    name: "lrza".into(),
+                    via: vec!["Organization/o1".into(), "Endpoint/e1".into()],
+                },
+            })
+        }
+    }
+
+    #[test]
+    fn the_override_wins_and_a_directory_answers_behind_it() {
+        let mut entries = book().0;
+        entries.insert(
+            "ura:00000002".into(),
+            Entry {
+                webhook: Some("https://local.example.test/hook".into()),
+                ..Entry::default()
+            },
+        );
+        let b = AddressBook::of(entries).with_directories(vec![Arc::new(OneParty)]);
+        let found = b
+            .receiver_address(&delivery(Some("ura:00000001")), Channel::Webhook)
+            .unwrap();
+        assert_eq!(found.address, "https://dir.example.test/hook");
+        assert_eq!(
+            found.source.to_string(),
+            "mcsd lrza: Organization/o1 -> Endpoint/e1"
+        );
+        let local = b.lookup("ura:00000002", Channel::Webhook).unwrap();
+        assert_eq!(local.source, Source::Override);
+        assert!(b.lookup("ura:00000001", Channel::Mail).is_none());
+        assert!(b.serves(Channel::Fhir), "a directory may serve any channel");
     }
 
     #[test]

@@ -32,7 +32,8 @@ fn config(smtp_port: u16, hook: &str, archive: &str) -> String {
          [[subscriptions]]\nname = \"gp-webhook\"\nkinds = [\"lab_result\", \"letter\"]\nsink = {{ type = \"webhook\", url = \"{hook}\" }}\n\
          [[subscriptions]]\nname = \"archive\"\nkinds = [\"raw\"]\nsink = {{ type = \"webhook\", url = \"{archive}\" }}\n\
          [[subscriptions]]\nname = \"gp-mail\"\nkinds = [\"acute_handover\"]\n[subscriptions.sink]\ntype = \"mail\"\nhost = \"127.0.0.1\"\nport = {closed}\ntls = \"none\"\n\
-         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n"
+         from = \"ketenbus@ketenbus.example.test\"\nto = \"huisarts@gp.example.test\"\n\
+         [[mcsd]]\nname = \"lrza\"\nbase_url = \"http://127.0.0.1:{closed}/fhir\"\npoll_interval = \"1h\"\n"
     )
 }
 

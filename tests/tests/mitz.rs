@@ -10,11 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use ketenbus_tests::ca::Ca;
 use ketenbus_tests::{Broker, Receiver, eventually, free_port, lineage_until, medlab};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 
 const PATIENT_KEY_SECRET: &str = "patient-key-secret-for-the-mitz-tests-0123";
 const NOTIFY_SECRET: &str = "mitz-notify-secret-for-the-tests-0123456789";
@@ -22,60 +19,6 @@ const NOTIFY_SECRET: &str = "mitz-notify-secret-for-the-tests-0123456789";
 const BSN_A: &str = "999990007";
 const BSN_B: &str = "999990019";
 const BSN_C: &str = "999990020";
-
-/// A CA in `dir` that issues PEM certificate/key pairs.
-struct Ca {
-    dir: PathBuf,
-    name: String,
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} root"));
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        std::fs::write(dir.join(format!("{name}-ca.pem")), issuer.pem()).unwrap();
-        Ca {
-            dir: dir.to_path_buf(),
-            name: name.to_owned(),
-            issuer,
-        }
-    }
-
-    fn file(&self) -> PathBuf {
-        self.dir.join(format!("{}-ca.pem", self.name))
-    }
-
-    /// (certificate file, key file) for `cn`, a server certificate for 127.0.0.1 or a
-    /// client certificate.
-    fn issue(&self, cn: &str, server: bool) -> (PathBuf, PathBuf) {
-        let sans = if server {
-            vec!["127.0.0.1".to_owned()]
-        } else {
-            Vec::new()
-        };
-        let mut params = CertificateParams::new(sans).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (
-            self.dir.join(format!("{cn}.crt")),
-            self.dir.join(format!("{cn}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
 
 /// The Mitz test peer: a Python process on its own port, its behaviour in a state file.
 struct MitzPeer {

@@ -2,6 +2,7 @@
 //! loading the configuration, the operator check and the audit trail of operator actions.
 //! `main.rs` only parses arguments and calls them.
 
+pub mod address;
 pub mod audit;
 pub mod check_config;
 pub mod consent;

@@ -174,7 +174,7 @@ pub enum NotifyError {
 }
 
 /// An https URL, or plain http to loopback only.
-fn base_url(url: &str) -> Result<reqwest::Url, String> {
+pub(crate) fn base_url(url: &str) -> Result<reqwest::Url, String> {
     crate::deliver::sink::endpoint_url(url.trim_end_matches('/'), false).map_err(|m| {
         if m.starts_with("plain http") {
             "plain http to a non-loopback host: use https (plain http only to loopback)".into()
@@ -249,47 +249,70 @@ impl MitzConfig {
 
     /// The mTLS client: the party certificate, only the configured trust anchors.
     fn client(&self) -> Result<reqwest::Client, MitzError> {
-        let read = |key: &'static str, path: &PathBuf| {
-            std::fs::read(path).map_err(|e| MitzError::File {
-                key,
-                message: format!("cannot read {}: {e}", path.display()),
-            })
-        };
-        let mut pem = read("cert_file", &self.cert_file)?;
+        mtls_client(
+            Some((&self.cert_file, &self.key_file)),
+            &self.ca_files,
+            self.timeout,
+        )
+    }
+}
+
+/// An HTTP client for a party service (Mitz, an mCSD directory): the party certificate
+/// and key from files when given, and when `ca_files` are given only those trust anchors
+/// (not the system's roots). Errors name the config key (`cert_file`, `key_file`,
+/// `ca_files`).
+///
+/// # Errors
+/// A file cannot be read or is not PEM of the right kind, or the client cannot be built.
+pub fn mtls_client(
+    identity: Option<(&PathBuf, &PathBuf)>,
+    ca_files: &[PathBuf],
+    timeout: Duration,
+) -> Result<reqwest::Client, MitzError> {
+    let read = |key: &'static str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| MitzError::File {
+            key,
+            message: format!("cannot read {}: {e}", path.display()),
+        })
+    };
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some((cert_file, key_file)) = identity {
+        let mut pem = read("cert_file", cert_file)?;
         pem.push(b'\n');
-        pem.extend(read("key_file", &self.key_file)?);
+        pem.extend(read("key_file", key_file)?);
         let identity = reqwest::Identity::from_pem(&pem).map_err(|e| MitzError::File {
             key: "key_file",
             message: format!(
                 "{} and {} are not a PEM certificate and its key: {e}",
-                self.cert_file.display(),
-                self.key_file.display()
+                cert_file.display(),
+                key_file.display()
             ),
         })?;
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .identity(identity)
-            .timeout(self.timeout)
-            .redirect(reqwest::redirect::Policy::none());
-        for path in &self.ca_files {
-            let certs = crate::tls::read_certs("ca_files", path).map_err(|e| MitzError::File {
-                key: "ca_files",
-                message: e.to_string().trim_start_matches("ca_files: ").to_owned(),
-            })?;
-            for der in certs {
-                let cert = reqwest::Certificate::from_der(&der).map_err(|e| MitzError::File {
-                    key: "ca_files",
-                    message: format!("{}: {e}", path.display()),
-                })?;
-                b = b.add_root_certificate(cert);
-            }
-        }
-        b.build().map_err(|e| MitzError::Setting {
-            key: "cert_file",
-            message: format!("the TLS client cannot be built: {e}"),
-        })
+        b = b.identity(identity);
     }
+    if !ca_files.is_empty() {
+        b = b.tls_built_in_root_certs(false);
+    }
+    for path in ca_files {
+        let certs = crate::tls::read_certs("ca_files", path).map_err(|e| MitzError::File {
+            key: "ca_files",
+            message: e.to_string().trim_start_matches("ca_files: ").to_owned(),
+        })?;
+        for der in certs {
+            let cert = reqwest::Certificate::from_der(&der).map_err(|e| MitzError::File {
+                key: "ca_files",
+                message: format!("{}: {e}", path.display()),
+            })?;
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().map_err(|e| MitzError::Setting {
+        key: "cert_file",
+        message: format!("the TLS client cannot be built: {e}"),
+    })
 }
 
 /// Escape text for an XML attribute value.

@@ -41,6 +41,7 @@ mod decode;
 pub mod dlq;
 mod finish;
 mod lanes;
+pub mod mcsd;
 pub mod mitz;
 pub mod pause;
 mod retry;

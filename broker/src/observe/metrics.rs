@@ -84,11 +84,18 @@ pub const CONSENT_ANSWERS: [&str; 5] = [
     "indeterminate",
     "unavailable",
 ];
+/// When each mCSD directory (`[[mcsd]]`, by name) last synced without error (unix
+/// seconds; 0 before its first success).
+pub const MCSD_LAST_SYNC: &str = "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds";
+/// Sync runs of each mCSD directory, by outcome (`ok`, `failed`: the replica kept serving).
+pub const MCSD_SYNCS: &str = "ketenbus_dispatch_mcsd_sync_outcomes_total";
+/// The `outcome` label of [`MCSD_SYNCS`].
+pub const MCSD_OUTCOMES: [&str; 2] = ["ok", "failed"];
 /// The `fallback` label of [`CONSENT_UNAVAILABLE`].
 pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 21] = [
+pub const NAMES: [&str; 23] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -110,6 +117,8 @@ pub const NAMES: [&str; 21] = [
     BUILD_INFO,
     CONSENT_QUESTIONS,
     CONSENT_UNAVAILABLE,
+    MCSD_LAST_SYNC,
+    MCSD_SYNCS,
 ];
 
 /// What a label value outside its closed set is counted as.
@@ -300,6 +309,8 @@ pub struct Configured {
     pub subscriptions: Vec<(String, Vec<String>)>,
     /// Mail sources, as `ketenbus_ingest_source_up` names them.
     pub sources: BTreeSet<String>,
+    /// mCSD directories (`[[mcsd]]` names).
+    pub directories: BTreeSet<String>,
 }
 
 /// Every label of every ketenbus metric, with the values it may take under `configured`:
@@ -397,6 +408,17 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
             CONSENT_UNAVAILABLE,
             label_sets(&[("fallback", &owned(CONSENT_FALLBACKS))]),
         ),
+        (
+            MCSD_LAST_SYNC,
+            label_sets(&[("directory", &configured.directories)]),
+        ),
+        (
+            MCSD_SYNCS,
+            label_sets(&[
+                ("directory", &configured.directories),
+                ("outcome", &owned(MCSD_OUTCOMES)),
+            ]),
+        ),
     ])
 }
 
@@ -427,6 +449,8 @@ struct Metrics {
     log_excess: IntGauge,
     consent_questions: IntCounterVec,
     consent_unavailable: IntCounterVec,
+    mcsd_last_sync: GaugeVec,
+    mcsd_syncs: IntCounterVec,
 }
 
 fn counter(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -594,6 +618,18 @@ impl Metrics {
                 "Deliveries needing consent while the consent service could not answer, by fallback (allow: delivered by the default; retry: parked).",
                 &["fallback"],
             ),
+            mcsd_last_sync: gauge(
+                reg,
+                MCSD_LAST_SYNC,
+                "When each mCSD directory last synced without error (unix seconds; 0 before the first).",
+                &["directory"],
+            ),
+            mcsd_syncs: counter(
+                reg,
+                MCSD_SYNCS,
+                "Sync runs of each mCSD directory by outcome (ok, failed: the replica kept serving).",
+                &["directory", "outcome"],
+            ),
         }
     }
 }
@@ -663,6 +699,12 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
     for fallback in CONSENT_FALLBACKS {
         m.consent_unavailable.with_label_values(&[fallback]);
     }
+    for d in &configured.directories {
+        m.mcsd_last_sync.with_label_values(&[d.as_str()]);
+        for outcome in MCSD_OUTCOMES {
+            m.mcsd_syncs.with_label_values(&[d.as_str(), outcome]);
+        }
+    }
     for (name, topics) in &configured.subscriptions {
         let name = name.as_str();
         for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
@@ -682,6 +724,27 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
             m.oldest_age.with_label_values(&[name, kind]).set(0.0);
         }
     }
+}
+
+/// An mCSD directory (a configured name) synced at `unix_seconds`.
+pub fn mcsd_synced(directory: &str, unix_seconds: i64) {
+    #[allow(clippy::cast_precision_loss)] // seconds since 1970 fit an f64 exactly
+    METRICS
+        .mcsd_last_sync
+        .with_label_values(&[directory])
+        .set(unix_seconds as f64);
+    METRICS
+        .mcsd_syncs
+        .with_label_values(&[directory, "ok"])
+        .inc();
+}
+
+/// A sync run of an mCSD directory (a configured name) failed.
+pub fn mcsd_failed(directory: &str) {
+    METRICS
+        .mcsd_syncs
+        .with_label_values(&[directory, "failed"])
+        .inc();
 }
 
 /// A connector accepted a message: it is durable on the raw topic.
@@ -1115,6 +1178,8 @@ mod tests {
         source_up("imap:t-hub", true);
         consent_question("permit");
         consent_unavailable("retry");
+        mcsd_synced("lrza", 1);
+        mcsd_failed("lrza");
         let m = &*METRICS;
         m.lag.with_label_values(&["t-sub", "raw"]).set(0);
         m.oldest_age.with_label_values(&["t-sub", "raw"]).set(0.0);

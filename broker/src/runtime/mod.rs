@@ -120,8 +120,23 @@ pub async fn run<B: Bus>(
     }
     let pauses =
         deliver::pause::Pauses::open(&cfg.data_dir).context("reading the paused subscriptions")?;
+    for (source, replica) in cfg.mcsd.iter().zip(&settings.replicas) {
+        replica.load().context("reading the mcsd replicas")?;
+        tasks.spawn(
+            "mcsd",
+            crate::deliver::mcsd::run(source.clone(), Arc::clone(replica), cancel.clone()),
+        );
+    }
     let sinks = SinkContext {
-        book: Arc::new(cfg.address_book.clone()),
+        book: Arc::new(
+            cfg.address_book.clone().with_directories(
+                settings
+                    .replicas
+                    .iter()
+                    .map(|r| Arc::clone(r) as Arc<dyn ketenbus_connectors::address_book::Directory>)
+                    .collect(),
+            ),
+        ),
         content: Arc::clone(&content),
         report_key,
     };

@@ -392,7 +392,7 @@ mod tests {
             dsn: true,
             timeout: std::time::Duration::from_secs(1),
         };
-        let book = AddressBook(BTreeMap::from([(
+        let book = AddressBook::of(BTreeMap::from([(
             "mailbox:500005678".to_owned(),
             crate::address_book::Entry {
                 mail: Some("huisarts@gp.example.test".to_owned()),
