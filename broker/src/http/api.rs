@@ -591,6 +591,16 @@ mod tests {
                 &["m3"],
             ),
             ("sender=mailbox:500001111&connector=smtp".into(), &[]),
+            // Pairs of connector, format and kind are facets of their own.
+            ("connector=smtp&format=rfc822".into(), &["m2"]),
+            ("connector=smtp&format=edifact".into(), &[]),
+            ("connector=http&kind=letter".into(), &["m4"]),
+            ("format=edifact&kind=lab_result".into(), &["m6", "m4", "m1"]),
+            (
+                "connector=http&format=edifact&kind=lab_result".into(),
+                &["m6", "m4", "m1"],
+            ),
+            ("connector=inbox&kind=lab_result".into(), &[]),
         ];
         for (query, want) in cases {
             assert_eq!(api.ids(&query, 100).await, want, "{query}");

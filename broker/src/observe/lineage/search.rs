@@ -7,7 +7,10 @@
 //! are worked out again from its row and its steps after each batch that touched it
 //! ([`refresh`]), so its `status` facet is always its current state. `facet_counts` holds how
 //! many messages each value has: with several filters the rarest drives the scan and the
-//! others are one primary-key probe each.
+//! others are one primary-key probe each. Two common values that seldom meet (connector
+//! `smtp` with format `edifact`) would still make the rarer one's whole range a scan, so the
+//! small closed dimensions (connector, format, kind) are also stored in pairs
+//! ([`facet::PAIRS`]): such a search is one short range, or none when the pair never occurs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -149,14 +152,27 @@ mod facet {
     pub(super) const SUBSCRIPTION_STATUS: &str = "subscription_status";
     pub(super) const SOURCE_ID: &str = "source_id";
     pub(super) const PATIENT: &str = "patient";
+    /// Pairs of the small closed dimensions, each stored as one facet whose value is
+    /// `<value of the first>` U+001F `<value of the second>`.
+    pub(super) const PAIRS: [(&str, &str, &str); 3] = [
+        (CONNECTOR, FORMAT, "connector+format"),
+        (CONNECTOR, KIND, "connector+kind"),
+        (FORMAT, KIND, "format+kind"),
+    ];
+
+    /// The value of a pair facet.
+    pub(super) fn pair(first: &str, second: &str) -> String {
+        format!("{first}\u{1f}{second}")
+    }
 }
 
 fn subscription_status(sub: &str, status: Status) -> String {
     format!("{sub}\u{1f}{}", status.as_str())
 }
 
-/// Schema version of the search tables, kept in `PRAGMA user_version`.
-const VERSION: i64 = 1;
+/// Schema version of the search tables, kept in `PRAGMA user_version`: 2 added the pair
+/// facets.
+const VERSION: i64 = 2;
 
 /// Bring an index of any earlier release up to this one: the new columns (with NULL for
 /// what was never recorded), the facet tables, and the facets of every message already in
@@ -262,6 +278,21 @@ pub fn refresh(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<()> {
         }
         want.extend(s.patient.clone().map(|v| (facet::PATIENT, v)));
     }
+    let values = |name: &str| -> Vec<String> {
+        want.iter()
+            .filter(|(f, _)| *f == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let mut pairs = Vec::new();
+    for (first, second, name) in facet::PAIRS {
+        for a in values(first) {
+            for b in values(second) {
+                pairs.push((name, facet::pair(&a, &b)));
+            }
+        }
+    }
+    want.extend(pairs);
     for (sub, state) in subs {
         want.insert((facet::SUBSCRIPTION_STATUS, subscription_status(&sub, state)));
         want.insert((facet::SUBSCRIPTION, sub));
@@ -446,6 +477,14 @@ impl ListQuery {
             }
             facets.push((facet::PATIENT, pseudonym(bsn)));
         }
+        let given = |name: &str| facets.iter().find(|(f, _)| *f == name).map(|(_, v)| v);
+        let pairs: Vec<(&'static str, String)> = facet::PAIRS
+            .iter()
+            .filter_map(|(first, second, name)| {
+                Some((*name, facet::pair(given(first)?, given(second)?)))
+            })
+            .collect();
+        facets.extend(pairs);
         match (self.subscription, status) {
             (Some(sub), Some(status)) => facets.push((
                 facet::SUBSCRIPTION_STATUS,
@@ -640,14 +679,21 @@ mod tests {
         assert_eq!(search(q(|q| q.connector = Some("smtp".into()))), ["b"]);
         assert_eq!(search(q(|q| q.sender = Some("mailbox:1".into()))), ["a"]);
         assert_eq!(search(ListQuery::default()), ["b", "a"]);
+        assert_eq!(
+            search(q(|q| {
+                q.connector = Some("http".into());
+                q.kind = Some("lab_result".into());
+            })),
+            ["a"]
+        );
         // Opening again changes nothing.
         migrate(&mut conn).unwrap();
         drop(conn);
         let conn = crate::observe::lineage::open(&path).unwrap();
         let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
-        // b: connector, format, status; a: those and sender, receiver, kind, subscription,
-        // subscription status.
-        assert_eq!(count("SELECT count(*) FROM message_facets"), 3 + 8);
-        assert_eq!(count("SELECT sum(n) FROM facet_counts"), 3 + 8);
+        // b: connector, format, status and the connector+format pair; a: those and sender,
+        // receiver, kind, subscription, subscription status and the two pairs with its kind.
+        assert_eq!(count("SELECT count(*) FROM message_facets"), 4 + 11);
+        assert_eq!(count("SELECT sum(n) FROM facet_counts"), 4 + 11);
     }
 }
