@@ -1,5 +1,7 @@
 //! Finishing a batch: outcomes, dead letters and parked records published, audit records
-//! appended, lineage recorded, and only then the records acknowledged.
+//! appended, lineage recorded and on the lineage topic, and only then the records
+//! acknowledged: a node killed in between leaves them to be delivered, and recorded, again
+//! by whichever node takes its partitions.
 
 use ketenbus_connectors::DeliveryError;
 use ketenbus_schemas::lineage::Stage;
@@ -101,15 +103,11 @@ pub(super) async fn finish<B: Bus>(
     });
     published?;
     audited.map_err(|e| BusError::Fatal(e.to_string()))?;
+    let mut tokens = Vec::with_capacity(batch.len());
     for d in batch {
-        let consumer = if d.token.topic == consumers.retry_topic {
-            &mut *consumers.retry
-        } else {
-            &mut *consumers.main
-        };
         if d.park.is_some() {
             // Parked, not finished: its lineage step ("retrying") came from its lane.
-            consumer.ack(d.token).await?;
+            tokens.push(d.token);
             continue;
         }
         let stage = if d.outcome == Outcome::DeadLettered {
@@ -137,7 +135,16 @@ pub(super) async fn finish<B: Bus>(
             _ => {} // delivered: counted by the lane, with its latency
         }
         lineage.step(&d.envelope_id, step).await;
-        consumer.ack(d.token).await?;
+        tokens.push(d.token);
+    }
+    let _ = lineage.published().await.await;
+    for token in tokens {
+        let consumer = if token.topic == consumers.retry_topic {
+            &mut *consumers.retry
+        } else {
+            &mut *consumers.main
+        };
+        consumer.ack(token).await?;
     }
     Ok(())
 }

@@ -177,6 +177,9 @@ enum Op {
     Received(Received),
     Step(String, Step),
     Flush(oneshot::Sender<()>),
+    /// Answered once everything recorded before it is on the lineage topic (or failed to
+    /// get there, which is logged); it rides the normal gathering, cutting nothing short.
+    Published(oneshot::Sender<()>),
 }
 
 /// Why the lineage index cannot start.
@@ -405,6 +408,16 @@ impl Lineage {
         }
     }
 
+    /// A signal that fires once everything this node recorded so far is on the lineage
+    /// topic (or failed to get there, which is logged), without waiting for any index: the
+    /// router acks a raw record only after that, so a node killed in between leaves the
+    /// record to be routed, and recorded, again.
+    pub async fn published(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Op::Published(tx)).await;
+        rx
+    }
+
     /// Before a read: [`Lineage::flush`], but no longer than [`SETTLE`] (a log that takes no
     /// writes now must not hold up the API; the read then shows what the index has).
     async fn settle(&self) {
@@ -610,7 +623,7 @@ fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
                 patient: s.patient,
             }),
         }),
-        Op::Flush(_) => None,
+        Op::Flush(_) | Op::Published(_) => None,
     }
 }
 
@@ -625,10 +638,12 @@ async fn publish<B: Bus>(bus: &B, mut rx: mpsc::Receiver<Op>, progress: &Mutex<P
     let never = CancellationToken::new();
     while let Some(first) = rx.recv().await {
         let mut flushes = Vec::new();
+        let mut published = Vec::new();
         let mut records = Vec::new();
         for op in gather(&mut rx, first).await {
             match op {
                 Op::Flush(done) => flushes.push(done),
+                Op::Published(done) => published.push(done),
                 op => {
                     let Some(record) = record_of(op, &mut ids) else {
                         continue;
@@ -657,6 +672,9 @@ async fn publish<B: Bus>(bus: &B, mut rx: mpsc::Receiver<Op>, progress: &Mutex<P
             Err(e) => {
                 tracing::error!(error = %e, "lineage writes not published; the lineage of these messages is incomplete");
             }
+        }
+        for done in published {
+            let _ = done.send(());
         }
         let mut p = lock(progress);
         for done in flushes {

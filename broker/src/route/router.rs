@@ -2,7 +2,9 @@
 //! connectors), publishes the events on their kind's topic, dead-letters what cannot be
 //! normalised, and records each step in the lineage. One consumer group, batch by batch:
 //! the documents a batch's events refer to are kept in the content store, then its events
-//! are published in one durable write, and only then are its envelopes acked.
+//! are published in one durable write, and its envelopes are acked only once that is done
+//! and its lineage writes are on the lineage topic (the next batches are routed meanwhile),
+//! so a node killed in between leaves them to be routed, and recorded, again.
 //!
 //! A delivery status notification saying a mail subscription's delivery failed for good
 //! dead-letters that delivery: the router reads the delivered envelope again by its
@@ -21,6 +23,7 @@ use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{NormaliseError, edifact};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Position, Record};
@@ -115,9 +118,18 @@ pub async fn run<B: Bus>(
         }
     };
     health.set(NAME, State::Ready);
+    // Routed batches whose lineage writes are on their way to the lineage topic: acked in
+    // order once there, while the next batches are routed.
+    let mut unacked: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
     while !cancel.is_cancelled() {
+        if let Err(e) = ack_published(&mut consumer, &mut unacked, false).await {
+            tracing::error!(error = %e, "router stopped");
+            health.set(NAME, State::Failed(e.to_string()));
+            return;
+        }
         match route_batch(bus.as_ref(), &mut consumer, &routing, &lineage, &cancel).await {
-            Ok(()) => {}
+            Ok(Some(pending)) => unacked.push_back(pending),
+            Ok(None) => {}
             Err(e) if e.kind() == ketenbus_connectors::ErrorKind::Retryable => {
                 tracing::warn!(error = %e, "router waits for the log");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -129,7 +141,37 @@ pub async fn run<B: Bus>(
             }
         }
     }
+    let _ = ack_published(&mut consumer, &mut unacked, true).await;
     let _ = consumer.commit().await;
+}
+
+/// A routed batch: its records to ack once its lineage writes are published.
+type Pending = (oneshot::Receiver<()>, Vec<crate::bus::AckToken>);
+
+/// Ack the routed batches, oldest first, whose lineage writes are published; with `all`,
+/// wait for each.
+async fn ack_published<C: crate::bus::Consumer>(
+    consumer: &mut C,
+    unacked: &mut std::collections::VecDeque<Pending>,
+    all: bool,
+) -> Result<(), BusError> {
+    while let Some((published, _)) = unacked.front_mut() {
+        if all {
+            let _ = published.await;
+        } else if matches!(
+            published.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ) {
+            break;
+        }
+        let Some((_, tokens)) = unacked.pop_front() else {
+            break;
+        };
+        for token in tokens {
+            consumer.ack(token).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn route_batch<B: Bus>(
@@ -138,9 +180,9 @@ async fn route_batch<B: Bus>(
     routing: &Arc<Routing>,
     lineage: &Lineage,
     cancel: &CancellationToken,
-) -> Result<(), BusError> {
+) -> Result<Option<Pending>, BusError> {
     let Some(first) = consumer.poll(Duration::from_millis(200)).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let mut bytes = first.value.len();
     let mut batch = vec![first];
@@ -219,10 +261,13 @@ async fn route_batch<B: Bus>(
         );
         lineage.step(&id, step).await;
     }
-    for record in &batch {
-        consumer.ack(record.ack_token()).await?;
-    }
-    Ok(())
+    // Acked once these lineage writes are on the topic: a node killed before that leaves
+    // the batch to be routed (and recorded as received) again by whichever node reads next.
+    let published = lineage.published().await;
+    Ok(Some((
+        published,
+        batch.iter().map(Record::ack_token).collect(),
+    )))
 }
 
 /// Keep documents in the content store before the events that refer to them are published;
