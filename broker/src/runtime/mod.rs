@@ -79,7 +79,7 @@ pub async fn run<B: Bus>(
             .context("opening the content store")?,
     );
     let raw_patients = Arc::new(crate::route::keys::RawPatients::new(keyer.clone()));
-    let mitz_keyer = keyer.clone();
+    // The router takes `keyer`; consent from Mitz and the search by patient use it too.
     let patient_keyer = keyer.clone();
     let router_task = router::run(
         Arc::clone(&bus),
@@ -110,7 +110,7 @@ pub async fn run<B: Bus>(
     let mut consent_registry = cfg.consent.registry().context("reading the consent file")?;
     let mitz = match &cfg.consent.mitz {
         Some(m) => Some(Arc::new(
-            crate::deliver::mitz::MitzRegistry::new(m, mitz_keyer, audit.clone(), env)
+            crate::deliver::mitz::MitzRegistry::new(m, patient_keyer.clone(), audit.clone(), env)
                 .context("setting up consent from mitz")?,
         )),
         None => None,
