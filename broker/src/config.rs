@@ -56,6 +56,9 @@ pub struct Config {
     /// mCSD directories replicated as the address book behind `[address_book]`
     /// (`[[mcsd]]`).
     pub mcsd: Vec<crate::deliver::mcsd::McsdConfig>,
+    /// FHIR clients that subscribe themselves through `/fhir/Subscription`
+    /// (`[fhir_subscriptions]`).
+    pub fhir_subscriptions: crate::deliver::backport::FhirSubscriptionsConfig,
 }
 
 impl Default for Config {
@@ -76,6 +79,7 @@ impl Default for Config {
             audit: crate::observe::audit::AuditConfig::default(),
             limits: LimitsConfig::default(),
             mcsd: Vec::new(),
+            fhir_subscriptions: crate::deliver::backport::FhirSubscriptionsConfig::default(),
         }
     }
 }
@@ -192,6 +196,7 @@ impl Config {
         problems.extend(Problem::under("mail", self.mail.problems(env.lookup())));
         problems.extend(crate::deliver::config::address_book_problems(&book));
         problems.extend(crate::deliver::mcsd::problems(&self.mcsd));
+        problems.extend(self.fhir_subscriptions.problems());
         problems.extend(crate::http::auth::problems(&self.senders, &self.operators));
         problems.extend(crate::deliver::config::consent_problems(
             &self.consent,

@@ -802,6 +802,55 @@ pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// Validate FHIR R4 resources (JSON) with the independent npm `fhir` validator
+/// (`tests/node/validate.js`, installed by `tests/node/setup.sh` on first use):
+/// `Ok(report)` when every one is valid, else `Err(report)`.
+///
+/// # Panics
+/// When node or the validator cannot be run.
+pub fn fhir_validate(resources: &[serde_json::Value]) -> Result<String, String> {
+    use std::io::Write as _;
+    static INSTALL: Mutex<bool> = Mutex::new(false);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node");
+    {
+        let mut done = INSTALL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*done && !dir.join("node_modules/fhir/package.json").exists() {
+            let ok = Command::new("bash")
+                .arg(dir.join("setup.sh"))
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "tests/node/setup.sh failed: no FHIR validator");
+        }
+        *done = true;
+    }
+    let mut child = Command::new("node")
+        .arg(dir.join("validate.js"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs the FHIR validator");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(&serde_json::to_vec(resources).expect("JSON"))
+        .expect("the validator reads stdin");
+    let out = child.wait_with_output().expect("the validator finishes");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(report)
+    } else {
+        Err(report)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

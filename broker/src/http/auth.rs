@@ -356,6 +356,8 @@ enum Need {
     Nothing,
     Sender,
     Operator,
+    /// An operator, or a sender (the handler limits it to its own parties).
+    Either,
 }
 
 fn need(method: &Method, path: &str) -> Need {
@@ -363,6 +365,12 @@ fn need(method: &Method, path: &str) -> Need {
     let fhir = path == "/fhir" || path.starts_with("/fhir/");
     if !(api || fhir) || path == "/fhir/metadata" {
         return Need::Nothing; // health, readiness, metrics, capabilities: no patient data
+    }
+    if (path == "/fhir/Basic" || path.starts_with("/fhir/Basic/")) && method == Method::GET {
+        return Need::Nothing; // the subscription topics: no patient data
+    }
+    if path == "/fhir/Subscription" || path.starts_with("/fhir/Subscription/") {
+        return Need::Either; // each handler checks the receiver against a sender's parties
     }
     if method == Method::GET || method == Method::HEAD {
         Need::Operator
@@ -479,6 +487,21 @@ async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Re
                 }
             }
             Err(e) => return refuse(&e),
+        },
+        Need::Either => match auth.operator(req.headers(), cert.as_ref()) {
+            Ok(Some(p)) => {
+                req.extensions_mut()
+                    .insert(AuthenticatedOperator(p.clone()));
+            }
+            open_or_not => match (auth.sender(req.headers(), cert.as_ref()), open_or_not) {
+                (Ok(Some(p)), _) => {
+                    req.extensions_mut().insert(AuthenticatedSender(p.clone()));
+                }
+                // No operators configured: what operators may do is open.
+                (_, Ok(None)) => {}
+                (_, Err(e)) => return refuse(&e),
+                (_, Ok(Some(_))) => unreachable!("matched above"),
+            },
         },
     }
     let path = req.uri().path().to_owned();

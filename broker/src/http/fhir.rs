@@ -490,7 +490,13 @@ async fn metadata(headers: HeaderMap) -> Response {
         .with("mode", "server")
         .with(
             "resource",
-            vec![create("Observation"), create("Task"), create("Bundle")],
+            vec![
+                create("Observation"),
+                create("Task"),
+                create("Bundle"),
+                crate::http::subscription::capability(),
+                crate::http::subscription::topics_capability(),
+            ],
         )
         .with(
             "interaction",

@@ -10,6 +10,7 @@ pub mod fhir;
 pub mod idempotency;
 pub mod server;
 pub mod state;
+pub mod subscription;
 
 use std::sync::Arc;
 

@@ -170,6 +170,31 @@ pub async fn run<B: Bus>(
         );
         tasks.spawn(format!("subscription {}", sub.name), task);
     }
+    // Subscriptions made through `/fhir/Subscription`: kept in the data directory, run by
+    // their own task as the configured ones are.
+    let (fhir_subscriptions, commands) = deliver::backport::Registry::open(
+        &cfg.data_dir,
+        cfg.fhir_subscriptions.clone(),
+        &format!("http://{}/fhir", cfg.http.listen),
+        audit.clone(),
+    )
+    .context("opening the FHIR subscriptions")?;
+    let task = deliver::backport::manage::run(
+        Arc::clone(&bus),
+        Arc::clone(&fhir_subscriptions),
+        commands,
+        deliver::backport::manage::Context {
+            lineage: lineage.clone(),
+            health: Arc::clone(&health),
+            consent: consent_registry.clone(),
+            audit: audit.clone(),
+            pauses: Some(pauses.clone()),
+            partitions: cfg.bus.partitions,
+            sinks: sinks.clone(),
+        },
+        cancel.clone(),
+    );
+    tasks.spawn("fhir subscriptions", task);
     // One memory budget for every way in.
     let budget = cfg.limits.budget();
     for inbox in &cfg.inbox {
@@ -205,6 +230,7 @@ pub async fn run<B: Bus>(
         Arc::clone(&bus),
         &settings,
         lineage.group(),
+        Arc::clone(&fhir_subscriptions),
         Arc::clone(&health),
         cancel.clone(),
     );
@@ -295,7 +321,9 @@ pub async fn run<B: Bus>(
         // client without credentials cannot fill it.
         crate::http::auth::protect(
             crate::http::budget::protect(
-                crate::http::router(state).merge(crate::http::console::router(Arc::new(console))),
+                crate::http::router(state)
+                    .merge(crate::http::console::router(Arc::new(console)))
+                    .merge(crate::http::subscription::routes(fhir_subscriptions)),
                 budget,
                 max_body,
             ),

@@ -29,19 +29,24 @@ pub fn readers(settings: &Settings, lineage_group: &str) -> Readers {
         .or_default()
         .push(topics::ROUTER_GROUP.to_owned());
     for sub in &settings.subscriptions {
-        for topic in sub.source_topics() {
-            readers
-                .entry(topic)
-                .or_default()
-                .push(topics::subscription_group(&sub.name));
-        }
-        // Parked records wait on the retry topic until its own group has finished them.
-        readers
-            .entry(topics::retry(&sub.name))
-            .or_default()
-            .push(topics::retry_group(&sub.name));
+        held_by(&mut readers, sub);
     }
     readers
+}
+
+/// `sub`'s groups among the `readers`: its source topics, and its retry topic, where parked
+/// records wait until its own group has finished them.
+fn held_by(readers: &mut Readers, sub: &crate::deliver::config::Subscription) {
+    for topic in sub.source_topics() {
+        readers
+            .entry(topic)
+            .or_default()
+            .push(topics::subscription_group(&sub.name));
+    }
+    readers
+        .entry(topics::retry(&sub.name))
+        .or_default()
+        .push(topics::retry_group(&sub.name));
 }
 
 /// Health component that reports the log's retention.
@@ -55,14 +60,20 @@ pub fn run<B: Bus>(
     bus: Arc<B>,
     settings: &Settings,
     lineage_group: &str,
+    fhir: Arc<crate::deliver::backport::Registry>,
     health: Arc<Health>,
     cancel: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let readers = readers(settings, lineage_group);
+    let configured = readers(settings, lineage_group);
     let every = settings.config.bus.retention_interval();
     async move {
         health.set(COMPONENT, State::Ready);
         loop {
+            // Subscriptions made through the API hold what their groups have not finished.
+            let mut readers = configured.clone();
+            for sub in fhir.subscriptions() {
+                held_by(&mut readers, &sub);
+            }
             match bus.enforce_retention(&readers).await {
                 Ok(report) => {
                     metrics::retention(report.deleted, report.excess_bytes());

@@ -1,0 +1,736 @@
+//! The Subscriptions while the broker runs: the [`Registry`] the HTTP handlers change (kept
+//! in the store before it answers), and the task ([`run`]) that starts each one as a
+//! ketenbus subscription (`deliver::run_with`, with the [`NotifySink`]) and its heartbeat,
+//! and stops it when it is deleted. A new Subscription's consumer group starts at the end
+//! of its topic: it is notified of what arrives after it was made.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, Payload, Receipt};
+use ketenbus_schemas::{Event, now_ms, topics};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::notify::{self, Notice};
+use super::parse::Refusal;
+use super::store::{Store, StoreError};
+use super::{Content, FhirSubscriptionsConfig, Registration, Status};
+use crate::bus::{Bus, Consumer, TopicSpec};
+use crate::deliver::config::{FilterConfig, Source, Subscription};
+use crate::deliver::sink::{BuildError, BuildSink, SinkContext};
+use crate::observe::audit::{Audit, Entry};
+use crate::observe::health::Health;
+use crate::observe::lineage::Lineage;
+
+/// Most events one `$events` answer carries.
+pub const EVENTS_PAGE: usize = 100;
+
+/// What the manager task is asked.
+enum Command {
+    /// Start the Subscription `id`; a new one first moves its group to the end of its topic.
+    Start {
+        id: String,
+        new: bool,
+        started: oneshot::Sender<()>,
+    },
+    /// Stop the Subscription `id`.
+    Stop(String),
+}
+
+struct Live {
+    reg: Registration,
+    /// When a notification (any type) last reached the endpoint.
+    last_sent: Instant,
+}
+
+/// The Subscriptions made through the API.
+pub struct Registry {
+    store: Store,
+    config: FhirSubscriptionsConfig,
+    base: String,
+    client: reqwest::Client,
+    live: Mutex<HashMap<String, Live>>,
+    commands: mpsc::Sender<Command>,
+    audit: Option<Audit>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the registry could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The HTTP client could not be made.
+    #[error("fhir subscriptions: building the notification client")]
+    Client(#[source] reqwest::Error),
+}
+
+/// What the manager task receives its commands on.
+pub struct Commands(mpsc::Receiver<Command>);
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Commands(..)")
+    }
+}
+
+fn internal(e: &StoreError) -> Refusal {
+    tracing::error!(error = %e, "fhir subscription store failed");
+    Refusal::new(500, "exception", "the subscription store failed")
+}
+
+impl Registry {
+    /// The Subscriptions kept in `data_dir`; `base`: ketenbus's FHIR base as subscribers
+    /// reach it. The returned [`Commands`] go to [`run`].
+    ///
+    /// # Errors
+    /// When the store cannot be opened or read.
+    pub fn open(
+        data_dir: &std::path::Path,
+        config: FhirSubscriptionsConfig,
+        base: &str,
+        audit: Option<Audit>,
+    ) -> Result<(Arc<Registry>, Commands), OpenError> {
+        let store = Store::open(data_dir)?;
+        let live = store
+            .all()?
+            .into_iter()
+            .map(|reg| {
+                (
+                    reg.id.clone(),
+                    Live {
+                        reg,
+                        last_sent: Instant::now(),
+                    },
+                )
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel(64);
+        let registry = Registry {
+            store,
+            base: config
+                .base_url
+                .clone()
+                .unwrap_or_else(|| base.to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            config,
+            client: notify::client().map_err(OpenError::Client)?,
+            live: Mutex::new(live),
+            commands: tx,
+            audit,
+        };
+        Ok((Arc::new(registry), Commands(rx)))
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// ketenbus's FHIR base as subscribers reach it.
+    #[must_use]
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The limits a Subscription is checked against: (longest timeout, shortest heartbeat),
+    /// in seconds.
+    #[must_use]
+    pub fn limits(&self) -> (u32, u32) {
+        let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        (
+            secs(self.config.max_timeout),
+            secs(self.config.min_heartbeat),
+        )
+    }
+
+    /// The Subscription `id`.
+    #[must_use]
+    pub fn get(&self, id: &str) -> Option<Registration> {
+        self.live().get(id).map(|l| l.reg.clone())
+    }
+
+    /// Every Subscription.
+    #[must_use]
+    pub fn all(&self) -> Vec<Registration> {
+        let mut v: Vec<Registration> = self.live().values().map(|l| l.reg.clone()).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Every Subscription as the ketenbus subscription it runs as (retention keeps what
+    /// their groups have not finished).
+    #[must_use]
+    pub fn subscriptions(self: &Arc<Self>) -> Vec<Subscription> {
+        self.all().iter().map(|r| self.subscription(r)).collect()
+    }
+
+    fn subscription(self: &Arc<Self>, r: &Registration) -> Subscription {
+        Subscription {
+            name: r.subscription_name(),
+            sources: BTreeSet::from([Source::Events(r.kind)]),
+            filter: FilterConfig {
+                senders: r.senders.clone(),
+                receivers: vec![r.receiver.clone()],
+            },
+            sink: crate::deliver::sink::Sink::new(NotifyBuild {
+                registry: Arc::clone(self),
+                id: r.id.clone(),
+            }),
+            retry: self.config.retry.clone(),
+            // One lane: events are numbered in the order of the log.
+            concurrency: 1,
+        }
+    }
+
+    fn keep(&self, reg: &Registration) -> Result<(), Refusal> {
+        self.store.put(reg).map_err(|e| internal(&e))?;
+        let mut live = self.live();
+        match live.get_mut(&reg.id) {
+            Some(l) => l.reg = reg.clone(),
+            None => {
+                live.insert(
+                    reg.id.clone(),
+                    Live {
+                        reg: reg.clone(),
+                        last_sent: Instant::now(),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn audit(&self, action: &str, reg: &Registration, actor: &str) -> Result<(), Refusal> {
+        let Some(audit) = &self.audit else {
+            return Ok(());
+        };
+        let entry = Entry {
+            action: action.to_owned(),
+            actor: actor.to_owned(),
+            party: Some(reg.receiver.clone()),
+            event_id: Some(format!("Subscription/{}", reg.id)),
+            ..Entry::default()
+        };
+        audit.append(vec![entry]).await.map_err(|e| {
+            tracing::error!(error = %e, "audit trail unavailable; subscription change refused");
+            Refusal::new(503, "transient", "the audit trail cannot be written")
+        })
+    }
+
+    /// Make a Subscription from what a client asked (`asked`, checked), by `owner`: kept,
+    /// started (its group at the end of its topic), then activated by a handshake unless
+    /// it asked for `off`.
+    ///
+    /// # Errors
+    /// [`Refusal`] when there are too many, or the store, audit or manager fails.
+    pub async fn create(
+        self: &Arc<Self>,
+        mut asked: Registration,
+        owner: &str,
+    ) -> Result<Registration, Refusal> {
+        if self.live().len() >= self.config.max {
+            return Err(Refusal::new(
+                429,
+                "too-costly",
+                "this server keeps no more Subscriptions (fhir_subscriptions.max)",
+            ));
+        }
+        asked.id = hex::encode(rand::random::<[u8; 8]>());
+        owner.clone_into(&mut asked.owner);
+        let off = asked.status == Status::Off;
+        asked.status = if off { Status::Off } else { Status::Requested };
+        self.audit("fhir_subscription_create", &asked, owner)
+            .await?;
+        self.keep(&asked)?;
+        self.start(&asked.id, true).await?;
+        if off {
+            return Ok(asked);
+        }
+        Ok(self.handshake(&asked.id).await)
+    }
+
+    async fn start(&self, id: &str, new: bool) -> Result<(), Refusal> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Start {
+                id: id.to_owned(),
+                new,
+                started: tx,
+            })
+            .await;
+        if sent.is_err() || rx.await.is_err() {
+            return Err(Refusal::new(
+                503,
+                "transient",
+                "the subscription could not be started",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Replace the Subscription `id` with `asked`: its topic and receiver stay (they name its
+    /// log and consumer group); status `requested` or `active` sends a handshake and, when it
+    /// is answered, makes it active again (the reset after `error`), `off` stops notifying.
+    ///
+    /// # Errors
+    /// [`Refusal`] when it is unknown, changes its topic or receiver, or the store fails.
+    pub async fn update(
+        self: &Arc<Self>,
+        id: &str,
+        mut asked: Registration,
+        actor: &str,
+    ) -> Result<Registration, Refusal> {
+        let Some(old) = self.get(id) else {
+            return Err(Refusal::new(404, "not-found", "no such Subscription"));
+        };
+        if old.kind != asked.kind || old.receiver != asked.receiver {
+            return Err(Refusal::new(
+                422,
+                "invalid",
+                "a Subscription's topic and receiver cannot change: delete it and make another",
+            ));
+        }
+        asked.id = old.id.clone();
+        asked.owner = old.owner.clone();
+        let off = asked.status == Status::Off;
+        asked.status = if off { Status::Off } else { Status::Requested };
+        self.audit("fhir_subscription_update", &asked, actor)
+            .await?;
+        self.keep(&asked)?;
+        if off {
+            return Ok(asked);
+        }
+        Ok(self.handshake(id).await)
+    }
+
+    /// Delete the Subscription `id`: stopped, forgotten with its numbered events.
+    ///
+    /// # Errors
+    /// [`Refusal`] when it is unknown or the store fails.
+    pub async fn delete(&self, id: &str, actor: &str) -> Result<(), Refusal> {
+        let Some(old) = self.get(id) else {
+            return Err(Refusal::new(404, "not-found", "no such Subscription"));
+        };
+        self.audit("fhir_subscription_delete", &old, actor).await?;
+        let _ = self.commands.send(Command::Stop(id.to_owned())).await;
+        self.store.remove(id).map_err(|e| internal(&e))?;
+        self.live().remove(id);
+        Ok(())
+    }
+
+    /// Send the handshake; answered, the Subscription is active, else in error.
+    pub async fn handshake(&self, id: &str) -> Registration {
+        let Some(mut reg) = self.get(id) else {
+            return Registration::gone(id);
+        };
+        reg.status = Status::Requested;
+        reg.error = None;
+        let since = self.store.count(id).unwrap_or(0);
+        let b = notify::bundle(&self.base, &reg, "handshake", since, &[], Content::Empty);
+        match notify::send(&self.client, &reg, &b).await {
+            Ok(_) => {
+                reg.status = Status::Active;
+                tracing::info!(subscription = %reg.subscription_name(), "fhir subscription active");
+            }
+            Err(m) => {
+                tracing::warn!(subscription = %reg.subscription_name(), error = %m, "handshake failed");
+                reg.status = Status::Error;
+                reg.error = Some(format!("handshake failed: {m}"));
+            }
+        }
+        self.set(&reg);
+        reg
+    }
+
+    /// Keep a status change made by a notification.
+    fn set(&self, reg: &Registration) {
+        if let Err(e) = self.store.put(reg) {
+            tracing::error!(error = %e, "fhir subscription status not kept");
+        }
+        if let Some(l) = self.live().get_mut(&reg.id) {
+            l.reg.status = reg.status;
+            l.reg.error.clone_from(&reg.error);
+            l.last_sent = Instant::now();
+        }
+    }
+
+    fn failed(&self, id: &str, why: &str) {
+        if let Some(mut reg) = self.get(id)
+            && reg.status == Status::Active
+        {
+            tracing::warn!(subscription = %reg.subscription_name(), error = %why, "notification failed; the subscription is in error until reset");
+            reg.status = Status::Error;
+            reg.error = Some(format!("notification failed: {why}"));
+            self.set(&reg);
+        }
+    }
+
+    fn sent(&self, id: &str) {
+        if let Some(l) = self.live().get_mut(id) {
+            l.last_sent = Instant::now();
+        }
+    }
+
+    /// `$status`: a `searchset` Bundle with the status `Parameters` (`query-status`).
+    ///
+    /// # Errors
+    /// [`Refusal`] when the store cannot be read.
+    pub fn status(&self, reg: &Registration) -> Result<Value, Refusal> {
+        let since = self.store.count(&reg.id).map_err(|e| internal(&e))?;
+        let p = notify::status(&self.base, reg, "query-status", since, &[]);
+        Ok(json!({
+            "resourceType": "Bundle",
+            "id": notify::new_uuid().to_string(),
+            "type": "searchset",
+            "total": 1,
+            "entry": [{
+                "fullUrl": format!("urn:uuid:{}", notify::new_uuid()),
+                "resource": p,
+                "search": { "mode": "match" },
+            }],
+        }))
+    }
+
+    /// `$events`: the numbered events `from..=until` (at most [`EVENTS_PAGE`]) as a
+    /// `history` Bundle (`query-event`), carried as `content` says.
+    ///
+    /// # Errors
+    /// [`Refusal`] when the store cannot be read.
+    pub fn events(
+        &self,
+        reg: &Registration,
+        from: u64,
+        until: u64,
+        content: Content,
+    ) -> Result<Value, Refusal> {
+        let since = self.store.count(&reg.id).map_err(|e| internal(&e))?;
+        let kept = self
+            .store
+            .events(&reg.id, from.max(1), until.min(since), EVENTS_PAGE)
+            .map_err(|e| internal(&e))?;
+        let mut notices = Vec::new();
+        for n in kept {
+            match Event::from_avro(reg.kind, &n.value) {
+                Ok(e) => notices.push(Notice {
+                    number: n.number,
+                    at_ms: n.at_ms,
+                    event: Arc::new(e),
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "a kept event cannot be read");
+                    return Err(Refusal::new(
+                        500,
+                        "exception",
+                        "a kept event cannot be read",
+                    ));
+                }
+            }
+        }
+        let mut shown = reg.clone();
+        shown.content = content;
+        Ok(notify::bundle(
+            &self.base,
+            &shown,
+            "query-event",
+            since,
+            &notices,
+            content,
+        ))
+    }
+
+    /// A heartbeat when the Subscription is active, has a heartbeat period and nothing went
+    /// out for that long.
+    async fn heartbeat(&self, id: &str) {
+        let due = {
+            let live = self.live();
+            live.get(id).and_then(|l| {
+                let period = Duration::from_secs(u64::from(l.reg.heartbeat_secs?));
+                (l.reg.status == Status::Active && l.last_sent.elapsed() >= period)
+                    .then(|| l.reg.clone())
+            })
+        };
+        let Some(reg) = due else { return };
+        let since = self.store.count(id).unwrap_or(0);
+        let b = notify::bundle(&self.base, &reg, "heartbeat", since, &[], Content::Empty);
+        match notify::send(&self.client, &reg, &b).await {
+            Ok(_) => self.sent(id),
+            Err(m) => self.failed(id, &m),
+        }
+    }
+
+    /// Deliver one event: numbered (kept), then sent while the Subscription is active.
+    async fn notify(&self, id: &str, d: &Delivery) -> Result<Receipt, DeliveryError> {
+        let Payload::Event(event) = &d.payload else {
+            return Err(DeliveryError::Rejected {
+                reason: "not_an_event".into(),
+                detail: "a FHIR Subscription takes events".into(),
+            });
+        };
+        let Some(reg) = self.get(id) else {
+            return Err(DeliveryError::Retryable {
+                reason: "subscription_gone".into(),
+                detail: "the Subscription was deleted".into(),
+            });
+        };
+        let store_failed = |e: StoreError| DeliveryError::Retryable {
+            reason: "store_unavailable".into(),
+            detail: e.to_string(),
+        };
+        let value = event.to_avro().map_err(|e| DeliveryError::Rejected {
+            reason: "undecodable_record".into(),
+            detail: e.to_string(),
+        })?;
+        let number = self
+            .store
+            .number(id, &d.record_id, &value, now_ms())
+            .map_err(store_failed)?;
+        if reg.status != Status::Active {
+            return Err(DeliveryError::Retryable {
+                reason: "subscription_not_active".into(),
+                detail: format!("the Subscription is {}", reg.status.code()),
+            });
+        }
+        let since = self.store.count(id).map_err(store_failed)?;
+        let notice = Notice {
+            number,
+            at_ms: now_ms(),
+            event: Arc::clone(event),
+        };
+        let b = notify::bundle(
+            &self.base,
+            &reg,
+            "event-notification",
+            since,
+            &[notice],
+            reg.content,
+        );
+        match notify::send(&self.client, &reg, &b).await {
+            Ok(detail) => {
+                self.sent(id);
+                Ok(Receipt { detail })
+            }
+            Err(m) => {
+                self.failed(id, &m);
+                Err(DeliveryError::Retryable {
+                    reason: "notification_failed".into(),
+                    detail: m,
+                })
+            }
+        }
+    }
+}
+
+impl Registration {
+    /// What is left of a Subscription deleted meanwhile.
+    fn gone(id: &str) -> Registration {
+        Registration {
+            id: id.to_owned(),
+            kind: ketenbus_schemas::EventKind::Letter,
+            receiver: String::new(),
+            senders: Vec::new(),
+            endpoint: String::new(),
+            content: Content::Empty,
+            headers: Vec::new(),
+            heartbeat_secs: None,
+            timeout_secs: 1,
+            max_count: 1,
+            reason: String::new(),
+            end: None,
+            status: Status::Off,
+            error: Some("deleted".into()),
+            owner: String::new(),
+        }
+    }
+}
+
+/// The sink of a Subscription: its notifications.
+#[derive(Debug)]
+pub struct NotifyBuild {
+    registry: Arc<Registry>,
+    id: String,
+}
+
+/// The sink a Subscription's lanes deliver to.
+struct NotifySink {
+    registry: Arc<Registry>,
+    id: String,
+}
+
+impl BuildSink for NotifyBuild {
+    fn build(&self, _: &SinkContext) -> Result<Arc<dyn ketenbus_connectors::Sink>, BuildError> {
+        Ok(Arc::new(NotifySink {
+            registry: Arc::clone(&self.registry),
+            id: self.id.clone(),
+        }))
+    }
+}
+
+impl ketenbus_connectors::Sink for NotifySink {
+    fn deliver<'a>(&'a self, d: &'a Delivery) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
+        Box::pin(self.registry.notify(&self.id, d))
+    }
+}
+
+/// What the manager starts each subscription with, besides its registration.
+pub struct Context {
+    /// Lineage.
+    pub lineage: Lineage,
+    /// Health.
+    pub health: Arc<Health>,
+    /// Where consent is looked up, if anywhere.
+    pub consent: Option<Arc<dyn crate::deliver::consent::ConsentRegistry>>,
+    /// The audit trail.
+    pub audit: Option<Audit>,
+    /// Paused subscriptions.
+    pub pauses: Option<crate::deliver::pause::Pauses>,
+    /// Partitions of new topics.
+    pub partitions: u32,
+    /// The sinks' context.
+    pub sinks: SinkContext,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Context(..)")
+    }
+}
+
+/// Move the new group of `sub` to the end of what its topics hold now.
+async fn to_the_end<B: Bus>(bus: &B, sub: &Subscription) -> Result<u64, crate::bus::BusError> {
+    let mut c = bus
+        .subscribe(&topics::subscription_group(&sub.name), &sub.source_topics())
+        .await?;
+    let mut n = 0;
+    while let Some(r) = c.poll(Duration::from_millis(200)).await? {
+        c.ack(r.ack_token()).await?;
+        n += 1;
+    }
+    c.commit().await?;
+    Ok(n)
+}
+
+/// Run the Subscriptions until `cancel`: each kept one at once, then as the registry asks.
+pub async fn run<B: Bus>(
+    bus: Arc<B>,
+    registry: Arc<Registry>,
+    commands: Commands,
+    ctx: Context,
+    cancel: CancellationToken,
+) {
+    let mut rx = commands.0;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let start = async |id: &str, new: bool, tasks: &mut tokio::task::JoinSet<()>| {
+        let reg = registry.get(id)?;
+        let sub = registry.subscription(&reg);
+        let specs: Vec<TopicSpec> = [
+            topics::dead_letters(&sub.name),
+            topics::replay(&sub.name),
+            topics::retry(&sub.name),
+        ]
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: ctx.partitions,
+        })
+        .collect();
+        if let Err(e) = bus.ensure_topics(&specs).await {
+            tracing::error!(subscription = %sub.name, error = %e, "cannot create the subscription's topics");
+            return None;
+        }
+        if new && let Err(e) = to_the_end(bus.as_ref(), &sub).await {
+            tracing::error!(subscription = %sub.name, error = %e, "cannot start the subscription's group");
+            return None;
+        }
+        let sink = sub.sink.build(&ctx.sinks).ok()?;
+        let hooks = crate::deliver::Hooks {
+            consent: registry
+                .config
+                .consent
+                .as_ref()
+                .zip(ctx.consent.clone())
+                .map(|(c, registry)| {
+                    Arc::new(crate::deliver::consent::ConsentCheck {
+                        registry,
+                        policy: crate::deliver::consent::SubscriptionConsent {
+                            party: Some(reg.receiver.clone()),
+                            purpose: c.purpose.clone(),
+                            default: c.default,
+                        },
+                    })
+                }),
+            audit: ctx.audit.clone(),
+            receiver_is_party: true,
+            raw_patients: None,
+            pauses: ctx.pauses.clone(),
+        };
+        let stop = cancel.child_token();
+        tasks.spawn(crate::deliver::run_with(
+            Arc::clone(&bus),
+            sub,
+            sink,
+            ctx.lineage.clone(),
+            Arc::clone(&ctx.health),
+            stop.clone(),
+            hooks,
+        ));
+        let beat = Arc::clone(&registry);
+        let id_owned = id.to_owned();
+        let beat_stop = stop.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = beat_stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(250)) => beat.heartbeat(&id_owned).await,
+                }
+            }
+        });
+        Some(stop)
+    };
+    for reg in registry.all() {
+        if let Some(stop) = start(&reg.id, false, &mut tasks).await {
+            running.insert(reg.id, stop);
+        }
+    }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            cmd = rx.recv() => match cmd {
+                None => break,
+                Some(Command::Start { id, new, started }) => {
+                    if let Some(stop) = start(&id, new, &mut tasks).await {
+                        if let Some(old) = running.insert(id, stop) {
+                            old.cancel();
+                        }
+                        let _ = started.send(());
+                    }
+                }
+                Some(Command::Stop(id)) => {
+                    if let Some(stop) = running.remove(&id) {
+                        stop.cancel();
+                    }
+                }
+            },
+        }
+    }
+    for stop in running.values() {
+        stop.cancel();
+    }
+    while tasks.join_next().await.is_some() {}
+}

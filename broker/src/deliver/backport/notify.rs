@@ -1,0 +1,231 @@
+//! Notifications: `history` Bundles whose first entry is the Backport status `Parameters`
+//! (handshake, heartbeat, event-notification, query-status, query-event), with each
+//! event's nl-core resources (the resources of `ketenbus_connectors::fhir::to_bundle`), their
+//! `fullUrl`s only, or nothing, as the Subscription asked; and the POST that sends one.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ketenbus_connectors::fhir::{BundleStyle, EmitOptions};
+use ketenbus_schemas::Event;
+use serde_json::{Value, json};
+
+use super::topic::Topic;
+use super::{Content, PROFILE_STATUS, Registration};
+
+/// One event in a notification.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    /// Its number within the Subscription.
+    pub number: u64,
+    /// When it was numbered, ms since the epoch.
+    pub at_ms: i64,
+    /// The event (for its focus and resources).
+    pub event: std::sync::Arc<Event>,
+}
+
+/// A fresh random UUID (for `Bundle.id`, `Parameters.id` and `urn:uuid:` full URLs).
+#[must_use]
+pub fn new_uuid() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .to_string()
+}
+
+/// An instant (`2026-12-01T01:02:03.456Z`) from ms since the epoch.
+#[must_use]
+pub fn instant(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// The resources of an event as `to_bundle` writes them, without the `MessageHeader`: each
+/// as (`Type/id`, resource), and the focus (`Type/id` of what the message is about).
+#[must_use]
+pub fn resources(event: &Event) -> (Option<String>, Vec<(String, Value)>) {
+    let opts = EmitOptions {
+        style: BundleStyle::Message,
+        ..EmitOptions::default()
+    };
+    let Ok(bundle) = ketenbus_connectors::fhir::to_bundle(event, &opts) else {
+        return (None, Vec::new()); // letters: no FHIR form yet
+    };
+    let Ok(bundle) =
+        serde_json::from_slice::<Value>(&ketenbus_connectors::fhir::json::to_vec(&bundle))
+    else {
+        return (None, Vec::new());
+    };
+    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
+    let local = |full_url: &str| -> Option<String> {
+        entries
+            .iter()
+            .find(|e| e["fullUrl"] == full_url)
+            .and_then(|e| type_id(&e["resource"]))
+    };
+    let mut focus = None;
+    let mut out = Vec::new();
+    for e in &entries {
+        let r = &e["resource"];
+        if r["resourceType"] == "MessageHeader" {
+            focus = r["focus"][0]["reference"].as_str().and_then(local);
+            continue;
+        }
+        if let Some(tid) = type_id(r) {
+            out.push((tid, r.clone()));
+        }
+    }
+    if focus.is_none() {
+        focus = out.first().map(|(t, _)| t.clone());
+    }
+    // References between the resources become the served URLs' relative form.
+    let urls: Vec<(String, String)> = entries
+        .iter()
+        .filter_map(|e| Some((e["fullUrl"].as_str()?.to_owned(), type_id(&e["resource"])?)))
+        .collect();
+    for (_, r) in &mut out {
+        rewrite(r, &urls);
+    }
+    (focus, out)
+}
+
+fn type_id(r: &Value) -> Option<String> {
+    Some(format!(
+        "{}/{}",
+        r["resourceType"].as_str()?,
+        r["id"].as_str()?
+    ))
+}
+
+fn rewrite(v: &mut Value, urls: &[(String, String)]) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if k == "reference"
+                    && let Some(s) = child.as_str()
+                    && let Some((_, tid)) = urls.iter().find(|(u, _)| u == s)
+                {
+                    *child = Value::String(tid.clone());
+                } else {
+                    rewrite(child, urls);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| rewrite(i, urls)),
+        _ => {}
+    }
+}
+
+/// The status `Parameters` of a notification of type `kind` (`handshake`, `heartbeat`,
+/// `event-notification`, `query-status`, `query-event`).
+#[must_use]
+pub fn status(base: &str, r: &Registration, kind: &str, since: u64, events: &[Notice]) -> Value {
+    let mut parameter = vec![
+        json!({ "name": "subscription", "valueReference": { "reference": format!("{base}/Subscription/{}", r.id) } }),
+        json!({ "name": "topic", "valueCanonical": Topic::of(r.kind).canonical() }),
+        json!({ "name": "status", "valueCode": r.status.code() }),
+        json!({ "name": "type", "valueCode": kind }),
+        json!({ "name": "events-since-subscription-start", "valueString": since.to_string() }),
+    ];
+    for n in events {
+        let mut part = vec![
+            json!({ "name": "event-number", "valueString": n.number.to_string() }),
+            json!({ "name": "timestamp", "valueInstant": instant(n.at_ms) }),
+        ];
+        if r.content != Content::Empty
+            && let (Some(focus), _) = resources(&n.event)
+        {
+            part.push(json!({ "name": "focus", "valueReference": { "reference": format!("{base}/{focus}") } }));
+        }
+        parameter.push(json!({ "name": "notification-event", "part": part }));
+    }
+    if let Some(e) = &r.error {
+        parameter.push(json!({ "name": "error", "valueCodeableConcept": { "text": e } }));
+    }
+    json!({
+        "resourceType": "Parameters",
+        "id": new_uuid().to_string(),
+        "meta": { "profile": [PROFILE_STATUS] },
+        "parameter": parameter,
+    })
+}
+
+/// A `history` notification Bundle of type `kind`, with `events` carried as `content` says.
+#[must_use]
+pub fn bundle(
+    base: &str,
+    r: &Registration,
+    kind: &str,
+    since: u64,
+    events: &[Notice],
+    content: Content,
+) -> Value {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+    let mut entry = vec![json!({
+        "fullUrl": format!("urn:uuid:{}", new_uuid()),
+        "resource": status(base, r, kind, since, events),
+        "request": { "method": "GET", "url": format!("{base}/Subscription/{}/$status", r.id) },
+        "response": { "status": "200" },
+    })];
+    if content != Content::Empty {
+        for n in events {
+            for (tid, resource) in resources(&n.event).1 {
+                let mut e = json!({
+                    "fullUrl": format!("{base}/{tid}"),
+                    "request": { "method": "PUT", "url": tid },
+                    "response": { "status": "200" },
+                });
+                if content == Content::FullResource {
+                    e["resource"] = resource;
+                }
+                entry.push(e);
+            }
+        }
+    }
+    json!({
+        "resourceType": "Bundle",
+        "id": new_uuid().to_string(),
+        "type": "history",
+        "timestamp": instant(now),
+        "entry": entry,
+    })
+}
+
+/// POST `bundle` to the Subscription's endpoint with its headers, within its timeout;
+/// redirects are failures, never followed.
+///
+/// # Errors
+/// What went wrong, without payload: the status, a timeout, a refused connection.
+pub async fn send(
+    client: &reqwest::Client,
+    r: &Registration,
+    bundle: &Value,
+) -> Result<String, String> {
+    let mut req = client
+        .post(&r.endpoint)
+        .timeout(Duration::from_secs(u64::from(r.timeout_secs)))
+        .header("content-type", "application/fhir+json; charset=utf-8")
+        .body(serde_json::to_vec(bundle).unwrap_or_default());
+    for h in &r.headers {
+        if let Some((name, value)) = h.split_once(':') {
+            req = req.header(name.trim(), value.trim());
+        }
+    }
+    match req.send().await {
+        Ok(resp) if resp.status().is_success() => Ok(resp.status().to_string()),
+        Ok(resp) => Err(format!("the endpoint answered {}", resp.status())),
+        Err(e) if e.is_timeout() => Err("the endpoint did not answer in time".into()),
+        Err(e) if e.is_connect() => Err("the endpoint refused the connection".into()),
+        Err(_) => Err("the notification could not be sent".into()),
+    }
+}
+
+/// The client notifications go out with: no redirects.
+///
+/// # Errors
+/// When the TLS setup fails.
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}

@@ -1,0 +1,241 @@
+//! The Subscriptions and their numbered events, in `fhir-subscriptions.sqlite` in the data
+//! directory. An event gets the next number of its Subscription when it is first tried,
+//! in one transaction with its copy, so numbers have no gaps and a retry, a replay or a
+//! restart finds the number it had. `$events` reads the copies back.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Registration;
+
+/// The file, in the data directory.
+pub const FILE: &str = "fhir-subscriptions.sqlite";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("fhir subscription store: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A kept Subscription could not be read.
+    #[error("fhir subscription store: unreadable subscription: {0}")]
+    Format(#[from] serde_json::Error),
+}
+
+impl StoreError {
+    /// A store that fails is retried (the notification waits).
+    #[must_use]
+    pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
+        ketenbus_connectors::ErrorKind::Retryable
+    }
+}
+
+/// One numbered event.
+#[derive(Debug, Clone)]
+pub struct Numbered {
+    /// Its number within the Subscription (from 1).
+    pub number: u64,
+    /// The event id.
+    pub event_id: String,
+    /// When it was numbered, ms since the epoch.
+    pub at_ms: i64,
+    /// The event (Avro, as on its topic).
+    pub value: Vec<u8>,
+}
+
+/// The store; cheap to clone.
+#[derive(Clone)]
+pub struct Store(Arc<Mutex<Connection>>);
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store(..)")
+    }
+}
+
+impl Store {
+    /// Open (or create) the store in `data_dir`.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or set up.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let conn = Connection::open(data_dir.join(FILE))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
+             CREATE TABLE IF NOT EXISTS subscription (
+                 id TEXT PRIMARY KEY, json TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS event (
+                 sub TEXT NOT NULL, number INTEGER NOT NULL, event_id TEXT NOT NULL,
+                 at_ms INTEGER NOT NULL, value BLOB NOT NULL,
+                 PRIMARY KEY (sub, number), UNIQUE (sub, event_id));",
+        )?;
+        Ok(Store(Arc::new(Mutex::new(conn))))
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keep `r` (new or changed), durable before this returns.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn put(&self, r: &Registration) -> Result<(), StoreError> {
+        let json = serde_json::to_string(r)?;
+        self.conn().execute(
+            "INSERT INTO subscription (id, json) VALUES (?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET json = excluded.json",
+            params![r.id, json],
+        )?;
+        Ok(())
+    }
+
+    /// Forget the Subscription `id` and its events.
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM subscription WHERE id = ?1", params![id])?;
+        tx.execute("DELETE FROM event WHERE sub = ?1", params![id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every kept Subscription.
+    ///
+    /// # Errors
+    /// When they cannot be read.
+    pub fn all(&self) -> Result<Vec<Registration>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT json FROM subscription ORDER BY id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for json in rows {
+            out.push(serde_json::from_str(&json?)?);
+        }
+        Ok(out)
+    }
+
+    /// The number of event `event_id` in Subscription `sub`: the one it has, else the next
+    /// (kept with `value` in the same transaction).
+    ///
+    /// # Errors
+    /// When it cannot be read or written.
+    pub fn number(
+        &self,
+        sub: &str,
+        event_id: &str,
+        value: &[u8],
+        now_ms: i64,
+    ) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let found: Option<i64> = tx
+            .query_row(
+                "SELECT number FROM event WHERE sub = ?1 AND event_id = ?2",
+                params![sub, event_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let n = if let Some(n) = found {
+            n
+        } else {
+            let n: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(number), 0) + 1 FROM event WHERE sub = ?1",
+                params![sub],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO event (sub, number, event_id, at_ms, value) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sub, n, event_id, now_ms, value],
+            )?;
+            n
+        };
+        tx.commit()?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// How many events Subscription `sub` has numbered.
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    pub fn count(&self, sub: &str) -> Result<u64, StoreError> {
+        let n: i64 = self.conn().query_row(
+            "SELECT COALESCE(MAX(number), 0) FROM event WHERE sub = ?1",
+            params![sub],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The numbered events `from..=until` of `sub`, at most `limit`, in order.
+    ///
+    /// # Errors
+    /// When they cannot be read.
+    pub fn events(
+        &self,
+        sub: &str,
+        from: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<Numbered>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT number, event_id, at_ms, value FROM event
+             WHERE sub = ?1 AND number >= ?2 AND number <= ?3 ORDER BY number LIMIT ?4",
+        )?;
+        let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let rows = stmt.query_map(
+            params![sub, big(from), big(until), big(limit as u64)],
+            |r| {
+                Ok(Numbered {
+                    number: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                    event_id: r.get(1)?,
+                    at_ms: r.get(2)?,
+                    value: r.get(3)?,
+                })
+            },
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_have_no_gaps_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.number("a", "e1", b"x", 1).unwrap(), 1);
+        assert_eq!(s.number("a", "e2", b"y", 2).unwrap(), 2);
+        assert_eq!(
+            s.number("a", "e1", b"x", 3).unwrap(),
+            1,
+            "a retry keeps its number"
+        );
+        assert_eq!(
+            s.number("b", "e1", b"x", 3).unwrap(),
+            1,
+            "numbers are per Subscription"
+        );
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.count("a").unwrap(), 2);
+        assert_eq!(s.number("a", "e3", b"z", 4).unwrap(), 3);
+        let got = s.events("a", 2, 3, 10).unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
+            vec!["e2", "e3"]
+        );
+        s.remove("a").unwrap();
+        assert_eq!(s.count("a").unwrap(), 0);
+    }
+}

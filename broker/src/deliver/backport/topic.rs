@@ -1,0 +1,173 @@
+//! The topics a client may subscribe to: one per event kind, each with a canonical URL
+//! that does not depend on where ketenbus runs, published for R4 as `Basic` resources
+//! carrying the R5 `SubscriptionTopic` cross-version extensions.
+
+use ketenbus_schemas::EventKind;
+use serde_json::{Value, json};
+
+/// Where every topic canonical starts.
+pub const CANONICAL_PREFIX: &str = "urn:ketenbus:fhir:SubscriptionTopic:";
+
+/// The cross-version extensions of R5 `SubscriptionTopic` elements.
+const EXT: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic";
+
+/// Filters every topic takes: (name, what it matches).
+pub const FILTERS: [(&str, &str); 2] = [
+    (
+        "receiver",
+        "The receiving party id (`agb:…`, `ura:…`, `mailbox:…`) the event is addressed to. Required: a Subscription is for one receiver.",
+    ),
+    (
+        "sender",
+        "The sending party id the event came from; several sender filters match any of them.",
+    ),
+];
+
+/// One topic.
+#[derive(Debug, Clone, Copy)]
+pub struct Topic {
+    /// Its event kind.
+    pub kind: EventKind,
+    /// Its id (`Basic.id`) and the last part of its canonical.
+    pub id: &'static str,
+    /// Computer-friendly name.
+    pub name: &'static str,
+    /// Title.
+    pub title: &'static str,
+    /// What it notifies.
+    pub description: &'static str,
+    /// The resource type each notification focuses on.
+    pub focus: &'static str,
+}
+
+/// Every topic.
+pub const TOPICS: [Topic; 4] = [
+    Topic {
+        kind: EventKind::LabResult,
+        id: "lab-result",
+        name: "LabResult",
+        title: "Lab results",
+        description: "A laboratory result for the receiver arrived (EDIFACT MEDLAB or FHIR), as nl-core LaboratoryTestResult observations.",
+        focus: "Observation",
+    },
+    Topic {
+        kind: EventKind::AcuteHandover,
+        id: "acute-handover",
+        name: "AcuteHandover",
+        title: "Acute care handovers",
+        description: "A handover in the acute care chain (ambulance to GP post or emergency department) for the receiver arrived, as a referral with its nl-core resources.",
+        focus: "ServiceRequest",
+    },
+    Topic {
+        kind: EventKind::HandoverNotification,
+        id: "handover-notification",
+        name: "HandoverNotification",
+        title: "Handover notifications",
+        description: "A notification about a handover (a Task announcing data to fetch) for the receiver arrived.",
+        focus: "Task",
+    },
+    Topic {
+        kind: EventKind::Letter,
+        id: "letter",
+        name: "Letter",
+        title: "Letters",
+        description: "A letter (discharge or referral letter that used to go by fax) for the receiver arrived. Letters have no FHIR form yet: notifications carry no focus and no resources.",
+        focus: "DocumentReference",
+    },
+];
+
+impl Topic {
+    /// Its canonical URL (`Subscription.criteria`).
+    #[must_use]
+    pub fn canonical(&self) -> String {
+        format!("{CANONICAL_PREFIX}{}", self.id)
+    }
+
+    /// The topic whose canonical is `url`.
+    #[must_use]
+    pub fn by_canonical(url: &str) -> Option<&'static Topic> {
+        let id = url.strip_prefix(CANONICAL_PREFIX)?;
+        TOPICS.iter().find(|t| t.id == id)
+    }
+
+    /// The topic of an event kind.
+    #[must_use]
+    pub fn of(kind: EventKind) -> &'static Topic {
+        TOPICS.iter().find(|t| t.kind == kind).unwrap_or(&TOPICS[0])
+    }
+
+    /// The topic as an R4 `Basic` resource (the Backport IG's way to publish a topic).
+    #[must_use]
+    pub fn basic(&self) -> Value {
+        let ext = |name: &str, value: Value| -> Value {
+            let mut e = json!({ "url": format!("{EXT}.{name}") });
+            if let (Some(obj), Value::Object(v)) = (e.as_object_mut(), value) {
+                obj.extend(v);
+            }
+            e
+        };
+        let part = |url: &str, key: &str, v: Value| json!({ "url": url, key: v });
+        let mut extension = vec![
+            ext("url", json!({ "valueUri": self.canonical() })),
+            ext("version", json!({ "valueString": "1" })),
+            ext("name", json!({ "valueString": self.name })),
+            ext("title", json!({ "valueString": self.title })),
+            ext("status", json!({ "valueCode": "active" })),
+            ext("date", json!({ "valueDateTime": "2026-12-01" })),
+            ext("description", json!({ "valueMarkdown": self.description })),
+            ext(
+                "eventTrigger",
+                json!({ "extension": [
+                    part("description", "valueMarkdown", json!(self.description)),
+                    part("event", "valueCodeableConcept", json!({ "coding": [{
+                        "system": ketenbus_connectors::fhir::emit::KETENBUS_EVENT,
+                        "code": self.kind.as_str(),
+                    }] })),
+                    part("resource", "valueUri", json!(format!("http://hl7.org/fhir/StructureDefinition/{}", self.focus))),
+                ] }),
+            ),
+        ];
+        for (name, description) in FILTERS {
+            extension.push(ext(
+                "canFilterBy",
+                json!({ "extension": [
+                    part("description", "valueMarkdown", json!(description)),
+                    part("resource", "valueUri", json!(self.focus)),
+                    part("filterParameter", "valueString", json!(name)),
+                ] }),
+            ));
+        }
+        extension.push(ext(
+            "notificationShape",
+            json!({ "extension": [part("resource", "valueUri", json!(self.focus))] }),
+        ));
+        json!({
+            "resourceType": "Basic",
+            "id": self.id,
+            "extension": extension,
+            "code": { "coding": [{
+                "system": "http://hl7.org/fhir/fhir-types",
+                "code": "SubscriptionTopic",
+            }] },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_topic_per_event_kind_with_a_canonical_that_finds_it() {
+        for kind in EventKind::ALL {
+            let t = Topic::of(kind);
+            assert_eq!(t.kind, kind);
+            assert_eq!(
+                Topic::by_canonical(&t.canonical()).map(|t| t.kind),
+                Some(kind)
+            );
+        }
+        assert!(Topic::by_canonical("urn:ketenbus:fhir:SubscriptionTopic:nope").is_none());
+        assert!(Topic::by_canonical("http://example.org/lab-result").is_none());
+    }
+}

@@ -1,0 +1,599 @@
+//! FHIR clients that subscribe themselves (Subscriptions R5 Backport IG, STU 1.1.0), through
+//! the running broker: a subscriber makes a Subscription through the API, gets the
+//! handshake, is notified of a referral within a second, gets heartbeats when idle, goes
+//! away (the Subscription goes into `error`), comes back, catches up with `$events` and a
+//! reset, and keeps its Subscription and its numbering across a restart. Every refusal
+//! answers with an OperationOutcome. Every topic, Subscription, notification and answer
+//! passes the npm `fhir` validator and the Backport rules a test can check.
+
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use ketenbus_tests::{Broker, Received, Receiver, fhir_validate};
+use serde_json::{Value, json};
+
+const REFERRAL: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+));
+
+const BACKPORT: &str = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+const TOPIC: &str = "urn:ketenbus:fhir:SubscriptionTopic:acute-handover";
+/// The GP post that subscribes, and another receiver.
+const HAP: &str = "ura:90000001";
+const OTHER: &str = "ura:90000002";
+
+fn sha(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// Senders: the ambulance posts referrals; the GP post and another party subscribe.
+fn config() -> String {
+    format!(
+        "[fhir_subscriptions]\nretry = {{ initial = \"200ms\", max = \"500ms\" }}\n\
+         [[senders]]\nname = \"ambulance\"\ntoken_sha256 = \"{}\"\n\
+         party_ids = [\"ura:00000001\", \"endpoint:https://ambulance.example.nl/fhir\"]\n\
+         [[senders]]\nname = \"hap\"\ntoken_sha256 = \"{}\"\nparty_ids = [\"{HAP}\"]\n\
+         [[senders]]\nname = \"other\"\ntoken_sha256 = \"{}\"\nparty_ids = [\"{OTHER}\"]\n\
+         [[operators]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n",
+        sha("tok-ambulance"),
+        sha("tok-hap"),
+        sha("tok-other"),
+        sha("tok-ops"),
+    )
+}
+
+fn subscription(endpoint: &str, receiver: &str, content: &str, heartbeat: u32) -> Value {
+    json!({
+        "resourceType": "Subscription",
+        "meta": { "profile": [format!("{BACKPORT}backport-subscription")] },
+        "status": "requested",
+        "reason": "acute handovers for the GP post",
+        "criteria": TOPIC,
+        "_criteria": { "extension": [{
+            "url": format!("{BACKPORT}backport-filter-criteria"),
+            "valueString": format!("ServiceRequest?receiver={receiver}"),
+        }] },
+        "channel": {
+            "extension": [
+                { "url": format!("{BACKPORT}backport-heartbeat-period"), "valueUnsignedInt": heartbeat },
+                { "url": format!("{BACKPORT}backport-timeout"), "valueUnsignedInt": 5 },
+                { "url": format!("{BACKPORT}backport-max-count"), "valuePositiveInt": 10 },
+            ],
+            "type": "rest-hook",
+            "endpoint": endpoint,
+            "payload": "application/fhir+json",
+            "_payload": { "extension": [{
+                "url": format!("{BACKPORT}backport-payload-content"),
+                "valueCode": content,
+            }] },
+        },
+    })
+}
+
+/// A request with a bearer token; (status, JSON body or Null).
+async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .bearer_auth(token);
+    if let Some((ct, b)) = body {
+        req = req.header("content-type", ct).body(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+async fn post_subscription(broker: &Broker, token: &str, s: &Value) -> (u16, Value) {
+    call(
+        reqwest::Method::POST,
+        &format!("{}/fhir/Subscription", broker.url),
+        token,
+        Some(("application/fhir+json", s.to_string().into_bytes())),
+    )
+    .await
+}
+
+/// The referral, addressed to `receiver`, about the fixture's patient or (`other_patient`)
+/// another synthetic one.
+fn referral_to(receiver: &str, other_patient: bool) -> Vec<u8> {
+    let mut b: Value = serde_json::from_str(REFERRAL).unwrap();
+    if other_patient {
+        for e in b["entry"].as_array_mut().unwrap() {
+            if e["resource"]["resourceType"] == "Patient" {
+                e["resource"]["identifier"][0]["value"] = json!("999990007");
+            }
+        }
+    }
+    let (system, value) = receiver.split_once(':').unwrap();
+    assert_eq!(system, "ura");
+    b["entry"][0]["resource"]["destination"][0]["receiver"] = json!({
+        "identifier": { "system": "http://fhir.nl/fhir/NamingSystem/ura", "value": value }
+    });
+    b.to_string().into_bytes()
+}
+
+async fn post_referral(broker: &Broker, receiver: &str, other_patient: bool) {
+    let (status, body) = call(
+        reqwest::Method::POST,
+        &format!("{}/fhir/$process-message", broker.url),
+        "tok-ambulance",
+        Some((
+            "application/fhir+json",
+            referral_to(receiver, other_patient),
+        )),
+    )
+    .await;
+    assert!(status == 202 || status == 200, "{status} {body:#}");
+}
+
+/// What the status `Parameters` of a notification say.
+#[derive(Debug, Clone)]
+struct Status {
+    kind: String,
+    status: String,
+    since: u64,
+    /// (event number, focus reference) of each notification-event.
+    events: Vec<(u64, Option<String>)>,
+}
+
+fn param<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
+    p["parameter"]
+        .as_array()?
+        .iter()
+        .find(|x| x["name"] == name)
+}
+
+/// Check the Backport rules on a notification (or `$events`) Bundle and read its status.
+fn backport(bundle: &Value) -> Status {
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["type"], "history", "{bundle:#}");
+    let entries = bundle["entry"].as_array().unwrap();
+    let first = &entries[0];
+    let p = &first["resource"];
+    assert_eq!(p["resourceType"], "Parameters", "status Parameters first");
+    assert_eq!(
+        p["meta"]["profile"][0],
+        format!("{BACKPORT}backport-subscription-status-r4")
+    );
+    assert!(
+        first["request"]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/$status"),
+        "{first:#}"
+    );
+    assert_eq!(param(p, "topic").unwrap()["valueCanonical"], TOPIC);
+    let s = |name: &str, key: &str| param(p, name).unwrap()[key].as_str().unwrap().to_owned();
+    let events: Vec<(u64, Option<String>)> = p["parameter"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["name"] == "notification-event")
+        .map(|e| {
+            let parts = e["part"].as_array().unwrap();
+            let get = |n: &str| parts.iter().find(|x| x["name"] == n);
+            (
+                get("event-number").unwrap()["valueString"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap(),
+                get("focus")
+                    .and_then(|f| f["valueReference"]["reference"].as_str())
+                    .map(str::to_owned),
+            )
+        })
+        .collect();
+    // Every focus is one of the Bundle's entries (full-resource and id-only carry them).
+    let urls: Vec<&str> = entries[1..]
+        .iter()
+        .map(|e| e["fullUrl"].as_str().unwrap())
+        .collect();
+    for (_, focus) in &events {
+        if let Some(f) = focus
+            && !urls.is_empty()
+        {
+            assert!(urls.contains(&f.as_str()), "focus {f} among {urls:?}");
+        }
+    }
+    Status {
+        kind: s("type", "valueCode"),
+        status: s("status", "valueCode"),
+        since: s("events-since-subscription-start", "valueString")
+            .parse()
+            .unwrap(),
+        events,
+    }
+}
+
+fn bundles(got: &[Received]) -> Vec<Value> {
+    got.iter()
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+fn of_kind(got: &[Received], kind: &str) -> Vec<(Value, Status)> {
+    bundles(got)
+        .into_iter()
+        .map(|b| {
+            let s = backport(&b);
+            (b, s)
+        })
+        .filter(|(_, s)| s.kind == kind)
+        .collect()
+}
+
+/// Wait until the receiver has `n` notifications of `kind`.
+async fn wait_kind(rx: &Receiver, kind: &str, n: usize, timeout: Duration) -> Vec<(Value, Status)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = of_kind(&rx.received(), kind);
+        if found.len() >= n || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn valid(what: &str, resources: &[Value]) -> usize {
+    match fhir_validate(resources) {
+        Ok(_) => resources.len(),
+        Err(report) => panic!("{what} invalid:\n{report}"),
+    }
+}
+
+#[tokio::test]
+async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a_restart() {
+    let rx = Receiver::ok().await;
+    let mut broker = Broker::start(&config());
+    let mut validated = 0;
+
+    // The topics: Basic resources, and the CapabilityStatement's Backport extension.
+    let (status, basics) = call(
+        reqwest::Method::GET,
+        &format!("{}/fhir/Basic?code=SubscriptionTopic", broker.url),
+        "",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let topics: Vec<Value> = basics["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["resource"].clone())
+        .collect();
+    assert_eq!(topics.len(), 4, "one topic per event kind");
+    assert!(topics.iter().any(|t| {
+        t["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["valueUri"] == TOPIC)
+    }));
+    validated += valid("topics", &topics);
+    let cs = broker.get_json("/fhir/metadata").await;
+    let sub = cs["rest"][0]["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Subscription")
+        .expect("Subscription in the CapabilityStatement")
+        .clone();
+    assert!(
+        sub["extension"].as_array().unwrap().iter().any(|e| e["url"]
+            == format!("{BACKPORT}capabilitystatement-subscriptiontopic-canonical")
+            && e["valueCanonical"] == TOPIC),
+        "{sub:#}"
+    );
+    validated += valid("CapabilityStatement", &[cs]);
+
+    // The GP post subscribes; the handshake comes before the answer.
+    let asked = subscription(&rx.url(), HAP, "full-resource", 2);
+    validated += valid("the Subscription asked", std::slice::from_ref(&asked));
+    let (status, made) = post_subscription(&broker, "tok-hap", &asked).await;
+    assert_eq!(status, 201, "{made:#}\n{}", broker.log_text());
+    assert_eq!(made["status"], "active", "{made:#}");
+    validated += valid("the Subscription made", std::slice::from_ref(&made));
+    let id = made["id"].as_str().unwrap().to_owned();
+    let handshakes = of_kind(&rx.received(), "handshake");
+    assert_eq!(handshakes.len(), 1);
+    assert_eq!(handshakes[0].1.since, 0);
+    assert_eq!(handshakes[0].1.status, "requested");
+    let sub_url = format!("{}/fhir/Subscription/{id}", broker.url);
+
+    // A referral for the GP post reaches it within a second; one for another does not.
+    let sent = Instant::now();
+    post_referral(&broker, OTHER, false).await;
+    post_referral(&broker, HAP, false).await;
+    let got = wait_kind(&rx, "event-notification", 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let arrived = rx
+        .received()
+        .iter()
+        .find(|r| backport(&serde_json::from_slice(&r.body).unwrap()).kind == "event-notification")
+        .unwrap()
+        .at;
+    let latency = arrived.duration_since(sent);
+    eprintln!("notification latency: {latency:?} after the referral was posted");
+    assert!(
+        latency < Duration::from_secs(1),
+        "notified after {latency:?}"
+    );
+    let (bundle, st) = &got[0];
+    assert_eq!(st.events.len(), 1);
+    assert_eq!(st.events[0].0, 1);
+    assert_eq!(st.since, 1);
+    assert_eq!(st.status, "active");
+    let focus = st.events[0].1.clone().expect("a focus");
+    assert!(
+        focus.starts_with(&format!("{}/fhir/ServiceRequest/", broker.url)),
+        "{focus}"
+    );
+    let sr = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["fullUrl"] == focus.as_str())
+        .unwrap();
+    assert_eq!(
+        sr["resource"]["resourceType"], "ServiceRequest",
+        "full-resource"
+    );
+
+    // Idle: heartbeats.
+    let beats = wait_kind(&rx, "heartbeat", 1, Duration::from_secs(5)).await;
+    assert!(!beats.is_empty(), "a heartbeat when idle");
+    assert_eq!(beats[0].1.since, 1);
+
+    // The subscriber goes away: the next notification fails, the Subscription is in error.
+    rx.set_status(503);
+    post_referral(&broker, HAP, false).await;
+    let status_of = async || {
+        let (code, b) = call(
+            reqwest::Method::GET,
+            &format!("{sub_url}/$status"),
+            "tok-hap",
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{b:#}");
+        b
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        last = status_of().await;
+        if param(&last["entry"][0]["resource"], "status").unwrap()["valueCode"] == "error" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let p = &last["entry"][0]["resource"];
+    assert_eq!(
+        param(p, "status").unwrap()["valueCode"],
+        "error",
+        "{last:#}"
+    );
+    assert_eq!(param(p, "type").unwrap()["valueCode"], "query-status");
+    assert!(param(p, "error").is_some(), "the error is named");
+    validated += valid("$status", &[last.clone()]);
+    // Another patient's referral: tried (and numbered) at once, while the first patient's
+    // later events would wait behind its failed one.
+    post_referral(&broker, HAP, true).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // It comes back and asks what it missed: events 2 and 3, numbered without gaps.
+    rx.set_status(200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut missed = Value::Null;
+    while Instant::now() < deadline {
+        let (code, b) = call(
+            reqwest::Method::GET,
+            &format!("{sub_url}/$events?eventsSinceNumber=2&content=id-only"),
+            "tok-hap",
+            None,
+        )
+        .await;
+        assert_eq!(code, 200, "{b:#}");
+        missed = b;
+        if backport(&missed).events.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = backport(&missed);
+    assert_eq!(st.kind, "query-event");
+    assert_eq!(
+        st.events.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![2, 3],
+        "{missed:#}"
+    );
+    assert_eq!(st.since, 3);
+    let id_only = &missed["entry"][1];
+    assert!(
+        id_only.get("resource").is_none(),
+        "id-only carries fullUrls"
+    );
+    assert!(
+        id_only["fullUrl"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/fhir/", broker.url))
+    );
+    validated += valid("$events", &[missed.clone()]);
+
+    // The reset: PUT status requested, a handshake, active; what failed is sent again.
+    let mut reset = made.clone();
+    reset["status"] = json!("requested");
+    let (code, after) = call(
+        reqwest::Method::PUT,
+        &sub_url,
+        "tok-hap",
+        Some(("application/fhir+json", reset.to_string().into_bytes())),
+    )
+    .await;
+    assert_eq!(code, 200, "{after:#}");
+    assert_eq!(after["status"], "active");
+    let got = wait_kind(&rx, "event-notification", 3, Duration::from_secs(10)).await;
+    let numbers: BTreeMap<u64, u64> = got
+        .iter()
+        .flat_map(|(_, s)| s.events.iter().map(|e| (e.0, s.since)))
+        .collect();
+    assert_eq!(
+        numbers.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 3],
+        "every event, numbered without gaps: {numbers:?}\n{}",
+        broker.log_text()
+    );
+
+    // A restart keeps the Subscription and its numbering.
+    broker.kill();
+    broker.spawn();
+    let (code, kept) = call(reqwest::Method::GET, &sub_url, "tok-hap", None).await;
+    assert_eq!(code, 200, "{kept:#}");
+    assert_eq!(kept["status"], "active");
+    assert_eq!(kept["id"], id.as_str());
+    post_referral(&broker, HAP, false).await;
+    // (Notifications finished just before the kill may come again, under their numbers.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fourth = loop {
+        let got = of_kind(&rx.received(), "event-notification");
+        if let Some(f) = got.iter().find(|(_, s)| s.events.iter().any(|e| e.0 == 4)) {
+            break f.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event 4 after the restart\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let numbers: Vec<u64> = of_kind(&rx.received(), "event-notification")
+        .iter()
+        .flat_map(|(_, s)| s.events.iter().map(|e| e.0).collect::<Vec<_>>())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        numbers,
+        vec![1, 2, 3, 4],
+        "no gaps, no new numbers for old events"
+    );
+    assert_eq!(fourth.1.since, 4);
+
+    // Every notification received passes the validator.
+    let all = bundles(&rx.received());
+    for b in &all {
+        backport(b);
+    }
+    validated += valid("notifications", &all);
+    eprintln!("validated with the npm fhir validator: {validated} resources");
+}
+
+#[tokio::test]
+async fn every_refusal_answers_with_an_operation_outcome() {
+    let rx = Receiver::ok().await;
+    let broker = Broker::start(&config());
+    let mut outcomes = Vec::new();
+    let mut refused = async |token: &str, body: Option<(&str, Vec<u8>)>, want: u16, about: &str| {
+        let (status, oo) = call(
+            reqwest::Method::POST,
+            &format!("{}/fhir/Subscription", broker.url),
+            token,
+            body,
+        )
+        .await;
+        assert_eq!(status, want, "{about}: {oo:#}");
+        assert_eq!(oo["resourceType"], "OperationOutcome", "{about}: {oo:#}");
+        outcomes.push(oo);
+    };
+    let json_of = |v: &Value| Some(("application/fhir+json", v.to_string().into_bytes()));
+    // A sender subscribing for another receiver.
+    let for_hap = subscription(&rx.url(), HAP, "id-only", 60);
+    refused("tok-other", json_of(&for_hap), 403, "another receiver").await;
+    // Plain http to a host that is not this machine.
+    let far = subscription("http://hap.example.test/notify", HAP, "id-only", 60);
+    refused("tok-hap", json_of(&far), 422, "non-loopback http").await;
+    // A topic this server does not have.
+    let mut unknown = subscription(&rx.url(), HAP, "id-only", 60);
+    unknown["criteria"] = json!("http://example.org/SubscriptionTopic/admissions");
+    refused("tok-hap", json_of(&unknown), 422, "unknown topic").await;
+    // A payload content that is not a Backport one.
+    let mut content = subscription(&rx.url(), HAP, "everything", 60);
+    content["status"] = json!("requested");
+    refused("tok-hap", json_of(&content), 422, "unknown payload content").await;
+    // Not JSON; another media type.
+    refused(
+        "tok-hap",
+        Some((
+            "application/fhir+json",
+            b"{\"resourceType\": \"Subscr".to_vec(),
+        )),
+        400,
+        "bad JSON",
+    )
+    .await;
+    refused(
+        "tok-hap",
+        Some(("text/plain", for_hap.to_string().into_bytes())),
+        415,
+        "another media type",
+    )
+    .await;
+    assert!(
+        rx.received().is_empty(),
+        "no handshake for a refused Subscription"
+    );
+
+    // The GP post's own Subscription: another sender may not read, change or delete it.
+    let (status, made) = post_subscription(&broker, "tok-hap", &for_hap).await;
+    assert_eq!(status, 201, "{made:#}");
+    let url = format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    for (method, body) in [
+        (reqwest::Method::GET, None),
+        (reqwest::Method::PUT, json_of(&made)),
+        (reqwest::Method::DELETE, None),
+    ] {
+        let (status, oo) = call(method.clone(), &url, "tok-other", body).await;
+        assert_eq!(status, 403, "{method} by another: {oo:#}");
+        assert_eq!(oo["resourceType"], "OperationOutcome");
+        outcomes.push(oo);
+    }
+    let (_, listed) = call(
+        reqwest::Method::GET,
+        &format!("{}/fhir/Subscription", broker.url),
+        "tok-other",
+        None,
+    )
+    .await;
+    assert_eq!(listed["total"], 0, "another sender sees none: {listed:#}");
+    // The operator sees it; the owner deletes it.
+    let (status, seen) = call(reqwest::Method::GET, &url, "tok-ops", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(seen["id"], made["id"]);
+    let (status, _) = call(reqwest::Method::DELETE, &url, "tok-hap", None).await;
+    assert_eq!(status, 204);
+    let (status, oo) = call(reqwest::Method::GET, &url, "tok-hap", None).await;
+    assert_eq!(status, 404);
+    outcomes.push(oo);
+    let n = valid("OperationOutcomes", &outcomes);
+    eprintln!("validated with the npm fhir validator: {n} OperationOutcomes");
+}
