@@ -809,7 +809,6 @@ pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
 /// # Panics
 /// When node or the validator cannot be run.
 pub fn fhir_validate(resources: &[serde_json::Value]) -> Result<String, String> {
-    use std::io::Write as _;
     static INSTALL: Mutex<bool> = Mutex::new(false);
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node");
     {
@@ -825,30 +824,17 @@ pub fn fhir_validate(resources: &[serde_json::Value]) -> Result<String, String> 
         }
         *done = true;
     }
-    let mut child = Command::new("node")
+    // validate.js reads a file of one resource or a JSON array of them.
+    let file = tempfile::NamedTempFile::new().expect("a temporary file");
+    std::fs::write(file.path(), serde_json::to_vec(resources).expect("JSON"))
+        .expect("write the resources");
+    let out = Command::new("node")
         .arg(dir.join("validate.js"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .arg(file.path())
+        .output()
         .expect("node runs the FHIR validator");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(&serde_json::to_vec(resources).expect("JSON"))
-        .expect("the validator reads stdin");
-    let out = child.wait_with_output().expect("the validator finishes");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(report)
-    } else {
-        Err(report)
-    }
+    let report = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+    out.status.success().then(|| report.clone()).ok_or(report)
 }
 
 #[cfg(test)]

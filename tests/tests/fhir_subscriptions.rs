@@ -248,6 +248,19 @@ async fn wait_kind(rx: &Receiver, kind: &str, n: usize, timeout: Duration) -> Ve
     }
 }
 
+/// GET `url` as the GP post until `done` says so (or 5 s); the last answer.
+async fn get_until(url: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, b) = call(reqwest::Method::GET, url, "tok-hap", None).await;
+        assert_eq!(code, 200, "{b:#}");
+        if done(&b) || Instant::now() >= deadline {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn valid(what: &str, resources: &[Value]) -> usize {
     match fhir_validate(resources) {
         Ok(_) => resources.len(),
@@ -362,26 +375,10 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
     // The subscriber goes away: the next notification fails, the Subscription is in error.
     rx.set_status(503);
     post_referral(&broker, HAP, false).await;
-    let status_of = async || {
-        let (code, b) = call(
-            reqwest::Method::GET,
-            &format!("{sub_url}/$status"),
-            "tok-hap",
-            None,
-        )
-        .await;
-        assert_eq!(code, 200, "{b:#}");
-        b
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut last = Value::Null;
-    while Instant::now() < deadline {
-        last = status_of().await;
-        if param(&last["entry"][0]["resource"], "status").unwrap()["valueCode"] == "error" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last = get_until(&format!("{sub_url}/$status"), |b| {
+        param(&b["entry"][0]["resource"], "status").unwrap()["valueCode"] == "error"
+    })
+    .await;
     let p = &last["entry"][0]["resource"];
     assert_eq!(
         param(p, "status").unwrap()["valueCode"],
@@ -390,7 +387,7 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
     );
     assert_eq!(param(p, "type").unwrap()["valueCode"], "query-status");
     assert!(param(p, "error").is_some(), "the error is named");
-    validated += valid("$status", &[last.clone()]);
+    validated += valid("$status", std::slice::from_ref(&last));
     // Another patient's referral: tried (and numbered) at once, while the first patient's
     // later events would wait behind its failed one.
     post_referral(&broker, HAP, true).await;
@@ -398,23 +395,11 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
 
     // It comes back and asks what it missed: events 2 and 3, numbered without gaps.
     rx.set_status(200);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut missed = Value::Null;
-    while Instant::now() < deadline {
-        let (code, b) = call(
-            reqwest::Method::GET,
-            &format!("{sub_url}/$events?eventsSinceNumber=2&content=id-only"),
-            "tok-hap",
-            None,
-        )
-        .await;
-        assert_eq!(code, 200, "{b:#}");
-        missed = b;
-        if backport(&missed).events.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let missed = get_until(
+        &format!("{sub_url}/$events?eventsSinceNumber=2&content=id-only"),
+        |b| backport(b).events.len() == 2,
+    )
+    .await;
     let st = backport(&missed);
     assert_eq!(st.kind, "query-event");
     assert_eq!(
@@ -434,7 +419,7 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
             .unwrap()
             .starts_with(&format!("{}/fhir/", broker.url))
     );
-    validated += valid("$events", &[missed.clone()]);
+    validated += valid("$events", std::slice::from_ref(&missed));
 
     // The reset: PUT status requested, a handshake, active; what failed is sent again.
     let mut reset = made.clone();
@@ -494,6 +479,25 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
         "no gaps, no new numbers for old events"
     );
     assert_eq!(fourth.1.since, 4);
+
+    // The audit trail names the Subscription's making, its reads of events and each
+    // notification (a delivery to the receiver).
+    let trail =
+        std::fs::read_to_string(ketenbus::observe::audit::path_in(&broker.dir.join("data")))
+            .unwrap();
+    for action in [
+        "\"fhir_subscription_create\"",
+        "\"fhir_subscription_update\"",
+        "\"fhir_subscription_events\"",
+    ] {
+        assert!(trail.contains(action), "{action} in the audit trail");
+    }
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("\"action\":\"delivery\"") && l.contains(HAP)),
+        "each notification is a delivery to the receiver:\n{trail}"
+    );
 
     // Every notification received passes the validator.
     let all = bundles(&rx.received());

@@ -17,6 +17,7 @@ use axum::routing::get;
 use ketenbus_connectors::fhir::outcome;
 use serde_json::{Value, json};
 
+use crate::deliver::backport::notify::searchset;
 use crate::deliver::backport::parse::{self, Refusal};
 use crate::deliver::backport::topic::{TOPICS, Topic};
 use crate::deliver::backport::{Content, Registration, Registry};
@@ -62,27 +63,33 @@ struct Who {
     parties: Option<Vec<String>>,
 }
 
-impl Who {
-    fn of(
-        operator: Option<&axum::Extension<AuthenticatedOperator>>,
-        sender: Option<&axum::Extension<AuthenticatedSender>>,
-    ) -> Who {
-        match (operator, sender) {
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Who {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Who, Self::Rejection> {
+        let operator = parts.extensions.get::<AuthenticatedOperator>();
+        let sender = parts.extensions.get::<AuthenticatedSender>();
+        Ok(match (operator, sender) {
             (Some(o), _) => Who {
-                actor: format!("operator:{}", o.0.0.name),
+                actor: format!("operator:{}", o.0.name),
                 parties: None,
             },
             (None, Some(s)) => Who {
-                actor: format!("sender:{}", s.0.0.name),
-                parties: Some(s.0.0.party_ids.clone()),
+                actor: format!("sender:{}", s.0.name),
+                parties: Some(s.0.party_ids.clone()),
             },
             (None, None) => Who {
                 actor: "anonymous".into(),
                 parties: None,
             },
-        }
+        })
     }
+}
 
+impl Who {
     fn may(&self, receiver: &str) -> Result<(), Refusal> {
         match &self.parties {
             Some(p) if !p.iter().any(|x| x == receiver) => {
@@ -97,9 +104,6 @@ impl Who {
         }
     }
 }
-
-type Op = Option<axum::Extension<AuthenticatedOperator>>;
-type Snd = Option<axum::Extension<AuthenticatedSender>>;
 
 /// The body as a checked registration.
 fn asked(registry: &Registry, headers: &HeaderMap, body: &[u8]) -> Result<Registration, Refusal> {
@@ -136,12 +140,10 @@ fn asked(registry: &Registry, headers: &HeaderMap, body: &[u8]) -> Result<Regist
 
 async fn create(
     State(registry): State<Arc<Registry>>,
-    op: Op,
-    snd: Snd,
+    who: Who,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let who = Who::of(op.as_ref(), snd.as_ref());
     let result = async {
         let asked = asked(&registry, &headers, &body)?;
         who.may(&asked.receiver)?;
@@ -171,53 +173,35 @@ fn owned(registry: &Registry, who: &Who, id: &str) -> Result<Registration, Refus
     Ok(reg)
 }
 
-async fn read(
-    State(registry): State<Arc<Registry>>,
-    op: Op,
-    snd: Snd,
-    Path(id): Path<String>,
-) -> Response {
-    let who = Who::of(op.as_ref(), snd.as_ref());
+async fn read(State(registry): State<Arc<Registry>>, who: Who, Path(id): Path<String>) -> Response {
     match owned(&registry, &who, &id) {
         Ok(reg) => fhir_json(StatusCode::OK, &parse::subscription(&reg)),
         Err(r) => refuse(&r),
     }
 }
 
-async fn search(State(registry): State<Arc<Registry>>, op: Op, snd: Snd) -> Response {
-    let who = Who::of(op.as_ref(), snd.as_ref());
-    let entries: Vec<Value> = registry
+async fn search(State(registry): State<Arc<Registry>>, who: Who) -> Response {
+    let found = registry
         .all()
-        .iter()
+        .into_iter()
         .filter(|r| who.may(&r.receiver).is_ok())
         .map(|r| {
-            json!({
-                "fullUrl": format!("{}/Subscription/{}", registry.base(), r.id),
-                "resource": parse::subscription(r),
-                "search": { "mode": "match" },
-            })
+            (
+                format!("{}/Subscription/{}", registry.base(), r.id),
+                parse::subscription(&r),
+            )
         })
         .collect();
-    fhir_json(
-        StatusCode::OK,
-        &json!({
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": entries.len(),
-            "entry": entries,
-        }),
-    )
+    fhir_json(StatusCode::OK, &searchset(found))
 }
 
 async fn update(
     State(registry): State<Arc<Registry>>,
-    op: Op,
-    snd: Snd,
+    who: Who,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let who = Who::of(op.as_ref(), snd.as_ref());
     let result = async {
         owned(&registry, &who, &id)?;
         let asked = asked(&registry, &headers, &body)?;
@@ -233,11 +217,9 @@ async fn update(
 
 async fn delete(
     State(registry): State<Arc<Registry>>,
-    op: Op,
-    snd: Snd,
+    who: Who,
     Path(id): Path<String>,
 ) -> Response {
-    let who = Who::of(op.as_ref(), snd.as_ref());
     let result = async {
         owned(&registry, &who, &id)?;
         registry.delete(&id, &who.actor).await
@@ -261,13 +243,11 @@ struct EventsQuery {
 
 async fn operation(
     State(registry): State<Arc<Registry>>,
-    op: Op,
-    snd: Snd,
+    who: Who,
     Path((id, operation)): Path<(String, String)>,
     Query(q): Query<EventsQuery>,
 ) -> Response {
-    let who = Who::of(op.as_ref(), snd.as_ref());
-    let result = (|| {
+    let result = async {
         let reg = owned(&registry, &who, &id)?;
         match operation.as_str() {
             "$status" => registry.status(&reg),
@@ -282,12 +262,19 @@ async fn operation(
                         )
                     })?,
                 };
-                registry.events(
+                let events = registry.events(
                     &reg,
                     q.since.unwrap_or(1),
                     q.until.unwrap_or(u64::MAX),
                     content,
-                )
+                )?;
+                // What the events carry is patient data: no read without its audit record.
+                if content != Content::Empty {
+                    registry
+                        .audit("fhir_subscription_events", &reg, &who.actor)
+                        .await?;
+                }
+                Ok(events)
             }
             _ => Err(Refusal::new(
                 404,
@@ -295,7 +282,8 @@ async fn operation(
                 "Subscription operations served: $status, $events",
             )),
         }
-    })();
+    }
+    .await;
     match result {
         Ok(b) => fhir_json(StatusCode::OK, &b),
         Err(r) => refuse(&r),
@@ -304,25 +292,11 @@ async fn operation(
 
 /// `GET /fhir/Basic`: the topics (every `Basic` here is a topic).
 async fn topics() -> Response {
-    let entries: Vec<Value> = TOPICS
+    let found = TOPICS
         .iter()
-        .map(|t| {
-            json!({
-                "fullUrl": format!("Basic/{}", t.id),
-                "resource": t.basic(),
-                "search": { "mode": "match" },
-            })
-        })
+        .map(|t| (format!("Basic/{}", t.id), t.basic()))
         .collect();
-    fhir_json(
-        StatusCode::OK,
-        &json!({
-            "resourceType": "Bundle",
-            "type": "searchset",
-            "total": entries.len(),
-            "entry": entries,
-        }),
-    )
+    fhir_json(StatusCode::OK, &searchset(found))
 }
 
 /// `GET /fhir/Basic/{id}`: one topic.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, Payload, Receipt};
 use ketenbus_schemas::{Event, now_ms, topics};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -214,7 +214,16 @@ impl Registry {
         Ok(())
     }
 
-    async fn audit(&self, action: &str, reg: &Registration, actor: &str) -> Result<(), Refusal> {
+    /// Append an audit record of `action` on `reg` by `actor`.
+    ///
+    /// # Errors
+    /// [`Refusal`] (503) when the audit trail cannot be written.
+    pub async fn audit(
+        &self,
+        action: &str,
+        reg: &Registration,
+        actor: &str,
+    ) -> Result<(), Refusal> {
         let Some(audit) = &self.audit else {
             return Ok(());
         };
@@ -393,17 +402,10 @@ impl Registry {
     pub fn status(&self, reg: &Registration) -> Result<Value, Refusal> {
         let since = self.store.count(&reg.id).map_err(|e| internal(&e))?;
         let p = notify::status(&self.base, reg, "query-status", since, &[]);
-        Ok(json!({
-            "resourceType": "Bundle",
-            "id": notify::new_uuid().to_string(),
-            "type": "searchset",
-            "total": 1,
-            "entry": [{
-                "fullUrl": format!("urn:uuid:{}", notify::new_uuid()),
-                "resource": p,
-                "search": { "mode": "match" },
-            }],
-        }))
+        Ok(notify::searchset(vec![(
+            format!("urn:uuid:{}", notify::new_uuid()),
+            p,
+        )]))
     }
 
     /// `$events`: the numbered events `from..=until` (at most [`EVENTS_PAGE`]) as a

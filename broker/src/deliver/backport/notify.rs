@@ -191,6 +191,25 @@ pub fn bundle(
     })
 }
 
+/// A `searchset` Bundle of `found` (full URL, resource), each a match.
+#[must_use]
+pub fn searchset(found: Vec<(String, Value)>) -> Value {
+    let total = found.len();
+    let entry: Vec<Value> = found
+        .into_iter()
+        .map(|(url, resource)| {
+            json!({ "fullUrl": url, "resource": resource, "search": { "mode": "match" } })
+        })
+        .collect();
+    json!({
+        "resourceType": "Bundle",
+        "id": new_uuid(),
+        "type": "searchset",
+        "total": total,
+        "entry": entry,
+    })
+}
+
 /// POST `bundle` to the Subscription's endpoint with its headers, within its timeout;
 /// redirects are failures, never followed.
 ///
