@@ -601,3 +601,65 @@ async fn every_refusal_answers_with_an_operation_outcome() {
     let n = valid("OperationOutcomes", &outcomes);
     eprintln!("validated with the npm fhir validator: {n} OperationOutcomes");
 }
+
+/// An endpoint that does not answer within the Subscription's `backport-timeout`: the
+/// handshake gives up in time and the Subscription is made in `error`, saying why; no
+/// notification goes out until it is reset.
+#[tokio::test]
+async fn an_endpoint_that_does_not_answer_in_time_leaves_the_subscription_in_error() {
+    let silent = Receiver::start(ketenbus_tests::Behaviour {
+        status: 200,
+        delay: Duration::from_secs(4),
+    })
+    .await;
+    let broker = Broker::start(&config());
+    let mut asked = subscription(&silent.url(), HAP, "id-only", 60);
+    asked["channel"]["extension"][1]["valueUnsignedInt"] = json!(1);
+    let began = Instant::now();
+    let (status, made) = post_subscription(&broker, "tok-hap", &asked).await;
+    let took = began.elapsed();
+    assert_eq!(status, 201, "{made:#}");
+    assert_eq!(made["status"], "error", "{made:#}");
+    assert!(
+        made["error"].as_str().unwrap().contains("in time"),
+        "{made:#}"
+    );
+    assert!(took < Duration::from_secs(3), "answered after {took:?}");
+    post_referral(&broker, HAP, false).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // (The handshake the broker gave up on is recorded when the receiver finally answers.)
+    assert!(
+        of_kind(&silent.received(), "event-notification").is_empty(),
+        "nothing is sent to a Subscription in error"
+    );
+    let url = format!(
+        "{}/fhir/Subscription/{}/$status",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    let (code, b) = call(reqwest::Method::GET, &url, "tok-hap", None).await;
+    assert_eq!(code, 200);
+    let st = backport_status(&b);
+    assert_eq!(
+        st,
+        ("error".to_owned(), 1),
+        "the event is numbered and waits: {b:#}"
+    );
+    valid("$status", std::slice::from_ref(&b));
+}
+
+/// (status, events-since-subscription-start) of a `$status` answer.
+fn backport_status(b: &Value) -> (String, u64) {
+    let p = &b["entry"][0]["resource"];
+    (
+        param(p, "status").unwrap()["valueCode"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        param(p, "events-since-subscription-start").unwrap()["valueString"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    )
+}
