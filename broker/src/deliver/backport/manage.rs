@@ -265,7 +265,12 @@ impl Registry {
         self.audit("fhir_subscription_create", &asked, owner)
             .await?;
         self.keep(&asked)?;
-        self.start(&asked.id, true).await?;
+        if let Err(r) = self.start(&asked.id, true).await {
+            // Not running: not kept either, so a restart does not start it behind its back.
+            self.live().remove(&asked.id);
+            self.store.remove(&asked.id).map_err(|e| internal(&e))?;
+            return Err(r);
+        }
         if off {
             return Ok(asked);
         }
