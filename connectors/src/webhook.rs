@@ -1,5 +1,8 @@
 //! Webhook sink: a JSON POST per event (or the original bytes for raw subscriptions), with
-//! `Idempotency-Key` = record id and an HMAC-SHA256 signature of the body.
+//! `Idempotency-Key` = record id and an HMAC-SHA256 signature of the body; or, opted in,
+//! many events in one POST ([`batch`]).
+
+pub mod batch;
 
 use std::time::Duration;
 
@@ -59,25 +62,31 @@ impl WebhookSink {
         timeout: Duration,
         ca_pem: Option<&[u8]>,
     ) -> Result<WebhookSink, reqwest::Error> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(64)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = ca_pem {
-            builder = builder.tls_built_in_root_certs(false);
-            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder.build()?;
+        let client = client(timeout, ca_pem)?;
         Ok(WebhookSink {
             client,
             url,
             secret,
         })
     }
+}
+
+/// The HTTP client of a webhook: `timeout` per request, redirects never followed, only the
+/// CA certificates in `ca_pem` (a PEM bundle) trusted when given.
+fn client(timeout: Duration, ca_pem: Option<&[u8]>) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_max_idle_per_host(64)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = ca_pem {
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build()
 }
 
 /// `sha256=<hex>` of the body keyed with `secret`: what [`SIGNATURE_HEADER`] carries.
