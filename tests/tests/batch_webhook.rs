@@ -235,7 +235,7 @@ async fn per_event_outcomes_retry_only_the_failed_and_dead_letter_the_refused() 
                 let status = if n == 5 {
                     *r2.lock().unwrap() = Some(id.clone());
                     422
-                } else if n % 3 == 0 && first {
+                } else if n.is_multiple_of(3) && first {
                     503
                 } else {
                     200
@@ -289,7 +289,7 @@ async fn per_event_outcomes_retry_only_the_failed_and_dead_letter_the_refused() 
             assert_eq!(d["outcome"], "dead_lettered", "{d}");
             assert_eq!(d["reason"], "http_422", "{d}");
             assert_eq!(c[id], 1, "a refused event is not retried");
-        } else if n % 3 == 0 {
+        } else if n.is_multiple_of(3) {
             assert_eq!(d["outcome"], "delivered", "{d}");
             assert_eq!(c[id], 2, "failed once, sent again once: {id}");
             assert_eq!(d["attempts"], 2, "{d}");
@@ -307,7 +307,7 @@ async fn per_event_outcomes_retry_only_the_failed_and_dead_letter_the_refused() 
     assert_eq!(
         second.len(),
         ids.iter()
-            .filter(|id| seen[*id] % 3 == 0 && **id != refused_id)
+            .filter(|id| seen[*id].is_multiple_of(3) && **id != refused_id)
             .count()
     );
     let dl = dead_letters(&broker, "partial");
