@@ -176,6 +176,37 @@ pub fn classify_status(status: u16, detail: String) -> Result<(), DeliveryError>
     }
 }
 
+/// `"<code> <reason>"` of an answer's status, e.g. `503 Service Unavailable`.
+fn status_line(status: reqwest::StatusCode) -> String {
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .trim_end()
+    .to_owned()
+}
+
+/// What a receiver's answer means for what was sent: 2xx a receipt (the body drained so the
+/// connection can be reused, its content not kept); else the classified failure, whose detail
+/// keeps what the receiver said, bounded.
+async fn outcome_of(resp: reqwest::Response) -> Result<Receipt, DeliveryError> {
+    let status = resp.status();
+    let line = status_line(status);
+    if status.is_success() {
+        let _ = resp.bytes().await;
+        return Ok(Receipt { detail: line });
+    }
+    let excerpt = answer_excerpt(&answer_head(resp).await);
+    let detail = if excerpt.is_empty() {
+        line
+    } else {
+        format!("{line}: {excerpt}")
+    };
+    classify_status(status.as_u16(), detail.clone())?;
+    Ok(Receipt { detail })
+}
+
 fn transport_error(e: &reqwest::Error) -> DeliveryError {
     let reason = if e.is_timeout() {
         "timeout"
@@ -231,27 +262,7 @@ impl Sink for WebhookSink {
                 .send()
                 .await
                 .map_err(|e| transport_error(&e))?;
-            let status = resp.status();
-            let line = format!(
-                "{} {}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            );
-            let line = line.trim_end().to_owned();
-            if status.is_success() {
-                // Drain the body so the connection can be reused; its content is not kept.
-                let _ = resp.bytes().await;
-                return Ok(Receipt { detail: line });
-            }
-            // A refusal keeps what the receiver said, bounded, in its detail.
-            let excerpt = answer_excerpt(&answer_head(resp).await);
-            let detail = if excerpt.is_empty() {
-                line
-            } else {
-                format!("{line}: {excerpt}")
-            };
-            classify_status(status.as_u16(), detail.clone())?;
-            Ok(Receipt { detail })
+            outcome_of(resp).await
         })
     }
 }

@@ -549,44 +549,60 @@ async fn hostile_answers_retry_the_batch_and_deliver_nothing_on_their_say_so() {
     );
 }
 
-/// Events (not raw): the same JSON a single webhook sends, under `event`, and one patient's
-/// events stay in order across batches.
+/// Synthetic BSNs passing the eleven-test (never a real person's), one per patient.
+const PATIENTS: [&str; 4] = ["999911120", "999912045", "999913001", "999914005"];
+
+/// Events (not raw): the same JSON a single webhook sends, under `event`; each patient's
+/// events arrive in the order of the log, the order a single webhook subscription on the
+/// same events gets them in, while events of different patients share batches.
 #[tokio::test]
-async fn events_keep_their_json_and_one_patients_order() {
+async fn events_keep_their_json_and_each_patients_order() {
     let rx = BatchReceiver::ok().await;
+    let single = Receiver::answering(204).await;
     let broker = start(&format!(
         "[[subscriptions]]\nname = \"labs\"\nkinds = [\"lab_result\"]\n\
-         sink = {{ type = \"webhook\", url = \"{}\", batch = {{ max_events = 5, max_wait = \"100ms\" }} }}\n",
-        rx.url()
+         sink = {{ type = \"webhook\", url = \"{}\", batch = {{ max_events = 8, max_wait = \"100ms\" }} }}\n\
+         [[subscriptions]]\nname = \"reference\"\nkinds = [\"lab_result\"]\n\
+         sink = {{ type = \"webhook\", url = \"{}\" }}\n",
+        rx.url(),
+        single.url()
     ));
     let c = reqwest::Client::new();
-    let mut envelopes = Vec::new();
-    for i in 0..15 {
-        let body = MEDLAB
-            .replace("IC0042", &format!("IC{i:06}"))
-            .replace("M0042", &format!("M{i:06}"))
-            .into_bytes();
-        let (s, j) = post_message(&c, &broker.url, "application/EDIFACT", body)
-            .await
-            .unwrap();
-        assert_eq!(s, 202, "{j}");
-        envelopes.push(j["id"].as_str().unwrap().to_owned());
+    // Each patient's 10 lab results one after the other, the patients side by side.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (p, bsn) in PATIENTS.iter().enumerate() {
+        let (c, url) = (c.clone(), broker.url.clone());
+        tasks.spawn(async move {
+            for i in 0..10 {
+                let n = p * 100 + i;
+                let body = MEDLAB
+                    .replace("999911120", bsn)
+                    .replace("IC0042", &format!("IC{n:06}"))
+                    .replace("M0042", &format!("M{n:06}"))
+                    .into_bytes();
+                let (s, j) = post_message(&c, &url, "application/EDIFACT", body)
+                    .await
+                    .unwrap();
+                assert_eq!(s, 202, "{j}");
+            }
+        });
     }
+    tasks.join_all().await;
+    let n = PATIENTS.len() * 10;
     let got = rx
-        .wait_until(Duration::from_secs(20), |b| {
-            b.iter().map(|b| b.elements.len()).sum::<usize>() >= 15
+        .wait_until(Duration::from_secs(30), |b| {
+            b.iter().map(|b| b.elements.len()).sum::<usize>() >= n
         })
         .await;
+    let reference = single.wait_for(n, Duration::from_secs(30)).await;
     let elements: Vec<&serde_json::Value> = got.iter().flat_map(|b| &b.elements).collect();
-    assert_eq!(elements.len(), 15);
-    let order: Vec<String> = elements
-        .iter()
-        .map(|e| e["envelope_id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(
-        order, envelopes,
-        "one patient's events in the order accepted"
+    assert_eq!(elements.len(), n);
+    assert!(
+        got.iter().any(|b| b.elements.len() > 1),
+        "patients share batches"
     );
+    // Per patient key: the envelope ids in the order each subscription got them.
+    let mut batched: HashMap<String, Vec<String>> = HashMap::new();
     for e in &elements {
         assert_eq!(e["kind"], "lab_result");
         assert!(
@@ -596,5 +612,32 @@ async fn events_keep_their_json_and_one_patients_order() {
                 .starts_with(e["envelope_id"].as_str().unwrap())
         );
         assert_eq!(e["event"]["header"]["envelope_id"], e["envelope_id"], "{e}");
+        batched
+            .entry(
+                e["event"]["header"]["patient_key"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            )
+            .or_default()
+            .push(e["envelope_id"].as_str().unwrap().to_owned());
     }
+    let mut singly: HashMap<String, Vec<String>> = HashMap::new();
+    for r in &reference {
+        let e: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            e,
+            elements
+                .iter()
+                .find(|b| b["id"] == e["header"]["id"])
+                .unwrap()["event"],
+            "the same JSON as a single webhook's"
+        );
+        singly
+            .entry(e["header"]["patient_key"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(e["header"]["envelope_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(batched.len(), PATIENTS.len());
+    assert_eq!(batched, singly, "each patient's order, as in the log");
 }

@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 use super::{
-    SIGNATURE_HEADER, answer_excerpt, answer_head, classify_status, signature, transport_error,
+    SIGNATURE_HEADER, answer_excerpt, classify_status, outcome_of, signature, status_line,
+    transport_error,
 };
 use crate::contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 
@@ -288,28 +289,10 @@ enum Outcome {
 /// Read a receiver's answer to a batch.
 async fn answer(mut resp: reqwest::Response) -> Outcome {
     let status = resp.status();
-    let line = format!(
-        "{} {}",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    )
-    .trim_end()
-    .to_owned();
     if status.as_u16() != 207 {
-        if status.is_success() {
-            let _ = resp.bytes().await;
-            return Outcome::Whole(Ok(Receipt { detail: line }));
-        }
-        let excerpt = answer_excerpt(&answer_head(resp).await);
-        let detail = if excerpt.is_empty() {
-            line
-        } else {
-            format!("{line}: {excerpt}")
-        };
-        return Outcome::Whole(
-            classify_status(status.as_u16(), detail.clone()).map(|()| Receipt { detail }),
-        );
+        return Outcome::Whole(outcome_of(resp).await);
     }
+    let line = status_line(status);
     // A per-event answer: read at most MAX_ANSWER_BYTES of it.
     let mut body = Vec::new();
     loop {
@@ -383,5 +366,101 @@ impl Sink for BatchWebhookSink {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+    use super::*;
+
+    fn sink(max_events: usize, max_bytes: usize) -> BatchWebhookSink {
+        BatchWebhookSink::new(
+            "http://127.0.0.1:1/".parse().unwrap(),
+            None,
+            Duration::from_secs(1),
+            None,
+            BatchLimits {
+                max_events,
+                max_bytes,
+                max_wait: Duration::from_secs(1),
+            },
+        )
+        .unwrap()
+    }
+
+    fn member(len: usize) -> Member {
+        Member {
+            id: String::new(),
+            element: vec![b'x'; len],
+            outcome: oneshot::channel().0,
+        }
+    }
+
+    /// Full at `max_events`: the batch is closed (its leader told) and the next opens anew.
+    #[tokio::test]
+    async fn a_batch_closes_at_max_events() {
+        let s = sink(3, 1 << 20);
+        let (first, leads) = s.join(member(10));
+        assert!(leads);
+        assert!(!s.join(member(10)).1);
+        let (same, leads) = s.join(member(10));
+        assert!(!leads && Arc::ptr_eq(&first, &same));
+        assert!(s.open.lock().unwrap().is_none(), "closed when full");
+        tokio::time::timeout(Duration::from_millis(50), first.closed.notified())
+            .await
+            .expect("its leader is told at once");
+        assert_eq!(first.members.lock().unwrap().len(), 3);
+        assert!(s.join(member(10)).1, "the next event leads a new batch");
+    }
+
+    /// `max_bytes` counts the brackets and commas: `[a,b]` with 10-byte elements is 23 bytes.
+    #[tokio::test]
+    async fn a_batch_closes_before_max_bytes_and_a_large_event_goes_alone() {
+        let s = sink(100, 23);
+        let (first, _) = s.join(member(10));
+        assert!(!s.join(member(10)).1, "23 bytes fit");
+        let (second, leads) = s.join(member(10));
+        assert!(leads, "34 bytes do not: a new batch");
+        assert!(!Arc::ptr_eq(&first, &second));
+        tokio::time::timeout(Duration::from_millis(50), first.closed.notified())
+            .await
+            .expect("the full one goes now");
+        assert_eq!(*first.bytes.lock().unwrap(), 23);
+        // Larger than max_bytes alone: a batch of one, closed at birth.
+        let (alone, leads) = s.join(member(50));
+        assert!(leads);
+        tokio::time::timeout(Duration::from_millis(50), alone.closed.notified())
+            .await
+            .expect("sent at once");
+        assert!(s.open.lock().unwrap().is_none());
+        assert!(s.join(member(1)).1);
+    }
+
+    /// An event's element: its id, envelope, kind and attempt, and the event's own JSON.
+    #[test]
+    fn an_element_carries_the_single_webhooks_json() {
+        let header = ketenbus_schemas::EventHeader::new(
+            ketenbus_schemas::EventKind::Letter,
+            "env-1",
+            0,
+            "edifact",
+        );
+        let event =
+            ketenbus_schemas::Event::Letter(ketenbus_schemas::event::LetterEvent::new(header));
+        let d = Delivery {
+            subscription: Arc::from("s"),
+            record_id: "env-1.0".into(),
+            payload: Payload::Event(Arc::new(event.clone())),
+            attempt: 2,
+        };
+        let e: serde_json::Value = serde_json::from_slice(&element_of(&d).unwrap()).unwrap();
+        assert_eq!(e["id"], "env-1.0");
+        assert_eq!(e["envelope_id"], "env-1");
+        assert_eq!(e["kind"], "letter");
+        assert_eq!(e["attempt"], 2);
+        let single: serde_json::Value =
+            serde_json::from_slice(&super::super::body_of(&d.payload).unwrap().0).unwrap();
+        assert_eq!(e["event"], single);
     }
 }
