@@ -190,6 +190,10 @@ impl Config {
         let mut problems = self.partitions_problems();
         problems.extend(self.http.problems());
         problems.extend(self.limits.problems(self.largest_message()));
+        problems.extend(crate::deliver::sink::webhook::batch_problems(
+            &self.subscriptions,
+            self.largest_message(),
+        ));
         problems.extend(self.engine_problems(env));
         problems.extend(self.keys.problems(env));
         problems.extend(self.audit.problems(&self.data_dir, loopback, env));

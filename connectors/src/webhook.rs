@@ -1,5 +1,8 @@
 //! Webhook sink: a JSON POST per event (or the original bytes for raw subscriptions), with
-//! `Idempotency-Key` = record id and an HMAC-SHA256 signature of the body.
+//! `Idempotency-Key` = record id and an HMAC-SHA256 signature of the body; or, opted in,
+//! many events in one POST ([`batch`]).
+
+pub mod batch;
 
 use std::time::Duration;
 
@@ -59,25 +62,31 @@ impl WebhookSink {
         timeout: Duration,
         ca_pem: Option<&[u8]>,
     ) -> Result<WebhookSink, reqwest::Error> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .pool_max_idle_per_host(64)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")));
-        if let Some(pem) = ca_pem {
-            builder = builder.tls_built_in_root_certs(false);
-            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder.build()?;
+        let client = client(timeout, ca_pem)?;
         Ok(WebhookSink {
             client,
             url,
             secret,
         })
     }
+}
+
+/// The HTTP client of a webhook: `timeout` per request, redirects never followed, only the
+/// CA certificates in `ca_pem` (a PEM bundle) trusted when given.
+fn client(timeout: Duration, ca_pem: Option<&[u8]>) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_max_idle_per_host(64)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("ketenbus/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = ca_pem {
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build()
 }
 
 /// `sha256=<hex>` of the body keyed with `secret`: what [`SIGNATURE_HEADER`] carries.
@@ -167,6 +176,37 @@ pub fn classify_status(status: u16, detail: String) -> Result<(), DeliveryError>
     }
 }
 
+/// `"<code> <reason>"` of an answer's status, e.g. `503 Service Unavailable`.
+fn status_line(status: reqwest::StatusCode) -> String {
+    format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    )
+    .trim_end()
+    .to_owned()
+}
+
+/// What a receiver's answer means for what was sent: 2xx a receipt (the body drained so the
+/// connection can be reused, its content not kept); else the classified failure, whose detail
+/// keeps what the receiver said, bounded.
+async fn outcome_of(resp: reqwest::Response) -> Result<Receipt, DeliveryError> {
+    let status = resp.status();
+    let line = status_line(status);
+    if status.is_success() {
+        let _ = resp.bytes().await;
+        return Ok(Receipt { detail: line });
+    }
+    let excerpt = answer_excerpt(&answer_head(resp).await);
+    let detail = if excerpt.is_empty() {
+        line
+    } else {
+        format!("{line}: {excerpt}")
+    };
+    classify_status(status.as_u16(), detail.clone())?;
+    Ok(Receipt { detail })
+}
+
 fn transport_error(e: &reqwest::Error) -> DeliveryError {
     let reason = if e.is_timeout() {
         "timeout"
@@ -222,27 +262,7 @@ impl Sink for WebhookSink {
                 .send()
                 .await
                 .map_err(|e| transport_error(&e))?;
-            let status = resp.status();
-            let line = format!(
-                "{} {}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            );
-            let line = line.trim_end().to_owned();
-            if status.is_success() {
-                // Drain the body so the connection can be reused; its content is not kept.
-                let _ = resp.bytes().await;
-                return Ok(Receipt { detail: line });
-            }
-            // A refusal keeps what the receiver said, bounded, in its detail.
-            let excerpt = answer_excerpt(&answer_head(resp).await);
-            let detail = if excerpt.is_empty() {
-                line
-            } else {
-                format!("{line}: {excerpt}")
-            };
-            classify_status(status.as_u16(), detail.clone())?;
-            Ok(Receipt { detail })
+            outcome_of(resp).await
         })
     }
 }

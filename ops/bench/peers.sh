@@ -12,14 +12,17 @@
 #    (durable accept rate), publish and consume (accepted to consumed, per message latency),
 #    and the latency run at RATE msg/s offered;
 # 3. runs ketenbus-bench (embedded engine: HTTP ingest -> log -> webhook) with the same count,
-#    size and senders, and the latency run at RATE msg/s;
+#    size and senders, once with one webhook POST per event and once through the batch
+#    webhook (BATCH events per POST at most; figures per event), and the latency run at RATE
+#    msg/s;
 # 4. prints a table of both with the ratios ketenbus/RabbitMQ, and the peak RSS (VmHWM) of each
 #    broker process over its life: RabbitMQ's beam.smp (read at the end of each run) and the
 #    ketenbus process each ketenbus-bench run starts (sampled every 0.2 s).
 #
 # Environment: COUNT (30000), SIZE (2048 bytes), SENDERS (64 publishers: AMQP channels on one
 # connection / concurrent HTTP senders), PREFETCH (256, RabbitMQ's consumer), RATE (1000),
-# LAT_COUNT (10000 messages in the latency runs), AMQP_PORT (5679), EPMD_PORT (4375),
+# LAT_COUNT (10000 messages in the latency runs), BATCH (100 events per POST at most in the
+# batch webhook run), AMQP_PORT (5679), EPMD_PORT (4375),
 # CARGO_TARGET_DIR. Needs root for the install (or rabbitmq-server already installed).
 # Everything it starts is stopped, and its temporary directory removed, on exit and on Ctrl-C.
 # A benchmark, not a test: ops/test.sh does not run it.
@@ -31,6 +34,7 @@ SENDERS=${SENDERS:-64}
 PREFETCH=${PREFETCH:-256}
 RATE=${RATE:-1000}
 LAT_COUNT=${LAT_COUNT:-10000}
+BATCH=${BATCH:-100}
 AMQP_PORT=${AMQP_PORT:-5679}
 EPMD_PORT=${EPMD_PORT:-4375}
 
@@ -202,6 +206,7 @@ keten() { # name, args...
     cat "$work/$name.out" >&2
 }
 keten k_e2e --count "$COUNT"
+keten k_batch --count "$COUNT" --batch "$BATCH"
 keten k_lat --count "$LAT_COUNT" --rate "$RATE"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -216,6 +221,7 @@ mb() { awk -v k="$1" 'BEGIN { printf "%.0f MB", k / 1024 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 k_acc=$(awk -v n="$COUNT" -v t="$(get k_e2e accepted_in)" 'BEGIN { printf "%.0f", n / t }')
 k_e2e_rate=$(k_rate k_e2e)
+k_batch_rate=$(k_rate k_batch)
 row() { printf '| %s | %s | %s | %s |\n' "$@"; }
 
 echo
@@ -232,6 +238,10 @@ row "end to end (accepted to consumed/delivered)" "$(get r_e2e e2e_rate) msg/s" 
     "$(ratio "$k_e2e_rate" "$(get r_e2e e2e_rate)")"
 row "end to end, p50 / p99 per message" "$(get r_e2e e2e_p50) / $(get r_e2e e2e_p99) ms" \
     "$(get k_e2e p50) / $(get k_e2e p99) ms" ""
+row "end to end, per event in batches of up to $BATCH (batch webhook)" "$(get r_e2e e2e_rate) msg/s" \
+    "$k_batch_rate msg/s" "$(ratio "$k_batch_rate" "$(get r_e2e e2e_rate)")"
+row "end to end in batches, p50 / p99 per event" "$(get r_e2e e2e_p50) / $(get r_e2e e2e_p99) ms" \
+    "$(get k_batch p50) / $(get k_batch p99) ms" ""
 row "at $RATE msg/s offered: accept p50 / p99 (confirm / 202)" \
     "$(get r_lat confirm_p50) / $(get r_lat confirm_p99) ms" \
     "$(get k_lat accept_p50) / $(get k_lat accept_p99) ms" \
@@ -244,5 +254,8 @@ row "peak RSS, $COUNT publish only" "$(mb "$(cat "$work/r_pub.rss")") (beam.smp)
 row "peak RSS, $COUNT end to end" "$(mb "$(cat "$work/r_e2e.rss")") (beam.smp)" \
     "$(mb "$(cat "$work/k_e2e.rss")") (ketenbus)" \
     "$(ratio "$(cat "$work/k_e2e.rss")" "$(cat "$work/r_e2e.rss")")"
+row "peak RSS, $COUNT end to end in batches" "$(mb "$(cat "$work/r_e2e.rss")") (beam.smp)" \
+    "$(mb "$(cat "$work/k_batch.rss")") (ketenbus)" \
+    "$(ratio "$(cat "$work/k_batch.rss")" "$(cat "$work/r_e2e.rss")")"
 row "peak RSS, latency run" "$(mb "$(cat "$work/r_lat.rss")")" "$(mb "$(cat "$work/k_lat.rss")")" \
     "$(ratio "$(cat "$work/k_lat.rss")" "$(cat "$work/r_lat.rss")")"

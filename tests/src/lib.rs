@@ -2,6 +2,7 @@
 //! it through real sockets, with a real webhook receiver on loopback. The same harness drives
 //! the end-to-end benchmark (`src/bin/bench.rs`).
 
+pub mod batch;
 pub mod ca;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};

@@ -32,7 +32,8 @@ pub struct SubscriptionConfig {
     /// Retry policy.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Deliveries in flight at once; records with one patient key stay in order.
+    /// Deliveries in flight at once; records with one patient key stay in order. With a
+    /// batch webhook, at least `batch.max_events`.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Deliver only what the patient's consent allows (`[subscriptions.consent]`).
@@ -247,9 +248,13 @@ impl SubscriptionConfig {
                 name: s.name.clone(),
                 sources,
                 filter: s.filter.clone(),
-                sink,
                 retry: s.retry.clone(),
-                concurrency: s.concurrency,
+                // A batch fills from one record per lane.
+                concurrency: sink
+                    .get::<sink::webhook::Webhook>()
+                    .and_then(|w| w.batch)
+                    .map_or(s.concurrency, |b| s.concurrency.max(b.max_events)),
+                sink,
             }),
             Ok(_) => Err(problems),
             Err(found) => {

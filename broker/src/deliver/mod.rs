@@ -579,6 +579,7 @@ mod tests {
                 secret: None,
                 timeout: Duration::from_secs(1),
                 ca_file: None,
+                batch: None,
             }),
             retry,
             concurrency,

@@ -217,7 +217,7 @@ pub const DELIVERY_REASONS: [&str; 29] = [
 /// Why a delivery attempt failed and will be tried again (`reason` of
 /// [`DISPATCH_DELIVERY_RETRIES`] and [`DISPATCH_RETRYING_RECORDS`]). HTTP and SMTP answers
 /// not named here count as `http_5xx` and `smtp_4xx`.
-pub const RETRY_REASONS: [&str; 17] = [
+pub const RETRY_REASONS: [&str; 19] = [
     "timeout",
     "connect",
     "network",
@@ -235,6 +235,8 @@ pub const RETRY_REASONS: [&str; 17] = [
     "smtp_450",
     "smtp_451",
     "smtp_4xx",
+    "batch_answer",
+    "batch_unanswered",
 ];
 
 /// `value` when `set` holds it, else [`OTHER`].

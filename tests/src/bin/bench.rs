@@ -5,16 +5,21 @@
 //! target/release/ketenbus-bench --engine embedded --count 50000 --size 2048
 //! target/release/ketenbus-bench --engine embedded --rate 1000 --count 20000
 //! target/release/ketenbus-bench --engine kafka --kafka 127.0.0.1:19092 --count 50000
+//! target/release/ketenbus-bench --engine embedded --count 30000 --batch 100   # batch webhook
 //! ```
 //! Prints sustained messages/s (first 202 to last delivery), ingest-to-delivered latency
 //! percentiles (from sending the POST to the webhook receiving it) and accept latency
-//! percentiles (from sending the POST to its 202).
+//! percentiles (from sending the POST to its 202). With `--batch N` the subscription is a
+//! batch webhook (`batch = { max_events = N, max_wait = --batch-wait }`, `concurrency` N x 4)
+//! and the receiver takes JSON arrays: every figure is still per event (each event counts
+//! when the POST carrying it arrives).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use ketenbus_tests::batch::BatchReceiver;
 use ketenbus_tests::{Broker, Receiver, edifact_message, webhook_subscription};
 
 #[derive(Parser)]
@@ -40,12 +45,71 @@ struct Args {
     /// TOML appended to the broker's config, e.g. $'[audit]\nenabled = false'.
     #[arg(long, default_value = "")]
     extra: String,
+    /// Deliver through a batch webhook of at most this many events per POST; 0: one POST
+    /// per event.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// The batch webhook's max_wait, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    batch_wait: u64,
+}
+
+/// The webhook receiver: one POST per event, or batches.
+enum Rx {
+    Single(Receiver),
+    Batch(BatchReceiver),
+}
+
+impl Rx {
+    fn url(&self) -> String {
+        match self {
+            Rx::Single(r) => r.url(),
+            Rx::Batch(r) => r.url(),
+        }
+    }
+
+    /// Events received so far.
+    fn count(&self) -> usize {
+        match self {
+            Rx::Single(r) => r.received().len(),
+            Rx::Batch(r) => r.batches().iter().map(|b| b.elements.len()).sum(),
+        }
+    }
+
+    /// Wait until `n` events arrived (or `timeout`); each event's id and arrival.
+    async fn arrivals(&self, n: usize, timeout: Duration) -> Vec<(String, Instant)> {
+        match self {
+            Rx::Single(r) => r
+                .wait_for(n, timeout)
+                .await
+                .iter()
+                .map(|r| {
+                    (
+                        r.header("idempotency-key").unwrap_or_default().to_owned(),
+                        r.at,
+                    )
+                })
+                .collect(),
+            Rx::Batch(r) => r
+                .wait_until(timeout, |b| {
+                    b.iter().map(|b| b.elements.len()).sum::<usize>() >= n
+                })
+                .await
+                .iter()
+                .flat_map(|b| b.ids().into_iter().map(|id| (id, b.at)))
+                .collect(),
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let receiver = Receiver::answering(204).await;
+    let receiver = if args.batch > 0 {
+        Rx::Batch(BatchReceiver::start(|_| ketenbus_tests::batch::Reply::status(204)).await)
+    } else {
+        Rx::Single(Receiver::answering(204).await)
+    };
     let bus = match args.engine.as_str() {
         "embedded" => String::new(),
         "kafka" => format!(
@@ -56,7 +120,18 @@ async fn main() -> anyhow::Result<()> {
         ),
         other => anyhow::bail!("unknown engine {other}"),
     };
-    let sub = webhook_subscription("bench", "\"raw\"", &receiver.url(), "");
+    let sub = if args.batch > 0 {
+        format!(
+            "[[subscriptions]]\nname = \"bench\"\nkinds = [\"raw\"]\nconcurrency = {}\n\
+             sink = {{ type = \"webhook\", url = \"{}\", batch = {{ max_events = {}, max_wait = \"{}ms\" }} }}\n",
+            (args.batch * 4).min(1024),
+            receiver.url(),
+            args.batch,
+            args.batch_wait
+        )
+    } else {
+        webhook_subscription("bench", "\"raw\"", &receiver.url(), "")
+    };
     let broker = Broker::start(&format!(
         "{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n{}\n",
         args.extra
@@ -130,26 +205,25 @@ async fn main() -> anyhow::Result<()> {
             eprintln!(
                 "progress: {} accepted, {} delivered",
                 sent.lock().expect("lock").len(),
-                receiver.received().len()
+                receiver.count()
             );
             last_report = Instant::now();
         }
     }
     let accepted_at = start.elapsed();
     let got = receiver
-        .wait_for(args.count, Duration::from_secs(300))
+        .arrivals(args.count, Duration::from_secs(300))
         .await;
     let sent = sent.lock().expect("lock").clone();
     let mut latencies: Vec<Duration> = Vec::with_capacity(got.len());
     let mut seen = std::collections::HashSet::new();
     let mut last = start;
-    for r in &got {
-        let id = r.header("idempotency-key").unwrap_or_default();
+    for (id, at) in &got {
         if let Some(t0) = sent.get(id)
-            && seen.insert(id.to_owned())
+            && seen.insert(id.clone())
         {
-            latencies.push(r.at.saturating_duration_since(*t0));
-            last = last.max(r.at);
+            latencies.push(at.saturating_duration_since(*t0));
+            last = last.max(*at);
         }
     }
     latencies.sort();
@@ -163,8 +237,13 @@ async fn main() -> anyhow::Result<()> {
     let pct = |p: f64| pct_of(&latencies, p);
     let total = last.duration_since(start);
     println!(
-        "engine={} messages={} size={}B accepted_in={:.2}s delivered={} in {:.2}s => {:.0} msg/s; latency p50={:.1}ms p99={:.1}ms max={:.1}ms accept_p50={:.1}ms accept_p99={:.1}ms",
+        "engine={} delivery={} messages={} size={}B accepted_in={:.2}s delivered={} in {:.2}s => {:.0} msg/s; latency p50={:.1}ms p99={:.1}ms max={:.1}ms accept_p50={:.1}ms accept_p99={:.1}ms",
         args.engine,
+        if args.batch > 0 {
+            format!("batch{}", args.batch)
+        } else {
+            "single".to_owned()
+        },
         args.count,
         args.size,
         accepted_at.as_secs_f64(),
