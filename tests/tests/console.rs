@@ -502,6 +502,11 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
         .find(|s| s["name"] == "archive")
         .unwrap();
     assert_eq!(archive_state["paused"], true, "{subs}");
+    // `ketenbus status` says so too, after the restart.
+    let (_, out, err) = b.cli(&["status"]);
+    assert!(out.contains("archive (paused)"), "{out}{err}");
+    assert!(out.contains("- archive is paused"), "{out}{err}");
+    assert!(!out.contains("gp (paused)"), "{out}{err}");
 
     assert_eq!(
         c.act("api/subscriptions/archive/resume", &cookie, &csrf)
@@ -512,6 +517,8 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
     assert_eq!(got.len(), 2, "both waiting records, once each");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(archive.received().len(), 2);
+    let (_, out, err) = b.cli(&["status"]);
+    assert!(!out.contains("paused"), "{out}{err}");
     let trail = audit_trail(&b);
     let pauses: Vec<&serde_json::Value> = trail
         .iter()
