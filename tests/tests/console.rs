@@ -531,6 +531,19 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
     assert_eq!(pauses.len(), 2, "{trail:?}");
 }
 
+/// `ketenbus run --config config`, its log in `dir/ketenbus.log`: for listeners the test
+/// harness does not start (TLS).
+fn run_with_log(dir: &std::path::Path, config: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("ketenbus.log")).unwrap();
+    Command::new(ketenbus_tests::ketenbus_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 /// On a TLS listener the console answers over HTTPS and its session cookie is `Secure`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_the_session_cookie_is_secure() {
@@ -551,14 +564,7 @@ async fn over_tls_the_session_cookie_is_secure() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(tmp.path().join("ketenbus.log")).unwrap();
-    let mut child = Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = run_with_log(tmp.path(), &config);
     let https = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -627,14 +633,7 @@ async fn an_operators_client_certificate_logs_in_without_a_token() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(tmp.path().join("ketenbus.log")).unwrap();
-    let mut child = Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = run_with_log(tmp.path(), &config);
     let client = |who: Option<&str>| {
         let mut b = reqwest::Client::builder()
             .use_rustls_tls()
