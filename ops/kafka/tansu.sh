@@ -16,7 +16,13 @@
 # - a fetch from offset N returns only record batches that start at N or later, and
 #   ListOffsets(latest) answers the last batch's base offset + 1: produce one record per
 #   batch (librdkafka batch.num.messages=1) or consumers skip records after a restart;
-# - a fetch waits the full fetch.wait.max.ms even when records arrive: keep it small.
+# - a fetch waits the full fetch.wait.max.ms even when records arrive: keep it small;
+# - a consumer group keeps the session timeout of the member that first joined it, for every
+#   later member (coordinator/group/administrator.rs, join): a group name reused on one broker
+#   by clients with another session_timeout notices a dead member only after the first one's;
+# - it raises a partition's high watermark before it writes the batch it reserved the offset
+#   for: a fetch in between, with a later batch from another producer already written, skips
+#   the late one (ketenbus's Kafka consumer reads such a hole again: bus/kafka/holes.rs).
 set -euo pipefail
 
 VERSION=0.6.0

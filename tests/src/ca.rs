@@ -75,6 +75,30 @@ impl Ca {
         );
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
+        std::fs::write(self.dir.join(format!("{cn}.der")), cert.der()).unwrap();
         (c, k)
+    }
+
+    /// Hex SHA-256 of the DER certificate issued for `cn`: what `cert_sha256` names.
+    ///
+    /// # Panics
+    /// When no certificate was issued for `cn`.
+    #[must_use]
+    pub fn fingerprint(&self, cn: &str) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(self.dir.join(format!("{cn}.der"))).unwrap(),
+        ))
+    }
+
+    /// A client identity (certificate and key) for reqwest, for `cn` issued before.
+    ///
+    /// # Panics
+    /// When no certificate was issued for `cn`.
+    #[must_use]
+    pub fn identity(&self, cn: &str) -> reqwest::Identity {
+        let mut pem = std::fs::read(self.dir.join(format!("{cn}.crt"))).unwrap();
+        pem.extend(std::fs::read(self.dir.join(format!("{cn}.key"))).unwrap());
+        reqwest::Identity::from_pem(&pem).unwrap()
     }
 }

@@ -502,6 +502,11 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
         .find(|s| s["name"] == "archive")
         .unwrap();
     assert_eq!(archive_state["paused"], true, "{subs}");
+    // `ketenbus status` says so too, after the restart.
+    let (_, out, err) = b.cli(&["status"]);
+    assert!(out.contains("archive (paused)"), "{out}{err}");
+    assert!(out.contains("- archive is paused"), "{out}{err}");
+    assert!(!out.contains("gp (paused)"), "{out}{err}");
 
     assert_eq!(
         c.act("api/subscriptions/archive/resume", &cookie, &csrf)
@@ -512,6 +517,8 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
     assert_eq!(got.len(), 2, "both waiting records, once each");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(archive.received().len(), 2);
+    let (_, out, err) = b.cli(&["status"]);
+    assert!(!out.contains("paused"), "{out}{err}");
     let trail = audit_trail(&b);
     let pauses: Vec<&serde_json::Value> = trail
         .iter()
@@ -522,6 +529,19 @@ async fn a_pause_holds_across_a_restart_and_a_resume_delivers_what_waited() {
         })
         .collect();
     assert_eq!(pauses.len(), 2, "{trail:?}");
+}
+
+/// `ketenbus run --config config`, its log in `dir/ketenbus.log`: for listeners the test
+/// harness does not start (TLS).
+fn run_with_log(dir: &std::path::Path, config: &std::path::Path) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("ketenbus.log")).unwrap();
+    Command::new(ketenbus_tests::ketenbus_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// On a TLS listener the console answers over HTTPS and its session cookie is `Secure`.
@@ -544,14 +564,7 @@ async fn over_tls_the_session_cookie_is_secure() {
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(tmp.path().join("ketenbus.log")).unwrap();
-    let mut child = Command::new(ketenbus_tests::ketenbus_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("KETENBUS_AUDIT_KEY", ketenbus_tests::AUDIT_KEY)
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = run_with_log(tmp.path(), &config);
     let https = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -591,4 +604,136 @@ async fn over_tls_the_session_cookie_is_secure() {
         ["Path=/console/", "HttpOnly", "SameSite=Strict", "Secure"],
         "{set}"
     );
+}
+
+/// On a listener that asks for client certificates (mTLS), an operator whose certificate is
+/// the `cert_sha256` of their `[[operators]]` entry logs in to the console without a token,
+/// and the login is audited with their name; a sender's certificate, or none, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_client_certificate_logs_in_without_a_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = ketenbus_tests::ca::Ca::new(tmp.path(), "main");
+    let (cert, key) = ca.issue("server", true);
+    ca.issue("alice-client", false);
+    ca.issue("lab-client", false);
+    let port = ketenbus_tests::free_port();
+    let config = tmp.path().join("ketenbus.toml");
+    let data = tmp.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             [http.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\nclient_ca_file = {:?}\nrequire_client_cert = false\n\
+             [[operators]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\ncert_sha256 = \"{}\"\n\
+             [[senders]]\nname = \"lab\"\ncert_sha256 = \"{}\"\nparty_ids = [\"{SENDER}\"]\n",
+            ca.file(),
+            hex::encode(Sha256::digest(TOKEN.as_bytes())),
+            ca.fingerprint("alice-client"),
+            ca.fingerprint("lab-client"),
+        ),
+    )
+    .unwrap();
+    let mut child = run_with_log(tmp.path(), &config);
+    let client = |who: Option<&str>| {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(&std::fs::read(ca.file()).unwrap()).unwrap(),
+            )
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(cn) = who {
+            b = b.identity(ca.identity(cn));
+        }
+        b.build().unwrap()
+    };
+    let base = format!("https://127.0.0.1:{port}/console/");
+    let (alice, lab, nobody) = (
+        client(Some("alice-client")),
+        client(Some("lab-client")),
+        client(None),
+    );
+    let tried = async {
+        ketenbus_tests::within(Duration::from_secs(30), async || {
+            nobody.get(format!("{base}login")).send().await
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let login = async |c: &reqwest::Client, body: serde_json::Value| {
+            c.post(format!("{base}api/login"))
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let by_alice = login(&alice, serde_json::json!({})).await?;
+        let status = by_alice.status().as_u16();
+        let cookie = by_alice
+            .headers()
+            .get("set-cookie")
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+        let body: serde_json::Value = by_alice.json().await.map_err(|e| e.to_string())?;
+        // The session works like one made with a token.
+        let session = match &cookie {
+            Some(cookie) => alice
+                .get(format!("{base}api/session"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .status()
+                .as_u16(),
+            None => 0,
+        };
+        let by_lab = login(&lab, serde_json::json!({})).await?.status().as_u16();
+        let by_nobody = login(&nobody, serde_json::json!({}))
+            .await?
+            .status()
+            .as_u16();
+        // A wrong token is refused even with the operator's certificate.
+        let wrong_token = login(&alice, serde_json::json!({ "token": "kb_not_it" }))
+            .await?
+            .status()
+            .as_u16();
+        Ok::<_, String>((
+            status,
+            cookie,
+            body,
+            session,
+            by_lab,
+            by_nobody,
+            wrong_token,
+        ))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (status, cookie, body, session, by_lab, by_nobody, wrong_token) =
+        tried.unwrap_or_else(|e| {
+            panic!(
+                "{e}\n{}",
+                std::fs::read_to_string(tmp.path().join("ketenbus.log")).unwrap_or_default()
+            )
+        });
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["operator"], "alice", "{body}");
+    assert!(cookie.is_some_and(|c| c.starts_with("ketenbus_console=")));
+    assert_eq!(
+        session, 200,
+        "the certificate's session opens the console's API"
+    );
+    assert_eq!(by_lab, 401, "a sender's certificate is no operator's");
+    assert_eq!(by_nobody, 401, "no certificate, no token");
+    assert_eq!(
+        wrong_token, 401,
+        "a token given is checked, certificate or not"
+    );
+    let trail: Vec<serde_json::Value> =
+        std::fs::read_to_string(ketenbus::observe::audit::path_in(&data))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(audited(&trail, "console_login_certificate"), 1, "{trail:?}");
+    assert_eq!(trail.len(), 1, "refused logins open nothing: {trail:?}");
 }

@@ -2,7 +2,8 @@
 //! refusals per connector, deliveries, retrying records (with the reason of their last
 //! failure) and dead letters per subscription, router dead letters, inbox failures, lag and
 //! oldest undelivered — read from its `/readyz` and `/metrics` endpoints and, with
-//! `--config`, from its log and inboxes (so a restart resets nothing that matters).
+//! `--config`, from its log, its inboxes and its data directory (dead letters, files set
+//! aside, paused subscriptions: so a restart resets nothing that matters).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -71,6 +72,8 @@ pub struct Durable {
     pub dead_letters: BTreeMap<String, (usize, String)>,
     /// Per inbox directory: files in its `failed/` and the newest one's reason.
     pub inbox_failed: Vec<(String, usize, Option<String>)>,
+    /// Subscriptions an operator paused (`paused.json` in the data directory).
+    pub paused: Vec<String>,
     /// The configuration file, for the commands the summary suggests.
     pub config: String,
 }
@@ -155,10 +158,12 @@ pub fn render(
         }
         m
     };
+    let paused: &[String] = durable.map_or(&[], |d| d.paused.as_slice());
     let mut subs: Vec<&String> = lag
         .keys()
         .chain(age.keys())
         .chain(outcomes.keys().map(|(s, _)| s))
+        .chain(paused)
         .collect();
     subs.sort();
     subs.dedup();
@@ -192,9 +197,15 @@ pub fn render(
         let oldest = age.get(sub).copied().unwrap_or(0.0);
         let dead = dead_of(sub, get(Outcome::DeadLettered));
         let held: f64 = retrying.get(sub).map_or(0.0, |r| r.values().sum());
+        let is_paused = paused.contains(sub);
+        let name = if is_paused {
+            format!("{sub} (paused)")
+        } else {
+            sub.clone()
+        };
         let _ = writeln!(
             s,
-            "  {sub:<32}{:>11.0}{:>12.0}{:>11.0}{:>11.0}{:>8.0}{:>15.0}s",
+            "  {name:<32}{:>11.0}{:>12.0}{:>11.0}{:>11.0}{:>8.0}{:>15.0}s",
             get(Outcome::Delivered),
             dead,
             held,
@@ -202,6 +213,11 @@ pub fn render(
             lag.get(sub).copied().unwrap_or(0.0),
             oldest
         );
+        if is_paused {
+            attention.push(format!(
+                "{sub} is paused: it delivers nothing until an operator resumes it in the console (Subscriptions)"
+            ));
+        }
         if let Some(reasons) = retrying.get(sub) {
             let list: Vec<String> = reasons
                 .iter()
@@ -211,7 +227,7 @@ pub fn render(
                 "{sub} is retrying {held:.0} record(s); last failure: {}",
                 list.join(", ")
             ));
-        } else if oldest > 60.0 {
+        } else if oldest > 60.0 && !is_paused {
             attention.push(format!(
                 "{sub} has a record waiting for {oldest:.0}s (lag {:.0})",
                 lag.get(sub).copied().unwrap_or(0.0)
@@ -348,9 +364,11 @@ async fn durable(settings: &Settings, config: &Path) -> anyhow::Result<Durable> 
             (i.path.display().to_string(), n, reason)
         })
         .collect();
+    let paused = crate::deliver::pause::Pauses::open(&cfg.data_dir)?.paused();
     Ok(Durable {
         dead_letters,
         inbox_failed,
+        paused,
         config: config.display().to_string(),
     })
 }
@@ -502,6 +520,7 @@ mod tests {
         let durable = Durable {
             dead_letters: BTreeMap::from([("router".to_owned(), (3, "edifact_syntax".to_owned()))]),
             inbox_failed: vec![("/srv/inbox".into(), 1, Some("the file is empty".into()))],
+            paused: Vec::new(),
             config: "/etc/ketenbus.toml".into(),
         };
         let out = render("http://127.0.0.1:8080", &ready, &metrics, Some(&durable));
@@ -513,5 +532,40 @@ mod tests {
             "{out}"
         );
         println!("{out}");
+    }
+
+    /// A paused subscription is marked in the table and named under "needs attention", also
+    /// when it has had no traffic since the start; its waiting record is no separate news.
+    #[test]
+    fn paused_subscriptions_are_shown() {
+        let metrics = format!(
+            "{o}{{subscription=\"gp\",outcome=\"delivered\"}} 10\n\
+             {a}{{subscription=\"gp\",kind=\"raw\"}} 120\n",
+            o = metrics::DISPATCH_DELIVERY_OUTCOMES,
+            a = metrics::DISPATCH_OLDEST_UNDELIVERED_AGE,
+        );
+        let ready = serde_json::json!({"ready": true, "components": {}});
+        let durable = Durable {
+            paused: vec!["gp".into(), "archive".into()],
+            config: "/etc/ketenbus.toml".into(),
+            ..Durable::default()
+        };
+        let out = render("http://127.0.0.1:8080", &ready, &metrics, Some(&durable));
+        assert!(out.contains("  gp (paused)"), "{out}");
+        assert!(out.contains("  archive (paused)"), "{out}");
+        assert!(
+            out.contains("  - gp is paused: it delivers nothing until an operator resumes it"),
+            "{out}"
+        );
+        assert!(out.contains("  - archive is paused"), "{out}");
+        assert!(!out.contains("gp has a record waiting"), "{out}");
+        assert!(!out.contains("nothing is failing"), "{out}");
+        let running = Durable {
+            config: "/etc/ketenbus.toml".into(),
+            ..Durable::default()
+        };
+        let out = render("http://127.0.0.1:8080", &ready, &metrics, Some(&running));
+        assert!(!out.contains("paused"), "{out}");
+        assert!(out.contains("gp has a record waiting for 120s"), "{out}");
     }
 }

@@ -88,17 +88,19 @@ impl Pauses {
         self.lock().get(subscription).is_some_and(|s| *s.borrow())
     }
 
+    /// The subscriptions paused now, by name.
+    #[must_use]
+    pub fn paused(&self) -> Vec<String> {
+        paused_in(&self.lock()).into_iter().collect()
+    }
+
     /// Pause (`true`) or resume `subscription`: on disk first, then in effect.
     ///
     /// # Errors
     /// When the file cannot be written; then nothing changed.
     pub fn set(&self, subscription: &str, paused: bool) -> Result<(), PauseError> {
         let mut map = self.lock();
-        let mut names: BTreeSet<String> = map
-            .iter()
-            .filter(|(_, s)| *s.borrow())
-            .map(|(n, _)| n.clone())
-            .collect();
+        let mut names = paused_in(&map);
         if paused {
             names.insert(subscription.to_owned());
         } else {
@@ -124,6 +126,14 @@ impl Pauses {
             .send_replace(paused);
         Ok(())
     }
+}
+
+/// The names whose switch says paused.
+fn paused_in(map: &BTreeMap<String, watch::Sender<bool>>) -> BTreeSet<String> {
+    map.iter()
+        .filter(|(_, s)| *s.borrow())
+        .map(|(n, _)| n.clone())
+        .collect()
 }
 
 /// Wait while `switch` says paused; `false` when cancelled (or the switch is gone).

@@ -5,7 +5,8 @@
 //! framework, fetch nothing from elsewhere and use relative links only, so the console works
 //! behind a path prefix and over TLS.
 //!
-//! Access: an operator logs in with an operator token and gets a session cookie (see
+//! Access: an operator logs in with an operator token, or on an mTLS listener with the
+//! client certificate configured as the operator's `cert_sha256`, and gets a session cookie (see
 //! [`session`]). Every `api/` call needs a live session (else `401`); every state-changing
 //! call (all are `POST`) also needs the session's CSRF token in `X-CSRF-Token` and no foreign
 //! `Origin` / `Sec-Fetch-Site` (else `403`). Pages without a session redirect to the login
@@ -29,8 +30,9 @@ use serde_json::json;
 use crate::deliver::config::Subscription;
 use crate::deliver::dlq::Selection;
 use crate::deliver::pause::Pauses;
-use crate::http::auth::Authenticator;
+use crate::http::auth::{AuthError, Authenticator};
 use crate::http::config::ConsoleConfig;
+use crate::http::server::ClientCert;
 use crate::http::state::ApiState;
 use crate::observe::audit::{Audit, Entry};
 use crate::route::keys::RawPatients;
@@ -294,11 +296,19 @@ fn entry(action: &str, s: &Session) -> Entry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Login {
-    token: String,
+    /// An operator token; without one, the operator is named by the connection's client
+    /// certificate.
+    #[serde(default)]
+    token: Option<String>,
 }
 
+/// Log in with an operator token, or, without one, with the client certificate the TLS
+/// connection presented (mTLS) when it is an operator's `cert_sha256`: a sender's
+/// certificate, or none, is refused. Each login is audited with the operator's name and the
+/// way in (`console_login_token`, `console_login_certificate`).
 async fn login(
     State(c): State<Arc<Console>>,
+    cert: Option<Extension<ClientCert>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -314,16 +324,33 @@ async fn login(
         return problem(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "send {\"token\": ...}",
+            "send {\"token\": ...}, or {} to log in with your client certificate",
         );
     };
-    let operator = match c.auth.operator_token(Some(&token)) {
+    let by_certificate = token.is_none();
+    let found = match &token {
+        Some(t) => c.auth.operator_token(Some(t)),
+        None => match cert {
+            Some(Extension(cert)) => c.auth.operator(&HeaderMap::new(), Some(&cert)),
+            None => Err(AuthError::Unauthenticated("no client certificate")),
+        },
+    };
+    let operator = match found {
         Ok(Some(p)) => p.name.clone(),
         Ok(None) => {
             return problem(
                 StatusCode::FORBIDDEN,
                 "no_operators",
                 "no [[operators]] are configured: the console needs one to log in",
+            );
+        }
+        Err(_) if by_certificate => {
+            crate::observe::metrics::rejected("http", "unauthenticated");
+            tracing::warn!("console login refused: no client certificate of an operator");
+            return problem(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "this connection has no client certificate of an operator: log in with an operator token",
             );
         }
         Err(_) => {
@@ -337,7 +364,16 @@ async fn login(
         }
     };
     let (id, s) = c.sessions.create(&operator);
-    tracing::info!(operator = %operator, "console login");
+    let action = if by_certificate {
+        "console_login_certificate"
+    } else {
+        "console_login_token"
+    };
+    if let Err(refused) = c.audit(vec![entry(action, &s)]).await {
+        c.sessions.remove(&id);
+        return refused;
+    }
+    tracing::info!(operator = %operator, by_certificate, "console login");
     let mut resp = Json(json!({ "operator": s.operator, "csrf": s.csrf })).into_response();
     let cookie = session::set_cookie(&id, &c.cookie_path, c.secure(&headers));
     if let Ok(v) = HeaderValue::from_str(&cookie) {

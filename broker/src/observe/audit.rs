@@ -265,7 +265,9 @@ pub struct Entry {
     /// `delivery`, `delivery_withheld`, `lineage_read`, `lineage_list`, `patient_search` (a
     /// message search by patient, `patient` naming whom), `fhir_read`, `raw_read`,
     /// `dlq_replay`, `dlq_purge`, `subscription_pause`, `subscription_resume` (the last two
-    /// name the subscription as party `subscription:<name>`).
+    /// name the subscription as party `subscription:<name>`), `console_login_token`,
+    /// `console_login_certificate` (a console login and the way the operator proved who
+    /// they are).
     pub action: String,
     /// Who: `subscription:<name>` for a delivery, `operator:<name>` or `anonymous` for a read.
     pub actor: String,

@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::classify::classify;
 use super::config::{DEFAULT_FETCH_MAX_BYTES, RECORD_OVERHEAD};
+use super::holes::{Holes, Verdict};
 use super::{
     KafkaBus, LogContext, blocking, lock, log_line, millis, partition_i32, topic_partitions,
 };
@@ -209,6 +210,12 @@ fn partitions_now<C: ClientContext>(
     topic_partitions(&metadata, topic)
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 fn to_record<M: rdkafka::message::Message>(m: &M) -> Record {
     Record {
         topic: m.topic().to_owned(),
@@ -226,6 +233,8 @@ struct GroupState {
     tracker: OffsetTracker,
     /// Partitions this member handed out records of since they were assigned.
     partitions: HashSet<(String, u32)>,
+    /// Holes in what the fetches returned, read again before they are believed.
+    holes: Holes,
 }
 
 impl GroupState {
@@ -287,6 +296,7 @@ impl ConsumerContext for GroupContext {
                         tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(point));
                 }
                 state.tracker.forget(e.topic(), partition);
+                state.holes.forget(e.topic(), partition);
                 state.partitions.remove(&(e.topic().to_owned(), partition));
             }
         }
@@ -478,6 +488,33 @@ impl Consumer for KafkaConsumer {
                     let record = to_record(&m);
                     drop(m);
                     let mut state = lock(&self.state);
+                    let verdict = state.holes.check(
+                        &record.topic,
+                        record.partition,
+                        record.offset,
+                        record.timestamp_ms,
+                        now_ms(),
+                        Instant::now(),
+                    );
+                    if let Verdict::ReadFrom(offset) = verdict {
+                        drop(state);
+                        tracing::debug!(group = %self.group, topic = %record.topic, partition = record.partition, from = offset, to = record.offset - 1, "kafka fetch skipped offsets; reading them again");
+                        // Asynchronous (no timeout): librdkafka drops what it fetched before.
+                        let sought = self.consumer.seek(
+                            &record.topic,
+                            partition_i32(record.partition)?,
+                            Offset::Offset(offset),
+                            Duration::ZERO,
+                        );
+                        match sought {
+                            Ok(()) => continue,
+                            Err(e) => {
+                                // Not worse than before: the record is handed out.
+                                tracing::warn!(group = %self.group, topic = %record.topic, partition = record.partition, error = %e, "kafka offsets skipped by a fetch cannot be read again");
+                                state = lock(&self.state);
+                            }
+                        }
+                    }
                     state
                         .tracker
                         .started(&record.topic, record.partition, record.offset);

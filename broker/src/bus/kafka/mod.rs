@@ -14,6 +14,7 @@
 mod classify;
 mod config;
 mod consumer;
+mod holes;
 mod producer;
 
 pub use config::{KafkaConfig, RECORD_OVERHEAD};

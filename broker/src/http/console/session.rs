@@ -1,8 +1,8 @@
-//! Console sessions: an operator logs in with an operator token and gets a session cookie
-//! (`HttpOnly`, `SameSite=Strict`, `Secure` on TLS, `Path` the console's) naming a random
-//! 256-bit session id. Sessions live in memory only: a restart logs everyone out, which is
-//! the safe side. Each has an idle and an absolute timeout, and a CSRF token of its own that
-//! every state-changing request carries in the `X-CSRF-Token` header.
+//! Console sessions: an operator logs in (operator token or client certificate) and gets a
+//! session cookie (`HttpOnly`, `SameSite=Strict`, `Secure` on TLS, `Path` the console's)
+//! naming a random 256-bit session id. Sessions live in memory only: a restart logs everyone
+//! out, which is the safe side. Each has an idle and an absolute timeout, and a CSRF token of
+//! its own that every state-changing request carries in the `X-CSRF-Token` header.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

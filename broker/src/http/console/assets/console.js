@@ -58,16 +58,21 @@ function flash(text, bad) {
 // ---- login page ----
 
 function loginPage() {
-  $("login-form").addEventListener("submit", async (ev) => {
-    ev.preventDefault();
+  const login = async (body) => {
     $("login-error").textContent = "";
     try {
-      await api("POST", "login", { token: $("token").value });
+      await api("POST", "login", body);
       window.location.replace("./");
     } catch (e) {
       $("login-error").textContent = e.message;
     }
+  };
+  $("login-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    login({ token: $("token").value });
   });
+  // No token: the server takes the client certificate this connection presented (mTLS).
+  $("cert-button").addEventListener("click", () => login({}));
 }
 
 // ---- charts (inline SVG) ----
