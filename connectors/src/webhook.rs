@@ -203,9 +203,10 @@ impl Sink for WebhookSink {
                 Payload::Event(e) => (e.kind().as_str(), e.header().envelope_id.as_str()),
                 Payload::Raw(env) => ("raw", env.id.as_str()),
             };
-            let url = self
+            let (url, origin) = self
                 .url
                 .resolve(delivery, Channel::Webhook, |s| reqwest::Url::parse(s).ok())?;
+            let origin = Some(origin.to_string());
             let mut req = self
                 .client
                 .post(url)
@@ -232,7 +233,10 @@ impl Sink for WebhookSink {
             if status.is_success() {
                 // Drain the body so the connection can be reused; its content is not kept.
                 let _ = resp.bytes().await;
-                return Ok(Receipt { detail: line });
+                return Ok(Receipt {
+                    detail: line,
+                    origin,
+                });
             }
             // A refusal keeps what the receiver said, bounded, in its detail.
             let excerpt = answer_excerpt(&answer_head(resp).await);
@@ -242,7 +246,7 @@ impl Sink for WebhookSink {
                 format!("{line}: {excerpt}")
             };
             classify_status(status.as_u16(), detail.clone())?;
-            Ok(Receipt { detail })
+            Ok(Receipt { detail, origin })
         })
     }
 }

@@ -3,6 +3,7 @@
 //! the end-to-end benchmark (`src/bin/bench.rs`).
 
 pub mod ca;
+pub mod mcsd;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

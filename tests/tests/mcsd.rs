@@ -7,12 +7,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ketenbus_tests::ca::Ca;
-use ketenbus_tests::{Broker, Receiver, free_port};
+use ketenbus_tests::mcsd::{Peer, resource as endpoint};
+use ketenbus_tests::{Broker, Receiver};
 use serde_json::{Value, json};
 
 /// Nictiz Acute Zorg example (CC0, synthetic patient): an ambulance referral. Its
@@ -20,113 +20,10 @@ use serde_json::{Value, json};
 const AZ_REFERRAL: &str = include_str!(
     "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
 );
-const DIRECTORY: &str = include_str!("../fixtures/mcsd/directory.json");
-
-struct Peer {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Peer {
-    fn start(dir: &Path, resources: &Value) -> Peer {
-        Peer::start_with(dir, resources, &[])
-    }
-
-    /// With `tls` = [--cert, FILE, --key, FILE, --client-ca, FILE]: mTLS only.
-    fn start_with(dir: &Path, resources: &Value, tls: &[&Path]) -> Peer {
-        let load = dir.join("directory.json");
-        std::fs::write(&load, resources.to_string()).unwrap();
-        let port = free_port();
-        let python = std::env::var("KETENBUS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let child = Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/mcsd/mcsd_peer.py"))
-            .args(["--port", &port.to_string()])
-            .arg("--load")
-            .arg(&load)
-            .args(
-                tls.iter()
-                    .zip(["--cert", "--key", "--client-ca"])
-                    .flat_map(|(f, a)| [std::ffi::OsStr::new(a), f.as_os_str()]),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("peer.stderr")).unwrap())
-            .spawn()
-            .expect("python3 runs the mCSD peer");
-        let addr = format!("127.0.0.1:{port}");
-        ketenbus_tests::eventually_blocking(
-            Duration::from_secs(10),
-            "the mCSD peer to listen",
-            || std::net::TcpStream::connect(&addr).is_ok(),
-        );
-        Peer {
-            child: Some(child),
-            port,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    async fn put(&self, resource: &Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}/_admin/put", self.url()))
-            .body(resource.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-    }
-
-    async fn down(&self, down: bool) {
-        reqwest::Client::new()
-            .post(format!("{}/_admin/down", self.url()))
-            .body(if down { "1" } else { "0" })
-            .send()
-            .await
-            .unwrap();
-    }
-
-    async fn requests(&self) -> Vec<String> {
-        reqwest::get(format!("{}/_admin/requests", self.url()))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().ok();
-            c.wait().ok();
-        }
-        let _ = &self.dir;
-    }
-}
 
 /// The fixture with `ura:90000001`'s webhook endpoint at `hook`.
 fn directory(hook: &str) -> Value {
-    let mut all: Value = serde_json::from_str(DIRECTORY).unwrap();
-    for r in all.as_array_mut().unwrap() {
-        if r["id"] == "ep-linde-hook" {
-            r["address"] = json!(hook);
-        }
-    }
-    all
-}
-
-fn endpoint(all: &Value, id: &str) -> Value {
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == id)
-        .unwrap()
-        .clone()
+    ketenbus_tests::mcsd::directory(&[("ep-linde-hook", hook)])
 }
 
 fn referral_to(ura: &str) -> Vec<u8> {
@@ -137,7 +34,8 @@ fn referral_to(ura: &str) -> Vec<u8> {
     b.to_string().into_bytes()
 }
 
-async fn post(broker: &Broker, ura: &str) {
+/// Post the referral to `ura`; its message id.
+async fn post(broker: &Broker, ura: &str) -> String {
     let (status, body) = ketenbus_tests::post_message(
         &reqwest::Client::new(),
         &broker.url,
@@ -147,14 +45,37 @@ async fn post(broker: &Broker, ura: &str) {
     .await
     .unwrap();
     assert_eq!(status, 202, "{body}");
+    body["id"].as_str().unwrap().to_owned()
+}
+
+/// The detail of message `id`'s delivered step for `subscription`, once there is one.
+async fn delivered_detail(broker: &Broker, id: &str, subscription: &str) -> String {
+    let step = |l: &Value| {
+        l["steps"]
+            .as_array()?
+            .iter()
+            .find(|s| {
+                s["stage"] == "delivery"
+                    && s["subscription"] == subscription
+                    && s["outcome"] == "delivered"
+            })
+            .map(|s| s["detail"].as_str().unwrap_or("").to_owned())
+    };
+    let l = ketenbus_tests::lineage_until(&broker.url, id, |l| step(l).is_some()).await;
+    step(&l).unwrap()
+}
+
+/// Whether `address resolve <party> --channel <channel>` names `want`.
+fn resolves_to(broker: &Broker, party: &str, channel: &str, want: &str) -> bool {
+    let (_, out, _) = broker.cli(&["address", "resolve", party, "--channel", channel]);
+    out.contains(want)
 }
 
 fn config(peer: &Peer) -> String {
     format!(
-        "[[mcsd]]\nname = \"test\"\nbase_url = \"{}\"\npoll_interval = \"300ms\"\npage_size = 2\n\
-         [[subscriptions]]\nname = \"by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"webhook\" }}\n\
+        "{}[[subscriptions]]\nname = \"by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"webhook\" }}\n\
          [subscriptions.retry]\ninitial = \"200ms\"\nmax = \"500ms\"\n",
-        peer.url()
+        ketenbus_tests::mcsd::source(peer)
     )
 }
 
@@ -181,10 +102,6 @@ async fn synced(broker: &Broker, what: &str) {
                 > 0.0
         })
         .await;
-}
-
-fn replica_holds(broker_dir: &Path, text: &str) -> bool {
-    std::fs::read_to_string(broker_dir.join("data/mcsd/test.json")).is_ok_and(|t| t.contains(text))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,9 +132,15 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         searched.iter().any(|r| r.contains("_offset=")),
         "the next links were followed: {searched:?}"
     );
-    post(&broker, "90000001").await;
+    let id = post(&broker, "90000001").await;
     let got = first.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "first: {}", broker.log_text());
+    // The lineage says where the address came from, and nothing of the patient.
+    let detail = delivered_detail(&broker, &id, "by-directory").await;
+    assert_eq!(
+        detail,
+        "address from mcsd test: Organization/org-linde -> Endpoint/ep-linde-hook"
+    );
 
     // An incremental change: the endpoint's address moves; the next delivery goes there.
     let mut moved = endpoint(&all, "ep-linde-hook");
@@ -227,7 +150,14 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         .eventually(
             Duration::from_secs(20),
             "the change in the replica",
-            async || replica_holds(tmp.path(), &second.url()),
+            async || {
+                resolves_to(
+                    &broker,
+                    "ura:90000001",
+                    "webhook",
+                    &format!("webhook: {}", second.url()),
+                )
+            },
         )
         .await;
     assert!(
@@ -267,8 +197,12 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
             Duration::from_secs(20),
             "the successor in the replica",
             async || {
-                replica_holds(tmp.path(), "Endpoint/ep-linde-hook-2")
-                    && replica_holds(tmp.path(), "2026-01-01\"}")
+                resolves_to(
+                    &broker,
+                    "ura:90000001",
+                    "webhook",
+                    &format!("webhook: {}", third.url()),
+                )
             },
         )
         .await;
@@ -307,7 +241,7 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         .eventually(
             Duration::from_secs(20),
             "the version switch in the replica",
-            async || !replica_holds(tmp.path(), "fhirVersion=4.0"),
+            async || resolves_to(&broker, "ura:90000001", "fhir", "fhir: nothing fits"),
         )
         .await;
     let (ok, out, _) = broker.cli(&["address", "resolve", "ura:90000001", "--channel", "fhir"]);
@@ -375,6 +309,7 @@ async fn the_directory_is_read_over_mtls_and_a_client_without_its_certificate_is
         tmp.path(),
         &directory(&hook.url()),
         &[&cert, &key, &client_ca.file()],
+        &[],
     );
     let https = peer.url().replace("http://", "https://");
     let source = |name: &str, (c, k): &(PathBuf, PathBuf)| {
@@ -424,4 +359,136 @@ async fn the_directory_is_read_over_mtls_and_a_client_without_its_certificate_is
             == 0.0
     );
     assert!(!other.join("data/mcsd/test.json").exists());
+}
+
+/// The referral's raw FHIR Bundle as the FHIR sink sent it: the receiver got the message.
+fn got_the_referral(r: &Receiver, n: usize) -> bool {
+    let got = r.received();
+    got.len() == n
+        && got.iter().all(|g| {
+            serde_json::from_slice::<Value>(&g.body)
+                .is_ok_and(|b| b["resourceType"] == "Bundle" && b["type"] == "message")
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (r4, stu3, upgraded, successor, listed, over) = (
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+    );
+    let fhir_base = |r: &Receiver| format!("http://{}/r4", r.addr);
+    let mut all = ketenbus_tests::mcsd::directory(&[
+        ("ep-linde-fhir", &fhir_base(&r4)),
+        ("ep-linde-fhir-stu3", &fhir_base(&stu3)),
+    ]);
+    // A second party, listed with an R4 endpoint and overridden in [address_book].
+    let other_org = json!({"resourceType": "Organization", "id": "org-other",
+        "identifier": [{"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": "90000004"}],
+        "active": true, "name": "Wijkverpleging Oost (synthetisch)",
+        "endpoint": [{"reference": "Endpoint/ep-other-fhir"}]});
+    let mut other_ep = endpoint(&all, "ep-linde-fhir");
+    other_ep["id"] = json!("ep-other-fhir");
+    other_ep["address"] = json!(fhir_base(&listed));
+    all.as_array_mut().unwrap().extend([other_org, other_ep]);
+    let peer = Peer::start(tmp.path(), &all);
+    let config = format!(
+        "{}[address_book.\"ura:90000004\"]\nfhir = \"{}\"\n\
+         [[subscriptions]]\nname = \"fhir-by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"fhir\" }}\n\
+         [subscriptions.retry]\ninitial = \"200ms\"\nmax = \"500ms\"\n",
+        ketenbus_tests::mcsd::source(&peer),
+        fhir_base(&over)
+    );
+    let mut broker = Broker::prepare(tmp.path(), &config);
+    broker.spawn();
+    synced(&broker, "the first sync").await;
+
+    // The R4 endpoint (payloadMimeType fhirVersion=4.0), not the STU3 one, gets the record.
+    let id = post(&broker, "90000001").await;
+    r4.wait_for(1, Duration::from_secs(20)).await;
+    assert!(got_the_referral(&r4, 1), "r4: {}", broker.log_text());
+    assert_eq!(
+        delivered_detail(&broker, &id, "fhir-by-directory").await,
+        "address from mcsd test: Organization/org-linde -> Endpoint/ep-linde-fhir"
+    );
+
+    // A switch of FHIR version: the old system now states STU3 only, the other one R4.
+    let mut to_stu3 = endpoint(&all, "ep-linde-fhir");
+    to_stu3["payloadMimeType"] = json!(["application/fhir+json; fhirVersion=3.0"]);
+    let mut to_r4 = endpoint(&all, "ep-linde-fhir-stu3");
+    to_r4["address"] = json!(fhir_base(&upgraded));
+    to_r4["payloadMimeType"] = json!(["application/fhir+json; fhirVersion=4.0"]);
+    peer.put(&to_stu3).await;
+    peer.put(&to_r4).await;
+    broker
+        .eventually(
+            Duration::from_secs(20),
+            "the switch in the replica",
+            async || resolves_to(&broker, "ura:90000001", "fhir", &fhir_base(&upgraded)),
+        )
+        .await;
+    let id = post(&broker, "90000001").await;
+    upgraded.wait_for(1, Duration::from_secs(20)).await;
+    assert!(got_the_referral(&upgraded, 1), "{}", broker.log_text());
+    assert!(
+        delivered_detail(&broker, &id, "fhir-by-directory")
+            .await
+            .ends_with("-> Endpoint/ep-linde-fhir-stu3")
+    );
+
+    // Its period ends and a successor's starts: the successor gets the next record.
+    let mut ended = to_r4.clone();
+    ended["period"] = json!({"start": "2020-01-01", "end": "2026-01-01T00:00:00Z"});
+    let mut next = to_r4.clone();
+    next["id"] = json!("ep-linde-fhir-next");
+    next["address"] = json!(fhir_base(&successor));
+    next["period"] = json!({"start": "2026-01-01T00:00:00Z"});
+    let mut org = endpoint(&all, "org-linde");
+    org["endpoint"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"reference": "Endpoint/ep-linde-fhir-next"}));
+    peer.put(&next).await;
+    peer.put(&ended).await;
+    peer.put(&org).await;
+    broker
+        .eventually(
+            Duration::from_secs(20),
+            "the successor in the replica",
+            async || resolves_to(&broker, "ura:90000001", "fhir", &fhir_base(&successor)),
+        )
+        .await;
+    let id = post(&broker, "90000001").await;
+    successor.wait_for(1, Duration::from_secs(20)).await;
+    assert!(got_the_referral(&successor, 1), "{}", broker.log_text());
+    assert!(
+        delivered_detail(&broker, &id, "fhir-by-directory")
+            .await
+            .ends_with("-> Endpoint/ep-linde-fhir-next")
+    );
+
+    // The [address_book] entry wins over the directory's endpoint.
+    let id = post(&broker, "90000004").await;
+    over.wait_for(1, Duration::from_secs(20)).await;
+    assert!(got_the_referral(&over, 1), "{}", broker.log_text());
+    assert_eq!(
+        delivered_detail(&broker, &id, "fhir-by-directory").await,
+        "address from address_book override"
+    );
+
+    // Nobody else got anything.
+    assert_eq!(
+        (
+            r4.received().len(),
+            stu3.received().len(),
+            upgraded.received().len(),
+            listed.received().len()
+        ),
+        (1, 0, 1, 0)
+    );
 }

@@ -119,6 +119,8 @@ struct Done {
     park: Option<RetryRecord>,
     /// Finished from a replay: the dead letter it resolves (id) and the record key.
     resolves: Option<(String, Vec<u8>)>,
+    /// Delivered: where the sink's address came from (the delivery step's detail).
+    origin: Option<String>,
 }
 
 impl Done {
@@ -141,6 +143,7 @@ impl Done {
             audit,
             park: None,
             resolves: None,
+            origin: None,
         }
     }
 }
@@ -188,6 +191,7 @@ impl Undeliverable {
             audit: Vec::new(),
             park: None,
             resolves: None,
+            origin: None,
         }
     }
 }
@@ -497,6 +501,7 @@ mod tests {
                     .push((h.patient_key.clone().unwrap(), h.index));
                 Ok(Receipt {
                     detail: "ok".into(),
+                    origin: None,
                 })
             })
         }
@@ -560,6 +565,7 @@ mod tests {
                 self.got.lock().unwrap().push((key, h.index));
                 Ok(Receipt {
                     detail: "ok".into(),
+                    origin: None,
                 })
             })
         }
@@ -855,6 +861,7 @@ mod tests {
                 }
                 Ok(Receipt {
                     detail: "ok".into(),
+                    origin: None,
                 })
             })
         }
