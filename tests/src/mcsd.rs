@@ -2,11 +2,13 @@
 //! from the FHIR R4 search / history interactions that IHE mCSD ITI-91 uses) and the
 //! synthetic directory fixture, for the whole-system tests that resolve addresses through it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+
+use crate::Broker;
 
 /// The synthetic directory (`tests/fixtures/mcsd/directory.json`): a JSON list of
 /// Organization, Endpoint, HealthcareService and Location resources.
@@ -159,8 +161,83 @@ pub fn source(peer: &Peer) -> String {
     )
 }
 
-/// Where the replica lives under a broker's `dir`.
+/// Nictiz Acute Zorg example (CC0, synthetic patient): an ambulance referral. Its
+/// MessageHeader gets a receiver from the synthetic directory fixture (ura:90000001).
+const AZ_REFERRAL: &str = include_str!(
+    "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+);
+
+/// The referral with its MessageHeader's receiver set to `ura`.
+///
+/// # Panics
+/// Never: the example is JSON.
 #[must_use]
-pub fn replica_dir(dir: &Path) -> PathBuf {
-    dir.join("data/mcsd")
+pub fn referral_to(ura: &str) -> Vec<u8> {
+    let mut b: Value = serde_json::from_str(AZ_REFERRAL).expect("the example is JSON");
+    b["entry"][0]["resource"]["destination"][0]["receiver"] = json!({
+        "identifier": {"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": ura}
+    });
+    b.to_string().into_bytes()
+}
+
+/// Post the referral to `ura`; its message id.
+///
+/// # Panics
+/// When the broker does not take it.
+pub async fn post_referral(broker: &Broker, ura: &str) -> String {
+    let (status, body) = crate::post_message(
+        &reqwest::Client::new(),
+        &broker.url,
+        "application/fhir+json",
+        referral_to(ura),
+    )
+    .await
+    .expect("the broker answers");
+    assert_eq!(status, 202, "{body}");
+    body["id"].as_str().expect("an id").to_owned()
+}
+
+/// The detail of message `id`'s delivered step for `subscription`, once there is one.
+///
+/// # Panics
+/// When there is none within 30 s.
+pub async fn delivered_detail(broker: &Broker, id: &str, subscription: &str) -> String {
+    let step = |l: &Value| {
+        l["steps"]
+            .as_array()?
+            .iter()
+            .find(|s| {
+                s["stage"] == "delivery"
+                    && s["subscription"] == subscription
+                    && s["outcome"] == "delivered"
+            })
+            .map(|s| s["detail"].as_str().unwrap_or("").to_owned())
+    };
+    let l = crate::lineage_until(&broker.url, id, |l| step(l).is_some()).await;
+    step(&l).unwrap_or_default()
+}
+
+/// The value of `metric{directory="test"<more>}` (-1 when absent).
+pub async fn metric(broker: &Broker, name: &str, more: &str) -> f64 {
+    let text = broker.metrics().await;
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{directory=\"test\"{more}}}")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// Wait until the broker reports a successful sync.
+pub async fn synced(broker: &Broker, what: &str) {
+    broker
+        .eventually(Duration::from_secs(20), what, async || {
+            metric(
+                broker,
+                "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
+                "",
+            )
+            .await
+                > 0.0
+        })
+        .await;
 }

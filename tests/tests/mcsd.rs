@@ -11,58 +11,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ketenbus_tests::ca::Ca;
-use ketenbus_tests::mcsd::{Peer, resource as endpoint};
+use ketenbus_tests::mcsd::{
+    Peer, delivered_detail, metric, post_referral as post, resource as endpoint, synced,
+};
 use ketenbus_tests::{Broker, Receiver};
 use serde_json::{Value, json};
-
-/// Nictiz Acute Zorg example (CC0, synthetic patient): an ambulance referral. Its
-/// MessageHeader gets a receiver from the synthetic directory fixture (ura:90000001).
-const AZ_REFERRAL: &str = include_str!(
-    "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
-);
 
 /// The fixture with `ura:90000001`'s webhook endpoint at `hook`.
 fn directory(hook: &str) -> Value {
     ketenbus_tests::mcsd::directory(&[("ep-linde-hook", hook)])
-}
-
-fn referral_to(ura: &str) -> Vec<u8> {
-    let mut b: Value = serde_json::from_str(AZ_REFERRAL).unwrap();
-    b["entry"][0]["resource"]["destination"][0]["receiver"] = json!({
-        "identifier": {"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": ura}
-    });
-    b.to_string().into_bytes()
-}
-
-/// Post the referral to `ura`; its message id.
-async fn post(broker: &Broker, ura: &str) -> String {
-    let (status, body) = ketenbus_tests::post_message(
-        &reqwest::Client::new(),
-        &broker.url,
-        "application/fhir+json",
-        referral_to(ura),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{body}");
-    body["id"].as_str().unwrap().to_owned()
-}
-
-/// The detail of message `id`'s delivered step for `subscription`, once there is one.
-async fn delivered_detail(broker: &Broker, id: &str, subscription: &str) -> String {
-    let step = |l: &Value| {
-        l["steps"]
-            .as_array()?
-            .iter()
-            .find(|s| {
-                s["stage"] == "delivery"
-                    && s["subscription"] == subscription
-                    && s["outcome"] == "delivered"
-            })
-            .map(|s| s["detail"].as_str().unwrap_or("").to_owned())
-    };
-    let l = ketenbus_tests::lineage_until(&broker.url, id, |l| step(l).is_some()).await;
-    step(&l).unwrap()
 }
 
 /// Whether `address resolve <party> --channel <channel>` names `want`.
@@ -77,31 +34,6 @@ fn config(peer: &Peer) -> String {
          [subscriptions.retry]\ninitial = \"200ms\"\nmax = \"500ms\"\n",
         ketenbus_tests::mcsd::source(peer)
     )
-}
-
-/// The value of `metric{directory="test"<more>}`.
-async fn metric(broker: &Broker, name: &str, more: &str) -> f64 {
-    let text = broker.metrics().await;
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{directory=\"test\"{more}}}")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(-1.0)
-}
-
-/// Wait until the broker reports a successful sync.
-async fn synced(broker: &Broker, what: &str) {
-    broker
-        .eventually(Duration::from_secs(20), what, async || {
-            metric(
-                broker,
-                "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
-                "",
-            )
-            .await
-                > 0.0
-        })
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
