@@ -290,7 +290,8 @@ async fn the_directory_is_read_over_mtls_and_a_client_without_its_certificate_is
         .await
             == 0.0
     );
-    assert!(!other.join("data/mcsd/test.json").exists());
+    let (ok, out, _) = refused.cli(&["address", "resolve", "ura:90000001"]);
+    assert!(!ok && out.contains("the replica is empty"), "{out}");
 }
 
 /// The referral's raw FHIR Bundle as the FHIR sink sent it: the receiver got the message.
@@ -423,4 +424,49 @@ async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_
         ),
         (1, 0, 1, 0)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_in_the_middle_of_the_initial_load_keeps_a_replica_that_finishes_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 3,000 synthetic organisations with an endpoint each, read ten at a time: the
+    // broker writes page after page when it is killed.
+    let peer = Peer::start_with(tmp.path(), &json!([]), &[], &["--synthetic", "3000"]);
+    let config = format!(
+        "[[mcsd]]\nname = \"test\"\nbase_url = \"{}\"\npoll_interval = \"300ms\"\npage_size = 10\n",
+        peer.url()
+    );
+    let mut broker = Broker::prepare(tmp.path(), &config);
+    broker.spawn();
+    broker
+        .eventually(Duration::from_secs(60), "the load under way", async || {
+            peer.requests().await.len() >= 40
+        })
+        .await;
+    broker.kill(); // SIGKILL
+    let at_kill = peer.requests().await.len();
+    assert!(
+        at_kill < 300,
+        "the Organizations were not all read: {at_kill} requests"
+    );
+    // Each page read was written as it came: the first organisations are in the replica
+    // the kill left (their endpoints, read after them, not yet).
+    let (_, out, err) = broker.cli(&["address", "resolve", "ura:70000000", "--channel", "fhir"]);
+    assert!(
+        out.contains("skipped in mcsd test: Endpoint/ep-syn-0: not in the replica"),
+        "{out}{err}"
+    );
+    // The replica opens (not torn), and after a restart the load finishes.
+    broker.spawn();
+    synced(&broker, "the load finished after the restart").await;
+    for (party, address) in [
+        ("ura:70000000", "https://fhir-0.example.test/r4"),
+        ("ura:70002999", "https://fhir-2999.example.test/r4"),
+    ] {
+        let (ok, out, err) = broker.cli(&["address", "resolve", party, "--channel", "fhir"]);
+        assert!(
+            ok && out.contains(&format!("fhir: {address}")),
+            "{out}{err}"
+        );
+    }
 }
