@@ -304,6 +304,35 @@ fn got_the_referral(r: &Receiver, n: usize) -> bool {
         })
 }
 
+/// `http://<receiver>/r4`: a receiver as a FHIR base URL.
+fn fhir_base(r: &Receiver) -> String {
+    format!("http://{}/r4", r.addr)
+}
+
+/// Once ura:90000001 resolves to `to`, a referral reaches it through `endpoint`.
+async fn moves_to(broker: &Broker, to: &Receiver, endpoint: &str) {
+    broker
+        .eventually(
+            Duration::from_secs(20),
+            "the change in the replica",
+            async || resolves_to(broker, "ura:90000001", "fhir", &fhir_base(to)),
+        )
+        .await;
+    let detail = reaches(broker, "90000001", to).await;
+    assert!(
+        detail.ends_with(&format!("-> Endpoint/{endpoint}")),
+        "{detail}"
+    );
+}
+
+/// Post a referral to `ura`, see `to` get it; the detail of its delivered step.
+async fn reaches(broker: &Broker, ura: &str, to: &Receiver) -> String {
+    let id = post(broker, ura).await;
+    to.wait_for(1, Duration::from_secs(20)).await;
+    assert!(got_the_referral(to, 1), "{}", broker.log_text());
+    delivered_detail(broker, &id, "fhir-by-directory").await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_ends() {
     let tmp = tempfile::tempdir().unwrap();
@@ -315,7 +344,6 @@ async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_
         Receiver::ok().await,
         Receiver::ok().await,
     );
-    let fhir_base = |r: &Receiver| format!("http://{}/r4", r.addr);
     let mut all = ketenbus_tests::mcsd::directory(&[
         ("ep-linde-fhir", &fhir_base(&r4)),
         ("ep-linde-fhir-stu3", &fhir_base(&stu3)),
@@ -342,11 +370,8 @@ async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_
     synced(&broker, "the first sync").await;
 
     // The R4 endpoint (payloadMimeType fhirVersion=4.0), not the STU3 one, gets the record.
-    let id = post(&broker, "90000001").await;
-    r4.wait_for(1, Duration::from_secs(20)).await;
-    assert!(got_the_referral(&r4, 1), "r4: {}", broker.log_text());
     assert_eq!(
-        delivered_detail(&broker, &id, "fhir-by-directory").await,
+        reaches(&broker, "90000001", &r4).await,
         "address from mcsd test: Organization/org-linde -> Endpoint/ep-linde-fhir"
     );
 
@@ -358,21 +383,7 @@ async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_
     to_r4["payloadMimeType"] = json!(["application/fhir+json; fhirVersion=4.0"]);
     peer.put(&to_stu3).await;
     peer.put(&to_r4).await;
-    broker
-        .eventually(
-            Duration::from_secs(20),
-            "the switch in the replica",
-            async || resolves_to(&broker, "ura:90000001", "fhir", &fhir_base(&upgraded)),
-        )
-        .await;
-    let id = post(&broker, "90000001").await;
-    upgraded.wait_for(1, Duration::from_secs(20)).await;
-    assert!(got_the_referral(&upgraded, 1), "{}", broker.log_text());
-    assert!(
-        delivered_detail(&broker, &id, "fhir-by-directory")
-            .await
-            .ends_with("-> Endpoint/ep-linde-fhir-stu3")
-    );
+    moves_to(&broker, &upgraded, "ep-linde-fhir-stu3").await;
 
     // Its period ends and a successor's starts: the successor gets the next record.
     let mut ended = to_r4.clone();
@@ -389,28 +400,11 @@ async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_
     peer.put(&next).await;
     peer.put(&ended).await;
     peer.put(&org).await;
-    broker
-        .eventually(
-            Duration::from_secs(20),
-            "the successor in the replica",
-            async || resolves_to(&broker, "ura:90000001", "fhir", &fhir_base(&successor)),
-        )
-        .await;
-    let id = post(&broker, "90000001").await;
-    successor.wait_for(1, Duration::from_secs(20)).await;
-    assert!(got_the_referral(&successor, 1), "{}", broker.log_text());
-    assert!(
-        delivered_detail(&broker, &id, "fhir-by-directory")
-            .await
-            .ends_with("-> Endpoint/ep-linde-fhir-next")
-    );
+    moves_to(&broker, &successor, "ep-linde-fhir-next").await;
 
     // The [address_book] entry wins over the directory's endpoint.
-    let id = post(&broker, "90000004").await;
-    over.wait_for(1, Duration::from_secs(20)).await;
-    assert!(got_the_referral(&over, 1), "{}", broker.log_text());
     assert_eq!(
-        delivered_detail(&broker, &id, "fhir-by-directory").await,
+        reaches(&broker, "90000004", &over).await,
         "address from address_book override"
     );
 

@@ -52,6 +52,13 @@ impl MitzPeer {
         peer
     }
 
+    /// Prepared and started.
+    fn running(dir: &Path, state: &serde_json::Value) -> MitzPeer {
+        let mut peer = MitzPeer::prepare(dir, state);
+        peer.start();
+        peer
+    }
+
     fn set(&self, state: &serde_json::Value) {
         let tmp = self.dir.join("state.json.tmp");
         std::fs::write(&tmp, state.to_string()).unwrap();
@@ -565,11 +572,10 @@ async fn questions_about_one_patient_at_once_are_one_question_to_mitz() {
     use ketenbus::deliver::mitz::{Decision, MitzConfig, MitzRegistry, Question};
     let tmp = tempfile::tempdir().unwrap();
     // A slow Mitz: a second and third question come while the first is under way.
-    let mut peer = MitzPeer::prepare(
+    let peer = MitzPeer::running(
         tmp.path(),
         &serde_json::json!({"decision": "permit", "delay": 1.0}),
     );
-    peer.start();
     let cfg: MitzConfig = serde_json::from_value(serde_json::json!({
         "base_url": format!("https://127.0.0.1:{}", peer.port),
         "cert_file": peer.client.0, "key_file": peer.client.1, "ca_files": [peer.server_ca],
@@ -616,8 +622,7 @@ async fn questions_about_one_patient_at_once_are_one_question_to_mitz() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_does_not_subscribe_a_patient_again_and_keeps_no_bsn() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut peer = MitzPeer::prepare(tmp.path(), &serde_json::json!({"decision": "permit"}));
-    peer.start();
+    let peer = MitzPeer::running(tmp.path(), &serde_json::json!({"decision": "permit"}));
     let gp = Receiver::ok().await;
     let extra = peer.config(&subscription("gp", &gp.url(), "deny"));
     let bdir = tempfile::tempdir().unwrap();

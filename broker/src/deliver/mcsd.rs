@@ -597,27 +597,24 @@ fn explain_in(
             params![system, value, format!("{t}/"), format!("{t}0")],
         )
     };
-    for (key, s) in of_type("HealthcareService")? {
-        if !active(&s) {
+    // Services that carry the identifier first, then Organizations (each followed by the
+    // services it provides).
+    let services = of_type("HealthcareService")?;
+    let orgs = of_type("Organization")?;
+    for (key, r) in services.iter().chain(&orgs) {
+        if !active(r) {
             out.skipped.push(format!("{key}: not active"));
             continue;
         }
-        for e in refs(&s) {
+        for e in refs(r) {
             candidates.push((vec![key.clone()], e));
         }
-    }
-    for (key, org) in of_type("Organization")? {
-        if !active(&org) {
-            out.skipped.push(format!("{key}: not active"));
-            continue;
-        }
-        for e in refs(&org) {
-            candidates.push((vec![key.clone()], e));
-        }
-        for (skey, s) in rows(c, SERVICES_OF, [&key])? {
-            if active(&s) {
-                for e in refs(&s) {
-                    candidates.push((vec![key.clone(), skey.clone()], e));
+        if key.starts_with("Organization/") {
+            for (skey, s) in rows(c, SERVICES_OF, [key])? {
+                if active(&s) {
+                    for e in refs(&s) {
+                        candidates.push((vec![key.clone(), skey.clone()], e));
+                    }
                 }
             }
         }
