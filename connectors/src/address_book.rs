@@ -232,7 +232,8 @@ pub enum Destination<T> {
 }
 
 impl<T: Clone> Destination<T> {
-    /// The address for `delivery`; a receiver's entry is read with `parse`.
+    /// The address for `delivery` and where it came from; a receiver's entry is read with
+    /// `parse`.
     ///
     /// # Errors
     /// `Rejected` ([`REASON_NO_ADDRESS`]) when the receiver has no usable address.
@@ -241,16 +242,39 @@ impl<T: Clone> Destination<T> {
         delivery: &Delivery,
         channel: Channel,
         parse: impl Fn(&str) -> Option<T>,
-    ) -> Result<T, DeliveryError> {
+    ) -> Result<(T, Origin), DeliveryError> {
         match self {
-            Destination::Fixed(t) => Ok(t.clone()),
+            Destination::Fixed(t) => Ok((t.clone(), Origin::Fixed)),
             Destination::Receiver(book) => {
                 let found = book.receiver_address(delivery, channel)?;
-                parse(&found.address).ok_or_else(|| DeliveryError::Rejected {
+                let address = parse(&found.address).ok_or_else(|| DeliveryError::Rejected {
                     reason: REASON_NO_ADDRESS.into(),
-                    detail: format!("the receiver's {} address is not usable", channel.key()),
-                })
+                    detail: format!(
+                        "the receiver's {} address ({}) is not usable",
+                        channel.key(),
+                        found.source
+                    ),
+                })?;
+                Ok((address, Origin::Book(found.source)))
             }
+        }
+    }
+}
+
+/// Where the address a sink used came from: what the lineage's delivery step records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The sink's own `url` / `base_url` / `to` in the config.
+    Fixed,
+    /// The address book: an `[address_book]` override or a directory.
+    Book(Source),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Fixed => f.write_str("fixed in the sink's config"),
+            Origin::Book(s) => s.fmt(f),
         }
     }
 }

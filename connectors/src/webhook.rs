@@ -195,7 +195,10 @@ async fn outcome_of(resp: reqwest::Response) -> Result<Receipt, DeliveryError> {
     let line = status_line(status);
     if status.is_success() {
         let _ = resp.bytes().await;
-        return Ok(Receipt { detail: line });
+        return Ok(Receipt {
+            detail: line,
+            origin: None,
+        });
     }
     let excerpt = answer_excerpt(&answer_head(resp).await);
     let detail = if excerpt.is_empty() {
@@ -204,7 +207,10 @@ async fn outcome_of(resp: reqwest::Response) -> Result<Receipt, DeliveryError> {
         format!("{line}: {excerpt}")
     };
     classify_status(status.as_u16(), detail.clone())?;
-    Ok(Receipt { detail })
+    Ok(Receipt {
+        detail,
+        origin: None,
+    })
 }
 
 fn transport_error(e: &reqwest::Error) -> DeliveryError {
@@ -243,9 +249,10 @@ impl Sink for WebhookSink {
                 Payload::Event(e) => (e.kind().as_str(), e.header().envelope_id.as_str()),
                 Payload::Raw(env) => ("raw", env.id.as_str()),
             };
-            let url = self
+            let (url, origin) = self
                 .url
                 .resolve(delivery, Channel::Webhook, |s| reqwest::Url::parse(s).ok())?;
+            let origin = Some(origin.to_string());
             let mut req = self
                 .client
                 .post(url)
@@ -262,7 +269,9 @@ impl Sink for WebhookSink {
                 .send()
                 .await
                 .map_err(|e| transport_error(&e))?;
-            outcome_of(resp).await
+            let mut receipt = outcome_of(resp).await?;
+            receipt.origin = origin;
+            Ok(receipt)
         })
     }
 }

@@ -16,12 +16,15 @@ in-memory repository) installs here, but its router has no type-level history in
   POST /_admin/down      body: "1" | "0"    answer 503 to every FHIR request, or not
   GET  /_admin/requests                     the FHIR requests served, as a JSON list
 
+--synthetic N adds N Organizations (URA 7xxxxxxx) with one FHIR R4 Endpoint each.
+
 Resources of the types Organization, Endpoint, HealthcareService, Location; no deletes.
 With --cert/--key/--client-ca it speaks TLS and takes only clients whose certificate that
 CA issued (mTLS, as a directory that admits parties by their certificate).
 """
 
 import argparse
+import bisect
 import datetime
 import json
 import ssl
@@ -31,7 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TYPES = ("Organization", "Endpoint", "HealthcareService", "Location")
 LOCK = threading.Lock()
-VERSIONS = []  # every version, in order: (instant, resource)
+HISTORY = {t: ([], []) for t in TYPES}  # type -> (instants, versions), oldest first
+CURRENT = {t: {} for t in TYPES}  # type -> id -> newest version, in order of creation
+ORDER = {t: [] for t in TYPES}  # type -> ids in order of creation
 REQUESTS = []
 DOWN = [False]
 SCHEME = ["http"]
@@ -52,11 +57,37 @@ def parse(s):
 def put(resource):
     with LOCK:
         t = now()
-        resource = json.loads(json.dumps(resource))
-        versions = [r for _, r in VERSIONS if r["resourceType"] == resource["resourceType"]
-                    and r["id"] == resource["id"]]
-        resource["meta"] = {"versionId": str(len(versions) + 1), "lastUpdated": fmt(t)}
-        VERSIONS.append((t, resource))
+        resource = dict(resource)
+        rtype, rid = resource["resourceType"], resource["id"]
+        old = CURRENT[rtype].get(rid)
+        version = int(old["meta"]["versionId"]) + 1 if old else 1
+        resource["meta"] = {"versionId": str(version), "lastUpdated": fmt(t)}
+        if old is None:
+            ORDER[rtype].append(rid)
+        CURRENT[rtype][rid] = resource
+        HISTORY[rtype][0].append(t)
+        HISTORY[rtype][1].append(resource)
+
+
+def synthetic(n):
+    """n synthetic Organizations (URA 7xxxxxxx), each with one active FHIR R4 Endpoint:
+    a directory of the LRZa's size for the benchmark and the crash test."""
+    for i in range(n):
+        put({"resourceType": "Organization", "id": "org-syn-%d" % i,
+             "identifier": [{"system": "http://fhir.nl/fhir/NamingSystem/ura",
+                             "value": "7%07d" % i}],
+             "active": True, "name": "Synthetische zorgaanbieder %d" % i,
+             "endpoint": [{"reference": "Endpoint/ep-syn-%d" % i}]})
+        put({"resourceType": "Endpoint", "id": "ep-syn-%d" % i, "status": "active",
+             "connectionType": {"system": "http://terminology.hl7.org/CodeSystem/"
+                                          "endpoint-connection-type",
+                                "code": "hl7-fhir-rest"},
+             "payloadType": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                                    "endpoint-payload-type",
+                                          "code": "any"}]}],
+             "payloadMimeType": ["application/fhir+json; fhirVersion=4.0"],
+             "managingOrganization": {"reference": "Organization/org-syn-%d" % i},
+             "address": "https://fhir-%d.example.test/r4" % i})
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -101,32 +132,34 @@ class Handler(BaseHTTPRequestHandler):
         offset = int(q.get("_offset", "0"))
         t = now()
         with LOCK:
-            mine = [(vt, r) for vt, r in VERSIONS if r["resourceType"] == rtype]
-        if len(parts) == 2:
-            since = parse(q["_since"]) if "_since" in q else None
-            # newest first, as a FHIR history
-            chosen = [r for vt, r in reversed(mine) if since is None or vt >= since]
-            kind = "history"
-            entries = [{"fullUrl": "%s/%s" % (rtype, r["id"]), "resource": r,
-                        "request": {"method": "PUT", "url": "%s/%s" % (rtype, r["id"])}}
-                       for r in chosen]
-        else:
-            current = {}
-            for _, r in mine:
-                current[r["id"]] = r
-            kind = "searchset"
-            entries = [{"fullUrl": "%s/%s" % (rtype, r["id"]), "resource": r,
-                        "search": {"mode": "match"}} for r in current.values()]
-        page = entries[offset:offset + count]
+            if len(parts) == 2:
+                instants, versions = HISTORY[rtype]
+                since = parse(q["_since"]) if "_since" in q else None
+                first = bisect.bisect_left(instants, since) if since else 0
+                total = len(versions) - first
+                # newest first, as a FHIR history
+                newest = len(versions) - 1 - offset
+                chosen = [versions[i] for i in range(newest, max(first, newest - count + 1) - 1, -1)
+                          if i >= first]
+                kind = "history"
+                page = [{"fullUrl": "%s/%s" % (rtype, r["id"]), "resource": r,
+                         "request": {"method": "PUT", "url": "%s/%s" % (rtype, r["id"])}}
+                        for r in chosen]
+            else:
+                ids = ORDER[rtype]
+                total = len(ids)
+                kind = "searchset"
+                page = [{"fullUrl": "%s/%s" % (rtype, i), "resource": CURRENT[rtype][i],
+                         "search": {"mode": "match"}} for i in ids[offset:offset + count]]
         base = "%s://%s" % (SCHEME[0], self.headers.get("Host"))
         links = [{"relation": "self", "url": base + self.path}]
-        if offset + count < len(entries):
+        if offset + count < total:
             nq = dict(q)
             nq["_offset"] = str(offset + count)
             links.append({"relation": "next", "url": "%s%s?%s" % (
                 base, url.path, urllib.parse.urlencode(nq))})
         self.answer(200, {"resourceType": "Bundle", "type": kind, "meta": {"lastUpdated": fmt(t)},
-                          "total": len(entries), "link": links, "entry": page})
+                          "total": total, "link": links, "entry": page})
 
 
 def main():
@@ -136,10 +169,13 @@ def main():
     ap.add_argument("--cert", help="server certificate (PEM): speak TLS")
     ap.add_argument("--key", help="server key (PEM)")
     ap.add_argument("--client-ca", help="CA whose client certificates are admitted")
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="add N synthetic Organizations, each with one FHIR R4 Endpoint")
     args = ap.parse_args()
     if args.load:
         for r in json.load(open(args.load)):
             put(r)
+    synthetic(args.synthetic)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     if args.cert:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod ca;
+pub mod mcsd;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -1285,3 +1285,75 @@ async fn an_imap_message_the_log_keeps_refusing_is_set_aside_and_the_others_flow
     assert_eq!(dovecot.count("INBOX"), 0);
     assert!(keywords(&dovecot, "Failed").contains("$KetenbusFailed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mail_sink_sends_to_the_address_the_mcsd_directory_lists() {
+    use ketenbus_tests::mcsd::{Peer, delivered_detail, post_referral, resource, source, synced};
+    let certs = certs();
+    let postfix = Postfix::start(free_port(), &certs);
+    let tmp = tempfile::tempdir().unwrap();
+    // De Linde's secure-mail endpoint (connectionType secure-email) is a mailbox of the
+    // domain Postfix delivers to its maildir; a second party is listed with another and
+    // overridden in [address_book].
+    let mut all =
+        ketenbus_tests::mcsd::directory(&[("ep-linde-mail", "mailto:900000001@gp.example.test")]);
+    let mut other_mail = resource(&all, "ep-linde-mail");
+    other_mail["id"] = serde_json::json!("ep-other-mail");
+    other_mail["connectionType"]["code"] = serde_json::json!("direct-project");
+    other_mail["address"] = serde_json::json!("listed-900000004@gp.example.test");
+    let other = serde_json::json!({"resourceType": "Organization", "id": "org-other",
+        "identifier": [{"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": "90000004"}],
+        "active": true, "endpoint": [{"reference": "Endpoint/ep-other-mail"}]});
+    all.as_array_mut().unwrap().extend([other, other_mail]);
+    let peer = Peer::start(tmp.path(), &all);
+    let config = format!(
+        "{}[address_book.\"ura:90000004\"]\nmail = \"override-900000004@gp.example.test\"\n\
+         [[subscriptions]]\nname = \"mail-by-directory\"\nkinds = [\"raw\"]\n[subscriptions.sink]\ntype = \"mail\"\n\
+         host = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nca_file = {:?}\nfrom = \"ketenbus@ketenbus.example.test\"\n",
+        source(&peer),
+        postfix.port,
+        certs.ca
+    );
+    let mut broker = Broker::prepare(tmp.path(), &config);
+    broker.spawn();
+    synced(&broker, "the first sync").await;
+
+    let linde = post_referral(&broker, "90000001").await;
+    let other = post_referral(&broker, "90000004").await;
+    let recipients = || {
+        let mut to: Vec<String> = postfix
+            .delivered()
+            .iter()
+            .filter_map(|m| {
+                MessageParser::default()
+                    .parse(m)
+                    .and_then(|p| p.to()?.first()?.address().map(str::to_owned))
+            })
+            .collect();
+        to.sort();
+        to
+    };
+    ketenbus_tests::eventually(
+        Duration::from_secs(30),
+        "two mails in the maildir",
+        async || recipients().len() == 2,
+    )
+    .await;
+    assert_eq!(
+        recipients(),
+        [
+            "900000001@gp.example.test",
+            "override-900000004@gp.example.test"
+        ],
+        "{}",
+        postfix.log()
+    );
+    assert_eq!(
+        delivered_detail(&broker, &linde, "mail-by-directory").await,
+        "address from mcsd test: Organization/org-linde -> Endpoint/ep-linde-mail"
+    );
+    assert_eq!(
+        delivered_detail(&broker, &other, "mail-by-directory").await,
+        "address from address_book override"
+    );
+}

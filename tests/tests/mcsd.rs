@@ -7,184 +7,33 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ketenbus_tests::ca::Ca;
-use ketenbus_tests::{Broker, Receiver, free_port};
+use ketenbus_tests::mcsd::{
+    Peer, delivered_detail, metric, post_referral as post, resource as endpoint, synced,
+};
+use ketenbus_tests::{Broker, Receiver};
 use serde_json::{Value, json};
-
-/// Nictiz Acute Zorg example (CC0, synthetic patient): an ambulance referral. Its
-/// MessageHeader gets a receiver from the synthetic directory fixture (ura:90000001).
-const AZ_REFERRAL: &str = include_str!(
-    "../../connectors/testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
-);
-const DIRECTORY: &str = include_str!("../fixtures/mcsd/directory.json");
-
-struct Peer {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Peer {
-    fn start(dir: &Path, resources: &Value) -> Peer {
-        Peer::start_with(dir, resources, &[])
-    }
-
-    /// With `tls` = [--cert, FILE, --key, FILE, --client-ca, FILE]: mTLS only.
-    fn start_with(dir: &Path, resources: &Value, tls: &[&Path]) -> Peer {
-        let load = dir.join("directory.json");
-        std::fs::write(&load, resources.to_string()).unwrap();
-        let port = free_port();
-        let python = std::env::var("KETENBUS_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let child = Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/mcsd/mcsd_peer.py"))
-            .args(["--port", &port.to_string()])
-            .arg("--load")
-            .arg(&load)
-            .args(
-                tls.iter()
-                    .zip(["--cert", "--key", "--client-ca"])
-                    .flat_map(|(f, a)| [std::ffi::OsStr::new(a), f.as_os_str()]),
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("peer.stderr")).unwrap())
-            .spawn()
-            .expect("python3 runs the mCSD peer");
-        let addr = format!("127.0.0.1:{port}");
-        ketenbus_tests::eventually_blocking(
-            Duration::from_secs(10),
-            "the mCSD peer to listen",
-            || std::net::TcpStream::connect(&addr).is_ok(),
-        );
-        Peer {
-            child: Some(child),
-            port,
-            dir: dir.to_path_buf(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    async fn put(&self, resource: &Value) {
-        let r = reqwest::Client::new()
-            .post(format!("{}/_admin/put", self.url()))
-            .body(resource.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-    }
-
-    async fn down(&self, down: bool) {
-        reqwest::Client::new()
-            .post(format!("{}/_admin/down", self.url()))
-            .body(if down { "1" } else { "0" })
-            .send()
-            .await
-            .unwrap();
-    }
-
-    async fn requests(&self) -> Vec<String> {
-        reqwest::get(format!("{}/_admin/requests", self.url()))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().ok();
-            c.wait().ok();
-        }
-        let _ = &self.dir;
-    }
-}
 
 /// The fixture with `ura:90000001`'s webhook endpoint at `hook`.
 fn directory(hook: &str) -> Value {
-    let mut all: Value = serde_json::from_str(DIRECTORY).unwrap();
-    for r in all.as_array_mut().unwrap() {
-        if r["id"] == "ep-linde-hook" {
-            r["address"] = json!(hook);
-        }
-    }
-    all
+    ketenbus_tests::mcsd::directory(&[("ep-linde-hook", hook)])
 }
 
-fn endpoint(all: &Value, id: &str) -> Value {
-    all.as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == id)
-        .unwrap()
-        .clone()
-}
-
-fn referral_to(ura: &str) -> Vec<u8> {
-    let mut b: Value = serde_json::from_str(AZ_REFERRAL).unwrap();
-    b["entry"][0]["resource"]["destination"][0]["receiver"] = json!({
-        "identifier": {"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": ura}
-    });
-    b.to_string().into_bytes()
-}
-
-async fn post(broker: &Broker, ura: &str) {
-    let (status, body) = ketenbus_tests::post_message(
-        &reqwest::Client::new(),
-        &broker.url,
-        "application/fhir+json",
-        referral_to(ura),
-    )
-    .await
-    .unwrap();
-    assert_eq!(status, 202, "{body}");
+/// Whether `address resolve <party> --channel <channel>` names `want`.
+fn resolves_to(broker: &Broker, party: &str, channel: &str, want: &str) -> bool {
+    let (_, out, _) = broker.cli(&["address", "resolve", party, "--channel", channel]);
+    out.contains(want)
 }
 
 fn config(peer: &Peer) -> String {
     format!(
-        "[[mcsd]]\nname = \"test\"\nbase_url = \"{}\"\npoll_interval = \"300ms\"\npage_size = 2\n\
-         [[subscriptions]]\nname = \"by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"webhook\" }}\n\
+        "{}[[subscriptions]]\nname = \"by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"webhook\" }}\n\
          [subscriptions.retry]\ninitial = \"200ms\"\nmax = \"500ms\"\n",
-        peer.url()
+        ketenbus_tests::mcsd::source(peer)
     )
-}
-
-/// The value of `metric{directory="test"<more>}`.
-async fn metric(broker: &Broker, name: &str, more: &str) -> f64 {
-    let text = broker.metrics().await;
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{directory=\"test\"{more}}}")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(-1.0)
-}
-
-/// Wait until the broker reports a successful sync.
-async fn synced(broker: &Broker, what: &str) {
-    broker
-        .eventually(Duration::from_secs(20), what, async || {
-            metric(
-                broker,
-                "ketenbus_dispatch_mcsd_last_sync_timestamp_seconds",
-                "",
-            )
-            .await
-                > 0.0
-        })
-        .await;
-}
-
-fn replica_holds(broker_dir: &Path, text: &str) -> bool {
-    std::fs::read_to_string(broker_dir.join("data/mcsd/test.json")).is_ok_and(|t| t.contains(text))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,9 +64,15 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         searched.iter().any(|r| r.contains("_offset=")),
         "the next links were followed: {searched:?}"
     );
-    post(&broker, "90000001").await;
+    let id = post(&broker, "90000001").await;
     let got = first.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "first: {}", broker.log_text());
+    // The lineage says where the address came from, and nothing of the patient.
+    let detail = delivered_detail(&broker, &id, "by-directory").await;
+    assert_eq!(
+        detail,
+        "address from mcsd test: Organization/org-linde -> Endpoint/ep-linde-hook"
+    );
 
     // An incremental change: the endpoint's address moves; the next delivery goes there.
     let mut moved = endpoint(&all, "ep-linde-hook");
@@ -227,7 +82,14 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         .eventually(
             Duration::from_secs(20),
             "the change in the replica",
-            async || replica_holds(tmp.path(), &second.url()),
+            async || {
+                resolves_to(
+                    &broker,
+                    "ura:90000001",
+                    "webhook",
+                    &format!("webhook: {}", second.url()),
+                )
+            },
         )
         .await;
     assert!(
@@ -267,8 +129,12 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
             Duration::from_secs(20),
             "the successor in the replica",
             async || {
-                replica_holds(tmp.path(), "Endpoint/ep-linde-hook-2")
-                    && replica_holds(tmp.path(), "2026-01-01\"}")
+                resolves_to(
+                    &broker,
+                    "ura:90000001",
+                    "webhook",
+                    &format!("webhook: {}", third.url()),
+                )
             },
         )
         .await;
@@ -307,7 +173,7 @@ async fn deliveries_follow_the_directory_across_changes_restarts_and_outages() {
         .eventually(
             Duration::from_secs(20),
             "the version switch in the replica",
-            async || !replica_holds(tmp.path(), "fhirVersion=4.0"),
+            async || resolves_to(&broker, "ura:90000001", "fhir", "fhir: nothing fits"),
         )
         .await;
     let (ok, out, _) = broker.cli(&["address", "resolve", "ura:90000001", "--channel", "fhir"]);
@@ -375,6 +241,7 @@ async fn the_directory_is_read_over_mtls_and_a_client_without_its_certificate_is
         tmp.path(),
         &directory(&hook.url()),
         &[&cert, &key, &client_ca.file()],
+        &[],
     );
     let https = peer.url().replace("http://", "https://");
     let source = |name: &str, (c, k): &(PathBuf, PathBuf)| {
@@ -423,5 +290,177 @@ async fn the_directory_is_read_over_mtls_and_a_client_without_its_certificate_is
         .await
             == 0.0
     );
-    assert!(!other.join("data/mcsd/test.json").exists());
+    let (ok, out, _) = refused.cli(&["address", "resolve", "ura:90000001"]);
+    assert!(!ok && out.contains("the replica is empty"), "{out}");
+}
+
+/// The referral's raw FHIR Bundle as the FHIR sink sent it: the receiver got the message.
+fn got_the_referral(r: &Receiver, n: usize) -> bool {
+    let got = r.received();
+    got.len() == n
+        && got.iter().all(|g| {
+            serde_json::from_slice::<Value>(&g.body)
+                .is_ok_and(|b| b["resourceType"] == "Bundle" && b["type"] == "message")
+        })
+}
+
+/// `http://<receiver>/r4`: a receiver as a FHIR base URL.
+fn fhir_base(r: &Receiver) -> String {
+    format!("http://{}/r4", r.addr)
+}
+
+/// Once ura:90000001 resolves to `to`, a referral reaches it through `endpoint`.
+async fn moves_to(broker: &Broker, to: &Receiver, endpoint: &str) {
+    broker
+        .eventually(
+            Duration::from_secs(20),
+            "the change in the replica",
+            async || resolves_to(broker, "ura:90000001", "fhir", &fhir_base(to)),
+        )
+        .await;
+    let detail = reaches(broker, "90000001", to).await;
+    assert!(
+        detail.ends_with(&format!("-> Endpoint/{endpoint}")),
+        "{detail}"
+    );
+}
+
+/// Post a referral to `ura`, see `to` get it; the detail of its delivered step.
+async fn reaches(broker: &Broker, ura: &str, to: &Receiver) -> String {
+    let id = post(broker, ura).await;
+    to.wait_for(1, Duration::from_secs(20)).await;
+    assert!(got_the_referral(to, 1), "{}", broker.log_text());
+    delivered_detail(broker, &id, "fhir-by-directory").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (r4, stu3, upgraded, successor, listed, over) = (
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+        Receiver::ok().await,
+    );
+    let mut all = ketenbus_tests::mcsd::directory(&[
+        ("ep-linde-fhir", &fhir_base(&r4)),
+        ("ep-linde-fhir-stu3", &fhir_base(&stu3)),
+    ]);
+    // A second party, listed with an R4 endpoint and overridden in [address_book].
+    let other_org = json!({"resourceType": "Organization", "id": "org-other",
+        "identifier": [{"system": "http://fhir.nl/fhir/NamingSystem/ura", "value": "90000004"}],
+        "active": true, "name": "Wijkverpleging Oost (synthetisch)",
+        "endpoint": [{"reference": "Endpoint/ep-other-fhir"}]});
+    let mut other_ep = endpoint(&all, "ep-linde-fhir");
+    other_ep["id"] = json!("ep-other-fhir");
+    other_ep["address"] = json!(fhir_base(&listed));
+    all.as_array_mut().unwrap().extend([other_org, other_ep]);
+    let peer = Peer::start(tmp.path(), &all);
+    let config = format!(
+        "{}[address_book.\"ura:90000004\"]\nfhir = \"{}\"\n\
+         [[subscriptions]]\nname = \"fhir-by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"fhir\" }}\n\
+         [subscriptions.retry]\ninitial = \"200ms\"\nmax = \"500ms\"\n",
+        ketenbus_tests::mcsd::source(&peer),
+        fhir_base(&over)
+    );
+    let mut broker = Broker::prepare(tmp.path(), &config);
+    broker.spawn();
+    synced(&broker, "the first sync").await;
+
+    // The R4 endpoint (payloadMimeType fhirVersion=4.0), not the STU3 one, gets the record.
+    assert_eq!(
+        reaches(&broker, "90000001", &r4).await,
+        "address from mcsd test: Organization/org-linde -> Endpoint/ep-linde-fhir"
+    );
+
+    // A switch of FHIR version: the old system now states STU3 only, the other one R4.
+    let mut to_stu3 = endpoint(&all, "ep-linde-fhir");
+    to_stu3["payloadMimeType"] = json!(["application/fhir+json; fhirVersion=3.0"]);
+    let mut to_r4 = endpoint(&all, "ep-linde-fhir-stu3");
+    to_r4["address"] = json!(fhir_base(&upgraded));
+    to_r4["payloadMimeType"] = json!(["application/fhir+json; fhirVersion=4.0"]);
+    peer.put(&to_stu3).await;
+    peer.put(&to_r4).await;
+    moves_to(&broker, &upgraded, "ep-linde-fhir-stu3").await;
+
+    // Its period ends and a successor's starts: the successor gets the next record.
+    let mut ended = to_r4.clone();
+    ended["period"] = json!({"start": "2020-01-01", "end": "2026-01-01T00:00:00Z"});
+    let mut next = to_r4.clone();
+    next["id"] = json!("ep-linde-fhir-next");
+    next["address"] = json!(fhir_base(&successor));
+    next["period"] = json!({"start": "2026-01-01T00:00:00Z"});
+    let mut org = endpoint(&all, "org-linde");
+    org["endpoint"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"reference": "Endpoint/ep-linde-fhir-next"}));
+    peer.put(&next).await;
+    peer.put(&ended).await;
+    peer.put(&org).await;
+    moves_to(&broker, &successor, "ep-linde-fhir-next").await;
+
+    // The [address_book] entry wins over the directory's endpoint.
+    assert_eq!(
+        reaches(&broker, "90000004", &over).await,
+        "address from address_book override"
+    );
+
+    // Nobody else got anything.
+    assert_eq!(
+        (
+            r4.received().len(),
+            stu3.received().len(),
+            upgraded.received().len(),
+            listed.received().len()
+        ),
+        (1, 0, 1, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_in_the_middle_of_the_initial_load_keeps_a_replica_that_finishes_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 3,000 synthetic organisations with an endpoint each, read ten at a time: the
+    // broker writes page after page when it is killed.
+    let peer = Peer::start_with(tmp.path(), &json!([]), &[], &["--synthetic", "3000"]);
+    let config = format!(
+        "[[mcsd]]\nname = \"test\"\nbase_url = \"{}\"\npoll_interval = \"300ms\"\npage_size = 10\n",
+        peer.url()
+    );
+    let mut broker = Broker::prepare(tmp.path(), &config);
+    broker.spawn();
+    broker
+        .eventually(Duration::from_secs(60), "the load under way", async || {
+            peer.requests().await.len() >= 40
+        })
+        .await;
+    broker.kill(); // SIGKILL
+    let at_kill = peer.requests().await.len();
+    assert!(
+        at_kill < 300,
+        "the Organizations were not all read: {at_kill} requests"
+    );
+    // Each page read was written as it came: the first organisations are in the replica
+    // the kill left (their endpoints, read after them, not yet).
+    let (_, out, err) = broker.cli(&["address", "resolve", "ura:70000000", "--channel", "fhir"]);
+    assert!(
+        out.contains("skipped in mcsd test: Endpoint/ep-syn-0: not in the replica"),
+        "{out}{err}"
+    );
+    // The replica opens (not torn), and after a restart the load finishes.
+    broker.spawn();
+    synced(&broker, "the load finished after the restart").await;
+    for (party, address) in [
+        ("ura:70000000", "https://fhir-0.example.test/r4"),
+        ("ura:70002999", "https://fhir-2999.example.test/r4"),
+    ] {
+        let (ok, out, err) = broker.cli(&["address", "resolve", party, "--channel", "fhir"]);
+        assert!(
+            ok && out.contains(&format!("fhir: {address}")),
+            "{out}{err}"
+        );
+    }
 }

@@ -52,6 +52,13 @@ impl MitzPeer {
         peer
     }
 
+    /// Prepared and started.
+    fn running(dir: &Path, state: &serde_json::Value) -> MitzPeer {
+        let mut peer = MitzPeer::prepare(dir, state);
+        peer.start();
+        peer
+    }
+
     fn set(&self, state: &serde_json::Value) {
         let tmp = self.dir.join("state.json.tmp");
         std::fs::write(&tmp, state.to_string()).unwrap();
@@ -550,4 +557,118 @@ async fn a_failed_subscription_is_made_again_and_subscriptions_are_renewed() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     delivered(4).await;
     logged("subscription", 2, "the renewed subscription").await;
+}
+
+/// The subscription requests the peer took about `bsn`.
+fn subscriptions_for(peer: &MitzPeer, bsn: &str) -> usize {
+    peer.log()
+        .iter()
+        .filter(|r| r["kind"] == "subscription" && r["patientid"] == bsn)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_about_one_patient_at_once_are_one_question_to_mitz() {
+    use ketenbus::deliver::mitz::{Decision, MitzConfig, MitzRegistry, Question};
+    let tmp = tempfile::tempdir().unwrap();
+    // A slow Mitz: a second and third question come while the first is under way.
+    let peer = MitzPeer::running(
+        tmp.path(),
+        &serde_json::json!({"decision": "permit", "delay": 1.0}),
+    );
+    let cfg: MitzConfig = serde_json::from_value(serde_json::json!({
+        "base_url": format!("https://127.0.0.1:{}", peer.port),
+        "cert_file": peer.client.0, "key_file": peer.client.1, "ca_files": [peer.server_ca],
+        "provider_id": "ura:00000659", "provider_type": "Z3",
+        "party_types": {"ura:12345678": "Z3", "ura:87654321": "Z3"}, "timeout": "10s"}))
+    .unwrap();
+    let registry = MitzRegistry::new(
+        &cfg,
+        ketenbus::route::keys::PatientKeyer::new(PATIENT_KEY_SECRET.as_bytes().to_vec()),
+        None,
+        &ketenbus::env::Env::empty(),
+    )
+    .unwrap();
+    let q = Question {
+        patient: "pseudonym-b",
+        bsn: BSN_B,
+        party: "ura:12345678",
+        purpose: "treatment",
+    };
+    let other = Question {
+        party: "ura:87654321",
+        ..q
+    };
+    let (a, b, c, d) = tokio::join!(
+        registry.decide(q),
+        registry.decide(q),
+        registry.decide(q),
+        registry.decide(other)
+    );
+    for answer in [a, b, c, d] {
+        assert_eq!(answer.unwrap(), Decision::Permit);
+    }
+    let asked: Vec<String> = peer
+        .questions()
+        .iter()
+        .filter(|q| q["bsn"] == BSN_B)
+        .map(|q| q["party"][1].as_str().unwrap_or("").to_owned())
+        .collect();
+    // One question for the three alike, one for the other party.
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(asked.contains(&"12345678".to_owned()) && asked.contains(&"87654321".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_subscribe_a_patient_again_and_keeps_no_bsn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = MitzPeer::running(tmp.path(), &serde_json::json!({"decision": "permit"}));
+    let gp = Receiver::ok().await;
+    let extra = peer.config(&subscription("gp", &gp.url(), "deny"));
+    let bdir = tempfile::tempdir().unwrap();
+    let mut b = broker(bdir.path(), &extra);
+    let id = post_lab(&b.url, 1, BSN_B).await;
+    lineage_until(&b.url, &id, |l| is(l, "gp", "delivered", None)).await;
+    let asked = || {
+        peer.questions()
+            .iter()
+            .filter(|q| q["bsn"] == BSN_B)
+            .count()
+    };
+    assert_eq!(asked(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "the patient subscribed to",
+        async || (subscriptions_for(&peer, BSN_B) == 1).then_some(()),
+    )
+    .await;
+
+    // A restart forgets the answers (asked again) but not the subscription.
+    b.kill();
+    b.spawn();
+    let id = post_lab(&b.url, 2, BSN_B).await;
+    lineage_until(&b.url, &id, |l| is(l, "gp", "delivered", None)).await;
+    assert_eq!(asked(), 2, "the answer cache does not outlive the process");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        subscriptions_for(&peer, BSN_B),
+        1,
+        "subscribed again after the restart"
+    );
+    // What is kept names the patient by pseudonym only.
+    let mut kept = Vec::new();
+    for entry in std::fs::read_dir(bdir.path().join("data"))
+        .unwrap()
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("mitz-subscriptions")
+        {
+            kept.extend(std::fs::read(entry.path()).unwrap());
+        }
+    }
+    assert!(!kept.is_empty(), "the subscriptions are kept on disk");
+    assert_no_bsn("the kept subscriptions", &String::from_utf8_lossy(&kept));
 }

@@ -123,6 +123,8 @@ pub(super) async fn finish<B: Bus>(
         if let Some(e) = &d.error {
             step.reason = Some(e.reason().to_owned());
             step.detail = Some(e.detail().to_owned());
+        } else if let Some(origin) = &d.origin {
+            step.detail = Some(format!("address from {origin}"));
         }
         match (d.outcome, &d.error) {
             (Outcome::DeadLettered, e) => metrics::dead_lettered(

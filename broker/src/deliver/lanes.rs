@@ -140,6 +140,7 @@ fn parked_done(
         audit: Vec::new(),
         park: Some(parked),
         resolves: None,
+        origin: None,
     }
 }
 
@@ -247,13 +248,15 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
             Some(e) => Err(e),
             None => sink.deliver(&delivery).await,
         };
+        let mut origin = None;
         let (outcome, error) = match result {
-            Ok(_receipt) => {
+            Ok(receipt) => {
                 metrics::delivered(
                     &subscription,
                     job.kind,
                     metrics::since_received(&delivery.payload),
                 );
+                origin = receipt.origin;
                 (Outcome::Delivered, None)
             }
             Err(e @ DeliveryError::Rejected { .. }) => (Outcome::DeadLettered, Some(e)),
@@ -350,6 +353,7 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 Vec::new()
             },
             park: None,
+            origin,
             // Delivered, or dead-lettered again under a new id: the replayed dead letter is done.
             resolves: job.replay.map(|r| (r.dead_letter, job.key.clone())),
         };

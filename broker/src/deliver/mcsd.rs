@@ -4,8 +4,8 @@
 //! data dir and resolves a record's receiver in it, behind the `[address_book]` entries,
 //! which win.
 //!
-//! - Replica: `<data_dir>/mcsd/<name>.json`, written atomically (temporary file, fsync,
-//!   rename) after each resource type is read.
+//! - Replica: `<data_dir>/mcsd/<name>.db` (SQLite, write-ahead log): each page read is
+//!   one transaction, indexed by identifier and by `providedBy`; see [`Replica`] for why.
 //! - Initial load per resource type (Organization, Endpoint, HealthcareService, Location):
 //!   a paged search `GET <base>/<Type>?_count=N`, following `Bundle.link[relation=next]`;
 //!   the first page's `Bundle.meta.lastUpdated` is the `_since` of the next run.
@@ -22,11 +22,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ketenbus_connectors::address_book::{Channel, Directory, Resolved, Source};
-use serde::{Deserialize, Serialize};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::env::Problem;
@@ -179,28 +180,55 @@ pub enum SyncError {
     },
 }
 
-/// What the replica file holds.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Stored {
-    /// Resource type -> the `_since` of its next update.
+/// The replica's schema. `resources` holds the newest version of each resource;
+/// `identifiers` (of Organizations and HealthcareServices) and `provided_by` (a service's
+/// Organization) are the indexes a lookup reads, so no lookup reads the whole replica.
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS resources (
+        key TEXT PRIMARY KEY,            -- Type/id
+        last_updated INTEGER NOT NULL,   -- meta.lastUpdated, seconds
+        body TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS identifiers (
+        system TEXT NOT NULL, value TEXT NOT NULL, key TEXT NOT NULL,
+        PRIMARY KEY (system, value, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS identifiers_by_key ON identifiers (key);
+    CREATE TABLE IF NOT EXISTS provided_by (
+        org TEXT NOT NULL, service TEXT NOT NULL,
+        PRIMARY KEY (org, service)
+    ) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS provided_by_service ON provided_by (service);
+    CREATE TABLE IF NOT EXISTS since (rtype TEXT PRIMARY KEY, at TEXT NOT NULL);
+";
+
+/// The replica file of the releases before the SQLite replica: read once, then removed.
+#[derive(Debug, Default, Deserialize)]
+struct OldFile {
     since: BTreeMap<String, String>,
-    /// `Type/id` -> the resource.
     resources: BTreeMap<String, Value>,
 }
 
-/// The local replica of one directory.
+/// The local replica of one directory: `<data_dir>/mcsd/<name>.db`, SQLite.
+///
+/// Why SQLite and not a JSON file or a journal: each page of a sync is one transaction
+/// (only the resources it carries are written, the `_since` of a type with the last page),
+/// a kill in the middle of a write leaves the last committed page (SQLite's write-ahead
+/// log), and the identifier indexes make a lookup a few index reads, whatever the size
+/// of the directory. An append-only journal would need its own compaction and an index
+/// rebuilt in memory at each start; the broker already carries SQLite for its lineage.
 #[derive(Debug)]
 pub struct Replica {
     name: String,
     path: PathBuf,
-    state: RwLock<Stored>,
+    db: Mutex<Option<Connection>>,
 }
 
 impl Replica {
-    /// The replica of `name` under `data_dir`, read from its file when there is one.
+    /// The replica of `name` under `data_dir`, opened (created when there is none).
     ///
     /// # Errors
-    /// The file exists but cannot be read or is not a replica.
+    /// The file cannot be opened or is not a replica.
     pub fn open(data_dir: &Path, name: &str) -> std::io::Result<Replica> {
         let r = Replica::at(data_dir, name);
         r.load()?;
@@ -212,30 +240,61 @@ impl Replica {
     pub fn at(data_dir: &Path, name: &str) -> Replica {
         Replica {
             name: name.to_owned(),
-            path: data_dir.join("mcsd").join(format!("{name}.json")),
-            state: RwLock::new(Stored::default()),
+            path: data_dir.join("mcsd").join(format!("{name}.db")),
+            db: Mutex::new(None),
         }
     }
 
-    /// Read the replica's file, when there is one.
+    /// Open the replica's file (creating it), and take in the JSON file of an older
+    /// release when there is one.
     ///
     /// # Errors
-    /// The file exists but cannot be read or is not a replica.
+    /// The file cannot be opened or is not a replica.
     pub fn load(&self) -> std::io::Result<()> {
-        let state = match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored::default(),
+        let io = |e: rusqlite::Error| std::io::Error::other(e);
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let conn = Connection::open(&self.path).map_err(io)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(io)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(io)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(io)?;
+        conn.execute_batch(SCHEMA).map_err(io)?;
+        *self.lock() = Some(conn);
+        let old = self.path.with_extension("json");
+        match std::fs::read(&old) {
+            Ok(bytes) => {
+                let file: OldFile = serde_json::from_slice(&bytes)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                for (key, r) in file.resources {
+                    let rtype = key.split('/').next().unwrap_or("").to_owned();
+                    self.apply(&rtype, &[serde_json::json!({ "resource": r })])
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+                for (rtype, at) in file.since {
+                    self.set_since(&rtype, &at)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                }
+                std::fs::remove_file(&old)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
-        };
-        *self.write() = state;
+        }
         Ok(())
     }
 
-    /// An empty replica that is never read (for tests).
+    /// An empty replica in memory (for tests).
     #[cfg(test)]
     fn empty(name: &str) -> Replica {
-        Replica::at(Path::new(""), name)
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        Replica {
+            name: name.to_owned(),
+            path: PathBuf::new(),
+            db: Mutex::new(Some(conn)),
+        }
     }
 
     /// The directory's name.
@@ -244,10 +303,16 @@ impl Replica {
         &self.name
     }
 
-    /// How many resources the replica holds.
+    /// How many resources the replica holds (0 before [`Replica::load`]).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.read().resources.len()
+        self.lock()
+            .as_ref()
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM resources", [], |r| r.get::<_, i64>(0))
+                    .ok()
+            })
+            .map_or(0, |n| usize::try_from(n).unwrap_or(0))
     }
 
     /// Whether the replica holds nothing.
@@ -256,43 +321,53 @@ impl Replica {
         self.len() == 0
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Stored> {
-        self.state
-            .read()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Connection>> {
+        self.db
+            .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Stored> {
-        self.state
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn save(&self) -> Result<(), SyncError> {
-        let bytes = serde_json::to_vec(&*self.read()).unwrap_or_default();
-        let err = |source| SyncError::Write {
+    fn write_err(&self, e: rusqlite::Error) -> SyncError {
+        SyncError::Write {
             path: self.path.clone(),
-            source,
-        };
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(&bytes).map_err(err)?;
-            f.sync_all().map_err(err)?;
+            source: std::io::Error::other(e),
         }
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
     }
 
-    /// Take resources of `rtype` from a page: the newest version of each wins.
-    fn apply(&self, rtype: &str, entries: &[Value]) -> usize {
-        let mut state = self.write();
+    /// The `_since` of `rtype`'s next update.
+    fn since(&self, rtype: &str) -> Option<String> {
+        self.lock().as_ref().and_then(|c| {
+            c.query_row("SELECT at FROM since WHERE rtype = ?1", [rtype], |r| {
+                r.get(0)
+            })
+            .optional()
+            .ok()
+            .flatten()
+        })
+    }
+
+    fn set_since(&self, rtype: &str, at: &str) -> Result<(), SyncError> {
+        let guard = self.lock();
+        let Some(c) = guard.as_ref() else {
+            return Err(self.write_err(rusqlite::Error::InvalidQuery));
+        };
+        c.execute(
+            "INSERT INTO since (rtype, at) VALUES (?1, ?2)
+             ON CONFLICT (rtype) DO UPDATE SET at = excluded.at",
+            params![rtype, at],
+        )
+        .map(drop)
+        .map_err(|e| self.write_err(e))
+    }
+
+    /// Take resources of `rtype` from a page, in one transaction: the newest version of
+    /// each wins, and its index rows are replaced.
+    fn apply(&self, rtype: &str, entries: &[Value]) -> Result<usize, SyncError> {
+        let mut guard = self.lock();
+        let Some(c) = guard.as_mut() else {
+            return Err(self.write_err(rusqlite::Error::InvalidQuery));
+        };
+        let tx = c.transaction().map_err(|e| self.write_err(e))?;
         let mut taken = 0;
         for e in entries {
             let Some(r) = e.get("resource") else { continue };
@@ -303,20 +378,27 @@ impl Replica {
                 continue;
             };
             let key = format!("{rtype}/{id}");
-            let newer = state
-                .resources
-                .get(&key)
-                .is_none_or(|old| last_updated(r) >= last_updated(old));
-            if newer {
-                state.resources.insert(key, r.clone());
-                taken += 1;
+            let updated = last_updated(r);
+            let older: Option<i64> = tx
+                .query_row(
+                    "SELECT last_updated FROM resources WHERE key = ?1",
+                    [&key],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map_err(|e| self.write_err(e))?;
+            if older.is_some_and(|o| o > updated) {
+                continue;
             }
+            write_resource(&tx, &key, updated, r).map_err(|e| self.write_err(e))?;
+            taken += 1;
         }
-        taken
+        tx.commit().map_err(|e| self.write_err(e))?;
+        Ok(taken)
     }
 
-    /// One run: per type, the initial load or the update since the last run. Each type's
-    /// `_since` is stored once that type is read to the end.
+    /// One run: per type, the initial load or the update since the last run. Each page
+    /// is written as it comes; each type's `_since` once that type is read to the end.
     ///
     /// # Errors
     /// The first request or page that failed; what was read before it is kept.
@@ -329,7 +411,7 @@ impl Replica {
         let base = base_url.trim_end_matches('/');
         let mut taken = 0;
         for rtype in TYPES {
-            let since = self.read().since.get(rtype).cloned();
+            let since = self.since(rtype);
             let mut url = match &since {
                 None => format!("{base}/{rtype}?_count={page_size}"),
                 Some(t) => format!(
@@ -362,7 +444,7 @@ impl Replica {
                     .get("entry")
                     .and_then(Value::as_array)
                     .map_or(&[][..], Vec::as_slice);
-                taken += self.apply(rtype, entries);
+                taken += self.apply(rtype, entries)?;
                 let next = bundle
                     .get("link")
                     .and_then(Value::as_array)
@@ -385,123 +467,184 @@ impl Replica {
                 }
             }
             if let Some(t) = next_since {
-                self.write().since.insert(rtype.to_owned(), t);
+                self.set_since(rtype, &t)?;
             }
-            self.save()?;
         }
         Ok(taken)
-    }
-
-    fn resource(&self, state: &Stored, reference: &str) -> Option<Value> {
-        let r = reference.trim_start_matches("./");
-        state.resources.get(r).cloned()
     }
 
     /// Why each candidate endpoint for `party` on `channel` was taken or skipped, at `now`
     /// (seconds since the epoch).
     #[must_use]
     pub fn explain(&self, party: &str, channel: Channel, now: i64) -> Explanation {
-        let state = self.read();
         let mut out = Explanation::default();
         let Some((system, value)) = identifier_of(party) else {
             out.skipped
                 .push(format!("{party}: not scheme:value or system|value"));
             return out;
         };
-        let matches = |r: &Value| {
-            r.get("identifier")
-                .and_then(Value::as_array)
-                .is_some_and(|ids| {
-                    ids.iter().any(|i| {
-                        i.get("system").and_then(Value::as_str) == Some(system.as_str())
-                            && i.get("value").and_then(Value::as_str) == Some(value)
-                    })
-                })
+        let guard = self.lock();
+        let Some(c) = guard.as_ref() else {
+            out.skipped.push("the replica is not open".into());
+            return out;
         };
-        // (via, endpoint reference) in order of preference.
-        let mut candidates: Vec<(Vec<String>, String)> = Vec::new();
-        let refs = |r: &Value| -> Vec<String> {
-            r.get("endpoint")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|e| e.get("reference").and_then(Value::as_str))
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let key_of = |r: &Value| {
-            format!(
-                "{}/{}",
-                r.get("resourceType").and_then(Value::as_str).unwrap_or(""),
-                r.get("id").and_then(Value::as_str).unwrap_or("")
-            )
-        };
-        let services: Vec<&Value> = state
-            .resources
-            .iter()
-            .filter(|(k, _)| k.starts_with("HealthcareService/"))
-            .map(|(_, v)| v)
-            .collect();
-        for s in services.iter().filter(|s| matches(s)) {
-            if s.get("active").and_then(Value::as_bool) == Some(false) {
-                out.skipped.push(format!("{}: not active", key_of(s)));
-                continue;
-            }
-            for e in refs(s) {
-                candidates.push((vec![key_of(s)], e));
-            }
+        match explain_in(c, &self.name, (&system, value), channel, now, &mut out) {
+            Ok(()) => {}
+            Err(e) => out.skipped.push(format!("reading the replica: {e}")),
         }
-        for (key, org) in state
-            .resources
-            .iter()
-            .filter(|(k, v)| k.starts_with("Organization/") && matches(v))
-        {
-            if org.get("active").and_then(Value::as_bool) == Some(false) {
-                out.skipped.push(format!("{key}: not active"));
-                continue;
-            }
-            for e in refs(org) {
-                candidates.push((vec![key.clone()], e));
-            }
-            for s in &services {
-                let provided = s.pointer("/providedBy/reference").and_then(Value::as_str);
-                if provided.map(|p| p.trim_start_matches("./")) == Some(key.as_str())
-                    && s.get("active").and_then(Value::as_bool) != Some(false)
-                {
-                    for e in refs(s) {
-                        candidates.push((vec![key.clone(), key_of(s)], e));
+        out
+    }
+}
+
+/// `(key, resource)` rows of a query.
+fn rows(
+    c: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> rusqlite::Result<Vec<(String, Value)>> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let found = stmt
+        .query_map(args, |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(found
+        .into_iter()
+        .filter_map(|(k, body)| serde_json::from_str(&body).ok().map(|v| (k, v)))
+        .collect())
+}
+
+/// The resources of `prefix` (`Organization/`, `HealthcareService/`) with identifier
+/// `system|value`: an index read.
+const BY_IDENTIFIER: &str =
+    "SELECT r.key, r.body FROM identifiers i JOIN resources r ON r.key = i.key
+     WHERE i.system = ?1 AND i.value = ?2 AND i.key >= ?3 AND i.key < ?4 ORDER BY i.key";
+/// The HealthcareServices an Organization provides: an index read.
+const SERVICES_OF: &str =
+    "SELECT r.key, r.body FROM provided_by p JOIN resources r ON r.key = p.service
+     WHERE p.org = ?1 ORDER BY p.service";
+/// One resource by key.
+const BY_KEY: &str = "SELECT key, body FROM resources WHERE key = ?1";
+
+/// Store `r` (the newest version of `key`) and replace its index rows.
+fn write_resource(
+    tx: &rusqlite::Transaction<'_>,
+    key: &str,
+    updated: i64,
+    r: &Value,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO resources (key, last_updated, body) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET last_updated = excluded.last_updated, body = excluded.body",
+        params![key, updated, r.to_string()],
+    )?;
+    tx.execute("DELETE FROM identifiers WHERE key = ?1", [key])?;
+    tx.execute("DELETE FROM provided_by WHERE service = ?1", [key])?;
+    for i in r
+        .get("identifier")
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice)
+    {
+        if let (Some(system), Some(value)) = (
+            i.get("system").and_then(Value::as_str),
+            i.get("value").and_then(Value::as_str),
+        ) {
+            tx.execute(
+                "INSERT OR IGNORE INTO identifiers (system, value, key) VALUES (?1, ?2, ?3)",
+                params![system, value, key],
+            )?;
+        }
+    }
+    if key.starts_with("HealthcareService/")
+        && let Some(org) = r.pointer("/providedBy/reference").and_then(Value::as_str)
+    {
+        tx.execute(
+            "INSERT OR IGNORE INTO provided_by (org, service) VALUES (?1, ?2)",
+            params![org.trim_start_matches("./"), key],
+        )?;
+    }
+    Ok(())
+}
+
+/// [`Replica::explain`] on an open replica.
+fn explain_in(
+    c: &Connection,
+    name: &str,
+    (system, value): (&str, &str),
+    channel: Channel,
+    now: i64,
+    out: &mut Explanation,
+) -> rusqlite::Result<()> {
+    // (via, endpoint reference) in order of preference.
+    let mut candidates: Vec<(Vec<String>, String)> = Vec::new();
+    let refs = |r: &Value| -> Vec<String> {
+        r.get("endpoint")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.get("reference").and_then(Value::as_str))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let active = |r: &Value| r.get("active").and_then(Value::as_bool) != Some(false);
+    // `prefix` up to the next prefix: the keys of one resource type.
+    let of_type = |t: &str| -> rusqlite::Result<Vec<(String, Value)>> {
+        rows(
+            c,
+            BY_IDENTIFIER,
+            params![system, value, format!("{t}/"), format!("{t}0")],
+        )
+    };
+    // Services that carry the identifier first, then Organizations (each followed by the
+    // services it provides).
+    let services = of_type("HealthcareService")?;
+    let orgs = of_type("Organization")?;
+    for (key, r) in services.iter().chain(&orgs) {
+        if !active(r) {
+            out.skipped.push(format!("{key}: not active"));
+            continue;
+        }
+        for e in refs(r) {
+            candidates.push((vec![key.clone()], e));
+        }
+        if key.starts_with("Organization/") {
+            for (skey, s) in rows(c, SERVICES_OF, [key])? {
+                if active(&s) {
+                    for e in refs(&s) {
+                        candidates.push((vec![key.clone(), skey.clone()], e));
                     }
                 }
             }
         }
-        if candidates.is_empty() && out.skipped.is_empty() {
-            out.skipped.push(format!(
-                "no active Organization or HealthcareService with identifier {system}|{value}"
-            ));
-        }
-        for (mut via, reference) in candidates {
-            let Some(ep) = self.resource(&state, &reference) else {
-                out.skipped.push(format!("{reference}: not in the replica"));
-                continue;
-            };
-            match fits(&ep, channel, now) {
-                Ok(address) => {
-                    via.push(key_of(&ep));
-                    out.chosen.get_or_insert(Resolved {
-                        address,
-                        source: Source::Directory {
-                            name: self.name.clone(),
-                            via,
-                        },
-                    });
-                }
-                Err(why) => out.skipped.push(format!("{}: {why}", key_of(&ep))),
-            }
-        }
-        out
     }
+    if candidates.is_empty() && out.skipped.is_empty() {
+        out.skipped.push(format!(
+            "no active Organization or HealthcareService with identifier {system}|{value}"
+        ));
+    }
+    for (mut via, reference) in candidates {
+        let reference = reference.trim_start_matches("./");
+        let Some((key, ep)) = rows(c, BY_KEY, [reference])?.pop() else {
+            out.skipped.push(format!("{reference}: not in the replica"));
+            continue;
+        };
+        match fits(&ep, channel, now) {
+            Ok(address) => {
+                via.push(key);
+                out.chosen.get_or_insert(Resolved {
+                    address,
+                    source: Source::Directory {
+                        name: name.to_owned(),
+                        via,
+                    },
+                });
+            }
+            Err(why) => out.skipped.push(format!("{key}: {why}")),
+        }
+    }
+    Ok(())
 }
 
 /// What [`Replica::explain`] found.
@@ -800,7 +943,7 @@ mod tests {
                 .iter()
                 .map(|res| serde_json::json!({ "resource": res }))
                 .collect();
-            r.apply(t, &entries);
+            r.apply(t, &entries).unwrap();
         }
         r
     }
@@ -896,7 +1039,7 @@ mod tests {
             "connectionType": {"code": "webhook"}, "address": "https://y.example.test/"}});
         let deleted =
             serde_json::json!({"request": {"method": "DELETE", "url": "Endpoint/ep-linde-hook"}});
-        assert_eq!(r.apply("Endpoint", &[newer, older, deleted]), 1);
+        assert_eq!(r.apply("Endpoint", &[newer, older, deleted]).unwrap(), 1);
         let e = r.explain("ura:90000001", Channel::Webhook, NOW);
         assert!(e.chosen.is_none());
         assert!(
@@ -940,22 +1083,103 @@ mod tests {
     }
 
     #[test]
-    fn the_replica_file_survives_a_reopen() {
+    fn the_replica_file_survives_a_reopen_and_takes_in_an_old_json_file() {
         let dir = tempfile::tempdir().unwrap();
         let r = Replica::open(dir.path(), "lrza").unwrap();
         assert!(r.is_empty());
         r.apply(
             "Location",
             &[serde_json::json!({"resource": {"resourceType": "Location", "id": "l1"}})],
-        );
-        r.write()
-            .since
-            .insert("Location".into(), "2026-11-30T00:00:00Z".into());
-        r.save().unwrap();
+        )
+        .unwrap();
+        r.set_since("Location", "2026-11-30T00:00:00Z").unwrap();
+        drop(r);
         let again = Replica::open(dir.path(), "lrza").unwrap();
         assert_eq!(again.len(), 1);
-        assert_eq!(again.read().since["Location"], "2026-11-30T00:00:00Z");
-        assert!(!dir.path().join("mcsd/lrza.json.tmp").exists());
+        assert_eq!(again.since("Location").unwrap(), "2026-11-30T00:00:00Z");
+        // The JSON replica of an older release is taken in once, then removed.
+        let old = dir.path().join("mcsd/old.json");
+        std::fs::write(
+            &old,
+            serde_json::json!({
+                "since": {"Organization": "2026-11-29T00:00:00Z"},
+                "resources": {"Organization/o1": {"resourceType": "Organization", "id": "o1",
+                    "identifier": [{"system": URA_SYSTEM, "value": "1"}], "active": true,
+                    "endpoint": [{"reference": "Endpoint/e1"}]},
+                    "Endpoint/e1": {"resourceType": "Endpoint", "id": "e1", "status": "active",
+                    "connectionType": {"code": "webhook"}, "address": "https://o1.example.test/"}}
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let taken = Replica::open(dir.path(), "old").unwrap();
+        assert!(!old.exists());
+        assert_eq!(taken.len(), 2);
+        assert_eq!(taken.since("Organization").unwrap(), "2026-11-29T00:00:00Z");
+        assert_eq!(
+            taken
+                .explain("ura:1", Channel::Webhook, NOW)
+                .chosen
+                .unwrap()
+                .address,
+            "https://o1.example.test/"
+        );
+    }
+
+    #[test]
+    fn a_lookup_reads_indexes_not_the_whole_replica() {
+        let r = replica();
+        let guard = r.lock();
+        let c = guard.as_ref().unwrap();
+        for (sql, args) in [(BY_IDENTIFIER, 4), (SERVICES_OF, 1), (BY_KEY, 1)] {
+            let plan: Vec<String> = c
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(
+                    rusqlite::params_from_iter(std::iter::repeat_n("x", args)),
+                    |row| row.get::<_, String>(3),
+                )
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            assert!(
+                plan.iter()
+                    .all(|step| !step.starts_with("SCAN") && step.contains("USING")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_version_replaces_the_index_rows_of_the_old() {
+        let r = replica();
+        let page = [
+            serde_json::json!({"resource": {"resourceType": "Organization", "id": "new",
+                "identifier": [{"system": URA_SYSTEM, "value": "90000009"}],
+                "endpoint": [{"reference": "Endpoint/ep-linde-hook"}]}}),
+        ];
+        assert_eq!(r.apply("Organization", &page).unwrap(), 1);
+        assert!(
+            r.explain("ura:90000009", Channel::Webhook, NOW)
+                .chosen
+                .is_some()
+        );
+        // Its identifier changes: the old one no longer finds it.
+        let moved = serde_json::json!({"resource": {"resourceType": "Organization", "id": "new",
+            "meta": {"lastUpdated": "2026-11-30T00:00:00Z"},
+            "identifier": [{"system": URA_SYSTEM, "value": "90000010"}],
+            "endpoint": [{"reference": "Endpoint/ep-linde-hook"}]}});
+        r.apply("Organization", &[moved]).unwrap();
+        assert!(
+            r.explain("ura:90000009", Channel::Webhook, NOW)
+                .chosen
+                .is_none()
+        );
+        assert!(
+            r.explain("ura:90000010", Channel::Webhook, NOW)
+                .chosen
+                .is_some()
+        );
     }
 
     fn source(toml_text: &str) -> McsdConfig {

@@ -15,11 +15,15 @@
 //! - The patient is named to Mitz by BSN (the event's nl-core Patient identifier). The BSN
 //!   lives only in the request body: never in a log line, an error, a metric label or the
 //!   cache key (the cache is keyed by pseudonym).
-//! - Answers are cached for `cache_time`, at most `cache_entries` of them.
+//! - Answers are cached for `cache_time`, at most `cache_entries` of them. Questions about
+//!   the same patient, party and purpose at the same time are one question to Mitz.
 //! - Changes: Mitz takes a subscription per patient (its criteria name the patient:
 //!   `Consent?_query=otv&patientid=<BSN>&providerid=<holder>&providertype=<type>`), so a
 //!   patient is subscribed to the first time ketenbus asks about them, and again after
-//!   `subscription_renew`. The rest-hook channel points at `notify_url` with an
+//!   `subscription_renew`; who was subscribed to when is kept in
+//!   `<data_dir>/mitz-subscriptions.db` by pseudonym, never BSN, so a restart does not
+//!   subscribe again (a BSN cannot be had from the pseudonym, so the file cannot renew on
+//!   its own: renewal waits for the next question about the patient). The rest-hook channel points at `notify_url` with an
 //!   `Authorization: Bearer` header Mitz sends back (FHIR R4 `Subscription.channel.header`);
 //!   a notification with that header drops the cached answers of the patient it names.
 //! - Every question and its answer is an audit record (`consent_question:<answer>`, with
@@ -553,6 +557,8 @@ pub struct MitzRegistry {
     audit: Option<Audit>,
     notify: Option<(String, String)>,
     cache: Arc<Mutex<Cache>>,
+    asking: Mutex<HashMap<CacheKey, Arc<Asking>>>,
+    kept: Option<Arc<Kept>>,
 }
 
 impl std::fmt::Debug for MitzRegistry {
@@ -628,7 +634,36 @@ impl MitzRegistry {
             audit,
             notify,
             cache: Arc::new(Mutex::new(Cache::default())),
+            asking: Mutex::new(HashMap::new()),
+            kept: None,
         })
+    }
+
+    /// Keep the patients subscribed to in `data_dir` (see [`Kept`]), and take in those a
+    /// previous run subscribed to within `subscription_renew`.
+    ///
+    /// # Errors
+    /// The file cannot be opened or read.
+    pub fn keep_subscriptions(mut self, data_dir: &std::path::Path) -> Result<Self, MitzError> {
+        let err = |e: rusqlite::Error| MitzError::File {
+            key: "data_dir",
+            message: format!("{}: {e}", data_dir.join("mitz-subscriptions.db").display()),
+        };
+        let kept = Kept::open(data_dir).map_err(err)?;
+        let recent = kept
+            .recent(self.cfg.subscription_renew, self.cfg.cache_entries)
+            .map_err(err)?;
+        {
+            let mut cache = self.cache();
+            let now = Instant::now();
+            for (patient, age) in recent {
+                cache
+                    .subscribed
+                    .insert(patient, now.checked_sub(age).unwrap_or(now));
+            }
+        }
+        self.kept = Some(Arc::new(kept));
+        Ok(self)
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -713,10 +748,14 @@ impl MitzRegistry {
             .header(reqwest::header::CONTENT_TYPE, "application/fhir+json")
             .body(body);
         let (cache, pseudonym) = (Arc::clone(&self.cache), pseudonym.to_owned());
+        let kept = self.kept.clone();
         tokio::spawn(async move {
             match request.send().await {
                 Ok(r) if r.status().is_success() => {
                     tracing::debug!("subscribed to a patient's consent changes at mitz");
+                    if let Some(k) = kept {
+                        k.keep(&pseudonym);
+                    }
                     return;
                 }
                 Ok(r) => tracing::warn!(
@@ -845,6 +884,30 @@ impl MitzRegistry {
         {
             return Ok(*decision);
         }
+        // Questions about the same patient, party and purpose at the same time (two
+        // subscriptions to one receiver) are one question to Mitz: the first asks, the
+        // others wait for its answer.
+        let cell = Arc::clone(self.asking().entry(key.clone()).or_default());
+        let answer = cell
+            .get_or_init(|| self.ask_and_keep(q, &key))
+            .await
+            .clone();
+        let mut asking = self.asking();
+        if asking.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            asking.remove(&key);
+        }
+        answer
+    }
+
+    fn asking(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, Arc<Asking>>> {
+        self.asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ask, count, audit, cache and subscribe: one question to Mitz.
+    async fn ask_and_keep(&self, q: Question<'_>, key: &CacheKey) -> Result<Decision, Unavailable> {
+        let ttl = self.cfg.cache_time;
         let decision = self.ask(q.bsn, q.party, q.purpose).await;
         let name = decision.as_ref().map_or("unavailable", |d| d.as_str());
         metrics::consent_question(name);
@@ -861,11 +924,87 @@ impl MitzRegistry {
                 |(_, at)| *at,
                 |(_, at)| at.elapsed() < ttl,
             );
-            cache.answers.insert(key, (decision, Instant::now()));
+            cache
+                .answers
+                .insert(key.clone(), (decision, Instant::now()));
         }
         self.subscribe(q.patient, q.bsn);
         Ok(decision)
     }
+}
+
+/// One question under way: its answer, once there is one, for everyone waiting on it.
+type Asking = tokio::sync::OnceCell<Result<Decision, Unavailable>>;
+
+/// The patients subscribed to, kept across restarts in `<data_dir>/mitz-subscriptions.db`:
+/// by pseudonym (the patient key, a keyed hash) and the time of the subscription, never by
+/// BSN. A restart does not subscribe again a patient subscribed to within
+/// `subscription_renew`.
+struct Kept {
+    db: Mutex<rusqlite::Connection>,
+    path: std::path::PathBuf,
+}
+
+impl Kept {
+    fn open(data_dir: &std::path::Path) -> rusqlite::Result<Kept> {
+        let path = data_dir.join("mitz-subscriptions.db");
+        let db = rusqlite::Connection::open(&path)?;
+        db.busy_timeout(Duration::from_secs(5))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS subscribed (
+                 patient TEXT PRIMARY KEY,  -- the patient key (pseudonym), never a BSN
+                 at INTEGER NOT NULL        -- seconds since the epoch
+             )",
+        )?;
+        Ok(Kept {
+            db: Mutex::new(db),
+            path,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.db
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The patients subscribed to within `renew`, newest first, at most `cap`, with their
+    /// age; older ones are forgotten.
+    fn recent(&self, renew: Duration, cap: usize) -> rusqlite::Result<Vec<(String, Duration)>> {
+        let now = unix_now();
+        let oldest = now.saturating_sub(i64::try_from(renew.as_secs()).unwrap_or(i64::MAX));
+        let db = self.lock();
+        db.execute("DELETE FROM subscribed WHERE at < ?1", [oldest])?;
+        let mut stmt =
+            db.prepare("SELECT patient, at FROM subscribed ORDER BY at DESC LIMIT ?1")?;
+        let rows: Vec<(String, Duration)> = stmt
+            .query_map([i64::try_from(cap).unwrap_or(i64::MAX)], |r| {
+                let at: i64 = r.get(1)?;
+                let age = u64::try_from(now.saturating_sub(at)).unwrap_or(0);
+                Ok((r.get::<_, String>(0)?, Duration::from_secs(age)))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(rows)
+    }
+
+    fn keep(&self, patient: &str) {
+        let done = self.lock().execute(
+            "INSERT INTO subscribed (patient, at) VALUES (?1, ?2)
+             ON CONFLICT (patient) DO UPDATE SET at = excluded.at",
+            rusqlite::params![patient, unix_now()],
+        );
+        if let Err(e) = done {
+            tracing::warn!(file = %self.path.display(), error = %e,
+                "a mitz subscription is not kept; a restart subscribes again");
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

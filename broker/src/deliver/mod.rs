@@ -120,6 +120,8 @@ struct Done {
     park: Option<RetryRecord>,
     /// Finished from a replay: the dead letter it resolves (id) and the record key.
     resolves: Option<(String, Vec<u8>)>,
+    /// Delivered: where the sink's address came from (the delivery step's detail).
+    origin: Option<String>,
 }
 
 impl Done {
@@ -142,6 +144,7 @@ impl Done {
             audit,
             park: None,
             resolves: None,
+            origin: None,
         }
     }
 }
@@ -189,6 +192,7 @@ impl Undeliverable {
             audit: Vec::new(),
             park: None,
             resolves: None,
+            origin: None,
         }
     }
 }
@@ -498,6 +502,7 @@ mod tests {
                     .push((h.patient_key.clone().unwrap(), h.index));
                 Ok(Receipt {
                     detail: "ok".into(),
+                    origin: None,
                 })
             })
         }
@@ -561,6 +566,7 @@ mod tests {
                 self.got.lock().unwrap().push((key, h.index));
                 Ok(Receipt {
                     detail: "ok".into(),
+                    origin: None,
                 })
             })
         }
@@ -857,6 +863,7 @@ mod tests {
                 }
                 Ok(Receipt {
                     detail: "ok".into(),
+                    origin: None,
                 })
             })
         }

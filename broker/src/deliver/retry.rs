@@ -299,6 +299,7 @@ impl Loop {
                     audit: Vec::new(),
                     park: Some(h.parked),
                     resolves: None,
+                    origin: None,
                 });
             }
         }

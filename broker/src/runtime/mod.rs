@@ -111,6 +111,7 @@ pub async fn run<B: Bus>(
     let mitz = match &cfg.consent.mitz {
         Some(m) => Some(Arc::new(
             crate::deliver::mitz::MitzRegistry::new(m, patient_keyer.clone(), audit.clone(), env)
+                .and_then(|r| r.keep_subscriptions(&cfg.data_dir))
                 .context("setting up consent from mitz")?,
         )),
         None => None,

@@ -50,6 +50,10 @@ impl fmt::Debug for Delivery {
 pub struct Receipt {
     /// What the receiver answered (status line, message id); never payload.
     pub detail: String,
+    /// Where the address came from ([`crate::address_book::Origin`]'s text): fixed in the
+    /// sink's config, an `[address_book]` override, or which directory and resources;
+    /// `None` for sinks without an address. Never patient data.
+    pub origin: Option<String>,
 }
 
 /// Why a delivery failed, classified once.

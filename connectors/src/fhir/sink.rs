@@ -13,7 +13,7 @@ use super::emit::{BundleStyle, CONTENT_URN, EmitOptions, to_bundle};
 use super::outcome::issue_text;
 use super::value::Value;
 use super::{MEDIA_JSON, MEDIA_XML};
-use crate::address_book::{Channel, Destination};
+use crate::address_book::{Channel, Destination, Origin};
 use crate::contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 use crate::webhook::{ATTEMPT_HEADER, IDEMPOTENCY_HEADER, KIND_HEADER, classify_status};
 
@@ -144,8 +144,11 @@ pub(crate) fn inline_attachments(bundle: &mut Value, source: &AttachmentSource) 
 
 impl FhirSink {
     /// Where a delivery goes, and how its Bundle names that endpoint.
-    fn target(&self, delivery: &Delivery) -> Result<(reqwest::Url, EmitOptions), DeliveryError> {
-        let base = self
+    fn target(
+        &self,
+        delivery: &Delivery,
+    ) -> Result<(reqwest::Url, EmitOptions, Origin), DeliveryError> {
+        let (base, origin) = self
             .base
             .resolve(delivery, Channel::Fhir, |s| reqwest::Url::parse(s).ok())?;
         let base_str = base.as_str().trim_end_matches('/').to_owned();
@@ -164,7 +167,7 @@ impl FhirSink {
             source_endpoint: self.source_endpoint.clone(),
             destination_endpoint: Some(base_str),
         };
-        Ok((url, opts))
+        Ok((url, opts, origin))
     }
 
     /// Body and media type for a delivery.
@@ -264,7 +267,7 @@ impl Sink for FhirSink {
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<Receipt, DeliveryError>> {
         Box::pin(async move {
-            let (url, opts) = self.target(delivery)?;
+            let (url, opts, origin) = self.target(delivery)?;
             let (body, media) = self.body(&delivery.payload, &opts)?;
             let kind = match &delivery.payload {
                 Payload::Event(e) => e.kind().as_str(),
@@ -287,7 +290,10 @@ impl Sink for FhirSink {
             let status = resp.status().as_u16();
             let answer = resp.bytes().await.unwrap_or_default();
             let line = classify_answer(status, &answer)?;
-            Ok(Receipt { detail: line })
+            Ok(Receipt {
+                detail: line,
+                origin: Some(origin.to_string()),
+            })
         })
     }
 }
@@ -448,7 +454,7 @@ mod tests {
             (hash == hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"%PDF-1.4\n")))
                 .then(|| b"%PDF-1.4\n".to_vec())
         }));
-        let (_, opts) = sink.target(&delivery()).unwrap();
+        let (_, opts, _) = sink.target(&delivery()).unwrap();
         let (body, _) = sink.body(&delivery().payload, &opts).unwrap();
         let text = String::from_utf8(body.clone()).unwrap();
         assert!(text.contains(r#""data":"JVBERi0xLjQK""#), "{text}");

@@ -23,7 +23,7 @@ use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Quit, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, MailParameter, RcptParameter};
 use lettre::{Address, Message};
 
-use crate::address_book::{AddressBook, Channel, Destination};
+use crate::address_book::{AddressBook, Channel, Destination, Origin};
 use crate::contract::content::ContentStore;
 use crate::contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
 use crate::mail::config::TlsMode;
@@ -164,7 +164,7 @@ impl MailSink {
     }
 
     /// The recipient: the configured `to`, else the receiver's address-book entry.
-    fn recipient(&self, delivery: &Delivery) -> Result<Address, DeliveryError> {
+    fn recipient(&self, delivery: &Delivery) -> Result<(Address, Origin), DeliveryError> {
         self.to.resolve(delivery, Channel::Mail, |s| s.parse().ok())
     }
 
@@ -251,7 +251,7 @@ impl MailSink {
     }
 
     async fn send(&self, delivery: &Delivery) -> Result<Receipt, DeliveryError> {
-        let to = self.recipient(delivery)?;
+        let (to, origin) = self.recipient(delivery)?;
         let bytes = self.render(delivery, &to)?;
         let timeout = Some(self.cfg.timeout);
         let implicit = if self.cfg.tls == TlsMode::Implicit {
@@ -264,7 +264,13 @@ impl MailSink {
             AsyncSmtpConnection::connect_tokio1(addr, timeout, &self.hello, implicit, None)
                 .await
                 .map_err(|e| classify("connect", &e))?;
-        let result = self.transaction(&mut conn, delivery, &to, &bytes).await;
+        let result = self
+            .transaction(&mut conn, delivery, &to, &bytes)
+            .await
+            .map(|r| Receipt {
+                origin: Some(origin.to_string()),
+                ..r
+            });
         match &result {
             Ok(_) => {
                 let _ = conn.command(Quit).await;
@@ -347,6 +353,7 @@ impl MailSink {
         );
         Ok(Receipt {
             detail: line.trim_end().to_owned(),
+            origin: None,
         })
     }
 }
@@ -437,7 +444,7 @@ mod tests {
         store.put(&pdf).unwrap();
         let s = sink(Some(store));
         let d = letter(&pdf);
-        let to = s.recipient(&d).unwrap();
+        let (to, _) = s.recipient(&d).unwrap();
         assert_eq!(
             to.to_string(),
             "huisarts@gp.example.test",
@@ -472,7 +479,7 @@ mod tests {
     fn a_missing_document_or_address_is_a_rejection() {
         let s = sink(Some(Arc::new(MemoryContentStore::default())));
         let d = letter(b"not stored");
-        let to = s.recipient(&d).unwrap();
+        let (to, _) = s.recipient(&d).unwrap();
         assert_eq!(s.render(&d, &to).unwrap_err().reason(), "content_missing");
         let mut d = letter(b"x");
         if let Payload::Event(e) = &mut d.payload {

@@ -331,7 +331,10 @@ async fn answer(mut resp: reqwest::Response) -> Outcome {
             _ => format!("{line}: event {}", a.status),
         };
         let result = if (200..=599).contains(&a.status) {
-            classify_status(a.status, detail.clone()).map(|()| Receipt { detail })
+            classify_status(a.status, detail.clone()).map(|()| Receipt {
+                detail,
+                origin: Some(crate::address_book::Origin::Fixed.to_string()),
+            })
         } else {
             Err(DeliveryError::Retryable {
                 reason: REASON_BAD_ANSWER.into(),

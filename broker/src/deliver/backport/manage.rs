@@ -529,7 +529,10 @@ impl Registry {
         match notify::send(&self.client, &reg, &b).await {
             Ok(detail) => {
                 self.sent(id);
-                Ok(Receipt { detail })
+                Ok(Receipt {
+                    detail,
+                    origin: None,
+                })
             }
             Err(m) => {
                 self.failed(id, &m);
