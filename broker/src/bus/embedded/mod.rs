@@ -18,6 +18,7 @@
 
 mod config;
 mod consumer;
+mod fresh;
 mod retention;
 mod writer;
 
@@ -81,6 +82,8 @@ struct Inner {
     limits: (Duration, u64, u64),
     /// Why new messages are refused, set by each retention pass.
     refusing: Mutex<Option<String>>,
+    /// Records just committed, for consumers at the head of their partitions.
+    fresh: Arc<fresh::Fresh>,
 }
 
 fn now_ms() -> i64 {
@@ -166,13 +169,15 @@ impl EmbeddedBus {
         let (appended_tx, appended) = watch::channel(0u64);
         let (bell, rings) = std::sync::mpsc::sync_channel(1);
         let max_batch = config.max_batch.max(1);
+        let fresh = Arc::new(fresh::Fresh::new(fresh::BUDGET));
+        let kept = Arc::clone(&fresh);
         std::thread::Builder::new()
             .name("ketenbus-log-ckpt".into())
             .spawn(move || checkpointer(&ckpt, &rings))
             .map_err(|e| BusError::Fatal(format!("spawn checkpointer: {e}")))?;
         std::thread::Builder::new()
             .name("ketenbus-log-writer".into())
-            .spawn(move || writer_loop(conn, rx, &appended_tx, &bell, max_batch))
+            .spawn(move || writer_loop(conn, rx, (&appended_tx, &kept), &bell, max_batch))
             .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
         Ok(EmbeddedBus {
             inner: Arc::new(Inner {
@@ -186,6 +191,7 @@ impl EmbeddedBus {
                     config.retention_refuse_margin.as_u64(),
                 ),
                 refusing: Mutex::new(None),
+                fresh,
             }),
         })
     }
