@@ -9,7 +9,7 @@ use ketenbus_schemas::{AvroRecord, DeadLetter, DeliveryOutcome, Outcome, topics}
 use tokio_util::sync::CancellationToken;
 
 use super::Done;
-use crate::bus::{Bus, BusError, Consumer, OutRecord, publish_retrying};
+use crate::bus::{AckToken, Bus, BusError, Consumer, OutRecord, publish_retrying};
 use crate::observe::lineage::{Lineage, Step};
 use crate::observe::metrics;
 use ketenbus_schemas::now_ms;
@@ -21,17 +21,33 @@ pub(super) struct Consumers<'a, C> {
     pub(super) retry_topic: &'a str,
 }
 
-/// Publish outcomes, dead letters and parked records of finished records, record lineage,
-/// then ack.
-pub(super) async fn finish<B: Bus>(
+/// Acknowledge what [`write`] wrote.
+pub(super) async fn ack<C: Consumer>(
+    consumers: Consumers<'_, C>,
+    tokens: Vec<AckToken>,
+) -> Result<(), BusError> {
+    for token in tokens {
+        let consumer = if token.topic == consumers.retry_topic {
+            &mut *consumers.retry
+        } else {
+            &mut *consumers.main
+        };
+        consumer.ack(token).await?;
+    }
+    Ok(())
+}
+
+/// Publish outcomes, dead letters and parked records of finished records, their lineage
+/// steps and audit records, all on disk when it returns the tokens to [`ack`]. It needs no
+/// consumer: the subscription's loop goes on reading and handing out while it writes.
+pub(super) async fn write<B: Bus>(
     bus: &B,
-    consumers: Consumers<'_, B::Consumer>,
     subscription: &str,
     batch: Vec<Done>,
     lineage: &Lineage,
     cancel: &CancellationToken,
     audit: Option<&crate::observe::audit::Audit>,
-) -> Result<(), BusError> {
+) -> Result<Vec<AckToken>, BusError> {
     let at = now_ms();
     let mut out = Vec::with_capacity(batch.len() * 2);
     for d in &batch {
@@ -145,15 +161,7 @@ pub(super) async fn finish<B: Bus>(
         }
         tokens.push(d.token);
     }
-    for token in tokens {
-        let consumer = if token.topic == consumers.retry_topic {
-            &mut *consumers.retry
-        } else {
-            &mut *consumers.main
-        };
-        consumer.ack(token).await?;
-    }
-    Ok(())
+    Ok(tokens)
 }
 
 /// The lineage step of a finished (not parked) record.
