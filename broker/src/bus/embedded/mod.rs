@@ -4,7 +4,8 @@
 //! in one transaction (group commit), so many concurrent publishers share one fsync.
 //! Consumers read through their own connections and wake on a notification from the
 //! writer (or after a short poll, which also sees writes from other processes such as
-//! `ketenbus dlq replay`). Retention deletes by age and size, but never a record that a
+//! `ketenbus dlq replay`); at the head of a partition they take what the writer just
+//! committed from memory (module `fresh`) rather than reading it back. Retention deletes by age and size, but never a record that a
 //! consumer group reading its topic (the [`Readers`] from the configuration) has not
 //! committed, nor a dead letter, and gives the pages back to the file system
 //! (`auto_vacuum = INCREMENTAL`, WAL truncated). A topic that stays past its size limit by
