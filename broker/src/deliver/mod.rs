@@ -64,7 +64,7 @@ use crate::observe::lineage::{self, Lineage};
 use ketenbus_schemas::now_ms;
 
 use decode::{decode, passes};
-use finish::{Consumers, finish};
+use finish::{Consumers, ack, write};
 pub use lanes::Hooks;
 use lanes::{Lane, lane};
 pub use retry::backoff;
@@ -232,6 +232,11 @@ impl Loop {
     }
 }
 
+/// A batch's [`write`] in progress.
+type WriteBatch<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<AckToken>, BusError>> + Send + 'a>,
+>;
+
 /// Run one subscription until `cancel`, with consent checks and audit trail from `hooks`.
 pub async fn run_with<B: Bus>(
     bus: Arc<B>,
@@ -309,6 +314,8 @@ pub async fn run_with<B: Bus>(
         finished: Vec::new(),
     };
     let mut tracked = crate::observe::watch::InFlight::new(&sub.name);
+    // The batch being written, and which of its records came from the retry topic.
+    let mut writing: Option<(WriteBatch<'_>, Vec<AckToken>)> = None;
     // Acknowledged since the last commit: committed when the subscription is idle.
     let mut uncommitted = false;
     // While paused, nothing new is read (the lanes finish nothing either): see `pause`.
@@ -318,7 +325,7 @@ pub async fn run_with<B: Bus>(
     );
     while !cancel.is_cancelled() {
         let paused = *switch.borrow_and_update();
-        if paused && uncommitted && st.finished.is_empty() {
+        if paused && uncommitted && st.finished.is_empty() && writing.is_none() {
             // What was finished before the pause is committed now, not after the resume.
             uncommitted = consumer.commit().await.is_err() | retry_consumer.commit().await.is_err();
         }
@@ -328,7 +335,9 @@ pub async fn run_with<B: Bus>(
         let wake = st.schedule();
         st.repark_blocking();
         st.report_parked();
-        if !st.finished.is_empty() {
+        // One batch is written at a time (outcomes in order); meanwhile the loop reads on
+        // and lanes deliver, and what finishes waits for the next batch.
+        if !st.finished.is_empty() && writing.is_none() {
             let batch = std::mem::take(&mut st.finished);
             let retried: Vec<AckToken> = batch
                 .iter()
@@ -337,28 +346,15 @@ pub async fn run_with<B: Bus>(
                 .collect();
             st.in_flight -= batch.len() - retried.len();
             tracked.finished(batch.iter().map(|d| &d.token));
-            let consumers = Consumers {
-                main: &mut consumer,
-                retry: &mut retry_consumer,
-                retry_topic: &st.retry_topic,
-            };
-            if let Err(e) = finish(
+            let written = write(
                 bus.as_ref(),
-                consumers,
                 &name,
                 batch,
                 &lineage,
                 &cancel,
                 hooks.audit.as_ref(),
-            )
-            .await
-            {
-                tracing::error!(subscription = %name, error = %e, "subscription stopped");
-                health.set(&component, State::Failed(e.to_string()));
-                return;
-            }
-            st.finished_retry(&retried);
-            uncommitted = true;
+            );
+            writing = Some((Box::pin(written), retried));
             continue;
         }
         let sleep = wake.map_or(Duration::from_secs(3600), |at| {
@@ -368,6 +364,27 @@ pub async fn run_with<B: Bus>(
         // room) a new record from the source topics or the retry topic.
         let (polled, from_retry) = tokio::select! {
             () = cancel.cancelled() => break,
+            written = async {
+                match writing.as_mut() {
+                    Some((w, _)) => w.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let retried = writing.take().map(|(_, r)| r).unwrap_or_default();
+                let consumers = Consumers {
+                    main: &mut consumer,
+                    retry: &mut retry_consumer,
+                    retry_topic: &st.retry_topic,
+                };
+                if let Err(e) = async { ack(consumers, written?).await }.await {
+                    tracing::error!(subscription = %name, error = %e, "subscription stopped");
+                    health.set(&component, State::Failed(e.to_string()));
+                    return;
+                }
+                st.finished_retry(&retried);
+                uncommitted = true;
+                continue;
+            }
             r = done_rx.recv() => {
                 if let Some(r) = r {
                     st.report(r);
@@ -460,6 +477,17 @@ pub async fn run_with<B: Bus>(
         }
     }
     lane_tasks.detach_all(); // each ends on cancel, after its delivery in flight
+    if let Some((w, retried)) = writing.take()
+        && let Ok(tokens) = w.await
+    {
+        let consumers = Consumers {
+            main: &mut consumer,
+            retry: &mut retry_consumer,
+            retry_topic: &st.retry_topic,
+        };
+        let _ = ack(consumers, tokens).await;
+        st.finished_retry(&retried);
+    }
     let _ = consumer.commit().await;
     let _ = retry_consumer.commit().await;
 }

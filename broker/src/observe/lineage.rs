@@ -210,6 +210,13 @@ pub struct Lineage {
     tx: mpsc::Sender<Op>,
     path: PathBuf,
     group: String,
+    /// Shared with the publisher and the reader: what [`Lineage::flush`] waits for.
+    progress: Arc<Mutex<Progress>>,
+    /// Step ids of steps a stage publishes itself ([`Lineage::records`]).
+    ids: Arc<Mutex<StepIds>>,
+    /// The lineage topic is on the log the stages write to (not a log of its own, as in
+    /// tests of the stages): see [`Lineage::records`].
+    shares_log: bool,
 }
 
 impl std::fmt::Debug for Lineage {
@@ -342,15 +349,63 @@ impl Lineage {
         let reader = bus
             .read_alone(&group, topics::LINEAGE, &applied_of(&conn)?)
             .await?;
-        let (lineage, rx) = Lineage::handle(path, group);
-        tokio::spawn(pipe(bus, reader, conn, rx));
+        let (lineage, rx) = Lineage::handle(path, group, true);
+        tokio::spawn(pipe(bus, reader, conn, rx, lineage.shared()));
         Ok(lineage)
     }
 
     /// A handle whose writes wait in the returned queue.
-    fn handle(path: PathBuf, group: String) -> (Lineage, mpsc::Receiver<Op>) {
+    fn handle(path: PathBuf, group: String, shares_log: bool) -> (Lineage, mpsc::Receiver<Op>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        (Lineage { tx, path, group }, rx)
+        let lineage = Lineage {
+            tx,
+            path,
+            group,
+            progress: Arc::new(Mutex::new(Progress::default())),
+            ids: Arc::new(Mutex::new(StepIds::new())),
+            shares_log,
+        };
+        (lineage, rx)
+    }
+
+    /// The lineage-topic records of `steps` (message id, step), for a stage that publishes
+    /// them itself in the same append as its own records (one group commit, one fsync, no
+    /// wait for the publisher task); it then calls [`Lineage::published_at`] with their
+    /// positions. Publishing them twice (a retried append) stores each step once. `None`
+    /// when this lineage's topic is on a log of its own (tests of the stages): record the
+    /// steps with [`Lineage::step`] then.
+    #[must_use]
+    pub fn records(&self, steps: &[(String, Step)]) -> Option<Vec<OutRecord>> {
+        if !self.shares_log {
+            return None;
+        }
+        let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
+        let records = steps
+            .iter()
+            .filter_map(|(id, step)| record_of(Op::Step(id.clone(), step.clone()), &mut ids))
+            .filter_map(|record| match record.to_avro() {
+                Ok(value) => Some(OutRecord {
+                    topic: topics::LINEAGE.to_owned(),
+                    key: record.key(),
+                    value,
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "lineage write not encodable; the lineage of its message is incomplete");
+                    None
+                }
+            })
+            .collect();
+        Some(records)
+    }
+
+    /// Where records from [`Lineage::records`] landed: a later [`Lineage::flush`] waits for
+    /// the index to apply them too.
+    pub fn published_at(&self, positions: &[crate::bus::Position]) {
+        let mut p = lock(&self.progress);
+        for pos in positions {
+            let next = p.published.entry(pos.partition).or_insert(0);
+            *next = (*next).max(pos.offset + 1);
+        }
     }
 
     /// The consumer group under which this node's index commits its reading of the lineage
@@ -372,7 +427,8 @@ impl Lineage {
         let node = node_of(&conn)?;
         let group = topics::lineage_group(&node);
         let applied = applied_of(&conn)?;
-        let (lineage, rx) = Lineage::handle(path, group.clone());
+        let (lineage, rx) = Lineage::handle(path, group.clone(), false);
+        let shared = lineage.shared();
         tokio::spawn(async move {
             bus.ensure_topics(&[crate::bus::TopicSpec {
                 name: topics::LINEAGE.to_owned(),
@@ -384,9 +440,15 @@ impl Lineage {
                 .read_alone(&group, topics::LINEAGE, &applied)
                 .await
                 .expect("lineage reader");
-            pipe(bus, reader, conn, rx).await;
+            pipe(bus, reader, conn, rx, shared).await;
         });
         Ok(lineage)
+    }
+
+    /// What the publisher and the reader share with the handles. The tasks must not hold the
+    /// handle itself: they run until every handle is dropped.
+    fn shared(&self) -> (Arc<Mutex<Progress>>, Arc<Mutex<StepIds>>) {
+        (Arc::clone(&self.progress), Arc::clone(&self.ids))
     }
 
     /// Record a received message.
@@ -558,8 +620,13 @@ fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
 }
 
 /// Publish this node's writes and apply the whole topic, until every handle is dropped.
-async fn pipe<B: Bus>(bus: Arc<B>, reader: B::Consumer, conn: Connection, rx: mpsc::Receiver<Op>) {
-    let progress = Arc::new(Mutex::new(Progress::default()));
+async fn pipe<B: Bus>(
+    bus: Arc<B>,
+    reader: B::Consumer,
+    conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    (progress, ids): (Arc<Mutex<Progress>>, Arc<Mutex<StepIds>>),
+) {
     let stop = CancellationToken::new();
     let apply = tokio::spawn(read_topic(
         reader,
@@ -567,7 +634,7 @@ async fn pipe<B: Bus>(bus: Arc<B>, reader: B::Consumer, conn: Connection, rx: mp
         Arc::clone(&progress),
         stop.clone(),
     ));
-    publish(&*bus, rx, &progress).await;
+    publish(&*bus, rx, &progress, &ids).await;
     stop.cancel();
     let _ = apply.await;
 }
@@ -579,6 +646,13 @@ struct StepIds {
 }
 
 impl StepIds {
+    fn new() -> StepIds {
+        StepIds {
+            instance: ketenbus_schemas::new_envelope_id(),
+            next: 0,
+        }
+    }
+
     fn next(&mut self) -> String {
         self.next += 1;
         format!("{}.{:012}", self.instance, self.next)
@@ -629,11 +703,12 @@ fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
 
 /// Gather this node's writes and publish them in batches; register each flush to be answered
 /// once the index applied everything published before it.
-async fn publish<B: Bus>(bus: &B, mut rx: mpsc::Receiver<Op>, progress: &Mutex<Progress>) {
-    let mut ids = StepIds {
-        instance: ketenbus_schemas::new_envelope_id(),
-        next: 0,
-    };
+async fn publish<B: Bus>(
+    bus: &B,
+    mut rx: mpsc::Receiver<Op>,
+    progress: &Mutex<Progress>,
+    ids: &Mutex<StepIds>,
+) {
     // Not cancelled: writes made while the broker stops are still published.
     let never = CancellationToken::new();
     while let Some(first) = rx.recv().await {
@@ -645,7 +720,9 @@ async fn publish<B: Bus>(bus: &B, mut rx: mpsc::Receiver<Op>, progress: &Mutex<P
                 Op::Flush(done) => flushes.push(done),
                 Op::Published(done) => published.push(done),
                 op => {
-                    let Some(record) = record_of(op, &mut ids) else {
+                    let made =
+                        record_of(op, &mut ids.lock().unwrap_or_else(PoisonError::into_inner));
+                    let Some(record) = made else {
                         continue;
                     };
                     match record.to_avro() {

@@ -25,6 +25,8 @@ pub struct EmbeddedConsumer {
     last_commit: tokio::time::Instant,
     /// The last look may have left records behind (a full page, or never looked yet).
     more: bool,
+    /// When every partition was last read from the log (not from the fresh records).
+    looked_in_log: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for EmbeddedConsumer {
@@ -43,6 +45,9 @@ const FETCH_SQL: &str = "SELECT offset, key, value, ts FROM records
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// Longest wait before looking again without a notification (sees other processes' writes).
 const IDLE_RECHECK: Duration = Duration::from_millis(250);
+/// Longest a busy consumer takes only fresh records before it reads the log itself again
+/// (which sees other processes' appends, such as `ketenbus dlq replay`'s).
+const LOG_LOOK_EVERY: Duration = Duration::from_millis(250);
 
 impl EmbeddedConsumer {
     /// Join `group` on `topics`, after the group's committed offsets, or at `from`
@@ -96,14 +101,44 @@ impl EmbeddedConsumer {
             appended: bus.inner.appended.clone(),
             last_commit: tokio::time::Instant::now(),
             more: true,
+            looked_in_log: None, // the first look reads the log
         })
     }
 
-    async fn fetch(&mut self) -> Result<(), BusError> {
+    /// Read on from each partition's next offset: from the writer's fresh records where
+    /// they cover it and `fresh` allows, from SQLite otherwise.
+    async fn fetch(&mut self, fresh: bool) -> Result<(), BusError> {
+        let mut more = false;
+        let mut wants: Vec<((String, u32), i64)> = Vec::new();
+        let mut taken = Vec::new();
+        for ((topic, partition), from) in &self.next {
+            let kept = if fresh {
+                self.bus.inner.fresh.take(topic, *partition, *from, FETCH)
+            } else {
+                None
+            };
+            match kept {
+                Some(records) => {
+                    more |= records.len() >= FETCH;
+                    taken.extend(records);
+                }
+                None => wants.push(((topic.clone(), *partition), *from)),
+            }
+        }
+        for r in taken {
+            self.next
+                .insert((r.topic.clone(), r.partition), r.offset + 1);
+            self.buffer.push_back(r);
+        }
+        if wants.is_empty() {
+            self.more = more;
+            return Ok(());
+        }
+        if !fresh {
+            self.looked_in_log = Some(tokio::time::Instant::now());
+        }
         let conn = Arc::clone(&self.conn);
-        let wants: Vec<((String, u32), i64)> =
-            self.next.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        let (rows, more) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
+        let (rows, from_log) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let conn = conn.lock().expect("reader lock");
             let mut stmt = conn.prepare_cached(FETCH_SQL)?;
             let mut out = Vec::new();
@@ -130,7 +165,7 @@ impl EmbeddedConsumer {
         .await
         .map_err(|e| BusError::Fatal(e.to_string()))?
         .map_err(|e| sql_err(&e))?;
-        self.more = more;
+        self.more = more | from_log;
         for r in rows {
             let slot = (r.topic.clone(), r.partition);
             self.next.insert(slot, r.offset + 1);
@@ -144,6 +179,7 @@ impl Consumer for EmbeddedConsumer {
     async fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, BusError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut waited = false;
+        let mut timed_out = false;
         loop {
             if let Some(r) = self.buffer.pop_front() {
                 self.tracker.started(&r.topic, r.partition, r.offset);
@@ -152,10 +188,17 @@ impl Consumer for EmbeddedConsumer {
             // Look again only when this process appended since the last look, the last look
             // left records behind, or after a wait (which also catches other processes'
             // writes): an immediate poll after an empty look costs no read.
+            // The writer's fresh records answer a look, except after a wait without a
+            // notification or when the log was last read LOG_LOOK_EVERY ago: other processes'
+            // appends are only there.
             let appended = self.appended.has_changed().unwrap_or(true);
             if appended || self.more || waited {
                 self.appended.borrow_and_update();
-                self.fetch().await?;
+                let fresh = !timed_out
+                    && self
+                        .looked_in_log
+                        .is_some_and(|at| at.elapsed() < LOG_LOOK_EVERY);
+                self.fetch(fresh).await?;
                 if !self.buffer.is_empty() {
                     continue;
                 }
@@ -170,7 +213,9 @@ impl Consumer for EmbeddedConsumer {
                 return Ok(None);
             }
             let wait = (deadline - now).min(IDLE_RECHECK);
-            let _ = tokio::time::timeout(wait, self.appended.changed()).await;
+            timed_out = tokio::time::timeout(wait, self.appended.changed())
+                .await
+                .is_err();
             waited = true;
         }
     }

@@ -4,7 +4,8 @@
 //! in one transaction (group commit), so many concurrent publishers share one fsync.
 //! Consumers read through their own connections and wake on a notification from the
 //! writer (or after a short poll, which also sees writes from other processes such as
-//! `ketenbus dlq replay`). Retention deletes by age and size, but never a record that a
+//! `ketenbus dlq replay`); at the head of a partition they take what the writer just
+//! committed from memory (module `fresh`) rather than reading it back. Retention deletes by age and size, but never a record that a
 //! consumer group reading its topic (the [`Readers`] from the configuration) has not
 //! committed, nor a dead letter, and gives the pages back to the file system
 //! (`auto_vacuum = INCREMENTAL`, WAL truncated). A topic that stays past its size limit by
@@ -18,6 +19,7 @@
 
 mod config;
 mod consumer;
+mod fresh;
 mod retention;
 mod writer;
 
@@ -81,6 +83,8 @@ struct Inner {
     limits: (Duration, u64, u64),
     /// Why new messages are refused, set by each retention pass.
     refusing: Mutex<Option<String>>,
+    /// Records just committed, for consumers at the head of their partitions.
+    fresh: Arc<fresh::Fresh>,
 }
 
 fn now_ms() -> i64 {
@@ -166,13 +170,15 @@ impl EmbeddedBus {
         let (appended_tx, appended) = watch::channel(0u64);
         let (bell, rings) = std::sync::mpsc::sync_channel(1);
         let max_batch = config.max_batch.max(1);
+        let fresh = Arc::new(fresh::Fresh::new(fresh::BUDGET));
+        let kept = Arc::clone(&fresh);
         std::thread::Builder::new()
             .name("ketenbus-log-ckpt".into())
             .spawn(move || checkpointer(&ckpt, &rings))
             .map_err(|e| BusError::Fatal(format!("spawn checkpointer: {e}")))?;
         std::thread::Builder::new()
             .name("ketenbus-log-writer".into())
-            .spawn(move || writer_loop(conn, rx, &appended_tx, &bell, max_batch))
+            .spawn(move || writer_loop(conn, rx, (&appended_tx, &kept), &bell, max_batch))
             .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
         Ok(EmbeddedBus {
             inner: Arc::new(Inner {
@@ -186,6 +192,7 @@ impl EmbeddedBus {
                     config.retention_refuse_margin.as_u64(),
                 ),
                 refusing: Mutex::new(None),
+                fresh,
             }),
         })
     }

@@ -9,9 +9,10 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::Synchronous;
+use super::fresh::Fresh;
 use super::retention::{remove, retention};
 use super::{WriteOp, load_partitions, now_ms, sql_err};
-use crate::bus::{BusError, OutRecord, Position, TopicSpec, partition_for};
+use crate::bus::{BusError, OutRecord, Position, Record, TopicSpec, partition_for};
 
 /// How often the checkpointer copies the WAL into the database while appends come in.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -41,10 +42,11 @@ pub(super) fn checkpointer(conn: &Connection, bell: &std::sync::mpsc::Receiver<(
     }
 }
 
+/// `appended` tells consumers a commit happened; `fresh` keeps what it committed for them.
 pub(super) fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<WriteOp>,
-    appended: &watch::Sender<u64>,
+    (appended, fresh): (&watch::Sender<u64>, &Fresh),
     bell: &std::sync::mpsc::SyncSender<()>,
     max_batch: usize,
 ) {
@@ -66,12 +68,28 @@ pub(super) fn writer_loop(
         if !appends.is_empty() {
             let result = append_batch(&mut conn, &mut ends, &appends);
             match result {
-                Ok(positions) => {
+                Ok((positions, ts)) => {
                     // Consumers first: a publisher that polls right after its publish
                     // returned must not find its consumer still unaware of the commit.
+                    let mut replies = Vec::with_capacity(appends.len());
+                    let mut committed = Vec::new();
+                    for ((records, reply), pos) in appends.into_iter().zip(positions) {
+                        if let Ok(pos) = &pos {
+                            committed.extend(records.into_iter().zip(pos).map(|(r, p)| Record {
+                                topic: r.topic,
+                                partition: p.partition,
+                                offset: p.offset,
+                                key: r.key,
+                                value: r.value,
+                                timestamp_ms: ts,
+                            }));
+                        }
+                        replies.push((reply, pos));
+                    }
+                    fresh.put(committed);
                     seq += 1;
                     appended.send_replace(seq);
-                    for ((_, reply), pos) in appends.into_iter().zip(positions) {
+                    for (reply, pos) in replies {
                         let _ = reply.send(pos);
                     }
                     // Full means a ring is already waiting.
@@ -98,15 +116,18 @@ pub(super) fn writer_loop(
                 }
                 WriteOp::CreateTopics(specs, reply) => {
                     ends.forget();
+                    fresh.clear();
                     let _ = reply.send(create_topics(&mut conn, &specs).map_err(|e| sql_err(&e)));
                 }
                 WriteOp::Retention(age, bytes, readers, reply) => {
                     ends.forget();
+                    fresh.clear();
                     let _ = reply
                         .send(retention(&mut conn, age, bytes, &readers).map_err(|e| sql_err(&e)));
                 }
                 WriteOp::Remove(topic, positions, reply) => {
                     ends.forget();
+                    fresh.clear();
                     let _ =
                         reply.send(remove(&mut conn, &topic, &positions).map_err(|e| sql_err(&e)));
                 }
@@ -157,14 +178,17 @@ impl Ends {
 }
 
 /// One transaction for every waiting append. A request naming an unknown topic fails alone.
-/// On error the caller forgets `ends`: the offsets handed out were rolled back.
+/// On error the caller forgets `ends`: the offsets handed out were rolled back. Also answers
+/// the records' timestamp.
+#[allow(clippy::type_complexity)]
 fn append_batch(
     conn: &mut Connection,
     ends: &mut Ends,
     appends: &[(Vec<OutRecord>, AppendReply)],
-) -> rusqlite::Result<Vec<Result<Vec<Position>, BusError>>> {
+) -> rusqlite::Result<(Vec<Result<Vec<Position>, BusError>>, i64)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(appends.len());
+    let ts = now_ms();
     {
         // Inside the write lock: nobody else can commit until this transaction ends.
         ends.refresh(&tx)?;
@@ -172,7 +196,6 @@ fn append_batch(
         let mut insert = tx.prepare_cached(
             "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
-        let ts = now_ms();
         for (records, reply) in appends {
             // A publisher that gave up (its sender heard 503) must not find its record stored
             // after all: skip it now that the write lock is ours.
@@ -205,7 +228,7 @@ fn append_batch(
         }
     }
     tx.commit()?;
-    Ok(out)
+    Ok((out, ts))
 }
 
 fn commit_offsets(
