@@ -56,6 +56,8 @@ pub struct Config {
     /// mCSD directories replicated as the address book behind `[address_book]`
     /// (`[[mcsd]]`).
     pub mcsd: Vec<crate::deliver::mcsd::McsdConfig>,
+    /// Notified Pull (`[notified_pull]`): the token endpoint and pulls from partners.
+    pub notified_pull: Option<crate::deliver::pull::NotifiedPullConfig>,
 }
 
 impl Default for Config {
@@ -76,6 +78,7 @@ impl Default for Config {
             audit: crate::observe::audit::AuditConfig::default(),
             limits: LimitsConfig::default(),
             mcsd: Vec::new(),
+            notified_pull: None,
         }
     }
 }
@@ -203,6 +206,7 @@ impl Config {
         for (i, inbox) in self.inbox.iter().enumerate() {
             problems.extend(Problem::under(&format!("inbox[{i}]"), inbox.problems()));
         }
+        problems.extend(self.notified_pull_problems(env));
         let subscriptions = crate::deliver::config::check_all(&self.subscriptions, &book, env)
             .map_err(|found| problems.extend(found))
             .unwrap_or_default();
@@ -216,6 +220,30 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// Problems of `[notified_pull]`, and `notified-pull` sinks without it.
+    fn notified_pull_problems(&self, env: &Env) -> Vec<Problem> {
+        let mut problems = self
+            .notified_pull
+            .as_ref()
+            .map(|n| {
+                n.problems(env, |u, plain| {
+                    crate::deliver::sink::endpoint_url(u, plain).map(|_| ())
+                })
+            })
+            .unwrap_or_default();
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            if matches!(s.sink, crate::deliver::config::SinkConfig::NotifiedPull(_))
+                && self.notified_pull.is_none()
+            {
+                problems.push(Problem::new(
+                    format!("subscriptions[{i}].sink"),
+                    "a notified-pull sink needs [notified_pull]",
+                ));
+            }
+        }
+        problems
     }
 
     /// The problem with `bus.partitions`, if any.

@@ -31,7 +31,6 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, OutRecord};
-use crate::deliver::config::RetryConfig;
 use crate::deliver::resources::Resources;
 use crate::env::{Env, Problem};
 
@@ -63,10 +62,50 @@ pub struct NotifiedPullConfig {
     pub token_ttl: Duration,
     /// Retries of a failed pull from a partner; after `give_up_after` it is a dead letter.
     #[serde(default)]
-    pub retry: RetryConfig,
+    pub retry: PullRetryConfig,
     /// Partners whose notification Tasks this node takes and pulls after.
     #[serde(default)]
     pub partners: Vec<PartnerConfig>,
+}
+
+/// `[notified_pull.retry]`: waits between pulls that failed, doubling from `initial` to
+/// `max`; after `give_up_after` since the notification came, a dead letter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullRetryConfig {
+    /// First wait after a failed pull.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Longest wait between pulls.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// After this long since the notification was accepted, it goes to the dead letters.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl Default for PullRetryConfig {
+    fn default() -> Self {
+        PullRetryConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl PullRetryConfig {
+    /// The wait after failed pull number `attempt` (1 for the first).
+    fn wait(&self, attempt: u32) -> Duration {
+        let doubled = self
+            .initial
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        doubled.min(self.max)
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_base_ttl() -> Duration {
@@ -90,7 +129,7 @@ pub struct PartnerConfig {
     /// The partner's FHIR base: ketenbus pulls only URLs under it.
     pub fhir_base: String,
     /// Per-request timeout.
-    #[serde(default = "super::sink::default_timeout", with = "humantime_serde")]
+    #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Allow `http://` URLs to a non-loopback host (unencrypted). Loopback needs no flag.
     #[serde(default)]
@@ -98,12 +137,17 @@ pub struct PartnerConfig {
 }
 
 impl NotifiedPullConfig {
-    /// Problems of `[notified_pull]`, at their key paths.
+    /// Problems of `[notified_pull]`, at their key paths; `url` checks an endpoint URL
+    /// (plain http allowed or not), as the sinks do.
     #[must_use]
-    pub fn problems(&self, env: &Env) -> Vec<Problem> {
+    pub fn problems(
+        &self,
+        env: &Env,
+        url: impl Fn(&str, bool) -> Result<(), String>,
+    ) -> Vec<Problem> {
         let mut out = Vec::new();
         let mut p = |k: &str, m: &str| out.push(Problem::new(format!("notified_pull.{k}"), m));
-        if let Err(e) = super::sink::endpoint_url(&self.base_url, false) {
+        if let Err(e) = url(&self.base_url, false) {
             p("base_url", &e);
         }
         match env.var(&self.key_env) {
@@ -138,11 +182,11 @@ impl NotifiedPullConfig {
             if partner.party_ids.is_empty() {
                 p(&format!("{at}.party_ids"), "name at least one party id");
             }
-            for (key, url) in [
+            for (key, u) in [
                 ("token_url", &partner.token_url),
                 ("fhir_base", &partner.fhir_base),
             ] {
-                if let Err(e) = super::sink::endpoint_url(url, partner.allow_plain_http) {
+                if let Err(e) = url(u, partner.allow_plain_http) {
                     p(&format!("{at}.{key}"), &e);
                 }
             }
@@ -242,7 +286,7 @@ pub struct NotifiedPull {
     key: Vec<u8>,
     base_ttl: Duration,
     token_ttl: Duration,
-    retry: RetryConfig,
+    retry: PullRetryConfig,
     partners: Vec<Partner>,
     conn: Mutex<Connection>,
     /// The resources served to token holders (set by the runtime).
@@ -672,7 +716,7 @@ impl NotifiedPull {
     }
 
     fn later(&self, id: &str, attempts: u32, error: &str) {
-        let wait = super::retry::backoff(&self.retry, attempts + 1);
+        let wait = self.retry.wait(attempts + 1);
         let _ = self.db().execute(
             "UPDATE inbox SET attempts = attempts + 1, next_ms = ?2, last_error = ?3 WHERE id = ?1",
             params![id, now_ms().saturating_add(i64_ms(wait)), error],
@@ -1038,7 +1082,7 @@ mod tests {
             key_env: "PULL_KEY".into(),
             authorization_base_ttl: Duration::from_secs(60),
             token_ttl: Duration::from_secs(60),
-            retry: RetryConfig::default(),
+            retry: PullRetryConfig::default(),
             partners: vec![PartnerConfig {
                 name: "a".into(),
                 party_ids: vec!["ura:11111111".into()],
@@ -1048,7 +1092,12 @@ mod tests {
                 allow_plain_http: false,
             }],
         };
-        assert!(cfg.problems(&env).is_empty(), "{:?}", cfg.problems(&env));
+        let ok = |_: &str, _: bool| Ok(());
+        assert!(
+            cfg.problems(&env, ok).is_empty(),
+            "{:?}",
+            cfg.problems(&env, ok)
+        );
         NotifiedPull::open(&cfg, &env, dir).unwrap()
     }
 
