@@ -337,7 +337,7 @@ impl NotifiedPull {
              CREATE TABLE IF NOT EXISTS exchanges (
                  id TEXT PRIMARY KEY, base_sha256 TEXT NOT NULL UNIQUE, event_id TEXT NOT NULL,
                  receiver TEXT NOT NULL, subscription TEXT NOT NULL,
-                 created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+                 created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL, task TEXT);
              CREATE TABLE IF NOT EXISTS inbox (
                  id TEXT PRIMARY KEY, partner TEXT NOT NULL, task TEXT NOT NULL,
                  accepted_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -509,10 +509,11 @@ impl NotifiedPull {
             "valueString",
             Value::from(opened.authorization_base.as_str()),
         )];
+        // The workflow Task is this Task, served (without the credential) to the token holder.
         inputs.push(input(
             "get-workflow-task",
             "valueBoolean",
-            Value::Bool(false),
+            Value::Bool(true),
         ));
         if let Some(focus) = resources.first() {
             let (ty, id) = focus.split_once('/').unwrap_or((focus.as_str(), ""));
@@ -554,6 +555,39 @@ impl NotifiedPull {
             )
             .with("input", inputs)
             .into()
+    }
+
+    /// Keep the exchange's Task (without its authorization-base) as its workflow Task.
+    ///
+    /// # Errors
+    /// When the store cannot be written.
+    pub fn keep_task(&self, exchange: &str, task: &Value) -> Result<(), PullError> {
+        let mut task = task.clone();
+        strip_authorization_base(&mut task);
+        let text = ketenbus_connectors::fhir::json::to_vec(&task);
+        self.db().execute(
+            "UPDATE exchanges SET task = ?2 WHERE id = ?1",
+            params![exchange, String::from_utf8_lossy(&text)],
+        )?;
+        Ok(())
+    }
+
+    /// The workflow Task of an exchange.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn workflow_task(&self, exchange: &str) -> Result<Option<Value>, PullError> {
+        let text: Option<Option<String>> = self
+            .db()
+            .query_row(
+                "SELECT task FROM exchanges WHERE id = ?1",
+                [exchange],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(text
+            .flatten()
+            .and_then(|t| ketenbus_connectors::fhir::json::parse(t.as_bytes()).ok()))
     }
 
     // ---- receiving side ----

@@ -132,6 +132,7 @@ pub enum Found {
 pub struct Resources {
     conn: Arc<Mutex<Connection>>,
     log: Arc<dyn EventLog>,
+    content: Option<Arc<dyn ketenbus_connectors::ContentStore>>,
 }
 
 impl std::fmt::Debug for Resources {
@@ -229,7 +230,30 @@ impl Resources {
         Ok(Resources {
             conn,
             log: Arc::new(BusEvents(bus)),
+            content: None,
         })
+    }
+
+    /// Serve documents (DocumentReference attachments) inline from `content`, as the FHIR
+    /// sink sends them: a content pointer means nothing outside this node.
+    #[must_use]
+    pub fn with_content(mut self, content: Arc<dyn ketenbus_connectors::ContentStore>) -> Self {
+        self.content = Some(content);
+        self
+    }
+
+    /// The event's resources, documents inline.
+    fn render(&self, event: &Event) -> Vec<Value> {
+        let mut all = ketenbus_connectors::fhir::emit::resources(event).unwrap_or_default();
+        if let Some(store) = &self.content {
+            let store = Arc::clone(store);
+            let source: ketenbus_connectors::fhir::sink::AttachmentSource =
+                Arc::new(move |hash: &str| store.get(hash).ok().flatten());
+            for r in &mut all {
+                ketenbus_connectors::fhir::sink::inline_resource_attachments(r, &source);
+            }
+        }
+        all
     }
 
     /// Where the resource `ty`/`id` is, if the index knows it.
@@ -261,13 +285,10 @@ impl Resources {
         else {
             return Ok(Found::Gone(at));
         };
-        let found = ketenbus_connectors::fhir::emit::resources(&event)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|r| {
-                r.get("resourceType").and_then(Value::as_str) == Some(ty)
-                    && r.get("id").and_then(Value::as_str) == Some(id)
-            });
+        let found = self.render(&event).into_iter().find(|r| {
+            r.get("resourceType").and_then(Value::as_str) == Some(ty)
+                && r.get("id").and_then(Value::as_str) == Some(id)
+        });
         Ok(match found {
             Some(r) => Found::Resource(r, at),
             None => Found::Unknown,
@@ -297,7 +318,7 @@ impl Resources {
         else {
             return Ok(Vec::new());
         };
-        Ok(ketenbus_connectors::fhir::emit::resources(&event).unwrap_or_default())
+        Ok(self.render(&event))
     }
 
     /// Wait until the index knows event `event_id` (a sink that hands out its URLs right

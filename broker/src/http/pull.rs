@@ -170,6 +170,17 @@ async fn read(
         Ok(r) => r,
         Err(resp) => return *resp,
     };
+    // The exchange's workflow Task, to its token holder.
+    if let (Reader::Exchange(c), Some(pull)) = (&who, &st.pull)
+        && ty == "Task"
+        && id == c.exchange
+    {
+        return match pull.workflow_task(&id) {
+            Ok(Some(task)) => respond(StatusCode::OK, out, &task),
+            Ok(None) => not_found(out, &ty, &id),
+            Err(e) => unavailable(out, &e),
+        };
+    }
     let Some(resources) = &st.resources else {
         return not_found(out, &ty, &id);
     };

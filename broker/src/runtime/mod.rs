@@ -134,7 +134,8 @@ pub async fn run<B: Bus>(
     let resources =
         crate::deliver::resources::Resources::start(&cfg.data_dir, Arc::clone(&bus), &cancel)
             .await
-            .context("starting the FHIR resource index")?;
+            .context("starting the FHIR resource index")?
+            .with_content(Arc::clone(&content));
     let pull = match &cfg.notified_pull {
         Some(n) => {
             let mut p = crate::deliver::pull::NotifiedPull::open(n, env, &cfg.data_dir)

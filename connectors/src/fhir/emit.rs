@@ -1195,6 +1195,39 @@ mod tests {
             );
             assert!(ids.insert(id.to_owned()), "ids are unique");
         }
+        // Pulled one by one into a collection Bundle, they map back to the handover.
+        // (Attachments come inline from the content store: see `sink::inline_resource_attachments`.)
+        let entries: Vec<Value> = rs
+            .iter()
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) != Some("DocumentReference"))
+            .map(|r| {
+                let url = format!(
+                    "https://a.example/fhir/{}/{}",
+                    r.get("resourceType").and_then(Value::as_str).unwrap(),
+                    r.get("id").and_then(Value::as_str).unwrap()
+                );
+                Object::new()
+                    .with("fullUrl", url)
+                    .with("resource", r.clone())
+                    .into()
+            })
+            .collect();
+        let pulled: Value = Object::new()
+            .with("resourceType", "Bundle")
+            .with("type", "collection")
+            .with("entry", entries)
+            .into();
+        let again = super::super::inbound::events_from(&pulled, "env-2", "fhir_json").unwrap();
+        match (&again[0], &events[0]) {
+            (Event::AcuteHandover(a), Event::AcuteHandover(b)) => {
+                assert_eq!(a.referral.code, b.referral.code);
+                assert_eq!(a.referral.reason, b.referral.reason);
+                assert_eq!(a.patient, b.patient);
+                assert_eq!(a.sections, b.sections);
+                assert_eq!(b.attachments.len(), 1, "the ECG, left out here");
+            }
+            other => panic!("{other:?}"),
+        }
         let sr = rs
             .iter()
             .find(|r| r.get("resourceType").and_then(Value::as_str) == Some("ServiceRequest"))

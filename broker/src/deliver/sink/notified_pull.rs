@@ -170,6 +170,12 @@ impl ketenbus_connectors::Sink for Notifier {
             let task: Value =
                 self.pull
                     .task(&opened, (Some(&self.sink.requester), receiver), &names);
+            self.pull
+                .keep_task(&opened.exchange, &task)
+                .map_err(|e| DeliveryError::Retryable {
+                    reason: "store".into(),
+                    detail: e.to_string(),
+                })?;
             let url = format!("{}/Task", base.as_str().trim_end_matches('/'));
             let mut req = self
                 .client
