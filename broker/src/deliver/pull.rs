@@ -804,7 +804,7 @@ impl NotifiedPull {
         match bus.publish(vec![record]).await {
             Ok(_) => {
                 let _ = self.db().execute("DELETE FROM inbox WHERE id = ?1", [id]);
-                crate::observe::metrics::rejected("notified_pull", "dead_letter");
+                crate::observe::metrics::rejected("fhir", "pull_dead_letter");
                 tracing::error!(
                     partner,
                     reason,
