@@ -165,6 +165,16 @@ fn sign(claims: &Claims, key: &[u8]) -> String {
     .unwrap()
 }
 
+async fn post_referral(c: &reqwest::Client, a: &Broker) -> reqwest::Response {
+    c.post(format!("{}/fhir/$process-message", a.url))
+        .bearer_auth(RAV)
+        .header("content-type", "application/fhir+json")
+        .body(REFERRAL)
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notifies_b_b_pulls_and_every_refusal_holds() {
     let rx = Receiver::answering(204).await; // B's subscriber
@@ -246,14 +256,7 @@ fhir_base = "{a}/fhir"
 
     // A takes the referral; B's subscriber gets the acute handover B pulled from A.
     let sent = Instant::now();
-    let resp = c
-        .post(format!("{}/fhir/$process-message", a.url))
-        .bearer_auth(RAV)
-        .header("content-type", "application/fhir+json")
-        .body(REFERRAL)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_referral(&c, &a).await;
     assert_eq!(resp.status().as_u16(), 202, "{}", a.log_text());
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(
@@ -336,14 +339,7 @@ fhir_base = "{a}/fhir"
     validated += validate("the searchset of the exchange", std::slice::from_ref(&set));
 
     // A second referral: a second exchange. Token 1 does not read it.
-    let resp = c
-        .post(format!("{}/fhir/$process-message", a.url))
-        .bearer_auth(RAV)
-        .header("content-type", "application/fhir+json")
-        .body(REFERRAL)
-        .send()
-        .await
-        .unwrap();
+    let resp = post_referral(&c, &a).await;
     assert_eq!(resp.status().as_u16(), 202);
     let tasks = probe.wait_for(2, Duration::from_secs(10)).await;
     assert_eq!(tasks.len(), 2);

@@ -547,8 +547,14 @@ impl NotifiedPull {
                     ],
                 ),
             )
-            .with_opt("requester", requester.map(party_reference))
-            .with("owner", party_reference(owner))
+            .with_opt(
+                "requester",
+                requester.map(ketenbus_connectors::fhir::emit::party_reference),
+            )
+            .with(
+                "owner",
+                ketenbus_connectors::fhir::emit::party_reference(owner),
+            )
             .with(
                 "authoredOn",
                 ketenbus_connectors::fhir::emit::fhir_date_time(&iso_now()),
@@ -955,46 +961,7 @@ async fn pull(p: &Partner, task: &Value) -> Result<Value, PullFailure> {
 }
 
 fn iso_now() -> String {
-    let secs = now_ms() / 1000;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// A Reference to a party by identifier (`ura:…`, `agb:…`, else `urn:ketenbus:party`).
-fn party_reference(party: &str) -> Value {
-    let (scheme, value) = party.split_once(':').unwrap_or(("", party));
-    let system = match scheme {
-        "ura" => ketenbus_schemas::event::systems::URA,
-        "agb" => ketenbus_schemas::event::systems::AGB,
-        _ => "urn:ketenbus:party",
-    };
-    let value = if system == "urn:ketenbus:party" {
-        party
-    } else {
-        value
-    };
-    Object::new()
-        .with(
-            "identifier",
-            Object::new().with("system", system).with("value", value),
-        )
-        .into()
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
 /// The party of a Reference by identifier.

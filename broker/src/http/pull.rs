@@ -155,6 +155,30 @@ fn audit_entry(reader: &Reader, at: &Located) -> ReadAudit {
     })
 }
 
+/// The reader of a request and the format to answer in, or the answer refusing it.
+fn asked(
+    st: &ApiState,
+    headers: &HeaderMap,
+    sender: Option<&AuthenticatedSender>,
+    operator: Option<&AuthenticatedOperator>,
+) -> Result<(Reader, Format), Box<Response>> {
+    let out = answer_format(headers, Format::FhirJson);
+    reader(st, headers, sender, operator, out).map(|r| (r, out))
+}
+
+/// 403: a good token, for another exchange.
+fn other_exchange(out: Format) -> Response {
+    crate::observe::metrics::rejected("fhir", "pull_outside_exchange");
+    issue(
+        StatusCode::FORBIDDEN,
+        out,
+        "error",
+        "forbidden",
+        "the token is for another exchange",
+        None,
+    )
+}
+
 type Sender = Option<axum::Extension<AuthenticatedSender>>;
 type Operator = Option<axum::Extension<AuthenticatedOperator>>;
 
@@ -165,9 +189,8 @@ async fn read(
     operator: Operator,
     headers: HeaderMap,
 ) -> Response {
-    let out = answer_format(&headers, Format::FhirJson);
-    let who = match reader(&st, &headers, sender.as_deref(), operator.as_deref(), out) {
-        Ok(r) => r,
+    let (who, out) = match asked(&st, &headers, sender.as_deref(), operator.as_deref()) {
+        Ok(a) => a,
         Err(resp) => return *resp,
     };
     // The exchange's workflow Task, to its token holder.
@@ -199,15 +222,7 @@ async fn read(
             None,
         ),
         Ok(Found::Resource(_, _) | Found::Gone(_)) if matches!(who, Reader::Exchange(_)) => {
-            crate::observe::metrics::rejected("fhir", "pull_outside_exchange");
-            issue(
-                StatusCode::FORBIDDEN,
-                out,
-                "error",
-                "forbidden",
-                "the token is for another exchange",
-                None,
-            )
+            other_exchange(out)
         }
         Ok(_) => not_found(out, &ty, &id),
         Err(e) => unavailable(out, &e),
@@ -223,9 +238,8 @@ async fn search(
     operator: Operator,
     headers: HeaderMap,
 ) -> Response {
-    let out = answer_format(&headers, Format::FhirJson);
-    let who = match reader(&st, &headers, sender.as_deref(), operator.as_deref(), out) {
-        Ok(r) => r,
+    let (who, out) = match asked(&st, &headers, sender.as_deref(), operator.as_deref()) {
+        Ok(a) => a,
         Err(resp) => return *resp,
     };
     let mut id = None;
@@ -264,14 +278,7 @@ async fn search(
     let (found, at) = match resources.read(&ty, &id).await {
         Ok(Found::Resource(r, at)) if who.may_read(&at) => (r, at),
         Ok(Found::Resource(_, _) | Found::Gone(_)) if matches!(who, Reader::Exchange(_)) => {
-            return issue(
-                StatusCode::FORBIDDEN,
-                out,
-                "error",
-                "forbidden",
-                "the token is for another exchange",
-                None,
-            );
+            return other_exchange(out);
         }
         Ok(_) => return respond(StatusCode::OK, out, &searchset(Vec::new())),
         Err(e) => return unavailable(out, &e),

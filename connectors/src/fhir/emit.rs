@@ -1110,7 +1110,9 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
     vec![b.add("referral", sr)]
 }
 
-fn party_reference(party: &str) -> Value {
+/// A Reference to a party by identifier (`ura:…`, `agb:…`, `uzi:…`, else `urn:ketenbus:party`).
+#[must_use]
+pub fn party_reference(party: &str) -> Value {
     let (scheme, value) = party.split_once(':').unwrap_or(("", party));
     let system = match scheme {
         "ura" => systems::URA,
