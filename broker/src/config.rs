@@ -59,6 +59,8 @@ pub struct Config {
     /// FHIR clients that subscribe themselves through `/fhir/Subscription`
     /// (`[fhir_subscriptions]`).
     pub fhir_subscriptions: crate::deliver::backport::FhirSubscriptionsConfig,
+    /// Notified Pull (`[notified_pull]`): the token endpoint and pulls from partners.
+    pub notified_pull: Option<crate::deliver::pull::NotifiedPullConfig>,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             mcsd: Vec::new(),
             fhir_subscriptions: crate::deliver::backport::FhirSubscriptionsConfig::default(),
+            notified_pull: None,
         }
     }
 }
@@ -212,6 +215,7 @@ impl Config {
         for (i, inbox) in self.inbox.iter().enumerate() {
             problems.extend(Problem::under(&format!("inbox[{i}]"), inbox.problems()));
         }
+        problems.extend(self.notified_pull_problems(env));
         let subscriptions = crate::deliver::config::check_all(&self.subscriptions, &book, env)
             .map_err(|found| problems.extend(found))
             .unwrap_or_default();
@@ -225,6 +229,30 @@ impl Config {
         } else {
             Err(problems)
         }
+    }
+
+    /// Problems of `[notified_pull]`, and `notified-pull` sinks without it.
+    fn notified_pull_problems(&self, env: &Env) -> Vec<Problem> {
+        let mut problems = self
+            .notified_pull
+            .as_ref()
+            .map(|n| {
+                n.problems(env, |u, plain| {
+                    crate::deliver::sink::endpoint_url(u, plain).map(|_| ())
+                })
+            })
+            .unwrap_or_default();
+        for (i, s) in self.subscriptions.iter().enumerate() {
+            if matches!(s.sink, crate::deliver::config::SinkConfig::NotifiedPull(_))
+                && self.notified_pull.is_none()
+            {
+                problems.push(Problem::new(
+                    format!("subscriptions[{i}].sink"),
+                    "a notified-pull sink needs [notified_pull]",
+                ));
+            }
+        }
+        problems
     }
 
     /// The problem with `bus.partitions`, if any.

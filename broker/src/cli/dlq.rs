@@ -51,7 +51,13 @@ impl DlqSelection {
 /// `name` is a configured subscription (or, when `router_ok`, `router`); else an error that
 /// lists the names there are.
 fn known(settings: &Settings, name: &str, router_ok: bool) -> anyhow::Result<()> {
-    if (router_ok && name == "router") || settings.subscriptions.iter().any(|s| s.name == name) {
+    // Notified Pull's dead letters (pulls that failed) are listed and purged like the router's.
+    let pull_stage =
+        router_ok && name == crate::deliver::pull::STAGE && settings.config.notified_pull.is_some();
+    if (router_ok && name == "router")
+        || pull_stage
+        || settings.subscriptions.iter().any(|s| s.name == name)
+    {
         return Ok(());
     }
     if name == "router" {

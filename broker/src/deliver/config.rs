@@ -66,6 +66,9 @@ pub enum SinkConfig {
     Mail(ketenbus_connectors::mail::MailSinkConfig),
     /// A FHIR R4 endpoint: each event as nl-core resources in one Bundle.
     Fhir(sink::fhir::FhirConfig),
+    /// Notified Pull: a notification Task to the receiver, which pulls the resources.
+    #[serde(rename = "notified-pull")]
+    NotifiedPull(sink::notified_pull::NotifiedPullSinkConfig),
 }
 
 impl SinkConfig {
@@ -75,6 +78,7 @@ impl SinkConfig {
             SinkConfig::Webhook(c) => c,
             SinkConfig::Mail(c) => c,
             SinkConfig::Fhir(c) => c,
+            SinkConfig::NotifiedPull(c) => c,
         }
     }
 
@@ -85,6 +89,7 @@ impl SinkConfig {
             SinkConfig::Webhook(c) => c.secret_env.as_deref().into_iter().collect(),
             SinkConfig::Mail(c) => c.password_env.as_deref().into_iter().collect(),
             SinkConfig::Fhir(c) => c.token_env.as_deref().into_iter().collect(),
+            SinkConfig::NotifiedPull(c) => c.token_env.as_deref().into_iter().collect(),
         }
     }
 

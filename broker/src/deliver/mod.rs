@@ -45,6 +45,8 @@ mod lanes;
 pub mod mcsd;
 pub mod mitz;
 pub mod pause;
+pub mod pull;
+pub mod resources;
 mod retry;
 pub mod sink;
 

@@ -5,6 +5,7 @@
 
 pub mod fhir;
 pub mod mail;
+pub mod notified_pull;
 pub mod webhook;
 
 use std::any::Any;
@@ -113,6 +114,8 @@ pub struct SinkContext {
     pub content: Arc<dyn ketenbus_connectors::ContentStore>,
     /// The key delivery reports are tokened with (mail sinks).
     pub report_key: Vec<u8>,
+    /// This node's Notified Pull (`[notified_pull]`), for `notified-pull` sinks.
+    pub pull: Option<Arc<crate::deliver::pull::NotifiedPull>>,
 }
 
 impl std::fmt::Debug for SinkContext {

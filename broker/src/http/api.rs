@@ -362,6 +362,8 @@ mod tests {
             max_body: 1 << 20,
             keyer: PatientKeyer::new(SECRET.to_vec()),
             mitz: None,
+            pull: None,
+            resources: None,
         });
         let audit = Audit::open(dir.path(), AuditKey::new(vec![7; 32]).unwrap()).unwrap();
         let app = crate::http::auth::protect(

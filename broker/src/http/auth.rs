@@ -113,6 +113,13 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Whether the bearer credential is a JWT (three base64url parts: a Notified Pull token),
+/// not a sender's or operator's token.
+#[must_use]
+pub fn is_jwt(headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|t| t.split('.').count() == 3 && t.starts_with("eyJ"))
+}
+
 /// The principal in `list` whose hash equals `hash`. Every entry is compared in constant
 /// time, so the answer's timing tells nothing about which bytes matched.
 fn find<'a>(
@@ -358,6 +365,9 @@ enum Need {
     Operator,
     /// An operator, or a sender (the handler limits it to its own parties).
     Either,
+    /// A FHIR read of one resource or a search: an operator, a sender (for its own
+    /// parties' resources) or a Notified Pull token (checked by the handler).
+    Reader,
 }
 
 fn need(method: &Method, path: &str) -> Need {
@@ -372,7 +382,12 @@ fn need(method: &Method, path: &str) -> Need {
     if path == "/fhir/Subscription" || path.starts_with("/fhir/Subscription/") {
         return Need::Either; // each handler checks the receiver against a sender's parties
     }
-    if method == Method::GET || method == Method::HEAD {
+    let resource_read = path
+        .strip_prefix("/fhir/")
+        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('$'));
+    if (method == Method::GET || method == Method::HEAD) && resource_read {
+        Need::Reader
+    } else if method == Method::GET || method == Method::HEAD {
         Need::Operator
     } else {
         Need::Sender
@@ -404,6 +419,11 @@ pub fn protect(app: Router, auth: Authenticator, audit: Option<Audit>) -> Router
 /// the audit record of the read names the patient (never the BSN).
 #[derive(Debug, Clone)]
 pub struct PatientSearched(pub String);
+
+/// Set by a FHIR read on its answer: the audit record of that read (who, which event,
+/// which patient's pseudonym), written by the gate before the answer leaves.
+#[derive(Debug, Clone)]
+pub struct ReadAudit(pub Entry);
 
 /// The audit record of a successful read, if the path reads message data.
 fn read_entry(
@@ -478,7 +498,16 @@ async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Re
             Ok(None) => {}
             Err(e) => return refuse(&e),
         },
-        Need::Operator => match auth.operator(req.headers(), cert.as_ref()) {
+        // A Notified Pull token is checked by the handler (it knows the exchange).
+        Need::Reader if is_jwt(req.headers()) => {}
+        Need::Reader
+            if auth.senders_required() && auth.sender(req.headers(), cert.as_ref()).is_ok() =>
+        {
+            if let Ok(Some(p)) = auth.sender(req.headers(), cert.as_ref()) {
+                req.extensions_mut().insert(AuthenticatedSender(p.clone()));
+            }
+        }
+        Need::Operator | Need::Reader => match auth.operator(req.headers(), cert.as_ref()) {
             Ok(p) => {
                 read_by = p.cloned();
                 if let Some(p) = p {
@@ -506,10 +535,13 @@ async fn gate(State(gate): State<Arc<Gate>>, mut req: Request, next: Next) -> Re
     }
     let path = req.uri().path().to_owned();
     let resp = next.run(req).await;
-    if need == Need::Operator
+    let fhir_read = resp.extensions().get::<ReadAudit>().map(|a| a.0.clone());
+    let audited = need == Need::Operator || fhir_read.is_some();
+    if audited
         && resp.status().is_success()
         && let Some(audit) = &gate.audit
-        && let Some(entry) = read_entry(&path, read_by.as_ref(), resp.extensions().get())
+        && let Some(entry) =
+            fhir_read.or_else(|| read_entry(&path, read_by.as_ref(), resp.extensions().get()))
         && let Err(e) = audit.append(vec![entry]).await
     {
         // No read of patient data without its audit record.

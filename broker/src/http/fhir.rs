@@ -67,7 +67,7 @@ fn format_of(content_type: &str) -> Option<Format> {
 }
 
 /// The answer format: the `Accept` header's if it names one, else the request's.
-fn answer_format(headers: &HeaderMap, request: Format) -> Format {
+pub(crate) fn answer_format(headers: &HeaderMap, request: Format) -> Format {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -81,7 +81,7 @@ fn answer_format(headers: &HeaderMap, request: Format) -> Format {
     }
 }
 
-fn respond(status: StatusCode, format: Format, body: &Value) -> Response {
+pub(crate) fn respond(status: StatusCode, format: Format, body: &Value) -> Response {
     let (bytes, media) = match fhir::write(format, body) {
         Ok(b) if format == Format::FhirXml => (b, fhir::MEDIA_XML),
         Ok(b) => (b, fhir::MEDIA_JSON),
@@ -95,7 +95,7 @@ fn respond(status: StatusCode, format: Format, body: &Value) -> Response {
     resp
 }
 
-fn issue(
+pub(crate) fn issue(
     status: StatusCode,
     format: Format,
     severity: &str,
@@ -238,6 +238,14 @@ async fn handle(
             );
         }
     };
+    // A Notified Pull notification carries a credential: it goes to the pull inbox, never
+    // into the log.
+    if let Some(pull) = &st.pull
+        && interaction == Interaction::Create
+        && crate::deliver::pull::is_pull_notification(&tree)
+    {
+        return take_notification(pull, &tree, out);
+    }
     let mut attributes = BTreeMap::new();
     if let Some(s) = authenticated {
         attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
@@ -326,6 +334,60 @@ async fn handle(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+/// Take a notification Task POSTed to `/fhir/Task`: 202 once it is durable, 403 from a
+/// party that is no partner, 422 for a Task ketenbus cannot pull after.
+fn take_notification(
+    pull: &crate::deliver::pull::NotifiedPull,
+    task: &Value,
+    out: Format,
+) -> Response {
+    match pull.accept_task(task) {
+        Ok(id) => issue(
+            StatusCode::ACCEPTED,
+            out,
+            "information",
+            "informational",
+            &format!("notification accepted as {id}; the resources are pulled next"),
+            None,
+        ),
+        Err(
+            e @ (crate::deliver::pull::Refused::Partner | crate::deliver::pull::Refused::Requester),
+        ) => {
+            crate::observe::metrics::rejected("fhir", "pull_unknown_partner");
+            issue(
+                StatusCode::FORBIDDEN,
+                out,
+                "error",
+                "forbidden",
+                &e.to_string(),
+                Some("Task.requester"),
+            )
+        }
+        Err(crate::deliver::pull::Refused::Store(e)) => {
+            tracing::error!(error = %e, "notified pull: storing a notification failed");
+            issue(
+                StatusCode::SERVICE_UNAVAILABLE,
+                out,
+                "error",
+                "transient",
+                "the notification cannot be stored now; retry later",
+                None,
+            )
+        }
+        Err(e) => {
+            crate::observe::metrics::rejected("fhir", "pull_invalid_task");
+            issue(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                out,
+                "error",
+                "invalid",
+                &e.to_string(),
+                Some("Task.input"),
+            )
+        }
+    }
 }
 
 /// What one parse of a FHIR request gives the handler.
@@ -582,6 +644,8 @@ mod tests {
             max_body: 1 << 20,
             mitz: None,
             keyer: crate::route::keys::PatientKeyer::new(b"0123456789abcdef".to_vec()),
+            pull: None,
+            resources: None,
         });
         let app = Router::new().merge(routes()).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod fhir;
 pub mod idempotency;
+pub mod pull;
 pub mod server;
 pub mod state;
 pub mod subscription;
@@ -29,6 +30,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .merge(api::routes())
         .merge(fhir::routes())
+        .merge(pull::routes())
         .route("/metrics", get(metrics_text))
         .route(
             crate::deliver::mitz::NOTIFY_PATH,

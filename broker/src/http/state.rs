@@ -24,6 +24,10 @@ pub struct ApiState {
     pub mitz: Option<Arc<crate::deliver::mitz::MitzRegistry>>,
     /// Turns the BSN of a search by patient into the pseudonym the index holds.
     pub keyer: crate::route::keys::PatientKeyer,
+    /// Notified Pull (`[notified_pull]`): the token endpoint and the inbox of notifications.
+    pub pull: Option<Arc<crate::deliver::pull::NotifiedPull>>,
+    /// The resources of every event, read at `GET /fhir/{Type}/{id}`.
+    pub resources: Option<crate::deliver::resources::Resources>,
 }
 
 impl std::fmt::Debug for ApiState {

@@ -129,7 +129,7 @@ pub const CONNECTORS: [&str; 5] = ["http", "fhir", "inbox", "smtp", "imap"];
 
 /// Why a way in refused a message or set it aside (`reason` of [`INGEST_REJECTED_MESSAGES`]):
 /// HTTP and FHIR answers, SMTP replies, inbox files moved to `failed/`, IMAP messages set aside.
-pub const INGEST_REASONS: [&str; 26] = [
+pub const INGEST_REASONS: [&str; 32] = [
     "empty_body",
     "unsupported_media_type",
     "too_large",
@@ -156,6 +156,12 @@ pub const INGEST_REASONS: [&str; 26] = [
     "log_full",
     "unknown_resource",
     "invalid_message",
+    "pull_token_refused",
+    "pull_outside_exchange",
+    "pull_grant_refused",
+    "pull_unknown_partner",
+    "pull_invalid_task",
+    "pull_dead_letter",
 ];
 
 /// Why the router dead-lettered a message (`reason` of [`ROUTER_DEAD_LETTERS`]): the

@@ -32,6 +32,9 @@ pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
         topics::LINEAGE.to_owned(),
     ];
     names.extend(EventKind::ALL.iter().map(|k| topics::events(*k)));
+    if settings.config.notified_pull.is_some() {
+        names.push(topics::dead_letters(crate::deliver::pull::STAGE));
+    }
     for s in &settings.subscriptions {
         names.push(topics::dead_letters(&s.name));
         names.push(topics::replay(&s.name));
@@ -128,6 +131,29 @@ pub async fn run<B: Bus>(
             crate::deliver::mcsd::run(source.clone(), Arc::clone(replica), cancel.clone()),
         );
     }
+    // The resources of every event, readable at /fhir/{Type}/{id}; Notified Pull on them.
+    let resources =
+        crate::deliver::resources::Resources::start(&cfg.data_dir, Arc::clone(&bus), &cancel)
+            .await
+            .context("starting the FHIR resource index")?
+            .with_content(Arc::clone(&content));
+    let pull = match &cfg.notified_pull {
+        Some(n) => {
+            let mut p = crate::deliver::pull::NotifiedPull::open(n, env, &cfg.data_dir)
+                .context("opening the notified pull store")?;
+            p.resources = Some(resources.clone());
+            let p = Arc::new(p);
+            let ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(BusIngest::new(
+                Arc::clone(&bus),
+                lineage.clone(),
+                cfg.http.ingest_timeout,
+            ));
+            let task = Arc::clone(&p).run(Arc::clone(&bus), ingest, cancel.clone());
+            tasks.spawn("notified pull", task);
+            Some(p)
+        }
+        None => None,
+    };
     let sinks = SinkContext {
         book: Arc::new(
             cfg.address_book.clone().with_directories(
@@ -140,6 +166,7 @@ pub async fn run<B: Bus>(
         ),
         content: Arc::clone(&content),
         report_key,
+        pull: pull.clone(),
     };
     for sub in &settings.subscriptions {
         let sink = sub.sink.build(&sinks)?;
@@ -250,6 +277,8 @@ pub async fn run<B: Bus>(
         max_body: cfg.http.max_body_bytes(),
         mitz,
         keyer: patient_keyer,
+        pull,
+        resources: Some(resources),
     });
     let mail_ingest: Arc<dyn ketenbus_connectors::Ingest> = Arc::new(
         ketenbus_connectors::mail::SmtpSenderCheck::new(

@@ -77,6 +77,70 @@ pub fn to_bundle(event: &Event, opts: &EmitOptions) -> Result<Value, FhirError> 
     Ok(b.finish(event, &focus))
 }
 
+/// The resources of an event on their own, as a FHIR server serves them at
+/// `[base]/{Type}/{id}`: exactly the resources of [`to_bundle`] (message style, so every one
+/// keeps its id, which derives from the event id), without the `MessageHeader`, and with each
+/// `urn:uuid` reference rewritten to the relative `Type/id` of the resource it names.
+///
+/// # Errors
+/// [`FhirError::Write`] for events without a FHIR form (letters, for now).
+pub fn resources(event: &Event) -> Result<Vec<Value>, FhirError> {
+    let opts = EmitOptions {
+        style: BundleStyle::Message,
+        ..EmitOptions::default()
+    };
+    let bundle = to_bundle(event, &opts)?;
+    let entries = bundle.get("entry").and_then(Value::as_array).unwrap_or(&[]);
+    let mut names = std::collections::HashMap::new();
+    for e in entries {
+        let (Some(url), Some(r)) = (e.get("fullUrl").and_then(Value::as_str), e.get("resource"))
+        else {
+            continue;
+        };
+        if let (Some(ty), Some(id)) = (
+            r.get("resourceType").and_then(Value::as_str),
+            r.get("id").and_then(Value::as_str),
+        ) {
+            names.insert(url.to_owned(), format!("{ty}/{id}"));
+        }
+    }
+    let mut out = Vec::new();
+    for e in entries {
+        let Some(r) = e.get("resource") else { continue };
+        if r.get("resourceType").and_then(Value::as_str) == Some("MessageHeader") {
+            continue;
+        }
+        let mut r = r.clone();
+        relative_references(&mut r, &names);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// Rewrite every `reference` that names a Bundle entry's full URL to that entry's `Type/id`.
+fn relative_references(v: &mut Value, names: &std::collections::HashMap<String, String>) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(r)) = o.get_mut("reference")
+                && let Some(to) = names.get(r.as_str())
+            {
+                r.clone_from(to);
+            }
+            for key in o.iter().map(|(k, _)| k.to_owned()).collect::<Vec<_>>() {
+                if let Some(child) = o.get_mut(&key) {
+                    relative_references(child, names);
+                }
+            }
+        }
+        Value::Array(a) => {
+            for child in a {
+                relative_references(child, names);
+            }
+        }
+        _ => {}
+    }
+}
+
 struct Entry {
     full_url: String,
     resource: Object,
@@ -1046,7 +1110,9 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
     vec![b.add("referral", sr)]
 }
 
-fn party_reference(party: &str) -> Value {
+/// A Reference to a party by identifier (`ura:…`, `agb:…`, `uzi:…`, else `urn:ketenbus:party`).
+#[must_use]
+pub fn party_reference(party: &str) -> Value {
     let (scheme, value) = party.split_once(':').unwrap_or(("", party));
     let system = match scheme {
         "ura" => systems::URA,
@@ -1109,6 +1175,73 @@ fn notification(b: &mut Builder<'_>, e: &HandoverNotificationEvent) -> Vec<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources_stand_alone_with_relative_references() {
+        let az = include_str!(
+            "../../testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+        );
+        let tree = super::super::json::parse(az.as_bytes()).unwrap();
+        let events = super::super::inbound::events_from(&tree, "env-1", "fhir_json").unwrap();
+        let rs = resources(&events[0]).unwrap();
+        let text = super::super::json::to_vec(&Value::Array(rs.clone()));
+        let text = String::from_utf8(text).unwrap();
+        assert!(!text.contains("urn:uuid:"), "{text}");
+        assert!(!text.contains("MessageHeader"));
+        let mut ids = std::collections::BTreeSet::new();
+        for r in &rs {
+            let id = r.get("id").and_then(Value::as_str).unwrap();
+            assert!(
+                id.starts_with(&events[0].header().id) || id.len() == 32,
+                "{id}"
+            );
+            assert!(ids.insert(id.to_owned()), "ids are unique");
+        }
+        // Pulled one by one into a collection Bundle, they map back to the handover.
+        // (Attachments come inline from the content store: see `sink::inline_resource_attachments`.)
+        let entries: Vec<Value> = rs
+            .iter()
+            .filter(|r| r.get("resourceType").and_then(Value::as_str) != Some("DocumentReference"))
+            .map(|r| {
+                let url = format!(
+                    "https://a.example/fhir/{}/{}",
+                    r.get("resourceType").and_then(Value::as_str).unwrap(),
+                    r.get("id").and_then(Value::as_str).unwrap()
+                );
+                Object::new()
+                    .with("fullUrl", url)
+                    .with("resource", r.clone())
+                    .into()
+            })
+            .collect();
+        let pulled: Value = Object::new()
+            .with("resourceType", "Bundle")
+            .with("type", "collection")
+            .with("entry", entries)
+            .into();
+        let again = super::super::inbound::events_from(&pulled, "env-2", "fhir_json").unwrap();
+        match (&again[0], &events[0]) {
+            (Event::AcuteHandover(a), Event::AcuteHandover(b)) => {
+                assert_eq!(a.referral.code, b.referral.code);
+                assert_eq!(a.referral.reason, b.referral.reason);
+                assert_eq!(a.patient, b.patient);
+                assert_eq!(a.sections, b.sections);
+                assert_eq!(b.attachments.len(), 1, "the ECG, left out here");
+            }
+            other => panic!("{other:?}"),
+        }
+        let sr = rs
+            .iter()
+            .find(|r| r.get("resourceType").and_then(Value::as_str) == Some("ServiceRequest"))
+            .unwrap();
+        let subject = sr.get("subject").and_then(|s| s.get("reference"));
+        assert!(
+            subject
+                .and_then(Value::as_str)
+                .is_some_and(|r| r.starts_with("Patient/")),
+            "{subject:?}"
+        );
+    }
 
     #[test]
     fn local_times_get_seconds_and_the_dutch_offset() {

@@ -108,36 +108,41 @@ pub(crate) fn inline_attachments(bundle: &mut Value, source: &AttachmentSource) 
         return;
     };
     for entry in entries {
-        let Some(Value::Object(res)) = (match entry {
-            Value::Object(e) => e.get_mut("resource"),
+        if let Value::Object(e) = entry
+            && let Some(res) = e.get_mut("resource")
+        {
+            inline_resource_attachments(res, source);
+        }
+    }
+}
+
+/// Replace the content pointers of one DocumentReference by the bytes, where `source` has
+/// them (a resource served on its own carries its document as a Bundle entry would).
+pub fn inline_resource_attachments(resource: &mut Value, source: &AttachmentSource) {
+    let Value::Object(res) = resource else { return };
+    let Some(Value::Array(content)) = res.get_mut("content") else {
+        return;
+    };
+    for c in content {
+        let Some(Value::Object(att)) = (match c {
+            Value::Object(c) => c.get_mut("attachment"),
             _ => None,
         }) else {
             continue;
         };
-        let Some(Value::Array(content)) = res.get_mut("content") else {
+        let Some(hash) = att
+            .str("url")
+            .and_then(|u| u.strip_prefix(CONTENT_URN))
+            .map(str::to_owned)
+        else {
             continue;
         };
-        for c in content {
-            let Some(Value::Object(att)) = (match c {
-                Value::Object(c) => c.get_mut("attachment"),
-                _ => None,
-            }) else {
-                continue;
-            };
-            let Some(hash) = att
-                .str("url")
-                .and_then(|u| u.strip_prefix(CONTENT_URN))
-                .map(str::to_owned)
-            else {
-                continue;
-            };
-            if let Some(bytes) = source(&hash) {
-                att.remove("url");
-                att.insert(
-                    "data",
-                    Value::from(base64::engine::general_purpose::STANDARD.encode(bytes)),
-                );
-            }
+        if let Some(bytes) = source(&hash) {
+            att.remove("url");
+            att.insert(
+                "data",
+                Value::from(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            );
         }
     }
 }
