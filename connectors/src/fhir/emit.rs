@@ -85,6 +85,23 @@ pub fn to_bundle(event: &Event, opts: &EmitOptions) -> Result<Value, FhirError> 
 /// # Errors
 /// [`FhirError::Write`] for events without a FHIR form (letters, for now).
 pub fn resources(event: &Event) -> Result<Vec<Value>, FhirError> {
+    Ok(served(event)?.resources)
+}
+
+/// An event's resources as served (see [`resources`]) and what the message is about.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// `Type/id` of the `MessageHeader.focus` (the first resource when the header names none).
+    pub focus: Option<String>,
+    /// The resources, each with relative `Type/id` references.
+    pub resources: Vec<Value>,
+}
+
+/// [`resources`] together with the message's focus.
+///
+/// # Errors
+/// [`FhirError::Write`] for events without a FHIR form (letters, for now).
+pub fn served(event: &Event) -> Result<Served, FhirError> {
     let opts = EmitOptions {
         style: BundleStyle::Message,
         ..EmitOptions::default()
@@ -104,17 +121,37 @@ pub fn resources(event: &Event) -> Result<Vec<Value>, FhirError> {
             names.insert(url.to_owned(), format!("{ty}/{id}"));
         }
     }
+    let mut focus = None;
     let mut out = Vec::new();
     for e in entries {
         let Some(r) = e.get("resource") else { continue };
         if r.get("resourceType").and_then(Value::as_str) == Some("MessageHeader") {
+            focus = r
+                .get("focus")
+                .and_then(Value::as_array)
+                .and_then(|f| f.first())
+                .and_then(|f| f.get("reference"))
+                .and_then(Value::as_str)
+                .and_then(|u| names.get(u).cloned());
             continue;
         }
         let mut r = r.clone();
         relative_references(&mut r, &names);
         out.push(r);
     }
-    Ok(out)
+    if focus.is_none() {
+        focus = out.first().and_then(|r| {
+            Some(format!(
+                "{}/{}",
+                r.get("resourceType")?.as_str()?,
+                r.get("id")?.as_str()?
+            ))
+        });
+    }
+    Ok(Served {
+        focus,
+        resources: out,
+    })
 }
 
 /// Rewrite every `reference` that names a Bundle entry's full URL to that entry's `Type/id`.

@@ -5,7 +5,6 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ketenbus_connectors::fhir::{BundleStyle, EmitOptions};
 use ketenbus_schemas::Event;
 use serde_json::{Value, json};
 
@@ -38,80 +37,24 @@ pub fn instant(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// The resources of an event as `to_bundle` writes them, without the `MessageHeader`: each
-/// as (`Type/id`, resource), and the focus (`Type/id` of what the message is about).
+/// The resources of an event as served at `/fhir/{Type}/{id}`, each as (`Type/id`,
+/// resource), and the focus (`Type/id` of what the message is about).
 #[must_use]
 pub fn resources(event: &Event) -> (Option<String>, Vec<(String, Value)>) {
-    let opts = EmitOptions {
-        style: BundleStyle::Message,
-        ..EmitOptions::default()
-    };
-    let Ok(bundle) = ketenbus_connectors::fhir::to_bundle(event, &opts) else {
+    let Ok(served) = ketenbus_connectors::fhir::emit::served(event) else {
         return (None, Vec::new()); // letters: no FHIR form yet
     };
-    let Ok(bundle) =
-        serde_json::from_slice::<Value>(&ketenbus_connectors::fhir::json::to_vec(&bundle))
-    else {
-        return (None, Vec::new());
-    };
-    let entries = bundle["entry"].as_array().cloned().unwrap_or_default();
-    let local = |full_url: &str| -> Option<String> {
-        entries
-            .iter()
-            .find(|e| e["fullUrl"] == full_url)
-            .and_then(|e| type_id(&e["resource"]))
-    };
-    let mut focus = None;
-    let mut out = Vec::new();
-    for e in &entries {
-        let r = &e["resource"];
-        if r["resourceType"] == "MessageHeader" {
-            focus = r["focus"][0]["reference"].as_str().and_then(local);
-            continue;
-        }
-        if let Some(tid) = type_id(r) {
-            out.push((tid, r.clone()));
-        }
-    }
-    if focus.is_none() {
-        focus = out.first().map(|(t, _)| t.clone());
-    }
-    // References between the resources become the served URLs' relative form.
-    let urls: Vec<(String, String)> = entries
-        .iter()
-        .filter_map(|e| Some((e["fullUrl"].as_str()?.to_owned(), type_id(&e["resource"])?)))
+    let out = served
+        .resources
+        .into_iter()
+        .filter_map(|r| {
+            let r: Value =
+                serde_json::from_slice(&ketenbus_connectors::fhir::json::to_vec(&r)).ok()?;
+            let tid = format!("{}/{}", r["resourceType"].as_str()?, r["id"].as_str()?);
+            Some((tid, r))
+        })
         .collect();
-    for (_, r) in &mut out {
-        rewrite(r, &urls);
-    }
-    (focus, out)
-}
-
-fn type_id(r: &Value) -> Option<String> {
-    Some(format!(
-        "{}/{}",
-        r["resourceType"].as_str()?,
-        r["id"].as_str()?
-    ))
-}
-
-fn rewrite(v: &mut Value, urls: &[(String, String)]) {
-    match v {
-        Value::Object(map) => {
-            for (k, child) in map.iter_mut() {
-                if k == "reference"
-                    && let Some(s) = child.as_str()
-                    && let Some((_, tid)) = urls.iter().find(|(u, _)| u == s)
-                {
-                    *child = Value::String(tid.clone());
-                } else {
-                    rewrite(child, urls);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(|i| rewrite(i, urls)),
-        _ => {}
-    }
+    (served.focus, out)
 }
 
 /// The status `Parameters` of a notification of type `kind` (`handshake`, `heartbeat`,
