@@ -219,6 +219,8 @@ struct Loop {
     held: usize,
     retry_parts: HashMap<u32, RetryPart>,
     finished: Vec<Done>,
+    /// Where the engine keeps large bodies of raw envelopes.
+    bodies: Option<crate::bus::bodies::BodyStore>,
 }
 
 impl Loop {
@@ -302,6 +304,7 @@ pub async fn run_with<B: Bus>(
         held: 0,
         retry_parts: HashMap::new(),
         finished: Vec::new(),
+        bodies: bus.bodies().cloned(),
     };
     let mut tracked = crate::observe::watch::InFlight::new(&sub.name);
     // Acknowledged since the last commit: committed when the subscription is idle.
@@ -419,7 +422,7 @@ pub async fn run_with<B: Bus>(
             continue;
         }
         st.in_flight += 1;
-        match decode(&record, &name) {
+        match decode(&record, &name, st.bodies.as_ref()) {
             Err(u) => {
                 let source = (
                     record.topic.clone(),

@@ -81,6 +81,8 @@ struct Inner {
     limits: (Duration, u64, u64),
     /// Why new messages are refused, set by each retention pass.
     refusing: Mutex<Option<String>>,
+    /// Large bodies of raw envelopes, beside the log (`data_dir/bodies`).
+    bodies: crate::bus::bodies::BodyStore,
 }
 
 fn now_ms() -> i64 {
@@ -138,7 +140,7 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -32 * 1024)
 }
 
-fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -161,6 +163,11 @@ impl EmbeddedBus {
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| sql_err(&e))?;
         let partitions = load_partitions(&conn).map_err(|e| sql_err(&e))?;
+        let bodies = crate::bus::bodies::BodyStore::open(
+            &data_dir.join("bodies"),
+            usize::try_from(config.large_body.as_u64()).unwrap_or(usize::MAX),
+        )
+        .map_err(|e| BusError::Fatal(format!("body directory: {e}")))?;
         let ckpt = open_checkpointer(&path, config.synchronous).map_err(|e| sql_err(&e))?;
         let (tx, rx) = mpsc::channel(4096);
         let (appended_tx, appended) = watch::channel(0u64);
@@ -186,6 +193,7 @@ impl EmbeddedBus {
                     config.retention_refuse_margin.as_u64(),
                 ),
                 refusing: Mutex::new(None),
+                bodies,
             }),
         })
     }
@@ -238,6 +246,10 @@ impl Bus for EmbeddedBus {
 
     fn disk_bytes(&self) -> Option<u64> {
         Some(self.bytes_on_disk())
+    }
+
+    fn bodies(&self) -> Option<&crate::bus::bodies::BodyStore> {
+        Some(&self.inner.bodies)
     }
 
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
