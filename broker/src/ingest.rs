@@ -95,37 +95,36 @@ impl<B: Bus> Ingest for BusIngest<B> {
                 (c, _) => c,
             };
             drop(claim);
-            let positions =
-                match published {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(BusError::TooLarge(e))) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Refused {
-                                reason: "too_large",
-                                detail: e,
-                            },
-                        ));
-                    }
-                    Ok(Err(BusError::Unavailable(e))) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Unavailable(e),
-                        ));
-                    }
-                    Ok(Err(e)) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Fatal(e.to_string()),
-                        ));
-                    }
-                    Err(_) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Unavailable("timed out waiting for the log".into()),
-                        ));
-                    }
-                };
+            let positions = match published {
+                Ok(Ok(p)) => p,
+                Ok(Err(BusError::TooLarge(e))) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Refused {
+                            reason: "too_large",
+                            detail: e,
+                        },
+                    ));
+                }
+                Ok(Err(BusError::Unavailable(e))) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Unavailable(e),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Fatal(e.to_string()),
+                    ));
+                }
+                Err(_) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Unavailable("timed out waiting for the log".into()),
+                    ));
+                }
+            };
             let pos = positions[0];
             metrics::received(&envelope.connector, envelope.format, size);
             let mut seen = Received::of(&envelope, pos);

@@ -74,7 +74,10 @@ fn parse_large(spec: &str) -> anyhow::Result<(usize, usize)> {
     let (n, size) = spec
         .split_once('x')
         .ok_or_else(|| anyhow::anyhow!("--large wants NxSIZE, e.g. 4x25MiB"))?;
-    let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
+    let (digits, unit) = size.split_at(
+        size.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(size.len()),
+    );
     let unit = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -290,7 +293,11 @@ async fn large(
                 .body(body)
                 .send()
                 .await?;
-            anyhow::ensure!(resp.status().as_u16() == 202, "ingest answered {}", resp.status());
+            anyhow::ensure!(
+                resp.status().as_u16() == 202,
+                "ingest answered {}",
+                resp.status()
+            );
             Ok(start.elapsed())
         });
     }
