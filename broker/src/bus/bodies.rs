@@ -9,7 +9,7 @@
 //! A body file lives as long as a record on the log names its envelope: the raw record (its
 //! position is kept next to the body as an empty marker file `<id>.at-<partition>-<offset>`
 //! once it is published) or a copy of it on a dead-letter, retry or replay topic. The
-//! engine's retention pass removes the others ([`crate::bus::embedded`]): a body whose record
+//! engine's retention pass removes the others (on the embedded engine): a body whose record
 //! retention removed, and what a crash left (a half-written temporary file, a body whose
 //! record was never committed). A body whose envelope is being published is never removed.
 
