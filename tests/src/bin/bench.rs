@@ -65,6 +65,27 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         * 1024
 }
 
+/// POST a message to the broker at `url`; its answer, which must be 202.
+async fn post_202(
+    client: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<reqwest::Response> {
+    let resp = client
+        .post(format!("{url}/api/v1/messages"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().as_u16() == 202,
+        "ingest answered {}",
+        resp.status()
+    );
+    Ok(resp)
+}
+
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
@@ -180,17 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let body = edifact_message(i, size);
                 let t0 = Instant::now();
-                let resp = client
-                    .post(format!("{url}/api/v1/messages"))
-                    .header("content-type", "application/EDIFACT")
-                    .body(body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    resp.status().as_u16() == 202,
-                    "ingest answered {}",
-                    resp.status()
-                );
+                let resp = post_202(&client, &url, "application/EDIFACT", body).await?;
                 let v: serde_json::Value = resp.json().await?;
                 let id = v["id"].as_str().unwrap_or_default().to_owned();
                 acks.lock().expect("lock").push(t0.elapsed());
@@ -285,20 +296,10 @@ async fn large(
     let start = Instant::now();
     let mut posts = tokio::task::JoinSet::new();
     for body in bodies {
-        let (client, url) = (client.clone(), format!("{}/api/v1/messages", broker.url));
+        let (client, url) = (client.clone(), broker.url.clone());
         posts.spawn(async move {
-            let resp = client
-                .post(url)
-                .header("content-type", "message/rfc822")
-                .body(body)
-                .send()
-                .await?;
-            anyhow::ensure!(
-                resp.status().as_u16() == 202,
-                "ingest answered {}",
-                resp.status()
-            );
-            Ok(start.elapsed())
+            post_202(&client, &url, "message/rfc822", body).await?;
+            Ok::<_, anyhow::Error>(start.elapsed())
         });
     }
     let mut accepted = Duration::ZERO;
