@@ -48,6 +48,30 @@ impl<B: Bus> Ingest for BusIngest<B> {
                 metrics::rejected(&envelope.connector, REASON_LOG_FULL);
                 return Err(IngestError::Unavailable(why));
             }
+            let size = envelope.body.len();
+            // A large body goes to its own file first (durable before the record that names
+            // it), so the record on the log is small.
+            let (envelope, claim) = match self.bus.bodies() {
+                Some(store) if store.takes(size) => {
+                    let store = store.clone();
+                    let mut envelope = envelope;
+                    let (envelope, claim) = tokio::task::spawn_blocking(move || {
+                        let claim = store.claim(&mut envelope);
+                        (envelope, claim)
+                    })
+                    .await
+                    .map_err(|e| IngestError::Fatal(format!("body file task: {e}")))?;
+                    let claim = claim.map_err(|e| {
+                        tracing::warn!(error = %e, "large body not written");
+                        metrics::refused(
+                            &envelope.connector,
+                            IngestError::Unavailable(format!("body file: {e}")),
+                        )
+                    })?;
+                    (envelope, Some(claim))
+                }
+                _ => (envelope, None),
+            };
             let value = envelope
                 .to_avro()
                 .map_err(|e| IngestError::Fatal(e.to_string()))?;
@@ -56,40 +80,56 @@ impl<B: Bus> Ingest for BusIngest<B> {
                 key: envelope.id.clone().into_bytes(),
                 value,
             };
-            let positions =
-                match tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(BusError::TooLarge(e))) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Refused {
-                                reason: "too_large",
-                                detail: e,
-                            },
-                        ));
-                    }
-                    Ok(Err(BusError::Unavailable(e))) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Unavailable(e),
-                        ));
-                    }
-                    Ok(Err(e)) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Fatal(e.to_string()),
-                        ));
-                    }
-                    Err(_) => {
-                        return Err(metrics::refused(
-                            &envelope.connector,
-                            IngestError::Unavailable("timed out waiting for the log".into()),
-                        ));
-                    }
-                };
+            let published =
+                tokio::time::timeout(self.timeout, self.bus.publish(vec![record])).await;
+            let claim = match (claim, &published) {
+                (Some(c), Ok(Ok(p))) => {
+                    c.published(p[0]);
+                    None
+                }
+                // Surely not on the log: the body goes. A timeout keeps it (see `Claim`).
+                (Some(c), Ok(Err(_))) => {
+                    c.refused();
+                    None
+                }
+                (c, _) => c,
+            };
+            drop(claim);
+            let positions = match published {
+                Ok(Ok(p)) => p,
+                Ok(Err(BusError::TooLarge(e))) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Refused {
+                            reason: "too_large",
+                            detail: e,
+                        },
+                    ));
+                }
+                Ok(Err(BusError::Unavailable(e))) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Unavailable(e),
+                    ));
+                }
+                Ok(Err(e)) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Fatal(e.to_string()),
+                    ));
+                }
+                Err(_) => {
+                    return Err(metrics::refused(
+                        &envelope.connector,
+                        IngestError::Unavailable("timed out waiting for the log".into()),
+                    ));
+                }
+            };
             let pos = positions[0];
-            metrics::received(&envelope.connector, envelope.format, envelope.body.len());
-            self.lineage.received(Received::of(&envelope, pos)).await;
+            metrics::received(&envelope.connector, envelope.format, size);
+            let mut seen = Received::of(&envelope, pos);
+            seen.size = size as u64;
+            self.lineage.received(seen).await;
             Ok(Accepted { id: envelope.id })
         })
     }

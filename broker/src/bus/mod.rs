@@ -3,6 +3,7 @@
 //! Two engines: [`embedded`] (SQLite in the data directory) and [`kafka`] (rdkafka), chosen
 //! in one place ([`open`], from the `[bus]` section): nothing outside `bus` names either.
 
+pub mod bodies;
 mod config;
 #[cfg(test)]
 mod contract;
@@ -306,6 +307,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Bytes the log takes on this machine's disk, for an engine that keeps it here.
     fn disk_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// Where large bodies of raw envelopes are kept beside the log (the claim check, see
+    /// [`bodies`]), for an engine whose every reader is on this machine.
+    fn bodies(&self) -> Option<&bodies::BodyStore> {
         None
     }
 }

@@ -5,13 +5,18 @@
 use std::sync::Arc;
 
 use ketenbus_connectors::Payload;
-use ketenbus_schemas::{AvroRecord, DeadLetter, Event, EventKind, RawEnvelope, topics};
+use ketenbus_schemas::{AvroRecord, DeadLetter, Event, EventKind, topics};
 
 use super::{Job, Replay, Undeliverable};
+use crate::bus::bodies::{BodyStore, decode_raw};
 use crate::bus::{AckToken, Record};
 use crate::deliver::config::FilterConfig;
 
-pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliverable> {
+pub(super) fn decode(
+    record: &Record,
+    subscription: &str,
+    bodies: Option<&BodyStore>,
+) -> Result<Job, Undeliverable> {
     // Replayed dead letters carry the original record and its topic.
     if record.topic == topics::replay(subscription) {
         let dl = DeadLetter::from_avro(&record.value).map_err(|e| Undeliverable {
@@ -20,7 +25,13 @@ pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliv
             reason: "undecodable_replay",
             detail: e.to_string(),
         })?;
-        let mut job = decode_value(record.ack_token(), dl.source_topic, dl.key, dl.value)?;
+        let mut job = decode_value(
+            bodies,
+            record.ack_token(),
+            dl.source_topic,
+            dl.key,
+            dl.value,
+        )?;
         job.replay = Some(Replay {
             dead_letter: dl.id,
             attempts: dl.attempt.and_then(|a| u32::try_from(a).ok()).unwrap_or(0),
@@ -28,6 +39,7 @@ pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliv
         return Ok(job);
     }
     decode_value(
+        bodies,
         record.ack_token(),
         record.topic.clone(),
         record.key.clone(),
@@ -35,7 +47,9 @@ pub(super) fn decode(record: &Record, subscription: &str) -> Result<Job, Undeliv
     )
 }
 
+/// The job for a record `value` of `topic`; a raw envelope gets its body back from `bodies`.
 pub(super) fn decode_value(
+    bodies: Option<&BodyStore>,
     token: AckToken,
     topic: String,
     key: Vec<u8>,
@@ -48,7 +62,7 @@ pub(super) fn decode_value(
         detail: e.to_string(),
     };
     let (record_id, envelope_id, kind, payload) = if topic == topics::RAW {
-        let env = RawEnvelope::from_avro(&value).map_err(|e| undecodable(&e))?;
+        let env = decode_raw(bodies, &value).map_err(|e| undecodable(&e))?;
         (
             env.id.clone(),
             env.id.clone(),
@@ -108,7 +122,7 @@ mod tests {
 
     #[test]
     fn filters_match_party_ids() {
-        let env = RawEnvelope {
+        let env = ketenbus_schemas::RawEnvelope {
             id: "m".into(),
             received_at_ms: 0,
             connector: "http".into(),

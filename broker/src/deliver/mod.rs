@@ -226,6 +226,8 @@ struct Loop {
     held: usize,
     retry_parts: HashMap<u32, RetryPart>,
     finished: Vec<Done>,
+    /// Where the engine keeps large bodies of raw envelopes.
+    bodies: Option<crate::bus::bodies::BodyStore>,
 }
 
 impl Loop {
@@ -314,6 +316,7 @@ pub async fn run_with<B: Bus>(
         held: 0,
         retry_parts: HashMap::new(),
         finished: Vec::new(),
+        bodies: bus.bodies().cloned(),
     };
     let mut tracked = crate::observe::watch::InFlight::new(&sub.name);
     // The batch being written, and which of its records came from the retry topic.
@@ -443,7 +446,7 @@ pub async fn run_with<B: Bus>(
             continue;
         }
         st.in_flight += 1;
-        match decode(&record, &name) {
+        match decode(&record, &name, st.bodies.as_ref()) {
             Err(u) => {
                 let source = (
                     record.topic.clone(),

@@ -11,6 +11,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::{Done, Job, Loop, Prior, Report, Undeliverable};
+use crate::bus::bodies::BodyStore;
 use crate::bus::while_unavailable;
 use crate::bus::{AckToken, Bus, BusError, Record, partition_for};
 use crate::deliver::config::RetryConfig;
@@ -78,9 +79,10 @@ pub(super) struct RetryPart {
 }
 
 /// The job for a held retry record.
-fn job_of(held: &Held) -> Result<Job, Undeliverable> {
+fn job_of(held: &Held, bodies: Option<&BodyStore>) -> Result<Job, Undeliverable> {
     let p = &held.parked;
     let mut job = decode_value(
+        bodies,
         held.token.clone(),
         p.source_topic.clone(),
         p.key.clone(),
@@ -240,7 +242,7 @@ impl Loop {
                 next = Some(next.map_or(due, |n| n.min(due)));
                 continue;
             }
-            match job_of(head) {
+            match job_of(head, self.bodies.as_ref()) {
                 Ok(job) => {
                     let lane = partition_for(key, u32::try_from(self.lane_txs.len()).unwrap_or(1))
                         as usize;

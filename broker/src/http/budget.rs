@@ -77,7 +77,17 @@ async fn hold(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respon
     let (parts, body) = req.into_parts();
     let mut held = gate.budget.reserve(0).expect("nothing always fits");
     let limit = gate.max_body.saturating_add(1);
-    let mut bytes = BytesMut::new();
+    // Sized once from a declared length (hyper holds the body to it), so a large body is
+    // not copied from buffer to ever larger buffer while it arrives.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .map_or(0, |n| n.min(limit));
+    if held.grow_to(declared).is_err() {
+        return over_budget(&gate.budget);
+    }
+    let mut bytes = BytesMut::with_capacity(declared);
     let mut body = body;
     while bytes.len() < limit {
         let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;

@@ -26,6 +26,7 @@ use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topic
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::bus::bodies::{BodyStore, decode_raw};
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Position, Record};
 use crate::bus::{publish_retrying, while_unavailable};
 use crate::observe::health::{Health, State};
@@ -55,6 +56,8 @@ pub struct Routing {
     /// Which delivery reports count: their sources, the token key and the mail
     /// subscriptions a report can be about (and a bounce dead-letter into).
     pub reports: dsn::ReportCheck,
+    /// Where the engine keeps large bodies of raw envelopes (`None`: it keeps none).
+    pub bodies: Option<BodyStore>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -340,7 +343,7 @@ async fn bounce_dead_letter<B: Bus>(
             report.record_id.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let envelope = RawEnvelope::from_avro(&value).ok()?;
+            let envelope = decode_raw(routing.bodies.as_ref(), &value).ok()?;
             let event = events_of(&routing.normalisers, &envelope)
                 .ok()?
                 .into_iter()
@@ -399,7 +402,7 @@ fn event_record(
 
 fn route_one(record: &Record, routing: &Routing) -> Routed {
     let at = now_ms();
-    let envelope = match RawEnvelope::from_avro(&record.value) {
+    let envelope = match decode_raw(routing.bodies.as_ref(), &record.value) {
         Ok(e) => e,
         Err(e) => {
             // Not ours to read: keep it whole, with where it came from.
@@ -792,6 +795,7 @@ mod tests {
             keyer: PatientKeyer::new(b"0123456789abcdef".to_vec()),
             contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
             content: None,
+            bodies: None,
             reports: dsn::ReportCheck {
                 key: b"report key for the router tests".to_vec(),
                 subscriptions: Vec::new(),

@@ -91,6 +91,7 @@ pub async fn run<B: Bus>(
             keyer,
             contrl_partners: cfg.edifact.contrl_partners(),
             content: Some(Arc::clone(&content)),
+            bodies: bus.bodies().cloned(),
             reports: ketenbus_connectors::mail::dsn::ReportCheck {
                 key: report_key.clone(),
                 subscriptions: settings

@@ -6,11 +6,18 @@
 //! target/release/ketenbus-bench --engine embedded --rate 1000 --count 20000
 //! target/release/ketenbus-bench --engine kafka --kafka 127.0.0.1:19092 --count 50000
 //! target/release/ketenbus-bench --engine embedded --count 30000 --batch 100   # batch webhook
+//! target/release/ketenbus-bench --large 4x25MiB
 //! ```
 //! Prints sustained messages/s (first 202 to last delivery), ingest-to-delivered latency
-//! percentiles (from sending the POST to the webhook receiving it) and accept latency
-//! percentiles (from sending the POST to its 202). With `--batch N` the subscription is a
-//! batch webhook (`batch = { max_events = N, max_wait = --batch-wait }`, `concurrency` N x 4)
+//! percentiles (from sending the POST to the webhook receiving it), accept latency
+//! percentiles (from sending the POST to its 202) and the broker's peak RSS (VmHWM).
+//!
+//! `--large NxSIZE` sends N mails of SIZE bytes each (a letter with a PDF attachment) at
+//! once instead, waits until each is delivered to the raw subscriber, then 10 s more, and
+//! prints the broker's peak RSS and its RSS before and after: what large messages cost and
+//! whether the memory is given back.
+//!
+//! With `--batch N` the subscription is a batch webhook (`batch = { max_events = N, max_wait = --batch-wait }`, `concurrency` N x 4)
 //! and the receiver takes JSON arrays: every figure is still per event (each event counts
 //! when the POST carrying it arrives).
 
@@ -52,6 +59,93 @@ struct Args {
     /// The batch webhook's max_wait, in milliseconds.
     #[arg(long, default_value_t = 20)]
     batch_wait: u64,
+    /// Large-message mode: `NxSIZE` (e.g. `4x25MiB`) sends N mails of SIZE bytes at once and
+    /// reports peak RSS and RSS after; `--count`, `--size`, `--rate`, `--senders` are then unused.
+    #[arg(long)]
+    large: Option<String>,
+}
+
+/// A field of `/proc/PID/status` in bytes (`VmHWM`: peak RSS, `VmRSS`: RSS now).
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// POST a message to the broker at `url`; its answer, which must be 202.
+async fn post_202(
+    client: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<reqwest::Response> {
+    let resp = client
+        .post(format!("{url}/api/v1/messages"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().as_u16() == 202,
+        "ingest answered {}",
+        resp.status()
+    );
+    Ok(resp)
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// `4x25MiB` -> (4, 26214400).
+fn parse_large(spec: &str) -> anyhow::Result<(usize, usize)> {
+    let (n, size) = spec
+        .split_once('x')
+        .ok_or_else(|| anyhow::anyhow!("--large wants NxSIZE, e.g. 4x25MiB"))?;
+    let (digits, unit) = size.split_at(
+        size.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(size.len()),
+    );
+    let unit = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        other => anyhow::bail!("--large size unit {other}: B, KiB or MiB"),
+    };
+    Ok((n.parse()?, digits.parse::<usize>()? * unit))
+}
+
+/// A letter of exactly `size` bytes: a short text and a base64 PDF attachment (invented).
+fn large_mail(n: usize, size: usize) -> Vec<u8> {
+    const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let head = format!(
+        "From: <specialist@ziekenhuis.example.test>\r\nTo: <huisarts@gp.example.test>\r\n\
+         Subject: Ontslagbrief (synthetisch) {n}\r\nMessage-ID: <large-{n}@ziekenhuis.example.test>\r\n\
+         MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"=_b\"\r\n\r\n\
+         --=_b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nGeachte collega, de brief."
+    );
+    let part = "\r\n--=_b\r\nContent-Type: application/pdf; name=\"brief.pdf\"\r\n\
+         Content-Disposition: attachment; filename=\"brief.pdf\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\n";
+    let tail = "--=_b--\r\n";
+    let fixed = head.len() + part.len() + tail.len();
+    // Lines of 76 base64 characters (57 bytes each) and CRLF; what is left over is text.
+    let lines = size.saturating_sub(fixed) / 78;
+    let mut s = head.into_bytes();
+    s.resize(size - part.len() - tail.len() - lines * 78, b'.');
+    s.extend_from_slice(part.as_bytes());
+    for l in 0..lines {
+        s.extend((0..76).map(|i| B64[(l * 7 + i * 13 + n) % 64]));
+        s.extend_from_slice(b"\r\n");
+    }
+    s.extend_from_slice(tail.as_bytes());
+    s
 }
 
 /// The webhook receiver: one POST per event, or batches.
@@ -139,6 +233,14 @@ async fn main() -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.senders)
         .build()?;
+    let pid = broker.pid().expect("the broker runs");
+    if let Some(spec) = &args.large {
+        let (n, size) = parse_large(spec)?;
+        let Rx::Single(receiver) = &receiver else {
+            anyhow::bail!("--large sends raw messages to a single webhook: leave out --batch");
+        };
+        return large(&broker, pid, &client, receiver, n, size).await;
+    }
     let sent: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(args.count)));
     // Send to 202 of each message: the durable accept latency.
@@ -178,17 +280,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let body = edifact_message(i, size);
                 let t0 = Instant::now();
-                let resp = client
-                    .post(format!("{url}/api/v1/messages"))
-                    .header("content-type", "application/EDIFACT")
-                    .body(body)
-                    .send()
-                    .await?;
-                anyhow::ensure!(
-                    resp.status().as_u16() == 202,
-                    "ingest answered {}",
-                    resp.status()
-                );
+                let resp = post_202(&client, &url, "application/EDIFACT", body).await?;
                 let v: serde_json::Value = resp.json().await?;
                 let id = v["id"].as_str().unwrap_or_default().to_owned();
                 acks.lock().expect("lock").push(t0.elapsed());
@@ -256,12 +348,69 @@ async fn main() -> anyhow::Result<()> {
         pct_of(&acks, 0.5).as_secs_f64() * 1e3,
         pct_of(&acks, 0.99).as_secs_f64() * 1e3,
     );
+    println!(
+        "broker peak RSS (VmHWM) {:.0} MB",
+        mb(proc_status_bytes(pid, "VmHWM"))
+    );
     anyhow::ensure!(
         seen.len() == args.count,
         "only {} of {} delivered:\n{}",
         seen.len(),
         args.count,
         broker.log_text()
+    );
+    Ok(())
+}
+
+/// Send `n` letters of `size` bytes at once; print peak RSS and RSS before and after.
+async fn large(
+    broker: &Broker,
+    pid: u32,
+    client: &reqwest::Client,
+    receiver: &Receiver,
+    n: usize,
+    size: usize,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(size >= 4096, "--large size must be at least 4 KiB");
+    let bodies: Vec<Vec<u8>> = (0..n).map(|i| large_mail(i, size)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = proc_status_bytes(pid, "VmRSS");
+    eprintln!("sending {n} mails of {size} bytes at once");
+    let start = Instant::now();
+    let mut posts = tokio::task::JoinSet::new();
+    for body in bodies {
+        let (client, url) = (client.clone(), broker.url.clone());
+        posts.spawn(async move {
+            post_202(&client, &url, "message/rfc822", body).await?;
+            Ok::<_, anyhow::Error>(start.elapsed())
+        });
+    }
+    let mut accepted = Duration::ZERO;
+    while let Some(r) = posts.join_next().await {
+        accepted = accepted.max(r??);
+    }
+    let got = receiver.wait_for(n, Duration::from_secs(300)).await;
+    let delivered = start.elapsed();
+    anyhow::ensure!(
+        got.len() >= n && got.iter().all(|r| r.body.len() == size),
+        "{} of {n} delivered whole:\n{}",
+        got.iter().filter(|r| r.body.len() == size).count(),
+        broker.log_text()
+    );
+    let peak = proc_status_bytes(pid, "VmHWM");
+    let rss_done = proc_status_bytes(pid, "VmRSS");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rss_after = proc_status_bytes(pid, "VmRSS");
+    println!(
+        "large={n}x{size}B accepted_in={:.2}s delivered_in={:.2}s peak_rss={:.0}MB rss_idle_before={:.0}MB rss_at_delivery={:.0}MB rss_10s_after={:.0}MB (anon {:.0}MB, file {:.0}MB)",
+        accepted.as_secs_f64(),
+        delivered.as_secs_f64(),
+        mb(peak),
+        mb(rss_idle),
+        mb(rss_done),
+        mb(rss_after),
+        mb(proc_status_bytes(pid, "RssAnon")),
+        mb(proc_status_bytes(pid, "RssFile")),
     );
     Ok(())
 }

@@ -29,6 +29,11 @@ pub struct EmbeddedConfig {
     /// How often retention runs.
     #[serde(with = "humantime_serde")]
     pub retention_interval: Duration,
+    /// A message body larger than this is kept in its own file in `data_dir/bodies`
+    /// (written and fsynced before the message is acknowledged) and its record on the log
+    /// refers to it, so large messages do not pass through the log's pages and caches. The
+    /// file goes when retention removes the last record that names it.
+    pub large_body: bytesize::ByteSize,
 }
 
 impl Default for EmbeddedConfig {
@@ -41,6 +46,7 @@ impl Default for EmbeddedConfig {
             retention_max_bytes: bytesize::ByteSize::gib(10),
             retention_refuse_margin: bytesize::ByteSize::gib(1),
             retention_interval: Duration::from_secs(60),
+            large_body: bytesize::ByteSize::kib(256),
         }
     }
 }

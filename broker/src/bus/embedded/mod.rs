@@ -85,6 +85,8 @@ struct Inner {
     refusing: Mutex<Option<String>>,
     /// Records just committed, for consumers at the head of their partitions.
     fresh: Arc<fresh::Fresh>,
+    /// Large bodies of raw envelopes, beside the log (`data_dir/bodies`).
+    bodies: crate::bus::bodies::BodyStore,
 }
 
 fn now_ms() -> i64 {
@@ -142,7 +144,7 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "cache_size", -32 * 1024)
 }
 
-fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -165,6 +167,11 @@ impl EmbeddedBus {
         conn.pragma_update(None, "wal_autocheckpoint", 0)
             .map_err(|e| sql_err(&e))?;
         let partitions = load_partitions(&conn).map_err(|e| sql_err(&e))?;
+        let bodies = crate::bus::bodies::BodyStore::open(
+            &data_dir.join("bodies"),
+            usize::try_from(config.large_body.as_u64()).unwrap_or(usize::MAX),
+        )
+        .map_err(|e| BusError::Fatal(format!("body directory: {e}")))?;
         let ckpt = open_checkpointer(&path, config.synchronous).map_err(|e| sql_err(&e))?;
         let (tx, rx) = mpsc::channel(4096);
         let (appended_tx, appended) = watch::channel(0u64);
@@ -193,6 +200,7 @@ impl EmbeddedBus {
                 ),
                 refusing: Mutex::new(None),
                 fresh,
+                bodies,
             }),
         })
     }
@@ -245,6 +253,10 @@ impl Bus for EmbeddedBus {
 
     fn disk_bytes(&self) -> Option<u64> {
         Some(self.bytes_on_disk())
+    }
+
+    fn bodies(&self) -> Option<&crate::bus::bodies::BodyStore> {
+        Some(&self.inner.bodies)
     }
 
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {

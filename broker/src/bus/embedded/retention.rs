@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use super::WriteOp;
 use super::{EmbeddedBus, load_partitions, now_ms};
 use crate::bus::{BusError, Readers, RetentionReport, is_dead_letter_topic};
+use ketenbus_schemas::topics;
 
 impl EmbeddedBus {
     /// Bytes the log takes on disk (database plus WAL).
@@ -46,6 +47,15 @@ impl EmbeddedBus {
     pub(super) async fn enforce(&self, readers: &Readers) -> Result<RetentionReport, BusError> {
         let (max_age, max_bytes, margin) = self.inner.limits;
         let mut report = self.retention_pass(max_age, max_bytes, readers).await?;
+        let (path, bodies) = (self.inner.path.clone(), self.inner.bodies.clone());
+        match tokio::task::spawn_blocking(move || sweep_bodies(&path, &bodies)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(removed = n, "retention removed body files"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "body files not swept, trying again next pass")
+            }
+            Err(e) => tracing::warn!(error = %e, "body sweep failed"),
+        }
         report.refusing = report
             .held
             .iter()
@@ -60,6 +70,93 @@ impl EmbeddedBus {
             .clone_into(&mut self.inner.refusing.lock().expect("refusing lock"));
         Ok(report)
     }
+}
+
+/// Remove the body files no record names any more (see [`crate::bus::bodies`]): a body
+/// whose raw record retention removed and which no dead letter, retry or replay record
+/// copies; a body whose record was never committed (a crash between the fsync and the
+/// commit); a temporary file a crash left half written. Bodies of envelopes being published
+/// are not looked at. Returns how many envelopes' files went.
+///
+/// # Errors
+/// When the database or the directory cannot be read.
+pub(super) fn sweep_bodies(
+    path: &std::path::Path,
+    bodies: &crate::bus::bodies::BodyStore,
+) -> Result<u64, String> {
+    let entries = bodies.entries().map_err(|e| e.to_string())?;
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let conn = super::open_reader(path).map_err(|e| e.to_string())?;
+    let q = |e: rusqlite::Error| e.to_string();
+    let copies: Vec<String> = load_partitions(&conn)
+        .map_err(q)?
+        .into_keys()
+        .filter(|t| {
+            is_dead_letter_topic(t)
+                || t.starts_with("ketenbus.retry.")
+                || t.starts_with("ketenbus.replay.")
+        })
+        .collect();
+    let mut at = conn
+        .prepare("SELECT 1 FROM records WHERE topic = ?1 AND partition = ?2 AND offset = ?3")
+        .map_err(q)?;
+    // Written just before its record was appended: look from a minute before the file's time.
+    let mut by_key = conn
+        .prepare(
+            "SELECT partition, offset FROM records WHERE topic = ?1 AND ts >= ?2 AND key = ?3 LIMIT 1",
+        )
+        .map_err(q)?;
+    let mut copied = conn
+        .prepare("SELECT 1 FROM records WHERE topic = ?1 AND key = ?2 LIMIT 1")
+        .map_err(q)?;
+    let mut removed = 0;
+    for entry in entries {
+        if entry.id.is_empty() {
+            // A temporary file of a write a crash cut short.
+            entry.remove().map_err(|e| e.to_string())?;
+            removed += 1;
+            continue;
+        }
+        let raw_there = match entry.at {
+            Some(pos) => at
+                .exists(params![topics::RAW, pos.partition, pos.offset])
+                .map_err(q)?,
+            None if entry.has_body => {
+                let found: Option<(u32, i64)> = by_key
+                    .query_row(
+                        params![topics::RAW, entry.modified_ms - 60_000, entry.id.as_bytes()],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(q)?;
+                if let Some((partition, offset)) = found {
+                    bodies.note_position(&entry.id, crate::bus::Position { partition, offset });
+                }
+                found.is_some()
+            }
+            None => false,
+        };
+        if raw_there {
+            continue;
+        }
+        let mut kept = false;
+        for topic in &copies {
+            if copied
+                .exists(params![topic, entry.id.as_bytes()])
+                .map_err(q)?
+            {
+                kept = true;
+                break;
+            }
+        }
+        if !kept {
+            entry.remove().map_err(|e| e.to_string())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Offsets never go back: remember each partition's end before its records may go.

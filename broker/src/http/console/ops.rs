@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use ketenbus_connectors::BoxFuture;
-use ketenbus_schemas::{AvroRecord, DeadLetter, RawEnvelope, topics};
+use ketenbus_schemas::{DeadLetter, RawEnvelope, topics};
 
 use crate::bus::{Bus, BusError};
 use crate::deliver::dlq::{self, PurgeError, Selection};
@@ -98,7 +98,7 @@ impl<B: Bus> Operations for BusOperations<B> {
             else {
                 return Ok(None);
             };
-            RawEnvelope::from_avro(&r.value)
+            crate::bus::bodies::decode_raw(self.bus.bodies(), &r.value)
                 .map(Some)
                 .map_err(|e| e.to_string())
         })

@@ -1,0 +1,417 @@
+//! Claim check for large message bodies: on an engine that keeps its log on this machine
+//! (embedded), a body past `bus.embedded.large_body` is written to its own file in
+//! `data_dir/bodies` (to a temporary name, fsynced, renamed, the directory fsynced) before its
+//! envelope goes on the raw topic without it, marked with the attribute [`ATTRIBUTE`]
+//! (`"<length> <sha256>"`). Every reader of the raw topic puts the body back with
+//! [`decode_raw`], so a large message never passes through the log's pages, its Avro copies or
+//! its page caches, and the memory of four 25 MiB messages at once stays small.
+//!
+//! A body file lives as long as a record on the log names its envelope: the raw record (its
+//! position is kept next to the body as an empty marker file `<id>.at-<partition>-<offset>`
+//! once it is published) or a copy of it on a dead-letter, retry or replay topic. The
+//! engine's retention pass removes the others (on the embedded engine): a body whose record
+//! retention removed, and what a crash left (a half-written temporary file, a body whose
+//! record was never committed). A body whose envelope is being published is never removed.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ketenbus_schemas::{AvroRecord, RawEnvelope};
+use sha2::{Digest, Sha256};
+
+use super::Position;
+
+/// The attribute of an envelope whose body is in the body store: `"<length> <sha256>"`.
+pub const ATTRIBUTE: &str = "ketenbus.body_file";
+
+/// Why a raw record could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum RawError {
+    /// The record is not an envelope.
+    #[error("undecodable envelope: {0}")]
+    Codec(#[from] ketenbus_schemas::codec::CodecError),
+    /// The envelope names a body file that cannot be read or does not match.
+    #[error("body file of envelope {id}: {reason}")]
+    Body {
+        /// The envelope id.
+        id: String,
+        /// What went wrong (no patient data).
+        reason: String,
+    },
+}
+
+/// Decode a raw record's value and put back a body kept in `bodies`.
+///
+/// # Errors
+/// When the value is not an envelope, or its body file is missing or does not match.
+pub fn decode_raw(bodies: Option<&BodyStore>, value: &[u8]) -> Result<RawEnvelope, RawError> {
+    let mut env = RawEnvelope::from_avro(value)?;
+    if env.attributes.contains_key(ATTRIBUTE) {
+        let Some(store) = bodies else {
+            return Err(RawError::Body {
+                id: env.id,
+                reason: "this engine keeps no body files".into(),
+            });
+        };
+        store.fill(&mut env)?;
+    }
+    Ok(env)
+}
+
+/// The body files of one data directory. Cheap to clone.
+#[derive(Clone)]
+pub struct BodyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    threshold: usize,
+    /// Envelopes written here whose publish has not finished: never swept.
+    publishing: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for BodyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyStore")
+            .field("dir", &self.inner.dir)
+            .field("threshold", &self.inner.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A body written for an envelope being published. Say how the publish ended:
+/// [`Claim::published`] or [`Claim::refused`]. Dropped without either (the publish timed
+/// out and may still commit), the body is kept and not swept until the next start, when the
+/// sweep looks for its record.
+#[must_use]
+#[derive(Debug)]
+pub struct Claim {
+    store: BodyStore,
+    id: String,
+}
+
+impl Claim {
+    /// The envelope is on the log at `pos`: note its position beside the body.
+    pub fn published(self, pos: Position) {
+        if let Err(e) = std::fs::File::create(self.store.marker(&self.id, pos)) {
+            // The sweep finds the record by its key instead.
+            tracing::warn!(error = %e, "body position marker not written");
+        }
+        self.store.done(&self.id);
+    }
+
+    /// The log refused the envelope: nothing names the body, it goes.
+    pub fn refused(self) {
+        let _ = std::fs::remove_file(self.store.path(&self.id));
+        self.store.done(&self.id);
+    }
+}
+
+/// The file name of an envelope id, or `None` for an id that is not a plain name.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl BodyStore {
+    /// The store in `dir` (created when missing) for bodies longer than `threshold` bytes.
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn open(dir: &Path, threshold: usize) -> std::io::Result<BodyStore> {
+        std::fs::create_dir_all(dir)?;
+        Ok(BodyStore {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                threshold,
+                publishing: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// The directory.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Whether a body of `len` bytes goes to a file.
+    #[must_use]
+    pub fn takes(&self, len: usize) -> bool {
+        len > self.inner.threshold
+    }
+
+    fn done(&self, id: &str) {
+        self.inner
+            .publishing
+            .lock()
+            .expect("publishing lock")
+            .remove(id);
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.inner.dir.join(id)
+    }
+
+    fn marker(&self, id: &str, pos: Position) -> PathBuf {
+        self.inner
+            .dir
+            .join(format!("{id}.at-{}-{}", pos.partition, pos.offset))
+    }
+
+    /// Move `env`'s body into its own file, durable when this returns, and mark the
+    /// envelope. Blocking (a write and two fsyncs).
+    ///
+    /// # Errors
+    /// When the file cannot be written; the envelope is then unchanged.
+    pub fn claim(&self, env: &mut RawEnvelope) -> std::io::Result<Claim> {
+        if !valid_id(&env.id) {
+            return Err(std::io::Error::other("envelope id is not a file name"));
+        }
+        self.inner
+            .publishing
+            .lock()
+            .expect("publishing lock")
+            .insert(env.id.clone());
+        let claim = Claim {
+            store: self.clone(),
+            id: env.id.clone(),
+        };
+        let path = self.path(&env.id);
+        let tmp = self.inner.dir.join(format!(".{}.tmp", env.id));
+        let wrote = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(&env.body)?;
+            f.sync_all()
+        });
+        if let Err(e) = wrote {
+            let _ = std::fs::remove_file(&tmp);
+            claim.refused();
+            return Err(e);
+        }
+        let written = std::fs::rename(&tmp, &path)
+            .and_then(|()| std::fs::File::open(&self.inner.dir)?.sync_all());
+        if let Err(e) = written {
+            claim.refused();
+            return Err(e);
+        }
+        let value = format!(
+            "{} {}",
+            env.body.len(),
+            hex::encode(Sha256::digest(&env.body))
+        );
+        env.attributes.insert(ATTRIBUTE.to_owned(), value);
+        env.body = Vec::new();
+        Ok(claim)
+    }
+
+    /// Put the body of a marked envelope back, checked against its length and SHA-256, and
+    /// take the mark away: the envelope as it was received.
+    ///
+    /// # Errors
+    /// When the file is missing, unreadable or does not match.
+    pub fn fill(&self, env: &mut RawEnvelope) -> Result<(), RawError> {
+        let bad = |reason: String| RawError::Body {
+            id: env.id.clone(),
+            reason,
+        };
+        let Some((len, sha)) = env
+            .attributes
+            .get(ATTRIBUTE)
+            .and_then(|v| v.split_once(' '))
+            .and_then(|(l, s)| Some((l.parse::<usize>().ok()?, s.to_owned())))
+        else {
+            return Err(bad("malformed body attribute".into()));
+        };
+        if !valid_id(&env.id) {
+            return Err(bad("envelope id is not a file name".into()));
+        }
+        let body = std::fs::read(self.path(&env.id)).map_err(|e| bad(e.to_string()))?;
+        if body.len() != len || hex::encode(Sha256::digest(&body)) != sha {
+            return Err(bad("length or sha256 differs from the envelope's".into()));
+        }
+        env.body = body;
+        env.attributes.remove(ATTRIBUTE);
+        Ok(())
+    }
+
+    /// The body files and what the sweep knows of each, skipping envelopes being published.
+    pub(crate) fn entries(&self) -> std::io::Result<Vec<Entry>> {
+        let publishing = self
+            .inner
+            .publishing
+            .lock()
+            .expect("publishing lock")
+            .clone();
+        let mut bodies: std::collections::BTreeMap<String, Entry> =
+            std::collections::BTreeMap::new();
+        let mut temporary = Vec::new();
+        for e in std::fs::read_dir(&self.inner.dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) {
+                if !publishing.contains(id) {
+                    temporary.push(e.path());
+                }
+                continue;
+            }
+            let (id, at) = match name.split_once(".at-") {
+                Some((id, at)) => (id.to_owned(), parse_at(at)),
+                None => (name.clone(), None),
+            };
+            if publishing.contains(&id) {
+                continue;
+            }
+            let modified_ms = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let entry = bodies.entry(id.clone()).or_insert_with(|| Entry {
+                id,
+                at: None,
+                has_body: false,
+                modified_ms: i64::MAX,
+                files: Vec::new(),
+            });
+            entry.files.push(e.path());
+            if at.is_some() {
+                entry.at = at;
+            } else {
+                entry.has_body = true;
+                entry.modified_ms = modified_ms;
+            }
+        }
+        let mut out: Vec<Entry> = bodies.into_values().collect();
+        out.extend(temporary.into_iter().map(|p| Entry {
+            id: String::new(),
+            at: None,
+            has_body: false,
+            modified_ms: 0,
+            files: vec![p],
+        }));
+        Ok(out)
+    }
+
+    /// Note that the raw record of `id` is at `pos` (the sweep found it by its key).
+    pub(crate) fn note_position(&self, id: &str, pos: Position) {
+        let _ = std::fs::File::create(self.marker(id, pos));
+    }
+}
+
+fn parse_at(at: &str) -> Option<Position> {
+    let (p, o) = at.split_once('-')?;
+    Some(Position {
+        partition: p.parse().ok()?,
+        offset: o.parse().ok()?,
+    })
+}
+
+/// One envelope's files as the sweep sees them.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    /// The envelope id; empty for a leftover temporary file.
+    pub(crate) id: String,
+    /// Where its raw record was published, when known.
+    pub(crate) at: Option<Position>,
+    /// Whether the body itself is there (not only a marker).
+    pub(crate) has_body: bool,
+    /// When the body was written (ms since the epoch).
+    pub(crate) modified_ms: i64,
+    /// Every file of it (body, marker, temporary file).
+    pub(crate) files: Vec<PathBuf>,
+}
+
+impl Entry {
+    /// Remove its files, the body first (a marker left alone is removed next time).
+    pub(crate) fn remove(&self) -> std::io::Result<()> {
+        let mut files = self.files.clone();
+        files.sort_by_key(|p| p.to_string_lossy().contains(".at-"));
+        for f in files {
+            match std::fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ketenbus_schemas::Format;
+
+    fn envelope(id: &str, body: Vec<u8>) -> RawEnvelope {
+        RawEnvelope {
+            id: id.into(),
+            received_at_ms: 1,
+            connector: "http".into(),
+            format: Format::Edifact,
+            content_type: "application/EDIFACT".into(),
+            sender: None,
+            receiver: None,
+            body,
+            attributes: std::collections::BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_claimed_body_comes_back_whole_and_a_changed_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BodyStore::open(dir.path(), 10).unwrap();
+        assert!(
+            !store.takes(10) && store.takes(11),
+            "just over the threshold"
+        );
+        let original = envelope("0190-a", b"UNB+UNOA:1+x'".repeat(100));
+        let mut env = original.clone();
+        let claim = store.claim(&mut env).unwrap();
+        claim.published(Position {
+            partition: 3,
+            offset: 7,
+        });
+        assert!(env.body.is_empty());
+        let value = env.to_avro().unwrap();
+        assert!(value.len() < 200, "the record is small");
+        assert_eq!(decode_raw(Some(&store), &value).unwrap(), original);
+        assert!(dir.path().join("0190-a.at-3-7").exists());
+        assert!(
+            matches!(decode_raw(None, &value), Err(RawError::Body { .. })),
+            "an engine without body files does not pretend"
+        );
+        std::fs::write(dir.path().join("0190-a"), b"tampered").unwrap();
+        assert!(matches!(
+            decode_raw(Some(&store), &value),
+            Err(RawError::Body { .. })
+        ));
+    }
+
+    #[test]
+    fn a_refused_claim_removes_the_body_and_one_being_published_is_never_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BodyStore::open(dir.path(), 0).unwrap();
+        let mut env = envelope("0190-b", vec![1; 64]);
+        let claim = store.claim(&mut env).unwrap();
+        assert!(
+            store.entries().unwrap().is_empty(),
+            "a body being published is never swept"
+        );
+        claim.refused();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mut env = envelope("0190-c", vec![1; 64]);
+        drop(store.claim(&mut env).unwrap());
+        assert!(
+            store.entries().unwrap().is_empty(),
+            "a publish that timed out may still commit: kept until the next start"
+        );
+    }
+}

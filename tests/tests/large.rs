@@ -1,0 +1,290 @@
+//! Large messages on the embedded engine, through real sockets against the `ketenbus`
+//! binary: a body past `bus.embedded.large_body` is kept in its own file in `data_dir/bodies`
+//! (not in the log) and delivered whole; retention removes the file with its record, but not
+//! while a dead letter names it; a SIGKILL in the middle of large posts loses nothing that was
+//! acknowledged and leaves no orphan; a body past `http.max_body` is refused with nothing kept.
+
+#![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ketenbus_tests::{Broker, Receiver, eventually, post_message, webhook_subscription};
+
+const THRESHOLD: usize = 64 * 1024;
+
+/// A mail of exactly `size` bytes whose text starts with `token` (invented content).
+fn mail(token: &str, size: usize) -> Vec<u8> {
+    let mut s = format!(
+        "From: <specialist@ziekenhuis.example.test>\r\nTo: <huisarts@gp.example.test>\r\n\
+         Subject: brief\r\nMessage-ID: <m{size}@ziekenhuis.example.test>\r\n\r\n{token}\r\n"
+    )
+    .into_bytes();
+    let mut line = 0usize;
+    while s.len() < size {
+        let text = format!("regel {line} van de brief van {token}\r\n");
+        s.extend_from_slice(text.as_bytes());
+        line += 1;
+    }
+    s.truncate(size);
+    s
+}
+
+fn bodies_dir(b: &Broker) -> PathBuf {
+    b.dir.join("data").join("bodies")
+}
+
+/// Names of the files in the body directory.
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn config(rx: &Receiver, extra: &str) -> String {
+    format!(
+        "[bus.embedded]\nlarge_body = \"64 KiB\"\n{extra}\n{}\
+         [subscriptions.retry]\ninitial = \"50ms\"\nmax = \"200ms\"\n",
+        webhook_subscription("archive", "\"raw\"", &rx.url(), "")
+    )
+}
+
+async fn post(c: &reqwest::Client, b: &Broker, body: Vec<u8>) -> (u16, serde_json::Value) {
+    post_message(c, &b.url, "message/rfc822", body)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_just_over_the_threshold_is_kept_beside_the_log_and_one_at_it_in_the_log() {
+    let rx = Receiver::answering(204).await;
+    let b = Broker::start(&config(&rx, ""));
+    let c = reqwest::Client::new();
+    let at = mail("TOKEN-AT-THE-THRESHOLD-0001", THRESHOLD);
+    let over = mail("TOKEN-JUST-OVER-THRESHOLD-02", THRESHOLD + 1);
+    let (s1, j1) = post(&c, &b, at.clone()).await;
+    let (s2, j2) = post(&c, &b, over.clone()).await;
+    assert_eq!((s1, s2), (202, 202), "{j1} {j2}");
+    let (id_at, id_over) = (j1["id"].as_str().unwrap(), j2["id"].as_str().unwrap());
+
+    let got = rx.wait_for(2, Duration::from_secs(20)).await;
+    let by_id: HashMap<&str, &[u8]> = got
+        .iter()
+        .map(|r| (r.header("idempotency-key").unwrap(), &r.body[..]))
+        .collect();
+    assert_eq!(by_id.get(id_at).copied(), Some(&at[..]), "delivered whole");
+    assert_eq!(
+        by_id.get(id_over).copied(),
+        Some(&over[..]),
+        "delivered whole"
+    );
+
+    // Only the one past the threshold has a file (and its position marker), and its bytes
+    // are not in the log; the one at the threshold is in the log as before.
+    let names = files(&bodies_dir(&b));
+    assert!(names.contains(&id_over.to_owned()), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with(&format!("{id_over}.at-"))),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with(id_at)), "{names:?}");
+    assert_eq!(std::fs::read(bodies_dir(&b).join(id_over)).unwrap(), over);
+    let raw_len = |id: &str| {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import sqlite3; c = sqlite3.connect('file:{}?mode=ro', uri=True); \
+                 print(c.execute(\"SELECT length(value) FROM records WHERE topic = 'ketenbus.raw' AND key = ?\", ('{id}'.encode(),)).fetchone()[0])",
+                b.dir.join("data").join("log.db").display()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<usize>()
+            .unwrap()
+    };
+    assert!(raw_len(id_over) < 2048, "the raw record is small");
+    assert!(
+        raw_len(id_at) > THRESHOLD,
+        "at the threshold it is in the log"
+    );
+
+    // The lineage names its size as received.
+    let l = b.get_json(&format!("/api/v1/messages/{id_over}")).await;
+    assert_eq!(l["size"], THRESHOLD + 1, "{l}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_a_body_with_its_record_but_not_while_a_dead_letter_names_it() {
+    let rx = Receiver::answering(204).await;
+    let b = Broker::start(&config(
+        &rx,
+        "retention_max_age = \"1s\"\nretention_interval = \"200ms\"",
+    ));
+    let c = reqwest::Client::new();
+    let dir = bodies_dir(&b);
+
+    let first = mail("delivered-and-expired", 200 * 1024);
+    let (s, j) = post(&c, &b, first).await;
+    assert_eq!(s, 202, "{j}");
+    let id = j["id"].as_str().unwrap().to_owned();
+    rx.wait_for(1, Duration::from_secs(20)).await;
+    b.eventually(
+        Duration::from_secs(20),
+        "the body gone with its record",
+        async || {
+            let names = files(&dir);
+            (!names.iter().any(|n| n.starts_with(&id)))
+                .then_some(())
+                .ok_or(format!("{names:?}"))
+        },
+    )
+    .await;
+
+    // Refused by the receiver: dead-lettered. Its raw record expires, the body stays.
+    rx.set_status(400);
+    let _second = mail("dead-lettered-then-replayed", 200 * 1024);
+    let (s, j) = post(&c, &b, _second).await;
+    assert_eq!(s, 202, "{j}");
+    let dead = j["id"].as_str().unwrap().to_owned();
+    b.eventually(Duration::from_secs(20), "the dead letter", async || {
+        let (ok, out, _) = b.cli(&["dlq", "list", "--subscription", "archive"]);
+        (ok && out.contains(&dead)).then_some(()).ok_or(out)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(files(&dir).contains(&dead), "{:?}", files(&dir));
+
+    let dead_letters = b.cli(&["dlq", "list", "--subscription", "archive"]).1;
+    assert!(dead_letters.contains(&dead), "{dead_letters}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_among_large_posts_loses_nothing_acknowledged_and_leaves_no_orphan() {
+    let rx = Receiver::answering(204).await;
+    let mut b = Broker::start(&config(&rx, ""));
+    let c = reqwest::Client::new();
+    let mut posts = tokio::task::JoinSet::new();
+    for n in 0..12 {
+        let (c, url) = (c.clone(), b.url.clone());
+        posts.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40 * n)).await;
+            let body = mail(&format!("killed-among-{n:02}"), 1024 * 1024 + n as usize);
+            let r = post_message(&c, &url, "message/rfc822", body.clone()).await;
+            (r.ok(), body)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    b.kill();
+    let mut acked: HashMap<String, Vec<u8>> = HashMap::new();
+    while let Some(r) = posts.join_next().await {
+        if let (Some((202, j)), body) = r.unwrap() {
+            acked.insert(j["id"].as_str().unwrap().to_owned(), body);
+        }
+    }
+    // What a crash can leave: a half-written temporary file, a body whose record never
+    // made it to the log.
+    let dir = bodies_dir(&b);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".0190aaaa-half.tmp"), b"half").unwrap();
+    std::fs::write(dir.join("0190aaaa-never-published"), b"orphan").unwrap();
+
+    b.spawn();
+    for (id, body) in &acked {
+        let r = b
+            .eventually(
+                Duration::from_secs(60),
+                "each acknowledged message",
+                async || {
+                    rx.received()
+                        .into_iter()
+                        .find(|r| r.header("idempotency-key") == Some(id.as_str()))
+                        .ok_or(format!("{id} not delivered"))
+                },
+            )
+            .await;
+        assert_eq!(&r.body[..], &body[..], "{id} delivered whole");
+    }
+    // Every body left has its message; the crash's leftovers are gone.
+    b.eventually(Duration::from_secs(20), "no orphan body", async || {
+        let names = files(&dir);
+        let mut orphans = Vec::new();
+        for n in names.iter().filter(|n| !n.contains(".at-")) {
+            let known = reqwest::get(format!("{}/api/v1/messages/{n}", b.url))
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            if n.starts_with('.') || known != 200 {
+                orphans.push(n.clone());
+            }
+        }
+        orphans
+            .is_empty()
+            .then_some(())
+            .ok_or(format!("orphans {orphans:?} among {names:?}"))
+    })
+    .await;
+    b.kill();
+}
+
+/// POST `body` chunked (no `Content-Length`); the answer's status.
+async fn post_chunked(b: &Broker, body: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = b.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/messages HTTP/1.1\r\nHost: {addr}\r\nContent-Type: message/rfc822\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let mut ok = s.write_all(head.as_bytes()).await.is_ok();
+    for part in body.chunks(64 * 1024) {
+        let chunk = [format!("{:x}\r\n", part.len()).as_bytes(), part, b"\r\n"].concat();
+        ok = ok && s.write_all(&chunk).await.is_ok();
+    }
+    if ok {
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer)
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_max_body_is_refused_with_413_and_nothing_kept() {
+    let rx = Receiver::answering(204).await;
+    let b = Broker::start(&format!("max_body = \"256 KiB\"\n{}", config(&rx, "")));
+    let c = reqwest::Client::new();
+    let (s, j) = post(&c, &b, mail("one-byte-too-many", 256 * 1024 + 1)).await;
+    assert_eq!(s, 413, "{j}");
+    // Chunked, so no Content-Length to refuse it by: cut at the limit all the same.
+    let big = mail("chunked-and-far-too-large", 4 * 1024 * 1024);
+    assert_eq!(post_chunked(&b, &big).await, 413);
+    let list = b.get_json("/api/v1/messages").await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
+    let dir = bodies_dir(&b);
+    assert!(dir.is_dir(), "the body store is there");
+    assert!(files(&dir).is_empty(), "{:?}", files(&dir));
+
+    // At the limit it is taken, and kept as a file.
+    let (s, j) = post(&c, &b, mail("exactly-max-body", 256 * 1024)).await;
+    assert_eq!(s, 202, "{j}");
+    assert_eq!(files(&dir).len(), 2, "body and marker: {:?}", files(&dir));
+    let _ = eventually(Duration::from_secs(20), "delivery", async || {
+        (rx.received().len() == 1).then_some(())
+    })
+    .await;
+}
