@@ -1,8 +1,9 @@
 //! Large messages on the embedded engine, through real sockets against the `ketenbus`
 //! binary: a body past `bus.embedded.large_body` is kept in its own file in `data_dir/bodies`
 //! (not in the log) and delivered whole; retention removes the file with its record, but not
-//! while a dead letter names it; a SIGKILL in the middle of large posts loses nothing that was
-//! acknowledged and leaves no orphan; a body past `http.max_body` is refused with nothing kept.
+//! while a dead letter names it (replayed, it is delivered whole; purged, its file goes); a
+//! SIGKILL in the middle of large posts loses nothing that was acknowledged and leaves no
+//! orphan; a body past `http.max_body` is refused with nothing kept.
 
 #![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
 
@@ -153,8 +154,8 @@ async fn retention_removes_a_body_with_its_record_but_not_while_a_dead_letter_na
 
     // Refused by the receiver: dead-lettered. Its raw record expires, the body stays.
     rx.set_status(400);
-    let _second = mail("dead-lettered-then-replayed", 200 * 1024);
-    let (s, j) = post(&c, &b, _second).await;
+    let second = mail("dead-lettered-then-replayed", 200 * 1024);
+    let (s, j) = post(&c, &b, second.clone()).await;
     assert_eq!(s, 202, "{j}");
     let dead = j["id"].as_str().unwrap().to_owned();
     b.eventually(Duration::from_secs(20), "the dead letter", async || {
@@ -167,6 +168,33 @@ async fn retention_removes_a_body_with_its_record_but_not_while_a_dead_letter_na
 
     let dead_letters = b.cli(&["dlq", "list", "--subscription", "archive"]).1;
     assert!(dead_letters.contains(&dead), "{dead_letters}");
+
+    // Replayed by another process while the broker runs, the receiver accepting again:
+    // delivered whole. (Left refusing, the replay is refused and dead-lettered again.)
+    rx.set_status(204);
+    let (ok, _, err) = b.cli(&["dlq", "replay", "--subscription", "archive", "--id", &dead]);
+    assert!(ok && err.contains("replayed 1"), "{err}");
+    let got = rx.wait_for(2, Duration::from_secs(60)).await;
+    let replayed = got
+        .iter()
+        .find(|r| r.header("idempotency-key") == Some(dead.as_str()))
+        .unwrap_or_else(|| panic!("the replay was not delivered: {}", b.log_text()));
+    assert_eq!(&replayed.body[..], &second[..], "delivered whole");
+    // Purged, the dead letter no longer names the body: it goes once retention has removed
+    // the replay record too.
+    let (ok, _, err) = b.cli(&["dlq", "purge", "--subscription", "archive", "--id", &dead]);
+    assert!(ok && err.contains("purged 1 "), "{err}");
+    b.eventually(
+        Duration::from_secs(20),
+        "the purged body gone",
+        async || {
+            let names = files(&dir);
+            (!names.iter().any(|n| n.starts_with(&dead)))
+                .then_some(())
+                .ok_or(format!("{names:?}"))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
