@@ -516,3 +516,80 @@ timeout = "1s"
         retries + 1
     );
 }
+
+/// A resource is served while its event is on the log; once retention removed the event the
+/// index still knows the resource, and the answer is 410 Gone with an OperationOutcome, not
+/// 404 and never stale content. The XML answer is a FHIR XML resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_whose_event_retention_removed_is_gone() {
+    let probe = Receiver::answering(200).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Broker::prepare(dir.path(), "");
+    configure(
+        &a,
+        &format!(
+            r#"
+[bus.embedded]
+retention_max_age = "1s"
+retention_interval = "200ms"
+[[senders]]
+name = "rav"
+token_sha256 = "{rav}"
+party_ids = ["ura:00000001"]
+[[operators]]
+name = "ops"
+token_sha256 = "{ops}"
+[notified_pull]
+base_url = "{a}/fhir"
+key_env = "PULL_KEY_A"
+[[subscriptions]]
+name = "to-probe"
+kinds = ["acute_handover"]
+sink = {{ type = "notified-pull", base_url = "http://{probe}/fhir", requester = "ura:00000001" }}
+"#,
+            rav = h(RAV),
+            ops = h(OPS),
+            a = a.url,
+            probe = probe.addr,
+        ),
+    );
+    a.set_env(&[("PULL_KEY_A", KEY_A)]);
+    a.spawn();
+    let c = reqwest::Client::new();
+    let resp = post_referral(&c, &a).await;
+    assert_eq!(resp.status().as_u16(), 202, "{}", a.log_text());
+    let tasks = probe.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(tasks.len(), 1, "{}", a.log_text());
+    let task: Value = serde_json::from_slice(&tasks[0].body).unwrap();
+    let read = input(&task, "read-available-resource")[0].to_owned();
+
+    let (status, r) = get(&c, &read, Some(OPS)).await;
+    assert_eq!(status, 200, "{r:#}");
+    let resp = c
+        .get(&read)
+        .header("accept", "application/fhir+xml")
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let xml = resp.text().await.unwrap();
+    let ty = r["resourceType"].as_str().unwrap();
+    assert!(
+        xml.contains(&format!("<{ty} xmlns=\"http://hl7.org/fhir\">"))
+            && xml.contains(&format!("<id value=\"{}\"/>", r["id"].as_str().unwrap())),
+        "{xml}"
+    );
+
+    let started = Instant::now();
+    let (status, r) = loop {
+        let (status, r) = get(&c, &read, Some(OPS)).await;
+        if status != 200 || started.elapsed() > Duration::from_secs(30) {
+            break (status, r);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, 410, "{r:#}\n{}", a.log_text());
+    assert!(!outcome_text(&r).is_empty(), "{r:#}");
+    eprintln!("gone {:?} after the read", started.elapsed());
+}
