@@ -1011,8 +1011,13 @@ fn read(path: &Path, id: &str) -> rusqlite::Result<Option<MessageLineage>> {
                     reason: None,
                     attempts: 0,
                 });
-            d.outcome = s.outcome;
-            d.reason.clone_from(&s.reason);
+            // Of the steps of attempts, the latest attempt decides: steps written in the same
+            // millisecond by different writers (a replay's step and the delivery that followed
+            // it) may sort either way. A step of no attempt (a delivery report) comes after.
+            if s.attempt.is_none_or(|a| a >= d.attempts) {
+                d.outcome = s.outcome;
+                d.reason.clone_from(&s.reason);
+            }
             // A dead letter on the first attempt has no delivery step, only its own.
             d.attempts = d.attempts.max(s.attempt.unwrap_or(0));
         }
@@ -1076,6 +1081,26 @@ mod tests {
     async fn steps(l: &Lineage, id: &str) -> Vec<StepOutcome> {
         let m = l.get(id).await.unwrap().expect("the message is known");
         m.steps.iter().map(|s| s.outcome).collect()
+    }
+
+    /// A replayed dead letter delivered in the same millisecond as its `replayed` step, whose
+    /// step id sorts after the delivery's (two writers): the summary still says delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_latest_attempt_decides_a_delivery_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = log(dir.path()).await;
+        let l = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
+        l.received(received("m1")).await;
+        l.step("m1", delivery(1, StepOutcome::DeadLettered)).await;
+        l.step("m1", delivery(2, StepOutcome::Delivered)).await;
+        let mut replayed = delivery(1, StepOutcome::Replayed);
+        replayed.stage = Stage::DeadLettered;
+        l.step("m1", replayed).await;
+        l.flush().await;
+        let m = l.get("m1").await.unwrap().unwrap();
+        assert_eq!(m.deliveries.len(), 1);
+        assert_eq!(m.deliveries[0].outcome, StepOutcome::Delivered);
+        assert_eq!(m.deliveries[0].attempts, 2);
     }
 
     /// A restart reads on from where the index was; a record read again (its position lost,
