@@ -38,14 +38,13 @@ pub fn instant(ms: i64) -> String {
 }
 
 /// The resources of an event as served at `/fhir/{Type}/{id}`, each as (`Type/id`,
-/// resource), and the focus (`Type/id` of what the message is about).
+/// resource).
 #[must_use]
-pub fn resources(event: &Event) -> (Option<String>, Vec<(String, Value)>) {
-    let Ok(served) = ketenbus_connectors::fhir::emit::served(event) else {
-        return (None, Vec::new()); // letters: no FHIR form yet
+pub fn resources(event: &Event) -> Vec<(String, Value)> {
+    let Ok(served) = ketenbus_connectors::fhir::emit::resources(event) else {
+        return Vec::new(); // letters: no FHIR form yet
     };
-    let out = served
-        .resources
+    served
         .into_iter()
         .filter_map(|r| {
             let r: Value =
@@ -53,8 +52,7 @@ pub fn resources(event: &Event) -> (Option<String>, Vec<(String, Value)>) {
             let tid = format!("{}/{}", r["resourceType"].as_str()?, r["id"].as_str()?);
             Some((tid, r))
         })
-        .collect();
-    (served.focus, out)
+        .collect()
 }
 
 /// The status `Parameters` of a notification of type `kind` (`handshake`, `heartbeat`,
@@ -74,7 +72,9 @@ pub fn status(base: &str, r: &Registration, kind: &str, since: u64, events: &[No
             json!({ "name": "timestamp", "valueInstant": instant(n.at_ms) }),
         ];
         if r.content != Content::Empty
-            && let (Some(focus), _) = resources(&n.event)
+            && let Some(focus) = ketenbus_connectors::fhir::emit::served(&n.event)
+                .ok()
+                .and_then(|s| s.focus)
         {
             part.push(json!({ "name": "focus", "valueReference": { "reference": format!("{base}/{focus}") } }));
         }
@@ -112,7 +112,7 @@ pub fn bundle(
     })];
     if content != Content::Empty {
         for n in events {
-            for (tid, resource) in resources(&n.event).1 {
+            for (tid, resource) in resources(&n.event) {
                 let mut e = json!({
                     "fullUrl": format!("{base}/{tid}"),
                     "request": { "method": "PUT", "url": tid },
