@@ -46,13 +46,25 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
+/// Largest raw body a lane reads for its patients on the async worker itself: parsing
+/// 16 KiB takes about as long as handing it to the blocking pool and back.
+const INLINE_READ: usize = 16 * 1024;
+
 impl Hooks {
     /// The patients (and receiver) a raw message declares, read once for its consent check
     /// and its audit records; nothing for an event or without a reader.
     async fn raw_declared(&self, payload: &Payload) -> crate::route::keys::Declared {
         match (payload, &self.raw_patients) {
             (Payload::Raw(env), Some(raw)) if self.consent.is_some() || self.audit.is_some() => {
-                // Normalising is parsing: off the async workers.
+                // The router's reading of the same bytes, when it came first.
+                if let Some(d) = raw.remembered(&env.id) {
+                    return d;
+                }
+                // Normalising is parsing: a small message here (a thread handoff costs more),
+                // a larger one off the async workers.
+                if env.body.len() <= INLINE_READ {
+                    return raw.declared(env);
+                }
                 let (raw, env) = (Arc::clone(raw), Arc::clone(env));
                 tokio::task::spawn_blocking(move || raw.declared(&env))
                     .await

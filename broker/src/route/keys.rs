@@ -154,10 +154,23 @@ impl PatientKeyer {
 
 /// What a raw message itself declares about whom it concerns, for the audit record of its
 /// delivery: found with the router's normalisers, which are pure, so this is the reading the
-/// router made of the same bytes.
+/// router made of the same bytes. The router hands its reading over ([`RawPatients::remember`]),
+/// so a raw delivery that comes after it parses nothing again.
 pub struct RawPatients {
     normalisers: crate::route::normalise::Normalisers,
     keyer: PatientKeyer,
+    read: std::sync::Mutex<Remembered>,
+}
+
+/// Most readings the router hands over that are kept: the oldest go first. A raw delivery
+/// that comes later normalises the message itself, as before.
+const REMEMBERED: usize = 4096;
+
+/// The router's latest readings by envelope id, oldest first in `order`.
+#[derive(Default)]
+struct Remembered {
+    by_id: std::collections::HashMap<String, Declared>,
+    order: std::collections::VecDeque<String>,
 }
 
 impl std::fmt::Debug for RawPatients {
@@ -175,6 +188,21 @@ pub struct Declared {
     pub receiver: Option<String>,
 }
 
+impl Declared {
+    /// Take in the next event's patient key and receiver (the event as normalised, before
+    /// the router fills in the transport's parties).
+    pub fn add(&mut self, patient: Option<&str>, receiver: Option<&str>) {
+        if let Some(p) = patient
+            && !self.patients.iter().any(|k| k == p)
+        {
+            self.patients.push(p.to_owned());
+        }
+        if self.receiver.is_none() {
+            self.receiver = receiver.map(str::to_owned);
+        }
+    }
+}
+
 impl RawPatients {
     /// With this build's normalisers and `keyer`.
     #[must_use]
@@ -182,7 +210,36 @@ impl RawPatients {
         RawPatients {
             normalisers: crate::route::normalise::normalisers(),
             keyer,
+            read: std::sync::Mutex::default(),
         }
+    }
+
+    /// Keep the router's reading of envelope `id` (what [`RawPatients::declared`] would find),
+    /// for the raw deliveries of the same envelope.
+    pub fn remember(&self, id: &str, declared: Declared) {
+        let mut read = self
+            .read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if read.by_id.insert(id.to_owned(), declared).is_none() {
+            read.order.push_back(id.to_owned());
+            if read.order.len() > REMEMBERED
+                && let Some(oldest) = read.order.pop_front()
+            {
+                read.by_id.remove(&oldest);
+            }
+        }
+    }
+
+    /// The router's reading of envelope `id`, if it made one lately.
+    #[must_use]
+    pub fn remembered(&self, id: &str) -> Option<Declared> {
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .by_id
+            .get(id)
+            .cloned()
     }
 
     /// The events `envelope` normalises into, each with its patient key as the router sets
@@ -205,16 +262,14 @@ impl RawPatients {
         let Ok(events) = crate::route::normalise::events_of(&self.normalisers, envelope) else {
             return Declared::default();
         };
-        let mut patients: Vec<String> = Vec::new();
-        for key in events.iter().filter_map(|e| self.keyer.key_for(e)) {
-            if !patients.contains(&key) {
-                patients.push(key);
-            }
+        let mut declared = Declared::default();
+        for e in &events {
+            declared.add(
+                self.keyer.key_for(e).as_deref(),
+                e.header().receiver.as_deref(),
+            );
         }
-        Declared {
-            patients,
-            receiver: events.iter().find_map(|e| e.header().receiver.clone()),
-        }
+        declared
     }
 }
 
@@ -281,6 +336,29 @@ SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M{n:04}'"
         assert_eq!(
             RawPatients::new(k).declared(&unreadable),
             Declared::default()
+        );
+    }
+
+    #[test]
+    fn the_router_s_readings_are_kept_in_a_bounded_window() {
+        let raw = RawPatients::new(PatientKeyer::new(b"0123456789abcdef".to_vec()));
+        let reading = |i: usize| Declared {
+            patients: vec![format!("p{i}")],
+            receiver: None,
+        };
+        for i in 0..=REMEMBERED {
+            raw.remember(&format!("m{i}"), reading(i));
+        }
+        assert_eq!(raw.remembered("m0"), None, "the oldest went");
+        assert_eq!(raw.remembered("m1"), Some(reading(1)));
+        assert_eq!(
+            raw.remembered(&format!("m{REMEMBERED}")),
+            Some(reading(REMEMBERED))
+        );
+        let read = raw.read.lock().unwrap();
+        assert_eq!(
+            (read.by_id.len(), read.order.len()),
+            (REMEMBERED, REMEMBERED)
         );
     }
 

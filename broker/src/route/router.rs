@@ -31,7 +31,7 @@ use crate::bus::{Bus, BusError, Consumer, OutRecord, Position, Record};
 use crate::bus::{publish_retrying, while_unavailable};
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{Lineage, Received, SETTLE, Step};
-use crate::route::keys::PatientKeyer;
+use crate::route::keys::{Declared, PatientKeyer, RawPatients};
 use crate::route::normalise::{Normalisers, events_of};
 use ketenbus_schemas::now_ms;
 
@@ -58,6 +58,9 @@ pub struct Routing {
     pub reports: dsn::ReportCheck,
     /// Where the engine keeps large bodies of raw envelopes (`None`: it keeps none).
     pub bodies: Option<BodyStore>,
+    /// Raw subscriptions name a message's patients in their audit: the router hands them its
+    /// reading of each envelope, so they need not normalise it again (`None`: no such ones).
+    pub raw_patients: Option<Arc<RawPatients>>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -348,7 +351,8 @@ async fn bounce_dead_letter<B: Bus>(
                 .ok()?
                 .into_iter()
                 .find(|e| e.header().id == record_id)?;
-            event_record(event, &envelope, &routing).ok()
+            let key = routing.keyer.key_for(&event);
+            event_record(event, key, &envelope).ok()
         })
         .await
         .map_err(|e| BusError::Fatal(format!("router task: {e}")))?
@@ -377,14 +381,14 @@ async fn bounce_dead_letter<B: Bus>(
     }))
 }
 
-/// An event as the router publishes it: patient key and transport parties filled in, on
-/// its kind's topic, keyed by patient (or by envelope without one).
+/// An event as the router publishes it: patient key (`key`, the keyer's for the event) and
+/// transport parties filled in, on its kind's topic, keyed by patient (or by envelope without
+/// one).
 fn event_record(
     mut event: Event,
+    key: Option<String>,
     envelope: &RawEnvelope,
-    routing: &Routing,
 ) -> Result<OutRecord, ketenbus_schemas::codec::CodecError> {
-    let key = routing.keyer.key_for(&event);
     let header = event.header_mut();
     header.patient_key.clone_from(&key);
     if header.sender.is_none() {
@@ -456,6 +460,23 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
 
 /// Normalise one envelope into event records, or a dead letter.
 fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64) -> Routed {
+    // What `RawPatients::declared` finds: the events' patient keys and first receiver
+    // (nothing for a message that does not normalise), for the raw deliveries.
+    let mut declared = Declared::default();
+    let routed = normalise_reading(record, envelope, routing, at, &mut declared);
+    if let Some(raw) = &routing.raw_patients {
+        raw.remember(&envelope.id, declared);
+    }
+    routed
+}
+
+fn normalise_reading(
+    record: &Record,
+    envelope: &RawEnvelope,
+    routing: &Routing,
+    at: i64,
+    declared: &mut Declared,
+) -> Routed {
     let normaliser = routing.normalisers.get(&envelope.format);
     match events_of(&routing.normalisers, envelope) {
         Ok(events) => {
@@ -472,12 +493,14 @@ fn normalise(record: &Record, envelope: &RawEnvelope, routing: &Routing, at: i64
                 let mut step = Step::new(at, Stage::Normalised, StepOutcome::Normalised);
                 step.record_id = Some(event.header().id.clone());
                 step.kind = Some(event.kind().as_str().to_owned());
-                step.patient = routing.keyer.key_for(&event);
+                let key = routing.keyer.key_for(&event);
+                declared.add(key.as_deref(), event.header().receiver.as_deref());
+                step.patient.clone_from(&key);
                 if !event.warnings().is_empty() {
                     step.reason = Some("mapped_with_warnings".into());
                     step.detail = Some(event.warnings().join("; "));
                 }
-                match event_record(event, envelope, routing) {
+                match event_record(event, key, envelope) {
                     Ok(r) => out.push(r),
                     Err(e) => {
                         // A mapping produced a value its schema refuses: a bug, kept for replay.
@@ -796,6 +819,7 @@ mod tests {
             contrl_partners: contrl_partners.iter().map(|p| (*p).to_owned()).collect(),
             content: None,
             bodies: None,
+            raw_patients: None,
             reports: dsn::ReportCheck {
                 key: b"report key for the router tests".to_vec(),
                 subscriptions: Vec::new(),
@@ -810,6 +834,48 @@ mod tests {
     const MEDLAB: &str = "UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'UNH+M0042+MEDLAB:1'\
 ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'\
 DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M0042'UNZ+1+IC0042'";
+
+    #[test]
+    fn the_reading_handed_to_raw_deliveries_is_the_one_they_would_make() {
+        let keyer = PatientKeyer::new(b"0123456789abcdef".to_vec());
+        let raw = Arc::new(RawPatients::new(keyer));
+        let mut r = routing(normalisers(), &[]);
+        r.raw_patients = Some(Arc::clone(&raw));
+        let two_patients = format!(
+            "UNB+UNOA:1+500001234+500005678+261101:0815+IC0043'{}{}UNZ+2+IC0043'",
+            MEDLAB
+                .trim_start_matches("UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'")
+                .trim_end_matches("UNZ+1+IC0042'"),
+            MEDLAB
+                .trim_start_matches("UNB+UNOA:1+500001234+500005678+261101:0815+IC0042'")
+                .trim_end_matches("UNZ+1+IC0042'")
+                .replace("M0042", "M0043")
+                .replace("BSN999911120", "BSN999990007"),
+        );
+        // A wrong UNT count: dead-lettered, so it declares no one.
+        let miscounted = MEDLAB.replace("UNT+8", "UNT+3");
+        let bodies: [(Format, &[u8]); 4] = [
+            (Format::Edifact, MEDLAB.as_bytes()),
+            (Format::Edifact, two_patients.as_bytes()),
+            (Format::Edifact, miscounted.as_bytes()),
+            (Format::FhirJson, b"{\"resourceType\": \"Bundle\"}"),
+        ];
+        let mut with_patients = 0;
+        for (format, body) in bodies {
+            let record = raw_record(format, body);
+            route_one(&record, &r);
+            let envelope = decode_raw(None, &record.value).unwrap();
+            let handed = raw.remembered(&envelope.id).expect("the router's reading");
+            assert_eq!(handed, raw.declared(&envelope), "{format:?}");
+            with_patients += usize::from(!handed.patients.is_empty());
+        }
+        assert_eq!(with_patients, 2, "the readings compared are not all empty");
+        assert_eq!(
+            raw.remembered("env-1").unwrap().patients.len(),
+            0,
+            "the latest reading of an id wins"
+        );
+    }
 
     #[test]
     fn mapping_warnings_reach_the_lineage_step() {

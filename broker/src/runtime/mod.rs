@@ -92,6 +92,11 @@ pub async fn run<B: Bus>(
             contrl_partners: cfg.edifact.contrl_partners(),
             content: Some(Arc::clone(&content)),
             bodies: bus.bodies().cloned(),
+            raw_patients: settings
+                .subscriptions
+                .iter()
+                .any(|s| s.sources.contains(&Source::Raw))
+                .then(|| Arc::clone(&raw_patients)),
             reports: ketenbus_connectors::mail::dsn::ReportCheck {
                 key: report_key.clone(),
                 subscriptions: settings

@@ -54,19 +54,37 @@ pub(super) fn writer_loop(
     let mut ends = Ends::default();
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
+        let mut commits = Vec::new();
         let mut others = Vec::new();
         let mut op = Some(first);
         while let Some(next) = op.take() {
             match next {
                 WriteOp::Append(records, reply) => appends.push((records, reply)),
+                WriteOp::Commit(group, points, reply) => commits.push((group, points, reply)),
                 other => others.push(other),
             }
-            if appends.len() + others.len() < max_batch {
+            if appends.len() + commits.len() + others.len() < max_batch {
                 op = rx.try_recv().ok();
             }
         }
+        if appends.is_empty() {
+            // No group commit to ride along with: a transaction of their own.
+            for (group, points, reply) in commits.drain(..) {
+                let _ =
+                    reply.send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
+            }
+        }
         if !appends.is_empty() {
-            let result = append_batch(&mut conn, &mut ends, &appends);
+            // Offset commits go in the appends' transaction: one commit, one fsync.
+            let result = append_batch(&mut conn, &mut ends, &appends, &commits);
+            let committed = result.as_ref().map(drop).map_err(sql_err);
+            for (_, _, reply) in commits.drain(..) {
+                let _ = reply.send(match &committed {
+                    Ok(()) => Ok(()),
+                    Err(BusError::Unavailable(s)) => Err(BusError::Unavailable(s.clone())),
+                    Err(other) => Err(BusError::Fatal(other.to_string())),
+                });
+            }
             match result {
                 Ok((positions, ts)) => {
                     // Consumers first: a publisher that polls right after its publish
@@ -109,10 +127,8 @@ pub(super) fn writer_loop(
         }
         for op in others {
             match op {
-                WriteOp::Append(..) => unreachable!("appends were taken above"),
-                WriteOp::Commit(group, points, reply) => {
-                    let _ = reply
-                        .send(commit_offsets(&mut conn, &group, &points).map_err(|e| sql_err(&e)));
+                WriteOp::Append(..) | WriteOp::Commit(..) => {
+                    unreachable!("appends and commits were taken above")
                 }
                 WriteOp::CreateTopics(specs, reply) => {
                     ends.forget();
@@ -177,14 +193,22 @@ impl Ends {
     }
 }
 
-/// One transaction for every waiting append. A request naming an unknown topic fails alone.
-/// On error the caller forgets `ends`: the offsets handed out were rolled back. Also answers
-/// the records' timestamp.
+/// A consumer group's offsets to commit, and where the answer goes.
+type OffsetCommit = (
+    String,
+    Vec<(String, u32, i64)>,
+    oneshot::Sender<Result<(), BusError>>,
+);
+
+/// One transaction for every waiting append, and the waiting offset `commits`. A request
+/// naming an unknown topic fails alone. On error the caller forgets `ends`: the offsets
+/// handed out were rolled back. Also answers the records' timestamp.
 #[allow(clippy::type_complexity)]
 fn append_batch(
     conn: &mut Connection,
     ends: &mut Ends,
     appends: &[(Vec<OutRecord>, AppendReply)],
+    commits: &[OffsetCommit],
 ) -> rusqlite::Result<(Vec<Result<Vec<Position>, BusError>>, i64)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(appends.len());
@@ -226,6 +250,9 @@ fn append_batch(
             }
             out.push(Ok(positions));
         }
+        for (group, points, _) in commits {
+            upsert_offsets(&tx, group, points)?;
+        }
     }
     tx.commit()?;
     Ok((out, ts))
@@ -237,16 +264,23 @@ fn commit_offsets(
     points: &[(String, u32, i64)],
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    {
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-        )?;
-        for (topic, partition, offset) in points {
-            stmt.execute(params![group, topic, partition, offset])?;
-        }
-    }
+    upsert_offsets(&tx, group, points)?;
     tx.commit()
+}
+
+fn upsert_offsets(
+    conn: &Connection,
+    group: &str,
+    points: &[(String, u32, i64)],
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO group_offsets (grp, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (grp, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+    )?;
+    for (topic, partition, offset) in points {
+        stmt.execute(params![group, topic, partition, offset])?;
+    }
+    Ok(())
 }
 
 fn create_topics(conn: &mut Connection, specs: &[TopicSpec]) -> rusqlite::Result<()> {
@@ -265,6 +299,58 @@ mod tests {
     use super::super::tests::{open_with, rec};
     use super::super::{EmbeddedBus, EmbeddedConfig};
     use crate::bus::Bus;
+
+    #[tokio::test]
+    async fn an_offset_commit_riding_with_appends_is_durable_and_answered() {
+        use super::super::fresh::Fresh;
+        use super::{WriteOp, writer_loop};
+        use tokio::sync::{mpsc, oneshot, watch};
+
+        let dir = tempfile::tempdir().unwrap();
+        drop(open_with(dir.path(), "t", 1).await);
+        let cfg = EmbeddedConfig::default();
+        let path = dir.path().join(&cfg.file);
+        let conn = super::super::open(&path, cfg.synchronous).unwrap();
+        // Both waiting when the writer looks: one group commit takes them together.
+        let (tx, rx) = mpsc::channel(4);
+        let (append, appended_rx) = oneshot::channel();
+        let (commit, committed_rx) = oneshot::channel();
+        tx.send(WriteOp::Append(vec![rec("t", 1, 7)], append))
+            .await
+            .unwrap();
+        tx.send(WriteOp::Commit(
+            "g".into(),
+            vec![("t".into(), 0, 1)],
+            commit,
+        ))
+        .await
+        .unwrap();
+        drop(tx);
+        std::thread::spawn(move || {
+            let (appended, _) = watch::channel(0);
+            let (bell, _rings) = std::sync::mpsc::sync_channel(1);
+            writer_loop(conn, rx, (&appended, &Fresh::new(1024)), &bell, 16);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(appended_rx.await.unwrap().unwrap()[0].offset, 0);
+        committed_rx.await.unwrap().unwrap();
+        let other = rusqlite::Connection::open(&path).unwrap();
+        let next: i64 = other
+            .query_row(
+                "SELECT next_offset FROM group_offsets WHERE grp = 'g' AND topic = 't'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(next, 1);
+        let records: i64 = other
+            .query_row("SELECT COUNT(*) FROM records WHERE topic = 't'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(records, 1);
+    }
 
     #[tokio::test]
     async fn offsets_continue_after_another_writer_appended() {
