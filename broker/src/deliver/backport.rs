@@ -156,10 +156,14 @@ impl Registration {
     }
 }
 
+/// How the ketenbus subscription names of Subscriptions start; a configured subscription
+/// may not take such a name, so operators tell the two apart in every listing.
+pub const NAME_PREFIX: &str = "fhir-";
+
 /// The ketenbus subscription name of the Subscription `id`.
 #[must_use]
 pub fn subscription_name(id: &str) -> String {
-    format!("fhir-{id}")
+    format!("{NAME_PREFIX}{id}")
 }
 
 /// `[fhir_subscriptions]`: FHIR clients that subscribe themselves (`/fhir/Subscription`).

@@ -211,6 +211,11 @@ impl SubscriptionConfig {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             p(at("name"), "must be letters, digits, '-' or '_'".into());
+        } else if s.name.starts_with(crate::deliver::backport::NAME_PREFIX) {
+            p(
+                at("name"),
+                "names starting with \"fhir-\" are those of Subscriptions made through /fhir/Subscription".into(),
+            );
         } else if !seen.insert(s.name.clone()) {
             p(
                 at("name"),

@@ -345,7 +345,8 @@ pub async fn run<B: Bus>(
         settings.subscriptions.clone(),
         (pauses, raw_patients),
         tls.is_some(),
-    );
+    )
+    .with_fhir(Arc::clone(&fhir_subscriptions));
     let serve = crate::http::server::serve(
         listener,
         // Authentication reads headers only; the budget holds bodies of those let in, so a

@@ -178,7 +178,9 @@ impl Registry {
         self.all().iter().map(|r| self.subscription(r)).collect()
     }
 
-    fn subscription(self: &Arc<Self>, r: &Registration) -> Subscription {
+    /// The ketenbus subscription `r` runs as.
+    #[must_use]
+    pub fn subscription(self: &Arc<Self>, r: &Registration) -> Subscription {
         Subscription {
             name: r.subscription_name(),
             sources: BTreeSet::from([Source::Events(r.kind)]),
@@ -634,6 +636,14 @@ async fn to_the_end<B: Bus>(bus: &B, sub: &Subscription) -> Result<u64, crate::b
     Ok(n)
 }
 
+/// A deleted Subscription's series and lag sampling go with it.
+fn forget(id: &str) {
+    let name = super::subscription_name(id);
+    if let Some(topics) = crate::observe::watch::unwatch(&name) {
+        crate::observe::metrics::subscription_removed(&name, &topics);
+    }
+}
+
 /// Run the Subscriptions until `cancel`: each kept one at once, then as the registry asks.
 pub async fn run<B: Bus>(
     bus: Arc<B>,
@@ -690,6 +700,9 @@ pub async fn run<B: Bus>(
             pauses: ctx.pauses.clone(),
         };
         let stop = cancel.child_token();
+        // Seen by operators as any subscription: its series at zero, its lag sampled.
+        crate::observe::metrics::subscription_started(&sub.name, &sub.source_topics());
+        crate::observe::watch::watch_also(&sub.name, &sub.source_topics());
         tasks.spawn(crate::deliver::run_with(
             Arc::clone(&bus),
             sub,
@@ -735,6 +748,7 @@ pub async fn run<B: Bus>(
                     if let Some(stop) = running.remove(&id) {
                         stop.cancel();
                     }
+                    forget(&id);
                 }
             },
         }

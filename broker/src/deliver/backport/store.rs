@@ -13,6 +13,24 @@ use super::Registration;
 /// The file, in the data directory.
 pub const FILE: &str = "fhir-subscriptions.sqlite";
 
+/// The ketenbus subscription names (`fhir-<id>`) of the Subscriptions kept in `data_dir`,
+/// for the commands that read the log (`status`, `dlq`); none when there is no store yet.
+///
+/// # Errors
+/// When the store is there but cannot be read.
+pub fn names(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let path = data_dir.join(FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    let mut stmt = conn.prepare("SELECT id FROM subscription ORDER BY id")?;
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(ids
+        .map(|id| id.map(|id| super::subscription_name(&id)))
+        .collect::<Result<_, _>>()?)
+}
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
