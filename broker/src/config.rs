@@ -204,6 +204,11 @@ impl Config {
         problems.extend(crate::deliver::config::address_book_problems(&book));
         problems.extend(crate::deliver::mcsd::problems(&self.mcsd));
         problems.extend(self.fhir_subscriptions.problems());
+        if let Err(p) =
+            crate::deliver::backport::seal::key_from(&self.fhir_subscriptions.header_key_env, env)
+        {
+            problems.push(p);
+        }
         problems.extend(crate::http::auth::problems(&self.senders, &self.operators));
         problems.extend(crate::deliver::config::consent_problems(
             &self.consent,

@@ -15,6 +15,7 @@
 pub mod manage;
 pub mod notify;
 pub mod parse;
+pub mod seal;
 pub mod store;
 pub mod topic;
 
@@ -113,8 +114,9 @@ impl Status {
     }
 }
 
-/// One Subscription as ketenbus keeps it: what the client asked, checked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One Subscription as ketenbus keeps it: what the client asked, checked. Its `Debug`
+/// leaves out the endpoint and the header values (credentials).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
     /// Server-assigned id (`Subscription.id`).
     pub id: String,
@@ -146,6 +148,18 @@ pub struct Registration {
     pub error: Option<String>,
     /// Who made it (`operator:<name>`, `sender:<name>` or `anonymous`).
     pub owner: String,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("receiver", &self.receiver)
+            .field("headers", &self.headers.len())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Registration {
@@ -187,6 +201,9 @@ pub struct FhirSubscriptionsConfig {
     /// Check consent before each notification when `[consent]` has a registry (the party is
     /// the Subscription's receiver).
     pub consent: Option<FhirConsent>,
+    /// Environment variable with the secret (at least 32 bytes) that `channel.header` values
+    /// are sealed with at rest (AES-256-GCM). Not set: Subscriptions with headers are refused.
+    pub header_key_env: String,
 }
 
 impl Default for FhirSubscriptionsConfig {
@@ -202,6 +219,7 @@ impl Default for FhirSubscriptionsConfig {
             max_timeout: Duration::from_secs(30),
             min_heartbeat: Duration::from_secs(1),
             consent: None,
+            header_key_env: "KETENBUS_FHIR_HEADER_KEY".into(),
         }
     }
 }

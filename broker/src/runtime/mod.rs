@@ -206,6 +206,8 @@ pub async fn run<B: Bus>(
         cfg.fhir_subscriptions.clone(),
         &format!("http://{}/fhir", cfg.http.listen),
         audit.clone(),
+        deliver::backport::seal::key_from(&cfg.fhir_subscriptions.header_key_env, env)
+            .map_err(|p| anyhow::anyhow!("{}: {}", p.path, p.message))?,
     )
     .context("opening the FHIR subscriptions")?;
     let task = deliver::backport::manage::run(

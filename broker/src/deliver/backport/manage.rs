@@ -101,8 +101,9 @@ impl Registry {
         config: FhirSubscriptionsConfig,
         base: &str,
         audit: Option<Audit>,
+        key: Option<super::seal::HeaderKey>,
     ) -> Result<(Arc<Registry>, Commands), OpenError> {
-        let store = Store::open(data_dir)?;
+        let store = Store::open_with(data_dir, key)?;
         let live = store
             .all()?
             .into_iter()
@@ -260,6 +261,7 @@ impl Registry {
                 "this server keeps no more Subscriptions (fhir_subscriptions.max)",
             ));
         }
+        self.can_keep(&asked.headers)?;
         asked.id = hex::encode(rand::random::<[u8; 8]>());
         owner.clone_into(&mut asked.owner);
         let off = asked.status == Status::Off;
@@ -277,6 +279,22 @@ impl Registry {
             return Ok(asked);
         }
         Ok(self.handshake(&asked.id).await)
+    }
+
+    /// Headers are kept only sealed: without a key, a Subscription with headers is refused.
+    fn can_keep(&self, headers: &[String]) -> Result<(), Refusal> {
+        if headers.is_empty() || self.store.seals() {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            422,
+            "not-supported",
+            format!(
+                "this server keeps no channel.header: its operator has not set {} (the key they are kept encrypted with)",
+                self.config.header_key_env
+            ),
+        )
+        .at("Subscription.channel.header"))
     }
 
     async fn start(&self, id: &str, new: bool) -> Result<(), Refusal> {
@@ -321,6 +339,15 @@ impl Registry {
                 "a Subscription's topic and receiver cannot change: delete it and make another",
             ));
         }
+        asked.headers = super::seal::unmask(&asked.headers, &old.headers).map_err(|name| {
+            Refusal::new(
+                422,
+                "invalid",
+                format!("channel.header {name}: give its value, not the mask"),
+            )
+            .at("Subscription.channel.header")
+        })?;
+        self.can_keep(&asked.headers)?;
         asked.id = old.id.clone();
         asked.owner = old.owner.clone();
         let off = asked.status == Status::Off;
@@ -549,7 +576,7 @@ impl Registry {
 
 impl Registration {
     /// What is left of a Subscription deleted meanwhile.
-    fn gone(id: &str) -> Registration {
+    pub(super) fn gone(id: &str) -> Registration {
         Registration {
             id: id.to_owned(),
             kind: ketenbus_schemas::EventKind::Letter,
