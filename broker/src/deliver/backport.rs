@@ -170,9 +170,7 @@ impl Registration {
     }
 }
 
-/// How the ketenbus subscription names of Subscriptions start; a configured subscription
-/// may not take such a name, so operators tell the two apart in every listing.
-pub const NAME_PREFIX: &str = "fhir-";
+pub use crate::deliver::config::FHIR_NAME_PREFIX as NAME_PREFIX;
 
 /// The ketenbus subscription name of the Subscription `id`.
 #[must_use]
@@ -188,7 +186,9 @@ pub struct FhirSubscriptionsConfig {
     /// the Subscription and focus references and the `fullUrl`s of id-only notifications
     /// start with it. Absent: `http://<http.listen>/fhir`.
     pub base_url: Option<String>,
-    /// Retry policy of every Subscription made through the API.
+    /// Retry policy of every Subscription made through the API (a key left out: as in
+    /// [`fhir_retry`]).
+    #[serde(deserialize_with = "fhir_retry_table")]
     pub retry: crate::deliver::config::RetryConfig,
     /// Most Subscriptions at once.
     pub max: usize,
@@ -210,11 +210,7 @@ impl Default for FhirSubscriptionsConfig {
     fn default() -> Self {
         FhirSubscriptionsConfig {
             base_url: None,
-            retry: crate::deliver::config::RetryConfig {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-                give_up_after: Duration::from_secs(24 * 3600),
-            },
+            retry: fhir_retry(),
             max: 100,
             max_timeout: Duration::from_secs(30),
             min_heartbeat: Duration::from_secs(1),
@@ -222,6 +218,22 @@ impl Default for FhirSubscriptionsConfig {
             header_key_env: "KETENBUS_FHIR_HEADER_KEY".into(),
         }
     }
+}
+
+/// `[fhir_subscriptions.retry]`'s defaults, key by key: 1 s, at most 60 s, 24 h.
+#[must_use]
+pub fn fhir_retry() -> crate::deliver::config::RetryConfig {
+    crate::deliver::config::RetryConfig {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        give_up_after: Duration::from_secs(24 * 3600),
+    }
+}
+
+fn fhir_retry_table<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<crate::deliver::config::RetryConfig, D::Error> {
+    crate::deliver::config::RetryConfig::with_defaults(d, fhir_retry())
 }
 
 /// `[fhir_subscriptions.consent]`.
