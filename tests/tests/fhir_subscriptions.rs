@@ -898,3 +898,52 @@ async fn a_subscription_made_through_the_api_is_seen_and_worked_like_a_configure
     assert_eq!(code, 204);
     assert!(series_of(&broker.metrics().await, &name).is_empty());
 }
+
+/// The notification latency: `n` referrals (`KETENBUS_LATENCY_N`, default 200) posted to
+/// `$process-message` one at a time, each waited for, from the post to the subscriber
+/// holding its notification; prints p50, p99 and the worst. A measurement for the README,
+/// run on purpose: `cargo test -p ketenbus-tests --test fhir_subscriptions
+/// notification_latency -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement; run it with --ignored"]
+async fn notification_latency() {
+    let n: usize = std::env::var("KETENBUS_LATENCY_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let rx = Receiver::ok().await;
+    let broker = Broker::start(&config());
+    let (status, made) = post_subscription(
+        &broker,
+        "tok-hap",
+        &subscription(&rx.url(), HAP, "id-only", 3600),
+    )
+    .await;
+    assert_eq!(status, 201, "{made:#}");
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        let sent = Instant::now();
+        post_referral(&broker, HAP, i % 2 == 1).await;
+        let got = wait_kind(&rx, "event-notification", i + 1, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), i + 1, "{}", broker.log_text());
+        let at = rx.received().last().unwrap().at;
+        took.push(at.duration_since(sent));
+    }
+    took.sort();
+    let p = |q: f64| {
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let i = ((took.len() as f64 * q).ceil() as usize).saturating_sub(1);
+        took[i]
+    };
+    eprintln!(
+        "notification latency over {n} referrals, one at a time: p50 {:?}, p99 {:?}, max {:?}",
+        p(0.50),
+        p(0.99),
+        took[took.len() - 1]
+    );
+    assert!(p(0.99) < Duration::from_secs(1), "p99 {:?}", p(0.99));
+}
