@@ -261,6 +261,22 @@ async fn get_until(url: &str, done: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// The client's reset: PUT the Subscription `as_read` back with status `requested` (200);
+/// the answer.
+async fn reset(sub_url: &str, as_read: &Value) -> Value {
+    let mut asked = as_read.clone();
+    asked["status"] = json!("requested");
+    let (code, after) = call(
+        reqwest::Method::PUT,
+        sub_url,
+        "tok-hap",
+        Some(("application/fhir+json", asked.to_string().into_bytes())),
+    )
+    .await;
+    assert_eq!(code, 200, "{after:#}");
+    after
+}
+
 fn valid(what: &str, resources: &[Value]) -> usize {
     match fhir_validate(resources) {
         Ok(_) => resources.len(),
@@ -422,16 +438,7 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
     validated += valid("$events", std::slice::from_ref(&missed));
 
     // The reset: PUT status requested, a handshake, active; what failed is sent again.
-    let mut reset = made.clone();
-    reset["status"] = json!("requested");
-    let (code, after) = call(
-        reqwest::Method::PUT,
-        &sub_url,
-        "tok-hap",
-        Some(("application/fhir+json", reset.to_string().into_bytes())),
-    )
-    .await;
-    assert_eq!(code, 200, "{after:#}");
+    let after = reset(&sub_url, &made).await;
     assert_eq!(after["status"], "active");
     let got = wait_kind(&rx, "event-notification", 3, Duration::from_secs(10)).await;
     let numbers: BTreeMap<u64, u64> = got
@@ -818,16 +825,7 @@ async fn a_subscription_made_through_the_api_is_seen_and_worked_like_a_configure
 
     // The client resets it with what it read (the masked header); a replay delivers it.
     rx.set_status(200);
-    let mut reset = read.clone();
-    reset["status"] = json!("requested");
-    let (code, after) = call(
-        reqwest::Method::PUT,
-        &sub_url,
-        "tok-hap",
-        Some(("application/fhir+json", reset.to_string().into_bytes())),
-    )
-    .await;
-    assert_eq!(code, 200, "{after:#}");
+    let after = reset(&sub_url, &read).await;
     assert_eq!(after["status"], "active", "{after:#}");
     let (ok, _, err) = broker.cli(&["dlq", "replay", "--subscription", &name, "--all"]);
     assert!(ok, "{err}");
