@@ -204,6 +204,11 @@ impl Config {
         problems.extend(crate::deliver::config::address_book_problems(&book));
         problems.extend(crate::deliver::mcsd::problems(&self.mcsd));
         problems.extend(self.fhir_subscriptions.problems());
+        if let Err(p) =
+            crate::deliver::backport::seal::key_from(&self.fhir_subscriptions.header_key_env, env)
+        {
+            problems.push(p);
+        }
         problems.extend(crate::http::auth::problems(&self.senders, &self.operators));
         problems.extend(crate::deliver::config::consent_problems(
             &self.consent,
@@ -414,6 +419,45 @@ mod tests {
         assert_eq!(s.config.http.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(s.config.bus.engine, Engine::Embedded);
         assert_eq!(s.config.data_dir, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn a_partly_written_retry_table_keeps_the_defaults_of_its_own_section() {
+        use std::time::Duration;
+        let c = Config::from_toml(
+            "[notified_pull]\nbase_url = \"https://k.example.test/fhir\"\nkey_env = \"K\"\n\
+             [notified_pull.retry]\ngive_up_after = \"1h\"\n\
+             [fhir_subscriptions.retry]\ninitial = \"2s\"\n",
+        )
+        .unwrap();
+        let pull = c.notified_pull.unwrap().retry;
+        assert_eq!(pull.give_up_after, Duration::from_secs(3600));
+        assert_eq!(
+            pull.initial,
+            Duration::from_secs(1),
+            "notified_pull's own default"
+        );
+        assert_eq!(pull.max, Duration::from_secs(300));
+        let fhir = c.fhir_subscriptions.retry;
+        assert_eq!(fhir.initial, Duration::from_secs(2));
+        assert_eq!(
+            fhir.max,
+            Duration::from_secs(60),
+            "fhir_subscriptions' own default"
+        );
+        assert_eq!(fhir.give_up_after, Duration::from_secs(24 * 3600));
+        let absent = Config::from_toml(
+            "[notified_pull]\nbase_url = \"https://k.example.test/fhir\"\nkey_env = \"K\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            absent.notified_pull.unwrap().retry.initial,
+            Duration::from_secs(1)
+        );
+        assert!(
+            Config::from_toml("[fhir_subscriptions.retry]\ninitail = \"2s\"\n").is_err(),
+            "an unknown key is refused"
+        );
     }
 
     #[test]

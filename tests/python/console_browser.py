@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--pause-sub", required=True, help="a subscription to pause and resume")
     ap.add_argument("--next-message", required=True, help="EDIFACT body to post while paused")
     ap.add_argument("--patient", help="a BSN to search by")
+    ap.add_argument("--fhir-sub", help="a Subscription made through /fhir/Subscription (fhir-<id>)")
     ap.add_argument("--shots", required=True)
     ap.add_argument("--urls", required=True)
     a = ap.parse_args()
@@ -68,11 +69,12 @@ def main():
         expect(page.locator("#operator")).to_have_text("alice")
 
         # Overview: live numbers and charts from the metrics registry.
-        expect(page.locator("#overview-subs tbody tr")).to_have_count(2)
+        subs = 3 if a.fhir_sub else 2
+        expect(page.locator("#overview-subs tbody tr")).to_have_count(subs)
         expect(page.locator("#cards .card .n").first).not_to_have_text("0")
         expect(page.locator("#chart-connectors svg rect")).not_to_have_count(0)
         time.sleep(7)  # a few refreshes: the sparklines get points
-        expect(page.locator("#overview-subs svg path.line")).to_have_count(2)
+        expect(page.locator("#overview-subs svg path.line")).to_have_count(subs)
         shot("02-overview")
 
         # Search: the filters go in a POST body; the result links to the message.
@@ -139,6 +141,22 @@ def main():
         page.click(f"#resume-{a.pause_sub}")
         expect(row).to_contain_text("running")
         shot("08-subscriptions-resumed")
+
+        # A Subscription made through /fhir/Subscription is listed, marked, and paused and
+        # resumed like a configured one.
+        if a.fhir_sub:
+            fhir = page.locator(f"#subs tr[data-name='{a.fhir_sub}']")
+            expect(fhir).to_contain_text("FHIR Subscription")
+            expect(fhir).to_contain_text("running")
+            shot("09-subscriptions-fhir")
+            page.click(f"#pause-{a.fhir_sub}")
+            expect(fhir).to_contain_text("paused")
+            expect(page.locator("#flash")).to_have_text(f"{a.fhir_sub} paused")
+            page.click(f"#resume-{a.fhir_sub}")
+            expect(fhir).to_contain_text("running")
+            page.goto(a.url + "#dead-letters/" + a.fhir_sub)
+            expect(page.locator("#dl-sub")).to_have_text(a.fhir_sub)
+            page.click("#nav-subscriptions")
         page.goto(a.url + "#message/" + held)
         delivered = page.locator("#message-deliveries li", has_text=a.pause_sub)
         for _ in range(60):

@@ -148,8 +148,42 @@ async fn forward(
         .unwrap()
 }
 
+/// Make a FHIR Subscription (acute handovers for a GP post) notifying `endpoint`, as the
+/// operator: its subscription name (`fhir-<id>`).
+async fn fhir_subscription(b: &Broker, endpoint: &str) -> String {
+    let backport = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/";
+    let asked = serde_json::json!({
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "acute handovers for the GP post",
+        "criteria": "urn:ketenbus:fhir:SubscriptionTopic:acute-handover",
+        "_criteria": { "extension": [{
+            "url": format!("{backport}backport-filter-criteria"),
+            "valueString": "ServiceRequest?receiver=ura:90000001",
+        }] },
+        "channel": { "type": "rest-hook", "endpoint": endpoint, "payload": "application/fhir+json" },
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("{}/fhir/Subscription", b.url))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/fhir+json")
+        .body(asked.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let made: serde_json::Value = resp.json().await.unwrap();
+    format!("fhir-{}", made["id"].as_str().unwrap())
+}
+
 /// Run the browser script; `Err` with its output when it fails.
-async fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (String, Vec<String>) {
+async fn drive(
+    python: &str,
+    b: &Broker,
+    id: &str,
+    patient: Option<&str>,
+    fhir: Option<&str>,
+) -> (String, Vec<String>) {
     let shots = repo()
         .join("target/console-screenshots")
         .join(if patient.is_some() {
@@ -182,6 +216,9 @@ async fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (St
     if let Some(p) = patient {
         cmd.args(["--patient", p]);
     }
+    if let Some(f) = fhir {
+        cmd.args(["--fhir-sub", f]);
+    }
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -209,8 +246,11 @@ async fn drive(python: &str, b: &Broker, id: &str, patient: Option<&str>) -> (St
 async fn an_operator_works_the_console_in_a_real_browser() {
     let Some(python) = browser() else { return };
     let (gp, archive, b, id) = scene().await;
+    // A Subscription made through the API, to be listed and paused like the others.
+    let subscriber = Receiver::ok().await;
+    let fhir = fhir_subscription(&b, &subscriber.url()).await;
 
-    let (_, visited) = drive(&python, &b, &id, None).await;
+    let (_, visited) = drive(&python, &b, &id, None, Some(&fhir)).await;
 
     assert_eq!(
         gp.received().len(),
@@ -232,6 +272,11 @@ async fn an_operator_works_the_console_in_a_real_browser() {
             "no {action} by alice: {trail:?}"
         );
     }
+    assert!(
+        trail.iter().any(|r| r["action"] == "subscription_pause"
+            && r["party"] == format!("subscription:{fhir}").as_str()),
+        "the FHIR Subscription's pause is audited: {trail:?}"
+    );
     assert!(visited.iter().any(|u| u.contains("/console/api/search")));
     for u in &visited {
         assert!(!u.contains(BSN), "a URL with the BSN: {u}");
@@ -254,7 +299,7 @@ async fn an_operator_works_the_console_in_a_real_browser() {
 async fn an_operator_finds_a_message_by_the_patients_bsn_in_the_browser() {
     let Some(python) = browser() else { return };
     let (_gp, _archive, b, id) = scene().await;
-    let (_, visited) = drive(&python, &b, &id, Some(BSN)).await;
+    let (_, visited) = drive(&python, &b, &id, Some(BSN), None).await;
     for u in &visited {
         assert!(!u.contains(BSN), "a URL with the BSN: {u}");
     }

@@ -54,9 +54,13 @@ fn known(settings: &Settings, name: &str, router_ok: bool) -> anyhow::Result<()>
     // Notified Pull's dead letters (pulls that failed) are listed and purged like the router's.
     let pull_stage =
         router_ok && name == crate::deliver::pull::STAGE && settings.config.notified_pull.is_some();
+    // Subscriptions made through /fhir/Subscription, as `fhir-<id>`.
+    let fhir = crate::deliver::backport::store::names(&settings.config.data_dir)
+        .context("reading the FHIR subscriptions")?;
     if (router_ok && name == "router")
         || pull_stage
         || settings.subscriptions.iter().any(|s| s.name == name)
+        || fhir.iter().any(|f| f == name)
     {
         return Ok(());
     }
@@ -69,6 +73,7 @@ fn known(settings: &Settings, name: &str, router_ok: bool) -> anyhow::Result<()>
         .subscriptions
         .iter()
         .map(|s| s.name.as_str())
+        .chain(fhir.iter().map(String::as_str))
         .collect();
     if router_ok {
         names.push("router");

@@ -347,6 +347,8 @@ async fn durable(settings: &Settings, config: &Path) -> anyhow::Result<Durable> 
         .iter()
         .map(|s| s.name.clone())
         .collect();
+    // Subscriptions made through /fhir/Subscription (`fhir-<id>`): their dead letters too.
+    stages.extend(crate::deliver::backport::store::names(&cfg.data_dir)?);
     stages.push("router".to_owned());
     let dead_letters = crate::bus::open(
         &cfg.bus,

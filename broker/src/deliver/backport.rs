@@ -15,6 +15,7 @@
 pub mod manage;
 pub mod notify;
 pub mod parse;
+pub mod seal;
 pub mod store;
 pub mod topic;
 
@@ -113,8 +114,9 @@ impl Status {
     }
 }
 
-/// One Subscription as ketenbus keeps it: what the client asked, checked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One Subscription as ketenbus keeps it: what the client asked, checked. Its `Debug`
+/// leaves out the endpoint and the header values (credentials).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
     /// Server-assigned id (`Subscription.id`).
     pub id: String,
@@ -148,6 +150,18 @@ pub struct Registration {
     pub owner: String,
 }
 
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .field("receiver", &self.receiver)
+            .field("headers", &self.headers.len())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Registration {
     /// The name of its ketenbus subscription (topics, consumer group, metrics, audit).
     #[must_use]
@@ -156,10 +170,12 @@ impl Registration {
     }
 }
 
+pub use crate::deliver::config::FHIR_NAME_PREFIX as NAME_PREFIX;
+
 /// The ketenbus subscription name of the Subscription `id`.
 #[must_use]
 pub fn subscription_name(id: &str) -> String {
-    format!("fhir-{id}")
+    format!("{NAME_PREFIX}{id}")
 }
 
 /// `[fhir_subscriptions]`: FHIR clients that subscribe themselves (`/fhir/Subscription`).
@@ -170,7 +186,9 @@ pub struct FhirSubscriptionsConfig {
     /// the Subscription and focus references and the `fullUrl`s of id-only notifications
     /// start with it. Absent: `http://<http.listen>/fhir`.
     pub base_url: Option<String>,
-    /// Retry policy of every Subscription made through the API.
+    /// Retry policy of every Subscription made through the API (a key left out: as in
+    /// [`fhir_retry`]).
+    #[serde(deserialize_with = "fhir_retry_table")]
     pub retry: crate::deliver::config::RetryConfig,
     /// Most Subscriptions at once.
     pub max: usize,
@@ -183,23 +201,39 @@ pub struct FhirSubscriptionsConfig {
     /// Check consent before each notification when `[consent]` has a registry (the party is
     /// the Subscription's receiver).
     pub consent: Option<FhirConsent>,
+    /// Environment variable with the secret (at least 32 bytes) that `channel.header` values
+    /// are sealed with at rest (AES-256-GCM). Not set: Subscriptions with headers are refused.
+    pub header_key_env: String,
 }
 
 impl Default for FhirSubscriptionsConfig {
     fn default() -> Self {
         FhirSubscriptionsConfig {
             base_url: None,
-            retry: crate::deliver::config::RetryConfig {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-                give_up_after: Duration::from_secs(24 * 3600),
-            },
+            retry: fhir_retry(),
             max: 100,
             max_timeout: Duration::from_secs(30),
             min_heartbeat: Duration::from_secs(1),
             consent: None,
+            header_key_env: "KETENBUS_FHIR_HEADER_KEY".into(),
         }
     }
+}
+
+/// `[fhir_subscriptions.retry]`'s defaults, key by key: 1 s, at most 60 s, 24 h.
+#[must_use]
+pub fn fhir_retry() -> crate::deliver::config::RetryConfig {
+    crate::deliver::config::RetryConfig {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        give_up_after: Duration::from_secs(24 * 3600),
+    }
+}
+
+fn fhir_retry_table<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<crate::deliver::config::RetryConfig, D::Error> {
+    crate::deliver::config::RetryConfig::with_defaults(d, fhir_retry())
 }
 
 /// `[fhir_subscriptions.consent]`.

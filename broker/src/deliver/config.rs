@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use ketenbus_connectors::address_book::AddressBook;
 use ketenbus_schemas::EventKind;
@@ -118,31 +117,12 @@ impl SinkConfig {
     }
 }
 
-/// `[subscriptions.retry]`: exponential backoff with jitter.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryConfig {
-    /// First wait after a failure: the first retry never comes sooner. Each later wait
-    /// doubles, plus up to 25% jitter, never past `max`.
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    /// Longest wait between tries.
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-    /// After this long since the first try, the record goes to the dead letters.
-    #[serde(with = "humantime_serde")]
-    pub give_up_after: Duration,
-}
+pub use super::backoff::RetryConfig;
 
-impl Default for RetryConfig {
-    fn default() -> Self {
-        RetryConfig {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(300),
-            give_up_after: Duration::from_secs(24 * 3600),
-        }
-    }
-}
+/// How the ketenbus subscription names of Subscriptions made through `/fhir/Subscription`
+/// start (`fhir-<id>`); a configured subscription may not take such a name, so operators
+/// tell the two apart in every listing.
+pub const FHIR_NAME_PREFIX: &str = "fhir-";
 
 /// What a subscription takes from the log.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -211,6 +191,11 @@ impl SubscriptionConfig {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
             p(at("name"), "must be letters, digits, '-' or '_'".into());
+        } else if s.name.starts_with(FHIR_NAME_PREFIX) {
+            p(
+                at("name"),
+                "names starting with \"fhir-\" are those of Subscriptions made through /fhir/Subscription".into(),
+            );
         } else if !seen.insert(s.name.clone()) {
             p(
                 at("name"),

@@ -35,6 +35,7 @@
 //!
 //! All of this uses the `Bus` contract only, so both engines behave alike.
 
+pub mod backoff;
 pub mod backport;
 pub mod config;
 pub mod consent;

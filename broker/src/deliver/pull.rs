@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{Bus, OutRecord};
+use crate::deliver::backoff::RetryConfig;
 use crate::deliver::resources::Resources;
 use crate::env::{Env, Problem};
 
@@ -60,48 +61,28 @@ pub struct NotifiedPullConfig {
     /// How long a token is valid.
     #[serde(default = "default_token_ttl", with = "humantime_serde")]
     pub token_ttl: Duration,
-    /// Retries of a failed pull from a partner; after `give_up_after` it is a dead letter.
-    #[serde(default)]
-    pub retry: PullRetryConfig,
+    /// Retries of a failed pull from a partner (waits doubling from `initial` to `max`);
+    /// after `give_up_after` since the notification came, it is a dead letter.
+    #[serde(default = "pull_retry", deserialize_with = "pull_retry_table")]
+    pub retry: RetryConfig,
     /// Partners whose notification Tasks this node takes and pulls after.
     #[serde(default)]
     pub partners: Vec<PartnerConfig>,
 }
 
-/// `[notified_pull.retry]`: waits between pulls that failed, doubling from `initial` to
-/// `max`; after `give_up_after` since the notification came, a dead letter.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PullRetryConfig {
-    /// First wait after a failed pull.
-    #[serde(with = "humantime_serde")]
-    pub initial: Duration,
-    /// Longest wait between pulls.
-    #[serde(with = "humantime_serde")]
-    pub max: Duration,
-    /// After this long since the notification was accepted, it goes to the dead letters.
-    #[serde(with = "humantime_serde")]
-    pub give_up_after: Duration,
-}
-
-impl Default for PullRetryConfig {
-    fn default() -> Self {
-        PullRetryConfig {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(300),
-            give_up_after: Duration::from_secs(24 * 3600),
-        }
+/// `[notified_pull.retry]`'s defaults, key by key: first wait 1 s, at most 5 min, a dead
+/// letter after 24 h.
+fn pull_retry() -> RetryConfig {
+    RetryConfig {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(300),
+        give_up_after: Duration::from_secs(24 * 3600),
     }
 }
 
-impl PullRetryConfig {
-    /// The wait after failed pull number `attempt` (1 for the first).
-    fn wait(&self, attempt: u32) -> Duration {
-        let doubled = self
-            .initial
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-        doubled.min(self.max)
-    }
+/// `[notified_pull.retry]`, each key it leaves out as [`pull_retry`] has it.
+fn pull_retry_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RetryConfig, D::Error> {
+    RetryConfig::with_defaults(d, pull_retry())
 }
 
 fn default_timeout() -> Duration {
@@ -286,7 +267,7 @@ pub struct NotifiedPull {
     key: Vec<u8>,
     base_ttl: Duration,
     token_ttl: Duration,
-    retry: PullRetryConfig,
+    retry: RetryConfig,
     partners: Vec<Partner>,
     conn: Mutex<Connection>,
     /// The resources served to token holders (set by the runtime).
@@ -1083,7 +1064,7 @@ mod tests {
             key_env: "PULL_KEY".into(),
             authorization_base_ttl: Duration::from_secs(60),
             token_ttl: Duration::from_secs(60),
-            retry: PullRetryConfig::default(),
+            retry: pull_retry(),
             partners: vec![PartnerConfig {
                 name: "a".into(),
                 party_ids: vec!["ura:11111111".into()],

@@ -7,7 +7,6 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ketenbus_schemas::{AvroRecord, Outcome, RetryRecord, topics};
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::{Done, Job, Loop, Prior, Report, Undeliverable};
@@ -99,21 +98,10 @@ fn job_of(held: &Held, bodies: Option<&BodyStore>) -> Result<Job, Undeliverable>
     Ok(job)
 }
 
-/// The wait before try number `attempt + 1`: exponential from `initial`, capped at `max`,
-/// with jitter upwards in [100%, 125%] (never past `max`) so retries of many records spread
-/// out. Never shorter than `initial`: the first retry never comes before the documented
-/// first wait.
+/// The wait before try number `attempt + 1` (see [`RetryConfig::wait`]).
 #[must_use]
 pub fn backoff(retry: &RetryConfig, attempt: u32) -> Duration {
-    let exp = retry.initial.saturating_mul(
-        1u32.checked_shl(attempt.saturating_sub(1).min(30))
-            .unwrap_or(u32::MAX),
-    );
-    let capped = exp.min(retry.max);
-    capped
-        .mul_f64(rand::rng().random_range(1.0..=1.25))
-        .min(retry.max)
-        .max(retry.initial)
+    retry.wait(attempt)
 }
 
 /// Learn which keys have unfinished records on the retry topic (its tail past the retry

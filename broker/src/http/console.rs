@@ -66,6 +66,8 @@ pub struct Console {
     pub cookie_path: String,
     /// The listener speaks TLS: the cookie is `Secure` (see [`Console::secure`]).
     pub tls: bool,
+    /// Subscriptions made through `/fhir/Subscription`, listed and worked as `fhir-<id>`.
+    pub fhir: Option<Arc<crate::deliver::backport::Registry>>,
 }
 
 impl Console {
@@ -93,7 +95,33 @@ impl Console {
             raw_patients,
             cookie_path: cfg.cookie_path(),
             tls,
+            fhir: None,
         }
+    }
+
+    /// With the Subscriptions made through `/fhir/Subscription`.
+    #[must_use]
+    pub fn with_fhir(mut self, registry: Arc<crate::deliver::backport::Registry>) -> Console {
+        self.fhir = Some(registry);
+        self
+    }
+
+    /// The configured subscriptions, then those made through `/fhir/Subscription` with
+    /// their Subscription (id, receiver, status).
+    fn all(&self) -> Vec<(Subscription, Option<crate::deliver::backport::Registration>)> {
+        let mut out: Vec<_> = self
+            .subscriptions
+            .iter()
+            .map(|s| (s.clone(), None))
+            .collect();
+        if let Some(r) = &self.fhir {
+            out.extend(
+                r.all()
+                    .into_iter()
+                    .map(|reg| (r.subscription(&reg), Some(reg))),
+            );
+        }
+        out
     }
 }
 
@@ -269,9 +297,10 @@ impl Console {
                 .is_some_and(|p| p.eq_ignore_ascii_case("https"))
     }
 
-    fn subscription(&self, name: &str) -> Result<&Subscription, Refusal> {
-        self.subscriptions
-            .iter()
+    fn subscription(&self, name: &str) -> Result<Subscription, Refusal> {
+        self.all()
+            .into_iter()
+            .map(|(s, _)| s)
             .find(|s| s.name == name)
             .ok_or_else(|| Refusal {
                 status: StatusCode::NOT_FOUND,
@@ -533,14 +562,25 @@ async fn raw(
 
 async fn subscriptions(State(c): State<Arc<Console>>) -> Response {
     let mut out = Vec::new();
-    for sub in &c.subscriptions {
+    for (sub, reg) in c.all() {
         let dead = c
             .ops
             .dead_letters(&sub.name, &Selection::default())
             .await
             .map(|d| d.len());
+        // No endpoint, no headers: those may carry the subscriber's credentials.
+        let fhir = reg.map(|r| {
+            json!({
+                "id": r.id,
+                "receiver": r.receiver,
+                "status": r.status.code(),
+                "topic": crate::deliver::backport::topic::Topic::of(r.kind).canonical(),
+            })
+        });
         out.push(json!({
             "name": sub.name,
+            "origin": if fhir.is_some() { "fhir" } else { "config" },
+            "fhir_subscription": fhir,
             "paused": c.pauses.is_paused(&sub.name),
             "topics": sub.source_topics(),
             "concurrency": sub.concurrency,

@@ -714,23 +714,53 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
         }
     }
     for (name, topics) in &configured.subscriptions {
-        let name = name.as_str();
-        for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
-            m.deliveries.with_label_values(&[name, outcome.as_str()]);
-        }
-        for reason in DELIVERY_REASONS.into_iter().chain([OTHER]) {
-            m.dead_letters.with_label_values(&[name, reason]);
-        }
-        for reason in RETRY_REASONS.into_iter().chain([OTHER]) {
-            m.retries.with_label_values(&[name, reason]);
-            m.retrying.with_label_values(&[name, reason]).set(0);
-        }
-        m.latency.with_label_values(&[name]);
-        for topic in topics {
-            let kind = topic_kind(topic);
-            m.lag.with_label_values(&[name, kind]).set(0);
-            m.oldest_age.with_label_values(&[name, kind]).set(0.0);
-        }
+        subscription_started(name, topics);
+    }
+}
+
+/// Create the series of subscription `name` reading `topics` at zero (outcomes, dead letters
+/// and retries by every reason, latency, lag and age per topic kind). [`init`] does it for
+/// the configured subscriptions; a Subscription made through `/fhir/Subscription` does it
+/// when it starts, and [`subscription_removed`] takes its series away when it is deleted, so
+/// its series live as long as it does.
+pub fn subscription_started(name: &str, topics: &[String]) {
+    let m = &*METRICS;
+    for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
+        m.deliveries.with_label_values(&[name, outcome.as_str()]);
+    }
+    for reason in DELIVERY_REASONS.into_iter().chain([OTHER]) {
+        m.dead_letters.with_label_values(&[name, reason]);
+    }
+    for reason in RETRY_REASONS.into_iter().chain([OTHER]) {
+        m.retries.with_label_values(&[name, reason]);
+        m.retrying.with_label_values(&[name, reason]).set(0);
+    }
+    m.latency.with_label_values(&[name]);
+    for topic in topics {
+        let kind = topic_kind(topic);
+        m.lag.with_label_values(&[name, kind]).set(0);
+        m.oldest_age.with_label_values(&[name, kind]).set(0.0);
+    }
+}
+
+/// Take away every series of subscription `name` reading `topics` (a deleted FHIR
+/// Subscription): its labels come from closed sets, so these are all it can have.
+pub fn subscription_removed(name: &str, topics: &[String]) {
+    let m = &*METRICS;
+    for outcome in [Outcome::Delivered, Outcome::DeadLettered, Outcome::Filtered] {
+        let _ = m.deliveries.remove_label_values(&[name, outcome.as_str()]);
+    }
+    for reason in DELIVERY_REASONS.into_iter().chain([OTHER]) {
+        let _ = m.dead_letters.remove_label_values(&[name, reason]);
+    }
+    for reason in RETRY_REASONS.into_iter().chain([OTHER]) {
+        let _ = m.retries.remove_label_values(&[name, reason]);
+        let _ = m.retrying.remove_label_values(&[name, reason]);
+    }
+    let _ = m.latency.remove_label_values(&[name]);
+    for kind in topics.iter().map(|t| topic_kind(t)).chain(["replay"]) {
+        let _ = m.lag.remove_label_values(&[name, kind]);
+        let _ = m.oldest_age.remove_label_values(&[name, kind]);
     }
 }
 

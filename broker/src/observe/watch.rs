@@ -135,6 +135,46 @@ struct Watched {
     topics: Vec<(String, Arc<Slot>)>,
 }
 
+impl Watched {
+    fn new(name: &str, source_topics: &[String]) -> Watched {
+        Watched {
+            name: name.to_owned(),
+            group: topics::subscription_group(name),
+            topics: source_topics
+                .iter()
+                .map(|t| (t.clone(), slot_of(name, t)))
+                .collect(),
+        }
+    }
+}
+
+/// Subscriptions started while the broker runs (FHIR Subscriptions): name -> source topics.
+static STARTED: LazyLock<Mutex<HashMap<String, Vec<String>>>> = LazyLock::new(Mutex::default);
+
+fn started() -> std::sync::MutexGuard<'static, HashMap<String, Vec<String>>> {
+    STARTED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Sample subscription `name` reading `source_topics` too, from the next round on (one
+/// started while the broker runs, as configured ones are from the start).
+pub fn watch_also(name: &str, source_topics: &[String]) {
+    started().insert(name.to_owned(), source_topics.to_vec());
+}
+
+/// Stop sampling subscription `name` (a deleted FHIR Subscription); the topics it read.
+pub fn unwatch(name: &str) -> Option<Vec<String>> {
+    let source_topics = started().remove(name)?;
+    let mut slots = SLOTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for t in &source_topics {
+        slots.remove(&(name.to_owned(), t.clone()));
+    }
+    Some(source_topics)
+}
+
 async fn lag_of<B: Bus>(bus: &B, group: &str, topic: &str) -> Option<Vec<(u32, i64, i64)>> {
     match bus.lag(group, topic).await {
         Ok(parts) => Some(parts),
@@ -198,7 +238,11 @@ async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
         metrics::router_lag(total_lag(&parts));
     }
     let now = now_ms();
-    for w in watched {
+    let also: Vec<Watched> = started()
+        .iter()
+        .map(|(name, source_topics)| Watched::new(name, source_topics))
+        .collect();
+    for w in watched.iter().chain(&also) {
         for (topic, slot) in &w.topics {
             let Some(parts) = lag_of(bus, &w.group, topic).await else {
                 continue;
@@ -241,14 +285,7 @@ pub fn watch<B: Bus>(
     let watched: Vec<Watched> = configured
         .subscriptions
         .iter()
-        .map(|(name, source_topics)| Watched {
-            name: name.clone(),
-            group: topics::subscription_group(name),
-            topics: source_topics
-                .iter()
-                .map(|t| (t.clone(), slot_of(name, t)))
-                .collect(),
-        })
+        .map(|(name, source_topics)| Watched::new(name, source_topics))
         .collect();
     async move {
         let mut stalls = Stalls::default();

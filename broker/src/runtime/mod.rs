@@ -211,6 +211,8 @@ pub async fn run<B: Bus>(
         cfg.fhir_subscriptions.clone(),
         &format!("http://{}/fhir", cfg.http.listen),
         audit.clone(),
+        deliver::backport::seal::key_from(&cfg.fhir_subscriptions.header_key_env, env)
+            .map_err(|p| anyhow::anyhow!("{}: {}", p.path, p.message))?,
     )
     .context("opening the FHIR subscriptions")?;
     let task = deliver::backport::manage::run(
@@ -350,7 +352,8 @@ pub async fn run<B: Bus>(
         settings.subscriptions.clone(),
         (pauses, raw_patients),
         tls.is_some(),
-    );
+    )
+    .with_fhir(Arc::clone(&fhir_subscriptions));
     let serve = crate::http::server::serve(
         listener,
         // Authentication reads headers only; the budget holds bodies of those let in, so a

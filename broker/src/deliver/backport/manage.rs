@@ -101,8 +101,9 @@ impl Registry {
         config: FhirSubscriptionsConfig,
         base: &str,
         audit: Option<Audit>,
+        key: Option<super::seal::HeaderKey>,
     ) -> Result<(Arc<Registry>, Commands), OpenError> {
-        let store = Store::open(data_dir)?;
+        let store = Store::open_with(data_dir, key)?;
         let live = store
             .all()?
             .into_iter()
@@ -178,7 +179,9 @@ impl Registry {
         self.all().iter().map(|r| self.subscription(r)).collect()
     }
 
-    fn subscription(self: &Arc<Self>, r: &Registration) -> Subscription {
+    /// The ketenbus subscription `r` runs as.
+    #[must_use]
+    pub fn subscription(self: &Arc<Self>, r: &Registration) -> Subscription {
         Subscription {
             name: r.subscription_name(),
             sources: BTreeSet::from([Source::Events(r.kind)]),
@@ -258,6 +261,7 @@ impl Registry {
                 "this server keeps no more Subscriptions (fhir_subscriptions.max)",
             ));
         }
+        self.can_keep(&asked.headers)?;
         asked.id = hex::encode(rand::random::<[u8; 8]>());
         owner.clone_into(&mut asked.owner);
         let off = asked.status == Status::Off;
@@ -275,6 +279,22 @@ impl Registry {
             return Ok(asked);
         }
         Ok(self.handshake(&asked.id).await)
+    }
+
+    /// Headers are kept only sealed: without a key, a Subscription with headers is refused.
+    fn can_keep(&self, headers: &[String]) -> Result<(), Refusal> {
+        if headers.is_empty() || self.store.seals() {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            422,
+            "not-supported",
+            format!(
+                "this server keeps no channel.header: its operator has not set {} (the key they are kept encrypted with)",
+                self.config.header_key_env
+            ),
+        )
+        .at("Subscription.channel.header"))
     }
 
     async fn start(&self, id: &str, new: bool) -> Result<(), Refusal> {
@@ -319,6 +339,15 @@ impl Registry {
                 "a Subscription's topic and receiver cannot change: delete it and make another",
             ));
         }
+        asked.headers = super::seal::unmask(&asked.headers, &old.headers).map_err(|name| {
+            Refusal::new(
+                422,
+                "invalid",
+                format!("channel.header {name}: give its value, not the mask"),
+            )
+            .at("Subscription.channel.header")
+        })?;
+        self.can_keep(&asked.headers)?;
         asked.id = old.id.clone();
         asked.owner = old.owner.clone();
         let off = asked.status == Status::Off;
@@ -547,7 +576,7 @@ impl Registry {
 
 impl Registration {
     /// What is left of a Subscription deleted meanwhile.
-    fn gone(id: &str) -> Registration {
+    pub(super) fn gone(id: &str) -> Registration {
         Registration {
             id: id.to_owned(),
             kind: ketenbus_schemas::EventKind::Letter,
@@ -634,6 +663,14 @@ async fn to_the_end<B: Bus>(bus: &B, sub: &Subscription) -> Result<u64, crate::b
     Ok(n)
 }
 
+/// A deleted Subscription's series and lag sampling go with it.
+fn forget(id: &str) {
+    let name = super::subscription_name(id);
+    if let Some(topics) = crate::observe::watch::unwatch(&name) {
+        crate::observe::metrics::subscription_removed(&name, &topics);
+    }
+}
+
 /// Run the Subscriptions until `cancel`: each kept one at once, then as the registry asks.
 pub async fn run<B: Bus>(
     bus: Arc<B>,
@@ -690,6 +727,9 @@ pub async fn run<B: Bus>(
             pauses: ctx.pauses.clone(),
         };
         let stop = cancel.child_token();
+        // Seen by operators as any subscription: its series at zero, its lag sampled.
+        crate::observe::metrics::subscription_started(&sub.name, &sub.source_topics());
+        crate::observe::watch::watch_also(&sub.name, &sub.source_topics());
         tasks.spawn(crate::deliver::run_with(
             Arc::clone(&bus),
             sub,
@@ -735,6 +775,7 @@ pub async fn run<B: Bus>(
                     if let Some(stop) = running.remove(&id) {
                         stop.cancel();
                     }
+                    forget(&id);
                 }
             },
         }

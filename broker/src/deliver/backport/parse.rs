@@ -35,7 +35,9 @@ impl Refusal {
         }
     }
 
-    fn at(mut self, at: &'static str) -> Refusal {
+    /// The element the refusal names.
+    #[must_use]
+    pub fn at(mut self, at: &'static str) -> Refusal {
         self.at = Some(at);
         self
     }
@@ -328,7 +330,9 @@ pub fn subscription(r: &Registration) -> Value {
         "_payload": { "extension": [{ "url": EXT_CONTENT, "valueCode": r.content.code() }] },
     });
     if !r.headers.is_empty() {
-        channel["header"] = json!(r.headers);
+        // Masked: they carry the subscriber's credentials (see `seal`).
+        let shown: Vec<String> = r.headers.iter().map(|h| super::seal::masked(h)).collect();
+        channel["header"] = json!(shown);
     }
     let mut s = json!({
         "resourceType": "Subscription",

@@ -3,15 +3,35 @@
 //! in one transaction with its copy, so numbers have no gaps and a retry, a replay or a
 //! restart finds the number it had. `$events` reads the copies back.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Registration;
+use super::seal::{HeaderKey, SealError};
 
 /// The file, in the data directory.
 pub const FILE: &str = "fhir-subscriptions.sqlite";
+
+/// The ketenbus subscription names (`fhir-<id>`) of the Subscriptions kept in `data_dir`,
+/// for the commands that read the log (`status`, `dlq`); none when there is no store yet.
+///
+/// # Errors
+/// When the store is there but cannot be read.
+pub fn names(data_dir: &Path) -> Result<Vec<String>, StoreError> {
+    let path = data_dir.join(FILE);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    let mut stmt = conn.prepare("SELECT id FROM subscription ORDER BY id")?;
+    let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    Ok(ids
+        .map(|id| id.map(|id| super::subscription_name(&id)))
+        .collect::<Result<_, _>>()?)
+}
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +42,12 @@ pub enum StoreError {
     /// A kept Subscription could not be read.
     #[error("fhir subscription store: unreadable subscription: {0}")]
     Format(#[from] serde_json::Error),
+    /// `channel.header` values could not be sealed.
+    #[error("fhir subscription store: {0}")]
+    Seal(#[from] SealError),
+    /// `channel.header` values and no key to seal them with.
+    #[error("fhir subscription store: no key to seal channel.header with")]
+    NoKey,
 }
 
 impl StoreError {
@@ -47,7 +73,13 @@ pub struct Numbered {
 
 /// The store; cheap to clone.
 #[derive(Clone)]
-pub struct Store(Arc<Mutex<Connection>>);
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+    /// What `channel.header` values are sealed with; without it none are kept.
+    key: Option<Arc<HeaderKey>>,
+    /// Subscriptions whose sealed headers this key cannot open: kept as they are.
+    locked: Arc<Mutex<HashSet<String>>>,
+}
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,6 +93,15 @@ impl Store {
     /// # Errors
     /// When the database cannot be opened or set up.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, None)
+    }
+
+    /// Open (or create) the store in `data_dir`, `channel.header` values sealed with `key`.
+    /// Headers an earlier release kept in plain form are sealed now when there is a key.
+    ///
+    /// # Errors
+    /// When the database cannot be opened, set up or sealed.
+    pub fn open_with(data_dir: &Path, key: Option<HeaderKey>) -> Result<Store, StoreError> {
         let conn = Connection::open(data_dir.join(FILE))?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;
@@ -71,13 +112,64 @@ impl Store {
                  at_ms INTEGER NOT NULL, value BLOB NOT NULL,
                  PRIMARY KEY (sub, number), UNIQUE (sub, event_id));",
         )?;
-        Ok(Store(Arc::new(Mutex::new(conn))))
+        let sealed_column: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('subscription') WHERE name = 'headers'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !sealed_column {
+            // The sealed `channel.header` values; the JSON keeps none.
+            conn.execute_batch("ALTER TABLE subscription ADD COLUMN headers BLOB")?;
+        }
+        let store = Store {
+            conn: Arc::new(Mutex::new(conn)),
+            key: key.map(Arc::new),
+            locked: Arc::default(),
+        };
+        let plain: Vec<Registration> = store
+            .all()?
+            .into_iter()
+            .filter(|r| !r.headers.is_empty() && !store.is_sealed(&r.id))
+            .collect();
+        if store.key.is_some() {
+            for r in &plain {
+                store.put(r)?;
+            }
+        } else if !plain.is_empty() {
+            tracing::warn!(
+                subscriptions = plain.len(),
+                "fhir subscriptions keep channel.header in plain form: set [fhir_subscriptions] header_key_env to seal them"
+            );
+        }
+        Ok(store)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.0
+        self.conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn locked(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.locked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn is_sealed(&self, id: &str) -> bool {
+        self.conn()
+            .query_row(
+                "SELECT headers IS NOT NULL FROM subscription WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, bool>(0),
+            )
+            .unwrap_or(false)
+    }
+
+    /// Whether `channel.header` values can be kept (there is a key).
+    #[must_use]
+    pub fn seals(&self) -> bool {
+        self.key.is_some()
     }
 
     /// Keep `r` (new or changed), durable before this returns.
@@ -85,12 +177,29 @@ impl Store {
     /// # Errors
     /// When it cannot be written.
     pub fn put(&self, r: &Registration) -> Result<(), StoreError> {
-        let json = serde_json::to_string(r)?;
+        let mut kept = r.clone();
+        let headers = std::mem::take(&mut kept.headers);
+        let json = serde_json::to_string(&kept)?;
+        if headers.is_empty() && self.locked().contains(&r.id) {
+            // Sealed under another key: kept as they are until the client gives new ones.
+            self.conn().execute(
+                "UPDATE subscription SET json = ?2 WHERE id = ?1",
+                params![r.id, json],
+            )?;
+            return Ok(());
+        }
+        let sealed = if headers.is_empty() {
+            None
+        } else {
+            let key = self.key.as_ref().ok_or(StoreError::NoKey)?;
+            Some(key.seal(&r.id, &serde_json::to_vec(&headers)?)?)
+        };
         self.conn().execute(
-            "INSERT INTO subscription (id, json) VALUES (?1, ?2)
-             ON CONFLICT(id) DO UPDATE SET json = excluded.json",
-            params![r.id, json],
+            "INSERT INTO subscription (id, json, headers) VALUES (?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET json = excluded.json, headers = excluded.headers",
+            params![r.id, json, sealed],
         )?;
+        self.locked().remove(&r.id);
         Ok(())
     }
 
@@ -113,11 +222,33 @@ impl Store {
     /// When they cannot be read.
     pub fn all(&self) -> Result<Vec<Registration>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT json FROM subscription ORDER BY id")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut stmt = conn.prepare("SELECT json, headers FROM subscription ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+        })?;
         let mut out = Vec::new();
-        for json in rows {
-            out.push(serde_json::from_str(&json?)?);
+        for row in rows {
+            let (json, sealed) = row?;
+            let mut reg: Registration = serde_json::from_str(&json)?;
+            if let Some(sealed) = sealed {
+                let opened = self
+                    .key
+                    .as_ref()
+                    .ok_or(SealError::Open)
+                    .and_then(|k| k.open(&reg.id, &sealed));
+                match opened.map(|plain| serde_json::from_slice::<Vec<String>>(&plain)) {
+                    Ok(Ok(headers)) => reg.headers = headers,
+                    _ => {
+                        // Never sent without the credentials its client gave.
+                        tracing::error!(subscription = %reg.subscription_name(), "channel.header cannot be opened (no key, or another key): the subscription is in error until its client gives its headers again");
+                        self.locked().insert(reg.id.clone());
+                        reg.headers.clear();
+                        reg.status = super::Status::Error;
+                        reg.error = Some("channel.header cannot be opened: the server's key is not the one it was sealed with; PUT the Subscription with its headers again".into());
+                    }
+                }
+            }
+            out.push(reg);
         }
         Ok(out)
     }
@@ -209,6 +340,77 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SECRET: &str = "a secret of at least thirty-two bytes!";
+
+    fn key() -> Option<HeaderKey> {
+        Some(HeaderKey::from_secret(SECRET).unwrap())
+    }
+
+    fn with_header(id: &str) -> Registration {
+        let mut r = Registration::gone(id);
+        r.status = super::super::Status::Active;
+        r.error = None;
+        r.headers = vec!["Authorization: Bearer s3cr3t-t0ken".into()];
+        r
+    }
+
+    /// The store's bytes, with its WAL, hold `needle`.
+    fn on_disk(dir: &Path, needle: &[u8]) -> bool {
+        ["", "-wal"].iter().any(|suffix| {
+            std::fs::read(dir.join(format!("{FILE}{suffix}")))
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        })
+    }
+
+    #[test]
+    fn headers_are_kept_sealed_and_a_store_without_its_key_never_loses_or_sends_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_with(dir.path(), key()).unwrap();
+        s.put(&with_header("a")).unwrap();
+        assert!(!on_disk(dir.path(), b"s3cr3t-t0ken"), "sealed at rest");
+        drop(s);
+        let s = Store::open_with(dir.path(), key()).unwrap();
+        assert_eq!(s.all().unwrap()[0].headers, with_header("a").headers);
+        drop(s);
+        // Without the key: in error, no headers to send, and a status change keeps them.
+        let s = Store::open_with(dir.path(), None).unwrap();
+        let got = s.all().unwrap().remove(0);
+        assert!(got.headers.is_empty());
+        assert_eq!(got.status, super::super::Status::Error);
+        s.put(&got).unwrap();
+        assert!(matches!(s.put(&with_header("b")), Err(StoreError::NoKey)));
+        drop(s);
+        let s = Store::open_with(dir.path(), key()).unwrap();
+        assert_eq!(s.all().unwrap()[0].headers, with_header("a").headers);
+    }
+
+    #[test]
+    fn plain_headers_of_an_earlier_release_are_sealed_when_there_is_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(FILE)).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE subscription (id TEXT PRIMARY KEY, json TEXT NOT NULL)",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO subscription (id, json) VALUES ('a', ?1)",
+                params![serde_json::to_string(&with_header("a")).unwrap()],
+            )
+            .unwrap();
+        }
+        let s = Store::open_with(dir.path(), key()).unwrap();
+        assert_eq!(s.all().unwrap()[0].headers, with_header("a").headers);
+        drop(s);
+        let conn = Connection::open(dir.path().join(FILE)).unwrap();
+        conn.execute_batch("VACUUM").unwrap();
+        drop(conn);
+        assert!(
+            !on_disk(dir.path(), b"s3cr3t-t0ken"),
+            "sealed once opened with a key"
+        );
+    }
 
     #[test]
     fn numbers_have_no_gaps_and_survive_a_reopen() {

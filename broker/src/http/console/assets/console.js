@@ -311,7 +311,11 @@ async function subscriptions() {
   }
   const body = $("subs").tBodies[0];
   body.replaceChildren(...subs.map((s) => el("tr", { "data-name": s.name },
-    el("td", {}, s.name, el("div", { class: "hint", text: s.topics.join(", ") })),
+    el("td", {}, s.name,
+      s.fhir_subscription ? el("span", { class: "pill", text: "FHIR Subscription" }) : "",
+      el("div", { class: "hint", text: s.topics.join(", ") }),
+      s.fhir_subscription ? el("div", { class: "hint", text:
+        `Subscription/${s.fhir_subscription.id} for ${s.fhir_subscription.receiver}, ${s.fhir_subscription.status}` }) : ""),
     el("td", {}, el("span", { class: "pill " + (s.paused ? "warn" : "ok"), text: s.paused ? "paused" : "running" })),
     el("td", { class: "num", text: lag[s.name] || 0 }),
     el("td", { class: "num", text: age(oldest[s.name]) }),
