@@ -791,16 +791,24 @@ UNZ+1+IC{n:04}'"
     .into_bytes()
 }
 
-/// A synthetic EDIFACT interchange of about `size` bytes (MEDLAB-like, invented patient).
+/// A synthetic MEDLAB:1 interchange of about `size` bytes (invented patient, test BSN): the
+/// header segments of [`MEDLAB`] and as many Kreatinine results as fill `size`, with a
+/// correct UNT segment count, so the router maps it into one lab-result event.
 #[must_use]
 pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
     let mut s = format!(
-        "UNB+UNOA:1+500001234+500005678+261101:0815+IC{n:06}'UNH+M{n:06}+MEDLAB:1'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'"
+        "UNB+UNOA:1+500001234+500005678+261101:0815+IC{n:06}'UNH+M{n:06}+MEDLAB:1'\
+ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'\
+PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'DET+26:11:01+07:40'\
+IDE+J+L{n:07}+bloed'SEC+CHEMIE'"
     );
-    while s.len() + 40 < size {
-        s.push_str("BEP+0+Kreatinine+88++umol/l++60+110+KREA'");
+    // UNH, ZKH, PID, DET, IDE, SEC and, below, UNT.
+    let mut segments = 7;
+    while s.len() + 40 + 30 < size {
+        s.push_str("BEP+0+Kreatinine+88++umol/l++60+110'");
+        segments += 1;
     }
-    s.push_str(&format!("UNT+3+M{n:06}'UNZ+1+IC{n:06}'"));
+    s.push_str(&format!("UNT+{segments}+M{n:06}'UNZ+1+IC{n:06}'"));
     s.into_bytes()
 }
 

@@ -359,7 +359,39 @@ async fn main() -> anyhow::Result<()> {
         args.count,
         broker.log_text()
     );
+    // The figures are for the whole path only if the router mapped every message into its
+    // lab-result event (none dead-lettered as malformed): check it rather than assume it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = broker.metrics().await;
+        let mapped = metric_sum(&text, "ketenbus_router_normalised_events_total");
+        let dead = metric_sum(&text, "ketenbus_router_dead_letters_total");
+        anyhow::ensure!(
+            dead == 0.0,
+            "the router dead-lettered {dead} of the messages"
+        );
+        if mapped >= args.count as f64 {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the router mapped {mapped} of {} messages into events",
+            args.count
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
+}
+
+/// The sum of every series of metric `name` in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Send `n` letters of `size` bytes at once; print peak RSS and RSS before and after.
