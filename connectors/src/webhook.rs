@@ -294,6 +294,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_raw_body_is_sent_from_the_envelopes_buffer_not_a_copy() {
+        let env = std::sync::Arc::new(ketenbus_schemas::RawEnvelope {
+            id: "m".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: ketenbus_schemas::Format::Rfc822,
+            content_type: "message/rfc822".into(),
+            sender: None,
+            receiver: None,
+            body: vec![b'x'; 1 << 20],
+            attributes: std::collections::BTreeMap::new(),
+        });
+        let (body, content_type) = body_of(&Payload::Raw(std::sync::Arc::clone(&env))).unwrap();
+        assert_eq!(content_type, "message/rfc822");
+        assert_eq!(body.len(), env.body.len());
+        assert_eq!(
+            body.as_ptr(),
+            env.body.as_ptr(),
+            "one copy of a large body, not two"
+        );
+        drop(body);
+        assert_eq!(
+            std::sync::Arc::strong_count(&env),
+            1,
+            "the buffer goes with the send"
+        );
+    }
+
+    #[test]
     fn signature_matches_a_known_hmac() {
         // RFC 4231 test case 2.
         let sig = signature(b"Jefe", b"what do ya want for nothing?");
