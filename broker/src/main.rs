@@ -12,6 +12,12 @@ use ketenbus::cli::{self, dlq::DlqCommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Blocking threads of the main runtime (tokio's default is 512): each thread that ran
+/// keeps allocator pages and a stack, and a burst of parses or SQLite reads would otherwise
+/// start one thread per message. Idle ones end after [`BLOCKING_KEEP_ALIVE`].
+const MAX_BLOCKING_THREADS: usize = 32;
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// ketenbus: a message broker for Dutch care-chain exchanges.
 ///
 /// Takes in EDIFACT, secure mail and FHIR, normalises every message into zib-based events on
@@ -263,6 +269,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .enable_all()
         .build()
     {

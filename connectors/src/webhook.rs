@@ -97,19 +97,32 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Body and media type of a delivery as a webhook sends it.
+/// Body and media type of a delivery as a webhook sends it. A raw message's body is not
+/// copied: the buffer shares the envelope (a large message is in memory once per delivery).
 ///
 /// # Errors
 /// When the event cannot be written as JSON (not expected for the event types).
-pub fn body_of(payload: &Payload) -> Result<(Vec<u8>, String), DeliveryError> {
+pub fn body_of(payload: &Payload) -> Result<(bytes::Bytes, String), DeliveryError> {
     match payload {
         Payload::Event(event) => serde_json::to_vec(event.as_ref())
-            .map(|b| (b, "application/json".to_owned()))
+            .map(|b| (b.into(), "application/json".to_owned()))
             .map_err(|e| DeliveryError::Rejected {
                 reason: "encode".into(),
                 detail: e.to_string(),
             }),
-        Payload::Raw(env) => Ok((env.body.clone(), env.content_type.clone())),
+        Payload::Raw(env) => Ok((
+            bytes::Bytes::from_owner(RawBody(std::sync::Arc::clone(env))),
+            env.content_type.clone(),
+        )),
+    }
+}
+
+/// A raw envelope's body as the owner of a [`bytes::Bytes`].
+struct RawBody(std::sync::Arc<ketenbus_schemas::RawEnvelope>);
+
+impl AsRef<[u8]> for RawBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.body
     }
 }
 
@@ -279,6 +292,35 @@ impl Sink for WebhookSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_body_is_sent_from_the_envelopes_buffer_not_a_copy() {
+        let env = std::sync::Arc::new(ketenbus_schemas::RawEnvelope {
+            id: "m".into(),
+            received_at_ms: 0,
+            connector: "http".into(),
+            format: ketenbus_schemas::Format::Rfc822,
+            content_type: "message/rfc822".into(),
+            sender: None,
+            receiver: None,
+            body: vec![b'x'; 1 << 20],
+            attributes: std::collections::BTreeMap::new(),
+        });
+        let (body, content_type) = body_of(&Payload::Raw(std::sync::Arc::clone(&env))).unwrap();
+        assert_eq!(content_type, "message/rfc822");
+        assert_eq!(body.len(), env.body.len());
+        assert_eq!(
+            body.as_ptr(),
+            env.body.as_ptr(),
+            "one copy of a large body, not two"
+        );
+        drop(body);
+        assert_eq!(
+            std::sync::Arc::strong_count(&env),
+            1,
+            "the buffer goes with the send"
+        );
+    }
 
     #[test]
     fn signature_matches_a_known_hmac() {

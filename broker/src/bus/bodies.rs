@@ -60,6 +60,26 @@ pub fn decode_raw(bodies: Option<&BodyStore>, value: &[u8]) -> Result<RawEnvelop
     Ok(env)
 }
 
+/// The bytes a raw record stands for: its value, or with a body kept in a file, that body's
+/// length too (read from the envelope's attribute without decoding it). For bounds on what
+/// readers hold at once: a claimed record is small, its body is not.
+#[must_use]
+pub fn weight(value: &[u8]) -> usize {
+    value.len() + claimed_len(value).unwrap_or(0)
+}
+
+/// The body length named by [`ATTRIBUTE`] in an encoded envelope, if it has one. The map
+/// entry's value follows its key as an Avro string: a zigzag length, then `"<length> <sha>"`.
+fn claimed_len(value: &[u8]) -> Option<usize> {
+    let at = memchr::memmem::find(value, ATTRIBUTE.as_bytes())? + ATTRIBUTE.len();
+    let rest = value.get(at..)?;
+    // The string's length: one varint byte or more (high bit set on all but the last).
+    let skip = rest.iter().position(|b| b & 0x80 == 0)? + 1;
+    let digits = rest.get(skip..)?;
+    let end = digits.iter().position(|b| *b == b' ')?;
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
 /// The body files of one data directory. Cheap to clone.
 #[derive(Clone)]
 pub struct BodyStore {
@@ -382,6 +402,15 @@ mod tests {
         assert!(env.body.is_empty());
         let value = env.to_avro().unwrap();
         assert!(value.len() < 200, "the record is small");
+        assert_eq!(
+            weight(&value),
+            value.len() + original.body.len(),
+            "its weight counts the body"
+        );
+        assert_eq!(
+            weight(&original.to_avro().unwrap()),
+            original.to_avro().unwrap().len()
+        );
         assert_eq!(decode_raw(Some(&store), &value).unwrap(), original);
         assert!(dir.path().join("0190-a.at-3-7").exists());
         assert!(

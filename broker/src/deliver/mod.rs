@@ -42,6 +42,7 @@ pub mod consent;
 mod decode;
 pub mod dlq;
 mod finish;
+mod in_flight;
 mod lanes;
 pub mod mcsd;
 pub mod mitz;
@@ -222,7 +223,7 @@ struct Loop {
     parking: Arc<Mutex<Parking>>,
     lane_txs: Vec<mpsc::Sender<Job>>,
     /// Records read from the source topics and not finished.
-    in_flight: usize,
+    in_flight: in_flight::InFlight,
     /// Records read from the retry topic and not finished.
     held: usize,
     retry_parts: HashMap<u32, RetryPart>,
@@ -313,7 +314,7 @@ pub async fn run_with<B: Bus>(
         retry_topic: topics::retry(&name),
         parking,
         lane_txs,
-        in_flight: 0,
+        in_flight: in_flight::InFlight::default(),
         held: 0,
         retry_parts: HashMap::new(),
         finished: Vec::new(),
@@ -350,7 +351,9 @@ pub async fn run_with<B: Bus>(
                 .filter(|d| d.token.topic == st.retry_topic)
                 .map(|d| d.token.clone())
                 .collect();
-            st.in_flight -= batch.len() - retried.len();
+            for d in batch.iter().filter(|d| d.token.topic != st.retry_topic) {
+                st.in_flight.finished(&d.token);
+            }
             tracked.finished(batch.iter().map(|d| &d.token));
             let written = write(
                 bus.as_ref(),
@@ -411,7 +414,7 @@ pub async fn run_with<B: Bus>(
             }
             () = tokio::time::sleep(sleep) => continue,
             _ = switch.changed(), if paused => continue,
-            r = consumer.poll(Duration::from_millis(500)), if st.in_flight < cap && !paused => (r, false),
+            r = consumer.poll(Duration::from_millis(500)), if st.in_flight.room(cap) && !paused => (r, false),
             r = retry_consumer.poll(Duration::from_millis(500)), if st.held < retry_cap && !paused => (r, true),
         };
         let record = match polled {
@@ -446,7 +449,12 @@ pub async fn run_with<B: Bus>(
             st.read_back(&record);
             continue;
         }
-        st.in_flight += 1;
+        let weight = if record.topic == topics::RAW {
+            crate::bus::bodies::weight(&record.value)
+        } else {
+            record.value.len()
+        };
+        st.in_flight.started(record.ack_token(), weight);
         match decode(&record, &name, st.bodies.as_ref()) {
             Err(u) => {
                 let source = (

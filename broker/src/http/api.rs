@@ -117,8 +117,8 @@ async fn post_message(
             st.ingest.as_ref(),
             idempotency_key(&headers),
             &scope,
-            &body,
-            |id| RawEnvelope {
+            body,
+            |id, body| RawEnvelope {
                 id,
                 received_at_ms: now_ms(),
                 connector: "http".into(),
@@ -126,7 +126,7 @@ async fn post_message(
                 content_type: content_type.to_owned(),
                 sender,
                 receiver,
-                body: body.to_vec(),
+                body,
                 attributes,
             },
         )

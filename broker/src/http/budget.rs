@@ -47,6 +47,10 @@ fn ingest_runtime() -> &'static tokio::runtime::Runtime {
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(INGEST_THREADS)
+            // Its blocking work (reading a message's parties, writing a large body) holds a
+            // whole message each: a few at once, not one thread per request.
+            .max_blocking_threads(2 * INGEST_THREADS)
+            .thread_keep_alive(std::time::Duration::from_secs(2))
             .thread_name("ketenbus-ingest")
             .enable_all()
             .build()

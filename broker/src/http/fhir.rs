@@ -269,8 +269,8 @@ async fn handle(
             st.ingest.as_ref(),
             crate::http::idempotency::idempotency_key(headers),
             scope,
-            &body,
-            |id| RawEnvelope {
+            body,
+            |id, body| RawEnvelope {
                 id,
                 received_at_ms: now_ms(),
                 connector: "fhir".into(),
@@ -278,7 +278,7 @@ async fn handle(
                 content_type: content_type.to_owned(),
                 sender,
                 receiver,
-                body: body.to_vec(),
+                body,
                 attributes,
             },
         )

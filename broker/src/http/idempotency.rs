@@ -196,8 +196,9 @@ pub enum NotTaken {
 
 impl Idempotency {
     /// Take a message in once per `Idempotency-Key` (`key`, scoped by `scope`): the id stored
-    /// under the key, else the id of the envelope `envelope(id)` makes, once it is durable.
-    /// Without a key every call is a message of its own.
+    /// under the key, else the id of the envelope `envelope(id, body)` makes, once it is
+    /// durable. Without a key every call is a message of its own. `body` is handed on as the
+    /// buffer it came in (no copy when nothing else holds it).
     ///
     /// # Errors
     /// [`NotTaken`]: the key cannot be used, or the log did not take the envelope.
@@ -206,13 +207,13 @@ impl Idempotency {
         ingest: &dyn Ingest,
         key: Option<&str>,
         scope: &str,
-        body: &[u8],
-        envelope: impl FnOnce(String) -> RawEnvelope,
+        body: bytes::Bytes,
+        envelope: impl FnOnce(String, Vec<u8>) -> RawEnvelope,
     ) -> Result<String, NotTaken> {
         let (id, held) = match key {
             None => (ketenbus_schemas::new_envelope_id(), None),
             Some(k) => match self
-                .claim(scope, k, body, ketenbus_schemas::new_envelope_id)
+                .claim(scope, k, &body, ketenbus_schemas::new_envelope_id)
                 .await
                 .map_err(NotTaken::Key)?
             {
@@ -221,7 +222,7 @@ impl Idempotency {
             },
         };
         let accepted = ingest
-            .accept(envelope(id))
+            .accept(envelope(id, Vec::from(body)))
             .await
             .map_err(NotTaken::Ingest)?;
         if let Some(held) = held

@@ -26,7 +26,7 @@ use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topic
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::bodies::{BodyStore, decode_raw};
+use crate::bus::bodies::{BodyStore, decode_raw, weight};
 use crate::bus::{Bus, BusError, Consumer, OutRecord, Position, Record};
 use crate::bus::{publish_retrying, while_unavailable};
 use crate::observe::health::{Health, State};
@@ -37,8 +37,9 @@ use ketenbus_schemas::now_ms;
 
 /// Consumer group of the router.
 const BATCH: usize = 256;
-/// Most raw bytes in one batch (besides its first record): a batch of large messages is
-/// cut short rather than hold hundreds of them in memory at once.
+/// Most raw bytes in one batch (besides its first record), bodies kept in files included:
+/// a batch of large messages is cut short rather than hold them (and the documents taken
+/// out of them, kept until the batch is published) in memory at once.
 const BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Everything the router decides with: normalisers, the patient keyer, the EDIFACT
@@ -190,12 +191,12 @@ async fn route_batch<B: Bus>(
     let Some(first) = consumer.poll(Duration::from_millis(200)).await? else {
         return Ok(None);
     };
-    let mut bytes = first.value.len();
+    let mut bytes = weight(&first.value);
     let mut batch = vec![first];
     while batch.len() < BATCH && bytes < BATCH_BYTES {
         match consumer.poll(Duration::ZERO).await? {
             Some(r) => {
-                bytes += r.value.len();
+                bytes += weight(&r.value);
                 batch.push(r);
             }
             None => break,

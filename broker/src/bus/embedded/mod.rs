@@ -118,7 +118,7 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
     // auto_vacuum must be set before the first table exists.
     conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    tune(&conn)?;
+    tune(&conn, WRITER_CACHE_KIB)?;
     conn.pragma_update(None, "synchronous", sync.pragma())?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
@@ -137,11 +137,18 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Page cache of the writer's connection (KiB): the pages appends touch (the ends of the
+/// tables and indexes) stay hot; SQLite's caches are heap memory that is never given back.
+const WRITER_CACHE_KIB: i64 = 8 * 1024;
+/// Page cache of each reader (a consumer each, KiB): consumers at the head take records from
+/// memory, and pages read through the mapping are not copied into this cache.
+const READER_CACHE_KIB: i64 = 2 * 1024;
+
 /// Page cache and memory-mapped reads: consumers read what was just written, so serving
 /// pages from the mapping instead of copying them through `pread` saves a copy per record.
-fn tune(conn: &Connection) -> rusqlite::Result<()> {
+fn tune(conn: &Connection, cache_kib: i64) -> rusqlite::Result<()> {
     conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)?;
-    conn.pragma_update(None, "cache_size", -32 * 1024)
+    conn.pragma_update(None, "cache_size", -cache_kib)
 }
 
 pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
@@ -150,7 +157,7 @@ pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
-    tune(&conn)?;
+    tune(&conn, READER_CACHE_KIB)?;
     Ok(conn)
 }
 
