@@ -159,8 +159,7 @@ mod tests {
     use std::time::Duration;
 
     use ketenbus_connectors::Ingest;
-    use ketenbus_schemas::lineage::LineageRecord;
-    use ketenbus_schemas::{AvroRecord, Format, RawEnvelope, topics};
+    use ketenbus_schemas::{Format, RawEnvelope, topics};
 
     use super::BusIngest;
     use crate::bus::{Bus, TopicSpec, test_log};
@@ -192,13 +191,7 @@ mod tests {
             attributes: std::collections::BTreeMap::new(),
         };
         let id = ingest.accept(envelope).await.unwrap().id;
-        let on_log: Vec<LineageRecord> = bus
-            .read_all(topics::LINEAGE)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| LineageRecord::from_avro(&r.value).unwrap())
-            .collect();
+        let on_log = crate::observe::lineage::on_topic(bus.as_ref()).await;
         let received = on_log
             .iter()
             .find(|r| r.message_id == id)

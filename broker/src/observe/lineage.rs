@@ -977,6 +977,19 @@ fn placed(partition: i64, offset: i64) -> Option<crate::bus::Position> {
     })
 }
 
+/// Every record on the lineage topic of `bus`, decoded (tests: what a kill would leave).
+///
+/// # Panics
+/// When the topic cannot be read or a record does not decode.
+#[cfg(test)]
+pub(crate) async fn on_topic<B: Bus>(bus: &B) -> Vec<LineageRecord> {
+    let records = bus.read_all(topics::LINEAGE).await.expect("lineage topic");
+    records
+        .iter()
+        .map(|r| LineageRecord::from_avro(&r.value).expect("a lineage record"))
+        .collect()
+}
+
 /// A `messages` row: id, received_at, connector, format, content_type, size, sender,
 /// receiver, raw_partition, raw_offset, source_id.
 fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {

@@ -610,6 +610,16 @@ mod tests {
         }
     }
 
+    fn two_partitions<const N: usize>(names: [String; N]) -> Vec<crate::bus::TopicSpec> {
+        names
+            .into_iter()
+            .map(|name| crate::bus::TopicSpec {
+                name,
+                partitions: 2,
+            })
+            .collect()
+    }
+
     fn envelope_record(env: &RawEnvelope) -> Record {
         Record {
             topic: topics::RAW.into(),
@@ -623,24 +633,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_bounce_dead_letters_the_very_record_the_subscription_delivered() {
-        use crate::bus::TopicSpec;
         use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
 
         let dir = tempfile::tempdir().unwrap();
         let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        let specs: Vec<TopicSpec> = [
+        bus.ensure_topics(&two_partitions([
             topics::RAW.to_owned(),
             topics::events(EventKind::Letter),
             topics::dead_letters("gp-by-mail"),
             topics::LINEAGE.to_owned(),
-        ]
-        .into_iter()
-        .map(|name| TopicSpec {
-            name,
-            partitions: 2,
-        })
-        .collect();
-        bus.ensure_topics(&specs).await.unwrap();
+        ]))
+        .await
+        .unwrap();
         // Node A takes the letter in; node B, on the same log, gets the bounce.
         let (node_a, node_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let lineage = Lineage::start(node_a.path(), Arc::new(bus.clone()))
@@ -789,24 +793,18 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
     /// events: a node killed right after the ack leaves nothing of them in its memory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_is_acked_with_its_lineage_on_the_log() {
-        use crate::bus::{TopicSpec, test_log};
-        use ketenbus_schemas::lineage::LineageRecord;
+        use crate::bus::test_log;
 
         let dir = tempfile::tempdir().unwrap();
         let bus = Arc::new(test_log(dir.path(), "log.db"));
-        let specs: Vec<TopicSpec> = [
+        bus.ensure_topics(&two_partitions([
             topics::RAW.to_owned(),
             topics::events(EventKind::LabResult),
             topics::ROUTER_DEAD_LETTERS.to_owned(),
             topics::LINEAGE.to_owned(),
-        ]
-        .into_iter()
-        .map(|name| TopicSpec {
-            name,
-            partitions: 2,
-        })
-        .collect();
-        bus.ensure_topics(&specs).await.unwrap();
+        ]))
+        .await
+        .unwrap();
         let lineage = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
         let raw = raw_record(Format::Edifact, MEDLAB.as_bytes());
         let at = bus
@@ -832,13 +830,7 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
             lag.iter().all(|(_, committed, end)| committed == end),
             "acked: {lag:?}"
         );
-        let on_log: Vec<LineageRecord> = bus
-            .read_all(topics::LINEAGE)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| LineageRecord::from_avro(&r.value).unwrap())
-            .collect();
+        let on_log = crate::observe::lineage::on_topic(bus.as_ref()).await;
         let seen = on_log
             .iter()
             .find_map(|r| r.received.as_ref())
