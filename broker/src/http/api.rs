@@ -460,8 +460,10 @@ mod tests {
                 size: 100,
                 sender: m.sender.map(Into::into),
                 receiver: m.receiver.map(Into::into),
-                raw_partition: 0,
-                raw_offset: 0,
+                raw: Some(crate::bus::Position {
+                    partition: 0,
+                    offset: 0,
+                }),
                 source_id: m.source_id.map(Into::into),
                 file: None,
             })

@@ -507,11 +507,14 @@ async fn raw(
         }
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "lineage", &e.to_string()),
     };
-    let env = match c
-        .ops
-        .raw(l.received.raw_partition, l.received.raw_offset)
-        .await
-    {
+    let Some(at) = l.received.raw else {
+        return problem(
+            StatusCode::CONFLICT,
+            "not_routed",
+            "the message's position in the log is known once it is routed; try again shortly",
+        );
+    };
+    let env = match c.ops.raw(at.partition, at.offset).await {
         Ok(Some(env)) if env.id == id => env,
         Ok(_) => {
             return problem(

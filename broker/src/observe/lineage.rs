@@ -1,10 +1,15 @@
 //! The lineage index: for every message, what happened to it — received, normalised into
 //! which events, delivered to which subscriptions with what outcome, dead-lettered and why.
 //!
-//! One lineage for all nodes: stages record steps on a [`Lineage`] handle without waiting;
-//! a publisher task gathers them for a few milliseconds and publishes each as a
-//! [`LineageRecord`] on the topic `ketenbus.lineage` (compacted on Kafka; see
-//! [`LineageRecord`] for why one key per step). Every node reads the whole topic alone
+//! One lineage for all nodes: each step is a [`LineageRecord`] on the topic
+//! `ketenbus.lineage` (compacted on Kafka; see [`LineageRecord`] for why one key per step).
+//! The stages whose acknowledgement promises a message is known write its records in the
+//! same append as their own, before they acknowledge ([`Lineage::writes`]): ingest its
+//! `received` record with the raw record (before the sender's 202), the router its records
+//! with the events (before the raw record's ack), a subscription its delivery steps with the
+//! outcomes. So a node killed at any moment leaves no acknowledged message unknown to the
+//! other nodes. Other steps (retries, replays) are recorded on a [`Lineage`] handle without
+//! waiting; a publisher task gathers them for a few milliseconds and publishes them. Every node reads the whole topic alone
 //! ([`Bus::read_alone`]: no group shares its partitions, so each node sees every node's
 //! writes) and applies it to its own SQLite index (`lineage.db`), in batches, with the
 //! position it read up to in the same transaction; so every node answers for every message.
@@ -108,10 +113,12 @@ pub struct Received {
     pub sender: Option<String>,
     /// Receiver party id.
     pub receiver: Option<String>,
-    /// Position on the raw topic.
-    pub raw_partition: u32,
-    /// Offset on the raw topic.
-    pub raw_offset: i64,
+    /// Position on the raw topic, serialised as `raw_partition` and `raw_offset` (both
+    /// `null` while unknown). Unknown in the record ingest writes with the envelope itself,
+    /// in one write before the sender's acknowledgement (the position comes only from that
+    /// write); the router's record of the envelope, made when it routes it, carries it.
+    #[serde(flatten, serialize_with = "raw_position")]
+    pub raw: Option<crate::bus::Position>,
     /// The id the message gives itself: the UNB interchange control reference, the FHIR
     /// MessageHeader id (else the Bundle id), the mail's Message-ID.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -142,12 +149,25 @@ fn received_at_and_ms<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::
     time_pair("received_at", *ms, s)
 }
 
+#[allow(clippy::ref_option)] // serde's serialize_with takes a reference
+fn raw_position<S: serde::Serializer>(
+    raw: &Option<crate::bus::Position>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(2))?;
+    map.serialize_entry("raw_partition", &raw.map(|p| p.partition))?;
+    map.serialize_entry("raw_offset", &raw.map(|p| p.offset))?;
+    map.end()
+}
+
 impl Received {
-    /// What the lineage records of `envelope`, stored at `position` on the raw topic.
+    /// What the lineage records of `envelope`, stored at `position` on the raw topic (`None`:
+    /// not known yet, see [`Received::raw`]).
     #[must_use]
     pub fn of(
         envelope: &ketenbus_schemas::RawEnvelope,
-        position: crate::bus::Position,
+        position: Option<crate::bus::Position>,
     ) -> Received {
         Received {
             id: envelope.id.clone(),
@@ -158,8 +178,7 @@ impl Received {
             size: envelope.body.len() as u64,
             sender: envelope.sender.clone(),
             receiver: envelope.receiver.clone(),
-            raw_partition: position.partition,
-            raw_offset: position.offset,
+            raw: position,
             file: (envelope.connector == "inbox")
                 .then(|| {
                     envelope
@@ -177,8 +196,9 @@ enum Op {
     Received(Received),
     Step(String, Step),
     Flush(oneshot::Sender<()>),
-    /// Answered once everything recorded before it is on the lineage topic (or failed to
-    /// get there, which is logged); it rides the normal gathering, cutting nothing short.
+    /// Answered once everything recorded before it is on the lineage topic; dropped
+    /// unanswered when that failed (logged). It rides the normal gathering, cutting nothing
+    /// short.
     Published(oneshot::Sender<()>),
 }
 
@@ -369,33 +389,39 @@ impl Lineage {
     }
 
     /// The lineage-topic records of `steps` (message id, step), for a stage that publishes
-    /// them itself in the same append as its own records (one group commit, one fsync, no
-    /// wait for the publisher task); it then calls [`Lineage::published_at`] with their
-    /// positions. Publishing them twice (a retried append) stores each step once. `None`
-    /// when this lineage's topic is on a log of its own (tests of the stages): record the
-    /// steps with [`Lineage::step`] then.
+    /// them itself in the same append as its own records: see [`Lineage::writes`].
     #[must_use]
     pub fn records(&self, steps: &[(String, Step)]) -> Option<Vec<OutRecord>> {
+        self.writes(&[], steps)
+    }
+
+    /// The lineage-topic records of `received` messages and of `steps` (message id, step),
+    /// for a stage that publishes them itself in the same append as its own records, before
+    /// it acknowledges what they record (one group commit on the embedded engine, one produce
+    /// burst on Kafka; no wait for the publisher task); it then calls
+    /// [`Lineage::published_at`] with their positions. Publishing them twice (a retried
+    /// append) stores each once. `None` when this lineage's topic is on a log of its own
+    /// (tests of the stages): record them with [`Lineage::received`] and [`Lineage::step`].
+    #[must_use]
+    pub fn writes(
+        &self,
+        received: &[Received],
+        steps: &[(String, Step)],
+    ) -> Option<Vec<OutRecord>> {
         if !self.shares_log {
             return None;
         }
         let mut ids = self.ids.lock().unwrap_or_else(PoisonError::into_inner);
-        let records = steps
-            .iter()
-            .filter_map(|(id, step)| record_of(Op::Step(id.clone(), step.clone()), &mut ids))
-            .filter_map(|record| match record.to_avro() {
-                Ok(value) => Some(OutRecord {
-                    topic: topics::LINEAGE.to_owned(),
-                    key: record.key(),
-                    value,
-                }),
-                Err(e) => {
-                    tracing::error!(error = %e, "lineage write not encodable; the lineage of its message is incomplete");
-                    None
-                }
-            })
-            .collect();
-        Some(records)
+        let ops = received.iter().map(|r| Op::Received(r.clone())).chain(
+            steps
+                .iter()
+                .map(|(id, step)| Op::Step(id.clone(), step.clone())),
+        );
+        Some(
+            ops.filter_map(|op| record_of(op, &mut ids))
+                .filter_map(out_record)
+                .collect(),
+        )
     }
 
     /// Where records from [`Lineage::records`] landed: a later [`Lineage::flush`] waits for
@@ -471,9 +497,10 @@ impl Lineage {
     }
 
     /// A signal that fires once everything this node recorded so far is on the lineage
-    /// topic (or failed to get there, which is logged), without waiting for any index: the
-    /// router acks a raw record only after that, so a node killed in between leaves the
-    /// record to be routed, and recorded, again.
+    /// topic, without waiting for any index; it closes unanswered when that failed (logged).
+    /// Stages that must not acknowledge before their lineage is durable fold their writes into
+    /// their own append instead ([`Lineage::writes`]): this is for a lineage on a log of its
+    /// own (tests of the stages).
     pub async fn published(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let _ = self.tx.send(Op::Published(tx)).await;
@@ -673,8 +700,10 @@ fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
                 size: i64::try_from(r.size).unwrap_or(i64::MAX),
                 sender: r.sender,
                 receiver: r.receiver,
-                raw_partition: i32::try_from(r.raw_partition).unwrap_or(i32::MAX),
-                raw_offset: r.raw_offset,
+                raw_partition: r
+                    .raw
+                    .map_or(UNPLACED, |p| i32::try_from(p.partition).unwrap_or(i32::MAX)),
+                raw_offset: r.raw.map_or(UNPLACED.into(), |p| p.offset),
                 file: r.file,
                 source_id: r.source_id,
             }),
@@ -701,6 +730,21 @@ fn record_of(op: Op, ids: &mut StepIds) -> Option<LineageRecord> {
     }
 }
 
+/// A lineage record as it goes on the topic; `None` (logged) when it does not encode.
+fn out_record(record: LineageRecord) -> Option<OutRecord> {
+    match record.to_avro() {
+        Ok(value) => Some(OutRecord {
+            topic: topics::LINEAGE.to_owned(),
+            key: record.key(),
+            value,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "lineage write not encodable; the lineage of its message is incomplete");
+            None
+        }
+    }
+}
+
 /// Gather this node's writes and publish them in batches; register each flush to be answered
 /// once the index applied everything published before it.
 async fn publish<B: Bus>(
@@ -722,19 +766,7 @@ async fn publish<B: Bus>(
                 op => {
                     let made =
                         record_of(op, &mut ids.lock().unwrap_or_else(PoisonError::into_inner));
-                    let Some(record) = made else {
-                        continue;
-                    };
-                    match record.to_avro() {
-                        Ok(value) => records.push(OutRecord {
-                            topic: topics::LINEAGE.to_owned(),
-                            key: record.key(),
-                            value,
-                        }),
-                        Err(e) => {
-                            tracing::error!(error = %e, "lineage write not encodable; the lineage of its message is incomplete");
-                        }
-                    }
+                    records.extend(made.and_then(out_record));
                 }
             }
         }
@@ -745,13 +777,15 @@ async fn publish<B: Bus>(
                     let next = p.published.entry(pos.partition).or_insert(0);
                     *next = (*next).max(pos.offset + 1);
                 }
+                drop(p);
+                for done in published {
+                    let _ = done.send(());
+                }
             }
             Err(e) => {
+                // Not answered: whoever waits must not take these writes for durable.
                 tracing::error!(error = %e, "lineage writes not published; the lineage of these messages is incomplete");
             }
-        }
-        for done in published {
-            let _ = done.send(());
         }
         let mut p = lock(progress);
         for done in flushes {
@@ -846,9 +880,14 @@ fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, 
     let tx = conn.transaction()?;
     {
         let mut msg = tx.prepare_cached(
-            "INSERT OR IGNORE INTO messages (id, received_at, connector, format, content_type, size,
+            // The first record of a message decides, but for its position: ingest's record
+            // has none, the router's (read later or, rarely, first) gives it.
+            "INSERT INTO messages (id, received_at, connector, format, content_type, size,
                  sender, receiver, raw_partition, raw_offset, source_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (id) DO UPDATE SET raw_partition = excluded.raw_partition,
+                 raw_offset = excluded.raw_offset
+             WHERE messages.raw_offset < 0 AND excluded.raw_offset >= 0",
         )?;
         let mut step = tx.prepare_cached(
             "INSERT OR IGNORE INTO steps (message_id, at, stage, subscription, record_id, kind,
@@ -926,6 +965,31 @@ fn apply(conn: &mut Connection, batch: &[Record]) -> rusqlite::Result<Vec<(u32, 
     Ok(reached.into_iter().collect())
 }
 
+/// The raw partition and offset of a `received` record (and of a `messages` row) whose
+/// position is not known yet: ingest's record, written with the envelope.
+const UNPLACED: i32 = -1;
+
+/// The position of a `received` record or `messages` row, `None` when [`UNPLACED`].
+fn placed(partition: i64, offset: i64) -> Option<crate::bus::Position> {
+    Some(crate::bus::Position {
+        partition: u32::try_from(partition).ok()?,
+        offset: (offset >= 0).then_some(offset)?,
+    })
+}
+
+/// Every record on the lineage topic of `bus`, decoded (tests: what a kill would leave).
+///
+/// # Panics
+/// When the topic cannot be read or a record does not decode.
+#[cfg(test)]
+pub(crate) async fn on_topic<B: Bus>(bus: &B) -> Vec<LineageRecord> {
+    let records = bus.read_all(topics::LINEAGE).await.expect("lineage topic");
+    records
+        .iter()
+        .map(|r| LineageRecord::from_avro(&r.value).expect("a lineage record"))
+        .collect()
+}
+
 /// A `messages` row: id, received_at, connector, format, content_type, size, sender,
 /// receiver, raw_partition, raw_offset, source_id.
 fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
@@ -938,8 +1002,7 @@ fn received_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Received> {
         size: r.get(5)?,
         sender: r.get(6)?,
         receiver: r.get(7)?,
-        raw_partition: r.get(8)?,
-        raw_offset: r.get(9)?,
+        raw: placed(r.get(8)?, r.get(9)?),
         source_id: r.get(10)?,
         file: None,
     })
@@ -1063,8 +1126,10 @@ mod tests {
             size: 10,
             sender: None,
             receiver: None,
-            raw_partition: 0,
-            raw_offset: 4,
+            raw: Some(crate::bus::Position {
+                partition: 0,
+                offset: 4,
+            }),
             file: None,
             source_id: None,
         }
@@ -1101,6 +1166,46 @@ mod tests {
         assert_eq!(m.deliveries.len(), 1);
         assert_eq!(m.deliveries[0].outcome, StepOutcome::Delivered);
         assert_eq!(m.deliveries[0].attempts, 2);
+    }
+
+    /// Ingest's `received` record has no position (it is written with the envelope), the
+    /// router's has: the index keeps the first record and takes the position from whichever
+    /// gives it, in either order; the API shows `null` until then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_is_placed_by_the_record_that_knows_its_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = log(dir.path()).await;
+        let l = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
+        let unplaced = |id: &str| Received {
+            raw: None,
+            sender: Some("mailbox:1".into()),
+            ..received(id)
+        };
+        l.received(unplaced("m5")).await;
+        l.flush().await;
+        let m = l.get("m5").await.unwrap().unwrap();
+        assert_eq!(m.received.raw, None);
+        let json = serde_json::to_value(&m).unwrap();
+        assert!(
+            json["raw_partition"].is_null() && json["raw_offset"].is_null(),
+            "{json}"
+        );
+        l.received(received("m5")).await;
+        l.received(received("m6")).await;
+        l.received(unplaced("m6")).await;
+        l.flush().await;
+        for id in ["m5", "m6"] {
+            let m = l.get(id).await.unwrap().unwrap();
+            assert_eq!(m.received.raw.map(|p| p.offset), Some(4), "{id}");
+            assert_eq!(serde_json::to_value(&m).unwrap()["raw_offset"], 4);
+            assert_eq!(steps(&l, id).await, vec![StepOutcome::Accepted], "{id}");
+        }
+        let first = l.get("m5").await.unwrap().unwrap().received;
+        assert_eq!(
+            first.sender.as_deref(),
+            Some("mailbox:1"),
+            "the first record decides"
+        );
     }
 
     /// A restart reads on from where the index was; a record read again (its position lost,
@@ -1261,7 +1366,7 @@ mod tests {
             .await
             .unwrap()
             .expect("node B knows what node A took in");
-        assert_eq!(on_b.received.raw_offset, 4);
+        assert_eq!(on_b.received.raw.map(|p| p.offset), Some(4));
         // B delivers it; A sees the delivery.
         b.step("m2", delivery(1, StepOutcome::Delivered)).await;
         b.flush().await;

@@ -2,9 +2,8 @@
 //! connectors), publishes the events on their kind's topic, dead-letters what cannot be
 //! normalised, and records each step in the lineage. One consumer group, batch by batch:
 //! the documents a batch's events refer to are kept in the content store, then its events
-//! are published in one durable write, and its envelopes are acked only once that is done
-//! and its lineage writes are on the lineage topic (the next batches are routed meanwhile),
-//! so a node killed in between leaves them to be routed, and recorded, again.
+//! and its lineage records are published in one durable write, and its envelopes are acked
+//! right after, so a node killed in between leaves them to be routed, and recorded, again.
 //!
 //! A delivery status notification saying a mail subscription's delivery failed for good
 //! dead-letters that delivery: the router reads the delivered envelope again by its
@@ -23,7 +22,6 @@ use ketenbus_connectors::mail::dsn::{self, LineageReport};
 use ketenbus_connectors::{NormaliseError, edifact};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{AvroRecord, DeadLetter, Event, Format, RawEnvelope, topics};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::bodies::{BodyStore, decode_raw, weight};
@@ -125,18 +123,9 @@ pub async fn run<B: Bus>(
         }
     };
     health.set(NAME, State::Ready);
-    // Routed batches whose lineage writes are on their way to the lineage topic: acked in
-    // order once there, while the next batches are routed.
-    let mut unacked: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
     while !cancel.is_cancelled() {
-        if let Err(e) = ack_published(&mut consumer, &mut unacked, false).await {
-            tracing::error!(error = %e, "router stopped");
-            health.set(NAME, State::Failed(e.to_string()));
-            return;
-        }
         match route_batch(bus.as_ref(), &mut consumer, &routing, &lineage, &cancel).await {
-            Ok(Some(pending)) => unacked.push_back(pending),
-            Ok(None) => {}
+            Ok(()) => {}
             Err(e) if e.kind() == ketenbus_connectors::ErrorKind::Retryable => {
                 tracing::warn!(error = %e, "router waits for the log");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -148,37 +137,7 @@ pub async fn run<B: Bus>(
             }
         }
     }
-    let _ = ack_published(&mut consumer, &mut unacked, true).await;
     let _ = consumer.commit().await;
-}
-
-/// A routed batch: its records to ack once its lineage writes are published.
-type Pending = (oneshot::Receiver<()>, Vec<crate::bus::AckToken>);
-
-/// Ack the routed batches, oldest first, whose lineage writes are published; with `all`,
-/// wait for each.
-async fn ack_published<C: crate::bus::Consumer>(
-    consumer: &mut C,
-    unacked: &mut std::collections::VecDeque<Pending>,
-    all: bool,
-) -> Result<(), BusError> {
-    while let Some((published, _)) = unacked.front_mut() {
-        if all {
-            let _ = published.await;
-        } else if matches!(
-            published.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        ) {
-            break;
-        }
-        let Some((_, tokens)) = unacked.pop_front() else {
-            break;
-        };
-        for token in tokens {
-            consumer.ack(token).await?;
-        }
-    }
-    Ok(())
 }
 
 async fn route_batch<B: Bus>(
@@ -187,9 +146,9 @@ async fn route_batch<B: Bus>(
     routing: &Arc<Routing>,
     lineage: &Lineage,
     cancel: &CancellationToken,
-) -> Result<Option<Pending>, BusError> {
+) -> Result<(), BusError> {
     let Some(first) = consumer.poll(Duration::from_millis(200)).await? else {
-        return Ok(None);
+        return Ok(());
     };
     let mut bytes = weight(&first.value);
     let mut batch = vec![first];
@@ -249,14 +208,25 @@ async fn route_batch<B: Bus>(
             out.push(dl);
         }
     }
+    // The lineage records go in the same write as the events: durable before the ack, with
+    // no wait for the lineage publisher. A CONTRL made here is recorded as received, without
+    // its position, which its own routing records.
+    let contrl: Vec<Received> = made.iter().map(|(_, e)| Received::of(e, None)).collect();
+    let folded = lineage.writes(&[seen.as_slice(), &contrl].concat(), &steps);
+    let folds = folded.is_some();
+    let lineage_from = out.len();
+    out.extend(folded.into_iter().flatten());
     let positions = publish_retrying(bus, out, cancel).await?;
-    for (i, envelope) in made {
-        lineage
-            .received(Received::of(&envelope, positions[i]))
-            .await;
-    }
-    for received in seen {
-        lineage.received(received).await;
+    if folds {
+        lineage.published_at(positions.get(lineage_from..).unwrap_or_default());
+    } else {
+        // The lineage on a log of its own (tests of the stages): through its publisher.
+        let made = made
+            .iter()
+            .map(|(i, e)| Received::of(e, positions.get(*i).copied()));
+        for received in seen.into_iter().chain(made) {
+            lineage.received(received).await;
+        }
     }
     for (id, step) in steps {
         crate::observe::metrics::routed(
@@ -266,15 +236,16 @@ async fn route_batch<B: Bus>(
             step.kind.as_deref(),
             step.reason.as_deref(),
         );
-        lineage.step(&id, step).await;
+        if !folds {
+            lineage.step(&id, step).await;
+        }
     }
-    // Acked once these lineage writes are on the topic: a node killed before that leaves
-    // the batch to be routed (and recorded as received) again by whichever node reads next.
-    let published = lineage.published().await;
-    Ok(Some((
-        published,
-        batch.iter().map(Record::ack_token).collect(),
-    )))
+    // Routed, and recorded, on disk: a node killed before the ack leaves the batch to be
+    // routed (and recorded) again by whichever node reads next.
+    for record in &batch {
+        consumer.ack(record.ack_token()).await?;
+    }
+    Ok(())
 }
 
 /// Keep documents in the content store before the events that refer to them are published;
@@ -319,10 +290,10 @@ async fn bounce_dead_letter<B: Bus>(
     }
     // Another node may have taken the message in: its lineage comes through the topic.
     let found = match lineage.find(&report.envelope_id, SETTLE).await {
-        Ok(Some(m)) => {
-            bus.read_at(topics::RAW, m.received.raw_partition, m.received.raw_offset)
-                .await?
-        }
+        Ok(Some(m)) => match m.received.raw {
+            Some(raw) => bus.read_at(topics::RAW, raw.partition, raw.offset).await?,
+            None => None,
+        },
         Ok(None) => None,
         Err(e) => {
             tracing::warn!(error = %e, "lineage unreadable");
@@ -430,10 +401,10 @@ fn route_one(record: &Record, routing: &Routing) -> Routed {
     };
     let seen = Some(Received::of(
         &envelope,
-        Position {
+        Some(Position {
             partition: record.partition,
             offset: record.offset,
-        },
+        }),
     ));
     if envelope.connector == edifact::CONTRL_CONNECTOR {
         // Our own acknowledgement on its way out: nothing clinical to normalise.
@@ -663,6 +634,16 @@ mod tests {
         }
     }
 
+    fn two_partitions<const N: usize>(names: [String; N]) -> Vec<crate::bus::TopicSpec> {
+        names
+            .into_iter()
+            .map(|name| crate::bus::TopicSpec {
+                name,
+                partitions: 2,
+            })
+            .collect()
+    }
+
     fn envelope_record(env: &RawEnvelope) -> Record {
         Record {
             topic: topics::RAW.into(),
@@ -676,24 +657,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_bounce_dead_letters_the_very_record_the_subscription_delivered() {
-        use crate::bus::TopicSpec;
         use crate::bus::embedded::{EmbeddedBus, EmbeddedConfig};
 
         let dir = tempfile::tempdir().unwrap();
         let bus = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
-        let specs: Vec<TopicSpec> = [
+        bus.ensure_topics(&two_partitions([
             topics::RAW.to_owned(),
             topics::events(EventKind::Letter),
             topics::dead_letters("gp-by-mail"),
             topics::LINEAGE.to_owned(),
-        ]
-        .into_iter()
-        .map(|name| TopicSpec {
-            name,
-            partitions: 2,
-        })
-        .collect();
-        bus.ensure_topics(&specs).await.unwrap();
+        ]))
+        .await
+        .unwrap();
         // Node A takes the letter in; node B, on the same log, gets the bounce.
         let (node_a, node_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let lineage = Lineage::start(node_a.path(), Arc::new(bus.clone()))
@@ -727,7 +702,9 @@ mod tests {
             }])
             .await
             .unwrap()[0];
-        lineage.received(Received::of(&letter, position)).await;
+        lineage
+            .received(Received::of(&letter, Some(position)))
+            .await;
         let first = route_one(&envelope_record(&letter), &r);
         assert_eq!(first.out.len(), 1);
         assert_eq!(first.content.len(), 1, "the PDF goes to the content store");
@@ -836,6 +813,66 @@ mod tests {
 ZKH+Regiolab Noord+Laanweg:12::Groningen:9700AB+0501234567'PID+1961:04:09+M+Jansen::Jansen::Pieter:P.++BSN999911120'\
 DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.5+5.0+K'UNT+8+M0042'UNZ+1+IC0042'";
 
+    /// A routed batch's lineage records (the envelope as received, where it was read, and
+    /// its events) are on the log when its raw records are acked, in the same write as the
+    /// events: a node killed right after the ack leaves nothing of them in its memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_acked_with_its_lineage_on_the_log() {
+        use crate::bus::test_log;
+
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Arc::new(test_log(dir.path(), "log.db"));
+        bus.ensure_topics(&two_partitions([
+            topics::RAW.to_owned(),
+            topics::events(EventKind::LabResult),
+            topics::ROUTER_DEAD_LETTERS.to_owned(),
+            topics::LINEAGE.to_owned(),
+        ]))
+        .await
+        .unwrap();
+        let lineage = Lineage::start(dir.path(), Arc::clone(&bus)).await.unwrap();
+        let raw = raw_record(Format::Edifact, MEDLAB.as_bytes());
+        let at = bus
+            .publish(vec![OutRecord {
+                topic: raw.topic,
+                key: raw.key,
+                value: raw.value,
+            }])
+            .await
+            .unwrap()[0];
+        let mut consumer = bus
+            .subscribe(topics::ROUTER_GROUP, &[topics::RAW.to_owned()])
+            .await
+            .unwrap();
+        let routing = Arc::new(routing(normalisers(), &[]));
+        let cancel = CancellationToken::new();
+        route_batch(bus.as_ref(), &mut consumer, &routing, &lineage, &cancel)
+            .await
+            .unwrap();
+        consumer.commit().await.unwrap();
+        let lag = bus.lag(topics::ROUTER_GROUP, topics::RAW).await.unwrap();
+        assert!(
+            lag.iter().all(|(_, committed, end)| committed == end),
+            "acked: {lag:?}"
+        );
+        let on_log = crate::observe::lineage::on_topic(bus.as_ref()).await;
+        let seen = on_log
+            .iter()
+            .find_map(|r| r.received.as_ref())
+            .expect("the envelope recorded as received");
+        assert_eq!(
+            (i64::from(seen.raw_partition), seen.raw_offset),
+            (i64::from(at.partition), at.offset)
+        );
+        assert!(
+            on_log
+                .iter()
+                .filter_map(|r| r.step.as_ref())
+                .any(|s| s.outcome == "normalised"),
+            "its event recorded"
+        );
+    }
+
     #[test]
     fn the_reading_handed_to_raw_deliveries_is_the_one_they_would_make() {
         let keyer = PatientKeyer::new(b"0123456789abcdef".to_vec());
@@ -926,8 +963,14 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         let routed = route_one(&record, &routing(normalisers(), &[]));
         let seen = routed.seen.expect("recorded as received");
         assert_eq!(
-            (seen.id.as_str(), seen.raw_partition, seen.raw_offset),
-            ("env-1", 2, 41)
+            (seen.id.as_str(), seen.raw),
+            (
+                "env-1",
+                Some(Position {
+                    partition: 2,
+                    offset: 41
+                })
+            )
         );
         assert_eq!(seen.connector, "http");
     }

@@ -133,8 +133,10 @@ impl Synthetic {
                 size: 1_000 + r.below(4_000),
                 sender: Some(sender(r.zipf(SENDERS))),
                 receiver: (r.below(100) < 97).then(|| receiver(r.zipf(RECEIVERS))),
-                raw_partition: 0,
-                raw_offset: n as i64,
+                raw: Some(ketenbus::bus::Position {
+                    partition: 0,
+                    offset: n as i64,
+                }),
                 source_id: Some(format!("IC{n:08}")),
                 file: None,
             })

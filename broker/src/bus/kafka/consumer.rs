@@ -409,7 +409,11 @@ impl KafkaConsumer {
         from: &[(u32, i64)],
     ) -> Result<KafkaConsumer, BusError> {
         bus.check_topics([topic]).await?;
-        let state = Arc::new(Mutex::new(GroupState::default()));
+        let mut start = GroupState::default();
+        for (partition, next) in from {
+            start.holes.expect(topic, *partition, *next);
+        }
+        let state = Arc::new(Mutex::new(start));
         let context = GroupContext {
             group: group.to_owned(),
             state: Arc::clone(&state),

@@ -111,6 +111,13 @@ impl Holes {
         Verdict::Take
     }
 
+    /// Expect `next` as the first offset of `topic`/`partition` (a reader told where to
+    /// start): a hole right at the start is read again like any other.
+    pub(super) fn expect(&mut self, topic: &str, partition: u32, next: i64) {
+        self.parts
+            .insert((topic.to_owned(), partition), Part { next, hole: None });
+    }
+
     /// Forget a partition (revoked in a rebalance): its next owner starts without expectations.
     pub(super) fn forget(&mut self, topic: &str, partition: u32) {
         self.parts.remove(&(topic.to_owned(), partition));
@@ -176,6 +183,17 @@ mod tests {
         assert_eq!(h.check("t", 0, 6, old, NOW, t), Verdict::Take);
         assert_eq!(h.check("t", 0, 9, old, NOW, t), Verdict::Take);
         assert_eq!(h.check("t", 0, 10, old, NOW, t), Verdict::Take);
+    }
+
+    /// A reader that starts at offset 7 (where its index left off) and whose first fetch
+    /// returns 8: 7 is read again, not skipped.
+    #[test]
+    fn a_hole_at_a_readers_start_is_read_again() {
+        let mut h = Holes::default();
+        let t = Instant::now();
+        h.expect("t", 0, 7);
+        assert_eq!(h.check("t", 0, 8, NOW, NOW, t), Verdict::ReadFrom(7));
+        assert_eq!(h.check("t", 0, 7, NOW, NOW, t), Verdict::Take);
     }
 
     #[test]

@@ -251,7 +251,7 @@ async function message(id) {
   dl.replaceChildren();
   for (const [k, v] of [["received", when(l.received_at_ms)], ["connector", l.connector], ["format", l.format],
     ["content type", l.content_type], ["size", l.size + " bytes"], ["sender", l.sender || "—"],
-    ["receiver", l.receiver || "—"], ["raw position", `${l.raw_partition}/${l.raw_offset}`]]) {
+    ["receiver", l.receiver || "—"], ["raw position", l.raw_offset == null ? "not routed yet" : `${l.raw_partition}/${l.raw_offset}`]]) {
     dl.append(el("dt", { text: k }), el("dd", { text: v }));
   }
   $("message-events").replaceChildren(...(l.events.length ? l.events.map((e) =>
