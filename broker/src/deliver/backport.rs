@@ -2,7 +2,7 @@
 //! "Subscriptions R5 Backport" IG (STU 1.1.0) lays them out for R4.
 //!
 //! A client POSTs a `Subscription` whose `criteria` is one of ketenbus's topic canonicals
-//! ([`topic`]), with its filters (receiver, sender) in the `backport-filter-criteria`
+//! ([`topic`]), with its filters (receiver, sender, patient) in the `backport-filter-criteria`
 //! extension and a `rest-hook` channel. ketenbus checks it ([`parse`]), keeps it in the data
 //! directory ([`store`]) and runs it as a subscription like a configured one: its own
 //! consumer group, lanes, retries, dead letters, lineage, consent and audit (`deliver::run_with`),
@@ -124,6 +124,9 @@ pub struct Registration {
     pub receiver: String,
     /// Sender party ids (`sender` filters; empty: every sender).
     pub senders: Vec<String>,
+    /// The patient filter as the patient's pseudonym (the patient key), never a BSN.
+    #[serde(default)]
+    pub patient: Option<String>,
     /// Where notifications go.
     pub endpoint: String,
     /// How much each notification carries.
@@ -154,6 +157,15 @@ impl Registration {
     pub fn subscription_name(&self) -> String {
         subscription_name(&self.id)
     }
+
+    /// Whether its `end` has passed at `now_ms` (ms since the epoch).
+    #[must_use]
+    pub fn ended(&self, now_ms: i64) -> bool {
+        self.end
+            .as_deref()
+            .and_then(crate::deliver::mcsd::instant)
+            .is_some_and(|end| end.saturating_mul(1000) <= now_ms)
+    }
 }
 
 /// The ketenbus subscription name of the Subscription `id`.
@@ -183,6 +195,10 @@ pub struct FhirSubscriptionsConfig {
     /// Check consent before each notification when `[consent]` has a registry (the party is
     /// the Subscription's receiver).
     pub consent: Option<FhirConsent>,
+    /// Receiver party ids whose Subscriptions may filter by patient (a `patient` filter with
+    /// the BSN, kept only as the patient's pseudonym); for any other receiver such a
+    /// Subscription is refused with 403. Empty (the default): nobody.
+    pub patient_filter_receivers: Vec<String>,
 }
 
 impl Default for FhirSubscriptionsConfig {
@@ -198,6 +214,7 @@ impl Default for FhirSubscriptionsConfig {
             max_timeout: Duration::from_secs(30),
             min_heartbeat: Duration::from_secs(1),
             consent: None,
+            patient_filter_receivers: Vec::new(),
         }
     }
 }

@@ -206,6 +206,7 @@ pub async fn run<B: Bus>(
         cfg.fhir_subscriptions.clone(),
         &format!("http://{}/fhir", cfg.http.listen),
         audit.clone(),
+        patient_keyer.clone(),
     )
     .context("opening the FHIR subscriptions")?;
     let task = deliver::backport::manage::run(
