@@ -945,3 +945,225 @@ async fn notification_latency() {
     );
     assert!(p(0.99) < Duration::from_secs(1), "p99 {:?}", p(0.99));
 }
+
+/// The fixture patient's BSN (synthetic), and the store files a Subscription is kept in.
+const BSN: &str = "999999990";
+
+fn store_bytes(broker: &Broker) -> Vec<u8> {
+    let data = broker.dir.join("data");
+    let mut all = Vec::new();
+    for f in ["fhir-subscriptions.sqlite", "fhir-subscriptions.sqlite-wal"] {
+        all.extend(std::fs::read(data.join(f)).unwrap_or_default());
+    }
+    assert!(!all.is_empty(), "the store is on disk");
+    all
+}
+
+fn holds(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// A Subscription filtered on one patient (by BSN) gets only that patient's events, where
+/// the receiver is allowed a patient filter; elsewhere it is refused. The BSN is kept and
+/// read back only as the patient's pseudonym: not in the store, the Subscription, the log or
+/// the audit trail.
+#[tokio::test]
+async fn a_patient_filter_passes_one_patients_events_and_keeps_no_bsn() {
+    let rx = Receiver::ok().await;
+    let config = config().replacen(
+        "[[senders]]",
+        &format!("patient_filter_receivers = [\"{HAP}\"]\n[[senders]]"),
+        1,
+    );
+    let broker = Broker::start(&config);
+    let mut validated = 0;
+    let mut asked = subscription(&rx.url(), HAP, "full-resource", 60);
+    asked["_criteria"]["extension"][0]["valueString"] = json!(format!(
+        "ServiceRequest?receiver={HAP}&patient:identifier=http://fhir.nl/fhir/NamingSystem/bsn|{BSN}"
+    ));
+    validated += valid("the Subscription asked", std::slice::from_ref(&asked));
+
+    // Another receiver may not filter by patient.
+    let mut other = subscription(&rx.url(), OTHER, "full-resource", 60);
+    other["_criteria"]["extension"][0]["valueString"] =
+        json!(format!("ServiceRequest?receiver={OTHER}&patient={BSN}"));
+    let (status, oo) = post_subscription(&broker, "tok-other", &other).await;
+    assert_eq!(status, 403, "{oo:#}");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .or(oo["issue"][0]["details"]["text"].as_str())
+            .unwrap()
+            .contains("patient"),
+        "{oo:#}"
+    );
+    assert!(!oo.to_string().contains(BSN));
+    validated += valid("the refusal", std::slice::from_ref(&oo));
+    // A value that is no BSN is refused without repeating it.
+    let mut bad = asked.clone();
+    bad["_criteria"]["extension"][0]["valueString"] =
+        json!(format!("ServiceRequest?receiver={HAP}&patient=999999991"));
+    let (status, oo) = post_subscription(&broker, "tok-hap", &bad).await;
+    assert_eq!(status, 422, "{oo:#}");
+    assert!(!oo.to_string().contains("999999991"));
+
+    let (status, made) = post_subscription(&broker, "tok-hap", &asked).await;
+    assert_eq!(status, 201, "{made:#}\n{}", broker.log_text());
+    assert_eq!(made["status"], "active", "{made:#}");
+    let url = format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    let (status, read) = call(reqwest::Method::GET, &url, "tok-hap", None).await;
+    assert_eq!(status, 200);
+    for s in [&made, &read] {
+        let text = s.to_string();
+        assert!(!text.contains(BSN), "no BSN read back: {s:#}");
+        assert!(
+            text.contains("patient:identifier=urn:ketenbus:patient-key|"),
+            "{s:#}"
+        );
+    }
+    validated += valid(
+        "the Subscription made and read",
+        &[made.clone(), read.clone()],
+    );
+    let key = read["_criteria"]["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| {
+            e["valueString"]
+                .as_str()?
+                .split_once("patient-key|")
+                .map(|(_, k)| k.to_owned())
+        })
+        .unwrap();
+    let store = store_bytes(&broker);
+    assert!(holds(&store, &key), "the store keeps the pseudonym");
+    assert!(!holds(&store, BSN), "the store keeps no BSN");
+    // Put back as read: the same patient filter.
+    let (status, again) = call(
+        reqwest::Method::PUT,
+        &url,
+        "tok-hap",
+        Some(("application/fhir+json", read.to_string().into_bytes())),
+    )
+    .await;
+    assert_eq!(status, 200, "{again:#}");
+
+    // Another patient's referral, then this patient's: only the second is notified.
+    post_referral(&broker, HAP, true).await;
+    post_referral(&broker, HAP, false).await;
+    let got = wait_kind(&rx, "event-notification", 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = of_kind(&rx.received(), "event-notification");
+    assert_eq!(got.len(), 1, "only the filtered patient's event");
+    let patients: Vec<&Value> = got[0].0["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "Patient")
+        .collect();
+    assert_eq!(patients.len(), 1);
+    assert!(
+        patients[0]["resource"]["identifier"]
+            .to_string()
+            .contains(BSN)
+    );
+    assert_eq!(
+        got[0].1.events[0].0, 1,
+        "numbered 1: the other was never its event"
+    );
+    validated += valid("notifications", &bundles(&rx.received()));
+
+    // Neither the log nor the audit trail has the BSN; the audit names the pseudonym.
+    assert!(!broker.log_text().contains(BSN), "no BSN in the log");
+    let trail =
+        std::fs::read_to_string(ketenbus::observe::audit::path_in(&broker.dir.join("data")))
+            .unwrap();
+    assert!(!trail.contains(BSN), "no BSN in the audit trail");
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("fhir_subscription_create") && l.contains(&key)),
+        "{trail}"
+    );
+    eprintln!("validated with the npm fhir validator: {validated} resources");
+}
+
+/// Past its `end` a Subscription sends nothing more (no notification, no heartbeat) and is
+/// `off`; an `end` already passed is refused.
+#[tokio::test]
+async fn a_subscription_past_its_end_goes_off_and_stays_quiet() {
+    let rx = Receiver::ok().await;
+    let broker = Broker::start(&config());
+    let in_secs = |s: u64| {
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(s))
+            .to_string()
+    };
+    let mut past = subscription(&rx.url(), HAP, "id-only", 1);
+    past["end"] = json!("2020-01-01T00:00:00Z");
+    let (status, oo) = post_subscription(&broker, "tok-hap", &past).await;
+    assert_eq!(status, 422, "{oo:#}");
+    valid("the refusal", std::slice::from_ref(&oo));
+
+    let mut asked = subscription(&rx.url(), HAP, "id-only", 1);
+    asked["end"] = json!(in_secs(3));
+    let ends = Instant::now() + Duration::from_secs(3);
+    valid("the Subscription asked", std::slice::from_ref(&asked));
+    let (status, made) = post_subscription(&broker, "tok-hap", &asked).await;
+    assert_eq!(status, 201, "{made:#}");
+    assert_eq!(made["status"], "active");
+    post_referral(&broker, HAP, false).await;
+    let got = wait_kind(&rx, "event-notification", 1, Duration::from_secs(2)).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "notified before its end\n{}",
+        broker.log_text()
+    );
+
+    // Past the end: off, and quiet.
+    tokio::time::sleep(ends.saturating_duration_since(Instant::now()) + Duration::from_millis(600))
+        .await;
+    let url = format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    let (status, ended) = call(reqwest::Method::GET, &url, "tok-hap", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(ended["status"], "off", "{ended:#}");
+    valid(
+        "the Subscription past its end",
+        std::slice::from_ref(&ended),
+    );
+    let before = rx.received().len();
+    post_referral(&broker, HAP, false).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rx.received();
+    assert_eq!(
+        after.len(),
+        before,
+        "nothing after the end: {:?}",
+        bundles(&after[before..])
+            .iter()
+            .map(backport)
+            .map(|s| s.kind)
+            .collect::<Vec<_>>()
+    );
+    let (_, st) = call(
+        reqwest::Method::GET,
+        &format!("{url}/$status"),
+        "tok-hap",
+        None,
+    )
+    .await;
+    assert_eq!(backport_status(&st), ("off".to_owned(), 1), "{st:#}");
+    valid("notifications", &bundles(&rx.received()));
+}

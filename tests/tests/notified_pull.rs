@@ -165,67 +165,26 @@ fn sign(claims: &Claims, key: &[u8]) -> String {
     .unwrap()
 }
 
-async fn post_referral(c: &reqwest::Client, a: &Broker) -> reqwest::Response {
-    c.post(format!("{}/fhir/$process-message", a.url))
-        .bearer_auth(RAV)
-        .header("content-type", "application/fhir+json")
-        .body(REFERRAL)
-        .send()
-        .await
-        .unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_notifies_b_b_pulls_and_every_refusal_holds() {
-    let rx = Receiver::answering(204).await; // B's subscriber
-    let probe = Receiver::answering(200).await; // a second receiver of A's notifications
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = Broker::prepare(dir_a.path(), "");
-    let mut b = Broker::prepare(dir_b.path(), "");
+/// Nodes A and B, prepared in these directories; A takes referrals from the ambulance
+/// (`RAV`).
+fn nodes(dir_a: &Path, dir_b: &Path) -> (Broker, Broker) {
+    let a = Broker::prepare(dir_a, "");
+    let b = Broker::prepare(dir_b, "");
     configure(
         &a,
         &format!(
-            r#"
-[[senders]]
-name = "rav"
-token_sha256 = "{rav}"
-party_ids = ["ura:00000001"]
-[[senders]]
-name = "hap"
-token_sha256 = "{hap}"
-party_ids = ["endpoint:https://hap.example.nl/fhir"]
-[[senders]]
-name = "other"
-token_sha256 = "{other}"
-party_ids = ["ura:99999999"]
-[[operators]]
-name = "ops"
-token_sha256 = "{ops}"
-[notified_pull]
-base_url = "{a}/fhir"
-key_env = "PULL_KEY_A"
-authorization_base_ttl = "8s"
-token_ttl = "4s"
-[[subscriptions]]
-name = "to-b"
-kinds = ["acute_handover"]
-sink = {{ type = "notified-pull", base_url = "{b}/fhir", requester = "ura:00000001", token_env = "A_TO_B" }}
-[[subscriptions]]
-name = "to-probe"
-kinds = ["acute_handover"]
-sink = {{ type = "notified-pull", base_url = "http://{probe}/fhir", requester = "ura:00000001" }}
-"#,
-            rav = h(RAV),
-            hap = h(HAP),
-            other = h(OTHER),
-            ops = h(OPS),
-            a = a.url,
-            b = b.url,
-            probe = probe.addr,
+            "[[senders]]\nname = \"rav\"\ntoken_sha256 = \"{}\"\nparty_ids = [\"ura:00000001\"]\n",
+            h(RAV)
         ),
     );
+    (a, b)
+}
+
+/// Node B: node A as its Notified Pull partner (and a sender), its subscriber `rx` taking
+/// the acute handovers; then both started with their keys.
+fn start_both(a: &mut Broker, b: &mut Broker, rx: &Receiver) {
     configure(
-        &b,
+        b,
         &format!(
             r#"
 [[senders]]
@@ -251,12 +210,27 @@ fhir_base = "{a}/fhir"
     b.set_env(&[("PULL_KEY_B", KEY_B)]);
     a.spawn();
     b.spawn();
-    let c = reqwest::Client::new();
-    let mut validated = 0;
+}
 
-    // A takes the referral; B's subscriber gets the acute handover B pulled from A.
-    let sent = Instant::now();
-    let resp = post_referral(&c, &a).await;
+async fn post_referral(c: &reqwest::Client, a: &Broker) -> reqwest::Response {
+    c.post(format!("{}/fhir/$process-message", a.url))
+        .bearer_auth(RAV)
+        .header("content-type", "application/fhir+json")
+        .body(REFERRAL)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A referral posted at A reaches B's subscriber `rx` as the acute handover B pulled: when
+/// it arrived, and the event.
+async fn handover_at_b(
+    c: &reqwest::Client,
+    a: &Broker,
+    b: &Broker,
+    rx: &Receiver,
+) -> (Instant, Value) {
+    let resp = post_referral(c, a).await;
     assert_eq!(resp.status().as_u16(), 202, "{}", a.log_text());
     let got = rx.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(
@@ -266,10 +240,63 @@ fhir_base = "{a}/fhir"
         a.log_text(),
         b.log_text()
     );
-    let pulled_after = got[0].at.duration_since(sent);
     let e: Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(e["header"]["kind"], "acute_handover", "{e:#}");
     assert_eq!(e["referral"]["code"]["code"], "11131000146102");
+    (got[0].at, e)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifies_b_b_pulls_and_every_refusal_holds() {
+    let rx = Receiver::answering(204).await; // B's subscriber
+    let probe = Receiver::answering(200).await; // a second receiver of A's notifications
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, mut b) = nodes(dir_a.path(), dir_b.path());
+    configure(
+        &a,
+        &format!(
+            r#"
+[[senders]]
+name = "hap"
+token_sha256 = "{hap}"
+party_ids = ["endpoint:https://hap.example.nl/fhir"]
+[[senders]]
+name = "other"
+token_sha256 = "{other}"
+party_ids = ["ura:99999999"]
+[[operators]]
+name = "ops"
+token_sha256 = "{ops}"
+[notified_pull]
+base_url = "{a}/fhir"
+key_env = "PULL_KEY_A"
+authorization_base_ttl = "8s"
+token_ttl = "4s"
+[[subscriptions]]
+name = "to-b"
+kinds = ["acute_handover"]
+sink = {{ type = "notified-pull", base_url = "{b}/fhir", requester = "ura:00000001", token_env = "A_TO_B" }}
+[[subscriptions]]
+name = "to-probe"
+kinds = ["acute_handover"]
+sink = {{ type = "notified-pull", base_url = "http://{probe}/fhir", requester = "ura:00000001" }}
+"#,
+            hap = h(HAP),
+            other = h(OTHER),
+            ops = h(OPS),
+            a = a.url,
+            b = b.url,
+            probe = probe.addr,
+        ),
+    );
+    start_both(&mut a, &mut b, &rx);
+    let c = reqwest::Client::new();
+    let mut validated = 0;
+
+    // A takes the referral; B's subscriber gets the acute handover B pulled from A.
+    let sent = Instant::now();
+    let (at, e) = handover_at_b(&c, &a, &b, &rx).await;
+    let pulled_after = at.duration_since(sent);
     assert_eq!(
         e["header"]["receiver"],
         "endpoint:https://hap.example.nl/fhir"
@@ -592,4 +619,222 @@ sink = {{ type = "notified-pull", base_url = "http://{probe}/fhir", requester = 
     assert_eq!(status, 410, "{r:#}\n{}", a.log_text());
     assert!(!outcome_text(&r).is_empty(), "{r:#}");
     eprintln!("gone {:?} after the read", started.elapsed());
+}
+
+/// The Backport rules a test can check on a Notified Pull notification Bundle; its
+/// (event number, events since start, focus Task).
+fn backport_notification(bundle: &Value) -> (u64, u64, Value) {
+    assert_eq!(bundle["resourceType"], "Bundle");
+    assert_eq!(bundle["type"], "history", "{bundle:#}");
+    let entries = bundle["entry"].as_array().unwrap();
+    assert_eq!(
+        entries.len(),
+        2,
+        "the status and the Task, nothing else: {bundle:#}"
+    );
+    let p = &entries[0]["resource"];
+    assert_eq!(p["resourceType"], "Parameters", "status Parameters first");
+    assert_eq!(
+        p["meta"]["profile"][0],
+        "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/backport-subscription-status-r4"
+    );
+    let param = |name: &str| {
+        p["parameter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {p:#}"))
+    };
+    assert_eq!(param("type")["valueCode"], "event-notification");
+    assert_eq!(param("status")["valueCode"], "active");
+    assert_eq!(
+        param("topic")["valueCanonical"],
+        "urn:ketenbus:fhir:SubscriptionTopic:acute-handover"
+    );
+    assert!(
+        param("subscription")["valueReference"]["reference"]
+            .as_str()
+            .unwrap()
+            .contains("/fhir/Subscription/"),
+    );
+    let since: u64 = param("events-since-subscription-start")["valueString"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let event = param("notification-event")["part"].as_array().unwrap();
+    let part = |name: &str| event.iter().find(|x| x["name"] == name).unwrap();
+    let number: u64 = part("event-number")["valueString"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let focus = part("focus")["valueReference"]["reference"]
+        .as_str()
+        .unwrap();
+    assert_eq!(entries[1]["fullUrl"], focus, "the focus is the Task entry");
+    let task = entries[1]["resource"].clone();
+    assert_eq!(task["resourceType"], "Task");
+    assert_eq!(task["code"]["coding"][0]["code"], "pull-notification");
+    assert!(focus.ends_with(&format!("/fhir/Task/{}", task["id"].as_str().unwrap())));
+    assert!(
+        !bundle.to_string().contains("999999990"),
+        "no clinical content, no BSN"
+    );
+    (number, since, task)
+}
+
+/// The `notified-pull` style's second form: A sends a Backport notification Bundle (the
+/// SubscriptionStatus first, the notification Task as its focus, nothing clinical); B takes
+/// it at its FHIR base and pulls as for the Task, and its subscriber gets the handovers. An
+/// expired token, another exchange's token and a read outside the exchange are refused for
+/// this form too; B refuses a Backport notification from a stranger or without its Task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backport_notification_with_the_task_as_focus_is_taken_and_pulled() {
+    let rx = Receiver::answering(204).await; // B's subscriber
+    let probe = Receiver::answering(200).await; // a rest-hook endpoint for A's notifications
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, mut b) = nodes(dir_a.path(), dir_b.path());
+    configure(
+        &a,
+        &format!(
+            r#"
+[notified_pull]
+base_url = "{a}/fhir"
+key_env = "PULL_KEY_A"
+token_ttl = "3s"
+[[subscriptions]]
+name = "to-b"
+kinds = ["acute_handover"]
+sink = {{ type = "notified-pull", base_url = "{b}/fhir", requester = "ura:00000001", token_env = "A_TO_B", notification = "backport" }}
+[[subscriptions]]
+name = "to-probe"
+kinds = ["acute_handover"]
+sink = {{ type = "notified-pull", base_url = "http://{probe}/notify", requester = "ura:00000001", notification = "backport" }}
+"#,
+            a = a.url,
+            b = b.url,
+            probe = probe.addr,
+        ),
+    );
+    start_both(&mut a, &mut b, &rx);
+    let c = reqwest::Client::new();
+    let mut validated = 0;
+
+    // A notifies B with the Backport form; B pulls; B's subscriber gets the handover.
+    handover_at_b(&c, &a, &b, &rx).await;
+
+    // The notification as a rest-hook endpoint gets it.
+    let notes = probe.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(notes.len(), 1, "{}", a.log_text());
+    let bundle1: Value = serde_json::from_slice(&notes[0].body).unwrap();
+    let (number, since, task) = backport_notification(&bundle1);
+    assert_eq!((number, since), (1, 1));
+    validated += validate("the Backport notification", std::slice::from_ref(&bundle1));
+    let base1 = input(&task, "authorization-base")[0].to_owned();
+    let reads: Vec<String> = input(&task, "read-available-resource")
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    assert!(reads[0].contains("/fhir/ServiceRequest/"), "{reads:?}");
+
+    // The pull with a token: the focus (the workflow Task) and every resource.
+    let (status, t) = token(&c, &a, &base1).await;
+    assert_eq!(status, 200, "{t:#}");
+    let jwt1 = t["access_token"].as_str().unwrap().to_owned();
+    let focus = bundle1["entry"][1]["fullUrl"].as_str().unwrap();
+    let (status, workflow) = get(&c, focus, Some(&jwt1)).await;
+    assert_eq!(status, 200, "the focus is readable: {workflow:#}");
+    assert!(input(&workflow, "authorization-base").is_empty());
+    let mut served = vec![workflow];
+    for url in &reads {
+        let (status, r) = get(&c, url, Some(&jwt1)).await;
+        assert_eq!(status, 200, "{url}: {r:#}");
+        served.push(r);
+    }
+    validated += validate("the workflow Task and the resources", &served);
+
+    // A second referral: numbered 2, a second exchange that token 1 does not read.
+    let resp = post_referral(&c, &a).await;
+    assert_eq!(resp.status().as_u16(), 202);
+    let notes = probe.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(notes.len(), 2);
+    let bundle2: Value = serde_json::from_slice(&notes[1].body).unwrap();
+    let (number, since, task2) = backport_notification(&bundle2);
+    assert_eq!((number, since), (2, 2), "numbered without gaps");
+    validated += validate("the second notification", std::slice::from_ref(&bundle2));
+    assert_eq!(
+        rx.wait_for(2, Duration::from_secs(20)).await.len(),
+        2,
+        "{}",
+        b.log_text()
+    );
+    let reads2 = input(&task2, "read-available-resource");
+    let (status, r) = get(&c, reads2[0], Some(&jwt1)).await;
+    assert_eq!(status, 403, "a token for another exchange: {r:#}");
+    assert!(outcome_text(&r).contains("another exchange"));
+    let (status, r) = get(
+        &c,
+        bundle2["entry"][1]["fullUrl"].as_str().unwrap(),
+        Some(&jwt1),
+    )
+    .await;
+    assert_eq!(
+        status, 404,
+        "another exchange's focus Task, as any unknown Task: {r:#}"
+    );
+    let (status, r) = get(&c, &format!("{}/fhir/Patient/nobody", a.url), Some(&jwt1)).await;
+    assert_eq!(status, 404, "a read outside the exchange: {r:#}");
+    let mut outcomes = vec![r];
+
+    // B refuses a Backport notification from a party that is no partner, and one whose
+    // focus is no notification Task it carries; a heartbeat pulls nothing.
+    let post_b = |body: Value| {
+        c.post(format!("{}/fhir", b.url))
+            .bearer_auth(A_TO_B)
+            .header("content-type", "application/fhir+json")
+            .body(body.to_string())
+            .send()
+    };
+    let mut stranger = bundle2.clone();
+    stranger["entry"][1]["resource"]["requester"]["identifier"]["value"] = json!("00000077");
+    let resp = post_b(stranger).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    outcomes.push(resp.json().await.unwrap());
+    let mut unfocused = bundle2.clone();
+    unfocused["entry"][1]["fullUrl"] = json!(format!("{}/fhir/Task/elsewhere", a.url));
+    let resp = post_b(unfocused).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    outcomes.push(resp.json().await.unwrap());
+    let mut heartbeat = bundle2.clone();
+    heartbeat["entry"] = json!([bundle2["entry"][0].clone()]);
+    let params = heartbeat["entry"][0]["resource"]["parameter"]
+        .as_array_mut()
+        .unwrap();
+    params.retain(|p| p["name"] != "notification-event");
+    for p in params.iter_mut() {
+        if p["name"] == "type" {
+            p["valueCode"] = json!("heartbeat");
+        }
+    }
+    validated += validate("a heartbeat", std::slice::from_ref(&heartbeat));
+    let resp = post_b(heartbeat).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    validated += validate("B's answers", &outcomes);
+
+    // Token 1 expires (token_ttl 3 s).
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (status, r) = get(&c, &reads[0], Some(&jwt1)).await;
+    assert_eq!(status, 401, "an expired token: {r:#}");
+    assert!(outcome_text(&r).contains("expired"));
+    assert_eq!(
+        rx.received().len(),
+        2,
+        "nothing more pulled: {}",
+        b.log_text()
+    );
+    eprintln!("validated by the npm fhir validator: {validated} resources");
+    drop(b);
+    drop(a);
 }

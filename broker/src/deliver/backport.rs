@@ -2,7 +2,7 @@
 //! "Subscriptions R5 Backport" IG (STU 1.1.0) lays them out for R4.
 //!
 //! A client POSTs a `Subscription` whose `criteria` is one of ketenbus's topic canonicals
-//! ([`topic`]), with its filters (receiver, sender) in the `backport-filter-criteria`
+//! ([`topic`]), with its filters (receiver, sender, patient) in the `backport-filter-criteria`
 //! extension and a `rest-hook` channel. ketenbus checks it ([`parse`]), keeps it in the data
 //! directory ([`store`]) and runs it as a subscription like a configured one: its own
 //! consumer group, lanes, retries, dead letters, lineage, consent and audit (`deliver::run_with`),
@@ -126,6 +126,9 @@ pub struct Registration {
     pub receiver: String,
     /// Sender party ids (`sender` filters; empty: every sender).
     pub senders: Vec<String>,
+    /// The patient filter as the patient's pseudonym (the patient key), never a BSN.
+    #[serde(default)]
+    pub patient: Option<String>,
     /// Where notifications go.
     pub endpoint: String,
     /// How much each notification carries.
@@ -168,6 +171,15 @@ impl Registration {
     pub fn subscription_name(&self) -> String {
         subscription_name(&self.id)
     }
+
+    /// Whether its `end` has passed at `now_ms` (ms since the epoch).
+    #[must_use]
+    pub fn ended(&self, now_ms: i64) -> bool {
+        self.end
+            .as_deref()
+            .and_then(crate::deliver::mcsd::instant)
+            .is_some_and(|end| end.saturating_mul(1000) <= now_ms)
+    }
 }
 
 pub use crate::deliver::config::FHIR_NAME_PREFIX as NAME_PREFIX;
@@ -204,6 +216,10 @@ pub struct FhirSubscriptionsConfig {
     /// Environment variable with the secret (at least 32 bytes) that `channel.header` values
     /// are sealed with at rest (AES-256-GCM). Not set: Subscriptions with headers are refused.
     pub header_key_env: String,
+    /// Receiver party ids whose Subscriptions may filter by patient (a `patient` filter with
+    /// the BSN, kept only as the patient's pseudonym); for any other receiver such a
+    /// Subscription is refused with 403. Empty (the default): nobody.
+    pub patient_filter_receivers: Vec<String>,
 }
 
 impl Default for FhirSubscriptionsConfig {
@@ -216,6 +232,7 @@ impl Default for FhirSubscriptionsConfig {
             min_heartbeat: Duration::from_secs(1),
             consent: None,
             header_key_env: "KETENBUS_FHIR_HEADER_KEY".into(),
+            patient_filter_receivers: Vec::new(),
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct FilterConfig {
     pub senders: Vec<String>,
     /// Receiver party ids.
     pub receivers: Vec<String>,
+    /// Patient keys (pseudonyms) the event must be about; not a config key: set only by a
+    /// FHIR Subscription's patient filter.
+    #[serde(skip)]
+    pub patients: Vec<String>,
 }
 
 /// `[subscriptions.sink]`, tagged by `type`: one arm per kind of sink, each in its own file

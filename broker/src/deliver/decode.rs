@@ -113,7 +113,11 @@ pub(super) fn passes(filter: &FilterConfig, payload: &Payload) -> bool {
         filter.senders.is_empty() || sender.is_some_and(|v| filter.senders.iter().any(|x| x == v));
     let receiver_ok =
         filter.receivers.is_empty() || receivers.iter().any(|r| filter.receivers.contains(r));
-    sender_ok && receiver_ok
+    // A patient filter passes only events whose patient key is one of its keys.
+    let patient_ok = filter.patients.is_empty()
+        || matches!(payload, Payload::Event(e) if e.header().patient_key.as_ref()
+            .is_some_and(|k| filter.patients.contains(k)));
+    sender_ok && receiver_ok && patient_ok
 }
 
 #[cfg(test)]
@@ -138,14 +142,16 @@ mod tests {
         assert!(passes(
             &FilterConfig {
                 senders: vec!["mailbox:500001234".into()],
-                receivers: vec![]
+                receivers: vec![],
+                patients: vec![]
             },
             &p
         ));
         assert!(!passes(
             &FilterConfig {
                 senders: vec!["agb:1".into()],
-                receivers: vec![]
+                receivers: vec![],
+                patients: vec![]
             },
             &p
         ));
@@ -153,11 +159,22 @@ mod tests {
             !passes(
                 &FilterConfig {
                     senders: vec![],
-                    receivers: vec!["agb:1".into()]
+                    receivers: vec!["agb:1".into()],
+                    patients: vec![]
                 },
                 &p
             ),
             "unknown receiver fails a receiver filter"
+        );
+        assert!(
+            !passes(
+                &FilterConfig {
+                    patients: vec!["0123456789abcdef0123456789abcdef".into()],
+                    ..FilterConfig::default()
+                },
+                &p
+            ),
+            "a message without a patient key fails a patient filter"
         );
     }
 }

@@ -9,8 +9,9 @@
 //! exchange; with it, it reads that event's resources at `GET /fhir/{Type}/{id}` and
 //! `GET /fhir/{Type}?_id=..&_include=*`, and nothing else.
 //!
-//! **Receiving**: a notification Task from a configured partner (`[[notified_pull.partners]]`)
-//! is stored in `notified-pull.db` (synchronous, before the partner hears 202), then a worker
+//! **Receiving**: a notification Task from a configured partner (`[[notified_pull.partners]]`),
+//! POSTed as is or as the focus of a Backport notification Bundle ([`backport_notice`]), is
+//! stored in `notified-pull.db` (synchronous, before the partner hears 202), then a worker
 //! gets a token at the partner's token endpoint, pulls the announced resources and hands them
 //! to ingest as one FHIR `collection` Bundle, which the router maps into `acute_handover` or
 //! `lab_result` events like any FHIR message. A failed pull is retried with backoff
@@ -254,6 +255,17 @@ pub struct Opened {
     pub authorization_base: String,
 }
 
+/// An event's number among a subscription's Backport notifications.
+#[derive(Debug, Clone, Copy)]
+pub struct Numbered {
+    /// Its number (from 1).
+    pub number: u64,
+    /// `events-since-subscription-start`: the highest number so far.
+    pub since: u64,
+    /// When it was numbered, ms since the epoch.
+    pub at_ms: i64,
+}
+
 /// A partner, validated.
 #[derive(Debug, Clone)]
 struct Partner {
@@ -322,7 +334,11 @@ impl NotifiedPull {
              CREATE TABLE IF NOT EXISTS inbox (
                  id TEXT PRIMARY KEY, partner TEXT NOT NULL, task TEXT NOT NULL,
                  accepted_ms INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
-                 next_ms INTEGER NOT NULL, last_error TEXT);",
+                 next_ms INTEGER NOT NULL, last_error TEXT);
+             CREATE TABLE IF NOT EXISTS numbered (
+                 subscription TEXT NOT NULL, event_id TEXT NOT NULL, number INTEGER NOT NULL,
+                 at_ms INTEGER NOT NULL,
+                 PRIMARY KEY (subscription, number), UNIQUE (subscription, event_id));",
         )?;
         let partners = cfg
             .partners
@@ -393,6 +409,39 @@ impl NotifiedPull {
         Ok(Opened {
             exchange,
             authorization_base: base,
+        })
+    }
+
+    /// The number of `event_id` among the Backport notifications of `subscription`: the next
+    /// one when it is first notified, the same one on every retry; with the count so far and
+    /// when it was numbered (ms since the epoch). Numbers have no gaps.
+    ///
+    /// # Errors
+    /// When the store cannot be written.
+    pub fn number(&self, subscription: &str, event_id: &str) -> Result<Numbered, PullError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO numbered (subscription, event_id, number, at_ms)
+             SELECT ?1, ?2, COALESCE(MAX(number), 0) + 1, ?3 FROM numbered WHERE subscription = ?1",
+            params![subscription, event_id, now_ms()],
+        )?;
+        let (number, at_ms): (i64, i64) = tx.query_row(
+            "SELECT number, at_ms FROM numbered WHERE subscription = ?1 AND event_id = ?2",
+            params![subscription, event_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let since: i64 = tx.query_row(
+            "SELECT MAX(number) FROM numbered WHERE subscription = ?1",
+            [subscription],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(Numbered {
+            number: n(number),
+            since: n(since),
+            at_ms,
         })
     }
 
@@ -979,6 +1028,66 @@ pub fn is_pull_notification(tree: &Value) -> bool {
             })
 }
 
+/// What a Backport notification Bundle (a `history` Bundle whose first entry is the
+/// `SubscriptionStatus` Parameters) brings a Notified Pull receiver.
+#[derive(Debug, Clone)]
+pub enum BackportNotice {
+    /// An event notification whose focus is a notification Task carried in the Bundle.
+    Task(Value),
+    /// A handshake or heartbeat (its type): nothing to pull.
+    Nothing(String),
+    /// A Backport notification ketenbus cannot pull after: why.
+    Unusable(&'static str),
+}
+
+/// The Backport notification in `tree`, if it is one.
+#[must_use]
+pub fn backport_notice(tree: &Value) -> Option<BackportNotice> {
+    if tree.get("resourceType").and_then(Value::as_str) != Some("Bundle")
+        || tree.get("type").and_then(Value::as_str) != Some("history")
+    {
+        return None;
+    }
+    let entries = tree.get("entry").and_then(Value::as_array)?;
+    let status = entries.first()?.get("resource")?;
+    if status.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return None;
+    }
+    let parameters = status.get("parameter").and_then(Value::as_array)?;
+    let named = |name: &'static str| {
+        parameters
+            .iter()
+            .filter(move |p| p.get("name").and_then(Value::as_str) == Some(name))
+    };
+    let kind = named("type")
+        .next()
+        .and_then(|p| p.get("valueCode"))
+        .and_then(Value::as_str)?;
+    if kind != "event-notification" {
+        return Some(BackportNotice::Nothing(kind.to_owned()));
+    }
+    let focus: Vec<&str> = named("notification-event")
+        .filter_map(|e| e.get("part").and_then(Value::as_array))
+        .flatten()
+        .filter(|p| p.get("name").and_then(Value::as_str) == Some("focus"))
+        .filter_map(|p| p.get("valueReference")?.get("reference")?.as_str())
+        .collect();
+    let [focus] = focus.as_slice() else {
+        return Some(BackportNotice::Unusable(
+            "a Notified Pull notification has one notification-event with a focus",
+        ));
+    };
+    let task = entries[1..]
+        .iter()
+        .find(|e| e.get("fullUrl").and_then(Value::as_str) == Some(*focus))
+        .and_then(|e| e.get("resource"))
+        .filter(|r| is_pull_notification(r));
+    Some(task.map_or(
+        BackportNotice::Unusable("the focus is no pull-notification Task carried in the Bundle"),
+        |t| BackportNotice::Task(t.clone()),
+    ))
+}
+
 fn input_type_is(input: &Value, code: &str) -> bool {
     input
         .get("type")
@@ -1161,5 +1270,78 @@ mod tests {
         strip_authorization_base(&mut stripped);
         assert!(authorization_base(&stripped).is_none());
         assert!(authorization_base(&task).is_some());
+    }
+
+    #[test]
+    fn backport_numbers_have_no_gaps_and_a_retry_keeps_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pull(dir.path());
+        let a = p.number("np", "e1").unwrap();
+        let b = p.number("np", "e2").unwrap();
+        let again = p.number("np", "e1").unwrap();
+        let other = p.number("other", "e1").unwrap();
+        assert_eq!((a.number, b.number, again.number), (1, 2, 1));
+        assert_eq!((b.since, again.since), (2, 2));
+        assert_eq!(again.at_ms, a.at_ms);
+        assert_eq!((other.number, other.since), (1, 1));
+        drop(p);
+        let p = pull(dir.path());
+        assert_eq!(
+            p.number("np", "e3").unwrap().number,
+            3,
+            "kept across a reopen"
+        );
+    }
+
+    #[test]
+    fn a_backport_notification_gives_its_focus_task() {
+        let bundle = |kind: &str, focus: &str, task_code: &str| -> Value {
+            let text = format!(
+                r#"{{"resourceType":"Bundle","type":"history","entry":[
+                {{"fullUrl":"urn:uuid:1","resource":{{"resourceType":"Parameters","parameter":[
+                  {{"name":"type","valueCode":"{kind}"}},
+                  {{"name":"notification-event","part":[{{"name":"event-number","valueString":"1"}},
+                    {{"name":"focus","valueReference":{{"reference":"{focus}"}}}}]}}]}}}},
+                {{"fullUrl":"http://a/fhir/Task/x","resource":{{"resourceType":"Task",
+                  "code":{{"coding":[{{"code":"{task_code}"}}]}}}}}}]}}"#
+            );
+            ketenbus_connectors::fhir::json::parse(text.as_bytes()).unwrap()
+        };
+        let got = |b: &Value| match backport_notice(b) {
+            Some(BackportNotice::Task(_)) => "task",
+            Some(BackportNotice::Nothing(_)) => "nothing",
+            Some(BackportNotice::Unusable(_)) => "unusable",
+            None => "none",
+        };
+        let task = bundle(
+            "event-notification",
+            "http://a/fhir/Task/x",
+            PULL_NOTIFICATION,
+        );
+        assert_eq!(got(&task), "task");
+        assert_eq!(got(&bundle("heartbeat", "", "")), "nothing");
+        assert_eq!(
+            got(&bundle(
+                "event-notification",
+                "http://a/fhir/Task/y",
+                PULL_NOTIFICATION
+            )),
+            "unusable",
+            "a focus not carried"
+        );
+        assert_eq!(
+            got(&bundle(
+                "event-notification",
+                "http://a/fhir/Task/x",
+                "other"
+            )),
+            "unusable",
+            "a Task that is no pull notification"
+        );
+        let text = String::from_utf8(ketenbus_connectors::fhir::json::to_vec(&task))
+            .unwrap()
+            .replace("history", "transaction");
+        let not = ketenbus_connectors::fhir::json::parse(text.as_bytes()).unwrap();
+        assert_eq!(got(&not), "none");
     }
 }

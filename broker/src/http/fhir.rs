@@ -246,6 +246,12 @@ async fn handle(
     {
         return take_notification(pull, &tree, out);
     }
+    // The same Task as the focus of a Backport notification Bundle, POSTed to the base.
+    if interaction == Interaction::Base
+        && let Some(notice) = crate::deliver::pull::backport_notice(&tree)
+    {
+        return take_backport(st.pull.as_deref(), notice, out);
+    }
     let mut attributes = BTreeMap::new();
     if let Some(s) = authenticated {
         attributes.insert("authenticated_sender".to_owned(), s.0.name.clone());
@@ -390,6 +396,50 @@ fn take_notification(
     }
 }
 
+/// Take a Backport notification Bundle POSTed to `/fhir`: its focus Task as
+/// [`take_notification`] takes one; a handshake or heartbeat is answered 200 and pulls
+/// nothing; a Bundle without a notification Task as its focus is 422.
+fn take_backport(
+    pull: Option<&crate::deliver::pull::NotifiedPull>,
+    notice: crate::deliver::pull::BackportNotice,
+    out: Format,
+) -> Response {
+    use crate::deliver::pull::BackportNotice;
+    let Some(pull) = pull else {
+        crate::observe::metrics::rejected("fhir", "pull_not_configured");
+        return issue(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            out,
+            "error",
+            "not-supported",
+            "this node takes no Notified Pull notifications",
+            None,
+        );
+    };
+    match notice {
+        BackportNotice::Task(task) => take_notification(pull, &task, out),
+        BackportNotice::Nothing(_) => issue(
+            StatusCode::OK,
+            out,
+            "information",
+            "informational",
+            "no event in this notification: nothing to pull",
+            None,
+        ),
+        BackportNotice::Unusable(why) => {
+            crate::observe::metrics::rejected("fhir", "pull_invalid_task");
+            issue(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                out,
+                "error",
+                "invalid",
+                why,
+                Some("Bundle.entry"),
+            )
+        }
+    }
+}
+
 /// What one parse of a FHIR request gives the handler.
 struct Examined {
     tree: Value,
@@ -470,6 +520,19 @@ fn examine(
         )))
     };
     match interaction {
+        // A Backport notification (Notified Pull) makes no events itself: the handler takes it.
+        Interaction::Base
+            if bundle_type.as_deref() == Some("history")
+                && crate::deliver::pull::backport_notice(&tree).is_some() =>
+        {
+            return Ok(Examined {
+                tree,
+                resource_type,
+                bundle_type,
+                declared,
+                sender,
+            });
+        }
         Interaction::ProcessMessage if bundle_type.as_deref() != Some("message") => {
             return refuse(
                 "$process-message takes a Bundle of type message",

@@ -135,7 +135,7 @@ fn asked(registry: &Registry, headers: &HeaderMap, body: &[u8]) -> Result<Regist
             ),
         )
     })?;
-    parse::registration(&v, registry.limits())
+    registry.checked(&v)
 }
 
 async fn create(

@@ -24,6 +24,7 @@ use crate::deliver::sink::{BuildError, BuildSink, SinkContext};
 use crate::observe::audit::{Audit, Entry};
 use crate::observe::health::Health;
 use crate::observe::lineage::Lineage;
+use crate::route::keys::PatientKeyer;
 
 /// Most events one `$events` answer carries.
 pub const EVENTS_PAGE: usize = 100;
@@ -55,6 +56,7 @@ pub struct Registry {
     live: Mutex<HashMap<String, Live>>,
     commands: mpsc::Sender<Command>,
     audit: Option<Audit>,
+    keyer: PatientKeyer,
 }
 
 impl std::fmt::Debug for Registry {
@@ -92,7 +94,8 @@ fn internal(e: &StoreError) -> Refusal {
 
 impl Registry {
     /// The Subscriptions kept in `data_dir`; `base`: ketenbus's FHIR base as subscribers
-    /// reach it. The returned [`Commands`] go to [`run`].
+    /// reach it; `keyer` turns a patient filter's BSN into its pseudonym. The returned
+    /// [`Commands`] go to [`run`].
     ///
     /// # Errors
     /// When the store cannot be opened or read.
@@ -102,6 +105,7 @@ impl Registry {
         base: &str,
         audit: Option<Audit>,
         key: Option<super::seal::HeaderKey>,
+        keyer: PatientKeyer,
     ) -> Result<(Arc<Registry>, Commands), OpenError> {
         let store = Store::open_with(data_dir, key)?;
         let live = store
@@ -131,6 +135,7 @@ impl Registry {
             live: Mutex::new(live),
             commands: tx,
             audit,
+            keyer,
         };
         Ok((Arc::new(registry), Commands(rx)))
     }
@@ -156,6 +161,35 @@ impl Registry {
             secs(self.config.max_timeout),
             secs(self.config.min_heartbeat),
         )
+    }
+
+    /// A client's Subscription checked ([`parse::registration`] with this server's limits),
+    /// its patient filter's BSN turned into the patient's pseudonym: a patient filter only
+    /// for a receiver in `patient_filter_receivers`, else 403.
+    ///
+    /// # Errors
+    /// [`Refusal`] naming what is wrong.
+    pub fn checked(&self, body: &Value) -> Result<Registration, Refusal> {
+        let pseudonym = |bsn: &str| {
+            self.keyer.key_of(&ketenbus_schemas::event::Identifier {
+                system: ketenbus_schemas::event::systems::BSN.into(),
+                value: bsn.to_owned(),
+            })
+        };
+        let reg = super::parse::registration(body, self.limits(), &pseudonym)?;
+        if reg.patient.is_some() && !self.config.patient_filter_receivers.contains(&reg.receiver) {
+            crate::observe::metrics::rejected("fhir", "patient_filter_not_allowed");
+            return Err(Refusal::new(
+                403,
+                "forbidden",
+                "this receiver may not filter by patient (fhir_subscriptions.patient_filter_receivers)",
+            )
+            .at("Subscription.criteria.extension"));
+        }
+        if reg.ended(now_ms()) {
+            return Err(Refusal::new(422, "invalid", "end has passed").at("Subscription.end"));
+        }
+        Ok(reg)
     }
 
     /// The Subscription `id`.
@@ -188,6 +222,7 @@ impl Registry {
             filter: FilterConfig {
                 senders: r.senders.clone(),
                 receivers: vec![r.receiver.clone()],
+                patients: r.patient.iter().cloned().collect(),
             },
             sink: crate::deliver::sink::Sink::new(NotifyBuild {
                 registry: Arc::clone(self),
@@ -234,6 +269,7 @@ impl Registry {
             action: action.to_owned(),
             actor: actor.to_owned(),
             party: Some(reg.receiver.clone()),
+            patient: reg.patient.clone(),
             event_id: Some(format!("Subscription/{}", reg.id)),
             ..Entry::default()
         };
@@ -332,11 +368,12 @@ impl Registry {
         let Some(old) = self.get(id) else {
             return Err(Refusal::new(404, "not-found", "no such Subscription"));
         };
-        if old.kind != asked.kind || old.receiver != asked.receiver {
+        if old.kind != asked.kind || old.receiver != asked.receiver || old.patient != asked.patient
+        {
             return Err(Refusal::new(
                 422,
                 "invalid",
-                "a Subscription's topic and receiver cannot change: delete it and make another",
+                "a Subscription's topic, receiver and patient cannot change: delete it and make another",
             ));
         }
         asked.headers = super::seal::unmask(&asked.headers, &old.headers).map_err(|name| {
@@ -355,6 +392,10 @@ impl Registry {
         self.audit("fhir_subscription_update", &asked, actor)
             .await?;
         self.keep(&asked)?;
+        if old.ended(now_ms()) {
+            // Stopped at its end; a later end starts it again where its group stood.
+            self.start(id, false).await?;
+        }
         if off {
             return Ok(asked);
         }
@@ -410,6 +451,24 @@ impl Registry {
             l.reg.error.clone_from(&reg.error);
             l.last_sent = Instant::now();
         }
+    }
+
+    /// Whether the Subscription `id` has passed its `end`; the first time, it goes `off`
+    /// (R4: the time the server turns it off).
+    fn expire(&self, id: &str) -> bool {
+        let Some(mut reg) = self.get(id) else {
+            return false;
+        };
+        if !reg.ended(now_ms()) {
+            return false;
+        }
+        if reg.status != Status::Off {
+            tracing::info!(subscription = %reg.subscription_name(), "fhir subscription reached its end; off");
+            reg.status = Status::Off;
+            reg.error = None;
+            self.set(&reg);
+        }
+        true
     }
 
     fn failed(&self, id: &str, why: &str) {
@@ -523,6 +582,13 @@ impl Registry {
                 detail: "the Subscription was deleted".into(),
             });
         };
+        if self.expire(id) {
+            // Not numbered: it waits in the log in case a later end starts it again.
+            return Err(DeliveryError::Retryable {
+                reason: "subscription_ended".into(),
+                detail: "the Subscription has passed its end".into(),
+            });
+        }
         let store_failed = |e: StoreError| DeliveryError::Retryable {
             reason: "store_unavailable".into(),
             detail: e.to_string(),
@@ -582,6 +648,7 @@ impl Registration {
             kind: ketenbus_schemas::EventKind::Letter,
             receiver: String::new(),
             senders: Vec::new(),
+            patient: None,
             endpoint: String::new(),
             content: Content::Empty,
             headers: Vec::new(),
@@ -683,6 +750,9 @@ pub async fn run<B: Bus>(
     let mut tasks = tokio::task::JoinSet::new();
     let mut running: HashMap<String, CancellationToken> = HashMap::new();
     let start = async |id: &str, new: bool, tasks: &mut tokio::task::JoinSet<()>| {
+        if registry.expire(id) {
+            return None; // past its end: not started
+        }
         let reg = registry.get(id)?;
         let sub = registry.subscription(&reg);
         let specs: Vec<TopicSpec> = [
@@ -746,7 +816,13 @@ pub async fn run<B: Bus>(
             loop {
                 tokio::select! {
                     () = beat_stop.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_millis(250)) => beat.heartbeat(&id_owned).await,
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {
+                        if beat.expire(&id_owned) {
+                            let _ = beat.commands.send(Command::Stop(id_owned.clone())).await;
+                            break;
+                        }
+                        beat.heartbeat(&id_owned).await;
+                    }
                 }
             }
         });

@@ -55,40 +55,129 @@ pub fn resources(event: &Event) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// The status `Parameters` of a notification of type `kind` (`handshake`, `heartbeat`,
-/// `event-notification`, `query-status`, `query-event`).
+/// What the status `Parameters` of a notification say.
+#[derive(Debug, Clone)]
+pub struct StatusOf<'a> {
+    /// The Subscription's reference (`<base>/Subscription/<id>`).
+    pub subscription: String,
+    /// The topic canonical.
+    pub topic: String,
+    /// The Subscription's status code.
+    pub status: &'a str,
+    /// The notification type (`handshake`, `heartbeat`, `event-notification`, ...).
+    pub kind: &'a str,
+    /// `events-since-subscription-start`.
+    pub since: u64,
+    /// Each event: number, when it was numbered (ms since the epoch) and its focus reference.
+    pub events: Vec<(u64, i64, Option<String>)>,
+    /// Why the status is `error`.
+    pub error: Option<&'a str>,
+}
+
+impl StatusOf<'_> {
+    /// As a `backport-subscription-status-r4` Parameters.
+    #[must_use]
+    pub fn parameters(&self) -> Value {
+        let mut parameter = vec![
+            json!({ "name": "subscription", "valueReference": { "reference": self.subscription } }),
+            json!({ "name": "topic", "valueCanonical": self.topic }),
+            json!({ "name": "status", "valueCode": self.status }),
+            json!({ "name": "type", "valueCode": self.kind }),
+            json!({ "name": "events-since-subscription-start", "valueString": self.since.to_string() }),
+        ];
+        for (number, at_ms, focus) in &self.events {
+            let mut part = vec![
+                json!({ "name": "event-number", "valueString": number.to_string() }),
+                json!({ "name": "timestamp", "valueInstant": instant(*at_ms) }),
+            ];
+            if let Some(focus) = focus {
+                part.push(json!({ "name": "focus", "valueReference": { "reference": focus } }));
+            }
+            parameter.push(json!({ "name": "notification-event", "part": part }));
+        }
+        if let Some(e) = self.error {
+            parameter.push(json!({ "name": "error", "valueCodeableConcept": { "text": e } }));
+        }
+        json!({
+            "resourceType": "Parameters",
+            "id": new_uuid(),
+            "meta": { "profile": [PROFILE_STATUS] },
+            "parameter": parameter,
+        })
+    }
+
+    /// A `history` notification Bundle: these Parameters first, then `entries` (full URL,
+    /// `Type/id`, the resource when it is carried).
+    #[must_use]
+    pub fn history(&self, entries: Vec<(String, String, Option<Value>)>) -> Value {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
+        let mut entry = vec![json!({
+            "fullUrl": format!("urn:uuid:{}", new_uuid()),
+            "resource": self.parameters(),
+            "request": { "method": "GET", "url": format!("{}/$status", self.subscription) },
+            "response": { "status": "200" },
+        })];
+        for (url, tid, resource) in entries {
+            let mut e = json!({
+                "fullUrl": url,
+                "request": { "method": "PUT", "url": tid },
+                "response": { "status": "200" },
+            });
+            if let Some(r) = resource {
+                e["resource"] = r;
+            }
+            entry.push(e);
+        }
+        json!({
+            "resourceType": "Bundle",
+            "id": new_uuid(),
+            "type": "history",
+            "timestamp": instant(now),
+            "entry": entry,
+        })
+    }
+}
+
+/// The status of a notification of type `kind` (`handshake`, `heartbeat`,
+/// `event-notification`, `query-status`, `query-event`) about the Subscription `r`.
+#[must_use]
+pub fn status_of<'a>(
+    base: &str,
+    r: &'a Registration,
+    kind: &'a str,
+    since: u64,
+    events: &[Notice],
+) -> StatusOf<'a> {
+    StatusOf {
+        subscription: format!("{base}/Subscription/{}", r.id),
+        topic: Topic::of(r.kind).canonical(),
+        status: r.status.code(),
+        kind,
+        since,
+        events: events
+            .iter()
+            .map(|n| {
+                let focus = (r.content != Content::Empty)
+                    .then(|| {
+                        ketenbus_connectors::fhir::emit::served(&n.event)
+                            .ok()?
+                            .focus
+                    })
+                    .flatten()
+                    .map(|f| format!("{base}/{f}"));
+                (n.number, n.at_ms, focus)
+            })
+            .collect(),
+        error: r.error.as_deref(),
+    }
+}
+
+/// The status `Parameters` of a notification of type `kind`.
 #[must_use]
 pub fn status(base: &str, r: &Registration, kind: &str, since: u64, events: &[Notice]) -> Value {
-    let mut parameter = vec![
-        json!({ "name": "subscription", "valueReference": { "reference": format!("{base}/Subscription/{}", r.id) } }),
-        json!({ "name": "topic", "valueCanonical": Topic::of(r.kind).canonical() }),
-        json!({ "name": "status", "valueCode": r.status.code() }),
-        json!({ "name": "type", "valueCode": kind }),
-        json!({ "name": "events-since-subscription-start", "valueString": since.to_string() }),
-    ];
-    for n in events {
-        let mut part = vec![
-            json!({ "name": "event-number", "valueString": n.number.to_string() }),
-            json!({ "name": "timestamp", "valueInstant": instant(n.at_ms) }),
-        ];
-        if r.content != Content::Empty
-            && let Some(focus) = ketenbus_connectors::fhir::emit::served(&n.event)
-                .ok()
-                .and_then(|s| s.focus)
-        {
-            part.push(json!({ "name": "focus", "valueReference": { "reference": format!("{base}/{focus}") } }));
-        }
-        parameter.push(json!({ "name": "notification-event", "part": part }));
-    }
-    if let Some(e) = &r.error {
-        parameter.push(json!({ "name": "error", "valueCodeableConcept": { "text": e } }));
-    }
-    json!({
-        "resourceType": "Parameters",
-        "id": new_uuid().to_string(),
-        "meta": { "profile": [PROFILE_STATUS] },
-        "parameter": parameter,
-    })
+    status_of(base, r, kind, since, events).parameters()
 }
 
 /// A `history` notification Bundle of type `kind`, with `events` carried as `content` says.
@@ -101,37 +190,16 @@ pub fn bundle(
     events: &[Notice],
     content: Content,
 ) -> Value {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(0));
-    let mut entry = vec![json!({
-        "fullUrl": format!("urn:uuid:{}", new_uuid()),
-        "resource": status(base, r, kind, since, events),
-        "request": { "method": "GET", "url": format!("{base}/Subscription/{}/$status", r.id) },
-        "response": { "status": "200" },
-    })];
+    let mut entries = Vec::new();
     if content != Content::Empty {
         for n in events {
             for (tid, resource) in resources(&n.event) {
-                let mut e = json!({
-                    "fullUrl": format!("{base}/{tid}"),
-                    "request": { "method": "PUT", "url": tid },
-                    "response": { "status": "200" },
-                });
-                if content == Content::FullResource {
-                    e["resource"] = resource;
-                }
-                entry.push(e);
+                let carried = (content == Content::FullResource).then_some(resource);
+                entries.push((format!("{base}/{tid}"), tid, carried));
             }
         }
     }
-    json!({
-        "resourceType": "Bundle",
-        "id": new_uuid().to_string(),
-        "type": "history",
-        "timestamp": instant(now),
-        "entry": entry,
-    })
+    status_of(base, r, kind, since, events).history(entries)
 }
 
 /// A `searchset` Bundle of `found` (full URL, resource), each a match.

@@ -47,13 +47,22 @@ fn invalid(text: impl Into<String>, at: &'static str) -> Refusal {
     Refusal::new(422, "invalid", text).at(at)
 }
 
+/// The system of a patient filter's pseudonym, as a Subscription is read back
+/// (`patient:identifier=urn:ketenbus:patient-key|<key>`).
+pub const PATIENT_KEY_SYSTEM: &str = "urn:ketenbus:patient-key";
+
 /// What a client asked for, checked; the server's parts (id, owner, error) left empty.
 ///
 /// `limits`: the longest timeout in seconds and the shortest heartbeat period in seconds.
+/// `pseudonym`: the patient key of a BSN (a patient filter is kept only as that).
 ///
 /// # Errors
 /// [`Refusal`] naming the element that is wrong.
-pub fn registration(body: &Value, limits: (u32, u32)) -> Result<Registration, Refusal> {
+pub fn registration(
+    body: &Value,
+    limits: (u32, u32),
+    pseudonym: &dyn Fn(&str) -> String,
+) -> Result<Registration, Refusal> {
     let (max_timeout, min_heartbeat) = limits;
     if body.get("resourceType").and_then(Value::as_str) != Some("Subscription") {
         return Err(
@@ -77,7 +86,29 @@ pub fn registration(body: &Value, limits: (u32, u32)) -> Result<Registration, Re
         )
         .at("Subscription.criteria")
     })?;
-    let (receiver, senders) = filters(body)?;
+    let (receiver, senders, patient) = filters(body, pseudonym)?;
+    if patient.is_some() && !topic.patient {
+        return Err(Refusal::new(
+            422,
+            "not-supported",
+            "this topic's events name no patient: it takes no patient filter",
+        )
+        .at("Subscription.criteria.extension"));
+    }
+    let end = match body.get("end") {
+        None => None,
+        Some(e) => Some(
+            e.as_str()
+                .filter(|t| t.len() > 10 && crate::deliver::mcsd::instant(t).is_some())
+                .ok_or_else(|| {
+                    invalid(
+                        "end must be an instant (2026-12-01T12:00:00Z)",
+                        "Subscription.end",
+                    )
+                })?
+                .to_owned(),
+        ),
+    };
     let channel = body
         .get("channel")
         .ok_or_else(|| invalid("channel is required", "Subscription.channel"))?;
@@ -208,6 +239,7 @@ pub fn registration(body: &Value, limits: (u32, u32)) -> Result<Registration, Re
         kind: topic.kind,
         receiver,
         senders,
+        patient,
         endpoint: endpoint.to_owned(),
         content,
         headers,
@@ -219,7 +251,7 @@ pub fn registration(body: &Value, limits: (u32, u32)) -> Result<Registration, Re
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned(),
-        end: body.get("end").and_then(Value::as_str).map(str::to_owned),
+        end,
         status,
         error: None,
         owner: String::new(),
@@ -247,12 +279,44 @@ fn party(value: &str) -> Result<String, Refusal> {
     Ok(value.to_owned())
 }
 
-/// The receiver (exactly one) and senders of the `backport-filter-criteria` extensions.
-/// Each is `[Type?]name=value` (or `[Type.]name=value`), several joined by `&`.
-fn filters(body: &Value) -> Result<(String, Vec<String>), Refusal> {
+/// A patient filter's value as its pseudonym: a BSN (`999999990` or
+/// `http://fhir.nl/fhir/NamingSystem/bsn|999999990`) through `pseudonym`, or a pseudonym as a
+/// Subscription is read back (`urn:ketenbus:patient-key|<key>`). The value is never repeated
+/// in a refusal.
+fn patient_key(value: &str, pseudonym: &dyn Fn(&str) -> String) -> Result<String, Refusal> {
+    let value = value.trim().replace("%7C", "|").replace("%7c", "|");
+    if let Some(key) = value.strip_prefix(&format!("{PATIENT_KEY_SYSTEM}|")) {
+        if key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(key.to_ascii_lowercase());
+        }
+        return Err(invalid(
+            "a patient key is 32 hexadecimal characters",
+            "Subscription.criteria.extension",
+        ));
+    }
+    let bsn = value
+        .strip_prefix(&format!("{}|", ketenbus_schemas::event::systems::BSN))
+        .unwrap_or(&value);
+    if !ketenbus_connectors::zib::bsn_is_valid(bsn) {
+        return Err(invalid(
+            "a patient filter is a BSN: nine digits that pass the eleven-test",
+            "Subscription.criteria.extension",
+        ));
+    }
+    Ok(pseudonym(bsn))
+}
+
+/// The checked filters: receiver, senders, patient key.
+type Filters = (String, Vec<String>, Option<String>);
+
+/// The receiver (exactly one), senders and patient (at most one, as its pseudonym) of the
+/// `backport-filter-criteria` extensions. Each is `[Type?]name=value` (or
+/// `[Type.]name=value`), several joined by `&`.
+fn filters(body: &Value, pseudonym: &dyn Fn(&str) -> String) -> Result<Filters, Refusal> {
     const AT: &str = "Subscription.criteria.extension";
     let mut receivers = Vec::new();
     let mut senders = Vec::new();
+    let mut patients = Vec::new();
     let list = body
         .get("_criteria")
         .and_then(|c| c.get("extension"))
@@ -276,6 +340,7 @@ fn filters(body: &Value) -> Result<(String, Vec<String>), Refusal> {
             match name {
                 "receiver" => receivers.push(party(value)?),
                 "sender" => senders.push(party(value)?),
+                "patient" | "patient:identifier" => patients.push(patient_key(value, pseudonym)?),
                 _ => {
                     let known: Vec<&str> = FILTERS.iter().map(|(n, _)| *n).collect();
                     return Err(Refusal::new(
@@ -291,8 +356,11 @@ fn filters(body: &Value) -> Result<(String, Vec<String>), Refusal> {
             }
         }
     }
+    if patients.len() > 1 {
+        return Err(invalid("one patient filter per Subscription", AT));
+    }
     match receivers.as_slice() {
-        [one] => Ok((one.clone(), senders)),
+        [one] => Ok((one.clone(), senders, patients.pop())),
         [] => Err(invalid(
             "a receiver filter is required (backport-filter-criteria receiver=<party id>)",
             AT,
@@ -313,6 +381,12 @@ pub fn subscription(r: &Registration) -> Value {
         criteria_ext.push(json!({
             "url": EXT_FILTER,
             "valueString": format!("{}?sender={s}", topic.focus),
+        }));
+    }
+    if let Some(p) = &r.patient {
+        criteria_ext.push(json!({
+            "url": EXT_FILTER,
+            "valueString": format!("{}?patient:identifier={PATIENT_KEY_SYSTEM}|{p}", topic.focus),
         }));
     }
     let mut channel_ext = vec![
@@ -357,6 +431,10 @@ pub fn subscription(r: &Registration) -> Value {
 mod tests {
     use super::*;
 
+    fn reg(b: &Value, limits: (u32, u32)) -> Result<Registration, Refusal> {
+        registration(b, limits, &|bsn| format!("{bsn:0>32}"))
+    }
+
     fn body(endpoint: &str, filter: &str) -> Value {
         json!({
             "resourceType": "Subscription",
@@ -376,7 +454,7 @@ mod tests {
 
     #[test]
     fn a_subscription_round_trips_through_its_registration() {
-        let r = registration(
+        let r = reg(
             &body(
                 "https://hap.example.test/notify",
                 "ServiceRequest?receiver=agb:01234567&sender=ura:1",
@@ -389,32 +467,91 @@ mod tests {
         assert_eq!(r.content, Content::FullResource);
         assert_eq!(r.heartbeat_secs, Some(5));
         assert_eq!(r.timeout_secs, 30);
-        let again = registration(&subscription(&r), (30, 1)).unwrap();
+        let again = reg(&subscription(&r), (30, 1)).unwrap();
         assert_eq!(again, r);
     }
 
     #[test]
     fn refusals_name_the_element() {
         let limits = (30, 1);
-        let e =
-            registration(&body("http://hap.example.test/n", "receiver=agb:1"), limits).unwrap_err();
+        let e = reg(&body("http://hap.example.test/n", "receiver=agb:1"), limits).unwrap_err();
         assert_eq!(e.at, Some("Subscription.channel.endpoint"));
-        assert!(registration(&body("http://127.0.0.1:9/n", "receiver=agb:1"), limits).is_ok());
-        let e = registration(&body("https://h.test/n", "patient=123"), limits).unwrap_err();
+        assert!(reg(&body("http://127.0.0.1:9/n", "receiver=agb:1"), limits).is_ok());
+        let e = reg(&body("https://h.test/n", "colour=red"), limits).unwrap_err();
         assert_eq!(e.code, "not-supported");
-        let e = registration(&body("https://h.test/n", "sender=agb:1"), limits).unwrap_err();
+        let e = reg(&body("https://h.test/n", "sender=agb:1"), limits).unwrap_err();
         assert!(e.text.contains("receiver filter is required"), "{e}");
         let mut b = body("https://h.test/n", "receiver=agb:1");
         b["criteria"] = json!("http://example.org/SubscriptionTopic/other");
         assert_eq!(
-            registration(&b, limits).unwrap_err().at,
+            reg(&b, limits).unwrap_err().at,
             Some("Subscription.criteria")
         );
         let mut b = body("https://h.test/n", "receiver=agb:1");
         b["channel"]["extension"][0]["valueUnsignedInt"] = json!(0);
-        assert!(
-            registration(&b, limits).is_err(),
-            "heartbeat below the minimum"
-        );
+        assert!(reg(&b, limits).is_err(), "heartbeat below the minimum");
+    }
+
+    #[test]
+    fn a_patient_filter_is_kept_as_its_pseudonym_only() {
+        let limits = (30, 1);
+        for filter in [
+            "ServiceRequest?receiver=agb:1&patient=999999990",
+            "receiver=agb:1&patient:identifier=http://fhir.nl/fhir/NamingSystem/bsn%7C999999990",
+        ] {
+            let r = reg(&body("https://h.test/n", filter), limits).unwrap();
+            assert_eq!(
+                r.patient.as_deref(),
+                Some("00000000000000000000000999999990")
+            );
+            let back = subscription(&r);
+            assert!(back.to_string().contains(PATIENT_KEY_SYSTEM));
+            assert_eq!(reg(&back, limits).unwrap(), r, "read back, put back");
+            let kept = serde_json::to_string(&r).unwrap();
+            assert!(!kept.contains("\"999999990") && !kept.contains("|999999990"));
+        }
+        for bad in [
+            "patient=999999991",
+            "patient=12345",
+            "patient=urn:ketenbus:patient-key|zz",
+        ] {
+            let e = reg(
+                &body("https://h.test/n", &format!("receiver=agb:1&{bad}")),
+                limits,
+            )
+            .unwrap_err();
+            assert_eq!(e.status, 422, "{bad}");
+            assert!(
+                !e.text.contains("99999999") && !e.text.contains("12345"),
+                "{e}"
+            );
+        }
+        let e = reg(
+            &body(
+                "https://h.test/n",
+                "receiver=agb:1&patient=999999990&patient=123456782",
+            ),
+            limits,
+        )
+        .unwrap_err();
+        assert!(e.text.contains("one patient filter"), "{e}");
+        let mut b = body("https://h.test/n", "receiver=agb:1&patient=999999990");
+        b["criteria"] = json!("urn:ketenbus:fhir:SubscriptionTopic:handover-notification");
+        assert_eq!(reg(&b, limits).unwrap_err().code, "not-supported");
+    }
+
+    #[test]
+    fn end_is_an_instant_and_known_when_passed() {
+        let limits = (30, 1);
+        let mut b = body("https://h.test/n", "receiver=agb:1");
+        b["end"] = json!("tomorrow");
+        assert_eq!(reg(&b, limits).unwrap_err().at, Some("Subscription.end"));
+        b["end"] = json!("2026-12-01T12:00:00Z");
+        let r = reg(&b, limits).unwrap();
+        let noon = 1_796_126_400_000; // 2026-12-01T12:00:00Z
+        assert!(!r.ended(noon - 1));
+        assert!(r.ended(noon));
+        b["end"] = json!("2026-12-01T13:00:00+01:00");
+        assert!(reg(&b, limits).unwrap().ended(noon));
     }
 }

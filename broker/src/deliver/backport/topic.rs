@@ -11,8 +11,9 @@ pub const CANONICAL_PREFIX: &str = "urn:ketenbus:fhir:SubscriptionTopic:";
 /// The cross-version extensions of R5 `SubscriptionTopic` elements.
 const EXT: &str = "http://hl7.org/fhir/5.0/StructureDefinition/extension-SubscriptionTopic";
 
-/// Filters every topic takes: (name, what it matches).
-pub const FILTERS: [(&str, &str); 2] = [
+/// Filters the topics take: (name, what it matches). `patient` only on topics whose events
+/// name a patient ([`Topic::patient`]).
+pub const FILTERS: [(&str, &str); 3] = [
     (
         "receiver",
         "The receiving party id (`agb:…`, `ura:…`, `mailbox:…`) the event is addressed to. Required: a Subscription is for one receiver.",
@@ -20,6 +21,10 @@ pub const FILTERS: [(&str, &str); 2] = [
     (
         "sender",
         "The sending party id the event came from; several sender filters match any of them.",
+    ),
+    (
+        "patient",
+        "The patient the event is about, by BSN (`patient=<BSN>` or `patient:identifier=http://fhir.nl/fhir/NamingSystem/bsn|<BSN>`). Only for receivers the server allows it (`fhir_subscriptions.patient_filter_receivers`); the server keeps only the patient's pseudonym and reads it back as `patient:identifier=urn:ketenbus:patient-key|<pseudonym>`.",
     ),
 ];
 
@@ -38,6 +43,8 @@ pub struct Topic {
     pub description: &'static str,
     /// The resource type each notification focuses on.
     pub focus: &'static str,
+    /// Whether its events name a patient (so it takes a `patient` filter).
+    pub patient: bool,
 }
 
 /// Every topic.
@@ -49,6 +56,7 @@ pub const TOPICS: [Topic; 4] = [
         title: "Lab results",
         description: "A laboratory result for the receiver arrived (EDIFACT MEDLAB or FHIR), as nl-core LaboratoryTestResult observations.",
         focus: "Observation",
+        patient: true,
     },
     Topic {
         kind: EventKind::AcuteHandover,
@@ -57,6 +65,7 @@ pub const TOPICS: [Topic; 4] = [
         title: "Acute care handovers",
         description: "A handover in the acute care chain (ambulance to GP post or emergency department) for the receiver arrived, as a referral with its nl-core resources.",
         focus: "ServiceRequest",
+        patient: true,
     },
     Topic {
         kind: EventKind::HandoverNotification,
@@ -65,6 +74,7 @@ pub const TOPICS: [Topic; 4] = [
         title: "Handover notifications",
         description: "A notification about a handover (a Task announcing data to fetch) for the receiver arrived.",
         focus: "Task",
+        patient: false,
     },
     Topic {
         kind: EventKind::Letter,
@@ -73,6 +83,7 @@ pub const TOPICS: [Topic; 4] = [
         title: "Letters",
         description: "A letter (discharge or referral letter that used to go by fax) for the receiver arrived. Letters have no FHIR form yet: notifications carry no focus and no resources.",
         focus: "DocumentReference",
+        patient: true,
     },
 ];
 
@@ -128,6 +139,9 @@ impl Topic {
             ),
         ];
         for (name, description) in FILTERS {
+            if name == "patient" && !self.patient {
+                continue;
+            }
             extension.push(ext(
                 "canFilterBy",
                 json!({ "extension": [

@@ -1,6 +1,8 @@
 //! The `notified-pull` sink: for each event, an exchange (`deliver/pull.rs`) and a
-//! notification Task (code `pull-notification`) POSTed to the receiver's FHIR base; the
-//! receiver then pulls the event's resources from this node with a token.
+//! notification Task (code `pull-notification`) POSTed to the receiver's FHIR base, or (the
+//! `backport` form) a Backport notification Bundle with that Task as its focus, POSTed to the
+//! receiver's endpoint; the receiver then pulls the event's resources from this node with a
+//! token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,8 @@ use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, 
 use serde::Deserialize;
 
 use super::{BuildError, BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
+use crate::deliver::backport::notify::StatusOf;
+use crate::deliver::backport::topic::Topic;
 use crate::deliver::pull::NotifiedPull;
 
 /// `[subscriptions.sink]` with `type = "notified-pull"`.
@@ -32,6 +36,23 @@ pub struct NotifiedPullSinkConfig {
     /// Allow an `http://` base URL to a non-loopback host (unencrypted). Loopback needs no flag.
     #[serde(default)]
     pub allow_plain_http: bool,
+    /// The notification's form: `task` (the default), the TA's notification Task POSTed to
+    /// `[base]/Task`; or `backport`, a Backport `history` notification Bundle (the
+    /// SubscriptionStatus first, the same Task as its focus) POSTed to the base URL itself,
+    /// the receiver's rest-hook endpoint (ketenbus receives it at its FHIR base, `POST /fhir`).
+    #[serde(default)]
+    pub notification: NotificationForm,
+}
+
+/// The form of a Notified Pull notification.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotificationForm {
+    /// The TA Notified Pull notification Task (code `pull-notification`).
+    #[default]
+    Task,
+    /// A Backport notification Bundle with the notification Task as its focus.
+    Backport,
 }
 
 /// A validated `notified-pull` sink.
@@ -41,6 +62,7 @@ pub struct NotifiedPullSink {
     requester: String,
     token: Option<Secret>,
     timeout: Duration,
+    form: NotificationForm,
 }
 
 impl SinkConfigure for NotifiedPullSinkConfig {
@@ -70,6 +92,7 @@ impl SinkConfigure for NotifiedPullSinkConfig {
                 requester: self.requester.clone(),
                 token,
                 timeout: self.timeout,
+                form: self.notification,
             })
         })
     }
@@ -104,6 +127,42 @@ fn rejected(reason: &str, detail: impl Into<String>) -> DeliveryError {
     DeliveryError::Rejected {
         reason: reason.into(),
         detail: detail.into(),
+    }
+}
+
+impl Notifier {
+    /// The Backport notification of `event`: its number among this subscription's
+    /// notifications (kept, so a retry sends the same), the status Parameters, and the
+    /// notification `task` as the focus and only other entry (no clinical content).
+    fn backport(
+        &self,
+        delivery: &Delivery,
+        event: &ketenbus_schemas::Event,
+        exchange: &str,
+        task: Value,
+    ) -> Result<Vec<u8>, DeliveryError> {
+        let n = self
+            .pull
+            .number(&delivery.subscription, &event.header().id)
+            .map_err(|e| DeliveryError::Retryable {
+                reason: "store".into(),
+                detail: e.to_string(),
+            })?;
+        let base = self.pull.base_url();
+        let focus = format!("{base}/Task/{exchange}");
+        let status = StatusOf {
+            subscription: format!("{base}/Subscription/{}", delivery.subscription),
+            topic: Topic::of(event.kind()).canonical(),
+            status: "active",
+            kind: "event-notification",
+            since: n.since,
+            events: vec![(n.number, n.at_ms, Some(focus.clone()))],
+            error: None,
+        };
+        let task = serde_json::from_slice(&ketenbus_connectors::fhir::json::to_vec(&task))
+            .map_err(|e| rejected("invalid_payload", e.to_string()))?;
+        let bundle = status.history(vec![(focus, format!("Task/{exchange}"), Some(task))]);
+        Ok(serde_json::to_vec(&bundle).unwrap_or_default())
     }
 }
 
@@ -176,13 +235,22 @@ impl ketenbus_connectors::Sink for Notifier {
                     reason: "store".into(),
                     detail: e.to_string(),
                 })?;
-            let url = format!("{}/Task", base.as_str().trim_end_matches('/'));
+            let (url, body) = match self.sink.form {
+                NotificationForm::Task => (
+                    format!("{}/Task", base.as_str().trim_end_matches('/')),
+                    ketenbus_connectors::fhir::json::to_vec(&task),
+                ),
+                NotificationForm::Backport => (
+                    base.to_string(),
+                    self.backport(delivery, event, &opened.exchange, task)?,
+                ),
+            };
             let mut req = self
                 .client
                 .post(url)
                 .header("content-type", ketenbus_connectors::fhir::MEDIA_JSON)
                 .header("idempotency-key", &delivery.record_id)
-                .body(ketenbus_connectors::fhir::json::to_vec(&task));
+                .body(body);
             if let Some(t) = &self.sink.token {
                 req = req.bearer_auth(t.text());
             }
