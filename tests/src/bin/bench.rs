@@ -329,28 +329,17 @@ async fn main() -> anyhow::Result<()> {
     let mut acks = acks.lock().expect("lock").clone();
     acks.sort();
     if args.publish_only {
+        let rate = acks.len() as f64 / accepted_at.as_secs_f64();
         println!(
-            "engine={} mode=publish messages={} size={}B accepted_in={:.2}s => {:.0} msg/s; accept_rate={:.0} accept_p50={:.1}ms accept_p99={:.1}ms",
+            "engine={} mode=publish messages={} size={}B accepted_in={:.2}s => {rate:.0} msg/s; accept_rate={rate:.0} accept_p50={:.1}ms accept_p99={:.1}ms",
             args.engine,
             acks.len(),
             args.size,
             accepted_at.as_secs_f64(),
-            acks.len() as f64 / accepted_at.as_secs_f64(),
-            acks.len() as f64 / accepted_at.as_secs_f64(),
             pct_of(&acks, 0.5).as_secs_f64() * 1e3,
             pct_of(&acks, 0.99).as_secs_f64() * 1e3,
         );
-        println!(
-            "broker peak RSS (VmHWM) {:.0} MB",
-            mb(proc_status_bytes(pid, "VmHWM"))
-        );
-        anyhow::ensure!(
-            acks.len() == args.count,
-            "only {} of {} accepted",
-            acks.len(),
-            args.count
-        );
-        return Ok(());
+        return peak_and_check(&broker, pid, (acks.len(), args.count), "accepted");
     }
     let got = receiver
         .arrivals(args.count, Duration::from_secs(300))
@@ -390,17 +379,22 @@ async fn main() -> anyhow::Result<()> {
         pct_of(&acks, 0.5).as_secs_f64() * 1e3,
         pct_of(&acks, 0.99).as_secs_f64() * 1e3,
     );
+    peak_and_check(&broker, pid, (seen.len(), args.count), "delivered")
+}
+
+/// Print the broker's peak RSS; fail (with the broker's log) when fewer than all messages
+/// were `what`: (how many were, of how many).
+fn peak_and_check(
+    broker: &Broker,
+    pid: u32,
+    (n, of): (usize, usize),
+    what: &str,
+) -> anyhow::Result<()> {
     println!(
         "broker peak RSS (VmHWM) {:.0} MB",
         mb(proc_status_bytes(pid, "VmHWM"))
     );
-    anyhow::ensure!(
-        seen.len() == args.count,
-        "only {} of {} delivered:\n{}",
-        seen.len(),
-        args.count,
-        broker.log_text()
-    );
+    anyhow::ensure!(n == of, "only {n} of {of} {what}:\n{}", broker.log_text());
     Ok(())
 }
 

@@ -298,12 +298,21 @@ mod tests {
         assert_eq!(next[0].offset, 3, "offsets continue after reopening");
     }
 
+    /// A bus with topic `t` of `partitions`, and group `g`'s member that has looked once.
+    async fn idle_member(
+        dir: &std::path::Path,
+        partitions: u32,
+    ) -> (EmbeddedBus, super::EmbeddedConsumer) {
+        let bus = open_with(dir, "t", partitions).await;
+        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
+        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        (bus, c)
+    }
+
     #[tokio::test]
     async fn a_consumer_sees_what_another_writer_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let a = open_with(dir.path(), "t", 2).await;
-        let mut c = a.subscribe("g", &["t".into()]).await.unwrap();
-        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        let (_a, mut c) = idle_member(dir.path(), 2).await;
         // No notification reaches `a` from this writer: only looking again finds it.
         let b = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
         b.publish(vec![rec("t", 7, 9)]).await.unwrap();
@@ -315,9 +324,7 @@ mod tests {
     async fn an_idle_group_commits_at_most_every_commit_every_but_soon() {
         // Idle after every record (a low rate) must not cost a transaction per record.
         let dir = tempfile::tempdir().unwrap();
-        let bus = open_with(dir.path(), "t", 1).await;
-        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
-        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        let (bus, mut c) = idle_member(dir.path(), 1).await;
         c.commit().await.unwrap(); // COMMIT_EVERY counts from here
         bus.publish(vec![rec("t", 1, 1)]).await.unwrap();
         let r = c.poll(Duration::ZERO).await.unwrap().unwrap();
@@ -337,9 +344,7 @@ mod tests {
     #[tokio::test]
     async fn a_poll_dropped_while_reading_the_log_loses_no_notification() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = open_with(dir.path(), "t", 1).await;
-        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
-        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        let (bus, mut c) = idle_member(dir.path(), 1).await;
         // The next look reads the log (SQLite, on a blocking thread), not the fresh records.
         tokio::time::sleep(super::LOG_LOOK_EVERY + Duration::from_millis(50)).await;
         bus.publish(vec![rec("t", 1, 7)]).await.unwrap();
