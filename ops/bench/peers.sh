@@ -12,9 +12,10 @@
 #    (durable accept rate), publish and consume (accepted to consumed, per message latency),
 #    and the latency run at RATE msg/s offered;
 # 3. runs ketenbus-bench (embedded engine: HTTP ingest -> log -> webhook) with the same count,
-#    size and senders, once with one webhook POST per event and once through the batch
-#    webhook (BATCH events per POST at most; figures per event), and the latency run at RATE
-#    msg/s;
+#    size and senders: publish only (--publish-only: no subscription, the durable accept
+#    rate; every 202 follows the fsync of its message), once with one webhook POST per
+#    event and once through the batch webhook (BATCH events per POST at most; figures per
+#    event), and the latency run at RATE msg/s;
 # 4. prints a table of both with the ratios ketenbus/RabbitMQ, and the peak RSS (VmHWM) of each
 #    broker process over its life: RabbitMQ's beam.smp (read at the end of each run) and the
 #    ketenbus process each ketenbus-bench run starts (sampled every 0.2 s).
@@ -205,6 +206,7 @@ keten() { # name, args...
     sampler_pid=""
     cat "$work/$name.out" >&2
 }
+keten k_pub --count "$COUNT" --publish-only
 keten k_e2e --count "$COUNT"
 keten k_batch --count "$COUNT" --batch "$BATCH"
 keten k_lat --count "$LAT_COUNT" --rate "$RATE"
@@ -231,7 +233,11 @@ echo "load average before $load_before, after $load_after. Ratio: ketenbus / Rab
 echo
 row "" "RabbitMQ quorum queue, publisher confirms (rabbitmq-bench)" "ketenbus (ketenbus-bench)" "ratio"
 row "---" "---" "---" "---"
-row "durable accept, publish only" "$(get r_pub accept_rate) msg/s" "-" ""
+row "durable accept, publish only" "$(get r_pub accept_rate) msg/s" "$(get k_pub accept_rate) msg/s" \
+    "$(ratio "$(get k_pub accept_rate)" "$(get r_pub accept_rate)")"
+row "durable accept, publish only, p50 / p99 (confirm / 202)" \
+    "$(get r_pub confirm_p50) / $(get r_pub confirm_p99) ms" \
+    "$(get k_pub accept_p50) / $(get k_pub accept_p99) ms" ""
 row "durable accept, while delivering" "$(get r_e2e accept_rate) msg/s" "$k_acc msg/s (ingest)" \
     "$(ratio "$k_acc" "$(get r_e2e accept_rate)")"
 row "end to end (accepted to consumed/delivered)" "$(get r_e2e e2e_rate) msg/s" "$k_e2e_rate msg/s" \
@@ -250,7 +256,9 @@ row "at $RATE msg/s offered: end to end p50 / p99" \
     "$(get r_lat e2e_p50) / $(get r_lat e2e_p99) ms" \
     "$(get k_lat p50) / $(get k_lat p99) ms" \
     "$(ratio "$(get k_lat p99)" "$(get r_lat e2e_p99)") (p99)"
-row "peak RSS, $COUNT publish only" "$(mb "$(cat "$work/r_pub.rss")") (beam.smp)" "-" ""
+row "peak RSS, $COUNT publish only" "$(mb "$(cat "$work/r_pub.rss")") (beam.smp)" \
+    "$(mb "$(cat "$work/k_pub.rss")") (ketenbus)" \
+    "$(ratio "$(cat "$work/k_pub.rss")" "$(cat "$work/r_pub.rss")")"
 row "peak RSS, $COUNT end to end" "$(mb "$(cat "$work/r_e2e.rss")") (beam.smp)" \
     "$(mb "$(cat "$work/k_e2e.rss")") (ketenbus)" \
     "$(ratio "$(cat "$work/k_e2e.rss")" "$(cat "$work/r_e2e.rss")")"

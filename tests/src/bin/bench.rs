@@ -7,6 +7,7 @@
 //! target/release/ketenbus-bench --engine kafka --kafka 127.0.0.1:19092 --count 50000
 //! target/release/ketenbus-bench --engine embedded --count 30000 --batch 100   # batch webhook
 //! target/release/ketenbus-bench --large 4x25MiB
+//! target/release/ketenbus-bench --engine embedded --count 30000 --publish-only  # durable accept
 //! ```
 //! Prints sustained messages/s (first 202 to last delivery), ingest-to-delivered latency
 //! percentiles (from sending the POST to the webhook receiving it), accept latency
@@ -16,6 +17,11 @@
 //! once instead, waits until each is delivered to the raw subscriber, then 10 s more, and
 //! prints the broker's peak RSS and its RSS before and after: what large messages cost and
 //! whether the memory is given back.
+//!
+//! `--publish-only` starts the broker without a subscription and prints the durable accept
+//! rate alone (first POST to last 202, every 202 after the fsync of its message): the
+//! counterpart of a publish-only run against a queue nobody consumes. The router still
+//! normalises what comes in, as it does in any broker.
 //!
 //! With `--batch N` the subscription is a batch webhook (`batch = { max_events = N, max_wait = --batch-wait }`, `concurrency` N x 4)
 //! and the receiver takes JSON arrays: every figure is still per event (each event counts
@@ -63,6 +69,10 @@ struct Args {
     /// reports peak RSS and RSS after; `--count`, `--size`, `--rate`, `--senders` are then unused.
     #[arg(long)]
     large: Option<String>,
+    /// Publish only: no subscription, nothing delivered; prints the durable accept rate
+    /// (first POST to last 202) and accept latency percentiles.
+    #[arg(long)]
+    publish_only: bool,
 }
 
 /// A field of `/proc/PID/status` in bytes (`VmHWM`: peak RSS, `VmRSS`: RSS now).
@@ -214,7 +224,13 @@ async fn main() -> anyhow::Result<()> {
         ),
         other => anyhow::bail!("unknown engine {other}"),
     };
-    let sub = if args.batch > 0 {
+    let sub = if args.publish_only {
+        anyhow::ensure!(
+            args.batch == 0 && args.large.is_none(),
+            "--publish-only delivers nothing: leave out --batch and --large"
+        );
+        String::new()
+    } else if args.batch > 0 {
         format!(
             "[[subscriptions]]\nname = \"bench\"\nkinds = [\"raw\"]\nconcurrency = {}\n\
              sink = {{ type = \"webhook\", url = \"{}\", batch = {{ max_events = {}, max_wait = \"{}ms\" }} }}\n",
@@ -226,10 +242,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         webhook_subscription("bench", "\"raw\"", &receiver.url(), "")
     };
-    let broker = Broker::start(&format!(
-        "{bus}\n{sub}\n[subscriptions.retry]\ninitial = \"50ms\"\n{}\n",
-        args.extra
-    ));
+    let retry = if args.publish_only {
+        ""
+    } else {
+        "[subscriptions.retry]\ninitial = \"50ms\"\n"
+    };
+    let broker = Broker::start(&format!("{bus}\n{sub}\n{retry}{}\n", args.extra));
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.senders)
         .build()?;
@@ -303,6 +321,26 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let accepted_at = start.elapsed();
+    let pct_of = |v: &[Duration], p: f64| {
+        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let mut acks = acks.lock().expect("lock").clone();
+    acks.sort();
+    if args.publish_only {
+        let rate = acks.len() as f64 / accepted_at.as_secs_f64();
+        println!(
+            "engine={} mode=publish messages={} size={}B accepted_in={:.2}s => {rate:.0} msg/s; accept_rate={rate:.0} accept_p50={:.1}ms accept_p99={:.1}ms",
+            args.engine,
+            acks.len(),
+            args.size,
+            accepted_at.as_secs_f64(),
+            pct_of(&acks, 0.5).as_secs_f64() * 1e3,
+            pct_of(&acks, 0.99).as_secs_f64() * 1e3,
+        );
+        return peak_and_check(&broker, pid, (acks.len(), args.count), "accepted").await;
+    }
     let got = receiver
         .arrivals(args.count, Duration::from_secs(300))
         .await;
@@ -319,13 +357,6 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     latencies.sort();
-    let mut acks = acks.lock().expect("lock").clone();
-    acks.sort();
-    let pct_of = |v: &[Duration], p: f64| {
-        v.get(((v.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or_default()
-    };
     let pct = |p: f64| pct_of(&latencies, p);
     let total = last.duration_since(start);
     println!(
@@ -348,17 +379,23 @@ async fn main() -> anyhow::Result<()> {
         pct_of(&acks, 0.5).as_secs_f64() * 1e3,
         pct_of(&acks, 0.99).as_secs_f64() * 1e3,
     );
+    peak_and_check(&broker, pid, (seen.len(), args.count), "delivered").await
+}
+
+/// Print the broker's peak RSS; fail (with the broker's log) when fewer than all messages
+/// were `what` (how many were, of how many), or when the router did not map each of them into
+/// its event.
+async fn peak_and_check(
+    broker: &Broker,
+    pid: u32,
+    (n, of): (usize, usize),
+    what: &str,
+) -> anyhow::Result<()> {
     println!(
         "broker peak RSS (VmHWM) {:.0} MB",
         mb(proc_status_bytes(pid, "VmHWM"))
     );
-    anyhow::ensure!(
-        seen.len() == args.count,
-        "only {} of {} delivered:\n{}",
-        seen.len(),
-        args.count,
-        broker.log_text()
-    );
+    anyhow::ensure!(n == of, "only {n} of {of} {what}:\n{}", broker.log_text());
     // The figures are for the whole path only if the router mapped every message into its
     // lab-result event (none dead-lettered as malformed): check it rather than assume it.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -370,13 +407,12 @@ async fn main() -> anyhow::Result<()> {
             dead == 0.0,
             "the router dead-lettered {dead} of the messages"
         );
-        if mapped >= args.count as f64 {
+        if mapped >= of as f64 {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the router mapped {mapped} of {} messages into events",
-            args.count
+            "the router mapped {mapped} of {of} messages into events"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -137,6 +137,9 @@ impl EmbeddedConsumer {
         if !fresh {
             self.looked_in_log = Some(tokio::time::Instant::now());
         }
+        // Dropped while reading (a caller that selects on `poll`), this look must be made
+        // again: the notification that asked for it is already taken.
+        self.more = true;
         let conn = Arc::clone(&self.conn);
         let (rows, from_log) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let conn = conn.lock().expect("reader lock");
@@ -204,15 +207,25 @@ impl Consumer for EmbeddedConsumer {
                 }
             }
             // Nothing to hand out: a good moment to commit what finished, so an idle group
-            // shows no lag.
+            // shows no lag. At most every COMMIT_EVERY: a group that goes idle between
+            // every record would otherwise add a transaction (an fsync) per record to the
+            // writer that every publisher waits on.
+            let mut commit_due = None;
             if self.tracker.has_dirty() {
-                self.commit().await?;
+                let since = self.last_commit.elapsed();
+                if since >= COMMIT_EVERY {
+                    self.commit().await?;
+                } else {
+                    commit_due = Some(COMMIT_EVERY - since);
+                }
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(None);
             }
-            let wait = (deadline - now).min(IDLE_RECHECK);
+            let wait = (deadline - now)
+                .min(IDLE_RECHECK)
+                .min(commit_due.unwrap_or(IDLE_RECHECK));
             timed_out = tokio::time::timeout(wait, self.appended.changed())
                 .await
                 .is_err();
@@ -285,17 +298,67 @@ mod tests {
         assert_eq!(next[0].offset, 3, "offsets continue after reopening");
     }
 
+    /// A bus with topic `t` of `partitions`, and group `g`'s member that has looked once.
+    async fn idle_member(
+        dir: &std::path::Path,
+        partitions: u32,
+    ) -> (EmbeddedBus, super::EmbeddedConsumer) {
+        let bus = open_with(dir, "t", partitions).await;
+        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
+        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        (bus, c)
+    }
+
     #[tokio::test]
     async fn a_consumer_sees_what_another_writer_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let a = open_with(dir.path(), "t", 2).await;
-        let mut c = a.subscribe("g", &["t".into()]).await.unwrap();
-        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        let (_a, mut c) = idle_member(dir.path(), 2).await;
         // No notification reaches `a` from this writer: only looking again finds it.
         let b = EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap();
         b.publish(vec![rec("t", 7, 9)]).await.unwrap();
         let got = c.poll(Duration::from_secs(5)).await.unwrap();
         assert_eq!(got.map(|r| r.value), Some(vec![9]));
+    }
+
+    #[tokio::test]
+    async fn an_idle_group_commits_at_most_every_commit_every_but_soon() {
+        // Idle after every record (a low rate) must not cost a transaction per record.
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, mut c) = idle_member(dir.path(), 1).await;
+        c.commit().await.unwrap(); // COMMIT_EVERY counts from here
+        bus.publish(vec![rec("t", 1, 1)]).await.unwrap();
+        let r = c.poll(Duration::ZERO).await.unwrap().unwrap();
+        c.ack(r.ack_token()).await.unwrap();
+        assert!(c.poll(Duration::ZERO).await.unwrap().is_none());
+        let committed = |lag: Vec<(u32, i64, i64)>| lag[0].1;
+        assert_eq!(
+            committed(bus.lag("g", "t").await.unwrap()),
+            0,
+            "committed at once after going idle"
+        );
+        // Still idle: committed within COMMIT_EVERY, without another record or poll.
+        assert!(c.poll(super::COMMIT_EVERY * 2).await.unwrap().is_none());
+        assert_eq!(committed(bus.lag("g", "t").await.unwrap()), 1);
+    }
+
+    #[tokio::test]
+    async fn a_poll_dropped_while_reading_the_log_loses_no_notification() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bus, mut c) = idle_member(dir.path(), 1).await;
+        // The next look reads the log (SQLite, on a blocking thread), not the fresh records.
+        tokio::time::sleep(super::LOG_LOOK_EVERY + Duration::from_millis(50)).await;
+        bus.publish(vec![rec("t", 1, 7)]).await.unwrap();
+        // A caller selecting on poll drops it at its first await: inside that read.
+        let first = tokio::select! {
+            biased;
+            r = c.poll(Duration::from_secs(1)) => r.unwrap(),
+            () = std::future::ready(()) => None,
+        };
+        let got = match first {
+            Some(r) => Some(r), // the read finished at once: nothing was dropped
+            None => c.poll(Duration::ZERO).await.unwrap(),
+        };
+        assert_eq!(got.map(|r| r.value), Some(vec![7]));
     }
 
     #[tokio::test]

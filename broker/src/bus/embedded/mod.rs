@@ -14,7 +14,7 @@
 //!
 //! The writer never checkpoints: copying the WAL into the database and fsyncing it would hold
 //! every waiting publisher behind it. A checkpointer thread with its own connection does
-//! that a few times a second while appends come in. A commit is durable once its WAL frames
+//! that once a second while appends come in. A commit is durable once its WAL frames
 //! are fsynced, so this changes when the database file catches up, not what is acknowledged.
 
 mod config;
