@@ -315,6 +315,12 @@ pub trait Bus: Send + Sync + 'static {
     fn bodies(&self) -> Option<&bodies::BodyStore> {
         None
     }
+
+    /// The largest record (key and value) the engine takes, when it has a limit: a record
+    /// past it is refused with [`BusError::TooLarge`].
+    fn max_record_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A consumer group member.

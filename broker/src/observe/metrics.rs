@@ -166,9 +166,10 @@ pub const INGEST_REASONS: [&str; 32] = [
 
 /// Why the router dead-lettered a message (`reason` of [`ROUTER_DEAD_LETTERS`]): the
 /// normalisers' reason codes and the router's own.
-pub const ROUTER_REASONS: [&str; 9] = [
+pub const ROUTER_REASONS: [&str; 10] = [
     "undecodable_envelope",
     "schema_mismatch",
+    "event_too_large",
     "unsupported_message_type",
     "edifact_syntax",
     "fhir_syntax",

@@ -60,6 +60,10 @@ pub struct Routing {
     /// Raw subscriptions name a message's patients in their audit: the router hands them its
     /// reading of each envelope, so they need not normalise it again (`None`: no such ones).
     pub raw_patients: Option<Arc<RawPatients>>,
+    /// The largest event record the engine takes (`None`: no limit). A message that maps
+    /// into a larger event (mapping can make a message grow) is dead-lettered whole as
+    /// `event_too_large` rather than stopping the router; raw subscribers still get it.
+    pub max_event_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -72,6 +76,17 @@ impl std::fmt::Debug for Routing {
 
 /// Dead-letter reason of a delivery whose mail bounced for good.
 pub const REASON_BOUNCED: &str = "bounced";
+
+/// Dead-letter reason of a message whose event is larger than the log takes.
+pub const REASON_EVENT_TOO_LARGE: &str = "event_too_large";
+
+/// Room a record needs beside its key and value (headers, batch framing).
+const RECORD_FRAMING: u64 = 64 * 1024;
+
+/// Whether `record` is past `max` bytes with its framing.
+fn too_large(record: &OutRecord, max: Option<u64>) -> bool {
+    max.is_some_and(|max| (record.value.len() + record.key.len()) as u64 + RECORD_FRAMING > max)
+}
 
 /// What the router decided for one raw record.
 struct Routed {
@@ -473,6 +488,26 @@ fn normalise_reading(
                     step.detail = Some(event.warnings().join("; "));
                 }
                 match event_record(event, key, envelope) {
+                    Ok(r) if too_large(&r, routing.max_event_bytes) => {
+                        let detail = format!(
+                            "the {} event is {} bytes, past the log's {} per record",
+                            step.kind.as_deref().unwrap_or_default(),
+                            r.value.len(),
+                            routing.max_event_bytes.unwrap_or_default()
+                        );
+                        tracing::warn!(envelope = %envelope.id, %detail, "event too large for the log");
+                        step.outcome = StepOutcome::Rejected;
+                        step.reason = Some(REASON_EVENT_TOO_LARGE.into());
+                        step.detail = Some(detail.clone());
+                        out.push(dead_letter(
+                            &envelope.id,
+                            &envelope.id,
+                            record,
+                            at,
+                            REASON_EVENT_TOO_LARGE,
+                            Some(detail),
+                        ));
+                    }
                     Ok(r) => out.push(r),
                     Err(e) => {
                         // A mapping produced a value its schema refuses: a bug, kept for replay.
@@ -798,6 +833,7 @@ mod tests {
             content: None,
             bodies: None,
             raw_patients: None,
+            max_event_bytes: None,
             reports: dsn::ReportCheck {
                 key: b"report key for the router tests".to_vec(),
                 subscriptions: Vec::new(),
@@ -985,6 +1021,46 @@ DET+26:11:01+07:40'IDE+J+L2611017+bloed'SEC+CHEMIE'BEP+0+Kalium+5.9++mmol/l+>+3.
         assert_eq!(dl.value, record.value, "the original record is kept whole");
         assert_eq!(dl.reason, routed.steps[0].1.reason.clone().unwrap());
         assert_eq!(routed.steps[0].1.outcome.as_str(), "rejected");
+    }
+
+    /// Mapping can make a message grow: one whose event is past the log's record limit is
+    /// dead-lettered whole (it fits: it came off the log), with the sizes in its reason,
+    /// instead of a publish the log refuses, which would stop the router for every message.
+    #[test]
+    fn a_message_whose_event_is_past_the_log_limit_is_dead_lettered_whole() {
+        let record = raw_record(Format::Edifact, MEDLAB.as_bytes());
+        let mut r = routing(normalisers(), &[]);
+        let fits = route_one(&record, &r);
+        assert!(
+            fits.out
+                .iter()
+                .all(|o| o.topic == topics::events(EventKind::LabResult)),
+            "one lab-result event"
+        );
+        let event_bytes = (fits.out[0].value.len() + fits.out[0].key.len()) as u64;
+        r.max_event_bytes = Some(event_bytes + RECORD_FRAMING);
+        assert_eq!(
+            route_one(&record, &r).out[0].topic,
+            fits.out[0].topic,
+            "at the limit"
+        );
+        r.max_event_bytes = Some(event_bytes + RECORD_FRAMING - 1);
+        let routed = route_one(&record, &r);
+        assert_eq!(routed.out.len(), 1);
+        assert_eq!(routed.out[0].topic, topics::ROUTER_DEAD_LETTERS);
+        let dl = DeadLetter::from_avro(&routed.out[0].value).unwrap();
+        assert_eq!(dl.value, record.value, "the original record is kept whole");
+        assert_eq!(dl.reason, REASON_EVENT_TOO_LARGE);
+        let step = &routed.steps[0].1;
+        assert_eq!(step.outcome.as_str(), "rejected");
+        assert_eq!(step.reason.as_deref(), Some(REASON_EVENT_TOO_LARGE));
+        assert!(
+            step.detail
+                .as_deref()
+                .unwrap()
+                .contains("lab_result event is"),
+            "{step:?}"
+        );
     }
 
     #[test]

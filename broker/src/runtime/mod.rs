@@ -92,6 +92,7 @@ pub async fn run<B: Bus>(
             contrl_partners: cfg.edifact.contrl_partners(),
             content: Some(Arc::clone(&content)),
             bodies: bus.bodies().cloned(),
+            max_event_bytes: bus.max_record_bytes(),
             raw_patients: settings
                 .subscriptions
                 .iter()

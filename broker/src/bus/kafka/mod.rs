@@ -282,6 +282,10 @@ impl KafkaBus {
 impl Bus for KafkaBus {
     type Consumer = KafkaConsumer;
 
+    fn max_record_bytes(&self) -> Option<u64> {
+        Some(self.config.max_record_bytes)
+    }
+
     async fn ensure_topics(&self, topics: &[TopicSpec]) -> Result<(), BusError> {
         if topics.is_empty() {
             return Ok(());
