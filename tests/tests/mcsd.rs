@@ -330,7 +330,7 @@ async fn reaches(broker: &Broker, ura: &str, to: &Receiver) -> String {
     let id = post(broker, ura).await;
     to.wait_for(1, Duration::from_secs(20)).await;
     assert!(got_the_referral(to, 1), "{}", broker.log_text());
-    delivered_detail(broker, &id, "fhir-by-directory").await
+    delivered_detail(broker, &id, "by-directory-fhir").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +360,7 @@ async fn the_fhir_sink_follows_the_directory_across_version_switches_and_period_
     let peer = Peer::start(tmp.path(), &all);
     let config = format!(
         "{}[address_book.\"ura:90000004\"]\nfhir = \"{}\"\n\
-         [[subscriptions]]\nname = \"fhir-by-directory\"\nkinds = [\"raw\"]\nsink = {{ type = \"fhir\" }}\n\
+         [[subscriptions]]\nname = \"by-directory-fhir\"\nkinds = [\"raw\"]\nsink = {{ type = \"fhir\" }}\n\
          [subscriptions.retry]\ninitial = \"200ms\"\nmax = \"500ms\"\n",
         ketenbus_tests::mcsd::source(&peer),
         fhir_base(&over)

@@ -72,7 +72,7 @@ async fn a_redirecting_receiver_gets_a_dead_letter_and_the_target_gets_nothing()
             &format!("{{ type = \"webhook\", url = \"{}\" }}", r308.url),
         ),
         sub(
-            "fhir-307",
+            "fhirsink-307",
             &format!(
                 "{{ type = \"fhir\", base_url = \"{}\", style = \"message\" }}",
                 fhir307.url.trim_end_matches("/hook")
@@ -86,7 +86,7 @@ async fn a_redirecting_receiver_gets_a_dead_letter_and_the_target_gets_nothing()
         .accept(&c, "application/EDIFACT", MEDLAB.as_bytes().to_vec())
         .await;
 
-    let subs = ["hook-307", "hook-308", "fhir-307"];
+    let subs = ["hook-307", "hook-308", "fhirsink-307"];
     let l = lineage_until(&broker.url, &id, |l| {
         l["deliveries"].as_array().is_some_and(|d| {
             subs.iter().all(|s| {
