@@ -891,10 +891,17 @@ async fn a_subscription_made_through_the_api_is_seen_and_worked_like_a_configure
         "a log line with the header"
     );
 
-    // Deleted: its series go with it.
+    // Deleted: its series go with it (its tasks stop after the 204), and stay gone.
     let (code, _) = call(reqwest::Method::DELETE, &sub_url, "tok-hap", None).await;
     assert_eq!(code, 204);
-    assert!(series_of(&broker.metrics().await, &name).is_empty());
+    broker
+        .eventually(Duration::from_secs(5), "its series gone", async || {
+            series_of(&broker.metrics().await, &name).is_empty()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let left = series_of(&broker.metrics().await, &name);
+    assert!(left.is_empty(), "series back after the delete: {left:#?}");
 }
 
 /// The notification latency: `n` referrals (`KETENBUS_LATENCY_N`, default 200) posted to
