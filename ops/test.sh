@@ -23,7 +23,13 @@ kafka_port=${KETENBUS_TEST_KAFKA_PORT:-19092}
 bash ops/kafka/tansu.sh stop "$kafka_port" >/dev/null 2>&1 || true
 export KETENBUS_TEST_KAFKA
 KETENBUS_TEST_KAFKA=$(bash ops/kafka/tansu.sh start "$kafka_port")
-trap 'bash ops/kafka/tansu.sh stop "$kafka_port" >/dev/null 2>&1 || true' EXIT
+# The two-node test gets a tansu of its own: tansu 0.6 keeps the settings of a group's first
+# member for every later one, and kafka.rs forms the same router group.
+nodes_port=$((kafka_port + 1))
+bash ops/kafka/tansu.sh stop "$nodes_port" >/dev/null 2>&1 || true
+export KETENBUS_TEST_KAFKA_NODES
+KETENBUS_TEST_KAFKA_NODES=$(bash ops/kafka/tansu.sh start "$nodes_port")
+trap 'bash ops/kafka/tansu.sh stop "$kafka_port" >/dev/null 2>&1 || true; bash ops/kafka/tansu.sh stop "$nodes_port" >/dev/null 2>&1 || true' EXIT
 export KETENBUS_TEST_PYTHON
 KETENBUS_TEST_PYTHON=$(bash tests/python/setup.sh)
 # Debian packages (one apt at a time, before tests run in parallel) and the npm validator.

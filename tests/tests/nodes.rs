@@ -15,10 +15,14 @@ use ketenbus_tests::{
     webhook_subscription,
 };
 
-/// `KETENBUS_TEST_KAFKA`, set by `ops/test.sh`. Missing under CI is a failure; missing on a
-/// developer's machine skips with a notice.
+/// `KETENBUS_TEST_KAFKA_NODES` (a tansu of its own, set by `ops/test.sh`: tansu 0.6 keeps a
+/// group's first member's settings, and `kafka.rs` forms `ketenbus.router` too), else
+/// `KETENBUS_TEST_KAFKA`. Missing under CI is a failure; missing on a developer's machine
+/// skips with a notice.
 fn kafka() -> Option<String> {
-    match std::env::var("KETENBUS_TEST_KAFKA") {
+    match std::env::var("KETENBUS_TEST_KAFKA_NODES")
+        .or_else(|_| std::env::var("KETENBUS_TEST_KAFKA"))
+    {
         Ok(k) if !k.is_empty() => Some(k),
         _ if std::env::var_os("CI").is_some() => {
             panic!("CI must run the two-node tests: KETENBUS_TEST_KAFKA not set (use ops/test.sh)")
