@@ -308,6 +308,7 @@ fhir = "https://fhir.example.test/r4"
             record_id: "env-1.0".into(),
             payload: Payload::Event(Arc::new(Event::Letter(LetterEvent::new(header)))),
             attempt: 1,
+            position: None,
         }
     }
 

@@ -21,5 +21,5 @@ pub use contract::ErrorKind;
 pub use contract::content::{ContentStore, FsContentStore, MemoryContentStore};
 pub use contract::ingest::{Accepted, Ingest, IngestError};
 pub use contract::normalise::{Normalise, NormaliseError};
-pub use contract::sink::{BoxFuture, Delivery, DeliveryError, Payload, Receipt, Sink};
+pub use contract::sink::{BoxFuture, Delivery, DeliveryError, LogPosition, Payload, Receipt, Sink};
 pub use contract::source::SourceStatus;

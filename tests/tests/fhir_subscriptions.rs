@@ -197,10 +197,11 @@ fn backport(bundle: &Value) -> Status {
             )
         })
         .collect();
-    // Every focus is one of the Bundle's entries (full-resource and id-only carry them).
+    // Every focus is one of the Bundle's entries (full-resource and id-only carry them; an
+    // event the log no longer holds has an entry without a resource, and no focus).
     let urls: Vec<&str> = entries[1..]
         .iter()
-        .map(|e| e["fullUrl"].as_str().unwrap())
+        .filter_map(|e| e["fullUrl"].as_str())
         .collect();
     for (_, focus) in &events {
         if let Some(f) = focus
@@ -305,7 +306,11 @@ async fn a_subscriber_is_notified_catches_up_and_keeps_its_subscription_across_a
         .iter()
         .map(|e| e["resource"].clone())
         .collect();
-    assert_eq!(topics.len(), 4, "one topic per event kind");
+    assert_eq!(
+        topics.len(),
+        5,
+        "one topic per event kind, and the Notified Pull topic"
+    );
     assert!(topics.iter().any(|t| {
         t["extension"]
             .as_array()
@@ -1173,4 +1178,280 @@ async fn a_subscription_past_its_end_goes_off_and_stays_quiet() {
     .await;
     assert_eq!(backport_status(&st), ("off".to_owned(), 1), "{st:#}");
     valid("notifications", &bundles(&rx.received()));
+}
+
+/// The other synthetic patient's BSN (`referral_to(.., true)`).
+const OTHER_BSN: &str = "999990007";
+
+/// The resources a notification Bundle carries after its status, by full URL.
+fn carried(bundle: &Value) -> BTreeMap<String, Value> {
+    bundle["entry"].as_array().unwrap()[1..]
+        .iter()
+        .map(|e| {
+            (
+                e["fullUrl"].as_str().unwrap().to_owned(),
+                e.get("resource").cloned().unwrap_or(Value::Null),
+            )
+        })
+        .collect()
+}
+
+/// `$events` of `sub_url` with `query`, as the GP post; (status, Bundle).
+async fn events(sub_url: &str, query: &str) -> (u16, Value) {
+    call(
+        reqwest::Method::GET,
+        &format!("{sub_url}/$events?{query}"),
+        "tok-hap",
+        None,
+    )
+    .await
+}
+
+/// The store keeps no copy of an event: after notifications and `$events` (full-resource
+/// and id-only, also after a restart) neither the store nor its WAL holds a patient's BSN,
+/// and `$events` answers with the bundles the notifications carried: the same events under
+/// the same numbers, the same focus, the same resources, read back from the log.
+#[tokio::test]
+async fn no_event_copy_is_kept_and_events_are_read_back_from_the_log() {
+    let rx = Receiver::ok().await;
+    let mut broker = Broker::start(&config());
+    let mut validated = 0;
+    let (status, made) = post_subscription(
+        &broker,
+        "tok-hap",
+        &subscription(&rx.url(), HAP, "full-resource", 60),
+    )
+    .await;
+    assert_eq!(status, 201, "{made:#}");
+    let sub_url = format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    post_referral(&broker, HAP, false).await;
+    post_referral(&broker, HAP, true).await;
+    let got = wait_kind(&rx, "event-notification", 2, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 2, "{}", broker.log_text());
+    // What each number was notified with: its focus and its resources.
+    let mut notified: BTreeMap<u64, (Option<String>, BTreeMap<String, Value>)> = BTreeMap::new();
+    for (b, s) in &got {
+        assert_eq!(s.events.len(), 1);
+        notified.insert(s.events[0].0, (s.events[0].1.clone(), carried(b)));
+    }
+    assert_eq!(notified.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    let all_notified: BTreeMap<String, Value> =
+        notified.values().flat_map(|(_, r)| r.clone()).collect();
+    assert!(all_notified.values().any(|r| r.to_string().contains(BSN)));
+    assert!(
+        all_notified
+            .values()
+            .any(|r| r.to_string().contains(OTHER_BSN))
+    );
+
+    // The same bundles from `$events`, also after a restart (then read from the log only).
+    for round in ["before the restart", "after the restart"] {
+        let (status, full) = events(&sub_url, "eventsSinceNumber=1&content=full-resource").await;
+        assert_eq!(status, 200, "{round}: {full:#}");
+        let st = backport(&full);
+        assert_eq!(st.kind, "query-event");
+        assert_eq!(
+            st.events,
+            notified
+                .iter()
+                .map(|(n, (focus, _))| (*n, focus.clone()))
+                .collect::<Vec<_>>(),
+            "{round}: the same numbers and focus"
+        );
+        assert_eq!(carried(&full), all_notified, "{round}: the same resources");
+        let (status, one) = events(
+            &sub_url,
+            "eventsSinceNumber=2&eventsUntilNumber=2&content=full-resource",
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(carried(&one), notified[&2].1, "{round}: event 2 alone");
+        let (status, ids) = events(&sub_url, "content=id-only").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            carried(&ids).keys().collect::<Vec<_>>(),
+            all_notified.keys().collect::<Vec<_>>(),
+            "{round}: id-only names the same resources"
+        );
+        assert!(carried(&ids).values().all(Value::is_null));
+        validated += valid("$events", &[full, one, ids]);
+        if round == "before the restart" {
+            broker.kill();
+            broker.spawn();
+        }
+    }
+
+    // No copy of either patient's data in the store or its WAL.
+    let store = store_bytes(&broker);
+    assert!(!holds(&store, BSN), "the store keeps no BSN");
+    assert!(!holds(&store, OTHER_BSN), "the store keeps no BSN");
+    assert!(
+        !holds(&store, "ServiceRequest"),
+        "the store keeps no resource"
+    );
+    eprintln!("validated with the npm fhir validator: {validated} resources");
+}
+
+/// An event the log no longer holds (retention removed it) is not skipped in `$events`: it
+/// keeps its number and time, has no focus, and its entry answers 410 with an
+/// OperationOutcome saying so; the answer is 200 and passes the validator.
+#[tokio::test]
+async fn an_event_the_log_no_longer_holds_is_listed_and_answered_gone() {
+    let rx = Receiver::ok().await;
+    let broker = Broker::start(&format!(
+        "[bus.embedded]\nretention_max_age = \"1s\"\nretention_interval = \"200ms\"\n{}",
+        config()
+    ));
+    let (status, made) = post_subscription(
+        &broker,
+        "tok-hap",
+        &subscription(&rx.url(), HAP, "id-only", 60),
+    )
+    .await;
+    assert_eq!(status, 201, "{made:#}");
+    let sub_url = format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    post_referral(&broker, HAP, false).await;
+    let got = wait_kind(&rx, "event-notification", 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "{}", broker.log_text());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let gone = loop {
+        let (status, b) = events(&sub_url, "eventsSinceNumber=1").await;
+        assert_eq!(status, 200, "{b:#}");
+        let st = backport(&b);
+        assert_eq!(st.events.len(), 1, "not skipped: {b:#}");
+        assert_eq!(st.events[0].0, 1);
+        if st.events[0].1.is_none() {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "retention removed the event\n{}",
+            broker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let entries = gone["entry"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "the status and the gone event: {gone:#}");
+    let e = &entries[1];
+    assert!(e.get("resource").is_none());
+    assert_eq!(e["response"]["status"], "410", "{e:#}");
+    let oo = &e["response"]["outcome"];
+    assert_eq!(oo["resourceType"], "OperationOutcome");
+    assert!(
+        oo["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("no longer in the log"),
+        "{oo:#}"
+    );
+    // The empty form needs nothing of the event: the same number, no entry.
+    let (status, empty) = events(&sub_url, "content=empty").await;
+    assert_eq!(status, 200);
+    assert_eq!(backport(&empty).events.len(), 1);
+    assert_eq!(empty["entry"].as_array().unwrap().len(), 1);
+    valid("$events of a gone event", &[gone, empty]);
+}
+
+/// A PUT that changes a Subscription's filters holds from the next event, without a restart:
+/// after it, events that match only the old filters are not notified and events that match
+/// the new ones are. Sender, receiver and patient, each in turn.
+#[tokio::test]
+async fn a_put_that_changes_the_filters_holds_at_once() {
+    let rx = Receiver::ok().await;
+    let config = config().replacen(
+        "[[senders]]",
+        &format!("patient_filter_receivers = [\"{HAP}\", \"{OTHER}\"]\n[[senders]]"),
+        1,
+    );
+    let broker = Broker::start(&config);
+    let mut validated = 0;
+    let filtered = |filter: String| {
+        let mut s = subscription(&rx.url(), HAP, "id-only", 60);
+        s["_criteria"]["extension"][0]["valueString"] = json!(filter);
+        s
+    };
+    // The operator subscribes for the GP post, from a sender that never sends.
+    let asked = filtered(format!("ServiceRequest?receiver={HAP}&sender=ura:00000099"));
+    let (status, made) = post_subscription(&broker, "tok-ops", &asked).await;
+    assert_eq!(status, 201, "{made:#}");
+    let url = format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().unwrap()
+    );
+    let put = async |s: &Value| {
+        let mut s = s.clone();
+        s["id"] = made["id"].clone();
+        let (status, after) = call(
+            reqwest::Method::PUT,
+            &url,
+            "tok-ops",
+            Some(("application/fhir+json", s.to_string().into_bytes())),
+        )
+        .await;
+        assert_eq!(status, 200, "{after:#}");
+        assert_eq!(after["status"], "active", "{after:#}");
+        after
+    };
+    let notified = || of_kind(&rx.received(), "event-notification").len();
+    // Nothing arrives within 1.5 s.
+    let quiet = async |why: &str| {
+        let before = notified();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(notified(), before, "{why}\n{}", broker.log_text());
+    };
+    // One more arrives.
+    let one_more = async |why: &str| {
+        let n = notified() + 1;
+        let got = wait_kind(&rx, "event-notification", n, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), n, "{why}\n{}", broker.log_text());
+    };
+    post_referral(&broker, HAP, false).await;
+    quiet("another sender's event").await;
+
+    // The sender filter changes to the ambulance's party ids.
+    let after = put(&filtered(format!(
+        "ServiceRequest?receiver={HAP}&sender=ura:00000001&sender=endpoint:https://ambulance.example.nl/fhir"
+    )))
+    .await;
+    validated += valid(
+        "the Subscription after the PUT",
+        std::slice::from_ref(&after),
+    );
+    post_referral(&broker, HAP, false).await;
+    one_more("the new sender's event").await;
+
+    // The receiver changes to the other party: the GP post's events no longer, the other's.
+    put(&filtered(format!("ServiceRequest?receiver={OTHER}"))).await;
+    post_referral(&broker, HAP, false).await;
+    quiet("an event for the old receiver").await;
+    post_referral(&broker, OTHER, false).await;
+    one_more("an event for the new receiver").await;
+
+    // A patient filter is added: only that patient's events.
+    put(&filtered(format!(
+        "ServiceRequest?receiver={OTHER}&patient={OTHER_BSN}"
+    )))
+    .await;
+    post_referral(&broker, OTHER, false).await;
+    quiet("another patient's event").await;
+    post_referral(&broker, OTHER, true).await;
+    one_more("the filtered patient's event").await;
+
+    // Numbered without gaps: only the events it passed were ever its events.
+    let numbers: Vec<u64> = of_kind(&rx.received(), "event-notification")
+        .iter()
+        .flat_map(|(_, s)| s.events.iter().map(|e| e.0).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(numbers, vec![1, 2, 3]);
+    validated += valid("notifications", &bundles(&rx.received()));
+    eprintln!("validated with the npm fhir validator: {validated} resources");
 }

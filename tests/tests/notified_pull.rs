@@ -376,8 +376,28 @@ sink = {{ type = "notified-pull", base_url = "http://{probe}/fhir", requester = 
     let (status, r) = get(&c, reads2[0], Some(&jwt1)).await;
     assert_eq!(status, 403, "a token for another exchange: {r:#}");
     assert!(outcome_text(&r).contains("another exchange"));
+    let (status, r) = get(
+        &c,
+        &format!("{}/fhir/Task/{}", a.url, task2["id"].as_str().unwrap()),
+        Some(&jwt1),
+    )
+    .await;
+    assert_eq!(status, 403, "another exchange's workflow Task: {r:#}");
+    assert!(outcome_text(&r).contains("another exchange"));
+    // Outside the exchange, an id that exists nowhere answers as one that exists: a token
+    // holder learns nothing of what else this node holds.
     let (status, r) = get(&c, &format!("{}/fhir/Patient/nobody", a.url), Some(&jwt1)).await;
-    assert_eq!(status, 404, "a read outside the exchange: {r:#}");
+    assert_eq!(status, 403, "a read outside the exchange: {r:#}");
+    assert!(outcome_text(&r).contains("another exchange"));
+    let (status, r) = get(
+        &c,
+        &format!("{}/fhir/Patient?_id=nobody", a.url),
+        Some(&jwt1),
+    )
+    .await;
+    assert_eq!(status, 403, "a search outside the exchange: {r:#}");
+    let (status, r) = get(&c, &format!("{}/fhir/Task/nothing", a.url), Some(&jwt1)).await;
+    assert_eq!(status, 403, "a Task that exists nowhere: {r:#}");
 
     // Tokens this node did not sign as they are.
     let claims = claims_of(&jwt1);
@@ -648,9 +668,11 @@ fn backport_notification(bundle: &Value) -> (u64, u64, Value) {
     };
     assert_eq!(param("type")["valueCode"], "event-notification");
     assert_eq!(param("status")["valueCode"], "active");
+    // The Notified Pull topic, whose focus is the notification Task (not the acute-handover
+    // topic, whose focus is the ServiceRequest).
     assert_eq!(
         param("topic")["valueCanonical"],
-        "urn:ketenbus:fhir:SubscriptionTopic:acute-handover"
+        "urn:ketenbus:fhir:SubscriptionTopic:notified-pull"
     );
     assert!(
         param("subscription")["valueReference"]["reference"]
@@ -732,6 +754,37 @@ sink = {{ type = "notified-pull", base_url = "http://{probe}/notify", requester 
     let (number, since, task) = backport_notification(&bundle1);
     assert_eq!((number, since), (1, 1));
     validated += validate("the Backport notification", std::slice::from_ref(&bundle1));
+    // Its topic resolves at A: a Task topic, filtered by the Task's owner (the receiver).
+    let (status, topic) = get(&c, &format!("{}/fhir/Basic/notified-pull", a.url), None).await;
+    assert_eq!(status, 200, "{topic:#}");
+    let exts = topic["extension"].as_array().unwrap();
+    let sub = |name: &str| {
+        exts.iter()
+            .filter(|e| e["url"].as_str().unwrap().ends_with(&format!(".{name}")))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        sub("url")[0]["valueUri"],
+        "urn:ketenbus:fhir:SubscriptionTopic:notified-pull"
+    );
+    for shaped in sub("notificationShape")
+        .into_iter()
+        .chain(sub("canFilterBy"))
+        .chain(sub("resourceTrigger"))
+    {
+        let resource = shaped["extension"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["url"] == "resource")
+            .unwrap();
+        assert!(
+            resource["valueUri"].as_str().unwrap().ends_with("Task"),
+            "{shaped:#}"
+        );
+    }
+    assert!(sub("canFilterBy")[0].to_string().contains("\"owner\""));
+    validated += validate("the Notified Pull topic", std::slice::from_ref(&topic));
     let base1 = input(&task, "authorization-base")[0].to_owned();
     let reads: Vec<String> = input(&task, "read-available-resource")
         .into_iter()
@@ -780,13 +833,15 @@ sink = {{ type = "notified-pull", base_url = "http://{probe}/notify", requester 
         Some(&jwt1),
     )
     .await;
-    assert_eq!(
-        status, 404,
-        "another exchange's focus Task, as any unknown Task: {r:#}"
-    );
-    let (status, r) = get(&c, &format!("{}/fhir/Patient/nobody", a.url), Some(&jwt1)).await;
-    assert_eq!(status, 404, "a read outside the exchange: {r:#}");
+    assert_eq!(status, 403, "another exchange's focus Task: {r:#}");
+    assert!(outcome_text(&r).contains("another exchange"));
     let mut outcomes = vec![r];
+    let (status, r) = get(&c, &format!("{}/fhir/Patient/nobody", a.url), Some(&jwt1)).await;
+    assert_eq!(
+        status, 403,
+        "a read outside the exchange, of an id that exists nowhere: {r:#}"
+    );
+    outcomes.push(r);
 
     // B refuses a Backport notification from a party that is no partner, and one whose
     // focus is no notification Task it carries; a heartbeat pulls nothing.

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ketenbus_connectors::{Delivery, DeliveryError, Payload, Sink};
+use ketenbus_connectors::{Delivery, DeliveryError, LogPosition, Payload, Sink};
 use ketenbus_schemas::lineage::{Stage, StepOutcome};
 use ketenbus_schemas::{Outcome, RetryRecord};
 use tokio::sync::mpsc;
@@ -246,6 +246,12 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
             .await;
         let attempt_started = now_ms();
         let prior = job.prior;
+        // Read straight from its source topic: the sink may keep where it is.
+        let position = (job.token.topic == job.source_topic).then(|| LogPosition {
+            topic: job.token.topic.clone(),
+            partition: job.token.partition,
+            offset: job.token.offset,
+        });
         let delivery = Delivery {
             subscription: Arc::clone(&subscription),
             record_id: job.record_id.clone(),
@@ -255,6 +261,7 @@ pub(super) async fn lane(mut rx: mpsc::Receiver<Job>, l: Lane) {
                 || job.replay.as_ref().map_or(0, |r| r.attempts) + 1,
                 |p| p.attempt + 1,
             ),
+            position,
         };
         let result = match consent_later {
             Some(e) => Err(e),

@@ -41,13 +41,22 @@ pub enum ResourceError {
     /// The log could not be read.
     #[error("reading the event log: {0}")]
     Log(String),
+    /// The record at a position is no event of its topic.
+    #[error("undecodable event at {0}")]
+    Undecodable(String),
 }
 
 impl ResourceError {
-    /// Both are worth another try: the disk or the log is busy or away.
+    /// The index and the log are worth another try (busy or away); a record that is no
+    /// event is not.
     #[must_use]
     pub fn kind(&self) -> ketenbus_connectors::ErrorKind {
-        ketenbus_connectors::ErrorKind::Retryable
+        match self {
+            ResourceError::Index(_) | ResourceError::Log(_) => {
+                ketenbus_connectors::ErrorKind::Retryable
+            }
+            ResourceError::Undecodable(_) => ketenbus_connectors::ErrorKind::Fatal,
+        }
     }
 }
 
@@ -103,7 +112,7 @@ impl<B: Bus> EventLog for BusEvents<B> {
             };
             decode(&r)
                 .map(Some)
-                .ok_or_else(|| ResourceError::Log(format!("undecodable event at {topic}")))
+                .ok_or_else(|| ResourceError::Undecodable(topic.to_owned()))
         })
     }
 }
@@ -295,22 +304,43 @@ impl Resources {
         })
     }
 
+    /// Where the event `event_id` is in the log, if the index knows it.
+    ///
+    /// # Errors
+    /// When the index cannot be read.
+    pub fn locate_event(&self, event_id: &str) -> Result<Option<Located>, ResourceError> {
+        let c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(c.query_row(
+            &format!("{LOCATED} WHERE event_id = ?1 LIMIT 1"),
+            [event_id],
+            located,
+        )
+        .optional()?)
+    }
+
+    /// The event at a position of an event topic; `None` when it is not, or no longer
+    /// (retention), in the log.
+    ///
+    /// # Errors
+    /// When the log cannot be read or the record is no event.
+    pub async fn event_at(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<Option<Event>, ResourceError> {
+        self.log.event_at(topic, partition, offset).await
+    }
+
     /// Every resource of the event `event_id`, in the order of its Bundle; empty when the
     /// index does not know it or retention removed it.
     ///
     /// # Errors
     /// When the index or the log cannot be read.
     pub async fn of_event(&self, event_id: &str) -> Result<Vec<Value>, ResourceError> {
-        let at = {
-            let c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-            c.query_row(
-                &format!("{LOCATED} WHERE event_id = ?1 LIMIT 1"),
-                [event_id],
-                located,
-            )
-            .optional()?
+        let Some(at) = self.locate_event(event_id)? else {
+            return Ok(Vec::new());
         };
-        let Some(at) = at else { return Ok(Vec::new()) };
         let Some(event) = self
             .log
             .event_at(&at.topic, at.partition, at.offset)

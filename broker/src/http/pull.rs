@@ -7,13 +7,22 @@
 //! - `POST /notified-pull/token`: an authorization-base for a short-lived JWT.
 //!
 //! Who reads what: an operator reads every resource; a sender reads the resources of events
-//! whose receiver is one of its party ids; a Notified Pull token reads the resources of its
-//! one exchange. Everyone else hears **404**, as if the resource did not exist, so a party
-//! cannot learn which ids exist for others. A bad token (expired, another key, another
-//! audience) hears 401 with an OperationOutcome; a good token outside its exchange 403. A
-//! resource whose event retention removed is **410 Gone**. Every read that returns a
-//! resource is audited (`fhir_read`, the patient's pseudonym, the reader) by the gate before
-//! the answer leaves.
+//! whose receiver is one of its party ids; a Notified Pull token reads the resources (and
+//! the workflow Task) of its one exchange.
+//!
+//! - A bad token (expired, another key, another audience) hears **401** with an
+//!   OperationOutcome.
+//! - A good token hears **403** with an OperationOutcome for everything outside its
+//!   exchange: another exchange's Task or resources, and equally an id that exists nowhere,
+//!   so a token holder learns nothing about what else this node holds (no existence oracle).
+//! - A sender hears **404** for what is not its own and for what does not exist alike, so a
+//!   party cannot learn which ids exist for others. (Resource ids derive from event ids, not
+//!   from patient data; the answer is the same either way.)
+//! - **404** for an operator means the thing does not exist.
+//! - A resource whose event retention removed is **410 Gone**, to a reader who may read it.
+//!
+//! Every read that returns a resource is audited (`fhir_read`, the patient's pseudonym, the
+//! reader) by the gate before the answer leaves.
 
 use std::sync::Arc;
 
@@ -166,7 +175,7 @@ fn asked(
     reader(st, headers, sender, operator, out).map(|r| (r, out))
 }
 
-/// 403: a good token, for another exchange.
+/// 403: a good token, asking for something outside its exchange (whether or not it exists).
 fn other_exchange(out: Format) -> Response {
     crate::observe::metrics::rejected("fhir", "pull_outside_exchange");
     issue(
@@ -174,7 +183,7 @@ fn other_exchange(out: Format) -> Response {
         out,
         "error",
         "forbidden",
-        "the token is for another exchange",
+        "the token is for another exchange: it reads only its own exchange's Task and resources",
         None,
     )
 }
@@ -204,8 +213,13 @@ async fn read(
             Err(e) => unavailable(out, &e),
         };
     }
+    let exchange = matches!(who, Reader::Exchange(_));
     let Some(resources) = &st.resources else {
-        return not_found(out, &ty, &id);
+        return if exchange {
+            other_exchange(out)
+        } else {
+            not_found(out, &ty, &id)
+        };
     };
     match resources.read(&ty, &id).await {
         Ok(Found::Resource(r, at)) if who.may_read(&at) => {
@@ -221,9 +235,8 @@ async fn read(
             &format!("{ty}/{id} is no longer held (its event was removed by retention)"),
             None,
         ),
-        Ok(Found::Resource(_, _) | Found::Gone(_)) if matches!(who, Reader::Exchange(_)) => {
-            other_exchange(out)
-        }
+        // Outside the token's exchange, known here or not: one answer.
+        Ok(_) if exchange => other_exchange(out),
         Ok(_) => not_found(out, &ty, &id),
         Err(e) => unavailable(out, &e),
     }
@@ -272,14 +285,21 @@ async fn search(
             None,
         );
     };
+    let exchange = matches!(who, Reader::Exchange(_));
     let Some(resources) = &st.resources else {
+        if exchange {
+            return other_exchange(out);
+        }
         return respond(StatusCode::OK, out, &searchset(Vec::new()));
     };
     let (found, at) = match resources.read(&ty, &id).await {
         Ok(Found::Resource(r, at)) if who.may_read(&at) => (r, at),
-        Ok(Found::Resource(_, _) | Found::Gone(_)) if matches!(who, Reader::Exchange(_)) => {
-            return other_exchange(out);
+        // Its own exchange's resource, removed by retention: found no more.
+        Ok(Found::Gone(at)) if who.may_read(&at) => {
+            return respond(StatusCode::OK, out, &searchset(Vec::new()));
         }
+        // Outside the token's exchange, known here or not: one answer.
+        Ok(_) if exchange => return other_exchange(out),
         Ok(_) => return respond(StatusCode::OK, out, &searchset(Vec::new())),
         Err(e) => return unavailable(out, &e),
     };

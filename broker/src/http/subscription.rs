@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::deliver::backport::notify::searchset;
 use crate::deliver::backport::parse::{self, Refusal};
-use crate::deliver::backport::topic::{TOPICS, Topic};
+use crate::deliver::backport::topic::{TOPICS, Topic, notified_pull};
 use crate::deliver::backport::{Content, Registration, Registry};
 use crate::http::auth::{AuthenticatedOperator, AuthenticatedSender};
 
@@ -262,12 +262,14 @@ async fn operation(
                         )
                     })?,
                 };
-                let events = registry.events(
-                    &reg,
-                    q.since.unwrap_or(1),
-                    q.until.unwrap_or(u64::MAX),
-                    content,
-                )?;
+                let events = registry
+                    .events(
+                        &reg,
+                        q.since.unwrap_or(1),
+                        q.until.unwrap_or(u64::MAX),
+                        content,
+                    )
+                    .await?;
                 // What the events carry is patient data: no read without its audit record.
                 if content != Content::Empty {
                     registry
@@ -290,17 +292,25 @@ async fn operation(
     }
 }
 
-/// `GET /fhir/Basic`: the topics (every `Basic` here is a topic).
+/// `GET /fhir/Basic`: the topics (every `Basic` here is a topic): one per event kind, and
+/// the topic of Notified Pull notifications in the Backport form.
 async fn topics() -> Response {
-    let found = TOPICS
+    let mut found: Vec<(String, Value)> = TOPICS
         .iter()
         .map(|t| (format!("Basic/{}", t.id), t.basic()))
         .collect();
+    found.push((
+        format!("Basic/{}", notified_pull::ID),
+        notified_pull::basic_resource(),
+    ));
     fhir_json(StatusCode::OK, &searchset(found))
 }
 
 /// `GET /fhir/Basic/{id}`: one topic.
 async fn topic(Path(id): Path<String>) -> Response {
+    if id == notified_pull::ID {
+        return fhir_json(StatusCode::OK, &notified_pull::basic_resource());
+    }
     match TOPICS.iter().find(|t: &&Topic| t.id == id) {
         Some(t) => fhir_json(StatusCode::OK, &t.basic()),
         None => refuse(&Refusal::new(404, "not-found", "no such topic")),

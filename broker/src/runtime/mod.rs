@@ -215,6 +215,7 @@ pub async fn run<B: Bus>(
         deliver::backport::seal::key_from(&cfg.fhir_subscriptions.header_key_env, env)
             .map_err(|p| anyhow::anyhow!("{}: {}", p.path, p.message))?,
         patient_keyer.clone(),
+        Some(resources.clone()),
     )
     .context("opening the FHIR subscriptions")?;
     let task = deliver::backport::manage::run(

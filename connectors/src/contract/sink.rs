@@ -32,6 +32,20 @@ pub struct Delivery {
     pub payload: Payload,
     /// 1 for the first try.
     pub attempt: u32,
+    /// Where the record is in the log, when it was read straight from its source topic;
+    /// `None` for a record read back from a subscription's own retry or replay topic.
+    pub position: Option<LogPosition>,
+}
+
+/// A record's place in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPosition {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset within the partition.
+    pub offset: i64,
 }
 
 impl fmt::Debug for Delivery {

@@ -416,6 +416,7 @@ mod tests {
             record_id: events[0].header().id.clone(),
             payload: Payload::Event(Arc::new(events[0].clone())),
             attempt: 1,
+            position: None,
         }
     }
 

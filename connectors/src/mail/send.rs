@@ -434,6 +434,7 @@ mod tests {
             record_id: "env9.0".into(),
             payload: Payload::Event(Arc::new(event)),
             attempt: 1,
+            position: None,
         }
     }
 
@@ -509,6 +510,7 @@ mod tests {
             record_id: "e".into(),
             payload: Payload::Raw(Arc::new(env)),
             attempt: 1,
+            position: None,
         };
         let err = s.deliver(&d).await.unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Retryable, "{err}");

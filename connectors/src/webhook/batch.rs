@@ -456,6 +456,7 @@ mod tests {
             record_id: "env-1.0".into(),
             payload: Payload::Event(Arc::new(event.clone())),
             attempt: 2,
+            position: None,
         };
         let e: serde_json::Value = serde_json::from_slice(&element_of(&d).unwrap()).unwrap();
         assert_eq!(e["id"], "env-1.0");

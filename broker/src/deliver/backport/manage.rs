@@ -8,18 +8,19 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, Payload, Receipt};
-use ketenbus_schemas::{Event, now_ms, topics};
+use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, LogPosition, Payload, Receipt};
+use ketenbus_schemas::{now_ms, topics};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::notify::{self, Notice};
+use super::notify::{self, Held, Notice};
 use super::parse::Refusal;
-use super::store::{Store, StoreError};
+use super::store::{Numbered, Store, StoreError};
 use super::{Content, FhirSubscriptionsConfig, Registration, Status};
 use crate::bus::{Bus, Consumer, TopicSpec};
 use crate::deliver::config::{FilterConfig, Source, Subscription};
+use crate::deliver::resources::Resources;
 use crate::deliver::sink::{BuildError, BuildSink, SinkContext};
 use crate::observe::audit::{Audit, Entry};
 use crate::observe::health::Health;
@@ -57,6 +58,9 @@ pub struct Registry {
     commands: mpsc::Sender<Command>,
     audit: Option<Audit>,
     keyer: PatientKeyer,
+    /// The log (and the index that locates events numbered without a position), for
+    /// `$events`.
+    log: Option<Resources>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -94,8 +98,9 @@ fn internal(e: &StoreError) -> Refusal {
 
 impl Registry {
     /// The Subscriptions kept in `data_dir`; `base`: ketenbus's FHIR base as subscribers
-    /// reach it; `keyer` turns a patient filter's BSN into its pseudonym. The returned
-    /// [`Commands`] go to [`run`].
+    /// reach it; `keyer` turns a patient filter's BSN into its pseudonym; `log` reads the
+    /// numbered events back for `$events` (without it, `$events` carries no resources). The
+    /// returned [`Commands`] go to [`run`].
     ///
     /// # Errors
     /// When the store cannot be opened or read.
@@ -106,6 +111,7 @@ impl Registry {
         audit: Option<Audit>,
         key: Option<super::seal::HeaderKey>,
         keyer: PatientKeyer,
+        log: Option<Resources>,
     ) -> Result<(Arc<Registry>, Commands), OpenError> {
         let store = Store::open_with(data_dir, key)?;
         let live = store
@@ -136,6 +142,7 @@ impl Registry {
             commands: tx,
             audit,
             keyer,
+            log,
         };
         Ok((Arc::new(registry), Commands(rx)))
     }
@@ -353,12 +360,14 @@ impl Registry {
         Ok(())
     }
 
-    /// Replace the Subscription `id` with `asked`: its topic and receiver stay (they name its
-    /// log and consumer group); status `requested` or `active` sends a handshake and, when it
-    /// is answered, makes it active again (the reset after `error`), `off` stops notifying.
+    /// Replace the Subscription `id` with `asked`: its topic stays (it names the events it
+    /// numbers); its filters (receiver, sender, patient) may change, and the new ones hold
+    /// from the next event it reads (its tasks are started again, where its group stood).
+    /// Status `requested` or `active` sends a handshake and, when it is answered, makes it
+    /// active again (the reset after `error`), `off` stops notifying.
     ///
     /// # Errors
-    /// [`Refusal`] when it is unknown, changes its topic or receiver, or the store fails.
+    /// [`Refusal`] when it is unknown, changes its topic, or the store fails.
     pub async fn update(
         self: &Arc<Self>,
         id: &str,
@@ -368,14 +377,17 @@ impl Registry {
         let Some(old) = self.get(id) else {
             return Err(Refusal::new(404, "not-found", "no such Subscription"));
         };
-        if old.kind != asked.kind || old.receiver != asked.receiver || old.patient != asked.patient
-        {
+        if old.kind != asked.kind {
             return Err(Refusal::new(
                 422,
                 "invalid",
-                "a Subscription's topic, receiver and patient cannot change: delete it and make another",
-            ));
+                "a Subscription's topic cannot change: delete it and make another",
+            )
+            .at("Subscription.criteria"));
         }
+        let refiltered = old.receiver != asked.receiver
+            || old.senders != asked.senders
+            || old.patient != asked.patient;
         asked.headers = super::seal::unmask(&asked.headers, &old.headers).map_err(|name| {
             Refusal::new(
                 422,
@@ -392,8 +404,9 @@ impl Registry {
         self.audit("fhir_subscription_update", &asked, actor)
             .await?;
         self.keep(&asked)?;
-        if old.ended(now_ms()) {
-            // Stopped at its end; a later end starts it again where its group stood.
+        if refiltered || old.ended(now_ms()) {
+            // New filters: its tasks start again with them. Stopped at its end: a later end
+            // starts it again. Either way where its group stood.
             self.start(id, false).await?;
         }
         if off {
@@ -502,11 +515,16 @@ impl Registry {
     }
 
     /// `$events`: the numbered events `from..=until` (at most [`EVENTS_PAGE`]) as a
-    /// `history` Bundle (`query-event`), carried as `content` says.
+    /// `history` Bundle (`query-event`), carried as `content` says. Each event is read back
+    /// from the log at the position kept with its number (or, for a number kept without one,
+    /// where the resource index finds it). An event the log no longer holds (retention) is
+    /// listed by number and time without focus, and its entry answers `410` with an
+    /// OperationOutcome: `content` is a hint the Backport IG lets a server not follow.
     ///
     /// # Errors
-    /// [`Refusal`] when the store cannot be read.
-    pub fn events(
+    /// [`Refusal`] when the store cannot be read (500), the log cannot be read now (503), or
+    /// a record at a kept position is no event (500).
+    pub async fn events(
         &self,
         reg: &Registration,
         from: u64,
@@ -518,23 +536,20 @@ impl Registry {
             .store
             .events(&reg.id, from.max(1), until.min(since), EVENTS_PAGE)
             .map_err(|e| internal(&e))?;
-        let mut notices = Vec::new();
+        let read =
+            content != Content::Empty && crate::deliver::resources::KINDS.contains(&reg.kind);
+        let mut notices = Vec::with_capacity(kept.len());
         for n in kept {
-            match Event::from_avro(reg.kind, &n.value) {
-                Ok(e) => notices.push(Notice {
-                    number: n.number,
-                    at_ms: n.at_ms,
-                    event: Arc::new(e),
-                }),
-                Err(e) => {
-                    tracing::error!(error = %e, "a kept event cannot be read");
-                    return Err(Refusal::new(
-                        500,
-                        "exception",
-                        "a kept event cannot be read",
-                    ));
-                }
-            }
+            let event = if read {
+                self.read_back(reg, &n).await?
+            } else {
+                Held::Unread
+            };
+            notices.push(Notice {
+                number: n.number,
+                at_ms: n.at_ms,
+                event,
+            });
         }
         let mut shown = reg.clone();
         shown.content = content;
@@ -546,6 +561,67 @@ impl Registry {
             &notices,
             content,
         ))
+    }
+
+    /// The numbered event `n` read back from the log.
+    async fn read_back(&self, reg: &Registration, n: &Numbered) -> Result<Held, Refusal> {
+        let Some(log) = &self.log else {
+            return Ok(Held::Unread);
+        };
+        let unavailable = |e: &dyn std::fmt::Display| {
+            tracing::warn!(subscription = %reg.subscription_name(), error = %e, "$events: the log cannot be read");
+            Refusal::new(
+                503,
+                "transient",
+                "the events cannot be read from the log now; retry later",
+            )
+        };
+        let position = match &n.position {
+            Some(p) => Some(p.clone()),
+            // Numbered before positions were kept, or first tried from a retry topic.
+            None => match log.locate_event(&n.event_id) {
+                Ok(Some(at)) => {
+                    let p = LogPosition {
+                        topic: at.topic,
+                        partition: at.partition,
+                        offset: at.offset,
+                    };
+                    if let Err(e) = self.store.place(&reg.id, n.number, &p) {
+                        tracing::warn!(error = %e, "fhir subscription store: position not kept");
+                    }
+                    Some(p)
+                }
+                Ok(None) => None,
+                Err(e) => return Err(unavailable(&e)),
+            },
+        };
+        let Some(p) = position else {
+            return Ok(Held::Gone);
+        };
+        match log.event_at(&p.topic, p.partition, p.offset).await {
+            Ok(Some(e)) if e.header().id == n.event_id => Ok(Held::Event(Arc::new(e))),
+            Ok(Some(_)) => {
+                tracing::error!(subscription = %reg.subscription_name(), number = n.number, "$events: the record at a kept position is another event");
+                Err(Refusal::new(
+                    500,
+                    "exception",
+                    "a numbered event cannot be read back",
+                ))
+            }
+            Ok(None) => {
+                tracing::info!(subscription = %reg.subscription_name(), number = n.number, "$events: the event is no longer in the log");
+                Ok(Held::Gone)
+            }
+            Err(crate::deliver::resources::ResourceError::Undecodable(_)) => {
+                tracing::error!(subscription = %reg.subscription_name(), number = n.number, "$events: the record at a kept position is no event");
+                Err(Refusal::new(
+                    500,
+                    "exception",
+                    "a numbered event cannot be read back",
+                ))
+            }
+            Err(e) => Err(unavailable(&e)),
+        }
     }
 
     /// A heartbeat when the Subscription is active, has a heartbeat period and nothing went
@@ -593,13 +669,24 @@ impl Registry {
             reason: "store_unavailable".into(),
             detail: e.to_string(),
         };
-        let value = event.to_avro().map_err(|e| DeliveryError::Rejected {
-            reason: "undecodable_record".into(),
-            detail: e.to_string(),
-        })?;
+        // Where the event is in the log, kept with its number: `$events` reads it back there
+        // (the store never keeps the event, which holds patient data).
+        let position = match &d.position {
+            Some(p) => Some(p.clone()),
+            None => self.log.as_ref().and_then(|log| {
+                log.locate_event(&d.record_id)
+                    .ok()
+                    .flatten()
+                    .map(|at| LogPosition {
+                        topic: at.topic,
+                        partition: at.partition,
+                        offset: at.offset,
+                    })
+            }),
+        };
         let number = self
             .store
-            .number(id, &d.record_id, &value, now_ms())
+            .number(id, &d.record_id, position.as_ref(), now_ms())
             .map_err(store_failed)?;
         if reg.status != Status::Active {
             return Err(DeliveryError::Retryable {
@@ -611,7 +698,7 @@ impl Registry {
         let notice = Notice {
             number,
             at_ms: now_ms(),
-            event: Arc::clone(event),
+            event: Held::Event(Arc::clone(event)),
         };
         let b = notify::bundle(
             &self.base,
@@ -738,6 +825,29 @@ fn forget(id: &str) {
     }
 }
 
+/// A running Subscription's tasks.
+struct Running {
+    /// Stops them.
+    stop: CancellationToken,
+    /// Hears `None` once every one of them has ended.
+    ended: mpsc::Receiver<()>,
+}
+
+impl Running {
+    /// Stop the tasks and wait until they have ended, at most `within`.
+    async fn end(mut self, within: Duration) {
+        self.stop.cancel();
+        if tokio::time::timeout(within, self.ended.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a fhir subscription's tasks did not end in time; starting it again anyway"
+            );
+        }
+    }
+}
+
 /// Run the Subscriptions until `cancel`: each kept one at once, then as the registry asks.
 pub async fn run<B: Bus>(
     bus: Arc<B>,
@@ -748,7 +858,7 @@ pub async fn run<B: Bus>(
 ) {
     let mut rx = commands.0;
     let mut tasks = tokio::task::JoinSet::new();
-    let mut running: HashMap<String, CancellationToken> = HashMap::new();
+    let mut running: HashMap<String, Running> = HashMap::new();
     let start = async |id: &str, new: bool, tasks: &mut tokio::task::JoinSet<()>| {
         if registry.expire(id) {
             return None; // past its end: not started
@@ -800,7 +910,9 @@ pub async fn run<B: Bus>(
         // Seen by operators as any subscription: its series at zero, its lag sampled.
         crate::observe::metrics::subscription_started(&sub.name, &sub.source_topics());
         crate::observe::watch::watch_also(&sub.name, &sub.source_topics());
-        tasks.spawn(crate::deliver::run_with(
+        // Each task holds a sender until it ends: the receiver hears `None` once all have.
+        let (alive, ended) = mpsc::channel::<()>(1);
+        let delivering = crate::deliver::run_with(
             Arc::clone(&bus),
             sub,
             sink,
@@ -808,11 +920,17 @@ pub async fn run<B: Bus>(
             Arc::clone(&ctx.health),
             stop.clone(),
             hooks,
-        ));
+        );
+        let held = alive.clone();
+        tasks.spawn(async move {
+            delivering.await;
+            drop(held);
+        });
         let beat = Arc::clone(&registry);
         let id_owned = id.to_owned();
         let beat_stop = stop.clone();
         tasks.spawn(async move {
+            let _held = alive;
             loop {
                 tokio::select! {
                     () = beat_stop.cancelled() => break,
@@ -826,11 +944,11 @@ pub async fn run<B: Bus>(
                 }
             }
         });
-        Some(stop)
+        Some(Running { stop, ended })
     };
     for reg in registry.all() {
-        if let Some(stop) = start(&reg.id, false, &mut tasks).await {
-            running.insert(reg.id, stop);
+        if let Some(r) = start(&reg.id, false, &mut tasks).await {
+            running.insert(reg.id, r);
         }
     }
     loop {
@@ -840,24 +958,28 @@ pub async fn run<B: Bus>(
             cmd = rx.recv() => match cmd {
                 None => break,
                 Some(Command::Start { id, new, started }) => {
-                    if let Some(stop) = start(&id, new, &mut tasks).await {
-                        if let Some(old) = running.insert(id, stop) {
-                            old.cancel();
-                        }
+                    // Started again (its filters changed, or its end moved): the old tasks
+                    // end first, so one consumer reads its group and the new filters hold
+                    // from the first record read after.
+                    if let Some(old) = running.remove(&id) {
+                        old.end(registry.config.max_timeout + Duration::from_secs(5)).await;
+                    }
+                    if let Some(r) = start(&id, new, &mut tasks).await {
+                        running.insert(id, r);
                         let _ = started.send(());
                     }
                 }
                 Some(Command::Stop(id)) => {
-                    if let Some(stop) = running.remove(&id) {
-                        stop.cancel();
+                    if let Some(r) = running.remove(&id) {
+                        r.stop.cancel();
                     }
                     forget(&id);
                 }
             },
         }
     }
-    for stop in running.values() {
-        stop.cancel();
+    for r in running.values() {
+        r.stop.cancel();
     }
     while tasks.join_next().await.is_some() {}
 }

@@ -18,8 +18,52 @@ pub struct Notice {
     pub number: u64,
     /// When it was numbered, ms since the epoch.
     pub at_ms: i64,
-    /// The event (for its focus and resources).
-    pub event: std::sync::Arc<Event>,
+    /// The event, as far as it is at hand (for its focus and resources).
+    pub event: Held,
+}
+
+/// What a notification has of an event.
+#[derive(Debug, Clone)]
+pub enum Held {
+    /// The event, read from the log.
+    Event(std::sync::Arc<Event>),
+    /// Not read: nothing of it is carried (`empty`, or a kind without a FHIR form).
+    Unread,
+    /// The log no longer holds it (retention removed it): listed by number and time, with
+    /// an entry that answers `410` with an OperationOutcome saying so.
+    Gone,
+}
+
+impl Held {
+    fn event(&self) -> Option<&Event> {
+        match self {
+            Held::Event(e) => Some(e),
+            Held::Unread | Held::Gone => None,
+        }
+    }
+}
+
+/// The entry of an event the log no longer holds: no resource, a `410` response whose
+/// OperationOutcome says which event and why.
+fn gone_entry(subscription: &str, number: u64) -> Value {
+    let id = subscription.rsplit('/').next().unwrap_or_default();
+    json!({
+        "request": {
+            "method": "GET",
+            "url": format!("Subscription/{id}/$events?eventsSinceNumber={number}&eventsUntilNumber={number}"),
+        },
+        "response": {
+            "status": "410",
+            "outcome": {
+                "resourceType": "OperationOutcome",
+                "issue": [{
+                    "severity": "warning",
+                    "code": "deleted",
+                    "diagnostics": format!("event {number} of this Subscription is no longer in the log (removed by retention): its number and time are listed, its resources cannot be sent"),
+                }],
+            },
+        },
+    })
 }
 
 /// A fresh random UUID (for `Bundle.id`, `Parameters.id` and `urn:uuid:` full URLs).
@@ -70,6 +114,8 @@ pub struct StatusOf<'a> {
     pub since: u64,
     /// Each event: number, when it was numbered (ms since the epoch) and its focus reference.
     pub events: Vec<(u64, i64, Option<String>)>,
+    /// The numbers of events the log no longer holds (each gets a `410` entry).
+    pub gone: Vec<u64>,
     /// Why the status is `error`.
     pub error: Option<&'a str>,
 }
@@ -130,6 +176,9 @@ impl StatusOf<'_> {
             }
             entry.push(e);
         }
+        for number in &self.gone {
+            entry.push(gone_entry(&self.subscription, *number));
+        }
         json!({
             "resourceType": "Bundle",
             "id": new_uuid(),
@@ -161,7 +210,7 @@ pub fn status_of<'a>(
             .map(|n| {
                 let focus = (r.content != Content::Empty)
                     .then(|| {
-                        ketenbus_connectors::fhir::emit::served(&n.event)
+                        ketenbus_connectors::fhir::emit::served(n.event.event()?)
                             .ok()?
                             .focus
                     })
@@ -169,6 +218,11 @@ pub fn status_of<'a>(
                     .map(|f| format!("{base}/{f}"));
                 (n.number, n.at_ms, focus)
             })
+            .collect(),
+        gone: events
+            .iter()
+            .filter(|n| matches!(n.event, Held::Gone))
+            .map(|n| n.number)
             .collect(),
         error: r.error.as_deref(),
     }
@@ -193,7 +247,10 @@ pub fn bundle(
     let mut entries = Vec::new();
     if content != Content::Empty {
         for n in events {
-            for (tid, resource) in resources(&n.event) {
+            let Some(event) = n.event.event() else {
+                continue;
+            };
+            for (tid, resource) in resources(event) {
                 let carried = (content == Content::FullResource).then_some(resource);
                 entries.push((format!("{base}/{tid}"), tid, carried));
             }

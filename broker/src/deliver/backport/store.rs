@@ -1,12 +1,18 @@
 //! The Subscriptions and their numbered events, in `fhir-subscriptions.sqlite` in the data
 //! directory. An event gets the next number of its Subscription when it is first tried,
-//! in one transaction with its copy, so numbers have no gaps and a retry, a replay or a
-//! restart finds the number it had. `$events` reads the copies back.
+//! in one transaction, so numbers have no gaps and a retry, a replay or a restart finds the
+//! number it had. Per number the store keeps only the event id, when it was numbered and
+//! where the event is in the log (topic, partition, offset): never the event, which holds
+//! patient data. `$events` reads each event back from the log at that position.
+//!
+//! The release before kept a copy of each event (`event.value`); opening such a store drops
+//! the copies and vacuums the file (and checkpoints its WAL), so none is left on disk.
 
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use ketenbus_connectors::LogPosition;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Registration;
@@ -67,8 +73,9 @@ pub struct Numbered {
     pub event_id: String,
     /// When it was numbered, ms since the epoch.
     pub at_ms: i64,
-    /// The event (Avro, as on its topic).
-    pub value: Vec<u8>,
+    /// Where the event is in the log; `None` when it was numbered before the store kept
+    /// positions, or was first tried from a retry topic.
+    pub position: Option<LogPosition>,
 }
 
 /// The store; cheap to clone.
@@ -109,9 +116,10 @@ impl Store {
                  id TEXT PRIMARY KEY, json TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS event (
                  sub TEXT NOT NULL, number INTEGER NOT NULL, event_id TEXT NOT NULL,
-                 at_ms INTEGER NOT NULL, value BLOB NOT NULL,
+                 at_ms INTEGER NOT NULL, topic TEXT, partition INTEGER, offset INTEGER,
                  PRIMARY KEY (sub, number), UNIQUE (sub, event_id));",
         )?;
+        drop_event_copies(&conn)?;
         let sealed_column: bool = conn.query_row(
             "SELECT COUNT(*) FROM pragma_table_info('subscription') WHERE name = 'headers'",
             [],
@@ -253,8 +261,9 @@ impl Store {
         Ok(out)
     }
 
-    /// The number of event `event_id` in Subscription `sub`: the one it has, else the next
-    /// (kept with `value` in the same transaction).
+    /// The number of event `event_id` in Subscription `sub`: the one it has, else the next,
+    /// kept with where the event is in the log (`position`) in the same transaction. A number
+    /// kept without a position gets this one.
     ///
     /// # Errors
     /// When it cannot be read or written.
@@ -262,7 +271,7 @@ impl Store {
         &self,
         sub: &str,
         event_id: &str,
-        value: &[u8],
+        position: Option<&LogPosition>,
         now_ms: i64,
     ) -> Result<u64, StoreError> {
         let mut conn = self.conn();
@@ -274,7 +283,18 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()?;
+        let (topic, partition, offset) = match position {
+            Some(p) => (Some(p.topic.as_str()), Some(p.partition), Some(p.offset)),
+            None => (None, None, None),
+        };
         let n = if let Some(n) = found {
+            if position.is_some() {
+                tx.execute(
+                    "UPDATE event SET topic = ?3, partition = ?4, offset = ?5
+                     WHERE sub = ?1 AND number = ?2 AND topic IS NULL",
+                    params![sub, n, topic, partition, offset],
+                )?;
+            }
             n
         } else {
             let n: i64 = tx.query_row(
@@ -283,13 +303,34 @@ impl Store {
                 |r| r.get(0),
             )?;
             tx.execute(
-                "INSERT INTO event (sub, number, event_id, at_ms, value) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![sub, n, event_id, now_ms, value],
+                "INSERT INTO event (sub, number, event_id, at_ms, topic, partition, offset)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![sub, n, event_id, now_ms, topic, partition, offset],
             )?;
             n
         };
         tx.commit()?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Keep where the numbered event `number` of `sub` is in the log, when no position is
+    /// kept for it yet (found later in the resource index).
+    ///
+    /// # Errors
+    /// When it cannot be written.
+    pub fn place(&self, sub: &str, number: u64, position: &LogPosition) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE event SET topic = ?3, partition = ?4, offset = ?5
+             WHERE sub = ?1 AND number = ?2 AND topic IS NULL",
+            params![
+                sub,
+                i64::try_from(number).unwrap_or(i64::MAX),
+                position.topic,
+                position.partition,
+                position.offset
+            ],
+        )?;
+        Ok(())
     }
 
     /// How many events Subscription `sub` has numbered.
@@ -318,23 +359,68 @@ impl Store {
     ) -> Result<Vec<Numbered>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT number, event_id, at_ms, value FROM event
+            "SELECT number, event_id, at_ms, topic, partition, offset FROM event
              WHERE sub = ?1 AND number >= ?2 AND number <= ?3 ORDER BY number LIMIT ?4",
         )?;
         let big = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let rows = stmt.query_map(
             params![sub, big(from), big(until), big(limit as u64)],
             |r| {
+                let topic: Option<String> = r.get(3)?;
+                let partition: Option<u32> = r.get(4)?;
+                let offset: Option<i64> = r.get(5)?;
                 Ok(Numbered {
                     number: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
                     event_id: r.get(1)?,
                     at_ms: r.get(2)?,
-                    value: r.get(3)?,
+                    position: match (topic, partition, offset) {
+                        (Some(topic), Some(partition), Some(offset)) => Some(LogPosition {
+                            topic,
+                            partition,
+                            offset,
+                        }),
+                        _ => None,
+                    },
                 })
             },
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// A store of the release before keeps a copy of each numbered event (`event.value`, with
+/// the patient's BSN in it): drop the column's table for one without it, keeping every
+/// number, then vacuum the file and empty its WAL so no copy is left on disk. The numbers
+/// kept this way have no position; `$events` finds them in the resource index.
+fn drop_event_copies(conn: &Connection) -> Result<(), StoreError> {
+    let copies: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('event') WHERE name = 'value'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !copies {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "PRAGMA secure_delete = ON;
+         BEGIN IMMEDIATE;
+         CREATE TABLE event_kept (
+             sub TEXT NOT NULL, number INTEGER NOT NULL, event_id TEXT NOT NULL,
+             at_ms INTEGER NOT NULL, topic TEXT, partition INTEGER, offset INTEGER,
+             PRIMARY KEY (sub, number), UNIQUE (sub, event_id));
+         INSERT INTO event_kept (sub, number, event_id, at_ms)
+             SELECT sub, number, event_id, at_ms FROM event;
+         DROP TABLE event;
+         ALTER TABLE event_kept RENAME TO event;
+         COMMIT;
+         PRAGMA wal_checkpoint(TRUNCATE);
+         VACUUM;
+         PRAGMA wal_checkpoint(TRUNCATE);",
+    )?;
+    tracing::info!(
+        "fhir subscriptions: the event copies an earlier release kept are removed; $events reads events from the log"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -412,32 +498,94 @@ mod tests {
         );
     }
 
+    fn at(offset: i64) -> LogPosition {
+        LogPosition {
+            topic: "ketenbus.events.acute_handover".into(),
+            partition: 0,
+            offset,
+        }
+    }
+
     #[test]
     fn numbers_have_no_gaps_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.number("a", "e1", b"x", 1).unwrap(), 1);
-        assert_eq!(s.number("a", "e2", b"y", 2).unwrap(), 2);
+        assert_eq!(s.number("a", "e1", Some(&at(10)), 1).unwrap(), 1);
+        assert_eq!(s.number("a", "e2", None, 2).unwrap(), 2);
         assert_eq!(
-            s.number("a", "e1", b"x", 3).unwrap(),
+            s.number("a", "e1", None, 3).unwrap(),
             1,
             "a retry keeps its number"
         );
         assert_eq!(
-            s.number("b", "e1", b"x", 3).unwrap(),
+            s.number("b", "e1", Some(&at(10)), 3).unwrap(),
             1,
             "numbers are per Subscription"
         );
+        // A number kept without a position gets the first one given.
+        assert_eq!(s.number("a", "e2", Some(&at(11)), 4).unwrap(), 2);
         drop(s);
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.count("a").unwrap(), 2);
-        assert_eq!(s.number("a", "e3", b"z", 4).unwrap(), 3);
-        let got = s.events("a", 2, 3, 10).unwrap();
+        assert_eq!(s.number("a", "e3", None, 4).unwrap(), 3);
+        s.place("a", 3, &at(12)).unwrap();
+        s.place("a", 3, &at(99)).unwrap();
+        let got = s.events("a", 1, 3, 10).unwrap();
         assert_eq!(
-            got.iter().map(|e| e.event_id.as_str()).collect::<Vec<_>>(),
-            vec!["e2", "e3"]
+            got.iter()
+                .map(|e| (e.event_id.as_str(), e.position.as_ref().map(|p| p.offset)))
+                .collect::<Vec<_>>(),
+            vec![("e1", Some(10)), ("e2", Some(11)), ("e3", Some(12))],
+            "a kept position is never moved"
         );
         s.remove("a").unwrap();
         assert_eq!(s.count("a").unwrap(), 0);
+    }
+
+    /// A store of the release before keeps a copy of each event, with the patient's BSN in
+    /// it: opened now, the copies are gone from the file and its WAL, the numbers stay.
+    #[test]
+    fn event_copies_of_an_earlier_release_are_dropped_and_vacuumed_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let bsn = b"999999990";
+        {
+            let conn = Connection::open(dir.path().join(FILE)).unwrap();
+            conn.execute_batch(
+                "PRAGMA journal_mode=WAL;
+                 CREATE TABLE subscription (id TEXT PRIMARY KEY, json TEXT NOT NULL);
+                 CREATE TABLE event (
+                     sub TEXT NOT NULL, number INTEGER NOT NULL, event_id TEXT NOT NULL,
+                     at_ms INTEGER NOT NULL, value BLOB NOT NULL,
+                     PRIMARY KEY (sub, number), UNIQUE (sub, event_id));",
+            )
+            .unwrap();
+            for n in 1..=50_i64 {
+                let mut copy = vec![0_u8; 300];
+                copy.extend_from_slice(bsn);
+                conn.execute(
+                    "INSERT INTO event VALUES ('a', ?1, ?2, ?3, ?4)",
+                    params![n, format!("e{n}"), n * 1000, copy],
+                )
+                .unwrap();
+            }
+            // Left as a crashed earlier release leaves it: the copies also in the WAL.
+            std::mem::forget(conn);
+        }
+        assert!(on_disk(dir.path(), bsn), "the earlier release's copies");
+        let s = Store::open(dir.path()).unwrap();
+        assert!(
+            !on_disk(dir.path(), bsn),
+            "no copy left in the file or its WAL"
+        );
+        assert_eq!(s.count("a").unwrap(), 50, "every number kept");
+        let got = s.events("a", 49, 50, 10).unwrap();
+        assert_eq!(got[0].event_id, "e49");
+        assert_eq!(got[0].at_ms, 49_000);
+        assert!(got[0].position.is_none());
+        assert_eq!(s.number("a", "e51", Some(&at(1)), 0).unwrap(), 51);
+        drop(s);
+        // Opened again: nothing more to do, nothing lost.
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.count("a").unwrap(), 51);
     }
 }

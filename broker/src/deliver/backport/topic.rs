@@ -110,61 +110,150 @@ impl Topic {
     /// The topic as an R4 `Basic` resource (the Backport IG's way to publish a topic).
     #[must_use]
     pub fn basic(&self) -> Value {
-        let ext = |name: &str, value: Value| -> Value {
-            let mut e = json!({ "url": format!("{EXT}.{name}") });
-            if let (Some(obj), Value::Object(v)) = (e.as_object_mut(), value) {
-                obj.extend(v);
-            }
-            e
-        };
-        let part = |url: &str, key: &str, v: Value| json!({ "url": url, key: v });
-        let mut extension = vec![
-            ext("url", json!({ "valueUri": self.canonical() })),
-            ext("version", json!({ "valueString": "1" })),
-            ext("name", json!({ "valueString": self.name })),
-            ext("title", json!({ "valueString": self.title })),
-            ext("status", json!({ "valueCode": "active" })),
-            ext("date", json!({ "valueDateTime": "2026-12-01" })),
-            ext("description", json!({ "valueMarkdown": self.description })),
-            ext(
-                "eventTrigger",
-                json!({ "extension": [
-                    part("description", "valueMarkdown", json!(self.description)),
-                    part("event", "valueCodeableConcept", json!({ "coding": [{
-                        "system": ketenbus_connectors::fhir::emit::KETENBUS_EVENT,
-                        "code": self.kind.as_str(),
-                    }] })),
-                    part("resource", "valueUri", json!(format!("http://hl7.org/fhir/StructureDefinition/{}", self.focus))),
-                ] }),
-            ),
-        ];
-        for (name, description) in FILTERS {
-            if name == "patient" && !self.patient {
-                continue;
-            }
-            extension.push(ext(
-                "canFilterBy",
-                json!({ "extension": [
-                    part("description", "valueMarkdown", json!(description)),
-                    part("resource", "valueUri", json!(self.focus)),
-                    part("filterParameter", "valueString", json!(name)),
-                ] }),
-            ));
-        }
-        extension.push(ext(
-            "notificationShape",
-            json!({ "extension": [part("resource", "valueUri", json!(self.focus))] }),
-        ));
-        json!({
-            "resourceType": "Basic",
-            "id": self.id,
-            "extension": extension,
-            "code": { "coding": [{
-                "system": "http://hl7.org/fhir/fhir-types",
-                "code": "SubscriptionTopic",
-            }] },
+        let trigger = ext(
+            "eventTrigger",
+            json!({ "extension": [
+                part("description", "valueMarkdown", json!(self.description)),
+                part("event", "valueCodeableConcept", json!({ "coding": [{
+                    "system": ketenbus_connectors::fhir::emit::KETENBUS_EVENT,
+                    "code": self.kind.as_str(),
+                }] })),
+                part("resource", "valueUri", json!(format!("http://hl7.org/fhir/StructureDefinition/{}", self.focus))),
+            ] }),
+        );
+        let filters = FILTERS
+            .iter()
+            .filter(|(name, _)| *name != "patient" || self.patient)
+            .copied()
+            .collect::<Vec<_>>();
+        basic(&Published {
+            id: self.id,
+            canonical: self.canonical(),
+            name: self.name,
+            title: self.title,
+            description: self.description,
+            focus: self.focus,
+            trigger,
+            filters: &filters,
         })
     }
+}
+
+/// The topic of the Backport form of a Notified Pull notification (the `notified-pull`
+/// sink with `notification = "backport"`). As in the generic-functions IG's Notified Pull
+/// (a topic on the workflow `Task` whose owner is the subscriber), each notification's
+/// focus is the notification `Task`, whose `owner` is the receiver; the receiver pulls the
+/// data it announces with a token for that one exchange. Operators set these up in the
+/// configuration: it is published (`/fhir/Basic/notified-pull`) so a receiver can resolve
+/// the canonical, but it is no topic a client subscribes to through `/fhir/Subscription`.
+pub mod notified_pull {
+    use serde_json::{Value, json};
+
+    use super::{CANONICAL_PREFIX, Published, basic, ext, part};
+
+    /// Its id (`Basic.id`) and the last part of its canonical.
+    pub const ID: &str = "notified-pull";
+
+    /// The resource type each notification focuses on.
+    pub const FOCUS: &str = "Task";
+
+    /// Its canonical URL (the notifications' `topic`).
+    #[must_use]
+    pub fn canonical() -> String {
+        format!("{CANONICAL_PREFIX}{ID}")
+    }
+
+    /// The topic as an R4 `Basic` resource.
+    #[must_use]
+    pub fn basic_resource() -> Value {
+        const DESCRIPTION: &str = "This node made data available for the receiver to pull (Notified Pull, Backport form): each notification's focus is a Task with code pull-notification whose owner is the receiver, carrying the authorization-base and the URLs to query and read. No clinical content is in the notification: the receiver pulls it with a token bound to that one exchange.";
+        let trigger = ext(
+            "resourceTrigger",
+            json!({ "extension": [
+                part("description", "valueMarkdown", json!("A notification Task (code pull-notification) is made for the receiver.")),
+                part("resource", "valueUri", json!(format!("http://hl7.org/fhir/StructureDefinition/{FOCUS}"))),
+                part("supportedInteraction", "valueCode", json!("create")),
+            ] }),
+        );
+        basic(&Published {
+            id: ID,
+            canonical: canonical(),
+            name: "NotifiedPull",
+            title: "Notified Pull notifications",
+            description: DESCRIPTION,
+            focus: FOCUS,
+            trigger,
+            filters: &[(
+                "owner",
+                "The receiving party id (`ura:…`, `agb:…`) the notification Task is for (`Task.owner`).",
+            )],
+        })
+    }
+}
+
+/// What a published topic says.
+struct Published<'a> {
+    id: &'a str,
+    canonical: String,
+    name: &'a str,
+    title: &'a str,
+    description: &'a str,
+    focus: &'a str,
+    /// Its `eventTrigger` or `resourceTrigger` extension.
+    trigger: Value,
+    /// (filter parameter, what it matches).
+    filters: &'a [(&'a str, &'a str)],
+}
+
+/// One cross-version extension of an R5 `SubscriptionTopic` element.
+fn ext(name: &str, value: Value) -> Value {
+    let mut e = json!({ "url": format!("{EXT}.{name}") });
+    if let (Some(obj), Value::Object(v)) = (e.as_object_mut(), value) {
+        obj.extend(v);
+    }
+    e
+}
+
+/// One part of a complex extension.
+fn part(url: &str, key: &str, v: Value) -> Value {
+    json!({ "url": url, key: v })
+}
+
+/// A topic as an R4 `Basic` resource carrying the R5 `SubscriptionTopic` extensions.
+fn basic(t: &Published<'_>) -> Value {
+    let mut extension = vec![
+        ext("url", json!({ "valueUri": t.canonical })),
+        ext("version", json!({ "valueString": "1" })),
+        ext("name", json!({ "valueString": t.name })),
+        ext("title", json!({ "valueString": t.title })),
+        ext("status", json!({ "valueCode": "active" })),
+        ext("date", json!({ "valueDateTime": "2026-12-01" })),
+        ext("description", json!({ "valueMarkdown": t.description })),
+        t.trigger.clone(),
+    ];
+    for (name, description) in t.filters {
+        extension.push(ext(
+            "canFilterBy",
+            json!({ "extension": [
+                part("description", "valueMarkdown", json!(description)),
+                part("resource", "valueUri", json!(t.focus)),
+                part("filterParameter", "valueString", json!(name)),
+            ] }),
+        ));
+    }
+    extension.push(ext(
+        "notificationShape",
+        json!({ "extension": [part("resource", "valueUri", json!(t.focus))] }),
+    ));
+    json!({
+        "resourceType": "Basic",
+        "id": t.id,
+        "extension": extension,
+        "code": { "coding": [{
+            "system": "http://hl7.org/fhir/fhir-types",
+            "code": "SubscriptionTopic",
+        }] },
+    })
 }
 
 #[cfg(test)]
@@ -183,5 +272,40 @@ mod tests {
         }
         assert!(Topic::by_canonical("urn:ketenbus:fhir:SubscriptionTopic:nope").is_none());
         assert!(Topic::by_canonical("http://example.org/lab-result").is_none());
+    }
+
+    /// The Notified Pull topic is a Task topic (trigger, filter and shape on `Task`, filtered
+    /// by the Task's owner) that no client subscribes to through the API.
+    #[test]
+    fn the_notified_pull_topic_is_on_the_task_and_not_subscribable() {
+        let b = notified_pull::basic_resource();
+        let text = b.to_string();
+        assert!(text.contains(&notified_pull::canonical()));
+        let exts = b["extension"].as_array().unwrap();
+        let of = |name: &str| {
+            exts.iter()
+                .filter(|e| e["url"] == format!("{EXT}.{name}"))
+                .collect::<Vec<_>>()
+        };
+        for e in of("resourceTrigger")
+            .into_iter()
+            .chain(of("canFilterBy"))
+            .chain(of("notificationShape"))
+        {
+            let resource = e["extension"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["url"] == "resource")
+                .unwrap();
+            assert!(
+                resource["valueUri"].as_str().unwrap().ends_with("Task"),
+                "{e}"
+            );
+        }
+        assert_eq!(of("canFilterBy").len(), 1);
+        assert!(of("canFilterBy")[0].to_string().contains("\"owner\""));
+        assert!(of("eventTrigger").is_empty());
+        assert!(Topic::by_canonical(&notified_pull::canonical()).is_none());
     }
 }

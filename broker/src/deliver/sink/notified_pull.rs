@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::{BuildError, BuildSink, Found, Secret, Sink, SinkConfigure, SinkContext};
 use crate::deliver::backport::notify::StatusOf;
-use crate::deliver::backport::topic::Topic;
+use crate::deliver::backport::topic::notified_pull;
 use crate::deliver::pull::NotifiedPull;
 
 /// `[subscriptions.sink]` with `type = "notified-pull"`.
@@ -152,11 +152,14 @@ impl Notifier {
         let focus = format!("{base}/Task/{exchange}");
         let status = StatusOf {
             subscription: format!("{base}/Subscription/{}", delivery.subscription),
-            topic: Topic::of(event.kind()).canonical(),
+            // The Notified Pull topic: its focus is the notification Task, not the event's
+            // own focus (a ServiceRequest, an Observation).
+            topic: notified_pull::canonical(),
             status: "active",
             kind: "event-notification",
             since: n.since,
             events: vec![(n.number, n.at_ms, Some(focus.clone()))],
+            gone: Vec::new(),
             error: None,
         };
         let task = serde_json::from_slice(&ketenbus_connectors::fhir::json::to_vec(&task))
