@@ -15,7 +15,8 @@
 #    size and senders: publish only (--publish-only: no subscription, the durable accept
 #    rate; every 202 follows the fsync of its message), once with one webhook POST per
 #    event and once through the batch webhook (BATCH events per POST at most; figures per
-#    event), and the latency run at RATE msg/s;
+#    event), the latency run at RATE msg/s, and LARGE (4x25MiB: four 25 MiB mails at once to a
+#    raw webhook; ketenbus only) for the memory of large messages and what is given back;
 # 4. prints a table of both with the ratios ketenbus/RabbitMQ, and the peak RSS (VmHWM) of each
 #    broker process over its life: RabbitMQ's beam.smp (read at the end of each run) and the
 #    ketenbus process each ketenbus-bench run starts (sampled every 0.2 s).
@@ -23,7 +24,7 @@
 # Environment: COUNT (30000), SIZE (2048 bytes), SENDERS (64 publishers: AMQP channels on one
 # connection / concurrent HTTP senders), PREFETCH (256, RabbitMQ's consumer), RATE (1000),
 # LAT_COUNT (10000 messages in the latency runs), BATCH (100 events per POST at most in the
-# batch webhook run), AMQP_PORT (5679), EPMD_PORT (4375),
+# batch webhook run), LARGE (4x25MiB), AMQP_PORT (5679), EPMD_PORT (4375),
 # CARGO_TARGET_DIR. Needs root for the install (or rabbitmq-server already installed).
 # Everything it starts is stopped, and its temporary directory removed, on exit and on Ctrl-C.
 # A benchmark, not a test: ops/test.sh does not run it.
@@ -36,6 +37,7 @@ PREFETCH=${PREFETCH:-256}
 RATE=${RATE:-1000}
 LAT_COUNT=${LAT_COUNT:-10000}
 BATCH=${BATCH:-100}
+LARGE=${LARGE:-4x25MiB}
 AMQP_PORT=${AMQP_PORT:-5679}
 EPMD_PORT=${EPMD_PORT:-4375}
 
@@ -210,6 +212,7 @@ keten k_pub --count "$COUNT" --publish-only
 keten k_e2e --count "$COUNT"
 keten k_batch --count "$COUNT" --batch "$BATCH"
 keten k_lat --count "$LAT_COUNT" --rate "$RATE"
+keten k_large --large "$LARGE"
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # --- 4. the table -----------------------------------------------------------------------------
@@ -265,5 +268,7 @@ row "peak RSS, $COUNT end to end" "$(mb "$(cat "$work/r_e2e.rss")") (beam.smp)" 
 row "peak RSS, $COUNT end to end in batches" "$(mb "$(cat "$work/r_e2e.rss")") (beam.smp)" \
     "$(mb "$(cat "$work/k_batch.rss")") (ketenbus)" \
     "$(ratio "$(cat "$work/k_batch.rss")" "$(cat "$work/r_e2e.rss")")"
+row "peak RSS, $LARGE at once to a raw webhook (RSS 10 s after)" "-" \
+    "$(mb "$(cat "$work/k_large.rss")") ($(get k_large rss_10s_after) MB after)" ""
 row "peak RSS, latency run" "$(mb "$(cat "$work/r_lat.rss")")" "$(mb "$(cat "$work/k_lat.rss")")" \
     "$(ratio "$(cat "$work/k_lat.rss")" "$(cat "$work/r_lat.rss")")"

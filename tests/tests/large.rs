@@ -3,7 +3,8 @@
 //! (not in the log) and delivered whole; retention removes the file with its record, but not
 //! while a dead letter names it (replayed, it is delivered whole; purged, its file goes); a
 //! SIGKILL in the middle of large posts loses nothing that was acknowledged and leaves no
-//! orphan; a body past `http.max_body` is refused with nothing kept.
+//! orphan; a body past `http.max_body` is refused with nothing kept; what large messages took
+//! is given back once they are delivered.
 
 #![allow(clippy::unwrap_used)] // test code: a failing unwrap is a failing test
 
@@ -314,5 +315,59 @@ async fn a_body_past_max_body_is_refused_with_413_and_nothing_kept() {
     let _ = eventually(Duration::from_secs(20), "delivery", async || {
         (rx.received().len() == 1).then_some(())
     })
+    .await;
+}
+
+/// A field of `/proc/PID/FILE` in KiB (`status`: `RssAnon`; `smaps_rollup`: `AnonHugePages`).
+fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/{file}"))
+}
+
+/// The binary's allocator defaults (`broker/native/allocator.c`): what four large messages
+/// at once took is given back within seconds of their delivery, and no transparent huge page
+/// holds the heap. Before them (mimalloc's defaults) 4 x 25 MiB left 111 MB anonymous memory
+/// resident 10 s after delivery, 231 MB of it in huge pages at the peak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails on 188e18c: 46 MB anonymous memory stays after 4 x 12 MiB plain-text letters \
+            (22 MB with MALLOC_MMAP_THRESHOLD_=131072: glibc's dynamic mmap threshold keeps \
+            SQLite's large record buffers); the huge-page check passes, and the old binary fails it"]
+async fn the_memory_of_large_messages_goes_back_and_no_huge_pages_hold_it() {
+    const SIZE: usize = 12 * 1024 * 1024;
+    let rx = Receiver::answering(204).await;
+    let b = Broker::start(&config(&rx, ""));
+    let pid = b.pid().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = proc_kib(pid, "status", "RssAnon");
+    let c = reqwest::Client::new();
+    let mut posts = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let (c, url) = (c.clone(), b.url.clone());
+        let body = mail(&format!("groot{i}"), SIZE + i);
+        posts.spawn(async move { post_message(&c, &url, "message/rfc822", body).await });
+    }
+    while let Some(r) = posts.join_next().await {
+        assert_eq!(r.unwrap().unwrap().0, 202);
+    }
+    let got = rx.wait_for(4, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), 4, "{}", b.log_text());
+    assert!(got.iter().all(|r| r.body.len() >= SIZE));
+    assert_eq!(proc_kib(pid, "smaps_rollup", "AnonHugePages"), 0);
+    // 48 MiB went through; within a few seconds at most 16 MiB more than idle stays.
+    b.eventually(
+        Duration::from_secs(8),
+        "anonymous memory given back",
+        async || {
+            let now = proc_kib(pid, "status", "RssAnon");
+            if now <= idle + 16 * 1024 {
+                Ok(())
+            } else {
+                Err(format!("RssAnon {now} KiB, idle {idle} KiB"))
+            }
+        },
+    )
     .await;
 }

@@ -38,6 +38,14 @@ pub fn routes() -> Router<Arc<ApiState>> {
 /// pool: reading 16 KiB takes about as long as the handoff.
 const INLINE_READ: usize = 16 * 1024;
 
+/// Most body MiB whose parties are being read at once. Reading a mail's parties parses it
+/// whole, base64 attachments decoded (three quarters of its size again, held until the read
+/// ends): four 25 MiB letters read side by side held 75 MiB of decoded PDFs on top of their
+/// bodies. A body past [`INLINE_READ`] takes a permit per MiB (at most all of them, in
+/// turn), so large ones are read one after another and smaller ones beside them.
+const READING_MIB: u32 = 32;
+static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(READING_MIB as usize);
+
 fn problem(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({ "error": code, "message": message }))).into_response()
 }
@@ -83,6 +91,13 @@ async fn post_message(
         // Small: read here, on the ingest pool (a handoff costs more than the read).
         party::declared(format, &body)
     } else {
+        let mib = u32::try_from(body.len().div_ceil(1 << 20))
+            .unwrap_or(u32::MAX)
+            .min(READING_MIB);
+        let _reading = READING
+            .acquire_many(mib)
+            .await
+            .expect("the semaphore is never closed");
         let body = body.clone();
         match tokio::task::spawn_blocking(move || party::declared(format, &body)).await {
             Ok(d) => d,

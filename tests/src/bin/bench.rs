@@ -88,6 +88,18 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         * 1024
 }
 
+/// A plain field of `/proc/PID/status` (`Threads`), 0 when unreadable.
+fn proc_status_value(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// POST a message to the broker at `url`; its answer, which must be 202.
 async fn post_202(
     client: &reqwest::Client,
@@ -392,8 +404,12 @@ async fn peak_and_check(
     what: &str,
 ) -> anyhow::Result<()> {
     println!(
-        "broker peak RSS (VmHWM) {:.0} MB",
-        mb(proc_status_bytes(pid, "VmHWM"))
+        "broker peak RSS (VmHWM) {:.0} MB; at the end RSS {:.0} MB (anon {:.0} MB, file {:.0} MB), {} threads",
+        mb(proc_status_bytes(pid, "VmHWM")),
+        mb(proc_status_bytes(pid, "VmRSS")),
+        mb(proc_status_bytes(pid, "RssAnon")),
+        mb(proc_status_bytes(pid, "RssFile")),
+        proc_status_value(pid, "Threads")
     );
     anyhow::ensure!(n == of, "only {n} of {of} {what}:\n{}", broker.log_text());
     // The figures are for the whole path only if the router mapped every message into its

@@ -26,6 +26,7 @@ pub(super) fn open_checkpointer(path: &Path, sync: Synchronous) -> rusqlite::Res
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "synchronous", sync.pragma())?;
+    conn.pragma_update(None, "cache_size", -super::CHECKPOINTER_CACHE_KIB)?;
     Ok(conn)
 }
 
