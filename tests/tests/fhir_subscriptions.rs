@@ -106,6 +106,15 @@ async fn post_subscription(broker: &Broker, token: &str, s: &Value) -> (u16, Val
     .await
 }
 
+/// Where the Subscription the broker `made` is read, changed and deleted.
+fn subscription_url(broker: &Broker, made: &Value) -> String {
+    format!(
+        "{}/fhir/Subscription/{}",
+        broker.url,
+        made["id"].as_str().expect("a made Subscription has an id")
+    )
+}
+
 /// The referral, addressed to `receiver`, about the fixture's patient or (`other_patient`)
 /// another synthetic one.
 fn referral_to(receiver: &str, other_patient: bool) -> Vec<u8> {
@@ -578,11 +587,7 @@ async fn every_refusal_answers_with_an_operation_outcome() {
     // The GP post's own Subscription: another sender may not read, change or delete it.
     let (status, made) = post_subscription(&broker, "tok-hap", &for_hap).await;
     assert_eq!(status, 201, "{made:#}");
-    let url = format!(
-        "{}/fhir/Subscription/{}",
-        broker.url,
-        made["id"].as_str().unwrap()
-    );
+    let url = subscription_url(&broker, &made);
     for (method, body) in [
         (reqwest::Method::GET, None),
         (reqwest::Method::PUT, json_of(&made)),
@@ -1024,11 +1029,7 @@ async fn a_patient_filter_passes_one_patients_events_and_keeps_no_bsn() {
     let (status, made) = post_subscription(&broker, "tok-hap", &asked).await;
     assert_eq!(status, 201, "{made:#}\n{}", broker.log_text());
     assert_eq!(made["status"], "active", "{made:#}");
-    let url = format!(
-        "{}/fhir/Subscription/{}",
-        broker.url,
-        made["id"].as_str().unwrap()
-    );
+    let url = subscription_url(&broker, &made);
     let (status, read) = call(reqwest::Method::GET, &url, "tok-hap", None).await;
     assert_eq!(status, 200);
     for s in [&made, &read] {
@@ -1143,11 +1144,7 @@ async fn a_subscription_past_its_end_goes_off_and_stays_quiet() {
     // Past the end: off, and quiet.
     tokio::time::sleep(ends.saturating_duration_since(Instant::now()) + Duration::from_millis(600))
         .await;
-    let url = format!(
-        "{}/fhir/Subscription/{}",
-        broker.url,
-        made["id"].as_str().unwrap()
-    );
+    let url = subscription_url(&broker, &made);
     let (status, ended) = call(reqwest::Method::GET, &url, "tok-hap", None).await;
     assert_eq!(status, 200);
     assert_eq!(ended["status"], "off", "{ended:#}");
@@ -1223,11 +1220,7 @@ async fn no_event_copy_is_kept_and_events_are_read_back_from_the_log() {
     )
     .await;
     assert_eq!(status, 201, "{made:#}");
-    let sub_url = format!(
-        "{}/fhir/Subscription/{}",
-        broker.url,
-        made["id"].as_str().unwrap()
-    );
+    let sub_url = subscription_url(&broker, &made);
     post_referral(&broker, HAP, false).await;
     post_referral(&broker, HAP, true).await;
     let got = wait_kind(&rx, "event-notification", 2, Duration::from_secs(10)).await;
@@ -1313,11 +1306,7 @@ async fn an_event_the_log_no_longer_holds_is_listed_and_answered_gone() {
     )
     .await;
     assert_eq!(status, 201, "{made:#}");
-    let sub_url = format!(
-        "{}/fhir/Subscription/{}",
-        broker.url,
-        made["id"].as_str().unwrap()
-    );
+    let sub_url = subscription_url(&broker, &made);
     post_referral(&broker, HAP, false).await;
     let got = wait_kind(&rx, "event-notification", 1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1, "{}", broker.log_text());
@@ -1382,11 +1371,7 @@ async fn a_put_that_changes_the_filters_holds_at_once() {
     let asked = filtered(format!("ServiceRequest?receiver={HAP}&sender=ura:00000099"));
     let (status, made) = post_subscription(&broker, "tok-ops", &asked).await;
     assert_eq!(status, 201, "{made:#}");
-    let url = format!(
-        "{}/fhir/Subscription/{}",
-        broker.url,
-        made["id"].as_str().unwrap()
-    );
+    let url = subscription_url(&broker, &made);
     let put = async |s: &Value| {
         let mut s = s.clone();
         s["id"] = made["id"].clone();

@@ -83,6 +83,18 @@ pub struct Located {
     pub patient: Option<String>,
 }
 
+impl Located {
+    /// Where the event is in the log.
+    #[must_use]
+    pub fn position(self) -> ketenbus_connectors::LogPosition {
+        ketenbus_connectors::LogPosition {
+            topic: self.topic,
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+}
+
 /// Reads one event from the log by position (the bus behind a trait object, so the HTTP
 /// state stays free of the engine's type).
 pub trait EventLog: Send + Sync {

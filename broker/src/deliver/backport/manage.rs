@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, LogPosition, Payload, Receipt};
+use ketenbus_connectors::{BoxFuture, Delivery, DeliveryError, Payload, Receipt};
 use ketenbus_schemas::{now_ms, topics};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -581,11 +581,7 @@ impl Registry {
             // Numbered before positions were kept, or first tried from a retry topic.
             None => match log.locate_event(&n.event_id) {
                 Ok(Some(at)) => {
-                    let p = LogPosition {
-                        topic: at.topic,
-                        partition: at.partition,
-                        offset: at.offset,
-                    };
+                    let p = at.position();
                     if let Err(e) = self.store.place(&reg.id, n.number, &p) {
                         tracing::warn!(error = %e, "fhir subscription store: position not kept");
                     }
@@ -677,11 +673,7 @@ impl Registry {
                 log.locate_event(&d.record_id)
                     .ok()
                     .flatten()
-                    .map(|at| LogPosition {
-                        topic: at.topic,
-                        partition: at.partition,
-                        offset: at.offset,
-                    })
+                    .map(crate::deliver::resources::Located::position)
             }),
         };
         let number = self
