@@ -2,11 +2,15 @@
 //! the event it comes from, so `GET /fhir/{Type}/{id}` can serve it (issue 14, item 3) and a
 //! Notified Pull exchange can be read back.
 //!
-//! The index holds no patient data: per resource only the event id, the event's position in
-//! its topic, its receiver and its patient pseudonym. A read takes the event from the log at
+//! The index holds no patient data: per event its id, its position in its topic, its
+//! receiver and its patient pseudonym. A resource id names its event
+//! (`<event id>-<local name>`, see [`ketenbus_connectors::fhir::emit::event_of_resource_id`])
+//! except when it was too long and was hashed: only those few get a row of their own. A read takes the event from the log at
 //! that position and renders it again with [`ketenbus_connectors::fhir::emit::resources`],
 //! which is pure, so the bytes served are those the event makes today. When retention has
-//! removed the event, the position reads nothing and the resource is *gone* (410).
+//! removed the event, the position reads nothing and the resource is *gone* (410): also an
+//! id that names the removed event but was never one of its resources, as the index keeps
+//! no list of them.
 //!
 //! Every node fills its own index (`fhir-resources.db` in the data directory) by reading each
 //! event topic alone ([`Bus::read_alone`], as the lineage index does), and keeps the position
@@ -18,7 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use ketenbus_connectors::BoxFuture;
-use ketenbus_connectors::fhir::Value;
+use ketenbus_connectors::fhir::{Value, emit};
 use ketenbus_schemas::{Event, EventKind, topics};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio_util::sync::CancellationToken;
@@ -169,17 +173,45 @@ fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
     conn.execute_batch(
         "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = NORMAL;
-         CREATE TABLE IF NOT EXISTS resources (
-             type TEXT NOT NULL, id TEXT NOT NULL, event_id TEXT NOT NULL,
+         CREATE TABLE IF NOT EXISTS events (
+             event_id TEXT NOT NULL PRIMARY KEY,
              topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-             receiver TEXT, patient TEXT, PRIMARY KEY (type, id));
-         CREATE INDEX IF NOT EXISTS resources_event ON resources (event_id);
+             receiver TEXT, patient TEXT) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS hashed (
+             type TEXT NOT NULL, id TEXT NOT NULL, event_id TEXT NOT NULL,
+             PRIMARY KEY (type, id)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS applied (
              topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
              PRIMARY KEY (topic, partition));
          CREATE TABLE IF NOT EXISTS node (id TEXT NOT NULL);",
     )?;
+    upgrade(&conn)?;
     Ok(conn)
+}
+
+/// An index from before one row per event (a row per resource in `resources`) becomes one:
+/// nothing is read from the log again.
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let old: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'resources')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN;
+         INSERT OR IGNORE INTO events (event_id, topic, partition, offset, receiver, patient)
+             SELECT event_id, topic, partition, offset, receiver, patient FROM resources;
+         INSERT OR IGNORE INTO hashed (type, id, event_id)
+             SELECT type, id, event_id FROM resources
+             WHERE substr(id, 1, length(event_id) + 1) <> event_id || '-';
+         DROP TABLE resources;
+         COMMIT;",
+    )?;
+    tracing::info!("resource index upgraded to one row per event");
+    Ok(())
 }
 
 /// This node's own name for its reader group (made once, kept in the index).
@@ -195,7 +227,7 @@ fn node_of(conn: &Connection) -> rusqlite::Result<String> {
     Ok(id)
 }
 
-const LOCATED: &str = "SELECT event_id, topic, partition, offset, receiver, patient FROM resources";
+const LOCATED: &str = "SELECT event_id, topic, partition, offset, receiver, patient FROM events";
 
 fn located(r: &rusqlite::Row<'_>) -> rusqlite::Result<Located> {
     Ok(Located {
@@ -208,16 +240,16 @@ fn located(r: &rusqlite::Row<'_>) -> rusqlite::Result<Located> {
     })
 }
 
-/// Rows of one event: (type, id).
-fn rows_of(event: &Event) -> Vec<(String, String)> {
+/// The resources of one event whose id does not name the event: (type, id).
+fn hashed_of(event: &Event) -> Vec<(String, String)> {
+    let own = event.header().id.as_str();
     ketenbus_connectors::fhir::emit::resources(event)
         .unwrap_or_default()
         .iter()
         .filter_map(|r| {
-            Some((
-                r.get("resourceType")?.as_str()?.to_owned(),
-                r.get("id")?.as_str()?.to_owned(),
-            ))
+            let id = r.get("id")?.as_str()?;
+            (emit::event_of_resource_id(id) != Some(own))
+                .then(|| Some((r.get("resourceType")?.as_str()?.to_owned(), id.to_owned())))?
         })
         .collect()
 }
@@ -282,9 +314,16 @@ impl Resources {
     /// # Errors
     /// When the index cannot be read.
     pub fn locate(&self, ty: &str, id: &str) -> Result<Option<Located>, ResourceError> {
+        if let Some(event_id) = emit::event_of_resource_id(id)
+            && let Some(at) = self.locate_event(event_id)?
+        {
+            return Ok(Some(at));
+        }
         let c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(c.query_row(
-            &format!("{LOCATED} WHERE type = ?1 AND id = ?2"),
+            &format!(
+                "{LOCATED} WHERE event_id = (SELECT event_id FROM hashed WHERE type = ?1 AND id = ?2)"
+            ),
             params![ty, id],
             located,
         )
@@ -323,7 +362,7 @@ impl Resources {
     pub fn locate_event(&self, event_id: &str) -> Result<Option<Located>, ResourceError> {
         let c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(c.query_row(
-            &format!("{LOCATED} WHERE event_id = ?1 LIMIT 1"),
+            &format!("{LOCATED} WHERE event_id = ?1"),
             [event_id],
             located,
         )
@@ -371,7 +410,7 @@ impl Resources {
             let known = {
                 let c = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
                 c.query_row(
-                    "SELECT 1 FROM resources WHERE event_id = ?1 LIMIT 1",
+                    "SELECT 1 FROM events WHERE event_id = ?1",
                     [event_id],
                     |_| Ok(()),
                 )
@@ -395,29 +434,31 @@ fn apply(conn: &Mutex<Connection>, records: &[Record]) -> rusqlite::Result<()> {
     for r in records {
         if let Some(event) = decode(r) {
             let h = event.header();
-            for (ty, id) in rows_of(&event) {
-                tx.execute(
-                    "INSERT OR REPLACE INTO resources
-                     (type, id, event_id, topic, partition, offset, receiver, patient)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![
-                        ty,
-                        id,
-                        h.id,
-                        r.topic,
-                        r.partition,
-                        r.offset,
-                        h.receiver,
-                        h.patient_key
-                    ],
-                )?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO events
+                 (event_id, topic, partition, offset, receiver, patient)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                h.id,
+                r.topic,
+                r.partition,
+                r.offset,
+                h.receiver,
+                h.patient_key
+            ])?;
+            for (ty, id) in hashed_of(&event) {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO hashed (type, id, event_id) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![ty, id, h.id])?;
             }
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO applied (topic, partition, next_offset) VALUES (?1, ?2, ?3)
              ON CONFLICT (topic, partition) DO UPDATE SET next_offset = MAX(next_offset, ?3)",
-            params![r.topic, r.partition, r.offset + 1],
-        )?;
+        )?
+        .execute(params![r.topic, r.partition, r.offset + 1])?;
     }
     tx.commit()
 }
@@ -485,6 +526,157 @@ mod tests {
         e.header_mut().receiver = Some("agb:01234567".into());
         e.header_mut().patient_key = Some("pseudo-1".into());
         e
+    }
+
+    /// Lab results whose professionals' resource ids are too long and hashed.
+    fn lab_results() -> Vec<Event> {
+        let edi =
+            include_bytes!("../../../connectors/testdata/edifact/ketenbus/medlab-two-messages.edi");
+        let mut events = ketenbus_connectors::edifact::normalise_bytes(
+            "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+            edi,
+        )
+        .unwrap();
+        for e in &mut events {
+            e.header_mut().receiver = Some("agb:01234567".into());
+            e.header_mut().patient_key = Some("pseudo-2".into());
+        }
+        events
+    }
+
+    /// An embedded log with `events` on their topics, and their offsets.
+    async fn log_with(dir: &Path, events: &[Event]) -> (Arc<impl Bus>, Vec<i64>) {
+        let bus = Arc::new(crate::bus::test_log(dir, "log.db"));
+        let specs: Vec<TopicSpec> = KINDS
+            .iter()
+            .map(|k| TopicSpec {
+                name: topics::events(*k),
+                partitions: 1,
+            })
+            .collect();
+        bus.ensure_topics(&specs).await.unwrap();
+        let records = events
+            .iter()
+            .map(|e| OutRecord {
+                topic: topics::events(e.kind()),
+                key: e
+                    .header()
+                    .patient_key
+                    .clone()
+                    .unwrap_or_default()
+                    .into_bytes(),
+                value: e.to_avro().unwrap(),
+            })
+            .collect();
+        let at = bus.publish(records).await.unwrap();
+        (bus, at.iter().map(|p| p.offset).collect())
+    }
+
+    /// Reads every resource of `events` and returns how many had a hashed id.
+    async fn all_found(r: &Resources, events: &[Event]) -> usize {
+        let mut hashed = 0;
+        for event in events {
+            assert!(r.wait_for(&event.header().id, Duration::from_secs(5)).await);
+            for want in ketenbus_connectors::fhir::emit::resources(event).unwrap() {
+                let ty = want.get("resourceType").and_then(Value::as_str).unwrap();
+                let id = want.get("id").and_then(Value::as_str).unwrap();
+                if emit::event_of_resource_id(id).is_none() {
+                    hashed += 1;
+                }
+                match r.read(ty, id).await.unwrap() {
+                    Found::Resource(got, at) => {
+                        assert_eq!(got, want);
+                        assert_eq!(at.event_id, event.header().id);
+                        assert_eq!(at.receiver.as_deref(), Some("agb:01234567"));
+                        assert_eq!(at.patient, event.header().patient_key);
+                    }
+                    other => panic!("{ty}/{id}: {other:?}"),
+                }
+            }
+        }
+        hashed
+    }
+
+    #[tokio::test]
+    async fn resources_with_hashed_ids_are_found_and_made_up_ids_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = lab_results();
+        let (bus, _) = log_with(dir.path(), &events).await;
+        let cancel = CancellationToken::new();
+        let r = Resources::start(dir.path(), bus, &cancel).await.unwrap();
+        assert!(all_found(&r, &events).await > 0, "no hashed id was tried");
+        let first = &events[0].header().id;
+        for (ty, id) in [
+            ("Observation", format!("{first}-result-999")),
+            ("Patient", format!("{first}-result-1")),
+            ("Observation", "0123456789abcdef0123456789abcdef".to_owned()),
+            ("Observation", format!("{first}x-result-1")),
+        ] {
+            assert!(
+                matches!(r.read(ty, &id).await.unwrap(), Found::Unknown),
+                "{ty}/{id}"
+            );
+        }
+        cancel.cancel();
+    }
+
+    /// An index written a row per resource (before one row per event) is taken over as it
+    /// is: the topic is not read again, and every resource is still found.
+    #[tokio::test]
+    async fn an_index_of_a_row_per_resource_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = lab_results();
+        let (bus, offsets) = log_with(dir.path(), &events).await;
+        {
+            let c = Connection::open(dir.path().join("fhir-resources.db")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE resources (
+                     type TEXT NOT NULL, id TEXT NOT NULL, event_id TEXT NOT NULL,
+                     topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+                     receiver TEXT, patient TEXT, PRIMARY KEY (type, id));
+                 CREATE TABLE applied (
+                     topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
+                     PRIMARY KEY (topic, partition));",
+            )
+            .unwrap();
+            let topic = topics::events(EventKind::LabResult);
+            for (offset, e) in offsets.iter().zip(&events) {
+                for res in ketenbus_connectors::fhir::emit::resources(e).unwrap() {
+                    c.execute(
+                        "INSERT INTO resources VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7)",
+                        params![
+                            res.get("resourceType").and_then(Value::as_str),
+                            res.get("id").and_then(Value::as_str),
+                            e.header().id,
+                            topic,
+                            offset,
+                            e.header().receiver,
+                            e.header().patient_key
+                        ],
+                    )
+                    .unwrap();
+                }
+            }
+            c.execute(
+                "INSERT INTO applied VALUES (?1, 0, ?2)",
+                params![topic, offsets.iter().max().unwrap() + 1],
+            )
+            .unwrap();
+        }
+        let cancel = CancellationToken::new();
+        let r = Resources::start(dir.path(), bus, &cancel).await.unwrap();
+        assert!(all_found(&r, &events).await > 0);
+        let c = r.conn.lock().unwrap();
+        let left: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'resources'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0);
+        drop(c);
+        cancel.cancel();
     }
 
     #[tokio::test]

@@ -204,6 +204,17 @@ fn resource_id(event_id: &str, local: &str) -> String {
     }
 }
 
+/// The event id a resource id was made from when [`resource_id`] did not hash it:
+/// `<envelope id>.<index>-<local>`, the envelope id without a dot. `None` for a hashed id or
+/// one of another shape. A caller that needs certainty checks the event's own resources.
+#[must_use]
+pub fn event_of_resource_id(id: &str) -> Option<&str> {
+    let dot = id.find('.')?;
+    let digits = id[dot + 1..].bytes().take_while(u8::is_ascii_digit).count();
+    let end = dot + 1 + digits;
+    (dot > 0 && digits > 0 && id[end..].len() > 1 && id.as_bytes()[end] == b'-').then(|| &id[..end])
+}
+
 /// A UUID-shaped name from the resource id (version 4 / variant bits set, not random).
 fn uuid_for(id: &str) -> String {
     let mut h = Sha256::digest(id.as_bytes())[..16].to_vec();
@@ -1212,6 +1223,32 @@ fn notification(b: &mut Builder<'_>, e: &HandoverNotificationEvent) -> Vec<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resource_id_names_its_event_unless_hashed() {
+        let event = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b.12";
+        let id = resource_id(event, "result-3");
+        assert_eq!(event_of_resource_id(&id), Some(event));
+        assert_eq!(
+            event_of_resource_id(&resource_id("env-1.0", "patient")),
+            Some("env-1.0")
+        );
+        let long = resource_id(event, "a-local-name-long-enough-to-be-hashed");
+        assert_eq!(long.len(), 32);
+        assert_eq!(event_of_resource_id(&long), None);
+        for other in [
+            "",
+            ".",
+            "x.1",
+            "x.1-",
+            ".1-a",
+            "x.-a",
+            "x.a-b",
+            "nodot-at-all",
+        ] {
+            assert_eq!(event_of_resource_id(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn resources_stand_alone_with_relative_references() {
