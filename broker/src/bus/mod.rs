@@ -338,6 +338,18 @@ pub trait Consumer: Send + 'static {
 
     /// Commit whatever finished prefix is pending now.
     fn commit(&mut self) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Stay a live member for up to `timeout` without taking a record: what a reader with no
+    /// room for more (or paused by an operator) calls instead of [`Consumer::poll`], so that
+    /// an engine with group membership keeps answering rebalances and hands partitions over
+    /// when another member joins or leaves. A record that arrives meanwhile is kept for the
+    /// next poll; nothing is lost and nothing skipped. Cancel-safe, like `poll`.
+    fn idle(&mut self, timeout: Duration) -> impl Future<Output = Result<(), BusError>> + Send {
+        async move {
+            tokio::time::sleep(timeout).await;
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ use ketenbus_schemas::{Outcome, RetryRecord, topics};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{AckToken, Bus, BusError, Consumer, partition_for};
+use crate::bus::{AckToken, Bus, BusError, Consumer, Record, partition_for};
 use crate::deliver::config::Subscription;
 use crate::observe::health::{Health, State};
 use crate::observe::lineage::{self, Lineage};
@@ -235,6 +235,21 @@ struct Loop {
 impl Loop {
     fn lane_of(&self, key: &[u8]) -> usize {
         partition_for(key, u32::try_from(self.lane_txs.len()).unwrap_or(1)) as usize
+    }
+}
+
+/// The next record when the loop has room for one. Without room, or paused, the consumer
+/// idles instead: it stays a live member of its group, so a node that joins or leaves gets
+/// its partitions without waiting for this one to have room.
+async fn poll_or_idle<C: Consumer>(
+    consumer: &mut C,
+    room: bool,
+) -> Result<Option<Record>, BusError> {
+    let wait = Duration::from_millis(500);
+    if room {
+        consumer.poll(wait).await
+    } else {
+        consumer.idle(wait).await.map(|()| None)
     }
 }
 
@@ -414,8 +429,8 @@ pub async fn run_with<B: Bus>(
             }
             () = tokio::time::sleep(sleep) => continue,
             _ = switch.changed(), if paused => continue,
-            r = consumer.poll(Duration::from_millis(500)), if st.in_flight.room(cap) && !paused => (r, false),
-            r = retry_consumer.poll(Duration::from_millis(500)), if st.held < retry_cap && !paused => (r, true),
+            r = poll_or_idle(&mut consumer, st.in_flight.room(cap) && !paused) => (r, false),
+            r = poll_or_idle(&mut retry_consumer, st.held < retry_cap && !paused) => (r, true),
         };
         let record = match polled {
             Ok(Some(r)) => r,

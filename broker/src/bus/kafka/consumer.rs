@@ -2,7 +2,7 @@
 //! members commit the contiguous finished prefix per partition, also when a rebalance takes
 //! partitions away.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -235,6 +235,9 @@ struct GroupState {
     partitions: HashSet<(String, u32)>,
     /// Holes in what the fetches returned, read again before they are believed.
     holes: Holes,
+    /// Records that arrived while the member was idle, for the next polls; a rebalance drops
+    /// those of the partitions it takes away (their next owner reads them).
+    waiting: VecDeque<Record>,
 }
 
 impl GroupState {
@@ -297,6 +300,9 @@ impl ConsumerContext for GroupContext {
                 }
                 state.tracker.forget(e.topic(), partition);
                 state.holes.forget(e.topic(), partition);
+                state
+                    .waiting
+                    .retain(|r| !(r.topic == e.topic() && r.partition == partition));
                 state.partitions.remove(&(e.topic().to_owned(), partition));
             }
         }
@@ -341,7 +347,15 @@ pub struct KafkaConsumer {
     commit_every: u32,
     commit_interval: Duration,
     request_timeout: Duration,
+    /// Since when [`Consumer::idle`] has been called without a poll in between.
+    idle_since: Option<Instant>,
+    /// Whether this member paused its assigned partitions while idle.
+    paused: bool,
 }
+
+/// How long a member stays idle before it pauses its partitions: a short wait for room
+/// keeps the fetched records, a long one serves the group without taking records.
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
 impl fmt::Debug for KafkaConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -396,6 +410,8 @@ impl KafkaConsumer {
             commit_every: bus.config.commit_every,
             commit_interval: bus.config.commit_interval,
             request_timeout: bus.config.request_timeout,
+            idle_since: None,
+            paused: false,
         }
     }
 
@@ -467,6 +483,91 @@ impl KafkaConsumer {
             .map_err(|e| classify(&e, None))
     }
 
+    /// The next record from the consumer queue (serving rebalances on the way), or `None`
+    /// when what came was not a record for the caller: a recovered error, or a record past
+    /// a hole that is being read again.
+    async fn receive(&mut self) -> Result<Option<Record>, BusError> {
+        let m = match self.consumer.recv().await {
+            Ok(m) => m,
+            // librdkafka reports broker trouble on the consumer queue and recovers by itself
+            // (reconnect, coordinator lookup, metadata refresh): log it and keep waiting.
+            // Only what a retry cannot fix reaches the caller.
+            Err(e) => {
+                return match classify(&e, None) {
+                    fatal @ BusError::Fatal(_) => Err(fatal),
+                    other => {
+                        tracing::warn!(group = %self.group, error = %other, "kafka consumer error, recovering");
+                        Ok(None)
+                    }
+                };
+            }
+        };
+        let record = to_record(&m);
+        drop(m);
+        let verdict = lock(&self.state).holes.check(
+            &record.topic,
+            record.partition,
+            record.offset,
+            record.timestamp_ms,
+            now_ms(),
+            Instant::now(),
+        );
+        if let Verdict::ReadFrom(offset) = verdict {
+            tracing::debug!(group = %self.group, topic = %record.topic, partition = record.partition, from = offset, to = record.offset - 1, "kafka fetch skipped offsets; reading them again");
+            // Asynchronous (no timeout): librdkafka drops what it fetched before.
+            let sought = self.consumer.seek(
+                &record.topic,
+                partition_i32(record.partition)?,
+                Offset::Offset(offset),
+                Duration::ZERO,
+            );
+            match sought {
+                Ok(()) => return Ok(None),
+                // Not worse than before: the record is handed out.
+                Err(e) => {
+                    tracing::warn!(group = %self.group, topic = %record.topic, partition = record.partition, error = %e, "kafka offsets skipped by a fetch cannot be read again");
+                }
+            }
+        }
+        Ok(Some(record))
+    }
+
+    /// Track `record` as started and give it to the caller.
+    fn hand_out(&self, record: Record) -> Record {
+        let mut state = lock(&self.state);
+        state
+            .tracker
+            .started(&record.topic, record.partition, record.offset);
+        state
+            .partitions
+            .insert((record.topic.clone(), record.partition));
+        record
+    }
+
+    /// Pause every partition assigned now: fetches stop, what was fetched is dropped and
+    /// fetched again after [`KafkaConsumer::resume`].
+    fn pause(&mut self) -> Result<(), BusError> {
+        let assigned = self.consumer.assignment().map_err(|e| classify(&e, None))?;
+        self.consumer
+            .pause(&assigned)
+            .map_err(|e| classify(&e, None))?;
+        if !self.paused {
+            tracing::debug!(group = %self.group, partitions = assigned.count(), "kafka member idle: partitions paused");
+        }
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), BusError> {
+        let assigned = self.consumer.assignment().map_err(|e| classify(&e, None))?;
+        self.consumer
+            .resume(&assigned)
+            .map_err(|e| classify(&e, None))?;
+        tracing::debug!(group = %self.group, partitions = assigned.count(), "kafka member has room again: partitions resumed");
+        self.paused = false;
+        Ok(())
+    }
+
     fn commit_due(&self) -> bool {
         self.acks_since_commit > 0
             && (self.acks_since_commit >= self.commit_every
@@ -476,6 +577,14 @@ impl KafkaConsumer {
 
 impl Consumer for KafkaConsumer {
     async fn poll(&mut self, timeout: Duration) -> Result<Option<Record>, BusError> {
+        self.idle_since = None;
+        if self.paused {
+            self.resume()?;
+        }
+        let waiting = lock(&self.state).waiting.pop_front();
+        if let Some(record) = waiting {
+            return Ok(Some(self.hand_out(record)));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if self.commit_due() {
@@ -487,59 +596,39 @@ impl Consumer for KafkaConsumer {
             } else {
                 deadline
             };
-            match tokio::time::timeout_at(wake, self.consumer.recv()).await {
-                Ok(Ok(m)) => {
-                    let record = to_record(&m);
-                    drop(m);
-                    let mut state = lock(&self.state);
-                    let verdict = state.holes.check(
-                        &record.topic,
-                        record.partition,
-                        record.offset,
-                        record.timestamp_ms,
-                        now_ms(),
-                        Instant::now(),
-                    );
-                    if let Verdict::ReadFrom(offset) = verdict {
-                        drop(state);
-                        tracing::debug!(group = %self.group, topic = %record.topic, partition = record.partition, from = offset, to = record.offset - 1, "kafka fetch skipped offsets; reading them again");
-                        // Asynchronous (no timeout): librdkafka drops what it fetched before.
-                        let sought = self.consumer.seek(
-                            &record.topic,
-                            partition_i32(record.partition)?,
-                            Offset::Offset(offset),
-                            Duration::ZERO,
-                        );
-                        match sought {
-                            Ok(()) => continue,
-                            Err(e) => {
-                                // Not worse than before: the record is handed out.
-                                tracing::warn!(group = %self.group, topic = %record.topic, partition = record.partition, error = %e, "kafka offsets skipped by a fetch cannot be read again");
-                                state = lock(&self.state);
-                            }
-                        }
-                    }
-                    state
-                        .tracker
-                        .started(&record.topic, record.partition, record.offset);
-                    state
-                        .partitions
-                        .insert((record.topic.clone(), record.partition));
-                    return Ok(Some(record));
-                }
-                // librdkafka reports broker trouble on the consumer queue and recovers by
-                // itself (reconnect, coordinator lookup, metadata refresh): log it and keep
-                // waiting. Only what a retry cannot fix reaches the caller.
-                Ok(Err(e)) => match classify(&e, None) {
-                    fatal @ BusError::Fatal(_) => return Err(fatal),
-                    other => {
-                        tracing::warn!(group = %self.group, error = %other, "kafka consumer error, recovering");
-                    }
-                },
+            match tokio::time::timeout_at(wake, self.receive()).await {
+                Ok(Ok(Some(record))) => return Ok(Some(self.hand_out(record))),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return Err(e),
                 Err(_) if tokio::time::Instant::now() >= deadline => return Ok(None),
                 Err(_) => {}
             }
         }
+    }
+
+    async fn idle(&mut self, timeout: Duration) -> Result<(), BusError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        if self.commit_due() {
+            self.commit_moved()?;
+        }
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        if !self.paused {
+            let pause_at = tokio::time::Instant::from_std(since + PAUSE_AFTER);
+            if pause_at > tokio::time::Instant::now() {
+                tokio::time::sleep_until(pause_at.min(deadline)).await;
+                return Ok(());
+            }
+            self.pause()?;
+        }
+        // Paused partitions hand out nothing; receiving serves the group's rebalances. A
+        // partition assigned meanwhile is not paused yet: what it hands out waits.
+        if let Ok(received) = tokio::time::timeout_at(deadline, self.receive()).await
+            && let Some(record) = received?
+        {
+            lock(&self.state).waiting.push_back(record);
+            self.pause()?;
+        }
+        Ok(())
     }
 
     async fn ack(&mut self, token: AckToken) -> Result<(), BusError> {
@@ -659,6 +748,111 @@ mod tests {
             }
         }
         assert_eq!(redelivered, 0, "finished records were delivered again");
+    }
+
+    /// A member with no room for more records (its subscription's lanes are full, or an
+    /// operator paused it) idles instead of polling: it still answers the rebalance a new
+    /// member starts, so the newcomer gets partitions at once rather than after the old
+    /// member's poll interval; and what the idle member received meanwhile is neither lost
+    /// nor handed out twice by it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_without_room_still_hands_partitions_over() {
+        let Some((bus, prefix)) = test_bus("idle") else {
+            return;
+        };
+        let topic = format!("{prefix}.t");
+        bus.ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        }])
+        .await
+        .unwrap();
+        let records: Vec<OutRecord> = (0..40)
+            .map(|i| rec(&topic, format!("k{i}"), vec![b'x'; 10]))
+            .collect();
+        let positions = bus.publish(records).await.unwrap();
+        let group = format!("{prefix}.g");
+        let mut a = bus
+            .subscribe(&group, std::slice::from_ref(&topic))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while seen.is_empty() && Instant::now() < deadline {
+            if let Some(r) = a.poll(Duration::from_millis(200)).await.unwrap() {
+                a.ack(r.ack_token()).await.unwrap();
+                seen.push((r.partition, r.offset));
+            }
+        }
+        assert_eq!(seen.len(), 1, "member a got its first record");
+
+        // a has no room from now on, and only idles.
+        let stop = tokio_util::sync::CancellationToken::new();
+        let idling = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.is_cancelled() {
+                    a.idle(Duration::from_millis(200)).await.unwrap();
+                }
+                a
+            })
+        };
+        let joined = Instant::now();
+        let mut b = bus
+            .subscribe(&group, std::slice::from_ref(&topic))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(r) = b.poll(Duration::from_millis(200)).await.unwrap() {
+                b.ack(r.ack_token()).await.unwrap();
+                seen.push((r.partition, r.offset));
+                break;
+            }
+        }
+        let waited = joined.elapsed();
+        assert_eq!(
+            seen.len(),
+            2,
+            "member b got no partition in {waited:?} while member a idled"
+        );
+        stop.cancel();
+        let mut a = idling.await.unwrap();
+
+        // Both read on: every record is handed out, none twice by the member that idled.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut from_a = std::collections::HashSet::new();
+        while seen.len() < 40 * 2 && Instant::now() < deadline {
+            let mut got = false;
+            if let Some(r) = a.poll(Duration::from_millis(100)).await.unwrap() {
+                assert!(
+                    from_a.insert((r.partition, r.offset)),
+                    "a handed out {r:?} twice"
+                );
+                a.ack(r.ack_token()).await.unwrap();
+                seen.push((r.partition, r.offset));
+                got = true;
+            }
+            if let Some(r) = b.poll(Duration::from_millis(100)).await.unwrap() {
+                b.ack(r.ack_token()).await.unwrap();
+                seen.push((r.partition, r.offset));
+                got = true;
+            }
+            let all: std::collections::HashSet<_> = seen.iter().copied().collect();
+            if !got
+                && positions
+                    .iter()
+                    .all(|p| all.contains(&(p.partition, p.offset)))
+            {
+                break;
+            }
+        }
+        let all: std::collections::HashSet<_> = seen.iter().copied().collect();
+        let missing: Vec<_> = positions
+            .iter()
+            .filter(|p| !all.contains(&(p.partition, p.offset)))
+            .collect();
+        assert!(missing.is_empty(), "never handed out: {missing:?}");
     }
 
     /// Acknowledged records are committed by the batching alone, within the commit interval,
