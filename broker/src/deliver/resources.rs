@@ -243,15 +243,9 @@ fn located(r: &rusqlite::Row<'_>) -> rusqlite::Result<Located> {
 /// The resources of one event whose id does not name the event: (type, id).
 fn hashed_of(event: &Event) -> Vec<(String, String)> {
     let own = event.header().id.as_str();
-    ketenbus_connectors::fhir::emit::resources(event)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| {
-            let id = r.get("id")?.as_str()?;
-            (emit::event_of_resource_id(id) != Some(own))
-                .then(|| Some((r.get("resourceType")?.as_str()?.to_owned(), id.to_owned())))?
-        })
-        .collect()
+    let mut all = emit::resource_ids(event).unwrap_or_default();
+    all.retain(|(_, id)| emit::event_of_resource_id(id) != Some(own));
+    all
 }
 
 impl Resources {

@@ -62,6 +62,15 @@ pub struct EmitOptions {
 /// # Errors
 /// [`FhirError::Write`] for events without a FHIR form (letters, for now).
 pub fn to_bundle(event: &Event, opts: &EmitOptions) -> Result<Value, FhirError> {
+    let (b, focus) = build(event, opts)?;
+    Ok(b.finish(event, &focus))
+}
+
+/// The builder with every resource of `event` added, and the focus.
+fn build<'a>(
+    event: &Event,
+    opts: &'a EmitOptions,
+) -> Result<(Builder<'a>, Vec<String>), FhirError> {
     let mut b = Builder::new(&event.header().id, opts);
     let focus = match event {
         Event::LabResult(e) => lab(&mut b, e),
@@ -74,7 +83,29 @@ pub fn to_bundle(event: &Event, opts: &EmitOptions) -> Result<Value, FhirError> 
             });
         }
     };
-    Ok(b.finish(event, &focus))
+    Ok((b, focus))
+}
+
+/// `(Type, id)` of each of [`resources`], in their order, without the Bundle and the
+/// rewriting of references those take: what an index of them needs.
+///
+/// # Errors
+/// As [`resources`].
+pub fn resource_ids(event: &Event) -> Result<Vec<(String, String)>, FhirError> {
+    let opts = EmitOptions {
+        style: BundleStyle::Message,
+        ..EmitOptions::default()
+    };
+    let (b, _) = build(event, &opts)?;
+    Ok(b.entries
+        .into_iter()
+        .filter_map(|e| {
+            Some((
+                e.resource.str("resourceType")?.to_owned(),
+                e.resource.str("id")?.to_owned(),
+            ))
+        })
+        .collect())
 }
 
 /// The resources of an event on their own, as a FHIR server serves them at
@@ -1223,6 +1254,41 @@ fn notification(b: &mut Builder<'_>, e: &HandoverNotificationEvent) -> Vec<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_ids_are_those_of_the_resources() {
+        let az = include_str!(
+            "../../testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
+        );
+        let tree = super::super::json::parse(az.as_bytes()).unwrap();
+        let mut events = super::super::inbound::events_from(&tree, "env-1", "fhir_json").unwrap();
+        for edi in [
+            &include_bytes!("../../testdata/edifact/ketenbus/medlab-two-messages.edi")[..],
+            &include_bytes!("../../testdata/edifact/ketenbus/medlab-standards-example.edi")[..],
+        ] {
+            events.extend(
+                crate::edifact::normalise_bytes("0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", edi)
+                    .unwrap(),
+            );
+        }
+        let mut hashed = 0;
+        for e in events.iter().filter(|e| !matches!(e, Event::Letter(_))) {
+            let want: Vec<(String, String)> = resources(e)
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let s = |k| r.get(k).and_then(Value::as_str).unwrap().to_owned();
+                    (s("resourceType"), s("id"))
+                })
+                .collect();
+            hashed += want
+                .iter()
+                .filter(|(_, id)| event_of_resource_id(id).is_none())
+                .count();
+            assert_eq!(resource_ids(e).unwrap(), want);
+        }
+        assert!(hashed > 0, "no hashed id among the fixtures' resources");
+    }
 
     #[test]
     fn a_resource_id_names_its_event_unless_hashed() {
