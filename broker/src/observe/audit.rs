@@ -235,7 +235,9 @@ pub fn local_key_file(env: &Env) -> Option<PathBuf> {
 }
 
 /// Make the loopback broker's own audit key (32 random bytes, hex, mode 0600) unless it
-/// exists, and say where it is.
+/// exists, and say where it is. Brokers started at once on one machine agree on one key:
+/// the key is written whole to a file of its own and linked into place, so no broker reads
+/// a half-written key and the first link wins.
 ///
 /// # Errors
 /// When there is no home or config directory, or the file cannot be written.
@@ -244,18 +246,32 @@ pub fn ensure_local_key(env: &Env) -> Result<PathBuf, String> {
     if file.is_file() {
         return Ok(file);
     }
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
+    let dir = file
+        .parent()
+        .ok_or_else(|| format!("{}: no directory", file.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let fresh = dir.join(format!(
+        ".audit.key.{}.{}",
+        std::process::id(),
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
     let key = hex::encode(rand::random::<[u8; 32]>());
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(&file)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()))
-        .map_err(|e| format!("{}: {e}", file.display()))?;
+    let linked = options
+        .open(&fresh)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, key.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| match std::fs::hard_link(&fresh, &file) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        });
+    let _ = std::fs::remove_file(&fresh);
+    linked.map_err(|e| format!("{}: {e}", file.display()))?;
     Ok(file)
 }
 
@@ -778,6 +794,33 @@ mod tests {
             Verified::Broken { line: 1, .. }
         ));
         assert!(Audit::open(dir.path(), other).is_err());
+    }
+
+    #[test]
+    fn brokers_started_at_once_agree_on_one_local_key() {
+        for _ in 0..20 {
+            let home = tempfile::tempdir().unwrap();
+            let config = home.path().to_string_lossy().into_owned();
+            let env = Env::from_fn(move |v| (v == "XDG_CONFIG_HOME").then(|| config.clone()));
+            let keys: Vec<String> = std::thread::scope(|s| {
+                let started: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            let file = ensure_local_key(&env).unwrap();
+                            std::fs::read_to_string(file).unwrap()
+                        })
+                    })
+                    .collect();
+                started.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert_eq!(keys[0].len(), 64, "{keys:?}");
+            assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+            let left: Vec<_> = std::fs::read_dir(home.path().join("ketenbus"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left, ["audit.key"]);
+        }
     }
 
     #[test]
