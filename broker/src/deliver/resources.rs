@@ -676,23 +676,8 @@ mod tests {
     #[tokio::test]
     async fn every_resource_of_an_event_is_found_again_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = Arc::new(crate::bus::test_log(dir.path(), "log.db"));
-        let specs: Vec<TopicSpec> = KINDS
-            .iter()
-            .map(|k| TopicSpec {
-                name: topics::events(*k),
-                partitions: 1,
-            })
-            .collect();
-        bus.ensure_topics(&specs).await.unwrap();
         let event = handover();
-        bus.publish(vec![OutRecord {
-            topic: topics::events(EventKind::AcuteHandover),
-            key: b"pseudo-1".to_vec(),
-            value: event.to_avro().unwrap(),
-        }])
-        .await
-        .unwrap();
+        let (bus, _) = log_with(dir.path(), std::slice::from_ref(&event)).await;
         let expected = ketenbus_connectors::fhir::emit::resources(&event).unwrap();
         let cancel = CancellationToken::new();
         let r = Resources::start(dir.path(), Arc::clone(&bus), &cancel)

@@ -669,8 +669,25 @@ impl Consumer for KafkaConsumer {
 mod tests {
     use std::time::{Duration, Instant};
 
+    use super::super::KafkaBus;
     use super::super::tests::{rec, test_bus};
-    use crate::bus::{Bus, Consumer, OutRecord, TopicSpec};
+    use crate::bus::{Bus, Consumer, OutRecord, Position, TopicSpec};
+
+    /// Topic `<prefix>.t` of 4 partitions holding 40 small records, and where they went.
+    async fn forty_on_four_partitions(bus: &KafkaBus, prefix: &str) -> (String, Vec<Position>) {
+        let topic = format!("{prefix}.t");
+        bus.ensure_topics(&[TopicSpec {
+            name: topic.clone(),
+            partitions: 4,
+        }])
+        .await
+        .unwrap();
+        let records: Vec<OutRecord> = (0..40)
+            .map(|i| rec(&topic, format!("k{i}"), vec![b'x'; 10]))
+            .collect();
+        let positions = bus.publish(records).await.unwrap();
+        (topic, positions)
+    }
 
     /// A member that loses partitions in a rebalance commits what it finished first, so the
     /// member that takes them over does not deliver finished records again.
@@ -682,17 +699,7 @@ mod tests {
         // Only a rebalance commits in this test: no batched commits.
         bus.config.commit_every = u32::MAX;
         bus.config.commit_interval = Duration::from_secs(3600);
-        let topic = format!("{prefix}.t");
-        bus.ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 4,
-        }])
-        .await
-        .unwrap();
-        let records: Vec<OutRecord> = (0..40)
-            .map(|i| rec(&topic, format!("k{i}"), vec![b'x'; 10]))
-            .collect();
-        bus.publish(records).await.unwrap();
+        let (topic, _) = forty_on_four_partitions(&bus, &prefix).await;
 
         let group = format!("{prefix}.g");
         let mut a = bus
@@ -760,17 +767,7 @@ mod tests {
         let Some((bus, prefix)) = test_bus("idle") else {
             return;
         };
-        let topic = format!("{prefix}.t");
-        bus.ensure_topics(&[TopicSpec {
-            name: topic.clone(),
-            partitions: 4,
-        }])
-        .await
-        .unwrap();
-        let records: Vec<OutRecord> = (0..40)
-            .map(|i| rec(&topic, format!("k{i}"), vec![b'x'; 10]))
-            .collect();
-        let positions = bus.publish(records).await.unwrap();
+        let (topic, positions) = forty_on_four_partitions(&bus, &prefix).await;
         let group = format!("{prefix}.g");
         let mut a = bus
             .subscribe(&group, std::slice::from_ref(&topic))
