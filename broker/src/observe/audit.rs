@@ -236,8 +236,9 @@ pub fn local_key_file(env: &Env) -> Option<PathBuf> {
 
 /// Make the loopback broker's own audit key (32 random bytes, hex, mode 0600) unless it
 /// exists, and say where it is. Brokers started at once on one machine agree on one key:
-/// the key is written whole to a file of its own and linked into place, so no broker reads
-/// a half-written key and the first link wins.
+/// the key is written whole to a file of its own and linked into place (a link, unlike a
+/// rename, never replaces a key another broker already uses), so no broker reads a
+/// half-written key and the first link wins.
 ///
 /// # Errors
 /// When there is no home or config directory, or the file cannot be written.
@@ -269,7 +270,10 @@ pub fn ensure_local_key(env: &Env) -> Result<PathBuf, String> {
         .and_then(|()| match std::fs::hard_link(&fresh, &file) {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             other => other,
-        });
+        })
+        // The link itself must survive a crash: a trail already keyed with this key would
+        // not verify under the next key made after a restart.
+        .and_then(|()| std::fs::File::open(dir)?.sync_all());
     let _ = std::fs::remove_file(&fresh);
     linked.map_err(|e| format!("{}: {e}", file.display()))?;
     Ok(file)
