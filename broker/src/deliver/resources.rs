@@ -240,14 +240,6 @@ fn located(r: &rusqlite::Row<'_>) -> rusqlite::Result<Located> {
     })
 }
 
-/// The resources of one event whose id does not name the event: (type, id).
-fn hashed_of(event: &Event) -> Vec<(String, String)> {
-    let own = event.header().id.as_str();
-    let mut all = emit::resource_ids(event).unwrap_or_default();
-    all.retain(|(_, id)| emit::event_of_resource_id(id) != Some(own));
-    all
-}
-
 impl Resources {
     /// Open the index in `data_dir` and start one reader per event topic on `bus`; they run
     /// until `cancel`.
@@ -272,7 +264,11 @@ impl Resources {
                     .collect::<rusqlite::Result<Vec<(u32, i64)>>>()?
             };
             let reader = bus.read_alone(&group, &topic, &from).await?;
-            tokio::spawn(index_topic(reader, Arc::clone(&conn), cancel.clone()));
+            tokio::spawn(crate::runtime::background::run(index_topic(
+                reader,
+                Arc::clone(&conn),
+                cancel.clone(),
+            )));
         }
         Ok(Resources {
             conn,
@@ -441,7 +437,7 @@ fn apply(conn: &Mutex<Connection>, records: &[Record]) -> rusqlite::Result<()> {
                 h.receiver,
                 h.patient_key
             ])?;
-            for (ty, id) in hashed_of(&event) {
+            for (ty, id) in emit::ids_not_naming_event(&event) {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO hashed (type, id, event_id) VALUES (?1, ?2, ?3)",
                 )?
@@ -468,8 +464,8 @@ async fn index_topic<C: Consumer>(
             () = cancel.cancelled() => return,
             r = reader.poll(Duration::from_millis(500)) => r,
         };
-        let mut batch = match first {
-            Ok(Some(r)) => vec![r],
+        let first = match first {
+            Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "resource index: reading an event topic failed; retrying");
@@ -477,12 +473,7 @@ async fn index_topic<C: Consumer>(
                 continue;
             }
         };
-        while batch.len() < 512 {
-            match reader.poll(Duration::from_millis(2)).await {
-                Ok(Some(r)) => batch.push(r),
-                _ => break,
-            }
-        }
+        let batch = crate::runtime::background::gather(&mut reader, first, 512).await;
         let tokens: Vec<_> = batch.iter().map(Record::ack_token).collect();
         let c = Arc::clone(&conn);
         let applied = tokio::task::spawn_blocking(move || apply(&c, &batch)).await;

@@ -593,8 +593,6 @@ fn open_in(data_dir: &Path) -> rusqlite::Result<(Connection, PathBuf)> {
 const MAX_BATCH: usize = 8192;
 /// How long writes may gather before they are published.
 const GATHER: Duration = Duration::from_millis(20);
-/// How long the reader waits for more records before it applies what it has.
-const READ_WAIT: Duration = Duration::from_millis(5);
 
 /// Take what is waiting, then keep taking for up to [`GATHER`] unless the batch is full or
 /// someone waits for a flush.
@@ -655,12 +653,12 @@ async fn pipe<B: Bus>(
     (progress, ids): (Arc<Mutex<Progress>>, Arc<Mutex<StepIds>>),
 ) {
     let stop = CancellationToken::new();
-    let apply = tokio::spawn(read_topic(
+    let apply = tokio::spawn(crate::runtime::background::run(read_topic(
         reader,
         conn,
         Arc::clone(&progress),
         stop.clone(),
-    ));
+    )));
     publish(&*bus, rx, &progress, &ids).await;
     stop.cancel();
     let _ = apply.await;
@@ -807,13 +805,12 @@ async fn read_topic<C: Consumer>(
     let conn = Arc::new(Mutex::new(conn));
     let mut wait = Duration::from_millis(100);
     loop {
-        let mut batch: Vec<Record> = Vec::new();
         let polled = tokio::select! {
             () = stop.cancelled() => return,
             r = reader.poll(Duration::from_millis(250)) => r,
         };
-        match polled {
-            Ok(Some(r)) => batch.push(r),
+        let first = match polled {
+            Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
                 tracing::warn!(error = %e, "lineage topic unreadable, retrying");
@@ -821,14 +818,9 @@ async fn read_topic<C: Consumer>(
                 wait = (wait * 2).min(Duration::from_secs(5));
                 continue;
             }
-        }
+        };
         wait = Duration::from_millis(100);
-        while batch.len() < MAX_BATCH {
-            match reader.poll(READ_WAIT).await {
-                Ok(Some(r)) => batch.push(r),
-                Ok(None) | Err(_) => break,
-            }
-        }
+        let batch = crate::runtime::background::gather(&mut reader, first, MAX_BATCH).await;
         let tokens: Vec<_> = batch.iter().map(Record::ack_token).collect();
         let db = Arc::clone(&conn);
         let applied = tokio::task::spawn_blocking(move || {

@@ -1,5 +1,6 @@
 //! Starting and stopping the broker on a chosen engine.
 
+pub mod background;
 pub mod retention;
 mod supervise;
 

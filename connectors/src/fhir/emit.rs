@@ -86,26 +86,94 @@ fn build<'a>(
     Ok((b, focus))
 }
 
-/// `(Type, id)` of each of [`resources`], in their order, without the Bundle and the
-/// rewriting of references those take: what an index of them needs.
-///
-/// # Errors
-/// As [`resources`].
-pub fn resource_ids(event: &Event) -> Result<Vec<(String, String)>, FhirError> {
-    let opts = EmitOptions {
-        style: BundleStyle::Message,
-        ..EmitOptions::default()
+/// `(Type, id)` of every resource of [`resources`] whose id does not name its event (see
+/// [`event_of_resource_id`]): a hashed id, or a notification's Task, which keeps the sender's
+/// id. Worked out from the event's parts and the resources' local names without building
+/// the resources (a lab result has some fifty), so an index can afford it for every event.
+/// The test `ids_not_naming_the_event_are_those_of_the_resources` holds it to [`resources`].
+#[must_use]
+pub fn ids_not_naming_event(event: &Event) -> Vec<(String, String)> {
+    let own = event.header().id.as_str();
+    let mut locals: Vec<(&str, String)> = Vec::new();
+    let mut one = |ty: &'static str, local: &str| locals.push((ty, local.to_owned()));
+    let professional = |one: &mut dyn FnMut(&'static str, &str), local: &str| {
+        one("Practitioner", &format!("{local}-practitioner"));
+        one("PractitionerRole", &format!("{local}-role"));
     };
-    let (b, _) = build(event, &opts)?;
-    Ok(b.entries
+    match event {
+        Event::LabResult(e) => {
+            if e.patient.is_some() {
+                one("Patient", "patient");
+            }
+            if e.performer.is_some() {
+                one("Organization", "performer");
+            }
+            if e.performing_lab.is_some() {
+                one("Organization", "performing-lab");
+            }
+            if e.requester.is_some() {
+                professional(&mut one, "requester");
+            }
+            if e.requester.is_some() || !e.order_identifiers.is_empty() {
+                one("ServiceRequest", "request");
+            }
+            for i in 1..=e.professionals.len() {
+                professional(&mut one, &format!("professional-{i}"));
+            }
+            for i in 1..=e.specimens.len() {
+                one("Specimen", &format!("specimen-{i}"));
+            }
+            for i in 1..=e.results.len() {
+                one("Observation", &format!("result-{i}"));
+            }
+            if !e.report_identifiers.is_empty() || e.reported_at.is_some() {
+                one("DiagnosticReport", "report");
+            }
+        }
+        Event::AcuteHandover(e) => {
+            if e.patient.is_some() {
+                one("Patient", "patient");
+            }
+            if e.requester_organization.is_some() {
+                one("Organization", "requester-organization");
+            }
+            if e.receiver_organization.is_some() {
+                one("Organization", "receiver-organization");
+            }
+            if e.requester.is_some() {
+                professional(&mut one, "requester");
+            }
+            if !e.sections.is_empty() {
+                if e.composition_author
+                    .as_ref()
+                    .is_some_and(|a| !author_is_requester(e, a))
+                {
+                    professional(&mut one, "composition-author");
+                }
+                one("Composition", "composition");
+            }
+            for i in 1..=e.attachments.len() {
+                one("DocumentReference", &format!("attachment-{i}"));
+            }
+            one("ServiceRequest", "referral");
+        }
+        Event::HandoverNotification(e) => {
+            // The Task keeps the sender's id (see `notification`).
+            let id = e.task_reference.rsplit('/').next().unwrap_or_default();
+            return (event_of_resource_id(id) != Some(own))
+                .then(|| ("Task".to_owned(), id.to_owned()))
+                .into_iter()
+                .collect();
+        }
+        Event::Letter(_) => {}
+    }
+    locals
         .into_iter()
-        .filter_map(|e| {
-            Some((
-                e.resource.str("resourceType")?.to_owned(),
-                e.resource.str("id")?.to_owned(),
-            ))
+        .filter_map(|(ty, local)| {
+            let id = resource_id(own, &local);
+            (event_of_resource_id(&id) != Some(own)).then(|| (ty.to_owned(), id))
         })
-        .collect())
+        .collect()
 }
 
 /// The resources of an event on their own, as a FHIR server serves them at
@@ -1077,6 +1145,17 @@ fn attachment(a: &Attachment) -> Value {
     Object::new().with("attachment", att).into()
 }
 
+/// The composition's author is the requester: written once, as the requester's resource
+/// (as in Acute Zorg message 24).
+fn author_is_requester(e: &AcuteHandoverEvent, a: &HealthProfessional) -> bool {
+    e.requester.as_ref().is_some_and(|r| {
+        HealthProfessional {
+            role: a.role.clone(),
+            ..r.clone()
+        } == *a
+    })
+}
+
 fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
     let patient = e.patient.as_ref().map(|p| b.patient(p));
     let req_org = e
@@ -1114,17 +1193,9 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
             .or(e.referral.authored_on.as_ref())
             .or(e.header.occurred_at.as_ref());
         // The author is written once: as the requester's resource when it is the same
-        // professional (as in Acute Zorg message 24), else as its own.
-        let same_as_requester = |a: &HealthProfessional| {
-            e.requester.as_ref().is_some_and(|r| {
-                HealthProfessional {
-                    role: a.role.clone(),
-                    ..r.clone()
-                } == *a
-            })
-        };
+        // professional, else as its own.
         let author = match &e.composition_author {
-            Some(a) if same_as_requester(a) => author,
+            Some(a) if author_is_requester(e, a) => author,
             Some(a) => Some(reference(&b.professional(
                 "composition-author",
                 a,
@@ -1256,7 +1327,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resource_ids_are_those_of_the_resources() {
+    fn ids_not_naming_the_event_are_those_of_the_resources() {
         let az = include_str!(
             "../../testdata/fhir/nictiz-az-ig/Bundle-hg-ReferralBundle-AmbulanceHAP-referral.json"
         );
@@ -1271,23 +1342,51 @@ mod tests {
                     .unwrap(),
             );
         }
-        let mut hashed = 0;
+        // And a notification, whose Task keeps the sender's id.
+        let mut note = events
+            .iter()
+            .find_map(|e| match e {
+                Event::AcuteHandover(h) => Some(h.header.clone()),
+                _ => None,
+            })
+            .map(|header| {
+                Event::HandoverNotification(ketenbus_schemas::event::HandoverNotificationEvent {
+                    header,
+                    task_reference: "https://sender.example/fhir/Task/task-7".into(),
+                    task_status: "requested".into(),
+                    sender_endpoint: None,
+                    requester: None,
+                    owner: None,
+                    inputs: Vec::new(),
+                })
+            })
+            .unwrap();
+        note.header_mut().id = "env-1.3".into();
+        events.push(note);
+        let (mut hashed, mut kinds) = (0, std::collections::BTreeSet::new());
         for e in events.iter().filter(|e| !matches!(e, Event::Letter(_))) {
-            let want: Vec<(String, String)> = resources(e)
+            let own = e.header().id.as_str();
+            let mut want: Vec<(String, String)> = resources(e)
                 .unwrap()
                 .iter()
                 .map(|r| {
                     let s = |k| r.get(k).and_then(Value::as_str).unwrap().to_owned();
                     (s("resourceType"), s("id"))
                 })
+                .filter(|(_, id)| event_of_resource_id(id) != Some(own))
                 .collect();
-            hashed += want
-                .iter()
-                .filter(|(_, id)| event_of_resource_id(id).is_none())
-                .count();
-            assert_eq!(resource_ids(e).unwrap(), want);
+            hashed += want.len();
+            kinds.extend(want.iter().map(|(ty, _)| ty.clone()));
+            let mut got = ids_not_naming_event(e);
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "{own}");
         }
         assert!(hashed > 0, "no hashed id among the fixtures' resources");
+        assert!(
+            kinds.contains("Task") && kinds.contains("Practitioner"),
+            "{kinds:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,146 @@
+//! Work that may lag behind the message path runs on threads of lower priority.
+//!
+//! Taking a message in (HTTP, the log writer's fsync), routing it and delivering it are what
+//! a sender and a subscriber wait for. The indexes built from the log (the lineage index
+//! behind search and the console, the FHIR resource index) are read from the log at their
+//! own pace and catch up where they stopped, so nothing is lost when they lag. They run on a
+//! runtime of their own whose threads, its blocking threads too, are niced by [`NICE`]:
+//! when both kinds of work want the CPU, the message path gets it first, and the indexes
+//! use what is left. They are not starved: Linux's scheduler still gives a nice-10 thread
+//! about a tenth of a core against a busy nice-0 thread.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::bus::{Consumer, Record};
+
+use tokio_util::task::AbortOnDropHandle;
+
+/// How much lower the priority of background threads is (added to the process's nice
+/// value, at most 19).
+pub const NICE: i32 = 10;
+
+/// Worker threads of the background runtime.
+const THREADS: usize = 2;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(THREADS)
+            .max_blocking_threads(2 * THREADS)
+            .thread_keep_alive(std::time::Duration::from_secs(10))
+            .thread_name("ketenbus-bg")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .expect("the background runtime starts")
+    })
+}
+
+/// Lower the calling thread's priority by [`NICE`]. On Linux a nice value set on a thread id
+/// holds for that thread alone.
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    let now = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), (now + NICE).min(19)) {
+        tracing::debug!(error = %e, "a background thread keeps its priority");
+    }
+}
+
+/// How long a background reader goes on gathering records after the first before it applies
+/// them: one index transaction, and one search-facet refresh per message for all its steps
+/// of that time, instead of one for every record or two that a busy log hands over.
+pub const LINGER: Duration = Duration::from_millis(50);
+
+/// `first` and what follows it on `reader` within [`LINGER`], at most `max` records. A read
+/// error ends the batch; the reader sees it again on its next poll.
+pub async fn gather<C: Consumer>(reader: &mut C, first: Record, max: usize) -> Vec<Record> {
+    let until = tokio::time::Instant::now() + LINGER;
+    let mut batch = vec![first];
+    while batch.len() < max {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match reader.poll(left).await {
+            Ok(Some(r)) => batch.push(r),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Run `work` on the background runtime. The returned future ends when `work` does; dropping
+/// it (its task or its runtime ending) stops `work`, so background work never outlives the
+/// task that started it.
+pub fn run<F>(work: F) -> impl Future<Output = ()> + Send + 'static
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let task = AbortOnDropHandle::new(runtime().spawn(work));
+    async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            tracing::error!(error = %e, "background task panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    fn nice_of_this_thread() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn background_work_runs_at_lower_priority_its_blocking_work_too() {
+        let mine = nice_of_this_thread();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        run(async move {
+            let worker = nice_of_this_thread();
+            let blocking = tokio::task::spawn_blocking(nice_of_this_thread)
+                .await
+                .unwrap();
+            let _ = tx.send((worker, blocking));
+        })
+        .await;
+        let (worker, blocking) = rx.await.unwrap();
+        let want = (mine + NICE).min(19);
+        assert_eq!((worker, blocking), (want, want));
+        assert_eq!(
+            nice_of_this_thread(),
+            mine,
+            "the caller's thread is left alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_future_stops_the_work() {
+        let ran_on = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&ran_on);
+        let started = tokio::sync::Notify::new();
+        let started = Arc::new(started);
+        let s = Arc::clone(&started);
+        let fut = run(async move {
+            s.notify_one();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        let handle = tokio::spawn(fut);
+        started.notified().await;
+        handle.abort();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            !ran_on.load(Ordering::SeqCst),
+            "the work went on after its future was dropped"
+        );
+    }
+}
