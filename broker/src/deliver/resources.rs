@@ -254,6 +254,7 @@ impl Resources {
         let conn = open(data_dir)?;
         let group = format!("ketenbus.fhir-resources.{}", node_of(&conn)?);
         let conn = Arc::new(Mutex::new(conn));
+        crate::observe::watch::watch_index("fhir_resources", &group, &KINDS.map(topics::events));
         for kind in KINDS {
             let topic = topics::events(kind);
             let from = {

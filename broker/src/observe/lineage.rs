@@ -369,6 +369,7 @@ impl Lineage {
         let reader = bus
             .read_alone(&group, topics::LINEAGE, &applied_of(&conn)?)
             .await?;
+        crate::observe::watch::watch_index("lineage", &group, &[topics::LINEAGE.to_owned()]);
         let (lineage, rx) = Lineage::handle(path, group, true);
         tokio::spawn(pipe(bus, reader, conn, rx, lineage.shared()));
         Ok(lineage)

@@ -46,6 +46,10 @@ pub const ROUTER_DEAD_LETTERS: &str = "ketenbus_router_dead_letters_total";
 pub const ROUTER_SKIPPED_MESSAGES: &str = "ketenbus_router_skipped_messages_total";
 /// Raw records the router has not committed yet.
 pub const ROUTER_CONSUMER_LAG: &str = "ketenbus_router_consumer_lag_records";
+/// Records an index built from the log (`lineage`, `fhir_resources`) has not applied yet. The
+/// indexes run behind the message path at lower priority: under load this rises, and falls
+/// again when the load does.
+pub const INDEX_LAG: &str = "ketenbus_log_index_lag_records";
 /// Records finished by a subscription, per subscription and outcome (delivered, dead_lettered, filtered).
 pub const DISPATCH_DELIVERY_OUTCOMES: &str = "ketenbus_dispatch_delivery_outcomes_total";
 /// Seconds from the envelope's arrival to its successful delivery, per subscription.
@@ -95,7 +99,7 @@ pub const MCSD_OUTCOMES: [&str; 2] = ["ok", "failed"];
 pub const CONSENT_FALLBACKS: [&str; 2] = ["allow", "retry"];
 
 /// Every ketenbus metric name, for tests and tooling.
-pub const NAMES: [&str; 23] = [
+pub const NAMES: [&str; 24] = [
     INGEST_RECEIVED_MESSAGES,
     INGEST_RECEIVED_BYTES,
     INGEST_REJECTED_MESSAGES,
@@ -105,6 +109,7 @@ pub const NAMES: [&str; 23] = [
     ROUTER_DEAD_LETTERS,
     ROUTER_SKIPPED_MESSAGES,
     ROUTER_CONSUMER_LAG,
+    INDEX_LAG,
     DISPATCH_DELIVERY_OUTCOMES,
     DISPATCH_DELIVERY_LATENCY,
     DISPATCH_DELIVERY_RETRIES,
@@ -120,6 +125,9 @@ pub const NAMES: [&str; 23] = [
     MCSD_LAST_SYNC,
     MCSD_SYNCS,
 ];
+
+/// The indexes built from the log (`index` label of [`INDEX_LAG`]).
+pub const INDEXES: [&str; 2] = ["lineage", "fhir_resources"];
 
 /// What a label value outside its closed set is counted as.
 pub const OTHER: &str = "other";
@@ -377,6 +385,7 @@ pub fn closed_label_values(configured: &Configured) -> BTreeMap<&'static str, La
             ROUTER_SKIPPED_MESSAGES,
             label_sets(&[("reason", &skip_reason)]),
         ),
+        (INDEX_LAG, label_sets(&[("index", &owned(INDEXES))])),
         (
             DISPATCH_DELIVERY_OUTCOMES,
             label_sets(&[("subscription", &subscription), ("outcome", &outcome)]),
@@ -447,6 +456,7 @@ struct Metrics {
     router_dead_letters: IntCounterVec,
     router_skipped: IntCounterVec,
     router_lag: IntGauge,
+    index_lag: IntGaugeVec,
     deliveries: IntCounterVec,
     latency: HistogramVec,
     retries: IntCounterVec,
@@ -576,6 +586,12 @@ impl Metrics {
                 &["reason"],
             ),
             router_lag,
+            index_lag: int_gauge(
+                reg,
+                INDEX_LAG,
+                "Records an index built from the log has not applied yet.",
+                &["index"],
+            ),
             deliveries: counter(
                 reg,
                 DISPATCH_DELIVERY_OUTCOMES,
@@ -698,6 +714,9 @@ pub fn init(configured: &Configured, connectors: &[&str]) {
     }
     for reason in ROUTER_REASONS.into_iter().chain([OTHER]) {
         m.router_dead_letters.with_label_values(&[reason]);
+    }
+    for index in INDEXES {
+        m.index_lag.with_label_values(&[index]);
     }
     for reason in SKIP_REASONS.into_iter().chain([OTHER]) {
         m.router_skipped.with_label_values(&[reason]);
@@ -1023,6 +1042,14 @@ pub fn router_lag(records: i64) {
     METRICS.router_lag.set(records);
 }
 
+/// How many records `index` (one of [`INDEXES`]) has not applied yet.
+pub fn index_lag(index: &str, records: i64) {
+    METRICS
+        .index_lag
+        .with_label_values(&[closed(index, &INDEXES)])
+        .set(records);
+}
+
 /// A subscription's consumer lag on the topics of one `kind` label.
 pub fn consumer_lag(subscription: &str, kind: &str, records: i64) {
     METRICS
@@ -1240,6 +1267,7 @@ mod tests {
         retrying_records("t-sub", ["http_503"]);
         delivered("t-sub", "lab_result", Some(Duration::from_millis(1500)));
         dead_lettered("t-sub", "r-2", 3, "http_400");
+        index_lag("lineage", 0);
         let types = parse(&render());
         for name in NAMES {
             let ty = types

@@ -163,6 +163,25 @@ pub fn watch_also(name: &str, source_topics: &[String]) {
     started().insert(name.to_owned(), source_topics.to_vec());
 }
 
+/// The indexes built from the log whose lag is sampled: name (one of
+/// [`metrics::INDEXES`]), the group they read as, and its topics.
+type Index = (&'static str, String, Vec<String>);
+
+static INDEXES: LazyLock<Mutex<Vec<Index>>> = LazyLock::new(Mutex::default);
+
+fn indexes() -> std::sync::MutexGuard<'static, Vec<Index>> {
+    INDEXES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Sample the lag of index `name` reading `topics` as `group`, from the next round on.
+pub fn watch_index(name: &'static str, group: &str, topics: &[String]) {
+    let mut all = indexes();
+    all.retain(|(n, _, _)| *n != name);
+    all.push((name, group.to_owned(), topics.to_vec()));
+}
+
 /// Stop sampling subscription `name` (a deleted FHIR Subscription); the topics it read.
 pub fn unwatch(name: &str) -> Option<Vec<String>> {
     let source_topics = started().remove(name)?;
@@ -236,6 +255,16 @@ impl Stalls {
 async fn sample<B: Bus>(bus: &B, watched: &[Watched], stalls: &mut Stalls) {
     if let Some(parts) = lag_of(bus, topics::ROUTER_GROUP, topics::RAW).await {
         metrics::router_lag(total_lag(&parts));
+    }
+    let index_groups = indexes().clone();
+    for (name, group, topics) in index_groups {
+        let mut lag = 0;
+        for topic in &topics {
+            lag += lag_of(bus, &group, topic)
+                .await
+                .map_or(0, |p| total_lag(&p));
+        }
+        metrics::index_lag(name, lag);
     }
     let now = now_ms();
     let also: Vec<Watched> = started()

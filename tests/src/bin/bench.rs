@@ -432,7 +432,34 @@ async fn peak_and_check(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(())
+    indexes_catch_up(broker).await
+}
+
+/// The indexes built from the log (lineage, FHIR resources) run behind the message path and
+/// may lag under load: print how far behind they were at the end and how long they took to
+/// catch up; fail when they have not within two minutes. The broker samples the lag every
+/// 5 s, so a time is known to that step: a lag of 0 counts only from a sample taken after
+/// the end.
+async fn indexes_catch_up(broker: &Broker) -> anyhow::Result<()> {
+    const SAMPLED_EVERY: Duration = Duration::from_secs(5);
+    let end = Instant::now();
+    let lag = |text: &str| metric_sum(text, "ketenbus_log_index_lag_records");
+    let at_end = lag(&broker.metrics().await);
+    loop {
+        let now = lag(&broker.metrics().await);
+        if now == 0.0 && end.elapsed() > SAMPLED_EVERY {
+            println!(
+                "indexes behind at the end: {at_end:.0} records (as last sampled); caught up at most {:.0} s after the end (the lag is sampled every 5 s)",
+                end.elapsed().as_secs_f64().ceil()
+            );
+            return Ok(());
+        }
+        anyhow::ensure!(
+            end.elapsed() < Duration::from_secs(120),
+            "the indexes are still {now:.0} records behind two minutes after the end"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The sum of every series of metric `name` in a Prometheus text exposition.
