@@ -49,22 +49,16 @@ fn lower_priority() {
     }
 }
 
-/// How long a background reader goes on gathering records after the first before it applies
-/// them: one index transaction, and one search-facet refresh per message for all its steps
-/// of that time, instead of one for every record or two that a busy log hands over.
-pub const LINGER: Duration = Duration::from_millis(50);
+/// How long a background reader waits for one more record before it applies what it has.
+pub const GAP: Duration = Duration::from_millis(5);
 
-/// `first` and what follows it on `reader` within [`LINGER`], at most `max` records. A read
-/// error ends the batch; the reader sees it again on its next poll.
+/// `first` and the records that follow it on `reader` with less than [`GAP`] between them,
+/// at most `max`: one index transaction for a burst. A read error ends the batch; the
+/// reader sees it again on its next poll.
 pub async fn gather<C: Consumer>(reader: &mut C, first: Record, max: usize) -> Vec<Record> {
-    let until = tokio::time::Instant::now() + LINGER;
     let mut batch = vec![first];
     while batch.len() < max {
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        match reader.poll(left).await {
+        match reader.poll(GAP).await {
             Ok(Some(r)) => batch.push(r),
             Ok(None) | Err(_) => break,
         }
