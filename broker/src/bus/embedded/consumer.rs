@@ -27,7 +27,16 @@ pub struct EmbeddedConsumer {
     more: bool,
     /// When every partition was last read from the log (not from the fresh records).
     looked_in_log: Option<tokio::time::Instant>,
+    /// A read of the log that a dropped poll left running (the next poll takes its rows),
+    /// and whether the fresh records taken with it left more behind.
+    reading: Option<(LogRead, bool)>,
+    /// Reads of the log started (tests).
+    #[cfg(test)]
+    reads: usize,
 }
+
+/// Rows of a read of the log, and whether a partition had more.
+type LogRead = tokio::task::JoinHandle<rusqlite::Result<(Vec<Record>, bool)>>;
 
 impl std::fmt::Debug for EmbeddedConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,12 +111,42 @@ impl EmbeddedConsumer {
             last_commit: tokio::time::Instant::now(),
             more: true,
             looked_in_log: None, // the first look reads the log
+            reading: None,
+            #[cfg(test)]
+            reads: 0,
         })
     }
 
     /// Read on from each partition's next offset: from the writer's fresh records where
     /// they cover it and `fresh` allows, from SQLite otherwise.
     async fn fetch(&mut self, fresh: bool) -> Result<(), BusError> {
+        if self.reading.is_none() && !self.start_fetch(fresh) {
+            return Ok(());
+        }
+        // Awaited through `&mut`: a caller that drops this poll (one selecting on it) leaves
+        // the read running in `reading` for the next poll, rather than the next poll starting
+        // a second read that waits on the first's connection. Callers that select on `poll`
+        // for every other event would otherwise pile up blocking threads, each waiting on
+        // this consumer's connection, until the runtime's blocking pool is full.
+        let (read, fresh_more) = self.reading.as_mut().expect("a read is running");
+        let fresh_more = *fresh_more;
+        let result = read.await;
+        self.reading = None;
+        let (rows, log_more) = result
+            .map_err(|e| BusError::Fatal(e.to_string()))?
+            .map_err(|e| sql_err(&e))?;
+        self.more = fresh_more | log_more;
+        for r in rows {
+            let slot = (r.topic.clone(), r.partition);
+            self.next.insert(slot, r.offset + 1);
+            self.buffer.push_back(r);
+        }
+        Ok(())
+    }
+
+    /// Take what the fresh records hold and start a read of the log for the partitions they
+    /// do not cover; `false` when nothing needs reading from the log.
+    fn start_fetch(&mut self, fresh: bool) -> bool {
         let mut more = false;
         let mut wants: Vec<((String, u32), i64)> = Vec::new();
         let mut taken = Vec::new();
@@ -132,16 +171,20 @@ impl EmbeddedConsumer {
         }
         if wants.is_empty() {
             self.more = more;
-            return Ok(());
+            return false;
         }
         if !fresh {
             self.looked_in_log = Some(tokio::time::Instant::now());
         }
-        // Dropped while reading (a caller that selects on `poll`), this look must be made
-        // again: the notification that asked for it is already taken.
+        // Dropped while reading (a caller that selects on `poll`), the next poll must come
+        // back for the read: the notification that asked for it is already taken.
         self.more = true;
         let conn = Arc::clone(&self.conn);
-        let (rows, from_log) = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
+        #[cfg(test)]
+        {
+            self.reads += 1;
+        }
+        let read = tokio::task::spawn_blocking(move || -> rusqlite::Result<_> {
             let conn = conn.lock().expect("reader lock");
             let mut stmt = conn.prepare_cached(FETCH_SQL)?;
             let mut out = Vec::new();
@@ -164,17 +207,9 @@ impl EmbeddedConsumer {
                 more |= out.len() - before >= FETCH;
             }
             Ok((out, more))
-        })
-        .await
-        .map_err(|e| BusError::Fatal(e.to_string()))?
-        .map_err(|e| sql_err(&e))?;
-        self.more = more | from_log;
-        for r in rows {
-            let slot = (r.topic.clone(), r.partition);
-            self.next.insert(slot, r.offset + 1);
-            self.buffer.push_back(r);
-        }
-        Ok(())
+        });
+        self.reading = Some((read, more));
+        true
     }
 }
 
@@ -359,6 +394,53 @@ mod tests {
             None => c.poll(Duration::ZERO).await.unwrap(),
         };
         assert_eq!(got.map(|r| r.value), Some(vec![7]));
+    }
+
+    #[tokio::test]
+    async fn polls_dropped_while_reading_the_log_start_no_second_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = open_with(dir.path(), "t", 1).await;
+        // More than the fresh records keep (8 MiB), so most is read from the log.
+        let n = 3000usize;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+            let recs = chunk
+                .iter()
+                .map(|_| OutRecord {
+                    topic: "t".into(),
+                    key: vec![1],
+                    value: vec![7; 4096],
+                })
+                .collect();
+            bus.publish(recs).await.unwrap();
+        }
+        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
+        // A caller that selects on poll and something that is always ready (a delivery
+        // loop's lane reports) drops every poll at its first await, inside a read.
+        // Bounded, so that a consumer which starts a read for every dropped poll fails here
+        // rather than leaving thousands of reads for the runtime to wait out at its end.
+        let (mut got, mut dropped) = (0, 0);
+        while got < n {
+            assert!(
+                dropped < 2000,
+                "only {got} of {n} read after {dropped} dropped polls ({} reads)",
+                c.reads
+            );
+            let polled = tokio::select! {
+                biased;
+                r = c.poll(Duration::from_secs(1)) => r.unwrap(),
+                () = std::future::ready(()) => None,
+            };
+            if polled.is_some() {
+                got += 1;
+            } else {
+                dropped += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        // One read per page of 256 (and the first look): a dropped poll's read is taken
+        // over, not started again beside it.
+        let pages = n.div_ceil(super::FETCH);
+        assert!(c.reads <= pages + 2, "{} reads for {pages} pages", c.reads);
     }
 
     #[tokio::test]
