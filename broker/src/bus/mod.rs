@@ -3,6 +3,7 @@
 //! Two engines: [`embedded`] (SQLite in the data directory) and [`kafka`] (rdkafka), chosen
 //! in one place ([`open`], from the `[bus]` section): nothing outside `bus` names either.
 
+pub mod background;
 pub mod bodies;
 mod config;
 #[cfg(test)]

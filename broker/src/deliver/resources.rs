@@ -265,7 +265,7 @@ impl Resources {
                     .collect::<rusqlite::Result<Vec<(u32, i64)>>>()?
             };
             let reader = bus.read_alone(&group, &topic, &from).await?;
-            tokio::spawn(crate::runtime::background::run(index_topic(
+            tokio::spawn(crate::bus::background::run(index_topic(
                 reader,
                 Arc::clone(&conn),
                 cancel.clone(),
@@ -474,7 +474,7 @@ async fn index_topic<C: Consumer>(
                 continue;
             }
         };
-        let batch = crate::runtime::background::gather(&mut reader, first, 512).await;
+        let batch = crate::bus::background::gather(&mut reader, first, 512).await;
         let tokens: Vec<_> = batch.iter().map(Record::ack_token).collect();
         let c = Arc::clone(&conn);
         let applied = tokio::task::spawn_blocking(move || apply(&c, &batch)).await;

@@ -654,7 +654,7 @@ async fn pipe<B: Bus>(
     (progress, ids): (Arc<Mutex<Progress>>, Arc<Mutex<StepIds>>),
 ) {
     let stop = CancellationToken::new();
-    let apply = tokio::spawn(crate::runtime::background::run(read_topic(
+    let apply = tokio::spawn(crate::bus::background::run(read_topic(
         reader,
         conn,
         Arc::clone(&progress),
@@ -821,7 +821,7 @@ async fn read_topic<C: Consumer>(
             }
         };
         wait = Duration::from_millis(100);
-        let batch = crate::runtime::background::gather(&mut reader, first, MAX_BATCH).await;
+        let batch = crate::bus::background::gather(&mut reader, first, MAX_BATCH).await;
         let tokens: Vec<_> = batch.iter().map(Record::ack_token).collect();
         let db = Arc::clone(&conn);
         let applied = tokio::task::spawn_blocking(move || {

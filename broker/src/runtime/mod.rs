@@ -1,6 +1,5 @@
 //! Starting and stopping the broker on a chosen engine.
 
-pub mod background;
 pub mod retention;
 mod supervise;
 

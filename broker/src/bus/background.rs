@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::bus::{Consumer, Record};
+use super::{Consumer, Record};
 
 /// How much lower the priority of background threads is (added to the process's nice
 /// value, at most 19).
