@@ -3,8 +3,7 @@
 
 use std::sync::Mutex;
 
-use apache_avro::headers::HeaderBuilder;
-use apache_avro::{GenericSingleObjectReader, Schema, Writer};
+use apache_avro::{Schema, Writer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -40,7 +39,8 @@ pub enum CodecError {
 }
 
 /// A compiled schema with its fingerprint, and a writer and reader that keep the schema's
-/// named types resolved (apache-avro's one-shot functions resolve them on every call).
+/// named types resolved (apache-avro's one-shot functions resolve them on every call). The
+/// reader reads datums straight into the type (see [`crate::datum`]).
 pub struct CompiledSchema {
     /// The parsed schema.
     pub schema: Schema,
@@ -49,7 +49,7 @@ pub struct CompiledSchema {
     /// Full name of the record, for errors.
     pub name: &'static str,
     writer: Mutex<DatumWriter>,
-    reader: GenericSingleObjectReader,
+    reader: crate::datum::DatumSchema,
 }
 
 impl std::fmt::Debug for CompiledSchema {
@@ -122,17 +122,6 @@ fn read_long(bytes: &mut &[u8]) -> Option<i64> {
     None
 }
 
-/// The single-object header with the spec's fingerprint (see [`parsing_canonical_form`]).
-struct Header([u8; 8]);
-
-impl HeaderBuilder for Header {
-    fn build_header(&self) -> Vec<u8> {
-        let mut h = MAGIC.to_vec();
-        h.extend_from_slice(&self.0);
-        h
-    }
-}
-
 impl CompiledSchema {
     /// Parse a schema text that ships with this crate.
     ///
@@ -148,9 +137,7 @@ impl CompiledSchema {
             _ => "schema",
         };
         let writer = DatumWriter::new(&schema).expect("shipped schema resolves");
-        let reader =
-            GenericSingleObjectReader::new_with_header_builder(schema.clone(), Header(fingerprint))
-                .expect("shipped schema resolves");
+        let reader = crate::datum::DatumSchema::new(&schema).expect("shipped schema resolves");
         CompiledSchema {
             schema,
             fingerprint,
@@ -263,12 +250,10 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
             .map_err(|e| avro_err("decode", c.name, e))?;
         return apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e));
     }
-    let mut all = bytes;
-    let v = c
-        .reader
-        .read_value(&mut all)
-        .map_err(|e| avro_err("decode", c.name, e))?;
-    apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e))
+    c.reader.read(&bytes[HEADER_LEN..]).map_err(|e| {
+        let e = apache_avro::error::Details::DeserializeValue(e.to_string());
+        avro_err("decode", c.name, apache_avro::Error::new(e))
+    })
 }
 
 /// The fingerprint of a single-object value, if it has the marker.

@@ -4,6 +4,7 @@
 //! values written by an earlier release's schemas (`schemas/history`) still decode.
 
 pub mod codec;
+mod datum;
 pub mod envelope;
 pub mod event;
 pub mod history;
