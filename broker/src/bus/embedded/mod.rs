@@ -12,10 +12,13 @@
 //! more than a margin because of unfinished records makes the log refuse new messages from
 //! senders ([`Bus::refuses_ingest`]) rather than lose one.
 //!
-//! The writer never checkpoints: copying the WAL into the database and fsyncing it would hold
-//! every waiting publisher behind it. A checkpointer thread with its own connection does
-//! that once a second while appends come in. A commit is durable once its WAL frames
-//! are fsynced, so this changes when the database file catches up, not what is acknowledged.
+//! The writer does not checkpoint the whole WAL: copying it into the database and fsyncing it
+//! would hold every waiting publisher behind it. A checkpointer thread with its own
+//! connection does that once a second while appends come in; the writer then copies only
+//! the frames committed since, so that its next transaction writes the WAL from the start
+//! again and the WAL stays the size of about a second of commits. A commit is durable once
+//! its WAL frames are fsynced, so this changes when the database file catches up, not what
+//! is acknowledged.
 
 mod config;
 mod consumer;
@@ -191,16 +194,26 @@ impl EmbeddedBus {
         let (tx, rx) = mpsc::channel(4096);
         let (appended_tx, appended) = watch::channel(0u64);
         let (bell, rings) = std::sync::mpsc::sync_channel(1);
+        let caught_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let told = Arc::clone(&caught_up);
         let max_batch = config.max_batch.max(1);
         let fresh = Arc::new(fresh::Fresh::new(fresh::BUDGET));
         let kept = Arc::clone(&fresh);
         std::thread::Builder::new()
             .name("ketenbus-log-ckpt".into())
-            .spawn(move || checkpointer(&ckpt, &rings))
+            .spawn(move || checkpointer(&ckpt, &rings, &told))
             .map_err(|e| BusError::Fatal(format!("spawn checkpointer: {e}")))?;
         std::thread::Builder::new()
             .name("ketenbus-log-writer".into())
-            .spawn(move || writer_loop(conn, rx, (&appended_tx, &kept), &bell, max_batch))
+            .spawn(move || {
+                writer_loop(
+                    conn,
+                    rx,
+                    (&appended_tx, &kept),
+                    (&bell, &caught_up),
+                    max_batch,
+                );
+            })
             .map_err(|e| BusError::Fatal(format!("spawn writer: {e}")))?;
         Ok(EmbeddedBus {
             inner: Arc::new(Inner {
@@ -442,5 +455,62 @@ mod tests {
             key: vec![key],
             value: vec![value],
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_a_steady_stream_of_commits() {
+        use crate::bus::Consumer;
+        let dir = tempfile::tempdir().unwrap();
+        let bus = open_with(dir.path(), "t", 4).await;
+        // A consumer reading beside the writer, as delivery does.
+        let mut c = bus.subscribe("g", &["t".into()]).await.unwrap();
+        let reading = tokio::spawn(async move {
+            loop {
+                if let Ok(Some(r)) = c.poll(Duration::from_millis(100)).await {
+                    c.ack(r.ack_token()).await.unwrap();
+                }
+            }
+        });
+        let wal = dir.path().join("log.db-wal");
+        // The WAL header's checkpoint sequence number (bytes 12..16, big-endian) goes up
+        // each time the WAL starts over (SQLite file format, "WAL File Format").
+        let starts = || -> Option<u32> {
+            let head = std::fs::read(&wal).ok()?;
+            Some(u32::from_be_bytes(head.get(12..16)?.try_into().ok()?))
+        };
+        // Publishers one after the other leave the writer idle between commits, when the
+        // WAL starts over without help; many at once keep a commit always waiting.
+        let publishers: Vec<_> = (0..16u8)
+            .map(|k| {
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let recs = vec![OutRecord {
+                            topic: "t".into(),
+                            key: vec![k],
+                            value: vec![k; 4096],
+                        }];
+                        bus.publish(recs).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        let started = std::time::Instant::now();
+        // Five checkpoint periods of commits.
+        while started.elapsed() < Duration::from_secs(5) {
+            seen.extend(starts());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for p in publishers {
+            p.abort();
+        }
+        reading.abort();
+        // Never started over, the WAL grows by every page ever written, for good.
+        assert!(
+            seen.len() >= 3,
+            "the WAL started over {} times in 5 s of commits ({seen:?})",
+            seen.len().saturating_sub(1)
+        );
     }
 }
