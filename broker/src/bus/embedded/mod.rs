@@ -14,9 +14,9 @@
 //!
 //! The writer does not checkpoint the whole WAL: copying it into the database and fsyncing it
 //! would hold every waiting publisher behind it. A checkpointer thread with its own
-//! connection does that once a second while appends come in; the writer then copies only
+//! connection does that every 100 ms while appends come in; the writer then copies only
 //! the frames committed since, so that its next transaction writes the WAL from the start
-//! again and the WAL stays the size of about a second of commits. A commit is durable once
+//! again and the WAL stays the size of about 100 ms of commits. A commit is durable once
 //! its WAL frames are fsynced, so this changes when the database file catches up, not what
 //! is acknowledged.
 
