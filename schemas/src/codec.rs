@@ -1,9 +1,7 @@
 //! Avro single-object encoding: `C3 01`, the 8-byte little-endian CRC-64-AVRO (Rabin)
 //! fingerprint of the schema's parsing canonical form, then the binary datum.
 
-use std::sync::Mutex;
-
-use apache_avro::{Schema, Writer};
+use apache_avro::Schema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -38,9 +36,9 @@ pub enum CodecError {
     },
 }
 
-/// A compiled schema with its fingerprint, and a writer and reader that keep the schema's
-/// named types resolved (apache-avro's one-shot functions resolve them on every call). The
-/// reader reads datums straight into the type (see [`crate::datum`]).
+/// A compiled schema with its fingerprint, and its named types resolved once (apache-avro's
+/// one-shot functions resolve them on every call) to write and read datums straight from and
+/// into the types (see [`crate::datum`]).
 pub struct CompiledSchema {
     /// The parsed schema.
     pub schema: Schema,
@@ -48,8 +46,7 @@ pub struct CompiledSchema {
     pub fingerprint: [u8; 8],
     /// Full name of the record, for errors.
     pub name: &'static str,
-    writer: Mutex<DatumWriter>,
-    reader: crate::datum::DatumSchema,
+    datum: crate::datum::DatumSchema,
 }
 
 impl std::fmt::Debug for CompiledSchema {
@@ -59,67 +56,6 @@ impl std::fmt::Debug for CompiledSchema {
             .field("fingerprint", &self.fingerprint)
             .finish_non_exhaustive()
     }
-}
-
-/// Serialises values straight to Avro binary with apache-avro's schema-aware serde
-/// serializer, which it only offers with named types resolved through its container
-/// `Writer`. Each value is written as one block of an object container file (Avro spec,
-/// "Object Container Files"): after the header, a block is the object count (long), the
-/// byte length (long), the datum and the 16-byte sync marker; the datum is taken from there.
-struct DatumWriter {
-    writer: Writer<'static, Vec<u8>>,
-}
-
-impl DatumWriter {
-    fn new(schema: &Schema) -> Result<DatumWriter, apache_avro::Error> {
-        // One writer per schema for the life of the process: the schema it borrows lives as long.
-        let schema: &'static Schema = Box::leak(Box::new(schema.clone()));
-        let mut writer = Writer::new(schema, Vec::new());
-        writer.flush()?; // the file header, written once and dropped
-        writer.get_mut().clear();
-        Ok(DatumWriter { writer })
-    }
-
-    /// Append the datum of `value` to `out`.
-    fn write<T: Serialize>(
-        &mut self,
-        value: &T,
-        out: &mut Vec<u8>,
-    ) -> Result<(), apache_avro::Error> {
-        let result = self
-            .writer
-            .append_ser(value)
-            .and_then(|_| self.writer.flush());
-        let block = std::mem::take(self.writer.get_mut());
-        result?;
-        let mut rest = block.as_slice();
-        let count = read_long(&mut rest);
-        let len = read_long(&mut rest).and_then(|l| usize::try_from(l).ok());
-        match (count, len) {
-            (Some(1), Some(len)) if rest.len() == len + 16 => {
-                out.extend_from_slice(&rest[..len]);
-                Ok(())
-            }
-            _ => Err(apache_avro::Error::new(
-                apache_avro::error::Details::SerializeValue(
-                    "the container block of one datum".into(),
-                ),
-            )),
-        }
-    }
-}
-
-/// Read one zig-zag varint long.
-fn read_long(bytes: &mut &[u8]) -> Option<i64> {
-    let mut n: u64 = 0;
-    for (i, b) in bytes.iter().enumerate().take(10) {
-        n |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            *bytes = &bytes[i + 1..];
-            return Some(i64::try_from(n >> 1).ok()? ^ -i64::try_from(n & 1).ok()?);
-        }
-    }
-    None
 }
 
 impl CompiledSchema {
@@ -136,14 +72,12 @@ impl CompiledSchema {
             Schema::Record(r) => Box::leak(r.name.fullname(None).into_boxed_str()),
             _ => "schema",
         };
-        let writer = DatumWriter::new(&schema).expect("shipped schema resolves");
-        let reader = crate::datum::DatumSchema::new(&schema).expect("shipped schema resolves");
+        let datum = crate::datum::DatumSchema::new(&schema).expect("shipped schema resolves");
         CompiledSchema {
             schema,
             fingerprint,
             name,
-            writer: Mutex::new(writer),
-            reader,
+            datum,
         }
     }
 }
@@ -226,11 +160,10 @@ fn encode<T: Serialize>(c: &CompiledSchema, value: &T) -> Result<Vec<u8>, CodecE
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&c.fingerprint);
-    c.writer
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .write(value, &mut out)
-        .map_err(|e| avro_err("encode", c.name, e))?;
+    c.datum.write(value, &mut out).map_err(|e| {
+        let e = apache_avro::error::Details::SerializeValue(e.to_string());
+        avro_err("encode", c.name, apache_avro::Error::new(e))
+    })?;
     Ok(out)
 }
 
@@ -250,7 +183,7 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
             .map_err(|e| avro_err("decode", c.name, e))?;
         return apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e));
     }
-    c.reader.read(&bytes[HEADER_LEN..]).map_err(|e| {
+    c.datum.read(&bytes[HEADER_LEN..]).map_err(|e| {
         let e = apache_avro::error::Details::DeserializeValue(e.to_string());
         avro_err("decode", c.name, apache_avro::Error::new(e))
     })
