@@ -183,10 +183,40 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
             .map_err(|e| avro_err("decode", c.name, e))?;
         return apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e));
     }
-    c.datum.read(&bytes[HEADER_LEN..]).map_err(|e| {
-        let e = apache_avro::error::Details::DeserializeValue(e.to_string());
-        avro_err("decode", c.name, apache_avro::Error::new(e))
-    })
+    c.datum
+        .read(&bytes[HEADER_LEN..])
+        .map_err(|e| read_err(c.name, &e))
+}
+
+/// Read a value of `T`'s schema as `N`, a type naming some of `T`'s fields (the others are
+/// walked over without being built); `None` for a value of an earlier release's schema, which
+/// only `T::from_avro` reads.
+///
+/// # Errors
+/// When the marker or fingerprint is wrong or the datum does not read as `N`.
+pub fn read_as<T: AvroRecord, N: DeserializeOwned>(bytes: &[u8]) -> Result<Option<N>, CodecError> {
+    let c = T::compiled();
+    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
+        return Err(CodecError::NoMarker);
+    }
+    if bytes[2..HEADER_LEN] != c.fingerprint {
+        return match crate::history::released_writer(c.name, &bytes[2..HEADER_LEN]) {
+            Some(_) => Ok(None),
+            None => Err(CodecError::WrongSchema {
+                found: hex8(&bytes[2..HEADER_LEN]),
+                expected: c.name,
+            }),
+        };
+    }
+    c.datum
+        .read(&bytes[HEADER_LEN..])
+        .map(Some)
+        .map_err(|e| read_err(c.name, &e))
+}
+
+fn read_err(schema: &'static str, e: &crate::datum::DatumError) -> CodecError {
+    let e = apache_avro::error::Details::DeserializeValue(e.to_string());
+    avro_err("decode", schema, apache_avro::Error::new(e))
 }
 
 /// The fingerprint of a single-object value, if it has the marker.

@@ -133,12 +133,19 @@ impl<B: Bus> EventLog for BusEvents<B> {
     }
 }
 
-fn decode(r: &Record) -> Option<Event> {
-    let kind = r
-        .topic
+fn kind_of(r: &Record) -> Option<EventKind> {
+    r.topic
         .strip_prefix("ketenbus.events.")
-        .and_then(EventKind::parse)?;
-    Event::from_avro(kind, &r.value).ok()
+        .and_then(EventKind::parse)
+}
+
+fn decode(r: &Record) -> Option<Event> {
+    Event::from_avro(kind_of(r)?, &r.value).ok()
+}
+
+/// What the index keeps of an event, read without building the event.
+fn shape_of(r: &Record) -> Option<emit::EventShape> {
+    emit::EventShape::from_avro(kind_of(r)?, &r.value).ok()
 }
 
 /// What a read found.
@@ -423,8 +430,8 @@ fn apply(conn: &Mutex<Connection>, records: &[Record]) -> rusqlite::Result<()> {
     let mut c = conn.lock().unwrap_or_else(PoisonError::into_inner);
     let tx = c.transaction()?;
     for r in records {
-        if let Some(event) = decode(r) {
-            let h = event.header();
+        if let Some(shape) = shape_of(r) {
+            let h = &shape.header;
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO events
                  (event_id, topic, partition, offset, receiver, patient)
@@ -438,7 +445,7 @@ fn apply(conn: &Mutex<Connection>, records: &[Record]) -> rusqlite::Result<()> {
                 h.receiver,
                 h.patient_key
             ])?;
-            for (ty, id) in emit::ids_not_naming_event(&event) {
+            for (ty, id) in emit::ids_not_naming_event(&shape) {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO hashed (type, id, event_id) VALUES (?1, ?2, ?3)",
                 )?

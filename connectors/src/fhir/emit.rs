@@ -7,11 +7,13 @@
 //! `PUT Type/id`; the patient is a conditional update on the BSN when there is one).
 
 use ketenbus_schemas::Event;
+use ketenbus_schemas::codec::{CodecError, read_as};
 use ketenbus_schemas::event::{
-    AcuteHandoverEvent, Address, Attachment, Coding, Contact, ContactPoint,
+    AcuteHandoverEvent, Address, Attachment, Coding, Contact, ContactPoint, EventHeader, EventKind,
     HandoverNotificationEvent, HealthProfessional, HealthcareProvider, HumanName, Identifier,
-    LabResultEvent, LabTestResult, Patient, Specimen, systems,
+    LabResultEvent, LabTestResult, LetterEvent, Patient, Specimen, systems,
 };
+use serde::de::IgnoredAny;
 use sha2::{Digest, Sha256};
 
 use super::FhirError;
@@ -86,86 +88,303 @@ fn build<'a>(
     Ok((b, focus))
 }
 
+/// What of an event decides which resources it has: its header, whether each optional part
+/// is there and how many there are of each repeated one. [`EventShape::from_avro`] reads it
+/// from the log without building the parts (a lab result's fifty results are walked over), so
+/// an index can afford it for every event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventShape {
+    /// The event's header.
+    pub header: EventHeader,
+    parts: Parts,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Parts {
+    Lab {
+        patient: bool,
+        performer: bool,
+        performing_lab: bool,
+        requester: bool,
+        order: bool,
+        professionals: usize,
+        specimens: usize,
+        results: usize,
+        report: bool,
+    },
+    Handover {
+        patient: bool,
+        requester_organization: bool,
+        receiver_organization: bool,
+        requester: bool,
+        sections: bool,
+        other_author: bool,
+        attachments: usize,
+    },
+    Notification {
+        task_reference: String,
+    },
+    Letter,
+}
+
+/// The parts of a lab result [`EventShape`] looks at; the others are walked over.
+#[derive(serde::Deserialize)]
+struct LabParts {
+    header: EventHeader,
+    patient: Option<IgnoredAny>,
+    performer: Option<IgnoredAny>,
+    requester: Option<IgnoredAny>,
+    professionals: Vec<IgnoredAny>,
+    specimens: Vec<IgnoredAny>,
+    results: Vec<IgnoredAny>,
+    #[serde(default)]
+    report_identifiers: Vec<IgnoredAny>,
+    #[serde(default)]
+    reported_at: Option<IgnoredAny>,
+    #[serde(default)]
+    order_identifiers: Vec<IgnoredAny>,
+    #[serde(default)]
+    performing_lab: Option<IgnoredAny>,
+}
+
+/// The parts of a handover [`EventShape`] looks at (the professionals whole: whether the
+/// composition's author is the requester decides whether it is a resource of its own).
+#[derive(serde::Deserialize)]
+struct HandoverParts {
+    header: EventHeader,
+    patient: Option<IgnoredAny>,
+    requester: Option<HealthProfessional>,
+    requester_organization: Option<IgnoredAny>,
+    receiver_organization: Option<IgnoredAny>,
+    sections: Vec<IgnoredAny>,
+    attachments: Vec<IgnoredAny>,
+    #[serde(default)]
+    composition_author: Option<Box<HealthProfessional>>,
+}
+
+#[derive(serde::Deserialize)]
+struct NotificationParts {
+    header: EventHeader,
+    task_reference: String,
+}
+
+#[derive(serde::Deserialize)]
+struct LetterParts {
+    header: EventHeader,
+}
+
+impl From<LabParts> for EventShape {
+    fn from(e: LabParts) -> EventShape {
+        EventShape {
+            header: e.header,
+            parts: Parts::Lab {
+                patient: e.patient.is_some(),
+                performer: e.performer.is_some(),
+                performing_lab: e.performing_lab.is_some(),
+                requester: e.requester.is_some(),
+                order: e.requester.is_some() || !e.order_identifiers.is_empty(),
+                professionals: e.professionals.len(),
+                specimens: e.specimens.len(),
+                results: e.results.len(),
+                report: !e.report_identifiers.is_empty() || e.reported_at.is_some(),
+            },
+        }
+    }
+}
+
+impl From<HandoverParts> for EventShape {
+    fn from(e: HandoverParts) -> EventShape {
+        EventShape {
+            parts: Parts::Handover {
+                patient: e.patient.is_some(),
+                requester_organization: e.requester_organization.is_some(),
+                receiver_organization: e.receiver_organization.is_some(),
+                requester: e.requester.is_some(),
+                sections: !e.sections.is_empty(),
+                other_author: e
+                    .composition_author
+                    .as_ref()
+                    .is_some_and(|a| !author_is_requester(e.requester.as_ref(), a)),
+                attachments: e.attachments.len(),
+            },
+            header: e.header,
+        }
+    }
+}
+
+impl EventShape {
+    /// The shape of `event`.
+    #[must_use]
+    pub fn of(event: &Event) -> EventShape {
+        fn present<T>(part: Option<&T>) -> Option<IgnoredAny> {
+            part.map(|_| IgnoredAny)
+        }
+        let many = |n: usize| vec![IgnoredAny; n];
+        match event {
+            Event::LabResult(e) => EventShape::from(LabParts {
+                header: e.header.clone(),
+                patient: present(e.patient.as_ref()),
+                performer: present(e.performer.as_ref()),
+                requester: present(e.requester.as_ref()),
+                professionals: many(e.professionals.len()),
+                specimens: many(e.specimens.len()),
+                results: many(e.results.len()),
+                report_identifiers: many(e.report_identifiers.len()),
+                reported_at: present(e.reported_at.as_ref()),
+                order_identifiers: many(e.order_identifiers.len()),
+                performing_lab: present(e.performing_lab.as_ref()),
+            }),
+            Event::AcuteHandover(e) => EventShape::from(HandoverParts {
+                header: e.header.clone(),
+                patient: present(e.patient.as_ref()),
+                requester: e.requester.clone(),
+                requester_organization: present(e.requester_organization.as_ref()),
+                receiver_organization: present(e.receiver_organization.as_ref()),
+                sections: many(e.sections.len()),
+                attachments: many(e.attachments.len()),
+                composition_author: e.composition_author.clone(),
+            }),
+            Event::HandoverNotification(e) => EventShape {
+                header: e.header.clone(),
+                parts: Parts::Notification {
+                    task_reference: e.task_reference.clone(),
+                },
+            },
+            Event::Letter(e) => EventShape {
+                header: e.header.clone(),
+                parts: Parts::Letter,
+            },
+        }
+    }
+
+    /// The shape of the event `bytes` hold, from the topic of `kind`, read without building
+    /// the event (an earlier release's value is read whole and measured).
+    ///
+    /// # Errors
+    /// When the value is not of that kind's schema.
+    pub fn from_avro(kind: EventKind, bytes: &[u8]) -> Result<EventShape, CodecError> {
+        let shape = match kind {
+            EventKind::LabResult => read_as::<LabResultEvent, LabParts>(bytes)?.map(Self::from),
+            EventKind::AcuteHandover => {
+                read_as::<AcuteHandoverEvent, HandoverParts>(bytes)?.map(Self::from)
+            }
+            EventKind::HandoverNotification => {
+                read_as::<HandoverNotificationEvent, NotificationParts>(bytes)?.map(|e| {
+                    EventShape {
+                        header: e.header,
+                        parts: Parts::Notification {
+                            task_reference: e.task_reference,
+                        },
+                    }
+                })
+            }
+            EventKind::Letter => read_as::<LetterEvent, LetterParts>(bytes)?.map(|e| EventShape {
+                header: e.header,
+                parts: Parts::Letter,
+            }),
+        };
+        match shape {
+            Some(shape) => Ok(shape),
+            None => Ok(EventShape::of(&Event::from_avro(kind, bytes)?)),
+        }
+    }
+}
+
 /// `(Type, id)` of every resource of [`resources`] whose id does not name its event (see
 /// [`event_of_resource_id`]): a hashed id, or a notification's Task, which keeps the sender's
-/// id. Worked out from the event's parts and the resources' local names without building
+/// id. Worked out from the event's shape and the resources' local names without building
 /// the resources (a lab result has some fifty), so an index can afford it for every event.
 /// The test `ids_not_naming_the_event_are_those_of_the_resources` holds it to [`resources`].
 #[must_use]
-pub fn ids_not_naming_event(event: &Event) -> Vec<(String, String)> {
-    let own = event.header().id.as_str();
+pub fn ids_not_naming_event(shape: &EventShape) -> Vec<(String, String)> {
+    let own = shape.header.id.as_str();
     let mut locals: Vec<(&str, String)> = Vec::new();
     let mut one = |ty: &'static str, local: &str| locals.push((ty, local.to_owned()));
     let professional = |one: &mut dyn FnMut(&'static str, &str), local: &str| {
         one("Practitioner", &format!("{local}-practitioner"));
         one("PractitionerRole", &format!("{local}-role"));
     };
-    match event {
-        Event::LabResult(e) => {
-            if e.patient.is_some() {
+    match &shape.parts {
+        Parts::Lab {
+            patient,
+            performer,
+            performing_lab,
+            requester,
+            order,
+            professionals,
+            specimens,
+            results,
+            report,
+        } => {
+            if *patient {
                 one("Patient", "patient");
             }
-            if e.performer.is_some() {
+            if *performer {
                 one("Organization", "performer");
             }
-            if e.performing_lab.is_some() {
+            if *performing_lab {
                 one("Organization", "performing-lab");
             }
-            if e.requester.is_some() {
+            if *requester {
                 professional(&mut one, "requester");
             }
-            if e.requester.is_some() || !e.order_identifiers.is_empty() {
+            if *order {
                 one("ServiceRequest", "request");
             }
-            for i in 1..=e.professionals.len() {
+            for i in 1..=*professionals {
                 professional(&mut one, &format!("professional-{i}"));
             }
-            for i in 1..=e.specimens.len() {
+            for i in 1..=*specimens {
                 one("Specimen", &format!("specimen-{i}"));
             }
-            for i in 1..=e.results.len() {
+            for i in 1..=*results {
                 one("Observation", &format!("result-{i}"));
             }
-            if !e.report_identifiers.is_empty() || e.reported_at.is_some() {
+            if *report {
                 one("DiagnosticReport", "report");
             }
         }
-        Event::AcuteHandover(e) => {
-            if e.patient.is_some() {
+        Parts::Handover {
+            patient,
+            requester_organization,
+            receiver_organization,
+            requester,
+            sections,
+            other_author,
+            attachments,
+        } => {
+            if *patient {
                 one("Patient", "patient");
             }
-            if e.requester_organization.is_some() {
+            if *requester_organization {
                 one("Organization", "requester-organization");
             }
-            if e.receiver_organization.is_some() {
+            if *receiver_organization {
                 one("Organization", "receiver-organization");
             }
-            if e.requester.is_some() {
+            if *requester {
                 professional(&mut one, "requester");
             }
-            if !e.sections.is_empty() {
-                if e.composition_author
-                    .as_ref()
-                    .is_some_and(|a| !author_is_requester(e, a))
-                {
+            if *sections {
+                if *other_author {
                     professional(&mut one, "composition-author");
                 }
                 one("Composition", "composition");
             }
-            for i in 1..=e.attachments.len() {
+            for i in 1..=*attachments {
                 one("DocumentReference", &format!("attachment-{i}"));
             }
             one("ServiceRequest", "referral");
         }
-        Event::HandoverNotification(e) => {
+        Parts::Notification { task_reference } => {
             // The Task keeps the sender's id (see `notification`).
-            let id = e.task_reference.rsplit('/').next().unwrap_or_default();
+            let id = task_reference.rsplit('/').next().unwrap_or_default();
             return (event_of_resource_id(id) != Some(own))
                 .then(|| ("Task".to_owned(), id.to_owned()))
                 .into_iter()
                 .collect();
         }
-        Event::Letter(_) => {}
+        Parts::Letter => {}
     }
     locals
         .into_iter()
@@ -1147,8 +1366,8 @@ fn attachment(a: &Attachment) -> Value {
 
 /// The composition's author is the requester: written once, as the requester's resource
 /// (as in Acute Zorg message 24).
-fn author_is_requester(e: &AcuteHandoverEvent, a: &HealthProfessional) -> bool {
-    e.requester.as_ref().is_some_and(|r| {
+fn author_is_requester(requester: Option<&HealthProfessional>, a: &HealthProfessional) -> bool {
+    requester.is_some_and(|r| {
         HealthProfessional {
             role: a.role.clone(),
             ..r.clone()
@@ -1195,7 +1414,7 @@ fn handover(b: &mut Builder<'_>, e: &AcuteHandoverEvent) -> Vec<String> {
         // The author is written once: as the requester's resource when it is the same
         // professional, else as its own.
         let author = match &e.composition_author {
-            Some(a) if author_is_requester(e, a) => author,
+            Some(a) if author_is_requester(e.requester.as_ref(), a) => author,
             Some(a) => Some(reference(&b.professional(
                 "composition-author",
                 a,
@@ -1362,6 +1581,7 @@ mod tests {
             })
             .unwrap();
         note.header_mut().id = "env-1.3".into();
+        note.header_mut().kind = EventKind::HandoverNotification;
         events.push(note);
         let (mut hashed, mut kinds) = (0, std::collections::BTreeSet::new());
         for e in events.iter().filter(|e| !matches!(e, Event::Letter(_))) {
@@ -1377,7 +1597,10 @@ mod tests {
                 .collect();
             hashed += want.len();
             kinds.extend(want.iter().map(|(ty, _)| ty.clone()));
-            let mut got = ids_not_naming_event(e);
+            let shape = EventShape::of(e);
+            let read = EventShape::from_avro(e.kind(), &e.to_avro().unwrap()).unwrap();
+            assert_eq!(read, shape, "{own}: the shape read from the log");
+            let mut got = ids_not_naming_event(&shape);
             want.sort();
             got.sort();
             assert_eq!(got, want, "{own}");
