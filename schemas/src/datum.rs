@@ -226,18 +226,7 @@ impl<'a, 'de> Datum<'a, 'de> {
             Schema::Boolean => {
                 self.input.take(1)?;
             }
-            Schema::Int
-            | Schema::Long
-            | Schema::Date
-            | Schema::TimeMillis
-            | Schema::TimeMicros
-            | Schema::TimestampMillis
-            | Schema::TimestampMicros
-            | Schema::TimestampNanos
-            | Schema::LocalTimestampMillis
-            | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos
-            | Schema::Enum(_) => {
+            s if is_int(s) || is_long(s) || matches!(s, Schema::Enum(_)) => {
                 self.input.long()?;
             }
             Schema::Float => {
@@ -313,15 +302,8 @@ impl<'a, 'de> Deserializer<'de> for Datum<'a, 'de> {
                 1 => visitor.visit_bool(true),
                 b => err(format!("a boolean byte {b}")),
             },
-            Schema::Int | Schema::Date | Schema::TimeMillis => visitor.visit_i32(self.input.int()?),
-            Schema::Long
-            | Schema::TimeMicros
-            | Schema::TimestampMillis
-            | Schema::TimestampMicros
-            | Schema::TimestampNanos
-            | Schema::LocalTimestampMillis
-            | Schema::LocalTimestampMicros
-            | Schema::LocalTimestampNanos => visitor.visit_i64(self.input.long()?),
+            s if is_int(s) => visitor.visit_i32(self.input.int()?),
+            s if is_long(s) => visitor.visit_i64(self.input.long()?),
             Schema::Float => {
                 let b = self.input.take(4)?;
                 visitor.visit_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -343,16 +325,8 @@ impl<'a, 'de> Deserializer<'de> for Datum<'a, 'de> {
                 let branch = self.branch(u)?;
                 self.with(branch).deserialize_any(visitor)
             }
-            Schema::Array(a) => visitor.visit_seq(Items {
-                datum: self.with(&a.items),
-                left: 0,
-                done: false,
-            }),
-            Schema::Map(m) => visitor.visit_map(Entries {
-                datum: self.with(&m.types),
-                left: 0,
-                done: false,
-            }),
+            Schema::Array(a) => visitor.visit_seq(Blocks::new(self.with(&a.items))),
+            Schema::Map(m) => visitor.visit_map(Blocks::new(self.with(&m.types))),
             Schema::Record(r) => visitor.visit_map(Fields {
                 datum: self,
                 fields: r.fields.iter(),
@@ -415,22 +389,52 @@ impl<'a, 'de> Deserializer<'de> for Datum<'a, 'de> {
     }
 }
 
-/// The items of an array, block by block.
-struct Items<'a, 'de> {
+/// The items of an array or the entries of a map (string keys), block by block.
+struct Blocks<'a, 'de> {
     datum: Datum<'a, 'de>,
     left: usize,
     done: bool,
 }
 
-impl<'de> SeqAccess<'de> for Items<'_, 'de> {
+impl<'a, 'de> Blocks<'a, 'de> {
+    fn new(datum: Datum<'a, 'de>) -> Self {
+        Blocks {
+            datum,
+            left: 0,
+            done: false,
+        }
+    }
+
+    /// Whether another item follows (reading the next block's count when this one is used up).
+    fn next_item(&mut self) -> Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        if self.left == 0 {
+            self.left = self.datum.input.block()?;
+            if self.left == 0 {
+                self.done = true;
+                return Ok(false);
+            }
+        }
+        self.left -= 1;
+        Ok(true)
+    }
+
+    fn value<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value> {
+        let schema = self.datum.schema;
+        seed.deserialize(self.datum.at(schema))
+    }
+}
+
+impl<'de> SeqAccess<'de> for Blocks<'_, 'de> {
     type Error = DatumError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>> {
-        if !next_item(&mut self.datum, &mut self.left, &mut self.done)? {
+        if !self.next_item()? {
             return Ok(None);
         }
-        let schema = self.datum.schema;
-        seed.deserialize(self.datum.at(schema)).map(Some)
+        self.value(seed).map(Some)
     }
 
     fn size_hint(&self) -> Option<usize> {
@@ -438,35 +442,11 @@ impl<'de> SeqAccess<'de> for Items<'_, 'de> {
     }
 }
 
-/// Whether another item follows in a block-encoded array or map (reading the next block's
-/// count when this one is used up).
-fn next_item(datum: &mut Datum<'_, '_>, left: &mut usize, done: &mut bool) -> Result<bool> {
-    if *done {
-        return Ok(false);
-    }
-    if *left == 0 {
-        *left = datum.input.block()?;
-        if *left == 0 {
-            *done = true;
-            return Ok(false);
-        }
-    }
-    *left -= 1;
-    Ok(true)
-}
-
-/// The entries of a map, block by block: string keys.
-struct Entries<'a, 'de> {
-    datum: Datum<'a, 'de>,
-    left: usize,
-    done: bool,
-}
-
-impl<'de> MapAccess<'de> for Entries<'_, 'de> {
+impl<'de> MapAccess<'de> for Blocks<'_, 'de> {
     type Error = DatumError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>> {
-        if !next_item(&mut self.datum, &mut self.left, &mut self.done)? {
+        if !self.next_item()? {
             return Ok(None);
         }
         let key = self.datum.input.str()?;
@@ -475,8 +455,7 @@ impl<'de> MapAccess<'de> for Entries<'_, 'de> {
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value> {
-        let schema = self.datum.schema;
-        seed.deserialize(self.datum.at(schema))
+        self.value(seed)
     }
 }
 
@@ -626,6 +605,17 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// `Serializer` methods for the integer types that fit an i64: each a [`Writer::integer`].
+macro_rules! integers {
+    ($($method:ident: $t:ty),*) => {
+        $(
+            fn $method(self, v: $t) -> Result<()> {
+                self.integer(i64::from(v))
+            }
+        )*
+    };
+}
+
 impl<'a> ser::Serializer for Writer<'a> {
     type Ok = ();
     type Error = DatumError;
@@ -643,33 +633,8 @@ impl<'a> ser::Serializer for Writer<'a> {
         Ok(())
     }
 
-    fn serialize_i8(self, v: i8) -> Result<()> {
-        self.integer(i64::from(v))
-    }
-
-    fn serialize_i16(self, v: i16) -> Result<()> {
-        self.integer(i64::from(v))
-    }
-
-    fn serialize_i32(self, v: i32) -> Result<()> {
-        self.integer(i64::from(v))
-    }
-
-    fn serialize_i64(self, v: i64) -> Result<()> {
-        self.integer(v)
-    }
-
-    fn serialize_u8(self, v: u8) -> Result<()> {
-        self.integer(i64::from(v))
-    }
-
-    fn serialize_u16(self, v: u16) -> Result<()> {
-        self.integer(i64::from(v))
-    }
-
-    fn serialize_u32(self, v: u32) -> Result<()> {
-        self.integer(i64::from(v))
-    }
+    integers!(serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64,
+        serialize_u8: u8, serialize_u16: u16, serialize_u32: u32);
 
     fn serialize_u64(self, v: u64) -> Result<()> {
         let n = i64::try_from(v).map_err(|_| DatumError(format!("{v} written as a long")))?;
