@@ -83,7 +83,7 @@ impl DatumSchema {
             .map(|(n, s)| (n.clone(), (*s).clone()))
             .collect();
         Ok(DatumSchema {
-            schema: schema.clone(),
+            schema: inline(schema, &names, 0),
             names,
         })
     }
@@ -105,6 +105,39 @@ impl DatumSchema {
             schema: &self.schema,
             names: &self.names,
         })
+    }
+}
+
+/// `schema` with each reference to a named type replaced by the type itself, so that reading
+/// and writing never look a name up (hashing the name on every reference was a fifth of
+/// walking a lab result). A type that refers to itself keeps its references past a depth;
+/// [`resolve`] follows those.
+fn inline(schema: &Schema, names: &HashMap<Name, Schema>, depth: usize) -> Schema {
+    const DEEPEST: usize = 16;
+    match schema {
+        Schema::Ref { name } if depth < DEEPEST => names
+            .get(name)
+            .map_or_else(|| schema.clone(), |named| inline(named, names, depth + 1)),
+        Schema::Array(a) => Schema::Array(apache_avro::schema::ArraySchema {
+            items: Box::new(inline(&a.items, names, depth)),
+            attributes: a.attributes.clone(),
+        }),
+        Schema::Map(m) => Schema::Map(apache_avro::schema::MapSchema {
+            types: Box::new(inline(&m.types, names, depth)),
+            attributes: m.attributes.clone(),
+        }),
+        Schema::Union(u) => {
+            let variants = u.variants().iter().map(|v| inline(v, names, depth));
+            UnionSchema::new(variants.collect()).map_or_else(|_| schema.clone(), Schema::Union)
+        }
+        Schema::Record(r) => {
+            let mut r = r.clone();
+            for f in &mut r.fields {
+                f.schema = inline(&f.schema, names, depth);
+            }
+            Schema::Record(r)
+        }
+        other => other.clone(),
     }
 }
 
@@ -1112,6 +1145,31 @@ mod tests {
         out.clear();
         s.write(&Wide { a: -1, b: 64 }, &mut out).unwrap();
         assert_eq!(out, [0x01, 0x80, 0x01], "zig-zag varints");
+    }
+
+    #[test]
+    fn a_type_that_refers_to_itself_reads_and_writes_past_the_inlined_depth() {
+        #[derive(Debug, PartialEq, Deserialize, Serialize)]
+        struct Node {
+            v: i64,
+            next: Option<Box<Node>>,
+        }
+        let schema = apache_avro::Schema::parse_str(
+            r#"{"type": "record", "name": "Node", "fields": [
+                {"name": "v", "type": "long"}, {"name": "next", "type": ["null", "Node"]}]}"#,
+        )
+        .unwrap();
+        let s = DatumSchema::new(&schema).unwrap();
+        let list = (0..24).fold(None, |next, v| Some(Box::new(Node { v, next })));
+        let list = *list.unwrap();
+        let mut bytes = Vec::new();
+        s.write(&list, &mut bytes).unwrap();
+        assert_eq!(s.read::<Node>(&bytes).unwrap(), list);
+        let generic: Node = apache_avro::from_value(
+            &apache_avro::from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(generic, list);
     }
 
     #[test]
