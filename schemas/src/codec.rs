@@ -167,25 +167,38 @@ fn encode<T: Serialize>(c: &CompiledSchema, value: &T) -> Result<Vec<u8>, CodecE
     Ok(out)
 }
 
-fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, CodecError> {
+/// Where a single-object value's datum starts, and which schema wrote it: the current one,
+/// or (`Some`) an earlier release's.
+fn datum_of<'a>(
+    c: &CompiledSchema,
+    bytes: &'a [u8],
+) -> Result<(Option<&'static Schema>, &'a [u8]), CodecError> {
     if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
         return Err(CodecError::NoMarker);
     }
-    if bytes[2..HEADER_LEN] != c.fingerprint {
-        // Written by an earlier release: resolve its schema to the current one.
-        let Some(writer) = crate::history::released_writer(c.name, &bytes[2..HEADER_LEN]) else {
-            return Err(CodecError::WrongSchema {
-                found: hex8(&bytes[2..HEADER_LEN]),
-                expected: c.name,
-            });
-        };
-        let v = apache_avro::from_avro_datum(writer, &mut &bytes[HEADER_LEN..], Some(&c.schema))
-            .map_err(|e| avro_err("decode", c.name, e))?;
-        return apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e));
+    let (found, datum) = (&bytes[2..HEADER_LEN], &bytes[HEADER_LEN..]);
+    if found == c.fingerprint {
+        return Ok((None, datum));
     }
-    c.datum
-        .read(&bytes[HEADER_LEN..])
-        .map_err(|e| read_err(c.name, &e))
+    match crate::history::released_writer(c.name, found) {
+        Some(writer) => Ok((Some(writer), datum)),
+        None => Err(CodecError::WrongSchema {
+            found: hex8(found),
+            expected: c.name,
+        }),
+    }
+}
+
+fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, CodecError> {
+    match datum_of(c, bytes)? {
+        (None, datum) => c.datum.read(datum).map_err(|e| read_err(c.name, &e)),
+        // Written by an earlier release: resolve its schema to the current one.
+        (Some(writer), mut datum) => {
+            let v = apache_avro::from_avro_datum(writer, &mut datum, Some(&c.schema))
+                .map_err(|e| avro_err("decode", c.name, e))?;
+            apache_avro::from_value(&v).map_err(|e| avro_err("decode", c.name, e))
+        }
+    }
 }
 
 /// Read a value of `T`'s schema as `N`, a type naming some of `T`'s fields (the others are
@@ -196,22 +209,14 @@ fn decode<T: DeserializeOwned>(c: &CompiledSchema, bytes: &[u8]) -> Result<T, Co
 /// When the marker or fingerprint is wrong or the datum does not read as `N`.
 pub fn read_as<T: AvroRecord, N: DeserializeOwned>(bytes: &[u8]) -> Result<Option<N>, CodecError> {
     let c = T::compiled();
-    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
-        return Err(CodecError::NoMarker);
+    match datum_of(c, bytes)? {
+        (None, datum) => c
+            .datum
+            .read(datum)
+            .map(Some)
+            .map_err(|e| read_err(c.name, &e)),
+        (Some(_), _) => Ok(None),
     }
-    if bytes[2..HEADER_LEN] != c.fingerprint {
-        return match crate::history::released_writer(c.name, &bytes[2..HEADER_LEN]) {
-            Some(_) => Ok(None),
-            None => Err(CodecError::WrongSchema {
-                found: hex8(&bytes[2..HEADER_LEN]),
-                expected: c.name,
-            }),
-        };
-    }
-    c.datum
-        .read(&bytes[HEADER_LEN..])
-        .map(Some)
-        .map_err(|e| read_err(c.name, &e))
 }
 
 fn read_err(schema: &'static str, e: &crate::datum::DatumError) -> CodecError {

@@ -869,6 +869,12 @@ impl<'a> WriteItems<'a> {
         Ok(WriteItems { out, names, items })
     }
 
+    /// The end marker: a block of no items.
+    fn finish(self) -> Result<()> {
+        self.out.push(0);
+        Ok(())
+    }
+
     fn item<T: Serialize + ?Sized>(&mut self, schema: &Schema, value: &T) -> Result<()> {
         value.serialize(Writer {
             out: self.out,
@@ -887,8 +893,7 @@ impl ser::SerializeSeq for WriteItems<'_> {
     }
 
     fn end(self) -> Result<()> {
-        self.out.push(0);
-        Ok(())
+        self.finish()
     }
 }
 
@@ -905,8 +910,7 @@ impl ser::SerializeMap for WriteItems<'_> {
     }
 
     fn end(self) -> Result<()> {
-        self.out.push(0);
-        Ok(())
+        self.finish()
     }
 }
 

@@ -212,6 +212,26 @@ impl From<HandoverParts> for EventShape {
     }
 }
 
+impl From<NotificationParts> for EventShape {
+    fn from(e: NotificationParts) -> EventShape {
+        EventShape {
+            header: e.header,
+            parts: Parts::Notification {
+                task_reference: e.task_reference,
+            },
+        }
+    }
+}
+
+impl From<LetterParts> for EventShape {
+    fn from(e: LetterParts) -> EventShape {
+        EventShape {
+            header: e.header,
+            parts: Parts::Letter,
+        }
+    }
+}
+
 impl EventShape {
     /// The shape of `event`.
     #[must_use]
@@ -244,16 +264,13 @@ impl EventShape {
                 attachments: many(e.attachments.len()),
                 composition_author: e.composition_author.clone(),
             }),
-            Event::HandoverNotification(e) => EventShape {
+            Event::HandoverNotification(e) => EventShape::from(NotificationParts {
                 header: e.header.clone(),
-                parts: Parts::Notification {
-                    task_reference: e.task_reference.clone(),
-                },
-            },
-            Event::Letter(e) => EventShape {
+                task_reference: e.task_reference.clone(),
+            }),
+            Event::Letter(e) => EventShape::from(LetterParts {
                 header: e.header.clone(),
-                parts: Parts::Letter,
-            },
+            }),
         }
     }
 
@@ -269,22 +286,13 @@ impl EventShape {
                 read_as::<AcuteHandoverEvent, HandoverParts>(bytes)?.map(Self::from)
             }
             EventKind::HandoverNotification => {
-                read_as::<HandoverNotificationEvent, NotificationParts>(bytes)?.map(|e| {
-                    EventShape {
-                        header: e.header,
-                        parts: Parts::Notification {
-                            task_reference: e.task_reference,
-                        },
-                    }
-                })
+                read_as::<HandoverNotificationEvent, NotificationParts>(bytes)?.map(Self::from)
             }
-            EventKind::Letter => read_as::<LetterEvent, LetterParts>(bytes)?.map(|e| EventShape {
-                header: e.header,
-                parts: Parts::Letter,
-            }),
+            EventKind::Letter => read_as::<LetterEvent, LetterParts>(bytes)?.map(Self::from),
         };
         match shape {
             Some(shape) => Ok(shape),
+            // An earlier release's value: read whole.
             None => Ok(EventShape::of(&Event::from_avro(kind, bytes)?)),
         }
     }
