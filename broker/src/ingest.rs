@@ -49,11 +49,14 @@ impl<B: Bus> Ingest for BusIngest<B> {
                 metrics::rejected(&envelope.connector, REASON_LOG_FULL);
                 return Err(IngestError::Unavailable(why));
             }
-            let size = envelope.body.len();
+            let size = crate::bus::bodies::body_len(&envelope);
+            let spooled = envelope
+                .attributes
+                .contains_key(crate::bus::bodies::ATTRIBUTE);
             // A large body goes to its own file first (durable before the record that names
-            // it), so the record on the log is small.
+            // it), so the record on the log is small; one spooled as it arrived is there.
             let (envelope, claim) = match self.bus.bodies() {
-                Some(store) if store.takes(size) => {
+                Some(store) if store.takes(size) || spooled => {
                     let store = store.clone();
                     let mut envelope = envelope;
                     let (envelope, claim) = tokio::task::spawn_blocking(move || {
@@ -70,6 +73,11 @@ impl<B: Bus> Ingest for BusIngest<B> {
                         )
                     })?;
                     (envelope, Some(claim))
+                }
+                _ if spooled => {
+                    return Err(IngestError::Fatal(
+                        "the envelope names a body file, and this engine keeps none".into(),
+                    ));
                 }
                 _ => (envelope, None),
             };

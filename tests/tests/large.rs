@@ -268,12 +268,17 @@ async fn a_sigkill_among_large_posts_loses_nothing_acknowledged_and_leaves_no_or
 
 /// POST `body` chunked (no `Content-Length`); the answer's status.
 async fn post_chunked(b: &Broker, body: &[u8]) -> u16 {
+    post_chunked_with(b, "", body).await
+}
+
+/// POST `body` chunked with extra header lines (each ending in CRLF); the answer's status.
+async fn post_chunked_with(b: &Broker, headers: &str, body: &[u8]) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = b.url.trim_start_matches("http://").to_owned();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let head = format!(
         "POST /api/v1/messages HTTP/1.1\r\nHost: {addr}\r\nContent-Type: message/rfc822\r\n\
-         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+         {headers}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
     );
     let mut ok = s.write_all(head.as_bytes()).await.is_ok();
     for part in body.chunks(64 * 1024) {
@@ -290,6 +295,146 @@ async fn post_chunked(b: &Broker, body: &[u8]) -> u16 {
         .and_then(|t| t.get(..3))
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
+}
+
+/// Declare `declared` bytes, send the first `body.len()` of them, see them written to a
+/// spool file, and hang up.
+async fn post_cut_off(b: &Broker, headers: &str, declared: usize, body: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let addr = b.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/messages HTTP/1.1\r\nHost: {addr}\r\nContent-Type: message/rfc822\r\n\
+         {headers}Content-Length: {declared}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    s.flush().await.unwrap();
+    // Written as it arrives: its spool is on disk before the body is complete.
+    let dir = bodies_dir(b);
+    b.eventually(Duration::from_secs(10), "a spool file", async || {
+        let names = files(&dir);
+        names
+            .iter()
+            .any(|n| n.starts_with(".spool-"))
+            .then_some(())
+            .ok_or(format!("{names:?}"))
+    })
+    .await;
+    drop(s);
+}
+
+/// A body past the threshold is written to its file as it arrives (`http/budget.rs`), never
+/// held whole. Whatever becomes of the request, the files are right: a chunked body is taken
+/// and delivered whole; one cut off halfway, one past `max_body`, one in another party's
+/// name and one answered from its `Idempotency-Key` leave nothing behind; the same key with
+/// another body is refused; two identical bodies at once are two messages with a file each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_is_written_as_it_arrives_and_a_request_that_fails_leaves_no_file() {
+    use sha2::Digest as _;
+    const TOKEN: &str = "tok-hospital";
+    const SIZE: usize = 300 * 1024;
+    let rx = Receiver::answering(204).await;
+    let b = Broker::start(&format!(
+        "max_body = \"1 MiB\"\n{}\n[[senders]]\nname = \"hospital\"\ntoken_sha256 = \"{}\"\n\
+         party_ids = [\"mailbox:500001234\"]\n",
+        config(&rx, ""),
+        hex::encode(sha2::Sha256::digest(TOKEN.as_bytes())),
+    ));
+    let c = reqwest::Client::new();
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let dir = bodies_dir(&b);
+    let post_keyed = async |key: &str, body: Vec<u8>| {
+        let r = c
+            .post(format!("{}/api/v1/messages", b.url))
+            .bearer_auth(TOKEN)
+            .header("content-type", "message/rfc822")
+            .header("idempotency-key", key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            r.json::<serde_json::Value>().await.unwrap_or_default(),
+        )
+    };
+    let mut expected: HashMap<String, Vec<u8>> = HashMap::new();
+
+    // Chunked: no length to go by; past the threshold it goes to a file all the same.
+    let chunked = mail("spooled-chunked-0001", SIZE);
+    assert_eq!(post_chunked_with(&b, &auth, &chunked).await, 202);
+
+    // Cut off halfway; past max_body; in another party's name: refused, nothing kept.
+    post_cut_off(&b, &auth, 800 * 1024, &mail("cut-off-halfway", 400 * 1024)).await;
+    let huge = mail("chunked-past-max-body", 2 * 1024 * 1024);
+    assert_eq!(post_chunked_with(&b, &auth, &huge).await, 413);
+    // A letter carrying an interchange whose UNB names another lab as its sender.
+    let mut foreign = b"From: <specialist@ziekenhuis.example.test>\r\nSubject: uitslag\r\n\
+        MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n\
+        --b1\r\nContent-Type: application/EDIFACT\r\n\r\n\
+        UNB+UNOA:1+500009999+500005678+261101:0815+IC1'UNZ+0+IC1'\r\n\
+        --b1\r\nContent-Type: text/plain\r\n\r\n"
+        .to_vec();
+    foreign.extend(mail("in-another-name", SIZE));
+    foreign.extend_from_slice(b"\r\n--b1--\r\n");
+    assert_eq!(post_chunked_with(&b, &auth, &foreign).await, 403);
+
+    // One key, one message; the same key with another body is refused.
+    let keyed = mail("keyed-once-0002", SIZE);
+    let (s1, j1) = post_keyed("large-1", keyed.clone()).await;
+    let (s2, j2) = post_keyed("large-1", keyed.clone()).await;
+    assert_eq!((s1, s2), (202, 202), "{j1} {j2}");
+    assert_eq!(j1["id"], j2["id"], "one message for one key");
+    let (s3, j3) = post_keyed("large-1", mail("keyed-other-body", SIZE)).await;
+    assert_eq!(s3, 422, "{j3}");
+    expected.insert(j1["id"].as_str().unwrap().to_owned(), keyed);
+
+    // Two identical bodies at once: two messages, a file each.
+    let twin = mail("identical-twins-0003", SIZE);
+    let (a, z) = tokio::join!(
+        post_keyed("twin-a", twin.clone()),
+        post_keyed("twin-b", twin.clone())
+    );
+    assert_eq!((a.0, z.0), (202, 202), "{} {}", a.1, z.1);
+    assert_ne!(a.1["id"], z.1["id"]);
+    for j in [&a.1, &z.1] {
+        expected.insert(j["id"].as_str().unwrap().to_owned(), twin.clone());
+    }
+
+    let got = rx.wait_for(4, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 4, "{}", b.log_text());
+    let mut chunked_seen = false;
+    for r in &got {
+        let id = r.header("idempotency-key").unwrap();
+        match expected.get(id) {
+            Some(body) => assert_eq!(&r.body[..], &body[..], "{id} delivered whole"),
+            None => {
+                assert_eq!(&r.body[..], &chunked[..], "{id} delivered whole");
+                chunked_seen = true;
+                expected.insert(id.to_owned(), chunked.clone());
+            }
+        }
+    }
+    assert!(chunked_seen, "the chunked message was delivered");
+
+    // Exactly the four messages' bodies (and markers) are left: no spool, no temporary file.
+    b.eventually(
+        Duration::from_secs(10),
+        "only the messages' files",
+        async || {
+            let names = files(&dir);
+            let bodies: Vec<&String> = names.iter().filter(|n| !n.contains(".at-")).collect();
+            let mut want: Vec<&String> = expected.keys().collect();
+            want.sort();
+            (bodies == want).then_some(()).ok_or(format!("{names:?}"))
+        },
+    )
+    .await;
+    for (id, body) in &expected {
+        assert_eq!(&std::fs::read(dir.join(id)).unwrap(), body, "{id}'s file");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

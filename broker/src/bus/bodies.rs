@@ -12,8 +12,12 @@
 //! engine's retention pass removes the others (on the embedded engine): a body whose record
 //! retention removed, and what a crash left (a half-written temporary file, a body whose
 //! record was never committed). A body whose envelope is being published is never removed.
+//!
+//! A way in that receives a body in pieces (HTTP) writes it here as it arrives, through a
+//! [`Spool`], instead of holding it whole: the envelope it then hands on carries only the
+//! attribute, and [`BodyStore::claim`] gives the spooled file the envelope's id.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -89,8 +93,11 @@ pub struct BodyStore {
 struct Inner {
     dir: PathBuf,
     threshold: usize,
-    /// Envelopes written here whose publish has not finished: never swept.
+    /// Envelopes written here whose publish has not finished, and spools: never swept.
     publishing: Mutex<HashSet<String>>,
+    /// Finished spools no envelope has claimed yet: the attribute value of each body by the
+    /// name of its temporary file.
+    spooled: Mutex<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for BodyStore {
@@ -130,6 +137,160 @@ impl Claim {
     }
 }
 
+/// A body being written to the store as it arrives ([`BodyStore::spool`]): its bytes go to
+/// a temporary file, hashed on the way. [`Spool::finish`] makes it durable; dropped before
+/// that (the sender went away, the body was refused), the file goes.
+#[derive(Debug)]
+pub struct Spool {
+    store: BodyStore,
+    name: String,
+    /// `None` once finished.
+    file: Option<std::fs::File>,
+    sha: Sha256,
+    len: usize,
+}
+
+impl Spool {
+    /// Append `bytes`. Blocking.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("spool already finished"))?;
+        file.write_all(bytes)?;
+        self.sha.update(bytes);
+        self.len += bytes.len();
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The body is complete: make it durable and wait for the envelope that names it.
+    /// Blocking (an fsync).
+    ///
+    /// # Errors
+    /// When the file cannot be synced; the file then goes.
+    pub fn finish(mut self) -> std::io::Result<Spooled> {
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("spool already finished"))?;
+        if let Err(e) = file.sync_all() {
+            self.file = Some(file);
+            return Err(e);
+        }
+        let sha256 = hex::encode(self.sha.clone().finalize());
+        self.store
+            .inner
+            .spooled
+            .lock()
+            .expect("spooled lock")
+            .insert(self.name.clone(), format!("{} {sha256}", self.len));
+        Ok(Spooled {
+            store: self.store.clone(),
+            attribute: format!("{} {sha256} {}", self.len, self.name),
+            name: self.name.clone(),
+            len: self.len,
+            sha256,
+        })
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(self.store.temporary(&self.name));
+            self.store.done(&self.name);
+        }
+    }
+}
+
+/// A complete, durable body in the store, waiting for its envelope: put
+/// [`Spooled::attribute`] on the envelope under [`ATTRIBUTE`] and leave its body empty.
+/// Dropped while no envelope has claimed it (the message was refused), the file goes.
+#[derive(Debug)]
+pub struct Spooled {
+    store: BodyStore,
+    name: String,
+    attribute: String,
+    len: usize,
+    sha256: String,
+}
+
+impl Spooled {
+    /// The body's length.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the body is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The body's SHA-256, lowercase hex.
+    #[must_use]
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The value of [`ATTRIBUTE`] for the envelope of this body: `"<length> <sha256>
+    /// <spool>"`, the spool's name taken away again when the envelope claims it.
+    #[must_use]
+    pub fn attribute(&self) -> &str {
+        &self.attribute
+    }
+
+    /// The whole body, read back. Blocking.
+    ///
+    /// # Errors
+    /// When the file cannot be read (or an envelope has claimed it already).
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.store.temporary(&self.name))
+    }
+}
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let waiting = self
+            .store
+            .inner
+            .spooled
+            .lock()
+            .expect("spooled lock")
+            .remove(&self.name)
+            .is_some();
+        if waiting {
+            let _ = std::fs::remove_file(self.store.temporary(&self.name));
+            self.store.done(&self.name);
+        }
+    }
+}
+
+/// The length of an envelope's body: its own, or the one [`ATTRIBUTE`] names.
+#[must_use]
+pub fn body_len(env: &RawEnvelope) -> usize {
+    env.attributes
+        .get(ATTRIBUTE)
+        .and_then(|v| v.split_once(' ')?.0.parse().ok())
+        .unwrap_or(env.body.len())
+}
+
 /// The file name of an envelope id, or `None` for an id that is not a plain name.
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
@@ -152,6 +313,7 @@ impl BodyStore {
                 dir: dir.to_path_buf(),
                 threshold,
                 publishing: Mutex::new(HashSet::new()),
+                spooled: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -180,6 +342,12 @@ impl BodyStore {
         self.inner.dir.join(id)
     }
 
+    /// Where a body is written before it is complete and durable: a name the sweep removes
+    /// unless it is in `publishing`.
+    fn temporary(&self, name: &str) -> PathBuf {
+        self.inner.dir.join(format!(".{name}.tmp"))
+    }
+
     fn marker(&self, id: &str, pos: Position) -> PathBuf {
         self.inner
             .dir
@@ -191,10 +359,22 @@ impl BodyStore {
     ///
     /// # Errors
     /// When the file cannot be written; the envelope is then unchanged.
+    /// An envelope that already carries [`ATTRIBUTE`] had its body spooled here: that file
+    /// takes the envelope's id.
+    ///
+    /// # Errors
+    /// When the file cannot be written, or the envelope names a body no spool of this store
+    /// holds; the envelope is then unchanged.
     pub fn claim(&self, env: &mut RawEnvelope) -> std::io::Result<Claim> {
         if !valid_id(&env.id) {
             return Err(std::io::Error::other("envelope id is not a file name"));
         }
+        let spooled = match env.attributes.get(ATTRIBUTE) {
+            Some(named) => Some(self.take_spooled(named).ok_or_else(|| {
+                std::io::Error::other("the envelope names a body no spool here holds")
+            })?),
+            None => None,
+        };
         self.inner
             .publishing
             .lock()
@@ -204,31 +384,86 @@ impl BodyStore {
             store: self.clone(),
             id: env.id.clone(),
         };
-        let path = self.path(&env.id);
-        let tmp = self.inner.dir.join(format!(".{}.tmp", env.id));
-        let wrote = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(&env.body)?;
-            f.sync_all()
-        });
-        if let Err(e) = wrote {
+        let tmp = match &spooled {
+            Some((name, _)) => {
+                // The spool's file now belongs to the envelope: no longer the spool's to
+                // remove, and kept from the sweep under the envelope's id.
+                self.done(name);
+                self.temporary(name)
+            }
+            None => {
+                let tmp = self.temporary(&env.id);
+                let wrote = std::fs::File::create(&tmp).and_then(|mut f| {
+                    f.write_all(&env.body)?;
+                    f.sync_all()
+                });
+                if let Err(e) = wrote {
+                    let _ = std::fs::remove_file(&tmp);
+                    claim.refused();
+                    return Err(e);
+                }
+                tmp
+            }
+        };
+        let written = std::fs::rename(&tmp, self.path(&env.id))
+            .and_then(|()| std::fs::File::open(&self.inner.dir)?.sync_all());
+        if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             claim.refused();
             return Err(e);
         }
-        let written = std::fs::rename(&tmp, &path)
-            .and_then(|()| std::fs::File::open(&self.inner.dir)?.sync_all());
-        if let Err(e) = written {
-            claim.refused();
-            return Err(e);
-        }
-        let value = format!(
-            "{} {}",
-            env.body.len(),
-            hex::encode(Sha256::digest(&env.body))
-        );
+        let value = match spooled {
+            Some((_, value)) => value,
+            None => format!(
+                "{} {}",
+                env.body.len(),
+                hex::encode(Sha256::digest(&env.body))
+            ),
+        };
         env.attributes.insert(ATTRIBUTE.to_owned(), value);
         env.body = Vec::new();
         Ok(claim)
+    }
+
+    /// Start writing a body as it arrives. Blocking (creates a file).
+    ///
+    /// # Errors
+    /// When the file cannot be created.
+    pub fn spool(&self) -> std::io::Result<Spool> {
+        let name = format!("spool-{}", ketenbus_schemas::new_envelope_id());
+        self.inner
+            .publishing
+            .lock()
+            .expect("publishing lock")
+            .insert(name.clone());
+        let file = match std::fs::File::create(self.temporary(&name)) {
+            Ok(f) => f,
+            Err(e) => {
+                self.done(&name);
+                return Err(e);
+            }
+        };
+        Ok(Spool {
+            store: self.clone(),
+            name,
+            file: Some(file),
+            sha: Sha256::new(),
+            len: 0,
+        })
+    }
+
+    /// The finished, unclaimed spool a spooled envelope's attribute names
+    /// (`"<length> <sha256> <spool>"`, [`Spooled::attribute`]), taken from the spools
+    /// waiting: its temporary name and the attribute value for the log. None unless that
+    /// spool is waiting and holds exactly that body.
+    fn take_spooled(&self, named: &str) -> Option<(String, String)> {
+        let (value, name) = named.rsplit_once(' ')?;
+        let mut spooled = self.inner.spooled.lock().expect("spooled lock");
+        if spooled.get(name).map(String::as_str) != Some(value) {
+            return None;
+        }
+        spooled.remove(name);
+        Some((name.to_owned(), value.to_owned()))
     }
 
     /// Put the body of a marked envelope back, checked against its length and SHA-256, and
@@ -442,5 +677,104 @@ mod tests {
             store.entries().unwrap().is_empty(),
             "a publish that timed out may still commit: kept until the next start"
         );
+    }
+
+    #[test]
+    fn a_spooled_body_becomes_the_file_of_the_envelope_that_names_it_and_nothing_else_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BodyStore::open(dir.path(), 10).unwrap();
+        let names = || {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let body = b"From: a@example.test\r\n\r\nbrief".repeat(50);
+
+        // Being written, and written but not yet named: never swept.
+        let mut spool = store.spool().unwrap();
+        for piece in body.chunks(7) {
+            spool.write(piece).unwrap();
+        }
+        assert_eq!(spool.len(), body.len());
+        assert!(
+            store.entries().unwrap().is_empty(),
+            "a spool is never swept"
+        );
+        let spooled = spool.finish().unwrap();
+        assert!(store.entries().unwrap().is_empty(), "nor a finished one");
+        assert_eq!(spooled.read().unwrap(), body);
+        assert_eq!(
+            spooled.attribute().rsplit_once(' ').unwrap().0,
+            format!("{} {}", body.len(), hex::encode(Sha256::digest(&body)))
+        );
+
+        // An identical body spooled beside it: each envelope takes its own file.
+        let mut twin = store.spool().unwrap();
+        twin.write(&body).unwrap();
+        let twin = twin.finish().unwrap();
+        let named = |id: &str, spooled: &Spooled| {
+            let mut env = envelope(id, Vec::new());
+            env.attributes
+                .insert(ATTRIBUTE.to_owned(), spooled.attribute().to_owned());
+            env
+        };
+        let (mut a, mut b) = (named("0190-s1", &spooled), named("0190-s2", &twin));
+        // Another spool's name with this body's length and digest: not its body.
+        let mut wrong = named("0190-s4", &twin);
+        wrong.attributes.insert(
+            ATTRIBUTE.to_owned(),
+            format!(
+                "{} {}",
+                spooled.len() + 1,
+                twin.attribute().split_once(' ').unwrap().1
+            ),
+        );
+        assert!(store.claim(&mut wrong).is_err());
+        store.claim(&mut a).unwrap().published(Position {
+            partition: 0,
+            offset: 1,
+        });
+        store.claim(&mut b).unwrap().refused();
+        let canonical = format!("{} {}", body.len(), hex::encode(Sha256::digest(&body)));
+        assert_eq!(
+            a.attributes[ATTRIBUTE], canonical,
+            "the log never sees the spool"
+        );
+        let (a_value, b_value) = (a.to_avro().unwrap(), b.to_avro().unwrap());
+        let spooled_attribute = spooled.attribute().to_owned();
+        drop((spooled, twin));
+        assert_eq!(
+            names(),
+            ["0190-s1", "0190-s1.at-0-1"],
+            "the refused one is gone"
+        );
+        assert_eq!(
+            decode_raw(Some(&store), &a_value).unwrap(),
+            envelope("0190-s1", body.clone())
+        );
+        assert!(decode_raw(Some(&store), &b_value).is_err());
+        assert_eq!(body_len(&a), body.len());
+
+        // An envelope naming a body no spool holds (forged, or claimed already) is refused.
+        let mut forged = envelope("0190-s3", Vec::new());
+        forged.attributes.insert(ATTRIBUTE.to_owned(), canonical);
+        assert!(store.claim(&mut forged).is_err());
+        forged
+            .attributes
+            .insert(ATTRIBUTE.to_owned(), spooled_attribute);
+        assert!(store.claim(&mut forged).is_err(), "claimed already");
+
+        // Cut off while written, or refused once written: the file goes.
+        let mut cut = store.spool().unwrap();
+        cut.write(&body[..100]).unwrap();
+        drop(cut);
+        let mut refused = store.spool().unwrap();
+        refused.write(&body).unwrap();
+        drop(refused.finish().unwrap());
+        assert_eq!(names(), ["0190-s1", "0190-s1.at-0-1"]);
+        assert!(store.entries().unwrap().iter().all(|e| !e.id.is_empty()));
     }
 }

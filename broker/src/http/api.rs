@@ -18,7 +18,8 @@ use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
 use crate::http::auth::PatientSearched;
-use crate::http::idempotency::{NotTaken, idempotency_key, idempotency_refusal};
+use crate::http::budget::SpooledBody;
+use crate::http::idempotency::{NotTaken, Payload, idempotency_key, idempotency_refusal};
 use crate::http::state::ApiState;
 use crate::observe::lineage::{BadParameter, ListQuery};
 use ketenbus_schemas::event::{Identifier, systems};
@@ -53,6 +54,7 @@ fn problem(status: StatusCode, code: &str, message: &str) -> Response {
 async fn post_message(
     State(st): State<Arc<ApiState>>,
     authenticated: Option<axum::Extension<crate::http::auth::AuthenticatedSender>>,
+    spooled: Option<axum::Extension<SpooledBody>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -68,10 +70,13 @@ async fn post_message(
             "Content-Type must be application/EDIFACT, application/fhir+json, application/fhir+xml or message/rfc822",
         );
     };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => return too_large(st.max_body),
-        Err(e) => return problem(e.status(), "unreadable_body", &e.body_text()),
+    let body = match (spooled, body) {
+        (Some(axum::Extension(SpooledBody(s))), _) => Payload::Spooled(s),
+        (None, Ok(b)) => Payload::Held(b),
+        (None, Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return too_large(st.max_body);
+        }
+        (None, Err(e)) => return problem(e.status(), "unreadable_body", &e.body_text()),
     };
     if body.is_empty() {
         crate::observe::metrics::rejected("http", "empty_body");
@@ -87,27 +92,43 @@ async fn post_message(
     // One read of what the message declares (off the async workers: it may be large) gives
     // the parties for the envelope and, for an authenticated sender, the check that it posts
     // only in the name of its own parties.
-    let declared = if body.len() <= INLINE_READ {
+    let declared = match &body {
         // Small: read here, on the ingest pool (a handoff costs more than the read).
-        party::declared(format, &body)
-    } else {
-        let mib = u32::try_from(body.len().div_ceil(1 << 20))
-            .unwrap_or(u32::MAX)
-            .min(READING_MIB);
-        let _reading = READING
-            .acquire_many(mib)
-            .await
-            .expect("the semaphore is never closed");
-        let body = body.clone();
-        match tokio::task::spawn_blocking(move || party::declared(format, &body)).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the message's parties failed");
-                return problem(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "ingest_failed",
-                    "the message could not be read",
-                );
+        Payload::Held(b) if b.len() <= INLINE_READ => party::declared(format, b),
+        _ => {
+            let mib = u32::try_from(body.len().div_ceil(1 << 20))
+                .unwrap_or(u32::MAX)
+                .min(READING_MIB);
+            let _reading = READING
+                .acquire_many(mib)
+                .await
+                .expect("the semaphore is never closed");
+            let read = match &body {
+                Payload::Held(b) => {
+                    let b = b.clone();
+                    tokio::task::spawn_blocking(move || Ok(party::declared(format, &b))).await
+                }
+                Payload::Spooled(s) => {
+                    let s = Arc::clone(s);
+                    tokio::task::spawn_blocking(move || {
+                        s.read().map(|b| party::declared(format, &b))
+                    })
+                    .await
+                }
+            };
+            match read
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the message's parties failed");
+                    return problem(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "ingest_failed",
+                        "the message could not be read",
+                    );
+                }
             }
         }
     };
@@ -179,7 +200,8 @@ fn accepted(id: &str) -> Response {
     resp
 }
 
-fn too_large(max: usize) -> Response {
+/// `413` for a message past `http.max_body` (`max` bytes).
+pub(crate) fn too_large(max: usize) -> Response {
     crate::observe::metrics::rejected("http", "too_large");
     problem(
         StatusCode::PAYLOAD_TOO_LARGE,

@@ -10,7 +10,12 @@
 //!   threads), so parsing and checking large messages never holds up the threads that answer
 //!   `/healthz`, `/readyz` and `/metrics`;
 //! - the reservation is given back once the answer is made (the message is durable or
-//!   refused).
+//!   refused);
+//! - on an engine with a body store, a message posted to `POST /api/v1/messages` past
+//!   `bus.embedded.large_body` is written to the store as it arrives ([`Spool`]) instead of
+//!   being held: only the piece being written counts against the budget, and the handler
+//!   finds the body as a [`SpooledBody`] extension (the request body is then empty). Four
+//!   25 MiB posts at once hold a few MiB, not 100.
 
 use std::sync::{Arc, OnceLock};
 
@@ -22,24 +27,44 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use bytes::BytesMut;
-use ketenbus_connectors::budget::Budget;
+use ketenbus_connectors::budget::{Budget, Reservation};
+
+use crate::bus::bodies::{BodyStore, Spool, Spooled};
 
 /// Threads of the pool that handles requests with a body.
 const INGEST_THREADS: usize = 2;
+
+/// Bytes gathered before each write of a spooled body (and all a spool holds in memory).
+const SPOOL_WRITE: usize = 1 << 20;
+
+/// The route whose bodies are spooled: the one that takes a message as it is, whole.
+const SPOOLED_ROUTE: &str = "/api/v1/messages";
 
 /// What the layer needs.
 struct Gate {
     budget: Budget,
     max_body: usize,
+    /// Where large message bodies are written as they arrive (engines with a body store).
+    bodies: Option<BodyStore>,
 }
 
-/// `app` with every request body held against `budget` and handled off the main workers.
-pub fn protect(app: Router, budget: Budget, max_body: usize) -> Router {
+/// `app` with every request body held against `budget` and handled off the main workers;
+/// message bodies past the threshold of `bodies` written there instead of held.
+pub fn protect(app: Router, budget: Budget, max_body: usize, bodies: Option<BodyStore>) -> Router {
     app.layer(axum::middleware::from_fn_with_state(
-        Arc::new(Gate { budget, max_body }),
+        Arc::new(Gate {
+            budget,
+            max_body,
+            bodies,
+        }),
         hold,
     ))
 }
+
+/// A message body written to the body store as it arrived; shared so the request can be
+/// cloned, the file removed when the last holder lets go unless an envelope claimed it.
+#[derive(Clone, Debug)]
+pub struct SpooledBody(pub Arc<Spooled>);
 
 /// The runtime requests with a body are handled on; it lives as long as the process.
 fn ingest_runtime() -> &'static tokio::runtime::Runtime {
@@ -78,9 +103,13 @@ fn over_budget(budget: &Budget) -> Response {
 }
 
 async fn hold(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let mut held = gate.budget.reserve(0).expect("nothing always fits");
     let limit = gate.max_body.saturating_add(1);
+    let spool_to = gate
+        .bodies
+        .as_ref()
+        .filter(|_| parts.method == axum::http::Method::POST && parts.uri.path() == SPOOLED_ROUTE);
     // Sized once from a declared length (hyper holds the body to it), so a large body is
     // not copied from buffer to ever larger buffer while it arrives.
     let declared = parts
@@ -88,12 +117,23 @@ async fn hold(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respon
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .map_or(0, |n| n.min(limit));
-    if held.grow_to(declared).is_err() {
-        return over_budget(&gate.budget);
+    let mut reading = Reading {
+        bytes: BytesMut::new(),
+        spool: None,
+        len: 0,
+    };
+    if let Some(store) = spool_to.filter(|s| s.takes(declared)) {
+        if let Err(resp) = reading.start_spool(store, &mut held, &gate.budget).await {
+            return resp;
+        }
+    } else {
+        if held.grow_to(declared).is_err() {
+            return over_budget(&gate.budget);
+        }
+        reading.bytes.reserve(declared);
     }
-    let mut bytes = BytesMut::with_capacity(declared);
     let mut body = body;
-    while bytes.len() < limit {
+    while reading.len < limit {
         let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await;
         let Some(frame) = frame else {
             break;
@@ -112,15 +152,41 @@ async fn hold(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respon
                     .into_response();
             }
         };
-        let keep = chunk.len().min(limit - bytes.len());
-        if held.grow_to(bytes.len() + keep).is_err() {
+        let keep = chunk.len().min(limit - reading.len);
+        reading.len += keep;
+        if reading.spool.is_none()
+            && let Some(store) = spool_to.filter(|s| s.takes(reading.len))
+            && let Err(resp) = reading.start_spool(store, &mut held, &gate.budget).await
+        {
+            return resp;
+        }
+        if reading.spool.is_none() && held.grow_to(reading.len).is_err() {
             return over_budget(&gate.budget);
         }
-        bytes.extend_from_slice(&chunk[..keep]);
+        reading.bytes.extend_from_slice(&chunk[..keep]);
+        if reading.spool.is_some()
+            && reading.bytes.len() >= SPOOL_WRITE
+            && let Err(resp) = reading.write().await
+        {
+            return resp;
+        }
     }
+    let has_body = reading.len > 0;
+    if reading.spool.is_some() && reading.len > gate.max_body {
+        // The message route's answer, without making durable what is refused.
+        return crate::http::api::too_large(gate.max_body);
+    }
+    let bytes = match reading.finish().await {
+        Ok(Read::Held(bytes)) => bytes,
+        Ok(Read::Spooled(spooled)) => {
+            parts.extensions.insert(SpooledBody(Arc::new(spooled)));
+            BytesMut::new()
+        }
+        Err(resp) => return resp,
+    };
     drop(body);
     let req = Request::from_parts(parts, Body::from(bytes.freeze()));
-    if held.held() == 0 {
+    if !has_body {
         // No body: nothing heavy to do (health, metrics, reads).
         return next.run(req).await;
     }
@@ -135,5 +201,92 @@ async fn hold(State(gate): State<Arc<Gate>>, req: Request, next: Next) -> Respon
             tracing::error!(error = %e, "a request handler failed");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
+    }
+}
+
+/// A request body being read: held in memory, or past the threshold of the body store
+/// written there, `bytes` then holding only what waits for the next write.
+struct Reading {
+    bytes: BytesMut,
+    spool: Option<Spool>,
+    /// Bytes read so far.
+    len: usize,
+}
+
+/// A body read whole.
+enum Read {
+    Held(BytesMut),
+    Spooled(Spooled),
+}
+
+fn spool_failed(e: &std::io::Error) -> Response {
+    tracing::warn!(error = %e, "large body not written");
+    crate::observe::metrics::rejected("http", "body_file");
+    let mut resp = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({
+            "error": "unavailable",
+            "message": "the message body could not be stored; retry later",
+        })),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+impl Reading {
+    /// Go on in a spool of `store`, writing what is held so far; the reservation shrinks to
+    /// one write's worth.
+    async fn start_spool(
+        &mut self,
+        store: &BodyStore,
+        held: &mut Reservation,
+        budget: &Budget,
+    ) -> Result<(), Response> {
+        let store = store.clone();
+        let spool = tokio::task::spawn_blocking(move || store.spool())
+            .await
+            .map_err(|e| spool_failed(&std::io::Error::other(e.to_string())))?
+            .map_err(|e| spool_failed(&e))?;
+        self.spool = Some(spool);
+        self.write().await?;
+        held.release_to(0);
+        held.grow_to(SPOOL_WRITE).map_err(|_| over_budget(budget))
+    }
+
+    /// Write what is held to the spool, off the async workers.
+    async fn write(&mut self) -> Result<(), Response> {
+        if self.bytes.is_empty() {
+            return Ok(());
+        }
+        let Some(mut spool) = self.spool.take() else {
+            return Ok(());
+        };
+        let bytes = std::mem::take(&mut self.bytes).freeze();
+        let (spool, wrote) = tokio::task::spawn_blocking(move || {
+            let wrote = spool.write(&bytes);
+            (spool, wrote)
+        })
+        .await
+        .map_err(|e| spool_failed(&std::io::Error::other(e.to_string())))?;
+        wrote.map_err(|e| spool_failed(&e))?;
+        self.spool = Some(spool);
+        self.bytes = BytesMut::with_capacity(SPOOL_WRITE);
+        Ok(())
+    }
+
+    /// The body, whole: held, or written out and durable.
+    async fn finish(mut self) -> Result<Read, Response> {
+        if self.spool.is_none() {
+            return Ok(Read::Held(self.bytes));
+        }
+        self.write().await?;
+        let spool = self.spool.take().expect("spooling");
+        let spooled = tokio::task::spawn_blocking(move || spool.finish())
+            .await
+            .map_err(|e| spool_failed(&std::io::Error::other(e.to_string())))?
+            .map_err(|e| spool_failed(&e))?;
+        Ok(Read::Spooled(spooled))
     }
 }

@@ -275,7 +275,7 @@ async fn handle(
             st.ingest.as_ref(),
             crate::http::idempotency::idempotency_key(headers),
             scope,
-            body,
+            crate::http::idempotency::Payload::Held(body),
             |id, body| RawEnvelope {
                 id,
                 received_at_ms: now_ms(),

@@ -127,8 +127,8 @@ impl Idempotency {
         lock(&self.db).execute("DELETE FROM keys WHERE at_ms < ?1", params![cutoff])
     }
 
-    /// Claim `key` for `scope` (the authenticated sender, or `anonymous`) and a message
-    /// `body`: what to answer or publish, and the key held until the answer is given.
+    /// Claim `key` for `scope` (the authenticated sender, or `anonymous`) and a message body
+    /// (its SHA-256, lowercase hex): what to answer or publish, and the key held until the answer is given.
     ///
     /// # Errors
     /// [`IdempotencyError`]: malformed, reused for another body, or the index unavailable.
@@ -136,7 +136,7 @@ impl Idempotency {
         &self,
         scope: &str,
         key: &str,
-        body: &[u8],
+        body_sha256: String,
         new_id: impl FnOnce() -> String,
     ) -> Result<(Claim, Claimed), IdempotencyError> {
         if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -151,7 +151,7 @@ impl Idempotency {
             key: slot.1,
             _turn: turn,
         };
-        let sha = hex::encode(Sha256::digest(body));
+        let sha = body_sha256;
         let (scope, key) = (claimed.scope.clone(), claimed.key.clone());
         let index = self.clone();
         let id = new_id();
@@ -185,6 +185,41 @@ impl Idempotency {
     }
 }
 
+/// A write route's message body.
+#[derive(Debug)]
+pub enum Payload {
+    /// Held in memory.
+    Held(bytes::Bytes),
+    /// Written to the body store as it arrived.
+    Spooled(Arc<crate::bus::bodies::Spooled>),
+}
+
+impl Payload {
+    /// The body's length.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Held(b) => b.len(),
+            Payload::Spooled(s) => s.len(),
+        }
+    }
+
+    /// Whether the body is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body's SHA-256, lowercase hex.
+    #[must_use]
+    pub fn sha256(&self) -> String {
+        match self {
+            Payload::Held(b) => hex::encode(Sha256::digest(b)),
+            Payload::Spooled(s) => s.sha256().to_owned(),
+        }
+    }
+}
+
 /// Why a write route's message was not taken.
 #[derive(Debug)]
 pub enum NotTaken {
@@ -197,8 +232,9 @@ pub enum NotTaken {
 impl Idempotency {
     /// Take a message in once per `Idempotency-Key` (`key`, scoped by `scope`): the id stored
     /// under the key, else the id of the envelope `envelope(id, body)` makes, once it is
-    /// durable. Without a key every call is a message of its own. `body` is handed on as the
-    /// buffer it came in (no copy when nothing else holds it).
+    /// durable. Without a key every call is a message of its own. A held `body` is handed on
+    /// as the buffer it came in (no copy when nothing else holds it); a spooled one as the
+    /// attribute that names its file, the envelope's body empty.
     ///
     /// # Errors
     /// [`NotTaken`]: the key cannot be used, or the log did not take the envelope.
@@ -207,13 +243,13 @@ impl Idempotency {
         ingest: &dyn Ingest,
         key: Option<&str>,
         scope: &str,
-        body: bytes::Bytes,
+        body: Payload,
         envelope: impl FnOnce(String, Vec<u8>) -> RawEnvelope,
     ) -> Result<String, NotTaken> {
         let (id, held) = match key {
             None => (ketenbus_schemas::new_envelope_id(), None),
             Some(k) => match self
-                .claim(scope, k, &body, ketenbus_schemas::new_envelope_id)
+                .claim(scope, k, body.sha256(), ketenbus_schemas::new_envelope_id)
                 .await
                 .map_err(NotTaken::Key)?
             {
@@ -221,10 +257,20 @@ impl Idempotency {
                 (Claim::Publish(id), held) => (id, Some(held)),
             },
         };
-        let accepted = ingest
-            .accept(envelope(id, Vec::from(body)))
-            .await
-            .map_err(NotTaken::Ingest)?;
+        let (env, spooled) = match body {
+            Payload::Held(bytes) => (envelope(id, Vec::from(bytes)), None),
+            Payload::Spooled(spooled) => {
+                let mut env = envelope(id, Vec::new());
+                env.attributes.insert(
+                    crate::bus::bodies::ATTRIBUTE.to_owned(),
+                    spooled.attribute().to_owned(),
+                );
+                (env, Some(spooled))
+            }
+        };
+        let accepted = ingest.accept(env).await.map_err(NotTaken::Ingest)?;
+        // Held until the log has the envelope: a spooled body's file is then the envelope's.
+        drop(spooled);
         if let Some(held) = held
             && let Err(e) = held.stored().await
         {
@@ -297,6 +343,10 @@ pub fn idempotency_refusal(e: &IdempotencyError) -> (StatusCode, &'static str) {
 mod tests {
     use super::*;
 
+    fn sha(body: &[u8]) -> String {
+        Payload::Held(bytes::Bytes::copy_from_slice(body)).sha256()
+    }
+
     #[tokio::test]
     async fn a_key_gives_one_id_per_body_and_scope() {
         let dir = tempfile::tempdir().unwrap();
@@ -308,34 +358,34 @@ mod tests {
                 ids.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             )
         };
-        let (c, held) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        let (c, held) = index.claim("lab", "k1", sha(b"m"), new).await.unwrap();
         assert_eq!(c, Claim::Publish("id-0".into()));
         drop(held); // not stored: a retry publishes the same id again
-        let (c, held) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        let (c, held) = index.claim("lab", "k1", sha(b"m"), new).await.unwrap();
         assert_eq!(c, Claim::Publish("id-0".into()));
         held.stored().await.unwrap();
-        let (c, held) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        let (c, held) = index.claim("lab", "k1", sha(b"m"), new).await.unwrap();
         assert_eq!(c, Claim::Stored("id-0".into()));
         drop(held);
         // Another scope has its own keys; another body under the same key is refused.
-        let (c, _h) = index.claim("other", "k1", b"m", new).await.unwrap();
+        let (c, _h) = index.claim("other", "k1", sha(b"m"), new).await.unwrap();
         assert!(matches!(c, Claim::Publish(id) if id != "id-0"));
         assert!(matches!(
-            index.claim("lab", "k1", b"other", new).await,
+            index.claim("lab", "k1", sha(b"other"), new).await,
             Err(IdempotencyError::Reused)
         ));
         assert!(matches!(
-            index.claim("lab", "", b"m", new).await,
+            index.claim("lab", "", sha(b"m"), new).await,
             Err(IdempotencyError::Malformed)
         ));
         assert!(matches!(
-            index.claim("lab", "a b", b"m", new).await,
+            index.claim("lab", "a b", sha(b"m"), new).await,
             Err(IdempotencyError::Malformed)
         ));
         // Remembered across a restart.
         drop(index);
         let index = Idempotency::open(dir.path()).unwrap();
-        let (c, _h) = index.claim("lab", "k1", b"m", new).await.unwrap();
+        let (c, _h) = index.claim("lab", "k1", sha(b"m"), new).await.unwrap();
         assert_eq!(c, Claim::Stored("id-0".into()));
     }
 }

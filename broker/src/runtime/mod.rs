@@ -368,6 +368,7 @@ pub async fn run<B: Bus>(
                     .merge(crate::http::subscription::routes(fhir_subscriptions)),
                 budget,
                 max_body,
+                bus.bodies().cloned(),
             ),
             auth,
             audit,

@@ -143,6 +143,8 @@ pub(crate) fn parse_message(bytes: &[u8]) -> Option<mail_parser::Message<'_>> {
 /// One leaf part of a parsed message, borrowed: a nested `message/rfc822` is one leaf whose
 /// bytes are the whole nested message.
 pub(crate) struct Leaf<'m> {
+    /// Its index in the message's parts.
+    pub(crate) part: usize,
     pub(crate) content_type: String,
     pub(crate) filename: Option<String>,
     pub(crate) route: Route,
@@ -151,30 +153,47 @@ pub(crate) struct Leaf<'m> {
 
 /// The leaf parts of a parsed message in order, each with where it goes.
 pub(crate) fn leaves<'m>(message: &'m mail_parser::Message<'m>) -> impl Iterator<Item = Leaf<'m>> {
-    message.parts.iter().filter_map(|part| {
-        let bytes: &[u8] = match &part.body {
-            PartType::Multipart(_) => return None,
-            PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
-            PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
-            PartType::Message(m) => m.raw_message(),
-        };
-        let content_type = part
-            .content_type()
-            .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
-            .unwrap_or_else(|| "text/plain".to_owned());
-        let filename = part.attachment_name().map(str::to_owned);
-        let attachment = part
-            .content_disposition()
-            .is_some_and(|d| d.is_attachment())
-            || filename.is_some();
-        let route = route_of(&content_type, filename.as_deref(), attachment, bytes);
-        Some(Leaf {
-            content_type,
-            filename,
-            route,
-            bytes,
+    message
+        .parts
+        .iter()
+        .enumerate()
+        .filter_map(|(index, part)| {
+            let bytes: &[u8] = match &part.body {
+                PartType::Multipart(_) => return None,
+                PartType::Text(t) | PartType::Html(t) => t.as_bytes(),
+                PartType::Binary(b) | PartType::InlineBinary(b) => b.as_ref(),
+                PartType::Message(m) => m.raw_message(),
+            };
+            let content_type = part
+                .content_type()
+                .map(|c| {
+                    format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase()
+                })
+                .unwrap_or_else(|| "text/plain".to_owned());
+            let filename = part.attachment_name().map(str::to_owned);
+            let attachment = part
+                .content_disposition()
+                .is_some_and(|d| d.is_attachment())
+                || filename.is_some();
+            let route = route_of(&content_type, filename.as_deref(), attachment, bytes);
+            Some(Leaf {
+                part: index,
+                content_type,
+                filename,
+                route,
+                bytes,
+            })
         })
-    })
+}
+
+/// The bytes of a leaf part's body (as [`leaves`] gives them), taken out of the message.
+fn take_body(body: &mut PartType<'_>) -> Vec<u8> {
+    match std::mem::replace(body, PartType::Text("".into())) {
+        PartType::Text(t) | PartType::Html(t) => t.into_owned().into_bytes(),
+        PartType::Binary(b) | PartType::InlineBinary(b) => b.into_owned(),
+        PartType::Message(m) => m.raw_message.into_owned(),
+        PartType::Multipart(_) => Vec::new(),
+    }
 }
 
 /// Take a message apart (pure).
@@ -191,7 +210,7 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormaliseError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(syntax("empty message"));
     }
-    let message = parse_message(bytes).ok_or_else(|| syntax("not an RFC 5322 message"))?;
+    let mut message = parse_message(bytes).ok_or_else(|| syntax("not an RFC 5322 message"))?;
     if message.headers().is_empty() {
         return Err(syntax("no header fields"));
     }
@@ -200,10 +219,12 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormaliseError> {
         .map(|c| format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase())
         .unwrap_or_default();
     let mut parts = Vec::new();
+    let mut taken = Vec::new();
     for leaf in leaves(&message) {
         if leaf.bytes.is_empty() && matches!(leaf.route, Route::LetterText | Route::LetterHtml) {
             continue;
         }
+        taken.push(leaf.part);
         parts.push(PartInfo {
             index: parts.len(),
             size: leaf.bytes.len(),
@@ -211,8 +232,13 @@ pub fn analyse(bytes: &[u8]) -> Result<Analysis, NormaliseError> {
             content_type: leaf.content_type,
             filename: leaf.filename,
             route: leaf.route,
-            bytes: leaf.bytes.to_vec(),
+            bytes: Vec::new(),
         });
+    }
+    // The decoded bodies move from the parsed message into the parts, not copied: a 25 MiB
+    // letter's PDF is held once.
+    for (info, part) in parts.iter_mut().zip(taken) {
+        info.bytes = take_body(&mut message.parts[part].body);
     }
     Ok(Analysis {
         message_id: message.message_id().map(str::to_owned),
@@ -359,7 +385,18 @@ fn html_to_text(html: &str) -> String {
 impl Normalise for MailNormaliser {
     fn content(&self, envelope: &RawEnvelope) -> Vec<Vec<u8>> {
         match analyse(&envelope.body) {
-            Ok(a) if !a.is_report => kept(&a.parts).map(|p| p.bytes.clone()).collect(),
+            Ok(a) if !a.is_report => {
+                // Moved out, not copied: the documents are held once.
+                let mut keep = vec![false; a.parts.len()];
+                for p in kept(&a.parts) {
+                    keep[p.index] = true;
+                }
+                a.parts
+                    .into_iter()
+                    .zip(keep)
+                    .filter_map(|(p, k)| k.then_some(p.bytes))
+                    .collect()
+            }
             _ => Vec::new(),
         }
     }
