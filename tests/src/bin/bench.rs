@@ -58,6 +58,10 @@ struct Args {
     /// TOML appended to the broker's config, e.g. $'[audit]\nenabled = false'.
     #[arg(long, default_value = "")]
     extra: String,
+    /// The broker's `KETENBUS_LOG`: `info` is what it runs with when none is set (the
+    /// tests' `info,ketenbus=debug` writes a few lines per message).
+    #[arg(long, default_value = "info")]
+    log: String,
     /// Deliver through a batch webhook of at most this many events per POST; 0: one POST
     /// per event.
     #[arg(long, default_value_t = 0)]
@@ -259,7 +263,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "[subscriptions.retry]\ninitial = \"50ms\"\n"
     };
-    let broker = Broker::start(&format!("{bus}\n{sub}\n{retry}{}\n", args.extra));
+    let broker = Broker::start_with_env(
+        &format!("{bus}\n{sub}\n{retry}{}\n", args.extra),
+        &[("KETENBUS_LOG", &args.log)],
+    );
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.senders)
         .build()?;
