@@ -219,10 +219,14 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     println!("{line}");
-    admin
+    // Cleanup only: the figures are out, and peers.sh stops this node and removes its data
+    // next. A node that has already closed the connection does not fail the run.
+    if let Err(e) = admin
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
-        .context("deleting the queue")?;
+    {
+        eprintln!("rabbitmq-bench: the queue was not deleted ({e}); its node goes next");
+    }
     conn.close(200, "done".into()).await?;
     Ok(())
 }
