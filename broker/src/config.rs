@@ -262,7 +262,7 @@ impl Config {
 
     /// The problem with `bus.partitions`, if any.
     fn partitions_problems(&self) -> Vec<Problem> {
-        if self.bus.partitions == 0 || self.bus.partitions > 1024 {
+        if self.bus.partitions.is_some_and(|n| n == 0 || n > 1024) {
             vec![Problem::new("bus.partitions", "must be between 1 and 1024")]
         } else {
             Vec::new()

@@ -18,8 +18,9 @@ use ketenbus_schemas::{Format, RawEnvelope};
 use serde_json::json;
 
 use crate::http::auth::PatientSearched;
-use crate::http::budget::SpooledBody;
-use crate::http::idempotency::{NotTaken, Payload, idempotency_key, idempotency_refusal};
+use crate::http::idempotency::{
+    NotTaken, Payload, SpooledBody, idempotency_key, idempotency_refusal,
+};
 use crate::http::state::ApiState;
 use crate::observe::lineage::{BadParameter, ListQuery};
 use ketenbus_schemas::event::{Identifier, systems};

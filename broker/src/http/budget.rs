@@ -30,6 +30,7 @@ use bytes::BytesMut;
 use ketenbus_connectors::budget::{Budget, Reservation};
 
 use crate::bus::bodies::{BodyStore, Spool, Spooled};
+use crate::http::idempotency::SpooledBody;
 
 /// Threads of the pool that handles requests with a body.
 const INGEST_THREADS: usize = 2;
@@ -60,11 +61,6 @@ pub fn protect(app: Router, budget: Budget, max_body: usize, bodies: Option<Body
         hold,
     ))
 }
-
-/// A message body written to the body store as it arrived; shared so the request can be
-/// cloned, the file removed when the last holder lets go unless an envelope claimed it.
-#[derive(Clone, Debug)]
-pub struct SpooledBody(pub Arc<Spooled>);
 
 /// The runtime requests with a body are handled on; it lives as long as the process.
 fn ingest_runtime() -> &'static tokio::runtime::Runtime {

@@ -185,6 +185,12 @@ impl Idempotency {
     }
 }
 
+/// A message body the HTTP layer wrote to the body store as it arrived (`http::budget`),
+/// handed to the route as a request extension; shared so the request can be cloned, the file
+/// removed when the last holder lets go unless an envelope claimed it.
+#[derive(Clone, Debug)]
+pub struct SpooledBody(pub Arc<crate::bus::bodies::Spooled>);
+
 /// A write route's message body.
 #[derive(Debug)]
 pub enum Payload {

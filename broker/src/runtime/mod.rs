@@ -24,7 +24,7 @@ use crate::runtime::supervise::Tasks;
 /// Every topic the configuration uses.
 #[must_use]
 pub fn topic_specs(settings: &Settings) -> Vec<TopicSpec> {
-    let n = settings.config.bus.partitions;
+    let n = settings.config.bus.partitions();
     let mut names = vec![
         topics::RAW.to_owned(),
         topics::DELIVERY_OUTCOMES.to_owned(),
@@ -228,7 +228,7 @@ pub async fn run<B: Bus>(
             consent: consent_registry.clone(),
             audit: audit.clone(),
             pauses: Some(pauses.clone()),
-            partitions: cfg.bus.partitions,
+            partitions: cfg.bus.partitions(),
             sinks: sinks.clone(),
         },
         cancel.clone(),
