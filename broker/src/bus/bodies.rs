@@ -212,8 +212,7 @@ impl Spool {
 impl Drop for Spool {
     fn drop(&mut self) {
         if self.file.take().is_some() {
-            let _ = std::fs::remove_file(self.store.temporary(&self.name));
-            self.store.done(&self.name);
+            self.store.discard_spool(&self.name);
         }
     }
 }
@@ -276,8 +275,7 @@ impl Drop for Spooled {
             .remove(&self.name)
             .is_some();
         if waiting {
-            let _ = std::fs::remove_file(self.store.temporary(&self.name));
-            self.store.done(&self.name);
+            self.store.discard_spool(&self.name);
         }
     }
 }
@@ -340,6 +338,12 @@ impl BodyStore {
 
     fn path(&self, id: &str) -> PathBuf {
         self.inner.dir.join(id)
+    }
+
+    /// Remove the file of spool `name`, which no envelope will claim.
+    fn discard_spool(&self, name: &str) {
+        let _ = std::fs::remove_file(self.temporary(name));
+        self.done(name);
     }
 
     /// Where a body is written before it is complete and durable: a name the sweep removes

@@ -85,12 +85,17 @@ fn over_budget(budget: &Budget) -> Response {
         limit = budget.limit(),
         "request refused: ingest memory budget in use"
     );
+    retry_later(
+        "busy",
+        "the broker holds as many incoming messages as it may (limits.ingest_memory); retry later",
+    )
+}
+
+/// `503` with `Retry-After: 1`: nothing was kept, the sender may try again.
+fn retry_later(code: &str, message: &str) -> Response {
     let mut resp = (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({
-            "error": "busy",
-            "message": "the broker holds as many incoming messages as it may (limits.ingest_memory); retry later",
-        })),
+        Json(serde_json::json!({ "error": code, "message": message })),
     )
         .into_response();
     resp.headers_mut()
@@ -218,17 +223,10 @@ enum Read {
 fn spool_failed(e: &std::io::Error) -> Response {
     tracing::warn!(error = %e, "large body not written");
     crate::observe::metrics::rejected("http", "body_file");
-    let mut resp = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({
-            "error": "unavailable",
-            "message": "the message body could not be stored; retry later",
-        })),
+    retry_later(
+        "unavailable",
+        "the message body could not be stored; retry later",
     )
-        .into_response();
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    resp
 }
 
 impl Reading {
