@@ -139,15 +139,16 @@ impl Claim {
 
 /// A body being written to the store as it arrives ([`BodyStore::spool`]): its bytes go to
 /// a temporary file, hashed on the way. [`Spool::finish`] makes it durable; dropped before
-/// that (the sender went away, the body was refused), the file goes.
+/// that (the sender went away, the body was refused, the fsync failed), the file goes.
 #[derive(Debug)]
 pub struct Spool {
     store: BodyStore,
     name: String,
-    /// `None` once finished.
-    file: Option<std::fs::File>,
+    file: std::fs::File,
     sha: Sha256,
     len: usize,
+    /// Durable and handed on as a [`Spooled`]: no longer this spool's to remove.
+    finished: bool,
 }
 
 impl Spool {
@@ -156,26 +157,10 @@ impl Spool {
     /// # Errors
     /// When the file cannot be written.
     pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| std::io::Error::other("spool already finished"))?;
-        file.write_all(bytes)?;
+        self.file.write_all(bytes)?;
         self.sha.update(bytes);
         self.len += bytes.len();
         Ok(())
-    }
-
-    /// Bytes written so far.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether nothing was written.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The body is complete: make it durable and wait for the envelope that names it.
@@ -184,37 +169,35 @@ impl Spool {
     /// # Errors
     /// When the file cannot be synced; the file then goes.
     pub fn finish(mut self) -> std::io::Result<Spooled> {
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| std::io::Error::other("spool already finished"))?;
-        if let Err(e) = file.sync_all() {
-            self.file = Some(file);
-            return Err(e);
-        }
-        let sha256 = hex::encode(self.sha.clone().finalize());
+        self.file.sync_all()?;
+        self.finished = true;
+        let value = attribute_value(self.len, std::mem::take(&mut self.sha));
         self.store
             .inner
             .spooled
             .lock()
             .expect("spooled lock")
-            .insert(self.name.clone(), format!("{} {sha256}", self.len));
+            .insert(self.name.clone(), value.clone());
         Ok(Spooled {
             store: self.store.clone(),
-            attribute: format!("{} {sha256} {}", self.len, self.name),
-            name: self.name.clone(),
+            name: std::mem::take(&mut self.name),
             len: self.len,
-            sha256,
+            value,
         })
     }
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if !self.finished {
             self.store.discard_spool(&self.name);
         }
     }
+}
+
+/// The value of [`ATTRIBUTE`] for a body of `len` bytes hashed by `sha`.
+fn attribute_value(len: usize, sha: Sha256) -> String {
+    format!("{len} {}", hex::encode(sha.finalize()))
 }
 
 /// A complete, durable body in the store, waiting for its envelope: put
@@ -224,9 +207,9 @@ impl Drop for Spool {
 pub struct Spooled {
     store: BodyStore,
     name: String,
-    attribute: String,
     len: usize,
-    sha256: String,
+    /// `"<length> <sha256>"`, as the log will carry it.
+    value: String,
 }
 
 impl Spooled {
@@ -245,14 +228,14 @@ impl Spooled {
     /// The body's SHA-256, lowercase hex.
     #[must_use]
     pub fn sha256(&self) -> &str {
-        &self.sha256
+        self.value.split_once(' ').map_or("", |(_, sha)| sha)
     }
 
     /// The value of [`ATTRIBUTE`] for the envelope of this body: `"<length> <sha256>
     /// <spool>"`, the spool's name taken away again when the envelope claims it.
     #[must_use]
-    pub fn attribute(&self) -> &str {
-        &self.attribute
+    pub fn attribute(&self) -> String {
+        format!("{} {}", self.value, self.name)
     }
 
     /// The whole body, read back. Blocking.
@@ -418,11 +401,7 @@ impl BodyStore {
         }
         let value = match spooled {
             Some((_, value)) => value,
-            None => format!(
-                "{} {}",
-                env.body.len(),
-                hex::encode(Sha256::digest(&env.body))
-            ),
+            None => attribute_value(env.body.len(), Sha256::new_with_prefix(&env.body)),
         };
         env.attributes.insert(ATTRIBUTE.to_owned(), value);
         env.body = Vec::new();
@@ -450,9 +429,10 @@ impl BodyStore {
         Ok(Spool {
             store: self.clone(),
             name,
-            file: Some(file),
+            file,
             sha: Sha256::new(),
             len: 0,
+            finished: false,
         })
     }
 
@@ -702,7 +682,6 @@ mod tests {
         for piece in body.chunks(7) {
             spool.write(piece).unwrap();
         }
-        assert_eq!(spool.len(), body.len());
         assert!(
             store.entries().unwrap().is_empty(),
             "a spool is never swept"
@@ -710,6 +689,7 @@ mod tests {
         let spooled = spool.finish().unwrap();
         assert!(store.entries().unwrap().is_empty(), "nor a finished one");
         assert_eq!(spooled.read().unwrap(), body);
+        assert_eq!(spooled.len(), body.len());
         assert_eq!(
             spooled.attribute().rsplit_once(' ').unwrap().0,
             format!("{} {}", body.len(), hex::encode(Sha256::digest(&body)))
@@ -722,7 +702,7 @@ mod tests {
         let named = |id: &str, spooled: &Spooled| {
             let mut env = envelope(id, Vec::new());
             env.attributes
-                .insert(ATTRIBUTE.to_owned(), spooled.attribute().to_owned());
+                .insert(ATTRIBUTE.to_owned(), spooled.attribute());
             env
         };
         let (mut a, mut b) = (named("0190-s1", &spooled), named("0190-s2", &twin));
@@ -748,7 +728,7 @@ mod tests {
             "the log never sees the spool"
         );
         let (a_value, b_value) = (a.to_avro().unwrap(), b.to_avro().unwrap());
-        let spooled_attribute = spooled.attribute().to_owned();
+        let spooled_attribute = spooled.attribute();
         drop((spooled, twin));
         assert_eq!(
             names(),

@@ -269,7 +269,7 @@ impl Idempotency {
                 let mut env = envelope(id, Vec::new());
                 env.attributes.insert(
                     crate::bus::bodies::ATTRIBUTE.to_owned(),
-                    spooled.attribute().to_owned(),
+                    spooled.attribute(),
                 );
                 (env, Some(spooled))
             }
