@@ -791,9 +791,32 @@ UNZ+1+IC{n:04}'"
     .into_bytes()
 }
 
+/// Common analytes of a lab panel: name, unit, reference range, the lab's code.
+const PANEL: [(&str, &str, f64, f64, &str); 16] = [
+    ("Hemoglobine", "mmol/l", 7.5, 10.0, "HB"),
+    ("Hematocriet", "l/l", 0.35, 0.50, "HT"),
+    ("Leukocyten", "10*9/l", 4.0, 10.0, "LEUC"),
+    ("Trombocyten", "10*9/l", 150.0, 400.0, "TROM"),
+    ("Natrium", "mmol/l", 135.0, 145.0, "NA"),
+    ("Kalium", "mmol/l", 3.5, 5.0, "K"),
+    ("Kreatinine", "umol/l", 60.0, 110.0, "KREA"),
+    ("Ureum", "mmol/l", 2.5, 7.5, "UREU"),
+    ("Glucose", "mmol/l", 4.0, 7.8, "GLUC"),
+    ("CRP", "mg/l", 0.0, 10.0, "CRP"),
+    ("ALAT", "U/l", 0.0, 45.0, "ALAT"),
+    ("ASAT", "U/l", 0.0, 35.0, "ASAT"),
+    ("Gamma-GT", "U/l", 0.0, 55.0, "GGT"),
+    ("Alkalische fosfatase", "U/l", 40.0, 120.0, "AF"),
+    ("TSH", "mU/l", 0.4, 4.0, "TSH"),
+    ("HbA1c", "mmol/mol", 20.0, 42.0, "HBA1"),
+];
+
 /// A synthetic MEDLAB:1 interchange of about `size` bytes (invented patient, test BSN): the
-/// header segments of [`MEDLAB`] and as many Kreatinine results as fill `size`, with a
-/// correct UNT segment count, so the router maps it into one lab-result event.
+/// header segments of [`MEDLAB`] and as many results as fill `size`, going round a panel of
+/// common analytes with values that differ per message and per line (some flagged high),
+/// with a correct UNT segment count, so the router maps it into one lab-result event. The
+/// values vary so that a message is no more repetitive than a real one: the embedded log
+/// compresses what it stores, and a benchmark of one result repeated would flatter it.
 #[must_use]
 pub fn edifact_message(n: usize, size: usize) -> Vec<u8> {
     let mut s = format!(
@@ -804,8 +827,27 @@ IDE+J+L{n:07}+bloed'SEC+CHEMIE'"
     );
     // UNH, ZKH, PID, DET, IDE, SEC and, below, UNT.
     let mut segments = 7;
-    while s.len() + 40 + 30 < size {
-        s.push_str("BEP+0+Kreatinine+88++umol/l++60+110'");
+    let tail = format!("UNT+{}+M{n:06}'UNZ+1+IC{n:06}'", usize::MAX).len();
+    for line in 0.. {
+        let (name, unit, low, high, code) = PANEL[line % PANEL.len()];
+        // 0 to 1.3 times the top of the range: about one in four is flagged high.
+        let step = (n.wrapping_mul(31) + line.wrapping_mul(17)) % 100;
+        #[allow(clippy::cast_precision_loss)]
+        let value = low + (high - low) * 1.3 * step as f64 / 100.0;
+        let flag = if value > high { "H" } else { "" };
+        let decimals = if high >= 100.0 {
+            0
+        } else if high >= 1.0 {
+            1
+        } else {
+            2
+        };
+        let segment =
+            format!("BEP+0+{name}+{value:.decimals$}++{unit}+{flag}+{low}+{high}+{code}'");
+        if s.len() + segment.len() + tail >= size {
+            break;
+        }
+        s.push_str(&segment);
         segments += 1;
     }
     s.push_str(&format!("UNT+{segments}+M{n:06}'UNZ+1+IC{n:06}'"));

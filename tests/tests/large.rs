@@ -100,12 +100,15 @@ async fn a_body_just_over_the_threshold_is_kept_beside_the_log_and_one_at_it_in_
     );
     assert!(!names.iter().any(|n| n.starts_with(id_at)), "{names:?}");
     assert_eq!(std::fs::read(bodies_dir(&b).join(id_over)).unwrap(), over);
+    // The length of the raw record's value: as stored, or as declared by its LZ4 block
+    // (codec 1: the length, 4 bytes little endian, before the block).
     let raw_len = |id: &str| {
         let out = std::process::Command::new("python3")
             .arg("-c")
             .arg(format!(
                 "import sqlite3; c = sqlite3.connect('file:{}?mode=ro', uri=True); \
-                 print(c.execute(\"SELECT length(value) FROM records WHERE topic = 'ketenbus.raw' AND key = ?\", ('{id}'.encode(),)).fetchone()[0])",
+                 v, codec = c.execute(\"SELECT value, codec FROM records WHERE topic = 'ketenbus.raw' AND key = ?\", ('{id}'.encode(),)).fetchone(); \
+                 print(len(v) if codec == 0 else int.from_bytes(v[:4], 'little'))",
                 b.dir.join("data").join("log.db").display()
             ))
             .output()

@@ -19,7 +19,8 @@ pub struct EmbeddedConfig {
     /// (router, subscriptions) has finished them; dead letters are never deleted by age.
     #[serde(with = "humantime_serde")]
     pub retention_max_age: Duration,
-    /// Most bytes (keys plus values) kept per topic; the oldest finished records go first.
+    /// Most bytes (keys plus values as stored, see `packing`) kept per topic; the oldest
+    /// finished records go first.
     /// Unfinished records and dead letters are kept past it.
     pub retention_max_bytes: bytesize::ByteSize,
     /// How far past `retention_max_bytes` a topic may grow with records not every reader has

@@ -49,7 +49,7 @@ impl std::fmt::Debug for EmbeddedConsumer {
 /// Records per partition and look. The SQL below spells it as a literal: SQLite plans again
 /// on every run for a bound `LIMIT ?`, which cost as much as the read itself.
 const FETCH: usize = 256;
-const FETCH_SQL: &str = "SELECT offset, key, value, ts FROM records
+const FETCH_SQL: &str = "SELECT offset, key, value, ts, codec FROM records
      WHERE topic = ?1 AND partition = ?2 AND offset >= ?3 ORDER BY offset LIMIT 256";
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// Longest wait before looking again without a notification (sees other processes' writes).
@@ -197,7 +197,7 @@ impl EmbeddedConsumer {
                         partition,
                         offset: r.get(0)?,
                         key: r.get(1)?,
-                        value: r.get(2)?,
+                        value: super::packing::unpack(r.get(4)?, r.get(2)?, 2)?,
                         timestamp_ms: r.get(3)?,
                     })
                 })?;

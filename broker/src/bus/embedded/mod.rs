@@ -23,6 +23,7 @@
 mod config;
 mod consumer;
 mod fresh;
+mod packing;
 mod retention;
 mod writer;
 
@@ -42,8 +43,10 @@ use writer::{PARTITION_END, checkpointer, open_checkpointer, writer_loop};
 
 /// A request to the writer thread, with where its answer goes.
 enum WriteOp {
+    /// Records, each one's value as stored when packed ([`packing::pack`]), the answer.
     Append(
         Vec<OutRecord>,
+        Vec<Option<Vec<u8>>>,
         oneshot::Sender<Result<Vec<Position>, BusError>>,
     ),
     Commit(
@@ -127,7 +130,8 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
         "CREATE TABLE IF NOT EXISTS topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS records (
              topic TEXT NOT NULL, partition INTEGER NOT NULL, offset INTEGER NOT NULL,
-             key BLOB NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL);
+             key BLOB NOT NULL, value BLOB NOT NULL, ts INTEGER NOT NULL,
+             codec INTEGER NOT NULL DEFAULT 0);
          CREATE UNIQUE INDEX IF NOT EXISTS records_pos ON records (topic, partition, offset);
          CREATE INDEX IF NOT EXISTS records_ts ON records (topic, ts);
          CREATE TABLE IF NOT EXISTS partition_ends (
@@ -137,6 +141,13 @@ fn open(path: &Path, sync: Synchronous) -> rusqlite::Result<Connection> {
              grp TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL, next_offset INTEGER NOT NULL,
              PRIMARY KEY (grp, topic, partition)) WITHOUT ROWID;",
     )?;
+    // A log made before values were packed gets the codec column (every row plain).
+    let has_codec = conn
+        .prepare("SELECT 1 FROM pragma_table_info('records') WHERE name = 'codec'")?
+        .exists([])?;
+    if !has_codec {
+        conn.execute_batch("ALTER TABLE records ADD COLUMN codec INTEGER NOT NULL DEFAULT 0")?;
+    }
     Ok(conn)
 }
 
@@ -300,8 +311,18 @@ impl Bus for EmbeddedBus {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        // Packed here, on the publishers' threads, so the one writer thread only writes.
+        let packed = if records.iter().map(|r| r.value.len()).sum::<usize>() <= packing::PACK_INLINE
+        {
+            packing::pack_all(records.iter().map(|r| r.value.as_slice()))
+        } else {
+            let values: Vec<_> = records.iter().map(|r| r.value.clone()).collect();
+            tokio::task::spawn_blocking(move || packing::pack_all(values.iter().map(Vec::as_slice)))
+                .await
+                .map_err(|e| BusError::Fatal(format!("packing values: {e}")))?
+        };
         let (tx, rx) = oneshot::channel();
-        self.send(WriteOp::Append(records, tx)).await?;
+        self.send(WriteOp::Append(records, packed, tx)).await?;
         rx.await
             .map_err(|_| BusError::Fatal("log writer stopped".into()))?
     }
@@ -330,7 +351,7 @@ impl Bus for EmbeddedBus {
         tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Record>> {
             let conn = open_reader(&path)?;
             let mut stmt = conn.prepare(
-                "SELECT partition, offset, key, value, ts FROM records WHERE topic = ?1 ORDER BY rowid",
+                "SELECT partition, offset, key, value, ts, codec FROM records WHERE topic = ?1 ORDER BY rowid",
             )?;
             let rows = stmt.query_map(params![topic], |r| {
                 Ok(Record {
@@ -338,7 +359,7 @@ impl Bus for EmbeddedBus {
                     partition: r.get(0)?,
                     offset: r.get(1)?,
                     key: r.get(2)?,
-                    value: r.get(3)?,
+                    value: packing::unpack(r.get(5)?, r.get(3)?, 3)?,
                     timestamp_ms: r.get(4)?,
                 })
             })?;
@@ -360,7 +381,7 @@ impl Bus for EmbeddedBus {
         tokio::task::spawn_blocking(move || -> rusqlite::Result<Option<Record>> {
             let conn = open_reader(&path)?;
             conn.query_row(
-                "SELECT key, value, ts FROM records WHERE topic = ?1 AND partition = ?2 AND offset = ?3",
+                "SELECT key, value, ts, codec FROM records WHERE topic = ?1 AND partition = ?2 AND offset = ?3",
                 params![topic, partition, offset],
                 |r| {
                     Ok(Record {
@@ -368,7 +389,7 @@ impl Bus for EmbeddedBus {
                         partition,
                         offset,
                         key: r.get(0)?,
-                        value: r.get(1)?,
+                        value: packing::unpack(r.get(3)?, r.get(1)?, 1)?,
                         timestamp_ms: r.get(2)?,
                     })
                 },
@@ -454,6 +475,79 @@ mod tests {
             topic: topic.into(),
             key: vec![key],
             value: vec![value],
+        }
+    }
+
+    #[tokio::test]
+    async fn values_are_stored_packed_and_every_read_of_the_log_gives_them_back_as_published() {
+        use crate::bus::Consumer;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.db");
+        // A log written before values were packed: no codec column, a plain row in it.
+        {
+            let old = Connection::open(&path).unwrap();
+            old.execute_batch(
+                "CREATE TABLE topics (name TEXT PRIMARY KEY, partitions INTEGER NOT NULL);
+                 CREATE TABLE records (topic TEXT NOT NULL, partition INTEGER NOT NULL,
+                     offset INTEGER NOT NULL, key BLOB NOT NULL, value BLOB NOT NULL,
+                     ts INTEGER NOT NULL);
+                 INSERT INTO topics VALUES ('t', 1);
+                 INSERT INTO records VALUES ('t', 0, 0, x'01', CAST('written before' AS BLOB), 1);",
+            )
+            .unwrap();
+        }
+        let bus = open_with(dir.path(), "t", 1).await;
+        // An event-like value (names and codes repeated per result) and a short one.
+        let event: Vec<u8> = b"result-1 Kreatinine umol/l specimen-1 CHEMIE 88 60-110 "
+            .iter()
+            .copied()
+            .cycle()
+            .take(8448)
+            .collect();
+        let out = |value: &[u8]| OutRecord {
+            topic: "t".into(),
+            key: vec![1],
+            value: value.to_vec(),
+        };
+        bus.publish(vec![out(&event), out(b"short")]).await.unwrap();
+        let stored: Vec<(i64, i64, i64)> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT offset, codec, length(value) FROM records ORDER BY offset")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(stored[0], (0, packing::PLAIN, 14));
+        assert_eq!((stored[1].0, stored[1].1), (1, packing::LZ4));
+        assert!(stored[1].2 < 8448 / 4, "stored {} bytes", stored[1].2);
+        assert_eq!(stored[2], (2, packing::PLAIN, 5));
+        let expected = vec![b"written before".to_vec(), event.clone(), b"short".to_vec()];
+        // Every way a record is read from the log, not from the writer's memory: by
+        // position, the whole topic, a consumer joining now, and all of them after a restart.
+        for round in ["open", "reopened"] {
+            let bus = if round == "open" {
+                bus.clone()
+            } else {
+                EmbeddedBus::open(dir.path(), &EmbeddedConfig::default()).unwrap()
+            };
+            bus.inner.fresh.clear();
+            let at = bus.read_at("t", 0, 1).await.unwrap().unwrap();
+            assert_eq!(at.value, event, "{round}: read_at");
+            let all: Vec<_> = bus
+                .read_all("t")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.value)
+                .collect();
+            assert_eq!(all, expected, "{round}: read_all");
+            let mut c = bus.subscribe(round, &["t".into()]).await.unwrap();
+            let mut polled = Vec::new();
+            while let Some(r) = c.poll(Duration::from_millis(200)).await.unwrap() {
+                polled.push(r.value);
+            }
+            assert_eq!(polled, expected, "{round}: a consumer");
         }
     }
 

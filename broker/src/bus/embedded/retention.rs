@@ -333,12 +333,13 @@ mod tests {
     async fn retention_frees_disk() {
         let dir = tempfile::tempdir().unwrap();
         let bus = open_with(dir.path(), "big", 2).await;
+        // Values that do not compress: the log stores them as given.
         for chunk in 0..20u32 {
             let recs = (0..50u32)
                 .map(|i| OutRecord {
                     topic: "big".into(),
                     key: (chunk * 50 + i).to_be_bytes().to_vec(),
-                    value: vec![7; 4096],
+                    value: super::super::packing::tests::noise(4096, u64::from(chunk * 50 + i)),
                 })
                 .collect();
             bus.publish(recs).await.unwrap();

@@ -100,7 +100,9 @@ pub(super) fn writer_loop(
         let mut op = Some(first);
         while let Some(next) = op.take() {
             match next {
-                WriteOp::Append(records, reply) => appends.push((records, reply)),
+                WriteOp::Append(records, packed, reply) => {
+                    appends.push((records, packed, reply));
+                }
                 WriteOp::Commit(group, points, reply) => commits.push((group, points, reply)),
                 other => others.push(other),
             }
@@ -135,7 +137,7 @@ pub(super) fn writer_loop(
                     // returned must not find its consumer still unaware of the commit.
                     let mut replies = Vec::with_capacity(appends.len());
                     let mut committed = Vec::new();
-                    for ((records, reply), pos) in appends.into_iter().zip(positions) {
+                    for ((records, _, reply), pos) in appends.into_iter().zip(positions) {
                         if let Ok(pos) = &pos {
                             committed.extend(records.into_iter().zip(pos).map(|(r, p)| Record {
                                 topic: r.topic,
@@ -160,7 +162,7 @@ pub(super) fn writer_loop(
                 Err(e) => {
                     ends.forget();
                     let err = sql_err(&e);
-                    for (_, reply) in appends {
+                    for (_, _, reply) in appends {
                         let _ = reply.send(Err(match &err {
                             BusError::Unavailable(s) => BusError::Unavailable(s.clone()),
                             other => BusError::Fatal(other.to_string()),
@@ -251,7 +253,7 @@ type OffsetCommit = (
 fn append_batch(
     conn: &mut Connection,
     ends: &mut Ends,
-    appends: &[(Vec<OutRecord>, AppendReply)],
+    appends: &[(Vec<OutRecord>, Vec<Option<Vec<u8>>>, AppendReply)],
     commits: &[OffsetCommit],
 ) -> rusqlite::Result<(Vec<Result<Vec<Position>, BusError>>, i64)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -262,9 +264,10 @@ fn append_batch(
         ends.refresh(&tx)?;
         let mut end_stmt = tx.prepare_cached(PARTITION_END)?;
         let mut insert = tx.prepare_cached(
-            "INSERT INTO records (topic, partition, offset, key, value, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO records (topic, partition, offset, key, value, ts, codec)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
-        for (records, reply) in appends {
+        for (records, packed, reply) in appends {
             // A publisher that gave up (its sender heard 503) must not find its record stored
             // after all: skip it now that the write lock is ours.
             if reply.is_closed() {
@@ -281,14 +284,18 @@ fn append_batch(
                 continue;
             }
             let mut positions = Vec::with_capacity(records.len());
-            for r in records {
+            for (r, packed) in records.iter().zip(packed) {
                 let partition = partition_for(&r.key, ends.partitions[&r.topic]);
                 let slot = (r.topic.clone(), partition);
                 let offset = match ends.next.get(&slot) {
                     Some(o) => *o,
                     None => end_stmt.query_row(params![r.topic, partition], |row| row.get(0))?,
                 };
-                insert.execute(params![r.topic, partition, offset, r.key, r.value, ts])?;
+                let (value, codec) = match packed {
+                    Some(p) => (p.as_slice(), super::packing::LZ4),
+                    None => (r.value.as_slice(), super::packing::PLAIN),
+                };
+                insert.execute(params![r.topic, partition, offset, r.key, value, ts, codec])?;
                 ends.next.insert(slot, offset + 1);
                 positions.push(Position { partition, offset });
             }
@@ -359,7 +366,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(4);
         let (append, appended_rx) = oneshot::channel();
         let (commit, committed_rx) = oneshot::channel();
-        tx.send(WriteOp::Append(vec![rec("t", 1, 7)], append))
+        tx.send(WriteOp::Append(vec![rec("t", 1, 7)], vec![None], append))
             .await
             .unwrap();
         tx.send(WriteOp::Commit(
