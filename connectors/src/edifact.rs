@@ -31,7 +31,7 @@ pub use map::{
 pub use parse::document::{Document, Interchange, Message, parse, parse_strict};
 pub use parse::error::{EdifactError, Position};
 pub use parse::syntax::{Charset, Delimiters, decode};
-pub use parse::tokenize::{Element, Segment, Tokens, Value, tokenize};
+pub use parse::tokenize::{Element, Segment, Tokens, Value, tokenize, tokenize_through};
 pub use parse::write::{OwnedElement, OwnedSegment, Writer, write_document};
 #[doc(hidden)]
 pub use synthetic::{synthetic_bsn, synthetic_medlab};

@@ -14,7 +14,7 @@ use ketenbus_schemas::Format;
 
 use ketenbus_schemas::event::systems;
 
-use crate::edifact::{Interchange, Segment, tokenize};
+use crate::edifact::{Interchange, Segment, tokenize, tokenize_through};
 use crate::fhir::inbound::Doc;
 use crate::fhir::{self, Object, Value};
 use crate::mail::mime;
@@ -321,7 +321,8 @@ pub const MAX_SOURCE_ID: usize = 256;
 pub fn source_id(format: Format, body: &[u8]) -> Option<String> {
     let id = match format {
         Format::Edifact => {
-            let tokens = tokenize(body).ok()?;
+            // Read up to the first UNB, not the whole interchange.
+            let tokens = tokenize_through(body, Some(b"UNB")).ok()?;
             let unb = tokens.segments().find(|s| s.tag() == "UNB")?;
             unb.text(4, 0)?.trim().to_owned()
         }
@@ -424,6 +425,16 @@ mod tests {
             Some("lab-IC0042@lms.example.test")
         );
         assert_eq!(source_id(Format::Edifact, b"not edifact"), None);
+        // Only the start is read: what goes wrong after the UNB does not hide its id, after
+        // a UNA as well.
+        assert_eq!(
+            source_id(
+                Format::Edifact,
+                b"UNA:+.? 'UNB+UNOA:1+A+B+261101:0815+IC0401'UNH+M+MEDLAB:1'BEP?"
+            )
+            .as_deref(),
+            Some("IC0401")
+        );
         assert_eq!(source_id(Format::FhirJson, b"{"), None);
         let long = format!(
             "UNB+UNOA:1+1+2+261101:0815+{}'",

@@ -23,7 +23,8 @@
 //! counterpart of a publish-only run against a queue nobody consumes. The router still
 //! normalises what comes in, as it does in any broker.
 //!
-//! With `--batch N` the subscription is a batch webhook (`batch = { max_events = N, max_wait = --batch-wait }`, `concurrency` N x 4)
+//! With `--batch N` the subscription is a batch webhook (`batch = { max_events = N, max_wait = --batch-wait }`, `concurrency` N x 4;
+//! `--concurrency` sets it, and the lanes of the one-POST-per-event webhook, default 16)
 //! and the receiver takes JSON arrays: every figure is still per event (each event counts
 //! when the POST carrying it arrives).
 
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ketenbus_tests::batch::BatchReceiver;
-use ketenbus_tests::{Broker, Receiver, edifact_message, webhook_subscription};
+use ketenbus_tests::{Broker, Receiver, edifact_message};
 
 #[derive(Parser)]
 struct Args {
@@ -69,6 +70,10 @@ struct Args {
     /// The batch webhook's max_wait, in milliseconds.
     #[arg(long, default_value_t = 20)]
     batch_wait: u64,
+    /// The subscription's `concurrency` (lanes, each one POST at a time); 0 leaves the
+    /// default (16; with --batch N, 4N).
+    #[arg(long, default_value_t = 0)]
+    concurrency: usize,
     /// Large-message mode: `NxSIZE` (e.g. `4x25MiB`) sends N mails of SIZE bytes at once and
     /// reports peak RSS and RSS after; `--count`, `--size`, `--rate`, `--senders` are then unused.
     #[arg(long)]
@@ -250,13 +255,26 @@ async fn main() -> anyhow::Result<()> {
         format!(
             "[[subscriptions]]\nname = \"bench\"\nkinds = [\"raw\"]\nconcurrency = {}\n\
              sink = {{ type = \"webhook\", url = \"{}\", batch = {{ max_events = {}, max_wait = \"{}ms\" }} }}\n",
-            (args.batch * 4).min(1024),
+            if args.concurrency > 0 {
+                args.concurrency
+            } else {
+                (args.batch * 4).min(1024)
+            },
             receiver.url(),
             args.batch,
             args.batch_wait
         )
     } else {
-        webhook_subscription("bench", "\"raw\"", &receiver.url(), "")
+        let lanes = if args.concurrency > 0 {
+            format!("concurrency = {}\n", args.concurrency)
+        } else {
+            String::new()
+        };
+        format!(
+            "[[subscriptions]]\nname = \"bench\"\nkinds = [\"raw\"]\n{lanes}\
+             sink = {{ type = \"webhook\", url = \"{}\" }}\n",
+            receiver.url()
+        )
     };
     let retry = if args.publish_only {
         ""

@@ -135,8 +135,21 @@ fn u32_of(n: usize) -> u32 {
 /// # Errors
 /// An empty input, a bad UNA, a release character at the very end, or a segment whose tag
 /// is not three letters or digits.
-#[allow(clippy::too_many_lines)]
 pub fn tokenize(input: &[u8]) -> Result<Tokens<'_>, EdifactError> {
+    tokenize_through(input, None)
+}
+
+/// [`tokenize`] up to and including the first segment tagged `last` (all of `input` when
+/// there is none, or for `None`): what reads only the start of an interchange, such as its
+/// UNB, costs that start rather than the whole input.
+///
+/// # Errors
+/// As [`tokenize`], for the part it reads.
+#[allow(clippy::too_many_lines)]
+pub fn tokenize_through<'a>(
+    input: &'a [u8],
+    last: Option<&[u8]>,
+) -> Result<Tokens<'a>, EdifactError> {
     if input.len() >= FLAG as usize {
         return Err(EdifactError::TooLarge { len: input.len() });
     }
@@ -145,12 +158,14 @@ pub fn tokenize(input: &[u8]) -> Result<Tokens<'_>, EdifactError> {
     if leading == len {
         return Err(EdifactError::Empty);
     }
+    // Room for the whole input's tokens, or for a head's.
+    let room = if last.is_some() { len.min(1024) } else { len };
     let mut t = Tokens {
         input,
         leading: u32_of(leading),
-        segments: Vec::with_capacity(len / 32 + 4),
-        elements: Vec::with_capacity(len / 8 + 4),
-        components: Vec::with_capacity(len / 6 + 4),
+        segments: Vec::with_capacity(room / 32 + 4),
+        elements: Vec::with_capacity(room / 8 + 4),
+        components: Vec::with_capacity(room / 6 + 4),
         delimiters: Vec::with_capacity(2),
     };
     let mut delims = if !input[leading..].starts_with(b"UNA")
@@ -303,6 +318,9 @@ pub fn tokenize(input: &[u8]) -> Result<Tokens<'_>, EdifactError> {
                 t.delimiters.push(delims);
                 table = delims.table();
             }
+        }
+        if last == Some(tag_bytes) {
+            break;
         }
         pos = trail_end;
     }
@@ -778,6 +796,20 @@ mod tests {
 
     fn tags(t: &Tokens<'_>) -> Vec<String> {
         t.segments().map(|s| s.tag().to_owned()).collect()
+    }
+
+    #[test]
+    fn tokenizing_through_a_tag_stops_after_its_first_segment() {
+        let input = b"UNA:+.? 'UNB+UNOA:1+A+B+261101:0815+IC1'UNH+M1+MEDLAB:1'UNB+UNOA:1+C+D'";
+        let head = tokenize_through(input, Some(b"UNB")).unwrap();
+        let tags: Vec<_> = head.segments().map(|s| s.tag().to_owned()).collect();
+        assert_eq!(tags, ["UNA", "UNB"]);
+        assert_eq!(head.segment(1).text(4, 0).as_deref(), Some("IC1"));
+        // The same segments as the whole input's, as far as it went; no such tag: all.
+        let all = tokenize(input).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(head.segment(1).raw_bytes(), all.segment(1).raw_bytes());
+        assert_eq!(tokenize_through(input, Some(b"ZZZ")).unwrap().len(), 4);
     }
 
     #[test]
