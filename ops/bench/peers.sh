@@ -17,6 +17,8 @@
 #    event and once through the batch webhook (BATCH events per POST at most; figures per
 #    event), the latency run at RATE msg/s, and LARGE (4x25MiB: four 25 MiB mails at once to a
 #    raw webhook; ketenbus only) for the memory of large messages and what is given back;
+#    Before each run of either broker it calls sync(1) and waits 2 s, so that what one run
+#    wrote is on disk before the next starts, not written back during its measurements;
 # 4. prints a table of both with the ratios ketenbus/RabbitMQ, and the peak RSS (VmHWM) of each
 #    broker process over its life: RabbitMQ's beam.smp (read at the end of each run) and the
 #    ketenbus process each ketenbus-bench run starts (sampled every 0.2 s).
@@ -163,9 +165,15 @@ stop_rabbit() {
     rmq_pid="" beam_pid=""
 }
 
+settle() { # before each run of either broker: the last run's writes on disk, not in this one's
+    sync
+    sleep 2
+}
+
 rabbit() { # name, args...: rabbitmq-bench against a fresh node; its result line in
     # $work/NAME.out, the node's peak RSS (since it started) in NAME.rss
     local name=$1; shift
+    settle
     start_rabbit "$name"
     "$target/release/rabbitmq-bench" --amqp "$amqp" --size "$SIZE" --senders "$SENDERS" \
         --prefetch "$PREFETCH" "$@" >"$work/$name.out" 2>"$work/$name.err" &
@@ -195,6 +203,7 @@ sample() { # parent pid, file: the largest VmHWM of its ketenbus children, every
 }
 keten() { # name, args...
     local name=$1; shift
+    settle
     echo 0 >"$work/$name.rss"
     TMPDIR=$work KETENBUS_BIN="$target/release/ketenbus" "$target/release/ketenbus-bench" \
         --engine embedded --size "$SIZE" --senders "$SENDERS" "$@" \
