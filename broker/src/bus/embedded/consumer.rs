@@ -400,7 +400,7 @@ mod tests {
     async fn polls_dropped_while_reading_the_log_start_no_second_read() {
         let dir = tempfile::tempdir().unwrap();
         let bus = open_with(dir.path(), "t", 1).await;
-        // More than the fresh records keep (8 MiB), so most is read from the log.
+        // More than the fresh records keep (4 MiB), so most is read from the log.
         let n = 3000usize;
         for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
             let recs = chunk
