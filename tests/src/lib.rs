@@ -830,7 +830,7 @@ IDE+J+L{n:07}+bloed'SEC+CHEMIE'"
     let tail = format!("UNT+{}+M{n:06}'UNZ+1+IC{n:06}'", usize::MAX).len();
     for line in 0.. {
         let (name, unit, low, high, code) = PANEL[line % PANEL.len()];
-        // 0 to 1.3 times the top of the range: about one in four is flagged high.
+        // From the bottom of the range to 30% past its top: about one in four is flagged high.
         let step = (n.wrapping_mul(31) + line.wrapping_mul(17)) % 100;
         #[allow(clippy::cast_precision_loss)]
         let value = low + (high - low) * 1.3 * step as f64 / 100.0;

@@ -312,15 +312,20 @@ impl Bus for EmbeddedBus {
             return Ok(Vec::new());
         }
         // Packed here, on the publishers' threads, so the one writer thread only writes.
-        let packed = if records.iter().map(|r| r.value.len()).sum::<usize>() <= packing::PACK_INLINE
-        {
-            packing::pack_all(records.iter().map(|r| r.value.as_slice()))
-        } else {
-            let values: Vec<_> = records.iter().map(|r| r.value.clone()).collect();
-            tokio::task::spawn_blocking(move || packing::pack_all(values.iter().map(Vec::as_slice)))
+        let pack =
+            |records: &[OutRecord]| packing::pack_all(records.iter().map(|r| r.value.as_slice()));
+        let (records, packed) =
+            if records.iter().map(|r| r.value.len()).sum::<usize>() <= packing::PACK_INLINE {
+                let packed = pack(&records);
+                (records, packed)
+            } else {
+                tokio::task::spawn_blocking(move || {
+                    let packed = pack(&records);
+                    (records, packed)
+                })
                 .await
                 .map_err(|e| BusError::Fatal(format!("packing values: {e}")))?
-        };
+            };
         let (tx, rx) = oneshot::channel();
         self.send(WriteOp::Append(records, packed, tx)).await?;
         rx.await

@@ -1,9 +1,9 @@
 //! Record values as the log keeps them: LZ4-compressed where that saves space, as given
 //! otherwise, with the codec in each row (`records.codec`).
 //!
-//! What limits the embedded log is what it writes, not what it computes: a commit is one
-//! fsync of the WAL frames it wrote, and every page a commit touches is written whole, once
-//! to the WAL and once more when it is checkpointed into the database. A 2 KB MEDLAB
+//! Much of what the embedded log costs is what it writes: a commit is one fsync of the WAL
+//! frames it wrote, and every page a commit touches is written whole, once to the WAL and
+//! once more when it is checkpointed into the database. A 2 KB MEDLAB
 //! interchange became an 8.4 KB lab-result event (its zib fields, with names and codes
 //! repeated per result), so one message wrote about 20 KB of WAL. Normalised events and
 //! EDIFACT are text-like and repetitive; LZ4 shrinks them several times over at a cost of

@@ -204,11 +204,15 @@ fn floors(
     Ok(out)
 }
 
+///
+/// `owed` says a pass freed pages whose WAL was not truncated yet (a checkpoint held it):
+/// this pass tries again even if it deletes nothing, and leaves `owed` as it finds it then.
 pub(super) fn retention(
     conn: &mut Connection,
     max_age: Duration,
     max_bytes: u64,
     readers: &Readers,
+    owed: &mut bool,
 ) -> rusqlite::Result<RetentionReport> {
     let cutoff = now_ms() - i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX);
     let limit = i64::try_from(max_bytes).unwrap_or(i64::MAX);
@@ -278,21 +282,24 @@ pub(super) fn retention(
                 .push((topic.clone(), u64::try_from(excess).unwrap_or(0)));
         }
     }
-    if report.deleted > 0 {
-        give_back(conn)?;
+    if report.deleted > 0 || *owed {
+        *owed = !give_back(conn)?;
     }
     Ok(report)
 }
 
-/// Return freed pages to the file system.
-fn give_back(conn: &Connection) -> rusqlite::Result<()> {
+/// Return freed pages to the file system; whether the WAL was truncated too (not while
+/// another connection's checkpoint or a reader holds it).
+fn give_back(conn: &Connection) -> rusqlite::Result<bool> {
     // Each step of this pragma frees pages; run it to the end.
     let mut vacuum = conn.prepare("PRAGMA incremental_vacuum")?;
     let mut rows = vacuum.query([])?;
     while rows.next()?.is_some() {}
     drop(rows);
     drop(vacuum);
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok(r.get::<_, i64>(0)? == 0)
+    })
 }
 
 /// Remove single records (`ketenbus dlq purge`); offsets go on where they were.

@@ -93,6 +93,8 @@ pub(super) fn writer_loop(
 ) {
     let mut seq = 0u64;
     let mut ends = Ends::default();
+    // A retention pass's WAL truncation that a checkpoint held off (see `retention`).
+    let mut wal_owed = false;
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
         let mut commits = Vec::new();
@@ -184,8 +186,10 @@ pub(super) fn writer_loop(
                 WriteOp::Retention(age, bytes, readers, reply) => {
                     ends.forget();
                     fresh.clear();
-                    let _ = reply
-                        .send(retention(&mut conn, age, bytes, &readers).map_err(|e| sql_err(&e)));
+                    let _ = reply.send(
+                        retention(&mut conn, age, bytes, &readers, &mut wal_owed)
+                            .map_err(|e| sql_err(&e)),
+                    );
                 }
                 WriteOp::Remove(topic, positions, reply) => {
                     ends.forget();
