@@ -197,7 +197,7 @@ impl EmbeddedConsumer {
                         partition,
                         offset: r.get(0)?,
                         key: r.get(1)?,
-                        value: super::packing::unpack(r.get(4)?, r.get(2)?, 2)?,
+                        value: super::packing::read(r, 2, 4)?,
                         timestamp_ms: r.get(3)?,
                     })
                 })?;

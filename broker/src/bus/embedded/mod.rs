@@ -364,7 +364,7 @@ impl Bus for EmbeddedBus {
                     partition: r.get(0)?,
                     offset: r.get(1)?,
                     key: r.get(2)?,
-                    value: packing::unpack(r.get(5)?, r.get(3)?, 3)?,
+                    value: packing::read(r, 3, 5)?,
                     timestamp_ms: r.get(4)?,
                 })
             })?;
@@ -394,7 +394,7 @@ impl Bus for EmbeddedBus {
                         partition,
                         offset,
                         key: r.get(0)?,
-                        value: packing::unpack(r.get(3)?, r.get(1)?, 1)?,
+                        value: packing::read(r, 1, 3)?,
                         timestamp_ms: r.get(2)?,
                     })
                 },

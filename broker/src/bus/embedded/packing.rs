@@ -78,6 +78,18 @@ pub(super) fn unpack(codec: i64, stored: Vec<u8>, column: usize) -> rusqlite::Re
     }
 }
 
+/// The value of a row that selected it as column `value` and its codec as column `codec`.
+///
+/// # Errors
+/// As [`unpack`], or when a column is missing or of another type.
+pub(super) fn read(
+    row: &rusqlite::Row<'_>,
+    value: usize,
+    codec: usize,
+) -> rusqlite::Result<Vec<u8>> {
+    unpack(row.get(codec)?, row.get(value)?, value)
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;

@@ -205,8 +205,8 @@ fn floors(
 }
 
 ///
-/// `owed` says a pass freed pages whose WAL was not truncated yet (a checkpoint held it):
-/// this pass tries again even if it deletes nothing, and leaves `owed` as it finds it then.
+/// `owed` says a step freed pages whose WAL was not truncated yet (see [`give_back`]): this
+/// pass tries again even if it deletes nothing.
 pub(super) fn retention(
     conn: &mut Connection,
     max_age: Duration,
@@ -282,24 +282,27 @@ pub(super) fn retention(
                 .push((topic.clone(), u64::try_from(excess).unwrap_or(0)));
         }
     }
-    if report.deleted > 0 || *owed {
-        *owed = !give_back(conn)?;
-    }
+    give_back(conn, report.deleted > 0, owed)?;
     Ok(report)
 }
 
-/// Return freed pages to the file system; whether the WAL was truncated too (not while
-/// another connection's checkpoint or a reader holds it).
-fn give_back(conn: &Connection) -> rusqlite::Result<bool> {
+/// Return freed pages to the file system and truncate the WAL, when this step `freed` some
+/// or an earlier one's truncation is still `owed`; `owed` then says whether the WAL stays
+/// untruncated (another connection's checkpoint or a reader held it), for the next step.
+fn give_back(conn: &Connection, freed: bool, owed: &mut bool) -> rusqlite::Result<()> {
+    if !freed && !*owed {
+        return Ok(());
+    }
     // Each step of this pragma frees pages; run it to the end.
     let mut vacuum = conn.prepare("PRAGMA incremental_vacuum")?;
     let mut rows = vacuum.query([])?;
     while rows.next()?.is_some() {}
     drop(rows);
     drop(vacuum);
-    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        Ok(r.get::<_, i64>(0)? == 0)
-    })
+    *owed = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok(r.get::<_, i64>(0)? != 0)
+    })?;
+    Ok(())
 }
 
 /// Remove single records (`ketenbus dlq purge`); offsets go on where they were.
@@ -307,6 +310,7 @@ pub(super) fn remove(
     conn: &mut Connection,
     topic: &str,
     positions: &[(u32, i64)],
+    owed: &mut bool,
 ) -> rusqlite::Result<u64> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute(KEEP_ENDS, params![topic])?;
@@ -320,9 +324,7 @@ pub(super) fn remove(
         }
     }
     tx.commit()?;
-    if removed > 0 {
-        give_back(conn)?;
-    }
+    give_back(conn, removed > 0, owed)?;
     Ok(removed)
 }
 

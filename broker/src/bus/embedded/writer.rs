@@ -93,7 +93,7 @@ pub(super) fn writer_loop(
 ) {
     let mut seq = 0u64;
     let mut ends = Ends::default();
-    // A retention pass's WAL truncation that a checkpoint held off (see `retention`).
+    // A WAL truncation after retention or removal that a checkpoint held off (`give_back`).
     let mut wal_owed = false;
     while let Some(first) = rx.blocking_recv() {
         let mut appends = Vec::new();
@@ -194,8 +194,10 @@ pub(super) fn writer_loop(
                 WriteOp::Remove(topic, positions, reply) => {
                     ends.forget();
                     fresh.clear();
-                    let _ =
-                        reply.send(remove(&mut conn, &topic, &positions).map_err(|e| sql_err(&e)));
+                    let _ = reply.send(
+                        remove(&mut conn, &topic, &positions, &mut wal_owed)
+                            .map_err(|e| sql_err(&e)),
+                    );
                 }
             }
         }
